@@ -1,0 +1,167 @@
+"""Lazy reading of a Hugging Face checkpoint directory (config.json + safetensors shards).
+
+Nothing is read until asked for: a tensor, or one expert's slice, is read from its memory-mapped
+shard on demand, so loading a model costs host memory near its largest tensor, not its size.
+Every problem (missing file, missing tensor, wrong shape, damaged shard) is a CheckpointError
+whose message names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """Returns the torch dtype for a name like 'bf16' or 'float32' (None gives the default)."""
+    if name is None:
+        return default
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).replace("torch.", "").lower()
+    if key not in DTYPES:
+        raise CheckpointError(f"unknown dtype '{name}'; use one of: float32, float16, bfloat16")
+    return DTYPES[key]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Returns a JSON file's contents, or raises CheckpointError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+class Checkpoint:
+    """An HF model directory, read lazily.
+
+    ``weight_map`` maps every tensor name to the shard file that holds it; shards are opened
+    (memory-mapped) on first use and kept open.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face model "
+                                  "directory with config.json and *.safetensors)")
+        self.config: dict[str, Any] = read_json(self.path / "config.json")
+        self._handles: dict[str, Any] = {}
+        self.checksums: dict[str, str] = {}  # shard -> sha256, when the writer recorded them
+        self.weight_map = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        index_path = self.path / INDEX_FILE
+        if index_path.exists():
+            index = read_json(index_path)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: has no 'weight_map'")
+            self.checksums = dict((index.get("metadata") or {}).get("moekit_sha256") or {})
+            for shard in sorted(set(weight_map.values())):
+                if not (self.path / shard).exists():
+                    example = next(k for k, v in weight_map.items() if v == shard)
+                    raise CheckpointError(
+                        f"{self.path / shard}: shard missing (named in {INDEX_FILE} for tensor "
+                        f"'{example}' and others); copy the complete checkpoint")
+            return dict(weight_map)
+        shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{self.path}: no *.safetensors files (moekit reads safetensors "
+                                  "checkpoints; convert .bin files with transformers' save_pretrained)")
+        weight_map = {}
+        for shard in shards:
+            for name in self._open(shard).keys():
+                weight_map[name] = shard
+        return weight_map
+
+    def _open(self, shard: str) -> Any:
+        if shard not in self._handles:
+            if shard in self.checksums:
+                from .save import sha256_file
+
+                if sha256_file(self.path / shard) != self.checksums[shard]:
+                    raise CheckpointError(
+                        f"{self.path / shard}: sha256 does not match the one recorded in {INDEX_FILE}; "
+                        "the file is damaged or was changed after writing. Copy or re-create it")
+            try:
+                self._handles[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for damaged headers
+                raise CheckpointError(f"{self.path / shard}: damaged safetensors file ({e})") from None
+        return self._handles[shard]
+
+    # ---- queries ----------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        """Returns whether the checkpoint holds a tensor of this name."""
+        return name in self.weight_map
+
+    def file_of(self, name: str) -> Path:
+        """Returns the shard path holding `name`."""
+        if name not in self.weight_map:
+            where = INDEX_FILE if (self.path / INDEX_FILE).exists() else "the *.safetensors files"
+            raise CheckpointError(f"{self.path}: tensor '{name}' not found in {where}; "
+                                  "the checkpoint is incomplete or not of the architecture its "
+                                  "config.json names")
+        return self.path / self.weight_map[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Returns the stored shape of a tensor without reading it."""
+        shard = self.file_of(name).name
+        return tuple(self._open(shard).get_slice(name).get_shape())
+
+    def names(self) -> Iterable[str]:
+        return self.weight_map.keys()
+
+    # ---- reads -------------------------------------------------------------------------
+    def read(self, name: str, shape: tuple[int, ...] | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Returns one tensor (on the CPU), checked against `shape` and cast to `dtype`."""
+        path = self.file_of(name)
+        if shape is not None:
+            stored = self.shape(name)
+            if stored != tuple(shape):
+                raise CheckpointError(
+                    f"{path}: tensor '{name}' has shape {list(stored)}, config.json implies "
+                    f"{list(shape)}; the weights do not match the config")
+        try:
+            tensor = self._open(path.name).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor '{name}' ({e}); "
+                                  "the file is damaged or truncated") from None
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def total_bytes(self) -> int:
+        """Returns the bytes of all tensors as stored (from the headers, nothing read)."""
+        total = 0
+        for name, shard in self.weight_map.items():
+            sl = self._open(shard).get_slice(name)
+            numel = 1
+            for d in sl.get_shape():
+                numel *= d
+            total += numel * _dtype_bytes(sl.get_dtype())
+        return total
+
+
+def _dtype_bytes(safetensors_dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
+            "U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}.get(safetensors_dtype, 4)

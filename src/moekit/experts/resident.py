@@ -1,0 +1,60 @@
+"""Resident experts: every expert of a layer in device memory, stacked, in dense form.
+
+Shapes: N = tokens, A = experts per token, E = experts, I = expert ffn width, D = hidden.
+    gate_up  [E, 2I, D]   rows 0..I-1 are the gate projection, I..2I-1 the up projection
+    down     [E, D, I]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .routing import group_by_expert
+
+# Below this many routed slots (N * A) the decode path gathers the chosen experts' weights and
+# runs one batched matmul: no host sync, so the step can be captured in a CUDA graph.
+GATHER_MAX_SLOTS = 16
+
+
+class ResidentExperts(nn.Module):
+    """All E experts of one MoE layer, resident on the model's device."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int):
+        super().__init__()
+        self.num_experts, self.hidden, self.ffn = num_experts, hidden, ffn
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))  # [E, 2I, D]
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, ffn))  # [E, D, I]
+
+    def expert_bytes(self) -> int:
+        """Returns the bytes of one expert as stored."""
+        return (self.gate_up[0].numel() + self.down[0].numel()) * self.gate_up.element_size()
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for x [N, D]."""
+        if expert_ids.numel() <= GATHER_MAX_SLOTS and not torch.is_grad_enabled():
+            return self._gathered(x, expert_ids, weights)
+        return self._grouped(x, expert_ids, weights)
+
+    def _gathered(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n, top_k = expert_ids.shape
+        flat = expert_ids.reshape(-1)  # [S]
+        xs = x.repeat_interleave(top_k, dim=0)[:, :, None]  # [S, D, 1]
+        gate, up = torch.bmm(self.gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)  # [S, I] each
+        h = (F.silu(gate) * up)[:, :, None]  # [S, I, 1]
+        out = torch.bmm(self.down[flat], h).view(n, top_k, self.hidden)  # [N, A, D]
+        return (out * weights[:, :, None]).sum(dim=1)
+
+    def _grouped(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        groups = group_by_expert(expert_ids, weights, self.num_experts)
+        xs = x[groups.token_of]  # [S, D] tokens in expert order
+        out = torch.empty_like(xs)
+        bounds = groups.offsets()
+        for e in range(self.num_experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                gate, up = F.linear(xs[lo:hi], self.gate_up[e]).chunk(2, dim=-1)
+                out[lo:hi] = F.linear(F.silu(gate) * up, self.down[e])
+        out = out * groups.weight_of[:, None]
+        return torch.zeros_like(x).index_add_(0, groups.token_of, out)

@@ -1,0 +1,176 @@
+"""Generation: preallocated KV cache, prefill + decode, greedy / temperature / top-k / top-p
+sampling, stop on eos, a per-token callback for streaming, CUDA-graph decode steps on GPUs.
+
+Shapes: B = batch, T = prompt length, V = vocab, M = max new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import MoekitError
+from .kv_cache import KVCache
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one generate call (filled in when passed to `generate`)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # tokens generated per sequence before every sequence stopped
+    prefill_s: float = 0.0  # prompt processing and first token
+    decode_s: float = 0.0  # all later tokens
+    cuda_graph: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Returns decode tokens per second per sequence (tokens after the first)."""
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Returns the next token ids [B] for last-position logits [B, V]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_ids = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_ids, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _GraphedDecode:
+    """One decode step captured as a CUDA graph: static token / position in, logits out."""
+
+    def __init__(self, model, cache: KVCache, token: torch.Tensor, position: int):
+        device = model.device
+        # Warm-up and capture write k/v at `position`; the first replay rewrites that slot with
+        # the real token, so nothing stale survives.
+        self.token = token.clone()
+        self.position = torch.tensor(position, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
+            for _ in range(2):
+                model(self.token, cache=cache, start=self.position)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.token, cache=cache, start=self.position)
+
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.fill_(position)
+        self.graph.replay()
+        return self.logits
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             eos_token_ids: tuple[int, ...] | None = None, stop_at_eos: bool = True,
+             on_token: Callable[[torch.Tensor], None] | None = None, cuda_graph: bool | None = None,
+             stats: GenerationStats | None = None) -> torch.Tensor:
+    """Returns new token ids [B, max_new_tokens] generated after input_ids [B, T].
+
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; unset options come
+    from the model's generation_config.json, else greedy. A sequence that produced an eos token
+    is padded with that eos token; when all have, generation stops early. `on_token` receives
+    each step's tokens [B] (for streaming). `cuda_graph` (default: on for CUDA) replays decode
+    steps from a captured graph.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise MoekitError(f"input_ids must be [batch, tokens] with at least one token, got {list(input_ids.shape)}")
+    if max_new_tokens <= 0:
+        raise MoekitError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    defaults = getattr(model, "generation_defaults", {})
+    temperature = defaults.get("temperature", 0.0) if temperature is None else temperature
+    top_k = defaults.get("top_k", 0) if top_k is None else top_k
+    top_p = defaults.get("top_p", 1.0) if top_p is None else top_p
+    if eos_token_ids is None:
+        eos_token_ids = defaults.get("eos_token_ids", ())
+    device = model.device
+    input_ids = input_ids.to(device)
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    if total > model.config.max_position_embeddings:
+        raise MoekitError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                          f"the model's context of {model.config.max_position_embeddings} positions")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    if use_graph and device.type != "cuda":
+        raise MoekitError("cuda_graph=True needs the model on a CUDA device")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens, stats.cuda_graph = prompt_len, use_graph
+
+    cache = KVCache(model.config, batch, total, device, model.dtype)
+    eos = torch.tensor(eos_token_ids, device=device, dtype=torch.long) if eos_token_ids else None
+    out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    pad = torch.full((batch,), eos_token_ids[0] if eos_token_ids else 0, dtype=torch.long, device=device)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(input_ids, cache=cache, start=0, last_only=True)[:, -1]
+    step_fn = None
+    produced = 0
+    t_first = t0
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        token = torch.where(finished, pad, token)
+        out[:, i] = token
+        produced = i + 1
+        if on_token is not None:
+            on_token(token)
+        if i == 0:
+            _sync(device)
+            t_first = time.perf_counter()
+            stats.prefill_s = t_first - t0
+        if eos is not None and stop_at_eos:
+            finished |= torch.isin(token, eos)
+            # the early-stop check syncs with the device: on GPUs look only every 8 steps
+            if (device.type != "cuda" or i % 8 == 7) and bool(finished.all()):
+                out[:, produced:] = pad[:, None]
+                break
+        if i + 1 == max_new_tokens:
+            break
+        position = prompt_len + i
+        if use_graph:
+            if step_fn is None:
+                t_capture = time.perf_counter()
+                step_fn = _GraphedDecode(model, cache, token[:, None], position)
+                _sync(device)
+                stats.extra["graph_capture_s"] = time.perf_counter() - t_capture
+            logits = step_fn(token[:, None], position)[:, -1]
+        else:
+            logits = model(token[:, None], cache=cache, start=position)[:, -1]
+    _sync(device)
+    stats.decode_s = time.perf_counter() - t_first - stats.extra.get("graph_capture_s", 0.0)
+    stats.new_tokens = produced
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

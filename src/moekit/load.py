@@ -1,0 +1,143 @@
+"""Load an HF checkpoint directory into an MoEModel, one tensor (or one expert) at a time.
+
+The model is built on the meta device, given empty storage on the target device, and filled
+tensor by tensor from the memory-mapped shards: host memory peaks near one tensor, device
+memory at the model's own size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, parse_dtype, read_json
+from .config import ModelConfig
+from .errors import CheckpointError
+from .families import family_for
+from .families.base import Family, eos_ids
+from .model import Attention, DenseMLP, MoEBlock, MoEModel
+from .rope import inverse_frequencies
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent.parent / "examples"
+BUNDLED_MODEL = EXAMPLES_DIR / "tiny-moe"
+
+
+def default_model_path() -> Path:
+    """Returns the bundled tiny MoE's directory (the default model of every command)."""
+    return BUNDLED_MODEL
+
+
+def read_config(path: str | Path) -> tuple[Checkpoint, Family, ModelConfig]:
+    """Returns (checkpoint, family, ModelConfig) for a model directory, reading no weights."""
+    ckpt = Checkpoint(path)
+    family = family_for(ckpt.config, where=str(ckpt.path / "config.json"))
+    return ckpt, family, family.config(ckpt.config)
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> MoEModel:
+    """Returns the model at `path` (default: the bundled tiny MoE) on `device` in `dtype`.
+
+    dtype defaults to float32 on the CPU and bfloat16 on a GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda asked for, but this PyTorch sees no CUDA device; "
+                              "use --device cpu")
+    dtype = parse_dtype(dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    ckpt, family, cfg = read_config(path if path is not None else default_model_path())
+    with torch.device("meta"):
+        model = MoEModel(cfg).to(dtype)  # no storage yet: the dtype change is free
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    # to_empty leaves buffers uninitialised: recompute the rope frequencies (float32)
+    model.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)[0].to(device)
+    with torch.no_grad():
+        _fill(model, ckpt, family, cfg)
+    model.eval()
+    model.generation_defaults = _generation_defaults(ckpt, cfg)
+    model.source_path = ckpt.path
+    return model
+
+
+def _copy(param: torch.Tensor, ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
+    param.copy_(ckpt.read(name, shape=shape, dtype=param.dtype))
+
+
+def _fill(model: MoEModel, ckpt: Checkpoint, family: Family, cfg: ModelConfig) -> None:
+    d, v = cfg.hidden_size, cfg.vocab_size
+    _copy(model.embed.weight, ckpt, "model.embed_tokens.weight", (v, d))
+    _copy(model.norm.weight, ckpt, "model.norm.weight", (d,))
+    if not cfg.tie_word_embeddings:
+        _copy(model.lm_head.weight, ckpt, "lm_head.weight", (v, d))
+    for i, layer in enumerate(model.layers):
+        in_norm, post_norm = family.norm_names(i)
+        _copy(layer.input_norm.weight, ckpt, in_norm, (d,))
+        _copy(layer.post_norm.weight, ckpt, post_norm, (d,))
+        _fill_attention(layer.attn, ckpt, family, cfg, i)
+        if isinstance(layer.mlp, MoEBlock):
+            _fill_moe(layer.mlp, ckpt, family, cfg, i)
+        else:
+            _fill_dense(layer.mlp, ckpt, family.dense_mlp_names(i), d, cfg.dense_ffn)
+
+
+def _fill_attention(attn: Attention, ckpt: Checkpoint, family: Family, cfg: ModelConfig, i: int) -> None:
+    d, qd, kvd = cfg.hidden_size, attn.q_dim, attn.kv_dim
+    parts = (("q_proj", 0, qd), ("k_proj", qd, kvd), ("v_proj", qd + kvd, kvd))
+    for part, offset, rows in parts:
+        _copy(attn.qkv.weight[offset:offset + rows], ckpt, family.attn_name(i, part) + ".weight", (rows, d))
+        if cfg.qkv_bias:
+            _copy(attn.qkv.bias[offset:offset + rows], ckpt, family.attn_name(i, part) + ".bias", (rows,))
+    _copy(attn.o_proj.weight, ckpt, family.attn_name(i, "o_proj") + ".weight", (d, qd))
+    if cfg.o_bias:
+        _copy(attn.o_proj.bias, ckpt, family.attn_name(i, "o_proj") + ".bias", (d,))
+    if attn.q_norm is not None:
+        _copy(attn.q_norm.weight, ckpt, family.attn_name(i, "q_norm") + ".weight", tuple(attn.q_norm.weight.shape))
+        _copy(attn.k_norm.weight, ckpt, family.attn_name(i, "k_norm") + ".weight", tuple(attn.k_norm.weight.shape))
+
+
+def _fill_dense(mlp: DenseMLP, ckpt: Checkpoint, names: tuple[str, ...], d: int, ffn: int) -> None:
+    gate, up, down = names[:3]
+    _copy(mlp.gate_up.weight[:ffn], ckpt, gate, (ffn, d))
+    _copy(mlp.gate_up.weight[ffn:], ckpt, up, (ffn, d))
+    _copy(mlp.down.weight, ckpt, down, (d, ffn))
+
+
+def _fill_moe(block: MoEBlock, ckpt: Checkpoint, family: Family, cfg: ModelConfig, i: int) -> None:
+    d, e_count, ffn = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn
+    _copy(block.router.weight, ckpt, family.router_name(i), (e_count, d))
+    experts = block.experts
+    fused_gate_up, fused_down = family.stacked_expert_names(i)
+    if ckpt.has(fused_gate_up):  # the fused [E, 2I, D] layout some tools write
+        _copy(experts.gate_up, ckpt, fused_gate_up, (e_count, 2 * ffn, d))
+        _copy(experts.down, ckpt, fused_down, (e_count, d, ffn))
+    else:
+        for e in range(e_count):  # one expert at a time: host memory stays at one expert
+            gate, up, down = family.expert_names(i, e)
+            _copy(experts.gate_up[e, :ffn], ckpt, gate, (ffn, d))
+            _copy(experts.gate_up[e, ffn:], ckpt, up, (ffn, d))
+            _copy(experts.down[e], ckpt, down, (d, ffn))
+    if block.shared is not None:
+        gate, up, down, sgate = family.shared_expert_names(i)
+        _fill_dense(block.shared, ckpt, (gate, up, down), d, cfg.shared_expert_ffn)
+        if block.shared_gate is not None:
+            _copy(block.shared_gate.weight, ckpt, sgate, (1, d))
+
+
+def _generation_defaults(ckpt: Checkpoint, cfg: ModelConfig) -> dict:
+    """Returns generation settings: eos ids from generation_config.json (else config.json)."""
+    defaults: dict = {"eos_token_ids": cfg.eos_token_ids}
+    path = ckpt.path / "generation_config.json"
+    if path.exists():
+        gen = read_json(path)
+        if gen.get("eos_token_id") is not None:
+            defaults["eos_token_ids"] = eos_ids(gen["eos_token_id"])
+        for key in ("temperature", "top_p", "top_k"):
+            if gen.get(key) is not None:
+                defaults[key] = gen[key]
+        if gen.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+    # ids outside the vocabulary (seen in tiny test configs) can never be produced
+    defaults["eos_token_ids"] = tuple(t for t in defaults["eos_token_ids"] if 0 <= t < cfg.vocab_size)
+    return defaults

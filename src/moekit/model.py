@@ -1,0 +1,225 @@
+"""The moekit decoder: a Mixture-of-Experts transformer, readable top to bottom.
+
+One class per part: RMSNorm, Attention, DenseMLP, MoEBlock, DecoderLayer, MoEModel. Each layer
+exposes its steps -- pre_attn (norm, qkv, rope), attend (cache + softmax attention), post_attn
+(o-proj, residual, norm, router, experts) -- so that other engines can run them separately.
+Experts sit behind the expert seam (moekit.experts): the MoE block only routes.
+
+Shape legend:
+    B = batch, T = new tokens, S = cached positions, D = hidden, V = vocab,
+    H = query heads, Hkv = key/value heads, Dh = head dim,
+    N = B*T tokens, E = experts, A = experts per token (top-k), I = expert ffn width
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .experts import ResidentExperts
+from .kv_cache import KVCache
+from .rope import apply_rope, cos_sin, inverse_frequencies
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, then back to the input dtype before the weight (HF's convention)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with fused qkv, optional q/k RMSNorm, rope and clipping."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.q_dim = cfg.num_heads * cfg.head_dim
+        self.kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(self.q_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_dim, cfg.rms_norm_eps)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Returns q [B, H, T, Dh], k, v [B, Hkv, T, Dh] for normed input x [B, T, D]."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (z.clamp(-cfg.clip_qkv, cfg.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCache | None, start: int | torch.Tensor) -> torch.Tensor:
+        """Returns the attention output [B, T, H*Dh] (before o_proj); stores k, v in the cache."""
+        b, _, t, _ = q.shape
+        if cache is not None:
+            cache.write(self.layer, k, v, start)
+            if isinstance(start, torch.Tensor):  # static shapes for CUDA graphs: attend to all S
+                k, v = cache.keys[self.layer], cache.values[self.layer]
+            else:
+                k = cache.keys[self.layer][:, :, : start + t]
+                v = cache.values[self.layer][:, :, : start + t]
+        mask = self._mask(t, k.shape[2], start, q.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+            enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
+        return out.transpose(1, 2).reshape(b, t, self.q_dim)
+
+    def _mask(self, t: int, s: int, start: int | torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """Returns a boolean [T, S] mask (True = may attend), or None when plain causal will do."""
+        window = self.cfg.sliding_window
+        static = isinstance(start, torch.Tensor)
+        if not static and window is None and (t == 1 or s == t):
+            return None  # decode over the whole prefix, or causal prefill from position 0
+        query_pos = start + torch.arange(t, device=device)[:, None]  # [T, 1]
+        key_pos = torch.arange(s, device=device)[None, :]  # [1, S]
+        mask = key_pos <= query_pos
+        if window is not None:
+            mask = mask & (key_pos > query_pos - window)
+        return mask
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate and up fused into one projection."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
+        self.down = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MoEBlock(nn.Module):
+    """Router + routed experts (behind the expert seam) + optional gated shared expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.top_k = cfg.top_k
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts: nn.Module = ResidentExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_ffn)
+        self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
+        self.shared_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
+                            if self.shared is not None and cfg.shared_expert_gate else None)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (router logits [N, E], expert ids [N, A], weights [N, A]) for x [N, D]."""
+        logits = self.router(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, ids, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)  # [N, D]
+        _, ids, weights = self.route(flat)
+        out = self.experts(flat, ids, weights)
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            out = out + shared
+        return out.view(b, t, d)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = MoEBlock(cfg) if cfg.moe_layers[layer] else DenseMLP(cfg.hidden_size, cfg.dense_ffn)
+
+    def pre_attn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Returns (q, k, v) for residual stream x [B, T, D]."""
+        return self.attn.project(self.input_norm(x), cos, sin)
+
+    def post_attn(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Returns the residual stream after o-proj and the MLP/MoE block."""
+        x = x + self.attn.o_proj(attn_out)
+        return x + self.mlp(self.post_norm(x))
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0):
+        q, k, v = self.pre_attn(x, cos, sin)
+        return self.post_attn(x, self.attn.attend(q, k, v, cache, start))
+
+
+class MoEModel(nn.Module):
+    """A decoder-only MoE language model: `model(input_ids)` returns logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        inv_freq, self.rope_scale = inverse_frequencies(cfg.rope, cfg.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.generation_defaults: dict = {}  # filled from generation_config.json by the loader
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (cos, sin) [T, Dh] for positions [T]."""
+        return cos_sin(self.inv_freq, self.rope_scale, positions, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+        """Returns logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T].
+
+        `start` is the position of input_ids[:, 0]: a Python int, or a 0-d device tensor for
+        graph-captured decode steps (then the cache must be given).
+        """
+        t = input_ids.shape[1]
+        positions = start + torch.arange(t, device=input_ids.device)
+        cos, sin = self.rope(positions)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, **kwargs) -> torch.Tensor:
+        """Returns the new token ids [B, max_new_tokens] (greedy at temperature 0).
+
+        See moekit.generate.generate for the sampling options."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)

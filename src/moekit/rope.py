@@ -1,0 +1,57 @@
+"""Rotary position embedding: inverse frequencies (default, linear, YaRN) and cos/sin for positions.
+
+Shapes: T = tokens, Dh = head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq [Dh/2] float32, attention scale applied to cos and sin)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.scaling == "default":
+        return inv_freq, 1.0
+    if rope.scaling == "linear":
+        return inv_freq / rope.factor, 1.0
+    # YaRN (Peng et al. 2023): interpolate low-frequency dimensions, extrapolate high-frequency
+    # ones, with a linear ramp between, and scale attention by ~0.1 ln(factor) + 1.
+    original = rope.original_max_position or 4096
+
+    def dim_for_rotations(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dim_for_rotations(rope.beta_fast), dim_for_rotations(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp  # weight of the original frequency
+    inv_freq = (inv_freq / rope.factor) * (1 - extrapolate) + inv_freq * extrapolate
+    scale = rope.attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+    return inv_freq, float(scale)
+
+
+def cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (cos, sin) [T, Dh] for integer positions [T], computed in float32 then cast."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Returns x [B, H, T, Dh] rotated by (cos, sin) [T, Dh] (the rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
