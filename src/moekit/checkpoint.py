@@ -68,6 +68,7 @@ class Checkpoint:
         self.config: dict[str, Any] = read_json(self.path / "config.json")
         self._handles: dict[str, Any] = {}
         self.checksums: dict[str, str] = {}  # shard -> sha256, when the writer recorded them
+        self._verified: set[str] = set()
         self.weight_map = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
@@ -97,13 +98,6 @@ class Checkpoint:
 
     def _open(self, shard: str) -> Any:
         if shard not in self._handles:
-            if shard in self.checksums:
-                from .save import sha256_file
-
-                if sha256_file(self.path / shard) != self.checksums[shard]:
-                    raise CheckpointError(
-                        f"{self.path / shard}: sha256 does not match the one recorded in {INDEX_FILE}; "
-                        "the file is damaged or was changed after writing. Copy or re-create it")
             try:
                 self._handles[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types for damaged headers
@@ -129,6 +123,11 @@ class Checkpoint:
         shard = self.file_of(name).name
         return tuple(self._open(shard).get_slice(name).get_shape())
 
+    def itemsize(self, name: str) -> int:
+        """Returns the bytes per element of a stored tensor (from its header)."""
+        shard = self.file_of(name).name
+        return _dtype_bytes(self._open(shard).get_slice(name).get_dtype())
+
     def names(self) -> Iterable[str]:
         return self.weight_map.keys()
 
@@ -143,12 +142,25 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{path}: tensor '{name}' has shape {list(stored)}, config.json implies "
                     f"{list(shape)}; the weights do not match the config")
+        self._verify(path.name)
         try:
             tensor = self._open(path.name).get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor '{name}' ({e}); "
                                   "the file is damaged or truncated") from None
         return tensor if dtype is None else tensor.to(dtype)
+
+    def _verify(self, shard: str) -> None:
+        """Checks a shard against its recorded sha256 once, before its data is first used."""
+        if shard in self._verified or shard not in self.checksums:
+            return
+        from .save import sha256_file
+
+        if sha256_file(self.path / shard) != self.checksums[shard]:
+            raise CheckpointError(
+                f"{self.path / shard}: sha256 does not match the one recorded in {INDEX_FILE}; "
+                "the file is damaged or was changed after writing. Copy or re-create it")
+        self._verified.add(shard)
 
     def total_bytes(self) -> int:
         """Returns the bytes of all tensors as stored (from the headers, nothing read)."""

@@ -11,11 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_ops
 from .routing import group_by_expert
 
-# Below this many routed slots (N * A) the decode path gathers the chosen experts' weights and
-# runs one batched matmul: no host sync, so the step can be captured in a CUDA graph.
+# Below this many routed slots (N * A) the PyTorch path gathers the chosen experts' weights and
+# runs one batched matmul: no host sync, so a decode step can be captured in a CUDA graph.
 GATHER_MAX_SLOTS = 16
+# Up to this many slots (decode and small batches) GPUs use the grouped Triton kernels, which
+# read expert weights in place with no host sync; larger prefills use cuBLAS per expert.
+TRITON_MAX_SLOTS = 4096
 
 
 class ResidentExperts(nn.Module):
@@ -33,7 +37,12 @@ class ResidentExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for x [N, D]."""
-        if expert_ids.numel() <= GATHER_MAX_SLOTS and not torch.is_grad_enabled():
+        slots = expert_ids.numel()
+        if torch.is_grad_enabled():  # training: autograd through the PyTorch path
+            return self._grouped(x, expert_ids, weights)
+        if x.is_cuda and slots <= TRITON_MAX_SLOTS and triton_ops.triton_usable(x):
+            return triton_ops.grouped_expert_ffn(x, expert_ids, weights, self.gate_up, self.down)
+        if slots <= GATHER_MAX_SLOTS:
             return self._gathered(x, expert_ids, weights)
         return self._grouped(x, expert_ids, weights)
 

@@ -1,0 +1,187 @@
+"""`moekit <command>`: the command line. Each command parses flags, calls the library, and
+prints a short table (or JSON with --json). User mistakes print one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .errors import MoekitError
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- generate ------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import GenerationStats, generate
+    from .load import load_model
+    from .tokenizer import StreamDecoder, load_tokenizer
+
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise MoekitError("give a PROMPT (e.g. moekit generate \"def fibonacci(n):\"), or pipe text on stdin")
+        prompt = sys.stdin.read()
+    if args.max_new_tokens <= 0:
+        raise MoekitError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    if not 0 < args.top_p <= 1:
+        raise MoekitError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature is not None and args.temperature < 0:
+        raise MoekitError(f"--temperature must be >= 0, got {args.temperature}")
+    device = args.device or _default_device()
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
+    ids = tokenizer.encode(text, add_special_tokens=not args.chat)
+    if not ids:
+        raise MoekitError("the prompt encodes to no tokens; give a non-empty PROMPT")
+    input_ids = torch.tensor([ids], dtype=torch.long)
+
+    stream = StreamDecoder(tokenizer)
+    eos = set(model.generation_defaults.get("eos_token_ids", ()))
+    pieces: list[str] = []
+
+    def on_token(token: torch.Tensor) -> None:
+        token_id = int(token[0])
+        if token_id in eos:
+            return
+        piece = stream.push(token_id)
+        pieces.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    if not args.json and not args.chat:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    stats = GenerationStats()
+    out = generate(model, input_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=on_token,
+                   cuda_graph=False if args.no_cuda_graph else None, stats=stats)
+    new_ids = out[0, : stats.new_tokens].tolist()
+    while new_ids and new_ids[-1] in eos:
+        new_ids.pop()
+    result = {
+        "prompt": prompt, "text": tokenizer.decode(new_ids), "token_ids": new_ids,
+        "prompt_tokens": stats.prompt_tokens, "new_tokens": len(new_ids),
+        "time_to_first_token_s": round(stats.prefill_s, 4),
+        "decode_tok_s": round(stats.decode_tok_s, 2),
+        "tok_s": round(stats.new_tokens / (stats.prefill_s + stats.decode_s), 2)
+        if stats.prefill_s + stats.decode_s > 0 else 0.0,
+        "device": device, "dtype": str(model.dtype).replace("torch.", ""),
+        "cuda_graph": stats.cuda_graph,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{result['new_tokens']} tokens, first token {result['time_to_first_token_s'] * 1000:.0f} ms, "
+              f"decode {result['decode_tok_s']:.1f} tok/s, {device} {result['dtype']}]", file=sys.stderr)
+    return 0
+
+
+# ---- inspect -------------------------------------------------------------------------------
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect_model import inspect_checkpoint
+    from .load import default_model_path
+
+    report = inspect_checkpoint(args.model if args.model is not None else default_model_path())
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    r = report
+    print(_table([
+        ("model", r.path),
+        ("family", r.family),
+        ("layers", f"{r.layers} ({r.moe_layers} MoE)"),
+        ("experts / top-k", f"{r.experts} / {r.top_k}"),
+        ("hidden / expert ffn", f"{r.hidden} / {r.expert_ffn}"),
+        ("vocab", str(r.vocab)),
+        ("params total", f"{_fmt_count(r.params_total)}  ({_fmt_bytes(r.bytes_total)})"),
+        ("params in experts", f"{_fmt_count(r.params_experts)}  ({_fmt_bytes(r.bytes_experts)})"),
+        ("params elsewhere", f"{_fmt_count(r.params_other)}  ({_fmt_bytes(r.bytes_other)})"),
+        ("bits per expert param", f"{r.bits_per_expert_param:.3f}"),
+        ("active params / token", _fmt_count(r.params_active_per_token)),
+    ]))
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moekit", description="Run large Mixture-of-Experts models on small GPUs and CPUs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    gen.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
+    gen.add_argument("--model", help="HF model directory (default: the bundled tiny MoE)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 = greedy (default: the model's generation_config.json, else greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on GPUs")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, tok/s")
+    gen.set_defaults(func=cmd_generate)
+
+    ins = sub.add_parser("inspect", help="sizes of a model: parameters, bytes, bits per expert parameter")
+    ins.add_argument("model", nargs="?", help="HF model directory (default: the bundled tiny MoE)")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the process exit code of `moekit` run with argv."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except MoekitError as e:
+        print(f"moekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmoekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

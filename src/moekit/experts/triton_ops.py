@@ -1,0 +1,88 @@
+"""Wrappers of the grouped expert kernels (moekit.kernels.moe_grouped) for stacked dense experts.
+
+Shapes: N = tokens, A = experts per token, S = N*A slots, E = experts, D = hidden, I = ffn.
+The PyTorch reference is ResidentExperts._grouped; tests hold the two together (on the CPU
+under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+
+    from ..kernels.moe_grouped import down_kernel, gate_up_swiglu_kernel
+    HAVE_TRITON = True
+except ImportError:  # CPU machines without triton use the PyTorch path
+    HAVE_TRITON = False
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Returns whether the Triton path can run on x's device (CUDA, or CPU under the interpreter)."""
+    if not HAVE_TRITON:
+        return False
+    if x.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Decode-sized launches are memory bound: narrow N tiles give enough programs to fill the GPU.
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 128
+
+
+def block_map(expert_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Returns (order [S], block_expert [P], block_start [P], block_end [P]) for expert_ids [N, A].
+
+    Slots are sorted by expert; each expert's run is cut into blocks of block_m slots. P is
+    ceil(S / block_m) + E, an upper bound, so shapes never depend on the routing (graph-safe).
+    """
+    flat = expert_ids.reshape(-1)  # [S]
+    slots = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    # counts via scatter_add: bincount would sync with the host to size its output
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    ends = torch.cumsum(counts, 0)  # [E] one past each expert's last slot
+    blocks = (counts + block_m - 1) // block_m  # [E]
+    block_ends = torch.cumsum(blocks, 0)  # [E]
+    num_blocks = (slots + block_m - 1) // block_m + num_experts
+    p = torch.arange(num_blocks, device=flat.device)
+    block_expert = torch.searchsorted(block_ends, p, right=True)  # [P], E when unused
+    e = block_expert.clamp(max=num_experts - 1)
+    first_block = block_ends[e] - blocks[e]
+    block_start = (ends[e] - counts[e]) + (p - first_block) * block_m
+    used = block_expert < num_experts
+    block_start = torch.where(used, block_start, torch.zeros_like(block_start))
+    block_end = torch.where(used, ends[e], torch.zeros_like(block_start))
+    as_i32 = lambda t: t.to(torch.int32)
+    return order, as_i32(block_expert), as_i32(block_start), as_i32(block_end)
+
+
+def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                       gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D], with no host sync.
+
+    x [N, D]; expert_ids, weights [N, A]; gate_up [E, 2I, D]; down [E, D, I].
+    """
+    top_k = expert_ids.shape[1]
+    num_experts, two_ffn, hidden = gate_up.shape
+    ffn = two_ffn // 2
+    order, block_expert, block_start, block_end = block_map(expert_ids, num_experts, BLOCK_M)
+    token_of = order // top_k
+    xs = x[token_of].contiguous()  # [S, D]
+    num_blocks = block_expert.shape[0]
+    h = torch.empty(xs.shape[0], ffn, dtype=x.dtype, device=x.device)  # [S, I]
+    gate_up_swiglu_kernel[(num_blocks, triton.cdiv(ffn, BLOCK_N))](
+        xs, gate_up, block_expert, block_start, block_end, h, ffn, num_experts,
+        xs.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), K=hidden,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    y = torch.empty(xs.shape[0], hidden, dtype=x.dtype, device=x.device)  # [S, D]
+    down_kernel[(num_blocks, triton.cdiv(hidden, BLOCK_N))](
+        h, down, block_expert, block_start, block_end, y, hidden, num_experts,
+        h.stride(0), down.stride(0), down.stride(1), y.stride(0), K=ffn,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    y = y * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token_of, y)
