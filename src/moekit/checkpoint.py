@@ -118,10 +118,21 @@ class Checkpoint:
                                   "config.json names")
         return self.path / self.weight_map[name]
 
+    def _slice(self, name: str) -> Any:
+        """Returns the safetensors slice of `name`, or a CheckpointError when its shard lacks it."""
+        path = self.file_of(name)
+        try:
+            return self._open(path.name).get_slice(name)
+        except CheckpointError:
+            raise
+        except Exception:  # the index names this shard, but the shard does not hold the tensor
+            raise CheckpointError(f"{path}: tensor '{name}' not found in this file, though "
+                                  f"{INDEX_FILE} says it is there; the shard is damaged or from "
+                                  "another checkpoint") from None
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Returns the stored shape of a tensor without reading it."""
-        shard = self.file_of(name).name
-        return tuple(self._open(shard).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def itemsize(self, name: str) -> int:
         """Returns the bytes per element of a stored tensor (from its header)."""
@@ -165,8 +176,8 @@ class Checkpoint:
     def total_bytes(self) -> int:
         """Returns the bytes of all tensors as stored (from the headers, nothing read)."""
         total = 0
-        for name, shard in self.weight_map.items():
-            sl = self._open(shard).get_slice(name)
+        for name in self.weight_map:
+            sl = self._slice(name)
             numel = 1
             for d in sl.get_shape():
                 numel *= d

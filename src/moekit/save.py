@@ -32,6 +32,14 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         raise MoekitError(f"writing a fresh config.json is implemented for mixtral only, not {cfg.family}; "
                           "tools that rewrite other families copy and edit the original config.json")
     rope: dict[str, Any] = {"rope_type": cfg.rope.scaling, "rope_theta": cfg.rope.theta}
+    if cfg.rope.scaling != "default":  # without these a scaled model reloads unscaled, or not at all
+        rope["factor"] = cfg.rope.factor
+    if cfg.rope.scaling == "yarn":
+        rope.update(original_max_position_embeddings=cfg.rope.original_max_position,
+                    beta_fast=cfg.rope.beta_fast, beta_slow=cfg.rope.beta_slow,
+                    truncate=cfg.rope.truncate)
+        if cfg.rope.attention_factor is not None:
+            rope["attention_factor"] = cfg.rope.attention_factor
     return {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,

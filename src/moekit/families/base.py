@@ -98,6 +98,9 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     kind = first(merged, "rope_type", "type", default="default")
     if kind in ("default", None):
         return RopeConfig(theta=theta)
+    if kind in ("linear", "yarn") and merged.get("factor") is None:
+        raise UnsupportedModelError(f"rope scaling '{kind}' in config.json has no 'factor'; "
+                                    "add it (the context-extension factor) or remove the scaling")
     if kind == "linear":
         return RopeConfig(theta=theta, scaling="linear", factor=float(merged["factor"]))
     if kind == "yarn":

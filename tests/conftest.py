@@ -1,0 +1,168 @@
+"""Shared fixtures: tiny Hugging Face MoE checkpoints, built once per session, never downloaded.
+
+Every variant is a real transformers model (`AutoModelForCausalLM.from_config`) saved with
+`save_pretrained`, so moekit is checked against the reference implementation of each family.
+Weights are random with a large `initializer_range` so that greedy argmax has no near-ties.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Triton decides at decoration time whether kernels run compiled or interpreted, so this must be
+# set before moekit is imported: without a GPU, the kernel tests run under the interpreter.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+# tiny tensors: one intra-op thread is faster than two (and than fighting other jobs)
+torch.set_num_threads(1)
+
+VOCAB = 100
+MAX_POS = 128
+
+# Shared by every family: 32 wide, 4 query heads over 2 kv heads (GQA), 4 experts top-2.
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+    num_experts_per_tok=2, max_position_embeddings=MAX_POS, initializer_range=0.2,
+)
+
+# variant name -> (transformers config class name, config kwargs)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4)),
+    "mixtral_tied": ("MixtralConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4,
+        tie_word_embeddings=True)),
+    "mixtral_sliding": ("MixtralConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4, sliding_window=5)),
+    # head_dim given: transformers' yarn code cannot derive it from MixtralConfig(head_dim=None)
+    "mixtral_yarn": ("MixtralConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4, head_dim=8,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                         "original_max_position_embeddings": 32})),
+    "mixtral_linear": ("MixtralConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    # shared expert behind a sigmoid gate, qkv bias, layer 1 dense via mlp_only_layers
+    "qwen2_moe": ("Qwen2MoeConfig", dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_experts=4, qkv_bias=True,
+        mlp_only_layers=[1], decoder_sparse_step=1)),
+    # decoder_sparse_step=2: only layer 1 ((1 + 1) % 2 == 0) is MoE, layers 0 and 2 dense
+    "qwen2_moe_step": ("Qwen2MoeConfig", dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_experts=4, mlp_only_layers=[],
+        decoder_sparse_step=2, norm_topk_prob=True)),
+    # head_dim 16 != hidden / heads = 8
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=24,
+        num_experts=4, head_dim=16, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_experts=4, eos_token_id=2)),
+    "olmoe_clip": ("OlmoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_experts=4, eos_token_id=2,
+        clip_qkv=0.3)),
+}
+
+FAMILY_VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "olmoe", "olmoe_clip"]
+
+
+@dataclass
+class TinyCheckpoint:
+    """A saved tiny HF checkpoint and the transformers model it was saved from (the reference)."""
+
+    name: str
+    path: Path
+    hf: Any  # the transformers model, float32, eval mode; tests must not modify it
+
+    def hf_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Returns transformers' logits [B, T, V] for ids [B, T]."""
+        with torch.no_grad():
+            return self.hf(ids).logits
+
+    def hf_greedy(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Returns transformers' greedy new tokens [B, max_new_tokens], never stopping at eos."""
+        gen = transformers.GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            out = self.hf.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))
+        return out[:, ids.shape[1]:]
+
+
+def build_hf_model(variant: str, seed: int = 0, **overrides: Any):
+    """Returns a fresh float32 transformers model of a VARIANTS entry (random weights from seed)."""
+    cls_name, kwargs = VARIANTS[variant]
+    cfg = getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Callable[[str], TinyCheckpoint]:
+    """Returns a function variant -> TinyCheckpoint; each variant is built and saved once."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[str, TinyCheckpoint] = {}
+
+    def get(variant: str) -> TinyCheckpoint:
+        if variant not in built:
+            model = build_hf_model(variant)
+            path = root / variant
+            model.save_pretrained(path)
+            # the reference generates past eos (hf_greedy); the saved generation_config keeps it
+            model.generation_config.eos_token_id = None
+            built[variant] = TinyCheckpoint(variant, path, model)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mixtral_model(tiny):
+    """Returns the moekit model of the tiny mixtral checkpoint (shared: do not modify it)."""
+    import moekit
+
+    return moekit.load_model(tiny("mixtral").path)
+
+
+def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    """Returns random token ids [batch, length] in [3, VOCAB) (clear of bos/eos/pad ids)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Returns ||actual - expected|| / ||expected|| in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def median_token_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Returns the median over tokens of ||actual - expected|| / ||expected|| (last dim).
+
+    Robust to the odd token whose near-tied router top-k flips under low-precision rounding."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm(dim=-1) / expected.norm(dim=-1)).median().item()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

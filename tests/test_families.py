@@ -1,0 +1,154 @@
+"""Families: config.json -> ModelConfig for each architecture, weight names, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import moekit
+from moekit.config import ModelConfig
+from moekit.families import FAMILIES, family_for, supported
+from moekit.families.qwen2_moe import moe_layer_flags
+
+from conftest import FAMILY_VARIANTS, VOCAB
+
+
+def _hf_dict(tiny, variant: str) -> dict:
+    return json.loads((tiny(variant).path / "config.json").read_text())
+
+
+def test_supported_families():
+    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+    assert supported() == "mixtral, olmoe, qwen2_moe, qwen3_moe"
+
+
+@pytest.mark.parametrize("variant", FAMILY_VARIANTS + ["mixtral_tied", "mixtral_sliding"])
+def test_config_matches_transformers(tiny, variant):
+    hf = tiny(variant).hf.config
+    _, family, cfg = moekit.read_config(tiny(variant).path)
+    assert family.name == cfg.family == hf.model_type
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers) == (VOCAB, hf.hidden_size, hf.num_hidden_layers)
+    assert (cfg.num_heads, cfg.num_kv_heads) == (hf.num_attention_heads, hf.num_key_value_heads)
+    assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert cfg.top_k == hf.num_experts_per_tok
+    assert cfg.tie_word_embeddings == hf.tie_word_embeddings
+    assert cfg.rms_norm_eps == hf.rms_norm_eps
+    assert cfg.max_position_embeddings == hf.max_position_embeddings
+
+
+def test_mixtral_fields(tiny):
+    _, family, cfg = moekit.read_config(tiny("mixtral_sliding").path)
+    assert cfg.num_experts == 4 and cfg.expert_ffn == 48 and cfg.norm_topk_prob
+    assert cfg.moe_layers == (True, True) and cfg.sliding_window == 5
+    assert family.expert_names(1, 3) == tuple(
+        f"model.layers.1.block_sparse_moe.experts.3.{p}.weight" for p in ("w1", "w3", "w2"))
+    assert family.router_name(0) == "model.layers.0.block_sparse_moe.gate.weight"
+    assert moekit.read_config(tiny("mixtral").path)[2].sliding_window is None
+
+
+def test_qwen2_moe_fields(tiny):
+    _, family, cfg = moekit.read_config(tiny("qwen2_moe").path)
+    assert cfg.moe_layers == (True, False, True)  # mlp_only_layers=[1]
+    assert cfg.dense_ffn == 48 and cfg.expert_ffn == 24
+    assert cfg.shared_expert_ffn == 40 and cfg.shared_expert_gate
+    assert cfg.qkv_bias and not cfg.o_bias and not cfg.norm_topk_prob
+    assert cfg.sliding_window is None  # qwen2_moe writes sliding_window but never uses it
+    assert family.shared_expert_names(0)[3] == "model.layers.0.mlp.shared_expert_gate.weight"
+    step = moekit.read_config(tiny("qwen2_moe_step").path)[2]
+    assert step.moe_layers == (False, True, False) and step.norm_topk_prob
+
+
+def test_qwen3_moe_fields(tiny):
+    cfg = moekit.read_config(tiny("qwen3_moe").path)[2]
+    assert cfg.head_dim == 16 != cfg.hidden_size // cfg.num_heads
+    assert cfg.qk_norm == "head" and cfg.norm_topk_prob and not cfg.qkv_bias
+    assert cfg.num_experts == 4 and cfg.expert_ffn == 24 and cfg.shared_expert_ffn == 0
+
+
+def test_olmoe_fields(tiny):
+    plain = moekit.read_config(tiny("olmoe").path)[2]
+    clip = moekit.read_config(tiny("olmoe_clip").path)[2]
+    assert plain.qk_norm == clip.qk_norm == "full"
+    assert plain.clip_qkv is None and clip.clip_qkv == pytest.approx(0.3)
+    assert not plain.norm_topk_prob and plain.num_experts == 4
+
+
+@pytest.mark.parametrize("layers, mlp_only, step, expected", [
+    (4, [], 1, (True, True, True, True)),
+    (4, [0, 3], 1, (False, True, True, False)),
+    (4, [], 2, (False, True, False, True)),
+    (6, [1], 3, (False, False, True, False, False, True)),
+])
+def test_moe_layer_flags(layers, mlp_only, step, expected):
+    hf = {"mlp_only_layers": mlp_only, "decoder_sparse_step": step}
+    assert moe_layer_flags(hf, layers, 8) == expected
+    assert moe_layer_flags(hf, layers, 0) == (False,) * layers
+
+
+def test_family_from_architectures_only():
+    hf = {"architectures": ["Qwen3MoeForCausalLM"]}
+    assert family_for(hf).name == "qwen3_moe"
+
+
+def test_unknown_family_names_where_and_the_options():
+    with pytest.raises(moekit.UnsupportedModelError) as info:
+        family_for({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]},
+                   where="/models/x/config.json")
+    message = str(info.value)
+    assert "/models/x/config.json" in message and "'deepseek_v3'" in message
+    assert "mixtral, olmoe, qwen2_moe, qwen3_moe" in message
+
+
+def _mixtral_dict(tiny, **changes):
+    hf = _hf_dict(tiny, "mixtral")
+    hf.update(changes)
+    return hf
+
+
+def test_refusals(tiny):
+    mixtral = FAMILIES["mixtral"]
+    with pytest.raises(moekit.UnsupportedModelError, match="hidden_act 'gelu'"):
+        mixtral.config(_mixtral_dict(tiny, hidden_act="gelu"))
+    hf = _mixtral_dict(tiny)
+    del hf["num_local_experts"]
+    with pytest.raises(moekit.UnsupportedModelError, match="no 'num_local_experts'"):
+        mixtral.config(hf)
+    qwen = _hf_dict(tiny, "qwen2_moe")
+    qwen["use_sliding_window"] = True
+    with pytest.raises(moekit.UnsupportedModelError, match="use_sliding_window"):
+        FAMILIES["qwen2_moe"].config(qwen)
+    with pytest.raises(moekit.MoekitError, match="multiple of"):
+        mixtral.config(_mixtral_dict(tiny, num_key_value_heads=3))
+    with pytest.raises(moekit.MoekitError, match="num_experts_per_tok \\(5\\)"):
+        mixtral.config(_mixtral_dict(tiny, num_experts_per_tok=5))
+
+
+def _config(**changes) -> ModelConfig:
+    fields = dict(family="mixtral", vocab_size=10, hidden_size=8, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=4, num_experts=4, top_k=2, expert_ffn=6,
+                  moe_layers=(True, True))
+    fields.update(changes)
+    return ModelConfig(**fields)
+
+
+def test_model_config_validation():
+    with pytest.raises(moekit.MoekitError, match="hidden_size must be > 0"):
+        _config(hidden_size=0)
+    with pytest.raises(moekit.MoekitError, match="moe_layers has 1 entries for 2 layers"):
+        _config(moe_layers=(True,))
+    with pytest.raises(moekit.MoekitError, match="intermediate_size > 0"):
+        _config(moe_layers=(True, False))
+    with pytest.raises(moekit.MoekitError, match="qk_norm"):
+        _config(qk_norm="sometimes")
+    _config(moe_layers=(True, False), dense_ffn=12)  # fine
+
+
+def test_model_config_sizes_and_json():
+    cfg = _config()
+    assert cfg.num_moe_layers == 2
+    assert cfg.params_per_expert == 3 * 8 * 6
+    assert cfg.expert_params == 2 * 4 * 3 * 8 * 6
+    data = json.loads(cfg.to_json())
+    assert data["family"] == "mixtral" and data["rope"]["theta"] == 10000.0
+    assert data == json.loads(json.dumps(cfg.to_dict()))
