@@ -71,14 +71,20 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(
         _COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=24,
         num_experts=4, head_dim=16, norm_topk_prob=True)),
+    # attention_bias, and layer 0 dense through mlp_only_layers
+    "qwen3_moe_bias": ("Qwen3MoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=24,
+        num_experts=4, attention_bias=True, mlp_only_layers=[0])),
     "olmoe": ("OlmoeConfig", dict(
         _COMMON, num_hidden_layers=2, intermediate_size=48, num_experts=4, eos_token_id=2)),
+    # clip_qkv, and attention_bias: biases on q, k, v and o
     "olmoe_clip": ("OlmoeConfig", dict(
         _COMMON, num_hidden_layers=2, intermediate_size=48, num_experts=4, eos_token_id=2,
-        clip_qkv=0.3)),
+        clip_qkv=0.3, attention_bias=True)),
 }
 
-FAMILY_VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "olmoe", "olmoe_clip"]
+FAMILY_VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "qwen3_moe_bias", "olmoe",
+                   "olmoe_clip"]
 
 
 @dataclass

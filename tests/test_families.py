@@ -72,6 +72,7 @@ def test_olmoe_fields(tiny):
     assert plain.qk_norm == clip.qk_norm == "full"
     assert plain.clip_qkv is None and clip.clip_qkv == pytest.approx(0.3)
     assert not plain.norm_topk_prob and plain.num_experts == 4
+    assert clip.qkv_bias and clip.o_bias and not plain.o_bias
 
 
 @pytest.mark.parametrize("layers, mlp_only, step, expected", [
