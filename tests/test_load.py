@@ -73,11 +73,21 @@ def test_source_path_and_generation_defaults(tiny):
 
 def test_generation_config_overrides(mixtral_copy):
     (mixtral_copy / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": [5, 7, 500], "do_sample": False, "top_k": 20, "top_p": 0.9}))
+        {"eos_token_id": [5, 7, 500], "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.9}))
     defaults = moekit.load_model(mixtral_copy).generation_defaults
     # 500 is outside the vocabulary of 100: it can never be produced
     assert defaults["eos_token_ids"] == (5, 7)
-    assert defaults["temperature"] == 0.0 and defaults["top_k"] == 20 and defaults["top_p"] == 0.9
+    assert defaults["temperature"] == 0.6 and defaults["top_k"] == 20 and defaults["top_p"] == 0.9
+
+
+def test_sampling_settings_without_do_sample_mean_greedy(mixtral_copy):
+    """As in transformers: temperature etc. count only when do_sample is true."""
+    gen = mixtral_copy / "generation_config.json"
+    gen.write_text(json.dumps({"eos_token_id": 2, "temperature": 0.7, "top_p": 0.8}))
+    assert moekit.load_model(mixtral_copy).generation_defaults["temperature"] == 0.0
+    gen.write_text(json.dumps({"do_sample": True, "top_p": 0.8}))
+    defaults = moekit.load_model(mixtral_copy).generation_defaults
+    assert defaults["temperature"] == 1.0 and defaults["top_p"] == 0.8
 
 
 def test_eos_from_config_json_without_generation_config(mixtral_copy):

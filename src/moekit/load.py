@@ -133,10 +133,13 @@ def _generation_defaults(ckpt: Checkpoint, cfg: ModelConfig) -> dict:
         gen = read_json(path)
         if gen.get("eos_token_id") is not None:
             defaults["eos_token_ids"] = eos_ids(gen["eos_token_id"])
-        for key in ("temperature", "top_p", "top_k"):
-            if gen.get(key) is not None:
-                defaults[key] = gen[key]
-        if gen.get("do_sample") is False:
+        # transformers' meaning: sampling settings count only with do_sample true (absent = greedy)
+        if gen.get("do_sample"):
+            defaults["temperature"] = 1.0
+            for key in ("temperature", "top_p", "top_k"):
+                if gen.get(key) is not None:
+                    defaults[key] = gen[key]
+        else:
             defaults["temperature"] = 0.0
     # ids outside the vocabulary (seen in tiny test configs) can never be produced
     defaults["eos_token_ids"] = tuple(t for t in defaults["eos_token_ids"] if 0 <= t < cfg.vocab_size)
