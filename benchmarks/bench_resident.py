@@ -464,7 +464,7 @@ class Bench:
         return out
 
     @torch.inference_mode()
-    def prefill(self, engine: str, tokens: int) -> dict[str, Any]:
+    def prefill(self, engine: str, tokens: int, label: str | None = None) -> dict[str, Any]:
         ids = self.prompt(1, tokens, seed=2)
         if engine == "moekit":
             fn = lambda: self.mk(ids, last_only=True)  # noqa: E731
@@ -474,24 +474,24 @@ class Bench:
         med = statistics.median(times)
         ceil = prefill_ceiling(self.shape, tokens)
         tok_s = tokens / med
-        self.row(engine, f"prefill T={tokens} B=1", tok_s, ceil["roofline_tok_s"], "tok/s",
+        self.row(label or engine, f"prefill T={tokens} B=1", tok_s, ceil["roofline_tok_s"], "tok/s",
                  "roofline max(compute, HBM)")
-        log(f"  {engine} prefill {tokens}: {tok_s:,.0f} tok/s ({med * 1e3:.2f} ms)")
+        log(f"  {label or engine} prefill {tokens}: {tok_s:,.0f} tok/s ({med * 1e3:.2f} ms)")
         return {"tokens": tokens, "times_s": times, "median_s": med, "tok_s": tok_s, "ceiling": ceil,
                 "timed": "forward only, no KV cache, logits of the last position"}
 
     @torch.inference_mode()
-    def moekit_decode(self, batch: int, cuda_graph: bool) -> dict[str, Any]:
+    def moekit_decode(self, batch: int, cuda_graph: bool, compile: bool = False) -> dict[str, Any]:
         a, s = self.args, self.shape
         out: dict[str, Any] = {"batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                               "cuda_graph_asked": cuda_graph}
+                               "cuda_graph_asked": cuda_graph, "compile_asked": compile}
         ids = self.prompt(batch, a.prompt_len, seed=3)
 
         def gen(n: int, graph: bool, stats: moekit.GenerationStats | None = None) -> torch.Tensor:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 toks = moekit.generate(self.mk, ids, max_new_tokens=n, temperature=0.0, stop_at_eos=False,
-                                       cuda_graph=graph, stats=stats)
+                                       cuda_graph=graph, compile=compile and graph, stats=stats)
             for w in caught:  # e.g. moekit's "CUDA graph capture failed, decoding eagerly"
                 out.setdefault("warnings", []).append(str(w.message)[:500])
             return toks
@@ -516,7 +516,8 @@ class Bench:
             runs.append({"wall_s": time.perf_counter() - t, "prefill_s": stats.prefill_s,
                          "decode_s": stats.decode_s, "new_tokens": stats.new_tokens,
                          "cuda_graph_used": stats.cuda_graph,
-                         "graph_capture_s": stats.extra.get("graph_capture_s")})
+                         "graph_capture_s": stats.extra.get("graph_capture_s"),
+                         "compiled": bool(stats.extra.get("compiled"))})
         assert toks.shape == (batch, a.new_tokens), toks.shape
         decode_s = statistics.median(r["decode_s"] for r in runs)
         steps = runs[0]["new_tokens"] - 1
@@ -524,6 +525,8 @@ class Bench:
         ceil = decode_ceiling(s, batch, a.prompt_len, a.new_tokens)
         used = all(r["cuda_graph_used"] for r in runs)
         label = "graphs" if used else "eager"
+        if used and all(r["compiled"] for r in runs):
+            label = "compiled+graphs"
         note = "HBM bound on weights; all sequences counted"
         if cuda_graph and not used:
             note += "; graphs asked for, moekit fell back to eager"
@@ -688,7 +691,25 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             b.phase(f"moekit_decode_b{batch}", lambda n=batch: b.moekit_decode(n, b.cuda), engine="moekit")
 
+        # the taller-block Triton path for long prefills too (no per-layer host sync)
+        if b.cuda:
+            from moekit.experts import resident
+
+            def prefill_all_triton(t: int) -> dict[str, Any]:
+                old = resident.TRITON_MAX_SLOTS
+                resident.TRITON_MAX_SLOTS = 1 << 30
+                try:
+                    return b.prefill("moekit", t, label="moekit triton-only")
+                finally:
+                    resident.TRITON_MAX_SLOTS = old
+            for t in args.prefill_lens:
+                b.phase(f"moekit_prefill_{t}_triton", lambda t=t: prefill_all_triton(t), engine="moekit")
+
         # last: compiling may take long (it stops at the time budget)
+        if not args.no_compile and b.cuda:
+            for batch in [1, *args.batches]:
+                b.phase(f"moekit_decode_b{batch}_compiled", lambda n=batch: b.moekit_decode(n, True, compile=True),
+                        engine="moekit")
         if not args.no_compile:
             b.phase("hf_decode_b1_static_compile", b.hf_static_compiled, needs_cuda=True, engine="transformers")
         for engine, nbytes in b.peak.items():

@@ -57,6 +57,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature is not None and args.temperature < 0:
         raise MoekitError(f"--temperature must be >= 0, got {args.temperature}")
     device = args.device or _default_device()
+    if args.compile and (args.no_cuda_graph or not device.startswith("cuda")):
+        raise MoekitError("--compile needs a CUDA device and CUDA graphs (drop --no-cuda-graph)")
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=device, dtype=args.dtype)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
@@ -85,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     out = generate(model, input_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=on_token,
-                   cuda_graph=False if args.no_cuda_graph else None, stats=stats)
+                   cuda_graph=False if args.no_cuda_graph else None, compile=args.compile, stats=stats)
     new_ids = out[0, : stats.new_tokens].tolist()
     while new_ids and new_ids[-1] in eos:
         new_ids.pop()
@@ -155,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on GPUs")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step before capturing it (GPU; slow first call, faster decode)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, tok/s")
     gen.set_defaults(func=cmd_generate)
 

@@ -7,6 +7,7 @@ Shapes: B = batch, T = prompt length, V = vocab, M = max new tokens.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,23 +59,28 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 
 
 class _GraphedDecode:
-    """One decode step captured as a CUDA graph: static token / position in, logits out."""
+    """One decode step captured as a CUDA graph: static token / position in, logits out.
 
-    def __init__(self, model, cache: KVCache, token: torch.Tensor, position: int):
+    With `compile`, the step is first compiled by torch.compile (fusing the small elementwise
+    kernels of norms, rope and routing) and the compiled kernels are captured instead.
+    """
+
+    def __init__(self, model, cache: KVCache, token: torch.Tensor, position: int, compile: bool = False):
         device = model.device
         # Warm-up and capture write k/v at `position`; the first replay rewrites that slot with
         # the real token, so nothing stale survives.
         self.token = token.clone()
         self.position = torch.tensor(position, dtype=torch.long, device=device)
+        step = _compiled_step(model) if compile else model
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
+        with torch.cuda.stream(stream):  # warm-up (and compilation) on a side stream
             for _ in range(2):
-                model(self.token, cache=cache, start=self.position)
+                step(self.token, cache=cache, start=self.position)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model(self.token, cache=cache, start=self.position)
+            self.logits = step(self.token, cache=cache, start=self.position)
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         self.token.copy_(token)
@@ -83,19 +89,29 @@ class _GraphedDecode:
         return self.logits
 
 
+def _compiled_step(model):
+    """Returns the model's forward compiled for decode steps (kept on the model for reuse)."""
+    compiled = getattr(model, "_compiled_decode", None)
+    if compiled is None:
+        compiled = torch.compile(model.forward, dynamic=False)
+        model._compiled_decode = compiled
+    return compiled
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_ids: tuple[int, ...] | None = None, stop_at_eos: bool = True,
              on_token: Callable[[torch.Tensor], None] | None = None, cuda_graph: bool | None = None,
-             stats: GenerationStats | None = None) -> torch.Tensor:
+             compile: bool = False, stats: GenerationStats | None = None) -> torch.Tensor:
     """Returns new token ids [B, max_new_tokens] generated after input_ids [B, T].
 
     temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; unset options come
     from the model's generation_config.json, else greedy. A sequence that produced an eos token
     is padded with that eos token; when all have, generation stops early. `on_token` receives
     each step's tokens [B] (for streaming). `cuda_graph` (default: on for CUDA) replays decode
-    steps from a captured graph.
+    steps from a captured graph; `compile` (CUDA only, off by default: it costs tens of seconds
+    the first time) compiles the step with torch.compile before capturing it.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise MoekitError(f"input_ids must be [batch, tokens] with at least one token, got {list(input_ids.shape)}")
@@ -121,6 +137,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
         raise MoekitError("cuda_graph=True needs the model on a CUDA device")
+    if compile and not use_graph:
+        raise MoekitError("compile=True is for CUDA-graph decode: use it with the model on a CUDA device")
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.cuda_graph = prompt_len, use_graph
 
@@ -159,9 +177,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
         if use_graph:
             if step_fn is None:
                 t_capture = time.perf_counter()
-                step_fn = _GraphedDecode(model, cache, token[:, None], position)
+                step_fn = _capture(model, cache, token[:, None], position, compile, stats)
+                use_graph = stats.cuda_graph = step_fn is not None
                 _sync(device)
                 stats.extra["graph_capture_s"] = time.perf_counter() - t_capture
+        if use_graph:
             logits = step_fn(token[:, None], position)[:, -1]
         else:
             logits = model(token[:, None], cache=cache, start=position)[:, -1]
@@ -169,6 +189,25 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
     stats.decode_s = time.perf_counter() - t_first - stats.extra.get("graph_capture_s", 0.0)
     stats.new_tokens = produced
     return out
+
+
+def _capture(model, cache: KVCache, token: torch.Tensor, position: int, compile: bool,
+             stats: GenerationStats) -> _GraphedDecode | None:
+    """Returns a captured decode step (compiled if asked and possible), or None to run eagerly."""
+    if compile:
+        try:
+            step = _GraphedDecode(model, cache, token, position, compile=True)
+            stats.extra["compiled"] = True
+            return step
+        except Exception as e:  # compilers fail in many ways; the uncompiled graph still works
+            warnings.warn(f"torch.compile of the decode step failed, capturing it uncompiled: {e}")
+            torch.cuda.synchronize()
+    try:
+        return _GraphedDecode(model, cache, token, position)
+    except RuntimeError as e:  # e.g. an expert source that syncs with the host
+        warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
+        torch.cuda.synchronize()
+        return None
 
 
 def _sync(device: torch.device) -> None:

@@ -29,8 +29,19 @@ def triton_usable(x: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Decode-sized launches are memory bound: narrow N tiles give enough programs to fill the GPU.
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 128
+def block_sizes(slots: int, num_experts: int) -> tuple[int, int, int]:
+    """Returns (BLOCK_M, BLOCK_N, BLOCK_K) for `slots` routed slots over `num_experts` experts.
+
+    Decode (a few slots per expert) is memory bound: the smallest row block tl.dot allows and
+    narrow N tiles, so many programs stream weights at once. Prefill (many slots per expert)
+    needs taller row blocks so each weight tile is reused across tokens.
+    """
+    per_expert = slots / num_experts
+    if per_expert <= 16:
+        return 16, 64, 128
+    if per_expert <= 64:
+        return 32, 64, 64
+    return 64, 64, 64
 
 
 def block_map(expert_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -70,6 +81,7 @@ def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch
     top_k = expert_ids.shape[1]
     num_experts, two_ffn, hidden = gate_up.shape
     ffn = two_ffn // 2
+    BLOCK_M, BLOCK_N, BLOCK_K = block_sizes(expert_ids.numel(), num_experts)
     order, block_expert, block_start, block_end = block_map(expert_ids, num_experts, BLOCK_M)
     token_of = order // top_k
     xs = x[token_of].contiguous()  # [S, D]

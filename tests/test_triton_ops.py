@@ -1,0 +1,99 @@
+"""The grouped Triton expert kernels against the PyTorch reference (ResidentExperts._grouped).
+
+On CPU machines they run under TRITON_INTERPRET=1 (set in conftest.py); on a GPU, for real.
+"""
+
+import pytest
+import torch
+
+from moekit.experts.resident import ResidentExperts
+from moekit.experts import triton_ops
+
+pytestmark = pytest.mark.skipif(not triton_ops.HAVE_TRITON, reason="triton not installed")
+
+
+def _experts(num_experts: int, hidden: int, ffn: int, device: str, dtype=torch.float32) -> ResidentExperts:
+    m = ResidentExperts(num_experts, hidden, ffn)
+    torch.nn.init.normal_(m.gate_up, std=hidden ** -0.5)
+    torch.nn.init.normal_(m.down, std=ffn ** -0.5)
+    return m.to(device=device, dtype=dtype)
+
+
+def _route(tokens: int, num_experts: int, top_k: int, device: str, generator: torch.Generator):
+    scores = torch.rand(tokens, num_experts, generator=generator)
+    weights, ids = torch.topk(scores.softmax(-1), top_k, dim=-1)
+    return ids.to(device), weights.to(device)
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if not triton_ops.triton_usable(torch.empty(0)):
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    return "cpu"
+
+
+# (experts, hidden, ffn, tokens, top_k): odd sizes to hit every mask; one expert with many
+# tokens (> BLOCK_M) to cross row blocks; a single token (the decode case); prefill-like
+# routings with ~50 and ~150 slots per expert, which take the taller row blocks.
+SHAPES = [(8, 64, 96, 5, 2), (4, 40, 24, 1, 2), (16, 128, 64, 33, 4), (4, 32, 48, 40, 1), (3, 72, 200, 7, 3),
+          (4, 40, 24, 100, 2), (2, 48, 40, 150, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_grouped_kernel_matches_reference(shape):
+    num_experts, hidden, ffn, tokens, top_k = shape
+    device = _device()
+    g = torch.Generator().manual_seed(sum(shape))
+    m = _experts(num_experts, hidden, ffn, device)
+    x = torch.randn(tokens, hidden, generator=g).to(device)
+    ids, weights = _route(tokens, num_experts, top_k, device, g)
+    with torch.no_grad():
+        ref = m._grouped(x, ids, weights)
+        out = triton_ops.grouped_expert_ffn(x, ids, weights, m.gate_up, m.down)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    # float32 inputs; on a GPU tl.dot may use tf32 (~3e-4), the interpreter is exact float32
+    assert rel < (2e-3 if device == "cuda" else 1e-5), rel
+
+
+def test_block_map_covers_every_slot_once():
+    g = torch.Generator().manual_seed(0)
+    ids, _ = _route(37, 6, 3, "cpu", g)
+    order, block_expert, block_start, block_end = triton_ops.block_map(ids, 6, block_m=4)
+    sorted_experts = ids.reshape(-1)[order]
+    covered = torch.zeros(ids.numel(), dtype=torch.int64)
+    for p in range(block_expert.numel()):
+        e = int(block_expert[p])
+        if e == 6:
+            continue
+        rows = torch.arange(int(block_start[p]), min(int(block_start[p]) + 4, int(block_end[p])))
+        assert (sorted_experts[rows] == e).all()
+        covered[rows] += 1
+    assert (covered == 1).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_kernel_bf16_and_cuda_graph():
+    m = _experts(64, 256, 128, "cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 256, generator=g).to("cuda", torch.bfloat16)
+    ids, weights = _route(4, 64, 8, "cuda", g)
+    weights = weights.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = _experts_float_reference(m, x, ids, weights)
+        graph = torch.cuda.CUDAGraph()
+        out = triton_ops.grouped_expert_ffn(x, ids, weights, m.gate_up, m.down)  # warm-up/compile
+        with torch.cuda.graph(graph):
+            out = triton_ops.grouped_expert_ffn(x, ids, weights, m.gate_up, m.down)
+        graph.replay()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, rel
+
+
+def _experts_float_reference(m, x, ids, weights):
+    ref = ResidentExperts(m.num_experts, m.hidden, m.ffn).to("cuda")
+    with torch.no_grad():
+        ref.gate_up.copy_(m.gate_up.float())
+        ref.down.copy_(m.down.float())
+        return ref._grouped(x.float(), ids, weights.float())
