@@ -20,6 +20,9 @@ GATHER_MAX_SLOTS = 16
 # Up to this many slots (decode and small batches) GPUs use the grouped Triton kernels, which
 # read expert weights in place with no host sync; larger prefills use cuBLAS per expert.
 TRITON_MAX_SLOTS = 4096
+# Up to this many slots (batch-1 decode of top-8 models) the per-slot kernels run instead: no
+# sorting or block map, a third of the small launches per layer.
+SLOT_KERNEL_MAX_SLOTS = 16
 
 
 class ResidentExperts(nn.Module):
@@ -41,6 +44,8 @@ class ResidentExperts(nn.Module):
         if torch.is_grad_enabled():  # training: autograd through the PyTorch path
             return self._grouped(x, expert_ids, weights)
         if x.is_cuda and slots <= TRITON_MAX_SLOTS and triton_ops.triton_usable(x):
+            if slots <= SLOT_KERNEL_MAX_SLOTS:
+                return triton_ops.slot_expert_ffn(x, expert_ids, weights, self.gate_up, self.down)
             return triton_ops.grouped_expert_ffn(x, expert_ids, weights, self.gate_up, self.down)
         if slots <= GATHER_MAX_SLOTS:
             return self._gathered(x, expert_ids, weights)

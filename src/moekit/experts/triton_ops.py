@@ -15,6 +15,7 @@ try:
     import triton
 
     from ..kernels.moe_grouped import down_kernel, gate_up_swiglu_kernel
+    from ..kernels.moe_slots import slot_down_kernel, slot_gate_up_swiglu_kernel
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton use the PyTorch path
     HAVE_TRITON = False
@@ -98,3 +99,31 @@ def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     y = y * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token_of, y)
+
+
+# Decode rows per program: 32 rows x 128 columns of bf16 = 8 KiB per load, enough programs
+# (slots x rows / 32) to keep every SM streaming at batch 1.
+SLOT_BLOCK_N, SLOT_BLOCK_K = 32, 128
+
+
+def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                    gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D], one program row per slot.
+
+    Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode)."""
+    n, top_k = expert_ids.shape
+    num_experts, two_ffn, hidden = gate_up.shape
+    ffn = two_ffn // 2
+    slots = n * top_k
+    flat_ids = expert_ids.reshape(-1)
+    flat_weights = weights.reshape(-1)
+    x = x.contiguous()
+    h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
+    slot_gate_up_swiglu_kernel[(slots, triton.cdiv(ffn, SLOT_BLOCK_N))](
+        x, flat_ids, gate_up, h, ffn, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
+        TOP_K=top_k, K=hidden, BLOCK_N=SLOT_BLOCK_N, BLOCK_K=SLOT_BLOCK_K)
+    y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D]
+    slot_down_kernel[(slots, triton.cdiv(hidden, SLOT_BLOCK_N))](
+        h, flat_ids, flat_weights, down, y, hidden, h.stride(0), down.stride(0), down.stride(1), y.stride(0),
+        K=ffn, BLOCK_N=SLOT_BLOCK_N, BLOCK_K=SLOT_BLOCK_K)
+    return y.view(n, top_k, hidden).sum(dim=1)
