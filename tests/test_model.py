@@ -153,4 +153,5 @@ def test_cuda_float32_logits_match_cpu(tiny, variant):
     ids = token_ids(2, 12)
     with torch.no_grad():
         expected, actual = cpu(ids), gpu(ids.cuda()).cpu()
-    assert rel_error(actual, expected) <= 1e-3
+    # the GPU expert kernels multiply float32 in TF32 (10-bit mantissa)
+    assert rel_error(actual, expected) <= 1e-2
