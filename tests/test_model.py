@@ -153,5 +153,5 @@ def test_cuda_float32_logits_match_cpu(tiny, variant):
     ids = token_ids(2, 12)
     with torch.no_grad():
         expected, actual = cpu(ids), gpu(ids.cuda()).cpu()
-    # the GPU expert kernels multiply float32 in TF32 (10-bit mantissa)
-    assert rel_error(actual, expected) <= 1e-2
+    # float32 on the GPU too: the Triton expert kernels use IEEE float32 dots for float32 inputs
+    assert rel_error(actual, expected) <= 1e-4

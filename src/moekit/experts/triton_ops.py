@@ -83,6 +83,7 @@ def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch
     num_experts, two_ffn, hidden = gate_up.shape
     ffn = two_ffn // 2
     BLOCK_M, BLOCK_N, BLOCK_K = block_sizes(expert_ids.numel(), num_experts)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for float32
     order, block_expert, block_start, block_end = block_map(expert_ids, num_experts, BLOCK_M)
     token_of = order // top_k
     xs = x[token_of].contiguous()  # [S, D]
@@ -91,12 +92,12 @@ def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch
     gate_up_swiglu_kernel[(num_blocks, triton.cdiv(ffn, BLOCK_N))](
         xs, gate_up, block_expert, block_start, block_end, h, ffn, num_experts,
         xs.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), K=hidden,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=precision)
     y = torch.empty(xs.shape[0], hidden, dtype=x.dtype, device=x.device)  # [S, D]
     down_kernel[(num_blocks, triton.cdiv(hidden, BLOCK_N))](
         h, down, block_expert, block_start, block_end, y, hidden, num_experts,
         h.stride(0), down.stride(0), down.stride(1), y.stride(0), K=ffn,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=precision)
     y = y * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token_of, y)
 

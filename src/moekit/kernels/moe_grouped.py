@@ -12,7 +12,7 @@ P = row blocks, an upper bound fixed by S, so launches have static shapes):
 Program (p, nb) multiplies block p's slots (at most BLOCK_M, all of one expert) by rows
 nb*BLOCK_N.. of that expert's weights. Unused blocks mask every load, so they move no bytes.
 No control flow depends on loaded values: the same code runs in a CUDA graph and under
-TRITON_INTERPRET=1. Accumulation is float32.
+TRITON_INTERPRET=1. Accumulation is float32; float32 inputs multiply in full float32.
 """
 
 import triton
@@ -26,6 +26,7 @@ def gate_up_swiglu_kernel(
     stride_xs, stride_we, stride_wn, stride_os,
     K: tl.constexpr,  # reduction length (D or I): a compile-time constant (the interpreter needs constant loop bounds)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no silent tf32), "tf32" otherwise
 ):
     """out[s, n] = silu(x[s] . w[e, n]) * (x[s] . w[e, FFN + n]) for the slots s of block p."""
     p = tl.program_id(0)
@@ -48,8 +49,8 @@ def gate_up_swiglu_kernel(
         w_mask = k_ok[:, None] & col_ok[None, :]
         wg = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)  # [BK, BN]
         wu = tl.load(w_base + (cols[None, :] + FFN) * stride_wn + ks[:, None], mask=w_mask, other=0.0)
-        acc_gate += tl.dot(xt, wg)
-        acc_up += tl.dot(xt, wu)
+        acc_gate += tl.dot(xt, wg, input_precision=DOT_PRECISION)
+        acc_up += tl.dot(xt, wu, input_precision=DOT_PRECISION)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(out_ptr + rows[:, None] * stride_os + cols[None, :], h.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
@@ -62,6 +63,7 @@ def down_kernel(
     stride_xs, stride_we, stride_wn, stride_os,
     K: tl.constexpr,  # reduction length (D or I): a compile-time constant (the interpreter needs constant loop bounds)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no silent tf32), "tf32" otherwise
 ):
     """out[s, n] = x[s] . w[e, n] for the slots s of block p."""
     p = tl.program_id(0)
@@ -82,6 +84,6 @@ def down_kernel(
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None],
                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(xt, wt)
+        acc += tl.dot(xt, wt, input_precision=DOT_PRECISION)
     tl.store(out_ptr + rows[:, None] * stride_os + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
