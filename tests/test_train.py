@@ -90,6 +90,9 @@ def test_aux_loss_from_hooks_is_finite_near_one_and_trains():
         assert len(balance.records) == 2  # one per MoE layer
         aux = balance.loss()
     assert math.isfinite(aux.item()) and 0.9 < aux.item() < 2.0  # near-uniform router at init
+    with LoadBalance(model) as balance, torch.no_grad():
+        lm_loss(model, next(repeated_batches()))
+        assert not balance.records  # evaluation inside a training run is not counted
     assert not any(m.router._forward_hooks for m in (l.mlp for l in model.layers))  # hooks removed
     result = train(model, repeated_batches(), steps=5, lr=1e-2, warmup_steps=1, aux_loss_coef=0.01,
                    log_every=5)

@@ -84,8 +84,9 @@ def lm_loss(model: MoEModel, input_ids: torch.Tensor, reduction: str = "mean") -
 class LoadBalance:
     """Switch-style load-balancing loss of every MoE layer, read from router outputs by hooks.
 
-    Inside ``with LoadBalance(model) as balance:`` every forward pass records each MoE block's
-    router logits [N, E]; ``balance.loss()`` returns the mean over MoE layers of
+    Inside ``with LoadBalance(model) as balance:`` every forward pass run with gradients records
+    each MoE block's router logits [N, E] (evaluation under no_grad is not counted);
+    ``balance.loss()`` returns the mean over MoE layers of
     ``E * sum_e fraction_routed[e] * mean_prob[e]`` and forgets the records. fraction_routed
     counts top-k slots (so it sums to 1 over experts); the loss is 1.0 for uniform routing and
     E for a router that sends every token to one expert.
@@ -101,9 +102,14 @@ class LoadBalance:
 
     def __enter__(self) -> "LoadBalance":
         for block in self.blocks:
-            hook = (lambda top_k: lambda _mod, _inp, logits: self.records.append((logits, top_k)))(block.top_k)
-            self._handles.append(block.router.register_forward_hook(hook))
+            self._handles.append(block.router.register_forward_hook(self._hook(block.top_k)))
         return self
+
+    def _hook(self, top_k: int) -> Callable[..., None]:
+        def record(_module: nn.Module, _inputs: tuple, logits: torch.Tensor) -> None:
+            if torch.is_grad_enabled():  # evaluation inside a training run must not count
+                self.records.append((logits, top_k))
+        return record
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
@@ -202,7 +208,8 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
     load-balancing loss (see LoadBalance) when it is > 0. `trainable(name)` picks the parameters
     that train (default: all); the others are frozen for the call and their requires_grad flags
     are restored after. Every `log_every` steps `on_log` receives a record (step, loss, aux_loss,
-    lr, grad_norm, tokens_per_s, elapsed_s). With `max_seconds` the loop stops when the time is
+    lr, grad_norm, tokens_per_s, elapsed_s); keys it adds (an evaluation, say) stay in the
+    history. With `max_seconds` the loop stops when the time is
     up, and the cosine follows whichever of steps or time is further along, so the learning
     rate reaches its floor by the end either way.
     """
@@ -237,9 +244,10 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
 
     def log(step: int) -> None:
         nonlocal interval_start, interval_tokens, interval_steps, loss_sum, aux_sum
+        loss, aux = loss_sum.item(), aux_sum.item()  # waits for the device: the timing is honest
         now = time.perf_counter()
-        record = {"step": step, "loss": loss_sum.item() / interval_steps,
-                  "aux_loss": aux_sum.item() / interval_steps if balance else float("nan"),
+        record = {"step": step, "loss": loss / interval_steps,
+                  "aux_loss": aux / interval_steps if balance else float("nan"),
                   "lr": lr_now, "grad_norm": float(grad_norm),
                   "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
                   "elapsed_s": now - start}
@@ -247,7 +255,7 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
         result.final_loss = record["loss"]
         if on_log is not None:
             on_log(record)
-        interval_start, interval_tokens, interval_steps = now, 0, 0
+        interval_start, interval_tokens, interval_steps = time.perf_counter(), 0, 0  # on_log's time not counted
         loss_sum, aux_sum = torch.zeros_like(loss_sum), torch.zeros_like(aux_sum)
 
     iterator = iter(batches)
@@ -303,7 +311,11 @@ def print_log(record: dict[str, float]) -> None:
     aux = "" if math.isnan(record["aux_loss"]) else f"  aux {record['aux_loss']:.3f}"
     print(f"step {int(record['step']):6d}  loss {record['loss']:.4f}{aux}  lr {record['lr']:.2e}  "
           f"gnorm {record['grad_norm']:.2f}  {record['tokens_per_s'] / 1e3:8.1f}k tok/s  "
-          f"{record['elapsed_s']:6.0f}s", flush=True)
+          f"{record['elapsed_s']:6.0f}s" + "".join(f"  {k} {v:.4g}" for k, v in record.items() if k not in _LOGGED),
+          flush=True)
+
+
+_LOGGED = ("step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
