@@ -137,3 +137,19 @@ def test_fresh_config_is_mixtral_only(tiny):
     model = moekit.load_model(tiny("qwen3_moe").path)
     with pytest.raises(moekit.MoekitError, match="mixtral only"):
         hf_config(model.config)
+
+
+def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from moekit.save import write_checkpoint
+
+    umask = os.umask(0o022)
+    try:
+        out = write_checkpoint(iter([("a.weight", torch.ones(2, 2))]), tmp_path / "ckpt", {"model_type": "x"})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

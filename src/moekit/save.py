@@ -169,6 +169,7 @@ def write_checkpoint(tensors: Iterator[tuple[str, torch.Tensor]], out: str | Pat
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / fname, mode) as f:
                 f.write(content)
+        _make_readable(tmp)  # mkdtemp makes the folder private (0700); a checkpoint should not be
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -176,6 +177,15 @@ def write_checkpoint(tensors: Iterator[tuple[str, torch.Tensor]], out: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _make_readable(folder: Path) -> None:
+    """Gives a folder and its files the permissions a plain mkdir/open would (0777/0666 - umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 def save_model(model: MoEModel, out: str | Path, dtype: torch.dtype | None = None,
