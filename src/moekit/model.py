@@ -132,7 +132,7 @@ class MoEBlock(nn.Module):
         """Returns (router logits [N, E], expert ids [N, A], weights [N, A]) for x [N, D]."""
         logits = self.router(x)
         probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1, sorted=False)  # order is irrelevant; skips a sort kernel
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, ids, weights.to(x.dtype)

@@ -102,29 +102,38 @@ def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch
     return torch.zeros_like(x).index_add_(0, token_of, y)
 
 
-# Decode rows per program: 32 rows x 128 columns of bf16 = 8 KiB per load, enough programs
-# (slots x rows / 32) to keep every SM streaming at batch 1.
-SLOT_BLOCK_N, SLOT_BLOCK_K = 32, 128
+# Per-slot tiles (BLOCK_N rows x BLOCK_K columns, warps), keyed by (kernel, hidden, ffn) and
+# measured on an H200 by benchmarks/tune_slot_kernels.py; other shapes use the default.
+SLOT_DEFAULT = (32, 128, 4)
+SLOT_TUNED: dict[tuple[str, int, int], tuple[int, int, int]] = {}
+
+
+def slot_config(kernel: str, hidden: int, ffn: int) -> tuple[int, int, int]:
+    """Returns (BLOCK_N, BLOCK_K, num_warps) for a per-slot kernel at this expert shape."""
+    return SLOT_TUNED.get((kernel, hidden, ffn), SLOT_DEFAULT)
 
 
 def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                    gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+                    gate_up: torch.Tensor, down: torch.Tensor,
+                    configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None) -> torch.Tensor:
     """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D], one program row per slot.
 
-    Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode)."""
+    Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode).
+    `configs` overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels."""
     n, top_k = expert_ids.shape
     num_experts, two_ffn, hidden = gate_up.shape
     ffn = two_ffn // 2
     slots = n * top_k
+    (gn, gk, gw), (dn, dk, dw) = configs or (slot_config("gate_up", hidden, ffn), slot_config("down", hidden, ffn))
     flat_ids = expert_ids.reshape(-1)
     flat_weights = weights.reshape(-1)
     x = x.contiguous()
     h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
-    slot_gate_up_swiglu_kernel[(slots, triton.cdiv(ffn, SLOT_BLOCK_N))](
+    slot_gate_up_swiglu_kernel[(slots, triton.cdiv(ffn, gn))](
         x, flat_ids, gate_up, h, ffn, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
-        TOP_K=top_k, K=hidden, BLOCK_N=SLOT_BLOCK_N, BLOCK_K=SLOT_BLOCK_K)
+        TOP_K=top_k, K=hidden, BLOCK_N=gn, BLOCK_K=gk, num_warps=gw)
     y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D]
-    slot_down_kernel[(slots, triton.cdiv(hidden, SLOT_BLOCK_N))](
+    slot_down_kernel[(slots, triton.cdiv(hidden, dn))](
         h, flat_ids, flat_weights, down, y, hidden, h.stride(0), down.stride(0), down.stride(1), y.stride(0),
-        K=ffn, BLOCK_N=SLOT_BLOCK_N, BLOCK_K=SLOT_BLOCK_K)
+        K=ffn, BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
     return y.view(n, top_k, hidden).sum(dim=1)
