@@ -27,8 +27,8 @@ SHAPES = {  # name: (experts, hidden, ffn, top_k)
     "qwen3-30b-a3b": (128, 2048, 768, 8),
     "mixtral-8x7b": (8, 4096, 14336, 2),
 }
-BLOCK_N = (8, 16, 32, 64)
-BLOCK_K = (128, 256, 512)
+BLOCK_N = (2, 4, 8, 16)
+BLOCK_K = (128, 256, 512, 1024)
 WARPS = (4, 8)
 
 
@@ -50,7 +50,10 @@ def main() -> None:
         ref = triton_ops.slot_expert_ffn(x, routings[0], w, gate_up, down, configs=(triton_ops.SLOT_DEFAULT,) * 2)
         for kernel, nbytes in (("gate_up", a * 2 * i * d * 2), ("down", a * d * i * 2)):
             best = None
-            for bn, bk, warps in itertools.product(BLOCK_N, BLOCK_K, WARPS):
+            grid = list(itertools.product(BLOCK_N, BLOCK_K, WARPS))
+            if triton_ops.SLOT_DEFAULT not in grid:  # always measured: it is the baseline
+                grid.append(triton_ops.SLOT_DEFAULT)
+            for bn, bk, warps in grid:
                 counter = itertools.count()
 
                 def run():
