@@ -11,6 +11,8 @@ P = row blocks, an upper bound fixed by S, so launches have static shapes):
 
 Program (p, nb) multiplies block p's slots (at most BLOCK_M, all of one expert) by rows
 nb*BLOCK_N.. of that expert's weights. Unused blocks mask every load, so they move no bytes.
+(Masks are plain comparisons: the Triton 3.9 interpreter rejects a bool tensor combined with
+a loaded scalar.)
 No control flow depends on loaded values: the same code runs in a CUDA graph and under
 TRITON_INTERPRET=1. Accumulation is float32; float32 inputs multiply in full float32.
 """
@@ -32,12 +34,13 @@ def gate_up_swiglu_kernel(
     p = tl.program_id(0)
     nb = tl.program_id(1)
     e = tl.load(block_expert_ptr + p)
-    used = e < NUM_EXPERTS
-    e = tl.minimum(e, NUM_EXPERTS - 1)  # keep pointers in bounds; `used` masks the loads
+    # an unused block (e == E) has start == end == 0 and a column limit of 0: every load masked
+    col_limit = tl.where(e < NUM_EXPERTS, FFN, 0)
+    e = tl.minimum(e, NUM_EXPERTS - 1)  # keep pointers in bounds
     rows = tl.load(block_start_ptr + p) + tl.arange(0, BLOCK_M)  # [BM] sorted slots
-    row_ok = (rows < tl.load(block_end_ptr + p)) & used
+    row_ok = rows < tl.load(block_end_ptr + p)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] ffn rows of w
-    col_ok = (cols < FFN) & used
+    col_ok = cols < col_limit
     w_base = w_ptr + e.to(tl.int64) * stride_we
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -69,12 +72,12 @@ def down_kernel(
     p = tl.program_id(0)
     nb = tl.program_id(1)
     e = tl.load(block_expert_ptr + p)
-    used = e < NUM_EXPERTS
+    col_limit = tl.where(e < NUM_EXPERTS, N, 0)  # unused block: every load masked
     e = tl.minimum(e, NUM_EXPERTS - 1)
     rows = tl.load(block_start_ptr + p) + tl.arange(0, BLOCK_M)
-    row_ok = (rows < tl.load(block_end_ptr + p)) & used
+    row_ok = rows < tl.load(block_end_ptr + p)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = (cols < N) & used
+    col_ok = cols < col_limit
     w_base = w_ptr + e.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
