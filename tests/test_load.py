@@ -12,7 +12,7 @@ import torch
 import moekit
 from moekit.load import default_model_path
 
-from conftest import VOCAB, median_token_error, token_ids
+from conftest import VOCAB, median_token_error, rel_error, token_ids
 
 
 @pytest.fixture
@@ -123,3 +123,28 @@ def test_cuda_defaults_to_bfloat16(tiny, variant):
     with torch.no_grad():
         logits = model(ids.cuda()).float().cpu()
     assert median_token_error(logits, tiny(variant).hf_logits(ids)) <= 3e-2
+
+
+def test_custom_expert_loader_builds_every_moe_layer(tiny):
+    """The expert seam at load time: a loader decides where experts live; finish runs once."""
+    from moekit.experts import ResidentExperts
+    from moekit.load import ExpertLoader
+
+    class Recording(ExpertLoader):
+        def __init__(self):
+            self.layers, self.finished = [], 0
+
+        def build(self, ctx, layer):
+            self.layers.append(layer)
+            return super().build(ctx, layer)
+
+        def finish(self, model, ctx):
+            self.finished += 1
+
+    ckpt = tiny("qwen2_moe")  # layer 1 is dense: no experts to build there
+    loader = Recording()
+    model = moekit.load_model(ckpt.path, experts=loader)
+    assert loader.layers == [0, 2] and loader.finished == 1
+    assert all(isinstance(model.layers[i].mlp.experts, ResidentExperts) for i in (0, 2))
+    ids = token_ids(1, 7)
+    assert rel_error(model(ids), ckpt.hf_logits(ids)) <= 1e-4

@@ -139,6 +139,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # ---- parser --------------------------------------------------------------------------------
 
+# Commands of the other pillars live next to their code: each module here has
+# `register(sub: argparse._SubParsersAction) -> None`, adding its subparsers with set_defaults(func=...).
+COMMAND_MODULES: tuple[str, ...] = ()
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit", description="Run large Mixture-of-Experts models on small GPUs and CPUs.")
@@ -166,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model", nargs="?", help="HF model directory (default: the bundled tiny MoE)")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
+
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

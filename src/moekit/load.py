@@ -7,15 +7,20 @@ memory at the model's own size.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from tqdm import tqdm
 
 from .checkpoint import Checkpoint, parse_dtype, read_json
 from .config import ModelConfig
 from .errors import CheckpointError
 from .families import family_for
 from .families.base import Family, eos_ids
+from .experts import ResidentExperts
 from .model import Attention, DenseMLP, MoEBlock, MoEModel
 from .rope import inverse_frequencies
 
@@ -35,26 +40,66 @@ def read_config(path: str | Path) -> tuple[Checkpoint, Family, ModelConfig]:
     return ckpt, family, family.config(ckpt.config)
 
 
+@dataclass
+class LoadContext:
+    """What an expert loader needs to build one layer's expert source."""
+
+    ckpt: Checkpoint
+    family: Family
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
+class ExpertLoader:
+    """Builds the expert source of each MoE layer while a model loads (the expert seam).
+
+    The default keeps every expert resident on the model's device. Other pillars (offload,
+    compressed forms) pass their own loader to `load_model(..., experts=...)`; the model never
+    allocates device memory for experts the loader does not put there.
+    """
+
+    def build(self, ctx: LoadContext, layer: int) -> nn.Module:
+        """Returns the expert source (an nn.Module with the seam's forward) of one MoE layer."""
+        experts = ResidentExperts(ctx.config.num_experts, ctx.config.hidden_size, ctx.config.expert_ffn)
+        experts = experts.to(device=ctx.device, dtype=ctx.dtype)
+        with torch.no_grad():
+            fill_stacked_experts(experts.gate_up, experts.down, ctx.ckpt, ctx.family, ctx.config, layer)
+        return experts
+
+    def finish(self, model: MoEModel, ctx: LoadContext) -> None:
+        """Called once every layer is built (e.g. to link prefetchers across layers)."""
+
+
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> MoEModel:
+               dtype: str | torch.dtype | None = None, experts: ExpertLoader | None = None,
+               progress: bool | None = None) -> MoEModel:
     """Returns the model at `path` (default: the bundled tiny MoE) on `device` in `dtype`.
 
-    dtype defaults to float32 on the CPU and bfloat16 on a GPU."""
+    dtype defaults to float32 on the CPU and bfloat16 on a GPU. `experts` decides where and in
+    which form each MoE layer's experts live (default: all resident on `device`). `progress`
+    shows a bar per layer (default: when stderr is a terminal)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda asked for, but this PyTorch sees no CUDA device; "
                               "use --device cpu")
     dtype = parse_dtype(dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
     ckpt, family, cfg = read_config(path if path is not None else default_model_path())
+    experts = experts or ExpertLoader()
     with torch.device("meta"):
         model = MoEModel(cfg).to(dtype)  # no storage yet: the dtype change is free
+    for layer in model.layers:  # expert storage is the loader's business, never to_empty's
+        if isinstance(layer.mlp, MoEBlock):
+            layer.mlp.experts = nn.Identity()
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     # to_empty leaves buffers uninitialised: recompute the rope frequencies (float32)
     model.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)[0].to(device)
+    ctx = LoadContext(ckpt, family, cfg, device, dtype)
     with torch.no_grad():
-        _fill(model, ckpt, family, cfg)
+        _fill(model, ctx, experts, progress)
+    experts.finish(model, ctx)
     model.eval()
     model.generation_defaults = _generation_defaults(ckpt, cfg)
     model.source_path = ckpt.path
@@ -65,19 +110,22 @@ def _copy(param: torch.Tensor, ckpt: Checkpoint, name: str, shape: tuple[int, ..
     param.copy_(ckpt.read(name, shape=shape, dtype=param.dtype))
 
 
-def _fill(model: MoEModel, ckpt: Checkpoint, family: Family, cfg: ModelConfig) -> None:
+def _fill(model: MoEModel, ctx: LoadContext, experts: ExpertLoader, progress: bool | None) -> None:
+    ckpt, family, cfg = ctx.ckpt, ctx.family, ctx.config
     d, v = cfg.hidden_size, cfg.vocab_size
     _copy(model.embed.weight, ckpt, "model.embed_tokens.weight", (v, d))
     _copy(model.norm.weight, ckpt, "model.norm.weight", (d,))
     if not cfg.tie_word_embeddings:
         _copy(model.lm_head.weight, ckpt, "lm_head.weight", (v, d))
-    for i, layer in enumerate(model.layers):
+    disable = not sys.stderr.isatty() if progress is None else not progress
+    for i, layer in enumerate(tqdm(model.layers, desc="loading", unit="layer", disable=disable)):
         in_norm, post_norm = family.norm_names(i)
         _copy(layer.input_norm.weight, ckpt, in_norm, (d,))
         _copy(layer.post_norm.weight, ckpt, post_norm, (d,))
         _fill_attention(layer.attn, ckpt, family, cfg, i)
         if isinstance(layer.mlp, MoEBlock):
             _fill_moe(layer.mlp, ckpt, family, cfg, i)
+            layer.mlp.experts = experts.build(ctx, i)
         else:
             _fill_dense(layer.mlp, ckpt, family.dense_mlp_names(i), d, cfg.dense_ffn)
 
@@ -104,20 +152,27 @@ def _fill_dense(mlp: DenseMLP, ckpt: Checkpoint, names: tuple[str, ...], d: int,
     _copy(mlp.down.weight, ckpt, down, (d, ffn))
 
 
-def _fill_moe(block: MoEBlock, ckpt: Checkpoint, family: Family, cfg: ModelConfig, i: int) -> None:
+def fill_stacked_experts(gate_up: torch.Tensor, down: torch.Tensor, ckpt: Checkpoint, family: Family,
+                         cfg: ModelConfig, layer: int) -> None:
+    """Copies layer `layer`'s experts from the checkpoint into gate_up [E, 2I, D] and down [E, D, I]
+    (any device or dtype), one expert at a time so host memory stays near one expert."""
     d, e_count, ffn = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn
-    _copy(block.router.weight, ckpt, family.router_name(i), (e_count, d))
-    experts = block.experts
-    fused_gate_up, fused_down = family.stacked_expert_names(i)
+    fused_gate_up, fused_down = family.stacked_expert_names(layer)
     if ckpt.has(fused_gate_up):  # the fused [E, 2I, D] layout some tools write
-        _copy(experts.gate_up, ckpt, fused_gate_up, (e_count, 2 * ffn, d))
-        _copy(experts.down, ckpt, fused_down, (e_count, d, ffn))
-    else:
-        for e in range(e_count):  # one expert at a time: host memory stays at one expert
-            gate, up, down = family.expert_names(i, e)
-            _copy(experts.gate_up[e, :ffn], ckpt, gate, (ffn, d))
-            _copy(experts.gate_up[e, ffn:], ckpt, up, (ffn, d))
-            _copy(experts.down[e], ckpt, down, (d, ffn))
+        _copy(gate_up, ckpt, fused_gate_up, (e_count, 2 * ffn, d))
+        _copy(down, ckpt, fused_down, (e_count, d, ffn))
+        return
+    for e in range(e_count):
+        gate, up, dn = family.expert_names(layer, e)
+        _copy(gate_up[e, :ffn], ckpt, gate, (ffn, d))
+        _copy(gate_up[e, ffn:], ckpt, up, (ffn, d))
+        _copy(down[e], ckpt, dn, (d, ffn))
+
+
+def _fill_moe(block: MoEBlock, ckpt: Checkpoint, family: Family, cfg: ModelConfig, i: int) -> None:
+    """Fills the router and the shared expert (the routed experts are the expert loader's)."""
+    d, e_count = cfg.hidden_size, cfg.num_experts
+    _copy(block.router.weight, ckpt, family.router_name(i), (e_count, d))
     if block.shared is not None:
         gate, up, down, sgate = family.shared_expert_names(i)
         _fill_dense(block.shared, ckpt, (gate, up, down), d, cfg.shared_expert_ffn)
