@@ -69,6 +69,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
     pad_token_id: int | None = None
     dtype: str = "float32"  # dtype the checkpoint was saved in
+    experts_per_layer: tuple[int, ...] = ()  # per layer, after global pruning (empty: num_experts everywhere)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -89,6 +90,14 @@ class ModelConfig:
                 f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
         if not all(self.moe_layers) and self.dense_ffn <= 0:
             raise MoekitError("a model with dense (non-MoE) layers needs intermediate_size > 0")
+        if self.experts_per_layer:
+            if len(self.experts_per_layer) != self.num_layers:
+                raise MoekitError(f"experts_per_layer has {len(self.experts_per_layer)} entries for "
+                                  f"{self.num_layers} layers")
+            for layer, count in enumerate(self.experts_per_layer):
+                if self.moe_layers[layer] and not self.top_k <= count <= self.num_experts:
+                    raise MoekitError(f"layer {layer} keeps {count} experts; it needs between top-k "
+                                      f"({self.top_k}) and num_experts ({self.num_experts})")
         if self.qk_norm not in ("none", "head", "full"):
             raise MoekitError(f"qk_norm must be none, head or full, got {self.qk_norm!r}")
 
@@ -103,10 +112,16 @@ class ModelConfig:
         """Parameters of one routed expert (gate, up and down projections)."""
         return 3 * self.hidden_size * self.expert_ffn
 
+    def experts_in(self, layer: int) -> int:
+        """Returns the number of routed experts of `layer` (0 for a dense layer)."""
+        if not self.moe_layers[layer]:
+            return 0
+        return self.experts_per_layer[layer] if self.experts_per_layer else self.num_experts
+
     @property
     def expert_params(self) -> int:
         """Parameters in all routed experts of the model."""
-        return self.num_moe_layers * self.num_experts * self.params_per_expert
+        return sum(self.experts_in(i) for i in range(self.num_layers)) * self.params_per_expert
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as plain JSON-able values."""

@@ -40,7 +40,7 @@ def inspect_checkpoint(path: str | Path) -> ModelReport:
     for layer, is_moe in enumerate(cfg.moe_layers):
         if is_moe:
             expert_names.update(family.stacked_expert_names(layer))
-            for e in range(cfg.num_experts):
+            for e in range(cfg.experts_in(layer)):
                 expert_names.update(family.expert_names(layer, e))
     params = {"experts": 0, "other": 0}
     nbytes = {"experts": 0, "other": 0}

@@ -61,7 +61,7 @@ class ExpertLoader:
 
     def build(self, ctx: LoadContext, layer: int) -> nn.Module:
         """Returns the expert source (an nn.Module with the seam's forward) of one MoE layer."""
-        experts = ResidentExperts(ctx.config.num_experts, ctx.config.hidden_size, ctx.config.expert_ffn)
+        experts = ResidentExperts(ctx.config.experts_in(layer), ctx.config.hidden_size, ctx.config.expert_ffn)
         experts = experts.to(device=ctx.device, dtype=ctx.dtype)
         with torch.no_grad():
             fill_stacked_experts(experts.gate_up, experts.down, ctx.ckpt, ctx.family, ctx.config, layer)
@@ -73,12 +73,15 @@ class ExpertLoader:
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, experts: ExpertLoader | None = None,
-               progress: bool | None = None) -> MoEModel:
+               progress: bool | None = None, dynamic_skip: float = 0.0) -> MoEModel:
     """Returns the model at `path` (default: the bundled tiny MoE) on `device` in `dtype`.
 
     dtype defaults to float32 on the CPU and bfloat16 on a GPU. `experts` decides where and in
     which form each MoE layer's experts live (default: all resident on `device`). `progress`
-    shows a bar per layer (default: when stderr is a terminal)."""
+    shows a bar per layer (default: when stderr is a terminal). `dynamic_skip` f > 0 drops, per
+    token, every chosen expert whose routing weight is below f times the top one."""
+    if not 0.0 <= dynamic_skip < 1.0:
+        raise CheckpointError(f"dynamic_skip must be in [0, 1), got {dynamic_skip}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda asked for, but this PyTorch sees no CUDA device; "
@@ -100,6 +103,9 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     with torch.no_grad():
         _fill(model, ctx, experts, progress)
     experts.finish(model, ctx)
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoEBlock):
+            layer.mlp.skip_below = dynamic_skip
     model.eval()
     model.generation_defaults = _generation_defaults(ckpt, cfg)
     model.source_path = ckpt.path
@@ -156,7 +162,7 @@ def fill_stacked_experts(gate_up: torch.Tensor, down: torch.Tensor, ckpt: Checkp
                          cfg: ModelConfig, layer: int) -> None:
     """Copies layer `layer`'s experts from the checkpoint into gate_up [E, 2I, D] and down [E, D, I]
     (any device or dtype), one expert at a time so host memory stays near one expert."""
-    d, e_count, ffn = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn
+    d, e_count, ffn = cfg.hidden_size, cfg.experts_in(layer), cfg.expert_ffn
     fused_gate_up, fused_down = family.stacked_expert_names(layer)
     if ckpt.has(fused_gate_up):  # the fused [E, 2I, D] layout some tools write
         _copy(gate_up, ckpt, fused_gate_up, (e_count, 2 * ffn, d))
@@ -171,7 +177,7 @@ def fill_stacked_experts(gate_up: torch.Tensor, down: torch.Tensor, ckpt: Checkp
 
 def _fill_moe(block: MoEBlock, ckpt: Checkpoint, family: Family, cfg: ModelConfig, i: int) -> None:
     """Fills the router and the shared expert (the routed experts are the expert loader's)."""
-    d, e_count = cfg.hidden_size, cfg.num_experts
+    d, e_count = cfg.hidden_size, cfg.experts_in(i)
     _copy(block.router.weight, ckpt, family.router_name(i), (e_count, d))
     if block.shared is not None:
         gate, up, down, sgate = family.shared_expert_names(i)

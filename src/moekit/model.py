@@ -118,12 +118,14 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     """Router + routed experts (behind the expert seam) + optional gated shared expert."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
-        self.top_k = cfg.top_k
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts: nn.Module = ResidentExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_ffn)
+        self.top_k = cfg.top_k  # may be lowered after loading (top-k reduction)
+        self.skip_below = 0.0  # dynamic skip: drop experts whose weight < skip_below * the top weight
+        num_experts = cfg.experts_in(layer)
+        self.router = nn.Linear(cfg.hidden_size, num_experts, bias=False)
+        self.experts: nn.Module = ResidentExperts(num_experts, cfg.hidden_size, cfg.expert_ffn)
         self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
         self.shared_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
                             if self.shared is not None and cfg.shared_expert_gate else None)
@@ -133,6 +135,8 @@ class MoEBlock(nn.Module):
         logits = self.router(x)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1, sorted=False)  # order is irrelevant; skips a sort kernel
+        if self.skip_below > 0:  # a zero weight tells the expert source to skip that slot
+            weights = weights.masked_fill(weights < self.skip_below * weights.amax(-1, keepdim=True), 0.0)
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, ids, weights.to(x.dtype)
@@ -156,7 +160,7 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp: nn.Module = MoEBlock(cfg) if cfg.moe_layers[layer] else DenseMLP(cfg.hidden_size, cfg.dense_ffn)
+        self.mlp: nn.Module = MoEBlock(cfg, layer) if cfg.moe_layers[layer] else DenseMLP(cfg.hidden_size, cfg.dense_ffn)
 
     def pre_attn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Returns (q, k, v) for residual stream x [B, T, D]."""

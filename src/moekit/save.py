@@ -53,6 +53,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "eos_token_id": cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids) or None,
         "pad_token_id": cfg.pad_token_id, "torch_dtype": cfg.dtype, "attention_dropout": 0.0,
         "router_aux_loss_coef": 0.0, "output_router_logits": False, "use_cache": True,
+        **({"moekit_pruning": {"experts_per_layer": list(cfg.experts_per_layer)}} if cfg.experts_per_layer else {}),
     }
 
 
@@ -86,7 +87,7 @@ def hf_tensors(model: MoEModel) -> Iterator[tuple[str, torch.Tensor]]:
         if isinstance(mlp, MoEBlock):
             yield family.router_name(i), mlp.router.weight
             ffn = cfg.expert_ffn
-            for e in range(cfg.num_experts):
+            for e in range(cfg.experts_in(i)):
                 gate, up, down = family.expert_names(i, e)
                 yield gate, mlp.experts.gate_up[e, :ffn]
                 yield up, mlp.experts.gate_up[e, ffn:]

@@ -62,7 +62,7 @@ class ResidentExperts(nn.Module):
         return (out * weights[:, :, None]).sum(dim=1)
 
     def _grouped(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        groups = group_by_expert(expert_ids, weights, self.num_experts)
+        groups = group_by_expert(expert_ids, weights, self.num_experts, skip_zero=not torch.is_grad_enabled())
         xs = x[groups.token_of]  # [S, D] tokens in expert order
         out = torch.empty_like(xs)
         bounds = groups.offsets()

@@ -28,11 +28,19 @@ class GroupedTokens:
         return bounds
 
 
-def group_by_expert(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> GroupedTokens:
-    """Returns the routed slots of expert_ids [N, A] / weights [N, A] grouped by expert."""
+def group_by_expert(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                    skip_zero: bool = False) -> GroupedTokens:
+    """Returns the routed slots of expert_ids [N, A] / weights [N, A] grouped by expert.
+
+    With skip_zero, slots whose weight is exactly 0 (dynamic skip) are left out (a host sync)."""
     top_k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)  # [S]
     order = torch.argsort(flat, stable=True)  # [S]
+    if skip_zero:
+        order = order[weights.reshape(-1)[order] != 0]
+        flat_kept = flat[order]
+        return GroupedTokens(order=order, token_of=order // top_k, weight_of=weights.reshape(-1)[order],
+                             counts=torch.bincount(flat_kept, minlength=num_experts))
     return GroupedTokens(
         order=order,
         token_of=order // top_k,

@@ -146,4 +146,6 @@ def common_fields(hf: dict[str, Any], family: str) -> dict[str, Any]:
         eos_token_ids=eos_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
         dtype=str(first(hf, "torch_dtype", "dtype", default="float32")),
+        # written by `moekit prune --scope global` when layers keep different numbers of experts
+        experts_per_layer=tuple(int(n) for n in (hf.get("moekit_pruning") or {}).get("experts_per_layer") or ()),
     )
