@@ -1,0 +1,18 @@
+"""Offload: run a model larger than the device. Experts live in a store (pinned host memory, or
+the checkpoint on disk), a device cache under a byte budget holds the ones in use, and a predictor
+prefetches the next layer's experts on a side stream while the current layer computes.
+
+Entry points: `load_offloaded(path, device, offload=OffloadConfig(...))`, `OffloadLoader` (an
+ExpertLoader for moekit.load_model), `plan_budget`, `train_pregates` (moekit pregate).
+"""
+
+from .config import OffloadConfig, format_size, parse_size
+from .forms import DenseForm, ExpertForm
+from .loader import OffloadLoader, load_offloaded, read_counts
+from .planner import BudgetPlan, plan_budget
+from .source import OffloadedExperts, OffloadRuntime
+from .stats import OffloadStats
+
+__all__ = ["OffloadConfig", "OffloadLoader", "OffloadRuntime", "OffloadedExperts", "OffloadStats",
+           "BudgetPlan", "DenseForm", "ExpertForm", "load_offloaded", "plan_budget", "parse_size",
+           "format_size", "read_counts"]

@@ -1,0 +1,185 @@
+"""The device expert cache: a slab of S expert slots under a byte budget, filled from a store.
+
+Keys are (layer, expert). A fetch picks a free slot, else evicts the least recently (lru) or
+least frequently (lfu, counts kept across evictions) used slot that is neither pinned nor
+protected (needed by the layer being computed, or just prefetched for the next one), and copies
+the expert in: on CUDA on a side stream with an event per slot, so the compute stream waits
+only for the slots it needs now; on the CPU synchronously, or on one worker thread for prefetch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Hashable
+
+import torch
+
+from .forms import ExpertForm
+from .stats import OffloadStats
+from .store import DiskStore, HostStore
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class ExpertCache:
+    """`num_slots` experts of `form` on `device`, filled from `store`."""
+
+    def __init__(self, form: ExpertForm, store: HostStore | DiskStore, num_slots: int,
+                 device: torch.device, policy: str, stats: OffloadStats):
+        self.form, self.store, self.device, self.policy, self.stats = form, store, device, policy, stats
+        self.num_slots = num_slots
+        self.slab = form.empty(num_slots, device)  # {name: [S, *shape]}
+        self.expert_bytes = form.expert_bytes()
+        self.slot_of: dict[Key, int] = {}
+        self.key_of: list[Key | None] = [None] * num_slots
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.last_used = [0] * num_slots
+        self.uses: Counter[Key] = Counter()
+        self.pinned: set[int] = set()
+        self.prefetched: set[int] = set()  # slots filled by a prefetch and not used since
+        self.pending: dict[int, Hashable] = {}  # slot -> CUDA event or Future of its copy
+        self.read_done: dict[int, torch.cuda.Event] = {}  # slot -> compute finished reading it
+        self.tick = 0
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.staging: list[tuple[dict, torch.cuda.Event | None]] = []
+        if self.cuda and isinstance(store, DiskStore):  # disk -> pinned staging -> device
+            self.staging = [(form.empty(1, "cpu", pin=True), None) for _ in range(2)]
+        self.next_staging = 0
+        self.worker = ThreadPoolExecutor(1) if not self.cuda and isinstance(store, DiskStore) else None
+
+    # ---- queries -------------------------------------------------------------------------
+    def slot(self, key: Key) -> int | None:
+        return self.slot_of.get(key)
+
+    def expert(self, slot: int) -> dict[str, torch.Tensor]:
+        return {k: v[slot] for k, v in self.slab.items()}
+
+    # ---- fetching ------------------------------------------------------------------------
+    def fetch(self, key: Key, protected: set[int], prefetch: bool = False) -> int | None:
+        """Returns the slot of `key`, copying it in if absent (None when every slot is protected
+        or pinned: only a prefetch may get None, the runtime sizes demand waves to fit)."""
+        slot = self.slot_of.get(key)
+        if slot is not None:
+            protected.add(slot)
+            return slot
+        slot = self._victim(protected)
+        if slot is None:
+            return None
+        t0 = time.perf_counter()
+        old = self.key_of[slot]
+        if old is not None:
+            del self.slot_of[old]
+        self._wait_host(slot)
+        self._copy_in(key, slot, async_ok=prefetch)
+        self.key_of[slot], self.slot_of[key] = key, slot
+        self.last_used[slot] = self._tick()
+        (self.prefetched.add if prefetch else self.prefetched.discard)(slot)
+        protected.add(slot)
+        self.stats.bytes_moved += self.expert_bytes
+        self.stats.fetch_s += time.perf_counter() - t0
+        return slot
+
+    def _tick(self) -> int:
+        self.tick += 1
+        return self.tick
+
+    def _victim(self, protected: set[int]) -> int | None:
+        if self.free:
+            return self.free.pop()
+        candidates = [s for s in range(self.num_slots) if s not in protected and s not in self.pinned]
+        if not candidates:
+            return None
+        if self.policy == "lfu":
+            return min(candidates, key=lambda s: (self.uses[self.key_of[s]], self.last_used[s]))
+        return min(candidates, key=lambda s: self.last_used[s])
+
+    def _wait_host(self, slot: int) -> None:
+        """Waits on the host for a CPU-thread copy into `slot` (a CUDA copy is stream-ordered)."""
+        job = self.pending.get(slot)
+        if isinstance(job, Future):
+            job.result()
+            del self.pending[slot]
+
+    def _copy_in(self, key: Key, slot: int, async_ok: bool) -> None:
+        layer, expert = key
+        dst = self.expert(slot)
+        if not self.cuda:
+            if self.worker is not None and async_ok:
+                self.pending[slot] = self.worker.submit(self.store.read_into, layer, expert, dst)
+            elif isinstance(self.store, DiskStore):
+                self.store.read_into(layer, expert, dst)
+            else:
+                self.form.copy(dst, self.store.get(layer, expert))
+            return
+        if isinstance(self.store, DiskStore):
+            buffers, used = self.staging[self.next_staging]
+            self.next_staging = (self.next_staging + 1) % len(self.staging)
+            if used is not None:
+                used.synchronize()  # the buffer's previous copy has left for the device
+            src = {k: v[0] for k, v in buffers.items()}
+            self.store.read_into(layer, expert, src)
+        else:
+            src = self.store.get(layer, expert)
+        with torch.cuda.stream(self.copy_stream):
+            done_reading = self.read_done.pop(slot, None)
+            if done_reading is not None:  # compute still reading the evicted expert
+                self.copy_stream.wait_event(done_reading)
+            self.form.copy(dst, src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        self.pending[slot] = event
+        if self.staging:
+            self.staging[(self.next_staging - 1) % len(self.staging)] = (buffers, event)
+
+    # ---- use by compute -----------------------------------------------------------------
+    def use(self, slots: list[int], keys: list[Key]) -> None:
+        """Makes compute wait for these slots' copies, and counts the use for the policy."""
+        for slot, key in zip(slots, keys):
+            self.last_used[slot] = self._tick()
+            self.uses[key] += 1
+            self.prefetched.discard(slot)
+            job = self.pending.pop(slot, None)
+            if job is None:
+                continue
+            if isinstance(job, Future):
+                t0 = time.perf_counter()
+                job.result()
+                self.stats.stall_s += time.perf_counter() - t0
+            elif not job.query():  # a copy still in flight: the compute stream waits for it
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                stream = torch.cuda.current_stream(self.device)
+                start.record(stream)
+                stream.wait_event(job)
+                end.record(stream)
+                self.stats.pending_stalls.append((start, end))
+
+    def release(self, slots: list[int]) -> None:
+        """Marks the end of compute reading these slots (a later copy into them waits for it)."""
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            for slot in slots:
+                self.read_done[slot] = event
+
+    def pin(self, keys: list[Key]) -> None:
+        """Loads these experts now and never evicts them."""
+        for key in keys:
+            slot = self.fetch(key, set(self.pinned))
+            if slot is None:
+                break
+            self.pinned.add(slot)
+        self.synchronize()
+
+    def synchronize(self) -> None:
+        """Waits for every copy in flight."""
+        for slot in list(self.pending):
+            self._wait_host(slot)
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)

@@ -1,0 +1,84 @@
+"""OffloadConfig: how an offloaded model places its experts, as one frozen dataclass.
+
+Sizes are bytes. `parse_size` reads what users type: "10MB" (10**6 units), "24GiB" (2**30),
+"1.5G" (taken as GB), or a plain number of bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import MoekitError
+
+PREDICTORS = ("none", "speculative", "pregate", "oracle")
+POLICIES = ("lru", "lfu")
+STORES = ("auto", "host", "disk")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int | float, flag: str = "--device-memory") -> int:
+    """Returns the bytes of a size like '10MB', '24GiB', '2.5G' or '1048576'."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise MoekitError(f"{flag}: cannot read size '{text}'; write e.g. 10MB, 512MiB, 24GB or 24GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    """Returns n bytes as a short string in the largest fitting binary unit ('3.2 MiB')."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Where experts live and how the device-side expert cache is run (version 1)."""
+
+    device_memory: int | None = None  # bytes moekit may hold on the device (None: all free memory)
+    predictor: str = "speculative"  # none | speculative | pregate | oracle (benchmarks)
+    cache_policy: str = "lru"  # lru | lfu: which cached expert a fetch evicts
+    store: str = "auto"  # auto (GPU: pinned host memory, CPU: disk) | host | disk
+    prefetch_k: int = 0  # experts predicted per token for the next layer (0: the model's top-k)
+    pin_experts: float = 0.0  # share of cache slots pinned to the most-used experts (needs counts)
+    context_tokens: int | None = None  # KV-cache positions to plan for (None: max_position_embeddings)
+    batch: int = 1  # sequences to plan the KV cache and activations for
+    strict: bool = False  # run only the predicted experts (changes outputs; needs a model tuned for it)
+    pregate_path: str | None = None  # folder written by `moekit pregate` (predictor pregate)
+    record_routing: bool = False  # keep every layer's routing (an oracle trace for a second run)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.predictor not in PREDICTORS:
+            raise MoekitError(f"--predictor '{self.predictor}' unknown; use one of {', '.join(PREDICTORS)}")
+        if self.cache_policy not in POLICIES:
+            raise MoekitError(f"--cache-policy '{self.cache_policy}' unknown; use one of {', '.join(POLICIES)}")
+        if self.store not in STORES:
+            raise MoekitError(f"offload store '{self.store}' unknown; use one of {', '.join(STORES)}")
+        if self.device_memory is not None and self.device_memory <= 0:
+            raise MoekitError(f"--device-memory must be > 0, got {self.device_memory}")
+        if not 0.0 <= self.pin_experts < 1.0:
+            raise MoekitError(f"pin_experts is a share of the cache in [0, 1), got {self.pin_experts}")
+        if self.prefetch_k < 0 or self.batch <= 0:
+            raise MoekitError("prefetch_k must be >= 0 and batch > 0")
+        if self.strict and self.predictor in ("none", "oracle"):
+            raise MoekitError("strict mode runs the predicted experts: use --predictor pregate or speculative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OffloadConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MoekitError(f"offload config has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,105 @@
+"""Loading a model with offloaded experts: the ExpertLoader that builds the offload runtime.
+
+    model = load_offloaded("path/to/model", device="cuda", offload=OffloadConfig(device_memory=8 * 10**9))
+    model.generate(ids)             # identical tokens to the resident model
+    model.offload.report()          # hit rate, bytes per token, prefetch precision/recall, stalls
+
+On a CPU-only machine the same runtime runs with host memory as the budgeted tier and the
+checkpoint on disk as the store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import MoekitError
+from ..load import ExpertLoader, LoadContext, load_model
+from .config import OffloadConfig
+from .forms import ExpertForm, dense_form
+from .planner import plan_budget
+from .predictors import build_predictor
+from .source import OffloadedExperts, OffloadRuntime
+from .store import DiskStore, HostStore
+
+
+class OffloadLoader(ExpertLoader):
+    """Builds OffloadedExperts for every MoE layer; plans the budget before any expert is read."""
+
+    def __init__(self, config: OffloadConfig | None = None, pin_counts: dict[int, list[float]] | None = None,
+                 trace: dict | None = None, host_layers: dict[int, dict[str, torch.Tensor]] | None = None):
+        """`pin_counts` {layer: per-expert use counts} pins the most used experts (config.pin_experts);
+        `trace` is an earlier runtime's routing (oracle); `host_layers` gives the experts directly
+        as stacked host tensors {layer: {name: [E, *shape]}} instead of reading the checkpoint."""
+        self.config = config or OffloadConfig()
+        self.pin_counts, self.trace, self.host_layers = pin_counts, trace, host_layers
+        self.runtime: OffloadRuntime | None = None
+
+    def _start(self, ctx: LoadContext) -> OffloadRuntime:
+        cfg, device = ctx.config, ctx.device
+        form: ExpertForm = dense_form(cfg, ctx.dtype)
+        kind = self.config.store
+        if kind == "auto":
+            kind = "host" if device.type == "cuda" or self.host_layers is not None else "disk"
+        self.plan = plan_budget(cfg, ctx.dtype, form.expert_bytes(), self.config, device, disk_store=kind == "disk")
+        if kind == "host":
+            store = HostStore(form, pin=device.type == "cuda")
+        else:
+            if self.host_layers is not None:
+                raise MoekitError("experts given as host tensors need store='host' (or 'auto')")
+            store = DiskStore(form, ctx.ckpt, ctx.family, cfg)
+        runtime = OffloadRuntime(self.config, cfg, form, store, device)
+        runtime.plan = self.plan
+        return runtime
+
+    def build(self, ctx: LoadContext, layer: int) -> OffloadedExperts:
+        if self.runtime is None:
+            self.runtime = self._start(ctx)
+        store = self.runtime.store
+        if isinstance(store, HostStore):
+            if self.host_layers is not None:
+                store.add_layer(layer, self.host_layers[layer])
+            else:
+                store.load_layer(ctx.ckpt, ctx.family, ctx.config, layer)
+        return OffloadedExperts(layer, self.runtime)
+
+    def finish(self, model, ctx: LoadContext) -> None:
+        from .cache import ExpertCache
+
+        runtime = self.runtime
+        if runtime is None:
+            raise MoekitError(f"{ctx.ckpt.path}: the model has no MoE layer, nothing to offload")
+        cfg = self.config
+        runtime.cache = ExpertCache(runtime.form, runtime.store, self.plan.cache_slots, ctx.device,
+                                    cfg.cache_policy, runtime.stats)
+        runtime.routers = {i: model.layers[i].mlp.router for i in runtime.moe_layers}
+        k = cfg.prefetch_k or ctx.config.top_k
+        runtime.predictor = build_predictor(cfg.predictor, model, runtime.next_of, k, cfg.pregate_path, self.trace)
+        if cfg.pin_experts > 0 and self.pin_counts:
+            runtime.cache.pin(most_used(self.pin_counts, int(cfg.pin_experts * self.plan.cache_slots)))
+        model.offload = runtime
+        runtime.reset_stats()
+
+
+def most_used(counts: dict[int, list[float]], how_many: int) -> list[tuple[int, int]]:
+    """Returns the `how_many` (layer, expert) keys with the highest counts, most used first."""
+    ranked = sorted(((c, int(layer), e) for layer, row in counts.items() for e, c in enumerate(row)), reverse=True)
+    return [(layer, e) for _, layer, e in ranked[:how_many]]
+
+
+def read_counts(path: str | Path) -> dict[int, list[float]]:
+    """Returns {layer: per-expert counts} from an expert_counts.json (written by moekit pregate)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return {int(k): [float(c) for c in v] for k, v in data["counts"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MoekitError(f"{path}: not an expert_counts.json with a 'counts' map ({e})") from None
+
+
+def load_offloaded(path=None, device: str | torch.device = "cpu", dtype=None,
+                   offload: OffloadConfig | None = None, **loader_kwargs):
+    """Returns the model at `path` with offloaded experts (model.offload is the runtime)."""
+    return load_model(path, device=device, dtype=dtype, experts=OffloadLoader(offload, **loader_kwargs))

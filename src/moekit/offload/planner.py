@@ -1,0 +1,121 @@
+"""The budget planner: splits `--device-memory` into resident weights, KV cache, activations and
+expert-cache slots, or refuses a budget that cannot hold a token's experts, naming the size needed.
+
+Everything is counted in bytes on the budgeted tier (the GPU, or host memory on a CPU-only run):
+    budget = resident non-expert weights + KV cache + activations + reserve + S * expert_bytes
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import MoekitError
+from .config import OffloadConfig
+
+CUDA_RESERVE_BYTES = 64 * 2**20  # cuBLAS workspaces, kernel scratch, allocator block rounding
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How a device budget is spent (bytes), and how many experts the cache holds."""
+
+    budget_bytes: int
+    resident_bytes: int  # embeddings, attention, norms, routers, dense and shared MLPs
+    kv_cache_bytes: int  # batch x context positions of every layer's keys and values
+    activation_bytes: int  # a prefill of the whole context at once, plus logits
+    reserve_bytes: int  # workspaces and staging
+    expert_bytes: int  # one expert as stored
+    cache_slots: int  # experts the device cache holds
+    min_slots: int  # a token's experts (top-k): the fewest the runtime accepts
+    total_experts: int
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_slots * self.expert_bytes
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.resident_bytes + self.kv_cache_bytes + self.activation_bytes + self.reserve_bytes + self.cache_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "cache_bytes": self.cache_bytes, "planned_bytes": self.planned_bytes}
+
+
+def resident_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Returns the bytes of every weight except the routed experts, in `dtype` (from the config)."""
+    from ..model import MoEBlock, MoEModel
+
+    with torch.device("meta"):
+        model = MoEModel(cfg)
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoEBlock):
+            layer.mlp.experts = torch.nn.Identity()
+    seen, total = set(), 0
+    for p in model.parameters():  # tied weights counted once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, positions: int) -> int:
+    """Returns the bytes of a KVCache for `batch` sequences of `positions` positions."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * batch * cfg.num_kv_heads * positions * cfg.head_dim * itemsize
+
+
+def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, batch: int) -> int:
+    """Returns a bound on live activations of a forward pass over `tokens` tokens (all batches)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    d, a, ffn = cfg.hidden_size, cfg.top_k, max(cfg.expert_ffn, cfg.shared_expert_ffn, cfg.dense_ffn)
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_token = (6 * d + 2 * qkv + a * (3 * ffn + 2 * d)) * itemsize + a * 8 * 4 + cfg.num_experts * 4 * 2
+    per_seq = tokens // batch
+    scores = batch * cfg.num_heads * per_seq * per_seq * 4  # the math attention path's [T, S] scores
+    logits = batch * cfg.vocab_size * 4 * 3  # float logits, softmax, sampling
+    return tokens * per_token + scores + logits
+
+
+def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload: OffloadConfig,
+                device: torch.device, disk_store: bool = False) -> BudgetPlan:
+    """Returns the BudgetPlan of `offload.device_memory` on `device`, or raises MoekitError (one
+    line, with the size needed) when it cannot hold the non-expert weights and a token's experts."""
+    context = offload.context_tokens or cfg.max_position_embeddings
+    batch = offload.batch
+    resident = resident_bytes(cfg, dtype)
+    kv = kv_cache_bytes(cfg, dtype, batch, context)
+    act = activation_bytes(cfg, dtype, batch * context, batch)
+    reserve = CUDA_RESERVE_BYTES if device.type == "cuda" else (expert_bytes if disk_store else 0)
+    total_experts = sum(cfg.moe_layers) * cfg.num_experts
+    min_slots = min(cfg.top_k, total_experts)
+    fixed = resident + kv + act + reserve
+    budget = offload.device_memory
+    if budget is None:  # no budget given: every expert, or what free memory allows
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(0.9 * free) + torch.cuda.memory_allocated(device)
+        else:
+            budget = fixed + total_experts * expert_bytes
+    slots = min(total_experts, max(0, (budget - fixed) // expert_bytes))
+    if slots < min_slots:
+        needed = fixed + min_slots * expert_bytes
+        raise MoekitError(
+            f"--device-memory {_decimal(budget)} is too small: this model needs at least {_decimal(needed)} "
+            f"({_decimal(resident)} non-expert weights + {_decimal(kv)} KV cache for {batch}x{context} "
+            f"positions + {_decimal(act + reserve)} activations and workspace + {min_slots} experts of "
+            f"{_decimal(expert_bytes)}); give --device-memory {_decimal(needed, up=True)} or more")
+    return BudgetPlan(budget, resident, kv, act, reserve, expert_bytes, int(slots), min_slots, total_experts)
+
+
+def _decimal(n: float, up: bool = False) -> str:
+    """Returns bytes in decimal units as --device-memory reads them ('7.35MB'), rounded up if asked."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            value = n / size
+            value = math.ceil(value * 100) / 100 if up else value
+            return f"{value:.2f}{unit}"
+    return f"{int(n)}B"

@@ -1,0 +1,65 @@
+"""OffloadStats: what the offload runtime did: cache hits, bytes moved, prefetch accuracy, stalls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class OffloadStats:
+    """Counters of one offloaded model since the last reset (`runtime.reset_stats()`)."""
+
+    lookups: int = 0  # (layer, expert) pairs a layer needed
+    hits: int = 0  # ... found in the device cache (resident, or already on its way)
+    prefetch_hits: int = 0  # ... of the hits, brought in by a prefetch
+    demand_fetches: int = 0  # experts fetched when a layer needed them (misses)
+    prefetches: int = 0  # experts fetched ahead of time on a prediction
+    bytes_moved: int = 0  # bytes copied from the store into the device cache
+    decode_bytes_moved: int = 0  # ... during one-token calls (decode at batch 1)
+    predicted: int = 0  # experts predicted for a layer (per call, union over its tokens)
+    routed: int = 0  # experts truly routed in calls that had a prediction
+    predicted_correct: int = 0  # predicted experts that were routed
+    tokens: int = 0  # tokens through the first MoE layer
+    decode_tokens: int = 0  # ... in one-token calls
+    stall_s: float = 0.0  # time compute waited for experts (GPU: measured by CUDA events)
+    fetch_s: float = 0.0  # host time spent issuing fetches (disk reads happen here on the CPU)
+    peak_device_bytes: int = 0  # allocator peak on CUDA; the planned total on the CPU
+    pending_stalls: list = field(default_factory=list, repr=False)  # unresolved CUDA event pairs
+
+    def resolve(self) -> None:
+        """Adds the elapsed time of recorded CUDA wait events to stall_s (waits for them)."""
+        for start, end in self.pending_stalls:
+            end.synchronize()
+            self.stall_s += start.elapsed_time(end) / 1e3
+        self.pending_stalls.clear()
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def precision(self) -> float:
+        """Share of predicted experts that the layer then routed to."""
+        return self.predicted_correct / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        """Share of routed experts (in calls with a prediction) that had been predicted."""
+        return self.predicted_correct / self.routed if self.routed else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes moved per decode token (per token overall when nothing was decoded)."""
+        if self.decode_tokens:
+            return self.decode_bytes_moved / self.decode_tokens
+        return self.bytes_moved / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        self.resolve()
+        out = {k: v for k, v in self.__dict__.items() if k != "pending_stalls"}
+        out.update(hit_rate=round(self.hit_rate, 4), prefetch_precision=round(self.precision, 4),
+                   prefetch_recall=round(self.recall, 4), bytes_per_token=round(self.bytes_per_token, 1))
+        out["stall_s"] = round(self.stall_s, 6)
+        out["fetch_s"] = round(self.fetch_s, 6)
+        return out

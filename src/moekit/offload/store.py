@@ -1,0 +1,60 @@
+"""Expert stores: where the full set of experts lives, outside the budgeted device tier.
+
+HostStore holds every expert in (pinned, on GPU machines) host memory; DiskStore reads each
+expert from the checkpoint's safetensors in place (memory-mapped), so nothing is copied ahead.
+Both hand out one expert's tensors in its stored form; the cache copies them to the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..config import ModelConfig
+from ..families.base import Family
+from .forms import ExpertForm, Tensors
+
+
+class HostStore:
+    """Every expert of every MoE layer in host memory: per layer {name: [E, *shape]}."""
+
+    kind = "host"
+
+    def __init__(self, form: ExpertForm, pin: bool):
+        self.form, self.pin = form, pin
+        self.layers: dict[int, Tensors] = {}
+
+    def add_layer(self, layer: int, tensors: Tensors) -> None:
+        """Takes one layer's stacked experts {name: [E, *shape]} (pinned when the store pins)."""
+        self.layers[layer] = tensors
+
+    def load_layer(self, ckpt: Checkpoint, family: Family, cfg: ModelConfig, layer: int) -> None:
+        """Reads one layer's experts from the checkpoint into fresh (pinned) host memory."""
+        stacked = self.form.empty(cfg.num_experts, "cpu", pin=self.pin)
+        for e in range(cfg.num_experts):
+            self.form.read(ckpt, family, cfg, layer, e, {k: v[e] for k, v in stacked.items()})
+        self.layers[layer] = stacked
+
+    def get(self, layer: int, expert: int) -> Tensors:
+        """Returns one expert's host tensors (views, no copy)."""
+        return {k: v[expert] for k, v in self.layers[layer].items()}
+
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in layer.values())
+
+
+class DiskStore:
+    """Experts read on demand from the checkpoint's memory-mapped safetensors shards."""
+
+    kind = "disk"
+    pin = False
+
+    def __init__(self, form: ExpertForm, ckpt: Checkpoint, family: Family, cfg: ModelConfig):
+        self.form, self.ckpt, self.family, self.cfg = form, ckpt, family, cfg
+
+    def read_into(self, layer: int, expert: int, out: Tensors) -> None:
+        """Fills `out` with one expert straight from the checkpoint (host memory near one tensor)."""
+        self.form.read(self.ckpt, self.family, self.cfg, layer, expert, out)
+
+    def host_bytes(self) -> int:
+        return 0
