@@ -41,6 +41,8 @@ def _default_device() -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .offload import cli as offload_cli
+
     from .generate import GenerationStats, generate
     from .load import load_model
     from .tokenizer import StreamDecoder, load_tokenizer
@@ -57,15 +59,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature is not None and args.temperature < 0:
         raise MoekitError(f"--temperature must be >= 0, got {args.temperature}")
     device = args.device or _default_device()
+    offload_cli.check_flags(args)
     if args.compile and (args.no_cuda_graph or not device.startswith("cuda")):
         raise MoekitError("--compile needs a CUDA device and CUDA graphs (drop --no-cuda-graph)")
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=device, dtype=args.dtype)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
     ids = tokenizer.encode(text, add_special_tokens=not args.chat)
     if not ids:
         raise MoekitError("the prompt encodes to no tokens; give a non-empty PROMPT")
     input_ids = torch.tensor([ids], dtype=torch.long)
+    if args.offload:  # the budget is planned for this prompt plus the new tokens
+        model = offload_cli.load_for_generate(args, device, len(ids) + args.max_new_tokens)
+    else:
+        model = load_model(args.model, device=device, dtype=args.dtype)
 
     stream = StreamDecoder(tokenizer)
     eos = set(model.generation_defaults.get("eos_token_ids", ()))
@@ -101,10 +107,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "device": device, "dtype": str(model.dtype).replace("torch.", ""),
         "cuda_graph": stats.cuda_graph,
     }
+    offload = getattr(model, "offload", None)
+    if offload is not None:
+        result["offload"] = offload.report()
     if args.json:
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
+        if offload is not None and args.stats:
+            offload_cli.print_stats(result["offload"], result["new_tokens"])
         print(f"[{result['new_tokens']} tokens, first token {result['time_to_first_token_s'] * 1000:.0f} ms, "
               f"decode {result['decode_tok_s']:.1f} tok/s, {device} {result['dtype']}]", file=sys.stderr)
     return 0
@@ -141,7 +152,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # Commands of the other pillars live next to their code: each module here has
 # `register(sub: argparse._SubParsersAction) -> None`, adding its subparsers with set_defaults(func=...).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "moekit.prune.cli",
+    "moekit.offload.cli",
+)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -164,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step before capturing it (GPU; slow first call, faster decode)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, tok/s")
+    from .offload.cli import add_generate_flags
+
+    add_generate_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     ins = sub.add_parser("inspect", help="sizes of a model: parameters, bytes, bits per expert parameter")

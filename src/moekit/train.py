@@ -201,7 +201,8 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
           betas: tuple[float, float] = (0.9, 0.95), grad_clip: float | None = 1.0,
           aux_loss_coef: float = 0.0, trainable: Callable[[str], bool] | None = None,
           log_every: int = 10, on_log: Callable[[dict[str, float]], None] | None = None,
-          max_seconds: float | None = None) -> TrainResult:
+          max_seconds: float | None = None,
+          extra_loss: Callable[[], torch.Tensor] | None = None) -> TrainResult:
     """Returns a TrainResult after training `model` in place on `batches` (token ids [B, T]).
 
     Runs `steps` AdamW steps on next-token cross-entropy, plus aux_loss_coef times the
@@ -211,7 +212,8 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
     lr, grad_norm, tokens_per_s, elapsed_s); keys it adds (an evaluation, say) stay in the
     history. With `max_seconds` the loop stops when the time is
     up, and the cosine follows whichever of steps or time is further along, so the learning
-    rate reaches its floor by the end either way.
+    rate reaches its floor by the end either way. `extra_loss()`, when given, is called after
+    each forward pass and its (already weighted) value is added to the loss (logged as extra_loss).
     """
     if steps <= 0:
         raise MoekitError(f"steps must be > 0, got {steps}")
@@ -240,14 +242,16 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
     interval_start, interval_tokens, interval_steps = start, 0, 0
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
+    extra_sum = torch.zeros((), device=device)
     lr_now, grad_norm = lr, float("nan")
 
     def log(step: int) -> None:
-        nonlocal interval_start, interval_tokens, interval_steps, loss_sum, aux_sum
+        nonlocal interval_start, interval_tokens, interval_steps, loss_sum, aux_sum, extra_sum
         loss, aux = loss_sum.item(), aux_sum.item()  # waits for the device: the timing is honest
         now = time.perf_counter()
         record = {"step": step, "loss": loss / interval_steps,
                   "aux_loss": aux / interval_steps if balance else float("nan"),
+                  "extra_loss": extra_sum.item() / interval_steps if extra_loss else float("nan"),
                   "lr": lr_now, "grad_norm": float(grad_norm),
                   "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
                   "elapsed_s": now - start}
@@ -257,6 +261,7 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
             on_log(record)
         interval_start, interval_tokens, interval_steps = time.perf_counter(), 0, 0  # on_log's time not counted
         loss_sum, aux_sum = torch.zeros_like(loss_sum), torch.zeros_like(aux_sum)
+        extra_sum = torch.zeros_like(extra_sum)
 
     iterator = iter(batches)
     try:
@@ -284,6 +289,10 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
                         aux = balance.loss()
                         total = loss + aux_loss_coef * aux
                         aux_sum += aux.detach()
+                    if extra_loss is not None:
+                        extra = extra_loss()
+                        total = total + extra
+                        extra_sum += extra.detach()
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if grad_clip:

@@ -1,0 +1,202 @@
+"""`moekit usage`, `moekit prune`, `moekit finetune`: the pruning pillar's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from ..errors import MoekitError
+
+
+def _add_common(p: argparse.ArgumentParser, data_flag: str) -> None:
+    p.add_argument("model", nargs="?", help="HF model directory (default: the bundled tiny MoE)")
+    p.add_argument(data_flag, required=True, help="text: a .txt/.jsonl file or a folder of them")
+    p.add_argument("--samples", type=int, default=64, help="sequences of --seqlen tokens to use")
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _load(args, dtype: torch.dtype | None = None):
+    from ..data import load_text, pack_tokens
+    from ..load import default_model_path, load_model
+    from ..tokenizer import load_tokenizer
+
+    if args.samples <= 0 or args.seqlen <= 1 or args.batch <= 0:
+        raise MoekitError("--samples, --batch must be > 0 and --seqlen > 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = args.model if args.model is not None else default_model_path()
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device=device, dtype=dtype, progress=sys.stderr.isatty())
+    text = load_text(getattr(args, "calib", None) or args.data)
+    eos = model.generation_defaults.get("eos_token_ids") or (None,)
+    samples = pack_tokens(tokenizer, text, args.samples, args.seqlen, eos[0])
+    return path, model, samples
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+# ---- usage -----------------------------------------------------------------------------------
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .usage import count_usage
+
+    _, model, samples = _load(args)
+    usage = count_usage(model, samples, args.batch, progress=sys.stderr.isatty())
+    report = usage.to_dict()
+    for row, i in zip(report["layers"], range(len(usage.layers))):
+        order = torch.argsort(usage.hard[i], descending=True).tolist()
+        for keep in (0.75, 0.5):
+            n = max(usage.top_k, round(len(order) * keep))
+            hard, soft = usage.dropped(i, order[:n])
+            row[f"dropped_at_keep_{keep}"] = {"assignments": hard, "mass": soft}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{usage.tokens:,} tokens, top-{usage.top_k}")
+    print(f"{'layer':>5} {'experts':>7} {'entropy':>15} {'imbalance':>9} {'top expert':>10} "
+          f"{'drop@0.75':>17} {'drop@0.5':>17}")
+    for row in report["layers"]:
+        hard = torch.tensor(row["hard"])
+        top_share = float(hard.max() / hard.sum()) if hard.sum() > 0 else 0.0
+        d75, d50 = row["dropped_at_keep_0.75"], row["dropped_at_keep_0.5"]
+        print(f"{row['layer']:>5} {row['experts']:>7} {row['entropy_nats']:6.3f}/{row['entropy_max_nats']:.3f} nats "
+              f"{row['imbalance']:>9.2f} {_pct(top_share):>10} "
+              f"{_pct(d75['assignments']):>7} / {_pct(d75['mass']):>7} {_pct(d50['assignments']):>7} / {_pct(d50['mass']):>7}")
+    print("drop@F: share of top-k assignments / router mass on the experts a keep-F hard-count prune removes")
+    return 0
+
+
+# ---- prune -----------------------------------------------------------------------------------
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from ..load import read_config
+    from .rewrite import write_pruned
+    from .select import select_experts
+    from .usage import count_usage
+
+    path, model, samples = _load(args)
+    usage = count_usage(model, samples, args.batch, progress=sys.stderr.isatty())
+    kept_lists = select_experts(usage, args.keep, args.criterion, args.scope, seed=args.seed)
+    kept = dict(zip(usage.layers, kept_lists))
+    ckpt, family, cfg = read_config(path)
+    facts = {"keep": args.keep, "criterion": args.criterion, "scope": args.scope,
+             "calibration_tokens": usage.tokens, "kept_experts": {str(k): v for k, v in kept.items()}}
+    out = write_pruned(ckpt, family, cfg, kept, args.out, facts)
+    rows = []
+    for i, layer in enumerate(usage.layers):
+        hard, soft = usage.dropped(i, kept[layer])
+        rows.append({"layer": layer, "experts_before": usage.hard[i].numel(), "experts_after": len(kept[layer]),
+                     "dropped_assignments": hard, "dropped_mass": soft})
+    before = cfg.expert_params
+    after = sum(len(v) for v in kept.values()) * cfg.params_per_expert
+    result = {"out": str(out), "layers": rows, "expert_params_before": before, "expert_params_after": after,
+              "top_k": min(cfg.top_k, min(len(v) for v in kept.values()))}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'layer':>5} {'experts':>9} {'dropped assignments':>20} {'dropped mass':>13}")
+    for r in rows:
+        print(f"{r['layer']:>5} {r['experts_before']:>4}->{r['experts_after']:<4} {_pct(r['dropped_assignments']):>20} "
+              f"{_pct(r['dropped_mass']):>13}")
+    print(f"expert parameters {before:,} -> {after:,} ({_pct(after / before)}); top-k {result['top_k']}; wrote {out}")
+    return 0
+
+
+# ---- finetune --------------------------------------------------------------------------------
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..load import read_config
+    from ..train import evaluate_perplexity, print_log
+    from .finetune import finetune_router, mean_router_entropy, set_top_k
+    from .rewrite import write_pruned
+
+    if args.steps <= 0:
+        raise MoekitError(f"--steps must be > 0, got {args.steps}")
+    path, model, samples = _load(args, dtype=torch.float32)  # fp32 master weights for training
+    if samples.shape[0] < 2:
+        raise MoekitError("--data gives fewer than 2 samples; give more text (one is held out for evaluation)")
+    held = max(1, samples.shape[0] // 10)
+    train_rows, eval_rows = samples[:-held], samples[-held:]
+    eval_stream = eval_rows.reshape(-1)
+    original_k = model.config.top_k
+    set_top_k(model, args.top_k)
+    ppl_before = evaluate_perplexity(model, eval_stream, args.seqlen, args.batch)[0]
+    entropy_before = mean_router_entropy(model, eval_rows, args.batch)
+
+    def batches():
+        g = torch.Generator().manual_seed(args.seed)
+        while True:
+            for i in torch.randperm(train_rows.shape[0], generator=g).split(args.batch):
+                yield train_rows[i]
+
+    on_log = print_log if (sys.stderr.isatty() and not args.json) else None
+    result = finetune_router(model, batches(), args.steps, args.top_k, args.entropy_weight, args.lr,
+                             args.train, log_every=max(1, args.steps // 10), on_log=on_log)
+    ppl_after = evaluate_perplexity(model, eval_stream, args.seqlen, args.batch)[0]
+    entropy_after = mean_router_entropy(model, eval_rows, args.batch)
+    ckpt, family, cfg = read_config(path)
+    replace = _trained_tensors(model, family, cfg, args.train)
+    kept = {i: list(range(cfg.experts_in(i))) for i in range(cfg.num_layers) if cfg.moe_layers[i]}
+    facts = {"finetune": {"top_k": args.top_k, "original_top_k": original_k, "entropy_weight": args.entropy_weight,
+                          "steps": result.steps, "lr": args.lr, "train": args.train}}
+    out = write_pruned(ckpt, family, cfg, kept, args.out, facts, top_k=args.top_k, replace=replace)
+    summary = {"out": str(out), "top_k": args.top_k, "steps": result.steps, "trained": args.train,
+               "tensors_rewritten": len(replace), "held_out_tokens": int(eval_stream.numel()),
+               "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+               "router_entropy_before": entropy_before, "router_entropy_after": entropy_after}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"top-{args.top_k} (was top-{original_k}), {result.steps} steps training {args.train}, "
+          f"{len(replace)} tensors rewritten")
+    print(f"held-out perplexity at top-{args.top_k}: {ppl_before:.3f} -> {ppl_after:.3f} "
+          f"({summary['held_out_tokens']:,} tokens)")
+    print(f"router entropy: {entropy_before:.3f} -> {entropy_after:.3f} nats; wrote {out}")
+    return 0
+
+
+def _trained_tensors(model, family, cfg, train_what: str) -> dict[str, torch.Tensor]:
+    """Returns {HF tensor name: tensor} of what `train_what` trained, to rewrite in the checkpoint."""
+    from ..save import hf_tensors
+    from .rewrite import expert_tensor_index
+
+    moe = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
+    wanted = {family.router_name(i) for i in moe}
+    if train_what == "router+experts":
+        wanted |= set(expert_tensor_index(family, cfg))
+    return {name: t.detach() for name, t in hf_tensors(model) if train_what == "all" or name in wanted}
+
+
+def register(sub) -> None:
+    """Adds the usage, prune and finetune commands to moekit's CLI."""
+    u = sub.add_parser("usage", help="expert usage counts over calibration text (heavy hitters)")
+    _add_common(u, "--calib")
+    u.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("prune", help="drop the least-used experts (SEER-MoE heavy-hitter pruning)")
+    _add_common(p, "--calib")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--keep", type=float, required=True, help="fraction of experts to keep, e.g. 0.75")
+    p.add_argument("--criterion", default="hard", choices=("hard", "soft", "random"))
+    p.add_argument("--scope", default="layer", choices=("layer", "global"))
+    p.add_argument("--seed", type=int, default=0, help="for --criterion random")
+    p.set_defaults(func=cmd_prune)
+
+    f = sub.add_parser("finetune", help="fine-tune the router so a smaller top-k keeps quality")
+    _add_common(f, "--data")
+    f.add_argument("--out", required=True, help="output model directory")
+    f.add_argument("--top-k", type=int, required=True, help="top-k to train for and write")
+    f.add_argument("--entropy-weight", type=float, default=0.01, help="weight of the router-entropy penalty")
+    f.add_argument("--steps", type=int, default=100)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--train", default="router", choices=("router", "router+experts", "all"),
+                   help="which parameters train (default: the routers only)")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_finetune)
