@@ -211,3 +211,16 @@ def test_commands_refuse_bad_flags(text_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--top-k 9 is not possible" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_blockwise_counts_equal_full_model_counts(tiny):
+    from moekit.prune.usage import usage_from_calibration
+
+    path = tiny("qwen2_moe").path
+    ids = token_ids(6, 24, seed=5)
+    full = count_usage(moekit.load_model(path), ids, batch=4)
+    blockwise = usage_from_calibration(path, ids, batch=4)
+    assert blockwise.layers == full.layers and blockwise.tokens == full.tokens
+    for i in range(len(full.layers)):
+        assert torch.equal(blockwise.hard[i], full.hard[i])
+        assert torch.allclose(blockwise.soft[i], full.soft[i], rtol=1e-5)

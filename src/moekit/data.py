@@ -71,22 +71,3 @@ def _read_jsonl(file: Path, field: str) -> list[str]:
         docs.append(text)
     return docs
 
-
-def pack_tokens(tokenizer, docs: list[str], samples: int, seqlen: int, eos_id: int | None = None):
-    """Returns token ids [samples, seqlen]: docs encoded and joined (with eos_id between them when
-    given), cut into consecutive windows; fewer rows when the text runs out (at least one)."""
-    import torch
-
-    stream: list[int] = []
-    need = samples * seqlen
-    for doc in docs:
-        stream += tokenizer.encode(doc, add_special_tokens=False)
-        if eos_id is not None:
-            stream.append(eos_id)
-        if len(stream) >= need:
-            break
-    rows = min(samples, len(stream) // seqlen)
-    if rows == 0:
-        raise MoekitError(f"the text has {len(stream)} tokens, fewer than one sample of --seqlen {seqlen}; "
-                          "give more text or a smaller --seqlen")
-    return torch.tensor(stream[: rows * seqlen], dtype=torch.long).view(rows, seqlen)

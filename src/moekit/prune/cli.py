@@ -18,24 +18,34 @@ def _add_common(p: argparse.ArgumentParser, data_flag: str) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="which windows of the text are drawn (and --criterion random)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
-def _load(args, dtype: torch.dtype | None = None):
-    from ..data import load_text, pack_tokens
-    from ..load import default_model_path, load_model
+def _device(args) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _samples(args, path):
+    """Returns token ids [samples, seqlen] drawn from the --calib / --data text."""
+    from ..calibrate import calibration_tokens
+    from ..data import load_text
     from ..tokenizer import load_tokenizer
 
-    if args.samples <= 0 or args.seqlen <= 1 or args.batch <= 0:
-        raise MoekitError("--samples, --batch must be > 0 and --seqlen > 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = args.model if args.model is not None else default_model_path()
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, device=device, dtype=dtype, progress=sys.stderr.isatty())
+    if args.batch <= 0:
+        raise MoekitError(f"--batch must be > 0, got {args.batch}")
     text = load_text(getattr(args, "calib", None) or args.data)
-    eos = model.generation_defaults.get("eos_token_ids") or (None,)
-    samples = pack_tokens(tokenizer, text, args.samples, args.seqlen, eos[0])
-    return path, model, samples
+    return calibration_tokens(text, load_tokenizer(path), args.samples, args.seqlen, seed=args.seed)
+
+
+def _counted(args):
+    """Returns (model path, usage) counted block by block over the calibration text."""
+    from ..load import default_model_path
+    from .usage import usage_from_calibration
+
+    path = args.model if args.model is not None else default_model_path()
+    samples = _samples(args, path)
+    return path, usage_from_calibration(path, samples, _device(args), args.batch, progress=sys.stderr.isatty())
 
 
 def _pct(x: float) -> str:
@@ -45,10 +55,7 @@ def _pct(x: float) -> str:
 # ---- usage -----------------------------------------------------------------------------------
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from .usage import count_usage
-
-    _, model, samples = _load(args)
-    usage = count_usage(model, samples, args.batch, progress=sys.stderr.isatty())
+    _, usage = _counted(args)
     report = usage.to_dict()
     for row, i in zip(report["layers"], range(len(usage.layers))):
         order = torch.argsort(usage.hard[i], descending=True).tolist()
@@ -79,10 +86,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..load import read_config
     from .rewrite import write_pruned
     from .select import select_experts
-    from .usage import count_usage
 
-    path, model, samples = _load(args)
-    usage = count_usage(model, samples, args.batch, progress=sys.stderr.isatty())
+    path, usage = _counted(args)
     kept_lists = select_experts(usage, args.keep, args.criterion, args.scope, seed=args.seed)
     kept = dict(zip(usage.layers, kept_lists))
     ckpt, family, cfg = read_config(path)
@@ -119,7 +124,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.steps <= 0:
         raise MoekitError(f"--steps must be > 0, got {args.steps}")
-    path, model, samples = _load(args, dtype=torch.float32)  # fp32 master weights for training
+    from ..load import default_model_path, load_model
+
+    path = args.model if args.model is not None else default_model_path()
+    samples = _samples(args, path)
+    model = load_model(path, device=_device(args), dtype=torch.float32, progress=sys.stderr.isatty())  # fp32 master weights
     if samples.shape[0] < 2:
         raise MoekitError("--data gives fewer than 2 samples; give more text (one is held out for evaluation)")
     held = max(1, samples.shape[0] // 10)
@@ -186,7 +195,6 @@ def register(sub) -> None:
     p.add_argument("--keep", type=float, required=True, help="fraction of experts to keep, e.g. 0.75")
     p.add_argument("--criterion", default="hard", choices=("hard", "soft", "random"))
     p.add_argument("--scope", default="layer", choices=("layer", "global"))
-    p.add_argument("--seed", type=int, default=0, help="for --criterion random")
     p.set_defaults(func=cmd_prune)
 
     f = sub.add_parser("finetune", help="fine-tune the router so a smaller top-k keeps quality")
@@ -198,5 +206,4 @@ def register(sub) -> None:
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--train", default="router", choices=("router", "router+experts", "all"),
                    help="which parameters train (default: the routers only)")
-    f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_finetune)

@@ -105,3 +105,25 @@ def count_usage(model: MoEModel, samples: torch.Tensor, batch: int = 8, progress
                 usage.soft[j] += probs.sum(0).double().cpu()
                 usage.entropy_sum[j] += float(-(probs * torch.log(probs.clamp_min(1e-30))).sum())
     return usage
+
+
+def usage_from_calibration(path, token_ids: torch.Tensor, device: str | torch.device = "cpu", batch: int = 8,
+                           progress: bool | None = None) -> ExpertUsage:
+    """Returns expert usage over token_ids [S, T] counted block by block (moekit.calibrate): only
+    one block's weights are ever on the device, so this works for models larger than it."""
+    from ..calibrate import run_calibration
+    from ..load import read_config
+
+    _, _, cfg = read_config(path)
+    usage = ExpertUsage(layers=[i for i in range(cfg.num_layers) if cfg.moe_layers[i]], top_k=cfg.top_k,
+                        tokens=token_ids.numel())
+
+    def on_moe_layer(seen) -> None:
+        probs = torch.softmax(seen.logits.float(), dim=-1)  # [N, E]
+        usage.hard.append(torch.bincount(seen.expert_ids.reshape(-1), minlength=probs.shape[-1]).double().cpu())
+        usage.soft.append(probs.sum(0).double().cpu())
+        usage.entropy_sum.append(float(-(probs * torch.log(probs.clamp_min(1e-30))).sum()))
+        return None
+
+    run_calibration(path, token_ids, on_moe_layer, device=device, batch=batch, progress=progress)
+    return usage
