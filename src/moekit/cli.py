@@ -155,6 +155,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 COMMAND_MODULES: tuple[str, ...] = (
     "moekit.prune.cli",
     "moekit.offload.cli",
+    "moekit.quant.cli",
 )
 
 def build_parser() -> argparse.ArgumentParser:

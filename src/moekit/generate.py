@@ -134,7 +134,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    offload = getattr(model, "offload", None)  # an offloaded expert source syncs with the host
+    if offload is not None:
+        offload.check_generation(batch, total)
+        if cuda_graph:
+            raise MoekitError("cuda_graph=True cannot capture an offloaded model (its experts move per step)")
+    use_graph = device.type == "cuda" and offload is None if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
         raise MoekitError("cuda_graph=True needs the model on a CUDA device")
     if compile and not use_graph:

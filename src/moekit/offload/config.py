@@ -45,7 +45,7 @@ class OffloadConfig:
 
     device_memory: int | None = None  # bytes moekit may hold on the device (None: all free memory)
     predictor: str = "speculative"  # none | speculative | pregate | oracle (benchmarks)
-    cache_policy: str = "lru"  # lru | lfu: which cached expert a fetch evicts
+    cache_policy: str = "lfu"  # lfu | lru: which cached expert a fetch evicts (lfu counts survive eviction)
     store: str = "auto"  # auto (GPU: pinned host memory, CPU: disk) | host | disk
     prefetch_k: int = 0  # experts predicted per token for the next layer (0: the model's top-k)
     pin_experts: float = 0.0  # share of cache slots pinned to the most-used experts (needs counts)

@@ -55,6 +55,7 @@ class OraclePredictor(Predictor):
         return ids if ids.shape[0] == x.shape[0] else None
 
 
+@torch.no_grad()
 def speculative_weights(model, next_of: dict[int, int]) -> dict[int, torch.Tensor]:
     """Returns {layer i: W [E, D]}: layer next_of[i]'s router, scaled for layer i's normed input."""
     weights = {}

@@ -83,7 +83,7 @@ class OffloadRuntime:
         elif self.plan is not None:
             stats.peak_device_bytes = self.plan.planned_bytes
         out = stats.to_dict()
-        out.update(predictor=self.predictor.name, cache_policy=self.config.cache_policy,
+        out.update(predictor=self.predictor.name, device=self.device.type, cache_policy=self.config.cache_policy,
                    store=self.store.kind, form=self.form.name, strict=self.config.strict,
                    cache_slots=self.cache.num_slots if self.cache else 0,
                    pinned_slots=len(self.cache.pinned) if self.cache else 0,

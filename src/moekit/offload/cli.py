@@ -1,0 +1,145 @@
+"""Command line of the offload pillar: `moekit pregate`, and the pieces of `moekit generate
+--offload` (flags, loading, the stats table), which src/moekit/cli.py calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import MoekitError
+from .config import POLICIES, OffloadConfig, format_size, parse_size
+
+
+# ---- moekit pregate --------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds `moekit pregate` to the command line."""
+    p = sub.add_parser("pregate", help="train pre-gates that predict the next layer's experts (for --predictor pregate)")
+    p.add_argument("model", nargs="?", help="HF model directory (default: the bundled tiny MoE)")
+    p.add_argument("--data", required=True, help="calibration text: a .txt/.jsonl file or a folder of them")
+    p.add_argument("--out", required=True, help="folder for pregate.safetensors, pregate.json, expert_counts.json")
+    p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens to read (default 65536)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per layer")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_pregate)
+
+
+def cmd_pregate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_text
+    from ..load import load_model
+    from ..tokenizer import load_tokenizer
+    from .pregate import save_pregates, train_pregates
+
+    if args.max_tokens < 2 or args.seqlen < 2 or args.steps <= 0:
+        raise MoekitError("--max-tokens and --seqlen must be >= 2, --steps > 0")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    stream: list[int] = []
+    eos = model.generation_defaults.get("eos_token_ids", ())
+    for doc in load_text(args.data):
+        stream += tokenizer.encode(doc, add_special_tokens=False) + list(eos[:1])
+        if len(stream) >= args.max_tokens:
+            break
+    weights, report = train_pregates(model, torch.tensor(stream[: args.max_tokens]), steps=args.steps, lr=args.lr,
+                                     seqlen=args.seqlen, max_tokens=args.max_tokens)
+    out = save_pregates(weights, model.config, args.out, report)
+    summary = {"out": str(out), "tokens": report.tokens, "seconds": round(report.seconds, 2),
+               "loss_start": report.mean("loss_start"), "loss_end": report.mean("loss_end"),
+               "recall_pregate": report.mean("recall_pregate"),
+               "recall_speculative": report.mean("recall_speculative"), "layers": report.layers}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"pre-gates for {len(weights)} layers from {report.tokens} tokens in {report.seconds:.1f} s -> {out}")
+    print("layer -> next   KL start   KL end   top-k recall: pregate  speculative")
+    for i, r in report.layers.items():
+        print(f"{i:5d} -> {r['next']:<4d} {r['loss_start']:9.4f} {r['loss_end']:8.4f}   "
+              f"{r['recall_pregate']:21.3f}  {r['recall_speculative']:11.3f}")
+    print(f"use: moekit generate ... --offload --predictor pregate --pregate {out}")
+    return 0
+
+
+# ---- moekit generate --offload -----------------------------------------------------------------
+
+def add_generate_flags(gen: argparse.ArgumentParser) -> None:
+    """Adds the offload flags to `moekit generate`."""
+    g = gen.add_argument_group("offload (run a model larger than the device)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep experts in host memory (GPU) or on disk (CPU) and cache them on the device")
+    g.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="everything moekit may hold on the device, e.g. 8GB or 10MB (default: free memory)")
+    g.add_argument("--predictor", default="speculative", choices=("none", "speculative", "pregate"),
+                   help="how the next layer's experts are prefetched (default: speculative)")
+    g.add_argument("--pregate", default=None, metavar="DIR", help="folder written by `moekit pregate`")
+    g.add_argument("--cache-policy", default="lfu", choices=POLICIES,
+                   help="which cached expert a fetch evicts (default: lfu, use counts kept across evictions)")
+    g.add_argument("--pin-counts", default=None, metavar="FILE",
+                   help="expert_counts.json: pin the most used experts in a quarter of the cache")
+    g.add_argument("--strict-pregate", action="store_true",
+                   help="run only the predicted experts (changes outputs; needs a model tuned for it)")
+    g.add_argument("--stats", action="store_true", help="print offload statistics after generating")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Raises MoekitError for offload flags given without --offload, or unusable together."""
+    used = [f for f, v in (("--device-memory", args.device_memory), ("--pregate", args.pregate),
+                           ("--pin-counts", args.pin_counts), ("--strict-pregate", args.strict_pregate))
+            if v]
+    if not args.offload and (used or args.predictor != "speculative" or args.cache_policy != "lfu"):
+        raise MoekitError(f"{', '.join(used) or '--predictor/--cache-policy'} needs --offload")
+    if args.offload and args.compile:
+        raise MoekitError("--compile captures CUDA graphs, which offloaded decoding cannot use; drop --compile")
+
+
+def load_for_generate(args: argparse.Namespace, device: str, context_tokens: int):
+    """Returns the offloaded model for `moekit generate --offload`, its budget planned for the
+    prompt plus --max-new-tokens."""
+    from ..checkpoint import DTYPES
+    from ..load import default_model_path, read_config
+    from .loader import load_offloaded, read_counts
+
+    dtype = args.dtype
+    if dtype is None and not device.startswith("cuda"):
+        # offload moves the stored form as it is: on the CPU, compute in the checkpoint's dtype
+        _, _, cfg = read_config(args.model or default_model_path())
+        dtype = cfg.dtype if cfg.dtype.replace("torch.", "") in DTYPES else None
+    config = OffloadConfig(
+        device_memory=parse_size(args.device_memory) if args.device_memory else None,
+        predictor=args.predictor, cache_policy=args.cache_policy, context_tokens=context_tokens,
+        strict=args.strict_pregate, pregate_path=args.pregate,
+        pin_experts=0.25 if args.pin_counts else 0.0)
+    counts = read_counts(args.pin_counts) if args.pin_counts else None
+    return load_offloaded(args.model, device=device, dtype=dtype, offload=config, pin_counts=counts)
+
+
+def stats_rows(report: dict, new_tokens: int) -> list[tuple[str, str]]:
+    """Returns the (name, value) rows of the --stats table."""
+    plan = report["plan"] or {}
+    return [
+        ("predictor / policy", f"{report['predictor']} / {report['cache_policy']}  (store: {report['store']})"),
+        ("device budget", f"{format_size(plan.get('budget_bytes', 0))}: {report['cache_slots']} of "
+                          f"{plan.get('total_experts', 0)} experts cached ({format_size(plan.get('expert_bytes', 0))} each)"),
+        ("cache hit rate", f"{report['hit_rate']:.1%}  ({report['hits']} of {report['lookups']})"),
+        ("prefetch precision", f"{report['prefetch_precision']:.1%}"),
+        ("prefetch recall", f"{report['prefetch_recall']:.1%}"),
+        ("bytes moved / token", format_size(report["bytes_per_token"])),
+        ("bytes moved", f"{format_size(report['bytes_moved'])} ({report['demand_fetches']} on demand, "
+                        f"{report['prefetches']} prefetched)"),
+        ("stall time", f"{report['stall_s'] * 1e3:.1f} ms"),
+        ("peak device memory", f"{format_size(report['peak_device_bytes'])}"
+                               + ("  (planned)" if report["device"] == "cpu" else "  (allocator peak)")),
+    ]
+
+
+def print_stats(report: dict, new_tokens: int) -> None:
+    from ..cli import _table
+
+    print(_table(stats_rows(report, new_tokens)), file=sys.stderr)

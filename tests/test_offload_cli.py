@@ -1,0 +1,71 @@
+"""`moekit generate --offload` and `moekit pregate` on the bundled model."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+from moekit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_offload_matches_resident_and_reports_stats(capsys):
+    code, out, _ = run(capsys, "generate", "def f(x):", "--max-new-tokens", "16", "--json", "--dtype", "bfloat16")
+    assert code == 0
+    resident = json.loads(out)
+    code, out, _ = run(capsys, "generate", "def f(x):", "--max-new-tokens", "16", "--json",
+                       "--offload", "--device-memory", "10MB", "--predictor", "speculative")
+    assert code == 0
+    offloaded = json.loads(out)
+    assert offloaded["token_ids"] == resident["token_ids"]
+    stats = offloaded["offload"]
+    assert stats["plan"]["budget_bytes"] == 10**7 and stats["peak_device_bytes"] <= 10**7
+    assert 0 < stats["cache_slots"] < stats["plan"]["total_experts"]
+    for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "bytes_per_token", "stall_s"):
+        assert key in stats
+    assert offloaded["cuda_graph"] is False
+
+
+def test_generate_offload_stats_table(capsys):
+    code, out, err = run(capsys, "generate", "def f(x):", "--max-new-tokens", "8", "--offload",
+                         "--device-memory", "10MB", "--stats", "--cache-policy", "lru", "--predictor", "none")
+    assert code == 0 and out.startswith("def f(x):")
+    assert "cache hit rate" in err and "bytes moved / token" in err and "peak device memory" in err
+
+
+def test_too_small_budget_is_one_line(capsys):
+    code, _, err = run(capsys, "generate", "hi", "--offload", "--device-memory", "5MB")
+    assert code == 2
+    assert err.count("\n") == 1 and "needs at least" in err and "--device-memory" in err
+
+
+def test_offload_flags_need_offload(capsys):
+    code, _, err = run(capsys, "generate", "hi", "--device-memory", "5MB")
+    assert code == 2 and "needs --offload" in err
+
+
+def test_pregate_command_then_generate(capsys, tmp_path):
+    data = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+    code, out, _ = run(capsys, "pregate", "--data", str(data), "--out", str(tmp_path), "--max-tokens", "1024",
+                       "--steps", "40", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["loss_end"] < report["loss_start"]
+    assert (tmp_path / "pregate.safetensors").exists()
+    code, out, _ = run(capsys, "generate", "import os", "--max-new-tokens", "8", "--json", "--offload",
+                       "--device-memory", "10MB", "--predictor", "pregate", "--pregate", str(tmp_path),
+                       "--pin-counts", str(tmp_path / "expert_counts.json"))
+    assert code == 0
+    stats = json.loads(out)["offload"]
+    assert stats["predictor"] == "pregate" and stats["pinned_slots"] > 0
+
+
+def test_pregate_predictor_without_pregates_is_refused(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "hi", "--offload", "--predictor", "pregate", "--pregate", str(tmp_path))
+    assert code == 2 and "moekit pregate" in err
