@@ -42,10 +42,13 @@ def inspect_checkpoint(path: str | Path) -> ModelReport:
             expert_names.update(family.stacked_expert_names(layer))
             for e in range(cfg.experts_in(layer)):
                 expert_names.update(family.expert_names(layer, e))
+    # compressed stored forms keep their tensors under the experts module (quant.formats)
+    expert_prefixes = tuple(family.stacked_expert_names(layer)[0].rsplit(".", 1)[0] + "."
+                            for layer, is_moe in enumerate(cfg.moe_layers) if is_moe)
     params = {"experts": 0, "other": 0}
     nbytes = {"experts": 0, "other": 0}
     for name in ckpt.names():
-        kind = "experts" if name in expert_names else "other"
+        kind = "experts" if name in expert_names or name.startswith(expert_prefixes) else "other"
         shape, itemsize = ckpt.shape(name), ckpt.itemsize(name)
         numel = 1
         for dim in shape:
@@ -53,7 +56,7 @@ def inspect_checkpoint(path: str | Path) -> ModelReport:
         params[kind] += numel
         nbytes[kind] += numel * itemsize
     # compressed formats store fewer elements than parameters: count parameters from the config
-    params["experts"] = max(params["experts"], cfg.expert_params) if nbytes["experts"] else 0
+    params["experts"] = cfg.expert_params if nbytes["experts"] else 0
     active_experts = cfg.num_moe_layers * cfg.top_k * cfg.params_per_expert
     return ModelReport(
         path=str(ckpt.path), family=cfg.family, layers=cfg.num_layers, moe_layers=cfg.num_moe_layers,

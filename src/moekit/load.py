@@ -88,7 +88,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
                               "use --device cpu")
     dtype = parse_dtype(dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
     ckpt, family, cfg = read_config(path if path is not None else default_model_path())
-    experts = experts or ExpertLoader()
+    experts = experts or _default_expert_loader(ckpt)
     with torch.device("meta"):
         model = MoEModel(cfg).to(dtype)  # no storage yet: the dtype change is free
     for layer in model.layers:  # expert storage is the loader's business, never to_empty's
@@ -110,6 +110,18 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     model.generation_defaults = _generation_defaults(ckpt, cfg)
     model.source_path = ckpt.path
     return model
+
+
+def _default_expert_loader(ckpt: Checkpoint) -> ExpertLoader:
+    """Returns the loader a checkpoint's config.json asks for: its stored form when moekit
+    compressed it (quantization_config), else all experts resident and dense."""
+    from .quant.config import is_moekit_quantized
+
+    if is_moekit_quantized(ckpt.config):
+        from .quant.loader import loader_for
+
+        return loader_for(ckpt.config, str(ckpt.path / "config.json"))
+    return ExpertLoader()
 
 
 def _copy(param: torch.Tensor, ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:

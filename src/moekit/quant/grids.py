@@ -29,7 +29,7 @@ class TernaryGrid:
         tiny = 1e-8
         lo = w.amin(dim=-1, keepdim=True).clamp(max=-tiny)
         hi = w.amax(dim=-1, keepdim=True).clamp(min=tiny)
-        return lo, hi
+        return _as_stored(lo), _as_stored(hi)
 
     def round(self, w: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (codes uint8, dequantised float) of w [G, R, c] on the fitted grid."""
@@ -61,13 +61,18 @@ class IntGrid:
         scale = (xmax - xmin) / self.maxq
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.round(-xmin / scale)
-        return scale, zero
+        return _as_stored(scale), zero
 
     def round(self, w: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (codes uint8, dequantised float) of w [G, R, c] on the fitted grid."""
         scale, zero = params
         codes = torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
         return codes.to(torch.uint8), scale * (codes - zero)
+
+
+def _as_stored(levels: torch.Tensor) -> torch.Tensor:
+    """Returns levels rounded to float16 (how they are stored), so GPTQ rounds to the stored grid."""
+    return levels.clamp(-65504, 65504).half().float()
 
 
 def make_grid(bits: str | int, group_size: int | None = None) -> TernaryGrid | IntGrid:

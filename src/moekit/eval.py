@@ -1,0 +1,62 @@
+"""Evaluation: held-out perplexity of a model directory (dense or compressed) on a text file,
+JSONL file or folder (`moekit eval`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .data import load_text
+from .errors import MoekitError
+from .load import default_model_path, load_model
+from .tokenizer import load_tokenizer
+from .train import evaluate_perplexity
+
+
+@dataclass
+class EvalReport:
+    model: str
+    data: str
+    perplexity: float
+    tokens_scored: int
+    seqlen: int
+    seconds: float
+    quantization: dict | None  # the model's quantization_config, if compressed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def text_tokens(docs: list[str], tokenizer) -> torch.Tensor:
+    """Returns the token stream [M] of docs, each followed by the tokenizer's eos token (if any)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer.encode(doc, add_special_tokens=False)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def evaluate(model_path: str | Path | None, data: str | Path, seqlen: int = 512, device: str = "cpu",
+             dtype: str | None = None, max_tokens: int | None = None) -> EvalReport:
+    """Returns the perplexity report of the model at model_path (default: the bundled tiny MoE) on
+    the text at `data`, scored in windows of seqlen tokens (see train.evaluate_perplexity)."""
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if seqlen < 1:
+        raise MoekitError(f"--seqlen must be >= 1, got {seqlen}")
+    t0 = time.perf_counter()
+    model = load_model(path, device=device, dtype=dtype)
+    tokens = text_tokens(load_text(data), load_tokenizer(path))
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    ppl, scored = evaluate_perplexity(model, tokens, seqlen=min(seqlen, model.config.max_position_embeddings))
+    quant = None
+    from .checkpoint import read_json
+    cfg = read_json(path / "config.json")
+    if isinstance(cfg.get("quantization_config"), dict):
+        quant = cfg["quantization_config"]
+    return EvalReport(str(path), str(data), ppl, scored, seqlen, round(time.perf_counter() - t0, 2), quant)

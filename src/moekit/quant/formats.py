@@ -1,0 +1,142 @@
+"""Stored forms of compressed experts: what a compressed checkpoint holds, and expert sources that
+keep that form in memory and multiply with it (the decoded matrix is never kept).
+
+Shapes: E = experts, I = expert ffn width, D = hidden, and for each matrix kind
+(gate_up: R = 2I rows, K = D columns; down: R = D rows, K = I columns):
+
+IntExperts (form "int", bits 2/3/4), per layer, with k = 32 // bits codes per word:
+    experts.{kind}.qweight   [E, R, ceil(K / k)]  int32    codes, code j of a word in bits j*bits..
+    experts.{kind}.scale     [E, R, P]            float16  P = ceil(K / group_size), or 1 per row
+    experts.{kind}.zero      [E, R, P]            uint8    weight = scale * (code - zero)
+
+TernaryCodeExperts (form "ternary_code", the sub-1-bit code of quant.code), per layer:
+    experts.{kind}.codewords [E, R, S, W]  uint8 (8-bit dictionary) or int16 (16-bit, as uint16)
+    experts.{kind}.starts    [E, R, S]     int16 (int32 when K > 32767): column of each chunk
+    experts.{kind}.lo        [E, R]        float16  the row's negative level
+    experts.{kind}.hi        [E, R]        float16  the row's positive level
+    experts.code_table       [2^bits, 2]   int32    the layer's dictionary (decode table)
+
+Tensor names are prefixed with the family's experts module (e.g.
+model.layers.3.block_sparse_moe.experts.gate_up.qweight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..experts import group_by_expert
+from . import ops
+from .config import INT, TERNARY_CODE
+
+KINDS = ("gate_up", "down")
+
+
+class CompressedExperts(nn.Module):
+    """Base of the stored forms: the seam's forward, one expert's matmul at a time."""
+
+    STORED: tuple[str, ...] = ()  # per-kind tensor suffixes
+    SHARED: tuple[str, ...] = ()  # per-layer tensors
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.num_experts, self.hidden, self.ffn = num_experts, hidden, ffn
+        for name in self.tensor_names():
+            self.register_buffer(name.replace(".", "_"), tensors[name])
+
+    @classmethod
+    def tensor_names(cls) -> list[str]:
+        """Returns the stored tensors' names relative to the experts prefix."""
+        return [f"{kind}.{s}" for kind in KINDS for s in cls.STORED] + list(cls.SHARED)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """Returns {name relative to the experts prefix: tensor} as stored."""
+        return {name: getattr(self, name.replace(".", "_")) for name in self.tensor_names()}
+
+    def expert_bytes(self) -> int:
+        """Returns the stored bytes of one expert (shared tables spread over the experts)."""
+        total = sum(t.numel() * t.element_size() for t in self.stored().values())
+        return total // self.num_experts
+
+    def cols(self, kind: str) -> int:
+        return self.hidden if kind == "gate_up" else self.ffn
+
+    def linear(self, kind: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Returns x [n, K] @ W^T [n, R] for matrix `kind` of `expert`."""
+        raise NotImplementedError
+
+    def weight(self, kind: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Returns the decoded matrix [R, K] of `kind` of `expert` (a transient copy)."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the dense (gate_up [E, 2I, D], down [E, D, I]) the stored form stands for."""
+        return tuple(torch.stack([self.weight(kind, e, dtype) for e in range(self.num_experts)])
+                     for kind in KINDS)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for x [N, D]."""
+        groups = group_by_expert(expert_ids, weights, self.num_experts)
+        xs = x[groups.token_of]  # [S, D] in expert order
+        out = torch.empty_like(xs)
+        bounds = groups.offsets()
+        for e in range(self.num_experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                gate, up = self.linear("gate_up", e, xs[lo:hi]).chunk(2, dim=-1)
+                out[lo:hi] = self.linear("down", e, F.silu(gate) * up)
+        out = out * groups.weight_of[:, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, groups.token_of, out)
+
+
+class IntExperts(CompressedExperts):
+    """Experts as packed 2/3/4-bit affine codes with a float16 scale and uint8 zero per group."""
+
+    form = INT
+    STORED = ("qweight", "scale", "zero")
+
+    def __init__(self, num_experts, hidden, ffn, tensors, bits: int):
+        super().__init__(num_experts, hidden, ffn, tensors)
+        self.bits = bits
+
+    def _parts(self, kind: str, e: int):
+        return (getattr(self, f"{kind}_qweight")[e], getattr(self, f"{kind}_scale")[e],
+                getattr(self, f"{kind}_zero")[e])
+
+    def linear(self, kind, expert, x):
+        return ops.int_linear(x, *self._parts(kind, expert), self.bits)
+
+    def weight(self, kind, expert, dtype=torch.float32):
+        return ops.int_weight(*self._parts(kind, expert), self.bits, self.cols(kind), dtype)
+
+
+class TernaryCodeExperts(CompressedExperts):
+    """Ternary experts in the sub-1-bit dictionary code, decoded inside the matmul."""
+
+    form = TERNARY_CODE
+    STORED = ("codewords", "starts", "lo", "hi")
+    SHARED = ("code_table",)
+
+    def _parts(self, kind: str, e: int):
+        return (getattr(self, f"{kind}_codewords")[e], getattr(self, f"{kind}_starts")[e],
+                getattr(self, f"{kind}_lo")[e], getattr(self, f"{kind}_hi")[e], self.code_table)
+
+    def linear(self, kind, expert, x):
+        return ops.code_linear(x, *self._parts(kind, expert))
+
+    def weight(self, kind, expert, dtype=torch.float32):
+        return ops.code_weight(*self._parts(kind, expert), self.cols(kind), dtype)
+
+
+def form_class(form: str) -> type[CompressedExperts]:
+    """Returns the expert source class of a stored form name."""
+    return {INT: IntExperts, TERNARY_CODE: TernaryCodeExperts}[form]
+
+
+def build_experts(form: str, num_experts: int, hidden: int, ffn: int, tensors: dict[str, torch.Tensor],
+                  bits: str) -> CompressedExperts:
+    """Returns the expert source of stored form `form` over `tensors` (named as in tensor_names)."""
+    if form == INT:
+        return IntExperts(num_experts, hidden, ffn, tensors, int(bits))
+    return TernaryCodeExperts(num_experts, hidden, ffn, tensors)
