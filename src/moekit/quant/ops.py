@@ -70,7 +70,8 @@ def int_linear_triton(x, qweight, scale, zero, bits: int, block_n: int = 64, blo
     out = torch.empty(b, r, dtype=x.dtype, device=x.device)
     int_matmul_kernel[(triton.cdiv(r, block_n),)](
         x, qweight, scale, zero, out, b, r, x.stride(0), qweight.stride(0), scale.stride(0), out.stride(0),
-        K=k, BITS=bits, GROUP_COLS=group_cols, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k)
+        K=k, BITS=bits, GROUP_COLS=group_cols, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     return out
 
 
