@@ -1,0 +1,334 @@
+"""Compression benchmark (QMoE pillar), one script for the GPU machine:
+
+1. kernels: fused decode+matmul (sub-1-bit ternary code) and dequant+matmul (int4, int2) vs torch
+   bf16 F.linear vs the HBM floor (stored bytes / 4.2 TB/s), at the mixtral-8x7b and
+   qwen3-30b-a3b expert matrices, batch 1..64; L2 is flushed before every timed call.
+2. compression wall time per billion expert parameters on the olmoe-1b-7b expert shape (hidden
+   2048, 64 experts top-8, ffn 1024) with random weights: 2 layers are compressed, and the
+   time per layer is extrapolated to 16 layers (stated as such in the JSON).
+3. held-out perplexity of examples/tiny-moe at ternary / 2 / 3 / 4 bits, GPTQ vs RTN, bits per
+   expert parameter; calibration on the training split of the CPython stdlib (train_tiny's
+   split), evaluation on its held-out files, never the other way round.
+
+    cd repo && PYTHONPATH=src python3 benchmarks/bench_compress.py --out $OUT
+    PYTHONPATH=src python3 benchmarks/bench_compress.py --device cpu --small --out /tmp/b   (smoke test)
+
+Each phase is wrapped in try/except; the JSON is rewritten after every phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import moekit  # noqa: E402
+from moekit.quant import ops  # noqa: E402
+from moekit.quant.code import build_dictionary, encode, entropy_bits, symbol_probabilities  # noqa: E402
+from moekit.quant.gptq import rtn_quantize  # noqa: E402
+from moekit.quant.grids import IntGrid, TernaryGrid, pack_codes  # noqa: E402
+
+HBM_BYTES_PER_S = 4.2e12  # measured HBM copy bandwidth of the H200 (BENCH.md)
+SHAPES = {  # (rows R, columns K) of x @ W^T, W [R, K]
+    "mixtral-8x7b gate/up (14336x4096)": (14336, 4096),
+    "mixtral-8x7b down (4096x14336)": (4096, 14336),
+    "qwen3-30b-a3b gate/up (768x2048)": (768, 2048),
+    "qwen3-30b-a3b down (2048x768)": (2048, 768),
+}
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def log(msg: str) -> None:
+    print(f"[bench_compress {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Timer:
+    """Median time of a callable: CUDA events with an L2 flush before each call; wall clock on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+
+    def __call__(self, fn, reps: int = 25, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if self.device.type == "cuda":
+                self.flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        times.sort()
+        return times[len(times) // 2]
+
+
+def nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def phase_kernels(device: torch.device, small: bool) -> dict:
+    timer = Timer(device)
+    shapes = {"small 96x256": (96, 256), "small 256x96": (256, 96)} if small else SHAPES
+    batches = (1, 4, 64) if small else BATCHES
+    use_kernels = device.type == "cuda"
+    results = {}
+    for name, (rows, cols) in shapes.items():
+        log(f"kernels: {name}")
+        g = torch.Generator(device="cpu").manual_seed(0)
+        w = (torch.randn(rows, cols, generator=g) * 0.02)
+        w_bf16 = w.to(device, torch.bfloat16)
+        t_enc = time.perf_counter()
+        tq = rtn_quantize(w[None].to(device), TernaryGrid())
+        probs = symbol_probabilities(tq.codes)
+        d = build_dictionary(probs, 8)
+        words, starts = encode(tq.codes[0], d)
+        t_enc = time.perf_counter() - t_enc
+        lo, hi = tq.params[0][0, :, 0].half(), tq.params[1][0, :, 0].half()
+        table = d.table.to(device)
+        code_parts = (words, starts, lo, hi, table)
+        ints = {}
+        for bits in (4, 2):
+            q = rtn_quantize(w[None].to(device), IntGrid(bits, 128))
+            ints[bits] = (pack_codes(q.codes[0], bits), q.params[0][0].half(), q.params[1][0].to(torch.uint8))
+        entry = {"rows": rows, "cols": cols, "p_zero": probs[0], "entropy_bits": entropy_bits(probs),
+                 "code_bits_per_param": 8 * nbytes(*code_parts) / (rows * cols), "encode_s": round(t_enc, 2),
+                 "bf16_bytes": nbytes(w_bf16), "code_bytes": nbytes(*code_parts),
+                 "int4_g128_bytes": nbytes(*ints[4]), "int2_g128_bytes": nbytes(*ints[2]), "batches": {}}
+        # correctness on this device: kernel vs reference at batch 4
+        x = torch.randn(4, cols, device=device, dtype=torch.bfloat16)
+        ref = ops.code_linear_reference(x.float(), *code_parts)
+        got = (ops.code_linear_triton(x, *code_parts) if use_kernels else ref).float()
+        entry["code_kernel_max_rel_err"] = float((got - ref).abs().max() / ref.abs().max())
+        if use_kernels:  # rows per program of the code kernel at batch 1
+            sweep = {}
+            x1 = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
+            for br in (8, 16, 32, 64):
+                sweep[br] = timer(lambda: ops.code_linear_triton(x1, *code_parts, block_r=br))
+            entry["code_block_rows_sweep_batch1_s"] = sweep
+            best_br = min(sweep, key=sweep.get)
+        for b in batches:
+            x = torch.randn(b, cols, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            wx = w_bf16 if device.type == "cuda" else w_bf16.float()
+            row = {"bf16_s": timer(lambda: F.linear(x, wx))}
+            if use_kernels:
+                br = best_br if b == 1 else None
+                row["code_s"] = timer(lambda: ops.code_linear_triton(x, *code_parts, block_r=br))
+                row["int4_s"] = timer(lambda: ops.int_linear_triton(x, *ints[4], 4))
+                row["int2_s"] = timer(lambda: ops.int_linear_triton(x, *ints[2], 2))
+            else:
+                row["code_s"] = timer(lambda: ops.code_linear_reference(x, *code_parts), reps=3)
+                row["int4_s"] = timer(lambda: ops.int_linear_reference(x, *ints[4], 4), reps=3)
+            row["code_floor_s"] = entry["code_bytes"] / HBM_BYTES_PER_S
+            row["bf16_floor_s"] = entry["bf16_bytes"] / HBM_BYTES_PER_S
+            row["int4_floor_s"] = entry["int4_g128_bytes"] / HBM_BYTES_PER_S
+            row["code_speedup_vs_bf16"] = row["bf16_s"] / row["code_s"]
+            row["bf16_GBps"] = entry["bf16_bytes"] / row["bf16_s"] / 1e9
+            row["code_GBps_stored"] = entry["code_bytes"] / row["code_s"] / 1e9
+            entry["batches"][b] = row
+            log(f"  batch {b}: bf16 {row['bf16_s'] * 1e6:.1f} us, code {row['code_s'] * 1e6:.1f} us "
+                f"(floor {row['code_floor_s'] * 1e6:.1f} us), x{row['code_speedup_vs_bf16']:.2f}")
+        results[name] = entry
+        del w_bf16, code_parts, ints
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"kernel_path": "triton" if use_kernels else "pytorch reference (no CUDA)", "shapes": results}
+
+
+def random_moe_checkpoint(path: Path, layers: int, hidden: int, experts: int, top_k: int, ffn: int,
+                          heads: int, vocab: int) -> moekit.ModelConfig:
+    """Writes a random-weight mixtral-layout checkpoint (bf16) and returns its config."""
+    from moekit.config import ModelConfig
+    from moekit.model import MoEModel
+    from moekit.save import save_model
+    from moekit.train import init_weights
+
+    cfg = ModelConfig(family="mixtral", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                      num_kv_heads=heads, head_dim=hidden // heads, num_experts=experts, top_k=top_k,
+                      expert_ffn=ffn, moe_layers=(True,) * layers, max_position_embeddings=4096)
+    model = init_weights(MoEModel(cfg))
+    save_model(model, path, dtype=torch.bfloat16)
+    return cfg
+
+
+def phase_compress_time(device: torch.device, small: bool, tmp: Path) -> dict:
+    from moekit.quant.compress import compress
+    from moekit.quant.config import QuantConfig
+
+    shape = dict(layers=2, hidden=128, experts=8, top_k=2, ffn=64, heads=4, vocab=512) if small else \
+        dict(layers=2, hidden=2048, experts=64, top_k=8, ffn=1024, heads=16, vocab=4096)
+    full_layers = 16
+    log(f"compress time: writing a random checkpoint {shape}")
+    src = tmp / "olmoe-shape"
+    cfg = random_moe_checkpoint(src, **shape)
+    samples, seqlen = (8, 64) if small else (128, 512)
+    calib = torch.randint(0, shape["vocab"], (samples, seqlen), generator=torch.Generator().manual_seed(0))
+    out: dict = {"shape": shape, "calibration_tokens": samples * seqlen, "expert_params": cfg.expert_params,
+                 "note": f"{shape['layers']} of olmoe-1b-7b's {full_layers} layers compressed (random weights, vocab "
+                         f"{shape['vocab']}); per-layer time extrapolated linearly to {full_layers} layers",
+                 "runs": {}}
+    for bits, method in (("ternary", "gptq"), ("4", "gptq"), ("4", "rtn")):
+        log(f"compress time: {method} {bits}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        r = compress(src, tmp / f"olmoe-{bits}-{method}", QuantConfig(bits=bits, method=method,
+                     group_size=None if bits == "ternary" else 128), calib if method == "gptq" else None,
+                     device=device, progress=False)
+        seconds = time.perf_counter() - t
+        per_b = seconds / (cfg.expert_params / 1e9)
+        out["runs"][f"{method}-{bits}"] = {
+            "seconds": round(seconds, 2), "seconds_per_billion_expert_params": round(per_b, 2),
+            "extrapolated_full_model_s": round(seconds / shape["layers"] * full_layers, 1),
+            "bits_per_expert_param": r.bits_per_expert_param, "failed_factorisations": r.failed_factorisations,
+            "layer_seconds": [l.seconds for l in r.layers], "entropy_bits": r.entropy_bits}
+        log(f"  {seconds:.1f} s, {per_b:.1f} s per billion expert params, {r.bits_per_expert_param:.3f} bits/param")
+    return out
+
+
+def stdlib_split(small: bool) -> tuple[list[str], list[str]]:
+    from train_tiny import is_held_out, stdlib_files
+
+    _, files = stdlib_files(60 if small else None)
+    train = [t for p, t in files if not is_held_out(p)]
+    held = [t for p, t in files if is_held_out(p)]
+    if small and not held:
+        held = [t for _, t in files[-3:]]
+        train = [t for _, t in files[:-3]]
+    return train, held
+
+
+def phase_perplexity(device: torch.device, small: bool, tmp: Path) -> dict:
+    from moekit.calibrate import calibration_tokens
+    from moekit.eval import text_tokens
+    from moekit.quant.compress import compress
+    from moekit.quant.config import QuantConfig
+    from moekit.train import evaluate_perplexity
+
+    src = moekit.default_model_path()
+    tok = moekit.load_tokenizer(src)
+    train, held = stdlib_split(small)
+    samples, seqlen = (8, 128) if small else (128, 512)
+    calib = calibration_tokens(train, tok, samples, seqlen, seed=0)
+    held_ids = text_tokens(held, tok)
+    if small:
+        held_ids = held_ids[:2048]
+    log(f"perplexity: {len(train)} train files, {len(held)} held-out files ({held_ids.numel()} tokens)")
+
+    def ppl(path: Path) -> float:
+        model = moekit.load_model(path, device=device, dtype=torch.float32)
+        return evaluate_perplexity(model, held_ids, seqlen=512)[0]
+
+    out: dict = {"model": "examples/tiny-moe (7.5M params, trained by examples/train_tiny.py)",
+                 "calibration": f"{samples} x {seqlen} tokens from the stdlib training files",
+                 "held_out_tokens": int(held_ids.numel()), "dense_bf16": {"perplexity": ppl(src), "bits": 16.0},
+                 "runs": {}}
+    log(f"  dense: {out['dense_bf16']['perplexity']:.3f}")
+    grids = ("ternary", "4") if small else ("ternary", "2", "3", "4")
+    for bits in grids:
+        for method in ("gptq", "rtn"):
+            key = f"{method}-{bits}"
+            try:
+                dst = tmp / f"tiny-{key}"
+                r = compress(src, dst, QuantConfig(bits=bits, method=method), calib if method == "gptq" else None,
+                             device=device, progress=False)
+                out["runs"][key] = {"perplexity": ppl(dst), "bits_per_expert_param": r.bits_per_expert_param,
+                                    "entropy_bits": r.entropy_bits, "failed_factorisations": r.failed_factorisations,
+                                    "compress_s": r.seconds}
+                log(f"  {key}: ppl {out['runs'][key]['perplexity']:.3f}, {r.bits_per_expert_param:.3f} bits/param")
+            except Exception as e:  # one grid failing must not lose the others
+                out["runs"][key] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"  {key}: FAILED {e}")
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    k = results.get("kernels", {}).get("shapes", {})
+    if k:
+        lines += ["| shape | batch | bf16 us | code us | code floor us | code vs bf16 | int4 us | code bits/param |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, e in k.items():
+            for b, r in e["batches"].items():
+                lines.append(f"| {name} | {b} | {r['bf16_s'] * 1e6:.1f} | {r['code_s'] * 1e6:.1f} | "
+                             f"{r['code_floor_s'] * 1e6:.1f} | {r['code_speedup_vs_bf16']:.2f}x | "
+                             f"{r.get('int4_s', float('nan')) * 1e6:.1f} | {e['code_bits_per_param']:.3f} |")
+    c = results.get("compress_time", {}).get("runs", {})
+    if c:
+        lines += ["", "| compress (olmoe shape) | s | s / B expert params | 16-layer extrapolation s | bits/param |",
+                  "|---|---|---|---|---|"]
+        for key, r in c.items():
+            lines.append(f"| {key} | {r['seconds']} | {r['seconds_per_billion_expert_params']} | "
+                         f"{r['extrapolated_full_model_s']} | {r['bits_per_expert_param']:.3f} |")
+    p = results.get("perplexity", {})
+    if p.get("runs"):
+        lines += ["", "| tiny-moe held-out | perplexity | bits / expert param |", "|---|---|---|",
+                  f"| bf16 | {p['dense_bf16']['perplexity']:.3f} | 16 |"]
+        for key, r in p["runs"].items():
+            if "error" in r:
+                lines.append(f"| {key} | error | - |")
+            else:
+                lines.append(f"| {key} | {r['perplexity']:.3f} | {r['bits_per_expert_param']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results", help="folder for bench_compress.json")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test of the script")
+    ap.add_argument("--phases", default="kernels,compress_time,perplexity")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "bench_compress.json"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "small": args.small,
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                     "torch": torch.__version__, "command": " ".join(sys.argv), "hbm_bytes_per_s": HBM_BYTES_PER_S}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_compress-"))
+    phases = {"kernels": lambda: phase_kernels(device, args.small),
+              "compress_time": lambda: phase_compress_time(device, args.small, tmp),
+              "perplexity": lambda: phase_perplexity(device, args.small, tmp)}
+    for name in args.phases.split(","):
+        t = time.perf_counter()
+        log(f"phase {name}")
+        try:
+            results[name] = phases[name]()
+        except Exception as e:
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            log(f"phase {name} FAILED: {e}")
+        results.setdefault("phase_seconds", {})[name] = round(time.perf_counter() - t, 1)
+        json_path.write_text(json.dumps(results, indent=1, default=str))
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(markdown(results), flush=True)
+    log(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()
