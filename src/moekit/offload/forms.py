@@ -43,7 +43,9 @@ class ExpertForm:
 
     def empty(self, count: int, device: torch.device | str, pin: bool = False) -> Tensors:
         """Returns uninitialised storage for `count` experts: {name: [count, *shape]}."""
-        return {name: torch.empty((count, *shape), dtype=dtype, device=device, pin_memory=pin)
+        if pin:
+            return {name: pinned_empty((count, *shape), dtype) for name, (shape, dtype) in self.shapes().items()}
+        return {name: torch.empty((count, *shape), dtype=dtype, device=device)
                 for name, (shape, dtype) in self.shapes().items()}
 
     def read(self, ckpt: Checkpoint, family: Family, cfg: ModelConfig, layer: int, expert: int,
@@ -130,3 +132,22 @@ class DenseForm(ExpertForm):
 def dense_form(cfg: ModelConfig, dtype: torch.dtype) -> DenseForm:
     """Returns the dense form of this model's experts in `dtype`."""
     return DenseForm(cfg.hidden_size, cfg.expert_ffn, dtype)
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Returns an uninitialised page-locked host tensor of exactly its own size.
+
+    PyTorch's pinned allocator rounds each block up to a power of two (up to +100% for a layer of
+    experts); page-locking an ordinary allocation with cudaHostRegister costs only its bytes. The
+    registration is undone when this (base) tensor object is freed: keep it, not only its views."""
+    import weakref
+
+    tensor = torch.empty(shape, dtype=dtype)
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0 or not torch.cuda.is_available():
+        return tensor
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)) != 0:
+        return tensor.pin_memory()  # registration refused: fall back to the pinned allocator
+    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())  # keep the base tensor alive
+    return tensor

@@ -1,0 +1,462 @@
+"""Offloaded decode (batch 1), BENCH.md: moekit's offload runtime at 25% and 10% of the model's bytes
+with predictors none / speculative / oracle, next to GPU-only (all resident: the upper bound) and
+transformers + accelerate device_map="auto" with max_memory at the same budget; each moekit
+figure next to its ceiling max(compute time, PCIe bytes per token / measured pinned H2D bandwidth).
+Pre-gate accuracy is measured on the bundled tiny MoE (trained by examples/train_tiny.py).
+
+    cd repo && PYTHONPATH=src python3 benchmarks/bench_offload.py --out $OUT            # H200
+    PYTHONPATH=src python3 benchmarks/bench_offload.py --device cpu --small --out /tmp/b  # smoke test
+
+Weights are random bf16 (routing is then near-uniform: hit rates are a floor). Experts are made
+straight in page-locked host memory and shared by every phase (moekit's host store and the
+accelerate model's CPU weights); only the non-expert weights go through a checkpoint in /tmp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import moekit
+from moekit.load import ExpertLoader, load_model
+from moekit.offload import OffloadConfig, load_offloaded
+from moekit.offload.forms import pinned_empty
+
+SHAPES = {  # name -> (HF config class, kwargs)
+    "mixtral": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
+                                      num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                      num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=4096)),
+    "qwen3": ("Qwen3MoeConfig", dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
+                                     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                     head_dim=128, num_experts=128, num_experts_per_tok=8, vocab_size=151936,
+                                     norm_topk_prob=True, max_position_embeddings=4096, mlp_only_layers=[])),
+}
+SMALL = {
+    "mixtral": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=2, vocab_size=1000),
+    "qwen3": dict(hidden_size=128, moe_intermediate_size=64, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=32, vocab_size=1000),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- building the model --------------------------------------------------------------------
+
+def hf_config(shape: str, small: bool):
+    import transformers
+
+    cls, kwargs = SHAPES[shape]
+    kwargs = {**kwargs, **(SMALL[shape] if small else {})}
+    cfg = getattr(transformers, cls)(**kwargs, torch_dtype="bfloat16")
+    return cfg
+
+
+def build(shape: str, small: bool, device: torch.device, root: Path):
+    """Returns (checkpoint dir of the non-expert weights, moekit ModelConfig, {layer: host experts})."""
+    from safetensors.torch import save_file
+
+    from moekit.families import family_for
+
+    hf = hf_config(shape, small)
+    folder = root / f"{shape}{'-small' if small else ''}"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = hf.to_dict()
+    data["architectures"] = [type(hf).__name__.replace("Config", "ForCausalLM")]
+    (folder / "config.json").write_text(json.dumps(data))
+    family = family_for(data, where=str(folder))
+    cfg = family.config(data)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape_):
+        return (torch.randn(shape_, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu()
+
+    d, qd, kvd = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    tensors = {"model.embed_tokens.weight": rand(cfg.vocab_size, d), "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)}
+    if not cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = rand(cfg.vocab_size, d)
+    for i in range(cfg.num_layers):
+        for name in family.norm_names(i):
+            tensors[name] = torch.ones(d, dtype=torch.bfloat16)
+        for part, rows in (("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)):
+            tensors[family.attn_name(i, part) + ".weight"] = rand(rows, d)
+        tensors[family.attn_name(i, "o_proj") + ".weight"] = rand(d, qd)
+        if cfg.qk_norm == "head":
+            tensors[family.attn_name(i, "q_norm") + ".weight"] = torch.ones(cfg.head_dim, dtype=torch.bfloat16)
+            tensors[family.attn_name(i, "k_norm") + ".weight"] = torch.ones(cfg.head_dim, dtype=torch.bfloat16)
+        tensors[family.router_name(i)] = rand(cfg.num_experts, d)
+    save_file(tensors, str(folder / "model.safetensors"))
+    del tensors
+    host = {}
+    e, ffn = cfg.num_experts, cfg.expert_ffn
+    pin = device.type == "cuda"
+    for i in range(cfg.num_layers):  # made on the device, copied once into page-locked memory
+        layer = {}
+        for name, shp in (("gate_up", (e, 2 * ffn, d)), ("down", (e, d, ffn))):
+            t = pinned_empty(shp, torch.bfloat16) if pin else torch.empty(shp, dtype=torch.bfloat16)
+            for j in range(e):
+                t[j].copy_(torch.randn(shp[1:], generator=gen, device=device, dtype=torch.bfloat16) * 0.02)
+            layer[name] = t
+        host[i] = layer
+    return folder, cfg, host
+
+
+class HostResident(ExpertLoader):
+    """All experts resident on the device, copied from the shared host tensors (GPU-only baseline)."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def build(self, ctx, layer):
+        from moekit.experts import ResidentExperts
+
+        experts = ResidentExperts(ctx.config.num_experts, ctx.config.hidden_size, ctx.config.expert_ffn)
+        experts.gate_up = torch.nn.Parameter(self.host[layer]["gate_up"].to(ctx.device), requires_grad=False)
+        experts.down = torch.nn.Parameter(self.host[layer]["down"].to(ctx.device), requires_grad=False)
+        return experts
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+def h2d_bandwidth(device, nbytes=2**30) -> float:
+    """Returns measured pinned host-to-device bytes/s (55e9 assumed on the CPU)."""
+    if device.type != "cuda":
+        return 55e9
+    src = pinned_empty((nbytes,), torch.uint8)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    sync(device)
+    return 5 * nbytes / (time.perf_counter() - t0)
+
+
+def run_generate(model, ids, new_tokens, cuda_graph=None):
+    stats = moekit.GenerationStats()
+    model.generate(ids, max_new_tokens=new_tokens, temperature=0, eos_token_ids=(), stats=stats,
+                   cuda_graph=cuda_graph)
+    return {"ttft_s": stats.prefill_s, "decode_tok_s": stats.decode_tok_s,
+            "decode_s_per_token": stats.decode_s / max(stats.new_tokens - 1, 1)}
+
+
+def free(*objs):
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_shape(shape, args, device, results, save):
+    res = results.setdefault("shapes", {}).setdefault(shape, {})
+    t0 = time.perf_counter()
+    folder, cfg, host = build(shape, args.small, device, Path(args.tmp))
+    expert_bytes_total = sum(t.numel() * t.element_size() for layer in host.values() for t in layer.values())
+    from moekit.offload.planner import resident_bytes
+
+    model_bytes = expert_bytes_total + resident_bytes(cfg, torch.bfloat16)
+    res.update(model_bytes=model_bytes, expert_bytes_total=expert_bytes_total, build_s=time.perf_counter() - t0,
+               layers=cfg.num_layers, experts=cfg.num_experts, top_k=cfg.top_k)
+    log(f"{shape}: built {model_bytes / 1e9:.2f} GB in {res['build_s']:.1f} s")
+    save()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=g)
+    context = args.prompt + args.tokens
+    dtype = torch.bfloat16
+
+    # GPU-only: every expert resident (the upper bound, and the compute time of the ceiling)
+    compute_s = None
+    try:
+        model = load_model(folder, device=device, dtype=dtype, experts=HostResident(host))
+        run_generate(model, ids, 4)
+        r = run_generate(model, ids, args.tokens)
+        r["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        compute_s = r["decode_s_per_token"]
+        eager = run_generate(model, ids, min(8, args.tokens), cuda_graph=False) if device.type == "cuda" else r
+        r["eager_decode_tok_s"] = eager["decode_tok_s"]
+        res["gpu_only"] = r
+        log(f"{shape}: GPU-only {r['decode_tok_s']:.1f} tok/s (eager {r['eager_decode_tok_s']:.1f}), ttft {r['ttft_s'] * 1e3:.0f} ms")
+        free(model)
+        model = None
+    except Exception as e:
+        res["gpu_only"] = {"error": repr(e)}
+        traceback.print_exc()
+    save()
+
+    bw = results["h2d_bytes_per_s"]
+    for share in args.budgets:
+        budget = int(model_bytes * share)
+        if args.small:  # tiny shapes: activations dominate, so budget the share of the experts instead
+            from moekit.offload.planner import plan_budget
+
+            floor = plan_budget(cfg, dtype, expert_bytes_total // (cfg.num_layers * cfg.num_experts),
+                                OffloadConfig(context_tokens=context), device)
+            budget = floor.planned_bytes - floor.cache_bytes + int(share * expert_bytes_total)
+        key = f"budget_{int(share * 100)}pct"
+        out = res.setdefault(key, {"budget_bytes": budget})
+        trace = None
+        for predictor in ("none", "speculative", "oracle"):
+            try:
+                if predictor == "oracle" and trace is None:
+                    raise RuntimeError("no routing trace from the 'none' run")
+                config = OffloadConfig(device_memory=budget, predictor=predictor, cache_policy=args.policy,
+                                       context_tokens=context, record_routing=predictor == "none")
+                model = load_offloaded(folder, device=device, dtype=dtype, offload=config, host_layers=host,
+                                       trace=trace)
+                runtime = model.offload
+                run_generate(model, ids, 2)  # kernels compiled, then a fresh cache and counters
+                if predictor == "none":
+                    runtime.trace.clear()
+                runtime.calls.clear()
+                model.offload.cache.synchronize()
+                runtime.reset_stats()
+                r = run_generate(model, ids, args.tokens)
+                rep = runtime.report()
+                if predictor == "none":
+                    trace = {k: list(v) for k, v in runtime.trace.items()}
+                pcie_s = rep["bytes_per_token"] / bw
+                ceiling_s = max(compute_s or 0.0, pcie_s)
+                r.update(hit_rate=rep["hit_rate"], prefetch_precision=rep["prefetch_precision"],
+                         prefetch_recall=rep["prefetch_recall"], pcie_bytes_per_token=rep["bytes_per_token"],
+                         stall_s=rep["stall_s"], peak_bytes=rep["peak_device_bytes"], cache_slots=rep["cache_slots"],
+                         within_budget=rep["peak_device_bytes"] <= budget,
+                         ceiling_tok_s=1 / ceiling_s if ceiling_s > 0 else None,
+                         pcie_s_per_token=pcie_s, plan=rep["plan"])
+                r["share_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"] if r["ceiling_tok_s"] else None
+                out[predictor] = r
+                log(f"{shape} {key} {predictor}: {r['decode_tok_s']:.2f} tok/s (ceiling {r['ceiling_tok_s'] or 0:.2f}), "
+                    f"hit {r['hit_rate']:.2f}, P/R {r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}, "
+                    f"{r['pcie_bytes_per_token'] / 1e6:.0f} MB/token, peak {r['peak_bytes'] / 1e9:.2f} of {budget / 1e9:.2f} GB")
+                free(model, runtime)
+                model = runtime = None
+            except Exception as e:
+                out[predictor] = {"error": repr(e)}
+                traceback.print_exc()
+            save()
+        if not args.skip_hf:
+            try:
+                out["hf_accelerate"] = bench_hf(shape, args, device, host, folder, budget, ids)
+                h = out["hf_accelerate"]
+                log(f"{shape} {key} transformers+accelerate: {h.get('decode_tok_s', 0):.3f} tok/s, ttft {h.get('ttft_s', 0):.1f} s")
+            except Exception as e:
+                out["hf_accelerate"] = {"error": repr(e)}
+                traceback.print_exc()
+            save()
+    free(host)
+
+
+def bench_hf(shape, args, device, host, folder, budget, ids):
+    """transformers + accelerate device_map='auto' with max_memory={gpu: budget}: a few tokens, time-boxed."""
+    import transformers
+    from safetensors.torch import load_file
+
+    hf_cfg = hf_config(shape, args.small)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
+    state = load_file(str(folder / "model.safetensors"))  # non-expert weights (moekit names = HF v4 names)
+    named = dict(model.named_parameters())
+    values = {}
+    for name, p in named.items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            layer = int(name.split(".")[2])
+            t = host[layer]["gate_up" if name.endswith("gate_up_proj") else "down"]
+            values[name] = t if tuple(t.shape) == tuple(p.shape) else torch.zeros(p.shape, dtype=torch.bfloat16)
+        else:
+            src = state.get(name)
+            if src is None:
+                src = state.get(name.replace(".mlp.gate.", ".block_sparse_moe.gate."))
+            values[name] = src if src is not None and tuple(src.shape) == tuple(p.shape) else (
+                torch.randn(p.shape, dtype=torch.bfloat16) * 0.02)
+    model.load_state_dict(values, assign=True, strict=False)
+    for name, module in list(model.named_modules()):  # buffers (rope frequencies) are still meta
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=hf_cfg))
+    model.tie_weights()
+    model.eval()
+    result = {}
+    if device.type == "cuda":
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        max_memory = {0: budget, "cpu": 200 * 2**30}
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=[type(model.model.layers[0]).__name__])
+        model = dispatch_model(model, device_map=device_map)
+        result["layers_on_gpu"] = sum(1 for k, v in device_map.items() if v == 0 and ".layers." in k)
+        torch.cuda.reset_peak_memory_stats()
+    ids = ids.to(device)
+    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))
+        sync(device)
+        ttft = time.perf_counter() - t0
+        n = args.hf_tokens if ttft < 2 / 0.5 else 2  # slower than ~0.5 tok/s: a few tokens only
+        gen.max_new_tokens, gen.min_new_tokens = n, n
+        t0 = time.perf_counter()
+        model.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))
+        sync(device)
+        total = time.perf_counter() - t0
+    decode_s = max(total - ttft, 1e-9) / max(n - 1, 1)
+    result.update(ttft_s=ttft, decode_tok_s=1 / decode_s, tokens=n,
+                  peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+    free(model, state, values)
+    return result
+
+
+def table(results) -> str:
+    rows = ["| shape | budget | engine | tok/s | ceiling tok/s | % of ceiling | TTFT ms | hit rate | prefetch P/R | MB/token | peak GB / budget GB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for shape, res in results.get("shapes", {}).items():
+        g = res.get("gpu_only", {})
+        if "decode_tok_s" in g:
+            rows.append(f"| {shape} | all resident | GPU-only | {g['decode_tok_s']:.1f} | | | {g['ttft_s'] * 1e3:.0f} | | | | "
+                        f"{(g.get('peak_bytes') or 0) / 1e9:.1f} |")
+        for key, out in res.items():
+            if not key.startswith("budget_"):
+                continue
+            b = out["budget_bytes"] / 1e9
+            for name in ("none", "speculative", "oracle", "hf_accelerate"):
+                r = out.get(name)
+                if not r or "decode_tok_s" not in r:
+                    rows.append(f"| {shape} | {key[7:]} | {name} | error | | | | | | | |")
+                    continue
+                if name == "hf_accelerate":
+                    rows.append(f"| {shape} | {key[7:]} | transformers+accelerate | {r['decode_tok_s']:.3f} | | | "
+                                f"{r['ttft_s'] * 1e3:.0f} | | | | {(r.get('peak_bytes') or 0) / 1e9:.1f} / {b:.1f} |")
+                    continue
+                ceil = r.get("ceiling_tok_s") or 0
+                rows.append(f"| {shape} | {key[7:]} | moekit {name} | {r['decode_tok_s']:.2f} | {ceil:.2f} | "
+                            f"{100 * (r.get('share_of_ceiling') or 0):.0f}% | {r['ttft_s'] * 1e3:.0f} | {r['hit_rate']:.2f} | "
+                            f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f} | {r['pcie_bytes_per_token'] / 1e6:.0f} | "
+                            f"{r['peak_bytes'] / 1e9:.2f} / {b:.2f} |")
+    p = results.get("pregate_bundled")
+    if p and "recall" in p:
+        rows.append("")
+        rows.append("prefetch recall on the bundled tiny MoE (held-out text, offloaded decode): " +
+                    ", ".join(f"{k} {v:.2f}" for k, v in p["recall"].items()))
+    return "\n".join(rows)
+
+
+def bench_pregate(device, results, save, max_tokens=32768, steps=300):
+    """Predictor accuracy on a model trained by the project's own code (the bundled tiny MoE)."""
+    import sysconfig
+
+    from moekit.offload.pregate import save_pregates, train_pregates
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    tok = moekit.load_tokenizer()
+    train_text = "\n".join((stdlib / n).read_text() for n in ("json/decoder.py", "textwrap.py", "shlex.py", "argparse.py"))
+    test_ids = torch.tensor(tok.encode((stdlib / "string.py").read_text(), add_special_tokens=False)[:64])[None]
+    model = moekit.load_model(device=device)
+    t0 = time.perf_counter()
+    weights, report = train_pregates(model, torch.tensor(tok.encode(train_text, add_special_tokens=False)[:max_tokens]),
+                                     steps=steps)
+    folder = save_pregates(weights, model.config, Path(results["tmp"]) / "pregate", report)
+    out = {"train_s": time.perf_counter() - t0, "tokens": report.tokens, "layers": report.layers, "recall": {},
+           "hit_rate": {}}
+    trace = None
+    for predictor in ("none", "speculative", "pregate", "oracle"):
+        config = OffloadConfig(device_memory=None if device.type == "cuda" else 10**7, predictor=predictor,
+                               context_tokens=128, pregate_path=str(folder), record_routing=predictor == "none")
+        m = load_offloaded(device=device, dtype=torch.bfloat16, offload=OffloadConfig(
+            **{**config.to_dict(), "device_memory": model_bytes_share(model, 0.5, device)}), trace=trace)
+        m.generate(test_ids, max_new_tokens=48, temperature=0, eos_token_ids=())
+        rep = m.offload.report()
+        if predictor == "none":
+            trace = m.offload.trace
+        out["recall"][predictor] = rep["prefetch_recall"]
+        out["hit_rate"][predictor] = rep["hit_rate"]
+    results["pregate_bundled"] = out
+    log(f"bundled tiny MoE prefetch recall: {out['recall']}, hit rate {out['hit_rate']}")
+    save()
+
+
+def model_bytes_share(model, share, device) -> int:
+    """Returns a budget of the non-expert weights + KV + reserve + `share` of the expert bytes."""
+    from moekit.offload.forms import dense_form
+    from moekit.offload.planner import CUDA_RESERVE_BYTES, activation_bytes, kv_cache_bytes, resident_bytes
+
+    cfg = model.config
+    expert = dense_form(cfg, torch.bfloat16).expert_bytes()
+    fixed = (resident_bytes(cfg, torch.bfloat16) + kv_cache_bytes(cfg, torch.bfloat16, 1, 128)
+             + activation_bytes(cfg, torch.bfloat16, 128, 1) + (CUDA_RESERVE_BYTES if device.type == "cuda" else expert))
+    return fixed + int(share * sum(cfg.moe_layers) * cfg.num_experts) * expert
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke test)")
+    parser.add_argument("--shape", default="all", choices=("all", *SHAPES))
+    parser.add_argument("--budgets", default="0.25,0.10", help="shares of the model's bytes")
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per moekit run")
+    parser.add_argument("--hf-tokens", type=int, default=4, help="tokens for transformers+accelerate")
+    parser.add_argument("--policy", default="lfu", choices=("lru", "lfu"))
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-pregate", action="store_true")
+    parser.add_argument("--tmp", default="/tmp/moekit_bench_offload")
+    args = parser.parse_args()
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    device = torch.device(args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()},
+               "command": " ".join(sys.argv), "tmp": args.tmp, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import subprocess
+        results["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except Exception:
+        pass
+
+    def save():
+        (out_dir / "bench_offload.json").write_text(json.dumps(results, indent=1, default=str))
+
+    results["h2d_bytes_per_s"] = h2d_bandwidth(device)
+    log(f"pinned host-to-device: {results['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
+    save()
+    if not args.skip_pregate:
+        try:
+            bench_pregate(device, results, save, *((4096, 60) if args.small else ()))
+        except Exception as e:
+            results["pregate_bundled"] = {"error": repr(e)}
+            traceback.print_exc()
+            save()
+    for shape in (SHAPES if args.shape == "all" else [args.shape]):
+        try:
+            bench_shape(shape, args, device, results, save)
+        except Exception as e:
+            results.setdefault("shapes", {}).setdefault(shape, {})["error"] = repr(e)
+            traceback.print_exc()
+        save()
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save()
+    print(table(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
