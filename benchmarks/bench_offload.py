@@ -157,9 +157,8 @@ def run_generate(model, ids, new_tokens, cuda_graph=None):
             "decode_s_per_token": stats.decode_s / max(stats.new_tokens - 1, 1)}
 
 
-def free(*objs):
-    for o in objs:
-        del o
+def free():
+    """Returns cached device memory once the caller has dropped its references."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -195,8 +194,8 @@ def bench_shape(shape, args, device, results, save):
         r["eager_decode_tok_s"] = eager["decode_tok_s"]
         res["gpu_only"] = r
         log(f"{shape}: GPU-only {r['decode_tok_s']:.1f} tok/s (eager {r['eager_decode_tok_s']:.1f}), ttft {r['ttft_s'] * 1e3:.0f} ms")
-        free(model)
         model = None
+        free()
     except Exception as e:
         res["gpu_only"] = {"error": repr(e)}
         traceback.print_exc()
@@ -246,8 +245,8 @@ def bench_shape(shape, args, device, results, save):
                 log(f"{shape} {key} {predictor}: {r['decode_tok_s']:.2f} tok/s (ceiling {r['ceiling_tok_s'] or 0:.2f}), "
                     f"hit {r['hit_rate']:.2f}, P/R {r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}, "
                     f"{r['pcie_bytes_per_token'] / 1e6:.0f} MB/token, peak {r['peak_bytes'] / 1e9:.2f} of {budget / 1e9:.2f} GB")
-                free(model, runtime)
                 model = runtime = None
+                free()
             except Exception as e:
                 out[predictor] = {"error": repr(e)}
                 traceback.print_exc()
@@ -261,7 +260,8 @@ def bench_shape(shape, args, device, results, save):
                 out["hf_accelerate"] = {"error": repr(e)}
                 traceback.print_exc()
             save()
-    free(host)
+    host = None
+    free()
 
 
 def bench_hf(shape, args, device, host, folder, budget, ids):
@@ -320,7 +320,8 @@ def bench_hf(shape, args, device, host, folder, budget, ids):
     decode_s = max(total - ttft, 1e-9) / max(n - 1, 1)
     result.update(ttft_s=ttft, decode_tok_s=1 / decode_s, tokens=n,
                   peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
-    free(model, state, values)
+    model = state = values = None
+    free()
     return result
 
 
