@@ -217,6 +217,7 @@ def bench_shape(shape, args, device, results, save):
             try:
                 if predictor == "oracle" and trace is None:
                     raise RuntimeError("no routing trace from the 'none' run")
+                free()  # start from nothing: the previous phase (accelerate's too) must not count here
                 config = OffloadConfig(device_memory=budget, predictor=predictor, cache_policy=args.policy,
                                        context_tokens=context, record_routing=predictor == "none")
                 model = load_offloaded(folder, device=device, dtype=dtype, offload=config, host_layers=host,
@@ -253,6 +254,7 @@ def bench_shape(shape, args, device, results, save):
             save()
         if not args.skip_hf:
             try:
+                free()
                 out["hf_accelerate"] = bench_hf(shape, args, device, host, folder, budget, ids)
                 h = out["hf_accelerate"]
                 log(f"{shape} {key} transformers+accelerate: {h.get('decode_tok_s', 0):.3f} tok/s, ttft {h.get('ttft_s', 0):.1f} s")
