@@ -59,19 +59,77 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     return int_linear_triton(x, qweight, scale, zero, bits)
 
 
-def int_linear_triton(x, qweight, scale, zero, bits: int, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+# Launch configs, keyed by (bits, R, K, batch bucket) / (R, K, batch bucket) and measured on an
+# H200 by benchmarks/tune_quant_kernels.py; shapes not listed use the defaults. Batch buckets:
+# 1 (decode), 8 (2..8 tokens), 64 (9..64 tokens).
+INT_DEFAULT = {  # bucket: (BLOCK_N rows, BLOCK_K code lanes per row, num_warps, use tl.dot)
+    1: (4, 1024, 4, False),  # the per-slot bf16 kernel's shape: many programs, long K tiles
+    8: (8, 512, 4, False),
+    64: (64, 128, 4, True),
+}
+INT_TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, bool]] = {}
+CODE_DEFAULT = {  # bucket: (BLOCK_R rows, codewords per row per step, num_warps)
+    1: (8, 256, 4),
+    8: (4, 128, 4),
+    64: (4, 32, 4),
+}
+CODE_TUNED: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+
+
+def batch_bucket(batch: int) -> int:
+    """Returns the tuned-table bucket (1, 8 or 64) of a batch of `batch` tokens."""
+    return 1 if batch <= 1 else 8 if batch <= 8 else 64
+
+
+def int_config(bits: int, rows: int, cols: int, batch: int) -> tuple[int, int, int, bool]:
+    """Returns (BLOCK_N, BLOCK_K, num_warps, use_dot) of the int kernel at this shape and batch."""
+    bucket = batch_bucket(batch)
+    return INT_TUNED.get((bits, rows, cols, bucket), INT_DEFAULT[bucket])
+
+
+def code_config(rows: int, cols: int, batch: int) -> tuple[int, int, int]:
+    """Returns (BLOCK_R, words per step, num_warps) of the code kernel at this shape and batch."""
+    bucket = batch_bucket(batch)
+    return CODE_TUNED.get((rows, cols, bucket), CODE_DEFAULT[bucket])
+
+
+def int_scale_mode(groups: int, group_cols: int, per_word: int, tile_cols: int) -> int:
+    """Returns how the int kernel fetches scale/zero (kernels.int_matmul SCALE_MODE)."""
+    if groups == 1:
+        return 0  # one per row
+    if group_cols % tile_cols == 0:
+        return 1  # each K tile lies inside one group
+    if group_cols % per_word == 0:
+        return 2  # groups are whole words
+    return 3
+
+
+def int_linear_triton(x, qweight, scale, zero, bits: int, block_n: int | None = None, block_k: int | None = None,
+                      config: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
+    """Returns x [B, K] @ W^T as [B, R] through the int kernel; `config` (BLOCK_N, BLOCK_K,
+    num_warps, use_dot) overrides the tuned one, block_n / block_k override single fields."""
     b, k = x.shape
     r = qweight.shape[0]
     groups = scale.shape[1]
     group_cols = -(-k // groups)
-    block_b = max(16, triton.next_power_of_2(b))  # tl.dot needs >= 16
-    block_k = min(block_k, group_cols) if group_cols % 16 == 0 and groups > 1 else block_k
+    bn, bk, warps, use_dot = config or int_config(bits, r, k, b)
+    bn, bk = block_n or bn, block_k or bk
+    per_word = 32 // bits
+    lanes = triton.next_power_of_2(per_word)
+    block_kw = max(1, bk // lanes)
+    if use_dot:
+        bn, block_kw = max(bn, 16), max(block_kw, triton.cdiv(16, lanes))  # tl.dot needs >= 16
+        block_b = max(16, triton.next_power_of_2(b))
+    else:
+        block_b = triton.next_power_of_2(b)
+    mode = int_scale_mode(groups, group_cols, per_word, block_kw * per_word)
     x = x.contiguous()
     out = torch.empty(b, r, dtype=x.dtype, device=x.device)
-    int_matmul_kernel[(triton.cdiv(r, block_n),)](
-        x, qweight, scale, zero, out, b, r, x.stride(0), qweight.stride(0), scale.stride(0), out.stride(0),
-        K=k, BITS=bits, GROUP_COLS=group_cols, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    int_matmul_kernel[(triton.cdiv(r, bn),)](
+        x, qweight, scale, zero, out, b, r, k, group_cols,
+        x.stride(0), qweight.stride(0), scale.stride(0), out.stride(0),
+        NUM_WORDS=qweight.shape[1], BITS=bits, LANES=lanes, SCALE_MODE=mode, BLOCK_B=block_b, BLOCK_N=bn, BLOCK_KW=block_kw,
+        USE_DOT=use_dot, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
     return out
 
 
@@ -95,20 +153,22 @@ def code_linear(x: torch.Tensor, words: torch.Tensor, starts: torch.Tensor, lo: 
     return code_linear_triton(x, words, starts, lo, hi, table)
 
 
-def code_block_rows(batch: int) -> int:
-    """Returns the rows per program of the code kernel: fewer as the token tile grows (registers)."""
-    return 32 if batch <= 2 else 16 if batch <= 8 else 8 if batch <= 32 else 4
-
-
-def code_linear_triton(x, words, starts, lo, hi, table, block_r: int | None = None) -> torch.Tensor:
+def code_linear_triton(x, words, starts, lo, hi, table, block_r: int | None = None,
+                       config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Returns x [B, K] @ W^T as [B, R] through the code kernel; `config` (BLOCK_R, words per
+    step, num_warps) overrides the tuned one, block_r overrides its rows."""
     b, k = x.shape
     r, s, w = words.shape
-    block_b = triton.next_power_of_2(b)
-    block_r = block_r or code_block_rows(b)
-    x = x.contiguous()
-    partial = torch.empty(s, b, r, dtype=torch.float32, device=x.device)  # one sum per chunk
-    code_matmul_kernel[(triton.cdiv(r, block_r), s)](
-        x, words, starts, lo, hi, table, partial, b, r,
-        x.stride(0), words.stride(0), words.stride(1), starts.stride(0), partial.stride(0), partial.stride(1),
-        K=k, W=w, BLOCK_B=block_b, BLOCK_R=block_r)
-    return partial.sum(dim=0).to(x.dtype)
+    br, step_words, warps = config or code_config(r, k, b)
+    br = block_r or br
+    wp = triton.next_power_of_2(w)
+    chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
+    xt = x.t().contiguous()  # [K, B]: a nonzero weight reads all tokens of its column at once
+    table64 = table.contiguous().view(torch.int64).reshape(-1)  # [2^bits] one 8-byte entry per word
+    out = torch.empty(b, r, dtype=x.dtype, device=x.device)
+    code_matmul_kernel[(triton.cdiv(r, br),)](
+        xt, words, starts, lo, hi, table64, out, b, r, k,
+        xt.stride(0), words.stride(0), words.stride(1), starts.stride(0), out.stride(0),
+        S=s, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, BLOCK_B=triton.next_power_of_2(b), BLOCK_R=br,
+        num_warps=warps)
+    return out

@@ -1,0 +1,183 @@
+"""Launch configs for the compressed-expert kernels (moekit.quant.kernels), measured per shape.
+
+    PYTHONPATH=src python3 benchmarks/tune_quant_kernels.py --out $OUT
+    PYTHONPATH=src python3 benchmarks/tune_quant_kernels.py --dry-run      (lists what it would time)
+
+At the mixtral-8x7b and qwen3-30b-a3b expert matrices (x [B, K] @ W^T, W [R, K]) and batch
+1, 8, 64, times the int4 (group 128) dequant+matmul kernel and the sub-1-bit code kernel over a
+small grid of launch configs with triton.testing.do_bench (median; it flushes L2 before every
+call), next to torch bf16 F.linear at the same shape and the HBM floor (stored bytes / 4.2 TB/s).
+Every config's output is checked against its PyTorch reference (relative error) on the GPU;
+a config over REL_ERR_MAX is reported and never chosen. Prints a short table and the
+INT_TUNED / CODE_TUNED entries to paste into moekit/quant/ops.py; writes tune_quant_kernels.json.
+The grid is small (~8-16 configs per kernel and shape) so the run, compiles included, stays
+under 3 minutes on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moekit.quant import ops
+from moekit.quant.code import build_dictionary, encode, symbol_probabilities
+from moekit.quant.gptq import rtn_quantize
+from moekit.quant.grids import IntGrid, TernaryGrid, pack_codes
+
+HBM_BYTES_PER_S = 4.2e12  # measured HBM copy bandwidth of the H200
+SHAPES = {  # name: (rows R, columns K)
+    "mixtral gate/up": (14336, 4096),
+    "mixtral down": (4096, 14336),
+    "qwen3 gate/up": (768, 2048),
+    "qwen3 down": (2048, 768),
+}
+BATCHES = (1, 8, 64)
+INT_BITS, INT_GROUP = 4, 128
+INT_GRID = {  # batch bucket: (BLOCK_N, BLOCK_K code lanes, num_warps, use tl.dot)
+    1: [(4, 1024, 4, False), (2, 1024, 4, False), (8, 1024, 8, False), (8, 512, 4, False),
+        (4, 512, 4, False), (16, 256, 4, False)],
+    8: [(8, 512, 4, False), (4, 512, 4, False), (4, 1024, 4, False), (16, 128, 4, True)],
+    64: [(64, 128, 4, True), (32, 128, 4, True), (16, 256, 4, True), (128, 64, 8, True)],
+}
+CODE_GRID = {  # batch bucket: (BLOCK_R, codewords per row per step, num_warps)
+    1: [(8, 256, 4), (4, 256, 4), (16, 128, 4), (2, 512, 4), (8, 512, 8)],
+    8: [(4, 128, 4), (8, 64, 4), (2, 128, 4)],
+    64: [(4, 32, 4), (2, 64, 4), (8, 16, 4), (1, 128, 4)],
+}
+REL_ERR_MAX = 2e-2  # bf16 outputs of a K <= 14336 dot product
+TIME_BUDGET_S = 165  # past this, only the defaults are timed (the run must stay under 3 minutes)
+
+
+def grid_with_default(grid: dict, default: dict, bucket: int) -> list:
+    """Returns the configs of a bucket with the default first (always measured: the baseline)."""
+    return [default[bucket]] + [c for c in grid[bucket] if c != default[bucket]]
+
+
+def plan() -> list[tuple[str, int, str, tuple]]:
+    """Returns every (shape, batch, kernel, config) the run times, in order."""
+    out = []
+    for name in SHAPES:
+        for b in BATCHES:
+            bucket = ops.batch_bucket(b)
+            out += [(name, b, "int4", c) for c in grid_with_default(INT_GRID, ops.INT_DEFAULT, bucket)]
+            out += [(name, b, "code", c) for c in grid_with_default(CODE_GRID, ops.CODE_DEFAULT, bucket)]
+    return out
+
+
+def nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_matrices(rows: int, cols: int) -> dict:
+    """Returns the bf16 matrix and its int4-g128 and sub-1-bit code forms, on the GPU."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(rows, cols, generator=g) * 0.02).cuda()
+    q = rtn_quantize(w[None], IntGrid(INT_BITS, INT_GROUP))
+    int_parts = (pack_codes(q.codes[0], INT_BITS), q.params[0][0].half(), q.params[1][0].to(torch.uint8))
+    tq = rtn_quantize(w[None], TernaryGrid())
+    d = build_dictionary(symbol_probabilities(tq.codes), 8)
+    words, starts = encode(tq.codes[0], d)
+    code_parts = (words, starts, tq.params[0][0, :, 0].half(), tq.params[1][0, :, 0].half(), d.table.cuda())
+    return {"bf16": w.bfloat16(), "int4": int_parts, "code": code_parts}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--dry-run", action="store_true", help="list what would be timed and exit")
+    args = p.parse_args()
+    todo = plan()
+    if args.dry_run:
+        for name, b, kernel, cfg in todo:
+            print(f"{name:16s} {SHAPES[name]} batch {b:2d} {kernel:5s} {cfg}")
+        counts = {k: sum(1 for t in todo if t[2] == k) for k in ("int4", "code")}
+        print(f"{len(todo)} timings ({counts}); per kernel and shape: "
+              f"{ {k: v // len(SHAPES) for k, v in counts.items()} }")
+        return
+    import triton.testing
+
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "hbm_bytes_per_s": HBM_BYTES_PER_S, "int": f"int{INT_BITS} group {INT_GROUP}", "shapes": {}}
+    int_tuned, code_tuned = {}, {}
+    summary = []
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e-3  # noqa: E731
+    for name, (rows, cols) in SHAPES.items():
+        mats = make_matrices(rows, cols)
+        stored = {"bf16": nbytes(mats["bf16"]), "int4": nbytes(*mats["int4"]), "code": nbytes(*mats["code"])}
+        entry = {"rows": rows, "cols": cols, "bytes": stored, "chunk": mats["code"][0].shape[-1], "batches": {}}
+        for b in BATCHES:
+            bucket = ops.batch_bucket(b)
+            x = torch.randn(b, cols, device="cuda", dtype=torch.bfloat16)
+            row = {"bf16_s": bench(lambda: F.linear(x, mats["bf16"]))}
+            refs = {"int4": ops.int_linear_reference(x.float(), *mats["int4"], INT_BITS),
+                    "code": ops.code_linear_reference(x.float(), *mats["code"])}
+            for kernel, default in (("int4", ops.INT_DEFAULT[bucket]), ("code", ops.CODE_DEFAULT[bucket])):
+                runs = []
+                for n, b_, k_, cfg in todo:
+                    if (n, b_, k_) != (name, b, kernel):
+                        continue
+                    if cfg != default and time.perf_counter() - t_start > TIME_BUDGET_S:
+                        runs.append({"cfg": list(cfg), "skipped": "time budget"})
+                        continue
+                    if kernel == "int4":
+                        fn = lambda cfg=cfg: ops.int_linear_triton(x, *mats["int4"], INT_BITS, config=cfg)  # noqa: E731
+                    else:
+                        fn = lambda cfg=cfg: ops.code_linear_triton(x, *mats["code"], config=cfg)  # noqa: E731
+                    try:
+                        err = rel_err(fn(), refs[kernel])
+                        seconds = bench(fn)
+                    except Exception as e:  # a config that does not compile (registers, shared memory)
+                        runs.append({"cfg": list(cfg), "error": str(e)[:200]})
+                        continue
+                    runs.append({"cfg": list(cfg), "s": seconds, "rel_err": err, "GBps": stored[kernel] / seconds / 1e9})
+                ok = [r for r in runs if "s" in r and r["rel_err"] <= REL_ERR_MAX]
+                best = min(ok, key=lambda r: r["s"]) if ok else None
+                base = next((r for r in runs if r["cfg"] == list(default) and "s" in r), None)
+                row[kernel] = {"runs": runs, "best": best, "default": base,
+                               "floor_s": stored[kernel] / HBM_BYTES_PER_S}
+                if best:
+                    key = (INT_BITS, rows, cols, bucket) if kernel == "int4" else (rows, cols, bucket)
+                    (int_tuned if kernel == "int4" else code_tuned)[key] = tuple(best["cfg"])
+                    summary.append((name, b, kernel, best, base, row[kernel]["floor_s"], row["bf16_s"]))
+                    print(f"{name:16s} B={b:2d} {kernel:5s} best {str(tuple(best['cfg'])):24s} "
+                          f"{best['s'] * 1e6:8.1f} us (default {base['s'] * 1e6 if base else float('nan'):8.1f}) "
+                          f"floor {row[kernel]['floor_s'] * 1e6:6.1f} us  bf16 {row['bf16_s'] * 1e6:6.1f} us  "
+                          f"x{row['bf16_s'] / best['s']:5.2f} vs bf16  {best['GBps']:6.0f} GB/s  "
+                          f"err {best['rel_err']:.1e}", flush=True)
+                else:
+                    print(f"{name:16s} B={b:2d} {kernel:5s} no valid config: {runs}", flush=True)
+            entry["batches"][b] = row
+        results["shapes"][name] = entry
+        del mats
+        torch.cuda.empty_cache()
+    results["elapsed_s"] = time.perf_counter() - t_start
+    results["int_tuned"] = {str(k): v for k, v in int_tuned.items()}
+    results["code_tuned"] = {str(k): v for k, v in code_tuned.items()}
+    print(f"\n{'shape':16s} {'B':>3s} {'kernel':6s} {'us':>8s} {'floor':>7s} {'bf16':>7s} {'vs bf16':>8s}")
+    for name, b, kernel, best, _, floor, bf16 in summary:
+        print(f"{name:16s} {b:3d} {kernel:6s} {best['s'] * 1e6:8.1f} {floor * 1e6:7.1f} {bf16 * 1e6:7.1f} "
+              f"{bf16 / best['s']:7.2f}x")
+    print("\nINT_TUNED = {  # (bits, R, K, batch bucket): (BLOCK_N, BLOCK_K, num_warps, use_dot)")
+    for k, v in int_tuned.items():
+        print(f"    {k}: {v},")
+    print("}\nCODE_TUNED = {  # (R, K, batch bucket): (BLOCK_R, words per step, num_warps)")
+    for k, v in code_tuned.items():
+        print(f"    {k}: {v},")
+    print(f"}}\nelapsed {results['elapsed_s']:.0f} s")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "tune_quant_kernels.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
