@@ -202,9 +202,6 @@ def test_strict_mode_warns(mixtral):
 # ---- GPU -----------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.xfail(reason="known defect (H200, 2026-11-21): cuBLAS allocates a 32 MiB workspace per "
-                   "stream/handle through the caching allocator, outside the planner's count; this test "
-                   "saw 3 of them (100.9 MB peak vs an 80 MB budget). Fix: count or pre-allocate them at load.")
 def test_gpu_budget_and_outputs(tiny):
     ckpt = tiny("mixtral")
     resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
@@ -212,17 +209,22 @@ def test_gpu_budget_and_outputs(tiny):
     expected = greedy(resident, ids)
     del resident
     torch.cuda.empty_cache()
-    budget = 80 * 2**20  # the CUDA reserve (64 MiB) plus a tiny model
+    # cuBLAS/cuBLASLt keep 32 MiB workspaces per stream in the allocator; the budget covers
+    # everything live on the device, so give room for a few of them
+    budget = 192 * 2**20
     for predictor in ("none", "speculative"):
-        # the allocator's peak is process-wide: measure from what other tests left allocated
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
         model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
             device_memory=budget, context_tokens=CONTEXT, predictor=predictor))
         got = greedy(model, ids)
         report = model.offload.report()
         assert torch.equal(got, expected)
         assert report["peak_device_bytes"] <= budget
-        assert torch.cuda.max_memory_allocated() - before <= budget, (torch.cuda.max_memory_allocated(), before)
+        assert torch.cuda.max_memory_allocated() <= budget
         del model
         torch.cuda.empty_cache()
+    # the planner's estimate passes at 70 MB, the measured warm-up (workspaces included) does not:
+    # refused with the size needed, never silently exceeded
+    with pytest.raises(moekit.MoekitError, match="measured"):
+        load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+            device_memory=70 * 2**20, context_tokens=CONTEXT))

@@ -10,6 +10,8 @@ checkpoint on disk as the store.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -77,10 +79,74 @@ class OffloadLoader(ExpertLoader):
         runtime.routers = {i: model.layers[i].mlp.router for i in runtime.moe_layers}
         k = cfg.prefetch_k or ctx.config.top_k
         runtime.predictor = build_predictor(cfg.predictor, model, runtime.next_of, k, cfg.pregate_path, self.trace)
-        if cfg.pin_experts > 0 and self.pin_counts:
-            runtime.cache.pin(most_used(self.pin_counts, int(cfg.pin_experts * self.plan.cache_slots)))
         model.offload = runtime
+        if ctx.device.type == "cuda":
+            self._fit_measured(model, ctx)
+        if cfg.pin_experts > 0 and self.pin_counts:
+            runtime.cache.pin(most_used(self.pin_counts, int(cfg.pin_experts * runtime.cache.num_slots)))
         runtime.reset_stats()
+
+    def _fit_measured(self, model, ctx: LoadContext) -> None:
+        """Shrinks the expert cache until the measured device peak fits the budget (CUDA only).
+
+        The plan can only estimate what libraries allocate (cuBLAS and cuBLASLt keep a 32 MiB
+        workspace per stream and handle in PyTorch's allocator on Hopper, measured). So a short
+        prefill and a decode step run now, with a KV cache of the planned size; the allocator's
+        peak plus the activations a full-context prefill adds beyond the warm-up must fit the
+        budget, else the cache loses slots. The warm-up's cache contents and counters are
+        discarded: generation starts from a fresh cache.
+        """
+        from ..kv_cache import KVCache
+        from .cache import ExpertCache
+        from .planner import activation_bytes
+
+        runtime, plan, cfg, device = self.runtime, self.plan, ctx.config, ctx.device
+        context = self.config.context_tokens or cfg.max_position_embeddings
+        batch = self.config.batch
+        warm = max(1, min(context - 1, 64))
+        extra = max(0, activation_bytes(cfg, ctx.dtype, batch * context, batch)
+                    - activation_bytes(cfg, ctx.dtype, batch * warm, batch))
+        slots = runtime.cache.num_slots
+        for _ in range(4):
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            cache = KVCache(cfg, batch, context, device, ctx.dtype)
+            ids = torch.zeros(batch, warm, dtype=torch.long, device=device)
+            with torch.inference_mode():
+                model(ids, cache=cache, start=0, last_only=True)
+                model(ids[:, :1], cache=cache, start=warm, last_only=True)
+            runtime.cache.synchronize()
+            torch.cuda.synchronize(device)
+            del cache, ids
+            need = torch.cuda.max_memory_allocated(device) + extra
+            if need <= plan.budget_bytes:
+                break
+            slots -= -(-(need - plan.budget_bytes) // plan.expert_bytes)  # ceil division
+            if slots < plan.min_slots:
+                raise MoekitError(
+                    f"--device-memory {plan.budget_bytes / 1e6:.2f}MB is too small on this GPU: measured "
+                    f"{need / 1e6:.2f}MB with {runtime.cache.num_slots} experts cached (libraries' workspaces "
+                    f"included); give at least {(need + (plan.min_slots - runtime.cache.num_slots) * plan.expert_bytes) / 1e6 + 0.01:.2f}MB")
+            runtime.cache.close()
+            runtime.cache = None
+            torch.cuda.empty_cache()
+            runtime.cache = ExpertCache(runtime.form, runtime.store, slots, device, self.config.cache_policy,
+                                        runtime.stats)
+        else:
+            raise MoekitError(f"could not fit the expert cache under --device-memory {plan.budget_bytes / 1e6:.2f}MB "
+                              f"after 4 measurements (last: {need / 1e6:.2f}MB); give a larger budget")
+        # a fresh cache and counters: the warm-up's experts, routing trace and call numbers go
+        old_slots = runtime.cache.num_slots
+        runtime.cache.close()
+        runtime.cache = None
+        torch.cuda.empty_cache()
+        runtime.cache = ExpertCache(runtime.form, runtime.store, old_slots, device, self.config.cache_policy,
+                                    runtime.stats)
+        self.plan = runtime.plan = dataclasses.replace(plan, cache_slots=old_slots, measured_peak_bytes=need)
+        runtime.calls.clear()
+        runtime.predicted.clear()
+        if hasattr(runtime, "trace"):
+            runtime.trace.clear()
 
 
 def most_used(counts: dict[int, list[float]], how_many: int) -> list[tuple[int, int]]:

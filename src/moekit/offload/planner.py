@@ -32,6 +32,7 @@ class BudgetPlan:
     cache_slots: int  # experts the device cache holds
     min_slots: int  # a token's experts (top-k): the fewest the runtime accepts
     total_experts: int
+    measured_peak_bytes: int | None = None  # CUDA: allocator peak of a warm-up + full-context activations
 
     @property
     def cache_bytes(self) -> int:

@@ -67,13 +67,40 @@ INT_DEFAULT = {  # bucket: (BLOCK_N rows, BLOCK_K code lanes per row, num_warps,
     8: (8, 512, 4, False),
     64: (64, 128, 4, True),
 }
-INT_TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, bool]] = {}
+# measured on an H200 by benchmarks/tune_quant_kernels.py (benchmarks/results/tune_quant_kernels.json)
+INT_TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, bool]] = {
+    (4, 14336, 4096, 1): (8, 512, 4, False),
+    (4, 14336, 4096, 8): (16, 128, 4, True),
+    (4, 14336, 4096, 64): (128, 64, 8, True),
+    (4, 4096, 14336, 1): (8, 512, 4, False),
+    (4, 4096, 14336, 8): (16, 128, 4, True),
+    (4, 4096, 14336, 64): (32, 128, 4, True),
+    (4, 768, 2048, 1): (2, 1024, 4, False),
+    (4, 768, 2048, 8): (4, 1024, 4, False),
+    (4, 768, 2048, 64): (16, 256, 4, True),
+    (4, 2048, 768, 1): (2, 1024, 4, False),
+    (4, 2048, 768, 8): (16, 128, 4, True),
+    (4, 2048, 768, 64): (16, 256, 4, True),
+}
 CODE_DEFAULT = {  # bucket: (BLOCK_R rows, codewords per row per step, num_warps)
     1: (8, 256, 4),
     8: (4, 128, 4),
     64: (4, 32, 4),
 }
-CODE_TUNED: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+CODE_TUNED: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    (14336, 4096, 1): (16, 128, 4),
+    (14336, 4096, 8): (8, 64, 4),
+    (14336, 4096, 64): (1, 128, 4),
+    (4096, 14336, 1): (4, 256, 4),
+    (4096, 14336, 8): (2, 128, 4),
+    (4096, 14336, 64): (8, 16, 4),
+    (768, 2048, 1): (4, 256, 4),
+    (768, 2048, 8): (2, 128, 4),
+    (768, 2048, 64): (1, 128, 4),
+    (2048, 768, 1): (16, 128, 4),
+    (2048, 768, 8): (4, 128, 4),
+    (2048, 768, 64): (8, 16, 4),
+}
 
 
 def batch_bucket(batch: int) -> int:
