@@ -89,7 +89,9 @@ def int_matmul_kernel(
             acc += tl.dot(xk, tl.trans(w_flat), input_precision=DOT_PRECISION)
         else:
             for b in tl.static_range(BLOCK_B):
-                xb = tl.load(x_ptr + b * stride_xb + cols, mask=col_ok & (b < B), other=0.0).to(tl.float32)  # [BKW, L]
+                # a comparison, not `col_ok & (b < B)`: Triton 3.9's interpreter rejects bool & scalar
+                b_cols = tl.where(b < B, K, 0)
+                xb = tl.load(x_ptr + b * stride_xb + cols, mask=col_ok & (cols < b_cols), other=0.0).to(tl.float32)  # [BKW, L]
                 part = tl.sum(tl.sum(w * xb[None, :, :], axis=2), axis=1)  # [BN]
                 if BLOCK_B == 1:
                     acc += part[:, None]
