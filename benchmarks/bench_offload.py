@@ -6,6 +6,14 @@ Pre-gate accuracy is measured on the bundled tiny MoE (trained by examples/train
 
     cd repo && PYTHONPATH=src python3 benchmarks/bench_offload.py --out $OUT            # H200
     PYTHONPATH=src python3 benchmarks/bench_offload.py --device cpu --small --out /tmp/b  # smoke test
+    ... --compressed-bits ternary,4   # also: the same experts compressed, offloaded in their stored form
+
+The compressed phase rounds the bf16 experts to nearest (RTN: ternary per row, or 4-bit in groups
+of 128) on the device, in seconds; GPTQ needs calibration Hessians per expert and takes minutes
+per layer at mixtral's shape, which this speed benchmark does not need (speed and bytes moved do
+not depend on how the codes were chosen; the ternary code's size does, a little: GPTQ's codes are
+sparser). Its rows run at the same absolute budget as the bf16 rows (a share of the bf16 model's
+bytes), next to all compressed experts resident (its compute ceiling).
 
 Weights are random bf16 (routing is then near-uniform: hit rates are a floor). Experts are made
 straight in page-locked host memory and shared by every phase (moekit's host store and the
@@ -262,8 +270,114 @@ def bench_shape(shape, args, device, results, save):
                 out["hf_accelerate"] = {"error": repr(e)}
                 traceback.print_exc()
             save()
+    for bits in args.compressed_bits:
+        try:
+            bench_compressed(shape, bits, args, device, res, folder, cfg, host, ids, context, save)
+        except Exception as e:
+            res.setdefault(f"compressed_{bits}", {})["error"] = repr(e)
+            traceback.print_exc()
+        save()
     host = None
     free()
+
+
+class HostCompressedResident(ExpertLoader):
+    """All compressed experts resident on the device in their stored form (the compressed ceiling)."""
+
+    def __init__(self, stored, quant):
+        self.stored, self.quant = stored, quant
+
+    def build(self, ctx, layer):
+        from moekit.quant.formats import build_experts
+
+        cfg = ctx.config
+        return build_experts(self.quant.form, cfg.num_experts, cfg.hidden_size, cfg.expert_ffn,
+                             {k: v.to(ctx.device) for k, v in self.stored[layer].items()}, self.quant.bits)
+
+
+def bench_compressed(shape, bits, args, device, res, folder, cfg, host, ids, context, save):
+    """The same experts rounded to `bits` (ternary code or int-4), offloaded compressed at the bf16
+    rows' budgets: tok/s, bytes moved per token, hit rate; next to all compressed experts resident."""
+    from moekit.quant.compress import round_layer
+    from moekit.quant.config import QuantConfig
+
+    quant = QuantConfig(bits=bits, group_size=None if bits == "ternary" else 128, method="rtn")
+    out = res.setdefault(f"compressed_{bits}", {})
+    t0 = time.perf_counter()
+    stored = {}
+    for i, layer in host.items():  # rounded on the device, stored tensors back in host memory
+        tensors = round_layer(layer["gate_up"].to(device), layer["down"].to(device), quant)
+        stored[i] = {k: v.cpu() for k, v in tensors.items()}
+        free()
+    expert_bytes = sum(t.numel() * t.element_size() for layer in stored.values() for t in layer.values())
+    params = sum(t.numel() for layer in host.values() for t in layer.values())
+    folder_c = folder.parent / f"{folder.name}-{bits}"
+    folder_c.mkdir(parents=True, exist_ok=True)
+    data = json.loads((folder / "config.json").read_text())
+    data["quantization_config"] = {**quant.to_dict(), "calibration_tokens": 0}
+    (folder_c / "config.json").write_text(json.dumps(data))
+    link = folder_c / "model.safetensors"  # the non-expert weights, shared with the bf16 rows
+    if not link.exists():
+        link.symlink_to((folder / "model.safetensors").resolve())
+    out.update(quant=quant.to_dict(), quantize_s=time.perf_counter() - t0, expert_bytes_total=expert_bytes,
+               bits_per_expert_param=8 * expert_bytes / params, method_note="RTN: GPTQ at this shape takes too long")
+    log(f"{shape} {bits}: rounded in {out['quantize_s']:.1f} s, {out['bits_per_expert_param']:.3f} bits/param, "
+        f"{expert_bytes / 1e9:.2f} GB of experts")
+    save()
+    dtype = torch.bfloat16
+    compute_s = None
+    try:
+        free()
+        model = load_model(folder_c, device=device, dtype=dtype, experts=HostCompressedResident(stored, quant))
+        run_generate(model, ids, 2)
+        r = run_generate(model, ids, args.tokens, cuda_graph=False)
+        r["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        compute_s = r["decode_s_per_token"]
+        out["gpu_only"] = r
+        log(f"{shape} {bits}: all resident {r['decode_tok_s']:.1f} tok/s")
+        model = None
+        free()
+    except Exception as e:
+        out["gpu_only"] = {"error": repr(e)}
+        traceback.print_exc()
+    save()
+    bw = getattr(args, "h2d", 55e9)
+    for share in args.compressed_budgets:
+        key = f"budget_{int(share * 100)}pct"
+        budget = res.get(key, {}).get("budget_bytes") or int(res["model_bytes"] * share)
+        row = out.setdefault(key, {"budget_bytes": budget})
+        for predictor in ("none", "speculative"):
+            try:
+                free()
+                config = OffloadConfig(device_memory=budget, predictor=predictor, cache_policy=args.policy,
+                                       context_tokens=context)
+                model = load_offloaded(folder_c, device=device, dtype=dtype, offload=config, host_layers=stored)
+                runtime = model.offload
+                run_generate(model, ids, 2)
+                runtime.calls.clear()
+                runtime.cache.synchronize()
+                runtime.reset_stats()
+                r = run_generate(model, ids, args.tokens)
+                rep = runtime.report()
+                pcie_s = rep["bytes_per_token"] / bw
+                ceiling_s = max(compute_s or 0.0, pcie_s)
+                r.update(hit_rate=rep["hit_rate"], prefetch_precision=rep["prefetch_precision"],
+                         prefetch_recall=rep["prefetch_recall"], pcie_bytes_per_token=rep["bytes_per_token"],
+                         stall_s=rep["stall_s"], peak_bytes=rep["peak_device_bytes"], cache_slots=rep["cache_slots"],
+                         within_budget=rep["peak_device_bytes"] <= budget,
+                         ceiling_tok_s=1 / ceiling_s if ceiling_s > 0 else None, pcie_s_per_token=pcie_s,
+                         plan=rep["plan"], slot_layout=runtime.form.describe())
+                r["share_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"] if r["ceiling_tok_s"] else None
+                row[predictor] = r
+                log(f"{shape} {bits} {key} {predictor}: {r['decode_tok_s']:.2f} tok/s (ceiling {r['ceiling_tok_s'] or 0:.2f}), "
+                    f"{r['cache_slots']} of {rep['plan']['total_experts']} experts cached, hit {r['hit_rate']:.2f}, "
+                    f"{r['pcie_bytes_per_token'] / 1e6:.1f} MB/token, peak {r['peak_bytes'] / 1e9:.2f} of {budget / 1e9:.2f} GB")
+                model = runtime = None
+                free()
+            except Exception as e:
+                row[predictor] = {"error": repr(e)}
+                traceback.print_exc()
+            save()
 
 
 def bench_hf(shape, args, device, host, folder, budget, ids):
@@ -353,6 +467,30 @@ def table(results) -> str:
                             f"{100 * (r.get('share_of_ceiling') or 0):.0f}% | {r['ttft_s'] * 1e3:.0f} | {r['hit_rate']:.2f} | "
                             f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f} | {r['pcie_bytes_per_token'] / 1e6:.0f} | "
                             f"{r['peak_bytes'] / 1e9:.2f} / {b:.2f} |")
+    for shape, res in results.get("shapes", {}).items():  # compressed experts, offloaded as stored
+        for ckey, cres in res.items():
+            if not ckey.startswith("compressed_"):
+                continue
+            bits = ckey[len("compressed_"):]
+            label = f"{bits} RTN, {cres.get('bits_per_expert_param', 0):.2f} bits/param"
+            g = cres.get("gpu_only", {})
+            if "decode_tok_s" in g:
+                rows.append(f"| {shape} | all resident | GPU-only ({label}) | {g['decode_tok_s']:.1f} | | | "
+                            f"{g['ttft_s'] * 1e3:.0f} | | | | {(g.get('peak_bytes') or 0) / 1e9:.1f} |")
+            for key, out in cres.items():
+                if not key.startswith("budget_"):
+                    continue
+                b = out["budget_bytes"] / 1e9
+                for name in ("none", "speculative"):
+                    r = out.get(name)
+                    if not r or "decode_tok_s" not in r:
+                        rows.append(f"| {shape} | {key[7:]} | moekit {name} ({label}) | error | | | | | | | |")
+                        continue
+                    rows.append(f"| {shape} | {key[7:]} | moekit {name} ({label}, {r['cache_slots']} slots) | "
+                                f"{r['decode_tok_s']:.2f} | {r.get('ceiling_tok_s') or 0:.2f} | "
+                                f"{100 * (r.get('share_of_ceiling') or 0):.0f}% | {r['ttft_s'] * 1e3:.0f} | {r['hit_rate']:.2f} | "
+                                f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f} | {r['pcie_bytes_per_token'] / 1e6:.1f} | "
+                                f"{r['peak_bytes'] / 1e9:.2f} / {b:.2f} |")
     p = results.get("pregate_bundled")
     if p and "recall" in p:
         rows.append("")
@@ -421,8 +559,16 @@ def main() -> int:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-pregate", action="store_true")
     parser.add_argument("--tmp", default="/tmp/moekit_bench_offload")
+    parser.add_argument("--compressed-bits", default="",
+                        help="also offload the experts compressed (RTN): ternary, 4 or both ('ternary,4'); default off")
+    parser.add_argument("--compressed-budgets", default="0.10", help="shares of the bf16 model's bytes for those rows")
     args = parser.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.compressed_bits = [b for b in args.compressed_bits.split(",") if b]
+    args.compressed_budgets = [float(b) for b in args.compressed_budgets.split(",")]
+    for bits in args.compressed_bits:
+        if bits not in ("ternary", "2", "3", "4"):
+            parser.error(f"--compressed-bits: {bits!r} is not one of ternary, 2, 3, 4")
     device = torch.device(args.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -438,7 +584,7 @@ def main() -> int:
     def save():
         (out_dir / "bench_offload.json").write_text(json.dumps(results, indent=1, default=str))
 
-    results["h2d_bytes_per_s"] = h2d_bandwidth(device)
+    results["h2d_bytes_per_s"] = args.h2d = h2d_bandwidth(device)
     log(f"pinned host-to-device: {results['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
     save()
     if not args.skip_pregate:

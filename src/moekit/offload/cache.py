@@ -78,7 +78,7 @@ class ExpertCache:
         self.last_used[slot] = self._tick()
         (self.prefetched.add if prefetch else self.prefetched.discard)(slot)
         protected.add(slot)
-        self.stats.bytes_moved += self.expert_bytes
+        self.stats.bytes_moved += self.form.layer_bytes(key[0])
         self.stats.fetch_s += time.perf_counter() - t0
         return slot
 
@@ -112,7 +112,7 @@ class ExpertCache:
             elif isinstance(self.store, DiskStore):
                 self.store.read_into(layer, expert, dst)
             else:
-                self.form.copy(dst, self.store.get(layer, expert))
+                self.form.copy(dst, self.store.get(layer, expert), layer=layer)
             return
         if isinstance(self.store, DiskStore):
             buffers, used = self.staging[self.next_staging]
@@ -127,7 +127,7 @@ class ExpertCache:
             done_reading = self.read_done.pop(slot, None)
             if done_reading is not None:  # compute still reading the evicted expert
                 self.copy_stream.wait_event(done_reading)
-            self.form.copy(dst, src, non_blocking=True)
+            self.form.copy(dst, src, non_blocking=True, layer=layer)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         self.pending[slot] = event

@@ -5,7 +5,9 @@
     model.offload.report()          # hit rate, bytes per token, prefetch precision/recall, stalls
 
 On a CPU-only machine the same runtime runs with host memory as the budgeted tier and the
-checkpoint on disk as the store.
+checkpoint on disk as the store. A moekit-compressed checkpoint (quantization_config in config.json)
+is offloaded in its stored form (offload.compressed): compressed in the store, over PCIe and in
+the cache, decoded inside the matmul.
 """
 
 from __future__ import annotations
@@ -34,18 +36,30 @@ class OffloadLoader(ExpertLoader):
                  trace: dict | None = None, host_layers: dict[int, dict[str, torch.Tensor]] | None = None):
         """`pin_counts` {layer: per-expert use counts} pins the most used experts (config.pin_experts);
         `trace` is an earlier runtime's routing (oracle); `host_layers` gives the experts directly
-        as stacked host tensors {layer: {name: [E, *shape]}} instead of reading the checkpoint."""
+        as stacked host tensors {layer: {name: [E, ...]}} instead of reading the checkpoint (the
+        dense gate_up/down, or a compressed checkpoint's stored tensors named as quant.formats
+        names them, code_table included)."""
         self.config = config or OffloadConfig()
         self.pin_counts, self.trace, self.host_layers = pin_counts, trace, host_layers
         self.runtime: OffloadRuntime | None = None
 
     def _start(self, ctx: LoadContext) -> OffloadRuntime:
+        from ..quant.config import QuantConfig, is_moekit_quantized
+
         cfg, device = ctx.config, ctx.device
-        form: ExpertForm = dense_form(cfg, ctx.dtype)
+        form: ExpertForm
+        if is_moekit_quantized(ctx.ckpt.config):
+            from .compressed import compressed_form
+
+            quant = QuantConfig.from_dict(ctx.ckpt.config["quantization_config"], str(ctx.ckpt.path / "config.json"))
+            form = compressed_form(quant, cfg, device, ctx.ckpt, ctx.family, self.host_layers)
+        else:
+            form = dense_form(cfg, ctx.dtype)
         kind = self.config.store
         if kind == "auto":
             kind = "host" if device.type == "cuda" or self.host_layers is not None else "disk"
-        self.plan = plan_budget(cfg, ctx.dtype, form.expert_bytes(), self.config, device, disk_store=kind == "disk")
+        self.plan = plan_budget(cfg, ctx.dtype, form.expert_bytes(), self.config, device, disk_store=kind == "disk",
+                                shared_bytes=form.shared_bytes())
         if kind == "host":
             store = HostStore(form, pin=device.type == "cuda")
         else:

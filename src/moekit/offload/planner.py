@@ -2,7 +2,8 @@
 expert-cache slots, or refuses a budget that cannot hold a token's experts, naming the size needed.
 
 Everything is counted in bytes on the budgeted tier (the GPU, or host memory on a CPU-only run):
-    budget = resident non-expert weights + KV cache + activations + reserve + S * expert_bytes
+    budget = resident non-expert weights + KV cache + activations + reserve
+             + per-layer tables of a compressed form (code dictionaries) + S * expert_bytes
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class BudgetPlan:
     min_slots: int  # a token's experts (top-k): the fewest the runtime accepts
     total_experts: int
     measured_peak_bytes: int | None = None  # CUDA: allocator peak of a warm-up + full-context activations
+    shared_bytes: int = 0  # per-layer tensors of the expert form resident on the device (code tables)
 
     @property
     def cache_bytes(self) -> int:
@@ -40,7 +42,8 @@ class BudgetPlan:
 
     @property
     def planned_bytes(self) -> int:
-        return self.resident_bytes + self.kv_cache_bytes + self.activation_bytes + self.reserve_bytes + self.cache_bytes
+        return (self.resident_bytes + self.kv_cache_bytes + self.activation_bytes + self.reserve_bytes
+                + self.shared_bytes + self.cache_bytes)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "cache_bytes": self.cache_bytes, "planned_bytes": self.planned_bytes}
@@ -82,9 +85,12 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, batch: i
 
 
 def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload: OffloadConfig,
-                device: torch.device, disk_store: bool = False) -> BudgetPlan:
+                device: torch.device, disk_store: bool = False, shared_bytes: int = 0) -> BudgetPlan:
     """Returns the BudgetPlan of `offload.device_memory` on `device`, or raises MoekitError (one
-    line, with the size needed) when it cannot hold the non-expert weights and a token's experts."""
+    line, with the size needed) when it cannot hold the non-expert weights and a token's experts.
+
+    `expert_bytes` is one cache slot as stored (compressed forms: their compressed bytes);
+    `shared_bytes` the form's per-layer tensors kept resident (a ternary code's tables)."""
     context = offload.context_tokens or cfg.max_position_embeddings
     batch = offload.batch
     resident = resident_bytes(cfg, dtype)
@@ -93,7 +99,7 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
     reserve = CUDA_RESERVE_BYTES if device.type == "cuda" else (expert_bytes if disk_store else 0)
     total_experts = sum(cfg.moe_layers) * cfg.num_experts
     min_slots = min(cfg.top_k, total_experts)
-    fixed = resident + kv + act + reserve
+    fixed = resident + kv + act + reserve + shared_bytes
     budget = offload.device_memory
     if budget is None:  # no budget given: every expert, or what free memory allows
         if device.type == "cuda":
@@ -107,9 +113,11 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
         raise MoekitError(
             f"--device-memory {_decimal(budget)} is too small: this model needs at least {_decimal(needed)} "
             f"({_decimal(resident)} non-expert weights + {_decimal(kv)} KV cache for {batch}x{context} "
-            f"positions + {_decimal(act + reserve)} activations and workspace + {min_slots} experts of "
+            f"positions + {_decimal(act + reserve)} activations and workspace"
+            + (f" + {_decimal(shared_bytes)} code tables" if shared_bytes else "") + f" + {min_slots} experts of "
             f"{_decimal(expert_bytes)}); give --device-memory {_decimal(needed, up=True)} or more")
-    return BudgetPlan(budget, resident, kv, act, reserve, expert_bytes, int(slots), min_slots, total_experts)
+    return BudgetPlan(budget, resident, kv, act, reserve, expert_bytes, int(slots), min_slots, total_experts,
+                      shared_bytes=shared_bytes)
 
 
 def _decimal(n: float, up: bool = False) -> str:

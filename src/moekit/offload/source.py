@@ -182,13 +182,13 @@ class OffloadRuntime:
         slot_of = dict(zip(needed, slots))
         slot_ids = torch.tensor([slot_of[e] for e in routed], dtype=torch.long).view(expert_ids.shape)
         slot_ids = slot_ids.to(x.device, non_blocking=True)
-        out = self.form.run_slots(x, expert_ids, slot_ids, weights, cache.slab)
+        out = self.form.run_slots(x, expert_ids, slot_ids, weights, cache.slab, layer)
         if out is None:  # the grouped path, expert by expert in expert order (as ResidentExperts)
-            out = self._grouped(x, expert_ids, weights, lambda e: slot_of[e], needed)
+            out = self._grouped(layer, x, expert_ids, weights, lambda e: slot_of[e], needed)
         cache.release(slots)
         return out
 
-    def _grouped(self, x, expert_ids, weights, slot_for, experts) -> torch.Tensor:
+    def _grouped(self, layer, x, expert_ids, weights, slot_for, experts) -> torch.Tensor:
         groups = group_by_expert(expert_ids, weights, self.model_config.num_experts)
         xs = x[groups.token_of]  # [S, D] tokens in expert order
         out = torch.empty_like(xs)
@@ -196,14 +196,15 @@ class OffloadRuntime:
         for e in experts:
             lo, hi = bounds[e], bounds[e + 1]
             if hi > lo:
-                out[lo:hi] = self.form.run_one(xs[lo:hi], self.cache.slab, slot_for(e))
+                out[lo:hi] = self.form.run_one(xs[lo:hi], self.cache.slab, slot_for(e), layer)
         out = out * groups.weight_of[:, None]
         return torch.zeros_like(x).index_add_(0, groups.token_of, out)
 
     def _run_waves(self, layer, x, expert_ids, weights, needed, capacity):
         """Runs a layer whose experts do not fit the cache at once, `capacity` experts at a time."""
         cache = self.cache
-        gathered = expert_ids.numel() <= GATHER_MAX_SLOTS and not x.is_cuda
+        # per-slot reduction only where the resident source reduces so too (dense, small batches)
+        gathered = self.form.gathers and expert_ids.numel() <= GATHER_MAX_SLOTS and not x.is_cuda
         n, top_k = expert_ids.shape
         if gathered:  # per-slot results in slot order, reduced as ResidentExperts._gathered does
             flat = expert_ids.reshape(-1)
@@ -223,10 +224,10 @@ class OffloadRuntime:
                 if gathered:
                     rows = (flat == e).nonzero().squeeze(-1)
                     slot_ids = torch.full_like(rows, slot)
-                    per_slot[rows] = self.form.run_gathered(xs[rows], slot_ids, cache.slab)
+                    per_slot[rows] = self.form.run_gathered(xs[rows], slot_ids, cache.slab, layer)
                 else:
                     lo, hi = bounds[e], bounds[e + 1]
-                    per_slot[lo:hi] = self.form.run_one(xs[lo:hi], cache.slab, slot)
+                    per_slot[lo:hi] = self.form.run_one(xs[lo:hi], cache.slab, slot, layer)
             cache.release(slots)
         if gathered:
             return (per_slot.view(n, top_k, -1) * weights[:, :, None]).sum(dim=1)

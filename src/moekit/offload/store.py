@@ -25,12 +25,13 @@ class HostStore:
         self.layers: dict[int, Tensors] = {}
 
     def add_layer(self, layer: int, tensors: Tensors) -> None:
-        """Takes one layer's stacked experts {name: [E, *shape]} (pinned when the store pins)."""
-        self.layers[layer] = tensors
+        """Takes one layer's stacked experts as the checkpoint names them {name: [E, ...]} (pinned
+        when the store pins; a compressed form packs them into its own rows here)."""
+        self.layers[layer] = self.form.pack(layer, tensors, pin=self.pin)
 
     def load_layer(self, ckpt: Checkpoint, family: Family, cfg: ModelConfig, layer: int) -> None:
         """Reads one layer's experts from the checkpoint into fresh (pinned) host memory."""
-        stacked = self.form.empty(cfg.num_experts, "cpu", pin=self.pin)
+        stacked = self.form.empty(cfg.num_experts, "cpu", pin=self.pin, layer=layer)
         for e in range(cfg.num_experts):
             self.form.read(ckpt, family, cfg, layer, e, {k: v[e] for k, v in stacked.items()})
         self.layers[layer] = stacked

@@ -99,6 +99,12 @@ def _quantize_rtn(weights: dict[str, torch.Tensor], quant: QuantConfig) -> dict[
     return {kind: rtn_quantize(w, grid) for kind, w in weights.items()}
 
 
+def round_layer(gate_up: torch.Tensor, down: torch.Tensor, quant: QuantConfig) -> dict[str, torch.Tensor]:
+    """Returns one layer's stored tensors (named as quant.formats names them) of dense experts
+    gate_up [E, 2I, D] and down [E, D, I] rounded to nearest on `quant`'s grid (no calibration)."""
+    return _store(quant, _quantize_rtn({"gate_up": gate_up, "down": down}, quant))[0]
+
+
 def _gptq_group(w: torch.Tensor, inputs: list[torch.Tensor], quant: QuantConfig) -> QuantizedGroup:
     grid = make_grid(quant.bits, quant.group_size)
     h = torch.stack([hessian(x) for x in inputs])
