@@ -61,6 +61,72 @@ def active(cfg, experts_per_layer: list[int], top_k: int) -> dict:
             "flops_per_token": 2 * active_params}
 
 
+def prune_grid(path: Path, usage, reference, held: torch.Tensor, device, batch: int, tmp: Path,
+               keeps: tuple[float, ...] = (0.75, 0.5), deadline: float | None = None) -> list[dict]:
+    """Returns one row per (keep, scope, criterion): the pruned model's held-out score and size.
+    Entries not started by `deadline` (time.perf_counter()) are returned as skipped."""
+    ckpt, family, cfg = read_config(path)
+    moe = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
+    rows = []
+    for keep in keeps:
+        for scope in ("layer", "global"):
+            for criterion in ("hard", "soft", "random"):
+                variant = f"drop {1 - keep:.0%} {criterion} {scope}"
+                if deadline is not None and time.perf_counter() > deadline:
+                    rows.append({"variant": variant, "keep": keep, "criterion": criterion, "scope": scope,
+                                 "skipped": "time budget"})
+                    continue
+                kept_lists = select_experts(usage, keep, criterion, scope, seed=0)
+                kept = dict(zip(usage.layers, kept_lists))
+                out = write_pruned(ckpt, family, cfg, kept, tmp / "m", {"keep": keep}, overwrite=True)
+                model = moekit.load_model(out, device=device, dtype=torch.float32)
+                s = score(model, reference, held, batch)
+                del model
+                counts = [len(kept[i]) for i in moe]
+                rows.append({"variant": variant, "keep": keep, "criterion": criterion, "scope": scope,
+                             "experts_per_layer": counts, **s, **active(cfg, counts, min(cfg.top_k, min(counts)))})
+                print(f"{variant:28s} ppl {s['perplexity']:8.3f}  KL {s['kl_nats']:.4f}", flush=True)
+    return rows
+
+
+def topk_rows(path: Path, reference, held: torch.Tensor, calib: torch.Tensor, device, batch: int,
+              finetune_steps: int, entropy_weight: float, lr: float, train_what: str = "router",
+              deadline: float | None = None) -> list[dict]:
+    """Returns rows for top-1 without fine-tuning, with LM-only fine-tuning, and with the entropy
+    term (fine-tuning reads the windows calib [S, T]). Entries not started by `deadline` are skipped."""
+    _, _, cfg = read_config(path)
+    moe = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
+    calib_batches = calib.split(batch)
+
+    def batches():
+        while True:
+            yield from calib_batches
+
+    rows = []
+    for label, steps, weight in (("top-1, no fine-tuning", 0, 0.0),
+                                 ("top-1, router fine-tuned, no entropy term", finetune_steps, 0.0),
+                                 (f"top-1, router fine-tuned, entropy x {entropy_weight}", finetune_steps,
+                                  entropy_weight)):
+        if deadline is not None and time.perf_counter() > deadline:
+            rows.append({"variant": label, "top_k": 1, "finetune_steps": steps, "skipped": "time budget"})
+            continue
+        model = moekit.load_model(path, device=device, dtype=torch.float32)
+        set_top_k(model, 1)
+        if steps:
+            finetune_router(model, batches(), steps, 1, weight, lr, train_what=train_what,
+                            log_every=max(1, steps // 5))
+        model.eval()
+        s = score(model, reference, held, batch)
+        del model
+        if steps:
+            label += f" [{train_what}, lr {lr:g}]"
+        rows.append({"variant": label, "keep": 1.0, "top_k": 1, "finetune_steps": steps, "entropy_weight": weight,
+                     "trained": train_what if steps else None,
+                     **s, **active(cfg, [cfg.experts_in(i) for i in moe], 1)})
+        print(f"{label:44s} ppl {s['perplexity']:8.3f}  KL {s['kl_nats']:.4f}", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None, help="default: the bundled tiny MoE")
@@ -73,6 +139,9 @@ def main() -> None:
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--entropy-weight", type=float, default=0.01)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train", default="router", choices=("router", "router+experts", "all"),
+                   help="what the top-1 fine-tuning trains")
+    p.add_argument("--only-topk", action="store_true", help="skip the pruning grid (top-k reduction only)")
     args = p.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -95,42 +164,14 @@ def main() -> None:
                         "torch": torch.__version__, "args": vars(args), "calibration_tokens": usage.tokens,
                         "date": time.strftime("%Y-%m-%d")}, "rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
-        for keep in (0.75, 0.5):
-            for scope in ("layer", "global"):
-                for criterion in ("hard", "soft", "random"):
-                    kept_lists = select_experts(usage, keep, criterion, scope, seed=0)
-                    kept = dict(zip(usage.layers, kept_lists))
-                    out = write_pruned(ckpt, family, cfg, kept, Path(tmp) / "m", {"keep": keep}, overwrite=True)
-                    model = moekit.load_model(out, device=args.device, dtype=torch.float32)
-                    s = score(model, reference, held, args.batch)
-                    counts = [len(kept[i]) for i in moe]
-                    rows.append({"variant": f"drop {1 - keep:.0%} {criterion} {scope}", "keep": keep,
-                                 "criterion": criterion, "scope": scope, "experts_per_layer": counts, **s,
-                                 **active(cfg, counts, min(cfg.top_k, min(counts)))})
-                    print(f"{rows[-1]['variant']:28s} ppl {s['perplexity']:8.3f}  KL {s['kl_nats']:.4f}", flush=True)
-        # top-k reduction: top-1 without fine-tuning, with LM-only fine-tuning, with the entropy term
-        calib_batches = calib.split(args.batch)
-
-        def batches():
-            while True:
-                yield from calib_batches
-
-        for label, steps, weight in (("top-1, no fine-tuning", 0, 0.0),
-                                     ("top-1, router fine-tuned, no entropy term", args.finetune_steps, 0.0),
-                                     (f"top-1, router fine-tuned, entropy x {args.entropy_weight}",
-                                      args.finetune_steps, args.entropy_weight)):
-            model = moekit.load_model(path, device=args.device, dtype=torch.float32)
-            set_top_k(model, 1)
-            if steps:
-                finetune_router(model, batches(), steps, 1, weight, args.lr, log_every=max(1, steps // 5))
-            model.eval()
-            s = score(model, reference, held, args.batch)
-            rows.append({"variant": label, "keep": 1.0, "top_k": 1, "finetune_steps": steps, "entropy_weight": weight,
-                         **s, **active(cfg, [cfg.experts_in(i) for i in moe], 1)})
-            print(f"{label:44s} ppl {s['perplexity']:8.3f}  KL {s['kl_nats']:.4f}", flush=True)
+        if not args.only_topk:
+            rows += prune_grid(path, usage, reference, held, args.device, args.batch, Path(tmp))
+        rows += topk_rows(path, reference, held, calib, args.device, args.batch, args.finetune_steps,
+                          args.entropy_weight, args.lr, args.train)
     results["seconds"] = time.perf_counter() - t0
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_prune.json").write_text(json.dumps(results, indent=1))
+    name = "bench_prune.json" if not args.only_topk else f"bench_prune_topk_{args.train.replace('+', '_')}.json"
+    (Path(args.out) / name).write_text(json.dumps(results, indent=1))
     print("\n| variant | held-out ppl | KL to unpruned (nats/token) | expert params | active params / token | GFLOP / token |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -72,22 +72,33 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def python_paths(root: Path, skip_dirs: tuple[str, ...] = ("site-packages", "dist-packages", "__pycache__")) -> list[Path]:
+    """Returns the .py files under root of at most MAX_FILE_BYTES, sorted by path relative to root
+    (folders named in skip_dirs are not entered)."""
+    paths = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in skip_dirs]
+        paths += [Path(folder) / n for n in names if n.endswith(".py")]
+    return [q for q in sorted(paths, key=lambda q: q.relative_to(root).as_posix())
+            if q.is_file() and q.stat().st_size <= MAX_FILE_BYTES]
+
+
+def read_source(path: Path) -> str | None:
+    """Returns the file's text, or None when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def stdlib_files(max_files: int | None) -> tuple[Path, list[tuple[str, str]]]:
     """Returns (stdlib root, [(relative path, text)]) of the interpreter's stdlib .py files."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    paths = []
-    for folder, subdirs, names in os.walk(root):
-        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__")]
-        paths += [Path(folder) / n for n in names if n.endswith(".py")]
     files = []
-    for path in sorted(paths, key=lambda q: q.relative_to(root).as_posix()):
-        if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
-            continue
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        files.append((path.relative_to(root).as_posix(), text))
+    for path in python_paths(root):
+        text = read_source(path)
+        if text is not None:
+            files.append((path.relative_to(root).as_posix(), text))
     if not files:
         sys.exit(f"no .py files found under {root}; this interpreter ships without its stdlib source")
     return root, files[:max_files] if max_files else files

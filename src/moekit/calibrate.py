@@ -44,7 +44,11 @@ def calibration_tokens(docs: list[str], tokenizer, samples: int, seqlen: int, se
         stream += tokenizer.encode(doc, add_special_tokens=False)
         if eos is not None:
             stream.append(eos)
-    ids = torch.tensor(stream, dtype=torch.long)
+    return sample_windows(torch.tensor(stream, dtype=torch.long), samples, seqlen, seed)
+
+
+def sample_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Returns `samples` windows [S, T] of seqlen tokens at seeded random starts in the stream ids [M]."""
     if ids.numel() < seqlen:
         raise MoekitError(f"the calibration text has {ids.numel()} tokens, fewer than --seqlen {seqlen}; "
                           "give more text or a shorter --seqlen")
