@@ -109,6 +109,8 @@ def test_generate_chat_template(model_dir, capsys):
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--dtype", "int3"], "unknown dtype 'int3'"),
     (["--compile", "--device", "cpu"], "--compile needs a CUDA device"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    (["--max-new-tokens", "5000"], "exceeds the model's context"),
 ])
 def test_generate_bad_flags_are_one_line_errors(model_dir, capsys, flags, message):
     code, out, err = run(capsys, "generate", "x", "--model", str(model_dir), *flags)

@@ -75,21 +75,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     stream = StreamDecoder(tokenizer)
     eos = set(model.generation_defaults.get("eos_token_ids", ()))
-    pieces: list[str] = []
+    echoed = False  # the prompt is echoed with the first token, after generate's own checks
 
     def on_token(token: torch.Tensor) -> None:
+        nonlocal echoed
+        if not echoed and not args.json and not args.chat:
+            sys.stdout.write(prompt)
+            echoed = True
         token_id = int(token[0])
         if token_id in eos:
             return
         piece = stream.push(token_id)
-        pieces.append(piece)
         if not args.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    if not args.json and not args.chat:
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
     stats = GenerationStats()
     out = generate(model, input_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=on_token,
