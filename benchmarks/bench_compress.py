@@ -220,7 +220,7 @@ def stdlib_split(small: bool) -> tuple[list[str], list[str]]:
 
 def phase_perplexity(device: torch.device, small: bool, tmp: Path) -> dict:
     from moekit.calibrate import calibration_tokens
-    from moekit.eval import text_tokens
+    from moekit.data import text_tokens
     from moekit.quant.compress import compress
     from moekit.quant.config import QuantConfig
     from moekit.train import evaluate_perplexity

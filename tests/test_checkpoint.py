@@ -266,3 +266,16 @@ def test_checkpoint_saved_in_bfloat16_loads_in_float32(tmp_path, tiny):
         expected = tiny("mixtral").hf_logits(ids)
         # only bf16 rounding of the weights
         assert median_token_error(loaded(ids), expected) < 2e-2
+
+
+def test_read_rows_reads_one_expert_and_refuses_bad_ranges(tiny):
+    from moekit.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tiny("mixtral").path)
+    name = "model.embed_tokens.weight"
+    full = ckpt.read(name)
+    assert torch.equal(ckpt.read_rows(name, 3, 5), full[3:5])
+    assert ckpt.dtype(name) == full.dtype
+    with pytest.raises(moekit.CheckpointError, match=r"has 100 rows, asked for 99\.\.100") as err:
+        ckpt.read_rows(name, 99, 101)
+    assert name in str(err.value) and "\n" not in str(err.value)

@@ -104,9 +104,16 @@ def test_unknown_dtype_is_an_error(tiny):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_without_cuda_is_a_clear_error(tiny):
-    with pytest.raises(moekit.CheckpointError, match="no CUDA device"):
+    with pytest.raises(moekit.MoekitError, match="no CUDA device"):
         moekit.load_model(tiny("mixtral").path, device="cuda")
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "unknown --device 'tpu'"), ("meta", "runs on cpu and cuda")])
+def test_unusable_device_is_a_clear_error(tiny, device, message):
+    with pytest.raises(moekit.MoekitError, match=message):
+        moekit.load_model(tiny("mixtral").path, device=device)
 
 
 def test_default_model_path_is_the_bundled_example():

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import parse_dtype
+from .checkpoint import parse_device, parse_dtype
+from .data import text_tokens
 from .errors import MoekitError
 from .experts import group_by_expert
-from .load import ExpertLoader, LoadContext, _fill_attention, _fill_dense, _fill_moe, read_config
+from .load import ExpertLoader, LoadContext, fill_layer, read_config
 from .model import DecoderLayer, MoEBlock
 from .rope import cos_sin, inverse_frequencies
 
@@ -38,13 +39,7 @@ def calibration_tokens(docs: list[str], tokenizer, samples: int, seqlen: int, se
     stream (documents joined by the tokenizer's eos token when it has one)."""
     if samples <= 0 or seqlen <= 0:
         raise MoekitError(f"--samples and --seqlen must be > 0, got {samples} and {seqlen}")
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for doc in docs:
-        stream += tokenizer.encode(doc, add_special_tokens=False)
-        if eos is not None:
-            stream.append(eos)
-    return sample_windows(torch.tensor(stream, dtype=torch.long), samples, seqlen, seed)
+    return sample_windows(text_tokens(docs, tokenizer), samples, seqlen, seed)
 
 
 def sample_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -118,9 +113,7 @@ def run_calibration(path: str | Path, token_ids: torch.Tensor, on_moe_layer: MoE
 
     `batch` samples go through a block at once; `dtype` is the compute dtype of the block
     (default float32: calibration statistics want the precision)."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MoekitError("--device cuda asked for, but this PyTorch sees no CUDA device; use --device cpu")
+    device = parse_device(device)
     dtype = parse_dtype(dtype, torch.float32)
     if token_ids.dim() != 2:
         raise MoekitError(f"calibration token ids must be [samples, tokens], got {list(token_ids.shape)}")
@@ -161,15 +154,7 @@ def _build_layer(ctx: LoadContext, i: int, loader: ExpertLoader) -> DecoderLayer
     if isinstance(layer.mlp, MoEBlock):
         layer.mlp.experts = nn.Identity()
     layer = layer.to_empty(device=ctx.device)
-    in_norm, post_norm = ctx.family.norm_names(i)
-    layer.input_norm.weight.copy_(ctx.ckpt.read(in_norm, shape=(cfg.hidden_size,)))
-    layer.post_norm.weight.copy_(ctx.ckpt.read(post_norm, shape=(cfg.hidden_size,)))
-    _fill_attention(layer.attn, ctx.ckpt, ctx.family, cfg, i)
-    if isinstance(layer.mlp, MoEBlock):
-        _fill_moe(layer.mlp, ctx.ckpt, ctx.family, cfg, i)
-        layer.mlp.experts = loader.build(ctx, i)
-    else:
-        _fill_dense(layer.mlp, ctx.ckpt, ctx.family.dense_mlp_names(i), cfg.hidden_size, cfg.dense_ffn)
+    fill_layer(layer, ctx, i, loader)
     return layer.eval()
 
 

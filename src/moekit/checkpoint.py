@@ -39,6 +39,25 @@ def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.flo
     return DTYPES[key]
 
 
+def parse_device(name: str | torch.device) -> torch.device:
+    """Returns the torch device for a user's --device ('cpu', 'cuda', 'cuda:1'), or raises a one-line
+    MoekitError when PyTorch does not know it or this machine does not have it."""
+    from .errors import MoekitError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise MoekitError(f"unknown --device '{name}'; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoekitError("--device cuda asked for, but this PyTorch sees no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MoekitError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise MoekitError(f"--device {name}: moekit runs on cpu and cuda devices")
+    return device
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """Returns a JSON file's contents, or raises CheckpointError naming the file."""
     try:
@@ -134,6 +153,27 @@ class Checkpoint:
         """Returns the stored shape of a tensor without reading it."""
         return tuple(self._slice(name).get_shape())
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Returns rows start..stop-1 of a stored tensor along its first dimension (one expert of a
+        fused [E, ...] tensor, say), reading only those bytes from the memory-mapped shard."""
+        path = self.file_of(name)
+        rows = self.shape(name)[0]
+        if not 0 <= start < stop <= rows:
+            raise CheckpointError(f"{path}: tensor '{name}' has {rows} rows, asked for {start}..{stop - 1}")
+        self._verify(path.name)
+        try:
+            return self._slice(name)[start:stop]
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor '{name}' ({e}); "
+                                  "the file is damaged or truncated") from None
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Returns the torch dtype of a stored tensor (from its header)."""
+        stored = self._slice(name).get_dtype()
+        if stored not in _TORCH_DTYPES:
+            raise CheckpointError(f"{self.file_of(name)}: tensor '{name}' has dtype {stored}, which moekit does not read")
+        return _TORCH_DTYPES[stored]
+
     def itemsize(self, name: str) -> int:
         """Returns the bytes per element of a stored tensor (from its header)."""
         shard = self.file_of(name).name
@@ -183,6 +223,11 @@ class Checkpoint:
                 numel *= d
             total += numel * _dtype_bytes(sl.get_dtype())
         return total
+
+
+_TORCH_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                 "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                 "BOOL": torch.bool}
 
 
 def _dtype_bytes(safetensors_dtype: str) -> int:

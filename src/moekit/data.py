@@ -71,3 +71,16 @@ def _read_jsonl(file: Path, field: str) -> list[str]:
         docs.append(text)
     return docs
 
+
+def text_tokens(docs: list[str], tokenizer):
+    """Returns the token stream [M] (int64 tensor) of docs, each followed by the tokenizer's eos
+    token when it has one: what evaluation and calibration read."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer.encode(doc, add_special_tokens=False)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)

@@ -7,9 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from .data import load_text
+from .data import load_text, text_tokens
 from .errors import MoekitError
 from .load import default_model_path, load_model
 from .tokenizer import load_tokenizer
@@ -28,17 +26,6 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def text_tokens(docs: list[str], tokenizer) -> torch.Tensor:
-    """Returns the token stream [M] of docs, each followed by the tokenizer's eos token (if any)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for doc in docs:
-        ids += tokenizer.encode(doc, add_special_tokens=False)
-        if eos is not None:
-            ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def evaluate(model_path: str | Path | None, data: str | Path, seqlen: int = 512, device: str = "cpu",

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, parse_dtype, read_json
+from .checkpoint import Checkpoint, parse_device, parse_dtype, read_json
 from .config import ModelConfig
 from .errors import CheckpointError
 from .families import family_for
 from .families.base import Family, eos_ids
 from .experts import ResidentExperts
-from .model import Attention, DenseMLP, MoEBlock, MoEModel
+from .model import Attention, DecoderLayer, DenseMLP, MoEBlock, MoEModel
 from .rope import inverse_frequencies
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent.parent / "examples"
@@ -30,6 +30,9 @@ BUNDLED_MODEL = EXAMPLES_DIR / "tiny-moe"
 
 def default_model_path() -> Path:
     """Returns the bundled tiny MoE's directory (the default model of every command)."""
+    if not (BUNDLED_MODEL / "config.json").exists():
+        raise CheckpointError(f"the bundled model is not at {BUNDLED_MODEL}: it ships in the source tree, so "
+                              "install with `pip install -e .` from a clone, or give --model DIR")
     return BUNDLED_MODEL
 
 
@@ -82,10 +85,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     token, every chosen expert whose routing weight is below f times the top one."""
     if not 0.0 <= dynamic_skip < 1.0:
         raise CheckpointError(f"dynamic_skip must be in [0, 1), got {dynamic_skip}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda asked for, but this PyTorch sees no CUDA device; "
-                              "use --device cpu")
+    device = parse_device(device)
     dtype = parse_dtype(dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
     ckpt, family, cfg = read_config(path if path is not None else default_model_path())
     experts = experts or _default_expert_loader(ckpt)
@@ -137,15 +137,23 @@ def _fill(model: MoEModel, ctx: LoadContext, experts: ExpertLoader, progress: bo
         _copy(model.lm_head.weight, ckpt, "lm_head.weight", (v, d))
     disable = not sys.stderr.isatty() if progress is None else not progress
     for i, layer in enumerate(tqdm(model.layers, desc="loading", unit="layer", disable=disable)):
-        in_norm, post_norm = family.norm_names(i)
-        _copy(layer.input_norm.weight, ckpt, in_norm, (d,))
-        _copy(layer.post_norm.weight, ckpt, post_norm, (d,))
-        _fill_attention(layer.attn, ckpt, family, cfg, i)
-        if isinstance(layer.mlp, MoEBlock):
-            _fill_moe(layer.mlp, ckpt, family, cfg, i)
-            layer.mlp.experts = experts.build(ctx, i)
-        else:
-            _fill_dense(layer.mlp, ckpt, family.dense_mlp_names(i), d, cfg.dense_ffn)
+        fill_layer(layer, ctx, i, experts)
+
+
+def fill_layer(layer: DecoderLayer, ctx: LoadContext, i: int, experts: ExpertLoader) -> None:
+    """Fills decoder layer i (storage already on ctx.device) from the checkpoint; its routed
+    experts come from `experts.build`. Used by load_model and by the block-by-block calibrator."""
+    ckpt, family, cfg = ctx.ckpt, ctx.family, ctx.config
+    d = cfg.hidden_size
+    in_norm, post_norm = family.norm_names(i)
+    _copy(layer.input_norm.weight, ckpt, in_norm, (d,))
+    _copy(layer.post_norm.weight, ckpt, post_norm, (d,))
+    _fill_attention(layer.attn, ckpt, family, cfg, i)
+    if isinstance(layer.mlp, MoEBlock):
+        _fill_moe(layer.mlp, ckpt, family, cfg, i)
+        layer.mlp.experts = experts.build(ctx, i)
+    else:
+        _fill_dense(layer.mlp, ckpt, family.dense_mlp_names(i), d, cfg.dense_ffn)
 
 
 def _fill_attention(attn: Attention, ckpt: Checkpoint, family: Family, cfg: ModelConfig, i: int) -> None:
@@ -176,9 +184,14 @@ def fill_stacked_experts(gate_up: torch.Tensor, down: torch.Tensor, ckpt: Checkp
     (any device or dtype), one expert at a time so host memory stays near one expert."""
     d, e_count, ffn = cfg.hidden_size, cfg.experts_in(layer), cfg.expert_ffn
     fused_gate_up, fused_down = family.stacked_expert_names(layer)
-    if ckpt.has(fused_gate_up):  # the fused [E, 2I, D] layout some tools write
-        _copy(gate_up, ckpt, fused_gate_up, (e_count, 2 * ffn, d))
-        _copy(down, ckpt, fused_down, (e_count, d, ffn))
+    if ckpt.has(fused_gate_up):  # the fused [E, 2I, D] layout some tools write: still one expert at a time
+        for name, shape in ((fused_gate_up, (e_count, 2 * ffn, d)), (fused_down, (e_count, d, ffn))):
+            if ckpt.shape(name) != shape:
+                raise CheckpointError(f"{ckpt.file_of(name)}: tensor '{name}' has shape {list(ckpt.shape(name))}, "
+                                      f"config.json implies {list(shape)}; the weights do not match the config")
+        for e in range(e_count):
+            gate_up[e].copy_(ckpt.read_rows(fused_gate_up, e, e + 1)[0])
+            down[e].copy_(ckpt.read_rows(fused_down, e, e + 1)[0])
         return
     for e in range(e_count):
         gate, up, dn = family.expert_names(layer, e)

@@ -37,10 +37,6 @@ from ..quant.loader import experts_prefix
 from .forms import ExpertForm, Tensors, pinned_empty
 
 ALIGN_BYTES = 16  # every tensor of a packed expert starts here: dtype views and vector loads
-_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-                       "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-
 @dataclass(frozen=True)
 class PackedTensor:
     """One stored tensor of an expert inside its packed bytes."""
@@ -103,7 +99,7 @@ class CompressedForm(ExpertForm):
     def read(self, ckpt, family, cfg, layer, expert, out):
         prefix = experts_prefix(family, layer)
         for name, view in self.layouts[layer].views(out["packed"]).items():
-            view.copy_(ckpt._slice(f"{prefix}.{name}")[expert:expert + 1][0])
+            view.copy_(ckpt.read_rows(f"{prefix}.{name}", expert, expert + 1)[0])
 
     def pack(self, layer, tensors, pin=False):
         """Returns {"packed": [E, layer_bytes]} of one layer's stored tensors {name: [E, ...]}."""
@@ -159,8 +155,7 @@ def compressed_form(quant: QuantConfig, cfg: ModelConfig, device: torch.device, 
                                           f"experts are stored as '{quant.form}'. The checkpoint is incomplete")
             for name in per_expert:
                 full = f"{prefix}.{name}"
-                dtype = _SAFETENSORS_DTYPES[ckpt._slice(full).get_dtype()]
-                specs[name] = (ckpt.shape(full)[1:], dtype)
+                specs[name] = (ckpt.shape(full)[1:], ckpt.dtype(full))
             shared[layer] = {n: ckpt.read(f"{prefix}.{n}").to(device) for n in cls.SHARED}
         rows = {"gate_up": 2 * cfg.expert_ffn, "down": cfg.hidden_size}
         for name, (shape, _) in specs.items():

@@ -107,8 +107,8 @@ class DenseForm(ExpertForm):
         d, ffn = self.hidden, self.ffn
         fused_gate_up, fused_down = family.stacked_expert_names(layer)
         if ckpt.has(fused_gate_up):  # fused [E, ...] tensors: slice one expert out of the mmap
-            out["gate_up"].copy_(ckpt._slice(fused_gate_up)[expert:expert + 1][0])
-            out["down"].copy_(ckpt._slice(fused_down)[expert:expert + 1][0])
+            out["gate_up"].copy_(ckpt.read_rows(fused_gate_up, expert, expert + 1)[0])
+            out["down"].copy_(ckpt.read_rows(fused_down, expert, expert + 1)[0])
             return
         gate, up, down = family.expert_names(layer, expert)
         out["gate_up"][:ffn].copy_(ckpt.read(gate, shape=(ffn, d)))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..calibrate import MoELayerInputs, run_calibration
-from ..checkpoint import INDEX_FILE, Checkpoint
+from ..checkpoint import INDEX_FILE, Checkpoint, parse_device
 from ..errors import MoekitError
 from ..load import fill_stacked_experts, read_config
 from ..save import write_checkpoint
@@ -172,7 +172,7 @@ def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens:
 
     calib_tokens [S, T] are required for GPTQ, unused by RTN."""
     t0 = time.perf_counter()
-    device = torch.device(device)
+    device = parse_device(device)
     out = Path(out)
     if out.exists() and not overwrite:
         raise MoekitError(f"{out}: already exists; choose another --out or remove it first")
