@@ -173,6 +173,19 @@ def free():
         torch.cuda.reset_peak_memory_stats()
 
 
+def offload_row(r: dict, rep: dict, budget: int, bw: float, compute_s: float | None) -> None:
+    """Adds an offloaded run's report to its timing row `r`, with its ceiling: the larger of the
+    GPU-only compute time and the bytes that crossed PCIe per token at the measured rate `bw`."""
+    pcie_s = rep["bytes_per_token"] / bw
+    ceiling_s = max(compute_s or 0.0, pcie_s)
+    r.update(hit_rate=rep["hit_rate"], prefetch_precision=rep["prefetch_precision"],
+             prefetch_recall=rep["prefetch_recall"], pcie_bytes_per_token=rep["bytes_per_token"],
+             stall_s=rep["stall_s"], peak_bytes=rep["peak_device_bytes"], cache_slots=rep["cache_slots"],
+             within_budget=rep["peak_device_bytes"] <= budget,
+             ceiling_tok_s=1 / ceiling_s if ceiling_s > 0 else None, pcie_s_per_token=pcie_s, plan=rep["plan"])
+    r["share_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"] if r["ceiling_tok_s"] else None
+
+
 def bench_shape(shape, args, device, results, save):
     res = results.setdefault("shapes", {}).setdefault(shape, {})
     t0 = time.perf_counter()
@@ -241,15 +254,7 @@ def bench_shape(shape, args, device, results, save):
                 rep = runtime.report()
                 if predictor == "none":
                     trace = {k: list(v) for k, v in runtime.trace.items()}
-                pcie_s = rep["bytes_per_token"] / bw
-                ceiling_s = max(compute_s or 0.0, pcie_s)
-                r.update(hit_rate=rep["hit_rate"], prefetch_precision=rep["prefetch_precision"],
-                         prefetch_recall=rep["prefetch_recall"], pcie_bytes_per_token=rep["bytes_per_token"],
-                         stall_s=rep["stall_s"], peak_bytes=rep["peak_device_bytes"], cache_slots=rep["cache_slots"],
-                         within_budget=rep["peak_device_bytes"] <= budget,
-                         ceiling_tok_s=1 / ceiling_s if ceiling_s > 0 else None,
-                         pcie_s_per_token=pcie_s, plan=rep["plan"])
-                r["share_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"] if r["ceiling_tok_s"] else None
+                offload_row(r, rep, budget, bw, compute_s)
                 out[predictor] = r
                 log(f"{shape} {key} {predictor}: {r['decode_tok_s']:.2f} tok/s (ceiling {r['ceiling_tok_s'] or 0:.2f}), "
                     f"hit {r['hit_rate']:.2f}, P/R {r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}, "
@@ -359,15 +364,8 @@ def bench_compressed(shape, bits, args, device, res, folder, cfg, host, ids, con
                 runtime.reset_stats()
                 r = run_generate(model, ids, args.tokens)
                 rep = runtime.report()
-                pcie_s = rep["bytes_per_token"] / bw
-                ceiling_s = max(compute_s or 0.0, pcie_s)
-                r.update(hit_rate=rep["hit_rate"], prefetch_precision=rep["prefetch_precision"],
-                         prefetch_recall=rep["prefetch_recall"], pcie_bytes_per_token=rep["bytes_per_token"],
-                         stall_s=rep["stall_s"], peak_bytes=rep["peak_device_bytes"], cache_slots=rep["cache_slots"],
-                         within_budget=rep["peak_device_bytes"] <= budget,
-                         ceiling_tok_s=1 / ceiling_s if ceiling_s > 0 else None, pcie_s_per_token=pcie_s,
-                         plan=rep["plan"], slot_layout=runtime.form.describe())
-                r["share_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"] if r["ceiling_tok_s"] else None
+                offload_row(r, rep, budget, bw, compute_s)
+                r["slot_layout"] = runtime.form.describe()
                 row[predictor] = r
                 log(f"{shape} {bits} {key} {predictor}: {r['decode_tok_s']:.2f} tok/s (ceiling {r['ceiling_tok_s'] or 0:.2f}), "
                     f"{r['cache_slots']} of {rep['plan']['total_experts']} experts cached, hit {r['hit_rate']:.2f}, "
@@ -455,7 +453,9 @@ def table(results) -> str:
             b = out["budget_bytes"] / 1e9
             for name in ("none", "speculative", "oracle", "hf_accelerate"):
                 r = out.get(name)
-                if not r or "decode_tok_s" not in r:
+                if r is None:  # not run (--skip-hf)
+                    continue
+                if "decode_tok_s" not in r:
                     rows.append(f"| {shape} | {key[7:]} | {name} | error | | | | | | | |")
                     continue
                 if name == "hf_accelerate":
@@ -483,7 +483,9 @@ def table(results) -> str:
                 b = out["budget_bytes"] / 1e9
                 for name in ("none", "speculative"):
                     r = out.get(name)
-                    if not r or "decode_tok_s" not in r:
+                    if r is None:
+                        continue
+                    if "decode_tok_s" not in r:
                         rows.append(f"| {shape} | {key[7:]} | moekit {name} ({label}) | error | | | | | | | |")
                         continue
                     rows.append(f"| {shape} | {key[7:]} | moekit {name} ({label}, {r['cache_slots']} slots) | "
