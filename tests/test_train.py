@@ -11,7 +11,7 @@ from moekit.config import ModelConfig
 from moekit.errors import MoekitError
 from moekit.model import MoEModel
 from moekit.train import (LoadBalance, balance_loss, evaluate_perplexity, init_weights, lm_loss,
-                          scheduled_lr, train)
+                          print_log, scheduled_lr, train)
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -125,3 +125,13 @@ def test_max_seconds_and_exhausted_batches_stop_early():
     short = [next(repeated_batches())] * 2
     result = train(model, short, steps=10)
     assert result.stop_reason == "data" and result.steps == 2 and len(result.history) == 1
+
+
+def test_log_line_shows_extra_loss_only_when_there_is_one(capsys):
+    model = tiny_model()
+    plain = train(model, repeated_batches(), steps=2, log_every=2, on_log=print_log)
+    assert "extra_loss" not in plain.history[0] and "extra_loss" not in capsys.readouterr().out
+    extra = train(model, repeated_batches(), steps=2, log_every=2, on_log=print_log,
+                  extra_loss=lambda: torch.tensor(0.25))
+    assert extra.history[0]["extra_loss"] == pytest.approx(0.25)
+    assert "extra_loss 0.25" in capsys.readouterr().out

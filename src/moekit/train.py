@@ -209,7 +209,7 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
     load-balancing loss (see LoadBalance) when it is > 0. `trainable(name)` picks the parameters
     that train (default: all); the others are frozen for the call and their requires_grad flags
     are restored after. Every `log_every` steps `on_log` receives a record (step, loss, aux_loss,
-    lr, grad_norm, tokens_per_s, elapsed_s); keys it adds (an evaluation, say) stay in the
+    lr, grad_norm, tokens_per_s, elapsed_s, and extra_loss when `extra_loss` is given); keys it adds (an evaluation, say) stay in the
     history. With `max_seconds` the loop stops when the time is
     up, and the cosine follows whichever of steps or time is further along, so the learning
     rate reaches its floor by the end either way. `extra_loss()`, when given, is called after
@@ -251,10 +251,11 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
         now = time.perf_counter()
         record = {"step": step, "loss": loss / interval_steps,
                   "aux_loss": aux / interval_steps if balance else float("nan"),
-                  "extra_loss": extra_sum.item() / interval_steps if extra_loss else float("nan"),
                   "lr": lr_now, "grad_norm": float(grad_norm),
                   "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
                   "elapsed_s": now - start}
+        if extra_loss is not None:  # absent otherwise, so print_log shows it only when there is one
+            record["extra_loss"] = extra_sum.item() / interval_steps
         result.history.append(record)
         result.final_loss = record["loss"]
         if on_log is not None:
