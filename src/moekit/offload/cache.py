@@ -5,6 +5,11 @@ least frequently (lfu, counts kept across evictions) used slot that is neither p
 protected (needed by the layer being computed, or just prefetched for the next one), and copies
 the expert in: on CUDA on a side stream with an event per slot, so the compute stream waits
 only for the slots it needs now; on the CPU synchronously, or on one worker thread for prefetch.
+
+When the link's rate is known (`h2d_bytes_per_s`, measured at load for CPU misses), the cache keeps
+a host-side model of its copy queue: copies run one after another at that rate, so each slot has
+an expected landing time (`eta_s`) without asking the device. The CPU-miss runtime (offload.cpu)
+uses it to decide whether waiting for a copy beats computing the expert on the CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class ExpertCache:
             self.staging = [(form.empty(1, "cpu", pin=True), None) for _ in range(2)]
         self.next_staging = 0
         self.worker = ThreadPoolExecutor(1) if not self.cuda and isinstance(store, DiskStore) else None
+        self.h2d_bytes_per_s: float | None = None  # the copy queue model's rate (None: no model)
+        self.copy_free_at = 0.0  # perf_counter time the modelled copy queue drains
+        self.ready_at: dict[int, float] = {}  # slot -> modelled landing time of its copy in flight
+        self.last_copy: Hashable | None = None  # the latest copy issued (event or Future)
 
     # ---- queries -------------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -89,6 +98,10 @@ class ExpertCache:
     def _victim(self, protected: set[int]) -> int | None:
         if self.free:
             return self.free.pop()
+        return self._least_valuable(protected)
+
+    def _least_valuable(self, protected: set[int]) -> int | None:
+        """Returns the occupied slot the policy evicts first (None when all are protected or pinned)."""
         candidates = [s for s in range(self.num_slots) if s not in protected and s not in self.pinned]
         if not candidates:
             return None
@@ -108,7 +121,8 @@ class ExpertCache:
         dst = self.expert(slot)
         if not self.cuda:
             if self.worker is not None and async_ok:
-                self.pending[slot] = self.worker.submit(self.store.read_into, layer, expert, dst)
+                self.pending[slot] = self.last_copy = self.worker.submit(self.store.read_into, layer, expert, dst)
+                self._model_copy(slot, layer)
             elif isinstance(self.store, DiskStore):
                 self.store.read_into(layer, expert, dst)
             else:
@@ -130,9 +144,65 @@ class ExpertCache:
             self.form.copy(dst, src, non_blocking=True, layer=layer)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
-        self.pending[slot] = event
+        self.pending[slot] = self.last_copy = event
+        self._model_copy(slot, layer)
         if self.staging:
             self.staging[(self.next_staging - 1) % len(self.staging)] = (buffers, event)
+
+    def _model_copy(self, slot: int, layer: int) -> None:
+        """Queues a copy in the host-side model: it starts when the queue drains, at the link's rate."""
+        if self.h2d_bytes_per_s:
+            start = max(time.perf_counter(), self.copy_free_at)
+            self.copy_free_at = start + self.form.layer_bytes(layer) / self.h2d_bytes_per_s
+            self.ready_at[slot] = self.copy_free_at
+
+    # ---- copy state, without waiting ---------------------------------------------------------
+    def ready(self, slot: int) -> bool:
+        """Returns whether `slot`'s expert is on the device now (no copy into it in flight)."""
+        job = self.pending.get(slot)
+        if job is None:
+            return True
+        return job.done() if isinstance(job, Future) else job.query()
+
+    def eta_s(self, slot: int) -> float | None:
+        """Returns the modelled seconds until `slot`'s copy lands (0 when ready; None: no model)."""
+        if self.ready(slot):
+            return 0.0
+        at = self.ready_at.get(slot)
+        return None if at is None else max(at - time.perf_counter(), 0.0)
+
+    def queue_s(self) -> float:
+        """Returns the modelled seconds until every copy issued so far has landed (0: link idle)."""
+        if self.link_idle():
+            return 0.0
+        return max(self.copy_free_at - time.perf_counter(), 0.0)
+
+    def link_idle(self) -> bool:
+        """Returns whether the latest copy issued has landed (so nothing is queued behind it)."""
+        job = self.last_copy
+        return job is None or (job.done() if isinstance(job, Future) else job.query())
+
+    def admit(self, key: Key, protected: set[int], ratio: float) -> int | None:
+        """Copies `key` in without waiting (as a prefetch) into a free slot, or, under lfu, in place
+        of the least used unprotected expert when `key` was used more than `ratio` times as often;
+        returns its slot, or None when it was not admitted."""
+        if key in self.slot_of:
+            return None
+        if not self.free:
+            if self.policy != "lfu":
+                return None
+            victim = self._least_valuable(protected)
+            if victim is None or self.uses[key] <= ratio * self.uses[self.key_of[victim]]:
+                return None
+        slot = self.fetch(key, protected, prefetch=True)
+        if slot is not None:
+            self.prefetched.discard(slot)  # a later use is not a prefetch hit
+        return slot
+
+    def count_uses(self, keys: list[Key]) -> None:
+        """Counts uses of experts computed elsewhere (on the CPU), so lfu sees true popularity."""
+        for key in keys:
+            self.uses[key] += 1
 
     # ---- use by compute -----------------------------------------------------------------
     def use(self, slots: list[int], keys: list[Key]) -> None:
@@ -141,6 +211,7 @@ class ExpertCache:
             self.last_used[slot] = self._tick()
             self.uses[key] += 1
             self.prefetched.discard(slot)
+            self.ready_at.pop(slot, None)
             job = self.pending.pop(slot, None)
             if job is None:
                 continue

@@ -8,7 +8,7 @@ import json
 import sys
 
 from ..errors import MoekitError
-from .config import POLICIES, OffloadConfig, format_size, parse_size
+from .config import MISSES, POLICIES, OffloadConfig, format_size, parse_size
 
 
 # ---- moekit pregate --------------------------------------------------------------------------
@@ -83,6 +83,10 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
                    help="which cached expert a fetch evicts (default: lfu, use counts kept across evictions)")
     g.add_argument("--pin-counts", default=None, metavar="FILE",
                    help="expert_counts.json: pin the most used experts in a quarter of the cache")
+    g.add_argument("--misses", default=None, choices=MISSES,
+                   help="where an expert absent from the device cache runs, in calls of up to 8 tokens (decode): "
+                        "fetch (copy it in; default), cpu (compute it on the CPU from host memory, overlapped with "
+                        "the device), auto (whichever a cost model measured at load says is faster)")
     g.add_argument("--strict-pregate", action="store_true",
                    help="run only the predicted experts (changes outputs; needs a model tuned for it)")
     g.add_argument("--stats", action="store_true", help="print offload statistics after generating")
@@ -91,7 +95,8 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
 def check_flags(args: argparse.Namespace) -> None:
     """Raises MoekitError for offload flags given without --offload, or unusable together."""
     used = [f for f, v in (("--device-memory", args.device_memory), ("--pregate", args.pregate),
-                           ("--pin-counts", args.pin_counts), ("--strict-pregate", args.strict_pregate))
+                           ("--pin-counts", args.pin_counts), ("--strict-pregate", args.strict_pregate),
+                           ("--misses", args.misses))
             if v]
     if not args.offload and (used or args.predictor != "speculative" or args.cache_policy != "lfu"):
         raise MoekitError(f"{', '.join(used) or '--predictor/--cache-policy'} needs --offload")
@@ -118,7 +123,7 @@ def load_for_generate(args: argparse.Namespace, device: str, context_tokens: int
     config = OffloadConfig(
         device_memory=parse_size(args.device_memory) if args.device_memory else None,
         predictor=args.predictor, cache_policy=args.cache_policy, context_tokens=context_tokens,
-        strict=args.strict_pregate, pregate_path=args.pregate,
+        strict=args.strict_pregate, pregate_path=args.pregate, misses=args.misses or "fetch",
         pin_experts=0.25 if args.pin_counts else 0.0)
     counts = read_counts(args.pin_counts) if args.pin_counts else None
     return load_offloaded(args.model, device=device, dtype=dtype, offload=config, pin_counts=counts)
@@ -138,9 +143,23 @@ def stats_rows(report: dict, new_tokens: int) -> list[tuple[str, str]]:
         ("bytes moved", f"{format_size(report['bytes_moved'])} ({report['demand_fetches']} on demand, "
                         f"{report['prefetches']} prefetched)"),
         ("stall time", f"{report['stall_s'] * 1e3:.1f} ms"),
+        *_cpu_rows(report),
         ("peak device memory", f"{format_size(report['peak_device_bytes'])}"
                                + ("  (planned)" if report["device"] == "cpu" else "  (allocator peak)")),
     ]
+
+
+def _cpu_rows(report: dict) -> list[tuple[str, str]]:
+    """Returns the --stats rows of experts computed on the CPU (none when misses are fetched)."""
+    if report["misses"] == "fetch":
+        return []
+    rows = [("misses", report["misses"] + (f" (runs {report['misses_used']}: {report['misses_note']})"
+                                           if report["misses_note"] else ""))]
+    if report["misses_used"] != "fetch":
+        rows += [("experts on the CPU", f"{report['cpu_experts']} ({format_size(report['cpu_bytes_per_token'])} "
+                                        f"read / token, {report['cpu_threads']} threads)"),
+                 ("CPU time", f"{report['cpu_s'] * 1e3:.1f} ms ({report['cpu_wait_s'] * 1e3:.1f} ms waited for)")]
+    return rows
 
 
 def print_stats(report: dict, new_tokens: int) -> None:

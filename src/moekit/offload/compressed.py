@@ -72,6 +72,9 @@ class CompressedForm(ExpertForm):
     """Experts of a moekit-compressed checkpoint (int-N or ternary code), packed per expert."""
 
     gathers = False  # run expert by expert, reduced as quant.formats.CompressedExperts does
+    # the CPU reference decodes each whole matrix per call (several passes over a dense copy):
+    # slower than copying the compressed bytes over PCIe, so misses are never computed on the CPU
+    cpu_path = False
 
     def __init__(self, quant: QuantConfig, hidden: int, ffn: int, layouts: dict[int, PackedLayout],
                  shared: dict[int, Tensors]):

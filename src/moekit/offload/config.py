@@ -16,6 +16,7 @@ from ..errors import MoekitError
 PREDICTORS = ("none", "speculative", "pregate", "oracle")
 POLICIES = ("lru", "lfu")
 STORES = ("auto", "host", "disk")
+MISSES = ("fetch", "cpu", "auto")
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -54,6 +55,9 @@ class OffloadConfig:
     strict: bool = False  # run only the predicted experts (changes outputs; needs a model tuned for it)
     pregate_path: str | None = None  # folder written by `moekit pregate` (predictor pregate)
     record_routing: bool = False  # keep every layer's routing (an oracle trace for a second run)
+    misses: str = "fetch"  # fetch | cpu | auto: where an expert absent from the device cache runs (offload.cpu)
+    cpu_max_tokens: int = 8  # layer calls of at most this many tokens may run experts on the CPU
+    cpu_threads: int = 0  # intra-op threads of the CPU expert worker (0: torch.get_num_threads())
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -69,6 +73,11 @@ class OffloadConfig:
             raise MoekitError(f"pin_experts is a share of the cache in [0, 1), got {self.pin_experts}")
         if self.prefetch_k < 0 or self.batch <= 0:
             raise MoekitError("prefetch_k must be >= 0 and batch > 0")
+        if self.misses not in MISSES:
+            raise MoekitError(f"--misses '{self.misses}' unknown; use one of {', '.join(MISSES)}")
+        if self.cpu_max_tokens < 1 or self.cpu_threads < 0:
+            raise MoekitError(f"cpu_max_tokens must be >= 1 and cpu_threads >= 0, got {self.cpu_max_tokens} "
+                              f"and {self.cpu_threads}")
         if self.strict and self.predictor in ("none", "oracle"):
             raise MoekitError("strict mode runs the predicted experts: use --predictor pregate or speculative")
 

@@ -29,6 +29,7 @@ class ExpertForm:
 
     name = "abstract"
     gathers = True  # run_gathered's batched per-slot results reduce as the resident source does
+    cpu_path = True  # run_one on the store's host tensors is fast enough to compute misses on the CPU
 
     def shapes(self, layer: int | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Returns {tensor name: (shape, dtype)} of one expert as stored: in a cache slot (layer

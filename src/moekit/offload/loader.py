@@ -68,7 +68,30 @@ class OffloadLoader(ExpertLoader):
             store = DiskStore(form, ctx.ckpt, ctx.family, cfg)
         runtime = OffloadRuntime(self.config, cfg, form, store, device)
         runtime.plan = self.plan
+        self._choose_misses(runtime, ctx)
         return runtime
+
+    def _choose_misses(self, runtime: OffloadRuntime, ctx: LoadContext) -> None:
+        """Sets where misses run (offload.cpu), or refuses a combination that cannot work."""
+        from .cpu import CpuExperts
+
+        misses = self.config.misses
+        if misses == "fetch":
+            return
+        form, device = runtime.form, ctx.device
+        if not form.cpu_path:
+            if misses == "cpu":
+                raise MoekitError(
+                    f"--misses cpu: experts stored as {form.name} have no fast CPU path (the PyTorch reference "
+                    "decodes each whole matrix per call, slower than copying the compressed expert to the "
+                    "device); use --misses fetch, or auto (which fetches them)")
+            runtime.misses, runtime.misses_note = "fetch", f"{form.name} experts have no CPU path: misses are fetched"
+            return
+        if misses == "auto" and device.type != "cuda":
+            runtime.misses, runtime.misses_note = "fetch", (
+                "the device is the CPU: nothing crosses a link, so a miss is copied into the host-memory cache")
+            return
+        runtime.cpu = CpuExperts(form, runtime.store, device, self.config.cpu_max_tokens, self.config.cpu_threads)
 
     def build(self, ctx: LoadContext, layer: int) -> OffloadedExperts:
         if self.runtime is None:
@@ -94,8 +117,14 @@ class OffloadLoader(ExpertLoader):
         k = cfg.prefetch_k or ctx.config.top_k
         runtime.predictor = build_predictor(cfg.predictor, model, runtime.next_of, k, cfg.pregate_path, self.trace)
         model.offload = runtime
+        if runtime.cpu is not None and ctx.device.type == "cuda":
+            from .cpu import measure_costs
+
+            runtime.costs = measure_costs(runtime, ctx.dtype)  # before the warm-up: it uses them
         if ctx.device.type == "cuda":
             self._fit_measured(model, ctx)
+        if runtime.costs is not None:  # the cache's copy-queue model runs at the measured rate
+            runtime.cache.h2d_bytes_per_s = runtime.costs.h2d_bytes_per_s
         if cfg.pin_experts > 0 and self.pin_counts:
             runtime.cache.pin(most_used(self.pin_counts, int(cfg.pin_experts * runtime.cache.num_slots)))
         runtime.reset_stats()

@@ -5,6 +5,8 @@ experts are fetched (demand), then the next layer's predicted experts (prefetch,
 on the copy stream); compute waits for this layer's experts only, then runs them from the cache
 slab with the resident model's kernels, so outputs equal the resident model's. When a layer needs
 more distinct experts than the cache holds (a long prefill on a small budget), it runs in waves.
+With misses "cpu" or "auto", a call of few tokens computes the experts that are not on the
+device on the CPU instead, overlapped with the device part (offload.cpu).
 
 Shapes: N = tokens, A = experts per token, D = hidden, E = experts.
 """
@@ -22,6 +24,7 @@ from ..experts.resident import GATHER_MAX_SLOTS
 from ..experts.routing import group_by_expert
 from .cache import ExpertCache
 from .config import OffloadConfig
+from .cpu import ADMIT_RATIO, CostModel, CpuExperts, split_misses
 from .forms import ExpertForm
 from .planner import BudgetPlan
 from .predictors import Predictor
@@ -60,6 +63,10 @@ class OffloadRuntime:
         self.predicted: dict[int, tuple[torch.Tensor, list[int]]] = {}  # layer -> (ids [N, k], on host)
         self.calls: dict[int, int] = {}
         self.trace: dict[int, list[torch.Tensor]] = {}
+        self.misses = config.misses  # what runs: "auto" falls back to "fetch" where it cannot help
+        self.misses_note: str | None = None  # why it fell back
+        self.cpu: CpuExperts | None = None  # the CPU expert path (misses cpu/auto)
+        self.costs: CostModel | None = None  # measured rates (CUDA, misses cpu/auto)
         if config.strict:
             warnings.warn("strict offload runs only the predicted experts: outputs change, and stay "
                           "good only with a model fine-tuned for its pre-gates", stacklevel=2)
@@ -87,6 +94,9 @@ class OffloadRuntime:
                    store=self.store.kind, form=self.form.name, strict=self.config.strict,
                    cache_slots=self.cache.num_slots if self.cache else 0,
                    pinned_slots=len(self.cache.pinned) if self.cache else 0,
+                   misses=self.config.misses, misses_used=self.misses, misses_note=self.misses_note,
+                   cpu_max_tokens=self.config.cpu_max_tokens, cpu_threads=self.cpu.threads if self.cpu else 0,
+                   cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
         return out
 
@@ -115,6 +125,9 @@ class OffloadRuntime:
         nxt = self.next_of.get(layer)
         pred = self.predictor.predict(layer, call, x) if nxt is not None else None
         flat = expert_ids.reshape(-1)
+        split = self.misses != "fetch" and n <= self.config.cpu_max_tokens
+        if split:  # queued before the sync below, so it completes them: no sync of its own
+            x_host, w_host = self.cpu.stage(x, weights)
         host = (torch.cat([flat, pred.reshape(-1).to(flat.dtype)]) if pred is not None else flat).tolist()
         routed, predicted = host[: flat.numel()], host[flat.numel():]
         if self.config.record_routing:
@@ -124,15 +137,19 @@ class OffloadRuntime:
         self.predicted.pop(layer, None)
         if pred is not None:
             self.predicted[nxt] = (pred, predicted)
-        bytes_before = stats.bytes_moved
+        bytes_before, cpu_bytes_before = stats.bytes_moved, stats.cpu_bytes
         capacity = cache.num_slots - len(cache.pinned) + sum(
             1 for e in needed if cache.slot((layer, e)) in cache.pinned)
-        if len(needed) <= capacity:
+        if split:
+            out = self._run_split(layer, x, expert_ids, weights, routed, needed, nxt, predicted, capacity,
+                                  x_host, w_host)
+        elif len(needed) <= capacity:
             out = self._run_resident_set(layer, x, expert_ids, weights, routed, needed, nxt, predicted)
         else:
             out = self._run_waves(layer, x, expert_ids, weights, needed, capacity)
         if decode:
             stats.decode_bytes_moved += stats.bytes_moved - bytes_before
+            stats.decode_cpu_bytes += stats.cpu_bytes - cpu_bytes_before
         return out
 
     def _score_prediction(self, layer: int, needed: list[int]) -> None:
@@ -164,20 +181,26 @@ class OffloadRuntime:
             slots.append(slot)
         return slots
 
-    def _prefetch(self, nxt: int | None, predicted: list[int], protected: set[int]) -> None:
+    def _prefetch(self, nxt: int | None, predicted: list[int], protected: set[int],
+                  horizon_s: float | None = None) -> None:
+        """Fetches the next layer's predicted experts; with `horizon_s`, only those whose copy is
+        modelled to land within that many seconds (a later one would lose to the CPU)."""
         if nxt is None or not predicted:
             return
         for e in dict.fromkeys(predicted):  # unique, in prediction order
             if self.cache.slot((nxt, e)) is None:
+                if horizon_s is not None and (self.cache.queue_s() + self.costs.fetch_s(self.form.layer_bytes(nxt))
+                                              > horizon_s):
+                    return  # copies queue one after another: the next would land later still
                 if self.cache.fetch((nxt, e), protected, prefetch=True) is None:
                     return  # every slot is in use: prefetch is best effort
                 self.stats.prefetches += 1
 
-    def _run_resident_set(self, layer, x, expert_ids, weights, routed, needed, nxt, predicted):
+    def _run_resident_set(self, layer, x, expert_ids, weights, routed, needed, nxt, predicted, horizon_s=None):
         cache = self.cache
         protected: set[int] = set()
         slots = self._lookup(layer, needed, protected)
-        self._prefetch(nxt, predicted, protected)  # queued behind this layer's demand copies
+        self._prefetch(nxt, predicted, protected, horizon_s)  # queued behind this layer's demand copies
         cache.use(slots, [(layer, e) for e in needed])
         slot_of = dict(zip(needed, slots))
         slot_ids = torch.tensor([slot_of[e] for e in routed], dtype=torch.long).view(expert_ids.shape)
@@ -186,6 +209,78 @@ class OffloadRuntime:
         if out is None:  # the grouped path, expert by expert in expert order (as ResidentExperts)
             out = self._grouped(layer, x, expert_ids, weights, lambda e: slot_of[e], needed)
         cache.release(slots)
+        return out
+
+    # ---- misses on the CPU (offload.cpu) ---------------------------------------------------------
+    def _split(self, layer: int, needed: list[int], flat_of: dict[int, list[int]], capacity: int):
+        """Returns (experts run on the device, experts run on the CPU, prefetch horizon seconds or None)."""
+        cache, costs = self.cache, self.costs
+        ready, inflight, absent = [], [], []
+        for e in needed:
+            slot = cache.slot((layer, e))
+            (absent if slot is None else ready if cache.ready(slot) else inflight).append(e)
+        if self.misses == "cpu" or costs is None:
+            device, cpu = ready, inflight + absent
+        else:  # auto: the cost model splits what is not ready between the link and the CPU
+            fetch_s = costs.fetch_s(self.form.layer_bytes(layer))
+            queue_s = cache.queue_s()
+            waits = []
+            for e in inflight:
+                eta = cache.eta_s(cache.slot((layer, e)))
+                waits.append((e, queue_s + fetch_s if eta is None else eta, costs.cpu_s(len(flat_of[e]))))
+            on_cpu = set(split_misses(waits, [(e, costs.cpu_s(len(flat_of[e]))) for e in absent], queue_s, fetch_s,
+                                      capacity - len(ready) - len(inflight)))
+            device = [e for e in needed if e not in on_cpu]
+            cpu = [e for e in needed if e in on_cpu]
+        horizon = None
+        if costs is not None:
+            horizon = sum(costs.cpu_s(len(flat_of[e])) for e in cpu) + costs.cpu_s(1)
+        return device, cpu, horizon
+
+    def _run_split(self, layer, x, expert_ids, weights, routed, needed, nxt, predicted, capacity, x_host, w_host):
+        """Runs a call of few tokens: experts on the device where they are, the rest on the CPU."""
+        cache, stats = self.cache, self.stats
+        top_k = expert_ids.shape[1]
+        flat_of: dict[int, list[int]] = {}  # expert -> its flat slots n * A + a
+        for i, e in enumerate(routed):
+            flat_of.setdefault(e, []).append(i)
+        device, cpu, horizon = self._split(layer, needed, flat_of, capacity)
+        if not cpu:
+            return self._run_resident_set(layer, x, expert_ids, weights, routed, needed, nxt, predicted, horizon)
+        job = self.cpu.submit(layer, [(e, flat_of[e]) for e in cpu], x_host, w_host)  # first: the longest part
+        stats.lookups += len(cpu)
+        stats.cpu_experts += len(cpu)
+        stats.cpu_bytes += len(cpu) * self.form.layer_bytes(layer)
+        cache.count_uses([(layer, e) for e in cpu])
+        protected: set[int] = set()
+        slots = self._lookup(layer, device, protected)  # hits (auto: and the fetches it chose)
+        self._prefetch(nxt, predicted, protected, horizon)
+        out = None
+        if device:
+            cache.use(slots, [(layer, e) for e in device])
+            slot_of = dict(zip(device, slots))
+            rows = [i for e in device for i in flat_of[e]]  # in expert order
+            index = torch.tensor([rows, [slot_of[routed[i]] for i in rows]]).to(x.device, non_blocking=True)
+            tokens, slot_ids = index[0] // top_k, index[1].view(-1, 1)
+            xs, ws = x[tokens], weights.reshape(-1)[index[0]].view(-1, 1)  # [S, D], [S, 1]
+            part = self.form.run_slots(xs, slot_ids, slot_ids, ws, cache.slab, layer)  # [S, D], weighted
+            if part is None:
+                part, start = torch.empty_like(xs), 0
+                for e in device:
+                    stop = start + len(flat_of[e])
+                    part[start:stop] = self.form.run_one(xs[start:stop], cache.slab, slot_of[e], layer) * ws[start:stop]
+                    start = stop
+            out = torch.zeros_like(x).index_add_(0, tokens, part)
+        for e in sorted(cpu, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in, while the link is idle
+            if not cache.link_idle() or cache.admit((layer, e), protected, ADMIT_RATIO) is None:
+                break
+            stats.admissions += 1
+        cpu_out, cpu_s, wait_s = self.cpu.join(job)
+        stats.cpu_s += cpu_s
+        stats.cpu_wait_s += wait_s
+        out = cpu_out if out is None else out.add_(cpu_out)
+        if device:
+            cache.release(slots)
         return out
 
     def _grouped(self, layer, x, expert_ids, weights, slot_for, experts) -> torch.Tensor:

@@ -22,6 +22,12 @@ class OffloadStats:
     predicted_correct: int = 0  # predicted experts that were routed
     tokens: int = 0  # tokens through the first MoE layer
     decode_tokens: int = 0  # ... in one-token calls
+    cpu_experts: int = 0  # (layer, expert) pairs computed on the CPU from the store (misses cpu/auto)
+    cpu_bytes: int = 0  # expert bytes those CPU computations read from the store
+    decode_cpu_bytes: int = 0  # ... during one-token calls
+    cpu_s: float = 0.0  # seconds the CPU worker spent computing experts
+    cpu_wait_s: float = 0.0  # ... of which the layer waited for it after launching its device part
+    admissions: int = 0  # CPU-run experts then copied into the cache in the background (popular ones)
     stall_s: float = 0.0  # time compute waited for experts (GPU: measured by CUDA events)
     fetch_s: float = 0.0  # host time spent issuing fetches (disk reads happen here on the CPU)
     peak_device_bytes: int = 0  # allocator peak on CUDA; the planned total on the CPU
@@ -55,11 +61,20 @@ class OffloadStats:
             return self.decode_bytes_moved / self.decode_tokens
         return self.bytes_moved / self.tokens if self.tokens else 0.0
 
+    @property
+    def cpu_bytes_per_token(self) -> float:
+        """Expert bytes read by the CPU per decode token (per token overall when nothing was decoded)."""
+        if self.decode_tokens:
+            return self.decode_cpu_bytes / self.decode_tokens
+        return self.cpu_bytes / self.tokens if self.tokens else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         self.resolve()
         out = {k: v for k, v in self.__dict__.items() if k != "pending_stalls"}
         out.update(hit_rate=round(self.hit_rate, 4), prefetch_precision=round(self.precision, 4),
-                   prefetch_recall=round(self.recall, 4), bytes_per_token=round(self.bytes_per_token, 1))
+                   prefetch_recall=round(self.recall, 4), bytes_per_token=round(self.bytes_per_token, 1),
+                   cpu_bytes_per_token=round(self.cpu_bytes_per_token, 1))
         out["stall_s"] = round(self.stall_s, 6)
-        out["fetch_s"] = round(self.fetch_s, 6)
+        for key in ("fetch_s", "cpu_s", "cpu_wait_s"):
+            out[key] = round(out[key], 6)
         return out

@@ -40,6 +40,10 @@ class HostStore:
         """Returns one expert's host tensors (views, no copy)."""
         return {k: v[expert] for k, v in self.layers[layer].items()}
 
+    def host_rows(self, layer: int, expert: int) -> tuple[Tensors, int]:
+        """Returns (stacked host tensors, row) holding one expert, for computing it on the CPU in place."""
+        return self.layers[layer], expert
+
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in layer.values())
 
@@ -52,10 +56,19 @@ class DiskStore:
 
     def __init__(self, form: ExpertForm, ckpt: Checkpoint, family: Family, cfg: ModelConfig):
         self.form, self.ckpt, self.family, self.cfg = form, ckpt, family, cfg
+        self.scratch: Tensors | None = None  # one expert, for host_rows
 
     def read_into(self, layer: int, expert: int, out: Tensors) -> None:
         """Fills `out` with one expert straight from the checkpoint (host memory near one tensor)."""
         self.form.read(self.ckpt, self.family, self.cfg, layer, expert, out)
+
+    def host_rows(self, layer: int, expert: int) -> tuple[Tensors, int]:
+        """Returns (host tensors, row) holding one expert read from the checkpoint into a scratch
+        buffer, for computing it on the CPU (one caller at a time: the CPU expert worker)."""
+        if self.scratch is None:
+            self.scratch = self.form.empty(1, "cpu")
+        self.read_into(layer, expert, {k: v[0] for k, v in self.scratch.items()})
+        return self.scratch, 0
 
     def host_bytes(self) -> int:
         return 0

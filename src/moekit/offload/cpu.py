@@ -1,0 +1,248 @@
+"""Computing missed experts on the CPU, beside the device (Fiddler, Kamahori et al. 2024; llama.cpp
+--n-cpu-moe): OffloadConfig(misses="cpu" | "auto").
+
+Why. At batch 1 an expert absent from the device cache costs expert_bytes / link rate to copy
+(mixtral-8x7b: 352 MB / 55 GB/s = 6.4 ms on PCIe Gen5) but about expert_bytes / host memory rate to
+compute where it already is (a matvec reads each weight once: ~2 ms at ~200 GB/s). So in a layer
+call of at most `cpu_max_tokens` tokens, the routed experts whose copy has landed run on the
+device as before, every other routed expert runs on the CPU from the host store, and the two
+partial sums add on the device. Longer calls (prefill) fetch as before: there the CPU's FLOPs,
+not its bandwidth, would be the limit.
+
+One layer call on CUDA (OffloadRuntime.run, `_run_split`):
+  1. x [N, D] and the routing weights [N, A] are queued for copy into pinned host buffers on the
+     compute stream *before* the runtime's one host sync per layer (the routing's `.tolist()`):
+     when that sync returns they have arrived. No sync is added.
+  2. the CPU experts go to one worker thread (torch releases the GIL inside ops; the thread's
+     intra-op pool, `cpu_threads`, does the parallel work); then the device part is launched:
+     demand fetches (auto), prefetch, the cached experts' kernels.
+  3. the main thread joins the worker, queues the CPU sum [N, D] (pinned) for copy to the device
+     without waiting, and adds it on the stream. The next layer's sync completes that copy
+     before the buffer is written again (an event guards it as well).
+On a CPU-only machine (device cpu) both parts run on the CPU, one after the other, from the same
+store (the disk store reads the expert into a scratch buffer first).
+
+Which experts live on the device (batch 1). Every use of a cached expert saves its CPU time; a
+fetch costs more link time than the CPU needs to compute the expert once (when host memory is
+faster than the link), so in "cpu" mode a miss is never fetched at demand. Instead the cache
+should hold the most used experts: the policy decides as before (lfu counts now include the
+uses computed on the CPU; --pin-counts pins the most used), and the contents change by prefill
+(long calls fetch), by prefetch, and by admission: after computing a miss on the CPU, while
+the link is idle, an expert used more than twice as often as the least used cached one (lfu) is
+copied in in the background; nothing ever waits for it. With near-uniform routing (random
+weights) counts stay even and admissions stop; with skewed routing the cache converges on the
+popular experts. An expert whose copy is still in flight runs on the CPU in "cpu" mode (it is
+never waited for) and by the cost model in "auto".
+
+Prefetch with a cost model (CUDA): a predicted expert is prefetched only if its copy is expected
+to land within this call's CPU time + cpu_s(1 token): landing later, it would lose to the next
+layer computing it on the CPU, while its DMA competes with the CPU for host memory bandwidth.
+At mixtral's shape a copy (6.4 ms) outlasts computing the expert (~2 ms), so nothing is
+prefetched; at qwen3-30b-a3b's (9.4 MB, 0.17 ms) several experts are.
+
+The "auto" cost model. Per layer call, the experts not ready on the device are split between
+the link and the CPU so that the call's time, max(device side, CPU side), is smallest:
+    device side = the latest landing among the experts it waits for: a copy in flight lands at its
+                  modelled time (ExpertCache.eta_s); the k-th demand fetch at queue_s + k * fetch_s
+                  (copies run one after another on one stream; fetch_s = expert bytes / link rate)
+    CPU side    = sum over CPU experts of cpu_s(tokens routed to it); cpu_s(n) is linear between
+                  the times measured at n = 1 and n = cpu_max_tokens (a small-batch matmul reads
+                  the weights once; each token adds its FLOPs)
+Greedy: everything starts on the device; the expert finishing last there moves to the CPU, again
+and again, keeping the best split seen (m misses: m steps). The rates are measured at load:
+three back-to-back fetches of layer-0 experts into the cache (a disk store's read included) and
+the CPU path on distinct experts at 1 and cpu_max_tokens tokens (median of three, after a
+warm-up). Not modelled: device compute of the cached experts (tens of microseconds), the hand-off
+to the thread and the sum's copy back, and the link's DMA competing with the CPU for host memory
+bandwidth. On a CPU-only machine nothing
+crosses a link (the cache is host memory too), so "auto" fetches.
+
+Shapes: N = tokens of the call, A = experts per token, D = hidden, n = tokens of one expert.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .forms import ExpertForm
+from .store import DiskStore, HostStore
+
+ADMIT_RATIO = 2.0  # a CPU-run expert replaces the least used cached one (lfu) when used this many times as often
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Rates measured at load (see the module docstring), in seconds and bytes."""
+
+    h2d_bytes_per_s: float  # store -> device cache, whole fetches of one expert (disk read included)
+    cpu_s_one: float  # one expert on the CPU, 1 token (median)
+    cpu_s_max: float  # ... max_tokens tokens
+    max_tokens: int
+
+    def cpu_s(self, tokens: int) -> float:
+        """Returns the modelled seconds to compute one expert on the CPU for `tokens` tokens."""
+        if self.max_tokens <= 1:
+            return self.cpu_s_one
+        slope = (self.cpu_s_max - self.cpu_s_one) / (self.max_tokens - 1)
+        return self.cpu_s_one + max(slope, 0.0) * (tokens - 1)
+
+    def fetch_s(self, nbytes: int) -> float:
+        """Returns the modelled seconds one fetch of `nbytes` occupies the link."""
+        return nbytes / self.h2d_bytes_per_s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_misses(inflight: list[tuple[int, float, float]], absent: list[tuple[int, float]], queue_s: float,
+                 fetch_s: float, max_fetch: int) -> list[int]:
+    """Returns the experts to compute on the CPU, of those not ready on the device, minimising
+    max(device wait, CPU time) (the "auto" cost model, greedy; see the module docstring).
+
+    inflight: (expert, seconds until its copy lands, its CPU seconds); absent: (expert, its CPU
+    seconds); queue_s: seconds until the copy queue drains; fetch_s: one demand fetch's seconds;
+    max_fetch: slots free for demand fetches (the rest of the absent experts must go to the CPU)."""
+    waiting = sorted(inflight, key=lambda t: t[1])  # kept on the device; the latest to land is last
+    fetched = sorted(absent, key=lambda t: -t[1])  # fetch the costliest on the CPU first
+    cpu = [(e, c) for e, c in fetched[max(max_fetch, 0):]]
+    fetched = fetched[:max(max_fetch, 0)]
+
+    def cost() -> float:
+        device = max([t[1] for t in waiting] + ([queue_s + len(fetched) * fetch_s] if fetched else []), default=0.0)
+        return max(device, sum(c for _, c in cpu))
+
+    best, best_cpu = cost(), list(cpu)
+    while waiting or fetched:
+        last_fetch = queue_s + len(fetched) * fetch_s if fetched else -1.0
+        last_wait = waiting[-1][1] if waiting else -1.0
+        if last_fetch >= last_wait:
+            cpu.append(fetched.pop())  # one fetch fewer: the cheapest on the CPU of those fetched
+        else:
+            e, _, c = waiting.pop()
+            cpu.append((e, c))
+        now = cost()
+        if now < best:  # strictly: on a tie the device keeps it (and the cache keeps the copy)
+            best, best_cpu = now, list(cpu)
+    return [e for e, _ in best_cpu]
+
+
+class CpuExperts:
+    """Runs routed experts on the CPU from the store: on a worker thread beside a CUDA device
+    (inline on a CPU-only machine), with pinned buffers for x, the routing weights and the sum."""
+
+    def __init__(self, form: ExpertForm, store: HostStore | DiskStore, device: torch.device, max_tokens: int,
+                 threads: int = 0, threaded: bool | None = None):
+        """`threaded` (default: on CUDA) runs the experts on the worker thread."""
+        self.form, self.store, self.device, self.max_tokens = form, store, device, max_tokens
+        self.threads = threads or torch.get_num_threads()
+        self.cuda = device.type == "cuda"
+        threaded = self.cuda if threaded is None else threaded
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="moekit-cpu-experts") if threaded else None
+        self.buffers: dict[str, torch.Tensor] = {}  # name -> pinned [max_tokens, cols]
+        self.sent: torch.cuda.Event | None = None  # the last sum's copy to the device (reads "out")
+        self.worker_threads_set = False
+
+    def _buffer(self, name: str, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[1] != cols or buf.dtype != dtype:
+            with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
+                buf = self.buffers[name] = torch.empty(self.max_tokens, cols, dtype=dtype, pin_memory=True)
+        return buf
+
+    def stage(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns host views of x [N, D] and weights [N, A]; on CUDA their copies are only queued
+        on the stream: the caller's next host sync completes them."""
+        if not self.cuda:
+            return x, weights
+        n = x.shape[0]
+        x_host = self._buffer("x", x.shape[1], x.dtype)[:n]
+        w_host = self._buffer("w", weights.shape[1], weights.dtype)[:n]
+        x_host.copy_(x, non_blocking=True)
+        w_host.copy_(weights, non_blocking=True)
+        return x_host, w_host
+
+    def submit(self, layer: int, jobs: list[tuple[int, list[int]]], x_host: torch.Tensor,
+               w_host: torch.Tensor) -> Future | tuple[torch.Tensor, float]:
+        """Starts sum over jobs (expert, its flat slots n * A + a) of w[slot] * expert(x[n]) as
+        [N, D] on the CPU; returns the handle for `join`."""
+        if self.worker is None:
+            return self._compute(layer, jobs, x_host, w_host, torch.empty_like(x_host))
+        out = (self._buffer("out", x_host.shape[1], x_host.dtype)[:x_host.shape[0]] if self.cuda
+               else torch.empty_like(x_host))
+        # inference and grad modes are per thread: the worker runs in the caller's
+        return self.worker.submit(self._in_mode, torch.is_inference_mode_enabled(), layer, jobs, x_host, w_host, out)
+
+    def join(self, handle: Future | tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float, float]:
+        """Returns (the CPU sum on the model's device, CPU seconds, seconds waited here for it)."""
+        t0 = time.perf_counter()
+        out, cpu_s = handle.result() if isinstance(handle, Future) else handle
+        wait_s = time.perf_counter() - t0 if isinstance(handle, Future) else cpu_s
+        if self.cuda:
+            out = out.to(self.device, non_blocking=True)
+            self.sent = torch.cuda.Event()
+            self.sent.record()
+        return out, cpu_s, wait_s
+
+    def _in_mode(self, inference: bool, *args) -> tuple[torch.Tensor, float]:
+        if not self.worker_threads_set:  # the intra-op pool size is per thread too
+            torch.set_num_threads(self.threads)
+            self.worker_threads_set = True
+        with torch.inference_mode(inference), torch.no_grad():
+            return self._compute(*args)
+
+    def _compute(self, layer, jobs, x_host, w_host, out) -> tuple[torch.Tensor, float]:
+        if self.sent is not None:
+            self.sent.synchronize()  # the previous sum has left `out` (already so after any sync)
+        t0 = time.perf_counter()
+        top_k = w_host.shape[1]
+        w_flat = w_host.reshape(-1)
+        out.zero_()
+        for expert, flat in jobs:
+            slots = torch.tensor(flat)
+            tokens = slots // top_k
+            tensors, row = self.store.host_rows(layer, expert)
+            y = self.form.run_one(x_host[tokens], tensors, row, layer)  # [n, D]
+            out.index_add_(0, tokens, y * w_flat[slots][:, None])
+        return out, time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+
+
+def measure_costs(runtime, dtype: torch.dtype, reps: int = 3) -> CostModel:
+    """Returns the CostModel of this machine, measured on the model's own experts: whole fetches
+    into the (fresh) cache, and the CPU path on distinct experts (cold in the CPU's caches)."""
+    cache, cpu, cfg = runtime.cache, runtime.cpu, runtime.model_config
+    layer = runtime.moe_layers[0]
+    experts = cfg.experts_in(layer)
+    fetches = min(reps, cache.num_slots, experts)
+    cache.synchronize()
+    t0 = time.perf_counter()
+    for e in range(fetches):  # back to back, as demand fetches queue: the issue overhead included once each
+        cache.fetch((layer, e), set())
+    cache.synchronize()
+    h2d = fetches * runtime.form.layer_bytes(layer) / (time.perf_counter() - t0)
+    keys = [(i, e) for i in reversed(runtime.moe_layers) for e in range(cfg.experts_in(i))]
+    top_k = cfg.top_k
+
+    def cpu_time(tokens: int, key: tuple[int, int]) -> float:
+        x = torch.randn(tokens, cfg.hidden_size).to(dtype)
+        w = torch.full((tokens, top_k), 1.0 / top_k, dtype=dtype)
+        _, seconds, _ = cpu.join(cpu.submit(key[0], [(key[1], [t * top_k for t in range(tokens)])], x, w))
+        return seconds
+
+    measured, turn = {}, 0
+    for tokens in dict.fromkeys((1, cpu.max_tokens)):
+        cpu_time(tokens, keys[-1])  # warm-up: library primitives, pages
+        runs = []
+        for _ in range(reps):  # a different expert each time, so none is warm in the CPU's caches
+            runs.append(cpu_time(tokens, keys[turn % len(keys)]))
+            turn += 1
+        measured[tokens] = statistics.median(runs)
+    return CostModel(h2d, measured[1], measured[cpu.max_tokens], cpu.max_tokens)

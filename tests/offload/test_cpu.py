@@ -1,0 +1,266 @@
+"""Misses computed on the CPU (offload/cpu.py): the same greedy tokens as the resident model for every
+predictor and store down to a 2-expert cache, in "cpu" mode, in "auto" with rates given, and on the
+worker thread; the auto cost model's split; admission of popular experts; stats; clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import moekit
+from moekit.cli import main
+from moekit.offload import OffloadConfig, load_offloaded
+from moekit.offload.cache import ExpertCache
+from moekit.offload.cpu import CostModel, CpuExperts, split_misses
+from moekit.offload.forms import dense_form
+from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
+from moekit.offload.stats import OffloadStats
+from moekit.offload.store import HostStore
+
+from conftest import token_ids
+
+CONTEXT = 40
+
+
+def budget_for(cfg, slots: int, store: str = "disk", batch: int = 1) -> int:
+    """Returns the CPU budget that leaves exactly `slots` float32 experts of cache."""
+    dtype = torch.float32
+    expert = dense_form(cfg, dtype).expert_bytes()
+    fixed = (resident_bytes(cfg, dtype) + kv_cache_bytes(cfg, dtype, batch, CONTEXT)
+             + activation_bytes(cfg, dtype, batch * CONTEXT, batch) + (expert if store == "disk" else 0))
+    return fixed + slots * expert
+
+
+def offloaded(path, cfg, slots=2, store="disk", trace=None, **kw):
+    config = OffloadConfig(device_memory=budget_for(cfg, slots, store), context_tokens=CONTEXT, store=store, **kw)
+    return load_offloaded(path, offload=config, trace=trace)
+
+
+def greedy(model, ids, n=12):
+    return model.generate(ids, max_new_tokens=n, temperature=0, eos_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny):
+    ckpt = tiny("mixtral")
+    return ckpt.path, moekit.load_model(ckpt.path)
+
+
+def check_counts(report: dict) -> None:
+    """Every lookup was a hit, a demand fetch or an expert computed on the CPU."""
+    assert report["lookups"] == report["hits"] + report["demand_fetches"] + report["cpu_experts"]
+
+
+# ---- outputs never change --------------------------------------------------------------------
+
+@pytest.mark.parametrize("predictor", ["none", "speculative", "oracle"])
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_cpu_misses_greedy_equals_resident_with_two_expert_cache(mixtral, predictor, store):
+    path, resident = mixtral
+    for prompt_len in (3, 12):  # every call on the CPU path; a 12-token prefill (> cpu_max_tokens) fetches
+        ids = token_ids(1, prompt_len, seed=prompt_len)
+        trace = None
+        if predictor == "oracle":
+            recorder = offloaded(path, resident.config, store=store, predictor="none", record_routing=True)
+            greedy(recorder, ids)
+            trace = recorder.offload.trace
+        model = offloaded(path, resident.config, store=store, predictor=predictor, misses="cpu", trace=trace)
+        assert model.offload.cache.num_slots == 2 and model.offload.misses == "cpu"
+        assert torch.equal(greedy(model, ids), greedy(resident, ids)), (predictor, store, prompt_len)
+        report = model.offload.report()
+        check_counts(report)
+        assert report["cpu_experts"] > 0 and report["cpu_s"] > 0 and report["cpu_bytes_per_token"] > 0
+        if prompt_len == 3:  # no call above cpu_max_tokens: a miss is never fetched on demand
+            assert report["demand_fetches"] == 0
+        else:
+            assert report["demand_fetches"] > 0
+
+
+def test_cpu_misses_logits_close_to_resident(mixtral):
+    path, resident = mixtral
+    ids = token_ids(1, 6, seed=3)
+    model = offloaded(path, resident.config, misses="cpu", predictor="none")
+    with torch.no_grad():
+        got, expected = model(ids), resident(ids)
+    # the CPU path runs F.linear where the resident model gathers and runs bmm: float32 rounding apart
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert model.offload.report()["cpu_experts"] > 0
+
+
+def test_batch_of_three_on_the_cpu_path(mixtral):
+    path, resident = mixtral
+    ids = token_ids(3, 4, seed=8)
+    config = OffloadConfig(device_memory=budget_for(resident.config, 2, batch=3), context_tokens=CONTEXT, batch=3,
+                           misses="cpu")
+    model = load_offloaded(path, offload=config)
+    assert model.offload.cache.num_slots == 2
+    assert torch.equal(greedy(model, ids, n=6), greedy(resident, ids, n=6))
+    assert model.offload.report()["cpu_experts"] > 0
+
+
+def test_worker_thread_gives_the_same_tokens(mixtral):
+    """The CUDA arrangement (experts on a worker thread, joined after the device part) on the CPU."""
+    path, resident = mixtral
+    model = offloaded(path, resident.config, misses="cpu", predictor="speculative", cpu_threads=1)
+    runtime = model.offload
+    runtime.cpu = CpuExperts(runtime.form, runtime.store, runtime.device, 8, threads=1, threaded=True)
+    ids = token_ids(1, 5, seed=11)
+    try:
+        assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    finally:
+        runtime.cpu.close()
+    report = runtime.report()
+    assert report["cpu_experts"] > 0 and 0 < report["cpu_wait_s"] and report["cpu_threads"] == 1
+
+
+@pytest.mark.parametrize("link", ["slow", "fast"])
+def test_auto_follows_its_cost_model(mixtral, link):
+    """auto on the CPU falls back to fetch; with rates given, a slow link sends every miss to the
+    CPU and a fast one fetches them, with the resident model's tokens either way."""
+    path, resident = mixtral
+    model = offloaded(path, resident.config, misses="auto", predictor="none")
+    runtime = model.offload
+    assert runtime.misses == "fetch" and "CPU" in runtime.misses_note and runtime.cpu is None
+    # 4 slots: a layer's 4 experts fit, so auto is never forced to the CPU for want of a slot
+    model = offloaded(path, resident.config, slots=4, misses="cpu", predictor="none", store="host")
+    runtime = model.offload
+    runtime.misses = "auto"
+    if link == "slow":  # a copy takes a second, the CPU a microsecond
+        runtime.costs = CostModel(h2d_bytes_per_s=1.0 * runtime.form.expert_bytes(), cpu_s_one=1e-6,
+                                  cpu_s_max=2e-6, max_tokens=8)
+    else:
+        runtime.costs = CostModel(h2d_bytes_per_s=1e6 * runtime.form.expert_bytes(), cpu_s_one=1.0,
+                                  cpu_s_max=2.0, max_tokens=8)
+    runtime.cache.h2d_bytes_per_s = runtime.costs.h2d_bytes_per_s
+    ids = token_ids(1, 3, seed=4)
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    report = runtime.report()
+    check_counts(report)
+    assert report["cost_model"]["h2d_bytes_per_s"] == runtime.costs.h2d_bytes_per_s
+    if link == "slow":
+        assert report["demand_fetches"] == 0 and report["cpu_experts"] > 0
+    else:
+        assert report["cpu_experts"] == 0 and report["demand_fetches"] > 0
+
+
+# ---- the cost model ----------------------------------------------------------------------------
+
+def test_split_misses():
+    # a copy costs 3, computing on the CPU 1: everything absent goes to the CPU
+    assert sorted(split_misses([], [(1, 1.0), (2, 1.0)], 0.0, 3.0, 8)) == [1, 2]
+    # a copy costs 1, the CPU 3: fetch them all
+    assert split_misses([], [(1, 3.0), (2, 3.0)], 0.0, 1.0, 8) == []
+    # equal costs: 4 misses balance 2 and 2 (max(2 fetches, 2 on the CPU) = 2)
+    assert len(split_misses([], [(e, 1.0) for e in range(4)], 0.0, 1.0, 8)) == 2
+    # the CPU takes the cheapest on the CPU (one token), the link the costliest (many tokens)
+    assert split_misses([], [(1, 0.5), (2, 2.0)], 0.0, 1.5, 8) == [1]
+    # a copy in flight that lands soon is waited for; one landing late is computed on the CPU
+    assert split_misses([(1, 0.1, 1.0)], [], 0.0, 3.0, 8) == []
+    assert split_misses([(1, 5.0, 1.0)], [], 0.0, 3.0, 8) == [1]
+    # a busy link: demand fetches queue behind the copies already issued
+    assert split_misses([], [(1, 1.0)], 5.0, 0.5, 8) == [1]
+    # no free slot for a fetch: the CPU
+    assert split_misses([], [(1, 3.0)], 0.0, 1.0, 0) == [1]
+
+
+def test_cost_model_interpolates_tokens():
+    model = CostModel(h2d_bytes_per_s=50e9, cpu_s_one=2e-3, cpu_s_max=4e-3, max_tokens=5)
+    assert model.cpu_s(1) == 2e-3 and model.cpu_s(5) == pytest.approx(4e-3) and model.cpu_s(3) == pytest.approx(3e-3)
+    assert model.fetch_s(100e6) == pytest.approx(2e-3)
+    assert CostModel(1.0, 1e-3, 1e-3, 1).cpu_s(4) == 1e-3
+
+
+# ---- the cache: admission and the copy-queue model -------------------------------------------
+
+def small_cache(policy: str = "lfu", slots: int = 2) -> ExpertCache:
+    form = dense_form_small()
+    store = HostStore(form, pin=False)
+    store.add_layer(0, {"gate_up": torch.randn(4, 8, 4), "down": torch.randn(4, 4, 4)})
+    return ExpertCache(form, store, slots, torch.device("cpu"), policy, OffloadStats())
+
+
+def dense_form_small():
+    from moekit.offload.forms import DenseForm
+
+    return DenseForm(hidden=4, ffn=4, dtype=torch.float32)
+
+
+def test_admission_replaces_only_a_much_less_used_expert():
+    cache = small_cache()
+    assert cache.admit((0, 0), set(), 2.0) is not None  # a free slot takes any expert
+    cache.fetch((0, 1), set())
+    cache.count_uses([(0, 0)] * 5 + [(0, 1)] + [(0, 2)] * 2)
+    assert cache.admit((0, 2), set(), 2.0) is None  # 2 uses is not more than twice expert 1's one
+    cache.count_uses([(0, 2)])
+    slot = cache.admit((0, 2), set(), 2.0)
+    assert slot is not None and cache.slot((0, 1)) is None and cache.slot((0, 0)) is not None
+    assert slot not in cache.prefetched  # a later use is a plain hit
+    assert torch.equal(cache.expert(slot)["down"], cache.store.get(0, 2)["down"])
+    lru = small_cache("lru")
+    lru.fetch((0, 0), set())
+    lru.fetch((0, 1), set())
+    lru.count_uses([(0, 2)] * 10)
+    assert lru.admit((0, 2), set(), 2.0) is None  # lru has no counts to compare: a full cache admits nothing
+
+
+def test_copy_queue_model():
+    cache = small_cache()
+    assert cache.link_idle() and cache.queue_s() == 0.0 and cache.eta_s(0) == 0.0
+    cache.h2d_bytes_per_s = cache.form.expert_bytes() / 10.0  # 10 s per copy
+    cache._model_copy(0, 0)
+    cache._model_copy(1, 0)
+    assert cache.ready_at[1] - cache.ready_at[0] == pytest.approx(10.0)
+    assert cache.copy_free_at == cache.ready_at[1]
+
+
+# ---- refusals, stats, the command line ------------------------------------------------------
+
+def test_bad_values_are_refused():
+    with pytest.raises(moekit.MoekitError, match="--misses 'gpu' unknown"):
+        OffloadConfig(misses="gpu")
+    with pytest.raises(moekit.MoekitError, match="cpu_max_tokens"):
+        OffloadConfig(misses="cpu", cpu_max_tokens=0)
+
+
+def test_compressed_experts_refuse_cpu_and_auto_fetches(tiny, tmp_path):
+    from moekit.quant.compress import compress
+    from moekit.quant.config import QuantConfig
+
+    path = tmp_path / "mixtral-4"
+    compress(tiny("mixtral").path, path, QuantConfig(bits="4", group_size=16, method="rtn"), progress=False)
+    with pytest.raises(moekit.MoekitError, match="--misses cpu: experts stored as int4 have no fast CPU path"):
+        load_offloaded(path, offload=OffloadConfig(misses="cpu", context_tokens=CONTEXT))
+    model = load_offloaded(path, offload=OffloadConfig(misses="auto", context_tokens=CONTEXT))
+    report = model.offload.report()
+    assert report["misses"] == "auto" and report["misses_used"] == "fetch" and "int4" in report["misses_note"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_cli_cpu_misses(capsys):
+    code, out, _ = run(capsys, "generate", "def f(x):", "--max-new-tokens", "8", "--json", "--dtype", "bfloat16")
+    resident = json.loads(out)
+    code, out, err = run(capsys, "generate", "def f(x):", "--max-new-tokens", "8", "--json", "--offload",
+                         "--device-memory", "10MB", "--misses", "cpu")
+    assert code == 0
+    offloaded_ = json.loads(out)
+    assert offloaded_["token_ids"] == resident["token_ids"]
+    stats = offloaded_["offload"]
+    assert stats["misses_used"] == "cpu" and stats["cpu_experts"] > 0
+    code, out, err = run(capsys, "generate", "def f(x):", "--max-new-tokens", "4", "--offload",
+                         "--device-memory", "10MB", "--misses", "cpu", "--stats")
+    assert code == 0 and "experts on the CPU" in err and "CPU time" in err
+
+
+def test_misses_flag_needs_offload_and_a_known_value(capsys):
+    code, _, err = run(capsys, "generate", "hi", "--misses", "cpu")
+    assert code == 2 and "--misses needs --offload" in err
+    with pytest.raises(SystemExit):
+        main(["generate", "hi", "--offload", "--misses", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr()[1]
