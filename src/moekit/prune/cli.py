@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import torch
 
@@ -119,7 +120,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..load import read_config
     from ..train import evaluate_perplexity, print_log
-    from .finetune import finetune_router, mean_router_entropy, set_top_k
+    from .finetune import check_setting, finetune_router, mean_router_entropy, set_top_k
     from .rewrite import write_pruned
 
     if args.steps <= 0:
@@ -135,7 +136,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_rows, eval_rows = samples[:-held], samples[-held:]
     eval_stream = eval_rows.reshape(-1)
     original_k = model.config.top_k
+    train_top_k = args.train_top_k if args.train_top_k is not None else original_k
+    set_top_k(model, train_top_k, "--train-top-k")  # flag mistakes are reported before any evaluation
     set_top_k(model, args.top_k)
+    warning = check_setting(model.config, train_top_k, args.train, args.entropy_weight)
+    if warning:
+        print(f"moekit finetune: warning: {warning}", file=sys.stderr)
     ppl_before = evaluate_perplexity(model, eval_stream, args.seqlen, args.batch)[0]
     entropy_before = mean_router_entropy(model, eval_rows, args.batch)
 
@@ -146,25 +152,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 yield train_rows[i]
 
     on_log = print_log if (sys.stderr.isatty() and not args.json) else None
-    result = finetune_router(model, batches(), args.steps, args.top_k, args.entropy_weight, args.lr,
-                             args.train, log_every=max(1, args.steps // 10), on_log=on_log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # printed above already
+        result = finetune_router(model, batches(), args.steps, args.top_k, args.entropy_weight, args.lr, args.train,
+                                 train_top_k=train_top_k, log_every=max(1, args.steps // 10), on_log=on_log)
     ppl_after = evaluate_perplexity(model, eval_stream, args.seqlen, args.batch)[0]
     entropy_after = mean_router_entropy(model, eval_rows, args.batch)
     ckpt, family, cfg = read_config(path)
     replace = _trained_tensors(model, family, cfg, args.train)
     kept = {i: list(range(cfg.experts_in(i))) for i in range(cfg.num_layers) if cfg.moe_layers[i]}
-    facts = {"finetune": {"top_k": args.top_k, "original_top_k": original_k, "entropy_weight": args.entropy_weight,
+    facts = {"finetune": {"top_k": args.top_k, "original_top_k": original_k, "train_top_k": train_top_k,
+                          "entropy_weight": args.entropy_weight,
                           "steps": result.steps, "lr": args.lr, "train": args.train}}
     out = write_pruned(ckpt, family, cfg, kept, args.out, facts, top_k=args.top_k, replace=replace)
-    summary = {"out": str(out), "top_k": args.top_k, "steps": result.steps, "trained": args.train,
+    summary = {"out": str(out), "top_k": args.top_k, "train_top_k": train_top_k, "steps": result.steps,
+               "trained": args.train,
                "tensors_rewritten": len(replace), "held_out_tokens": int(eval_stream.numel()),
                "perplexity_before": ppl_before, "perplexity_after": ppl_after,
                "router_entropy_before": entropy_before, "router_entropy_after": entropy_after}
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"top-{args.top_k} (was top-{original_k}), {result.steps} steps training {args.train}, "
-          f"{len(replace)} tensors rewritten")
+    print(f"top-{args.top_k} (was top-{original_k}), {result.steps} steps training {args.train} at "
+          f"top-{train_top_k}, {len(replace)} tensors rewritten")
     print(f"held-out perplexity at top-{args.top_k}: {ppl_before:.3f} -> {ppl_after:.3f} "
           f"({summary['held_out_tokens']:,} tokens)")
     print(f"router entropy: {entropy_before:.3f} -> {entropy_after:.3f} nats; wrote {out}")
@@ -200,7 +210,11 @@ def register(sub) -> None:
     f = sub.add_parser("finetune", help="fine-tune the router so a smaller top-k keeps quality")
     _add_common(f, "--data")
     f.add_argument("--out", required=True, help="output model directory")
-    f.add_argument("--top-k", type=int, required=True, help="top-k to train for and write")
+    f.add_argument("--top-k", type=int, required=True, help="top-k to route with after fine-tuning (written)")
+    f.add_argument("--train-top-k", type=int, default=None,
+                   help="top-k during fine-tuning (default: the checkpoint's). At top-1 with renormalised "
+                        "weights (mixtral) the router gets no gradient from the LM loss, so train at top-2 "
+                        "with --entropy-weight and route at --top-k 1")
     f.add_argument("--entropy-weight", type=float, default=0.01, help="weight of the router-entropy penalty")
     f.add_argument("--steps", type=int, default=100)
     f.add_argument("--lr", type=float, default=1e-3)
