@@ -137,13 +137,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
     offload = getattr(model, "offload", None)  # an offloaded expert source syncs with the host
     if offload is not None:
         offload.check_generation(batch, total)
-        if cuda_graph:
-            raise MoekitError("cuda_graph=True cannot capture an offloaded model (its experts move per step)")
-    use_graph = device.type == "cuda" and offload is None if cuda_graph is None else cuda_graph
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
         raise MoekitError("cuda_graph=True needs the model on a CUDA device")
     if compile and not use_graph:
         raise MoekitError("compile=True is for CUDA-graph decode: use it with the model on a CUDA device")
+    if compile and offload is not None:
+        raise MoekitError("compile=True is not available for offloaded models (their steps are captured "
+                          "in pieces between expert calls); leave it off")
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.cuda_graph = prompt_len, use_graph
 
@@ -197,8 +198,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
 
 
 def _capture(model, cache: KVCache, token: torch.Tensor, position: int, compile: bool,
-             stats: GenerationStats) -> _GraphedDecode | None:
-    """Returns a captured decode step (compiled if asked and possible), or None to run eagerly."""
+             stats: GenerationStats):
+    """Returns a captured decode step: whole (compiled if asked and possible), else in pieces
+    between expert calls (expert sources that sync with the host), else None to run eagerly."""
+    if getattr(model, "offload", None) is not None:
+        return _capture_pieces(model, cache, token, position, stats)
     if compile:
         try:
             step = _GraphedDecode(model, cache, token, position, compile=True)
@@ -209,10 +213,26 @@ def _capture(model, cache: KVCache, token: torch.Tensor, position: int, compile:
             torch.cuda.synchronize()
     try:
         return _GraphedDecode(model, cache, token, position)
-    except RuntimeError as e:  # e.g. an expert source that syncs with the host
+    except RuntimeError:  # e.g. an expert source that syncs with the host: capture around it
+        torch.cuda.synchronize()
+        return _capture_pieces(model, cache, token, position, stats)
+
+
+def _capture_pieces(model, cache: KVCache, token: torch.Tensor, position: int, stats: GenerationStats):
+    """Returns the step as CUDA graphs between eager expert calls (moekit.piecewise), or None."""
+    from .model import MoEBlock
+    from .piecewise import PiecewiseDecode
+
+    if not any(isinstance(layer.mlp, MoEBlock) for layer in model.layers):
+        return None
+    try:
+        step = PiecewiseDecode(model, cache, token, position)
+    except RuntimeError as e:
         warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
         torch.cuda.synchronize()
         return None
+    stats.extra["graph"] = "piecewise"
+    return step
 
 
 def _sync(device: torch.device) -> None:

@@ -16,11 +16,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .experts import ResidentExperts
 from .kv_cache import KVCache
 from .rope import apply_rope, cos_sin, inverse_frequencies
+
+# Eager decode attends over a prefix one longer every step. PyTorch prefers cuDNN attention on
+# Hopper, which builds a plan per new key length: 2.4 ms of host time per layer call, measured on
+# the H200 (benchmarks/profile_offload.py), 30x the attention itself. Flash (else memory-
+# efficient, else math) attention needs no plan, so eager decode steps ask for them.
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -83,9 +90,13 @@ class Attention(nn.Module):
                 k = cache.keys[self.layer][:, :, : start + t]
                 v = cache.values[self.layer][:, :, : start + t]
         mask = self._mask(t, k.shape[2], start, q.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-            enable_gqa=self.cfg.num_kv_heads != self.cfg.num_heads)
+        gqa = self.cfg.num_kv_heads != self.cfg.num_heads
+        if t == 1 and q.is_cuda and not isinstance(start, torch.Tensor):
+            with sdpa_kernel(_DECODE_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                                 enable_gqa=gqa)
         return out.transpose(1, 2).reshape(b, t, self.q_dim)
 
     def _mask(self, t: int, s: int, start: int | torch.Tensor, device: torch.device) -> torch.Tensor | None:

@@ -1,0 +1,144 @@
+"""Decode steps as CUDA graphs between expert calls, for expert sources that cannot be captured.
+
+An offloaded expert source reads its routing on the host (one sync per MoE layer) and moves
+experts between steps, and a compressed source may run its experts one at a time: neither can
+live inside one captured decode step. Run eagerly, though, a step launches some 60 small kernels
+per layer from Python (norms, rope, attention, residuals, router, top-k), and that host time,
+not the GPU, sets the speed (H200, qwen3-30b-a3b shape: 1.1 ms per layer call eager, measured
+by benchmarks/profile_offload.py).
+
+So the step is cut at the expert calls. Segment 0 embeds the token and runs layer 0 up to its
+routing; segment i adds layer i-1's expert output to the residual stream and runs layer i up to
+its routing (dense layers in between run whole); the last segment adds the last experts' output
+and computes the logits. Each segment is one CUDA graph reading and writing static buffers; the
+expert source runs eagerly between replays on the same stream, exactly as it does in an eager
+step, so outputs are those of the eager model.
+
+Shapes: B = batch, D = hidden, N = B tokens (one per sequence), A = experts per token, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import KVCache
+from .model import MoEBlock, MoEModel
+
+
+@dataclass
+class _Routed:
+    """What a segment leaves for the expert call after it (all static graph outputs)."""
+
+    block: MoEBlock
+    resid: torch.Tensor  # [B, 1, D] residual stream after attention
+    flat: torch.Tensor  # [N, D] post-attention-normed input of the experts
+    ids: torch.Tensor  # [N, A]
+    weights: torch.Tensor  # [N, A]
+    shared: torch.Tensor | None  # [N, D] gated shared-expert output, if the block has one
+
+
+class PiecewiseDecode:
+    """One decode step as len(MoE layers) + 1 CUDA graphs with the experts run eagerly between."""
+
+    def __init__(self, model: MoEModel, cache: KVCache, token: torch.Tensor, position: int,
+                 graphs: bool | None = None):
+        """`graphs` (default: on CUDA) captures the segments; without, they run as plain calls
+        (the same cut, testable on the CPU)."""
+        self.model, self.cache = model, cache
+        device = model.device
+        self.use_graphs = device.type == "cuda" if graphs is None else graphs
+        self.token = token.clone()  # [B, 1]
+        self.position = torch.tensor(position, dtype=torch.long, device=device)
+        b, d = token.shape[0], model.config.hidden_size
+        # the experts' output of the layer before a segment (the one input not made by a graph)
+        self.moe_out = torch.zeros(b, d, device=device, dtype=model.dtype)
+        moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)]
+        if not moe:
+            raise ValueError("piecewise decode needs a MoE layer to cut at")
+        bounds = [(None, moe[0])] + list(zip(moe, moe[1:])) + [(moe[-1], None)]
+        self.fns = [self._segment_fn(after, upto) for after, upto in bounds]
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.routed: list[_Routed] = []
+        if not self.use_graphs:
+            return
+        self.stream = torch.cuda.Stream(device)  # warm-up and capture: one side stream, one workspace
+        pool = torch.cuda.graph_pool_handle()
+        # Capture in order: each segment's graph is captured after a warm-up call, and the experts
+        # after it run eagerly on its outputs so the next segment has real inputs.
+        # Warm-ups and captures write k/v at `position`; the first replay rewrites that slot.
+        prev: _Routed | None = None
+        for fn in self.fns:
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.stream):
+                fn(prev)  # warm-up: lazy inits (cuBLAS handles, Triton compiles) outside the capture
+            torch.cuda.current_stream(device).wait_stream(self.stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+                out = fn(prev)
+            self.graphs.append(graph)
+            if isinstance(out, torch.Tensor):
+                self.logits = out
+                break
+            graph.replay()
+            self.routed.append(out)
+            self._experts(out)
+            prev = out
+
+    def _segment_fn(self, after: int | None, upto: int | None):
+        model, cache = self.model, self.cache
+        layers = model.layers
+
+        def run(prev: _Routed | None):
+            if prev is None:
+                positions = self.position + torch.arange(1, device=self.position.device)
+                cos, sin = model.rope(positions)
+                self.rope = (cos, sin)  # static outputs of segment 0, read by the later segments
+                x = model.embed(self.token)
+            else:
+                x = prev.resid + self._moe_output(prev).view_as(prev.resid)
+            cos, sin = self.rope
+            first = 0 if after is None else after + 1
+            last = len(layers) if upto is None else upto
+            for j in range(first, last):  # whole layers (dense MLPs) before the next MoE layer
+                x = layers[j](x, cos, sin, cache, self.position)
+            if upto is None:
+                return model.lm_head(model.norm(x))
+            layer = layers[upto]
+            q, k, v = layer.pre_attn(x, cos, sin)
+            x = x + layer.attn.o_proj(layer.attn.attend(q, k, v, cache, self.position))
+            block: MoEBlock = layer.mlp
+            flat = layer.post_norm(x).reshape(-1, x.shape[-1])
+            _, ids, weights = block.route(flat)
+            shared = None
+            if block.shared is not None:
+                shared = block.shared(flat)
+                if block.shared_gate is not None:
+                    shared = torch.sigmoid(block.shared_gate(flat)) * shared
+            return _Routed(block, x, flat, ids, weights, shared)
+
+        return run
+
+    def _moe_output(self, prev: _Routed) -> torch.Tensor:
+        return self.moe_out if prev.shared is None else self.moe_out + prev.shared
+
+    def _experts(self, routed: _Routed) -> None:
+        self.moe_out.copy_(routed.block.experts(routed.flat, routed.ids, routed.weights))
+
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Returns logits [B, 1, V] of token [B, 1] at `position` (k/v written to the cache)."""
+        self.token.copy_(token)
+        self.position.fill_(position)
+        if not self.use_graphs:
+            prev = None
+            for fn in self.fns[:-1]:
+                prev = fn(prev)
+                self._experts(prev)
+            return self.fns[-1](prev)
+        for graph, routed in zip(self.graphs, self.routed):
+            graph.replay()
+            self._experts(routed)
+        self.graphs[-1].replay()
+        return self.logits
