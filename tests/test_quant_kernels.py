@@ -46,21 +46,29 @@ def test_code_kernel_matches_reference(batch, rows, cols, dict_bits):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_expert_source_through_the_kernels(monkeypatch):
-    from moekit.quant.compress import _store
+def compressed_experts(bits, num_experts=3, hidden=32, ffn=24, group=None, seed=0):
+    """Returns a CompressedExperts of random experts rounded to nearest on grid `bits`."""
+    from moekit.quant.compress import round_layer
     from moekit.quant.config import QuantConfig
     from moekit.quant.formats import build_experts
 
-    g = torch.Generator().manual_seed(0)
-    gate_up, down = torch.randn(3, 2 * 24, 32, generator=g), torch.randn(3, 32, 24, generator=g)
-    for bits in ("ternary", "4"):
-        grid = TernaryGrid() if bits == "ternary" else IntGrid(4)
-        tensors, _ = _store(QuantConfig(bits=bits), {"gate_up": rtn_quantize(gate_up, grid),
-                                                     "down": rtn_quantize(down, grid)})
-        experts = build_experts(QuantConfig(bits=bits).form, 3, 32, 24, tensors, bits)
-        x = torch.randn(5, 32)
-        ids = torch.tensor([[0, 2], [1, 2], [2, 0], [0, 1], [2, 1]])
-        w = torch.rand(5, 2)
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(num_experts, 2 * ffn, hidden, generator=g)
+    down = torch.randn(num_experts, hidden, ffn, generator=g)
+    quant = QuantConfig(bits=bits, group_size=group, method="rtn")
+    return build_experts(quant.form, num_experts, hidden, ffn, round_layer(gate_up, down, quant), bits)
+
+
+@pytest.mark.parametrize("bits", ["ternary", "4"])
+def test_expert_source_through_the_kernels(monkeypatch, bits):
+    """5 tokens x 2 slots run the per-slot kernels, 9 x 2 the grouped ones: both equal the
+    grouped PyTorch path."""
+    experts = compressed_experts(bits)
+    g = torch.Generator().manual_seed(1)
+    for tokens in (5, 9):
+        x = torch.randn(tokens, 32, generator=g)
+        ids = torch.stack([torch.randperm(3, generator=g)[:2] for _ in range(tokens)])
+        w = torch.rand(tokens, 2, generator=g)
         ref = experts(x, ids, w)
         monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
         torch.testing.assert_close(experts(x, ids, w), ref, rtol=1e-4, atol=1e-4)
@@ -150,3 +158,145 @@ def test_tuned_tables_are_well_formed():
     for cfg in list(ops.INT_TUNED.values()) + list(ops.CODE_TUNED.values()) + list(ops.CODE_DEFAULT.values()):
         assert all(v > 0 and v & (v - 1) == 0 for v in cfg[:2])
     assert [ops.batch_bucket(b) for b in (1, 2, 8, 9, 64)] == [1, 8, 8, 64, 64]
+
+
+# ---- per-slot kernels (decode: every routed slot in one launch, expert ids read on the device) ---
+
+SLOT_ROUTINGS = [  # (tokens N, experts per token A, expert ids [N * A]): repeats within and across tokens
+    (1, 1, [2]), (1, 3, [2, 0, 2]), (3, 2, [1, 1, 0, 2, 2, 2])]
+
+
+def stacked_int(experts, rows, cols, bits, group, seed=0):
+    w = torch.randn(experts, rows, cols, generator=torch.Generator().manual_seed(seed))
+    q = rtn_quantize(w, IntGrid(bits, group))
+    return pack_codes(q.codes, bits), q.params[0].half(), q.params[1].to(torch.uint8)
+
+
+def stacked_code(experts, rows, cols, dict_bits, seed=0):
+    w = torch.randn(experts, rows, cols, generator=torch.Generator().manual_seed(seed))
+    q = rtn_quantize(w, TernaryGrid())
+    d = build_dictionary(symbol_probabilities(q.codes), dict_bits)
+    words, starts = encode(q.codes, d)
+    return words, starts, q.params[0][..., 0].half(), q.params[1][..., 0].half(), d.table
+
+
+def slot_inputs(n, a, ids, cols, swiglu, dtype=torch.float32):
+    """Returns (x, ids [S], weights [S] or None, top_k) of one routing: gate_up reads token rows,
+    down reads one row per slot and applies the routing weight."""
+    g = torch.Generator().manual_seed(n * 10 + a)
+    ids = torch.tensor(ids)
+    if swiglu:
+        return torch.randn(n, cols, generator=g).to(dtype), ids, None, a
+    return torch.randn(n * a, cols, generator=g).to(dtype), ids, torch.rand(n * a, generator=g).to(dtype), 1
+
+
+@pytest.mark.parametrize("bits,group,rows,cols,swiglu,config", [
+    (4, None, 26, 40, True, None),  # gate_up: silu(gate) * up, one scale per row
+    (4, None, 37, 13, False, None),  # down: odd rows, a partly used word
+    (2, 16, 22, 48, True, (2, 16, 1, False)),  # K in 3 tiles, one scale per tile
+    (3, 8, 26, 40, True, None),  # 3-bit groups that split words: one scale per code
+    (4, 16, 33, 64, False, (1, 32, 1, False)),  # groups of whole words, two tiles
+])
+@pytest.mark.parametrize("n,a,ids", SLOT_ROUTINGS)
+def test_int_slot_kernel_matches_reference(bits, group, rows, cols, swiglu, config, n, a, ids):
+    parts = stacked_int(3, rows, cols, bits, group, seed=rows)
+    x, ids, weights, top_k = slot_inputs(n, a, ids, cols, swiglu)
+    ref = ops.int_slot_linear_reference(x, ids, *parts, bits, top_k, weights, swiglu)
+    out = ops.int_slot_linear_triton(x, ids, *parts, bits, top_k, weights, swiglu, config=config)
+    assert out.shape == (n * a, rows // 2 if swiglu else rows)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dict_bits,rows,cols,swiglu,config", [
+    (8, 26, 40, True, None),
+    (8, 37, 13, False, None),
+    (10, 22, 300, True, (2, 32, 1)),  # int16 codewords, several steps of chunks
+    (8, 9, 129, False, (4, 8, 1)),
+])
+@pytest.mark.parametrize("n,a,ids", SLOT_ROUTINGS)
+def test_code_slot_kernel_matches_reference(dict_bits, rows, cols, swiglu, config, n, a, ids):
+    parts = stacked_code(3, rows, cols, dict_bits, seed=rows)
+    x, ids, weights, top_k = slot_inputs(n, a, ids, cols, swiglu)
+    ref = ops.code_slot_linear_reference(x, ids, *parts, top_k, weights, swiglu)
+    out = ops.code_slot_linear_triton(x, ids, *parts, top_k, weights, swiglu, config=config)
+    assert out.shape == (n * a, rows // 2 if swiglu else rows)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_slot_kernels_reference_is_the_dense_product():
+    """The per-slot reference is what it claims: decoded experts, picked per slot, SwiGLU, weights."""
+    from moekit.quant.grids import dequantize_int, unpack_codes
+
+    q, scale, zero = stacked_int(3, 10, 16, 4, 8)
+    dense = dequantize_int(unpack_codes(q, 4, 16), scale, zero)  # [E, 10, 16]
+    x, ids, w = torch.randn(2, 16), torch.tensor([2, 0, 1, 2]), torch.rand(4)
+    y = torch.einsum("srk,sk->sr", dense[ids], x.repeat_interleave(2, 0))  # [S, 10]
+    gate, up = y.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.int_slot_linear_reference(x, ids, q, scale, zero, 4, 2, None, True),
+                               torch.nn.functional.silu(gate) * up)
+    xs = torch.randn(4, 16)
+    torch.testing.assert_close(ops.int_slot_linear_reference(xs, ids, q, scale, zero, 4, 1, w, False),
+                               w[:, None] * torch.einsum("srk,sk->sr", dense[ids], xs))
+
+
+def test_slot_kernels_bfloat16():
+    """bfloat16 activations and weights in, bfloat16 out (float32 inside, one rounding)."""
+    x, ids, w = torch.randn(1, 40).bfloat16(), torch.tensor([1, 2, 1]), torch.rand(3).bfloat16()
+    for kernel, reference, parts in (
+            (ops.int_slot_linear_triton, ops.int_slot_linear_reference, (*stacked_int(3, 26, 40, 4, 8), 4)),
+            (ops.code_slot_linear_triton, ops.code_slot_linear_reference, stacked_code(3, 26, 40, 8))):
+        for xs, weights, top_k, swiglu in ((x, None, 3, True), (x.repeat(3, 1), w, 1, False)):
+            out = kernel(xs, ids, *parts, top_k, weights, swiglu)
+            ref = reference(xs.float(), ids, *parts, top_k, None if weights is None else weights.float(), swiglu)
+            assert out.dtype == torch.bfloat16
+            assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("bits,group", [("ternary", None), ("2", 8), ("3", 8), ("4", None)])
+@pytest.mark.parametrize("n,a", [(1, 1), (1, 3), (2, 3), (4, 4)])
+def test_slot_path_equals_grouped_path(monkeypatch, bits, group, n, a):
+    """CompressedExperts.forward: up to 16 slots go through the per-slot kernels (two launches,
+    no host sync) and equal the grouped path, whatever the routing (repeats included)."""
+    from moekit.quant import formats
+
+    experts = compressed_experts(bits, num_experts=4, hidden=24, ffn=16, group=group, seed=a)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 24, generator=g)
+    ids = torch.randint(0, 4, (n, a), generator=g)
+    w = torch.rand(n, a, generator=g)
+    ref = experts(x, ids, w)  # grouped, PyTorch references
+    calls = []
+    slot_ffn = formats.slot_ffn
+    monkeypatch.setattr(formats, "slot_ffn", lambda *args: calls.append(1) or slot_ffn(*args))
+    monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+    out = experts(x, ids, w)
+    assert calls, "the per-slot path did not run"
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", ["ternary", "4"])
+def test_slot_path_is_captured_in_a_cuda_graph(bits):
+    """On a GPU the decode path has no host sync: one top-8 call is captured in a CUDA graph and
+    replays other routings, equal to the grouped path."""
+    experts = compressed_experts(bits, num_experts=16, hidden=256, ffn=96, group=None if bits == "ternary" else 32)
+    experts = experts.cuda()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 256, generator=g).cuda().bfloat16()
+    ids = torch.randperm(16, generator=g)[:8].view(1, 8).cuda()
+    w = torch.rand(1, 8, generator=g).cuda().bfloat16()
+    experts(x, ids, w)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = experts(x, ids, w)
+    for seed in range(3):
+        ids.copy_(torch.randperm(16, generator=torch.Generator().manual_seed(seed))[:8].view(1, 8))
+        graph.replay()
+        grouped = torch.zeros_like(x)
+        for a, e in enumerate(ids[0].tolist()):  # one expert at a time: the grouped path's kernels
+            gate, up = experts.linear("gate_up", e, x).float().chunk(2, dim=-1)
+            h = (torch.nn.functional.silu(gate) * up).to(x.dtype)
+            grouped += w[0, a] * experts.linear("down", e, h)
+        torch.cuda.synchronize()
+        assert ((out.float() - grouped.float()).norm() / grouped.float().norm()).item() < 2e-2

@@ -18,6 +18,12 @@ TernaryCodeExperts (form "ternary_code", the sub-1-bit code of quant.code), per 
 
 Tensor names are prefixed with the family's experts module (e.g.
 model.layers.3.block_sparse_moe.experts.gate_up.qweight).
+
+Forward: up to SLOT_KERNEL_MAX_SLOTS routed slots (N * A; batch-1 decode) where the kernels run,
+`slot_ffn`: one launch for every slot's gate_up + SwiGLU, one for every slot's down with its
+routing weight, and a sum over each token's A slots; expert ids stay on the device (no host
+sync: a decode step can be captured whole in a CUDA graph). Otherwise the grouped path: slots
+sorted by expert (one host sync), one gate_up and one down call per routed expert.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experts import group_by_expert
+from ..experts.resident import SLOT_KERNEL_MAX_SLOTS
 from . import ops
 from .config import INT, TERNARY_CODE
 
@@ -38,6 +45,7 @@ class CompressedExperts(nn.Module):
 
     STORED: tuple[str, ...] = ()  # per-kind tensor suffixes
     SHARED: tuple[str, ...] = ()  # per-layer tensors
+    bits: int | None = None  # code width of the int form (None: not an int form)
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -77,6 +85,8 @@ class CompressedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for x [N, D]."""
+        if expert_ids.numel() <= SLOT_KERNEL_MAX_SLOTS and ops.use_kernels(x):
+            return slot_ffn(self.stored(), self.bits, x, expert_ids, weights)
         groups = group_by_expert(expert_ids, weights, self.num_experts)
         xs = x[groups.token_of]  # [S, D] in expert order
         out = torch.empty_like(xs)
@@ -127,6 +137,31 @@ class TernaryCodeExperts(CompressedExperts):
 
     def weight(self, kind, expert, dtype=torch.float32):
         return ops.code_weight(*self._parts(kind, expert), self.cols(kind), dtype)
+
+
+def slot_ffn(stored: dict[str, torch.Tensor], bits: int | None, x: torch.Tensor, expert_ids: torch.Tensor,
+             weights: torch.Tensor) -> torch.Tensor:
+    """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] through the per-slot kernels
+    (two launches, no host sync; the PyTorch references where the kernels do not run).
+
+    stored: {name relative to the experts prefix: [E, ...]} as CompressedExperts.stored() gives
+    (E may be a cache slab's slots seen in one layer's layout), int form when bits is given;
+    x [N, D]; expert_ids, weights [N, A] (ids index stored's first dimension)."""
+    n, top_k = expert_ids.shape
+    ids, w = expert_ids.reshape(-1), weights.reshape(-1)  # [S]
+    h = _slot_linear(stored, bits, "gate_up", x, ids, top_k, None)  # [S, I] silu(gate) * up
+    y = _slot_linear(stored, bits, "down", h, ids, 1, w)  # [S, D] weighted
+    return y.view(n, top_k, -1).sum(dim=1)
+
+
+def _slot_linear(t: dict[str, torch.Tensor], bits: int | None, kind: str, x: torch.Tensor, ids: torch.Tensor,
+                 top_k: int, weights: torch.Tensor | None) -> torch.Tensor:
+    swiglu = kind == "gate_up"
+    if bits is not None:
+        return ops.int_slot_linear(x, ids, t[f"{kind}.qweight"], t[f"{kind}.scale"], t[f"{kind}.zero"], bits,
+                                   top_k, weights, swiglu)
+    return ops.code_slot_linear(x, ids, t[f"{kind}.codewords"], t[f"{kind}.starts"], t[f"{kind}.lo"],
+                                t[f"{kind}.hi"], t["code_table"], top_k, weights, swiglu)
 
 
 def form_class(form: str) -> type[CompressedExperts]:

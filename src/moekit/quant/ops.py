@@ -7,6 +7,13 @@ Wk = int32 words per row, P = scale groups per row, S = code chunks per row, W =
                 table [2^bits, 2] int32
 Each `*_linear` returns x @ W^T as [B, R] in x's dtype; the `*_reference` twins decode the
 whole matrix and call F.linear (the CPU path, and what the kernel tests compare against).
+
+Per-slot matmuls (`*_slot_linear`, decode): S routed (token, expert) slots in one launch, the
+expert of each slot read on the device, the stored tensors stacked [E, ...] (a layer's experts,
+or a cache slab's slots viewed in one layer's layout):
+    x [N, K] (slot s reads x[s // top_k]), ids [S] int64, weights [S] or None
+    swiglu:  W [E, 2I, K] -> [S, I] = silu(x W[:I]^T) * (x W[I:]^T)      (gate_up)
+    else:    W [E, R, K]  -> [S, R] = weights[s] * x W^T                   (down)
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from .grids import dequantize_int, dequantize_ternary, unpack_codes
 try:
     import triton
 
-    from .kernels.code_matmul import code_matmul_kernel
-    from .kernels.int_matmul import int_matmul_kernel
+    from .kernels.code_matmul import code_matmul_kernel, code_slot_kernel
+    from .kernels.int_matmul import int_matmul_kernel, int_slot_kernel
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton use the references
     HAVE_TRITON = False
@@ -151,10 +158,11 @@ def int_linear_triton(x, qweight, scale, zero, bits: int, block_n: int | None = 
         block_b = triton.next_power_of_2(b)
     mode = int_scale_mode(groups, group_cols, per_word, block_kw * per_word)
     x = x.contiguous()
+    _check_unit_stride(qweight, scale, zero)
     out = torch.empty(b, r, dtype=x.dtype, device=x.device)
     int_matmul_kernel[(triton.cdiv(r, bn),)](
         x, qweight, scale, zero, out, b, r, k, group_cols,
-        x.stride(0), qweight.stride(0), scale.stride(0), out.stride(0),
+        x.stride(0), qweight.stride(0), scale.stride(0), zero.stride(0), out.stride(0),
         NUM_WORDS=qweight.shape[1], BITS=bits, LANES=lanes, SCALE_MODE=mode, BLOCK_B=block_b, BLOCK_N=bn, BLOCK_KW=block_kw,
         USE_DOT=use_dot, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
     return out
@@ -191,6 +199,7 @@ def code_linear_triton(x, words, starts, lo, hi, table, block_r: int | None = No
     wp = triton.next_power_of_2(w)
     chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
     xt = x.t().contiguous()  # [K, B]: a nonzero weight reads all tokens of its column at once
+    _check_unit_stride(words, starts, lo, hi)
     table64 = table.contiguous().view(torch.int64).reshape(-1)  # [2^bits] one 8-byte entry per word
     out = torch.empty(b, r, dtype=x.dtype, device=x.device)
     code_matmul_kernel[(triton.cdiv(r, br),)](
@@ -198,4 +207,113 @@ def code_linear_triton(x, words, starts, lo, hi, table, block_r: int | None = No
         xt.stride(0), words.stride(0), words.stride(1), starts.stride(0), out.stride(0),
         S=s, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, BLOCK_B=triton.next_power_of_2(b), BLOCK_R=br,
         num_warps=warps)
+    return out
+
+
+# ---- per-slot (decode) -------------------------------------------------------------------------
+
+def _check_unit_stride(*tensors: torch.Tensor) -> None:
+    """Raises ValueError unless every tensor's last dimension is contiguous (the kernels assume it)."""
+    for t in tensors:
+        if t.stride(-1) != 1:
+            raise ValueError(f"quant kernels need a contiguous last dimension, got a tensor of shape "
+                             f"{list(t.shape)} with strides {t.stride()}")
+
+
+def slot_reference(x: torch.Tensor, ids: torch.Tensor, linear, top_k: int = 1,
+                   weights: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """Returns the per-slot matmul (module docstring) in PyTorch: `linear(e, x [1, K] float32)` is
+    expert e's x @ W^T [1, R]; float32 inside, x's dtype out (as the slot kernels round)."""
+    xf = x.float()
+    y = torch.cat([linear(e, xf[s // top_k][None]) for s, e in enumerate(ids.tolist())])  # [S, R]
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    if weights is not None:
+        y = y * weights.float()[:, None]
+    return y.to(x.dtype)
+
+
+def int_slot_linear(x: torch.Tensor, ids: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    zero: torch.Tensor, bits: int, top_k: int = 1, weights: torch.Tensor | None = None,
+                    swiglu: bool = False) -> torch.Tensor:
+    """Returns the per-slot matmul (module docstring) of stacked int-form matrices qweight
+    [E, R, Wk], scale / zero [E, R, P]: one kernel launch where usable, else the reference."""
+    if not use_kernels(x):
+        return int_slot_linear_reference(x, ids, qweight, scale, zero, bits, top_k, weights, swiglu)
+    return int_slot_linear_triton(x, ids, qweight, scale, zero, bits, top_k, weights, swiglu)
+
+
+def int_slot_linear_reference(x, ids, qweight, scale, zero, bits: int, top_k: int = 1, weights=None,
+                              swiglu: bool = False) -> torch.Tensor:
+    linear = lambda e, xs: int_linear_reference(xs, qweight[e], scale[e], zero[e], bits)  # noqa: E731
+    return slot_reference(x, ids, linear, top_k, weights, swiglu)
+
+
+def int_slot_linear_triton(x, ids, qweight, scale, zero, bits: int, top_k: int = 1, weights=None,
+                           swiglu: bool = False, config: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
+    """The int per-slot kernel; `config` (BLOCK_N, BLOCK_K, num_warps, _) overrides the tuned
+    batch-1 config of one half (gate or up) of the matrix."""
+    slots, k = ids.numel(), x.shape[1]
+    rows = qweight.shape[1] // 2 if swiglu else qweight.shape[1]  # output rows
+    groups = scale.shape[2]
+    group_cols = -(-k // groups)
+    bn, bk, warps, _ = config or int_config(bits, rows, k, 1)
+    per_word = 32 // bits
+    lanes = triton.next_power_of_2(per_word)
+    block_kw = max(1, bk // lanes)
+    mode = int_scale_mode(groups, group_cols, per_word, block_kw * per_word)
+    x = x.contiguous()
+    _check_unit_stride(qweight, scale, zero)
+    ids = ids.contiguous()
+    weights = None if weights is None else weights.contiguous()
+    out = torch.empty(slots, rows, dtype=x.dtype, device=x.device)
+    int_slot_kernel[(slots, triton.cdiv(rows, bn))](
+        x, ids, ids if weights is None else weights, qweight, scale, zero, out, rows, k, group_cols,
+        x.stride(0), qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), zero.stride(0),
+        zero.stride(1), out.stride(0),
+        TOP_K=top_k, NUM_WORDS=qweight.shape[2], BITS=bits, LANES=lanes, SCALE_MODE=mode, BLOCK_N=bn,
+        BLOCK_KW=block_kw, SWIGLU=swiglu, WEIGHTED=weights is not None, num_warps=warps)
+    return out
+
+
+def code_slot_linear(x: torch.Tensor, ids: torch.Tensor, words: torch.Tensor, starts: torch.Tensor,
+                     lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor, top_k: int = 1,
+                     weights: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """Returns the per-slot matmul (module docstring) of stacked code-form matrices words
+    [E, R, S, W], starts [E, R, S], lo / hi [E, R] and the layer's table: one kernel launch where
+    usable, else the reference."""
+    if not use_kernels(x):
+        return code_slot_linear_reference(x, ids, words, starts, lo, hi, table, top_k, weights, swiglu)
+    return code_slot_linear_triton(x, ids, words, starts, lo, hi, table, top_k, weights, swiglu)
+
+
+def code_slot_linear_reference(x, ids, words, starts, lo, hi, table, top_k: int = 1, weights=None,
+                               swiglu: bool = False) -> torch.Tensor:
+    linear = lambda e, xs: code_linear_reference(xs, words[e], starts[e], lo[e], hi[e], table)  # noqa: E731
+    return slot_reference(x, ids, linear, top_k, weights, swiglu)
+
+
+def code_slot_linear_triton(x, ids, words, starts, lo, hi, table, top_k: int = 1, weights=None,
+                            swiglu: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The code per-slot kernel; `config` (BLOCK_R, words per step, num_warps) overrides the
+    tuned batch-1 config of one half (gate or up) of the matrix."""
+    slots, k = ids.numel(), x.shape[1]
+    _, r, s, w = words.shape
+    rows = r // 2 if swiglu else r
+    br, step_words, warps = config or code_config(rows, k, 1)
+    wp = triton.next_power_of_2(w)
+    chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
+    x = x.contiguous()
+    _check_unit_stride(words, starts, lo, hi)
+    table64 = table.contiguous().view(torch.int64).reshape(-1)  # [2^bits] one 8-byte entry per word
+    ids = ids.contiguous()
+    weights = None if weights is None else weights.contiguous()
+    out = torch.empty(slots, rows, dtype=x.dtype, device=x.device)
+    code_slot_kernel[(slots, triton.cdiv(rows, br))](
+        x, ids, ids if weights is None else weights, words, starts, lo, hi, table64, out, rows, k,
+        x.stride(0), words.stride(0), words.stride(1), words.stride(2), starts.stride(0), starts.stride(1),
+        lo.stride(0), hi.stride(0), out.stride(0),
+        TOP_K=top_k, S=s, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, BLOCK_R=br, SWIGLU=swiglu,
+        WEIGHTED=weights is not None, num_warps=warps)
     return out

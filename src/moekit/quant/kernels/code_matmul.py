@@ -28,6 +28,18 @@ one word, 2-4 for GPTQ'd experts). A row's output is hi * sum_HI + lo * (sum_all
 The code has no dense layout in registers (Triton has no scatter into registers), so
 the cost is per nonzero weight per token, not per weight: decode-bound at batch 1, and
 gather-bound (nonzeros x B x 2 bytes of xt from L1/L2) at large batch.
+
+Per-slot variant (decode: a few routed (token, expert) slots in one launch, no host sync), with
+S = slots, A = experts per token, E = experts (or cache slots) of one layer, stacked:
+    x        [N, K]            token activations (gate_up) or [S, K] slot activations (down)
+    ids      [S]               int64: the expert (stacked index) of each slot, read on the device
+    weights  [S]               routing weight of each slot (WEIGHTED)
+    words    [E, R, S_, W]     starts [E, R, S_], lo, hi [E, R] (any expert stride: cache slabs too)
+    table    [2^bits]          the layer's table, shared by its experts
+    out      [S, R_out]        SWIGLU: R_out = R / 2, out = silu(x W[:R/2]^T) * (x W[R/2:]^T);
+                               else R_out = R, out = weights[s] * x W^T (WEIGHTED)
+Program (s, r) decodes rows r*BLOCK_R.. of expert ids[s] with code_rows_dot at batch 1 (x's row
+of token s // TOP_K plays xt [K, 1]).
 """
 
 import triton
@@ -35,16 +47,14 @@ import triton.language as tl
 
 
 @triton.jit
-def code_matmul_kernel(
-    xt_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr,
+def code_rows_dot(
+    xt_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, rows,
     B, R, K,
-    stride_xk, stride_wr, stride_ws, stride_sr, stride_ob,
+    stride_xk, stride_wr, stride_ws, stride_sr,
     S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[:, rows] = x . W[rows]^T for one block of BLOCK_R rows."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    """Returns x . W[rows]^T as float32 [BLOCK_R, BLOCK_B] for rows [BLOCK_R] (rows >= R count 0)."""
     row_ok = rows < R
     cs = tl.arange(0, CHUNKS_PER_STEP)  # [C]
     js = tl.arange(0, WP)  # [WP]
@@ -81,6 +91,47 @@ def code_matmul_kernel(
             nz = nz ^ low
     lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     hi = tl.load(hi_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    out = hi[:, None] * acc_hi + lo[:, None] * (acc_all - acc_hi)  # [BR, BB]
+    return hi[:, None] * acc_hi + lo[:, None] * (acc_all - acc_hi)  # [BR, BB]
+
+
+@triton.jit
+def code_matmul_kernel(
+    xt_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr,
+    B, R, K,
+    stride_xk, stride_wr, stride_ws, stride_sr, stride_ob,
+    S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[:, rows] = x . W[rows]^T for one block of BLOCK_R rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    out = code_rows_dot(xt_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, rows, B, R, K,
+                        stride_xk, stride_wr, stride_ws, stride_sr, S, W, WP, CHUNKS_PER_STEP, BLOCK_B, BLOCK_R)
+    bs = tl.arange(0, BLOCK_B)
     tl.store(out_ptr + bs[None, :] * stride_ob + rows[:, None], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & b_ok[None, :])
+             mask=(rows < R)[:, None] & (bs < B)[None, :])
+
+
+@triton.jit
+def code_slot_kernel(
+    x_ptr, ids_ptr, weights_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr,
+    R_OUT, K,
+    stride_xn, stride_we, stride_wr, stride_ws, stride_se, stride_sr, stride_le, stride_he, stride_os,
+    TOP_K: tl.constexpr, S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
+    BLOCK_R: tl.constexpr, SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr,
+):
+    """out[s, rows] for one slot s and one block of BLOCK_R output rows (see the module docstring)."""
+    s = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    e = tl.load(ids_ptr + s).to(tl.int64)  # int64: a cache slab's slots may span > 2^31 bytes
+    x_row = x_ptr + (s // TOP_K) * stride_xn  # one token: xt [K, 1] with unit column stride
+    words_e, starts_e = words_ptr + e * stride_we, starts_ptr + e * stride_se
+    lo_e, hi_e = lo_ptr + e * stride_le, hi_ptr + e * stride_he
+    acc = code_rows_dot(x_row, words_e, starts_e, lo_e, hi_e, table_ptr, rows, 1, R_OUT, K, 1, stride_wr, stride_ws,
+                        stride_sr, S, W, WP, CHUNKS_PER_STEP, 1, BLOCK_R)  # [BR, 1]
+    if SWIGLU:  # acc holds the gate rows; the up rows are R_OUT further
+        up = code_rows_dot(x_row, words_e, starts_e, lo_e, hi_e, table_ptr, rows + R_OUT, 1, 2 * R_OUT, K, 1,
+                           stride_wr, stride_ws, stride_sr, S, W, WP, CHUNKS_PER_STEP, 1, BLOCK_R)
+        acc = acc * tl.sigmoid(acc) * up
+    if WEIGHTED:
+        acc = acc * tl.load(weights_ptr + s).to(tl.float32)
+    tl.store(out_ptr + s * stride_os + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rows < R_OUT)[:, None])

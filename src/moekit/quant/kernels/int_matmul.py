@@ -25,6 +25,17 @@ Weights are read once per launch whatever B is.
 
 SCALE_MODE says how scale/zero are fetched: 0 one per row (P = 1, loaded once), 1 one per tile
 (the tile lies inside one group), 2 one per word (groups are whole words), 3 one per code.
+
+Per-slot variant (decode: a few routed (token, expert) slots in one launch, no host sync), with
+S = slots, A = experts per token, E = experts (or cache slots) of one layer, stacked:
+    x        [N, K]                 token activations (gate_up) or [S, K] slot activations (down)
+    ids      [S]                    int64: the expert (stacked index) of each slot, read on the device
+    weights  [S]                    routing weight of each slot (WEIGHTED)
+    qweight  [E, R, ceil(K / k)]    scale, zero [E, R, P]  (any expert stride: cache slabs too)
+    out      [S, R_out]             SWIGLU: R_out = R / 2, out = silu(x W[:R/2]^T) * (x W[R/2:]^T);
+                                    else R_out = R, out = weights[s] * x W^T (WEIGHTED)
+Program (s, n) computes rows n*BLOCK_N.. of slot s at batch 1 with int_rows_dot, the tile loop
+int_matmul_kernel runs too: slot s reads x[s // TOP_K] and expert ids[s].
 """
 
 import triton
@@ -34,18 +45,17 @@ SCALE_PER_ROW, SCALE_PER_TILE, SCALE_PER_WORD, SCALE_PER_CODE = 0, 1, 2, 3
 
 
 @triton.jit
-def int_matmul_kernel(
-    x_ptr, q_ptr, scale_ptr, zero_ptr, out_ptr,
+def int_rows_dot(
+    x_ptr, q_ptr, scale_ptr, zero_ptr, rows,
     B, R, K, GROUP_COLS,
-    stride_xb, stride_qr, stride_sr, stride_ob,
+    stride_xb, stride_qr, stride_sr, stride_zr,
     NUM_WORDS: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr, SCALE_MODE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """out[:, rows] = x . dequant(qweight[rows])^T for one block of BLOCK_N rows."""
+    """Returns x . dequant(qweight[rows])^T in float32 for rows [BLOCK_N] (rows >= R count 0):
+    [BLOCK_B, BLOCK_N] with USE_DOT, else [BLOCK_N, BLOCK_B]."""
     PER_WORD: tl.constexpr = 32 // BITS
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     row_ok = rows < R
     wi = tl.arange(0, BLOCK_KW)  # [BKW]
     lanes = tl.arange(0, LANES)  # [L]
@@ -58,7 +68,7 @@ def int_matmul_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     if SCALE_MODE == 0:
         scale = tl.load(scale_ptr + rows * stride_sr, mask=row_ok, other=0.0).to(tl.float32)[:, None, None]
-        zero = tl.load(zero_ptr + rows * stride_sr, mask=row_ok, other=0).to(tl.float32)[:, None, None]
+        zero = tl.load(zero_ptr + rows * stride_zr, mask=row_ok, other=0).to(tl.float32)[:, None, None]
     for kw0 in range(0, NUM_WORDS, BLOCK_KW):
         words_at = kw0 + wi  # [BKW]
         q_mask = row_ok[:, None] & (words_at < NUM_WORDS)[None, :]
@@ -67,18 +77,18 @@ def int_matmul_kernel(
         cols = words_at[:, None] * PER_WORD + lanes[None, :]  # [BKW, L]
         col_ok = (lanes < PER_WORD)[None, :] & (cols < K)
         if SCALE_MODE == 1:
-            s_off = rows * stride_sr + (kw0 * PER_WORD) // GROUP_COLS  # [BN]
-            scale = tl.load(scale_ptr + s_off, mask=row_ok, other=0.0).to(tl.float32)[:, None, None]
-            zero = tl.load(zero_ptr + s_off, mask=row_ok, other=0).to(tl.float32)[:, None, None]
+            group = (kw0 * PER_WORD) // GROUP_COLS
+            scale = tl.load(scale_ptr + rows * stride_sr + group, mask=row_ok, other=0.0).to(tl.float32)[:, None, None]
+            zero = tl.load(zero_ptr + rows * stride_zr + group, mask=row_ok, other=0).to(tl.float32)[:, None, None]
         elif SCALE_MODE == 2:
-            s_off = rows[:, None] * stride_sr + ((words_at * PER_WORD) // GROUP_COLS)[None, :]  # [BN, BKW]
-            scale = tl.load(scale_ptr + s_off, mask=q_mask, other=0.0).to(tl.float32)[:, :, None]
-            zero = tl.load(zero_ptr + s_off, mask=q_mask, other=0).to(tl.float32)[:, :, None]
+            group = ((words_at * PER_WORD) // GROUP_COLS)[None, :]  # [1, BKW]
+            scale = tl.load(scale_ptr + rows[:, None] * stride_sr + group, mask=q_mask, other=0.0).to(tl.float32)[:, :, None]
+            zero = tl.load(zero_ptr + rows[:, None] * stride_zr + group, mask=q_mask, other=0).to(tl.float32)[:, :, None]
         elif SCALE_MODE == 3:
-            s_off = rows[:, None, None] * stride_sr + (cols // GROUP_COLS)[None, :, :]  # [BN, BKW, L]
+            group = (cols // GROUP_COLS)[None, :, :]  # [1, BKW, L]
             s_mask = row_ok[:, None, None] & col_ok[None, :, :]
-            scale = tl.load(scale_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
-            zero = tl.load(zero_ptr + s_off, mask=s_mask, other=0).to(tl.float32)
+            scale = tl.load(scale_ptr + rows[:, None, None] * stride_sr + group, mask=s_mask, other=0.0).to(tl.float32)
+            zero = tl.load(zero_ptr + rows[:, None, None] * stride_zr + group, mask=s_mask, other=0).to(tl.float32)
         w = (codes.to(tl.float32) - zero) * scale  # [BN, BKW, L]
         if USE_DOT:
             cols_flat = tl.reshape(cols, (BLOCK_KW * LANES,))  # [BK]
@@ -97,9 +107,55 @@ def int_matmul_kernel(
                     acc += part[:, None]
                 else:
                     acc = tl.where(bs[None, :] == b, acc + part[:, None], acc)
+    return acc
+
+
+@triton.jit
+def int_matmul_kernel(
+    x_ptr, q_ptr, scale_ptr, zero_ptr, out_ptr,
+    B, R, K, GROUP_COLS,
+    stride_xb, stride_qr, stride_sr, stride_zr, stride_ob,
+    NUM_WORDS: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr, SCALE_MODE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[:, rows] = x . dequant(qweight[rows])^T for one block of BLOCK_N rows."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    acc = int_rows_dot(x_ptr, q_ptr, scale_ptr, zero_ptr, rows, B, R, K, GROUP_COLS,
+                       stride_xb, stride_qr, stride_sr, stride_zr,
+                       NUM_WORDS, BITS, LANES, SCALE_MODE, BLOCK_B, BLOCK_N, BLOCK_KW, USE_DOT, DOT_PRECISION)
+    bs = tl.arange(0, BLOCK_B)
+    row_ok = rows < R
+    b_ok = bs < B
     if USE_DOT:
         tl.store(out_ptr + bs[:, None] * stride_ob + rows[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=b_ok[:, None] & row_ok[None, :])
     else:
         tl.store(out_ptr + bs[None, :] * stride_ob + rows[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=b_ok[None, :] & row_ok[:, None])
+
+
+@triton.jit
+def int_slot_kernel(
+    x_ptr, ids_ptr, weights_ptr, q_ptr, scale_ptr, zero_ptr, out_ptr,
+    R_OUT, K, GROUP_COLS,
+    stride_xn, stride_qe, stride_qr, stride_se, stride_sr, stride_ze, stride_zr, stride_os,
+    TOP_K: tl.constexpr, NUM_WORDS: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr,
+    SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr,
+):
+    """out[s, rows] for one slot s and one block of BLOCK_N output rows (see the module docstring)."""
+    s = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    e = tl.load(ids_ptr + s).to(tl.int64)  # int64: a cache slab's slots may span > 2^31 bytes
+    x_row = x_ptr + (s // TOP_K) * stride_xn
+    q_e, scale_e, zero_e = q_ptr + e * stride_qe, scale_ptr + e * stride_se, zero_ptr + e * stride_ze
+    acc = int_rows_dot(x_row, q_e, scale_e, zero_e, rows, 1, R_OUT, K, GROUP_COLS, 0, stride_qr, stride_sr, stride_zr,
+                       NUM_WORDS, BITS, LANES, SCALE_MODE, 1, BLOCK_N, BLOCK_KW, False, "ieee")  # [BN, 1]
+    if SWIGLU:  # acc holds the gate rows; the up rows are R_OUT further
+        up = int_rows_dot(x_row, q_e, scale_e, zero_e, rows + R_OUT, 1, 2 * R_OUT, K, GROUP_COLS, 0, stride_qr,
+                          stride_sr, stride_zr, NUM_WORDS, BITS, LANES, SCALE_MODE, 1, BLOCK_N, BLOCK_KW, False, "ieee")
+        acc = acc * tl.sigmoid(acc) * up
+    if WEIGHTED:
+        acc = acc * tl.load(weights_ptr + s).to(tl.float32)
+    tl.store(out_ptr + s * stride_os + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rows < R_OUT)[:, None])
