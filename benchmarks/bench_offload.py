@@ -4,9 +4,18 @@ transformers + accelerate device_map="auto" with max_memory at the same budget; 
 figure next to its ceiling max(compute time, PCIe bytes per token / measured pinned H2D bandwidth).
 Pre-gate accuracy is measured on the bundled tiny MoE (trained by examples/train_tiny.py).
 
+Rows "CPU misses" (OffloadConfig(misses="cpu"), predictor none and speculative) compute the experts
+absent from the GPU cache on the CPU from host memory (offload/cpu.py); "auto" (speculative) lets
+the cost model measured at load split them between PCIe and the CPU. torch's intra-op threads
+are set to the CPUs this process may use (`cpu_threads` in the JSON). Their ceiling adds the CPU
+side: max(compute time, PCIe bytes per token / H2D rate, expert bytes the CPU reads per token /
+host read rate), the host rate measured in the same run (the best of a bf16 matvec over the host
+store's experts and a sum over them; both in the JSON).
+
     cd repo && PYTHONPATH=src python3 benchmarks/bench_offload.py --out $OUT            # H200
     PYTHONPATH=src python3 benchmarks/bench_offload.py --device cpu --small --out /tmp/b  # smoke test
     ... --compressed-bits ternary,4   # also: the same experts compressed, offloaded in their stored form
+    ... --misses cpu,auto --skip-hf --skip-pregate   # only the CPU-miss rows (no trace: no oracle row)
 
 The compressed phase rounds the bf16 experts to nearest (RTN: ternary per row, or 4-bit in groups
 of 128) on the device, in seconds; GPTQ needs calibration Hessians per expert and takes minutes
@@ -54,6 +63,10 @@ SMALL = {
     "qwen3": dict(hidden_size=128, moe_intermediate_size=64, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=32, vocab_size=1000),
 }
+
+
+MISS_ROWS = (("cpu", "none"), ("cpu", "speculative"), ("auto", "speculative"))  # (misses, predictor) rows
+MISS_LABELS = {"cpu": "CPU misses", "auto": "auto"}
 
 
 def log(msg: str) -> None:
@@ -157,6 +170,29 @@ def h2d_bandwidth(device, nbytes=2**30) -> float:
     return 5 * nbytes / (time.perf_counter() - t0)
 
 
+def host_read_rates(host: dict, max_bytes: int = 4 * 2**30) -> dict:
+    """Returns measured host read rates (bytes/s) over the host store's experts: a bf16 matvec per
+    expert matrix (what a CPU miss does) and a sum of the same tensors; both read each byte once."""
+    mats = [t[e] for layer in host.values() for t in layer.values() for e in range(t.shape[0])]
+    chosen, total = [], 0
+    for m in mats:  # distinct matrices, more than any last-level cache, up to max_bytes
+        if total >= max_bytes:
+            break
+        chosen.append(m)
+        total += m.numel() * m.element_size()
+    xs = {m.shape[1]: torch.randn(1, m.shape[1]).to(m.dtype) for m in chosen}
+    out = {}
+    for name, fn in (("matvec", lambda m: torch.nn.functional.linear(xs[m.shape[1]], m)), ("sum", lambda m: m.sum())):
+        for m in chosen[:2]:
+            fn(m)  # warm-up (library primitives)
+        t0 = time.perf_counter()
+        for m in chosen:
+            fn(m)
+        out[f"{name}_bytes_per_s"] = total / (time.perf_counter() - t0)
+    out.update(bytes=total, host_bytes_per_s=max(out["matvec_bytes_per_s"], out["sum_bytes_per_s"]))
+    return out
+
+
 def run_generate(model, ids, new_tokens, cuda_graph=None):
     stats = moekit.GenerationStats()
     model.generate(ids, max_new_tokens=new_tokens, temperature=0, eos_token_ids=(), stats=stats,
@@ -173,16 +209,25 @@ def free():
         torch.cuda.reset_peak_memory_stats()
 
 
-def offload_row(r: dict, rep: dict, budget: int, bw: float, compute_s: float | None) -> None:
-    """Adds an offloaded run's report to its timing row `r`, with its ceiling: the larger of the
-    GPU-only compute time and the bytes that crossed PCIe per token at the measured rate `bw`."""
+def offload_row(r: dict, rep: dict, budget: int, bw: float, compute_s: float | None,
+                host_rate: float | None = None) -> None:
+    """Adds an offloaded run's report to its timing row `r`, with its ceiling: the largest of the
+    GPU-only compute time, the bytes that crossed PCIe per token at the measured rate `bw`, and
+    the expert bytes the CPU read per token at the measured host read rate `host_rate`."""
     pcie_s = rep["bytes_per_token"] / bw
-    ceiling_s = max(compute_s or 0.0, pcie_s)
+    cpu_s = rep.get("cpu_bytes_per_token", 0) / host_rate if host_rate else 0.0
+    ceiling_s = max(compute_s or 0.0, pcie_s, cpu_s)
     r.update(hit_rate=rep["hit_rate"], prefetch_precision=rep["prefetch_precision"],
              prefetch_recall=rep["prefetch_recall"], pcie_bytes_per_token=rep["bytes_per_token"],
              stall_s=rep["stall_s"], peak_bytes=rep["peak_device_bytes"], cache_slots=rep["cache_slots"],
              within_budget=rep["peak_device_bytes"] <= budget,
              ceiling_tok_s=1 / ceiling_s if ceiling_s > 0 else None, pcie_s_per_token=pcie_s, plan=rep["plan"])
+    if rep.get("misses", "fetch") != "fetch":
+        r.update(misses=rep["misses"], misses_used=rep["misses_used"], misses_note=rep["misses_note"],
+                 cpu_bytes_per_token=rep["cpu_bytes_per_token"], cpu_s_per_token_ceiling=cpu_s,
+                 cpu_experts=rep["cpu_experts"], cpu_s=rep["cpu_s"], cpu_wait_s=rep["cpu_wait_s"],
+                 admissions=rep["admissions"], prefetches=rep["prefetches"], demand_fetches=rep["demand_fetches"],
+                 cpu_threads=rep["cpu_threads"], cost_model=rep["cost_model"])
     r["share_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"] if r["ceiling_tok_s"] else None
 
 
@@ -223,6 +268,14 @@ def bench_shape(shape, args, device, results, save):
     save()
 
     bw = results["h2d_bytes_per_s"]
+    host_rate = None
+    if set(args.misses) & {"cpu", "auto"}:
+        res["host_read"] = host_read_rates(host)
+        host_rate = res["host_read"]["host_bytes_per_s"]
+        log(f"{shape}: host read {host_rate / 1e9:.1f} GB/s (bf16 matvec {res['host_read']['matvec_bytes_per_s'] / 1e9:.1f}, "
+            f"sum {res['host_read']['sum_bytes_per_s'] / 1e9:.1f}) over {res['host_read']['bytes'] / 1e9:.2f} GB, "
+            f"{torch.get_num_threads()} threads")
+        save()
     for share in args.budgets:
         budget = int(model_bytes * share)
         if args.small:  # tiny shapes: activations dominate, so budget the share of the experts instead
@@ -234,35 +287,40 @@ def bench_shape(shape, args, device, results, save):
         key = f"budget_{int(share * 100)}pct"
         out = res.setdefault(key, {"budget_bytes": budget})
         trace = None
-        for predictor in ("none", "speculative", "oracle"):
+        rows = [(name, "fetch", name) for name in ("none", "speculative", "oracle") if "fetch" in args.misses]
+        rows += [(f"{misses}_{predictor}", misses, predictor) for misses, predictor in MISS_ROWS if misses in args.misses]
+        for name, misses, predictor in rows:
             try:
                 if predictor == "oracle" and trace is None:
                     raise RuntimeError("no routing trace from the 'none' run")
                 free()  # start from nothing: the previous phase (accelerate's too) must not count here
+                record = name == "none"
                 config = OffloadConfig(device_memory=budget, predictor=predictor, cache_policy=args.policy,
-                                       context_tokens=context, record_routing=predictor == "none")
+                                       context_tokens=context, record_routing=record, misses=misses)
                 model = load_offloaded(folder, device=device, dtype=dtype, offload=config, host_layers=host,
                                        trace=trace)
                 runtime = model.offload
                 run_generate(model, ids, 2)  # kernels compiled, then a fresh cache and counters
-                if predictor == "none":
+                if record:
                     runtime.trace.clear()
                 runtime.calls.clear()
                 model.offload.cache.synchronize()
                 runtime.reset_stats()
                 r = run_generate(model, ids, args.tokens)
                 rep = runtime.report()
-                if predictor == "none":
+                if record:
                     trace = {k: list(v) for k, v in runtime.trace.items()}
-                offload_row(r, rep, budget, bw, compute_s)
-                out[predictor] = r
-                log(f"{shape} {key} {predictor}: {r['decode_tok_s']:.2f} tok/s (ceiling {r['ceiling_tok_s'] or 0:.2f}), "
+                offload_row(r, rep, budget, bw, compute_s, host_rate)
+                out[name] = r
+                cpu = (f", CPU {r['cpu_experts']} experts {r['cpu_bytes_per_token'] / 1e6:.0f} MB/token"
+                       f" (waited {r['cpu_wait_s'] * 1e3:.0f} of {r['cpu_s'] * 1e3:.0f} ms)" if "cpu_experts" in r else "")
+                log(f"{shape} {key} {name}: {r['decode_tok_s']:.2f} tok/s (ceiling {r['ceiling_tok_s'] or 0:.2f}), "
                     f"hit {r['hit_rate']:.2f}, P/R {r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}, "
-                    f"{r['pcie_bytes_per_token'] / 1e6:.0f} MB/token, peak {r['peak_bytes'] / 1e9:.2f} of {budget / 1e9:.2f} GB")
+                    f"{r['pcie_bytes_per_token'] / 1e6:.0f} MB/token{cpu}, peak {r['peak_bytes'] / 1e9:.2f} of {budget / 1e9:.2f} GB")
                 model = runtime = None
                 free()
             except Exception as e:
-                out[predictor] = {"error": repr(e)}
+                out[name] = {"error": repr(e)}
                 traceback.print_exc()
             save()
         if not args.skip_hf:
@@ -440,8 +498,9 @@ def bench_hf(shape, args, device, host, folder, budget, ids):
 
 
 def table(results) -> str:
-    rows = ["| shape | budget | engine | tok/s | ceiling tok/s | % of ceiling | TTFT ms | hit rate | prefetch P/R | MB/token | peak GB / budget GB |",
+    rows = ["| shape | budget | engine | tok/s | ceiling tok/s | % of ceiling | TTFT ms | hit rate | prefetch P/R | MB/token (PCIe + CPU) | peak GB / budget GB |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = ["none", "speculative", "oracle", *(f"{m}_{p}" for m, p in MISS_ROWS), "hf_accelerate"]
     for shape, res in results.get("shapes", {}).items():
         g = res.get("gpu_only", {})
         if "decode_tok_s" in g:
@@ -451,9 +510,9 @@ def table(results) -> str:
             if not key.startswith("budget_"):
                 continue
             b = out["budget_bytes"] / 1e9
-            for name in ("none", "speculative", "oracle", "hf_accelerate"):
+            for name in names:
                 r = out.get(name)
-                if r is None:  # not run (--skip-hf)
+                if r is None:  # not run (--skip-hf, --misses)
                     continue
                 if "decode_tok_s" not in r:
                     rows.append(f"| {shape} | {key[7:]} | {name} | error | | | | | | | |")
@@ -463,9 +522,15 @@ def table(results) -> str:
                                 f"{r['ttft_s'] * 1e3:.0f} | | | | {(r.get('peak_bytes') or 0) / 1e9:.1f} / {b:.1f} |")
                     continue
                 ceil = r.get("ceiling_tok_s") or 0
-                rows.append(f"| {shape} | {key[7:]} | moekit {name} | {r['decode_tok_s']:.2f} | {ceil:.2f} | "
+                engine, mb = f"moekit {name}", f"{r['pcie_bytes_per_token'] / 1e6:.0f}"
+                if "misses" in r:  # "PCIe MB + CPU MB" per token; the label says what actually ran
+                    misses, predictor = name.split("_", 1)
+                    used = "" if r["misses_used"] == r["misses"] else f", ran {r['misses_used']}"
+                    engine = f"moekit {MISS_LABELS[misses]} ({predictor}{used})"
+                    mb += f" + {r['cpu_bytes_per_token'] / 1e6:.0f} CPU"
+                rows.append(f"| {shape} | {key[7:]} | {engine} | {r['decode_tok_s']:.2f} | {ceil:.2f} | "
                             f"{100 * (r.get('share_of_ceiling') or 0):.0f}% | {r['ttft_s'] * 1e3:.0f} | {r['hit_rate']:.2f} | "
-                            f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f} | {r['pcie_bytes_per_token'] / 1e6:.0f} | "
+                            f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f} | {mb} | "
                             f"{r['peak_bytes'] / 1e9:.2f} / {b:.2f} |")
     for shape, res in results.get("shapes", {}).items():  # compressed experts, offloaded as stored
         for ckey, cres in res.items():
@@ -564,7 +629,17 @@ def main() -> int:
     parser.add_argument("--compressed-bits", default="",
                         help="also offload the experts compressed (RTN): ternary, 4 or both ('ternary,4'); default off")
     parser.add_argument("--compressed-budgets", default="0.10", help="shares of the bf16 model's bytes for those rows")
+    parser.add_argument("--misses", default="fetch,cpu,auto",
+                        help="which offloaded rows run: fetch (none/speculative/oracle), cpu, auto (default: all)")
+    parser.add_argument("--cpu-threads", type=int, default=0,
+                        help="torch intra-op threads (default: the CPUs this process may use)")
     args = parser.parse_args()
+    args.misses = [m for m in args.misses.split(",") if m]
+    for m in args.misses:
+        if m not in ("fetch", "cpu", "auto"):
+            parser.error(f"--misses: {m!r} is not one of fetch, cpu, auto")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(args.cpu_threads or cores)
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.compressed_bits = [b for b in args.compressed_bits.split(",") if b]
     args.compressed_budgets = [float(b) for b in args.compressed_budgets.split(",")]
@@ -576,7 +651,8 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()},
-               "command": " ".join(sys.argv), "tmp": args.tmp, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+               "command": " ".join(sys.argv), "tmp": args.tmp, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "cpu_threads": torch.get_num_threads(), "cpus_usable": cores, "cpu_count": os.cpu_count()}
     try:
         import subprocess
         results["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

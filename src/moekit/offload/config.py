@@ -57,7 +57,7 @@ class OffloadConfig:
     record_routing: bool = False  # keep every layer's routing (an oracle trace for a second run)
     misses: str = "fetch"  # fetch | cpu | auto: where an expert absent from the device cache runs (offload.cpu)
     cpu_max_tokens: int = 8  # layer calls of at most this many tokens may run experts on the CPU
-    cpu_threads: int = 0  # intra-op threads of the CPU expert worker (0: torch.get_num_threads())
+    cpu_threads: int = 0  # intra-op threads of the CPU expert worker (CUDA; 0: torch's threads - 1)
     version: int = 1
 
     def __post_init__(self) -> None:

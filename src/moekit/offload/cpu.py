@@ -137,11 +137,13 @@ class CpuExperts:
 
     def __init__(self, form: ExpertForm, store: HostStore | DiskStore, device: torch.device, max_tokens: int,
                  threads: int = 0, threaded: bool | None = None):
-        """`threaded` (default: on CUDA) runs the experts on the worker thread."""
+        """`threaded` (default: on CUDA) runs the experts on the worker thread, with `threads`
+        intra-op threads (0: one fewer than torch's, leaving a core to the thread driving the GPU:
+        an intra-op team that shares its cores waits for a descheduled member at every barrier)."""
         self.form, self.store, self.device, self.max_tokens = form, store, device, max_tokens
-        self.threads = threads or torch.get_num_threads()
         self.cuda = device.type == "cuda"
         threaded = self.cuda if threaded is None else threaded
+        self.threads = threads or (max(1, torch.get_num_threads() - 1) if threaded else torch.get_num_threads())
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="moekit-cpu-experts") if threaded else None
         self.buffers: dict[str, torch.Tensor] = {}  # name -> pinned [max_tokens, cols]
         self.sent: torch.cuda.Event | None = None  # the last sum's copy to the device (reads "out")
