@@ -1,6 +1,8 @@
 """Offload: run a model larger than the device. Experts live in a store (pinned host memory, or
 the checkpoint on disk), a device cache under a byte budget holds the ones in use, and a predictor
-prefetches the next layer's experts on a side stream while the current layer computes.
+prefetches the next layer's experts on a side stream while the current layer computes. With
+OffloadConfig(misses="cpu" | "auto"), decode-sized calls compute the experts absent from the device
+on the CPU from the store instead of copying them (offload.cpu).
 
 Entry points: `load_offloaded(path, device, offload=OffloadConfig(...))`, `OffloadLoader` (an
 ExpertLoader for moekit.load_model), `plan_budget`, `train_pregates` (moekit pregate).

@@ -14,8 +14,9 @@ One layer call on CUDA (OffloadRuntime.run, `_run_split`):
      compute stream *before* the runtime's one host sync per layer (the routing's `.tolist()`):
      when that sync returns they have arrived. No sync is added.
   2. the CPU experts go to one worker thread (torch releases the GIL inside ops; the thread's
-     intra-op pool, `cpu_threads`, does the parallel work); then the device part is launched:
-     demand fetches (auto), prefetch, the cached experts' kernels.
+     intra-op pool, `cpu_threads`, by default one fewer than torch's, does the parallel work);
+     then the device part is launched: demand fetches (auto), prefetch, the cached experts'
+     kernels (on the rows routed to them, gathered by indices the host already knows).
   3. the main thread joins the worker, queues the CPU sum [N, D] (pinned) for copy to the device
      without waiting, and adds it on the stream. The next layer's sync completes that copy
      before the buffer is written again (an event guards it as well).
