@@ -78,6 +78,24 @@ def test_cpu_misses_greedy_equals_resident_with_two_expert_cache(mixtral, predic
             assert report["demand_fetches"] > 0
 
 
+def test_pregate_predictor_and_pins_with_cpu_misses(mixtral, tmp_path):
+    from moekit.offload import read_counts
+    from moekit.offload.pregate import save_pregates, train_pregates
+
+    path, resident = mixtral
+    weights, report = train_pregates(resident, token_ids(1, 200, seed=2)[0], steps=30, seqlen=50)
+    save_pregates(weights, resident.config, tmp_path, report)
+    config = OffloadConfig(device_memory=budget_for(resident.config, 2), context_tokens=CONTEXT, misses="cpu",
+                           predictor="pregate", pregate_path=str(tmp_path), pin_experts=0.5)
+    model = load_offloaded(path, offload=config, pin_counts=read_counts(tmp_path / "expert_counts.json"))
+    assert len(model.offload.cache.pinned) == 1
+    ids = token_ids(1, 5, seed=4)
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    report = model.offload.report()
+    check_counts(report)
+    assert report["cpu_experts"] > 0 and report["predictor"] == "pregate"
+
+
 def test_cpu_misses_logits_close_to_resident(mixtral):
     path, resident = mixtral
     ids = token_ids(1, 6, seed=3)
@@ -115,25 +133,39 @@ def test_worker_thread_gives_the_same_tokens(mixtral):
     assert report["cpu_experts"] > 0 and 0 < report["cpu_wait_s"] and report["cpu_threads"] == 1
 
 
-@pytest.mark.parametrize("link", ["slow", "fast"])
-def test_auto_follows_its_cost_model(mixtral, link):
-    """auto on the CPU falls back to fetch; with rates given, a slow link sends every miss to the
-    CPU and a fast one fetches them, with the resident model's tokens either way."""
+def with_costs(model, misses: str, link: str) -> None:
+    """Gives a CPU-device runtime measured-looking rates: a slow link (a copy takes a second, the
+    CPU a microsecond) or a fast one (the reverse)."""
+    runtime = model.offload
+    runtime.misses = misses
+    expert = runtime.form.expert_bytes()
+    if link == "slow":
+        runtime.costs = CostModel(h2d_bytes_per_s=1.0 * expert, cpu_s_one=1e-6, cpu_s_max=2e-6, max_tokens=8)
+    else:
+        runtime.costs = CostModel(h2d_bytes_per_s=1e6 * expert, cpu_s_one=1.0, cpu_s_max=2.0, max_tokens=8)
+    runtime.cache.h2d_bytes_per_s = runtime.costs.h2d_bytes_per_s
+
+
+def test_auto_falls_back_to_fetch_on_a_cpu_device(mixtral):
     path, resident = mixtral
     model = offloaded(path, resident.config, misses="auto", predictor="none")
     runtime = model.offload
     assert runtime.misses == "fetch" and "CPU" in runtime.misses_note and runtime.cpu is None
+    ids = token_ids(1, 3, seed=4)
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    assert runtime.report()["cpu_experts"] == 0
+
+
+@pytest.mark.parametrize("link", ["slow", "fast"])
+@pytest.mark.parametrize("store,predictor", [("host", "none"), ("disk", "speculative")])
+def test_auto_follows_its_cost_model(mixtral, link, store, predictor):
+    """With rates given, a slow link sends every miss to the CPU and a fast one fetches them, with
+    the resident model's tokens either way (the disk store's prefetches are copies in flight)."""
+    path, resident = mixtral
     # 4 slots: a layer's 4 experts fit, so auto is never forced to the CPU for want of a slot
-    model = offloaded(path, resident.config, slots=4, misses="cpu", predictor="none", store="host")
+    model = offloaded(path, resident.config, slots=4, misses="cpu", predictor=predictor, store=store)
+    with_costs(model, "auto", link)
     runtime = model.offload
-    runtime.misses = "auto"
-    if link == "slow":  # a copy takes a second, the CPU a microsecond
-        runtime.costs = CostModel(h2d_bytes_per_s=1.0 * runtime.form.expert_bytes(), cpu_s_one=1e-6,
-                                  cpu_s_max=2e-6, max_tokens=8)
-    else:
-        runtime.costs = CostModel(h2d_bytes_per_s=1e6 * runtime.form.expert_bytes(), cpu_s_one=1.0,
-                                  cpu_s_max=2.0, max_tokens=8)
-    runtime.cache.h2d_bytes_per_s = runtime.costs.h2d_bytes_per_s
     ids = token_ids(1, 3, seed=4)
     assert torch.equal(greedy(model, ids), greedy(resident, ids))
     report = runtime.report()
@@ -143,6 +175,23 @@ def test_auto_follows_its_cost_model(mixtral, link):
         assert report["demand_fetches"] == 0 and report["cpu_experts"] > 0
     else:
         assert report["cpu_experts"] == 0 and report["demand_fetches"] > 0
+
+
+@pytest.mark.parametrize("link", ["slow", "fast"])
+def test_prefetch_only_what_lands_in_time(mixtral, link):
+    """With a cost model, a prediction is fetched only if its copy lands before the CPU would
+    have computed it: never over a slow link, as before over a fast one."""
+    path, resident = mixtral
+    model = offloaded(path, resident.config, slots=4, misses="cpu", predictor="speculative", store="host")
+    with_costs(model, "cpu", link)
+    ids = token_ids(1, 3, seed=6)  # every call has at most 8 tokens: all take the CPU-miss path
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    report = model.offload.report()
+    assert report["predicted"] > 0
+    if link == "slow":
+        assert report["prefetches"] == 0
+    else:
+        assert report["prefetches"] > 0
 
 
 # ---- the cost model ----------------------------------------------------------------------------
