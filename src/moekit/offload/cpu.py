@@ -206,9 +206,12 @@ class CpuExperts:
         w_flat = w_host.reshape(-1)
         out.zero_()
         for expert, flat in jobs:
+            tensors, row = self.store.host_rows(layer, expert)
+            if x_host.shape[0] == 1:  # decode: one token, each expert once; fewer small ops
+                out.add_(self.form.run_one(x_host, tensors, row, layer) * w_flat[flat[0]])
+                continue
             slots = torch.tensor(flat)
             tokens = slots // top_k
-            tensors, row = self.store.host_rows(layer, expert)
             y = self.form.run_one(x_host[tokens], tensors, row, layer)  # [n, D]
             out.index_add_(0, tokens, y * w_flat[slots][:, None])
         return out, time.perf_counter() - t0
