@@ -18,6 +18,8 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ import moekit  # noqa: E402
 from moekit.calibrate import calibration_tokens  # noqa: E402
 from moekit.load import read_config  # noqa: E402
 from moekit.prune import select_experts  # noqa: E402
-from moekit.prune.finetune import finetune_router, set_top_k  # noqa: E402
+from moekit.prune.finetune import finetune_router, mean_router_entropy, set_top_k  # noqa: E402
 from moekit.prune.rewrite import write_pruned  # noqa: E402
 from moekit.prune.usage import usage_from_calibration  # noqa: E402
 
@@ -62,9 +64,12 @@ def active(cfg, experts_per_layer: list[int], top_k: int) -> dict:
 
 
 def prune_grid(path: Path, usage, reference, held: torch.Tensor, device, batch: int, tmp: Path,
-               keeps: tuple[float, ...] = (0.75, 0.5), deadline: float | None = None) -> list[dict]:
+               keeps: tuple[float, ...] = (0.75, 0.5), random_seeds: tuple[int, ...] = (0, 1, 2),
+               deadline: float | None = None) -> list[dict]:
     """Returns one row per (keep, scope, criterion): the pruned model's held-out score and size.
-    Entries not started by `deadline` (time.perf_counter()) are returned as skipped."""
+    `random` is scored once per seed of random_seeds: its row holds the mean perplexity and KL,
+    the per-seed values and their min and max. Entries not started by `deadline`
+    (time.perf_counter()) are returned as skipped (a random row keeps the seeds it finished)."""
     ckpt, family, cfg = read_config(path)
     moe = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
     rows = []
@@ -72,28 +77,82 @@ def prune_grid(path: Path, usage, reference, held: torch.Tensor, device, batch: 
         for scope in ("layer", "global"):
             for criterion in ("hard", "soft", "random"):
                 variant = f"drop {1 - keep:.0%} {criterion} {scope}"
-                if deadline is not None and time.perf_counter() > deadline:
-                    rows.append({"variant": variant, "keep": keep, "criterion": criterion, "scope": scope,
-                                 "skipped": "time budget"})
+                row = {"variant": variant, "keep": keep, "criterion": criterion, "scope": scope}
+                scores = []
+                for seed in random_seeds if criterion == "random" else (0,):
+                    if deadline is not None and time.perf_counter() > deadline:
+                        break
+                    kept_lists = select_experts(usage, keep, criterion, scope, seed=seed)
+                    kept = dict(zip(usage.layers, kept_lists))
+                    out = write_pruned(ckpt, family, cfg, kept, tmp / "m", {"keep": keep}, overwrite=True)
+                    model = moekit.load_model(out, device=device, dtype=torch.float32)
+                    scores.append(score(model, reference, held, batch))
+                    del model
+                    counts = [len(kept[i]) for i in moe]
+                    row.update(experts_per_layer=counts, **active(cfg, counts, min(cfg.top_k, min(counts))))
+                if not scores:
+                    rows.append({**row, "skipped": "time budget"})
                     continue
-                kept_lists = select_experts(usage, keep, criterion, scope, seed=0)
-                kept = dict(zip(usage.layers, kept_lists))
-                out = write_pruned(ckpt, family, cfg, kept, tmp / "m", {"keep": keep}, overwrite=True)
-                model = moekit.load_model(out, device=device, dtype=torch.float32)
-                s = score(model, reference, held, batch)
-                del model
-                counts = [len(kept[i]) for i in moe]
-                rows.append({"variant": variant, "keep": keep, "criterion": criterion, "scope": scope,
-                             "experts_per_layer": counts, **s, **active(cfg, counts, min(cfg.top_k, min(counts)))})
-                print(f"{variant:28s} ppl {s['perplexity']:8.3f}  KL {s['kl_nats']:.4f}", flush=True)
+                ppl = [x["perplexity"] for x in scores]
+                kl = [x["kl_nats"] for x in scores]
+                row.update(perplexity=sum(ppl) / len(ppl), kl_nats=sum(kl) / len(kl), tokens=scores[0]["tokens"])
+                if criterion == "random":
+                    row.update(seeds=list(random_seeds[:len(scores)]), perplexity_by_seed=ppl, kl_by_seed=kl,
+                               perplexity_min=min(ppl), perplexity_max=max(ppl))
+                rows.append(row)
+                print(f"{variant:28s} ppl {ppl_cell(row):>24s}  KL {row['kl_nats']:.4f}", flush=True)
     return rows
 
 
+def ppl_cell(row: dict) -> str:
+    """Returns a row's perplexity as text: `mean (min-max, N seeds)` for a row scored over seeds."""
+    if "perplexity_by_seed" in row and len(row["perplexity_by_seed"]) > 1:
+        return (f"{row['perplexity']:.3f} ({row['perplexity_min']:.3f}-{row['perplexity_max']:.3f}, "
+                f"{len(row['perplexity_by_seed'])} seeds)")
+    return f"{row['perplexity']:.3f}"
+
+
+@dataclass(frozen=True)
+class TopkRecipe:
+    """One way to reach a smaller top-k: fine-tune `train` at `train_top_k` with LM + entropy_weight *
+    router entropy for `steps` steps at `lr`, then route at `top_k` (steps 0: no fine-tuning)."""
+
+    name: str  # short key for --recipes
+    steps: int = 0
+    entropy_weight: float = 0.0
+    train: str = "router"  # router | router+experts | all
+    train_top_k: int | None = None  # None: the checkpoint's top-k
+    lr: float = 1e-3
+    top_k: int = 1  # routed after fine-tuning (the checkpoint's top-k: a control for what tuning alone does)
+
+    def label(self, model_top_k: int) -> str:
+        if not self.steps:
+            return f"top-{self.top_k}, no fine-tuning"
+        k = self.train_top_k or model_top_k
+        entropy = f"entropy x {self.entropy_weight:g}" if self.entropy_weight else "no entropy"
+        return f"top-{self.top_k}, {self.train} tuned at top-{k}, {entropy}, lr {self.lr:g}, {self.steps} steps"
+
+
+def recipes(steps: int) -> dict[str, TopkRecipe]:
+    """Returns the top-1 recipes by name, fine-tuning for `steps` steps."""
+    return {r.name: r for r in (
+        TopkRecipe("none"),
+        # the old recipe: at top-1 only the entropy term moves the router (a warning says so)
+        TopkRecipe("router-k1-e0.01", steps, 0.01, "router", 1),
+        TopkRecipe("router-k2", steps, 0.0, "router", 2),
+        TopkRecipe("router-k2-e0.01", steps, 0.01, "router", 2),
+        TopkRecipe("router-k2-e0.05", steps, 0.05, "router", 2),
+        TopkRecipe("experts-k1", steps, 0.0, "router+experts", 1, 3e-4),
+        TopkRecipe("experts-k2-e0.05", steps, 0.05, "router+experts", 2, 3e-4),
+        # control: the same expert tuning kept at top-2 shows how much of a gain is adaptation to the text
+        TopkRecipe("control-experts-k2", steps, 0.0, "router+experts", 2, 3e-4, top_k=2),
+    )}
+
+
 def topk_rows(path: Path, reference, held: torch.Tensor, calib: torch.Tensor, device, batch: int,
-              finetune_steps: int, entropy_weight: float, lr: float, train_what: str = "router",
-              deadline: float | None = None) -> list[dict]:
-    """Returns rows for top-1 without fine-tuning, with LM-only fine-tuning, and with the entropy
-    term (fine-tuning reads the windows calib [S, T]). Entries not started by `deadline` are skipped."""
+              chosen: list[TopkRecipe], deadline: float | None = None) -> list[dict]:
+    """Returns one row per recipe: the model's held-out score after the recipe (fine-tuning
+    reads the windows calib [S, T]). Recipes not started by `deadline` are returned as skipped."""
     _, _, cfg = read_config(path)
     moe = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
     calib_batches = calib.split(batch)
@@ -103,27 +162,31 @@ def topk_rows(path: Path, reference, held: torch.Tensor, calib: torch.Tensor, de
             yield from calib_batches
 
     rows = []
-    for label, steps, weight in (("top-1, no fine-tuning", 0, 0.0),
-                                 ("top-1, router fine-tuned, no entropy term", finetune_steps, 0.0),
-                                 (f"top-1, router fine-tuned, entropy x {entropy_weight}", finetune_steps,
-                                  entropy_weight)):
+    for recipe in chosen:
+        label = recipe.label(cfg.top_k)
+        facts = {"variant": label, "recipe": recipe.name, "keep": 1.0, "top_k": recipe.top_k, "finetune_steps": recipe.steps,
+                 "entropy_weight": recipe.entropy_weight, "trained": recipe.train if recipe.steps else None,
+                 "train_top_k": (recipe.train_top_k or cfg.top_k) if recipe.steps else None, "lr": recipe.lr}
         if deadline is not None and time.perf_counter() > deadline:
-            rows.append({"variant": label, "top_k": 1, "finetune_steps": steps, "skipped": "time budget"})
+            rows.append({**facts, "skipped": "time budget"})
             continue
+        t0 = time.perf_counter()
         model = moekit.load_model(path, device=device, dtype=torch.float32)
-        set_top_k(model, 1)
-        if steps:
-            finetune_router(model, batches(), steps, 1, weight, lr, train_what=train_what,
-                            log_every=max(1, steps // 5))
+        set_top_k(model, recipe.top_k)
+        if recipe.steps:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the router-k1 recipe is here to show what it warns about
+                finetune_router(model, batches(), recipe.steps, recipe.top_k, recipe.entropy_weight, recipe.lr,
+                                train_what=recipe.train, train_top_k=recipe.train_top_k,
+                                log_every=max(1, recipe.steps // 5))
         model.eval()
+        entropy = mean_router_entropy(model, held[:, :-1], batch)
         s = score(model, reference, held, batch)
         del model
-        if steps:
-            label += f" [{train_what}, lr {lr:g}]"
-        rows.append({"variant": label, "keep": 1.0, "top_k": 1, "finetune_steps": steps, "entropy_weight": weight,
-                     "trained": train_what if steps else None,
-                     **s, **active(cfg, [cfg.experts_in(i) for i in moe], 1)})
-        print(f"{label:44s} ppl {s['perplexity']:8.3f}  KL {s['kl_nats']:.4f}", flush=True)
+        rows.append({**facts, **s, "router_entropy_nats": entropy, "seconds": time.perf_counter() - t0,
+                     **active(cfg, [cfg.experts_in(i) for i in moe], recipe.top_k)})
+        print(f"{label:70s} ppl {s['perplexity']:8.3f}  KL {s['kl_nats']:.4f}  entropy {entropy:.3f}  "
+              f"{rows[-1]['seconds']:.0f} s", flush=True)
     return rows
 
 
@@ -137,12 +200,16 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--entropy-weight", type=float, default=0.01)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train", default="router", choices=("router", "router+experts", "all"),
-                   help="what the top-1 fine-tuning trains")
+    p.add_argument("--recipes", default=None,
+                   help="comma-separated top-1 recipes to run (default: all of " + ", ".join(recipes(0)) + ")")
+    p.add_argument("--random-seeds", type=int, default=3, help="seeds of the random-pruning rows (mean, min, max)")
     p.add_argument("--only-topk", action="store_true", help="skip the pruning grid (top-k reduction only)")
     args = p.parse_args()
+    known = recipes(args.finetune_steps)
+    names = args.recipes.split(",") if args.recipes else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     torch.manual_seed(0)
     t0 = time.perf_counter()
     path = Path(args.model) if args.model else moekit.default_model_path()
@@ -165,18 +232,21 @@ def main() -> None:
                         "date": time.strftime("%Y-%m-%d")}, "rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.only_topk:
-            rows += prune_grid(path, usage, reference, held, args.device, args.batch, Path(tmp))
-        rows += topk_rows(path, reference, held, calib, args.device, args.batch, args.finetune_steps,
-                          args.entropy_weight, args.lr, args.train)
+            rows += prune_grid(path, usage, reference, held, args.device, args.batch, Path(tmp),
+                               random_seeds=tuple(range(args.random_seeds)))
+        rows += topk_rows(path, reference, held, calib, args.device, args.batch, [known[n] for n in names])
     results["seconds"] = time.perf_counter() - t0
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = "bench_prune.json" if not args.only_topk else f"bench_prune_topk_{args.train.replace('+', '_')}.json"
+    name = "bench_prune.json" if not args.only_topk else "bench_prune_topk.json"
     (Path(args.out) / name).write_text(json.dumps(results, indent=1))
-    print("\n| variant | held-out ppl | KL to unpruned (nats/token) | expert params | active params / token | GFLOP / token |")
+    print("\n| variant | held-out ppl | KL to unpruned (nats/token) | expert params | active params / token "
+          "| MFLOP / token |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['kl_nats']:.4f} | {r['expert_params']:,} | "
-              f"{r['active_params']:,} | {r['flops_per_token'] / 1e9:.4f} |")
+        print(f"| {r['variant']} | {ppl_cell(r)} | {r['kl_nats']:.4f} | {r['expert_params']:,} | "
+              f"{r['active_params']:,} | {r['flops_per_token'] / 1e6:.2f} |")
+    print("MFLOP / token: 2 x active parameters (the weight matmuls: attention projections, router, "
+          "active experts, LM head); attention scores and softmax are not counted.")
 
 
 if __name__ == "__main__":

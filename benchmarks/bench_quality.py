@@ -1,7 +1,8 @@
 """Quality studies on a MoE larger than the bundled one, trained in the same run by the project's code:
-compression (GPTQ vs RTN at ternary/2/3/4 bits), pruning (25%/50% dropped, hard/soft/random counts,
-per layer/global; top-1 with and without router fine-tuning vs top-2) and next-layer prefetch accuracy
-(speculative vs a trained pre-gate vs none).
+compression (GPTQ vs RTN at ternary/2/3/4 bits), pruning (25%/50% dropped, hard/soft counts and random
+over 3 seeds, per layer/global; top-1 without fine-tuning, after router fine-tuning at top-2 with an
+entropy term, after expert fine-tuning at top-1, vs top-2 and vs the same expert tuning kept at top-2;
+FLOPs per token) and next-layer prefetch accuracy (speculative vs a trained pre-gate vs none).
 
     PYTHONPATH=src python3 benchmarks/bench_quality.py --out $OUT            # H200, ~9 minutes
     PYTHONPATH=src python3 benchmarks/bench_quality.py --small --out /tmp/q  # CPU smoke test, 1-3 minutes
@@ -45,7 +46,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
-import bench_prune  # noqa: E402  (score, active, prune_grid, topk_rows)
+import bench_prune  # noqa: E402  (score, active, prune_grid, recipes, topk_rows)
 import train_tiny  # noqa: E402  (file reading, held-out rule, tokenizer, batches)
 
 import moekit  # noqa: E402
@@ -57,6 +58,10 @@ from moekit.train import init_weights, print_log, train  # noqa: E402
 
 SITE_PREFIX = "site-packages/"
 GRIDS = ("ternary", "2", "3", "4")
+# top-1 recipes (bench_prune.recipes), most wanted first: the phase deadline cuts from the end
+TOPK_RECIPES = ("none", "router-k2-e0.01", "experts-k1", "control-experts-k2", "router-k2-e0.05", "router-k2",
+                "experts-k2-e0.05")
+RANDOM_SEEDS = (0, 1, 2)  # random pruning is scored once per seed: mean, min, max
 
 
 def parse_args() -> argparse.Namespace:
@@ -300,7 +305,7 @@ def markdown(res: dict) -> str:
 
     def ppl_cells(r: dict) -> str:
         if "perplexity" in r:
-            return f"{r['perplexity']:.3f} | {r['kl_nats']:.4f}"
+            return f"{bench_prune.ppl_cell(r)} | {r['kl_nats']:.4f}"
         return f"{r.get('skipped') or r.get('error', '-')} | -"
 
     comp = res.get("compression")
@@ -315,12 +320,17 @@ def markdown(res: dict) -> str:
             out.append(f"| {r['method'].upper()} {r['bits']} | {ppl_cells(r)} | {bits} | {secs} |")
     prune = res.get("pruning", []) + res.get("topk", [])
     if prune:
-        out += ["", "| variant | held-out ppl | KL to unpruned (nats/token) | expert params | active params / token |",
-                "|---|---|---|---|---|"]
+        out += ["", "| variant | held-out ppl | KL to unpruned (nats/token) | expert params | active params / token "
+                "| MFLOP / token | router entropy (nats) |", "|---|---|---|---|---|---|---|"]
         for r in prune:
             ep = f"{r['expert_params']:,}" if "expert_params" in r else "-"
             ap = f"{r['active_params']:,}" if "active_params" in r else "-"
-            out.append(f"| {r['variant']} | {ppl_cells(r)} | {ep} | {ap} |")
+            fl = f"{r['flops_per_token'] / 1e6:.1f}" if "flops_per_token" in r else "-"
+            en = f"{r['router_entropy_nats']:.3f}" if "router_entropy_nats" in r else "-"
+            out.append(f"| {r['variant']} | {ppl_cells(r)} | {ep} | {ap} | {fl} | {en} |")
+        out.append("Random rows: mean over seeds (min-max). MFLOP / token: 2 x active parameters, the weight "
+                   "matmuls (attention projections, router, active experts, LM head); attention scores are not "
+                   "counted. Router entropy: mean over held-out tokens and layers after the recipe.")
     pf = res.get("prefetch")
     if pf and "mean_recall" in pf:
         mr = pf["mean_recall"]
@@ -464,14 +474,23 @@ def main() -> None:
             deadline = time.perf_counter() + 0.3 * remaining()
             usage = usage_from_calibration(path, prune_calib, device, s["score_batch"])
             return bench_prune.prune_grid(path, usage, reference, held, device, s["score_batch"], tmp,
-                                          deadline=deadline)
+                                          random_seeds=RANDOM_SEEDS, deadline=deadline)
 
         study("pruning", pruning)
-        top = [{"variant": f"unpruned top-{cfg.top_k}", "top_k": cfg.top_k, **res["dense"],
-                **bench_prune.active(cfg, [s["experts"]] * s["layers"], cfg.top_k)}]
-        study("topk", lambda: top + bench_prune.topk_rows(
-            path, reference, held, prune_calib, device, s["score_batch"], s["finetune_steps"], 0.01, 1e-3,
-            deadline=time.perf_counter() + 0.3 * remaining()))
+
+        def topk() -> list[dict]:
+            from moekit.prune.finetune import mean_router_entropy
+
+            # half of what is left: 7 recipes took ~100 s on the H200 (200 steps ~13 s each), compression ~40 s
+            deadline = time.perf_counter() + 0.5 * remaining()
+            top = [{"variant": f"unpruned top-{cfg.top_k}", "top_k": cfg.top_k, **res["dense"],
+                    "router_entropy_nats": mean_router_entropy(reference, held[:, :-1], s["score_batch"]),
+                    **bench_prune.active(cfg, [s["experts"]] * s["layers"], cfg.top_k)}]
+            known = bench_prune.recipes(s["finetune_steps"])
+            return top + bench_prune.topk_rows(path, reference, held, prune_calib, device, s["score_batch"],
+                                               [known[n] for n in TOPK_RECIPES], deadline=deadline)
+
+        study("topk", topk)
         res["compression"] = []
         study("compression", lambda: compression_study(path, reference, held, calib, device, s["score_batch"], tmp,
                                                        end - 15.0, rows=res["compression"], on_row=save))
