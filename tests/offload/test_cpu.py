@@ -313,3 +313,34 @@ def test_misses_flag_needs_offload_and_a_known_value(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "hi", "--offload", "--misses", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr()[1]
+
+
+# ---- GPU: the worker thread, pinned staging and the measured cost model -------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("misses", ["cpu", "auto"])
+def test_gpu_cpu_misses_match_resident(tiny, misses):
+    ckpt = tiny("mixtral")
+    resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
+    ids = token_ids(1, 5)
+    expected = greedy(resident, ids)
+    del resident
+    torch.cuda.empty_cache()
+    model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+        device_memory=192 * 2**20, context_tokens=CONTEXT, misses=misses, predictor="speculative"))
+    runtime = model.offload
+    costs = runtime.costs
+    assert costs is not None and costs.h2d_bytes_per_s > 0 and 0 < costs.cpu_s_one and runtime.cpu.worker is not None
+    # the budget holds every tiny expert: shrink the cache to 2 so that most routed experts miss
+    runtime.cache.close()
+    runtime.cache = ExpertCache(runtime.form, runtime.store, 2, runtime.device, "lfu", runtime.stats)
+    runtime.cache.h2d_bytes_per_s = costs.h2d_bytes_per_s
+    try:
+        assert torch.equal(greedy(model, ids), expected)
+    finally:
+        runtime.cpu.close()
+    report = runtime.report()
+    check_counts(report)
+    assert report["cost_model"] == costs.to_dict()
+    if misses == "cpu":
+        assert report["cpu_experts"] > 0 and report["demand_fetches"] == 0 and report["cpu_wait_s"] > 0
