@@ -104,13 +104,60 @@ def test_planner_counts_compressed_bytes(compressed, bits):
 
 
 def test_kernel_path_matches_resident_kernel_path(compressed, monkeypatch):
-    """The Triton kernels (interpreted here) read the experts from the cache slab's packed bytes."""
-    monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+    """The Triton kernels (interpreted here) read the experts from the cache slab's packed bytes;
+    decode steps run every routed expert of a layer in one launch per matrix (run_slots)."""
+    runs = []
+    run_slots = CompressedForm.run_slots
+    monkeypatch.setattr(CompressedForm, "run_slots", lambda *a: runs.append(out := run_slots(*a)) or out)
     for bits in FORMS:
         path, resident = compressed[bits]
-        model = load_offloaded(path, offload=OffloadConfig(device_memory=budget_for(path, 2), context_tokens=CONTEXT))
         ids = token_ids(1, 2, seed=5)
-        assert torch.equal(greedy(model, ids, n=2), greedy(resident, ids, n=2)), bits
+        reference = greedy(resident, ids, n=2)  # grouped PyTorch path
+        monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+        model = load_offloaded(path, offload=OffloadConfig(device_memory=budget_for(path, 2), context_tokens=CONTEXT))
+        runs.clear()
+        kernels = greedy(resident, ids, n=2)  # prefill and decode: 4 and 2 slots, per-slot kernels
+        assert torch.equal(kernels, reference), bits
+        assert torch.equal(greedy(model, ids, n=2), kernels), bits
+        assert any(r is not None for r in runs), "no layer ran the per-slot kernels"
+        monkeypatch.delenv("MOEKIT_QUANT_KERNELS")
+
+
+@pytest.mark.parametrize("bits", ["ternary", "4"])
+def test_run_slots_reads_any_slot_in_its_layer_layout(compressed, bits, monkeypatch):
+    """run_slots on a slab whose slots hold experts of both layers in shuffled order (rows wider
+    than a layer's expert, as when another layer's experts are larger) equals the resident
+    source's per-slot path, for several A and repeated experts; past SLOT_KERNEL_MAX_SLOTS, or
+    without kernels, it declines."""
+    path, resident = compressed[bits]
+    form = form_of(path)
+    cfg = read_config(path)[2]
+    layers = [i for i, moe in enumerate(cfg.moe_layers) if moe]
+    keys = [(layer, e) for layer in layers for e in range(cfg.num_experts)]
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(0)).tolist()
+    slab = {"packed": torch.zeros(len(keys), form.slot_bytes + 48, dtype=torch.uint8)}
+    slot_of = {}
+    for slot, i in enumerate(order):
+        layer, e = keys[i]
+        rows = form.pack(layer, resident.layers[layer].mlp.experts.stored())["packed"]  # [E, layer_bytes]
+        form.copy({"packed": slab["packed"][slot]}, {"packed": rows[e]}, layer=layer)
+        slot_of[keys[i]] = slot
+    g = torch.Generator().manual_seed(1)
+    monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+    for layer in layers:
+        experts = resident.layers[layer].mlp.experts
+        for n, a in ((1, 2), (2, 3)):
+            x = torch.randn(n, cfg.hidden_size, generator=g)
+            ids = torch.randint(0, cfg.num_experts, (n, a), generator=g)
+            w = torch.rand(n, a, generator=g)
+            slot_ids = torch.tensor([[slot_of[(layer, e)] for e in row] for row in ids.tolist()])
+            out = form.run_slots(x, ids, slot_ids, w, slab, layer)
+            torch.testing.assert_close(out, experts(x, ids, w), rtol=1e-5, atol=1e-5)
+    x = torch.randn(9, cfg.hidden_size)
+    many = torch.zeros(9, 2, dtype=torch.long)
+    assert form.run_slots(x, many, many, torch.ones(9, 2), slab, layers[0]) is None  # 18 slots: grouped
+    monkeypatch.delenv("MOEKIT_QUANT_KERNELS")
+    assert form.run_slots(x[:1], many[:1], many[:1], torch.ones(1, 2), slab, layers[0]) is None
 
 
 def test_generate_cli_offloads_a_compressed_checkpoint(tmp_path, capsys):

@@ -17,6 +17,13 @@ bytes (layer_bytes), which is what bytes_moved counts. `describe()` reports both
 Per-layer shared tensors (the ternary code's decode table, 2^bits x 8 bytes) belong to no expert:
 they stay resident on the device per layer, and the planner counts them (shared_bytes).
 
+Compute. A call of up to SLOT_KERNEL_MAX_SLOTS routed slots (decode) where the kernels run
+(run_slots): the whole slab is viewed in the layer's layout as stacked [S, ...] tensors whose
+expert stride is slot_bytes (PackedLayout.stacked), and the resident model's per-slot kernels
+(quant.formats.slot_ffn) read slot slot_ids[n, a] for each routed slot: two launches per layer,
+whatever the experts. Larger calls, and the CPU, run expert by expert (run_one), as the resident
+CompressedExperts does.
+
 Shapes: E = experts, n = tokens of one expert, D = hidden, I = expert ffn, B = bytes of a row.
     store layer  {"packed": [E, layer_bytes]} uint8     cache slab  {"packed": [S, slot_bytes]} uint8
 """
@@ -30,9 +37,10 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..experts.resident import SLOT_KERNEL_MAX_SLOTS
 from ..quant import ops
 from ..quant.config import INT, QuantConfig
-from ..quant.formats import form_class
+from ..quant.formats import form_class, slot_ffn
 from ..quant.loader import experts_prefix
 from .forms import ExpertForm, Tensors, pinned_empty
 
@@ -67,11 +75,18 @@ class PackedLayout:
         return {name: row[t.offset:t.offset + t.nbytes].view(t.dtype).view(t.shape)
                 for name, t in self.tensors.items()}
 
+    def stacked(self, rows: torch.Tensor) -> Tensors:
+        """Returns {name: [S, *shape]} viewing every row of rows [S, >= nbytes] uint8 in this
+        layout (no copy): expert stride = the row's bytes, which keep every dtype aligned."""
+        count = rows.shape[0]
+        return {name: rows[:, t.offset:t.offset + t.nbytes].view(t.dtype).view(count, *t.shape)
+                for name, t in self.tensors.items()}
+
 
 class CompressedForm(ExpertForm):
     """Experts of a moekit-compressed checkpoint (int-N or ternary code), packed per expert."""
 
-    gathers = False  # run expert by expert, reduced as quant.formats.CompressedExperts does
+    gathers = False  # past run_slots, expert by expert, reduced as quant.formats.CompressedExperts does
     # the CPU reference decodes each whole matrix per call (several passes over a dense copy):
     # slower than copying the compressed bytes over PCIe, so misses are never computed on the CPU
     cpu_path = False
@@ -120,6 +135,16 @@ class CompressedForm(ExpertForm):
         dst["packed"][:n].copy_(src["packed"][:n], non_blocking=non_blocking)
 
     # ---- compute -----------------------------------------------------------------------------
+    def run_slots(self, x, expert_ids, slot_ids, weights, slab, layer=None):
+        """Returns sum_a weights[n,a] * expert(x[n]) as [N, D] through the per-slot kernels, slot
+        slot_ids[n,a] of the slab read in `layer`'s layout, where the resident CompressedExperts runs
+        them too (<= SLOT_KERNEL_MAX_SLOTS slots, kernels usable); else None (the caller runs run_one)."""
+        if slot_ids.numel() > SLOT_KERNEL_MAX_SLOTS or not ops.use_kernels(x):
+            return None
+        # views, built per call (microseconds): cached ones would keep a replaced slab alive
+        stored = {**self.layouts[layer].stacked(slab["packed"]), **self.shared[layer]}
+        return slot_ffn(stored, self.bits, x, slot_ids, weights)
+
     def run_one(self, xs, slab, slot, layer=None):
         """Returns the expert in `slot` on xs [n, D] as [n, D], exactly as the resident source does."""
         tensors = self.layouts[layer].views(slab["packed"][slot])
