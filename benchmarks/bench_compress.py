@@ -3,14 +3,20 @@
 1. kernels: fused decode+matmul (sub-1-bit ternary code) and dequant+matmul (int4, int2) vs torch
    bf16 F.linear vs the HBM floor (stored bytes / 4.2 TB/s), at the mixtral-8x7b and
    qwen3-30b-a3b expert matrices, batch 1..64; L2 is flushed before every timed call.
-2. compression wall time per billion expert parameters on the olmoe-1b-7b expert shape (hidden
+2. decode tok/s of a model with resident experts (qwen3-30b-a3b layer shape: hidden 2048, 128
+   experts top-8, ffn 768, fewer layers; random weights built on the device, experts rounded to
+   nearest): bf16 vs int4 (group 128) vs the sub-1-bit ternary code, CUDA graphs on, next to the
+   HBM bound (bytes read per step / 4.2 TB/s) and to the compressed model's grouped path (one
+   host sync per layer, per-expert launches: what ran before the per-slot kernels) in the same run.
+3. compression wall time per billion expert parameters on the olmoe-1b-7b expert shape (hidden
    2048, 64 experts top-8, ffn 1024) with random weights: 2 layers are compressed, and the
    time per layer is extrapolated to 16 layers (stated as such in the JSON).
-3. held-out perplexity of examples/tiny-moe at ternary / 2 / 3 / 4 bits, GPTQ vs RTN, bits per
+4. held-out perplexity of examples/tiny-moe at ternary / 2 / 3 / 4 bits, GPTQ vs RTN, bits per
    expert parameter; calibration on the training split of the CPython stdlib (train_tiny's
    split), evaluation on its held-out files, never the other way round.
 
     cd repo && PYTHONPATH=src python3 benchmarks/bench_compress.py --out $OUT
+    PYTHONPATH=src python3 benchmarks/bench_compress.py --phases decode --out $OUT   (decode rows only, ~2 min)
     PYTHONPATH=src python3 benchmarks/bench_compress.py --device cpu --small --out /tmp/b   (smoke test)
 
 Each phase is wrapped in try/except; the JSON is rewritten after every phase.
@@ -155,6 +161,104 @@ def phase_kernels(device: torch.device, small: bool) -> dict:
     return {"kernel_path": "triton" if use_kernels else "pytorch reference (no CUDA)", "shapes": results}
 
 
+DECODE_SHAPE = dict(layers=8, hidden=2048, experts=128, top_k=8, ffn=768, heads=32, kv_heads=4, head_dim=128,
+                    vocab=151936)  # qwen3-30b-a3b's layer, attention and vocab, 8 of its 48 layers
+DECODE_SMALL = dict(layers=2, hidden=64, experts=8, top_k=2, ffn=32, heads=4, kv_heads=2, head_dim=16, vocab=256)
+DECODE_FORMS = {"int4-g128": ("4", 128), "ternary-code": ("ternary", None)}
+
+
+def random_device_model(shape: dict, device: torch.device) -> torch.nn.Module:
+    """Returns a bf16 MoEModel of `shape` with normal(0, 0.02) weights drawn on the device (no
+    checkpoint: the experts of a real one would be as fast to run, and 8 layers take ~20 GB)."""
+    from moekit.config import ModelConfig
+    from moekit.model import MoEModel
+
+    cfg = ModelConfig(family="qwen3_moe", vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                      num_layers=shape["layers"], num_heads=shape["heads"], num_kv_heads=shape["kv_heads"],
+                      head_dim=shape["head_dim"], num_experts=shape["experts"], top_k=shape["top_k"],
+                      expert_ffn=shape["ffn"], moe_layers=(True,) * shape["layers"], max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MoEModel(cfg).to(torch.bfloat16)
+    model.inv_freq = model.inv_freq.float()  # rope frequencies stay float32, as load_model keeps them
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02 / (2 * shape["layers"]) ** 0.5 if name.endswith(("down", "o_proj.weight")) else 0.02)
+    return model.eval()
+
+
+def decode_step_bytes(model, expert_bytes: int) -> int:
+    """Returns the bytes one batch-1 decode step reads: every weight but the experts and the
+    embedding (one row), plus top_k experts per layer in their stored form."""
+    cfg = model.config
+    dense = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                if ".experts." not in name and not name.startswith("embed."))
+    return dense + cfg.hidden_size * 2 + cfg.num_layers * cfg.top_k * expert_bytes
+
+
+def phase_decode(device: torch.device, small: bool, steps: int | None = None) -> dict:
+    from moekit.experts import ResidentExperts
+    from moekit.generate import GenerationStats
+    from moekit.quant import formats
+    from moekit.quant.compress import round_layer
+    from moekit.quant.config import QuantConfig
+
+    shape = DECODE_SMALL if small else DECODE_SHAPE
+    steps = steps or (8 if small else 128)
+    use_graph = device.type == "cuda"
+    log(f"decode: building a random model {shape} on {device}")
+    model = random_device_model(shape, device)
+    dense = [layer.mlp.experts for layer in model.layers]
+    prompt = torch.randint(0, shape["vocab"], (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    out: dict = {"shape": shape, "new_tokens": steps, "cuda_graph": use_graph,
+                 "note": f"{shape['layers']} layers: per-token time = fixed (embedding, lm_head) + layers x per-layer; "
+                         "random weights, experts rounded to nearest (GPTQ'd ones decode alike)", "rows": {}}
+
+    def measure(label: str, expert_bytes: int) -> None:
+        runs = []
+        for _ in range(3):
+            stats = GenerationStats()
+            model.generate(prompt, max_new_tokens=steps, temperature=0, eos_token_ids=(), cuda_graph=use_graph,
+                           stats=stats)
+            runs.append(stats)
+        tok_s = sorted(s.decode_tok_s for s in runs)[1]
+        step_bytes = decode_step_bytes(model, expert_bytes)
+        ceiling = HBM_BYTES_PER_S / step_bytes
+        graph = ("piecewise" if runs[-1].extra.get("graph") == "piecewise" else "whole step") if runs[-1].cuda_graph \
+            else "eager"
+        out["rows"][label] = {"tok_s": tok_s, "ms_per_token": 1e3 / tok_s if tok_s else None, "graph": graph,
+                              "expert_bytes": expert_bytes, "step_bytes": step_bytes, "hbm_bound_tok_s": ceiling,
+                              "weight_GBps": step_bytes * tok_s / 1e9, "runs_tok_s": [s.decode_tok_s for s in runs]}
+        log(f"  {label}: {tok_s:.1f} tok/s ({graph}), HBM bound {ceiling:.0f} tok/s ({step_bytes / 1e6:.1f} MB/step)")
+
+    measure("bf16", dense[0].expert_bytes())
+    for label, (bits, group) in DECODE_FORMS.items():
+        quant = QuantConfig(bits=bits, group_size=group, method="rtn")
+        for layer, src in zip(model.layers, dense):
+            tensors = round_layer(src.gate_up.float(), src.down.float(), quant)
+            layer.mlp.experts = formats.build_experts(quant.form, src.num_experts, src.hidden, src.ffn, tensors, bits)
+        expert_bytes = model.layers[0].mlp.experts.expert_bytes()
+        measure(label, expert_bytes)
+        if use_graph:  # the path before the per-slot kernels: grouped, a host sync per layer
+            slot_max = formats.SLOT_KERNEL_MAX_SLOTS
+            formats.SLOT_KERNEL_MAX_SLOTS = 0
+            try:
+                measure(f"{label} grouped (before)", expert_bytes)
+            finally:
+                formats.SLOT_KERNEL_MAX_SLOTS = slot_max
+        for layer in model.layers:  # free the compressed layers before the next form
+            layer.mlp.experts = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for layer, src in zip(model.layers, dense):
+        layer.mlp.experts = src
+    assert all(isinstance(src, ResidentExperts) for src in dense)
+    return out
+
+
 def random_moe_checkpoint(path: Path, layers: int, hidden: int, experts: int, top_k: int, ffn: int,
                           heads: int, vocab: int) -> moekit.ModelConfig:
     """Writes a random-weight mixtral-layout checkpoint (bf16) and returns its config."""
@@ -273,6 +377,15 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {name} | {b} | {r['bf16_s'] * 1e6:.1f} | {r['code_s'] * 1e6:.1f} | "
                              f"{r['code_floor_s'] * 1e6:.1f} | {r['code_speedup_vs_bf16']:.2f}x | "
                              f"{r.get('int4_s', float('nan')) * 1e6:.1f} | {e['code_bits_per_param']:.3f} |")
+    dec = results.get("decode", {}).get("rows", {})
+    if dec:
+        base = dec.get("bf16", {}).get("tok_s")
+        lines += ["", "| decode, batch 1 (resident experts) | tok/s | HBM bound tok/s | % of bound | vs bf16 | graph |",
+                  "|---|---|---|---|---|---|"]
+        for key, r in dec.items():
+            vs = f"{r['tok_s'] / base:.2f}x" if base else "-"
+            lines.append(f"| {key} | {r['tok_s']:.1f} | {r['hbm_bound_tok_s']:.0f} | "
+                         f"{100 * r['tok_s'] / r['hbm_bound_tok_s']:.0f}% | {vs} | {r['graph']} |")
     c = results.get("compress_time", {}).get("runs", {})
     if c:
         lines += ["", "| compress (olmoe shape) | s | s / B expert params | 16-layer extrapolation s | bits/param |",
@@ -297,7 +410,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results", help="folder for bench_compress.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test of the script")
-    ap.add_argument("--phases", default="kernels,compress_time,perplexity")
+    ap.add_argument("--phases", default="kernels,decode,compress_time,perplexity")
+    ap.add_argument("--decode-steps", type=int, default=None, help="new tokens per decode run (default 128)")
     args = ap.parse_args()
     device = torch.device(args.device)
     out_dir = Path(args.out)
@@ -312,6 +426,7 @@ def main() -> None:
                      "torch": torch.__version__, "command": " ".join(sys.argv), "hbm_bytes_per_s": HBM_BYTES_PER_S}
     tmp = Path(tempfile.mkdtemp(prefix="bench_compress-"))
     phases = {"kernels": lambda: phase_kernels(device, args.small),
+              "decode": lambda: phase_decode(device, args.small, args.decode_steps),
               "compress_time": lambda: phase_compress_time(device, args.small, tmp),
               "perplexity": lambda: phase_perplexity(device, args.small, tmp)}
     for name in args.phases.split(","):

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 benchmarks/tune_quant_kernels.py --out $OUT
     PYTHONPATH=src python3 benchmarks/tune_quant_kernels.py --dry-run      (lists what it would time)
+    PYTHONPATH=src python3 benchmarks/tune_quant_kernels.py --slots --out $OUT   (the per-slot kernels)
 
 At the mixtral-8x7b and qwen3-30b-a3b expert matrices (x [B, K] @ W^T, W [R, K]) and batch
 1, 8, 64, times the int4 (group 128) dequant+matmul kernel and the sub-1-bit code kernel over a
@@ -12,6 +13,12 @@ a config over REL_ERR_MAX is reported and never chosen. Prints a short table and
 INT_TUNED / CODE_TUNED entries to paste into moekit/quant/ops.py; writes tune_quant_kernels.json.
 The grid is small (~8-16 configs per kernel and shape) so the run, compiles included, stays
 under 3 minutes on an H200.
+
+--slots times the per-slot decode kernels instead (one launch for A routed slots, gate_up with
+SwiGLU and down with routing weights) at the qwen3-30b-a3b (128 experts, A = 8) and mixtral-8x7b
+(8 experts, A = 2) layers over the batch-1 grids, rotating over 8 routings so that experts are not
+served from L2, and prints INT_SLOT_TUNED / CODE_SLOT_TUNED (tune_quant_slots.json). GB/s counts
+the stored bytes of the A experts read.
 """
 
 from __future__ import annotations
@@ -90,11 +97,112 @@ def make_matrices(rows: int, cols: int) -> dict:
     return {"bf16": w.bfloat16(), "int4": int_parts, "code": code_parts}
 
 
+SLOT_SHAPES = {  # name: (experts E, hidden D, ffn I, experts per token A)
+    "qwen3-30b-a3b": (128, 2048, 768, 8),
+    "mixtral-8x7b": (8, 4096, 14336, 2),
+}
+
+
+def make_layer(experts: int, hidden: int, ffn: int, device: str = "cuda") -> dict:
+    """Returns one layer's stacked int4-g128 and code forms {kind: parts} on the device."""
+    g = torch.Generator().manual_seed(0)
+    out: dict = {"int4": {}, "code": {}}
+    for kind, (rows, cols) in (("gate_up", (2 * ffn, hidden)), ("down", (hidden, ffn))):
+        w = (torch.randn(experts, rows, cols, generator=g) * 0.02).to(device)
+        q = rtn_quantize(w, IntGrid(INT_BITS, INT_GROUP))
+        out["int4"][kind] = (pack_codes(q.codes, INT_BITS), q.params[0].half(), q.params[1].to(torch.uint8))
+        del q
+        tq = rtn_quantize(w, TernaryGrid())
+        d = build_dictionary(symbol_probabilities(tq.codes), 8)
+        words, starts = encode(tq.codes, d)
+        out["code"][kind] = (words, starts, tq.params[0][..., 0].half(), tq.params[1][..., 0].half(),
+                             d.table.to(device))
+        del w, tq
+    return out
+
+
+def tune_slots(out_dir: str, shapes: dict = SLOT_SHAPES, device: str = "cuda", bench=None) -> dict:
+    """Times the per-slot kernels over the batch-1 grids; prints the *_SLOT_TUNED tables and
+    returns the results (`device` and `bench` other than the defaults: a CPU smoke test)."""
+    if bench is None:
+        import triton.testing
+
+        bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e-3  # noqa: E731
+    results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else device,
+                     "int": f"int{INT_BITS} group {INT_GROUP}", "shapes": {}}
+    int_tuned, code_tuned = {}, {}
+    for name, (e, d, i, a) in shapes.items():
+        layer = make_layer(e, d, i, device)
+        routings = [torch.randperm(e, generator=torch.Generator().manual_seed(r))[:a].to(device) for r in range(8)]
+        weights = torch.full((a,), 1.0 / a, device=device, dtype=torch.bfloat16)
+        entry = results["shapes"][name] = {}
+        for kernel, grid, default in (("int4", INT_GRID[1], ops.INT_DEFAULT[1]), ("code", CODE_GRID[1], ops.CODE_DEFAULT[1])):
+            for kind, (rows, cols) in (("gate_up", (i, d)), ("down", (d, i))):
+                parts = layer[kernel][kind]
+                swiglu = kind == "gate_up"
+                x = torch.randn(1 if swiglu else a, cols, device=device, dtype=torch.bfloat16)
+                args = dict(top_k=a if swiglu else 1, weights=None if swiglu else weights, swiglu=swiglu)
+                stored = sum(t[0].numel() * t.element_size() for t in parts[:4 if kernel == "code" else 3])
+                if kernel == "int4":
+                    run = lambda ids, cfg: ops.int_slot_linear_triton(x, ids, *parts, INT_BITS, config=cfg, **args)  # noqa: E731
+                    ref = ops.int_slot_linear_reference(x.float(), routings[0], *parts, INT_BITS, **{
+                        **args, "weights": None if swiglu else weights.float()})
+                else:
+                    run = lambda ids, cfg: ops.code_slot_linear_triton(x, ids, *parts, config=cfg, **args)  # noqa: E731
+                    ref = ops.code_slot_linear_reference(x.float(), routings[0], *parts, **{
+                        **args, "weights": None if swiglu else weights.float()})
+                runs = []
+                for cfg in [default] + [c for c in grid if c != default]:
+                    counter = iter(range(1 << 30))
+                    try:
+                        err = rel_err(run(routings[0], cfg), ref)
+                        seconds = bench(lambda: run(routings[next(counter) % 8], cfg))
+                    except Exception as ex:  # a config that does not compile
+                        runs.append({"cfg": list(cfg), "error": str(ex)[:200]})
+                        continue
+                    runs.append({"cfg": list(cfg), "s": seconds, "rel_err": err, "GBps": a * stored / seconds / 1e9})
+                ok = [r for r in runs if "s" in r and r["rel_err"] <= REL_ERR_MAX]
+                best = min(ok, key=lambda r: r["s"]) if ok else None
+                base = next((r for r in runs if r["cfg"] == list(default) and "s" in r), None)
+                entry[f"{kernel} {kind}"] = {"runs": runs, "best": best, "default": base,
+                                             "floor_s": a * stored / HBM_BYTES_PER_S}
+                if best:
+                    if kernel == "int4":
+                        int_tuned[(INT_BITS, rows, cols)] = tuple(best["cfg"])
+                    else:
+                        code_tuned[(rows, cols)] = tuple(best["cfg"])
+                    print(f"{name:14s} {kernel:5s} {kind:8s} best {str(tuple(best['cfg'])):24s} {best['s'] * 1e6:7.1f} us "
+                          f"(default {base['s'] * 1e6 if base else float('nan'):7.1f}) floor "
+                          f"{a * stored / HBM_BYTES_PER_S * 1e6:6.1f} us {best['GBps']:6.0f} GB/s err {best['rel_err']:.1e}",
+                          flush=True)
+                else:
+                    print(f"{name:14s} {kernel:5s} {kind:8s} no valid config: {runs}", flush=True)
+        del layer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    results["int_slot_tuned"] = {str(k): v for k, v in int_tuned.items()}
+    results["code_slot_tuned"] = {str(k): v for k, v in code_tuned.items()}
+    print("\nINT_SLOT_TUNED = {  # (bits, output rows, K): (BLOCK_N, BLOCK_K, num_warps, use_dot)")
+    for k, v in int_tuned.items():
+        print(f"    {k}: {v},")
+    print("}\nCODE_SLOT_TUNED = {  # (output rows, K): (BLOCK_R, words per step, num_warps)")
+    for k, v in code_tuned.items():
+        print(f"    {k}: {v},")
+    print("}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "tune_quant_slots.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--dry-run", action="store_true", help="list what would be timed and exit")
+    p.add_argument("--slots", action="store_true", help="tune the per-slot (decode) kernels instead")
     args = p.parse_args()
+    if args.slots and not args.dry_run:
+        tune_slots(args.out)
+        return
     todo = plan()
     if args.dry_run:
         for name, b, kernel, cfg in todo:

@@ -127,6 +127,23 @@ def code_config(rows: int, cols: int, batch: int) -> tuple[int, int, int]:
     return CODE_TUNED.get((rows, cols, bucket), CODE_DEFAULT[bucket])
 
 
+# Per-slot kernels, keyed by (bits, output rows, K) / (output rows, K) of one slot's matrix (gate_up:
+# the I rows of one half, each program computing them for gate and up): measured by
+# benchmarks/tune_quant_kernels.py --slots; shapes not listed use the batch-1 config above.
+INT_SLOT_TUNED: dict[tuple[int, int, int], tuple[int, int, int, bool]] = {}
+CODE_SLOT_TUNED: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+
+def int_slot_config(bits: int, rows: int, cols: int) -> tuple[int, int, int, bool]:
+    """Returns (BLOCK_N, BLOCK_K, num_warps, _) of the int per-slot kernel for `rows` output rows."""
+    return INT_SLOT_TUNED.get((bits, rows, cols), int_config(bits, rows, cols, 1))
+
+
+def code_slot_config(rows: int, cols: int) -> tuple[int, int, int]:
+    """Returns (BLOCK_R, words per step, num_warps) of the code per-slot kernel for `rows` output rows."""
+    return CODE_SLOT_TUNED.get((rows, cols), code_config(rows, cols, 1))
+
+
 def int_scale_mode(groups: int, group_cols: int, per_word: int, tile_cols: int) -> int:
     """Returns how the int kernel fetches scale/zero (kernels.int_matmul SCALE_MODE)."""
     if groups == 1:
@@ -252,13 +269,13 @@ def int_slot_linear_reference(x, ids, qweight, scale, zero, bits: int, top_k: in
 
 def int_slot_linear_triton(x, ids, qweight, scale, zero, bits: int, top_k: int = 1, weights=None,
                            swiglu: bool = False, config: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
-    """The int per-slot kernel; `config` (BLOCK_N, BLOCK_K, num_warps, _) overrides the tuned
-    batch-1 config of one half (gate or up) of the matrix."""
+    """Returns the per-slot matmul through the int kernel; `config` (BLOCK_N, BLOCK_K, num_warps, _)
+    overrides int_slot_config (output rows: one half, gate or up, of a gate_up matrix)."""
     slots, k = ids.numel(), x.shape[1]
     rows = qweight.shape[1] // 2 if swiglu else qweight.shape[1]  # output rows
     groups = scale.shape[2]
     group_cols = -(-k // groups)
-    bn, bk, warps, _ = config or int_config(bits, rows, k, 1)
+    bn, bk, warps, _ = config or int_slot_config(bits, rows, k)
     per_word = 32 // bits
     lanes = triton.next_power_of_2(per_word)
     block_kw = max(1, bk // lanes)
@@ -296,12 +313,12 @@ def code_slot_linear_reference(x, ids, words, starts, lo, hi, table, top_k: int 
 
 def code_slot_linear_triton(x, ids, words, starts, lo, hi, table, top_k: int = 1, weights=None,
                             swiglu: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The code per-slot kernel; `config` (BLOCK_R, words per step, num_warps) overrides the
-    tuned batch-1 config of one half (gate or up) of the matrix."""
+    """Returns the per-slot matmul through the code kernel; `config` (BLOCK_R, words per step,
+    num_warps) overrides code_slot_config (output rows: one half of a gate_up matrix)."""
     slots, k = ids.numel(), x.shape[1]
     _, r, s, w = words.shape
     rows = r // 2 if swiglu else r
-    br, step_words, warps = config or code_config(rows, k, 1)
+    br, step_words, warps = config or code_slot_config(rows, k)
     wp = triton.next_power_of_2(w)
     chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
     x = x.contiguous()
