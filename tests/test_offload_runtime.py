@@ -214,13 +214,14 @@ def test_gpu_budget_and_outputs(tiny):
     budget = 192 * 2**20
     for predictor in ("none", "speculative"):
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # other tests' tensors still alive are not this model's
         model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
             device_memory=budget, context_tokens=CONTEXT, predictor=predictor))
         got = greedy(model, ids)
         report = model.offload.report()
         assert torch.equal(got, expected)
         assert report["peak_device_bytes"] <= budget
-        assert torch.cuda.max_memory_allocated() <= budget
+        assert torch.cuda.max_memory_allocated() - base <= budget
         del model
         torch.cuda.empty_cache()
     # the planner's estimate passes at 70 MB, the measured warm-up (workspaces included) does not:

@@ -42,6 +42,9 @@ class OffloadLoader(ExpertLoader):
         self.config = config or OffloadConfig()
         self.pin_counts, self.trace, self.host_layers = pin_counts, trace, host_layers
         self.runtime: OffloadRuntime | None = None
+        # The budget counts what this model holds: device memory allocated before the load
+        # (the caller's own tensors, other models) is not ours and is left out of every measure.
+        self.baseline_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
     def _start(self, ctx: LoadContext) -> OffloadRuntime:
         from ..quant.config import QuantConfig, is_moekit_quantized
@@ -134,12 +137,14 @@ class OffloadLoader(ExpertLoader):
 
         The plan can only estimate what libraries allocate (cuBLAS and cuBLASLt keep a 32 MiB
         workspace per stream and handle in PyTorch's allocator on Hopper, measured). So a short
-        prefill and a decode step run now, with a KV cache of the planned size; the allocator's
-        peak plus the activations a full-context prefill adds beyond the warm-up must fit the
-        budget, else the cache loses slots. The warm-up's cache contents and counters are
+        prefill and a decode step (captured in pieces, as generate runs it) run now, with a KV
+        cache of the planned size; the allocator's peak above what was allocated before the load,
+        plus the activations a full-context prefill adds beyond the warm-up, must fit the budget,
+        else the cache loses slots. The warm-up's cache contents and counters are
         discarded: generation starts from a fresh cache.
         """
         from ..kv_cache import KVCache
+        from ..piecewise import PiecewiseDecode
         from .cache import ExpertCache
         from .planner import activation_bytes
 
@@ -157,11 +162,14 @@ class OffloadLoader(ExpertLoader):
             ids = torch.zeros(batch, warm, dtype=torch.long, device=device)
             with torch.inference_mode():
                 model(ids, cache=cache, start=0, last_only=True)
-                model(ids[:, :1], cache=cache, start=warm, last_only=True)
+                # decode as generate runs it: captured in pieces between the expert calls (the
+                # graphs' pool and the capture stream's library workspaces count too)
+                step = PiecewiseDecode(model, cache, ids[:, :1], warm)
+                step(ids[:, :1], warm)
             runtime.cache.synchronize()
             torch.cuda.synchronize(device)
-            del cache, ids
-            need = torch.cuda.max_memory_allocated(device) + extra
+            del cache, ids, step
+            need = torch.cuda.max_memory_allocated(device) - self.baseline_bytes + extra
             if need <= plan.budget_bytes:
                 break
             slots -= -(-(need - plan.budget_bytes) // plan.expert_bytes)  # ceil division
@@ -186,6 +194,7 @@ class OffloadLoader(ExpertLoader):
         runtime.cache = ExpertCache(runtime.form, runtime.store, old_slots, device, self.config.cache_policy,
                                     runtime.stats)
         self.plan = runtime.plan = dataclasses.replace(plan, cache_slots=old_slots, measured_peak_bytes=need)
+        runtime.baseline_bytes = self.baseline_bytes
         runtime.calls.clear()
         runtime.predicted.clear()
         if hasattr(runtime, "trace"):

@@ -56,6 +56,7 @@ class OffloadRuntime:
         self.moe_layers = [i for i, moe in enumerate(model_config.moe_layers) if moe]
         self.next_of = dict(zip(self.moe_layers, self.moe_layers[1:]))
         self.stats = OffloadStats()
+        self.baseline_bytes = 0  # device bytes allocated before the load (not ours; set by the loader)
         self.cache: ExpertCache | None = None
         self.plan: BudgetPlan | None = None
         self.predictor: Predictor = Predictor()
@@ -86,7 +87,7 @@ class OffloadRuntime:
         stats = self.stats
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
+            stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes
         elif self.plan is not None:
             stats.peak_device_bytes = self.plan.planned_bytes
         out = stats.to_dict()
