@@ -8,8 +8,8 @@ Wk = int32 words per row, P = scale groups per row, S = code chunks per row, W =
 Each `*_linear` returns x @ W^T as [B, R] in x's dtype; the `*_reference` twins decode the
 whole matrix and call F.linear (the CPU path, and what the kernel tests compare against).
 
-Per-slot matmuls (`*_slot_linear`, decode): S routed (token, expert) slots in one launch, the
-expert of each slot read on the device, the stored tensors stacked [E, ...] (a layer's experts,
+Per-slot matmuls (`*_slot_linear`, decode): S routed (token, expert) slots (here S counts slots,
+not code chunks) in one launch, the expert of each slot read on the device, the stored tensors stacked [E, ...] (a layer's experts,
 or a cache slab's slots viewed in one layer's layout):
     x [N, K] (slot s reads x[s // top_k]), ids [S] int64, weights [S] or None
     swiglu:  W [E, 2I, K] -> [S, I] = silu(x W[:I]^T) * (x W[I:]^T)      (gate_up)
