@@ -118,10 +118,11 @@ def test_interrupted_compress_leaves_nothing(tiny, tmp_path, monkeypatch):
 
 def test_cli_compress_then_eval_on_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "tiny-4bit"
-    assert main(["compress", "--out", str(out), "--method", "rtn", "--bits", "4", "--group-size", "64",
+    assert main(["compress", "--out", str(out), "--method", "rtn", "--bits", "4", "--group-size", "16",
                  "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert 4.0 < report["bits_per_expert_param"] < 5.0 and report["failed_factorisations"] == 0
+    # 4 bits + a float16 scale and a uint8 zero per group of 16 (the largest group dividing 112 and 384)
+    assert 5.0 < report["bits_per_expert_param"] < 6.0 and report["failed_factorisations"] == 0
     text = tmp_path / "held.py"
     text.write_text("def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def push(self, x):\n"
                     "        self.items.append(x)\n" * 4)
@@ -130,3 +131,22 @@ def test_cli_compress_then_eval_on_the_bundled_model(tmp_path, capsys):
     assert r["tokens_scored"] > 20 and 1 < r["perplexity"] < 1000 and r["quantization"]["bits"] == "4"
     assert main(["compress", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "--calib" in capsys.readouterr().err
+
+
+def test_group_size_that_does_not_divide_the_rows_is_refused(tiny, tmp_path, compressed):
+    # the tiny mixtral's rows are 32 (hidden) and 48 (expert ffn) wide: groups of 24 would be unequal
+    with pytest.raises(moekit.MoekitError, match="must divide"):
+        compress(tiny("mixtral").path, tmp_path / "out", QuantConfig(bits="4", group_size=24, method="rtn"),
+                 progress=False)
+    assert not (tmp_path / "out").exists()
+    # a checkpoint claiming such groups (written elsewhere, or edited) is refused at load
+    path = compressed["3"]
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 24
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in path.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(moekit.CheckpointError, match="must divide"):
+        moekit.load_model(broken)

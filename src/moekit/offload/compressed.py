@@ -162,6 +162,7 @@ def compressed_form(quant: QuantConfig, cfg: ModelConfig, device: torch.device, 
                     layers: dict[int, Tensors] | None = None) -> CompressedForm:
     """Returns the CompressedForm of a compressed model's experts, laid out from the checkpoint's
     headers (reading only the shared tables) or from stored tensors {layer: {name: [E, ...]}}."""
+    quant.check_shapes(cfg.hidden_size, cfg.expert_ffn)  # the int form assumes equal groups
     cls = form_class(quant.form)
     per_expert = [f"{kind}.{s}" for kind in ("gate_up", "down") for s in cls.STORED]
     layouts, shared = {}, {}

@@ -179,6 +179,7 @@ def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens:
     ckpt, family, cfg = read_config(src)
     if cfg.num_moe_layers == 0:
         raise MoekitError(f"{ckpt.path}: the model has no MoE layers: nothing to compress")
+    quant.check_shapes(cfg.hidden_size, cfg.expert_ffn)
     comp = _Compressor(quant, cfg, device)
     disable = not sys.stderr.isatty() if progress is None else not progress
     tokens = 0

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +41,14 @@ class QuantConfig:
             raise MoekitError(f"--max-tokens-per-expert must be > 0, got {self.max_tokens_per_expert}")
         if self.expert_batch <= 0:
             raise MoekitError(f"--expert-batch must be > 0, got {self.expert_batch}")
+
+    def check_shapes(self, hidden: int, ffn: int) -> None:
+        """Raises MoekitError when the group size does not divide the expert rows' lengths
+        (gate/up rows have `hidden` columns, down rows `ffn`): the int form assumes equal groups."""
+        g = self.group_size
+        if g is not None and any(k % g and g < k for k in (hidden, ffn)):  # g >= k: one group per row
+            raise MoekitError(f"--group-size {g} must divide the experts' row lengths (hidden {hidden}, expert "
+                              f"ffn {ffn}); pick a common divisor such as {math.gcd(hidden, ffn, 128)}")
 
     @property
     def form(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MoekitError
 from ..load import ExpertLoader, LoadContext
 from .config import QuantConfig
 from .formats import build_experts, form_class
@@ -24,6 +24,10 @@ class CompressedExpertLoader(ExpertLoader):
 
     def build(self, ctx: LoadContext, layer: int) -> nn.Module:
         cfg = ctx.config
+        try:
+            self.quant.check_shapes(cfg.hidden_size, cfg.expert_ffn)
+        except MoekitError as e:
+            raise CheckpointError(f"{ctx.ckpt.path}: quantization_config cannot be read with this model: {e}") from None
         prefix = experts_prefix(ctx.family, layer)
         tensors = {}
         for name in form_class(self.quant.form).tensor_names():
