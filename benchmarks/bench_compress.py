@@ -238,7 +238,7 @@ def phase_decode(device: torch.device, small: bool, steps: int | None = None) ->
     for label, (bits, group) in DECODE_FORMS.items():
         quant = QuantConfig(bits=bits, group_size=group, method="rtn")
         for layer, src in zip(model.layers, dense):
-            tensors = round_layer(src.gate_up.float(), src.down.float(), quant)
+            tensors = {k: v.to(device) for k, v in round_layer(src.gate_up.float(), src.down.float(), quant).items()}
             layer.mlp.experts = formats.build_experts(quant.form, src.num_experts, src.hidden, src.ffn, tensors, bits)
         expert_bytes = model.layers[0].mlp.experts.expert_bytes()
         measure(label, expert_bytes)
