@@ -3,6 +3,7 @@ store down to a 2-expert cache; the byte budget; clear refusals; predictor accur
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -15,7 +16,7 @@ from moekit.offload import OffloadConfig, OffloadLoader, load_offloaded, parse_s
 from moekit.offload.forms import dense_form
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 
-from conftest import token_ids
+from conftest import VOCAB, token_ids
 
 CONTEXT = 40
 
@@ -226,15 +227,30 @@ def test_gpu_budget_and_outputs(tiny):
         assert torch.cuda.max_memory_allocated() - base <= budget
         del model
         torch.cuda.empty_cache()
-    # the planner's estimate passes at 70 MB, the measured warm-up (library workspaces included)
-    # does not: refused with the size needed, never silently exceeded. In a fresh process: here
-    # the workspaces already exist (earlier loads made them), so they are not this load's bytes.
-    code = ("import moekit, sys\n"
+    # Budgets around the smallest that works, each loaded in a fresh process (here earlier loads
+    # already made the library workspaces, so they would not count as this load's bytes): each is
+    # refused with the size needed (by the plan or by the measured warm-up), or it generates with
+    # the allocator's peak under the budget; never silently exceeded.
+    code = ("import json, moekit, torch\n"
             "from moekit.offload import OffloadConfig, load_offloaded\n"
-            "try:\n"
-            f"    load_offloaded({str(ckpt.path)!r}, device='cuda', dtype='float32', offload=OffloadConfig(\n"
-            f"        device_memory={70 * 2**20}, context_tokens={CONTEXT}))\n"
-            "except moekit.MoekitError as e:\n"
-            "    print(e); sys.exit(3)\n")
+            "out = []\n"
+            "for mib in range(40, 100, 6):\n"
+            "    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()\n"
+            "    try:\n"
+            f"        m = load_offloaded({str(ckpt.path)!r}, device='cuda', dtype='float32', offload=OffloadConfig(\n"
+            f"            device_memory=mib * 2**20, context_tokens={CONTEXT}))\n"
+            "    except moekit.MoekitError as e:\n"
+            "        out.append([mib, 'refused', str(e)]); continue\n"
+            f"    m.generate(torch.arange(8)[None] % {VOCAB}, max_new_tokens=8, temperature=0, eos_token_ids=())\n"
+            "    out.append([mib, 'ran', m.offload.report()['peak_device_bytes'], torch.cuda.max_memory_allocated() - base])\n"
+            "    del m\n"
+            "print(json.dumps(out))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 3 and "measured" in run.stdout, run.stdout + run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    for row in rows:
+        if row[1] == "refused":
+            assert "at least" in row[2], row
+        else:
+            assert row[2] <= row[0] * 2**20 and row[3] <= row[0] * 2**20, row
+    assert {row[1] for row in rows} == {"refused", "ran"}, rows
