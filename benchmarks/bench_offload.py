@@ -231,6 +231,18 @@ def offload_row(r: dict, rep: dict, budget: int, bw: float, compute_s: float | N
     r["share_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"] if r["ceiling_tok_s"] else None
 
 
+def budget_bytes(share, small, cfg, model_bytes, expert_bytes_total, context, device) -> int:
+    """Returns the device budget of a row: `share` of the bf16 model's bytes."""
+    if not small:
+        return int(model_bytes * share)
+    # tiny shapes: activations dominate, so budget the share of the experts instead
+    from moekit.offload.planner import plan_budget
+
+    floor = plan_budget(cfg, torch.bfloat16, expert_bytes_total // (cfg.num_layers * cfg.num_experts),
+                        OffloadConfig(context_tokens=context), device)
+    return floor.planned_bytes - floor.cache_bytes + int(share * expert_bytes_total)
+
+
 def bench_shape(shape, args, device, results, save):
     res = results.setdefault("shapes", {}).setdefault(shape, {})
     t0 = time.perf_counter()
@@ -277,13 +289,7 @@ def bench_shape(shape, args, device, results, save):
             f"{torch.get_num_threads()} threads")
         save()
     for share in args.budgets:
-        budget = int(model_bytes * share)
-        if args.small:  # tiny shapes: activations dominate, so budget the share of the experts instead
-            from moekit.offload.planner import plan_budget
-
-            floor = plan_budget(cfg, dtype, expert_bytes_total // (cfg.num_layers * cfg.num_experts),
-                                OffloadConfig(context_tokens=context), device)
-            budget = floor.planned_bytes - floor.cache_bytes + int(share * expert_bytes_total)
+        budget = budget_bytes(share, args.small, cfg, model_bytes, expert_bytes_total, context, device)
         key = f"budget_{int(share * 100)}pct"
         out = res.setdefault(key, {"budget_bytes": budget})
         trace = None
@@ -408,7 +414,8 @@ def bench_compressed(shape, bits, args, device, res, folder, cfg, host, ids, con
     bw = getattr(args, "h2d", 55e9)
     for share in args.compressed_budgets:
         key = f"budget_{int(share * 100)}pct"
-        budget = res.get(key, {}).get("budget_bytes") or int(res["model_bytes"] * share)
+        budget = res.get(key, {}).get("budget_bytes") or budget_bytes(
+            share, args.small, cfg, res["model_bytes"], res["expert_bytes_total"], context, device)
         row = out.setdefault(key, {"budget_bytes": budget})
         for predictor in ("none", "speculative"):
             try:
@@ -622,7 +629,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke test)")
     parser.add_argument("--shape", default="all", choices=("all", *SHAPES))
-    parser.add_argument("--budgets", default="0.25,0.10", help="shares of the model's bytes")
+    parser.add_argument("--budgets", default="0.25,0.10", help="shares of the model's bytes (\"\" for none: e.g. compressed rows only)")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per moekit run")
     parser.add_argument("--hf-tokens", type=int, default=4, help="tokens for transformers+accelerate")
@@ -644,7 +651,7 @@ def main() -> int:
             parser.error(f"--misses: {m!r} is not one of fetch, cpu, auto")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.cpu_threads or cores)
-    args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.budgets = [float(b) for b in args.budgets.split(",") if b]  # "" runs no bf16 budget rows
     args.compressed_bits = [b for b in args.compressed_bits.split(",") if b]
     args.compressed_budgets = [float(b) for b in args.compressed_budgets.split(",")]
     for bits in args.compressed_bits:
