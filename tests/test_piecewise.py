@@ -60,3 +60,10 @@ def test_offloaded_generation_is_captured_in_pieces(tiny, variant):
     got = model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=(), stats=stats)
     assert stats.extra.get("graph") == "piecewise"
     assert torch.equal(got, expected)
+    # every capture runs on the model's one side stream: a second generate leaves nothing behind
+    # (a fresh stream per capture left a cuBLAS workspace per call, over the offload budget)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=())
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == held

@@ -15,6 +15,7 @@ import torch
 
 from .errors import MoekitError
 from .kv_cache import KVCache
+from .piecewise import capture_stream
 
 
 @dataclass
@@ -72,14 +73,14 @@ class _GraphedDecode:
         self.token = token.clone()
         self.position = torch.tensor(position, dtype=torch.long, device=device)
         step = _compiled_step(model) if compile else model
-        stream = torch.cuda.Stream()
+        stream = capture_stream(model)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up (and compilation) on a side stream
             for _ in range(2):
                 step(self.token, cache=cache, start=self.position)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=stream):
             self.logits = step(self.token, cache=cache, start=self.position)
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:

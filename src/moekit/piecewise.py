@@ -27,6 +27,19 @@ from .kv_cache import KVCache
 from .model import MoEBlock, MoEModel
 
 
+def capture_stream(model) -> torch.cuda.Stream:
+    """Returns the side stream every warm-up and capture of `model` runs on (made once).
+
+    cuBLAS keeps a workspace per stream in PyTorch's allocator (32 MiB each on Hopper) and never
+    frees it: a fresh stream per capture would leave one more behind every generate call (and the
+    offload loader's measured warm-up would not have counted the one a later capture makes)."""
+    stream = getattr(model, "_capture_stream", None)
+    if stream is None:
+        stream = torch.cuda.Stream(model.device)
+        model._capture_stream = stream
+    return stream
+
+
 @dataclass
 class _Routed:
     """What a segment leaves for the expert call after it (all static graph outputs)."""
@@ -64,7 +77,7 @@ class PiecewiseDecode:
         self.routed: list[_Routed] = []
         if not self.use_graphs:
             return
-        self.stream = torch.cuda.Stream(device)  # warm-up and capture: one side stream, one workspace
+        self.stream = capture_stream(model)
         pool = torch.cuda.graph_pool_handle()
         # Capture in order: each segment's graph is captured after a warm-up call, and the experts
         # after it run eagerly on its outputs so the next segment has real inputs.
