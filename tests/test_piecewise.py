@@ -60,10 +60,11 @@ def test_offloaded_generation_is_captured_in_pieces(tiny, variant):
     got = model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=(), stats=stats)
     assert stats.extra.get("graph") == "piecewise"
     assert torch.equal(got, expected)
-    # every capture runs on the model's one side stream: a second generate leaves nothing behind
-    # (a fresh stream per capture left a cuBLAS workspace per call, over the offload budget)
+    # every capture runs on the model's one side stream: a second generate leaves no workspace
+    # behind (a fresh stream per capture left a 32 MiB cuBLAS workspace per call, over the
+    # offload budget); a few KiB of small state may change (measured: 13-15 KiB on the H200)
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated()
     model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=())
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == held
+    assert abs(torch.cuda.memory_allocated() - held) < 2**20
