@@ -1,13 +1,16 @@
 """Pruning quality (SEER-MoE): held-out perplexity and KL to the unpruned model at 25% and 50%
-of experts dropped, hard vs soft vs random counts, layer vs global scope; top-1 after router
-fine-tuning vs top-1 without it vs the original top-k; active parameters and FLOPs per token.
+of experts dropped, hard vs soft counts vs random (over seeds), layer vs global scope; top-1 after
+each fine-tuning recipe (`recipes`) vs top-1 without it vs the original top-k, with a control that
+tunes the same way but stays at top-k; active parameters and FLOPs per token.
 
     python benchmarks/bench_prune.py --out benchmarks/results            # bundled model, CPU
+    python benchmarks/bench_prune.py --only-topk --finetune-steps 100 --out benchmarks/results
     PYTHONPATH=src python3 benchmarks/bench_prune.py --model DIR --device cuda --out $OUT
 
 Text: the .py files of the running interpreter's standard library, split exactly as
 examples/train_tiny.py splits them (sha1(path) % 32 == 0 is held out): calibration and
-fine-tuning read the training split, every score is on held-out files.
+fine-tuning read the training split (fine-tuning its own windows, each once by default), every
+score is on held-out files.
 """
 
 from __future__ import annotations
@@ -137,35 +140,40 @@ def recipes(steps: int) -> dict[str, TopkRecipe]:
     """Returns the top-1 recipes by name, fine-tuning for `steps` steps."""
     return {r.name: r for r in (
         TopkRecipe("none"),
-        # the old recipe: at top-1 only the entropy term moves the router (a warning says so)
-        TopkRecipe("router-k1-e0.01", steps, 0.01, "router", 1),
-        TopkRecipe("router-k2", steps, 0.0, "router", 2),
-        TopkRecipe("router-k2-e0.01", steps, 0.01, "router", 2),
-        TopkRecipe("router-k2-e0.05", steps, 0.05, "router", 2),
+        # the experts learn to work alone (the router gets no LM gradient at top-1 and stays as it is)
         TopkRecipe("experts-k1", steps, 0.0, "router+experts", 1, 3e-4),
-        TopkRecipe("experts-k2-e0.05", steps, 0.05, "router+experts", 2, 3e-4),
         # control: the same expert tuning kept at top-2 shows how much of a gain is adaptation to the text
         TopkRecipe("control-experts-k2", steps, 0.0, "router+experts", 2, 3e-4, top_k=2),
+        # SEER-MoE: the router (which has a gradient at top-2) concentrates its mass, then routes at top-1
+        TopkRecipe("router-k2-e0.05", steps, 0.05, "router", 2),
+        TopkRecipe("router-k2-e0.01", steps, 0.01, "router", 2),
+        TopkRecipe("router-k2", steps, 0.0, "router", 2),
+        TopkRecipe("experts-k2-e0.05", steps, 0.05, "router+experts", 2, 3e-4),
+        # the old recipe: at top-1 only the entropy term moves the router (a warning says so)
+        TopkRecipe("router-k1-e0.01", steps, 0.01, "router", 1),
     )}
 
 
-def topk_rows(path: Path, reference, held: torch.Tensor, calib: torch.Tensor, device, batch: int,
+def topk_rows(path: Path, reference, held: torch.Tensor, tune: torch.Tensor, device, batch: int,
               chosen: list[TopkRecipe], deadline: float | None = None) -> list[dict]:
     """Returns one row per recipe: the model's held-out score after the recipe (fine-tuning
-    reads the windows calib [S, T]). Recipes not started by `deadline` are returned as skipped."""
+    reads the windows tune [S, T] in order, again from the start when they run out). Recipes not
+    started by `deadline` are returned as skipped."""
     _, _, cfg = read_config(path)
     moe = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
-    calib_batches = calib.split(batch)
+    tune_batches = tune.split(batch)
 
     def batches():
         while True:
-            yield from calib_batches
+            yield from tune_batches
 
     rows = []
     for recipe in chosen:
         label = recipe.label(cfg.top_k)
-        facts = {"variant": label, "recipe": recipe.name, "keep": 1.0, "top_k": recipe.top_k, "finetune_steps": recipe.steps,
-                 "entropy_weight": recipe.entropy_weight, "trained": recipe.train if recipe.steps else None,
+        facts = {"variant": label, "recipe": recipe.name, "keep": 1.0, "top_k": recipe.top_k,
+                 "finetune_steps": recipe.steps, "finetune_tokens": recipe.steps * batch * tune.shape[1],
+                 "finetune_epochs": recipe.steps * batch / tune.shape[0], "entropy_weight": recipe.entropy_weight,
+                 "trained": recipe.train if recipe.steps else None,
                  "train_top_k": (recipe.train_top_k or cfg.top_k) if recipe.steps else None, "lr": recipe.lr}
         if deadline is not None and time.perf_counter() > deadline:
             rows.append({**facts, "skipped": "time budget"})
@@ -200,6 +208,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--finetune-samples", type=int, default=None,
+                   help="training-split windows the top-k recipes read (default: steps x batch, each read once; "
+                        "re-reading a small set for many epochs overfits the experts)")
     p.add_argument("--recipes", default=None,
                    help="comma-separated top-1 recipes to run (default: all of " + ", ".join(recipes(0)) + ")")
     p.add_argument("--random-seeds", type=int, default=3, help="seeds of the random-pruning rows (mean, min, max)")
@@ -218,6 +229,8 @@ def main() -> None:
     train_docs = [t for r, t in files if not train_tiny.is_held_out(r)]
     held_docs = [t for r, t in files if train_tiny.is_held_out(r)]
     calib = calibration_tokens(train_docs, tok, args.calib_samples, args.seqlen, seed=1)
+    tune = calibration_tokens(train_docs, tok, args.finetune_samples or args.finetune_steps * args.batch,
+                              args.seqlen, seed=3)
     held = calibration_tokens(held_docs, tok, args.eval_windows, args.seqlen + 1, seed=2)
     ckpt, family, cfg = read_config(path)
     reference = moekit.load_model(path, device=args.device, dtype=torch.float32)
@@ -234,7 +247,7 @@ def main() -> None:
         if not args.only_topk:
             rows += prune_grid(path, usage, reference, held, args.device, args.batch, Path(tmp),
                                random_seeds=tuple(range(args.random_seeds)))
-        rows += topk_rows(path, reference, held, calib, args.device, args.batch, [known[n] for n in names])
+        rows += topk_rows(path, reference, held, tune, args.device, args.batch, [known[n] for n in names])
     results["seconds"] = time.perf_counter() - t0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = "bench_prune.json" if not args.only_topk else "bench_prune_topk.json"

@@ -59,7 +59,7 @@ from moekit.train import init_weights, print_log, train  # noqa: E402
 SITE_PREFIX = "site-packages/"
 GRIDS = ("ternary", "2", "3", "4")
 # top-1 recipes (bench_prune.recipes), most wanted first: the phase deadline cuts from the end
-TOPK_RECIPES = ("none", "router-k2-e0.01", "experts-k1", "control-experts-k2", "router-k2-e0.05", "router-k2",
+TOPK_RECIPES = ("none", "experts-k1", "control-experts-k2", "router-k2-e0.05", "router-k2-e0.01", "router-k2",
                 "experts-k2-e0.05")
 RANDOM_SEEDS = (0, 1, 2)  # random pruning is scored once per seed: mean, min, max
 
@@ -457,7 +457,9 @@ def main() -> None:
     try:
         held = sample_windows(held_ids, s["eval_windows"], s["seqlen"] + 1, seed=2)  # [W, T + 1]
         calib = sample_windows(train_ids, s["calib_samples"], s["seqlen"], seed=0)  # [S, T] GPTQ
-        prune_calib = sample_windows(train_ids, s["prune_calib_samples"], s["seqlen"], seed=1)  # usage + fine-tuning
+        prune_calib = sample_windows(train_ids, s["prune_calib_samples"], s["seqlen"], seed=1)  # usage counts
+        # top-k recipes read each window once: 12 epochs over prune_calib overfitted the experts on the CPU
+        tune = sample_windows(train_ids, s["finetune_steps"] * s["score_batch"], s["seqlen"], seed=3)
         reference = moekit.load_model(path, device=device, dtype=torch.float32)
         res["dense"] = bench_prune.score(reference, None, held, s["score_batch"])
         log(f"bf16 model: held-out perplexity {res['dense']['perplexity']:.3f} on {res['dense']['tokens']:,} tokens")
@@ -487,7 +489,7 @@ def main() -> None:
                     "router_entropy_nats": mean_router_entropy(reference, held[:, :-1], s["score_batch"]),
                     **bench_prune.active(cfg, [s["experts"]] * s["layers"], cfg.top_k)}]
             known = bench_prune.recipes(s["finetune_steps"])
-            return top + bench_prune.topk_rows(path, reference, held, prune_calib, device, s["score_batch"],
+            return top + bench_prune.topk_rows(path, reference, held, tune, device, s["score_batch"],
                                                [known[n] for n in TOPK_RECIPES], deadline=deadline)
 
         study("topk", topk)
