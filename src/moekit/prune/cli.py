@@ -213,8 +213,9 @@ def register(sub) -> None:
     f.add_argument("--top-k", type=int, required=True, help="top-k to route with after fine-tuning (written)")
     f.add_argument("--train-top-k", type=int, default=None,
                    help="top-k during fine-tuning (default: the checkpoint's). At top-1 with renormalised "
-                        "weights (mixtral) the router gets no gradient from the LM loss, so train at top-2 "
-                        "with --entropy-weight and route at --top-k 1")
+                        "weights (mixtral) the LM loss gives the router no gradient, so the router trains at "
+                        "top-2; what helped top-1 most on the bundled model was --train router+experts "
+                        "--train-top-k 1 --entropy-weight 0 (benchmarks/results/README.md)")
     f.add_argument("--entropy-weight", type=float, default=0.01, help="weight of the router-entropy penalty")
     f.add_argument("--steps", type=int, default=100)
     f.add_argument("--lr", type=float, default=1e-3)

@@ -75,8 +75,8 @@ def check_setting(config: ModelConfig, train_top_k: int, train_what: str, entrop
         raise MoekitError(f"fine-tuning would change nothing: {why}; {fix}, or train the experts too "
                           "(--train router+experts)")
     if entropy_weight > 0:
-        return (f"only the entropy term moves the router, with no regard for quality: {why}; {fix}, "
-                "or set --entropy-weight 0")
+        also = "" if train_what == "router" else ", or set --entropy-weight 0 (the experts still train)"
+        return f"only the entropy term moves the router, with no regard for quality: {why}; {fix}{also}"
     return None
 
 
