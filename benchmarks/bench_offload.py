@@ -201,6 +201,15 @@ def run_generate(model, ids, new_tokens, cuda_graph=None):
             "decode_s_per_token": stats.decode_s / max(stats.new_tokens - 1, 1)}
 
 
+def resident_row(model, ids, tokens, device) -> dict:
+    """Returns the timing row of a model with every expert on the device (a warm-up run first),
+    with the allocator's peak: the compute time of the offloaded rows' ceilings."""
+    run_generate(model, ids, 4)
+    r = run_generate(model, ids, tokens)
+    r["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return r
+
+
 def free():
     """Returns cached device memory once the caller has dropped its references."""
     gc.collect()
@@ -264,9 +273,7 @@ def bench_shape(shape, args, device, results, save):
     compute_s = None
     try:
         model = load_model(folder, device=device, dtype=dtype, experts=HostResident(host))
-        run_generate(model, ids, 4)
-        r = run_generate(model, ids, args.tokens)
-        r["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        r = resident_row(model, ids, args.tokens, device)
         compute_s = r["decode_s_per_token"]
         eager = run_generate(model, ids, min(8, args.tokens), cuda_graph=False) if device.type == "cuda" else r
         r["eager_decode_tok_s"] = eager["decode_tok_s"]
@@ -398,10 +405,7 @@ def bench_compressed(shape, bits, args, device, res, folder, cfg, host, ids, con
     try:
         free()
         model = load_model(folder_c, device=device, dtype=dtype, experts=HostCompressedResident(stored, quant))
-        run_generate(model, ids, 2)
-        # CUDA graphs as the offloaded rows use them (whole step: the per-slot kernels need no sync)
-        r = run_generate(model, ids, args.tokens)
-        r["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        r = resident_row(model, ids, args.tokens, device)  # whole-step graphs: per-slot kernels need no sync
         compute_s = r["decode_s_per_token"]
         out["gpu_only"] = r
         log(f"{shape} {bits}: all resident {r['decode_tok_s']:.1f} tok/s")

@@ -152,15 +152,22 @@ class MoEBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, ids, weights.to(x.dtype)
 
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Returns the (gated) shared expert's output [N, D] for x [N, D], or None without one."""
+        if self.shared is None:
+            return None
+        out = self.shared(x)
+        if self.shared_gate is not None:
+            out = torch.sigmoid(self.shared_gate(x)) * out
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         flat = x.reshape(-1, d)  # [N, D]
         _, ids, weights = self.route(flat)
         out = self.experts(flat, ids, weights)
-        if self.shared is not None:
-            shared = self.shared(flat)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+        shared = self.shared_output(flat)
+        if shared is not None:
             out = out + shared
         return out.view(b, t, d)
 

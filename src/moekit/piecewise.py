@@ -125,12 +125,7 @@ class PiecewiseDecode:
             block: MoEBlock = layer.mlp
             flat = layer.post_norm(x).reshape(-1, x.shape[-1])
             _, ids, weights = block.route(flat)
-            shared = None
-            if block.shared is not None:
-                shared = block.shared(flat)
-                if block.shared_gate is not None:
-                    shared = torch.sigmoid(block.shared_gate(flat)) * shared
-            return _Routed(block, x, flat, ids, weights, shared)
+            return _Routed(block, x, flat, ids, weights, block.shared_output(flat))
 
         return run
 
