@@ -69,3 +69,9 @@ def test_pregate_command_then_generate(capsys, tmp_path):
 def test_pregate_predictor_without_pregates_is_refused(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "hi", "--offload", "--predictor", "pregate", "--pregate", str(tmp_path))
     assert code == 2 and "moekit pregate" in err
+
+
+def test_generate_offload_with_compile_is_refused_in_one_line(capsys):
+    code, out, err = run(capsys, "generate", "def f(x):", "--offload", "--compile")
+    assert code != 0 and out == ""
+    assert "--compile is not available with --offload" in err and "Traceback" not in err

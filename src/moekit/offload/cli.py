@@ -101,7 +101,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if not args.offload and (used or args.predictor != "speculative" or args.cache_policy != "lfu"):
         raise MoekitError(f"{', '.join(used) or '--predictor/--cache-policy'} needs --offload")
     if args.offload and args.compile:
-        raise MoekitError("--compile captures CUDA graphs, which offloaded decoding cannot use; drop --compile")
+        raise MoekitError("--compile is not available with --offload (offloaded steps are captured as CUDA graphs "
+                          "in pieces between the expert calls, uncompiled); drop --compile")
 
 
 def load_for_generate(args: argparse.Namespace, device: str, context_tokens: int):
