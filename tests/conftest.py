@@ -145,6 +145,15 @@ def mixtral_model(tiny):
     return moekit.load_model(tiny("mixtral").path)
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Returns (exit code, stdout, stderr) of `moekit ARGV` run in this process."""
+    from moekit.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     """Returns random token ids [batch, length] in [3, VOCAB) (clear of bos/eos/pad ids)."""
     g = torch.Generator().manual_seed(seed)

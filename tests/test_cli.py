@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import moekit
-from moekit.cli import main
 from moekit.config import ModelConfig
 from moekit.model import MoEModel
 from moekit.save import save_model
 from moekit.train import init_weights
+
+from conftest import run_cli
 
 CHAT_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
 
@@ -49,17 +50,11 @@ def model_dir(tmp_path_factory) -> Path:
     return save_model(model, root / "model", extra_files=extra)
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_inspect_table_and_json(model_dir, capsys):
-    code, out, _ = run(capsys, "inspect", str(model_dir))
+    code, out, _ = run_cli(capsys, "inspect", str(model_dir))
     assert code == 0
     assert "mixtral" in out and "bits per expert param" in out and "32.000" in out
-    code, out, _ = run(capsys, "inspect", str(model_dir), "--json")
+    code, out, _ = run_cli(capsys, "inspect", str(model_dir), "--json")
     report = json.loads(out)
     model = moekit.load_model(model_dir)
     assert report["params_total"] == sum(p.numel() for p in model.parameters())
@@ -70,13 +65,13 @@ def test_inspect_table_and_json(model_dir, capsys):
 
 def test_generate_json_is_greedy_and_consistent(model_dir, capsys):
     args = ("generate", "def f(x):", "--model", str(model_dir), "--max-new-tokens", "12", "--json")
-    code, out, _ = run(capsys, *args)
+    code, out, _ = run_cli(capsys, *args)
     assert code == 0
     first = json.loads(out)
     assert {"text", "token_ids", "tok_s", "decode_tok_s", "time_to_first_token_s"} <= first.keys()
     assert 0 < first["new_tokens"] <= 12 and len(first["token_ids"]) == first["new_tokens"]
     assert first["text"] == moekit.load_tokenizer(model_dir).decode(first["token_ids"])
-    _, out, _ = run(capsys, *args)
+    _, out, _ = run_cli(capsys, *args)
     assert json.loads(out)["token_ids"] == first["token_ids"]  # greedy by default: deterministic
     # the same ids as the Python API
     tok = moekit.load_tokenizer(model_dir)
@@ -86,7 +81,7 @@ def test_generate_json_is_greedy_and_consistent(model_dir, capsys):
 
 
 def test_generate_streams_prompt_then_text(model_dir, capsys):
-    code, out, err = run(capsys, "generate", "import os", "--model", str(model_dir), "--max-new-tokens", "6",
+    code, out, err = run_cli(capsys, "generate", "import os", "--model", str(model_dir), "--max-new-tokens", "6",
                          "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3")
     assert code == 0 and out.startswith("import os")
     assert "tok/s" in err
@@ -94,12 +89,12 @@ def test_generate_streams_prompt_then_text(model_dir, capsys):
 
 def test_generate_reads_stdin(model_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("print("))
-    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--max-new-tokens", "3", "--json")
+    code, out, _ = run_cli(capsys, "generate", "--model", str(model_dir), "--max-new-tokens", "3", "--json")
     assert code == 0 and json.loads(out)["prompt"] == "print("
 
 
 def test_generate_chat_template(model_dir, capsys):
-    code, out, _ = run(capsys, "generate", "hi", "--chat", "--model", str(model_dir), "--max-new-tokens", "3", "--json")
+    code, out, _ = run_cli(capsys, "generate", "hi", "--chat", "--model", str(model_dir), "--max-new-tokens", "3", "--json")
     assert code == 0 and json.loads(out)["prompt"] == "hi"
 
 
@@ -113,24 +108,24 @@ def test_generate_chat_template(model_dir, capsys):
     (["--max-new-tokens", "5000"], "exceeds the model's context"),
 ])
 def test_generate_bad_flags_are_one_line_errors(model_dir, capsys, flags, message):
-    code, out, err = run(capsys, "generate", "x", "--model", str(model_dir), *flags)
+    code, out, err = run_cli(capsys, "generate", "x", "--model", str(model_dir), *flags)
     assert code == 2 and out == ""
     assert err.startswith("moekit: error: ") and message in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_without_gpu_is_a_clear_error(model_dir, capsys):
-    code, _, err = run(capsys, "generate", "x", "--model", str(model_dir), "--device", "cuda")
+    code, _, err = run_cli(capsys, "generate", "x", "--model", str(model_dir), "--device", "cuda")
     assert code == 2 and "no CUDA device" in err and err.count("\n") == 1
 
 
 def test_missing_model_dir_and_tokenizer(model_dir, tmp_path, capsys):
-    code, _, err = run(capsys, "inspect", str(tmp_path / "nope"))
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "nope"))
     assert code == 2 and "nope" in err and err.count("\n") == 1
     bare = tmp_path / "bare"
     shutil.copytree(model_dir, bare)
     (bare / "tokenizer.json").unlink()
-    code, _, err = run(capsys, "generate", "x", "--model", str(bare))
+    code, _, err = run_cli(capsys, "generate", "x", "--model", str(bare))
     assert code == 2 and "tokenizer.json" in err and err.count("\n") == 1
 
 
@@ -140,10 +135,10 @@ def test_unsupported_architecture(model_dir, tmp_path, capsys):
     cfg = json.loads((other / "config.json").read_text())
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (other / "config.json").write_text(json.dumps(cfg))
-    code, _, err = run(capsys, "inspect", str(other))
+    code, _, err = run_cli(capsys, "inspect", str(other))
     assert code == 2 and "llama" in err and "mixtral" in err and "qwen3_moe" in err and err.count("\n") == 1
 
 
 def test_no_command_prints_help(capsys):
-    code, out, _ = run(capsys)
+    code, out, _ = run_cli(capsys)
     assert code == 2 and "generate" in out and "inspect" in out
