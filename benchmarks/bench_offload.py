@@ -6,7 +6,10 @@ Pre-gate accuracy is measured on the bundled tiny MoE (trained by examples/train
 
 Rows "CPU misses" (OffloadConfig(misses="cpu"), predictor none and speculative) compute the experts
 absent from the GPU cache on the CPU from host memory (offload/cpu.py); "auto" (speculative) lets
-the cost model measured at load split them between PCIe and the CPU. torch's intra-op threads
+the cost model measured at load split them between PCIe and the CPU. Rows "misses read in place"
+(misses="mapped", offload/mapped.py) capture each decode step whole: the slot kernels read missed
+experts over PCIe from host memory, popular ones are copied in between steps; their PCIe bytes
+are both (in-place reads + copies), at the same copy-rate ceiling. torch's intra-op threads
 are set to the CPUs this process may use (`cpu_threads` in the JSON). Their ceiling adds the CPU
 side: max(compute time, PCIe bytes per token / H2D rate, expert bytes the CPU reads per token /
 host read rate), the host rate measured in the same run (the best of a bf16 matvec over the host
@@ -65,8 +68,9 @@ SMALL = {
 }
 
 
-MISS_ROWS = (("cpu", "none"), ("cpu", "speculative"), ("auto", "speculative"))  # (misses, predictor) rows
-MISS_LABELS = {"cpu": "CPU misses", "auto": "auto"}
+MISS_ROWS = (("cpu", "none"), ("cpu", "speculative"), ("auto", "speculative"),
+             ("mapped", "none"))  # (misses, predictor) rows
+MISS_LABELS = {"cpu": "CPU misses", "auto": "auto", "mapped": "misses read in place"}
 
 
 def log(msg: str) -> None:
@@ -223,11 +227,12 @@ def offload_row(r: dict, rep: dict, budget: int, bw: float, compute_s: float | N
     """Adds an offloaded run's report to its timing row `r`, with its ceiling: the largest of the
     GPU-only compute time, the bytes that crossed PCIe per token at the measured rate `bw`, and
     the expert bytes the CPU read per token at the measured host read rate `host_rate`."""
-    pcie_s = rep["bytes_per_token"] / bw
+    pcie_bytes = rep["bytes_per_token"] + rep.get("mapped_bytes_per_token", 0)  # copies + in-place reads
+    pcie_s = pcie_bytes / bw
     cpu_s = rep.get("cpu_bytes_per_token", 0) / host_rate if host_rate else 0.0
     ceiling_s = max(compute_s or 0.0, pcie_s, cpu_s)
     r.update(hit_rate=rep["hit_rate"], prefetch_precision=rep["prefetch_precision"],
-             prefetch_recall=rep["prefetch_recall"], pcie_bytes_per_token=rep["bytes_per_token"],
+             prefetch_recall=rep["prefetch_recall"], pcie_bytes_per_token=pcie_bytes,
              stall_s=rep["stall_s"], peak_bytes=rep["peak_device_bytes"], cache_slots=rep["cache_slots"],
              within_budget=rep["peak_device_bytes"] <= budget,
              ceiling_tok_s=1 / ceiling_s if ceiling_s > 0 else None, pcie_s_per_token=pcie_s, plan=rep["plan"])
@@ -236,7 +241,8 @@ def offload_row(r: dict, rep: dict, budget: int, bw: float, compute_s: float | N
                  cpu_bytes_per_token=rep["cpu_bytes_per_token"], cpu_s_per_token_ceiling=cpu_s,
                  cpu_experts=rep["cpu_experts"], cpu_s=rep["cpu_s"], cpu_wait_s=rep["cpu_wait_s"],
                  admissions=rep["admissions"], prefetches=rep["prefetches"], demand_fetches=rep["demand_fetches"],
-                 cpu_threads=rep["cpu_threads"], cost_model=rep["cost_model"])
+                 cpu_threads=rep["cpu_threads"], cost_model=rep["cost_model"],
+                 mapped_reads=rep.get("mapped_reads", 0), mapped_bytes_per_token=rep.get("mapped_bytes_per_token", 0))
     r["share_of_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"] if r["ceiling_tok_s"] else None
 
 
@@ -542,7 +548,8 @@ def table(results) -> str:
                     misses, predictor = name.split("_", 1)
                     used = "" if r["misses_used"] == r["misses"] else f", ran {r['misses_used']}"
                     engine = f"moekit {MISS_LABELS[misses]} ({predictor}{used})"
-                    mb += f" + {r['cpu_bytes_per_token'] / 1e6:.0f} CPU"
+                    if misses != "mapped":
+                        mb += f" + {r['cpu_bytes_per_token'] / 1e6:.0f} CPU"
                 rows.append(f"| {shape} | {key[7:]} | {engine} | {r['decode_tok_s']:.2f} | {ceil:.2f} | "
                             f"{100 * (r.get('share_of_ceiling') or 0):.0f}% | {r['ttft_s'] * 1e3:.0f} | {r['hit_rate']:.2f} | "
                             f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f} | {mb} | "
@@ -645,14 +652,15 @@ def main() -> int:
                         help="also offload the experts compressed (RTN): ternary, 4 or both ('ternary,4'); default off")
     parser.add_argument("--compressed-budgets", default="0.10", help="shares of the bf16 model's bytes for those rows")
     parser.add_argument("--misses", default="fetch,cpu,auto",
-                        help="which offloaded rows run: fetch (none/speculative/oracle), cpu, auto (default: all)")
+                        help="which offloaded rows run: fetch (none/speculative/oracle), cpu, auto, mapped "
+                             "(default: fetch,cpu,auto)")
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="torch intra-op threads (default: the CPUs this process may use)")
     args = parser.parse_args()
     args.misses = [m for m in args.misses.split(",") if m]
     for m in args.misses:
-        if m not in ("fetch", "cpu", "auto"):
-            parser.error(f"--misses: {m!r} is not one of fetch, cpu, auto")
+        if m not in ("fetch", "cpu", "auto", "mapped"):
+            parser.error(f"--misses: {m!r} is not one of fetch, cpu, auto, mapped")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.cpu_threads or cores)
     args.budgets = [float(b) for b in args.budgets.split(",") if b]  # "" runs no bf16 budget rows

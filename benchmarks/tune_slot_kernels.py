@@ -60,12 +60,13 @@ def main() -> None:
                     ids = routings[next(counter) % 8].reshape(-1)
                     if kernel == "gate_up":
                         slot_gate_up_swiglu_kernel[(a, triton.cdiv(i, bn))](
-                            x, ids, gate_up, outs["gate_up"], i, x.stride(0), gate_up.stride(0),
-                            gate_up.stride(1), i, TOP_K=a, K=d, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                            x, ids, gate_up, ids, outs["gate_up"], i, x.stride(0), gate_up.stride(0),
+                            gate_up.stride(1), i, 0, TOP_K=a, K=d, BLOCK_N=bn, BLOCK_K=bk, OFFSETS=False,
+                            num_warps=warps)
                     else:
                         slot_down_kernel[(a, triton.cdiv(d, bn))](
-                            h, ids, w.reshape(-1), down, outs["down"], d, i, down.stride(0), down.stride(1), d,
-                            K=i, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                            h, ids, w.reshape(-1), down, ids, outs["down"], d, i, down.stride(0), down.stride(1), d,
+                            0, K=i, BLOCK_N=bn, BLOCK_K=bk, OFFSETS=False, num_warps=warps)
                 try:
                     ms = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
                 except Exception as err:  # a config that does not compile (registers, shared memory)

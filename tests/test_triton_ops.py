@@ -71,6 +71,32 @@ def test_slot_kernel_matches_reference(shape):
     assert rel < 1e-5, rel
 
 
+def test_slot_kernel_with_offsets_reads_experts_from_two_places():
+    """An offset table pointing some experts into a second tensor (as offload.mapped points missed
+    experts into host memory) gives bit-for-bit the stacked result."""
+    num_experts, hidden, ffn, tokens, top_k = 6, 40, 24, 2, 3
+    device = _device()
+    g = torch.Generator().manual_seed(7)
+    m = _experts(num_experts, hidden, ffn, device)
+    x = torch.randn(tokens, hidden, generator=g).to(device)
+    ids, weights = _route(tokens, num_experts, top_k, device, g)
+    slab_gu, slab_dn = torch.zeros(3, 2 * ffn, hidden, device=device), torch.zeros(3, hidden, ffn, device=device)
+    far_gu, far_dn = m.gate_up.detach().clone(), m.down.detach().clone()  # all experts, elsewhere
+    offsets = torch.empty(num_experts, 2, dtype=torch.int64)
+    size = slab_gu.element_size()
+    for e in range(num_experts):
+        if e % 2 == 0:  # even experts in slab slot e // 2
+            slab_gu[e // 2], slab_dn[e // 2] = m.gate_up.detach()[e], m.down.detach()[e]
+            offsets[e] = torch.tensor([e // 2 * slab_gu.stride(0), e // 2 * slab_dn.stride(0)])
+        else:  # odd ones read in place from far_*: an element offset from the slab's base
+            offsets[e, 0] = (far_gu[e].data_ptr() - slab_gu.data_ptr()) // size
+            offsets[e, 1] = (far_dn[e].data_ptr() - slab_dn.data_ptr()) // size
+    with torch.no_grad():
+        want = triton_ops.slot_expert_ffn(x, ids, weights, m.gate_up, m.down)
+        got = triton_ops.slot_expert_ffn(x, ids, weights, slab_gu, slab_dn, offsets=offsets.to(device))
+    assert torch.equal(got, want)
+
+
 def test_block_map_covers_every_slot_once():
     g = torch.Generator().manual_seed(0)
     ids, _ = _route(37, 6, 3, "cpu", g)

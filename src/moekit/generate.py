@@ -200,9 +200,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
 
 def _capture(model, cache: KVCache, token: torch.Tensor, position: int, compile: bool,
              stats: GenerationStats):
-    """Returns a captured decode step: whole (compiled if asked and possible), else in pieces
-    between expert calls (expert sources that sync with the host), else None to run eagerly."""
-    if getattr(model, "offload", None) is not None:
+    """Returns a captured decode step: whole (compiled if asked and possible; an offloaded model
+    whose misses are read in place), else in pieces between expert calls (expert sources that
+    sync with the host), else None to run eagerly."""
+    offload = getattr(model, "offload", None)
+    if offload is not None:
+        step = offload.capture_decode(model, cache, token, position)  # whole, when misses are read in place
+        if step is not None:
+            stats.extra["graph"] = "whole"
+            return step
         return _capture_pieces(model, cache, token, position, stats)
     if compile:
         try:

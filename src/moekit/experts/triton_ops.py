@@ -122,11 +122,15 @@ def slot_config(kernel: str, hidden: int, ffn: int) -> tuple[int, int, int]:
 
 def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor,
-                    configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None) -> torch.Tensor:
+                    configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+                    offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D], one program row per slot.
 
     Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode).
-    `configs` overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels."""
+    `configs` overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels.
+    `offsets` [E, >= 2] int64 (any row stride; columns past 2 unused) places expert e's gate_up at gate_up's first element +
+    offsets[e, 0] and its down at down's first element + offsets[e, 1] (elements; each expert's
+    matrices contiguous as in the stacked layout), instead of at index e of gate_up and down."""
     n, top_k = expert_ids.shape
     num_experts, two_ffn, hidden = gate_up.shape
     ffn = two_ffn // 2
@@ -135,12 +139,19 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     flat_ids = expert_ids.reshape(-1)
     flat_weights = weights.reshape(-1)
     x = x.contiguous()
+    use_offsets = offsets is not None
+    if use_offsets:
+        assert offsets.dtype == torch.int64 and offsets.shape[1] >= 2 and offsets.stride(1) == 1, "offsets: [E, >=2] int64"
+        gu_off, dn_off, stride_off = offsets, offsets[:, 1:], offsets.stride(0)
+    else:
+        gu_off = dn_off = flat_ids  # unused
+        stride_off = 0
     h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
     slot_gate_up_swiglu_kernel[(slots, triton.cdiv(ffn, gn))](
-        x, flat_ids, gate_up, h, ffn, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
-        TOP_K=top_k, K=hidden, BLOCK_N=gn, BLOCK_K=gk, num_warps=gw)
+        x, flat_ids, gate_up, gu_off, h, ffn, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
+        stride_off, TOP_K=top_k, K=hidden, BLOCK_N=gn, BLOCK_K=gk, OFFSETS=use_offsets, num_warps=gw)
     y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D]
     slot_down_kernel[(slots, triton.cdiv(hidden, dn))](
-        h, flat_ids, flat_weights, down, y, hidden, h.stride(0), down.stride(0), down.stride(1), y.stride(0),
-        K=ffn, BLOCK_N=dn, BLOCK_K=dk, num_warps=dw)
+        h, flat_ids, flat_weights, down, dn_off, y, hidden, h.stride(0), down.stride(0), down.stride(1), y.stride(0),
+        stride_off, K=ffn, BLOCK_N=dn, BLOCK_K=dk, OFFSETS=use_offsets, num_warps=dw)
     return y.view(n, top_k, hidden).sum(dim=1)

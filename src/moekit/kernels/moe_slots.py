@@ -9,6 +9,10 @@ D = hidden, I = expert ffn width):
 
 Program (s, nb) computes rows nb*BLOCK_N.. of slot s. No sorting, no block map: the right
 choice when slots are few (batch-1 decode), since each slot streams its expert's rows once.
+
+With OFFSETS, expert e's weights start at w_ptr + offsets[e * stride_off] (int64, elements) instead
+of w_ptr + e * stride_we: the offset table may point into a cache slab or, through unified
+addressing, into page-locked host memory (an expert read over PCIe in place; offload.mapped).
 """
 
 import triton
@@ -17,10 +21,11 @@ import triton.language as tl
 
 @triton.jit
 def slot_gate_up_swiglu_kernel(
-    x_ptr, expert_ids_ptr, w_ptr, out_ptr,
+    x_ptr, expert_ids_ptr, w_ptr, off_ptr, out_ptr,
     FFN,
-    stride_xn, stride_we, stride_wn, stride_os,
+    stride_xn, stride_we, stride_wn, stride_os, stride_off,
     TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    OFFSETS: tl.constexpr,
 ):
     """out[s, n] = silu(x[s // A] . w[e_s, n]) * (x[s // A] . w[e_s, FFN + n])."""
     s = tl.program_id(0)
@@ -29,7 +34,10 @@ def slot_gate_up_swiglu_kernel(
     x_row = x_ptr + (s // TOP_K) * stride_xn
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     col_ok = cols < FFN
-    w_base = w_ptr + e * stride_we
+    if OFFSETS:
+        w_base = w_ptr + tl.load(off_ptr + e * stride_off)
+    else:
+        w_base = w_ptr + e * stride_we
     acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -47,10 +55,10 @@ def slot_gate_up_swiglu_kernel(
 
 @triton.jit
 def slot_down_kernel(
-    h_ptr, expert_ids_ptr, weights_ptr, w_ptr, out_ptr,
+    h_ptr, expert_ids_ptr, weights_ptr, w_ptr, off_ptr, out_ptr,
     N,
-    stride_hs, stride_we, stride_wn, stride_os,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_hs, stride_we, stride_wn, stride_os, stride_off,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OFFSETS: tl.constexpr,
 ):
     """out[s, n] = weights[s] * (h[s] . w[e_s, n]): the routing weight is applied here."""
     s = tl.program_id(0)
@@ -59,7 +67,10 @@ def slot_down_kernel(
     gate_weight = tl.load(weights_ptr + s).to(tl.float32)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w_base = w_ptr + e * stride_we
+    if OFFSETS:
+        w_base = w_ptr + tl.load(off_ptr + e * stride_off)
+    else:
+        w_base = w_ptr + e * stride_we
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)

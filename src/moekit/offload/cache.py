@@ -58,6 +58,8 @@ class ExpertCache:
         self.copy_free_at = 0.0  # perf_counter time the modelled copy queue drains
         self.ready_at: dict[int, float] = {}  # slot -> modelled landing time of its copy in flight
         self.last_copy: Hashable | None = None  # the latest copy issued (event or Future)
+        self.listener = None  # told of every fill and eviction (offload.mapped keeps its table by it)
+        self.barrier: torch.cuda.Event | None = None  # copies into an occupied slot wait for it (mapped steps)
 
     # ---- queries -------------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -81,9 +83,13 @@ class ExpertCache:
         old = self.key_of[slot]
         if old is not None:
             del self.slot_of[old]
+            if self.listener is not None:
+                self.listener.evicted(old, slot)
         self._wait_host(slot)
-        self._copy_in(key, slot, async_ok=prefetch)
+        self._copy_in(key, slot, async_ok=prefetch, occupied=old is not None)
         self.key_of[slot], self.slot_of[key] = key, slot
+        if self.listener is not None:
+            self.listener.filled(key, slot)
         self.last_used[slot] = self._tick()
         (self.prefetched.add if prefetch else self.prefetched.discard)(slot)
         protected.add(slot)
@@ -116,7 +122,7 @@ class ExpertCache:
             job.result()
             del self.pending[slot]
 
-    def _copy_in(self, key: Key, slot: int, async_ok: bool) -> None:
+    def _copy_in(self, key: Key, slot: int, async_ok: bool, occupied: bool = True) -> None:
         layer, expert = key
         dst = self.expert(slot)
         if not self.cuda:
@@ -141,6 +147,8 @@ class ExpertCache:
             done_reading = self.read_done.pop(slot, None)
             if done_reading is not None:  # compute still reading the evicted expert
                 self.copy_stream.wait_event(done_reading)
+            if occupied and self.barrier is not None:  # a captured step may still read it in place
+                self.copy_stream.wait_event(self.barrier)
             self.form.copy(dst, src, non_blocking=True, layer=layer)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
@@ -163,6 +171,14 @@ class ExpertCache:
         if job is None:
             return True
         return job.done() if isinstance(job, Future) else job.query()
+
+    def landed(self, slot: int) -> bool:
+        """Returns whether `slot`'s copy has landed (forgetting the copy if so), without waiting."""
+        if not self.ready(slot):
+            return False
+        self.pending.pop(slot, None)
+        self.ready_at.pop(slot, None)
+        return True
 
     def eta_s(self, slot: int) -> float | None:
         """Returns the modelled seconds until `slot`'s copy lands (0 when ready; None: no model)."""

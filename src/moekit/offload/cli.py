@@ -86,7 +86,9 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
     g.add_argument("--misses", default=None, choices=MISSES,
                    help="where an expert absent from the device cache runs, in calls of up to 8 tokens (decode): "
                         "fetch (copy it in; default), cpu (compute it on the CPU from host memory, overlapped with "
-                        "the device), auto (whichever a cost model measured at load says is faster)")
+                        "the device), auto (whichever a cost model measured at load says is faster), mapped (GPU: "
+                        "the kernel reads it in place from host memory, so each decode step is one CUDA graph; "
+                        "popular experts are copied in between steps)")
     g.add_argument("--strict-pregate", action="store_true",
                    help="run only the predicted experts (changes outputs; needs a model tuned for it)")
     g.add_argument("--stats", action="store_true", help="print offload statistics after generating")
@@ -156,7 +158,10 @@ def _cpu_rows(report: dict) -> list[tuple[str, str]]:
         return []
     rows = [("misses", report["misses"] + (f" (runs {report['misses_used']}: {report['misses_note']})"
                                            if report["misses_note"] else ""))]
-    if report["misses_used"] != "fetch":
+    if report["misses_used"] == "mapped":
+        rows += [("read in place", f"{report['mapped_reads']} expert reads, {format_size(report['mapped_bytes_per_token'])}"
+                                   f" / token; {report['admissions']} copied in between steps")]
+    elif report["misses_used"] != "fetch":
         rows += [("experts on the CPU", f"{report['cpu_experts']} ({format_size(report['cpu_bytes_per_token'])} "
                                         f"read / token, {report['cpu_threads']} threads)"),
                  ("CPU time", f"{report['cpu_s'] * 1e3:.1f} ms ({report['cpu_wait_s'] * 1e3:.1f} ms waited for)")]

@@ -16,7 +16,7 @@ from ..errors import MoekitError
 PREDICTORS = ("none", "speculative", "pregate", "oracle")
 POLICIES = ("lru", "lfu")
 STORES = ("auto", "host", "disk")
-MISSES = ("fetch", "cpu", "auto")
+MISSES = ("fetch", "cpu", "auto", "mapped")
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -55,7 +55,7 @@ class OffloadConfig:
     strict: bool = False  # run only the predicted experts (changes outputs; needs a model tuned for it)
     pregate_path: str | None = None  # folder written by `moekit pregate` (predictor pregate)
     record_routing: bool = False  # keep every layer's routing (an oracle trace for a second run)
-    misses: str = "fetch"  # fetch | cpu | auto: where an expert absent from the device cache runs (offload.cpu)
+    misses: str = "fetch"  # fetch | cpu | auto (offload.cpu) | mapped (read in place from host memory, offload.mapped)
     cpu_max_tokens: int = 8  # layer calls of at most this many tokens may run experts on the CPU
     cpu_threads: int = 0  # intra-op threads of the CPU expert worker (CUDA; 0: torch's threads - 1)
     version: int = 1
@@ -78,6 +78,12 @@ class OffloadConfig:
         if self.cpu_max_tokens < 1 or self.cpu_threads < 0:
             raise MoekitError(f"cpu_max_tokens must be >= 1 and cpu_threads >= 0, got {self.cpu_max_tokens} "
                               f"and {self.cpu_threads}")
+        if self.misses == "mapped" and self.store == "disk":
+            raise MoekitError("--misses mapped reads missed experts in place from host memory: it needs the host "
+                              "store (store 'host' or 'auto'), not 'disk'")
+        if self.misses == "mapped" and self.strict:
+            raise MoekitError("strict mode runs the predicted experts, which mapped decode steps never consult: "
+                              "use --misses fetch with --strict-pregate")
         if self.strict and self.predictor in ("none", "oracle"):
             raise MoekitError("strict mode runs the predicted experts: use --predictor pregate or speculative")
 

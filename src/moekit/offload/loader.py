@@ -60,7 +60,7 @@ class OffloadLoader(ExpertLoader):
             form = dense_form(cfg, ctx.dtype)
         kind = self.config.store
         if kind == "auto":
-            kind = "host" if device.type == "cuda" or self.host_layers is not None else "disk"
+            kind = "host" if device.type == "cuda" or self.host_layers is not None or self._reads_in_place(device) else "disk"
         self.plan = plan_budget(cfg, ctx.dtype, form.expert_bytes(), self.config, device, disk_store=kind == "disk",
                                 shared_bytes=form.shared_bytes())
         if kind == "host":
@@ -74,6 +74,12 @@ class OffloadLoader(ExpertLoader):
         self._choose_misses(runtime, ctx)
         return runtime
 
+    def _reads_in_place(self, device: torch.device) -> bool:
+        """Returns whether misses "mapped" can run on `device` (GPU, or the CPU under the Triton interpreter)."""
+        from ..experts import triton_ops
+
+        return self.config.misses == "mapped" and triton_ops.triton_usable(torch.empty(0, device=device))
+
     def _choose_misses(self, runtime: OffloadRuntime, ctx: LoadContext) -> None:
         """Sets where misses run (offload.cpu), or refuses a combination that cannot work."""
         from .cpu import CpuExperts
@@ -82,6 +88,19 @@ class OffloadLoader(ExpertLoader):
         if misses == "fetch":
             return
         form, device = runtime.form, ctx.device
+        if misses == "mapped":
+            from .forms import DenseForm
+
+            if not isinstance(form, DenseForm):
+                runtime.misses, runtime.misses_note = "fetch", (
+                    f"{form.name} experts are not read in place yet (their kernels take slab slots): misses are fetched")
+            elif not self._reads_in_place(device):
+                runtime.misses, runtime.misses_note = "fetch", (
+                    "the device is the CPU: nothing crosses a link, so a miss is copied into the host-memory cache")
+            elif self.config.predictor != "none":
+                runtime.misses_note = (f"decode steps read misses in place and consult no predictor; "
+                                       f"'{self.config.predictor}' serves prefill calls only")
+            return
         if not form.cpu_path:
             if misses == "cpu":
                 raise MoekitError(
@@ -95,6 +114,22 @@ class OffloadLoader(ExpertLoader):
                 "the device is the CPU: nothing crosses a link, so a miss is copied into the host-memory cache")
             return
         runtime.cpu = CpuExperts(form, runtime.store, device, self.config.cpu_max_tokens, self.config.cpu_threads)
+
+    def _attach_mapped(self, runtime: OffloadRuntime) -> None:
+        """Gives a new cache its mapped runtime (misses mapped), checking once that the device reads
+        host memory in place correctly; where it does not, misses are fetched."""
+        if runtime.misses != "mapped":
+            return
+        from .mapped import self_test
+
+        runtime.attach_mapped()
+        if getattr(self, "_mapped_checked", False):
+            return
+        self._mapped_checked = True
+        why = self_test(runtime.mapped)
+        if why is not None:
+            runtime.cache.listener = runtime.mapped = None
+            runtime.misses, runtime.misses_note = "fetch", f"{why}: misses are fetched"
 
     def build(self, ctx: LoadContext, layer: int) -> OffloadedExperts:
         if self.runtime is None:
@@ -116,6 +151,7 @@ class OffloadLoader(ExpertLoader):
         cfg = self.config
         runtime.cache = ExpertCache(runtime.form, runtime.store, self.plan.cache_slots, ctx.device,
                                     cfg.cache_policy, runtime.stats)
+        self._attach_mapped(runtime)
         runtime.routers = {i: model.layers[i].mlp.router for i in runtime.moe_layers}
         k = cfg.prefetch_k or ctx.config.top_k
         runtime.predictor = build_predictor(cfg.predictor, model, runtime.next_of, k, cfg.pregate_path, self.trace)
@@ -162,10 +198,13 @@ class OffloadLoader(ExpertLoader):
             ids = torch.zeros(batch, warm, dtype=torch.long, device=device)
             with torch.inference_mode():
                 model(ids, cache=cache, start=0, last_only=True)
-                # decode as generate runs it: captured in pieces between the expert calls (the
-                # graphs' pool and the capture stream's library workspaces count too)
-                step = PiecewiseDecode(model, cache, ids[:, :1], warm)
+                # decode as generate runs it: captured whole (misses mapped) or in pieces between
+                # the expert calls (the graphs' pool and the capture stream's workspaces count too)
+                step = runtime.capture_decode(model, cache, ids[:, :1], warm) or PiecewiseDecode(
+                    model, cache, ids[:, :1], warm)
                 step(ids[:, :1], warm)
+                if runtime.mapped is not None:
+                    runtime.mapped.drain()
             runtime.cache.synchronize()
             torch.cuda.synchronize(device)
             del cache, ids, step
@@ -183,6 +222,7 @@ class OffloadLoader(ExpertLoader):
             torch.cuda.empty_cache()
             runtime.cache = ExpertCache(runtime.form, runtime.store, slots, device, self.config.cache_policy,
                                         runtime.stats)
+            self._attach_mapped(runtime)
         else:
             raise MoekitError(f"could not fit the expert cache under --device-memory {plan.budget_bytes / 1e6:.2f}MB "
                               f"after 4 measurements (last: {need / 1e6:.2f}MB); give a larger budget")
@@ -193,6 +233,7 @@ class OffloadLoader(ExpertLoader):
         torch.cuda.empty_cache()
         runtime.cache = ExpertCache(runtime.form, runtime.store, old_slots, device, self.config.cache_policy,
                                     runtime.stats)
+        self._attach_mapped(runtime)
         self.plan = runtime.plan = dataclasses.replace(plan, cache_slots=old_slots, measured_peak_bytes=need)
         runtime.baseline_bytes = self.baseline_bytes
         runtime.calls.clear()

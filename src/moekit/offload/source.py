@@ -6,7 +6,9 @@ on the copy stream); compute waits for this layer's experts only, then runs them
 slab with the resident model's kernels, so outputs equal the resident model's. When a layer needs
 more distinct experts than the cache holds (a long prefill on a small budget), it runs in waves.
 With misses "cpu" or "auto", a call of few tokens computes the experts that are not on the
-device on the CPU instead, overlapped with the device part (offload.cpu).
+device on the CPU instead, overlapped with the device part (offload.cpu). With misses "mapped", a
+decode step reads missed experts in place from host memory and is captured whole, the cache
+managed between steps (offload.mapped).
 
 Shapes: N = tokens, A = experts per token, D = hidden, E = experts.
 """
@@ -68,13 +70,30 @@ class OffloadRuntime:
         self.misses_note: str | None = None  # why it fell back
         self.cpu: CpuExperts | None = None  # the CPU expert path (misses cpu/auto)
         self.costs: CostModel | None = None  # measured rates (CUDA, misses cpu/auto)
+        self.mapped = None  # offload.mapped.MappedExperts (misses mapped), attached to each new cache
         if config.strict:
             warnings.warn("strict offload runs only the predicted experts: outputs change, and stay "
                           "good only with a model fine-tuned for its pre-gates", stacklevel=2)
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def attach_mapped(self) -> None:
+        """Builds the mapped runtime for the current cache (misses mapped; its table points into the slab)."""
+        from .mapped import MappedExperts
+
+        self.mapped = MappedExperts(self)
+
+    def capture_decode(self, model, cache, token: torch.Tensor, position: int):
+        """Returns a decode step captured whole (misses mapped), or None: capture it in pieces."""
+        if self.mapped is None:
+            return None
+        from .mapped import capture_step
+
+        return capture_step(self.mapped, model, cache, token, position)
+
     def reset_stats(self) -> None:
         """Starts counting afresh (the cache keeps its contents); resets the CUDA peak too."""
+        if self.mapped is not None:
+            self.mapped.drain()  # steps already run count in the old stats
         self.stats = OffloadStats()
         if self.cache is not None:
             self.cache.stats = self.stats
@@ -84,6 +103,8 @@ class OffloadRuntime:
 
     def report(self) -> dict:
         """Returns stats, plan and settings as one JSON-ready dict."""
+        if self.mapped is not None:
+            self.mapped.drain()
         stats = self.stats
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -112,6 +133,8 @@ class OffloadRuntime:
 
     # ---- one layer -----------------------------------------------------------------------------
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.mapped is not None and self.mapped.serves(expert_ids):  # no host decision: capturable
+            return self.mapped.run(layer, x, expert_ids, weights)
         cache, stats = self.cache, self.stats
         n = x.shape[0]
         call = self.calls.get(layer, 0)
@@ -126,7 +149,7 @@ class OffloadRuntime:
         nxt = self.next_of.get(layer)
         pred = self.predictor.predict(layer, call, x) if nxt is not None else None
         flat = expert_ids.reshape(-1)
-        split = self.misses != "fetch" and n <= self.config.cpu_max_tokens
+        split = self.misses in ("cpu", "auto") and n <= self.config.cpu_max_tokens
         if split:  # queued before the sync below, so it completes them: no sync of its own
             x_host, w_host = self.cpu.stage(x, weights)
         host = (torch.cat([flat, pred.reshape(-1).to(flat.dtype)]) if pred is not None else flat).tolist()

@@ -27,7 +27,10 @@ class OffloadStats:
     decode_cpu_bytes: int = 0  # ... during one-token calls
     cpu_s: float = 0.0  # seconds the CPU worker spent computing experts
     cpu_wait_s: float = 0.0  # ... of which the layer waited for it after launching its device part
-    admissions: int = 0  # CPU-run experts then copied into the cache in the background (popular ones)
+    admissions: int = 0  # missed experts then copied into the cache in the background (popular ones)
+    mapped_reads: int = 0  # routed slots whose expert the device read in place from host memory (misses mapped)
+    mapped_bytes: int = 0  # bytes those in-place reads moved over the link
+    decode_mapped_bytes: int = 0  # ... during one-token steps
     stall_s: float = 0.0  # time compute waited for experts (GPU: measured by CUDA events)
     fetch_s: float = 0.0  # host time spent issuing fetches (disk reads happen here on the CPU)
     peak_device_bytes: int = 0  # allocator peak on CUDA; the planned total on the CPU
@@ -68,12 +71,20 @@ class OffloadStats:
             return self.decode_cpu_bytes / self.decode_tokens
         return self.cpu_bytes / self.tokens if self.tokens else 0.0
 
+    @property
+    def mapped_bytes_per_token(self) -> float:
+        """Bytes read in place from host memory per decode token (per token when nothing was decoded)."""
+        if self.decode_tokens:
+            return self.decode_mapped_bytes / self.decode_tokens
+        return self.mapped_bytes / self.tokens if self.tokens else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         self.resolve()
         out = {k: v for k, v in self.__dict__.items() if k != "pending_stalls"}
         out.update(hit_rate=round(self.hit_rate, 4), prefetch_precision=round(self.precision, 4),
                    prefetch_recall=round(self.recall, 4), bytes_per_token=round(self.bytes_per_token, 1),
-                   cpu_bytes_per_token=round(self.cpu_bytes_per_token, 1))
+                   cpu_bytes_per_token=round(self.cpu_bytes_per_token, 1),
+                   mapped_bytes_per_token=round(self.mapped_bytes_per_token, 1))
         out["stall_s"] = round(self.stall_s, 6)
         for key in ("fetch_s", "cpu_s", "cpu_wait_s"):
             out[key] = round(out[key], 6)

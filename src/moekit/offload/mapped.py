@@ -1,0 +1,300 @@
+"""Missed experts read in place from page-locked host memory: OffloadConfig(misses="mapped").
+
+Why. With misses fetched, each MoE layer call reads its routing on the host (one sync per layer)
+and decides what to copy; at a high hit rate that host work, not the GPU, sets the speed
+(qwen3-30b-a3b at a 25% budget: 99% hits, 48 syncs per token, 50% of the GPU-only rate). Here a
+decode step needs no host decision at all, so it is captured whole as one CUDA graph:
+
+  * the slot kernels (kernels/moe_slots.py, OFFSETS) take each expert's weights as an element
+    offset from the cache slab's base: a cached expert's offset points at its slot, any other
+    expert's at its row in the host store, which the GPU reads over PCIe in place (unified
+    addressing; benchmarks/probe_zero_copy.py measured 45 GB/s, 83% of the copy rate, on an H200);
+  * the offsets live on the device, one table per model: `table [L, E, 3]` int64 = (gate_up
+    offset, down offset, e + E * cached). A step gathers each layer's routed rows of column 2
+    into `routes [L, S_max]`, the only record of what it did;
+  * between steps the host manages the cache from those records, read back without waiting
+    (pinned ring buffers, events): it counts hits and in-place reads, updates use counts, and
+    admits popular missed experts (copies on the cache's copy stream, as any fetch).
+
+Invariant: every table row points at valid weights of its expert. The host keeps a mirror
+(`mapped`: key -> slot) and changes the table only between steps, on the compute stream, so a
+step reads exactly the mirror of the moment it was launched:
+  * a key's row points at its slot only after the copy into the slot has landed (event query);
+  * an evicted key's row goes back to its host row before the next step; the copy that
+    overwrites the slot waits for `cache.barrier`, an event recorded after the latest step, so
+    no step still running can read the slot mid-copy (eager prefill calls never read the table).
+
+Admission (between steps, from a step's missed experts, most used first): into a free slot
+always; when the cache is full, under lfu only an expert used more than ADMIT_RATIO times as
+often as the least used unprotected one, under lru in place of the least recently used; and at
+most `max_inflight` copies in flight, so admissions do not crowd the link the in-place reads use.
+
+Prefill (calls of more than `max_slots` routed slots) runs as with misses "fetch"; so does an eager
+step on a machine that cannot read host memory from the device (the loader checks, and falls back).
+
+Shapes: L = MoE layers, E = experts per layer, S = routed slots of a step (tokens * A), S_slab =
+cache slots.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from ..experts import triton_ops
+from ..experts.resident import SLOT_KERNEL_MAX_SLOTS
+from .cpu import ADMIT_RATIO
+
+Key = tuple[int, int]  # (layer, expert)
+READBACK_RING = 8  # steps whose routes may be in flight to the host before one is waited for
+
+
+class MappedExperts:
+    """The device offset table, the host mirror and the between-step cache manager of one model."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        cache, store, cfg = runtime.cache, runtime.store, runtime.model_config
+        self.device = runtime.device
+        self.cuda = self.device.type == "cuda"
+        self.num_experts = cfg.num_experts
+        self.max_slots = SLOT_KERNEL_MAX_SLOTS
+        self.max_inflight = max(2 * cfg.top_k, 4)
+        self.pos = {layer: i for i, layer in enumerate(runtime.moe_layers)}
+        self.layers = list(runtime.moe_layers)
+        gate_up, down = cache.slab["gate_up"], cache.slab["down"]  # [S_slab, 2I, D], [S_slab, D, I]
+        self.slab = (gate_up, down)
+        size = gate_up.element_size()
+        slab_base = (gate_up.data_ptr(), down.data_ptr())
+        num_e = self.num_experts
+        host = torch.empty(len(self.layers), num_e, 3, dtype=torch.int64)  # the host rows' table entries
+        for layer, i in self.pos.items():
+            rows = store.layers[layer]
+            for c, name in enumerate(("gate_up", "down")):
+                t = rows[name]
+                if not t.is_contiguous() or t.dtype != gate_up.dtype:
+                    raise ValueError(f"host rows of layer {layer} {name} must be contiguous {gate_up.dtype}")
+                delta = t.data_ptr() - slab_base[c]
+                if delta % size:
+                    raise ValueError(f"host rows of layer {layer} {name} are not aligned to their elements")
+                host[i, :, c] = delta // size + torch.arange(num_e, dtype=torch.int64) * t.stride(0)
+            host[i, :, 2] = torch.arange(num_e, dtype=torch.int64)
+        self.host_rows = host  # [L, E, 3] on the host: what an unmapped key's row holds
+        self.slot_offsets = (gate_up.stride(0), down.stride(0))  # elements per slot
+        self.table = host.to(self.device, copy=True)  # [L, E, 3]: what steps read (never host_rows itself)
+        self.routes = torch.zeros(len(self.layers), self.max_slots, dtype=torch.int64, device=self.device)
+        self.mapped: dict[Key, int] = {}  # mirror: keys whose row points at their slot
+        self.to_map: dict[Key, int] = {}  # keys copied into a slot, mapped once the copy lands
+        self.updates: dict[Key, int | None] = {}  # table changes for the next boundary (slot or None: host)
+        self.readbacks: deque = deque()  # (host routes [L, S], event | None, tokens)
+        self.free_buffers: list[torch.Tensor] = []
+        self.step_slots = 0  # S of the step being run (eager: set by the first layer)
+        self.hooks_in_run = True  # eager steps call the boundary hooks from run(); MappedStep calls them itself
+        self.disabled_note: str | None = None
+        cache.listener = self
+        for key, slot in cache.slot_of.items():  # experts already cached (pinned ones, a warm-up)
+            self.filled(key, slot)
+
+    # ---- the cache tells us what it moves ------------------------------------------------------
+    def filled(self, key: Key, slot: int) -> None:
+        self.to_map[key] = slot
+
+    def evicted(self, key: Key, slot: int) -> None:
+        self.to_map.pop(key, None)
+        if key in self.mapped:
+            self.updates[key] = None
+
+    # ---- one layer of a step ----------------------------------------------------------------------
+    def serves(self, expert_ids: torch.Tensor) -> bool:
+        """Returns whether this layer call runs here (a decode-sized call), not through fetches."""
+        return expert_ids.numel() <= self.max_slots
+
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Returns the layer's expert output [N, D], reading each expert where the table says."""
+        pos = self.pos[layer]
+        eager_hooks = self.hooks_in_run and not _capturing(x)
+        if eager_hooks and pos == 0:
+            self.before_step()
+        flat = expert_ids.reshape(-1)
+        slots = flat.numel()
+        self.step_slots = slots
+        table = self.table[pos]  # [E, 3]
+        torch.index_select(table[:, 2], 0, flat, out=self.routes[pos, :slots])
+        out = triton_ops.slot_expert_ffn(x, expert_ids, weights, self.slab[0], self.slab[1], offsets=table)
+        if eager_hooks and pos == len(self.layers) - 1:
+            self.after_step()
+        return out
+
+    # ---- between steps ------------------------------------------------------------------------------
+    def before_step(self) -> None:
+        """Maps keys whose copies have landed and applies pending table changes (compute stream)."""
+        cache = self.runtime.cache
+        for key, slot in list(self.to_map.items()):
+            if cache.slot(key) != slot:  # evicted again before it was mapped
+                del self.to_map[key]
+            elif cache.landed(slot):
+                del self.to_map[key]
+                self.updates[key] = slot
+        if not self.updates:
+            return
+        rows = []
+        for (layer, e), slot in self.updates.items():
+            pos = self.pos[layer]
+            if slot is None:
+                self.mapped.pop((layer, e), None)
+                gu, dn, flag = self.host_rows[pos, e].tolist()
+            else:
+                self.mapped[(layer, e)] = slot
+                gu, dn, flag = slot * self.slot_offsets[0], slot * self.slot_offsets[1], e + self.num_experts
+            rows.append((pos * self.num_experts + e, gu, dn, flag))
+        self.updates.clear()
+        change = torch.tensor(rows, dtype=torch.int64)  # [n, 4]: flat row, then its three entries
+        if self.cuda:
+            change = change.pin_memory().to(self.device, non_blocking=True)
+        self.table.view(-1, 3).index_copy_(0, change[:, 0], change[:, 1:])
+
+    def after_step(self, tokens: int | None = None) -> None:
+        """Queues the step's routes for the host, fences the cache's copies behind the step, and
+        manages the cache from steps whose routes have arrived."""
+        slots = self.step_slots
+        tokens = tokens if tokens is not None else max(slots // self.runtime.model_config.top_k, 1)
+        buf = self.free_buffers.pop() if self.free_buffers else torch.empty(
+            len(self.layers), self.max_slots, dtype=torch.int64, pin_memory=self.cuda)
+        buf[:, :slots].copy_(self.routes[:, :slots], non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.runtime.cache.barrier = event  # a later copy into a slot waits for this step
+        self.readbacks.append((buf, slots, tokens, event))
+        while self.readbacks and (len(self.readbacks) > READBACK_RING or _done(self.readbacks[0][3])):
+            self._account(*self.readbacks.popleft())
+
+    def drain(self) -> None:
+        """Processes every step's routes (waits for them): before a report."""
+        while self.readbacks:
+            buf, slots, tokens, event = self.readbacks.popleft()
+            if event is not None:
+                event.synchronize()
+            self._account(buf, slots, tokens, event)
+
+    def _account(self, buf: torch.Tensor, slots: int, tokens: int, event) -> None:
+        """Counts one step's hits and in-place reads, updates use counts, admits missed experts."""
+        runtime = self.runtime
+        cache, stats, form = runtime.cache, runtime.stats, runtime.form
+        num_e = self.num_experts
+        routes = buf[:, :slots].tolist()
+        self.free_buffers.append(buf)
+        stats.tokens += tokens
+        decode = tokens == 1
+        if decode:
+            stats.decode_tokens += 1
+        missed: list[Key] = []
+        for pos, row in enumerate(routes):
+            layer = self.layers[pos]
+            for v in row:
+                e, cached = v % num_e, v >= num_e
+                key = (layer, e)
+                stats.lookups += 1
+                cache.uses[key] += 1
+                if cached:
+                    stats.hits += 1
+                    slot = cache.slot(key)
+                    if slot is not None:
+                        cache.last_used[slot] = cache._tick()
+                else:
+                    nbytes = form.layer_bytes(layer)
+                    stats.mapped_reads += 1
+                    stats.mapped_bytes += nbytes
+                    if decode:
+                        stats.decode_mapped_bytes += nbytes
+                    missed.append(key)
+        before = stats.bytes_moved
+        self._admit(missed)
+        if decode:
+            stats.decode_bytes_moved += stats.bytes_moved - before
+
+    def _admit(self, missed: list[Key]) -> None:
+        cache, stats = self.runtime.cache, self.runtime.stats
+        protected: set[int] = set()
+        for key in sorted(dict.fromkeys(missed), key=lambda k: -cache.uses[k]):
+            if len(self.to_map) >= self.max_inflight and not cache.free:
+                return
+            if cache.slot(key) is not None:  # admitted since (or by an eager call)
+                continue
+            if cache.free or cache.policy == "lfu":
+                slot = cache.admit(key, protected, ADMIT_RATIO)
+            else:  # lru: in place of the least recently used
+                slot = cache.fetch(key, protected, prefetch=True)
+                if slot is not None:
+                    cache.prefetched.discard(slot)
+            if slot is None:
+                if not cache.free:
+                    return  # lfu: the most used missed expert is not worth a slot, nor are the rest
+                continue
+            stats.admissions += 1
+
+
+class MappedStep:
+    """A decode step captured whole (moekit.generate's graph) with the mapped runtime's hooks
+    around each replay."""
+
+    def __init__(self, mapped: MappedExperts, graphed):
+        self.mapped, self.graphed = mapped, graphed
+
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        self.mapped.before_step()
+        logits = self.graphed(token, position)
+        self.mapped.after_step(tokens=token.shape[0])
+        return logits
+
+
+def capture_step(mapped: MappedExperts, model, cache, token: torch.Tensor, position: int):
+    """Returns the model's decode step for `token` [B, 1] captured whole, or None when a step of this
+    batch routes more slots than the slot kernels serve (the caller captures it in pieces)."""
+    from ..generate import _GraphedDecode
+
+    if token.shape[0] * mapped.runtime.model_config.top_k > mapped.max_slots:
+        return None
+    mapped.before_step()  # the warm-up calls read the table as it is now
+    mapped.hooks_in_run = False
+    try:
+        graphed = _GraphedDecode(model, cache, token, position)
+    finally:
+        mapped.hooks_in_run = True
+    return MappedStep(mapped, graphed)
+
+
+def self_test(mapped: MappedExperts) -> str | None:
+    """Returns None when the device reads a host-store expert in place correctly, else why not.
+
+    Runs the first layer's expert 0 through the slot kernels twice: from its host row and from a
+    device copy, and compares (unified addressing, page-locked host memory)."""
+    runtime = mapped.runtime
+    layer = mapped.layers[0]
+    rows = runtime.store.layers[layer]
+    hidden = mapped.slab[0].shape[2]
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)).to(mapped.device, mapped.slab[0].dtype)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=mapped.device)
+    w = torch.ones(1, 1, dtype=x.dtype, device=mapped.device)
+    try:
+        got = triton_ops.slot_expert_ffn(x, ids, w, mapped.slab[0], mapped.slab[1],
+                                         offsets=mapped.host_rows[0].to(mapped.device))
+        want = triton_ops.slot_expert_ffn(x, ids, w, rows["gate_up"][:1].to(mapped.device),
+                                          rows["down"][:1].to(mapped.device))
+        if mapped.cuda:
+            torch.cuda.synchronize(mapped.device)
+    except RuntimeError as e:
+        return f"the device could not read host memory in place ({str(e).splitlines()[0]})"
+    if not torch.equal(got, want):
+        return "the device read wrong values from host memory in place"
+    return None
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _done(event) -> bool:
+    return event is None or event.query()

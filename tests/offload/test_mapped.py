@@ -1,0 +1,202 @@
+"""Misses read in place from host memory (offload/mapped.py): the same greedy tokens as the resident
+model down to a 2-expert cache, for both policies, with prefill through fetches and decode through
+the offset table; the table always points every expert at valid weights of its own; the stats
+add up; admissions fill the cache; clear refusals and fallbacks. On the CPU the slot kernels run
+under TRITON_INTERPRET=1 and the "host rows" are ordinary tensors; the GPU test captures steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.errors import MoekitError
+from moekit.experts import triton_ops
+from moekit.offload import OffloadConfig, load_offloaded
+from moekit.offload.forms import dense_form
+from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
+
+from conftest import run_cli, token_ids
+
+CONTEXT = 40
+pytestmark = pytest.mark.skipif(not triton_ops.HAVE_TRITON, reason="triton not installed")
+
+
+def budget_for(cfg, slots: int, batch: int = 1) -> int:
+    """Returns the CPU budget (host store) that leaves exactly `slots` float32 experts of cache."""
+    dtype = torch.float32
+    fixed = (resident_bytes(cfg, dtype) + kv_cache_bytes(cfg, dtype, batch, CONTEXT)
+             + activation_bytes(cfg, dtype, batch * CONTEXT, batch))
+    return fixed + slots * dense_form(cfg, dtype).expert_bytes()
+
+
+def mapped_model(path, slots=2, batch=1, **kw):
+    cfg = moekit.read_config(path)[2]
+    config = OffloadConfig(device_memory=budget_for(cfg, slots, batch), context_tokens=CONTEXT, store="host",
+                           misses="mapped", predictor="none", batch=batch, **kw)
+    return load_offloaded(path, offload=config)
+
+
+def greedy(model, ids, n=12):
+    return model.generate(ids, max_new_tokens=n, temperature=0, eos_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny):
+    if not triton_ops.triton_usable(torch.empty(0)) and not torch.cuda.is_available():
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    ckpt = tiny("mixtral")
+    return ckpt.path, moekit.load_model(ckpt.path)
+
+
+def check_table(runtime) -> None:
+    """Every table row points at its expert: its cache slot when the mirror maps it, else its host row
+    (as the next step reads it: after the boundary applies the changes made since the last step)."""
+    mapped = runtime.mapped
+    mapped.before_step()
+    table = mapped.table.cpu()
+    cache = runtime.cache
+    for pos, layer in enumerate(mapped.layers):
+        for e in range(mapped.num_experts):
+            key = (layer, e)
+            row = table[pos, e].tolist()
+            if key in mapped.mapped:
+                slot = mapped.mapped[key]
+                assert cache.slot(key) == slot, key  # mapped keys are cached, in that slot
+                assert row == [slot * mapped.slot_offsets[0], slot * mapped.slot_offsets[1], e + mapped.num_experts]
+                assert torch.equal(cache.slab["gate_up"][slot], runtime.store.layers[layer]["gate_up"][e])
+            else:
+                assert row == mapped.host_rows[pos, e].tolist(), key
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+@pytest.mark.parametrize("prompt_len", [3, 12])
+def test_greedy_equals_resident_with_two_expert_cache(mixtral, policy, prompt_len):
+    path, resident = mixtral
+    ids = token_ids(1, prompt_len, seed=prompt_len)
+    model = mapped_model(path, slots=2, cache_policy=policy)
+    runtime = model.offload
+    assert runtime.misses == "mapped" and runtime.mapped is not None and runtime.cache.num_slots == 2
+    assert torch.equal(greedy(model, ids), greedy(resident, ids)), (policy, prompt_len)
+    check_table(runtime)
+    report = runtime.report()
+    # prefill of 12 tokens (24 slots > 16) fetches; every other call reads misses in place
+    assert report["lookups"] == report["hits"] + report["demand_fetches"] + report["mapped_reads"]
+    assert report["mapped_reads"] > 0 and report["mapped_bytes_per_token"] > 0
+    assert (report["demand_fetches"] > 0) == (prompt_len == 12)
+    assert report["admissions"] > 0 and report["hits"] > 0  # admitted experts are then read from the cache
+    assert report["decode_tokens"] == 11
+
+
+def test_bigger_cache_and_batch_match_resident_and_a_second_call_stays_right(mixtral):
+    path, resident = mixtral
+    ids = token_ids(2, 5, seed=3)
+    model = mapped_model(path, slots=6, batch=2)
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    check_table(model.offload)
+    ids = token_ids(2, 9, seed=4)  # the cache and table carry over into the next generate call
+    assert torch.equal(greedy(model, ids, n=20), greedy(resident, ids, n=20))
+    check_table(model.offload)
+    report = model.offload.report()
+    assert report["hit_rate"] > 0.3  # six of eight experts per layer fit: most reads come from the cache
+
+
+def test_cached_experts_are_mapped_only_once_their_copy_landed(mixtral):
+    """The mirror maps a filled slot at the next step boundary; an eviction unmaps before the next step."""
+    path, _ = mixtral
+    model = mapped_model(path, slots=2)
+    runtime, mapped = model.offload, model.offload.mapped
+    cache = runtime.cache
+    slot = cache.fetch((1, 3), set())
+    assert (1, 3) in mapped.to_map and (1, 3) not in mapped.mapped
+    mapped.before_step()
+    assert mapped.mapped[(1, 3)] == slot
+    check_table(runtime)
+    # fill both slots with other experts: (1, 3) is evicted and its row points at the host again
+    cache.fetch((0, 0), set())
+    cache.fetch((0, 1), {cache.slot((0, 0))})
+    assert cache.slot((1, 3)) is None and mapped.updates == {(1, 3): None}
+    mapped.before_step()
+    check_table(runtime)
+    assert set(mapped.mapped) == {(0, 0), (0, 1)}
+
+
+def test_stats_table_and_cli(mixtral, capsys):
+    path, _ = mixtral
+    code, out, err = run_cli(capsys, "generate", "def f(x):", "--max-new-tokens", "6",  # the bundled model
+                             "--offload", "--misses", "mapped", "--predictor", "none", "--stats")
+    assert code == 0, err
+    assert "read in place" in err and "expert reads" in err
+
+
+def test_refusals_and_fallbacks(mixtral, tmp_path):
+    path, _ = mixtral
+    with pytest.raises(MoekitError, match="host store"):
+        OffloadConfig(misses="mapped", store="disk")
+    with pytest.raises(MoekitError, match="strict"):
+        OffloadConfig(misses="mapped", strict=True, predictor="speculative")
+    cfg = moekit.read_config(path)[2]
+    model = load_offloaded(path, offload=OffloadConfig(
+        device_memory=budget_for(cfg, 2), context_tokens=CONTEXT, store="host", misses="mapped",
+        predictor="speculative"))
+    assert model.offload.misses == "mapped" and "prefill" in model.offload.misses_note
+
+
+def test_compressed_experts_fall_back_to_fetch(tiny, tmp_path):
+    from moekit.quant.compress import compress
+    from moekit.quant.config import QuantConfig
+
+    if not triton_ops.triton_usable(torch.empty(0)):
+        pytest.skip("no TRITON_INTERPRET")
+    out = tmp_path / "int4"
+    compress(tiny("mixtral").path, out, QuantConfig(bits="4", group_size=16, method="rtn"), progress=False)
+    model = load_offloaded(out, offload=OffloadConfig(store="host", misses="mapped", predictor="none",
+                                                      context_tokens=CONTEXT))
+    assert model.offload.misses == "fetch" and model.offload.mapped is None
+    assert "not read in place" in model.offload.misses_note
+    assert greedy(model, token_ids(1, 4), n=4).shape == (1, 4)
+
+
+@pytest.mark.gpu
+def test_gpu_steps_are_captured_whole_and_match_resident(tiny):
+    from moekit.generate import GenerationStats
+
+    ckpt = tiny("mixtral")
+    resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
+    ids = token_ids(1, 8)
+    expected = greedy(resident, ids, n=24)
+    del resident
+    torch.cuda.empty_cache()
+    budget = 192 * 2**20
+    for policy in ("lfu", "lru"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+            device_memory=budget, context_tokens=CONTEXT, misses="mapped", predictor="none", cache_policy=policy))
+        runtime = model.offload
+        assert runtime.misses == "mapped", runtime.misses_note
+        stats = GenerationStats()
+        got = model.generate(ids, max_new_tokens=24, temperature=0, eos_token_ids=(), stats=stats)
+        assert stats.extra.get("graph") == "whole"
+        assert torch.equal(got, expected), policy
+        report = runtime.report()
+        check_table(runtime)
+        assert report["lookups"] == report["hits"] + report["demand_fetches"] + report["mapped_reads"]
+        assert report["peak_device_bytes"] <= budget
+        assert torch.cuda.max_memory_allocated() - base <= budget
+        # a 2-slot cache: misses every step, admissions and evictions between steps, outputs unchanged
+        small = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+            device_memory=budget_for_gpu(ckpt.path, model, 2), context_tokens=CONTEXT, misses="mapped",
+            predictor="none", cache_policy=policy))
+        assert torch.equal(greedy(small, ids, n=24), expected), policy
+        check_table(small.offload)
+        assert small.offload.report()["admissions"] > 0
+        del model, small
+        torch.cuda.empty_cache()
+
+
+def budget_for_gpu(path, model, slots: int) -> int:
+    """Returns a GPU budget that leaves about `slots` experts: the measured non-expert peak plus them."""
+    runtime = model.offload
+    plan = runtime.plan
+    return plan.measured_peak_bytes - plan.cache_slots * plan.expert_bytes + slots * plan.expert_bytes + 2**20
