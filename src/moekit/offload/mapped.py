@@ -269,20 +269,21 @@ def capture_step(mapped: MappedExperts, model, cache, token: torch.Tensor, posit
 def self_test(mapped: MappedExperts) -> str | None:
     """Returns None when the device reads a host-store expert in place correctly, else why not.
 
-    Runs the first layer's expert 0 through the slot kernels twice: from its host row and from a
-    device copy, and compares (unified addressing, page-locked host memory)."""
+    Runs the first layer's expert 0 through the offset kernels twice, from its host row and from a
+    device copy of it, and compares bit for bit (the same compiled kernel reads both)."""
     runtime = mapped.runtime
-    layer = mapped.layers[0]
-    rows = runtime.store.layers[layer]
-    hidden = mapped.slab[0].shape[2]
-    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)).to(mapped.device, mapped.slab[0].dtype)
+    rows = runtime.store.layers[mapped.layers[0]]
+    gate_up, down = mapped.slab
+    size = gate_up.element_size()
+    x = torch.randn(1, gate_up.shape[2], generator=torch.Generator().manual_seed(0)).to(mapped.device, gate_up.dtype)
     ids = torch.zeros(1, 1, dtype=torch.long, device=mapped.device)
     w = torch.ones(1, 1, dtype=x.dtype, device=mapped.device)
+    copy_gu, copy_dn = rows["gate_up"][0].to(mapped.device, copy=True), rows["down"][0].to(mapped.device, copy=True)
+    on_device = torch.tensor([[(copy_gu.data_ptr() - gate_up.data_ptr()) // size,
+                               (copy_dn.data_ptr() - down.data_ptr()) // size, 0]], device=mapped.device)
     try:
-        got = triton_ops.slot_expert_ffn(x, ids, w, mapped.slab[0], mapped.slab[1],
-                                         offsets=mapped.host_rows[0].to(mapped.device))
-        want = triton_ops.slot_expert_ffn(x, ids, w, rows["gate_up"][:1].to(mapped.device),
-                                          rows["down"][:1].to(mapped.device))
+        got = triton_ops.slot_expert_ffn(x, ids, w, gate_up, down, offsets=mapped.host_rows[0].to(mapped.device))
+        want = triton_ops.slot_expert_ffn(x, ids, w, gate_up, down, offsets=on_device)
         if mapped.cuda:
             torch.cuda.synchronize(mapped.device)
     except RuntimeError as e:
