@@ -64,7 +64,7 @@ def check_table(runtime) -> None:
                 slot = mapped.mapped[key]
                 assert cache.slot(key) == slot, key  # mapped keys are cached, in that slot
                 assert row == [slot * mapped.slot_offsets[0], slot * mapped.slot_offsets[1], e + mapped.num_experts]
-                assert torch.equal(cache.slab["gate_up"][slot], runtime.store.layers[layer]["gate_up"][e])
+                assert torch.equal(cache.slab["gate_up"][slot].cpu(), runtime.store.layers[layer]["gate_up"][e])
             else:
                 assert row == mapped.host_rows[pos, e].tolist(), key
 
