@@ -97,6 +97,28 @@ def int_rows_dot(
                          mask=b_ok[:, None] & ok_flat[None, :], other=0.0)  # [BB, BK]
             w_flat = tl.reshape(w, (BLOCK_N, BLOCK_KW * LANES)).to(xk.dtype)  # [BN, BK]
             acc += tl.dot(xk, tl.trans(w_flat), input_precision=DOT_PRECISION)
+        elif BLOCK_B == 1 and SCALE_MODE != 3:
+            # batch 1, scale and zero constant over a word: sum_k s (c_k - z) x_k = s (sum_k c_k x_k - z sum_k x_k)
+            # per word, so each weight costs a shift, a mask, a convert and an FMA on a 2-D tile, and the
+            # scale and zero are applied once per word (no [BN, BKW, L] tensor, one reduction per tile)
+            word_ok = words_at < NUM_WORDS  # [BKW]
+            dots = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)  # sum_j c_j x_j per word
+            xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)  # sum_j x_j per word
+            for j in tl.static_range(PER_WORD):
+                col = words_at * PER_WORD + j  # [BKW]
+                xj = tl.load(x_ptr + col, mask=word_ok & (col < K), other=0.0).to(tl.float32)
+                cj = ((q >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, BKW]
+                dots += cj * xj[None, :]
+                xsum += xj
+            if SCALE_MODE == 2:  # scale, zero: [BN, BKW, 1]
+                s2 = tl.reshape(scale, (BLOCK_N, BLOCK_KW))
+                z2 = tl.reshape(zero, (BLOCK_N, BLOCK_KW))
+                part = tl.sum(s2 * (dots - z2 * xsum[None, :]), axis=1)
+            else:  # [BN, 1, 1], constant over the tile
+                s1 = tl.reshape(scale, (BLOCK_N,))
+                z1 = tl.reshape(zero, (BLOCK_N,))
+                part = s1 * (tl.sum(dots, axis=1) - z1 * tl.sum(xsum, axis=0))
+            acc += part[:, None]
         else:
             for b in tl.static_range(BLOCK_B):
                 # a comparison, not `col_ok & (b < B)`: Triton 3.9's interpreter rejects bool & scalar
