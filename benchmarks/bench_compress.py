@@ -108,11 +108,11 @@ def phase_kernels(device: torch.device, small: bool) -> dict:
         tq = rtn_quantize(w[None].to(device), TernaryGrid())
         probs = symbol_probabilities(tq.codes)
         d = build_dictionary(probs, 8)
-        words, starts = encode(tq.codes[0], d)
+        code = encode(tq.codes[0], d)
         t_enc = time.perf_counter() - t_enc
         lo, hi = tq.params[0][0, :, 0].half(), tq.params[1][0, :, 0].half()
         table = d.table.to(device)
-        code_parts = (words, starts, lo, hi, table)
+        code_parts = (*code, lo, hi, table)
         ints = {}
         for bits in (4, 2):
             q = rtn_quantize(w[None].to(device), IntGrid(bits, 128))

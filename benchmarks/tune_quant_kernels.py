@@ -92,8 +92,7 @@ def make_matrices(rows: int, cols: int) -> dict:
     int_parts = (pack_codes(q.codes[0], INT_BITS), q.params[0][0].half(), q.params[1][0].to(torch.uint8))
     tq = rtn_quantize(w[None], TernaryGrid())
     d = build_dictionary(symbol_probabilities(tq.codes), 8)
-    words, starts = encode(tq.codes[0], d)
-    code_parts = (words, starts, tq.params[0][0, :, 0].half(), tq.params[1][0, :, 0].half(), d.table.cuda())
+    code_parts = (*encode(tq.codes[0], d), tq.params[0][0, :, 0].half(), tq.params[1][0, :, 0].half(), d.table.cuda())
     return {"bf16": w.bfloat16(), "int4": int_parts, "code": code_parts}
 
 
@@ -114,8 +113,7 @@ def make_layer(experts: int, hidden: int, ffn: int, device: str = "cuda") -> dic
         del q
         tq = rtn_quantize(w, TernaryGrid())
         d = build_dictionary(symbol_probabilities(tq.codes), 8)
-        words, starts = encode(tq.codes, d)
-        out["code"][kind] = (words, starts, tq.params[0][..., 0].half(), tq.params[1][..., 0].half(),
+        out["code"][kind] = (*encode(tq.codes, d), tq.params[0][..., 0].half(), tq.params[1][..., 0].half(),
                              d.table.to(device))
         del w, tq
     return out
@@ -142,7 +140,8 @@ def tune_slots(out_dir: str, shapes: dict = SLOT_SHAPES, device: str = "cuda", b
                 swiglu = kind == "gate_up"
                 x = torch.randn(1 if swiglu else a, cols, device=device, dtype=torch.bfloat16)
                 args = dict(top_k=a if swiglu else 1, weights=None if swiglu else weights, swiglu=swiglu)
-                stored = sum(t[0].numel() * t.element_size() for t in parts[:4 if kernel == "code" else 3])
+                per_expert = parts[:6 if kernel == "code" else 3]  # the stored tensors, not the table
+                stored = sum(t[0].numel() * t.element_size() for t in per_expert)
                 if kernel == "int4":
                     run = lambda ids, cfg: ops.int_slot_linear_triton(x, ids, *parts, INT_BITS, config=cfg, **args)  # noqa: E731
                     ref = ops.int_slot_linear_reference(x.float(), routings[0], *parts, INT_BITS, **{

@@ -63,7 +63,7 @@ def test_compressed_model_equals_its_dequantised_twin(compressed, bits, tiny):
 def test_config_and_inspect_report_the_stored_form(compressed):
     cfg = json.loads((compressed["ternary"] / "config.json").read_text())
     q = cfg["quantization_config"]
-    assert q["quant_method"] == "moekit" and q["format_version"] == 1 and q["form"] == "ternary_code"
+    assert q["quant_method"] == "moekit" and q["format_version"] == 2 and q["form"] == "ternary_code"
     r3 = inspect_checkpoint(compressed["3"])
     assert r3.params_experts == 2 * 4 * 3 * 32 * 48
     assert 4.0 < r3.bits_per_expert_param < 6.0  # 3-bit codes, 10 per int32 word, + fp16 scale, uint8 zero per 16 columns

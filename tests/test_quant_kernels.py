@@ -20,11 +20,12 @@ def int_matrix(rows, cols, bits, group, seed=0):
 
 
 def code_matrix(rows, cols, dict_bits, seed=0):
+    """Returns the code-form parts (codewords, starts, row_chunks, block_offsets, lo, hi, table) of
+    a random matrix rounded to ternary."""
     w = torch.randn(1, rows, cols, generator=torch.Generator().manual_seed(seed))
     q = rtn_quantize(w, TernaryGrid())
     d = build_dictionary(symbol_probabilities(q.codes), dict_bits)
-    words, starts = encode(q.codes[0], d)
-    return words, starts, q.params[0][0, :, 0].half(), q.params[1][0, :, 0].half(), d.table
+    return (*encode(q.codes[0], d), q.params[0][0, :, 0].half(), q.params[1][0, :, 0].half(), d.table)
 
 
 @pytest.mark.parametrize("batch,rows,cols,bits,group", [
@@ -39,10 +40,10 @@ def test_int_kernel_matches_reference(batch, rows, cols, bits, group):
 
 @pytest.mark.parametrize("batch,rows,cols,dict_bits", [(1, 37, 300, 8), (4, 16, 129, 10), (33, 9, 64, 8)])
 def test_code_kernel_matches_reference(batch, rows, cols, dict_bits):
-    words, starts, lo, hi, table = code_matrix(rows, cols, dict_bits)
+    parts = code_matrix(rows, cols, dict_bits)
     x = torch.randn(batch, cols)
-    ref = ops.code_linear_reference(x, words, starts, lo, hi, table)
-    out = ops.code_linear_triton(x, words, starts, lo, hi, table)
+    ref = ops.code_linear_reference(x, *parts)
+    out = ops.code_linear_triton(x, *parts)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -122,10 +123,10 @@ CODE_CONFIGS = [(8, 256, 4), (4, 32, 4), (1, 4, 1), (16, 64, 2)]  # (BLOCK_R, wo
 @pytest.mark.parametrize("batch,rows,cols,dict_bits", [
     (1, 37, 300, 8), (3, 21, 129, 10), (17, 9, 500, 8), (64, 5, 77, 8)])
 def test_code_kernel_tile_configs(config, batch, rows, cols, dict_bits):
-    words, starts, lo, hi, table = code_matrix(rows, cols, dict_bits, seed=batch)
+    parts = code_matrix(rows, cols, dict_bits, seed=batch)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1))
-    ref = ops.code_linear_reference(x, words, starts, lo, hi, table)
-    out = ops.code_linear_triton(x, words, starts, lo, hi, table, config=config)
+    ref = ops.code_linear_reference(x, *parts)
+    out = ops.code_linear_triton(x, *parts, config=config)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -135,20 +136,50 @@ def test_code_kernel_chunk_sizes(chunk):
     w = torch.randn(1, 13, 700, generator=torch.Generator().manual_seed(3))
     q = rtn_quantize(w, TernaryGrid())
     d = build_dictionary(symbol_probabilities(q.codes), 8)
-    words, starts = encode(q.codes[0], d, chunk=chunk)
-    lo, hi = q.params[0][0, :, 0].half(), q.params[1][0, :, 0].half()
+    parts = (*encode(q.codes[0], d, chunk=chunk), q.params[0][0, :, 0].half(), q.params[1][0, :, 0].half(), d.table)
     x = torch.randn(3, 700)
-    ref = ops.code_linear_reference(x, words, starts, lo, hi, d.table)
-    torch.testing.assert_close(ops.code_linear_triton(x, words, starts, lo, hi, d.table), ref, rtol=1e-4, atol=1e-4)
+    ref = ops.code_linear_reference(x, *parts)
+    torch.testing.assert_close(ops.code_linear_triton(x, *parts), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_code_kernel_int32_starts():
     """Rows longer than 32767 columns store int32 chunk starts."""
-    words, starts, lo, hi, table = code_matrix(2, 33000, 8)
-    assert starts.dtype == torch.int32
+    parts = code_matrix(2, 33000, 8)
+    assert parts[1].dtype == torch.int32
     x = torch.randn(1, 33000)
-    ref = ops.code_linear_reference(x, words, starts, lo, hi, table)
-    torch.testing.assert_close(ops.code_linear_triton(x, words, starts, lo, hi, table), ref, rtol=1e-4, atol=1e-3)
+    ref = ops.code_linear_reference(x, *parts)
+    torch.testing.assert_close(ops.code_linear_triton(x, *parts), ref, rtol=1e-4, atol=1e-3)
+
+
+def uneven_code(experts, rows, cols, dict_bits=8, seed=0):
+    """Returns stacked code-form parts [E, ...] of ternary rows of very different density: every
+    expert has all-zero rows and one dense row among sparse ones, so rows and experts differ in
+    chunks (the experts' chunk totals differ: all but the longest use part of the capacity)."""
+    g = torch.Generator().manual_seed(seed)
+    density = torch.rand(experts, rows, 1, generator=g) * 0.3
+    density[:, ::5] = 0.0  # all-zero rows
+    density[:, rows // 2] = 1.0  # one dense row
+    density[-1] *= 0.5  # a sparser expert
+    nonzero = torch.rand(experts, rows, cols, generator=g) < density
+    codes = torch.where(nonzero, torch.randint(1, 3, (experts, rows, cols), generator=g), 0).to(torch.uint8)
+    d = build_dictionary(symbol_probabilities(codes), dict_bits)
+    lo = -(torch.rand(experts, rows, generator=g) + 0.5).half()
+    hi = (torch.rand(experts, rows, generator=g) + 0.5).half()
+    return (*encode(codes, d), lo, hi, d.table)
+
+
+@pytest.mark.parametrize("config", [(1, 4, 1), (4, 32, 4), (16, 64, 4), (32, 128, 4), (64, 32, 4)])
+@pytest.mark.parametrize("batch,rows,cols,dict_bits", [(1, 37, 300, 8), (3, 50, 129, 10), (17, 16, 64, 8)])
+def test_code_kernel_rows_of_uneven_length(config, batch, rows, cols, dict_bits):
+    """Rows of their own chunk counts (all-zero rows with none), R not a multiple of ROW_BLOCK,
+    tiles smaller and larger than a row block."""
+    parts = uneven_code(2, rows, cols, dict_bits, seed=rows)
+    assert int(parts[2].max()) > 2 * int(parts[2][parts[2] > 0].min()) and int((parts[2] == 0).sum()) > 0
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1))
+    for e in range(2):
+        one = [t[e] for t in parts[:6]] + [parts[6]]
+        ref = ops.code_linear_reference(x, *one)
+        torch.testing.assert_close(ops.code_linear_triton(x, *one, config=config), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_tuned_tables_are_well_formed():
@@ -176,8 +207,7 @@ def stacked_code(experts, rows, cols, dict_bits, seed=0):
     w = torch.randn(experts, rows, cols, generator=torch.Generator().manual_seed(seed))
     q = rtn_quantize(w, TernaryGrid())
     d = build_dictionary(symbol_probabilities(q.codes), dict_bits)
-    words, starts = encode(q.codes, d)
-    return words, starts, q.params[0][..., 0].half(), q.params[1][..., 0].half(), d.table
+    return (*encode(q.codes, d), q.params[0][..., 0].half(), q.params[1][..., 0].half(), d.table)
 
 
 def slot_inputs(n, a, ids, cols, swiglu, dtype=torch.float32):
@@ -220,6 +250,19 @@ def test_code_slot_kernel_matches_reference(dict_bits, rows, cols, swiglu, confi
     ref = ops.code_slot_linear_reference(x, ids, *parts, top_k, weights, swiglu)
     out = ops.code_slot_linear_triton(x, ids, *parts, top_k, weights, swiglu, config=config)
     assert out.shape == (n * a, rows // 2 if swiglu else rows)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,cols,swiglu,config", [
+    (26, 40, True, None), (37, 100, False, None), (50, 64, True, (32, 32, 2)), (19, 70, False, (64, 16, 1))])
+@pytest.mark.parametrize("n,a,ids", SLOT_ROUTINGS)
+def test_code_slot_kernel_rows_of_uneven_length(rows, cols, swiglu, config, n, a, ids):
+    """The per-slot kernel reads each expert's own row chunks and offsets (experts of different
+    chunk totals in one capacity)."""
+    parts = uneven_code(3, rows, cols, seed=rows)
+    x, ids, weights, top_k = slot_inputs(n, a, ids, cols, swiglu)
+    ref = ops.code_slot_linear_reference(x, ids, *parts, top_k, weights, swiglu)
+    out = ops.code_slot_linear_triton(x, ids, *parts, top_k, weights, swiglu, config=config)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 

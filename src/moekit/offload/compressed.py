@@ -8,11 +8,12 @@ offset: the layer's `PackedLayout`. A store row and a cache slot are uint8 vecto
 viewed in the layout of the layer whose expert it holds, so one slab serves every layer.
 
 Slot size. int-N experts have the same layout in every layer. A ternary code matrix is a
-variable-length stream per row; the checkpoint already pads every row of a layer to that layer's
-longest row (S chunks of W codewords, quant.code.encode), so all experts of one layer have the same
-bytes, and layers differ (S, W, codeword width). Slots are sized for the largest layer (slot_bytes =
-max over layers of the layer's expert bytes, the padded layout); a fetch moves only its own layer's
-bytes (layer_bytes), which is what bytes_moved counts. `describe()` reports both.
+variable-length stream per row, each row its own number of chunks (quant.code.encode); the
+checkpoint gives every expert of a layer the same chunk capacity T (the most chunks any of that
+layer's experts needs, per matrix), so all experts of one layer have the same bytes, and layers
+differ (T, W, codeword width). Slots are sized for the largest layer (slot_bytes = max over layers
+of the layer's expert bytes); a fetch moves only its own layer's bytes (layer_bytes), which is
+what bytes_moved counts. `describe()` reports both.
 
 Per-layer shared tensors (the ternary code's decode table, 2^bits x 8 bytes) belong to no expert:
 they stay resident on the device per layer, and the planner counts them (shared_bytes).
@@ -154,8 +155,8 @@ class CompressedForm(ExpertForm):
     def _linear(self, kind: str, t: Tensors, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.bits is not None:
             return ops.int_linear(x, t[f"{kind}.qweight"], t[f"{kind}.scale"], t[f"{kind}.zero"], self.bits)
-        return ops.code_linear(x, t[f"{kind}.codewords"], t[f"{kind}.starts"], t[f"{kind}.lo"], t[f"{kind}.hi"],
-                               self.shared[layer]["code_table"])
+        parts = [t[f"{kind}.{s}"] for s in form_class(self.quant.form).STORED]
+        return ops.code_linear(x, *parts, self.shared[layer]["code_table"])
 
 
 def compressed_form(quant: QuantConfig, cfg: ModelConfig, device: torch.device, ckpt=None, family=None,
@@ -186,11 +187,12 @@ def compressed_form(quant: QuantConfig, cfg: ModelConfig, device: torch.device, 
                 full = f"{prefix}.{name}"
                 specs[name] = (ckpt.shape(full)[1:], ckpt.dtype(full))
             shared[layer] = {n: ckpt.read(f"{prefix}.{n}").to(device) for n in cls.SHARED}
-        rows = {"gate_up": 2 * cfg.expert_ffn, "down": cfg.hidden_size}
-        for name, (shape, _) in specs.items():
-            if shape[0] != rows[name.split(".")[0]]:
-                raise CheckpointError(f"layer {layer}: stored tensor '{name}' has {shape[0]} rows per expert, "
-                                      f"config.json implies {rows[name.split('.')[0]]}; the weights do not match the config")
+        for kind, rows in (("gate_up", 2 * cfg.expert_ffn), ("down", cfg.hidden_size)):
+            for suffix, size in cls.row_dims(rows).items():
+                shape = specs[f"{kind}.{suffix}"][0]
+                if shape[0] != size:
+                    raise CheckpointError(f"layer {layer}: stored tensor '{kind}.{suffix}' has {shape[0]} rows per "
+                                          f"expert, config.json implies {size}; the weights do not match the config")
         layouts[layer] = PackedLayout(specs)
     return CompressedForm(quant, cfg.hidden_size, cfg.expert_ffn, layouts, shared)
 

@@ -87,7 +87,8 @@ def _store(quant: QuantConfig, codes: dict[str, QuantizedGroup]) -> tuple[dict[s
     rows = sum(q.codes.shape[0] * q.codes.shape[1] for q in codes.values())
     d = codec.choose_dictionary(probs, symbols.numel(), rows)
     for kind, q in codes.items():
-        out[f"{kind}.codewords"], out[f"{kind}.starts"] = codec.encode(q.codes, d)
+        for name, t in codec.encode(q.codes, d)._asdict().items():
+            out[f"{kind}.{name}"] = t
         out[f"{kind}.lo"], out[f"{kind}.hi"] = q.params[0][..., 0].half(), q.params[1][..., 0].half()
     out["code_table"] = d.table
     stats = dict(p_zero=probs[0], entropy_bits=codec.entropy_bits(probs), codeword_bits=d.bits)

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import CheckpointError, MoekitError
 
 QUANT_METHOD = "moekit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ternary code rows keep their own chunk counts (quant.code)
 INT, TERNARY_CODE = "int", "ternary_code"  # the stored forms
 
 

@@ -9,12 +9,15 @@ IntExperts (form "int", bits 2/3/4), per layer, with k = 32 // bits codes per wo
     experts.{kind}.scale     [E, R, P]            float16  P = ceil(K / group_size), or 1 per row
     experts.{kind}.zero      [E, R, P]            uint8    weight = scale * (code - zero)
 
-TernaryCodeExperts (form "ternary_code", the sub-1-bit code of quant.code), per layer:
-    experts.{kind}.codewords [E, R, S, W]  uint8 (8-bit dictionary) or int16 (16-bit, as uint16)
-    experts.{kind}.starts    [E, R, S]     int16 (int32 when K > 32767): column of each chunk
-    experts.{kind}.lo        [E, R]        float16  the row's negative level
-    experts.{kind}.hi        [E, R]        float16  the row's positive level
-    experts.code_table       [2^bits, 2]   int32    the layer's dictionary (decode table)
+TernaryCodeExperts (form "ternary_code", the sub-1-bit code of quant.code: each row keeps its own
+chunk count, rows laid end to end; T = the layer's chunk capacity per expert, NB = ceil(R / 16)):
+    experts.{kind}.codewords      [E, T, W]    uint8 (8-bit dictionary) or int16 (16-bit, as uint16)
+    experts.{kind}.starts         [E, T]       int16 (int32 when K > 32767): column of each chunk
+    experts.{kind}.row_chunks     [E, R]       uint8 (int16 / int32 for longer rows): chunks per row
+    experts.{kind}.block_offsets  [E, NB]      int32    first chunk of each block of 16 rows
+    experts.{kind}.lo             [E, R]       float16  the row's negative level
+    experts.{kind}.hi             [E, R]       float16  the row's positive level
+    experts.code_table            [2^bits, 2]  int32    the layer's dictionary (decode table)
 
 Tensor names are prefixed with the family's experts module (e.g.
 model.layers.3.block_sparse_moe.experts.gate_up.qweight).
@@ -35,6 +38,7 @@ from torch import nn
 from ..experts import group_by_expert
 from ..experts.resident import SLOT_KERNEL_MAX_SLOTS
 from . import ops
+from .code import ROW_BLOCK
 from .config import INT, TERNARY_CODE
 
 KINDS = ("gate_up", "down")
@@ -44,6 +48,7 @@ class CompressedExperts(nn.Module):
     """Base of the stored forms: the seam's forward, one expert's matmul at a time."""
 
     STORED: tuple[str, ...] = ()  # per-kind tensor suffixes
+    ROW_TENSORS: tuple[str, ...] = ()  # the suffixes whose shape is [E, R, ...] (one entry per row)
     SHARED: tuple[str, ...] = ()  # per-layer tensors
     bits: int | None = None  # code width of the int form (None: not an int form)
 
@@ -57,6 +62,12 @@ class CompressedExperts(nn.Module):
     def tensor_names(cls) -> list[str]:
         """Returns the stored tensors' names relative to the experts prefix."""
         return [f"{kind}.{s}" for kind in KINDS for s in cls.STORED] + list(cls.SHARED)
+
+    @classmethod
+    def row_dims(cls, rows: int) -> dict[str, int]:
+        """Returns {suffix: size of dimension 1} that a matrix of `rows` rows fixes (the other
+        stored tensors' sizes depend on the weights)."""
+        return {s: rows for s in cls.ROW_TENSORS}
 
     def stored(self) -> dict[str, torch.Tensor]:
         """Returns {name relative to the experts prefix: tensor} as stored."""
@@ -104,7 +115,7 @@ class IntExperts(CompressedExperts):
     """Experts as packed 2/3/4-bit affine codes with a float16 scale and uint8 zero per group."""
 
     form = INT
-    STORED = ("qweight", "scale", "zero")
+    STORED = ROW_TENSORS = ("qweight", "scale", "zero")
 
     def __init__(self, num_experts, hidden, ffn, tensors, bits: int):
         super().__init__(num_experts, hidden, ffn, tensors)
@@ -125,12 +136,16 @@ class TernaryCodeExperts(CompressedExperts):
     """Ternary experts in the sub-1-bit dictionary code, decoded inside the matmul."""
 
     form = TERNARY_CODE
-    STORED = ("codewords", "starts", "lo", "hi")
+    STORED = ("codewords", "starts", "row_chunks", "block_offsets", "lo", "hi")
+    ROW_TENSORS = ("row_chunks", "lo", "hi")
     SHARED = ("code_table",)
 
+    @classmethod
+    def row_dims(cls, rows):
+        return {**super().row_dims(rows), "block_offsets": -(-rows // ROW_BLOCK)}
+
     def _parts(self, kind: str, e: int):
-        return (getattr(self, f"{kind}_codewords")[e], getattr(self, f"{kind}_starts")[e],
-                getattr(self, f"{kind}_lo")[e], getattr(self, f"{kind}_hi")[e], self.code_table)
+        return tuple(getattr(self, f"{kind}_{s}")[e] for s in self.STORED) + (self.code_table,)
 
     def linear(self, kind, expert, x):
         return ops.code_linear(x, *self._parts(kind, expert))
@@ -160,8 +175,8 @@ def _slot_linear(t: dict[str, torch.Tensor], bits: int | None, kind: str, x: tor
     if bits is not None:
         return ops.int_slot_linear(x, ids, t[f"{kind}.qweight"], t[f"{kind}.scale"], t[f"{kind}.zero"], bits,
                                    top_k, weights, swiglu)
-    return ops.code_slot_linear(x, ids, t[f"{kind}.codewords"], t[f"{kind}.starts"], t[f"{kind}.lo"],
-                                t[f"{kind}.hi"], t["code_table"], top_k, weights, swiglu)
+    parts = [t[f"{kind}.{s}"] for s in TernaryCodeExperts.STORED]
+    return ops.code_slot_linear(x, ids, *parts, t["code_table"], top_k, weights, swiglu)
 
 
 def form_class(form: str) -> type[CompressedExperts]:

@@ -44,12 +44,18 @@ class CompressedExpertLoader(ExpertLoader):
 def _check_shapes(tensors: dict[str, torch.Tensor], cfg, quant: QuantConfig, path, prefix: str) -> None:
     """Raises a CheckpointError naming the tensor when a stored shape contradicts config.json."""
     e, d, i = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn
-    rows = {"gate_up": 2 * i, "down": d}
-    for name, t in tensors.items():
-        kind = name.split(".")[0]
-        if kind in rows and tuple(t.shape[:2]) != (e, rows[kind]):
-            raise CheckpointError(f"{path}: tensor '{prefix}.{name}' has shape {list(t.shape)}, config.json "
-                                  f"implies [{e}, {rows[kind]}, ...]; the weights do not match the config")
+    cls = form_class(quant.form)
+    for kind, rows in (("gate_up", 2 * i), ("down", d)):
+        for suffix, size in cls.row_dims(rows).items():
+            t = tensors[f"{kind}.{suffix}"]
+            if tuple(t.shape[:2]) != (e, size):
+                raise CheckpointError(f"{path}: tensor '{prefix}.{kind}.{suffix}' has shape {list(t.shape)}, "
+                                      f"config.json implies [{e}, {size}, ...]; the weights do not match the config")
+        for suffix in cls.STORED:
+            t = tensors[f"{kind}.{suffix}"]
+            if t.shape[0] != e:
+                raise CheckpointError(f"{path}: tensor '{prefix}.{kind}.{suffix}' has shape {list(t.shape)}, "
+                                      f"config.json implies [{e}, ...] ({e} experts); the weights do not match the config")
 
 
 def loader_for(hf_config: dict, where: str) -> CompressedExpertLoader:

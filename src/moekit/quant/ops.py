@@ -1,15 +1,16 @@
 """Matmuls with compressed expert matrices: Triton kernels on GPUs, PyTorch references elsewhere.
 
 Shapes: B = tokens (1..64 for the kernels), K = input columns, R = output rows,
-Wk = int32 words per row, P = scale groups per row, S = code chunks per row, W = codewords per chunk.
+Wk = int32 words per row, P = scale groups per row, T = code chunk capacity, W = codewords per
+chunk, NB = row blocks (quant.code).
     int form:   qweight [R, Wk] int32, scale [R, P] float16, zero [R, P] uint8
-    code form:  words [R, S, W] uint8/int16, starts [R, S] int16/int32, lo, hi [R] float16,
-                table [2^bits, 2] int32
+    code form:  words [T, W] uint8/int16, starts [T] int16/int32, row_chunks [R] uint8/int16/int32,
+                block_offsets [NB] int32, lo, hi [R] float16, table [2^bits, 2] int32
 Each `*_linear` returns x @ W^T as [B, R] in x's dtype; the `*_reference` twins decode the
 whole matrix and call F.linear (the CPU path, and what the kernel tests compare against).
 
-Per-slot matmuls (`*_slot_linear`, decode): S routed (token, expert) slots (here S counts slots,
-not code chunks) in one launch, the expert of each slot read on the device, the stored tensors stacked [E, ...] (a layer's experts,
+Per-slot matmuls (`*_slot_linear`, decode): S routed (token, expert) slots in one launch, the
+expert of each slot read on the device, the stored tensors stacked [E, ...] (a layer's experts,
 or a cache slab's slots viewed in one layer's layout):
     x [N, K] (slot s reads x[s // top_k]), ids [S] int64, weights [S] or None
     swiglu:  W [E, 2I, K] -> [S, I] = silu(x W[:I]^T) * (x W[I:]^T)      (gate_up)
@@ -23,7 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .code import decode
+from .code import ROW_BLOCK, decode
 from .grids import dequantize_int, dequantize_ternary, unpack_codes
 
 try:
@@ -198,43 +199,45 @@ def int_linear_triton(x, qweight, scale, zero, bits: int, block_n: int | None = 
 
 # ---- ternary code ------------------------------------------------------------------------------
 
-def code_weight(words, starts, lo, hi, table, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def code_weight(words, starts, row_chunks, block_offsets, lo, hi, table, cols: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Returns the dense weight [R, K] of a code-form matrix."""
-    return dequantize_ternary(decode(words, starts, table, cols), lo[..., None], hi[..., None]).to(dtype)
+    codes = decode(words, starts, row_chunks, block_offsets, table, cols)
+    return dequantize_ternary(codes, lo[..., None], hi[..., None]).to(dtype)
 
 
-def code_linear_reference(x, words, starts, lo, hi, table) -> torch.Tensor:
-    return F.linear(x, code_weight(words, starts, lo, hi, table, x.shape[-1], x.dtype))
+def code_linear_reference(x, words, starts, row_chunks, block_offsets, lo, hi, table) -> torch.Tensor:
+    return F.linear(x, code_weight(words, starts, row_chunks, block_offsets, lo, hi, table, x.shape[-1], x.dtype))
 
 
-def code_linear(x: torch.Tensor, words: torch.Tensor, starts: torch.Tensor, lo: torch.Tensor,
-                hi: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def code_linear(x: torch.Tensor, words: torch.Tensor, starts: torch.Tensor, row_chunks: torch.Tensor,
+                block_offsets: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Returns x [B, K] @ W^T as [B, R] for a code-form W (decode + matmul in one kernel for
     B <= 64 where usable)."""
     if not use_kernels(x) or x.shape[0] > KERNEL_MAX_TOKENS:
-        return code_linear_reference(x, words, starts, lo, hi, table)
-    return code_linear_triton(x, words, starts, lo, hi, table)
+        return code_linear_reference(x, words, starts, row_chunks, block_offsets, lo, hi, table)
+    return code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, table)
 
 
-def code_linear_triton(x, words, starts, lo, hi, table, block_r: int | None = None,
+def code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, table, block_r: int | None = None,
                        config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Returns x [B, K] @ W^T as [B, R] through the code kernel; `config` (BLOCK_R, words per
     step, num_warps) overrides the tuned one, block_r overrides its rows."""
     b, k = x.shape
-    r, s, w = words.shape
+    r, w = row_chunks.shape[0], words.shape[-1]
     br, step_words, warps = config or code_config(r, k, b)
     br = block_r or br
     wp = triton.next_power_of_2(w)
     chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
     xt = x.t().contiguous()  # [K, B]: a nonzero weight reads all tokens of its column at once
-    _check_unit_stride(words, starts, lo, hi)
+    _check_code_layout(words, starts, row_chunks, block_offsets, lo, hi)
     table64 = table.contiguous().view(torch.int64).reshape(-1)  # [2^bits] one 8-byte entry per word
     out = torch.empty(b, r, dtype=x.dtype, device=x.device)
     code_matmul_kernel[(triton.cdiv(r, br),)](
-        xt, words, starts, lo, hi, table64, out, b, r, k,
-        xt.stride(0), words.stride(0), words.stride(1), starts.stride(0), out.stride(0),
-        S=s, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, BLOCK_B=triton.next_power_of_2(b), BLOCK_R=br,
-        num_warps=warps)
+        xt, words, starts, row_chunks, block_offsets, lo, hi, table64, out, b, r, k,
+        xt.stride(0), out.stride(0),
+        W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, ROW_BLOCK=ROW_BLOCK, BLOCK_B=triton.next_power_of_2(b),
+        BLOCK_R=br, num_warps=warps)
     return out
 
 
@@ -243,9 +246,18 @@ def code_linear_triton(x, words, starts, lo, hi, table, block_r: int | None = No
 def _check_unit_stride(*tensors: torch.Tensor) -> None:
     """Raises ValueError unless every tensor's last dimension is contiguous (the kernels assume it)."""
     for t in tensors:
-        if t.stride(-1) != 1:
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"quant kernels need a contiguous last dimension, got a tensor of shape "
                              f"{list(t.shape)} with strides {t.stride()}")
+
+
+def _check_code_layout(words: torch.Tensor, *others: torch.Tensor) -> None:
+    """Raises ValueError unless the code tensors are contiguous within each matrix (the kernels
+    address chunk c's words at c * W)."""
+    _check_unit_stride(words, *others)
+    if words.stride(-2) != words.shape[-1]:
+        raise ValueError(f"the code kernels need each matrix's codewords contiguous, got shape "
+                         f"{list(words.shape)} with strides {words.stride()}")
 
 
 def slot_reference(x: torch.Tensor, ids: torch.Tensor, linear, top_k: int = 1,
@@ -306,42 +318,47 @@ def int_slot_linear_triton(x, ids, qweight, scale, zero, bits: int, top_k: int =
 
 
 def code_slot_linear(x: torch.Tensor, ids: torch.Tensor, words: torch.Tensor, starts: torch.Tensor,
-                     lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor, top_k: int = 1,
-                     weights: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+                     row_chunks: torch.Tensor, block_offsets: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                     table: torch.Tensor, top_k: int = 1, weights: torch.Tensor | None = None,
+                     swiglu: bool = False) -> torch.Tensor:
     """Returns the per-slot matmul (module docstring) of stacked code-form matrices words
-    [E, R, S, W], starts [E, R, S], lo / hi [E, R] and the layer's table: one kernel launch where
-    usable, else the reference."""
+    [E, T, W], starts [E, T], row_chunks [E, R], block_offsets [E, NB], lo / hi [E, R] and the
+    layer's table: one kernel launch where usable, else the reference."""
+    parts = (words, starts, row_chunks, block_offsets, lo, hi, table)
     if not use_kernels(x):
-        return code_slot_linear_reference(x, ids, words, starts, lo, hi, table, top_k, weights, swiglu)
-    return code_slot_linear_triton(x, ids, words, starts, lo, hi, table, top_k, weights, swiglu)
+        return code_slot_linear_reference(x, ids, *parts, top_k, weights, swiglu)
+    return code_slot_linear_triton(x, ids, *parts, top_k, weights, swiglu)
 
 
-def code_slot_linear_reference(x, ids, words, starts, lo, hi, table, top_k: int = 1, weights=None,
-                               swiglu: bool = False) -> torch.Tensor:
-    linear = lambda e, xs: code_linear_reference(xs, words[e], starts[e], lo[e], hi[e], table)  # noqa: E731
+def code_slot_linear_reference(x, ids, words, starts, row_chunks, block_offsets, lo, hi, table, top_k: int = 1,
+                               weights=None, swiglu: bool = False) -> torch.Tensor:
+    linear = lambda e, xs: code_linear_reference(  # noqa: E731
+        xs, words[e], starts[e], row_chunks[e], block_offsets[e], lo[e], hi[e], table)
     return slot_reference(x, ids, linear, top_k, weights, swiglu)
 
 
-def code_slot_linear_triton(x, ids, words, starts, lo, hi, table, top_k: int = 1, weights=None,
-                            swiglu: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+def code_slot_linear_triton(x, ids, words, starts, row_chunks, block_offsets, lo, hi, table, top_k: int = 1,
+                            weights=None, swiglu: bool = False,
+                            config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Returns the per-slot matmul through the code kernel; `config` (BLOCK_R, words per step,
     num_warps) overrides code_slot_config (output rows: one half of a gate_up matrix)."""
     slots, k = ids.numel(), x.shape[1]
-    _, r, s, w = words.shape
+    r, w = row_chunks.shape[1], words.shape[-1]
     rows = r // 2 if swiglu else r
     br, step_words, warps = config or code_slot_config(rows, k)
     wp = triton.next_power_of_2(w)
     chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
     x = x.contiguous()
-    _check_unit_stride(words, starts, lo, hi)
+    _check_code_layout(words, starts, row_chunks, block_offsets, lo, hi)
     table64 = table.contiguous().view(torch.int64).reshape(-1)  # [2^bits] one 8-byte entry per word
     ids = ids.contiguous()
     weights = None if weights is None else weights.contiguous()
     out = torch.empty(slots, rows, dtype=x.dtype, device=x.device)
     code_slot_kernel[(slots, triton.cdiv(rows, br))](
-        x, ids, ids if weights is None else weights, words, starts, lo, hi, table64, out, rows, k,
-        x.stride(0), words.stride(0), words.stride(1), words.stride(2), starts.stride(0), starts.stride(1),
+        x, ids, ids if weights is None else weights, words, starts, row_chunks, block_offsets, lo, hi, table64, out,
+        rows, k,
+        x.stride(0), words.stride(0), starts.stride(0), row_chunks.stride(0), block_offsets.stride(0),
         lo.stride(0), hi.stride(0), out.stride(0),
-        TOP_K=top_k, S=s, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, BLOCK_R=br, SWIGLU=swiglu,
+        TOP_K=top_k, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, ROW_BLOCK=ROW_BLOCK, BLOCK_R=br, SWIGLU=swiglu,
         WEIGHTED=weights is not None, num_warps=warps)
     return out

@@ -1,14 +1,18 @@
 """Decode + matmul for ternary experts in the sub-1-bit code (quant.code), in one pass.
 
-Tensors (B = tokens, K = columns, R = rows, S = chunks per row, W = codewords per chunk):
-    xt       [K, B]        activations, token dim contiguous (x transposed: one nonzero weight
-                           reads its column of x for all tokens in one vector load)
-    words    [R, S, W]     uint8, or int16 holding uint16 codewords
-    starts   [R, S]        int16 / int32: the column where each chunk's first word begins
-    lo, hi   [R]           float16 levels of the row's LO and HI symbols
-    table    [2^bits]      int64: the int32 table [2^bits, 2] seen as one entry per codeword,
-                           low half the nonzero bits, high half the HI bits | length << 27
-    out      [B, R]        x's dtype
+Tensors (B = tokens, K = columns, R = rows, T = chunk capacity, W = codewords per chunk,
+NB = ceil(R / ROW_BLOCK) row blocks; quant.code describes the layout):
+    xt             [K, B]     activations, token dim contiguous (x transposed: one nonzero weight
+                              reads its column of x for all tokens in one vector load)
+    words          [T, W]     uint8, or int16 holding uint16 codewords; row after row, each row's
+                              chunks contiguous
+    starts         [T]        int16 / int32: the column where each chunk's first word begins
+    row_chunks     [R]        uint8 / int16 / int32: chunks of each row
+    block_offsets  [NB]       int32: the first chunk of each block of ROW_BLOCK rows
+    lo, hi         [R]        float16 levels of the row's LO and HI symbols
+    table          [2^bits]   int64: the int32 table [2^bits, 2] seen as one entry per codeword,
+                              low half the nonzero bits, high half the HI bits | length << 27
+    out            [B, R]     x's dtype
 
 Why the first version was slow (H200, 14336x4096: 362 us at batch 1, 19.7 ms at batch 64):
   * each program walked its chunk one codeword at a time (W dependent steps of a table lookup
@@ -18,23 +22,30 @@ Why the first version was slow (H200, 14336x4096: 362 us at batch 1, 19.7 ms at 
     from x [B, K] strided by K per token, so the work grew linearly with the batch;
   * one float32 partial per chunk [S, B, R] went through memory and a second kernel summed it.
 
-Now: program r owns BLOCK_R rows and walks their chunks CHUNKS_PER_STEP at a time. A step loads
-[BLOCK_R, CHUNKS_PER_STEP, WP] codewords at once, looks each up in the table with one 8-byte
-load, places every word by a cumsum of lengths inside its chunk (decoded once, for all tokens),
-then visits only the nonzero symbols: each round pops the lowest set bit of every word's
-nonzero mask and adds the x column under it ([B] contiguous values of xt) to the row's HI or
-total sum; rounds stop when no word of the step has a nonzero left (about the most nonzeros of
-one word, 2-4 for GPTQ'd experts). A row's output is hi * sum_HI + lo * (sum_all - sum_HI).
-The code has no dense layout in registers (Triton has no scatter into registers), so
-the cost is per nonzero weight per token, not per weight: decode-bound at batch 1, and
-gather-bound (nonzeros x B x 2 bytes of xt from L1/L2) at large batch.
+Now: program r owns BLOCK_R rows (any power of two: rows find their first chunk from their
+block's offset and the chunk counts of the rows before them in the block) and walks their
+chunks CHUNKS_PER_STEP at a time, up to the most chunks of any of its rows (a bound read from
+memory: rows keep their own lengths, format version 2); a row's chunks past its own count are
+masked. A step loads [BLOCK_R, CHUNKS_PER_STEP, WP] codewords at once, looks each up in the
+table with one 8-byte load, places every word by a cumsum of lengths inside its chunk (decoded
+once, for all tokens), then visits only the nonzero symbols: each round pops the lowest set bit
+of every word's nonzero mask and adds the x column under it ([B] contiguous values of xt) to the
+row's HI or total sum; rounds stop when no word of the step has a nonzero left (about the most
+nonzeros of one word, 2-4 for GPTQ'd experts). A row's output is
+hi * sum_HI + lo * (sum_all - sum_HI). The code has no dense layout in registers (Triton has no
+scatter into registers), so the cost is per nonzero weight per token, not per weight:
+decode-bound at batch 1, and gather-bound (nonzeros x B x 2 bytes of xt from L1/L2) at large batch.
+
+The chunk loop is a `while` over a loaded bound, not `range`: Triton 3.6's interpreter cannot
+turn a loaded scalar into a range bound (the CPU tests run there); both compile to one loop.
 
 Per-slot variant (decode: a few routed (token, expert) slots in one launch, no host sync), with
 S = slots, A = experts per token, E = experts (or cache slots) of one layer, stacked:
     x        [N, K]            token activations (gate_up) or [S, K] slot activations (down)
     ids      [S]               int64: the expert (stacked index) of each slot, read on the device
     weights  [S]               routing weight of each slot (WEIGHTED)
-    words    [E, R, S_, W]     starts [E, R, S_], lo, hi [E, R] (any expert stride: cache slabs too)
+    words    [E, T, W]         starts [E, T], row_chunks [E, R], block_offsets [E, NB], lo, hi [E, R]
+                               (any expert stride: cache slabs too)
     table    [2^bits]          the layer's table, shared by its experts
     out      [S, R_out]        SWIGLU: R_out = R / 2, out = silu(x W[:R/2]^T) * (x W[R/2:]^T);
                                else R_out = R, out = weights[s] * x W^T (WEIGHTED)
@@ -48,10 +59,10 @@ import triton.language as tl
 
 @triton.jit
 def code_rows_dot(
-    xt_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, rows,
+    xt_ptr, words_ptr, starts_ptr, chunks_ptr, offsets_ptr, lo_ptr, hi_ptr, table_ptr, rows,
     B, R, K,
-    stride_xk, stride_wr, stride_ws, stride_sr,
-    S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
+    stride_xk,
+    W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, ROW_BLOCK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Returns x . W[rows]^T as float32 [BLOCK_R, BLOCK_B] for rows [BLOCK_R] (rows >= R count 0)."""
@@ -61,15 +72,24 @@ def code_rows_dot(
     bs = tl.arange(0, BLOCK_B)  # [BB]
     b_ok = bs < B
     NW: tl.constexpr = CHUNKS_PER_STEP * WP  # words per row per step
+    # each row's first chunk: its block's offset + the chunks of the block's rows before it
+    block = rows // ROW_BLOCK  # [BR]
+    before = (block * ROW_BLOCK)[:, None] + tl.arange(0, ROW_BLOCK)[None, :]  # [BR, RB]
+    prior = tl.load(chunks_ptr + before, mask=before < tl.minimum(rows, R)[:, None], other=0).to(tl.int32)
+    first = tl.load(offsets_ptr + block, mask=row_ok, other=0) + tl.sum(prior, axis=1)  # [BR]
+    count = tl.load(chunks_ptr + rows, mask=row_ok, other=0).to(tl.int32)  # [BR] chunks of each row
+    most = tl.max(count, axis=0)
     acc_all = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
-    for s0 in range(0, S, CHUNKS_PER_STEP):
-        chunk = s0 + cs  # [C]
-        chunk_ok = row_ok[:, None] & (chunk < S)[None, :]  # [BR, C]
-        start = tl.load(starts_ptr + rows[:, None] * stride_sr + chunk[None, :], mask=chunk_ok, other=0)
+    s0 = 0
+    while s0 < most:
+        chunk = s0 + cs  # [C] chunk of each row
+        chunk_ok = chunk[None, :] < count[:, None]  # [BR, C]
+        at_chunk = first[:, None] + chunk[None, :]  # [BR, C] chunk index in the matrix
+        start = tl.load(starts_ptr + at_chunk, mask=chunk_ok, other=0)
         w_mask = chunk_ok[:, :, None] & (js < W)[None, None, :]  # [BR, C, WP]
-        code = tl.load(words_ptr + rows[:, None, None] * stride_wr + chunk[None, :, None] * stride_ws
-                       + js[None, None, :], mask=w_mask, other=0).to(tl.int32) & 0xFFFF
+        code = tl.load(words_ptr + at_chunk[:, :, None] * W + js[None, None, :], mask=w_mask,
+                       other=0).to(tl.int32) & 0xFFFF
         entry = tl.load(table_ptr + code, mask=w_mask, other=0)  # [BR, C, WP] int64
         nz = entry.to(tl.int32)  # low half: nonzero symbol bits (bits 0..26)
         hi_len = (entry >> 32).to(tl.int32)  # HI bits | length << 27
@@ -89,6 +109,7 @@ def code_rows_dot(
             acc_all += tl.sum(xv, axis=1)
             acc_hi += tl.sum(tl.where(is_hi[:, :, None], xv, 0.0), axis=1)
             nz = nz ^ low
+        s0 += CHUNKS_PER_STEP
     lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     hi = tl.load(hi_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     return hi[:, None] * acc_hi + lo[:, None] * (acc_all - acc_hi)  # [BR, BB]
@@ -96,16 +117,16 @@ def code_rows_dot(
 
 @triton.jit
 def code_matmul_kernel(
-    xt_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr,
+    xt_ptr, words_ptr, starts_ptr, chunks_ptr, offsets_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr,
     B, R, K,
-    stride_xk, stride_wr, stride_ws, stride_sr, stride_ob,
-    S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
+    stride_xk, stride_ob,
+    W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, ROW_BLOCK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[:, rows] = x . W[rows]^T for one block of BLOCK_R rows."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-    out = code_rows_dot(xt_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, rows, B, R, K,
-                        stride_xk, stride_wr, stride_ws, stride_sr, S, W, WP, CHUNKS_PER_STEP, BLOCK_B, BLOCK_R)
+    out = code_rows_dot(xt_ptr, words_ptr, starts_ptr, chunks_ptr, offsets_ptr, lo_ptr, hi_ptr, table_ptr, rows,
+                        B, R, K, stride_xk, W, WP, CHUNKS_PER_STEP, ROW_BLOCK, BLOCK_B, BLOCK_R)
     bs = tl.arange(0, BLOCK_B)
     tl.store(out_ptr + bs[None, :] * stride_ob + rows[:, None], out.to(out_ptr.dtype.element_ty),
              mask=(rows < R)[:, None] & (bs < B)[None, :])
@@ -113,11 +134,11 @@ def code_matmul_kernel(
 
 @triton.jit
 def code_slot_kernel(
-    x_ptr, ids_ptr, weights_ptr, words_ptr, starts_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr,
+    x_ptr, ids_ptr, weights_ptr, words_ptr, starts_ptr, chunks_ptr, offsets_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr,
     R_OUT, K,
-    stride_xn, stride_we, stride_wr, stride_ws, stride_se, stride_sr, stride_le, stride_he, stride_os,
-    TOP_K: tl.constexpr, S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
-    BLOCK_R: tl.constexpr, SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr,
+    stride_xn, stride_we, stride_se, stride_ce, stride_oe, stride_le, stride_he, stride_os,
+    TOP_K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
+    ROW_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr,
 ):
     """out[s, rows] for one slot s and one block of BLOCK_R output rows (see the module docstring)."""
     s = tl.program_id(0)
@@ -125,12 +146,13 @@ def code_slot_kernel(
     e = tl.load(ids_ptr + s).to(tl.int64)  # int64: a cache slab's slots may span > 2^31 bytes
     x_row = x_ptr + (s // TOP_K) * stride_xn  # one token: xt [K, 1] with unit column stride
     words_e, starts_e = words_ptr + e * stride_we, starts_ptr + e * stride_se
+    chunks_e, offsets_e = chunks_ptr + e * stride_ce, offsets_ptr + e * stride_oe
     lo_e, hi_e = lo_ptr + e * stride_le, hi_ptr + e * stride_he
-    acc = code_rows_dot(x_row, words_e, starts_e, lo_e, hi_e, table_ptr, rows, 1, R_OUT, K, 1, stride_wr, stride_ws,
-                        stride_sr, S, W, WP, CHUNKS_PER_STEP, 1, BLOCK_R)  # [BR, 1]
+    acc = code_rows_dot(x_row, words_e, starts_e, chunks_e, offsets_e, lo_e, hi_e, table_ptr, rows, 1, R_OUT, K, 1,
+                        W, WP, CHUNKS_PER_STEP, ROW_BLOCK, 1, BLOCK_R)  # [BR, 1]
     if SWIGLU:  # acc holds the gate rows; the up rows are R_OUT further
-        up = code_rows_dot(x_row, words_e, starts_e, lo_e, hi_e, table_ptr, rows + R_OUT, 1, 2 * R_OUT, K, 1,
-                           stride_wr, stride_ws, stride_sr, S, W, WP, CHUNKS_PER_STEP, 1, BLOCK_R)
+        up = code_rows_dot(x_row, words_e, starts_e, chunks_e, offsets_e, lo_e, hi_e, table_ptr, rows + R_OUT, 1,
+                           2 * R_OUT, K, 1, W, WP, CHUNKS_PER_STEP, ROW_BLOCK, 1, BLOCK_R)
         acc = acc * tl.sigmoid(acc) * up
     if WEIGHTED:
         acc = acc * tl.load(weights_ptr + s).to(tl.float32)
