@@ -188,6 +188,7 @@ def test_gpu_steps_are_captured_whole_and_match_resident(tiny):
         small = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
             device_memory=budget_for_gpu(ckpt.path, model, 2), context_tokens=CONTEXT, misses="mapped",
             predictor="none", cache_policy=policy))
+        assert small.offload.cache.num_slots <= 3 and small.offload.misses == "mapped"
         assert torch.equal(greedy(small, ids, n=24), expected), policy
         check_table(small.offload)
         assert small.offload.report()["admissions"] > 0
@@ -196,7 +197,8 @@ def test_gpu_steps_are_captured_whole_and_match_resident(tiny):
 
 
 def budget_for_gpu(path, model, slots: int) -> int:
-    """Returns a GPU budget that leaves about `slots` experts: the measured non-expert peak plus them."""
-    runtime = model.offload
-    plan = runtime.plan
-    return plan.measured_peak_bytes - plan.cache_slots * plan.expert_bytes + slots * plan.expert_bytes + 2**20
+    """Returns a GPU budget that leaves about `slots` experts: the larger of the planned and the
+    measured non-expert bytes of `model`'s load, plus the slots and half an expert."""
+    plan = model.offload.plan
+    fixed = max(plan.planned_bytes, plan.measured_peak_bytes or 0) - plan.cache_bytes
+    return fixed + slots * plan.expert_bytes + plan.expert_bytes // 2
