@@ -89,16 +89,18 @@ def test_damaged_compressed_file_is_refused_in_one_line(compressed, tmp_path, ca
     assert err.count("\n") == 0 and "sha256" in err and str(shard) in err
 
 
-def test_unknown_format_version_is_refused(compressed, tmp_path):
+@pytest.mark.parametrize("version,fix", [(99, "or upgrade moekit"), (1, "re-run moekit compress on the original")])
+def test_other_format_versions_are_refused(compressed, tmp_path, version, fix):
+    """Version 1 padded every ternary row to the longest row's chunks: its tensors cannot be read now."""
     import shutil
 
-    newer = tmp_path / "newer"
-    shutil.copytree(compressed["3"], newer)
-    cfg = json.loads((newer / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 99
-    (newer / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(moekit.CheckpointError, match="format version 99"):
-        moekit.load_model(newer)
+    other = tmp_path / "other"
+    shutil.copytree(compressed["ternary"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = version
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(moekit.CheckpointError, match=f"format version {version};.*{fix}"):
+        moekit.load_model(other)
 
 
 def test_interrupted_compress_leaves_nothing(tiny, tmp_path, monkeypatch):

@@ -67,8 +67,10 @@ class QuantConfig:
                                   f"moekit reads only {QUANT_METHOD!r}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
+            fix = ("re-run moekit compress on the original model (older formats are not read)"
+                   if isinstance(version, int) and version < FORMAT_VERSION else "re-run moekit compress, or upgrade moekit")
             raise CheckpointError(f"{where}: moekit compressed format version {version}; this moekit reads "
-                                  f"version {FORMAT_VERSION}. Re-run moekit compress, or upgrade moekit")
+                                  f"version {FORMAT_VERSION}. To load it, {fix}")
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         try:
             return cls(**fields)
