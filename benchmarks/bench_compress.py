@@ -14,6 +14,10 @@
 4. held-out perplexity of examples/tiny-moe at ternary / 2 / 3 / 4 bits, GPTQ vs RTN, bits per
    expert parameter; calibration on the training split of the CPython stdlib (train_tiny's
    split), evaluation on its held-out files, never the other way round.
+5. rate of the sub-1-bit code (CPU, seconds): bits/param on synthetic ternary rows (25% nonzeros,
+   row densities equal or spread +-30%) at K=512 and 4096, next to the memoryless entropy bound
+   and to the version-1 layout (every row padded to the longest row's chunks; computed from the
+   same parse at its best chunk width).
 
     cd repo && PYTHONPATH=src python3 benchmarks/bench_compress.py --out $OUT
     PYTHONPATH=src python3 benchmarks/bench_compress.py --phases decode --out $OUT   (decode rows only, ~2 min)
@@ -43,7 +47,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import moekit  # noqa: E402
 from moekit.quant import ops  # noqa: E402
-from moekit.quant.code import build_dictionary, encode, entropy_bits, symbol_probabilities  # noqa: E402
+from moekit.quant.code import (CHUNKS, build_dictionary, choose_dictionary, code_bits, encode, entropy_bits,  # noqa: E402
+                               symbol_probabilities)
 from moekit.quant.gptq import rtn_quantize  # noqa: E402
 from moekit.quant.grids import IntGrid, TernaryGrid, pack_codes  # noqa: E402
 
@@ -366,8 +371,42 @@ def phase_perplexity(device: torch.device, small: bool, tmp: Path) -> dict:
     return out
 
 
+def phase_rate(small: bool) -> dict:
+    """Bits/param of the code on synthetic ternary rows vs the entropy bound and the padded layout."""
+    rows = 256 if small else 1024
+    out = {"rows": rows, "nonzero_share": 0.245, "runs": {}}
+    for cols in (512, 4096):
+        for spread in (0.0, 0.3):
+            g = torch.Generator().manual_seed(0)
+            density = 0.245 * (1 + spread * (2 * torch.rand(rows, 1, generator=g) - 1))
+            nonzero = torch.rand(rows, cols, generator=g) < density
+            codes = torch.where(nonzero, torch.randint(1, 3, (rows, cols), generator=g), 0).to(torch.uint8)
+            probs = symbol_probabilities(codes)
+            d = choose_dictionary(probs, codes.numel(), rows)
+            word_bytes, start_bytes = (1 if d.bits <= 8 else 2), (2 if cols <= 32767 else 4)
+            padded = min(8 * rows * int(encode(codes, d, w).row_chunks.max()) * (w * word_bytes + start_bytes)
+                         / codes.numel() for w in CHUNKS)  # version 1: rows x the longest row's chunks
+            code = encode(codes, d)
+            key = f"K={cols}, densities ±{spread:.0%}"
+            out["runs"][key] = {"entropy_bits": entropy_bits(probs), "bits_per_param": code_bits(code, cols),
+                                "padded_rows_bits_per_param": padded, "codeword_bits": d.bits,
+                                "chunk": code.codewords.shape[-1]}
+            r = out["runs"][key]
+            log(f"  {key}: {r['bits_per_param']:.3f} bits/param (rows padded to the longest: {padded:.3f}; "
+                f"entropy {r['entropy_bits']:.3f})")
+    return out
+
+
 def markdown(results: dict) -> str:
     lines = []
+    rate = results.get("rate", {}).get("runs", {})
+    if rate:
+        lines += ["| code rate (synthetic rows) | bits/param | rows padded to the longest (v1) | entropy bound | vs bound |",
+                  "|---|---|---|---|---|"]
+        for key, r in rate.items():
+            lines.append(f"| {key} | {r['bits_per_param']:.3f} | {r['padded_rows_bits_per_param']:.3f} | "
+                         f"{r['entropy_bits']:.3f} | {r['bits_per_param'] / r['entropy_bits']:.2f}x |")
+        lines.append("")
     k = results.get("kernels", {}).get("shapes", {})
     if k:
         lines += ["| shape | batch | bf16 us | code us | code floor us | code vs bf16 | int4 us | code bits/param |",
@@ -410,7 +449,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results", help="folder for bench_compress.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test of the script")
-    ap.add_argument("--phases", default="kernels,decode,compress_time,perplexity")
+    ap.add_argument("--phases", default="rate,kernels,decode,compress_time,perplexity")
     ap.add_argument("--decode-steps", type=int, default=None, help="new tokens per decode run (default 128)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -425,7 +464,8 @@ def main() -> None:
                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                      "torch": torch.__version__, "command": " ".join(sys.argv), "hbm_bytes_per_s": HBM_BYTES_PER_S}
     tmp = Path(tempfile.mkdtemp(prefix="bench_compress-"))
-    phases = {"kernels": lambda: phase_kernels(device, args.small),
+    phases = {"rate": lambda: phase_rate(args.small),
+              "kernels": lambda: phase_kernels(device, args.small),
               "decode": lambda: phase_decode(device, args.small, args.decode_steps),
               "compress_time": lambda: phase_compress_time(device, args.small, tmp),
               "perplexity": lambda: phase_perplexity(device, args.small, tmp)}
