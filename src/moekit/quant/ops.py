@@ -130,13 +130,14 @@ def code_config(rows: int, cols: int, batch: int) -> tuple[int, int, int]:
 
 # Per-slot kernels, keyed by (bits, output rows, K) / (output rows, K) of one slot's matrix (gate_up:
 # the I rows of one half, each program computing them for gate and up): measured by
-# benchmarks/tune_quant_kernels.py --slots (H200, 2026-11-21, commit feb8531,
+# benchmarks/tune_quant_kernels.py --slots (H200, 2026-11-21, commit c314307: int-N per-word path,
+# ternary code format 2;
 # benchmarks/results/tune_quant_slots.json); shapes not listed use the batch-1 config above.
 INT_SLOT_TUNED: dict[tuple[int, int, int], tuple[int, int, int, bool]] = {
-    (4, 768, 2048): (16, 256, 4, False),
-    (4, 2048, 768): (16, 256, 4, False),
-    (4, 14336, 4096): (8, 512, 4, False),
-    (4, 4096, 14336): (16, 256, 4, False),
+    (4, 768, 2048): (4, 1024, 4, False),  # H200, 8 slots: 23.9 us (per-word scale path, c314307)
+    (4, 2048, 768): (4, 1024, 4, False),  # 15.6 us
+    (4, 14336, 4096): (4, 1024, 4, False),  # mixtral, 2 slots: 156.5 us
+    (4, 4096, 14336): (4, 1024, 4, False),  # 92.3 us
 }
 CODE_SLOT_TUNED: dict[tuple[int, int], tuple[int, int, int]] = {
     (768, 2048): (16, 128, 4),
