@@ -43,8 +43,8 @@ def greedy(model, ids, n=12):
 
 @pytest.fixture(scope="module")
 def mixtral(tiny):
-    if not triton_ops.triton_usable(torch.empty(0)) and not torch.cuda.is_available():
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    if not triton_ops.triton_usable(torch.empty(0)):  # CPU tensors: only the interpreter runs the kernels
+        pytest.skip("the CPU tests of the mapped path need TRITON_INTERPRET=1 (the gpu test covers CUDA)")
     ckpt = tiny("mixtral")
     return ckpt.path, moekit.load_model(ckpt.path)
 
