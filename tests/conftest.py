@@ -160,6 +160,20 @@ def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=g)
 
 
+def kernel_device() -> str:
+    """Returns the device for tests that run Triton kernels on tensors they build: "cuda" where
+    there is a GPU, else "cpu" under TRITON_INTERPRET=1; skips the test where neither works."""
+    from moekit.experts.triton_ops import HAVE_TRITON, triton_usable
+
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    if not triton_usable(torch.empty(0)):
+        pytest.skip("no CUDA, and TRITON_INTERPRET is not 1: CPU tensors cannot run the Triton kernels")
+    return "cpu"
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Returns ||actual - expected|| / ||expected|| in float64."""
     actual, expected = actual.double(), expected.double()

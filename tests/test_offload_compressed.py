@@ -11,6 +11,7 @@ import torch
 
 import moekit
 from moekit.cli import main
+from moekit.experts.triton_ops import triton_usable
 from moekit.load import read_config
 from moekit.offload import OffloadConfig, load_offloaded
 from moekit.offload.compressed import CompressedForm, compressed_form
@@ -23,6 +24,10 @@ from conftest import token_ids
 
 CONTEXT = 40
 FORMS = {"ternary": QuantConfig(bits="ternary", method="rtn"), "4": QuantConfig(bits="4", group_size=16, method="rtn")}
+# the kernel tests run CPU models with MOEKIT_QUANT_KERNELS=1: only the Triton interpreter runs them
+needs_cpu_kernels = pytest.mark.skipif(
+    not triton_usable(torch.empty(0)),
+    reason="runs the quant kernels on CPU tensors: needs TRITON_INTERPRET=1 (CUDA: test_quant_kernels)")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +109,7 @@ def test_planner_counts_compressed_bytes(compressed, bits):
     assert plan.shared_bytes == form.shared_bytes() and plan.planned_bytes <= budget
 
 
+@needs_cpu_kernels
 def test_kernel_path_matches_resident_kernel_path(compressed, monkeypatch):
     """The Triton kernels (interpreted here) read the experts from the cache slab's packed bytes;
     decode steps run every routed expert of a layer in one launch per matrix (run_slots)."""
@@ -124,6 +130,7 @@ def test_kernel_path_matches_resident_kernel_path(compressed, monkeypatch):
         monkeypatch.delenv("MOEKIT_QUANT_KERNELS")
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("bits", ["ternary", "4"])
 def test_run_slots_reads_any_slot_in_its_layer_layout(compressed, bits, monkeypatch):
     """run_slots on a slab whose slots hold experts of both layers in shuffled order (rows wider

@@ -1,4 +1,9 @@
-"""The compressed-form kernels equal their PyTorch references (Triton interpreter on the CPU)."""
+"""The compressed-form kernels equal their PyTorch references.
+
+Inputs are built and the references computed on the CPU; the kernels run on kernel_device()
+(CUDA where there is a GPU, else the CPU under the Triton interpreter) and their outputs are
+compared on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,14 @@ from moekit.quant.code import build_dictionary, encode, symbol_probabilities
 from moekit.quant.grids import IntGrid, TernaryGrid, pack_codes
 from moekit.quant.gptq import rtn_quantize
 
+from conftest import kernel_device
+
 pytestmark = pytest.mark.skipif(not ops.HAVE_TRITON, reason="needs triton")
+
+
+def to(device: str, tensors) -> tuple[torch.Tensor, ...]:
+    """Returns the tensors moved to device."""
+    return tuple(t.to(device) for t in tensors)
 
 
 def int_matrix(rows, cols, bits, group, seed=0):
@@ -31,20 +43,22 @@ def code_matrix(rows, cols, dict_bits, seed=0):
 @pytest.mark.parametrize("batch,rows,cols,bits,group", [
     (1, 40, 96, 4, None), (3, 33, 70, 3, None), (17, 64, 128, 2, 32), (5, 20, 64, 4, 16)])
 def test_int_kernel_matches_reference(batch, rows, cols, bits, group):
+    device = kernel_device()
     q, scale, zero = int_matrix(rows, cols, bits, group)
     x = torch.randn(batch, cols)
     ref = ops.int_linear_reference(x, q, scale, zero, bits)
-    out = ops.int_linear_triton(x, q, scale, zero, bits, block_n=32, block_k=32)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out = ops.int_linear_triton(*to(device, (x, q, scale, zero)), bits, block_n=32, block_k=32)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch,rows,cols,dict_bits", [(1, 37, 300, 8), (4, 16, 129, 10), (33, 9, 64, 8)])
 def test_code_kernel_matches_reference(batch, rows, cols, dict_bits):
+    device = kernel_device()
     parts = code_matrix(rows, cols, dict_bits)
     x = torch.randn(batch, cols)
     ref = ops.code_linear_reference(x, *parts)
-    out = ops.code_linear_triton(x, *parts)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out = ops.code_linear_triton(*to(device, (x, *parts)))
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 def compressed_experts(bits, num_experts=3, hidden=32, ffn=24, group=None, seed=0):
@@ -63,17 +77,20 @@ def compressed_experts(bits, num_experts=3, hidden=32, ffn=24, group=None, seed=
 @pytest.mark.parametrize("bits", ["ternary", "4"])
 def test_expert_source_through_the_kernels(monkeypatch, bits):
     """5 tokens x 2 slots run the per-slot kernels, 9 x 2 the grouped ones: both equal the
-    grouped PyTorch path."""
+    grouped PyTorch path (on the CPU)."""
+    device = kernel_device()
     experts = compressed_experts(bits)
     g = torch.Generator().manual_seed(1)
+    cases = []
     for tokens in (5, 9):
         x = torch.randn(tokens, 32, generator=g)
         ids = torch.stack([torch.randperm(3, generator=g)[:2] for _ in range(tokens)])
         w = torch.rand(tokens, 2, generator=g)
-        ref = experts(x, ids, w)
-        monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
-        torch.testing.assert_close(experts(x, ids, w), ref, rtol=1e-4, atol=1e-4)
-        monkeypatch.delenv("MOEKIT_QUANT_KERNELS")
+        cases.append(((x, ids, w), experts(x, ids, w)))
+    experts.to(device)  # on CUDA every call takes the kernels, so the references come first
+    monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+    for inputs, ref in cases:
+        torch.testing.assert_close(experts(*to(device, inputs)).cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 # ---- tile configurations of the redesigned kernels (odd shapes, batch 1 / 3 / 17 / 64) ---------
@@ -91,11 +108,12 @@ INT_CONFIGS = [  # (BLOCK_N, BLOCK_K code lanes, num_warps, use_dot)
     (3, 11, 96, 3, 16),  # 3-bit groups that split words: one scale per code
 ])
 def test_int_kernel_tile_configs(config, batch, rows, cols, bits, group):
+    device = kernel_device()
     q, scale, zero = int_matrix(rows, cols, bits, group, seed=batch)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1))
     ref = ops.int_linear_reference(x, q, scale, zero, bits)
-    out = ops.int_linear_triton(x, q, scale, zero, bits, config=config)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out = ops.int_linear_triton(*to(device, (x, q, scale, zero)), bits, config=config)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("groups,group_cols,per_word,tile_cols,mode", [
@@ -108,12 +126,13 @@ def test_int_kernel_bfloat16():
     """bfloat16 through the elementwise path (batch 2); the Triton 3.6 interpreter computes
     tl.dot on bfloat16 wrongly (a bare 16x16 bf16 tl.dot is off by 1e10), so the tl.dot path is
     checked in float32 / float16 here and in bfloat16 by benchmarks/tune_quant_kernels.py on a GPU."""
+    device = kernel_device()
     q, scale, zero = int_matrix(33, 512, 4, 128)
     x = torch.randn(2, 512).bfloat16()
     ref = ops.int_linear_reference(x.float(), q, scale, zero, 4)
-    out = ops.int_linear_triton(x, q, scale, zero, 4)
+    out = ops.int_linear_triton(*to(device, (x, q, scale, zero)), 4)
     assert out.dtype == torch.bfloat16
-    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    assert ((out.cpu().float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 CODE_CONFIGS = [(8, 256, 4), (4, 32, 4), (1, 4, 1), (16, 64, 2)]  # (BLOCK_R, words per step, warps)
@@ -123,32 +142,35 @@ CODE_CONFIGS = [(8, 256, 4), (4, 32, 4), (1, 4, 1), (16, 64, 2)]  # (BLOCK_R, wo
 @pytest.mark.parametrize("batch,rows,cols,dict_bits", [
     (1, 37, 300, 8), (3, 21, 129, 10), (17, 9, 500, 8), (64, 5, 77, 8)])
 def test_code_kernel_tile_configs(config, batch, rows, cols, dict_bits):
+    device = kernel_device()
     parts = code_matrix(rows, cols, dict_bits, seed=batch)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1))
     ref = ops.code_linear_reference(x, *parts)
-    out = ops.code_linear_triton(x, *parts, config=config)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out = ops.code_linear_triton(*to(device, (x, *parts)), config=config)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [4, 64])
 def test_code_kernel_chunk_sizes(chunk):
     """Every chunk width encode may choose (and chunks of a row past its end)."""
+    device = kernel_device()
     w = torch.randn(1, 13, 700, generator=torch.Generator().manual_seed(3))
     q = rtn_quantize(w, TernaryGrid())
     d = build_dictionary(symbol_probabilities(q.codes), 8)
     parts = (*encode(q.codes[0], d, chunk=chunk), q.params[0][0, :, 0].half(), q.params[1][0, :, 0].half(), d.table)
     x = torch.randn(3, 700)
     ref = ops.code_linear_reference(x, *parts)
-    torch.testing.assert_close(ops.code_linear_triton(x, *parts), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ops.code_linear_triton(*to(device, (x, *parts))).cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_code_kernel_int32_starts():
     """Rows longer than 32767 columns store int32 chunk starts."""
+    device = kernel_device()
     parts = code_matrix(2, 33000, 8)
     assert parts[1].dtype == torch.int32
     x = torch.randn(1, 33000)
     ref = ops.code_linear_reference(x, *parts)
-    torch.testing.assert_close(ops.code_linear_triton(x, *parts), ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ops.code_linear_triton(*to(device, (x, *parts))).cpu(), ref, rtol=1e-4, atol=1e-3)
 
 
 def uneven_code(experts, rows, cols, dict_bits=8, seed=0):
@@ -173,13 +195,15 @@ def uneven_code(experts, rows, cols, dict_bits=8, seed=0):
 def test_code_kernel_rows_of_uneven_length(config, batch, rows, cols, dict_bits):
     """Rows of their own chunk counts (all-zero rows with none), R not a multiple of ROW_BLOCK,
     tiles smaller and larger than a row block."""
+    device = kernel_device()
     parts = uneven_code(2, rows, cols, dict_bits, seed=rows)
     assert int(parts[2].max()) > 2 * int(parts[2][parts[2] > 0].min()) and int((parts[2] == 0).sum()) > 0
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1))
     for e in range(2):
         one = [t[e] for t in parts[:6]] + [parts[6]]
         ref = ops.code_linear_reference(x, *one)
-        torch.testing.assert_close(ops.code_linear_triton(x, *one, config=config), ref, rtol=1e-4, atol=1e-4)
+        out = ops.code_linear_triton(*to(device, (x, *one)), config=config)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_tuned_tables_are_well_formed():
@@ -229,12 +253,14 @@ def slot_inputs(n, a, ids, cols, swiglu, dtype=torch.float32):
 ])
 @pytest.mark.parametrize("n,a,ids", SLOT_ROUTINGS)
 def test_int_slot_kernel_matches_reference(bits, group, rows, cols, swiglu, config, n, a, ids):
+    device = kernel_device()
     parts = stacked_int(3, rows, cols, bits, group, seed=rows)
     x, ids, weights, top_k = slot_inputs(n, a, ids, cols, swiglu)
     ref = ops.int_slot_linear_reference(x, ids, *parts, bits, top_k, weights, swiglu)
-    out = ops.int_slot_linear_triton(x, ids, *parts, bits, top_k, weights, swiglu, config=config)
+    weights = None if weights is None else weights.to(device)
+    out = ops.int_slot_linear_triton(*to(device, (x, ids, *parts)), bits, top_k, weights, swiglu, config=config)
     assert out.shape == (n * a, rows // 2 if swiglu else rows)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dict_bits,rows,cols,swiglu,config", [
@@ -245,12 +271,14 @@ def test_int_slot_kernel_matches_reference(bits, group, rows, cols, swiglu, conf
 ])
 @pytest.mark.parametrize("n,a,ids", SLOT_ROUTINGS)
 def test_code_slot_kernel_matches_reference(dict_bits, rows, cols, swiglu, config, n, a, ids):
+    device = kernel_device()
     parts = stacked_code(3, rows, cols, dict_bits, seed=rows)
     x, ids, weights, top_k = slot_inputs(n, a, ids, cols, swiglu)
     ref = ops.code_slot_linear_reference(x, ids, *parts, top_k, weights, swiglu)
-    out = ops.code_slot_linear_triton(x, ids, *parts, top_k, weights, swiglu, config=config)
+    weights = None if weights is None else weights.to(device)
+    out = ops.code_slot_linear_triton(*to(device, (x, ids, *parts)), top_k, weights, swiglu, config=config)
     assert out.shape == (n * a, rows // 2 if swiglu else rows)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows,cols,swiglu,config", [
@@ -259,11 +287,13 @@ def test_code_slot_kernel_matches_reference(dict_bits, rows, cols, swiglu, confi
 def test_code_slot_kernel_rows_of_uneven_length(rows, cols, swiglu, config, n, a, ids):
     """The per-slot kernel reads each expert's own row chunks and offsets (experts of different
     chunk totals in one capacity)."""
+    device = kernel_device()
     parts = uneven_code(3, rows, cols, seed=rows)
     x, ids, weights, top_k = slot_inputs(n, a, ids, cols, swiglu)
     ref = ops.code_slot_linear_reference(x, ids, *parts, top_k, weights, swiglu)
-    out = ops.code_slot_linear_triton(x, ids, *parts, top_k, weights, swiglu, config=config)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    weights = None if weights is None else weights.to(device)
+    out = ops.code_slot_linear_triton(*to(device, (x, ids, *parts)), top_k, weights, swiglu, config=config)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_slot_kernels_reference_is_the_dense_product():
@@ -284,15 +314,18 @@ def test_slot_kernels_reference_is_the_dense_product():
 
 def test_slot_kernels_bfloat16():
     """bfloat16 activations and weights in, bfloat16 out (float32 inside, one rounding)."""
+    device = kernel_device()
     x, ids, w = torch.randn(1, 40).bfloat16(), torch.tensor([1, 2, 1]), torch.rand(3).bfloat16()
     for kernel, reference, parts in (
             (ops.int_slot_linear_triton, ops.int_slot_linear_reference, (*stacked_int(3, 26, 40, 4, 8), 4)),
             (ops.code_slot_linear_triton, ops.code_slot_linear_reference, stacked_code(3, 26, 40, 8))):
+        on_device = tuple(p.to(device) if isinstance(p, torch.Tensor) else p for p in parts)
         for xs, weights, top_k, swiglu in ((x, None, 3, True), (x.repeat(3, 1), w, 1, False)):
-            out = kernel(xs, ids, *parts, top_k, weights, swiglu)
+            out = kernel(*to(device, (xs, ids)), *on_device, top_k, None if weights is None else weights.to(device),
+                         swiglu)
             ref = reference(xs.float(), ids, *parts, top_k, None if weights is None else weights.float(), swiglu)
             assert out.dtype == torch.bfloat16
-            assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+            assert ((out.cpu().float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("bits,group", [("ternary", None), ("2", 8), ("3", 8), ("4", None)])
@@ -302,19 +335,20 @@ def test_slot_path_equals_grouped_path(monkeypatch, bits, group, n, a):
     no host sync) and equal the grouped path, whatever the routing (repeats included)."""
     from moekit.quant import formats
 
+    device = kernel_device()
     experts = compressed_experts(bits, num_experts=4, hidden=24, ffn=16, group=group, seed=a)
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, 24, generator=g)
     ids = torch.randint(0, 4, (n, a), generator=g)
     w = torch.rand(n, a, generator=g)
-    ref = experts(x, ids, w)  # grouped, PyTorch references
+    ref = experts(x, ids, w)  # grouped, PyTorch references on the CPU
     calls = []
     slot_ffn = formats.slot_ffn
     monkeypatch.setattr(formats, "slot_ffn", lambda *args: calls.append(1) or slot_ffn(*args))
     monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
-    out = experts(x, ids, w)
+    out = experts.to(device)(*to(device, (x, ids, w)))
     assert calls, "the per-slot path did not run"
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

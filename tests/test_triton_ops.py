@@ -9,6 +9,8 @@ import torch
 from moekit.experts.resident import ResidentExperts
 from moekit.experts import triton_ops
 
+from conftest import kernel_device
+
 pytestmark = pytest.mark.skipif(not triton_ops.HAVE_TRITON, reason="triton not installed")
 
 
@@ -25,14 +27,6 @@ def _route(tokens: int, num_experts: int, top_k: int, device: str, generator: to
     return ids.to(device), weights.to(device)
 
 
-def _device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if not triton_ops.triton_usable(torch.empty(0)):
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
-    return "cpu"
-
-
 # (experts, hidden, ffn, tokens, top_k): odd sizes to hit every mask; one expert with many
 # tokens (> BLOCK_M) to cross row blocks; a single token (the decode case); prefill-like
 # routings with ~50 and ~150 slots per expert, which take the taller row blocks.
@@ -43,7 +37,7 @@ SHAPES = [(8, 64, 96, 5, 2), (4, 40, 24, 1, 2), (16, 128, 64, 33, 4), (4, 32, 48
 @pytest.mark.parametrize("shape", SHAPES)
 def test_grouped_kernel_matches_reference(shape):
     num_experts, hidden, ffn, tokens, top_k = shape
-    device = _device()
+    device = kernel_device()
     g = torch.Generator().manual_seed(sum(shape))
     m = _experts(num_experts, hidden, ffn, device)
     x = torch.randn(tokens, hidden, generator=g).to(device)
@@ -59,7 +53,7 @@ def test_grouped_kernel_matches_reference(shape):
 @pytest.mark.parametrize("shape", [(8, 64, 96, 1, 2), (64, 72, 40, 2, 8), (3, 200, 33, 3, 3)])
 def test_slot_kernel_matches_reference(shape):
     num_experts, hidden, ffn, tokens, top_k = shape
-    device = _device()
+    device = kernel_device()
     g = torch.Generator().manual_seed(sum(shape) + 1)
     m = _experts(num_experts, hidden, ffn, device)
     x = torch.randn(tokens, hidden, generator=g).to(device)
@@ -75,7 +69,7 @@ def test_slot_kernel_with_offsets_reads_experts_from_two_places():
     """An offset table pointing some experts into a second tensor (as offload.mapped points missed
     experts into host memory) gives bit-for-bit the stacked result."""
     num_experts, hidden, ffn, tokens, top_k = 6, 40, 24, 2, 3
-    device = _device()
+    device = kernel_device()
     g = torch.Generator().manual_seed(7)
     m = _experts(num_experts, hidden, ffn, device)
     x = torch.randn(tokens, hidden, generator=g).to(device)
