@@ -44,7 +44,8 @@ def use_kernels(x: torch.Tensor) -> bool:
     Triton interpreter for tests)."""
     if not HAVE_TRITON:
         return False
-    return x.is_cuda or os.environ.get("MOEKIT_QUANT_KERNELS") == "1"
+    # CPU tensors run Triton only under its interpreter (TRITON_INTERPRET=1)
+    return x.is_cuda or (os.environ.get("MOEKIT_QUANT_KERNELS") == "1" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 # ---- int-N -------------------------------------------------------------------------------------
