@@ -10,10 +10,10 @@ from conftest import run_cli
 
 
 def test_generate_offload_matches_resident_and_reports_stats(capsys):
-    code, out, _ = run_cli(capsys, "generate", "def f(x):", "--max-new-tokens", "16", "--json", "--dtype", "bfloat16")
+    code, out, _ = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--max-new-tokens", "16", "--json", "--dtype", "bfloat16")
     assert code == 0
     resident = json.loads(out)
-    code, out, _ = run_cli(capsys, "generate", "def f(x):", "--max-new-tokens", "16", "--json",
+    code, out, _ = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--max-new-tokens", "16", "--json",
                        "--offload", "--device-memory", "10MB", "--predictor", "speculative")
     assert code == 0
     offloaded = json.loads(out)
@@ -27,20 +27,20 @@ def test_generate_offload_matches_resident_and_reports_stats(capsys):
 
 
 def test_generate_offload_stats_table(capsys):
-    code, out, err = run_cli(capsys, "generate", "def f(x):", "--max-new-tokens", "8", "--offload",
+    code, out, err = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--max-new-tokens", "8", "--offload",
                          "--device-memory", "10MB", "--stats", "--cache-policy", "lru", "--predictor", "none")
     assert code == 0 and out.startswith("def f(x):")
     assert "cache hit rate" in err and "bytes moved / token" in err and "peak device memory" in err
 
 
 def test_too_small_budget_is_one_line(capsys):
-    code, _, err = run_cli(capsys, "generate", "hi", "--offload", "--device-memory", "5MB")
+    code, _, err = run_cli(capsys, "generate", "--device", "cpu", "hi", "--offload", "--device-memory", "5MB")
     assert code == 2
     assert err.count("\n") == 1 and "needs at least" in err and "--device-memory" in err
 
 
 def test_offload_flags_need_offload(capsys):
-    code, _, err = run_cli(capsys, "generate", "hi", "--device-memory", "5MB")
+    code, _, err = run_cli(capsys, "generate", "--device", "cpu", "hi", "--device-memory", "5MB")
     assert code == 2 and "needs --offload" in err
 
 
@@ -52,7 +52,7 @@ def test_pregate_command_then_generate(capsys, tmp_path):
     report = json.loads(out)
     assert report["loss_end"] < report["loss_start"]
     assert (tmp_path / "pregate.safetensors").exists()
-    code, out, _ = run_cli(capsys, "generate", "import os", "--max-new-tokens", "8", "--json", "--offload",
+    code, out, _ = run_cli(capsys, "generate", "--device", "cpu", "import os", "--max-new-tokens", "8", "--json", "--offload",
                        "--device-memory", "10MB", "--predictor", "pregate", "--pregate", str(tmp_path),
                        "--pin-counts", str(tmp_path / "expert_counts.json"))
     assert code == 0
@@ -61,11 +61,11 @@ def test_pregate_command_then_generate(capsys, tmp_path):
 
 
 def test_pregate_predictor_without_pregates_is_refused(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "generate", "hi", "--offload", "--predictor", "pregate", "--pregate", str(tmp_path))
+    code, _, err = run_cli(capsys, "generate", "--device", "cpu", "hi", "--offload", "--predictor", "pregate", "--pregate", str(tmp_path))
     assert code == 2 and "moekit pregate" in err
 
 
 def test_generate_offload_with_compile_is_refused_in_one_line(capsys):
-    code, out, err = run_cli(capsys, "generate", "def f(x):", "--offload", "--compile")
+    code, out, err = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--offload", "--compile")
     assert code != 0 and out == ""
     assert "--compile is not available with --offload" in err and "Traceback" not in err

@@ -174,7 +174,7 @@ def test_generate_cli_offloads_a_compressed_checkpoint(tmp_path, capsys):
     capsys.readouterr()
 
     def generate(*extra):
-        assert main(["generate", "def f(x):", "--model", str(path), "--max-new-tokens", "8", "--json", *extra]) == 0
+        assert main(["generate", "def f(x):", "--device", "cpu", "--model", str(path), "--max-new-tokens", "8", "--json", *extra]) == 0
         return json.loads(capsys.readouterr()[0])
 
     resident = generate()

@@ -40,11 +40,19 @@ def code_matrix(rows, cols, dict_bits, seed=0):
     return (*encode(q.codes[0], d), q.params[0][0, :, 0].half(), q.params[1][0, :, 0].half(), d.table)
 
 
+def xfail_split_groups_on_cuda(device: str, bits: int, groups: int, cols: int) -> None:
+    """Marks the known CUDA bug: the per-code scale mode (groups starting inside a packed word) gives
+    wrong results on the H200; moekit routes such matrices to the PyTorch path (ops.groups_split_words)."""
+    if device == "cuda" and ops.groups_split_words(bits, groups, cols):
+        pytest.xfail("per-code scale mode is wrong on CUDA (routed to the PyTorch path by ops.int_linear)")
+
+
 @pytest.mark.parametrize("batch,rows,cols,bits,group", [
     (1, 40, 96, 4, None), (3, 33, 70, 3, None), (17, 64, 128, 2, 32), (5, 20, 64, 4, 16)])
 def test_int_kernel_matches_reference(batch, rows, cols, bits, group):
     device = kernel_device()
     q, scale, zero = int_matrix(rows, cols, bits, group)
+    xfail_split_groups_on_cuda(device, bits, scale.shape[-1], cols)
     x = torch.randn(batch, cols)
     ref = ops.int_linear_reference(x, q, scale, zero, bits)
     out = ops.int_linear_triton(*to(device, (x, q, scale, zero)), bits, block_n=32, block_k=32)
@@ -110,6 +118,7 @@ INT_CONFIGS = [  # (BLOCK_N, BLOCK_K code lanes, num_warps, use_dot)
 def test_int_kernel_tile_configs(config, batch, rows, cols, bits, group):
     device = kernel_device()
     q, scale, zero = int_matrix(rows, cols, bits, group, seed=batch)
+    xfail_split_groups_on_cuda(device, bits, scale.shape[-1], cols)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1))
     ref = ops.int_linear_reference(x, q, scale, zero, bits)
     out = ops.int_linear_triton(*to(device, (x, q, scale, zero)), bits, config=config)
@@ -255,6 +264,7 @@ def slot_inputs(n, a, ids, cols, swiglu, dtype=torch.float32):
 def test_int_slot_kernel_matches_reference(bits, group, rows, cols, swiglu, config, n, a, ids):
     device = kernel_device()
     parts = stacked_int(3, rows, cols, bits, group, seed=rows)
+    xfail_split_groups_on_cuda(device, bits, parts[1].shape[-1], cols)
     x, ids, weights, top_k = slot_inputs(n, a, ids, cols, swiglu)
     ref = ops.int_slot_linear_reference(x, ids, *parts, bits, top_k, weights, swiglu)
     weights = None if weights is None else weights.to(device)
@@ -377,3 +387,11 @@ def test_slot_path_is_captured_in_a_cuda_graph(bits):
             grouped += w[0, a] * experts.linear("down", e, h)
         torch.cuda.synchronize()
         assert ((out.float() - grouped.float()).norm() / grouped.float().norm()).item() < 2e-2
+
+
+def test_groups_that_split_packed_words_take_the_pytorch_path():
+    assert ops.groups_split_words(3, 2048 // 128, 2048)  # 10 codes per word, groups of 128
+    assert ops.groups_split_words(3, 96 // 16, 96)
+    assert not ops.groups_split_words(3, 1, 2048)  # one group per row
+    assert not ops.groups_split_words(4, 2048 // 128, 2048)  # 8 codes per word divide 128
+    assert not ops.groups_split_words(2, 768 // 32, 768)

@@ -287,25 +287,25 @@ def test_compressed_experts_refuse_cpu_and_auto_fetches(tiny, tmp_path):
 
 
 def test_generate_cli_cpu_misses(capsys):
-    code, out, _ = run_cli(capsys, "generate", "def f(x):", "--max-new-tokens", "8", "--json", "--dtype", "bfloat16")
+    code, out, _ = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--max-new-tokens", "8", "--json", "--dtype", "bfloat16")
     resident = json.loads(out)
-    code, out, err = run_cli(capsys, "generate", "def f(x):", "--max-new-tokens", "8", "--json", "--offload",
+    code, out, err = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--max-new-tokens", "8", "--json", "--offload",
                          "--device-memory", "10MB", "--misses", "cpu")
     assert code == 0
     offloaded_ = json.loads(out)
     assert offloaded_["token_ids"] == resident["token_ids"]
     stats = offloaded_["offload"]
     assert stats["misses_used"] == "cpu" and stats["cpu_experts"] > 0
-    code, out, err = run_cli(capsys, "generate", "def f(x):", "--max-new-tokens", "4", "--offload",
+    code, out, err = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--max-new-tokens", "4", "--offload",
                          "--device-memory", "10MB", "--misses", "cpu", "--stats")
     assert code == 0 and "experts on the CPU" in err and "CPU time" in err
 
 
 def test_misses_flag_needs_offload_and_a_known_value(capsys):
-    code, _, err = run_cli(capsys, "generate", "hi", "--misses", "cpu")
+    code, _, err = run_cli(capsys, "generate", "--device", "cpu", "hi", "--misses", "cpu")
     assert code == 2 and "--misses needs --offload" in err
     with pytest.raises(SystemExit):
-        main(["generate", "hi", "--offload", "--misses", "gpu"])
+        main(["generate", "hi", "--device", "cpu", "--offload", "--misses", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr()[1]
 
 

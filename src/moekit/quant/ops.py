@@ -56,6 +56,14 @@ def int_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     return dequantize_int(unpack_codes(qweight, bits, cols), scale, zero).to(dtype)
 
 
+def groups_split_words(bits: int, groups: int, cols: int) -> bool:
+    """Returns whether scale groups start inside a packed word (e.g. 3-bit codes, 10 per word, in groups
+    of 8, 16 or 128: the kernels' per-code scale mode). That mode gives wrong results on CUDA (H200,
+    tests/test_quant_kernels.py at 11f8168; right under the interpreter), so such matrices take the
+    PyTorch path until it is fixed."""
+    return groups > 1 and (-(-cols // groups)) % (32 // bits) != 0
+
+
 def int_linear_reference(x, qweight, scale, zero, bits: int) -> torch.Tensor:
     return F.linear(x, int_weight(qweight, scale, zero, bits, x.shape[-1], x.dtype))
 
@@ -63,7 +71,7 @@ def int_linear_reference(x, qweight, scale, zero, bits: int) -> torch.Tensor:
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                bits: int) -> torch.Tensor:
     """Returns x [B, K] @ W^T as [B, R] for an int-form W (kernel for B <= 64 where usable)."""
-    if not use_kernels(x) or x.shape[0] > KERNEL_MAX_TOKENS:
+    if not use_kernels(x) or x.shape[0] > KERNEL_MAX_TOKENS or groups_split_words(bits, scale.shape[-1], x.shape[-1]):
         return int_linear_reference(x, qweight, scale, zero, bits)
     return int_linear_triton(x, qweight, scale, zero, bits)
 
@@ -281,7 +289,7 @@ def int_slot_linear(x: torch.Tensor, ids: torch.Tensor, qweight: torch.Tensor, s
                     swiglu: bool = False) -> torch.Tensor:
     """Returns the per-slot matmul (module docstring) of stacked int-form matrices qweight
     [E, R, Wk], scale / zero [E, R, P]: one kernel launch where usable, else the reference."""
-    if not use_kernels(x):
+    if not use_kernels(x) or groups_split_words(bits, scale.shape[-1], x.shape[-1]):
         return int_slot_linear_reference(x, ids, qweight, scale, zero, bits, top_k, weights, swiglu)
     return int_slot_linear_triton(x, ids, qweight, scale, zero, bits, top_k, weights, swiglu)
 
