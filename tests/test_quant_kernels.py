@@ -224,6 +224,16 @@ def test_tuned_tables_are_well_formed():
     assert [ops.batch_bucket(b) for b in (1, 2, 8, 9, 64)] == [1, 8, 8, 64, 64]
 
 
+
+def test_code_tiles_are_capped_and_tuned_ones_fit():
+    assert ops._cap_code_tile(16, 2, 32, 64) == (4, 2)  # 16 x 64 words x 64 tokens: cut to 16384 elements
+    assert ops._cap_code_tile(1, 8, 64, 64) == (1, 4)
+    for (rows, cols, bucket), (br, words, _) in ops.CODE_TUNED.items():
+        bb = {1: 1, 8: 8, 64: 64}[bucket]
+        chunks = max(1, words // 32)
+        assert ops._cap_code_tile(br, chunks, 32, bb) == (br, chunks), (rows, cols, bucket)
+
+
 # ---- per-slot kernels (decode: every routed slot in one launch, expert ids read on the device) ---
 
 SLOT_ROUTINGS = [  # (tokens N, experts per token A, expert ids [N * A]): repeats within and across tokens

@@ -229,6 +229,22 @@ def code_linear(x: torch.Tensor, words: torch.Tensor, starts: torch.Tensor, row_
     return code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, table)
 
 
+# The code kernel's gather tile is [BLOCK_R, words per step, BLOCK_B]. At 16 x 64 x 64 (2 warps) it made
+# an illegal memory access on the H200 (tests/test_quant_kernels.py, commit 317f42c; fine under the
+# interpreter; root cause not found): larger tiles are cut down to this many elements. Tuned configs fit
+# at 32-codeword chunks; at batch 64 with 64-codeword chunks (mixtral down) 8 rows become 4.
+CODE_MAX_TILE = 16384
+
+
+def _cap_code_tile(block_r: int, chunks_per_step: int, wp: int, block_b: int) -> tuple[int, int]:
+    """Returns (BLOCK_R, chunks per step) halved until the gather tile holds at most CODE_MAX_TILE elements."""
+    while block_r > 1 and block_r * chunks_per_step * wp * block_b > CODE_MAX_TILE:
+        block_r //= 2
+    while chunks_per_step > 1 and block_r * chunks_per_step * wp * block_b > CODE_MAX_TILE:
+        chunks_per_step //= 2
+    return block_r, chunks_per_step
+
+
 def code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, table, block_r: int | None = None,
                        config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Returns x [B, K] @ W^T as [B, R] through the code kernel; `config` (BLOCK_R, words per
@@ -239,6 +255,7 @@ def code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, tabl
     br = block_r or br
     wp = triton.next_power_of_2(w)
     chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
+    br, chunks_per_step = _cap_code_tile(br, chunks_per_step, wp, triton.next_power_of_2(b))
     xt = x.t().contiguous()  # [K, B]: a nonzero weight reads all tokens of its column at once
     _check_code_layout(words, starts, row_chunks, block_offsets, lo, hi)
     table64 = table.contiguous().view(torch.int64).reshape(-1)  # [2^bits] one 8-byte entry per word
