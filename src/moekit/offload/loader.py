@@ -115,6 +115,19 @@ class OffloadLoader(ExpertLoader):
             return
         runtime.cpu = CpuExperts(form, runtime.store, device, self.config.cpu_max_tokens, self.config.cpu_threads)
 
+    def _new_cache(self, runtime: OffloadRuntime, slots: int, device: torch.device) -> None:
+        """Gives the runtime a fresh, empty cache of `slots` experts (freeing the old one first), and
+        its mapped table when misses are read in place."""
+        from .cache import ExpertCache
+
+        if runtime.cache is not None:
+            runtime.cache.close()
+            runtime.cache = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        runtime.cache = ExpertCache(runtime.form, runtime.store, slots, device, self.config.cache_policy, runtime.stats)
+        self._attach_mapped(runtime)
+
     def _attach_mapped(self, runtime: OffloadRuntime) -> None:
         """Gives a new cache its mapped runtime (misses mapped), checking once that the device reads
         host memory in place correctly; where it does not, misses are fetched."""
@@ -143,15 +156,11 @@ class OffloadLoader(ExpertLoader):
         return OffloadedExperts(layer, self.runtime)
 
     def finish(self, model, ctx: LoadContext) -> None:
-        from .cache import ExpertCache
-
         runtime = self.runtime
         if runtime is None:
             raise MoekitError(f"{ctx.ckpt.path}: the model has no MoE layer, nothing to offload")
         cfg = self.config
-        runtime.cache = ExpertCache(runtime.form, runtime.store, self.plan.cache_slots, ctx.device,
-                                    cfg.cache_policy, runtime.stats)
-        self._attach_mapped(runtime)
+        self._new_cache(runtime, self.plan.cache_slots, ctx.device)
         runtime.routers = {i: model.layers[i].mlp.router for i in runtime.moe_layers}
         k = cfg.prefetch_k or ctx.config.top_k
         runtime.predictor = build_predictor(cfg.predictor, model, runtime.next_of, k, cfg.pregate_path, self.trace)
@@ -181,7 +190,6 @@ class OffloadLoader(ExpertLoader):
         """
         from ..kv_cache import KVCache
         from ..piecewise import PiecewiseDecode
-        from .cache import ExpertCache
         from .planner import activation_bytes
 
         runtime, plan, cfg, device = self.runtime, self.plan, ctx.config, ctx.device
@@ -217,23 +225,13 @@ class OffloadLoader(ExpertLoader):
                     f"--device-memory {plan.budget_bytes / 1e6:.2f}MB is too small on this GPU: measured "
                     f"{need / 1e6:.2f}MB with {runtime.cache.num_slots} experts cached (libraries' workspaces "
                     f"included); give at least {(need + (plan.min_slots - runtime.cache.num_slots) * plan.expert_bytes) / 1e6 + 0.01:.2f}MB")
-            runtime.cache.close()
-            runtime.cache = None
-            torch.cuda.empty_cache()
-            runtime.cache = ExpertCache(runtime.form, runtime.store, slots, device, self.config.cache_policy,
-                                        runtime.stats)
-            self._attach_mapped(runtime)
+            self._new_cache(runtime, slots, device)
         else:
             raise MoekitError(f"could not fit the expert cache under --device-memory {plan.budget_bytes / 1e6:.2f}MB "
                               f"after 4 measurements (last: {need / 1e6:.2f}MB); give a larger budget")
         # a fresh cache and counters: the warm-up's experts, routing trace and call numbers go
         old_slots = runtime.cache.num_slots
-        runtime.cache.close()
-        runtime.cache = None
-        torch.cuda.empty_cache()
-        runtime.cache = ExpertCache(runtime.form, runtime.store, old_slots, device, self.config.cache_policy,
-                                    runtime.stats)
-        self._attach_mapped(runtime)
+        self._new_cache(runtime, old_slots, device)
         self.plan = runtime.plan = dataclasses.replace(plan, cache_slots=old_slots, measured_peak_bytes=need)
         runtime.baseline_bytes = self.baseline_bytes
         runtime.calls.clear()
