@@ -107,8 +107,7 @@ def int_rows_dot(
             for j in tl.static_range(PER_WORD):
                 col = words_at * PER_WORD + j  # [BKW]
                 xj = tl.load(x_ptr + col, mask=word_ok & (col < K), other=0.0).to(tl.float32)
-                # code -> float without I2F (quarter rate on Hopper): 2^23 + c as float bits, minus 2^23
-                cj = (((q >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                cj = ((q >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, BKW]
                 dots += cj * xj[None, :]
                 xsum += xj
             if SCALE_MODE == 2:  # scale, zero: [BN, BKW, 1]
