@@ -42,6 +42,7 @@ class OffloadLoader(ExpertLoader):
         self.config = config or OffloadConfig()
         self.pin_counts, self.trace, self.host_layers = pin_counts, trace, host_layers
         self.runtime: OffloadRuntime | None = None
+        self.mapped_checked = False  # the in-place read self-test runs once per load
         # The budget counts what this model holds: device memory allocated before the load
         # (the caller's own tensors, other models) is not ours and is left out of every measure.
         self.baseline_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -136,9 +137,9 @@ class OffloadLoader(ExpertLoader):
         from .mapped import self_test
 
         runtime.attach_mapped()
-        if getattr(self, "_mapped_checked", False):
+        if self.mapped_checked:
             return
-        self._mapped_checked = True
+        self.mapped_checked = True
         why = self_test(runtime.mapped)
         if why is not None:
             runtime.cache.listener = runtime.mapped = None

@@ -91,7 +91,6 @@ class MappedExperts:
         self.free_buffers: list[torch.Tensor] = []
         self.step_slots = 0  # S of the step being run (eager: set by the first layer)
         self.hooks_in_run = True  # eager steps call the boundary hooks from run(); MappedStep calls them itself
-        self.disabled_note: str | None = None
         cache.listener = self
         for key, slot in cache.slot_of.items():  # experts already cached (pinned ones, a warm-up)
             self.filled(key, slot)

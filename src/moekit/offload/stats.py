@@ -60,23 +60,23 @@ class OffloadStats:
     @property
     def bytes_per_token(self) -> float:
         """Bytes moved per decode token (per token overall when nothing was decoded)."""
-        if self.decode_tokens:
-            return self.decode_bytes_moved / self.decode_tokens
-        return self.bytes_moved / self.tokens if self.tokens else 0.0
+        return self._per_token(self.decode_bytes_moved, self.bytes_moved)
 
     @property
     def cpu_bytes_per_token(self) -> float:
         """Expert bytes read by the CPU per decode token (per token overall when nothing was decoded)."""
-        if self.decode_tokens:
-            return self.decode_cpu_bytes / self.decode_tokens
-        return self.cpu_bytes / self.tokens if self.tokens else 0.0
+        return self._per_token(self.decode_cpu_bytes, self.cpu_bytes)
 
     @property
     def mapped_bytes_per_token(self) -> float:
         """Bytes read in place from host memory per decode token (per token when nothing was decoded)."""
+        return self._per_token(self.decode_mapped_bytes, self.mapped_bytes)
+
+    def _per_token(self, decode_total: float, total: float) -> float:
+        """Returns decode_total per decode token, or total per token when nothing was decoded."""
         if self.decode_tokens:
-            return self.decode_mapped_bytes / self.decode_tokens
-        return self.mapped_bytes / self.tokens if self.tokens else 0.0
+            return decode_total / self.decode_tokens
+        return total / self.tokens if self.tokens else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         self.resolve()
