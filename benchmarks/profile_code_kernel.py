@@ -1,6 +1,7 @@
 """Where the sub-1-bit code kernel spends its time at batch 1 (mixtral gate/up, 14336 x 4096).
 
     PYTHONPATH=src python3 benchmarks/profile_code_kernel.py --out $OUT            # H200
+    PYTHONPATH=src python3 benchmarks/profile_code_kernel.py --sweep --out $OUT    # every shape, 8/16-bit
     ncu --section SpeedOfLight --section Occupancy --section LaunchStats \\
         -k regex:code_matmul -c 1 python3 benchmarks/profile_code_kernel.py --once
 
@@ -8,7 +9,10 @@ Random weights rounded to ternary (RTN) and coded with a 16-bit dictionary, as b
 Without --once it times the kernel (do_bench, median) next to torch bf16 F.linear, and counts, on
 the host, what the kernel's rounds do: nonzero symbols per codeword and rounds per step (a step
 pops one nonzero of every codeword of its [BLOCK_R, words per step] tile until none is left), so
-the share of lanes doing useful work is known. With --once it runs the kernel once (for ncu).
+the share of lanes doing useful work is known. With --once it runs the kernel once (for ncu). With --sweep it times, at the four expert shapes of
+tune_quant_kernels.py and with 8- and 16-bit dictionaries, the tuned batch-1 tile and every tile of
+SWEEP next to bf16 (a 16-bit dictionary's 512 KB table is gathered from L2, an 8-bit one's 2 KB from
+L1: compress picks whichever codes a matrix smaller), checking each against the reference.
 """
 
 from __future__ import annotations
@@ -26,13 +30,17 @@ from moekit.quant.gptq import rtn_quantize
 from moekit.quant.grids import TernaryGrid
 
 ROWS, COLS = 14336, 4096
+SHAPES = {"mixtral gate/up": (14336, 4096), "mixtral down": (4096, 14336),
+          "qwen3 gate/up": (768, 2048), "qwen3 down": (2048, 768)}
+SWEEP = [(4, 32, 1), (2, 32, 1), (8, 32, 1), (1, 32, 1), (2, 64, 1), (4, 64, 1), (1, 64, 1), (1, 128, 1),
+         (8, 32, 2), (16, 32, 2), (4, 64, 2), (8, 64, 2), (16, 32, 4), (8, 64, 4), (16, 64, 4), (8, 128, 4)]
 
 
-def build(device):
-    w = torch.randn(1, ROWS, COLS, generator=torch.Generator().manual_seed(0)) * 0.02
+def build(device, rows=ROWS, cols=COLS, bits=16):
+    w = torch.randn(1, rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
     q = rtn_quantize(w.to(device), TernaryGrid())
     probs = symbol_probabilities(q.codes)
-    d = build_dictionary(probs, 16)
+    d = build_dictionary(probs, bits)
     code = encode(q.codes[0], d)
     parts = (*code, q.params[0][0, :, 0].half(), q.params[1][0, :, 0].half(), d.table.to(device))
     return w[0].to(device, torch.bfloat16), parts, d, probs
@@ -55,12 +63,51 @@ def lane_stats(parts, d, config) -> dict:
             "lane_efficiency": (tiles.mean(dim=1) / rounds.clamp(min=1)).mean().item()}
 
 
+def sweep(device, out: str | None) -> dict:
+    """Times the tuned batch-1 tile and every SWEEP tile at each shape and dictionary width."""
+    import triton
+
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    for name, (rows, cols) in SHAPES.items():
+        for bits in (8, 16):
+            w, parts, d, probs = build(device, rows, cols, bits)
+            x = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
+            ref = ops.code_linear_reference(x.float(), *parts)
+            tuned = ops.code_config(rows, cols, 1)
+            entry = {"bits_per_param": 8 * sum(t.numel() * t.element_size() for t in parts) / (rows * cols),
+                     "chunk": parts[0].shape[-1], "bf16_us": bench(lambda: F.linear(x, w)), "tuned": list(tuned),
+                     "configs": {}}
+            for cfg in [tuned] + [c for c in SWEEP if c != tuned]:
+                got = ops.code_linear_triton(x, *parts, config=cfg).float()
+                err = ((got - ref).norm() / ref.norm()).item()
+                us = bench(lambda: ops.code_linear_triton(x, *parts, config=cfg)) if err < 2e-2 else None
+                entry["configs"][str(cfg)] = {"us": us, "rel_err": err}
+            timed = {k: v["us"] for k, v in entry["configs"].items() if v["us"] is not None}
+            best = min(timed, key=timed.get)
+            entry.update(best=best, best_us=timed[best], tuned_us=timed.get(str(tuned)),
+                         speedup_best=entry["bf16_us"] / timed[best])
+            res["shapes"][f"{name} {bits}-bit"] = entry
+            print(f"{name:16s} {bits:2d}-bit {entry['bits_per_param']:.3f} b/p  bf16 {entry['bf16_us']:6.1f} us  "
+                  f"tuned {tuned} {entry['tuned_us'] or float('nan'):6.1f} us  best {best} {timed[best]:6.1f} us "
+                  f"(x{entry['speedup_best']:.2f})", flush=True)
+            del w, parts
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "profile_code_sweep.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", action="store_true", help="run the kernel once (under ncu)")
+    ap.add_argument("--sweep", action="store_true", help="every shape, 8- and 16-bit dictionaries, a tile grid")
     args = ap.parse_args()
     device = torch.device("cuda")
+    if args.sweep:
+        sweep(device, args.out)
+        return
     w, parts, d, probs = build(device)
     x = torch.randn(1, COLS, device=device, dtype=torch.bfloat16)
     ops.code_linear_triton(x, *parts)  # compile

@@ -58,6 +58,84 @@ import triton.language as tl
 
 
 @triton.jit
+def _popcount(v):
+    """Returns the set bits of each int32 in v (0 <= v < 2^31), by halves, nibbles and bytes."""
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    v = v + (v >> 8)
+    v = v + (v >> 16)
+    return v & 0x3F
+
+
+@triton.jit
+def _row_spans(chunks_ptr, offsets_ptr, rows, R, ROW_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Returns (first chunk, chunk count) of each row [BR]: its block's offset + the chunks of the
+    block's rows before it (rows >= R have no chunks)."""
+    row_ok = rows < R
+    block = rows // ROW_BLOCK  # [BR]
+    before = (block * ROW_BLOCK)[:, None] + tl.arange(0, ROW_BLOCK)[None, :]  # [BR, RB]
+    prior = tl.load(chunks_ptr + before, mask=before < tl.minimum(rows, R)[:, None], other=0).to(tl.int32)
+    first = tl.load(offsets_ptr + block, mask=row_ok, other=0) + tl.sum(prior, axis=1)  # [BR]
+    count = tl.load(chunks_ptr + rows, mask=row_ok, other=0).to(tl.int32)  # [BR]
+    return first, count
+
+
+@triton.jit
+def _step_codes(words_ptr, first, count, s0, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr):
+    """Returns the codewords [BR, C, WP] of chunks s0.. of each row (0 past a row's chunks)."""
+    chunk = s0 + tl.arange(0, CHUNKS_PER_STEP)  # [C]
+    js = tl.arange(0, WP)
+    at_chunk = first[:, None] + chunk[None, :]  # [BR, C]
+    w_mask = (chunk[None, :] < count[:, None])[:, :, None] & (js < W)[None, None, :]
+    return tl.load(words_ptr + at_chunk[:, :, None] * W + js[None, None, :], mask=w_mask, other=0).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _rows_dot_one(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, K, stride_xk,
+                  W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Batch 1: returns (sum of x under all nonzeros, under HI nonzeros) of each row, float32 [BR].
+
+    Unlike the batch path, each word keeps its own partial sums (reduced once, at the end, not
+    twice per round), a step's round count is the most nonzeros of one of its words (counted once
+    per step from the table's masks, not by a reduction per round), and the next step's codewords
+    are loaded before this step's rounds so that their latency hides behind them."""
+    cs = tl.arange(0, CHUNKS_PER_STEP)  # [C]
+    js = tl.arange(0, WP)  # [WP]
+    NW: tl.constexpr = CHUNKS_PER_STEP * WP
+    most = tl.max(count, axis=0)
+    acc_all = tl.zeros((BLOCK_R, NW), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_R, NW), dtype=tl.float32)
+    code = _step_codes(words_ptr, first, count, 0, W, WP, CHUNKS_PER_STEP)
+    s0 = 0
+    while s0 < most:
+        chunk = s0 + cs
+        chunk_ok = chunk[None, :] < count[:, None]  # [BR, C]
+        at_chunk = first[:, None] + chunk[None, :]
+        w_mask = chunk_ok[:, :, None] & (js < W)[None, None, :]
+        entry = tl.load(table_ptr + code, mask=w_mask, other=0)  # [BR, C, WP] int64
+        start = tl.load(starts_ptr + at_chunk, mask=chunk_ok, other=0)
+        code = _step_codes(words_ptr, first, count, s0 + CHUNKS_PER_STEP, W, WP, CHUNKS_PER_STEP)  # next step's
+        hi_len = (entry >> 32).to(tl.int32)  # HI bits | length << 27
+        length = (hi_len >> 27) & 31
+        at = tl.reshape(start.to(tl.int32)[:, :, None] + tl.cumsum(length, axis=2) - length, (BLOCK_R, NW))
+        nz = tl.reshape(entry.to(tl.int32), (BLOCK_R, NW))  # nonzero symbol bits (bits 0..26)
+        hi_bits = tl.reshape(hi_len, (BLOCK_R, NW))
+        rounds = tl.max(_popcount(nz))
+        while rounds > 0:
+            low = nz & -nz  # lowest nonzero symbol of each word, as a bit
+            pos = (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # its index
+            col = at + pos
+            xv = tl.load(xt_ptr + col * stride_xk, mask=(low != 0) & (col < K), other=0.0).to(tl.float32)
+            acc_all += xv
+            acc_hi += tl.where((hi_bits & low) != 0, xv, 0.0)
+            nz = nz ^ low
+            rounds -= 1
+        s0 += CHUNKS_PER_STEP
+    return tl.sum(acc_all, axis=1), tl.sum(acc_hi, axis=1)
+
+
+@triton.jit
 def code_rows_dot(
     xt_ptr, words_ptr, starts_ptr, chunks_ptr, offsets_ptr, lo_ptr, hi_ptr, table_ptr, rows,
     B, R, K,
@@ -67,52 +145,53 @@ def code_rows_dot(
 ):
     """Returns x . W[rows]^T as float32 [BLOCK_R, BLOCK_B] for rows [BLOCK_R] (rows >= R count 0)."""
     row_ok = rows < R
-    cs = tl.arange(0, CHUNKS_PER_STEP)  # [C]
-    js = tl.arange(0, WP)  # [WP]
-    bs = tl.arange(0, BLOCK_B)  # [BB]
-    b_ok = bs < B
-    NW: tl.constexpr = CHUNKS_PER_STEP * WP  # words per row per step
-    # each row's first chunk: its block's offset + the chunks of the block's rows before it
-    block = rows // ROW_BLOCK  # [BR]
-    before = (block * ROW_BLOCK)[:, None] + tl.arange(0, ROW_BLOCK)[None, :]  # [BR, RB]
-    prior = tl.load(chunks_ptr + before, mask=before < tl.minimum(rows, R)[:, None], other=0).to(tl.int32)
-    first = tl.load(offsets_ptr + block, mask=row_ok, other=0) + tl.sum(prior, axis=1)  # [BR]
-    count = tl.load(chunks_ptr + rows, mask=row_ok, other=0).to(tl.int32)  # [BR] chunks of each row
-    most = tl.max(count, axis=0)
-    acc_all = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
-    s0 = 0
-    while s0 < most:
-        chunk = s0 + cs  # [C] chunk of each row
-        chunk_ok = chunk[None, :] < count[:, None]  # [BR, C]
-        at_chunk = first[:, None] + chunk[None, :]  # [BR, C] chunk index in the matrix
-        start = tl.load(starts_ptr + at_chunk, mask=chunk_ok, other=0)
-        w_mask = chunk_ok[:, :, None] & (js < W)[None, None, :]  # [BR, C, WP]
-        code = tl.load(words_ptr + at_chunk[:, :, None] * W + js[None, None, :], mask=w_mask,
-                       other=0).to(tl.int32) & 0xFFFF
-        entry = tl.load(table_ptr + code, mask=w_mask, other=0)  # [BR, C, WP] int64
-        nz = entry.to(tl.int32)  # low half: nonzero symbol bits (bits 0..26)
-        hi_len = (entry >> 32).to(tl.int32)  # HI bits | length << 27
-        length = (hi_len >> 27) & 31
-        at = start.to(tl.int32)[:, :, None] + tl.cumsum(length, axis=2) - length  # column of each word
-        nz = tl.reshape(nz, (BLOCK_R, NW))
-        hi_bits = tl.reshape(hi_len, (BLOCK_R, NW))
-        at = tl.reshape(at, (BLOCK_R, NW))
-        while tl.max(nz) > 0:
-            low = nz & -nz  # lowest nonzero symbol of each word, as a bit
-            pos = (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # its index
-            col = at + pos  # [BR, NW]
-            live = (low != 0) & (col < K)
-            xv = tl.load(xt_ptr + col[:, :, None] * stride_xk + bs[None, None, :],
-                         mask=live[:, :, None] & b_ok[None, None, :], other=0.0).to(tl.float32)  # [BR, NW, BB]
-            is_hi = (hi_bits & low) != 0
-            acc_all += tl.sum(xv, axis=1)
-            acc_hi += tl.sum(tl.where(is_hi[:, :, None], xv, 0.0), axis=1)
-            nz = nz ^ low
-        s0 += CHUNKS_PER_STEP
+    first, count = _row_spans(chunks_ptr, offsets_ptr, rows, R, ROW_BLOCK, BLOCK_R)
     lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     hi = tl.load(hi_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    return hi[:, None] * acc_hi + lo[:, None] * (acc_all - acc_hi)  # [BR, BB]
+    if BLOCK_B == 1:
+        sum_all, sum_hi = _rows_dot_one(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, K, stride_xk,
+                                        W, WP, CHUNKS_PER_STEP, BLOCK_R)
+        out = hi * sum_hi + lo * (sum_all - sum_hi)
+        return out[:, None]
+    else:
+        cs = tl.arange(0, CHUNKS_PER_STEP)  # [C]
+        js = tl.arange(0, WP)  # [WP]
+        bs = tl.arange(0, BLOCK_B)  # [BB]
+        b_ok = bs < B
+        NW: tl.constexpr = CHUNKS_PER_STEP * WP  # words per row per step
+        most = tl.max(count, axis=0)
+        acc_all = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
+        acc_hi = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
+        s0 = 0
+        while s0 < most:
+            chunk = s0 + cs  # [C] chunk of each row
+            chunk_ok = chunk[None, :] < count[:, None]  # [BR, C]
+            at_chunk = first[:, None] + chunk[None, :]  # [BR, C] chunk index in the matrix
+            start = tl.load(starts_ptr + at_chunk, mask=chunk_ok, other=0)
+            w_mask = chunk_ok[:, :, None] & (js < W)[None, None, :]  # [BR, C, WP]
+            code = tl.load(words_ptr + at_chunk[:, :, None] * W + js[None, None, :], mask=w_mask,
+                           other=0).to(tl.int32) & 0xFFFF
+            entry = tl.load(table_ptr + code, mask=w_mask, other=0)  # [BR, C, WP] int64
+            nz = entry.to(tl.int32)  # low half: nonzero symbol bits (bits 0..26)
+            hi_len = (entry >> 32).to(tl.int32)  # HI bits | length << 27
+            length = (hi_len >> 27) & 31
+            at = start.to(tl.int32)[:, :, None] + tl.cumsum(length, axis=2) - length  # column of each word
+            nz = tl.reshape(nz, (BLOCK_R, NW))
+            hi_bits = tl.reshape(hi_len, (BLOCK_R, NW))
+            at = tl.reshape(at, (BLOCK_R, NW))
+            while tl.max(nz) > 0:
+                low = nz & -nz  # lowest nonzero symbol of each word, as a bit
+                pos = (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # its index
+                col = at + pos  # [BR, NW]
+                live = (low != 0) & (col < K)
+                xv = tl.load(xt_ptr + col[:, :, None] * stride_xk + bs[None, None, :],
+                             mask=live[:, :, None] & b_ok[None, None, :], other=0.0).to(tl.float32)  # [BR, NW, BB]
+                is_hi = (hi_bits & low) != 0
+                acc_all += tl.sum(xv, axis=1)
+                acc_hi += tl.sum(tl.where(is_hi[:, :, None], xv, 0.0), axis=1)
+                nz = nz ^ low
+            s0 += CHUNKS_PER_STEP
+        return hi[:, None] * acc_hi + lo[:, None] * (acc_all - acc_hi)  # [BR, BB]
 
 
 @triton.jit
