@@ -103,12 +103,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", action="store_true", help="run the kernel once (under ncu)")
     ap.add_argument("--sweep", action="store_true", help="every shape, 8- and 16-bit dictionaries, a tile grid")
+    ap.add_argument("--bits", type=int, default=8, choices=(8, 16),
+                    help="dictionary width (8: what compress picks for RTN ternary at this shape; 0.635 vs 0.799 bits)")
     args = ap.parse_args()
     device = torch.device("cuda")
     if args.sweep:
         sweep(device, args.out)
         return
-    w, parts, d, probs = build(device)
+    w, parts, d, probs = build(device, bits=args.bits)
     x = torch.randn(1, COLS, device=device, dtype=torch.bfloat16)
     ops.code_linear_triton(x, *parts)  # compile
     torch.cuda.synchronize()
@@ -120,7 +122,7 @@ def main() -> None:
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
     config = ops.code_config(ROWS, COLS, 1)
-    res = {"shape": [ROWS, COLS], "p_zero": probs[0], "config": list(config),
+    res = {"shape": [ROWS, COLS], "dictionary_bits": args.bits, "p_zero": probs[0], "config": list(config),
            "code_us": bench(lambda: ops.code_linear_triton(x, *parts)), "bf16_us": bench(lambda: F.linear(x, w)),
            "code_bytes": sum(t.numel() * t.element_size() for t in parts)}
     res.update(lane_stats(parts, d, config))

@@ -69,6 +69,26 @@ def test_code_kernel_matches_reference(batch, rows, cols, dict_bits):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows,cols,config", [(37, 300, None), (16, 129, (2, 8, 1)), (9, 1000, (4, 64, 1))])
+def test_code_kernel_packed_and_bytewise_reads_agree(rows, cols, config):
+    """At batch 1, 8-bit codewords are read four to an int32 where aligned (PACKED) and one byte
+    at a time where not: both equal the reference."""
+    device = kernel_device()
+    parts = to(device, code_matrix(rows, cols, 8))
+    words = parts[0]
+    shifted = torch.zeros(words.numel() + 1, dtype=torch.uint8, device=device)
+    shifted[1:] = words.reshape(-1)
+    unaligned = shifted[1:].view(words.shape)  # the same codewords at an odd address
+    assert ops._packed_words(words) and not ops._packed_words(unaligned)
+    assert not ops._packed_words(words, 6) and not ops._packed_words(words.to(torch.int16))
+    x = torch.randn(1, cols)
+    ref = ops.code_linear_reference(x, *code_matrix(rows, cols, 8))
+    packed = ops.code_linear_triton(x.to(device), *parts, config=config)
+    bytewise = ops.code_linear_triton(x.to(device), unaligned, *parts[1:], config=config)
+    torch.testing.assert_close(packed.cpu(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bytewise.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
 def compressed_experts(bits, num_experts=3, hidden=32, ffn=24, group=None, seed=0):
     """Returns a CompressedExperts of random experts rounded to nearest on grid `bits`."""
     from moekit.quant.compress import round_layer

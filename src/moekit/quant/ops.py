@@ -245,6 +245,18 @@ def _cap_code_tile(block_r: int, chunks_per_step: int, wp: int, block_b: int) ->
     return block_r, chunks_per_step
 
 
+def _hw_popcount(x: torch.Tensor) -> bool:
+    """Returns whether the code kernel may use the GPU's popcount instruction (not under the interpreter)."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _packed_words(words: torch.Tensor, *strides: int) -> bool:
+    """Returns whether 8-bit codewords can be read four to an int32 (kernels.code_matmul PACKED):
+    uint8, chunks of a multiple of 4 words, the base and every given stride (elements) 4-byte aligned."""
+    return (words.dtype == torch.uint8 and words.shape[-1] % 4 == 0 and words.data_ptr() % 4 == 0
+            and all(st % 4 == 0 for st in strides))
+
+
 def code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, table, block_r: int | None = None,
                        config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Returns x [B, K] @ W^T as [B, R] through the code kernel; `config` (BLOCK_R, words per
@@ -264,7 +276,7 @@ def code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, tabl
         xt, words, starts, row_chunks, block_offsets, lo, hi, table64, out, b, r, k,
         xt.stride(0), out.stride(0),
         W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, ROW_BLOCK=ROW_BLOCK, BLOCK_B=triton.next_power_of_2(b),
-        BLOCK_R=br, num_warps=warps)
+        BLOCK_R=br, HW_POPC=_hw_popcount(x), PACKED=_packed_words(words), num_warps=warps)
     return out
 
 
@@ -387,5 +399,6 @@ def code_slot_linear_triton(x, ids, words, starts, row_chunks, block_offsets, lo
         x.stride(0), words.stride(0), starts.stride(0), row_chunks.stride(0), block_offsets.stride(0),
         lo.stride(0), hi.stride(0), out.stride(0),
         TOP_K=top_k, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, ROW_BLOCK=ROW_BLOCK, BLOCK_R=br, SWIGLU=swiglu,
-        WEIGHTED=weights is not None, num_warps=warps)
+        WEIGHTED=weights is not None, HW_POPC=_hw_popcount(x), PACKED=_packed_words(words, words.stride(0)),
+        num_warps=warps)
     return out

@@ -55,6 +55,7 @@ of token s // TOP_K plays xt [K, 1]).
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -92,47 +93,138 @@ def _step_codes(words_ptr, first, count, s0, W: tl.constexpr, WP: tl.constexpr, 
 
 
 @triton.jit
-def _rows_dot_one(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, K, stride_xk,
-                  W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Batch 1: returns (sum of x under all nonzeros, under HI nonzeros) of each row, float32 [BR].
+def _step_entries(table_ptr, code, count, s0, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr):
+    """Returns the table entries [BR, C, WP] int64 of the codewords of chunks s0.. (0 past a row's chunks)."""
+    chunk = s0 + tl.arange(0, CHUNKS_PER_STEP)
+    w_mask = (chunk[None, :] < count[:, None])[:, :, None] & (tl.arange(0, WP) < W)[None, None, :]
+    return tl.load(table_ptr + code, mask=w_mask, other=0)
 
-    Unlike the batch path, each word keeps its own partial sums (reduced once, at the end, not
-    twice per round), a step's round count is the most nonzeros of one of its words (counted once
-    per step from the table's masks, not by a reduction per round), and the next step's codewords
-    are loaded before this step's rounds so that their latency hides behind them."""
+
+@triton.jit
+def _rows_dot_one(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
+                  W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, BLOCK_R: tl.constexpr,
+                  HW_POPC: tl.constexpr):
+    """Batch 1: returns x . W[rows]^T as float32 [BR].
+
+    Unlike the batch path: each word keeps its own partial sum, x times its symbol's level (reduced
+    once, at the end, not twice per round); a step's round count is the most nonzeros of one of its
+    words (a popcount per word and one reduction per step, not one per round); and loads run ahead:
+    a step's table entries are gathered one step early, its codewords two steps early, so that
+    their latency hides behind the rounds of the steps before."""
     cs = tl.arange(0, CHUNKS_PER_STEP)  # [C]
-    js = tl.arange(0, WP)  # [WP]
     NW: tl.constexpr = CHUNKS_PER_STEP * WP
     most = tl.max(count, axis=0)
-    acc_all = tl.zeros((BLOCK_R, NW), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_R, NW), dtype=tl.float32)
-    code = _step_codes(words_ptr, first, count, 0, W, WP, CHUNKS_PER_STEP)
+    lo_r = lo[:, None]
+    hi_r = hi[:, None]
+    acc = tl.zeros((BLOCK_R, NW), dtype=tl.float32)
+    entry = _step_entries(table_ptr, _step_codes(words_ptr, first, count, 0, W, WP, CHUNKS_PER_STEP), count, 0,
+                          W, WP, CHUNKS_PER_STEP)
+    code = _step_codes(words_ptr, first, count, CHUNKS_PER_STEP, W, WP, CHUNKS_PER_STEP)
     s0 = 0
     while s0 < most:
         chunk = s0 + cs
         chunk_ok = chunk[None, :] < count[:, None]  # [BR, C]
-        at_chunk = first[:, None] + chunk[None, :]
-        w_mask = chunk_ok[:, :, None] & (js < W)[None, None, :]
-        entry = tl.load(table_ptr + code, mask=w_mask, other=0)  # [BR, C, WP] int64
-        start = tl.load(starts_ptr + at_chunk, mask=chunk_ok, other=0)
-        code = _step_codes(words_ptr, first, count, s0 + CHUNKS_PER_STEP, W, WP, CHUNKS_PER_STEP)  # next step's
-        hi_len = (entry >> 32).to(tl.int32)  # HI bits | length << 27
+        start = tl.load(starts_ptr + first[:, None] + chunk[None, :], mask=chunk_ok, other=0)
+        cur = entry
+        entry = _step_entries(table_ptr, code, count, s0 + CHUNKS_PER_STEP, W, WP, CHUNKS_PER_STEP)
+        code = _step_codes(words_ptr, first, count, s0 + 2 * CHUNKS_PER_STEP, W, WP, CHUNKS_PER_STEP)
+        hi_len = (cur >> 32).to(tl.int32)  # HI bits | length << 27
         length = (hi_len >> 27) & 31
         at = tl.reshape(start.to(tl.int32)[:, :, None] + tl.cumsum(length, axis=2) - length, (BLOCK_R, NW))
-        nz = tl.reshape(entry.to(tl.int32), (BLOCK_R, NW))  # nonzero symbol bits (bits 0..26)
+        nz = tl.reshape(cur.to(tl.int32), (BLOCK_R, NW))  # nonzero symbol bits (bits 0..26)
         hi_bits = tl.reshape(hi_len, (BLOCK_R, NW))
-        rounds = tl.max(_popcount(nz))
+        if HW_POPC:
+            rounds = tl.max(libdevice.popc(nz))
+        else:
+            rounds = tl.max(_popcount(nz))
         while rounds > 0:
             low = nz & -nz  # lowest nonzero symbol of each word, as a bit
             pos = (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # its index
             col = at + pos
             xv = tl.load(xt_ptr + col * stride_xk, mask=(low != 0) & (col < K), other=0.0).to(tl.float32)
-            acc_all += xv
-            acc_hi += tl.where((hi_bits & low) != 0, xv, 0.0)
+            acc += xv * tl.where((hi_bits & low) != 0, hi_r, lo_r)
             nz = nz ^ low
             rounds -= 1
         s0 += CHUNKS_PER_STEP
-    return tl.sum(acc_all, axis=1), tl.sum(acc_hi, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
+                     W: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, BLOCK_R: tl.constexpr, HW_POPC: tl.constexpr):
+    """Batch 1, 8-bit codewords read four to an int32 (words 4-byte aligned, W a multiple of 4):
+    returns x . W[rows]^T as float32 [BR].
+
+    Each [BR, C, G] lane holds four consecutive codewords of one chunk as separate tensors (no
+    layout conversion between the codeword load and the table gathers), so a word's column is its
+    lane's base (one scan of four-word lengths per lane) plus the lengths of the words before it
+    in the lane."""
+    G: tl.constexpr = W // 4  # int32 per chunk
+    cs = tl.arange(0, CHUNKS_PER_STEP)  # [C]
+    gs = tl.arange(0, G)  # [G]
+    packed_ptr = words_ptr.to(tl.pointer_type(tl.int32))
+    most = tl.max(count, axis=0)
+    lo_r = lo[:, None, None]
+    hi_r = hi[:, None, None]
+    acc = tl.zeros((BLOCK_R, CHUNKS_PER_STEP, G), dtype=tl.float32)
+    s0 = 0
+    while s0 < most:
+        chunk = s0 + cs
+        chunk_ok = chunk[None, :] < count[:, None]  # [BR, C]
+        at_chunk = first[:, None] + chunk[None, :]
+        ok = chunk_ok[:, :, None] & (gs < G)[None, None, :]  # [BR, C, G]
+        four = tl.load(packed_ptr + at_chunk[:, :, None] * G + gs[None, None, :], mask=ok, other=0)
+        start = tl.load(starts_ptr + at_chunk, mask=chunk_ok, other=0).to(tl.int32)
+        e0 = tl.load(table_ptr + (four & 0xFF), mask=ok, other=0)
+        e1 = tl.load(table_ptr + ((four >> 8) & 0xFF), mask=ok, other=0)
+        e2 = tl.load(table_ptr + ((four >> 16) & 0xFF), mask=ok, other=0)
+        e3 = tl.load(table_ptr + ((four >> 24) & 0xFF), mask=ok, other=0)
+        h0 = (e0 >> 32).to(tl.int32)  # HI bits | length << 27
+        h1 = (e1 >> 32).to(tl.int32)
+        h2 = (e2 >> 32).to(tl.int32)
+        h3 = (e3 >> 32).to(tl.int32)
+        l0 = (h0 >> 27) & 31
+        l1 = (h1 >> 27) & 31
+        l2 = (h2 >> 27) & 31
+        span = l0 + l1 + l2 + ((h3 >> 27) & 31)
+        a0 = start[:, :, None] + tl.cumsum(span, axis=2) - span  # column of each lane's first word
+        a1 = a0 + l0
+        a2 = a1 + l1
+        a3 = a2 + l2
+        n0 = e0.to(tl.int32)  # nonzero symbol bits (bits 0..26)
+        n1 = e1.to(tl.int32)
+        n2 = e2.to(tl.int32)
+        n3 = e3.to(tl.int32)
+        if HW_POPC:
+            most_nz = tl.maximum(tl.maximum(libdevice.popc(n0), libdevice.popc(n1)),
+                                 tl.maximum(libdevice.popc(n2), libdevice.popc(n3)))
+        else:
+            most_nz = tl.maximum(tl.maximum(_popcount(n0), _popcount(n1)), tl.maximum(_popcount(n2), _popcount(n3)))
+        rounds = tl.max(most_nz)
+        while rounds > 0:
+            b0 = n0 & -n0  # lowest nonzero symbol of each word, as a bit
+            b1 = n1 & -n1
+            b2 = n2 & -n2
+            b3 = n3 & -n3
+            c0 = a0 + (b0.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # its column
+            c1 = a1 + (b1.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c2 = a2 + (b2.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c3 = a3 + (b3.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            x0 = tl.load(xt_ptr + c0 * stride_xk, mask=(b0 != 0) & (c0 < K), other=0.0).to(tl.float32)
+            x1 = tl.load(xt_ptr + c1 * stride_xk, mask=(b1 != 0) & (c1 < K), other=0.0).to(tl.float32)
+            x2 = tl.load(xt_ptr + c2 * stride_xk, mask=(b2 != 0) & (c2 < K), other=0.0).to(tl.float32)
+            x3 = tl.load(xt_ptr + c3 * stride_xk, mask=(b3 != 0) & (c3 < K), other=0.0).to(tl.float32)
+            acc += x0 * tl.where((h0 & b0) != 0, hi_r, lo_r)
+            acc += x1 * tl.where((h1 & b1) != 0, hi_r, lo_r)
+            acc += x2 * tl.where((h2 & b2) != 0, hi_r, lo_r)
+            acc += x3 * tl.where((h3 & b3) != 0, hi_r, lo_r)
+            n0 = n0 ^ b0
+            n1 = n1 ^ b1
+            n2 = n2 ^ b2
+            n3 = n3 ^ b3
+            rounds -= 1
+        s0 += CHUNKS_PER_STEP
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
@@ -141,18 +233,19 @@ def code_rows_dot(
     B, R, K,
     stride_xk,
     W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, ROW_BLOCK: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, HW_POPC: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Returns x . W[rows]^T as float32 [BLOCK_R, BLOCK_B] for rows [BLOCK_R] (rows >= R count 0)."""
     row_ok = rows < R
     first, count = _row_spans(chunks_ptr, offsets_ptr, rows, R, ROW_BLOCK, BLOCK_R)
     lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     hi = tl.load(hi_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if BLOCK_B == 1:
-        sum_all, sum_hi = _rows_dot_one(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, K, stride_xk,
-                                        W, WP, CHUNKS_PER_STEP, BLOCK_R)
-        out = hi * sum_hi + lo * (sum_all - sum_hi)
-        return out[:, None]
+    if BLOCK_B == 1 and PACKED:
+        return _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
+                                W, CHUNKS_PER_STEP, BLOCK_R, HW_POPC)[:, None]
+    elif BLOCK_B == 1:
+        return _rows_dot_one(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
+                             W, WP, CHUNKS_PER_STEP, BLOCK_R, HW_POPC)[:, None]
     else:
         cs = tl.arange(0, CHUNKS_PER_STEP)  # [C]
         js = tl.arange(0, WP)  # [WP]
@@ -200,12 +293,12 @@ def code_matmul_kernel(
     B, R, K,
     stride_xk, stride_ob,
     W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, ROW_BLOCK: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, HW_POPC: tl.constexpr, PACKED: tl.constexpr,
 ):
     """out[:, rows] = x . W[rows]^T for one block of BLOCK_R rows."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     out = code_rows_dot(xt_ptr, words_ptr, starts_ptr, chunks_ptr, offsets_ptr, lo_ptr, hi_ptr, table_ptr, rows,
-                        B, R, K, stride_xk, W, WP, CHUNKS_PER_STEP, ROW_BLOCK, BLOCK_B, BLOCK_R)
+                        B, R, K, stride_xk, W, WP, CHUNKS_PER_STEP, ROW_BLOCK, BLOCK_B, BLOCK_R, HW_POPC, PACKED)
     bs = tl.arange(0, BLOCK_B)
     tl.store(out_ptr + bs[None, :] * stride_ob + rows[:, None], out.to(out_ptr.dtype.element_ty),
              mask=(rows < R)[:, None] & (bs < B)[None, :])
@@ -218,6 +311,7 @@ def code_slot_kernel(
     stride_xn, stride_we, stride_se, stride_ce, stride_oe, stride_le, stride_he, stride_os,
     TOP_K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
     ROW_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr,
+    HW_POPC: tl.constexpr, PACKED: tl.constexpr,
 ):
     """out[s, rows] for one slot s and one block of BLOCK_R output rows (see the module docstring)."""
     s = tl.program_id(0)
@@ -228,10 +322,10 @@ def code_slot_kernel(
     chunks_e, offsets_e = chunks_ptr + e * stride_ce, offsets_ptr + e * stride_oe
     lo_e, hi_e = lo_ptr + e * stride_le, hi_ptr + e * stride_he
     acc = code_rows_dot(x_row, words_e, starts_e, chunks_e, offsets_e, lo_e, hi_e, table_ptr, rows, 1, R_OUT, K, 1,
-                        W, WP, CHUNKS_PER_STEP, ROW_BLOCK, 1, BLOCK_R)  # [BR, 1]
+                        W, WP, CHUNKS_PER_STEP, ROW_BLOCK, 1, BLOCK_R, HW_POPC, PACKED)  # [BR, 1]
     if SWIGLU:  # acc holds the gate rows; the up rows are R_OUT further
         up = code_rows_dot(x_row, words_e, starts_e, chunks_e, offsets_e, lo_e, hi_e, table_ptr, rows + R_OUT, 1,
-                           2 * R_OUT, K, 1, W, WP, CHUNKS_PER_STEP, ROW_BLOCK, 1, BLOCK_R)
+                           2 * R_OUT, K, 1, W, WP, CHUNKS_PER_STEP, ROW_BLOCK, 1, BLOCK_R, HW_POPC, PACKED)
         acc = acc * tl.sigmoid(acc) * up
     if WEIGHTED:
         acc = acc * tl.load(weights_ptr + s).to(tl.float32)
