@@ -32,8 +32,10 @@ from moekit.quant.grids import TernaryGrid
 ROWS, COLS = 14336, 4096
 SHAPES = {"mixtral gate/up": (14336, 4096), "mixtral down": (4096, 14336),
           "qwen3 gate/up": (768, 2048), "qwen3 down": (2048, 768)}
-SWEEP = [(4, 32, 1), (2, 32, 1), (8, 32, 1), (1, 32, 1), (2, 64, 1), (4, 64, 1), (1, 64, 1), (1, 128, 1),
-         (8, 32, 2), (16, 32, 2), (4, 64, 2), (8, 64, 2), (16, 32, 4), (8, 64, 4), (16, 64, 4), (8, 128, 4)]
+SWEEP = [  # (BLOCK_R, codewords per row per step, warps): 8-bit words are read 4 to a lane, so one-warp
+    # tiles of 128 words give every thread one lane
+    (4, 32, 1), (2, 64, 1), (1, 128, 1), (2, 32, 1), (1, 64, 1), (8, 32, 1), (4, 64, 1), (2, 128, 1),
+    (1, 256, 1), (8, 32, 2), (4, 64, 2), (2, 128, 2), (16, 32, 4), (8, 64, 4), (4, 128, 4), (8, 128, 4)]
 
 
 def build(device, rows=ROWS, cols=COLS, bits=16):

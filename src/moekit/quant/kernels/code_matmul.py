@@ -150,6 +150,20 @@ def _rows_dot_one(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi
 
 
 @triton.jit
+def _packed_step(packed_ptr, starts_ptr, first, count, s0, G: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr):
+    """Returns (codewords four to an int32 [BR, C, G], chunk starts [BR, C] int32) of chunks s0.. of
+    each row (0 past a row's chunks)."""
+    chunk = s0 + tl.arange(0, CHUNKS_PER_STEP)
+    gs = tl.arange(0, G)
+    chunk_ok = chunk[None, :] < count[:, None]  # [BR, C]
+    at_chunk = first[:, None] + chunk[None, :]
+    ok = chunk_ok[:, :, None] & (gs < G)[None, None, :]
+    four = tl.load(packed_ptr + at_chunk[:, :, None] * G + gs[None, None, :], mask=ok, other=0)
+    start = tl.load(starts_ptr + at_chunk, mask=chunk_ok, other=0).to(tl.int32)
+    return four, start
+
+
+@triton.jit
 def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
                      W: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, BLOCK_R: tl.constexpr, HW_POPC: tl.constexpr):
     """Batch 1, 8-bit codewords read four to an int32 (words 4-byte aligned, W a multiple of 4):
@@ -158,7 +172,7 @@ def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo,
     Each [BR, C, G] lane holds four consecutive codewords of one chunk as separate tensors (no
     layout conversion between the codeword load and the table gathers), so a word's column is its
     lane's base (one scan of four-word lengths per lane) plus the lengths of the words before it
-    in the lane."""
+    in the lane. A step's codewords and chunk starts are loaded one step early."""
     G: tl.constexpr = W // 4  # int32 per chunk
     cs = tl.arange(0, CHUNKS_PER_STEP)  # [C]
     gs = tl.arange(0, G)  # [G]
@@ -167,14 +181,16 @@ def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo,
     lo_r = lo[:, None, None]
     hi_r = hi[:, None, None]
     acc = tl.zeros((BLOCK_R, CHUNKS_PER_STEP, G), dtype=tl.float32)
+    four_next, start_next = _packed_step(packed_ptr, starts_ptr, first, count, 0, G, CHUNKS_PER_STEP)
     s0 = 0
     while s0 < most:
         chunk = s0 + cs
-        chunk_ok = chunk[None, :] < count[:, None]  # [BR, C]
-        at_chunk = first[:, None] + chunk[None, :]
-        ok = chunk_ok[:, :, None] & (gs < G)[None, None, :]  # [BR, C, G]
-        four = tl.load(packed_ptr + at_chunk[:, :, None] * G + gs[None, None, :], mask=ok, other=0)
-        start = tl.load(starts_ptr + at_chunk, mask=chunk_ok, other=0).to(tl.int32)
+        ok = (chunk[None, :] < count[:, None])[:, :, None] & (gs < G)[None, None, :]  # [BR, C, G]
+        four = four_next
+        start = start_next
+        # the next step's codewords and starts: in flight while this step decodes
+        four_next, start_next = _packed_step(packed_ptr, starts_ptr, first, count, s0 + CHUNKS_PER_STEP, G,
+                                             CHUNKS_PER_STEP)
         e0 = tl.load(table_ptr + (four & 0xFF), mask=ok, other=0)
         e1 = tl.load(table_ptr + ((four >> 8) & 0xFF), mask=ok, other=0)
         e2 = tl.load(table_ptr + ((four >> 16) & 0xFF), mask=ok, other=0)
