@@ -100,23 +100,25 @@ INT_TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, bool]] = {
     (4, 2048, 768, 64): (16, 256, 4, True),
 }
 CODE_DEFAULT = {  # bucket: (BLOCK_R rows, codewords per row per step, num_warps)
-    1: (4, 32, 1),  # small one-warp tiles: few registers, many programs (won 6 of 8 tuned batch-1 shapes)
+    1: (4, 32, 1),  # one-warp tiles of 128 words: one lane of four 8-bit codewords per thread
     8: (4, 128, 4),
     64: (4, 32, 4),
 }
+# benchmarks/tune_quant_kernels.py, H200, commit bbc352f (tune_quant_kernels.json; 8-bit dictionaries,
+# which compress picks for these RTN matrices: 0.635 / 0.515 bits per parameter)
 CODE_TUNED: dict[tuple[int, int, int], tuple[int, int, int]] = {
-    (14336, 4096, 1): (4, 32, 1),  # H200 e33b929: 24.0 us (was 38.1 at (16, 128, 4): 159 registers, 18.75% occupancy)
+    (14336, 4096, 1): (2, 64, 1),  # 18.8 us, bf16 41.1 us (was 24.0 at e33b929)
     (14336, 4096, 8): (8, 64, 4),
-    (14336, 4096, 64): (1, 128, 4),
-    (4096, 14336, 1): (2, 32, 1),  # 25.2 us (was 36.2)
+    (14336, 4096, 64): (8, 16, 4),
+    (4096, 14336, 1): (1, 128, 1),  # 17.2 us, bf16 42.1 us (was 25.2)
     (4096, 14336, 8): (2, 128, 4),
-    (4096, 14336, 64): (8, 16, 4),
-    (768, 2048, 1): (8, 256, 4),  # 8.0 us
+    (4096, 14336, 64): (1, 128, 4),
+    (768, 2048, 1): (1, 256, 1),  # 6.7 us, bf16 10.3 us
     (768, 2048, 8): (2, 128, 4),
     (768, 2048, 64): (1, 128, 4),
-    (2048, 768, 1): (2, 128, 1),  # 7.4 us
+    (2048, 768, 1): (4, 128, 4),  # 6.4 us, bf16 7.3 us
     (2048, 768, 8): (4, 128, 4),
-    (2048, 768, 64): (8, 16, 4),
+    (2048, 768, 64): (1, 128, 4),
 }
 
 
@@ -148,11 +150,11 @@ INT_SLOT_TUNED: dict[tuple[int, int, int], tuple[int, int, int, bool]] = {
     (4, 14336, 4096): (4, 1024, 4, False),  # mixtral, 2 slots: 156.5 us
     (4, 4096, 14336): (4, 1024, 4, False),  # 92.3 us
 }
-CODE_SLOT_TUNED: dict[tuple[int, int], tuple[int, int, int]] = {
-    (768, 2048): (4, 32, 1),  # H200 e33b929, 8 slots: 18.7 us (was 22.1)
-    (2048, 768): (4, 32, 1),  # 14.1 us (was 18.0)
-    (14336, 4096): (4, 32, 1),  # 2 slots: 71.6 us (was 121.0)
-    (4096, 14336): (2, 64, 1),  # 37.3 us (was 56.5)
+CODE_SLOT_TUNED: dict[tuple[int, int], tuple[int, int, int]] = {  # H200, bbc352f (tune_quant_slots.json)
+    (768, 2048): (2, 64, 1),  # 8 slots: 14.5 us (was 18.7)
+    (2048, 768): (4, 32, 1),  # 9.9 us (was 14.1)
+    (14336, 4096): (4, 32, 1),  # 2 slots: 57.6 us (was 71.6)
+    (4096, 14336): (1, 128, 1),  # 28.0 us (was 37.3)
 }
 
 
