@@ -131,20 +131,14 @@ def phase_kernels(device: torch.device, small: bool) -> dict:
         ref = ops.code_linear_reference(x.float(), *code_parts)
         got = (ops.code_linear_triton(x, *code_parts) if use_kernels else ref).float()
         entry["code_kernel_max_rel_err"] = float((got - ref).abs().max() / ref.abs().max())
-        if use_kernels:  # rows per program of the code kernel at batch 1
-            sweep = {}
-            x1 = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
-            for br in (8, 16, 32, 64):
-                sweep[br] = timer(lambda: ops.code_linear_triton(x1, *code_parts, block_r=br))
-            entry["code_block_rows_sweep_batch1_s"] = sweep
-            best_br = min(sweep, key=sweep.get)
+        if use_kernels:  # the tiles the kernels use (ops.CODE_TUNED, from tune_quant_kernels.py)
+            entry["code_tiles"] = {b: list(ops.code_config(rows, cols, b)) for b in batches}
         for b in batches:
             x = torch.randn(b, cols, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
             wx = w_bf16 if device.type == "cuda" else w_bf16.float()
             row = {"bf16_s": timer(lambda: F.linear(x, wx))}
             if use_kernels:
-                br = best_br if b == 1 else None
-                row["code_s"] = timer(lambda: ops.code_linear_triton(x, *code_parts, block_r=br))
+                row["code_s"] = timer(lambda: ops.code_linear_triton(x, *code_parts))
                 row["int4_s"] = timer(lambda: ops.int_linear_triton(x, *ints[4], 4))
                 row["int2_s"] = timer(lambda: ops.int_linear_triton(x, *ints[2], 2))
             else:
