@@ -100,17 +100,63 @@ def sweep(device, out: str | None) -> dict:
     return res
 
 
+BATCH_SWEEP = [(4, 32, 1), (2, 64, 1), (1, 128, 1), (8, 32, 2), (4, 64, 2), (2, 128, 2), (8, 64, 4), (16, 32, 4),
+               (4, 128, 4), (8, 128, 4)]
+
+
+def batch_sweep(device, out: str | None, batches=(2, 4, 8, 16, 64)) -> dict:
+    """Times the code kernel at batch > 1 on mixtral's shapes (8-bit dictionaries) over BATCH_SWEEP,
+    packed (four codewords to an int32) and byte-wise (the same codewords at an odd address), next
+    to bf16."""
+    import triton
+
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    for name in ("mixtral gate/up", "mixtral down"):
+        rows, cols = SHAPES[name]
+        w, parts, d, probs = build(device, rows, cols, 8)
+        words = parts[0]
+        shifted = torch.zeros(words.numel() + 1, dtype=torch.uint8, device=device)
+        shifted[1:] = words.reshape(-1)
+        bytewise = (shifted[1:].view(words.shape), *parts[1:])
+        for b in batches:
+            x = torch.randn(b, cols, device=device, dtype=torch.bfloat16)
+            ref = ops.code_linear_reference(x.float(), *parts)
+            entry = {"bf16_us": bench(lambda: F.linear(x, w)), "tuned": list(ops.code_config(rows, cols, b)),
+                     "packed": {}, "bytewise": {}}
+            for cfg in [tuple(entry["tuned"])] + [c for c in BATCH_SWEEP if c != tuple(entry["tuned"])]:
+                for kind, ps in (("packed", parts), ("bytewise", bytewise)):
+                    got = ops.code_linear_triton(x, *ps, config=cfg).float()
+                    err = ((got - ref).norm() / ref.norm()).item()
+                    us = bench(lambda: ops.code_linear_triton(x, *ps, config=cfg)) if err < 2e-2 else None
+                    entry[kind][str(cfg)] = {"us": us, "rel_err": err}
+            best = {k: min((v["us"], c) for c, v in entry[k].items() if v["us"] is not None) for k in ("packed", "bytewise")}
+            entry["best"] = {k: {"us": v[0], "config": v[1]} for k, v in best.items()}
+            res["shapes"][f"{name} batch {b}"] = entry
+            print(f"{name:16s} B={b:2d} bf16 {entry['bf16_us']:6.1f} us  packed {best['packed'][0]:6.1f} {best['packed'][1]}"
+                  f"  bytewise {best['bytewise'][0]:6.1f} {best['bytewise'][1]}", flush=True)
+        del w, parts, bytewise
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "profile_code_batches.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", action="store_true", help="run the kernel once (under ncu)")
     ap.add_argument("--sweep", action="store_true", help="every shape, 8- and 16-bit dictionaries, a tile grid")
+    ap.add_argument("--batches", action="store_true", help="batch 2-64 on mixtral's shapes, packed vs byte-wise")
     ap.add_argument("--bits", type=int, default=8, choices=(8, 16),
                     help="dictionary width (8: what compress picks for RTN ternary at this shape; 0.635 vs 0.799 bits)")
     args = ap.parse_args()
     device = torch.device("cuda")
     if args.sweep:
         sweep(device, args.out)
+        return
+    if args.batches:
+        batch_sweep(device, args.out)
         return
     w, parts, d, probs = build(device, bits=args.bits)
     x = torch.randn(1, COLS, device=device, dtype=torch.bfloat16)

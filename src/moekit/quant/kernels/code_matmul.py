@@ -244,6 +244,88 @@ def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo,
 
 
 @triton.jit
+def _rows_dot_packed_batch(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, B, K, stride_xk,
+                           W: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_B: tl.constexpr, HW_POPC: tl.constexpr):
+    """_rows_dot_packed for BLOCK_B > 1 tokens: each nonzero reads its column of xt for all tokens
+    ([BB] contiguous values) and every lane keeps [BB] partial sums. Returns [BR, BB] float32."""
+    G: tl.constexpr = W // 4
+    cs = tl.arange(0, CHUNKS_PER_STEP)
+    gs = tl.arange(0, G)
+    bs = tl.arange(0, BLOCK_B)
+    b_ok = (bs < B)[None, None, None, :]
+    bcol = bs[None, None, None, :]
+    packed_ptr = words_ptr.to(tl.pointer_type(tl.int32))
+    most = tl.max(count, axis=0)
+    lo_r = lo[:, None, None, None]
+    hi_r = hi[:, None, None, None]
+    acc = tl.zeros((BLOCK_R, CHUNKS_PER_STEP, G, BLOCK_B), dtype=tl.float32)
+    four_next, start_next = _packed_step(packed_ptr, starts_ptr, first, count, 0, G, CHUNKS_PER_STEP)
+    s0 = 0
+    while s0 < most:
+        chunk = s0 + cs
+        ok = (chunk[None, :] < count[:, None])[:, :, None] & (gs < G)[None, None, :]  # [BR, C, G]
+        four = four_next
+        start = start_next
+        four_next, start_next = _packed_step(packed_ptr, starts_ptr, first, count, s0 + CHUNKS_PER_STEP, G,
+                                             CHUNKS_PER_STEP)
+        e0 = tl.load(table_ptr + (four & 0xFF), mask=ok, other=0)
+        e1 = tl.load(table_ptr + ((four >> 8) & 0xFF), mask=ok, other=0)
+        e2 = tl.load(table_ptr + ((four >> 16) & 0xFF), mask=ok, other=0)
+        e3 = tl.load(table_ptr + ((four >> 24) & 0xFF), mask=ok, other=0)
+        h0 = (e0 >> 32).to(tl.int32)
+        h1 = (e1 >> 32).to(tl.int32)
+        h2 = (e2 >> 32).to(tl.int32)
+        h3 = (e3 >> 32).to(tl.int32)
+        l0 = (h0 >> 27) & 31
+        l1 = (h1 >> 27) & 31
+        l2 = (h2 >> 27) & 31
+        span = l0 + l1 + l2 + ((h3 >> 27) & 31)
+        a0 = start[:, :, None] + tl.cumsum(span, axis=2) - span
+        a1 = a0 + l0
+        a2 = a1 + l1
+        a3 = a2 + l2
+        n0 = e0.to(tl.int32)
+        n1 = e1.to(tl.int32)
+        n2 = e2.to(tl.int32)
+        n3 = e3.to(tl.int32)
+        if HW_POPC:
+            most_nz = tl.maximum(tl.maximum(libdevice.popc(n0), libdevice.popc(n1)),
+                                 tl.maximum(libdevice.popc(n2), libdevice.popc(n3)))
+        else:
+            most_nz = tl.maximum(tl.maximum(_popcount(n0), _popcount(n1)), tl.maximum(_popcount(n2), _popcount(n3)))
+        rounds = tl.max(most_nz)
+        while rounds > 0:
+            b0 = n0 & -n0
+            b1 = n1 & -n1
+            b2 = n2 & -n2
+            b3 = n3 & -n3
+            c0 = a0 + (b0.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c1 = a1 + (b1.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c2 = a2 + (b2.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c3 = a3 + (b3.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            x0 = tl.load(xt_ptr + c0[:, :, :, None] * stride_xk + bcol,
+                         mask=((b0 != 0) & (c0 < K))[:, :, :, None] & b_ok, other=0.0).to(tl.float32)
+            x1 = tl.load(xt_ptr + c1[:, :, :, None] * stride_xk + bcol,
+                         mask=((b1 != 0) & (c1 < K))[:, :, :, None] & b_ok, other=0.0).to(tl.float32)
+            x2 = tl.load(xt_ptr + c2[:, :, :, None] * stride_xk + bcol,
+                         mask=((b2 != 0) & (c2 < K))[:, :, :, None] & b_ok, other=0.0).to(tl.float32)
+            x3 = tl.load(xt_ptr + c3[:, :, :, None] * stride_xk + bcol,
+                         mask=((b3 != 0) & (c3 < K))[:, :, :, None] & b_ok, other=0.0).to(tl.float32)
+            acc += x0 * tl.where(((h0 & b0) != 0)[:, :, :, None], hi_r, lo_r)
+            acc += x1 * tl.where(((h1 & b1) != 0)[:, :, :, None], hi_r, lo_r)
+            acc += x2 * tl.where(((h2 & b2) != 0)[:, :, :, None], hi_r, lo_r)
+            acc += x3 * tl.where(((h3 & b3) != 0)[:, :, :, None], hi_r, lo_r)
+            n0 = n0 ^ b0
+            n1 = n1 ^ b1
+            n2 = n2 ^ b2
+            n3 = n3 ^ b3
+            rounds -= 1
+        s0 += CHUNKS_PER_STEP
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
 def code_rows_dot(
     xt_ptr, words_ptr, starts_ptr, chunks_ptr, offsets_ptr, lo_ptr, hi_ptr, table_ptr, rows,
     B, R, K,
@@ -259,6 +341,9 @@ def code_rows_dot(
     if BLOCK_B == 1 and PACKED:
         return _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
                                 W, CHUNKS_PER_STEP, BLOCK_R, HW_POPC)[:, None]
+    elif PACKED:
+        return _rows_dot_packed_batch(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, B, K,
+                                      stride_xk, W, CHUNKS_PER_STEP, BLOCK_R, BLOCK_B, HW_POPC)
     elif BLOCK_B == 1:
         return _rows_dot_one(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
                              W, WP, CHUNKS_PER_STEP, BLOCK_R, HW_POPC)[:, None]
