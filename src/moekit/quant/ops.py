@@ -101,8 +101,8 @@ INT_TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, bool]] = {
 }
 CODE_DEFAULT = {  # bucket: (BLOCK_R rows, codewords per row per step, num_warps)
     1: (4, 32, 1),  # one-warp tiles of 128 words: one lane of four 8-bit codewords per thread
-    8: (4, 128, 4),
-    64: (4, 32, 4),
+    8: (2, 64, 1),  # one-warp tiles won at batch 2-64 too (profile_code_kernel.py --batches)
+    64: (2, 64, 1),
 }
 # benchmarks/tune_quant_kernels.py, H200, commit bbc352f (tune_quant_kernels.json; 8-bit dictionaries,
 # which compress picks for these RTN matrices: 0.635 / 0.515 bits per parameter)
