@@ -180,6 +180,40 @@ def _packed_step(packed_ptr, starts_ptr, first, count, s0, G: tl.constexpr, CHUN
 
 
 @triton.jit
+def _packed_decode(table_ptr, four, start, ok, HW_POPC: tl.constexpr):
+    """Decodes one step of four-codeword lanes four [BR, C, G] (chunks starting at columns start
+    [BR, C], lanes outside ok hold nothing). Returns, per word i of a lane, its first column a_i,
+    nonzero symbol bits n_i (bits 0..26) and HI bits | length << 27 h_i ([BR, C, G] int32 each),
+    then the step's round count: the most nonzeros of one word."""
+    e0 = tl.load(table_ptr + (four & 0xFF), mask=ok, other=0)
+    e1 = tl.load(table_ptr + ((four >> 8) & 0xFF), mask=ok, other=0)
+    e2 = tl.load(table_ptr + ((four >> 16) & 0xFF), mask=ok, other=0)
+    e3 = tl.load(table_ptr + ((four >> 24) & 0xFF), mask=ok, other=0)
+    h0 = (e0 >> 32).to(tl.int32)
+    h1 = (e1 >> 32).to(tl.int32)
+    h2 = (e2 >> 32).to(tl.int32)
+    h3 = (e3 >> 32).to(tl.int32)
+    l0 = (h0 >> 27) & 31
+    l1 = (h1 >> 27) & 31
+    l2 = (h2 >> 27) & 31
+    span = l0 + l1 + l2 + ((h3 >> 27) & 31)
+    a0 = start[:, :, None] + tl.cumsum(span, axis=2) - span  # column of each lane's first word
+    a1 = a0 + l0
+    a2 = a1 + l1
+    a3 = a2 + l2
+    n0 = e0.to(tl.int32)
+    n1 = e1.to(tl.int32)
+    n2 = e2.to(tl.int32)
+    n3 = e3.to(tl.int32)
+    if HW_POPC:
+        most_nz = tl.maximum(tl.maximum(libdevice.popc(n0), libdevice.popc(n1)),
+                             tl.maximum(libdevice.popc(n2), libdevice.popc(n3)))
+    else:
+        most_nz = tl.maximum(tl.maximum(_popcount(n0), _popcount(n1)), tl.maximum(_popcount(n2), _popcount(n3)))
+    return a0, a1, a2, a3, n0, n1, n2, n3, h0, h1, h2, h3, tl.max(most_nz)
+
+
+@triton.jit
 def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
                      W: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, BLOCK_R: tl.constexpr, HW_POPC: tl.constexpr):
     """Batch 1, 8-bit codewords read four to an int32 (words 4-byte aligned, W a multiple of 4):
@@ -207,32 +241,7 @@ def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo,
         # the next step's codewords and starts: in flight while this step decodes
         four_next, start_next = _packed_step(packed_ptr, starts_ptr, first, count, s0 + CHUNKS_PER_STEP, G,
                                              CHUNKS_PER_STEP)
-        e0 = tl.load(table_ptr + (four & 0xFF), mask=ok, other=0)
-        e1 = tl.load(table_ptr + ((four >> 8) & 0xFF), mask=ok, other=0)
-        e2 = tl.load(table_ptr + ((four >> 16) & 0xFF), mask=ok, other=0)
-        e3 = tl.load(table_ptr + ((four >> 24) & 0xFF), mask=ok, other=0)
-        h0 = (e0 >> 32).to(tl.int32)  # HI bits | length << 27
-        h1 = (e1 >> 32).to(tl.int32)
-        h2 = (e2 >> 32).to(tl.int32)
-        h3 = (e3 >> 32).to(tl.int32)
-        l0 = (h0 >> 27) & 31
-        l1 = (h1 >> 27) & 31
-        l2 = (h2 >> 27) & 31
-        span = l0 + l1 + l2 + ((h3 >> 27) & 31)
-        a0 = start[:, :, None] + tl.cumsum(span, axis=2) - span  # column of each lane's first word
-        a1 = a0 + l0
-        a2 = a1 + l1
-        a3 = a2 + l2
-        n0 = e0.to(tl.int32)  # nonzero symbol bits (bits 0..26)
-        n1 = e1.to(tl.int32)
-        n2 = e2.to(tl.int32)
-        n3 = e3.to(tl.int32)
-        if HW_POPC:
-            most_nz = tl.maximum(tl.maximum(libdevice.popc(n0), libdevice.popc(n1)),
-                                 tl.maximum(libdevice.popc(n2), libdevice.popc(n3)))
-        else:
-            most_nz = tl.maximum(tl.maximum(_popcount(n0), _popcount(n1)), tl.maximum(_popcount(n2), _popcount(n3)))
-        rounds = tl.max(most_nz)
+        a0, a1, a2, a3, n0, n1, n2, n3, h0, h1, h2, h3, rounds = _packed_decode(table_ptr, four, start, ok, HW_POPC)
         while rounds > 0:
             b0 = n0 & -n0  # lowest nonzero symbol of each word, as a bit
             b1 = n1 & -n1
@@ -285,32 +294,7 @@ def _rows_dot_packed_batch(xt_ptr, words_ptr, starts_ptr, table_ptr, first, coun
         start = start_next
         four_next, start_next = _packed_step(packed_ptr, starts_ptr, first, count, s0 + CHUNKS_PER_STEP, G,
                                              CHUNKS_PER_STEP)
-        e0 = tl.load(table_ptr + (four & 0xFF), mask=ok, other=0)
-        e1 = tl.load(table_ptr + ((four >> 8) & 0xFF), mask=ok, other=0)
-        e2 = tl.load(table_ptr + ((four >> 16) & 0xFF), mask=ok, other=0)
-        e3 = tl.load(table_ptr + ((four >> 24) & 0xFF), mask=ok, other=0)
-        h0 = (e0 >> 32).to(tl.int32)
-        h1 = (e1 >> 32).to(tl.int32)
-        h2 = (e2 >> 32).to(tl.int32)
-        h3 = (e3 >> 32).to(tl.int32)
-        l0 = (h0 >> 27) & 31
-        l1 = (h1 >> 27) & 31
-        l2 = (h2 >> 27) & 31
-        span = l0 + l1 + l2 + ((h3 >> 27) & 31)
-        a0 = start[:, :, None] + tl.cumsum(span, axis=2) - span
-        a1 = a0 + l0
-        a2 = a1 + l1
-        a3 = a2 + l2
-        n0 = e0.to(tl.int32)
-        n1 = e1.to(tl.int32)
-        n2 = e2.to(tl.int32)
-        n3 = e3.to(tl.int32)
-        if HW_POPC:
-            most_nz = tl.maximum(tl.maximum(libdevice.popc(n0), libdevice.popc(n1)),
-                                 tl.maximum(libdevice.popc(n2), libdevice.popc(n3)))
-        else:
-            most_nz = tl.maximum(tl.maximum(_popcount(n0), _popcount(n1)), tl.maximum(_popcount(n2), _popcount(n3)))
-        rounds = tl.max(most_nz)
+        a0, a1, a2, a3, n0, n1, n2, n3, h0, h1, h2, h3, rounds = _packed_decode(table_ptr, four, start, ok, HW_POPC)
         while rounds > 0:
             b0 = n0 & -n0
             b1 = n1 & -n1
