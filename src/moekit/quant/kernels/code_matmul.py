@@ -39,8 +39,8 @@ decode-bound at batch 1, and gather-bound (nonzeros x B x 2 bytes of xt from L1/
 Four paths, chosen by constexprs (ops picks them):
   * PACKED (8-bit codewords, 4-byte aligned, W a multiple of 4; every tuned shape): each
     [BLOCK_R, CHUNKS_PER_STEP, W / 4] lane reads four consecutive codewords as one int32 and keeps
-    them as four separate tensors, so the table gathers need no layout conversion and a word's
-    column is its lane's base (one scan of four-word lengths per lane) plus the lengths before it
+    them as four separate tensors, so the table gathers need no round trip through shared memory
+    (the byte-wise tile needs one per step) and a word's column is its lane's base (one scan of four-word lengths per lane) plus the lengths before it
     in the lane; each lane keeps its own partial sums x * level (reduced once, at the end, with
     one FMA per nonzero); a step's round count is the most set bits of its words (one popcount per
     word, HW_POPC: the GPU's instruction, else bit arithmetic under the interpreter, and one
@@ -219,8 +219,8 @@ def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo,
     """Batch 1, 8-bit codewords read four to an int32 (words 4-byte aligned, W a multiple of 4):
     returns x . W[rows]^T as float32 [BR].
 
-    Each [BR, C, G] lane holds four consecutive codewords of one chunk as separate tensors (no
-    layout conversion between the codeword load and the table gathers), so a word's column is its
+    Each [BR, C, G] lane holds four consecutive codewords of one chunk as separate tensors (the
+    table gathers take them without a shared-memory round trip), so a word's column is its
     lane's base (one scan of four-word lengths per lane) plus the lengths of the words before it
     in the lane. A step's codewords and chunk starts are loaded one step early."""
     G: tl.constexpr = W // 4  # int32 per chunk
