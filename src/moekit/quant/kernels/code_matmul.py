@@ -214,31 +214,6 @@ def _packed_decode(table_ptr, four, start, ok, HW_POPC: tl.constexpr):
 
 
 @triton.jit
-def _lowest(n, a):
-    """Returns (the lowest set bit of each nonzero mask n, as a bit; its column: a + its index)."""
-    b = n & -n
-    return b, a + (b.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
-
-
-@triton.jit
-def _pop_term(xt_ptr, n, a, h, K, stride_xk, hi_r, lo_r):
-    """Batch 1: returns (x under each word's lowest nonzero times its level, 0 where none; n
-    without that nonzero) for words at columns a with nonzero bits n and HI bits h."""
-    b, c = _lowest(n, a)
-    x = tl.load(xt_ptr + c * stride_xk, mask=(b != 0) & (c < K), other=0.0).to(tl.float32)
-    return x * tl.where((h & b) != 0, hi_r, lo_r), n ^ b
-
-
-@triton.jit
-def _pop_term_batch(xt_ptr, n, a, h, K, stride_xk, hi_r, lo_r, bcol, b_ok):
-    """_pop_term for [BB] tokens: each nonzero reads its column of xt for all of them (returns [..., BB])."""
-    b, c = _lowest(n, a)
-    x = tl.load(xt_ptr + c[:, :, :, None] * stride_xk + bcol, mask=((b != 0) & (c < K))[:, :, :, None] & b_ok,
-                other=0.0).to(tl.float32)
-    return x * tl.where(((h & b) != 0)[:, :, :, None], hi_r, lo_r), n ^ b
-
-
-@triton.jit
 def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo, hi, K, stride_xk,
                      W: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr, BLOCK_R: tl.constexpr, HW_POPC: tl.constexpr):
     """Batch 1, 8-bit codewords read four to an int32 (words 4-byte aligned, W a multiple of 4):
@@ -268,14 +243,26 @@ def _rows_dot_packed(xt_ptr, words_ptr, starts_ptr, table_ptr, first, count, lo,
                                              CHUNKS_PER_STEP)
         a0, a1, a2, a3, n0, n1, n2, n3, h0, h1, h2, h3, rounds = _packed_decode(table_ptr, four, start, ok, HW_POPC)
         while rounds > 0:
-            t0, n0 = _pop_term(xt_ptr, n0, a0, h0, K, stride_xk, hi_r, lo_r)
-            t1, n1 = _pop_term(xt_ptr, n1, a1, h1, K, stride_xk, hi_r, lo_r)
-            t2, n2 = _pop_term(xt_ptr, n2, a2, h2, K, stride_xk, hi_r, lo_r)
-            t3, n3 = _pop_term(xt_ptr, n3, a3, h3, K, stride_xk, hi_r, lo_r)
-            acc += t0
-            acc += t1
-            acc += t2
-            acc += t3
+            b0 = n0 & -n0  # lowest nonzero symbol of each word, as a bit
+            b1 = n1 & -n1
+            b2 = n2 & -n2
+            b3 = n3 & -n3
+            c0 = a0 + (b0.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # its column
+            c1 = a1 + (b1.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c2 = a2 + (b2.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c3 = a3 + (b3.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            x0 = tl.load(xt_ptr + c0 * stride_xk, mask=(b0 != 0) & (c0 < K), other=0.0).to(tl.float32)
+            x1 = tl.load(xt_ptr + c1 * stride_xk, mask=(b1 != 0) & (c1 < K), other=0.0).to(tl.float32)
+            x2 = tl.load(xt_ptr + c2 * stride_xk, mask=(b2 != 0) & (c2 < K), other=0.0).to(tl.float32)
+            x3 = tl.load(xt_ptr + c3 * stride_xk, mask=(b3 != 0) & (c3 < K), other=0.0).to(tl.float32)
+            acc += x0 * tl.where((h0 & b0) != 0, hi_r, lo_r)
+            acc += x1 * tl.where((h1 & b1) != 0, hi_r, lo_r)
+            acc += x2 * tl.where((h2 & b2) != 0, hi_r, lo_r)
+            acc += x3 * tl.where((h3 & b3) != 0, hi_r, lo_r)
+            n0 = n0 ^ b0
+            n1 = n1 ^ b1
+            n2 = n2 ^ b2
+            n3 = n3 ^ b3
             rounds -= 1
         s0 += CHUNKS_PER_STEP
     return tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -309,14 +296,30 @@ def _rows_dot_packed_batch(xt_ptr, words_ptr, starts_ptr, table_ptr, first, coun
                                              CHUNKS_PER_STEP)
         a0, a1, a2, a3, n0, n1, n2, n3, h0, h1, h2, h3, rounds = _packed_decode(table_ptr, four, start, ok, HW_POPC)
         while rounds > 0:
-            t0, n0 = _pop_term_batch(xt_ptr, n0, a0, h0, K, stride_xk, hi_r, lo_r, bcol, b_ok)
-            t1, n1 = _pop_term_batch(xt_ptr, n1, a1, h1, K, stride_xk, hi_r, lo_r, bcol, b_ok)
-            t2, n2 = _pop_term_batch(xt_ptr, n2, a2, h2, K, stride_xk, hi_r, lo_r, bcol, b_ok)
-            t3, n3 = _pop_term_batch(xt_ptr, n3, a3, h3, K, stride_xk, hi_r, lo_r, bcol, b_ok)
-            acc += t0
-            acc += t1
-            acc += t2
-            acc += t3
+            b0 = n0 & -n0
+            b1 = n1 & -n1
+            b2 = n2 & -n2
+            b3 = n3 & -n3
+            c0 = a0 + (b0.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c1 = a1 + (b1.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c2 = a2 + (b2.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            c3 = a3 + (b3.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            x0 = tl.load(xt_ptr + c0[:, :, :, None] * stride_xk + bcol,
+                         mask=((b0 != 0) & (c0 < K))[:, :, :, None] & b_ok, other=0.0).to(tl.float32)
+            x1 = tl.load(xt_ptr + c1[:, :, :, None] * stride_xk + bcol,
+                         mask=((b1 != 0) & (c1 < K))[:, :, :, None] & b_ok, other=0.0).to(tl.float32)
+            x2 = tl.load(xt_ptr + c2[:, :, :, None] * stride_xk + bcol,
+                         mask=((b2 != 0) & (c2 < K))[:, :, :, None] & b_ok, other=0.0).to(tl.float32)
+            x3 = tl.load(xt_ptr + c3[:, :, :, None] * stride_xk + bcol,
+                         mask=((b3 != 0) & (c3 < K))[:, :, :, None] & b_ok, other=0.0).to(tl.float32)
+            acc += x0 * tl.where(((h0 & b0) != 0)[:, :, :, None], hi_r, lo_r)
+            acc += x1 * tl.where(((h1 & b1) != 0)[:, :, :, None], hi_r, lo_r)
+            acc += x2 * tl.where(((h2 & b2) != 0)[:, :, :, None], hi_r, lo_r)
+            acc += x3 * tl.where(((h3 & b3) != 0)[:, :, :, None], hi_r, lo_r)
+            n0 = n0 ^ b0
+            n1 = n1 ^ b1
+            n2 = n2 ^ b2
+            n3 = n3 ^ b3
             rounds -= 1
         s0 += CHUNKS_PER_STEP
     return tl.sum(tl.sum(acc, axis=2), axis=1)
