@@ -167,7 +167,7 @@ def _run_moe_layer(layer: DecoderLayer, i: int, hidden: torch.Tensor, samples: i
     normed = torch.empty_like(hidden)  # [N, D] inputs of the MoE block
     ids = torch.empty(hidden.shape[0], block.top_k, dtype=torch.long)
     weights = torch.empty(hidden.shape[0], block.top_k)
-    logits = torch.empty(hidden.shape[0], block.cfg.num_experts)
+    logits = torch.empty(hidden.shape[0], block.router.out_features)  # this layer's experts, not the largest layer's
     for lo in range(0, samples, batch):
         rows = slice(lo * seqlen, min(samples, lo + batch) * seqlen)
         x = hidden[rows].view(-1, seqlen, d).to(device, dtype)

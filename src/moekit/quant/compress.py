@@ -154,7 +154,7 @@ class _Compressor:
         self.layers.append(LayerReport(layer, round(time.perf_counter() - start, 3), failed, empty,
                                        min(tokens) if tokens else 0, max(tokens) if tokens else 0, **stats))
         cfg = self.cfg
-        return build_experts(self.quant.form, cfg.num_experts, cfg.hidden_size, cfg.expert_ffn,
+        return build_experts(self.quant.form, cfg.experts_in(layer), cfg.hidden_size, cfg.expert_ffn,
                              {k: v.to(self.device) for k, v in tensors.items()}, self.quant.bits)
 
     def on_moe_layer(self, layer: MoELayerInputs) -> CompressedExperts:
@@ -191,10 +191,11 @@ def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens:
         tokens = calib_tokens.numel()
         run_calibration(src, calib_tokens, comp.on_moe_layer, device=device, batch=batch, progress=progress)
     else:
-        d, e, i = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn
+        d, i = cfg.hidden_size, cfg.expert_ffn
         for layer in tqdm([l for l, m in enumerate(cfg.moe_layers) if m], desc="rounding", unit="layer",
                           disable=disable):
             start = time.perf_counter()
+            e = cfg.experts_in(layer)  # after global pruning, layers keep different counts
             gate_up, down = torch.empty(e, 2 * i, d), torch.empty(e, d, i)
             fill_stacked_experts(gate_up, down, ckpt, family, cfg, layer)
             codes = _quantize_rtn({"gate_up": gate_up.to(device), "down": down.to(device)}, quant)
@@ -232,7 +233,7 @@ def _dense_expert_names(ckpt: Checkpoint, family, cfg) -> set[str]:
     for layer, is_moe in enumerate(cfg.moe_layers):
         if is_moe:
             names.update(n for n in family.stacked_expert_names(layer) if ckpt.has(n))
-            for e in range(cfg.num_experts):
+            for e in range(cfg.experts_in(layer)):
                 names.update(n for n in family.expert_names(layer, e) if ckpt.has(n))
     return names
 
