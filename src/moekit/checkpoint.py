@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .hashing import sha256_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -205,8 +206,6 @@ class Checkpoint:
         """Checks a shard against its recorded sha256 once, before its data is first used."""
         if shard in self._verified or shard not in self.checksums:
             return
-        from .save import sha256_file
-
         if sha256_file(self.path / shard) != self.checksums[shard]:
             raise CheckpointError(
                 f"{self.path / shard}: sha256 does not match the one recorded in {INDEX_FILE}; "

@@ -7,7 +7,6 @@ sha256 goes into the index's metadata, and the loader refuses a shard that does 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import MoekitError
 from .families import FAMILIES
+from .hashing import sha256_file
 from .model import MoEBlock, MoEModel
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -106,15 +106,6 @@ def hf_tensors(model: MoEModel) -> Iterator[tuple[str, torch.Tensor]]:
             yield gate, mlp.gate_up.weight[:ffn]
             yield up, mlp.gate_up.weight[ffn:]
             yield down, mlp.down.weight
-
-
-def sha256_file(path: Path) -> str:
-    """Returns the hex sha256 of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_checkpoint(tensors: Iterator[tuple[str, torch.Tensor]], out: str | Path,
