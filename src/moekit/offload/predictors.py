@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoekitError
+from .speculative import speculative_weights
 
 
 class Predictor:
@@ -53,20 +54,6 @@ class OraclePredictor(Predictor):
             return None  # beyond the recorded run: predict nothing
         ids = calls[call].to(x.device)
         return ids if ids.shape[0] == x.shape[0] else None
-
-
-@torch.no_grad()
-def speculative_weights(model, next_of: dict[int, int]) -> dict[int, torch.Tensor]:
-    """Returns {layer i: W [E, D]}: layer next_of[i]'s router, scaled for layer i's normed input."""
-    weights = {}
-    for i, j in next_of.items():
-        norm_i = model.layers[i].post_norm.weight.float()
-        norm_j = model.layers[j].post_norm.weight.float()
-        floor = 1e-3 * norm_i.abs().mean().clamp_min(1e-12)
-        safe = torch.where(norm_i.abs() < floor, floor * torch.sign(norm_i) + (norm_i == 0) * floor, norm_i)
-        router = model.layers[j].mlp.router.weight.float()
-        weights[i] = (router * (norm_j / safe)[None, :]).to(model.dtype)
-    return weights
 
 
 def build_predictor(name: str, model, next_of: dict[int, int], k: int, pregate_path: str | None = None,

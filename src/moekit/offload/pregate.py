@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..errors import MoekitError
 from ..model import MoEBlock
-from .predictors import speculative_weights
+from .speculative import speculative_weights
 
 FORMAT = "moekit-pregate"
 FORMAT_VERSION = 1
