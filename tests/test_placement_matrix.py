@@ -16,6 +16,7 @@ without a GPU); elsewhere those cells are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -26,9 +27,8 @@ from moekit.errors import MoekitError
 from moekit.experts import triton_ops
 from moekit.load import read_config
 from moekit.offload import OffloadConfig, load_offloaded
-from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 from moekit.quant.compress import compress
-from moekit.quant.config import QuantConfig, is_moekit_quantized
+from moekit.quant.config import QuantConfig
 
 from conftest import token_ids
 from pruned_models import MATRIX_SHAPE, greedy, prune_globally, reference_model, save_tiny
@@ -87,28 +87,17 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
     return Checkpoints(tmp_path_factory.mktemp("placement_matrix"))
 
 
-def budget_for(path, store: str) -> int:
-    """Returns the CPU budget that leaves exactly SLOTS experts of cache (as the planner counts)."""
-    from moekit.offload.compressed import compressed_form
-    from moekit.offload.forms import dense_form
-
-    ckpt, family, cfg = read_config(path)
-    dtype = torch.float32
-    if is_moekit_quantized(ckpt.config):
-        form = compressed_form(QuantConfig.from_dict(ckpt.config["quantization_config"]), cfg,
-                               torch.device("cpu"), ckpt, family)
-    else:
-        form = dense_form(cfg, dtype)
-    fixed = (resident_bytes(cfg, dtype) + kv_cache_bytes(cfg, dtype, 1, CONTEXT)
-             + activation_bytes(cfg, dtype, CONTEXT, 1) + form.shared_bytes()
-             + (form.expert_bytes() if store == "disk" else 0))
-    return fixed + SLOTS * form.expert_bytes()
+def budget_for(path, config: OffloadConfig) -> int:
+    """Returns the budget that leaves exactly SLOTS experts of cache: what the plan of an unbudgeted
+    load (every expert cached) reserves besides its cache, plus SLOTS experts."""
+    plan = load_offloaded(path, offload=dataclasses.replace(config, device_memory=None)).offload.plan
+    return plan.planned_bytes - plan.cache_bytes + SLOTS * plan.expert_bytes
 
 
 def run_cell(path, misses: str, store: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Returns (greedy tokens, offload report) of the checkpoint offloaded with `misses` and `store`."""
-    budget = budget_for(path, "host" if store == "host" else "disk")  # auto: disk on the CPU
-    config = OffloadConfig(device_memory=budget, context_tokens=CONTEXT, store=store, misses=misses)
+    config = OffloadConfig(context_tokens=CONTEXT, store=store, misses=misses)
+    config = dataclasses.replace(config, device_memory=budget_for(path, config))
     model = load_offloaded(path, offload=config)
     runtime = model.offload
     if misses in ("cpu", "mapped") and runtime.misses != misses:
