@@ -1,7 +1,7 @@
 """Write an MoEModel as a Hugging Face checkpoint directory (safetensors shards + index).
 
 The write is atomic: everything goes to a temporary sibling directory that is renamed into
-place only when complete, so an interrupted save leaves nothing half-written. Each shard's
+place only when complete, so an interrupted save leaves nothing half-written (moekit.outputs). Each shard's
 sha256 goes into the index's metadata, and the loader refuses a shard that does not match.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +21,7 @@ from .errors import MoekitError
 from .families import FAMILIES
 from .hashing import sha256_file
 from .model import MoEBlock, MoEModel
+from .outputs import atomic_dir
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -116,13 +116,12 @@ def write_checkpoint(tensors: Iterator[tuple[str, torch.Tensor]], out: str | Pat
 
     Tensors are written in shards of at most max_shard_bytes with model.safetensors.index.json,
     whose metadata carries each shard's sha256.
+    Nothing is written until the whole folder is complete (outputs.atomic_dir: a temporary
+    sibling renamed at the end, deleted on errors and signals). An existing `out` is refused
+    unless it is empty, or `overwrite` is set and moekit wrote it (outputs.is_moekit_output).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise MoekitError(f"{out}: already exists; choose another --out or remove it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         shards: list[dict[str, torch.Tensor]] = [{}]
         shard_bytes = 0
@@ -132,6 +131,7 @@ def write_checkpoint(tensors: Iterator[tuple[str, torch.Tensor]], out: str | Pat
         def flush() -> None:
             name = f"model-{len(files) + 1:05d}.safetensors"
             save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+            _test_pause()
             files.append(name)
             for key in shards[-1]:
                 weight_map[key] = name
@@ -161,23 +161,15 @@ def write_checkpoint(tensors: Iterator[tuple[str, torch.Tensor]], out: str | Pat
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / fname, mode) as f:
                 f.write(content)
-        _make_readable(tmp)  # mkdtemp makes the folder private (0700); a checkpoint should not be
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _make_readable(folder: Path) -> None:
-    """Gives a folder and its files the permissions a plain mkdir/open would (0777/0666 - umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+def _test_pause() -> None:
+    """Sleeps MOEKIT_TEST_WRITE_PAUSE_S seconds after each shard (tests use it to signal a write
+    midway at a known point); unset, it does nothing."""
+    pause = os.environ.get("MOEKIT_TEST_WRITE_PAUSE_S")
+    if pause:
+        time.sleep(float(pause))
 
 
 def save_model(model: MoEModel, out: str | Path, dtype: torch.dtype | None = None,

@@ -137,20 +137,25 @@ def train_pregates(model, token_ids: torch.Tensor, steps: int = 300, lr: float =
 
 
 def save_pregates(weights: dict[int, torch.Tensor], cfg: ModelConfig, out: str | Path,
-                  report: PregateReport | None = None) -> Path:
-    """Returns the folder after writing pregate.safetensors (+ pregate.json, expert_counts.json)."""
+                  report: PregateReport | None = None, overwrite: bool = False) -> Path:
+    """Returns the folder after writing pregate.safetensors (+ pregate.json, expert_counts.json).
+
+    Written atomically (moekit.outputs.atomic_dir): an existing `out` must be empty, or moekit's
+    output with `overwrite`; it is replaced only once every file is written."""
+    from ..outputs import atomic_dir
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "hidden_size": cfg.hidden_size,
             "num_experts": cfg.num_experts, "top_k": cfg.top_k, "layers": sorted(weights)}
     tensors = {f"pregate.{i}.weight": w.float().contiguous().cpu() for i, w in weights.items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"moekit": json.dumps(meta)})
-    if report is not None:
-        (out / "pregate.json").write_text(json.dumps(
-            {"layers": report.layers, "tokens": report.tokens, "seconds": report.seconds}, indent=1))
-        counts = getattr(report, "counts", None)
-        if counts is not None:
-            (out / "expert_counts.json").write_text(json.dumps({"counts": counts}))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"moekit": json.dumps(meta)})
+        if report is not None:
+            (tmp / "pregate.json").write_text(json.dumps(
+                {"layers": report.layers, "tokens": report.tokens, "seconds": report.seconds}, indent=1))
+            counts = getattr(report, "counts", None)
+            if counts is not None:
+                (tmp / "expert_counts.json").write_text(json.dumps({"counts": counts}))
     return out
 
 
