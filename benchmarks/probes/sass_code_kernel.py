@@ -1,8 +1,8 @@
 """Static SASS of the sub-1-bit code kernel for the H200 (sm_90), compiled here without a GPU.
 
-    PYTHONPATH=src python3 benchmarks/sass_code_kernel.py                 # batch-1 tiles, packed 8-bit path
-    PYTHONPATH=src python3 benchmarks/sass_code_kernel.py --bytewise      # the one-byte-at-a-time path
-    PYTHONPATH=src python3 benchmarks/sass_code_kernel.py --dump out.sass # the whole listing too
+    PYTHONPATH=src python3 benchmarks/probes/sass_code_kernel.py                 # batch-1 tiles, packed 8-bit path
+    PYTHONPATH=src python3 benchmarks/probes/sass_code_kernel.py --bytewise      # the one-byte-at-a-time path
+    PYTHONPATH=src python3 benchmarks/probes/sass_code_kernel.py --dump out.sass # the whole listing too
 
 Triton compiles for a target without a device, and ships ptxas, nvdisasm and cuobjdump. For each
 tile this prints the registers per thread (32 blocks of one warp fit an SM at <= 64) and the
@@ -17,14 +17,19 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from moekit.quant.code import ROW_BLOCK
-from moekit.quant.kernels.code_matmul import code_matmul_kernel
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common (moekit from src/)
+import common  # noqa: E402,F401
+
+from moekit.quant.code import ROW_BLOCK  # noqa: E402
+from moekit.quant.kernels.code_matmul import code_matmul_kernel  # noqa: E402
 
 TILES = [(4, 32, 1), (2, 64, 1), (1, 128, 1), (8, 32, 1), (8, 32, 2), (4, 128, 4)]
 TOOLS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")

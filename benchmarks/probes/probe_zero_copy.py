@@ -1,7 +1,7 @@
 """Can a kernel read a missed expert straight from page-locked host memory, and how fast?
 
-    PYTHONPATH=src python3 benchmarks/probe_zero_copy.py --out $OUT      # H200, ~20 s
-    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/probe_zero_copy.py --device cpu --out /tmp/z
+    PYTHONPATH=src python3 benchmarks/probes/probe_zero_copy.py --out $OUT      # H200, ~20 s
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/probes/probe_zero_copy.py --device cpu --out /tmp/z
 
 The question behind the offload plan: if the slot kernel takes each slot's weights as an element
 offset from one device base pointer, an offset can point into registered host memory (unified
@@ -18,14 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from moekit.offload.forms import pinned_empty
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
+import common  # noqa: E402
+
+from moekit.offload.forms import pinned_empty  # noqa: E402
 
 
 @triton.jit
@@ -53,18 +55,6 @@ def matvec(x, base, offset, n, k, block_n=16, block_k=256):
     return out
 
 
-def time_s(fn, device, reps):
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -75,7 +65,7 @@ def main() -> int:
     if device.type == "cpu":
         shapes = {"tiny": (40, 96)}
     reps = 20 if device.type == "cuda" else 1
-    res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    res: dict = {"meta": common.run_meta(args, device), "device": common.device_name(device),
                  "torch": torch.__version__, "triton": triton.__version__, "rows": {}}
     for name, (n, k) in shapes.items():
         host = pinned_empty((n, k), torch.bfloat16) if device.type == "cuda" else torch.empty(n, k, dtype=torch.bfloat16)
@@ -93,16 +83,15 @@ def main() -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             err = float((got - want).abs().max() / want.abs().max())
-            sec = time_s(lambda: matvec(x, base, off, n, k), device, reps)
+            sec = common.median_s(lambda: matvec(x, base, off, n, k), device, reps, warmup=1)
             row[where] = {"us": sec * 1e6, "GBps": row["bytes"] / sec / 1e9, "rel_err": err}
         if device.type == "cuda":
             dst = torch.empty_like(dev)
-            sec = time_s(lambda: dst.copy_(host, non_blocking=True), device, reps)
+            sec = common.median_s(lambda: dst.copy_(host, non_blocking=True), device, reps, warmup=1)
             row["copy_h2d"] = {"us": sec * 1e6, "GBps": row["bytes"] / sec / 1e9}
         res["rows"][name] = row
         print(name, json.dumps(row), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "probe_zero_copy.json").write_text(json.dumps(res, indent=1))
+    common.write_json(res, args.out, "probe_zero_copy")
     return 0
 
 

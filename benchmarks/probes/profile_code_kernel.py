@@ -1,9 +1,9 @@
 """Where the sub-1-bit code kernel spends its time at batch 1 (mixtral gate/up, 14336 x 4096).
 
-    PYTHONPATH=src python3 benchmarks/profile_code_kernel.py --out $OUT            # H200
-    PYTHONPATH=src python3 benchmarks/profile_code_kernel.py --sweep --out $OUT    # every shape, 8/16-bit
+    PYTHONPATH=src python3 benchmarks/probes/profile_code_kernel.py --out $OUT            # H200
+    PYTHONPATH=src python3 benchmarks/probes/profile_code_kernel.py --sweep --out $OUT    # every shape, 8/16-bit
     ncu --section SpeedOfLight --section Occupancy --section LaunchStats \\
-        -k regex:code_matmul -c 1 python3 benchmarks/profile_code_kernel.py --once
+        -k regex:code_matmul -c 1 python3 benchmarks/probes/profile_code_kernel.py --once
 
 Random weights rounded to ternary (RTN) and coded with a 16-bit dictionary, as bench_compress does.
 Without --once it times the kernel (do_bench, median) next to torch bf16 F.linear, and counts, on
@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from moekit.quant import ops
-from moekit.quant.code import build_dictionary, encode, symbol_probabilities
-from moekit.quant.gptq import rtn_quantize
-from moekit.quant.grids import TernaryGrid
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
+import common  # noqa: E402
+
+from moekit.quant import ops  # noqa: E402
+from moekit.quant.code import build_dictionary, encode, symbol_probabilities  # noqa: E402
+from moekit.quant.gptq import rtn_quantize  # noqa: E402
+from moekit.quant.grids import TernaryGrid  # noqa: E402
 
 ROWS, COLS = 14336, 4096
 SHAPES = {"mixtral gate/up": (14336, 4096), "mixtral down": (4096, 14336),
@@ -36,6 +40,11 @@ SWEEP = [  # (BLOCK_R, codewords per row per step, warps): 8-bit words are read 
     # tiles of 128 words give every thread one lane
     (4, 32, 1), (2, 64, 1), (1, 128, 1), (2, 32, 1), (1, 64, 1), (8, 32, 1), (4, 64, 1), (2, 128, 1),
     (1, 256, 1), (8, 32, 2), (4, 64, 2), (2, 128, 2), (16, 32, 4), (8, 64, 4), (4, 128, 4), (8, 128, 4)]
+
+
+def bench_us(fn) -> float:
+    """Returns the median microseconds of one call of fn (do_bench: L2 flushed before each call)."""
+    return common.do_bench_s(fn, warmup=10, rep=50) * 1e6
 
 
 def build(device, rows=ROWS, cols=COLS, bits=16):
@@ -67,10 +76,8 @@ def lane_stats(parts, d, config) -> dict:
 
 def sweep(device, out: str | None) -> dict:
     """Times the tuned batch-1 tile and every SWEEP tile at each shape and dictionary width."""
-    import triton
-
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    res: dict = {"meta": common.run_meta(None, device), "device": common.device_name(device),
+                 "torch": torch.__version__, "shapes": {}}
     for name, (rows, cols) in SHAPES.items():
         for bits in (8, 16):
             w, parts, d, probs = build(device, rows, cols, bits)
@@ -78,12 +85,12 @@ def sweep(device, out: str | None) -> dict:
             ref = ops.code_linear_reference(x.float(), *parts)
             tuned = ops.code_config(rows, cols, 1)
             entry = {"bits_per_param": 8 * sum(t.numel() * t.element_size() for t in parts) / (rows * cols),
-                     "chunk": parts[0].shape[-1], "bf16_us": bench(lambda: F.linear(x, w)), "tuned": list(tuned),
+                     "chunk": parts[0].shape[-1], "bf16_us": bench_us(lambda: F.linear(x, w)), "tuned": list(tuned),
                      "configs": {}}
             for cfg in [tuned] + [c for c in SWEEP if c != tuned]:
                 got = ops.code_linear_triton(x, *parts, config=cfg).float()
                 err = ((got - ref).norm() / ref.norm()).item()
-                us = bench(lambda: ops.code_linear_triton(x, *parts, config=cfg)) if err < 2e-2 else None
+                us = bench_us(lambda: ops.code_linear_triton(x, *parts, config=cfg)) if err < 2e-2 else None
                 entry["configs"][str(cfg)] = {"us": us, "rel_err": err}
             timed = {k: v["us"] for k, v in entry["configs"].items() if v["us"] is not None}
             best = min(timed, key=timed.get)
@@ -95,8 +102,7 @@ def sweep(device, out: str | None) -> dict:
                   f"(x{entry['speedup_best']:.2f})", flush=True)
             del w, parts
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "profile_code_sweep.json").write_text(json.dumps(res, indent=1))
+        common.write_json(res, out, "profile_code_sweep")
     return res
 
 
@@ -108,10 +114,8 @@ def batch_sweep(device, out: str | None, batches=(2, 4, 8, 16, 64)) -> dict:
     """Times the code kernel at batch > 1 on mixtral's shapes (8-bit dictionaries) over BATCH_SWEEP,
     packed (four codewords to an int32) and byte-wise (the same codewords at an odd address), next
     to bf16."""
-    import triton
-
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    res: dict = {"meta": common.run_meta(None, device), "device": common.device_name(device),
+                 "torch": torch.__version__, "shapes": {}}
     for name in ("mixtral gate/up", "mixtral down"):
         rows, cols = SHAPES[name]
         w, parts, d, probs = build(device, rows, cols, 8)
@@ -122,13 +126,13 @@ def batch_sweep(device, out: str | None, batches=(2, 4, 8, 16, 64)) -> dict:
         for b in batches:
             x = torch.randn(b, cols, device=device, dtype=torch.bfloat16)
             ref = ops.code_linear_reference(x.float(), *parts)
-            entry = {"bf16_us": bench(lambda: F.linear(x, w)), "tuned": list(ops.code_config(rows, cols, b)),
+            entry = {"bf16_us": bench_us(lambda: F.linear(x, w)), "tuned": list(ops.code_config(rows, cols, b)),
                      "packed": {}, "bytewise": {}}
             for cfg in [tuple(entry["tuned"])] + [c for c in BATCH_SWEEP if c != tuple(entry["tuned"])]:
                 for kind, ps in (("packed", parts), ("bytewise", bytewise)):
                     got = ops.code_linear_triton(x, *ps, config=cfg).float()
                     err = ((got - ref).norm() / ref.norm()).item()
-                    us = bench(lambda: ops.code_linear_triton(x, *ps, config=cfg)) if err < 2e-2 else None
+                    us = bench_us(lambda: ops.code_linear_triton(x, *ps, config=cfg)) if err < 2e-2 else None
                     entry[kind][str(cfg)] = {"us": us, "rel_err": err}
             best = {k: min((v["us"], c) for c, v in entry[k].items() if v["us"] is not None) for k in ("packed", "bytewise")}
             entry["best"] = {k: {"us": v[0], "config": v[1]} for k, v in best.items()}
@@ -137,8 +141,7 @@ def batch_sweep(device, out: str | None, batches=(2, 4, 8, 16, 64)) -> dict:
                   f"  bytewise {best['bytewise'][0]:6.1f} {best['bytewise'][1]}", flush=True)
         del w, parts, bytewise
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "profile_code_batches.json").write_text(json.dumps(res, indent=1))
+        common.write_json(res, out, "profile_code_batches")
     return res
 
 
@@ -166,18 +169,14 @@ def main() -> None:
         ops.code_linear_triton(x, *parts)
         torch.cuda.synchronize()
         return
-    import triton
-
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
     config = ops.code_config(ROWS, COLS, 1)
     res = {"shape": [ROWS, COLS], "dictionary_bits": args.bits, "p_zero": probs[0], "config": list(config),
-           "code_us": bench(lambda: ops.code_linear_triton(x, *parts)), "bf16_us": bench(lambda: F.linear(x, w)),
+           "code_us": bench_us(lambda: ops.code_linear_triton(x, *parts)), "bf16_us": bench_us(lambda: F.linear(x, w)),
            "code_bytes": sum(t.numel() * t.element_size() for t in parts)}
     res.update(lane_stats(parts, d, config))
     print(json.dumps(res, indent=1))
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "profile_code_kernel.json").write_text(json.dumps(res, indent=1))
+        common.write_json({"meta": common.run_meta(args, device), **res}, args.out, "profile_code_kernel")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
 """Where an offloaded model's device memory goes, stage by stage (allocator peak vs the plan).
 
-    PYTHONPATH=src python3 benchmarks/diag_offload_memory.py
+    PYTHONPATH=src python3 benchmarks/probes/diag_offload_memory.py
 
 Tiny test model (tests' mixtral variant shape) and the bundled model at small budgets: prints the
 planner's split, then torch.cuda.max_memory_allocated after loading, after a prefill, after decode,
 and the largest live allocations at the end.
 """
 
-import gc
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-import moekit
-from moekit.offload import OffloadConfig
-from moekit.offload.loader import load_offloaded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
+import common  # noqa: E402
+
+import moekit  # noqa: E402
+from moekit.offload import OffloadConfig  # noqa: E402
+from moekit.offload.loader import load_offloaded  # noqa: E402
 
 
 def mib(n):
@@ -32,9 +36,7 @@ def main():
     tok = moekit.load_tokenizer(path)
     ids = torch.tensor([tok.encode("def fibonacci(n):\n    ")], device="cuda")
     for budget_mb in (80, 120):  # the planner's floor for this model is ~76 MiB (64 MiB of it CUDA reserve)
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        common.free_memory("cuda", reset_peak=True)
         base = torch.cuda.memory_allocated()
         budget = budget_mb * 2**20
         print(f"budget {budget_mb} MiB (base {mib(base)})", flush=True)

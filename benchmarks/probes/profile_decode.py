@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's time goes: kernels of the compiled step, by name and time.
 
-    PYTHONPATH=src python3 benchmarks/profile_decode.py --out $OUT
+    PYTHONPATH=src python3 benchmarks/probes/profile_decode.py --out $OUT
 
 Random bf16 weights at the olmoe-1b-7b shape (no checkpoint: moekit's own init). Prints the
 graph-replay step time, the summed kernel time of one step, the kernel count, and the top
@@ -10,17 +10,20 @@ kernels; the gap between step time and summed kernel time is launch/idle overhea
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from moekit.config import ModelConfig
-from moekit.generate import _GraphedDecode
-from moekit.kv_cache import KVCache
-from moekit.model import MoEModel
-from moekit.train import init_weights
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
+import common  # noqa: E402
+
+from moekit.config import ModelConfig  # noqa: E402
+from moekit.generate import _GraphedDecode  # noqa: E402
+from moekit.kv_cache import KVCache  # noqa: E402
+from moekit.model import MoEModel  # noqa: E402
+from moekit.train import init_weights  # noqa: E402
 
 
 def olmoe_config(layers: int) -> ModelConfig:
@@ -65,13 +68,13 @@ def kernel_table(fn, steps=5):
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--layers", type=int, default=16)
     args = p.parse_args()
     cfg = olmoe_config(args.layers)
     model = init_weights(MoEModel(cfg), seed=0).to("cuda", torch.bfloat16).eval()
     model.inv_freq = model.inv_freq.float()
-    results = {}
+    results: dict = {"meta": common.run_meta(args, "cuda")}
     for compile in (False, True):
         cache = KVCache(cfg, 1, 512, "cuda", torch.bfloat16)
         model(torch.randint(0, 50304, (1, 128), device="cuda"), cache=cache, start=0)
@@ -93,8 +96,7 @@ def main() -> None:
               f"(capture {capture_s:.1f} s)")
         for k, (c, us) in top:
             print(f"{us:9.1f} us {c:6.0f}x  {k[:110]}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "profile_decode.json").write_text(json.dumps(results, indent=1))
+    common.write_json(results, args.out, "profile_decode")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where an offloaded batch-1 decode step's time goes when the cache hits (host-side overhead).
 
-    PYTHONPATH=src python3 benchmarks/profile_offload.py --out $OUT              # H200, ~1 minute
-    PYTHONPATH=src python3 benchmarks/profile_offload.py --device cpu --small --out /tmp/p
+    PYTHONPATH=src python3 benchmarks/probes/profile_offload.py --out $OUT              # H200, ~1 minute
+    PYTHONPATH=src python3 benchmarks/probes/profile_offload.py --device cpu --small --out /tmp/p
 
 Random bf16 weights at the qwen3-30b-a3b shape with fewer layers (--layers). Decodes of the
 same model: resident with CUDA graphs, resident eager, and offloaded with a budget that holds
@@ -13,15 +13,15 @@ the top host-side operators by self CPU time (torch.profiler), written to profil
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common, bench_offload
 import bench_offload  # noqa: E402  (build, HostResident, run_generate)
+import common  # noqa: E402
 
 from moekit.load import load_model  # noqa: E402
 from moekit.offload import OffloadConfig, load_offloaded  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> int:
     bench_offload.SMALL["qwen3"]["num_hidden_layers"] = args.layers
     folder, cfg, host = bench_offload.build("qwen3", args.small, device, Path(args.tmp))
     ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    out: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    out: dict = {"meta": common.run_meta(args, device), "device": common.device_name(device),
                  "torch": torch.__version__, "layers": args.layers, "tokens": args.tokens}
 
     model = load_model(folder, device=device, dtype=torch.bfloat16, experts=bench_offload.HostResident(host))
@@ -68,7 +68,7 @@ def main() -> int:
         print(f"{name}: {r['decode_s_per_token'] * 1e3:.2f} ms/token", flush=True)
     out["resident_eager"]["top_ops"], out["resident_eager"]["cpu_ms"] = profile_generate(model, ids, 8)
     model = None
-    bench_offload.free()
+    common.free_memory(device)
 
     config = OffloadConfig(device_memory=None, predictor="none", context_tokens=64)
     model = load_offloaded(folder, device=device, dtype=torch.bfloat16, offload=config, host_layers=host)
@@ -88,8 +88,7 @@ def main() -> int:
         print(f"\n{name}: top host ops over 8 tokens (self CPU ms; total {out[name]['cpu_ms']:.1f})")
         for row in out[name]["top_ops"]:
             print(f"  {row['self_cpu_ms']:9.2f}  {row['calls']:6d}  {row['name'][:90]}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "profile_offload.json").write_text(json.dumps(out, indent=1))
+    common.write_json(out, args.out, "profile_offload")
     return 0
 
 
