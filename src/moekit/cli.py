@@ -6,28 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
+from . import __version__
+from .cli_common import (add_model_args, add_threads_arg, fmt_bytes as _fmt_bytes, fmt_count as _fmt_count,
+                         merge_model_args, model_context, model_dir, table as _table)
 from .errors import MoekitError
-
-
-def _fmt_count(n: float) -> str:
-    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
 def _default_device() -> str:
@@ -38,6 +23,31 @@ def _default_device() -> str:
 
 # ---- generate ------------------------------------------------------------------------------
 
+def check_generate(args: argparse.Namespace) -> tuple[str, str]:
+    """Returns (model folder, device) after checking every generate flag, before any loading."""
+    if args.max_new_tokens <= 0:
+        raise MoekitError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    if not 0 < args.top_p <= 1:
+        raise MoekitError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise MoekitError(f"--top-k must be >= 0 (0 switches it off), got {args.top_k}")
+    if args.temperature is not None and args.temperature < 0:
+        raise MoekitError(f"--temperature must be >= 0, got {args.temperature}")
+    from .checkpoint import parse_device, parse_dtype
+    from .offload import cli as offload_cli
+
+    device = args.device or _default_device()
+    parse_device(device)
+    parse_dtype(args.dtype)
+    offload_cli.check_flags(args)
+    if args.compile and not device.startswith("cuda"):
+        raise MoekitError(f"--compile needs a CUDA device (it compiles the CUDA-graph decode step); "
+                          f"drop --compile on {device}")
+    if args.compile and args.no_cuda_graph:
+        raise MoekitError("--compile needs CUDA graphs (it compiles the captured decode step); drop --no-cuda-graph")
+    return str(model_dir(args.model, "--model")), device
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -47,31 +57,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .load import load_model
     from .tokenizer import StreamDecoder, load_tokenizer
 
+    path, device = check_generate(args)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
             raise MoekitError("give a PROMPT (e.g. moekit generate \"def fibonacci(n):\"), or pipe text on stdin")
         prompt = sys.stdin.read()
-    if args.max_new_tokens <= 0:
-        raise MoekitError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
-    if not 0 < args.top_p <= 1:
-        raise MoekitError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.temperature is not None and args.temperature < 0:
-        raise MoekitError(f"--temperature must be >= 0, got {args.temperature}")
-    device = args.device or _default_device()
-    offload_cli.check_flags(args)
-    if args.compile and (args.no_cuda_graph or not device.startswith("cuda")):
-        raise MoekitError("--compile needs a CUDA device and CUDA graphs (drop --no-cuda-graph)")
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(path)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
     ids = tokenizer.encode(text, add_special_tokens=not args.chat)
     if not ids:
         raise MoekitError("the prompt encodes to no tokens; give a non-empty PROMPT")
+    context = model_context(Path(path))
+    if len(ids) + args.max_new_tokens > context:  # before planning: an offload plan would ask for the impossible
+        raise MoekitError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) = "
+                          f"{len(ids) + args.max_new_tokens} exceeds the model's context of {context} positions; "
+                          "shorten the prompt or lower --max-new-tokens")
     input_ids = torch.tensor([ids], dtype=torch.long)
     if args.offload:  # the budget is planned for this prompt plus the new tokens
         model = offload_cli.load_for_generate(args, device, len(ids) + args.max_new_tokens)
     else:
-        model = load_model(args.model, device=device, dtype=args.dtype)
+        model = load_model(path, device=device, dtype=args.dtype)
 
     stream = StreamDecoder(tokenizer)
     eos = set(model.generation_defaults.get("eos_token_ids", ()))
@@ -105,29 +111,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "tok_s": round(stats.new_tokens / (stats.prefill_s + stats.decode_s), 2)
         if stats.prefill_s + stats.decode_s > 0 else 0.0,
         "device": device, "dtype": str(model.dtype).replace("torch.", ""),
-        "cuda_graph": stats.cuda_graph,
+        "cuda_graph": stats.cuda_graph, "threads": torch.get_num_threads(),
     }
     offload = getattr(model, "offload", None)
     if offload is not None:
         result["offload"] = offload.report()
     if args.json:
         print(json.dumps(result))
-    else:
-        sys.stdout.write("\n")
-        if offload is not None and args.stats:
-            offload_cli.print_stats(result["offload"], result["new_tokens"])
-        print(f"[{result['new_tokens']} tokens, first token {result['time_to_first_token_s'] * 1000:.0f} ms, "
-              f"decode {result['decode_tok_s']:.1f} tok/s, {device} {result['dtype']}]", file=sys.stderr)
+        return 0
+    sys.stdout.write("\n")
+    if args.stats:
+        rows = generation_rows(result)
+        if offload is not None:
+            rows += offload_cli.stats_rows(result["offload"], result["new_tokens"])
+        print(_table(rows), file=sys.stderr)
+    print(f"[{result['new_tokens']} tokens, first token {result['time_to_first_token_s'] * 1000:.0f} ms, "
+          f"decode {result['decode_tok_s']:.1f} tok/s, {device} {result['dtype']}]", file=sys.stderr)
     return 0
+
+
+def generation_rows(result: dict) -> list[tuple[str, str]]:
+    """Returns the --stats rows every generation has (offloaded or not)."""
+    return [
+        ("tokens", f"{result['prompt_tokens']} prompt + {result['new_tokens']} new"),
+        ("time to first token", f"{result['time_to_first_token_s'] * 1e3:.1f} ms"),
+        ("decode", f"{result['decode_tok_s']:.1f} tok/s ({result['tok_s']:.1f} tok/s with the prompt)"),
+        ("device / dtype", f"{result['device']} {result['dtype']}, {result['threads']} CPU threads"
+                           + (", CUDA graph" if result["cuda_graph"] else "")),
+    ]
 
 
 # ---- inspect -------------------------------------------------------------------------------
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect_model import inspect_checkpoint
-    from .load import default_model_path
 
-    report = inspect_checkpoint(args.model if args.model is not None else default_model_path())
+    report = inspect_checkpoint(model_dir(args.model))
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
@@ -161,6 +180,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit", description="Run large Mixture-of-Experts models on small GPUs and CPUs.")
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
@@ -179,13 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step before capturing it (GPU; slow first call, faster decode)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, tok/s")
+    gen.add_argument("--stats", action="store_true",
+                     help="print generation statistics after the text (with --offload, the cache's too)")
+    add_threads_arg(gen)
     from .offload.cli import add_generate_flags
 
     add_generate_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     ins = sub.add_parser("inspect", help="sizes of a model: parameters, bytes, bits per expert parameter")
-    ins.add_argument("model", nargs="?", help="HF model directory (default: the bundled tiny MoE)")
+    add_model_args(ins)
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
 
@@ -198,20 +221,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Returns the process exit code of `moekit` run with argv."""
+    from .outputs import Terminated, signals_raise
+    from .threads import set_threads
+
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
+    import torch
+
+    threads_before = torch.get_num_threads()
     try:
-        return func(args)
+        with signals_raise():  # SIGTERM/SIGHUP unwind like Ctrl-C: writers delete their partial output
+            merge_model_args(args)
+            if hasattr(args, "threads"):
+                set_threads(args.threads)  # before any work: PyTorch's default oversubscribes busy machines
+            return func(args)
     except MoekitError as e:
         print(f"moekit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nmoekit: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"\nmoekit: terminated (signal {e.signum})", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        torch.set_num_threads(threads_before)  # main() also runs inside other programs (and tests)
 
 
 if __name__ == "__main__":

@@ -140,13 +140,17 @@ def balance_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 # ---- evaluation -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_perplexity(model: MoEModel, token_ids: torch.Tensor, seqlen: int, batch: int = 8) -> tuple[float, int]:
+def evaluate_perplexity(model: MoEModel, token_ids: torch.Tensor, seqlen: int, batch: int = 8,
+                        progress: bool = False) -> tuple[float, int]:
     """Returns (perplexity, tokens scored) of a token stream token_ids [M].
 
     The stream is cut into windows of seqlen + 1 tokens that share only their boundary token:
     the model reads seqlen tokens of each and every token after the first is scored exactly
-    once (M - 1 in all), without context from the window before.
+    once (M - 1 in all), without context from the window before. `progress` shows the scored
+    tokens on stderr (moekit.progress: a bar on a terminal, periodic lines otherwise).
     """
+    from .progress import Progress
+
     token_ids = token_ids.reshape(-1)
     if token_ids.numel() < 2:
         raise MoekitError(f"perplexity needs at least 2 tokens, got {token_ids.numel()}")
@@ -164,11 +168,14 @@ def evaluate_perplexity(model: MoEModel, token_ids: torch.Tensor, seqlen: int, b
     if token_ids.numel() - 1 > full * seqlen:
         pieces.append(token_ids[full * seqlen:][None])  # the short last window
     total = torch.zeros((), dtype=torch.float64, device=device)
+    bar = Progress(token_ids.numel() - 1, "scoring", unit="tokens", enabled=progress)
     try:
         with _autocast(device):
             for piece in pieces:
                 total += lm_loss(model, piece.to(device), reduction="sum").double()
+                bar.update(piece.shape[0] * (piece.shape[1] - 1))
     finally:
+        bar.close()
         model.train(was_training)
     scored = token_ids.numel() - 1
     return math.exp(total.item() / scored), scored

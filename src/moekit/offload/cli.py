@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from ..cli_common import add_model_args, add_overwrite_arg, add_threads_arg, table
 from ..errors import MoekitError
 from .config import MISSES, POLICIES, OffloadConfig, format_size, parse_size
 
@@ -16,17 +17,48 @@ from .config import MISSES, POLICIES, OffloadConfig, format_size, parse_size
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds `moekit pregate` to the command line."""
     p = sub.add_parser("pregate", help="train pre-gates that predict the next layer's experts (for --predictor pregate)")
-    p.add_argument("model", nargs="?", help="HF model directory (default: the bundled tiny MoE)")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="calibration text: a .txt/.jsonl file or a folder of them")
-    p.add_argument("--out", required=True, help="folder for pregate.safetensors, pregate.json, expert_counts.json")
+    p.add_argument("--out", required=True, help="folder for pregate.safetensors, pregate.json, expert_counts.json "
+                                                "(written atomically; must not exist, or be empty)")
     p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens to read (default 65536)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per layer")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None)
+    add_overwrite_arg(p)
+    add_threads_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_pregate)
+
+
+def check_pregate(args: argparse.Namespace):
+    """Returns (model folder, device) after checking every flag and path, before any loading."""
+    from ..checkpoint import parse_device, parse_dtype
+    from ..cli_common import data_path, model_context, model_dir
+    from ..outputs import check_output
+
+    if args.max_tokens < 2 or args.seqlen < 2 or args.steps <= 0:
+        raise MoekitError("--max-tokens and --seqlen must be >= 2, --steps > 0")
+    if args.lr <= 0:
+        raise MoekitError(f"--lr must be > 0, got {args.lr}")
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    parse_device(device)
+    parse_dtype(args.dtype)
+    path = model_dir(args.model)
+    context = model_context(path)
+    if args.seqlen > context:
+        raise MoekitError(f"--seqlen {args.seqlen} exceeds the model's context ({context} positions)")
+    data = data_path(args.data, "--data")
+    check_output(args.out, [path, data], args.overwrite)
+    return path, device
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cmd_pregate(args: argparse.Namespace) -> int:
@@ -34,23 +66,26 @@ def cmd_pregate(args: argparse.Namespace) -> int:
 
     from ..data import load_text
     from ..load import load_model
+    from ..progress import heartbeat
     from ..tokenizer import load_tokenizer
     from .pregate import save_pregates, train_pregates
 
-    if args.max_tokens < 2 or args.seqlen < 2 or args.steps <= 0:
-        raise MoekitError("--max-tokens and --seqlen must be >= 2, --steps > 0")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    path, device = check_pregate(args)
+    tokenizer = load_tokenizer(path)
+    with heartbeat("loading the model"):
+        model = load_model(path, device=device, dtype=args.dtype)
     stream: list[int] = []
     eos = model.generation_defaults.get("eos_token_ids", ())
     for doc in load_text(args.data):
         stream += tokenizer.encode(doc, add_special_tokens=False) + list(eos[:1])
         if len(stream) >= args.max_tokens:
             break
-    weights, report = train_pregates(model, torch.tensor(stream[: args.max_tokens]), steps=args.steps, lr=args.lr,
-                                     seqlen=args.seqlen, max_tokens=args.max_tokens)
-    out = save_pregates(weights, model.config, args.out, report)
+    moe_layers = sum(model.config.moe_layers)
+    with heartbeat(f"training pre-gates: {moe_layers - 1} layers x {args.steps} steps on "
+                   f"{min(len(stream), args.max_tokens):,} tokens", on_tty=True):
+        weights, report = train_pregates(model, torch.tensor(stream[: args.max_tokens]), steps=args.steps,
+                                         lr=args.lr, seqlen=args.seqlen, max_tokens=args.max_tokens)
+    out = save_pregates(weights, model.config, args.out, report, overwrite=args.overwrite)
     summary = {"out": str(out), "tokens": report.tokens, "seconds": round(report.seconds, 2),
                "loss_start": report.mean("loss_start"), "loss_end": report.mean("loss_end"),
                "recall_pregate": report.mean("recall_pregate"),
@@ -91,7 +126,6 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
                         "popular experts are copied in between steps)")
     g.add_argument("--strict-pregate", action="store_true",
                    help="run only the predicted experts (changes outputs; needs a model tuned for it)")
-    g.add_argument("--stats", action="store_true", help="print offload statistics after generating")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -169,6 +203,5 @@ def _cpu_rows(report: dict) -> list[tuple[str, str]]:
 
 
 def print_stats(report: dict, new_tokens: int) -> None:
-    from ..cli import _table
-
-    print(_table(stats_rows(report, new_tokens)), file=sys.stderr)
+    """Prints the offload --stats table on stderr."""
+    print(table(stats_rows(report, new_tokens)), file=sys.stderr)

@@ -7,24 +7,53 @@ import json
 import sys
 import warnings
 
+from pathlib import Path
+
 import torch
 
+from ..cli_common import (add_model_args, add_overwrite_arg, add_threads_arg, check_min, data_path, model_context,
+                          model_dir, refuse_compressed)
 from ..errors import MoekitError
+from ..outputs import check_output
+from ..progress import heartbeat
 
 
 def _add_common(p: argparse.ArgumentParser, data_flag: str) -> None:
-    p.add_argument("model", nargs="?", help="HF model directory (default: the bundled tiny MoE)")
+    add_model_args(p)
     p.add_argument(data_flag, required=True, help="text: a .txt/.jsonl file or a folder of them")
     p.add_argument("--samples", type=int, default=64, help="sequences of --seqlen tokens to use")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="which windows of the text are drawn (and --criterion random)")
+    add_threads_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def _device(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_common(args, command: str, min_samples: int = 1) -> Path:
+    """Returns the model folder after checking the flags and paths every command here shares
+    (cheap: config.json and file existence only), before any tokenising, loading or calibrating."""
+    from ..checkpoint import parse_device
+
+    check_min("--samples", args.samples, min_samples)
+    check_min("--seqlen", args.seqlen, 2)
+    check_min("--batch", args.batch, 1)
+    parse_device(_device(args))
+    path = model_dir(args.model)
+    refuse_compressed(path, command)
+    context = model_context(path)
+    if args.seqlen > context:
+        raise MoekitError(f"--seqlen {args.seqlen} exceeds the model's context ({context} positions)")
+    data_path(_text_path(args), "--calib" if getattr(args, "calib", None) else "--data")
+    return path
+
+
+def _text_path(args) -> str:
+    return getattr(args, "calib", None) or args.data
 
 
 def _samples(args, path):
@@ -33,20 +62,17 @@ def _samples(args, path):
     from ..data import load_text
     from ..tokenizer import load_tokenizer
 
-    if args.batch <= 0:
-        raise MoekitError(f"--batch must be > 0, got {args.batch}")
-    text = load_text(getattr(args, "calib", None) or args.data)
+    text = load_text(_text_path(args))
     return calibration_tokens(text, load_tokenizer(path), args.samples, args.seqlen, seed=args.seed)
 
 
-def _counted(args):
-    """Returns (model path, usage) counted block by block over the calibration text."""
-    from ..load import default_model_path
+def _counted(args, path):
+    """Returns usage counted block by block over the calibration text."""
     from .usage import usage_from_calibration
 
-    path = args.model if args.model is not None else default_model_path()
     samples = _samples(args, path)
-    return path, usage_from_calibration(path, samples, _device(args), args.batch, progress=sys.stderr.isatty())
+    with heartbeat(f"counting expert use over {samples.numel():,} tokens"):
+        return usage_from_calibration(path, samples, _device(args), args.batch, progress=sys.stderr.isatty())
 
 
 def _pct(x: float) -> str:
@@ -56,7 +82,7 @@ def _pct(x: float) -> str:
 # ---- usage -----------------------------------------------------------------------------------
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    _, usage = _counted(args)
+    usage = _counted(args, _check_common(args, "usage"))
     report = usage.to_dict()
     for row, i in zip(report["layers"], range(len(usage.layers))):
         order = torch.argsort(usage.hard[i], descending=True).tolist()
@@ -88,13 +114,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .rewrite import write_pruned
     from .select import select_experts
 
-    path, usage = _counted(args)
+    path = _check_common(args, "prune")
+    if not 0 < args.keep <= 1:
+        raise MoekitError(f"--keep must be in (0, 1] (the fraction of experts kept), got {args.keep}")
+    check_output(args.out, [path, args.calib], args.overwrite)
+    usage = _counted(args, path)
     kept_lists = select_experts(usage, args.keep, args.criterion, args.scope, seed=args.seed)
     kept = dict(zip(usage.layers, kept_lists))
     ckpt, family, cfg = read_config(path)
     facts = {"keep": args.keep, "criterion": args.criterion, "scope": args.scope,
              "calibration_tokens": usage.tokens, "kept_experts": {str(k): v for k, v in kept.items()}}
-    out = write_pruned(ckpt, family, cfg, kept, args.out, facts)
+    out = write_pruned(ckpt, family, cfg, kept, args.out, facts, overwrite=args.overwrite)
     rows = []
     for i, layer in enumerate(usage.layers):
         hard, soft = usage.dropped(i, kept[layer])
@@ -117,19 +147,40 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 # ---- finetune --------------------------------------------------------------------------------
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def _check_finetune(args: argparse.Namespace) -> Path:
+    """Returns the model folder after checking every finetune flag and path, before any work."""
     from ..load import read_config
-    from ..train import evaluate_perplexity, print_log
+    from .finetune import check_setting
+
+    path = _check_common(args, "finetune", min_samples=2)  # one sample at least is held out
+    if args.steps <= 0:
+        raise MoekitError(f"--steps must be > 0, got {args.steps}")
+    if args.lr <= 0:
+        raise MoekitError(f"--lr must be > 0, got {args.lr}")
+    _, _, cfg = read_config(path)
+    fewest = min(cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.moe_layers[i])
+    for flag, k in (("--top-k", args.top_k), ("--train-top-k", args.train_top_k)):
+        if k is not None and not 1 <= k <= fewest:
+            raise MoekitError(f"{flag} {k} is not possible: the model's MoE layers have {fewest} experts "
+                              f"(fewest in a layer); give 1..{fewest}")
+    train_top_k = args.train_top_k if args.train_top_k is not None else cfg.top_k
+    check_setting(cfg, train_top_k, args.train, args.entropy_weight)  # refusals only; warnings come later
+    check_output(args.out, [path, args.data], args.overwrite)
+    return path
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..load import load_model, read_config
+    from ..progress import Progress
+    from ..train import evaluate_perplexity
     from .finetune import check_setting, finetune_router, mean_router_entropy, set_top_k
     from .rewrite import write_pruned
 
-    if args.steps <= 0:
-        raise MoekitError(f"--steps must be > 0, got {args.steps}")
-    from ..load import default_model_path, load_model
-
-    path = args.model if args.model is not None else default_model_path()
+    path = _check_finetune(args)
     samples = _samples(args, path)
-    model = load_model(path, device=_device(args), dtype=torch.float32, progress=sys.stderr.isatty())  # fp32 master weights
+    with heartbeat("loading the model"):
+        model = load_model(path, device=_device(args), dtype=torch.float32,
+                           progress=sys.stderr.isatty())  # fp32 master weights
     if samples.shape[0] < 2:
         raise MoekitError("--data gives fewer than 2 samples; give more text (one is held out for evaluation)")
     held = max(1, samples.shape[0] // 10)
@@ -142,7 +193,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     warning = check_setting(model.config, train_top_k, args.train, args.entropy_weight)
     if warning:
         print(f"moekit finetune: warning: {warning}", file=sys.stderr)
-    ppl_before = evaluate_perplexity(model, eval_stream, args.seqlen, args.batch)[0]
+    ppl_before = evaluate_perplexity(model, eval_stream, args.seqlen, args.batch, progress=True)[0]
     entropy_before = mean_router_entropy(model, eval_rows, args.batch)
 
     def batches():
@@ -151,12 +202,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             for i in torch.randperm(train_rows.shape[0], generator=g).split(args.batch):
                 yield train_rows[i]
 
-    on_log = print_log if (sys.stderr.isatty() and not args.json) else None
-    with warnings.catch_warnings():
+    bar = Progress(args.steps, "fine-tuning", unit="steps")
+    done = 0
+
+    def on_log(record: dict) -> None:
+        nonlocal done
+        bar.update(int(record["step"]) - done, note=f"loss {record['loss']:.4f}")
+        done = int(record["step"])
+
+    with warnings.catch_warnings(), bar:
         warnings.simplefilter("ignore")  # printed above already
         result = finetune_router(model, batches(), args.steps, args.top_k, args.entropy_weight, args.lr, args.train,
-                                 train_top_k=train_top_k, log_every=max(1, args.steps // 10), on_log=on_log)
-    ppl_after = evaluate_perplexity(model, eval_stream, args.seqlen, args.batch)[0]
+                                 train_top_k=train_top_k, log_every=max(1, args.steps // 50), on_log=on_log)
+    ppl_after = evaluate_perplexity(model, eval_stream, args.seqlen, args.batch, progress=True)[0]
     entropy_after = mean_router_entropy(model, eval_rows, args.batch)
     ckpt, family, cfg = read_config(path)
     replace = _trained_tensors(model, family, cfg, args.train)
@@ -201,7 +259,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("prune", help="drop the least-used experts (SEER-MoE heavy-hitter pruning)")
     _add_common(p, "--calib")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (must not exist, or be empty)")
+    add_overwrite_arg(p)
     p.add_argument("--keep", type=float, required=True, help="fraction of experts to keep, e.g. 0.75")
     p.add_argument("--criterion", default="hard", choices=("hard", "soft", "random"))
     p.add_argument("--scope", default="layer", choices=("layer", "global"))
@@ -209,7 +268,8 @@ def register(sub) -> None:
 
     f = sub.add_parser("finetune", help="fine-tune the router so a smaller top-k keeps quality")
     _add_common(f, "--data")
-    f.add_argument("--out", required=True, help="output model directory")
+    f.add_argument("--out", required=True, help="output model directory (must not exist, or be empty)")
+    add_overwrite_arg(f)
     f.add_argument("--top-k", type=int, required=True, help="top-k to route with after fine-tuning (written)")
     f.add_argument("--train-top-k", type=int, default=None,
                    help="top-k during fine-tuning (default: the checkpoint's). At top-1 with renormalised "

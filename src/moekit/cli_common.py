@@ -1,0 +1,124 @@
+"""What every `moekit` command shares: the model folder flags and checks, --threads, the cheap
+flag checks run before any loading, and the table and size formats. Imported by moekit.cli and
+by each pillar's cli module (it imports neither, so they do not import each other)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import MoekitError
+
+
+# ---- formats -----------------------------------------------------------------------------------
+
+def fmt_count(n: float) -> str:
+    """Returns a count with a K/M/G/T suffix, e.g. 1.25M."""
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_bytes(n: float) -> str:
+    """Returns a size in binary units, e.g. 1.50 GiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    """Returns (name, value) rows as two aligned columns."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+# ---- flags -------------------------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Adds the model folder as an optional positional DIR and as --model DIR (the flag
+    `moekit generate` takes, whose positional is the prompt); main() merges the two."""
+    p.add_argument("model", nargs="?", help="HF model directory (default: the bundled tiny MoE)")
+    p.add_argument("--model", dest="model_flag", metavar="DIR", default=None, help="the same as DIR")
+
+
+def merge_model_args(args: argparse.Namespace) -> None:
+    """Sets args.model from --model when DIR was not given; raises MoekitError when both differ."""
+    flag = getattr(args, "model_flag", None)
+    if flag is None:
+        return
+    if args.model is not None and Path(args.model) != Path(flag):
+        raise MoekitError(f"the model is given twice ({args.model} and --model {flag}); give one")
+    args.model = flag
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """Adds --threads N (PyTorch intra-op threads; default: moekit.threads.default_threads)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: the cores this process may use, less busy ones)")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    """Adds --overwrite (replace --out when moekit wrote it; see moekit.outputs)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists and moekit wrote it (never an input or another folder)")
+
+
+# ---- checks before any work ---------------------------------------------------------------------
+
+def model_dir(path: str | Path | None, flag: str = "DIR") -> Path:
+    """Returns the model folder (default: the bundled tiny MoE), checked to exist and hold a
+    config.json; raises a one-line MoekitError otherwise."""
+    from .load import default_model_path
+
+    if path is None:
+        return default_model_path()
+    p = Path(path)
+    if not p.exists():
+        raise MoekitError(f"{flag} {p}: no such directory; give a Hugging Face model directory")
+    if not p.is_dir():
+        raise MoekitError(f"{flag} {p}: not a directory; give a Hugging Face model directory (config.json, "
+                          "*.safetensors, tokenizer.json)")
+    if not (p / "config.json").is_file():
+        raise MoekitError(f"{p}: no config.json; give a Hugging Face model directory")
+    return p
+
+
+def refuse_compressed(path: Path, command: str) -> None:
+    """Raises MoekitError when the checkpoint at `path` is moekit-compressed (config.json has a
+    moekit quantization_config): `command` works on the original dense weights."""
+    from .checkpoint import read_json
+    from .quant.config import is_moekit_quantized
+
+    config = read_json(path / "config.json")
+    if is_moekit_quantized(config):
+        q = config["quantization_config"]
+        form = f"{q.get('method', '?')} {q.get('bits', '?')}{'' if q.get('bits') == 'ternary' else '-bit'}"
+        raise MoekitError(f"{path} is a compressed checkpoint ({form} experts, see quantization_config in "
+                          f"its config.json); `moekit {command}` needs dense weights: run it on the original "
+                          "(bf16/fp32) checkpoint you compressed" + ("" if command == "compress" else ", then compress "
+                                                                     "its output"))
+
+
+def data_path(path: str | Path | None, flag: str) -> Path | None:
+    """Returns a --data/--calib path checked to exist (None stays None)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise MoekitError(f"{flag} {p}: not found; give a text file, a .jsonl file or a folder of them")
+    return p
+
+
+def check_min(flag: str, value: float | None, minimum: float) -> None:
+    """Raises MoekitError when a flag's value is below `minimum` (None is not checked)."""
+    if value is not None and value < minimum:
+        raise MoekitError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def model_context(path: Path) -> int:
+    """Returns the model's max_position_embeddings, reading config.json only."""
+    from .load import read_config
+
+    return read_config(path)[2].max_position_embeddings
