@@ -170,6 +170,7 @@ def test_finetune_refuses_an_existing_out_before_training(work, capsys, no_work,
 
 def test_overwrite_replaces_a_moekit_output(work, capsys, tmp_path):
     out = tmp_path / "c"
+    out.mkdir()  # an empty folder holds nothing to lose: it is written without --overwrite
     args = ["compress", str(work / "model"), "--method", "rtn", "--bits", "4", "--device", "cpu", "--out", str(out)]
     assert run_cli(capsys, *args)[0] == 0
     (out / "stale.txt").write_text("from before")

@@ -28,6 +28,7 @@ from ..calibrate import MoELayerInputs, run_calibration
 from ..checkpoint import INDEX_FILE, Checkpoint, parse_device
 from ..errors import MoekitError
 from ..load import fill_stacked_experts, read_config
+from ..outputs import check_replaceable
 from ..save import write_checkpoint
 from . import code as codec
 from .config import INT, QuantConfig
@@ -175,8 +176,7 @@ def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens:
     t0 = time.perf_counter()
     device = parse_device(device)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise MoekitError(f"{out}: already exists; choose another --out or remove it first")
+    check_replaceable(out, overwrite)  # the writer's own rule, checked before the work
     ckpt, family, cfg = read_config(src)
     if cfg.num_moe_layers == 0:
         raise MoekitError(f"{ckpt.path}: the model has no MoE layers: nothing to compress")
