@@ -29,21 +29,18 @@ Each phase is wrapped in try/except; the JSON is rewritten after every phase.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
+from common import HBM_BYTES_PER_S, log, nbytes
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(common.REPO / "examples"))
 
 import moekit  # noqa: E402
 from moekit.quant import ops  # noqa: E402
@@ -52,7 +49,6 @@ from moekit.quant.code import (CHUNKS, build_dictionary, choose_dictionary, code
 from moekit.quant.gptq import rtn_quantize  # noqa: E402
 from moekit.quant.grids import IntGrid, TernaryGrid, pack_codes  # noqa: E402
 
-HBM_BYTES_PER_S = 4.2e12  # measured HBM copy bandwidth of the H200 (BENCH.md)
 SHAPES = {  # (rows R, columns K) of x @ W^T, W [R, K]
     "mixtral-8x7b gate/up (14336x4096)": (14336, 4096),
     "mixtral-8x7b down (4096x14336)": (4096, 14336),
@@ -62,44 +58,10 @@ SHAPES = {  # (rows R, columns K) of x @ W^T, W [R, K]
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def log(msg: str) -> None:
-    print(f"[bench_compress {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class Timer:
-    """Median time of a callable: CUDA events with an L2 flush before each call; wall clock on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
-
-    def __call__(self, fn, reps: int = 25, warmup: int = 3) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if self.device.type == "cuda":
-                self.flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-        times.sort()
-        return times[len(times) // 2]
-
-
-def nbytes(*ts: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
 def phase_kernels(device: torch.device, small: bool) -> dict:
-    timer = Timer(device)
+    def timer(fn, reps: int = 25) -> float:  # single calls between CUDA events, L2 flushed before each
+        return common.median_s(fn, device, reps=reps, warmup=3, flush_l2=True)
+
     shapes = {"small 96x256": (96, 256), "small 256x96": (256, 96)} if small else SHAPES
     batches = (1, 4, 64) if small else BATCHES
     use_kernels = device.type == "cuda"
@@ -440,29 +402,23 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results", help="folder for bench_compress.json")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_output_args(ap, "bench_compress")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test of the script")
     ap.add_argument("--phases", default="rate,kernels,decode,compress_time,perplexity")
     ap.add_argument("--decode-steps", type=int, default=None, help="new tokens per decode run (default 128)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "bench_compress.json"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "small": args.small,
-                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                     "torch": torch.__version__, "command": " ".join(sys.argv), "hbm_bytes_per_s": HBM_BYTES_PER_S}
+    meta = common.run_meta(args, device)
+    results: dict = {"date": meta["date"], "commit": meta["commit"], "dirty": meta["dirty"], "small": args.small,
+                     "device": common.device_name(device), "torch": torch.__version__, "command": meta["command"],
+                     "hbm_bytes_per_s": HBM_BYTES_PER_S, "meta": meta}
     tmp = Path(tempfile.mkdtemp(prefix="bench_compress-"))
     phases = {"rate": lambda: phase_rate(args.small),
               "kernels": lambda: phase_kernels(device, args.small),
               "decode": lambda: phase_decode(device, args.small, args.decode_steps),
               "compress_time": lambda: phase_compress_time(device, args.small, tmp),
               "perplexity": lambda: phase_perplexity(device, args.small, tmp)}
+    json_path = common.write_json(results, args.out, "bench_compress")
     for name in args.phases.split(","):
         t = time.perf_counter()
         log(f"phase {name}")
@@ -472,7 +428,7 @@ def main() -> None:
             results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             log(f"phase {name} FAILED: {e}")
         results.setdefault("phase_seconds", {})[name] = round(time.perf_counter() - t, 1)
-        json_path.write_text(json.dumps(results, indent=1, default=str))
+        common.write_json(results, args.out, "bench_compress")
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     print(markdown(results), flush=True)

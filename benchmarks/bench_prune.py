@@ -16,7 +16,6 @@ score is on held-out files.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -25,9 +24,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import common  # also puts src/ on sys.path when moekit is not importable
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(common.REPO / "examples"))
 import train_tiny  # noqa: E402  (corpus split shared with the bundled model's training)
 
 import moekit  # noqa: E402
@@ -201,7 +201,7 @@ def topk_rows(path: Path, reference, held: torch.Tensor, tune: torch.Tensor, dev
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None, help="default: the bundled tiny MoE")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--device", default="cpu")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seqlen + 1 tokens")
@@ -242,16 +242,14 @@ def main() -> None:
     usage = usage_from_calibration(path, calib, args.device, args.batch)
     results = {"meta": {"model": str(path), "python_stdlib": platform.python_version(), "device": args.device,
                         "torch": torch.__version__, "args": vars(args), "calibration_tokens": usage.tokens,
-                        "date": time.strftime("%Y-%m-%d")}, "rows": rows}
+                        "date": time.strftime("%Y-%m-%d"), "run": common.run_meta(args, args.device)}, "rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.only_topk:
             rows += prune_grid(path, usage, reference, held, args.device, args.batch, Path(tmp),
                                random_seeds=tuple(range(args.random_seeds)))
         rows += topk_rows(path, reference, held, tune, args.device, args.batch, [known[n] for n in names])
     results["seconds"] = time.perf_counter() - t0
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = "bench_prune.json" if not args.only_topk else "bench_prune_topk.json"
-    (Path(args.out) / name).write_text(json.dumps(results, indent=1))
+    common.write_json(results, args.out, "bench_prune" if not args.only_topk else "bench_prune_topk")
     print("\n| variant | held-out ppl | KL to unpruned (nats/token) | expert params | active params / token "
           "| MFLOP / token |")
     print("|---|---|---|---|---|---|")

@@ -39,15 +39,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
-import json
 import os
-import platform
 import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,23 +54,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import common  # also puts src/ on sys.path when moekit is not importable
 import torch
+from common import BF16_FLOP_PER_S, HBM_BYTES_PER_S, free_memory, log, sync
 
-REPO = Path(__file__).resolve().parent.parent
-try:
-    import moekit
-except ImportError:  # run without PYTHONPATH=src: use the source tree next to this script
-    sys.path.insert(0, str(REPO / "src"))
-    import moekit
+import moekit
 from moekit.experts import resident as moekit_resident
 
-HBM_BYTES_PER_S = 4.2e12  # BENCH.md: HBM device-to-device copy, read + write
-BF16_FLOP_PER_S = 790e12  # BENCH.md: bf16 GEMM 8192x4096x14336
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+T0 = common.T_START
 
 
 # ---- shapes and ceilings ----------------------------------------------------------------
@@ -168,30 +155,9 @@ def prefill_ceiling(s: Shape, tokens: int) -> dict[str, float]:
 
 # ---- timing and memory ------------------------------------------------------------------
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_runs(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> list[float]:
     """Returns the seconds of `reps` calls of fn after `warmup` calls (CUDA events on GPUs)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return times
+    return common.times_s(fn, device, reps=reps, warmup=warmup)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -202,12 +168,6 @@ def module_bytes(module: torch.nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 class Deadline(Exception):
@@ -255,25 +215,20 @@ class Bench:
     def _meta(self) -> dict[str, Any]:
         import transformers
         a = self.args
+        info = common.device_info(self.device)
         meta = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join(["PYTHONPATH=" + os.environ.get("PYTHONPATH", ""), "python3"] + sys.argv),
-            "args": vars(a), "git_commit": git_commit(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "device": str(self.device), "device_name": platform.processor() or platform.machine(),
+            "args": vars(a), "git_commit": common.git_commit(), "git_dirty": common.git_dirty(),
+            **common.versions(), "torch_cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "device": str(self.device), "device_name": info["name"], "device_info": info,
         }
         if self.cuda:
-            props = torch.cuda.get_device_properties(self.device)
-            meta.update(device_name=props.name, device_memory_bytes=props.total_memory,
-                        device_sm_count=props.multi_processor_count)
+            meta.update(device_memory_bytes=info["memory_bytes"], device_sm_count=info["sm_count"])
         return meta
 
     def save(self) -> None:
-        path = self.out / "bench_resident.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.results, indent=2, default=str))
-        os.replace(tmp, path)
+        common.write_json(self.results, self.out, "bench_resident")
 
     def elapsed(self) -> float:
         return time.perf_counter() - T0
@@ -609,17 +564,6 @@ def moekit_expert_path() -> dict[str, Any]:
     if ops is not None:
         info["have_triton"] = bool(getattr(ops, "HAVE_TRITON", False))
     return info
-
-
-def git_commit() -> str:
-    for var in ("MOEKIT_GIT_COMMIT", "GIT_COMMIT"):
-        if os.environ.get(var):
-            return os.environ[var]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,19 +24,18 @@ the stored bytes of the A experts read.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
+import common  # also puts src/ on sys.path when moekit is not importable
 import torch
 import torch.nn.functional as F
+from common import HBM_BYTES_PER_S, nbytes
 
 from moekit.quant import ops
 from moekit.quant.code import build_dictionary, encode, symbol_probabilities
 from moekit.quant.gptq import rtn_quantize
 from moekit.quant.grids import IntGrid, TernaryGrid, pack_codes
 
-HBM_BYTES_PER_S = 4.2e12  # measured HBM copy bandwidth of the H200
 SHAPES = {  # name: (rows R, columns K)
     "mixtral gate/up": (14336, 4096),
     "mixtral down": (4096, 14336),
@@ -53,10 +52,10 @@ INT_GRID = {  # batch bucket: (BLOCK_N, BLOCK_K code lanes, num_warps, use tl.do
 }
 CODE_GRID = {  # batch bucket: (BLOCK_R, codewords per row per step, num_warps)
     # batch 1: 8-bit codewords are read four to a lane, so tiles of 128 words per warp give every
-    # thread one lane (profile_code_kernel.py --sweep); a few larger ones for 16-bit words
+    # thread one lane (probes/profile_code_kernel.py --sweep); a few larger ones for 16-bit words
     1: [(4, 32, 1), (2, 64, 1), (1, 128, 1), (2, 32, 1), (1, 64, 1), (8, 32, 1), (4, 64, 1), (2, 128, 1),
         (1, 256, 1), (8, 32, 2), (4, 64, 2), (2, 128, 2), (16, 32, 4), (8, 64, 4), (4, 128, 4), (8, 256, 4)],
-    # batch 2-64 (profile_code_kernel.py --batches): one-warp tiles won at every batch on mixtral's shapes
+    # batch 2-64 (probes/profile_code_kernel.py --batches): one-warp tiles won at every batch on mixtral's shapes
     8: [(2, 64, 1), (1, 128, 1), (4, 32, 1), (8, 32, 2), (4, 64, 2), (8, 128, 4)],
     64: [(2, 64, 1), (1, 128, 1), (4, 32, 1), (8, 32, 2), (4, 64, 2), (8, 128, 4)],
 }
@@ -80,12 +79,26 @@ def plan() -> list[tuple[str, int, str, tuple]]:
     return out
 
 
-def nbytes(*ts: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def time_config(cfg: tuple, check, timed, ref: torch.Tensor, bench, stored_bytes: int) -> dict:
+    """Returns one config's run: seconds of timed() (bench), relative error of check() against
+    ref, and GB/s of stored_bytes; or the error of a config that does not compile."""
+    try:
+        err = rel_err(check(), ref)
+        seconds = bench(timed)
+    except Exception as e:  # a config that does not compile (registers, shared memory)
+        return {"cfg": list(cfg), "error": str(e)[:200]}
+    return {"cfg": list(cfg), "s": seconds, "rel_err": err, "GBps": stored_bytes / seconds / 1e9}
+
+
+def pick(runs: list[dict], default: tuple) -> tuple[dict | None, dict | None]:
+    """Returns (fastest run within REL_ERR_MAX, the default config's run); None where there is none."""
+    ok = [r for r in runs if "s" in r and r["rel_err"] <= REL_ERR_MAX]
+    best = min(ok, key=lambda r: r["s"]) if ok else None
+    return best, next((r for r in runs if r["cfg"] == list(default) and "s" in r), None)
 
 
 def make_matrices(rows: int, cols: int) -> dict:
@@ -127,10 +140,8 @@ def tune_slots(out_dir: str, shapes: dict = SLOT_SHAPES, device: str = "cuda", b
     """Times the per-slot kernels over the batch-1 grids; prints the *_SLOT_TUNED tables and
     returns the results (`device` and `bench` other than the defaults: a CPU smoke test)."""
     if bench is None:
-        import triton.testing
-
-        bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e-3  # noqa: E731
-    results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else device,
+        bench = lambda fn: common.do_bench_s(fn, warmup=5, rep=20)  # noqa: E731
+    results: dict = {"meta": common.run_meta(None, device), "device": common.device_name(device),
                      "int": f"int{INT_BITS} group {INT_GROUP}", "shapes": {}}
     int_tuned, code_tuned = {}, {}
     for name, (e, d, i, a) in shapes.items():
@@ -157,16 +168,9 @@ def tune_slots(out_dir: str, shapes: dict = SLOT_SHAPES, device: str = "cuda", b
                 runs = []
                 for cfg in [default] + [c for c in grid if c != default]:
                     counter = iter(range(1 << 30))
-                    try:
-                        err = rel_err(run(routings[0], cfg), ref)
-                        seconds = bench(lambda: run(routings[next(counter) % 8], cfg))
-                    except Exception as ex:  # a config that does not compile
-                        runs.append({"cfg": list(cfg), "error": str(ex)[:200]})
-                        continue
-                    runs.append({"cfg": list(cfg), "s": seconds, "rel_err": err, "GBps": a * stored / seconds / 1e9})
-                ok = [r for r in runs if "s" in r and r["rel_err"] <= REL_ERR_MAX]
-                best = min(ok, key=lambda r: r["s"]) if ok else None
-                base = next((r for r in runs if r["cfg"] == list(default) and "s" in r), None)
+                    runs.append(time_config(cfg, lambda: run(routings[0], cfg),
+                                            lambda: run(routings[next(counter) % 8], cfg), ref, bench, a * stored))
+                best, base = pick(runs, default)
                 entry[f"{kernel} {kind}"] = {"runs": runs, "best": best, "default": base,
                                              "floor_s": a * stored / HBM_BYTES_PER_S}
                 if best:
@@ -192,14 +196,13 @@ def tune_slots(out_dir: str, shapes: dict = SLOT_SHAPES, device: str = "cuda", b
     for k, v in code_tuned.items():
         print(f"    {k}: {v},")
     print("}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "tune_quant_slots.json").write_text(json.dumps(results, indent=1))
+    common.write_json(results, out_dir, "tune_quant_slots")
     return results
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--dry-run", action="store_true", help="list what would be timed and exit")
     p.add_argument("--slots", action="store_true", help="tune the per-slot (decode) kernels instead")
     args = p.parse_args()
@@ -214,15 +217,14 @@ def main() -> None:
         print(f"{len(todo)} timings ({counts}); per kernel and shape: "
               f"{ {k: v // len(SHAPES) for k, v in counts.items()} }")
         return
-    import triton.testing
-
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results: dict = {"meta": common.run_meta(args, "cuda"), "device": common.device_name("cuda"),
+                     "torch": torch.__version__,
                      "hbm_bytes_per_s": HBM_BYTES_PER_S, "int": f"int{INT_BITS} group {INT_GROUP}", "shapes": {}}
     int_tuned, code_tuned = {}, {}
     summary = []
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e-3  # noqa: E731
+    bench = lambda fn: common.do_bench_s(fn, warmup=5, rep=20)  # noqa: E731
     for name, (rows, cols) in SHAPES.items():
         mats = make_matrices(rows, cols)
         stored = {"bf16": nbytes(mats["bf16"]), "int4": nbytes(*mats["int4"]), "code": nbytes(*mats["code"])}
@@ -245,16 +247,8 @@ def main() -> None:
                         fn = lambda cfg=cfg: ops.int_linear_triton(x, *mats["int4"], INT_BITS, config=cfg)  # noqa: E731
                     else:
                         fn = lambda cfg=cfg: ops.code_linear_triton(x, *mats["code"], config=cfg)  # noqa: E731
-                    try:
-                        err = rel_err(fn(), refs[kernel])
-                        seconds = bench(fn)
-                    except Exception as e:  # a config that does not compile (registers, shared memory)
-                        runs.append({"cfg": list(cfg), "error": str(e)[:200]})
-                        continue
-                    runs.append({"cfg": list(cfg), "s": seconds, "rel_err": err, "GBps": stored[kernel] / seconds / 1e9})
-                ok = [r for r in runs if "s" in r and r["rel_err"] <= REL_ERR_MAX]
-                best = min(ok, key=lambda r: r["s"]) if ok else None
-                base = next((r for r in runs if r["cfg"] == list(default) and "s" in r), None)
+                    runs.append(time_config(cfg, fn, fn, refs[kernel], bench, stored[kernel]))
+                best, base = pick(runs, default)
                 row[kernel] = {"runs": runs, "best": best, "default": base,
                                "floor_s": stored[kernel] / HBM_BYTES_PER_S}
                 if best:
@@ -286,8 +280,7 @@ def main() -> None:
     for k, v in code_tuned.items():
         print(f"    {k}: {v},")
     print(f"}}\nelapsed {results['elapsed_s']:.0f} s")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "tune_quant_kernels.json").write_text(json.dumps(results, indent=1))
+    common.write_json(results, args.out, "tune_quant_kernels")
 
 
 if __name__ == "__main__":

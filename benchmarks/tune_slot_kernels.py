@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-from pathlib import Path
 
+import common  # also puts src/ on sys.path when moekit is not importable
 import torch
 import triton
-import triton.testing
 
 from moekit.experts import triton_ops
 from moekit.kernels.moe_slots import slot_down_kernel, slot_gate_up_swiglu_kernel
@@ -34,7 +32,7 @@ WARPS = (4, 8)
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=str(common.RESULTS_DIR))
     args = p.parse_args()
     torch.manual_seed(0)
     results, tuned = {}, {}
@@ -68,7 +66,7 @@ def main() -> None:
                             h, ids, w.reshape(-1), down, ids, outs["down"], d, i, down.stride(0), down.stride(1), d,
                             0, K=i, BLOCK_N=bn, BLOCK_K=bk, OFFSETS=False, num_warps=warps)
                 try:
-                    ms = triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
+                    ms = common.do_bench_s(run, warmup=10, rep=40) * 1e3
                 except Exception as err:  # a config that does not compile (registers, shared memory)
                     results.setdefault(name, {}).setdefault(kernel, []).append(
                         {"cfg": [bn, bk, warps], "error": str(err)[:200]})
@@ -93,9 +91,8 @@ def main() -> None:
     for (kernel, d, i), cfg in tuned.items():
         print(f'    ("{kernel}", {d}, {i}): {cfg},')
     print("}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "tune_slot_kernels.json").write_text(json.dumps(
-        {"results": results, "tuned": {f"{k}:{d}x{i}": v for (k, d, i), v in tuned.items()}}, indent=1))
+    common.write_json({"meta": common.run_meta(args, "cuda"), "results": results,
+                       "tuned": {f"{k}:{d}x{i}": v for (k, d, i), v in tuned.items()}}, args.out, "tune_slot_kernels")
 
 
 if __name__ == "__main__":
