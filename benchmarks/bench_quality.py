@@ -28,13 +28,11 @@ T_PROCESS = time.perf_counter()  # the budget counts from here: imports (torch, 
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import shutil
 import site
 import sys
-import subprocess
 import sysconfig
 import tempfile
 import threading
@@ -47,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 import bench_prune  # noqa: E402  (score, active, prune_grid, recipes, topk_rows)
+import common  # noqa: E402  (also puts src/ on sys.path when moekit is not importable)
+from common import git_commit, log  # noqa: E402
 import train_tiny  # noqa: E402  (file reading, held-out rule, tokenizer, batches)
 
 import moekit  # noqa: E402
@@ -99,21 +99,6 @@ def settings(args: argparse.Namespace) -> dict:
                 seqlen=512, batch=64, lr=2e-3, weight_decay=0.1, warmup=100, max_steps=100_000, train_max_s=260.0,
                 eval_windows=128, calib_samples=128, prune_calib_samples=256, finetune_steps=200,
                 pregate_tokens=65536, pregate_steps=300, score_batch=16)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T_PROCESS:6.1f}s] {msg}", flush=True)
-
-
-def git_commit() -> str | None:
-    """Returns MOEKIT_GIT_COMMIT, else the checkout's short HEAD, else None (a copy without .git)."""
-    if os.environ.get("MOEKIT_GIT_COMMIT"):
-        return os.environ["MOEKIT_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ---------------------------------------------------------------- corpus
@@ -359,15 +344,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"meta": {"command": " ".join(["python3", *sys.argv]), "settings": s, "date": time.strftime("%Y-%m-%d"),
                           "python": platform.python_version(), "torch": torch.__version__,
-                          "commit": git_commit(),
-                          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                          f"CPU ({platform.machine()}, {os.cpu_count()} cores)"},
+                          "commit": git_commit(), "dirty": common.git_dirty(),
+                          "device_name": common.device_name(device), "device_info": common.device_info(device)},
                  "phase_seconds": {}}
     lock = threading.Lock()
 
     def save() -> None:
         with lock:
-            (out / "bench_quality.json").write_text(json.dumps(res, indent=1, default=str))
+            common.write_json(res, out, "bench_quality")
 
     def watchdog() -> None:  # the hard stop: whatever is measured gets written and printed
         res["meta"]["stopped_by_watchdog"] = True

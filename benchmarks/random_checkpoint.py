@@ -31,9 +31,11 @@ def olmoe_hf_config(layers: int, hidden: int, expert_ffn: int, experts: int, top
             "bos_token_id": None, "torch_dtype": "bfloat16"}
 
 
-def device_rand(device: torch.device, seed: int = 0, std: float = 0.02) -> Rand:
-    """Returns rand(*shape): N(0, std) bf16 drawn on `device` from one seeded generator, on the CPU."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+def device_rand(device: torch.device, seed: int = 0, std: float = 0.02,
+                generator: torch.Generator | None = None) -> Rand:
+    """Returns rand(*shape): N(0, std) bf16 drawn on `device` from one generator (`generator`, else
+    a new one seeded with `seed`), moved to the CPU."""
+    gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) * std).cpu()
