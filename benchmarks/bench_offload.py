@@ -35,7 +35,6 @@ accelerate model's CPU weights); only the non-expert weights go through a checkp
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -44,7 +43,10 @@ import time
 import traceback
 from pathlib import Path
 
+import common  # also puts src/ on sys.path when moekit is not importable
 import torch
+from common import free_memory, log, sync
+from random_checkpoint import device_rand, non_expert_tensors
 
 import moekit
 from moekit.load import ExpertLoader, load_model
@@ -73,15 +75,6 @@ MISS_ROWS = (("cpu", "none"), ("cpu", "speculative"), ("auto", "speculative"),
 MISS_LABELS = {"cpu": "CPU misses", "auto": "auto", "mapped": "misses read in place"}
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ---- building the model --------------------------------------------------------------------
 
 def hf_config(shape: str, small: bool):
@@ -107,29 +100,10 @@ def build(shape: str, small: bool, device: torch.device, root: Path):
     (folder / "config.json").write_text(json.dumps(data))
     family = family_for(data, where=str(folder))
     cfg = family.config(data)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rand(*shape_):
-        return (torch.randn(shape_, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu()
-
-    d, qd, kvd = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    tensors = {"model.embed_tokens.weight": rand(cfg.vocab_size, d), "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)}
-    if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = rand(cfg.vocab_size, d)
-    for i in range(cfg.num_layers):
-        for name in family.norm_names(i):
-            tensors[name] = torch.ones(d, dtype=torch.bfloat16)
-        for part, rows in (("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)):
-            tensors[family.attn_name(i, part) + ".weight"] = rand(rows, d)
-        tensors[family.attn_name(i, "o_proj") + ".weight"] = rand(d, qd)
-        if cfg.qk_norm == "head":
-            tensors[family.attn_name(i, "q_norm") + ".weight"] = torch.ones(cfg.head_dim, dtype=torch.bfloat16)
-            tensors[family.attn_name(i, "k_norm") + ".weight"] = torch.ones(cfg.head_dim, dtype=torch.bfloat16)
-        tensors[family.router_name(i)] = rand(cfg.num_experts, d)
-    save_file(tensors, str(folder / "model.safetensors"))
-    del tensors
+    gen = torch.Generator(device=device).manual_seed(0)  # the non-expert weights, then the experts
+    save_file(non_expert_tensors(family, cfg, device_rand(device, generator=gen)), str(folder / "model.safetensors"))
     host = {}
-    e, ffn = cfg.num_experts, cfg.expert_ffn
+    d, e, ffn = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn
     pin = device.type == "cuda"
     for i in range(cfg.num_layers):  # made on the device, copied once into page-locked memory
         layer = {}
@@ -215,11 +189,8 @@ def resident_row(model, ids, tokens, device) -> dict:
 
 
 def free():
-    """Returns cached device memory once the caller has dropped its references."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    """Returns cached device memory once the caller has dropped its references (peak counter reset)."""
+    free_memory(reset_peak=True)
 
 
 def offload_row(r: dict, rep: dict, budget: int, bw: float, compute_s: float | None,
@@ -636,8 +607,7 @@ def model_bytes_share(model, share, device) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_output_args(parser, "bench_offload")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke test)")
     parser.add_argument("--shape", default="all", choices=("all", *SHAPES))
     parser.add_argument("--budgets", default="0.25,0.10", help="shares of the model's bytes (\"\" for none: e.g. compressed rows only)")
@@ -670,21 +640,15 @@ def main() -> int:
         if bits not in ("ternary", "2", "3", "4"):
             parser.error(f"--compressed-bits: {bits!r} is not one of ternary, 2, 3, 4")
     device = torch.device(args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    meta = common.run_meta(args, device)
+    results = {"device": common.device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()},
-               "command": " ".join(sys.argv), "tmp": args.tmp, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "cpu_threads": torch.get_num_threads(), "cpus_usable": cores, "cpu_count": os.cpu_count()}
-    try:
-        import subprocess
-        results["commit"] = os.environ.get("MOEKIT_GIT_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except Exception:
-        pass
+               "command": meta["command"], "tmp": args.tmp, "started": meta["date"],
+               "cpu_threads": torch.get_num_threads(), "cpus_usable": cores, "cpu_count": os.cpu_count(),
+               "commit": meta["commit"], "dirty": meta["dirty"], "meta": meta}
 
     def save():
-        (out_dir / "bench_offload.json").write_text(json.dumps(results, indent=1, default=str))
+        common.write_json(results, args.out, "bench_offload")
 
     results["h2d_bytes_per_s"] = args.h2d = h2d_bandwidth(device)
     log(f"pinned host-to-device: {results['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
