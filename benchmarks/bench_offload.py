@@ -412,7 +412,7 @@ def bench_compressed(shape, bits, args, device, res, folder, cfg, host, ids, con
                 r = run_generate(model, ids, args.tokens)
                 rep = runtime.report()
                 offload_row(r, rep, budget, bw, compute_s)
-                r["slot_layout"] = runtime.form.describe()
+                r["slot_layout"] = runtime.layout.describe()
                 row[predictor] = r
                 log(f"{shape} {bits} {key} {predictor}: {r['decode_tok_s']:.2f} tok/s (ceiling {r['ceiling_tok_s'] or 0:.2f}), "
                     f"{r['cache_slots']} of {rep['plan']['total_experts']} experts cached, hit {r['hit_rate']:.2f}, "
@@ -595,11 +595,11 @@ def bench_pregate(device, results, save, max_tokens=32768, steps=300):
 
 def model_bytes_share(model, share, device) -> int:
     """Returns a budget of the non-expert weights + KV + reserve + `share` of the expert bytes."""
-    from moekit.offload.forms import dense_form
+    from moekit.experts.forms import DenseForm
     from moekit.offload.planner import CUDA_RESERVE_BYTES, activation_bytes, kv_cache_bytes, resident_bytes
 
     cfg = model.config
-    expert = dense_form(cfg, torch.bfloat16).expert_bytes()
+    expert = DenseForm(cfg.hidden_size, cfg.expert_ffn, torch.bfloat16).expert_bytes(0)
     fixed = (resident_bytes(cfg, torch.bfloat16) + kv_cache_bytes(cfg, torch.bfloat16, 1, 128)
              + activation_bytes(cfg, torch.bfloat16, 128, 1) + (CUDA_RESERVE_BYTES if device.type == "cuda" else expert))
     return fixed + int(share * sum(cfg.moe_layers) * cfg.num_experts) * expert

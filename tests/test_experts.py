@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.experts import ResidentExperts, group_by_expert
-from moekit.experts import resident
+from moekit.experts import forms
 
 
 def _experts(num_experts=5, hidden=12, ffn=7, seed=0, dtype=torch.float32) -> ResidentExperts:
@@ -76,19 +76,16 @@ def test_paths_agree_in_low_precision(dtype, tol):
     assert ((a - b).norm() / b.norm()).item() < tol
 
 
-def test_dispatch(monkeypatch):
-    """Small no-grad batches take the gather path, large or training batches the grouped one."""
-    experts = _experts()
-    calls = []
-    monkeypatch.setattr(experts, "_gathered", lambda *a: calls.append("gathered") or a[0])
-    monkeypatch.setattr(experts, "_grouped", lambda *a: calls.append("grouped") or a[0])
-    small = _routing(resident.GATHER_MAX_SLOTS // 2, 5, 2)
-    large = _routing(resident.GATHER_MAX_SLOTS, 5, 2)
+def test_dispatch():
+    """Small no-grad batches take the gather path, large or training batches the grouped one
+    (the dense form's plan, the same for every placement)."""
+    form = _experts().form
+    small = _routing(forms.GATHER_MAX_SLOTS // 2, 5, 2)
+    large = _routing(forms.GATHER_MAX_SLOTS, 5, 2)
     with torch.no_grad():
-        experts(*small)
-        experts(*large)
-    experts(*small)  # grad enabled
-    assert calls == ["gathered", "grouped", "grouped"]
+        assert form.plan(small[1], small[2], 5).gathered
+        assert not form.plan(large[1], large[2], 5).gathered
+    assert not form.plan(small[1], small[2], 5).gathered  # grad enabled
 
 
 def test_gradients_flow_through_grouped_path():

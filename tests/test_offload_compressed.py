@@ -14,11 +14,12 @@ from moekit.cli import main
 from moekit.experts.triton_ops import triton_usable
 from moekit.load import read_config
 from moekit.offload import OffloadConfig, load_offloaded
-from moekit.offload.compressed import CompressedForm, compressed_form
-from moekit.offload.forms import dense_form
+from moekit.experts.forms import DenseForm
+from moekit.offload.layout import PackedLayout, layout_for
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 from moekit.quant.compress import compress
 from moekit.quant.config import QuantConfig
+from moekit.quant.formats import CompressedForm, form_from_checkpoint
 
 from conftest import token_ids
 
@@ -42,10 +43,11 @@ def compressed(tiny, tmp_path_factory):
     return out
 
 
-def form_of(path) -> CompressedForm:
+def form_of(path) -> PackedLayout:
+    """Returns the offload layout of a compressed checkpoint's experts."""
     ckpt, family, cfg = read_config(path)
-    return compressed_form(QuantConfig.from_dict(ckpt.config["quantization_config"]), cfg, torch.device("cpu"),
-                           ckpt, family)
+    form = form_from_checkpoint(QuantConfig.from_dict(ckpt.config["quantization_config"]), cfg, ckpt, family, "cpu")
+    return layout_for(form, [i for i, moe in enumerate(cfg.moe_layers) if moe])
 
 
 def budget_for(path, slots: int, store: str = "disk") -> int:
@@ -73,7 +75,8 @@ def test_greedy_equals_resident_compressed_with_two_expert_cache(compressed, bit
     model = load_offloaded(path, offload=config)
     runtime = model.offload
     assert runtime.cache.num_slots == 2 and runtime.store.kind == store
-    assert isinstance(runtime.form, CompressedForm) and runtime.cache.slab["packed"].dtype == torch.uint8
+    assert isinstance(runtime.layout, PackedLayout) and isinstance(runtime.form, CompressedForm)
+    assert runtime.cache.slab["packed"].dtype == torch.uint8
     for prompt_len in (3, 12):  # 6 and 24 routed slots: every layer runs in waves at prefill
         ids = token_ids(1, prompt_len, seed=prompt_len)
         assert torch.equal(greedy(model, ids), greedy(resident, ids)), (bits, predictor, store, prompt_len)
@@ -81,7 +84,7 @@ def test_greedy_equals_resident_compressed_with_two_expert_cache(compressed, bit
     assert report["demand_fetches"] > 0 and report["form"] == runtime.form.name
     # every fetch moved one compressed expert of its layer, nothing decoded
     fetches = report["demand_fetches"] + report["prefetches"]
-    layer_bytes = set(runtime.form.describe()["layer_bytes"].values())
+    layer_bytes = set(runtime.layout.describe()["layer_bytes"].values())
     assert min(layer_bytes) * fetches <= report["bytes_moved"] <= max(layer_bytes) * fetches
 
 
@@ -90,12 +93,12 @@ def test_planner_counts_compressed_bytes(compressed, bits):
     path, resident = compressed[bits]
     cfg = read_config(path)[2]
     form = form_of(path)
-    dense = dense_form(cfg, torch.float32).expert_bytes()
+    dense = DenseForm(cfg.hidden_size, cfg.expert_ffn, torch.float32).expert_bytes(0)
     stored = sum(t.numel() * t.element_size() for layer in resident.layers
                  for name, t in layer.mlp.experts.stored().items() if name != "code_table") // (2 * cfg.num_experts)
     info = form.describe()
     assert form.expert_bytes() == info["slot_bytes"] == max(info["layer_bytes"].values())
-    tensors = len(form.layouts[next(iter(form.layouts))].tensors)
+    tensors = len(next(iter(form.bytes_of.values())).tensors)
     assert stored <= form.expert_bytes() < stored + 16 * tensors  # the stored bytes, aligned per tensor
     assert form.expert_bytes() * 4 < dense  # the same budget holds many more experts
     if bits == "ternary":
@@ -112,10 +115,10 @@ def test_planner_counts_compressed_bytes(compressed, bits):
 @needs_cpu_kernels
 def test_kernel_path_matches_resident_kernel_path(compressed, monkeypatch):
     """The Triton kernels (interpreted here) read the experts from the cache slab's packed bytes;
-    decode steps run every routed expert of a layer in one launch per matrix (run_slots)."""
+    decode steps run every routed expert of a layer in one launch per matrix (the form's fused path)."""
     runs = []
-    run_slots = CompressedForm.run_slots
-    monkeypatch.setattr(CompressedForm, "run_slots", lambda *a: runs.append(out := run_slots(*a)) or out)
+    fused = CompressedForm.fused
+    monkeypatch.setattr(CompressedForm, "fused", lambda *a, **k: runs.append(out := fused(*a, **k)) or out)
     for bits in FORMS:
         path, resident = compressed[bits]
         ids = token_ids(1, 2, seed=5)
@@ -132,8 +135,8 @@ def test_kernel_path_matches_resident_kernel_path(compressed, monkeypatch):
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("bits", ["ternary", "4"])
-def test_run_slots_reads_any_slot_in_its_layer_layout(compressed, bits, monkeypatch):
-    """run_slots on a slab whose slots hold experts of both layers in shuffled order (rows wider
+def test_fused_path_reads_any_slot_in_its_layer_layout(compressed, bits, monkeypatch):
+    """The form's fused path on a slab whose slots hold experts of both layers in shuffled order (rows wider
     than a layer's expert, as when another layer's experts are larger) equals the resident
     source's per-slot path, for several A and repeated experts; past SLOT_KERNEL_MAX_SLOTS, or
     without kernels, it declines."""
@@ -159,13 +162,13 @@ def test_run_slots_reads_any_slot_in_its_layer_layout(compressed, bits, monkeypa
             ids = torch.randint(0, cfg.num_experts, (n, a), generator=g)
             w = torch.rand(n, a, generator=g)
             slot_ids = torch.tensor([[slot_of[(layer, e)] for e in row] for row in ids.tolist()])
-            out = form.run_slots(x, ids, slot_ids, w, slab, layer)
+            out = form.form.fused(x, slot_ids, w, form.view(slab, layer))
             torch.testing.assert_close(out, experts(x, ids, w), rtol=1e-5, atol=1e-5)
     x = torch.randn(9, cfg.hidden_size)
     many = torch.zeros(9, 2, dtype=torch.long)
-    assert form.run_slots(x, many, many, torch.ones(9, 2), slab, layers[0]) is None  # 18 slots: grouped
+    assert form.form.fused(x, many, torch.ones(9, 2), form.view(slab, layers[0])) is None  # 18 slots: grouped
     monkeypatch.delenv("MOEKIT_QUANT_KERNELS")
-    assert form.run_slots(x[:1], many[:1], many[:1], torch.ones(1, 2), slab, layers[0]) is None
+    assert form.form.fused(x[:1], many[:1], torch.ones(1, 2), form.view(slab, layers[0])) is None
 
 
 def test_generate_cli_offloads_a_compressed_checkpoint(tmp_path, capsys):

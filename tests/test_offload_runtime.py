@@ -13,7 +13,7 @@ import torch
 
 import moekit
 from moekit.offload import OffloadConfig, OffloadLoader, load_offloaded, parse_size, plan_budget
-from moekit.offload.forms import dense_form
+from moekit.experts.forms import DenseForm
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 
 from conftest import VOCAB, token_ids
@@ -23,7 +23,7 @@ CONTEXT = 40
 
 def budget_for(cfg, slots: int, dtype=torch.float32, store_reserve: bool = True, batch: int = 1) -> int:
     """Returns the device budget that leaves exactly `slots` experts of cache (CPU, disk store)."""
-    expert = dense_form(cfg, dtype).expert_bytes()
+    expert = DenseForm(cfg.hidden_size, cfg.expert_ffn, dtype).expert_bytes(0)
     fixed = (resident_bytes(cfg, dtype) + kv_cache_bytes(cfg, dtype, batch, CONTEXT)
              + activation_bytes(cfg, dtype, batch * CONTEXT, batch) + (expert if store_reserve else 0))
     return fixed + slots * expert

@@ -8,7 +8,6 @@ memory at the model's own size.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .families import family_for
 from .families.base import Family, eos_ids
-from .experts import ResidentExperts
+from .experts.forms import DenseForm
+from .experts.loader import ExpertLoader, LoadContext
 from .model import Attention, DecoderLayer, DenseMLP, MoEBlock, MoEModel
 from .rope import inverse_frequencies
 
@@ -41,37 +41,6 @@ def read_config(path: str | Path) -> tuple[Checkpoint, Family, ModelConfig]:
     ckpt = Checkpoint(path)
     family = family_for(ckpt.config, where=str(ckpt.path / "config.json"))
     return ckpt, family, family.config(ckpt.config)
-
-
-@dataclass
-class LoadContext:
-    """What an expert loader needs to build one layer's expert source."""
-
-    ckpt: Checkpoint
-    family: Family
-    config: ModelConfig
-    device: torch.device
-    dtype: torch.dtype
-
-
-class ExpertLoader:
-    """Builds the expert source of each MoE layer while a model loads (the expert seam).
-
-    The default keeps every expert resident on the model's device. Other pillars (offload,
-    compressed forms) pass their own loader to `load_model(..., experts=...)`; the model never
-    allocates device memory for experts the loader does not put there.
-    """
-
-    def build(self, ctx: LoadContext, layer: int) -> nn.Module:
-        """Returns the expert source (an nn.Module with the seam's forward) of one MoE layer."""
-        experts = ResidentExperts(ctx.config.experts_in(layer), ctx.config.hidden_size, ctx.config.expert_ffn)
-        experts = experts.to(device=ctx.device, dtype=ctx.dtype)
-        with torch.no_grad():
-            fill_stacked_experts(experts.gate_up, experts.down, ctx.ckpt, ctx.family, ctx.config, layer)
-        return experts
-
-    def finish(self, model: MoEModel, ctx: LoadContext) -> None:
-        """Called once every layer is built (e.g. to link prefetchers across layers)."""
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
@@ -102,7 +71,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     ctx = LoadContext(ckpt, family, cfg, device, dtype)
     with torch.no_grad():
         _fill(model, ctx, experts, progress)
-    experts.finish(model, ctx)
+    model.expert_runtime = experts.finish(model, ctx)
     for layer in model.layers:
         if isinstance(layer.mlp, MoEBlock):
             layer.mlp.skip_below = dynamic_skip
@@ -182,22 +151,8 @@ def fill_stacked_experts(gate_up: torch.Tensor, down: torch.Tensor, ckpt: Checkp
                          cfg: ModelConfig, layer: int) -> None:
     """Copies layer `layer`'s experts from the checkpoint into gate_up [E, 2I, D] and down [E, D, I]
     (any device or dtype), one expert at a time so host memory stays near one expert."""
-    d, e_count, ffn = cfg.hidden_size, cfg.experts_in(layer), cfg.expert_ffn
-    fused_gate_up, fused_down = family.stacked_expert_names(layer)
-    if ckpt.has(fused_gate_up):  # the fused [E, 2I, D] layout some tools write: still one expert at a time
-        for name, shape in ((fused_gate_up, (e_count, 2 * ffn, d)), (fused_down, (e_count, d, ffn))):
-            if ckpt.shape(name) != shape:
-                raise CheckpointError(f"{ckpt.file_of(name)}: tensor '{name}' has shape {list(ckpt.shape(name))}, "
-                                      f"config.json implies {list(shape)}; the weights do not match the config")
-        for e in range(e_count):
-            gate_up[e].copy_(ckpt.read_rows(fused_gate_up, e, e + 1)[0])
-            down[e].copy_(ckpt.read_rows(fused_down, e, e + 1)[0])
-        return
-    for e in range(e_count):
-        gate, up, dn = family.expert_names(layer, e)
-        _copy(gate_up[e, :ffn], ckpt, gate, (ffn, d))
-        _copy(gate_up[e, ffn:], ckpt, up, (ffn, d))
-        _copy(down[e], ckpt, dn, (d, ffn))
+    form = DenseForm(cfg.hidden_size, cfg.expert_ffn, gate_up.dtype)
+    form.read_layer(ckpt, family, layer, {"gate_up": gate_up, "down": down})
 
 
 def _fill_moe(block: MoEBlock, ckpt: Checkpoint, family: Family, cfg: ModelConfig, i: int) -> None:

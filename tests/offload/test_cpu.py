@@ -14,7 +14,7 @@ from moekit.cli import main
 from moekit.offload import OffloadConfig, load_offloaded
 from moekit.offload.cache import ExpertCache
 from moekit.offload.cpu import CostModel, CpuExperts, split_misses
-from moekit.offload.forms import dense_form
+from moekit.experts.forms import DenseForm
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 from moekit.offload.stats import OffloadStats
 from moekit.offload.store import HostStore
@@ -27,7 +27,7 @@ CONTEXT = 40
 def budget_for(cfg, slots: int, store: str = "disk", batch: int = 1) -> int:
     """Returns the CPU budget that leaves exactly `slots` float32 experts of cache."""
     dtype = torch.float32
-    expert = dense_form(cfg, dtype).expert_bytes()
+    expert = DenseForm(cfg.hidden_size, cfg.expert_ffn, dtype).expert_bytes(0)
     fixed = (resident_bytes(cfg, dtype) + kv_cache_bytes(cfg, dtype, batch, CONTEXT)
              + activation_bytes(cfg, dtype, batch * CONTEXT, batch) + (expert if store == "disk" else 0))
     return fixed + slots * expert
@@ -123,7 +123,7 @@ def test_worker_thread_gives_the_same_tokens(mixtral):
     path, resident = mixtral
     model = offloaded(path, resident.config, misses="cpu", predictor="speculative", cpu_threads=1)
     runtime = model.offload
-    runtime.cpu = CpuExperts(runtime.form, runtime.store, runtime.device, 8, threads=1, threaded=True)
+    runtime.cpu = CpuExperts(runtime.layout, runtime.store, runtime.device, 8, threads=1, threaded=True)
     ids = token_ids(1, 5, seed=11)
     try:
         assert torch.equal(greedy(model, ids), greedy(resident, ids))
@@ -138,7 +138,7 @@ def with_costs(model, misses: str, link: str) -> None:
     CPU a microsecond) or a fast one (the reverse)."""
     runtime = model.offload
     runtime.misses = misses
-    expert = runtime.form.expert_bytes()
+    expert = runtime.layout.expert_bytes()
     if link == "slow":
         runtime.costs = CostModel(h2d_bytes_per_s=1.0 * expert, cpu_s_one=1e-6, cpu_s_max=2e-6, max_tokens=8)
     else:
@@ -231,9 +231,9 @@ def small_cache(policy: str = "lfu", slots: int = 2) -> ExpertCache:
 
 
 def dense_form_small():
-    from moekit.offload.forms import DenseForm
+    from moekit.offload.layout import TensorLayout
 
-    return DenseForm(hidden=4, ffn=4, dtype=torch.float32)
+    return TensorLayout(DenseForm(hidden=4, ffn=4, dtype=torch.float32), [0])
 
 
 def test_admission_replaces_only_a_much_less_used_expert():
@@ -257,7 +257,7 @@ def test_admission_replaces_only_a_much_less_used_expert():
 def test_copy_queue_model():
     cache = small_cache()
     assert cache.link_idle() and cache.queue_s() == 0.0 and cache.eta_s(0) == 0.0
-    cache.h2d_bytes_per_s = cache.form.expert_bytes() / 10.0  # 10 s per copy
+    cache.h2d_bytes_per_s = cache.layout.expert_bytes() / 10.0  # 10 s per copy
     cache._model_copy(0, 0)
     cache._model_copy(1, 0)
     assert cache.ready_at[1] - cache.ready_at[0] == pytest.approx(10.0)

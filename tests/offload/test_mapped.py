@@ -13,7 +13,7 @@ import moekit
 from moekit.errors import MoekitError
 from moekit.experts import triton_ops
 from moekit.offload import OffloadConfig, load_offloaded
-from moekit.offload.forms import dense_form
+from moekit.experts.forms import DenseForm
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 
 from conftest import run_cli, token_ids
@@ -27,7 +27,7 @@ def budget_for(cfg, slots: int, batch: int = 1) -> int:
     dtype = torch.float32
     fixed = (resident_bytes(cfg, dtype) + kv_cache_bytes(cfg, dtype, batch, CONTEXT)
              + activation_bytes(cfg, dtype, batch * CONTEXT, batch))
-    return fixed + slots * dense_form(cfg, dtype).expert_bytes()
+    return fixed + slots * DenseForm(cfg.hidden_size, cfg.expert_ffn, dtype).expert_bytes(0)
 
 
 def mapped_model(path, slots=2, batch=1, **kw):
@@ -142,19 +142,19 @@ def test_refusals_and_fallbacks(mixtral, tmp_path):
     assert model.offload.misses == "mapped" and "prefill" in model.offload.misses_note
 
 
-def test_compressed_experts_fall_back_to_fetch(tiny, tmp_path):
+def test_compressed_experts_are_refused_in_one_line(tiny, tmp_path):
+    """Compressed forms' kernels read cache slots, not host memory in place: asking for mapped
+    misses with them is refused, naming what to use instead (it used to fall back silently)."""
+    from moekit.errors import MoekitError
     from moekit.quant.compress import compress
     from moekit.quant.config import QuantConfig
 
-    if not triton_ops.triton_usable(torch.empty(0)):
-        pytest.skip("no TRITON_INTERPRET")
     out = tmp_path / "int4"
     compress(tiny("mixtral").path, out, QuantConfig(bits="4", group_size=16, method="rtn"), progress=False)
-    model = load_offloaded(out, offload=OffloadConfig(store="host", misses="mapped", predictor="none",
-                                                      context_tokens=CONTEXT))
-    assert model.offload.misses == "fetch" and model.offload.mapped is None
-    assert "not read in place" in model.offload.misses_note
-    assert greedy(model, token_ids(1, 4), n=4).shape == (1, 4)
+    with pytest.raises(MoekitError, match="cannot be read in place.*use --misses fetch") as err:
+        load_offloaded(out, offload=OffloadConfig(store="host", misses="mapped", predictor="none",
+                                                  context_tokens=CONTEXT))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.gpu

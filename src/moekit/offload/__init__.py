@@ -9,12 +9,12 @@ ExpertLoader for moekit.load_model), `plan_budget`, `train_pregates` (moekit pre
 """
 
 from .config import OffloadConfig, format_size, parse_size
-from .forms import DenseForm, ExpertForm
+from .layout import PackedLayout, SlotLayout, TensorLayout, layout_for
 from .loader import OffloadLoader, load_offloaded, read_counts
 from .planner import BudgetPlan, plan_budget
 from .source import OffloadedExperts, OffloadRuntime
 from .stats import OffloadStats
 
 __all__ = ["OffloadConfig", "OffloadLoader", "OffloadRuntime", "OffloadedExperts", "OffloadStats",
-           "BudgetPlan", "DenseForm", "ExpertForm", "load_offloaded", "plan_budget", "parse_size",
+           "BudgetPlan", "PackedLayout", "SlotLayout", "TensorLayout", "layout_for", "load_offloaded", "plan_budget", "parse_size",
            "format_size", "read_counts"]

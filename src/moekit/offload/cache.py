@@ -21,7 +21,7 @@ from typing import Hashable
 
 import torch
 
-from .forms import ExpertForm
+from .layout import SlotLayout
 from .stats import OffloadStats
 from .store import DiskStore, HostStore
 
@@ -29,14 +29,14 @@ Key = tuple[int, int]  # (layer, expert)
 
 
 class ExpertCache:
-    """`num_slots` experts of `form` on `device`, filled from `store`."""
+    """`num_slots` experts in `layout` on `device`, filled from `store`."""
 
-    def __init__(self, form: ExpertForm, store: HostStore | DiskStore, num_slots: int,
+    def __init__(self, layout: SlotLayout, store: HostStore | DiskStore, num_slots: int,
                  device: torch.device, policy: str, stats: OffloadStats):
-        self.form, self.store, self.device, self.policy, self.stats = form, store, device, policy, stats
+        self.layout, self.store, self.device, self.policy, self.stats = layout, store, device, policy, stats
         self.num_slots = num_slots
-        self.slab = form.empty(num_slots, device)  # {name: [S, *shape]}
-        self.expert_bytes = form.expert_bytes()
+        self.slab = layout.empty(num_slots, device)  # {name: [S, *shape]}
+        self.expert_bytes = layout.expert_bytes()
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * num_slots
         self.free = list(range(num_slots - 1, -1, -1))
@@ -51,7 +51,7 @@ class ExpertCache:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.staging: list[tuple[dict, torch.cuda.Event | None]] = []
         if self.cuda and isinstance(store, DiskStore):  # disk -> pinned staging -> device
-            self.staging = [(form.empty(1, "cpu", pin=True), None) for _ in range(2)]
+            self.staging = [(layout.empty(1, "cpu", pin=True), None) for _ in range(2)]
         self.next_staging = 0
         self.worker = ThreadPoolExecutor(1) if not self.cuda and isinstance(store, DiskStore) else None
         self.h2d_bytes_per_s: float | None = None  # the copy queue model's rate (None: no model)
@@ -93,7 +93,7 @@ class ExpertCache:
         self.last_used[slot] = self._tick()
         (self.prefetched.add if prefetch else self.prefetched.discard)(slot)
         protected.add(slot)
-        self.stats.bytes_moved += self.form.layer_bytes(key[0])
+        self.stats.bytes_moved += self.layout.layer_bytes(key[0])
         self.stats.fetch_s += time.perf_counter() - t0
         return slot
 
@@ -132,7 +132,7 @@ class ExpertCache:
             elif isinstance(self.store, DiskStore):
                 self.store.read_into(layer, expert, dst)
             else:
-                self.form.copy(dst, self.store.get(layer, expert), layer=layer)
+                self.layout.copy(dst, self.store.get(layer, expert), layer=layer)
             return
         if isinstance(self.store, DiskStore):
             buffers, used = self.staging[self.next_staging]
@@ -149,7 +149,7 @@ class ExpertCache:
                 self.copy_stream.wait_event(done_reading)
             if occupied and self.barrier is not None:  # a captured step may still read it in place
                 self.copy_stream.wait_event(self.barrier)
-            self.form.copy(dst, src, non_blocking=True, layer=layer)
+            self.layout.copy(dst, src, non_blocking=True, layer=layer)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         self.pending[slot] = self.last_copy = event
@@ -161,7 +161,7 @@ class ExpertCache:
         """Queues a copy in the host-side model: it starts when the queue drains, at the link's rate."""
         if self.h2d_bytes_per_s:
             start = max(time.perf_counter(), self.copy_free_at)
-            self.copy_free_at = start + self.form.layer_bytes(layer) / self.h2d_bytes_per_s
+            self.copy_free_at = start + self.layout.layer_bytes(layer) / self.h2d_bytes_per_s
             self.ready_at[slot] = self.copy_free_at
 
     # ---- copy state, without waiting ---------------------------------------------------------

@@ -70,7 +70,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .forms import ExpertForm
+from .layout import SlotLayout
 from .store import DiskStore, HostStore
 
 ADMIT_RATIO = 2.0  # a CPU-run expert replaces the least used cached one (lfu) when used this many times as often
@@ -136,12 +136,12 @@ class CpuExperts:
     """Runs routed experts on the CPU from the store: on a worker thread beside a CUDA device
     (inline on a CPU-only machine), with pinned buffers for x, the routing weights and the sum."""
 
-    def __init__(self, form: ExpertForm, store: HostStore | DiskStore, device: torch.device, max_tokens: int,
+    def __init__(self, layout: SlotLayout, store: HostStore | DiskStore, device: torch.device, max_tokens: int,
                  threads: int = 0, threaded: bool | None = None):
         """`threaded` (default: on CUDA) runs the experts on the worker thread, with `threads`
         intra-op threads (0: one fewer than torch's, leaving a core to the thread driving the GPU:
         an intra-op team that shares its cores waits for a descheduled member at every barrier)."""
-        self.form, self.store, self.device, self.max_tokens = form, store, device, max_tokens
+        self.layout, self.store, self.device, self.max_tokens = layout, store, device, max_tokens
         self.cuda = device.type == "cuda"
         threaded = self.cuda if threaded is None else threaded
         self.threads = threads or (max(1, torch.get_num_threads() - 1) if threaded else torch.get_num_threads())
@@ -205,14 +205,16 @@ class CpuExperts:
         top_k = w_host.shape[1]
         w_flat = w_host.reshape(-1)
         out.zero_()
+        form = self.layout.form
         for expert, flat in jobs:
-            tensors, row = self.store.host_rows(layer, expert)
+            rows, row = self.store.host_rows(layer, expert)
+            stacked = self.layout.view(rows, layer)
             if x_host.shape[0] == 1:  # decode: one token, each expert once; fewer small ops
-                out.add_(self.form.run_one(x_host, tensors, row, layer) * w_flat[flat[0]])
+                out.add_(form.apply(x_host, stacked, row) * w_flat[flat[0]])
                 continue
             slots = torch.tensor(flat)
             tokens = slots // top_k
-            y = self.form.run_one(x_host[tokens], tensors, row, layer)  # [n, D]
+            y = form.apply(x_host[tokens], stacked, row)  # [n, D]
             out.index_add_(0, tokens, y * w_flat[slots][:, None])
         return out, time.perf_counter() - t0
 
@@ -233,7 +235,7 @@ def measure_costs(runtime, dtype: torch.dtype, reps: int = 3) -> CostModel:
     for e in range(fetches):  # back to back, as demand fetches queue: the issue overhead included once each
         cache.fetch((layer, e), set())
     cache.synchronize()
-    h2d = fetches * runtime.form.layer_bytes(layer) / (time.perf_counter() - t0)
+    h2d = fetches * runtime.layout.layer_bytes(layer) / (time.perf_counter() - t0)
     keys = [(i, e) for i in reversed(runtime.moe_layers) for e in range(cfg.experts_in(i))]
     top_k = cfg.top_k
 

@@ -22,7 +22,8 @@ import torch
 from ..errors import MoekitError
 from ..load import ExpertLoader, LoadContext, load_model
 from .config import OffloadConfig
-from .forms import ExpertForm, dense_form
+from ..experts.forms import DenseForm
+from .layout import SlotLayout, layout_for
 from .planner import plan_budget
 from .predictors import build_predictor
 from .source import OffloadedExperts, OffloadRuntime
@@ -51,26 +52,28 @@ class OffloadLoader(ExpertLoader):
         from ..quant.config import QuantConfig, is_moekit_quantized
 
         cfg, device = ctx.config, ctx.device
-        form: ExpertForm
         if is_moekit_quantized(ctx.ckpt.config):
-            from .compressed import compressed_form
+            from ..quant.formats import form_from_checkpoint, form_from_tensors
 
             quant = QuantConfig.from_dict(ctx.ckpt.config["quantization_config"], str(ctx.ckpt.path / "config.json"))
-            form = compressed_form(quant, cfg, device, ctx.ckpt, ctx.family, self.host_layers)
+            form = (form_from_tensors(quant, cfg, self.host_layers, device) if self.host_layers is not None
+                    else form_from_checkpoint(quant, cfg, ctx.ckpt, ctx.family, device))
         else:
-            form = dense_form(cfg, ctx.dtype)
+            form = DenseForm(cfg.hidden_size, cfg.expert_ffn, ctx.dtype)
+        moe_layers = [i for i, moe in enumerate(cfg.moe_layers) if moe]
+        layout: SlotLayout = layout_for(form, moe_layers)
         kind = self.config.store
         if kind == "auto":
             kind = "host" if device.type == "cuda" or self.host_layers is not None or self._reads_in_place(device) else "disk"
-        self.plan = plan_budget(cfg, ctx.dtype, form.expert_bytes(), self.config, device, disk_store=kind == "disk",
-                                shared_bytes=form.shared_bytes())
+        self.plan = plan_budget(cfg, ctx.dtype, layout.expert_bytes(), self.config, device, disk_store=kind == "disk",
+                                shared_bytes=layout.shared_bytes())
         if kind == "host":
-            store = HostStore(form, pin=device.type == "cuda")
+            store = HostStore(layout, pin=device.type == "cuda")
         else:
             if self.host_layers is not None:
                 raise MoekitError("experts given as host tensors need store='host' (or 'auto')")
-            store = DiskStore(form, ctx.ckpt, ctx.family, cfg)
-        runtime = OffloadRuntime(self.config, cfg, form, store, device)
+            store = DiskStore(layout, ctx.ckpt, ctx.family, cfg)
+        runtime = OffloadRuntime(self.config, cfg, layout, store, device)
         runtime.plan = self.plan
         self._choose_misses(runtime, ctx)
         return runtime
@@ -90,31 +93,28 @@ class OffloadLoader(ExpertLoader):
             return
         form, device = runtime.form, ctx.device
         if misses == "mapped":
-            from .forms import DenseForm
-
-            if not isinstance(form, DenseForm):
-                runtime.misses, runtime.misses_note = "fetch", (
-                    f"{form.name} experts are not read in place yet (their kernels take slab slots): misses are fetched")
-            elif not self._reads_in_place(device):
-                runtime.misses, runtime.misses_note = "fetch", (
-                    "the device is the CPU: nothing crosses a link, so a miss is copied into the host-memory cache")
-            elif self.config.predictor != "none":
+            if not form.reads_in_place:
+                raise MoekitError(f"--misses mapped: experts stored as {form.name} cannot be read in place "
+                                  f"({form.why_not_in_place}); use --misses fetch")
+            if not self._reads_in_place(device):
+                raise MoekitError("--misses mapped reads missed experts in place from host memory over the GPU's "
+                                  "link; on the CPU nothing crosses a link: use --misses fetch")
+            if self.config.predictor != "none":
                 runtime.misses_note = (f"decode steps read misses in place and consult no predictor; "
                                        f"'{self.config.predictor}' serves prefill calls only")
             return
-        if not form.cpu_path:
+        if not form.cpu_fast:
             if misses == "cpu":
-                raise MoekitError(
-                    f"--misses cpu: experts stored as {form.name} have no fast CPU path (the PyTorch reference "
-                    "decodes each whole matrix per call, slower than copying the compressed expert to the "
-                    "device); use --misses fetch, or auto (which fetches them)")
+                raise MoekitError(f"--misses cpu: experts stored as {form.name} have no fast CPU path "
+                                  f"({form.why_not_cpu}); use --misses fetch, or auto (which fetches them)")
             runtime.misses, runtime.misses_note = "fetch", f"{form.name} experts have no CPU path: misses are fetched"
             return
         if misses == "auto" and device.type != "cuda":
             runtime.misses, runtime.misses_note = "fetch", (
                 "the device is the CPU: nothing crosses a link, so a miss is copied into the host-memory cache")
             return
-        runtime.cpu = CpuExperts(form, runtime.store, device, self.config.cpu_max_tokens, self.config.cpu_threads)
+        runtime.cpu = CpuExperts(runtime.layout, runtime.store, device, self.config.cpu_max_tokens,
+                                 self.config.cpu_threads)
 
     def _new_cache(self, runtime: OffloadRuntime, slots: int, device: torch.device) -> None:
         """Gives the runtime a fresh, empty cache of `slots` experts (freeing the old one first), and
@@ -126,7 +126,7 @@ class OffloadLoader(ExpertLoader):
             runtime.cache = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        runtime.cache = ExpertCache(runtime.form, runtime.store, slots, device, self.config.cache_policy, runtime.stats)
+        runtime.cache = ExpertCache(runtime.layout, runtime.store, slots, device, self.config.cache_policy, runtime.stats)
         self._attach_mapped(runtime)
 
     def _attach_mapped(self, runtime: OffloadRuntime) -> None:

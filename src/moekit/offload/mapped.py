@@ -42,8 +42,7 @@ from collections import deque
 
 import torch
 
-from ..experts import triton_ops
-from ..experts.resident import SLOT_KERNEL_MAX_SLOTS
+from ..experts.forms import SLOT_KERNEL_MAX_SLOTS
 from .cpu import ADMIT_RATIO
 
 Key = tuple[int, int]  # (layer, expert)
@@ -65,6 +64,7 @@ class MappedExperts:
         self.layers = list(runtime.moe_layers)
         gate_up, down = cache.slab["gate_up"], cache.slab["down"]  # [S_slab, 2I, D], [S_slab, D, I]
         self.slab = (gate_up, down)
+        self.stacked = {"gate_up": gate_up, "down": down}  # what the offsets are relative to
         size = gate_up.element_size()
         slab_base = (gate_up.data_ptr(), down.data_ptr())
         num_e = self.num_experts
@@ -120,7 +120,7 @@ class MappedExperts:
         self.step_slots = slots
         table = self.table[pos]  # [E, 3]
         torch.index_select(table[:, 2], 0, flat, out=self.routes[pos, :slots])
-        out = triton_ops.slot_expert_ffn(x, expert_ids, weights, self.slab[0], self.slab[1], offsets=table)
+        out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table)
         if eager_hooks and pos == len(self.layers) - 1:
             self.after_step()
         return out
@@ -181,7 +181,7 @@ class MappedExperts:
     def _account(self, buf: torch.Tensor, slots: int, tokens: int, event) -> None:
         """Counts one step's hits and in-place reads, updates use counts, admits missed experts."""
         runtime = self.runtime
-        cache, stats, form = runtime.cache, runtime.stats, runtime.form
+        cache, stats, layout = runtime.cache, runtime.stats, runtime.layout
         num_e = self.num_experts
         routes = buf[:, :slots].tolist()
         self.free_buffers.append(buf)
@@ -203,7 +203,7 @@ class MappedExperts:
                     if slot is not None:
                         cache.last_used[slot] = cache._tick()
                 else:
-                    nbytes = form.layer_bytes(layer)
+                    nbytes = layout.layer_bytes(layer)
                     stats.mapped_reads += 1
                     stats.mapped_bytes += nbytes
                     if decode:
@@ -281,8 +281,9 @@ def self_test(mapped: MappedExperts) -> str | None:
     on_device = torch.tensor([[(copy_gu.data_ptr() - gate_up.data_ptr()) // size,
                                (copy_dn.data_ptr() - down.data_ptr()) // size, 0]], device=mapped.device)
     try:
-        got = triton_ops.slot_expert_ffn(x, ids, w, gate_up, down, offsets=mapped.host_rows[0].to(mapped.device))
-        want = triton_ops.slot_expert_ffn(x, ids, w, gate_up, down, offsets=on_device)
+        form = runtime.form
+        got = form.fused(x, ids, w, mapped.stacked, offsets=mapped.host_rows[0].to(mapped.device))
+        want = form.fused(x, ids, w, mapped.stacked, offsets=on_device)
         if mapped.cuda:
             torch.cuda.synchronize(mapped.device)
     except RuntimeError as e:

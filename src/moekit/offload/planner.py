@@ -97,7 +97,7 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
     kv = kv_cache_bytes(cfg, dtype, batch, context)
     act = activation_bytes(cfg, dtype, batch * context, batch)
     reserve = CUDA_RESERVE_BYTES if device.type == "cuda" else (expert_bytes if disk_store else 0)
-    total_experts = sum(cfg.moe_layers) * cfg.num_experts
+    total_experts = sum(cfg.experts_in(i) for i, moe in enumerate(cfg.moe_layers) if moe)
     min_slots = min(cfg.top_k, total_experts)
     fixed = resident + kv + act + reserve + shared_bytes
     budget = offload.device_memory

@@ -22,12 +22,11 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import MoekitError
-from ..experts.resident import GATHER_MAX_SLOTS
-from ..experts.routing import group_by_expert
 from .cache import ExpertCache
 from .config import OffloadConfig
 from .cpu import ADMIT_RATIO, CostModel, CpuExperts, split_misses
-from .forms import ExpertForm
+from ..experts.forms import needs_grad
+from .layout import SlotLayout
 from .planner import BudgetPlan
 from .predictors import Predictor
 from .stats import OffloadStats
@@ -52,9 +51,10 @@ class OffloadedExperts(nn.Module):
 class OffloadRuntime:
     """Cache, store, predictor and stats of one offloaded model (model.offload)."""
 
-    def __init__(self, config: OffloadConfig, model_config: ModelConfig, form: ExpertForm, store,
+    def __init__(self, config: OffloadConfig, model_config: ModelConfig, layout: SlotLayout, store,
                  device: torch.device):
-        self.config, self.model_config, self.form, self.store, self.device = config, model_config, form, store, device
+        self.config, self.model_config, self.layout, self.store, self.device = config, model_config, layout, store, device
+        self.form = layout.form  # multiplies; the runtime only moves its stored tensors
         self.moe_layers = [i for i, moe in enumerate(model_config.moe_layers) if moe]
         self.next_of = dict(zip(self.moe_layers, self.moe_layers[1:]))
         self.stats = OffloadStats()
@@ -113,7 +113,7 @@ class OffloadRuntime:
             stats.peak_device_bytes = self.plan.planned_bytes
         out = stats.to_dict()
         out.update(predictor=self.predictor.name, device=self.device.type, cache_policy=self.config.cache_policy,
-                   store=self.store.kind, form=self.form.name, strict=self.config.strict,
+                   store=self.store.kind, form=self.layout.name, strict=self.config.strict,
                    cache_slots=self.cache.num_slots if self.cache else 0,
                    pinned_slots=len(self.cache.pinned) if self.cache else 0,
                    misses=self.config.misses, misses_used=self.misses, misses_note=self.misses_note,
@@ -213,7 +213,7 @@ class OffloadRuntime:
             return
         for e in dict.fromkeys(predicted):  # unique, in prediction order
             if self.cache.slot((nxt, e)) is None:
-                if horizon_s is not None and (self.cache.queue_s() + self.costs.fetch_s(self.form.layer_bytes(nxt))
+                if horizon_s is not None and (self.cache.queue_s() + self.costs.fetch_s(self.layout.layer_bytes(nxt))
                                               > horizon_s):
                     return  # copies queue one after another: the next would land later still
                 if self.cache.fetch((nxt, e), protected, prefetch=True) is None:
@@ -229,9 +229,8 @@ class OffloadRuntime:
         slot_of = dict(zip(needed, slots))
         slot_ids = torch.tensor([slot_of[e] for e in routed], dtype=torch.long).view(expert_ids.shape)
         slot_ids = slot_ids.to(x.device, non_blocking=True)
-        out = self.form.run_slots(x, expert_ids, slot_ids, weights, cache.slab, layer)
-        if out is None:  # the grouped path, expert by expert in expert order (as ResidentExperts)
-            out = self._grouped(layer, x, expert_ids, weights, lambda e: slot_of[e], needed)
+        out = self.form.run(x, slot_ids, weights, self.layout.view(cache.slab, layer), ids=expert_ids, row_of=slot_of,
+                            count=self.model_config.experts_in(layer))
         cache.release(slots)
         return out
 
@@ -246,7 +245,7 @@ class OffloadRuntime:
         if self.misses == "cpu" or costs is None:
             device, cpu = ready, inflight + absent
         else:  # auto: the cost model splits what is not ready between the link and the CPU
-            fetch_s = costs.fetch_s(self.form.layer_bytes(layer))
+            fetch_s = costs.fetch_s(self.layout.layer_bytes(layer))
             queue_s = cache.queue_s()
             waits = []
             for e in inflight:
@@ -274,7 +273,7 @@ class OffloadRuntime:
         job = self.cpu.submit(layer, [(e, flat_of[e]) for e in cpu], x_host, w_host)  # first: the longest part
         stats.lookups += len(cpu)
         stats.cpu_experts += len(cpu)
-        stats.cpu_bytes += len(cpu) * self.form.layer_bytes(layer)
+        stats.cpu_bytes += len(cpu) * self.layout.layer_bytes(layer)
         cache.count_uses([(layer, e) for e in cpu])
         protected: set[int] = set()
         slots = self._lookup(layer, device, protected)  # hits (auto: and the fetches it chose)
@@ -286,14 +285,10 @@ class OffloadRuntime:
             rows = [i for e in device for i in flat_of[e]]  # in expert order
             index = torch.tensor([rows, [slot_of[routed[i]] for i in rows]]).to(x.device, non_blocking=True)
             tokens, slot_ids = index[0] // top_k, index[1].view(-1, 1)
+            ids = expert_ids.reshape(-1)[index[0]].view(-1, 1)
             xs, ws = x[tokens], weights.reshape(-1)[index[0]].view(-1, 1)  # [S, D], [S, 1]
-            part = self.form.run_slots(xs, slot_ids, slot_ids, ws, cache.slab, layer)  # [S, D], weighted
-            if part is None:
-                part, start = torch.empty_like(xs), 0
-                for e in device:
-                    stop = start + len(flat_of[e])
-                    part[start:stop] = self.form.run_one(xs[start:stop], cache.slab, slot_of[e], layer) * ws[start:stop]
-                    start = stop
+            part = self.form.run(xs, slot_ids, ws, self.layout.view(cache.slab, layer), ids=ids, row_of=slot_of,
+                                 count=self.model_config.experts_in(layer))  # [S, D], weighted
             out = torch.zeros_like(x).index_add_(0, tokens, part)
         for e in sorted(cpu, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in, while the link is idle
             if not cache.link_idle() or cache.admit((layer, e), protected, ADMIT_RATIO) is None:
@@ -307,51 +302,29 @@ class OffloadRuntime:
             cache.release(slots)
         return out
 
-    def _grouped(self, layer, x, expert_ids, weights, slot_for, experts) -> torch.Tensor:
-        groups = group_by_expert(expert_ids, weights, self.model_config.num_experts)
-        xs = x[groups.token_of]  # [S, D] tokens in expert order
-        out = torch.empty_like(xs)
-        bounds = groups.offsets()
-        for e in experts:
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                out[lo:hi] = self.form.run_one(xs[lo:hi], self.cache.slab, slot_for(e), layer)
-        out = out * groups.weight_of[:, None]
-        return torch.zeros_like(x).index_add_(0, groups.token_of, out)
-
     def _run_waves(self, layer, x, expert_ids, weights, needed, capacity):
-        """Runs a layer whose experts do not fit the cache at once, `capacity` experts at a time."""
-        cache = self.cache
-        # per-slot reduction only where the resident source reduces so too (dense, small batches)
-        gathered = self.form.gathers and expert_ids.numel() <= GATHER_MAX_SLOTS and not x.is_cuda
-        n, top_k = expert_ids.shape
-        if gathered:  # per-slot results in slot order, reduced as ResidentExperts._gathered does
-            flat = expert_ids.reshape(-1)
-            xs = x.repeat_interleave(top_k, dim=0)
-            per_slot = torch.empty_like(xs)  # [S, D]
-        else:
-            groups = group_by_expert(expert_ids, weights, self.model_config.num_experts)
-            xs = x[groups.token_of]
-            per_slot = torch.empty_like(xs)
-            bounds = groups.offsets()
+        """Runs a layer whose experts do not fit the cache at once, `capacity` experts at a time,
+        each expert on the rows the resident layer gives it, reduced as the resident layer does."""
+        cache, form = self.cache, self.form
+        plan = form.plan(expert_ids, weights, self.model_config.experts_in(layer), grad=needs_grad(x, weights, {}))
+        xs = plan.inputs(x)  # [S, D]
+        per_slot = torch.empty_like(xs)
+        rows_of = ({e: (plan.expert_of == e).nonzero().squeeze(-1) for e in needed} if plan.gathered
+                   else {e: slice(lo, hi) for e, lo, hi in plan.runs()})
         for start in range(0, len(needed), capacity):
             wave = needed[start:start + capacity]
             protected: set[int] = set()
             slots = self._lookup(layer, wave, protected)
             cache.use(slots, [(layer, e) for e in wave])
+            stacked = self.layout.view(cache.slab, layer)
             for e, slot in zip(wave, slots):
-                if gathered:
-                    rows = (flat == e).nonzero().squeeze(-1)
-                    slot_ids = torch.full_like(rows, slot)
-                    per_slot[rows] = self.form.run_gathered(xs[rows], slot_ids, cache.slab, layer)
-                else:
-                    lo, hi = bounds[e], bounds[e + 1]
-                    per_slot[lo:hi] = self.form.run_one(xs[lo:hi], cache.slab, slot, layer)
+                if e not in rows_of:  # every slot of this expert has a zero weight (dynamic skip)
+                    continue
+                rows = rows_of[e]
+                index = torch.full_like(rows, slot) if plan.gathered else slot
+                per_slot[rows] = form.apply(xs[rows], stacked, index)
             cache.release(slots)
-        if gathered:
-            return (per_slot.view(n, top_k, -1) * weights[:, :, None]).sum(dim=1)
-        per_slot = per_slot * groups.weight_of[:, None]
-        return torch.zeros_like(x).index_add_(0, groups.token_of, per_slot)
+        return plan.reduce(per_slot, x)
 
     def _strict_routing(self, layer: int, x: torch.Tensor, pred: torch.Tensor):
         """Returns (ids, weights) using the predicted experts, weighted by this layer's router."""

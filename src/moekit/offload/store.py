@@ -12,7 +12,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..families.base import Family
-from .forms import ExpertForm, Tensors
+from ..experts.forms import Tensors
+from .layout import SlotLayout
 
 
 class HostStore:
@@ -20,20 +21,20 @@ class HostStore:
 
     kind = "host"
 
-    def __init__(self, form: ExpertForm, pin: bool):
-        self.form, self.pin = form, pin
+    def __init__(self, layout: SlotLayout, pin: bool):
+        self.layout, self.pin = layout, pin
         self.layers: dict[int, Tensors] = {}
 
     def add_layer(self, layer: int, tensors: Tensors) -> None:
         """Takes one layer's stacked experts as the checkpoint names them {name: [E, ...]} (pinned
         when the store pins; a compressed form packs them into its own rows here)."""
-        self.layers[layer] = self.form.pack(layer, tensors, pin=self.pin)
+        self.layers[layer] = self.layout.pack(layer, tensors, pin=self.pin)
 
     def load_layer(self, ckpt: Checkpoint, family: Family, cfg: ModelConfig, layer: int) -> None:
         """Reads one layer's experts from the checkpoint into fresh (pinned) host memory."""
-        stacked = self.form.empty(cfg.num_experts, "cpu", pin=self.pin, layer=layer)
-        for e in range(cfg.num_experts):
-            self.form.read(ckpt, family, cfg, layer, e, {k: v[e] for k, v in stacked.items()})
+        stacked = self.layout.empty(cfg.experts_in(layer), "cpu", pin=self.pin, layer=layer)
+        for e in range(cfg.experts_in(layer)):
+            self.layout.read(ckpt, family, layer, e, {k: v[e] for k, v in stacked.items()})
         self.layers[layer] = stacked
 
     def get(self, layer: int, expert: int) -> Tensors:
@@ -54,19 +55,19 @@ class DiskStore:
     kind = "disk"
     pin = False
 
-    def __init__(self, form: ExpertForm, ckpt: Checkpoint, family: Family, cfg: ModelConfig):
-        self.form, self.ckpt, self.family, self.cfg = form, ckpt, family, cfg
+    def __init__(self, layout: SlotLayout, ckpt: Checkpoint, family: Family, cfg: ModelConfig):
+        self.layout, self.ckpt, self.family, self.cfg = layout, ckpt, family, cfg
         self.scratch: Tensors | None = None  # one expert, for host_rows
 
     def read_into(self, layer: int, expert: int, out: Tensors) -> None:
         """Fills `out` with one expert straight from the checkpoint (host memory near one tensor)."""
-        self.form.read(self.ckpt, self.family, self.cfg, layer, expert, out)
+        self.layout.read(self.ckpt, self.family, layer, expert, out)
 
     def host_rows(self, layer: int, expert: int) -> tuple[Tensors, int]:
         """Returns (host tensors, row) holding one expert read from the checkpoint into a scratch
         buffer, for computing it on the CPU (one caller at a time: the CPU expert worker)."""
         if self.scratch is None:
-            self.scratch = self.form.empty(1, "cpu")
+            self.scratch = self.layout.empty(1, "cpu")
         self.read_into(layer, expert, {k: v[0] for k, v in self.scratch.items()})
         return self.scratch, 0
 

@@ -22,45 +22,48 @@ chunk count, rows laid end to end; T = the layer's chunk capacity per expert, NB
 Tensor names are prefixed with the family's experts module (e.g.
 model.layers.3.block_sparse_moe.experts.gate_up.qweight).
 
-Forward: up to SLOT_KERNEL_MAX_SLOTS routed slots (N * A; batch-1 decode) where the kernels run,
-`slot_ffn`: one launch for every slot's gate_up + SwiGLU, one for every slot's down with its
-routing weight, and a sum over each token's A slots; expert ids stay on the device (no host
-sync: a decode step can be captured whole in a CUDA graph). Otherwise the grouped path: slots
-sorted by expert (one host sync), one gate_up and one down call per routed expert.
+The forms (IntForm, TernaryCodeForm) are experts.forms.StoredForm's: they are the only code that
+multiplies a compressed expert, wherever it lives (resident here in CompressedExperts, in the
+offload cache and host store, on the CPU). Their fused path, up to SLOT_KERNEL_MAX_SLOTS routed
+slots (N * A; batch-1 decode) where the kernels run, is `slot_ffn`: one launch for every slot's
+gate_up + SwiGLU, one for every slot's down with its routing weight, and a sum over each token's
+A slots; expert ids stay on the device (no host sync: a decode step can be captured whole in a
+CUDA graph). Otherwise the grouped path: slots sorted by expert (one host sync), one gate_up and
+one down call per routed expert.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..experts import group_by_expert
-from ..experts.resident import SLOT_KERNEL_MAX_SLOTS
+from ..errors import CheckpointError
+from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS, Specs, StoredForm, Tensors, experts_prefix
 from . import ops
 from .code import ROW_BLOCK
-from .config import INT, TERNARY_CODE
-
-KINDS = ("gate_up", "down")
+from .config import INT, TERNARY_CODE, QuantConfig
 
 
-class CompressedExperts(nn.Module):
-    """Base of the stored forms: the seam's forward, one expert's matmul at a time."""
+class CompressedForm(StoredForm):
+    """A compressed stored form (abstract): named per-kind tensors plus per-layer tables, their
+    shapes per layer (a ternary code's chunk capacity differs between layers)."""
 
     STORED: tuple[str, ...] = ()  # per-kind tensor suffixes
     ROW_TENSORS: tuple[str, ...] = ()  # the suffixes whose shape is [E, R, ...] (one entry per row)
-    SHARED: tuple[str, ...] = ()  # per-layer tensors
-    bits: int | None = None  # code width of the int form (None: not an int form)
+    SHARED: tuple[str, ...] = ()  # per-layer tensors (tables)
+    cpu_fast = False
+    why_not_cpu = ("its CPU path decodes each whole matrix per call, slower than copying the compressed "
+                   "expert to the device")
+    why_not_in_place = "its kernels read cache slots, not host memory in place"
 
-    def __init__(self, num_experts: int, hidden: int, ffn: int, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        self.num_experts, self.hidden, self.ffn = num_experts, hidden, ffn
-        for name in self.tensor_names():
-            self.register_buffer(name.replace(".", "_"), tensors[name])
+    def __init__(self, hidden: int, ffn: int, layer_specs: dict[int, Specs], layer_tables: dict[int, Tensors]):
+        """`layer_specs` {layer: {name: (one expert's shape, dtype)}}; `layer_tables` {layer: {name: tensor}}."""
+        super().__init__(hidden, ffn)
+        self.layer_specs, self.layer_tables = layer_specs, layer_tables
 
     @classmethod
     def tensor_names(cls) -> list[str]:
-        """Returns the stored tensors' names relative to the experts prefix."""
+        """Returns the stored tensors' names relative to the experts prefix (tables last)."""
         return [f"{kind}.{s}" for kind in KINDS for s in cls.STORED] + list(cls.SHARED)
 
     @classmethod
@@ -69,73 +72,63 @@ class CompressedExperts(nn.Module):
         stored tensors' sizes depend on the weights)."""
         return {s: rows for s in cls.ROW_TENSORS}
 
-    def stored(self) -> dict[str, torch.Tensor]:
-        """Returns {name relative to the experts prefix: tensor} as stored."""
-        return {name: getattr(self, name.replace(".", "_")) for name in self.tensor_names()}
+    def specs_names(self):
+        return [f"{kind}.{s}" for kind in KINDS for s in self.STORED]
 
-    def expert_bytes(self) -> int:
-        """Returns the stored bytes of one expert (shared tables spread over the experts)."""
-        total = sum(t.numel() * t.element_size() for t in self.stored().values())
-        return total // self.num_experts
+    def specs(self, layer):
+        return self.layer_specs[layer]
+
+    def tables(self, layer):
+        return self.layer_tables[layer]
+
+    def table_bytes(self):
+        return sum(t.numel() * t.element_size() for tables in self.layer_tables.values() for t in tables.values())
 
     def cols(self, kind: str) -> int:
         return self.hidden if kind == "gate_up" else self.ffn
 
-    def linear(self, kind: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Returns x [n, K] @ W^T [n, R] for matrix `kind` of `expert`."""
-        raise NotImplementedError
+    def read(self, ckpt, family, layer, expert, out):
+        prefix = experts_prefix(family, layer)
+        for name in self.specs_names():
+            out[name].copy_(ckpt.read_rows(f"{prefix}.{name}", expert, expert + 1)[0])
 
-    def weight(self, kind: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Returns the decoded matrix [R, K] of `kind` of `expert` (a transient copy)."""
-        raise NotImplementedError
+    def read_layer(self, ckpt, family, layer, out):
+        prefix = experts_prefix(family, layer)
+        for name in self.specs_names():
+            out[name].copy_(ckpt.read(f"{prefix}.{name}"))
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the dense (gate_up [E, 2I, D], down [E, D, I]) the stored form stands for."""
-        return tuple(torch.stack([self.weight(kind, e, dtype) for e in range(self.num_experts)])
-                     for kind in KINDS)  # type: ignore[return-value]
+    def fused(self, x, rows, weights, stacked, offsets=None):
+        if offsets is not None or rows.numel() > SLOT_KERNEL_MAX_SLOTS or not ops.use_kernels(x):
+            return None
+        return slot_ffn(stacked, self.bits, x, rows, weights)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for x [N, D]."""
-        if expert_ids.numel() <= SLOT_KERNEL_MAX_SLOTS and ops.use_kernels(x):
-            return slot_ffn(self.stored(), self.bits, x, expert_ids, weights)
-        groups = group_by_expert(expert_ids, weights, self.num_experts)
-        xs = x[groups.token_of]  # [S, D] in expert order
-        out = torch.empty_like(xs)
-        bounds = groups.offsets()
-        for e in range(self.num_experts):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                gate, up = self.linear("gate_up", e, xs[lo:hi]).chunk(2, dim=-1)
-                out[lo:hi] = self.linear("down", e, F.silu(gate) * up)
-        out = out * groups.weight_of[:, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, groups.token_of, out)
+    bits: int | None = None
 
 
-class IntExperts(CompressedExperts):
+class IntForm(CompressedForm):
     """Experts as packed 2/3/4-bit affine codes with a float16 scale and uint8 zero per group."""
 
-    form = INT
     STORED = ROW_TENSORS = ("qweight", "scale", "zero")
 
-    def __init__(self, num_experts, hidden, ffn, tensors, bits: int):
-        super().__init__(num_experts, hidden, ffn, tensors)
+    def __init__(self, hidden, ffn, layer_specs, layer_tables, bits: int):
+        super().__init__(hidden, ffn, layer_specs, layer_tables)
         self.bits = bits
+        self.name = f"int{bits}"
 
-    def _parts(self, kind: str, e: int):
-        return (getattr(self, f"{kind}_qweight")[e], getattr(self, f"{kind}_scale")[e],
-                getattr(self, f"{kind}_zero")[e])
+    def _parts(self, kind: str, one: Tensors):
+        return one[f"{kind}.qweight"], one[f"{kind}.scale"], one[f"{kind}.zero"]
 
-    def linear(self, kind, expert, x):
-        return ops.int_linear(x, *self._parts(kind, expert), self.bits)
+    def linear(self, kind, one, x):
+        return ops.int_linear(x, *self._parts(kind, one), self.bits)
 
-    def weight(self, kind, expert, dtype=torch.float32):
-        return ops.int_weight(*self._parts(kind, expert), self.bits, self.cols(kind), dtype)
+    def weight(self, kind, one, dtype=torch.float32):
+        return ops.int_weight(*self._parts(kind, one), self.bits, self.cols(kind), dtype)
 
 
-class TernaryCodeExperts(CompressedExperts):
+class TernaryCodeForm(CompressedForm):
     """Ternary experts in the sub-1-bit dictionary code, decoded inside the matmul."""
 
-    form = TERNARY_CODE
+    name = TERNARY_CODE
     STORED = ("codewords", "starts", "row_chunks", "block_offsets", "lo", "hi")
     ROW_TENSORS = ("row_chunks", "lo", "hi")
     SHARED = ("code_table",)
@@ -144,17 +137,132 @@ class TernaryCodeExperts(CompressedExperts):
     def row_dims(cls, rows):
         return {**super().row_dims(rows), "block_offsets": -(-rows // ROW_BLOCK)}
 
-    def _parts(self, kind: str, e: int):
-        return tuple(getattr(self, f"{kind}_{s}")[e] for s in self.STORED) + (self.code_table,)
+    def _parts(self, kind: str, one: Tensors):
+        return tuple(one[f"{kind}.{s}"] for s in self.STORED) + (one["code_table"],)
 
-    def linear(self, kind, expert, x):
-        return ops.code_linear(x, *self._parts(kind, expert))
+    def linear(self, kind, one, x):
+        return ops.code_linear(x, *self._parts(kind, one))
 
-    def weight(self, kind, expert, dtype=torch.float32):
-        return ops.code_weight(*self._parts(kind, expert), self.cols(kind), dtype)
+    def weight(self, kind, one, dtype=torch.float32):
+        return ops.code_weight(*self._parts(kind, one), self.cols(kind), dtype)
 
 
-def slot_ffn(stored: dict[str, torch.Tensor], bits: int | None, x: torch.Tensor, expert_ids: torch.Tensor,
+def form_class(form: str) -> type[CompressedForm]:
+    """Returns the stored form class of a form name (quant.config INT / TERNARY_CODE)."""
+    return {INT: IntForm, TERNARY_CODE: TernaryCodeForm}[form]
+
+
+def compressed_form(quant: QuantConfig, hidden: int, ffn: int, layer_specs: dict[int, Specs],
+                    layer_tables: dict[int, Tensors]) -> CompressedForm:
+    """Returns the stored form of `quant` over these per-layer shapes and tables."""
+    if quant.form == INT:
+        return IntForm(hidden, ffn, layer_specs, layer_tables, int(quant.bits))
+    return TernaryCodeForm(hidden, ffn, layer_specs, layer_tables)
+
+
+def form_from_checkpoint(quant: QuantConfig, cfg, ckpt, family, device: torch.device | str) -> CompressedForm:
+    """Returns the stored form of a compressed checkpoint's experts, laid out from its headers
+    (reading only the tables, onto `device`); raises CheckpointError naming the tensor when one
+    is missing or contradicts config.json."""
+    try:
+        quant.check_shapes(cfg.hidden_size, cfg.expert_ffn)  # the int form assumes equal groups
+    except Exception as e:
+        raise CheckpointError(f"{ckpt.path}: quantization_config cannot be read with this model: {e}") from None
+    cls = form_class(quant.form)
+    specs, tables = {}, {}
+    for layer in (i for i, moe in enumerate(cfg.moe_layers) if moe):
+        prefix = experts_prefix(family, layer)
+        for name in cls.tensor_names():
+            if not ckpt.has(f"{prefix}.{name}"):
+                raise CheckpointError(f"{ckpt.path}: tensor '{prefix}.{name}' not found; config.json says the "
+                                      f"experts are stored as '{quant.form}'. The checkpoint is incomplete")
+        layer_specs = {}
+        for name in [f"{kind}.{s}" for kind in KINDS for s in cls.STORED]:
+            full = f"{prefix}.{name}"
+            shape = tuple(ckpt.shape(full))
+            layer_specs[name] = (shape[1:], ckpt.dtype(full))
+            kind, suffix = name.split(".")
+            rows = 2 * cfg.expert_ffn if kind == "gate_up" else cfg.hidden_size
+            want = (cfg.experts_in(layer), *((cls.row_dims(rows)[suffix],) if suffix in cls.row_dims(rows) else ()))
+            if shape[:len(want)] != want:
+                raise CheckpointError(f"{ckpt.path}: tensor '{full}' has shape {list(shape)}, config.json implies "
+                                      f"[{', '.join(map(str, want))}, ...]; the weights do not match the config")
+        specs[layer] = layer_specs
+        tables[layer] = {n: ckpt.read(f"{prefix}.{n}").to(device) for n in cls.SHARED}
+    return compressed_form(quant, cfg.hidden_size, cfg.expert_ffn, specs, tables)
+
+
+def form_from_tensors(quant: QuantConfig, cfg, layers: dict[int, Tensors], device: torch.device | str) -> CompressedForm:
+    """Returns the stored form of experts given as stored tensors {layer: {name: [E, ...]}} (tables
+    included, moved to `device`)."""
+    cls = form_class(quant.form)
+    specs, tables = {}, {}
+    for layer, given in layers.items():
+        missing = [n for n in cls.tensor_names() if n not in given]
+        if missing:
+            raise CheckpointError(f"layer {layer}: stored tensors {missing} of form '{quant.form}' not given")
+        specs[layer] = {n: (tuple(given[n].shape[1:]), given[n].dtype) for n in cls.tensor_names() if n not in cls.SHARED}
+        _check_rows(cls, specs[layer], cfg, f"layer {layer}")
+        tables[layer] = {n: given[n].to(device) for n in cls.SHARED}
+    return compressed_form(quant, cfg.hidden_size, cfg.expert_ffn, specs, tables)
+
+
+def _check_rows(cls: type[CompressedForm], specs: Specs, cfg, where: str) -> None:
+    for kind, rows in (("gate_up", 2 * cfg.expert_ffn), ("down", cfg.hidden_size)):
+        for suffix, size in cls.row_dims(rows).items():
+            shape = specs[f"{kind}.{suffix}"][0]
+            if shape[0] != size:
+                raise CheckpointError(f"{where}: stored tensor '{kind}.{suffix}' has {shape[0]} rows per expert, "
+                                      f"config.json implies {size}; the weights do not match the config")
+
+
+class CompressedExperts(nn.Module):
+    """One MoE layer's experts resident on the device in a compressed stored form (buffers; the
+    form multiplies)."""
+
+    def __init__(self, form: CompressedForm, layer: int, num_experts: int, tensors: Tensors):
+        """`tensors` {name relative to the experts prefix: [E, ...]} (tables included)."""
+        super().__init__()
+        self.form, self.layer = form, layer
+        self.num_experts, self.hidden, self.ffn = num_experts, form.hidden, form.ffn
+        self.bits = form.bits
+        for name in form.tensor_names():
+            self.register_buffer(name.replace(".", "_"), tensors[name])
+
+    @classmethod
+    def tensor_names(cls, form: str) -> list[str]:
+        return form_class(form).tensor_names()
+
+    def stored(self) -> Tensors:
+        """Returns {name relative to the experts prefix: tensor} as stored (tables included)."""
+        return {name: getattr(self, name.replace(".", "_")) for name in self.form.tensor_names()}
+
+    def expert_bytes(self) -> int:
+        """Returns the stored bytes of one expert (the layer's tables spread over its experts)."""
+        total = sum(t.numel() * t.element_size() for t in self.stored().values())
+        return total // self.num_experts
+
+    def linear(self, kind: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Returns x [n, K] @ W^T [n, R] for matrix `kind` of `expert`."""
+        return self.form.linear(kind, self.form.one(self.stored(), expert), x)
+
+    def weight(self, kind: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Returns the decoded matrix [R, K] of `kind` of `expert` (a transient copy)."""
+        return self.form.weight(kind, self.form.one(self.stored(), expert), dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the dense (gate_up [E, 2I, D], down [E, D, I]) the stored form stands for."""
+        return self.form.dequantize(self.stored(), dtype)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for x [N, D]."""
+        return self.form.run(x, expert_ids, weights, self.stored())
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.num_experts}, form={self.form.name}"
+
+
+def slot_ffn(stored: Tensors, bits: int | None, x: torch.Tensor, expert_ids: torch.Tensor,
              weights: torch.Tensor) -> torch.Tensor:
     """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] through the per-slot kernels
     (two launches, no host sync; the PyTorch references where the kernels do not run).
@@ -169,24 +277,23 @@ def slot_ffn(stored: dict[str, torch.Tensor], bits: int | None, x: torch.Tensor,
     return y.view(n, top_k, -1).sum(dim=1)
 
 
-def _slot_linear(t: dict[str, torch.Tensor], bits: int | None, kind: str, x: torch.Tensor, ids: torch.Tensor,
+def _slot_linear(t: Tensors, bits: int | None, kind: str, x: torch.Tensor, ids: torch.Tensor,
                  top_k: int, weights: torch.Tensor | None) -> torch.Tensor:
     swiglu = kind == "gate_up"
     if bits is not None:
         return ops.int_slot_linear(x, ids, t[f"{kind}.qweight"], t[f"{kind}.scale"], t[f"{kind}.zero"], bits,
                                    top_k, weights, swiglu)
-    parts = [t[f"{kind}.{s}"] for s in TernaryCodeExperts.STORED]
+    parts = [t[f"{kind}.{s}"] for s in TernaryCodeForm.STORED]
     return ops.code_slot_linear(x, ids, *parts, t["code_table"], top_k, weights, swiglu)
 
 
-def form_class(form: str) -> type[CompressedExperts]:
-    """Returns the expert source class of a stored form name."""
-    return {INT: IntExperts, TERNARY_CODE: TernaryCodeExperts}[form]
-
-
-def build_experts(form: str, num_experts: int, hidden: int, ffn: int, tensors: dict[str, torch.Tensor],
-                  bits: str) -> CompressedExperts:
-    """Returns the expert source of stored form `form` over `tensors` (named as in tensor_names)."""
-    if form == INT:
-        return IntExperts(num_experts, hidden, ffn, tensors, int(bits))
-    return TernaryCodeExperts(num_experts, hidden, ffn, tensors)
+def build_experts(form: str, num_experts: int, hidden: int, ffn: int, tensors: Tensors,
+                  bits: str, layer: int = 0) -> CompressedExperts:
+    """Returns resident CompressedExperts of stored form `form` over `tensors` (named as in
+    tensor_names, tables included) for layer `layer`."""
+    cls = form_class(form)
+    specs = {n: (tuple(tensors[n].shape[1:]), tensors[n].dtype) for n in cls.tensor_names() if n not in cls.SHARED}
+    tables = {n: tensors[n] for n in cls.SHARED}
+    stored_form = (IntForm(hidden, ffn, {layer: specs}, {layer: tables}, int(bits)) if form == INT
+                   else TernaryCodeForm(hidden, ffn, {layer: specs}, {layer: tables}))
+    return CompressedExperts(stored_form, layer, num_experts, tensors)
