@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .errors import MoekitError
+from .experts.runtime import expert_runtime
 from .kv_cache import KVCache
 from .piecewise import capture_stream
 
@@ -135,17 +136,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    offload = getattr(model, "offload", None)  # an offloaded expert source syncs with the host
-    if offload is not None:
-        offload.check_generation(batch, total)
+    runtime = expert_runtime(model)  # a placement shared by the layers (offload), or None
+    if runtime is not None:
+        runtime.reserve(batch, total)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
         raise MoekitError("cuda_graph=True needs the model on a CUDA device")
     if compile and not use_graph:
         raise MoekitError("compile=True is for CUDA-graph decode: use it with the model on a CUDA device")
-    if compile and offload is not None:
-        raise MoekitError("compile=True is not available for offloaded models (their steps are captured "
-                          "in pieces between expert calls); leave it off")
+    if compile and runtime is not None and not runtime.compilable:
+        raise MoekitError("compile=True is not available for this model's expert placement (its steps are "
+                          "captured in pieces between expert calls); leave it off")
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.cuda_graph = prompt_len, use_graph
 
@@ -203,9 +204,9 @@ def _capture(model, cache: KVCache, token: torch.Tensor, position: int, compile:
     """Returns a captured decode step: whole (compiled if asked and possible; an offloaded model
     whose misses are read in place), else in pieces between expert calls (expert sources that
     sync with the host), else None to run eagerly."""
-    offload = getattr(model, "offload", None)
-    if offload is not None:
-        step = offload.capture_decode(model, cache, token, position)  # whole, when misses are read in place
+    runtime = expert_runtime(model)
+    if runtime is not None:
+        step = runtime.capture_decode(model, cache, token, position)  # whole, when the placement allows
         if step is not None:
             stats.extra["graph"] = "whole"
             return step
@@ -227,10 +228,9 @@ def _capture(model, cache: KVCache, token: torch.Tensor, position: int, compile:
 
 def _capture_pieces(model, cache: KVCache, token: torch.Tensor, position: int, stats: GenerationStats):
     """Returns the step as CUDA graphs between eager expert calls (moekit.piecewise), or None."""
-    from .model import MoEBlock
     from .piecewise import PiecewiseDecode
 
-    if not any(isinstance(layer.mlp, MoEBlock) for layer in model.layers):
+    if not any(layer.is_moe for layer in model.layers):
         return None
     try:
         step = PiecewiseDecode(model, cache, token, position)

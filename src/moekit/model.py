@@ -162,6 +162,8 @@ class MoEBlock(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the block's output [B, T, D] for normed x [B, T, D] (DecoderLayer.route and
+        combine are the same steps cut at the expert call)."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)  # [N, D]
         _, ids, weights = self.route(flat)
@@ -180,12 +182,31 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = MoEBlock(cfg, layer) if cfg.moe_layers[layer] else DenseMLP(cfg.hidden_size, cfg.dense_ffn)
 
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoEBlock)
+
     def pre_attn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Returns (q, k, v) for residual stream x [B, T, D]."""
         return self.attn.project(self.input_norm(x), cos, sin)
 
+    def route(self, x: torch.Tensor, attn_out: torch.Tensor):
+        """Returns what an MoE layer hands its experts after attention: (residual stream [B, T, D],
+        expert input [N, D], expert ids [N, A], weights [N, A], shared-expert output [N, D] or None)."""
+        x = x + self.attn.o_proj(attn_out)
+        flat = self.post_norm(x).reshape(-1, x.shape[-1])
+        _, ids, weights = self.mlp.route(flat)
+        return x, flat, ids, weights, self.mlp.shared_output(flat)
+
+    @staticmethod
+    def combine(resid: torch.Tensor, experts_out: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """Returns the residual stream after an MoE layer from its routed experts' output [N, D]."""
+        out = experts_out if shared is None else experts_out + shared
+        return resid + out.view_as(resid)
+
     def post_attn(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Returns the residual stream after o-proj and the MLP/MoE block."""
+        """Returns the residual stream after o-proj and the MLP/MoE block (route + experts +
+        combine, run as one call of the block so hooks on it see every token)."""
         x = x + self.attn.o_proj(attn_out)
         return x + self.mlp(self.post_norm(x))
 
@@ -209,6 +230,12 @@ class MoEModel(nn.Module):
         inv_freq, self.rope_scale = inverse_frequencies(cfg.rope, cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.generation_defaults: dict = {}  # filled from generation_config.json by the loader
+        self.expert_runtime = None  # a placement the layers' expert sources share (experts.runtime), or None
+
+    @property
+    def offload(self):
+        """The offload runtime of an offloaded model (its expert runtime), else None."""
+        return self.expert_runtime
 
     @property
     def device(self) -> torch.device:

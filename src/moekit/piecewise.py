@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import KVCache
-from .model import MoEBlock, MoEModel
 
 
 def capture_stream(model) -> torch.cuda.Stream:
@@ -44,7 +43,7 @@ def capture_stream(model) -> torch.cuda.Stream:
 class _Routed:
     """What a segment leaves for the expert call after it (all static graph outputs)."""
 
-    block: MoEBlock
+    block: torch.nn.Module  # the layer's MoE block (its expert source is block.experts)
     resid: torch.Tensor  # [B, 1, D] residual stream after attention
     flat: torch.Tensor  # [N, D] post-attention-normed input of the experts
     ids: torch.Tensor  # [N, A]
@@ -55,7 +54,7 @@ class _Routed:
 class PiecewiseDecode:
     """One decode step as len(MoE layers) + 1 CUDA graphs with the experts run eagerly between."""
 
-    def __init__(self, model: MoEModel, cache: KVCache, token: torch.Tensor, position: int,
+    def __init__(self, model, cache: KVCache, token: torch.Tensor, position: int,
                  graphs: bool | None = None):
         """`graphs` (default: on CUDA) captures the segments; without, they run as plain calls
         (the same cut, testable on the CPU)."""
@@ -67,7 +66,7 @@ class PiecewiseDecode:
         b, d = token.shape[0], model.config.hidden_size
         # the experts' output of the layer before a segment (the one input not made by a graph)
         self.moe_out = torch.zeros(b, d, device=device, dtype=model.dtype)
-        moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)]
+        moe = [i for i, layer in enumerate(model.layers) if layer.is_moe]
         if not moe:
             raise ValueError("piecewise decode needs a MoE layer to cut at")
         bounds = [(None, moe[0])] + list(zip(moe, moe[1:])) + [(moe[-1], None)]
@@ -111,7 +110,7 @@ class PiecewiseDecode:
                 self.rope = (cos, sin)  # static outputs of segment 0, read by the later segments
                 x = model.embed(self.token)
             else:
-                x = prev.resid + self._moe_output(prev).view_as(prev.resid)
+                x = layers[0].combine(prev.resid, self.moe_out, prev.shared)
             cos, sin = self.rope
             first = 0 if after is None else after + 1
             last = len(layers) if upto is None else upto
@@ -121,16 +120,10 @@ class PiecewiseDecode:
                 return model.lm_head(model.norm(x))
             layer = layers[upto]
             q, k, v = layer.pre_attn(x, cos, sin)
-            x = x + layer.attn.o_proj(layer.attn.attend(q, k, v, cache, self.position))
-            block: MoEBlock = layer.mlp
-            flat = layer.post_norm(x).reshape(-1, x.shape[-1])
-            _, ids, weights = block.route(flat)
-            return _Routed(block, x, flat, ids, weights, block.shared_output(flat))
+            resid, flat, ids, weights, shared = layer.route(x, layer.attn.attend(q, k, v, cache, self.position))
+            return _Routed(layer.mlp, resid, flat, ids, weights, shared)
 
         return run
-
-    def _moe_output(self, prev: _Routed) -> torch.Tensor:
-        return self.moe_out if prev.shared is None else self.moe_out + prev.shared
 
     def _experts(self, routed: _Routed) -> None:
         self.moe_out.copy_(routed.block.experts(routed.flat, routed.ids, routed.weights))

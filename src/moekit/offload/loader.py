@@ -165,7 +165,6 @@ class OffloadLoader(ExpertLoader):
         runtime.routers = {i: model.layers[i].mlp.router for i in runtime.moe_layers}
         k = cfg.prefetch_k or ctx.config.top_k
         runtime.predictor = build_predictor(cfg.predictor, model, runtime.next_of, k, cfg.pregate_path, self.trace)
-        model.offload = runtime
         if runtime.cpu is not None and ctx.device.type == "cuda":
             from .cpu import measure_costs
 
@@ -177,6 +176,7 @@ class OffloadLoader(ExpertLoader):
         if cfg.pin_experts > 0 and self.pin_counts:
             runtime.cache.pin(most_used(self.pin_counts, int(cfg.pin_experts * runtime.cache.num_slots)))
         runtime.reset_stats()
+        return runtime
 
     def _fit_measured(self, model, ctx: LoadContext) -> None:
         """Shrinks the expert cache until the measured device peak fits the budget (CUDA only).

@@ -122,7 +122,9 @@ class OffloadRuntime:
                    plan=self.plan.to_dict() if self.plan else None)
         return out
 
-    def check_generation(self, batch: int, positions: int) -> None:
+    compilable = False  # steps are captured in pieces between expert calls (or whole, misses mapped)
+
+    def reserve(self, batch: int, positions: int) -> None:
         """Raises MoekitError when a generation's KV cache is larger than the budget planned for."""
         planned = self.config.batch * (self.config.context_tokens or self.model_config.max_position_embeddings)
         if batch * positions > planned:
