@@ -154,6 +154,23 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def write_char_tokenizer(path: Path) -> None:
+    """Writes a character-level tokenizer.json (printable ASCII, ids below VOCAB) into path, so a
+    tiny checkpoint can run CLI commands in place of the bundled model, which is ~100x slower
+    under the Triton interpreter."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(str(path / "tokenizer.json"))
+
+
 def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     """Returns random token ids [batch, length] in [3, VOCAB) (clear of bos/eos/pad ids)."""
     g = torch.Generator().manual_seed(seed)

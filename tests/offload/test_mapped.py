@@ -6,6 +6,8 @@ under TRITON_INTERPRET=1 and the "host rows" are ordinary tensors; the GPU test 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from moekit.offload import OffloadConfig, load_offloaded
 from moekit.experts.forms import DenseForm
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 
-from conftest import run_cli, token_ids
+from conftest import run_cli, token_ids, write_char_tokenizer
 
 CONTEXT = 40
 pytestmark = pytest.mark.skipif(not triton_ops.HAVE_TRITON, reason="triton not installed")
@@ -121,10 +123,12 @@ def test_cached_experts_are_mapped_only_once_their_copy_landed(mixtral):
     assert set(mapped.mapped) == {(0, 0), (0, 1)}
 
 
-def test_stats_table_and_cli(mixtral, capsys):
-    path, _ = mixtral
-    code, out, err = run_cli(capsys, "generate", "def f(x):", "--max-new-tokens", "6",  # the bundled model
-                             "--offload", "--misses", "mapped", "--predictor", "none", "--stats")
+def test_stats_table_and_cli(mixtral, capsys, tmp_path):
+    path = shutil.copytree(mixtral[0], tmp_path / "mixtral")  # not the bundled model: ~40 s interpreted
+    write_char_tokenizer(path)
+    code, out, err = run_cli(capsys, "generate", "def f(x):", "--model", str(path), "--device", "cpu",
+                             "--max-new-tokens", "6", "--offload", "--misses", "mapped", "--predictor", "none",
+                             "--stats")
     assert code == 0, err
     assert "read in place" in err and "expert reads" in err
 
