@@ -113,24 +113,24 @@ def test_planner_counts_compressed_bytes(compressed, bits):
 
 
 @needs_cpu_kernels
-def test_kernel_path_matches_resident_kernel_path(compressed, monkeypatch):
+# ternary is slow (~70 s interpreted); the fast run reads its slab through the fused path below
+@pytest.mark.parametrize("bits", [pytest.param("ternary", marks=pytest.mark.slow), "4"])
+def test_kernel_path_matches_resident_kernel_path(compressed, bits, monkeypatch):
     """The Triton kernels (interpreted here) read the experts from the cache slab's packed bytes;
     decode steps run every routed expert of a layer in one launch per matrix (the form's fused path)."""
     runs = []
     fused = CompressedForm.fused
     monkeypatch.setattr(CompressedForm, "fused", lambda *a, **k: runs.append(out := fused(*a, **k)) or out)
-    for bits in FORMS:
-        path, resident = compressed[bits]
-        ids = token_ids(1, 2, seed=5)
-        reference = greedy(resident, ids, n=2)  # grouped PyTorch path
-        monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
-        model = load_offloaded(path, offload=OffloadConfig(device_memory=budget_for(path, 2), context_tokens=CONTEXT))
-        runs.clear()
-        kernels = greedy(resident, ids, n=2)  # prefill and decode: 4 and 2 slots, per-slot kernels
-        assert torch.equal(kernels, reference), bits
-        assert torch.equal(greedy(model, ids, n=2), kernels), bits
-        assert any(r is not None for r in runs), "no layer ran the per-slot kernels"
-        monkeypatch.delenv("MOEKIT_QUANT_KERNELS")
+    path, resident = compressed[bits]
+    ids = token_ids(1, 2, seed=5)
+    reference = greedy(resident, ids, n=2)  # grouped PyTorch path
+    monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+    model = load_offloaded(path, offload=OffloadConfig(device_memory=budget_for(path, 2), context_tokens=CONTEXT))
+    runs.clear()
+    kernels = greedy(resident, ids, n=2)  # prefill and decode: 4 and 2 slots, per-slot kernels
+    assert torch.equal(kernels, reference), bits
+    assert torch.equal(greedy(model, ids, n=2), kernels), bits
+    assert any(r is not None for r in runs), "no layer ran the per-slot kernels"
 
 
 @needs_cpu_kernels
