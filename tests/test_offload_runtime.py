@@ -140,10 +140,46 @@ def test_too_small_budget_is_refused_with_the_size_needed(mixtral):
 
 
 def test_generation_longer_than_planned_is_refused(mixtral):
+    """A generation needing more KV cache than planned takes it from the expert cache; where a
+    token's experts would no longer fit, it is refused in one line with the budget it needs."""
     ckpt, _ = mixtral
-    model = offloaded(ckpt.path)
-    with pytest.raises(moekit.MoekitError, match="context_tokens"):
+    model = offloaded(ckpt.path)  # 2 slots: the top-k, none to give
+    with pytest.raises(moekit.MoekitError, match="needs .* of KV cache.*give --device-memory") as err:
         greedy(model, token_ids(1, 30), n=CONTEXT)
+    assert "\n" not in str(err.value)
+
+
+def test_generation_reserves_its_kv_cache_from_the_expert_cache(mixtral):
+    """Loaded with only a budget, the plan holds no KV cache; each generation reserves its own
+    (growing it when a later one is longer) from the expert cache, tokens unchanged."""
+    ckpt, resident = mixtral
+    cfg = moekit.read_config(ckpt.path)[2]
+    budget = budget_for(cfg, 6)  # 6 experts + a KV cache of CONTEXT positions, planned as cache now
+    model = load_offloaded(ckpt.path, offload=OffloadConfig(device_memory=budget, prefill_chunk=CONTEXT))
+    plan = model.offload.plan
+    assert plan.kv_cache_bytes == 0 and plan.kv_positions == 0 and plan.planned_bytes <= budget
+    slots = model.offload.cache.num_slots
+    ids = token_ids(1, 10)
+    assert torch.equal(greedy(model, ids, n=6), greedy(resident, ids, n=6))
+    first = model.offload.plan
+    assert first.kv_cache_bytes == kv_cache_bytes(cfg, torch.float32, 1, 16) and first.planned_bytes <= budget
+    assert model.offload.cache.num_slots < slots
+    ids = token_ids(1, 30, seed=3)
+    assert torch.equal(greedy(model, ids, n=12), greedy(resident, ids, n=12))
+    assert model.offload.plan.kv_cache_bytes == kv_cache_bytes(cfg, torch.float32, 1, 42)
+    assert model.offload.plan.planned_bytes <= budget
+
+
+def test_prefill_runs_in_chunks_with_equal_tokens(mixtral):
+    """Prefill in chunks of a few tokens (activations bounded by a chunk) gives the tokens of a
+    whole-prompt prefill."""
+    ckpt, resident = mixtral
+    cfg = moekit.read_config(ckpt.path)[2]
+    model = load_offloaded(ckpt.path, offload=OffloadConfig(device_memory=budget_for(cfg, 8), prefill_chunk=4,
+                                                            context_tokens=CONTEXT))
+    assert model.offload.prefill_chunk == 4
+    ids = token_ids(1, 19, seed=4)
+    assert torch.equal(greedy(model, ids, n=6), greedy(resident, ids, n=6))
 
 
 def test_parse_size():

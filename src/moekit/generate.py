@@ -158,7 +158,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids, cache=cache, start=0, last_only=True)[:, -1]
+    # prefill in chunks where the placement bounds its activations (offload plans one chunk)
+    chunk = getattr(runtime, "prefill_chunk", None) or prompt_len
+    for begin in range(0, prompt_len, chunk):
+        logits = model(input_ids[:, begin:begin + chunk], cache=cache, start=begin, last_only=True)[:, -1]
     step_fn = None
     produced = 0
     t_first = t0

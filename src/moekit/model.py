@@ -239,11 +239,11 @@ class MoEModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.lm_head.weight.device  # the input embedding table may live in host memory
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.lm_head.weight.dtype
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (cos, sin) [T, Dh] for positions [T]."""

@@ -19,6 +19,7 @@ class ExpertRuntime(Protocol):
     """The engine-facing side of a shared expert placement."""
 
     compilable: bool  # the decode step may be compiled by torch.compile before capture
+    prefill_chunk: int | None  # prompt tokens per forward (bounds activations; None: the whole prompt)
 
     def reserve(self, batch: int, positions: int) -> None:
         """Makes room on the device for a KV cache of batch x positions (and its workspace) before a

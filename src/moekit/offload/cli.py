@@ -173,6 +173,7 @@ def stats_rows(report: dict, new_tokens: int) -> list[tuple[str, str]]:
         ("predictor / policy", f"{report['predictor']} / {report['cache_policy']}  (store: {report['store']})"),
         ("device budget", f"{format_size(plan.get('budget_bytes', 0))}: {report['cache_slots']} of "
                           f"{plan.get('total_experts', 0)} experts cached ({format_size(plan.get('expert_bytes', 0))} each)"),
+        ("budget plan", plan_line(plan)),
         ("cache hit rate", f"{report['hit_rate']:.1%}  ({report['hits']} of {report['lookups']})"),
         ("prefetch precision", f"{report['prefetch_precision']:.1%}"),
         ("prefetch recall", f"{report['prefetch_recall']:.1%}"),
@@ -184,6 +185,25 @@ def stats_rows(report: dict, new_tokens: int) -> list[tuple[str, str]]:
         ("peak device memory", f"{format_size(report['peak_device_bytes'])}"
                                + ("  (planned)" if report["device"] == "cpu" else "  (allocator peak)")),
     ]
+
+
+def plan_line(plan: dict) -> str:
+    """Returns each reservation of a budget plan on one line (what --stats prints)."""
+    if not plan:
+        return "-"
+    parts = [f"{format_size(plan['resident_bytes'])} weights",
+             f"{format_size(plan['kv_cache_bytes'])} KV cache ({plan.get('kv_positions', 0)} positions)",
+             f"{format_size(plan['activation_bytes'])} activations (prefill chunk {plan.get('prefill_chunk', 0)})",
+             f"{format_size(plan['reserve_bytes'])} workspace"]
+    if plan.get("shared_bytes"):
+        parts.append(f"{format_size(plan['shared_bytes'])} code tables")
+    parts.append(f"{format_size(plan['cache_bytes'])} expert cache")
+    line = " + ".join(parts) + f" = {format_size(plan['planned_bytes'])}"
+    if plan.get("host_embedding_bytes"):
+        line += f"; input embeddings in host memory ({format_size(plan['host_embedding_bytes'])})"
+    if plan.get("measured_peak_bytes"):
+        line += f"; warm-up peak {format_size(plan['measured_peak_bytes'])}"
+    return line
 
 
 def _cpu_rows(report: dict) -> list[tuple[str, str]]:

@@ -50,7 +50,7 @@ class OffloadConfig:
     store: str = "auto"  # auto (GPU: pinned host memory, CPU: disk) | host | disk
     prefetch_k: int = 0  # experts predicted per token for the next layer (0: the model's top-k)
     pin_experts: float = 0.0  # share of cache slots pinned to the most-used experts (needs counts)
-    context_tokens: int | None = None  # KV-cache positions to plan for (None: max_position_embeddings)
+    context_tokens: int | None = None  # KV-cache positions to plan for at load (None: reserved by each generation)
     batch: int = 1  # sequences to plan the KV cache and activations for
     strict: bool = False  # run only the predicted experts (changes outputs; needs a model tuned for it)
     pregate_path: str | None = None  # folder written by `moekit pregate` (predictor pregate)
@@ -58,6 +58,8 @@ class OffloadConfig:
     misses: str = "fetch"  # fetch | cpu | auto (offload.cpu) | mapped (read in place from host memory, offload.mapped)
     cpu_max_tokens: int = 8  # layer calls of at most this many tokens may run experts on the CPU
     cpu_threads: int = 0  # intra-op threads of the CPU expert worker (CUDA; 0: torch's threads - 1)
+    prefill_chunk: int = 256  # tokens per prefill forward: bounds activations (and planned workspace)
+    host_embedding: bool = True  # keep an untied input embedding table in host memory (CUDA)
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -71,6 +73,8 @@ class OffloadConfig:
             raise MoekitError(f"--device-memory must be > 0, got {self.device_memory}")
         if not 0.0 <= self.pin_experts < 1.0:
             raise MoekitError(f"pin_experts is a share of the cache in [0, 1), got {self.pin_experts}")
+        if self.prefill_chunk < 1:
+            raise MoekitError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.prefetch_k < 0 or self.batch <= 0:
             raise MoekitError("prefetch_k must be >= 0 and batch > 0")
         if self.misses not in MISSES:

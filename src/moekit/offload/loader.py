@@ -43,7 +43,6 @@ class OffloadLoader(ExpertLoader):
         self.config = config or OffloadConfig()
         self.pin_counts, self.trace, self.host_layers = pin_counts, trace, host_layers
         self.runtime: OffloadRuntime | None = None
-        self.mapped_checked = False  # the in-place read self-test runs once per load
         # The budget counts what this model holds: device memory allocated before the load
         # (the caller's own tensors, other models) is not ours and is left out of every measure.
         self.baseline_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -73,8 +72,7 @@ class OffloadLoader(ExpertLoader):
             if self.host_layers is not None:
                 raise MoekitError("experts given as host tensors need store='host' (or 'auto')")
             store = DiskStore(layout, ctx.ckpt, ctx.family, cfg)
-        runtime = OffloadRuntime(self.config, cfg, layout, store, device)
-        runtime.plan = self.plan
+        runtime = OffloadRuntime(self.config, cfg, layout, store, device, ctx.dtype, self.plan)
         self._choose_misses(runtime, ctx)
         return runtime
 
@@ -116,35 +114,6 @@ class OffloadLoader(ExpertLoader):
         runtime.cpu = CpuExperts(runtime.layout, runtime.store, device, self.config.cpu_max_tokens,
                                  self.config.cpu_threads)
 
-    def _new_cache(self, runtime: OffloadRuntime, slots: int, device: torch.device) -> None:
-        """Gives the runtime a fresh, empty cache of `slots` experts (freeing the old one first), and
-        its mapped table when misses are read in place."""
-        from .cache import ExpertCache
-
-        if runtime.cache is not None:
-            runtime.cache.close()
-            runtime.cache = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        runtime.cache = ExpertCache(runtime.layout, runtime.store, slots, device, self.config.cache_policy, runtime.stats)
-        self._attach_mapped(runtime)
-
-    def _attach_mapped(self, runtime: OffloadRuntime) -> None:
-        """Gives a new cache its mapped runtime (misses mapped), checking once that the device reads
-        host memory in place correctly; where it does not, misses are fetched."""
-        if runtime.misses != "mapped":
-            return
-        from .mapped import self_test
-
-        runtime.attach_mapped()
-        if self.mapped_checked:
-            return
-        self.mapped_checked = True
-        why = self_test(runtime.mapped)
-        if why is not None:
-            runtime.cache.listener = runtime.mapped = None
-            runtime.misses, runtime.misses_note = "fetch", f"{why}: misses are fetched"
-
     def build(self, ctx: LoadContext, layer: int) -> OffloadedExperts:
         if self.runtime is None:
             self.runtime = self._start(ctx)
@@ -156,12 +125,18 @@ class OffloadLoader(ExpertLoader):
                 store.load_layer(ctx.ckpt, ctx.family, ctx.config, layer)
         return OffloadedExperts(layer, self.runtime)
 
-    def finish(self, model, ctx: LoadContext) -> None:
+    def finish(self, model, ctx: LoadContext) -> OffloadRuntime:
         runtime = self.runtime
         if runtime is None:
             raise MoekitError(f"{ctx.ckpt.path}: the model has no MoE layer, nothing to offload")
         cfg = self.config
-        self._new_cache(runtime, self.plan.cache_slots, ctx.device)
+        if self.plan.host_embedding_bytes:
+            from .embedding import HostEmbedding
+
+            model.embed = HostEmbedding.from_embedding(model.embed)
+        if cfg.pin_experts > 0 and self.pin_counts:
+            runtime.pinned_keys = most_used(self.pin_counts, int(cfg.pin_experts * self.plan.total_experts))
+        runtime.new_cache(self.plan.cache_slots)
         runtime.routers = {i: model.layers[i].mlp.router for i in runtime.moe_layers}
         k = cfg.prefetch_k or ctx.config.top_k
         runtime.predictor = build_predictor(cfg.predictor, model, runtime.next_of, k, cfg.pregate_path, self.trace)
@@ -169,38 +144,32 @@ class OffloadLoader(ExpertLoader):
             from .cpu import measure_costs
 
             runtime.costs = measure_costs(runtime, ctx.dtype)  # before the warm-up: it uses them
+            runtime.cache.h2d_bytes_per_s = runtime.costs.h2d_bytes_per_s
         if ctx.device.type == "cuda":
             self._fit_measured(model, ctx)
-        if runtime.costs is not None:  # the cache's copy-queue model runs at the measured rate
-            runtime.cache.h2d_bytes_per_s = runtime.costs.h2d_bytes_per_s
-        if cfg.pin_experts > 0 and self.pin_counts:
-            runtime.cache.pin(most_used(self.pin_counts, int(cfg.pin_experts * runtime.cache.num_slots)))
         runtime.reset_stats()
         return runtime
 
     def _fit_measured(self, model, ctx: LoadContext) -> None:
-        """Shrinks the expert cache until the measured device peak fits the budget (CUDA only).
+        """Sizes the expert cache so that the measured device peak fills the budget (CUDA only).
 
         The plan can only estimate what libraries allocate (cuBLAS and cuBLASLt keep a 32 MiB
-        workspace per stream and handle in PyTorch's allocator on Hopper, measured). So a short
-        prefill and a decode step (captured in pieces, as generate runs it) run now, with a KV
-        cache of the planned size; the allocator's peak above what was allocated before the load,
-        plus the activations a full-context prefill adds beyond the warm-up, must fit the budget,
-        else the cache loses slots. The warm-up's cache contents and counters are
-        discarded: generation starts from a fresh cache.
+        workspace per stream and handle in PyTorch's allocator on Hopper, measured). So a prefill of
+        one chunk (the most generate runs at once) and a decode step (captured as generate captures
+        it) run now, with a KV cache of the planned size; the allocator's peak above what was
+        allocated before the load must fit the budget, else the cache loses slots; when it leaves
+        room for more experts, the cache gains them (once) and is measured again. The warm-up's
+        cache contents and counters are discarded: generation starts from a fresh cache.
         """
         from ..kv_cache import KVCache
         from ..piecewise import PiecewiseDecode
-        from .planner import activation_bytes
 
         runtime, plan, cfg, device = self.runtime, self.plan, ctx.config, ctx.device
-        context = self.config.context_tokens or cfg.max_position_embeddings
         batch = self.config.batch
-        warm = max(1, min(context - 1, 64))
-        extra = max(0, activation_bytes(cfg, ctx.dtype, batch * context, batch)
-                    - activation_bytes(cfg, ctx.dtype, batch * warm, batch))
-        slots = runtime.cache.num_slots
-        for _ in range(4):
+        warm = max(1, min(plan.prefill_chunk, cfg.max_position_embeddings - 1))
+        context = max(plan.kv_positions // batch, warm + 1)
+        slots, grown = runtime.cache.num_slots, False
+        for _ in range(5):
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             cache = KVCache(cfg, batch, context, device, ctx.dtype)
@@ -217,28 +186,33 @@ class OffloadLoader(ExpertLoader):
             runtime.cache.synchronize()
             torch.cuda.synchronize(device)
             del cache, ids, step
-            need = torch.cuda.max_memory_allocated(device) - self.baseline_bytes + extra
-            if need <= plan.budget_bytes:
+            need = torch.cuda.max_memory_allocated(device) - self.baseline_bytes
+            room = (plan.budget_bytes - need) // plan.expert_bytes
+            if need <= plan.budget_bytes and (grown or room < 1 or slots >= plan.total_experts):
                 break
-            slots -= -(-(need - plan.budget_bytes) // plan.expert_bytes)  # ceil division
+            if need <= plan.budget_bytes:  # the plan over-estimated: give the rest to the cache (once)
+                grown = True
+                slots = min(plan.total_experts, slots + int(room))
+            else:
+                slots -= -(-(need - plan.budget_bytes) // plan.expert_bytes)  # ceil division
+                grown = True  # after a shrink, never grow back (it would only overshoot again)
             if slots < plan.min_slots:
                 raise MoekitError(
                     f"--device-memory {plan.budget_bytes / 1e6:.2f}MB is too small on this GPU: measured "
                     f"{need / 1e6:.2f}MB with {runtime.cache.num_slots} experts cached (libraries' workspaces "
                     f"included); give at least {(need + (plan.min_slots - runtime.cache.num_slots) * plan.expert_bytes) / 1e6 + 0.01:.2f}MB")
-            self._new_cache(runtime, slots, device)
+            runtime.new_cache(slots)
         else:
             raise MoekitError(f"could not fit the expert cache under --device-memory {plan.budget_bytes / 1e6:.2f}MB "
-                              f"after 4 measurements (last: {need / 1e6:.2f}MB); give a larger budget")
+                              f"after 5 measurements (last: {need / 1e6:.2f}MB); give a larger budget")
         # a fresh cache and counters: the warm-up's experts, routing trace and call numbers go
-        old_slots = runtime.cache.num_slots
-        self._new_cache(runtime, old_slots, device)
-        self.plan = runtime.plan = dataclasses.replace(plan, cache_slots=old_slots, measured_peak_bytes=need)
+        runtime.new_cache(runtime.cache.num_slots)
+        self.plan = runtime.plan = dataclasses.replace(runtime.plan, cache_slots=runtime.cache.num_slots,
+                                                       measured_peak_bytes=need)
         runtime.baseline_bytes = self.baseline_bytes
         runtime.calls.clear()
         runtime.predicted.clear()
-        if hasattr(runtime, "trace"):
-            runtime.trace.clear()
+        runtime.trace.clear()
 
 
 def most_used(counts: dict[int, list[float]], how_many: int) -> list[tuple[int, int]]:

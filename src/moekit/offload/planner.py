@@ -4,6 +4,14 @@ expert-cache slots, or refuses a budget that cannot hold a token's experts, nami
 Everything is counted in bytes on the budgeted tier (the GPU, or host memory on a CPU-only run):
     budget = resident non-expert weights + KV cache + activations + reserve
              + per-layer tables of a compressed form (code dictionaries) + S * expert_bytes
+
+The plan holds what will actually be held. Prefill runs in chunks of `prefill_chunk` tokens
+(moekit.generate), so activations are bounded by one chunk, not the prompt; only the sampled
+position's logits are computed. The KV cache is planned for `context_tokens` when the caller
+gives it (the CLI gives prompt + new tokens), else for none: a generation reserves its own KV
+cache when it starts (OffloadRuntime.reserve takes the bytes from the expert cache, or refuses
+with the size it needs). The input embedding table of an untied model may stay in host memory
+(a lookup reads one row per token; offload.embedding): then it is not counted.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ class BudgetPlan:
     budget_bytes: int
     resident_bytes: int  # embeddings, attention, norms, routers, dense and shared MLPs
     kv_cache_bytes: int  # batch x context positions of every layer's keys and values
-    activation_bytes: int  # a prefill of the whole context at once, plus logits
+    activation_bytes: int  # one prefill chunk's live tensors, plus the sampled position's logits
     reserve_bytes: int  # workspaces and staging
     expert_bytes: int  # one expert as stored
     cache_slots: int  # experts the device cache holds
@@ -35,6 +43,9 @@ class BudgetPlan:
     total_experts: int
     measured_peak_bytes: int | None = None  # CUDA: allocator peak of a warm-up + full-context activations
     shared_bytes: int = 0  # per-layer tensors of the expert form resident on the device (code tables)
+    kv_positions: int = 0  # batch x positions the KV cache is planned for (0: reserved at generate time)
+    prefill_chunk: int = 0  # tokens of one prefill forward (activations bounded by it)
+    host_embedding_bytes: int = 0  # the input embedding table, kept in host memory (not in the budget)
 
     @property
     def cache_bytes(self) -> int:
@@ -49,8 +60,9 @@ class BudgetPlan:
         return {**asdict(self), "cache_bytes": self.cache_bytes, "planned_bytes": self.planned_bytes}
 
 
-def resident_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Returns the bytes of every weight except the routed experts, in `dtype` (from the config)."""
+def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, host_embedding: bool = False) -> int:
+    """Returns the bytes of every weight except the routed experts, in `dtype` (from the config);
+    without the input embedding table when it stays in host memory."""
     from ..model import MoEBlock, MoEModel
 
     with torch.device("meta"):
@@ -59,11 +71,18 @@ def resident_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
         if isinstance(layer.mlp, MoEBlock):
             layer.mlp.experts = torch.nn.Identity()
     seen, total = set(), 0
+    if host_embedding:
+        seen.add(id(model.embed.weight))
     for p in model.parameters():  # tied weights counted once
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
     return total * torch.empty((), dtype=dtype).element_size()
+
+
+def embedding_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Returns the bytes of the input embedding table in `dtype`."""
+    return cfg.vocab_size * cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
 def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, positions: int) -> int:
@@ -72,16 +91,21 @@ def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, positions: 
     return 2 * cfg.num_layers * batch * cfg.num_kv_heads * positions * cfg.head_dim * itemsize
 
 
-def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, batch: int) -> int:
-    """Returns a bound on live activations of a forward pass over `tokens` tokens (all batches)."""
+def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, batch: int, context: int | None = None,
+                     scores: bool = True) -> int:
+    """Returns a bound on live activations of one forward pass over `tokens` new tokens (all
+    batches) attending to `context` positions each (default: the new tokens), logits for one
+    position per sequence; `scores` counts the math attention path's [T, S] score matrices (the
+    CPU's; GPU attention kernels keep them on chip)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     d, a, ffn = cfg.hidden_size, cfg.top_k, max(cfg.expert_ffn, cfg.shared_expert_ffn, cfg.dense_ffn)
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     per_token = (6 * d + 2 * qkv + a * (3 * ffn + 2 * d)) * itemsize + a * 8 * 4 + cfg.num_experts * 4 * 2
-    per_seq = tokens // batch
-    scores = batch * cfg.num_heads * per_seq * per_seq * 4  # the math attention path's [T, S] scores
+    per_seq = max(1, tokens // batch)
+    attended = per_seq if context is None else max(context, per_seq)
+    score_bytes = batch * cfg.num_heads * per_seq * attended * 4 * 2 if scores else 0  # scores + softmax
     logits = batch * cfg.vocab_size * 4 * 3  # float logits, softmax, sampling
-    return tokens * per_token + scores + logits
+    return tokens * per_token + score_bytes + logits
 
 
 def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload: OffloadConfig,
@@ -91,11 +115,13 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
 
     `expert_bytes` is one cache slot as stored (compressed forms: their compressed bytes);
     `shared_bytes` the form's per-layer tensors kept resident (a ternary code's tables)."""
-    context = offload.context_tokens or cfg.max_position_embeddings
+    context = offload.context_tokens or 0  # 0: the KV cache is reserved when a generation starts
     batch = offload.batch
-    resident = resident_bytes(cfg, dtype)
+    host_embedding = offload.host_embedding and device.type == "cuda" and not cfg.tie_word_embeddings
+    resident = resident_bytes(cfg, dtype, host_embedding)
     kv = kv_cache_bytes(cfg, dtype, batch, context)
-    act = activation_bytes(cfg, dtype, batch * context, batch)
+    chunk = min(offload.prefill_chunk, context or cfg.max_position_embeddings)
+    act = activation_bytes(cfg, dtype, batch * chunk, batch, context or chunk, scores=device.type != "cuda")
     reserve = CUDA_RESERVE_BYTES if device.type == "cuda" else (expert_bytes if disk_store else 0)
     total_experts = sum(cfg.experts_in(i) for i, moe in enumerate(cfg.moe_layers) if moe)
     min_slots = min(cfg.top_k, total_experts)
@@ -117,7 +143,8 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
             + (f" + {_decimal(shared_bytes)} code tables" if shared_bytes else "") + f" + {min_slots} experts of "
             f"{_decimal(expert_bytes)}); give --device-memory {_decimal(needed, up=True)} or more")
     return BudgetPlan(budget, resident, kv, act, reserve, expert_bytes, int(slots), min_slots, total_experts,
-                      shared_bytes=shared_bytes)
+                      shared_bytes=shared_bytes, kv_positions=batch * context, prefill_chunk=chunk,
+                      host_embedding_bytes=embedding_bytes(cfg, dtype) if host_embedding else 0)
 
 
 def _decimal(n: float, up: bool = False) -> str:

@@ -15,6 +15,7 @@ Shapes: N = tokens, A = experts per token, D = hidden, E = experts.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -52,15 +53,18 @@ class OffloadRuntime:
     """Cache, store, predictor and stats of one offloaded model (model.offload)."""
 
     def __init__(self, config: OffloadConfig, model_config: ModelConfig, layout: SlotLayout, store,
-                 device: torch.device):
+                 device: torch.device, dtype: torch.dtype, plan: BudgetPlan):
         self.config, self.model_config, self.layout, self.store, self.device = config, model_config, layout, store, device
+        self.dtype, self.plan = dtype, plan
         self.form = layout.form  # multiplies; the runtime only moves its stored tensors
         self.moe_layers = [i for i, moe in enumerate(model_config.moe_layers) if moe]
         self.next_of = dict(zip(self.moe_layers, self.moe_layers[1:]))
         self.stats = OffloadStats()
         self.baseline_bytes = 0  # device bytes allocated before the load (not ours; set by the loader)
         self.cache: ExpertCache | None = None
-        self.plan: BudgetPlan | None = None
+        self.prefill_chunk = plan.prefill_chunk  # generate prefills this many tokens per forward
+        self.pinned_keys: list[tuple[int, int]] = []  # most used experts, pinned in every new cache
+        self.mapped_checked = False  # the in-place read self-test runs once per runtime
         self.predictor: Predictor = Predictor()
         self.routers: dict[int, nn.Linear] = {}
         self.predicted: dict[int, tuple[torch.Tensor, list[int]]] = {}  # layer -> (ids [N, k], on host)
@@ -76,11 +80,39 @@ class OffloadRuntime:
                           "good only with a model fine-tuned for its pre-gates", stacklevel=2)
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def attach_mapped(self) -> None:
-        """Builds the mapped runtime for the current cache (misses mapped; its table points into the slab)."""
-        from .mapped import MappedExperts
+    def new_cache(self, slots: int) -> None:
+        """Gives the runtime a fresh, empty cache of `slots` experts (the old one freed first, so
+        the two never coexist on the device), pinned experts pinned again, and with misses mapped
+        its offset table (checking once that the device reads host memory in place correctly;
+        where it does not, misses are fetched)."""
+        from .cache import ExpertCache
+
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = self.mapped = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        with torch.inference_mode(False):  # normal tensors, writable in and out of inference mode (reserve runs in it)
+            self.cache = ExpertCache(self.layout, self.store, slots, self.device, self.config.cache_policy, self.stats)
+            self._attach(slots)
+
+    def _attach(self, slots: int) -> None:
+        if self.costs is not None:  # the cache's copy-queue model runs at the measured rate
+            self.cache.h2d_bytes_per_s = self.costs.h2d_bytes_per_s
+        if self.pinned_keys:
+            self.cache.pin(self.pinned_keys[:int(self.config.pin_experts * slots)])
+        if self.misses != "mapped":
+            return
+        from .mapped import MappedExperts, self_test
 
         self.mapped = MappedExperts(self)
+        if self.mapped_checked:
+            return
+        self.mapped_checked = True
+        why = self_test(self.mapped)
+        if why is not None:
+            self.cache.listener = self.mapped = None
+            self.misses, self.misses_note = "fetch", f"{why}: misses are fetched"
 
     def capture_decode(self, model, cache, token: torch.Tensor, position: int):
         """Returns a decode step captured whole (misses mapped), or None: capture it in pieces."""
@@ -125,13 +157,29 @@ class OffloadRuntime:
     compilable = False  # steps are captured in pieces between expert calls (or whole, misses mapped)
 
     def reserve(self, batch: int, positions: int) -> None:
-        """Raises MoekitError when a generation's KV cache is larger than the budget planned for."""
-        planned = self.config.batch * (self.config.context_tokens or self.model_config.max_position_embeddings)
-        if batch * positions > planned:
+        """Makes room for a generation's KV cache of batch x positions (and the activations of its
+        prefill chunks) by shrinking the expert cache, when the plan holds less; raises MoekitError
+        (one line, with the budget it would need) when a token's experts would no longer fit."""
+        from .planner import _decimal, activation_bytes, kv_cache_bytes
+
+        plan, cfg = self.plan, self.model_config
+        kv = kv_cache_bytes(cfg, self.dtype, batch, positions)
+        chunk = min(self.prefill_chunk, positions)
+        act = activation_bytes(cfg, self.dtype, batch * chunk, batch, positions, scores=self.device.type != "cuda")
+        grow = max(0, kv - plan.kv_cache_bytes) + max(0, act - plan.activation_bytes)
+        if grow == 0:
+            return
+        slots = self.cache.num_slots - -(-grow // plan.expert_bytes)  # ceil division
+        if slots < plan.min_slots:
+            need = plan.budget_bytes + (plan.min_slots - slots) * plan.expert_bytes
             raise MoekitError(
-                f"this generation needs a KV cache of {batch}x{positions} positions, but the offload "
-                f"budget was planned for {self.config.batch}x{planned // self.config.batch}; reload with "
-                f"OffloadConfig(context_tokens={positions}, batch={batch}) (the CLI does this itself)")
+                f"a generation of {batch}x{positions} positions needs {_decimal(kv)} of KV cache; with --device-memory "
+                f"{_decimal(plan.budget_bytes)} that leaves fewer than the {plan.min_slots} experts a token needs: "
+                f"give --device-memory {_decimal(need, up=True)} or more, or a shorter prompt / fewer new tokens")
+        self.new_cache(slots)
+        self.plan = dataclasses.replace(plan, kv_cache_bytes=max(kv, plan.kv_cache_bytes), cache_slots=slots,
+                                        activation_bytes=max(act, plan.activation_bytes),
+                                        kv_positions=max(batch * positions, plan.kv_positions))
 
     # ---- one layer -----------------------------------------------------------------------------
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
