@@ -156,7 +156,8 @@ def model_config(args: argparse.Namespace, vocab_size: int, eos_id: int) -> Mode
         family="mixtral", vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
         num_heads=heads, num_kv_heads=max(1, heads // 2), head_dim=32, num_experts=8, top_k=2,
         expert_ffn=args.expert_ffn, moe_layers=(True,) * args.layers, rms_norm_eps=1e-5,
-        rope=RopeConfig(theta=10000.0), max_position_embeddings=1024, tie_word_embeddings=True,
+        # declares the positions it is trained on, no more: past its --seqlen windows perplexity climbs
+        rope=RopeConfig(theta=10000.0), max_position_embeddings=args.seqlen, tie_word_embeddings=True,
         eos_token_ids=(eos_id,), dtype="bfloat16")
 
 

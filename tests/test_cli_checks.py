@@ -110,7 +110,7 @@ CHEAP_FIRST = [  # items 6 and 9: refused before any tokenising, loading or cali
     (["compress", "{w}/model", "--out", "{w}/c"], "GPTQ needs calibration text"),
     (["pregate", "{w}/model", "--data", "{w}/text.txt", "--out", "{w}/compressed"], "already exists"),
     (["pregate", "{w}/model", "--data", "{w}/text.txt", "--out", "{w}/g", "--seqlen", "2048"], "exceeds the model's context"),
-    (["eval", "{w}/model", "--data", "{w}/text.txt", "--seqlen", "4096"], "--seqlen 4096 must be in 1..1024"),
+    (["eval", "{w}/model", "--data", "{w}/text.txt", "--seqlen", "4096"], "--seqlen 4096 must be in 1..512"),
     (["eval", "{w}/model", "--data", "{w}/text.txt", "--max-tokens", "-5"], "--max-tokens must be >= 2"),
     (["eval", "{w}/nope", "--data", "{w}/text.txt"], "no such directory"),
     (["generate", "x", "--top-k", "-3"], "--top-k must be >= 0"),
@@ -149,7 +149,7 @@ def test_prompt_beyond_the_context_is_refused_before_offload_planning(work, caps
     monkeypatch.setattr(offload_cli, "load_for_generate", lambda *a: pytest.fail("planned an offload"))
     prompt = "def f(x):\n    return x\n" * 300
     err = _refused(capsys, work, ["generate", prompt, "--model", "{w}/model", "--device", "cpu", "--offload",
-                                  "--device-memory", "10MB"], "exceeds the model's context of 1024")
+                                  "--device-memory", "10MB"], "exceeds the model's context of 512")
     assert "GB" not in err
 
 
@@ -190,7 +190,7 @@ def test_model_flag_is_an_alias_of_the_positional_dir(work, capsys):
 def test_eval_reports_the_seqlen_it_scored_with(work, capsys):
     code, out, _ = run_cli(capsys, "eval", str(work / "model"), "--data", str(work / "text.txt"), "--max-tokens", "40",
                            "--device", "cpu", "--json")
-    assert code == 0 and json.loads(out)["seqlen"] == 512  # the default, within the 1024-token context
+    assert code == 0 and json.loads(out)["seqlen"] == 512  # the default: the whole 512-token context
 
 
 def test_generate_stats_without_offload(capsys):
