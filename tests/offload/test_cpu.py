@@ -13,7 +13,7 @@ import moekit
 from moekit.cli import main
 from moekit.offload import OffloadConfig, load_offloaded
 from moekit.offload.cache import ExpertCache
-from moekit.offload.cpu import CostModel, CpuExperts, split_misses
+from moekit.offload.cpu import CostModel, CpuWorker, split_misses
 from moekit.experts.forms import DenseForm
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 from moekit.offload.stats import OffloadStats
@@ -123,7 +123,7 @@ def test_worker_thread_gives_the_same_tokens(mixtral):
     path, resident = mixtral
     model = offloaded(path, resident.config, misses="cpu", predictor="speculative", cpu_threads=1)
     runtime = model.offload
-    runtime.cpu = CpuExperts(runtime.layout, runtime.store, runtime.device, 8, threads=1, threaded=True)
+    runtime.cpu = CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, threaded=True)
     ids = token_ids(1, 5, seed=11)
     try:
         assert torch.equal(greedy(model, ids), greedy(resident, ids))

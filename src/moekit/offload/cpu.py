@@ -132,7 +132,7 @@ def split_misses(inflight: list[tuple[int, float, float]], absent: list[tuple[in
     return [e for e, _ in best_cpu]
 
 
-class CpuExperts:
+class CpuWorker:
     """Runs routed experts on the CPU from the store: on a worker thread beside a CUDA device
     (inline on a CPU-only machine), with pinned buffers for x, the routing weights and the sum."""
 

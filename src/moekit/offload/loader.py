@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 from ..errors import MoekitError
+from ..experts.forms import DenseForm
 from ..load import ExpertLoader, LoadContext, load_model
 from .config import OffloadConfig
-from ..experts.forms import DenseForm
 from .layout import SlotLayout, layout_for
 from .planner import plan_budget
-from .predictors import build_predictor
-from .source import OffloadedExperts, OffloadRuntime
+from .source import OffloadedExperts, OffloadRuntime, reads_in_place
 from .store import DiskStore, HostStore
 
 
@@ -63,7 +62,8 @@ class OffloadLoader(ExpertLoader):
         layout: SlotLayout = layout_for(form, moe_layers)
         kind = self.config.store
         if kind == "auto":
-            kind = "host" if device.type == "cuda" or self.host_layers is not None or self._reads_in_place(device) else "disk"
+            in_place = self.config.misses == "mapped" and reads_in_place(device)
+            kind = "host" if device.type == "cuda" or self.host_layers is not None or in_place else "disk"
         self.plan = plan_budget(cfg, ctx.dtype, layout.expert_bytes(), self.config, device, disk_store=kind == "disk",
                                 shared_bytes=layout.shared_bytes())
         if kind == "host":
@@ -72,47 +72,7 @@ class OffloadLoader(ExpertLoader):
             if self.host_layers is not None:
                 raise MoekitError("experts given as host tensors need store='host' (or 'auto')")
             store = DiskStore(layout, ctx.ckpt, ctx.family, cfg)
-        runtime = OffloadRuntime(self.config, cfg, layout, store, device, ctx.dtype, self.plan)
-        self._choose_misses(runtime, ctx)
-        return runtime
-
-    def _reads_in_place(self, device: torch.device) -> bool:
-        """Returns whether misses "mapped" can run on `device` (GPU, or the CPU under the Triton interpreter)."""
-        from ..experts import triton_ops
-
-        return self.config.misses == "mapped" and triton_ops.triton_usable(torch.empty(0, device=device))
-
-    def _choose_misses(self, runtime: OffloadRuntime, ctx: LoadContext) -> None:
-        """Sets where misses run (offload.cpu), or refuses a combination that cannot work."""
-        from .cpu import CpuExperts
-
-        misses = self.config.misses
-        if misses == "fetch":
-            return
-        form, device = runtime.form, ctx.device
-        if misses == "mapped":
-            if not form.reads_in_place:
-                raise MoekitError(f"--misses mapped: experts stored as {form.name} cannot be read in place "
-                                  f"({form.why_not_in_place}); use --misses fetch")
-            if not self._reads_in_place(device):
-                raise MoekitError("--misses mapped reads missed experts in place from host memory over the GPU's "
-                                  "link; on the CPU nothing crosses a link: use --misses fetch")
-            if self.config.predictor != "none":
-                runtime.misses_note = (f"decode steps read misses in place and consult no predictor; "
-                                       f"'{self.config.predictor}' serves prefill calls only")
-            return
-        if not form.cpu_fast:
-            if misses == "cpu":
-                raise MoekitError(f"--misses cpu: experts stored as {form.name} have no fast CPU path "
-                                  f"({form.why_not_cpu}); use --misses fetch, or auto (which fetches them)")
-            runtime.misses, runtime.misses_note = "fetch", f"{form.name} experts have no CPU path: misses are fetched"
-            return
-        if misses == "auto" and device.type != "cuda":
-            runtime.misses, runtime.misses_note = "fetch", (
-                "the device is the CPU: nothing crosses a link, so a miss is copied into the host-memory cache")
-            return
-        runtime.cpu = CpuExperts(runtime.layout, runtime.store, device, self.config.cpu_max_tokens,
-                                 self.config.cpu_threads)
+        return OffloadRuntime(self.config, cfg, layout, store, device, ctx.dtype, self.plan)
 
     def build(self, ctx: LoadContext, layer: int) -> OffloadedExperts:
         if self.runtime is None:
@@ -134,17 +94,13 @@ class OffloadLoader(ExpertLoader):
             from .embedding import HostEmbedding
 
             model.embed = HostEmbedding.from_embedding(model.embed)
-        if cfg.pin_experts > 0 and self.pin_counts:
-            runtime.pinned_keys = most_used(self.pin_counts, int(cfg.pin_experts * self.plan.total_experts))
-        runtime.new_cache(self.plan.cache_slots)
-        runtime.routers = {i: model.layers[i].mlp.router for i in runtime.moe_layers}
-        k = cfg.prefetch_k or ctx.config.top_k
-        runtime.predictor = build_predictor(cfg.predictor, model, runtime.next_of, k, cfg.pregate_path, self.trace)
-        if runtime.cpu is not None and ctx.device.type == "cuda":
-            from .cpu import measure_costs
-
-            runtime.costs = measure_costs(runtime, ctx.dtype)  # before the warm-up: it uses them
-            runtime.cache.h2d_bytes_per_s = runtime.costs.h2d_bytes_per_s
+            if not isinstance(model.embed, HostEmbedding):  # the device cannot read it in place: it stays
+                self.plan = runtime.plan = dataclasses.replace(
+                    self.plan, resident_bytes=self.plan.resident_bytes + self.plan.host_embedding_bytes,
+                    host_embedding_bytes=0)
+        pinned = most_used(self.pin_counts, int(cfg.pin_experts * self.plan.total_experts)) if (
+            cfg.pin_experts > 0 and self.pin_counts) else []
+        runtime.attach(model, self.trace, pinned)
         if ctx.device.type == "cuda":
             self._fit_measured(model, ctx)
         runtime.reset_stats()
@@ -210,9 +166,7 @@ class OffloadLoader(ExpertLoader):
         self.plan = runtime.plan = dataclasses.replace(runtime.plan, cache_slots=runtime.cache.num_slots,
                                                        measured_peak_bytes=need)
         runtime.baseline_bytes = self.baseline_bytes
-        runtime.calls.clear()
-        runtime.predicted.clear()
-        runtime.trace.clear()
+        runtime.forget_calls()
 
 
 def most_used(counts: dict[int, list[float]], how_many: int) -> list[tuple[int, int]]:

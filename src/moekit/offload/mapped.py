@@ -49,7 +49,7 @@ Key = tuple[int, int]  # (layer, expert)
 READBACK_RING = 8  # steps whose routes may be in flight to the host before one is waited for
 
 
-class MappedExperts:
+class MappedTable:
     """The device offset table, the host mirror and the between-step cache manager of one model."""
 
     def __init__(self, runtime):
@@ -57,7 +57,7 @@ class MappedExperts:
         cache, store, cfg = runtime.cache, runtime.store, runtime.model_config
         self.device = runtime.device
         self.cuda = self.device.type == "cuda"
-        self.num_experts = cfg.num_experts
+        self.num_experts = cfg.num_experts  # the table's width: the largest layer's count (a pruned layer's rows past its own count are never routed)
         self.max_slots = SLOT_KERNEL_MAX_SLOTS
         self.max_inflight = max(2 * cfg.top_k, 4)
         self.pos = {layer: i for i, layer in enumerate(runtime.moe_layers)}
@@ -239,7 +239,7 @@ class MappedStep:
     """A decode step captured whole (moekit.generate's graph) with the mapped runtime's hooks
     around each replay."""
 
-    def __init__(self, mapped: MappedExperts, graphed):
+    def __init__(self, mapped: MappedTable, graphed):
         self.mapped, self.graphed = mapped, graphed
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
@@ -249,7 +249,7 @@ class MappedStep:
         return logits
 
 
-def capture_step(mapped: MappedExperts, model, cache, token: torch.Tensor, position: int):
+def capture_step(mapped: MappedTable, model, cache, token: torch.Tensor, position: int):
     """Returns the model's decode step for `token` [B, 1] captured whole, or None when a step of this
     batch routes more slots than the slot kernels serve (the caller captures it in pieces)."""
     from ..generate import _GraphedDecode
@@ -265,7 +265,7 @@ def capture_step(mapped: MappedExperts, model, cache, token: torch.Tensor, posit
     return MappedStep(mapped, graphed)
 
 
-def self_test(mapped: MappedExperts) -> str | None:
+def self_test(mapped: MappedTable) -> str | None:
     """Returns None when the device reads a host-store expert in place correctly, else why not.
 
     Runs the first layer's expert 0 through the offset kernels twice, from its host row and from a

@@ -131,7 +131,7 @@ def train_pregates(model, token_ids: torch.Tensor, steps: int = 300, lr: float =
         weights[i] = w
     report.seconds = time.perf_counter() - t0
     counts = {i: torch.bincount(torch.topk(logits[i], cfg.top_k, dim=-1).indices.reshape(-1),
-                                minlength=cfg.num_experts).tolist() for i in moe}
+                                minlength=cfg.experts_in(i)).tolist() for i in moe}
     report.counts = counts  # type: ignore[attr-defined]
     return weights, report
 

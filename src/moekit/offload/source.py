@@ -25,12 +25,20 @@ from ..config import ModelConfig
 from ..errors import MoekitError
 from .cache import ExpertCache
 from .config import OffloadConfig
-from .cpu import ADMIT_RATIO, CostModel, CpuExperts, split_misses
+from .cpu import ADMIT_RATIO, CostModel, CpuWorker, split_misses
 from ..experts.forms import needs_grad
 from .layout import SlotLayout
 from .planner import BudgetPlan
 from .predictors import Predictor
 from .stats import OffloadStats
+
+
+def reads_in_place(device: torch.device) -> bool:
+    """Returns whether the device can read host memory in place through the expert kernels (a GPU,
+    or the CPU under the Triton interpreter: the tests)."""
+    from ..experts import triton_ops
+
+    return triton_ops.triton_usable(torch.empty(0, device=device))
 
 
 class OffloadedExperts(nn.Module):
@@ -72,14 +80,69 @@ class OffloadRuntime:
         self.trace: dict[int, list[torch.Tensor]] = {}
         self.misses = config.misses  # what runs: "auto" falls back to "fetch" where it cannot help
         self.misses_note: str | None = None  # why it fell back
-        self.cpu: CpuExperts | None = None  # the CPU expert path (misses cpu/auto)
+        self.cpu: CpuWorker | None = None  # the CPU expert path (misses cpu/auto)
         self.costs: CostModel | None = None  # measured rates (CUDA, misses cpu/auto)
-        self.mapped = None  # offload.mapped.MappedExperts (misses mapped), attached to each new cache
+        self.mapped = None  # offload.mapped.MappedTable (misses mapped), attached to each new cache
+        self._choose_misses()
         if config.strict:
             warnings.warn("strict offload runs only the predicted experts: outputs change, and stay "
                           "good only with a model fine-tuned for its pre-gates", stacklevel=2)
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def _choose_misses(self) -> None:
+        """Sets where misses run (offload.cpu, offload.mapped), or refuses in one line a combination
+        that cannot work, naming what to use instead."""
+        from .cpu import CpuWorker
+
+        misses, form, device = self.config.misses, self.form, self.device
+        if misses == "fetch":
+            return
+        if misses == "mapped":
+            if not form.reads_in_place:
+                raise MoekitError(f"--misses mapped: experts stored as {form.name} cannot be read in place "
+                                  f"({form.why_not_in_place}); use --misses fetch")
+            if not reads_in_place(device):
+                raise MoekitError("--misses mapped reads missed experts in place from host memory over the GPU's "
+                                  "link; on the CPU nothing crosses a link: use --misses fetch")
+            if self.config.predictor != "none":
+                self.misses_note = (f"decode steps read misses in place and consult no predictor; "
+                                    f"'{self.config.predictor}' serves prefill calls only")
+            return
+        if not form.cpu_fast:
+            if misses == "cpu":
+                raise MoekitError(f"--misses cpu: experts stored as {form.name} have no fast CPU path "
+                                  f"({form.why_not_cpu}); use --misses fetch, or auto (which fetches them)")
+            self.misses, self.misses_note = "fetch", f"{form.name} experts have no CPU path: misses are fetched"
+            return
+        if misses == "auto" and device.type != "cuda":
+            self.misses, self.misses_note = "fetch", (
+                "the device is the CPU: nothing crosses a link, so a miss is copied into the host-memory cache")
+            return
+        self.cpu = CpuWorker(self.layout, self.store, device, self.config.cpu_max_tokens, self.config.cpu_threads)
+
+    def attach(self, model, trace: dict | None = None, pinned: list[tuple[int, int]] | None = None) -> None:
+        """Links the runtime to its loaded model: the routers (strict mode), the predictor, the
+        experts to pin, the first cache, and (misses cpu/auto on CUDA) the measured rates."""
+        from .predictors import build_predictor
+
+        cfg = self.config
+        self.routers = {i: model.layers[i].mlp.router for i in self.moe_layers}
+        k = cfg.prefetch_k or self.model_config.top_k
+        self.predictor = build_predictor(cfg.predictor, model, self.next_of, k, cfg.pregate_path, trace)
+        self.pinned_keys = list(pinned or [])
+        self.new_cache(self.plan.cache_slots)
+        if self.cpu is not None and self.device.type == "cuda":
+            from .cpu import measure_costs
+
+            self.costs = measure_costs(self, self.dtype)
+            self.cache.h2d_bytes_per_s = self.costs.h2d_bytes_per_s
+
+    def forget_calls(self) -> None:
+        """Drops what earlier calls left (call numbers, predictions, routing trace): a fresh start."""
+        self.calls.clear()
+        self.predicted.clear()
+        self.trace.clear()
+
     def new_cache(self, slots: int) -> None:
         """Gives the runtime a fresh, empty cache of `slots` experts (the old one freed first, so
         the two never coexist on the device), pinned experts pinned again, and with misses mapped
@@ -103,9 +166,9 @@ class OffloadRuntime:
             self.cache.pin(self.pinned_keys[:int(self.config.pin_experts * slots)])
         if self.misses != "mapped":
             return
-        from .mapped import MappedExperts, self_test
+        from .mapped import MappedTable, self_test
 
-        self.mapped = MappedExperts(self)
+        self.mapped = MappedTable(self)
         if self.mapped_checked:
             return
         self.mapped_checked = True
