@@ -130,8 +130,17 @@ def test_budget_is_never_exceeded(mixtral):
 
 
 def test_too_small_budget_is_refused_with_the_size_needed(mixtral):
+    """Below what a token's experts need even with the shortest prefill chunk (a tight budget
+    halves the chunk before refusing), the load is refused naming the size needed."""
+    from moekit.offload.planner import MIN_PREFILL_CHUNK
+
     ckpt, resident = mixtral
-    need = budget_for(resident.config, 2)
+    cfg = resident.config
+    chunk = CONTEXT
+    while chunk > MIN_PREFILL_CHUNK:
+        chunk //= 2
+    need = (budget_for(cfg, 2) - activation_bytes(cfg, torch.float32, CONTEXT, 1)
+            + activation_bytes(cfg, torch.float32, chunk, 1, CONTEXT))
     with pytest.raises(moekit.MoekitError) as err:
         load_offloaded(ckpt.path, offload=OffloadConfig(device_memory=need - 1, context_tokens=CONTEXT))
     message = str(err.value)

@@ -127,3 +127,18 @@ def test_one_dense_row_does_not_pad_the_others():
     codes = ternary_rows([1.0] + [0.05] * 63, 1024, g)
     d = choose_dictionary(symbol_probabilities(codes), codes.numel(), 64)
     assert code_bits(encode(codes, d), 1024) < 0.4 * padded_rows_bits(codes, d)
+
+
+def test_decode_in_row_blocks_is_exact(monkeypatch):
+    """The PyTorch decode works a block of rows at a time (bounded workspace): blocks of 16 and 32
+    rows over 70 rows (the last block partial) and stacked matrices give the whole decode."""
+    from moekit.quant import code as code_module
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.stack([ternary_rows([[0.0, 0.1, 0.5, 1.0][i % 4] for i in range(70)], 45, g) for _ in range(2)])
+    d = build_dictionary(symbol_probabilities(codes), 8)
+    code = encode(codes, d, 4)
+    for rows in (16, 32):
+        monkeypatch.setattr(code_module, "DECODE_ROWS", rows)
+        assert torch.equal(decode(*code, d.table, 45), codes)
+        assert torch.equal(decode(*(t[1] for t in code), d.table, 45), codes[1])

@@ -119,11 +119,13 @@ class OffloadLoader(ExpertLoader):
         """
         from ..kv_cache import KVCache
         from ..piecewise import PiecewiseDecode
+        from .planner import kv_cache_bytes
 
         runtime, plan, cfg, device = self.runtime, self.plan, ctx.config, ctx.device
         batch = self.config.batch
         warm = max(1, min(plan.prefill_chunk, cfg.max_position_embeddings - 1))
         context = max(plan.kv_positions // batch, warm + 1)
+        warm_kv = 0 if plan.kv_positions else kv_cache_bytes(cfg, ctx.dtype, batch, context)
         slots, grown = runtime.cache.num_slots, False
         for _ in range(5):
             torch.cuda.synchronize(device)
@@ -142,7 +144,8 @@ class OffloadLoader(ExpertLoader):
             runtime.cache.synchronize()
             torch.cuda.synchronize(device)
             del cache, ids, step
-            need = torch.cuda.max_memory_allocated(device) - self.baseline_bytes
+            # a KV cache the plan does not hold yet is reserved by each generation (runtime.reserve)
+            need = torch.cuda.max_memory_allocated(device) - self.baseline_bytes - warm_kv
             room = (plan.budget_bytes - need) // plan.expert_bytes
             if need <= plan.budget_bytes and (grown or room < 1 or slots >= plan.total_experts):
                 break

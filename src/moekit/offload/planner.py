@@ -26,6 +26,7 @@ from ..errors import MoekitError
 from .config import OffloadConfig
 
 CUDA_RESERVE_BYTES = 64 * 2**20  # cuBLAS workspaces, kernel scratch, allocator block rounding
+MIN_PREFILL_CHUNK = 32  # tight budgets halve the prefill chunk down to this many tokens
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,14 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
     host_embedding = offload.host_embedding and device.type == "cuda" and not cfg.tie_word_embeddings
     resident = resident_bytes(cfg, dtype, host_embedding)
     kv = kv_cache_bytes(cfg, dtype, batch, context)
+    reserve = CUDA_RESERVE_BYTES if device.type == "cuda" else (expert_bytes if disk_store else 0)
     chunk = min(offload.prefill_chunk, context or cfg.max_position_embeddings)
     act = activation_bytes(cfg, dtype, batch * chunk, batch, context or chunk, scores=device.type != "cuda")
-    reserve = CUDA_RESERVE_BYTES if device.type == "cuda" else (expert_bytes if disk_store else 0)
+    room = (offload.device_memory or 0) - (resident + kv + reserve + shared_bytes)
+    while offload.device_memory and chunk > MIN_PREFILL_CHUNK and room - act < cfg.top_k * expert_bytes:
+        # a budget too tight for one chunk and a token's experts: shorter chunks rather than a refusal
+        chunk //= 2
+        act = activation_bytes(cfg, dtype, batch * chunk, batch, context or chunk, scores=device.type != "cuda")
     total_experts = sum(cfg.experts_in(i) for i, moe in enumerate(cfg.moe_layers) if moe)
     min_slots = min(cfg.top_k, total_experts)
     fixed = resident + kv + act + reserve + shared_bytes

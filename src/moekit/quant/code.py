@@ -238,6 +238,12 @@ def encode(codes: torch.Tensor, d: Dictionary, chunk: int | None = None) -> Code
                 .view(*lead, -(-r // ROW_BLOCK)))
 
 
+# Rows decoded at once by the PyTorch decode (a multiple of ROW_BLOCK): its intermediates hold
+# rows x chunks x codewords x symbols int64 values; a 2048-row matrix decoded whole took ~0.9 GB of
+# GPU memory (olmoe shape, H200: the offload budget's warm-up measured it), 128 rows take 1/16th.
+DECODE_ROWS = 128
+
+
 def row_offsets(row_chunks: torch.Tensor, block_offsets: torch.Tensor) -> torch.Tensor:
     """Returns the first chunk of each row [..., R] (int64) from a Code's row_chunks [..., R] and
     block_offsets [..., NB]: its block's first chunk plus the chunks of the rows before it there."""
@@ -253,6 +259,13 @@ def decode(words: torch.Tensor, starts: torch.Tensor, row_chunks: torch.Tensor, 
     chunks gathered into [..., R, S, W] (S = the longest row's chunks), then decoded."""
     *lead, capacity, w = words.shape
     r = row_chunks.shape[-1]
+    if r > DECODE_ROWS:  # bounded workspace: [R, S, W, L] int64 intermediates, a block of rows at a time
+        blocks = []
+        for a in range(0, r, DECODE_ROWS):
+            b = min(a + DECODE_ROWS, r)
+            blocks.append(decode(words, starts, row_chunks[..., a:b],
+                                 block_offsets[..., a // ROW_BLOCK:-(-b // ROW_BLOCK)], table, cols))
+        return torch.cat(blocks, dim=-2)
     counts = row_chunks.to(torch.int64)
     most = int(counts.max()) if counts.numel() else 0
     if most == 0:
