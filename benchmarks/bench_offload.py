@@ -51,7 +51,7 @@ from random_checkpoint import device_rand, non_expert_tensors
 import moekit
 from moekit.load import ExpertLoader, load_model
 from moekit.offload import OffloadConfig, load_offloaded
-from moekit.offload.forms import pinned_empty
+from moekit.offload.layout import pinned_empty
 
 SHAPES = {  # name -> (HF config class, kwargs)
     "mixtral": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,

@@ -27,7 +27,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
 import common  # noqa: E402
 
-from moekit.offload.forms import pinned_empty  # noqa: E402
+from moekit.offload.layout import pinned_empty  # noqa: E402
 
 
 @triton.jit

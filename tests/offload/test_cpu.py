@@ -326,9 +326,7 @@ def test_gpu_cpu_misses_match_resident(tiny, misses):
     costs = runtime.costs
     assert costs is not None and costs.h2d_bytes_per_s > 0 and 0 < costs.cpu_s_one and runtime.cpu.worker is not None
     # the budget holds every tiny expert: shrink the cache to 2 so that most routed experts miss
-    runtime.cache.close()
-    runtime.cache = ExpertCache(runtime.form, runtime.store, 2, runtime.device, "lfu", runtime.stats)
-    runtime.cache.h2d_bytes_per_s = costs.h2d_bytes_per_s
+    runtime.new_cache(2)
     try:
         assert torch.equal(greedy(model, ids), expected)
     finally:

@@ -192,7 +192,9 @@ def test_gpu_steps_are_captured_whole_and_match_resident(tiny):
         small = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
             device_memory=budget_for_gpu(ckpt.path, model, 2), context_tokens=CONTEXT, misses="mapped",
             predictor="none", cache_policy=policy))
-        assert small.offload.cache.num_slots <= 3 and small.offload.misses == "mapped"
+        # the measured warm-up gives the cache what the plan over-estimated: still far from all experts
+        total = small.offload.plan.total_experts
+        assert small.offload.cache.num_slots <= total // 2 and small.offload.misses == "mapped"
         assert torch.equal(greedy(small, ids, n=24), expected), policy
         check_table(small.offload)
         assert small.offload.report()["admissions"] > 0
