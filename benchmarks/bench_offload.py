@@ -286,7 +286,8 @@ def bench_shape(shape, args, device, results, save):
                 free()  # start from nothing: the previous phase (accelerate's too) must not count here
                 record = name == "none"
                 config = OffloadConfig(device_memory=budget, predictor=predictor, cache_policy=args.policy,
-                                       context_tokens=context, record_routing=record, misses=misses)
+                                       context_tokens=context, record_routing=record, misses=misses,
+                                       host_embedding=args.host_embedding == "on")
                 model = load_offloaded(folder, device=device, dtype=dtype, offload=config, host_layers=host,
                                        trace=trace)
                 runtime = model.offload
@@ -616,6 +617,8 @@ def main() -> int:
     parser.add_argument("--hf-tokens", type=int, default=4, help="tokens for transformers+accelerate")
     parser.add_argument("--policy", default="lfu", choices=("lru", "lfu"))
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--host-embedding", default="on", choices=("on", "off"),
+                        help="keep an untied input embedding table in host memory (OffloadConfig.host_embedding)")
     parser.add_argument("--skip-pregate", action="store_true")
     parser.add_argument("--tmp", default="/tmp/moekit_bench_offload")
     parser.add_argument("--compressed-bits", default="",
