@@ -59,7 +59,7 @@ def int_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
 def groups_split_words(bits: int, groups: int, cols: int) -> bool:
     """Returns whether scale groups start inside a packed word (e.g. 3-bit codes, 10 per word, in groups
     of 8, 16 or 128: the kernels' per-code scale mode). That mode gives wrong results on CUDA (H200,
-    tests/test_quant_kernels.py at 11f8168; right under the interpreter), so such matrices take the
+    tests/quant/test_kernels.py (then tests/test_quant_kernels.py) at 11f8168; right under the interpreter), so such matrices take the
     PyTorch path until it is fixed."""
     return groups > 1 and (-(-cols // groups)) % (32 // bits) != 0
 
@@ -233,7 +233,7 @@ def code_linear(x: torch.Tensor, words: torch.Tensor, starts: torch.Tensor, row_
 
 
 # The code kernel's gather tile is [BLOCK_R, words per step, BLOCK_B]. At 16 x 64 x 64 (2 warps) it made
-# an illegal memory access on the H200 (tests/test_quant_kernels.py, commit 317f42c; fine under the
+# an illegal memory access on the H200 (tests/quant/test_kernels.py, then tests/test_quant_kernels.py, commit 317f42c; fine under the
 # interpreter; root cause not found): larger tiles are cut down to this many elements. Tuned configs fit
 # at 32-codeword chunks; at batch 64 with 64-codeword chunks (mixtral down) 8 rows become 4.
 CODE_MAX_TILE = 16384

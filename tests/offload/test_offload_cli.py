@@ -69,3 +69,24 @@ def test_generate_offload_with_compile_is_refused_in_one_line(capsys):
     code, out, err = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--offload", "--compile")
     assert code != 0 and out == ""
     assert "--compile is not available with --offload" in err and "Traceback" not in err
+
+
+def test_mapped_misses_on_a_cpu_are_refused_in_one_line(capsys, monkeypatch):
+    """Where the device cannot read host memory in place (a CPU without the Triton interpreter),
+    --misses mapped is refused, naming what to use instead; it used to become fetch silently."""
+    from moekit.offload import source
+
+    monkeypatch.setattr(source, "reads_in_place", lambda device: False)
+    code, out, err = run_cli(capsys, "generate", "--device", "cpu", "hi", "--max-new-tokens", "4", "--offload",
+                             "--device-memory", "10MB", "--misses", "mapped")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--misses mapped" in err and "use --misses fetch" in err
+
+
+def test_stats_print_every_reservation_of_the_plan(capsys):
+    code, _, err = run_cli(capsys, "generate", "--device", "cpu", "def f(x):", "--max-new-tokens", "4", "--offload",
+                           "--device-memory", "10MB", "--stats")
+    assert code == 0
+    plan = next(line for line in err.splitlines() if line.startswith("budget plan"))
+    for part in ("weights", "KV cache", "activations (prefill chunk", "workspace", "expert cache"):
+        assert part in plan, plan
