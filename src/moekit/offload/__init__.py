@@ -2,7 +2,11 @@
 the checkpoint on disk), a device cache under a byte budget holds the ones in use, and a predictor
 prefetches the next layer's experts on a side stream while the current layer computes. With
 OffloadConfig(misses="cpu" | "auto"), decode-sized calls compute the experts absent from the device
-on the CPU from the store instead of copying them (offload.cpu).
+on the CPU from the store instead of copying them (offload.cpu). Experts move in their stored
+form (dense, int-N, ternary code; offload.layout says how a form lies in store rows and cache
+slots) and only the form multiplies them (experts.forms). The budget plan holds what runs
+(offload.planner): chunked prefill, a KV cache reserved per generation, untied input embeddings
+in host memory (offload.embedding), a measured warm-up that fills the budget (offload.loader).
 
 Entry points: `load_offloaded(path, device, offload=OffloadConfig(...))`, `OffloadLoader` (an
 ExpertLoader for moekit.load_model), `plan_budget`, `train_pregates` (moekit pregate).

@@ -2,13 +2,18 @@
 
 Per MoE layer call: one host sync reads the routing and the next layer's prediction; missing
 experts are fetched (demand), then the next layer's predicted experts (prefetch, behind them
-on the copy stream); compute waits for this layer's experts only, then runs them from the cache
-slab with the resident model's kernels, so outputs equal the resident model's. When a layer needs
+on the copy stream); compute waits for this layer's experts only, then hands the stored form
+(experts.forms) the cache slab viewed in the layer's layout (offload.layout) with each routed
+expert's slot: the form runs them exactly as it runs a resident layer, so outputs equal the
+resident model's. The runtime never multiplies an expert itself. When a layer needs
 more distinct experts than the cache holds (a long prefill on a small budget), it runs in waves.
 With misses "cpu" or "auto", a call of few tokens computes the experts that are not on the
 device on the CPU instead, overlapped with the device part (offload.cpu). With misses "mapped", a
 decode step reads missed experts in place from host memory and is captured whole, the cache
 managed between steps (offload.mapped).
+
+The runtime is the model's expert runtime (experts.runtime): generate asks it to reserve a
+generation's KV cache (taken from the expert cache: offload.planner) and to capture decode steps.
 
 Shapes: N = tokens, A = experts per token, D = hidden, E = experts.
 """
