@@ -153,12 +153,175 @@ def slot_tiles(files: dict) -> str:
     return table(["shape", "kernel", "tuned", "GB/s", "first guess GB/s"], rows)
 
 
+# ---- bench_budget.json (issue 11) ---------------------------------------------------------------------
+
+def budget_rows(res: dict) -> dict[tuple[str, str, float], dict]:
+    """Returns bench_budget's rows keyed by (path, form, share); the JSON repeats each refused row
+    once, the first is kept."""
+    out: dict[tuple[str, str, float], dict] = {}
+    for r in res["rows"]:
+        out.setdefault((r["path"], r["form"], r["share"]), r)
+    return out
+
+
+def budget_peak(r: dict) -> str:
+    """Returns 'peak / budget GB (share)' of a row that ran, saying by how much a peak went over."""
+    peak, budget = r["peak_bytes"], r["budget_bytes"]
+    cell = f"{peak / 1e9:.3f} / {budget / 1e9:.3f} GB ({peak / budget:.1%})"
+    return cell if peak <= budget else f"{cell}, **{(peak - budget) / 1e6:.1f} MB over**"
+
+
+def budget_outcome(r: dict) -> str:
+    """Returns a refused or skipped row as a short cell: what the warm-up measured and what it asked for."""
+    if r["status"].startswith("skipped"):  # 'skipped (time budget)'
+        return f"not run ({r['status'].removeprefix('skipped (').rstrip(')')})"
+    if r["status"] != "refused":
+        return r["status"]
+    m = re.search(r"measured ([0-9.]+)MB with (\d+) experts cached.*give at least ([0-9.]+)MB", r["refusal"])
+    if not m:
+        return f"refused: {r['refusal']}"
+    measured_gb, experts, needs_gb = float(m.group(1)) / 1e3, m.group(2), float(m.group(3)) / 1e3
+    return f"refused: needs {needs_gb:.3f} GB (measured {measured_gb:.3f} with {experts} experts)"
+
+
+def budget_cached(r: dict) -> str:
+    """Returns 'S of E': expert-cache slots after the warm-up, of the model's experts."""
+    return f"{r['report']['cache_slots']} of {r['report']['plan']['total_experts']}"
+
+
+def budget(files: dict) -> str:
+    """The offload budget table of benchmarks/results/README.md: every budget, form and path (API
+    or CLI) with decode speed, allocator peak against the budget and experts cached, or the refusal."""
+    res = files["bench_budget.json"]
+    rows = [["all resident (GPU-only)", form, "api", f"{g['decode_tok_s']:.1f}", f"{g['peak_bytes'] / 1e9:.2f} GB peak",
+             "-", "all", "ok"] for form, g in res["gpu_only"].items()]
+    by = budget_rows(res)
+    for path in ("api", "cli"):
+        for share in sorted({k[2] for k in by}, reverse=True):
+            for form in res["gpu_only"]:
+                r = by.get((path, form, share))
+                if r is None:
+                    continue
+                label = f"{share:.0%} ({r['budget_bytes'] / 1e9:.3f} GB)"
+                if r["status"] == "ok":
+                    plan = r["report"]["plan"]
+                    planned = f"{plan['planned_bytes'] / 1e9:.3f} / {plan['measured_peak_bytes'] / 1e9:.3f}"
+                    rows.append([label, form, path, f"{r['decode_tok_s']:.1f}", budget_peak(r), planned,
+                                 budget_cached(r), "ok"])
+                else:
+                    rows.append([label, form, path, "-", "-", "-", "-", budget_outcome(r)])
+    return table(["budget", "experts", "via", "decode tok/s", "peak / budget", "planned / warm-up peak GB",
+                  "experts cached", "status"], rows)
+
+
+def budget_headline(files: dict) -> str:
+    """The project README's offload budget table: per budget and form, the API and the CLI side by side."""
+    res = files["bench_budget.json"]
+    by = budget_rows(res)
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        if r["status"] != "ok":
+            return budget_outcome(r).split(" (measured")[0]
+        return f"{r['decode_tok_s']:.1f}, {budget_peak(r)}"
+
+    rows = [["GPU-only", form, f"{g['decode_tok_s']:.0f}, {g['peak_bytes'] / 1e9:.2f} GB peak", ""]
+            for form, g in res["gpu_only"].items()]
+    for share in sorted({k[2] for k in by}, reverse=True):
+        for form in res["gpu_only"]:
+            api, cli = by.get(("api", form, share)), by.get(("cli", form, share))
+            budget_bytes = (api or cli)["budget_bytes"]
+            rows.append([f"{share:.0%} ({budget_bytes / 1e9:.2f} GB)", form, cell(api), cell(cli)])
+    return table(["budget", "experts", "`load_offloaded`: tok/s, peak / budget", "`moekit generate --offload`"], rows)
+
+
+# ---- bench_offload*.json: the offload rows re-measured after the expert seam (issue 11) ---------------
+
+BEFORE = ("bench_offload.json", "bench_offload_mapped_{shape}.json")  # 2026-11-21, the README's figures until then
+NOW = "bench_offload_seam_{shape}.json"  # 2026-11-30, after the seam and the memory plan
+NOW_NO_EMBED = "bench_offload_seam_qwen3_noembed.json"  # 2026-11-30, input embeddings on the device
+OFFLOAD_ROWS = [  # (shape key, model label, budget key, engine key in the JSON, what misses do)
+    ("mixtral", "mixtral-8x7b, 8 layers, bf16", "budget_25pct", "none", "fetch"),
+    ("mixtral", "", "budget_25pct", "auto_speculative", "auto (CPU + PCIe), speculative"),
+    ("mixtral", "", "budget_25pct", "mapped_none", "read in place (mapped)"),
+    ("mixtral", "", "budget_10pct", "none", "fetch"),
+    ("mixtral", "", "budget_10pct", "auto_speculative", "auto (CPU + PCIe), speculative"),
+    ("mixtral", "", "budget_10pct", "mapped_none", "read in place (mapped)"),
+    ("qwen3", "qwen3-30b-a3b, bf16", "budget_25pct", "none", "fetch"),
+    ("qwen3", "", "budget_25pct", "oracle", "fetch, oracle"),
+    ("qwen3", "", "budget_25pct", "mapped_none", "read in place (mapped)"),
+    ("qwen3", "", "budget_10pct", "none", "fetch"),
+    ("qwen3", "", "budget_10pct", "oracle", "fetch, oracle"),
+    ("qwen3", "", "budget_10pct", "mapped_none", "read in place (mapped)"),
+]
+OFFLOAD_FILES = ("bench_offload.json", "bench_offload_mapped_mixtral.json", "bench_offload_mapped_qwen3.json",
+                 "bench_offload_seam_mixtral.json", "bench_offload_seam_qwen3.json", NOW_NO_EMBED)
+
+
+def offload_row(files: dict, name: str, shape: str, budget_key: str, engine: str) -> dict | None:
+    """Returns one engine's result of one bench_offload run, or None when that run did not measure it."""
+    return files[name.format(shape=shape)]["shapes"].get(shape, {}).get(budget_key, {}).get(engine)
+
+
+def offload_peak(r: dict, budget_bytes: int) -> str:
+    """Returns 'peak / budget' in GB, saying by how much a peak went over."""
+    cell = f"{r['peak_bytes'] / 1e9:.2f} / {budget_bytes / 1e9:.2f}"
+    over = r["peak_bytes"] - budget_bytes
+    return cell if over <= 0 else f"{cell}, **{over / 1e6:.1f} MB over**"
+
+
+def offload_rerun(files: dict) -> str:
+    """The offload rows measured on 2026-11-21 next to the same rows measured after the seam: tok/s of
+    each run, and the new run's hit rate, traffic and peak."""
+    rows = []
+    for shape, model, budget_key, engine, misses in OFFLOAD_ROWS:
+        before = [offload_row(files, n, shape, budget_key, engine) for n in BEFORE]
+        now = offload_row(files, NOW, shape, budget_key, engine)
+        no_embed = offload_row(files, NOW_NO_EMBED, shape, budget_key, engine) if shape == "qwen3" else None
+        budget_bytes = files[NOW.format(shape=shape)]["shapes"][shape][budget_key]["budget_bytes"]
+        tok = [f"{r['decode_tok_s']:.2f}" if r else "-" for r in before]
+        if now:
+            cpu = now.get("cpu_bytes_per_token") or 0
+            traffic = f"{now['pcie_bytes_per_token'] / 1e6:.0f}" + (f" + {cpu / 1e6:.0f} CPU" if cpu else "")
+            detail = [f"**{now['decode_tok_s']:.2f}**", f"{now['share_of_ceiling']:.0%}", f"{now['hit_rate']:.2f}",
+                      traffic, offload_peak(now, budget_bytes)]
+        else:
+            detail = ["not run (the run stopped)", "", "", "", ""]
+        rows.append([model, budget_key.removeprefix("budget_").replace("pct", "%"), misses, *tok, detail[0],
+                     f"{no_embed['decode_tok_s']:.2f}" if no_embed else "-", *detail[1:]])
+    return table(["model", "budget", "misses", "11-21 `bench_offload`", "11-21 `bench_offload_mapped_*`",
+                  "11-30 `bench_offload_seam_*`", "11-30, input embeddings on the GPU", "% of ceiling (11-30)",
+                  "hit rate", "MB/token PCIe + CPU", "peak / budget GB"], rows)
+
+
+def offload_headline(files: dict) -> str:
+    """The project README's offload table: each row's tok/s before the seam (both runs) and after it."""
+    rows = []
+    for shape, model, budget_key, engine, misses in OFFLOAD_ROWS:
+        before = [r for r in (offload_row(files, n, shape, budget_key, engine) for n in BEFORE) if r]
+        now = offload_row(files, NOW, shape, budget_key, engine)
+        no_embed = offload_row(files, NOW_NO_EMBED, shape, budget_key, engine) if shape == "qwen3" else None
+        budget_bytes = files[NOW.format(shape=shape)]["shapes"][shape][budget_key]["budget_bytes"]
+        now_cell = f"{now['decode_tok_s']:.2f}" if now else "not re-measured"
+        if no_embed:
+            now_cell += f"; {no_embed['decode_tok_s']:.2f} in a run with input embeddings on the GPU"
+        rows.append([model, budget_key.removeprefix("budget_").replace("pct", "%"), misses,
+                     " / ".join(f"{r['decode_tok_s']:.2f}" for r in before) or "-", now_cell,
+                     offload_peak(now, budget_bytes) if now else "-"])
+    return table(["model", "budget", "misses", "tok/s 2026-11-21", "tok/s 2026-11-30", "peak / budget GB"], rows)
+
+
 # ---- the registry ---------------------------------------------------------------------------------------
 
 TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "headline": (("bench_resident.json",), headline),
     "resident": (("bench_resident.json",), resident),
     "slot_tiles": (("tune_slot_kernels.json",), slot_tiles),
+    "budget": (("bench_budget.json",), budget),
+    "budget_headline": (("bench_budget.json",), budget_headline),
+    "offload_rerun": (OFFLOAD_FILES, offload_rerun),
+    "offload_headline": (OFFLOAD_FILES, offload_headline),
 }
 MARKER = re.compile(r"^<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /table:(?P=name) -->$", re.S | re.M)
 
