@@ -574,7 +574,7 @@ def bench_pregate(device, results, save, max_tokens=32768, steps=300):
     t0 = time.perf_counter()
     weights, report = train_pregates(model, torch.tensor(tok.encode(train_text, add_special_tokens=False)[:max_tokens]),
                                      steps=steps)
-    folder = save_pregates(weights, model.config, Path(results["tmp"]) / "pregate", report)
+    folder = save_pregates(weights, model.config, Path(results["tmp"]) / "pregate", report, overwrite=True)
     out = {"train_s": time.perf_counter() - t0, "tokens": report.tokens, "layers": report.layers, "recall": {},
            "hit_rate": {}}
     trace = None
