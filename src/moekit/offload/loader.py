@@ -109,6 +109,14 @@ class OffloadLoader(ExpertLoader):
         runtime.reset_stats()
         return runtime
 
+    def _stage_peak(self, device: torch.device) -> int:
+        """Returns the allocator peak since the last reset, above the load's baseline, and starts a
+        new stage (the warm-up's stages say where a budget goes: `plan.measured_stages`)."""
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - self.baseline_bytes
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+
     def _fit_measured(self, model, ctx: LoadContext) -> None:
         """Sizes the expert cache so that the measured device peak fills the budget (CUDA only).
 
@@ -137,22 +145,28 @@ class OffloadLoader(ExpertLoader):
         for _ in range(5):
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+            stages = {"held": torch.cuda.memory_allocated(device) - self.baseline_bytes}  # weights, cache, tables
             cache = KVCache(cfg, batch, context, device, ctx.dtype)
             ids = torch.zeros(batch, warm, dtype=torch.long, device=device)
             with torch.inference_mode():
                 model(ids, cache=cache, start=0, last_only=True)
+                stages["prefill_peak"] = self._stage_peak(device)
                 # decode as generate runs it: captured whole (misses mapped) or in pieces between
                 # the expert calls (the graphs' pool and the capture stream's workspaces count too)
                 step = runtime.capture_decode(model, cache, ids[:, :1], warm) or PiecewiseDecode(
                     model, cache, ids[:, :1], warm)
+                stages["capture_peak"] = self._stage_peak(device)
+                stages["after_capture"] = torch.cuda.memory_allocated(device) - self.baseline_bytes
                 step(ids[:, :1], warm)
                 if runtime.mapped is not None:
                     runtime.mapped.drain()
             runtime.cache.synchronize()
             torch.cuda.synchronize(device)
+            stages["step_peak"] = self._stage_peak(device)
+            stages["kv_cache"] = cache.bytes
             del cache, ids, step
             # a KV cache the plan does not hold yet is reserved by each generation (runtime.reserve)
-            need = torch.cuda.max_memory_allocated(device) - self.baseline_bytes - warm_kv
+            need = max(stages["prefill_peak"], stages["capture_peak"], stages["step_peak"]) - warm_kv
             room = (limit - need) // plan.expert_bytes
             if need <= limit and (grown or room < 1 or slots >= plan.total_experts):
                 break
@@ -166,7 +180,9 @@ class OffloadLoader(ExpertLoader):
                 raise MoekitError(
                     f"--device-memory {plan.budget_bytes / 1e6:.2f}MB is too small on this GPU: measured "
                     f"{need / 1e6:.2f}MB with {runtime.cache.num_slots} experts cached (libraries' workspaces "
-                    f"included); give at least {(need + margin + (plan.min_slots - runtime.cache.num_slots) * plan.expert_bytes) / 1e6 + 0.01:.2f}MB")
+                    f"included; held {stages['held'] / 1e6:.0f}MB, peaks: prefill {stages['prefill_peak'] / 1e6:.0f}MB, "
+                    f"graph capture {stages['capture_peak'] / 1e6:.0f}MB, decode step {stages['step_peak'] / 1e6:.0f}MB); "
+                    f"give at least {(need + margin + (plan.min_slots - runtime.cache.num_slots) * plan.expert_bytes) / 1e6 + 0.01:.2f}MB")
             runtime.new_cache(slots)
         else:
             raise MoekitError(f"could not fit the expert cache under --device-memory {plan.budget_bytes / 1e6:.2f}MB "
@@ -174,7 +190,7 @@ class OffloadLoader(ExpertLoader):
         # a fresh cache and counters: the warm-up's experts, routing trace and call numbers go
         runtime.new_cache(runtime.cache.num_slots)
         self.plan = runtime.plan = dataclasses.replace(runtime.plan, cache_slots=runtime.cache.num_slots,
-                                                       measured_peak_bytes=need)
+                                                       measured_peak_bytes=need, measured_stages=stages)
         runtime.baseline_bytes = self.baseline_bytes
         runtime.forget_calls()
 

@@ -42,7 +42,8 @@ class BudgetPlan:
     cache_slots: int  # experts the device cache holds
     min_slots: int  # a token's experts (top-k): the fewest the runtime accepts
     total_experts: int
-    measured_peak_bytes: int | None = None  # CUDA: allocator peak of a warm-up + full-context activations
+    measured_peak_bytes: int | None = None  # CUDA: allocator peak of the warm-up (a prefill chunk + a decode step)
+    measured_stages: dict | None = None  # CUDA: the warm-up's bytes by stage (held, prefill / capture / step peaks)
     shared_bytes: int = 0  # per-layer tensors of the expert form resident on the device (code tables)
     kv_positions: int = 0  # batch x positions the KV cache is planned for (0: reserved at generate time)
     prefill_chunk: int = 0  # tokens of one prefill forward (activations bounded by it)
