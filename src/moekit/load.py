@@ -98,7 +98,7 @@ def _copy(param: torch.Tensor, ckpt: Checkpoint, name: str, shape: tuple[int, ..
 
 
 def _fill(model: MoEModel, ctx: LoadContext, experts: ExpertLoader, progress: bool | None) -> None:
-    ckpt, family, cfg = ctx.ckpt, ctx.family, ctx.config
+    ckpt, cfg = ctx.ckpt, ctx.config
     d, v = cfg.hidden_size, cfg.vocab_size
     _copy(model.embed.weight, ckpt, "model.embed_tokens.weight", (v, d))
     _copy(model.norm.weight, ckpt, "model.norm.weight", (d,))

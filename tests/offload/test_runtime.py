@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
 import moekit
-from moekit.offload import OffloadConfig, OffloadLoader, load_offloaded, parse_size, plan_budget
+from moekit.offload import OffloadConfig, load_offloaded, parse_size
 from moekit.experts.forms import DenseForm
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 

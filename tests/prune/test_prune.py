@@ -18,7 +18,7 @@ from moekit.prune.rewrite import write_pruned
 from moekit.prune.usage import RouterTap
 from moekit.train import lm_loss
 
-from conftest import VOCAB, rel_error, token_ids
+from conftest import rel_error, token_ids
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 

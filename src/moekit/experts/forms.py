@@ -222,20 +222,21 @@ class StoredForm:
                 return out
         if ids is None:
             return self.run_planned(x, rows, weights, stacked, grad=grad)
-        return self.run_planned(x, ids, weights, stacked, row_of, count, grad=grad)
+        return self.run_planned(x, ids, weights, stacked, row_of, count, grad=grad, rows=rows)
 
     def run_planned(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: Tensors,
                     row_of: dict[int, int] | list[int] | None = None, count: int | None = None,
-                    gathered: bool | None = None, grad: bool | None = None) -> torch.Tensor:
+                    gathered: bool | None = None, grad: bool | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
         """The PyTorch path of `run`: plans over ids [N, A] (`count` ids; default the stack's
-        size), runs expert id e from stack row row_of[e] (default e)."""
+        size), runs expert id e from stack row row_of[e] (default e); a gathered plan reads the
+        stack rows [N, A] of each slot from `rows` (default: the ids)."""
         count = self.count(stacked) if count is None else count
         grad = needs_grad(x, weights, stacked) if grad is None else grad
         plan = self.plan(ids, weights, count, gathered, grad)
         xs = plan.inputs(x)
-        if plan.gathered:
-            rows = plan.expert_of if row_of is None else _mapped_rows(plan.expert_of, row_of)
-            return plan.reduce(self.apply(xs, stacked, rows), x)
+        if plan.gathered:  # slots in routing order n * A + a, as rows holds them
+            return plan.reduce(self.apply(xs, stacked, (ids if rows is None else rows).reshape(-1)), x)
         per_slot = torch.empty_like(xs)
         for e, lo, hi in plan.runs():
             per_slot[lo:hi] = self.apply(xs[lo:hi], stacked, e if row_of is None else row_of[e])
@@ -253,7 +254,7 @@ class StoredForm:
 
     def one(self, stacked: Tensors, row: int | torch.Tensor) -> Tensors:
         """Returns one expert's tensors (views) of a stack, with the layer's tables beside them."""
-        per_expert = set(self.specs_names())
+        per_expert = self.specs_names()
         return {name: (t[row] if name in per_expert else t) for name, t in stacked.items()}
 
 
@@ -264,11 +265,6 @@ def needs_grad(x: torch.Tensor, weights: torch.Tensor, stacked: Tensors) -> bool
     if not torch.is_grad_enabled():
         return False
     return x.requires_grad or weights.requires_grad or any(t.requires_grad for t in stacked.values())
-
-
-def _mapped_rows(ids: torch.Tensor, row_of: dict[int, int] | list[int]) -> torch.Tensor:
-    """Returns ids [S] mapped through row_of (host lookup; the callers have synced already)."""
-    return torch.tensor([row_of[e] for e in ids.tolist()], dtype=torch.long, device=ids.device)
 
 
 class DenseForm(StoredForm):
@@ -286,7 +282,7 @@ class DenseForm(StoredForm):
         return {"gate_up": ((2 * self.ffn, self.hidden), self.dtype), "down": ((self.hidden, self.ffn), self.dtype)}
 
     def specs_names(self):
-        return list(KINDS)
+        return KINDS
 
     def read(self, ckpt, family, layer, expert, out):
         from ..errors import CheckpointError

@@ -53,11 +53,11 @@ class HostEmbedding(nn.Module):
             return embed
         host = pinned_empty(tuple(embed.weight.shape), embed.weight.dtype)
         host.copy_(embed.weight)
-        moved = cls(host, device)
         ids = torch.arange(min(64, host.shape[0]), device=device)
         try:
+            moved = cls(host, device)
             ok = torch.equal(moved(ids), embed(ids))
-        except RuntimeError:
+        except (RuntimeError, ValueError):  # not readable in place, or not aligned to its elements
             ok = False
         return moved if ok else embed
 

@@ -110,6 +110,13 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, batch: i
     return tokens * per_token + score_bytes + logits
 
 
+def prefill_activation_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, chunk: int, context: int,
+                             device: torch.device) -> int:
+    """Returns the activations of one prefill chunk of `chunk` tokens per sequence attending to
+    `context` positions (the math attention path's scores counted on the CPU only)."""
+    return activation_bytes(cfg, dtype, batch * chunk, batch, context, scores=device.type != "cuda")
+
+
 def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload: OffloadConfig,
                 device: torch.device, disk_store: bool = False, shared_bytes: int = 0) -> BudgetPlan:
     """Returns the BudgetPlan of `offload.device_memory` on `device`, or raises MoekitError (one
@@ -124,12 +131,12 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
     kv = kv_cache_bytes(cfg, dtype, batch, context)
     reserve = CUDA_RESERVE_BYTES if device.type == "cuda" else (expert_bytes if disk_store else 0)
     chunk = min(offload.prefill_chunk, context or cfg.max_position_embeddings)
-    act = activation_bytes(cfg, dtype, batch * chunk, batch, context or chunk, scores=device.type != "cuda")
+    act = prefill_activation_bytes(cfg, dtype, batch, chunk, context or chunk, device)
     room = (offload.device_memory or 0) - (resident + kv + reserve + shared_bytes)
     while offload.device_memory and chunk > MIN_PREFILL_CHUNK and room - act < cfg.top_k * expert_bytes:
         # a budget too tight for one chunk and a token's experts: shorter chunks rather than a refusal
         chunk //= 2
-        act = activation_bytes(cfg, dtype, batch * chunk, batch, context or chunk, scores=device.type != "cuda")
+        act = prefill_activation_bytes(cfg, dtype, batch, chunk, context or chunk, device)
     total_experts = sum(cfg.experts_in(i) for i, moe in enumerate(cfg.moe_layers) if moe)
     min_slots = min(cfg.top_k, total_experts)
     fixed = resident + kv + act + reserve + shared_bytes
@@ -144,17 +151,17 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
     if slots < min_slots:
         needed = fixed + min_slots * expert_bytes
         raise MoekitError(
-            f"--device-memory {_decimal(budget)} is too small: this model needs at least {_decimal(needed)} "
-            f"({_decimal(resident)} non-expert weights + {_decimal(kv)} KV cache for {batch}x{context} "
-            f"positions + {_decimal(act + reserve)} activations and workspace"
-            + (f" + {_decimal(shared_bytes)} code tables" if shared_bytes else "") + f" + {min_slots} experts of "
-            f"{_decimal(expert_bytes)}); give --device-memory {_decimal(needed, up=True)} or more")
+            f"--device-memory {decimal_size(budget)} is too small: this model needs at least {decimal_size(needed)} "
+            f"({decimal_size(resident)} non-expert weights + {decimal_size(kv)} KV cache for {batch}x{context} "
+            f"positions + {decimal_size(act + reserve)} activations and workspace"
+            + (f" + {decimal_size(shared_bytes)} code tables" if shared_bytes else "") + f" + {min_slots} experts of "
+            f"{decimal_size(expert_bytes)}); give --device-memory {decimal_size(needed, up=True)} or more")
     return BudgetPlan(budget, resident, kv, act, reserve, expert_bytes, int(slots), min_slots, total_experts,
                       shared_bytes=shared_bytes, kv_positions=batch * context, prefill_chunk=chunk,
                       host_embedding_bytes=embedding_bytes(cfg, dtype) if host_embedding else 0)
 
 
-def _decimal(n: float, up: bool = False) -> str:
+def decimal_size(n: float, up: bool = False) -> str:
     """Returns bytes in decimal units as --device-memory reads them ('7.35MB'), rounded up if asked."""
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= size:

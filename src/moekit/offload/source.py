@@ -33,7 +33,7 @@ from .config import OffloadConfig
 from .cpu import ADMIT_RATIO, CostModel, CpuWorker, split_misses
 from ..experts.forms import needs_grad
 from .layout import SlotLayout
-from .planner import BudgetPlan
+from .planner import BudgetPlan, decimal_size, kv_cache_bytes, prefill_activation_bytes
 from .predictors import Predictor
 from .stats import OffloadStats
 
@@ -228,12 +228,9 @@ class OffloadRuntime:
         """Makes room for a generation's KV cache of batch x positions (and the activations of its
         prefill chunks) by shrinking the expert cache, when the plan holds less; raises MoekitError
         (one line, with the budget it would need) when a token's experts would no longer fit."""
-        from .planner import _decimal, activation_bytes, kv_cache_bytes
-
         plan, cfg = self.plan, self.model_config
         kv = kv_cache_bytes(cfg, self.dtype, batch, positions)
-        chunk = min(self.prefill_chunk, positions)
-        act = activation_bytes(cfg, self.dtype, batch * chunk, batch, positions, scores=self.device.type != "cuda")
+        act = prefill_activation_bytes(cfg, self.dtype, batch, min(self.prefill_chunk, positions), positions, self.device)
         grow = max(0, kv - plan.kv_cache_bytes) + max(0, act - plan.activation_bytes)
         if grow == 0:
             return
@@ -241,9 +238,9 @@ class OffloadRuntime:
         if slots < plan.min_slots:
             need = plan.budget_bytes + (plan.min_slots - slots) * plan.expert_bytes
             raise MoekitError(
-                f"a generation of {batch}x{positions} positions needs {_decimal(kv)} of KV cache; with --device-memory "
-                f"{_decimal(plan.budget_bytes)} that leaves fewer than the {plan.min_slots} experts a token needs: "
-                f"give --device-memory {_decimal(need, up=True)} or more, or a shorter prompt / fewer new tokens")
+                f"a generation of {batch}x{positions} positions needs {decimal_size(kv)} of KV cache; with --device-memory "
+                f"{decimal_size(plan.budget_bytes)} that leaves fewer than the {plan.min_slots} experts a token needs: "
+                f"give --device-memory {decimal_size(need, up=True)} or more, or a shorter prompt / fewer new tokens")
         self.new_cache(slots)
         self.plan = dataclasses.replace(plan, kv_cache_bytes=max(kv, plan.kv_cache_bytes), cache_slots=slots,
                                         activation_bytes=max(act, plan.activation_bytes),

@@ -7,7 +7,6 @@ Both hand out one expert's tensors in its stored form; the cache copies them to 
 
 from __future__ import annotations
 
-import torch
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig

@@ -12,8 +12,6 @@ Shape legend: E = experts, G = experts in a group, I = expert ffn, D = hidden, R
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +30,7 @@ from ..outputs import check_replaceable
 from ..save import write_checkpoint
 from . import code as codec
 from .config import INT, QuantConfig
-from .formats import KINDS, CompressedExperts, build_experts
+from .formats import CompressedExperts, build_experts
 from .gptq import QuantizedGroup, gptq_quantize, hessian, rtn_quantize
 from .grids import make_grid, pack_codes
 from .loader import experts_prefix

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MoekitError
 from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS, Specs, StoredForm, Tensors, experts_prefix
 from . import ops
 from .code import ROW_BLOCK
@@ -51,6 +51,7 @@ class CompressedForm(StoredForm):
     STORED: tuple[str, ...] = ()  # per-kind tensor suffixes
     ROW_TENSORS: tuple[str, ...] = ()  # the suffixes whose shape is [E, R, ...] (one entry per row)
     SHARED: tuple[str, ...] = ()  # per-layer tensors (tables)
+    bits: int | None = None  # code width of the int form (None: the ternary code)
     cpu_fast = False
     why_not_cpu = ("its CPU path decodes each whole matrix per call, slower than copying the compressed "
                    "expert to the device")
@@ -60,6 +61,7 @@ class CompressedForm(StoredForm):
         """`layer_specs` {layer: {name: (one expert's shape, dtype)}}; `layer_tables` {layer: {name: tensor}}."""
         super().__init__(hidden, ffn)
         self.layer_specs, self.layer_tables = layer_specs, layer_tables
+        self.per_expert_names = tuple(f"{kind}.{s}" for kind in KINDS for s in self.STORED)
 
     @classmethod
     def tensor_names(cls) -> list[str]:
@@ -73,7 +75,7 @@ class CompressedForm(StoredForm):
         return {s: rows for s in cls.ROW_TENSORS}
 
     def specs_names(self):
-        return [f"{kind}.{s}" for kind in KINDS for s in self.STORED]
+        return self.per_expert_names
 
     def specs(self, layer):
         return self.layer_specs[layer]
@@ -101,8 +103,6 @@ class CompressedForm(StoredForm):
         if offsets is not None or rows.numel() > SLOT_KERNEL_MAX_SLOTS or not ops.use_kernels(x):
             return None
         return slot_ffn(stacked, self.bits, x, rows, weights)
-
-    bits: int | None = None
 
 
 class IntForm(CompressedForm):
@@ -152,11 +152,12 @@ def form_class(form: str) -> type[CompressedForm]:
     return {INT: IntForm, TERNARY_CODE: TernaryCodeForm}[form]
 
 
-def compressed_form(quant: QuantConfig, hidden: int, ffn: int, layer_specs: dict[int, Specs],
+def compressed_form(form: str, bits: str, hidden: int, ffn: int, layer_specs: dict[int, Specs],
                     layer_tables: dict[int, Tensors]) -> CompressedForm:
-    """Returns the stored form of `quant` over these per-layer shapes and tables."""
-    if quant.form == INT:
-        return IntForm(hidden, ffn, layer_specs, layer_tables, int(quant.bits))
+    """Returns stored form `form` (quant.config INT, with `bits`, or TERNARY_CODE) over these
+    per-layer shapes and tables."""
+    if form == INT:
+        return IntForm(hidden, ffn, layer_specs, layer_tables, int(bits))
     return TernaryCodeForm(hidden, ffn, layer_specs, layer_tables)
 
 
@@ -166,7 +167,7 @@ def form_from_checkpoint(quant: QuantConfig, cfg, ckpt, family, device: torch.de
     is missing or contradicts config.json."""
     try:
         quant.check_shapes(cfg.hidden_size, cfg.expert_ffn)  # the int form assumes equal groups
-    except Exception as e:
+    except MoekitError as e:
         raise CheckpointError(f"{ckpt.path}: quantization_config cannot be read with this model: {e}") from None
     cls = form_class(quant.form)
     specs, tables = {}, {}
@@ -189,7 +190,7 @@ def form_from_checkpoint(quant: QuantConfig, cfg, ckpt, family, device: torch.de
                                       f"[{', '.join(map(str, want))}, ...]; the weights do not match the config")
         specs[layer] = layer_specs
         tables[layer] = {n: ckpt.read(f"{prefix}.{n}").to(device) for n in cls.SHARED}
-    return compressed_form(quant, cfg.hidden_size, cfg.expert_ffn, specs, tables)
+    return compressed_form(quant.form, quant.bits, cfg.hidden_size, cfg.expert_ffn, specs, tables)
 
 
 def form_from_tensors(quant: QuantConfig, cfg, layers: dict[int, Tensors], device: torch.device | str) -> CompressedForm:
@@ -204,7 +205,7 @@ def form_from_tensors(quant: QuantConfig, cfg, layers: dict[int, Tensors], devic
         specs[layer] = {n: (tuple(given[n].shape[1:]), given[n].dtype) for n in cls.tensor_names() if n not in cls.SHARED}
         _check_rows(cls, specs[layer], cfg, f"layer {layer}")
         tables[layer] = {n: given[n].to(device) for n in cls.SHARED}
-    return compressed_form(quant, cfg.hidden_size, cfg.expert_ffn, specs, tables)
+    return compressed_form(quant.form, quant.bits, cfg.hidden_size, cfg.expert_ffn, specs, tables)
 
 
 def _check_rows(cls: type[CompressedForm], specs: Specs, cfg, where: str) -> None:
@@ -228,10 +229,6 @@ class CompressedExperts(nn.Module):
         self.bits = form.bits
         for name in form.tensor_names():
             self.register_buffer(name.replace(".", "_"), tensors[name])
-
-    @classmethod
-    def tensor_names(cls, form: str) -> list[str]:
-        return form_class(form).tensor_names()
 
     def stored(self) -> Tensors:
         """Returns {name relative to the experts prefix: tensor} as stored (tables included)."""
@@ -294,6 +291,5 @@ def build_experts(form: str, num_experts: int, hidden: int, ffn: int, tensors: T
     cls = form_class(form)
     specs = {n: (tuple(tensors[n].shape[1:]), tensors[n].dtype) for n in cls.tensor_names() if n not in cls.SHARED}
     tables = {n: tensors[n] for n in cls.SHARED}
-    stored_form = (IntForm(hidden, ffn, {layer: specs}, {layer: tables}, int(bits)) if form == INT
-                   else TernaryCodeForm(hidden, ffn, {layer: specs}, {layer: tables}))
-    return CompressedExperts(stored_form, layer, num_experts, tensors)
+    return CompressedExperts(compressed_form(form, bits, hidden, ffn, {layer: specs}, {layer: tables}), layer,
+                             num_experts, tensors)
