@@ -8,7 +8,7 @@ import torch
 import moekit
 from moekit.generate import GenerationStats, sample
 
-from conftest import MAX_POS, VOCAB, token_ids
+from conftest import FAMILY_VARIANTS, MAX_POS, VOCAB, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,137 @@ def test_cuda_seeded_sampling_reproducible(tiny):
     a = model.generate(ids, 12, temperature=1.0, top_p=0.9, seed=5, eos_token_ids=())
     b = model.generate(ids, 12, temperature=1.0, top_p=0.9, seed=5, eos_token_ids=())
     assert torch.equal(a, b) and a.device.type == "cuda"
+
+
+# ---- ragged batches (a list of prompts of different lengths) -------------------------------
+
+def _prompts(lengths, seed=21):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+
+
+RAGGED_LENGTHS = [1, 9, 3, 40, 17, 100]
+
+
+@pytest.mark.parametrize("variant", FAMILY_VARIANTS + ["mixtral_sliding"])
+def test_ragged_equals_each_prompt_alone_and_transformers(tiny, variant):
+    """Prompts of lengths 1..100 in one ragged batch: each gets exactly the tokens it gets alone
+    (moekit's static path) and from transformers."""
+    ckpt = tiny(variant)
+    model = moekit.load_model(ckpt.path)
+    prompts = _prompts(RAGGED_LENGTHS)
+    outs = model.generate(prompts, max_new_tokens=8, temperature=0, eos_token_ids=())
+    assert len(outs) == len(prompts)
+    for prompt, out in zip(prompts, outs):
+        alone = greedy(model, prompt[None], 8)[0]
+        assert torch.equal(out, alone)
+        assert torch.equal(out, ckpt.hf_greedy(prompt[None], 8)[0])
+
+
+def test_ragged_prefill_in_chunks_equals_whole(model, monkeypatch):
+    """Packed prefill cut into steps of 7 tokens (prompts split across steps) gives the same tokens."""
+    import importlib
+
+    gen = importlib.import_module("moekit.generate")  # the module (moekit.generate is the function)
+
+    class Chunked:
+        prefill_chunk = 7
+
+        def reserve(self, batch, positions):
+            self.reserved = (batch, positions)
+
+    prompts = _prompts([5, 23, 2, 11], seed=3)
+    whole = model.generate(prompts, max_new_tokens=6, temperature=0, eos_token_ids=())
+    runtime = Chunked()
+    monkeypatch.setattr(gen, "expert_runtime", lambda m: runtime)
+    chunked = model.generate(prompts, max_new_tokens=6, temperature=0, eos_token_ids=())
+    assert runtime.reserved[0] == 1 and runtime.reserved[1] >= sum(len(p) + 6 for p in prompts)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
+def test_prefill_steps_pack_and_split():
+    steps = gen_prefill_steps([5, 3, 9], 4)
+    assert steps == [[(0, 0, 4)], [(0, 4, 1), (1, 0, 3)], [(2, 0, 4)], [(2, 4, 4)], [(2, 8, 1)]]
+    assert all(sum(n for _, _, n in s) <= 4 for s in steps)
+    assert gen_prefill_steps([2, 1], 100) == [[(0, 0, 2), (1, 0, 1)]]
+
+
+def gen_prefill_steps(lengths, chunk):
+    from moekit.generate import prefill_steps
+
+    return prefill_steps(lengths, chunk)
+
+
+def test_ragged_eos_retires_each_sequence(model):
+    prompts = _prompts([4, 12, 7], seed=5)
+    free = model.generate(prompts, max_new_tokens=12, temperature=0, eos_token_ids=())
+    eos = int(free[1][3])
+    outs = model.generate(prompts, max_new_tokens=12, temperature=0, eos_token_ids=(eos,))
+    for f, o in zip(free, outs):
+        stop = _first_index(f, eos)
+        expected = f if stop is None else f[:stop + 1]
+        assert torch.equal(o, expected)
+    assert len(outs[1]) <= 4 < max(len(o) for o in outs)  # one retired early, another ran on
+
+
+def test_ragged_seeded_sampling_equals_alone(model):
+    prompts = _prompts([3, 14, 8], seed=6)
+    outs = model.generate(prompts, 10, temperature=1.0, top_k=20, top_p=0.95, seed=9, eos_token_ids=())
+    for prompt, out in zip(prompts, outs):
+        alone = model.generate(prompt[None], 10, temperature=1.0, top_k=20, top_p=0.95, seed=9, eos_token_ids=())
+        assert torch.equal(out, alone[0])
+
+
+def test_ragged_on_token_and_stats(model):
+    seen = []
+    stats = GenerationStats()
+    prompts = [[5, 6, 7], [8]]
+    outs = model.generate(prompts, 5, temperature=0, eos_token_ids=(), on_token=seen.append, stats=stats)
+    assert len(seen) == 5 and all(t.shape == (2,) for t in seen)
+    assert torch.equal(torch.stack(seen, dim=1), torch.stack(outs))
+    assert stats.prompt_tokens == 4 and stats.new_tokens == 5 and stats.prefill_s > 0
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([], "at least one prompt"),
+    ([[5], []], "prompt 1 is empty"),
+    ([[5], [VOCAB]], "prompt 1: token ids must be in"),
+    ([[5], "abc"], "prompt 1: give token ids"),
+    ([torch.zeros(2, 2, dtype=torch.long)], "prompt 0: a tensor prompt must be 1-D"),
+    ([[5], [4] * (MAX_POS - 2)], "prompt 1 .* exceeds the model's context"),
+])
+def test_ragged_bad_prompts(model, prompts, match):
+    with pytest.raises(moekit.MoekitError, match=match):
+        model.generate(prompts, max_new_tokens=4)
+
+
+def test_ragged_refuses_cuda_graph(model):
+    with pytest.raises(moekit.MoekitError, match="equal-length batch tensor"):
+        model.generate([[5, 6], [7]], max_new_tokens=2, cuda_graph=True)
+
+
+def test_ragged_offloaded_equals_resident(tiny):
+    """An offloaded model (experts in a 2-slot cache, prefill chunk 5) runs ragged batches too."""
+    from moekit.offload import OffloadConfig, load_offloaded
+
+    ckpt = tiny("mixtral")
+    resident = moekit.load_model(ckpt.path)
+    offloaded = load_offloaded(ckpt.path, offload=OffloadConfig(device_memory=1 << 30, prefill_chunk=5))
+    prompts = _prompts([6, 13, 2], seed=8)
+    expected = resident.generate(prompts, 6, temperature=0, eos_token_ids=())
+    got = offloaded.generate(prompts, 6, temperature=0, eos_token_ids=())
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "mixtral_sliding", "olmoe_clip"])
+def test_cuda_ragged_equals_alone(tiny, variant):
+    """On a GPU, ragged decode attends through the Triton paged kernel: tokens still equal each
+    prompt alone (float32) and transformers."""
+    ckpt = tiny(variant)
+    model = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
+    prompts = _prompts(RAGGED_LENGTHS)
+    outs = model.generate([p.cuda() for p in prompts], max_new_tokens=8, temperature=0, eos_token_ids=())
+    for prompt, out in zip(prompts, outs):
+        assert out.is_cuda
+        assert torch.equal(out.cpu(), ckpt.hf_greedy(prompt[None], 8)[0])

@@ -1,7 +1,11 @@
-"""Generation: preallocated KV cache, prefill + decode, greedy / temperature / top-k / top-p
-sampling, stop on eos, a per-token callback for streaming, CUDA-graph decode steps on GPUs.
+"""Generation: prefill + decode, greedy / temperature / top-k / top-p sampling, stop on eos, a
+per-token callback for streaming. Two engines: an equal-length batch [B, T] runs over a
+preallocated KV cache with CUDA-graph decode steps on GPUs; a list of prompts of different
+lengths runs as ragged steps over a paged KV cache (packed prefill, then decode of every
+sequence at its own position), each sequence retired as soon as it ends.
 
-Shapes: B = batch, T = prompt length, V = vocab, M = max new tokens.
+Shapes: B = batch (sequences), T = prompt length, V = vocab, M = max new tokens,
+N = packed tokens of one ragged step.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from .errors import MoekitError
 from .experts.runtime import expert_runtime
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PagedKVCache
 from .piecewise import capture_stream
 
 
@@ -60,6 +64,19 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sampling_defaults(model, temperature: float | None, top_k: int | None, top_p: float | None,
+                      eos_token_ids: tuple[int, ...] | None) -> tuple[float, int, float, tuple[int, ...]]:
+    """Returns (temperature, top_k, top_p, eos ids) with unset ones from the model's
+    generation_config.json (else greedy, no filters, no eos)."""
+    defaults = getattr(model, "generation_defaults", {})
+    temperature = defaults.get("temperature", 0.0) if temperature is None else temperature
+    top_k = defaults.get("top_k", 0) if top_k is None else top_k
+    top_p = defaults.get("top_p", 1.0) if top_p is None else top_p
+    if eos_token_ids is None:
+        eos_token_ids = defaults.get("eos_token_ids", ())
+    return temperature, top_k, top_p, tuple(eos_token_ids)
+
+
 class _GraphedDecode:
     """One decode step captured as a CUDA graph: static token / position in, logits out.
 
@@ -101,30 +118,36 @@ def _compiled_step(model):
 
 
 @torch.inference_mode()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperature: float | None = None,
+def generate(model, input_ids: torch.Tensor | list, max_new_tokens: int = 16, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_ids: tuple[int, ...] | None = None, stop_at_eos: bool = True,
              on_token: Callable[[torch.Tensor], None] | None = None, cuda_graph: bool | None = None,
              compile: bool = False, stats: GenerationStats | None = None) -> torch.Tensor:
-    """Returns new token ids [B, max_new_tokens] generated after input_ids [B, T].
+    """Returns new token ids [B, max_new_tokens] generated after input_ids [B, T]; for a list of
+    prompts (token id lists or 1-D tensors, of any lengths) a list of 1-D tensors, each prompt's
+    new tokens up to its eos (included) or max_new_tokens, equal to what the prompt alone gives.
 
     temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off; unset options come
     from the model's generation_config.json, else greedy. A sequence that produced an eos token
     is padded with that eos token; when all have, generation stops early. `on_token` receives
     each step's tokens [B] (for streaming). `cuda_graph` (default: on for CUDA) replays decode
     steps from a captured graph; `compile` (CUDA only, off by default: it costs tens of seconds
-    the first time) compiles the step with torch.compile before capturing it.
+    the first time) compiles the step with torch.compile before capturing it. A list runs as
+    ragged steps over a paged KV cache (generate_ragged: eager decode, `on_token` sees [B] with
+    finished sequences padded, each sequence samples from its own generator seeded with `seed`).
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+    if isinstance(input_ids, (list, tuple)):
+        if cuda_graph or compile:
+            raise MoekitError("cuda_graph and compile are for an equal-length batch tensor [B, T]; a list of "
+                              "prompts decodes eagerly (leave them unset, or pass a tensor)")
+        return generate_ragged(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, eos_token_ids=eos_token_ids, stop_at_eos=stop_at_eos,
+                               on_token=on_token, stats=stats)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise MoekitError(f"input_ids must be [batch, tokens] with at least one token, got {list(input_ids.shape)}")
     if max_new_tokens <= 0:
         raise MoekitError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    defaults = getattr(model, "generation_defaults", {})
-    temperature = defaults.get("temperature", 0.0) if temperature is None else temperature
-    top_k = defaults.get("top_k", 0) if top_k is None else top_k
-    top_p = defaults.get("top_p", 1.0) if top_p is None else top_p
-    if eos_token_ids is None:
-        eos_token_ids = defaults.get("eos_token_ids", ())
+    temperature, top_k, top_p, eos_token_ids = sampling_defaults(model, temperature, top_k, top_p, eos_token_ids)
     device = model.device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
@@ -132,10 +155,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 16, temperatu
     if total > model.config.max_position_embeddings:
         raise MoekitError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                           f"the model's context of {model.config.max_position_embeddings} positions")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    generator = _generator(seed, device)
     runtime = expert_runtime(model)  # a placement shared by the layers (offload), or None
     if runtime is not None:
         runtime.reserve(batch, total)
@@ -248,3 +268,144 @@ def _capture_pieces(model, cache: KVCache, token: torch.Tensor, position: int, s
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ---- ragged batches --------------------------------------------------------------------------
+
+BLOCK_SIZE = 16  # positions per paged KV block
+
+
+def prompt_list(model, prompts: list, max_new_tokens: int) -> list[list[int]]:
+    """Returns prompts (token id lists or 1-D tensors) as lists of ints, checked against the
+    vocabulary and the context; raises MoekitError naming the bad prompt."""
+    if max_new_tokens <= 0:
+        raise MoekitError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if not prompts:
+        raise MoekitError("give at least one prompt")
+    cfg = model.config
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1:
+                raise MoekitError(f"prompt {i}: a tensor prompt must be 1-D token ids, got shape {list(prompt.shape)}")
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise MoekitError(f"prompt {i}: give token ids (a list of ints or a 1-D tensor), got {type(prompt).__name__}")
+        if not prompt:
+            raise MoekitError(f"prompt {i} is empty; every prompt needs at least one token")
+        if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
+            raise MoekitError(f"prompt {i}: token ids must be in [0, {cfg.vocab_size}), got {min(prompt)}..{max(prompt)}")
+        if len(prompt) + max_new_tokens > cfg.max_position_embeddings:
+            raise MoekitError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = "
+                              f"{len(prompt) + max_new_tokens} exceeds the model's context of "
+                              f"{cfg.max_position_embeddings} positions")
+        out.append(list(prompt))
+    return out
+
+
+def forward_step(model, cache: PagedKVCache, work: list[tuple[object, int, list[int]]]) -> torch.Tensor:
+    """Returns the last logits [B, V] of one ragged step over (sequence, start, new tokens) triples:
+    the new tokens are packed into one forward, each sequence at its own positions."""
+    batch = cache.prepare([(seq, start, len(tokens)) for seq, start, tokens in work])
+    ids = torch.tensor([t for _, _, tokens in work for t in tokens], dtype=torch.long)[None]
+    return model(ids.to(cache.device), cache=cache, start=batch, last_only=True)[:, -1]
+
+
+def prefill_steps(lengths: list[int], chunk: int) -> list[list[tuple[int, int, int]]]:
+    """Returns packed prefill steps of at most `chunk` tokens: lists of (prompt index, start, tokens);
+    a prompt longer than what is left of a step continues in the next."""
+    steps, step, room = [], [], chunk
+    for i, length in enumerate(lengths):
+        start = 0
+        while start < length:
+            n = min(length - start, room)
+            step.append((i, start, n))
+            start += n
+            room -= n
+            if room == 0:
+                steps.append(step)
+                step, room = [], chunk
+    if step:
+        steps.append(step)
+    return steps
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Returns next token ids [B] for logits [B, V], row i drawn from generators[i] (greedy: argmax)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return torch.cat([sample(row[None], temperature, top_k, top_p, g) for row, g in zip(logits, generators)])
+
+
+@torch.inference_mode()
+def generate_ragged(model, prompts: list, max_new_tokens: int = 16, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    eos_token_ids: tuple[int, ...] | None = None, stop_at_eos: bool = True,
+                    on_token: Callable[[torch.Tensor], None] | None = None,
+                    stats: GenerationStats | None = None, block_size: int = BLOCK_SIZE) -> list[torch.Tensor]:
+    """Returns each prompt's new token ids (1-D tensors, up to its eos included, else
+    max_new_tokens long) for prompts of different lengths, run together as ragged steps over a
+    paged KV cache: packed prefill (in chunks of the expert placement's prefill_chunk), then one
+    decode step per token for the sequences still running. `on_token` receives each step's
+    tokens [B] (finished sequences padded with the first eos id)."""
+    prompts = prompt_list(model, prompts, max_new_tokens)
+    temperature, top_k, top_p, eos_token_ids = sampling_defaults(model, temperature, top_k, top_p, eos_token_ids)
+    device, cfg = model.device, model.config
+    lengths = [len(p) for p in prompts]
+    cache = PagedKVCache.for_tokens(cfg, sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths),
+                                    block_size, device, model.dtype)
+    runtime = expert_runtime(model)
+    if runtime is not None:
+        runtime.reserve(1, cache.num_blocks * block_size)
+    generators = [_generator(seed, device) for _ in prompts]
+    eos = set(eos_token_ids) if stop_at_eos else set()
+    pad = eos_token_ids[0] if eos_token_ids else 0
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens, stats.cuda_graph, stats.prefill_s = sum(lengths), False, 0.0
+
+    _sync(device)
+    t0 = time.perf_counter()
+    chunk = getattr(runtime, "prefill_chunk", None) or sum(lengths)
+    last = torch.empty(len(prompts), cfg.vocab_size, device=device, dtype=model.dtype)
+    for step in prefill_steps(lengths, chunk):
+        logits = forward_step(model, cache, [(i, start, prompts[i][start:start + n]) for i, start, n in step])
+        for row, (i, start, n) in enumerate(step):
+            if start + n == lengths[i]:  # the prompt's last token: its logits give the first new token
+                last[i] = logits[row]
+    outs: list[list[int]] = [[] for _ in prompts]
+    running = list(range(len(prompts)))
+    logits = last
+    t_first = t0
+    while running:
+        tokens = sample_rows(logits, temperature, top_k, top_p, [generators[i] for i in running]).tolist()
+        if on_token is not None:
+            step_tokens = torch.full((len(prompts),), pad, dtype=torch.long, device=device)
+            step_tokens[running] = torch.tensor(tokens, device=device)
+            on_token(step_tokens)
+        if stats.prefill_s == 0.0:
+            _sync(device)
+            t_first = time.perf_counter()
+            stats.prefill_s = t_first - t0
+        work = []
+        for i, token in zip(running, tokens):
+            outs[i].append(token)
+            if token in eos or len(outs[i]) == max_new_tokens:
+                cache.free(i)  # retired at once: its blocks go back to the pool
+            else:
+                work.append((i, lengths[i] + len(outs[i]) - 1, [token]))
+        running = [i for i, _, _ in work]
+        if work:
+            logits = forward_step(model, cache, work)
+    _sync(device)
+    stats.decode_s = time.perf_counter() - t_first
+    stats.new_tokens = max(len(o) for o in outs)
+    return [torch.tensor(o, dtype=torch.long, device=device) for o in outs]
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

@@ -19,8 +19,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
+from .errors import MoekitError
 from .experts import ResidentExperts
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PagedKVCache, RaggedBatch
+from .paged_attention import causal_mask, decode_attention, prefill_attention
 from .rope import apply_rope, cos_sin, inverse_frequencies
 
 # Eager decode attends over a prefix one longer every step. PyTorch prefers cuDNN attention on
@@ -79,8 +81,13 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               cache: KVCache | None, start: int | torch.Tensor) -> torch.Tensor:
-        """Returns the attention output [B, T, H*Dh] (before o_proj); stores k, v in the cache."""
+               cache: KVCache | PagedKVCache | None, start: int | torch.Tensor | RaggedBatch) -> torch.Tensor:
+        """Returns the attention output [B, T, H*Dh] (before o_proj); stores k, v in the cache.
+
+        With a RaggedBatch for `start` (and a PagedKVCache), B is 1 and T the packed tokens of
+        every sequence of the step: each attends to its own cached positions only."""
+        if isinstance(start, RaggedBatch):
+            return self._attend_ragged(q, k, v, cache, start)
         b, _, t, _ = q.shape
         if cache is not None:
             cache.write(self.layer, k, v, start)
@@ -99,17 +106,32 @@ class Attention(nn.Module):
                                                  enable_gqa=gqa)
         return out.transpose(1, 2).reshape(b, t, self.q_dim)
 
+    def _attend_ragged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache | None,
+                       batch: RaggedBatch) -> torch.Tensor:
+        """Returns attention [1, N, H*Dh] of packed q [1, H, N, Dh] (k, v [1, Hkv, N, Dh] written
+        to the paged cache first)."""
+        if not isinstance(cache, PagedKVCache):
+            raise MoekitError("a ragged batch (RaggedBatch) needs a PagedKVCache to attend through")
+        n = q.shape[2]
+        q, k, v = (z[0].transpose(0, 1) for z in (q, k, v))  # [N, heads, Dh]
+        cache.write(self.layer, k, v, batch.slots)
+        keys, values = cache.keys[self.layer], cache.values[self.layer]
+        window = self.cfg.sliding_window
+        if batch.is_decode:
+            out = decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
+        else:
+            out = prefill_attention(q, keys, values, batch, window)
+        return out.reshape(1, n, self.q_dim)
+
     def _mask(self, t: int, s: int, start: int | torch.Tensor, device: torch.device) -> torch.Tensor | None:
         """Returns a boolean [T, S] mask (True = may attend), or None when plain causal will do."""
-        window = self.cfg.sliding_window
-        static = isinstance(start, torch.Tensor)
-        if not static and window is None and (t == 1 or s == t):
-            return None  # decode over the whole prefix, or causal prefill from position 0
+        if not isinstance(start, torch.Tensor):
+            return causal_mask(t, s, start, self.cfg.sliding_window, device)
         query_pos = start + torch.arange(t, device=device)[:, None]  # [T, 1]
         key_pos = torch.arange(s, device=device)[None, :]  # [1, S]
         mask = key_pos <= query_pos
-        if window is not None:
-            mask = mask & (key_pos > query_pos - window)
+        if self.cfg.sliding_window is not None:
+            mask = mask & (key_pos > query_pos - self.cfg.sliding_window)
         return mask
 
 
@@ -210,7 +232,8 @@ class DecoderLayer(nn.Module):
         x = x + self.attn.o_proj(attn_out)
         return x + self.mlp(self.post_norm(x))
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int | torch.Tensor = 0):
+    def forward(self, x, cos, sin, cache: KVCache | PagedKVCache | None = None,
+                start: int | torch.Tensor | RaggedBatch = 0):
         q, k, v = self.pre_attn(x, cos, sin)
         return self.post_attn(x, self.attn.attend(q, k, v, cache, start))
 
@@ -249,25 +272,34 @@ class MoEModel(nn.Module):
         """Returns (cos, sin) [T, Dh] for positions [T]."""
         return cos_sin(self.inv_freq, self.rope_scale, positions, self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | PagedKVCache | None = None,
+                start: int | torch.Tensor | RaggedBatch = 0, last_only: bool = False) -> torch.Tensor:
         """Returns logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T].
 
         `start` is the position of input_ids[:, 0]: a Python int, or a 0-d device tensor for
-        graph-captured decode steps (then the cache must be given).
+        graph-captured decode steps (then the cache must be given). For a ragged step it is a
+        RaggedBatch (with a PagedKVCache): input_ids [1, N] are the packed new tokens of its
+        sequences, each at its own positions; last_only then gives each sequence's last logits [B, 1, V].
         """
         t = input_ids.shape[1]
-        positions = start + torch.arange(t, device=input_ids.device)
+        if isinstance(start, RaggedBatch):
+            if input_ids.shape[0] != 1 or t != start.num_tokens:
+                raise MoekitError(f"a ragged step takes input_ids [1, {start.num_tokens}] (its packed tokens), "
+                                  f"got {list(input_ids.shape)}")
+            positions = start.positions
+        else:
+            positions = start + torch.arange(t, device=input_ids.device)
         cos, sin = self.rope(positions)
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, start)
         if last_only:
-            x = x[:, -1:]
+            x = x[0, start.last_index][:, None] if isinstance(start, RaggedBatch) else x[:, -1:]
         return self.lm_head(self.norm(x))
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, **kwargs) -> torch.Tensor:
-        """Returns the new token ids [B, max_new_tokens] (greedy at temperature 0).
+    def generate(self, input_ids: torch.Tensor | list, max_new_tokens: int = 16, **kwargs):
+        """Returns the new token ids [B, max_new_tokens] (greedy at temperature 0); for a list of
+        prompts of any lengths, a list of each one's new tokens (1-D tensors).
 
         See moekit.generate.generate for the sampling options."""
         from .generate import generate

@@ -1,0 +1,111 @@
+"""Attention over a paged KV cache for ragged batches: packed prefill (PyTorch, per sequence) and
+decode (a Triton kernel on GPUs, moekit.kernels.paged_attention, with a PyTorch reference that
+tests hold it to).
+
+Shapes: N = packed new tokens, B = sequences, H = query heads, Hkv = key/value heads,
+Dh = head dim, NB = cache blocks, BS = positions per block, MB = blocks per table, S = positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import RaggedBatch
+
+try:
+    import triton
+
+    from .kernels.paged_attention import paged_decode_kernel
+    HAVE_TRITON = True
+except ImportError:  # CPU machines without triton use the PyTorch path
+    HAVE_TRITON = False
+
+
+def causal_mask(t: int, s: int, start: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Returns a boolean [T, S] mask (True = may attend) for T queries at start.. over S keys, or
+    None when plain causal attention (or none, for one query over the whole prefix) will do."""
+    if window is None and (t == 1 or s == t):
+        return None
+    query_pos = start + torch.arange(t, device=device)[:, None]  # [T, 1]
+    key_pos = torch.arange(s, device=device)[None, :]  # [1, S]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask = mask & (key_pos > query_pos - window)
+    return mask
+
+
+def gather_sequence(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """Returns positions 0..length-1 of one sequence as [Hkv, S, Dh] from pool [NB, BS, Hkv, Dh]
+    and its block table [MB]."""
+    block_size = pool.shape[1]
+    blocks = pool[table[: -(-length // block_size)].long()]  # [nb, BS, Hkv, Dh]
+    return blocks.reshape(-1, *pool.shape[2:])[:length].transpose(0, 1)
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
+                      window: int | None) -> torch.Tensor:
+    """Returns attention [N, H, Dh] of packed queries q [N, H, Dh] over each sequence's cached
+    positions (this step's keys already written), causal within the sequence."""
+    gqa = keys.shape[2] != q.shape[1]
+    out = torch.empty_like(q)
+    offset = 0
+    for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
+        length = start + n
+        k = gather_sequence(keys, batch.block_tables[i], length)[None]  # [1, Hkv, S, Dh]
+        v = gather_sequence(values, batch.block_tables[i], length)[None]
+        qi = q[offset:offset + n].transpose(0, 1)[None]  # [1, H, n, Dh]
+        mask = causal_mask(n, length, start, window, q.device)
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=mask is None and n > 1,
+                                           enable_gqa=gqa)
+        out[offset:offset + n] = o[0].transpose(0, 1)
+        offset += n
+    return out
+
+
+def decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               window: int | None) -> torch.Tensor:
+    """Returns attention [B, H, Dh] of one query per sequence q [B, H, Dh] over its cached
+    positions: every table gathered whole, positions past context_lens (or out of the window) masked."""
+    b, mb = block_tables.shape
+    block_size = keys.shape[1]
+    k = keys[block_tables.long()].reshape(b, mb * block_size, *keys.shape[2:]).transpose(1, 2)  # [B, Hkv, S, Dh]
+    v = values[block_tables.long()].reshape(b, mb * block_size, *values.shape[2:]).transpose(1, 2)
+    key_pos = torch.arange(mb * block_size, device=q.device)[None, :]  # [1, S]
+    ctx = context_lens.long()[:, None]  # [B, 1]
+    mask = key_pos < ctx
+    if window is not None:
+        mask = mask & (key_pos >= ctx - window)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :],
+                                         enable_gqa=k.shape[1] != q.shape[1])  # [B, H, 1, Dh]
+    return out[:, :, 0]
+
+
+def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor,
+                            window: int | None) -> torch.Tensor:
+    """Returns what decode_attention_reference does, computed by the Triton kernel (CUDA tensors,
+    or CPU tensors under TRITON_INTERPRET=1)."""
+    b, h, dh = q.shape
+    hkv = keys.shape[2]
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    group = h // hkv
+    paged_decode_kernel[(b, hkv)](
+        q, keys, values, block_tables, context_lens, out,
+        dh ** -0.5, window or 0,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=dh,
+        BLOCK_D=triton.next_power_of_2(dh), BLOCK_SIZE=keys.shape[1], SLIDING=window is not None,
+    )
+    return out
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Returns decode attention [B, H, Dh]: the Triton kernel on CUDA, else the PyTorch reference."""
+    if HAVE_TRITON and q.is_cuda:
+        return decode_attention_triton(q, keys, values, block_tables, context_lens, window)
+    return decode_attention_reference(q, keys, values, block_tables, context_lens, window)

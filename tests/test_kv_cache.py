@@ -1,0 +1,178 @@
+"""The paged KV cache (blocks, tables, growth, freeing) and attention read through it: the Triton
+decode kernel and the packed prefill path against plain attention over contiguous keys.
+
+On CPU machines the kernel runs under TRITON_INTERPRET=1 (set in conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moekit
+from moekit.kv_cache import OutOfBlocks, PagedKVCache
+from moekit.paged_attention import (HAVE_TRITON, decode_attention_reference, decode_attention_triton,
+                                    prefill_attention)
+
+from conftest import kernel_device
+
+
+def _config(heads=4, kv_heads=2, head_dim=8):
+    """Returns the bundled model's config with the attention shape of a test."""
+    from dataclasses import replace
+
+    cfg = moekit.read_config(moekit.default_model_path())[2]
+    return replace(cfg, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+
+
+# ---- blocks and tables ---------------------------------------------------------------------
+
+def test_blocks_follow_the_tokens_held():
+    cache = PagedKVCache(_config(), num_blocks=6, block_size=4, device="cpu", dtype=torch.float32)
+    cache.grow("a", 5)  # 2 blocks
+    cache.grow("b", 4)  # 1 block
+    assert cache.used_blocks == 3 and cache.free_blocks == 3
+    cache.grow("a", 8)  # still 2
+    assert len(cache.tables["a"]) == 2
+    cache.grow("a", 9)
+    assert len(cache.tables["a"]) == 3
+    assert len(set(cache.tables["a"]) | set(cache.tables["b"])) == 4  # no block shared
+    cache.free("a")
+    assert cache.used_blocks == 1 and "a" not in cache.tables
+    cache.free("never seen")
+
+
+def test_out_of_blocks_takes_nothing():
+    cache = PagedKVCache(_config(), num_blocks=3, block_size=4, device="cpu", dtype=torch.float32)
+    cache.grow("a", 8)
+    with pytest.raises(OutOfBlocks, match="1 free blocks"):
+        cache.grow("b", 9)
+    assert "b" not in cache.tables and cache.free_blocks == 1
+    with pytest.raises(OutOfBlocks, match="this step needs 3"):
+        cache.prepare([("a", 8, 1), ("c", 0, 5)])
+    assert cache.free_blocks == 1 and len(cache.tables["a"]) == 2
+
+
+def test_prepare_packs_positions_and_slots():
+    cache = PagedKVCache(_config(), num_blocks=8, block_size=4, device="cpu", dtype=torch.float32)
+    cache.grow("x", 2)  # takes block 0 so the sequences below get later blocks
+    batch = cache.prepare([("a", 0, 3), ("x", 2, 3)])
+    a, x = cache.tables["a"], cache.tables["x"]
+    assert batch.positions.tolist() == [0, 1, 2, 2, 3, 4]
+    assert batch.slots.tolist() == [a[0] * 4, a[0] * 4 + 1, a[0] * 4 + 2, x[0] * 4 + 2, x[0] * 4 + 3, x[1] * 4]
+    assert batch.context_lens.tolist() == [3, 5] and batch.last_index.tolist() == [2, 5]
+    assert batch.block_tables.shape == (2, 2) and batch.block_tables[0, 1] == 0  # padded past a's end
+    assert not batch.is_decode and cache.prepare([("a", 3, 1)]).is_decode
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_blocks": 0, "block_size": 16}, "at least one block"),
+    ({"num_blocks": 4, "block_size": 12}, "power of two"),
+])
+def test_bad_cache_shapes(kwargs, match):
+    with pytest.raises(moekit.MoekitError, match=match):
+        PagedKVCache(_config(), device="cpu", dtype=torch.float32, **kwargs)
+
+
+# ---- attention through the block tables ----------------------------------------------------
+
+def _filled_cache(lengths, block_size, heads, kv_heads, head_dim, device, dtype, seed=0):
+    """Returns (cache, contiguous keys and values per sequence [Hkv, S, Dh]) with random k/v
+    written through `prepare`, sequences interleaved so their blocks are not in order."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = _config(heads, kv_heads, head_dim)
+    total = sum(-(-n // block_size) for n in lengths) + 3
+    cache = PagedKVCache(cfg, total, block_size, device, dtype)
+    keys = [torch.randn(kv_heads, n, head_dim, generator=g).to(device, dtype) for n in lengths]
+    values = [torch.randn(kv_heads, n, head_dim, generator=g).to(device, dtype) for n in lengths]
+    cache.grow("pad", 1)  # block 0 belongs to nobody we read: padding entries of tables point at it
+    done = [0] * len(lengths)
+    while any(d < n for d, n in zip(done, lengths)):  # grow the sequences a few positions at a time
+        for i, n in enumerate(lengths):
+            step = min(3, n - done[i])
+            if step == 0:
+                continue
+            batch = cache.prepare([(i, done[i], step)])
+            k = keys[i][:, done[i]:done[i] + step].transpose(0, 1)
+            v = values[i][:, done[i]:done[i] + step].transpose(0, 1)
+            cache.write(0, k, v, batch.slots)
+            done[i] += step
+    return cache, keys, values
+
+
+def _plain_attention(q, k, v, window):
+    """Attention of the last position: q [H, Dh] over k, v [Hkv, S, Dh] (the unpaged truth)."""
+    s = k.shape[1]
+    mask = None
+    if window is not None:
+        mask = (torch.arange(s, device=q.device) >= s - window)[None, :]  # [1, S]
+    out = F.scaled_dot_product_attention(q[None, :, None].float(), k[None].float(), v[None].float(),
+                                         attn_mask=mask, enable_gqa=k.shape[0] != q.shape[0])
+    return out[0, :, 0]
+
+
+# (sequence lengths, block size, heads, kv heads, head dim, window)
+DECODE_SHAPES = [
+    ([1, 7, 16, 33], 4, 4, 2, 8, None),  # GQA, a one-position sequence, exact block boundary
+    ([5, 40], 16, 4, 4, 16, None),  # plain multi-head
+    ([9, 30, 2], 8, 8, 2, 24, 5),  # sliding window, head dim not a power of two, 4 heads per kv head
+    ([64, 3], 16, 6, 2, 16, 20),  # 3 heads per kv head (padded group)
+]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+def test_decode_reference_equals_plain_attention(shape):
+    lengths, block_size, heads, kv_heads, head_dim, window = shape
+    cache, keys, values = _filled_cache(lengths, block_size, heads, kv_heads, head_dim, "cpu", torch.float32)
+    q = torch.randn(len(lengths), heads, head_dim, generator=torch.Generator().manual_seed(1))
+    batch = cache.prepare([(i, n - 1, 1) for i, n in enumerate(lengths)])  # tables as a decode step sees them
+    out = decode_attention_reference(q, cache.keys[0], cache.values[0], batch.block_tables, batch.context_lens, window)
+    for i in range(len(lengths)):
+        torch.testing.assert_close(out[i], _plain_attention(q[i], keys[i], values[i], window), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+def test_decode_kernel_equals_reference(shape, dtype):
+    device = kernel_device()
+    lengths, block_size, heads, kv_heads, head_dim, window = shape
+    cache, _, _ = _filled_cache(lengths, block_size, heads, kv_heads, head_dim, device, dtype)
+    q = torch.randn(len(lengths), heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    batch = cache.prepare([(i, n - 1, 1) for i, n in enumerate(lengths)])
+    args = (q, cache.keys[0], cache.values[0], batch.block_tables, batch.context_lens, window)
+    expected = decode_attention_reference(*(a.float() if a.is_floating_point() else a for a in args[:3]), *args[3:])
+    got = decode_attention_triton(*args)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_packed_prefill_equals_plain_causal_attention(window):
+    """Two sequences in one packed step: one fresh (positions 0..9), one continuing (12..19 after
+    12 cached), each causal over its own positions only."""
+    heads, kv_heads, head_dim, block_size = 4, 2, 8, 4
+    cache, keys, values = _filled_cache([10, 20], block_size, heads, kv_heads, head_dim, "cpu", torch.float32)
+    q = torch.randn(10 + 8, heads, head_dim, generator=torch.Generator().manual_seed(2))
+    batch = cache.prepare([(0, 0, 10), (1, 12, 8)])
+    out = prefill_attention(q, cache.keys[0], cache.values[0], batch, window)
+    for i, (start, n, offset) in enumerate([(0, 10, 0), (12, 8, 10)]):
+        s = start + n
+        pos_q = torch.arange(start, s)[:, None]
+        pos_k = torch.arange(s)[None, :]
+        mask = pos_k <= pos_q
+        if window is not None:
+            mask &= pos_k > pos_q - window
+        expected = F.scaled_dot_product_attention(q[offset:offset + n].transpose(0, 1)[None], keys[i][None],
+                                                  values[i][None], attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(out[offset:offset + n], expected[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_forward_needs_a_paged_cache(mixtral_model):
+    cache = PagedKVCache(mixtral_model.config, 4, 16, "cpu", torch.float32)
+    batch = cache.prepare([("a", 0, 3)])
+    with pytest.raises(moekit.MoekitError, match="needs a PagedKVCache"):
+        mixtral_model(torch.tensor([[5, 6, 7]]), cache=None, start=batch)
+    with pytest.raises(moekit.MoekitError, match=r"input_ids \[1, 3\]"):
+        mixtral_model(torch.tensor([[5, 6]]), cache=cache, start=batch)
