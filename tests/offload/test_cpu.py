@@ -107,6 +107,27 @@ def test_cpu_misses_logits_close_to_resident(mixtral):
     assert model.offload.report()["cpu_experts"] > 0
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_native_kernel_and_pytorch_path_give_the_resident_tokens(mixtral, monkeypatch, native, store):
+    """The CPU part runs in the native kernel where a compiler exists (one call per layer), else
+    in PyTorch: both give the resident model's tokens, batch 1 and 3."""
+    from moekit import native as native_lib
+    from moekit.offload import cpu
+
+    if native and native_lib.library() is None:
+        pytest.skip(f"no native library: {native_lib.unavailable_reason()}")
+    if not native:
+        monkeypatch.setattr(cpu, "native_usable", lambda layout, max_tokens: False)
+    path, resident = mixtral
+    for batch in (1, 3):
+        ids = token_ids(batch, 4, seed=11)
+        model = offloaded(path, resident.config, store=store, misses="cpu", predictor="none")
+        assert model.offload.cpu.native is native
+        assert torch.equal(greedy(model, ids, n=6), greedy(resident, ids, n=6)), (native, store, batch)
+        assert model.offload.report()["cpu_experts"] > 0
+
+
 def test_batch_of_three_on_the_cpu_path(mixtral):
     path, resident = mixtral
     ids = token_ids(3, 4, seed=8)

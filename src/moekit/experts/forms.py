@@ -330,10 +330,36 @@ class DenseForm(StoredForm):
         return super().apply(xs, stacked, row)
 
     def fused(self, x, rows, weights, stacked, offsets=None):
+        if not x.is_cuda and offsets is None:  # the CPU: the native kernel for small calls
+            return cpu_expert_ffn(x, rows, weights, stacked["gate_up"], stacked["down"])
         # CUDA tensors, or CPU tensors under the Triton interpreter when reading in place (tests)
-        if not (x.is_cuda or offsets is not None) or not triton_ops.triton_usable(x):
+        if not triton_ops.triton_usable(x):
             return None
         gate_up, down = stacked["gate_up"], stacked["down"]
         if offsets is not None or rows.numel() <= SLOT_KERNEL_MAX_SLOTS:
             return triton_ops.slot_expert_ffn(x, rows, weights, gate_up, down, offsets=offsets)
         return triton_ops.grouped_expert_ffn(x, rows, weights, gate_up, down)
+
+
+def cpu_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor | None:
+    """Returns a small CPU call of dense experts run by the native kernel (moekit.native.experts:
+    one parallel region per call, each weight row read once), or None where it does not apply
+    (more than SMALL_BATCH_TOKENS tokens: PyTorch's GEMMs win; no compiler; other dtypes).
+
+    Jobs are the stack rows in order of first use in routing order (n * A + a), so two
+    placements of the same experts (expert ids or cache slots) sum in the same order."""
+    from ..native.experts import SMALL_BATCH_TOKENS, expert_ffn, usable
+
+    if x.shape[0] > SMALL_BATCH_TOKENS or gate_up.stride(-1) != 1 or not usable(x, gate_up.dtype):
+        return None
+    tokens: dict[int, list[int]] = {}
+    scales: dict[int, list[float]] = {}
+    top_k = rows.shape[1]
+    for slot, (row, w) in enumerate(zip(rows.reshape(-1).tolist(), weights.reshape(-1).float().tolist())):
+        tokens.setdefault(row, []).append(slot // top_k)
+        scales.setdefault(row, []).append(w)
+    jobs = [(gate_up[row], down[row], tokens[row], scales[row]) for row in tokens]
+    if any(not (g.is_contiguous() and d.is_contiguous()) for g, d, _, _ in jobs):
+        return None
+    return expert_ffn(x, jobs)

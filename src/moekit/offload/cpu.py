@@ -23,6 +23,11 @@ One layer call on CUDA (OffloadRuntime.run, `_run_split`):
 On a CPU-only machine (device cpu) both parts run on the CPU, one after the other, from the same
 store (the disk store reads the expert into a scratch buffer first).
 
+The CPU part is one native call per layer (moekit.native.experts, dense experts): a matvec per
+weight row, streamed once at host memory bandwidth by all the worker's threads, with one barrier
+between the gate/up and the down stage. Where no compiler is found (or for compressed forms,
+which `--misses cpu` refuses) it runs in PyTorch, expert by expert: 3-4 ops each.
+
 Which experts live on the device (batch 1). Every use of a cached expert saves its CPU time; a
 fetch costs more link time than the CPU needs to compute the expert once (when host memory is
 faster than the link), so in "cpu" mode a miss is never fetched at demand. Instead the cache
@@ -70,6 +75,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..experts.forms import DenseForm
+from ..native.experts import MAX_JOB_TOKENS, MAX_ROW, Scratch, usable
 from .layout import SlotLayout
 from .store import DiskStore, HostStore
 
@@ -132,6 +139,15 @@ def split_misses(inflight: list[tuple[int, float, float]], absent: list[tuple[in
     return [e for e, _ in best_cpu]
 
 
+def native_usable(layout: SlotLayout, max_tokens: int) -> bool:
+    """Returns whether the native CPU kernel computes this layout's experts (dense bf16, fp16 or
+    fp32 rows, calls of at most max_tokens tokens, a compiler on this machine)."""
+    form = layout.form
+    if not isinstance(form, DenseForm) or max_tokens > MAX_JOB_TOKENS or form.ffn > MAX_ROW:
+        return False
+    return usable(torch.empty(0, form.hidden, dtype=form.dtype), form.dtype)
+
+
 class CpuWorker:
     """Runs routed experts on the CPU from the store: on a worker thread beside a CUDA device
     (inline on a CPU-only machine), with pinned buffers for x, the routing weights and the sum."""
@@ -149,6 +165,8 @@ class CpuWorker:
         self.buffers: dict[str, torch.Tensor] = {}  # name -> pinned [max_tokens, cols]
         self.sent: torch.cuda.Event | None = None  # the last sum's copy to the device (reads "out")
         self.worker_threads_set = False
+        self.native = native_usable(layout, max_tokens)  # the native kernel, else the PyTorch path
+        self.scratch = Scratch() if self.native else None
 
     def _buffer(self, name: str, cols: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self.buffers.get(name)
@@ -174,7 +192,7 @@ class CpuWorker:
         """Starts sum over jobs (expert, its flat slots n * A + a) of w[slot] * expert(x[n]) as
         [N, D] on the CPU; returns the handle for `join`."""
         if self.worker is None:
-            return self._compute(layer, jobs, x_host, w_host, torch.empty_like(x_host))
+            return self._compute(layer, jobs, x_host, w_host, torch.empty(x_host.shape, dtype=x_host.dtype))
         out = (self._buffer("out", x_host.shape[1], x_host.dtype)[:x_host.shape[0]] if self.cuda
                else torch.empty_like(x_host))
         # inference and grad modes are per thread: the worker runs in the caller's
@@ -202,6 +220,9 @@ class CpuWorker:
         if self.sent is not None:
             self.sent.synchronize()  # the previous sum has left `out` (already so after any sync)
         t0 = time.perf_counter()
+        if self.native:
+            self._compute_native(layer, jobs, x_host, w_host, out)
+            return out, time.perf_counter() - t0
         top_k = w_host.shape[1]
         w_flat = w_host.reshape(-1)
         out.zero_()
@@ -217,6 +238,28 @@ class CpuWorker:
             y = form.apply(x_host[tokens], stacked, row)  # [n, D]
             out.index_add_(0, tokens, y * w_flat[slots][:, None])
         return out, time.perf_counter() - t0
+
+    def _compute_native(self, layer, jobs, x_host, w_host, out) -> None:
+        """The layer's CPU experts in one native call (moekit.native.experts): every weight row
+        read once, all cores, one parallel region. A disk store reads one expert at a time into
+        its scratch, so there each expert is its own call."""
+        from ..native.experts import expert_ffn
+
+        top_k = w_host.shape[1]
+        w_flat = w_host.reshape(-1).tolist()
+
+        def job(expert: int, flat: list[int]):
+            rows, row = self.store.host_rows(layer, expert)
+            stacked = self.layout.view(rows, layer)
+            return stacked["gate_up"][row], stacked["down"][row], [s // top_k for s in flat], [w_flat[s] for s in flat]
+
+        if self.store.kind != "disk":
+            expert_ffn(x_host, [job(e, flat) for e, flat in jobs], out=out, threads=self.threads, scratch=self.scratch)
+            return
+        out.zero_()
+        partial = torch.empty_like(out)
+        for e, flat in jobs:
+            out.add_(expert_ffn(x_host, [job(e, flat)], out=partial, threads=self.threads, scratch=self.scratch))
 
     def close(self) -> None:
         if self.worker is not None:

@@ -1,0 +1,178 @@
+// Routed SwiGLU experts on the CPU at host memory bandwidth (moekit.native.experts).
+//
+// One call computes a layer's CPU share: for each job j (one expert and the tokens routed to it),
+//     out[t] += w * down_j @ (silu(gate_j @ x[t]) * (up_j @ x[t]))      for each of its tokens t
+// and writes out [N, D] (every row: tokens no job touches get zeros).
+//
+// Why a kernel: at batch 1 an expert is a matrix-vector product that reads each weight once, so
+// the time is bytes / host bandwidth. PyTorch runs it as 3-4 ops per expert, each a parallel
+// region with its own fork and barrier, and its bf16 matvec reads well below the bandwidth. Here
+// a layer is one parallel region with one barrier between its two stages; every thread streams
+// whole weight rows (contiguous), converts them to float once and reuses them for every token
+// of the job.
+//   stage 1  work item = (job, block of ffn rows): h[slot, r] = silu(gate_r . x) * (up_r . x)
+//   stage 2  work item = block of hidden rows d: out[t, d] = sum over jobs of w * (down_d . h[slot])
+// Stage 2 partitions the output rows, so no two threads write the same element and the sum over
+// jobs runs in job order (the result does not depend on the thread count).
+//
+// Shapes: N tokens, D hidden, I ffn width, J jobs, T = slots of all jobs (tok_start[J]).
+// Weights: gate_up [2I, D] (gate rows first, then up), down [D, I], row-major, of dtype `wdtype`.
+// dtypes: 0 = bfloat16, 1 = float16, 2 = float32. Accumulation is float32.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+namespace {
+
+constexpr int64_t ROWS_PER_ITEM = 8;  // ffn rows (stage 1) or hidden rows (stage 2) per work item
+constexpr int64_t MAX_ROW = 1 << 15;  // widest row a thread converts to float (128 KB of its stack)
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Converts n elements of dtype `dtype` at p to float.
+inline void to_float(int dtype, const void* p, int64_t n, float* out) {
+  if (dtype == 0) {
+    const uint16_t* s = static_cast<const uint16_t*>(p);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(s[i]);
+#ifdef __FLT16_MAX__
+  } else if (dtype == 1) {
+    const _Float16* s = static_cast<const _Float16*>(p);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(s[i]);
+#endif
+  } else {
+    std::memcpy(out, p, n * sizeof(float));
+  }
+}
+
+inline void from_float(int dtype, float v, void* p, int64_t i) {
+  if (dtype == 0) static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
+#ifdef __FLT16_MAX__
+  else if (dtype == 1) static_cast<_Float16*>(p)[i] = static_cast<_Float16>(v);
+#endif
+  else static_cast<float*>(p)[i] = v;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// One weight row of dtype W dotted with `count` float vectors (vec + k * stride): the row is read
+// from memory once. A single vector reads the row directly (no conversion pass).
+template <typename W, typename Conv>
+inline void row_dots(const W* row, int64_t n, const float* vec, int64_t stride, const int32_t* which, int count,
+                     float* scratch, float* out, Conv conv) {
+  if (count == 1) {
+    const float* v = vec + (which ? which[0] : 0) * stride;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += conv(row[i]) * v[i];
+    out[0] = acc;
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) scratch[i] = conv(row[i]);
+  for (int k = 0; k < count; ++k) out[k] = dot(scratch, vec + (which ? which[k] : k) * stride, n);
+}
+
+struct Bf16 { float operator()(uint16_t v) const { return bf16_to_float(v); } };
+struct F32 { float operator()(float v) const { return v; } };
+#ifdef __FLT16_MAX__  // the compiler has _Float16 (GCC 12+, clang 15+ on x86-64)
+struct F16 { float operator()(_Float16 v) const { return static_cast<float>(v); } };
+#endif
+
+template <typename W, typename Conv>
+void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* gate_up, const int64_t* down,
+               const int32_t* tok_start, const int32_t* tok, const float* w, float* h, float* accs, int64_t N,
+               int odtype, void* out, int threads, Conv conv) {
+  const int64_t blocks_i = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  const int64_t blocks_d = (D + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+#pragma omp parallel num_threads(threads)
+  {
+    float scratch[MAX_ROW];
+    float g[256], u[256];  // per-token dots of one row (jobs hold at most 256 tokens)
+    float* acc = accs + static_cast<int64_t>(omp_get_thread_num()) * N;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < J * blocks_i; ++item) {
+      const int64_t j = item / blocks_i, r0 = (item % blocks_i) * ROWS_PER_ITEM;
+      const W* gu = reinterpret_cast<const W*>(gate_up[j]);
+      const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
+      for (int64_t r = r0; r < r0 + ROWS_PER_ITEM && r < I; ++r) {
+        row_dots(gu + r * D, D, xf, D, tok + first, count, scratch, g, conv);
+        row_dots(gu + (I + r) * D, D, xf, D, tok + first, count, scratch, u, conv);
+        for (int k = 0; k < count; ++k) h[(first + k) * I + r] = g[k] / (1.f + std::exp(-g[k])) * u[k];
+      }
+    }  // implicit barrier: every h is written
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < blocks_d; ++item) {
+      for (int64_t d = item * ROWS_PER_ITEM; d < (item + 1) * ROWS_PER_ITEM && d < D; ++d) {
+        for (int64_t t = 0; t < N; ++t) acc[t] = 0.f;
+        for (int64_t j = 0; j < J; ++j) {
+          const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
+          const W* row = reinterpret_cast<const W*>(down[j]) + d * I;
+          row_dots(row, I, h + first * I, I, nullptr, count, scratch, g, conv);
+          for (int k = 0; k < count; ++k) acc[tok[first + k]] += w[first + k] * g[k];
+        }
+        for (int64_t t = 0; t < N; ++t) from_float(odtype, acc[t], out, t * D + d);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or a nonzero code for arguments the kernel cannot take (checked by the caller too):
+// 1 a row wider than MAX_ROW, 2 a job of more than 256 tokens, 3 float16 without compiler support.
+int moekit_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t N, int64_t D, int64_t I,
+                      int64_t J, const int64_t* gate_up, const int64_t* down, const int32_t* tok_start,
+                      const int32_t* tok, const float* w, float* h, float* xf, float* accs, int threads) {
+  if (D > MAX_ROW || I > MAX_ROW) return 1;
+#ifndef __FLT16_MAX__
+  if (wdtype == 1 || xdtype == 1) return 3;
+#endif
+  for (int64_t j = 0; j < J; ++j)
+    if (tok_start[j + 1] - tok_start[j] > 256) return 2;
+  for (int64_t t = 0; t < N; ++t) to_float(xdtype, static_cast<const char*>(x) + t * D * (xdtype == 2 ? 4 : 2), D,
+                                           xf + t * D);
+  if (wdtype == 0)
+    run_layer<uint16_t>(xf, D, I, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, Bf16());
+#ifdef __FLT16_MAX__
+  else if (wdtype == 1)
+    run_layer<_Float16>(xf, D, I, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, F16());
+#endif
+  else
+    run_layer<float>(xf, D, I, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, F32());
+  return 0;
+}
+
+// Streams `bytes` bytes from p with `threads` threads and returns a checksum (the bandwidth probe).
+double moekit_stream_read(const void* p, int64_t bytes, int threads) {
+  const int64_t n = bytes / 8;
+  const uint64_t* s = static_cast<const uint64_t*>(p);
+  uint64_t total = 0;
+#pragma omp parallel for num_threads(threads) reduction(^ : total) schedule(static)
+  for (int64_t i = 0; i < n; ++i) total ^= s[i];
+  return static_cast<double>(total & 0xffff);
+}
+
+}  // extern "C"

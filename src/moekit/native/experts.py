@@ -1,0 +1,142 @@
+"""Routed SwiGLU experts on the CPU in one native call per layer (experts.cpp), and its reference.
+
+    out = expert_ffn(x, jobs)          # jobs: [(gate_up [2I, D], down [D, I], tokens [n], weights [n])]
+
+computes, for every job (an expert and the tokens routed to it),
+out[t] += weight * down @ (silu(gate @ x[t]) * (up @ x[t])), with float32 accumulation, at host
+memory bandwidth for few tokens (each weight row is read once and reused for all of a job's
+tokens). Larger batches are compute-bound; there PyTorch's GEMMs do better (`SMALL_BATCH_TOKENS`).
+`reference` is the same computation in PyTorch (float32), which the tests hold it to.
+
+Shapes: N tokens, D hidden, I expert ffn width, n tokens of one job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from . import library
+
+DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+MAX_JOB_TOKENS = 256  # tokens one job may hold (the kernel's per-row dot buffer)
+MAX_ROW = 1 << 15  # widest weight row (hidden or ffn size) the kernel takes
+SMALL_BATCH_TOKENS = 16  # up to this many tokens per call the kernel beats PyTorch's GEMMs
+
+Job = tuple[torch.Tensor, torch.Tensor, list[int], list[float]]
+
+
+def usable(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+    """Returns whether expert_ffn takes x [N, D] with weights of `weight_dtype` on this machine."""
+    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and weight_dtype in DTYPE_CODES
+            and x.shape[-1] <= MAX_ROW and library() is not None)
+
+
+class Scratch:
+    """Reusable float32 work buffers of one caller (one thread): per-slot hidden activations,
+    x in float, per-thread output accumulators."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):
+                buf = self.buffers[name] = torch.empty(max(numel, 1), dtype=torch.float32)
+        return buf
+
+
+def _ptr(t: torch.Tensor, ctype=ctypes.c_float):
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
+
+
+def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None, threads: int | None = None,
+               scratch: Scratch | None = None) -> torch.Tensor:
+    """Returns out [N, D] (x's dtype): the weighted sum over jobs of their expert on their tokens.
+
+    Each job's gate_up [2I, D] (gate rows, then up rows) and down [D, I] must be contiguous CPU
+    tensors of one dtype (bf16, fp16 or fp32); tokens index x's rows; a token may appear in
+    several jobs, at most once per job. Raises ValueError for arguments the kernel cannot take
+    (check `usable` first)."""
+    lib = library()
+    if lib is None:
+        from . import unavailable_reason
+
+        raise ValueError(f"the CPU expert kernel is unavailable: {unavailable_reason()}")
+    x = x.contiguous()
+    n, d = x.shape
+    out = torch.empty_like(x) if out is None else out
+    if not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must be a contiguous {list(x.shape)} {x.dtype} tensor")
+    if not jobs:
+        return out.zero_()
+    wdtype = jobs[0][0].dtype
+    ffn = jobs[0][1].shape[1]
+    gate_ups, downs, starts, tokens, weights = [], [], [0], [], []
+    for gate_up, down, toks, ws in jobs:
+        if (gate_up.shape != (2 * ffn, d) or down.shape != (d, ffn) or gate_up.dtype != wdtype
+                or down.dtype != wdtype or not gate_up.is_contiguous() or not down.is_contiguous()
+                or gate_up.device.type != "cpu" or down.device.type != "cpu"):
+            raise ValueError(f"every job needs contiguous CPU gate_up [{2 * ffn}, {d}] and down [{d}, {ffn}] "
+                             f"of one dtype; got {list(gate_up.shape)} {gate_up.dtype}, {list(down.shape)} {down.dtype}")
+        if len(toks) > MAX_JOB_TOKENS or len(toks) != len(ws):
+            raise ValueError(f"a job holds at most {MAX_JOB_TOKENS} tokens, with one weight each")
+        gate_ups.append(gate_up.data_ptr())
+        downs.append(down.data_ptr())
+        tokens.extend(toks)
+        weights.extend(ws)
+        starts.append(len(tokens))
+    if wdtype not in DTYPE_CODES or x.dtype not in DTYPE_CODES or max(d, ffn) > MAX_ROW:
+        raise ValueError(f"the CPU expert kernel takes bf16/fp16/fp32 rows of at most {MAX_ROW}; "
+                         f"got {wdtype} weights, {x.dtype} input, hidden {d}, ffn {ffn}")
+    if tokens and not 0 <= min(tokens) <= max(tokens) < n:
+        raise ValueError(f"a job's token index is outside x's {n} rows")
+    threads = threads or torch.get_num_threads()
+    scratch = scratch or Scratch()
+    gate_ptrs = (ctypes.c_int64 * len(gate_ups))(*gate_ups)
+    down_ptrs = (ctypes.c_int64 * len(downs))(*downs)
+    start_arr = (ctypes.c_int32 * len(starts))(*starts)
+    token_arr = (ctypes.c_int32 * max(1, len(tokens)))(*tokens)
+    weight_arr = (ctypes.c_float * max(1, len(weights)))(*weights)
+    h = scratch.get("h", len(tokens) * ffn)
+    xf = scratch.get("x", n * d)
+    accs = scratch.get("acc", threads * n)
+    code = lib.moekit_expert_ffn(DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d,
+                                 ffn, len(jobs), gate_ptrs, down_ptrs, start_arr, token_arr, weight_arr, _ptr(h),
+                                 _ptr(xf), _ptr(accs), threads)
+    if code != 0:
+        raise ValueError(f"the CPU expert kernel refused its arguments (code {code}: see experts.cpp)")
+    return out
+
+
+def reference(x: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+    """Returns what expert_ffn computes, in PyTorch with float32 arithmetic, as [N, D] float32."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    xf = x.float()
+    for gate_up, down, toks, ws in jobs:
+        idx = torch.tensor(toks, dtype=torch.long)
+        gate, up = F.linear(xf[idx], gate_up.float()).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down.float())
+        out.index_add_(0, idx, y * torch.tensor(ws, dtype=torch.float32)[:, None])
+    return out
+
+
+def stream_read_bytes_per_s(nbytes: int = 1 << 30, threads: int | None = None, reps: int = 5) -> float:
+    """Returns the best of `reps` rates (bytes/s) at which `threads` threads read `nbytes` of host
+    memory with the native library: the CPU expert path's ceiling on this machine."""
+    import time
+
+    lib = library()
+    if lib is None:
+        raise ValueError("the native library is unavailable")
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    threads = threads or torch.get_num_threads()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        lib.moekit_stream_read(buf.data_ptr(), buf.numel() * 8, threads)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
