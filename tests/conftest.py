@@ -83,6 +83,26 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         clip_qkv=0.3, attention_bias=True)),
 }
 
+# issue 15's families (tests/families): norms, biases and router biases get random values too
+# (transformers initialises them to 1 / 0, which would hide a norm bias or a router bias not loaded)
+VARIANTS.update({
+    # the muP scalars all away from 1, attention bias on q, k, v and o
+    "granitemoe": ("GraniteMoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4, attention_bias=True,
+        embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2, logits_scaling=2.5)),
+    "granitemoe_tied": ("GraniteMoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4, tie_word_embeddings=True,
+        embedding_multiplier=2.0, residual_multiplier=0.8, attention_multiplier=0.25, logits_scaling=3.0)),
+    # LayerNorm with bias, sparsemixer, attention and LM-head biases, a sliding window shorter than the prompts
+    "phimoe": ("PhimoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4, attention_bias=True,
+        lm_head_bias=True, sliding_window=6)),
+    # default jitter gap 0.01 and no window
+    "phimoe_plain": ("PhimoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4)),
+})
+NEW_FAMILY_VARIANTS = {"granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain"}
+
 FAMILY_VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "qwen3_moe_bias", "olmoe",
                    "olmoe_clip"]
 
@@ -115,7 +135,24 @@ def build_hf_model(variant: str, seed: int = 0, **overrides: Any):
     cfg = getattr(transformers, cls_name)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if variant in NEW_FAMILY_VARIANTS:
+        _randomise_constant_init(model)
     return model.eval()
+
+
+@torch.no_grad()
+def _randomise_constant_init(model) -> None:
+    """Gives norm weights, biases and router selection biases random values (transformers starts
+    them at 1 or 0), so that a loader that skips one of them fails the comparison."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        if "norm" in name and name.endswith("weight"):
+            t.copy_(1.0 + 0.3 * torch.randn_like(t))
+        elif name.endswith(("bias", "sinks")) or "correction_bias" in name:
+            t.copy_(0.2 * torch.randn_like(t))
 
 
 @pytest.fixture(scope="session")

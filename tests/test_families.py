@@ -19,11 +19,11 @@ def _hf_dict(tiny, variant: str) -> dict:
 
 
 def test_supported_families():
-    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
-    assert supported() == "mixtral, olmoe, qwen2_moe, qwen3_moe"
+    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"}
+    assert supported() == "granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"
 
 
-@pytest.mark.parametrize("variant", FAMILY_VARIANTS + ["mixtral_tied", "mixtral_sliding"])
+@pytest.mark.parametrize("variant", FAMILY_VARIANTS + ["mixtral_tied", "mixtral_sliding", "granitemoe", "phimoe"])
 def test_config_matches_transformers(tiny, variant):
     hf = tiny(variant).hf.config
     _, family, cfg = moekit.read_config(tiny(variant).path)
@@ -33,7 +33,7 @@ def test_config_matches_transformers(tiny, variant):
     assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
     assert cfg.top_k == hf.num_experts_per_tok
     assert cfg.tie_word_embeddings == hf.tie_word_embeddings
-    assert cfg.rms_norm_eps == hf.rms_norm_eps
+    assert cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
     assert cfg.max_position_embeddings == hf.max_position_embeddings
 
 
@@ -75,6 +75,39 @@ def test_olmoe_fields(tiny):
     assert clip.qkv_bias and clip.o_bias and not plain.o_bias
 
 
+def test_granitemoe_fields(tiny):
+    _, family, cfg = moekit.read_config(tiny("granitemoe").path)
+    assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) == (3.0, 0.6, 2.5)
+    assert cfg.attention_scale == pytest.approx(0.2) and cfg.norm_topk_prob
+    assert cfg.qkv_bias and cfg.o_bias and cfg.expert_ffn == 48 and cfg.num_experts == 4
+    assert family.router_name(1) == "model.layers.1.block_sparse_moe.router.layer.weight"
+    assert family.stacked_expert_names(0) == ("model.layers.0.block_sparse_moe.input_linear.weight",
+                                              "model.layers.0.block_sparse_moe.output_linear.weight")
+
+
+def test_phimoe_fields(tiny):
+    _, family, cfg = moekit.read_config(tiny("phimoe").path)
+    assert cfg.norm == "layernorm" and cfg.lm_head_bias and cfg.qkv_bias and cfg.o_bias
+    assert cfg.router.scoring == "sparsemixer" and cfg.router.jitter_eps == pytest.approx(0.01)
+    assert not cfg.norm_topk_prob and cfg.sliding_window == 6
+    assert family.expert_names(0, 2) == tuple(
+        f"model.layers.0.block_sparse_moe.experts.2.{p}.weight" for p in ("w1", "w3", "w2"))
+
+
+def test_family_specific_refusals(tiny):
+    phi = _hf_dict(tiny, "phimoe")
+    with pytest.raises(moekit.MoekitError, match="sparsemixer routing picks exactly 2"):
+        FAMILIES["phimoe"].config({**phi, "num_experts_per_tok": 3})
+    # Phi-3.5-MoE's released config extends its context with longrope, which moekit does not run yet
+    longrope = {**phi, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0],
+                                           "long_factor": [1.0]}}
+    with pytest.raises(moekit.MoekitError, match="rope scaling 'longrope' is not supported"):
+        FAMILIES["phimoe"].config(longrope)
+    for unsupported in ("granitemoeshared", "granitemoehybrid", "dbrx", "llama4_text"):
+        with pytest.raises(moekit.UnsupportedModelError, match=f"'{unsupported}' .* is not supported"):
+            family_for({"model_type": unsupported})
+
+
 @pytest.mark.parametrize("layers, mlp_only, step, expected", [
     (4, [], 1, (True, True, True, True)),
     (4, [0, 3], 1, (False, True, True, False)),
@@ -98,7 +131,7 @@ def test_unknown_family_names_where_and_the_options():
                    where="/models/x/config.json")
     message = str(info.value)
     assert "/models/x/config.json" in message and "'deepseek_v3'" in message
-    assert "mixtral, olmoe, qwen2_moe, qwen3_moe" in message
+    assert supported() in message
 
 
 def _mixtral_dict(tiny, **changes):

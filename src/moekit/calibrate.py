@@ -125,9 +125,9 @@ def run_calibration(path: str | Path, token_ids: torch.Tensor, on_moe_layer: MoE
     ctx = LoadContext(ckpt, family, cfg, device, dtype)
     loader = loader or ExpertLoader()
     embed = ckpt.read("model.embed_tokens.weight", shape=(cfg.vocab_size, cfg.hidden_size))
-    hidden = embed[token_ids.reshape(-1)].float()  # [N, D], host
+    hidden = embed[token_ids.reshape(-1)].float() * cfg.embedding_multiplier  # [N, D], host
     del embed
-    inv_freq, scale = inverse_frequencies(cfg.rope, cfg.head_dim)
+    inv_freq, scale = inverse_frequencies(cfg.rope, cfg.rope_dim)
     cos, sin = cos_sin(inv_freq.to(device), scale, torch.arange(seqlen, device=device), dtype)
     disable = not sys.stderr.isatty() if progress is None else not progress
     for i in tqdm(range(cfg.num_layers), desc="calibrating", unit="layer", disable=disable):
@@ -172,7 +172,7 @@ def _run_moe_layer(layer: DecoderLayer, i: int, hidden: torch.Tensor, samples: i
         rows = slice(lo * seqlen, min(samples, lo + batch) * seqlen)
         x = hidden[rows].view(-1, seqlen, d).to(device, dtype)
         q, k, v = layer.pre_attn(x, cos, sin)
-        h = x + layer.attn.o_proj(layer.attn.attend(q, k, v, None, 0))
+        h = layer.add_attention(x, layer.attn.attend(q, k, v, None, 0))
         u = layer.post_norm(h).reshape(-1, d)
         lg, e_ids, w = block.route(u)
         hidden[rows] = h.reshape(-1, d).float().cpu()  # the residual, until the block's output is added
@@ -183,4 +183,4 @@ def _run_moe_layer(layer: DecoderLayer, i: int, hidden: torch.Tensor, samples: i
     for lo in range(0, samples, batch):
         rows = slice(lo * seqlen, min(samples, lo + batch) * seqlen)
         u = normed[rows].view(-1, seqlen, d).to(device, dtype)
-        hidden[rows] += block(u).reshape(-1, d).float().cpu()
+        hidden[rows] = layer.add_mlp(hidden[rows], block(u).reshape(-1, d).float().cpu())

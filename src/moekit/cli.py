@@ -163,6 +163,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("params elsewhere", f"{_fmt_count(r.params_other)}  ({_fmt_bytes(r.bytes_other)})"),
         ("bits per expert param", f"{r.bits_per_expert_param:.3f}"),
         ("active params / token", _fmt_count(r.params_active_per_token)),
+        *r.specifics.items(),
     ]))
     return 0
 

@@ -26,6 +26,8 @@ class RopeConfig:
     beta_slow: float = 1.0  # yarn: rotations below which a dimension is interpolated
     attention_factor: float | None = None  # yarn: cos/sin scale; derived from factor when None
     truncate: bool = True  # yarn: round the correction range to whole dimensions
+    mscale: float | None = None  # yarn (DeepSeek): with mscale_all_dim, sets attention_factor's numerator
+    mscale_all_dim: float | None = None  # yarn (DeepSeek): its denominator; MLA also scales its softmax by it
 
     def __post_init__(self) -> None:
         if self.scaling not in ("default", "linear", "yarn"):
@@ -35,6 +37,59 @@ class RopeConfig:
             )
         if self.factor <= 0:
             raise MoekitError(f"rope scaling factor must be > 0, got {self.factor}")
+
+
+ROUTER_SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a router's logits become expert ids and weights (moekit.routers)."""
+
+    scoring: str = "softmax"  # "softmax" over all experts | "sigmoid" per expert | "sparsemixer" (Phi-3.5-MoE)
+    n_group: int = 1  # experts split into this many equal groups (DeepSeek's group-limited routing)
+    topk_group: int = 1  # groups a token may pick its experts from (== n_group: no limit)
+    correction_bias: bool = False  # a per-expert bias added to the scores for selection only (DeepSeek-V3)
+    scaling_factor: float = 1.0  # routed weights are multiplied by this (routed_scaling_factor)
+    jitter_eps: float = 0.0  # sparsemixer: relative logit gap past which an expert is masked out
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ROUTER_SCORINGS:
+            raise MoekitError(f"router scoring must be one of {', '.join(ROUTER_SCORINGS)}, got {self.scoring!r}")
+        if self.n_group < 1 or not 1 <= self.topk_group <= self.n_group:
+            raise MoekitError(f"router groups: n_group ({self.n_group}) must be >= 1 and topk_group "
+                              f"({self.topk_group}) between 1 and n_group; fix n_group/topk_group in config.json")
+
+    @property
+    def group_limited(self) -> bool:
+        """Whether a token picks its experts from only some of the groups."""
+        return self.topk_group < self.n_group
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from one compressed
+    latent per position, which is what the KV cache stores (moekit.mla)."""
+
+    kv_lora_rank: int  # r: width of the compressed key/value latent
+    q_lora_rank: int | None  # q goes through a low-rank bottleneck of this width (None: one q_proj)
+    qk_nope_head_dim: int  # per-head q/k dims without rope
+    qk_rope_head_dim: int  # per-head q/k dims with rope (the key's rope part is one head, shared)
+    v_head_dim: int  # per-head value dims
+    rope_interleave: bool = True  # rope rotates interleaved pairs (x0, x1), (x2, x3) ... (DeepSeek)
+    softmax_scale: float = 0.0  # 0: 1/sqrt(qk_nope_head_dim + qk_rope_head_dim)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise MoekitError(f"MLA config field {name} must be > 0, got {getattr(self, name)}")
+        if self.qk_rope_head_dim % 2:
+            raise MoekitError(f"qk_rope_head_dim must be even (rope rotates pairs), got {self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of q and k (no-rope part, then rope part)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -70,6 +125,15 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # dtype the checkpoint was saved in
     experts_per_layer: tuple[int, ...] = ()  # per layer, after global pruning (empty: num_experts everywhere)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    norm: str = "rms"  # "rms" (RMSNorm) | "layernorm" (LayerNorm with bias, Phi-3.5-MoE)
+    lm_head_bias: bool = False  # the LM head carries a bias
+    rotary_dim: int = 0  # rope on the first rotary_dim dims of each head (0: all of head_dim)
+    attention_scale: float | None = None  # softmax scale of attention (None: 1/sqrt(head_dim))
+    embedding_multiplier: float = 1.0  # input embeddings are multiplied by this (Granite's muP)
+    residual_multiplier: float = 1.0  # attention and MLP outputs are multiplied by this before the residual add
+    logits_scaling: float = 1.0  # logits are divided by this
+    mla: MLAConfig | None = None  # multi-head latent attention instead of grouped-query attention
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -100,6 +164,42 @@ class ModelConfig:
                                       f"({self.top_k}) and num_experts ({self.num_experts})")
         if self.qk_norm not in ("none", "head", "full"):
             raise MoekitError(f"qk_norm must be none, head or full, got {self.qk_norm!r}")
+        if self.norm not in ("rms", "layernorm"):
+            raise MoekitError(f"norm must be rms or layernorm, got {self.norm!r}")
+        if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise MoekitError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim})")
+        if self.logits_scaling == 0:
+            raise MoekitError("logits_scaling must not be 0 (logits are divided by it)")
+        if self.router.scoring == "sparsemixer" and self.top_k != 2:
+            raise MoekitError(f"sparsemixer routing picks exactly 2 experts; num_experts_per_tok is {self.top_k}")
+        for layer in range(self.num_layers):
+            count = self.experts_in(layer)
+            if count and count % self.router.n_group:
+                raise MoekitError(
+                    f"layer {layer} has {count} experts, not a multiple of n_group ({self.router.n_group}): "
+                    "group-limited routing needs equal groups (a pruned copy must keep whole groups)")
+
+    @property
+    def rope_dim(self) -> int:
+        """Returns the per-head width that rope rotates (MLA: the rope part of q and k)."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return self.rotary_dim or self.head_dim
+
+    def kv_cache_dims(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Returns ((heads, dims) of the cached keys, (heads, dims) of the cached values) per position.
+
+        MLA caches its compressed latent [1, r] as the keys and the shared rope key [1, dr] as the
+        values (moekit.mla), not expanded heads."""
+        if self.mla is not None:
+            return (1, self.mla.kv_lora_rank), (1, self.mla.qk_rope_head_dim)
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+
+    @property
+    def kv_values_per_position(self) -> int:
+        """Returns the values the KV cache holds per position, per layer and sequence."""
+        (hk, dk), (hv, dv) = self.kv_cache_dims()
+        return hk * dk + hv * dv
 
     # Derived sizes, in parameters (not bytes): what `moekit inspect` reports.
     @property

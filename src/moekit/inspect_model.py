@@ -1,11 +1,13 @@
 """Sizes of a checkpoint without reading its weights: parameters and bytes, total, in routed
-experts and elsewhere, bits per expert parameter, and parameters active per token."""
+experts and elsewhere, bits per expert parameter, and parameters active per token; and what sets
+its family apart (attention kind, dense layers, shared experts, router, norms, scalars)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import ModelConfig
 from .load import read_config
 
 
@@ -28,6 +30,7 @@ class ModelReport:
     bytes_other: int
     bits_per_expert_param: float
     params_active_per_token: int
+    specifics: dict[str, str]  # what sets this model's family apart, one line each (model_specifics)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,4 +71,48 @@ def inspect_checkpoint(path: str | Path) -> ModelReport:
         bytes_other=nbytes["other"],
         bits_per_expert_param=8 * nbytes["experts"] / params["experts"] if params["experts"] else 0.0,
         params_active_per_token=params["other"] + active_experts,
+        specifics=model_specifics(cfg),
     )
+
+
+def model_specifics(cfg: ModelConfig) -> dict[str, str]:
+    """Returns {what: how} for the features of a model beyond the plain MoE decoder."""
+    out: dict[str, str] = {}
+    if cfg.mla is not None:
+        m = cfg.mla
+        q = f"q_lora_rank {m.q_lora_rank}" if m.q_lora_rank else "plain q_proj"
+        out["attention"] = (f"MLA, {cfg.num_heads} heads: kv_lora_rank {m.kv_lora_rank}, {q}, qk "
+                            f"{m.qk_nope_head_dim} nope + {m.qk_rope_head_dim} rope, v {m.v_head_dim}")
+    else:
+        out["attention"] = f"{cfg.num_heads} heads over {cfg.num_kv_heads} kv heads of {cfg.head_dim}"
+        if cfg.rope_dim < cfg.head_dim:
+            out["attention"] += f", rope on {cfg.rope_dim} of {cfg.head_dim} dims"
+        if cfg.sliding_window:
+            out["attention"] += f", sliding window {cfg.sliding_window}"
+    out["KV cache"] = f"{cfg.kv_values_per_position} values per position and layer"
+    dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
+    if dense:
+        out["dense layers"] = f"{len(dense)} (layers {', '.join(map(str, dense))}), ffn {cfg.dense_ffn}"
+    if cfg.shared_expert_ffn:
+        out["shared expert"] = f"ffn {cfg.shared_expert_ffn}" + (", sigmoid-gated" if cfg.shared_expert_gate else "")
+    r = cfg.router
+    router = {"softmax": "softmax top-k", "sigmoid": "sigmoid top-k",
+              "sparsemixer": f"sparsemixer (gap {r.jitter_eps})"}[r.scoring]
+    if r.group_limited:
+        router += f", best {r.topk_group} of {r.n_group} groups"
+    if r.correction_bias:
+        router += ", selection bias"
+    router += ", renormalised" if cfg.norm_topk_prob else ""
+    if r.scaling_factor != 1.0:
+        router += f", x{r.scaling_factor:g}"
+    out["router"] = router
+    if cfg.norm != "rms":
+        out["norm"] = "LayerNorm with bias"
+    scalars = [f"{name} {value:g}" for name, value, default in (
+        ("embedding x", cfg.embedding_multiplier, 1.0), ("residual x", cfg.residual_multiplier, 1.0),
+        ("logits /", cfg.logits_scaling, 1.0)) if value != default]
+    if cfg.attention_scale is not None:
+        scalars.append(f"attention scale {cfg.attention_scale:g}")
+    if scalars:
+        out["scalars"] = ", ".join(scalars)
+    return out

@@ -67,7 +67,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     # to_empty leaves buffers uninitialised: recompute the rope frequencies (float32)
-    model.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)[0].to(device)
+    model.inv_freq = inverse_frequencies(cfg.rope, cfg.rope_dim)[0].to(device)
     ctx = LoadContext(ckpt, family, cfg, device, dtype)
     with torch.no_grad():
         _fill(model, ctx, experts, progress)
@@ -97,13 +97,22 @@ def _copy(param: torch.Tensor, ckpt: Checkpoint, name: str, shape: tuple[int, ..
     param.copy_(ckpt.read(name, shape=shape, dtype=param.dtype))
 
 
+def _copy_norm(norm: nn.Module, ckpt: Checkpoint, weight_name: str, dim: int) -> None:
+    """Fills an RMSNorm (weight) or a LayerNorm (weight and bias, the bias named beside the weight)."""
+    _copy(norm.weight, ckpt, weight_name, (dim,))
+    if getattr(norm, "bias", None) is not None:
+        _copy(norm.bias, ckpt, weight_name.removesuffix(".weight") + ".bias", (dim,))
+
+
 def _fill(model: MoEModel, ctx: LoadContext, experts: ExpertLoader, progress: bool | None) -> None:
     ckpt, cfg = ctx.ckpt, ctx.config
     d, v = cfg.hidden_size, cfg.vocab_size
     _copy(model.embed.weight, ckpt, "model.embed_tokens.weight", (v, d))
-    _copy(model.norm.weight, ckpt, "model.norm.weight", (d,))
+    _copy_norm(model.norm, ckpt, "model.norm.weight", d)
     if not cfg.tie_word_embeddings:
         _copy(model.lm_head.weight, ckpt, "lm_head.weight", (v, d))
+    if cfg.lm_head_bias:
+        _copy(model.lm_head.bias, ckpt, "lm_head.bias", (v,))
     disable = not sys.stderr.isatty() if progress is None else not progress
     for i, layer in enumerate(tqdm(model.layers, desc="loading", unit="layer", disable=disable)):
         fill_layer(layer, ctx, i, experts)
@@ -115,8 +124,8 @@ def fill_layer(layer: DecoderLayer, ctx: LoadContext, i: int, experts: ExpertLoa
     ckpt, family, cfg = ctx.ckpt, ctx.family, ctx.config
     d = cfg.hidden_size
     in_norm, post_norm = family.norm_names(i)
-    _copy(layer.input_norm.weight, ckpt, in_norm, (d,))
-    _copy(layer.post_norm.weight, ckpt, post_norm, (d,))
+    _copy_norm(layer.input_norm, ckpt, in_norm, d)
+    _copy_norm(layer.post_norm, ckpt, post_norm, d)
     _fill_attention(layer.attn, ckpt, family, cfg, i)
     if isinstance(layer.mlp, MoEBlock):
         _fill_moe(layer.mlp, ckpt, family, cfg, i)
@@ -159,6 +168,9 @@ def _fill_moe(block: MoEBlock, ckpt: Checkpoint, family: Family, cfg: ModelConfi
     """Fills the router and the shared expert (the routed experts are the expert loader's)."""
     d, e_count = cfg.hidden_size, cfg.experts_in(i)
     _copy(block.router.weight, ckpt, family.router_name(i), (e_count, d))
+    if block.score_bias is not None:  # kept in float32 whatever the model's dtype: it decides ties
+        block.score_bias = ckpt.read(family.router_bias_name(i), shape=(e_count,),
+                                     dtype=torch.float32).to(block.router.weight.device)
     if block.shared is not None:
         gate, up, down, sgate = family.shared_expert_names(i)
         _fill_dense(block.shared, ckpt, (gate, up, down), d, cfg.shared_expert_ffn)

@@ -24,6 +24,7 @@ from .experts import ResidentExperts
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
 from .paged_attention import causal_mask, decode_attention, prefill_attention
 from .rope import apply_rope, cos_sin, inverse_frequencies
+from .routers import route
 
 # Eager decode attends over a prefix one longer every step. PyTorch prefers cuDNN attention on
 # Hopper, which builds a plan per new key length: 2.4 ms of host time per layer call, measured on
@@ -45,6 +46,13 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """Returns the model's norm over `dim` features: RMSNorm, or LayerNorm with a bias (cfg.norm)."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with fused qkv, optional q/k RMSNorm, rope and clipping."""
 
@@ -62,6 +70,9 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = RMSNorm(self.q_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.kv_dim, cfg.rms_norm_eps)
+        # a softmax scale other than 1/sqrt(Dh) (Granite's attention_multiplier) is folded into q,
+        # so every attention path (dense, paged, captured) applies it
+        self.q_scale = 1.0 if cfg.attention_scale is None else cfg.attention_scale * cfg.head_dim ** 0.5
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Returns q [B, H, T, Dh], k, v [B, Hkv, T, Dh] for normed input x [B, T, D]."""
@@ -78,6 +89,13 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
+        r = cfg.rope_dim
+        if r < cfg.head_dim:  # partial rotary: rope on the first r dims of each head only
+            q = torch.cat((apply_rope(q[..., :r], cos, sin), q[..., r:]), dim=-1)
+            k = torch.cat((apply_rope(k[..., :r], cos, sin), k[..., r:]), dim=-1)
+            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -162,16 +180,14 @@ class MoEBlock(nn.Module):
         self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
         self.shared_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
                             if self.shared is not None and cfg.shared_expert_gate else None)
+        # DeepSeek-V3's e_score_correction_bias [E], float32: added to the scores for selection only
+        self.score_bias = nn.Buffer(torch.zeros(num_experts)) if cfg.router.correction_bias else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (router logits [N, E], expert ids [N, A], weights [N, A]) for x [N, D]."""
         logits = self.router(x)
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1, sorted=False)  # order is irrelevant; skips a sort kernel
-        if self.skip_below > 0:  # a zero weight tells the expert source to skip that slot
-            weights = weights.masked_fill(weights < self.skip_below * weights.amax(-1, keepdim=True), 0.0)
-        if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        ids, weights = route(logits, self.cfg.router, self.top_k, self.cfg.norm_topk_prob,
+                             self.score_bias, self.skip_below)
         return logits, ids, weights.to(x.dtype)
 
     def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -199,9 +215,10 @@ class MoEBlock(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_norm = make_norm(cfg, cfg.hidden_size)
         self.attn = Attention(cfg, layer)
-        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norm = make_norm(cfg, cfg.hidden_size)
+        self.residual_multiplier = cfg.residual_multiplier  # Granite scales each block's output
         self.mlp: nn.Module = MoEBlock(cfg, layer) if cfg.moe_layers[layer] else DenseMLP(cfg.hidden_size, cfg.dense_ffn)
 
     @property
@@ -215,22 +232,30 @@ class DecoderLayer(nn.Module):
     def route(self, x: torch.Tensor, attn_out: torch.Tensor):
         """Returns what an MoE layer hands its experts after attention: (residual stream [B, T, D],
         expert input [N, D], expert ids [N, A], weights [N, A], shared-expert output [N, D] or None)."""
-        x = x + self.attn.o_proj(attn_out)
+        x = self.add_attention(x, attn_out)
         flat = self.post_norm(x).reshape(-1, x.shape[-1])
         _, ids, weights = self.mlp.route(flat)
         return x, flat, ids, weights, self.mlp.shared_output(flat)
 
-    @staticmethod
-    def combine(resid: torch.Tensor, experts_out: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    def combine(self, resid: torch.Tensor, experts_out: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
         """Returns the residual stream after an MoE layer from its routed experts' output [N, D]."""
         out = experts_out if shared is None else experts_out + shared
-        return resid + out.view_as(resid)
+        return self.add_mlp(resid, out.view_as(resid))
+
+    def add_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Returns the residual stream x [B, T, D] plus the o-projected attention output."""
+        out = self.attn.o_proj(attn_out)
+        return x + (out if self.residual_multiplier == 1.0 else out * self.residual_multiplier)
+
+    def add_mlp(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """Returns the residual stream x [B, T, D] plus the MLP/MoE block's output [B, T, D]."""
+        return x + (mlp_out if self.residual_multiplier == 1.0 else mlp_out * self.residual_multiplier)
 
     def post_attn(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Returns the residual stream after o-proj and the MLP/MoE block (route + experts +
         combine, run as one call of the block so hooks on it see every token)."""
-        x = x + self.attn.o_proj(attn_out)
-        return x + self.mlp(self.post_norm(x))
+        x = self.add_attention(x, attn_out)
+        return self.add_mlp(x, self.mlp(self.post_norm(x)))
 
     def forward(self, x, cos, sin, cache: KVCache | PagedKVCache | None = None,
                 start: int | torch.Tensor | RaggedBatch = 0):
@@ -246,11 +271,11 @@ class MoEModel(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.norm = make_norm(cfg, cfg.hidden_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        inv_freq, self.rope_scale = inverse_frequencies(cfg.rope, cfg.head_dim)
+        inv_freq, self.rope_scale = inverse_frequencies(cfg.rope, cfg.rope_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.generation_defaults: dict = {}  # filled from generation_config.json by the loader
         self.expert_runtime = None  # a placement the layers' expert sources share (experts.runtime), or None
@@ -267,6 +292,16 @@ class MoEModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def embed_input(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Returns the residual stream's input [B, T, D] for input_ids [B, T]."""
+        x = self.embed(input_ids)
+        return x if self.config.embedding_multiplier == 1.0 else x * self.config.embedding_multiplier
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns logits [B, T, V] of the last layer's residual stream x [B, T, D]."""
+        logits = self.lm_head(self.norm(x))
+        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (cos, sin) [T, Dh] for positions [T]."""
@@ -290,12 +325,12 @@ class MoEModel(nn.Module):
         else:
             positions = start + torch.arange(t, device=input_ids.device)
         cos, sin = self.rope(positions)
-        x = self.embed(input_ids)
+        x = self.embed_input(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, start)
         if last_only:
             x = x[0, start.last_index][:, None] if isinstance(start, RaggedBatch) else x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.head(x)
 
     def generate(self, input_ids: torch.Tensor | list, max_new_tokens: int = 16, **kwargs):
         """Returns the new token ids [B, max_new_tokens] (greedy at temperature 0); for a list of

@@ -108,7 +108,7 @@ class PiecewiseDecode:
                 positions = self.position + torch.arange(1, device=self.position.device)
                 cos, sin = model.rope(positions)
                 self.rope = (cos, sin)  # static outputs of segment 0, read by the later segments
-                x = model.embed(self.token)
+                x = model.embed_input(self.token)
             else:
                 x = layers[0].combine(prev.resid, self.moe_out, prev.shared)
             cos, sin = self.rope
@@ -117,7 +117,7 @@ class PiecewiseDecode:
             for j in range(first, last):  # whole layers (dense MLPs) before the next MoE layer
                 x = layers[j](x, cos, sin, cache, self.position)
             if upto is None:
-                return model.lm_head(model.norm(x))
+                return model.head(x)
             layer = layers[upto]
             q, k, v = layer.pre_attn(x, cos, sin)
             resid, flat, ids, weights, shared = layer.route(x, layer.attn.attend(q, k, v, cache, self.position))

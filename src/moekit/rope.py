@@ -38,8 +38,16 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, 
     inv_freq = (inv_freq / rope.factor) * (1 - extrapolate) + inv_freq * extrapolate
     scale = rope.attention_factor
     if scale is None:
-        scale = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+        if rope.mscale and rope.mscale_all_dim:
+            scale = yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim)
+        else:
+            scale = yarn_mscale(rope.factor)
     return inv_freq, float(scale)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """Returns YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 def cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor,

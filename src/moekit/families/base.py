@@ -42,6 +42,10 @@ class Family:
     def router_name(self, layer: int) -> str:
         return f"{self.layer_prefix(layer)}.{self.moe_prefix}.{self.router_module}.weight"
 
+    def router_bias_name(self, layer: int) -> str:
+        """Returns the name of the router's selection bias [E] (DeepSeek-V3's e_score_correction_bias)."""
+        return f"{self.layer_prefix(layer)}.{self.moe_prefix}.{self.router_module}.e_score_correction_bias"
+
     def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
         """Returns the (gate, up, down) weight names of one routed expert."""
         p = f"{self.layer_prefix(layer)}.{self.moe_prefix}.experts.{expert}"
@@ -112,6 +116,8 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
             beta_slow=float(merged.get("beta_slow") or 1.0),
             attention_factor=merged.get("attention_factor"),
             truncate=bool(merged.get("truncate", True)),
+            mscale=merged.get("mscale"),
+            mscale_all_dim=merged.get("mscale_all_dim"),
         )
     return RopeConfig(theta=theta, scaling=str(kind))  # raises the "not supported" error
 
