@@ -1,0 +1,274 @@
+"""Continuous batching: requests join and leave a running batch at step boundaries.
+
+Each step is one ragged forward (moekit.generate.forward_step) over a paged KV cache. The
+scheduler fills it under a token budget: first every running sequence (one token each when
+decoding, the next chunk of its prompt while prefilling), then waiting requests in arrival order
+while the budget, the sequence limit and the free KV blocks allow; a request that does not fit
+waits in the queue. A sequence that samples its stop token or reaches max_tokens is retired at
+once and its blocks freed. When a running sequence needs a block and none is free, the newest
+running sequence is preempted: its blocks are freed and it is queued first, to be recomputed
+from its tokens so far (prompt and output) when blocks free up; nothing crashes.
+
+Shapes: B = sequences in a step, V = vocab.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MoekitError
+from ..experts.runtime import expert_runtime
+from ..generate import BLOCK_SIZE, forward_step, sample
+from ..kv_cache import PagedKVCache
+
+
+class QueueFull(MoekitError):
+    """The scheduler's queue holds max_waiting requests already (a server answers 429)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops."""
+
+    max_tokens: int = 16  # new tokens at most
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept (1 = off)
+    top_k: int = 0  # most likely tokens kept (0 = off)
+    seed: int | None = None  # the request's own generator (None: the global one)
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the sequence (kept in its output)
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise MoekitError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise MoekitError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MoekitError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise MoekitError(f"top_k must be >= 0 (0 switches it off), got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one continuous-batching scheduler."""
+
+    max_seqs: int = 32  # sequences running at once
+    max_step_tokens: int = 256  # tokens per forward (decode tokens and prefill chunks together)
+    max_waiting: int = 1024  # queued requests before add() raises QueueFull
+    kv_tokens: int | None = None  # paged KV cache positions (default: max_seqs x the model's context, capped)
+    block_size: int = BLOCK_SIZE  # positions per KV block
+
+    def __post_init__(self):
+        for name in ("max_seqs", "max_step_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise MoekitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_tokens is not None and self.kv_tokens < self.block_size:
+            raise MoekitError(f"kv_tokens must hold at least one block ({self.block_size}), got {self.kv_tokens}")
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence: its prompt, what it generated, and where its KV cache stands."""
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    computed: int = 0  # positions of prompt + output held in the KV cache
+    finish_reason: str | None = None  # "stop" (a stop token), "length" (max_tokens) or "abort"
+    on_token: Callable[[Request, int], None] | None = None  # called after each new token
+    on_finish: Callable[[Request], None] | None = None  # called once, when it leaves the scheduler
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since the scheduler started (for /metrics)."""
+
+    requests_added: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    prompt_tokens: int = 0  # prompt tokens of finished requests
+    generated_tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+
+
+_DEFAULT_KV_CAP = 1 << 16  # positions: the default cache never asks for more
+
+
+class Scheduler:
+    """Runs many requests through one model as ragged steps over a shared paged KV cache."""
+
+    def __init__(self, model, config: SchedulerConfig | None = None):
+        self.model, self.config = model, config or SchedulerConfig()
+        cfg, device = model.config, model.device
+        kv_tokens = self.config.kv_tokens or min(self.config.max_seqs * cfg.max_position_embeddings, _DEFAULT_KV_CAP)
+        self.cache = PagedKVCache.for_tokens(cfg, kv_tokens, self.config.block_size, device, model.dtype)
+        runtime = expert_runtime(model)
+        if runtime is not None:  # an offloaded model makes room for the blocks in its budget
+            runtime.reserve(1, self.cache.num_blocks * self.config.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is the newest
+        self.stats = SchedulerStats()
+        self._ids = itertools.count()
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None,
+            on_token: Callable[[Request, int], None] | None = None,
+            on_finish: Callable[[Request], None] | None = None) -> Request:
+        """Returns the queued Request for prompt token ids; raises MoekitError when it can never
+        run (empty, too long for the context or the whole KV cache) and QueueFull when the queue is full."""
+        params = params or SamplingParams()
+        cfg = self.model.config
+        if not prompt:
+            raise MoekitError("the prompt is empty; give at least one token")
+        if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
+            raise MoekitError(f"token ids must be in [0, {cfg.vocab_size}), got {min(prompt)}..{max(prompt)}")
+        total = len(prompt) + params.max_tokens
+        if total > cfg.max_position_embeddings:
+            raise MoekitError(f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                              f"exceeds the model's context of {cfg.max_position_embeddings} positions")
+        if self.cache.blocks_for(total) > self.cache.num_blocks:
+            raise MoekitError(f"the prompt + max_tokens needs {total} positions, the KV cache holds "
+                              f"{self.cache.num_blocks * self.cache.block_size}; lower max_tokens or give more KV memory")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are queued already (the limit); retry later")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(params.seed)
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt), params, generator,
+                          on_token=on_token, on_finish=on_finish)
+        self.waiting.append(request)
+        self.stats.requests_added += 1
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Stops a request wherever it is (queued or running) and frees its blocks at once."""
+        if request.finished:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+        self.stats.requests_aborted += 1
+        self._finish(request, "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[Request, int]]:
+        """Runs one forward over the scheduled work; returns the (request, new token) pairs it
+        produced (a request retired in this step has finish_reason set)."""
+        work = self._schedule()
+        if not work:
+            return []
+        logits = forward_step(self.model, self.cache, [(r, r.computed, r.tokens[r.computed:r.computed + n])
+                                                       for r, n in work])
+        self.stats.steps += 1
+        produced = []
+        for row, (request, n) in enumerate(work):
+            request.computed += n
+            if request.computed < len(request.tokens):
+                continue  # a prefill chunk: no token until the whole prompt is in
+            token = self._sample(logits[row:row + 1], request)
+            request.output.append(token)
+            self.stats.generated_tokens += 1
+            produced.append((request, token))
+            if request.on_token is not None:
+                request.on_token(request, token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.running.remove(request)
+                self._finish(request, reason)
+        return produced
+
+    def run(self) -> None:
+        """Steps until every request has finished."""
+        while self.has_work:
+            self.step()
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """Returns this step's (request, new tokens) work: running sequences first (preempting the
+        newest when blocks run out), then waiting ones admitted while budget and blocks last."""
+        budget = self.config.max_step_tokens
+        work: list[tuple[Request, int]] = []
+        for request in list(self.running):
+            if request not in self.running or budget == 0:
+                continue  # preempted by an older sequence of this step, or no budget left
+            n = min(len(request.tokens) - request.computed, budget)
+            if not self._make_room(request, request.computed + n, work):
+                continue
+            work.append((request, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_seqs:
+            request = self.waiting[0]
+            n = min(len(request.tokens) - request.computed, budget)
+            if self.cache.blocks_needed(request, request.computed + n) > self.cache.free_blocks:
+                break  # it waits until blocks free up
+            self.waiting.popleft()
+            self.cache.grow(request, request.computed + n)
+            self.running.append(request)
+            work.append((request, n))
+            budget -= n
+        return work
+
+    def _make_room(self, request: Request, positions: int, work: list[tuple[Request, int]]) -> bool:
+        """Returns whether `request` got blocks for `positions`, preempting the newest running
+        sequences (never one already in this step's work) until it does; False when it was the
+        newest itself and was preempted."""
+        while self.cache.blocks_needed(request, positions) > self.cache.free_blocks:
+            scheduled = {id(r) for r, _ in work}
+            victims = [r for r in self.running if id(r) not in scheduled]
+            victim = victims[-1]  # the request itself is unscheduled, so there is always one
+            self._preempt(victim)
+            if victim is request:
+                return False
+        self.cache.grow(request, positions)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Frees a running request's blocks and queues it first, to be recomputed later."""
+        self.running.remove(request)
+        self.cache.free(request)
+        request.computed = 0
+        self.waiting.appendleft(request)
+        self.stats.preemptions += 1
+
+    def _sample(self, logits: torch.Tensor, request: Request) -> int:
+        p = request.params
+        return int(sample(logits, p.temperature, p.top_k, p.top_p, request.generator)[0])
+
+    def _stop_reason(self, request: Request, token: int) -> str | None:
+        if token in request.params.stop_token_ids:
+            return "stop"
+        if len(request.output) >= request.params.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        self.cache.free(request)
+        if reason != "abort":
+            self.stats.requests_finished += 1
+            self.stats.prompt_tokens += len(request.prompt)
+        if request.on_finish is not None:
+            request.on_finish(request)

@@ -1,0 +1,171 @@
+"""Continuous batching: requests of different lengths, arriving at different steps, under a small
+token budget and a small KV cache, give exactly the tokens each gives alone; blocks are freed
+when sequences end; a full cache queues and preempts instead of failing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.serve import QueueFull, SamplingParams, Scheduler, SchedulerConfig
+
+from conftest import MAX_POS, VOCAB
+
+
+def _prompts(lengths, seed=31):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _alone(model, prompt, n):
+    return model.generate(torch.tensor([prompt]), max_new_tokens=n, temperature=0, eos_token_ids=())[0].tolist()
+
+
+LENGTHS = [5, 30, 1, 12, 47, 3]
+
+
+def test_chunked_prefill_beside_decode_equals_alone(mixtral_model):
+    """Budget 8 tokens per step, at most 3 sequences: long prompts prefill in chunks while the
+    others decode; late requests join mid-run."""
+    model = mixtral_model
+    sched = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=8))
+    prompts = _prompts(LENGTHS)
+    params = SamplingParams(max_tokens=10)
+    requests = [sched.add(p, params) for p in prompts[:4]]
+    mixed = False
+    for _ in range(6):  # the last two arrive after a few steps
+        sched.step()
+        mixed |= any(r.output for r in sched.running) and any(r.computed < len(r.prompt) for r in sched.running)
+        assert len(sched.running) <= 3
+    requests += [sched.add(p, params) for p in prompts[4:]]
+    sched.run()
+    assert mixed  # some step held a decoding sequence beside a prefilling one
+    for prompt, request in zip(prompts, requests):
+        assert request.output == _alone(model, prompt, 10)
+        assert request.finish_reason == "length"
+    assert sched.cache.used_blocks == 0 and sched.stats.requests_finished == len(prompts)
+    assert sched.stats.generated_tokens == 10 * len(prompts)
+
+
+def test_stop_token_retires_at_once(mixtral_model):
+    model = mixtral_model
+    prompts = _prompts([4, 9], seed=2)
+    free = [_alone(model, p, 12) for p in prompts]
+    stop = free[0][3]
+    sched = Scheduler(model, SchedulerConfig(block_size=4))
+    finished = []
+    reqs = [sched.add(p, SamplingParams(max_tokens=12, stop_token_ids=(stop,)), on_finish=finished.append)
+            for p in prompts]
+    while reqs[0] not in finished:
+        sched.step()
+    assert reqs[0].finish_reason == "stop" and reqs[0].output[-1] == stop
+    assert reqs[0] not in sched.cache.tables  # its blocks went back the step it ended
+    sched.run()
+    for f, r in zip(free, reqs):
+        cut = f.index(stop) + 1 if stop in f else len(f)
+        assert r.output == f[:cut]
+
+
+def test_full_cache_queues_and_preempts_without_changing_tokens(mixtral_model):
+    """A cache of 6 blocks of 4 positions (24) for requests of up to 20 positions each: requests
+    wait for blocks, the newest running sequence is preempted and recomputed, tokens unchanged."""
+    model = mixtral_model
+    sched = Scheduler(model, SchedulerConfig(max_seqs=4, max_step_tokens=64, kv_tokens=24, block_size=4))
+    prompts = _prompts([6, 9, 3, 10], seed=4)
+    reqs = [sched.add(p, SamplingParams(max_tokens=10)) for p in prompts]
+    queued = False
+    while sched.has_work:
+        sched.step()
+        queued |= bool(sched.waiting) and bool(sched.running)
+        assert sched.cache.used_blocks <= 6
+    assert queued and sched.stats.preemptions > 0
+    for prompt, r in zip(prompts, reqs):
+        assert r.output == _alone(model, prompt, 10)
+    assert sched.cache.used_blocks == 0
+
+
+def test_seeded_sampling_equals_alone(mixtral_model):
+    model = mixtral_model
+    prompts = _prompts([3, 11, 7], seed=5)
+    sched = Scheduler(model, SchedulerConfig(max_step_tokens=5))
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    reqs = [sched.add(p, params) for p in prompts]
+    sched.run()
+    for prompt, r in zip(prompts, reqs):
+        alone = model.generate(torch.tensor([prompt]), 8, temperature=1.0, top_k=20, top_p=0.9, seed=3,
+                               eos_token_ids=())
+        assert r.output == alone[0].tolist()
+
+
+def test_abort_frees_blocks(mixtral_model):
+    sched = Scheduler(mixtral_model, SchedulerConfig(block_size=4))
+    a = sched.add(_prompts([20])[0], SamplingParams(max_tokens=20))
+    b = sched.add([5, 6], SamplingParams(max_tokens=3))
+    sched.step()
+    assert sched.cache.used_blocks > 0
+    sched.abort(a)
+    assert a.finish_reason == "abort" and a not in sched.running and a not in sched.cache.tables
+    sched.run()
+    assert b.finish_reason == "length" and sched.cache.used_blocks == 0
+    assert sched.stats.requests_aborted == 1
+
+
+def test_offloaded_model_equals_alone(tiny):
+    """An offloaded model (prefill chunk and expert cache) under the scheduler."""
+    from moekit.offload import OffloadConfig, load_offloaded
+
+    ckpt = tiny("qwen2_moe")
+    resident = moekit.load_model(ckpt.path)
+    model = load_offloaded(ckpt.path, offload=OffloadConfig(device_memory=1 << 30, prefill_chunk=5))
+    sched = Scheduler(model, SchedulerConfig(max_step_tokens=6, max_seqs=2, kv_tokens=40, block_size=4))
+    prompts = _prompts([7, 2, 13], seed=6)
+    reqs = [sched.add(p, SamplingParams(max_tokens=5)) for p in prompts]
+    sched.run()
+    for prompt, r in zip(prompts, reqs):
+        assert r.output == _alone(resident, prompt, 5)
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ([], SamplingParams(), "prompt is empty"),
+    ([VOCAB + 1], SamplingParams(), "token ids must be in"),
+    ([5] * (MAX_POS - 3), SamplingParams(max_tokens=4), "exceeds the model's context"),
+    ([5] * 20, SamplingParams(max_tokens=10), "the KV cache holds 16"),
+])
+def test_requests_that_can_never_run(mixtral_model, prompt, params, match):
+    sched = Scheduler(mixtral_model, SchedulerConfig(kv_tokens=16, block_size=4))
+    with pytest.raises(moekit.MoekitError, match=match):
+        sched.add(prompt, params)
+    assert not sched.has_work
+
+
+def test_full_queue_raises_queue_full(mixtral_model):
+    sched = Scheduler(mixtral_model, SchedulerConfig(max_waiting=2))
+    sched.add([5]), sched.add([6])
+    with pytest.raises(QueueFull, match="2 requests are queued"):
+        sched.add([7])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, "top_p must be in"),
+    ({"top_k": -2}, "top_k must be >= 0"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(moekit.MoekitError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_llm_generates_many_text_prompts():
+    """The offline entry point on the bundled model: text in, text out, each equal to alone."""
+    from moekit.serve import LLM
+
+    llm = LLM()
+    prompts = ["Once upon a time", "The cat", "x"]
+    done = llm.generate(prompts, SamplingParams(max_tokens=6))
+    for prompt, c in zip(prompts, done):
+        ids = llm.tokenizer.encode(prompt)
+        assert c.prompt_token_ids == ids and c.finish_reason == "length"
+        assert c.token_ids == _alone(llm.model, ids, 6)
+        assert c.text == llm.tokenizer.decode(c.token_ids)
