@@ -218,6 +218,7 @@ class OffloadRuntime:
                    pinned_slots=len(self.cache.pinned) if self.cache else 0,
                    misses=self.config.misses, misses_used=self.misses, misses_note=self.misses_note,
                    cpu_max_tokens=self.config.cpu_max_tokens, cpu_threads=self.cpu.threads if self.cpu else 0,
+                   native_cpu_kernel=bool(self.cpu and self.cpu.native),
                    cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
         return out

@@ -1,0 +1,398 @@
+"""moekit vs llama.cpp on the same checkpoint in one run (issue 12), with the ceilings beside them.
+
+One random bf16 checkpoint (default: the OLMoE-1B-7B shape, 13.8 GB) is written once; llama.cpp is
+built from the trimmed source in ../shared/anchors/llamacpp (copy that folder into a git-ignored
+`.anchors/llamacpp` and carry it to the GPU machine), converts the checkpoint to GGUF bf16, and
+llama-bench measures decode (64 tokens after none, -fa 1) all on the GPU and with the experts of
+all / half of the MoE layers on the CPU (-ncmoe), and prefill 512. While each llama-bench run
+works, nvidia-smi samples the GPU's used memory every 50 ms: its peak minus the idle figure is
+llama.cpp's footprint. moekit then runs the same checkpoint at those footprints, as
+`--device-memory` (its own allocator-enforced budget), with the missed experts computed on the
+CPU (`--misses cpu`), split by the cost model (`auto`) or fetched (`fetch`); and all on the GPU.
+
+Ceilings, measured in this run: the host's read rate with all cores (the native kernel's stream
+read), pinned host-to-device copies alone, and both at once (they share the host's memory). With
+E bytes of missed experts per token, the decode ceiling is 1 / (E / (cpu_rate + h2d_rate)) when
+both links run concurrently (the issue's "combined ceiling"), E / cpu_rate for the CPU alone.
+The CPU kernel is measured on one expert and on a layer's top-k experts, native vs PyTorch.
+
+    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --out $OUT                         # H200, ~8 min
+    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --shape tiny --skip-llamacpp --device cpu --out /tmp/l
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import common
+import torch
+from random_checkpoint import olmoe_hf_config, write_random_checkpoint
+
+import moekit
+from moekit.errors import MoekitError
+
+NAME = "bench_llamacpp"
+SHAPES = {
+    "olmoe-1b-7b": dict(layers=16, hidden=2048, expert_ffn=1024, experts=64, top_k=8, heads=16, kv_heads=16,
+                        vocab=50304),
+    "tiny": dict(layers=2, hidden=128, expert_ffn=256, experts=16, top_k=4, heads=4, kv_heads=4, vocab=4096),
+}
+PROMPT, NEW = 64, 64
+
+
+# ---- ceilings -----------------------------------------------------------------------------------
+
+def cpu_and_link_rates(device: torch.device, threads: int, nbytes: int = 2 << 30, seconds: float = 2.0) -> dict:
+    """Returns host read (native stream read, `threads` threads), pinned H2D copy, and both at once
+    (bytes/s): what the CPU and the link can give a decode step together."""
+    from moekit.native import library
+
+    lib = library()
+    out: dict = {"threads": threads}
+    host = torch.ones(nbytes // 8, dtype=torch.int64)
+
+    def read_loop(stop: threading.Event, done: list) -> None:
+        while not stop.is_set():
+            lib.moekit_stream_read(host.data_ptr(), nbytes, threads)
+            done.append(nbytes)
+
+    def timed_reads(stop_after: float) -> float:
+        stop, done = threading.Event(), []
+        t0 = time.perf_counter()
+        th = threading.Thread(target=read_loop, args=(stop, done))
+        th.start()
+        time.sleep(stop_after)
+        stop.set()
+        th.join()
+        return sum(done) / (time.perf_counter() - t0)
+
+    out["cpu_read_alone_bytes_per_s"] = timed_reads(seconds)
+    if device.type != "cuda":
+        return out
+    src = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+
+    def copies(duration: float) -> float:
+        torch.cuda.synchronize(device)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < duration:
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            n += src.numel()
+        return n / (time.perf_counter() - t0)
+
+    copies(0.2)
+    out["h2d_alone_bytes_per_s"] = copies(seconds)
+    stop, done = threading.Event(), []
+    th = threading.Thread(target=read_loop, args=(stop, done))
+    t0 = time.perf_counter()
+    th.start()
+    out["h2d_concurrent_bytes_per_s"] = copies(seconds)
+    stop.set()
+    th.join()
+    out["cpu_read_concurrent_bytes_per_s"] = sum(done) / (time.perf_counter() - t0)
+    return out
+
+
+def kernel_rates(cfg, threads: int, reps: int = 5) -> dict:
+    """Returns the CPU expert path's read rate (bytes/s) native vs PyTorch, on one expert and on a
+    layer's top-k experts (distinct, cold in the caches), bf16, one token."""
+    import torch.nn.functional as F
+
+    from moekit.native.experts import Scratch, expert_ffn
+
+    d, ffn, k = cfg.hidden_size, cfg.expert_ffn, cfg.top_k
+    count = max(64, 4 * k * reps)  # more experts than any last-level cache holds
+    gate_up = torch.randn(count, 2 * ffn, d).to(torch.bfloat16)
+    down = torch.randn(count, d, ffn).to(torch.bfloat16)
+    x = torch.randn(1, d).to(torch.bfloat16)
+    expert_bytes = 3 * d * ffn * 2
+    scratch, turn = Scratch(), [0]
+
+    def native(n: int) -> None:
+        ids = [(turn[0] + i) % count for i in range(n)]
+        turn[0] += n
+        expert_ffn(x, [(gate_up[e], down[e], [0], [1.0 / n]) for e in ids], threads=threads, scratch=scratch)
+
+    def pytorch(n: int) -> None:
+        ids = [(turn[0] + i) % count for i in range(n)]
+        turn[0] += n
+        out = torch.zeros_like(x)
+        for e in ids:
+            g, u = F.linear(x, gate_up[e]).chunk(2, dim=-1)
+            out += F.linear(F.silu(g) * u, down[e]) / n
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    res = {}
+    try:
+        for name, fn in (("native", native), ("pytorch", pytorch)):
+            for n, label in ((1, "one_expert"), (k, "layer_top_k")):
+                fn(n)
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn(n)
+                    times.append(time.perf_counter() - t0)
+                res[f"{name}_{label}_bytes_per_s"] = n * expert_bytes / statistics.median(times)
+    finally:
+        torch.set_num_threads(old)
+    return res
+
+
+# ---- llama.cpp ------------------------------------------------------------------------------------
+
+class GpuMemorySampler:
+    """Samples nvidia-smi's memory.used (MiB) every 50 ms in the background; `peak` after stop."""
+
+    def __init__(self):
+        self.proc = None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-lms", "50"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        values = [int(v) for v in out.split() if v.strip().isdigit()]
+        self.peak_mib = max(values) if values else None
+
+    @staticmethod
+    def used_mib() -> int | None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30, check=False).stdout
+            return int(out.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return None
+
+
+def llama_env(bench: Path) -> dict:
+    """Returns the environment llama-bench needs (pip's CUDA libraries when the system lacks them)."""
+    env = dict(os.environ)
+    missing = "not found" in subprocess.run(["ldd", str(bench)], capture_output=True, text=True, check=False).stdout
+    if missing:
+        import glob
+
+        try:
+            import nvidia
+
+            dirs = sorted({os.path.dirname(p) for r in nvidia.__path__ for p in glob.glob(os.path.join(r, "*", "lib", "lib*.so*"))})
+            env["LD_LIBRARY_PATH"] = ":".join(dirs + [env.get("LD_LIBRARY_PATH", "")])
+        except ImportError:
+            pass
+    return env
+
+
+def llamacpp_rows(anchor: Path, ckpt: Path, out: Path, cfg, results: dict, save) -> None:
+    """Builds llama.cpp and converts the checkpoint (the anchor's run.sh), then runs llama-bench per
+    row with the GPU memory sampled; fills results['llamacpp']."""
+    lc = results["llamacpp"] = {"rows": {}}
+    work = out / "llamacpp"
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LCPP_STAGES": "build,convert"}
+    t0 = time.perf_counter()
+    p = subprocess.run(["bash", str(anchor / "run.sh"), str(ckpt), str(work)], capture_output=True, text=True,
+                       env=env, check=False)
+    lc["build_convert_s"] = time.perf_counter() - t0
+    (out / "llamacpp_build.log").write_text(p.stdout[-20000:] + "\n--- stderr ---\n" + p.stderr[-20000:])
+    if p.returncode != 0:
+        lc["error"] = f"run.sh build,convert failed (rc {p.returncode}): {p.stderr[-1500:]}"
+        common.log(lc["error"])
+        save()
+        return
+    common.log(f"llama.cpp built and converted in {lc['build_convert_s']:.0f} s")
+    bench = Path(os.environ.get("LCPP_ROOT", "/tmp/lcpp")) / "llama.cpp" / "build-cuda" / "bin" / "llama-bench"
+    gguf = os.environ.get("LCPP_GGUF", "/dev/shm/model.gguf")
+    env = llama_env(bench)
+    moe_layers = sum(cfg.moe_layers)
+    common.free_memory(torch.device("cuda"))
+    idle = GpuMemorySampler.used_mib()  # this process's context and tensors included: not llama.cpp's
+    lc["idle_used_mib"] = idle
+    runs = {"decode_gpu": ["-p", "0", "-n", str(NEW)],
+            "decode_cpu_experts": ["-p", "0", "-n", str(NEW), "-ncmoe", str(moe_layers)],
+            "decode_half_experts": ["-p", "0", "-n", str(NEW), "-ncmoe", str((moe_layers + 1) // 2)],
+            "prefill_gpu": ["-p", "512", "-n", "0"]}
+    for name, extra in runs.items():
+        cmd = [str(bench), "-m", gguf, "-r", "2", "-o", "json", "-fa", "1", "-ngl", "99", *extra]
+        t0 = time.perf_counter()
+        with GpuMemorySampler() as s:
+            q = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        row = {"command": " ".join(["llama-bench", *cmd[1:]]), "seconds": time.perf_counter() - t0}
+        if q.returncode != 0:
+            row["error"] = q.stderr[-1500:]
+        else:
+            r = json.loads(q.stdout)[0]
+            row.update(tok_s=r["avg_ts"], stddev=r["stddev_ts"], n_threads=r["n_threads"], model_size=r.get("model_size"),
+                       cpu_info=r.get("cpu_info"), gpu_info=r.get("gpu_info"), build_commit=r.get("build_commit"))
+        if s.peak_mib is not None and idle is not None:
+            row["gpu_used_bytes"] = (s.peak_mib - idle) * 2**20
+        lc["rows"][name] = row
+        common.log(f"llama.cpp {name}: {row.get('tok_s', 'error')} tok/s, GPU used "
+                   f"{row.get('gpu_used_bytes', 0) / 1e9:.2f} GB")
+        save()
+
+
+# ---- moekit ---------------------------------------------------------------------------------------
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str | None, prompt_ids,
+               idle_mib: int | None = None) -> dict:
+    """Returns decode tok/s (second of two generate calls), the allocator peak and the GPU memory
+    nvidia-smi saw in use (minus `idle_mib`: this process's CUDA context counts, as llama.cpp's does)."""
+    from moekit.offload import OffloadConfig, load_offloaded
+
+    common.free_memory(device, reset_peak=True)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    row: dict = {"budget_bytes": budget, "misses": misses, "status": "ok"}
+    t0 = time.perf_counter()
+    model = None
+    try:
+        if budget is None:
+            model = moekit.load_model(path, device=device)
+        else:
+            model = load_offloaded(path, device=device, offload=OffloadConfig(device_memory=budget, misses=misses))
+        row["load_s"] = time.perf_counter() - t0
+        for call in ("first", "warm"):
+            stats = moekit.GenerationStats()
+            with GpuMemorySampler() if device.type == "cuda" else _Nothing() as sampler:
+                model.generate(prompt_ids, max_new_tokens=NEW, temperature=0, eos_token_ids=(), stats=stats)
+            row[f"{call}_decode_tok_s"] = stats.decode_tok_s
+        if getattr(sampler, "peak_mib", None) and idle_mib is not None:  # the process's whole use, context included
+            row["gpu_used_bytes"] = (sampler.peak_mib - idle_mib) * 2**20
+        row["decode_tok_s"] = row["warm_decode_tok_s"]
+        if budget is None:  # prefill 512 all on the GPU (llama.cpp's pp512)
+            ids = torch.randint(0, model.config.vocab_size, (1, 512), device=device)
+            stats = moekit.GenerationStats()
+            model.generate(ids, max_new_tokens=1, temperature=0, eos_token_ids=(), stats=stats)
+            stats = moekit.GenerationStats()
+            model.generate(ids, max_new_tokens=1, temperature=0, eos_token_ids=(), stats=stats)
+            row["prefill_512_tok_s"] = 512 / stats.prefill_s
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            row["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        runtime = getattr(model, "offload", None)
+        if runtime is not None:
+            rep = runtime.report()
+            row["report"] = {k: rep.get(k) for k in ("hit_rate", "cpu_experts", "demand_fetches", "cpu_s",
+                                                     "bytes_per_token", "cpu_bytes_per_token", "cache_slots",
+                                                     "native_cpu_kernel", "plan", "costs")}
+    except MoekitError as e:
+        row.update(status="refused", refusal=str(e))
+    except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-3000:])
+    row["seconds"] = time.perf_counter() - t0
+    model = None
+    common.free_memory(device)
+    return row
+
+
+def table(results: dict) -> str:
+    lc = (results.get("llamacpp") or {}).get("rows", {})
+    rows = []
+    for r in results.get("moekit", []):
+        ref = lc.get(r["setting"], {})
+        ours, theirs = r.get("decode_tok_s"), ref.get("tok_s")
+        rows.append([r["setting"], r.get("misses") or "-", f"{(r.get('budget_bytes') or 0) / 1e9:.2f}",
+                     f"{ours:.1f}" if ours else r["status"], f"{theirs:.1f}" if theirs else "-",
+                     f"{ours / theirs:.2f}x" if ours and theirs else "-",
+                     f"{r['ceiling_tok_s']:.1f}" if r.get("ceiling_tok_s") else "-"])
+    return common.markdown_table(["setting", "misses", "budget GB", "moekit tok/s", "llama.cpp tok/s", "ratio",
+                                  "ceiling tok/s"], rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_output_args(parser, NAME)
+    parser.add_argument("--shape", default="olmoe-1b-7b", choices=tuple(SHAPES))
+    parser.add_argument("--anchor", default=str(common.REPO / ".anchors" / "llamacpp"))
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--tmp", default="/dev/shm/moekit_llamacpp")
+    parser.add_argument("--misses", default="cpu,auto,fetch")
+    parser.add_argument("--footprints", default="", help="GPU bytes 'all,half' to use when llama.cpp is skipped")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    idle_before_cuda = GpuMemorySampler.used_mib() if device.type == "cuda" else None  # before this process's context
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"meta": common.run_meta(args, device), "shape": args.shape, "cores": cores, "moekit": []}
+
+    def save() -> None:
+        common.write_json(results, out, NAME)
+
+    tmp = Path(args.tmp)
+    t0 = time.perf_counter()
+    ckpt, cfg, tensor_bytes = write_random_checkpoint(tmp / "bf16", olmoe_hf_config(**SHAPES[args.shape]), device,
+                                                      tokenizer_from=moekit.default_model_path())
+    results["checkpoint"] = {"tensor_bytes": tensor_bytes, "write_s": time.perf_counter() - t0}
+    common.log(f"checkpoint: {tensor_bytes / 1e9:.2f} GB in {results['checkpoint']['write_s']:.0f} s")
+    from moekit.native import library, unavailable_reason
+
+    results["native_library"] = bool(library()) or unavailable_reason()
+    rates = results["rates"] = cpu_and_link_rates(device, max(1, cores - 1))
+    rates.update(kernel_rates(cfg, max(1, cores - 1)))
+    common.log("rates (GB/s): " + ", ".join(f"{k}={v / 1e9:.1f}" for k, v in rates.items() if k.endswith("_per_s")))
+    save()
+    if not args.skip_llamacpp:
+        llamacpp_rows(Path(args.anchor), ckpt, out, cfg, results, save)
+    lc = (results.get("llamacpp") or {}).get("rows", {})
+    footprints = {"decode_cpu_experts": lc.get("decode_cpu_experts", {}).get("gpu_used_bytes"),
+                  "decode_half_experts": lc.get("decode_half_experts", {}).get("gpu_used_bytes")}
+    if args.footprints:
+        given = [int(float(v)) for v in args.footprints.split(",")]
+        footprints = {k: footprints[k] or v for k, v in zip(footprints, given)}
+    results["footprints"] = footprints
+    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT), device=device)
+    expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
+    per_token = sum(cfg.moe_layers) * cfg.top_k * expert_bytes
+    idle_mib = results["idle_used_mib_before_cuda"] = idle_before_cuda
+    gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib)
+    gpu["setting"] = "decode_gpu"
+    results["moekit"].append(gpu)
+    common.log(f"moekit all on GPU: {gpu.get('decode_tok_s')} tok/s, prefill {gpu.get('prefill_512_tok_s')}")
+    save()
+    combined = rates.get("cpu_read_concurrent_bytes_per_s", 0) + rates.get("h2d_concurrent_bytes_per_s", 0)
+    for setting, budget in footprints.items():
+        if not budget:
+            continue
+        for misses in args.misses.split(","):
+            row = moekit_row(ckpt, device, int(budget), misses, prompt, idle_mib)
+            row["setting"] = setting
+            # ceiling: every expert missed (none cached at batch 1 is the worst case), both links at once
+            cached = (row.get("report") or {}).get("cache_slots") or 0
+            total = sum(cfg.experts_in(i) for i, m in enumerate(cfg.moe_layers) if m)
+            missed = per_token * max(0.0, 1 - cached / total)
+            row["missed_bytes_per_token_uniform"] = missed
+            if missed and combined:
+                row["ceiling_tok_s"] = min(combined / missed, gpu.get("decode_tok_s") or float("inf"))
+            results["moekit"].append(row)
+            common.log(f"moekit {setting} {misses} at {budget / 1e9:.2f} GB: {row.get('decode_tok_s')} tok/s "
+                       f"({row['status']}) {row.get('refusal', '')[:200]}")
+            save()
+    print(table(results))
+    results["table"] = table(results)
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
