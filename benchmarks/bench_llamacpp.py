@@ -194,20 +194,27 @@ def llama_env(bench: Path) -> dict:
     return env
 
 
-def llamacpp_rows(anchor: Path, ckpt: Path, out: Path, cfg, results: dict, save) -> None:
-    """Builds llama.cpp and converts the checkpoint (the anchor's run.sh), then runs llama-bench per
-    row with the GPU memory sampled; fills results['llamacpp']."""
-    lc = results["llamacpp"] = {"rows": {}}
+def start_llamacpp_build(anchor: Path, ckpt: Path, out: Path) -> tuple[subprocess.Popen, float]:
+    """Starts the anchor's run.sh build and convert stages in the background."""
     work = out / "llamacpp"
     work.mkdir(parents=True, exist_ok=True)
+    log = open(out / "llamacpp_build.log", "w")  # noqa: SIM115 -- closed with the process
     env = {**os.environ, "LCPP_STAGES": "build,convert"}
-    t0 = time.perf_counter()
-    p = subprocess.run(["bash", str(anchor / "run.sh"), str(ckpt), str(work)], capture_output=True, text=True,
-                       env=env, check=False)
+    proc = subprocess.Popen(["bash", str(anchor / "run.sh"), str(ckpt), str(work)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    return proc, time.perf_counter()
+
+
+def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results: dict, save) -> None:
+    """Waits for the build and conversion, then runs llama-bench per row with the GPU memory
+    sampled; fills results['llamacpp']."""
+    lc = results["llamacpp"] = {"rows": {}}
+    proc, t0 = build
+    rc = proc.wait()
     lc["build_convert_s"] = time.perf_counter() - t0
-    (out / "llamacpp_build.log").write_text(p.stdout[-20000:] + "\n--- stderr ---\n" + p.stderr[-20000:])
-    if p.returncode != 0:
-        lc["error"] = f"run.sh build,convert failed (rc {p.returncode}): {p.stderr[-1500:]}"
+    if rc != 0:
+        tail = (out / "llamacpp_build.log").read_text()[-1500:]
+        lc["error"] = f"run.sh build,convert failed (rc {rc}): {tail}"
         common.log(lc["error"])
         save()
         return
@@ -244,6 +251,33 @@ def llamacpp_rows(anchor: Path, ckpt: Path, out: Path, cfg, results: dict, save)
 
 
 # ---- moekit ---------------------------------------------------------------------------------------
+
+def probe_fit(ckpt: Path, tensor_bytes: int, shares: list[float], out: Path) -> dict:
+    """Runs `moekit generate --offload` at each budget share with MOEKIT_DEBUG_FIT=1 as a
+    subprocess (memory only, no timing: it may overlap the llama.cpp build); returns each run's
+    refusal or plan, and keeps the warm-up's debug lines in fit_probe.log."""
+    import sys
+
+    env = {**os.environ, "MOEKIT_DEBUG_FIT": "1"}
+    res, logs = {}, []
+    for share in shares:
+        budget = int(share * tensor_bytes)
+        cmd = [sys.executable, "-m", "moekit.cli", "generate", "hello", "--model", str(ckpt), "--offload",
+               "--device-memory", str(budget), "--max-new-tokens", "8", "--json", "--stats"]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=240)
+        lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+        row: dict = {"budget_bytes": budget, "returncode": p.returncode}
+        if lines:
+            rep = json.loads(lines[-1]).get("offload") or {}
+            row.update(peak_bytes=rep.get("peak_device_bytes"), plan=rep.get("plan"))
+        else:
+            row["stderr_tail"] = p.stderr[-1500:]
+        res[f"{share:.2f}"] = row
+        logs.append(f"=== share {share} budget {budget}\n{p.stderr[-20000:]}")
+        common.log(f"fit probe {share:.0%}: rc {p.returncode}, peak {row.get('peak_bytes')}")
+    (out / "fit_probe.log").write_text("\n".join(logs))
+    return res
+
 
 class _Nothing:
     def __enter__(self):
@@ -304,6 +338,17 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
     return row
 
 
+def least_budget(refusal: str) -> int | None:
+    """Returns the budget (bytes) a refusal asks for ('give at least 1123.19MB', 'give
+    --device-memory 1.18GB or more'), or None."""
+    import re
+
+    from moekit.offload.config import parse_size
+
+    m = re.search(r"give (?:at least|--device-memory) ([0-9.]+\s*[KMGT]B)", refusal)
+    return parse_size(m.group(1)) + 2 * 10**6 if m else None
+
+
 def table(results: dict) -> str:
     lc = (results.get("llamacpp") or {}).get("rows", {})
     rows = []
@@ -325,7 +370,8 @@ def main() -> int:
     parser.add_argument("--anchor", default=str(common.REPO / ".anchors" / "llamacpp"))
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--tmp", default="/dev/shm/moekit_llamacpp")
-    parser.add_argument("--misses", default="cpu,auto,fetch")
+    parser.add_argument("--misses", default="cpu,auto")
+    parser.add_argument("--probe-fit", default="", help="budget shares to run with MOEKIT_DEBUG_FIT=1 while llama.cpp builds")
     parser.add_argument("--footprints", default="", help="GPU bytes 'all,half' to use when llama.cpp is skipped")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -345,6 +391,12 @@ def main() -> int:
                                                       tokenizer_from=moekit.default_model_path())
     results["checkpoint"] = {"tensor_bytes": tensor_bytes, "write_s": time.perf_counter() - t0}
     common.log(f"checkpoint: {tensor_bytes / 1e9:.2f} GB in {results['checkpoint']['write_s']:.0f} s")
+    build = None if args.skip_llamacpp else start_llamacpp_build(Path(args.anchor), ckpt, out)
+    if args.probe_fit:  # memory only: may overlap the build
+        results["fit_probe"] = probe_fit(ckpt, tensor_bytes, [float(v) for v in args.probe_fit.split(",")], out)
+        save()
+    if build is not None:
+        llamacpp_rows(build, out, cfg, results, save)
     from moekit.native import library, unavailable_reason
 
     results["native_library"] = bool(library()) or unavailable_reason()
@@ -352,8 +404,6 @@ def main() -> int:
     rates.update(kernel_rates(cfg, max(1, cores - 1)))
     common.log("rates (GB/s): " + ", ".join(f"{k}={v / 1e9:.1f}" for k, v in rates.items() if k.endswith("_per_s")))
     save()
-    if not args.skip_llamacpp:
-        llamacpp_rows(Path(args.anchor), ckpt, out, cfg, results, save)
     lc = (results.get("llamacpp") or {}).get("rows", {})
     footprints = {"decode_cpu_experts": lc.get("decode_cpu_experts", {}).get("gpu_used_bytes"),
                   "decode_half_experts": lc.get("decode_half_experts", {}).get("gpu_used_bytes")}
@@ -388,6 +438,14 @@ def main() -> int:
             common.log(f"moekit {setting} {misses} at {budget / 1e9:.2f} GB: {row.get('decode_tok_s')} tok/s "
                        f"({row['status']}) {row.get('refusal', '')[:200]}")
             save()
+            least = least_budget(row.get("refusal") or "")
+            if least:  # refused at llama.cpp's footprint: the same row at the least budget moekit takes
+                again = moekit_row(ckpt, device, least, misses, prompt, idle_mib)
+                again["setting"] = setting + "_at_least"
+                results["moekit"].append(again)
+                common.log(f"moekit {setting} {misses} at {least / 1e9:.2f} GB: {again.get('decode_tok_s')} tok/s "
+                           f"({again['status']}) {again.get('refusal', '')[:200]}")
+                save()
     print(table(results))
     results["table"] = table(results)
     save()

@@ -13,8 +13,8 @@ the cache, decoded inside the matmul.
 from __future__ import annotations
 
 import dataclasses
-
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +27,6 @@ from .layout import SlotLayout, layout_for
 from .planner import plan_budget
 from .source import OffloadedExperts, OffloadRuntime, reads_in_place
 from .store import DiskStore, HostStore
-
 
 FIT_MARGIN_BYTES = 16 * 2**20  # at least this (or 1% of the budget) is left unused by the measured warm-up
 
@@ -138,6 +137,7 @@ class OffloadLoader(ExpertLoader):
         context = max(plan.kv_positions // batch, warm + 1)
         warm_kv = 0 if plan.kv_positions else kv_cache_bytes(cfg, ctx.dtype, batch, context)
         slots, grown = runtime.cache.num_slots, False
+        tries: list[dict] = []  # each measurement (plan.measured_stages["tries"])
         # a generation allocates a little the warm-up does not (the H200 run measured +7 MB, 0.5% of a
         # 1.38 GB budget, at the command line): the warm-up must fit under the budget less a margin
         margin = max(FIT_MARGIN_BYTES, plan.budget_bytes // 100)
@@ -167,6 +167,9 @@ class OffloadLoader(ExpertLoader):
             del cache, ids, step
             # a KV cache the plan does not hold yet is reserved by each generation (runtime.reserve)
             need = max(stages["prefill_peak"], stages["capture_peak"], stages["step_peak"]) - warm_kv
+            tries.append({"slots": runtime.cache.num_slots, "need": need, "limit": limit, **stages})
+            if os.environ.get("MOEKIT_DEBUG_FIT"):
+                _debug_fit(tries[-1], device)
             room = (limit - need) // plan.expert_bytes
             if need <= limit and (grown or room < 1 or slots >= plan.total_experts):
                 break
@@ -186,13 +189,38 @@ class OffloadLoader(ExpertLoader):
             runtime.new_cache(slots)
         else:
             raise MoekitError(f"could not fit the expert cache under --device-memory {plan.budget_bytes / 1e6:.2f}MB "
-                              f"after 5 measurements (last: {need / 1e6:.2f}MB); give a larger budget")
+                              f"after 5 measurements (slots: needed MB " + ", ".join(
+                                  f"{t['slots']}: {t['need'] / 1e6:.1f} (held {t['held'] / 1e6:.1f})" for t in tries)
+                              + "); give a larger budget")
         # a fresh cache and counters: the warm-up's experts, routing trace and call numbers go
         runtime.new_cache(runtime.cache.num_slots)
         self.plan = runtime.plan = dataclasses.replace(runtime.plan, cache_slots=runtime.cache.num_slots,
-                                                       measured_peak_bytes=need, measured_stages=stages)
+                                                       measured_peak_bytes=need, measured_stages={**stages, "tries": tries})
         runtime.baseline_bytes = self.baseline_bytes
         runtime.forget_calls()
+
+
+def _debug_fit(row: dict, device: torch.device) -> None:
+    """Prints one warm-up measurement and the largest live device tensors (MOEKIT_DEBUG_FIT=1)."""
+    import gc
+    import sys
+
+    groups: dict[tuple, list[int]] = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device == device and obj.untyped_storage().nbytes() > 2**20:
+                key = (tuple(obj.shape), str(obj.dtype))
+                g = groups.setdefault(key, [0, 0])
+                g[0] += 1
+                g[1] += obj.untyped_storage().nbytes()
+        except (RuntimeError, ReferenceError):
+            continue
+    top = sorted(groups.items(), key=lambda kv: -kv[1][1])[:15]
+    print("fit: " + ", ".join(f"{k}={v / 1e6:.1f}MB" if isinstance(v, int) and k != "slots" else f"{k}={v}"
+                              for k, v in row.items()), file=sys.stderr)
+    print(f"fit: allocated {torch.cuda.memory_allocated(device) / 1e6:.1f}MB reserved "
+          f"{torch.cuda.memory_reserved(device) / 1e6:.1f}MB; live tensors > 1 MiB: "
+          + "; ".join(f"{n}x{list(shape)} {dt} {b / 1e6:.1f}MB" for (shape, dt), (n, b) in top), file=sys.stderr)
 
 
 def most_used(counts: dict[int, list[float]], how_many: int) -> list[tuple[int, int]]:
