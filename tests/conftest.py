@@ -100,8 +100,37 @@ VARIANTS.update({
     # default jitter gap 0.01 and no window
     "phimoe_plain": ("PhimoeConfig", dict(
         _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4)),
+    # MLA with a plain q_proj (V2-Lite), layer 0 dense, 2 shared experts, greedy softmax routing x1.5;
+    # v_head_dim != qk dims so a mixed-up split fails
+    "deepseek_v2": ("DeepseekV2Config", dict(
+        _COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=24,
+        n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, routed_scaling_factor=1.5)),
+    # q_lora, group-limited greedy (best 2 of 4 groups), top-3, yarn with mscale_all_dim (prompts pass 32)
+    "deepseek_v2_group": ("DeepseekV2Config", dict(
+        _COMMON, num_key_value_heads=4, num_hidden_layers=2, intermediate_size=40, moe_intermediate_size=24,
+        n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, num_experts_per_tok=3,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "mscale": 0.9,
+                         "mscale_all_dim": 0.7, "original_max_position_embeddings": 32})),
+    # sigmoid + selection bias, best 2 of 4 groups, top-3 renormalised x2.5, q_lora, interleaved rope
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        _COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=24,
+        n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, num_experts_per_tok=3, n_group=4,
+        topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # plain q, no groups, no renormalisation, rotate-half rope, yarn
+    "deepseek_v3_plain": ("DeepseekV3Config", dict(
+        _COMMON, num_key_value_heads=4, num_hidden_layers=2, intermediate_size=40, moe_intermediate_size=24,
+        n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, norm_topk_prob=False, rope_interleave=False,
+        rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 32})),
 })
-NEW_FAMILY_VARIANTS = {"granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain"}
+NEW_FAMILY_VARIANTS = {"granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2",
+                       "deepseek_v2_group", "deepseek_v3", "deepseek_v3_plain"}
 
 FAMILY_VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "qwen3_moe_bias", "olmoe",
                    "olmoe_clip"]

@@ -19,8 +19,9 @@ def _hf_dict(tiny, variant: str) -> dict:
 
 
 def test_supported_families():
-    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"}
-    assert supported() == "granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"
+    assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe",
+                             "deepseek_v2", "deepseek_v3"}
+    assert supported() == "deepseek_v2, deepseek_v3, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"
 
 
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS + ["mixtral_tied", "mixtral_sliding", "granitemoe", "phimoe"])
@@ -108,6 +109,42 @@ def test_family_specific_refusals(tiny):
             family_for({"model_type": unsupported})
 
 
+def test_deepseek_fields(tiny):
+    _, family, v2 = moekit.read_config(tiny("deepseek_v2").path)
+    assert v2.moe_layers == (False, True, True) and v2.dense_ffn == 40 and v2.expert_ffn == 24
+    assert v2.shared_expert_ffn == 2 * 24 and not v2.shared_expert_gate
+    assert v2.mla.q_lora_rank is None and v2.mla.kv_lora_rank == 16 and v2.mla.rope_interleave
+    assert (v2.mla.qk_nope_head_dim, v2.mla.qk_rope_head_dim, v2.mla.v_head_dim) == (8, 4, 12)
+    assert v2.rope_dim == 4 and v2.kv_values_per_position == 16 + 4
+    assert v2.router.scoring == "softmax" and not v2.router.group_limited and v2.router.scaling_factor == 1.5
+    assert family.shared_expert_names(1)[0] == "model.layers.1.mlp.shared_experts.gate_proj.weight"
+    group = moekit.read_config(tiny("deepseek_v2_group").path)[2]
+    assert (group.router.n_group, group.router.topk_group) == (4, 2) and group.mla.q_lora_rank == 24
+    assert group.rope.scaling == "yarn" and group.rope.mscale_all_dim == pytest.approx(0.7)
+    _, family, v3 = moekit.read_config(tiny("deepseek_v3").path)
+    r = v3.router
+    assert r.scoring == "sigmoid" and r.correction_bias and (r.n_group, r.topk_group) == (4, 2)
+    assert r.scaling_factor == 2.5 and v3.norm_topk_prob and v3.top_k == 3
+    assert family.router_bias_name(2) == "model.layers.2.mlp.gate.e_score_correction_bias"
+    plain = moekit.read_config(tiny("deepseek_v3_plain").path)[2]
+    assert not plain.mla.rope_interleave and not plain.norm_topk_prob and not plain.router.group_limited
+
+
+def test_deepseek_refusals(tiny):
+    v2 = _hf_dict(tiny, "deepseek_v2")
+    with pytest.raises(moekit.UnsupportedModelError, match="topk_method 'noaux_tc' is not supported"):
+        FAMILIES["deepseek_v2"].config({**v2, "topk_method": "noaux_tc"})
+    v3 = _hf_dict(tiny, "deepseek_v3")
+    fp8 = {**v3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    with pytest.raises(moekit.UnsupportedModelError, match="FP8 block-quantized .* convert it to bf16"):
+        FAMILIES["deepseek_v3"].config(fp8)
+    with pytest.raises(moekit.UnsupportedModelError, match="quant_method 'gptq' is not read by moekit"):
+        FAMILIES["mixtral"].config(_mixtral_dict(tiny, quantization_config={"quant_method": "gptq"}))
+    # a pruned copy that keeps 6 of 8 experts cannot keep 4 equal groups
+    with pytest.raises(moekit.MoekitError, match="not a multiple of n_group \\(4\\)"):
+        FAMILIES["deepseek_v3"].config({**v3, "n_routed_experts": 6})
+
+
 @pytest.mark.parametrize("layers, mlp_only, step, expected", [
     (4, [], 1, (True, True, True, True)),
     (4, [0, 3], 1, (False, True, True, False)),
@@ -127,10 +164,10 @@ def test_family_from_architectures_only():
 
 def test_unknown_family_names_where_and_the_options():
     with pytest.raises(moekit.UnsupportedModelError) as info:
-        family_for({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]},
+        family_for({"model_type": "dbrx", "architectures": ["DbrxForCausalLM"]},
                    where="/models/x/config.json")
     message = str(info.value)
-    assert "/models/x/config.json" in message and "'deepseek_v3'" in message
+    assert "/models/x/config.json" in message and "'dbrx'" in message
     assert supported() in message
 
 

@@ -21,10 +21,10 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int,
                  device: torch.device | str, dtype: torch.dtype):
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+        (hk, dk), (hv, dv) = config.kv_cache_dims()  # MLA caches its latent and rope key instead
         self.capacity = capacity
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.keys = [torch.zeros((batch, hk, capacity, dk), device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros((batch, hv, capacity, dv), device=device, dtype=dtype) for _ in range(config.num_layers)]
 
     @property
     def bytes(self) -> int:
@@ -102,11 +102,13 @@ class PagedKVCache:
             raise MoekitError(f"a paged KV cache needs at least one block, got num_blocks={num_blocks}")
         if block_size < 1 or block_size & (block_size - 1):
             raise MoekitError(f"block_size must be a power of two (e.g. 16), got {block_size}")
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        (hk, dk), (hv, dv) = config.kv_cache_dims()  # MLA caches its latent and rope key instead
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.keys = [torch.zeros((num_blocks, block_size, hk, dk), device=device, dtype=dtype)
+                     for _ in range(config.num_layers)]
+        self.values = [torch.zeros((num_blocks, block_size, hv, dv), device=device, dtype=dtype)
+                       for _ in range(config.num_layers)]
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # popped from the end: block 0 first
         self.tables: dict[Hashable, list[int]] = {}
 

@@ -126,7 +126,12 @@ def fill_layer(layer: DecoderLayer, ctx: LoadContext, i: int, experts: ExpertLoa
     in_norm, post_norm = family.norm_names(i)
     _copy_norm(layer.input_norm, ckpt, in_norm, d)
     _copy_norm(layer.post_norm, ckpt, post_norm, d)
-    _fill_attention(layer.attn, ckpt, family, cfg, i)
+    if cfg.mla is not None:
+        from .mla import fill_latent_attention
+
+        fill_latent_attention(layer.attn, ckpt, family, cfg, i)
+    else:
+        _fill_attention(layer.attn, ckpt, family, cfg, i)
     if isinstance(layer.mlp, MoEBlock):
         _fill_moe(layer.mlp, ckpt, family, cfg, i)
         layer.mlp.experts = experts.build(ctx, i)

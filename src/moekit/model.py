@@ -216,7 +216,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_norm = make_norm(cfg, cfg.hidden_size)
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(cfg, layer) if cfg.mla is None else _mla_attention(cfg, layer)
         self.post_norm = make_norm(cfg, cfg.hidden_size)
         self.residual_multiplier = cfg.residual_multiplier  # Granite scales each block's output
         self.mlp: nn.Module = MoEBlock(cfg, layer) if cfg.moe_layers[layer] else DenseMLP(cfg.hidden_size, cfg.dense_ffn)
@@ -339,3 +339,10 @@ class MoEModel(nn.Module):
         See moekit.generate.generate for the sampling options."""
         from .generate import generate
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _mla_attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    """Returns multi-head latent attention (moekit.mla; imported here: only DeepSeek needs it)."""
+    from .mla import LatentAttention
+
+    return LatentAttention(cfg, layer)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moekit
+from moekit.calibrate import run_calibration
 from moekit.kv_cache import KVCache
 from moekit.load import read_config
 from moekit.offload import OffloadConfig, load_offloaded
@@ -21,8 +22,14 @@ from moekit.quant.config import QuantConfig
 from conftest import VOCAB, rel_error, token_ids, transformers
 
 LOGITS_RTOL = 1e-4
-VARIANTS = ["granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain"]
-FAMILY_OF = {v: v.split("_")[0] for v in VARIANTS}
+VARIANTS = ["granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2", "deepseek_v2_group",
+            "deepseek_v3", "deepseek_v3_plain"]
+FAMILY_OF = {v: v if v.count("_") == 1 and v.startswith("deepseek") else v.split("_")[0] for v in VARIANTS}
+FAMILY_OF.update({"deepseek_v2_group": "deepseek_v2", "deepseek_v3_plain": "deepseek_v3"})
+# one variant per family for the heavier pillars
+ONE_PER_FAMILY = ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3"]
+# yarn variants: prompts run past original_max_position_embeddings (32)
+PROMPT = {"deepseek_v2_group": 40, "deepseek_v3_plain": 40}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -30,10 +37,10 @@ def test_logits_match_transformers(tiny, variant):
     ckpt = tiny(variant)
     model = moekit.load_model(ckpt.path)
     assert model.config.family == FAMILY_OF[variant]
-    ids = token_ids(2, 12)
+    ids = token_ids(2, PROMPT.get(variant, 12))
     with torch.no_grad():
         logits = model(ids)
-    assert logits.shape == (2, 12, VOCAB)
+    assert logits.shape == (*ids.shape, VOCAB)
     assert rel_error(logits, ckpt.hf_logits(ids)) <= LOGITS_RTOL
 
 
@@ -42,7 +49,7 @@ def test_logits_match_transformers(tiny, variant):
 def test_greedy_tokens_match_transformers(tiny, variant, batch):
     ckpt = tiny(variant)
     model = moekit.load_model(ckpt.path)
-    ids = token_ids(batch, 10, seed=2 + batch)
+    ids = token_ids(batch, PROMPT.get(variant, 10), seed=2 + batch)
     new = model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=())
     expected = ckpt.hf_greedy(ids, 12)
     assert torch.equal(new, expected), f"moekit {new.tolist()} != transformers {expected.tolist()}"
@@ -51,13 +58,16 @@ def test_greedy_tokens_match_transformers(tiny, variant, batch):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kv_cache_equals_full_forward(tiny, variant):
     model = moekit.load_model(tiny(variant).path)
-    ids = token_ids(2, 16, seed=5)
+    n = PROMPT.get(variant, 12) + 4
+    ids = token_ids(2, n, seed=5)
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model.config, batch=2, capacity=16, device="cpu", dtype=model.dtype)
-        prefill = model(ids[:, :9], cache=cache, start=0)
-        steps = [model(ids[:, p:p + 1], cache=cache, start=p) for p in range(9, 16)]
-    torch.testing.assert_close(prefill, full[:, :9], rtol=1e-5, atol=1e-5)
+        cache = KVCache(model.config, batch=2, capacity=n, device="cpu", dtype=model.dtype)
+        prefill = model(ids[:, :6], cache=cache, start=0)
+        chunk = model(ids[:, 6:9], cache=cache, start=6)  # prefill continuing from a cache
+        steps = [model(ids[:, p:p + 1], cache=cache, start=p) for p in range(9, n)]
+    torch.testing.assert_close(prefill, full[:, :6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunk, full[:, 6:9], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=1e-5, atol=1e-5)
 
 
@@ -78,7 +88,7 @@ def _budget_for(path, config: OffloadConfig, slots: int) -> int:
     return plan.planned_bytes - plan.cache_bytes + slots * plan.expert_bytes
 
 
-@pytest.mark.parametrize("variant", ["granitemoe", "phimoe"])
+@pytest.mark.parametrize("variant", ONE_PER_FAMILY)
 def test_offloaded_equals_resident(tiny, variant):
     path = tiny(variant).path
     ids = token_ids(1, 10, seed=3)
@@ -95,9 +105,9 @@ def test_offloaded_equals_resident(tiny, variant):
 def compressed(tiny, tmp_path_factory):
     """Returns {(variant, method): path} of ternary copies, GPTQ and RTN, calibrated on random tokens."""
     root = tmp_path_factory.mktemp("family_compressed")
-    calib = token_ids(16, 32, seed=7)
+    calib = token_ids(48, 32, seed=7)  # enough that every expert sees more tokens than D (hessian rank)
     out = {}
-    for variant in ("granitemoe", "phimoe"):
+    for variant in ONE_PER_FAMILY:
         for method in ("gptq", "rtn"):
             path = root / f"{variant}-{method}"
             compress(tiny(variant).path, path, QuantConfig(bits="ternary", method=method), calib, progress=False)
@@ -105,29 +115,40 @@ def compressed(tiny, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", ["granitemoe", "phimoe"])
+@pytest.mark.parametrize("variant", ONE_PER_FAMILY)
 def test_compressed_ternary_gptq_beats_rtn(tiny, compressed, variant):
-    held_out = token_ids(4, 24, seed=11)
+    """On held-out tokens, each MoE layer's ternary experts (same inputs and routing as the dense
+    model's, through this family's attention, routers and dense layers) are closer to the dense
+    experts with GPTQ than with round-to-nearest; the compressed copies load and generate."""
+    seen = []
+    run_calibration(tiny(variant).path, token_ids(8, 24, seed=11),
+                    lambda inputs: seen.append((inputs.layer, inputs.inputs, inputs.expert_ids, inputs.weights)))
+    models = {m: moekit.load_model(compressed[(variant, m)]) for m in ("gptq", "rtn")}
+    dense = moekit.load_model(tiny(variant).path)
+    errors = {"gptq": 0.0, "rtn": 0.0}
     with torch.no_grad():
-        dense = moekit.load_model(tiny(variant).path)(held_out)
-        errors = {m: rel_error(moekit.load_model(compressed[(variant, m)])(held_out), dense) for m in ("gptq", "rtn")}
-    assert errors["gptq"] < errors["rtn"], errors
-    model = moekit.load_model(compressed[(variant, "gptq")])
-    assert model.generate(held_out[:1, :8], max_new_tokens=4).shape == (1, 4)
+        for layer, x, ids, w in seen:
+            want = dense.layers[layer].mlp.experts(x, ids, w)
+            for method, model in models.items():
+                errors[method] += (model.layers[layer].mlp.experts(x, ids, w) - want).norm().item() ** 2
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+    assert models["gptq"].generate(token_ids(1, 8), max_new_tokens=4).shape == (1, 4)
 
 
-@pytest.mark.parametrize("variant", ["granitemoe", "phimoe"])
+@pytest.mark.parametrize("variant", ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3_plain"])
 def test_pruned_copy_loads_in_transformers_and_agrees(tiny, variant, tmp_path):
     src = tiny(variant).path
     model = moekit.load_model(src)
     usage = count_usage(model, token_ids(4, 16, seed=9), batch=2)
-    assert usage.layers == [0, 1]
+    moe = [i for i, is_moe in enumerate(model.config.moe_layers) if is_moe]
+    assert usage.layers == moe
     kept = dict(zip(usage.layers, select_experts(usage, 0.75, "hard", "layer")))
-    assert all(len(k) == 3 for k in kept.values())
+    left = model.config.num_experts * 3 // 4
+    assert all(len(k) == left for k in kept.values())
     ckpt, family, cfg = read_config(src)
     out = write_pruned(ckpt, family, cfg, kept, tmp_path / "pruned", {"keep": 0.75})
     ours = moekit.load_model(out)
-    assert ours.config.num_experts == 3
+    assert ours.config.num_experts == left
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = token_ids(2, 12)
     with torch.no_grad():
@@ -139,6 +160,11 @@ def test_pruned_copy_loads_in_transformers_and_agrees(tiny, variant, tmp_path):
                     "router": "softmax top-k, renormalised"}),
     ("phimoe", {"norm": "LayerNorm with bias", "router": "sparsemixer (gap 0.01)",
                 "attention": "4 heads over 2 kv heads of 8, sliding window 6"}),
+    ("deepseek_v2", {"attention": "MLA, 4 heads: kv_lora_rank 16, plain q_proj, qk 8 nope + 4 rope, v 12",
+                     "KV cache": "20 values per position and layer", "dense layers": "1 (layers 0), ffn 40",
+                     "shared expert": "ffn 48", "router": "softmax top-k, x1.5"}),
+    ("deepseek_v3", {"router": "sigmoid top-k, best 2 of 4 groups, selection bias, renormalised, x2.5",
+                     "attention": "MLA, 4 heads: kv_lora_rank 16, q_lora_rank 24, qk 8 nope + 4 rope, v 12"}),
 ])
 def test_inspect_shows_family_specifics(tiny, variant, expected, capsys):
     from conftest import run_cli
@@ -147,3 +173,116 @@ def test_inspect_shows_family_specifics(tiny, variant, expected, capsys):
     assert code == 0
     for what, how in expected.items():
         assert any(line.split() == [*what.split(), *how.split()] for line in out.splitlines()), (what, how, out)
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v3"])
+def test_latent_cache_absorbed_equals_expanded(tiny, variant):
+    """Decode through the latent cache: the absorbed form (kv_b folded into q and the output)
+    equals expanding the cached latents into heads, and the cache holds r + dr values per position."""
+    model = moekit.load_model(tiny(variant).path)
+    cfg = model.config
+    ids = token_ids(2, 10, seed=13)
+    cache = KVCache(cfg, batch=2, capacity=10, device="cpu", dtype=model.dtype)
+    assert cache.keys[0].shape == (2, 1, 10, cfg.mla.kv_lora_rank)
+    assert cache.values[0].shape == (2, 1, 10, cfg.mla.qk_rope_head_dim)
+    expanded_bytes = 2 * cfg.num_layers * 2 * 10 * cfg.num_heads * cfg.mla.qk_head_dim * 4
+    assert cache.bytes * 4 < expanded_bytes
+    with torch.no_grad():
+        model(ids[:, :9], cache=cache, start=0)
+        x = torch.randn(2, 1, cfg.hidden_size)
+        cos, sin = model.rope(torch.tensor([9]))
+        for layer in model.layers:
+            attn = layer.attn
+            q, latent, k_rope = attn.project(x, cos, sin)
+            absorbed = attn.attend(q, latent, k_rope, cache, 9, absorbed=True)
+            expanded = attn.attend(q, latent, k_rope, cache, 9, absorbed=False)
+            assert rel_error(absorbed, expanded) < 1e-5
+
+
+def test_mtp_layers_after_the_last_layer_are_not_read(tiny, tmp_path):
+    """DeepSeek-V3 checkpoints carry multi-token-prediction layers (model.layers.61.* in V3) past
+    num_hidden_layers: they load as if absent."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tiny("deepseek_v3").path
+    dst = tmp_path / "with_mtp"
+    shutil.copytree(src, dst)
+    index_path = dst / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:  # one shard: write an index that names it
+        from safetensors import safe_open
+
+        with safe_open(dst / "model.safetensors", "pt") as f:
+            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
+    n = read_config(src)[2].num_layers
+    extra = {f"model.layers.{n}.eh_proj.weight": torch.randn(8, 64),
+             f"model.layers.{n}.self_attn.kv_b_proj.weight": torch.randn(3, 3)}
+    save_file(extra, dst / "mtp.safetensors")
+    index["weight_map"].update({k: "mtp.safetensors" for k in extra})
+    index_path.write_text(json.dumps(index))
+    ids = token_ids(1, 8)
+    with torch.no_grad():
+        assert torch.equal(moekit.load_model(dst)(ids), moekit.load_model(src)(ids))
+
+
+@pytest.mark.parametrize("variant", ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3"])
+def test_kv_cache_with_device_position_equals_int_position(tiny, variant):
+    """The graph-safe decode path (start a 0-d tensor, attending to the whole buffer under a mask)."""
+    model = moekit.load_model(tiny(variant).path)
+    ids = token_ids(1, 10, seed=6)
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, batch=1, capacity=16, device="cpu", dtype=model.dtype)
+        model(ids[:, :6], cache=cache, start=0)
+        steps = [model(ids[:, p:p + 1], cache=cache, start=torch.tensor(p)) for p in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cuda_float32_logits_match_transformers(tiny, variant):
+    ckpt = tiny(variant)
+    model = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
+    ids = token_ids(2, PROMPT.get(variant, 12))
+    with torch.no_grad():
+        actual = model(ids.cuda()).cpu()
+    assert rel_error(actual, ckpt.hf_logits(ids)) <= LOGITS_RTOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ONE_PER_FAMILY)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_decode_equals_eager_and_transformers(tiny, variant, batch):
+    from moekit.generate import GenerationStats
+
+    model = moekit.load_model(tiny(variant).path, device="cuda", dtype="float32")
+    ids = token_ids(batch, 7).cuda()
+    stats = GenerationStats()
+    graphed = model.generate(ids, 16, temperature=0, eos_token_ids=(), cuda_graph=True, stats=stats)
+    eager = model.generate(ids, 16, temperature=0, eos_token_ids=(), cuda_graph=False)
+    assert stats.cuda_graph
+    assert torch.equal(graphed, eager)
+    assert torch.equal(graphed.cpu(), tiny(variant).hf_greedy(ids.cpu(), 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v3"])
+def test_cuda_bf16_mla_decode_close_to_float32(tiny, variant):
+    """bf16 on the GPU: the absorbed decode keeps close to the float32 logits (median over tokens)."""
+    from conftest import median_token_error
+
+    path = tiny(variant).path
+    ids = token_ids(2, 12).cuda()
+    with torch.no_grad():
+        ref = moekit.load_model(path, device="cuda", dtype="float32")(ids).float()
+        model = moekit.load_model(path, device="cuda", dtype="bfloat16")
+        cache = KVCache(model.config, batch=2, capacity=12, device="cuda", dtype=torch.bfloat16)
+        model(ids[:, :8], cache=cache, start=0)
+        steps = torch.cat([model(ids[:, p:p + 1], cache=cache, start=p) for p in range(8, 12)], dim=1).float()
+    assert median_token_error(steps, ref[:, 8:]) < 0.05

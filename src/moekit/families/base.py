@@ -92,6 +92,22 @@ def check_activation(hf: dict[str, Any], family: str) -> None:
             f"{family}: hidden_act '{act}' is not supported (moekit implements silu/SwiGLU experts)")
 
 
+def check_not_foreign_quantized(hf: dict[str, Any], family: str) -> None:
+    """Refuses a checkpoint quantized by another tool: its tensors would read as garbage."""
+    quant = hf.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method is None or method == "moekit":
+        return
+    if method == "fp8":
+        raise UnsupportedModelError(
+            f"{family}: this checkpoint stores FP8 block-quantized weights (quantization_config.quant_method "
+            "'fp8', weight_scale_inv tensors), which moekit does not read yet; convert it to bf16 first "
+            "(DeepSeek's inference/fp8_cast_bf16.py) or use a bf16 copy of the model")
+    raise UnsupportedModelError(
+        f"{family}: quantization_config.quant_method '{method}' is not read by moekit; use the unquantized "
+        "checkpoint (moekit compress writes its own compressed copy)")
+
+
 def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     """Returns the RopeConfig of an HF config, in either the v4 (rope_theta + rope_scaling)
     or the v5 (rope_parameters) spelling."""
@@ -134,6 +150,7 @@ def eos_ids(value: Any) -> tuple[int, ...]:
 def common_fields(hf: dict[str, Any], family: str) -> dict[str, Any]:
     """Returns the ModelConfig fields that every supported family spells the same way."""
     check_activation(hf, family)
+    check_not_foreign_quantized(hf, family)
     hidden = int(require(hf, "hidden_size", family))
     heads = int(require(hf, "num_attention_heads", family))
     return dict(

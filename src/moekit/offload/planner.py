@@ -90,7 +90,7 @@ def embedding_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, positions: int) -> int:
     """Returns the bytes of a KVCache for `batch` sequences of `positions` positions."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * batch * cfg.num_kv_heads * positions * cfg.head_dim * itemsize
+    return cfg.num_layers * batch * positions * cfg.kv_values_per_position * itemsize  # MLA: latent + rope key
 
 
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, batch: int, context: int | None = None,

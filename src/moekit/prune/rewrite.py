@@ -34,7 +34,7 @@ def expert_tensor_index(family: Family, cfg: ModelConfig) -> dict[str, tuple[int
 
 
 def _expert_count_keys(hf: dict[str, Any]) -> list[str]:
-    keys = [k for k in ("num_local_experts", "num_experts") if k in hf]
+    keys = [k for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in hf]
     return keys or ["num_experts"]
 
 
@@ -49,6 +49,7 @@ def pruned_tensors(ckpt: Checkpoint, family: Family, cfg: ModelConfig, kept: dic
 
     experts = expert_tensor_index(family, cfg)
     routers = {family.router_name(layer): layer for layer in kept}
+    routers.update({family.router_bias_name(layer): layer for layer in kept})  # DeepSeek-V3's selection bias
     fused = {name: layer for layer in kept for name in family.stacked_expert_names(layer)}
     for name in ckpt.names():
         if name in experts:
