@@ -176,6 +176,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moekit.prune.cli",
     "moekit.offload.cli",
     "moekit.quant.cli",
+    "moekit.serve.cli",
 )
 
 def build_parser() -> argparse.ArgumentParser:
