@@ -128,9 +128,19 @@ VARIANTS.update({
         routed_scaling_factor=1.0, norm_topk_prob=False, rope_interleave=False,
         rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "mscale": 1.0,
                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 32})),
+    # V3 routing (best 2 of 4 groups, x1.5), rope on half of each 16-wide head, q/k norm, qkv bias, layer 0 dense
+    "glm4_moe": ("Glm4MoeConfig", dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=24, head_dim=16,
+        n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, num_experts_per_tok=3, n_group=4,
+        topk_group=2, routed_scaling_factor=1.5, use_qk_norm=True, attention_bias=True)),
+    # a quarter of each head rotated, no q/k norm, no groups, no renormalisation
+    "glm4_moe_plain": ("Glm4MoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=40, moe_intermediate_size=24,
+        n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=0, norm_topk_prob=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
 })
 NEW_FAMILY_VARIANTS = {"granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2",
-                       "deepseek_v2_group", "deepseek_v3", "deepseek_v3_plain"}
+                       "deepseek_v2_group", "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain"}
 
 FAMILY_VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "qwen3_moe_bias", "olmoe",
                    "olmoe_clip"]

@@ -20,8 +20,9 @@ def _hf_dict(tiny, variant: str) -> dict:
 
 def test_supported_families():
     assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe",
-                             "deepseek_v2", "deepseek_v3"}
-    assert supported() == "deepseek_v2, deepseek_v3, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe"
+                             "deepseek_v2", "deepseek_v3", "glm4_moe"}
+    assert supported() == ("deepseek_v2, deepseek_v3, glm4_moe, granitemoe, mixtral, olmoe, phimoe, "
+                           "qwen2_moe, qwen3_moe")
 
 
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS + ["mixtral_tied", "mixtral_sliding", "granitemoe", "phimoe"])
@@ -128,6 +129,22 @@ def test_deepseek_fields(tiny):
     assert family.router_bias_name(2) == "model.layers.2.mlp.gate.e_score_correction_bias"
     plain = moekit.read_config(tiny("deepseek_v3_plain").path)[2]
     assert not plain.mla.rope_interleave and not plain.norm_topk_prob and not plain.router.group_limited
+
+
+def test_glm4_moe_fields(tiny):
+    _, family, cfg = moekit.read_config(tiny("glm4_moe").path)
+    assert cfg.rotary_dim == cfg.rope_dim == 8 and cfg.head_dim == 16 and cfg.qk_norm == "head"
+    assert cfg.qkv_bias and not cfg.o_bias and cfg.moe_layers == (False, True, True)
+    assert cfg.router.scoring == "sigmoid" and cfg.router.correction_bias and cfg.router.scaling_factor == 1.5
+    assert cfg.shared_expert_ffn == 24 and not cfg.shared_expert_gate and cfg.mla is None
+    assert family.shared_expert_names(1)[2] == "model.layers.1.mlp.shared_experts.down_proj.weight"
+    plain = moekit.read_config(tiny("glm4_moe_plain").path)[2]
+    assert plain.rotary_dim == 2 and plain.qk_norm == "none" and not plain.norm_topk_prob
+    # GLM-4.5's own config.json spells the factor at the top level
+    hf = _hf_dict(tiny, "glm4_moe_plain")
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    assert FAMILIES["glm4_moe"].config({**hf, "partial_rotary_factor": 0.5}).rotary_dim == 4
+    assert FAMILIES["glm4_moe"].config(hf).rotary_dim == 4  # transformers' default: half
 
 
 def test_deepseek_refusals(tiny):

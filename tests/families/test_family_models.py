@@ -23,11 +23,13 @@ from conftest import VOCAB, rel_error, token_ids, transformers
 
 LOGITS_RTOL = 1e-4
 VARIANTS = ["granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2", "deepseek_v2_group",
-            "deepseek_v3", "deepseek_v3_plain"]
-FAMILY_OF = {v: v if v.count("_") == 1 and v.startswith("deepseek") else v.split("_")[0] for v in VARIANTS}
-FAMILY_OF.update({"deepseek_v2_group": "deepseek_v2", "deepseek_v3_plain": "deepseek_v3"})
+            "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain"]
+FAMILY_OF = {"granitemoe": "granitemoe", "granitemoe_tied": "granitemoe", "phimoe": "phimoe",
+             "phimoe_plain": "phimoe", "deepseek_v2": "deepseek_v2", "deepseek_v2_group": "deepseek_v2",
+             "deepseek_v3": "deepseek_v3", "deepseek_v3_plain": "deepseek_v3", "glm4_moe": "glm4_moe",
+             "glm4_moe_plain": "glm4_moe"}
 # one variant per family for the heavier pillars
-ONE_PER_FAMILY = ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3"]
+ONE_PER_FAMILY = ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3", "glm4_moe"]
 # yarn variants: prompts run past original_max_position_embeddings (32)
 PROMPT = {"deepseek_v2_group": 40, "deepseek_v3_plain": 40}
 
@@ -135,7 +137,7 @@ def test_compressed_ternary_gptq_beats_rtn(tiny, compressed, variant):
     assert models["gptq"].generate(token_ids(1, 8), max_new_tokens=4).shape == (1, 4)
 
 
-@pytest.mark.parametrize("variant", ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3_plain"])
+@pytest.mark.parametrize("variant", ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3_plain", "glm4_moe_plain"])
 def test_pruned_copy_loads_in_transformers_and_agrees(tiny, variant, tmp_path):
     src = tiny(variant).path
     model = moekit.load_model(src)
@@ -165,6 +167,9 @@ def test_pruned_copy_loads_in_transformers_and_agrees(tiny, variant, tmp_path):
                      "shared expert": "ffn 48", "router": "softmax top-k, x1.5"}),
     ("deepseek_v3", {"router": "sigmoid top-k, best 2 of 4 groups, selection bias, renormalised, x2.5",
                      "attention": "MLA, 4 heads: kv_lora_rank 16, q_lora_rank 24, qk 8 nope + 4 rope, v 12"}),
+    ("glm4_moe", {"attention": "4 heads over 2 kv heads of 16, rope on 8 of 16 dims",
+                  "router": "sigmoid top-k, best 2 of 4 groups, selection bias, renormalised, x1.5",
+                  "dense layers": "1 (layers 0), ffn 40", "shared expert": "ffn 24"}),
 ])
 def test_inspect_shows_family_specifics(tiny, variant, expected, capsys):
     from conftest import run_cli
@@ -229,7 +234,7 @@ def test_mtp_layers_after_the_last_layer_are_not_read(tiny, tmp_path):
         assert torch.equal(moekit.load_model(dst)(ids), moekit.load_model(src)(ids))
 
 
-@pytest.mark.parametrize("variant", ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ONE_PER_FAMILY)
 def test_kv_cache_with_device_position_equals_int_position(tiny, variant):
     """The graph-safe decode path (start a 0-d tensor, attending to the whole buffer under a mask)."""
     model = moekit.load_model(tiny(variant).path)
