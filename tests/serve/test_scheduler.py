@@ -169,3 +169,22 @@ def test_llm_generates_many_text_prompts():
         assert c.prompt_token_ids == ids and c.finish_reason == "length"
         assert c.token_ids == _alone(llm.model, ids, 6)
         assert c.text == llm.tokenizer.decode(c.token_ids)
+
+
+def test_logprobs_are_the_models(mixtral_model):
+    """Each token's log-probability and top alternatives equal log_softmax of the full forward."""
+    model = mixtral_model
+    sched = Scheduler(model, SchedulerConfig(max_step_tokens=8))
+    prompts = _prompts([5, 12], seed=9)
+    reqs = [sched.add(p, SamplingParams(max_tokens=4, logprobs=3)) for p in prompts]
+    plain = sched.add(prompts[0], SamplingParams(max_tokens=4))
+    sched.run()
+    assert plain.logprobs == []
+    for prompt, r in zip(prompts, reqs):
+        assert len(r.logprobs) == 4
+        for i, entry in enumerate(r.logprobs):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([prompt + r.output[:i]]))[0, -1].float(), dim=-1)
+            assert entry.logprob == pytest.approx(float(logp[r.output[i]]), abs=1e-4)
+            assert [t for t, _ in entry.top] == torch.topk(logp, 3).indices.tolist()
+            assert entry.top[0][0] == r.output[i]  # greedy: the chosen token is the top one

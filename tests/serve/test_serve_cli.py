@@ -16,5 +16,5 @@ from conftest import run_cli
     (["/no/such/model"], "no such directory"),
 ])
 def test_bad_flags_are_one_line(capsys, argv, match):
-    code, out, err = run_cli(capsys, "serve", *argv)
+    code, _, err = run_cli(capsys, "serve", *argv)
     assert code == 2 and match in err and "Traceback" not in err

@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import moekit
 
@@ -202,6 +203,28 @@ def test_stop_string_cuts_the_text(client):
             assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
 
 
+def test_logprobs(client, local):
+    model, tok = local
+    ids = tok.encode(PROMPTS[1])
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
+    r = client.completions.create(model="tiny-moe", prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert lp.token_logprobs[0] == pytest.approx(float(first.max()), abs=1e-4)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and chosen == pytest.approx(max(top.values()))  # greedy takes the top one
+    assert "".join(lp.tokens) == r.choices[0].text or r.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(model="tiny-moe", prompt=PROMPTS[1], max_tokens=6, temperature=0,
+                                              logprobs=3, stream=True))
+    assert [x for c in streamed for x in c.choices[0].logprobs.token_logprobs] == pytest.approx(lp.token_logprobs)
+    chat = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)
+
+
 # ---- concurrency ---------------------------------------------------------------------------
 
 def test_sixteen_concurrent_requests_equal_sequential(server, client):
@@ -261,6 +284,7 @@ BAD_BODIES = [
     (b'{"prompt": "x", "max_tokens": 100000}', 400, "exceeds the model's context"),
     (b'{"prompt": [[5, 999999]]}', 400, "token ids must be in"),
     (b'{"prompt": ""}', 400, "no tokens"),
+    (b'{"prompt": "x", "logprobs": 50}', 400, "logprobs must be in 0..20"),
 ]
 
 

@@ -22,7 +22,7 @@ from ..errors import MoekitError
 from ..tokenizer import StreamDecoder, Tokenizer
 from .engine import Engine
 from .protocol import ChatRequest, CompletionRequest, error_body
-from .scheduler import QueueFull, SamplingParams
+from .scheduler import QueueFull, SamplingParams, TokenLogprob
 
 log = logging.getLogger("moekit.serve")
 
@@ -53,10 +53,14 @@ class _Choice:
         self.tokens = 0
         self.finish_reason: str | None = None
         self.request = None  # the scheduler's Request
+        self.logprobs: list[tuple[int, TokenLogprob]] = []  # (token, its logprob) when asked for
+        self.logprobs_sent = 0
 
-    def push(self, token: int) -> bool:
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Adds a new token; returns True when the text now holds a stop string (cut before it)."""
         self.tokens += 1
+        if logprob is not None:
+            self.logprobs.append((token, logprob))
         if token in self.eos:
             return False
         self.text += self.decoder.push(token)
@@ -70,6 +74,11 @@ class _Choice:
         """Returns the text not sent yet that no stop string can still claim."""
         end = len(self.text) if self.finish_reason else max(self.sent, len(self.text) - self.holdback)
         out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def new_logprobs(self) -> list[tuple[int, TokenLogprob]]:
+        """Returns the logprob entries not sent yet (streaming)."""
+        out, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
         return out
 
 
@@ -131,7 +140,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
         _check_common(body, model_name)
         prompts = _completion_prompts(body.prompt, tokenizer)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        return await _respond(request, body, prompts, max_tokens, chat=False)
+        return await _respond(request, body, prompts, max_tokens, chat=False, logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -144,11 +153,15 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
             max_tokens = max(1, context - len(prompt))
-        return await _respond(request, body, [prompt], max_tokens, chat=True)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise HTTPError("top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await _respond(request, body, [prompt], max_tokens, chat=True, logprobs=logprobs)
 
-    async def _respond(request: Request, body, prompts: list[list[int]], max_tokens: int, chat: bool):
+    async def _respond(request: Request, body, prompts: list[list[int]], max_tokens: int, chat: bool,
+                       logprobs: int | None):
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        base = _sampling(body, max_tokens, model.generation_defaults, eos)
+        base = _sampling(body, max_tokens, model.generation_defaults, eos, logprobs)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         choices: list[_Choice] = []
@@ -178,7 +191,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
             return _error("the client disconnected", 499)  # nobody reads it; the log line says what happened
         finally:
             _abort_unfinished(choices)
-        out = [_choice_body(c, chat) for c in choices]
+        out = [_choice_body(c, chat, logprobs is not None, tokenizer) for c in choices]
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": out, "usage": _usage(usage_prompt, choices)}
 
@@ -186,7 +199,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
         """Applies the next engine event to its choice; returns that choice's index (None on a
         timeout). Raises HTTPError 500 when the engine failed, _Disconnected when the client has gone."""
         try:
-            index, token, reason = await asyncio.wait_for(queue.get(), timeout)
+            index, token, reason, logprob = await asyncio.wait_for(queue.get(), timeout)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 raise _Disconnected from None
@@ -194,7 +207,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
         choice = choices[index]
         if choice.finish_reason is not None:
             return None  # events after a stop string cut it (its abort is on its way)
-        if token is not None and choice.push(token):
+        if token is not None and choice.push(token, logprob):
             choice.finish_reason = "stop"
             engine.abort(choice.request)
         elif reason == "abort":
@@ -225,7 +238,10 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
                 c = choices[index]
                 text = c.delta()
                 if text or c.finish_reason:
-                    yield chunk([_chunk_choice(c, text, chat)])
+                    entry = _chunk_choice(c, text, chat)
+                    if c.logprobs:
+                        entry["logprobs"] = _logprobs_body(c.new_logprobs(), chat, tokenizer)
+                    yield chunk([entry])
             if include_usage:
                 yield chunk([], _usage(usage_prompt, choices))
         except HTTPError as e:
@@ -253,8 +269,6 @@ def _check_common(body, model_name: str) -> None:
                         "(GET /v1/models)", 404, "model")
     if not 1 <= body.n <= MAX_N:
         raise HTTPError(f"n must be in 1..{MAX_N}, got {body.n}", param="n")
-    if body.logprobs:
-        raise HTTPError("logprobs are not supported by this server yet; leave logprobs unset", param="logprobs")
     if body.max_tokens is not None and body.max_tokens < 1:
         raise HTTPError(f"max_tokens must be >= 1, got {body.max_tokens}", param="max_tokens")
 
@@ -274,7 +288,7 @@ def _completion_prompts(prompt, tokenizer: Tokenizer) -> list[list[int]]:
     return out
 
 
-def _sampling(body, max_tokens: int, defaults: dict, eos: tuple[int, ...]) -> SamplingParams:
+def _sampling(body, max_tokens: int, defaults: dict, eos: tuple[int, ...], logprobs: int | None) -> SamplingParams:
     """Returns the request's SamplingParams; unset fields from generation_config.json, else OpenAI's
     defaults (temperature 1). Raises MoekitError (a 400) on values out of range."""
     temperature = body.temperature if body.temperature is not None else defaults.get("temperature", 1.0)
@@ -282,22 +296,40 @@ def _sampling(body, max_tokens: int, defaults: dict, eos: tuple[int, ...]) -> Sa
         max_tokens=max_tokens, temperature=temperature,
         top_p=body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
         top_k=body.top_k if body.top_k is not None else defaults.get("top_k", 0),
-        seed=body.seed, stop_token_ids=eos)
+        seed=body.seed, stop_token_ids=eos, logprobs=logprobs)
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
-    def emit(token: int | None, reason: str | None) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason))
+    def emit(token: int | None, reason: str | None, logprob: TokenLogprob | None) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason, logprob))
     return emit
 
 
 # ---- response bodies -----------------------------------------------------------------------
 
-def _choice_body(c: _Choice, chat: bool) -> dict:
+def _choice_body(c: _Choice, chat: bool, logprobs: bool, tokenizer: Tokenizer) -> dict:
+    lp = _logprobs_body(c.logprobs, chat, tokenizer) if logprobs else None
     if chat:
-        return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+        return {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
                 "finish_reason": c.finish_reason}
-    return {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+    return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+
+
+def _logprobs_body(entries: list[tuple[int, TokenLogprob]], chat: bool, tokenizer: Tokenizer) -> dict:
+    """Returns OpenAI's logprobs object for (token, logprob) entries: chat's `content` list, or
+    the completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset)."""
+    def piece(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False)
+
+    if chat:
+        def item(t: int, lp: float) -> dict:
+            return {"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
+        return {"content": [{**item(t, e.logprob), "top_logprobs": [item(a, v) for a, v in e.top]}
+                            for t, e in entries]}
+    tokens = [piece(t) for t, _ in entries]
+    offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [e.logprob for _, e in entries],
+            "top_logprobs": [{piece(a): v for a, v in e.top} for _, e in entries], "text_offset": offsets}
 
 
 def _chunk_choice(c: _Choice, text: str, chat: bool) -> dict:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+from .scheduler import Request, SamplingParams, Scheduler, SchedulerConfig, TokenLogprob
 
 log = logging.getLogger("moekit.serve")
 
@@ -36,16 +36,17 @@ class Engine:
         self._thread.start()
 
     def add(self, prompt: list[int], params: SamplingParams,
-            emit: Callable[[int | None, str | None], None]) -> Request:
-        """Returns the queued request; `emit(token, None)` is called (on the engine thread) for
-        each new token and `emit(None, finish_reason)` once at the end. Blocks for at most one
-        step; raises MoekitError / QueueFull as Scheduler.add does."""
+            emit: Callable[[int | None, str | None, TokenLogprob | None], None]) -> Request:
+        """Returns the queued request; `emit(token, None, logprob)` is called (on the engine
+        thread) for each new token (logprob None unless params.logprobs is set) and
+        `emit(None, finish_reason, None)` once at the end. Blocks for at most one step; raises
+        MoekitError / QueueFull as Scheduler.add does."""
 
         def on_token(request: Request, token: int) -> None:
-            emit(token, None)
+            emit(token, None, request.logprobs[-1] if request.logprobs else None)
 
         def on_finish(request: Request) -> None:
-            emit(None, request.finish_reason)
+            emit(None, request.finish_reason, None)
 
         with self._lock:
             request = self.scheduler.add(prompt, params, on_token=on_token, on_finish=on_finish)

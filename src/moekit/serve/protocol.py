@@ -28,13 +28,13 @@ class _Sampling(_Body):
     n: int = Field(default=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
 
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # top alternatives per token (0: only the chosen token's)
 
 
 class TextPart(_Body):
@@ -59,7 +59,8 @@ class ChatRequest(_Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None  # needs logprobs true
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:

@@ -26,6 +26,8 @@ from ..experts.runtime import expert_runtime
 from ..generate import BLOCK_SIZE, forward_step, sample
 from ..kv_cache import PagedKVCache
 
+MAX_LOGPROBS = 20  # top alternatives per token a request may ask for
+
 
 class QueueFull(MoekitError):
     """The scheduler's queue holds max_waiting requests already (a server answers 429)."""
@@ -41,6 +43,7 @@ class SamplingParams:
     top_k: int = 0  # most likely tokens kept (0 = off)
     seed: int | None = None  # the request's own generator (None: the global one)
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the sequence (kept in its output)
+    logprobs: int | None = None  # record each new token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -51,6 +54,8 @@ class SamplingParams:
             raise MoekitError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise MoekitError(f"top_k must be >= 0 (0 switches it off), got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise MoekitError(f"logprobs must be in 0..{MAX_LOGPROBS} (top alternatives per token), got {self.logprobs}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,15 @@ class SchedulerConfig:
             raise MoekitError(f"kv_tokens must hold at least one block ({self.block_size}), got {self.kv_tokens}")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A new token's log-probability under the model (before temperature and filters) and the
+    most likely alternatives, as (token id, log-probability) in descending order."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence: its prompt, what it generated, and where its KV cache stands."""
@@ -80,6 +94,7 @@ class Request:
     params: SamplingParams
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when params.logprobs is set
     computed: int = 0  # positions of prompt + output held in the KV cache
     finish_reason: str | None = None  # "stop" (a stop token), "length" (max_tokens) or "abort"
     on_token: Callable[[Request, int], None] | None = None  # called after each new token
@@ -175,6 +190,7 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:
         """Runs one forward over the scheduled work; returns the (request, new token) pairs it
         produced (a request retired in this step has finish_reason set)."""
@@ -182,15 +198,21 @@ class Scheduler:
         if not work:
             return []
         logits = forward_step(self.model, self.cache, [(r, r.computed, r.tokens[r.computed:r.computed + n])
-                                                       for r, n in work])
+                                                       for r, n in work])  # [B, V]
         self.stats.steps += 1
-        produced = []
+        ready = []  # rows whose sequence has all its tokens in the cache: they sample
         for row, (request, n) in enumerate(work):
             request.computed += n
-            if request.computed < len(request.tokens):
-                continue  # a prefill chunk: no token until the whole prompt is in
-            token = self._sample(logits[row:row + 1], request)
+            if request.computed == len(request.tokens):
+                ready.append((row, request))
+        if not ready:
+            return []
+        tokens = self._sample(logits, ready)
+        produced = []
+        for (row, request), token in zip(ready, tokens):
             request.output.append(token)
+            if request.params.logprobs is not None:
+                request.logprobs.append(_logprob(logits[row], token, request.params.logprobs))
             self.stats.generated_tokens += 1
             produced.append((request, token))
             if request.on_token is not None:
@@ -253,9 +275,16 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.stats.preemptions += 1
 
-    def _sample(self, logits: torch.Tensor, request: Request) -> int:
-        p = request.params
-        return int(sample(logits, p.temperature, p.top_k, p.top_p, request.generator)[0])
+    def _sample(self, logits: torch.Tensor, ready: list[tuple[int, Request]]) -> list[int]:
+        """Returns the next token of each ready (row, request) from logits [B, V]: greedy rows by
+        one argmax, sampled rows each from its own generator, read back with one sync."""
+        rows = torch.tensor([row for row, _ in ready], device=logits.device)
+        tokens = logits[rows].argmax(dim=-1)  # [R]
+        for i, (row, request) in enumerate(ready):
+            p = request.params
+            if p.temperature > 0:
+                tokens[i] = sample(logits[row:row + 1], p.temperature, p.top_k, p.top_p, request.generator)[0]
+        return tokens.tolist()
 
     def _stop_reason(self, request: Request, token: int) -> str | None:
         if token in request.params.stop_token_ids:
@@ -272,3 +301,10 @@ class Scheduler:
             self.stats.prompt_tokens += len(request.prompt)
         if request.on_finish is not None:
             request.on_finish(request)
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Returns token's log-probability under logits [V] and the `top` most likely alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logp, top) if top > 0 else (logp[:0], logp[:0].long())
+    return TokenLogprob(float(logp[token]), tuple(zip(ids.tolist(), values.tolist())))
