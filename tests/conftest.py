@@ -138,9 +138,20 @@ VARIANTS.update({
         _COMMON, num_hidden_layers=2, intermediate_size=40, moe_intermediate_size=24,
         n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=0, norm_topk_prob=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+    # sinks, sliding window 5 on even layers (full on odd), biases everywhere, 3 layers; a clamp
+    # limit of 0.6 so the clamps bite at this init scale; yarn as in the released config (factor 32 over 4096)
+    "gpt_oss": ("GptOssConfig", dict(
+        _COMMON, num_hidden_layers=3, intermediate_size=24, num_local_experts=4, head_dim=8,
+        sliding_window=5, swiglu_limit=0.6)),
+    # every layer full attention, 8 experts top-3, default clamp, no rope scaling
+    "gpt_oss_full": ("GptOssConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=24, num_local_experts=8, num_experts_per_tok=3,
+        head_dim=8, sliding_window=5, layer_types=["full_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 })
 NEW_FAMILY_VARIANTS = {"granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2",
-                       "deepseek_v2_group", "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain"}
+                       "deepseek_v2_group", "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain",
+                       "gpt_oss", "gpt_oss_full"}
 
 FAMILY_VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "qwen3_moe_bias", "olmoe",
                    "olmoe_clip"]

@@ -20,8 +20,8 @@ def _hf_dict(tiny, variant: str) -> dict:
 
 def test_supported_families():
     assert set(FAMILIES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe",
-                             "deepseek_v2", "deepseek_v3", "glm4_moe"}
-    assert supported() == ("deepseek_v2, deepseek_v3, glm4_moe, granitemoe, mixtral, olmoe, phimoe, "
+                             "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"}
+    assert supported() == ("deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, granitemoe, mixtral, olmoe, phimoe, "
                            "qwen2_moe, qwen3_moe")
 
 
@@ -145,6 +145,27 @@ def test_glm4_moe_fields(tiny):
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     assert FAMILIES["glm4_moe"].config({**hf, "partial_rotary_factor": 0.5}).rotary_dim == 4
     assert FAMILIES["glm4_moe"].config(hf).rotary_dim == 4  # transformers' default: half
+
+
+def test_gpt_oss_fields(tiny):
+    _, family, cfg = moekit.read_config(tiny("gpt_oss").path)
+    assert cfg.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    assert [cfg.attention_config(i).sliding_window for i in range(3)] == [5, None, 5]
+    assert cfg.attention_sinks and cfg.router_bias and cfg.qkv_bias and cfg.o_bias
+    assert cfg.expert_act == "clamped_swiglu" and cfg.expert_bias and not cfg.plain_experts
+    assert (cfg.swiglu_alpha, cfg.swiglu_limit) == (pytest.approx(1.702), pytest.approx(0.6))
+    assert cfg.rope.scaling == "yarn" and cfg.rope.factor == 32 and not cfg.rope.truncate
+    assert family.router_name(0) == "model.layers.0.mlp.router.weight"
+    assert family.router_bias_name(0) == "model.layers.0.mlp.router.bias"
+    assert family.stacked_expert_extras(1) == ("model.layers.1.mlp.experts.gate_up_proj_bias",
+                                               "model.layers.1.mlp.experts.down_proj_bias")
+    hf = _hf_dict(tiny, "gpt_oss")
+    del hf["layer_types"]  # transformers' default: even layers sliding, odd full
+    assert FAMILIES["gpt_oss"].config(hf).layer_types == cfg.layer_types
+    with pytest.raises(moekit.UnsupportedModelError, match="MXFP4 .* save a bf16 copy first"):
+        FAMILIES["gpt_oss"].config({**hf, "quantization_config": {"quant_method": "mxfp4"}})
+    with pytest.raises(moekit.MoekitError, match="layer_types must give"):
+        FAMILIES["gpt_oss"].config({**hf, "layer_types": ["full_attention"]})
 
 
 def test_deepseek_refusals(tiny):

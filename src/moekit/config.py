@@ -134,6 +134,13 @@ class ModelConfig:
     residual_multiplier: float = 1.0  # attention and MLP outputs are multiplied by this before the residual add
     logits_scaling: float = 1.0  # logits are divided by this
     mla: MLAConfig | None = None  # multi-head latent attention instead of grouped-query attention
+    layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" | "full_attention" (empty: all use sliding_window)
+    attention_sinks: bool = False  # a learned per-head logit joins each softmax and is dropped after (gpt-oss)
+    router_bias: bool = False  # the router linear carries a bias
+    expert_act: str = "silu"  # "silu" (SwiGLU) | "clamped_swiglu" (gpt-oss: clamped, (up + 1) * g * sigmoid(alpha g))
+    expert_bias: bool = False  # routed experts' gate_up and down projections carry biases
+    swiglu_alpha: float = 1.702  # clamped_swiglu: sigmoid slope
+    swiglu_limit: float = 7.0  # clamped_swiglu: gate clamped above, up clamped to +-limit
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -170,6 +177,12 @@ class ModelConfig:
             raise MoekitError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim})")
         if self.logits_scaling == 0:
             raise MoekitError("logits_scaling must not be 0 (logits are divided by it)")
+        if self.layer_types and (len(self.layer_types) != self.num_layers or
+                                 set(self.layer_types) - {"sliding_attention", "full_attention"}):
+            raise MoekitError(f"layer_types must give sliding_attention or full_attention for each of the "
+                              f"{self.num_layers} layers, got {list(self.layer_types)}")
+        if self.expert_act not in ("silu", "clamped_swiglu"):
+            raise MoekitError(f"expert_act must be silu or clamped_swiglu, got {self.expert_act!r}")
         if self.router.scoring == "sparsemixer" and self.top_k != 2:
             raise MoekitError(f"sparsemixer routing picks exactly 2 experts; num_experts_per_tok is {self.top_k}")
         for layer in range(self.num_layers):
@@ -178,6 +191,19 @@ class ModelConfig:
                 raise MoekitError(
                     f"layer {layer} has {count} experts, not a multiple of n_group ({self.router.n_group}): "
                     "group-limited routing needs equal groups (a pruned copy must keep whole groups)")
+
+    def attention_config(self, layer: int) -> ModelConfig:
+        """Returns the config layer `layer`'s attention sees: no sliding window on a full-attention
+        layer of a model that alternates them (layer_types)."""
+        if self.layer_types and self.layer_types[layer] == "full_attention" and self.sliding_window is not None:
+            return dataclasses.replace(self, sliding_window=None)
+        return self
+
+    @property
+    def plain_experts(self) -> bool:
+        """Whether routed experts are plain SwiGLU without biases (what every stored form but
+        experts.clamped's computes)."""
+        return self.expert_act == "silu" and not self.expert_bias
 
     @property
     def rope_dim(self) -> int:

@@ -88,7 +88,12 @@ def model_specifics(cfg: ModelConfig) -> dict[str, str]:
         if cfg.rope_dim < cfg.head_dim:
             out["attention"] += f", rope on {cfg.rope_dim} of {cfg.head_dim} dims"
         if cfg.sliding_window:
+            sliding = sum(cfg.attention_config(i).sliding_window is not None for i in range(cfg.num_layers))
             out["attention"] += f", sliding window {cfg.sliding_window}"
+            if sliding < cfg.num_layers:
+                out["attention"] += f" on {sliding} of {cfg.num_layers} layers"
+        if cfg.attention_sinks:
+            out["attention"] += ", sinks"
     out["KV cache"] = f"{cfg.kv_values_per_position} values per position and layer"
     dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
     if dense:
@@ -102,10 +107,14 @@ def model_specifics(cfg: ModelConfig) -> dict[str, str]:
         router += f", best {r.topk_group} of {r.n_group} groups"
     if r.correction_bias:
         router += ", selection bias"
+    router += ", biased" if cfg.router_bias else ""
     router += ", renormalised" if cfg.norm_topk_prob else ""
     if r.scaling_factor != 1.0:
         router += f", x{r.scaling_factor:g}"
     out["router"] = router
+    if not cfg.plain_experts:
+        out["experts"] = (f"{cfg.expert_act} (alpha {cfg.swiglu_alpha:g}, limit {cfg.swiglu_limit:g})"
+                          + (", biased" if cfg.expert_bias else ""))
     if cfg.norm != "rms":
         out["norm"] = "LayerNorm with bias"
     scalars = [f"{name} {value:g}" for name, value, default in (

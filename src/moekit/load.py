@@ -149,6 +149,8 @@ def _fill_attention(attn: Attention, ckpt: Checkpoint, family: Family, cfg: Mode
     _copy(attn.o_proj.weight, ckpt, family.attn_name(i, "o_proj") + ".weight", (d, qd))
     if cfg.o_bias:
         _copy(attn.o_proj.bias, ckpt, family.attn_name(i, "o_proj") + ".bias", (d,))
+    if getattr(attn, "sinks", None) is not None:
+        _copy(attn.sinks, ckpt, family.attn_name(i, "sinks"), (cfg.num_heads,))
     if attn.q_norm is not None:
         _copy(attn.q_norm.weight, ckpt, family.attn_name(i, "q_norm") + ".weight", tuple(attn.q_norm.weight.shape))
         _copy(attn.k_norm.weight, ckpt, family.attn_name(i, "k_norm") + ".weight", tuple(attn.k_norm.weight.shape))
@@ -173,6 +175,8 @@ def _fill_moe(block: MoEBlock, ckpt: Checkpoint, family: Family, cfg: ModelConfi
     """Fills the router and the shared expert (the routed experts are the expert loader's)."""
     d, e_count = cfg.hidden_size, cfg.experts_in(i)
     _copy(block.router.weight, ckpt, family.router_name(i), (e_count, d))
+    if block.router.bias is not None:
+        _copy(block.router.bias, ckpt, family.router_bias_name(i), (e_count,))
     if block.score_bias is not None:  # kept in float32 whatever the model's dtype: it decides ties
         block.score_bias = ckpt.read(family.router_bias_name(i), shape=(e_count,),
                                      dtype=torch.float32).to(block.router.weight.device)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import sinks
 from .config import ModelConfig
 from .errors import MoekitError
 from .experts import ResidentExperts
@@ -153,6 +154,19 @@ class Attention(nn.Module):
         return mask
 
 
+class SinkAttention(Attention):
+    """Attention whose softmax has a learned sink logit per head (gpt-oss; moekit.sinks)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads))  # [H]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCache | PagedKVCache | None, start: int | torch.Tensor | RaggedBatch) -> torch.Tensor:
+        """Returns the attention output [B, T, H*Dh] (before o_proj); stores k, v in the cache."""
+        return sinks.attend(self, q, k, v, cache, start)
+
+
 class DenseMLP(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate and up fused into one projection."""
 
@@ -175,7 +189,7 @@ class MoEBlock(nn.Module):
         self.top_k = cfg.top_k  # may be lowered after loading (top-k reduction)
         self.skip_below = 0.0  # dynamic skip: drop experts whose weight < skip_below * the top weight
         num_experts = cfg.experts_in(layer)
-        self.router = nn.Linear(cfg.hidden_size, num_experts, bias=False)
+        self.router = nn.Linear(cfg.hidden_size, num_experts, bias=cfg.router_bias)
         self.experts: nn.Module = ResidentExperts(num_experts, cfg.hidden_size, cfg.expert_ffn)
         self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
         self.shared_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
@@ -216,7 +230,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_norm = make_norm(cfg, cfg.hidden_size)
-        self.attn = Attention(cfg, layer) if cfg.mla is None else _mla_attention(cfg, layer)
+        self.attn = _attention(cfg.attention_config(layer), layer)
         self.post_norm = make_norm(cfg, cfg.hidden_size)
         self.residual_multiplier = cfg.residual_multiplier  # Granite scales each block's output
         self.mlp: nn.Module = MoEBlock(cfg, layer) if cfg.moe_layers[layer] else DenseMLP(cfg.hidden_size, cfg.dense_ffn)
@@ -341,8 +355,11 @@ class MoEModel(nn.Module):
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
 
-def _mla_attention(cfg: ModelConfig, layer: int) -> nn.Module:
-    """Returns multi-head latent attention (moekit.mla; imported here: only DeepSeek needs it)."""
-    from .mla import LatentAttention
+def _attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    """Returns a layer's attention: grouped-query, with sinks (gpt-oss), or latent (moekit.mla:
+    DeepSeek; imported here, as only DeepSeek needs it)."""
+    if cfg.mla is not None:
+        from .mla import LatentAttention
 
-    return LatentAttention(cfg, layer)
+        return LatentAttention(cfg, layer)
+    return SinkAttention(cfg, layer) if cfg.attention_sinks else Attention(cfg, layer)

@@ -23,13 +23,14 @@ from conftest import VOCAB, rel_error, token_ids, transformers
 
 LOGITS_RTOL = 1e-4
 VARIANTS = ["granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2", "deepseek_v2_group",
-            "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain"]
+            "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain", "gpt_oss", "gpt_oss_full"]
 FAMILY_OF = {"granitemoe": "granitemoe", "granitemoe_tied": "granitemoe", "phimoe": "phimoe",
              "phimoe_plain": "phimoe", "deepseek_v2": "deepseek_v2", "deepseek_v2_group": "deepseek_v2",
              "deepseek_v3": "deepseek_v3", "deepseek_v3_plain": "deepseek_v3", "glm4_moe": "glm4_moe",
-             "glm4_moe_plain": "glm4_moe"}
+             "glm4_moe_plain": "glm4_moe", "gpt_oss": "gpt_oss", "gpt_oss_full": "gpt_oss"}
 # one variant per family for the heavier pillars
-ONE_PER_FAMILY = ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3", "glm4_moe"]
+ONE_PER_FAMILY = ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
+COMPRESSIBLE = [v for v in ONE_PER_FAMILY if v != "gpt_oss"]  # gpt-oss: biased, clamped experts
 # yarn variants: prompts run past original_max_position_embeddings (32)
 PROMPT = {"deepseek_v2_group": 40, "deepseek_v3_plain": 40}
 
@@ -109,7 +110,7 @@ def compressed(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("family_compressed")
     calib = token_ids(48, 32, seed=7)  # enough that every expert sees more tokens than D (hessian rank)
     out = {}
-    for variant in ONE_PER_FAMILY:
+    for variant in COMPRESSIBLE:
         for method in ("gptq", "rtn"):
             path = root / f"{variant}-{method}"
             compress(tiny(variant).path, path, QuantConfig(bits="ternary", method=method), calib, progress=False)
@@ -117,7 +118,7 @@ def compressed(tiny, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", ONE_PER_FAMILY)
+@pytest.mark.parametrize("variant", COMPRESSIBLE)
 def test_compressed_ternary_gptq_beats_rtn(tiny, compressed, variant):
     """On held-out tokens, each MoE layer's ternary experts (same inputs and routing as the dense
     model's, through this family's attention, routers and dense layers) are closer to the dense
@@ -137,7 +138,8 @@ def test_compressed_ternary_gptq_beats_rtn(tiny, compressed, variant):
     assert models["gptq"].generate(token_ids(1, 8), max_new_tokens=4).shape == (1, 4)
 
 
-@pytest.mark.parametrize("variant", ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3_plain", "glm4_moe_plain"])
+@pytest.mark.parametrize("variant", ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3_plain", "glm4_moe_plain",
+                                     "gpt_oss_full"])
 def test_pruned_copy_loads_in_transformers_and_agrees(tiny, variant, tmp_path):
     src = tiny(variant).path
     model = moekit.load_model(src)
@@ -170,6 +172,9 @@ def test_pruned_copy_loads_in_transformers_and_agrees(tiny, variant, tmp_path):
     ("glm4_moe", {"attention": "4 heads over 2 kv heads of 16, rope on 8 of 16 dims",
                   "router": "sigmoid top-k, best 2 of 4 groups, selection bias, renormalised, x1.5",
                   "dense layers": "1 (layers 0), ffn 40", "shared expert": "ffn 24"}),
+    ("gpt_oss", {"attention": "4 heads over 2 kv heads of 8, sliding window 5 on 2 of 3 layers, sinks",
+                 "router": "softmax top-k, biased, renormalised",
+                 "experts": "clamped_swiglu (alpha 1.702, limit 0.6), biased"}),
 ])
 def test_inspect_shows_family_specifics(tiny, variant, expected, capsys):
     from conftest import run_cli
@@ -291,3 +296,13 @@ def test_cuda_bf16_mla_decode_close_to_float32(tiny, variant):
         model(ids[:, :8], cache=cache, start=0)
         steps = torch.cat([model(ids[:, p:p + 1], cache=cache, start=p) for p in range(8, 12)], dim=1).float()
     assert median_token_error(steps, ref[:, 8:]) < 0.05
+
+
+def test_gpt_oss_compress_is_refused_and_cpu_misses_say_what_to_use(tiny, tmp_path):
+    path = tiny("gpt_oss").path
+    with pytest.raises(moekit.MoekitError, match="gpt_oss experts \\(biases, clamped_swiglu\\) cannot be compressed"):
+        compress(path, tmp_path / "out", QuantConfig(bits="ternary", method="rtn"), progress=False)
+    assert not (tmp_path / "out").exists()
+    config = OffloadConfig(context_tokens=24, store="host", misses="cpu")
+    with pytest.raises(moekit.MoekitError, match="clamped SwiGLU.*--misses"):
+        load_offloaded(path, offload=config).generate(token_ids(1, 4), max_new_tokens=2)

@@ -40,6 +40,10 @@ class ExpertLoader:
 
     def build(self, ctx: LoadContext, layer: int) -> nn.Module:
         """Returns the expert source (an nn.Module with the seam's forward) of one MoE layer."""
+        if not ctx.config.plain_experts:  # gpt-oss: biases and the clamped SwiGLU
+            from .clamped import build_resident
+
+            return build_resident(ctx, layer)
         experts = ResidentExperts(ctx.config.experts_in(layer), ctx.config.hidden_size, ctx.config.expert_ffn)
         experts = experts.to(device=ctx.device, dtype=ctx.dtype)
         with torch.no_grad():

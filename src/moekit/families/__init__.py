@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UnsupportedModelError
-from . import deepseek_v2, deepseek_v3, glm4_moe, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 from .base import Family
 
 FAMILIES: dict[str, Family] = {
     m.FAMILY.name: m.FAMILY
-    for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, phimoe, deepseek_v2, deepseek_v3, glm4_moe)
+    for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, granitemoe, phimoe, deepseek_v2, deepseek_v3, glm4_moe, gpt_oss)
 }
 
 

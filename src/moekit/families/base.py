@@ -56,6 +56,10 @@ class Family:
         p = f"{self.layer_prefix(layer)}.{self.moe_prefix}.experts"
         return f"{p}.gate_up_proj", f"{p}.down_proj"
 
+    def stacked_expert_extras(self, layer: int) -> tuple[str, ...]:
+        """Returns the names of other stacked per-expert tensors [E, ...] (gpt-oss's expert biases)."""
+        return ()
+
     def shared_expert_names(self, layer: int) -> tuple[str, str, str, str]:
         """Returns (gate, up, down, sigmoid-gate) names of the shared expert."""
         p = f"{self.layer_prefix(layer)}.{self.moe_prefix}.shared_expert"

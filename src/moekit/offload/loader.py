@@ -58,6 +58,10 @@ class OffloadLoader(ExpertLoader):
             quant = QuantConfig.from_dict(ctx.ckpt.config["quantization_config"], str(ctx.ckpt.path / "config.json"))
             form = (form_from_tensors(quant, cfg, self.host_layers, device) if self.host_layers is not None
                     else form_from_checkpoint(quant, cfg, ctx.ckpt, ctx.family, device))
+        elif not cfg.plain_experts:  # gpt-oss: biases and the clamped SwiGLU
+            from ..experts.clamped import ClampedSwigluForm
+
+            form = ClampedSwigluForm.of(cfg, ctx.dtype)
         else:
             form = DenseForm(cfg.hidden_size, cfg.expert_ffn, ctx.dtype)
         moe_layers = [i for i, moe in enumerate(cfg.moe_layers) if moe]

@@ -50,7 +50,8 @@ def pruned_tensors(ckpt: Checkpoint, family: Family, cfg: ModelConfig, kept: dic
     experts = expert_tensor_index(family, cfg)
     routers = {family.router_name(layer): layer for layer in kept}
     routers.update({family.router_bias_name(layer): layer for layer in kept})  # DeepSeek-V3's selection bias
-    fused = {name: layer for layer in kept for name in family.stacked_expert_names(layer)}
+    fused = {name: layer for layer in kept
+             for name in (*family.stacked_expert_names(layer), *family.stacked_expert_extras(layer))}
     for name in ckpt.names():
         if name in experts:
             layer, e, proj = experts[name]

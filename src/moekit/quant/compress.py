@@ -178,6 +178,9 @@ def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens:
     ckpt, family, cfg = read_config(src)
     if cfg.num_moe_layers == 0:
         raise MoekitError(f"{ckpt.path}: the model has no MoE layers: nothing to compress")
+    if not cfg.plain_experts:  # the compressed forms compute a bias-free SwiGLU
+        raise MoekitError(f"{ckpt.path}: {cfg.family} experts (biases, {cfg.expert_act}) cannot be compressed yet; "
+                          "run the model uncompressed (offloaded, if it does not fit)")
     quant.check_shapes(cfg.hidden_size, cfg.expert_ffn)
     comp = _Compressor(quant, cfg, device)
     disable = not sys.stderr.isatty() if progress is None else not progress

@@ -1,0 +1,60 @@
+"""gpt-oss (openai/gpt-oss-20b, -120b): attention sinks (moekit.sinks), sliding-window and full
+attention alternating by `layer_types`, biases on q/k/v/o and on the router, top-k of the raw
+router logits with a softmax over the k, and experts stored stacked, transposed, gate/up
+interleaved and biased, with the clamped SwiGLU (moekit.experts.clamped; `swiglu_alpha`,
+`swiglu_limit`). MXFP4 checkpoints (the released weights) are refused until MXFP4 is a stored form:
+a bf16 copy loads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import UnsupportedModelError
+from .base import Family, common_fields, first, require
+
+
+class GptOss(Family):
+    name = "gpt_oss"
+    architectures = ("GptOssForCausalLM",)
+    router_module = "router"
+
+    def config(self, hf: dict[str, Any]) -> ModelConfig:
+        if (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+            raise UnsupportedModelError(
+                "gpt_oss: this checkpoint stores its experts in MXFP4 (quantization_config.quant_method "
+                "'mxfp4'), which moekit does not read yet; save a bf16 copy first (transformers dequantizes "
+                "MXFP4 when it loads without a GPU: from_pretrained(..., dtype=torch.bfloat16), then "
+                "save_pretrained)")
+        fields = common_fields({**hf, "hidden_act": "silu"}, self.name)  # the experts' own activation below
+        bias = bool(hf.get("attention_bias", True))
+        layers = fields["num_layers"]
+        layer_types = tuple(hf.get("layer_types") or
+                            ("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)))
+        return ModelConfig(
+            **fields,
+            num_experts=int(require(hf, "num_local_experts", self.name)),
+            top_k=int(require(hf, "num_experts_per_tok", self.name)),
+            expert_ffn=int(require(hf, "intermediate_size", self.name)),
+            moe_layers=(True,) * layers,
+            norm_topk_prob=True,  # softmax over the k best logits == top-k of the softmax, renormalised
+            qkv_bias=bias,
+            o_bias=bias,
+            sliding_window=hf.get("sliding_window") or None,
+            layer_types=layer_types,
+            attention_sinks=True,
+            router_bias=True,
+            expert_act="clamped_swiglu",
+            expert_bias=True,
+            swiglu_alpha=float(first(hf, "swiglu_alpha", default=1.702)),
+            swiglu_limit=float(first(hf, "swiglu_limit", default=7.0)),
+        )
+
+    def router_bias_name(self, layer: int) -> str:
+        return f"{self.layer_prefix(layer)}.{self.moe_prefix}.router.bias"
+
+    def stacked_expert_extras(self, layer: int) -> tuple[str, ...]:
+        return tuple(name + "_bias" for name in self.stacked_expert_names(layer))
+
+
+FAMILY = GptOss()
