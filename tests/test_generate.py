@@ -324,9 +324,12 @@ def test_ragged_bad_prompts(model, prompts, match):
         model.generate(prompts, max_new_tokens=4)
 
 
-def test_ragged_refuses_cuda_graph(model):
+def test_ragged_refuses_compile_and_cpu_graphs(model):
     with pytest.raises(moekit.MoekitError, match="equal-length batch tensor"):
-        model.generate([[5, 6], [7]], max_new_tokens=2, cuda_graph=True)
+        model.generate([[5, 6], [7]], max_new_tokens=2, compile=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(moekit.MoekitError, match="cuda_graph=True needs"):
+            model.generate([[5, 6], [7]], max_new_tokens=2, cuda_graph=True)
 
 
 def test_ragged_offloaded_equals_resident(tiny):

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from .errors import MoekitError
 from .experts.runtime import expert_runtime
 from .kv_cache import KVCache, PagedKVCache
+from .paged_decode import PagedDecode, static_decode_supported
 from .piecewise import capture_stream
 
 
@@ -133,16 +134,16 @@ def generate(model, input_ids: torch.Tensor | list, max_new_tokens: int = 16, te
     each step's tokens [B] (for streaming). `cuda_graph` (default: on for CUDA) replays decode
     steps from a captured graph; `compile` (CUDA only, off by default: it costs tens of seconds
     the first time) compiles the step with torch.compile before capturing it. A list runs as
-    ragged steps over a paged KV cache (generate_ragged: eager decode, `on_token` sees [B] with
-    finished sequences padded, each sequence samples from its own generator seeded with `seed`).
+    ragged steps over a paged KV cache (generate_ragged: `on_token` sees [B] with finished
+    sequences padded, each sequence samples from its own generator seeded with `seed`).
     """
     if isinstance(input_ids, (list, tuple)):
-        if cuda_graph or compile:
-            raise MoekitError("cuda_graph and compile are for an equal-length batch tensor [B, T]; a list of "
-                              "prompts decodes eagerly (leave them unset, or pass a tensor)")
+        if compile:
+            raise MoekitError("compile is for an equal-length batch tensor [B, T]; a list of prompts decodes "
+                              "with uncompiled CUDA graphs (leave compile unset, or pass a tensor)")
         return generate_ragged(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, eos_token_ids=eos_token_ids, stop_at_eos=stop_at_eos,
-                               on_token=on_token, stats=stats)
+                               on_token=on_token, stats=stats, cuda_graph=cuda_graph)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise MoekitError(f"input_ids must be [batch, tokens] with at least one token, got {list(input_ids.shape)}")
     if max_new_tokens <= 0:
@@ -343,13 +344,21 @@ def generate_ragged(model, prompts: list, max_new_tokens: int = 16, temperature:
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     eos_token_ids: tuple[int, ...] | None = None, stop_at_eos: bool = True,
                     on_token: Callable[[torch.Tensor], None] | None = None,
-                    stats: GenerationStats | None = None, block_size: int = BLOCK_SIZE) -> list[torch.Tensor]:
+                    stats: GenerationStats | None = None, block_size: int = BLOCK_SIZE,
+                    cuda_graph: bool | None = None) -> list[torch.Tensor]:
     """Returns each prompt's new token ids (1-D tensors, up to its eos included, else
     max_new_tokens long) for prompts of different lengths, run together as ragged steps over a
     paged KV cache: packed prefill (in chunks of the expert placement's prefill_chunk), then one
     decode step per token for the sequences still running. `on_token` receives each step's
-    tokens [B] (finished sequences padded with the first eos id)."""
+    tokens [B] (finished sequences padded with the first eos id). `cuda_graph` (default: on CUDA
+    where the model allows it, moekit.paged_decode) replays decode steps from graphs captured at
+    bucketed batch sizes."""
     prompts = prompt_list(model, prompts, max_new_tokens)
+    if cuda_graph and model.device.type != "cuda":
+        raise MoekitError("cuda_graph=True needs the model on a CUDA device")
+    if cuda_graph and not static_decode_supported(model):
+        raise MoekitError("cuda_graph=True: this model's ragged decode step cannot be captured (offloaded "
+                          "experts or latent attention); leave cuda_graph unset")
     temperature, top_k, top_p, eos_token_ids = sampling_defaults(model, temperature, top_k, top_p, eos_token_ids)
     device, cfg = model.device, model.config
     lengths = [len(p) for p in prompts]
@@ -358,11 +367,13 @@ def generate_ragged(model, prompts: list, max_new_tokens: int = 16, temperature:
     runtime = expert_runtime(model)
     if runtime is not None:
         runtime.reserve(1, cache.num_blocks * block_size)
+    use_graph = device.type == "cuda" and static_decode_supported(model) if cuda_graph is None else cuda_graph
+    decode = PagedDecode(model, cache) if use_graph else None
     generators = [_generator(seed, device) for _ in prompts]
     eos = set(eos_token_ids) if stop_at_eos else set()
     pad = eos_token_ids[0] if eos_token_ids else 0
     stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens, stats.cuda_graph, stats.prefill_s = sum(lengths), False, 0.0
+    stats.prompt_tokens, stats.cuda_graph, stats.prefill_s = sum(lengths), use_graph, 0.0
 
     _sync(device)
     t0 = time.perf_counter()
@@ -393,10 +404,12 @@ def generate_ragged(model, prompts: list, max_new_tokens: int = 16, temperature:
             if token in eos or len(outs[i]) == max_new_tokens:
                 cache.free(i)  # retired at once: its blocks go back to the pool
             else:
-                work.append((i, lengths[i] + len(outs[i]) - 1, [token]))
+                work.append((i, lengths[i] + len(outs[i]) - 1, token))
         running = [i for i, _, _ in work]
-        if work:
-            logits = forward_step(model, cache, work)
+        if work and decode is not None:
+            logits = decode(work)
+        elif work:
+            logits = forward_step(model, cache, [(i, position, [token]) for i, position, token in work])
     _sync(device)
     stats.decode_s = time.perf_counter() - t_first
     stats.new_tokens = max(len(o) for o in outs)

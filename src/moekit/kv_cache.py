@@ -91,8 +91,8 @@ class RaggedBatch:
 class PagedKVCache:
     """Keys and values of every layer in a pool of fixed-size blocks; one block table per sequence.
 
-    Per layer, keys and values are [NB, BS, Hkv, Dh]. A sequence (any hashable id) holds the
-    blocks of its block table; `prepare` grows the tables as sequences grow, `free` returns a
+    Per layer, keys and values are [NB + 1, BS, Hkv, Dh] (the last block is scratch_block). A
+    sequence (any hashable id) holds the blocks of its block table; `prepare` grows the tables as sequences grow, `free` returns a
     finished sequence's blocks to the pool, so memory follows the tokens actually held.
     """
 
@@ -105,9 +105,12 @@ class PagedKVCache:
         (hk, dk), (hv, dv) = config.kv_cache_dims()  # MLA caches its latent and rope key instead
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
-        self.keys = [torch.zeros((num_blocks, block_size, hk, dk), device=device, dtype=dtype)
+        # one block past the pool belongs to no sequence: padding rows of static-shape decode
+        # steps (moekit.paged_decode) write and read there
+        self.scratch_block = num_blocks
+        self.keys = [torch.zeros((num_blocks + 1, block_size, hk, dk), device=device, dtype=dtype)
                      for _ in range(config.num_layers)]
-        self.values = [torch.zeros((num_blocks, block_size, hv, dv), device=device, dtype=dtype)
+        self.values = [torch.zeros((num_blocks + 1, block_size, hv, dv), device=device, dtype=dtype)
                        for _ in range(config.num_layers)]
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # popped from the end: block 0 first
         self.tables: dict[Hashable, list[int]] = {}

@@ -25,11 +25,14 @@ def _alone(model, prompt, n):
 LENGTHS = [5, 30, 1, 12, 47, 3]
 
 
-def test_chunked_prefill_beside_decode_equals_alone(mixtral_model):
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_chunked_prefill_beside_decode_equals_alone(mixtral_model, static_decode):
     """Budget 8 tokens per step, at most 3 sequences: long prompts prefill in chunks while the
-    others decode; late requests join mid-run."""
+    others decode; late requests join mid-run. With static_decode, decode-only steps run at
+    bucketed static shapes (eagerly here; CUDA graphs on GPUs)."""
     model = mixtral_model
-    sched = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=8))
+    sched = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=8, static_decode=static_decode))
+    assert (sched.decode is not None) == static_decode
     prompts = _prompts(LENGTHS)
     params = SamplingParams(max_tokens=10)
     requests = [sched.add(p, params) for p in prompts[:4]]
@@ -46,6 +49,8 @@ def test_chunked_prefill_beside_decode_equals_alone(mixtral_model):
         assert request.finish_reason == "length"
     assert sched.cache.used_blocks == 0 and sched.stats.requests_finished == len(prompts)
     assert sched.stats.generated_tokens == 10 * len(prompts)
+    if static_decode:
+        assert set(sched.decode.steps) <= {1, 2, 4} and sched.decode.steps  # buckets of up to 3 sequences
 
 
 def test_stop_token_retires_at_once(mixtral_model):
@@ -188,3 +193,17 @@ def test_logprobs_are_the_models(mixtral_model):
             assert entry.logprob == pytest.approx(float(logp[r.output[i]]), abs=1e-4)
             assert [t for t, _ in entry.top] == torch.topk(logp, 3).indices.tolist()
             assert entry.top[0][0] == r.output[i]  # greedy: the chosen token is the top one
+
+
+@pytest.mark.gpu
+def test_cuda_scheduler_graphs_equal_alone(tiny):
+    """On a GPU the scheduler's decode steps replay CUDA graphs: tokens equal each prompt alone."""
+    model = moekit.load_model(tiny("qwen3_moe").path, device="cuda", dtype="float32")
+    sched = Scheduler(model, SchedulerConfig(max_seqs=4, max_step_tokens=16))
+    assert sched.decode is not None and sched.decode.use_graphs
+    prompts = _prompts(LENGTHS)
+    reqs = [sched.add(p, SamplingParams(max_tokens=10)) for p in prompts]
+    sched.run()
+    assert any(step.graph is not None for step in sched.decode.steps.values())
+    for prompt, r in zip(prompts, reqs):
+        assert r.output == _alone(model, prompt, 10)

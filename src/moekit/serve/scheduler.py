@@ -25,6 +25,7 @@ from ..errors import MoekitError
 from ..experts.runtime import expert_runtime
 from ..generate import BLOCK_SIZE, forward_step, sample
 from ..kv_cache import PagedKVCache
+from ..paged_decode import PagedDecode, static_decode_supported
 
 MAX_LOGPROBS = 20  # top alternatives per token a request may ask for
 
@@ -67,6 +68,8 @@ class SchedulerConfig:
     max_waiting: int = 1024  # queued requests before add() raises QueueFull
     kv_tokens: int | None = None  # paged KV cache positions (default: max_seqs x the model's context, capped)
     block_size: int = BLOCK_SIZE  # positions per KV block
+    static_decode: bool | None = None  # decode-only steps at bucketed static shapes, CUDA graphs on GPUs
+    # (default: on CUDA for models that allow it, moekit.paged_decode; True on the CPU runs it eagerly)
 
     def __post_init__(self):
         for name in ("max_seqs", "max_step_tokens", "max_waiting"):
@@ -136,6 +139,13 @@ class Scheduler:
         runtime = expert_runtime(model)
         if runtime is not None:  # an offloaded model makes room for the blocks in its budget
             runtime.reserve(1, self.cache.num_blocks * self.config.block_size)
+        static = self.config.static_decode
+        if static is None:
+            static = device.type == "cuda" and static_decode_supported(model)
+        elif static and not static_decode_supported(model):
+            raise MoekitError("static_decode needs resident experts and attention through block tables; "
+                              "leave it unset for this model")
+        self.decode = PagedDecode(model, self.cache) if static else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.stats = SchedulerStats()
@@ -197,8 +207,11 @@ class Scheduler:
         work = self._schedule()
         if not work:
             return []
-        logits = forward_step(self.model, self.cache, [(r, r.computed, r.tokens[r.computed:r.computed + n])
-                                                       for r, n in work])  # [B, V]
+        if self.decode is not None and all(r.computed == len(r.tokens) - 1 for r, _ in work):
+            logits = self.decode([(r, r.computed, r.tokens[-1]) for r, _ in work])  # [B, V]
+        else:
+            logits = forward_step(self.model, self.cache, [(r, r.computed, r.tokens[r.computed:r.computed + n])
+                                                           for r, n in work])  # [B, V]
         self.stats.steps += 1
         ready = []  # rows whose sequence has all its tokens in the cache: they sample
         for row, (request, n) in enumerate(work):

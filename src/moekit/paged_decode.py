@@ -1,0 +1,125 @@
+"""Ragged decode steps with static shapes, captured as CUDA graphs at bucketed batch sizes.
+
+A decode step of a ragged batch (one new token per sequence, each at its own position) has
+shapes that change every step: the number of sequences and the length of their block tables.
+Here the batch is padded to a bucket (1, 2, 4, ... sequences) and every block table to the blocks
+of the model's whole context, so one step per bucket can be captured once and replayed: the
+token, position, cache slot, context length and block table of each row are copied into a
+static buffer, the graph replays, and the first B rows of its logits are read. Padding rows
+write their key/value into the cache's scratch block and attend to it alone; their logits are
+never read. On the CPU the same static step runs eagerly (the padding logic is tested there).
+
+Shapes: B = sequences of the step, P = its bucket (B padded), MB = blocks of the whole context,
+V = vocab. The static buffer `meta` is [P, 4 + MB] int64: token, position, slot, context length,
+then the block table.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable
+
+import torch
+
+from .kv_cache import PagedKVCache, RaggedBatch
+from .piecewise import capture_stream
+
+_TOKEN, _POSITION, _SLOT, _CONTEXT, _TABLE = 0, 1, 2, 3, 4
+
+
+def bucket_for(batch: int) -> int:
+    """Returns the padded batch size of a step of `batch` sequences: the next power of two."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+def static_decode_supported(model) -> bool:
+    """Returns whether the model's decode step can run with static shapes (and be captured
+    whole): resident experts (no shared expert runtime) and attention through block tables."""
+    return getattr(model, "expert_runtime", None) is None and getattr(model.config, "mla", None) is None
+
+
+class _Step:
+    """One bucket's step: static buffers, and its CUDA graph once captured."""
+
+    def __init__(self, model, cache: PagedKVCache, bucket: int, width: int):
+        self.model, self.cache, self.bucket = model, cache, bucket
+        device = cache.device
+        self.host = torch.zeros(bucket, _TABLE + width, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.meta = torch.zeros(bucket, _TABLE + width, dtype=torch.long, device=device)
+        self.last_index = torch.arange(bucket, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def forward(self) -> torch.Tensor:
+        """Returns logits [P, V] of the step described by `meta` (writes k/v at its slots)."""
+        meta = self.meta
+        batch = RaggedBatch(
+            starts=(0,) * self.bucket, query_lens=(1,) * self.bucket, positions=meta[:, _POSITION],
+            slots=meta[:, _SLOT], block_tables=meta[:, _TABLE:].to(torch.int32),
+            context_lens=meta[:, _CONTEXT].to(torch.int32), last_index=self.last_index)
+        return self.model(meta[:, _TOKEN][None], cache=self.cache, start=batch, last_only=True)[:, -1]
+
+    def fill(self, rows: list[tuple[int, int, list[int]]]) -> None:
+        """Copies (token, position, block table) rows into the static buffer; padding after them."""
+        bs, scratch = self.cache.block_size, self.cache.scratch_block
+        width = self.host.shape[1] - _TABLE
+        data = [[token, position, table[position // bs] * bs + position % bs, position + 1,
+                 *table, *[0] * (width - len(table))] for token, position, table in rows]
+        data += [[0, 0, scratch * bs, 1, scratch] + [0] * (width - 1)] * (self.bucket - len(rows))
+        self.host.copy_(torch.tensor(data, dtype=torch.long))
+        self.meta.copy_(self.host, non_blocking=True)
+
+    def capture(self, pool) -> None:
+        """Captures forward() as a CUDA graph (warm-up and capture write only the scratch block)."""
+        self.fill([])
+        stream = capture_stream(self.model)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            self.logits = self.forward()
+        self.graph = graph
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
+
+
+class PagedDecode:
+    """Decode steps of ragged batches over `cache` at static shapes; CUDA graphs on GPUs."""
+
+    def __init__(self, model, cache: PagedKVCache, graphs: bool | None = None):
+        """`graphs` (default: on CUDA) captures each bucket's step the first time it is used;
+        without, the static step runs eagerly."""
+        self.model, self.cache = model, cache
+        self.use_graphs = cache.device.type == "cuda" if graphs is None else graphs
+        self.width = cache.blocks_for(model.config.max_position_embeddings)
+        self.steps: dict[int, _Step] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def __call__(self, work: list[tuple[Hashable, int, int]]) -> torch.Tensor:
+        """Returns logits [B, V] of one decode step over (sequence, position, token) triples,
+        growing each sequence's blocks to hold its position first (OutOfBlocks when short)."""
+        for seq, position, _ in work:
+            self.cache.grow(seq, position + 1)
+        step = self._step(bucket_for(len(work)))
+        step.fill([(token, position, self.cache.tables[seq]) for seq, position, token in work])
+        return step.run()[:len(work)]
+
+    def _step(self, bucket: int) -> _Step:
+        step = self.steps.get(bucket)
+        if step is None:
+            step = self.steps[bucket] = _Step(self.model, self.cache, bucket, self.width)
+            if self.use_graphs:
+                try:
+                    step.capture(self.pool)
+                except RuntimeError as e:  # e.g. an expert source that syncs with the host
+                    warnings.warn(f"CUDA graph capture of the ragged decode step failed, running it eagerly: {e}")
+                    torch.cuda.synchronize()
+                    step.graph = None
+        return step

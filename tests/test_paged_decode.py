@@ -1,0 +1,72 @@
+"""Ragged decode at static shapes (moekit.paged_decode): the batch padded to a bucket, block
+tables padded to the whole context, padding rows confined to the scratch block. Eager on the CPU,
+CUDA graphs on GPUs; either way equal to the plain ragged step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.generate import forward_step
+from moekit.kv_cache import PagedKVCache
+from moekit.paged_decode import PagedDecode, bucket_for, static_decode_supported
+
+from conftest import VOCAB
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket_for(b) for b in (1, 2, 3, 4, 5, 8, 9, 33)] == [1, 2, 4, 4, 8, 8, 16, 64]
+
+
+def _prefilled(model, lengths, device="cpu"):
+    """Returns (cache, prompts) with each prompt prefilled (one packed step)."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    cache = PagedKVCache(model.config, 24, 4, device, model.dtype)
+    with torch.no_grad():
+        forward_step(model, cache, [(i, 0, p) for i, p in enumerate(prompts)])
+    return cache, prompts
+
+
+def _decode_both(model, device, graphs):
+    """Returns (static logits, plain logits, scratch touched, a sequence block touched) of one
+    decode step of 3 sequences (bucket 4: one padding row)."""
+    cache, prompts = _prefilled(model, [5, 11, 2], device)
+    work = [(i, len(p), 7 + i) for i, p in enumerate(prompts)]
+    static = PagedDecode(model, cache, graphs=graphs)
+    untouched = [k.clone() for k in cache.keys]
+    with torch.no_grad():
+        got = static(work).clone()
+        expected = forward_step(model, cache, [(i, pos, [tok]) for i, pos, tok in work])
+    return got, expected, cache, untouched
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "mixtral_sliding", "qwen2_moe", "olmoe_clip"])
+def test_static_step_equals_plain_ragged_step(tiny, variant):
+    model = moekit.load_model(tiny(variant).path)
+    assert static_decode_supported(model)
+    got, expected, cache, before = _decode_both(model, "cpu", graphs=False)
+    assert got.shape == expected.shape == (3, VOCAB)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    held = {b for table in cache.tables.values() for b in table}
+    for layer, old in zip(cache.keys, before):
+        free = [b for b in range(cache.num_blocks) if b not in held]
+        assert torch.equal(layer[free], old[free])  # padding rows wrote only the scratch block
+
+
+def test_offloaded_models_are_not_static(tiny):
+    from moekit.offload import OffloadConfig, load_offloaded
+
+    model = load_offloaded(tiny("mixtral").path, offload=OffloadConfig(device_memory=1 << 30))
+    assert not static_decode_supported(model)
+    with pytest.raises(moekit.MoekitError, match="static_decode needs resident experts"):
+        moekit.serve.Scheduler(model, moekit.serve.SchedulerConfig(static_decode=True, kv_tokens=64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "mixtral_sliding"])
+def test_cuda_graph_step_equals_plain_ragged_step(tiny, variant):
+    model = moekit.load_model(tiny(variant).path, device="cuda", dtype="float32")
+    got, expected, _, _ = _decode_both(model, "cuda", graphs=True)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
