@@ -174,8 +174,10 @@ def test_deepseek_refusals(tiny):
         FAMILIES["deepseek_v2"].config({**v2, "topk_method": "noaux_tc"})
     v3 = _hf_dict(tiny, "deepseek_v3")
     fp8 = {**v3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
-    with pytest.raises(moekit.UnsupportedModelError, match="FP8 block-quantized .* convert it to bf16"):
-        FAMILIES["deepseek_v3"].config(fp8)
+    assert FAMILIES["deepseek_v3"].config(fp8).mla is not None  # block-scaled FP8: dequantized as read
+    per_tensor = {**v3, "quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}
+    with pytest.raises(moekit.UnsupportedModelError, match="block-scaled e4m3 weights only.*convert"):
+        FAMILIES["deepseek_v3"].config(per_tensor)
     with pytest.raises(moekit.UnsupportedModelError, match="quant_method 'gptq' is not read by moekit"):
         FAMILIES["mixtral"].config(_mixtral_dict(tiny, quantization_config={"quant_method": "gptq"}))
     # a pruned copy that keeps 6 of 8 experts cannot keep 4 equal groups

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 from safetensors import safe_open
 
+from . import fp8
 from .errors import CheckpointError
 from .hashing import sha256_file
 
@@ -90,6 +91,7 @@ class Checkpoint:
         self.checksums: dict[str, str] = {}  # shard -> sha256, when the writer recorded them
         self._verified: set[str] = set()
         self.weight_map = self._weight_map()
+        self.fp8_block = fp8.block_size(self.config, str(self.path / "config.json"))  # None: not FP8
 
     def _weight_map(self) -> dict[str, str]:
         index_path = self.path / INDEX_FILE
@@ -162,6 +164,9 @@ class Checkpoint:
         if not 0 <= start < stop <= rows:
             raise CheckpointError(f"{path}: tensor '{name}' has {rows} rows, asked for {start}..{stop - 1}")
         self._verify(path.name)
+        if self.fp8_block is not None and self.has(name + fp8.SCALE_SUFFIX):
+            raise CheckpointError(f"{path}: tensor '{name}' is stored in FP8 blocks and read whole only; "
+                                  "convert the checkpoint to bf16 first")
         try:
             return self._slice(name)[start:stop]
         except Exception as e:
@@ -200,7 +205,22 @@ class Checkpoint:
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor '{name}' ({e}); "
                                   "the file is damaged or truncated") from None
+        if tensor.dtype in fp8.FP8_DTYPES and self.fp8_block is not None and self.has(name + fp8.SCALE_SUFFIX):
+            tensor = fp8.dequantize(tensor, self.read(name + fp8.SCALE_SUFFIX), self.fp8_block, name)
+            dtype = dtype or self.dequantized_dtype
         return tensor if dtype is None else tensor.to(dtype)
+
+    @property
+    def dequantized_dtype(self) -> torch.dtype:
+        """Returns the dtype FP8 weights read as when no dtype is asked: the config's torch_dtype,
+        else bfloat16 (what FP8 checkpoints were trained in)."""
+        name = self.config.get("torch_dtype") or self.config.get("dtype") or "bfloat16"
+        return {"float32": torch.float32, "float16": torch.float16}.get(name, torch.bfloat16)
+
+    def is_fp8_scale(self, name: str) -> bool:
+        """Returns whether `name` is the block scales of an FP8 weight (read with it, not alone)."""
+        return (self.fp8_block is not None and name.endswith(fp8.SCALE_SUFFIX)
+                and self.has(name.removesuffix(fp8.SCALE_SUFFIX)))
 
     def _verify(self, shard: str) -> None:
         """Checks a shard against its recorded sha256 once, before its data is first used."""
@@ -226,7 +246,7 @@ class Checkpoint:
 
 _TORCH_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
                  "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                 "BOOL": torch.bool}
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _dtype_bytes(safetensors_dtype: str) -> int:

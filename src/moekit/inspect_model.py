@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import ModelConfig
+from .fp8 import SCALE_SUFFIX
 from .load import read_config
 
 
@@ -51,7 +52,8 @@ def inspect_checkpoint(path: str | Path) -> ModelReport:
     params = {"experts": 0, "other": 0}
     nbytes = {"experts": 0, "other": 0}
     for name in ckpt.names():
-        kind = "experts" if name in expert_names or name.startswith(expert_prefixes) else "other"
+        base = name.removesuffix(SCALE_SUFFIX)  # an FP8 weight's block scales count with it
+        kind = "experts" if base in expert_names or name.startswith(expert_prefixes) else "other"
         shape, itemsize = ckpt.shape(name), ckpt.itemsize(name)
         numel = 1
         for dim in shape:

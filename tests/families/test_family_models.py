@@ -19,7 +19,7 @@ from moekit.prune.rewrite import write_pruned
 from moekit.quant.compress import compress
 from moekit.quant.config import QuantConfig
 
-from conftest import VOCAB, rel_error, token_ids, transformers
+from conftest import VOCAB, median_token_error, rel_error, token_ids, transformers
 
 LOGITS_RTOL = 1e-4
 VARIANTS = ["granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2", "deepseek_v2_group",
@@ -306,3 +306,114 @@ def test_gpt_oss_compress_is_refused_and_cpu_misses_say_what_to_use(tiny, tmp_pa
     config = OffloadConfig(context_tokens=24, store="host", misses="cpu")
     with pytest.raises(moekit.MoekitError, match="clamped SwiGLU.*--misses"):
         load_offloaded(path, offload=config).generate(token_ids(1, 4), max_new_tokens=2)
+
+
+# ---- FP8 block-quantized checkpoints (DeepSeek-V3's released format) ----------------------
+
+def fp8_copy(src, dst, block=(8, 8)):
+    """Returns dst after writing an FP8 copy of checkpoint `src` as DeepSeek ships V3: every 2-D
+    projection (not embeddings, norms, LM head or router) as e4m3 with one float32 `_scale_inv`
+    per block of `block`, and quantization_config naming the blocks."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    out = {}
+    for name, w in tensors.items():
+        if not (name.endswith("proj.weight") and w.dim() == 2):
+            out[name] = w
+            continue
+        rows, cols = w.shape
+        br, bc = -(-rows // block[0]), -(-cols // block[1])
+        padded = torch.zeros(br * block[0], bc * block[1])
+        padded[:rows, :cols] = w.float()
+        blocks = padded.view(br, block[0], bc, block[1])
+        scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # e4m3's largest value
+        out[name] = (blocks / scale[:, None, :, None]).view_as(padded)[:rows, :cols].to(torch.float8_e4m3fn)
+        out[name + "_scale_inv"] = scale
+    save_file(out, dst / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def dequantized_copy(src, dst):
+    """Returns dst after writing checkpoint `src` with every FP8 weight replaced by fp8 * its block
+    scale (DeepSeek's fp8_cast_bf16 in float32), written here without moekit's reader."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    tensors = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    br, bc = cfg.pop("quantization_config")["weight_block_size"]
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            s = tensors[name + "_scale_inv"]
+            full = s[:, None, :, None].expand(-1, br, -1, bc).reshape(s.shape[0] * br, s.shape[1] * bc)
+            t = t.float() * full[: t.shape[0], : t.shape[1]]
+        out[name] = t
+    save_file(out, dst / "model.safetensors")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fp8_v3(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    fp8 = fp8_copy(tiny("deepseek_v3").path, root / "fp8")
+    return fp8, dequantized_copy(fp8, root / "dequantized")
+
+
+def test_fp8_checkpoint_loads_dequantized(tiny, fp8_v3):
+    fp8, reference = fp8_v3
+    ids = token_ids(2, 12)
+    with torch.no_grad():
+        logits = moekit.load_model(fp8)(ids)
+        assert torch.equal(logits, moekit.load_model(reference)(ids))
+        # e4m3 keeps 3 mantissa bits: near the original model (a median token: some routings flip), not equal
+        assert median_token_error(logits, tiny("deepseek_v3").hf_logits(ids)) < 0.15
+    new = moekit.load_model(fp8).generate(ids[:1], max_new_tokens=8, temperature=0, eos_token_ids=())
+    assert torch.equal(new, moekit.load_model(reference).generate(ids[:1], max_new_tokens=8, temperature=0,
+                                                                  eos_token_ids=()))
+
+
+def test_fp8_checkpoint_offloads_compresses_and_prunes(fp8_v3, tmp_path):
+    fp8, reference = fp8_v3
+    ids = token_ids(1, 10, seed=3)
+    resident = moekit.load_model(reference).generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=())
+    for store in ("host", "disk"):  # the disk store reads (and dequantizes) experts on each miss
+        config = OffloadConfig(context_tokens=24, store=store, misses="fetch")
+        model = load_offloaded(fp8, offload=dataclasses.replace(config, device_memory=_budget_for(fp8, config, 3)))
+        assert torch.equal(model.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=()), resident)
+    out = tmp_path / "ternary"
+    compress(fp8, out, QuantConfig(bits="ternary", method="rtn"), progress=False)
+    names = set(read_config(out)[0].names())
+    assert not any(n.endswith("_scale_inv") for n in names)
+    assert moekit.load_model(out).generate(ids, max_new_tokens=4).shape == (1, 4)
+    ckpt, family, cfg = read_config(fp8)
+    kept = {layer: list(range(cfg.num_experts)) for layer in (1, 2)}
+    pruned = write_pruned(ckpt, family, cfg, kept, tmp_path / "pruned", {"keep": 1.0})
+    assert "quantization_config" not in read_config(pruned)[0].config
+    assert torch.equal(moekit.load_model(pruned).generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=()),
+                       resident)
+
+
+def test_fp8_inspect_counts_scales_with_the_experts(fp8_v3):
+    from moekit.inspect_model import inspect_checkpoint
+
+    fp8, reference = fp8_v3
+    q, dense = inspect_checkpoint(fp8), inspect_checkpoint(reference)
+    assert q.params_experts == dense.params_experts
+    # e4m3 plus a float32 scale per 8x8 block (0.5 bit): the experts' 48x32 and 32x24 are whole blocks
+    assert q.bits_per_expert_param == pytest.approx(8.5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import fp8
 from ..config import ModelConfig, RopeConfig
 from ..errors import UnsupportedModelError
 
@@ -102,11 +103,9 @@ def check_not_foreign_quantized(hf: dict[str, Any], family: str) -> None:
     method = quant.get("quant_method")
     if method is None or method == "moekit":
         return
-    if method == "fp8":
-        raise UnsupportedModelError(
-            f"{family}: this checkpoint stores FP8 block-quantized weights (quantization_config.quant_method "
-            "'fp8', weight_scale_inv tensors), which moekit does not read yet; convert it to bf16 first "
-            "(DeepSeek's inference/fp8_cast_bf16.py) or use a bf16 copy of the model")
+    if method == "fp8":  # block-scaled e4m3 weights are dequantized as they are read (moekit.fp8)
+        fp8.block_size(hf, f"config.json of this {family} model")
+        return
     raise UnsupportedModelError(
         f"{family}: quantization_config.quant_method '{method}' is not read by moekit; use the unquantized "
         "checkpoint (moekit compress writes its own compressed copy)")

@@ -53,6 +53,8 @@ def pruned_tensors(ckpt: Checkpoint, family: Family, cfg: ModelConfig, kept: dic
     fused = {name: layer for layer in kept
              for name in (*family.stacked_expert_names(layer), *family.stacked_expert_extras(layer))}
     for name in ckpt.names():
+        if ckpt.is_fp8_scale(name):  # FP8 sources are written dequantized (Checkpoint.read), without scales
+            continue
         if name in experts:
             layer, e, proj = experts[name]
             if e not in kept[layer]:
@@ -77,6 +79,8 @@ def write_pruned(ckpt: Checkpoint, family: Family, cfg: ModelConfig, kept: dict[
     load those), num_experts_per_tok becomes min(top_k, fewest experts left in a layer).
     """
     hf = json.loads(json.dumps(ckpt.config))  # a deep copy
+    if ckpt.fp8_block is not None:  # the copy's weights are read dequantized: no longer FP8
+        del hf["quantization_config"]
     counts = [len(kept[layer]) if layer in kept else 0 for layer in range(cfg.num_layers)]
     moe_counts = [c for layer, c in enumerate(counts) if cfg.moe_layers[layer]]
     for key in _expert_count_keys(hf):

@@ -206,7 +206,8 @@ def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens:
     expert_bytes = sum(t.numel() * t.element_size() for s in comp.stored.values() for t in s.values())
     expert_names = _dense_expert_names(ckpt, family, cfg)
     source_expert_bytes = sum(_nbytes(ckpt, n) for n in expert_names)
-    other = [n for n in ckpt.names() if n not in expert_names]
+    # FP8 sources: every weight is read dequantized, so its block scales are not copied
+    other = [n for n in ckpt.names() if n not in expert_names and not ckpt.is_fp8_scale(n)]
     other_bytes = sum(_nbytes(ckpt, n) for n in other)
     write_checkpoint(_tensors(ckpt, other, comp.stored, family), out, config, _extra_files(ckpt.path),
                      overwrite=overwrite)
