@@ -100,6 +100,12 @@ VARIANTS.update({
     # default jitter gap 0.01 and no window
     "phimoe_plain": ("PhimoeConfig", dict(
         _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4)),
+    # longrope as Phi-3.5-MoE ships it (short/long factors and mscales over an original context of 64)
+    "phimoe_longrope": ("PhimoeConfig", dict(
+        _COMMON, num_hidden_layers=2, intermediate_size=48, num_local_experts=4,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+                         "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.5, 2.5, 4.0, 8.0],
+                         "short_mscale": 1.19, "long_mscale": 1.31})),
     # MLA with a plain q_proj (V2-Lite), layer 0 dense, 2 shared experts, greedy softmax routing x1.5;
     # v_head_dim != qk dims so a mixed-up split fails
     "deepseek_v2": ("DeepseekV2Config", dict(
@@ -149,7 +155,7 @@ VARIANTS.update({
         head_dim=8, sliding_window=5, layer_types=["full_attention", "full_attention"],
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 })
-NEW_FAMILY_VARIANTS = {"granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2",
+NEW_FAMILY_VARIANTS = {"granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "phimoe_longrope", "deepseek_v2",
                        "deepseek_v2_group", "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain",
                        "gpt_oss", "gpt_oss_full"}
 

@@ -96,14 +96,22 @@ def test_phimoe_fields(tiny):
         f"model.layers.0.block_sparse_moe.experts.2.{p}.weight" for p in ("w1", "w3", "w2"))
 
 
+def test_phimoe_longrope_runs_its_original_context(tiny):
+    """Phi-3.5-MoE's longrope: the short factors and short_mscale, and the context capped at
+    original_max_position_embeddings (the long factors past it are not applied)."""
+    cfg = moekit.read_config(tiny("phimoe_longrope").path)[2]
+    assert cfg.rope.scaling == "longrope" and cfg.rope.short_factor == (1.0, 1.3, 2.1, 3.7)
+    assert cfg.rope.attention_factor == pytest.approx(1.19) and cfg.max_position_embeddings == 64
+
+
 def test_family_specific_refusals(tiny):
     phi = _hf_dict(tiny, "phimoe")
     with pytest.raises(moekit.MoekitError, match="sparsemixer routing picks exactly 2"):
         FAMILIES["phimoe"].config({**phi, "num_experts_per_tok": 3})
-    # Phi-3.5-MoE's released config extends its context with longrope, which moekit does not run yet
-    longrope = {**phi, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0],
-                                           "long_factor": [1.0]}}
-    with pytest.raises(moekit.MoekitError, match="rope scaling 'longrope' is not supported"):
+    # longrope needs its short factors (one per rotated pair)
+    longrope = {**phi, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0],
+                                           "original_max_position_embeddings": 64}}
+    with pytest.raises(moekit.UnsupportedModelError, match="longrope scaling in config.json needs short_factor"):
         FAMILIES["phimoe"].config(longrope)
     for unsupported in ("granitemoeshared", "granitemoehybrid", "dbrx", "llama4_text"):
         with pytest.raises(moekit.UnsupportedModelError, match=f"'{unsupported}' .* is not supported"):

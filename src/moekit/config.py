@@ -19,7 +19,7 @@ class RopeConfig:
     """Rotary position embedding: base and optional context-extension scaling."""
 
     theta: float = 10000.0  # base of the inverse frequencies
-    scaling: str = "default"  # "default" | "linear" | "yarn"
+    scaling: str = "default"  # "default" | "linear" | "yarn" | "longrope" (its short factors)
     factor: float = 1.0  # context-extension factor (linear, yarn)
     original_max_position: int | None = None  # pretraining context (yarn)
     beta_fast: float = 32.0  # yarn: rotations above which a dimension is extrapolated
@@ -28,11 +28,12 @@ class RopeConfig:
     truncate: bool = True  # yarn: round the correction range to whole dimensions
     mscale: float | None = None  # yarn (DeepSeek): with mscale_all_dim, sets attention_factor's numerator
     mscale_all_dim: float | None = None  # yarn (DeepSeek): its denominator; MLA also scales its softmax by it
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors for contexts up to original_max_position
 
     def __post_init__(self) -> None:
-        if self.scaling not in ("default", "linear", "yarn"):
+        if self.scaling not in ("default", "linear", "yarn", "longrope"):
             raise MoekitError(
-                f"rope scaling '{self.scaling}' is not supported (supported: default, linear, yarn); "
+                f"rope scaling '{self.scaling}' is not supported (supported: default, linear, yarn, longrope); "
                 "remove rope_scaling from config.json to run at the model's original context length"
             )
         if self.factor <= 0:

@@ -97,6 +97,13 @@ def model_specifics(cfg: ModelConfig) -> dict[str, str]:
         if cfg.attention_sinks:
             out["attention"] += ", sinks"
     out["KV cache"] = f"{cfg.kv_values_per_position} values per position and layer"
+    rope = cfg.rope
+    if rope.scaling == "longrope":
+        out["rope"] = (f"longrope, short factors: context {cfg.max_position_embeddings} "
+                       "(the long-context factors are not applied)")
+    elif rope.scaling != "default":
+        out["rope"] = f"{rope.scaling} x{rope.factor:g}" + (
+            f" over {rope.original_max_position}" if rope.original_max_position else "")
     dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
     if dense:
         out["dense layers"] = f"{len(dense)} (layers {', '.join(map(str, dense))}), ffn {cfg.dense_ffn}"

@@ -10,6 +10,7 @@ import math
 import torch
 
 from .config import RopeConfig
+from .errors import MoekitError
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -20,6 +21,16 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, 
         return inv_freq, 1.0
     if rope.scaling == "linear":
         return inv_freq / rope.factor, 1.0
+    if rope.scaling == "longrope":  # Phi-3.5: per-frequency divisors; its long factors are not used
+        if len(rope.short_factor) != head_dim // 2:
+            raise MoekitError(f"longrope short_factor has {len(rope.short_factor)} entries, the rotated "
+                              f"head width {head_dim} needs {head_dim // 2}; fix rope_scaling in config.json")
+        inv_freq = inv_freq / torch.tensor(rope.short_factor, dtype=torch.float32)
+        scale = rope.attention_factor
+        if scale is None:
+            original = rope.original_max_position or 4096
+            scale = math.sqrt(1 + math.log(rope.factor) / math.log(original)) if rope.factor > 1 else 1.0
+        return inv_freq, float(scale)
     # YaRN (Peng et al. 2023): interpolate low-frequency dimensions, extrapolate high-frequency
     # ones, with a linear ramp between, and scale attention by ~0.1 ln(factor) + 1.
     original = rope.original_max_position or 4096

@@ -22,17 +22,18 @@ from moekit.quant.config import QuantConfig
 from conftest import VOCAB, median_token_error, rel_error, token_ids, transformers
 
 LOGITS_RTOL = 1e-4
-VARIANTS = ["granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "deepseek_v2", "deepseek_v2_group",
+VARIANTS = ["granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "phimoe_longrope", "deepseek_v2",
+            "deepseek_v2_group",
             "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain", "gpt_oss", "gpt_oss_full"]
 FAMILY_OF = {"granitemoe": "granitemoe", "granitemoe_tied": "granitemoe", "phimoe": "phimoe",
-             "phimoe_plain": "phimoe", "deepseek_v2": "deepseek_v2", "deepseek_v2_group": "deepseek_v2",
+             "phimoe_plain": "phimoe", "phimoe_longrope": "phimoe", "deepseek_v2": "deepseek_v2", "deepseek_v2_group": "deepseek_v2",
              "deepseek_v3": "deepseek_v3", "deepseek_v3_plain": "deepseek_v3", "glm4_moe": "glm4_moe",
              "glm4_moe_plain": "glm4_moe", "gpt_oss": "gpt_oss", "gpt_oss_full": "gpt_oss"}
 # one variant per family for the heavier pillars
 ONE_PER_FAMILY = ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
 COMPRESSIBLE = [v for v in ONE_PER_FAMILY if v != "gpt_oss"]  # gpt-oss: biased, clamped experts
 # yarn variants: prompts run past original_max_position_embeddings (32)
-PROMPT = {"deepseek_v2_group": 40, "deepseek_v3_plain": 40}
+PROMPT = {"deepseek_v2_group": 40, "deepseek_v3_plain": 40, "phimoe_longrope": 40}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -162,6 +163,8 @@ def test_pruned_copy_loads_in_transformers_and_agrees(tiny, variant, tmp_path):
 @pytest.mark.parametrize("variant, expected", [
     ("granitemoe", {"scalars": "embedding x 3, residual x 0.6, logits / 2.5, attention scale 0.2",
                     "router": "softmax top-k, renormalised"}),
+    ("phimoe_longrope", {"rope": "longrope, short factors: context 64 (the long-context factors are not applied)"}),
+    ("deepseek_v2_group", {"rope": "yarn x4 over 32"}),
     ("phimoe", {"norm": "LayerNorm with bias", "router": "sparsemixer (gap 0.01)",
                 "attention": "4 heads over 2 kv heads of 8, sliding window 6"}),
     ("deepseek_v2", {"attention": "MLA, 4 heads: kv_lora_rank 16, plain q_proj, qk 8 nope + 4 rope, v 12",

@@ -126,6 +126,17 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
                                     "add it (the context-extension factor) or remove the scaling")
     if kind == "linear":
         return RopeConfig(theta=theta, scaling="linear", factor=float(merged["factor"]))
+    if kind == "longrope":
+        original = first(merged, "original_max_position_embeddings", default=hf.get("original_max_position_embeddings"))
+        if not merged.get("short_factor") or original is None:
+            raise UnsupportedModelError("longrope scaling in config.json needs short_factor and "
+                                        "original_max_position_embeddings")
+        max_pos = int(first(hf, "max_position_embeddings", default=original))
+        return RopeConfig(
+            theta=theta, scaling="longrope", factor=float(merged.get("factor") or max_pos / int(original)),
+            original_max_position=int(original), short_factor=tuple(float(f) for f in merged["short_factor"]),
+            # Phi-3.5 scales cos and sin by short_mscale up to the original context
+            attention_factor=first(merged, "short_mscale", "attention_factor"))
     if kind == "yarn":
         return RopeConfig(
             theta=theta, scaling="yarn", factor=float(merged["factor"]),
@@ -139,6 +150,17 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
             mscale_all_dim=merged.get("mscale_all_dim"),
         )
     return RopeConfig(theta=theta, scaling=str(kind))  # raises the "not supported" error
+
+
+def context_length(hf: dict[str, Any]) -> int:
+    """Returns the longest context moekit runs the model at: max_position_embeddings, or for
+    longrope (whose long-context factors moekit does not apply) its original context."""
+    max_pos = int(first(hf, "max_position_embeddings", default=4096))
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if first(rope, "rope_type", "type") == "longrope":
+        original = first(rope, "original_max_position_embeddings", default=hf.get("original_max_position_embeddings"))
+        return min(max_pos, int(original)) if original else max_pos
+    return max_pos
 
 
 def eos_ids(value: Any) -> tuple[int, ...]:
@@ -166,7 +188,7 @@ def common_fields(hf: dict[str, Any], family: str) -> dict[str, Any]:
         head_dim=int(first(hf, "head_dim", default=hidden // heads)),
         rms_norm_eps=float(first(hf, "rms_norm_eps", default=1e-6)),
         rope=rope_from_hf(hf),
-        max_position_embeddings=int(first(hf, "max_position_embeddings", default=4096)),
+        max_position_embeddings=context_length(hf),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids(hf.get("eos_token_id")),
