@@ -70,3 +70,25 @@ def test_cuda_graph_step_equals_plain_ragged_step(tiny, variant):
     model = moekit.load_model(tiny(variant).path, device="cuda", dtype="float32")
     got, expected, _, _ = _decode_both(model, "cuda", graphs=True)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_short_step_after_a_long_one_ignores_stale_table_columns(mixtral_model):
+    """A step of short tables after one with a long table (same bucket) copies fewer columns; the
+    stale ones beyond each row's context are never read."""
+    model = mixtral_model
+    results = []
+    for static in (True, False):
+        cache, _ = _prefilled(model, [30, 3, 2], "cpu")
+        decode = PagedDecode(model, cache, graphs=False)
+        with torch.no_grad():
+            first = [(0, 30, 5), (1, 3, 6)]  # row 0 holds 8 blocks of 4
+            second = [(2, 2, 9), (1, 4, 8)]  # at most 2 blocks each
+            if static:
+                decode(first)
+                results.append(decode(second).clone())
+            else:
+                forward_step(model, cache, [(i, p, [t]) for i, p, t in first])
+                results.append(forward_step(model, cache, [(i, p, [t]) for i, p, t in second]))
+        if static:
+            assert decode.steps[2].meta[0, 4 + 7] != 0  # a stale column of the long table is still there
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)

@@ -9,9 +9,9 @@ static buffer, the graph replays, and the first B rows of its logits are read. P
 write their key/value into the cache's scratch block and attend to it alone; their logits are
 never read. On the CPU the same static step runs eagerly (the padding logic is tested there).
 
-Shapes: B = sequences of the step, P = its bucket (B padded), MB = blocks of the whole context,
-V = vocab. The static buffer `meta` is [P, 4 + MB] int64: token, position, slot, context length,
-then the block table.
+Shapes: B = sequences of the step, P = its bucket (B padded), MB = blocks of the whole context
+(or of the pool, if fewer), V = vocab. The static buffer `meta` is [P, 4 + MB] int64: token,
+position, slot, context length, then the block table.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class _Step:
     def __init__(self, model, cache: PagedKVCache, bucket: int, width: int):
         self.model, self.cache, self.bucket = model, cache, bucket
         device = cache.device
-        self.host = torch.zeros(bucket, _TABLE + width, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.host = torch.zeros(bucket * (_TABLE + width), dtype=torch.long, pin_memory=device.type == "cuda")
         self.meta = torch.zeros(bucket, _TABLE + width, dtype=torch.long, device=device)
         self.last_index = torch.arange(bucket, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -60,14 +60,19 @@ class _Step:
         return self.model(meta[:, _TOKEN][None], cache=self.cache, start=batch, last_only=True)[:, -1]
 
     def fill(self, rows: list[tuple[int, int, list[int]]]) -> None:
-        """Copies (token, position, block table) rows into the static buffer; padding after them."""
+        """Copies (token, position, block table) rows into the static buffer; padding after them.
+
+        Only the columns of the longest table this step are copied: the kernel never reads a
+        table past a row's context, so what earlier steps left further right is never used."""
         bs, scratch = self.cache.block_size, self.cache.scratch_block
-        width = self.host.shape[1] - _TABLE
+        width = max([len(table) for _, _, table in rows], default=1)
         data = [[token, position, table[position // bs] * bs + position % bs, position + 1,
                  *table, *[0] * (width - len(table))] for token, position, table in rows]
         data += [[0, 0, scratch * bs, 1, scratch] + [0] * (width - 1)] * (self.bucket - len(rows))
-        self.host.copy_(torch.tensor(data, dtype=torch.long))
-        self.meta.copy_(self.host, non_blocking=True)
+        columns = _TABLE + width
+        host = self.host[:self.bucket * columns].view(self.bucket, columns)
+        host.copy_(torch.tensor(data, dtype=torch.long))
+        self.meta[:, :columns].copy_(host, non_blocking=True)
 
     def capture(self, pool) -> None:
         """Captures forward() as a CUDA graph (warm-up and capture write only the scratch block)."""
@@ -98,7 +103,8 @@ class PagedDecode:
         without, the static step runs eagerly."""
         self.model, self.cache = model, cache
         self.use_graphs = cache.device.type == "cuda" if graphs is None else graphs
-        self.width = cache.blocks_for(model.config.max_position_embeddings)
+        # no sequence holds more blocks than the context, nor than the pool
+        self.width = min(cache.blocks_for(model.config.max_position_embeddings), cache.num_blocks)
         self.steps: dict[int, _Step] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 

@@ -207,3 +207,33 @@ def test_cuda_scheduler_graphs_equal_alone(tiny):
     assert any(step.graph is not None for step in sched.decode.steps.values())
     for prompt, r in zip(prompts, reqs):
         assert r.output == _alone(model, prompt, 10)
+
+
+class _TightBudget:
+    """An expert runtime whose budget holds at most `limit` KV positions."""
+
+    prefill_chunk = None
+
+    def __init__(self, limit):
+        self.limit, self.asked = limit, []
+
+    def reserve(self, batch, positions):
+        self.asked.append(positions)
+        if batch * positions > self.limit:
+            raise moekit.MoekitError(f"{positions} positions do not fit")
+
+
+def test_offload_budget_sizes_the_kv_cache(tiny, monkeypatch):
+    """Unset kv_tokens: max_seqs full contexts where the budget holds them, else one context; a
+    kv_tokens the budget cannot hold is refused naming the flags to change."""
+    import importlib
+
+    sched_module = importlib.import_module("moekit.serve.scheduler")
+    model = moekit.load_model(tiny("mixtral").path)
+    runtime = _TightBudget(limit=MAX_POS)
+    monkeypatch.setattr(sched_module, "expert_runtime", lambda m: runtime)
+    sched = Scheduler(model, SchedulerConfig(max_seqs=4))
+    assert runtime.asked == [4 * MAX_POS, MAX_POS]
+    assert sched.cache.num_blocks * sched.cache.block_size == MAX_POS
+    with pytest.raises(moekit.MoekitError, match="does not fit in the offload budget .* fewer --kv-tokens"):
+        Scheduler(model, SchedulerConfig(kv_tokens=2 * MAX_POS))

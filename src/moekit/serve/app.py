@@ -151,8 +151,9 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
                             "use /v1/completions")
         prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, context - len(prompt))
+        if max_tokens is None:  # as much as the context (and the KV cache) leaves
+            cache = engine.scheduler.cache
+            max_tokens = max(1, min(context, cache.num_blocks * cache.block_size) - len(prompt))
         if body.top_logprobs is not None and not body.logprobs:
             raise HTTPError("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -211,7 +212,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
             choice.finish_reason = "stop"
             engine.abort(choice.request)
         elif reason == "abort":
-            raise HTTPError(f"generation failed: {engine.error}", 500)
+            raise HTTPError(f"generation failed: {choice.request.error or 'aborted'}", 500)
         elif reason is not None:
             choice.finish_reason = reason
         return index

@@ -31,7 +31,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = False
         self._aborts: deque[Request] = deque()  # appended by any thread, applied by the engine thread
-        self.error: BaseException | None = None  # a failed step (every request then fails)
+        self.error: BaseException | None = None  # the last step's failure (None once a step succeeds)
         self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
         self._thread.start()
 
@@ -87,11 +87,13 @@ class Engine:
                         continue
                     try:
                         self.scheduler.step()
-                    except Exception as e:  # a failed step: fail its requests, keep serving the next ones
+                        self.error = None
+                    except Exception as e:  # a failed step fails its requests, not the server
                         log.exception("engine step failed")
                         self.error = e
-                        self._fail_all()
+                        self._fail_all(e)
 
-    def _fail_all(self) -> None:
+    def _fail_all(self, error: Exception) -> None:
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            request.error = f"{type(error).__name__}: {error}"
             self.scheduler.abort(request)

@@ -100,6 +100,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when params.logprobs is set
     computed: int = 0  # positions of prompt + output held in the KV cache
     finish_reason: str | None = None  # "stop" (a stop token), "length" (max_tokens) or "abort"
+    error: str | None = None  # why an aborted request failed (a step that raised), else None
     on_token: Callable[[Request, int], None] | None = None  # called after each new token
     on_finish: Callable[[Request], None] | None = None  # called once, when it leaves the scheduler
 
@@ -134,11 +135,8 @@ class Scheduler:
     def __init__(self, model, config: SchedulerConfig | None = None):
         self.model, self.config = model, config or SchedulerConfig()
         cfg, device = model.config, model.device
-        kv_tokens = self.config.kv_tokens or min(self.config.max_seqs * cfg.max_position_embeddings, _DEFAULT_KV_CAP)
+        kv_tokens = self._reserve_kv(model)
         self.cache = PagedKVCache.for_tokens(cfg, kv_tokens, self.config.block_size, device, model.dtype)
-        runtime = expert_runtime(model)
-        if runtime is not None:  # an offloaded model makes room for the blocks in its budget
-            runtime.reserve(1, self.cache.num_blocks * self.config.block_size)
         static = self.config.static_decode
         if static is None:
             static = device.type == "cuda" and static_decode_supported(model)
@@ -150,6 +148,27 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.stats = SchedulerStats()
         self._ids = itertools.count()
+
+    def _reserve_kv(self, model) -> int:
+        """Returns the KV cache positions to allocate, made room for in an offloaded model's budget
+        (which shrinks its expert cache): the configured size, else max_seqs full contexts (capped),
+        else, where the budget cannot hold that, one full context."""
+        cfg, config = model.config, self.config
+        block = config.block_size
+        wanted = config.kv_tokens or min(config.max_seqs * cfg.max_position_embeddings, _DEFAULT_KV_CAP)
+        runtime = expert_runtime(model)
+        if runtime is None:
+            return wanted
+        choices = [wanted] if config.kv_tokens or wanted <= cfg.max_position_embeddings else \
+            [wanted, cfg.max_position_embeddings]
+        for positions in choices:
+            try:
+                runtime.reserve(1, -(-positions // block) * block)
+                return positions
+            except MoekitError as e:
+                why = e
+        raise MoekitError(f"a paged KV cache of {choices[-1]} positions does not fit in the offload budget ({why}); "
+                          "give more --device-memory or fewer --kv-tokens")
 
     # ---- requests --------------------------------------------------------------------------
 
