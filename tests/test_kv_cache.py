@@ -176,3 +176,24 @@ def test_ragged_forward_needs_a_paged_cache(mixtral_model):
         mixtral_model(torch.tensor([[5, 6, 7]]), cache=None, start=batch)
     with pytest.raises(moekit.MoekitError, match=r"input_ids \[1, 3\]"):
         mixtral_model(torch.tensor([[5, 6]]), cache=cache, start=batch)
+
+
+def test_mixed_step_decodes_single_tokens_together(monkeypatch):
+    """A step of two one-token sequences beside a prefill chunk: the two attend in one decode
+    call, the chunk on its own; each equals plain attention over its own positions."""
+    import moekit.paged_attention as pa
+
+    heads, kv_heads, head_dim, block_size = 4, 2, 8, 4
+    cache, keys, values = _filled_cache([7, 13, 9], block_size, heads, kv_heads, head_dim, "cpu", torch.float32)
+    calls = []
+    real = pa.decode_attention
+    monkeypatch.setattr(pa, "decode_attention", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    batch = cache.prepare([(0, 6, 1), (1, 10, 3), (2, 8, 1)])  # sequence 1 brings its last 3 positions
+    q = torch.randn(5, heads, head_dim, generator=torch.Generator().manual_seed(4))
+    out = pa.prefill_attention(q, cache.keys[0], cache.values[0], batch, None)
+    assert calls == [2]
+    torch.testing.assert_close(out[0], _plain_attention(q[0], keys[0], values[0], None), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[4], _plain_attention(q[4], keys[2], values[2], None), atol=1e-5, rtol=1e-5)
+    for j, pos in enumerate((10, 11, 12)):  # causal within sequence 1
+        k, v = keys[1][:, :pos + 1], values[1][:, :pos + 1]
+        torch.testing.assert_close(out[1 + j], _plain_attention(q[1 + j], k, v, None), atol=1e-5, rtol=1e-5)

@@ -8,6 +8,8 @@ Dh = head dim, NB = cache blocks, BS = positions per block, MB = blocks per tabl
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -46,12 +48,23 @@ def gather_sequence(pool: torch.Tensor, table: torch.Tensor, length: int) -> tor
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
                       window: int | None) -> torch.Tensor:
     """Returns attention [N, H, Dh] of packed queries q [N, H, Dh] over each sequence's cached
-    positions (this step's keys already written), causal within the sequence."""
+    positions (this step's keys already written), causal within the sequence.
+
+    Sequences bringing one token (decoding beside others' prefill chunks) attend together in one
+    decode_attention call; each longer one attends on its own."""
     gqa = keys.shape[2] != q.shape[1]
     out = torch.empty_like(q)
-    offset = 0
+    ends = list(itertools.accumulate(batch.query_lens))
+    singles = [i for i, n in enumerate(batch.query_lens) if n == 1]
+    if len(singles) > 1:
+        rows = torch.tensor(singles).to(q.device, non_blocking=True)
+        tokens = torch.tensor([ends[i] - 1 for i in singles]).to(q.device, non_blocking=True)
+        out[tokens] = decode_attention(q[tokens], keys, values, batch.block_tables[rows], batch.context_lens[rows],
+                                       window)
     for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
-        length = start + n
+        if n == 1 and len(singles) > 1:
+            continue
+        length, offset = start + n, ends[i] - n
         k = gather_sequence(keys, batch.block_tables[i], length)[None]  # [1, Hkv, S, Dh]
         v = gather_sequence(values, batch.block_tables[i], length)[None]
         qi = q[offset:offset + n].transpose(0, 1)[None]  # [1, H, n, Dh]
@@ -59,7 +72,6 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=mask is None and n > 1,
                                            enable_gqa=gqa)
         out[offset:offset + n] = o[0].transpose(0, 1)
-        offset += n
     return out
 
 
