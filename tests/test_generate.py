@@ -357,3 +357,22 @@ def test_cuda_ragged_equals_alone(tiny, variant):
     for prompt, out in zip(prompts, outs):
         assert out.is_cuda
         assert torch.equal(out.cpu(), ckpt.hf_greedy(prompt[None], 8)[0])
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "mixtral_sliding"])
+def test_ragged_prompts_up_to_200_tokens(tmp_path, variant):
+    """Lengths 1..200 in one batch (a 256-position copy of the tiny family): each prompt's tokens
+    equal transformers' greedy tokens for it alone."""
+    from conftest import build_hf_model
+    from transformers import GenerationConfig
+
+    hf = build_hf_model(variant, max_position_embeddings=256)
+    hf.save_pretrained(tmp_path)
+    model = moekit.load_model(tmp_path)
+    prompts = _prompts([200, 1, 64, 13, 130], seed=23)
+    outs = model.generate(prompts, max_new_tokens=6, temperature=0, eos_token_ids=())
+    gen = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            theirs = hf.generate(prompt[None], generation_config=gen, attention_mask=torch.ones_like(prompt[None]))
+        assert torch.equal(out, theirs[0, len(prompt):])
