@@ -92,3 +92,15 @@ def test_a_short_step_after_a_long_one_ignores_stale_table_columns(mixtral_model
         if static:
             assert decode.steps[2].meta[0, 4 + 7] != 0  # a stale column of the long table is still there
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_that_loops_on_the_host_is_not_static(mixtral_model):
+    """Latent attention and attention sinks attend per sequence from host-side lengths, which a
+    static (captured) step does not have."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    cfg = mixtral_model.config
+    assert static_decode_supported(SimpleNamespace(config=cfg, expert_runtime=None))
+    assert not static_decode_supported(SimpleNamespace(config=replace(cfg, attention_sinks=True), expert_runtime=None))
+    assert not static_decode_supported(SimpleNamespace(config=cfg, expert_runtime=object()))

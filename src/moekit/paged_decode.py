@@ -34,8 +34,12 @@ def bucket_for(batch: int) -> int:
 
 def static_decode_supported(model) -> bool:
     """Returns whether the model's decode step can run with static shapes (and be captured
-    whole): resident experts (no shared expert runtime) and attention through block tables."""
-    return getattr(model, "expert_runtime", None) is None and getattr(model.config, "mla", None) is None
+    whole): resident experts (no shared expert runtime), and attention that reads block tables
+    and context lengths from the device (not latent attention, nor attention sinks, whose ragged
+    paths loop over each sequence's host-side length)."""
+    cfg = model.config
+    return (getattr(model, "expert_runtime", None) is None and getattr(cfg, "mla", None) is None
+            and not getattr(cfg, "attention_sinks", False))
 
 
 class _Step:
