@@ -149,6 +149,10 @@ VARIANTS.update({
     "gpt_oss": ("GptOssConfig", dict(
         _COMMON, num_hidden_layers=3, intermediate_size=24, num_local_experts=4, head_dim=8,
         sliding_window=5, swiglu_limit=0.6)),
+    # the MXFP4 tests' source: hidden and expert widths multiples of 32 (one scale per 32 values)
+    "gpt_oss_wide": ("GptOssConfig", dict(
+        _COMMON, hidden_size=64, num_hidden_layers=2, intermediate_size=32, num_local_experts=4, head_dim=16,
+        sliding_window=5, swiglu_limit=0.6)),
     # every layer full attention, 8 experts top-3, default clamp, no rope scaling
     "gpt_oss_full": ("GptOssConfig", dict(
         _COMMON, num_hidden_layers=2, intermediate_size=24, num_local_experts=8, num_experts_per_tok=3,
@@ -157,7 +161,7 @@ VARIANTS.update({
 })
 NEW_FAMILY_VARIANTS = {"granitemoe", "granitemoe_tied", "phimoe", "phimoe_plain", "phimoe_longrope", "deepseek_v2",
                        "deepseek_v2_group", "deepseek_v3", "deepseek_v3_plain", "glm4_moe", "glm4_moe_plain",
-                       "gpt_oss", "gpt_oss_full"}
+                       "gpt_oss", "gpt_oss_full", "gpt_oss_wide"}
 
 FAMILY_VARIANTS = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "qwen3_moe_bias", "olmoe",
                    "olmoe_clip"]

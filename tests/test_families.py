@@ -165,13 +165,15 @@ def test_gpt_oss_fields(tiny):
     assert cfg.rope.scaling == "yarn" and cfg.rope.factor == 32 and not cfg.rope.truncate
     assert family.router_name(0) == "model.layers.0.mlp.router.weight"
     assert family.router_bias_name(0) == "model.layers.0.mlp.router.bias"
-    assert family.stacked_expert_extras(1) == ("model.layers.1.mlp.experts.gate_up_proj_bias",
-                                               "model.layers.1.mlp.experts.down_proj_bias")
+    assert family.stacked_expert_extras(1)[:2] == ("model.layers.1.mlp.experts.gate_up_proj_bias",
+                                                   "model.layers.1.mlp.experts.gate_up_proj_blocks")
     hf = _hf_dict(tiny, "gpt_oss")
     del hf["layer_types"]  # transformers' default: even layers sliding, odd full
     assert FAMILIES["gpt_oss"].config(hf).layer_types == cfg.layer_types
-    with pytest.raises(moekit.UnsupportedModelError, match="MXFP4 .* save a bf16 copy first"):
-        FAMILIES["gpt_oss"].config({**hf, "quantization_config": {"quant_method": "mxfp4"}})
+    mxfp4 = {**hf, "quantization_config": {"quant_method": "mxfp4"}}
+    with pytest.raises(moekit.UnsupportedModelError, match="MXFP4: hidden_size and intermediate_size must be multiples of 32"):
+        FAMILIES["gpt_oss"].config(mxfp4)  # the tiny model's experts are 24 wide
+    assert FAMILIES["gpt_oss"].config({**mxfp4, "hidden_size": 64, "intermediate_size": 32}).expert_bias
     with pytest.raises(moekit.MoekitError, match="layer_types must give"):
         FAMILIES["gpt_oss"].config({**hf, "layer_types": ["full_attention"]})
 

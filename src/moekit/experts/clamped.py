@@ -7,11 +7,18 @@
 gpt-oss checkpoints store the experts stacked and transposed with gate and up interleaved
 (`mlp.experts.gate_up_proj` [E, D, 2I]: gate = [..., 0::2], up = [..., 1::2]; `down_proj`
 [E, I, D]; biases `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, D]); `read` turns one expert
-into this form's layout. The form runs in PyTorch only (no fused kernel applies the biases and the
-clamp yet): resident and offloaded with fetched misses; CPU and in-place misses are refused.
+into this form's layout. The released checkpoints store the two matrices in MXFP4 instead
+(`<name>_blocks` [E, R, K/32, 16] uint8: two e2m1 values a byte, low nibble first; `<name>_scales`
+[E, R, K/32] uint8: an E8M0 power of two 2^(s-127) per 32 values; rows R in the Linear layout,
+gate/up interleaved): Mxfp4ClampedForm keeps those bytes everywhere (resident, host store, GPU
+cache) and decodes a matrix when it multiplies. Both forms run in PyTorch only (no fused kernel
+applies the biases, the clamp or the MXFP4 decode yet): resident and offloaded with fetched
+misses; CPU and in-place misses are refused.
 
 Shapes: N = tokens, D = hidden, I = expert ffn width, n = tokens of one expert.
-One expert: gate_up [2I, D], down [D, I], gate_up_bias [2I], down_bias [D].
+One expert, dense:  gate_up [2I, D], down [D, I], gate_up_bias [2I], down_bias [D].
+One expert, MXFP4:  gate_up_blocks [2I, D/32, 16], gate_up_scales [2I, D/32], down_blocks [D, I/32, 16],
+                    down_scales [D, I/32] (uint8), gate_up_bias [2I], down_bias [D].
 """
 
 from __future__ import annotations
@@ -24,6 +31,27 @@ from ..config import ModelConfig
 from .forms import KINDS, StoredForm
 
 NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")
+MXFP4_NAMES = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales", "gate_up_bias", "down_bias")
+# e2m1 code -> value (sign bit 3, then exponent and mantissa), as the OCP MX spec and gpt-oss define it
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def gate_first(t: torch.Tensor) -> torch.Tensor:
+    """Returns t [2I, ...] with gpt-oss's interleaved gate/up rows reordered: gate rows, then up."""
+    return torch.cat((t[0::2], t[1::2]))
+
+
+_LUTS: dict[torch.device, torch.Tensor] = {}  # made on first use (eager), so captured decode steps copy nothing
+
+
+def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Returns the matrices [..., R, K] in `dtype` of MXFP4 blocks [..., R, K/32, 16] and scales [..., R, K/32]."""
+    lut = _LUTS.get(blocks.device)
+    if lut is None:
+        lut = _LUTS[blocks.device] = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [..., R, K/32, 16, 2]
+    values = values.flatten(-2) * torch.exp2(scales.float() - 127.0)[..., None]  # [..., R, K/32, 32]
+    return values.flatten(-2).to(dtype)
 
 
 class ClampedSwigluForm(StoredForm):
@@ -63,9 +91,8 @@ class ClampedSwigluForm(StoredForm):
                     f"{ckpt.file_of(name)}: tensor '{name}' has shape {list(ckpt.shape(name))}, config.json "
                     f"implies [E, {', '.join(map(str, shape))}]; the weights do not match the config")
         w = ckpt.read_rows(gate_up, expert, expert + 1)[0].t()  # [2I, D], gate and up rows interleaved
-        b = ckpt.read_rows(gate_up + "_bias", expert, expert + 1)[0]  # [2I]
-        out["gate_up"].copy_(torch.cat((w[0::2], w[1::2])))
-        out["gate_up_bias"].copy_(torch.cat((b[0::2], b[1::2])))
+        out["gate_up"].copy_(gate_first(w))
+        out["gate_up_bias"].copy_(gate_first(ckpt.read_rows(gate_up + "_bias", expert, expert + 1)[0]))
         out["down"].copy_(ckpt.read_rows(down, expert, expert + 1)[0].t())
         out["down_bias"].copy_(ckpt.read_rows(down + "_bias", expert, expert + 1)[0])
 
@@ -95,24 +122,74 @@ class ClampedSwigluForm(StoredForm):
         return tuple(stacked[kind].to(dtype) for kind in KINDS)  # type: ignore[return-value]
 
 
+class Mxfp4ClampedForm(ClampedSwigluForm):
+    """gpt-oss's experts with both matrices kept in MXFP4 (biases in `dtype`), decoded as they multiply."""
+
+    name = "mxfp4_clamped_swiglu"
+
+    def specs(self, layer=None):
+        d, i, u8 = self.hidden, self.ffn, torch.uint8
+        return {"gate_up_blocks": ((2 * i, d // 32, 16), u8), "gate_up_scales": ((2 * i, d // 32), u8),
+                "down_blocks": ((d, i // 32, 16), u8), "down_scales": ((d, i // 32), u8),
+                "gate_up_bias": ((2 * i,), self.dtype), "down_bias": ((d,), self.dtype)}
+
+    def specs_names(self):
+        return MXFP4_NAMES
+
+    def read(self, ckpt, family, layer, expert, out):
+        from ..errors import CheckpointError
+
+        gate_up, down = family.stacked_expert_names(layer)
+        names = {f"{kind}_{part}": f"{stored}_{part}" for kind, stored in (("gate_up", gate_up), ("down", down))
+                 for part in ("blocks", "scales", "bias")}  # gate_up_blocks -> ...experts.gate_up_proj_blocks
+        for name, (shape, _) in self.specs().items():
+            stored = names[name]
+            if not ckpt.has(stored) or tuple(ckpt.shape(stored)[1:]) != shape:
+                got = list(ckpt.shape(stored)) if ckpt.has(stored) else "no such tensor"
+                raise CheckpointError(f"{ckpt.path}: MXFP4 expert tensor '{stored}': {got}, config.json implies "
+                                      f"[E, {', '.join(map(str, shape))}]; the weights do not match the config")
+            t = ckpt.read_rows(stored, expert, expert + 1)[0]
+            out[name].copy_(gate_first(t) if name.startswith("gate_up") else t)
+
+    def weight(self, kind, one, dtype=torch.float32):
+        return decode_mxfp4(one[kind + "_blocks"], one[kind + "_scales"], dtype)
+
+    def linear(self, kind, one, x):
+        return F.linear(x, self.weight(kind, one, x.dtype), one[kind + "_bias"])
+
+    def apply(self, xs, stacked, row):
+        if isinstance(row, torch.Tensor):  # each token through its own row: decode the rows it uses
+            gate_up = decode_mxfp4(stacked["gate_up_blocks"][row], stacked["gate_up_scales"][row], xs.dtype)
+            h = self.activation(torch.bmm(gate_up, xs[:, :, None]).squeeze(-1) + stacked["gate_up_bias"][row])
+            down = decode_mxfp4(stacked["down_blocks"][row], stacked["down_scales"][row], xs.dtype)  # [n, D, I]
+            return torch.bmm(down, h[:, :, None]).squeeze(-1) + stacked["down_bias"][row]
+        return super().apply(xs, stacked, row)
+
+    def dequantize(self, stacked, dtype=torch.float32):
+        """Returns the decoded (gate_up, down) matrices; the biases are not part of them."""
+        return tuple(decode_mxfp4(stacked[k + "_blocks"], stacked[k + "_scales"], dtype) for k in KINDS)  # type: ignore[return-value]
+
+
+def form_for(ctx) -> ClampedSwigluForm:
+    """Returns the form a gpt-oss checkpoint's experts load in: MXFP4 when it stores them so, else dense."""
+    if (ctx.ckpt.config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        return Mxfp4ClampedForm.of(ctx.config, ctx.dtype)
+    return ClampedSwigluForm.of(ctx.config, ctx.dtype)
+
+
 class ClampedExperts(nn.Module):
-    """All experts of one gpt-oss MoE layer, resident on the model's device (trainable parameters)."""
+    """All experts of one gpt-oss MoE layer, resident on the model's device, in their stored form."""
 
     def __init__(self, num_experts: int, form: ClampedSwigluForm):
         super().__init__()
-        self.num_experts, self.hidden, self.ffn, self._form = num_experts, form.hidden, form.ffn, form
-        for name, (shape, _) in form.specs().items():
-            self.register_parameter(name, nn.Parameter(torch.empty(num_experts, *shape)))
-
-    @property
-    def form(self) -> ClampedSwigluForm:
-        """The form in the parameters' dtype."""
-        f = self._form
-        return ClampedSwigluForm(f.hidden, f.ffn, self.gate_up.dtype, f.alpha, f.limit)
+        self.num_experts, self.hidden, self.ffn, self.form = num_experts, form.hidden, form.ffn, form
+        for name, (shape, dtype) in form.specs().items():
+            self.register_parameter(name, nn.Parameter(torch.empty(num_experts, *shape, dtype=dtype),
+                                                       requires_grad=dtype.is_floating_point))
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """Returns {name: [E, ...]} as the form reads them."""
-        return {name: getattr(self, name) for name in NAMES}
+        return {name: getattr(self, name) for name in self.form.specs_names()}
 
     def expert_bytes(self) -> int:
         """Returns the bytes of one expert as stored."""
@@ -124,9 +201,9 @@ class ClampedExperts(nn.Module):
 
 
 def build_resident(ctx, layer: int) -> ClampedExperts:
-    """Returns layer `layer`'s experts read from the checkpoint, resident on ctx.device in ctx.dtype."""
-    form = ClampedSwigluForm.of(ctx.config, ctx.dtype)
-    experts = ClampedExperts(ctx.config.experts_in(layer), form).to(device=ctx.device, dtype=ctx.dtype)
+    """Returns layer `layer`'s experts read from the checkpoint, resident on ctx.device in their form."""
+    form = form_for(ctx)
+    experts = ClampedExperts(ctx.config.experts_in(layer), form).to(device=ctx.device)
     with torch.no_grad():
         form.read_layer(ctx.ckpt, ctx.family, layer, experts.stacked())
     return experts

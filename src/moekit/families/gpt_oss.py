@@ -2,8 +2,8 @@
 attention alternating by `layer_types`, biases on q/k/v/o and on the router, top-k of the raw
 router logits with a softmax over the k, and experts stored stacked, transposed, gate/up
 interleaved and biased, with the clamped SwiGLU (moekit.experts.clamped; `swiglu_alpha`,
-`swiglu_limit`). MXFP4 checkpoints (the released weights) are refused until MXFP4 is a stored form:
-a bf16 copy loads."""
+`swiglu_limit`). The released checkpoints keep the experts in MXFP4 (quant_method "mxfp4"): they
+load as that stored form (experts.clamped.Mxfp4ClampedForm), every other tensor as stored."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ class GptOss(Family):
     router_module = "router"
 
     def config(self, hf: dict[str, Any]) -> ModelConfig:
+        plain = {**hf, "hidden_act": "silu"}  # the experts' own activation is set below
         if (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4":
-            raise UnsupportedModelError(
-                "gpt_oss: this checkpoint stores its experts in MXFP4 (quantization_config.quant_method "
-                "'mxfp4'), which moekit does not read yet; save a bf16 copy first (transformers dequantizes "
-                "MXFP4 when it loads without a GPU: from_pretrained(..., dtype=torch.bfloat16), then "
-                "save_pretrained)")
-        fields = common_fields({**hf, "hidden_act": "silu"}, self.name)  # the experts' own activation below
+            if int(hf["hidden_size"]) % 32 or int(require(hf, "intermediate_size", self.name)) % 32:
+                raise UnsupportedModelError("gpt_oss MXFP4: hidden_size and intermediate_size must be multiples "
+                                            "of 32 (one E8M0 scale per 32 values)")
+            del plain["quantization_config"]  # only the experts are MXFP4, read by their stored form
+        fields = common_fields(plain, self.name)
         bias = bool(hf.get("attention_bias", True))
         layers = fields["num_layers"]
         layer_types = tuple(hf.get("layer_types") or
@@ -54,7 +54,9 @@ class GptOss(Family):
         return f"{self.layer_prefix(layer)}.{self.moe_prefix}.router.bias"
 
     def stacked_expert_extras(self, layer: int) -> tuple[str, ...]:
-        return tuple(name + "_bias" for name in self.stacked_expert_names(layer))
+        """Returns the expert biases and, in MXFP4 checkpoints, the blocks and scales of each matrix."""
+        return tuple(name + suffix for name in self.stacked_expert_names(layer)
+                     for suffix in ("_bias", "_blocks", "_scales"))
 
 
 FAMILY = GptOss()

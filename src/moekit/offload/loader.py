@@ -59,9 +59,9 @@ class OffloadLoader(ExpertLoader):
             form = (form_from_tensors(quant, cfg, self.host_layers, device) if self.host_layers is not None
                     else form_from_checkpoint(quant, cfg, ctx.ckpt, ctx.family, device))
         elif not cfg.plain_experts:  # gpt-oss: biases and the clamped SwiGLU
-            from ..experts.clamped import ClampedSwigluForm
+            from ..experts.clamped import form_for
 
-            form = ClampedSwigluForm.of(cfg, ctx.dtype)
+            form = form_for(ctx)  # dense, or the MXFP4 bytes gpt-oss ships
         else:
             form = DenseForm(cfg.hidden_size, cfg.expert_ffn, ctx.dtype)
         moe_layers = [i for i, moe in enumerate(cfg.moe_layers) if moe]
