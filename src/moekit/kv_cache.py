@@ -66,7 +66,8 @@ class RaggedBatch:
     positions are already cached); its tokens sit contiguously in the packed input, in order.
     """
 
-    starts: tuple[int, ...]  # [B] cached positions before this step
+    starts: tuple[int, ...]  # [B] cached positions before this step (host side; a static decode step,
+    # moekit.paged_decode, leaves them 0: decode attention reads context_lens on the device)
     query_lens: tuple[int, ...]  # [B] new tokens this step
     positions: torch.Tensor  # [N] int64 position of each packed token
     slots: torch.Tensor  # [N] int64 flat cache slot (block * BS + offset) of each packed token

@@ -237,3 +237,21 @@ def test_offload_budget_sizes_the_kv_cache(tiny, monkeypatch):
     assert sched.cache.num_blocks * sched.cache.block_size == MAX_POS
     with pytest.raises(moekit.MoekitError, match="does not fit in the offload budget .* fewer --kv-tokens"):
         Scheduler(model, SchedulerConfig(kv_tokens=2 * MAX_POS))
+
+
+@pytest.mark.parametrize("bits", ["4", "ternary"])
+def test_compressed_model_equals_alone(tiny, tmp_path, bits):
+    """A compressed checkpoint (RTN experts in their stored form) under the scheduler."""
+    from moekit.quant.compress import compress
+    from moekit.quant.config import QuantConfig
+
+    out = tmp_path / f"mixtral-{bits}"
+    quant = QuantConfig(bits=bits, method="rtn", **({} if bits == "ternary" else {"group_size": 16}))
+    compress(tiny("mixtral").path, out, quant, progress=False)
+    model = moekit.load_model(out)
+    sched = Scheduler(model, SchedulerConfig(max_step_tokens=6, max_seqs=2))
+    prompts = _prompts([7, 2, 13], seed=7)
+    reqs = [sched.add(p, SamplingParams(max_tokens=5)) for p in prompts]
+    sched.run()
+    for prompt, r in zip(prompts, reqs):
+        assert r.output == _alone(model, prompt, 5)
