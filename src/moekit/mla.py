@@ -172,11 +172,16 @@ class LatentAttention(nn.Module):
     def _attend_ragged(self, q: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                        cache: PagedKVCache | None, batch: RaggedBatch) -> torch.Tensor:
         """Returns attention [1, N, H*dv] of packed q [1, H, N, dqk]: latents [1, 1, N, r] and rope
-        keys written to the paged cache first, then each sequence attends over its own positions
-        (absorbed form for a decode token, expanded for prefill), one sequence at a time."""
+        keys written to the paged cache first; a decode step attends for all sequences at once in
+        the absorbed form, a prefill step sequence by sequence (expanded form for prompts)."""
         if not isinstance(cache, PagedKVCache):
             raise MoekitError("a ragged batch (RaggedBatch) needs a PagedKVCache to attend through")
         cache.write(self.layer, latent[0].transpose(0, 1), k_rope[0].transpose(0, 1), batch.slots)
+        if batch.is_decode:
+            lat, rope, mask = gather_padded(cache.keys[self.layer], cache.values[self.layer], batch)
+            qb = q[0].transpose(0, 1)[:, :, None]  # [B, H, 1, dqk]: one token per sequence
+            out = self._absorbed(qb, lat, rope, mask)  # [B, H, 1, dv]
+            return out.reshape(1, batch.num_seqs, -1)
         outs, offset = [], 0
         for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
             length = start + n
@@ -187,6 +192,22 @@ class LatentAttention(nn.Module):
             outs.append(form(qi, lat, rope, self._mask(n, length, start, q.device)))  # [1, H, n, dv]
             offset += n
         return torch.cat(outs, dim=2).transpose(1, 2).reshape(1, offset, -1)
+
+
+def gather_padded(keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch):
+    """Returns (keys [B, Hkv, S, dk], values [B, Hkv, S, dv], mask [B, 1, 1, S]) of every sequence
+    of a decode step, read through its block table from pools [NB, BS, Hkv, d] and padded to the
+    longest table (S = MB * BS); the mask keeps each sequence's own positions (< its context)."""
+    tables = batch.block_tables.long()  # [B, MB]
+    b = tables.shape[0]
+
+    def padded(pool: torch.Tensor) -> torch.Tensor:
+        return pool[tables].reshape(b, -1, *pool.shape[2:]).transpose(1, 2)  # [B, Hkv, S, d]
+
+    k, v = padded(keys), padded(values)
+    positions = torch.arange(k.shape[2], device=k.device)
+    mask = positions[None, :] < batch.context_lens.long()[:, None]  # [B, S]
+    return k, v, mask[:, None, None, :]
 
 
 def fill_latent_attention(attn: LatentAttention, ckpt, family, cfg: ModelConfig, layer: int) -> None:

@@ -62,6 +62,16 @@ def _attend_ragged(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cach
     if not isinstance(cache, PagedKVCache):
         raise MoekitError("a ragged batch (RaggedBatch) needs a PagedKVCache to attend through")
     cache.write(attn.layer, k[0].transpose(0, 1), v[0].transpose(0, 1), batch.slots)
+    if batch.is_decode:  # every sequence at once, padded to the longest block table
+        from .mla import gather_padded
+
+        kb, vb, mask = gather_padded(cache.keys[attn.layer], cache.values[attn.layer], batch)  # mask [B, 1, 1, S]
+        window = attn.cfg.sliding_window
+        if window is not None:
+            positions = torch.arange(kb.shape[2], device=kb.device)
+            mask = mask & (positions > batch.context_lens.long()[:, None, None, None] - 1 - window)
+        out = sink_attention(q[0].transpose(0, 1)[:, :, None], kb, vb, attn.sinks, mask[:, :, None])
+        return out.reshape(1, batch.num_seqs, attn.q_dim)
     outs, offset = [], 0
     for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
         length = start + n

@@ -546,3 +546,27 @@ def test_cuda_mxfp4_graph_decode_equals_eager(mxfp4_oss):
     graphed = model.generate(ids, 12, temperature=0, eos_token_ids=(), cuda_graph=True, stats=stats)
     eager = model.generate(ids, 12, temperature=0, eos_token_ids=(), cuda_graph=False)
     assert stats.cuda_graph and torch.equal(graphed, eager)
+
+
+@pytest.mark.parametrize("variant, offload", [("granitemoe", False), ("phimoe", True), ("deepseek_v2", True),
+                                              ("deepseek_v3", False), ("glm4_moe", True), ("gpt_oss", True)])
+def test_cli_generate(tiny, variant, offload, capsys, tmp_path):
+    """`moekit generate --json` on a copy of the tiny checkpoint with a character tokenizer: the
+    tokens equal the library's greedy ones."""
+    import json
+    import shutil
+
+    from conftest import run_cli, write_char_tokenizer
+
+    path = shutil.copytree(tiny(variant).path, tmp_path / variant)
+    write_char_tokenizer(path)
+    argv = ["generate", "def f(x):", "--model", str(path), "--device", "cpu", "--max-new-tokens", "6",
+            "--temperature", "0", "--json"] + (["--offload"] if offload else [])
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    result = json.loads(out)
+    from moekit.tokenizer import load_tokenizer
+
+    ids = torch.tensor([load_tokenizer(path).encode("def f(x):")])
+    expected = moekit.load_model(path).generate(ids, max_new_tokens=6, temperature=0)
+    assert result["token_ids"] == expected[0].tolist()
