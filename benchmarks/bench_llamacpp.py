@@ -107,7 +107,7 @@ def kernel_rates(cfg, threads: int, reps: int = 5) -> dict:
     layer's top-k experts (distinct, cold in the caches), bf16, one token."""
     import torch.nn.functional as F
 
-    from moekit.native.experts import Scratch, expert_ffn
+    from moekit.native.experts import Scratch, expert_ffn, stream_read_bytes_per_s
 
     d, ffn, k = cfg.hidden_size, cfg.expert_ffn, cfg.top_k
     count = max(64, 4 * k * reps)  # more experts than any last-level cache holds
@@ -134,6 +134,13 @@ def kernel_rates(cfg, threads: int, reps: int = 5) -> dict:
     torch.set_num_threads(threads)
     res = {}
     try:
+        for n_threads in sorted({1, 4, 8, threads, threads + 1}):  # how the kernel scales with cores
+            native(k)
+            t0 = time.perf_counter()
+            expert_ffn(x, [(gate_up[e], down[e], [0], [1.0 / k]) for e in range(k, 2 * k)], threads=n_threads,
+                       scratch=scratch)
+            res[f"native_layer_top_k_threads{n_threads}_bytes_per_s"] = k * expert_bytes / (time.perf_counter() - t0)
+            res[f"stream_read_threads{n_threads}_bytes_per_s"] = stream_read_bytes_per_s(1 << 30, n_threads, reps=3)
         for name, fn in (("native", native), ("pytorch", pytorch)):
             for n, label in ((1, "one_expert"), (k, "layer_top_k")):
                 fn(n)

@@ -93,6 +93,19 @@ inline void row_dots(const W* row, int64_t n, const float* vec, int64_t stride, 
   for (int k = 0; k < count; ++k) out[k] = dot(scratch, vec + (which ? which[k] : k) * stride, n);
 }
 
+// gate . x and up . x of one token, read in one pass (two streams at once).
+template <typename W, typename Conv>
+inline void gate_up_dots(const W* gate, const W* up, const float* x, int64_t n, float* g, float* u, Conv conv) {
+  float ag = 0.f, au = 0.f;
+#pragma omp simd reduction(+ : ag, au)
+  for (int64_t i = 0; i < n; ++i) {
+    ag += conv(gate[i]) * x[i];
+    au += conv(up[i]) * x[i];
+  }
+  *g = ag;
+  *u = au;
+}
+
 struct Bf16 { float operator()(uint16_t v) const { return bf16_to_float(v); } };
 struct F32 { float operator()(float v) const { return v; } };
 #ifdef __FLT16_MAX__  // the compiler has _Float16 (GCC 12+, clang 15+ on x86-64)
@@ -116,8 +129,12 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
       const W* gu = reinterpret_cast<const W*>(gate_up[j]);
       const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
       for (int64_t r = r0; r < r0 + ROWS_PER_ITEM && r < I; ++r) {
-        row_dots(gu + r * D, D, xf, D, tok + first, count, scratch, g, conv);
-        row_dots(gu + (I + r) * D, D, xf, D, tok + first, count, scratch, u, conv);
+        if (count == 1) {  // decode: both rows in one pass
+          gate_up_dots(gu + r * D, gu + (I + r) * D, xf + tok[first] * D, D, g, u, conv);
+        } else {
+          row_dots(gu + r * D, D, xf, D, tok + first, count, scratch, g, conv);
+          row_dots(gu + (I + r) * D, D, xf, D, tok + first, count, scratch, u, conv);
+        }
         for (int k = 0; k < count; ++k) h[(first + k) * I + r] = g[k] / (1.f + std::exp(-g[k])) * u[k];
       }
     }  // implicit barrier: every h is written

@@ -210,13 +210,17 @@ def _debug_fit(row: dict, device: torch.device) -> None:
     import sys
 
     groups: dict[tuple, list[int]] = {}
+    owners: list[str] = []
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and obj.device == device and obj.untyped_storage().nbytes() > 2**20:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda and obj.untyped_storage().nbytes() > 2**20:
                 key = (tuple(obj.shape), str(obj.dtype))
                 g = groups.setdefault(key, [0, 0])
                 g[0] += 1
                 g[1] += obj.untyped_storage().nbytes()
+                if obj.untyped_storage().nbytes() > 100 * 2**20:  # who holds the big ones
+                    refs = [sorted(r)[:6] if isinstance(r, dict) else type(r).__name__ for r in gc.get_referrers(obj)]
+                    owners.append(f"{list(obj.shape)}: {refs[:4]}")
         except (RuntimeError, ReferenceError):
             continue
     top = sorted(groups.items(), key=lambda kv: -kv[1][1])[:15]
@@ -225,6 +229,7 @@ def _debug_fit(row: dict, device: torch.device) -> None:
     print(f"fit: allocated {torch.cuda.memory_allocated(device) / 1e6:.1f}MB reserved "
           f"{torch.cuda.memory_reserved(device) / 1e6:.1f}MB; live tensors > 1 MiB: "
           + "; ".join(f"{n}x{list(shape)} {dt} {b / 1e6:.1f}MB" for (shape, dt), (n, b) in top), file=sys.stderr)
+    print("fit: holders of tensors > 100 MiB: " + " | ".join(owners), file=sys.stderr)
 
 
 def most_used(counts: dict[int, list[float]], how_many: int) -> list[tuple[int, int]]:
