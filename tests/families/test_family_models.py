@@ -570,3 +570,23 @@ def test_cli_generate(tiny, variant, offload, capsys, tmp_path):
     ids = torch.tensor([load_tokenizer(path).encode("def f(x):")])
     expected = moekit.load_model(path).generate(ids, max_new_tokens=6, temperature=0)
     assert result["token_ids"] == expected[0].tolist()
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "gpt_oss", "glm4_moe"])
+def test_pregates_train_and_prefetch(tiny, variant, tmp_path):
+    """Pre-gates train on the family's routing (dense first layers skipped) and drive offload
+    prefetching without changing the tokens."""
+    from moekit.offload.pregate import save_pregates, train_pregates
+
+    path = tiny(variant).path
+    model = moekit.load_model(path)
+    weights, report = train_pregates(model, token_ids(8, 64, seed=1), steps=30, seqlen=64)
+    moe = [i for i, is_moe in enumerate(model.config.moe_layers) if is_moe]
+    assert sorted(weights) == moe[:-1]  # a pre-gate at each MoE layer that has a next one
+    out = save_pregates(weights, model.config, tmp_path / "pregates", report)
+    offloaded = load_offloaded(path, offload=OffloadConfig(context_tokens=24, predictor="pregate",
+                                                           pregate_path=str(out)))
+    ids = token_ids(1, 8)
+    tokens = offloaded.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=())
+    assert torch.equal(tokens, model.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=()))
+    assert offloaded.offload.report()["prefetch_recall"] > 0
