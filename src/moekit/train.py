@@ -228,7 +228,8 @@ def train(model: MoEModel, batches: Iterable[torch.Tensor], steps: int, lr: floa
         raise MoekitError(f"log_every must be > 0, got {log_every}")
     named = list(model.named_parameters())
     saved_flags = {name: p.requires_grad for name, p in named}
-    chosen = [(n, p) for n, p in named if trainable is None or trainable(n)]
+    # stored bytes (MXFP4 blocks and scales, compressed codes) are not trainable, whatever their name
+    chosen = [(n, p) for n, p in named if (trainable is None or trainable(n)) and p.is_floating_point()]
     if not chosen:
         raise MoekitError("the trainable filter matched no parameter; names look like "
                           f"{', '.join(n for n, _ in named[:4])}, ...")

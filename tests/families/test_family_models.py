@@ -590,3 +590,33 @@ def test_pregates_train_and_prefetch(tiny, variant, tmp_path):
     tokens = offloaded.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=())
     assert torch.equal(tokens, model.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=()))
     assert offloaded.offload.report()["prefetch_recall"] > 0
+
+
+@pytest.mark.parametrize("variant", ["phimoe", "deepseek_v3", "gpt_oss"])
+def test_router_finetune_to_top1(tiny, variant):
+    """Top-k reduction fine-tuning runs through each family's router (sparsemixer, sigmoid with a
+    selection bias, biased linear) and leaves the model routing at top-1."""
+    from moekit.prune.finetune import finetune_router
+
+    model = moekit.load_model(tiny(variant).path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp.router." in n}
+    data = token_ids(4, 16, seed=3)
+    finetune_router(model, iter([data] * 3), steps=3, top_k=1, entropy_weight=0.1, train_top_k=2)
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved and all(layer.mlp.top_k == 1 for layer in model.layers if layer.is_moe)
+    assert model.generate(token_ids(1, 6), max_new_tokens=3, temperature=0).shape == (1, 3)
+
+
+def test_mxfp4_experts_are_not_trained(mxfp4_oss):
+    """Training routers and experts of an MXFP4 model moves the biases and routers; the MXFP4
+    bytes are stored values, left as they are."""
+    from moekit.prune.finetune import finetune_router
+
+    mx, _ = mxfp4_oss
+    model = moekit.load_model(mx)
+    blocks = model.layers[0].mlp.experts.gate_up_blocks.clone()
+    bias = model.layers[0].mlp.experts.gate_up_bias.detach().clone()
+    finetune_router(model, iter([token_ids(4, 16, seed=3)] * 2), steps=2, top_k=2, entropy_weight=0.0,
+                    train_what="router+experts", train_top_k=2)
+    assert torch.equal(model.layers[0].mlp.experts.gate_up_blocks, blocks)
+    assert not torch.equal(model.layers[0].mlp.experts.gate_up_bias, bias)
