@@ -353,3 +353,23 @@ def test_full_queue_gets_429(model_dir):
         assert s.get("/health")[0] == 200
     finally:
         s.close()
+
+
+def test_disconnect_before_a_full_response_frees_blocks(server):
+    """A non-streamed request whose client goes away is aborted too (checked while tokens flow)."""
+    before = server.metrics()["moekit_requests_aborted_total"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0.8, "seed": 2})
+    conn.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+    deadline = time.monotonic() + 10
+    while server.metrics()["moekit_running_sequences"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if m["moekit_requests_aborted_total"] > before and m["moekit_kv_blocks_used"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["moekit_requests_aborted_total"] == before + 1 and m["moekit_kv_blocks_used"] == 0

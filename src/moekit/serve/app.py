@@ -82,6 +82,34 @@ class _Choice:
         return out
 
 
+class _AccessLog:
+    """ASGI middleware: one log line per request (client, method, path, status, duration of the
+    whole response, streams included) and a count per (path, status). Plain ASGI rather than
+    BaseHTTPMiddleware, which would hide a client's disconnect from the handlers."""
+
+    def __init__(self, app, counts: dict[tuple[str, int], int]):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            key = (scope["path"], status[0])
+            self.counts[key] = self.counts.get(key, 0) + 1
+            client = scope["client"][0] if scope.get("client") else "-"
+            log.info('%s "%s %s" %d %.1f ms', client, scope["method"], scope["path"], status[0],
+                     (time.perf_counter() - t0) * 1e3)
+
+
 def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
     """Returns the FastAPI app serving `engine`'s model under `model_name`."""
     app = FastAPI(title="moekit", docs_url=None, redoc_url=None)
@@ -108,16 +136,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
         log.exception("request failed")
         return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
-    @app.middleware("http")
-    async def _log_line(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        key = (request.url.path, response.status_code)
-        http_counts[key] = http_counts.get(key, 0) + 1
-        client = request.client.host if request.client else "-"
-        log.info('%s "%s %s" %d %.1f ms', client, request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - t0) * 1e3)
-        return response
+    app.add_middleware(_AccessLog, counts=http_counts)
 
     @app.get("/health")
     async def health():
@@ -186,8 +205,13 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
             stream = _stream(request, queue, choices, rid, chat, include_usage, usage_prompt)
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
+            checked = time.monotonic()
             while any(c.finish_reason is None for c in choices):
                 await _next_event(request, queue, choices, timeout=1.0)
+                if time.monotonic() - checked > 1.0:  # tokens keep coming: look for a gone client anyway
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        raise _Disconnected
         except _Disconnected:
             return _error("the client disconnected", 499)  # nobody reads it; the log line says what happened
         finally:
