@@ -620,3 +620,33 @@ def test_mxfp4_experts_are_not_trained(mxfp4_oss):
                     train_what="router+experts", train_top_k=2)
     assert torch.equal(model.layers[0].mlp.experts.gate_up_blocks, blocks)
     assert not torch.equal(model.layers[0].mlp.experts.gate_up_bias, bias)
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "gpt_oss", "granitemoe"])
+def test_cli_finetune_writes_trained_routers_back(tiny, variant, tmp_path, capsys):
+    """`moekit finetune --train router` writes each family's router (and gpt-oss's router bias)
+    under its own names; training what cannot be written back yet is refused before any work."""
+    import shutil
+
+    from moekit.checkpoint import Checkpoint
+
+    from conftest import run_cli, write_char_tokenizer
+
+    path = shutil.copytree(tiny(variant).path, tmp_path / variant)
+    write_char_tokenizer(path)
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x * 2\n\nimport os\nprint(os.getcwd())\n" * 40)
+    common = ["--model", str(path), "--data", str(text), "--samples", "4", "--seqlen", "32", "--device", "cpu",
+              "--steps", "2", "--top-k", "1", "--train-top-k", "2"]
+    code, _, err = run_cli(capsys, "finetune", *common, "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    ckpt, family, cfg = read_config(tmp_path / "out")
+    source = Checkpoint(path)
+    layer = next(i for i in range(cfg.num_layers) if cfg.moe_layers[i])
+    assert cfg.top_k == 1
+    assert not torch.equal(ckpt.read(family.router_name(layer)), source.read(family.router_name(layer)))
+    if cfg.router_bias:
+        assert not torch.equal(ckpt.read(family.router_bias_name(layer)), source.read(family.router_bias_name(layer)))
+    code, _, err = run_cli(capsys, "finetune", *common, "--train", "all", "--out", str(tmp_path / "all"))
+    assert code == 2 and "cannot be written back" in err and "--train router" in err
+    assert not (tmp_path / "all").exists()

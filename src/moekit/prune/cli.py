@@ -165,8 +165,32 @@ def _check_finetune(args: argparse.Namespace) -> Path:
                               f"(fewest in a layer); give 1..{fewest}")
     train_top_k = args.train_top_k if args.train_top_k is not None else cfg.top_k
     check_setting(cfg, train_top_k, args.train, args.entropy_weight)  # refusals only; warnings come later
+    ckpt, family, _ = read_config(path)
+    why = _why_not_writable(ckpt, family, cfg, args.train)
+    if why:
+        raise MoekitError(f"--train {args.train} cannot be written back for this {cfg.family} model yet ({why}); "
+                          "use --train router")
     check_output(args.out, [path, args.data], args.overwrite)
     return path
+
+
+def _why_not_writable(ckpt, family, cfg, train_what: str) -> str | None:
+    """Returns why the tensors `train_what` trains cannot be written under the checkpoint's own
+    names (save.hf_tensors writes the llama-style layout with per-expert SwiGLU tensors), or None."""
+    if train_what == "router":
+        return None
+    first_moe = next(i for i in range(cfg.num_layers) if cfg.moe_layers[i])
+    if not cfg.plain_experts:
+        return f"experts with biases and {cfg.expert_act}"
+    if ckpt.has(family.stacked_expert_names(first_moe)[0]):
+        return "experts stored stacked"
+    if train_what == "all":
+        for flag, what in ((cfg.mla is not None, "latent attention"), (cfg.norm != "rms", "LayerNorm biases"),
+                           (cfg.attention_sinks, "attention sinks"), (cfg.lm_head_bias, "an LM-head bias"),
+                           (cfg.router_bias, "router biases")):
+            if flag:
+                return what
+    return None
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -245,6 +269,14 @@ def _trained_tensors(model, family, cfg, train_what: str) -> dict[str, torch.Ten
     from .rewrite import expert_tensor_index
 
     moe = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
+    if train_what == "router":  # every family: the router linear (and its bias) under their own names
+        out = {}
+        for i in moe:
+            router = model.layers[i].mlp.router
+            out[family.router_name(i)] = router.weight.detach()
+            if router.bias is not None:
+                out[family.router_bias_name(i)] = router.bias.detach()
+        return out
     wanted = {family.router_name(i) for i in moe}
     if train_what == "router+experts":
         wanted |= set(expert_tensor_index(family, cfg))
