@@ -186,7 +186,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
         queue: asyncio.Queue = asyncio.Queue()
         choices: list[_Choice] = []
         try:
-            for p, prompt in enumerate(prompts):
+            for prompt in prompts:
                 for j in range(body.n):
                     choice = _Choice(len(choices), len(prompt), tokenizer, stops, eos)
                     seed = None if base.seed is None else base.seed + j  # n samples differ, reproducibly
