@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .config import RouterConfig
+from .errors import MoekitError
 
 
 def route(logits: torch.Tensor, router: RouterConfig, top_k: int, norm_topk_prob: bool,
@@ -48,6 +49,22 @@ def route(logits: torch.Tensor, router: RouterConfig, top_k: int, norm_topk_prob
     if router.scaling_factor != 1.0:
         weights = weights * router.scaling_factor
     return ids, weights
+
+
+def weights_of(logits: torch.Tensor, ids: torch.Tensor, router: RouterConfig,
+               norm_topk_prob: bool) -> torch.Tensor:
+    """Returns the float32 weights [N, A] the router's rule gives experts `ids` [N, A] chosen
+    elsewhere (offload's strict mode runs the predicted experts) for logits [N, E]."""
+    if router.scoring == "sparsemixer":
+        raise MoekitError("sparsemixer routing weighs only the experts it picks itself; strict offload "
+                          "(running predicted experts) cannot weigh others: run without strict")
+    if router.scoring == "sigmoid":
+        weights = torch.sigmoid(logits.float()).gather(1, ids)
+    else:
+        weights = torch.softmax(logits.float(), dim=-1).gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.scaling_factor
 
 
 def _keep_groups(scores: torch.Tensor, router: RouterConfig, group_score: str, fill: float) -> torch.Tensor:

@@ -650,3 +650,29 @@ def test_cli_finetune_writes_trained_routers_back(tiny, variant, tmp_path, capsy
     code, _, err = run_cli(capsys, "finetune", *common, "--train", "all", "--out", str(tmp_path / "all"))
     assert code == 2 and "cannot be written back" in err and "--train router" in err
     assert not (tmp_path / "all").exists()
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v2_group", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe"])
+def test_router_weights_of_its_own_choice_equal_routing(tiny, variant):
+    """routers.weights_of (what strict offload weighs predicted experts with) gives the experts a
+    router chose itself exactly the weights the router gave them."""
+    from moekit.routers import weights_of
+
+    model = moekit.load_model(tiny(variant).path)
+    block = next(layer.mlp for layer in model.layers if layer.is_moe)
+    x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, ids, weights = block.route(x)
+        again = weights_of(logits, ids, model.config.router, model.config.norm_topk_prob)
+    torch.testing.assert_close(again, weights.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_strict_offload_uses_each_routers_rule(tiny):
+    config = OffloadConfig(context_tokens=24, predictor="speculative", strict=True)
+    with pytest.warns(UserWarning, match="strict"):
+        model = load_offloaded(tiny("deepseek_v3").path, offload=config)
+    assert model.generate(token_ids(1, 6), max_new_tokens=4, temperature=0).shape == (1, 4)
+    with pytest.warns(UserWarning, match="strict"):
+        model = load_offloaded(tiny("phimoe").path, offload=config)
+    with pytest.raises(moekit.MoekitError, match="sparsemixer .* run without strict"):
+        model.generate(token_ids(1, 6), max_new_tokens=4, temperature=0)

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import MoekitError
+from ..routers import weights_of
 from .cache import ExpertCache
 from .config import OffloadConfig
 from .cpu import ADMIT_RATIO, CostModel, CpuWorker, split_misses
@@ -444,9 +445,7 @@ class OffloadRuntime:
 
     def _strict_routing(self, layer: int, x: torch.Tensor, pred: torch.Tensor):
         """Returns (ids, weights) using the predicted experts, weighted by this layer's router."""
-        probs = torch.softmax(self.routers[layer](x).float(), dim=-1)
         ids = pred[:, : self.model_config.top_k].to(x.device)
-        w = probs.gather(1, ids)
-        if self.model_config.norm_topk_prob:
-            w = w / w.sum(dim=-1, keepdim=True)
+        cfg = self.model_config  # each family's rule (softmax, sigmoid, scaled), not softmax alone
+        w = weights_of(self.routers[layer](x), ids, cfg.router, cfg.norm_topk_prob)
         return ids, w.to(x.dtype)
