@@ -112,11 +112,12 @@ VARIANTS.update({
         _COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=24,
         n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, routed_scaling_factor=1.5)),
-    # q_lora, group-limited greedy (best 2 of 4 groups), top-3, yarn with mscale_all_dim (prompts pass 32)
+    # q_lora, group-limited greedy (best 2 of 4 groups), top-3, yarn with mscale_all_dim (prompts pass 32),
+    # attention_bias (on q_a, kv_a and o)
     "deepseek_v2_group": ("DeepseekV2Config", dict(
         _COMMON, num_key_value_heads=4, num_hidden_layers=2, intermediate_size=40, moe_intermediate_size=24,
         n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, num_experts_per_tok=3,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, num_experts_per_tok=3, attention_bias=True,
         topk_method="group_limited_greedy", n_group=4, topk_group=2,
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "mscale": 0.9,
                          "mscale_all_dim": 0.7, "original_max_position_embeddings": 32})),

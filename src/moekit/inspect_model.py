@@ -73,8 +73,23 @@ def inspect_checkpoint(path: str | Path) -> ModelReport:
         bytes_other=nbytes["other"],
         bits_per_expert_param=8 * nbytes["experts"] / params["experts"] if params["experts"] else 0.0,
         params_active_per_token=params["other"] + active_experts,
-        specifics=model_specifics(cfg),
+        specifics={**model_specifics(cfg), **stored_form(ckpt.config)},
     )
+
+
+def stored_form(hf: dict) -> dict[str, str]:
+    """Returns {"stored as": how} for a checkpoint quantized on disk (moekit's own forms, FP8
+    blocks, gpt-oss MXFP4 experts), else {}."""
+    quant = hf.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method == "moekit":
+        return {"stored as": f"moekit {quant.get('form')} experts ({quant.get('bits')} bits)"}
+    if method == "fp8":
+        rows, cols = quant.get("weight_block_size")
+        return {"stored as": f"FP8 e4m3, one scale per {rows}x{cols} block (dequantized when read)"}
+    if method == "mxfp4":
+        return {"stored as": "MXFP4 experts (e2m1, one E8M0 scale per 32), kept MXFP4 on the device"}
+    return {}
 
 
 def model_specifics(cfg: ModelConfig) -> dict[str, str]:

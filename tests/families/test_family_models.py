@@ -136,6 +136,10 @@ def test_compressed_ternary_gptq_beats_rtn(tiny, compressed, variant):
             for method, model in models.items():
                 errors[method] += (model.layers[layer].mlp.experts(x, ids, w) - want).norm().item() ** 2
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
+    from moekit.inspect_model import inspect_checkpoint
+
+    stored = inspect_checkpoint(compressed[(variant, "gptq")]).specifics["stored as"]
+    assert stored.startswith("moekit ") and "ternary bits" in stored, stored
     assert models["gptq"].generate(token_ids(1, 8), max_new_tokens=4).shape == (1, 4)
 
 
@@ -417,6 +421,8 @@ def test_fp8_inspect_counts_scales_with_the_experts(fp8_v3):
 
     fp8, reference = fp8_v3
     q, dense = inspect_checkpoint(fp8), inspect_checkpoint(reference)
+    assert q.specifics["stored as"] == "FP8 e4m3, one scale per 8x8 block (dequantized when read)"
+    assert "stored as" not in dense.specifics
     assert q.params_experts == dense.params_experts
     # e4m3 plus a float32 scale per 8x8 block (0.5 bit): the experts' 48x32 and 32x24 are whole blocks
     assert q.bits_per_expert_param == pytest.approx(8.5)
@@ -525,6 +531,7 @@ def test_mxfp4_inspect_and_prune(mxfp4_oss, tmp_path):
     mx, _ = mxfp4_oss
     report = inspect_checkpoint(mx)
     assert 4.25 < report.bits_per_expert_param < 5.5  # e2m1 + a scale per 32, plus float32 biases
+    assert report.specifics["stored as"].startswith("MXFP4 experts")
     ckpt, family, cfg = read_config(mx)
     kept = {0: [0, 2, 3], 1: [1, 2, 3]}
     out = write_pruned(ckpt, family, cfg, kept, tmp_path / "pruned", {"keep": 0.75})
