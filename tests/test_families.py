@@ -182,6 +182,16 @@ def test_deepseek_refusals(tiny):
     v2 = _hf_dict(tiny, "deepseek_v2")
     with pytest.raises(moekit.UnsupportedModelError, match="topk_method 'noaux_tc' is not supported"):
         FAMILIES["deepseek_v2"].config({**v2, "topk_method": "noaux_tc"})
+    with pytest.raises(moekit.UnsupportedModelError, match="moe_layer_freq 2 is not supported"):
+        FAMILIES["deepseek_v2"].config({**v2, "moe_layer_freq": 2})
+    with pytest.raises(moekit.UnsupportedModelError, match="scoring_func 'sigmoid' is not supported"):
+        FAMILIES["deepseek_v2"].config({**v2, "scoring_func": "sigmoid"})
+    # DeepSeek-V2-Lite's own spelling: rope_scaling with "type", moe_layer_freq 1, softmax scoring
+    lite = {**v2, "moe_layer_freq": 1, "scoring_func": "softmax", "rope_parameters": None,
+            "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                             "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}}
+    rope = FAMILIES["deepseek_v2"].config(lite).rope
+    assert rope.scaling == "yarn" and rope.factor == 40 and rope.mscale_all_dim == pytest.approx(0.707)
     v3 = _hf_dict(tiny, "deepseek_v3")
     fp8 = {**v3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
     assert FAMILIES["deepseek_v3"].config(fp8).mla is not None  # block-scaled FP8: dequantized as read

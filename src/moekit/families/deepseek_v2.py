@@ -27,6 +27,10 @@ class DeepseekV2(Family):
         if experts <= 0:
             raise UnsupportedModelError(f"config.json of this {self.name} model has no 'n_routed_experts'")
         first_dense = int(first(hf, "first_k_dense_replace", default=0))
+        if int(first(hf, "moe_layer_freq", default=1)) != 1:  # every released DeepSeek model has 1
+            raise UnsupportedModelError(
+                f"{self.name} moe_layer_freq {hf['moe_layer_freq']} is not supported (only 1: every layer "
+                "from first_k_dense_replace on is MoE, as transformers runs it)")
         m = self._mla(hf)
         moe_ffn = int(require(hf, "moe_intermediate_size", self.name))
         fields.update(num_kv_heads=fields["num_heads"], head_dim=m.qk_head_dim)  # MLA: every head its own k, v
@@ -60,6 +64,9 @@ class DeepseekV2(Family):
         return True
 
     def _routing(self, hf: dict[str, Any]) -> dict[str, Any]:
+        if first(hf, "scoring_func", default="softmax") != "softmax":
+            raise UnsupportedModelError(f"deepseek_v2 scoring_func '{hf['scoring_func']}' is not supported "
+                                        "(softmax; sigmoid routers belong to model_type deepseek_v3)")
         method = first(hf, "topk_method", default="greedy")
         if method not in ("greedy", "group_limited_greedy"):
             raise UnsupportedModelError(
