@@ -49,6 +49,9 @@ def test_chunked_prefill_beside_decode_equals_alone(mixtral_model, static_decode
         assert request.finish_reason == "length"
     assert sched.cache.used_blocks == 0 and sched.stats.requests_finished == len(prompts)
     assert sched.stats.generated_tokens == 10 * len(prompts)
+    for r in requests:  # timings for latency figures: one per token, in order, after arrival
+        assert len(r.token_times_s) == 10 and r.time_to_first_token_s > 0
+        assert len(r.inter_token_s) == 9 and min(r.inter_token_s) > 0
     if static_decode:
         assert set(sched.decode.steps) <= {1, 2, 4} and sched.decode.steps  # buckets of up to 3 sequences
 

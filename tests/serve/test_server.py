@@ -334,6 +334,9 @@ def test_metrics_count_requests_and_tokens(server, client):
     assert after["moekit_requests_finished_total"] == before["moekit_requests_finished_total"] + 1
     assert 1 <= after["moekit_generation_tokens_total"] - before["moekit_generation_tokens_total"] <= 5
     assert after["moekit_queue_depth"] == 0 and after["moekit_kv_blocks_total"] > 0
+    assert after["moekit_time_to_first_token_seconds_sum"] > before["moekit_time_to_first_token_seconds_sum"]
+    assert after["moekit_inter_token_count_total"] - before["moekit_inter_token_count_total"] == \
+        after["moekit_generation_tokens_total"] - before["moekit_generation_tokens_total"] - 1
 
 
 def test_full_queue_gets_429(model_dir):

@@ -401,6 +401,10 @@ def _prometheus(snap: dict, http_counts: dict[tuple[str, int], int]) -> str:
     metric("generation_tokens_total", "counter", "tokens generated", snap["generated_tokens"])
     metric("steps_total", "counter", "forward steps run", snap["steps"])
     metric("preemptions_total", "counter", "sequences preempted for KV blocks", snap["preemptions"])
+    metric("time_to_first_token_seconds_sum", "counter", "time to first token, summed over finished sequences",
+           round(snap["first_token_s_sum"], 6))
+    metric("inter_token_seconds_sum", "counter", "gaps between output tokens, summed", round(snap["inter_token_s_sum"], 6))
+    metric("inter_token_count_total", "counter", "gaps between output tokens counted", snap["inter_token_count"])
     metric("queue_depth", "gauge", "sequences waiting", snap["waiting"])
     metric("running_sequences", "gauge", "sequences in the running batch", snap["running"])
     metric("kv_blocks_used", "gauge", "paged KV cache blocks held", snap["kv_blocks_used"])

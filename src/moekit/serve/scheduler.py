@@ -15,6 +15,7 @@ Shapes: B = sequences in a step, V = vocab.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,17 @@ class Request:
     error: str | None = None  # why an aborted request failed (a step that raised), else None
     on_token: Callable[[Request, int], None] | None = None  # called after each new token
     on_finish: Callable[[Request], None] | None = None  # called once, when it leaves the scheduler
+    arrival_s: float = 0.0  # time.perf_counter() when it was added
+    token_times_s: list[float] = field(default_factory=list)  # perf_counter() when each output token was read
+
+    @property
+    def time_to_first_token_s(self) -> float | None:
+        return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
+
+    @property
+    def inter_token_s(self) -> list[float]:
+        """Returns the gaps between consecutive output tokens (seconds)."""
+        return [b - a for a, b in itertools.pairwise(self.token_times_s)]
 
     @property
     def tokens(self) -> list[int]:
@@ -124,6 +136,9 @@ class SchedulerStats:
     generated_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
+    first_token_s_sum: float = 0.0  # time to first token, summed over finished requests
+    inter_token_s_sum: float = 0.0  # gaps between output tokens, summed over finished requests
+    inter_token_count: int = 0
 
 
 _DEFAULT_KV_CAP = 1 << 16  # positions: the default cache never asks for more
@@ -197,7 +212,7 @@ class Scheduler:
             generator = torch.Generator(device=self.model.device)
             generator.manual_seed(params.seed)
         request = Request(request_id or f"req-{next(self._ids)}", list(prompt), params, generator,
-                          on_token=on_token, on_finish=on_finish)
+                          on_token=on_token, on_finish=on_finish, arrival_s=time.perf_counter())
         self.waiting.append(request)
         self.stats.requests_added += 1
         return request
@@ -239,10 +254,12 @@ class Scheduler:
                 ready.append((row, request))
         if not ready:
             return []
-        tokens = self._sample(logits, ready)
+        tokens = self._sample(logits, ready)  # read back to the host: the step is done
+        now = time.perf_counter()
         produced = []
         for (row, request), token in zip(ready, tokens):
             request.output.append(token)
+            request.token_times_s.append(now)
             if request.params.logprobs is not None:
                 request.logprobs.append(_logprob(logits[row], token, request.params.logprobs))
             self.stats.generated_tokens += 1
@@ -329,8 +346,12 @@ class Scheduler:
         request.finish_reason = reason
         self.cache.free(request)
         if reason != "abort":
-            self.stats.requests_finished += 1
-            self.stats.prompt_tokens += len(request.prompt)
+            stats = self.stats
+            stats.requests_finished += 1
+            stats.prompt_tokens += len(request.prompt)
+            stats.first_token_s_sum += request.time_to_first_token_s
+            stats.inter_token_s_sum += sum(request.inter_token_s)
+            stats.inter_token_count += len(request.inter_token_s)
         if request.on_finish is not None:
             request.on_finish(request)
 
