@@ -1,0 +1,273 @@
+"""Quantized checkpoints as the families ship them: DeepSeek-V3's FP8 blocks (dequantized when
+read) and gpt-oss's MXFP4 experts (kept MXFP4 as a stored form), each against a reference
+dequantized outside moekit (transformers' own MXFP4 decoder for gpt-oss)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moekit
+from moekit.load import read_config
+from moekit.offload import OffloadConfig, load_offloaded
+from moekit.prune.rewrite import write_pruned
+from moekit.quant.compress import compress
+from moekit.quant.config import QuantConfig
+
+from conftest import median_token_error, rel_error, token_ids, transformers
+from family_cases import LOGITS_RTOL, budget_for
+
+# ---- FP8 block-quantized checkpoints (DeepSeek-V3's released format) ----------------------
+
+def fp8_copy(src, dst, block=(8, 8)):
+    """Returns dst after writing an FP8 copy of checkpoint `src` as DeepSeek ships V3: every 2-D
+    projection (not embeddings, norms, LM head or router) as e4m3 with one float32 `_scale_inv`
+    per block of `block`, and quantization_config naming the blocks."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    out = {}
+    for name, w in tensors.items():
+        if not (name.endswith("proj.weight") and w.dim() == 2):
+            out[name] = w
+            continue
+        rows, cols = w.shape
+        br, bc = -(-rows // block[0]), -(-cols // block[1])
+        padded = torch.zeros(br * block[0], bc * block[1])
+        padded[:rows, :cols] = w.float()
+        blocks = padded.view(br, block[0], bc, block[1])
+        scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # e4m3's largest value
+        out[name] = (blocks / scale[:, None, :, None]).view_as(padded)[:rows, :cols].to(torch.float8_e4m3fn)
+        out[name + "_scale_inv"] = scale
+    save_file(out, dst / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def dequantized_copy(src, dst):
+    """Returns dst after writing checkpoint `src` with every FP8 weight replaced by fp8 * its block
+    scale (DeepSeek's fp8_cast_bf16 in float32), written here without moekit's reader."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    tensors = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    br, bc = cfg.pop("quantization_config")["weight_block_size"]
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            s = tensors[name + "_scale_inv"]
+            full = s[:, None, :, None].expand(-1, br, -1, bc).reshape(s.shape[0] * br, s.shape[1] * bc)
+            t = t.float() * full[: t.shape[0], : t.shape[1]]
+        out[name] = t
+    save_file(out, dst / "model.safetensors")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fp8_v3(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    fp8 = fp8_copy(tiny("deepseek_v3").path, root / "fp8")
+    return fp8, dequantized_copy(fp8, root / "dequantized")
+
+
+def test_fp8_checkpoint_loads_dequantized(tiny, fp8_v3):
+    fp8, reference = fp8_v3
+    ids = token_ids(2, 12)
+    with torch.no_grad():
+        logits = moekit.load_model(fp8)(ids)
+        assert torch.equal(logits, moekit.load_model(reference)(ids))
+        # e4m3 keeps 3 mantissa bits: near the original model (a median token: some routings flip), not equal
+        assert median_token_error(logits, tiny("deepseek_v3").hf_logits(ids)) < 0.15
+    new = moekit.load_model(fp8).generate(ids[:1], max_new_tokens=8, temperature=0, eos_token_ids=())
+    assert torch.equal(new, moekit.load_model(reference).generate(ids[:1], max_new_tokens=8, temperature=0,
+                                                                  eos_token_ids=()))
+
+
+def test_fp8_checkpoint_offloads_compresses_and_prunes(fp8_v3, tmp_path):
+    fp8, reference = fp8_v3
+    ids = token_ids(1, 10, seed=3)
+    resident = moekit.load_model(reference).generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=())
+    for store in ("host", "disk"):  # the disk store reads (and dequantizes) experts on each miss
+        config = OffloadConfig(context_tokens=24, store=store, misses="fetch")
+        model = load_offloaded(fp8, offload=dataclasses.replace(config, device_memory=budget_for(fp8, config, 3)))
+        assert torch.equal(model.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=()), resident)
+    out = tmp_path / "ternary"
+    compress(fp8, out, QuantConfig(bits="ternary", method="rtn"), progress=False)
+    names = set(read_config(out)[0].names())
+    assert not any(n.endswith("_scale_inv") for n in names)
+    assert moekit.load_model(out).generate(ids, max_new_tokens=4).shape == (1, 4)
+    ckpt, family, cfg = read_config(fp8)
+    kept = {layer: list(range(cfg.num_experts)) for layer in (1, 2)}
+    pruned = write_pruned(ckpt, family, cfg, kept, tmp_path / "pruned", {"keep": 1.0})
+    assert "quantization_config" not in read_config(pruned)[0].config
+    assert torch.equal(moekit.load_model(pruned).generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=()),
+                       resident)
+
+
+def test_fp8_inspect_counts_scales_with_the_experts(fp8_v3):
+    from moekit.inspect_model import inspect_checkpoint
+
+    fp8, reference = fp8_v3
+    q, dense = inspect_checkpoint(fp8), inspect_checkpoint(reference)
+    assert q.specifics["stored as"] == "FP8 e4m3, one scale per 8x8 block (dequantized when read)"
+    assert "stored as" not in dense.specifics
+    assert q.params_experts == dense.params_experts
+    # e4m3 plus a float32 scale per 8x8 block (0.5 bit): the experts' 48x32 and 32x24 are whole blocks
+    assert q.bits_per_expert_param == pytest.approx(8.5)
+
+
+# ---- gpt-oss MXFP4 checkpoints (the released format) --------------------------------------
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (blocks [..., R, K/32, 16] uint8, scales [..., R, K/32] uint8) of w [..., R, K]: per
+    32 values a power of two that brings the largest within e2m1's 6, then the nearest e2m1 code,
+    two codes a byte, low nibble first (the OCP MX layout gpt-oss ships)."""
+    *lead, rows, cols = w.shape
+    groups = w.float().reshape(*lead, rows, cols // 32, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    codes = ((groups / torch.exp2(exponent)[..., None])[..., None] - FP4_VALUES).abs().argmin(-1).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponent + 127).to(torch.uint8)
+
+
+def mxfp4_copy(src, dst):
+    """Returns dst after writing checkpoint `src` with its experts' two matrices in MXFP4."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    tensors = load_file(next(src.glob("*.safetensors")))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name + "_blocks"], out[name + "_scales"] = quantize_mxfp4(t.transpose(-1, -2))  # Linear layout
+        else:
+            out[name] = t
+    save_file(out, dst / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mxfp4_oss(tiny, tmp_path_factory):
+    """Returns (MXFP4 checkpoint, transformers' model of it dequantized by transformers' own MXFP4 decoder)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    root = tmp_path_factory.mktemp("mxfp4")
+    mx = mxfp4_copy(tiny("gpt_oss_wide").path, root / "mxfp4")
+    tensors = load_file(mx / "model.safetensors")
+    dense = {}
+    for name, t in tensors.items():
+        if name.endswith("_blocks"):
+            base = name.removesuffix("_blocks")
+            dense[base] = convert_moe_packed_tensors(t, tensors[base + "_scales"], dtype=torch.float32)
+        elif not name.endswith("_scales"):
+            dense[name] = t
+    (root / "dequantized").mkdir()
+    save_file({k: v.contiguous() for k, v in dense.items()}, root / "dequantized" / "model.safetensors")
+    cfg = json.loads((mx / "config.json").read_text())
+    del cfg["quantization_config"]
+    (root / "dequantized" / "config.json").write_text(json.dumps(cfg))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(root / "dequantized", dtype=torch.float32).eval()
+    return mx, reference
+
+
+def test_mxfp4_experts_stay_mxfp4_and_match_transformers(mxfp4_oss):
+    from moekit.experts.clamped import Mxfp4ClampedForm
+
+    mx, reference = mxfp4_oss
+    model = moekit.load_model(mx)
+    experts = model.layers[0].mlp.experts
+    assert isinstance(experts.form, Mxfp4ClampedForm) and experts.gate_up_blocks.dtype == torch.uint8
+    assert experts.expert_bytes() < 0.3 * (3 * 64 * 32 * 4)  # ~4.25 bits a weight (+ biases), not float32
+    ids = token_ids(2, 12)
+    with torch.no_grad():
+        assert rel_error(model(ids), reference(ids).logits) <= LOGITS_RTOL
+    for batch in (1, 2):
+        ids = token_ids(batch, 10, seed=4 + batch)
+        gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            expected = reference.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))[:, 10:]
+        assert torch.equal(model.generate(ids, max_new_tokens=10, temperature=0, eos_token_ids=()), expected)
+
+
+def test_mxfp4_offloaded_moves_mxfp4_bytes(mxfp4_oss):
+    mx, _ = mxfp4_oss
+    ids = token_ids(1, 10, seed=3)
+    resident = moekit.load_model(mx).generate(ids, max_new_tokens=8, temperature=0, eos_token_ids=())
+    for store in ("host", "disk"):
+        config = OffloadConfig(context_tokens=24, store=store, misses="fetch")
+        model = load_offloaded(mx, offload=dataclasses.replace(config, device_memory=budget_for(mx, config, 3)))
+        plan = model.offload.plan
+        assert plan.expert_bytes == moekit.load_model(mx).layers[0].mlp.experts.expert_bytes()
+        assert torch.equal(model.generate(ids, max_new_tokens=8, temperature=0, eos_token_ids=()), resident)
+        assert model.offload.report()["demand_fetches"] > 0
+
+
+def test_mxfp4_inspect_and_prune(mxfp4_oss, tmp_path):
+    from moekit.inspect_model import inspect_checkpoint
+
+    mx, _ = mxfp4_oss
+    report = inspect_checkpoint(mx)
+    assert 4.25 < report.bits_per_expert_param < 5.5  # e2m1 + a scale per 32, plus float32 biases
+    assert report.specifics["stored as"].startswith("MXFP4 experts")
+    ckpt, family, cfg = read_config(mx)
+    kept = {0: [0, 2, 3], 1: [1, 2, 3]}
+    out = write_pruned(ckpt, family, cfg, kept, tmp_path / "pruned", {"keep": 0.75})
+    pruned = moekit.load_model(out)
+    whole = moekit.load_model(mx)
+    with torch.no_grad():  # a kept expert is the same expert: its bytes were sliced, not re-encoded
+        assert torch.equal(pruned.layers[1].mlp.experts.down_blocks[0], whole.layers[1].mlp.experts.down_blocks[1])
+        assert torch.equal(pruned.layers[0].mlp.router.bias, whole.layers[0].mlp.router.bias[[0, 2, 3]])
+
+
+def test_mxfp4_experts_are_not_trained(mxfp4_oss):
+    """Training routers and experts of an MXFP4 model moves the biases and routers; the MXFP4
+    bytes are stored values, left as they are."""
+    from moekit.prune.finetune import finetune_router
+
+    mx, _ = mxfp4_oss
+    model = moekit.load_model(mx)
+    blocks = model.layers[0].mlp.experts.gate_up_blocks.clone()
+    bias = model.layers[0].mlp.experts.gate_up_bias.detach().clone()
+    finetune_router(model, iter([token_ids(4, 16, seed=3)] * 2), steps=2, top_k=2, entropy_weight=0.0,
+                    train_what="router+experts", train_top_k=2)
+    assert torch.equal(model.layers[0].mlp.experts.gate_up_blocks, blocks)
+    assert not torch.equal(model.layers[0].mlp.experts.gate_up_bias, bias)
+
+
+@pytest.mark.gpu
+def test_cuda_mxfp4_graph_decode_equals_eager(mxfp4_oss):
+    from moekit.generate import GenerationStats
+
+    mx, reference = mxfp4_oss
+    model = moekit.load_model(mx, device="cuda", dtype="float32")
+    ids = token_ids(2, 7).cuda()
+    stats = GenerationStats()
+    graphed = model.generate(ids, 12, temperature=0, eos_token_ids=(), cuda_graph=True, stats=stats)
+    eager = model.generate(ids, 12, temperature=0, eos_token_ids=(), cuda_graph=False)
+    assert stats.cuda_graph and torch.equal(graphed, eager)
