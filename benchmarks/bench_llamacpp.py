@@ -379,6 +379,7 @@ def main() -> int:
     parser.add_argument("--tmp", default="/dev/shm/moekit_llamacpp")
     parser.add_argument("--misses", default="cpu,auto")
     parser.add_argument("--probe-fit", default="", help="budget shares to run with MOEKIT_DEBUG_FIT=1 while llama.cpp builds")
+    parser.add_argument("--skip-gpu-row", action="store_true", help="no all-on-GPU moekit row (its figure caps the ceiling)")
     parser.add_argument("--footprints", default="", help="GPU bytes 'all,half' to use when llama.cpp is skipped")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -422,11 +423,13 @@ def main() -> int:
     expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
     per_token = sum(cfg.moe_layers) * cfg.top_k * expert_bytes
     idle_mib = results["idle_used_mib_before_cuda"] = idle_before_cuda
-    gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib)
-    gpu["setting"] = "decode_gpu"
-    results["moekit"].append(gpu)
-    common.log(f"moekit all on GPU: {gpu.get('decode_tok_s')} tok/s, prefill {gpu.get('prefill_512_tok_s')}")
-    save()
+    gpu: dict = {}
+    if not args.skip_gpu_row:
+        gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib)
+        gpu["setting"] = "decode_gpu"
+        results["moekit"].append(gpu)
+        common.log(f"moekit all on GPU: {gpu.get('decode_tok_s')} tok/s, prefill {gpu.get('prefill_512_tok_s')}")
+        save()
     combined = rates.get("cpu_read_concurrent_bytes_per_s", 0) + rates.get("h2d_concurrent_bytes_per_s", 0)
     for setting, budget in footprints.items():
         if not budget:

@@ -15,7 +15,8 @@
 // Stage 2 partitions the output rows, so no two threads write the same element and the sum over
 // jobs runs in job order (the result does not depend on the thread count).
 //
-// Shapes: N tokens, D hidden, I ffn width, J jobs, T = slots of all jobs (tok_start[J]).
+// Shapes: N tokens, D hidden, I ffn width, J jobs, T = slots of all jobs (tok_start[J]);
+// accs holds threads * acc_stride(N) floats.
 // Weights: gate_up [2I, D] (gate rows first, then up), down [D, I], row-major, of dtype `wdtype`.
 // dtypes: 0 = bfloat16, 1 = float16, 2 = float32. Accumulation is float32.
 #include <cmath>
@@ -112,6 +113,9 @@ struct F32 { float operator()(float v) const { return v; } };
 struct F16 { float operator()(_Float16 v) const { return static_cast<float>(v); } };
 #endif
 
+// Floats between two threads' accumulators: N rounded up to a cache line, plus one line.
+inline int64_t acc_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
 template <typename W, typename Conv>
 void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* gate_up, const int64_t* down,
                const int32_t* tok_start, const int32_t* tok, const float* w, float* h, float* accs, int64_t N,
@@ -122,7 +126,9 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
   {
     float scratch[MAX_ROW];
     float g[256], u[256];  // per-token dots of one row (jobs hold at most 256 tokens)
-    float* acc = accs + static_cast<int64_t>(omp_get_thread_num()) * N;
+    // each thread's output accumulators on cache lines of their own: neighbouring threads
+    // writing one line (N = 1 at decode) would pass it between cores on every row
+    float* acc = accs + static_cast<int64_t>(omp_get_thread_num()) * acc_stride(N);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < J * blocks_i; ++item) {
       const int64_t j = item / blocks_i, r0 = (item % blocks_i) * ROWS_PER_ITEM;

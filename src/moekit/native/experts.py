@@ -28,6 +28,11 @@ SMALL_BATCH_TOKENS = 16  # up to this many tokens per call the kernel beats PyTo
 Job = tuple[torch.Tensor, torch.Tensor, list[int], list[float]]
 
 
+def acc_stride(n: int) -> int:
+    """Returns the floats between two threads' accumulators (experts.cpp: a cache line apart)."""
+    return (n + 15) // 16 * 16 + 16
+
+
 def usable(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
     """Returns whether expert_ffn takes x [N, D] with weights of `weight_dtype` on this machine."""
     return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and weight_dtype in DTYPE_CODES
@@ -103,7 +108,7 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
     weight_arr = (ctypes.c_float * max(1, len(weights)))(*weights)
     h = scratch.get("h", len(tokens) * ffn)
     xf = scratch.get("x", n * d)
-    accs = scratch.get("acc", threads * n)
+    accs = scratch.get("acc", threads * acc_stride(n))
     code = lib.moekit_expert_ffn(DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d,
                                  ffn, len(jobs), gate_ptrs, down_ptrs, start_arr, token_arr, weight_arr, _ptr(h),
                                  _ptr(xf), _ptr(accs), threads)
