@@ -174,8 +174,9 @@ class Scheduler:
         runtime = expert_runtime(model)
         if runtime is None:
             return wanted
-        choices = [wanted] if config.kv_tokens or wanted <= cfg.max_position_embeddings else \
-            [wanted, cfg.max_position_embeddings]
+        choices = [wanted]
+        if not config.kv_tokens and wanted > cfg.max_position_embeddings:
+            choices.append(cfg.max_position_embeddings)  # the default, shrunk where the budget is tight
         for positions in choices:
             try:
                 runtime.reserve(1, -(-positions // block) * block)
