@@ -201,6 +201,8 @@ def test_stop_string_cuts_the_text(client):
             assert chunks[-1].choices[0].finish_reason == "stop"
         else:
             assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny-moe", prompt=PROMPTS[3], max_tokens=30, temperature=0, stop=[""])
+    assert r.choices[0].text == text  # an empty stop string stops nothing
 
 
 def test_logprobs(client, local):
@@ -285,6 +287,9 @@ BAD_BODIES = [
     (b'{"prompt": [[5, 999999]]}', 400, "token ids must be in"),
     (b'{"prompt": ""}', 400, "no tokens"),
     (b'{"prompt": "x", "logprobs": 50}', 400, "logprobs must be in 0..20"),
+    (b'{"prompt": "x", "seed": 36893488147419103232}', 400, "seed must fit in 64 bits"),
+    (b'{"prompt": "x", "n": 2.5}', 400, "n"),
+    (b'{"messages": []}', 400, "prompt"),
 ]
 
 

@@ -180,7 +180,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
 
     async def _respond(request: Request, body, prompts: list[list[int]], max_tokens: int, chat: bool,
                        logprobs: int | None):
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops = [s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if s]  # "" stops nothing
         base = _sampling(body, max_tokens, model.generation_defaults, eos, logprobs)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

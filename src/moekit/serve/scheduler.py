@@ -56,6 +56,8 @@ class SamplingParams:
             raise MoekitError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise MoekitError(f"top_k must be >= 0 (0 switches it off), got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise MoekitError(f"seed must fit in 64 bits, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise MoekitError(f"logprobs must be in 0..{MAX_LOGPROBS} (top alternatives per token), got {self.logprobs}")
 
