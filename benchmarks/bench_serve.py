@@ -160,7 +160,8 @@ class Bench:
         folder, cfg, nbytes = write_random_checkpoint(root / name, hf, device)
         res["checkpoint_bytes"] = nbytes
         model = moekit.load_model(folder, device=device, dtype="bfloat16")
-        config = SchedulerConfig(max_seqs=max(a.concurrency), max_step_tokens=a.step_tokens)
+        config = SchedulerConfig(max_seqs=max(a.concurrency), max_step_tokens=a.step_tokens,
+                                 prefill_interval=a.prefill_interval)
         warm = prompts_for(2, a.min_len, a.max_len, cfg.vocab_size, seed=0)
         serve_closed_loop(model, warm, 2, 4, config)  # first calls: allocator, kernels, graph captures
         for c in a.concurrency:
@@ -233,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--static-prompt-len", type=int, default=272, help="prompt of the static-batch baseline (the mean)")
     p.add_argument("--step-tokens", type=int, default=512, help="the scheduler's tokens per step")
+    p.add_argument("--prefill-interval", type=int, default=1,
+                   help="the scheduler's prefill_interval (1: prefill beside decode every step)")
     p.add_argument("--hf-max-batch", type=int, default=128, help="largest batch transformers runs")
     p.add_argument("--hf-batches", type=int, default=1, help="padded batches transformers runs per concurrency")
     p.add_argument("--offload-fraction", type=float, default=0.25, help="0 skips the offloaded rows")

@@ -258,3 +258,31 @@ def test_compressed_model_equals_alone(tiny, tmp_path, bits):
     sched.run()
     for prompt, r in zip(prompts, reqs):
         assert r.output == _alone(model, prompt, 5)
+
+
+def test_prefill_interval_keeps_other_steps_decode_only(mixtral_model):
+    """prefill_interval=3: while sequences decode, prompts are admitted and chunked only every third
+    step; the tokens do not change."""
+    model = mixtral_model
+    sched = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=8, prefill_interval=3))
+    prompts = _prompts(LENGTHS, seed=12)
+    reqs = [sched.add(p, SamplingParams(max_tokens=8)) for p in prompts]
+    seen_decode_only_with_waiting = False
+    schedule, planned = sched._schedule, []
+
+    def recorded():  # each step's work as planned: (request, new tokens, tokens pending before it)
+        work = schedule()
+        planned[:] = [(n, len(r.tokens) - r.computed) for r, n in work]
+        return work
+
+    sched._schedule = recorded
+    while sched.has_work:
+        step = sched.stats.steps
+        decoding = any(r.computed == len(r.tokens) - 1 for r in sched.running)
+        sched.step()
+        if decoding and step % 3:
+            assert all(n == 1 and pending == 1 for n, pending in planned)  # decode rows only
+            seen_decode_only_with_waiting |= bool(sched.waiting)
+    assert seen_decode_only_with_waiting
+    for prompt, r in zip(prompts, reqs):
+        assert r.output == _alone(model, prompt, 8)

@@ -11,6 +11,7 @@ from conftest import run_cli
     (["--port", "0"], "--port must be in 1..65535"),
     (["--max-seqs", "0"], "--max-seqs must be >= 1"),
     (["--kv-tokens", "0"], "--kv-tokens must be >= 1"),
+    (["--prefill-interval", "0"], "--prefill-interval must be >= 1"),
     (["--device-memory", "1GB"], "--device-memory needs --offload"),
     (["--device", "tpu"], "tpu"),
     (["/no/such/model"], "no such directory"),

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens per forward step, decode and prefill chunks together (default: 256)")
     p.add_argument("--kv-tokens", type=int, default=None,
                    help="positions of the paged KV cache (default: max-seqs x the context, at most 65536)")
+    p.add_argument("--prefill-interval", type=int, default=1, metavar="N",
+                   help="while sequences decode, admit and prefill prompts only every Nth step; the others stay "
+                        "decode-only (CUDA graphs): more throughput, later first tokens (default: 1, every step)")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="queued requests before new ones get 429 (default: 1024)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -51,7 +54,8 @@ def check_serve(args: argparse.Namespace) -> tuple[Path, str]:
     if not 0 < args.port < 65536:
         raise MoekitError(f"--port must be in 1..65535, got {args.port}")
     for flag, value in (("--max-seqs", args.max_seqs), ("--max-step-tokens", args.max_step_tokens),
-                        ("--max-waiting", args.max_waiting), ("--kv-tokens", args.kv_tokens)):
+                        ("--max-waiting", args.max_waiting), ("--kv-tokens", args.kv_tokens),
+                        ("--prefill-interval", args.prefill_interval)):
         check_min(flag, value, 1)
     device = args.device or ("cuda" if _cuda() else "cpu")
     parse_device(device)
@@ -73,7 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     path, device = check_serve(args)
     config = SchedulerConfig(max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens,
-                             max_waiting=args.max_waiting, kv_tokens=args.kv_tokens)
+                             max_waiting=args.max_waiting, kv_tokens=args.kv_tokens,
+                             prefill_interval=args.prefill_interval)
     tokenizer = load_tokenizer(path)
     if args.offload:
         args.model = str(path)

@@ -73,9 +73,12 @@ class SchedulerConfig:
     block_size: int = BLOCK_SIZE  # positions per KV block
     static_decode: bool | None = None  # decode-only steps at bucketed static shapes, CUDA graphs on GPUs
     # (default: on CUDA for models that allow it, moekit.paged_decode; True on the CPU runs it eagerly)
+    # prefill (admitting requests, prompt chunks) only every Nth step while sequences decode: the
+    # others stay decode-only (graph-replayed) at the cost of time to first token (1 = every step)
+    prefill_interval: int = 1
 
     def __post_init__(self):
-        for name in ("max_seqs", "max_step_tokens", "max_waiting"):
+        for name in ("max_seqs", "max_step_tokens", "max_waiting", "prefill_interval"):
             if getattr(self, name) < 1:
                 raise MoekitError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_tokens is not None and self.kv_tokens < self.block_size:
@@ -282,18 +285,23 @@ class Scheduler:
 
     def _schedule(self) -> list[tuple[Request, int]]:
         """Returns this step's (request, new tokens) work: running sequences first (preempting the
-        newest when blocks run out), then waiting ones admitted while budget and blocks last."""
+        newest when blocks run out), then waiting ones admitted while budget and blocks last.
+        Between every prefill_interval-th step, only decoding sequences run (when there are any)."""
         budget = self.config.max_step_tokens
         work: list[tuple[Request, int]] = []
+        decoding = [r for r in self.running if r.computed == len(r.tokens) - 1]
+        prefill = not decoding or self.stats.steps % self.config.prefill_interval == 0
         for request in list(self.running):
             if request not in self.running or budget == 0:
                 continue  # preempted by an older sequence of this step, or no budget left
+            if not prefill and request.computed < len(request.tokens) - 1:
+                continue  # a prompt chunk: it waits for the next prefill step
             n = min(len(request.tokens) - request.computed, budget)
             if not self._make_room(request, request.computed + n, work):
                 continue
             work.append((request, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_seqs:
+        while prefill and self.waiting and budget > 0 and len(self.running) < self.config.max_seqs:
             request = self.waiting[0]
             n = min(len(request.tokens) - request.computed, budget)
             if self.cache.blocks_needed(request, request.computed + n) > self.cache.free_blocks:
