@@ -42,8 +42,10 @@ def _decode_both(model, device, graphs):
     return got, expected, cache, untouched
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "mixtral_sliding", "qwen2_moe", "olmoe_clip"])
+@pytest.mark.parametrize("variant", ["mixtral", "mixtral_sliding", "qwen2_moe", "olmoe_clip", "deepseek_v2",
+                                     "gpt_oss"])
 def test_static_step_equals_plain_ragged_step(tiny, variant):
+    """Grouped-query (full and sliding), latent (deepseek) and sink (gpt-oss) attention."""
     model = moekit.load_model(tiny(variant).path)
     assert static_decode_supported(model)
     got, expected, cache, before = _decode_both(model, "cpu", graphs=False)
@@ -65,7 +67,7 @@ def test_offloaded_models_are_not_static(tiny):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "mixtral_sliding"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe", "mixtral_sliding", "deepseek_v2", "gpt_oss"])
 def test_cuda_graph_step_equals_plain_ragged_step(tiny, variant):
     model = moekit.load_model(tiny(variant).path, device="cuda", dtype="float32")
     got, expected, _, _ = _decode_both(model, "cuda", graphs=True)
@@ -92,15 +94,3 @@ def test_a_short_step_after_a_long_one_ignores_stale_table_columns(mixtral_model
         if static:
             assert decode.steps[2].meta[0, 4 + 7] != 0  # a stale column of the long table is still there
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
-
-
-def test_attention_that_loops_on_the_host_is_not_static(mixtral_model):
-    """Latent attention and attention sinks attend per sequence from host-side lengths, which a
-    static (captured) step does not have."""
-    from dataclasses import replace
-    from types import SimpleNamespace
-
-    cfg = mixtral_model.config
-    assert static_decode_supported(SimpleNamespace(config=cfg, expert_runtime=None))
-    assert not static_decode_supported(SimpleNamespace(config=replace(cfg, attention_sinks=True), expert_runtime=None))
-    assert not static_decode_supported(SimpleNamespace(config=cfg, expert_runtime=object()))

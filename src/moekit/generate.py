@@ -357,8 +357,8 @@ def generate_ragged(model, prompts: list, max_new_tokens: int = 16, temperature:
     if cuda_graph and model.device.type != "cuda":
         raise MoekitError("cuda_graph=True needs the model on a CUDA device")
     if cuda_graph and not static_decode_supported(model):
-        raise MoekitError("cuda_graph=True: this model's ragged decode step cannot be captured (offloaded "
-                          "experts or latent attention); leave cuda_graph unset")
+        raise MoekitError("cuda_graph=True: this model's ragged decode step cannot be captured (its experts "
+                          "are offloaded); leave cuda_graph unset")
     temperature, top_k, top_p, eos_token_ids = sampling_defaults(model, temperature, top_k, top_p, eos_token_ids)
     device, cfg = model.device, model.config
     lengths = [len(p) for p in prompts]

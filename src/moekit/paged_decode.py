@@ -34,12 +34,10 @@ def bucket_for(batch: int) -> int:
 
 def static_decode_supported(model) -> bool:
     """Returns whether the model's decode step can run with static shapes (and be captured
-    whole): resident experts (no shared expert runtime), and attention that reads block tables
-    and context lengths from the device (not latent attention, nor attention sinks, whose ragged
-    paths loop over each sequence's host-side length)."""
-    cfg = model.config
-    return (getattr(model, "expert_runtime", None) is None and getattr(cfg, "mla", None) is None
-            and not getattr(cfg, "attention_sinks", False))
+    whole): resident experts (no shared expert runtime that syncs with the host or moves experts
+    between steps). Every attention's ragged decode path (grouped-query, latent, sinks) reads
+    block tables and context lengths on the device only."""
+    return getattr(model, "expert_runtime", None) is None
 
 
 class _Step:

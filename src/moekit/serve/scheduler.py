@@ -161,8 +161,8 @@ class Scheduler:
         if static is None:
             static = device.type == "cuda" and static_decode_supported(model)
         elif static and not static_decode_supported(model):
-            raise MoekitError("static_decode needs resident experts and attention through block tables; "
-                              "leave it unset for this model")
+            raise MoekitError("static_decode needs resident experts (an offloaded model's experts move between "
+                              "steps); leave it unset for this model")
         self.decode = PagedDecode(model, self.cache) if static else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
