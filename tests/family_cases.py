@@ -15,7 +15,6 @@ FAMILY_OF = {v: next(f for f in ("granitemoe", "phimoe", "deepseek_v2", "deepsee
                      if v.startswith(f)) for v in VARIANTS}
 # one variant per family for the heavier pillars
 ONE_PER_FAMILY = ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
-COMPRESSIBLE = [v for v in ONE_PER_FAMILY if v != "gpt_oss"]  # gpt-oss: biased, clamped experts
 # yarn variants: prompts run past original_max_position_embeddings (32)
 PROMPT = {"deepseek_v2_group": 40, "deepseek_v3_plain": 40, "phimoe_longrope": 40}
 

@@ -271,3 +271,36 @@ def test_cuda_mxfp4_graph_decode_equals_eager(mxfp4_oss):
     graphed = model.generate(ids, 12, temperature=0, eos_token_ids=(), cuda_graph=True, stats=stats)
     eager = model.generate(ids, 12, temperature=0, eos_token_ids=(), cuda_graph=False)
     assert stats.cuda_graph and torch.equal(graphed, eager)
+
+
+def test_mxfp4_compresses_to_ternary(mxfp4_oss, tmp_path):
+    """MXFP4 experts as compress's input: decoded, then GPTQ'd to the ternary code (biases kept);
+    per layer on held-out tokens GPTQ is closer to the MXFP4 experts than round-to-nearest, and the
+    copy holds no MXFP4 tensor."""
+    from moekit.calibrate import run_calibration
+    from moekit.experts.clamped import BiasedCompressedForm
+    from moekit.inspect_model import inspect_checkpoint
+
+    mx, _ = mxfp4_oss
+    paths = {}
+    for method in ("gptq", "rtn"):
+        paths[method] = tmp_path / method
+        compress(mx, paths[method], QuantConfig(bits="ternary", method=method), token_ids(48, 32, seed=7),
+                 progress=False)
+    names = set(read_config(paths["gptq"])[0].names())
+    assert not any(n.endswith(("_blocks", "_scales", "_proj", "_proj_bias")) for n in names), sorted(names)
+    assert inspect_checkpoint(paths["gptq"]).specifics["stored as"].startswith("moekit ")
+    seen = []
+    run_calibration(mx, token_ids(8, 24, seed=11),
+                    lambda inputs: seen.append((inputs.layer, inputs.inputs, inputs.expert_ids, inputs.weights)))
+    source = moekit.load_model(mx)
+    models = {m: moekit.load_model(p) for m, p in paths.items()}
+    assert isinstance(models["gptq"].layers[0].mlp.experts.form, BiasedCompressedForm)
+    errors = {"gptq": 0.0, "rtn": 0.0}
+    with torch.no_grad():
+        for layer, x, ids, w in seen:
+            want = source.layers[layer].mlp.experts(x, ids, w)
+            for method, model in models.items():
+                errors[method] += (model.layers[layer].mlp.experts(x, ids, w) - want).norm().item() ** 2
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+    assert models["gptq"].generate(token_ids(1, 8), max_new_tokens=4).shape == (1, 4)

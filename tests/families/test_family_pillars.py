@@ -19,7 +19,7 @@ from moekit.quant.compress import compress
 from moekit.quant.config import QuantConfig
 
 from conftest import rel_error, token_ids, transformers
-from family_cases import COMPRESSIBLE, LOGITS_RTOL, ONE_PER_FAMILY, budget_for
+from family_cases import LOGITS_RTOL, ONE_PER_FAMILY, budget_for
 
 
 @pytest.mark.parametrize("variant", ONE_PER_FAMILY)
@@ -41,7 +41,7 @@ def compressed(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("family_compressed")
     calib = token_ids(48, 32, seed=7)  # enough that every expert sees more tokens than D (hessian rank)
     out = {}
-    for variant in COMPRESSIBLE:
+    for variant in ONE_PER_FAMILY:
         for method in ("gptq", "rtn"):
             path = root / f"{variant}-{method}"
             compress(tiny(variant).path, path, QuantConfig(bits="ternary", method=method), calib, progress=False)
@@ -49,7 +49,7 @@ def compressed(tiny, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", COMPRESSIBLE)
+@pytest.mark.parametrize("variant", ONE_PER_FAMILY)
 def test_compressed_ternary_gptq_beats_rtn(tiny, compressed, variant):
     """On held-out tokens, each MoE layer's ternary experts (same inputs and routing as the dense
     model's, through this family's attention, routers and dense layers) are closer to the dense
@@ -94,14 +94,31 @@ def test_pruned_copy_loads_in_transformers_and_agrees(tiny, variant, tmp_path):
         assert rel_error(ours(ids), theirs(ids).logits) <= LOGITS_RTOL
 
 
-def test_gpt_oss_compress_is_refused_and_cpu_misses_say_what_to_use(tiny, tmp_path):
+def test_gpt_oss_compressed_keeps_biases_and_offloads(tiny, compressed):
+    """Compressed gpt-oss experts keep their biases beside the codes (clamped SwiGLU around the
+    compressed matrices), and run offloaded token-equal to resident."""
+    from moekit.experts.clamped import BiasedCompressedForm
+
+    path = compressed[("gpt_oss", "gptq")]
+    model = moekit.load_model(path)
+    experts = model.layers[0].mlp.experts
+    assert isinstance(experts.form, BiasedCompressedForm)
+    dense = moekit.load_model(tiny("gpt_oss").path).layers[0].mlp.experts
+    assert torch.equal(experts.gate_up_bias, dense.gate_up_bias)
+    ids = token_ids(1, 10, seed=3)
+    resident = model.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=())
+    config = OffloadConfig(context_tokens=24, store="host", misses="fetch")
+    offloaded = load_offloaded(path, offload=dataclasses.replace(config, device_memory=budget_for(path, config, 3)))
+    assert torch.equal(offloaded.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=()), resident)
+    assert offloaded.offload.report()["demand_fetches"] > 0
+
+
+def test_gpt_oss_cpu_and_mapped_misses_say_what_to_use(tiny):
     path = tiny("gpt_oss").path
-    with pytest.raises(moekit.MoekitError, match="gpt_oss experts \\(biases, clamped_swiglu\\) cannot be compressed"):
-        compress(path, tmp_path / "out", QuantConfig(bits="ternary", method="rtn"), progress=False)
-    assert not (tmp_path / "out").exists()
-    config = OffloadConfig(context_tokens=24, store="host", misses="cpu")
-    with pytest.raises(moekit.MoekitError, match="clamped SwiGLU.*--misses"):
-        load_offloaded(path, offload=config).generate(token_ids(1, 4), max_new_tokens=2)
+    for misses in ("cpu", "mapped"):
+        config = OffloadConfig(context_tokens=24, store="host", misses=misses)
+        with pytest.raises(moekit.MoekitError, match="clamped SwiGLU.*use --misses fetch"):
+            load_offloaded(path, offload=config).generate(token_ids(1, 4), max_new_tokens=2)
 
 
 @pytest.mark.parametrize("variant", ["deepseek_v3", "gpt_oss", "glm4_moe"])

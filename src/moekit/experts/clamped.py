@@ -11,8 +11,10 @@ into this form's layout. The released checkpoints store the two matrices in MXFP
 (`<name>_blocks` [E, R, K/32, 16] uint8: two e2m1 values a byte, low nibble first; `<name>_scales`
 [E, R, K/32] uint8: an E8M0 power of two 2^(s-127) per 32 values; rows R in the Linear layout,
 gate/up interleaved): Mxfp4ClampedForm keeps those bytes everywhere (resident, host store, GPU
-cache) and decodes a matrix when it multiplies. Both forms run in PyTorch only (no fused kernel
-applies the biases, the clamp or the MXFP4 decode yet): resident and offloaded with fetched
+cache) and decodes a matrix when it multiplies. `moekit compress` turns either into a compressed
+form (int-N or the ternary code) wrapped by BiasedCompressedForm, which keeps the biases and the
+clamped SwiGLU around the compressed matrices. All these forms run in PyTorch only (no fused
+kernel applies the biases, the clamp or the MXFP4 decode yet): resident and offloaded with fetched
 misses; CPU and in-place misses are refused.
 
 Shapes: N = tokens, D = hidden, I = expert ffn width, n = tokens of one expert.
@@ -28,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .forms import KINDS, StoredForm
+from .forms import KINDS, StoredForm, experts_prefix
 
 NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")
+BIASES = ("gate_up_bias", "down_bias")
 MXFP4_NAMES = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales", "gate_up_bias", "down_bias")
 # e2m1 code -> value (sign bit 3, then exponent and mantissa), as the OCP MX spec and gpt-oss define it
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -207,3 +210,82 @@ def build_resident(ctx, layer: int) -> ClampedExperts:
     with torch.no_grad():
         form.read_layer(ctx.ckpt, ctx.family, layer, experts.stacked())
     return experts
+
+
+class BiasedCompressedForm(StoredForm):
+    """A compressed form's matrices (quant.formats: int-N or the ternary code) with gpt-oss's biases
+    and clamped SwiGLU around them; the biases are stored beside the codes as
+    `<experts prefix>.gate_up_bias` [E, 2I] and `.down_bias` [E, D] (gate rows first)."""
+
+    gathers = False
+    cpu_fast = False
+    why_not_in_place = "compressed gpt-oss experts have no in-place kernel"
+
+    def __init__(self, inner: StoredForm, alpha: float, limit: float, bias_dtype: torch.dtype):
+        super().__init__(inner.hidden, inner.ffn)
+        self.inner, self.alpha, self.limit, self.bias_dtype = inner, alpha, limit, bias_dtype
+        self.name = f"{inner.name}_clamped_swiglu"
+        self.bits = getattr(inner, "bits", None)
+        self.why_not_cpu = inner.why_not_cpu
+
+    @classmethod
+    def of(cls, inner: StoredForm, cfg: ModelConfig, bias_dtype: torch.dtype) -> BiasedCompressedForm:
+        """Returns `inner` wrapped with the model's clamp and biases in `bias_dtype`."""
+        return cls(inner, cfg.swiglu_alpha, cfg.swiglu_limit, bias_dtype)
+
+    activation = ClampedSwigluForm.activation
+
+    def tensor_names(self) -> list[str]:
+        """Returns the stored tensors' names relative to the experts prefix (the codes', then the biases)."""
+        return [*self.inner.tensor_names(), *BIASES]
+
+    def specs_names(self):
+        return (*self.inner.specs_names(), *BIASES)
+
+    def specs(self, layer):
+        return {**self.inner.specs(layer), "gate_up_bias": ((2 * self.ffn,), self.bias_dtype),
+                "down_bias": ((self.hidden,), self.bias_dtype)}
+
+    def tables(self, layer):
+        return self.inner.tables(layer)
+
+    def table_bytes(self):
+        return self.inner.table_bytes()
+
+    def read(self, ckpt, family, layer, expert, out):
+        self.inner.read(ckpt, family, layer, expert, {k: v for k, v in out.items() if k not in BIASES})
+        prefix = experts_prefix(family, layer)
+        for name in BIASES:
+            out[name].copy_(ckpt.read_rows(f"{prefix}.{name}", expert, expert + 1)[0])
+
+    def read_layer(self, ckpt, family, layer, out):
+        self.inner.read_layer(ckpt, family, layer, {k: v for k, v in out.items() if k not in BIASES})
+        prefix = experts_prefix(family, layer)
+        for name in BIASES:
+            out[name].copy_(ckpt.read(f"{prefix}.{name}", shape=tuple(out[name].shape)))
+
+    def weight(self, kind, one, dtype=torch.float32):
+        return self.inner.weight(kind, one, dtype)
+
+    def linear(self, kind, one, x):
+        return self.inner.linear(kind, one, x) + one[kind + "_bias"].to(x.dtype)
+
+    def apply(self, xs, stacked, row):
+        one = self.one(stacked, row)
+        return self.linear("down", one, self.activation(self.linear("gate_up", one, xs)))
+
+    def dequantize(self, stacked, dtype=torch.float32):
+        """Returns the decoded (gate_up, down) matrices; the biases are not part of them."""
+        return self.inner.dequantize(stacked, dtype)
+
+
+def dense_matrices(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns float32 (gate_up [E, 2I, D], down [E, D, I]) of a layer's uncompressed gpt-oss experts
+    (dense or MXFP4), as compress quantizes them."""
+    return experts.form.dequantize(experts.stacked(), torch.float32)
+
+
+def expert_hidden(experts: nn.Module, expert: int, x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """Returns the clamped-SwiGLU hidden [n, I] of gpt-oss expert `expert` for inputs x [n, D] with
+    the gate_up matrix [2I, D] given (compress passes the quantized one) and the expert's bias."""
+    return experts.form.activation(F.linear(x, gate_up, experts.gate_up_bias[expert].to(x.dtype)))

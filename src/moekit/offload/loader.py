@@ -58,6 +58,10 @@ class OffloadLoader(ExpertLoader):
             quant = QuantConfig.from_dict(ctx.ckpt.config["quantization_config"], str(ctx.ckpt.path / "config.json"))
             form = (form_from_tensors(quant, cfg, self.host_layers, device) if self.host_layers is not None
                     else form_from_checkpoint(quant, cfg, ctx.ckpt, ctx.family, device))
+            if not cfg.plain_experts:  # gpt-oss: biases and the clamped SwiGLU around the codes
+                from ..experts.clamped import BiasedCompressedForm
+
+                form = BiasedCompressedForm.of(form, cfg, ctx.dtype)
         elif not cfg.plain_experts:  # gpt-oss: biases and the clamped SwiGLU
             from ..experts.clamped import form_for
 

@@ -25,6 +25,9 @@ from tqdm import tqdm
 from ..calibrate import MoELayerInputs, run_calibration
 from ..checkpoint import INDEX_FILE, Checkpoint, parse_device
 from ..errors import MoekitError
+from ..experts.clamped import BIASES, BiasedCompressedForm, ClampedExperts, dense_matrices, expert_hidden
+from ..experts.clamped import build_resident as build_clamped
+from ..experts.loader import LoadContext
 from ..load import fill_stacked_experts, read_config
 from ..outputs import check_replaceable
 from ..save import write_checkpoint
@@ -123,15 +126,20 @@ def _quantize_gptq(layer: MoELayerInputs, quant: QuantConfig, device: torch.devi
     dense = layer.block.experts
     num_experts, ffn = dense.num_experts, dense.ffn
     cap, batch = quant.max_tokens_per_expert, quant.expert_batch
+    clamped = isinstance(dense, ClampedExperts)  # gpt-oss: biases, clamped SwiGLU, maybe MXFP4
+    gate_up_w, down_w = dense_matrices(dense) if clamped else (dense.gate_up, dense.down)
     xs = [layer.expert_inputs(e, cap).to(device) for e in range(num_experts)]  # [n_e, D] each
-    gate_up = _cat_groups([_gptq_group(dense.gate_up[g:g + batch].float(), xs[g:g + batch], quant)
+    gate_up = _cat_groups([_gptq_group(gate_up_w[g:g + batch].float(), xs[g:g + batch], quant)
                            for g in range(0, num_experts, batch)])
     gate_up_q = gate_up.dequantize(make_grid(quant.bits, quant.group_size))  # [E, 2I, D]
     hs = []
     for e in range(num_experts):
+        if clamped:
+            hs.append(expert_hidden(dense, e, xs[e], gate_up_q[e]))
+            continue
         g, u = F.linear(xs[e], gate_up_q[e]).split(ffn, dim=-1)
         hs.append(F.silu(g) * u)  # [n_e, I]
-    down = _cat_groups([_gptq_group(dense.down[g:g + batch].float(), hs[g:g + batch], quant)
+    down = _cat_groups([_gptq_group(down_w[g:g + batch].float(), hs[g:g + batch], quant)
                         for g in range(0, num_experts, batch)])
     return {"gate_up": gate_up, "down": down}, None
 
@@ -145,16 +153,25 @@ class _Compressor:
         self.layers: list[LayerReport] = []
 
     def finish_layer(self, layer: int, codes: dict[str, QuantizedGroup], start: float,
-                     tokens: list[int] | None) -> CompressedExperts:
+                     tokens: list[int] | None, biases: dict[str, torch.Tensor] | None = None) -> CompressedExperts:
+        """Keeps the layer's stored tensors (and gpt-oss's expert `biases`, stored beside them) and
+        returns them as an expert source for the layers calibrated after it."""
         tensors, stats = _store(self.quant, codes)
+        if biases:
+            tensors.update({k: v.detach().float() for k, v in biases.items()})
         self.stored[layer] = {k: v.cpu() for k, v in tensors.items()}
         failed = int(sum(q.failed.sum().item() for q in codes.values()))
         empty = int(codes["gate_up"].no_tokens.sum().item())
         self.layers.append(LayerReport(layer, round(time.perf_counter() - start, 3), failed, empty,
                                        min(tokens) if tokens else 0, max(tokens) if tokens else 0, **stats))
         cfg = self.cfg
-        return build_experts(self.quant.form, cfg.experts_in(layer), cfg.hidden_size, cfg.expert_ffn,
-                             {k: v.to(self.device) for k, v in tensors.items()}, self.quant.bits)
+        on_device = {k: v.to(self.device) for k, v in tensors.items()}
+        experts = build_experts(self.quant.form, cfg.experts_in(layer), cfg.hidden_size, cfg.expert_ffn,
+                                {k: v for k, v in on_device.items() if k not in BIASES}, self.quant.bits)
+        if not biases:
+            return experts
+        form = BiasedCompressedForm.of(experts.form, cfg, torch.float32)
+        return CompressedExperts(form, layer, cfg.experts_in(layer), on_device)
 
     def on_moe_layer(self, layer: MoELayerInputs) -> CompressedExperts:
         start = time.perf_counter()
@@ -162,7 +179,7 @@ class _Compressor:
         tokens = layer.tokens_per_expert()
         if self.quant.max_tokens_per_expert:
             tokens = [min(t, self.quant.max_tokens_per_expert) for t in tokens]
-        return self.finish_layer(layer.layer, codes, start, tokens)
+        return self.finish_layer(layer.layer, codes, start, tokens, _biases(layer.block.experts))
 
 
 def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens: torch.Tensor | None = None,
@@ -178,9 +195,6 @@ def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens:
     ckpt, family, cfg = read_config(src)
     if cfg.num_moe_layers == 0:
         raise MoekitError(f"{ckpt.path}: the model has no MoE layers: nothing to compress")
-    if not cfg.plain_experts:  # the compressed forms compute a bias-free SwiGLU
-        raise MoekitError(f"{ckpt.path}: {cfg.family} experts (biases, {cfg.expert_act}) cannot be compressed yet; "
-                          "run the model uncompressed (offloaded, if it does not fit)")
     quant.check_shapes(cfg.hidden_size, cfg.expert_ffn)
     comp = _Compressor(quant, cfg, device)
     disable = not sys.stderr.isatty() if progress is None else not progress
@@ -197,10 +211,15 @@ def compress(src: str | Path, out: str | Path, quant: QuantConfig, calib_tokens:
                           disable=disable):
             start = time.perf_counter()
             e = cfg.experts_in(layer)  # after global pruning, layers keep different counts
-            gate_up, down = torch.empty(e, 2 * i, d), torch.empty(e, d, i)
-            fill_stacked_experts(gate_up, down, ckpt, family, cfg, layer)
+            biases = None
+            if cfg.plain_experts:
+                gate_up, down = torch.empty(e, 2 * i, d), torch.empty(e, d, i)
+                fill_stacked_experts(gate_up, down, ckpt, family, cfg, layer)
+            else:  # gpt-oss: dense or MXFP4 experts read in their own form, biases kept beside the codes
+                source = build_clamped(LoadContext(ckpt, family, cfg, torch.device("cpu"), torch.float32), layer)
+                (gate_up, down), biases = dense_matrices(source), _biases(source)
             codes = _quantize_rtn({"gate_up": gate_up.to(device), "down": down.to(device)}, quant)
-            comp.finish_layer(layer, codes, start, None)
+            comp.finish_layer(layer, codes, start, None, biases)
     config = dict(ckpt.config)
     config["quantization_config"] = {**quant.to_dict(), "calibration_tokens": tokens}
     expert_bytes = sum(t.numel() * t.element_size() for s in comp.stored.values() for t in s.values())
@@ -234,10 +253,18 @@ def _dense_expert_names(ckpt: Checkpoint, family, cfg) -> set[str]:
     names: set[str] = set()
     for layer, is_moe in enumerate(cfg.moe_layers):
         if is_moe:
-            names.update(n for n in family.stacked_expert_names(layer) if ckpt.has(n))
+            stacked = (*family.stacked_expert_names(layer), *family.stacked_expert_extras(layer))
+            names.update(n for n in stacked if ckpt.has(n))
             for e in range(cfg.experts_in(layer)):
                 names.update(n for n in family.expert_names(layer, e) if ckpt.has(n))
     return names
+
+
+def _biases(experts) -> dict[str, torch.Tensor] | None:
+    """Returns gpt-oss experts' biases {gate_up_bias [E, 2I], down_bias [E, D]}, or None for plain experts."""
+    if not isinstance(experts, ClampedExperts):
+        return None
+    return {name: getattr(experts, name) for name in BIASES}
 
 
 def _tensors(ckpt: Checkpoint, other: list[str], stored: dict[int, dict[str, torch.Tensor]],

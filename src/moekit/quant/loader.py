@@ -17,11 +17,15 @@ class CompressedExpertLoader(ExpertLoader):
 
     def __init__(self, quant: QuantConfig):
         self.quant = quant
-        self.form: CompressedForm | None = None
+        self.form: CompressedForm | None = None  # (wrapped by experts.clamped.BiasedCompressedForm for gpt-oss)
 
     def build(self, ctx: LoadContext, layer: int) -> nn.Module:
         if self.form is None:  # shapes from the headers (all layers checked), tables onto the device
             self.form = form_from_checkpoint(self.quant, ctx.config, ctx.ckpt, ctx.family, ctx.device)
+            if not ctx.config.plain_experts:  # gpt-oss: biases and the clamped SwiGLU around the codes
+                from ..experts.clamped import BiasedCompressedForm
+
+                self.form = BiasedCompressedForm.of(self.form, ctx.config, ctx.dtype)
         form = self.form
         count = ctx.config.experts_in(layer)
         tensors = form.empty(count, layer, ctx.device)
