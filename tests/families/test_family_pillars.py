@@ -210,3 +210,25 @@ def test_strict_offload_uses_each_routers_rule(tiny):
         model = load_offloaded(tiny("phimoe").path, offload=config)
     with pytest.raises(moekit.MoekitError, match="sparsemixer .* run without strict"):
         model.generate(token_ids(1, 6), max_new_tokens=4, temperature=0)
+
+
+def test_group_limited_routers_refuse_pruning(tiny, tmp_path, capsys):
+    """Dropping experts of a model that routes within groups would move experts between groups:
+    refused by the library and by `moekit prune` before any counting."""
+    import shutil
+
+    from conftest import run_cli, write_char_tokenizer
+
+    ckpt, family, cfg = read_config(tiny("deepseek_v3").path)
+    kept = {1: [0, 1, 2, 3, 4, 5], 2: list(range(8))}
+    with pytest.raises(moekit.MoekitError, match="best 2 of 4 groups.*not supported"):
+        write_pruned(ckpt, family, cfg, kept, tmp_path / "pruned", {"keep": 0.75})
+    assert not (tmp_path / "pruned").exists()
+    path = shutil.copytree(tiny("deepseek_v3").path, tmp_path / "v3")
+    write_char_tokenizer(path)
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x * 2\n" * 40)
+    code, _, err = run_cli(capsys, "prune", "--model", str(path), "--calib", str(text), "--samples", "2",
+                           "--seqlen", "16", "--device", "cpu", "--keep", "0.75", "--out", str(tmp_path / "out"))
+    assert code == 2 and "pruning would move experts between groups" in err
+    assert not (tmp_path / "out").exists()

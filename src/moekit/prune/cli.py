@@ -117,6 +117,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     path = _check_common(args, "prune")
     if not 0 < args.keep <= 1:
         raise MoekitError(f"--keep must be in (0, 1] (the fraction of experts kept), got {args.keep}")
+    from .rewrite import check_prunable
+
+    check_prunable(read_config(path)[2])  # before counting: group-limited routers cannot be pruned
     check_output(args.out, [path, args.calib], args.overwrite)
     usage = _counted(args, path)
     kept_lists = select_experts(usage, args.keep, args.criterion, args.scope, seed=args.seed)

@@ -15,6 +15,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
+from ..errors import MoekitError
 from ..families.base import Family
 from ..save import write_checkpoint
 
@@ -69,6 +70,19 @@ def pruned_tensors(ckpt: Checkpoint, family: Family, cfg: ModelConfig, kept: dic
             yield name, pick(name, ckpt.read(name))
 
 
+def check_prunable(cfg: ModelConfig, kept: dict[int, list[int]] | None = None) -> None:
+    """Refuses pruning a model whose router limits each token to groups of experts (DeepSeek-V2's
+    group_limited_greedy, V3's n_group > topk_group): dropping experts and renumbering the rest
+    would silently move experts between groups. Keeping every expert is fine."""
+    r = cfg.router
+    if not r.group_limited:
+        return
+    if kept is not None and all(len(kept[layer]) == cfg.experts_in(layer) for layer in kept):
+        return
+    raise MoekitError(f"{cfg.family} routes within groups of experts (best {r.topk_group} of {r.n_group} "
+                      "groups); pruning would move experts between groups, so it is not supported for this model")
+
+
 def write_pruned(ckpt: Checkpoint, family: Family, cfg: ModelConfig, kept: dict[int, list[int]], out: str | Path,
                  facts: dict[str, Any], top_k: int | None = None, replace: dict[str, torch.Tensor] | None = None,
                  overwrite: bool = False) -> Path:
@@ -78,6 +92,7 @@ def write_pruned(ckpt: Checkpoint, family: Family, cfg: ModelConfig, kept: dict[
     largest one, with `moekit_pruning.experts_per_layer`, when layers differ: transformers cannot
     load those), num_experts_per_tok becomes min(top_k, fewest experts left in a layer).
     """
+    check_prunable(cfg, kept)
     hf = json.loads(json.dumps(ckpt.config))  # a deep copy
     if ckpt.fp8_block is not None:  # the copy's weights are read dequantized: no longer FP8
         del hf["quantization_config"]
