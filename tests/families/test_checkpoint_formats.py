@@ -304,3 +304,19 @@ def test_mxfp4_compresses_to_ternary(mxfp4_oss, tmp_path):
                 errors[method] += (model.layers[layer].mlp.experts(x, ids, w) - want).norm().item() ** 2
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
     assert models["gptq"].generate(token_ids(1, 8), max_new_tokens=4).shape == (1, 4)
+
+
+def test_mxfp4_decode_equals_transformers_over_every_byte_and_scale():
+    """Every byte (two e2m1 codes) under scales over E8M0's range decodes as transformers' MXFP4
+    decoder does, and bf16 holds them exactly (the device decodes straight to bf16)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from moekit.experts.clamped import decode_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(2 * 8 * 4 * 16 // 256 + 1)[: 2 * 8 * 4 * 16]
+    blocks = blocks[torch.randperm(blocks.numel(), generator=g)].view(2, 8, 4, 16)  # [E, R, K/32, 16]
+    scales = torch.randint(1, 255, (2, 8, 4), generator=g, dtype=torch.uint8)
+    expected = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # [E, R, K]
+    assert torch.equal(decode_mxfp4(blocks, scales, torch.float32), expected)
+    assert torch.equal(decode_mxfp4(blocks, scales, torch.bfloat16).float(), expected)

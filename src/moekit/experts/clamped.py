@@ -44,17 +44,27 @@ def gate_first(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((t[0::2], t[1::2]))
 
 
-_LUTS: dict[torch.device, torch.Tensor] = {}  # made on first use (eager), so captured decode steps copy nothing
+# byte -> its two e2m1 values (low nibble first), per (device, dtype); made on first use (eager),
+# so captured decode steps copy nothing
+_BYTE_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Returns the matrices [..., R, K] in `dtype` of MXFP4 blocks [..., R, K/32, 16] and scales [..., R, K/32]."""
-    lut = _LUTS.get(blocks.device)
+    """Returns the matrices [..., R, K] in `dtype` of MXFP4 blocks [..., R, K/32, 16] and scales [..., R, K/32].
+
+    bf16 and fp32 hold every e2m1 value times every E8M0 power exactly, so they decode directly;
+    fp16 (whose exponent range is narrower) decodes through fp32."""
+    compute = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+    key = (blocks.device, compute)
+    lut = _BYTE_LUTS.get(key)
     if lut is None:
-        lut = _LUTS[blocks.device] = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [..., R, K/32, 16, 2]
-    values = values.flatten(-2) * torch.exp2(scales.float() - 127.0)[..., None]  # [..., R, K/32, 32]
-    return values.flatten(-2).to(dtype)
+        values = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        byte = torch.arange(256)
+        lut = _BYTE_LUTS[key] = torch.stack((values[byte & 0x0F], values[byte >> 4]), dim=-1).to(blocks.device, compute)
+    pairs = lut[blocks.int()]  # [..., R, K/32, 16, 2]
+    power = torch.exp2(scales.to(compute) - 127.0) if compute == torch.float32 else \
+        torch.exp2(scales.float() - 127.0).to(compute)  # 2^(s-127): exact in bf16's exponent range
+    return (pairs.flatten(-2) * power[..., None]).flatten(-2).to(dtype)
 
 
 class ClampedSwigluForm(StoredForm):
