@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .forms import KINDS, StoredForm, experts_prefix
+from . import triton_ops
+from .forms import KINDS, SLOT_KERNEL_MAX_SLOTS, StoredForm, experts_prefix
+
+try:
+    import triton
+
+    from ..kernels.mxfp4_slots import mxfp4_slot_down_kernel, mxfp4_slot_gate_up_kernel
+except ImportError:  # CPU machines without triton decode MXFP4 in PyTorch
+    triton = None
 
 NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")
 BIASES = ("gate_up_bias", "down_bias")
@@ -181,6 +189,43 @@ class Mxfp4ClampedForm(ClampedSwigluForm):
     def dequantize(self, stacked, dtype=torch.float32):
         """Returns the decoded (gate_up, down) matrices; the biases are not part of them."""
         return tuple(decode_mxfp4(stacked[k + "_blocks"], stacked[k + "_scales"], dtype) for k in KINDS)  # type: ignore[return-value]
+
+    def fused(self, x, rows, weights, stacked, offsets=None):
+        # decode steps on a GPU: the per-slot kernels decode each byte in place (no host sync)
+        if offsets is not None or not x.is_cuda or rows.numel() > SLOT_KERNEL_MAX_SLOTS or triton is None:
+            return None
+        return mxfp4_slot_ffn(x, rows, weights, stacked, self.alpha, self.limit)
+
+
+def mxfp4_slot_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, stacked: dict,
+                   alpha: float, limit: float, block_n: int = 16, block_k: int = 64) -> torch.Tensor:
+    """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for MXFP4 gpt-oss experts,
+    through the per-slot kernels (moekit.kernels.mxfp4_slots; CUDA, or the CPU under
+    TRITON_INTERPRET=1). x [N, D]; expert_ids, weights [N, A]; stacked as Mxfp4ClampedForm stores it."""
+    if not triton_ops.triton_usable(x):
+        raise RuntimeError("the MXFP4 slot kernels need CUDA or TRITON_INTERPRET=1")
+    n, top_k = expert_ids.shape
+    gate_blocks, down_blocks = stacked["gate_up_blocks"], stacked["down_blocks"]
+    two_ffn, hidden = gate_blocks.shape[1], down_blocks.shape[1]
+    ffn = two_ffn // 2
+    for t in (gate_blocks, down_blocks):
+        assert t.stride(3) == 1 and t.stride(2) == 16, "MXFP4 blocks: each row's bytes contiguous"
+    slots = n * top_k
+    ids, w = expert_ids.reshape(-1), weights.reshape(-1)
+    x = x.contiguous()
+    gu_scales, gu_bias = stacked["gate_up_scales"], stacked["gate_up_bias"]
+    h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
+    mxfp4_slot_gate_up_kernel[(slots, triton.cdiv(ffn, block_n))](
+        x, ids, gate_blocks, gu_scales, gu_bias, h, ffn, alpha, limit,
+        x.stride(0), gate_blocks.stride(0), gate_blocks.stride(1), gu_scales.stride(0), gu_scales.stride(1),
+        gu_bias.stride(0), h.stride(0), TOP_K=top_k, K=hidden, BLOCK_N=block_n, BLOCK_K=block_k)
+    dn_scales, dn_bias = stacked["down_scales"], stacked["down_bias"]
+    y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D]
+    mxfp4_slot_down_kernel[(slots, triton.cdiv(hidden, block_n))](
+        h, ids, w, down_blocks, dn_scales, dn_bias, y, hidden,
+        h.stride(0), down_blocks.stride(0), down_blocks.stride(1), dn_scales.stride(0), dn_scales.stride(1),
+        dn_bias.stride(0), y.stride(0), K=ffn, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y.view(n, top_k, hidden).sum(dim=1)
 
 
 def form_for(ctx) -> ClampedSwigluForm:
