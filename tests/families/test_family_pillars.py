@@ -232,3 +232,30 @@ def test_group_limited_routers_refuse_pruning(tiny, tmp_path, capsys):
                            "--seqlen", "16", "--device", "cpu", "--keep", "0.75", "--out", str(tmp_path / "out"))
     assert code == 2 and "pruning would move experts between groups" in err
     assert not (tmp_path / "out").exists()
+
+
+MISSES = {"fetch-host": ("fetch", "host"), "fetch-disk": ("fetch", "disk"), "cpu": ("cpu", "host"),
+          "auto": ("auto", "auto"), "mapped": ("mapped", "host")}
+
+
+@pytest.mark.parametrize("misses", MISSES)
+@pytest.mark.parametrize("variant", ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3", "glm4_moe"])
+def test_every_misses_mode_equals_resident(tiny, variant, misses):
+    """Each misses mode (fetch from host or disk, CPU experts, auto, in-place reads) serves the
+    family's misses with the resident tokens, a cache of 3 experts per model."""
+    from moekit.experts import triton_ops
+
+    if misses == "mapped" and not triton_ops.triton_usable(torch.empty(0)):
+        pytest.skip("mapped misses run the slot kernels: CUDA, or TRITON_INTERPRET=1 on the CPU")
+    path = tiny(variant).path
+    ids = token_ids(1, 10, seed=3)
+    resident = moekit.load_model(path).generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=())
+    mode, store = MISSES[misses]
+    config = OffloadConfig(context_tokens=24, store=store, misses=mode)
+    model = load_offloaded(path, offload=dataclasses.replace(config, device_memory=budget_for(path, config, 3)))
+    assert model.offload.misses == mode or mode == "auto"
+    assert torch.equal(model.generate(ids, max_new_tokens=6, temperature=0, eos_token_ids=()), resident)
+    report = model.offload.report()
+    served = {"fetch": report["demand_fetches"], "cpu": report["cpu_experts"],
+              "auto": report["demand_fetches"] + report["cpu_experts"], "mapped": report["mapped_reads"]}[mode]
+    assert served > 0, report
