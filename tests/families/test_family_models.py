@@ -228,3 +228,19 @@ def test_cuda_bf16_mla_decode_close_to_float32(tiny, variant):
         model(ids[:, :8], cache=cache, start=0)
         steps = torch.cat([model(ids[:, p:p + 1], cache=cache, start=p) for p in range(8, 12)], dim=1).float()
     assert median_token_error(steps, ref[:, 8:]) < 0.05
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "gpt_oss", "phimoe"])
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_continuous_batching_equals_each_prompt_alone(tiny, variant, static_decode):
+    """The serve scheduler (moekit.LLM: ragged steps, chunked prefill, static-shape decode steps)
+    gives each prompt of different lengths transformers' greedy tokens."""
+    from moekit.serve import LLM
+    from moekit.serve.scheduler import SamplingParams, SchedulerConfig
+
+    ckpt = tiny(variant)
+    llm = LLM(moekit.load_model(ckpt.path), config=SchedulerConfig(max_step_tokens=8, static_decode=static_decode))
+    prompts = [token_ids(1, n, seed=30 + n)[0].tolist() for n in (4, 13, 7)]
+    done = llm.generate(prompts, SamplingParams(max_tokens=5))
+    for prompt, completion in zip(prompts, done):
+        assert completion.token_ids == ckpt.hf_greedy(torch.tensor([prompt]), 5)[0].tolist()
