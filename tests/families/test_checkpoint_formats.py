@@ -264,7 +264,7 @@ def test_mxfp4_experts_are_not_trained(mxfp4_oss):
 def test_cuda_mxfp4_graph_decode_equals_eager(mxfp4_oss):
     from moekit.generate import GenerationStats
 
-    mx, reference = mxfp4_oss
+    mx, _ = mxfp4_oss
     model = moekit.load_model(mx, device="cuda", dtype="float32")
     ids = token_ids(2, 7).cuda()
     stats = GenerationStats()

@@ -135,7 +135,8 @@ def test_mtp_layers_after_the_last_layer_are_not_read(tiny, tmp_path):
         from safetensors import safe_open
 
         with safe_open(dst / "model.safetensors", "pt") as f:
-            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
+            names = list(f.keys())  # a safetensors handle, not a dict
+        index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in names}}
     n = read_config(src)[2].num_layers
     extra = {f"model.layers.{n}.eh_proj.weight": torch.randn(8, 64),
              f"model.layers.{n}.self_attn.kv_b_proj.weight": torch.randn(3, 3)}
