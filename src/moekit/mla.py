@@ -20,6 +20,8 @@ dv = v_head_dim, dqk = dn + dr.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,33 +174,59 @@ class LatentAttention(nn.Module):
     def _attend_ragged(self, q: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                        cache: PagedKVCache | None, batch: RaggedBatch) -> torch.Tensor:
         """Returns attention [1, N, H*dv] of packed q [1, H, N, dqk]: latents [1, 1, N, r] and rope
-        keys written to the paged cache first; a decode step attends for all sequences at once in
-        the absorbed form, a prefill step sequence by sequence (expanded form for prompts)."""
+        keys written to the paged cache first. Sequences bringing one token (every one in a decode
+        step) attend together in the absorbed form; each longer one (a prompt chunk) on its own,
+        expanded."""
         if not isinstance(cache, PagedKVCache):
             raise MoekitError("a ragged batch (RaggedBatch) needs a PagedKVCache to attend through")
         cache.write(self.layer, latent[0].transpose(0, 1), k_rope[0].transpose(0, 1), batch.slots)
+        keys, values = cache.keys[self.layer], cache.values[self.layer]
+        qs = q[0].transpose(0, 1)  # [N, H, dqk]
         if batch.is_decode:
-            lat, rope, mask = gather_padded(cache.keys[self.layer], cache.values[self.layer], batch)
-            qb = q[0].transpose(0, 1)[:, :, None]  # [B, H, 1, dqk]: one token per sequence
-            out = self._absorbed(qb, lat, rope, mask)  # [B, H, 1, dv]
-            return out.reshape(1, batch.num_seqs, -1)
-        outs, offset = [], 0
+            return self._decode_rows(qs, keys, values, batch.block_tables, batch.context_lens)[None]
+        out = qs.new_empty(qs.shape[0], self.cfg.num_heads * self.mla.v_head_dim)  # [N, H*dv]
+        singles = one_token_rows(batch, q.device)
+        if singles is not None:
+            rows, tokens = singles
+            out[tokens] = self._decode_rows(qs[tokens], keys, values, batch.block_tables[rows],
+                                            batch.context_lens[rows])
+        offset = 0
         for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
-            length = start + n
-            lat = gather_sequence(cache.keys[self.layer], batch.block_tables[i], length)[None]  # [1, 1, S, r]
-            rope = gather_sequence(cache.values[self.layer], batch.block_tables[i], length)[None]
-            qi = q[:, :, offset:offset + n]
-            form = self._absorbed if n == 1 else self._expanded
-            outs.append(form(qi, lat, rope, self._mask(n, length, start, q.device)))  # [1, H, n, dv]
+            if n > 1 or singles is None:
+                length = start + n
+                lat = gather_sequence(keys, batch.block_tables[i], length)[None]  # [1, 1, S, r]
+                rope = gather_sequence(values, batch.block_tables[i], length)[None]
+                form = self._absorbed if n == 1 else self._expanded
+                o = form(q[:, :, offset:offset + n], lat, rope, self._mask(n, length, start, q.device))
+                out[offset:offset + n] = o[0].transpose(0, 1).reshape(n, -1)  # [1, H, n, dv] -> [n, H*dv]
             offset += n
-        return torch.cat(outs, dim=2).transpose(1, 2).reshape(1, offset, -1)
+        return out[None]
+
+    def _decode_rows(self, qs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                     context_lens: torch.Tensor) -> torch.Tensor:
+        """Returns [B, H*dv]: one query per sequence qs [B, H, dqk], each over its own cached
+        latents (block tables [B, MB], context lengths [B]), in the absorbed form."""
+        lat, rope, mask = gather_padded(keys, values, tables, context_lens)
+        return self._absorbed(qs[:, :, None], lat, rope, mask).reshape(qs.shape[0], -1)  # [B, H, 1, dv]
 
 
-def gather_padded(keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch):
-    """Returns (keys [B, Hkv, S, dk], values [B, Hkv, S, dv], mask [B, 1, 1, S]) of every sequence
-    of a decode step, read through its block table from pools [NB, BS, Hkv, d] and padded to the
-    longest table (S = MB * BS); the mask keeps each sequence's own positions (< its context)."""
-    tables = batch.block_tables.long()  # [B, MB]
+def one_token_rows(batch: RaggedBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Returns (their rows in the batch [B1], their tokens in the packed input [B1]) of the
+    sequences of a ragged step that bring one token, when there are two or more, else None."""
+    ends = list(itertools.accumulate(batch.query_lens))
+    singles = [i for i, n in enumerate(batch.query_lens) if n == 1]
+    if len(singles) < 2:
+        return None
+    rows = torch.tensor(singles).to(device, non_blocking=True)
+    tokens = torch.tensor([ends[i] - 1 for i in singles]).to(device, non_blocking=True)
+    return rows, tokens
+
+
+def gather_padded(keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor):
+    """Returns (keys [B, Hkv, S, dk], values [B, Hkv, S, dv], mask [B, 1, 1, S]) of B sequences,
+    read through their block tables [B, MB] from pools [NB, BS, Hkv, d] and padded to the table
+    width (S = MB * BS); the mask keeps each sequence's own positions (< its context length)."""
+    tables = tables.long()  # [B, MB]
     b = tables.shape[0]
 
     def padded(pool: torch.Tensor) -> torch.Tensor:
@@ -206,7 +234,7 @@ def gather_padded(keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch):
 
     k, v = padded(keys), padded(values)
     positions = torch.arange(k.shape[2], device=k.device)
-    mask = positions[None, :] < batch.context_lens.long()[:, None]  # [B, S]
+    mask = positions[None, :] < context_lens.long()[:, None]  # [B, S]
     return k, v, mask[:, None, None, :]
 
 

@@ -58,28 +58,45 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCac
 def _attend_ragged(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache | None,
                    batch: RaggedBatch) -> torch.Tensor:
     """Returns attention [1, N, H*Dh] of packed q [1, H, N, Dh] (k, v written to the paged cache
-    first), each sequence over its own positions, one at a time."""
+    first). Sequences bringing one token (every one in a decode step) attend together, padded to
+    the table width; each longer one (a prompt chunk) on its own."""
+    from .mla import one_token_rows
+
     if not isinstance(cache, PagedKVCache):
         raise MoekitError("a ragged batch (RaggedBatch) needs a PagedKVCache to attend through")
     cache.write(attn.layer, k[0].transpose(0, 1), v[0].transpose(0, 1), batch.slots)
-    if batch.is_decode:  # every sequence at once, padded to the longest block table
-        from .mla import gather_padded
-
-        kb, vb, mask = gather_padded(cache.keys[attn.layer], cache.values[attn.layer], batch)  # mask [B, 1, 1, S]
-        window = attn.cfg.sliding_window
-        if window is not None:
-            positions = torch.arange(kb.shape[2], device=kb.device)
-            mask = mask & (positions > batch.context_lens.long()[:, None, None, None] - 1 - window)
-        out = sink_attention(q[0].transpose(0, 1)[:, :, None], kb, vb, attn.sinks, mask[:, :, None])
-        return out.reshape(1, batch.num_seqs, attn.q_dim)
-    outs, offset = [], 0
+    qs = q[0].transpose(0, 1)  # [N, H, Dh]
+    if batch.is_decode:
+        return _decode_rows(attn, qs, cache, batch.block_tables, batch.context_lens)[None]
+    out = qs.new_empty(qs.shape[0], attn.q_dim)  # [N, H*Dh]
+    singles = one_token_rows(batch, q.device)
+    if singles is not None:
+        rows, tokens = singles
+        out[tokens] = _decode_rows(attn, qs[tokens], cache, batch.block_tables[rows], batch.context_lens[rows])
+    offset = 0
     for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
-        length = start + n
-        ki = gather_sequence(cache.keys[attn.layer], batch.block_tables[i], length)[None]  # [1, Hkv, S, Dh]
-        vi = gather_sequence(cache.values[attn.layer], batch.block_tables[i], length)[None]
-        mask = causal_mask(n, length, start, attn.cfg.sliding_window, q.device)
-        if mask is None and n > 1:
-            mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril()
-        outs.append(sink_attention(q[:, :, offset:offset + n], ki, vi, attn.sinks, mask))
+        if n > 1 or singles is None:
+            length = start + n
+            ki = gather_sequence(cache.keys[attn.layer], batch.block_tables[i], length)[None]  # [1, Hkv, S, Dh]
+            vi = gather_sequence(cache.values[attn.layer], batch.block_tables[i], length)[None]
+            mask = causal_mask(n, length, start, attn.cfg.sliding_window, q.device)
+            if mask is None and n > 1:
+                mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril()
+            o = sink_attention(q[:, :, offset:offset + n], ki, vi, attn.sinks, mask)  # [1, H, n, Dh]
+            out[offset:offset + n] = o[0].transpose(0, 1).reshape(n, -1)
         offset += n
-    return torch.cat(outs, dim=2).transpose(1, 2).reshape(1, offset, attn.q_dim)
+    return out[None]
+
+
+def _decode_rows(attn, qs: torch.Tensor, cache: PagedKVCache, tables: torch.Tensor,
+                 context_lens: torch.Tensor) -> torch.Tensor:
+    """Returns [B, H*Dh]: one query per sequence qs [B, H, Dh] over its own cached positions (block
+    tables [B, MB], context lengths [B]) and sliding window, padded to the table width."""
+    from .mla import gather_padded
+
+    kb, vb, mask = gather_padded(cache.keys[attn.layer], cache.values[attn.layer], tables, context_lens)
+    window = attn.cfg.sliding_window
+    if window is not None:  # mask [B, 1, 1, S]: the last `window` positions of each sequence
+        positions = torch.arange(kb.shape[2], device=kb.device)
+        mask = mask & (positions > context_lens.long()[:, None, None, None] - 1 - window)
+    return sink_attention(qs[:, :, None], kb, vb, attn.sinks, mask[:, :, None]).reshape(qs.shape[0], -1)

@@ -241,7 +241,8 @@ def test_continuous_batching_equals_each_prompt_alone(tiny, variant, static_deco
 
     ckpt = tiny(variant)
     llm = LLM(moekit.load_model(ckpt.path), config=SchedulerConfig(max_step_tokens=8, static_decode=static_decode))
-    prompts = [token_ids(1, n, seed=30 + n)[0].tolist() for n in (4, 13, 7)]
+    # 8 tokens a step: short prompts decode beside others' prefill chunks (mixed steps)
+    prompts = [token_ids(1, n, seed=30 + n)[0].tolist() for n in (3, 2, 13, 7, 20)]
     done = llm.generate(prompts, SamplingParams(max_tokens=5))
     for prompt, completion in zip(prompts, done):
         assert completion.token_ids == ckpt.hf_greedy(torch.tensor([prompt]), 5)[0].tolist()
