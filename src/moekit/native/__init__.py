@@ -6,7 +6,8 @@ could not do both. The library is built once per source, compiler and CPU into
 $MOEKIT_CACHE_DIR (default ~/.cache/moekit)/native/ (about two seconds), written to a temporary
 name and renamed, so concurrent first uses never load half a file. Nothing is downloaded.
 
-Where no compiler works (or MOEKIT_NATIVE=0), `library()` returns None and says why in
+Every *.cpp in this folder goes into that one library; a module declares its functions' ctypes
+signatures with `register_declarations`. Where no compiler works (or MOEKIT_NATIVE=0), `library()` returns None and says why in
 `unavailable_reason()`; callers then run their PyTorch path, which gives the same results more
 slowly. The functions are called through ctypes, which releases the GIL for the call's duration.
 """
@@ -21,10 +22,19 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("experts.cpp")
+FOLDER = Path(__file__).parent  # every *.cpp here is compiled into the one library
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _library: ctypes.CDLL | None = None
+_declarations: list = []  # callables that set argtypes/restype of a module's functions on the library
+
+
+def register_declarations(declare) -> None:
+    """Adds a callable(lib) that declares one source file's functions (argtypes, restype); called
+    when the library loads (or at once, if it already has)."""
+    _declarations.append(declare)
+    if _library is not None:
+        declare(_library)
 _reason = ""
 _tried = False
 
@@ -56,7 +66,8 @@ def _cpu_signature() -> str:
 def _build(cxx: str) -> Path:
     """Returns the path of the compiled library, compiling it if this source, compiler and CPU
     have none yet; raises RuntimeError with the compiler's message when it fails."""
-    source = SOURCE.read_bytes()
+    sources = sorted(FOLDER.glob("*.cpp"))
+    source = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in sources)
     version = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
@@ -68,7 +79,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cxx, *FLAGS, *map(str, sources), "-o", tmp], check=False, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {(done.stderr or done.stdout).strip()[-2000:]}")
         os.replace(tmp, target)
@@ -104,6 +115,8 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_expert_ffn.restype = ctypes.c_int
     lib.moekit_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.moekit_stream_read.restype = ctypes.c_double
+    for declare in _declarations:  # other modules' functions (register_declarations)
+        declare(lib)
     _library = lib
     return lib
 
