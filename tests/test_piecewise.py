@@ -68,3 +68,22 @@ def test_offloaded_generation_is_captured_in_pieces(tiny, variant):
     model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=())
     torch.cuda.synchronize()
     assert abs(torch.cuda.memory_allocated() - held) < 2**20
+
+
+def test_a_dropped_step_is_freed_without_a_garbage_collection(tiny):
+    """A step holds CUDA graphs and their memory pool: it must go when its last reference does,
+    not at the next gc run (the offload warm-up measures the device memory right after)."""
+    import gc
+    import weakref
+
+    model = moekit.load_model(tiny("olmoe").path)
+    cache = KVCache(model.config, 1, 16, "cpu", model.dtype)
+    step = PiecewiseDecode(model, cache, token_ids(1, 1), 3, graphs=False)
+    step(token_ids(1, 1), 3)
+    alive = weakref.ref(step)
+    gc.disable()
+    try:
+        del step
+        assert alive() is None
+    finally:
+        gc.enable()

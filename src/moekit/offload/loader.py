@@ -13,6 +13,7 @@ the cache, decoded inside the matmul.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 from pathlib import Path
@@ -178,6 +179,7 @@ class OffloadLoader(ExpertLoader):
             stages["step_peak"] = self._stage_peak(device)
             stages["kv_cache"] = cache.bytes
             del cache, ids, step
+            gc.collect()  # anything the step left in a reference cycle goes now, not during generation
             # a KV cache the plan does not hold yet is reserved by each generation (runtime.reserve)
             need = max(stages["prefill_peak"], stages["capture_peak"], stages["step_peak"]) - warm_kv
             tries.append({"slots": runtime.cache.num_slots, "need": need, "limit": limit, **stages})
