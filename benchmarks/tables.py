@@ -177,6 +177,8 @@ def budget_outcome(r: dict) -> str:
         return f"not run ({r['status'].removeprefix('skipped (').rstrip(')')})"
     if r["status"] != "refused":
         return r["status"]
+    if r["refusal"].startswith("could not fit"):
+        return "refused: the measured warm-up did not converge (each measurement held ~36 MB more; fixed in 0153646, not re-measured)"
     m = re.search(r"measured ([0-9.]+)MB with (\d+) experts cached.*give at least ([0-9.]+)MB", r["refusal"])
     if not m:
         return f"refused: {r['refusal']}"
@@ -234,6 +236,60 @@ def budget_headline(files: dict) -> str:
             budget_bytes = (api or cli)["budget_bytes"]
             rows.append([f"{share:.0%} ({budget_bytes / 1e9:.2f} GB)", form, cell(api), cell(cli)])
     return table(["budget", "experts", "`load_offloaded`: tok/s, peak / budget", "`moekit generate --offload`"], rows)
+
+
+# ---- bench_llamacpp*.json: moekit vs llama.cpp on one checkpoint (issue 12) ---------------------------
+
+LLAMA_FILES = ("bench_llamacpp.json", "bench_llamacpp_cpu_rows.json")
+LLAMA_SETTINGS = [  # (moekit setting, llama.cpp row, label)
+    ("decode_gpu", "decode_gpu", "decode, everything on the GPU"),
+    ("decode_cpu_experts", "decode_cpu_experts", "decode, all experts in host memory (`-ncmoe 16`)"),
+    ("decode_half_experts", "decode_half_experts", "decode, half the layers' experts on the CPU (`-ncmoe 8`)"),
+]
+
+
+def vs_llamacpp(files: dict) -> str:
+    """The project README's table: llama.cpp's figure and GPU footprint (nvidia-smi, its CUDA context
+    included) next to moekit at that footprint as --device-memory (its allocator-enforced budget;
+    nvidia-smi's figure for moekit beside it), with the combined ceiling of the same run."""
+    full = files["bench_llamacpp.json"]
+    lc = full["llamacpp"]["rows"]
+    rows = []
+    for run in (full, files["bench_llamacpp_cpu_rows.json"]):
+        commit = run["meta"]["commit"]
+        for r in run["moekit"]:
+            ref = next((lbl, lc[row]) for setting, row, lbl in LLAMA_SETTINGS if r["setting"] == setting)
+            label, theirs = ref
+            ours = r.get("decode_tok_s")
+            smi = f", {r['gpu_used_bytes'] / 1e9:.2f} GB in nvidia-smi" if r.get("gpu_used_bytes") else ""
+            budget = f"{r['budget_bytes'] / 1e9:.2f} GB budget{smi}" if r.get("budget_bytes") else f"all resident{smi}"
+            rows.append([label, f"{theirs['tok_s']:.1f} ({theirs['gpu_used_bytes'] / 1e9:.2f} GB)",
+                         r.get("misses") or "-", budget,
+                         f"{ours:.1f}" if ours else (r["status"] if r["status"] != "refused" else "refused (warm-up did not converge)"),
+                         f"{ours / theirs['tok_s']:.2f}x" if ours else "-",
+                         f"{r['ceiling_tok_s']:.1f}" if r.get("ceiling_tok_s") else "-", commit])
+    pre = next(r for r in full["moekit"] if r["setting"] == "decode_gpu")
+    rows.append(["prefill 512 tokens, everything on the GPU", f"{lc['prefill_gpu']['tok_s']:,.0f}", "-", "all resident",
+                 f"{pre['prefill_512_tok_s']:,.0f}", f"{pre['prefill_512_tok_s'] / lc['prefill_gpu']['tok_s']:.2f}x", "-",
+                 full["meta"]["commit"]])
+    return table(["setting (OLMoE-1B-7B shape, bf16, H200)", "llama.cpp tok/s (GPU used)", "moekit misses",
+                  "moekit footprint", "moekit tok/s", "moekit / llama.cpp", "ceiling tok/s", "moekit commit"], rows)
+
+
+def cpu_kernel(files: dict) -> str:
+    """The CPU expert kernel's read rate against the host's stream read, by thread count (H200 host)."""
+    rates = files["bench_llamacpp_cpu_rows.json"]["rates"]
+    rows = []
+    for t in (1, 4, 8, 15, 16):
+        k, s = rates.get(f"native_layer_top_k_threads{t}_bytes_per_s"), rates.get(f"stream_read_threads{t}_bytes_per_s")
+        if k and s:
+            rows.append([str(t), f"{k / 1e9:.1f}", f"{s / 1e9:.1f}", f"{k / s:.0%}"])
+    rows.append(["15, median of 5", f"{rates['native_layer_top_k_bytes_per_s'] / 1e9:.1f}",
+                 f"{rates['cpu_read_alone_bytes_per_s'] / 1e9:.1f} (2 s of reads)",
+                 f"{rates['native_layer_top_k_bytes_per_s'] / rates['cpu_read_alone_bytes_per_s']:.0%}"])
+    rows.append(["15, PyTorch (F.linear per expert)", f"{rates['pytorch_layer_top_k_bytes_per_s'] / 1e9:.1f}", "", ""])
+    return table(["threads", "native kernel GB/s (a layer's top-8 bf16 experts, 1 token)", "stream read GB/s",
+                  "share"], rows)
 
 
 # ---- bench_offload*.json: the offload rows re-measured after the expert seam (issue 11) ---------------
@@ -321,6 +377,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "budget": (("bench_budget.json",), budget),
     "budget_headline": (("bench_budget.json",), budget_headline),
     "offload_rerun": (OFFLOAD_FILES, offload_rerun),
+    "vs_llamacpp": (LLAMA_FILES, vs_llamacpp),
+    "cpu_kernel": (LLAMA_FILES, cpu_kernel),
     "offload_headline": (OFFLOAD_FILES, offload_headline),
 }
 MARKER = re.compile(r"^<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /table:(?P=name) -->$", re.S | re.M)
