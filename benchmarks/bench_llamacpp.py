@@ -43,6 +43,8 @@ NAME = "bench_llamacpp"
 SHAPES = {
     "olmoe-1b-7b": dict(layers=16, hidden=2048, expert_ffn=1024, experts=64, top_k=8, heads=16, kv_heads=16,
                         vocab=50304),
+    "olmoe-4-layers": dict(layers=4, hidden=2048, expert_ffn=1024, experts=64, top_k=8, heads=16, kv_heads=16,
+                           vocab=50304),  # issue 12's no-GPU comparison
     "tiny": dict(layers=2, hidden=128, expert_ffn=256, experts=16, top_k=4, heads=4, kv_heads=4, vocab=4096),
 }
 PROMPT, NEW = 64, 64
@@ -201,12 +203,13 @@ def llama_env(bench: Path) -> dict:
     return env
 
 
-def start_llamacpp_build(anchor: Path, ckpt: Path, out: Path) -> tuple[subprocess.Popen, float]:
-    """Starts the anchor's run.sh build and convert stages in the background."""
+def start_llamacpp_build(anchor: Path, ckpt: Path, out: Path, cuda: bool = True) -> tuple[subprocess.Popen, float]:
+    """Starts the anchor's run.sh build and convert stages in the background (a CPU-only build
+    when not `cuda`)."""
     work = out / "llamacpp"
     work.mkdir(parents=True, exist_ok=True)
     log = open(out / "llamacpp_build.log", "w")  # noqa: SIM115 -- closed with the process
-    env = {**os.environ, "LCPP_STAGES": "build,convert"}
+    env = {**os.environ, "LCPP_STAGES": "build,convert", "LCPP_CUDA": "1" if cuda else "0"}
     proc = subprocess.Popen(["bash", str(anchor / "run.sh"), str(ckpt), str(work)], stdout=log,
                             stderr=subprocess.STDOUT, env=env)
     return proc, time.perf_counter()
@@ -226,21 +229,30 @@ def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results
         save()
         return
     common.log(f"llama.cpp built and converted in {lc['build_convert_s']:.0f} s")
-    bench = Path(os.environ.get("LCPP_ROOT", "/tmp/lcpp")) / "llama.cpp" / "build-cuda" / "bin" / "llama-bench"
+    cuda = torch.cuda.is_available()
+    build_dir = "build-cuda" if cuda else "build-cpu"
+    bench = Path(os.environ.get("LCPP_ROOT", "/tmp/lcpp")) / "llama.cpp" / build_dir / "bin" / "llama-bench"
     gguf = os.environ.get("LCPP_GGUF", "/dev/shm/model.gguf")
     env = llama_env(bench)
     moe_layers = sum(cfg.moe_layers)
-    common.free_memory(torch.device("cuda"))
-    idle = GpuMemorySampler.used_mib()  # this process's context and tensors included: not llama.cpp's
+    idle = None
+    if cuda:
+        common.free_memory(torch.device("cuda"))
+        idle = GpuMemorySampler.used_mib()  # this process's context and tensors included: not llama.cpp's
     lc["idle_used_mib"] = idle
-    runs = {"decode_gpu": ["-p", "0", "-n", str(NEW)],
-            "decode_cpu_experts": ["-p", "0", "-n", str(NEW), "-ncmoe", str(moe_layers)],
-            "decode_half_experts": ["-p", "0", "-n", str(NEW), "-ncmoe", str((moe_layers + 1) // 2)],
-            "prefill_gpu": ["-p", "512", "-n", "0"]}
+    if cuda:
+        runs = {"decode_gpu": ["-p", "0", "-n", str(NEW), "-ngl", "99"],
+                "decode_cpu_experts": ["-p", "0", "-n", str(NEW), "-ngl", "99", "-ncmoe", str(moe_layers)],
+                "decode_half_experts": ["-p", "0", "-n", str(NEW), "-ngl", "99", "-ncmoe", str((moe_layers + 1) // 2)],
+                "prefill_gpu": ["-p", "512", "-n", "0", "-ngl", "99"]}
+    else:  # no GPU: the CPU build, all cores this process may use
+        threads = str(len(os.sched_getaffinity(0)))
+        runs = {"decode_cpu_only": ["-p", "0", "-n", str(NEW), "-t", threads],
+                "prefill_cpu_only": ["-p", str(PROMPT), "-n", "0", "-t", threads]}
     for name, extra in runs.items():
-        cmd = [str(bench), "-m", gguf, "-r", "2", "-o", "json", "-fa", "1", "-ngl", "99", *extra]
+        cmd = [str(bench), "-m", gguf, "-r", "2", "-o", "json", "-fa", "1", *extra]
         t0 = time.perf_counter()
-        with GpuMemorySampler() as s:
+        with GpuMemorySampler() if cuda else _Nothing() as s:
             q = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         row = {"command": " ".join(["llama-bench", *cmd[1:]]), "seconds": time.perf_counter() - t0}
         if q.returncode != 0:
@@ -249,7 +261,7 @@ def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results
             r = json.loads(q.stdout)[0]
             row.update(tok_s=r["avg_ts"], stddev=r["stddev_ts"], n_threads=r["n_threads"], model_size=r.get("model_size"),
                        cpu_info=r.get("cpu_info"), gpu_info=r.get("gpu_info"), build_commit=r.get("build_commit"))
-        if s.peak_mib is not None and idle is not None:
+        if getattr(s, "peak_mib", None) is not None and idle is not None:
             row["gpu_used_bytes"] = (s.peak_mib - idle) * 2**20
         lc["rows"][name] = row
         common.log(f"llama.cpp {name}: {row.get('tok_s', 'error')} tok/s, GPU used "
@@ -295,7 +307,7 @@ class _Nothing:
 
 
 def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str | None, prompt_ids,
-               idle_mib: int | None = None) -> dict:
+               idle_mib: int | None = None, dtype: torch.dtype | None = None, prefill_tokens: int = 512) -> dict:
     """Returns decode tok/s (second of two generate calls), the allocator peak and the GPU memory
     nvidia-smi saw in use (minus `idle_mib`: this process's CUDA context counts, as llama.cpp's does)."""
     from moekit.offload import OffloadConfig, load_offloaded
@@ -307,9 +319,10 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
     model = None
     try:
         if budget is None:
-            model = moekit.load_model(path, device=device)
+            model = moekit.load_model(path, device=device, dtype=dtype)
         else:
-            model = load_offloaded(path, device=device, offload=OffloadConfig(device_memory=budget, misses=misses))
+            model = load_offloaded(path, device=device, dtype=dtype,
+                                   offload=OffloadConfig(device_memory=budget, misses=misses))
         row["load_s"] = time.perf_counter() - t0
         for call in ("first", "warm"):
             stats = moekit.GenerationStats()
@@ -319,13 +332,13 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
         if getattr(sampler, "peak_mib", None) and idle_mib is not None:  # the process's whole use, context included
             row["gpu_used_bytes"] = (sampler.peak_mib - idle_mib) * 2**20
         row["decode_tok_s"] = row["warm_decode_tok_s"]
-        if budget is None:  # prefill 512 all on the GPU (llama.cpp's pp512)
-            ids = torch.randint(0, model.config.vocab_size, (1, 512), device=device)
+        if budget is None:  # prefill all resident (llama.cpp's pp512 on a GPU)
+            ids = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), device=device)
             stats = moekit.GenerationStats()
             model.generate(ids, max_new_tokens=1, temperature=0, eos_token_ids=(), stats=stats)
             stats = moekit.GenerationStats()
             model.generate(ids, max_new_tokens=1, temperature=0, eos_token_ids=(), stats=stats)
-            row["prefill_512_tok_s"] = 512 / stats.prefill_s
+            row[f"prefill_{prefill_tokens}_tok_s"] = prefill_tokens / stats.prefill_s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             row["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
@@ -362,7 +375,7 @@ def table(results: dict) -> str:
     for r in results.get("moekit", []):
         ref = lc.get(r["setting"], {})
         ours, theirs = r.get("decode_tok_s"), ref.get("tok_s")
-        rows.append([r["setting"], r.get("misses") or "-", f"{(r.get('budget_bytes') or 0) / 1e9:.2f}",
+        rows.append([r["setting"], r.get("misses") or r.get("dtype") or "-", f"{(r.get('budget_bytes') or 0) / 1e9:.2f}",
                      f"{ours:.1f}" if ours else r["status"], f"{theirs:.1f}" if theirs else "-",
                      f"{ours / theirs:.2f}x" if ours and theirs else "-",
                      f"{r['ceiling_tok_s']:.1f}" if r.get("ceiling_tok_s") else "-"])
@@ -399,7 +412,7 @@ def main() -> int:
                                                       tokenizer_from=moekit.default_model_path())
     results["checkpoint"] = {"tensor_bytes": tensor_bytes, "write_s": time.perf_counter() - t0}
     common.log(f"checkpoint: {tensor_bytes / 1e9:.2f} GB in {results['checkpoint']['write_s']:.0f} s")
-    build = None if args.skip_llamacpp else start_llamacpp_build(Path(args.anchor), ckpt, out)
+    build = None if args.skip_llamacpp else start_llamacpp_build(Path(args.anchor), ckpt, out, device.type == "cuda")
     if args.probe_fit:  # memory only: may overlap the build
         results["fit_probe"] = probe_fit(ckpt, tensor_bytes, [float(v) for v in args.probe_fit.split(",")], out)
         save()
@@ -423,6 +436,18 @@ def main() -> int:
     expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
     per_token = sum(cfg.moe_layers) * cfg.top_k * expert_bytes
     idle_mib = results["idle_used_mib_before_cuda"] = idle_before_cuda
+    if device.type == "cpu":  # no GPU: everything on the CPU, bf16 as llama.cpp's GGUF
+        for dtype in (torch.bfloat16, torch.float32):
+            row = moekit_row(ckpt, device, None, None, prompt, dtype=dtype, prefill_tokens=PROMPT)
+            row.update(setting="decode_cpu_only", dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads())
+            results["moekit"].append(row)
+            common.log(f"moekit --device cpu {row['dtype']}: {row.get('decode_tok_s')} tok/s, prefill "
+                       f"{row.get(f'prefill_{PROMPT}_tok_s')} ({row['status']})")
+            save()
+        print(table(results))
+        results["table"] = table(results)
+        save()
+        return 0
     gpu: dict = {}
     if not args.skip_gpu_row:
         gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib)
