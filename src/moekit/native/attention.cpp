@@ -1,0 +1,363 @@
+// Grouped-query decode attention over a host-resident paged KV cache (moekit.native.attention).
+//
+// One call attends one query token per sequence over that sequence's cached positions:
+//     out[b, h] = softmax(scale * q[b, h] . K[b, h / G]^T) @ V[b, h / G]     over positions lo_b..ctx_b-1
+// with lo_b = max(0, ctx_b - window) for a sliding window (window 0: none), G = H / Hkv query heads
+// per key/value head, and K, V read through the sequence's block table from pools [NB, BS, Hkv, Dh].
+//
+// Why a kernel: decode attention reads every cached byte once for a few FLOPs per byte (GQA:
+// 2 G FLOPs per K or V element), so its time is KV bytes / host memory bandwidth. The work item
+// is one (sequence, kv head): its G query heads share each K and V row, which is read from memory
+// once, converted to float once and dotted with all G queries (the artifact's GEMM of 4 query
+// heads against a block, written as row loops). Positions go in chunks of CHUNK with an online
+// softmax (running max and sum), so the scratch is bounded whatever the length. Items are
+// dynamically scheduled (sequences differ in length); each item is computed by one thread in
+// position order, so the result does not depend on the thread count.
+//
+// Shapes: B sequences, H query heads, Hkv kv heads, G = H / Hkv, Dh head dim, NB pool blocks,
+// BS positions per block, MB blocks per block table.
+//   q [B, H, Dh] (dtype qdtype), out [B, H, Dh] (qdtype), keys/values [NB, BS, Hkv, Dh] (kvdtype),
+//   block_tables [B, MB] int32, context_lens [B] int32.
+// dtypes: 0 = bfloat16, 1 = float16, 2 = float32. Accumulation is float32.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 128;       // positions scored at once (scores [G, CHUNK] per thread)
+constexpr int64_t MAX_GROUP = 64;    // query heads per kv head
+constexpr int64_t MAX_HEAD_DIM = 512;
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline int64_t itemsize(int dtype) { return dtype == 2 ? 4 : 2; }
+
+inline void to_float(int dtype, const void* p, int64_t n, float* out) {
+  if (dtype == 0) {
+    const uint16_t* s = static_cast<const uint16_t*>(p);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(s[i]);
+#ifdef __FLT16_MAX__
+  } else if (dtype == 1) {
+    const _Float16* s = static_cast<const _Float16*>(p);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(s[i]);
+#endif
+  } else {
+    std::memcpy(out, p, n * sizeof(float));
+  }
+}
+
+inline void from_float(int dtype, const float* in, int64_t n, void* p) {
+  if (dtype == 0) {
+    uint16_t* d = static_cast<uint16_t*>(p);
+    for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(in[i]);
+#ifdef __FLT16_MAX__
+  } else if (dtype == 1) {
+    _Float16* d = static_cast<_Float16*>(p);
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(in[i]);
+#endif
+  } else {
+    std::memcpy(p, in, n * sizeof(float));
+  }
+}
+
+struct Bf16 { float operator()(uint16_t v) const { return bf16_to_float(v); } };
+struct F32 { float operator()(float v) const { return v; } };
+#ifdef __FLT16_MAX__
+struct F16 { float operator()(_Float16 v) const { return static_cast<float>(v); } };
+#endif
+
+// Attends one (sequence, kv head): G queries qf [G, Dh] (already scaled) over positions lo..hi-1.
+// acc [G, Dh] receives the normalised output. scores [G, CHUNK], row [Dh] are scratch.
+template <typename T, typename Conv>
+void attend_item(const float* qf, int64_t G, int64_t Dh, const T* keys, const T* values, const int32_t* table,
+                 int64_t BS, int64_t Hkv, int64_t kvh, int64_t lo, int64_t hi, float* acc, float* scores,
+                 float* row, Conv conv) {
+  float m[MAX_GROUP], l[MAX_GROUP];
+  for (int64_t g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; }
+  std::fill(acc, acc + G * Dh, 0.f);
+  const int64_t block_stride = BS * Hkv * Dh, pos_stride = Hkv * Dh;
+  for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, hi - c0);
+    // scores: each key row read once, dotted with the G queries
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t p = c0 + t;
+      const T* k = keys + table[p / BS] * block_stride + (p % BS) * pos_stride + kvh * Dh;
+#pragma omp simd
+      for (int64_t i = 0; i < Dh; ++i) row[i] = conv(k[i]);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * Dh;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < Dh; ++i) s += qg[i] * row[i];
+        scores[g * CHUNK + t] = s;
+      }
+    }
+    // online softmax: rescale what was accumulated when the running max grows
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = scores + g * CHUNK;
+      float mx = m[g];
+      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
+      const float correction = std::exp(m[g] - mx);  // exp(-inf) = 0 on the first chunk
+      float sum = 0.f;
+      for (int64_t t = 0; t < n; ++t) {
+        sg[t] = std::exp(sg[t] - mx);
+        sum += sg[t];
+      }
+      l[g] = l[g] * correction + sum;
+      m[g] = mx;
+      if (correction != 1.f) {
+        float* ag = acc + g * Dh;
+#pragma omp simd
+        for (int64_t i = 0; i < Dh; ++i) ag[i] *= correction;
+      }
+    }
+    // values: each row read once, added to the G accumulators
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t p = c0 + t;
+      const T* v = values + table[p / BS] * block_stride + (p % BS) * pos_stride + kvh * Dh;
+#pragma omp simd
+      for (int64_t i = 0; i < Dh; ++i) row[i] = conv(v[i]);
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = scores[g * CHUNK + t];
+        float* ag = acc + g * Dh;
+#pragma omp simd
+        for (int64_t i = 0; i < Dh; ++i) ag[i] += w * row[i];
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;  // no positions: zeros
+    float* ag = acc + g * Dh;
+    for (int64_t i = 0; i < Dh; ++i) ag[i] *= inv;
+  }
+}
+
+
+// ---- the vectorised path (head dim a multiple of W) ------------------------------------------
+// GCC/clang vector extensions: AVX-512 where -march=native has it, else 8 floats (AVX2 / NEON
+// pairs). Query heads go in sub-groups of up to 4 so their accumulators stay in registers; each
+// K or V row is converted once per sub-group while its chunk is hot in cache.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf load(const uint16_t* p) {  // bfloat16: the high half of a float
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+#ifdef __FLT16_MAX__
+typedef _Float16 vhf __attribute__((vector_size(W * 2)));
+inline vf load(const _Float16* p) { vhf h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
+#endif
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+inline float hsum(vf v) {  // a tree of halves: log2(W) adds, not W - 1 in a chain
+#if defined(__AVX512F__)
+  const v8f h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const v8f h8 = v;
+#endif
+  const v4f h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+
+// exp(x) for x <= 0 (scores minus their max), relative error ~2e-7: x = n ln2 + r, |r| <= ln2/2,
+// exp(r) by its Taylor series to r^6, 2^n built in the exponent bits.
+inline vf exp_nonpositive(vf x) {
+  const vf lo = vf{} - 87.0f;
+  x = x < lo ? lo : x;
+  const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  vf k = x * 1.44269504f + magic;
+  vi n;
+  std::memcpy(&n, &k, sizeof n);
+  n -= 0x4B400000;  // the bits of `magic`
+  k -= magic;
+  vf r = x - k * 0.693145752f - k * 1.42860677e-6f;
+  vf p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  vi e = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+// One sub-group of NG query heads (qf [NG, Dh], scaled) over one chunk of n positions whose K and
+// V rows are kp[t], vp[t]: scores, the online-softmax update of m, l, and acc [NG, Dh].
+template <int NG, typename T>
+void chunk_fast(const float* qf, int64_t Dh, const T* const* kp, const T* const* vp, int64_t n, float* m, float* l,
+                float* acc, float* scores) {
+  const int64_t nv = Dh / W;
+  int64_t t = 0;
+  for (; t + 1 < n; t += 2) {  // two positions at once: 2 NG independent FMA chains
+    vf a0[NG] = {}, a1[NG] = {};
+    for (int64_t d = 0; d < nv; ++d) {
+      const vf k0 = load(kp[t] + d * W), k1 = load(kp[t + 1] + d * W);
+      for (int g = 0; g < NG; ++g) {
+        const vf qv = load(qf + g * Dh + d * W);
+        a0[g] += qv * k0;
+        a1[g] += qv * k1;
+      }
+    }
+    for (int g = 0; g < NG; ++g) { scores[g * CHUNK + t] = hsum(a0[g]); scores[g * CHUNK + t + 1] = hsum(a1[g]); }
+  }
+  for (; t < n; ++t) {
+    vf a0[NG] = {};
+    for (int64_t d = 0; d < nv; ++d) {
+      const vf k0 = load(kp[t] + d * W);
+      for (int g = 0; g < NG; ++g) a0[g] += load(qf + g * Dh + d * W) * k0;
+    }
+    for (int g = 0; g < NG; ++g) scores[g * CHUNK + t] = hsum(a0[g]);
+  }
+  for (int g = 0; g < NG; ++g) {
+    float* sg = scores + g * CHUNK;
+    float mx = m[g];
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sg[i]);
+    for (int64_t i = 0; i < n; i += W) store(sg + i, exp_nonpositive(load(sg + i) - mx));  // CHUNK % W == 0
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) sum += sg[i];
+    const float correction = m[g] == -INFINITY ? 0.f : std::exp(m[g] - mx);
+    l[g] = l[g] * correction + sum;
+    m[g] = mx;
+    if (correction != 1.f)
+      for (int64_t i = 0; i < Dh; ++i) acc[g * Dh + i] *= correction;
+  }
+  for (int64_t d = 0; d < nv; ++d) {  // acc[g, d-block] += sum_t p[g, t] v[t, d-block]
+    vf c0[NG], c1[NG];
+    for (int g = 0; g < NG; ++g) { c0[g] = load(acc + g * Dh + d * W); c1[g] = vf{}; }
+    int64_t u = 0;
+    for (; u + 1 < n; u += 2) {
+      const vf v0 = load(vp[u] + d * W), v1 = load(vp[u + 1] + d * W);
+      for (int g = 0; g < NG; ++g) {
+        c0[g] += scores[g * CHUNK + u] * v0;
+        c1[g] += scores[g * CHUNK + u + 1] * v1;
+      }
+    }
+    if (u < n) {
+      const vf v0 = load(vp[u] + d * W);
+      for (int g = 0; g < NG; ++g) c0[g] += scores[g * CHUNK + u] * v0;
+    }
+    for (int g = 0; g < NG; ++g) store(acc + g * Dh + d * W, c0[g] + c1[g]);
+  }
+}
+
+template <typename T>
+void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, const T* values, const int32_t* table,
+                      int64_t BS, int64_t Hkv, int64_t kvh, int64_t lo, int64_t hi, float* acc, float* scores) {
+  float m[MAX_GROUP], l[MAX_GROUP];
+  const T* kp[CHUNK];
+  const T* vp[CHUNK];
+  for (int64_t g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; }
+  std::fill(acc, acc + G * Dh, 0.f);
+  const int64_t block_stride = BS * Hkv * Dh, pos_stride = Hkv * Dh;
+  for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, hi - c0);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t p = c0 + t, off = table[p / BS] * block_stride + (p % BS) * pos_stride + kvh * Dh;
+      kp[t] = keys + off;
+      vp[t] = values + off;
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      const int64_t ng = std::min<int64_t>(4, G - g0);
+      const float* q = qf + g0 * Dh;
+      float* a = acc + g0 * Dh;
+      if (ng == 4) chunk_fast<4>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
+      else if (ng == 3) chunk_fast<3>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
+      else if (ng == 2) chunk_fast<2>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
+      else chunk_fast<1>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int64_t i = 0; i < Dh; ++i) acc[g * Dh + i] *= inv;
+  }
+}
+
+template <typename T, typename Conv>
+void run(int qdtype, const void* q, void* out, const T* keys, const T* values, const int32_t* tables,
+         const int32_t* ctx, int64_t B, int64_t H, int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window,
+         float scale, int threads, Conv conv) {
+  const int64_t G = H / Hkv, qsize = itemsize(qdtype);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qf(G * Dh), acc(G * Dh), scores(std::max<int64_t>(G, 4) * CHUNK), row(Dh);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < B * Hkv; ++item) {
+      const int64_t b = item / Hkv, kvh = item % Hkv;
+      const int64_t hi = ctx[b], lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+      const char* qb = static_cast<const char*>(q) + ((b * H + kvh * G) * Dh) * qsize;
+      to_float(qdtype, qb, G * Dh, qf.data());
+      for (int64_t i = 0; i < G * Dh; ++i) qf[i] *= scale;
+      if (Dh % W == 0)
+        attend_item_fast(qf.data(), G, Dh, keys, values, tables + b * MB, BS, Hkv, kvh, lo, hi, acc.data(),
+                         scores.data());
+      else
+        attend_item(qf.data(), G, Dh, keys, values, tables + b * MB, BS, Hkv, kvh, lo, hi, acc.data(), scores.data(),
+                    row.data(), conv);
+      from_float(qdtype, acc.data(), G * Dh, static_cast<char*>(out) + ((b * H + kvh * G) * Dh) * qsize);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or a nonzero code for arguments the kernel cannot take (the caller checks them too):
+// 1 H not a multiple of Hkv or a group above MAX_GROUP, 2 a head dim above MAX_HEAD_DIM,
+// 3 float16 without compiler support, 4 a context longer than its block table.
+int moekit_decode_attention(int qdtype, int kvdtype, const void* q, void* out, const void* keys, const void* values,
+                            const int32_t* block_tables, const int32_t* context_lens, int64_t B, int64_t H,
+                            int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window, float scale,
+                            int threads) {
+  if (Hkv <= 0 || H % Hkv || H / Hkv > MAX_GROUP) return 1;
+  if (Dh > MAX_HEAD_DIM) return 2;
+#ifndef __FLT16_MAX__
+  if (qdtype == 1 || kvdtype == 1) return 3;
+#endif
+  for (int64_t b = 0; b < B; ++b)
+    if (context_lens[b] < 0 || context_lens[b] > MB * BS) return 4;
+  if (kvdtype == 0)
+    run(qdtype, q, out, static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values), block_tables,
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, threads, Bf16());
+#ifdef __FLT16_MAX__
+  else if (kvdtype == 1)
+    run(qdtype, q, out, static_cast<const _Float16*>(keys), static_cast<const _Float16*>(values), block_tables,
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, threads, F16());
+#endif
+  else
+    run(qdtype, q, out, static_cast<const float*>(keys), static_cast<const float*>(values), block_tables,
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, threads, F32());
+  return 0;
+}
+
+}  // extern "C"

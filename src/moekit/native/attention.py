@@ -1,0 +1,127 @@
+"""Grouped-query decode attention on the CPU over a host-resident paged KV cache, in one native
+call (attention.cpp), and its PyTorch reference.
+
+    out = decode_attention(q, keys, values, block_tables, context_lens, window)
+
+is what moekit.paged_attention.decode_attention computes -- one query token per sequence over its
+cached positions, sequences of different lengths in one call -- for KV pools in host memory:
+MoE-Lightning's CPU attention (the KV cache stays next to the CPU; only q and the attention
+output cross PCIe). Work items are (sequence, kv head), spread over threads; each reads its K and
+V rows once for all of its query heads, in float32, with an online softmax. Its time is the KV
+bytes over host memory bandwidth (`kv_bytes` says how many a call reads).
+
+Shapes: B sequences, H query heads, Hkv kv heads, Dh head dim, NB pool blocks, BS positions per
+block, MB blocks per table.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from . import library, register_declarations
+
+DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+MAX_GROUP = 64  # query heads per kv head (attention.cpp)
+MAX_HEAD_DIM = 512
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, vp, i32p = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)
+    lib.moekit_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, i32p, i32p, i64, i64, i64,
+                                            i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.moekit_decode_attention.restype = ctypes.c_int
+
+
+register_declarations(_declare)
+
+
+def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Returns whether decode_attention takes q [B, H, Dh] over pools like `keys` on this machine."""
+    return (q.device.type == "cpu" and keys.device.type == "cpu" and q.dtype in DTYPE_CODES
+            and keys.dtype in DTYPE_CODES and q.shape[1] % keys.shape[2] == 0
+            and q.shape[1] // keys.shape[2] <= MAX_GROUP and q.shape[2] <= MAX_HEAD_DIM and library() is not None)
+
+
+def kv_bytes(keys: torch.Tensor, context_lens: torch.Tensor, window: int | None = None) -> int:
+    """Returns the bytes of K and V one decode_attention call reads (every kv head of the
+    positions each sequence attends to)."""
+    lens = context_lens.long().clamp(max=window) if window else context_lens.long()
+    return int(lens.sum()) * 2 * keys.shape[2] * keys.shape[3] * keys.element_size()
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, window: int | None = None, scale: float | None = None,
+                     out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """Returns attention [B, H, Dh] (q's dtype) of one query per sequence q [B, H, Dh] over
+    positions max(0, ctx - window)..ctx-1 of its cached keys and values.
+
+    keys, values [NB, BS, Hkv, Dh]: contiguous CPU pools of one dtype (bf16, fp16, fp32);
+    block_tables [B, MB] int32 blocks of each sequence; context_lens [B] int32 positions each
+    sequence attends to (0 gives zeros); scale defaults to Dh ** -0.5. Raises ValueError for
+    arguments the kernel cannot take (check `usable` first)."""
+    lib = library()
+    if lib is None:
+        from . import unavailable_reason
+
+        raise ValueError(f"the CPU attention kernel is unavailable: {unavailable_reason()}")
+    b, h, dh = q.shape
+    nb, bs, hkv, dk = keys.shape
+    if values.shape != keys.shape or values.dtype != keys.dtype:
+        raise ValueError(f"keys and values must be pools of one shape and dtype; got {list(keys.shape)} "
+                         f"{keys.dtype} and {list(values.shape)} {values.dtype}")
+    if dk != dh or h % hkv or h // hkv > MAX_GROUP or dh > MAX_HEAD_DIM:
+        raise ValueError(f"q [B, H, Dh] = {list(q.shape)} does not fit pools [NB, BS, Hkv, Dh] = {list(keys.shape)}: "
+                         f"H must be a multiple of Hkv (at most {MAX_GROUP}x), Dh equal and at most {MAX_HEAD_DIM}")
+    if q.dtype not in DTYPE_CODES or keys.dtype not in DTYPE_CODES:
+        raise ValueError(f"the CPU attention kernel takes bf16/fp16/fp32; got q {q.dtype}, kv {keys.dtype}")
+    if any(t.device.type != "cpu" for t in (q, keys, values, block_tables, context_lens)):
+        raise ValueError("the CPU attention kernel takes CPU tensors only")
+    if not keys.is_contiguous() or not values.is_contiguous():
+        raise ValueError("keys and values must be contiguous pools")
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    if tables.shape[0] != b or lens.shape != (b,):
+        raise ValueError(f"block_tables [B, MB] and context_lens [B] must have B = {b} rows; got "
+                         f"{list(block_tables.shape)} and {list(context_lens.shape)}")
+    mb = tables.shape[1]
+    if b and (int(lens.min()) < 0 or int(lens.max()) > mb * bs):
+        raise ValueError(f"a context length is outside 0..{mb * bs} (the block tables' {mb} blocks of {bs})")
+    if b and mb and (int(tables.min()) < 0 or int(tables.max()) >= nb):
+        raise ValueError(f"a block table names a block outside the pool's {nb}")
+    q = q.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    if not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be a contiguous {list(q.shape)} {q.dtype} tensor")
+    threads = threads or torch.get_num_threads()
+    code = lib.moekit_decode_attention(
+        DTYPE_CODES[q.dtype], DTYPE_CODES[keys.dtype], q.data_ptr(), out.data_ptr(), keys.data_ptr(),
+        values.data_ptr(), ctypes.cast(tables.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
+        ctypes.cast(lens.data_ptr(), ctypes.POINTER(ctypes.c_int32)), b, h, hkv, dh, bs, mb, window or 0,
+        dh ** -0.5 if scale is None else scale, threads)
+    if code != 0:
+        raise ValueError(f"the CPU attention kernel refused its arguments (code {code}: see attention.cpp)")
+    return out
+
+
+def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
+              context_lens: torch.Tensor, window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """Returns what decode_attention computes, in PyTorch with float32 arithmetic, as [B, H, Dh]
+    float32: each sequence's positions gathered through its block table, one softmax per head."""
+    b, h, dh = q.shape
+    bs, hkv = keys.shape[1], keys.shape[2]
+    out = torch.zeros(b, h, dh, dtype=torch.float32)
+    for i in range(b):
+        ctx = int(context_lens[i])
+        lo = max(0, ctx - window) if window else 0
+        if ctx == lo:
+            continue
+        blocks = block_tables[i, : -(-ctx // bs)].long()
+        k = keys[blocks].reshape(-1, hkv, dh)[lo:ctx].float().transpose(0, 1)  # [Hkv, S, Dh]
+        v = values[blocks].reshape(-1, hkv, dh)[lo:ctx].float().transpose(0, 1)
+        k, v = k.repeat_interleave(h // hkv, 0), v.repeat_interleave(h // hkv, 0)  # [H, S, Dh]
+        scores = torch.einsum("hd,hsd->hs", q[i].float(), k) * (dh ** -0.5 if scale is None else scale)
+        out[i] = torch.einsum("hs,hsd->hd", F.softmax(scores, dim=-1), v)
+    return out

@@ -1,0 +1,107 @@
+"""The native CPU decode attention (native/attention.cpp) against its PyTorch reference and
+moekit.paged_attention's: GQA ratios, lengths 1..N over shuffled blocks, sliding windows, bf16 /
+fp16 / fp32, any thread count giving the same bits, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import native
+from moekit.native import attention as na
+from moekit.paged_attention import decode_attention_reference
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no native library: {native.unavailable_reason()}")
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def make_case(lens: list[int], h: int, hkv: int, dh: int, bs: int, dtype: torch.dtype, seed: int = 0):
+    """Returns q [B, H, Dh], pools [NB, BS, Hkv, Dh], block tables [B, MB] (shuffled blocks) and context lens."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // bs) for n in lens]
+    nb = sum(per_seq) + 1
+    keys = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
+    values = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
+    order = torch.randperm(nb, generator=g).tolist()
+    mb = max(per_seq)
+    tables, at = [], 0
+    for n in per_seq:
+        tables.append(order[at:at + n] + [0] * (mb - n))
+        at += n
+    q = torch.randn(len(lens), h, dh, generator=g).to(dtype)
+    return q, keys, values, torch.tensor(tables, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h,hkv", [(4, 4), (8, 2), (12, 6), (8, 1)])
+def test_matches_reference(dtype, h, hkv):
+    lens = [1, 2, 15, 16, 17, 130, 300]  # inside a block, at its edge, across CHUNK (128) and beyond
+    q, k, v, tables, ctx = make_case(lens, h, hkv, 32, 16, dtype)
+    out = na.decode_attention(q, k, v, tables, ctx, threads=2)
+    expected = na.reference(q, k, v, tables, ctx)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 200])
+def test_sliding_window(window):
+    lens = [1, 5, 40, 257]
+    q, k, v, tables, ctx = make_case(lens, 8, 2, 64, 16, torch.float32, seed=1)
+    out = na.decode_attention(q, k, v, tables, ctx, window=window)
+    torch.testing.assert_close(out, na.reference(q, k, v, tables, ctx, window=window), rtol=2e-5, atol=2e-5)
+
+
+def test_equals_paged_attention_reference():
+    """The PyTorch decode path the models use (SDPA over gathered tables, masked) agrees too."""
+    q, k, v, tables, ctx = make_case([3, 64, 33], 8, 4, 32, 8, torch.float32, seed=2)
+    for window in (None, 10):
+        expected = decode_attention_reference(q, k, v, tables, ctx, window)
+        torch.testing.assert_close(na.decode_attention(q, k, v, tables, ctx, window), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_against_sdpa_on_contiguous_tensors():
+    """The reference itself, held to torch's SDPA with enable_gqa on plain [1, Hkv, S, Dh] tensors."""
+    q, k, v, tables, ctx = make_case([50], 8, 2, 16, 64, torch.float32, seed=3)
+    kk = k[tables[0, :1].long()].reshape(-1, 2, 16)[:50].transpose(0, 1)[None]
+    vv = v[tables[0, :1].long()].reshape(-1, 2, 16)[:50].transpose(0, 1)[None]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(na.reference(q, k, v, tables, ctx), sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_thread_count_does_not_change_bits():
+    q, k, v, tables, ctx = make_case([5, 200, 31, 77, 1], 8, 2, 32, 16, torch.bfloat16, seed=4)
+    outs = [na.decode_attention(q, k, v, tables, ctx, threads=t) for t in (1, 2, 3, 5)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_empty_context_gives_zeros_scale_and_out():
+    q, k, v, tables, ctx = make_case([4, 9], 4, 2, 16, 4, torch.float32, seed=5)
+    ctx[0] = 0
+    out = torch.full_like(q, 3.0)
+    assert na.decode_attention(q, k, v, tables, ctx, out=out, scale=0.3) is out
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out, na.reference(q, k, v, tables, ctx, scale=0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_and_kv_bytes():
+    q, k, v, tables, ctx = make_case([6, 20], 4, 2, 16, 8, torch.bfloat16, seed=6)
+    out = na.decode_attention(q.float(), k, v, tables, ctx)  # fp32 queries over a bf16 cache
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, na.reference(q.float(), k, v, tables, ctx), rtol=1e-4, atol=1e-4)
+    assert na.kv_bytes(k, ctx) == 26 * 2 * 2 * 16 * 2
+    assert na.kv_bytes(k, ctx, window=10) == 16 * 2 * 2 * 16 * 2
+
+
+def test_refuses_what_it_cannot_take():
+    q, k, v, tables, ctx = make_case([4], 6, 4, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        na.decode_attention(q, k, v, tables, ctx)
+    q, k, v, tables, ctx = make_case([4], 4, 2, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        na.decode_attention(q, k, v.to(torch.bfloat16), tables, ctx)
+    with pytest.raises(ValueError, match="context length"):
+        na.decode_attention(q, k, v, tables, ctx + 1)
+    with pytest.raises(ValueError, match="outside the pool"):
+        na.decode_attention(q, k, v, tables + 100, ctx)
+    assert not na.usable(q.to(torch.int32), k)
