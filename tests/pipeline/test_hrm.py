@@ -1,0 +1,201 @@
+"""The HRM (moekit.pipeline.hrm): its per-layer terms against hand-computed cases, the MoE-Lightning
+brief's H200 arithmetic for Mixtral-8x7B (§5.1-5.2), and the policy search against exhaustive
+enumeration and on machines whose best policy is known by construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moekit.config import ModelConfig
+from moekit.errors import MoekitError
+from moekit.pipeline.hrm import (
+    ModelCosts,
+    Policy,
+    Workload,
+    decode_layer_time,
+    evaluate,
+    max_batch,
+    memory,
+    model_costs,
+    search,
+)
+from moekit.pipeline.machine import PRESETS, Machine
+
+MIXTRAL = ModelConfig(family="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                      num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, expert_ffn=14336,
+                      moe_layers=(True,) * 32, dtype="bfloat16")
+BF16_EXPERT = 3 * 4096 * 14336 * 2
+
+
+def toy(**over) -> ModelCosts:
+    """Round numbers: 2 layers, 4 experts of 1000 bytes (top-2), KV 10 bytes a position."""
+    base = {"num_layers": 2, "hidden": 8, "experts": 4, "top_k": 2, "moe_fraction": 1.0, "expert_bytes": 1000.0,
+                "expert_flops": 100.0, "other_bytes": 200.0, "other_flops": 50.0, "resident_bytes": 500.0,
+                "kv_bytes_per_token": 10.0, "attention_flops_per_position": 4.0, "qkv_values": 6, "out_values": 4,
+                "act_bytes": 2, "prefill_act_bytes_per_token": 16.0}
+    return ModelCosts(**{**base, **over})
+
+
+TOY_MACHINE = Machine(name="toy", gpu_flops=1e6, gpu_bandwidth=1e5, gpu_memory=10**6, h2d_bandwidth=1e3,
+                      d2h_bandwidth=2e3, host_flops=1e4, host_bandwidth=1e4, host_memory=10**6,
+                      cpu_attention_bandwidth=5e3)
+
+
+def test_decode_layer_terms_by_hand():
+    m = toy()
+    p = Policy(batch=4, micro_batch=2, resident_share=0.25, attention="cpu")
+    t = decode_layer_time(m, TOY_MACHINE, p, context=10)
+    streamed = 4 * 1000 * 0.75  # 3000 bytes of the layer's experts
+    assert t.h2d == pytest.approx((streamed + 4 * 4 * 2) / 1e3)  # + attention outputs of 4 tokens
+    assert t.d2h == pytest.approx(4 * 6 * 2 / 2e3)
+    assert t.host_compute == pytest.approx(4 * 10 * 4 / 1e4)
+    assert t.cpu_attention_kernel == pytest.approx(4 * 10 * 10 / 5e3)
+    assert t.host_bandwidth == pytest.approx((400 + streamed) / 1e4)
+    touched = 4 * (1 - (1 - 2 / 4) ** 2)  # experts two tokens route to: 3
+    ffn = max(4 * 2 * 100 / 1e6, 2 * touched * 1000 / 1e5)
+    other = max(4 * 50 / 1e6, 2 * 200 / 1e5)
+    assert t.gpu == pytest.approx(ffn + other)
+    assert t.time == pytest.approx(max(t.h2d, t.d2h, t.cpu, t.gpu)) == pytest.approx(3.032)
+    assert t.bound == "PCIe host-to-device"
+
+
+def test_gpu_attention_terms_and_memory_by_hand():
+    m = toy()
+    p = Policy(batch=4, micro_batch=4, resident_share=1.0, attention="gpu")
+    t = decode_layer_time(m, TOY_MACHINE, p, context=10)
+    assert t.h2d == 0 and t.d2h == 0 and t.host_bandwidth == 0
+    attention = max(4 * 10 * 4 / 1e6, 4 * 10 * 10 / 1e5)
+    ffn = max(4 * 2 * 100 / 1e6, 1 * 4 * (1 - 0.5 ** 4) * 1000 / 1e5)
+    assert t.gpu == pytest.approx(attention + ffn + 200 / 1e5)
+    w = Workload(prompt_len=6, gen_len=4)
+    mem = memory(m, p, w)
+    kv_all = 4 * 10 * 10 * 2
+    assert mem.device == pytest.approx(500 + 8000 + 4 * 8 * 2 * 2 + 4 * 6 * 16 + 64 * 2**20 + kv_all)
+    assert mem.host == pytest.approx(8000 + 4 * 6 * 8 * 2)
+    cpu = memory(m, dataclasses.replace(p, attention="cpu", resident_share=0.0), w)
+    assert cpu.device == pytest.approx(500 + 2 * 4000 + 4 * 8 * 2 * 2 + 4 * 6 * 16 + 64 * 2**20 + 2 * 4 * 10 * 10)
+    assert cpu.host == pytest.approx(8000 + 4 * 6 * 8 * 2 + kv_all + 4 * 10 * 2)
+
+
+def test_sliding_window_caps_the_context():
+    m = toy(sliding_window=4)
+    p = Policy(2, 1, 0.0)
+    assert decode_layer_time(m, TOY_MACHINE, p, 100).cpu_attention_kernel == pytest.approx(2 * 4 * 10 / 5e3)
+
+
+# ---- the MoE-Lightning brief's H200 arithmetic (§5.1-5.2) ---------------------------------------
+
+def h200(**over) -> Machine:
+    return dataclasses.replace(PRESETS["h200"], **over)
+
+
+def test_mixtral_bytes_and_flops():
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    assert m.layer_expert_bytes == pytest.approx(2.8186e9, rel=1e-4)
+    assert m.total_expert_bytes == pytest.approx(90.19e9, rel=1e-4)
+    assert m.kv_bytes_per_token * 32 == 131072
+    assert m.top_k * m.expert_flops * 32 == pytest.approx(22.5e9, rel=1e-2)  # FFN FLOPs per token
+    assert m.layer_expert_bytes / 4.8e12 == pytest.approx(0.59e-3, rel=1e-2)  # one HBM re-read per micro-batch
+    assert m.resident_bytes == pytest.approx(2.68e9 + 0.52e9, rel=0.02)  # QKVO + embeddings and head
+
+
+def test_h200_pcie_bound_is_0_61_tokens_per_s_per_sequence():
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    plan = evaluate(m, h200(), Policy(720, 36, 0.0, "cpu"), Workload(77, 128))
+    assert plan.bound == "PCIe host-to-device"
+    assert plan.layer.h2d == pytest.approx(51.2e-3, rel=0.01)  # per layer, r_w = 0
+    assert plan.decode_step_s == pytest.approx(1.640, rel=0.01)
+    assert plan.decode_tok_s / 720 == pytest.approx(0.610, rel=0.01)
+
+
+def test_h200_attention_bound_at_75_gb_per_s():
+    """Attention alone (no streamed weights, a fast link): 75e9 / (131072 c) tok/s, whatever N."""
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    fast = h200(h2d_bandwidth=1e15, d2h_bandwidth=1e15)
+    for context, expected in ((141, 4058), (205, 2791)):
+        t = decode_layer_time(m, fast, Policy(1000, 500, 1.0, "cpu"), context)
+        assert t.bound == "host memory bandwidth"
+        assert 1000 / (32 * t.time) == pytest.approx(expected, rel=2e-3)
+
+
+def test_h200_shared_dram_crossover():
+    """DMA of the weights and attention share host memory: W/55e9 = (W + N c 131072)/75e9 at N ~ 1221 (c = 205)."""
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+
+    def crossing(context: float) -> int:
+        lo, hi = 1, 10**5
+        while lo < hi:
+            n = (lo + hi) // 2
+            t = decode_layer_time(m, h200(), Policy(n, 1, 0.0, "cpu"), context)
+            lo, hi = (n + 1, hi) if t.host_bandwidth < t.h2d else (lo, n)
+        return lo
+
+    # the model also sends the attention outputs (8 KB a sequence) over the link: ~1.4% later
+    assert crossing(205) == pytest.approx(1221, rel=0.02)
+    assert crossing(141) == pytest.approx(1775, rel=0.02)
+
+
+def test_h200_host_ram_bounds_the_batch_near_1535():
+    """128 GiB less ~6 GB for the OS: the KV of ~1535 sequences of 205 positions beside the 90 GB store."""
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    n, limit = max_batch(m, h200(), 1, 0.0, "cpu", Workload(77, 128), 16 * 2**30, 128 * 2**30 - 6e9)
+    assert limit == "host memory"
+    assert n == pytest.approx(1535, rel=0.03)  # the brief counts no staging; the model counts the prompts' hidden states
+
+
+def test_h200_search_sits_on_the_pcie_roof_at_the_host_memory_limit():
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    plan = search(m, h200(), Workload(77, 128), device_budget=16 * 2**30, host_budget=128 * 2**30 - 6e9)
+    assert plan.policy.attention == "cpu" and plan.policy.resident_share == 0.0  # 1/8 of the experts does not fit
+    assert plan.limited_by == "host memory" and plan.bound == "PCIe host-to-device"
+    assert 700 < plan.decode_tok_s < 950  # the brief's decode ceiling for this box
+    assert plan.decode_tok_s == pytest.approx(0.61 * plan.policy.batch, rel=0.02)
+
+
+# ---- the search -----------------------------------------------------------------------------------
+
+def test_search_equals_exhaustive_enumeration():
+    m = toy(num_layers=3)
+    machine = dataclasses.replace(TOY_MACHINE, gpu_memory=64 * 2**20 + 13000, host_memory=10**5)
+    w = Workload(prompt_len=5, gen_len=7, num_prompts=30)
+    best = search(m, machine, w, host_budget=60000)
+    brute = []
+    for place in ("cpu", "gpu"):
+        for r_w in (0, 0.25, 0.5, 0.75, 1.0):
+            for mu in range(1, 31):
+                for n in range(mu, 31, mu):
+                    p = Policy(n, mu, r_w, place)
+                    mem = memory(m, p, w)
+                    if mem.device <= machine.gpu_memory and mem.host <= 60000:
+                        brute.append(evaluate(m, machine, p, w).tok_s)
+    assert brute and best.tok_s == pytest.approx(max(brute), rel=1e-9)
+
+
+def test_search_keeps_everything_on_a_big_gpu_with_a_slow_host():
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    machine = h200(host_bandwidth=5e9, host_flops=5e10, h2d_bandwidth=5e9)
+    plan = search(m, machine, Workload(77, 32, num_prompts=256))
+    assert plan.policy.resident_share == 1.0 and plan.policy.attention == "gpu"
+    assert plan.policy.batch == 256 and plan.limited_by == "prompts"
+
+
+def test_search_puts_attention_on_the_cpu_when_the_gpu_holds_little():
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    plan = search(m, h200(), Workload(512, 128), device_budget=12e9, host_budget=200e9)
+    assert plan.policy.attention == "cpu" and plan.policy.resident_share == 0.0
+    gpu_only = search(m, h200(), Workload(512, 128), device_budget=12e9, host_budget=200e9, attention=("gpu",))
+    assert plan.tok_s > gpu_only.tok_s  # KV in host memory admits a far larger N
+
+
+def test_search_refuses_with_what_is_short():
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    with pytest.raises(MoekitError, match="no policy fits.*device memory"):
+        search(m, h200(), Workload(77, 128), device_budget=4e9)
+    with pytest.raises(MoekitError, match="lacks gpu_flops"):
+        search(m, Machine(host_flops=1e9, host_bandwidth=1e9, host_memory=10**9), Workload(77, 128))
+    with pytest.raises(MoekitError, match="--gen-len"):
+        Workload(77, 0)
+    with pytest.raises(MoekitError, match="micro_batch"):
+        Policy(4, 8, 0.0)
