@@ -177,6 +177,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moekit.offload.cli",
     "moekit.quant.cli",
     "moekit.serve.cli",
+    "moekit.pipeline.cli",
 )
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,125 @@
+"""`moekit plan MODEL`: the batch-decoding policy the HRM picks for a model, a machine and a
+workload -- batch, micro-batch, resident experts, where attention runs -- with its predicted
+throughput and the resource that bounds it (moekit.pipeline.hrm)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..cli_common import add_model_args, fmt_bytes, model_dir, table
+from ..errors import CheckpointError, MoekitError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds the plan command to moekit's CLI."""
+    p = sub.add_parser("plan", help="pick a batch-decoding policy (batch, micro-batch, resident experts, "
+                                    "attention placement) with the hierarchical roofline model")
+    add_model_args(p)
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="GPU memory the plan may hold, e.g. 16GiB (default: the machine's)")
+    p.add_argument("--host-memory", default=None, metavar="SIZE",
+                   help="host memory the plan may hold, e.g. 120GB (default: 80%% of the machine's)")
+    p.add_argument("--prompt-len", type=int, default=77, help="mean prompt tokens (default 77, MTBench)")
+    p.add_argument("--gen-len", type=int, default=128, help="tokens generated per prompt (default 128)")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts available (caps the batch)")
+    p.add_argument("--machine", default=None, metavar="FILE|PRESET",
+                   help="GPU/host levels: a JSON file of Machine fields or a preset (h200); fields it lacks come "
+                        "from this machine's cached profile (default: this machine's profile alone)")
+    p.add_argument("--reprofile", action="store_true", help="measure this machine again (else the cached profile)")
+    p.add_argument("--attention", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="where decode attention may run (default: the planner chooses)")
+    p.add_argument("--expert-bits", type=float, default=None, metavar="BITS",
+                   help="plan for experts stored at BITS bits per parameter (e.g. 4.25 for int4 with scales; "
+                        "default: the checkpoint's stored form)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+
+def check_plan_flags(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """Returns (device budget, host budget) in bytes after checking every flag, before any reading."""
+    from ..offload.config import parse_size
+    from .hrm import Workload
+
+    Workload(args.prompt_len, args.gen_len, args.num_prompts)  # raises on bad lengths
+    if args.expert_bits is not None and not 0 < args.expert_bits <= 32:
+        raise MoekitError(f"--expert-bits must be in (0, 32], got {args.expert_bits}")
+    budgets = []
+    for flag, value in (("--device-memory", args.device_memory), ("--host-memory", args.host_memory)):
+        size = parse_size(value, flag) if value is not None else None
+        if size is not None and size <= 0:
+            raise MoekitError(f"{flag} must be > 0, got {value}")
+        budgets.append(size)
+    return budgets[0], budgets[1]
+
+
+def read_model(path: Path):
+    """Returns (ModelConfig, bytes of one routed expert as stored, activation bytes) of a model
+    folder; a folder with config.json alone is planned with dense experts in its torch_dtype."""
+    from ..checkpoint import read_json
+    from ..families import family_for
+    from ..inspect_model import inspect_checkpoint
+
+    hf = read_json(path / "config.json")
+    cfg = family_for(hf, where=str(path / "config.json")).config(hf)
+    act_bytes = 4 if cfg.dtype == "float32" else 2
+    total_experts = sum(cfg.experts_in(i) for i in range(cfg.num_layers))
+    if not total_experts:
+        raise MoekitError(f"{path}: no layer has routed experts; moekit plan is for MoE models")
+    try:
+        report = inspect_checkpoint(path)
+        expert_bytes = report.bytes_experts / total_experts
+    except CheckpointError as e:
+        if "no *.safetensors" not in str(e):
+            raise
+        expert_bytes = cfg.params_per_expert * act_bytes  # config only: dense experts in the config's dtype
+    return cfg, expert_bytes, act_bytes
+
+
+def resolve_machine(args: argparse.Namespace):
+    """Returns the Machine to plan for: --machine (file or preset) over this machine's cached profile."""
+    from .machine import PRESETS, read_machine, this_machine
+
+    given = read_machine(args.machine) if args.machine else None
+    if given is not None and args.machine in PRESETS:
+        return given
+    here = this_machine(refresh=args.reprofile)
+    return here.merged(given) if given is not None else here
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .hrm import ATTENTION_PLACES, Workload, model_costs, search
+
+    device_budget, host_budget = check_plan_flags(args)
+    path = model_dir(args.model)
+    cfg, expert_bytes, act_bytes = read_model(path)
+    if args.expert_bits is not None:
+        expert_bytes = cfg.params_per_expert * args.expert_bits / 8
+    machine = resolve_machine(args)
+    workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
+    costs = model_costs(cfg, expert_bytes, act_bytes)
+    places = ATTENTION_PLACES if args.attention == "auto" else (args.attention,)
+    plan = search(costs, machine, workload, device_budget, host_budget, attention=places)
+    result = {"model": str(path), "machine": machine.to_dict(), "workload": vars(workload),
+              "expert_bytes": expert_bytes, "plan": plan.to_dict(), "bound": plan.bound}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    p, lt = plan.policy, plan.layer
+    print(table([
+        ("model", (f"{path} ({cfg.family}, {cfg.num_layers} layers, {costs.experts:g} experts of "
+                  f"{fmt_bytes(expert_bytes)})")),
+        ("machine", (f"{machine.name}: GPU {machine.gpu_flops / 1e12:.0f} TFLOP/s, HBM {machine.gpu_bandwidth / 1e9:.0f} "
+                    f"GB/s, PCIe {machine.h2d_bandwidth / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s")),
+        ("workload", f"{workload.prompt_len} prompt + {workload.gen_len} generated tokens per sequence"),
+        ("policy", (f"N = {p.batch} sequences in {p.batch // p.micro_batch} micro-batches of {p.micro_batch}, "
+                   f"attention on the {p.attention.upper()}, {p.resident_share:.1%} of experts resident")),
+        ("throughput", (f"{plan.tok_s:.1f} tok/s generated ({plan.decode_tok_s:.1f} tok/s decode, "
+                       f"prefill {plan.prefill_s:.2f} s, a decode step {plan.decode_step_s * 1e3:.1f} ms)")),
+        ("bound by", (f"{plan.bound} (per layer: PCIe {lt.comm * 1e3:.2f} ms, CPU {lt.cpu * 1e3:.2f} ms, "
+                     f"GPU {lt.gpu * 1e3:.2f} ms)")),
+        ("batch limited by", plan.limited_by),
+        ("memory", f"device {fmt_bytes(plan.memory.device)}, host {fmt_bytes(plan.memory.host)}"),
+    ]))
+    return 0

@@ -1,0 +1,87 @@
+"""`moekit plan`: the chosen policy, its throughput and bound as a table and as JSON, for the
+bundled model and for a config.json alone; bad input gets one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moekit.cli import main
+
+MIXTRAL_CONFIG = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture
+def mixtral_dir(tmp_path):
+    d = tmp_path / "mixtral-8x7b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(MIXTRAL_CONFIG))
+    return d
+
+
+def test_plan_json_for_a_config_only_model(mixtral_dir, capsys):
+    assert main(["plan", str(mixtral_dir), "--machine", "h200", "--device-memory", "16GiB",
+                 "--host-memory", "131.4GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plan = out["plan"]
+    assert out["expert_bytes"] == 3 * 4096 * 14336 * 2
+    assert plan["policy"]["attention"] == "cpu" and plan["policy"]["resident_share"] == 0.0
+    assert out["bound"] == "PCIe host-to-device" and plan["limited_by"] == "host memory"
+    assert 700 < plan["decode_tok_s"] < 950
+
+
+def test_plan_table_and_expert_bits(mixtral_dir, capsys):
+    assert main(["plan", str(mixtral_dir), "--machine", "h200", "--device-memory", "16GiB",
+                 "--host-memory", "131.4GB", "--gen-len", "32"]) == 0
+    text = capsys.readouterr().out
+    for row in ("policy", "throughput", "bound by", "batch limited by", "PCIe host-to-device"):
+        assert row in text
+    assert main(["plan", str(mixtral_dir), "--machine", "h200", "--device-memory", "16GiB",
+                 "--host-memory", "131.4GB", "--expert-bits", "4", "--json"]) == 0
+    four_bit = json.loads(capsys.readouterr().out)
+    assert four_bit["expert_bytes"] == 3 * 4096 * 14336 // 2
+    assert four_bit["plan"]["tok_s"] > 3 * 700  # a quarter of the bytes over PCIe, more KV room
+
+
+def test_plan_bundled_model_reads_its_stored_bytes(capsys):
+    assert main(["plan", "--machine", "h200", "--json", "--num-prompts", "64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["expert_bytes"] == 3 * 384 * 112 * 2  # the tiny model's bf16 experts, from its safetensors headers
+    assert out["plan"]["policy"]["batch"] <= 64
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gen-len", "0"], "--gen-len must be >= 1"),
+    (["--prompt-len", "-3"], "--prompt-len must be >= 1"),
+    (["--device-memory", "lots"], "--device-memory: cannot read size 'lots'"),
+    (["--host-memory", "0"], "--host-memory must be > 0"),
+    (["--expert-bits", "0"], "--expert-bits must be in"),
+    (["--machine", "nowhere.json"], "neither a preset"),
+    (["--device-memory", "1GB"], "no policy fits"),
+])
+def test_plan_bad_input_is_one_line(mixtral_dir, capsys, argv, message):
+    args = ["plan", str(mixtral_dir)] + (argv if "--machine" in argv else ["--machine", "h200", *argv])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_plan_without_gpu_levels_says_how_to_give_them(mixtral_dir, tmp_path, capsys, monkeypatch):
+    from moekit.pipeline import machine as mm
+
+    monkeypatch.setattr(mm, "this_machine", lambda refresh=False: mm.Machine(
+        name="laptop", host_flops=1e11, host_bandwidth=2e10, host_memory=16 * 2**30))
+    assert main(["plan", str(mixtral_dir)]) == 2
+    assert "lacks gpu_flops" in capsys.readouterr().err
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"gpu_flops": 1e14, "gpu_bandwidth": 3e11, "gpu_memory": 24 * 2**30,
+                               "h2d_bandwidth": 1.6e10, "d2h_bandwidth": 1.6e10}))
+    assert main(["plan", str(mixtral_dir), "--machine", str(gpu), "--host-memory", "200GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["machine"]["name"] == "gpu" and out["machine"]["host_bandwidth"] == 2e10
