@@ -1,0 +1,205 @@
+"""CGOPipe decode steps (MoE-Lightning): N sequences in micro-batches, layer by layer, attention on
+the CPU next to a host-resident paged KV cache, everything else where the model lives.
+
+One decode step runs every micro-batch through layer i before layer i + 1 (FlexGen's zig-zag).
+Per (layer i, micro-batch j) there are three tasks (paper Alg. 1, indices as in the artifact):
+
+    PreAttn(i, j)   norm, qkv, rope                       model's device (compute stream)
+    CPUAttn(i, j)   k, v into the host pool, attention    a CPU worker thread (native kernel)
+    PostAttn(i, j)  o-proj, router, experts, residual     model's device (compute stream)
+
+launched in the order  for i: for j: [LoadH(i, j); W_PinToG(i + 1, j)]; PostAttn(i, j);
+PreAttn + OffloadQKV + CPUAttn of the task two micro-batches ahead (wrapping to layer i + 1), so
+the CPU attends micro-batches j + 1 and j + 2 while the device runs PostAttn(i, j). q, k, v go
+device-to-host on their own stream (D1), attention outputs host-to-device on another (D2), each
+copy followed by an event the consumer waits on; `Streams` holds them (on a CPU-only run every
+stream is the current thread and events are None). The experts run through the model's expert
+seam (`layer.post_attn`), wherever its loader placed them; W_PinToG, CGOPipe's paged weight
+transfer interleaved with the D2 copies, is the seam's job and is not done here (see
+`PipelinedDecoder.step`).
+
+Shapes: N sequences of a step, mu per micro-batch, D hidden, H query heads, Hkv kv heads,
+Dh head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MoekitError
+from ..kv_cache import PagedKVCache, RaggedBatch
+from ..model import Attention
+
+
+class Streams:
+    """The CUDA streams and events CGOPipe's copies run on: D2H (q, k, v to the host) and H2D
+    (attention outputs, weight pages), beside the compute stream. On the CPU both are the
+    current thread: copies are plain and events None."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            self.d2h = torch.cuda.Stream(device)
+            self.h2d = torch.cuda.Stream(device)  # one FIFO: attention outputs and weight pages interleave
+
+    def to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Returns (a host copy of t, the event that marks it complete) after the compute so far."""
+        if not self.cuda:
+            return t, None
+        ready = torch.cuda.Event()
+        ready.record()
+        with torch.cuda.stream(self.d2h):
+            self.d2h.wait_event(ready)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            t.record_stream(self.d2h)
+            done = torch.cuda.Event()
+            done.record()
+        return host, done
+
+    def to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Returns (a device copy of the host tensor, the event marking it complete)."""
+        if not self.cuda:
+            return host, None
+        with torch.cuda.stream(self.h2d):
+            dev = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        dev.record_stream(torch.cuda.current_stream(self.device))
+        return dev, done
+
+    @staticmethod
+    def wait(event: torch.cuda.Event | None) -> None:
+        """Makes the compute stream wait for `event` (nothing on the CPU)."""
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a decode step: its sequences' step over the paged cache and residual stream."""
+
+    batch: RaggedBatch  # one token per sequence; tables and lengths on the host
+    x: torch.Tensor  # [1, mu, D] residual stream on the model's device
+    cos: torch.Tensor  # [mu, Dh] rope of each sequence's position
+    sin: torch.Tensor
+
+
+def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
+                  window: int | None) -> torch.Tensor:
+    """Returns decode attention [mu, H, Dh] of q [mu, H, Dh] over the host pools: the native
+    kernel where it takes them, else moekit.paged_attention's PyTorch path (same results)."""
+    from ..native import attention as native_attention
+    from ..paged_attention import decode_attention
+
+    if native_attention.usable(q, keys):
+        return native_attention.decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
+    return decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
+
+
+class PipelinedDecoder:
+    """Decode steps of many sequences by CGOPipe's schedule over a host-resident PagedKVCache."""
+
+    LOOKAHEAD = 2  # CPU attention runs this many (layer, micro-batch) tasks ahead of PostAttn
+
+    def __init__(self, model, cache: PagedKVCache, micro_batch: int):
+        cfg = model.config
+        if cache.device.type != "cpu":
+            raise MoekitError("CGOPipe keeps the KV cache in host memory: give a PagedKVCache on the CPU")
+        if cfg.mla is not None or any(type(layer.attn) is not Attention for layer in model.layers):
+            raise MoekitError(f"CGOPipe's CPU attention runs grouped-query attention; {cfg.family} layers use "
+                              "another kind (MLA or sinks): decode it with moekit.generate")
+        if micro_batch < 1:
+            raise MoekitError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.model, self.cache, self.micro_batch = model, cache, micro_batch
+        self.streams = Streams(model.device)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-cpu-attention")
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+
+    def _attend(self, layer: int, mb: MicroBatch, qkv_host: tuple[torch.Tensor, ...],
+                ready: torch.cuda.Event | None) -> torch.Tensor:
+        """CPUAttn (the worker thread): stores k, v [mu, Hkv, Dh] in the pool, returns the
+        attention output [mu, H * Dh] in host memory."""
+        with torch.inference_mode():  # grad mode is per thread
+            if ready is not None:
+                ready.synchronize()
+            q, k, v = qkv_host
+            self.cache.write(layer, k, v, mb.batch.slots)
+            attn = self.model.layers[layer].attn
+            out = cpu_attention(q, self.cache.keys[layer], self.cache.values[layer], mb.batch,
+                                attn.cfg.sliding_window)
+            return out.reshape(out.shape[0], -1)
+
+    def _launch(self, layer: int, mb: MicroBatch) -> Future:
+        """PreAttn + OffloadQKV + CPUAttn of one (layer, micro-batch); returns CPUAttn's future."""
+        q, k, v = self.model.layers[layer].pre_attn(mb.x, mb.cos, mb.sin)  # [1, heads, mu, Dh]
+        packed = [z[0].transpose(0, 1).contiguous() for z in (q, k, v)]  # [mu, heads, Dh]
+        host, ready = zip(*(self.streams.to_host(z) for z in packed))
+        return self.worker.submit(self._attend, layer, mb, tuple(host), ready[-1])
+
+    @torch.inference_mode()
+    def step(self, work: list[tuple[object, int, int]]) -> torch.Tensor:
+        """Returns the logits [N, V] of one decode step over (sequence, position, token) triples:
+        each token written at its position of the host cache (blocks grown as needed), the
+        sequences run in micro-batches of `micro_batch` through every layer in CGOPipe's order."""
+        if not work:
+            raise MoekitError("a decode step needs at least one sequence")
+        model, device = self.model, self.model.device
+        mbs = []
+        for at in range(0, len(work), self.micro_batch):
+            part = work[at:at + self.micro_batch]
+            batch = self.cache.prepare([(seq, position, 1) for seq, position, _ in part])
+            ids = torch.tensor([[token for _, _, token in part]], dtype=torch.long, device=device)
+            cos, sin = model.rope(batch.positions.to(device))
+            mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin))
+        order = [(i, j) for i in range(len(model.layers)) for j in range(len(mbs))]
+        ahead = min(self.LOOKAHEAD, len(mbs))  # the task launched ahead needs its previous layer done
+        pending = {task: self._launch(task[0], mbs[task[1]]) for task in order[:ahead]}
+        logits = [None] * len(mbs)
+        for at, (i, j) in enumerate(order):
+            out, ready = self.streams.to_device(pending.pop((i, j)).result())  # LoadH(i, j)
+            # W_PinToG(i + 1, j) goes here: page j of layer i + 1's streamed experts on the same
+            # H2D stream, behind LoadH (the paged expert source's work)
+            self.streams.wait(ready)
+            mb = mbs[j]
+            mb.x = model.layers[i].post_attn(mb.x, out.view(1, out.shape[0], -1))  # PostAttn(i, j)
+            if i == len(model.layers) - 1:
+                logits[j] = model.head(mb.x)[0]
+            if at + ahead < len(order):
+                nxt = order[at + ahead]
+                pending[nxt] = self._launch(nxt[0], mbs[nxt[1]])
+        return torch.cat(logits)
+
+
+@torch.inference_mode()
+def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
+                       block_size: int = 16) -> list[torch.Tensor]:
+    """Returns each prompt's `max_new_tokens` greedy tokens (no early stop at eos, as MoE-Lightning
+    runs a batch): prefill with moekit's ragged steps into a host-resident paged KV cache, then
+    decode steps by CGOPipe's schedule (PipelinedDecoder)."""
+    from ..generate import forward_step, prompt_list
+
+    prompts = prompt_list(model, prompts, max_new_tokens)
+    lengths = [len(p) for p in prompts]
+    positions = sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths)
+    cache = PagedKVCache.for_tokens(model.config, positions, block_size, "cpu", model.dtype)
+    if model.device.type != "cpu":
+        raise MoekitError("generate_pipelined runs its prefill on the CPU for now (the GPU prefill that "
+                          "offloads KV per micro-batch is not written yet); load the model on the CPU")
+    logits = forward_step(model, cache, [(i, 0, p) for i, p in enumerate(prompts)])
+    outs = [[int(t)] for t in logits.argmax(dim=-1)]
+    decoder = PipelinedDecoder(model, cache, micro_batch)
+    try:
+        for _ in range(max_new_tokens - 1):
+            work = [(i, lengths[i] + len(o) - 1, o[-1]) for i, o in enumerate(outs)]
+            for o, t in zip(outs, decoder.step(work).argmax(dim=-1).tolist()):
+                o.append(t)
+    finally:
+        decoder.close()
+    return [torch.tensor(o, dtype=torch.long) for o in outs]

@@ -1,0 +1,86 @@
+"""CGOPipe decode steps on the CPU (moekit.pipeline.cgopipe): micro-batches layer by layer, CPU
+attention from the host KV pool, experts through the seam -- the same greedy tokens as
+moekit.generate's ragged decode for the bundled tiny model, whatever the micro-batch size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.errors import MoekitError
+from moekit.generate import generate_ragged
+from moekit.load import load_model
+from moekit.pipeline.cgopipe import PipelinedDecoder, Streams, generate_pipelined
+
+PROMPTS = [[5, 17, 300, 42, 9, 11, 7], [1000, 3], [77] * 20, [8, 9, 10, 11, 12], [2048, 1, 4095, 31]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 5])
+def test_tokens_equal_generate(tiny, micro_batch):
+    expected = generate_ragged(tiny, PROMPTS, max_new_tokens=8, temperature=0.0, stop_at_eos=False)
+    got = generate_pipelined(tiny, PROMPTS, max_new_tokens=8, micro_batch=micro_batch)
+    assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+
+
+def test_cpu_streams_are_the_current_thread():
+    s = Streams(torch.device("cpu"))
+    t = torch.ones(3)
+    assert s.to_host(t) == (t, None) and s.to_device(t) == (t, None)
+    s.wait(None)
+
+
+def test_refuses_a_device_cache_and_empty_steps(tiny):
+    from moekit.kv_cache import PagedKVCache
+
+    cache = PagedKVCache(tiny.config, 4, 16, "meta", torch.float32)
+    with pytest.raises(MoekitError, match="host memory"):
+        PipelinedDecoder(tiny, cache, 2)
+    decoder = PipelinedDecoder(tiny, PagedKVCache(tiny.config, 4, 16, "cpu", torch.float32), 2)
+    with pytest.raises(MoekitError, match="at least one sequence"):
+        decoder.step([])
+    decoder.close()
+
+
+def test_schedule_runs_cpu_attention_two_micro_batches_ahead(tiny, monkeypatch):
+    """Alg. 1's order: after PostAttn(i, j) comes the launch of (i, j + 2), wrapping to layer i + 1;
+    the attention runs in the native kernel on the worker thread."""
+    import threading
+
+    from moekit import native
+    from moekit.kv_cache import PagedKVCache
+    from moekit.native import attention as native_attention
+
+    events, threads = [], set()
+    decoder = PipelinedDecoder(tiny, PagedKVCache(tiny.config, 8, 16, "cpu", torch.float32), 2)
+    launch = decoder._launch
+
+    def logged_launch(layer, mb):
+        events.append(("launch", layer))
+        return launch(layer, mb)
+
+    monkeypatch.setattr(decoder, "_launch", logged_launch)
+    for i, layer in enumerate(tiny.layers):
+        post = layer.post_attn
+        monkeypatch.setattr(layer, "post_attn", lambda x, a, post=post, i=i: (events.append(("post", i)), post(x, a))[1])
+    kernel = native_attention.decode_attention
+    monkeypatch.setattr(native_attention, "decode_attention",
+                        lambda *a, **k: (threads.add(threading.current_thread().name), kernel(*a, **k))[1])
+    decoder.cache.prepare([(s, 0, 3) for s in range(5)])  # three cached positions each
+    logits = decoder.step([(s, 3, 10 + s) for s in range(5)])  # 3 micro-batches: 2 + 2 + 1
+    decoder.close()
+    assert logits.shape == (5, tiny.config.vocab_size)
+    layers = len(tiny.layers)
+    expected = [("launch", 0), ("launch", 0)]
+    tasks = [(i, j) for i in range(layers) for j in range(3)]
+    for at, (i, _) in enumerate(tasks):
+        expected.append(("post", i))
+        if at + 2 < len(tasks):
+            expected.append(("launch", tasks[at + 2][0]))
+    assert events == expected
+    if native.library() is not None:
+        assert threads and all(name.startswith("moekit-cpu-attention") for name in threads)
