@@ -34,13 +34,15 @@ def test_plan_json_for_a_config_only_model(mixtral_dir, capsys):
     assert plan["policy"]["attention"] == "cpu" and plan["policy"]["resident_share"] == 0.0
     assert out["bound"] == "PCIe host-to-device" and plan["limited_by"] == "host memory"
     assert 700 < plan["decode_tok_s"] < 950
+    (gpu,) = out["alternatives"]  # the best with attention on the GPU: the KV cache must fit in 16 GiB
+    assert gpu["policy"]["attention"] == "gpu" and gpu["tok_s"] < plan["tok_s"]
 
 
 def test_plan_table_and_expert_bits(mixtral_dir, capsys):
     assert main(["plan", str(mixtral_dir), "--machine", "h200", "--device-memory", "16GiB",
                  "--host-memory", "131.4GB", "--gen-len", "32"]) == 0
     text = capsys.readouterr().out
-    for row in ("policy", "throughput", "bound by", "batch limited by", "PCIe host-to-device"):
+    for row in ("policy", "throughput", "bound by", "batch limited by", "PCIe host-to-device", "attention on the GPU"):
         assert row in text
     assert main(["plan", str(mixtral_dir), "--machine", "h200", "--device-memory", "16GiB",
                  "--host-memory", "131.4GB", "--expert-bits", "4", "--json"]) == 0
@@ -64,6 +66,7 @@ def test_plan_bundled_model_reads_its_stored_bytes(capsys):
     (["--expert-bits", "0"], "--expert-bits must be in"),
     (["--machine", "nowhere.json"], "neither a preset"),
     (["--device-memory", "1GB"], "no policy fits"),
+    (["--device-memory", "200GB"], "more than machine 'h200' has"),
 ])
 def test_plan_bad_input_is_one_line(mixtral_dir, capsys, argv, message):
     args = ["plan", str(mixtral_dir)] + (argv if "--machine" in argv else ["--machine", "h200", *argv])
@@ -76,7 +79,7 @@ def test_plan_without_gpu_levels_says_how_to_give_them(mixtral_dir, tmp_path, ca
     from moekit.pipeline import machine as mm
 
     monkeypatch.setattr(mm, "this_machine", lambda refresh=False: mm.Machine(
-        name="laptop", host_flops=1e11, host_bandwidth=2e10, host_memory=16 * 2**30))
+        name="laptop", host_flops=1e11, host_bandwidth=2e10, host_memory=256 * 2**30))
     assert main(["plan", str(mixtral_dir)]) == 2
     assert "lacks gpu_flops" in capsys.readouterr().err
     gpu = tmp_path / "gpu.json"

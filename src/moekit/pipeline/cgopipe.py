@@ -90,15 +90,18 @@ class MicroBatch:
 
 
 def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
-                  window: int | None) -> torch.Tensor:
-    """Returns decode attention [mu, H, Dh] of q [mu, H, Dh] over the host pools: the native
-    kernel where it takes them, else moekit.paged_attention's PyTorch path (same results)."""
+                  window: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns decode attention [mu, H, Dh] of q [mu, H, Dh] over the host pools (into `out`
+    when given): the native kernel where it takes them, else moekit.paged_attention's PyTorch
+    path (same results)."""
     from ..native import attention as native_attention
     from ..paged_attention import decode_attention
 
     if native_attention.usable(q, keys):
-        return native_attention.decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
-    return decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
+        return native_attention.decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window,
+                                                 out=out)
+    result = decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
+    return result if out is None else out.copy_(result)
 
 
 class PipelinedDecoder:
@@ -132,8 +135,10 @@ class PipelinedDecoder:
             q, k, v = qkv_host
             self.cache.write(layer, k, v, mb.batch.slots)
             attn = self.model.layers[layer].attn
+            # pinned on a GPU run, so that LoadH's copy is asynchronous
+            out = torch.empty(q.shape, dtype=q.dtype, pin_memory=self.streams.cuda)
             out = cpu_attention(q, self.cache.keys[layer], self.cache.values[layer], mb.batch,
-                                attn.cfg.sliding_window)
+                                attn.cfg.sliding_window, out)
             return out.reshape(out.shape[0], -1)
 
     def _launch(self, layer: int, mb: MicroBatch) -> Future:

@@ -97,12 +97,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.expert_bits is not None:
         expert_bytes = cfg.params_per_expert * args.expert_bits / 8
     machine = resolve_machine(args)
+    for flag, budget, have in (("--device-memory", device_budget, machine.gpu_memory),
+                               ("--host-memory", host_budget, machine.host_memory)):
+        if budget is not None and have is not None and budget > have:
+            raise MoekitError(f"{flag} {budget / 1e9:.2f}GB is more than machine '{machine.name}' has "
+                              f"({have / 1e9:.2f}GB); give at most that")
     workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
     costs = model_costs(cfg, expert_bytes, act_bytes)
     places = ATTENTION_PLACES if args.attention == "auto" else (args.attention,)
     plan = search(costs, machine, workload, device_budget, host_budget, attention=places)
+    others = []  # the best policy of each other attention placement, to show what the choice gains
+    for place in places:
+        if place != plan.policy.attention:
+            try:
+                others.append(search(costs, machine, workload, device_budget, host_budget, attention=(place,)))
+            except MoekitError:
+                pass  # nothing fits with attention there
     result = {"model": str(path), "machine": machine.to_dict(), "workload": vars(workload),
-              "expert_bytes": expert_bytes, "plan": plan.to_dict(), "bound": plan.bound}
+              "expert_bytes": expert_bytes, "plan": plan.to_dict(), "bound": plan.bound,
+              "alternatives": [o.to_dict() for o in others]}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -121,5 +134,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      f"GPU {lt.gpu * 1e3:.2f} ms)")),
         ("batch limited by", plan.limited_by),
         ("memory", f"device {fmt_bytes(plan.memory.device)}, host {fmt_bytes(plan.memory.host)}"),
+        *((f"attention on the {o.policy.attention.upper()}",
+           (f"at best {o.tok_s:.1f} tok/s (N = {o.policy.batch}, micro-batch {o.policy.micro_batch}, "
+           f"{o.policy.resident_share:.1%} resident; bound by {o.bound})")) for o in others),
     ]))
     return 0
