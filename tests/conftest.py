@@ -198,7 +198,26 @@ def build_hf_model(variant: str, seed: int = 0, **overrides: Any):
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     if variant in NEW_FAMILY_VARIANTS:
         _randomise_constant_init(model)
-    return model.eval()
+    return apply_swiglu_config(model).eval()
+
+
+def apply_swiglu_config(model):
+    """Returns a transformers gpt-oss model with its experts' clamped SwiGLU set from its config
+    (swiglu_alpha, swiglu_limit); other models unchanged.
+
+    transformers 5.17 (the H200 image's) hard-codes alpha 1.702 and limit 7.0 in GptOssExperts
+    and ignores the config; 5.24 reads it. The tiny variants clamp at 0.6, so without this the
+    reference depends on the installed version (relative logit error 0.80 under 5.17)."""
+    cfg = model.config
+    if cfg.model_type != "gpt_oss":
+        return model
+    experts = [m for m in model.modules() if type(m).__name__ == "GptOssExperts"]
+    if not experts or not all(hasattr(m, "alpha") and hasattr(m, "limit") for m in experts):
+        raise RuntimeError(f"transformers {transformers.__version__}: no GptOssExperts with alpha and limit "
+                           "attributes; update apply_swiglu_config in tests/conftest.py for this version")
+    for m in experts:
+        m.alpha, m.limit = getattr(cfg, "swiglu_alpha", 1.702), getattr(cfg, "swiglu_limit", 7.0)
+    return model
 
 
 @torch.no_grad()
@@ -301,6 +320,11 @@ def median_token_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     Robust to the odd token whose near-tied router top-k flips under low-precision rounding."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm(dim=-1) / expected.norm(dim=-1)).median().item()
+
+
+def pytest_report_header(config):
+    # the reference's version decides some expected values (apply_swiglu_config): name it in every log
+    return f"reference: transformers {transformers.__version__}, torch {torch.__version__}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,7 @@ from moekit.prune.rewrite import write_pruned
 from moekit.quant.compress import compress
 from moekit.quant.config import QuantConfig
 
-from conftest import median_token_error, rel_error, token_ids, transformers
+from conftest import apply_swiglu_config, median_token_error, rel_error, token_ids, transformers
 from family_cases import LOGITS_RTOL, budget_for
 
 # ---- FP8 block-quantized checkpoints (DeepSeek-V3's released format) ----------------------
@@ -192,7 +192,8 @@ def mxfp4_oss(tiny, tmp_path_factory):
     cfg = json.loads((mx / "config.json").read_text())
     del cfg["quantization_config"]
     (root / "dequantized" / "config.json").write_text(json.dumps(cfg))
-    reference = transformers.AutoModelForCausalLM.from_pretrained(root / "dequantized", dtype=torch.float32).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(root / "dequantized", dtype=torch.float32)
+    reference = apply_swiglu_config(reference).eval()
     return mx, reference
 
 
@@ -341,6 +342,48 @@ def test_mxfp4_slot_kernels_equal_the_pytorch_path(mxfp4_oss):
         expected = experts.form.run_planned(x, ids, w, stacked, grad=False)
         got = mxfp4_slot_ffn(x, ids, w, stacked, experts.form.alpha, experts.form.limit)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_gpu_branch_on_the_cpu_equals_the_pytorch_path(mxfp4_oss, monkeypatch, dtype):
+    """The GPU's branch of MXFP4 gpt-oss decode (Mxfp4ClampedForm.fused -> the slot kernels) run on
+    the CPU under the Triton interpreter, in float32 and bf16: greedy tokens equal the PyTorch path's,
+    resident and offloaded (a 3-expert cache: the kernels read slab slots); float32 decode logits too."""
+    from conftest import kernel_device
+
+    from moekit.experts import clamped
+    from moekit.kv_cache import KVCache
+
+    if kernel_device() != "cpu":
+        pytest.skip("on a GPU the branch runs for real (test_cuda_mxfp4_decode_steps_match_transformers)")
+    mx, _ = mxfp4_oss
+    ids = token_ids(2, 7)
+    config = OffloadConfig(context_tokens=24, predictor="none")
+    config = dataclasses.replace(config, device_memory=budget_for(mx, config, 3))
+    resident = moekit.load_model(mx, dtype=dtype)
+    with torch.no_grad():
+        logits = resident(ids)
+    tokens = resident.generate(ids, 6, temperature=0, eos_token_ids=())
+    calls = []
+
+    def everywhere(x):  # the kernels for every few-slot call, as on CUDA tensors
+        calls.append(x.shape[0])
+        return True
+
+    monkeypatch.setattr(clamped, "slot_kernels_run", everywhere)
+    with torch.no_grad():
+        cache = KVCache(resident.config, batch=2, capacity=8, device="cpu", dtype=dtype)
+        resident(ids[:, :6], cache=cache, start=0)
+        step = resident(ids[:, 6:], cache=cache, start=6)
+    assert calls, "the decode step did not reach the slot kernels"
+    if dtype == torch.float32:
+        torch.testing.assert_close(step, logits[:, 6:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(resident.generate(ids, 6, temperature=0, eos_token_ids=()), tokens)
+    offloaded = load_offloaded(mx, dtype=dtype, offload=config)
+    calls.clear()
+    assert torch.equal(offloaded.generate(ids, 6, temperature=0, eos_token_ids=()), tokens)
+    assert calls and offloaded.offload.report()["demand_fetches"] > 0
 
 
 @pytest.mark.gpu

@@ -27,6 +27,27 @@ def test_logits_match_transformers(tiny, variant):
     assert rel_error(logits, ckpt.hf_logits(ids)) <= LOGITS_RTOL
 
 
+def test_gpt_oss_reference_clamps_at_the_configured_limit(tiny):
+    """The reference applies config.json's swiglu_limit (0.6 in the tiny model) whatever transformers
+    is installed: 5.17 (the H200 image's) hard-codes 7.0, so the CUDA logits and graph-decode tests of
+    gpt_oss failed there (relative error 0.80) while moekit on CUDA gave the CPU's logits and tokens.
+    Clamped at 7.0 the same weights give logits far from moekit's, so the clamp is what they check."""
+    from conftest import build_hf_model
+
+    ckpt = tiny("gpt_oss")
+    experts = [m for m in ckpt.hf.modules() if type(m).__name__ == "GptOssExperts"]
+    assert [(m.alpha, m.limit) for m in experts] == [(1.702, 0.6)] * 3
+    ids = token_ids(2, 12)
+    with torch.no_grad():
+        ours = moekit.load_model(ckpt.path)(ids)
+        unclamped = build_hf_model("gpt_oss")
+        for m in unclamped.modules():
+            if type(m).__name__ == "GptOssExperts":
+                m.limit = 7.0
+        assert rel_error(ours, ckpt.hf_logits(ids)) <= LOGITS_RTOL
+        assert rel_error(ours, unclamped(ids).logits) > 0.1
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_greedy_tokens_match_transformers(tiny, variant, batch):

@@ -192,9 +192,15 @@ class Mxfp4ClampedForm(ClampedSwigluForm):
 
     def fused(self, x, rows, weights, stacked, offsets=None):
         # decode steps on a GPU: the per-slot kernels decode each byte in place (no host sync)
-        if offsets is not None or not x.is_cuda or rows.numel() > SLOT_KERNEL_MAX_SLOTS or triton is None:
+        if offsets is not None or rows.numel() > SLOT_KERNEL_MAX_SLOTS or not slot_kernels_run(x):
             return None
         return mxfp4_slot_ffn(x, rows, weights, stacked, self.alpha, self.limit)
+
+
+def slot_kernels_run(x: torch.Tensor) -> bool:
+    """Returns whether few-slot calls on x take the MXFP4 slot kernels: CUDA tensors only (the CPU
+    decodes in PyTorch; tests patch this to run the GPU's branch under the Triton interpreter)."""
+    return triton is not None and x.is_cuda
 
 
 def mxfp4_slot_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, stacked: dict,
