@@ -14,9 +14,9 @@ the CPU attends micro-batches j + 1 and j + 2 while the device runs PostAttn(i, 
 device-to-host on their own stream (D1), attention outputs host-to-device on another (D2), each
 copy followed by an event the consumer waits on; `Streams` holds them (on a CPU-only run every
 stream is the current thread and events are None). The experts run through the model's expert
-seam (`layer.post_attn`), wherever its loader placed them; W_PinToG, CGOPipe's paged weight
-transfer interleaved with the D2 copies, is the seam's job and is not done here (see
-`PipelinedDecoder.step`).
+seam (`layer.post_attn`), wherever its loader placed them. With paged experts
+(moekit.pipeline.paged) W_PinToG(i + 1, j) -- page j of the next MoE layer's streamed experts --
+follows LoadH(i, j) on the same H2D stream, and a layer's experts wait for all of its pages.
 
 Shapes: N sequences of a step, mu per micro-batch, D hidden, H query heads, Hkv kv heads,
 Dh head dim, V vocabulary.
@@ -122,6 +122,13 @@ class PipelinedDecoder:
         self.streams = Streams(model.device)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-cpu-attention")
 
+    def _paged(self):
+        """Returns the model's PagedRuntime (experts streamed page by page with the micro-batches), or None."""
+        from .paged import PagedRuntime
+
+        runtime = getattr(self.model, "expert_runtime", None)
+        return runtime if isinstance(runtime, PagedRuntime) else None
+
     def close(self) -> None:
         self.worker.shutdown(wait=True)
 
@@ -163,14 +170,18 @@ class PipelinedDecoder:
             ids = torch.tensor([[token for _, _, token in part]], dtype=torch.long, device=device)
             cos, sin = model.rope(batch.positions.to(device))
             mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin))
+        paged = self._paged()
+        if paged is not None and not paged.loaded(paged.layers[0]):  # the first MoE layer's pages
+            for j in range(len(mbs)):
+                paged.load_page(paged.layers[0], j, len(mbs), self.streams.h2d if self.streams.cuda else None)
         order = [(i, j) for i in range(len(model.layers)) for j in range(len(mbs))]
         ahead = min(self.LOOKAHEAD, len(mbs))  # the task launched ahead needs its previous layer done
         pending = {task: self._launch(task[0], mbs[task[1]]) for task in order[:ahead]}
         logits = [None] * len(mbs)
         for at, (i, j) in enumerate(order):
             out, ready = self.streams.to_device(pending.pop((i, j)).result())  # LoadH(i, j)
-            # W_PinToG(i + 1, j) goes here: page j of layer i + 1's streamed experts on the same
-            # H2D stream, behind LoadH (the paged expert source's work)
+            if paged is not None:  # W_PinToG: page j of the next MoE layer, behind LoadH on the same stream
+                paged.load_page(paged.next_layer(i), j, len(mbs), self.streams.h2d if self.streams.cuda else None)
             self.streams.wait(ready)
             mb = mbs[j]
             mb.x = model.layers[i].post_attn(mb.x, out.view(1, out.shape[0], -1))  # PostAttn(i, j)
