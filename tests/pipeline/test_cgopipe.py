@@ -84,3 +84,26 @@ def test_schedule_runs_cpu_attention_two_micro_batches_ahead(tiny, monkeypatch):
     assert events == expected
     if native.library() is not None:
         assert threads and all(name.startswith("moekit-cpu-attention") for name in threads)
+
+
+def test_prefill_to_host_moves_each_micro_batch_kv(tiny):
+    """The micro-batched prefill (a staging cache per micro-batch, its blocks copied to the host
+    pool) leaves every sequence's keys and values as one packed prefill does."""
+    from moekit.generate import forward_step
+    from moekit.kv_cache import PagedKVCache
+    from moekit.paged_attention import gather_sequence
+    from moekit.pipeline.cgopipe import prefill_to_host
+
+    cfg = tiny.config
+    host = PagedKVCache.for_tokens(cfg, 256, 16, "cpu", torch.float32)
+    direct = PagedKVCache.for_tokens(cfg, 256, 16, "cpu", torch.float32)
+    with torch.inference_mode():
+        logits = prefill_to_host(tiny, host, PROMPTS, micro_batch=2)
+        expected = forward_step(tiny, direct, [(i, 0, p) for i, p in enumerate(PROMPTS)])
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    for i, p in enumerate(PROMPTS):
+        for layer in (0, cfg.num_layers - 1):
+            for got, want in ((host.keys, direct.keys), (host.values, direct.values)):
+                a = gather_sequence(got[layer], torch.tensor(host.tables[i]), len(p))
+                b = gather_sequence(want[layer], torch.tensor(direct.tables[i]), len(p))
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

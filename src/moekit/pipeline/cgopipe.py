@@ -193,22 +193,46 @@ class PipelinedDecoder:
         return torch.cat(logits)
 
 
+def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_batch: int,
+                    block_size: int = 16) -> torch.Tensor:
+    """Returns the last logits [N, V] of each prompt after prefilling them, `micro_batch` prompts at
+    a time, on the model's device (a device KV cache for one micro-batch), each micro-batch's
+    keys and values then copied into the host cache as sequences 0..N-1 (MoE-Lightning: prefill on
+    the GPU, KV offloaded per micro-batch). Not yet zig-zag: each micro-batch runs every layer
+    (paged experts are loaded whole per layer and micro-batch)."""
+    from ..generate import forward_step
+
+    cfg, device = model.config, model.device
+    logits = []
+    for at in range(0, len(prompts), micro_batch):
+        part = prompts[at:at + micro_batch]
+        positions = sum(-(-len(p) // block_size) * block_size for p in part)
+        staging = PagedKVCache.for_tokens(cfg, positions, block_size, device, model.dtype)
+        logits.append(forward_step(model, staging, [(k, 0, p) for k, p in enumerate(part)]))
+        for k, p in enumerate(part):
+            host.grow(at + k, len(p))
+            src = torch.tensor(staging.tables[k], device=device)
+            dst = torch.tensor(host.tables[at + k][:len(staging.tables[k])])
+            for layer in range(cfg.num_layers):  # D2H of this micro-batch's KV, block by block
+                host.keys[layer][dst] = staging.keys[layer][src].to("cpu")
+                host.values[layer][dst] = staging.values[layer][src].to("cpu")
+    return torch.cat(logits)
+
+
 @torch.inference_mode()
 def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
                        block_size: int = 16) -> list[torch.Tensor]:
     """Returns each prompt's `max_new_tokens` greedy tokens (no early stop at eos, as MoE-Lightning
-    runs a batch): prefill with moekit's ragged steps into a host-resident paged KV cache, then
-    decode steps by CGOPipe's schedule (PipelinedDecoder)."""
-    from ..generate import forward_step, prompt_list
+    runs a batch): prefill on the model's device a micro-batch at a time with the KV moved to a
+    host-resident paged cache (prefill_to_host), then decode steps by CGOPipe's schedule
+    (PipelinedDecoder)."""
+    from ..generate import prompt_list
 
     prompts = prompt_list(model, prompts, max_new_tokens)
     lengths = [len(p) for p in prompts]
     positions = sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths)
     cache = PagedKVCache.for_tokens(model.config, positions, block_size, "cpu", model.dtype)
-    if model.device.type != "cpu":
-        raise MoekitError("generate_pipelined runs its prefill on the CPU for now (the GPU prefill that "
-                          "offloads KV per micro-batch is not written yet); load the model on the CPU")
-    logits = forward_step(model, cache, [(i, 0, p) for i, p in enumerate(prompts)])
+    logits = prefill_to_host(model, cache, prompts, micro_batch, block_size)
     outs = [[int(t)] for t in logits.argmax(dim=-1)]
     decoder = PipelinedDecoder(model, cache, micro_batch)
     try:
