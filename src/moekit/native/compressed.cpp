@@ -1,0 +1,436 @@
+// Routed SwiGLU experts in compressed stored forms on the CPU, decoded inside the matvec
+// (moekit.native.compressed).
+//
+// The same layer computation as experts.cpp: for each job j (one expert and its tokens),
+//     out[t] += w * down_j @ (silu(gate_j @ x[t]) * (up_j @ x[t]))      for each of its tokens t
+// with the weights stored as
+//   int-N  (quant.formats.IntForm; bits 2, 3, 4, 8): per matrix qweight [R, ceil(K / k)] int32
+//          (k = 32 / bits codes per word, code i of a word in bits i*bits..), scale [R, P] float16,
+//          zero [R, P] uint8, weight = scale * (code - zero) in groups of ceil(K / P) columns;
+//   ternary code (quant.formats.TernaryCodeForm, quant.code): per matrix codewords [T, W] uint8 or
+//          uint16, starts [T] int16/int32, row_chunks [R] uint8/int16/int32, block_offsets [NB] int32,
+//          lo, hi [R] float16, and the layer's decode table [2^bits, 2] int32.
+// Each weight row is decoded once per call, in the thread's cache (int-N: to float weights exactly
+// as the form's dequantize computes them; the code: to the columns of its HI and LO symbols), and
+// the decoded row is dotted with every token of the job: the packed bytes are read once from
+// memory, whatever the number of tokens.
+//
+// One OpenMP region per layer, two stages with one barrier (as experts.cpp):
+//   stage 1  work item = (job, block of ffn rows): h[slot, r] = silu(gate_r . x) * (up_r . x)
+//   stage 2  work item = block of hidden rows d: out[t, d] = sum over jobs of w * (down_d . h[slot])
+// Stage 2 partitions the output rows and sums over jobs in job order, so the result does not
+// depend on the thread count. Accumulation is float32; x and out are float32.
+//
+// Shapes: N tokens, D hidden, I ffn width, J jobs, T = slots of all jobs (tok_start[J]).
+// accs holds threads * acc_stride(N) floats (each thread's on cache lines of its own).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+namespace {
+
+constexpr int64_t ROWS_PER_ITEM = 8;  // ffn rows (stage 1) or hidden rows (stage 2) per work item
+constexpr int MAX_JOB_TOKENS = 256;
+
+inline float half_to_float(uint16_t h) {  // IEEE float16 -> float32, exactly
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // subnormal: mant * 2^-24
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// 16-lane vectors (GCC / clang vector extensions: two AVX2 registers, one AVX-512, four NEON)
+constexpr int V = 16;
+typedef float vf __attribute__((vector_size(4 * V)));
+typedef uint32_t vu __attribute__((vector_size(4 * V)));
+typedef int32_t vi __attribute__((vector_size(4 * V)));
+
+inline int64_t acc_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// ---- int-N ---------------------------------------------------------------------------------------
+
+// ptrs per job: gate_up qweight, scale, zero, down qweight, scale, zero
+//
+// Two layouts of a decoded row (and of the vectors it is dotted with):
+//   natural   column c at c: any scale groups (also groups that start inside a word);
+//   permuted  (groups hold whole words, or one group per row) column c = w * k + i (word w, lane
+//             i) at i * words + w: lane i of every word is (q[w] >> i * bits) & mask, so each
+//             lane decodes as a vector over the row's words with one shift and mask (contiguous
+//             loads and stores, no shuffles). The vectors are permuted alike (x by the caller, h
+//             by stage 1 as it writes it) and zero at the padding of the last word.
+struct IntRows {
+  const int64_t* ptrs;
+  int64_t groups[2];  // P of gate_up, of down
+  bool permuted;
+
+  // A thread's decoded row (K floats plus one word's codes past the end), and per-word scale and zero.
+  struct Scratch {
+    std::vector<float> row, word_scale, word_zero;
+    explicit Scratch(int64_t k) : row(k + 32), word_scale(k + 32), word_zero(k + 32) {}
+  };
+
+  template <int BITS>
+  static void decode_natural(const int32_t* q, const uint16_t* scale, const uint8_t* zero, int64_t K, int64_t P,
+                             float* out) {
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr uint32_t MASK = (1u << BITS) - 1;
+    const int64_t words = (K + PER_WORD - 1) / PER_WORD;
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(q);
+    for (int64_t wi = 0; wi < words; ++wi) {
+      const uint32_t word = u[wi];
+      float* o = out + wi * PER_WORD;
+#pragma omp simd
+      for (int i = 0; i < PER_WORD; ++i) o[i] = static_cast<float>((word >> (i * BITS)) & MASK);
+    }
+    const int64_t size = (K + P - 1) / P;  // columns per group (quant.grids.dequantize_int)
+    for (int64_t g = 0; g < P; ++g) {
+      const float s = half_to_float(scale[g]), z = static_cast<float>(zero[g]);
+      const int64_t end = (g + 1) * size < K ? (g + 1) * size : K;
+#pragma omp simd
+      for (int64_t c = g * size; c < end; ++c) out[c] = s * (out[c] - z);  // as the form's dequantize
+    }
+  }
+
+  // Each word's scale and zero (groups of whole words) into s.word_scale, s.word_zero.
+  template <int BITS>
+  static void word_params(const uint16_t* scale, const uint8_t* zero, int64_t K, int64_t P, Scratch& s) {
+    constexpr int PER_WORD = 32 / BITS;
+    const int64_t words = (K + PER_WORD - 1) / PER_WORD;
+    const int64_t group_words = P == 1 ? words : ((K + P - 1) / P) / PER_WORD;  // whole words per group
+    float* ws = s.word_scale.data();
+    float* wz = s.word_zero.data();
+    for (int64_t g = 0, w0 = 0; g < P; ++g, w0 += group_words) {
+      const float sc = half_to_float(scale[g]), z = static_cast<float>(zero[g]);
+      for (int64_t w = w0; w < w0 + group_words && w < words; ++w) {
+        ws[w] = sc;
+        wz[w] = z;
+      }
+    }
+  }
+
+  template <int BITS>
+  static void decode_permuted(const int32_t* q, int64_t K, Scratch& s) {
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr uint32_t MASK = (1u << BITS) - 1;
+    const int64_t words = (K + PER_WORD - 1) / PER_WORD;
+    const float* ws = s.word_scale.data();
+    const float* wz = s.word_zero.data();
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(q);
+    float* out = s.row.data();
+    for (int i = 0; i < PER_WORD; ++i) {
+      float* o = out + i * words;
+#pragma omp simd
+      for (int64_t w = 0; w < words; ++w) o[w] = ws[w] * (static_cast<float>((u[w] >> (i * BITS)) & MASK) - wz[w]);
+    }
+  }
+
+  // Row . x for one vector x in the permuted layout, decoding in registers (the decode step's
+  // case): for 16 words at a time, y = sum over lanes i of (code_i - zero) * x_i, then scale * y;
+  // each lane's codes are one shift and mask of the 16 words.
+  template <int BITS>
+  static float dot_one(const uint32_t* u, const float* ws, const float* wz, const float* x, int64_t words) {
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr uint32_t MASK = (1u << BITS) - 1;
+    vf total = {};
+    int64_t w = 0;
+    for (; w + V <= words; w += V) {
+      vu q;
+      vf z, sc, y = {};
+      std::memcpy(&q, u + w, sizeof(q));
+      std::memcpy(&z, wz + w, sizeof(z));
+      std::memcpy(&sc, ws + w, sizeof(sc));
+      for (int i = 0; i < PER_WORD; ++i) {
+        vf xv;
+        std::memcpy(&xv, x + i * words + w, sizeof(xv));
+        const vi c = reinterpret_cast<vi>((q >> (i * BITS)) & MASK);
+        y += (__builtin_convertvector(c, vf) - z) * xv;
+      }
+      total += sc * y;
+    }
+    float acc = 0.f;
+    for (int l = 0; l < V; ++l) acc += total[l];
+    for (; w < words; ++w) {
+      float y = 0.f;
+      for (int i = 0; i < PER_WORD; ++i) y += (static_cast<float>((u[w] >> (i * BITS)) & MASK) - wz[w]) * x[i * words + w];
+      acc += ws[w] * y;
+    }
+    return acc;
+  }
+
+  static int64_t width(int bits, int64_t K) {  // floats of a row (and its vectors) in this layout
+    return (K + 32 / bits - 1) / (32 / bits) * (32 / bits);
+  }
+
+  // Dots of row r of matrix `kind` of job j (K columns) with `count` float vectors
+  // vec + which[k] * stride (which == nullptr: k * stride), in this call's layout.
+  template <int BITS>
+  void dots(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
+            const int32_t* which, int count, float* out) const {
+    const int64_t* p = ptrs + j * 6 + kind * 3;
+    const int64_t P = groups[kind], words = (K + 32 / BITS - 1) / (32 / BITS);
+    const int32_t* q = reinterpret_cast<const int32_t*>(p[0]) + r * words;
+    const uint16_t* scale = reinterpret_cast<const uint16_t*>(p[1]) + r * P;
+    const uint8_t* zero = reinterpret_cast<const uint8_t*>(p[2]) + r * P;
+    int64_t n = K;
+    if (permuted) {
+      word_params<BITS>(scale, zero, K, P, s);
+      if (count == 1) {  // decode: in registers, no decoded row
+        out[0] = dot_one<BITS>(reinterpret_cast<const uint32_t*>(q), s.word_scale.data(), s.word_zero.data(),
+                               vec + (which ? which[0] : 0) * stride, words);
+        return;
+      }
+      decode_permuted<BITS>(q, K, s);
+      n = width(BITS, K);
+    } else {
+      decode_natural<BITS>(q, scale, zero, K, P, s.row.data());
+    }
+    for (int k = 0; k < count; ++k) out[k] = dot(s.row.data(), vec + (which ? which[k] : k) * stride, n);
+  }
+
+  // Where stage 1 writes h[slot, r] (of I columns) in a slot's row, and that row's floats.
+  template <int BITS>
+  int64_t h_index(int64_t r, int64_t I) const {
+    if (!permuted) return r;
+    constexpr int PER_WORD = 32 / BITS;
+    return (r % PER_WORD) * ((I + PER_WORD - 1) / PER_WORD) + r / PER_WORD;
+  }
+};
+
+// ---- ternary code --------------------------------------------------------------------------------
+
+// ptrs per job: for gate_up then down: codewords, starts, row_chunks, block_offsets, lo, hi
+//
+// A codeword stands for up to 27 consecutive symbols (its table entry: a nonzero mask, a HI mask,
+// its length), so it is decoded as two 16-lane vectors at once, without a branch per symbol:
+// lane l of the word selects x[col + l] (or the level, when decoding a row) where bit l of its
+// HI or LO mask is set. The vectors read up to 32 floats from a word's column: the caller pads
+// x and h by CODE_PAD floats.
+struct CodeRows {
+  const int64_t* ptrs;
+  const uint32_t* table;  // [2^bits, 2]: nonzero bits; HI bits | length << 27
+  const int64_t* sizes;  // per job and kind: W, sizeof(starts), sizeof(row_chunks)
+
+  // A thread's decoded row (count > 1): K floats plus a word's reach.
+  struct Scratch {
+    std::vector<float> row;
+    explicit Scratch(int64_t k) : row(k + 2 * V) {}
+  };
+
+  static int64_t load(const void* p, int64_t i, int64_t bytes) {
+    if (bytes == 1) return static_cast<const uint8_t*>(p)[i];
+    if (bytes == 2) return static_cast<const int16_t*>(p)[i];
+    return static_cast<const int32_t*>(p)[i];
+  }
+
+  static vi bits_of(uint32_t mask, const vu& lanes) {  // lane l: all ones where bit l of mask is set
+    vu m = mask - vu{};
+    return -reinterpret_cast<vi>((m >> lanes) & 1u);
+  }
+
+  void levels(int kind, int64_t j, int64_t r, float* lo, float* hi) const {
+    const int64_t* p = ptrs + j * 12 + kind * 6;
+    *lo = half_to_float(reinterpret_cast<const uint16_t*>(p[4])[r]);
+    *hi = half_to_float(reinterpret_cast<const uint16_t*>(p[5])[r]);
+  }
+
+  // Walks the codewords of row r of matrix `kind` of job j; calls at(col, hi_mask, lo_mask) for each
+  // word that holds a nonzero symbol inside the row.
+  template <typename Word, typename At>
+  void walk(int kind, int64_t j, int64_t r, int64_t K, At at) const {
+    const int64_t* p = ptrs + j * 12 + kind * 6;
+    const Word* words = reinterpret_cast<const Word*>(p[0]);
+    const void* starts = reinterpret_cast<const void*>(p[1]);
+    const void* row_chunks = reinterpret_cast<const void*>(p[2]);
+    const int32_t* block_offsets = reinterpret_cast<const int32_t*>(p[3]);
+    const int64_t* size = sizes + j * 6 + kind * 3;
+    const int64_t W = size[0], sb = size[1], cb = size[2];
+    // the row's first chunk: its block's first, plus the chunks of the rows before it in the block
+    const int64_t block = r / 16;
+    int64_t first = block_offsets[block];
+    for (int64_t q = block * 16; q < r; ++q) first += load(row_chunks, q, cb);
+    const int64_t chunks = load(row_chunks, r, cb);
+    for (int64_t c = first; c < first + chunks; ++c) {
+      int64_t col = load(starts, c, sb);
+      const Word* cw = words + c * W;
+      for (int64_t i = 0; i < W && col >= 0 && col < K; ++i) {  // past K: the chunk's padding words
+        const uint32_t* e = table + 2 * static_cast<uint32_t>(cw[i]);
+        const uint32_t nz = e[0], hl = e[1];
+        const uint32_t his = nz & hl & 0x7ffffffu;
+        if (nz) at(col, his, nz & ~his);
+        col += hl >> 27;
+      }
+    }
+  }
+
+  template <typename Word>
+  void dots(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
+            const int32_t* which, int count, float* out) const {
+    const vu lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    float lo, hi;
+    if (count == 1) {  // decode: sum x under the HI and under the LO symbols, straight from the words
+      const float* x = vec + (which ? which[0] : 0) * stride;
+      vf sum_hi = {}, sum_lo = {};
+      walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los) {
+        for (int half = 0; half < 2; ++half) {
+          vi xv;
+          std::memcpy(&xv, x + col + half * V, sizeof(xv));
+          sum_hi += reinterpret_cast<vf>(xv & bits_of(his >> (half * V), lanes));
+          sum_lo += reinterpret_cast<vf>(xv & bits_of(los >> (half * V), lanes));
+        }
+      });
+      float sh = 0.f, sl = 0.f;
+      for (int l = 0; l < V; ++l) {
+        sh += sum_hi[l];
+        sl += sum_lo[l];
+      }
+      levels(kind, j, r, &lo, &hi);
+      out[0] = hi * sh + lo * sl;
+      return;
+    }
+    // several tokens: the row decoded once into its float weights, then dotted with each
+    float* row = s.row.data();
+    std::memset(row, 0, sizeof(float) * (K + 2 * V));
+    levels(kind, j, r, &lo, &hi);
+    const vi hv = reinterpret_cast<vi>(vf{} + hi), lv = reinterpret_cast<vi>(vf{} + lo);
+    walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los) {
+      for (int half = 0; half < 2; ++half) {  // words cover disjoint columns: lanes past one add zeros
+        vf w;
+        std::memcpy(&w, row + col + half * V, sizeof(w));
+        w += reinterpret_cast<vf>((bits_of(his >> (half * V), lanes) & hv) | (bits_of(los >> (half * V), lanes) & lv));
+        std::memcpy(row + col + half * V, &w, sizeof(w));
+      }
+    });
+    for (int k = 0; k < count; ++k) out[k] = dot(row, vec + (which ? which[k] : k) * stride, K);
+  }
+};
+
+// Calls rows.dots<Arg> (the decoder of one bit width / codeword type).
+template <int BITS>
+struct IntCall {
+  using Scratch = IntRows::Scratch;
+  const IntRows& rows;
+  void operator()(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
+                  const int32_t* which, int count, float* out) const {
+    rows.dots<BITS>(s, kind, j, r, K, vec, stride, which, count, out);
+  }
+  int64_t h_index(int64_t r, int64_t I) const { return rows.h_index<BITS>(r, I); }
+  int64_t h_stride(int64_t I) const { return rows.permuted ? IntRows::width(BITS, I) : I; }
+  int64_t x_stride(int64_t D) const { return rows.permuted ? IntRows::width(BITS, D) : D; }
+};
+
+template <typename Word>
+struct CodeCall {
+  using Scratch = CodeRows::Scratch;
+  const CodeRows& rows;
+  void operator()(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
+                  const int32_t* which, int count, float* out) const {
+    rows.template dots<Word>(s, kind, j, r, K, vec, stride, which, count, out);
+  }
+  int64_t h_index(int64_t r, int64_t) const { return r; }
+  int64_t h_stride(int64_t I) const { return I; }
+  int64_t x_stride(int64_t D) const { return D; }
+};
+
+template <typename Call>
+void run_layer(const Call& call, const float* xf, int64_t D, int64_t I, int64_t J, const int32_t* tok_start,
+               const int32_t* tok, const float* w, float* h, float* accs, int64_t N, float* out, int threads) {
+  const int64_t blocks_i = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  const int64_t blocks_d = (D + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  const int64_t xs = call.x_stride(D), hs = call.h_stride(I);  // floats of a row of x, of h
+#pragma omp parallel num_threads(threads)
+  {
+    typename Call::Scratch scratch(D > I ? D : I);
+    float g[MAX_JOB_TOKENS], u[MAX_JOB_TOKENS];
+    float* acc = accs + static_cast<int64_t>(omp_get_thread_num()) * acc_stride(N);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < J * blocks_i; ++item) {
+      const int64_t j = item / blocks_i, r0 = (item % blocks_i) * ROWS_PER_ITEM;
+      const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
+      for (int64_t r = r0; r < r0 + ROWS_PER_ITEM && r < I; ++r) {
+        call(scratch, 0, j, r, D, xf, xs, tok + first, count, g);
+        call(scratch, 0, j, I + r, D, xf, xs, tok + first, count, u);
+        const int64_t at = call.h_index(r, I);
+        for (int k = 0; k < count; ++k) h[(first + k) * hs + at] = g[k] / (1.f + std::exp(-g[k])) * u[k];
+      }
+    }  // implicit barrier: every h is written
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < blocks_d; ++item) {
+      for (int64_t d = item * ROWS_PER_ITEM; d < (item + 1) * ROWS_PER_ITEM && d < D; ++d) {
+        for (int64_t t = 0; t < N; ++t) acc[t] = 0.f;
+        for (int64_t j = 0; j < J; ++j) {
+          const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
+          call(scratch, 1, j, d, I, h + first * hs, hs, nullptr, count, g);
+          for (int k = 0; k < count; ++k) acc[tok[first + k]] += w[first + k] * g[k];
+        }
+        for (int64_t t = 0; t < N; ++t) out[t * D + d] = acc[t];
+      }
+    }
+  }
+}
+
+int check_jobs(int64_t J, const int32_t* tok_start) {
+  for (int64_t j = 0; j < J; ++j)
+    if (tok_start[j + 1] - tok_start[j] > MAX_JOB_TOKENS) return 2;
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Int-N experts. ptrs: J * 6 addresses (module comment). permuted (IntRows): x is [N, words(D) * k]
+// in the permuted layout, h holds slots * words(I) * k floats, zero at the padding; else x is
+// [N, D] and h slots * I floats. Returns 0, or 1 for bits other than 2/3/4/8, 2 for a job of more
+// than 256 tokens.
+int moekit_int_ffn(int bits, const float* x, float* out, int64_t N, int64_t D, int64_t I, int64_t J,
+                   const int64_t* ptrs, int64_t groups_gate_up, int64_t groups_down, int permuted, const int32_t* tok_start,
+                   const int32_t* tok, const float* w, float* h, float* accs, int threads) {
+  if (int code = check_jobs(J, tok_start)) return code;
+  IntRows rows{ptrs, {groups_gate_up, groups_down}, permuted != 0};
+  switch (bits) {
+    case 2: run_layer(IntCall<2>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads); return 0;
+    case 3: run_layer(IntCall<3>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads); return 0;
+    case 4: run_layer(IntCall<4>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads); return 0;
+    case 8: run_layer(IntCall<8>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads); return 0;
+    default: return 1;
+  }
+}
+
+// Ternary-code experts. ptrs: J * 12 addresses; sizes: J * 6, per job and kind (gate_up, down)
+// W, sizeof(starts), sizeof(row_chunks); word_bytes: 1 (uint8 codewords) or 2 (uint16). Returns 0,
+// or 1 for other codeword sizes, 2 for a job of more than 256 tokens.
+int moekit_code_ffn(const float* x, float* out, int64_t N, int64_t D, int64_t I, int64_t J, const int64_t* ptrs,
+                    const int32_t* table, int word_bytes, const int64_t* sizes, const int32_t* tok_start,
+                    const int32_t* tok, const float* w, float* h, float* accs, int threads) {
+  if (int code = check_jobs(J, tok_start)) return code;
+  CodeRows rows{ptrs, reinterpret_cast<const uint32_t*>(table), sizes};
+  if (word_bytes == 1)
+    run_layer(CodeCall<uint8_t>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads);
+  else if (word_bytes == 2)
+    run_layer(CodeCall<uint16_t>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads);
+  else
+    return 1;
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,246 @@
+"""Routed SwiGLU experts in compressed stored forms on the CPU, decoded inside the matvec
+(compressed.cpp), one native call per layer; and their PyTorch references.
+
+    out = int_ffn(x, jobs, bits)        # jobs: [(gate_up parts, down parts, tokens [n], weights [n])]
+    out = code_ffn(x, jobs, table)
+
+compute, for every job (an expert and the tokens routed to it),
+out[t] += weight * down @ (silu(gate @ x[t]) * (up @ x[t])) with float32 accumulation, where the
+matrices stay in their stored form (quant.formats): each packed weight byte is read once per
+call and decoded in the thread's cache, for all of the job's tokens.
+
+Parts of one matrix (R rows, K columns; one expert's slices of the stored tensors, each contiguous):
+    int-N (bits 2, 3, 4, 8):  (qweight [R, ceil(K / (32 // bits))] int32, scale [R, P] float16,
+                               zero [R, P] uint8)
+    ternary code:             (codewords [T, W] uint8/int16, starts [T] int16/int32,
+                               row_chunks [R] uint8/int16/int32, block_offsets [ceil(R / 16)] int32,
+                               lo [R] float16, hi [R] float16), and the layer's table [2^bits, 2] int32
+`int_reference` / `code_reference` decode with the forms' own dequantize (quant.grids, quant.code)
+and run experts.reference; the tests hold the kernels to them.
+
+Shapes: N tokens, D hidden, I expert ffn width, n tokens of one job.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import library, register_declarations
+from .experts import MAX_JOB_TOKENS, MAX_ROW, Scratch, acc_stride
+
+INT_BITS = (2, 3, 4, 8)
+CODE_ROW_BLOCK = 16  # rows per block offset (quant.code.ROW_BLOCK; compressed.cpp assumes it)
+CODE_PAD = 32  # floats readable past x and h: the code kernel reads a codeword's 32 columns at once
+
+Parts = tuple[torch.Tensor, ...]
+Job = tuple[Parts, Parts, list[int], list[float]]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32p, i64p, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64), \
+        ctypes.POINTER(ctypes.c_float)
+    lib.moekit_int_ffn.argtypes = [ctypes.c_int, f32p, f32p, i64, i64, i64, i64, i64p, i64, i64, ctypes.c_int, i32p,
+                                   i32p, f32p, f32p, f32p, ctypes.c_int]
+    lib.moekit_int_ffn.restype = ctypes.c_int
+    lib.moekit_code_ffn.argtypes = [f32p, f32p, i64, i64, i64, i64, i64p, i32p, ctypes.c_int, i64p, i32p, i32p, f32p,
+                                    f32p, f32p, ctypes.c_int]
+    lib.moekit_code_ffn.restype = ctypes.c_int
+
+
+register_declarations(_declare)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Returns whether the compressed-expert kernels take x [N, D] on this machine (CPU, a float
+    dtype, a compiler)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and x.shape[-1] <= MAX_ROW and library() is not None)
+
+
+def _f32(t: torch.Tensor):
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
+
+
+def _check_parts(parts: Parts, kinds: tuple[tuple[str, tuple[torch.dtype, ...]], ...], what: str) -> None:
+    for t, (name, dtypes) in zip(parts, kinds):
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in dtypes:
+            raise ValueError(f"{what}: '{name}' must be a contiguous CPU tensor of {[str(d) for d in dtypes]}; "
+                             f"got {t.dtype} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
+
+
+def _run(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None, threads: int | None, scratch: Scratch | None,
+         call, pad: int = 0) -> torch.Tensor:
+    """Checks the routes, converts x to float32 (followed by `pad` readable floats), calls
+    `call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads)` and returns
+    out in x's dtype."""
+    lib = library()
+    if lib is None:
+        from . import unavailable_reason
+
+        raise ValueError(f"the CPU compressed-expert kernels are unavailable: {unavailable_reason()}")
+    n, d = x.shape
+    out = torch.empty_like(x) if out is None else out
+    if not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must be a contiguous {list(x.shape)} {x.dtype} tensor")
+    if not jobs:
+        return out.zero_()
+    starts, tokens, weights = [0], [], []
+    for _, _, toks, ws in jobs:
+        if len(toks) > MAX_JOB_TOKENS or len(toks) != len(ws):
+            raise ValueError(f"a job holds at most {MAX_JOB_TOKENS} tokens, with one weight each")
+        tokens.extend(toks)
+        weights.extend(ws)
+        starts.append(len(tokens))
+    if tokens and not 0 <= min(tokens) <= max(tokens) < n:
+        raise ValueError(f"a job's token index is outside x's {n} rows")
+    threads = threads or torch.get_num_threads()
+    scratch = scratch or Scratch()
+    if x.dtype == torch.float32 and not pad:
+        xf = x.contiguous()
+    else:
+        xf = scratch.get("x", n * d + pad)[:n * d].view(n, d).copy_(x)
+    outf = out if out.dtype == torch.float32 else scratch.get("out", n * d)[:n * d].view(n, d)
+    start_arr = (ctypes.c_int32 * len(starts))(*starts)
+    token_arr = (ctypes.c_int32 * max(1, len(tokens)))(*tokens)
+    weight_arr = (ctypes.c_float * max(1, len(weights)))(*weights)
+    accs = scratch.get("acc", threads * acc_stride(n))
+    code = call(lib, xf, _f32(outf), n, start_arr, token_arr, weight_arr, scratch, len(tokens), accs, threads)
+    if code != 0:
+        raise ValueError(f"the CPU compressed-expert kernel refused its arguments (code {code}: see compressed.cpp)")
+    if outf is not out:
+        out.copy_(outf)
+    return out
+
+
+def _permuted(xf: torch.Tensor, cols: int, per_word: int, scratch: Scratch) -> torch.Tensor:
+    """Returns xf [n, cols] as [n, words * per_word] in the int kernel's permuted layout: column
+    w * per_word + i at i * words + w, zeros past cols."""
+    n, words = xf.shape[0], -(-cols // per_word)
+    out = scratch.get("x_permuted", n * words * per_word)[:n * words * per_word].view(n, per_word, words)
+    padded = torch.nn.functional.pad(xf, (0, words * per_word - cols)) if words * per_word != cols else xf
+    out.copy_(padded.view(n, words, per_word).transpose(1, 2))
+    return out
+
+
+def int_ffn(x: torch.Tensor, jobs: list[Job], bits: int, out: torch.Tensor | None = None, threads: int | None = None,
+            scratch: Scratch | None = None) -> torch.Tensor:
+    """Returns out [N, D] (x's dtype): the weighted sum over jobs of their int-`bits` expert on
+    their tokens. A job's parts: (qweight, scale, zero) of gate_up [2I, D] and of down [D, I].
+    Raises ValueError for arguments the kernel cannot take."""
+    if bits not in INT_BITS:
+        raise ValueError(f"the CPU int kernel takes {INT_BITS}-bit codes, got {bits}")
+    d = x.shape[1]
+    if not jobs:
+        return _run(x, jobs, out, threads, scratch, None)
+    per_word = 32 // bits
+    ffn = jobs[0][0][1].shape[0] // 2
+    groups = (jobs[0][0][1].shape[1], jobs[0][1][1].shape[1])
+    dtypes = (("qweight", (torch.int32,)), ("scale", (torch.float16,)), ("zero", (torch.uint8,)))
+    ptrs = []
+    for gate_up, down, _, _ in jobs:
+        for parts, rows, cols, p in ((gate_up, 2 * ffn, d, groups[0]), (down, d, ffn, groups[1])):
+            _check_parts(parts, dtypes, "int expert")
+            want = ((rows, -(-cols // per_word)), (rows, p), (rows, p))
+            if tuple(tuple(t.shape) for t in parts) != want:
+                raise ValueError(f"int expert parts must have shapes {want} (hidden {d}, ffn {ffn}); "
+                                 f"got {[tuple(t.shape) for t in parts]}")
+            ptrs.extend(t.data_ptr() for t in parts)
+    if max(d, ffn) > MAX_ROW:
+        raise ValueError(f"the CPU int kernel takes rows of at most {MAX_ROW}; got hidden {d}, ffn {ffn}")
+    ptr_arr = (ctypes.c_int64 * len(ptrs))(*ptrs)
+    # groups of whole words (or one per row): the permuted layout (compressed.cpp, IntRows)
+    permuted = all(p == 1 or -(-cols // p) % per_word == 0 for p, cols in zip(groups, (d, ffn)))
+
+    def call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads):
+        h_cols = -(-ffn // per_word) * per_word if permuted else ffn
+        h = scratch.get("h", slots * h_cols)
+        if permuted:
+            h[:slots * h_cols].zero_()  # the last word's padding lanes stay zero
+            xf = _permuted(xf, d, per_word, scratch)
+        return lib.moekit_int_ffn(bits, _f32(xf), outf, n, d, ffn, len(jobs), ptr_arr, groups[0], groups[1],
+                                  int(permuted), starts, tokens, weights, _f32(h), _f32(accs), threads)
+
+    return _run(x, jobs, out, threads, scratch, call)
+
+
+def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.Tensor | None = None,
+             threads: int | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+    """Returns out [N, D] (x's dtype): the weighted sum over jobs of their ternary-code expert on
+    their tokens. A job's parts: (codewords, starts, row_chunks, block_offsets, lo, hi) of gate_up
+    [2I, D] and of down [D, I]; table [2^bits, 2] int32 is the layer's dictionary. Raises
+    ValueError for arguments the kernel cannot take."""
+    d = x.shape[1]
+    if not jobs:
+        return _run(x, jobs, out, threads, scratch, None)
+    ffn = jobs[0][0][2].shape[0] // 2
+    table = table.contiguous()
+    if table.dtype != torch.int32 or table.device.type != "cpu" or table.dim() != 2 or table.shape[1] != 2:
+        raise ValueError(f"the code table must be a CPU int32 [2^bits, 2] tensor; got {table.dtype} {list(table.shape)}")
+    word_dtype = jobs[0][0][0].dtype
+    if word_dtype not in (torch.uint8, torch.int16):
+        raise ValueError(f"codewords must be uint8 or int16; got {word_dtype}")
+    index = (torch.int16, torch.int32)
+    dtypes = (("codewords", (word_dtype,)), ("starts", index), ("row_chunks", (torch.uint8, *index)),
+              ("block_offsets", (torch.int32,)), ("lo", (torch.float16,)), ("hi", (torch.float16,)))
+    sizes, ptrs = [], []
+    for gate_up, down, _, _ in jobs:
+        for parts, rows in ((gate_up, 2 * ffn), (down, d)):
+            _check_parts(parts, dtypes, "ternary-code expert")
+            words, starts, row_chunks, offsets, lo, hi = parts
+            if (words.dim() != 2 or starts.shape != words.shape[:1] or row_chunks.shape != (rows,)
+                    or offsets.shape != (-(-rows // CODE_ROW_BLOCK),) or lo.shape != (rows,) or hi.shape != (rows,)):
+                raise ValueError(f"ternary-code expert parts of a {rows}-row matrix do not fit together: "
+                                 f"{[tuple(t.shape) for t in parts]} (hidden {d}, ffn {ffn})")
+            sizes.extend((words.shape[1], starts.element_size(), row_chunks.element_size()))
+            ptrs.extend(t.data_ptr() for t in parts)
+    if max(d, ffn) > MAX_ROW:
+        raise ValueError(f"the CPU code kernel takes rows of at most {MAX_ROW}; got hidden {d}, ffn {ffn}")
+    ptr_arr = (ctypes.c_int64 * len(ptrs))(*ptrs)
+    size_arr = (ctypes.c_int64 * len(sizes))(*sizes)
+    table_ptr = ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_int32))
+
+    def call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads):
+        h = scratch.get("h", slots * ffn + CODE_PAD)
+        return lib.moekit_code_ffn(_f32(xf), outf, n, d, ffn, len(jobs), ptr_arr, table_ptr, word_dtype.itemsize, size_arr, starts, tokens,
+                                   weights, _f32(h), _f32(accs), threads)
+
+    return _run(x, jobs, out, threads, scratch, call, pad=CODE_PAD)
+
+
+def stored_bytes(jobs: list[Job]) -> int:
+    """Returns the bytes of the jobs' stored tensors (what one call reads from memory)."""
+    return sum(t.numel() * t.element_size() for gate_up, down, _, _ in jobs for t in (*gate_up, *down))
+
+
+def int_reference(x: torch.Tensor, jobs: list[Job], bits: int) -> torch.Tensor:
+    """Returns what int_ffn computes, as [N, D] float32: each matrix decoded by the int form's
+    dequantize (quant.grids), then experts.reference."""
+    from ..quant.grids import dequantize_int, unpack_codes
+    from .experts import reference
+
+    def weight(parts: Parts, cols: int) -> torch.Tensor:
+        qweight, scale, zero = parts
+        return dequantize_int(unpack_codes(qweight, bits, cols), scale, zero)
+
+    d = x.shape[1]
+    ffn = jobs[0][0][0].shape[0] // 2 if jobs else 0
+    return reference(x, [(weight(g, d), weight(dn, ffn), t, w) for g, dn, t, w in jobs])
+
+
+def code_reference(x: torch.Tensor, jobs: list[Job], table: torch.Tensor) -> torch.Tensor:
+    """Returns what code_ffn computes, as [N, D] float32: each matrix decoded by quant.code.decode
+    and dequantize_ternary, then experts.reference."""
+    from ..quant.code import decode
+    from ..quant.grids import dequantize_ternary
+    from .experts import reference
+
+    def weight(parts: Parts, cols: int) -> torch.Tensor:
+        words, starts, row_chunks, offsets, lo, hi = parts
+        codes = decode(words, starts, row_chunks, offsets, table, cols)
+        return dequantize_ternary(codes, lo[:, None], hi[:, None])
+
+    d = x.shape[1]
+    ffn = jobs[0][0][2].shape[0] // 2 if jobs else 0
+    return reference(x, [(weight(g, d), weight(dn, ffn), t, w) for g, dn, t, w in jobs])

@@ -1,0 +1,158 @@
+"""The native CPU kernels for compressed experts (native/compressed.cpp) against their PyTorch
+references (the forms' own dequantize + matmul): every int bit width and scale grouping (per row,
+word-aligned groups, groups that split a word), the ternary code with 8- and 16-bit dictionaries,
+odd sizes, several tokens, jobs sharing tokens, tokens no job touches, any thread count giving the
+same bits, and refusals of arguments the kernels cannot take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import native
+from moekit.native import compressed as nc
+from moekit.quant.code import build_dictionary, encode, symbol_probabilities
+from moekit.quant.grids import HI, LO, ZERO, pack_codes
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no native library: {native.unavailable_reason()}")
+
+ROUTES = [[0, 2], [2], [1, 3, 0], [4]]  # token 2 in two jobs, token 5 in none
+
+
+def int_matrix(rows: int, cols: int, bits: int, groups: int, g: torch.Generator):
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=g)
+    scale = (torch.rand(rows, groups, generator=g) * 0.02 + 0.001).to(torch.float16)
+    zero = torch.randint(0, 1 << bits, (rows, groups), generator=g).to(torch.uint8)
+    return pack_codes(codes, bits), scale, zero
+
+
+def int_jobs(d: int, ffn: int, bits: int, groups: tuple[int, int], routes, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(int_matrix(2 * ffn, d, bits, groups[0], g), int_matrix(d, ffn, bits, groups[1], g), toks,
+             torch.rand(len(toks), generator=g).tolist()) for toks in routes]
+
+
+def ternary_codes(rows: int, cols: int, density: float, g: torch.Generator) -> torch.Tensor:
+    u = torch.rand(rows, cols, generator=g)
+    return torch.where(u < density / 2, LO, torch.where(u < density, HI, ZERO)).to(torch.uint8)
+
+
+def code_jobs(d: int, ffn: int, routes, bits: int = 8, chunk: int | None = None, density: float = 0.3, seed: int = 0):
+    """Returns (jobs, table): one dictionary for the layer, built from its codes' statistics."""
+    g = torch.Generator().manual_seed(seed)
+    mats = [(ternary_codes(2 * ffn, d, density, g), ternary_codes(d, ffn, density, g)) for _ in routes]
+    dictionary = build_dictionary(symbol_probabilities(torch.cat([m.flatten() for pair in mats for m in pair])), bits)
+    jobs = []
+    for (gu, dn), toks in zip(mats, routes):
+        parts = []
+        for codes in (gu, dn):
+            code = encode(codes, dictionary, chunk)
+            lo = (-torch.rand(codes.shape[0], generator=g) * 0.05).to(torch.float16)
+            hi = (torch.rand(codes.shape[0], generator=g) * 0.05).to(torch.float16)
+            parts.append((*code, lo, hi))
+        jobs.append((parts[0], parts[1], toks, torch.rand(len(toks), generator=g).tolist()))
+    return jobs, dictionary.table
+
+
+def close(out: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    assert (out.float() - expected).abs().max() <= rtol * expected.abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("d,ffn,groups", [(64, 32, (1, 1)), (100, 37, (4, 3)), (96, 80, (6, 5)), (160, 48, (10, 3)),
+                                         (200, 72, (1, 1))])
+def test_int_matches_reference(bits, d, ffn, groups):
+    x = torch.randn(6, d)
+    jobs = int_jobs(d, ffn, bits, groups, ROUTES)
+    out = nc.int_ffn(x, jobs, bits, threads=2)
+    expected = nc.int_reference(x, jobs, bits)
+    close(out, expected)
+    assert torch.equal(out[5], torch.zeros(d))
+
+
+@pytest.mark.parametrize("bits,chunk", [(8, None), (8, 4), (16, 8)])
+@pytest.mark.parametrize("d,ffn", [(64, 32), (100, 37), (200, 72)])
+def test_code_matches_reference(bits, chunk, d, ffn):
+    x = torch.randn(6, d)
+    jobs, table = code_jobs(d, ffn, ROUTES, bits, chunk)
+    out = nc.code_ffn(x, jobs, table, threads=2)
+    expected = nc.code_reference(x, jobs, table)
+    close(out, expected)
+    assert torch.equal(out[5], torch.zeros(d))
+
+
+def test_code_rows_of_uneven_density_and_empty_rows():
+    g = torch.Generator().manual_seed(1)
+    d, ffn = 48, 40
+    gu = ternary_codes(2 * ffn, d, 0.05, g)
+    gu[3] = ternary_codes(1, d, 0.95, g)[0]  # one dense row among sparse ones, and an empty one
+    gu[7] = ZERO
+    dn = ternary_codes(d, ffn, 0.05, g)
+    dictionary = build_dictionary(symbol_probabilities(torch.cat([gu.flatten(), dn.flatten()])), 8)
+    levels = lambda r: ((-torch.rand(r, generator=g)).half(), torch.rand(r, generator=g).half())
+    job = ((*encode(gu, dictionary), *levels(2 * ffn)), (*encode(dn, dictionary), *levels(d)), [0, 1, 2], [0.5, 1.0, 2.0])
+    x = torch.randn(3, d)
+    close(nc.code_ffn(x, [job], dictionary.table), nc.code_reference(x, [job], dictionary.table))
+
+
+@pytest.mark.parametrize("form", ["int4", "int3", "code"])
+def test_one_token_decode_and_many_tokens(form):
+    d, ffn = 128, 64
+    for tokens, routes in ((1, [[0]] * 8), (200, [list(range(0, 200, 2)), list(range(200))])):
+        x = torch.randn(tokens, d)
+        if form == "code":
+            jobs, table = code_jobs(d, ffn, routes)
+            out, expected = nc.code_ffn(x, jobs, table), nc.code_reference(x, jobs, table)
+        else:
+            bits = int(form[3:])
+            jobs = int_jobs(d, ffn, bits, (4, 2), routes)
+            out, expected = nc.int_ffn(x, jobs, bits), nc.int_reference(x, jobs, bits)
+        close(out, expected, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_give_their_dtype(dtype):
+    d, ffn = 64, 48
+    x = torch.randn(5, d).to(dtype)
+    jobs = int_jobs(d, ffn, 4, (2, 3), ROUTES[:3])
+    out = nc.int_ffn(x, jobs, 4)
+    assert out.dtype == dtype
+    close(out, nc.int_reference(x, jobs, 4), 1e-2)
+
+
+def test_thread_count_does_not_change_bits():
+    d, ffn = 96, 80
+    x = torch.randn(5, d)
+    jobs = int_jobs(d, ffn, 3, (3, 2), [[0, 1], [1, 2, 3], [4], [0, 4]])
+    outs = [nc.int_ffn(x, jobs, 3, threads=t) for t in (1, 2, 3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    jobs, table = code_jobs(d, ffn, [[0, 1], [1, 2, 3], [4], [0, 4]])
+    outs = [nc.code_ffn(x, jobs, table, threads=t) for t in (1, 2, 3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_no_jobs_gives_zeros_and_out_is_written_in_place():
+    x = torch.randn(3, 16)
+    out = torch.full_like(x, 7.0)
+    assert nc.int_ffn(x, [], 4, out=out) is out and torch.equal(out, torch.zeros_like(x))
+    jobs = int_jobs(16, 8, 4, (1, 1), [[1]])
+    assert nc.int_ffn(x, jobs, 4, out=out, scratch=nc.Scratch()) is out
+    close(out, nc.int_reference(x, jobs, 4))
+
+
+def test_refuses_what_it_cannot_take():
+    x = torch.randn(2, 32)
+    gu, dn, _, _ = int_jobs(32, 16, 4, (2, 1), [[0]])[0]
+    with pytest.raises(ValueError, match="takes"):
+        nc.int_ffn(x, [(gu, dn, [0], [1.0])], 5)
+    with pytest.raises(ValueError, match="'scale' must be"):
+        nc.int_ffn(x, [((gu[0], gu[1].float(), gu[2]), dn, [0], [1.0])], 4)
+    with pytest.raises(ValueError, match="shapes"):
+        nc.int_ffn(x, [(gu, dn, [0], [1.0])], 2)  # 4-bit words read as 2-bit: the word count differs
+    with pytest.raises(ValueError, match="outside x"):
+        nc.int_ffn(x, [(gu, dn, [2], [1.0])], 4)
+    with pytest.raises(ValueError, match="at most 256 tokens"):
+        nc.int_ffn(torch.randn(300, 32), [(gu, dn, list(range(300)), [1.0] * 300)], 4)
+    jobs, table = code_jobs(32, 16, [[0]])
+    with pytest.raises(ValueError, match="code table"):
+        nc.code_ffn(x, jobs, table.long())
