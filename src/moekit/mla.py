@@ -29,6 +29,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import MoekitError
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
+from .linear import Linear
 from .paged_attention import gather_sequence
 from .rope import apply_rope, yarn_mscale
 
@@ -78,15 +79,15 @@ class LatentAttention(nn.Module):
         d, h, bias = cfg.hidden_size, cfg.num_heads, cfg.qkv_bias
         self.q_dim = h * m.qk_head_dim
         if m.q_lora_rank:
-            self.q_a_proj = nn.Linear(d, m.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(d, m.q_lora_rank, bias=bias)
             self.q_a_norm = LatentRMSNorm(m.q_lora_rank)
-            self.q_b_proj = nn.Linear(m.q_lora_rank, self.q_dim, bias=False)
+            self.q_b_proj = Linear(m.q_lora_rank, self.q_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(d, self.q_dim, bias=False)
-        self.kv_a_proj = nn.Linear(d, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)  # [r + dr, D]
+            self.q_proj = Linear(d, self.q_dim, bias=False)
+        self.kv_a_proj = Linear(d, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)  # [r + dr, D]
         self.kv_a_norm = LatentRMSNorm(m.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * m.v_head_dim, d, bias=cfg.o_bias)
+        self.kv_b_proj = Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = Linear(h * m.v_head_dim, d, bias=cfg.o_bias)
         self.scale = softmax_scale(cfg)
 
     # ---- steps -------------------------------------------------------------------------------

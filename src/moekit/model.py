@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .errors import MoekitError
 from .experts import ResidentExperts
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
+from .linear import Linear
 from .paged_attention import causal_mask, decode_attention, prefill_attention
 from .rope import apply_rope, cos_sin, inverse_frequencies
 from .routers import route
@@ -62,8 +63,8 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.q_dim = cfg.num_heads * cfg.head_dim
         self.kv_dim = cfg.num_kv_heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv = Linear(cfg.hidden_size, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -172,8 +173,8 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden: int, ffn: int):
         super().__init__()
-        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
-        self.down = nn.Linear(ffn, hidden, bias=False)
+        self.gate_up = Linear(hidden, 2 * ffn, bias=False)
+        self.down = Linear(ffn, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -189,10 +190,10 @@ class MoEBlock(nn.Module):
         self.top_k = cfg.top_k  # may be lowered after loading (top-k reduction)
         self.skip_below = 0.0  # dynamic skip: drop experts whose weight < skip_below * the top weight
         num_experts = cfg.experts_in(layer)
-        self.router = nn.Linear(cfg.hidden_size, num_experts, bias=cfg.router_bias)
+        self.router = Linear(cfg.hidden_size, num_experts, bias=cfg.router_bias)
         self.experts: nn.Module = ResidentExperts(num_experts, cfg.hidden_size, cfg.expert_ffn)
         self.shared = DenseMLP(cfg.hidden_size, cfg.shared_expert_ffn) if cfg.shared_expert_ffn else None
-        self.shared_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.shared_gate = (Linear(cfg.hidden_size, 1, bias=False)
                             if self.shared is not None and cfg.shared_expert_gate else None)
         # DeepSeek-V3's e_score_correction_bias [E], float32: added to the scores for selection only
         self.score_bias = nn.Buffer(torch.zeros(num_experts)) if cfg.router.correction_bias else None
@@ -286,7 +287,7 @@ class MoEModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         inv_freq, self.rope_scale = inverse_frequencies(cfg.rope, cfg.rope_dim)

@@ -85,3 +85,39 @@ def test_refuses_what_it_cannot_take():
 
 def test_stream_read_rate_is_measured():
     assert ne.stream_read_bytes_per_s(1 << 22, threads=1, reps=2) > 1e8  # any real machine reads 100 MB/s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 64), (5, 130, 100), (16, 64, 256)])
+def test_linear_matches_pytorch(dtype, m, n, k):
+    x = torch.randn(m, k).to(dtype)
+    w = (torch.randn(n, k) / k ** 0.5).to(dtype)
+    b = torch.randn(n).to(dtype)
+    for bias in (None, b):
+        got = ne.linear(x, w, bias, threads=2)
+        expected = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+        assert got.dtype == dtype and got.shape == (m, n)
+        assert (got.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
+    with pytest.raises(ValueError, match="linear takes"):
+        ne.linear(torch.randn(m, k + 1).to(dtype), w)
+
+
+def test_model_linear_takes_the_kernel_only_where_it_applies():
+    """moekit.linear.Linear: bf16 decode rows on the CPU through the kernel (close to F.linear);
+    float32, long calls and autograd through F.linear (bit-equal)."""
+    from moekit.linear import Linear
+
+    layer = Linear(64, 48, bias=True)
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # float32
+    layer = layer.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(xb)
+        expected = torch.nn.functional.linear(xb.float(), layer.weight.float(), layer.bias.float())
+        assert got.shape == (2, 3, 48) and (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+        long = torch.randn(40, 64).to(torch.bfloat16)  # more rows than SMALL_BATCH_TOKENS: PyTorch
+        assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.weight, layer.bias))
+    xg = xb.clone().requires_grad_()
+    layer(xg).float().sum().backward()  # autograd runs through F.linear
+    assert xg.grad is not None

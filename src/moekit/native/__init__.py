@@ -113,6 +113,8 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_expert_ffn.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, i64, i64, i64, i64, i64p, i64p, i32p, i32p,
                                       f32p, f32p, f32p, f32p, ctypes.c_int]
     lib.moekit_expert_ffn.restype = ctypes.c_int
+    lib.moekit_linear.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, f32p, vp, i64, i64, i64, f32p, ctypes.c_int]
+    lib.moekit_linear.restype = ctypes.c_int
     lib.moekit_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.moekit_stream_read.restype = ctypes.c_double
     for declare in _declarations:  # other modules' functions (register_declarations)

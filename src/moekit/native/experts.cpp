@@ -160,6 +160,25 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
   }
 }
 
+template <typename W, typename Conv>
+void run_linear(const float* xf, const W* w, const float* bias, int64_t M, int64_t N, int64_t K, int odtype,
+                void* out, int threads, Conv conv) {
+  const int64_t blocks = (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+#pragma omp parallel num_threads(threads)
+  {
+    float scratch[MAX_ROW];
+    float dots[256];
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < blocks; ++item) {
+      for (int64_t n = item * ROWS_PER_ITEM; n < (item + 1) * ROWS_PER_ITEM && n < N; ++n) {
+        row_dots(w + n * K, K, xf, K, nullptr, static_cast<int>(M), scratch, dots, conv);
+        const float b = bias ? bias[n] : 0.f;
+        for (int64_t m = 0; m < M; ++m) from_float(odtype, dots[m] + b, out, m * N + n);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -185,6 +204,29 @@ int moekit_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t 
 #endif
   else
     run_layer<float>(xf, D, I, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, F32());
+  return 0;
+}
+
+// out [M, N] = x [M, K] @ w[N, K]^T (+ bias [N], float32) for M <= 256 rows: each weight row read
+// once (a decode step's projections, at host memory bandwidth). Returns 0, or 1 for K > MAX_ROW,
+// 2 for M > 256, 3 for float16 without compiler support.
+int moekit_linear(int wdtype, int xdtype, const void* x, const void* w, const float* bias, void* out, int64_t M,
+                  int64_t N, int64_t K, float* xf, int threads) {
+  if (K > MAX_ROW) return 1;
+  if (M > 256) return 2;
+#ifndef __FLT16_MAX__
+  if (wdtype == 1 || xdtype == 1) return 3;
+#endif
+  for (int64_t m = 0; m < M; ++m)
+    to_float(xdtype, static_cast<const char*>(x) + m * K * (xdtype == 2 ? 4 : 2), K, xf + m * K);
+  if (wdtype == 0)
+    run_linear(xf, static_cast<const uint16_t*>(w), bias, M, N, K, xdtype, out, threads, Bf16());
+#ifdef __FLT16_MAX__
+  else if (wdtype == 1)
+    run_linear(xf, static_cast<const _Float16*>(w), bias, M, N, K, xdtype, out, threads, F16());
+#endif
+  else
+    run_linear(xf, static_cast<const float*>(w), bias, M, N, K, xdtype, out, threads, F32());
   return 0;
 }
 

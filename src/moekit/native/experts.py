@@ -14,6 +14,7 @@ Shapes: N tokens, D hidden, I expert ffn width, n tokens of one job.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,42 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
                                  _ptr(xf), _ptr(accs), threads)
     if code != 0:
         raise ValueError(f"the CPU expert kernel refused its arguments (code {code}: see experts.cpp)")
+    return out
+
+
+_linear_scratch = threading.local()  # per thread: x in float32 (the CPU expert worker calls too)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           threads: int | None = None) -> torch.Tensor:
+    """Returns x [M, K] @ weight [N, K]^T (+ bias) as [M, N] in x's dtype, float32 accumulation,
+    each weight row read once: a decode step's projections at host memory bandwidth (PyTorch's
+    bf16 matmul on a CPU without AMX read ~2 GB/s here). M <= MAX_JOB_TOKENS; CPU tensors of
+    bf16/fp16/fp32; raises ValueError otherwise (check `usable` first)."""
+    lib = library()
+    if lib is None:
+        from . import unavailable_reason
+
+        raise ValueError(f"the CPU kernels are unavailable: {unavailable_reason()}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if (weight.shape[1] != k or m > MAX_JOB_TOKENS or k > MAX_ROW or weight.dtype not in DTYPE_CODES
+            or x.dtype not in DTYPE_CODES or weight.device.type != "cpu" or x.device.type != "cpu"):
+        raise ValueError(f"linear takes CPU x [M <= {MAX_JOB_TOKENS}, K <= {MAX_ROW}] and weight [N, K] of "
+                         f"bf16/fp16/fp32; got {list(x.shape)} {x.dtype}, {list(weight.shape)} {weight.dtype}")
+    x = x.contiguous()
+    weight = weight.contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    out = torch.empty(m, n, dtype=x.dtype)
+    scratch = getattr(_linear_scratch, "value", None)
+    if scratch is None:
+        scratch = _linear_scratch.value = Scratch()
+    xf = scratch.get("x", m * k)
+    code = lib.moekit_linear(DTYPE_CODES[weight.dtype], DTYPE_CODES[x.dtype], x.data_ptr(), weight.data_ptr(),
+                             None if b is None else _ptr(b), out.data_ptr(), m, n, k, _ptr(xf),
+                             threads or torch.get_num_threads())
+    if code != 0:
+        raise ValueError(f"the CPU linear kernel refused its arguments (code {code}: see experts.cpp)")
     return out
 
 
