@@ -238,13 +238,26 @@ void chunk_fast(const float* qf, int64_t Dh, const T* const* kp, const T* const*
     }
     for (int g = 0; g < NG; ++g) scores[g * CHUNK + t] = hsum(a0[g]);
   }
+  const int64_t nw = (n + W - 1) / W * W;  // whole vectors (CHUNK % W == 0); the tail is masked
   for (int g = 0; g < NG; ++g) {
     float* sg = scores + g * CHUNK;
+    for (int64_t i = n; i < nw; ++i) sg[i] = -INFINITY;
+    vf vmax = vf{} - INFINITY;
+    for (int64_t i = 0; i < nw; i += W) {
+      const vf v = load(sg + i);
+      vmax = vmax > v ? vmax : v;
+    }
     float mx = m[g];
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sg[i]);
-    for (int64_t i = 0; i < n; i += W) store(sg + i, exp_nonpositive(load(sg + i) - mx));  // CHUNK % W == 0
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) sum += sg[i];
+    for (int i = 0; i < W; ++i) mx = std::max(mx, vmax[i]);
+    vf vsum = vf{};
+    for (int64_t i = 0; i < nw; i += W) {
+      vf e = exp_nonpositive(load(sg + i) - mx);
+      if (i + W > n)  // the positions past n weigh nothing
+        for (int k = static_cast<int>(n - i); k < W; ++k) e[k] = 0.f;
+      store(sg + i, e);
+      vsum += e;
+    }
+    const float sum = hsum(vsum);
     const float correction = m[g] == -INFINITY ? 0.f : std::exp(m[g] - mx);
     l[g] = l[g] * correction + sum;
     m[g] = mx;
@@ -285,6 +298,18 @@ void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, con
       const int64_t p = c0 + t, off = table[p / BS] * block_stride + (p % BS) * pos_stride + kvh * Dh;
       kp[t] = keys + off;
       vp[t] = values + off;
+    }
+    // the rows are 4-8 cache lines a position apart (the other kv heads lie between): too sparse
+    // for the hardware prefetchers, so ask for the next chunk's rows while this one computes
+    if (c0 + CHUNK < hi) {
+      const int64_t n2 = std::min(CHUNK, hi - c0 - CHUNK);
+      for (int64_t t = 0; t < n2; ++t) {
+        const int64_t p = c0 + CHUNK + t, off = table[p / BS] * block_stride + (p % BS) * pos_stride + kvh * Dh;
+        for (int64_t b = 0; b < Dh * static_cast<int64_t>(sizeof(T)); b += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(keys + off) + b);
+          __builtin_prefetch(reinterpret_cast<const char*>(values + off) + b);
+        }
+      }
     }
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       const int64_t ng = std::min<int64_t>(4, G - g0);
