@@ -1,0 +1,41 @@
+"""What each rank runs in tests/parallel (imported by the spawned processes: moekit only, no
+transformers, so a rank starts quickly)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from ranks import RankError
+
+
+def generate_cases(comm, cases: list[dict]) -> dict:
+    """Returns {case name: {"tokens", "logits", "held", "report"} or RankError} for each case
+    {"name", "path" (one, or one per rank), "expert_map", "ids" [B, T], "new_tokens"}."""
+    from moekit.parallel import load_expert_parallel
+
+    out: dict = {}
+    for case in cases:
+        path = case["path"][comm.rank] if isinstance(case["path"], list) else case["path"]
+        try:
+            model = load_expert_parallel(path, comm, case.get("expert_map"))
+            ids = case["ids"]
+            with torch.no_grad():
+                logits = model(ids)
+            tokens = model.generate(ids, max_new_tokens=case["new_tokens"], temperature=0, eos_token_ids=())
+            runtime = model.expert_runtime
+            out[case["name"]] = {"tokens": tokens, "logits": logits, "held": dict(runtime.owned),
+                                 "report": runtime.report()}
+        except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
+            out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
+    return out
+
+
+def die_or_load(comm, path: str) -> str:
+    """Rank 1 exits at once; rank 0 loads the model (its first collective must fail, not hang)."""
+    from moekit.parallel import load_expert_parallel
+
+    if comm.rank == 1:
+        os._exit(3)
+    load_expert_parallel(path, comm)
+    return "loaded"
