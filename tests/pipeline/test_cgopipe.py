@@ -22,9 +22,14 @@ def tiny():
 
 @pytest.mark.parametrize("micro_batch", [1, 2, 5])
 def test_tokens_equal_generate(tiny, micro_batch):
+    from moekit.generate import GenerationStats
+
     expected = generate_ragged(tiny, PROMPTS, max_new_tokens=8, temperature=0.0, stop_at_eos=False)
-    got = generate_pipelined(tiny, PROMPTS, max_new_tokens=8, micro_batch=micro_batch)
+    stats = GenerationStats()
+    got = generate_pipelined(tiny, PROMPTS, max_new_tokens=8, micro_batch=micro_batch, stats=stats)
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+    assert stats.new_tokens == 8 and stats.prompt_tokens == sum(map(len, PROMPTS))
+    assert stats.prefill_s > 0 and stats.decode_s > 0
 
 
 def test_cpu_streams_are_the_current_thread():

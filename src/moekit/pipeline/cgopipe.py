@@ -221,19 +221,26 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
 
 @torch.inference_mode()
 def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
-                       block_size: int = 16) -> list[torch.Tensor]:
+                       block_size: int = 16, stats=None) -> list[torch.Tensor]:
     """Returns each prompt's `max_new_tokens` greedy tokens (no early stop at eos, as MoE-Lightning
     runs a batch): prefill on the model's device a micro-batch at a time with the KV moved to a
     host-resident paged cache (prefill_to_host), then decode steps by CGOPipe's schedule
-    (PipelinedDecoder)."""
+    (PipelinedDecoder). `stats` (a moekit.generate.GenerationStats) receives the timings: the
+    batch's generated tokens per second are len(prompts) * new_tokens / (prefill_s + decode_s)."""
+    import time
+
     from ..generate import prompt_list
 
     prompts = prompt_list(model, prompts, max_new_tokens)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    t0 = time.perf_counter()
     lengths = [len(p) for p in prompts]
     positions = sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths)
     cache = PagedKVCache.for_tokens(model.config, positions, block_size, "cpu", model.dtype)
     logits = prefill_to_host(model, cache, prompts, micro_batch, block_size)
     outs = [[int(t)] for t in logits.argmax(dim=-1)]
+    t1 = time.perf_counter()
     decoder = PipelinedDecoder(model, cache, micro_batch)
     try:
         for _ in range(max_new_tokens - 1):
@@ -242,4 +249,9 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
                 o.append(t)
     finally:
         decoder.close()
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    if stats is not None:
+        stats.prompt_tokens, stats.new_tokens = sum(lengths), max_new_tokens
+        stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
     return [torch.tensor(o, dtype=torch.long) for o in outs]
