@@ -238,14 +238,13 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
 def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_len: int) -> float:
     """Returns the seconds of one prefill layer: all on the GPU, the layer's streamed experts
     sent once, KV sent to the host (CPU attention), each term its own roof."""
-    n, tokens = policy.batch, policy.batch * prompt_len
+    tokens = policy.batch * prompt_len
     streamed = m.layer_expert_bytes * (1 - policy.resident_share)
     per_mb = policy.micro_batch * prompt_len
     flops = tokens * (m.top_k * m.expert_flops * m.moe_fraction + m.other_flops
                       + m.attention_flops_per_position * m.attended(prompt_len) / 2)
     hbm = policy.micro_batches * (m.touched(per_mb) * m.expert_bytes * m.moe_fraction + m.other_bytes)
     d2h = tokens * m.kv_bytes_per_token if policy.attention == "cpu" else 0.0
-    del n
     return max(streamed / machine.h2d_bandwidth, flops / machine.gpu_flops, hbm / machine.gpu_bandwidth,
                d2h / machine.d2h_bandwidth)
 
