@@ -4,8 +4,9 @@ Each cell loads one checkpoint (dense float32, int-4, int-2 or the ternary code;
 scope "global" or not) in one placement (resident, or offloaded with misses fetch - from the host
 or the disk store -, cpu, auto or mapped) and either generates the same 8 greedy tokens as the resident run of that checkpoint, or
 refuses - at load or at generation - with a one-line MoekitError that says which --misses to use
-instead. resident and fetch must always run; a placement that silently serves another misses
-mode than the one asked fails (only auto may choose). Offloaded cells run with a cache of 3
+instead. resident and fetch must always run, and cpu too where the native CPU kernels build (every
+form: compressed ones decode in the matvec, native/compressed.cpp); a placement that silently
+serves another misses mode than the one asked fails (only auto may choose). Offloaded cells run with a cache of 3
 experts (of 24, or of the pruned model's fewer), and check that misses really happened.
 
 The reference is built here (pruned_models.StoredFormLoader: each layer's stored tensors with its
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 import moekit
+from moekit import native
 from moekit.errors import MoekitError
 from moekit.experts import triton_ops
 from moekit.load import read_config
@@ -46,8 +48,9 @@ FORMS = ["dense", *QUANT]
 PLACEMENTS = {"resident": None, "fetch": ("fetch", "host"), "fetch-disk": ("fetch", "disk"),
               "cpu": ("cpu", "host"), "auto": ("auto", "auto"), "mapped": ("mapped", "host")}
 MODELS = ["plain", "pruned"]
-# where a misses mode cannot serve a form it may refuse; resident and fetch serve everything
-MAY_REFUSE = {"cpu", "auto", "mapped"}
+# where a misses mode cannot serve a form it may refuse; resident and fetch serve everything, and cpu
+# does too where the native CPU kernels build (dense, and compressed forms decoded in the matvec)
+MAY_REFUSE = {"auto", "mapped"} | (set() if native.library() is not None else {"cpu"})
 REFUSAL = re.compile(r"\buse\b.*(--misses|misses=)")  # names the misses mode to use instead
 
 

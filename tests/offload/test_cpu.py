@@ -294,13 +294,24 @@ def test_bad_values_are_refused():
         OffloadConfig(misses="cpu", cpu_max_tokens=0)
 
 
-def test_compressed_experts_refuse_cpu_and_auto_fetches(tiny, tmp_path):
+def test_compressed_experts_run_on_the_cpu_and_are_refused_without_a_compiler(tiny, tmp_path, monkeypatch):
+    from moekit import native
     from moekit.quant.compress import compress
     from moekit.quant.config import QuantConfig
 
     path = tmp_path / "mixtral-4"
     compress(tiny("mixtral").path, path, QuantConfig(bits="4", group_size=16, method="rtn"), progress=False)
-    with pytest.raises(moekit.MoekitError, match="--misses cpu: experts stored as int4 have no fast CPU path"):
+    if native.library() is not None:  # the native kernels decode in the matvec (native.compressed)
+        ids = token_ids(1, 6, seed=2)
+        plan = load_offloaded(path, offload=OffloadConfig(context_tokens=CONTEXT)).offload.plan
+        budget = plan.planned_bytes - plan.cache_bytes + 2 * plan.expert_bytes  # a 2-expert cache
+        model = load_offloaded(path, offload=OffloadConfig(misses="cpu", context_tokens=CONTEXT, device_memory=budget))
+        assert model.offload.misses == "cpu" and model.offload.cpu.native
+        assert torch.equal(greedy(model, ids, 6), greedy(moekit.load_model(path), ids, 6))
+        assert model.offload.report()["cpu_experts"] > 0
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found (set CXX, or install g++)")
+    with pytest.raises(moekit.MoekitError, match="--misses cpu: experts stored as int4 have no fast CPU path.*compiler"):
         load_offloaded(path, offload=OffloadConfig(misses="cpu", context_tokens=CONTEXT))
     model = load_offloaded(path, offload=OffloadConfig(misses="auto", context_tokens=CONTEXT))
     report = model.offload.report()

@@ -287,7 +287,7 @@ class BiasedCompressedForm(StoredForm):
         self.inner, self.alpha, self.limit, self.bias_dtype = inner, alpha, limit, bias_dtype
         self.name = f"{inner.name}_clamped_swiglu"
         self.bits = getattr(inner, "bits", None)
-        self.why_not_cpu = inner.why_not_cpu
+        self.why_not_cpu = "gpt-oss experts (biases, clamped SwiGLU) have no CPU expert kernel yet"
 
     @classmethod
     def of(cls, inner: StoredForm, cfg: ModelConfig, bias_dtype: torch.dtype) -> BiasedCompressedForm:

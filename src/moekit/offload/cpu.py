@@ -23,10 +23,11 @@ One layer call on CUDA (OffloadRuntime.run, `_run_split`):
 On a CPU-only machine (device cpu) both parts run on the CPU, one after the other, from the same
 store (the disk store reads the expert into a scratch buffer first).
 
-The CPU part is one native call per layer (moekit.native.experts, dense experts): a matvec per
-weight row, streamed once at host memory bandwidth by all the worker's threads, with one barrier
-between the gate/up and the down stage. Where no compiler is found (or for compressed forms,
-which `--misses cpu` refuses) it runs in PyTorch, expert by expert: 3-4 ops each.
+The CPU part is one native call per layer (moekit.native.experts for dense experts,
+moekit.native.compressed for int-N and the ternary code, decoded inside the matvec): a matvec per
+weight row, streamed once by all the worker's threads, with one barrier between the gate/up and
+the down stage. Where no compiler is found it runs in PyTorch, expert by expert: 3-4 ops each
+(and `--misses cpu` refuses compressed forms, whose PyTorch path decodes whole matrices).
 
 Which experts live on the device (batch 1). Every use of a cached expert saves its CPU time; a
 fetch costs more link time than the CPU needs to compute the expert once (when host memory is
@@ -140,12 +141,15 @@ def split_misses(inflight: list[tuple[int, float, float]], absent: list[tuple[in
 
 
 def native_usable(layout: SlotLayout, max_tokens: int) -> bool:
-    """Returns whether the native CPU kernel computes this layout's experts (dense bf16, fp16 or
-    fp32 rows, calls of at most max_tokens tokens, a compiler on this machine)."""
+    """Returns whether a native CPU kernel computes this layout's experts (dense bf16, fp16 or
+    fp32 rows, or a compressed form with its `native_ffn`; calls of at most max_tokens tokens, a
+    compiler on this machine)."""
     form = layout.form
-    if not isinstance(form, DenseForm) or max_tokens > MAX_JOB_TOKENS or form.ffn > MAX_ROW:
+    if max_tokens > MAX_JOB_TOKENS or form.ffn > MAX_ROW or form.hidden > MAX_ROW:
         return False
-    return usable(torch.empty(0, form.hidden, dtype=form.dtype), form.dtype)
+    if isinstance(form, DenseForm):
+        return usable(torch.empty(0, form.hidden, dtype=form.dtype), form.dtype)
+    return hasattr(form, "native_ffn") and form.cpu_fast  # quant.formats.CompressedForm
 
 
 class CpuWorker:
@@ -247,19 +251,29 @@ class CpuWorker:
 
         top_k = w_host.shape[1]
         w_flat = w_host.reshape(-1).tolist()
+        form = self.layout.form
+        dense = isinstance(form, DenseForm)
 
         def job(expert: int, flat: list[int]):
             rows, row = self.store.host_rows(layer, expert)
             stacked = self.layout.view(rows, layer)
-            return stacked["gate_up"][row], stacked["down"][row], [s // top_k for s in flat], [w_flat[s] for s in flat]
+            tokens, weights = [s // top_k for s in flat], [w_flat[s] for s in flat]
+            if dense:
+                return stacked["gate_up"][row], stacked["down"][row], tokens, weights
+            return form.one(stacked, row), tokens, weights  # a compressed form's stored tensors
+
+        def run(jobs_: list, into: torch.Tensor) -> torch.Tensor:
+            if dense:
+                return expert_ffn(x_host, jobs_, out=into, threads=self.threads, scratch=self.scratch)
+            return form.native_ffn(x_host, jobs_, out=into, threads=self.threads, scratch=self.scratch)
 
         if self.store.kind != "disk":
-            expert_ffn(x_host, [job(e, flat) for e, flat in jobs], out=out, threads=self.threads, scratch=self.scratch)
+            run([job(e, flat) for e, flat in jobs], out)
             return
         out.zero_()
         partial = torch.empty_like(out)
         for e, flat in jobs:
-            out.add_(expert_ffn(x_host, [job(e, flat)], out=partial, threads=self.threads, scratch=self.scratch))
+            out.add_(run([job(e, flat)], partial))
 
     def close(self) -> None:
         if self.worker is not None:

@@ -52,10 +52,23 @@ class CompressedForm(StoredForm):
     ROW_TENSORS: tuple[str, ...] = ()  # the suffixes whose shape is [E, R, ...] (one entry per row)
     SHARED: tuple[str, ...] = ()  # per-layer tensors (tables)
     bits: int | None = None  # code width of the int form (None: the ternary code)
-    cpu_fast = False
-    why_not_cpu = ("its CPU path decodes each whole matrix per call, slower than copying the compressed "
-                   "expert to the device")
     why_not_in_place = "its kernels read cache slots, not host memory in place"
+
+    @property
+    def cpu_fast(self) -> bool:
+        """Whether the native CPU kernels (moekit.native.compressed: decoded in the matvec, each
+        packed byte read once) run here; without them the CPU path decodes each whole matrix per
+        call, slower than copying the compressed expert to the device."""
+        from ..native import library
+
+        return library() is not None
+
+    @property
+    def why_not_cpu(self) -> str:
+        from ..native import unavailable_reason
+
+        return "" if self.cpu_fast else (f"its CPU kernels are unavailable ({unavailable_reason()}), and its "
+                                         "PyTorch path decodes each whole matrix per call")
 
     def __init__(self, hidden: int, ffn: int, layer_specs: dict[int, Specs], layer_tables: dict[int, Tensors]):
         """`layer_specs` {layer: {name: (one expert's shape, dtype)}}; `layer_tables` {layer: {name: tensor}}."""
@@ -100,9 +113,40 @@ class CompressedForm(StoredForm):
             out[name].copy_(ckpt.read(f"{prefix}.{name}"))
 
     def fused(self, x, rows, weights, stacked, offsets=None):
+        if offsets is None and not x.is_cuda and not ops.use_kernels(x):  # the CPU: native kernels, small calls
+            return self.cpu_ffn(x, rows, weights, stacked)
         if offsets is not None or rows.numel() > SLOT_KERNEL_MAX_SLOTS or not ops.use_kernels(x):
             return None
         return slot_ffn(stacked, self.bits, x, rows, weights)
+
+    def native_ffn(self, x: torch.Tensor, jobs: list[tuple[Tensors, list[int], list[float]]],
+                   out: torch.Tensor | None = None, threads: int | None = None, scratch=None) -> torch.Tensor:
+        """Returns out [N, D]: sum over jobs (one expert's tensors with the layer's tables, as `one`
+        gives them; its tokens; their weights) of weight * expert(x[token]), by one call of the
+        native CPU kernel (moekit.native.compressed). Raises ValueError where it cannot run."""
+        raise NotImplementedError
+
+    def cpu_ffn(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
+                stacked: Tensors) -> torch.Tensor | None:
+        """Returns a small CPU call run by the native kernel, or None where it does not apply (more
+        than SMALL_BATCH_TOKENS tokens: decoding once and PyTorch's GEMMs win; no compiler).
+        Jobs are the stack rows in order of first use in routing order (n * A + a), as for
+        dense experts (experts.forms.cpu_expert_ffn)."""
+        from ..native.compressed import usable
+        from ..native.experts import SMALL_BATCH_TOKENS
+
+        if x.shape[0] > SMALL_BATCH_TOKENS or not usable(x):
+            return None
+        tokens: dict[int, list[int]] = {}
+        scales: dict[int, list[float]] = {}
+        top_k = rows.shape[1]
+        for slot, (row, w) in enumerate(zip(rows.reshape(-1).tolist(), weights.reshape(-1).float().tolist())):
+            tokens.setdefault(row, []).append(slot // top_k)
+            scales.setdefault(row, []).append(w)
+        jobs = [(self.one(stacked, row), tokens[row], scales[row]) for row in tokens]
+        if any(not t.is_contiguous() for one, _, _ in jobs for t in one.values()):
+            return None
+        return self.native_ffn(x, jobs)
 
 
 class IntForm(CompressedForm):
@@ -123,6 +167,12 @@ class IntForm(CompressedForm):
 
     def weight(self, kind, one, dtype=torch.float32):
         return ops.int_weight(*self._parts(kind, one), self.bits, self.cols(kind), dtype)
+
+    def native_ffn(self, x, jobs, out=None, threads=None, scratch=None):
+        from ..native.compressed import int_ffn
+
+        return int_ffn(x, [(self._parts("gate_up", one), self._parts("down", one), t, w) for one, t, w in jobs],
+                       self.bits, out=out, threads=threads, scratch=scratch)
 
 
 class TernaryCodeForm(CompressedForm):
@@ -145,6 +195,14 @@ class TernaryCodeForm(CompressedForm):
 
     def weight(self, kind, one, dtype=torch.float32):
         return ops.code_weight(*self._parts(kind, one), self.cols(kind), dtype)
+
+    def native_ffn(self, x, jobs, out=None, threads=None, scratch=None):
+        from ..native.compressed import code_ffn
+
+        if not jobs:
+            return code_ffn(x, [], torch.empty(0, 2, dtype=torch.int32), out=out)
+        return code_ffn(x, [(self._parts("gate_up", one)[:-1], self._parts("down", one)[:-1], t, w)
+                            for one, t, w in jobs], jobs[0][0]["code_table"], out=out, threads=threads, scratch=scratch)
 
 
 def form_class(form: str) -> type[CompressedForm]:
