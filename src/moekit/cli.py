@@ -55,9 +55,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .generate import GenerationStats, generate
     from .load import load_model
+    from .parallel import cli as parallel_cli
     from .tokenizer import StreamDecoder, load_tokenizer
 
     path, device = check_generate(args)
+    spec = parallel_cli.check_flags(args)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
@@ -74,7 +76,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           f"{len(ids) + args.max_new_tokens} exceeds the model's context of {context} positions; "
                           "shorten the prompt or lower --max-new-tokens")
     input_ids = torch.tensor([ids], dtype=torch.long)
-    if args.offload:  # the budget is planned for this prompt plus the new tokens
+    ranks = parallel_cli.RankSetup(spec, device) if spec is not None else None  # under torchrun, one per rank
+    if ranks is not None:
+        device, args.seed = str(ranks.device), ranks.seed(args.seed)
+        model = ranks.load(path, dtype=args.dtype)
+    elif args.offload:  # the budget is planned for this prompt plus the new tokens
         model = offload_cli.load_for_generate(args, device, len(ids) + args.max_new_tokens)
     else:
         model = load_model(path, device=device, dtype=args.dtype)
@@ -114,6 +120,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "cuda_graph": stats.cuda_graph, "threads": torch.get_num_threads(),
     }
     offload = getattr(model, "offload", None)
+    if ranks is not None:
+        result["parallel"], offload = model.expert_runtime.report(), None
+        ranks.close()
+        if ranks.rank != 0:  # rank 0 prints
+            return 0
     if offload is not None:
         result["offload"] = offload.report()
     if args.json:
@@ -208,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .offload.cli import add_generate_flags
 
     add_generate_flags(gen)
+    from .parallel.cli import add_generate_flags as add_parallel_flags
+
+    add_parallel_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     ins = sub.add_parser("inspect", help="sizes of a model: parameters, bytes, bits per expert parameter")

@@ -80,7 +80,8 @@ def _spawn(cases: list[dict]):
     """Returns ({name: case}, [rank 0's results, rank 1's]) of one spawn of 2 ranks over the cases."""
     ids = token_ids(2, 5, seed=3)
     for case in cases:
-        case.update(ids=ids, new_tokens=NEW_TOKENS)
+        case.setdefault("ids", ids)
+        case["new_tokens"] = NEW_TOKENS
     t0 = time.perf_counter()
     results = run_ranks(2, generate_cases, cases)
     print(f"2 ranks, {len(cases)} cases: {time.perf_counter() - t0:.1f} s")
@@ -93,6 +94,7 @@ def two_ranks(checkpoints):
     plain = str(checkpoints("plain"))
     return _spawn([
         {"name": "plain", "path": plain},
+        {"name": "one_sequence", "path": plain, "ids": token_ids(1, 4, seed=4)},  # decode: 1 token, 2 ranks
         {"name": "bad_map", "path": plain, "expert_map": {0: [0, 5, 1, 0]}},
         {"name": "disagree", "path": [plain, str(checkpoints("int4"))]},  # last: both ranks fail alike
     ])
@@ -115,8 +117,9 @@ def _reference(path, ids):
     return logits, model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, eos_token_ids=())
 
 
-def test_two_ranks_equal_one_process(two_ranks):
-    _check_equal(two_ranks, "plain")
+@pytest.mark.parametrize("name", ["plain", "one_sequence"])
+def test_two_ranks_equal_one_process(two_ranks, name):
+    _check_equal(two_ranks, name)
 
 
 @pytest.mark.slow

@@ -153,7 +153,7 @@ class ShardedExperts(nn.Module):
         back = comm.all_to_all(self._run_local(recv_x, recv_ids), recv, send, what)  # [S, D]
         per_slot = x.new_zeros((hi - lo) * top_k, x.shape[1])
         per_slot[slots] = back
-        chunk = (per_slot.view(hi - lo, top_k, -1) * weights[lo:hi, :, None]).sum(dim=1)  # [N_r, D]
+        chunk = (per_slot.view(hi - lo, top_k, x.shape[1]) * weights[lo:hi, :, None]).sum(dim=1)  # [N_r, D]
         self._count(send, x.shape[1] * x.element_size())
         return self._gather(chunk, n)
 

@@ -1,0 +1,104 @@
+"""`moekit generate --parallel ep=N`: the flag, its checks, and the per-rank setup under torchrun.
+
+    torchrun --nproc-per-node 2 -m moekit generate "def fib(n):" --parallel ep=2
+
+Every rank loads the non-expert model whole and its slice of the experts, and runs the same
+tokens; rank 0 prints, the others stay quiet (their errors still reach stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MoekitError
+from .comm import DEFAULT_TIMEOUT_S, ExpertComm
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """What --parallel asks for: `ep` expert-parallel ranks; collectives wait `timeout_s` at most."""
+
+    ep: int  # ranks the experts are split over (torchrun's --nproc-per-node)
+    timeout_s: float = DEFAULT_TIMEOUT_S  # a collective waits this long before the rank gives up
+
+    def __post_init__(self) -> None:
+        if self.ep < 1:
+            raise MoekitError(f"--parallel ep must be >= 1, got {self.ep}")
+        if self.timeout_s <= 0:
+            raise MoekitError(f"--parallel timeout must be > 0 seconds, got {self.timeout_s:g}")
+
+    @staticmethod
+    def parse(text: str) -> ParallelSpec:
+        """Returns the spec of a --parallel value like "ep=2" or "ep=4,timeout=60"."""
+        fields: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("ep", "timeout"):
+                raise MoekitError(f"--parallel {text}: give ep=N (expert-parallel ranks) and optionally "
+                                  "timeout=SECONDS, e.g. --parallel ep=2")
+            fields[key] = value
+        if "ep" not in fields:
+            raise MoekitError(f"--parallel {text}: ep=N is missing, e.g. --parallel ep=2")
+        try:
+            return ParallelSpec(int(fields["ep"]), float(fields.get("timeout", DEFAULT_TIMEOUT_S)))
+        except ValueError:
+            raise MoekitError(f"--parallel {text}: ep must be an integer and timeout a number of seconds") from None
+
+
+def add_generate_flags(p: argparse.ArgumentParser) -> None:
+    """Adds --parallel to `moekit generate`."""
+    p.add_argument("--parallel", default=None, metavar="ep=N",
+                   help="expert parallelism over N processes started by torchrun (each holds 1/N of the experts; "
+                        "rank 0 prints): torchrun --nproc-per-node N -m moekit generate ... --parallel ep=N; "
+                        f"timeout=S: seconds a rank waits for the others (default {DEFAULT_TIMEOUT_S:g})")
+
+
+def check_flags(args: argparse.Namespace) -> ParallelSpec | None:
+    """Returns the --parallel spec (None without the flag) after checking it against the other flags."""
+    if args.parallel is None:
+        return None
+    spec = ParallelSpec.parse(args.parallel)
+    if getattr(args, "offload", None):
+        raise MoekitError("--parallel with --offload is not supported yet: give one of them")
+    if getattr(args, "compile", False):
+        raise MoekitError("--compile is not available with --parallel (collectives run between the captured "
+                          "pieces); drop --compile")
+    return spec
+
+
+class RankSetup:
+    """This process's rank: its comm and device, and the model loader of its expert slice."""
+
+    def __init__(self, spec: ParallelSpec, device: str):
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # one GPU per rank on a host
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        self.comm = ExpertComm.from_env(dev, spec.timeout_s)
+        if self.comm.world != spec.ep:
+            self.close()
+            raise MoekitError(f"--parallel ep={spec.ep}, but torchrun started {self.comm.world} processes: "
+                              f"give torchrun --nproc-per-node {spec.ep}")
+        self.rank, self.device = self.comm.rank, dev
+        if self.rank != 0:  # rank 0 prints; the others' stdout goes nowhere
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - held for the life of the process
+
+    def seed(self, seed: int | None) -> int:
+        """Returns rank 0's sampling seed on every rank (a random one when none is given): the
+        ranks must sample the same tokens, since each runs the whole sequence."""
+        return self.comm.broadcast_int(random.randrange(2**62) if seed is None else seed, "sharing the seed")
+
+    def load(self, path: str, dtype: str | None):
+        """Returns the model with this rank's slice of the experts."""
+        from .expert import load_expert_parallel
+
+        return load_expert_parallel(path, self.comm, dtype=dtype)
+
+    def close(self) -> None:
+        self.comm.close()

@@ -1,0 +1,56 @@
+"""`moekit generate --parallel ep=N`: flag checks in process; 2 ranks under torchrun (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import run_cli
+from ranks import free_port
+
+
+@pytest.mark.parametrize("value, message", [
+    ("ep=0", "--parallel ep must be >= 1, got 0"),
+    ("tp=2", "give ep=N (expert-parallel ranks)"),
+    ("timeout=5", "ep=N is missing"),
+    ("ep=two", "ep must be an integer"),
+    ("ep=2,timeout=0", "--parallel timeout must be > 0 seconds"),
+])
+def test_bad_parallel_flag_is_one_line(capsys, value, message):
+    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--parallel", value)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_parallel_without_torchrun_says_how(capsys, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--max-new-tokens", "2", "--parallel", "ep=2")
+    assert code == 2 and "torchrun --nproc-per-node N -m moekit generate" in err
+
+
+def test_parallel_with_offload_is_refused(capsys):
+    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--offload", "--parallel", "ep=2")
+    assert code == 2 and "--parallel with --offload is not supported yet" in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_print_once_and_equal_one_process(capsys):
+    args = ["generate", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--threads", "1",
+            "--device", "cpu", "--json"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    expected = json.loads(out)["token_ids"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                           "-m", "moekit", *args, "--parallel", "ep=2,timeout=30"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout  # rank 0 printed; rank 1 stayed quiet
+    result = json.loads(lines[0])
+    assert result["token_ids"] == expected
+    assert result["parallel"]["ranks"] == 2 and result["parallel"]["slots_remote"] > 0
