@@ -104,3 +104,15 @@ def test_cuda_pipelined_paged_tokens_equal_generate(expected):
     got = generate_pipelined(paged, PROMPTS, max_new_tokens=6, micro_batch=2)
     assert [t.tolist() for t in got] == expected
     assert paged.expert_runtime.pages_loaded > 0
+
+
+def test_zigzag_prefill_loads_each_layer_once(expected):
+    from moekit.kv_cache import PagedKVCache
+    from moekit.pipeline.cgopipe import prefill_to_host
+
+    paged = load_model(device="cpu", dtype="float32", experts=PagedLoader(resident=3))
+    host = PagedKVCache.for_tokens(paged.config, 256, 16, "cpu", torch.float32)
+    with torch.inference_mode():
+        first = prefill_to_host(paged, host, PROMPTS, micro_batch=2).argmax(-1).tolist()
+    assert first == [e[0] for e in expected]
+    assert paged.expert_runtime.whole_loads == len(paged.expert_runtime.layers)  # not once per micro-batch

@@ -193,30 +193,50 @@ class PipelinedDecoder:
         return torch.cat(logits)
 
 
+class OneLayerCache(PagedKVCache):
+    """A PagedKVCache whose layers all share one pool [NB + 1, BS, Hkv, Dh]: the zig-zag prefill
+    stages one layer's keys and values at a time on the device (moved to the host after it)."""
+
+    def __init__(self, config, num_blocks: int, block_size: int, device, dtype: torch.dtype):
+        (hk, dk), (hv, dv) = config.kv_cache_dims()
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = torch.device(device)
+        self.scratch_block = num_blocks
+        keys = torch.zeros((num_blocks + 1, block_size, hk, dk), device=device, dtype=dtype)
+        values = torch.zeros((num_blocks + 1, block_size, hv, dv), device=device, dtype=dtype)
+        self.keys, self.values = [keys] * config.num_layers, [values] * config.num_layers
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self.tables = {}
+
+
 def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_batch: int,
                     block_size: int = 16) -> torch.Tensor:
-    """Returns the last logits [N, V] of each prompt after prefilling them, `micro_batch` prompts at
-    a time, on the model's device (a device KV cache for one micro-batch), each micro-batch's
-    keys and values then copied into the host cache as sequences 0..N-1 (MoE-Lightning: prefill on
-    the GPU, KV offloaded per micro-batch). Not yet zig-zag: each micro-batch runs every layer
-    (paged experts are loaded whole per layer and micro-batch)."""
-    from ..generate import forward_step
-
+    """Returns the last logits [N, V] of each prompt, prefilled on the model's device in
+    MoE-Lightning's zig-zag order: every micro-batch of `micro_batch` prompts through layer i
+    before layer i + 1 (so a layer's streamed experts are loaded once, not once per micro-batch),
+    each layer's keys and values staged in one device pool and then copied into the host cache
+    (sequences 0..N-1). The residual streams of all N prompts stay on the device."""
     cfg, device = model.config, model.device
-    logits = []
+    blocks = sum(-(-len(p) // block_size) for p in prompts)
+    staging = OneLayerCache(cfg, blocks, block_size, device, model.dtype)
+    mbs = []
     for at in range(0, len(prompts), micro_batch):
-        part = prompts[at:at + micro_batch]
-        positions = sum(-(-len(p) // block_size) * block_size for p in part)
-        staging = PagedKVCache.for_tokens(cfg, positions, block_size, device, model.dtype)
-        logits.append(forward_step(model, staging, [(k, 0, p) for k, p in enumerate(part)]))
-        for k, p in enumerate(part):
-            host.grow(at + k, len(p))
-            src = torch.tensor(staging.tables[k], device=device)
-            dst = torch.tensor(host.tables[at + k][:len(staging.tables[k])])
-            for layer in range(cfg.num_layers):  # D2H of this micro-batch's KV, block by block
-                host.keys[layer][dst] = staging.keys[layer][src].to("cpu")
-                host.values[layer][dst] = staging.values[layer][src].to("cpu")
-    return torch.cat(logits)
+        part = list(enumerate(prompts[at:at + micro_batch], start=at))
+        batch = staging.prepare([(g, 0, len(p)) for g, p in part])
+        ids = torch.tensor([[t for _, p in part for t in p]], dtype=torch.long, device=device)
+        cos, sin = model.rope(batch.positions)
+        mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin))
+    for g, p in enumerate(prompts):
+        host.grow(g, len(p))
+    # every sequence's staging blocks and host blocks, in one index each: one D2H copy per layer
+    src = torch.tensor([b for g in range(len(prompts)) for b in staging.tables[g]], device=device)
+    dst = torch.tensor([b for g, p in enumerate(prompts) for b in host.tables[g][:len(staging.tables[g])]])
+    for i, layer in enumerate(model.layers):
+        for mb in mbs:
+            mb.x = layer(mb.x, mb.cos, mb.sin, staging, mb.batch)
+        host.keys[i][dst] = staging.keys[i][src].to("cpu")
+        host.values[i][dst] = staging.values[i][src].to("cpu")
+    return torch.cat([model.head(mb.x[0, mb.batch.last_index]) for mb in mbs])
 
 
 @torch.inference_mode()
