@@ -105,3 +105,14 @@ def test_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="outside the pool"):
         na.decode_attention(q, k, v, tables + 100, ctx)
     assert not na.usable(q.to(torch.int32), k)
+
+
+@pytest.mark.parametrize("dh", [8, 20, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dims_off_the_vector_width(dh, dtype):
+    """Head dims that are no multiple of the vector width run the scalar path, to the same results."""
+    q, k, v, tables, ctx = make_case([1, 9, 140], 6, 2, dh, 8, dtype, seed=7)
+    for window in (None, 5):
+        out = na.decode_attention(q, k, v, tables, ctx, window)
+        expected = na.reference(q, k, v, tables, ctx, window)
+        assert (out.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
