@@ -127,7 +127,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     f"GB/s, PCIe {machine.h2d_bandwidth / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s")),
         ("workload", f"{workload.prompt_len} prompt + {workload.gen_len} generated tokens per sequence"),
         ("policy", (f"N = {p.batch} sequences in {p.batch // p.micro_batch} micro-batches of {p.micro_batch}, "
-                   f"attention on the {p.attention.upper()}, {p.resident_share:.1%} of experts resident")),
+                   f"attention on the {p.attention.upper()}, {round(p.resident_share * costs.experts)} of "
+                    f"{costs.experts:g} experts per layer resident")),
         ("throughput", (f"{plan.tok_s:.1f} tok/s generated ({plan.decode_tok_s:.1f} tok/s decode, "
                        f"prefill {plan.prefill_s:.2f} s, a decode step {plan.decode_step_s * 1e3:.1f} ms)")),
         ("bound by", (f"{plan.bound} (per layer: PCIe {lt.comm * 1e3:.2f} ms, CPU {lt.cpu * 1e3:.2f} ms, "
@@ -136,6 +137,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ("memory", f"device {fmt_bytes(plan.memory.device)}, host {fmt_bytes(plan.memory.host)}"),
         *((f"attention on the {o.policy.attention.upper()}",
            (f"at best {o.tok_s:.1f} tok/s (N = {o.policy.batch}, micro-batch {o.policy.micro_batch}, "
-           f"{o.policy.resident_share:.1%} resident; bound by {o.bound})")) for o in others),
+           f"{round(o.policy.resident_share * costs.experts)} of {costs.experts:g} resident; bound by {o.bound})")) for o in others),
     ]))
     return 0
