@@ -1,0 +1,84 @@
+"""Run a planned batch: load a model with the plan's resident experts (paged experts), generate
+for N prompts in its micro-batches with CGOPipe, and report the measurement next to the HRM's
+prediction and the PCIe ceiling -- what BENCH.md's batch-throughput benchmark prints.
+
+    plan = hrm.search(costs, machine, workload, ...)          # or `moekit plan --json`
+    result = run_plan(model_dir, plan, prompts, gen_len, device="cuda", dtype="bfloat16")
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import MoekitError
+from .hrm import Plan
+
+
+@dataclass
+class BatchResult:
+    """A planned batch's measurement, beside what the HRM predicted for it."""
+
+    sequences: int
+    micro_batch: int
+    resident_per_layer: int
+    prompt_tokens: int
+    new_tokens: int  # per sequence
+    prefill_s: float
+    decode_s: float
+    tok_s: float  # generated tokens / (prefill + decode)
+    decode_tok_s: float  # N * (new_tokens - 1) / decode
+    predicted_tok_s: float
+    predicted_decode_tok_s: float
+    pcie_ceiling_decode_tok_s: float | None  # N * h2d / streamed expert bytes per step (None: nothing streamed)
+    pages_loaded: int
+    tokens: list[list[int]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu", dtype: str | None = None,
+             h2d_bandwidth: float | None = None) -> BatchResult:
+    """Returns the BatchResult of generating `gen_len` greedy tokens for `prompts` (the plan's N of
+    them; token id lists) with the plan's micro-batch and resident experts per layer (CPU attention
+    only: a plan with attention on the GPU is for the sequential engines)."""
+    from ..generate import GenerationStats
+    from ..load import load_model, read_config
+    from .cgopipe import generate_pipelined
+    from .paged import PagedLoader
+
+    policy = plan.policy
+    if policy.attention != "cpu":
+        raise MoekitError("this plan runs attention on the GPU: run it with moekit.generate (the KV cache on the "
+                          "device), not the CGOPipe engine")
+    if len(prompts) != policy.batch:
+        raise MoekitError(f"the plan is for {policy.batch} sequences, {len(prompts)} prompts given")
+    cfg = read_config(path)[2]
+    experts = min(cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.moe_layers[i])
+    resident = min(experts, round(policy.resident_share * experts))
+    model = load_model(path, device=device, dtype=dtype, experts=PagedLoader(resident=resident))
+    stats = GenerationStats()
+    tokens = generate_pipelined(model, prompts, gen_len, policy.micro_batch, stats=stats)
+    runtime = model.expert_runtime
+    streamed_bytes = sum(  # what one decode step sends over PCIe
+        (runtime.experts[layer] - resident) * sum(t[0].numel() * t.element_size() for t in runtime.stores[layer].values())
+        for layer in runtime.layers)
+    n = policy.batch
+    total = stats.prefill_s + stats.decode_s
+    return BatchResult(
+        sequences=n, micro_batch=policy.micro_batch, resident_per_layer=resident,
+        prompt_tokens=stats.prompt_tokens, new_tokens=gen_len, prefill_s=stats.prefill_s, decode_s=stats.decode_s,
+        tok_s=n * gen_len / total if total > 0 else 0.0,
+        decode_tok_s=n * (gen_len - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
+        predicted_tok_s=plan.tok_s, predicted_decode_tok_s=plan.decode_tok_s,
+        pcie_ceiling_decode_tok_s=n * h2d_bandwidth / streamed_bytes if h2d_bandwidth and streamed_bytes else None,
+        pages_loaded=runtime.pages_loaded, tokens=[t.tolist() for t in tokens])
+
+
+def synthetic_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Returns `count` prompts of `length` random token ids below `vocab` (random weights route
+    near-uniformly, so ids do not matter for speed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (count, length), generator=g).tolist()

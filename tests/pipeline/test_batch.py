@@ -1,0 +1,39 @@
+"""run_plan (moekit.pipeline.batch): a plan's policy run end to end on the bundled tiny model --
+paged experts with the plan's resident count, its micro-batches -- tokens equal to generate,
+the measurement reported next to the prediction."""
+
+from __future__ import annotations
+
+import pytest
+
+from moekit.errors import MoekitError
+from moekit.generate import generate_ragged
+from moekit.load import default_model_path, load_model, read_config
+from moekit.pipeline.batch import run_plan, synthetic_prompts
+from moekit.pipeline.hrm import Policy, Workload, evaluate, model_costs
+from moekit.pipeline.machine import PRESETS
+
+
+def tiny_plan(policy: Policy, gen_len: int):
+    cfg = read_config(default_model_path())[2]
+    costs = model_costs(cfg, 3 * cfg.hidden_size * cfg.expert_ffn * 4, act_dtype_bytes=4)
+    return evaluate(costs, PRESETS["h200"], policy, Workload(6, gen_len))
+
+
+def test_run_plan_equals_generate_and_reports_the_prediction():
+    prompts = synthetic_prompts(6, 6, 4096, seed=3)
+    plan = tiny_plan(Policy(batch=6, micro_batch=2, resident_share=0.25), gen_len=4)
+    result = run_plan(default_model_path(), plan, prompts, 4, device="cpu", dtype="float32", h2d_bandwidth=55e9)
+    model = load_model(device="cpu", dtype="float32")
+    expected = generate_ragged(model, prompts, max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    assert result.tokens == [e.tolist() for e in expected]
+    assert result.resident_per_layer == 2 and result.micro_batch == 2 and result.sequences == 6
+    assert result.tok_s > 0 and result.predicted_tok_s == plan.tok_s and result.pcie_ceiling_decode_tok_s > 0
+    assert result.pages_loaded > 0
+
+
+def test_run_plan_refuses_gpu_attention_and_a_wrong_count():
+    with pytest.raises(MoekitError, match="attention on the GPU"):
+        run_plan(default_model_path(), tiny_plan(Policy(2, 1, 0.0, "gpu"), 2), [[1], [2]], 2)
+    with pytest.raises(MoekitError, match="for 2 sequences, 1 prompts"):
+        run_plan(default_model_path(), tiny_plan(Policy(2, 1, 0.0), 2), [[1]], 2)
