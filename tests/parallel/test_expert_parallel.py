@@ -5,6 +5,7 @@ the errors (too many ranks, ranks on different checkpoints, a dead rank)."""
 from __future__ import annotations
 
 import itertools
+import re
 import time
 
 import pytest
@@ -57,9 +58,9 @@ def test_token_chunks_cover_every_token_once():
 def checkpoints(tiny, tmp_path_factory):
     """Returns a function name -> checkpoint path, each built once: "plain" the tiny mixtral (4
     experts), "pruned" a globally pruned copy of an 8-expert one (layers keep different counts),
-    "int4" an RTN int4 copy of the mixtral."""
+    "int4" an RTN int4 copy of the mixtral, "gpt_oss" the tiny gpt-oss (clamped experts with biases)."""
     root = tmp_path_factory.mktemp("parallel")
-    built: dict = {"plain": tiny("mixtral").path}
+    built: dict = {"plain": tiny("mixtral").path, "gpt_oss": tiny("gpt_oss").path}
 
     def get(name: str):
         if name not in built:
@@ -107,6 +108,7 @@ def two_ranks_more(checkpoints):
         {"name": "plain_map", "path": str(checkpoints("plain")), "expert_map": {0: [1, 1, 1, 0], 1: [0, 1, 0, 0]}},
         {"name": "pruned", "path": str(checkpoints("pruned"))},
         {"name": "int4", "path": str(checkpoints("int4"))},
+        {"name": "gpt_oss", "path": str(checkpoints("gpt_oss"))},  # biases, clamped SwiGLU, sinks
     ])
 
 
@@ -123,7 +125,7 @@ def test_two_ranks_equal_one_process(two_ranks, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["plain_map", "pruned", "int4"])
+@pytest.mark.parametrize("name", ["plain_map", "pruned", "int4", "gpt_oss"])
 def test_two_ranks_equal_one_process_more(two_ranks_more, name):
     _check_equal(two_ranks_more, name)
 
@@ -143,6 +145,25 @@ def _check_equal(spawned, name):
     cfg = moekit.load_model(case["path"]).config
     assert total == {i: cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.experts_in(i)}
     assert all(r[name]["report"]["slots_remote"] > 0 for r in results)  # tokens did travel
+    for result in results:  # lazy reads: a rank reads its own experts' bytes, no one else's
+        assert _experts_read(result[name]["reads"]) == {(layer, e) for layer, local in result[name]["local"].items()
+                                                        for e in local}
+
+
+def _experts_read(reads) -> set[tuple[int, int]]:
+    """Returns the (layer, expert) pairs whose weights a rank read: per-expert tensors
+    (...layers.L...experts.E...) or one row of a stacked [E, ...] tensor (...layers.L...experts.NAME)."""
+    out = set()
+    for name, start, stop in reads:
+        m = re.search(r"layers\.(\d+)\..*experts\.(\d+)\.", name)
+        if m:
+            out.add((int(m.group(1)), int(m.group(2))))
+            continue
+        m = re.search(r"layers\.(\d+)\..*experts\.", name)
+        if m:
+            assert start is not None, f"{name} read whole: every expert's bytes"
+            out.update((int(m.group(1)), e) for e in range(start, stop))
+    return out
 
 
 @pytest.mark.slow

@@ -10,13 +10,27 @@ from ranks import RankError
 
 
 def generate_cases(comm, cases: list[dict]) -> dict:
-    """Returns {case name: {"tokens", "logits", "held", "report"} or RankError} for each case
+    """Returns {case name: {"tokens", "logits", "held", "local", "report", "reads"} or RankError} for each case
     {"name", "path" (one, or one per rank), "expert_map", "ids" [B, T], "new_tokens"}."""
+    from moekit.checkpoint import Checkpoint
     from moekit.parallel import load_expert_parallel
 
+    reads: list = []  # (tensor name, first row, one past the last; None: the whole tensor)
+    read, read_rows = Checkpoint.read, Checkpoint.read_rows
+
+    def logged_read(self, name, *args, **kwargs):
+        reads.append((name, None, None))
+        return read(self, name, *args, **kwargs)
+
+    def logged_read_rows(self, name, start, stop):
+        reads.append((name, start, stop))
+        return read_rows(self, name, start, stop)
+
+    Checkpoint.read, Checkpoint.read_rows = logged_read, logged_read_rows
     out: dict = {}
     for case in cases:
         path = case["path"][comm.rank] if isinstance(case["path"], list) else case["path"]
+        reads.clear()
         try:
             model = load_expert_parallel(path, comm, case.get("expert_map"))
             ids = case["ids"]
@@ -24,8 +38,9 @@ def generate_cases(comm, cases: list[dict]) -> dict:
                 logits = model(ids)
             tokens = model.generate(ids, max_new_tokens=case["new_tokens"], temperature=0, eos_token_ids=())
             runtime = model.expert_runtime
+            local = {m.layer: m.local for m in model.modules() if hasattr(m, "local") and hasattr(m, "layer")}
             out[case["name"]] = {"tokens": tokens, "logits": logits, "held": dict(runtime.owned),
-                                 "report": runtime.report()}
+                                 "local": local, "report": runtime.report(), "reads": list(reads)}
         except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
             out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
     return out
