@@ -135,6 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         rows = generation_rows(result)
         if offload is not None:
             rows += offload_cli.stats_rows(result["offload"], result["new_tokens"])
+        if "parallel" in result:
+            rows += parallel_cli.stats_rows(result["parallel"])
         print(_table(rows), file=sys.stderr)
     print(f"[{result['new_tokens']} tokens, first token {result['time_to_first_token_s'] * 1000:.0f} ms, "
           f"decode {result['decode_tok_s']:.1f} tok/s, {device} {result['dtype']}]", file=sys.stderr)

@@ -13,7 +13,7 @@ import torch
 from conftest import token_ids
 from pruned_models import MATRIX_SHAPE, prune_globally, save_tiny
 from ranks import RankError, run_ranks
-from workers import die_or_load, generate_cases
+from workers import die_or_load, generate_cases, sleep_or_load
 
 import moekit
 from moekit.errors import MoekitError
@@ -94,7 +94,7 @@ def two_ranks(checkpoints):
     """The default set: the plain model, a refused expert map, ranks on different checkpoints."""
     plain = str(checkpoints("plain"))
     return _spawn([
-        {"name": "plain", "path": plain},
+        {"name": "plain", "path": plain, "seed": 7},  # also samples (temperature 0.9) with this seed
         {"name": "one_sequence", "path": plain, "ids": token_ids(1, 4, seed=4)},  # decode: 1 token, 2 ranks
         {"name": "bad_map", "path": plain, "expert_map": {0: [0, 5, 1, 0]}},
         {"name": "disagree", "path": [plain, str(checkpoints("int4"))]},  # last: both ranks fail alike
@@ -205,3 +205,22 @@ def test_dead_rank_stops_the_others_with_a_message(checkpoints):
     assert isinstance(results[0], RankError), results[0]
     print(results[0])
     assert "rank 0 of 2" in results[0] and "another rank exited or stopped answering" in results[0]
+
+
+def test_sampling_with_one_seed_equals_one_process(two_ranks):
+    cases, results = two_ranks
+    case = cases["plain"]
+    model = moekit.load_model(case["path"])
+    expected = model.generate(case["ids"], max_new_tokens=NEW_TOKENS, temperature=0.9, seed=case["seed"],
+                              eos_token_ids=())
+    for result in results:
+        assert torch.equal(result["plain"]["sampled"], expected)
+
+
+@pytest.mark.slow
+def test_silent_rank_times_out_with_a_message(checkpoints):
+    t0 = time.perf_counter()
+    results = run_ranks(2, sleep_or_load, str(checkpoints("plain")), 6.0, timeout_s=2.0, join_s=60.0)
+    print(results[0], f"{time.perf_counter() - t0:.1f} s")
+    assert isinstance(results[0], RankError), results[0]
+    assert "rank 0 of 2" in results[0] and "the collective timeout is 2 s" in results[0]

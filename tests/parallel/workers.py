@@ -37,10 +37,13 @@ def generate_cases(comm, cases: list[dict]) -> dict:
             with torch.no_grad():
                 logits = model(ids)
             tokens = model.generate(ids, max_new_tokens=case["new_tokens"], temperature=0, eos_token_ids=())
+            sampled = (model.generate(ids, max_new_tokens=case["new_tokens"], temperature=0.9, seed=case["seed"],
+                                      eos_token_ids=()) if "seed" in case else None)
             runtime = model.expert_runtime
             local = {m.layer: m.local for m in model.modules() if hasattr(m, "local") and hasattr(m, "layer")}
             out[case["name"]] = {"tokens": tokens, "logits": logits, "held": dict(runtime.owned),
-                                 "local": local, "report": runtime.report(), "reads": list(reads)}
+                                 "local": local, "report": runtime.report(), "reads": list(reads),
+                                 "sampled": sampled}
         except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
             out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
     return out
@@ -52,5 +55,19 @@ def die_or_load(comm, path: str) -> str:
 
     if comm.rank == 1:
         os._exit(3)
+    load_expert_parallel(path, comm)
+    return "loaded"
+
+
+def sleep_or_load(comm, path: str, sleep_s: float) -> str:
+    """Rank 1 stays alive but joins no collective for sleep_s; rank 0 loads the model (its first
+    collective must time out with a message)."""
+    import time
+
+    from moekit.parallel import load_expert_parallel
+
+    if comm.rank == 1:
+        time.sleep(sleep_s)
+        return "slept"
     load_expert_parallel(path, comm)
     return "loaded"

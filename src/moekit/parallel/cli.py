@@ -72,6 +72,20 @@ def check_flags(args: argparse.Namespace) -> ParallelSpec | None:
     return spec
 
 
+def stats_rows(report: dict) -> list[tuple[str, str]]:
+    """Returns the (name, value) rows --stats adds for an expert-parallel run (rank 0's view)."""
+    from ..cli_common import fmt_bytes
+
+    slots = report["slots_local"] + report["slots_remote"]
+    remote = report["slots_remote"] / slots if slots else 0.0
+    return [
+        ("expert parallel", f"{report['ranks']} ranks; rank {report['rank']} holds {report['experts_held']} experts"),
+        ("routed slots", f"{slots} dispatched by rank {report['rank']}, {remote:.1%} to other ranks"),
+        ("bytes exchanged", (f"{fmt_bytes(report['bytes_sent'])} sent by rank {report['rank']} "
+                            f"({report['layer_calls']} layer calls)")),
+    ]
+
+
 class RankSetup:
     """This process's rank: its comm and device, and the model loader of its expert slice."""
 
