@@ -109,11 +109,12 @@ def two_ranks_more(checkpoints):
         {"name": "pruned", "path": str(checkpoints("pruned"))},
         {"name": "int4", "path": str(checkpoints("int4"))},
         {"name": "gpt_oss", "path": str(checkpoints("gpt_oss"))},  # biases, clamped SwiGLU, sinks
+        {"name": "skip", "path": str(checkpoints("plain")), "load": {"dynamic_skip": 0.9}},  # zero-weight slots stay home
     ])
 
 
-def _reference(path, ids):
-    model = moekit.load_model(path)
+def _reference(path, ids, **load):
+    model = moekit.load_model(path, **load)
     with torch.no_grad():
         logits = model(ids)
     return logits, model.generate(ids, max_new_tokens=NEW_TOKENS, temperature=0, eos_token_ids=())
@@ -125,7 +126,7 @@ def test_two_ranks_equal_one_process(two_ranks, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["plain_map", "pruned", "int4", "gpt_oss"])
+@pytest.mark.parametrize("name", ["plain_map", "pruned", "int4", "gpt_oss", "skip"])
 def test_two_ranks_equal_one_process_more(two_ranks_more, name):
     _check_equal(two_ranks_more, name)
 
@@ -133,7 +134,7 @@ def test_two_ranks_equal_one_process_more(two_ranks_more, name):
 def _check_equal(spawned, name):
     cases, results = spawned
     case = cases[name]
-    logits, tokens = _reference(case["path"], case["ids"])
+    logits, tokens = _reference(case["path"], case["ids"], **case.get("load", {}))
     for rank, result in enumerate(results):
         got = result[name]
         assert not isinstance(got, RankError), got
@@ -224,3 +225,14 @@ def test_silent_rank_times_out_with_a_message(checkpoints):
     print(results[0], f"{time.perf_counter() - t0:.1f} s")
     assert isinstance(results[0], RankError), results[0]
     assert "rank 0 of 2" in results[0] and "the collective timeout is 2 s" in results[0]
+
+
+@pytest.mark.slow
+def test_zero_weight_slots_are_not_sent(two_ranks_more):
+    _, results = two_ranks_more
+
+    def slots(name):
+        return sum(r[name]["report"]["slots_local"] + r[name]["report"]["slots_remote"] for r in results)
+
+    assert results[0]["skip"]["report"]["layer_calls"] == results[0]["plain_map"]["report"]["layer_calls"]
+    assert slots("skip") < slots("plain_map")  # the same calls, every slot kept there

@@ -11,7 +11,8 @@ from ranks import RankError
 
 def generate_cases(comm, cases: list[dict]) -> dict:
     """Returns {case name: {"tokens", "logits", "held", "local", "report", "reads"} or RankError} for each case
-    {"name", "path" (one, or one per rank), "expert_map", "ids" [B, T], "new_tokens"}."""
+    {"name", "path" (one, or one per rank), "expert_map", "load" (load_model's keywords), "ids" [B, T],
+    "new_tokens", "seed" (also samples with it)}."""
     from moekit.checkpoint import Checkpoint
     from moekit.parallel import load_expert_parallel
 
@@ -32,7 +33,7 @@ def generate_cases(comm, cases: list[dict]) -> dict:
         path = case["path"][comm.rank] if isinstance(case["path"], list) else case["path"]
         reads.clear()
         try:
-            model = load_expert_parallel(path, comm, case.get("expert_map"))
+            model = load_expert_parallel(path, comm, case.get("expert_map"), **case.get("load", {}))
             ids = case["ids"]
             with torch.no_grad():
                 logits = model(ids)
