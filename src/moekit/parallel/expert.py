@@ -151,8 +151,9 @@ class ShardedExperts(nn.Module):
         recv_x = comm.all_to_all(xs, send, recv, what)  # [M, D]
         recv_ids = comm.all_to_all(slot_ids[slots], send, recv, what)  # [M]
         back = comm.all_to_all(self._run_local(recv_x, recv_ids), recv, send, what)  # [S, D]
-        per_slot = x.new_zeros((hi - lo) * top_k, x.shape[1])
+        per_slot = x.new_zeros((hi - lo) * top_k, x.shape[1])  # skipped slots stay 0
         per_slot[slots] = back
+        # the gathered plan's reduction (experts.forms.SlotPlan), written out for a chunk of 0 tokens
         chunk = (per_slot.view(hi - lo, top_k, x.shape[1]) * weights[lo:hi, :, None]).sum(dim=1)  # [N_r, D]
         self._count(send, x.shape[1] * x.element_size())
         return self._gather(chunk, n)
