@@ -28,6 +28,9 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -253,8 +256,10 @@ struct CodeRows {
     *hi = half_to_float(reinterpret_cast<const uint16_t*>(p[5])[r]);
   }
 
-  // Walks the codewords of row r of matrix `kind` of job j; calls at(col, hi_mask, lo_mask) for each
-  // word that holds a nonzero symbol inside the row.
+  // Walks the codewords of row r of matrix `kind` of job j; calls at(col, hi_mask, lo_mask, chain)
+  // for each word that starts inside the row, chain alternating 0 and 2 (independent sums for the
+  // caller). (Walking two chunks side by side, to overlap the chains of word -> table -> length ->
+  // next column, measured no faster.)
   template <typename Word, typename At>
   void walk(int kind, int64_t j, int64_t r, int64_t K, At at) const {
     const int64_t* p = ptrs + j * 12 + kind * 6;
@@ -269,6 +274,7 @@ struct CodeRows {
     int64_t first = block_offsets[block];
     for (int64_t q = block * 16; q < r; ++q) first += load(row_chunks, q, cb);
     const int64_t chunks = load(row_chunks, r, cb);
+    int chain = 0;
     for (int64_t c = first; c < first + chunks; ++c) {
       int64_t col = load(starts, c, sb);
       const Word* cw = words + c * W;
@@ -276,7 +282,8 @@ struct CodeRows {
         const uint32_t* e = table + 2 * static_cast<uint32_t>(cw[i]);
         const uint32_t nz = e[0], hl = e[1];
         const uint32_t his = nz & hl & 0x7ffffffu;
-        if (nz) at(col, his, nz & ~his);
+        at(col, his, nz & ~his, chain);  // also for all-zero words: a branch on them would be mispredicted
+        chain ^= 2;
         col += hl >> 27;
       }
     }
@@ -289,19 +296,35 @@ struct CodeRows {
     float lo, hi;
     if (count == 1) {  // decode: sum x under the HI and under the LO symbols, straight from the words
       const float* x = vec + (which ? which[0] : 0) * stride;
-      vf sum_hi = {}, sum_lo = {};
-      walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los) {
+      // four sums per level (walk's two chains x low / high half): one chain of dependent adds
+      // would wait an add's latency for every word
+      vf sum_hi[4] = {}, sum_lo[4] = {};
+#if defined(__AVX512F__) && !defined(MOEKIT_NO_AVX512)  // the masks straight into mask registers: a masked add per half and level
+      walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, int parity) {
+        for (int half = 0; half < 2; ++half) {
+          const __m512 xv = _mm512_loadu_ps(x + col + half * V);
+          const __mmask16 mh = static_cast<__mmask16>(his >> (half * V)), ml = static_cast<__mmask16>(los >> (half * V));
+          __m512 h = reinterpret_cast<__m512>(sum_hi[parity + half]), l = reinterpret_cast<__m512>(sum_lo[parity + half]);
+          sum_hi[parity + half] = reinterpret_cast<vf>(_mm512_mask_add_ps(h, mh, h, xv));
+          sum_lo[parity + half] = reinterpret_cast<vf>(_mm512_mask_add_ps(l, ml, l, xv));
+        }
+      });
+#else
+      walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, int parity) {
         for (int half = 0; half < 2; ++half) {
           vi xv;
           std::memcpy(&xv, x + col + half * V, sizeof(xv));
-          sum_hi += reinterpret_cast<vf>(xv & bits_of(his >> (half * V), lanes));
-          sum_lo += reinterpret_cast<vf>(xv & bits_of(los >> (half * V), lanes));
+          sum_hi[parity + half] += reinterpret_cast<vf>(xv & bits_of(his >> (half * V), lanes));
+          sum_lo[parity + half] += reinterpret_cast<vf>(xv & bits_of(los >> (half * V), lanes));
         }
       });
+#endif
+      const vf all_hi = (sum_hi[0] + sum_hi[1]) + (sum_hi[2] + sum_hi[3]);
+      const vf all_lo = (sum_lo[0] + sum_lo[1]) + (sum_lo[2] + sum_lo[3]);
       float sh = 0.f, sl = 0.f;
       for (int l = 0; l < V; ++l) {
-        sh += sum_hi[l];
-        sl += sum_lo[l];
+        sh += all_hi[l];
+        sl += all_lo[l];
       }
       levels(kind, j, r, &lo, &hi);
       out[0] = hi * sh + lo * sl;
@@ -312,7 +335,7 @@ struct CodeRows {
     std::memset(row, 0, sizeof(float) * (K + 2 * V));
     levels(kind, j, r, &lo, &hi);
     const vi hv = reinterpret_cast<vi>(vf{} + hi), lv = reinterpret_cast<vi>(vf{} + lo);
-    walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los) {
+    walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, int) {
       for (int half = 0; half < 2; ++half) {  // words cover disjoint columns: lanes past one add zeros
         vf w;
         std::memcpy(&w, row + col + half * V, sizeof(w));
