@@ -14,7 +14,8 @@ Ceilings, measured in this run: the host's read rate with all cores (the native 
 read), pinned host-to-device copies alone, and both at once (they share the host's memory). With
 E bytes of missed experts per token, the decode ceiling is 1 / (E / (cpu_rate + h2d_rate)) when
 both links run concurrently (the issue's "combined ceiling"), E / cpu_rate for the CPU alone.
-The CPU kernel is measured on one expert and on a layer's top-k experts, native vs PyTorch.
+The CPU kernel is measured on one expert and on a layer's top-k experts, native vs PyTorch, and
+the compressed-expert kernels (int4, int2, ternary code, decoded in the matvec) on a layer's top-k.
 
     PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --out $OUT                         # H200, ~8 min
     PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --shape tiny --skip-llamacpp --device cpu --out /tmp/l
@@ -154,6 +155,72 @@ def kernel_rates(cfg, threads: int, reps: int = 5) -> dict:
                 res[f"{name}_{label}_bytes_per_s"] = n * expert_bytes / statistics.median(times)
     finally:
         torch.set_num_threads(old)
+    return res
+
+
+def compressed_kernel_rates(cfg, threads: int, reps: int = 5, group_size: int = 128) -> dict:
+    """Returns the native CPU kernels' rates on compressed experts (moekit.native.compressed, decoded
+    in the matvec), one token, a layer's top-k distinct experts: stored bytes/s and weights/s of
+    int4 and int2 (group_size columns per scale, random codes) and the ternary code (RTN of Gaussian
+    weights, the dictionary compress would choose), to set beside kernel_rates' bf16 row and the
+    stream read. The ternary experts are only top_k + 1 (encoding is slow), so they may stay in the
+    last-level cache; its kernel is decode-bound anyway."""
+    from moekit.native.compressed import code_ffn, int_ffn, stored_bytes
+    from moekit.native.experts import Scratch
+    from moekit.quant.code import choose_dictionary, encode, symbol_probabilities
+    from moekit.quant.grids import TernaryGrid, pack_codes
+
+    d, ffn, k = cfg.hidden_size, cfg.expert_ffn, cfg.top_k
+    weights = 3 * d * ffn
+    x = torch.randn(1, d)
+    scratch, res = Scratch(), {}
+
+    def int_expert(bits: int, g: torch.Generator):
+        def matrix(rows: int, cols: int):
+            groups = -(-cols // group_size)
+            return (pack_codes(torch.randint(0, 1 << bits, (rows, cols), generator=g), bits),
+                    (torch.rand(rows, groups, generator=g) * 0.01).half(),
+                    torch.randint(0, 1 << bits, (rows, groups), generator=g).to(torch.uint8))
+        return matrix(2 * ffn, d), matrix(d, ffn)
+
+    def ternary_experts(count: int) -> tuple[list, torch.Tensor]:
+        grid, mats = TernaryGrid(), []
+        for rows, cols in ((2 * ffn, d), (d, ffn)):
+            w = torch.randn(count, rows, cols)
+            lo, hi = grid.fit(w)
+            codes, _ = grid.round(w, (lo, hi))
+            mats.append((codes, lo.squeeze(-1).half(), hi.squeeze(-1).half()))
+        symbols = torch.cat([m[0].flatten() for m in mats])
+        table = choose_dictionary(symbol_probabilities(symbols), symbols.numel(), count * (2 * ffn + d))
+        parts = [(encode(codes, table), lo, hi) for codes, lo, hi in mats]
+        return [tuple((*(t[e] for t in code), lo[e], hi[e]) for code, lo, hi in parts) for e in range(count)], table.table
+
+    def timed(run, experts: list, label: str, bytes_of) -> None:
+        turn = [0]
+
+        def once() -> tuple[float, int]:  # (seconds, stored bytes read)
+            ids = [(turn[0] + i) % len(experts) for i in range(k)]
+            turn[0] += k
+            jobs = [(*experts[e], [0], [1.0 / k]) for e in ids]
+            t0 = time.perf_counter()
+            run(jobs)
+            return time.perf_counter() - t0, bytes_of(jobs)
+
+        once()
+        runs = [once() for _ in range(reps)]
+        seconds = statistics.median(t for t, _ in runs)
+        res[f"native_{label}_layer_top_k_bytes_per_s"] = runs[0][1] / seconds
+        res[f"native_{label}_layer_top_k_weights_per_s"] = k * weights / seconds
+
+    g = torch.Generator().manual_seed(0)
+    count = max(8 * k, 64)  # distinct experts: int4 at olmoe's shape 200 MB, more than a last-level cache
+    for bits in (4, 2):
+        experts = [int_expert(bits, g) for _ in range(count)]
+        timed(lambda jobs, b=bits: int_ffn(x, jobs, b, threads=threads, scratch=scratch), experts, f"int{bits}_g{group_size}",
+              stored_bytes)
+        del experts
+    experts, table = ternary_experts(k + 1)  # each call reads k of them, starting one further on
+    timed(lambda jobs: code_ffn(x, jobs, table, threads=threads, scratch=scratch), experts, "ternary_code", stored_bytes)
     return res
 
 
@@ -423,6 +490,7 @@ def main() -> int:
     results["native_library"] = bool(library()) or unavailable_reason()
     rates = results["rates"] = cpu_and_link_rates(device, max(1, cores - 1))
     rates.update(kernel_rates(cfg, max(1, cores - 1)))
+    rates.update(compressed_kernel_rates(cfg, max(1, cores - 1)))
     common.log("rates (GB/s): " + ", ".join(f"{k}={v / 1e9:.1f}" for k, v in rates.items() if k.endswith("_per_s")))
     save()
     lc = (results.get("llamacpp") or {}).get("rows", {})
