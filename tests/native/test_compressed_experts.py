@@ -156,3 +156,54 @@ def test_refuses_what_it_cannot_take():
     jobs, table = code_jobs(32, 16, [[0]])
     with pytest.raises(ValueError, match="code table"):
         nc.code_ffn(x, jobs, table.long())
+
+
+def stacked_int(bits: int, d: int, ffn: int, experts: int, groups: tuple[int, int], g: torch.Generator):
+    mats = [[int_matrix(rows, cols, bits, p, g) for _ in range(experts)]
+            for rows, cols, p in ((2 * ffn, d, groups[0]), (d, ffn, groups[1]))]
+    return {f"{kind}.{name}": torch.stack([m[i] for m in per_kind])
+            for kind, per_kind in zip(("gate_up", "down"), mats) for i, name in enumerate(("qweight", "scale", "zero"))}
+
+
+def stacked_code(d: int, ffn: int, experts: int, g: torch.Generator):
+    codes = {"gate_up": ternary_codes(experts * 2 * ffn, d, 0.2, g).view(experts, 2 * ffn, d),
+             "down": ternary_codes(experts * d, ffn, 0.2, g).view(experts, d, ffn)}
+    dictionary = build_dictionary(symbol_probabilities(torch.cat([c.flatten() for c in codes.values()])), 8)
+    out = {"code_table": dictionary.table}
+    for kind, c in codes.items():
+        code = encode(c, dictionary)
+        rows = c.shape[1]
+        out.update({f"{kind}.{name}": t for name, t in code._asdict().items()})
+        out[f"{kind}.lo"] = (-torch.rand(experts, rows, generator=g) * 0.05).half()
+        out[f"{kind}.hi"] = (torch.rand(experts, rows, generator=g) * 0.05).half()
+    return out
+
+
+@pytest.mark.parametrize("form_name", ["int4", "int3", "ternary"])
+def test_forms_cpu_path_equals_their_pytorch_path(form_name):
+    """quant.formats' CPU fused path (the native kernel) against the form's own PyTorch path
+    (decode each matrix, grouped matmuls), on one token and on several sharing experts."""
+    from moekit.quant.formats import IntForm, TernaryCodeForm
+
+    g = torch.Generator().manual_seed(4)
+    d, ffn, experts = 96, 40, 6
+    if form_name == "ternary":
+        stacked = stacked_code(d, ffn, experts, g)
+        specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items() if n != "code_table"}
+        form = TernaryCodeForm(d, ffn, {0: specs}, {0: {"code_table": stacked["code_table"]}})
+    else:
+        bits = int(form_name[3:])
+        groups = (3, 1) if bits == 4 else (3, 2)  # whole-word groups (permuted layout), and not
+        stacked = stacked_int(bits, d, ffn, experts, groups, g)
+        form = IntForm(d, ffn, {0: {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}}, {0: {}}, bits)
+    assert form.cpu_fast and form.why_not_cpu == ""
+    for tokens in (1, 5):
+        x = torch.randn(tokens, d, generator=g)
+        rows = torch.randint(0, experts, (tokens, 2), generator=g)
+        rows[:, 1] = (rows[:, 0] + 1) % experts  # two distinct experts per token, shared between tokens
+        weights = torch.rand(tokens, 2, generator=g)
+        with torch.no_grad():
+            fused = form.fused(x, rows, weights, stacked)
+            planned = form.run_planned(x, rows, weights, stacked, grad=False)
+        assert fused is not None
+        close(fused, planned, 1e-5)
