@@ -60,7 +60,7 @@ def close(out: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("d,ffn,groups", [(64, 32, (1, 1)), (100, 37, (4, 3)), (96, 80, (6, 5)), (160, 48, (10, 3)),
-                                         (200, 72, (1, 1))])
+                                         (200, 72, (1, 1)), (256, 96, (2, 1))])
 def test_int_matches_reference(bits, d, ffn, groups):
     x = torch.randn(6, d)
     jobs = int_jobs(d, ffn, bits, groups, ROUTES)
