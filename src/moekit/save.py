@@ -169,7 +169,12 @@ def _test_pause() -> None:
     midway at a known point); unset, it does nothing."""
     pause = os.environ.get("MOEKIT_TEST_WRITE_PAUSE_S")
     if pause:
-        time.sleep(float(pause))
+        # short sleeps: a signal the kernel hands to another thread (the progress ticker, OpenMP
+        # workers) does not interrupt the main thread's sleep; its handler runs at the next wake-up
+        # (a CI run waited out a whole 60 s sleep after SIGINT)
+        end = time.monotonic() + float(pause)
+        while time.monotonic() < end:
+            time.sleep(0.05)
 
 
 def save_model(model: MoEModel, out: str | Path, dtype: torch.dtype | None = None,

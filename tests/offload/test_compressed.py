@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moekit
+from moekit import native
 from moekit.cli import main
 from moekit.experts.triton_ops import triton_usable
 from moekit.load import read_config
@@ -138,8 +139,9 @@ def test_kernel_path_matches_resident_kernel_path(compressed, bits, monkeypatch)
 def test_fused_path_reads_any_slot_in_its_layer_layout(compressed, bits, monkeypatch):
     """The form's fused path on a slab whose slots hold experts of both layers in shuffled order (rows wider
     than a layer's expert, as when another layer's experts are larger) equals the resident
-    source's per-slot path, for several A and repeated experts; past SLOT_KERNEL_MAX_SLOTS, or
-    without kernels, it declines."""
+    source's per-slot path, for several A and repeated experts; past SLOT_KERNEL_MAX_SLOTS it
+    declines, and without the Triton kernels the native CPU kernels give the same sums (or it
+    declines where they cannot be built)."""
     path, resident = compressed[bits]
     form = form_of(path)
     cfg = read_config(path)[2]
@@ -164,11 +166,22 @@ def test_fused_path_reads_any_slot_in_its_layer_layout(compressed, bits, monkeyp
             slot_ids = torch.tensor([[slot_of[(layer, e)] for e in row] for row in ids.tolist()])
             out = form.form.fused(x, slot_ids, w, form.view(slab, layer))
             torch.testing.assert_close(out, experts(x, ids, w), rtol=1e-5, atol=1e-5)
-    x = torch.randn(9, cfg.hidden_size)
-    many = torch.zeros(9, 2, dtype=torch.long)
-    assert form.form.fused(x, many, torch.ones(9, 2), form.view(slab, layers[0])) is None  # 18 slots: grouped
+    # past the per-slot kernels (18 slots) the Triton path declines (grouped PyTorch runs it);
+    # without the Triton kernels, CPU tensors go to the native CPU kernels (moekit.native.compressed)
+    # where they build: the same sums, read from the same slots
+    layer = layers[0]
+    experts = resident.layers[layer].mlp.experts
+    x = torch.randn(9, cfg.hidden_size, generator=g)
+    ids = torch.randint(0, cfg.num_experts, (9, 2), generator=g)
+    slot_ids = torch.tensor([[slot_of[(layer, e)] for e in row] for row in ids.tolist()])
+    w = torch.rand(9, 2, generator=g)
+    assert form.form.fused(x, slot_ids, w, form.view(slab, layer)) is None
     monkeypatch.delenv("MOEKIT_QUANT_KERNELS")
-    assert form.form.fused(x[:1], many[:1], torch.ones(1, 2), form.view(slab, layers[0])) is None
+    out = form.form.fused(x, slot_ids, w, form.view(slab, layer))
+    if native.library() is None:
+        assert out is None
+    else:
+        torch.testing.assert_close(out, experts(x, ids, w), rtol=1e-4, atol=1e-4)
 
 
 def test_generate_cli_offloads_a_compressed_checkpoint(tmp_path, capsys):
