@@ -107,9 +107,17 @@ def test_atomic_dir_replaces_only_at_the_end(tmp_path):
 
 def _start_compress(out: Path, pause_s: float) -> subprocess.Popen:
     env = dict(os.environ, MOEKIT_TEST_WRITE_PAUSE_S=str(pause_s), OMP_NUM_THREADS="1")
+    # the child takes SIGINT as a terminal would deliver it: a test run started as a background
+    # job inherits SIGINT ignored (POSIX shells do that to asynchronous commands), and Python then
+    # keeps ignoring it
     return subprocess.Popen([sys.executable, "-m", "moekit.cli", "compress", "--method", "rtn", "--bits", "4",
                              "--device", "cpu", "--out", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_partial_shard(proc: subprocess.Popen, parent: Path, timeout_s: float = 120) -> Path:
