@@ -1,12 +1,12 @@
 """C++ kernels for the CPU, compiled on first use with this machine's compiler and cached.
 
-Why compiled here: the kernels are vectorised for the CPU they run on (-march=native: AVX-512 on
-a server, AVX2 on a laptop, NEON on Arm) and use OpenMP for all cores; a wheel built elsewhere
-could not do both. The library is built once per source, compiler and CPU into
-$MOEKIT_CACHE_DIR (default ~/.cache/moekit)/native/ (about two seconds), written to a temporary
+Why compiled here: the kernels are vectorised for the CPU they run on (-march=native; measured
+with AVX-512 only, other instruction sets not yet tried) and use OpenMP for all cores; a wheel
+built elsewhere could not do both. The library is built once per source, compiler and CPU into
+$MOEKIT_CACHE_DIR (default ~/.cache/moekit)/native/ (about 8 s on a 2-core machine), written to a temporary
 name and renamed, so concurrent first uses never load half a file. Nothing is downloaded.
 
-Every *.cpp in this folder goes into that one library; a module declares its functions' ctypes
+Every *.cpp in this folder goes into that one library (common.h holds what they share); a module declares its functions' ctypes
 signatures with `register_declarations`. Where no compiler works (or MOEKIT_NATIVE=0), `library()` returns None and says why in
 `unavailable_reason()`; callers then run their PyTorch path, which gives the same results more
 slowly. The functions are called through ctypes, which releases the GIL for the call's duration.
@@ -67,7 +67,8 @@ def _build(cxx: str) -> Path:
     """Returns the path of the compiled library, compiling it if this source, compiler and CPU
     have none yet; raises RuntimeError with the compiler's message when it fails."""
     sources = sorted(FOLDER.glob("*.cpp"))
-    source = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in sources)
+    # the headers they include count too: a changed common.h must rebuild the library
+    source = b"\0".join(p.name.encode() + b"\0" + p.read_bytes() for p in sorted(FOLDER.glob("*.[ch]*")))
     version = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]

@@ -25,64 +25,22 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
 constexpr int64_t CHUNK = 128;       // positions scored at once (scores [G, CHUNK] per thread)
 constexpr int64_t MAX_GROUP = 64;    // query heads per kv head
 constexpr int64_t MAX_HEAD_DIM = 512;
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline int64_t itemsize(int dtype) { return dtype == 2 ? 4 : 2; }
-
-inline void to_float(int dtype, const void* p, int64_t n, float* out) {
-  if (dtype == 0) {
-    const uint16_t* s = static_cast<const uint16_t*>(p);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(s[i]);
-#ifdef __FLT16_MAX__
-  } else if (dtype == 1) {
-    const _Float16* s = static_cast<const _Float16*>(p);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(s[i]);
-#endif
-  } else {
-    std::memcpy(out, p, n * sizeof(float));
-  }
-}
-
+// Stores n floats as dtype `dtype` at p.
 inline void from_float(int dtype, const float* in, int64_t n, void* p) {
-  if (dtype == 0) {
-    uint16_t* d = static_cast<uint16_t*>(p);
-    for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(in[i]);
-#ifdef __FLT16_MAX__
-  } else if (dtype == 1) {
-    _Float16* d = static_cast<_Float16*>(p);
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(in[i]);
-#endif
-  } else {
+  if (dtype == 2) {
     std::memcpy(p, in, n * sizeof(float));
+    return;
   }
+  for (int64_t i = 0; i < n; ++i) from_float(dtype, in[i], p, i);
 }
-
-struct Bf16 { float operator()(uint16_t v) const { return bf16_to_float(v); } };
-struct F32 { float operator()(float v) const { return v; } };
-#ifdef __FLT16_MAX__
-struct F16 { float operator()(_Float16 v) const { return static_cast<float>(v); } };
-#endif
 
 // Attends one (sequence, kv head): G queries qf [G, Dh] (already scaled) over positions lo..hi-1.
 // acc [G, Dh] receives the normalised output. scores [G, CHUNK], row [Dh] are scratch.

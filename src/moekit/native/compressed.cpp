@@ -28,14 +28,14 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
+
+#include "common.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 namespace {
 
-constexpr int64_t ROWS_PER_ITEM = 8;  // ffn rows (stage 1) or hidden rows (stage 2) per work item
-constexpr int MAX_JOB_TOKENS = 256;
 
 inline float half_to_float(uint16_t h) {  // IEEE float16 -> float32, exactly
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -60,15 +60,6 @@ constexpr int V = 16;
 typedef float vf __attribute__((vector_size(4 * V)));
 typedef uint32_t vu __attribute__((vector_size(4 * V)));
 typedef int32_t vi __attribute__((vector_size(4 * V)));
-
-inline int64_t acc_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
 
 // ---- int-N ---------------------------------------------------------------------------------------
 

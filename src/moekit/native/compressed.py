@@ -28,7 +28,7 @@ import ctypes
 import torch
 
 from . import library, register_declarations
-from .experts import MAX_JOB_TOKENS, MAX_ROW, Scratch, acc_stride
+from .experts import MAX_ROW, Routes, Scratch, acc_stride, float_ptr, output_for
 
 INT_BITS = (2, 3, 4, 8)
 CODE_ROW_BLOCK = 16  # rows per block offset (quant.code.ROW_BLOCK; compressed.cpp assumes it)
@@ -59,10 +59,6 @@ def usable(x: torch.Tensor) -> bool:
             and x.shape[-1] <= MAX_ROW and library() is not None)
 
 
-def _f32(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
-
-
 def _check_parts(parts: Parts, kinds: tuple[tuple[str, tuple[torch.dtype, ...]], ...], what: str) -> None:
     for t, (name, dtypes) in zip(parts, kinds):
         if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in dtypes:
@@ -81,20 +77,10 @@ def _run(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None, threads: in
 
         raise ValueError(f"the CPU compressed-expert kernels are unavailable: {unavailable_reason()}")
     n, d = x.shape
-    out = torch.empty_like(x) if out is None else out
-    if not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"out must be a contiguous {list(x.shape)} {x.dtype} tensor")
+    out = output_for(x, out)
     if not jobs:
         return out.zero_()
-    starts, tokens, weights = [0], [], []
-    for _, _, toks, ws in jobs:
-        if len(toks) > MAX_JOB_TOKENS or len(toks) != len(ws):
-            raise ValueError(f"a job holds at most {MAX_JOB_TOKENS} tokens, with one weight each")
-        tokens.extend(toks)
-        weights.extend(ws)
-        starts.append(len(tokens))
-    if tokens and not 0 <= min(tokens) <= max(tokens) < n:
-        raise ValueError(f"a job's token index is outside x's {n} rows")
+    routes = Routes(jobs, n)
     threads = threads or torch.get_num_threads()
     scratch = scratch or Scratch()
     if x.dtype == torch.float32 and not pad:
@@ -102,11 +88,9 @@ def _run(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None, threads: in
     else:
         xf = scratch.get("x", n * d + pad)[:n * d].view(n, d).copy_(x)
     outf = out if out.dtype == torch.float32 else scratch.get("out", n * d)[:n * d].view(n, d)
-    start_arr = (ctypes.c_int32 * len(starts))(*starts)
-    token_arr = (ctypes.c_int32 * max(1, len(tokens)))(*tokens)
-    weight_arr = (ctypes.c_float * max(1, len(weights)))(*weights)
     accs = scratch.get("acc", threads * acc_stride(n))
-    code = call(lib, xf, _f32(outf), n, start_arr, token_arr, weight_arr, scratch, len(tokens), accs, threads)
+    code = call(lib, xf, float_ptr(outf), n, routes.starts, routes.tokens, routes.weights, scratch, routes.slots, accs,
+                threads)
     if code != 0:
         raise ValueError(f"the CPU compressed-expert kernel refused its arguments (code {code}: see compressed.cpp)")
     if outf is not out:
@@ -159,8 +143,8 @@ def int_ffn(x: torch.Tensor, jobs: list[Job], bits: int, out: torch.Tensor | Non
         if permuted:
             h[:slots * h_cols].zero_()  # the last word's padding lanes stay zero
             xf = _permuted(xf, d, per_word, scratch)
-        return lib.moekit_int_ffn(bits, _f32(xf), outf, n, d, ffn, len(jobs), ptr_arr, groups[0], groups[1],
-                                  int(permuted), starts, tokens, weights, _f32(h), _f32(accs), threads)
+        return lib.moekit_int_ffn(bits, float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, groups[0], groups[1],
+                                  int(permuted), starts, tokens, weights, float_ptr(h), float_ptr(accs), threads)
 
     return _run(x, jobs, out, threads, scratch, call)
 
@@ -203,8 +187,8 @@ def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.T
 
     def call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads):
         h = scratch.get("h", slots * ffn + CODE_PAD)
-        return lib.moekit_code_ffn(_f32(xf), outf, n, d, ffn, len(jobs), ptr_arr, table_ptr, word_dtype.itemsize, size_arr, starts, tokens,
-                                   weights, _f32(h), _f32(accs), threads)
+        return lib.moekit_code_ffn(float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, table_ptr, word_dtype.itemsize, size_arr, starts, tokens,
+                                   weights, float_ptr(h), float_ptr(accs), threads)
 
     return _run(x, jobs, out, threads, scratch, call, pad=CODE_PAD)
 

@@ -24,57 +24,11 @@
 #include <cstring>
 #include <omp.h>
 
+#include "common.h"
+
 namespace {
 
-constexpr int64_t ROWS_PER_ITEM = 8;  // ffn rows (stage 1) or hidden rows (stage 2) per work item
 constexpr int64_t MAX_ROW = 1 << 15;  // widest row a thread converts to float (128 KB of its stack)
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// Converts n elements of dtype `dtype` at p to float.
-inline void to_float(int dtype, const void* p, int64_t n, float* out) {
-  if (dtype == 0) {
-    const uint16_t* s = static_cast<const uint16_t*>(p);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(s[i]);
-#ifdef __FLT16_MAX__
-  } else if (dtype == 1) {
-    const _Float16* s = static_cast<const _Float16*>(p);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(s[i]);
-#endif
-  } else {
-    std::memcpy(out, p, n * sizeof(float));
-  }
-}
-
-inline void from_float(int dtype, float v, void* p, int64_t i) {
-  if (dtype == 0) static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
-#ifdef __FLT16_MAX__
-  else if (dtype == 1) static_cast<_Float16*>(p)[i] = static_cast<_Float16>(v);
-#endif
-  else static_cast<float*>(p)[i] = v;
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
 
 // One weight row of dtype W dotted with `count` float vectors (vec + k * stride): the row is read
 // from memory once. A single vector reads the row directly (no conversion pass).
@@ -107,15 +61,6 @@ inline void gate_up_dots(const W* gate, const W* up, const float* x, int64_t n, 
   *u = au;
 }
 
-struct Bf16 { float operator()(uint16_t v) const { return bf16_to_float(v); } };
-struct F32 { float operator()(float v) const { return v; } };
-#ifdef __FLT16_MAX__  // the compiler has _Float16 (GCC 12+, clang 15+ on x86-64)
-struct F16 { float operator()(_Float16 v) const { return static_cast<float>(v); } };
-#endif
-
-// Floats between two threads' accumulators: N rounded up to a cache line, plus one line.
-inline int64_t acc_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
-
 template <typename W, typename Conv>
 void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* gate_up, const int64_t* down,
                const int32_t* tok_start, const int32_t* tok, const float* w, float* h, float* accs, int64_t N,
@@ -125,7 +70,7 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
 #pragma omp parallel num_threads(threads)
   {
     float scratch[MAX_ROW];
-    float g[256], u[256];  // per-token dots of one row (jobs hold at most 256 tokens)
+    float g[MAX_JOB_TOKENS], u[MAX_JOB_TOKENS];  // per-token dots of one row
     // each thread's output accumulators on cache lines of their own: neighbouring threads
     // writing one line (N = 1 at decode) would pass it between cores on every row
     float* acc = accs + static_cast<int64_t>(omp_get_thread_num()) * acc_stride(N);
@@ -167,7 +112,7 @@ void run_linear(const float* xf, const W* w, const float* bias, int64_t M, int64
 #pragma omp parallel num_threads(threads)
   {
     float scratch[MAX_ROW];
-    float dots[256];
+    float dots[MAX_JOB_TOKENS];
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < blocks; ++item) {
       for (int64_t n = item * ROWS_PER_ITEM; n < (item + 1) * ROWS_PER_ITEM && n < N; ++n) {
@@ -193,8 +138,8 @@ int moekit_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t 
   if (wdtype == 1 || xdtype == 1) return 3;
 #endif
   for (int64_t j = 0; j < J; ++j)
-    if (tok_start[j + 1] - tok_start[j] > 256) return 2;
-  for (int64_t t = 0; t < N; ++t) to_float(xdtype, static_cast<const char*>(x) + t * D * (xdtype == 2 ? 4 : 2), D,
+    if (tok_start[j + 1] - tok_start[j] > MAX_JOB_TOKENS) return 2;
+  for (int64_t t = 0; t < N; ++t) to_float(xdtype, static_cast<const char*>(x) + t * D * itemsize(xdtype), D,
                                            xf + t * D);
   if (wdtype == 0)
     run_layer<uint16_t>(xf, D, I, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, Bf16());
@@ -213,12 +158,12 @@ int moekit_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t 
 int moekit_linear(int wdtype, int xdtype, const void* x, const void* w, const float* bias, void* out, int64_t M,
                   int64_t N, int64_t K, float* xf, int threads) {
   if (K > MAX_ROW) return 1;
-  if (M > 256) return 2;
+  if (M > MAX_JOB_TOKENS) return 2;
 #ifndef __FLT16_MAX__
   if (wdtype == 1 || xdtype == 1) return 3;
 #endif
   for (int64_t m = 0; m < M; ++m)
-    to_float(xdtype, static_cast<const char*>(x) + m * K * (xdtype == 2 ? 4 : 2), K, xf + m * K);
+    to_float(xdtype, static_cast<const char*>(x) + m * K * itemsize(xdtype), K, xf + m * K);
   if (wdtype == 0)
     run_linear(xf, static_cast<const uint16_t*>(w), bias, M, N, K, xdtype, out, threads, Bf16());
 #ifdef __FLT16_MAX__

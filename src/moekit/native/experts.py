@@ -55,8 +55,40 @@ class Scratch:
         return buf
 
 
-def _ptr(t: torch.Tensor, ctype=ctypes.c_float):
+def float_ptr(t: torch.Tensor, ctype=ctypes.c_float):
+    """Returns a ctypes pointer to the tensor's data (float by default), for the native calls."""
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
+
+
+class Routes:
+    """The jobs' routes as the kernels take them: job j's tokens are tokens[starts[j]:starts[j+1]],
+    each with its weight (ctypes int32 / int32 / float arrays; `slots` = T, the tokens of all jobs)."""
+
+    def __init__(self, jobs: list, n: int):
+        """Reads (..., tokens, weights) from the end of each job; raises ValueError for a job of
+        more than MAX_JOB_TOKENS tokens, a weight missing, or a token outside x's n rows."""
+        starts, tokens, weights = [0], [], []
+        for job in jobs:
+            toks, ws = job[-2], job[-1]
+            if len(toks) > MAX_JOB_TOKENS or len(toks) != len(ws):
+                raise ValueError(f"a job holds at most {MAX_JOB_TOKENS} tokens, with one weight each")
+            tokens.extend(toks)
+            weights.extend(ws)
+            starts.append(len(tokens))
+        if tokens and not 0 <= min(tokens) <= max(tokens) < n:
+            raise ValueError(f"a job's token index is outside x's {n} rows")
+        self.slots = len(tokens)
+        self.starts = (ctypes.c_int32 * len(starts))(*starts)
+        self.tokens = (ctypes.c_int32 * max(1, len(tokens)))(*tokens)
+        self.weights = (ctypes.c_float * max(1, len(weights)))(*weights)
+
+
+def output_for(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Returns `out` (or a new tensor) checked to be a contiguous tensor of x's shape and dtype."""
+    out = torch.empty_like(x) if out is None else out
+    if not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must be a contiguous {list(x.shape)} {x.dtype} tensor")
+    return out
 
 
 def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None, threads: int | None = None,
@@ -74,45 +106,34 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
         raise ValueError(f"the CPU expert kernel is unavailable: {unavailable_reason()}")
     x = x.contiguous()
     n, d = x.shape
-    out = torch.empty_like(x) if out is None else out
-    if not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"out must be a contiguous {list(x.shape)} {x.dtype} tensor")
+    out = output_for(x, out)
     if not jobs:
         return out.zero_()
     wdtype = jobs[0][0].dtype
     ffn = jobs[0][1].shape[1]
-    gate_ups, downs, starts, tokens, weights = [], [], [0], [], []
-    for gate_up, down, toks, ws in jobs:
+    gate_ups, downs = [], []
+    for gate_up, down, _, _ in jobs:
         if (gate_up.shape != (2 * ffn, d) or down.shape != (d, ffn) or gate_up.dtype != wdtype
                 or down.dtype != wdtype or not gate_up.is_contiguous() or not down.is_contiguous()
                 or gate_up.device.type != "cpu" or down.device.type != "cpu"):
             raise ValueError(f"every job needs contiguous CPU gate_up [{2 * ffn}, {d}] and down [{d}, {ffn}] "
                              f"of one dtype; got {list(gate_up.shape)} {gate_up.dtype}, {list(down.shape)} {down.dtype}")
-        if len(toks) > MAX_JOB_TOKENS or len(toks) != len(ws):
-            raise ValueError(f"a job holds at most {MAX_JOB_TOKENS} tokens, with one weight each")
         gate_ups.append(gate_up.data_ptr())
         downs.append(down.data_ptr())
-        tokens.extend(toks)
-        weights.extend(ws)
-        starts.append(len(tokens))
+    routes = Routes(jobs, n)
     if wdtype not in DTYPE_CODES or x.dtype not in DTYPE_CODES or max(d, ffn) > MAX_ROW:
         raise ValueError(f"the CPU expert kernel takes bf16/fp16/fp32 rows of at most {MAX_ROW}; "
                          f"got {wdtype} weights, {x.dtype} input, hidden {d}, ffn {ffn}")
-    if tokens and not 0 <= min(tokens) <= max(tokens) < n:
-        raise ValueError(f"a job's token index is outside x's {n} rows")
     threads = threads or torch.get_num_threads()
     scratch = scratch or Scratch()
     gate_ptrs = (ctypes.c_int64 * len(gate_ups))(*gate_ups)
     down_ptrs = (ctypes.c_int64 * len(downs))(*downs)
-    start_arr = (ctypes.c_int32 * len(starts))(*starts)
-    token_arr = (ctypes.c_int32 * max(1, len(tokens)))(*tokens)
-    weight_arr = (ctypes.c_float * max(1, len(weights)))(*weights)
-    h = scratch.get("h", len(tokens) * ffn)
+    h = scratch.get("h", routes.slots * ffn)
     xf = scratch.get("x", n * d)
     accs = scratch.get("acc", threads * acc_stride(n))
     code = lib.moekit_expert_ffn(DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d,
-                                 ffn, len(jobs), gate_ptrs, down_ptrs, start_arr, token_arr, weight_arr, _ptr(h),
-                                 _ptr(xf), _ptr(accs), threads)
+                                 ffn, len(jobs), gate_ptrs, down_ptrs, routes.starts, routes.tokens, routes.weights,
+                                 float_ptr(h), float_ptr(xf), float_ptr(accs), threads)
     if code != 0:
         raise ValueError(f"the CPU expert kernel refused its arguments (code {code}: see experts.cpp)")
     return out
@@ -147,7 +168,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         scratch = _linear_scratch.value = Scratch()
     xf = scratch.get("x", m * k)
     code = lib.moekit_linear(DTYPE_CODES[weight.dtype], DTYPE_CODES[x.dtype], x.data_ptr(), weight.data_ptr(),
-                             None if b is None else _ptr(b), out.data_ptr(), m, n, k, _ptr(xf),
+                             None if b is None else float_ptr(b), out.data_ptr(), m, n, k, float_ptr(xf),
                              threads or torch.get_num_threads())
     if code != 0:
         raise ValueError(f"the CPU linear kernel refused its arguments (code {code}: see experts.cpp)")

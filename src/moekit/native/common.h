@@ -1,0 +1,76 @@
+// What the native kernels share (included by each *.cpp of this folder; internal linkage in each):
+// dtype codes and conversions, float dot products, and the layout constants of the two-stage
+// expert layers (experts.cpp, compressed.cpp).
+// dtypes: 0 = bfloat16, 1 = float16, 2 = float32.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t ROWS_PER_ITEM = 8;  // ffn rows (stage 1) or hidden rows (stage 2) per work item
+constexpr int MAX_JOB_TOKENS = 256;   // tokens one job (an expert's share of a call) may hold
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline int64_t itemsize(int dtype) { return dtype == 2 ? 4 : 2; }
+
+// Converts n elements of dtype `dtype` at p to float.
+inline void to_float(int dtype, const void* p, int64_t n, float* out) {
+  if (dtype == 0) {
+    const uint16_t* s = static_cast<const uint16_t*>(p);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(s[i]);
+#ifdef __FLT16_MAX__
+  } else if (dtype == 1) {
+    const _Float16* s = static_cast<const _Float16*>(p);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(s[i]);
+#endif
+  } else {
+    std::memcpy(out, p, n * sizeof(float));
+  }
+}
+
+// Stores v as element i of the dtype `dtype` array at p.
+inline void from_float(int dtype, float v, void* p, int64_t i) {
+  if (dtype == 0) static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
+#ifdef __FLT16_MAX__
+  else if (dtype == 1) static_cast<_Float16*>(p)[i] = static_cast<_Float16>(v);
+#endif
+  else static_cast<float*>(p)[i] = v;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// Floats between two threads' output accumulators: n rounded up to a cache line, plus one line
+// (neighbouring threads writing one line would pass it between cores on every row).
+inline int64_t acc_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
+// Element converters for templated row loops.
+struct Bf16 { float operator()(uint16_t v) const { return bf16_to_float(v); } };
+struct F32 { float operator()(float v) const { return v; } };
+#ifdef __FLT16_MAX__  // the compiler has _Float16 (GCC 12+, clang 15+ on x86-64)
+struct F16 { float operator()(_Float16 v) const { return static_cast<float>(v); } };
+#endif
+
+}  // namespace
