@@ -341,25 +341,30 @@ class DenseForm(StoredForm):
         return triton_ops.grouped_expert_ffn(x, rows, weights, gate_up, down)
 
 
-def cpu_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor | None:
-    """Returns a small CPU call of dense experts run by the native kernel (moekit.native.experts:
-    one parallel region per call, each weight row read once), or None where it does not apply
-    (more than SMALL_BATCH_TOKENS tokens: PyTorch's GEMMs win; no compiler; other dtypes).
-
-    Jobs are the stack rows in order of first use in routing order (n * A + a), so two
-    placements of the same experts (expert ids or cache slots) sum in the same order."""
-    from ..native.experts import SMALL_BATCH_TOKENS, expert_ffn, usable
-
-    if x.shape[0] > SMALL_BATCH_TOKENS or gate_up.stride(-1) != 1 or not usable(x, gate_up.dtype):
-        return None
+def routes_by_row(rows: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, list[int], list[float]]]:
+    """Returns (stack row, its tokens, their routing weights) for each row of rows [N, A], rows in
+    order of first use in routing order (n * A + a): the native CPU kernels' jobs, in an order two
+    placements of the same experts (expert ids or cache slots) share (one host sync)."""
     tokens: dict[int, list[int]] = {}
     scales: dict[int, list[float]] = {}
     top_k = rows.shape[1]
     for slot, (row, w) in enumerate(zip(rows.reshape(-1).tolist(), weights.reshape(-1).float().tolist())):
         tokens.setdefault(row, []).append(slot // top_k)
         scales.setdefault(row, []).append(w)
-    jobs = [(gate_up[row], down[row], tokens[row], scales[row]) for row in tokens]
+    return [(row, tokens[row], scales[row]) for row in tokens]
+
+
+def cpu_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor | None:
+    """Returns a small CPU call of dense experts run by the native kernel (moekit.native.experts:
+    one parallel region per call, each weight row read once; jobs from `routes_by_row`), or None
+    where it does not apply (more than SMALL_BATCH_TOKENS tokens: PyTorch's GEMMs win; no
+    compiler; other dtypes)."""
+    from ..native.experts import SMALL_BATCH_TOKENS, expert_ffn, usable
+
+    if x.shape[0] > SMALL_BATCH_TOKENS or gate_up.stride(-1) != 1 or not usable(x, gate_up.dtype):
+        return None
+    jobs = [(gate_up[row], down[row], tokens, scales) for row, tokens, scales in routes_by_row(rows, weights)]
     if any(not (g.is_contiguous() and d.is_contiguous()) for g, d, _, _ in jobs):
         return None
     return expert_ffn(x, jobs)

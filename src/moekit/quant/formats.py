@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, MoekitError
-from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS, Specs, StoredForm, Tensors, experts_prefix
+from ..experts.forms import (KINDS, SLOT_KERNEL_MAX_SLOTS, Specs, StoredForm, Tensors, experts_prefix,
+                             routes_by_row)
 from . import ops
 from .code import ROW_BLOCK
 from .config import INT, TERNARY_CODE, QuantConfig
@@ -130,20 +131,13 @@ class CompressedForm(StoredForm):
                 stacked: Tensors) -> torch.Tensor | None:
         """Returns a small CPU call run by the native kernel, or None where it does not apply (more
         than SMALL_BATCH_TOKENS tokens: decoding once and PyTorch's GEMMs win; no compiler).
-        Jobs are the stack rows in order of first use in routing order (n * A + a), as for
-        dense experts (experts.forms.cpu_expert_ffn)."""
+        Jobs come from experts.forms.routes_by_row, as for dense experts."""
         from ..native.compressed import usable
         from ..native.experts import SMALL_BATCH_TOKENS
 
         if x.shape[0] > SMALL_BATCH_TOKENS or not usable(x):
             return None
-        tokens: dict[int, list[int]] = {}
-        scales: dict[int, list[float]] = {}
-        top_k = rows.shape[1]
-        for slot, (row, w) in enumerate(zip(rows.reshape(-1).tolist(), weights.reshape(-1).float().tolist())):
-            tokens.setdefault(row, []).append(slot // top_k)
-            scales.setdefault(row, []).append(w)
-        jobs = [(self.one(stacked, row), tokens[row], scales[row]) for row in tokens]
+        jobs = [(self.one(stacked, row), tokens, scales) for row, tokens, scales in routes_by_row(rows, weights)]
         if any(not t.is_contiguous() for one, _, _ in jobs for t in one.values()):
             return None
         return self.native_ffn(x, jobs)
