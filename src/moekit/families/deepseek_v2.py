@@ -12,6 +12,21 @@ from ..errors import UnsupportedModelError
 from .base import Family, common_fields, first, require
 
 
+def deepseek_moe_fields(hf: dict[str, Any], name: str, num_layers: int, first_dense_default: int) -> dict[str, Any]:
+    """Returns the ModelConfig fields of DeepSeek's MoE layout (GLM-4.5 shares it): routed experts,
+    top-k, the expert width, the first `first_k_dense_replace` layers dense, and the shared
+    experts' total width; raises UnsupportedModelError without routed experts."""
+    experts = int(first(hf, "n_routed_experts", "num_experts", "num_local_experts", default=0))
+    if experts <= 0:
+        raise UnsupportedModelError(f"config.json of this {name} model has no 'n_routed_experts'")
+    first_dense = int(first(hf, "first_k_dense_replace", default=first_dense_default))
+    moe_ffn = int(require(hf, "moe_intermediate_size", name))
+    return {"num_experts": experts, "top_k": int(require(hf, "num_experts_per_tok", name)), "expert_ffn": moe_ffn,
+            "moe_layers": tuple(i >= first_dense for i in range(num_layers)),
+            "dense_ffn": int(first(hf, "intermediate_size", default=0)),
+            "shared_expert_ffn": moe_ffn * int(first(hf, "n_shared_experts", default=0))}
+
+
 class DeepseekV2(Family):
     name = "deepseek_v2"
     architectures = ("DeepseekV2ForCausalLM",)
@@ -23,26 +38,17 @@ class DeepseekV2(Family):
 
     def config(self, hf: dict[str, Any]) -> ModelConfig:
         fields = common_fields(hf, self.name)
-        experts = int(first(hf, "n_routed_experts", "num_experts", "num_local_experts", default=0))
-        if experts <= 0:
-            raise UnsupportedModelError(f"config.json of this {self.name} model has no 'n_routed_experts'")
-        first_dense = int(first(hf, "first_k_dense_replace", default=0))
         if int(first(hf, "moe_layer_freq", default=1)) != 1:  # every released DeepSeek model has 1
             raise UnsupportedModelError(
                 f"{self.name} moe_layer_freq {hf['moe_layer_freq']} is not supported (only 1: every layer "
                 "from first_k_dense_replace on is MoE, as transformers runs it)")
         m = self._mla(hf)
-        moe_ffn = int(require(hf, "moe_intermediate_size", self.name))
+        moe = deepseek_moe_fields(hf, self.name, fields["num_layers"], first_dense_default=0)
         fields.update(num_kv_heads=fields["num_heads"], head_dim=m.qk_head_dim)  # MLA: every head its own k, v
         bias = bool(hf.get("attention_bias", False))
         return ModelConfig(
             **fields,
-            num_experts=experts,
-            top_k=int(require(hf, "num_experts_per_tok", self.name)),
-            expert_ffn=moe_ffn,
-            moe_layers=tuple(i >= first_dense for i in range(fields["num_layers"])),
-            dense_ffn=int(first(hf, "intermediate_size", default=0)),
-            shared_expert_ffn=moe_ffn * int(first(hf, "n_shared_experts", default=0)),
+            **moe,
             qkv_bias=bias,
             o_bias=bias,
             mla=m,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from ..errors import UnsupportedModelError
-from .base import Family, common_fields, first, require
+from .base import Family, common_fields, first
+from .deepseek_v2 import deepseek_moe_fields
 from .deepseek_v3 import v3_routing
 
 
@@ -21,22 +21,12 @@ class Glm4Moe(Family):
 
     def config(self, hf: dict[str, Any]) -> ModelConfig:
         fields = common_fields(hf, self.name)
-        experts = int(first(hf, "n_routed_experts", "num_experts", default=0))
-        if experts <= 0:
-            raise UnsupportedModelError(f"config.json of this {self.name} model has no 'n_routed_experts'")
         rope_params = hf.get("rope_parameters") or {}
         factor = float(first(rope_params, "partial_rotary_factor",
                              default=first(hf, "partial_rotary_factor", default=0.5)))
-        moe_ffn = int(require(hf, "moe_intermediate_size", self.name))
-        first_dense = int(first(hf, "first_k_dense_replace", default=1))
         return ModelConfig(
             **fields,
-            num_experts=experts,
-            top_k=int(require(hf, "num_experts_per_tok", self.name)),
-            expert_ffn=moe_ffn,
-            moe_layers=tuple(i >= first_dense for i in range(fields["num_layers"])),
-            dense_ffn=int(first(hf, "intermediate_size", default=0)),
-            shared_expert_ffn=moe_ffn * int(first(hf, "n_shared_experts", default=0)),
+            **deepseek_moe_fields(hf, self.name, fields["num_layers"], first_dense_default=1),
             qkv_bias=bool(hf.get("attention_bias", False)),
             qk_norm="head" if hf.get("use_qk_norm") else "none",
             rotary_dim=int(fields["head_dim"] * factor),
