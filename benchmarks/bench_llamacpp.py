@@ -504,25 +504,22 @@ def main() -> int:
     expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
     per_token = sum(cfg.moe_layers) * cfg.top_k * expert_bytes
     idle_mib = results["idle_used_mib_before_cuda"] = idle_before_cuda
+    def record(row: dict, what: str) -> None:
+        results["moekit"].append(row)
+        common.log(f"moekit {what}: {row.get('decode_tok_s')} tok/s ({row['status']}) {row.get('refusal', '')[:200]}")
+        save()
+
     if device.type == "cpu":  # no GPU: everything on the CPU, bf16 as llama.cpp's GGUF
         for dtype in (torch.bfloat16, torch.float32):
             row = moekit_row(ckpt, device, None, None, prompt, dtype=dtype, prefill_tokens=PROMPT)
             row.update(setting="decode_cpu_only", dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads())
-            results["moekit"].append(row)
-            common.log(f"moekit --device cpu {row['dtype']}: {row.get('decode_tok_s')} tok/s, prefill "
-                       f"{row.get(f'prefill_{PROMPT}_tok_s')} ({row['status']})")
-            save()
-        print(table(results))
-        results["table"] = table(results)
-        save()
-        return 0
+            record(row, f"--device cpu {row['dtype']} (prefill {row.get(f'prefill_{PROMPT}_tok_s')} tok/s)")
+        footprints = {}  # no offloaded rows without a GPU
     gpu: dict = {}
-    if not args.skip_gpu_row:
+    if device.type == "cuda" and not args.skip_gpu_row:
         gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib)
         gpu["setting"] = "decode_gpu"
-        results["moekit"].append(gpu)
-        common.log(f"moekit all on GPU: {gpu.get('decode_tok_s')} tok/s, prefill {gpu.get('prefill_512_tok_s')}")
-        save()
+        record(gpu, f"all on GPU (prefill {gpu.get('prefill_512_tok_s')} tok/s)")
     combined = rates.get("cpu_read_concurrent_bytes_per_s", 0) + rates.get("h2d_concurrent_bytes_per_s", 0)
     for setting, budget in footprints.items():
         if not budget:
@@ -537,18 +534,12 @@ def main() -> int:
             row["missed_bytes_per_token_uniform"] = missed
             if missed and combined:
                 row["ceiling_tok_s"] = min(combined / missed, gpu.get("decode_tok_s") or float("inf"))
-            results["moekit"].append(row)
-            common.log(f"moekit {setting} {misses} at {budget / 1e9:.2f} GB: {row.get('decode_tok_s')} tok/s "
-                       f"({row['status']}) {row.get('refusal', '')[:200]}")
-            save()
+            record(row, f"{setting} {misses} at {budget / 1e9:.2f} GB")
             least = least_budget(row.get("refusal") or "")
             if least:  # refused at llama.cpp's footprint: the same row at the least budget moekit takes
                 again = moekit_row(ckpt, device, least, misses, prompt, idle_mib)
                 again["setting"] = setting + "_at_least"
-                results["moekit"].append(again)
-                common.log(f"moekit {setting} {misses} at {least / 1e9:.2f} GB: {again.get('decode_tok_s')} tok/s "
-                           f"({again['status']}) {again.get('refusal', '')[:200]}")
-                save()
+                record(again, f"{setting} {misses} at {least / 1e9:.2f} GB")
     print(table(results))
     results["table"] = table(results)
     save()
