@@ -33,21 +33,41 @@ class BatchResult:
     predicted_decode_tok_s: float
     pcie_ceiling_decode_tok_s: float | None  # N * h2d / streamed expert bytes per step (None: nothing streamed)
     pages_loaded: int
+    whole_loads: int  # layers loaded whole at their call (the prefill's, and any page cut short)
+    streamed_bytes_per_step: int  # expert bytes one decode step sends host-to-device
     tokens: list[list[int]]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def resident_experts(path, plan: Plan) -> int:
+    """Returns the experts per MoE layer the plan keeps on the device (its r_w in whole experts)."""
+    from ..load import read_config
+
+    cfg = read_config(path)[2]
+    experts = min(cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.moe_layers[i])
+    return min(experts, round(plan.policy.resident_share * experts))
+
+
+def load_paged(path, resident: int, device: str = "cpu", dtype: str | None = None, host_layers=None):
+    """Returns the model of `path` with paged experts, `resident` of each MoE layer on the device
+    (`host_layers`: the host store given directly, see PagedLoader)."""
+    from ..load import load_model
+    from .paged import PagedLoader
+
+    return load_model(path, device=device, dtype=dtype, experts=PagedLoader(resident=resident, host_layers=host_layers))
+
+
 def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu", dtype: str | None = None,
-             h2d_bandwidth: float | None = None) -> BatchResult:
+             h2d_bandwidth: float | None = None, host_layers=None, model=None) -> BatchResult:
     """Returns the BatchResult of generating `gen_len` greedy tokens for `prompts` (the plan's N of
     them; token id lists) with the plan's micro-batch and resident experts per layer (CPU attention
-    only: a plan with attention on the GPU is for the sequential engines)."""
+    only: a plan with attention on the GPU is for the sequential engines). `model` (from
+    load_paged with the plan's resident count) is used instead of loading one (several plans, one
+    load); `host_layers` as in load_paged."""
     from ..generate import GenerationStats
-    from ..load import load_model, read_config
     from .cgopipe import generate_pipelined
-    from .paged import PagedLoader
 
     policy = plan.policy
     if policy.attention != "cpu":
@@ -55,13 +75,16 @@ def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu",
                           "device), not the CGOPipe engine")
     if len(prompts) != policy.batch:
         raise MoekitError(f"the plan is for {policy.batch} sequences, {len(prompts)} prompts given")
-    cfg = read_config(path)[2]
-    experts = min(cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.moe_layers[i])
-    resident = min(experts, round(policy.resident_share * experts))
-    model = load_model(path, device=device, dtype=dtype, experts=PagedLoader(resident=resident))
+    resident = resident_experts(path, plan)
+    if model is None:
+        model = load_paged(path, resident, device, dtype, host_layers)
+    elif getattr(model.expert_runtime, "resident", None) != resident:
+        raise MoekitError(f"the plan keeps {resident} experts per layer resident, the model given "
+                          f"{getattr(model.expert_runtime, 'resident', None)}: load it with load_paged(path, {resident})")
     stats = GenerationStats()
-    tokens = generate_pipelined(model, prompts, gen_len, policy.micro_batch, stats=stats)
     runtime = model.expert_runtime
+    pages_before, whole_before = runtime.pages_loaded, runtime.whole_loads  # a model given may have run before
+    tokens = generate_pipelined(model, prompts, gen_len, policy.micro_batch, stats=stats)
     streamed_bytes = sum(  # what one decode step sends over PCIe
         (runtime.experts[layer] - resident) * sum(t[0].numel() * t.element_size() for t in runtime.stores[layer].values())
         for layer in runtime.layers)
@@ -74,7 +97,8 @@ def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu",
         decode_tok_s=n * (gen_len - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
         predicted_tok_s=plan.tok_s, predicted_decode_tok_s=plan.decode_tok_s,
         pcie_ceiling_decode_tok_s=n * h2d_bandwidth / streamed_bytes if h2d_bandwidth and streamed_bytes else None,
-        pages_loaded=runtime.pages_loaded, tokens=[t.tolist() for t in tokens])
+        pages_loaded=runtime.pages_loaded - pages_before, whole_loads=runtime.whole_loads - whole_before,
+        streamed_bytes_per_step=streamed_bytes, tokens=[t.tolist() for t in tokens])
 
 
 def synthetic_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

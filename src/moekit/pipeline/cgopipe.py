@@ -259,7 +259,7 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     positions = sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths)
     cache = PagedKVCache.for_tokens(model.config, positions, block_size, "cpu", model.dtype)
     logits = prefill_to_host(model, cache, prompts, micro_batch, block_size)
-    outs = [[int(t)] for t in logits.argmax(dim=-1)]
+    outs = [[t] for t in logits.argmax(dim=-1).tolist()]  # one host sync, not one per sequence
     t1 = time.perf_counter()
     decoder = PipelinedDecoder(model, cache, micro_batch)
     try:

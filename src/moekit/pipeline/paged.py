@@ -58,6 +58,9 @@ class PagedRuntime:
         for i, layer in enumerate(self.layers):  # the resident experts, once
             self._copy(layer, 0, resident, i * resident, non_blocking=False)
         self._rows = {(layer, h): self._row_table(layer, h) for layer in self.layers for h in (0, 1)}
+        # the same tables on the device: indexing them with the router's ids needs no host copy (a
+        # per-call torch.tensor(..., device=cuda) is a blocking copy that stalls the launch thread)
+        self._rows_device = {key: torch.tensor(rows, device=self.device) for key, rows in self._rows.items()}
 
     # ---- placement -----------------------------------------------------------------------------
     def _row_table(self, layer: int, half: int) -> list[int]:
@@ -137,7 +140,7 @@ class PagedRuntime:
         if self.cuda and layer in self.ready:
             torch.cuda.current_stream(self.device).wait_event(self.ready[layer])
         row_of = self._rows[(layer, half)]
-        rows = torch.tensor(row_of, device=x.device)[ids]  # [N, A] slots
+        rows = self._rows_device[(layer, half)][ids]  # [N, A] slots
         stacked = self.layout.view(self.slab, layer)
         return self.layout.form.run(x, rows, weights, stacked, ids=ids, row_of=row_of, count=self.experts[layer])
 
@@ -169,10 +172,13 @@ class PagedExperts(nn.Module):
 
 class PagedLoader(ExpertLoader):
     """Builds paged experts while a model loads: every layer's experts into the host store (pinned
-    on a GPU machine), `resident` of each layer also on the device."""
+    on a GPU machine), `resident` of each layer also on the device. `host_layers` ({layer:
+    {name: [E, ...]}}, as DenseForm stores them: gate_up [E, 2I, D], down [E, D, I]) gives the host
+    store directly (benchmarks: random experts made in pinned memory, no checkpoint read)."""
 
-    def __init__(self, resident: int):
+    def __init__(self, resident: int, host_layers: dict[int, Tensors] | None = None):
         self.resident = resident
+        self.host_layers = host_layers
         self.stores: dict[int, Tensors] = {}
         self.sources: list[PagedExperts] = []
         self.layout = None
@@ -189,9 +195,16 @@ class PagedLoader(ExpertLoader):
         if self.layout is None:
             self.layout = layout_for(form, [i for i, moe in enumerate(cfg.moe_layers) if moe])
         count = cfg.experts_in(layer)
-        stacked = self.layout.empty(count, "cpu", pin=ctx.device.type == "cuda", layer=layer)
-        with torch.no_grad():
-            form.read_layer(ctx.ckpt, ctx.family, layer, stacked)
+        if self.host_layers is not None:
+            stacked = self.host_layers.get(layer)
+            want = {name: (count, *shape) for name, (shape, _) in self.layout.shapes(layer).items()}
+            got = {name: tuple(t.shape) for name, t in (stacked or {}).items()}
+            if got != want:
+                raise MoekitError(f"host_layers[{layer}]: expected tensors {want}, got {got}")
+        else:
+            stacked = self.layout.empty(count, "cpu", pin=ctx.device.type == "cuda", layer=layer)
+            with torch.no_grad():
+                form.read_layer(ctx.ckpt, ctx.family, layer, stacked)
         self.stores[layer] = stacked
         source = PagedExperts(layer, count)
         self.sources.append(source)
