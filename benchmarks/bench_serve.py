@@ -40,6 +40,8 @@ from random_checkpoint import olmoe_hf_config, write_random_checkpoint
 import moekit
 from moekit.serve import SamplingParams, Scheduler, SchedulerConfig
 
+T_START = time.perf_counter()  # the budget counts from here (imports included)
+
 QWEN3 = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
          "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
          "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
@@ -71,13 +73,14 @@ def prompts_for(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[in
     return [torch.randint(3, vocab, (t,), generator=g).tolist() for t in lengths]
 
 
-def serve_closed_loop(model, prompts: list[list[int]], concurrency: int, new_tokens: int,
-                      config: SchedulerConfig) -> dict[str, Any]:
-    """Returns throughput and latencies of `prompts` through one scheduler, `concurrency` in flight."""
-    sched = Scheduler(model, config)
+def serve_closed_loop(sched: Scheduler, prompts: list[list[int]], concurrency: int, new_tokens: int,
+                      deadline: float = float("inf")) -> dict[str, Any]:
+    """Returns throughput and latencies of `prompts` through `sched`, `concurrency` in flight (a new
+    request joins as one leaves); past `deadline` (perf_counter) the rest are aborted, marked truncated."""
     params = SamplingParams(max_tokens=new_tokens)
-    pending, done = list(prompts), []
-    sync(model.device)
+    pending, done, aborted = list(prompts), [], []
+    steps0, preempt0 = sched.stats.steps, sched.stats.preemptions
+    sync(sched.model.device)
     t0 = time.perf_counter()
     running = [sched.add(pending.pop(0), params) for _ in range(min(concurrency, len(pending)))]
     while running:
@@ -87,15 +90,23 @@ def serve_closed_loop(model, prompts: list[list[int]], concurrency: int, new_tok
             done.append(r)
             if pending:
                 running.append(sched.add(pending.pop(0), params))
+        if time.perf_counter() > deadline and running:
+            for r in running:
+                sched.abort(r)
+            aborted, running = running, []
     wall = time.perf_counter() - t0
     ttft = [r.time_to_first_token_s for r in done]
     itl = [gap for r in done for gap in r.inter_token_s]
-    out_tokens = sum(len(r.output) for r in done)
+    out_tokens = sum(len(r.output) for r in done + aborted)
     return {"requests": len(done), "output_tokens": out_tokens, "wall_s": round(wall, 3),
             "output_tok_s": out_tokens / wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99), "steps": sched.stats.steps,
-            "preemptions": sched.stats.preemptions, "kv_blocks": sched.cache.num_blocks,
-            "static_decode": sched.decode is not None, "lost": len(prompts) - len(done)}
+            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+            "itl_mean_s": sum(itl) / len(itl) if itl else None, "steps": sched.stats.steps - steps0,
+            "preemptions": sched.stats.preemptions - preempt0, "kv_blocks": sched.cache.num_blocks,
+            "static_decode": sched.decode is not None,
+            "graph_buckets": sorted(b for b, s in sched.decode.steps.items() if s.graph is not None)
+            if sched.decode is not None else [],
+            "truncated": {"aborted": len(aborted), "never_sent": len(pending)} if aborted or pending else None}
 
 
 def static_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, Any]:
@@ -104,19 +115,33 @@ def static_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: in
     model.generate(ids[:, :8], max_new_tokens=4, temperature=0, eos_token_ids=())  # capture warm-up
     stats = moekit.GenerationStats()
     model.generate(ids, max_new_tokens=new_tokens, temperature=0, eos_token_ids=(), stats=stats)
-    return {"batch": batch, "decode_tok_s_per_seq": stats.decode_tok_s, "decode_tok_s": stats.decode_tok_s * batch,
-            "itl_s": 1 / stats.decode_tok_s if stats.decode_tok_s else None, "cuda_graph": stats.cuda_graph}
+    return {"batch": batch, "prompt_len": prompt_len, "decode_tok_s_per_seq": stats.decode_tok_s,
+            "decode_tok_s": stats.decode_tok_s * batch, "itl_s": 1 / stats.decode_tok_s if stats.decode_tok_s else None,
+            "prefill_s": stats.prefill_s, "cuda_graph": stats.cuda_graph, "compiled": bool(stats.extra.get("compiled"))}
 
 
-def transformers_padded(folder: Path, prompts: list[list[int]], batch: int, new_tokens: int, device,
-                        max_batches: int) -> dict[str, Any]:
-    """Returns transformers' output tok/s on prompts left-padded into static batches of `batch`."""
+def load_transformers(folder: Path, device: torch.device):
+    """Returns the checkpoint as a transformers model on `device` (straight there where accelerate
+    is installed: no second copy through host memory)."""
+    import importlib.util
+
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    direct = device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                           **({"device_map": str(device)} if direct else {}))
+    return hf.to(device).eval()
+
+
+def transformers_padded(hf, prompts: list[list[int]], batch: int, new_tokens: int, device,
+                        max_batches: int, max_time_s: float) -> dict[str, Any]:
+    """Returns transformers' output tok/s on prompts left-padded into static batches of `batch`
+    (prefill included, as a server would see it); each generate stops after max_time_s."""
+    import transformers
+
     gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                        eos_token_id=None, pad_token_id=0)
-    tokens, wall = 0, 0.0
+                                        eos_token_id=None, pad_token_id=0, max_time=max_time_s)
+    tokens, wall, short = 0, 0.0, 0
     for b in range(0, min(len(prompts), batch * max_batches), batch):
         group = prompts[b:b + batch]
         width = max(len(p) for p in group)
@@ -124,31 +149,46 @@ def transformers_padded(folder: Path, prompts: list[list[int]], batch: int, new_
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
         sync(device)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():
             out = hf.generate(ids, attention_mask=mask, generation_config=gen)
         sync(device)
         wall += time.perf_counter() - t0
         tokens += (out.shape[1] - width) * len(group)
-    del hf
-    free_memory(device)
-    return {"batch": batch, "output_tokens": tokens, "wall_s": round(wall, 3), "output_tok_s": tokens / wall}
+        short += out.shape[1] - width < new_tokens
+    return {"batch": batch, "output_tokens": tokens, "wall_s": round(wall, 3), "output_tok_s": tokens / wall,
+            "stopped_by_max_time": short, "max_time_s": max_time_s}
 
 
 class Bench:
-    """Runs the phases of one shape under try/except and keeps every result."""
+    """Runs the phases of each shape under try/except and a wall-clock budget; keeps every result
+    and rewrites the JSON after each phase (a kill still leaves what was measured)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.device = args, torch.device(args.device)
         self.results: dict[str, Any] = {"meta": common.run_meta(args, self.device), "shapes": {}}
         self.rows: list[list[Any]] = []
+        self.deadline = T_START + args.time_budget_s
 
-    def phase(self, store: dict, name: str, fn: Callable[[], dict]) -> dict:
-        log(f"{name} ...")
-        try:
-            out = fn()
-        except Exception as e:  # noqa: BLE001 -- one failure must not lose the other figures
-            out = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
-            log(f"{name} FAILED: {out['error'][:300]}")
+    def left_s(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def phase(self, store: dict, name: str, fn: Callable[[], dict], min_s: float = 1.0) -> dict:
+        """Returns fn()'s figures (or its error, or why it was skipped), stored under `name` and
+        written out; skipped when less than min_s of the budget is left."""
+        if self.left_s() < min_s:
+            out = {"skipped": f"--time-budget-s {self.args.time_budget_s:.0f} spent ({min_s:.0f} s wanted, "
+                              f"{max(0.0, self.left_s()):.0f} s left)"}
+            log(f"{name} skipped: {out['skipped']}")
+        else:
+            log(f"{name} ...")
+            t0 = time.perf_counter()
+            try:
+                out = fn()
+            except Exception as e:  # noqa: BLE001 -- one failure must not lose the other figures
+                out = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+                log(f"{name} FAILED: {out['error'][:300]}")
+                free_memory(self.device)
+            out["phase_s"] = round(time.perf_counter() - t0, 2)
         store[name] = out
         common.write_json(self.results, self.args.out, "bench_serve")
         return out
@@ -157,55 +197,117 @@ class Bench:
         a, device = self.args, self.device
         hf = SHAPES[name](a.small)
         res = self.results["shapes"][name] = {}
+        t0 = time.perf_counter()
         folder, cfg, nbytes = write_random_checkpoint(root / name, hf, device)
-        res["checkpoint_bytes"] = nbytes
-        model = moekit.load_model(folder, device=device, dtype="bfloat16")
-        config = SchedulerConfig(max_seqs=max(a.concurrency), max_step_tokens=a.step_tokens,
-                                 prefill_interval=a.prefill_interval)
-        warm = prompts_for(2, a.min_len, a.max_len, cfg.vocab_size, seed=0)
-        serve_closed_loop(model, warm, 2, 4, config)  # first calls: allocator, kernels, graph captures
+        res["checkpoint_bytes"], res["checkpoint_write_s"] = nbytes, round(time.perf_counter() - t0, 1)
+        log(f"{name}: wrote {nbytes / 1e9:.2f} GB in {res['checkpoint_write_s']} s")
+        requests = {c: max(a.min_requests, a.requests_per_slot * c) for c in a.concurrency}
+        prompts = {c: prompts_for(requests[c], a.min_len, a.max_len, cfg.vocab_size, seed=c) for c in a.concurrency}
         for c in a.concurrency:
-            prompts = prompts_for(a.requests_per_slot * c, a.min_len, a.max_len, cfg.vocab_size, seed=c)
-            row = res[f"c{c}"] = {}
-            served = self.phase(row, "moekit_serve", partial(serve_closed_loop, model, prompts, c, a.new_tokens, config))
-            static = self.phase(row, "moekit_static", partial(static_decode, model, c, a.static_prompt_len, a.new_tokens,
-                                                              cfg.vocab_size))
-            theirs = self.phase(row, "transformers", partial(transformers_padded, folder, prompts, c, a.new_tokens,
-                                                             device, a.hf_batches)) \
-                if c <= a.hf_max_batch else {"skipped": f"batch > --hf-max-batch {a.hf_max_batch}"}
+            res[f"c{c}"] = {}
+        self.resident(name, folder, cfg, res, prompts)
+        self.transformers(folder, res, prompts)
+        for c in a.concurrency:
+            r = res[f"c{c}"]
+            served, static, theirs = (r.get(k, {}) for k in ("moekit_serve", "moekit_static", "transformers"))
             self.rows.append([name, "resident", c, served.get("output_tok_s"), served.get("ttft_p50_s"),
                               served.get("itl_p50_s"), served.get("itl_p99_s"), static.get("decode_tok_s"),
                               static.get("itl_s"), theirs.get("output_tok_s")])
-        del model
-        free_memory(device)
         if a.offload_fraction > 0:
             self.offloaded(name, folder, cfg, nbytes, res)
+
+    def resident(self, name: str, folder: Path, cfg, res: dict, prompts: dict[int, list[list[int]]]) -> None:
+        """The scheduler and the static-batch decode at each concurrency, all weights resident."""
+        a, device = self.args, self.device
+        t0 = time.perf_counter()
+        model = moekit.load_model(folder, device=device, dtype="bfloat16")
+        # one scheduler for every row: its KV cache holds max(C) full requests (no preemption) and
+        # its decode buckets are captured once, before any timed step
+        top = max(a.concurrency)
+        sched = Scheduler(model, SchedulerConfig(max_seqs=top, max_step_tokens=a.step_tokens,
+                                                 kv_tokens=top * (a.max_len + a.new_tokens + 16),
+                                                 prefill_interval=a.prefill_interval,
+                                                 static_decode=True if a.small else None))  # the smoke run: eagerly
+        warm = prompts_for(2, a.min_len, a.max_len, cfg.vocab_size, seed=0)
+        serve_closed_loop(sched, warm, 2, 4)  # first calls: allocator, kernels
+        buckets = sched.decode.warm(top) if sched.decode is not None else []
+        res["resident_setup"] = {"load_and_warm_s": round(time.perf_counter() - t0, 1), "buckets": buckets,
+                                 "kv_cache_bytes": sched.cache.bytes}
+        log(f"{name}: loaded, warmed and captured {buckets} in {res['resident_setup']['load_and_warm_s']} s")
+        for c in a.concurrency:
+            row = res[f"c{c}"]
+            self.phase(row, "moekit_serve", partial(serve_closed_loop, sched, prompts[c], c, a.new_tokens,
+                                                    self.deadline - a.reserve_s))
+            self.phase(row, "moekit_static", partial(static_decode, model, c, a.static_prompt_len, a.new_tokens,
+                                                     cfg.vocab_size), min_s=a.reserve_s)
+        del sched, model
+        free_memory(device)
+
+    def transformers(self, folder: Path, res: dict, prompts: dict[int, list[list[int]]]) -> None:
+        """transformers generate at each concurrency (one model load for all)."""
+        a, device = self.args, self.device
+        batches = [c for c in a.concurrency if c <= a.hf_max_batch]
+        for c in a.concurrency:
+            if c > a.hf_max_batch:
+                res[f"c{c}"]["transformers"] = {"skipped": f"batch > --hf-max-batch {a.hf_max_batch}"}
+        if not batches:
+            return
+        holder: dict[str, Any] = {}
+        self.phase(res, "transformers_load", lambda: {"ok": bool(holder.setdefault("hf", load_transformers(folder, device)))},
+                   min_s=a.reserve_s + 10)
+        for c in batches:
+            row = res[f"c{c}"]
+            if "hf" not in holder:
+                row["transformers"] = {"skipped": "the transformers model did not load (transformers_load)"}
+                continue
+            # each generate stops at its max_time: what is left of the budget, at most --hf-max-s
+            cap = max(1.0, min(a.hf_max_s, self.left_s() - a.reserve_s))
+            self.phase(row, "transformers", partial(transformers_padded, holder["hf"], prompts[c], c, a.new_tokens,
+                                                    device, a.hf_batches, cap), min_s=a.reserve_s + 3)
+        holder.clear()
+        free_memory(device)
 
     def offloaded(self, name: str, folder: Path, cfg, nbytes: int, res: dict) -> None:
         from moekit.offload import OffloadConfig, load_offloaded
 
         a, device = self.args, self.device
+        if self.left_s() < a.reserve_s + 20:
+            res["offload"] = {"skipped": f"--time-budget-s {a.time_budget_s:.0f}: {self.left_s():.0f} s left"}
+            log(f"offloaded rows skipped: {res['offload']['skipped']}")
+            return
         # tiny shapes are all activations and workspace: the smoke run gives a fixed 32 MB instead
         budget = 32 << 20 if a.small else int(a.offload_fraction * nbytes)
         res["offload_budget_bytes"] = budget
+        t0 = time.perf_counter()
         model = load_offloaded(folder, device=device, dtype="bfloat16",
                                offload=OffloadConfig(device_memory=budget, context_tokens=a.max_len + a.new_tokens))
         warm = prompts_for(2, a.min_len, a.max_len, cfg.vocab_size, seed=0)
-        serve_closed_loop(model, warm, 2, 4, SchedulerConfig(max_seqs=2, kv_tokens=2 * (a.max_len + a.new_tokens)))
+        serve_closed_loop(Scheduler(model, SchedulerConfig(max_seqs=2, kv_tokens=2 * (a.max_len + a.new_tokens))),
+                          warm, 2, 4)
+        res["offload_setup_s"] = round(time.perf_counter() - t0, 1)
         for c in a.offload_concurrency:
-            prompts = prompts_for(a.requests_per_slot * c, a.min_len, a.max_len, cfg.vocab_size, seed=c)
-            config = SchedulerConfig(max_seqs=c, max_step_tokens=a.step_tokens, kv_tokens=c * (a.max_len + a.new_tokens))
+            prompts = prompts_for(max(a.min_requests, a.requests_per_slot * c), a.min_len, a.max_len,
+                                  cfg.vocab_size, seed=c)
+            sched = Scheduler(model, SchedulerConfig(max_seqs=c, max_step_tokens=a.step_tokens,
+                                                     kv_tokens=c * (a.max_len + a.new_tokens + 16)))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            model.expert_runtime.reset_stats()
             row = res[f"offload_c{c}"] = {}
-            served = self.phase(row, "moekit_serve", partial(serve_closed_loop, model, prompts, c, a.new_tokens, config))
+            served = self.phase(row, "moekit_serve", partial(serve_closed_loop, sched, prompts, c, a.new_tokens,
+                                                             self.deadline - a.reserve_s))
             if device.type == "cuda":
                 served["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
                 served["budget_bytes"] = budget
-            served["expert_hit_rate"] = model.expert_runtime.stats.hit_rate
+                served["peak_over_budget"] = served["peak_device_bytes"] / budget
+            stats = model.expert_runtime.stats
+            served["expert_hit_rate"] = stats.hit_rate
+            served["pcie_bytes_per_token"] = stats.bytes_moved / max(1, served.get("output_tokens") or 1)
+            common.write_json(self.results, a.out, "bench_serve")
             self.rows.append([name, f"offload {a.offload_fraction:.0%}", c, served.get("output_tok_s"),
                               served.get("ttft_p50_s"), served.get("itl_p50_s"), served.get("itl_p99_s"), None, None,
                               None])
+            del sched
         del model
         free_memory(device)
 
@@ -220,15 +322,40 @@ class Bench:
                 for r in self.rows]
         return common.markdown_table(header, body)
 
+    def goals(self) -> list[str]:
+        """Returns one line per goal and shape: the measured ratio against its bar, PASS/FAIL (or why unknown)."""
+        lines = []
+        for r in self.rows:
+            if r[1] != "resident":
+                continue
+            name, c, served, itl, static, static_itl, hf = r[0], r[2], r[3], r[5], r[7], r[8], r[9]
+
+            def verdict(ok: bool | None) -> str:
+                return "n/a" if ok is None else "PASS" if ok else "FAIL"
+
+            if c == 32:
+                ratio = served / static if served and static else None
+                lines.append(f"{name} C=32 served / static decode B=32 >= 70%: "
+                             f"{'-' if ratio is None else f'{ratio:.0%}'} {verdict(None if ratio is None else ratio >= 0.7)}")
+                ratio = served / hf if served and hf else None
+                lines.append(f"{name} C=32 served / transformers >= 5x: "
+                             f"{'-' if ratio is None else f'{ratio:.1f}x'} {verdict(None if ratio is None else ratio >= 5)}")
+            if c == 1:
+                ratio = itl / static_itl if itl and static_itl else None
+                lines.append(f"{name} C=1 ITL p50 / static batch-1 ITL <= 1.10: "
+                             f"{'-' if ratio is None else f'{ratio:.2f}'} {verdict(None if ratio is None else ratio <= 1.1)}")
+        return lines
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda")
+    common.add_output_args(p, "bench_serve", device_default="cuda")
     p.add_argument("--small", action="store_true", help="tiny shapes (a smoke run on any machine)")
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=["olmoe-1b-7b"], choices=list(SHAPES))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
-    p.add_argument("--offload-concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--offload-concurrency", type=int, nargs="+", default=[1])
     p.add_argument("--requests-per-slot", type=int, default=2, help="requests per concurrency slot (default 2)")
+    p.add_argument("--min-requests", type=int, default=4, help="requests at least, at any concurrency (default 4)")
     p.add_argument("--min-len", type=int, default=32)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -238,8 +365,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the scheduler's prefill_interval (1: prefill beside decode every step)")
     p.add_argument("--hf-max-batch", type=int, default=128, help="largest batch transformers runs")
     p.add_argument("--hf-batches", type=int, default=1, help="padded batches transformers runs per concurrency")
+    p.add_argument("--hf-max-s", type=float, default=20.0,
+                   help="transformers generate stops after this many seconds (its max_time; tok/s counts what it made)")
     p.add_argument("--offload-fraction", type=float, default=0.25, help="0 skips the offloaded rows")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--time-budget-s", type=float, default=230.0,
+                   help="wall seconds from start after which the remaining rows are recorded as skipped")
+    p.add_argument("--reserve-s", type=float, default=8.0,
+                   help="seconds kept back from the budget for freeing memory, the table and the JSON")
     p.add_argument("--tmpdir", default=None, help="where the random checkpoints go (default: system temp)")
     args = p.parse_args(argv)
     if args.small:  # keep a CPU smoke run to seconds
@@ -247,6 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.offload_concurrency = [c for c in args.offload_concurrency if c <= 8] or [1]
         args.min_len, args.max_len, args.new_tokens = 4, 24, 8
         args.static_prompt_len = 14
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; give --device cpu (with --small for a smoke run)")
     return args
 
 
@@ -255,16 +389,23 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     with tempfile.TemporaryDirectory(prefix="bench-serve-", dir=args.tmpdir) as root:
         for name in args.shapes:
+            if bench.left_s() < args.reserve_s + (1 if args.small else 30):  # a checkpoint, a load and a row
+                bench.results["shapes"][name] = {"skipped": f"--time-budget-s {args.time_budget_s:.0f} spent"}
+                continue
             try:
                 bench.shape(name, Path(root))
             except Exception as e:  # noqa: BLE001 -- the next shape still runs
                 bench.results["shapes"].setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"[:2000]
+                bench.results["shapes"][name]["traceback"] = traceback.format_exc()[-3000:]
                 log(f"{name} FAILED: {e}")
+                free_memory(bench.device)
     bench.results["table"] = bench.rows
+    bench.results["goals"] = bench.goals()
+    bench.results["wall_s"] = round(time.perf_counter() - T_START, 1)
     path = common.write_json(bench.results, args.out, "bench_serve")
     print(bench.table())
-    print("goals: C=32 served >= 70% of static decode at B=32 and >= 5x transformers; C=1 ITL within 10% of static")
-    log(f"wrote {path}")
+    print("\n".join(["goals:", *bench.goals()]))
+    log(f"wrote {path} ({bench.results['wall_s']} s)")
     return 0
 
 

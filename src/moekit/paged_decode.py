@@ -119,6 +119,14 @@ class PagedDecode:
         step.fill([(token, position, self.cache.tables[seq]) for seq, position, token in work])
         return step.run()[:len(work)]
 
+    def warm(self, max_batch: int) -> list[int]:
+        """Returns the buckets of up to `max_batch` sequences after building (and, with graphs,
+        capturing) each one's step now, so that no later step pays for a capture mid-run."""
+        buckets = sorted({bucket_for(b) for b in range(1, max_batch + 1)})
+        for bucket in buckets:
+            self._step(bucket)
+        return buckets
+
     def _step(self, bucket: int) -> _Step:
         step = self.steps.get(bucket)
         if step is None:

@@ -126,6 +126,15 @@ class Request:
         return self.prompt + self.output
 
     @property
+    def length(self) -> int:
+        """Returns len(tokens) without building the list (the scheduler asks per sequence per step)."""
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -247,8 +256,8 @@ class Scheduler:
         work = self._schedule()
         if not work:
             return []
-        if self.decode is not None and all(r.computed == len(r.tokens) - 1 for r, _ in work):
-            logits = self.decode([(r, r.computed, r.tokens[-1]) for r, _ in work])  # [B, V]
+        if self.decode is not None and all(r.computed == r.length - 1 for r, _ in work):
+            logits = self.decode([(r, r.computed, r.last_token) for r, _ in work])  # [B, V]
         else:
             logits = forward_step(self.model, self.cache, [(r, r.computed, r.tokens[r.computed:r.computed + n])
                                                            for r, n in work])  # [B, V]
@@ -256,7 +265,7 @@ class Scheduler:
         ready = []  # rows whose sequence has all its tokens in the cache: they sample
         for row, (request, n) in enumerate(work):
             request.computed += n
-            if request.computed == len(request.tokens):
+            if request.computed == request.length:
                 ready.append((row, request))
         if not ready:
             return []
@@ -289,21 +298,21 @@ class Scheduler:
         Between every prefill_interval-th step, only decoding sequences run (when there are any)."""
         budget = self.config.max_step_tokens
         work: list[tuple[Request, int]] = []
-        decoding = [r for r in self.running if r.computed == len(r.tokens) - 1]
+        decoding = any(r.computed == r.length - 1 for r in self.running)
         prefill = not decoding or self.stats.steps % self.config.prefill_interval == 0
         for request in list(self.running):
             if request not in self.running or budget == 0:
                 continue  # preempted by an older sequence of this step, or no budget left
-            if not prefill and request.computed < len(request.tokens) - 1:
+            if not prefill and request.computed < request.length - 1:
                 continue  # a prompt chunk: it waits for the next prefill step
-            n = min(len(request.tokens) - request.computed, budget)
+            n = min(request.length - request.computed, budget)
             if not self._make_room(request, request.computed + n, work):
                 continue
             work.append((request, n))
             budget -= n
         while prefill and self.waiting and budget > 0 and len(self.running) < self.config.max_seqs:
             request = self.waiting[0]
-            n = min(len(request.tokens) - request.computed, budget)
+            n = min(request.length - request.computed, budget)
             if self.cache.blocks_needed(request, request.computed + n) > self.cache.free_blocks:
                 break  # it waits until blocks free up
             self.waiting.popleft()
@@ -338,8 +347,11 @@ class Scheduler:
     def _sample(self, logits: torch.Tensor, ready: list[tuple[int, Request]]) -> list[int]:
         """Returns the next token of each ready (row, request) from logits [B, V]: greedy rows by
         one argmax, sampled rows each from its own generator, read back with one sync."""
-        rows = torch.tensor([row for row, _ in ready], device=logits.device)
-        tokens = logits[rows].argmax(dim=-1)  # [R]
+        if len(ready) == logits.shape[0]:  # every row samples (decode steps): no index to copy over
+            tokens = logits.argmax(dim=-1)  # [R]
+        else:
+            rows = torch.tensor([row for row, _ in ready]).to(logits.device, non_blocking=True)
+            tokens = logits[rows].argmax(dim=-1)  # [R]
         for i, (row, request) in enumerate(ready):
             p = request.params
             if p.temperature > 0:
