@@ -94,3 +94,19 @@ def test_a_short_step_after_a_long_one_ignores_stale_table_columns(mixtral_model
         if static:
             assert decode.steps[2].meta[0, 4 + 7] != 0  # a stale column of the long table is still there
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+
+
+def test_warm_builds_every_bucket_before_any_step(mixtral_model):
+    """warm(5) makes the steps of buckets 1..8 up front (captured on GPUs) without touching any
+    sequence's blocks; a step after it (outside inference mode) equals the plain ragged step."""
+    model = mixtral_model
+    cache, prompts = _prefilled(model, [5, 11, 2])
+    decode = PagedDecode(model, cache, graphs=False)
+    before = [k.clone() for k in cache.keys]
+    assert decode.warm(5) == [1, 2, 4, 8] and set(decode.steps) == {1, 2, 4, 8}
+    assert all(torch.equal(k, old) for k, old in zip(cache.keys, before))
+    work = [(i, len(p), 7 + i) for i, p in enumerate(prompts)]
+    with torch.no_grad():
+        got = decode(work).clone()
+        expected = forward_step(model, cache, [(i, pos, [tok]) for i, pos, tok in work])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -76,6 +76,7 @@ class _Step:
         host.copy_(torch.tensor(data, dtype=torch.long))
         self.meta[:, :columns].copy_(host, non_blocking=True)
 
+    @torch.inference_mode()
     def capture(self, pool) -> None:
         """Captures forward() as a CUDA graph (warm-up and capture write only the scratch block)."""
         self.fill([])
@@ -110,6 +111,7 @@ class PagedDecode:
         self.steps: dict[int, _Step] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
+    @torch.inference_mode()  # its static buffers may have been made by warm(), as inference tensors
     def __call__(self, work: list[tuple[Hashable, int, int]]) -> torch.Tensor:
         """Returns logits [B, V] of one decode step over (sequence, position, token) triples,
         growing each sequence's blocks to hold its position first (OutOfBlocks when short)."""
@@ -119,6 +121,7 @@ class PagedDecode:
         step.fill([(token, position, self.cache.tables[seq]) for seq, position, token in work])
         return step.run()[:len(work)]
 
+    @torch.inference_mode()  # as every step runs: outside it autograd would record (and the capture sync)
     def warm(self, max_batch: int) -> list[int]:
         """Returns the buckets of up to `max_batch` sequences after building (and, with graphs,
         capturing) each one's step now, so that no later step pays for a capture mid-run."""

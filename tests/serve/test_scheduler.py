@@ -212,6 +212,39 @@ def test_cuda_scheduler_graphs_equal_alone(tiny):
         assert r.output == _alone(model, prompt, 10)
 
 
+@pytest.mark.gpu
+def test_cuda_warmed_buckets_triton_kernel_and_mixed_steps_equal_alone(tiny, monkeypatch):
+    """What bench_serve runs on a GPU, small: every decode bucket captured up front
+    (PagedDecode.warm), decode steps replaying them with a padding row (3 sequences in bucket 4),
+    attention by the Triton paged kernel, prompt chunks beside decode rows every other step;
+    tokens equal each prompt alone (float32, so no near-tie flips). A few seconds on a GPU."""
+    import moekit.paged_attention as paged_attention
+
+    if not paged_attention.HAVE_TRITON:
+        pytest.skip("needs triton")
+    kernel_batches = []
+    kernel = paged_attention.decode_attention_triton
+    monkeypatch.setattr(paged_attention, "decode_attention_triton",
+                        lambda q, *rest: kernel_batches.append(q.shape[0]) or kernel(q, *rest))
+    model = moekit.load_model(tiny("mixtral").path, device="cuda", dtype="float32")
+    sched = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=8, prefill_interval=2))
+    assert sched.decode.warm(3) == [1, 2, 4]
+    assert all(step.graph is not None for step in sched.decode.steps.values())
+    assert 4 in kernel_batches  # the bucket-4 graph holds the kernel, padding row included
+    sizes, decode_step = [], sched.decode._step
+    monkeypatch.setattr(sched.decode, "_step", lambda bucket: sizes.append(bucket) or decode_step(bucket))
+    prompts = _prompts(LENGTHS, seed=5)
+    reqs = [sched.add(p, SamplingParams(max_tokens=12)) for p in prompts]
+    mixed = False
+    while sched.has_work:
+        sched.step()
+        mixed |= any(r.output for r in sched.running) and any(r.computed < len(r.prompt) for r in sched.running)
+    assert mixed and 4 in sizes and set(sched.decode.steps) == {1, 2, 4}  # no capture after warm()
+    assert sched.cache.used_blocks == 0
+    for prompt, r in zip(prompts, reqs):
+        assert r.output == _alone(model, prompt, 12)
+
+
 class _TightBudget:
     """An expert runtime whose budget holds at most `limit` KV positions."""
 
