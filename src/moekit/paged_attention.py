@@ -104,13 +104,17 @@ def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     q = q.contiguous()
     out = torch.empty_like(q)
     group = h // hkv
+    block_g, block_d, block_size = triton.next_power_of_2(group), triton.next_power_of_2(dh), keys.shape[1]
+    # positions per iteration: [G, N, Dh] float32 products of at most 16K elements (the registers of
+    # 16 positions at G = 8, Dh = 128), at least one block, at most 128
+    block_n = max(block_size, min(128, triton.next_power_of_2(max(1, 16384 // (block_g * block_d)))))
     paged_decode_kernel[(b, hkv)](
         q, keys, values, block_tables, context_lens, out,
         dh ** -0.5, window or 0,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=dh,
-        BLOCK_D=triton.next_power_of_2(dh), BLOCK_SIZE=keys.shape[1], SLIDING=window is not None,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        SLIDING=window is not None,
     )
     return out
 

@@ -9,7 +9,9 @@ head, Dh = head dim, NB = cache blocks, BS = positions per block, MB = blocks pe
     out           [B, H, Dh]
 
 Program (b, kvh) reads sequence b's blocks of kv head kvh once for all G query heads that share
-it (GQA), with an online softmax in float32. With SLIDING, positions before
+it (GQA), with an online softmax in float32, BLOCK_N positions (BLOCK_N / BS blocks, each row's
+block id looked up on its own) per iteration: fewer dependent iterations per program, which is
+what bounds a decode step of few sequences. With SLIDING, positions before
 context_len - WINDOW are skipped (whole blocks are never read).
 """
 
@@ -23,7 +25,7 @@ def paged_decode_kernel(
     scale, WINDOW,
     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SLIDING: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
 ):
     """out[b, h] = softmax(q[b, h] . K_b^T * scale) V_b over the cached positions of sequence b."""
     b = tl.program_id(0)
@@ -42,19 +44,21 @@ def paged_decode_kernel(
     lowest = 0
     if SLIDING:
         lowest = tl.maximum(ctx - WINDOW, 0)
-    p_in_block = tl.arange(0, BLOCK_SIZE)  # [BS]
-    for blk in range(lowest // BLOCK_SIZE, tl.cdiv(ctx, BLOCK_SIZE)):
-        block_id = tl.load(table_ptr + b * stride_tb + blk).to(tl.int64)
-        pos = blk * BLOCK_SIZE + p_in_block
+    p_in_chunk = tl.arange(0, BLOCK_N)  # [N]
+    for first in range((lowest // BLOCK_SIZE) * BLOCK_SIZE, ctx, BLOCK_N):
+        pos = first + p_in_chunk
         pos_ok = (pos < ctx) & (pos >= lowest)
-        offs = block_id * stride_kb + p_in_block[:, None] * stride_kp + kvh * stride_kh + d[None, :]
+        # table entries past the context are never read (a static step leaves stale ones there)
+        block_id = tl.load(table_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)  # [N]
+        offs = (block_id[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_kp + kvh * stride_kh
+                + d[None, :])
         kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [BS, Dh]
-        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [BS, Dh]
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BS]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
         s = tl.where(pos_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [G]
-        p = tl.exp(s - m_new[:, None])  # [G, BS]
+        p = tl.exp(s - m_new[:, None])  # [G, N]
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, Dh]
