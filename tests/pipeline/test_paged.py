@@ -96,16 +96,6 @@ def test_buffers_alternate_over_any_layer_count(num_layers, pages):
     assert runtime.whole_loads <= 1  # only a layer cut short before its first call (one MoE layer)
 
 
-@pytest.mark.gpu
-def test_cuda_pipelined_paged_tokens_equal_generate(expected):
-    """On a GPU: CPU attention from the host pool with q/k/v and outputs crossing on their own
-    streams, experts paged into the double buffer on the H2D stream (events, not syncs)."""
-    paged = load_model(device="cuda", dtype="float32", experts=PagedLoader(resident=3))
-    got = generate_pipelined(paged, PROMPTS, max_new_tokens=6, micro_batch=2)
-    assert [t.tolist() for t in got] == expected
-    assert paged.expert_runtime.pages_loaded > 0
-
-
 def test_zigzag_prefill_loads_each_layer_once(expected):
     from moekit.kv_cache import PagedKVCache
     from moekit.pipeline.cgopipe import prefill_to_host

@@ -354,7 +354,8 @@ def search(m: ModelCosts, machine: Machine, w: Workload, device_budget: float | 
 
     For a fixed (attention, r_w, mu) every term of a layer's time is affine in N with a
     non-negative intercept, so N / T grows with N: the largest N that fits is that line's best.
-    The search scans attention places, r_w in whole experts per layer, and mu (`micro_batch_grid`)."""
+    The search scans attention places, r_w in whole experts per layer, and mu (`micro_batch_grid`);
+    of policies with equal throughput it keeps the one with the fewest micro-batches."""
     check_machine(machine)
     device_budget = machine.gpu_memory if device_budget is None else device_budget
     host_budget = 0.8 * machine.host_memory if host_budget is None else host_budget
@@ -371,7 +372,10 @@ def search(m: ModelCosts, machine: Machine, w: Workload, device_budget: float | 
                         break  # a larger micro-batch needs more device memory still
                     continue
                 plan = evaluate(m, machine, Policy(n, mu, r_w, place), w, limit)
-                if best is None or plan.tok_s > best.tok_s * (1 + 1e-9):
+                # a tie (a PCIe-bound decode is the same for every mu) goes to fewer micro-batches:
+                # each costs kernel launches and a CPU task the model does not count
+                if best is None or plan.tok_s > best.tok_s * (1 + 1e-9) or (
+                        plan.tok_s >= best.tok_s * (1 - 1e-9) and plan.policy.micro_batches < best.policy.micro_batches):
                     best = plan
     if best is None:
         floor = memory(m, Policy(1, 1, 0.0, "cpu"), w)

@@ -1,0 +1,498 @@
+"""Batch throughput of the MoE-Lightning pipeline (issue 14), BENCH.md's "batch throughput" row.
+
+    cd /path/to/moekit && PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out benchmarks/results   # H200, ~4 min
+    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --small --device cpu --out /tmp/bp              # CPU, < 60 s
+
+A Mixtral-8x7B-shaped model (hidden 4096, expert ffn 14336, 8 experts top-2, 32/8 heads, vocab
+32000; random bf16 weights) cut to `--layers` layers (default 8: 22.5 GB of experts, more than the
+16 GiB budget, so experts must stream) runs under a 16 GiB device budget. The experts are made in
+page-locked host memory (no checkpoint; only the 1.2 GB of non-expert weights go through one in
+--tmp) and shared by every row. Prompts are MTBench-like: lengths drawn from a log-normal clipped
+to [4, 418] with mean ~77 and one prompt of 418 (the JSON records the drawn mean and max).
+
+Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to the budget:
+
+- pipeline gen 32 / 128 / 256: the HRM's policy (moekit.pipeline.hrm.search on this machine's
+  measured levels, device budget 16 GiB, N at most --max-sequences) run by moekit.pipeline.batch.
+  run_plan (paged experts, CGOPipe decode, zig-zag prefill): generated tok/s over prefill + decode,
+  next to the HRM's prediction for the same policy and machine, the PCIe ceiling N * measured
+  H2D / streamed expert bytes per step, and the CPU-attention ceiling (the native kernel's
+  measured KV bytes/s / KV bytes a token reads at the mean context s + n / 2).
+- offload engine: moekit.offload.load_offloaded(OffloadConfig(device_memory=16 GiB, batch=B)) and
+  model.generate on a list of B prompts, gen --offload-gen, at each B of --offload-batches; the
+  best B is marked.
+- transformers + accelerate at batch 8 (device_map from infer_auto_device_map with max_memory
+  16 GiB, left-padded prompts), a few tokens, time-capped (--hf-cap-s); skipped with a reason
+  when the time left is short.
+- ternary / int4 experts: recorded "not supported yet" (PagedLoader takes dense experts only).
+
+Every row's exception is recorded with its traceback tail; rows not started within
+--time-budget-s (or predicted not to finish within it) are recorded as skipped; the JSON
+(bench_pipeline.json) is rewritten after every row and the short table is printed last. Shape
+legend: L layers, D hidden, I expert ffn, E experts, N sequences, mu micro-batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import common  # also puts src/ on sys.path when moekit is not importable
+import torch
+from common import free_memory, log, sync
+from random_checkpoint import device_rand, non_expert_tensors
+
+NAME = "bench_pipeline"
+GiB = 2**30
+SHAPES = {  # BENCH.md's mixtral-8x7b, and a toy of it for the CPU
+    "mixtral-8x7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000},
+    "small": {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 1000},
+}
+MTBENCH_MEAN, MTBENCH_MAX = 77, 418  # MoE-Lightning Tab. 3
+
+
+# ---- the model: non-expert weights in a checkpoint, experts in pinned host memory ----------------
+
+def build(shape: str, layers: int, device: torch.device, root: Path):
+    """Returns (checkpoint folder of the non-expert weights, moekit ModelConfig, {layer: {gate_up
+    [E, 2I, D], down [E, D, I]}} in page-locked host memory on a GPU machine)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from moekit.families import family_for
+    from moekit.offload.layout import pinned_empty
+
+    hf = transformers.MixtralConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=4096,
+                                    torch_dtype="bfloat16")
+    folder = root / f"{shape}-{layers}l"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = hf.to_dict()
+    data["architectures"] = ["MixtralForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(data))
+    family = family_for(data, where=str(folder))
+    cfg = family.config(data)
+    gen = torch.Generator(device=device).manual_seed(0)
+    save_file(non_expert_tensors(family, cfg, device_rand(device, generator=gen)), str(folder / "model.safetensors"))
+    host = {}
+    d, e, ffn = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn
+    for i in range(cfg.num_layers):  # drawn on the device, copied once into page-locked memory
+        layer = {}
+        for name, shp in (("gate_up", (e, 2 * ffn, d)), ("down", (e, d, ffn))):
+            t = pinned_empty(shp, torch.bfloat16) if device.type == "cuda" else torch.empty(shp, dtype=torch.bfloat16)
+            for j in range(e):
+                t[j].copy_(torch.randn(shp[1:], generator=gen, device=device, dtype=torch.bfloat16) * 0.02)
+            layer[name] = t
+        host[i] = layer
+    return folder, cfg, host, hf
+
+
+def mtbench_lengths(count: int, seed: int = 0) -> list[int]:
+    """Returns `count` prompt lengths like MTBench's (mean ~77, max 418): a log-normal clipped to
+    [4, 418], the first one 418."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = 0.75
+    mu = math.log(MTBENCH_MEAN) - sigma ** 2 / 2
+    lengths = torch.exp(mu + sigma * torch.randn(count, generator=g)).round().clamp(4, MTBENCH_MAX).int().tolist()
+    lengths[0] = MTBENCH_MAX
+    return lengths
+
+
+def prompts_of(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# ---- the machine and the HRM ----------------------------------------------------------------------
+
+def measure_machine(device: torch.device, small: bool):
+    """Returns the HRM's Machine: host levels measured here; GPU levels measured on CUDA, else the
+    H200 preset (a CPU run only checks that the script works)."""
+    from moekit.pipeline.machine import PRESETS, Machine, profile_gpu, profile_host
+
+    levels = profile_host(quick=small)
+    if device.type == "cuda":
+        levels.update(profile_gpu(str(device)))
+        return Machine(name=common.device_name(device), **levels)
+    return PRESETS["h200"].merged(Machine(name="cpu", **levels))
+
+
+def plan_for(costs, machine, gen_len: int, prompt_len: int, budget: int, max_sequences: int):
+    from moekit.pipeline.hrm import Workload, search
+
+    return search(costs, machine, Workload(prompt_len, gen_len, num_prompts=max_sequences), device_budget=budget,
+                  attention=("cpu",))
+
+
+def attention_ceiling(costs, machine, prompt_len: float, gen_len: int) -> float | None:
+    """Returns the CPU-attention ceiling (tok/s): the kernel's KV bytes/s (the host's read bytes/s
+    where the native kernel is missing) over the KV bytes one token reads at s + n / 2."""
+    rate = machine.cpu_attention_bandwidth or machine.host_bandwidth
+    per_token = costs.kv_bytes_per_token * costs.num_layers * costs.attended(prompt_len + gen_len / 2)
+    return rate / per_token if rate and per_token else None
+
+
+# ---- rows ----------------------------------------------------------------------------------------
+
+def peak_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def error_row(row: dict, e: BaseException) -> dict:
+    row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-3000:])
+    return row
+
+
+class PagedModels:
+    """One paged model at a time, reloaded only when a plan keeps another resident count."""
+
+    def __init__(self, folder, host, device, dtype):
+        self.folder, self.host, self.device, self.dtype = folder, host, device, dtype
+        self.model, self.resident = None, None
+
+    def get(self, resident: int):
+        from moekit.pipeline.batch import load_paged
+
+        if self.resident != resident:
+            self.model = None
+            free_memory(self.device)
+            self.model = load_paged(self.folder, resident, self.device, self.dtype, self.host)
+            self.resident = resident
+        return self.model
+
+    def drop(self) -> None:
+        self.model, self.resident = None, None
+        free_memory(self.device)
+
+
+def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, device) -> dict:
+    """Runs the plan with run_plan and returns its row: tok/s next to the HRM, PCIe and CPU-attention
+    ceilings, the allocator's peak next to the budget."""
+    from moekit.pipeline.batch import resident_experts, run_plan
+
+    resident = resident_experts(models.folder, plan)
+    reset_peak(device)
+    model = models.get(resident)
+    t0 = time.perf_counter()
+    r = run_plan(models.folder, plan, prompts, gen_len, device=str(device), dtype=models.dtype, h2d_bandwidth=h2d,
+                 model=model)
+    out = r.to_dict()
+    out.pop("tokens")
+    out.update(status="ok", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(device),
+               decode_step_s=r.decode_s / max(gen_len - 1, 1), prompt_lengths_mean=r.prompt_tokens / r.sequences,
+               report=model.expert_runtime.report())
+    return out
+
+
+def offload_row(folder, host, prompts, gen_len, budget, device, dtype) -> dict:
+    """moekit's own offload engine: a ragged batch of `prompts` through model.generate at the budget."""
+    import moekit
+    from moekit.offload import OffloadConfig, load_offloaded
+
+    free_memory(device, reset_peak=True)
+    context = max(len(p) for p in prompts) + gen_len
+    t0 = time.perf_counter()
+    config = OffloadConfig(device_memory=budget, batch=len(prompts), context_tokens=context, predictor="none")
+    model = load_offloaded(folder, device=device, dtype=dtype, offload=config, host_layers=host)
+    load_s = time.perf_counter() - t0
+    model.generate([prompts[0][:8]], max_new_tokens=2, temperature=0, eos_token_ids=())  # kernels built
+    stats = moekit.GenerationStats()
+    sync(device)
+    t0 = time.perf_counter()
+    outs = model.generate(prompts, max_new_tokens=gen_len, temperature=0, eos_token_ids=(), stop_at_eos=False,
+                          stats=stats)
+    sync(device)
+    wall = time.perf_counter() - t0
+    generated = sum(len(o) for o in outs)
+    rep = model.offload.report()
+    row = {"status": "ok", "batch": len(prompts), "new_tokens": gen_len, "load_s": load_s, "wall_s": wall,
+           "tok_s": generated / wall, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
+           "peak_bytes": peak_bytes(device) if device.type == "cuda" else rep.get("peak_device_bytes"),
+           "peak_source": "allocator" if device.type == "cuda" else "plan (CPU: no allocator peak)",
+           "hit_rate": rep.get("hit_rate"), "cache_slots": rep.get("cache_slots"),
+           "pcie_bytes_per_token": rep.get("bytes_per_token")}
+    model = None
+    free_memory(device)
+    return row
+
+
+def hf_row(hf_cfg, folder, host, prompts, gen_len_cap, budget, device, cap_s) -> dict:
+    """transformers + accelerate: device_map with max_memory {gpu: budget}, batch of `prompts`
+    left-padded, greedy; a 1-token run, then as many tokens as fit `cap_s` (at most gen_len_cap)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
+    state = load_file(str(folder / "model.safetensors"))
+    values = {}
+    for name, p in model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            t = host[int(name.split(".")[2])]["gate_up" if name.endswith("gate_up_proj") else "down"]
+            values[name] = t if tuple(t.shape) == tuple(p.shape) else torch.zeros(p.shape, dtype=torch.bfloat16)
+        else:
+            src = state.get(name)
+            if src is None:
+                src = state.get(name.replace(".mlp.gate.", ".block_sparse_moe.gate."))
+            values[name] = src if src is not None and tuple(src.shape) == tuple(p.shape) else (
+                torch.randn(p.shape, dtype=torch.bfloat16) * 0.02)
+    model.load_state_dict(values, assign=True, strict=False)
+    for name, module in list(model.named_modules()):  # buffers (rope frequencies) are still meta
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=hf_cfg))
+    model.eval()
+    row: dict = {"batch": len(prompts)}
+    if device.type == "cuda":
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        device_map = infer_auto_device_map(model, max_memory={0: budget, "cpu": 200 * GiB},
+                                           no_split_module_classes=[type(model.model.layers[0]).__name__])
+        model = dispatch_model(model, device_map=device_map)
+        row["layers_on_gpu"] = sum(1 for k, v in device_map.items() if v == 0 and ".layers." in k)
+        free_memory(device, reset_peak=True)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, generation_config=gen, attention_mask=mask)
+        sync(device)
+        first = time.perf_counter() - t0
+        n = int(max(2, min(gen_len_cap, cap_s / max(first, 1e-3))))  # a decode step costs about a prefill here
+        gen.max_new_tokens = gen.min_new_tokens = n
+        t0 = time.perf_counter()
+        model.generate(ids, generation_config=gen, attention_mask=mask)
+        sync(device)
+        total = time.perf_counter() - t0
+    row.update(status="ok", first_token_s=first, new_tokens=n, wall_s=total, tok_s=len(prompts) * n / total,
+               peak_bytes=peak_bytes(device), note="padded to the batch's longest prompt (left); end-to-end tok/s")
+    return row
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def fmt(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(results: dict) -> str:
+    budget = results.get("budget_bytes") or 0
+    rows = []
+    for r in results.get("rows", []):
+        peak = r.get("peak_bytes")
+        peak_s = f"{peak / GiB:.2f} / {budget / GiB:.2f} GiB" if peak and budget else "-"
+        if r.get("peak_source", "allocator") != "allocator" and peak:
+            peak_s += " (plan)"
+        status = r.get("status", "")
+        if status not in ("ok",):
+            status = (status + ": " + (r.get("reason") or r.get("error") or ""))[:90]
+        policy = f"N={r['sequences']} mu={r['micro_batch']} R={r['resident_per_layer']}" if "sequences" in r else \
+            (f"batch {r['batch']}" if "batch" in r else "")
+        rows.append([r["row"], r.get("new_tokens") or r.get("gen_len"), policy, fmt(r.get("tok_s")),
+                     fmt(r.get("predicted_tok_s")), fmt(r.get("pcie_ceiling_decode_tok_s")),
+                     fmt(r.get("cpu_attention_ceiling_tok_s")), peak_s, status])
+    head = (f"{results.get('shape')} x {results.get('layers')} layers, bf16, budget "
+            f"{budget / GiB:.2f} GiB, H2D {results.get('h2d_bytes_per_s', 0) / 1e9:.1f} GB/s measured\n")
+    return head + common.markdown_table(
+        ["row", "gen", "policy", "tok/s (prefill+decode)", "HRM tok/s", "PCIe ceiling (decode)", "CPU-attn ceiling",
+         "peak / budget", "status"], rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_output_args(p, NAME)
+    p.add_argument("--small", action="store_true", help="a toy Mixtral (hidden 256, 4 layers) for a CPU run")
+    p.add_argument("--layers", type=int, default=None, help="layers of the Mixtral shape (default 8; small: 4)")
+    p.add_argument("--gen", default="32,128,256", help="generated tokens per sequence, one pipeline row each")
+    p.add_argument("--budget-gib", type=float, default=16.0, help="device budget (small: scaled to the toy model)")
+    p.add_argument("--max-sequences", type=int, default=None, help="N at most (default 512; small: 16)")
+    p.add_argument("--plan-margin-gib", type=float, default=0.5,
+                   help="the HRM plans within the budget less this (what its memory model leaves out: the "
+                        "prefill's residual streams of all N prompts, the longest prompt's micro-batch)")
+    p.add_argument("--offload-batches", default=None, help="offload engine batches (default 32,128; small: 4)")
+    p.add_argument("--offload-gen", type=int, default=32)
+    p.add_argument("--hf-cap-s", type=float, default=30.0, help="transformers+accelerate: seconds its run may take")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--time-budget-s", type=float, default=265.0,
+                   help="rows not started (or predicted not to end) by then are recorded as skipped")
+    p.add_argument("--tmp", default="/tmp/moekit_bench_pipeline")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --device cpu --small")
+    shape = "small" if args.small else "mixtral-8x7b"
+    layers = args.layers or (4 if args.small else 8)
+    max_n = args.max_sequences or (16 if args.small else 512)
+    gens = [int(g) for g in args.gen.split(",") if g]
+    batches = [int(b) for b in (args.offload_batches or ("4" if args.small else "32,128")).split(",") if b]
+    dtype = "bfloat16"
+    results: dict = {"meta": common.run_meta(args, device), "shape": shape, "layers": layers, "dtype": dtype,
+                     "rows": []}
+    deadline = common.T_START + args.time_budget_s
+
+    def save() -> None:
+        common.write_json(results, args.out, NAME)
+
+    def left() -> float:
+        return deadline - time.perf_counter()
+
+    def record(row: dict) -> None:
+        results["rows"].append(row)
+        log(f"{row['row']} gen {row.get('new_tokens') or row.get('gen_len')}: {row.get('status')}, "
+            f"{fmt(row.get('tok_s'))} tok/s (HRM {fmt(row.get('predicted_tok_s'))}), peak "
+            f"{fmt((row.get('peak_bytes') or 0) / GiB, 2)} GiB"
+            + (f" -- {row.get('reason') or row.get('error')}" if row.get("status") != "ok" else ""))
+        save()
+
+    torch.set_num_threads(common.device_info(device)["cpus_usable"] or 1)
+    from moekit.pipeline.hrm import model_costs
+
+    t0 = time.perf_counter()
+    folder, cfg, host, hf_cfg = build(shape, layers, device, Path(args.tmp))
+    expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
+    costs = model_costs(cfg, expert_bytes, act_dtype_bytes=2)
+    budget = int(args.budget_gib * GiB)
+    if args.small:  # the toy's non-expert weights + the planner's reserve + half its experts
+        from moekit.pipeline.hrm import CUDA_RESERVE_BYTES
+
+        budget = int(costs.resident_bytes + CUDA_RESERVE_BYTES + 0.75 * costs.total_expert_bytes)
+    plan_budget = int(budget - (0 if args.small else args.plan_margin_gib * GiB))
+    results.update(build_s=time.perf_counter() - t0, budget_bytes=budget, plan_budget_bytes=plan_budget,
+                   costs=costs.to_dict(),
+                   expert_bytes_total=costs.total_expert_bytes, max_sequences=max_n,
+                   model_bytes=costs.total_expert_bytes + costs.resident_bytes)
+    log(f"{shape} x {layers} layers: {results['model_bytes'] / 1e9:.2f} GB ({costs.total_expert_bytes / 1e9:.2f} "
+        f"GB experts, pinned on the host) in {results['build_s']:.1f} s; budget {budget / GiB:.2f} GiB")
+    save()
+    results["rows"].append({"row": "pipeline ternary/int4", "status": "not supported yet",
+                            "reason": "moekit.pipeline.paged.PagedLoader takes plain dense SwiGLU experts only "
+                                      "(it refuses quantized checkpoints); compressed experts run through "
+                                      "moekit.offload (bench_offload --compressed-bits)"})
+    save()
+
+    t0 = time.perf_counter()
+    machine = measure_machine(device, args.small)
+    h2d = machine.h2d_bandwidth if device.type == "cuda" else common.H2D_PINNED_BYTES_PER_S
+    results.update(machine=machine.to_dict(), machine_s=time.perf_counter() - t0, h2d_bytes_per_s=h2d)
+    log(f"machine: H2D {h2d / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s, CPU attention "
+        f"{(machine.cpu_attention_bandwidth or 0) / 1e9:.1f} GB/s, {machine.host_flops / 1e12:.2f} host TFLOP/s "
+        f"({results['machine_s']:.1f} s)")
+    save()
+
+    lengths_all = mtbench_lengths(max(max_n, max(batches), 8))
+    models = PagedModels(folder, host, device, dtype)
+    step_s_per_seq_ctx = None  # the last decode step's seconds per (sequence x context), to predict a row
+    # ---- the pipeline rows: warm-up (kernels built), then each gen length ----
+    for gen_len in ["warm-up", *gens]:
+        warm = gen_len == "warm-up"
+        g = 2 if warm else gen_len
+        row: dict = {"row": "pipeline warm-up" if warm else "pipeline (CGOPipe, HRM policy)", "gen_len": g}
+        try:
+            plan = plan_for(costs, machine, g if not warm else gens[0], MTBENCH_MEAN, plan_budget, max_n)
+            if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
+                from dataclasses import replace
+
+                mu = plan.policy.micro_batch
+                plan = replace(plan, policy=replace(plan.policy, batch=min(plan.policy.batch, 2 * mu)))
+            n = plan.policy.batch
+            lengths = lengths_all[:n]
+            prompt_mean = sum(lengths) / n
+            row.update(plan=plan.to_dict(), hrm_bound=plan.bound, prompt_len_mean=prompt_mean,
+                       prompt_len_max=max(lengths),
+                       cpu_attention_ceiling_tok_s=attention_ceiling(costs, machine, prompt_mean, g))
+            if step_s_per_seq_ctx is not None and not warm:
+                est = (g - 1) * step_s_per_seq_ctx * n * (prompt_mean + g / 2) + results.get("last_prefill_s", 0)
+                row["predicted_seconds"] = est
+                if est > left():
+                    row.update(status="skipped", reason=f"predicted {est:.0f} s > {left():.0f} s left (--time-budget-s)")
+                    record(row)
+                    continue
+            if left() <= 0:
+                row.update(status="skipped", reason="time budget spent (--time-budget-s)")
+                record(row)
+                continue
+            row.update(pipeline_row(models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device))
+            if device.type == "cuda":
+                row["within_budget"] = row["peak_bytes"] <= budget
+            if g > 1:
+                step_s_per_seq_ctx = row["decode_step_s"] / (n * (prompt_mean + g / 2))
+            results["last_prefill_s"] = row["prefill_s"]
+        except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
+            error_row(row, e)
+        if warm:
+            results["warm_up"] = row
+            log(f"pipeline warm-up: {row.get('status')}, {row.get('seconds', 0):.1f} s"
+                + (f" -- {row.get('error')}" if row.get("status") != "ok" else ""))
+            save()
+        else:
+            record(row)
+    models.drop()
+
+    # ---- moekit's offload engine, ragged batches ----
+    best = None
+    for b in batches:
+        row = {"row": "moekit offload engine (generate, ragged)", "batch": b, "new_tokens": args.offload_gen}
+        if left() < 25:
+            row.update(status="skipped", reason=f"{left():.0f} s left (--time-budget-s)")
+            record(row)
+            continue
+        try:
+            row.update(offload_row(folder, host, prompts_of(lengths_all[:b], cfg.vocab_size, seed=2),
+                                   args.offload_gen, budget, device, torch.bfloat16))
+            if device.type == "cuda":
+                row["within_budget"] = row["peak_bytes"] <= budget
+            if best is None or row["tok_s"] > best["tok_s"]:
+                best = row
+        except Exception as e:  # noqa: BLE001
+            error_row(row, e)
+            free_memory(device)
+        record(row)
+    if best is not None:
+        best["best_batch"] = True
+        save()
+
+    # ---- transformers + accelerate, batch 8 ----
+    row = {"row": "transformers+accelerate", "batch": 8}
+    if args.skip_hf:
+        row.update(status="skipped", reason="--skip-hf")
+    elif left() < args.hf_cap_s + 20:
+        row.update(status="skipped", reason=f"{left():.0f} s left < its cap {args.hf_cap_s:.0f} s + 20 s to load")
+    else:
+        try:
+            free_memory(device, reset_peak=True)
+            row.update(hf_row(hf_cfg, folder, host, prompts_of(lengths_all[:8], cfg.vocab_size, seed=3),
+                              args.offload_gen, budget, device, min(args.hf_cap_s, left() - 10)))
+            if device.type == "cuda":
+                row["within_budget"] = row["peak_bytes"] <= budget
+        except Exception as e:  # noqa: BLE001
+            error_row(row, e)
+        free_memory(device)
+    record(row)
+
+    results["total_s"] = time.perf_counter() - common.T_START
+    save()
+    print("\n" + table(results), flush=True)
+    log(f"wrote {Path(args.out) / (NAME + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
