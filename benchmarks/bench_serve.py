@@ -2,16 +2,18 @@
 1/8/32/128 with prompts of mixed lengths, next to transformers' padded static batches and
 moekit's own static-batch decode at the same batch, resident and offloaded at 25% of the bytes.
 
-The H200 run (from the repository root; ~190 s expected, a hard stop of --time-budget-s 225 s
-after the imports, so it ends well inside a 270 s call even when a phase runs long):
+The H200 run (from the repository root; ~190 s expected). Past --time-budget-s (225 s after the
+imports, less --reserve-s 8 for the loops) no phase starts, a serving loop aborts what is in
+flight and transformers' generate stops (its max_time), so it ends inside a 270 s call:
 
-    PYTHONPATH=src python3 benchmarks/bench_serve.py --out $OUT
+    MOEKIT_GIT_COMMIT=<commit> PYTHONPATH=src python3 benchmarks/bench_serve.py --out $OUT
 
     (equivalently: --shapes olmoe-1b-7b --concurrency 1 8 32 128 --offload-concurrency 1
      --new-tokens 128 --min-len 32 --max-len 512 --time-budget-s 225)
 
-Expected H200 seconds per phase (OLMoE-1B-7B shape, 13.8 GB bf16; from moekit's resident decode
-at ~354 tok/s at B=1 and ~6,900 tok/s at B=32; the first two are measured, the rest estimated):
+Expected H200 seconds per phase (OLMoE-1B-7B shape, 13.8 GB bf16), estimated from earlier H200
+runs (resident decode ~354 tok/s at B=1 with CUDA graphs, ~6,900 tok/s at B=32 compiled;
+checkpoint write ~20 s), not yet measured for this script:
     imports + CUDA init ~8; random checkpoint write ~20; moekit load ~6; warm-up (Triton
     compiles, 8 decode buckets captured) ~15-25
     C=1: served (4 requests x 128 tokens) ~2, static B=1 ~2
