@@ -331,7 +331,9 @@ def main() -> int:
     p.add_argument("--offload-gen", type=int, default=32)
     p.add_argument("--hf-cap-s", type=float, default=30.0, help="transformers+accelerate: seconds its run may take")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--time-budget-s", type=float, default=265.0,
+    p.add_argument("--reserve-s", type=float, default=75.0,
+                   help="seconds the first pipeline rows leave for the baselines (the longest gen runs last)")
+    p.add_argument("--time-budget-s", type=float, default=255.0,
                    help="rows not started (or predicted not to end) by then are recorded as skipped")
     p.add_argument("--tmp", default="/tmp/moekit_bench_pipeline")
     args = p.parse_args()
@@ -399,51 +401,69 @@ def main() -> int:
 
     lengths_all = mtbench_lengths(max(max_n, max(batches), 8))
     models = PagedModels(folder, host, device, dtype)
-    step_s_per_seq_ctx = None  # the last decode step's seconds per (sequence x context), to predict a row
-    # ---- the pipeline rows: warm-up (kernels built), then each gen length ----
-    for gen_len in ["warm-up", *gens]:
-        warm = gen_len == "warm-up"
-        g = 2 if warm else gen_len
-        row: dict = {"row": "pipeline warm-up" if warm else "pipeline (CGOPipe, HRM policy)", "gen_len": g}
-        try:
-            plan = plan_for(costs, machine, g if not warm else gens[0], MTBENCH_MEAN, plan_budget, max_n)
-            if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
-                from dataclasses import replace
+    steps: list[tuple[int, float, float]] = []  # (N, mean context, decode step s) of the rows run
 
-                mu = plan.policy.micro_batch
-                plan = replace(plan, policy=replace(plan.policy, batch=min(plan.policy.batch, 2 * mu)))
-            n = plan.policy.batch
-            lengths = lengths_all[:n]
-            prompt_mean = sum(lengths) / n
-            row.update(plan=plan.to_dict(), hrm_bound=plan.bound, prompt_len_mean=prompt_mean,
-                       prompt_len_max=max(lengths),
-                       cpu_attention_ceiling_tok_s=attention_ceiling(costs, machine, prompt_mean, g))
-            if step_s_per_seq_ctx is not None and not warm:
-                est = (g - 1) * step_s_per_seq_ctx * n * (prompt_mean + g / 2) + results.get("last_prefill_s", 0)
+    def predict_s(n: int, context: float, gen_len: int) -> float | None:
+        """Returns a pipeline row's predicted seconds from the rows run: the decode step linear in the
+        mean context (two rows of this N), else proportional to N x context; plus the last prefill."""
+        if not steps:
+            return None
+        same = [(c, t) for k, c, t in steps if k == n]
+        if len(same) >= 2 and same[-1][0] != same[0][0]:
+            (c0, t0), (c1, t1) = same[0], same[-1]
+            slope = max(0.0, (t1 - t0) / (c1 - c0))
+            step = t1 + slope * (context - c1)
+        else:
+            k, c, t = steps[-1]
+            step = t * (n * context) / (k * c)
+        return (gen_len - 1) * step + results.get("last_prefill_s", 0.0)
+
+    def pipeline_rows(gen_lens: list, reserve_s: float) -> None:
+        """The pipeline rows (a "warm-up" entry builds the kernels): each skipped when predicted to
+        end later than `reserve_s` before the deadline."""
+        for gen_len in gen_lens:
+            warm = gen_len == "warm-up"
+            g = 2 if warm else gen_len
+            row: dict = {"row": "pipeline warm-up" if warm else "pipeline (CGOPipe, HRM policy)", "gen_len": g}
+            try:
+                plan = plan_for(costs, machine, g if not warm else gens[0], MTBENCH_MEAN, plan_budget, max_n)
+                if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
+                    from dataclasses import replace
+
+                    mu = plan.policy.micro_batch
+                    plan = replace(plan, policy=replace(plan.policy, batch=min(plan.policy.batch, 2 * mu)))
+                n = plan.policy.batch
+                lengths = lengths_all[:n]
+                prompt_mean = sum(lengths) / n
+                row.update(plan=plan.to_dict(), hrm_bound=plan.bound, prompt_len_mean=prompt_mean,
+                           prompt_len_max=max(lengths),
+                           cpu_attention_ceiling_tok_s=attention_ceiling(costs, machine, prompt_mean, g))
+                est = None if warm else predict_s(n, prompt_mean + g / 2, g)
                 row["predicted_seconds"] = est
-                if est > left():
-                    row.update(status="skipped", reason=f"predicted {est:.0f} s > {left():.0f} s left (--time-budget-s)")
+                if left() <= 0 or (est is not None and est > left() - reserve_s):
+                    row.update(status="skipped", reason=f"predicted {est or 0:.0f} s, {left():.0f} s left, "
+                                                        f"{reserve_s:.0f} s kept for later rows (--time-budget-s)")
                     record(row)
                     continue
-            if left() <= 0:
-                row.update(status="skipped", reason="time budget spent (--time-budget-s)")
+                row.update(pipeline_row(models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device))
+                if device.type == "cuda":
+                    row["within_budget"] = row["peak_bytes"] <= budget
+                if not warm:
+                    steps.append((n, prompt_mean + g / 2, row["decode_step_s"]))
+                    results["last_prefill_s"] = row["prefill_s"]
+            except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
+                error_row(row, e)
+            if warm:
+                results["warm_up"] = row
+                log(f"pipeline warm-up: {row.get('status')}, {row.get('seconds', 0):.1f} s"
+                    + (f" -- {row.get('error')}" if row.get("status") != "ok" else ""))
+                save()
+            else:
                 record(row)
-                continue
-            row.update(pipeline_row(models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device))
-            if device.type == "cuda":
-                row["within_budget"] = row["peak_bytes"] <= budget
-            if g > 1:
-                step_s_per_seq_ctx = row["decode_step_s"] / (n * (prompt_mean + g / 2))
-            results["last_prefill_s"] = row["prefill_s"]
-        except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
-            error_row(row, e)
-        if warm:
-            results["warm_up"] = row
-            log(f"pipeline warm-up: {row.get('status')}, {row.get('seconds', 0):.1f} s"
-                + (f" -- {row.get('error')}" if row.get("status") != "ok" else ""))
-            save()
-        else:
-            record(row)
+
+    # ---- the pipeline rows but the longest first, then the baselines, then the longest ----
+    ordered = sorted(gens)
+    pipeline_rows(["warm-up", *ordered[:-1]], reserve_s=args.reserve_s)
     models.drop()
 
     # ---- moekit's offload engine, ragged batches ----
@@ -487,6 +507,8 @@ def main() -> int:
         free_memory(device)
     record(row)
 
+    pipeline_rows(ordered[-1:], reserve_s=0.0)
+    models.drop()
     results["total_s"] = time.perf_counter() - common.T_START
     save()
     print("\n" + table(results), flush=True)
