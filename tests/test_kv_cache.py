@@ -117,7 +117,7 @@ DECODE_SHAPES = [
     ([5, 40], 16, 4, 4, 16, None),  # plain multi-head
     ([9, 30, 2], 8, 8, 2, 24, 5),  # sliding window, head dim not a power of two, 4 heads per kv head
     ([64, 3], 16, 6, 2, 16, 20),  # 3 heads per kv head (padded group)
-    ([300, 130, 1], 16, 4, 4, 32, None),  # the kernel reads 128 positions (8 blocks) per iteration
+    ([300, 130, 1], 16, 4, 4, 32, None),  # the kernel reads 64 positions (4 blocks) per iteration
     ([300, 45], 16, 4, 4, 32, 150),  # ... with a window starting inside an iteration
 ]
 

@@ -105,16 +105,18 @@ def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     out = torch.empty_like(q)
     group = h // hkv
     block_g, block_d, block_size = triton.next_power_of_2(group), triton.next_power_of_2(dh), keys.shape[1]
-    # positions per iteration: [G, N, Dh] float32 products of at most 16K elements (the registers of
-    # 16 positions at G = 8, Dh = 128), at least one block, at most 128
-    block_n = max(block_size, min(128, triton.next_power_of_2(max(1, 16384 // (block_g * block_d)))))
+    # positions per iteration: at least one block, at most 64, and [G, N, Dh] float32 products of
+    # at most 16K elements; from 8K elements on, 8 warps share them (<= 64 registers a thread, as
+    # the K and V tiles [N, Dh] take <= 32 each)
+    block_n = max(block_size, min(64, triton.next_power_of_2(max(1, 16384 // (block_g * block_d)))))
+    num_warps = 8 if block_g * block_n * block_d >= 8192 else 4
     paged_decode_kernel[(b, hkv)](
         q, keys, values, block_tables, context_lens, out,
         dh ** -0.5, window or 0,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SLIDING=window is not None,
+        SLIDING=window is not None, num_warps=num_warps,
     )
     return out
 

@@ -11,7 +11,7 @@ head, Dh = head dim, NB = cache blocks, BS = positions per block, MB = blocks pe
 Program (b, kvh) reads sequence b's blocks of kv head kvh once for all G query heads that share
 it (GQA), with an online softmax in float32, BLOCK_N positions (BLOCK_N / BS blocks, each row's
 block id looked up on its own) per iteration: fewer dependent iterations per program, which is
-what bounds a decode step of few sequences. With SLIDING, positions before
+what bounds a decode step of few sequences (B x Hkv programs leave most SMs idle). With SLIDING, positions before
 context_len - WINDOW are skipped (whole blocks are never read).
 """
 
