@@ -311,6 +311,8 @@ class Bench:
         # tiny shapes are all activations and workspace: the smoke run gives a fixed 32 MB instead
         budget = 32 << 20 if a.small else int(a.offload_fraction * nbytes)
         res["offload_budget_bytes"] = budget
+        if device.type == "cuda":  # what earlier phases left allocated counts in the peak below: name it
+            res["allocated_before_offload_load_bytes"] = torch.cuda.memory_allocated(device)
         t0 = time.perf_counter()
         model = load_offloaded(folder, device=device, dtype="bfloat16",
                                offload=OffloadConfig(device_memory=budget, context_tokens=a.max_len + a.new_tokens))
@@ -334,6 +336,7 @@ class Bench:
                 served["budget_bytes"] = budget
                 served["peak_over_budget"] = served["peak_device_bytes"] / budget
             stats = model.expert_runtime.stats
+            served["runtime_peak_device_bytes"] = stats.peak_device_bytes
             served["expert_hit_rate"] = stats.hit_rate
             served["pcie_bytes_per_token"] = stats.bytes_moved / max(1, served.get("output_tokens") or 1)
             common.write_json(self.results, a.out, "bench_serve")
