@@ -26,8 +26,13 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
   when the time left is short.
 - ternary / int4 experts: recorded "not supported yet" (PagedLoader takes dense experts only).
 
-Every row's exception is recorded with its traceback tail; rows not started within
---time-budget-s (or predicted not to finish within it) are recorded as skipped; the JSON
+Order and expected seconds on the H200 (--time-budget-s 255 from the start): build ~15 (22.5 GB
+of pinned experts), machine profile ~10, pipeline warm-up ~15 (Triton builds), pipeline gen 32 ~12,
+gen 128 ~40 (N=512, mu=32, 4 of 8 experts resident: ~0.2 s a decode step on the PCIe roof),
+offload engine batch 64 ~15 and 256 ~30, transformers+accelerate ~35 only when the gen-256 row's
+predicted time still fits after it, pipeline gen 256 ~80 last. Every row's exception is recorded
+with its traceback tail; rows not started within --time-budget-s (or predicted not to finish
+within it) are recorded as skipped with the reason; the JSON
 (bench_pipeline.json) is rewritten after every row and the short table is printed last. Shape
 legend: L layers, D hidden, I expert ffn, E experts, N sequences, mu micro-batch.
 """
@@ -327,11 +332,11 @@ def main() -> int:
     p.add_argument("--plan-margin-gib", type=float, default=0.5,
                    help="the HRM plans within the budget less this (what its memory model leaves out: the "
                         "prefill's residual streams of all N prompts, the longest prompt's micro-batch)")
-    p.add_argument("--offload-batches", default=None, help="offload engine batches (default 32,128; small: 4)")
+    p.add_argument("--offload-batches", default=None, help="offload engine batches (default 64,256; small: 4)")
     p.add_argument("--offload-gen", type=int, default=32)
-    p.add_argument("--hf-cap-s", type=float, default=30.0, help="transformers+accelerate: seconds its run may take")
+    p.add_argument("--hf-cap-s", type=float, default=20.0, help="transformers+accelerate: seconds its run may take")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--reserve-s", type=float, default=75.0,
+    p.add_argument("--reserve-s", type=float, default=60.0,
                    help="seconds the first pipeline rows leave for the baselines (the longest gen runs last)")
     p.add_argument("--time-budget-s", type=float, default=255.0,
                    help="rows not started (or predicted not to end) by then are recorded as skipped")
@@ -344,7 +349,7 @@ def main() -> int:
     layers = args.layers or (4 if args.small else 8)
     max_n = args.max_sequences or (16 if args.small else 512)
     gens = [int(g) for g in args.gen.split(",") if g]
-    batches = [int(b) for b in (args.offload_batches or ("4" if args.small else "32,128")).split(",") if b]
+    batches = [int(b) for b in (args.offload_batches or ("4" if args.small else "64,256")).split(",") if b]
     dtype = "bfloat16"
     results: dict = {"meta": common.run_meta(args, device), "shape": shape, "layers": layers, "dtype": dtype,
                      "rows": []}
@@ -468,10 +473,14 @@ def main() -> int:
 
     # ---- moekit's offload engine, ragged batches ----
     best = None
-    for b in batches:
+    last = ordered[-1]
+    for at, b in enumerate(batches):
         row = {"row": "moekit offload engine (generate, ragged)", "batch": b, "new_tokens": args.offload_gen}
-        if left() < 25:
-            row.update(status="skipped", reason=f"{left():.0f} s left (--time-budget-s)")
+        # the first batch always (the baseline), later ones only beside the time kept for the last pipeline row
+        keep = 0.0 if at == 0 else predict_s(steps[-1][0] if steps else max_n, MTBENCH_MEAN + last / 2, last) or 0.0
+        if left() - keep < 25:
+            row.update(status="skipped", reason=f"{left():.0f} s left, {keep:.0f} s kept for the gen-{last} "
+                                                "pipeline row (--time-budget-s)")
             record(row)
             continue
         try:
@@ -491,10 +500,14 @@ def main() -> int:
 
     # ---- transformers + accelerate, batch 8 ----
     row = {"row": "transformers+accelerate", "batch": 8}
+    last = ordered[-1]  # the pipeline row still to run comes first: its predicted time is kept for it
+    n_last = steps[-1][0] if steps else max_n
+    keep = predict_s(n_last, MTBENCH_MEAN + last / 2, last) or 0.0
     if args.skip_hf:
         row.update(status="skipped", reason="--skip-hf")
-    elif left() < args.hf_cap_s + 20:
-        row.update(status="skipped", reason=f"{left():.0f} s left < its cap {args.hf_cap_s:.0f} s + 20 s to load")
+    elif left() - keep < args.hf_cap_s + 20:
+        row.update(status="skipped", reason=f"{left():.0f} s left, {keep:.0f} s kept for the gen-{last} pipeline "
+                                            f"row: less than its cap {args.hf_cap_s:.0f} s + 20 s to load")
     else:
         try:
             free_memory(device, reset_peak=True)
