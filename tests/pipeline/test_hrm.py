@@ -173,6 +173,22 @@ def test_search_equals_exhaustive_enumeration():
     assert brute and best.tok_s == pytest.approx(max(brute), rel=1e-9)
 
 
+def test_search_breaks_ties_toward_fewer_micro_batches():
+    """On the PCIe roof every micro-batch size decodes equally fast in the model; the search keeps
+    the largest that fits (fewest micro-batches: each costs launches the model does not count).
+    Mixtral cut to 8 layers, 15.5 GiB, 512 prompts: as bench_pipeline plans it."""
+    cfg = dataclasses.replace(MIXTRAL, num_layers=8, moe_layers=(True,) * 8)
+    costs = model_costs(cfg, BF16_EXPERT)
+    w = Workload(77, 128, num_prompts=512)
+    best = search(costs, PRESETS["h200"], w, device_budget=15.5 * 2**30, attention=("cpu",))
+    assert best.bound == "PCIe host-to-device"
+    for mu in range(best.policy.micro_batch + 1, 513):
+        n, _ = max_batch(costs, PRESETS["h200"], mu, best.policy.resident_share, "cpu", w, 15.5 * 2**30,
+                         0.8 * PRESETS["h200"].host_memory)
+        if n:
+            assert evaluate(costs, PRESETS["h200"], Policy(n, mu, best.policy.resident_share), w).tok_s < best.tok_s * (1 - 1e-9)
+
+
 def test_search_keeps_everything_on_a_big_gpu_with_a_slow_host():
     m = model_costs(MIXTRAL, BF16_EXPERT)
     machine = h200(host_bandwidth=5e9, host_flops=5e10, h2d_bandwidth=5e9)
