@@ -251,7 +251,10 @@ def main() -> int:
     p.add_argument("--forms", default="bf16,ternary")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--skip-cli", action="store_true", help="only the Python API rows")
+    p.add_argument("--paths", default="api,cli", help="api (load_offloaded), cli (moekit generate) or both")
+    p.add_argument("--skip-gpu-only", action="store_true", help="leave out the all-resident upper bounds")
+    p.add_argument("--name", default=NAME, help=f"the JSON's name (default {NAME}; tables.py takes the rows of "
+                                                f"{NAME}_rerun.json where {NAME}.json lacks or skipped them)")
     p.add_argument("--time-budget-s", type=float, default=450.0,
                    help="rows not started by then are recorded as skipped (the GPU call's limit is ~8 min)")
     p.add_argument("--tmp", default="/tmp/moekit_bench_budget", help="where the two checkpoints are written")
@@ -265,13 +268,17 @@ def main() -> int:
     for f in forms:
         if f not in FORMS:
             p.error(f"--forms: {f!r} is not one of {', '.join(FORMS)}")
+    paths_run = [v for v in args.paths.split(",") if v]
+    for v in paths_run:
+        if v not in ("api", "cli"):
+            p.error(f"--paths: {v!r} is not api or cli")
     shape_name = "tiny" if args.tiny else "olmoe-1b-7b"
     results: dict = {"meta": common.run_meta(args, device), "shape": {"name": shape_name, **SHAPES[shape_name]},
                      "rows": []}
     deadline = common.T_START + args.time_budget_s
 
     def save() -> None:
-        common.write_json(results, args.out, NAME)
+        common.write_json(results, args.out, args.name)
 
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -285,16 +292,14 @@ def main() -> int:
         save()
 
         results["gpu_only"] = {}
-        for form in forms:  # everything resident: the upper bound of each form
+        for form in [] if args.skip_gpu_only else forms:  # everything resident: the upper bound of each form
             r = api_row(paths[form], None, device, ids, args.new_tokens)
             results["gpu_only"][form] = r
             common.log(f"GPU-only {form}: {r['status']}, {r.get('decode_tok_s') or 0:.1f} tok/s, "
                        f"peak {(r.get('peak_bytes') or 0) / 1e9:.2f} GB")
             save()
 
-        plan = [("api", s, f) for s in shares for f in forms]
-        if not args.skip_cli:
-            plan += [("cli", s, f) for s in shares for f in forms]
+        plan = [(via, s, f) for via in paths_run for s in shares for f in forms]
         for via, share, form in plan:
             budget = int(share * model_bytes)
             head = {"path": via, "form": form, "share": share}
@@ -324,7 +329,7 @@ def main() -> int:
     print("\n" + table(results), flush=True)
     if device.type != "cuda":
         print("(CPU: no allocator peak; 'peak' is the runtime's plan)", flush=True)
-    common.log(f"wrote {Path(args.out) / (NAME + '.json')}")
+    common.log(f"wrote {Path(args.out) / (args.name + '.json')}")
     return 0
 
 

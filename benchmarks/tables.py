@@ -155,12 +155,22 @@ def slot_tiles(files: dict) -> str:
 
 # ---- bench_budget.json (issue 11) ---------------------------------------------------------------------
 
+BUDGET_RERUN = "bench_budget_rerun.json"  # rows run again later (bench_budget.py --name bench_budget_rerun)
+
+
 def budget_rows(res: dict) -> dict[tuple[str, str, float], dict]:
     """Returns bench_budget's rows keyed by (path, form, share); the JSON repeats each refused row
-    once, the first is kept."""
+    once, the first is kept. A row that bench_budget.json lacks or skipped is taken from
+    bench_budget_rerun.json when that has it, marked with the rerun's commit ('rerun_commit')."""
     out: dict[tuple[str, str, float], dict] = {}
     for r in res["rows"]:
         out.setdefault((r["path"], r["form"], r["share"]), r)
+    if (RESULTS_DIR / BUDGET_RERUN).exists():
+        rerun = load(BUDGET_RERUN)
+        for r in rerun["rows"]:
+            key = (r["path"], r["form"], r["share"])
+            if key not in out or out[key]["status"].startswith("skipped"):
+                out[key] = {**r, "rerun_commit": rerun["meta"]["commit"]}
     return out
 
 
@@ -208,8 +218,9 @@ def budget(files: dict) -> str:
                 if r["status"] == "ok":
                     plan = r["report"]["plan"]
                     planned = f"{plan['planned_bytes'] / 1e9:.3f} / {plan['measured_peak_bytes'] / 1e9:.3f}"
+                    status = f"ok (at {r['rerun_commit']})" if "rerun_commit" in r else "ok"
                     rows.append([label, form, path, f"{r['decode_tok_s']:.1f}", budget_peak(r), planned,
-                                 budget_cached(r), "ok"])
+                                 budget_cached(r), status])
                 else:
                     rows.append([label, form, path, "-", "-", "-", "-", budget_outcome(r)])
     return table(["budget", "experts", "via", "decode tok/s", "peak / budget", "planned / warm-up peak GB",
@@ -226,7 +237,8 @@ def budget_headline(files: dict) -> str:
             return "-"
         if r["status"] != "ok":
             return budget_outcome(r).split(" (measured")[0]
-        return f"{r['decode_tok_s']:.1f}, {budget_peak(r)}"
+        at = f" (at {r['rerun_commit']})" if "rerun_commit" in r else ""
+        return f"{r['decode_tok_s']:.1f}, {budget_peak(r)}{at}"
 
     rows = [["GPU-only", form, f"{g['decode_tok_s']:.0f}, {g['peak_bytes'] / 1e9:.2f} GB peak", ""]
             for form, g in res["gpu_only"].items()]
