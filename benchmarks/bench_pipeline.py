@@ -184,7 +184,11 @@ class PagedModels:
         free_memory(self.device)
 
 
-def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, device) -> dict:
+class OutOfTime(Exception):
+    """A row stopped by the time guard (after the prefill or a decode step)."""
+
+
+def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, device, deadline: float) -> dict:
     """Runs the plan with run_plan and returns its row: tok/s next to the HRM, PCIe and CPU-attention
     ceilings, the allocator's peak next to the budget."""
     from moekit.pipeline.batch import resident_experts, run_plan
@@ -193,8 +197,14 @@ def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, devic
     reset_peak(device)
     model = models.get(resident)
     t0 = time.perf_counter()
+
+    def guard(tokens: int) -> None:
+        if time.perf_counter() > deadline:
+            raise OutOfTime(f"stopped at {tokens} of {gen_len} tokens after {time.perf_counter() - t0:.0f} s: "
+                            "past --time-budget-s")
+
     r = run_plan(models.folder, plan, prompts, gen_len, device=str(device), dtype=models.dtype, h2d_bandwidth=h2d,
-                 model=model)
+                 model=model, on_step=guard)
     out = r.to_dict()
     out.pop("tokens")
     out.update(status="ok", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(device),
@@ -450,12 +460,15 @@ def main() -> int:
                                                         f"{reserve_s:.0f} s kept for later rows (--time-budget-s)")
                     record(row)
                     continue
-                row.update(pipeline_row(models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device))
+                row.update(pipeline_row(models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device,
+                                        deadline))
                 if device.type == "cuda":
                     row["within_budget"] = row["peak_bytes"] <= budget
                 if not warm:
                     steps.append((n, prompt_mean + g / 2, row["decode_step_s"]))
                     results["last_prefill_s"] = row["prefill_s"]
+            except OutOfTime as e:
+                row.update(status="stopped", reason=str(e), peak_bytes=peak_bytes(device))
             except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
                 error_row(row, e)
             if warm:

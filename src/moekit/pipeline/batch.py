@@ -60,12 +60,12 @@ def load_paged(path, resident: int, device: str = "cpu", dtype: str | None = Non
 
 
 def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu", dtype: str | None = None,
-             h2d_bandwidth: float | None = None, host_layers=None, model=None) -> BatchResult:
+             h2d_bandwidth: float | None = None, host_layers=None, model=None, on_step=None) -> BatchResult:
     """Returns the BatchResult of generating `gen_len` greedy tokens for `prompts` (the plan's N of
     them; token id lists) with the plan's micro-batch and resident experts per layer (CPU attention
     only: a plan with attention on the GPU is for the sequential engines). `model` (from
     load_paged with the plan's resident count) is used instead of loading one (several plans, one
-    load); `host_layers` as in load_paged."""
+    load); `host_layers` as in load_paged; `on_step` as in generate_pipelined."""
     from ..generate import GenerationStats
     from .cgopipe import generate_pipelined
 
@@ -84,7 +84,7 @@ def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu",
     stats = GenerationStats()
     runtime = model.expert_runtime
     pages_before, whole_before = runtime.pages_loaded, runtime.whole_loads  # a model given may have run before
-    tokens = generate_pipelined(model, prompts, gen_len, policy.micro_batch, stats=stats)
+    tokens = generate_pipelined(model, prompts, gen_len, policy.micro_batch, stats=stats, on_step=on_step)
     streamed_bytes = sum(  # what one decode step sends over PCIe
         (runtime.experts[layer] - resident) * sum(t[0].numel() * t.element_size() for t in runtime.stores[layer].values())
         for layer in runtime.layers)

@@ -241,12 +241,14 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
 
 @torch.inference_mode()
 def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
-                       block_size: int = 16, stats=None) -> list[torch.Tensor]:
+                       block_size: int = 16, stats=None, on_step=None) -> list[torch.Tensor]:
     """Returns each prompt's `max_new_tokens` greedy tokens (no early stop at eos, as MoE-Lightning
     runs a batch): prefill on the model's device a micro-batch at a time with the KV moved to a
     host-resident paged cache (prefill_to_host), then decode steps by CGOPipe's schedule
     (PipelinedDecoder). `stats` (a moekit.generate.GenerationStats) receives the timings: the
-    batch's generated tokens per second are len(prompts) * new_tokens / (prefill_s + decode_s)."""
+    batch's generated tokens per second are len(prompts) * new_tokens / (prefill_s + decode_s).
+    `on_step(tokens_so_far)` is called after the prefill and after every decode step (a benchmark's
+    time guard raises from it to stop a run)."""
     import time
 
     from ..generate import prompt_list
@@ -261,12 +263,16 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     logits = prefill_to_host(model, cache, prompts, micro_batch, block_size)
     outs = [[t] for t in logits.argmax(dim=-1).tolist()]  # one host sync, not one per sequence
     t1 = time.perf_counter()
+    if on_step is not None:
+        on_step(1)
     decoder = PipelinedDecoder(model, cache, micro_batch)
     try:
         for _ in range(max_new_tokens - 1):
             work = [(i, lengths[i] + len(o) - 1, o[-1]) for i, o in enumerate(outs)]
             for o, t in zip(outs, decoder.step(work).argmax(dim=-1).tolist()):
                 o.append(t)
+            if on_step is not None:
+                on_step(len(outs[0]))
     finally:
         decoder.close()
     if model.device.type == "cuda":
