@@ -1,7 +1,9 @@
 """Batch throughput of the MoE-Lightning pipeline (issue 14), BENCH.md's "batch throughput" row.
 
-    cd /path/to/moekit && PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out benchmarks/results   # H200, ~4 min
-    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --small --device cpu --out /tmp/bp              # CPU, < 60 s
+    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out $OUT                          # H200, <= 4.5 min
+    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --small --device cpu --out /tmp/bp  # CPU, ~40 s
+
+(both from the repository root; --out defaults to $OUT, else benchmarks/results)
 
 A Mixtral-8x7B-shaped model (hidden 4096, expert ffn 14336, 8 experts top-2, 32/8 heads, vocab
 32000; random bf16 weights) cut to `--layers` layers (default 8: 22.5 GB of experts, more than the
@@ -338,7 +340,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=None, help="layers of the Mixtral shape (default 8; small: 4)")
     p.add_argument("--gen", default="32,128,256", help="generated tokens per sequence, one pipeline row each")
     p.add_argument("--budget-gib", type=float, default=16.0, help="device budget (small: scaled to the toy model)")
-    p.add_argument("--max-sequences", type=int, default=None, help="N at most (default 512; small: 16)")
+    p.add_argument("--max-sequences", type=int, default=None, help="N at most (default 512; small: 8)")
     p.add_argument("--plan-margin-gib", type=float, default=0.5,
                    help="the HRM plans within the budget less this (what its memory model leaves out: the "
                         "prefill's residual streams of all N prompts, the longest prompt's micro-batch)")
@@ -357,7 +359,7 @@ def main() -> int:
         p.error("no CUDA device: run with --device cpu --small")
     shape = "small" if args.small else "mixtral-8x7b"
     layers = args.layers or (4 if args.small else 8)
-    max_n = args.max_sequences or (16 if args.small else 512)
+    max_n = args.max_sequences or (8 if args.small else 512)
     gens = [int(g) for g in args.gen.split(",") if g]
     batches = [int(b) for b in (args.offload_batches or ("4" if args.small else "64,256")).split(",") if b]
     dtype = "bfloat16"
@@ -415,6 +417,8 @@ def main() -> int:
     save()
 
     lengths_all = mtbench_lengths(max(max_n, max(batches), 8))
+    plan_prompt_len = round(sum(lengths_all[:max_n]) / max_n)  # the HRM plans for the drawn mean
+    results["plan_prompt_len"] = plan_prompt_len
     models = PagedModels(folder, host, device, dtype)
     steps: list[tuple[int, float, float]] = []  # (N, mean context, decode step s) of the rows run
 
@@ -441,7 +445,7 @@ def main() -> int:
             g = 2 if warm else gen_len
             row: dict = {"row": "pipeline warm-up" if warm else "pipeline (CGOPipe, HRM policy)", "gen_len": g}
             try:
-                plan = plan_for(costs, machine, g if not warm else gens[0], MTBENCH_MEAN, plan_budget, max_n)
+                plan = plan_for(costs, machine, g if not warm else gens[0], plan_prompt_len, plan_budget, max_n)
                 if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
                     from dataclasses import replace
 
@@ -490,7 +494,7 @@ def main() -> int:
     for at, b in enumerate(batches):
         row = {"row": "moekit offload engine (generate, ragged)", "batch": b, "new_tokens": args.offload_gen}
         # the first batch always (the baseline), later ones only beside the time kept for the last pipeline row
-        keep = 0.0 if at == 0 else predict_s(steps[-1][0] if steps else max_n, MTBENCH_MEAN + last / 2, last) or 0.0
+        keep = 0.0 if at == 0 else predict_s(steps[-1][0] if steps else max_n, plan_prompt_len + last / 2, last) or 0.0
         if left() - keep < 25:
             row.update(status="skipped", reason=f"{left():.0f} s left, {keep:.0f} s kept for the gen-{last} "
                                                 "pipeline row (--time-budget-s)")
@@ -515,7 +519,7 @@ def main() -> int:
     row = {"row": "transformers+accelerate", "batch": 8}
     last = ordered[-1]  # the pipeline row still to run comes first: its predicted time is kept for it
     n_last = steps[-1][0] if steps else max_n
-    keep = predict_s(n_last, MTBENCH_MEAN + last / 2, last) or 0.0
+    keep = predict_s(n_last, plan_prompt_len + last / 2, last) or 0.0
     if args.skip_hf:
         row.update(status="skipped", reason="--skip-hf")
     elif left() - keep < args.hf_cap_s + 20:
