@@ -121,3 +121,31 @@ def test_model_linear_takes_the_kernel_only_where_it_applies():
     xg = xb.clone().requires_grad_()
     layer(xg).float().sum().backward()  # autograd runs through F.linear
     assert xg.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_pointers_give_the_bits_of_per_expert_views(dtype):
+    """expert_ffn_stacked (pointers from the stacks' strides, offload.cpu's decode path) computes
+    exactly what expert_ffn computes on each expert's own views."""
+    d, ffn, count = 96, 40, 6
+    g = torch.Generator().manual_seed(1)
+    gate_up = (torch.randn(count, 2 * ffn, d, generator=g) / d ** 0.5).to(dtype)
+    down = (torch.randn(count, d, ffn, generator=g) / ffn ** 0.5).to(dtype)
+    x = torch.randn(3, d).to(dtype)
+    routes = [(4, [0, 2], [0.5, 0.25]), (1, [1], [0.75]), (5, [0, 1, 2], [0.1, 0.2, 0.3])]
+    got = ne.expert_ffn_stacked(x, gate_up, down, routes, threads=2)
+    expected = ne.expert_ffn(x, [(gate_up[r], down[r], t, w) for r, t, w in routes], threads=2)
+    assert torch.equal(got, expected)
+    out = torch.empty_like(x)
+    assert ne.expert_ffn_stacked(x, gate_up, down, routes, out=out) is out and torch.equal(out, expected)
+    assert torch.equal(ne.expert_ffn_stacked(x, gate_up, down, []), torch.zeros_like(x))
+
+
+def test_stacked_refuses_strided_experts_and_rows_outside():
+    d, ffn = 32, 16
+    gate_up, down = torch.randn(4, 2 * ffn, d), torch.randn(4, d, ffn)
+    x = torch.randn(1, d)
+    with pytest.raises(ValueError, match="row is outside"):
+        ne.expert_ffn_stacked(x, gate_up, down, [(4, [0], [1.0])])
+    with pytest.raises(ValueError, match="each expert contiguous"):
+        ne.expert_ffn_stacked(x, gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, [(0, [0], [1.0])])

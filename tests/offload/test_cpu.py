@@ -8,18 +8,17 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli, token_ids
 
 import moekit
 from moekit.cli import main
+from moekit.experts.forms import DenseForm
 from moekit.offload import OffloadConfig, load_offloaded
 from moekit.offload.cache import ExpertCache
 from moekit.offload.cpu import CostModel, CpuWorker, split_misses
-from moekit.experts.forms import DenseForm
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 from moekit.offload.stats import OffloadStats
 from moekit.offload.store import HostStore
-
-from conftest import run_cli, token_ids
 
 CONTEXT = 40
 
@@ -140,7 +139,7 @@ def test_batch_of_three_on_the_cpu_path(mixtral):
 
 
 def test_worker_thread_gives_the_same_tokens(mixtral):
-    """The CUDA arrangement (experts on a worker thread, joined after the device part) on the CPU."""
+    """The former CUDA arrangement (experts on a worker thread, joined after the device part) on the CPU."""
     path, resident = mixtral
     model = offloaded(path, resident.config, misses="cpu", predictor="speculative", cpu_threads=1)
     runtime = model.offload
@@ -152,6 +151,40 @@ def test_worker_thread_gives_the_same_tokens(mixtral):
         runtime.cpu.close()
     report = runtime.report()
     assert report["cpu_experts"] > 0 and 0 < report["cpu_wait_s"] and report["cpu_threads"] == 1
+
+
+@pytest.mark.parametrize("threaded,store", [(False, "host"), (False, "disk"), (True, "host")])
+def test_profile_marks_every_split_call_in_order(mixtral, monkeypatch, threaded, store):
+    """MOEKIT_PROFILE_CPU_MISSES=1 records each split layer call's host timestamps in the order the
+    path runs them (benchmarks/probes/profile_cpu_misses.py reads them); tokens do not change;
+    unset, nothing is recorded."""
+    from moekit.offload.cpu import PROFILE_ENV
+
+    path, resident = mixtral
+    ids = token_ids(1, 5, seed=4)
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert offloaded(path, resident.config, misses="cpu", predictor="none").offload.cpu.profile is None
+    monkeypatch.setenv(PROFILE_ENV, "1")
+    model = offloaded(path, resident.config, store=store, misses="cpu", predictor="speculative")
+    runtime = model.offload
+    if threaded:
+        runtime.cpu = CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, threaded=True)
+    try:
+        assert torch.equal(greedy(model, ids, n=4), greedy(resident, ids, n=4))
+    finally:
+        runtime.cpu.close()
+    calls = runtime.cpu.profile.calls
+    assert len(calls) == 4 * len(runtime.moe_layers)  # a prefill call and 3 decode steps per MoE layer
+    order = ["enter", "sync_start", "sync_end", "split", "device_launched", "cpu_start", "kernel_start",
+             "kernel_end", "exit"]
+    ran_cpu = [c for c in calls if c["cpu_experts"] > 0]
+    assert ran_cpu and all(c["cpu_experts"] + c["device_experts"] >= 1 for c in calls)
+    for c in ran_cpu:
+        if threaded:  # the worker runs beside the device part: only each thread's own order holds
+            assert c["enter"] <= c["sync_start"] <= c["sync_end"] <= c["split"] <= c["cpu_start"] <= c["kernel_start"]
+            assert c["kernel_start"] <= c["kernel_end"] <= c["exit"] and c["device_launched"] <= c["exit"]
+        else:
+            assert [c[k] for k in order] == sorted(c[k] for k in order), c
 
 
 def with_costs(model, misses: str, link: str) -> None:

@@ -360,11 +360,10 @@ def cpu_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, g
     one parallel region per call, each weight row read once; jobs from `routes_by_row`), or None
     where it does not apply (more than SMALL_BATCH_TOKENS tokens: PyTorch's GEMMs win; no
     compiler; other dtypes)."""
-    from ..native.experts import SMALL_BATCH_TOKENS, expert_ffn, usable
+    from ..native.experts import SMALL_BATCH_TOKENS, expert_ffn_stacked, usable
 
-    if x.shape[0] > SMALL_BATCH_TOKENS or gate_up.stride(-1) != 1 or not usable(x, gate_up.dtype):
-        return None
-    jobs = [(gate_up[row], down[row], tokens, scales) for row, tokens, scales in routes_by_row(rows, weights)]
-    if any(not (g.is_contiguous() and d.is_contiguous()) for g, d, _, _ in jobs):
-        return None
-    return expert_ffn(x, jobs)
+    if (x.shape[0] > SMALL_BATCH_TOKENS or gate_up.dim() != 3 or down.dim() != 3 or not usable(x, gate_up.dtype)
+            or gate_up.stride()[1:] != (gate_up.shape[2], 1) or down.stride()[1:] != (down.shape[2], 1)):
+        return None  # an expert's matrices not contiguous (a strided view): PyTorch's path
+    # pointers from the stacks' strides: no tensor view per expert
+    return expert_ffn_stacked(x, gate_up, down, routes_by_row(rows, weights))

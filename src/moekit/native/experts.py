@@ -99,11 +99,6 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
     tensors of one dtype (bf16, fp16 or fp32); tokens index x's rows; a token may appear in
     several jobs, at most once per job. Raises ValueError for arguments the kernel cannot take
     (check `usable` first)."""
-    lib = library()
-    if lib is None:
-        from . import unavailable_reason
-
-        raise ValueError(f"the CPU expert kernel is unavailable: {unavailable_reason()}")
     x = x.contiguous()
     n, d = x.shape
     out = output_for(x, out)
@@ -120,7 +115,49 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
                              f"of one dtype; got {list(gate_up.shape)} {gate_up.dtype}, {list(down.shape)} {down.dtype}")
         gate_ups.append(gate_up.data_ptr())
         downs.append(down.data_ptr())
-    routes = Routes(jobs, n)
+    return _run(x, out, wdtype, ffn, gate_ups, downs, Routes(jobs, n), threads, scratch)
+
+
+def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                       jobs: list[tuple[int, list[int], list[float]]], out: torch.Tensor | None = None,
+                       threads: int | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+    """Returns out [N, D]: what expert_ffn returns, each job's expert being a row of the stacked
+    gate_up [E, 2I, D] and down [E, D, I] (jobs: (row, tokens, weights)).
+
+    The pointers are computed from the stacks' strides: no per-expert tensor view is made or
+    checked (16 per OLMoE layer, ~4 us each, on the decode path of offload.cpu). Each expert's
+    matrices must be contiguous (the stacks' last two dims); raises ValueError otherwise."""
+    x = x.contiguous()
+    n, d = x.shape
+    out = output_for(x, out)
+    if not jobs:
+        return out.zero_()
+    count, ffn = gate_up.shape[0], down.shape[-1]
+    if (gate_up.dim() != 3 or gate_up.shape[1:] != (2 * ffn, d) or down.shape != (count, d, ffn)
+            or gate_up.dtype != down.dtype or gate_up.device.type != "cpu" or down.device.type != "cpu"
+            or gate_up.stride()[1:] != (d, 1) or down.stride()[1:] != (ffn, 1)):
+        raise ValueError(f"expert_ffn_stacked needs CPU gate_up [E, {2 * ffn}, {d}] and down [E, {d}, {ffn}] of one "
+                         f"dtype, each expert contiguous; got {list(gate_up.shape)} {gate_up.dtype} "
+                         f"{gate_up.stride()}, {list(down.shape)} {down.dtype} {down.stride()}")
+    rows = [job[0] for job in jobs]
+    if not 0 <= min(rows) <= max(rows) < count:
+        raise ValueError(f"a job's row is outside the {count} stacked experts")
+    size = gate_up.element_size()
+    gu0, gu_step = gate_up.data_ptr(), gate_up.stride(0) * size
+    dn0, dn_step = down.data_ptr(), down.stride(0) * size
+    return _run(x, out, gate_up.dtype, ffn, [gu0 + r * gu_step for r in rows], [dn0 + r * dn_step for r in rows],
+                Routes(jobs, n), threads, scratch)
+
+
+def _run(x: torch.Tensor, out: torch.Tensor, wdtype: torch.dtype, ffn: int, gate_ups: list[int], downs: list[int],
+         routes: Routes, threads: int | None, scratch: Scratch | None) -> torch.Tensor:
+    """Returns out after the native call on checked pointers (x contiguous [N, D], out like x)."""
+    lib = library()
+    if lib is None:
+        from . import unavailable_reason
+
+        raise ValueError(f"the CPU expert kernel is unavailable: {unavailable_reason()}")
+    n, d = x.shape
     if wdtype not in DTYPE_CODES or x.dtype not in DTYPE_CODES or max(d, ffn) > MAX_ROW:
         raise ValueError(f"the CPU expert kernel takes bf16/fp16/fp32 rows of at most {MAX_ROW}; "
                          f"got {wdtype} weights, {x.dtype} input, hidden {d}, ffn {ffn}")
@@ -132,8 +169,8 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
     xf = scratch.get("x", n * d)
     accs = scratch.get("acc", threads * acc_stride(n))
     code = lib.moekit_expert_ffn(DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d,
-                                 ffn, len(jobs), gate_ptrs, down_ptrs, routes.starts, routes.tokens, routes.weights,
-                                 float_ptr(h), float_ptr(xf), float_ptr(accs), threads)
+                                 ffn, len(gate_ups), gate_ptrs, down_ptrs, routes.starts, routes.tokens,
+                                 routes.weights, float_ptr(h), float_ptr(xf), float_ptr(accs), threads)
     if code != 0:
         raise ValueError(f"the CPU expert kernel refused its arguments (code {code}: see experts.cpp)")
     return out

@@ -13,13 +13,18 @@ One layer call on CUDA (OffloadRuntime.run, `_run_split`):
   1. x [N, D] and the routing weights [N, A] are queued for copy into pinned host buffers on the
      compute stream *before* the runtime's one host sync per layer (the routing's `.tolist()`):
      when that sync returns they have arrived. No sync is added.
-  2. the CPU experts go to one worker thread (torch releases the GIL inside ops; the thread's
-     intra-op pool, `cpu_threads`, by default one fewer than torch's, does the parallel work);
-     then the device part is launched: demand fetches (auto), prefetch, the cached experts'
-     kernels (on the rows routed to them, gathered by indices the host already knows).
-  3. the main thread joins the worker, queues the CPU sum [N, D] (pinned) for copy to the device
-     without waiting, and adds it on the stream. The next layer's sync completes that copy
-     before the buffer is written again (an event guards it as well).
+  2. the device part is launched first: demand fetches (auto), prefetch, the cached experts'
+     kernels (on the rows routed to them, gathered by indices the host already knows), admissions;
+     the GPU runs it while the host goes on.
+  3. the CPU experts run inline on the calling thread: one native call whose OpenMP team
+     (`cpu_threads`, by default one fewer than torch's) does the parallel work; then the CPU sum
+     [N, D] (pinned) is queued for copy to the device without waiting and added on the stream.
+     The next layer's sync completes that copy before the buffer is written again (an event
+     guards it as well).
+Why inline, not on a worker thread (as before): the GPU part is asynchronous already, so a thread
+bought no overlap; it cost two thread wake-ups per layer, and the worker's Python (building the
+jobs) waited for the GIL until the main thread blocked in the join, so it ran after the device
+part's launches anyway. `CpuWorker(threaded=True)` keeps the worker for comparison.
 On a CPU-only machine (device cpu) both parts run on the CPU, one after the other, from the same
 store (the disk store reads the expert into a scratch buffer first).
 
@@ -69,6 +74,7 @@ Shapes: N = tokens of the call, A = experts per token, D = hidden, n = tokens of
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,11 +83,51 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..experts.forms import DenseForm
-from ..native.experts import MAX_JOB_TOKENS, MAX_ROW, Scratch, usable
+from ..native.experts import (
+    MAX_JOB_TOKENS,
+    MAX_ROW,
+    Scratch,
+    expert_ffn_stacked,
+    usable,
+)
 from .layout import SlotLayout
 from .store import DiskStore, HostStore
 
 ADMIT_RATIO = 2.0  # a CPU-run expert replaces the least used cached one (lfu) when used this many times as often
+PROFILE_ENV = "MOEKIT_PROFILE_CPU_MISSES"  # "1": record host timestamps of every split layer call (MissProfile)
+
+
+class MissProfile:
+    """Host timestamps (time.perf_counter seconds) of each layer call that ran experts on the CPU,
+    recorded when MOEKIT_PROFILE_CPU_MISSES=1 (read when the worker is made; off, the path pays one
+    `is None` test per mark). benchmarks/probes/profile_cpu_misses.py turns them into times.
+
+    One dict per call: layer, cpu_experts, device_experts, and the marks in the order they happen:
+    enter (run() starts), sync_start / sync_end (the routing's .tolist(): the host waits for the
+    GPU segment and the D2H of ids), split (the device/CPU decision made), device_launched (device
+    part, prefetch, admissions queued), cpu_start (the previous sum's copy checked done), kernel_start
+    / kernel_end (the native call: its wrapper's checks and ctypes arrays, ~10 us, and the
+    kernel; before it the jobs' routes are built in Python), h2d_start / h2d_end (the sum's copy to the device
+    queued), exit (run() returns); on CUDA also h2d_events (start, end) around the copy."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.current: dict | None = None
+
+    def begin(self, layer: int) -> None:
+        self.current = {"layer": layer, "enter": time.perf_counter()}
+        self.calls.append(self.current)
+
+    def mark(self, name: str) -> None:
+        if self.current is not None:
+            self.current[name] = time.perf_counter()
+
+    def note(self, **values) -> None:
+        if self.current is not None:
+            self.current.update(values)
+
+    def clear(self) -> None:
+        self.calls, self.current = [], None
 
 
 @dataclass(frozen=True)
@@ -153,24 +199,26 @@ def native_usable(layout: SlotLayout, max_tokens: int) -> bool:
 
 
 class CpuWorker:
-    """Runs routed experts on the CPU from the store: on a worker thread beside a CUDA device
-    (inline on a CPU-only machine), with pinned buffers for x, the routing weights and the sum."""
+    """Runs routed experts on the CPU from the store, inline on the calling thread (module
+    docstring), with pinned buffers for x, the routing weights and the sum beside a CUDA device."""
 
     def __init__(self, layout: SlotLayout, store: HostStore | DiskStore, device: torch.device, max_tokens: int,
-                 threads: int = 0, threaded: bool | None = None):
-        """`threaded` (default: on CUDA) runs the experts on the worker thread, with `threads`
-        intra-op threads (0: one fewer than torch's, leaving a core to the thread driving the GPU:
-        an intra-op team that shares its cores waits for a descheduled member at every barrier)."""
+                 threads: int = 0, threaded: bool = False):
+        """`threads`: the native call's OpenMP team (0: beside CUDA one fewer than torch's, leaving a
+        core to the CUDA runtime's own threads: a team that shares its cores waits for a descheduled
+        member at every barrier; on a CPU-only machine torch's). `threaded` runs the experts on a
+        worker thread instead (the former design, kept for comparison and its test)."""
         self.layout, self.store, self.device, self.max_tokens = layout, store, device, max_tokens
         self.cuda = device.type == "cuda"
-        threaded = self.cuda if threaded is None else threaded
-        self.threads = threads or (max(1, torch.get_num_threads() - 1) if threaded else torch.get_num_threads())
+        self.threads = threads or (max(1, torch.get_num_threads() - 1) if self.cuda or threaded
+                                   else torch.get_num_threads())
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="moekit-cpu-experts") if threaded else None
         self.buffers: dict[str, torch.Tensor] = {}  # name -> pinned [max_tokens, cols]
         self.sent: torch.cuda.Event | None = None  # the last sum's copy to the device (reads "out")
         self.worker_threads_set = False
         self.native = native_usable(layout, max_tokens)  # the native kernel, else the PyTorch path
         self.scratch = Scratch() if self.native else None
+        self.profile = MissProfile() if os.environ.get(PROFILE_ENV) == "1" else None
 
     def _buffer(self, name: str, cols: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self.buffers.get(name)
@@ -195,10 +243,12 @@ class CpuWorker:
                w_host: torch.Tensor) -> Future | tuple[torch.Tensor, float]:
         """Starts sum over jobs (expert, its flat slots n * A + a) of w[slot] * expert(x[n]) as
         [N, D] on the CPU; returns the handle for `join`."""
-        if self.worker is None:
-            return self._compute(layer, jobs, x_host, w_host, torch.empty(x_host.shape, dtype=x_host.dtype))
+        # beside CUDA the sum goes to a pinned buffer (its copy to the device is then asynchronous);
+        # on the CPU it is the layer's output: a new tensor
         out = (self._buffer("out", x_host.shape[1], x_host.dtype)[:x_host.shape[0]] if self.cuda
                else torch.empty_like(x_host))
+        if self.worker is None:
+            return self._compute(layer, jobs, x_host, w_host, out)
         # inference and grad modes are per thread: the worker runs in the caller's
         return self.worker.submit(self._in_mode, torch.is_inference_mode_enabled(), layer, jobs, x_host, w_host, out)
 
@@ -208,9 +258,18 @@ class CpuWorker:
         out, cpu_s = handle.result() if isinstance(handle, Future) else handle
         wait_s = time.perf_counter() - t0 if isinstance(handle, Future) else cpu_s
         if self.cuda:
+            prof = self.profile
+            if prof is not None:
+                prof.mark("h2d_start")
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record()
             out = out.to(self.device, non_blocking=True)
             self.sent = torch.cuda.Event()
             self.sent.record()
+            if prof is not None:
+                events[1].record()
+                prof.note(h2d_events=events)
+                prof.mark("h2d_end")
         return out, cpu_s, wait_s
 
     def _in_mode(self, inference: bool, *args) -> tuple[torch.Tensor, float]:
@@ -223,10 +282,14 @@ class CpuWorker:
     def _compute(self, layer, jobs, x_host, w_host, out) -> tuple[torch.Tensor, float]:
         if self.sent is not None:
             self.sent.synchronize()  # the previous sum has left `out` (already so after any sync)
+        if self.profile is not None:
+            self.profile.mark("cpu_start")
         t0 = time.perf_counter()
         if self.native:
             self._compute_native(layer, jobs, x_host, w_host, out)
             return out, time.perf_counter() - t0
+        if self.profile is not None:  # the PyTorch path: its ops are the kernel
+            self.profile.mark("kernel_start")
         top_k = w_host.shape[1]
         w_flat = w_host.reshape(-1)
         out.zero_()
@@ -241,6 +304,8 @@ class CpuWorker:
             tokens = slots // top_k
             y = form.apply(x_host[tokens], stacked, row)  # [n, D]
             out.index_add_(0, tokens, y * w_flat[slots][:, None])
+        if self.profile is not None:
+            self.profile.mark("kernel_end")
         return out, time.perf_counter() - t0
 
     def _compute_native(self, layer, jobs, x_host, w_host, out) -> None:
@@ -253,6 +318,19 @@ class CpuWorker:
         w_flat = w_host.reshape(-1).tolist()
         form = self.layout.form
         dense = isinstance(form, DenseForm)
+        prof = self.profile
+        if dense and self.store.kind != "disk":  # experts are rows of the store's stacks: pointers, no views
+            stacked = self.layout.view(self.store.host_rows(layer, jobs[0][0])[0], layer)
+            routes = []
+            for e, flat in jobs:
+                routes.append((self.store.host_rows(layer, e)[1], [s // top_k for s in flat], [w_flat[s] for s in flat]))
+            if prof is not None:
+                prof.mark("kernel_start")
+            expert_ffn_stacked(x_host, stacked["gate_up"], stacked["down"], routes, out=out, threads=self.threads,
+                               scratch=self.scratch)
+            if prof is not None:
+                prof.mark("kernel_end")
+            return
 
         def job(expert: int, flat: list[int]):
             rows, row = self.store.host_rows(layer, expert)
@@ -268,12 +346,21 @@ class CpuWorker:
             return form.native_ffn(x_host, jobs_, out=into, threads=self.threads, scratch=self.scratch)
 
         if self.store.kind != "disk":
-            run([job(e, flat) for e, flat in jobs], out)
+            built = [job(e, flat) for e, flat in jobs]
+            if prof is not None:
+                prof.mark("kernel_start")
+            run(built, out)
+            if prof is not None:
+                prof.mark("kernel_end")
             return
+        if prof is not None:  # here the disk reads count as the kernel's time
+            prof.mark("kernel_start")
         out.zero_()
         partial = torch.empty_like(out)
         for e, flat in jobs:
             out.add_(run([job(e, flat)], partial))
+        if prof is not None:
+            prof.mark("kernel_end")
 
     def close(self) -> None:
         if self.worker is not None:

@@ -267,9 +267,16 @@ class OffloadRuntime:
         pred = self.predictor.predict(layer, call, x) if nxt is not None else None
         flat = expert_ids.reshape(-1)
         split = self.misses in ("cpu", "auto") and n <= self.config.cpu_max_tokens
+        prof = self.cpu.profile if split else None  # MOEKIT_PROFILE_CPU_MISSES=1 (offload.cpu.MissProfile)
+        if prof is not None:
+            prof.begin(layer)
         if split:  # queued before the sync below, so it completes them: no sync of its own
             x_host, w_host = self.cpu.stage(x, weights)
+        if prof is not None:
+            prof.mark("sync_start")
         host = (torch.cat([flat, pred.reshape(-1).to(flat.dtype)]) if pred is not None else flat).tolist()
+        if prof is not None:
+            prof.mark("sync_end")
         routed, predicted = host[: flat.numel()], host[flat.numel():]
         if self.config.record_routing:
             self.trace.setdefault(layer, []).append(expert_ids.detach().cpu())
@@ -291,6 +298,8 @@ class OffloadRuntime:
         if decode:
             stats.decode_bytes_moved += stats.bytes_moved - bytes_before
             stats.decode_cpu_bytes += stats.cpu_bytes - cpu_bytes_before
+        if prof is not None:
+            prof.mark("exit")
         return out
 
     def _score_prediction(self, layer: int, needed: list[int]) -> None:
@@ -385,9 +394,16 @@ class OffloadRuntime:
         for i, e in enumerate(routed):
             flat_of.setdefault(e, []).append(i)
         device, cpu, horizon = self._split(layer, needed, flat_of, capacity)
+        prof = self.cpu.profile
+        if prof is not None:
+            prof.note(cpu_experts=len(cpu), device_experts=len(device))
+            prof.mark("split")
         if not cpu:
             return self._run_resident_set(layer, x, expert_ids, weights, routed, needed, nxt, predicted, horizon)
-        job = self.cpu.submit(layer, [(e, flat_of[e]) for e in cpu], x_host, w_host)  # first: the longest part
+        jobs = [(e, flat_of[e]) for e in cpu]
+        # a worker thread starts first (the longest part); inline, the device part is queued first,
+        # so the GPU runs it while this thread computes the CPU part (offload.cpu)
+        job = self.cpu.submit(layer, jobs, x_host, w_host) if self.cpu.worker is not None else None
         stats.lookups += len(cpu)
         stats.cpu_experts += len(cpu)
         stats.cpu_bytes += len(cpu) * self.layout.layer_bytes(layer)
@@ -411,6 +427,10 @@ class OffloadRuntime:
             if not cache.link_idle() or cache.admit((layer, e), protected, ADMIT_RATIO) is None:
                 break
             stats.admissions += 1
+        if prof is not None:
+            prof.mark("device_launched")
+        if job is None:
+            job = self.cpu.submit(layer, jobs, x_host, w_host)
         cpu_out, cpu_s, wait_s = self.cpu.join(job)
         stats.cpu_s += cpu_s
         stats.cpu_wait_s += wait_s
