@@ -90,18 +90,24 @@ class MicroBatch:
 
 
 def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
-                  window: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  window: int | None, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """Returns decode attention [mu, H, Dh] of q [mu, H, Dh] over the host pools (into `out`
-    when given): the native kernel where it takes them, else moekit.paged_attention's PyTorch
-    path (same results)."""
+    when given): the native kernel (on `threads` threads, default torch's) where it takes them,
+    else moekit.paged_attention's PyTorch path (same results)."""
     from ..native import attention as native_attention
     from ..paged_attention import decode_attention
 
     if native_attention.usable(q, keys):
         return native_attention.decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window,
-                                                 out=out)
+                                                 out=out, threads=threads)
     result = decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
     return result if out is None else out.copy_(result)
+
+
+def _usable_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class PipelinedDecoder:
@@ -121,6 +127,10 @@ class PipelinedDecoder:
         self.model, self.cache, self.micro_batch = model, cache, micro_batch
         self.streams = Streams(model.device)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-cpu-attention")
+        # on a GPU run two cores stay free of attention threads: the launch thread (every kernel of
+        # PreAttn / PostAttn and each copy) and the CUDA driver's; spinning OpenMP threads on every
+        # core would slow the launches the device waits on (MoE-Lightning brief 5.4-4)
+        self.attention_threads = max(1, _usable_cores() - 2) if self.streams.cuda else None
 
     def _paged(self):
         """Returns the model's PagedRuntime (experts streamed page by page with the micro-batches), or None."""
@@ -145,7 +155,7 @@ class PipelinedDecoder:
             # pinned on a GPU run, so that LoadH's copy is asynchronous
             out = torch.empty(q.shape, dtype=q.dtype, pin_memory=self.streams.cuda)
             out = cpu_attention(q, self.cache.keys[layer], self.cache.values[layer], mb.batch,
-                                attn.cfg.sliding_window, out)
+                                attn.cfg.sliding_window, out, self.attention_threads)
             return out.reshape(out.shape[0], -1)
 
     def _launch(self, layer: int, mb: MicroBatch) -> Future:
