@@ -1,7 +1,7 @@
 """Batch throughput of the MoE-Lightning pipeline (issue 14), BENCH.md's "batch throughput" row.
 
     PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out $OUT                          # H200, <= 4.5 min
-    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --small --device cpu --out /tmp/bp  # CPU, ~40 s
+    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --small --device cpu --out /tmp/bp  # CPU, 20-45 s
 
 (both from the repository root; --out defaults to $OUT, else benchmarks/results)
 
@@ -10,12 +10,14 @@ A Mixtral-8x7B-shaped model (hidden 4096, expert ffn 14336, 8 experts top-2, 32/
 16 GiB budget, so experts must stream) runs under a 16 GiB device budget. The experts are made in
 page-locked host memory (no checkpoint; only the 1.2 GB of non-expert weights go through one in
 --tmp) and shared by every row. Prompts are MTBench-like: lengths drawn from a log-normal clipped
-to [4, 418] with mean ~77 and one prompt of 418 (the JSON records the drawn mean and max).
+to [4, 418], mean ~77 (80 over the first 512) and one prompt of 418 (the JSON records the drawn mean
+and max; the HRM plans for that mean).
 
 Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to the budget:
 
 - pipeline gen 32 / 128 / 256: the HRM's policy (moekit.pipeline.hrm.search on this machine's
-  measured levels, device budget 16 GiB, N at most --max-sequences) run by moekit.pipeline.batch.
+  measured levels, planned within 16 GiB less --plan-margin-gib 0.5, N at most --max-sequences,
+  attention on the CPU) run by moekit.pipeline.batch.
   run_plan (paged experts, CGOPipe decode, zig-zag prefill): generated tok/s over prefill + decode,
   next to the HRM's prediction for the same policy and machine, the PCIe ceiling N * measured
   H2D / streamed expert bytes per step, and the CPU-attention ceiling (the native kernel's
