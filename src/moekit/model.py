@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import sinks
+from . import fused, sinks
 from .config import ModelConfig
 from .errors import MoekitError
 from .experts import ResidentExperts
@@ -42,6 +42,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(x, self.weight):  # one kernel in place of eight (CUDA decode)
+            return fused.rms_norm(x, self.weight, self.eps)
         # float32 statistics, then back to the input dtype before the weight (HF's convention)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -80,7 +82,13 @@ class Attention(nn.Module):
         """Returns q [B, H, T, Dh], k, v [B, Hkv, T, Dh] for normed input x [B, T, D]."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        qkv = self.qkv(x)
+        if self._fuse_project(qkv, cos, sin):  # norms, clamp, scale and rope in one kernel
+            weights = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+            q, k, v = fused.qk_norm_rope(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qk_norm,
+                                         weights, cfg.rms_norm_eps, cfg.clip_qkv, self.q_scale)
+            return tuple(z.view(b, t, -1, cfg.head_dim).transpose(1, 2) for z in (q, k, v))
+        q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.clip_qkv is not None:
@@ -100,6 +108,13 @@ class Attention(nn.Module):
             return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def _fuse_project(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Returns whether project runs fused.qk_norm_rope on qkv [B, T, ...] (CUDA decode)."""
+        weights = () if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        return (fused.enabled(qkv, *weights) and cos.shape[0] == qkv.shape[1] and cos.shape[-1] % 2 == 0
+                and fused.qk_norm_rope_supported(qkv, cos, sin, self.cfg.num_heads, self.cfg.num_kv_heads,
+                                                 self.cfg.head_dim, weights or None))
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cache: KVCache | PagedKVCache | None, start: int | torch.Tensor | RaggedBatch) -> torch.Tensor:
         """Returns the attention output [B, T, H*Dh] (before o_proj); stores k, v in the cache.
@@ -110,7 +125,12 @@ class Attention(nn.Module):
             return self._attend_ragged(q, k, v, cache, start)
         b, _, t, _ = q.shape
         if cache is not None:
-            cache.write(self.layer, k, v, start)
+            keys, values = cache.keys[self.layer], cache.values[self.layer]
+            if (isinstance(start, torch.Tensor) and type(cache) is KVCache and fused.enabled(k)
+                    and fused.write_kv_supported(keys, values, k, v)):
+                fused.write_kv(keys, values, k, v, start)  # one kernel in place of four
+            else:
+                cache.write(self.layer, k, v, start)
             if isinstance(start, torch.Tensor):  # static shapes for CUDA graphs: attend to all S
                 k, v = cache.keys[self.layer], cache.values[self.layer]
             else:
@@ -147,6 +167,8 @@ class Attention(nn.Module):
         """Returns a boolean [T, S] mask (True = may attend), or None when plain causal will do."""
         if not isinstance(start, torch.Tensor):
             return causal_mask(t, s, start, self.cfg.sliding_window, device)
+        if fused.enabled(start):
+            return fused.decode_mask(start, t, s, self.cfg.sliding_window)
         query_pos = start + torch.arange(t, device=device)[:, None]  # [T, 1]
         key_pos = torch.arange(s, device=device)[None, :]  # [1, S]
         mask = key_pos <= query_pos
@@ -201,6 +223,12 @@ class MoEBlock(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (router logits [N, E], expert ids [N, A], weights [N, A]) for x [N, D]."""
         logits = self.router(x)
+        rule = self.cfg.router
+        if (rule.scoring == "softmax" and not rule.group_limited and fused.enabled(logits)
+                and fused.softmax_topk_supported(logits, self.top_k)):  # softmax, top-k, renorm: one kernel
+            ids, weights = fused.softmax_topk(logits, self.top_k, self.cfg.norm_topk_prob, self.skip_below,
+                                              rule.scaling_factor, x.dtype)
+            return logits, ids, weights
         ids, weights = route(logits, self.cfg.router, self.top_k, self.cfg.norm_topk_prob,
                              self.score_bias, self.skip_below)
         return logits, ids, weights.to(x.dtype)
@@ -247,8 +275,8 @@ class DecoderLayer(nn.Module):
     def route(self, x: torch.Tensor, attn_out: torch.Tensor):
         """Returns what an MoE layer hands its experts after attention: (residual stream [B, T, D],
         expert input [N, D], expert ids [N, A], weights [N, A], shared-expert output [N, D] or None)."""
-        x = self.add_attention(x, attn_out)
-        flat = self.post_norm(x).reshape(-1, x.shape[-1])
+        x, normed = self.add_attention_norm(x, attn_out)
+        flat = normed.reshape(-1, x.shape[-1])
         _, ids, weights = self.mlp.route(flat)
         return x, flat, ids, weights, self.mlp.shared_output(flat)
 
@@ -262,6 +290,17 @@ class DecoderLayer(nn.Module):
         out = self.attn.o_proj(attn_out)
         return x + (out if self.residual_multiplier == 1.0 else out * self.residual_multiplier)
 
+    def add_attention_norm(self, x: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (add_attention(x, attn_out), post_norm of it), both [B, T, D]: on CUDA decode
+        the residual add and the norm run as one kernel."""
+        out = self.attn.o_proj(attn_out)
+        norm = self.post_norm
+        if (isinstance(norm, RMSNorm) and out.dtype == x.dtype and not (norm._forward_hooks or norm._forward_pre_hooks)
+                and fused.enabled(x, norm.weight, out)):
+            return fused.add_rms_norm(x, out, norm.weight, norm.eps, self.residual_multiplier)
+        x = x + (out if self.residual_multiplier == 1.0 else out * self.residual_multiplier)
+        return x, norm(x)
+
     def add_mlp(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
         """Returns the residual stream x [B, T, D] plus the MLP/MoE block's output [B, T, D]."""
         return x + (mlp_out if self.residual_multiplier == 1.0 else mlp_out * self.residual_multiplier)
@@ -269,8 +308,8 @@ class DecoderLayer(nn.Module):
     def post_attn(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Returns the residual stream after o-proj and the MLP/MoE block (route + experts +
         combine, run as one call of the block so hooks on it see every token)."""
-        x = self.add_attention(x, attn_out)
-        return self.add_mlp(x, self.mlp(self.post_norm(x)))
+        x, normed = self.add_attention_norm(x, attn_out)
+        return self.add_mlp(x, self.mlp(normed))
 
     def forward(self, x, cos, sin, cache: KVCache | PagedKVCache | None = None,
                 start: int | torch.Tensor | RaggedBatch = 0):

@@ -1,0 +1,190 @@
+"""Fused decode steps on CUDA: RMSNorm (with the residual add), q/k norm + rope, softmax top-k
+routing, the KV-cache write and the decode mask, each one Triton kernel (moekit.kernels.fused_decode).
+
+The model calls these in place of its PyTorch code (the reference, kept for the CPU, autograd
+and torch.compile, which fuses the same steps itself) when `enabled` says so: on CUDA tensors
+of at most MAX_TOKENS rows, outside autograd and compilation, unless MOEKIT_FUSED=0 (for A/B
+runs). Every function is graph-capturable: no host syncs, shapes fixed by the inputs.
+
+Shapes: N = token rows, D = hidden, H = query heads, Hkv = key/value heads, Dh = head dim,
+R = rotated dims per head, T = positions, S = cache positions, E = experts, A = top-k, B = batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+
+    from .kernels.fused_decode import (
+        decode_mask_kernel,
+        kv_write_kernel,
+        qk_norm_rope_kernel,
+        rms_norm_kernel,
+        softmax_topk_kernel,
+    )
+    HAVE_TRITON = True
+except ImportError:  # CPU machines without triton keep the PyTorch path
+    HAVE_TRITON = False
+
+# Decode and small batched steps; prefill keeps the PyTorch path, whose kernels are not launch-bound there.
+MAX_TOKENS = 256
+# Tests set this to run the model's fused path on CPU tensors under TRITON_INTERPRET=1.
+ALLOW_INTERPRETER = False
+# The largest q/k tile (heads x head dim, padded) one program holds: 128 heads of 128.
+_MAX_TILE = 16384
+
+
+def enabled(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Returns whether the fused kernels should run for activations x [..., D] (or a 0-d position)
+    and the parameters that go with them."""
+    if not HAVE_TRITON or os.environ.get("MOEKIT_FUSED") == "0":
+        return False
+    if not (x.is_cuda or (ALLOW_INTERPRETER and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 1
+    if rows > MAX_TOKENS or torch.compiler.is_compiling():
+        return False
+    # the kernels have no backward: anything that trains keeps the reference path
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)))
+
+
+def _warps(elements: int) -> int:
+    return max(1, min(16, triton.next_power_of_2(elements) // 256))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Returns x as [N, D] rows with unit column stride (a view), or None when it is not one."""
+    if x.stride(-1) != 1:
+        return None
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Returns RMSNorm(x) * weight [..., D] for x [..., D] (moekit.model.RMSNorm's rounding)."""
+    rows = _rows(x)
+    if rows is None:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+    d = rows.shape[1]
+    y = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(d)
+    rms_norm_kernel[(rows.shape[0],)](
+        rows, rows, weight, rows, y, d, rows.stride(0), 0, 0, y.stride(0), eps, 1.0,
+        HAS_RESIDUAL=False, SCALE_RESIDUAL=False, BLOCK_D=block, num_warps=_warps(block))
+    return y.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (h = x + residual * residual_scale, RMSNorm(h) * weight), both [..., D], for x and
+    residual [..., D] of one dtype: the residual-stream add and the next norm in one kernel."""
+    xr, rr = _rows(x), _rows(residual)
+    if xr is None:
+        xr = x.reshape(-1, x.shape[-1]).contiguous()
+    if rr is None:
+        rr = residual.reshape(-1, residual.shape[-1]).contiguous()
+    d = xr.shape[1]
+    h = torch.empty(xr.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(xr.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(d)
+    rms_norm_kernel[(xr.shape[0],)](
+        xr, rr, weight, h, y, d, xr.stride(0), rr.stride(0), h.stride(0), y.stride(0), eps, residual_scale,
+        HAS_RESIDUAL=True, SCALE_RESIDUAL=residual_scale != 1.0, BLOCK_D=block, num_warps=_warps(block))
+    return h.view(x.shape), y.view(x.shape)
+
+
+def qk_norm_rope_supported(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                           head_dim: int, norm_weights: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    """Returns whether qk_norm_rope can stand in for the reference with these tensors."""
+    dt = qkv.dtype
+    if qkv.stride(-1) != 1 or cos.dtype != dt or sin.dtype != dt or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        return False
+    if norm_weights is not None and any(w.dtype != dt for w in norm_weights):
+        return False
+    heads_pad = triton.next_power_of_2(max(heads, kv_heads))
+    return heads_pad * triton.next_power_of_2(head_dim) <= _MAX_TILE
+
+
+def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                 head_dim: int, norm: str = "none", norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 eps: float = 1e-6, clip: float | None = None, q_scale: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (q [N, H, Dh], k [N, Hkv, Dh], v [N, Hkv, Dh]) from qkv [..., H*Dh + 2*Hkv*Dh]
+    (N rows): q/k RMSNorm ("full" over the row, "head" per head; weights (q, k)), clamp to +-clip,
+    q times q_scale, rotate-half rope on the first R dims with cos, sin [T, R] (row n uses
+    position row n % T). v is a view of qkv, or a clamped copy with clip."""
+    rows = _rows(qkv)
+    if rows is None:
+        rows = qkv.reshape(-1, qkv.shape[-1]).contiguous()
+    n = rows.shape[0]
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    q = torch.empty((n, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((n, kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if clip is not None:
+        v = torch.empty((n, kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    else:
+        v = rows[:, q_dim + kv_dim:].view(n, kv_heads, head_dim)
+    qw, kw = norm_weights if norm_weights is not None else (rows, rows)
+    heads_pad, dh_pad = triton.next_power_of_2(max(heads, kv_heads)), triton.next_power_of_2(head_dim)
+    qk_norm_rope_kernel[(n, 3 if clip is not None else 2)](
+        rows, qw, kw, cos, sin, q, k, v,
+        cos.shape[0], rows.stride(0), cos.stride(0), sin.stride(0), eps,
+        0.0 if clip is None else clip, q_scale,
+        H=heads, HKV=kv_heads, DH=head_dim, R=cos.shape[-1], NORM={"none": 0, "head": 1, "full": 2}[norm],
+        CLIP=clip is not None, HEADS_PAD=heads_pad, DH_PAD=dh_pad, num_warps=_warps(heads_pad * dh_pad))
+    return q, k, v
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool, skip_below: float = 0.0,
+                 scaling: float = 1.0, out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (expert ids [N, A] int64 best first, weights [N, A] in out_dtype) of softmax routing
+    over logits [N, E] (moekit.routers.route's "softmax" rule without groups)."""
+    n, e = logits.shape
+    ids = torch.empty((n, top_k), dtype=torch.int64, device=logits.device)
+    weights = torch.empty((n, top_k), dtype=out_dtype, device=logits.device)
+    e_pad = triton.next_power_of_2(e)
+    softmax_topk_kernel[(n,)](
+        logits, ids, weights, e, logits.stride(0), skip_below, scaling,
+        TOP_K=top_k, E_PAD=e_pad, A_PAD=triton.next_power_of_2(top_k), RENORM=renormalize,
+        SKIP=skip_below > 0, num_warps=_warps(e_pad) if e_pad > 256 else 1)
+    return ids, weights
+
+
+def softmax_topk_supported(logits: torch.Tensor, top_k: int) -> bool:
+    """Returns whether softmax_topk handles these logits [N, E] (E <= 1024, A <= 16)."""
+    return logits.dim() == 2 and logits.stride(-1) == 1 and logits.shape[1] <= 1024 and top_k <= 16
+
+
+def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+    """Stores k, v [B, Hkv, T, Dh] into keys, values [B, Hkv, S, Dh] at positions start.. (start a
+    0-d device tensor); positions past S are dropped (KVCache.write raises for them on the host)."""
+    b, hkv, t, dh = k.shape
+    kv_write_kernel[(b * hkv * t,)](
+        k, v, keys, values, start, hkv, t, keys.shape[2],
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        DH=dh, DH_PAD=triton.next_power_of_2(dh), num_warps=1)
+
+
+def write_kv_supported(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Returns whether write_kv can store k, v into these caches (same shapes, strides and dtype)."""
+    return (k.shape == v.shape and keys.shape == values.shape and keys.stride() == values.stride()
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and keys.stride(-1) == 1
+            and k.dtype == keys.dtype == v.dtype == values.dtype and k.shape[-1] == keys.shape[-1])
+
+
+def decode_mask(start: torch.Tensor, t: int, s: int, window: int | None = None) -> torch.Tensor:
+    """Returns the boolean attention mask [T, S] (True = may attend) of T queries at positions
+    start.. (start a 0-d device tensor) over S cached positions, within `window` if given."""
+    mask = torch.empty((t, s), dtype=torch.bool, device=start.device)
+    block = min(1024, triton.next_power_of_2(s))
+    decode_mask_kernel[(t, triton.cdiv(s, block))](
+        start, mask, s, 0 if window is None else window, WINDOW=window is not None, BLOCK_S=block,
+        num_warps=max(1, block // 256))
+    return mask
