@@ -187,6 +187,31 @@ def test_profile_marks_every_split_call_in_order(mixtral, monkeypatch, threaded,
             assert [c[k] for k in order] == sorted(c[k] for k in order), c
 
 
+def test_cpu_rate_is_measured_on_layer_calls_of_top_k_experts(mixtral, monkeypatch):
+    """measure_costs times CPU calls of top_k distinct experts (every token in each) and keeps an
+    expert's share: a decode call's marginal cost, not one expert alone with the call's fixed cost."""
+    from moekit.offload.cpu import measure_costs
+
+    path, resident = mixtral
+    model = offloaded(path, resident.config, store="host", misses="cpu", predictor="none")
+    runtime, cfg = model.offload, resident.config
+    calls, submit = [], runtime.cpu.submit
+
+    def recording(layer, jobs, x_host, w_host):
+        calls.append((layer, jobs, x_host.shape[0]))
+        return submit(layer, jobs, x_host, w_host)
+
+    monkeypatch.setattr(runtime.cpu, "submit", recording)
+    costs = measure_costs(runtime, torch.float32)
+    assert costs.cpu_s_one > 0 and costs.cpu_s_max > 0 and costs.max_tokens == 8 and costs.h2d_bytes_per_s > 0
+    assert len(calls) == 8  # a warm-up and three runs at 1 and at 8 tokens
+    for layer, jobs, tokens in calls:
+        assert len(jobs) == cfg.top_k and len({e for e, _ in jobs}) == cfg.top_k
+        assert all(flat == [t * cfg.top_k + a for t in range(tokens)] for a, (_, flat) in enumerate(jobs))
+    measured = [(layer, tuple(e for e, _ in jobs)) for layer, jobs, _ in calls[1:4]]
+    assert len(set(measured)) == 3  # a different layer or group each run: none warm in the caches
+
+
 def with_costs(model, misses: str, link: str) -> None:
     """Gives a CPU-device runtime measured-looking rates: a slow link (a copy takes a second, the
     CPU a microsecond) or a fast one (the reverse)."""
@@ -374,7 +399,7 @@ def test_misses_flag_needs_offload_and_a_known_value(capsys):
     assert "invalid choice: 'gpu'" in capsys.readouterr()[1]
 
 
-# ---- GPU: the worker thread, pinned staging and the measured cost model -------------------------
+# ---- GPU: the CPU part inline, pinned staging and the measured cost model -------------------------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("misses", ["cpu", "auto"])
@@ -389,7 +414,7 @@ def test_gpu_cpu_misses_match_resident(tiny, misses):
         device_memory=192 * 2**20, context_tokens=CONTEXT, misses=misses, predictor="speculative"))
     runtime = model.offload
     costs = runtime.costs
-    assert costs is not None and costs.h2d_bytes_per_s > 0 and 0 < costs.cpu_s_one and runtime.cpu.worker is not None
+    assert costs is not None and costs.h2d_bytes_per_s > 0 and 0 < costs.cpu_s_one and runtime.cpu.worker is None
     # the budget holds every tiny expert: shrink the cache to 2 so that most routed experts miss
     runtime.new_cache(2)
     try:

@@ -63,10 +63,11 @@ the link and the CPU so that the call's time, max(device side, CPU side), is sma
 Greedy: everything starts on the device; the expert finishing last there moves to the CPU, again
 and again, keeping the best split seen (m misses: m steps). The rates are measured at load:
 three back-to-back fetches of layer-0 experts into the cache (a disk store's read included) and
-the CPU path on distinct experts at 1 and cpu_max_tokens tokens (median of three, after a
-warm-up). Not modelled: device compute of the cached experts (tens of microseconds), the hand-off
-to the thread and the sum's copy back, and the link's DMA competing with the CPU for host memory
-bandwidth. On a CPU-only machine nothing
+CPU calls of top_k distinct experts at 1 and cpu_max_tokens tokens each, divided by top_k: an
+expert's share of a decode call (median of three, after a warm-up; measure_costs says why not
+one expert alone). Not modelled: device compute of the cached experts (tens of microseconds), the
+call's fixed cost, the sum's copy back (which may queue behind prefetch copies on the link), and
+the link's DMA competing with the CPU for host memory bandwidth. On a CPU-only machine nothing
 crosses a link (the cache is host memory too), so "auto" fetches.
 
 Shapes: N = tokens of the call, A = experts per token, D = hidden, n = tokens of one expert.
@@ -135,8 +136,8 @@ class CostModel:
     """Rates measured at load (see the module docstring), in seconds and bytes."""
 
     h2d_bytes_per_s: float  # store -> device cache, whole fetches of one expert (disk read included)
-    cpu_s_one: float  # one expert on the CPU, 1 token (median)
-    cpu_s_max: float  # ... max_tokens tokens
+    cpu_s_one: float  # an expert's share of a CPU layer call of top_k experts, 1 token each (median)
+    cpu_s_max: float  # ... max_tokens tokens each
     max_tokens: int
 
     def cpu_s(self, tokens: int) -> float:
@@ -369,7 +370,13 @@ class CpuWorker:
 
 def measure_costs(runtime, dtype: torch.dtype, reps: int = 3) -> CostModel:
     """Returns the CostModel of this machine, measured on the model's own experts: whole fetches
-    into the (fresh) cache, and the CPU path on distinct experts (cold in the CPU's caches)."""
+    into the (fresh) cache, and CPU layer calls of top_k distinct experts (cold in the CPU's caches).
+
+    The CPU rate is an expert's share of a call of top_k experts, not one expert alone: a decode
+    call runs several, and one expert alone also pays the call's fixed cost (the team's fork and
+    barrier) and streams at lower bandwidth (issue 12, H200: one expert 34 GB/s, a layer's top-8
+    42-83 GB/s). Measured alone it made the CPU look ~2x slower than in a layer: "auto" sent most
+    misses to the link and "cpu" prefetched every predicted expert (a link-bound decode)."""
     cache, cpu, cfg = runtime.cache, runtime.cpu, runtime.model_config
     layer = runtime.moe_layers[0]
     experts = cfg.experts_in(layer)
@@ -380,21 +387,25 @@ def measure_costs(runtime, dtype: torch.dtype, reps: int = 3) -> CostModel:
         cache.fetch((layer, e), set())
     cache.synchronize()
     h2d = fetches * runtime.layout.layer_bytes(layer) / (time.perf_counter() - t0)
-    keys = [(i, e) for i in reversed(runtime.moe_layers) for e in range(cfg.experts_in(i))]
     top_k = cfg.top_k
+    # calls of `per_call` distinct experts, each call another layer's or another group's: none warm
+    groups = [(i, list(range(start, min(start + top_k, cfg.experts_in(i)))))
+              for i in reversed(runtime.moe_layers) for start in range(0, cfg.experts_in(i), top_k)]
 
-    def cpu_time(tokens: int, key: tuple[int, int]) -> float:
+    def cpu_time(tokens: int, group: tuple[int, list[int]]) -> float:
+        layer_, chosen = group
         x = torch.randn(tokens, cfg.hidden_size).to(dtype)
         w = torch.full((tokens, top_k), 1.0 / top_k, dtype=dtype)
-        _, seconds, _ = cpu.join(cpu.submit(key[0], [(key[1], [t * top_k for t in range(tokens)])], x, w))
-        return seconds
+        jobs = [(e, [t * top_k + a for t in range(tokens)]) for a, e in enumerate(chosen)]  # slot a of every token
+        _, seconds, _ = cpu.join(cpu.submit(layer_, jobs, x, w))
+        return seconds / len(chosen)
 
     measured, turn = {}, 0
     for tokens in dict.fromkeys((1, cpu.max_tokens)):
-        cpu_time(tokens, keys[-1])  # warm-up: library primitives, pages
+        cpu_time(tokens, groups[-1])  # warm-up: library primitives, pages
         runs = []
-        for _ in range(reps):  # a different expert each time, so none is warm in the CPU's caches
-            runs.append(cpu_time(tokens, keys[turn % len(keys)]))
+        for _ in range(reps):  # a different group each time, so none is warm in the CPU's caches
+            runs.append(cpu_time(tokens, groups[turn % len(groups)]))
             turn += 1
         measured[tokens] = statistics.median(runs)
     return CostModel(h2d, measured[1], measured[cpu.max_tokens], cpu.max_tokens)
