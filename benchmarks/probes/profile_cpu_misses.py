@@ -10,7 +10,9 @@ for; --layers 16 for the issue's whole model, ~25 s more) is written once to --c
 config matches) and loaded offloaded with a budget of --slots expert slots (45: the issue's run at
 llama.cpp's 1.68 GB footprint; 8 = the least the planner takes) and misses "auto" (its rates are
 measured at load). Then, on the one loaded model, each mode (misses cpu / auto x predictor
-speculative / none, and cpu with the least cache) decodes --tokens tokens with
+speculative / none; cpu with the least cache; cpu and auto with the CPU rate measured as before
+(one expert alone per call: ~2x slower than its share of a layer call, which pushed misses to the
+link)) decodes --tokens tokens with
 MOEKIT_PROFILE_CPU_MISSES=1 (offload.cpu.MissProfile: host perf_counter marks on the CPU-miss path)
 and CUDA events around every graph segment's replay (monkeypatched here) and the sum's H2D copy.
 
@@ -269,9 +271,10 @@ def checkpoint(args, device: torch.device) -> tuple[Path, dict]:
     return folder, hf
 
 
-def load(path: Path, device: torch.device, slots: int, misses: str):
+def load(path: Path, device: torch.device, hf: dict, slots: int, misses: str):
     """Returns (model, budget bytes): loaded offloaded (every expert in host memory, the issue's
-    setup) at the least budget plus (slots - its slots) experts."""
+    setup) at the planner's least budget (its refusal of 1 MB says it; it holds top_k experts)
+    plus (slots - top_k) experts; refused after the load's measured fit, at the budget it asks."""
     from bench_llamacpp import least_budget
 
     from moekit.errors import MoekitError
@@ -288,15 +291,37 @@ def load(path: Path, device: torch.device, slots: int, misses: str):
         least = least_budget(str(e))
         if least is None:
             raise
-    model = attempt(least)
-    have = model.offload.cache.num_slots
-    if slots > have:
-        budget = least + (slots - have) * model.offload.plan.expert_bytes
-        model = None
+    expert_bytes = 3 * hf["intermediate_size"] * hf["hidden_size"] * 2  # bf16 gate, up, down
+    budget = least + max(slots - hf["num_experts_per_tok"], 0) * expert_bytes
+    try:
+        return attempt(budget), budget
+    except MoekitError as e:  # the measured fit wants more (libraries' workspaces)
+        budget = least_budget(str(e))
+        if budget is None:
+            raise
         common.free_memory(device)
-        model = attempt(budget)
-        return model, budget
-    return model, least
+        return attempt(budget), budget
+
+
+def one_expert_costs(runtime, reps: int = 5):
+    """Returns the cost model as measured before (CPU rate from one expert alone per call), beside
+    the runtime's own (an expert's share of a top_k call): the 'one_expert_costs' modes."""
+    from moekit.offload.cpu import CostModel
+
+    cfg, cpu, top_k = runtime.model_config, runtime.cpu, runtime.model_config.top_k
+    keys = [(i, e) for i in reversed(runtime.moe_layers) for e in range(cfg.experts_in(i))]
+    measured = {}
+    for tokens in dict.fromkeys((1, cpu.max_tokens)):
+        x = torch.randn(tokens, cfg.hidden_size).to(torch.bfloat16)
+        w = torch.full((tokens, top_k), 1.0 / top_k, dtype=torch.bfloat16)
+        runs = []
+        for i in range(reps + 1):
+            layer, e = keys[(i * 7) % len(keys)]
+            _, seconds, _ = cpu.join(cpu.submit(layer, [(e, [t * top_k for t in range(tokens)])], x, w))
+            runs.append(seconds)
+        measured[tokens] = statistics.median(runs[1:])
+    h2d = runtime.costs.h2d_bytes_per_s if runtime.costs else 0.0  # none on the CPU (smoke test)
+    return CostModel(h2d, measured[1], measured[cpu.max_tokens], cpu.max_tokens)
 
 
 def run_mode(model, runtime, device, prompt, tokens: int, skip: int, profile: bool) -> dict:
@@ -406,7 +431,7 @@ def main() -> int:
     t0 = time.perf_counter()
     misses = "auto" if device.type == "cuda" else "cpu"
     with torch.inference_mode():
-        model, budget = load(path, device, args.slots, misses)
+        model, budget = load(path, device, hf, args.slots, misses)
     runtime = model.offload
     expert_bytes = runtime.plan.expert_bytes
     results["load"] = {"seconds": round(time.perf_counter() - t0, 1), "budget_bytes": budget,
@@ -423,22 +448,30 @@ def main() -> int:
     speculative = runtime.predictor
     from moekit.offload.predictors import Predictor
 
-    modes = [("cpu", "speculative", None), ("cpu", "none", None), ("cpu", "none", "least")]
+    # (misses, predictor, variant): "least_cache" = the planner's least slots (top_k); "one_expert_costs"
+    # = the CPU rate measured as before this probe's commit (one expert alone per call)
+    modes = [("cpu", "speculative", None), ("cpu", "none", None), ("cpu", "none", "least_cache")]
     if device.type == "cuda":
-        modes += [("auto", "speculative", None), ("auto", "none", None)]
+        modes += [("auto", "speculative", None), ("auto", "none", None), ("cpu", "speculative", "one_expert_costs"),
+                  ("auto", "speculative", "one_expert_costs")]
     slots = runtime.cache.num_slots
     least_slots = runtime.plan.min_slots
+    costs = runtime.costs
     results["modes"] = {}
     with torch.inference_mode():
         model.generate(prompt, max_new_tokens=4, temperature=0, eos_token_ids=())  # warm-up: compiles, pages
-        for misses_, pred, cache in modes:
-            name = f"{misses_}/{pred}" + ("/least_cache" if cache else "")
+        old = one_expert_costs(runtime)
+        results["load"]["one_expert_costs"] = old.to_dict()
+        common.log(f"costs: top_k share {costs.to_dict() if costs else None}; one expert alone {old.to_dict()}")
+        for misses_, pred, variant in modes:
+            name = f"{misses_}/{pred}" + (f"/{variant}" if variant else "")
             runtime.misses = misses_
             runtime.predictor = speculative if pred == "speculative" else Predictor()
-            runtime.new_cache(least_slots if cache else slots)
+            runtime.costs = old if variant == "one_expert_costs" else costs
+            runtime.new_cache(least_slots if variant == "least_cache" else slots)
             t1 = time.perf_counter()
             row = run_mode(model, runtime, device, prompt, args.tokens, args.skip, profile=True)
-            if (misses_, pred, cache) == modes[0]:  # the same mode, instrumentation off: what it costs
+            if (misses_, pred, variant) == modes[0]:  # the same mode, instrumentation off: what it costs
                 row["unprofiled"] = run_mode(model, runtime, device, prompt, args.tokens, args.skip, profile=False)
             row["cache_slots"] = runtime.cache.num_slots
             results["modes"][name] = row
@@ -446,7 +479,7 @@ def main() -> int:
             common.log(f"{name}: {row['decode_tok_s']} tok/s, {row['decode_ms_per_token']} ms/token, "
                        f"per layer {json.dumps(mean)} ({time.perf_counter() - t1:.1f} s)")
             save()
-        runtime.misses, runtime.predictor = "cpu", speculative
+        runtime.misses, runtime.predictor, runtime.costs = "cpu", speculative, costs
         runtime.new_cache(slots)
         if not args.skip_profiler:
             t1 = time.perf_counter()
