@@ -126,7 +126,7 @@ class Attention(nn.Module):
         b, _, t, _ = q.shape
         if cache is not None:
             keys, values = cache.keys[self.layer], cache.values[self.layer]
-            if (isinstance(start, torch.Tensor) and type(cache) is KVCache and fused.enabled(k)
+            if (isinstance(start, torch.Tensor) and type(cache) is KVCache and fused.enabled(start, k)
                     and fused.write_kv_supported(keys, values, k, v)):
                 fused.write_kv(keys, values, k, v, start)  # one kernel in place of four
             else:

@@ -27,9 +27,9 @@ def _to(x, dt: tl.constexpr):
     """Returns float32 x rounded to dt, to nearest even. For bfloat16 the rounding is done on the
     bits first: the compiled cast already rounds so, but the interpreter's truncates."""
     if dt == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
+        raw = x.to(tl.uint32, bitcast=True)
+        bits = ((raw + 0x7FFF + ((raw >> 16) & 1)) >> 16) << 16
+        x = tl.where((raw & 0x7FFFFFFF) > 0x7F800000, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
     return x.to(dt)
 
 
