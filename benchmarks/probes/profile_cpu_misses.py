@@ -354,7 +354,8 @@ def run_mode(model, runtime, device, prompt, tokens: int, skip: int, profile: bo
            "per_decode_token": {"link_mb": round(rep.get("decode_bytes_moved", 0) / decode / 1e6, 1),
                                 "cpu_read_mb": round(rep.get("decode_cpu_bytes", 0) / decode / 1e6, 1)},
            "report": {k: rep.get(k) for k in ("hit_rate", "cpu_experts", "lookups", "hits", "demand_fetches",
-                                              "prefetches", "prefetch_hits", "admissions", "cpu_s", "cpu_wait_s",
+                                              "prefetches", "prefetch_hits", "prefetch_precision", "admissions", "cpu_s",
+                                              "cpu_wait_s", "stall_s", "bytes_per_token", "cpu_bytes_per_token",
                                               "decode_tokens", "cache_slots", "cpu_threads", "misses_used")}}
     if profile and saved is not None:
         calls = list(saved.calls)
