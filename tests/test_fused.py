@@ -170,6 +170,18 @@ def test_write_kv_matches_index_copy(dtype):
 
 
 @pytest.mark.parametrize("window", [None, 3])
+def test_write_kv_with_mask(window):
+    """The cache write and the decode mask of one layer in one launch."""
+    device = kernel_device()
+    keys, values = (torch.zeros(1, 2, 1100, 8, device=device) for _ in range(2))
+    k, v = (torch.randn(1, 2, 2, 8).to(device) for _ in range(2))
+    start = torch.tensor(5, device=device)
+    mask = fused.write_kv(keys, values, k, v, start, mask=True, window=window)
+    assert torch.equal(keys[:, :, 5:7], k) and torch.equal(values[:, :, 5:7], v)
+    assert torch.equal(mask, fused.decode_mask(start, 2, 1100, window))
+
+
+@pytest.mark.parametrize("window", [None, 3])
 def test_decode_mask_matches_reference(window):
     device = kernel_device()
     start = torch.tensor(5, device=device)
@@ -213,7 +225,7 @@ def _decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
 MODEL_VARIANTS = ["olmoe", "olmoe_clip", "qwen3_moe", "mixtral_sliding", "glm4_moe_plain", "granitemoe"]
 
 
-FUSED_STEPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "softmax_topk", "write_kv", "decode_mask"]
+FUSED_STEPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "softmax_topk", "write_kv"]  # write_kv also masks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -161,15 +161,24 @@ def softmax_topk_supported(logits: torch.Tensor, top_k: int) -> bool:
     return logits.dim() == 2 and logits.stride(-1) == 1 and logits.shape[1] <= 1024 and top_k <= 16
 
 
-def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+             mask: bool = False, window: int | None = None) -> torch.Tensor | None:
     """Stores k, v [B, Hkv, T, Dh] into keys, values [B, Hkv, S, Dh] at positions start.. (start a
-    0-d device tensor); positions past S are dropped (KVCache.write raises for them on the host)."""
+    0-d device tensor); positions past S are dropped (KVCache.write raises for them on the host).
+    With `mask`, the same launch also returns decode_mask(start, T, S, window)."""
     b, hkv, t, dh = k.shape
-    kv_write_kernel[(b * hkv * t,)](
-        k, v, keys, values, start, hkv, t, keys.shape[2],
+    s = keys.shape[2]
+    kv_programs = b * hkv * t
+    block = min(1024, triton.next_power_of_2(s))
+    out = torch.empty((t, s), dtype=torch.bool, device=k.device) if mask else keys
+    mask_programs = t * triton.cdiv(s, block) if mask else 0
+    kv_write_kernel[(kv_programs + mask_programs,)](
+        k, v, keys, values, start, out, hkv, t, s, kv_programs, 0 if window is None else window,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),
-        DH=dh, DH_PAD=triton.next_power_of_2(dh), num_warps=1)
+        DH=dh, DH_PAD=triton.next_power_of_2(dh), MASK=mask, WINDOW=window is not None, BLOCK_S=block,
+        num_warps=max(1, block // 512) if mask else 1)
+    return out if mask else None
 
 
 def write_kv_supported(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -15,7 +15,8 @@ B = batch, S = cache capacity in positions):
     cos, sin     [T, R]                  row n uses cos[n % T]
     logits       [N, E]                  softmax_topk_kernel input; ids, weights [N, A] out
     k, v         [B, Hkv, T, Dh]         kv_write_kernel: into cache [B, Hkv, S, Dh] at start..
-    mask         [T, S] bool             decode_mask_kernel: key <= start + t (and in the window)
+    mask         [T, S] bool             decode_mask_kernel (or kv_write_kernel with MASK): key <=
+                                         start + t (and in the window)
 """
 
 import triton
@@ -180,36 +181,48 @@ def softmax_topk_kernel(
 
 
 @triton.jit
-def kv_write_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, start_ptr,
-    HKV, T, S,
-    sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_s,
-    DH: tl.constexpr, DH_PAD: tl.constexpr,
-):
-    """kc[b, h, start + t] = k[b, h, t] and vc likewise, start read on the device (graph-safe);
-    rows past the capacity S are dropped. Program (b*Hkv + h)*T + t. The two caches share strides."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid % T
-    bh = pid // T
-    h = bh % HKV
-    b = bh // HKV
-    pos = tl.load(start_ptr).to(tl.int64) + t
-    d = tl.arange(0, DH_PAD)
-    ok = d < tl.where(pos < S, DH, 0)  # (a scalar & a vector of bools trips the interpreter)
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + t * sk_t + d, mask=ok)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + t * sv_t + d, mask=ok)
-    dst = b * sc_b + h * sc_h + pos * sc_s + d
-    tl.store(kc_ptr + dst, k, mask=ok)
-    tl.store(vc_ptr + dst, v, mask=ok)
-
-
-@triton.jit
-def decode_mask_kernel(start_ptr, mask_ptr, S, window, WINDOW: tl.constexpr, BLOCK_S: tl.constexpr):
-    """mask[t, s] = s <= start + t (and s > start + t - window with WINDOW). Program (t, sb)."""
-    t = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+def _mask_block(start_ptr, mask_ptr, t, sb, S, window, WINDOW: tl.constexpr, BLOCK_S: tl.constexpr):
+    """mask[t, s] = s <= start + t (and s > start + t - window with WINDOW) for s in block sb."""
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
     query = tl.load(start_ptr).to(tl.int64) + t
     keep = s <= query
     if WINDOW:
         keep = keep & (s > query - window)
     tl.store(mask_ptr + t * S + s, keep, mask=s < S)
+
+
+@triton.jit
+def kv_write_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, start_ptr, mask_ptr,
+    HKV, T, S, KV_PROGRAMS, window,
+    sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_s,
+    DH: tl.constexpr, DH_PAD: tl.constexpr, MASK: tl.constexpr, WINDOW: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """kc[b, h, start + t] = k[b, h, t] and vc likewise, start read on the device (graph-safe);
+    rows past the capacity S are dropped. Program (b*Hkv + h)*T + t; the two caches share strides.
+    With MASK, programs KV_PROGRAMS + t*cdiv(S, BLOCK_S) + sb also write the decode mask [T, S]
+    (as decode_mask_kernel): the layer's cache write and mask in one launch."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < KV_PROGRAMS:
+        t = pid % T
+        bh = pid // T
+        h = bh % HKV
+        b = bh // HKV
+        pos = tl.load(start_ptr).to(tl.int64) + t
+        d = tl.arange(0, DH_PAD)
+        ok = d < tl.where(pos < S, DH, 0)  # (a scalar & a vector of bools trips the interpreter)
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + t * sk_t + d, mask=ok)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + t * sv_t + d, mask=ok)
+        dst = b * sc_b + h * sc_h + pos * sc_s + d
+        tl.store(kc_ptr + dst, k, mask=ok)
+        tl.store(vc_ptr + dst, v, mask=ok)
+    elif MASK:
+        blocks = tl.cdiv(S, BLOCK_S)
+        m = pid - KV_PROGRAMS
+        _mask_block(start_ptr, mask_ptr, m // blocks, m % blocks, S, window, WINDOW, BLOCK_S)
+
+
+@triton.jit
+def decode_mask_kernel(start_ptr, mask_ptr, S, window, WINDOW: tl.constexpr, BLOCK_S: tl.constexpr):
+    """mask[t, s] = s <= start + t (and s > start + t - window with WINDOW). Program (t, sb)."""
+    _mask_block(start_ptr, mask_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), S, window, WINDOW, BLOCK_S)
