@@ -20,6 +20,7 @@ import torch
 from .errors import MoekitError
 from .experts.runtime import expert_runtime
 from .kv_cache import KVCache, PagedKVCache
+from .native.decode import CpuDecodeStep
 from .paged_decode import PagedDecode, static_decode_supported
 from .piecewise import capture_stream
 
@@ -176,6 +177,9 @@ def generate(model, input_ids: torch.Tensor | list, max_new_tokens: int = 16, te
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), eos_token_ids[0] if eos_token_ids else 0, dtype=torch.long, device=device)
+    # a bf16 model's batch-1 steps on the CPU: native calls instead of ~40 small ops a layer
+    cpu_step = CpuDecodeStep.build(model, cache) if device.type == "cpu" and batch == 1 else None
+    stats.extra["native_cpu_step"] = cpu_step is not None
 
     _sync(device)
     t0 = time.perf_counter()
@@ -215,6 +219,8 @@ def generate(model, input_ids: torch.Tensor | list, max_new_tokens: int = 16, te
                 stats.extra["graph_capture_s"] = time.perf_counter() - t_capture
         if use_graph:
             logits = step_fn(token[:, None], position)[:, -1]
+        elif cpu_step is not None:
+            logits = cpu_step(int(token[0]), position)
         else:
             logits = model(token[:, None], cache=cache, start=position)[:, -1]
     _sync(device)

@@ -1,0 +1,116 @@
+"""The native bf16 CPU decode step (native/decode.py, decode.cpp, matvec.cpp) against the model's
+own forward: the bf16 matvec against float32 arithmetic, a step's logits and cache writes against
+model.forward's for three families' tiny checkpoints, the same bits at any thread count, generate
+using it, and the models it declines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_error, token_ids
+
+import moekit
+from moekit import native
+from moekit.kv_cache import KVCache
+from moekit.native import matvec as mv
+from moekit.native.decode import CpuDecodeStep, unsupported
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no native library: {native.unavailable_reason()}")
+
+BF16_TOL = 2e-2  # bf16 rounding of every intermediate, in a different order than PyTorch's
+
+
+@pytest.mark.parametrize("n,k", [(50, 64), (7, 96), (130, 2048), (3, 40), (257, 128)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_matvec_matches_reference(n, k, m):
+    g = torch.Generator().manual_seed(n * k + m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    for b in (None, bias):
+        out = mv.matvec(x, w, b, threads=2)
+        expected = mv.reference(x, w, b)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        # float32 sums rounded once to bf16: within one bf16 rounding of the exact result
+        assert ((out.float() - expected).abs() <= expected.abs() * 2 ** -8 + 1e-3 * expected.abs().max()).all()
+        assert torch.equal(out, mv.matvec(x, w, b, threads=1))
+
+
+def test_matvec_refuses():
+    with pytest.raises(ValueError, match="matvec takes"):
+        mv.matvec(torch.ones(17, 32, dtype=torch.bfloat16), torch.ones(4, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="matvec takes"):
+        mv.matvec(torch.ones(1, 32), torch.ones(4, 32))
+
+
+def _bf16_model(tiny, variant):
+    return moekit.load_model(tiny(variant).path, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["olmoe", "qwen3_moe", "mixtral"])  # q/k norm full, per head, none (GQA)
+def test_step_matches_forward(tiny, variant):
+    model = _bf16_model(tiny, variant)
+    cfg = model.config
+    ids = token_ids(1, 12)
+    eager, native_cache = (KVCache(cfg, 1, 40, "cpu", torch.bfloat16) for _ in range(2))
+    with torch.inference_mode():
+        model(ids, cache=eager, start=0)
+        model(ids, cache=native_cache, start=0)
+        assert unsupported(model, native_cache) is None
+        step = CpuDecodeStep(model, native_cache)
+        token = 3
+        for position in range(12, 30):
+            expected = model(torch.tensor([[token]]), cache=eager, start=position)[0]
+            logits = step(token, position)
+            assert logits.shape == (1, cfg.vocab_size) and logits.dtype == torch.bfloat16
+            assert rel_error(logits.float(), expected.float()) <= BF16_TOL
+            token = int(expected.argmax())
+    for ours, theirs in ((native_cache.keys, eager.keys), (native_cache.values, eager.values)):
+        written = [torch.cat([t[:, :, 12:30].float() for t in pools]) for pools in (ours, theirs)]
+        assert rel_error(*written) <= BF16_TOL
+
+
+def test_step_same_bits_any_thread_count(tiny):
+    model = _bf16_model(tiny, "olmoe")
+    ids = token_ids(1, 12)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            cache = KVCache(model.config, 1, 20, "cpu", torch.bfloat16)
+            with torch.inference_mode():
+                model(ids, cache=cache, start=0)
+                step = CpuDecodeStep(model, cache)
+                results.append(torch.cat([step(t, 12 + i).clone() for i, t in enumerate((3, 9, 4))]))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(results[0], results[1])
+
+
+def test_generate_uses_it(tiny, monkeypatch):
+    model = _bf16_model(tiny, "olmoe")
+    ids = token_ids(1, 10)
+    stats = moekit.GenerationStats()
+    native_tokens = model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=(), stats=stats)
+    assert stats.extra["native_cpu_step"] is True
+    monkeypatch.setenv("MOEKIT_CPU_DECODE", "0")
+    stats = moekit.GenerationStats()
+    eager_tokens = model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=(), stats=stats)
+    assert stats.extra["native_cpu_step"] is False
+    # bf16 rounding in another order may flip a near-tie, after which the continuations differ
+    assert torch.equal(native_tokens[:, :4], eager_tokens[:, :4])
+
+
+def test_declines_what_it_does_not_implement(tiny, mixtral_model):
+    cache = KVCache(mixtral_model.config, 1, 8, "cpu", torch.float32)
+    assert unsupported(mixtral_model, cache) == "not a bf16 model on the CPU"
+    model = _bf16_model(tiny, "qwen2_moe")  # a shared expert
+    assert unsupported(model, KVCache(model.config, 1, 8, "cpu", torch.bfloat16)) is not None
+    model = _bf16_model(tiny, "olmoe")
+    assert unsupported(model, KVCache(model.config, 2, 8, "cpu", torch.bfloat16)) == "not a batch-1 dense KVCache"
+    handle = model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    try:
+        assert unsupported(model, KVCache(model.config, 1, 8, "cpu", torch.bfloat16)) == "forward hooks on the model"
+    finally:
+        handle.remove()
