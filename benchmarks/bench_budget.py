@@ -60,8 +60,10 @@ FORMS = ("bf16", "ternary")
 
 # ---- the two checkpoints ---------------------------------------------------------------------------
 
-def make_checkpoints(shape: dict, device: torch.device, tmp: Path, results: dict) -> dict[str, Path]:
-    """Returns {form: folder}: the random bf16 checkpoint and its RTN-ternary copy, written to tmp."""
+def make_checkpoints(shape: dict, device: torch.device, tmp: Path, results: dict,
+                     ternary_copy: bool = True) -> dict[str, Path]:
+    """Returns {form: folder}: the random bf16 checkpoint and (unless not asked for) its RTN-ternary
+    copy, written to tmp."""
     from moekit.quant.compress import compress
     from moekit.quant.config import QuantConfig
 
@@ -72,6 +74,8 @@ def make_checkpoints(shape: dict, device: torch.device, tmp: Path, results: dict
                                               "disk_bytes": disk_bytes(bf16), "write_s": time.perf_counter() - t0,
                                               "expert_params": cfg.expert_params}}
     common.log(f"bf16 checkpoint: {tensor_bytes / 1e9:.2f} GB of tensors in {info['bf16']['write_s']:.1f} s")
+    if not ternary_copy:
+        return {"bf16": bf16}
     t0 = time.perf_counter()
     ternary = tmp / "ternary"
     shutil.rmtree(ternary, ignore_errors=True)
@@ -283,7 +287,7 @@ def main() -> int:
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        paths = make_checkpoints(SHAPES[shape_name], device, tmp, results)
+        paths = make_checkpoints(SHAPES[shape_name], device, tmp, results, ternary_copy="ternary" in forms)
         model_bytes = results["checkpoints"]["bf16"]["tensor_bytes"]
         prompt, prompt_ids = prompt_of(args.prompt_tokens, paths["bf16"])
         ids = torch.tensor([prompt_ids])

@@ -276,7 +276,7 @@ def bench_shape(shape, args, device, results, save):
         key = f"budget_{int(share * 100)}pct"
         out = res.setdefault(key, {"budget_bytes": budget})
         trace = None
-        rows = [(name, "fetch", name) for name in ("none", "speculative", "oracle") if "fetch" in args.misses]
+        rows = [(name, "fetch", name) for name in args.fetch_predictors if "fetch" in args.misses]
         rows += [(f"{misses}_{predictor}", misses, predictor) for misses, predictor in MISS_ROWS if misses in args.misses]
         for name, misses, predictor in rows:
             try:
@@ -626,10 +626,18 @@ def main() -> int:
     parser.add_argument("--misses", default="fetch,cpu,auto",
                         help="which offloaded rows run: fetch (none/speculative/oracle), cpu, auto, mapped "
                              "(default: fetch,cpu,auto)")
+    parser.add_argument("--fetch-predictors", default="none,speculative,oracle",
+                        help="the fetch rows' predictors (oracle replays the none row's routing: it needs none)")
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="torch intra-op threads (default: the CPUs this process may use)")
     args = parser.parse_args()
     args.misses = [m for m in args.misses.split(",") if m]
+    args.fetch_predictors = [f for f in args.fetch_predictors.split(",") if f]
+    for f in args.fetch_predictors:
+        if f not in ("none", "speculative", "oracle"):
+            parser.error(f"--fetch-predictors: {f!r} is not one of none, speculative, oracle")
+    if "oracle" in args.fetch_predictors and "none" not in args.fetch_predictors:
+        parser.error("--fetch-predictors: oracle replays the routing the none row records; add none")
     for m in args.misses:
         if m not in ("fetch", "cpu", "auto", "mapped"):
             parser.error(f"--misses: {m!r} is not one of fetch, cpu, auto, mapped")

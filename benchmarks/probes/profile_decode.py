@@ -10,6 +10,7 @@ kernels; the gap between step time and summed kernel time is launch/idle overhea
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,12 +71,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--skip-compile", action="store_true", help="only the plain CUDA-graph step (no 25 s compile)")
+    p.add_argument("--name", default="profile_decode", help="the JSON's name")
     args = p.parse_args()
     cfg = olmoe_config(args.layers)
     model = init_weights(MoEModel(cfg), seed=0).to("cuda", torch.bfloat16).eval()
     model.inv_freq = model.inv_freq.float()
     results: dict = {"meta": common.run_meta(args, "cuda")}
-    for compile in (False, True):
+    results["fused"] = os.environ.get("MOEKIT_FUSED", "1") != "0"
+    for compile in (False,) if args.skip_compile else (False, True):
         cache = KVCache(cfg, 1, 512, "cuda", torch.bfloat16)
         model(torch.randint(0, 50304, (1, 128), device="cuda"), cache=cache, start=0)
         token = torch.randint(0, 50304, (1, 1), device="cuda")
@@ -96,7 +100,7 @@ def main() -> None:
               f"(capture {capture_s:.1f} s)")
         for k, (c, us) in top:
             print(f"{us:9.1f} us {c:6.0f}x  {k[:110]}")
-    common.write_json(results, args.out, "profile_decode")
+    common.write_json(results, args.out, args.name)
 
 
 if __name__ == "__main__":
