@@ -191,7 +191,10 @@ def generate(model, input_ids: torch.Tensor | list, max_new_tokens: int = 16, te
     produced = 0
     t_first = t0
     for i in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)
+        if cpu_step is not None and temperature <= 0:
+            token = cpu_step.greedy(logits)  # torch's argmax over bf16 logits took 0.2 ms of a 25 ms step
+        else:
+            token = sample(logits, temperature, top_k, top_p, generator)
         token = torch.where(finished, pad, token)
         out[:, i] = token
         produced = i + 1

@@ -70,6 +70,14 @@ def test_step_matches_forward(tiny, variant):
         assert rel_error(*written) <= BF16_TOL
 
 
+def test_greedy_is_torch_argmax(tiny):
+    model = _bf16_model(tiny, "olmoe")
+    step = CpuDecodeStep(model, KVCache(model.config, 1, 4, "cpu", torch.bfloat16))
+    logits = torch.randn(1, model.config.vocab_size).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 9] = logits.max() + 1  # a tie: the first wins
+    assert step.greedy(logits).tolist() == logits.argmax(-1).tolist() == [7]
+
+
 def test_step_same_bits_any_thread_count(tiny):
     model = _bf16_model(tiny, "olmoe")
     ids = token_ids(1, 12)

@@ -81,6 +81,22 @@ inline void rope_head(const float* x, const uint16_t* cos, const uint16_t* sin, 
 
 extern "C" {
 
+// Returns the index of the largest of x [n] (bf16; the first of equals; a NaN counts as largest,
+// as torch.argmax has it), or -1 for n = 0.
+int64_t moekit_argmax_bf16(const uint16_t* x, int64_t n) {
+  int64_t best = n > 0 ? 0 : -1;
+  float top = n > 0 ? bf(x[0]) : 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = bf(x[i]);
+    if (std::isnan(v)) return i;
+    if (v > top) {
+      top = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
 // out [n] = RMSNorm(x [n]) * w [n], bf16.
 void moekit_rmsnorm_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, uint16_t* out) {
   rmsnorm_row(x, w, n, eps, out);

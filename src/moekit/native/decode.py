@@ -47,6 +47,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moekit_route_softmax_bf16.restype = c_int
     lib.moekit_moe_decode_bf16.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, vp, vp, vp, c_int]
     lib.moekit_moe_decode_bf16.restype = c_int
+    lib.moekit_argmax_bf16.argtypes = [vp, i64]
+    lib.moekit_argmax_bf16.restype = i64
 
 
 register_declarations(_declare)
@@ -78,6 +80,9 @@ def unsupported(model, cache) -> str | None:
             or cfg.expert_bias or cfg.router.scoring != "softmax" or cfg.router.group_limited
             or cfg.router.scaling_factor != 1.0 or cfg.shared_expert_ffn):
         return "a config option the native step does not implement"
+    if (cfg.num_heads > 256 or cfg.num_heads * cfg.head_dim > 1 << 15 or cfg.top_k > 64
+            or max(cfg.experts_in(i) for i in range(cfg.num_layers)) > 4096):
+        return "a shape beyond decode.cpp's limits (256 heads, 32768 q features, top-64 of 4096 experts)"
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global forward hooks"
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
@@ -111,7 +116,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class CpuDecodeStep:
-    """One model's decode steps of one token over one KVCache, in native calls (see the module)."""
+    """One model's decode steps of one token over one KVCache, in native calls (see the module).
+
+    Every buffer and pointer is set up once: a step is ~8 ctypes calls a layer and no allocation.
+    Built for one generate call: the weights, cache and top-k must not change while it is used."""
 
     @classmethod
     def build(cls, model, cache) -> CpuDecodeStep | None:
@@ -122,14 +130,14 @@ class CpuDecodeStep:
         cfg = model.config
         self.lib = library()
         self.model, self.cache, self.cfg = model, cache, cfg
-        self.threads = torch.get_num_threads()
+        threads = self.threads = torch.get_num_threads()
         d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.dims = d, h, hkv, dh
         s = self.capacity = cache.capacity
+        self.eps = eps = cfg.rms_norm_eps
+        self.rope_dim = cfg.rope_dim
         bf = torch.bfloat16
         with torch.inference_mode(False):
-            positions = torch.arange(s)
-            cos, sin = model.rope(positions)  # [S, rope_dim], computed once for every position
+            cos, sin = model.rope(torch.arange(s))  # [S, rope_dim], computed once for every position
             self.cos, self.sin = cos.contiguous(), sin.contiguous()
             self.x = torch.empty(d, dtype=bf)  # residual stream
             self.normed = torch.empty(d, dtype=bf)
@@ -139,81 +147,86 @@ class CpuDecodeStep:
             self.attn = torch.empty(h * dh, dtype=bf)
             self.scores = torch.empty(h * s, dtype=torch.float32)
             self.logits = torch.empty(1, cfg.vocab_size, dtype=bf)
-            self.xf = torch.empty(max(d, h * dh, cfg.expert_ffn), dtype=torch.float32)  # matvec's portable path
-            layers = []
+            self.xf = torch.empty(max(d, h * dh), dtype=torch.float32)  # matvec's portable path
+            self.keep: list[torch.Tensor] = []  # buffers and float biases the pointers below point into
+            normed, delta = self.normed.data_ptr(), self.delta.data_ptr()
+            scale = dh ** -0.5  # Attention folds a non-default softmax scale into q (q_scale)
+            self.layers = []
             for i, layer in enumerate(model.layers):
                 attn, mlp = layer.attn, layer.mlp
                 e = mlp.experts
-                ffn = e.ffn
                 top_k = mlp.top_k
-                bufs = {"router": torch.empty(e.num_experts, dtype=bf),  # router logits [E]
-                        "ids": torch.empty(top_k, dtype=torch.long), "weights": torch.empty(top_k),  # [A]
-                        "h": torch.empty(max(top_k * ffn, d)),  # the expert kernel's accumulators
-                        "hb": torch.empty(top_k * ffn, dtype=bf)}  # [A, I] activations
-                layers.append({"layer": layer, "bufs": bufs, "top_k": top_k, "ffn": ffn, "num_experts": e.num_experts,
-                               "q_scale": float(attn.q_scale), "keys": cache.keys[i], "values": cache.values[i]})
-        self.layers = layers
-        self.scale = dh ** -0.5  # Attention folds a non-default softmax scale into q (q_scale)
-        self.biases: dict[int, torch.Tensor] = {}  # float32 copies of the projections' biases
+                router = self._buffer(e.num_experts, bf)  # router logits [E]
+                ids, weights = self._buffer(top_k, torch.long), self._buffer(top_k, torch.float32)  # [A]
+                acc = self._buffer(max(top_k * e.ffn, d), torch.float32)  # the expert kernel's accumulators
+                act = self._buffer(top_k * e.ffn, bf)  # [A, I] activations
+                keys, values = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+                q_norm = _ptr(None if attn.q_norm is None else attn.q_norm.weight)
+                k_norm = _ptr(None if attn.k_norm is None else attn.k_norm.weight)
+                self.layers.append((
+                    layer.input_norm.weight.data_ptr(),
+                    self._matvec_args(attn.qkv, normed, self.qkv.data_ptr()),
+                    (self.qkv.data_ptr(), h, hkv, dh, _QK_NORM[cfg.qk_norm], q_norm, k_norm, eps, float(attn.q_scale)),
+                    (self.q.data_ptr(), keys, values, s),
+                    (self.q.data_ptr(), keys, values, h, hkv, dh, s),
+                    (scale, self.attn.data_ptr(), self.scores.data_ptr(), threads),
+                    self._matvec_args(attn.o_proj, self.attn.data_ptr(), delta),
+                    layer.post_norm.weight.data_ptr(),
+                    self._matvec_args(mlp.router, normed, router),
+                    (router, e.num_experts, top_k, int(bool(cfg.norm_topk_prob)), ids, weights),
+                    (normed, e.gate_up.data_ptr(), e.down.data_ptr(), ids, weights, top_k, d, e.ffn, acc, act, delta,
+                     threads),
+                ))
+            self.final_norm = model.norm.weight.data_ptr()
+            self.lm_head = self._matvec_args(model.lm_head, normed, self.logits.data_ptr())
 
-    def _matvec(self, linear, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _buffer(self, n: int, dtype: torch.dtype) -> int:
+        """Returns the address of a new buffer of n elements, kept alive with the step."""
+        self.keep.append(torch.empty(n, dtype=dtype))
+        return self.keep[-1].data_ptr()
+
+    def _matvec_args(self, linear, x: int, out: int) -> tuple:
+        """Returns moekit_matvec_bf16's arguments for one token through `linear` (x, out: addresses)."""
         w = linear.weight
         bias = None
         if linear.bias is not None:
-            bias = self.biases.get(id(linear))
-            if bias is None:
-                bias = self.biases[id(linear)] = linear.bias.detach().float().contiguous()
-        self.lib.moekit_matvec_bf16(x.data_ptr(), w.data_ptr(), _ptr(bias), out.data_ptr(), 1, w.shape[0], w.shape[1],
-                                    self.xf.data_ptr(), self.threads)
+            self.keep.append(linear.bias.detach().float().contiguous())
+            bias = self.keep[-1].data_ptr()
+        return (x, w.data_ptr(), bias, out, 1, w.shape[0], w.shape[1], self.xf.data_ptr(), self.threads)
 
-    @torch.inference_mode()
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """Returns the logits [1, V] (bf16) of `token` at `position`, its keys and values written
         to the cache; the returned tensor is reused by the next call."""
-        lib, cfg = self.lib, self.cfg
-        d, h, hkv, dh = self.dims
-        s = self.capacity
-        if not 0 <= position < s:
+        if not 0 <= position < self.capacity:
             from ..errors import MoekitError
 
-            raise MoekitError(f"KV cache holds {s} positions, asked to write position {position}")
-        eps = cfg.rms_norm_eps
-        qk_norm = _QK_NORM[cfg.qk_norm]
-        rope_dim = cfg.rope_dim
+            raise MoekitError(f"KV cache holds {self.capacity} positions, asked to write position {position}")
+        lib, eps, d = self.lib, self.eps, self.x.numel()
+        rope_dim = self.rope_dim
         cos = self.cos.data_ptr() + position * rope_dim * 2
         sin = self.sin.data_ptr() + position * rope_dim * 2
-        x, normed, delta = self.x, self.normed, self.delta
-        x.copy_(self.model.embed.weight[token])
-        for i, item in enumerate(self.layers):
-            layer, bufs = item["layer"], item["bufs"]
-            attn, mlp = layer.attn, layer.mlp
+        x, normed, delta = self.x.data_ptr(), self.normed.data_ptr(), self.delta.data_ptr()
+        with torch.inference_mode():
+            self.x.copy_(self.model.embed.weight[token])
+        matvec, add_norm = lib.moekit_matvec_bf16, lib.moekit_add_rmsnorm_bf16
+        for i, (in_norm, qkv, qkv_rope, cache, attn, attn_rest, o_proj, post_norm, router, route,
+                experts) in enumerate(self.layers):
             if i == 0:
-                lib.moekit_rmsnorm_bf16(x.data_ptr(), layer.input_norm.weight.data_ptr(), d, eps, normed.data_ptr())
+                lib.moekit_rmsnorm_bf16(x, in_norm, d, eps, normed)
             else:  # the previous layer's experts' output joins the residual stream first
-                lib.moekit_add_rmsnorm_bf16(x.data_ptr(), delta.data_ptr(), layer.input_norm.weight.data_ptr(), d, eps,
-                                            normed.data_ptr())
-            self._matvec(attn.qkv, normed, self.qkv)
-            qw = None if attn.q_norm is None else attn.q_norm.weight.data_ptr()
-            kw = None if attn.k_norm is None else attn.k_norm.weight.data_ptr()
-            keys, values = item["keys"], item["values"]
-            lib.moekit_qkv_rope_bf16(self.qkv.data_ptr(), h, hkv, dh, qk_norm, qw, kw, eps, item["q_scale"], cos, sin,
-                                     rope_dim, self.q.data_ptr(), keys.data_ptr(), values.data_ptr(), s, position)
-            lib.moekit_dense_decode_attention_bf16(self.q.data_ptr(), keys.data_ptr(), values.data_ptr(), h, hkv, dh, s,
-                                                   position + 1, self.scale, self.attn.data_ptr(),
-                                                   self.scores.data_ptr(), self.threads)
-            self._matvec(attn.o_proj, self.attn, delta)
-            lib.moekit_add_rmsnorm_bf16(x.data_ptr(), delta.data_ptr(), layer.post_norm.weight.data_ptr(), d, eps,
-                                        normed.data_ptr())
-            self._matvec(mlp.router, normed, bufs["router"])
-            top_k = item["top_k"]
-            lib.moekit_route_softmax_bf16(bufs["router"].data_ptr(), item["num_experts"], top_k,
-                                          int(bool(cfg.norm_topk_prob)), bufs["ids"].data_ptr(),
-                                          bufs["weights"].data_ptr())
-            e = mlp.experts
-            lib.moekit_moe_decode_bf16(normed.data_ptr(), e.gate_up.data_ptr(), e.down.data_ptr(), bufs["ids"].data_ptr(),
-                                       bufs["weights"].data_ptr(), top_k, d, item["ffn"], bufs["h"].data_ptr(),
-                                       bufs["hb"].data_ptr(), delta.data_ptr(), self.threads)
-        lib.moekit_add_rmsnorm_bf16(x.data_ptr(), delta.data_ptr(), self.model.norm.weight.data_ptr(), d, eps,
-                                    normed.data_ptr())
-        self._matvec(self.model.lm_head, normed, self.logits[0])
+                add_norm(x, delta, in_norm, d, eps, normed)
+            matvec(*qkv)
+            lib.moekit_qkv_rope_bf16(*qkv_rope, cos, sin, rope_dim, *cache, position)
+            lib.moekit_dense_decode_attention_bf16(*attn, position + 1, *attn_rest)
+            matvec(*o_proj)
+            add_norm(x, delta, post_norm, d, eps, normed)
+            matvec(*router)
+            lib.moekit_route_softmax_bf16(*route)
+            lib.moekit_moe_decode_bf16(*experts)
+        add_norm(x, delta, self.final_norm, d, eps, normed)
+        matvec(*self.lm_head)
         return self.logits
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Returns the argmax [1] (int64) of logits [1, V] bf16 (what sample gives at temperature 0)."""
+        return torch.tensor([self.lib.moekit_argmax_bf16(logits.data_ptr(), logits.shape[-1])])

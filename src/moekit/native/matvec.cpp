@@ -123,7 +123,8 @@ int moekit_matvec_bf16(const uint16_t* x, const uint16_t* w, const float* bias, 
   if (!fast)
     for (int64_t m = 0; m < M; ++m) to_float(0, x + m * K, K, xf + m * K);
   const int64_t groups = (N + ROWS - 1) / ROWS;
-  if (threads <= 1 || groups < 2 * threads) {
+  // below ~1 MB of weights (a router) a fork and join cost about what a second core saves
+  if (threads <= 1 || groups < 2 * threads || N * K * 2 < (1 << 20)) {
     rows_range(x, xf, w, bias, out, M, N, K, 0, N, fast);
     return 0;
   }
