@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import moekit
-from moekit.kv_cache import OutOfBlocks, PagedKVCache
+from moekit.kv_cache import QUERY_TILE, OutOfBlocks, PagedKVCache, query_tiles
 from moekit.paged_attention import (HAVE_TRITON, decode_attention_reference, decode_attention_triton,
-                                    prefill_attention)
+                                    prefill_attention, prefill_attention_reference, prefill_attention_triton,
+                                    prefill_launch)
 
 from conftest import kernel_device
 
@@ -199,3 +200,83 @@ def test_mixed_step_decodes_single_tokens_together(monkeypatch):
     for j, pos in enumerate((10, 11, 12)):  # causal within sequence 1
         k, v = keys[1][:, :pos + 1], values[1][:, :pos + 1]
         torch.testing.assert_close(out[1 + j], _plain_attention(q[1 + j], k, v, None), atol=1e-5, rtol=1e-5)
+
+
+# ---- the packed prefill kernel -------------------------------------------------------------
+
+def test_query_tiles_cut_each_sequence_into_runs():
+    tiles = query_tiles((0, 12, 8), (10, 130, 1), tile=64)
+    assert tiles == [[0, 0, 10, 0], [1, 10, 64, 12], [1, 74, 64, 76], [1, 138, 2, 140], [2, 140, 1, 8]]
+    cfg = _config()
+    cache = PagedKVCache(cfg, 64, 4, "cpu", torch.float32)
+    assert cache.prepare([("a", 0, 1), ("b", 0, 1)]).query_tiles is None  # a decode step needs none
+    batch = cache.prepare([("a", 1, 1), ("c", 0, QUERY_TILE + 1)])
+    assert batch.query_tiles.tolist() == [[0, 0, 1, 1], [1, 1, QUERY_TILE, 0], [1, QUERY_TILE + 1, 1, QUERY_TILE]]
+    assert batch.query_tiles.dtype == torch.int32
+
+
+# (step work as (cached positions before, new tokens), block size, heads, kv heads, head dim, window)
+PREFILL_SHAPES = [
+    ([(0, 10), (12, 8)], 4, 4, 2, 8, None),  # a fresh prompt and a continuing chunk (GQA)
+    ([(0, 10), (12, 8)], 4, 4, 2, 8, 6),  # ... with a sliding window
+    ([(6, 1), (10, 3), (8, 1)], 4, 4, 2, 8, None),  # decode rows beside a chunk (a mixed step)
+    ([(12, 138), (0, 70), (5, 1)], 16, 4, 4, 16, None),  # several tiles of one sequence, a partial tile
+    ([(12, 138), (40, 30)], 8, 8, 2, 24, 50),  # window inside a chunk, head dim not a power of two
+    ([(0, 65), (3, 2)], 16, 6, 2, 16, 20),  # 3 heads per kv head, a tile boundary at 64
+]
+
+
+@pytest.mark.parametrize("shape", PREFILL_SHAPES)
+def test_prefill_reference_equals_plain_causal_attention(shape):
+    work, block_size, heads, kv_heads, head_dim, window = shape
+    lengths = [start + n for start, n in work]
+    cache, keys, values = _filled_cache(lengths, block_size, heads, kv_heads, head_dim, "cpu", torch.float32)
+    batch = cache.prepare([(i, start, n) for i, (start, n) in enumerate(work)])
+    q = torch.randn(batch.num_tokens, heads, head_dim, generator=torch.Generator().manual_seed(2))
+    out = prefill_attention_reference(q, cache.keys[0], cache.values[0], batch, window)
+    offset = 0
+    for i, (start, n) in enumerate(work):
+        for j in range(n):
+            pos = start + j
+            k, v = keys[i][:, :pos + 1], values[i][:, :pos + 1]
+            torch.testing.assert_close(out[offset + j], _plain_attention(q[offset + j], k, v, window),
+                                       atol=1e-5, rtol=1e-5)
+        offset += n
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", PREFILL_SHAPES)
+def test_prefill_kernel_equals_reference(shape, dtype):
+    device = kernel_device()
+    work, block_size, heads, kv_heads, head_dim, window = shape
+    lengths = [start + n for start, n in work]
+    cache, _, _ = _filled_cache(lengths, block_size, heads, kv_heads, head_dim, device, dtype)
+    batch = cache.prepare([(i, start, n) for i, (start, n) in enumerate(work)])
+    q = torch.randn(batch.num_tokens, heads, head_dim, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    expected = prefill_attention_reference(q.float(), cache.keys[0].float(), cache.values[0].float(), batch, window)
+    got = prefill_attention_triton(q, cache.keys[0], cache.values[0], batch.block_tables, batch.query_tiles, window)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+def test_prefill_launch_depends_on_the_model_shape_only():
+    """The kernel's constexprs come from dtype, head dim and block size: never from a step's token
+    count, table width or window, so ragged steps reuse one compiled kernel."""
+    launches = {tuple(sorted(prefill_launch(torch.bfloat16, 128, 16).items())) for _ in range(3)}
+    assert len(launches) == 1
+    from moekit.kernels.paged_attention import paged_decode_kernel, paged_prefill_kernel
+
+    for kernel in (paged_decode_kernel, paged_prefill_kernel):
+        assert {"WINDOW", "stride_tb"} <= set(_unspecialized(kernel))
+
+
+def _unspecialized(kernel) -> list[str]:
+    """Returns the argument names a Triton kernel does not specialize on (jit or interpreter)."""
+    fn = getattr(kernel, "fn", kernel)
+    names = list(getattr(fn, "arg_names", None) or fn.__code__.co_varnames[:fn.__code__.co_argcount])
+    marked = getattr(kernel, "do_not_specialize", None)
+    if marked is None:
+        marked = getattr(kernel, "kwargs", {}).get("do_not_specialize", ())
+    return [names[i] if isinstance(i, int) else i for i in marked]

@@ -54,6 +54,11 @@ class KVCache:
 # (all sequences), B = sequences in a step, MB = blocks of the longest block table.
 
 
+# Queries per program of the packed prefill attention kernel (moekit.kernels.paged_attention):
+# prepare() cuts each sequence's new tokens into tiles of at most this many.
+QUERY_TILE = 64
+
+
 class OutOfBlocks(MoekitError):
     """The paged cache has too few free blocks for a step (a scheduler queues or preempts)."""
 
@@ -74,6 +79,9 @@ class RaggedBatch:
     block_tables: torch.Tensor  # [B, MB] int32 cache blocks of each sequence (0 past its end)
     context_lens: torch.Tensor  # [B] int32 positions each sequence attends to after this step
     last_index: torch.Tensor  # [B] int64 index in the packed tokens of each sequence's last token
+    # [T, 4] int32 (sequence, first packed token, tokens, first position) per run of <= QUERY_TILE
+    # queries of one sequence, for the packed prefill kernel; None for a decode step
+    query_tiles: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -87,6 +95,17 @@ class RaggedBatch:
     def is_decode(self) -> bool:
         """Returns whether every sequence brings exactly one token (a decode step)."""
         return all(n == 1 for n in self.query_lens)
+
+
+def query_tiles(starts: tuple[int, ...], query_lens: tuple[int, ...], tile: int = QUERY_TILE) -> list[list[int]]:
+    """Returns [sequence, first packed token, tokens, first position] for each run of at most
+    `tile` consecutive new tokens of one sequence (a decode row is a run of one)."""
+    tiles, offset = [], 0
+    for i, (start, n) in enumerate(zip(starts, query_lens)):
+        for j in range(0, n, tile):
+            tiles.append([i, offset + j, min(tile, n - j), start + j])
+        offset += n
+    return tiles
 
 
 class PagedKVCache:
@@ -183,12 +202,16 @@ class PagedKVCache:
         query_lens = tuple(n for _, _, n in seqs)
         ends = torch.tensor(query_lens).cumsum(0)
         as_device = lambda x, dtype: torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+        starts = tuple(start for _, start, _ in seqs)
+        tiles = None
+        if any(n > 1 for n in query_lens):
+            tiles = as_device(query_tiles(starts, query_lens), torch.int32)
         return RaggedBatch(
-            starts=tuple(start for _, start, _ in seqs), query_lens=query_lens,
+            starts=starts, query_lens=query_lens,
             positions=as_device(positions, torch.long), slots=as_device(slots, torch.long),
             block_tables=as_device(tables, torch.int32),
             context_lens=as_device([start + n for _, start, n in seqs], torch.int32),
-            last_index=(ends - 1).to(self.device))
+            last_index=(ends - 1).to(self.device), query_tiles=tiles)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Stores packed k, v [N, Hkv, Dh] of `layer` at flat cache slots [N]."""

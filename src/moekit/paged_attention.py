@@ -1,6 +1,12 @@
-"""Attention over a paged KV cache for ragged batches: packed prefill (PyTorch, per sequence) and
-decode (a Triton kernel on GPUs, moekit.kernels.paged_attention, with a PyTorch reference that
-tests hold it to).
+"""Attention over a paged KV cache for ragged batches: packed prefill and decode, each a Triton
+kernel on GPUs (moekit.kernels.paged_attention) with a PyTorch reference that tests hold it to.
+
+The packed prefill kernel serves a whole step (prefill chunks and decode rows) in one launch per
+layer: no Python loop over sequences, and no SDPA call per sequence. On Hopper PyTorch prefers
+cuDNN attention, which builds an execution plan for every new (query length, key length) it meets
+-- a ragged step brings new ones nearly every step, and each build cost the H200 run 100-250 ms
+(benchmarks/results/bench_serve.json, ITL p99). The PyTorch path asks SDPA for the backends that
+need no plan.
 
 Shapes: N = packed new tokens, B = sequences, H = query heads, Hkv = key/value heads,
 Dh = head dim, NB = cache blocks, BS = positions per block, MB = blocks per table, S = positions.
@@ -12,13 +18,14 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .kv_cache import RaggedBatch
+from .kv_cache import QUERY_TILE, RaggedBatch
 
 try:
     import triton
 
-    from .kernels.paged_attention import paged_decode_kernel
+    from .kernels.paged_attention import paged_decode_kernel, paged_prefill_kernel
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton use the PyTorch path
     HAVE_TRITON = False
@@ -45,13 +52,26 @@ def gather_sequence(pool: torch.Tensor, table: torch.Tensor, length: int) -> tor
     return blocks.reshape(-1, *pool.shape[2:])[:length].transpose(0, 1)
 
 
+# SDPA backends that need no per-shape plan (cuDNN attention builds one per new shape)
+_PLANLESS_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
                       window: int | None) -> torch.Tensor:
     """Returns attention [N, H, Dh] of packed queries q [N, H, Dh] over each sequence's cached
-    positions (this step's keys already written), causal within the sequence.
+    positions (this step's keys already written), causal within the sequence: the packed Triton
+    kernel on CUDA, else prefill_attention_reference."""
+    if HAVE_TRITON and q.is_cuda and batch.query_tiles is not None:
+        return prefill_attention_triton(q, keys, values, batch.block_tables, batch.query_tiles, window)
+    with sdpa_kernel(_PLANLESS_BACKENDS):
+        return prefill_attention_reference(q, keys, values, batch, window)
 
-    Sequences bringing one token (decoding beside others' prefill chunks) attend together in one
-    decode_attention call; each longer one attends on its own."""
+
+def prefill_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
+                                window: int | None) -> torch.Tensor:
+    """Returns what prefill_attention does, in PyTorch: sequences bringing one token (decoding
+    beside others' prefill chunks) attend together in one decode_attention call; each longer one
+    attends on its own (one SDPA call per sequence)."""
     gqa = keys.shape[2] != q.shape[1]
     out = torch.empty_like(q)
     ends = list(itertools.accumulate(batch.query_lens))
@@ -73,6 +93,39 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                                            enable_gqa=gqa)
         out[offset:offset + n] = o[0].transpose(0, 1)
     return out
+
+
+def prefill_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             block_tables: torch.Tensor, query_tiles: torch.Tensor,
+                             window: int | None) -> torch.Tensor:
+    """Returns what prefill_attention_reference does, computed by the packed Triton kernel in one
+    launch (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); query_tiles [T, 4] as
+    RaggedBatch.query_tiles holds them (tiles of at most QUERY_TILE queries)."""
+    _, h, dh = q.shape
+    hkv, block_size = keys.shape[2], keys.shape[1]
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q)
+    launch = prefill_launch(q.dtype, dh, block_size, interpreted=not q.is_cuda)
+    paged_prefill_kernel[(query_tiles.shape[0], h)](
+        q, keys, values, block_tables, query_tiles, out,
+        dh ** -0.5, window or 0,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=h // hkv, SLIDING=window is not None, **launch,
+    )
+    return out
+
+
+def prefill_launch(dtype: torch.dtype, head_dim: int, block_size: int, interpreted: bool = False) -> dict:
+    """Returns the packed prefill kernel's constexprs and warps: fixed per model shape (never
+    from a step's sizes), so the kernel compiles once however ragged the steps are."""
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 on each side
+    return {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "BLOCK_M": QUERY_TILE,
+            "BLOCK_N": 64 if block_d <= 128 else 32,  # [M, Dh] + [N, Dh] tiles within registers
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 or interpreted else "tf32",
+            "UPCAST": interpreted,
+            "num_warps": 4 if block_d <= 64 else 8}
 
 
 def decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

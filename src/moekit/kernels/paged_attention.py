@@ -1,7 +1,9 @@
-"""Decode attention read through a paged KV cache's block tables (one new token per sequence).
+"""Attention read through a paged KV cache's block tables: decode (one new token per sequence)
+and packed prefill (every sequence's new tokens of a ragged step, in one launch).
 
-Tensors (B = sequences, H = query heads, Hkv = key/value heads, G = H / Hkv query heads per kv
-head, Dh = head dim, NB = cache blocks, BS = positions per block, MB = blocks per table):
+Tensors of the decode kernel (B = sequences, H = query heads, Hkv = key/value heads, G = H / Hkv
+query heads per kv head, Dh = head dim, NB = cache blocks, BS = positions per block, MB = blocks
+per table):
     q             [B, H, Dh]        the new token's queries (rope applied)
     keys, values  [NB, BS, Hkv, Dh] one layer's block pool
     block_tables  [B, MB]           int32 block ids of each sequence, in position order
@@ -13,13 +15,18 @@ it (GQA), with an online softmax in float32, BLOCK_N positions (BLOCK_N / BS blo
 block id looked up on its own) per iteration: fewer dependent iterations per program, which is
 what bounds a decode step of few sequences (B x Hkv programs leave most SMs idle). With SLIDING, positions before
 context_len - WINDOW are skipped (whole blocks are never read).
+
+The packed prefill kernel's tensors are in its docstring.
 """
 
 import triton
 import triton.language as tl
 
 
-@triton.jit
+# WINDOW (0 without a window) and the table stride (the longest table of the step, in blocks)
+# change between steps: runtime values, not specialized (a value of 1 or a multiple of 16 would
+# otherwise compile a variant of its own mid-run)
+@triton.jit(do_not_specialize=["WINDOW", "stride_tb"])
 def paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, out_ptr,
     scale, WINDOW,
@@ -66,3 +73,81 @@ def paged_decode_kernel(
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["WINDOW", "stride_tb"])
+def paged_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, tile_ptr, out_ptr,
+    scale, WINDOW,
+    stride_qn, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb, stride_on, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # multiply in float32 (the interpreter: its bf16 tl.dot is wrong in Triton 3.9)
+):
+    """out[n, h] = causal attention of packed query n (head h) over its own sequence's cached positions.
+
+    Tensors (N = packed new tokens of a ragged step, T = query tiles, B = sequences, H = query heads):
+        q, out        [N, H, Dh]         packed queries (rope applied) of every sequence of the step
+        keys, values  [NB, BS, Hkv, Dh]  one layer's block pool, this step's keys already written
+        block_tables  [B, MB]            int32 block ids of each sequence, in position order
+        tiles         [T, 4]             int32 (sequence, first packed token, tokens <= BLOCK_M,
+                                         position of the first token): a run of one sequence's queries
+    Program (t, h) attends tile t's queries of head h over positions lo .. (last query position),
+    BLOCK_N at a time, each position's block id looked up on its own; query i sees key positions
+    <= its own (and, with SLIDING, > its own - WINDOW). One launch serves prefill chunks and decode
+    rows of a step alike; sizes that change every step (tokens, table width, window) are runtime
+    values, so the kernel compiles once per model shape.
+    """
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    seq = tl.load(tile_ptr + t * 4)
+    first = tl.load(tile_ptr + t * 4 + 1)
+    count = tl.load(tile_ptr + t * 4 + 2)
+    pos0 = tl.load(tile_ptr + t * 4 + 3)
+    m = tl.arange(0, BLOCK_M)  # [M]
+    d = tl.arange(0, BLOCK_D)  # [Dh]
+    m_ok = m < count
+    d_ok = d < HEAD_DIM
+    q_pos = pos0 + m  # [M]
+    q = tl.load(q_ptr + (first + m)[:, None] * stride_qn + h * stride_qh + d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [M, Dh]
+    if UPCAST:
+        q = q.to(tl.float32)
+    # finite start: a row whose first chunk is all masked (window) gets p = 0 there, not NaN
+    m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) - 1e30
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = pos0 + count  # one past the tile's last query position
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(pos0 - WINDOW + 1, 0)
+    n = tl.arange(0, BLOCK_N)  # [N]
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + n
+        k_ok = k_pos < hi
+        block_id = tl.load(table_ptr + seq * stride_tb + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        offs = (block_id[:, None] * stride_kb + (k_pos % BLOCK_SIZE)[:, None] * stride_kp + kvh * stride_kh
+                + d[None, :])
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)  # [N, Dh]
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)  # [N, Dh]
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [M, N] float32
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        if SLIDING:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - WINDOW)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
+        p = tl.exp(s - m_new[:, None])  # [M, N]
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    # a real query sees at least itself, so l_i >= 1 (its maximum adds exp(0)); rows past the
+    # tile's count may see nothing and are never stored
+    out = acc / tl.maximum(l_i, 1.0)[:, None]
+    tl.store(out_ptr + (first + m)[:, None] * stride_on + h * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
