@@ -51,9 +51,11 @@ def test_refuses_a_device_cache_and_empty_steps(tiny):
     decoder.close()
 
 
-def test_schedule_runs_cpu_attention_two_micro_batches_ahead(tiny, monkeypatch):
-    """Alg. 1's order: after PostAttn(i, j) comes the launch of (i, j + 2), wrapping to layer i + 1;
-    the attention runs in the native kernel on the worker thread."""
+@pytest.mark.parametrize("lookahead", [2, None])
+def test_schedule_runs_cpu_attention_ahead(tiny, monkeypatch, lookahead):
+    """After PostAttn(i, j) comes the launch of the task `lookahead` tasks later (2: Alg. 1's
+    (i, j + 2), wrapping to layer i + 1; None: a layer ahead, (i + 1, j)); the attention runs in
+    the native kernel on the worker thread."""
     import threading
 
     from moekit import native
@@ -61,12 +63,12 @@ def test_schedule_runs_cpu_attention_two_micro_batches_ahead(tiny, monkeypatch):
     from moekit.native import attention as native_attention
 
     events, threads = [], set()
-    decoder = PipelinedDecoder(tiny, PagedKVCache(tiny.config, 8, 16, "cpu", torch.float32), 2)
+    decoder = PipelinedDecoder(tiny, PagedKVCache(tiny.config, 8, 16, "cpu", torch.float32), 2, lookahead=lookahead)
     launch = decoder._launch
 
-    def logged_launch(layer, mb):
-        events.append(("launch", layer))
-        return launch(layer, mb)
+    def logged_launch(layer, j, mb):
+        events.append(("launch", layer, j))
+        return launch(layer, j, mb)
 
     monkeypatch.setattr(decoder, "_launch", logged_launch)
     for i, layer in enumerate(tiny.layers):
@@ -80,15 +82,36 @@ def test_schedule_runs_cpu_attention_two_micro_batches_ahead(tiny, monkeypatch):
     decoder.close()
     assert logits.shape == (5, tiny.config.vocab_size)
     layers = len(tiny.layers)
-    expected = [("launch", 0), ("launch", 0)]
+    ahead = lookahead or 3
     tasks = [(i, j) for i in range(layers) for j in range(3)]
+    expected = [("launch", *t) for t in tasks[:ahead]]
     for at, (i, _) in enumerate(tasks):
         expected.append(("post", i))
-        if at + 2 < len(tasks):
-            expected.append(("launch", tasks[at + 2][0]))
+        if at + ahead < len(tasks):
+            expected.append(("launch", *tasks[at + ahead]))
     assert events == expected
     if native.library() is not None:
         assert threads and all(name.startswith("moekit-cpu-attention") for name in threads)
+
+
+def test_refuses_a_lookahead_below_one(tiny):
+    from moekit.kv_cache import PagedKVCache
+
+    with pytest.raises(MoekitError, match="lookahead"):
+        PipelinedDecoder(tiny, PagedKVCache(tiny.config, 4, 16, "cpu", torch.float32), 2, lookahead=0)
+
+
+def test_cpu_attention_releases_the_gil():
+    """The native kernel is called through ctypes.CDLL (the GIL is dropped for the call), not
+    ctypes.PyDLL (which would hold it and stall the launch thread for the whole kernel)."""
+    import ctypes
+
+    from moekit import native
+
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"no native library: {native.unavailable_reason()}")
+    assert isinstance(lib, ctypes.CDLL) and not isinstance(lib, ctypes.PyDLL)
 
 
 def test_prefill_to_host_moves_each_micro_batch_kv(tiny):

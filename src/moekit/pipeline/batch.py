@@ -36,6 +36,7 @@ class BatchResult:
     whole_loads: int  # layers loaded whole at their call (the prefill's, and any page cut short)
     streamed_bytes_per_step: int  # expert bytes one decode step sends host-to-device
     tokens: list[list[int]]
+    step_profile: dict | None = None  # where a decode step goes (timeline.StepProfile.summary; run_plan(profile=True))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,14 +61,18 @@ def load_paged(path, resident: int, device: str = "cpu", dtype: str | None = Non
 
 
 def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu", dtype: str | None = None,
-             h2d_bandwidth: float | None = None, host_layers=None, model=None, on_step=None) -> BatchResult:
+             h2d_bandwidth: float | None = None, host_layers=None, model=None, on_step=None,
+             profile: bool = False) -> BatchResult:
     """Returns the BatchResult of generating `gen_len` greedy tokens for `prompts` (the plan's N of
     them; token id lists) with the plan's micro-batch and resident experts per layer (CPU attention
     only: a plan with attention on the GPU is for the sequential engines). `model` (from
     load_paged with the plan's resident count) is used instead of loading one (several plans, one
-    load); `host_layers` as in load_paged; `on_step` as in generate_pipelined."""
+    load); `host_layers` as in load_paged; `on_step` as in generate_pipelined; `profile` records
+    where the decode steps go (BatchResult.step_profile: launch thread blocked, worker, and on CUDA
+    per-layer compute, weight-page spans and attention-output loads)."""
     from ..generate import GenerationStats
     from .cgopipe import generate_pipelined
+    from .timeline import StepProfile
 
     policy = plan.policy
     if policy.attention != "cpu":
@@ -84,10 +89,10 @@ def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu",
     stats = GenerationStats()
     runtime = model.expert_runtime
     pages_before, whole_before = runtime.pages_loaded, runtime.whole_loads  # a model given may have run before
-    tokens = generate_pipelined(model, prompts, gen_len, policy.micro_batch, stats=stats, on_step=on_step)
-    streamed_bytes = sum(  # what one decode step sends over PCIe
-        (runtime.experts[layer] - resident) * sum(t[0].numel() * t.element_size() for t in runtime.stores[layer].values())
-        for layer in runtime.layers)
+    steps = StepProfile(cuda=model.device.type == "cuda") if profile else None
+    tokens = generate_pipelined(model, prompts, gen_len, policy.micro_batch, stats=stats, on_step=on_step,
+                                profile=steps)
+    streamed_bytes = sum(runtime.streamed_bytes(layer) for layer in runtime.layers)  # one decode step's PCIe bytes
     n = policy.batch
     total = stats.prefill_s + stats.decode_s
     return BatchResult(
@@ -98,7 +103,8 @@ def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu",
         predicted_tok_s=plan.tok_s, predicted_decode_tok_s=plan.decode_tok_s,
         pcie_ceiling_decode_tok_s=n * h2d_bandwidth / streamed_bytes if h2d_bandwidth and streamed_bytes else None,
         pages_loaded=runtime.pages_loaded - pages_before, whole_loads=runtime.whole_loads - whole_before,
-        streamed_bytes_per_step=streamed_bytes, tokens=[t.tolist() for t in tokens])
+        streamed_bytes_per_step=streamed_bytes, tokens=[t.tolist() for t in tokens],
+        step_profile=steps.summary() if steps is not None else None)
 
 
 def synthetic_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -5,18 +5,26 @@ One decode step runs every micro-batch through layer i before layer i + 1 (FlexG
 Per (layer i, micro-batch j) there are three tasks (paper Alg. 1, indices as in the artifact):
 
     PreAttn(i, j)   norm, qkv, rope                       model's device (compute stream)
-    CPUAttn(i, j)   k, v into the host pool, attention    a CPU worker thread (native kernel)
+    CPUAttn(i, j)   k, v into the host pool, attention    the CPU worker thread (native kernel, GIL released)
     PostAttn(i, j)  o-proj, router, experts, residual     model's device (compute stream)
 
-launched in the order  for i: for j: [LoadH(i, j); W_PinToG(i + 1, j)]; PostAttn(i, j);
-PreAttn + OffloadQKV + CPUAttn of the task two micro-batches ahead (wrapping to layer i + 1), so
-the CPU attends micro-batches j + 1 and j + 2 while the device runs PostAttn(i, j). q, k, v go
-device-to-host on their own stream (D1), attention outputs host-to-device on another (D2), each
-copy followed by an event the consumer waits on; `Streams` holds them (on a CPU-only run every
-stream is the current thread and events are None). The experts run through the model's expert
-seam (`layer.post_attn`), wherever its loader placed them. With paged experts
-(moekit.pipeline.paged) W_PinToG(i + 1, j) -- page j of the next MoE layer's streamed experts --
-follows LoadH(i, j) on the same H2D stream, and a layer's experts wait for all of its pages.
+The launch thread issues, for each (i, j) in order:
+
+    wait for CPUAttn(i, j)'s result          (the only host wait: LoadH needs its data)
+    LoadH(i, j)         H2D stream           attention output to the device, event
+    W_PinToG(m', j..j+1) weight stream       pages of the next MoE layer m' (paged experts)
+    PostAttn(i, j)      compute stream       after LoadH's event (j = 0: after m's last page)
+    PreAttn + D2H + CPUAttn of the task `lookahead` tasks ahead
+
+Three copy streams: D2H (q, k, v), H2D (attention outputs only) and the paged runtime's weight
+stream (expert pages only), so a page never holds up an attention output nor waits behind one; a
+page waits on the device for the last expert call of the layer whose buffer it overwrites (two
+MoE layers back), not for the compute queued since. The lookahead defaults to a whole layer (the
+task launched after PostAttn(i, j) is (i + 1, j)): CPU attention of layer i + 1 then needs only
+layer i's PostAttn of the same micro-batch, so it runs while layer i + 1's pages stream and layer
+i's experts compute; lookahead=2 is the artifact's order. On a CPU-only run every stream is the
+current thread and events are None. `trace` and `profile` (moekit.pipeline.timeline) record the
+issue order and where the time goes.
 
 Shapes: N sequences of a step, mu per micro-batch, D hidden, H query heads, Hkv kv heads,
 Dh head dim, V vocabulary.
@@ -35,16 +43,16 @@ from ..model import Attention
 
 
 class Streams:
-    """The CUDA streams and events CGOPipe's copies run on: D2H (q, k, v to the host) and H2D
-    (attention outputs, weight pages), beside the compute stream. On the CPU both are the
-    current thread: copies are plain and events None."""
+    """The CUDA streams and events CGOPipe's activation copies run on: D2H (q, k, v to the host)
+    and H2D (attention outputs), beside the compute stream (weight pages have the paged
+    runtime's own stream). On the CPU both are the current thread: copies are plain and events None."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
         if self.cuda:
             self.d2h = torch.cuda.Stream(device)
-            self.h2d = torch.cuda.Stream(device)  # one FIFO: attention outputs and weight pages interleave
+            self.h2d = torch.cuda.Stream(device)  # attention outputs only: never behind a weight page
 
     def to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Returns (a host copy of t, the event that marks it complete) after the compute so far."""
@@ -61,14 +69,17 @@ class Streams:
             done.record()
         return host, done
 
-    def to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Returns (a device copy of the host tensor, the event marking it complete)."""
+    def to_device(self, host: torch.Tensor, timing: tuple | None = None) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Returns (a device copy of the host tensor, the event marking it complete); `timing`
+        (start, end) events from StepProfile.loadh: the end is recorded after the copy."""
         if not self.cuda:
             return host, None
         with torch.cuda.stream(self.h2d):
             dev = host.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
+            if timing is not None:
+                timing[1].record()
         dev.record_stream(torch.cuda.current_stream(self.device))
         return dev, done
 
@@ -111,11 +122,17 @@ def _usable_cores() -> int:
 
 
 class PipelinedDecoder:
-    """Decode steps of many sequences by CGOPipe's schedule over a host-resident PagedKVCache."""
+    """Decode steps of many sequences by CGOPipe's schedule over a host-resident PagedKVCache.
 
-    LOOKAHEAD = 2  # CPU attention runs this many (layer, micro-batch) tasks ahead of PostAttn
+    `lookahead`: (layer, micro-batch) tasks whose CPU attention is launched ahead of PostAttn
+    (None: one layer, i.e. the step's micro-batch count; 2: the artifact's). `trace` (a list)
+    receives the issue order (moekit.pipeline.timeline); `profile` (a timeline.StepProfile) the
+    step timings."""
 
-    def __init__(self, model, cache: PagedKVCache, micro_batch: int):
+    PAGES_AHEAD = 2  # pages of the next MoE layer queued by micro-batch j: j and j + 1
+
+    def __init__(self, model, cache: PagedKVCache, micro_batch: int, lookahead: int | None = None,
+                 trace: list | None = None, profile=None):
         cfg = model.config
         if cache.device.type != "cpu":
             raise MoekitError("CGOPipe keeps the KV cache in host memory: give a PagedKVCache on the CPU")
@@ -124,13 +141,20 @@ class PipelinedDecoder:
                               "another kind (MLA or sinks): decode it with moekit.generate")
         if micro_batch < 1:
             raise MoekitError(f"micro_batch must be >= 1, got {micro_batch}")
-        self.model, self.cache, self.micro_batch = model, cache, micro_batch
+        if lookahead is not None and lookahead < 1:
+            raise MoekitError(f"lookahead must be >= 1 (or None: one layer), got {lookahead}")
+        self.model, self.cache, self.micro_batch, self.lookahead = model, cache, micro_batch, lookahead
+        self.trace, self.profile = trace, profile
         self.streams = Streams(model.device)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-cpu-attention")
         # on a GPU run two cores stay free of attention threads: the launch thread (every kernel of
         # PreAttn / PostAttn and each copy) and the CUDA driver's; spinning OpenMP threads on every
         # core would slow the launches the device waits on (MoE-Lightning brief 5.4-4)
         self.attention_threads = max(1, _usable_cores() - 2) if self.streams.cuda else None
+        paged = self._paged()
+        if paged is not None:
+            paged.trace = trace
+            paged.copy_timing = profile is not None and self.streams.cuda
 
     def _paged(self):
         """Returns the model's PagedRuntime (experts streamed page by page with the micro-batches), or None."""
@@ -141,28 +165,47 @@ class PipelinedDecoder:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+        paged = self._paged()
+        if paged is not None:
+            paged.trace, paged.copy_timing = None, False
+
+    def _record(self, op: str, key: tuple, waits: tuple = ()) -> None:
+        if self.trace is not None:
+            self.trace.append((op, key, waits))
 
     def _attend(self, layer: int, mb: MicroBatch, qkv_host: tuple[torch.Tensor, ...],
                 ready: torch.cuda.Event | None) -> torch.Tensor:
         """CPUAttn (the worker thread): stores k, v [mu, Hkv, Dh] in the pool, returns the
         attention output [mu, H * Dh] in host memory."""
+        import time
+
         with torch.inference_mode():  # grad mode is per thread
+            t0 = time.perf_counter()
             if ready is not None:
-                ready.synchronize()
+                ready.synchronize()  # the worker waits for its own data, never the launch thread
+            t1 = time.perf_counter()
             q, k, v = qkv_host
             self.cache.write(layer, k, v, mb.batch.slots)
             attn = self.model.layers[layer].attn
             # pinned on a GPU run, so that LoadH's copy is asynchronous
             out = torch.empty(q.shape, dtype=q.dtype, pin_memory=self.streams.cuda)
+            # the native call goes through ctypes.CDLL, which drops the GIL for its duration: the
+            # launch thread keeps issuing while the kernel runs
             out = cpu_attention(q, self.cache.keys[layer], self.cache.values[layer], mb.batch,
                                 attn.cfg.sliding_window, out, self.attention_threads)
+            if self.profile is not None:
+                self.profile.add("worker_wait_s", t1 - t0)
+                self.profile.add("attention_s", time.perf_counter() - t1)
             return out.reshape(out.shape[0], -1)
 
-    def _launch(self, layer: int, mb: MicroBatch) -> Future:
-        """PreAttn + OffloadQKV + CPUAttn of one (layer, micro-batch); returns CPUAttn's future."""
+    def _launch(self, layer: int, j: int, mb: MicroBatch) -> Future:
+        """PreAttn + OffloadQKV + CPUAttn of one (layer, micro-batch j); returns CPUAttn's future."""
         q, k, v = self.model.layers[layer].pre_attn(mb.x, mb.cos, mb.sin)  # [1, heads, mu, Dh]
         packed = [z[0].transpose(0, 1).contiguous() for z in (q, k, v)]  # [mu, heads, Dh]
+        self._record("pre", (layer, j))
         host, ready = zip(*(self.streams.to_host(z) for z in packed))
+        self._record("d2h", (layer, j), (("pre", (layer, j)),))
+        self._record("attn", (layer, j), (("d2h", (layer, j)),))
         return self.worker.submit(self._attend, layer, mb, tuple(host), ready[-1])
 
     @torch.inference_mode()
@@ -170,9 +213,13 @@ class PipelinedDecoder:
         """Returns the logits [N, V] of one decode step over (sequence, position, token) triples:
         each token written at its position of the host cache (blocks grown as needed), the
         sequences run in micro-batches of `micro_batch` through every layer in CGOPipe's order."""
+        import time
+
         if not work:
             raise MoekitError("a decode step needs at least one sequence")
-        model, device = self.model, self.model.device
+        model, device, profile = self.model, self.model.device, self.profile
+        if profile is not None:
+            profile.begin()
         mbs = []
         for at in range(0, len(work), self.micro_batch):
             part = work[at:at + self.micro_batch]
@@ -180,27 +227,51 @@ class PipelinedDecoder:
             ids = torch.tensor([[token for _, _, token in part]], dtype=torch.long, device=device)
             cos, sin = model.rope(batch.positions.to(device))
             mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin))
+        n = len(mbs)
         paged = self._paged()
-        if paged is not None and not paged.loaded(paged.layers[0]):  # the first MoE layer's pages
-            for j in range(len(mbs)):
-                paged.load_page(paged.layers[0], j, len(mbs), self.streams.h2d if self.streams.cuda else None)
-        order = [(i, j) for i in range(len(model.layers)) for j in range(len(mbs))]
-        ahead = min(self.LOOKAHEAD, len(mbs))  # the task launched ahead needs its previous layer done
-        pending = {task: self._launch(task[0], mbs[task[1]]) for task in order[:ahead]}
-        logits = [None] * len(mbs)
+        moe = set(paged.layers) if paged is not None else set()
+        if paged is not None:
+            # the prologue: the first MoE layer whole when the last step did not queue it (the first
+            # step), and the first pages of the one after it (its buffer's reader is done)
+            paged.prefetch(paged.layers[0], n)
+            for page in range(min(self.PAGES_AHEAD, n)):
+                paged.load_page(paged.next_layer(paged.layers[0]), page, n)
+        order = [(i, j) for i in range(len(model.layers)) for j in range(n)]
+        ahead = min(self.lookahead or n, n)  # a task launched ahead needs its previous layer done
+        pending = {task: self._launch(task[0], task[1], mbs[task[1]]) for task in order[:ahead]}
+        logits = [None] * n
         for at, (i, j) in enumerate(order):
-            out, ready = self.streams.to_device(pending.pop((i, j)).result())  # LoadH(i, j)
-            if paged is not None:  # W_PinToG: page j of the next MoE layer, behind LoadH on the same stream
-                paged.load_page(paged.next_layer(i), j, len(mbs), self.streams.h2d if self.streams.cuda else None)
+            t0 = time.perf_counter()
+            self._record("wait_attn", (i, j))
+            attended = pending.pop((i, j)).result()
+            if profile is not None:
+                profile.add("blocked_s", time.perf_counter() - t0)
+            timing = profile.loadh(self.streams.h2d) if profile is not None and self.streams.cuda else None
+            out, ready = self.streams.to_device(attended, timing)  # LoadH(i, j)
+            self._record("loadh", (i, j), (("attn", (i, j)),))
+            if paged is not None:  # W_PinToG: pages j and j + 1 of the next MoE layer, on the weight stream
+                nxt = paged.next_layer(i)
+                for page in range(j, min(j + self.PAGES_AHEAD, n)):
+                    paged.load_page(nxt, page, n)
             self.streams.wait(ready)
             mb = mbs[j]
+            self._record("post", (i, j), (("loadh", (i, j)),) + ((("weights", i),) if i in moe else ()))
             mb.x = model.layers[i].post_attn(mb.x, out.view(1, out.shape[0], -1))  # PostAttn(i, j)
             if i == len(model.layers) - 1:
                 logits[j] = model.head(mb.x)[0]
+            if j == n - 1 and profile is not None:
+                profile.layer_done()
             if at + ahead < len(order):
-                nxt = order[at + ahead]
-                pending[nxt] = self._launch(nxt[0], mbs[nxt[1]])
-        return torch.cat(logits)
+                nxt_task = order[at + ahead]
+                pending[nxt_task] = self._launch(nxt_task[0], nxt_task[1], mbs[nxt_task[1]])
+        result = torch.cat(logits)
+        if profile is not None:
+            spans, page_bytes = [], {}
+            if paged is not None:
+                spans, paged.copy_spans = paged.copy_spans, []
+                page_bytes = {m: paged.streamed_bytes(m) for m in paged.layers}
+            profile.end(device, spans, page_bytes)
+        return result
 
 
 class OneLayerCache(PagedKVCache):
@@ -251,14 +322,15 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
 
 @torch.inference_mode()
 def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
-                       block_size: int = 16, stats=None, on_step=None) -> list[torch.Tensor]:
+                       block_size: int = 16, stats=None, on_step=None, lookahead: int | None = None,
+                       profile=None) -> list[torch.Tensor]:
     """Returns each prompt's `max_new_tokens` greedy tokens (no early stop at eos, as MoE-Lightning
     runs a batch): prefill on the model's device a micro-batch at a time with the KV moved to a
     host-resident paged cache (prefill_to_host), then decode steps by CGOPipe's schedule
     (PipelinedDecoder). `stats` (a moekit.generate.GenerationStats) receives the timings: the
     batch's generated tokens per second are len(prompts) * new_tokens / (prefill_s + decode_s).
     `on_step(tokens_so_far)` is called after the prefill and after every decode step (a benchmark's
-    time guard raises from it to stop a run)."""
+    time guard raises from it to stop a run). `lookahead` and `profile` as in PipelinedDecoder."""
     import time
 
     from ..generate import prompt_list
@@ -275,7 +347,7 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     t1 = time.perf_counter()
     if on_step is not None:
         on_step(1)
-    decoder = PipelinedDecoder(model, cache, micro_batch)
+    decoder = PipelinedDecoder(model, cache, micro_batch, lookahead=lookahead, profile=profile)
     try:
         for _ in range(max_new_tokens - 1):
             work = [(i, lengths[i] + len(o) - 1, o[-1]) for i, o in enumerate(outs)]

@@ -2,19 +2,22 @@
 other E - R of each layer live in a host store and are streamed into one of two device buffers
 (double buffering: layer i computes from one while layer i + 1 fills the other), in pages.
 
-The pipelined engine (moekit.pipeline.cgopipe) sends page j of the next MoE layer right after the
-attention output of micro-batch j (`load_page`, on the H2D stream behind LoadH), so a layer's
-weights arrive in step with its micro-batches; a layer's first expert call waits for all of its
-pages. Any other engine (moekit.generate: prefill, plain decode) just calls the layer: a layer
-whose pages are not all there is loaded whole first, so the model runs anywhere, token-equal to
-its resident self.
+The pipelined engine (moekit.pipeline.cgopipe) sends the pages of the next MoE layer in step with
+the attention outputs of this one (`load_page`), on the runtime's own weight stream: a page waits
+only for the last expert call of the layer whose buffer it overwrites (an event `run` records),
+never for the compute queued after it, and a layer's first expert call waits (on the device) for
+all of its pages. Any other engine (moekit.generate: prefill, plain decode) just calls the layer:
+a layer whose pages are not all there is loaded whole first, so the model runs anywhere,
+token-equal to its resident self.
 
 Where experts lie: one device slab of slots (offload.layout: the stored form as is, packed for
 compressed forms), laid out as [R resident slots of each MoE layer | buffer 0 | buffer 1], each
 buffer E - R slots. A layer's `rows` table maps expert id -> slot for the buffer that holds it,
 and the form runs the slab like an offload cache slab (ids, row_of, count: the same reduction as
-a resident layer). Pages are expert-aligned ranges of the E - R streamed experts (the artifact's
-are byte ranges; with whole experts a page is one copy per stored tensor).
+a resident layer). A page is an equal share of the bytes of each stored tensor's streamed part
+(as the artifact's byte ranges: every page costs the same PCIe time, so no page holds a hidden-
+state load behind a whole expert); where the slots are packed wider than a layer's experts,
+pages are expert-aligned ranges (`page_range`).
 
 Shapes: E experts of a layer, R resident, S slots, N tokens, A experts per token, D hidden.
 """
@@ -27,6 +30,8 @@ from torch import nn
 from ..errors import MoekitError
 from ..experts.forms import DenseForm, Tensors
 from ..experts.loader import ExpertLoader, LoadContext
+
+PAGE_ALIGN = 2048  # elements a page boundary is a multiple of (4 KiB of bf16: whole pages of the DMA)
 
 
 class PagedRuntime:
@@ -47,11 +52,18 @@ class PagedRuntime:
         self.slab = layout.empty(max(slots, 1), self.device)
         self.buffer_start = [len(self.layers) * resident, len(self.layers) * resident + self.streamed]
         self.cuda = self.device.type == "cuda"
-        self.h2d = torch.cuda.Stream(self.device) if self.cuda else None  # the pipelined engine may give its own
+        # the weight stream: expert pages only, so a page never waits behind (or holds up) activations
+        self.h2d = torch.cuda.Stream(self.device) if self.cuda else None
         self.half_of: dict[int, int] = {}  # layer -> buffer holding (or filling with) its streamed experts
         self.pages_done: dict[int, set[int]] = {}  # layer -> pages copied into its buffer
         self.pages_of: dict[int, int] = {}  # layer -> pages its streamed experts were cut into
         self.ready: dict[int, torch.cuda.Event] = {}  # layer -> event after its last page (CUDA)
+        self.read_done: dict[int, torch.cuda.Event] = {}  # layer -> event after its last queued expert call (CUDA)
+        self.gates: dict[int, tuple[int, ...]] = {}  # layer -> layers whose last expert call its first page waits for
+        self.trace: list | None = None  # when a list: ("page", (layer, page), waits) per page issued (schedule tests)
+        self.copy_timing = False  # CUDA: record timing events around each layer's pages (copy_spans)
+        self.copy_spans: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []  # (layer, first page start, last page end)
+        self._span_start: dict[int, torch.cuda.Event] = {}
         self.next_half = 0
         self.pages_loaded = 0  # pages copied, all layers (statistics, tests)
         self.whole_loads = 0  # layers loaded whole at their call (not ahead, page by page)
@@ -89,10 +101,39 @@ class PagedRuntime:
         later = [m for m in self.layers if m > layer]
         return later[0] if later else self.layers[0]
 
+    def streamed_bytes(self, layer: int) -> int:
+        """Returns the bytes of the layer's streamed experts (what its pages carry)."""
+        return (self.experts[layer] - self.resident) * sum(t[0].numel() * t.element_size()
+                                                           for t in self.stores[layer].values())
+
+    def flat_pages(self, layer: int) -> bool:
+        """Returns whether the layer's pages are byte ranges (its slots are as wide as its experts
+        and the stores contiguous), else expert-aligned ranges."""
+        return all(self.slab[name].shape[1:] == src.shape[1:] and src.is_contiguous() and self.slab[name].is_contiguous()
+                   for name, src in self.stores[layer].items())
+
+    def _copy_page(self, layer: int, page: int, pages: int, half: int, non_blocking: bool) -> None:
+        """Copies page `page` of `pages` of the layer's streamed experts into buffer `half`."""
+        streamed = self.experts[layer] - self.resident
+        base = self.buffer_start[half]
+        if not self.flat_pages(layer):
+            lo, hi = self.page_range(layer, page, pages)
+            self._copy(layer, lo, hi, base + lo - self.resident, non_blocking)
+            return
+        for name, src in self.stores[layer].items():
+            total = streamed * src[0].numel()
+            a = total * page // pages // PAGE_ALIGN * PAGE_ALIGN
+            b = total if page == pages - 1 else total * (page + 1) // pages // PAGE_ALIGN * PAGE_ALIGN
+            if b > a:
+                dst = self.slab[name][base:base + streamed].reshape(-1)[a:b]
+                dst.copy_(src[self.resident:].reshape(-1)[a:b], non_blocking=non_blocking)
+
     def load_page(self, layer: int, page: int, pages: int, stream=None) -> None:
         """Copies page `page` of `pages` of the layer's streamed experts into its buffer (the first
-        page claims the buffer the layer before last used); on CUDA on `stream` (default: the
-        runtime's own H2D stream), after the compute queued so far."""
+        page claims the buffer the layer before last used). On CUDA it is queued on `stream`
+        (default: the runtime's weight stream) behind the last expert call of the layer whose
+        buffer it takes -- not behind the compute queued since -- and the last page records the
+        event the layer's expert calls wait for."""
         if self.streamed == 0 or self.loaded(layer) or page in self.pages_done.get(layer, set()):
             return
         if layer not in self.half_of:
@@ -101,28 +142,46 @@ class PagedRuntime:
             before = self.layers[self.layers.index(layer) - 1]
             half = 1 - self.half_of[before] if before in self.half_of and before != layer else self.next_half
             self.next_half = 1 - half
-            for other in [m for m, h in self.half_of.items() if h == half]:  # evicted
+            evicted = [m for m, h in self.half_of.items() if h == half]
+            for other in evicted:
                 del self.half_of[other]
                 self.pages_done.pop(other, None)
+            # the buffer's readers: the evicted layer's last expert call (and this layer's own, when
+            # it was cut short and takes its old buffer again)
+            self.gates[layer] = tuple(dict.fromkeys([*evicted, layer]))
             self.half_of[layer], self.pages_of[layer], self.pages_done[layer] = half, pages, set()
         elif self.pages_of[layer] != pages:  # cut again (another micro-batch count), same buffer
             self.pages_of[layer], self.pages_done[layer] = pages, set()
         half = self.half_of[layer]
-        lo, hi = self.page_range(layer, page, pages)
-        slot = self.buffer_start[half] + lo - self.resident
+        first, last = not self.pages_done[layer], len(self.pages_done[layer]) + 1 == pages
+        waits = self.gates.get(layer, ()) if first else ()
+        if self.trace is not None:
+            self.trace.append(("page", (layer, page), tuple(("read", m) for m in waits)))
         if self.cuda:
             stream = stream or self.h2d
-            stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer's last reader is done
             with torch.cuda.stream(stream):
-                self._copy(layer, lo, hi, slot, non_blocking=True)
-                if len(self.pages_done[layer]) + 1 == pages:
-                    event = torch.cuda.Event()
+                for m in waits:
+                    if m in self.read_done:
+                        stream.wait_event(self.read_done[m])
+                if first and self.copy_timing:
+                    self._span_start[layer] = torch.cuda.Event(enable_timing=True)
+                    self._span_start[layer].record()
+                self._copy_page(layer, page, pages, half, non_blocking=True)
+                if last:
+                    event = torch.cuda.Event(enable_timing=self.copy_timing and layer in self._span_start)
                     event.record()
                     self.ready[layer] = event
+                    if self.copy_timing and layer in self._span_start:
+                        self.copy_spans.append((layer, self._span_start.pop(layer), event))
         else:
-            self._copy(layer, lo, hi, slot, non_blocking=False)
+            self._copy_page(layer, page, pages, half, non_blocking=False)
         self.pages_done[layer].add(page)
         self.pages_loaded += 1
+
+    def prefetch(self, layer: int, pages: int = 1) -> None:
+        """Queues every page of the layer not yet queued (nothing when it is loaded)."""
+        for page in range(pages):
+            self.load_page(layer, page, pages)
 
     def loaded(self, layer: int) -> bool:
         """Returns whether every page of the layer's streamed experts is in its buffer."""
@@ -142,7 +201,12 @@ class PagedRuntime:
         row_of = self._rows[(layer, half)]
         rows = self._rows_device[(layer, half)][ids]  # [N, A] slots
         stacked = self.layout.view(self.slab, layer)
-        return self.layout.form.run(x, rows, weights, stacked, ids=ids, row_of=row_of, count=self.experts[layer])
+        out = self.layout.form.run(x, rows, weights, stacked, ids=ids, row_of=row_of, count=self.experts[layer])
+        if self.cuda:  # the buffer's latest reader: a page that overwrites it waits for this, nothing later
+            done = torch.cuda.Event()
+            done.record()
+            self.read_done[layer] = done
+        return out
 
     # ---- the engines' side (experts.runtime.ExpertRuntime) ----------------------------------------
     def reserve(self, batch: int, positions: int) -> None:
