@@ -319,3 +319,33 @@ def test_prefill_interval_keeps_other_steps_decode_only(mixtral_model):
     assert seen_decode_only_with_waiting
     for prompt, r in zip(prompts, reqs):
         assert r.output == _alone(model, prompt, 8)
+
+
+def test_warm_runs_every_size_class_then_leaves_the_cache_empty(mixtral_model, monkeypatch):
+    """warm() runs throwaway steps of 1, 2, 3, powers of two and one past each (up to the budget),
+    a mixed and a decode-only step, frees their blocks, and later requests give the same tokens;
+    the step counters split static from eager steps."""
+    import moekit.serve.scheduler as scheduler
+
+    model = mixtral_model
+    sched = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=40, static_decode=True))
+    sizes, real = [], scheduler.forward_step
+    monkeypatch.setattr(scheduler, "forward_step",
+                        lambda m, c, work: sizes.append([len(t) for _, _, t in work]) or real(m, c, work))
+    warmed = sched.warm()
+    assert warmed["step_tokens"] == [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 40]
+    assert warmed["buckets"] == [1, 2, 4]
+    assert [[n] for n in warmed["step_tokens"]] == sizes[:12]
+    assert sizes[12:] == [[2], [1, 38], [2, 2], [1, 1]]  # a mixed step, then two decode rows
+    assert sched.cache.used_blocks == 0 and not sched.cache.tables and sched.stats.steps == 0
+    prompts = _prompts(LENGTHS[:3], seed=7)
+    reqs = [sched.add(p, SamplingParams(max_tokens=6)) for p in prompts]
+    with pytest.raises(moekit.MoekitError, match="before adding requests"):
+        sched.warm()
+    sched.run()
+    for prompt, r in zip(prompts, reqs):
+        assert r.output == _alone(model, prompt, 6)
+    stats = sched.stats
+    assert stats.static_steps + stats.mixed_steps == stats.steps and stats.static_steps and stats.mixed_steps
+    assert LENGTHS[:3] == [5, 30, 1]  # no preemption: each prompt token once; the one-token prompt
+    assert stats.prefill_tokens == 5 + 30  # runs as a decode row

@@ -149,6 +149,9 @@ class SchedulerStats:
     prompt_tokens: int = 0  # prompt tokens of finished requests
     generated_tokens: int = 0
     steps: int = 0
+    static_steps: int = 0  # decode-only steps at static shapes (graph-replayed on CUDA)
+    mixed_steps: int = 0  # steps run as one eager ragged forward (prefill chunks, with any decode rows)
+    prefill_tokens: int = 0  # tokens of rows that are not at their last token (prompt chunks, recomputation)
     preemptions: int = 0
     first_token_s_sum: float = 0.0  # time to first token, summed over finished requests
     inter_token_s_sum: float = 0.0  # gaps between output tokens, summed over finished requests
@@ -256,12 +259,16 @@ class Scheduler:
         work = self._schedule()
         if not work:
             return []
-        if self.decode is not None and all(r.computed == r.length - 1 for r, _ in work):
+        decode_rows = sum(1 for r, _ in work if r.computed == r.length - 1)
+        if self.decode is not None and decode_rows == len(work):
             logits = self.decode([(r, r.computed, r.last_token) for r, _ in work])  # [B, V]
+            self.stats.static_steps += 1
         else:
             logits = forward_step(self.model, self.cache, [(r, r.computed, r.tokens[r.computed:r.computed + n])
                                                            for r, n in work])  # [B, V]
+            self.stats.mixed_steps += 1
         self.stats.steps += 1
+        self.stats.prefill_tokens += sum(n for _, n in work) - decode_rows
         ready = []  # rows whose sequence has all its tokens in the cache: they sample
         for row, (request, n) in enumerate(work):
             request.computed += n
@@ -286,6 +293,42 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, reason)
         return produced
+
+    @torch.inference_mode()
+    def warm(self) -> dict[str, list[int]]:
+        """Returns {"step_tokens": token counts run, "buckets": decode buckets} after running
+        throwaway ragged steps whose token counts reach every size class the kernels compile or
+        pick a configuration for (1, 2, 3, powers of two and one past each, up to max_step_tokens:
+        the expert kernels' row blocks, Triton's specialization of sizes equal to 1 or divisible
+        by 16), a mixed and a decode-only step, then capturing the decode buckets of up to
+        max_seqs sequences; so that no timed step pays for a compile or a capture. Call it before
+        adding requests (it uses free KV blocks and frees them again)."""
+        if self.running or self.waiting:
+            raise MoekitError("warm() runs throwaway steps: call it before adding requests")
+        cfg, cache = self.model.config, self.cache
+        most = min(self.config.max_step_tokens, cfg.max_position_embeddings - 1,
+                   (cache.free_blocks - 2) * cache.block_size)  # two sequences' partial blocks spare
+        sizes = {1, 2, 3, most} | {p + d for k in range(most.bit_length()) for p in (1 << k,) for d in (0, 1)}
+        sizes = sorted(n for n in sizes if 1 <= n <= most)
+        tokens = [(7919 * i + 11) % cfg.vocab_size for i in range(most + 1)]
+        for n in sizes:  # one fresh prompt of n tokens
+            self._throwaway([(0, tokens[:n])])
+        if most >= 3:  # a decode row beside a prefill chunk, then two decode rows (the eager decode path)
+            self._throwaway([(0, tokens[:2])], [(2, tokens[2:3]), (0, tokens[:most - 2])])
+            self._throwaway([(0, tokens[:2]), (0, tokens[:2])], [(2, tokens[2:3]), (2, tokens[2:3])])
+        buckets = self.decode.warm(self.config.max_seqs) if self.decode is not None else []
+        return {"step_tokens": sizes, "buckets": buckets}
+
+    def _throwaway(self, *steps: list[tuple[int, list[int]]]) -> None:
+        """Runs ragged steps over fresh throwaway sequences (row i of every step is sequence i:
+        (start, tokens)), then frees their blocks."""
+        seqs = [object() for _ in range(max(len(step) for step in steps))]
+        try:
+            for step in steps:
+                forward_step(self.model, self.cache, [(seqs[i], start, toks) for i, (start, toks) in enumerate(step)])
+        finally:
+            for seq in seqs:
+                self.cache.free(seq)
 
     def run(self) -> None:
         """Steps until every request has finished."""
