@@ -330,6 +330,8 @@ def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results
                        cpu_info=r.get("cpu_info"), gpu_info=r.get("gpu_info"), build_commit=r.get("build_commit"))
         if getattr(s, "peak_mib", None) is not None and idle is not None:
             row["gpu_used_bytes"] = (s.peak_mib - idle) * 2**20
+        if not cuda:
+            row["loadavg_after"] = os.getloadavg()
         lc["rows"][name] = row
         common.log(f"llama.cpp {name}: {row.get('tok_s', 'error')} tok/s, GPU used "
                    f"{row.get('gpu_used_bytes', 0) / 1e9:.2f} GB")
@@ -396,6 +398,8 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
             with GpuMemorySampler() if device.type == "cuda" else _Nothing() as sampler:
                 model.generate(prompt_ids, max_new_tokens=NEW, temperature=0, eos_token_ids=(), stats=stats)
             row[f"{call}_decode_tok_s"] = stats.decode_tok_s
+        if device.type == "cpu":  # the native bf16 step (moekit.native.decode) or model.forward
+            row["native_cpu_step"] = stats.extra.get("native_cpu_step")
         if getattr(sampler, "peak_mib", None) and idle_mib is not None:  # the process's whole use, context included
             row["gpu_used_bytes"] = (sampler.peak_mib - idle_mib) * 2**20
         row["decode_tok_s"] = row["warm_decode_tok_s"]
@@ -511,8 +515,10 @@ def main() -> int:
 
     if device.type == "cpu":  # no GPU: everything on the CPU, bf16 as llama.cpp's GGUF
         for dtype in (torch.bfloat16, torch.float32):
+            load_before = os.getloadavg()  # the cores are shared: a figure taken under load is not the engine's
             row = moekit_row(ckpt, device, None, None, prompt, dtype=dtype, prefill_tokens=PROMPT)
-            row.update(setting="decode_cpu_only", dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads())
+            row.update(setting="decode_cpu_only", dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
+                       loadavg_before=load_before, loadavg_after=os.getloadavg())
             record(row, f"--device cpu {row['dtype']} (prefill {row.get(f'prefill_{PROMPT}_tok_s')} tok/s)")
         footprints = {}  # no offloaded rows without a GPU
     gpu: dict = {}

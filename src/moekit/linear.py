@@ -1,5 +1,5 @@
 """The model's projections: nn.Linear, with small bf16/fp16 calls on the CPU run by the native
-kernel (moekit.native.experts.linear).
+kernels (bf16: moekit.native.matvec; fp16: moekit.native.experts.linear).
 
 Why: a decode step on a CPU multiplies a few rows by each weight matrix, so its time is the
 weights' bytes over the host's memory bandwidth. In a profile of a bf16 decode step of the OLMoE
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .native.experts import SMALL_BATCH_TOKENS, linear, usable
+from .native.matvec import MAX_ROWS, matvec
 
 _NATIVE_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -27,5 +28,8 @@ class Linear(nn.Linear):
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             if 0 < rows <= SMALL_BATCH_TOKENS and usable(x, self.weight.dtype):
-                return linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
+                flat = x.reshape(rows, x.shape[-1])
+                if x.dtype == torch.bfloat16 and rows <= MAX_ROWS and self.weight.is_contiguous():  # AVX512-BF16
+                    return matvec(flat, self.weight, self.bias).view(*x.shape[:-1], -1)
+                return linear(flat, self.weight, self.bias).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)

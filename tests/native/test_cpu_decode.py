@@ -43,6 +43,15 @@ def test_matvec_refuses():
         mv.matvec(torch.ones(1, 32), torch.ones(4, 32))
 
 
+def test_model_linear_sends_bf16_rows_to_matvec():
+    from moekit.linear import Linear
+
+    layer = Linear(64, 48, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), mv.matvec(x.reshape(6, 64), layer.weight, layer.bias).view(2, 3, 48))
+
+
 def _bf16_model(tiny, variant):
     return moekit.load_model(tiny(variant).path, dtype=torch.bfloat16)
 
