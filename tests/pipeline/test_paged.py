@@ -105,4 +105,7 @@ def test_zigzag_prefill_loads_each_layer_once(expected):
     with torch.inference_mode():
         first = prefill_to_host(paged, host, PROMPTS, micro_batch=2).argmax(-1).tolist()
     assert first == [e[0] for e in expected]
-    assert paged.expert_runtime.whole_loads == len(paged.expert_runtime.layers)  # not once per micro-batch
+    runtime = paged.expert_runtime
+    # each layer queued whole, ahead of its call (none loaded at its call), once -- not once per
+    # micro-batch -- and the decode's first layer after the last
+    assert runtime.whole_loads == 0 and runtime.pages_loaded == len(runtime.layers) + 1

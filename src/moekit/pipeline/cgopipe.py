@@ -296,7 +296,9 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
     MoE-Lightning's zig-zag order: every micro-batch of `micro_batch` prompts through layer i
     before layer i + 1 (so a layer's streamed experts are loaded once, not once per micro-batch),
     each layer's keys and values staged in one device pool and then copied into the host cache
-    (sequences 0..N-1). The residual streams of all N prompts stay on the device."""
+    (sequences 0..N-1). With paged experts the next MoE layer is queued whole on the weight
+    stream before this one's micro-batches (the decode's first layer after the last). The
+    residual streams of all N prompts stay on the device."""
     cfg, device = model.config, model.device
     blocks = sum(-(-len(p) // block_size) for p in prompts)
     staging = OneLayerCache(cfg, blocks, block_size, device, model.dtype)
@@ -312,7 +314,15 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
     # every sequence's staging blocks and host blocks, in one index each: one D2H copy per layer
     src = torch.tensor([b for g in range(len(prompts)) for b in staging.tables[g]], device=device)
     dst = torch.tensor([b for g, p in enumerate(prompts) for b in host.tables[g][:len(staging.tables[g])]])
+    from .paged import PagedRuntime
+
+    paged = getattr(model, "expert_runtime", None)
+    paged = paged if isinstance(paged, PagedRuntime) else None
+    if paged is not None:
+        paged.prefetch(paged.layers[0])
     for i, layer in enumerate(model.layers):
+        if paged is not None:  # the next MoE layer streams (whole: one page) while this one computes
+            paged.prefetch(paged.next_layer(i))
         for mb in mbs:
             mb.x = layer(mb.x, mb.cos, mb.sin, staging, mb.batch)
         host.keys[i][dst] = staging.keys[i][src].to("cpu")

@@ -14,7 +14,8 @@ A trace (PipelinedDecoder(trace=[])) is the engine's issue order as (op, key, wa
     page        weights    (m, p)      page p of MoE layer m's streamed experts
     post        gpu        (i, j)      PostAttn: o-proj, router, experts, residual
 
-and waits are keys of earlier entries ("attn", (i, j)), or ("read", m) -- the last post of MoE
+(and "sync": the launch thread waits for the compute stream, as the step's logits do), and waits are keys
+of earlier entries ("attn", (i, j)), or ("read", m) -- the last post of MoE
 layer m (the buffer a page overwrites is free) -- or ("weights", m) -- every page of m queued so
 far has arrived. Each resource runs its ops one at a time in issue order (a CUDA stream, the
 single worker), so one pass over the trace gives every op's start and end.
@@ -48,8 +49,8 @@ def replay(trace: list[tuple], seconds: dict[str, float | Callable[[tuple], floa
     now = blocked = 0.0
     issue = float(seconds.get("issue", 0.0))  # the launch thread's cost of issuing one op
     for op, key, waits in trace:
-        if op == "wait_attn":
-            t = done[("attn", key)]
+        if op in ("wait_attn", "sync"):
+            t = done[("attn", key)] if op == "wait_attn" else free["gpu"]
             blocked += max(0.0, t - now)
             now = max(now, t)
             continue
