@@ -280,3 +280,39 @@ def _unspecialized(kernel) -> list[str]:
     if marked is None:
         marked = getattr(kernel, "kwargs", {}).get("do_not_specialize", ())
     return [names[i] if isinstance(i, int) else i for i in marked]
+
+
+def test_ragged_steps_compile_one_attention_kernel_each(monkeypatch):
+    """Many ragged steps (1..300 packed tokens, tables 1..40 blocks wide, q a strided view as the
+    model passes it) launch the prefill and decode kernels under one specialization key each."""
+    import moekit.paged_attention as pa
+    from moekit.experts.triton_ops import specialization_key
+
+    keys = {"prefill": set(), "decode": set()}
+
+    class Recorder:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: keys[self.name].add(specialization_key(self.kernel, a, k))
+
+    monkeypatch.setattr(pa, "paged_prefill_kernel", Recorder(pa.paged_prefill_kernel, "prefill"))
+    monkeypatch.setattr(pa, "paged_decode_kernel", Recorder(pa.paged_decode_kernel, "decode"))
+    heads, kv_heads, head_dim, block_size = 4, 2, 16, 16
+    cache = PagedKVCache(_config(heads, kv_heads, head_dim), 2048, block_size, "cpu", torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for step in range(60):
+        work = [(("s", step, i), int(torch.randint(0, 600, (1,), generator=g)),
+                 int(torch.randint(1, 60 if i else 300, (1,), generator=g))) for i in range(1 + step % 5)]
+        batch = cache.prepare(work)
+        projected = torch.empty(1, batch.num_tokens, heads, head_dim, dtype=torch.bfloat16)  # [1, N, H, Dh]
+        q = projected.transpose(1, 2)[0].transpose(0, 1)  # [N, H, Dh] as the model's ragged attention sees it
+        if batch.query_tiles is not None:
+            pa.prefill_attention_triton(q, cache.keys[0], cache.values[0], batch.block_tables, batch.query_tiles,
+                                        None)
+        pa.decode_attention_triton(q[:len(work)], cache.keys[0], cache.values[0], batch.block_tables,
+                                   batch.context_lens, None)
+        for seq, _, _ in work:
+            cache.free(seq)
+    assert len(keys["prefill"]) == 1 and len(keys["decode"]) == 1

@@ -132,3 +132,53 @@ def _experts_float_reference(m, x, ids, weights):
         ref.gate_up.copy_(m.gate_up.float())
         ref.down.copy_(m.down.float())
         return ref._grouped(x.float(), ids, weights.float())
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records the specialization key of each launch, runs nothing."""
+
+    def __init__(self, kernel):
+        self.kernel, self.keys, self.launches = kernel, set(), 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            self.keys.add(triton_ops.specialization_key(self.kernel, args, kwargs))
+        return launch
+
+
+def test_ragged_token_counts_compile_a_fixed_set_of_expert_kernels(monkeypatch):
+    """Every token count a ragged step may bring (1..600, olmoe's 64 experts top-8) launches the
+    grouped kernels under one key per row-block size (3) and the per-slot kernels under one: a
+    new step size never compiles a new kernel mid-run."""
+    from moekit.experts.forms import SLOT_KERNEL_MAX_SLOTS
+
+    recorders = {}
+    for name in ("gate_up_swiglu_kernel", "down_kernel", "slot_gate_up_swiglu_kernel", "slot_down_kernel"):
+        recorders[name] = _Recorder(getattr(triton_ops, name))
+        monkeypatch.setattr(triton_ops, name, recorders[name])
+    num_experts, top_k, hidden, ffn = 64, 8, 32, 16
+    gate_up = torch.empty(num_experts, 2 * ffn, hidden, dtype=torch.bfloat16)
+    down = torch.empty(num_experts, hidden, ffn, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for tokens in range(1, 601):
+        ids = torch.randint(0, num_experts, (tokens, top_k), generator=g)
+        weights = torch.rand(tokens, top_k, generator=g).to(torch.bfloat16)
+        x = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+        if ids.numel() <= SLOT_KERNEL_MAX_SLOTS:
+            triton_ops.slot_expert_ffn(x, ids, weights, gate_up, down)
+        else:
+            triton_ops.grouped_expert_ffn(x, ids, weights, gate_up, down)
+    assert recorders["gate_up_swiglu_kernel"].launches == 600 - SLOT_KERNEL_MAX_SLOTS // top_k
+    assert len(recorders["gate_up_swiglu_kernel"].keys) == len(recorders["down_kernel"].keys) == 3
+    assert len(recorders["slot_gate_up_swiglu_kernel"].keys) == len(recorders["slot_down_kernel"].keys) == 1
+
+
+def test_specialization_key_classes():
+    kernel = triton_ops.down_kernel
+    x = torch.empty(4, 8)
+    base = (x, x, x, x, x, x, 8, 64, 32, 16, 16, 16)
+    key = lambda *ints: triton_ops.specialization_key(kernel, base[:6] + ints + base[6 + len(ints):], {"K": 8})
+    assert key(8) != key(1) != key(3) and key(32) == key(48) and key(3) == key(5)
+    unaligned = x.view(-1)[1:]  # 4 bytes in
+    assert triton_ops.specialization_key(kernel, (unaligned,), {}) != triton_ops.specialization_key(kernel, (x,), {})

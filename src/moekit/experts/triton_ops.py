@@ -30,6 +30,30 @@ def triton_usable(x: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def specialization_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """Returns what Triton compiles a launch `kernel[grid](*args, **kwargs)` under, as far as the
+    arguments decide it: each tensor's dtype and 16-byte alignment, each int's class (1, divisible
+    by 16, other, 64-bit) unless the kernel leaves it unspecialized, and the keyword constexprs
+    and launch options. A launch whose key is new compiles (100s of ms on a GPU): tests hold the
+    keys of ragged steps to a fixed set."""
+    names = list(kernel.arg_names)
+    marked = getattr(kernel, "do_not_specialize", None)
+    if marked is None:  # the interpreter keeps the decorator's arguments as they were given
+        marked = getattr(kernel, "kwargs", {}).get("do_not_specialize") or ()
+    loose = {names[i] if isinstance(i, int) else i for i in marked}
+    key = []
+    for name, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            key.append((name, str(a.dtype), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            key.append((name, type(a).__name__ if isinstance(a, float) else a))
+        elif name in loose:
+            key.append((name, "i64" if abs(a) >= 2**31 else "i32"))
+        else:
+            key.append((name, "i64" if abs(a) >= 2**31 else 1 if a == 1 else 16 if a % 16 == 0 else "i32"))
+    return tuple(key) + tuple(sorted(kwargs.items()))
+
+
 def block_sizes(slots: int, num_experts: int) -> tuple[int, int, int]:
     """Returns (BLOCK_M, BLOCK_N, BLOCK_K) for `slots` routed slots over `num_experts` experts.
 
@@ -132,7 +156,7 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     offsets[e, 0] and its down at down's first element + offsets[e, 1] (elements; each expert's
     matrices contiguous as in the stacked layout), instead of at index e of gate_up and down."""
     n, top_k = expert_ids.shape
-    num_experts, two_ffn, hidden = gate_up.shape
+    _, two_ffn, hidden = gate_up.shape
     ffn = two_ffn // 2
     slots = n * top_k
     (gn, gk, gw), (dn, dk, dw) = configs or (slot_config("gate_up", hidden, ffn), slot_config("down", hidden, ffn))

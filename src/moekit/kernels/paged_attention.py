@@ -75,7 +75,8 @@ def paged_decode_kernel(
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["WINDOW", "stride_tb"])
+# q and out are views of the step's packed projections: their strides may scale with its tokens
+@triton.jit(do_not_specialize=["WINDOW", "stride_qn", "stride_qh", "stride_tb", "stride_on", "stride_oh"])
 def paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, tile_ptr, out_ptr,
     scale, WINDOW,
