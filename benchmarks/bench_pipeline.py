@@ -22,6 +22,13 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
   next to the HRM's prediction for the same policy and machine, the PCIe ceiling N * measured
   H2D / streamed expert bytes per step, and the CPU-attention ceiling (the native kernel's
   measured KV bytes/s / KV bytes a token reads at the mean context s + n / 2).
+  Each pipeline row also records `step_breakdown` (run_plan(profile=True), the first decode step
+  left out): ms per step of the launch thread blocked on CPU-attention results and issuing, the
+  attention worker attending and waiting for q/k/v; on CUDA the compute stream's step and
+  per-layer times, each MoE layer's weight-page span on the weight stream and its GB/s (near the
+  measured H2D: the pages stream back to back), and the attention-output loads' ms (LoadH: a mean
+  well above ~0.02 ms means they queue behind weight pages on the copy engine); next to the HRM's
+  per-layer h2d/cpu/gpu terms and the PCIe step (streamed bytes / measured H2D).
 - offload engine: moekit.offload.load_offloaded(OffloadConfig(device_memory=16 GiB, batch=B)) and
   model.generate on a list of B prompts, gen --offload-gen, at each B of --offload-batches; the
   best B is marked.
@@ -208,12 +215,35 @@ def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, devic
                             "past --time-budget-s")
 
     r = run_plan(models.folder, plan, prompts, gen_len, device=str(device), dtype=models.dtype, h2d_bandwidth=h2d,
-                 model=model, on_step=guard)
+                 model=model, on_step=guard, profile=True)
     out = r.to_dict()
     out.pop("tokens")
+    out["step_breakdown"] = step_breakdown(r.step_profile, plan, r.streamed_bytes_per_step, h2d)
     out.update(status="ok", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(device),
                decode_step_s=r.decode_s / max(gen_len - 1, 1), prompt_lengths_mean=r.prompt_tokens / r.sequences,
                report=model.expert_runtime.report())
+    return out
+
+
+def step_breakdown(profile: dict | None, plan, streamed_bytes: int, h2d: float) -> dict | None:
+    """Returns where a decode step went (run_plan's step profile, first step left out) next to the
+    HRM's per-layer terms: the launch thread's time blocked on CPU-attention results and issuing,
+    the worker's attention time, and on CUDA the compute stream's step and per-layer times, each
+    MoE layer's weight-page span (first page start to last page end on the weight stream) and its
+    GB/s next to the measured H2D, and the attention-output loads (a mean far above ~0.02 ms
+    means they queue behind weight pages on the copy engine)."""
+    if not profile or not profile.get("steps"):
+        return None
+    layers = len(profile.get("layer_ms") or [])
+    out = dict(profile)
+    out.pop("last_step_copies", None)
+    hrm = plan.layer
+    out["hrm_layer_ms"] = {"h2d": 1e3 * hrm.h2d, "cpu": 1e3 * hrm.cpu, "gpu": 1e3 * hrm.gpu, "max": 1e3 * hrm.time}
+    out["hrm_step_ms"] = 1e3 * plan.decode_step_s
+    out["pcie_step_ms"] = 1e3 * streamed_bytes / h2d if h2d else None  # the streamed bytes at the measured H2D
+    if layers:
+        out["layer_ms_mean"] = sum(profile["layer_ms"]) / layers
+    out["last_step_copies"] = profile.get("last_step_copies")
     return out
 
 
@@ -332,6 +362,24 @@ def table(results: dict) -> str:
     return head + common.markdown_table(
         ["row", "gen", "policy", "tok/s (prefill+decode)", "HRM tok/s", "PCIe ceiling (decode)", "CPU-attn ceiling",
          "peak / budget", "status"], rows)
+
+
+def breakdown_table(results: dict) -> str:
+    """Returns the pipeline rows' step breakdowns as a short table (ms per decode step)."""
+    rows = []
+    for r in results.get("rows", []):
+        b = r.get("step_breakdown")
+        if not b:
+            continue
+        rows.append([r.get("gen_len"), fmt(b.get("step_ms")), fmt(b.get("hrm_step_ms")), fmt(b.get("pcie_step_ms")),
+                     fmt(b.get("gpu_step_ms")), fmt(b.get("launch_blocked_ms")), fmt(b.get("launch_issuing_ms")),
+                     fmt(b.get("worker_attention_ms")), fmt(b.get("worker_wait_ms")), fmt(b.get("layer_ms_mean")),
+                     fmt(b.get("copy_span_ms_mean")), fmt(b.get("copy_gb_s_mean")), fmt(b.get("loadh_ms_mean"), 3)])
+    if not rows:
+        return ""
+    return "\n\ndecode step breakdown (ms per step unless noted; the first step left out)\n" + common.markdown_table(
+        ["gen", "step", "HRM step", "PCIe step", "GPU stream", "launch blocked", "launch issuing", "worker attention",
+         "worker waiting", "layer (GPU)", "page span / layer", "page GB/s", "LoadH ms"], rows)
 
 
 def main() -> int:
@@ -473,6 +521,13 @@ def main() -> int:
                 if not warm:
                     steps.append((n, prompt_mean + g / 2, row["decode_step_s"]))
                     results["last_prefill_s"] = row["prefill_s"]
+                    b = row.get("step_breakdown") or {}
+                    log(f"  decode step {fmt(b.get('step_ms'))} ms (HRM {fmt(b.get('hrm_step_ms'))}, PCIe "
+                        f"{fmt(b.get('pcie_step_ms'))}): launch thread blocked {fmt(b.get('launch_blocked_ms'))} / "
+                        f"issuing {fmt(b.get('launch_issuing_ms'))}, worker attention "
+                        f"{fmt(b.get('worker_attention_ms'))}, GPU stream {fmt(b.get('gpu_step_ms'))}, page span "
+                        f"{fmt(b.get('copy_span_ms_mean'))} ms/layer at {fmt(b.get('copy_gb_s_mean'))} GB/s, LoadH "
+                        f"{fmt(b.get('loadh_ms_mean'), 3)} ms")
             except OutOfTime as e:
                 row.update(status="stopped", reason=str(e), peak_bytes=peak_bytes(device))
             except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
@@ -543,7 +598,7 @@ def main() -> int:
     models.drop()
     results["total_s"] = time.perf_counter() - common.T_START
     save()
-    print("\n" + table(results), flush=True)
+    print("\n" + table(results) + breakdown_table(results), flush=True)
     log(f"wrote {Path(args.out) / (NAME + '.json')}")
     return 0
 

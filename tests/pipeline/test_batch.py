@@ -23,13 +23,18 @@ def tiny_plan(policy: Policy, gen_len: int):
 def test_run_plan_equals_generate_and_reports_the_prediction():
     prompts = synthetic_prompts(6, 6, 4096, seed=3)
     plan = tiny_plan(Policy(batch=6, micro_batch=2, resident_share=0.25), gen_len=4)
-    result = run_plan(default_model_path(), plan, prompts, 4, device="cpu", dtype="float32", h2d_bandwidth=55e9)
+    result = run_plan(default_model_path(), plan, prompts, 4, device="cpu", dtype="float32", h2d_bandwidth=55e9,
+                      profile=True)
     model = load_model(device="cpu", dtype="float32")
     expected = generate_ragged(model, prompts, max_new_tokens=4, temperature=0.0, stop_at_eos=False)
     assert result.tokens == [e.tolist() for e in expected]
     assert result.resident_per_layer == 2 and result.micro_batch == 2 and result.sequences == 6
     assert result.tok_s > 0 and result.predicted_tok_s == plan.tok_s and result.pcie_ceiling_decode_tok_s > 0
     assert result.pages_loaded > 0
+    steps = result.step_profile  # three decode steps, the first left out
+    assert steps["steps"] == 2 and steps["step_ms"] > 0 and steps["worker_attention_ms"] > 0
+    assert 0 <= steps["launch_blocked_ms"] <= steps["step_ms"]
+    assert steps["launch_issuing_ms"] == pytest.approx(steps["step_ms"] - steps["launch_blocked_ms"])
 
 
 def test_run_plan_refuses_gpu_attention_and_a_wrong_count():

@@ -65,7 +65,9 @@ class Streams:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             t.record_stream(self.d2h)
-            done = torch.cuda.Event()
+            # the worker thread sleeps on it (blocking sync) rather than spin a core the launch
+            # thread and the attention threads need
+            done = torch.cuda.Event(blocking=True)
             done.record()
         return host, done
 
@@ -167,7 +169,7 @@ class PipelinedDecoder:
         self.worker.shutdown(wait=True)
         paged = self._paged()
         if paged is not None:
-            paged.trace, paged.copy_timing = None, False
+            paged.trace, paged.copy_timing, paged.copy_spans = None, False, []
 
     def _record(self, op: str, key: tuple, waits: tuple = ()) -> None:
         if self.trace is not None:
