@@ -37,6 +37,11 @@ For each shape (random bf16 weights: routing is near-uniform, fine for speed):
      (output tok/s over the whole call, prefill included, as a server would see it);
   4. offloaded (--offload-fraction of the model's bytes): the scheduler again, with the allocator
      peak (torch.cuda.max_memory_allocated) next to the budget.
+Per serve row the JSON also holds what the timed loop paid that warm-up should have: Triton
+compiles by kernel (`triton_compiles`, from the JIT caches) and decode graph captures, both 0
+when Scheduler.warm() covered every size class; step wall times split into decode-only (static,
+graph-replayed) and mixed (eager, with prefill) steps; `resident_setup` names SDPA's backend order
+(cuDNN first on Hopper builds a plan per new attention shape).
 Goals printed under the table: at C=32 >= 70% of the static decode at B=32 and >= 5x
 transformers; at C=1 inter-token latency within 10% of static batch-1 decode.
 
@@ -48,6 +53,8 @@ Shapes: C = concurrency, T = prompt tokens, M = new tokens per request.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 import tempfile
 import time
 import traceback
@@ -90,6 +97,54 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def triton_variants() -> dict[str, int]:
+    """Returns {kernel: compiled variants held} over the Triton kernels of moekit's modules (their
+    JIT caches on every device; empty without triton or under the interpreter, which compiles
+    nothing). The difference across a phase is the compiles it paid for."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return {}
+    out: dict[str, int] = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("moekit") or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            fn = obj
+            for _ in range(3):  # autotuners and heuristics wrap the JITFunction as .fn
+                if isinstance(fn, JITFunction) or fn is None:
+                    break
+                fn = getattr(fn, "fn", None) if not isinstance(fn, type(sys)) else None
+            if isinstance(fn, JITFunction):
+                caches = getattr(fn, "device_caches", None) or {}
+                # device_caches[device][0] is the kernel cache (Triton 3.x)
+                out[f"{fn.fn.__module__}.{fn.fn.__name__}"] = sum(len(entry[0]) for entry in caches.values())
+    return out
+
+
+def compiles_since(before: dict[str, int]) -> dict[str, int]:
+    """Returns {kernel: new compiled variants} since `before` (triton_variants()), nonzero only."""
+    now = triton_variants()
+    return {k: n - before.get(k, 0) for k, n in sorted(now.items()) if n != before.get(k, 0)}
+
+
+def step_times(times: dict[str, list[float]]) -> dict[str, dict[str, float | int]]:
+    """Returns per step kind (static: decode-only, graph-replayed; mixed: eager, with prefill) the
+    count and the p50 / p99 / max / mean wall milliseconds of a step (each step reads its tokens
+    back, so its wall time is its device time too)."""
+    return {kind: {"steps": len(t), "p50_ms": 1e3 * percentile(t, 50), "p99_ms": 1e3 * percentile(t, 99),
+                   "max_ms": 1e3 * max(t), "mean_ms": 1e3 * sum(t) / len(t)} for kind, t in times.items() if t}
+
+
+def attention_backends() -> dict[str, Any]:
+    """Returns SDPA's backend priority and the cuDNN version (cuDNN first means a plan per new shape)."""
+    try:
+        order = [torch.nn.attention.SDPBackend(i).name for i in torch._C._get_sdp_priority_order()]
+    except (AttributeError, ValueError):
+        order = None
+    return {"sdp_priority_order": order, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+
+
 def prompts_for(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
     """Returns n random prompts with lengths uniform in [lo, hi] (ids clear of the lowest, special ones)."""
     g = torch.Generator().manual_seed(seed)
@@ -104,12 +159,18 @@ def serve_closed_loop(sched: Scheduler, prompts: list[list[int]], concurrency: i
     params = SamplingParams(max_tokens=new_tokens)
     pending, done, aborted = list(prompts), [], []
     steps0, preempt0 = sched.stats.steps, sched.stats.preemptions
+    stats0 = dataclasses.replace(sched.stats)
+    graphs0 = _graphs(sched)
+    variants0 = triton_variants()
+    times: dict[str, list[float]] = {"static": [], "mixed": []}
     sync(sched.model.device)
     t0 = time.perf_counter()
     running = [sched.add(pending.pop(0), params) for _ in range(min(concurrency, len(pending)))]
     produced, full, drained = 0, None, None  # (perf_counter, tokens so far) at the steady window's ends
     while running:
+        static_before, t_step = sched.stats.static_steps, time.perf_counter()
         produced += len(sched.step())
+        times["static" if sched.stats.static_steps > static_before else "mixed"].append(time.perf_counter() - t_step)
         for r in [r for r in running if r.finished]:
             running.remove(r)
             done.append(r)
@@ -139,18 +200,33 @@ def serve_closed_loop(sched: Scheduler, prompts: list[list[int]], concurrency: i
             "static_decode": sched.decode is not None,
             "graph_buckets": sorted(b for b, s in sched.decode.steps.items() if s.graph is not None)
             if sched.decode is not None else [],
+            "step_times": step_times(times),
+            "prefill_tokens": sched.stats.prefill_tokens - stats0.prefill_tokens,
+            # what the timed loop paid for that warm-up should have: both 0 when warm() covered it
+            "triton_compiles": compiles_since(variants0), "graph_captures": _graphs(sched) - graphs0,
+            "prefill_interval": sched.config.prefill_interval,
             "truncated": {"aborted": len(aborted), "never_sent": len(pending)} if aborted or pending else None}
+
+
+def _graphs(sched: Scheduler) -> int:
+    """Returns the decode steps the scheduler has captured as CUDA graphs."""
+    return 0 if sched.decode is None else sum(s.graph is not None for s in sched.decode.steps.values())
 
 
 def static_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict[str, Any]:
     """Returns moekit's decode speed on an equal-length batch [batch, prompt_len] (CUDA graphs)."""
     ids = torch.tensor(prompts_for(batch, prompt_len, prompt_len, vocab, seed=7), device=model.device)
-    model.generate(ids[:, :8], max_new_tokens=4, temperature=0, eos_token_ids=())  # capture warm-up
+    # warm-up at the timed shape: its prefill's kernel configuration (and attention plan) and the
+    # decode capture are paid here, not in the timed prefill_s
+    model.generate(ids, max_new_tokens=4, temperature=0, eos_token_ids=())
+    variants0 = triton_variants()
     stats = moekit.GenerationStats()
     model.generate(ids, max_new_tokens=new_tokens, temperature=0, eos_token_ids=(), stats=stats)
     return {"batch": batch, "prompt_len": prompt_len, "decode_tok_s_per_seq": stats.decode_tok_s,
             "decode_tok_s": stats.decode_tok_s * batch, "itl_s": 1 / stats.decode_tok_s if stats.decode_tok_s else None,
-            "prefill_s": stats.prefill_s, "cuda_graph": stats.cuda_graph, "compiled": bool(stats.extra.get("compiled"))}
+            "prefill_s": stats.prefill_s, "prefill_tok_s": batch * prompt_len / stats.prefill_s if stats.prefill_s else None,
+            "graph_capture_s": stats.extra.get("graph_capture_s"), "triton_compiles": compiles_since(variants0),
+            "cuda_graph": stats.cuda_graph, "compiled": bool(stats.extra.get("compiled"))}
 
 
 def load_transformers(folder: Path, device: torch.device):
@@ -261,11 +337,14 @@ class Bench:
                                                  kv_tokens=top * (a.max_len + a.new_tokens + 16),
                                                  prefill_interval=a.prefill_interval,
                                                  static_decode=True if a.small else None))  # the smoke run: eagerly
+        variants0 = triton_variants()
+        warmed = sched.warm()  # every step size class the kernels compile for, then the decode buckets
+        buckets = warmed["buckets"]
         warm = prompts_for(2, a.min_len, a.max_len, cfg.vocab_size, seed=0)
-        serve_closed_loop(sched, warm, 2, 4)  # first calls: allocator, kernels
-        buckets = sched.decode.warm(top) if sched.decode is not None else []
+        serve_closed_loop(sched, warm, 2, 4)  # first calls of the rest: sampling, the allocator
         res["resident_setup"] = {"load_and_warm_s": round(time.perf_counter() - t0, 1), "buckets": buckets,
-                                 "kv_cache_bytes": sched.cache.bytes}
+                                 "warm_step_tokens": warmed["step_tokens"], "kv_cache_bytes": sched.cache.bytes,
+                                 "warm_triton_compiles": compiles_since(variants0), **attention_backends()}
         log(f"{name}: loaded, warmed and captured {buckets} in {res['resident_setup']['load_and_warm_s']} s")
         for c in a.concurrency:
             row = res[f"c{c}"]
