@@ -58,3 +58,22 @@ def test_cuda_pipeline_agrees_with_the_sequential_engine(expected, resident, mic
 def test_agreement_counts_up_to_the_first_difference():
     assert agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == 1.0
     assert agreement([[1, 9, 3], [4, 5]], [[1, 2, 3], [4, 5]]) == 3 / 5
+
+
+@pytest.mark.gpu
+def test_cuda_step_profile_times_pages_and_layers(expected):
+    """The step profile on CUDA: per-layer compute-stream times, each MoE layer's weight-page span,
+    the attention-output loads; the tokens unchanged by profiling."""
+    from moekit.pipeline.timeline import StepProfile
+
+    model = load_model(device="cuda", dtype="float32", experts=PagedLoader(resident=3))
+    profile = StepProfile(cuda=True)
+    got = [t.tolist() for t in generate_pipelined(model, PROMPTS, max_new_tokens=NEW_TOKENS, micro_batch=2,
+                                                  profile=profile)]
+    assert agreement(got, expected) >= 0.9
+    summary = profile.summary()
+    assert summary["steps"] == NEW_TOKENS - 2  # the first decode step left out
+    assert len(summary["layer_ms"]) == len(model.layers) and all(ms >= 0 for ms in summary["layer_ms"])
+    assert summary["copy_span_ms_mean"] > 0 and summary["copy_gb_s_mean"] > 0
+    assert 0 <= summary["loadh_ms_mean"] <= summary["loadh_ms_max"]
+    assert model.expert_runtime.copy_timing is False and model.expert_runtime.copy_spans == []
