@@ -9,7 +9,8 @@ flight and transformers' generate stops (its max_time), so it ends inside a 270 
     MOEKIT_GIT_COMMIT=<commit> PYTHONPATH=src python3 benchmarks/bench_serve.py --out $OUT
 
     (equivalently: --shapes olmoe-1b-7b --concurrency 1 8 32 128 --offload-concurrency 1
-     --new-tokens 128 --min-len 32 --max-len 512 --time-budget-s 225)
+     --new-tokens 128 --min-len 32 --max-len 512 --step-tokens 2048 --alt-prefill-interval 8
+     --alt-concurrency 32 --time-budget-s 225)
 
 Expected H200 seconds per phase (OLMoE-1B-7B shape, 13.8 GB bf16), estimated from earlier H200
 runs (resident decode ~354 tok/s at B=1 with CUDA graphs, ~6,900 tok/s at B=32 compiled;
@@ -352,6 +353,16 @@ class Bench:
                                                     self.deadline - a.reserve_s))
             self.phase(row, "moekit_static", partial(static_decode, model, c, a.static_prompt_len, a.new_tokens,
                                                      cfg.vocab_size), min_s=a.reserve_s)
+        # the same loads with prefill batched into every Nth step while sequences decode: fewer
+        # eager mixed steps (each costs an eager forward's launches) for a later first token
+        base = sched.config
+        for c in a.alt_concurrency:
+            if c in a.concurrency and a.alt_prefill_interval:
+                sched.config = dataclasses.replace(base, prefill_interval=a.alt_prefill_interval)
+                self.phase(res[f"c{c}"], f"moekit_serve_prefill_interval_{a.alt_prefill_interval}",
+                           partial(serve_closed_loop, sched, prompts[c], c, a.new_tokens, self.deadline - a.reserve_s),
+                           min_s=a.reserve_s + 60)  # transformers' rows still to come
+        sched.config = base
         del sched, model
         free_memory(device)
 
@@ -402,7 +413,7 @@ class Bench:
         for c in a.offload_concurrency:
             # fewer requests than resident: each token waits on PCIe for the missed experts
             prompts = prompts_for(max(2, a.requests_per_slot * c), a.min_len, a.max_len, cfg.vocab_size, seed=c)
-            sched = Scheduler(model, SchedulerConfig(max_seqs=c, max_step_tokens=a.step_tokens,
+            sched = Scheduler(model, SchedulerConfig(max_seqs=c, max_step_tokens=a.offload_step_tokens,
                                                      kv_tokens=c * (a.max_len + a.new_tokens + 16)))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -481,9 +492,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--static-prompt-len", type=int, default=272, help="prompt of the static-batch baseline (the mean)")
-    p.add_argument("--step-tokens", type=int, default=512, help="the scheduler's tokens per step")
+    # an eager step costs about the same from 128 to 1024 tokens on the H200 (its launches, not its
+    # math: bench_resident prefill 128 tokens 17.6 ms, 1024 tokens 19.0 ms), so a wave of prompts
+    # prefills in fewer, fuller steps
+    p.add_argument("--step-tokens", type=int, default=2048, help="the scheduler's tokens per step (resident)")
+    p.add_argument("--offload-step-tokens", type=int, default=512,
+                   help="the scheduler's tokens per step, offloaded (activations count in its budget)")
     p.add_argument("--prefill-interval", type=int, default=1,
                    help="the scheduler's prefill_interval (1: prefill beside decode every step)")
+    p.add_argument("--alt-prefill-interval", type=int, default=8,
+                   help="a second serve row at --alt-concurrency with this prefill_interval (0: none)")
+    p.add_argument("--alt-concurrency", type=int, nargs="*", default=[32])
     p.add_argument("--hf-max-batch", type=int, default=128, help="largest batch transformers runs")
     p.add_argument("--hf-batches", type=int, default=1, help="padded batches transformers runs per concurrency")
     p.add_argument("--hf-max-s", type=float, default=20.0,
@@ -500,6 +519,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.offload_concurrency = [c for c in args.offload_concurrency if c <= 8] or [1]
         args.min_len, args.max_len, args.new_tokens = 4, 24, 8
         args.static_prompt_len = 14
+        args.alt_concurrency = [c for c in args.alt_concurrency if c <= 8] or [8]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; give --device cpu (with --small for a smoke run)")
     return args
