@@ -131,3 +131,17 @@ def test_declines_what_it_does_not_implement(tiny, mixtral_model):
         assert unsupported(model, KVCache(model.config, 1, 8, "cpu", torch.bfloat16)) == "forward hooks on the model"
     finally:
         handle.remove()
+
+
+def test_advise_huge_pages_keeps_values():
+    from moekit.native.hugepages import HUGE_PAGE_BYTES, advise_huge_pages
+
+    fresh = torch.empty(8 * HUGE_PAGE_BYTES // 2, dtype=torch.bfloat16)  # 8 MB: at least 3 whole 2 MB pages
+    filled = torch.randn(3 * HUGE_PAGE_BYTES // 4)
+    before = filled.clone()
+    advised = advise_huge_pages([fresh, filled, filled[10:], torch.ones(3)])
+    assert advised % HUGE_PAGE_BYTES == 0
+    if advised:  # Linux: the whole 2 MB pages inside each storage, the tied view counted once
+        assert advised >= 5 * HUGE_PAGE_BYTES
+    fresh.fill_(1.5)
+    assert torch.equal(filled, before) and bool((fresh == 1.5).all())
