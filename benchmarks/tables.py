@@ -325,8 +325,14 @@ OFFLOAD_ROWS = [  # (shape key, model label, budget key, engine key in the JSON,
     ("qwen3", "", "budget_10pct", "oracle", "fetch, oracle"),
     ("qwen3", "", "budget_10pct", "mapped_none", "read in place (mapped)"),
 ]
+LATEST = "bench_offload_budget_{shape}.json"  # 2026-11-30 at 7e43795: 25 / 10 / 8%, peak against each budget
+LATEST_ROWS = [  # rows only the latest run measured
+    ("mixtral", "mixtral-8x7b, 8 layers, bf16", "budget_8pct", "none", "fetch"),
+    ("qwen3", "qwen3-30b-a3b, bf16", "budget_8pct", "none", "fetch"),
+]
 OFFLOAD_FILES = ("bench_offload.json", "bench_offload_mapped_mixtral.json", "bench_offload_mapped_qwen3.json",
-                 "bench_offload_seam_mixtral.json", "bench_offload_seam_qwen3.json", NOW_NO_EMBED)
+                 "bench_offload_seam_mixtral.json", "bench_offload_seam_qwen3.json", NOW_NO_EMBED,
+                 "bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json")
 
 
 def offload_row(files: dict, name: str, shape: str, budget_key: str, engine: str) -> dict | None:
@@ -366,20 +372,46 @@ def offload_rerun(files: dict) -> str:
 
 
 def offload_headline(files: dict) -> str:
-    """The project README's offload table: each row's tok/s before the seam (both runs) and after it."""
+    """The project README's offload table: each row's tok/s before the seam (both runs), after it, and
+    in the latest run (7e43795), with the latest run's peak against its budget (the earlier run's
+    where the latest did not measure the row)."""
     rows = []
-    for shape, model, budget_key, engine, misses in OFFLOAD_ROWS:
+    for shape, model, budget_key, engine, misses in OFFLOAD_ROWS + LATEST_ROWS:
         before = [r for r in (offload_row(files, n, shape, budget_key, engine) for n in BEFORE) if r]
         now = offload_row(files, NOW, shape, budget_key, engine)
+        latest = offload_row(files, LATEST, shape, budget_key, engine)
         no_embed = offload_row(files, NOW_NO_EMBED, shape, budget_key, engine) if shape == "qwen3" else None
-        budget_bytes = files[NOW.format(shape=shape)]["shapes"][shape][budget_key]["budget_bytes"]
-        now_cell = f"{now['decode_tok_s']:.2f}" if now else "not re-measured"
+        now_cell = f"{now['decode_tok_s']:.2f}" if now else "not measured"
         if no_embed:
-            now_cell += f"; {no_embed['decode_tok_s']:.2f} in a run with input embeddings on the GPU"
+            now_cell += f"; {no_embed['decode_tok_s']:.2f} with input embeddings on the GPU"
+        shown, run = (latest, LATEST) if latest else (now, NOW)
+        budget_bytes = files[run.format(shape=shape)]["shapes"][shape].get(budget_key, {}).get("budget_bytes")
         rows.append([model, budget_key.removeprefix("budget_").replace("pct", "%"), misses,
                      " / ".join(f"{r['decode_tok_s']:.2f}" for r in before) or "-", now_cell,
-                     offload_peak(now, budget_bytes) if now else "-"])
-    return table(["model", "budget", "misses", "tok/s 2026-11-21", "tok/s 2026-11-30", "peak / budget GB"], rows)
+                     f"{latest['decode_tok_s']:.2f}" if latest else "not in this run",
+                     offload_peak(shown, budget_bytes) + ("" if latest else " (11-30 seam run)") if shown else "-"])
+    return table(["model", "budget", "misses", "tok/s 2026-11-21", "tok/s 2026-11-30 after the seam",
+                  "tok/s 2026-11-30 at 7e43795", "peak / budget GB"], rows)
+
+
+def offload_latest(files: dict) -> str:
+    """Every row of the latest bench_offload run (bench_offload_budget_*.json): tok/s, share of the
+    ceiling, hit rate, traffic and peak against the budget."""
+    rows = []
+    for shape in ("mixtral", "qwen3"):
+        res = files[LATEST.format(shape=shape)]["shapes"][shape]
+        rows.append([shape, "all resident", "GPU-only", f"{res['gpu_only']['decode_tok_s']:.2f}", "", "", "", ""])
+        for budget_key in ("budget_25pct", "budget_10pct", "budget_8pct"):
+            for engine, r in res.get(budget_key, {}).items():
+                if engine == "budget_bytes" or not isinstance(r, dict) or "decode_tok_s" not in r:
+                    continue
+                cpu = r.get("cpu_bytes_per_token") or 0
+                traffic = f"{r['pcie_bytes_per_token'] / 1e6:.0f}" + (f" + {cpu / 1e6:.0f} CPU" if cpu else "")
+                rows.append([shape, budget_key.removeprefix("budget_").replace("pct", "%"), engine,
+                             f"{r['decode_tok_s']:.2f}", f"{r['ceiling_tok_s']:.2f}", f"{r['share_of_ceiling']:.0%}",
+                             f"{r['hit_rate']:.2f}, {traffic}", offload_peak(r, res[budget_key]["budget_bytes"])])
+    return table(["shape", "budget", "engine", "tok/s", "ceiling tok/s", "share", "hit rate, MB/token PCIe + CPU",
+                  "peak / budget GB"], rows)
 
 
 # ---- the registry ---------------------------------------------------------------------------------------
@@ -394,6 +426,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp": (LLAMA_FILES, vs_llamacpp),
     "cpu_kernel": (LLAMA_FILES, cpu_kernel),
     "offload_headline": (OFFLOAD_FILES, offload_headline),
+    "offload_latest": (("bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json"), offload_latest),
 }
 MARKER = re.compile(r"^<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /table:(?P=name) -->$", re.S | re.M)
 
