@@ -282,9 +282,10 @@ def start_llamacpp_build(anchor: Path, ckpt: Path, out: Path, cuda: bool = True)
     return proc, time.perf_counter()
 
 
-def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results: dict, save) -> None:
+def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results: dict, save):
     """Waits for the build and conversion, then runs llama-bench per row with the GPU memory
-    sampled; fills results['llamacpp']."""
+    sampled; fills results['llamacpp']. Returns run(name, extra_args), which runs and records one
+    more llama-bench row (the CPU mode's decode again after moekit's), or None after a failure."""
     lc = results["llamacpp"] = {"rows": {}}
     proc, t0 = build
     rc = proc.wait()
@@ -294,7 +295,7 @@ def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results
         lc["error"] = f"run.sh build,convert failed (rc {rc}): {tail}"
         common.log(lc["error"])
         save()
-        return
+        return None
     common.log(f"llama.cpp built and converted in {lc['build_convert_s']:.0f} s")
     cuda = torch.cuda.is_available()
     build_dir = "build-cuda" if cuda else "build-cpu"
@@ -316,7 +317,8 @@ def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results
         threads = str(len(os.sched_getaffinity(0)))
         runs = {"decode_cpu_only": ["-p", "0", "-n", str(NEW), "-t", threads],
                 "prefill_cpu_only": ["-p", str(PROMPT), "-n", "0", "-t", threads]}
-    for name, extra in runs.items():
+
+    def run(name: str, extra: list[str]) -> None:
         cmd = [str(bench), "-m", gguf, "-r", "2", "-o", "json", "-fa", "1", *extra]
         t0 = time.perf_counter()
         with GpuMemorySampler() if cuda else _Nothing() as s:
@@ -336,6 +338,10 @@ def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results
         common.log(f"llama.cpp {name}: {row.get('tok_s', 'error')} tok/s, GPU used "
                    f"{row.get('gpu_used_bytes', 0) / 1e9:.2f} GB")
         save()
+
+    for name, extra in runs.items():
+        run(name, extra)
+    return run
 
 
 # ---- moekit ---------------------------------------------------------------------------------------
@@ -487,8 +493,9 @@ def main() -> int:
     if args.probe_fit:  # memory only: may overlap the build
         results["fit_probe"] = probe_fit(ckpt, tensor_bytes, [float(v) for v in args.probe_fit.split(",")], out)
         save()
+    llama_again = None
     if build is not None:
-        llamacpp_rows(build, out, cfg, results, save)
+        llama_again = llamacpp_rows(build, out, cfg, results, save)
     from moekit.native import library, unavailable_reason
 
     results["native_library"] = bool(library()) or unavailable_reason()
@@ -520,6 +527,10 @@ def main() -> int:
             row.update(setting="decode_cpu_only", dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
                        loadavg_before=load_before, loadavg_after=os.getloadavg())
             record(row, f"--device cpu {row['dtype']} (prefill {row.get(f'prefill_{PROMPT}_tok_s')} tok/s)")
+            if dtype == torch.bfloat16 and llama_again is not None:
+                # again after moekit's bf16 row: the two bracket it, so a drift in the shared host's
+                # memory bandwidth (a VM: its neighbours' load is not in our load average) shows
+                llama_again("decode_cpu_only_after_moekit", ["-p", "0", "-n", str(NEW), "-t", str(cores)])
         footprints = {}  # no offloaded rows without a GPU
     gpu: dict = {}
     if device.type == "cuda" and not args.skip_gpu_row:
