@@ -414,6 +414,52 @@ def offload_latest(files: dict) -> str:
                   "peak / budget GB"], rows)
 
 
+# ---- bench_serve.json (issue 13) and bench_pipeline.json (issue 14) -----------------------------------
+
+def serve(files: dict) -> str:
+    """The serving benchmark: per shape and concurrency, moekit's scheduler against its own static
+    batch decode (the ceiling) and transformers' padded static batches (the baseline)."""
+    res = files["bench_serve.json"]
+    rows = []
+    for shape, by_c in res["shapes"].items():
+        for key in sorted((k for k in by_c if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:])):
+            c = by_c[key]
+            mk, st, hf = c.get("moekit_serve"), c.get("moekit_static"), c.get("transformers")
+            if not mk or "output_tok_s" not in mk:
+                rows.append([shape, key[1:], "not run", "", "", "", "", "", "", ""])
+                continue
+            static = st.get("decode_tok_s") if st else None
+            hf_tok = hf.get("output_tok_s") if hf else None
+            rows.append([shape, key[1:], f"{mk['output_tok_s']:,.0f}", f"{mk['steady_tok_s']:,.0f}",
+                         f"{mk['ttft_p50_s'] * 1e3:.0f}", f"{mk['itl_p50_s'] * 1e3:.2f} / {mk['itl_p99_s'] * 1e3:.1f}",
+                         f"{static:,.0f}" if static else "-", f"{mk['output_tok_s'] / static:.0%}" if static else "-",
+                         f"{hf_tok:,.1f}" if hf_tok else "-", f"{mk['output_tok_s'] / hf_tok:.1f}x" if hf_tok else "-"])
+    return table(["shape", "C", "served tok/s", "steady tok/s", "TTFT p50 ms", "ITL p50 / p99 ms",
+                  "static decode tok/s (ceiling)", "served / static", "transformers tok/s", "served / transformers"],
+                 rows)
+
+
+def pipeline(files: dict) -> str:
+    """The batch pipeline benchmark: each row's end-to-end tok/s next to the HRM's prediction, the
+    PCIe and CPU-attention ceilings and the allocator peak against the budget."""
+    res = files["bench_pipeline.json"]
+    rows = []
+    for r in res["rows"]:
+        policy = (f"N={r['sequences']} mu={r['micro_batch']} R={r['resident_per_layer']}" if "sequences" in r
+                  else f"batch {r['batch']}" if "batch" in r else "")
+        ok = r.get("status") == "ok"
+        peak = f"{r['peak_bytes'] / 2**30:.2f} / {res['budget_bytes'] / 2**30:.2f} GiB" if ok and "peak_bytes" in r else "-"
+        rows.append([r["row"], str(r.get("gen_len") or r.get("new_tokens") or ""), policy,
+                     f"{r['tok_s']:,.1f}" if ok else "-",
+                     f"{r['decode_tok_s']:,.0f}" if ok and r.get("decode_tok_s") else "-",
+                     f"{r['predicted_tok_s']:,.0f}" if ok and r.get("predicted_tok_s") else "-",
+                     f"{r['pcie_ceiling_decode_tok_s']:,.0f}" if ok and r.get("pcie_ceiling_decode_tok_s") else "-",
+                     f"{r['decode_step_s'] * 1e3:.0f}" if ok and r.get("decode_step_s") else "-",
+                     peak, r["status"] + (f": {r['reason']}" if r.get("reason") else "")])
+    return table(["row", "gen", "policy", "tok/s end to end", "decode tok/s", "HRM tok/s", "PCIe ceiling (decode)",
+                  "decode step ms", "peak / budget", "status"], rows)
+
+
 # ---- the registry ---------------------------------------------------------------------------------------
 
 TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
@@ -426,6 +472,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp": (LLAMA_FILES, vs_llamacpp),
     "cpu_kernel": (LLAMA_FILES, cpu_kernel),
     "offload_headline": (OFFLOAD_FILES, offload_headline),
+    "serve": (("bench_serve.json",), serve),
+    "pipeline": (("bench_pipeline.json",), pipeline),
     "offload_latest": (("bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json"), offload_latest),
 }
 MARKER = re.compile(r"^<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /table:(?P=name) -->$", re.S | re.M)
