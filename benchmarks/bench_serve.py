@@ -10,7 +10,7 @@ flight and transformers' generate stops (its max_time), so it ends inside a 270 
 
     (equivalently: --shapes olmoe-1b-7b --concurrency 1 8 32 128 --offload-concurrency 1
      --new-tokens 128 --min-len 32 --max-len 512 --step-tokens 2048 --alt-prefill-interval 8
-     --alt-concurrency 32 --time-budget-s 225)
+     --alt-static-mixed --alt-concurrency 32 --time-budget-s 225)
 
 Expected H200 seconds per phase (OLMoE-1B-7B shape, 13.8 GB bf16), estimated from earlier H200
 runs (resident decode ~354 tok/s at B=1 with CUDA graphs, ~6,900 tok/s at B=32 compiled;
@@ -130,7 +130,8 @@ def compiles_since(before: dict[str, int]) -> dict[str, int]:
 
 
 def step_times(times: dict[str, list[float]]) -> dict[str, dict[str, float | int]]:
-    """Returns per step kind (static: decode-only, graph-replayed; mixed: eager, with prefill) the
+    """Returns per step kind (static: decode-only, graph-replayed; static_mixed: with prefill,
+    graph-replayed at a token bucket; mixed: eager, with prefill) the
     count and the p50 / p99 / max / mean wall milliseconds of a step (each step reads its tokens
     back, so its wall time is its device time too)."""
     return {kind: {"steps": len(t), "p50_ms": 1e3 * percentile(t, 50), "p99_ms": 1e3 * percentile(t, 99),
@@ -163,15 +164,17 @@ def serve_closed_loop(sched: Scheduler, prompts: list[list[int]], concurrency: i
     stats0 = dataclasses.replace(sched.stats)
     graphs0 = _graphs(sched)
     variants0 = triton_variants()
-    times: dict[str, list[float]] = {"static": [], "mixed": []}
+    times: dict[str, list[float]] = {"static": [], "static_mixed": [], "mixed": []}
     sync(sched.model.device)
     t0 = time.perf_counter()
     running = [sched.add(pending.pop(0), params) for _ in range(min(concurrency, len(pending)))]
     produced, full, drained = 0, None, None  # (perf_counter, tokens so far) at the steady window's ends
     while running:
-        static_before, t_step = sched.stats.static_steps, time.perf_counter()
+        before, t_step = (sched.stats.static_steps, sched.stats.static_mixed_steps), time.perf_counter()
         produced += len(sched.step())
-        times["static" if sched.stats.static_steps > static_before else "mixed"].append(time.perf_counter() - t_step)
+        kind = ("static" if sched.stats.static_steps > before[0] else
+                "static_mixed" if sched.stats.static_mixed_steps > before[1] else "mixed")
+        times[kind].append(time.perf_counter() - t_step)
         for r in [r for r in running if r.finished]:
             running.remove(r)
             done.append(r)
@@ -353,18 +356,37 @@ class Bench:
                                                     self.deadline - a.reserve_s))
             self.phase(row, "moekit_static", partial(static_decode, model, c, a.static_prompt_len, a.new_tokens,
                                                      cfg.vocab_size), min_s=a.reserve_s)
-        # the same loads with prefill batched into every Nth step while sequences decode: fewer
-        # eager mixed steps (each costs an eager forward's launches) for a later first token
+        # the same loads under other policies: prefill batched into every Nth step while sequences
+        # decode (fewer eager mixed steps, a later first token); mixed steps at static shapes
+        # (token buckets, CUDA graphs: no eager launches at all)
+        alternatives = []
+        if a.alt_prefill_interval:
+            alternatives.append((f"moekit_serve_prefill_interval_{a.alt_prefill_interval}",
+                                 {"prefill_interval": a.alt_prefill_interval}))
+        if a.alt_static_mixed:
+            alternatives.append(("moekit_serve_static_mixed", {"static_mixed": True}))
         base = sched.config
-        for c in a.alt_concurrency:
-            if c in a.concurrency and a.alt_prefill_interval:
-                sched.config = dataclasses.replace(base, prefill_interval=a.alt_prefill_interval)
-                self.phase(res[f"c{c}"], f"moekit_serve_prefill_interval_{a.alt_prefill_interval}",
-                           partial(serve_closed_loop, sched, prompts[c], c, a.new_tokens, self.deadline - a.reserve_s),
-                           min_s=a.reserve_s + 60)  # transformers' rows still to come
-        sched.config = base
+        for c in [c for c in a.alt_concurrency if c in a.concurrency]:
+            for label, overrides in alternatives:
+                try:
+                    self.phase(res[f"c{c}"], label, partial(self.alternative, sched, base, overrides, prompts[c], c),
+                               min_s=a.reserve_s + 60)  # transformers' rows still to come
+                finally:
+                    sched.config = base
         del sched, model
         free_memory(device)
+
+    def alternative(self, sched: Scheduler, base: SchedulerConfig, overrides: dict, prompts: list[list[int]],
+                    concurrency: int) -> dict:
+        """Returns the serve figures of `prompts` under `base` with `overrides` (warmed first: the
+        static mixed steps' captures); the caller restores the scheduler's config."""
+        a = self.args
+        sched.config = dataclasses.replace(base, **overrides)
+        t_warm = time.perf_counter()
+        warmed = sched.warm()
+        warm_s = time.perf_counter() - t_warm
+        out = serve_closed_loop(sched, prompts, concurrency, a.new_tokens, self.deadline - a.reserve_s)
+        return {**out, "warm_s": round(warm_s, 2), "mixed_buckets": warmed["mixed_buckets"]}
 
     def transformers(self, folder: Path, res: dict, prompts: dict[int, list[list[int]]]) -> None:
         """transformers generate at each concurrency (one model load for all)."""
@@ -502,6 +524,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the scheduler's prefill_interval (1: prefill beside decode every step)")
     p.add_argument("--alt-prefill-interval", type=int, default=8,
                    help="a second serve row at --alt-concurrency with this prefill_interval (0: none)")
+    p.add_argument("--alt-static-mixed", action=argparse.BooleanOptionalAction, default=True,
+                   help="a second serve row at --alt-concurrency with static_mixed (mixed steps as CUDA graphs)")
     p.add_argument("--alt-concurrency", type=int, nargs="*", default=[32])
     p.add_argument("--hf-max-batch", type=int, default=128, help="largest batch transformers runs")
     p.add_argument("--hf-batches", type=int, default=1, help="padded batches transformers runs per concurrency")

@@ -82,6 +82,9 @@ class RaggedBatch:
     # [T, 4] int32 (sequence, first packed token, tokens, first position) per run of <= QUERY_TILE
     # queries of one sequence, for the packed prefill kernel; None for a decode step
     query_tiles: torch.Tensor | None = None
+    # a static-shape step (moekit.paged_decode.PagedMixed): padded past its tokens and sequences,
+    # its host fields (starts, query_lens) placeholders; only the packed kernels may read it
+    padded: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .errors import MoekitError
 from .kv_cache import QUERY_TILE, RaggedBatch
 
 try:
@@ -61,8 +62,11 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Returns attention [N, H, Dh] of packed queries q [N, H, Dh] over each sequence's cached
     positions (this step's keys already written), causal within the sequence: the packed Triton
     kernel on CUDA, else prefill_attention_reference."""
-    if HAVE_TRITON and q.is_cuda and batch.query_tiles is not None:
+    if HAVE_TRITON and (q.is_cuda or batch.padded) and batch.query_tiles is not None:
         return prefill_attention_triton(q, keys, values, batch.block_tables, batch.query_tiles, window)
+    if batch.padded:
+        raise MoekitError("a padded (static-shape) ragged step needs the Triton prefill kernel: CUDA, or "
+                          "TRITON_INTERPRET=1 on the CPU")
     with sdpa_kernel(_PLANLESS_BACKENDS):
         return prefill_attention_reference(q, keys, values, batch, window)
 
@@ -105,7 +109,7 @@ def prefill_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.
     hkv, block_size = keys.shape[2], keys.shape[1]
     if q.stride(2) != 1:
         q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # tokens in no tile (a static step's padding) attend to nothing: 0
     launch = prefill_launch(q.dtype, dh, block_size, interpreted=not q.is_cuda)
     paged_prefill_kernel[(query_tiles.shape[0], h)](
         q, keys, values, block_tables, query_tiles, out,

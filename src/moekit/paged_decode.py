@@ -21,7 +21,7 @@ from collections.abc import Hashable
 
 import torch
 
-from .kv_cache import PagedKVCache, RaggedBatch
+from .kv_cache import QUERY_TILE, PagedKVCache, RaggedBatch, query_tiles
 from .piecewise import capture_stream
 
 _TOKEN, _POSITION, _SLOT, _CONTEXT, _TABLE = 0, 1, 2, 3, 4
@@ -141,4 +141,172 @@ class PagedDecode:
                     warnings.warn(f"CUDA graph capture of the ragged decode step failed, running it eagerly: {e}")
                     torch.cuda.synchronize()
                     step.graph = None
+        return step
+
+
+# ---- mixed steps -------------------------------------------------------------------------------
+#
+# A step that carries prefill chunks beside decode rows runs eagerly: ~40 launches a layer from
+# Python, which on a GPU cost more than the step's math up to ~1000 tokens. PagedMixed runs such
+# steps at static shapes too: the packed tokens padded to a token bucket T (a power of two), the
+# sequence rows to P = bucket_for(max_seqs), the query tiles to ceil(T / QUERY_TILE) + P, every
+# block table to the whole context; one graph per token bucket. Padding tokens write the scratch
+# block and belong to no query tile (their attention output is 0); padding rows' logits are never
+# read. It needs the packed prefill kernel (moekit.paged_attention), which reads every size from
+# the device, so it is for models whose every layer's attention is the grouped-query one.
+
+
+def static_mixed_supported(model) -> bool:
+    """Returns whether the model's mixed steps can run at static shapes (moekit.paged_decode.
+    PagedMixed): resident experts, and every layer's attention the plain grouped-query one (latent
+    and sink attention loop over a step's sequences on the host)."""
+    # by name: moekit.model imports this module's users (an import of it here would be a cycle)
+    plain = [type(layer.attn).__module__ == "moekit.model" and type(layer.attn).__name__ == "Attention"
+             for layer in model.layers]
+    return static_decode_supported(model) and all(plain)
+
+
+class _MixedStep:
+    """One token bucket's mixed step: static buffers, and its CUDA graph once captured.
+
+    Device buffers (T = bucket tokens, P = sequence rows, Q = query tiles, MB = table width):
+    head [3T + 2P + 4Q] int64 (tokens, positions, slots, context lengths, last indices, tiles
+    [Q, 4]) and tables [P, MB] int64, each copied from a pinned host twin."""
+
+    def __init__(self, model, cache: PagedKVCache, tokens: int, seqs: int, width: int):
+        self.model, self.cache, self.tokens, self.seqs = model, cache, tokens, seqs
+        self.tiles = -(-tokens // QUERY_TILE) + seqs
+        device, pinned = cache.device, cache.device.type == "cuda"
+        size = 3 * tokens + 2 * seqs + 4 * self.tiles
+        self.host_head = torch.zeros(size, dtype=torch.long, pin_memory=pinned)
+        self.host_tables = torch.zeros(seqs, width, dtype=torch.long, pin_memory=pinned)
+        self.head = torch.zeros(size, dtype=torch.long, device=device)
+        self.tables = torch.zeros(seqs, width, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.failed = False  # its capture failed: the scheduler runs this bucket's steps eagerly
+
+    def forward(self) -> torch.Tensor:
+        """Returns logits [P, V] of the step described by the buffers (writes k/v at its slots)."""
+        t, p, head = self.tokens, self.seqs, self.head
+        tokens, positions, slots = head[:t], head[t:2 * t], head[2 * t:3 * t]
+        context, last = head[3 * t:3 * t + p], head[3 * t + p:3 * t + 2 * p]
+        tiles = head[3 * t + 2 * p:].view(self.tiles, 4)
+        # host fields are placeholders (one run of t - p + 1 tokens, then p - 1 single ones: t > p,
+        # so never a decode step); the packed kernel reads the step from the device tensors
+        batch = RaggedBatch(
+            starts=(0,) * p, query_lens=(t - p + 1,) + (1,) * (p - 1), positions=positions, slots=slots,
+            block_tables=self.tables.to(torch.int32), context_lens=context.to(torch.int32), last_index=last,
+            query_tiles=tiles.to(torch.int32), padded=True)
+        return self.model(tokens[None], cache=self.cache, start=batch, last_only=True)[:, -1]
+
+    def fill(self, work: list[tuple[Hashable, int, list[int]]]) -> None:
+        """Copies (sequence, start, new tokens) rows into the static buffers; padding after them.
+        Only the table columns of the longest table are copied (none is read past a context)."""
+        bs, scratch = self.cache.block_size, self.cache.scratch_block
+        pad_tokens, pad_rows = self.tokens - sum(len(toks) for _, _, toks in work), self.seqs - len(work)
+        tokens, positions, slots, context, last, end = [], [], [], [], [], 0
+        for seq, start, toks in work:
+            table = self.cache.tables[seq]
+            tokens += toks
+            span = range(start, start + len(toks))
+            positions += span
+            slots += [table[q // bs] * bs + q % bs for q in span]
+            context.append(start + len(toks))
+            end += len(toks)
+            last.append(end - 1)
+        tiles = query_tiles(tuple(start for _, start, _ in work), tuple(len(toks) for _, _, toks in work))
+        head = (tokens + [0] * pad_tokens + positions + [0] * pad_tokens + slots + [scratch * bs] * pad_tokens
+                + context + [1] * pad_rows + last + [0] * pad_rows
+                + [v for tile in tiles for v in tile] + [0] * (4 * (self.tiles - len(tiles))))
+        self.host_head.copy_(torch.tensor(head, dtype=torch.long))
+        self.head.copy_(self.host_head, non_blocking=True)
+        width = max([len(self.cache.tables[seq]) for seq, _, _ in work], default=1)
+        rows = [self.cache.tables[seq] + [0] * (width - len(self.cache.tables[seq])) for seq, _, _ in work]
+        host = self.host_tables[:, :width]
+        host[:len(rows)].copy_(torch.tensor(rows, dtype=torch.long).view(-1, width))
+        self.tables[:len(rows), :width].copy_(host[:len(rows)], non_blocking=True)
+
+    @torch.inference_mode()
+    def capture(self, pool) -> None:
+        """Captures forward() as a CUDA graph (warm-up and capture write only the scratch block)."""
+        self.fill([])
+        stream = capture_stream(self.model)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            self.logits = self.forward()
+        self.graph = graph
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
+
+
+class PagedMixed:
+    """Mixed steps (prefill chunks and decode rows) of up to `max_seqs` sequences and
+    `max_tokens` packed tokens over `cache` at static shapes; CUDA graphs on GPUs."""
+
+    def __init__(self, model, cache: PagedKVCache, max_seqs: int, max_tokens: int, graphs: bool | None = None,
+                 pool=None):
+        """`pool` shares a graph memory pool (a PagedDecode's): steps replay one at a time."""
+        self.model, self.cache = model, cache
+        self.use_graphs = cache.device.type == "cuda" if graphs is None else graphs
+        self.width = min(cache.blocks_for(model.config.max_position_embeddings), cache.num_blocks)
+        self.seqs = bucket_for(max_seqs)
+        self.smallest = max(64, 2 * self.seqs)  # > the sequence rows: the placeholder runs are never all ones
+        self.max_tokens = max(self.smallest, bucket_for(max_tokens))
+        self.steps: dict[int, _MixedStep] = {}
+        self.pool = (pool or torch.cuda.graph_pool_handle()) if self.use_graphs else None
+
+    def bucket(self, tokens: int) -> int:
+        """Returns the token bucket of a step of `tokens` packed tokens."""
+        return max(self.smallest, bucket_for(tokens))
+
+    def runs(self, work: list[tuple[Hashable, int, list[int]]]) -> bool:
+        """Returns whether a step of this work runs here (within the buckets, its capture not failed)."""
+        tokens = sum(len(toks) for _, _, toks in work)
+        if len(work) > self.seqs or tokens > self.max_tokens:
+            return False
+        step = self.steps.get(self.bucket(tokens))
+        return step is None or not step.failed
+
+    @torch.inference_mode()
+    def __call__(self, work: list[tuple[Hashable, int, list[int]]]) -> torch.Tensor:
+        """Returns the last logits [B, V] of one step over (sequence, start, new tokens) triples,
+        growing each sequence's blocks first (OutOfBlocks when short)."""
+        for seq, start, toks in work:
+            self.cache.grow(seq, start + len(toks))
+        step = self._step(self.bucket(sum(len(toks) for _, _, toks in work)))
+        step.fill(work)
+        return step.run()[:len(work)]
+
+    @torch.inference_mode()
+    def warm(self) -> list[int]:
+        """Returns the token buckets after building (and capturing) each one's step now."""
+        buckets, b = [], self.smallest
+        while b <= self.max_tokens:
+            self._step(b)
+            buckets.append(b)
+            b *= 2
+        return buckets
+
+    def _step(self, bucket: int) -> _MixedStep:
+        step = self.steps.get(bucket)
+        if step is None:
+            step = self.steps[bucket] = _MixedStep(self.model, self.cache, bucket, self.seqs, self.width)
+            if self.use_graphs:
+                try:
+                    step.capture(self.pool)
+                except RuntimeError as e:  # e.g. a layer that syncs with the host
+                    warnings.warn(f"CUDA graph capture of the mixed step ({bucket} tokens) failed, running "
+                                  f"those steps eagerly: {e}")
+                    torch.cuda.synchronize()
+                    step.graph, step.failed = None, True
         return step

@@ -349,3 +349,52 @@ def test_warm_runs_every_size_class_then_leaves_the_cache_empty(mixtral_model, m
     assert stats.static_steps + stats.mixed_steps == stats.steps and stats.static_steps and stats.mixed_steps
     assert LENGTHS[:3] == [5, 30, 1]  # no preemption: each prompt token once; the one-token prompt
     assert stats.prefill_tokens == 5 + 30  # runs as a decode row
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "mixtral_sliding", "olmoe_clip", "qwen2_moe"])
+def test_static_mixed_steps_equal_alone(tiny, variant):
+    """static_mixed: steps with prefill chunks run padded to token buckets (eagerly here, under the
+    Triton interpreter; CUDA graphs on GPUs), decode-only steps at the decode buckets; the tokens
+    are each request's alone, and padding touches no sequence's blocks."""
+    from moekit.experts.triton_ops import triton_usable
+
+    if not triton_usable(torch.empty(0)):
+        pytest.skip("static_mixed on the CPU needs TRITON_INTERPRET=1")
+    model = moekit.load_model(tiny(variant).path)
+    sched = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=40, static_decode=True, static_mixed=True))
+    assert sched.warm()["mixed_buckets"] == [64]
+    prompts = _prompts(LENGTHS, seed=9)
+    reqs = [sched.add(p, SamplingParams(max_tokens=5)) for p in prompts]
+    sched.run()
+    for prompt, r in zip(prompts, reqs):
+        assert r.output == _alone(model, prompt, 5)
+    stats = sched.stats
+    assert stats.static_mixed_steps and not stats.mixed_steps and stats.static_steps
+    assert sched.cache.used_blocks == 0
+
+
+def test_static_mixed_needs_grouped_query_attention(tiny):
+    model = moekit.load_model(tiny("deepseek_v2").path)
+    with pytest.raises(moekit.MoekitError, match="grouped-query attention"):
+        Scheduler(model, SchedulerConfig(static_mixed=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_static_mixed_graphs_equal_eager(tiny, dtype):
+    """On a GPU, mixed steps replay one CUDA graph per token bucket (nothing captured after
+    warm()) and give the eager scheduler's tokens (the same kernels, padded)."""
+    model = moekit.load_model(tiny("qwen3_moe").path, device="cuda", dtype=dtype)
+    prompts = _prompts(LENGTHS, seed=21)
+    outputs = []
+    for static_mixed in (False, True):
+        sched = Scheduler(model, SchedulerConfig(max_seqs=4, max_step_tokens=24, static_mixed=static_mixed))
+        warmed = sched.warm()
+        if static_mixed:
+            assert warmed["mixed_buckets"] == [64] and sched.mixed.steps[64].graph is not None
+        reqs = [sched.add(p, SamplingParams(max_tokens=8)) for p in prompts]
+        sched.run()
+        outputs.append([r.output for r in reqs])
+        if static_mixed:
+            assert sched.stats.static_mixed_steps and not sched.stats.mixed_steps and set(sched.mixed.steps) == {64}
+    assert outputs[0] == outputs[1]

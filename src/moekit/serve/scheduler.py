@@ -26,7 +26,12 @@ from ..errors import MoekitError
 from ..experts.runtime import expert_runtime
 from ..generate import BLOCK_SIZE, forward_step, sample
 from ..kv_cache import PagedKVCache
-from ..paged_decode import PagedDecode, static_decode_supported
+from ..paged_decode import (
+    PagedDecode,
+    PagedMixed,
+    static_decode_supported,
+    static_mixed_supported,
+)
 
 MAX_LOGPROBS = 20  # top alternatives per token a request may ask for
 
@@ -73,6 +78,10 @@ class SchedulerConfig:
     block_size: int = BLOCK_SIZE  # positions per KV block
     static_decode: bool | None = None  # decode-only steps at bucketed static shapes, CUDA graphs on GPUs
     # (default: on CUDA for models that allow it, moekit.paged_decode; True on the CPU runs it eagerly)
+    # steps with prefill chunks at static shapes too (token buckets, CUDA graphs on GPUs,
+    # moekit.paged_decode.PagedMixed) instead of eagerly; needs grouped-query attention and, on
+    # the CPU, TRITON_INTERPRET=1 (its packed attention kernel)
+    static_mixed: bool = False
     # prefill (admitting requests, prompt chunks) only every Nth step while sequences decode: the
     # others stay decode-only (graph-replayed) at the cost of time to first token (1 = every step)
     prefill_interval: int = 1
@@ -150,6 +159,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     steps: int = 0
     static_steps: int = 0  # decode-only steps at static shapes (graph-replayed on CUDA)
+    static_mixed_steps: int = 0  # steps with prefill chunks at static shapes (SchedulerConfig.static_mixed)
     mixed_steps: int = 0  # steps run as one eager ragged forward (prefill chunks, with any decode rows)
     prefill_tokens: int = 0  # tokens of rows that are not at their last token (prompt chunks, recomputation)
     preemptions: int = 0
@@ -176,10 +186,35 @@ class Scheduler:
             raise MoekitError("static_decode needs resident experts (an offloaded model's experts move between "
                               "steps); leave it unset for this model")
         self.decode = PagedDecode(model, self.cache) if static else None
+        self._mixed: PagedMixed | None = None
+        self._check_static_mixed()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.stats = SchedulerStats()
         self._ids = itertools.count()
+
+    @property
+    def mixed(self) -> PagedMixed | None:
+        """The static-shape mixed steps while config.static_mixed is on (made on first use), else None."""
+        if not self.config.static_mixed:
+            return None
+        if self._mixed is None:
+            self._check_static_mixed()
+            self._mixed = PagedMixed(self.model, self.cache, self.config.max_seqs, self.config.max_step_tokens,
+                                     pool=self.decode.pool if self.decode is not None else None)
+        return self._mixed
+
+    def _check_static_mixed(self) -> None:
+        if not self.config.static_mixed:
+            return
+        if not static_mixed_supported(self.model):
+            raise MoekitError("static_mixed needs resident experts and grouped-query attention in every layer "
+                              "(latent and sink attention run a step's sequences one by one); leave it off")
+        from ..experts.triton_ops import triton_usable
+
+        if not triton_usable(torch.empty(0, device=self.model.device)):
+            raise MoekitError("static_mixed needs the Triton prefill kernel: a CUDA device, or TRITON_INTERPRET=1 "
+                              "with triton installed on the CPU; leave it off")
 
     def _reserve_kv(self, model) -> int:
         """Returns the KV cache positions to allocate, made room for in an offloaded model's budget
@@ -264,9 +299,14 @@ class Scheduler:
             logits = self.decode([(r, r.computed, r.last_token) for r, _ in work])  # [B, V]
             self.stats.static_steps += 1
         else:
-            logits = forward_step(self.model, self.cache, [(r, r.computed, r.tokens[r.computed:r.computed + n])
-                                                           for r, n in work])  # [B, V]
-            self.stats.mixed_steps += 1
+            rows = [(r, r.computed, r.tokens[r.computed:r.computed + n]) for r, n in work]
+            mixed = self.mixed
+            if mixed is not None and mixed.runs(rows):
+                logits = mixed(rows)  # [B, V]
+                self.stats.static_mixed_steps += 1
+            else:
+                logits = forward_step(self.model, self.cache, rows)  # [B, V]
+                self.stats.mixed_steps += 1
         self.stats.steps += 1
         self.stats.prefill_tokens += sum(n for _, n in work) - decode_rows
         ready = []  # rows whose sequence has all its tokens in the cache: they sample
@@ -296,12 +336,14 @@ class Scheduler:
 
     @torch.inference_mode()
     def warm(self) -> dict[str, list[int]]:
-        """Returns {"step_tokens": token counts run, "buckets": decode buckets} after running
+        """Returns {"step_tokens": token counts run, "buckets": decode buckets, "mixed_buckets":
+        token buckets of static mixed steps (config.static_mixed)} after running
         throwaway ragged steps whose token counts reach every size class the kernels compile or
         pick a configuration for (1, 2, 3, powers of two and one past each, up to max_step_tokens:
         the expert kernels' row blocks, Triton's specialization of sizes equal to 1 or divisible
         by 16), a mixed and a decode-only step, then capturing the decode buckets of up to
-        max_seqs sequences; so that no timed step pays for a compile or a capture. Call it before
+        max_seqs sequences (and the mixed steps' token buckets); so that no timed step pays for a
+        compile or a capture. Call it before
         adding requests (it uses free KV blocks and frees them again)."""
         if self.running or self.waiting:
             raise MoekitError("warm() runs throwaway steps: call it before adding requests")
@@ -317,7 +359,8 @@ class Scheduler:
             self._throwaway([(0, tokens[:2])], [(2, tokens[2:3]), (0, tokens[:most - 2])])
             self._throwaway([(0, tokens[:2]), (0, tokens[:2])], [(2, tokens[2:3]), (2, tokens[2:3])])
         buckets = self.decode.warm(self.config.max_seqs) if self.decode is not None else []
-        return {"step_tokens": sizes, "buckets": buckets}
+        mixed = self.mixed.warm() if self.mixed is not None else []
+        return {"step_tokens": sizes, "buckets": buckets, "mixed_buckets": mixed}
 
     def _throwaway(self, *steps: list[tuple[int, list[int]]]) -> None:
         """Runs ragged steps over fresh throwaway sequences (row i of every step is sequence i:
