@@ -49,6 +49,7 @@ SHAPES = {
     "tiny": dict(layers=2, hidden=128, expert_ffn=256, experts=16, top_k=4, heads=4, kv_heads=4, vocab=4096),
 }
 PROMPT, NEW = 64, 64
+ROUNDS = 5  # --device cpu: moekit's warm decode calls, interleaved with llama.cpp's decode runs
 
 
 # ---- ceilings -----------------------------------------------------------------------------------
@@ -382,9 +383,13 @@ class _Nothing:
 
 
 def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str | None, prompt_ids,
-               idle_mib: int | None = None, dtype: torch.dtype | None = None, prefill_tokens: int = 512) -> dict:
+               idle_mib: int | None = None, dtype: torch.dtype | None = None, prefill_tokens: int = 512,
+               rounds: int = 1, between=None) -> dict:
     """Returns decode tok/s (second of two generate calls), the allocator peak and the GPU memory
-    nvidia-smi saw in use (minus `idle_mib`: this process's CUDA context counts, as llama.cpp's does)."""
+    nvidia-smi saw in use (minus `idle_mib`: this process's CUDA context counts, as llama.cpp's does).
+
+    With rounds > 1 (the CPU mode on shared cores), the warm call runs `rounds` times with
+    between(i) before each (llama.cpp's decode, interleaved); decode_tok_s is then their median."""
     from moekit.offload import OffloadConfig, load_offloaded
 
     common.free_memory(device, reset_peak=True)
@@ -399,11 +404,19 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
             model = load_offloaded(path, device=device, dtype=dtype,
                                    offload=OffloadConfig(device_memory=budget, misses=misses))
         row["load_s"] = time.perf_counter() - t0
-        for call in ("first", "warm"):
+        warm = []
+        for call in ["first"] + ["warm"] * rounds:
+            if call == "warm" and between is not None:
+                between(len(warm))
             stats = moekit.GenerationStats()
             with GpuMemorySampler() if device.type == "cuda" else _Nothing() as sampler:
                 model.generate(prompt_ids, max_new_tokens=NEW, temperature=0, eos_token_ids=(), stats=stats)
             row[f"{call}_decode_tok_s"] = stats.decode_tok_s
+            if call == "warm":
+                warm.append(stats.decode_tok_s)
+        if rounds > 1:
+            row["warm_rounds_tok_s"] = warm
+            row["warm_decode_tok_s"] = statistics.median(warm)
         if device.type == "cpu":  # the native bf16 step (moekit.native.decode) or model.forward
             row["native_cpu_step"] = stats.extra.get("native_cpu_step")
         if getattr(sampler, "peak_mib", None) and idle_mib is not None:  # the process's whole use, context included
@@ -435,6 +448,21 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
     return row
 
 
+def interleaved(results: dict, row: dict) -> dict:
+    """Returns both engines' decode tok/s of the interleaved CPU rounds, their medians, bests and
+    the ratio of the medians (moekit / llama.cpp)."""
+    rows = results["llamacpp"]["rows"]
+    theirs = [rows[f"decode_cpu_only_round{i}"].get("tok_s") for i in range(ROUNDS + 1)]
+    theirs = [t for t in theirs if t]
+    ours = row.get("warm_rounds_tok_s") or []
+    out = {"llamacpp_tok_s": theirs, "moekit_tok_s": ours}
+    if theirs and ours:
+        out.update(llamacpp_median=statistics.median(theirs), moekit_median=statistics.median(ours),
+                   llamacpp_best=max(theirs), moekit_best=max(ours),
+                   ratio_of_medians=statistics.median(ours) / statistics.median(theirs))
+    return out
+
+
 def least_budget(refusal: str) -> int | None:
     """Returns the budget (bytes) a refusal asks for ('give at least 1123.19MB', 'give
     --device-memory 1.18GB or more'), or None."""
@@ -449,9 +477,12 @@ def least_budget(refusal: str) -> int | None:
 def table(results: dict) -> str:
     lc = (results.get("llamacpp") or {}).get("rows", {})
     rows = []
+    mixed = results.get("cpu_interleaved") or {}
     for r in results.get("moekit", []):
         ref = lc.get(r["setting"], {})
         ours, theirs = r.get("decode_tok_s"), ref.get("tok_s")
+        if r.get("warm_rounds_tok_s") and mixed.get("llamacpp_median"):  # CPU rounds: median against median
+            theirs = mixed["llamacpp_median"]
         rows.append([r["setting"], r.get("misses") or r.get("dtype") or "-", f"{(r.get('budget_bytes') or 0) / 1e9:.2f}",
                      f"{ours:.1f}" if ours else r["status"], f"{theirs:.1f}" if theirs else "-",
                      f"{ours / theirs:.2f}x" if ours and theirs else "-",
@@ -521,16 +552,24 @@ def main() -> int:
         save()
 
     if device.type == "cpu":  # no GPU: everything on the CPU, bf16 as llama.cpp's GGUF
+        decode_args = ["-p", "0", "-n", str(NEW), "-t", str(cores)]
         for dtype in (torch.bfloat16, torch.float32):
             load_before = os.getloadavg()  # the cores are shared: a figure taken under load is not the engine's
-            row = moekit_row(ckpt, device, None, None, prompt, dtype=dtype, prefill_tokens=PROMPT)
+            # bf16 (llama.cpp's GGUF type): ROUNDS warm calls, each after a llama.cpp decode run, so
+            # both engines sample the same drifting host (a VM: its neighbours' load shows nowhere)
+            between = None
+            if dtype == torch.bfloat16 and llama_again is not None:
+                def between(i: int) -> None:
+                    llama_again(f"decode_cpu_only_round{i}", decode_args)
+            row = moekit_row(ckpt, device, None, None, prompt, dtype=dtype, prefill_tokens=PROMPT,
+                             rounds=ROUNDS if dtype == torch.bfloat16 else 1, between=between)
             row.update(setting="decode_cpu_only", dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
                        loadavg_before=load_before, loadavg_after=os.getloadavg())
             record(row, f"--device cpu {row['dtype']} (prefill {row.get(f'prefill_{PROMPT}_tok_s')} tok/s)")
-            if dtype == torch.bfloat16 and llama_again is not None:
-                # again after moekit's bf16 row: the two bracket it, so a drift in the shared host's
-                # memory bandwidth (a VM: its neighbours' load is not in our load average) shows
-                llama_again("decode_cpu_only_after_moekit", ["-p", "0", "-n", str(NEW), "-t", str(cores)])
+            if between is not None:
+                llama_again(f"decode_cpu_only_round{ROUNDS}", decode_args)  # brackets the last moekit call
+                results["cpu_interleaved"] = interleaved(results, row)
+                common.log(f"interleaved: {results['cpu_interleaved']}")
         footprints = {}  # no offloaded rows without a GPU
     gpu: dict = {}
     if device.type == "cuda" and not args.skip_gpu_row:
