@@ -1,4 +1,5 @@
-"""Ragged decode steps with static shapes, captured as CUDA graphs at bucketed batch sizes.
+"""Ragged decode steps (and, with PagedMixed below, steps that carry prefill chunks) with static
+shapes, captured as CUDA graphs at bucketed sizes.
 
 A decode step of a ragged batch (one new token per sequence, each at its own position) has
 shapes that change every step: the number of sequences and the length of their block tables.
@@ -185,6 +186,9 @@ class _MixedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.failed = False  # its capture failed: the scheduler runs this bucket's steps eagerly
+        # the last host-to-device copy: a step whose rows all stay mid-prompt reads nothing back,
+        # so the next fill must wait for it before rewriting the pinned buffers
+        self.copied: torch.cuda.Event | None = None
 
     def forward(self) -> torch.Tensor:
         """Returns logits [P, V] of the step described by the buffers (writes k/v at its slots)."""
@@ -216,6 +220,8 @@ class _MixedStep:
             end += len(toks)
             last.append(end - 1)
         tiles = query_tiles(tuple(start for _, start, _ in work), tuple(len(toks) for _, _, toks in work))
+        if self.copied is not None:
+            self.copied.synchronize()
         head = (tokens + [0] * pad_tokens + positions + [0] * pad_tokens + slots + [scratch * bs] * pad_tokens
                 + context + [1] * pad_rows + last + [0] * pad_rows
                 + [v for tile in tiles for v in tile] + [0] * (4 * (self.tiles - len(tiles))))
@@ -226,6 +232,9 @@ class _MixedStep:
         host = self.host_tables[:, :width]
         host[:len(rows)].copy_(torch.tensor(rows, dtype=torch.long).view(-1, width))
         self.tables[:len(rows), :width].copy_(host[:len(rows)], non_blocking=True)
+        if self.head.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     @torch.inference_mode()
     def capture(self, pool) -> None:

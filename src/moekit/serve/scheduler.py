@@ -9,6 +9,10 @@ once and its blocks freed. When a running sequence needs a block and none is fre
 running sequence is preempted: its blocks are freed and it is queued first, to be recomputed
 from its tokens so far (prompt and output) when blocks free up; nothing crashes.
 
+Decode-only steps run at bucketed static shapes (CUDA graphs, moekit.paged_decode.PagedDecode);
+steps with prefill chunks run eagerly, or with config.static_mixed padded to token buckets and
+graph-replayed too (PagedMixed). warm() pays every compile and capture before the first request.
+
 Shapes: B = sequences in a step, V = vocab.
 """
 
