@@ -72,3 +72,31 @@ def sleep_or_load(comm, path: str, sleep_s: float) -> str:
         return "slept"
     load_expert_parallel(path, comm)
     return "loaded"
+
+
+def grid_cases(comm, cases: list[dict]) -> dict:
+    """Returns {case name: {"tokens", "logits", "report", "heads", "kv_heads", "expert_ffn"} or RankError}
+    for each case {"name", "path", "ep", "tp", "ids" [B, T], "new_tokens"}: the model split over an
+    ep x tp grid of the ranks (parallel.tensor), groups made once per grid shape."""
+    from moekit.parallel.tensor import ParallelGroups, load_parallel
+
+    grids: dict = {}
+    out: dict = {}
+    for case in cases:
+        try:
+            shape = (case["ep"], case["tp"])
+            if shape not in grids:
+                grids[shape] = ParallelGroups.create(comm, *shape)
+            model = load_parallel(case["path"], grids[shape], **case.get("load", {}))
+            ids = case["ids"]
+            with torch.no_grad():
+                logits = model(ids)
+            tokens = model.generate(ids, max_new_tokens=case["new_tokens"], temperature=0, eos_token_ids=())
+            experts = [m for m in model.modules() if hasattr(m, "form") and hasattr(m, "layer")]
+            out[case["name"]] = {"tokens": tokens, "logits": logits, "report": model.expert_runtime.report(),
+                                 "heads": model.config.num_heads, "kv_heads": model.config.num_kv_heads,
+                                 "expert_ffn": experts[0].form.ffn if experts else None,
+                                 "local": {m.layer: m.local for m in experts if hasattr(m, "local")}}
+        except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
+            out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
+    return out

@@ -1,4 +1,4 @@
-"""The collectives expert parallelism needs, each with a timeout and a message a user can act on.
+"""The collectives expert and tensor parallelism need, each with a timeout and a message a user can act on.
 
 A rank that dies (or hangs) must not leave the others waiting forever: every collective here is
 started asynchronously and waited on with the group's timeout, and a failure becomes one
@@ -91,6 +91,22 @@ class ExpertComm:
             raise self._failed(what, e) from None
         self._wait(work, what)
         return out
+
+    def all_reduce(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Returns the sum of every rank's `t` (equal shapes), summed in place into `t` when it is
+        contiguous; a group of one returns `t` as it is."""
+        if self.world == 1:
+            return t
+        t = t.contiguous()
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():  # inside a CUDA graph: no host wait
+            dist.all_reduce(t, group=self.group)
+            return t
+        try:
+            work = dist.all_reduce(t, group=self.group, async_op=True)
+        except (RuntimeError, TimeoutError) as e:
+            raise self._failed(what, e) from None
+        self._wait(work, what)
+        return t
 
     def broadcast_int(self, value: int, what: str) -> int:
         """Returns rank 0's `value` on every rank."""

@@ -229,6 +229,10 @@ class ExpertParallelLoader(ExpertLoader):
     def _start(self, ctx: LoadContext) -> None:
         # first the collective check (every rank reaches it), then the checks each rank makes alike
         self.comm.check_same(checkpoint_digest(ctx), "checkpoint", str(ctx.ckpt.path))
+        self._plan(ctx)
+
+    def _plan(self, ctx: LoadContext) -> None:
+        """Sets each MoE layer's owners and the stored form (the same on every rank: no collective)."""
         cfg = ctx.config
         for layer in range(cfg.num_layers):
             count = cfg.experts_in(layer)
