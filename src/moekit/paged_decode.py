@@ -17,6 +17,7 @@ position, slot, context length, then the block table.
 
 from __future__ import annotations
 
+import array
 import warnings
 from collections.abc import Hashable
 
@@ -69,12 +70,16 @@ class _Step:
         table past a row's context, so what earlier steps left further right is never used."""
         bs, scratch = self.cache.block_size, self.cache.scratch_block
         width = max([len(table) for _, _, table in rows], default=1)
-        data = [[token, position, table[position // bs] * bs + position % bs, position + 1,
-                 *table, *[0] * (width - len(table))] for token, position, table in rows]
-        data += [[0, 0, scratch * bs, 1, scratch] + [0] * (width - 1)] * (self.bucket - len(rows))
+        data = []  # flat
+        for token, position, table in rows:
+            data += (token, position, table[position // bs] * bs + position % bs, position + 1)
+            data += table
+            data += [0] * (width - len(table))
+        data += ([0, 0, scratch * bs, 1, scratch] + [0] * (width - 1)) * (self.bucket - len(rows))
         columns = _TABLE + width
-        host = self.host[:self.bucket * columns].view(self.bucket, columns)
-        host.copy_(torch.tensor(data, dtype=torch.long))
+        host = self.host[:self.bucket * columns]
+        host.copy_(_longs(data))
+        host = host.view(self.bucket, columns)
         self.meta[:, :columns].copy_(host, non_blocking=True)
 
     @torch.inference_mode()
@@ -97,6 +102,12 @@ class _Step:
             return self.forward()
         self.graph.replay()
         return self.logits
+
+
+def _longs(values: list[int]) -> torch.Tensor:
+    """Returns an int64 CPU tensor of `values` (through array: ~3x faster than torch.tensor of a
+    list, which costs ~0.25 ms a step at 128 sequences)."""
+    return torch.frombuffer(array.array("q", values), dtype=torch.long)
 
 
 class PagedDecode:
@@ -225,13 +236,18 @@ class _MixedStep:
         head = (tokens + [0] * pad_tokens + positions + [0] * pad_tokens + slots + [scratch * bs] * pad_tokens
                 + context + [1] * pad_rows + last + [0] * pad_rows
                 + [v for tile in tiles for v in tile] + [0] * (4 * (self.tiles - len(tiles))))
-        self.host_head.copy_(torch.tensor(head, dtype=torch.long))
+        self.host_head.copy_(_longs(head))
         self.head.copy_(self.host_head, non_blocking=True)
         width = max([len(self.cache.tables[seq]) for seq, _, _ in work], default=1)
-        rows = [self.cache.tables[seq] + [0] * (width - len(self.cache.tables[seq])) for seq, _, _ in work]
-        host = self.host_tables[:, :width]
-        host[:len(rows)].copy_(torch.tensor(rows, dtype=torch.long).view(-1, width))
-        self.tables[:len(rows), :width].copy_(host[:len(rows)], non_blocking=True)
+        flat = []
+        for seq, _, _ in work:
+            table = self.cache.tables[seq]
+            flat += table
+            flat += [0] * (width - len(table))
+        if work:
+            host = self.host_tables[:len(work), :width]
+            host.copy_(_longs(flat).view(len(work), width))
+            self.tables[:len(work), :width].copy_(host, non_blocking=True)
         if self.head.is_cuda:
             self.copied = torch.cuda.Event()
             self.copied.record()

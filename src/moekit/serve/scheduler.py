@@ -390,9 +390,14 @@ class Scheduler:
         work: list[tuple[Request, int]] = []
         decoding = any(r.computed == r.length - 1 for r in self.running)
         prefill = not decoding or self.stats.steps % self.config.prefill_interval == 0
+        preempted = self.stats.preemptions
         for request in list(self.running):
-            if request not in self.running or budget == 0:
-                continue  # preempted by an older sequence of this step, or no budget left
+            if budget == 0:
+                break
+            # preempted by an older sequence of this step? (a list lookup only after a preemption:
+            # at 128 sequences one per row cost ~0.2 ms a step)
+            if self.stats.preemptions != preempted and request not in self.running:
+                continue
             if not prefill and request.computed < request.length - 1:
                 continue  # a prompt chunk: it waits for the next prefill step
             n = min(request.length - request.computed, budget)
