@@ -79,6 +79,32 @@ def test_step_matches_forward(tiny, variant):
         assert rel_error(*written) <= BF16_TOL
 
 
+@pytest.mark.parametrize("variant", ["olmoe", "qwen3_moe"])
+def test_one_call_step_is_its_pieces(tiny, variant):
+    """decode.cpp's moekit_decode_step_bf16 makes the pieces' calls in C: the same bits, cache included."""
+    model = _bf16_model(tiny, variant)
+    ids = token_ids(1, 12)
+    caches = [KVCache(model.config, 1, 24, "cpu", torch.bfloat16) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids, cache=cache, start=0)
+        whole, pieces = CpuDecodeStep(model, caches[0]), CpuDecodeStep(model, caches[1])
+        for i, token in enumerate((3, 9, 4, 4)):
+            assert torch.equal(whole(token, 12 + i), pieces.pieces(token, 12 + i))
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values))
+
+
+def test_refuses_positions_and_tokens_outside(tiny):
+    from moekit.errors import MoekitError
+
+    model = _bf16_model(tiny, "olmoe")
+    step = CpuDecodeStep(model, KVCache(model.config, 1, 4, "cpu", torch.bfloat16))
+    with pytest.raises(MoekitError, match="KV cache holds 4 positions"):
+        step(1, 4)
+    with pytest.raises(MoekitError, match="outside the vocabulary"):
+        step(model.config.vocab_size, 0)
+
+
 def test_greedy_is_torch_argmax(tiny):
     model = _bf16_model(tiny, "olmoe")
     step = CpuDecodeStep(model, KVCache(model.config, 1, 4, "cpu", torch.bfloat16))

@@ -247,4 +247,83 @@ int moekit_moe_decode_bf16(const uint16_t* x, const uint16_t* gate_up, const uin
   return 0;
 }
 
+
+// ---- the whole step in one call --------------------------------------------------------------
+
+int moekit_matvec_bf16(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* out, int64_t M,
+                                  int64_t N, int64_t K, float* xf, int threads);
+
+// One layer's weights and buffers (decode.py's _LayerPlan mirrors it field for field).
+struct LayerPlan {
+  const uint16_t* in_norm;   // [D]
+  const uint16_t* post_norm; // [D]
+  const uint16_t* wqkv;      // [H*Dh + 2*Hkv*Dh, D]
+  const float* bqkv;         // its bias or null
+  const uint16_t* q_norm;    // q/k norm weights (per qk_norm) or null
+  const uint16_t* k_norm;
+  float q_scale;
+  uint16_t* k_cache;         // [Hkv, S, Dh]
+  uint16_t* v_cache;
+  const uint16_t* wo;        // [D, H*Dh]
+  const float* bo;
+  const uint16_t* wr;        // router [E, D]
+  const float* br;
+  int64_t experts, top_k, ffn;
+  const uint16_t* gate_up;   // [E, 2I, D]
+  const uint16_t* down;      // [E, D, I]
+  uint16_t* router;          // [E] logits
+  int64_t* ids;              // [A]
+  float* weights;            // [A]
+  float* acc;                // max(A*I, D)
+  uint16_t* act;             // [A, I]
+};
+
+// The model's shapes, its non-layer weights and the step's buffers (decode.py's _StepPlan).
+struct StepPlan {
+  int64_t layers, D, H, Hkv, Dh, S, rope_dim, V;
+  int32_t qk_norm, norm_topk, threads;
+  float eps, attn_scale;
+  const uint16_t* embed;      // [vocab, D]
+  const uint16_t* final_norm; // [D]
+  const uint16_t* lm_head;    // [V, D]
+  const float* lm_bias;
+  const uint16_t* cos;        // [S, rope_dim]
+  const uint16_t* sin;
+  uint16_t *x, *normed, *delta, *qkv, *q, *attn, *logits;
+  float* scores;              // [H, S]
+  float* xf;                  // matvec scratch
+  const LayerPlan* layer;     // [layers]
+};
+
+// The logits (plan->logits [V]) of `token` at `position`, its keys and values written to each
+// layer's cache: the same calls, in the same order, as decode.py's CpuDecodeStep.pieces.
+// Returns 0, or the first nonzero code of a piece.
+int moekit_decode_step_bf16(const StepPlan* p, int64_t token, int64_t position) {
+  const int64_t D = p->D;
+  std::memcpy(p->x, p->embed + token * D, D * 2);
+  const uint16_t* cos = p->cos + position * p->rope_dim;
+  const uint16_t* sin = p->sin + position * p->rope_dim;
+  const int64_t qkv_rows = (p->H + 2 * p->Hkv) * p->Dh;
+  int rc = 0;
+  for (int64_t i = 0; i < p->layers && rc == 0; ++i) {
+    const LayerPlan& l = p->layer[i];
+    if (i == 0) moekit_rmsnorm_bf16(p->x, l.in_norm, D, p->eps, p->normed);
+    else moekit_add_rmsnorm_bf16(p->x, p->delta, l.in_norm, D, p->eps, p->normed);
+    rc |= moekit_matvec_bf16(p->normed, l.wqkv, l.bqkv, p->qkv, 1, qkv_rows, D, p->xf, p->threads);
+    rc |= moekit_qkv_rope_bf16(p->qkv, p->H, p->Hkv, p->Dh, p->qk_norm, l.q_norm, l.k_norm, p->eps, l.q_scale, cos, sin,
+                               p->rope_dim, p->q, l.k_cache, l.v_cache, p->S, position);
+    rc |= moekit_dense_decode_attention_bf16(p->q, l.k_cache, l.v_cache, p->H, p->Hkv, p->Dh, p->S, position + 1,
+                                             p->attn_scale, p->attn, p->scores, p->threads);
+    rc |= moekit_matvec_bf16(p->attn, l.wo, l.bo, p->delta, 1, D, p->H * p->Dh, p->xf, p->threads);
+    moekit_add_rmsnorm_bf16(p->x, p->delta, l.post_norm, D, p->eps, p->normed);
+    rc |= moekit_matvec_bf16(p->normed, l.wr, l.br, l.router, 1, l.experts, D, p->xf, p->threads);
+    rc |= moekit_route_softmax_bf16(l.router, l.experts, l.top_k, p->norm_topk, l.ids, l.weights);
+    rc |= moekit_moe_decode_bf16(p->normed, l.gate_up, l.down, l.ids, l.weights, l.top_k, D, l.ffn, l.acc, l.act,
+                                 p->delta, p->threads);
+  }
+  if (rc != 0) return rc;
+  moekit_add_rmsnorm_bf16(p->x, p->delta, p->final_norm, D, p->eps, p->normed);
+  return moekit_matvec_bf16(p->normed, p->lm_head, p->lm_bias, p->logits, 1, p->V, D, p->xf, p->threads);
+}
+
 }  // extern "C"
