@@ -1,4 +1,4 @@
-"""`moekit generate --parallel ep=N`: flag checks in process; 2 ranks under torchrun (slow)."""
+"""`moekit generate --parallel ep=N,tp=M`: flag checks in process; 2 and 4 ranks under torchrun (slow)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,25 @@ import pytest
 from conftest import run_cli
 from ranks import free_port
 
+from moekit.parallel.cli import ParallelSpec
+
 
 @pytest.mark.parametrize("value, message", [
     ("ep=0", "--parallel ep must be >= 1, got 0"),
-    ("tp=2", "give ep=N (expert-parallel ranks)"),
-    ("timeout=5", "ep=N is missing"),
-    ("ep=two", "ep must be an integer"),
+    ("ep=2,tp=0", "--parallel tp must be >= 1, got 0"),
+    ("dp=2", "give ep=N (expert-parallel ranks) and/or tp=M"),
+    ("timeout=5", "ep=N or tp=M is missing"),
+    ("ep=two", "ep and tp must be integers"),
     ("ep=2,timeout=0", "--parallel timeout must be > 0 seconds"),
 ])
 def test_bad_parallel_flag_is_one_line(capsys, value, message):
     code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--parallel", value)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_spec_parses_a_grid():
+    assert ParallelSpec.parse("ep=2,tp=2,timeout=9") == ParallelSpec(2, 2, 9.0)
+    assert ParallelSpec.parse("tp=4").world == 4 and ParallelSpec.parse("ep=3").world == 3
 
 
 def test_parallel_without_torchrun_says_how(capsys, monkeypatch):
@@ -37,20 +45,36 @@ def test_parallel_with_offload_is_refused(capsys):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_print_once_and_equal_one_process(capsys):
+@pytest.mark.parametrize("ranks, value", [(2, "ep=2"), (2, "tp=2"), (4, "ep=2,tp=2")])
+def test_torchrun_ranks_print_once_and_equal_one_process(capsys, ranks, value):
     args = ["generate", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--threads", "1",
             "--device", "cpu", "--json"]
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     expected = json.loads(out)["token_ids"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                           "-m", "moekit", *args, "--parallel", "ep=2,timeout=30"],
-                          capture_output=True, text=True, timeout=120, env=env, check=False)
+                           "-m", "moekit", *args, "--parallel", f"{value},timeout=30"],
+                          capture_output=True, text=True, timeout=180, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stdout  # rank 0 printed; rank 1 stayed quiet
+    assert len(lines) == 1, proc.stdout  # rank 0 printed; the others stayed quiet
     result = json.loads(lines[0])
     assert result["token_ids"] == expected
-    assert result["parallel"]["ranks"] == 2 and result["parallel"]["slots_remote"] > 0
+    spec = ParallelSpec.parse(value)
+    report = result["parallel"]
+    assert (report["ranks"], report["ep"], report["tp"]) == (ranks, spec.ep, spec.tp)
+    assert (report["slots_remote"] > 0) == (spec.ep > 1)
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_wrong_number_of_ranks_says_how_many():
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                           "-m", "moekit", "generate", "hi", "--device", "cpu", "--max-new-tokens", "2",
+                           "--parallel", "ep=2,tp=2,timeout=30"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          check=False)
+    assert proc.returncode != 0
+    assert "needs ep x tp = 4 processes, but torchrun started 2: give torchrun --nproc-per-node 4" in proc.stderr

@@ -75,14 +75,29 @@ def sleep_or_load(comm, path: str, sleep_s: float) -> str:
 
 
 def grid_cases(comm, cases: list[dict]) -> dict:
-    """Returns {case name: {"tokens", "logits", "report", "heads", "kv_heads", "expert_ffn"} or RankError}
+    """Returns {case name: {"tokens", "logits", "report", "heads", "kv_heads", "expert_ffn", "local", "held",
+    "reads"} or RankError}
     for each case {"name", "path", "ep", "tp", "ids" [B, T], "new_tokens"}: the model split over an
     ep x tp grid of the ranks (parallel.tensor), groups made once per grid shape."""
+    from moekit.checkpoint import Checkpoint
     from moekit.parallel.tensor import ParallelGroups, load_parallel
 
+    reads: list = []  # (tensor name, first row, one past the last; None: the whole tensor)
+    read, read_rows = Checkpoint.read, Checkpoint.read_rows
+
+    def logged_read(self, name, *args, **kwargs):
+        reads.append((name, None, None))
+        return read(self, name, *args, **kwargs)
+
+    def logged_read_rows(self, name, start, stop):
+        reads.append((name, start, stop))
+        return read_rows(self, name, start, stop)
+
+    Checkpoint.read, Checkpoint.read_rows = logged_read, logged_read_rows
     grids: dict = {}
     out: dict = {}
     for case in cases:
+        reads.clear()
         try:
             shape = (case["ep"], case["tp"])
             if shape not in grids:
@@ -96,7 +111,8 @@ def grid_cases(comm, cases: list[dict]) -> dict:
             out[case["name"]] = {"tokens": tokens, "logits": logits, "report": model.expert_runtime.report(),
                                  "heads": model.config.num_heads, "kv_heads": model.config.num_kv_heads,
                                  "expert_ffn": experts[0].form.ffn if experts else None,
-                                 "local": {m.layer: m.local for m in experts if hasattr(m, "local")}}
+                                 "local": {m.layer: m.local for m in experts if hasattr(m, "local")},
+                                 "held": dict(model.expert_runtime.owned), "reads": list(reads)}
         except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
             out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
     return out

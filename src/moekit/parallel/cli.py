@@ -1,9 +1,11 @@
-"""`moekit generate --parallel ep=N`: the flag, its checks, and the per-rank setup under torchrun.
+"""`moekit generate --parallel ep=N,tp=M`: the flag, its checks, and the per-rank setup under torchrun.
 
     torchrun --nproc-per-node 2 -m moekit generate "def fib(n):" --parallel ep=2
+    torchrun --nproc-per-node 4 -m moekit generate "def fib(n):" --parallel ep=2,tp=2
 
-Every rank loads the non-expert model whole and its slice of the experts, and runs the same
-tokens; rank 0 prints, the others stay quiet (their errors still reach stderr).
+N x M ranks form a grid (parallel.tensor): each row of M ranks splits the attention heads and
+dense MLPs, each column of N ranks splits the routed experts. Every rank runs the same tokens;
+rank 0 prints, the others stay quiet (their errors still reach stderr).
 """
 
 from __future__ import annotations
@@ -22,40 +24,50 @@ from .comm import DEFAULT_TIMEOUT_S, ExpertComm
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    """What --parallel asks for: `ep` expert-parallel ranks; collectives wait `timeout_s` at most."""
+    """What --parallel asks for: an ep x tp grid of ranks; collectives wait `timeout_s` at most."""
 
-    ep: int  # ranks the experts are split over (torchrun's --nproc-per-node)
+    ep: int = 1  # ranks the routed experts are split over (a column of the grid)
+    tp: int = 1  # ranks the attention heads and MLP widths are split over (a row of the grid)
     timeout_s: float = DEFAULT_TIMEOUT_S  # a collective waits this long before the rank gives up
 
     def __post_init__(self) -> None:
-        if self.ep < 1:
-            raise MoekitError(f"--parallel ep must be >= 1, got {self.ep}")
+        for name in ("ep", "tp"):
+            if getattr(self, name) < 1:
+                raise MoekitError(f"--parallel {name} must be >= 1, got {getattr(self, name)}")
         if self.timeout_s <= 0:
             raise MoekitError(f"--parallel timeout must be > 0 seconds, got {self.timeout_s:g}")
 
+    @property
+    def world(self) -> int:
+        """The processes the grid needs (torchrun's --nproc-per-node on one host)."""
+        return self.ep * self.tp
+
     @staticmethod
     def parse(text: str) -> ParallelSpec:
-        """Returns the spec of a --parallel value like "ep=2" or "ep=4,timeout=60"."""
+        """Returns the spec of a --parallel value like "ep=2", "tp=2", "ep=2,tp=2,timeout=60"."""
         fields: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
-            if not sep or key not in ("ep", "timeout"):
-                raise MoekitError(f"--parallel {text}: give ep=N (expert-parallel ranks) and optionally "
-                                  "timeout=SECONDS, e.g. --parallel ep=2")
+            if not sep or key not in ("ep", "tp", "timeout"):
+                raise MoekitError(f"--parallel {text}: give ep=N (expert-parallel ranks) and/or tp=M (tensor-"
+                                  "parallel ranks), optionally timeout=SECONDS, e.g. --parallel ep=2,tp=2")
             fields[key] = value
-        if "ep" not in fields:
-            raise MoekitError(f"--parallel {text}: ep=N is missing, e.g. --parallel ep=2")
+        if "ep" not in fields and "tp" not in fields:
+            raise MoekitError(f"--parallel {text}: ep=N or tp=M is missing, e.g. --parallel ep=2")
         try:
-            return ParallelSpec(int(fields["ep"]), float(fields.get("timeout", DEFAULT_TIMEOUT_S)))
+            return ParallelSpec(int(fields.get("ep", 1)), int(fields.get("tp", 1)),
+                                float(fields.get("timeout", DEFAULT_TIMEOUT_S)))
         except ValueError:
-            raise MoekitError(f"--parallel {text}: ep must be an integer and timeout a number of seconds") from None
+            raise MoekitError(f"--parallel {text}: ep and tp must be integers and timeout a number of "
+                              "seconds") from None
 
 
 def add_generate_flags(p: argparse.ArgumentParser) -> None:
     """Adds --parallel to `moekit generate`."""
-    p.add_argument("--parallel", default=None, metavar="ep=N",
-                   help="expert parallelism over N processes started by torchrun (each holds 1/N of the experts; "
-                        "rank 0 prints): torchrun --nproc-per-node N -m moekit generate ... --parallel ep=N; "
+    p.add_argument("--parallel", default=None, metavar="ep=N,tp=M",
+                   help="run over N x M processes started by torchrun (rank 0 prints): ep=N splits the routed "
+                        "experts over N ranks, tp=M the attention heads and MLP widths over M (vLLM's tensor "
+                        "parallel); torchrun --nproc-per-node N*M -m moekit generate ... --parallel ep=N,tp=M; "
                         f"timeout=S: seconds a rank waits for the others (default {DEFAULT_TIMEOUT_S:g})")
 
 
@@ -78,8 +90,13 @@ def stats_rows(report: dict) -> list[tuple[str, str]]:
 
     slots = report["slots_local"] + report["slots_remote"]
     remote = report["slots_remote"] / slots if slots else 0.0
-    return [
-        ("expert parallel", f"{report['ranks']} ranks; rank {report['rank']} holds {report['experts_held']} experts"),
+    split = ", each expert's ffn split over the row" if report.get("experts_split_by_tp") else ""
+    rows = []
+    if report.get("tp", 1) > 1:
+        rows.append(("tensor parallel", f"tp={report['tp']}: attention heads and MLP widths split{split}"))
+    return rows + [
+        ("expert parallel", (f"{report['ranks']} ranks (ep={report.get('ep', report['ranks'])}); rank "
+                             f"{report['rank']} holds {report['experts_held']} experts")),
         ("routed slots", f"{slots} dispatched by rank {report['rank']}, {remote:.1%} to other ranks"),
         ("bytes exchanged", (f"{fmt_bytes(report['bytes_sent'])} sent by rank {report['rank']} "
                             f"({report['layer_calls']} layer calls)")),
@@ -87,7 +104,7 @@ def stats_rows(report: dict) -> list[tuple[str, str]]:
 
 
 class RankSetup:
-    """This process's rank: its comm and device, and the model loader of its expert slice."""
+    """This process's rank: its comm, groups and device, and the model loader of its slices."""
 
     def __init__(self, spec: ParallelSpec, device: str):
         dev = torch.device(device)
@@ -95,10 +112,13 @@ class RankSetup:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(dev)
         self.comm = ExpertComm.from_env(dev, spec.timeout_s)
-        if self.comm.world != spec.ep:
+        if self.comm.world != spec.world:
             self.close()
-            raise MoekitError(f"--parallel ep={spec.ep}, but torchrun started {self.comm.world} processes: "
-                              f"give torchrun --nproc-per-node {spec.ep}")
+            raise MoekitError(f"--parallel ep={spec.ep},tp={spec.tp} needs ep x tp = {spec.world} processes, but "
+                              f"torchrun started {self.comm.world}: give torchrun --nproc-per-node {spec.world}")
+        from .tensor import ParallelGroups
+
+        self.groups = ParallelGroups.create(self.comm, spec.ep, spec.tp)
         self.rank, self.device = self.comm.rank, dev
         if self.rank != 0:  # rank 0 prints; the others' stdout goes nowhere
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - held for the life of the process
@@ -109,10 +129,10 @@ class RankSetup:
         return self.comm.broadcast_int(random.randrange(2**62) if seed is None else seed, "sharing the seed")
 
     def load(self, path: str, dtype: str | None):
-        """Returns the model with this rank's slice of the experts."""
-        from .expert import load_expert_parallel
+        """Returns the model with this rank's heads, MLP slices and experts."""
+        from .tensor import load_parallel
 
-        return load_expert_parallel(path, self.comm, dtype=dtype)
+        return load_parallel(path, self.groups, dtype=dtype)
 
     def close(self) -> None:
         self.comm.close()
