@@ -77,3 +77,17 @@ def test_abort_frees_blocks_at_the_next_step(mixtral_model):
         assert engine.snapshot()["kv_blocks_used"] == 0 and len(c.tokens) < 100
     finally:
         engine.close()
+
+
+def test_warmed_engine_serves_the_same_tokens(mixtral_model):
+    """Engine(warm=True) runs Scheduler.warm() before its thread starts; requests then run as ever."""
+    engine = Engine(mixtral_model, SchedulerConfig(max_seqs=2, max_step_tokens=8, static_decode=True), warm=True)
+    try:
+        assert engine.warmed["step_tokens"][-1] == 8 and engine.warmed["buckets"] == [1, 2]
+        got = Collector()
+        engine.add([5, 6, 7], SamplingParams(max_tokens=4), got)
+        assert got.done.wait(30) and got.reason == "length"
+        alone = mixtral_model.generate(torch.tensor([[5, 6, 7]]), 4, temperature=0, eos_token_ids=())[0].tolist()
+        assert got.tokens == alone and engine.snapshot()["steps"] > 0
+    finally:
+        engine.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from ..cli_common import (
@@ -38,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-interval", type=int, default=1, metavar="N",
                    help="while sequences decode, admit and prefill prompts only every Nth step; the others stay "
                         "decode-only (CUDA graphs): more throughput, later first tokens (default: 1, every step)")
+    p.add_argument("--static-mixed", action="store_true",
+                   help="run steps that carry prompt chunks at static shapes too (token buckets, CUDA graphs) "
+                        "instead of eagerly; needs resident experts and grouped-query attention")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="queued requests before new ones get 429 (default: 1024)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -78,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path, device = check_serve(args)
     config = SchedulerConfig(max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens,
                              max_waiting=args.max_waiting, kv_tokens=args.kv_tokens,
-                             prefill_interval=args.prefill_interval)
+                             prefill_interval=args.prefill_interval, static_mixed=args.static_mixed)
     tokenizer = load_tokenizer(path)
     if args.offload:
         args.model = str(path)
@@ -87,7 +91,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = load_model(path, device=device, dtype=args.dtype)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    engine = Engine(model, config)
+    # on a GPU with resident experts, pay every compile and capture before the first request
+    from ..paged_decode import static_decode_supported
+
+    warm = model.device.type == "cuda" and static_decode_supported(model)
+    t0 = time.perf_counter()
+    engine = Engine(model, config, warm=warm)
+    if warm:
+        print(f"moekit: warmed {len(engine.warmed['step_tokens'])} step sizes, decode buckets "
+              f"{engine.warmed['buckets']}, mixed buckets {engine.warmed['mixed_buckets']} in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     name = args.served_model_name or path.resolve().name
     app = build_app(engine, tokenizer, name)
     cache = engine.scheduler.cache

@@ -24,9 +24,12 @@ log = logging.getLogger("moekit.serve")
 class Engine:
     """A Scheduler stepped on its own thread; `add` and `abort` are safe from any thread."""
 
-    def __init__(self, model, config: SchedulerConfig | None = None):
+    def __init__(self, model, config: SchedulerConfig | None = None, warm: bool = False):
+        """`warm` runs Scheduler.warm() first (every Triton compile and CUDA graph capture the
+        steps will need), so that the first requests do not wait for them."""
         self.model = model
         self.scheduler = Scheduler(model, config)
+        self.warmed = self.scheduler.warm() if warm else None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
