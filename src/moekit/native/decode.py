@@ -296,5 +296,7 @@ class CpuDecodeStep:
         return self.logits
 
     def greedy(self, logits: torch.Tensor) -> torch.Tensor:
-        """Returns the argmax [1] (int64) of logits [1, V] bf16 (what sample gives at temperature 0)."""
+        """Returns the argmax [1] (int64) of logits [1, V] (what sample gives at temperature 0)."""
+        if logits.dtype != torch.bfloat16 or logits.shape[0] != 1 or not logits.is_contiguous():
+            return logits.argmax(dim=-1)
         return torch.tensor([self.lib.moekit_argmax_bf16(logits.data_ptr(), logits.shape[-1])])
