@@ -11,8 +11,17 @@ Per decode layer (an average layer), for N sequences in N / mu micro-batches (pa
               D2H: q, k, v of the new tokens (CPU attention)
     T_cpu   = max(attention FLOPs / host FLOP/s, KV bytes / kernel rate,
                   (KV bytes + streamed expert bytes) / host bandwidth)      (CPU attention)
-    T_gpu   = FFN: max(N FLOPs / GPU FLOP/s, N/mu * experts touched by a micro-batch * bytes / HBM)
+    T_gpu   = FFN: max(N FLOPs / kernel FLOP/s + N/mu * touched * kernel floor,
+                       N/mu * experts touched by a micro-batch * stored bytes / HBM)
               + attention and projections likewise (the weights re-read per micro-batch)
+
+Stored forms (ModelCosts.form): every byte term counts the experts as stored -- dense bf16, int-N
+codes with their scales, the sub-1-bit ternary code -- so a compressed form streams fewer bytes
+per layer over PCIe, holds a smaller store in host memory and smaller slots on the device, and the
+search finds a larger N. Their GPU cost is not their bytes: the decode-in-matmul kernels spend a
+floor per routed expert (decoding its weights) and a slower rate per token than a dense GEMM
+(FORM_KERNELS, measured on the H200), and above quant.ops.KERNEL_MAX_TOKENS tokens of an expert
+the form decodes one matrix at a time into a workspace the device memory counts.
 
 The last T_cpu term is the host-DRAM contention the paper leaves out (MoE-Lightning brief §5.2-4):
 pinned DMA of the weights reads host memory too. A step is L layers; a generation is a prefill
@@ -25,7 +34,9 @@ activations + (GPU attention: the KV cache of N sequences; CPU attention: two mi
 staging, and the q, k, v packets of N tokens: CGOPipe launches CPU attention a layer ahead, so
 every micro-batch's packet may wait on the device for its D2H copy). The double buffer is what
 lets layer i + 1's pages stream while layer i computes. Host = every expert (the store) + (CPU attention: the KV cache) + the prefill hidden
-states of N prompts. r_w is whole experts per layer (j / E), as a runtime can hold them.
+states of N prompts. r_w is whole experts per layer (j / E), as a runtime can hold them. Device
+slots are the form's slot bytes (packed slots fit the widest layer), plus the form's tables (a
+code's dictionaries) and its decode workspace.
 
 Shapes: L layers, D hidden, E experts per MoE layer, A = top-k, I expert ffn, H query heads,
 s prompt length, n generated tokens, c = s + n / 2 the mean context of a decode step.
@@ -42,6 +53,18 @@ from .machine import Machine
 
 ATTENTION_PLACES = ("cpu", "gpu")
 CUDA_RESERVE_BYTES = 64 * 2**20  # workspaces and allocator rounding (offload.planner's reserve)
+
+# The GPU cost of a compressed form's expert kernels (grouped path: one gate_up and one down call
+# per routed expert of a micro-batch): (weights decoded per second, the floor of an expert call;
+# FLOP/s per extra token). Fitted on Mixtral's matrices (14336 x 4096 and 4096 x 14336) at 8 and 64
+# tokens, H200, benchmarks/results/tune_quant_kernels.json: an expert (gate, up, down) took 195 /
+# 386 us in the ternary code and 552 / 1155 us in int4 (group 128), against ~125 us in bf16 at
+# either count. int2/int3 take int4's figures. Dense experts: no floor, the machine's GEMM rate.
+FORM_KERNELS = {"ternary_code": (1.2e12, 104e12), "int": (3.8e11, 33e12)}
+# Bytes per weight of decoding one matrix by the forms' reference path (above KERNEL_MAX_TOKENS
+# tokens of an expert, as in every prefill micro-batch): int64 unpacking and float32 temporaries;
+# 17.2 (int4) and 15.9 (ternary code) measured as peak RSS on the CPU for an 8192 x 4096 matrix.
+DECODE_WORKSPACE_BYTES_PER_WEIGHT = 18
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,22 @@ class ModelCosts:
     act_bytes: int  # bytes of an activation value
     prefill_act_bytes_per_token: float  # live activations of one prefill token (one layer)
     sliding_window: int | None = None
+    form: str = "dense"  # the experts' stored form (experts.forms / quant.formats names: dense, int4, ternary_code)
+    slot_bytes: float | None = None  # one device slot (packed forms: the widest layer's expert); None: expert_bytes
+    table_bytes: float = 0.0  # the form's per-layer tables, every layer (a code's dictionaries): on the device
+    kernel_floor_s: float = 0.0  # GPU seconds of one routed expert's call before its tokens (decoding its weights)
+    kernel_flops: float | None = None  # FLOP/s of the form's expert kernels per token (None: the GPU's GEMM peak)
+    workspace_bytes: float = 0.0  # device workspace of the form's decode (one matrix decoded at a time)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Returns the stored bits of one expert weight (its bytes over its expert_flops / 2 weights)."""
+        return 16 * self.expert_bytes / self.expert_flops if self.expert_flops else 0.0
+
+    @property
+    def device_slot_bytes(self) -> float:
+        """Returns the device bytes one expert's slot takes."""
+        return self.expert_bytes if self.slot_bytes is None else self.slot_bytes
 
     @property
     def layer_expert_bytes(self) -> float:
@@ -111,10 +150,22 @@ class ModelCosts:
         return asdict(self)
 
 
+def form_kernel(form: str, weights: float) -> tuple[float, float | None]:
+    """Returns (floor seconds of one routed expert of `weights` weights, FLOP/s per token) of a
+    stored form's GPU kernels (FORM_KERNELS; dense: (0, None), the GEMM peak)."""
+    rates = FORM_KERNELS.get("int" if form.startswith("int") else form)
+    if rates is None:
+        return 0.0, None
+    return weights / rates[0], rates[1]
+
+
 def model_costs(cfg: ModelConfig, expert_bytes: float, act_dtype_bytes: int = 2,
-                kv_dtype_bytes: int | None = None) -> ModelCosts:
+                kv_dtype_bytes: int | None = None, form: str = "dense", slot_bytes: float | None = None,
+                table_bytes: float = 0.0) -> ModelCosts:
     """Returns the ModelCosts of `cfg` with routed experts of `expert_bytes` each (the stored form's
-    bytes), activations, non-expert weights and KV in `act_dtype_bytes`-byte values."""
+    bytes), activations, non-expert weights and KV in `act_dtype_bytes`-byte values; `form` (a
+    stored form's name), `slot_bytes` and `table_bytes` as in ModelCosts (`form_costs` takes them
+    from a layout)."""
     import torch
 
     from ..offload.planner import activation_bytes, resident_bytes
@@ -140,8 +191,28 @@ def model_costs(cfg: ModelConfig, expert_bytes: float, act_dtype_bytes: int = 2,
         qkv_values=cfg.num_heads * dk + hk * dk + hv * dv, out_values=cfg.num_heads * dv,
         act_bytes=act_dtype_bytes,
         prefill_act_bytes_per_token=activation_bytes(cfg, dtype, 1, 1, scores=False) - cfg.vocab_size * 12,
-        sliding_window=cfg.sliding_window,
+        sliding_window=cfg.sliding_window, form=form, slot_bytes=slot_bytes, table_bytes=float(table_bytes),
+        **_form_terms(cfg, form),
     )
+
+
+def _form_terms(cfg: ModelConfig, form: str) -> dict:
+    if form == "dense":
+        return {}
+    floor, flops = form_kernel(form, cfg.params_per_expert)
+    matrix = max(2 * cfg.expert_ffn * cfg.hidden_size, cfg.hidden_size * cfg.expert_ffn)
+    return {"kernel_floor_s": floor, "kernel_flops": flops,
+            "workspace_bytes": float(matrix * DECODE_WORKSPACE_BYTES_PER_WEIGHT)}
+
+
+def form_costs(cfg: ModelConfig, layout, act_dtype_bytes: int = 2, kv_dtype_bytes: int | None = None) -> ModelCosts:
+    """Returns the ModelCosts of `cfg` with experts in a layout's stored form (offload.layout, as
+    the paged runtime holds them): an expert's bytes are what one moves over PCIe (its layer's,
+    averaged over the MoE layers), a device slot the layout's slot, plus the form's tables."""
+    layers = layout.moe_layers
+    expert_bytes = sum(layout.layer_bytes(m) for m in layers) / max(1, len(layers))
+    return model_costs(cfg, expert_bytes, act_dtype_bytes, kv_dtype_bytes, form=layout.form.name,
+                       slot_bytes=float(layout.expert_bytes()), table_bytes=float(layout.shared_bytes()))
 
 
 @dataclass(frozen=True)
@@ -215,7 +286,8 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
     attn_flops = n * positions * m.attention_flops_per_position
     ffn_c, ffn_b = _roof(n * m.top_k * m.expert_flops * m.moe_fraction,
                          n_ub * m.touched(policy.micro_batch) * m.expert_bytes * m.moe_fraction,
-                         machine.gpu_flops, machine.gpu_bandwidth)
+                         m.kernel_flops or machine.gpu_flops, machine.gpu_bandwidth)
+    ffn_c += n_ub * m.touched(policy.micro_batch) * m.kernel_floor_s * m.moe_fraction  # decoding each routed expert
     other_c, other_b = _roof(n * m.other_flops, n_ub * m.other_bytes, machine.gpu_flops, machine.gpu_bandwidth)
     gpu_c, gpu_b = ffn_c + other_c, ffn_b + other_b
     gpu = max(ffn_c, ffn_b) + max(other_c, other_b)
@@ -246,8 +318,9 @@ def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_l
     flops = tokens * (m.top_k * m.expert_flops * m.moe_fraction + m.other_flops
                       + m.attention_flops_per_position * m.attended(prompt_len) / 2)
     hbm = policy.micro_batches * (m.touched(per_mb) * m.expert_bytes * m.moe_fraction + m.other_bytes)
+    decode = policy.micro_batches * m.touched(per_mb) * m.kernel_floor_s * m.moe_fraction  # each expert decoded per call
     d2h = tokens * m.kv_bytes_per_token if policy.attention == "cpu" else 0.0
-    return max(streamed / machine.h2d_bandwidth, flops / machine.gpu_flops, hbm / machine.gpu_bandwidth,
+    return max(streamed / machine.h2d_bandwidth, flops / machine.gpu_flops + decode, hbm / machine.gpu_bandwidth,
                d2h / machine.d2h_bandwidth)
 
 
@@ -264,8 +337,9 @@ def memory(m: ModelCosts, policy: Policy, w: Workload) -> Memory:
     n, mu, r_w = policy.batch, policy.micro_batch, policy.resident_share
     positions = w.prompt_len + w.gen_len
     kv_all = n * positions * m.kv_bytes_per_token * m.num_layers
-    streamed_layer = m.layer_expert_bytes * (1 - r_w)
-    device = (m.resident_bytes + r_w * m.total_expert_bytes + (2 * streamed_layer if r_w < 1 else 0)
+    slots_per_layer = m.experts * m.moe_fraction  # an average layer's routed experts
+    slots = r_w * slots_per_layer * m.num_layers + (2 * (1 - r_w) * slots_per_layer if r_w < 1 else 0)
+    device = (m.resident_bytes + slots * m.device_slot_bytes + m.table_bytes + m.workspace_bytes
               + n * m.hidden * m.act_bytes * 2  # the residual stream of every micro-batch, and its attention output
               + mu * w.prompt_len * m.prefill_act_bytes_per_token + CUDA_RESERVE_BYTES)
     host = m.total_expert_bytes + n * w.prompt_len * m.hidden * m.act_bytes  # store + prefill hidden states

@@ -10,14 +10,29 @@ all of its pages. Any other engine (moekit.generate: prefill, plain decode) just
 a layer whose pages are not all there is loaded whole first, so the model runs anywhere,
 token-equal to its resident self.
 
-Where experts lie: one device slab of slots (offload.layout: the stored form as is, packed for
-compressed forms), laid out as [R resident slots of each MoE layer | buffer 0 | buffer 1], each
-buffer E - R slots. A layer's `rows` table maps expert id -> slot for the buffer that holds it,
-and the form runs the slab like an offload cache slab (ids, row_of, count: the same reduction as
-a resident layer). A page is an equal share of the bytes of each stored tensor's streamed part
-(as the artifact's byte ranges: every page costs the same PCIe time, so no page holds a hidden-
-state load behind a whole expert); where the slots are packed wider than a layer's experts,
-pages are expert-aligned ranges (`page_range`).
+Where experts lie: one device slab of slots (offload.layout), laid out as [R resident slots of
+each MoE layer | buffer 0 | buffer 1], each buffer E - R slots. A layer's `rows` table maps expert
+id -> slot for the buffer that holds it, and the form runs the slab like an offload cache slab
+(ids, row_of, count: the same reduction as a resident layer).
+
+What a page holds is the stored form as stored, never a decoded copy (DESIGN: paging moves the
+stored form): dense experts (TensorLayout) page their bf16/fp32 gate_up and down; int-N and the
+ternary code (PackedLayout) page each expert's stored tensors laid end to end as bytes -- packed
+codes, scales and zeros (int), codewords, chunk starts, row tables and levels (ternary code) --
+exactly as the offload cache holds them; a code's dictionary (code_table, 2^bits x 8 bytes per
+layer) is the form's table, resident on the device beside the slab, never paged. The layer's
+expert call then views its slots in the form's layout (layout.view) and `form.run` computes
+from them in place: for compressed forms its decode-in-matmul kernels (quant.kernels: per-slot
+for <= SLOT_KERNEL_MAX_SLOTS routed slots, else one grouped call per routed expert, decoded inside
+the matmul up to quant.ops.KERNEL_MAX_TOKENS tokens of an expert), on the CPU the native kernels
+or the PyTorch references. Forms whose stored experts carry more than a SwiGLU (gpt-oss: biases,
+the clamped SwiGLU, MXFP4) are refused (`pageable_form`).
+
+A page is an equal share of the bytes of each stored tensor's streamed part (as the artifact's
+byte ranges: every page costs the same PCIe time, so no page holds a hidden-state load behind a
+whole expert). A packed layer narrower than the slots (a ternary code's chunk capacity differs
+between layers; slots fit the largest) copies its byte range row by row into the slots' first
+bytes; a store that is not contiguous is paged in expert-aligned ranges (`page_range`).
 
 Shapes: E experts of a layer, R resident, S slots, N tokens, A experts per token, D hidden.
 """
@@ -28,10 +43,11 @@ import torch
 from torch import nn
 
 from ..errors import MoekitError
-from ..experts.forms import DenseForm, Tensors
+from ..experts.forms import DenseForm, StoredForm, Tensors
 from ..experts.loader import ExpertLoader, LoadContext
 
-PAGE_ALIGN = 2048  # elements a page boundary is a multiple of (4 KiB of bf16: whole pages of the DMA)
+PAGE_ALIGN_BYTES = 4096  # a page boundary is a multiple of this many bytes (whole pages of the DMA)
+PAGED_FORMS = ("dense", "int2", "int3", "int4", "ternary_code")  # stored forms the pages carry (forms' names)
 
 
 class PagedRuntime:
@@ -107,10 +123,9 @@ class PagedRuntime:
                                                            for t in self.stores[layer].values())
 
     def flat_pages(self, layer: int) -> bool:
-        """Returns whether the layer's pages are byte ranges (its slots are as wide as its experts
-        and the stores contiguous), else expert-aligned ranges."""
-        return all(self.slab[name].shape[1:] == src.shape[1:] and src.is_contiguous() and self.slab[name].is_contiguous()
-                   for name, src in self.stores[layer].items())
+        """Returns whether the layer's pages are byte ranges (its stores contiguous), else
+        expert-aligned ranges."""
+        return all(src.is_contiguous() and self.slab[name].is_contiguous() for name, src in self.stores[layer].items())
 
     def _copy_page(self, layer: int, page: int, pages: int, half: int, non_blocking: bool) -> None:
         """Copies page `page` of `pages` of the layer's streamed experts into buffer `half`."""
@@ -121,12 +136,13 @@ class PagedRuntime:
             self._copy(layer, lo, hi, base + lo - self.resident, non_blocking)
             return
         for name, src in self.stores[layer].items():
-            total = streamed * src[0].numel()
-            a = total * page // pages // PAGE_ALIGN * PAGE_ALIGN
-            b = total if page == pages - 1 else total * (page + 1) // pages // PAGE_ALIGN * PAGE_ALIGN
+            width = src[0].numel()  # elements of one expert in the store
+            total = streamed * width
+            align = max(1, PAGE_ALIGN_BYTES // src.element_size())
+            a = total * page // pages // align * align
+            b = total if page == pages - 1 else total * (page + 1) // pages // align * align
             if b > a:
-                dst = self.slab[name][base:base + streamed].reshape(-1)[a:b]
-                dst.copy_(src[self.resident:].reshape(-1)[a:b], non_blocking=non_blocking)
+                copy_range(self.slab[name][base:base + streamed], src[self.resident:], a, b, non_blocking)
 
     def load_page(self, layer: int, page: int, pages: int, stream=None) -> None:
         """Copies page `page` of `pages` of the layer's streamed experts into its buffer (the first
@@ -216,7 +232,9 @@ class PagedRuntime:
         return None
 
     def report(self) -> dict:
-        return {"resident_per_layer": self.resident, "streamed_per_layer": self.streamed,
+        form = self.layout.form
+        return {"form": form.name, "bits_per_weight": bits_per_weight(self.layout, form),
+                "resident_per_layer": self.resident, "streamed_per_layer": self.streamed,
                 "pages_loaded": self.pages_loaded, "whole_loads": self.whole_loads,
                 "slab_bytes": sum(t.numel() * t.element_size() for t in self.slab.values())}
 
@@ -234,11 +252,63 @@ class PagedExperts(nn.Module):
         return self.runtime.run(self.layer, x, expert_ids, weights)
 
 
+def copy_range(dst: torch.Tensor, src: torch.Tensor, a: int, b: int, non_blocking: bool) -> None:
+    """Copies elements [a, b) of src [n, ...] (contiguous, its experts flattened end to end) into
+    the same elements of dst [n, ...], whose experts are as wide (one flat copy) or wider (packed
+    slots sized for the largest layer: the range is cut at expert boundaries, each piece into the
+    first elements of its slot)."""
+    n = src.shape[0]
+    width = src[0].numel() if n else 0
+    if dst[0].numel() == width and dst.is_contiguous():
+        dst.reshape(-1)[a:b].copy_(src.reshape(-1)[a:b], non_blocking=non_blocking)
+        return
+    flat_src, flat_dst = src.reshape(n, width), dst.reshape(n, -1)
+    for row in range(a // width, -(-b // width)):
+        lo, hi = max(a - row * width, 0), min(b - row * width, width)
+        if hi > lo:
+            flat_dst[row, lo:hi].copy_(flat_src[row, lo:hi], non_blocking=non_blocking)
+
+
+def bits_per_weight(layout, form: StoredForm) -> float:
+    """Returns the stored bits per expert weight of a layout's experts: bytes one expert moves (its
+    layer's average, packing included; tables left out) over its 3 * D * I weights."""
+    per_expert = sum(layout.layer_bytes(layer) for layer in layout.moe_layers) / max(1, len(layout.moe_layers))
+    return 8 * per_expert / (3 * form.hidden * form.ffn)
+
+
+def pageable_form(ctx: LoadContext, host_layers: dict[int, Tensors] | None = None) -> StoredForm:
+    """Returns the stored form a checkpoint's experts are paged in: dense (its dtype), int-N or the
+    ternary code of a moekit-compressed checkpoint (tables on the device); raises MoekitError in
+    one line naming the alternative for forms the pages cannot carry."""
+    from ..quant.config import QuantConfig, is_moekit_quantized
+
+    cfg, where = ctx.config, ctx.ckpt.path / "config.json"
+    if not cfg.plain_experts:
+        mxfp4 = (ctx.ckpt.config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+        what = "MXFP4 experts (with biases and a clamped SwiGLU)" if mxfp4 else "experts with biases and a clamped SwiGLU"
+        raise MoekitError(f"{where}: paged experts (moekit.pipeline) cannot page {cfg.family}'s {what}; run it "
+                          "offloaded instead (moekit.offload.load_offloaded, `moekit generate --offload`), "
+                          "which keeps them in their stored form")
+    if not is_moekit_quantized(ctx.ckpt.config):
+        return DenseForm(cfg.hidden_size, cfg.expert_ffn, ctx.dtype)
+    from ..quant.formats import form_from_checkpoint, form_from_tensors
+
+    quant = QuantConfig.from_dict(ctx.ckpt.config["quantization_config"], str(where))
+    form = (form_from_tensors(quant, cfg, host_layers, ctx.device) if host_layers is not None
+            else form_from_checkpoint(quant, cfg, ctx.ckpt, ctx.family, ctx.device))
+    if form.name not in PAGED_FORMS:
+        raise MoekitError(f"{where}: paged experts cannot page stored form '{form.name}' (they page "
+                          f"{', '.join(PAGED_FORMS)}); run it offloaded instead (moekit.offload.load_offloaded)")
+    return form
+
+
 class PagedLoader(ExpertLoader):
-    """Builds paged experts while a model loads: every layer's experts into the host store (pinned
-    on a GPU machine), `resident` of each layer also on the device. `host_layers` ({layer:
-    {name: [E, ...]}}, as DenseForm stores them: gate_up [E, 2I, D], down [E, D, I]) gives the host
-    store directly (benchmarks: random experts made in pinned memory, no checkpoint read)."""
+    """Builds paged experts while a model loads: every layer's experts, in their stored form
+    (dense, int-N or ternary code: `pageable_form`), into the host store (pinned on a GPU
+    machine), `resident` of each layer also on the device. `host_layers` ({layer: {name: [E,
+    ...]}}, as the form stores them: dense gate_up [E, 2I, D], down [E, D, I]; a compressed
+    checkpoint's stored tensors named as quant.formats names them, code_table included) gives the
+    host store directly (benchmarks: experts made in pinned memory, no checkpoint read)."""
 
     def __init__(self, resident: int, host_layers: dict[int, Tensors] | None = None):
         self.resident = resident
@@ -248,33 +318,36 @@ class PagedLoader(ExpertLoader):
         self.layout = None
 
     def build(self, ctx: LoadContext, layer: int) -> nn.Module:
-        from ..offload.layout import layout_for
-        from ..quant.config import is_moekit_quantized
+        from ..offload.layout import PackedLayout, layout_for
 
         cfg = ctx.config
-        if not cfg.plain_experts or is_moekit_quantized(ctx.ckpt.config):
-            raise MoekitError("paged experts take plain dense SwiGLU experts for now; load this checkpoint "
-                              "resident or offloaded (moekit.offload)")
-        form = DenseForm(cfg.hidden_size, cfg.expert_ffn, ctx.dtype)
         if self.layout is None:
+            form = pageable_form(ctx, self.host_layers)
             self.layout = layout_for(form, [i for i, moe in enumerate(cfg.moe_layers) if moe])
+        layout, pin = self.layout, ctx.device.type == "cuda"
         count = cfg.experts_in(layer)
         if self.host_layers is not None:
-            stacked = self.host_layers.get(layer)
-            want = {name: (count, *shape) for name, (shape, _) in self.layout.shapes(layer).items()}
-            got = {name: tuple(t.shape) for name, t in (stacked or {}).items()}
+            given = self.host_layers.get(layer) or {}
+            if isinstance(layout, PackedLayout):  # the stored tensors, packed per expert (tables stay with the form)
+                stacked = layout.pack(layer, given, pin=pin)
+            else:
+                stacked = given
+            want = {name: (count, *shape) for name, (shape, _) in layout.shapes(layer).items()}
+            got = {name: tuple(t.shape) for name, t in stacked.items()}
             if got != want:
                 raise MoekitError(f"host_layers[{layer}]: expected tensors {want}, got {got}")
         else:
-            stacked = self.layout.empty(count, "cpu", pin=ctx.device.type == "cuda", layer=layer)
-            with torch.no_grad():
-                form.read_layer(ctx.ckpt, ctx.family, layer, stacked)
+            stacked = layout.empty(count, "cpu", pin=pin, layer=layer)
+            with torch.no_grad():  # read straight into the store rows (views of the packed bytes)
+                layout.form.read_layer(ctx.ckpt, ctx.family, layer, layout.view(stacked, layer))
         self.stores[layer] = stacked
         source = PagedExperts(layer, count)
         self.sources.append(source)
         return source
 
     def finish(self, model: nn.Module, ctx: LoadContext) -> PagedRuntime:
+        if self.layout is None:
+            raise MoekitError(f"{ctx.ckpt.path}: the model has no MoE layer, nothing to page")
         runtime = PagedRuntime(self.layout, self.stores, self.resident, ctx.device)
         for source in self.sources:
             source.runtime = runtime

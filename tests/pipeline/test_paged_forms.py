@@ -1,0 +1,186 @@
+"""Paged experts in compressed stored forms (moekit.pipeline.paged): int4 and ternary-code
+checkpoints (RTN on the tiny mixtral) page their stored bytes -- packed codes, scales, code
+tables -- never a decoded copy, and CGOPipe's tokens equal the sequential engine's on the same
+compressed checkpoint, with mixed prompt lengths, no expert resident and some; the HRM counts
+each form's bytes; forms the pages cannot carry are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.errors import MoekitError
+from moekit.generate import generate_ragged
+from moekit.load import load_model
+from moekit.pipeline.cgopipe import generate_pipelined
+from moekit.pipeline.paged import PagedLoader, PagedRuntime, copy_range
+from moekit.quant.compress import compress
+from moekit.quant.config import QuantConfig
+
+# mixed lengths (1 to 20 tokens), ids below the tiny models' vocabulary of 100
+PROMPTS = [[5, 17, 30, 42, 9, 11, 7], [99, 3], [77] * 20, [8], [20, 1, 95, 31], [4, 4, 6, 60, 61, 62, 63, 64, 65]]
+FORMS = {"int4": QuantConfig(bits="4", group_size=16, method="rtn"), "ternary": QuantConfig(bits="ternary", method="rtn")}
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny, tmp_path_factory):
+    """Returns {form: compressed checkpoint of the tiny mixtral (RTN, no calibration)}."""
+    root = tmp_path_factory.mktemp("paged_forms")
+    out = {}
+    for name, quant in FORMS.items():
+        out[name] = root / name
+        compress(tiny("mixtral").path, out[name], quant, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(compressed):
+    """Returns {form: the sequential engine's greedy tokens on its compressed checkpoint}."""
+    out = {}
+    for name, path in compressed.items():
+        model = moekit.load_model(path, device="cpu", dtype="float32")
+        out[name] = [t.tolist() for t in generate_ragged(model, PROMPTS, max_new_tokens=6, temperature=0.0,
+                                                         stop_at_eos=False)]
+    return out
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("keep", [0, 2])
+def test_pipelined_compressed_equals_the_sequential_engine(compressed, expected, form, keep):
+    model = load_model(compressed[form], device="cpu", dtype="float32", experts=PagedLoader(resident=keep))
+    runtime = model.expert_runtime
+    assert isinstance(runtime, PagedRuntime)
+    # the pages carry the stored form: packed bytes, none of the dense matrices
+    assert set(runtime.slab) == {"packed"} and runtime.slab["packed"].dtype == torch.uint8
+    assert all(set(store) == {"packed"} for store in runtime.stores.values())
+    dense_expert = 3 * model.config.hidden_size * model.config.expert_ffn * 4
+    assert all(runtime.layout.layer_bytes(m) < dense_expert / 4 for m in runtime.layers)
+    got = generate_pipelined(model, PROMPTS, max_new_tokens=6, micro_batch=2)
+    assert [t.tolist() for t in got] == expected[form]
+    if keep < 4:
+        assert runtime.pages_loaded > 0
+    report = runtime.report()
+    assert report["form"] == ("int4" if form == "int4" else "ternary_code")
+    assert report["bits_per_weight"] < (8 if form == "int4" else 4)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_paged_compressed_under_generate_and_its_pages(compressed, expected, form):
+    """Under the sequential engine (layers loaded whole at their call), and with the pages cut as
+    CGOPipe cuts them: every (layer, pages) split gives the resident form's outputs."""
+    model = load_model(compressed[form], device="cpu", dtype="float32", experts=PagedLoader(resident=1))
+    got = generate_ragged(model, PROMPTS, max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    assert [t.tolist() for t in got] == expected[form]
+    runtime = model.expert_runtime
+    resident = moekit.load_model(compressed[form], device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, model.config.hidden_size, generator=g)
+    ids = torch.tensor([[0, 3], [2, 1], [3, 2], [1, 0], [2, 3]])
+    w = torch.rand(5, 2, generator=g)
+    for pages in (1, 2, 3, 7):
+        for layer in runtime.layers:
+            for j in range(pages):
+                runtime.load_page(runtime.next_layer(layer), j, pages)
+            with torch.no_grad():
+                want = resident.layers[runtime.next_layer(layer)].mlp.experts(x, ids, w)
+                torch.testing.assert_close(runtime.run(runtime.next_layer(layer), x, ids, w), want)
+
+
+def test_copy_range_into_wider_slots():
+    """A byte range of a narrow layer's experts lands in the first bytes of wider slots."""
+    src = torch.arange(4 * 10, dtype=torch.uint8).view(4, 10)
+    dst = torch.zeros(4, 16, dtype=torch.uint8)
+    for a, b in ((0, 7), (7, 23), (23, 40)):
+        copy_range(dst, src, a, b, non_blocking=False)
+    assert torch.equal(dst[:, :10], src) and not dst[:, 10:].any()
+    flat = torch.zeros(4, 10, dtype=torch.uint8)
+    copy_range(flat, src, 3, 37, non_blocking=False)
+    assert torch.equal(flat.view(-1)[3:37], src.view(-1)[3:37]) and not flat.view(-1)[:3].any()
+
+
+def test_ternary_layers_of_different_widths_page_equal_byte_ranges(compressed, monkeypatch):
+    """A code whose layers differ in chunk capacity (slots fit the widest): each page of a layer
+    carries an equal share of its streamed bytes (DMA-page aligned, the last takes the rest), cut
+    at expert boundaries into the slots' first bytes, and the layer computes as its resident self."""
+    from moekit.offload.layout import PackedLayout
+    from moekit.pipeline import paged
+    from moekit.quant.formats import form_from_tensors
+
+    resident = moekit.load_model(compressed["ternary"], device="cpu", dtype="float32")
+    layers = {i: dict(layer.mlp.experts.stored()) for i, layer in enumerate(resident.layers)}
+    extra = 300  # unused chunks appended to layer 1's capacity: its experts get wider than layer 0's
+    for kind in ("gate_up", "down"):
+        for name in ("codewords", "starts"):
+            t = layers[1][f"{kind}.{name}"]
+            pad = torch.zeros((t.shape[0], extra, *t.shape[2:]), dtype=t.dtype)
+            layers[1][f"{kind}.{name}"] = torch.cat([t, pad], dim=1)
+    form = form_from_tensors(QuantConfig(bits="ternary", method="rtn"), resident.config, layers, "cpu")
+    layout = PackedLayout(form, [0, 1])
+    assert layout.layer_bytes(0) < layout.layer_bytes(1) == layout.expert_bytes()
+    stores = {m: layout.pack(m, layers[m]) for m in (0, 1)}
+    runtime = PagedRuntime(layout, stores, resident=1, device="cpu")
+    assert all(runtime.flat_pages(m) for m in (0, 1))
+    copied: list[int] = []
+    real = paged.copy_range
+
+    def counting(dst, src, a, b, non_blocking):
+        copied.append(b - a)
+        real(dst, src, a, b, non_blocking)
+
+    monkeypatch.setattr(paged, "copy_range", counting)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, resident.config.hidden_size, generator=g)
+    ids = torch.tensor([[0, 3], [2, 1], [3, 2], [1, 0], [2, 3]])
+    w = torch.rand(5, 2, generator=g)
+    for layer in (1, 0):
+        sizes = []  # bytes of each page
+        for page in range(3):
+            copied.clear()
+            runtime.load_page(layer, page, 3)
+            sizes.append(sum(copied))
+        total = sum(sizes)
+        assert total == runtime.streamed_bytes(layer) == 3 * layout.layer_bytes(layer)
+        # boundaries on DMA pages (4 KiB), so equal within one of them (these layers: 6 and 24 KB)
+        assert sizes[0] % paged.PAGE_ALIGN_BYTES == 0 and (sizes[0] + sizes[1]) % paged.PAGE_ALIGN_BYTES == 0
+        assert all(abs(size - total / 3) < paged.PAGE_ALIGN_BYTES for size in sizes)
+        with torch.no_grad():
+            torch.testing.assert_close(runtime.run(layer, x, ids, w), resident.layers[layer].mlp.experts(x, ids, w))
+
+
+def test_hrm_counts_each_forms_bytes(compressed, tiny):
+    from moekit.pipeline.hrm import form_costs
+
+    dense_model = moekit.load_model(tiny("mixtral").path, device="cpu", dtype="float32",
+                                    experts=PagedLoader(resident=0))
+    cfg = dense_model.config
+    params = 3 * cfg.hidden_size * cfg.expert_ffn
+    dense = form_costs(cfg, dense_model.expert_runtime.layout, act_dtype_bytes=4)
+    assert dense.expert_bytes == params * 4 and dense.bits_per_weight == 32 and dense.table_bytes == 0
+    bits_of = {}
+    # int4: 4-bit codes + an fp16 scale and a uint8 zero per 16 weights; the tiny ternary code
+    # pays ~1 bit a weight for its rows' fp16 levels (48- and 32-weight rows; 0.6 on Mixtral's)
+    for form, bits in (("int4", (5.0, 6.0)), ("ternary", (0.3, 4.0))):
+        model = load_model(compressed[form], device="cpu", dtype="float32", experts=PagedLoader(resident=0))
+        layout = model.expert_runtime.layout
+        costs = form_costs(cfg, layout, act_dtype_bytes=4)
+        moe = layout.moe_layers
+        assert costs.expert_bytes == pytest.approx(sum(layout.layer_bytes(m) for m in moe) / len(moe))
+        assert bits[0] < costs.bits_per_weight < bits[1]
+        bits_of[form] = costs.bits_per_weight
+        assert costs.slot_bytes == layout.expert_bytes() and costs.table_bytes == layout.shared_bytes()
+        assert costs.form == layout.form.name
+        if form == "ternary":
+            assert costs.table_bytes > 0
+        # the bytes that cross PCIe per layer are the form's, not the dense ones
+        assert costs.layer_expert_bytes < dense.layer_expert_bytes / 4
+    assert bits_of["ternary"] < bits_of["int4"]
+
+
+def test_refuses_forms_it_cannot_page(tiny, tmp_path):
+    from families.test_checkpoint_formats import mxfp4_copy
+
+    mx = mxfp4_copy(tiny("gpt_oss_wide").path, tmp_path / "mxfp4")
+    with pytest.raises(MoekitError, match="cannot page gpt_oss's MXFP4 experts.*load_offloaded") as e:
+        load_model(mx, device="cpu", dtype="float32", experts=PagedLoader(resident=0))
+    assert "\n" not in str(e.value)
