@@ -380,11 +380,11 @@ def test_static_mixed_needs_grouped_query_attention(tiny):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_static_mixed_graphs_equal_eager(tiny, dtype):
+def test_cuda_static_mixed_graphs_equal_eager(tiny):
     """On a GPU, mixed steps replay one CUDA graph per token bucket (nothing captured after
-    warm()) and give the eager scheduler's tokens (the same kernels, padded)."""
-    model = moekit.load_model(tiny("qwen3_moe").path, device="cuda", dtype=dtype)
+    warm()) and give the eager scheduler's tokens (float32: a padded step may pick other row
+    blocks for the expert kernels, which in bf16 could round differently)."""
+    model = moekit.load_model(tiny("qwen3_moe").path, device="cuda", dtype="float32")
     prompts = _prompts(LENGTHS, seed=21)
     outputs = []
     for static_mixed in (False, True):
