@@ -214,7 +214,7 @@ class PagedKVCache:
             positions=as_device(positions, torch.long), slots=as_device(slots, torch.long),
             block_tables=as_device(tables, torch.int32),
             context_lens=as_device([start + n for _, start, n in seqs], torch.int32),
-            last_index=(ends - 1).to(self.device), query_tiles=tiles)
+            last_index=(ends - 1).to(self.device, non_blocking=True), query_tiles=tiles)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Stores packed k, v [N, Hkv, Dh] of `layer` at flat cache slots [N]."""
