@@ -5,6 +5,13 @@ their stored form, behind the expert seam; tokens travel to the ranks that own t
 
     comm = ExpertComm.from_env("cpu")                      # one process per rank, under torchrun
     model = load_expert_parallel("path/to/model", comm)   # outputs equal one process's
+
+Tensor parallelism and both (parallel.tensor): ep x tp ranks form a grid; a row of tp ranks
+splits attention heads and MLP widths (all_reduce after o_proj and down), a column of ep ranks
+splits the routed experts.
+
+    groups = ParallelGroups.create(comm, ep=2, tp=2)     # 4 ranks; every rank calls it alike
+    model = load_parallel("path/to/model", groups)
 """
 
 from .comm import ExpertComm
@@ -14,5 +21,7 @@ from .expert import (
     contiguous_owners,
     load_expert_parallel,
 )
+from .tensor import ParallelGroups, ParallelLoader, load_parallel
 
-__all__ = ["ExpertComm", "ExpertParallelLoader", "ShardedExperts", "contiguous_owners", "load_expert_parallel"]
+__all__ = ["ExpertComm", "ExpertParallelLoader", "ParallelGroups", "ParallelLoader", "ShardedExperts",
+           "contiguous_owners", "load_expert_parallel", "load_parallel"]
