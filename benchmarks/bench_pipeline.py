@@ -35,12 +35,22 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
 - transformers + accelerate at batch 8 (device_map from infer_auto_device_map with max_memory
   16 GiB, left-padded prompts), a few tokens, time-capped (--hf-cap-s); skipped with a reason
   when the time left is short.
-- ternary / int4 experts: recorded "not supported yet" (PagedLoader takes dense experts only).
+- pipeline ternary / int4 (--compressed, default "ternary,4"; gen --compressed-gen, default 32): the
+  same bf16 experts rounded to nearest on the device (RTN as bench_offload's --compressed-bits:
+  the ternary code per row, int4 in groups of 128; seconds), their stored tensors back in host
+  memory, then paged in that stored form (moekit.pipeline.paged: pages carry the packed bytes,
+  the form's kernels compute from the slab) under the HRM's policy for that form
+  (hrm.form_costs: the form's bytes per expert for PCIe and memory, its kernels' GPU cost), N at
+  most --compressed-max-sequences. Each row records the form's bits per weight, the HRM's
+  prediction, the PCIe ceiling (N * H2D / the form's streamed bytes per step), the CPU-attention
+  ceiling, and its tok/s over the bf16 rows' (issue 14: ternary >= 3x bf16). A warm-up (the
+  plan's micro-batches, two tokens) builds each form's kernels first.
 
 Order and expected seconds on the H200 (--time-budget-s 255 from the start): build ~15 (22.5 GB
 of pinned experts), machine profile ~10, pipeline warm-up ~15 (Triton builds), pipeline gen 32 ~12,
 gen 128 ~40 (N=512, mu=32, 4 of 8 experts resident: ~0.2 s a decode step on the PCIe roof),
-offload engine batch 64 ~15 and 256 ~30, transformers+accelerate ~35 only when the gen-256 row's
+ternary ~45 (RTN ~24, warm-up, gen 32) and int4 ~30 (RTN ~6), each skipped when fewer than
+--compressed-min-s seconds are left, offload engine batch 64 ~15 and 256 ~30, transformers+accelerate ~35 only when the gen-256 row's
 predicted time still fits after it, pipeline gen 256 ~80 last. Every row's exception is recorded
 with its traceback tail; rows not started within --time-budget-s (or predicted not to finish
 within it) are recorded as skipped with the reason; the JSON
@@ -62,6 +72,8 @@ import common  # also puts src/ on sys.path when moekit is not importable
 import torch
 from common import free_memory, log, sync
 from random_checkpoint import device_rand, non_expert_tensors
+
+NAME_OF = {"ternary": "ternary code", "4": "int4", "3": "int3", "2": "int2"}
 
 NAME = "bench_pipeline"
 GiB = 2**30
@@ -335,6 +347,47 @@ def hf_row(hf_cfg, folder, host, prompts, gen_len_cap, budget, device, cap_s) ->
     return row
 
 
+# ---- compressed experts -------------------------------------------------------------------------
+
+def compress_experts(folder: Path, host: dict, bits: str, device: torch.device):
+    """Returns (folder of the compressed checkpoint's config beside the shared non-expert weights,
+    {layer: stored tensors in host memory}, QuantConfig, seconds): the bf16 experts rounded to
+    nearest on the device, as bench_offload's --compressed-bits phase does."""
+    from moekit.quant.compress import round_layer
+    from moekit.quant.config import QuantConfig
+
+    quant = QuantConfig(bits=bits, group_size=None if bits == "ternary" else 128, method="rtn")
+    t0 = time.perf_counter()
+    stored = {}
+    for i, layer in host.items():  # rounded on the device, stored tensors back in host memory
+        tensors = round_layer(layer["gate_up"].to(device), layer["down"].to(device), quant)
+        stored[i] = {k: v.cpu() for k, v in tensors.items()}
+        tensors = None
+        free_memory(device)
+    seconds = time.perf_counter() - t0
+    out = folder.parent / f"{folder.name}-{bits}"
+    out.mkdir(parents=True, exist_ok=True)
+    data = json.loads((folder / "config.json").read_text())
+    data["quantization_config"] = {**quant.to_dict(), "calibration_tokens": 0}
+    (out / "config.json").write_text(json.dumps(data))
+    link = out / "model.safetensors"  # the non-expert weights, shared with the bf16 rows
+    if not link.exists():
+        link.symlink_to((folder / "model.safetensors").resolve())
+    return out, stored, quant, seconds
+
+
+def compressed_costs(cfg, stored: dict, quant):
+    """Returns (the HRM's ModelCosts of experts in this stored form, as the paged runtime lays them
+    out, the layout's description)."""
+    from moekit.offload.layout import layout_for
+    from moekit.pipeline.hrm import form_costs
+    from moekit.quant.formats import form_from_tensors
+
+    form = form_from_tensors(quant, cfg, stored, "cpu")
+    layout = layout_for(form, [i for i, moe in enumerate(cfg.moe_layers) if moe])
+    return form_costs(cfg, layout, act_dtype_bytes=2), layout.describe()
+
+
 # ---- the run -------------------------------------------------------------------------------------
 
 def fmt(x, digits=1):
@@ -354,14 +407,16 @@ def table(results: dict) -> str:
             status = (status + ": " + (r.get("reason") or r.get("error") or ""))[:90]
         policy = f"N={r['sequences']} mu={r['micro_batch']} R={r['resident_per_layer']}" if "sequences" in r else \
             (f"batch {r['batch']}" if "batch" in r else "")
-        rows.append([r["row"], r.get("new_tokens") or r.get("gen_len"), policy, fmt(r.get("tok_s")),
-                     fmt(r.get("predicted_tok_s")), fmt(r.get("pcie_ceiling_decode_tok_s")),
-                     fmt(r.get("cpu_attention_ceiling_tok_s")), peak_s, status])
-    head = (f"{results.get('shape')} x {results.get('layers')} layers, bf16, budget "
-            f"{budget / GiB:.2f} GiB, H2D {results.get('h2d_bytes_per_s', 0) / 1e9:.1f} GB/s measured\n")
+        vs = r.get("vs_bf16") or {}
+        rows.append([r["row"], r.get("new_tokens") or r.get("gen_len"), fmt(r.get("bits_per_weight", 16.0), 2), policy,
+                     fmt(r.get("tok_s")), fmt(r.get("predicted_tok_s")), fmt(r.get("pcie_ceiling_decode_tok_s")),
+                     fmt(r.get("cpu_attention_ceiling_tok_s")),
+                     " / ".join(f"{v:.2f}x ({k})" for k, v in vs.items()) or "-", peak_s, status])
+    head = (f"{results.get('shape')} x {results.get('layers')} layers, bf16 experts (the compressed rows: RTN of "
+            f"them), budget {budget / GiB:.2f} GiB, H2D {results.get('h2d_bytes_per_s', 0) / 1e9:.1f} GB/s measured\n")
     return head + common.markdown_table(
-        ["row", "gen", "policy", "tok/s (prefill+decode)", "HRM tok/s", "PCIe ceiling (decode)", "CPU-attn ceiling",
-         "peak / budget", "status"], rows)
+        ["row", "gen", "bits/weight", "policy", "tok/s (prefill+decode)", "HRM tok/s", "PCIe ceiling (decode)",
+         "CPU-attn ceiling", "vs bf16 pipeline", "peak / budget", "status"], rows)
 
 
 def breakdown_table(results: dict) -> str:
@@ -402,6 +457,14 @@ def main() -> int:
                    help="seconds the first pipeline rows leave for the baselines (the longest gen runs last)")
     p.add_argument("--time-budget-s", type=float, default=255.0,
                    help="rows not started (or predicted not to end) by then are recorded as skipped")
+    p.add_argument("--compressed", default="ternary,4",
+                   help="stored forms of the compressed pipeline rows: ternary, 4 (int4), 3, 2, comma-separated "
+                        "('' for none)")
+    p.add_argument("--compressed-gen", type=int, default=32, help="generated tokens of the compressed rows")
+    p.add_argument("--compressed-max-sequences", type=int, default=None,
+                   help="N at most in the compressed rows (default: --max-sequences)")
+    p.add_argument("--compressed-min-s", type=float, default=30.0,
+                   help="a compressed form is skipped when fewer seconds than this are left")
     p.add_argument("--tmp", default="/tmp/moekit_bench_pipeline")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -451,11 +514,6 @@ def main() -> int:
     log(f"{shape} x {layers} layers: {results['model_bytes'] / 1e9:.2f} GB ({costs.total_expert_bytes / 1e9:.2f} "
         f"GB experts, pinned on the host) in {results['build_s']:.1f} s; budget {budget / GiB:.2f} GiB")
     save()
-    results["rows"].append({"row": "pipeline ternary/int4", "status": "not supported yet",
-                            "reason": "moekit.pipeline.paged.PagedLoader takes plain dense SwiGLU experts only "
-                                      "(it refuses quantized checkpoints); compressed experts run through "
-                                      "moekit.offload (bench_offload --compressed-bits)"})
-    save()
 
     t0 = time.perf_counter()
     machine = measure_machine(device, args.small)
@@ -487,15 +545,21 @@ def main() -> int:
             step = t * (n * context) / (k * c)
         return (gen_len - 1) * step + results.get("last_prefill_s", 0.0)
 
-    def pipeline_rows(gen_lens: list, reserve_s: float) -> None:
+    def pipeline_rows(gen_lens: list, reserve_s: float, form: dict | None = None) -> None:
         """The pipeline rows (a "warm-up" entry builds the kernels): each skipped when predicted to
-        end later than `reserve_s` before the deadline."""
+        end later than `reserve_s` before the deadline. `form` (compressed rows): its label, costs,
+        models, N cap and extra fields."""
+        label = f"pipeline {form['label']}" if form else "pipeline"
+        row_costs, row_models, row_max = (form["costs"], form["models"], form["max_n"]) if form else (costs, models, max_n)
         for gen_len in gen_lens:
             warm = gen_len == "warm-up"
             g = 2 if warm else gen_len
-            row: dict = {"row": "pipeline warm-up" if warm else "pipeline (CGOPipe, HRM policy)", "gen_len": g}
+            row: dict = {"row": f"{label} warm-up" if warm else f"{label} (CGOPipe, HRM policy)", "gen_len": g}
+            if form:
+                row.update(form["fields"])
             try:
-                plan = plan_for(costs, machine, g if not warm else gens[0], plan_prompt_len, plan_budget, max_n)
+                first = (form["gen"] if form else gens[0]) if warm else g
+                plan = plan_for(row_costs, machine, first, plan_prompt_len, plan_budget, row_max)
                 if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
                     from dataclasses import replace
 
@@ -506,19 +570,23 @@ def main() -> int:
                 prompt_mean = sum(lengths) / n
                 row.update(plan=plan.to_dict(), hrm_bound=plan.bound, prompt_len_mean=prompt_mean,
                            prompt_len_max=max(lengths),
-                           cpu_attention_ceiling_tok_s=attention_ceiling(costs, machine, prompt_mean, g))
-                est = None if warm else predict_s(n, prompt_mean + g / 2, g)
+                           cpu_attention_ceiling_tok_s=attention_ceiling(row_costs, machine, prompt_mean, g))
+                est = None if warm or form else predict_s(n, prompt_mean + g / 2, g)
                 row["predicted_seconds"] = est
                 if left() <= 0 or (est is not None and est > left() - reserve_s):
                     row.update(status="skipped", reason=f"predicted {est or 0:.0f} s, {left():.0f} s left, "
                                                         f"{reserve_s:.0f} s kept for later rows (--time-budget-s)")
                     record(row)
                     continue
-                row.update(pipeline_row(models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device,
+                row.update(pipeline_row(row_models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device,
                                         deadline))
                 if device.type == "cuda":
                     row["within_budget"] = row["peak_bytes"] <= budget
-                if not warm:
+                if form and not warm:
+                    same = [r for r in results["rows"] if r.get("row") == "pipeline (CGOPipe, HRM policy)"
+                            and r.get("status") == "ok"]
+                    row["vs_bf16"] = {f"gen {r['gen_len']}": row["tok_s"] / r["tok_s"] for r in same if r.get("tok_s")}
+                if not warm and not form:
                     steps.append((n, prompt_mean + g / 2, row["decode_step_s"]))
                     results["last_prefill_s"] = row["prefill_s"]
                     b = row.get("step_breakdown") or {}
@@ -533,8 +601,8 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
                 error_row(row, e)
             if warm:
-                results["warm_up"] = row
-                log(f"pipeline warm-up: {row.get('status')}, {row.get('seconds', 0):.1f} s"
+                results["warm_up" if not form else f"warm_up_{form['bits']}"] = row
+                log(f"{label} warm-up: {row.get('status')}, {row.get('seconds', 0):.1f} s"
                     + (f" -- {row.get('error')}" if row.get("status") != "ok" else ""))
                 save()
             else:
@@ -544,6 +612,34 @@ def main() -> int:
     ordered = sorted(gens)
     pipeline_rows(["warm-up", *ordered[:-1]], reserve_s=args.reserve_s)
     models.drop()
+
+    # ---- the same experts compressed (RTN), paged in their stored form: short rows ----
+    for bits in [b for b in args.compressed.split(",") if b]:
+        label = NAME_OF.get(bits, bits)
+        if left() < args.compressed_min_s:
+            record({"row": f"pipeline {label} (CGOPipe, HRM policy)", "gen_len": args.compressed_gen,
+                    "status": "skipped", "reason": f"{left():.0f} s left, a compressed form needs "
+                                                   f"--compressed-min-s {args.compressed_min_s:.0f}"})
+            continue
+        try:
+            folder_c, stored, quant, quantize_s = compress_experts(folder, host, bits, device)
+            costs_c, layout_c = compressed_costs(cfg, stored, quant)
+        except Exception as e:  # noqa: BLE001
+            record(error_row({"row": f"pipeline {label} (CGOPipe, HRM policy)", "gen_len": args.compressed_gen}, e))
+            free_memory(device)
+            continue
+        fields = {"form": costs_c.form, "bits_per_weight": costs_c.bits_per_weight, "quantize_s": quantize_s,
+                  "quant": quant.to_dict(), "costs": costs_c.to_dict(), "slot_layout": layout_c,
+                  "expert_bytes_total": costs_c.total_expert_bytes}
+        log(f"{label}: rounded in {quantize_s:.1f} s, {costs_c.bits_per_weight:.3f} bits per weight, "
+            f"{costs_c.total_expert_bytes / 1e9:.2f} GB of experts")
+        form = {"label": label, "bits": bits, "costs": costs_c, "gen": args.compressed_gen, "fields": fields,
+                "models": PagedModels(folder_c, stored, device, dtype),
+                "max_n": args.compressed_max_sequences or max_n}
+        pipeline_rows(["warm-up", args.compressed_gen], reserve_s=0.0, form=form)
+        form["models"].drop()
+        form = stored = None
+        free_memory(device)
 
     # ---- moekit's offload engine, ragged batches ----
     best = None

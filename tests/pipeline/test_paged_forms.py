@@ -184,3 +184,23 @@ def test_refuses_forms_it_cannot_page(tiny, tmp_path):
     with pytest.raises(MoekitError, match="cannot page gpt_oss's MXFP4 experts.*load_offloaded") as e:
         load_model(mx, device="cpu", dtype="float32", experts=PagedLoader(resident=0))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", list(FORMS))
+def test_cuda_pipelined_compressed_agrees_with_the_sequential_engine(compressed, form):
+    """On a GPU: the pages cross on the weight stream into pinned-store-fed slots, the form's CUDA
+    kernels read the slab; greedy tokens against the sequential engine on the same checkpoint
+    (high agreement, not equality: CPU attention and the device sum in other orders)."""
+    from test_cuda import agreement
+
+    want = [t.tolist() for t in generate_ragged(moekit.load_model(compressed[form], device="cuda", dtype="bfloat16"),
+                                                PROMPTS, max_new_tokens=6, temperature=0.0, stop_at_eos=False)]
+    model = load_model(compressed[form], device="cuda", dtype="bfloat16", experts=PagedLoader(resident=1))
+    got = [t.tolist() for t in generate_pipelined(model, PROMPTS, max_new_tokens=6, micro_batch=2)]
+    share = agreement(got, want)
+    print(f"CUDA pipeline, {form} experts paged: {100 * share:.1f}% of greedy tokens agree")
+    assert share >= 0.9, f"{got} vs {want}"
+    runtime = model.expert_runtime
+    assert runtime.pages_loaded > 0 and all(t.is_pinned() for s in runtime.stores.values() for t in s.values())
+    torch.cuda.synchronize()
