@@ -1,8 +1,9 @@
 """Tensor parallelism and ep x tp grids on 2 and 4 gloo ranks (spawned processes): greedy tokens
-equal one process's (float32) for mixtral, qwen3_moe, olmoe ("full" q/k norm) and qwen2_moe
-(shared expert, a dense layer), at tp=2, tp=4 (kv heads replicated) and ep=2 x tp=2; gpt-oss
-(sinks, clamped experts replicated over the row), an int4 model and a globally pruned one (slow);
-and the refusals (latent attention, sizes that do not divide, a grid that is not the world)."""
+equal one process's (float32) for mixtral, qwen3_moe, olmoe ("full" q/k norm), qwen2_moe (shared
+expert, a dense layer) and deepseek_v2 (latent attention, shared experts, a dense layer), at tp=2,
+tp=4 (kv heads replicated) and ep=2 x tp=2; gpt-oss (sinks, clamped experts replicated over the
+row), glm4_moe, deepseek_v3 (q_lora), an int4 model and a globally pruned one (slow); and the
+refusals (sizes that do not divide, a grid that is not the world)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from moekit.quant.compress import compress
 from moekit.quant.config import QuantConfig
 
 NEW_TOKENS = 6
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2"]
 
 
 # ---- checks (no processes) ---------------------------------------------------------------------------
@@ -55,12 +56,11 @@ def test_sizes_that_do_not_divide_are_refused(tiny):
     check_tensor_parallel(dataclasses.replace(cfg, expert_ffn=20), 8, split_experts=False)  # replicated experts
 
 
-def test_latent_attention_is_refused(tiny):
-    cfg = read_config(tiny("deepseek_v2").path)[2]
-    check_tensor_parallel(cfg, 1, split_experts=True)  # expert parallelism alone is fine
-    with pytest.raises(MoekitError, match=r"tensor parallelism of multi-head latent attention \(deepseek_v2\) is "
-                                          r"not supported; run it with expert parallelism only"):
-        check_tensor_parallel(cfg, 2, split_experts=True)
+def test_latent_attention_splits_by_query_heads_only(tiny):
+    cfg = read_config(tiny("deepseek_v2").path)[2]  # 4 heads; kv heads do not matter (one latent)
+    check_tensor_parallel(dataclasses.replace(cfg, num_kv_heads=1), 4, split_experts=True)
+    with pytest.raises(MoekitError, match="tp=3 does not divide the 4 attention heads"):
+        check_tensor_parallel(cfg, 3, split_experts=True)
 
 
 def test_grid_must_cover_the_world():
@@ -89,15 +89,15 @@ def _case(tiny, variant: str, ep: int, tp: int) -> dict:
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny):
-    """tp=2 on the four families, ep=2 through the same loader, latent attention at tp=2 (refused)."""
-    return _spawn(2, [*(_case(tiny, v, 1, 2) for v in FAMILIES), _case(tiny, "mixtral", 2, 1),
-                      _case(tiny, "deepseek_v2", 1, 2)])
+    """tp=2 on the five families, ep=2 through the same loader."""
+    return _spawn(2, [*(_case(tiny, v, 1, 2) for v in FAMILIES), _case(tiny, "mixtral", 2, 1)])
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tiny):
-    """The fast 4-rank set: ep=2 x tp=2 on mixtral and qwen2_moe, tp=4 on olmoe."""
-    return _spawn(4, [_case(tiny, "mixtral", 2, 2), _case(tiny, "qwen2_moe", 2, 2), _case(tiny, "olmoe", 1, 4)])
+    """The fast 4-rank set: ep=2 x tp=2 on mixtral, qwen2_moe and deepseek_v2, tp=4 on olmoe."""
+    return _spawn(4, [_case(tiny, "mixtral", 2, 2), _case(tiny, "qwen2_moe", 2, 2), _case(tiny, "deepseek_v2", 2, 2),
+                      _case(tiny, "olmoe", 1, 4)])
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def more_checkpoints(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks_more(tiny, more_checkpoints):
     """The slow 2-rank set: gpt-oss, attention biases and clipping, a dense first layer, int4."""
-    cases = [_case(tiny, v, 1, 2) for v in ("gpt_oss", "olmoe_clip", "qwen3_moe_bias", "glm4_moe")]
+    cases = [_case(tiny, v, 1, 2) for v in ("gpt_oss", "olmoe_clip", "qwen3_moe_bias", "glm4_moe", "deepseek_v3")]
     return _spawn(2, [*cases, {"name": "int4_1x2", "path": more_checkpoints["int4"], "ep": 1, "tp": 2}])
 
 
@@ -153,7 +153,8 @@ def _check_equal(spawned, name: str) -> None:
         assert held == {i: cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.experts_in(i)}
         if ep > 1:
             for c in column:
-                assert _experts_read(c["reads"]) == {(layer, e) for layer, local in c["local"].items() for e in local}
+                routed = [r for r in c["reads"] if "shared_expert" not in r[0]]  # shared experts: every rank
+                assert _experts_read(routed) == {(layer, e) for layer, local in c["local"].items() for e in local}
 
 
 @pytest.mark.parametrize("variant", FAMILIES)
@@ -165,20 +166,14 @@ def test_ep2_through_the_grid_loader_equals_one_process(two_ranks):
     _check_equal(two_ranks, "mixtral_2x1")
 
 
-def test_latent_attention_is_refused_on_every_rank(two_ranks):
-    _, results = two_ranks
-    for result in results:
-        got = result["deepseek_v2_1x2"]
-        assert isinstance(got, RankError) and "multi-head latent attention (deepseek_v2) is not supported" in got
-
-
-@pytest.mark.parametrize("name", ["mixtral_2x2", "qwen2_moe_2x2", "olmoe_1x4"])
+@pytest.mark.parametrize("name", ["mixtral_2x2", "qwen2_moe_2x2", "deepseek_v2_2x2", "olmoe_1x4"])
 def test_four_ranks_equal_one_process(four_ranks, name):
     _check_equal(four_ranks, name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpt_oss_1x2", "olmoe_clip_1x2", "qwen3_moe_bias_1x2", "glm4_moe_1x2", "int4_1x2"])
+@pytest.mark.parametrize("name", ["gpt_oss_1x2", "olmoe_clip_1x2", "qwen3_moe_bias_1x2", "glm4_moe_1x2",
+                                  "deepseek_v3_1x2", "int4_1x2"])
 def test_tp2_more_equals_one_process(two_ranks_more, name):
     _check_equal(two_ranks_more, name)
 

@@ -9,6 +9,9 @@ residual stream and runs the same tokens.
                added once, after it); kv heads split when tp divides them, else replicated when
                they divide tp (each rank keeps the one its q heads read, as vLLM does); the KV
                cache holds local heads only; a "full" q/k RMSNorm all-reduces its sum of squares
+    latent     (MLA, DeepSeek V2/V3) q_proj or q_b_proj rows, kv_b_proj rows and o_proj columns of
+               this rank's heads; the latent path (q_a, kv_a, their norms) and the cached latent
+               and rope key are replicated (one latent serves every head), as in vLLM
     dense MLP  gate/up rows and down columns of this rank's ffn slice; all_reduce after down
                (dense layers and shared experts alike; the shared expert's sigmoid gate is whole)
     experts    dense (plain SwiGLU) experts: each expert's ffn split over the row like a dense
@@ -18,8 +21,8 @@ residual stream and runs the same tokens.
                split by ffn (their codes and biases are laid out per whole expert): the row
                replicates them and needs no all_reduce.
     replicated embeddings, norms, routers, LM head
-    refused    multi-head latent attention (DeepSeek V2/V3) with tp > 1; a tp that divides
-               neither way the heads, or does not divide an ffn it must split
+    refused    a tp that does not divide the query heads, that divides the kv heads neither
+               way, or that does not divide an ffn width it must split
 
 Loading: the non-expert weights are read whole, then sliced (the attention and MLP slices are
 views copied once; peak memory holds one full copy of them per rank); routed experts are read
@@ -105,13 +108,11 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int, split_experts: bool) -> Non
     """Raises MoekitError (one line) unless the model's heads and ffn widths can be split over tp ranks."""
     if tp == 1:
         return
-    if cfg.mla is not None:
-        raise MoekitError(f"--parallel tp={tp}: tensor parallelism of multi-head latent attention ({cfg.family}) "
-                          "is not supported; run it with expert parallelism only (--parallel ep=N)")
     if cfg.num_heads % tp:
         raise MoekitError(f"--parallel tp={tp} does not divide the {cfg.num_heads} attention heads; give a tp "
                           f"that divides {cfg.num_heads}")
-    kv_heads_of(cfg.num_heads, cfg.num_kv_heads, tp, 0)
+    if cfg.mla is None:  # latent attention caches one latent for every head: nothing to split
+        kv_heads_of(cfg.num_heads, cfg.num_kv_heads, tp, 0)
     widths = [("dense MLP", cfg.dense_ffn if not all(cfg.moe_layers) else 0),
               ("shared expert", cfg.shared_expert_ffn), ("expert", cfg.expert_ffn if split_experts else 0)]
     for what, width in widths:
@@ -203,6 +204,26 @@ def split_attention(attn: Attention, comm: ExpertComm) -> None:
         attn.sinks = nn.Parameter(attn.sinks[h0:h1].clone(), requires_grad=False)
     attn.cfg = dataclasses.replace(cfg, num_heads=per, num_kv_heads=k1 - k0)
     attn.q_dim, attn.kv_dim = per * dh, (k1 - k0) * dh
+
+
+@torch.no_grad()
+def split_latent_attention(attn: nn.Module, comm: ExpertComm) -> None:
+    """Keeps this rank's heads of a LatentAttention (moekit.mla) in place: q rows, kv_b rows (each
+    head's key and value halves), o_proj columns; the latent path stays whole."""
+    cfg, m, tp, t = attn.cfg, attn.mla, comm.world, comm.rank
+    per = cfg.num_heads // tp
+    h0, h1 = t * per, (t + 1) * per
+    q_name = "q_b_proj" if m.q_lora_rank else "q_proj"
+    q = getattr(attn, q_name)
+    setattr(attn, q_name, _linear(q.weight[h0 * m.qk_head_dim:h1 * m.qk_head_dim], None))
+    kv_b, width = attn.kv_b_proj, m.qk_nope_head_dim + m.v_head_dim
+    attn.kv_b_proj = _linear(kv_b.weight[h0 * width:h1 * width], None)
+    o = attn.o_proj
+    attn.o_proj = RowParallelLinear(o.weight[:, h0 * m.v_head_dim:h1 * m.v_head_dim].clone(),
+                                    None if o.bias is None else o.bias.clone(), comm,
+                                    f"the attention all-reduce of layer {attn.layer}")
+    attn.cfg = dataclasses.replace(cfg, num_heads=per, num_kv_heads=per)  # kv heads: unused by MLA
+    attn.q_dim = per * m.qk_head_dim
 
 
 @torch.no_grad()
@@ -327,21 +348,23 @@ class ParallelLoader(ExpertParallelLoader):
         return SplitExperts(inner, self.groups.tp, layer) if self.split else inner
 
     def finish(self, model: nn.Module, ctx):
-        tp = self.groups.tp
+        tp, cfg = self.groups.tp, ctx.config
         if self.form is None:  # no MoE layer: the checks still run
             check_tensor_parallel(ctx.config, tp.world, False)
         if tp.world > 1:
             for i, layer in enumerate(model.layers):
-                split_attention(layer.attn, tp)
+                (split_attention if cfg.mla is None else split_latent_attention)(layer.attn, tp)
                 mlp = layer.mlp
                 if isinstance(mlp, MoEBlock):
                     if mlp.shared is not None:
                         split_mlp(mlp.shared, tp, f"the shared-expert all-reduce of layer {i}")
                 else:
                     split_mlp(mlp, tp, f"the MLP all-reduce of layer {i}")
-            cfg = ctx.config  # the KV caches are sized from it: local heads only
-            k0, k1 = kv_heads_of(cfg.num_heads, cfg.num_kv_heads, tp.world, tp.rank)
-            model.config = dataclasses.replace(cfg, num_heads=cfg.num_heads // tp.world, num_kv_heads=k1 - k0)
+            # the KV caches are sized from it: local heads only (MLA's latent cache has no heads)
+            per = cfg.num_heads // tp.world
+            k0, k1 = (0, per) if cfg.mla is not None else kv_heads_of(cfg.num_heads, cfg.num_kv_heads, tp.world,
+                                                                       tp.rank)
+            model.config = dataclasses.replace(cfg, num_heads=per, num_kv_heads=k1 - k0)
         return self.runtime
 
 
