@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-bits", type=float, default=None, metavar="BITS",
                    help="plan for experts stored at BITS bits per parameter (e.g. 4.25 for int4 with scales; "
                         "default: the checkpoint's stored form)")
+    p.add_argument("--expert-form", default=None, choices=("dense", "int", "ternary_code"),
+                   help="plan for experts in this stored form: its kernels' GPU cost and decode workspace "
+                        "(default: the checkpoint's; with --expert-bits give it too)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.set_defaults(func=cmd_plan)
 
@@ -55,13 +58,19 @@ def check_plan_flags(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 
 def read_model(path: Path):
-    """Returns (ModelConfig, bytes of one routed expert as stored, activation bytes) of a model
-    folder; a folder with config.json alone is planned with dense experts in its torch_dtype."""
+    """Returns (ModelConfig, bytes of one routed expert as stored, activation bytes, stored form
+    name) of a model folder; a folder with config.json alone is planned with dense experts in its
+    torch_dtype."""
     from ..checkpoint import read_json
     from ..families import family_for
     from ..inspect_model import inspect_checkpoint
+    from ..quant.config import QuantConfig, is_moekit_quantized
 
     hf = read_json(path / "config.json")
+    form = "dense"
+    if is_moekit_quantized(hf):
+        quant = QuantConfig.from_dict(hf["quantization_config"], str(path / "config.json"))
+        form = quant.form if quant.bits == "ternary" else f"int{quant.bits}"
     cfg = family_for(hf, where=str(path / "config.json")).config(hf)
     act_bytes = 4 if cfg.dtype == "float32" else 2
     total_experts = sum(cfg.experts_in(i) for i in range(cfg.num_layers))
@@ -74,7 +83,7 @@ def read_model(path: Path):
         if "no *.safetensors" not in str(e):
             raise
         expert_bytes = cfg.params_per_expert * act_bytes  # config only: dense experts in the config's dtype
-    return cfg, expert_bytes, act_bytes
+    return cfg, expert_bytes, act_bytes, form
 
 
 def resolve_machine(args: argparse.Namespace):
@@ -93,9 +102,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     device_budget, host_budget = check_plan_flags(args)
     path = model_dir(args.model)
-    cfg, expert_bytes, act_bytes = read_model(path)
+    cfg, expert_bytes, act_bytes, form = read_model(path)
     if args.expert_bits is not None:
         expert_bytes = cfg.params_per_expert * args.expert_bits / 8
+    form = args.expert_form or form
     machine = resolve_machine(args)
     for flag, budget, have in (("--device-memory", device_budget, machine.gpu_memory),
                                ("--host-memory", host_budget, machine.host_memory)):
@@ -103,7 +113,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise MoekitError(f"{flag} {budget / 1e9:.2f}GB is more than machine '{machine.name}' has "
                               f"({have / 1e9:.2f}GB); give at most that")
     workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
-    costs = model_costs(cfg, expert_bytes, act_bytes)
+    costs = model_costs(cfg, expert_bytes, act_bytes, form=form)
     places = ATTENTION_PLACES if args.attention == "auto" else (args.attention,)
     plan = search(costs, machine, workload, device_budget, host_budget, attention=places)
     others = []  # the best policy of each other attention placement, to show what the choice gains
@@ -114,7 +124,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             except MoekitError:
                 pass  # nothing fits with attention there
     result = {"model": str(path), "machine": machine.to_dict(), "workload": vars(workload),
-              "expert_bytes": expert_bytes, "plan": plan.to_dict(), "bound": plan.bound,
+              "expert_bytes": expert_bytes, "expert_form": form, "bits_per_weight": costs.bits_per_weight,
+              "plan": plan.to_dict(), "bound": plan.bound,
               "alternatives": [o.to_dict() for o in others]}
     if args.json:
         print(json.dumps(result))
@@ -122,7 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p, lt = plan.policy, plan.layer
     print(table([
         ("model", (f"{path} ({cfg.family}, {cfg.num_layers} layers, {costs.experts:g} experts of "
-                  f"{fmt_bytes(expert_bytes)})")),
+                  f"{fmt_bytes(expert_bytes)}: {form}, {costs.bits_per_weight:.2f} bits per weight)")),
         ("machine", (f"{machine.name}: GPU {machine.gpu_flops / 1e12:.0f} TFLOP/s, HBM {machine.gpu_bandwidth / 1e9:.0f} "
                     f"GB/s, PCIe {machine.h2d_bandwidth / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s")),
         ("workload", f"{workload.prompt_len} prompt + {workload.gen_len} generated tokens per sequence"),
