@@ -146,6 +146,10 @@ def _check_equal(spawned, name: str) -> None:
         assert (report["ranks"], report["ep"], report["tp"]) == (ep * tp, ep, tp)
         if report["experts_split_by_tp"]:
             assert got["expert_ffn"] == cfg.expert_ffn // tp
+            # gate and up: this rank's rows only; down (columns) whole
+            routed = [r for r in got["reads"] if ".experts." in r[0]]
+            rows = [stop - start for _, start, stop in routed if start is not None]
+            assert rows and set(rows) == {cfg.expert_ffn // tp} and len(rows) == 2 * (len(routed) - len(rows))
     # the experts of a column: together every expert once; a rank reads only its own
     for t in range(tp):
         column = [results[e * tp + t][name] for e in range(ep)]

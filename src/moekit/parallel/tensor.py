@@ -26,8 +26,9 @@ residual stream and runs the same tokens.
 
 Loading: the non-expert weights are read whole, then sliced (the attention and MLP slices are
 views copied once; peak memory holds one full copy of them per rank); routed experts are read
-one expert at a time, only this column's (lazy reads stay lazy at expert granularity), and an
-ffn-split expert is read whole and sliced.
+one expert at a time, only this column's (lazy reads stay lazy at expert granularity); of an
+ffn-split expert stored as separate tensors, gate and up rows lo..hi are read alone and down
+(whose columns are not contiguous) whole; a fused [E, 2I, D] or FP8 layout is read whole and sliced.
 
 Shapes: H, Hkv = query, key/value heads; Dh = head dim; D = hidden; I = ffn width; R = tp ranks;
 h0..h1, k0..k1 = this rank's query and key/value heads; f = I / R.
@@ -248,9 +249,18 @@ class SplitDenseForm(DenseForm):
         self.whole, self.lo = whole, rank * (whole.ffn // ranks)
 
     def read(self, ckpt, family, layer, expert, out):
+        ffn, lo, hi, d = self.whole.ffn, self.lo, self.lo + self.ffn, self.hidden
+        gate, up, down = family.expert_names(layer, expert)
+        if (not ckpt.has(family.stacked_expert_names(layer)[0]) and ckpt.fp8_block is None
+                and ckpt.has(gate) and ckpt.shape(gate) == ckpt.shape(up) == (ffn, d)):
+            # per-expert tensors: gate and up rows lo..hi are contiguous, read alone; down's
+            # columns are not, it is read whole
+            out["gate_up"][:self.ffn].copy_(ckpt.read_rows(gate, lo, hi))
+            out["gate_up"][self.ffn:].copy_(ckpt.read_rows(up, lo, hi))
+            out["down"].copy_(ckpt.read(down, shape=(d, ffn))[:, lo:hi])
+            return
         one = {k: v[0] for k, v in self.whole.empty(1, layer, out["gate_up"].device).items()}
         self.whole.read(ckpt, family, layer, expert, one)
-        ffn, lo, hi = self.whole.ffn, self.lo, self.lo + self.ffn
         out["gate_up"][:self.ffn].copy_(one["gate_up"][lo:hi])
         out["gate_up"][self.ffn:].copy_(one["gate_up"][ffn + lo:ffn + hi])
         out["down"].copy_(one["down"][:, lo:hi])
