@@ -216,3 +216,37 @@ def test_search_refuses_with_what_is_short():
         Workload(77, 0)
     with pytest.raises(MoekitError, match="micro_batch"):
         Policy(4, 8, 0.0)
+
+
+def test_a_compressed_forms_bytes_kernels_and_memory():
+    """Ternary-code experts (RTN on Mixtral: ~13.03 MB an expert, 0.59 bits a weight): PCIe and the
+    host store count their bytes, the device their slots, tables and decode workspace; the GPU
+    their kernels (a floor per routed expert, a slower rate per token), and past the kernels'
+    token limit a whole decode and a dense GEMM."""
+    from moekit.pipeline.hrm import (
+        DECODE_WORKSPACE_BYTES_PER_WEIGHT,
+        FORM_KERNELS,
+        expert_call_time,
+    )
+
+    cfg = dataclasses.replace(MIXTRAL, num_layers=8, moe_layers=(True,) * 8)
+    dense = model_costs(cfg, BF16_EXPERT)
+    code = model_costs(cfg, 13.03e6, form="ternary_code", slot_bytes=13.04e6, table_bytes=16384)
+    assert code.bits_per_weight == pytest.approx(0.592, abs=1e-3) and dense.bits_per_weight == 16
+    machine, p, w = h200(), Policy(512, 32, 0.0), Workload(80, 32)
+    td, tc = decode_layer_time(dense, machine, p, 96), decode_layer_time(code, machine, p, 96)
+    outputs = 512 * dense.out_values * 2 / machine.h2d_bandwidth  # attention outputs cross either way
+    assert (tc.h2d - outputs) / (td.h2d - outputs) == pytest.approx(13.03e6 / BF16_EXPERT)
+    md, mc = memory(dense, p, w), memory(code, p, w)
+    workspace = 2 * 14336 * 4096 * DECODE_WORKSPACE_BYTES_PER_WEIGHT
+    assert mc.device - md.device == pytest.approx(2 * 8 * (13.04e6 - BF16_EXPERT) + 16384 + workspace)
+    assert md.host - mc.host == pytest.approx(64 * (BF16_EXPERT - 13.03e6))
+    weights_per_s, flops = FORM_KERNELS["ternary_code"]
+    eight = expert_call_time(code, machine, 8, 1)  # a kernel call of 8 tokens
+    assert eight == pytest.approx(8 * code.expert_flops / flops + cfg.params_per_expert / weights_per_s)
+    assert expert_call_time(dense, machine, 8, 1) == pytest.approx(8 * dense.expert_flops / machine.gpu_flops)
+    past = expert_call_time(code, machine, 65, 1)  # decoded whole, then a dense GEMM
+    assert past == pytest.approx(65 * code.expert_flops / machine.gpu_flops + code.decode_bytes / machine.gpu_bandwidth)
+    assert tc.gpu > td.gpu  # its kernels cost the GPU more than bf16 GEMMs at these micro-batches
+    one = decode_layer_time(code, machine, Policy(64, 64, 0.0), 96)  # one micro-batch: nothing to overlap
+    assert one.serial and one.time == pytest.approx(max(one.comm, one.cpu + one.gpu))

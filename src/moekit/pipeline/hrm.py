@@ -11,8 +11,10 @@ Per decode layer (an average layer), for N sequences in N / mu micro-batches (pa
               D2H: q, k, v of the new tokens (CPU attention)
     T_cpu   = max(attention FLOPs / host FLOP/s, KV bytes / kernel rate,
                   (KV bytes + streamed expert bytes) / host bandwidth)      (CPU attention)
-    T_gpu   = FFN: max(N FLOPs / kernel FLOP/s + N/mu * touched * kernel floor,
-                       N/mu * experts touched by a micro-batch * stored bytes / HBM)
+    T_gpu   = FFN: max(expert calls' time, N/mu * experts touched by a micro-batch * stored bytes / HBM)
+                   calls' time: dense, N FLOPs / GEMM FLOP/s; compressed (expert_call_time), per call
+                   a floor + its tokens at the kernels' rate, or past their token limit a whole
+                   decode + a dense GEMM
               + attention and projections likewise (the weights re-read per micro-batch)
 
 Stored forms (ModelCosts.form): every byte term counts the experts as stored -- dense bf16, int-N
@@ -61,10 +63,13 @@ CUDA_RESERVE_BYTES = 64 * 2**20  # workspaces and allocator rounding (offload.pl
 # 386 us in the ternary code and 552 / 1155 us in int4 (group 128), against ~125 us in bf16 at
 # either count. int2/int3 take int4's figures. Dense experts: no floor, the machine's GEMM rate.
 FORM_KERNELS = {"ternary_code": (1.2e12, 104e12), "int": (3.8e11, 33e12)}
-# Bytes per weight of decoding one matrix by the forms' reference path (above KERNEL_MAX_TOKENS
-# tokens of an expert, as in every prefill micro-batch): int64 unpacking and float32 temporaries;
-# 17.2 (int4) and 15.9 (ternary code) measured as peak RSS on the CPU for an 8192 x 4096 matrix.
+# Above quant.ops.KERNEL_MAX_TOKENS tokens of an expert (every prefill micro-batch, large decode
+# micro-batches) a form decodes each matrix whole (its PyTorch reference) and multiplies densely:
+# int64 unpacking and float32 temporaries, a peak of 17.2 (int4) and 15.9 (ternary code) bytes
+# per weight (peak RSS on the CPU, an 8192 x 4096 matrix); each written and read again, ~40
+# bytes of memory traffic per weight (an estimate, not measured on the GPU).
 DECODE_WORKSPACE_BYTES_PER_WEIGHT = 18
+DECODE_TRAFFIC_BYTES_PER_WEIGHT = 40
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,8 @@ class ModelCosts:
     kernel_floor_s: float = 0.0  # GPU seconds of one routed expert's call before its tokens (decoding its weights)
     kernel_flops: float | None = None  # FLOP/s of the form's expert kernels per token (None: the GPU's GEMM peak)
     workspace_bytes: float = 0.0  # device workspace of the form's decode (one matrix decoded at a time)
+    kernel_max_tokens: int | None = None  # above this many tokens of an expert: decoded whole, then a GEMM
+    decode_bytes: float = 0.0  # HBM traffic of decoding one expert whole (the reference path)
 
     @property
     def bits_per_weight(self) -> float:
@@ -199,10 +206,25 @@ def model_costs(cfg: ModelConfig, expert_bytes: float, act_dtype_bytes: int = 2,
 def _form_terms(cfg: ModelConfig, form: str) -> dict:
     if form == "dense":
         return {}
+    from ..quant.ops import KERNEL_MAX_TOKENS
+
     floor, flops = form_kernel(form, cfg.params_per_expert)
     matrix = max(2 * cfg.expert_ffn * cfg.hidden_size, cfg.hidden_size * cfg.expert_ffn)
     return {"kernel_floor_s": floor, "kernel_flops": flops,
-            "workspace_bytes": float(matrix * DECODE_WORKSPACE_BYTES_PER_WEIGHT)}
+            "workspace_bytes": float(matrix * DECODE_WORKSPACE_BYTES_PER_WEIGHT),
+            "kernel_max_tokens": KERNEL_MAX_TOKENS,
+            "decode_bytes": float(cfg.params_per_expert * DECODE_TRAFFIC_BYTES_PER_WEIGHT)}
+
+
+def expert_call_time(m: ModelCosts, machine: Machine, tokens: float, calls: float) -> float:
+    """Returns the GPU seconds of `calls` routed-expert calls of `tokens` tokens each (one layer's
+    experts over its micro-batches): a dense GEMM's FLOPs; a compressed form's kernels (a floor per
+    call, a slower rate per token) up to kernel_max_tokens, else each expert decoded whole and a
+    dense GEMM (the forms' reference path)."""
+    flops = calls * tokens * m.expert_flops
+    if m.kernel_max_tokens is not None and tokens > m.kernel_max_tokens:
+        return flops / machine.gpu_flops + calls * m.decode_bytes / machine.gpu_bandwidth
+    return flops / (m.kernel_flops or machine.gpu_flops) + calls * m.kernel_floor_s
 
 
 def form_costs(cfg: ModelConfig, layout, act_dtype_bytes: int = 2, kv_dtype_bytes: int | None = None) -> ModelCosts:
@@ -287,10 +309,10 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
     positions = m.attended(context)
     kv_read = n * positions * m.kv_bytes_per_token
     attn_flops = n * positions * m.attention_flops_per_position
-    ffn_c, ffn_b = _roof(n * m.top_k * m.expert_flops * m.moe_fraction,
-                         n_ub * m.touched(policy.micro_batch) * m.expert_bytes * m.moe_fraction,
-                         m.kernel_flops or machine.gpu_flops, machine.gpu_bandwidth)
-    ffn_c += n_ub * m.touched(policy.micro_batch) * m.kernel_floor_s * m.moe_fraction  # decoding each routed expert
+    touched = m.touched(policy.micro_batch)
+    calls = n_ub * touched * m.moe_fraction  # routed-expert calls of the layer's micro-batches
+    ffn_c = expert_call_time(m, machine, policy.micro_batch * m.top_k / touched, calls) if touched else 0.0
+    ffn_b = calls * m.expert_bytes / machine.gpu_bandwidth
     other_c, other_b = _roof(n * m.other_flops, n_ub * m.other_bytes, machine.gpu_flops, machine.gpu_bandwidth)
     gpu_c, gpu_b = ffn_c + other_c, ffn_b + other_b
     gpu = max(ffn_c, ffn_b) + max(other_c, other_b)
@@ -320,12 +342,13 @@ def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_l
     tokens = policy.batch * prompt_len
     streamed = m.layer_expert_bytes * (1 - policy.resident_share)
     per_mb = policy.micro_batch * prompt_len
-    flops = tokens * (m.top_k * m.expert_flops * m.moe_fraction + m.other_flops
-                      + m.attention_flops_per_position * m.attended(prompt_len) / 2)
-    hbm = policy.micro_batches * (m.touched(per_mb) * m.expert_bytes * m.moe_fraction + m.other_bytes)
-    decode = policy.micro_batches * m.touched(per_mb) * m.kernel_floor_s * m.moe_fraction  # each expert decoded per call
+    flops = tokens * (m.other_flops + m.attention_flops_per_position * m.attended(prompt_len) / 2)
+    touched = m.touched(per_mb)
+    calls = policy.micro_batches * touched * m.moe_fraction
+    experts = expert_call_time(m, machine, per_mb * m.top_k / touched, calls) if touched else 0.0
+    hbm = policy.micro_batches * (touched * m.expert_bytes * m.moe_fraction + m.other_bytes)
     d2h = tokens * m.kv_bytes_per_token if policy.attention == "cpu" else 0.0
-    return max(streamed / machine.h2d_bandwidth, flops / machine.gpu_flops + decode, hbm / machine.gpu_bandwidth,
+    return max(streamed / machine.h2d_bandwidth, flops / machine.gpu_flops + experts, hbm / machine.gpu_bandwidth,
                d2h / machine.d2h_bandwidth)
 
 
