@@ -16,7 +16,7 @@ from conftest import token_ids
 from pruned_models import MATRIX_SHAPE, prune_globally, save_tiny
 from ranks import RankError, run_ranks
 from test_expert_parallel import _experts_read
-from workers import grid_cases
+from workers import grid_cases, tp_sleep_or_step
 
 import moekit
 from moekit.errors import MoekitError
@@ -194,3 +194,16 @@ def test_compressed_experts_are_replicated_over_the_row(two_ranks_more):
     for result in results:
         assert result["int4_1x2"]["report"]["experts_split_by_tp"] is False
         assert result["gpt_oss_1x2"]["report"]["experts_split_by_tp"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep, tp, who", [(1, 2, "rank 0 of 2"), (2, 2, "rank 2 of 4 (tp rank 0 of 2)")])
+def test_silent_rank_stops_the_all_reduce_with_a_message(tiny, ep, tp, who):
+    t0 = time.perf_counter()
+    results = run_ranks(ep * tp, tp_sleep_or_step, str(tiny("mixtral").path), 8.0, ep, tp, timeout_s=3.0,
+                        join_s=60.0)
+    waiting = results[ep * tp - 2]  # the silent rank's neighbour in its tp row
+    print(waiting, f"{time.perf_counter() - t0:.1f} s")
+    assert isinstance(waiting, RankError), waiting
+    assert f"{who}: the attention all-reduce of layer 0 failed" in waiting
+    assert "the collective timeout is 3 s" in waiting

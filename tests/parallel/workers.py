@@ -116,3 +116,20 @@ def grid_cases(comm, cases: list[dict]) -> dict:
         except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
             out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
     return out
+
+
+def tp_sleep_or_step(comm, path: str, sleep_s: float, ep: int = 1, tp: int = 2) -> str:
+    """Every rank loads the model on an ep x tp grid; then the last rank stays alive but runs no
+    forward for sleep_s, and the others run one (the last rank's tp row must time out in its first
+    all_reduce, with a message)."""
+    import time
+
+    from moekit.parallel.tensor import ParallelGroups, load_parallel
+
+    model = load_parallel(path, ParallelGroups.create(comm, ep, tp))
+    if comm.rank == comm.world - 1:
+        time.sleep(sleep_s)
+        return "slept"
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5]]))
+    return "stepped"

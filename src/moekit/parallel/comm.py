@@ -32,6 +32,7 @@ class ExpertComm:
     timeout_s: float = DEFAULT_TIMEOUT_S
     group: object | None = None  # a torch.distributed ProcessGroup; None: the default group
     owns_group: bool = field(default=False, repr=False)  # from_env created the default group
+    label: str = ""  # how messages name this rank (a subgroup's: its global rank too); "": "rank R of W"
 
     @staticmethod
     def from_env(device: torch.device | str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ExpertComm:
@@ -66,7 +67,8 @@ class ExpertComm:
 
     def _failed(self, what: str, e: BaseException) -> MoekitError:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return MoekitError(f"rank {self.rank} of {self.world}: {what} failed ({first[:200]}); another rank "
+        who = self.label or f"rank {self.rank} of {self.world}"
+        return MoekitError(f"{who}: {what} failed ({first[:200]}); another rank "
                            f"exited or stopped answering: see its output (the collective timeout is "
                            f"{self.timeout_s:g} s, --parallel timeout=S)")
 

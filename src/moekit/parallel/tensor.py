@@ -73,7 +73,7 @@ class ParallelGroups:
                               f"{world.world}: give torchrun --nproc-per-node {ep * tp}")
         e, t = divmod(world.rank, tp)
 
-        def sub(ranks_of: list[list[int]], index: int, size: int) -> ExpertComm:
+        def sub(ranks_of: list[list[int]], index: int, size: int, kind: str) -> ExpertComm:
             if size == world.world:
                 return world
             if size == 1:  # no collectives run on a group of one
@@ -83,11 +83,12 @@ class ParallelGroups:
                 group = dist.new_group(ranks, timeout=timedelta(seconds=world.timeout_s))
                 if world.rank in ranks:
                     mine = group
-            return ExpertComm(index, size, world.device, world.timeout_s, mine)
+            label = f"rank {world.rank} of {world.world} ({kind} rank {index} of {size})"
+            return ExpertComm(index, size, world.device, world.timeout_s, mine, label=label)
 
         rows = [[r * tp + c for c in range(tp)] for r in range(ep)]
         cols = [[r * tp + c for r in range(ep)] for c in range(tp)]
-        return ParallelGroups(world, sub(rows, t, tp), sub(cols, e, ep))
+        return ParallelGroups(world, sub(rows, t, tp, "tp"), sub(cols, e, ep, "ep"))
 
 
 # ---- checks ------------------------------------------------------------------------------------------
