@@ -95,9 +95,13 @@ def two_ranks(tiny):
 
 @pytest.fixture(scope="module")
 def four_ranks(tiny):
-    """The fast 4-rank set: ep=2 x tp=2 on mixtral, qwen2_moe and deepseek_v2, tp=4 on olmoe."""
-    return _spawn(4, [_case(tiny, "mixtral", 2, 2), _case(tiny, "qwen2_moe", 2, 2), _case(tiny, "deepseek_v2", 2, 2),
-                      _case(tiny, "olmoe", 1, 4)])
+    """The fast 4-rank set: ep=2 x tp=2 on mixtral, qwen2_moe and deepseek_v2, tp=4 on olmoe; each also
+    generates for two prompts of different lengths (a paged KV cache of local heads)."""
+    cases = [_case(tiny, "mixtral", 2, 2), _case(tiny, "qwen2_moe", 2, 2), _case(tiny, "deepseek_v2", 2, 2),
+             _case(tiny, "olmoe", 1, 4)]
+    for case in cases:
+        case["ragged"] = True
+    return _spawn(4, cases)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +138,16 @@ def _check_equal(spawned, name: str) -> None:
     with torch.no_grad():
         logits = model(case["ids"])
     tokens = model.generate(case["ids"], max_new_tokens=NEW_TOKENS, temperature=0, eos_token_ids=())
+    ids = case["ids"]
+    ragged = (model.generate([ids[0, :2], ids[1]], max_new_tokens=NEW_TOKENS, temperature=0, eos_token_ids=())
+              if case.get("ragged") else None)
     cfg, ep, tp = model.config, case["ep"], case["tp"]
     for rank, result in enumerate(results):
         got = result[name]
         assert not isinstance(got, RankError), got
         assert torch.equal(got["tokens"], tokens), (rank, got["tokens"], tokens)
+        if ragged is not None:
+            assert all(torch.equal(a, b) for a, b in zip(got["ragged"], ragged, strict=True)), (got["ragged"], ragged)
         torch.testing.assert_close(got["logits"], logits, rtol=1e-4, atol=1e-4)
         assert got["heads"] == cfg.num_heads // tp  # the KV cache is sized from these
         assert got["kv_heads"] == max(cfg.num_kv_heads // tp, 1)

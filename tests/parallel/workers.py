@@ -76,8 +76,9 @@ def sleep_or_load(comm, path: str, sleep_s: float) -> str:
 
 def grid_cases(comm, cases: list[dict]) -> dict:
     """Returns {case name: {"tokens", "logits", "report", "heads", "kv_heads", "expert_ffn", "local", "held",
-    "reads"} or RankError}
-    for each case {"name", "path", "ep", "tp", "ids" [B, T], "new_tokens"}: the model split over an
+    "reads", "ragged"} or RankError}
+    for each case {"name", "path", "ep", "tp", "ids" [B, T], "new_tokens", "ragged" (also generate for two
+    prompts of different lengths: the paged path)}: the model split over an
     ep x tp grid of the ranks (parallel.tensor), groups made once per grid shape."""
     from moekit.checkpoint import Checkpoint
     from moekit.parallel.tensor import ParallelGroups, load_parallel
@@ -107,12 +108,14 @@ def grid_cases(comm, cases: list[dict]) -> dict:
             with torch.no_grad():
                 logits = model(ids)
             tokens = model.generate(ids, max_new_tokens=case["new_tokens"], temperature=0, eos_token_ids=())
+            ragged = (model.generate([ids[0, :2], ids[1]], max_new_tokens=case["new_tokens"], temperature=0,
+                                     eos_token_ids=()) if case.get("ragged") else None)  # a paged KV cache
             experts = [m for m in model.modules() if hasattr(m, "form") and hasattr(m, "layer")]
             out[case["name"]] = {"tokens": tokens, "logits": logits, "report": model.expert_runtime.report(),
                                  "heads": model.config.num_heads, "kv_heads": model.config.num_kv_heads,
                                  "expert_ffn": experts[0].form.ffn if experts else None,
                                  "local": {m.layer: m.local for m in experts if hasattr(m, "local")},
-                                 "held": dict(model.expert_runtime.owned), "reads": list(reads)}
+                                 "held": dict(model.expert_runtime.owned), "reads": list(reads), "ragged": ragged}
         except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
             out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
     return out
