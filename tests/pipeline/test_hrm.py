@@ -226,7 +226,8 @@ def test_a_compressed_forms_bytes_kernels_and_memory():
     from moekit.pipeline.hrm import (
         DECODE_WORKSPACE_BYTES_PER_WEIGHT,
         FORM_KERNELS,
-        expert_call_time,
+        expert_calls_time,
+        routed_tokens,
     )
 
     cfg = dataclasses.replace(MIXTRAL, num_layers=8, moe_layers=(True,) * 8)
@@ -242,11 +243,15 @@ def test_a_compressed_forms_bytes_kernels_and_memory():
     assert mc.device - md.device == pytest.approx(2 * 8 * (13.04e6 - BF16_EXPERT) + 16384 + workspace)
     assert md.host - mc.host == pytest.approx(64 * (BF16_EXPERT - 13.03e6))
     weights_per_s, flops = FORM_KERNELS["ternary_code"]
-    eight = expert_call_time(code, machine, 8, 1)  # a kernel call of 8 tokens
-    assert eight == pytest.approx(8 * code.expert_flops / flops + cfg.params_per_expert / weights_per_s)
-    assert expert_call_time(dense, machine, 8, 1) == pytest.approx(8 * dense.expert_flops / machine.gpu_flops)
-    past = expert_call_time(code, machine, 65, 1)  # decoded whole, then a dense GEMM
-    assert past == pytest.approx(65 * code.expert_flops / machine.gpu_flops + code.decode_bytes / machine.gpu_bandwidth)
+    # a micro-batch of 32 tokens: every expert gets at most 32 of them, all through the kernels
+    assert expert_calls_time(code, machine, 32, 1) == pytest.approx(
+        64 * code.expert_flops / flops + code.touched(32) * cfg.params_per_expert / weights_per_s)
+    assert expert_calls_time(dense, machine, 32, 1) == pytest.approx(64 * dense.expert_flops / machine.gpu_flops)
+    # 1024 tokens: ~256 an expert, always past the kernels' 64: decoded whole, then a dense GEMM
+    assert expert_calls_time(code, machine, 1024, 1) == pytest.approx(
+        2048 * code.expert_flops / machine.gpu_flops + 8 * code.decode_bytes / machine.gpu_bandwidth, rel=1e-6)
+    called, below, past, above = routed_tokens(256, 0.25, 64)  # mean 64: about half past the limit
+    assert 0.4 < past < 0.6 and called == pytest.approx(1 - past) and below + above == pytest.approx(64)
     assert tc.gpu > td.gpu  # its kernels cost the GPU more than bf16 GEMMs at these micro-batches
     one = decode_layer_time(code, machine, Policy(64, 64, 0.0), 96)  # one micro-batch: nothing to overlap
     assert one.serial and one.time == pytest.approx(max(one.comm, one.cpu + one.gpu))

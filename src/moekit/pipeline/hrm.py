@@ -216,15 +216,36 @@ def _form_terms(cfg: ModelConfig, form: str) -> dict:
             "decode_bytes": float(cfg.params_per_expert * DECODE_TRAFFIC_BYTES_PER_WEIGHT)}
 
 
-def expert_call_time(m: ModelCosts, machine: Machine, tokens: float, calls: float) -> float:
-    """Returns the GPU seconds of `calls` routed-expert calls of `tokens` tokens each (one layer's
-    experts over its micro-batches): a dense GEMM's FLOPs; a compressed form's kernels (a floor per
-    call, a slower rate per token) up to kernel_max_tokens, else each expert decoded whole and a
-    dense GEMM (the forms' reference path)."""
-    flops = calls * tokens * m.expert_flops
-    if m.kernel_max_tokens is not None and tokens > m.kernel_max_tokens:
-        return flops / machine.gpu_flops + calls * m.decode_bytes / machine.gpu_bandwidth
-    return flops / (m.kernel_flops or machine.gpu_flops) + calls * m.kernel_floor_s
+def routed_tokens(tokens: int, share: float, limit: int) -> tuple[float, float, float, float]:
+    """Returns, for one expert's tokens X of a call of `tokens` tokens each routed to it with
+    probability `share` (uniform routing: X ~ Binomial(tokens, share)): (P(0 < X <= limit),
+    E[X; X <= limit], P(X > limit), E[X; X > limit])."""
+    if share >= 1:
+        return (1.0, float(tokens), 0.0, 0.0) if 0 < tokens <= limit else (0.0, 0.0, float(tokens > limit), float(tokens))
+    if share <= 0 or tokens <= 0:
+        return 0.0, 0.0, 0.0, 0.0
+    log_p, log_q = math.log(share), math.log1p(-share)
+    base = math.lgamma(tokens + 1)
+    pmf = [math.exp(base - math.lgamma(j + 1) - math.lgamma(tokens - j + 1) + j * log_p + (tokens - j) * log_q)
+           for j in range(min(limit, tokens) + 1)]
+    below, mean_below = sum(pmf), sum(j * q for j, q in enumerate(pmf))
+    return below - pmf[0], mean_below, max(0.0, 1 - below), max(0.0, tokens * share - mean_below)
+
+
+def expert_calls_time(m: ModelCosts, machine: Machine, tokens: int, calls: float) -> float:
+    """Returns the GPU seconds of the routed experts of `calls` calls of a layer's experts (micro-
+    batches) of `tokens` tokens each: a dense GEMM's FLOPs; a compressed form's kernels (a floor
+    per expert called, a slower rate per token) for an expert's tokens up to kernel_max_tokens,
+    past it the expert decoded whole and a dense GEMM (the forms' reference path), weighted by
+    how often uniform routing gives an expert that many."""
+    flops_per_token = m.top_k * m.expert_flops  # every token runs top_k experts
+    if m.kernel_max_tokens is None:
+        return calls * tokens * flops_per_token / (m.kernel_flops or machine.gpu_flops) + (
+            calls * m.touched(tokens) * m.kernel_floor_s)
+    called, mean_kernel, past, mean_past = routed_tokens(tokens, m.top_k / m.experts, m.kernel_max_tokens)
+    per_expert = (called * m.kernel_floor_s + mean_kernel * m.expert_flops / (m.kernel_flops or machine.gpu_flops)
+                  + past * m.decode_bytes / machine.gpu_bandwidth + mean_past * m.expert_flops / machine.gpu_flops)
+    return calls * m.experts * per_expert
 
 
 def form_costs(cfg: ModelConfig, layout, act_dtype_bytes: int = 2, kv_dtype_bytes: int | None = None) -> ModelCosts:
@@ -309,10 +330,8 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
     positions = m.attended(context)
     kv_read = n * positions * m.kv_bytes_per_token
     attn_flops = n * positions * m.attention_flops_per_position
-    touched = m.touched(policy.micro_batch)
-    calls = n_ub * touched * m.moe_fraction  # routed-expert calls of the layer's micro-batches
-    ffn_c = expert_call_time(m, machine, policy.micro_batch * m.top_k / touched, calls) if touched else 0.0
-    ffn_b = calls * m.expert_bytes / machine.gpu_bandwidth
+    ffn_c = expert_calls_time(m, machine, policy.micro_batch, n_ub * m.moe_fraction)
+    ffn_b = n_ub * m.touched(policy.micro_batch) * m.expert_bytes * m.moe_fraction / machine.gpu_bandwidth
     other_c, other_b = _roof(n * m.other_flops, n_ub * m.other_bytes, machine.gpu_flops, machine.gpu_bandwidth)
     gpu_c, gpu_b = ffn_c + other_c, ffn_b + other_b
     gpu = max(ffn_c, ffn_b) + max(other_c, other_b)
@@ -343,10 +362,8 @@ def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_l
     streamed = m.layer_expert_bytes * (1 - policy.resident_share)
     per_mb = policy.micro_batch * prompt_len
     flops = tokens * (m.other_flops + m.attention_flops_per_position * m.attended(prompt_len) / 2)
-    touched = m.touched(per_mb)
-    calls = policy.micro_batches * touched * m.moe_fraction
-    experts = expert_call_time(m, machine, per_mb * m.top_k / touched, calls) if touched else 0.0
-    hbm = policy.micro_batches * (touched * m.expert_bytes * m.moe_fraction + m.other_bytes)
+    experts = expert_calls_time(m, machine, per_mb, policy.micro_batches * m.moe_fraction)
+    hbm = policy.micro_batches * (m.touched(per_mb) * m.expert_bytes * m.moe_fraction + m.other_bytes)
     d2h = tokens * m.kv_bytes_per_token if policy.attention == "cpu" else 0.0
     return max(streamed / machine.h2d_bandwidth, flops / machine.gpu_flops + experts, hbm / machine.gpu_bandwidth,
                d2h / machine.d2h_bandwidth)
