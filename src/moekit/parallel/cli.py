@@ -85,22 +85,24 @@ def check_flags(args: argparse.Namespace) -> ParallelSpec | None:
 
 
 def stats_rows(report: dict) -> list[tuple[str, str]]:
-    """Returns the (name, value) rows --stats adds for an expert-parallel run (rank 0's view)."""
+    """Returns the (name, value) rows --stats adds for a parallel run (rank 0's view)."""
     from ..cli_common import fmt_bytes
 
     slots = report["slots_local"] + report["slots_remote"]
     remote = report["slots_remote"] / slots if slots else 0.0
-    split = ", each expert's ffn split over the row" if report.get("experts_split_by_tp") else ""
-    rows = []
-    if report.get("tp", 1) > 1:
-        rows.append(("tensor parallel", f"tp={report['tp']}: attention heads and MLP widths split{split}"))
-    return rows + [
-        ("expert parallel", (f"{report['ranks']} ranks (ep={report.get('ep', report['ranks'])}); rank "
-                             f"{report['rank']} holds {report['experts_held']} experts")),
-        ("routed slots", f"{slots} dispatched by rank {report['rank']}, {remote:.1%} to other ranks"),
-        ("bytes exchanged", (f"{fmt_bytes(report['bytes_sent'])} sent by rank {report['rank']} "
-                            f"({report['layer_calls']} layer calls)")),
-    ]
+    ep, tp = report.get("ep", report["ranks"]), report.get("tp", 1)
+    rows = [("ranks", (f"{report['ranks']} (ep={ep} x tp={tp}); rank {report['rank']} holds "
+                       f"{report['experts_held']} experts"))]
+    if tp > 1:
+        split = "each expert's ffn split too" if report.get("experts_split_by_tp") else "experts replicated"
+        rows.append(("tensor parallel", f"attention heads and MLP widths split over {tp} ranks, {split}"))
+    if ep > 1:
+        rows += [
+            ("routed slots", f"{slots} dispatched by rank {report['rank']}, {remote:.1%} to other ranks"),
+            ("bytes exchanged", (f"{fmt_bytes(report['bytes_sent'])} sent by rank {report['rank']} "
+                                f"({report['layer_calls']} layer calls)")),
+        ]
+    return rows
 
 
 class RankSetup:
