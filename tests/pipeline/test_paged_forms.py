@@ -39,9 +39,9 @@ def expected(compressed):
     """Returns {form: the sequential engine's greedy tokens on its compressed checkpoint}."""
     out = {}
     for name, path in compressed.items():
-        model = moekit.load_model(path, device="cpu", dtype="float32")
-        out[name] = [t.tolist() for t in generate_ragged(model, PROMPTS, max_new_tokens=6, temperature=0.0,
-                                                         stop_at_eos=False)]
+        model = moekit.load_model(path, device="cpu", dtype="float32")  # its CompressedExperts, resident
+        out[name] = [t.tolist() for t in model.generate(PROMPTS, max_new_tokens=6, temperature=0.0,
+                                                        eos_token_ids=(), stop_at_eos=False)]
     return out
 
 
