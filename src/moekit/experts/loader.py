@@ -16,6 +16,7 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..families.base import Family
+from ..native.hugepages import advise_huge_pages
 from .resident import ResidentExperts
 
 
@@ -44,8 +45,11 @@ class ExpertLoader:
             from .clamped import build_resident
 
             return build_resident(ctx, layer)
-        experts = ResidentExperts(ctx.config.experts_in(layer), ctx.config.hidden_size, ctx.config.expert_ffn)
-        experts = experts.to(device=ctx.device, dtype=ctx.dtype)
+        with torch.device("meta"):  # no float32 copy to convert: the stacks are made in their dtype
+            experts = ResidentExperts(ctx.config.experts_in(layer), ctx.config.hidden_size, ctx.config.expert_ffn)
+        experts = experts.to(dtype=ctx.dtype).to_empty(device=ctx.device)
+        if ctx.device.type == "cpu":  # before the first write, so the pages come as 2 MB ones
+            advise_huge_pages(experts.parameters())
         with torch.no_grad():
             experts.form.read_layer(ctx.ckpt, ctx.family, layer, experts.stacked())
         return experts
