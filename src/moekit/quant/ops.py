@@ -7,7 +7,9 @@ chunk, NB = row blocks (quant.code).
     code form:  words [T, W] uint8/int16, starts [T] int16/int32, row_chunks [R] uint8/int16/int32,
                 block_offsets [NB] int32, lo, hi [R] float16, table [2^bits, 2] int32
 Each `*_linear` returns x @ W^T as [B, R] in x's dtype; the `*_reference` twins decode the
-whole matrix and call F.linear (the CPU path, and what the kernel tests compare against).
+whole matrix in PyTorch and call F.linear (the CPU path, and what the kernel tests compare against).
+Above KERNEL_MAX_TOKENS tokens the kernel paths decode the matrix once on the device
+(`code_weight_triton`: no host sync, no workspace but the [R, K] weight) and multiply densely.
 
 Per-slot matmuls (`*_slot_linear`, decode): S routed (token, expert) slots in one launch, the
 expert of each slot read on the device, the stored tensors stacked [E, ...] (a layer's experts,
@@ -30,6 +32,7 @@ from .grids import dequantize_int, dequantize_ternary, unpack_codes
 try:
     import triton
 
+    from .kernels.code_decode import code_decode_kernel
     from .kernels.code_matmul import code_matmul_kernel, code_slot_kernel
     from .kernels.int_matmul import int_matmul_kernel, int_slot_kernel
     HAVE_TRITON = True
@@ -37,6 +40,20 @@ except ImportError:  # CPU machines without triton use the references
     HAVE_TRITON = False
 
 KERNEL_MAX_TOKENS = 64  # above this, one expert's matrix is decoded once and multiplied densely
+# Up to this many tokens a code-form matmul runs the fused kernel over 64-token chunks; above it,
+# decode once (code_weight_triton) + one dense matmul. The fused kernel reads the compressed matrix
+# once per chunk but its cost grows with the nonzeros x tokens it gathers: 136 us per 64 tokens on
+# mixtral gate/up, 114 us on down (CODE_TUNED), so 2 chunks (65-128 tokens) cost ~250-270 us. The
+# decode reads ~0.6 bits per weight and writes R*K*2 bytes twice (the memset, then the nonzeros):
+# ~2 x 117 MB at ~4 TB/s, ~60 us, plus the decode work the batch-1 kernel does in ~19 us; the
+# bf16 matmul after it is ~41 us up to a few hundred tokens (weight-read bound). Estimated
+# ~120 us against ~155 us for 64 + 1 tokens chunked, so chunking never wins on those estimates
+# and the threshold equals KERNEL_MAX_TOKENS (no chunked path). Not measured yet: raise it (to
+# 65..128) if a GPU run shows the decode path slower than two fused calls.
+CODE_CHUNKED_MAX_TOKENS = 64
+# (BLOCK_R rows, codewords per row per step, num_warps) of the decode kernel; not tuned: 4 rows of
+# 128 codewords are 512 lanes, 4 per thread of 4 warps, and 14336 rows make 3584 programs.
+CODE_DECODE_CONFIG = (4, 128, 4)
 
 
 def use_kernels(x: torch.Tensor) -> bool:
@@ -212,24 +229,47 @@ def int_linear_triton(x, qweight, scale, zero, bits: int, block_n: int | None = 
 
 # ---- ternary code ------------------------------------------------------------------------------
 
+DECODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the decode kernel writes
+
+
 def code_weight(words, starts, row_chunks, block_offsets, lo, hi, table, cols: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Returns the dense weight [R, K] of a code-form matrix."""
+    """Returns the dense weight [..., R, K] of code-form matrices: the decode kernel where the
+    kernels run (CUDA; the interpreter under MOEKIT_QUANT_KERNELS=1), else the PyTorch decode."""
+    if use_kernels(words) and dtype in DECODE_DTYPES:
+        return code_weight_triton(words, starts, row_chunks, block_offsets, lo, hi, table, cols, dtype)
+    return code_weight_reference(words, starts, row_chunks, block_offsets, lo, hi, table, cols, dtype)
+
+
+def code_weight_reference(words, starts, row_chunks, block_offsets, lo, hi, table, cols: int,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Returns the dense weight [..., R, K] of code-form matrices through the PyTorch decode."""
     codes = decode(words, starts, row_chunks, block_offsets, table, cols)
     return dequantize_ternary(codes, lo[..., None], hi[..., None]).to(dtype)
 
 
 def code_linear_reference(x, words, starts, row_chunks, block_offsets, lo, hi, table) -> torch.Tensor:
-    return F.linear(x, code_weight(words, starts, row_chunks, block_offsets, lo, hi, table, x.shape[-1], x.dtype))
+    return F.linear(x, code_weight_reference(words, starts, row_chunks, block_offsets, lo, hi, table, x.shape[-1],
+                                             x.dtype))
 
 
 def code_linear(x: torch.Tensor, words: torch.Tensor, starts: torch.Tensor, row_chunks: torch.Tensor,
                 block_offsets: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Returns x [B, K] @ W^T as [B, R] for a code-form W (decode + matmul in one kernel for
-    B <= 64 where usable)."""
-    if not use_kernels(x) or x.shape[0] > KERNEL_MAX_TOKENS:
-        return code_linear_reference(x, words, starts, row_chunks, block_offsets, lo, hi, table)
-    return code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, table)
+    """Returns x [B, K] @ W^T as [B, R] for a code-form W: where the kernels run, decode + matmul in
+    one kernel up to KERNEL_MAX_TOKENS tokens (in chunks of it up to CODE_CHUNKED_MAX_TOKENS), else
+    decode once with the decode kernel and one dense matmul; elsewhere the PyTorch reference."""
+    parts = (words, starts, row_chunks, block_offsets, lo, hi, table)
+    b = x.shape[0]
+    if not use_kernels(x):
+        return code_linear_reference(x, *parts)
+    if b <= KERNEL_MAX_TOKENS:
+        return code_linear_triton(x, *parts)
+    if b <= CODE_CHUNKED_MAX_TOKENS:
+        return torch.cat([code_linear_triton(x[i:i + KERNEL_MAX_TOKENS], *parts)
+                          for i in range(0, b, KERNEL_MAX_TOKENS)])
+    if x.dtype not in DECODE_DTYPES:
+        return code_linear_reference(x, *parts)
+    return F.linear(x, code_weight_triton(*parts, x.shape[-1], x.dtype))
 
 
 # The code kernel's gather tile is [BLOCK_R, words per step, BLOCK_B]. At 16 x 64 x 64 (2 warps) it made
@@ -283,6 +323,55 @@ def code_linear_triton(x, words, starts, row_chunks, block_offsets, lo, hi, tabl
     return out
 
 
+def code_decode_triton(words, starts, row_chunks, block_offsets, table, cols: int,
+                       config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Returns the ternary codes [..., R, cols] (uint8) of code-form matrices through the decode
+    kernel: code.decode on the device, without host syncs."""
+    return _code_decode(words, starts, row_chunks, block_offsets, None, None, table, cols, torch.uint8, config)
+
+
+def code_weight_triton(words, starts, row_chunks, block_offsets, lo, hi, table, cols: int,
+                       dtype: torch.dtype = torch.float32, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Returns the dense weight [..., R, cols] in dtype (DECODE_DTYPES) of code-form matrices
+    through the decode kernel; `config` (BLOCK_R, words per step, num_warps) overrides CODE_DECODE_CONFIG."""
+    if dtype not in DECODE_DTYPES:
+        raise ValueError(f"the decode kernel writes {DECODE_DTYPES}, not {dtype}; use code_weight_reference")
+    return _code_decode(words, starts, row_chunks, block_offsets, lo, hi, table, cols, dtype, config)
+
+
+def _code_decode(words, starts, row_chunks, block_offsets, lo, hi, table, cols: int, dtype: torch.dtype,
+                 config: tuple[int, int, int] | None) -> torch.Tensor:
+    """Launches the decode kernel over every matrix of the leading dimensions: levels lo / hi
+    [..., R] written in dtype, or (lo None) the codes in uint8. Returns [..., R, cols]."""
+    *lead, r = row_chunks.shape
+    count = 1
+    for n in lead:
+        count *= n
+    out = torch.zeros(count, r, cols, dtype=dtype, device=words.device)  # the kernel writes only nonzeros
+    if out.numel() == 0:
+        return out.view(*lead, r, cols)
+    levels = lo is not None
+    _check_code_layout(words, starts, row_chunks, block_offsets, *((lo, hi) if levels else ()))
+    words, starts = words.reshape(count, *words.shape[-2:]), starts.reshape(count, -1)
+    row_chunks, block_offsets = row_chunks.reshape(count, r), block_offsets.reshape(count, -1)
+    if levels:  # rounded to dtype here, as dequantize_ternary + .to(dtype) round them
+        lo, hi = lo.reshape(count, r).to(dtype).contiguous(), hi.reshape(count, r).to(dtype).contiguous()
+    else:
+        lo, hi = row_chunks, row_chunks  # not read
+    w = words.shape[-1]
+    br, step_words, warps = config or CODE_DECODE_CONFIG
+    wp = triton.next_power_of_2(w)
+    chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
+    table64 = table.contiguous().view(torch.int64).reshape(-1)  # [2^bits] one 8-byte entry per word
+    code_decode_kernel[(triton.cdiv(r, br), count)](
+        words, starts, row_chunks, block_offsets, lo, hi, table64, out, r, cols,
+        words.stride(0), starts.stride(0), row_chunks.stride(0), block_offsets.stride(0), lo.stride(0),
+        hi.stride(0), out.stride(0), out.stride(1),
+        W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, ROW_BLOCK=ROW_BLOCK, BLOCK_R=br, LEVELS=levels,
+        HW_POPC=_hw_popcount(words), num_warps=warps)
+    return out.view(*lead, r, cols)
+
+
 # ---- per-slot (decode) -------------------------------------------------------------------------
 
 def _check_unit_stride(*tensors: torch.Tensor) -> None:
@@ -328,7 +417,7 @@ def int_slot_linear(x: torch.Tensor, ids: torch.Tensor, qweight: torch.Tensor, s
 
 def int_slot_linear_reference(x, ids, qweight, scale, zero, bits: int, top_k: int = 1, weights=None,
                               swiglu: bool = False) -> torch.Tensor:
-    linear = lambda e, xs: int_linear_reference(xs, qweight[e], scale[e], zero[e], bits)  # noqa: E731
+    linear = lambda e, xs: int_linear_reference(xs, qweight[e], scale[e], zero[e], bits)
     return slot_reference(x, ids, linear, top_k, weights, swiglu)
 
 
@@ -374,7 +463,7 @@ def code_slot_linear(x: torch.Tensor, ids: torch.Tensor, words: torch.Tensor, st
 
 def code_slot_linear_reference(x, ids, words, starts, row_chunks, block_offsets, lo, hi, table, top_k: int = 1,
                                weights=None, swiglu: bool = False) -> torch.Tensor:
-    linear = lambda e, xs: code_linear_reference(  # noqa: E731
+    linear = lambda e, xs: code_linear_reference(
         xs, words[e], starts[e], row_chunks[e], block_offsets[e], lo[e], hi[e], table)
     return slot_reference(x, ids, linear, top_k, weights, swiglu)
 
