@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include <omp.h>
 
@@ -219,9 +220,21 @@ struct IntRows {
 // lane l of the word selects x[col + l] (or the level, when decoding a row) where bit l of its
 // HI or LO mask is set. The vectors read up to 32 floats from a word's column: the caller pads
 // x and h by CODE_PAD floats.
+//
+// Batch 1 (the decode step) with AVX-512: row . x = hi * (sum of x under HI symbols) + lo * (sum
+// under LO symbols), each word adding its two x vectors into the sums under its masks. The masks
+// come precomputed per dictionary entry (masks [2^bits, 4] uint16: HI lanes 0-15, HI lanes 16-31,
+// LO lanes 0-15, LO lanes 16-31; lengths [2^bits] uint8, compressed.py builds them once per table)
+// and go from memory straight into mask registers, so a word costs its index load, four mask loads,
+// two x loads and four masked adds. The HI sums use the adders and the LO sums fused multiply-adds
+// by 1 (exact: x * 1 + s rounds once, as x + s), so Zen 4's two add and two FMA pipes share the
+// work; consecutive words alternate between two sets of sums, so no chain of dependent adds waits
+// an add's latency for every word.
 struct CodeRows {
   const int64_t* ptrs;
   const uint32_t* table;  // [2^bits, 2]: nonzero bits; HI bits | length << 27
+  const uint16_t* masks;  // [2^bits, 4] per entry: HI lanes 0-15, 16-31, LO lanes 0-15, 16-31
+  const uint8_t* lengths;  // [2^bits] symbols per entry
   const int64_t* sizes;  // per job and kind: W, sizeof(starts), sizeof(row_chunks)
 
   // A thread's decoded row (count > 1): K floats plus a word's reach.
@@ -247,38 +260,96 @@ struct CodeRows {
     *hi = half_to_float(reinterpret_cast<const uint16_t*>(p[5])[r]);
   }
 
-  // Walks the codewords of row r of matrix `kind` of job j; calls at(col, hi_mask, lo_mask, chain)
-  // for each word that starts inside the row, chain alternating 0 and 2 (independent sums for the
-  // caller). (Walking two chunks side by side, to overlap the chains of word -> table -> length ->
-  // next column, measured no faster.)
-  template <typename Word, typename At>
-  void walk(int kind, int64_t j, int64_t r, int64_t K, At at) const {
+  // Row r of matrix `kind` of job j: its codewords, chunk starts and first chunk.
+  template <typename Word>
+  struct Row {
+    const Word* words;  // [T, W]
+    const void* starts;  // [T]
+    int64_t W, start_bytes, first, chunks;
+  };
+
+  template <typename Word>
+  Row<Word> row_of(int kind, int64_t j, int64_t r) const {
     const int64_t* p = ptrs + j * 12 + kind * 6;
-    const Word* words = reinterpret_cast<const Word*>(p[0]);
-    const void* starts = reinterpret_cast<const void*>(p[1]);
     const void* row_chunks = reinterpret_cast<const void*>(p[2]);
     const int32_t* block_offsets = reinterpret_cast<const int32_t*>(p[3]);
     const int64_t* size = sizes + j * 6 + kind * 3;
-    const int64_t W = size[0], sb = size[1], cb = size[2];
+    const int64_t cb = size[2];
     // the row's first chunk: its block's first, plus the chunks of the rows before it in the block
     const int64_t block = r / 16;
     int64_t first = block_offsets[block];
     for (int64_t q = block * 16; q < r; ++q) first += load(row_chunks, q, cb);
-    const int64_t chunks = load(row_chunks, r, cb);
-    int chain = 0;
-    for (int64_t c = first; c < first + chunks; ++c) {
-      int64_t col = load(starts, c, sb);
-      const Word* cw = words + c * W;
-      for (int64_t i = 0; i < W && col >= 0 && col < K; ++i) {  // past K: the chunk's padding words
-        const uint32_t* e = table + 2 * static_cast<uint32_t>(cw[i]);
+    return {reinterpret_cast<const Word*>(p[0]), reinterpret_cast<const void*>(p[1]), size[0], size[1], first,
+            load(row_chunks, r, cb)};
+  }
+
+  // Walks the codewords of row r of matrix `kind` of job j; calls at(col, hi_mask, lo_mask, set)
+  // for each word that starts inside the row, set (a std::integral_constant) alternating 0 and 1,
+  // so the caller can keep two sets of sums in registers.
+  template <typename Word, typename At>
+  void walk(int kind, int64_t j, int64_t r, int64_t K, At at) const {
+    const Row<Word> row = row_of<Word>(kind, j, r);
+    for (int64_t c = row.first; c < row.first + row.chunks; ++c) {
+      int64_t col = load(row.starts, c, row.start_bytes);
+      const Word* cw = row.words + c * row.W;
+      auto one = [&](Word w, auto set) {  // also for all-zero words: a branch on them would be mispredicted
+        const uint32_t* e = table + 2 * static_cast<uint32_t>(w);
         const uint32_t nz = e[0], hl = e[1];
         const uint32_t his = nz & hl & 0x7ffffffu;
-        at(col, his, nz & ~his, chain);  // also for all-zero words: a branch on them would be mispredicted
-        chain ^= 2;
+        at(col, his, nz & ~his, set);
         col += hl >> 27;
+      };
+      int64_t i = 0;
+      for (; i + 2 <= row.W; i += 2) {  // past K: the chunk's padding words
+        if (col >= K) break;
+        one(cw[i], std::integral_constant<int, 0>{});
+        if (col >= K) break;
+        one(cw[i + 1], std::integral_constant<int, 1>{});
       }
+      if (i + 1 == row.W && col < K) one(cw[i], std::integral_constant<int, 0>{});
     }
   }
+
+#if defined(__AVX512F__) && !defined(MOEKIT_NO_AVX512)
+  // Row r . x for one vector x (the module comment's batch-1 path): hi * sum_hi + lo * sum_lo.
+  template <typename Word>
+  float dot_one(int kind, int64_t j, int64_t r, int64_t K, const float* x) const {
+    const Row<Word> row = row_of<Word>(kind, j, r);
+    const __m512 one = _mm512_set1_ps(1.f);
+    __m512 hi_a0 = _mm512_setzero_ps(), hi_a1 = hi_a0, lo_a0 = hi_a0, lo_a1 = hi_a0;
+    __m512 hi_b0 = hi_a0, hi_b1 = hi_a0, lo_b0 = hi_a0, lo_b1 = hi_a0;
+    // one word at col into a set of four sums
+#define MOEKIT_CODE_WORD(W_, H0, H1, L0, L1)                                          \
+  {                                                                                   \
+    const uint32_t w = static_cast<uint32_t>(W_);                                     \
+    __mmask16* m = const_cast<__mmask16*>(reinterpret_cast<const __mmask16*>(masks + 4 * w)); \
+    const __m512 x0 = _mm512_loadu_ps(x + col), x1 = _mm512_loadu_ps(x + col + V);   \
+    H0 = _mm512_mask_add_ps(H0, _load_mask16(m), H0, x0);                            \
+    H1 = _mm512_mask_add_ps(H1, _load_mask16(m + 1), H1, x1);                        \
+    L0 = _mm512_mask3_fmadd_ps(x0, one, L0, _load_mask16(m + 2));                    \
+    L1 = _mm512_mask3_fmadd_ps(x1, one, L1, _load_mask16(m + 3));                    \
+    col += lengths[w];                                                                \
+  }
+    for (int64_t c = row.first; c < row.first + row.chunks; ++c) {
+      int64_t col = load(row.starts, c, row.start_bytes);
+      const Word* cw = row.words + c * row.W;
+      int64_t i = 0;
+      for (; i + 2 <= row.W; i += 2) {  // past K: the chunk's padding words (all zeros)
+        if (col >= K) break;
+        MOEKIT_CODE_WORD(cw[i], hi_a0, hi_a1, lo_a0, lo_a1)
+        if (col >= K) break;
+        MOEKIT_CODE_WORD(cw[i + 1], hi_b0, hi_b1, lo_b0, lo_b1)
+      }
+      if (i + 1 == row.W && col < K) MOEKIT_CODE_WORD(cw[i], hi_a0, hi_a1, lo_a0, lo_a1)
+    }
+#undef MOEKIT_CODE_WORD
+    const float sh = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(hi_a0, hi_a1), _mm512_add_ps(hi_b0, hi_b1)));
+    const float sl = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(lo_a0, lo_a1), _mm512_add_ps(lo_b0, lo_b1)));
+    float lo, hi;
+    levels(kind, j, r, &lo, &hi);
+    return hi * sh + lo * sl;
+  }
+#endif
 
   template <typename Word>
   void dots(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
@@ -287,29 +358,22 @@ struct CodeRows {
     float lo, hi;
     if (count == 1) {  // decode: sum x under the HI and under the LO symbols, straight from the words
       const float* x = vec + (which ? which[0] : 0) * stride;
-      // four sums per level (walk's two chains x low / high half): one chain of dependent adds
-      // would wait an add's latency for every word
-      vf sum_hi[4] = {}, sum_lo[4] = {};
-#if defined(__AVX512F__) && !defined(MOEKIT_NO_AVX512)  // the masks straight into mask registers: a masked add per half and level
-      walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, int parity) {
-        for (int half = 0; half < 2; ++half) {
-          const __m512 xv = _mm512_loadu_ps(x + col + half * V);
-          const __mmask16 mh = static_cast<__mmask16>(his >> (half * V)), ml = static_cast<__mmask16>(los >> (half * V));
-          __m512 h = reinterpret_cast<__m512>(sum_hi[parity + half]), l = reinterpret_cast<__m512>(sum_lo[parity + half]);
-          sum_hi[parity + half] = reinterpret_cast<vf>(_mm512_mask_add_ps(h, mh, h, xv));
-          sum_lo[parity + half] = reinterpret_cast<vf>(_mm512_mask_add_ps(l, ml, l, xv));
-        }
-      });
+#if defined(__AVX512F__) && !defined(MOEKIT_NO_AVX512)
+      out[0] = dot_one<Word>(kind, j, r, K, x);
+      return;
 #else
-      walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, int parity) {
+      // two sets of sums (walk's alternating words) x low / high half: one chain of dependent
+      // adds would wait an add's latency for every word
+      vf sum_hi[4] = {}, sum_lo[4] = {};
+      walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, auto set) {
+        constexpr int base = 2 * decltype(set)::value;  // a constant index: the sums stay in registers
         for (int half = 0; half < 2; ++half) {
           vi xv;
           std::memcpy(&xv, x + col + half * V, sizeof(xv));
-          sum_hi[parity + half] += reinterpret_cast<vf>(xv & bits_of(his >> (half * V), lanes));
-          sum_lo[parity + half] += reinterpret_cast<vf>(xv & bits_of(los >> (half * V), lanes));
+          sum_hi[base + half] += reinterpret_cast<vf>(xv & bits_of(his >> (half * V), lanes));
+          sum_lo[base + half] += reinterpret_cast<vf>(xv & bits_of(los >> (half * V), lanes));
         }
       });
-#endif
       const vf all_hi = (sum_hi[0] + sum_hi[1]) + (sum_hi[2] + sum_hi[3]);
       const vf all_lo = (sum_lo[0] + sum_lo[1]) + (sum_lo[2] + sum_lo[3]);
       float sh = 0.f, sl = 0.f;
@@ -320,13 +384,14 @@ struct CodeRows {
       levels(kind, j, r, &lo, &hi);
       out[0] = hi * sh + lo * sl;
       return;
+#endif
     }
     // several tokens: the row decoded once into its float weights, then dotted with each
     float* row = s.row.data();
     std::memset(row, 0, sizeof(float) * (K + 2 * V));
     levels(kind, j, r, &lo, &hi);
     const vi hv = reinterpret_cast<vi>(vf{} + hi), lv = reinterpret_cast<vi>(vf{} + lo);
-    walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, int) {
+    walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, auto) {
       for (int half = 0; half < 2; ++half) {  // words cover disjoint columns: lanes past one add zeros
         vf w;
         std::memcpy(&w, row + col + half * V, sizeof(w));
@@ -431,13 +496,15 @@ int moekit_int_ffn(int bits, const float* x, float* out, int64_t N, int64_t D, i
 }
 
 // Ternary-code experts. ptrs: J * 12 addresses; sizes: J * 6, per job and kind (gate_up, down)
-// W, sizeof(starts), sizeof(row_chunks); word_bytes: 1 (uint8 codewords) or 2 (uint16). Returns 0,
-// or 1 for other codeword sizes, 2 for a job of more than 256 tokens.
+// W, sizeof(starts), sizeof(row_chunks); word_bytes: 1 (uint8 codewords) or 2 (uint16); masks
+// [2^bits, 4] uint16 and lengths [2^bits] uint8: the table's entries as CodeRows reads them at batch 1
+// (compressed.code_masks). Returns 0, or 1 for other codeword sizes, 2 for a job of more than 256 tokens.
 int moekit_code_ffn(const float* x, float* out, int64_t N, int64_t D, int64_t I, int64_t J, const int64_t* ptrs,
-                    const int32_t* table, int word_bytes, const int64_t* sizes, const int32_t* tok_start,
-                    const int32_t* tok, const float* w, float* h, float* accs, int threads) {
+                    const int32_t* table, const uint16_t* masks, const uint8_t* lengths, int word_bytes,
+                    const int64_t* sizes, const int32_t* tok_start, const int32_t* tok, const float* w, float* h,
+                    float* accs, int threads) {
   if (int code = check_jobs(J, tok_start)) return code;
-  CodeRows rows{ptrs, reinterpret_cast<const uint32_t*>(table), sizes};
+  CodeRows rows{ptrs, reinterpret_cast<const uint32_t*>(table), masks, lengths, sizes};
   if (word_bytes == 1)
     run_layer(CodeCall<uint8_t>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads);
   else if (word_bytes == 2)

@@ -24,6 +24,7 @@ Shapes: N tokens, D hidden, I expert ffn width, n tokens of one job.
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
@@ -44,8 +45,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moekit_int_ffn.argtypes = [ctypes.c_int, f32p, f32p, i64, i64, i64, i64, i64p, i64, i64, ctypes.c_int, i32p,
                                    i32p, f32p, f32p, f32p, ctypes.c_int]
     lib.moekit_int_ffn.restype = ctypes.c_int
-    lib.moekit_code_ffn.argtypes = [f32p, f32p, i64, i64, i64, i64, i64p, i32p, ctypes.c_int, i64p, i32p, i32p, f32p,
-                                    f32p, f32p, ctypes.c_int]
+    lib.moekit_code_ffn.argtypes = [f32p, f32p, i64, i64, i64, i64, i64p, i32p, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_int, i64p, i32p, i32p, f32p, f32p, f32p, ctypes.c_int]
     lib.moekit_code_ffn.restype = ctypes.c_int
 
 
@@ -149,6 +150,37 @@ def int_ffn(x: torch.Tensor, jobs: list[Job], bits: int, out: torch.Tensor | Non
     return _run(x, jobs, out, threads, scratch, call)
 
 
+# id(table) -> (a weak reference to it, its version, its code_masks); tensors cannot be the keys of a
+# WeakKeyDictionary (their == is elementwise)
+_masks_of: dict[int, tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if key in _masks_of and _masks_of[key][0] is ref:
+        del _masks_of[key]
+
+
+def code_masks(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (masks [2^bits, 4] int16, lengths [2^bits] uint8) of a decode table [2^bits, 2]
+    int32: per entry the HI symbols' lanes 0-15 and 16-31, the LO symbols' lanes 0-15 and 16-31
+    (bit l of a mask: symbol l of the word, or 16 + l), and its length; what compressed.cpp loads
+    into mask registers at batch 1. Kept per table tensor (a layer's table is built once), rebuilt
+    when the table changes."""
+    held = _masks_of.get(id(table))
+    if held is not None and held[0]() is table and held[1] == table._version:
+        return held[2]
+    entries = table.to(torch.int64) & 0xFFFFFFFF  # [2^bits, 2]
+    nonzero, hl = entries[:, 0] & ((1 << 27) - 1), entries[:, 1]
+    his = nonzero & hl
+    los = nonzero & ~his
+    masks = torch.stack([his & 0xFFFF, his >> 16, los & 0xFFFF, los >> 16], dim=1)  # [2^bits, 4]
+    masks = torch.where(masks >= 1 << 15, masks - (1 << 16), masks).to(torch.int16).contiguous()
+    lengths = ((hl >> 27) & 31).to(torch.uint8).contiguous()
+    key = id(table)
+    _masks_of[key] = (weakref.ref(table, lambda ref: _forget(key, ref)), table._version, (masks, lengths))
+    return masks, lengths
+
+
 def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.Tensor | None = None,
              threads: int | None = None, scratch: Scratch | None = None) -> torch.Tensor:
     """Returns out [N, D] (x's dtype): the weighted sum over jobs of their ternary-code expert on
@@ -184,11 +216,13 @@ def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.T
     ptr_arr = (ctypes.c_int64 * len(ptrs))(*ptrs)
     size_arr = (ctypes.c_int64 * len(sizes))(*sizes)
     table_ptr = ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_int32))
+    masks, lengths = code_masks(table)
 
     def call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads):
         h = scratch.get("h", slots * ffn + CODE_PAD)
-        return lib.moekit_code_ffn(float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, table_ptr, word_dtype.itemsize, size_arr, starts, tokens,
-                                   weights, float_ptr(h), float_ptr(accs), threads)
+        return lib.moekit_code_ffn(float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, table_ptr, masks.data_ptr(),
+                                   lengths.data_ptr(), word_dtype.itemsize, size_arr, starts, tokens, weights,
+                                   float_ptr(h), float_ptr(accs), threads)
 
     return _run(x, jobs, out, threads, scratch, call, pad=CODE_PAD)
 
