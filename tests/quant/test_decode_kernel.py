@@ -1,6 +1,8 @@
-"""The decode kernel (kernels.code_decode) equals the PyTorch decode: codes exactly, weights exactly
-in each output dtype (the levels are rounded as the reference rounds them), and code_linear above
-the fused kernel's token limit (decode once + dense matmul) equals the reference.
+"""The decode kernels equal the PyTorch decodes. Ternary code (kernels.code_decode): codes exactly,
+weights exactly in each output dtype (the levels are rounded as the reference rounds them). Int-N
+(kernels.int_decode): float32 and float16 exactly, bfloat16 within one bf16 step (the Triton
+interpreter truncates float32 to bfloat16; a GPU rounds to nearest, as PyTorch does). code_linear
+and int_linear above the fused kernels' token limit (decode once + dense matmul) equal the references.
 
 Inputs are built with the encoder from random ternary data on the CPU; the kernel runs on
 kernel_device() (CUDA where there is a GPU, else the CPU under the Triton interpreter).
@@ -20,6 +22,8 @@ from moekit.quant.code import (
     encode,
     symbol_probabilities,
 )
+from moekit.quant.gptq import rtn_quantize
+from moekit.quant.grids import IntGrid, pack_codes
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_TRITON, reason="needs triton")
 
@@ -144,6 +148,74 @@ def test_code_linear_above_the_fused_kernel_limit(monkeypatch, tokens, chunked_m
         assert (len(decoded), len(fused)) == (0, -(-tokens // ops.KERNEL_MAX_TOKENS))
     else:
         assert (len(decoded), len(fused)) == (1, 0)
+
+
+# ---- int-N ---------------------------------------------------------------------------------------
+
+INT_SHAPES = [  # (experts, rows, cols, bits, group)
+    (1, 37, 300, 4, None),  # one scale per row, last word partly used
+    (2, 19, 256, 4, 128),  # a stack: rows of both experts in one launch
+    (1, 45, 130, 2, 32),
+    (1, 24, 200, 3, 40),  # 3-bit: 10 codes per word in 16 lanes
+    (1, 11, 96, 3, 16),  # 3-bit groups that split words
+]
+
+
+def int_parts(experts, rows, cols, bits, group, seed=0):
+    """Returns (qweight, scale, zero) [E, R, ...] of random matrices rounded to nearest."""
+    w = torch.randn(experts, rows, cols, generator=torch.Generator().manual_seed(seed))
+    q = rtn_quantize(w, IntGrid(bits, group))
+    return pack_codes(q.codes, bits), q.params[0].half(), q.params[1].to(torch.uint8)
+
+
+def assert_same_weight(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Asserts equality; bfloat16 within one step of its 8-bit mantissa (see the module docstring)."""
+    assert out.dtype == ref.dtype
+    if ref.dtype == torch.bfloat16:
+        torch.testing.assert_close(out.cpu(), ref, rtol=2 ** -7, atol=0)
+    else:
+        torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [None, (1, 8, 1), (16, 4, 2)])
+@pytest.mark.parametrize("experts,rows,cols,bits,group", INT_SHAPES)
+def test_int_decode_kernel_matches_reference(config, experts, rows, cols, bits, group):
+    device = kernel_device()
+    parts = int_parts(experts, rows, cols, bits, group, seed=rows)
+    for dtype in ops.DECODE_DTYPES:
+        out = ops.int_weight_triton(*(t.to(device) for t in parts), bits, cols, dtype, config=config)
+        assert_same_weight(out, ops.int_weight_reference(*parts, bits, cols, dtype))
+
+
+@pytest.mark.parametrize("tokens", [65, 200])
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 16)])
+def test_int_linear_above_the_fused_kernel_limit(monkeypatch, tokens, bits, group):
+    """Above KERNEL_MAX_TOKENS int_linear decodes with the kernel (groups that split packed words
+    keep the PyTorch path) and multiplies densely: equal to the reference."""
+    device = kernel_device()
+    parts = [t[0] for t in int_parts(1, 40, 96, bits, group)]
+    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens))
+    ref = ops.int_linear_reference(x, *parts, bits)
+    monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+    calls = []
+    kernel = ops.int_weight_triton
+    monkeypatch.setattr(ops, "int_weight_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    out = ops.int_linear(*(t.to(device) for t in (x, *parts)), bits)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (0 if ops.groups_split_words(bits, parts[1].shape[-1], 96) else 1)
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts,rows,cols,bits,group", INT_SHAPES + [(1, 4096, 14336, 3, 128)])
+def test_int_decode_on_cuda(experts, rows, cols, bits, group):
+    """Compiled, the int decode kernel equals the reference exactly in every dtype, groups that
+    split packed words included (ops.int_weight keeps those on the PyTorch path until this passes)."""
+    parts = int_parts(experts, rows, cols, bits, group)
+    for dtype in ops.DECODE_DTYPES:
+        out = ops.int_weight_triton(*(t.cuda() for t in parts), bits, cols, dtype)
+        torch.testing.assert_close(out.cpu(), ops.int_weight_reference(*parts, bits, cols, dtype), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

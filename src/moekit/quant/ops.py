@@ -34,6 +34,7 @@ try:
 
     from .kernels.code_decode import code_decode_kernel
     from .kernels.code_matmul import code_matmul_kernel, code_slot_kernel
+    from .kernels.int_decode import int_decode_kernel
     from .kernels.int_matmul import int_matmul_kernel, int_slot_kernel
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton use the references
@@ -54,6 +55,10 @@ CODE_CHUNKED_MAX_TOKENS = 64
 # (BLOCK_R rows, codewords per row per step, num_warps) of the decode kernel; not tuned: 4 rows of
 # 128 codewords are 512 lanes, 4 per thread of 4 warps, and 14336 rows make 3584 programs.
 CODE_DECODE_CONFIG = (4, 128, 4)
+# (BLOCK_N rows, BLOCK_KW words per row, num_warps) of the int decode kernel; not tuned: 8 x 64
+# words are 4096 4-bit weights (16 KB of bf16 written) per program.
+INT_DECODE_CONFIG = (8, 64, 4)
+DECODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the decode kernels write
 
 
 def use_kernels(x: torch.Tensor) -> bool:
@@ -67,10 +72,49 @@ def use_kernels(x: torch.Tensor) -> bool:
 
 # ---- int-N -------------------------------------------------------------------------------------
 
+# The PyTorch decode (int_weight_reference) has no host sync but goes through int64 codes and
+# float32 scale, zero, code and product tensors: a peak of ~17 bytes per weight (pipeline.hrm),
+# ~1 GB for one Mixtral matrix, against the 2 bytes per weight of the bf16 result. Where the
+# kernels run, int_weight_triton writes the result directly; groups that split packed words keep the
+# PyTorch path, as in int_linear, until test_int_decode_on_cuda has passed on a GPU (the fused
+# kernel's per-code scale mode is wrong there; the decode kernel indexes groups per code, untested).
 def int_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, cols: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Returns the dense weight [R, K] of an int-form matrix."""
+    """Returns the dense weight [..., R, K] of int-form matrices: the decode kernel where the kernels
+    run (CUDA; the interpreter under MOEKIT_QUANT_KERNELS=1), else the PyTorch decode."""
+    if use_kernels(qweight) and dtype in DECODE_DTYPES and not groups_split_words(bits, scale.shape[-1], cols):
+        return int_weight_triton(qweight, scale, zero, bits, cols, dtype)
+    return int_weight_reference(qweight, scale, zero, bits, cols, dtype)
+
+
+def int_weight_reference(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, cols: int,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Returns the dense weight [..., R, K] of int-form matrices through the PyTorch decode."""
     return dequantize_int(unpack_codes(qweight, bits, cols), scale, zero).to(dtype)
+
+
+def int_weight_triton(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, cols: int,
+                      dtype: torch.dtype = torch.float32,
+                      config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Returns the dense weight [..., R, cols] in dtype (DECODE_DTYPES) of int-form matrices
+    through the decode kernel; `config` (BLOCK_N, BLOCK_KW, num_warps) overrides INT_DECODE_CONFIG."""
+    if dtype not in DECODE_DTYPES:
+        raise ValueError(f"the decode kernel writes {DECODE_DTYPES}, not {dtype}; use int_weight_reference")
+    *lead, r, num_words = qweight.shape
+    groups = scale.shape[-1]
+    q = qweight.reshape(-1, num_words)  # the stack's rows one after another: each row is independent
+    scale, zero = scale.reshape(-1, groups), zero.reshape(-1, groups)
+    _check_unit_stride(q, scale, zero)
+    out = torch.empty(q.shape[0], cols, dtype=dtype, device=qweight.device)  # every weight is written
+    if out.numel() == 0:
+        return out.view(*lead, r, cols)
+    bn, block_kw, warps = config or INT_DECODE_CONFIG
+    int_decode_kernel[(triton.cdiv(q.shape[0], bn), triton.cdiv(num_words, block_kw))](
+        q, scale, zero, out, q.shape[0], cols, -(-cols // groups),
+        q.stride(0), scale.stride(0), zero.stride(0), out.stride(0),
+        NUM_WORDS=num_words, BITS=bits, LANES=triton.next_power_of_2(32 // bits), BLOCK_N=bn, BLOCK_KW=block_kw,
+        num_warps=warps)
+    return out.view(*lead, r, cols)
 
 
 def groups_split_words(bits: int, groups: int, cols: int) -> bool:
@@ -82,14 +126,17 @@ def groups_split_words(bits: int, groups: int, cols: int) -> bool:
 
 
 def int_linear_reference(x, qweight, scale, zero, bits: int) -> torch.Tensor:
-    return F.linear(x, int_weight(qweight, scale, zero, bits, x.shape[-1], x.dtype))
+    return F.linear(x, int_weight_reference(qweight, scale, zero, bits, x.shape[-1], x.dtype))
 
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                bits: int) -> torch.Tensor:
-    """Returns x [B, K] @ W^T as [B, R] for an int-form W (kernel for B <= 64 where usable)."""
-    if not use_kernels(x) or x.shape[0] > KERNEL_MAX_TOKENS or groups_split_words(bits, scale.shape[-1], x.shape[-1]):
+    """Returns x [B, K] @ W^T as [B, R] for an int-form W: where the kernels run, the fused kernel up
+    to KERNEL_MAX_TOKENS tokens, else the decode kernel and one dense matmul; elsewhere the reference."""
+    if not use_kernels(x) or groups_split_words(bits, scale.shape[-1], x.shape[-1]):
         return int_linear_reference(x, qweight, scale, zero, bits)
+    if x.shape[0] > KERNEL_MAX_TOKENS and x.dtype in DECODE_DTYPES:
+        return F.linear(x, int_weight_triton(qweight, scale, zero, bits, x.shape[-1], x.dtype))
     return int_linear_triton(x, qweight, scale, zero, bits)
 
 
@@ -228,9 +275,6 @@ def int_linear_triton(x, qweight, scale, zero, bits: int, block_n: int | None = 
 
 
 # ---- ternary code ------------------------------------------------------------------------------
-
-DECODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the decode kernel writes
-
 
 def code_weight(words, starts, row_chunks, block_offsets, lo, hi, table, cols: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
