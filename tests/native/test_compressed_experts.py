@@ -110,6 +110,53 @@ def test_one_token_decode_and_many_tokens(form):
         close(out, expected, 1e-4)
 
 
+def coded_job(gu: torch.Tensor, dn: torch.Tensor, dictionary, chunk: int | None, tokens: list[int], g: torch.Generator):
+    """Returns one job of ternary codes gu [2I, D] and dn [D, I] coded with `dictionary`."""
+    parts = []
+    for codes in (gu, dn):
+        lo = (-torch.rand(codes.shape[0], generator=g) * 0.05).half()
+        hi = (torch.rand(codes.shape[0], generator=g) * 0.05).half()
+        parts.append((*encode(codes, dictionary, chunk), lo, hi))
+    return parts[0], parts[1], tokens, torch.rand(len(tokens), generator=g).tolist()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("chunk", [4, 5, 64])  # 5: a chunk of an odd word count (the pair loop's last word)
+@pytest.mark.parametrize("density", [0.115, 0.02])  # 0.02: mostly words of 27 zeros
+def test_code_batch_one_paths(bits, chunk, density):
+    """The batch-1 path (per-entry masks, two sets of sums) and the row decode of several tokens, on
+    rows of many chunks (chunks starting mid-row, rows crossing 16-row blocks), words of length 27,
+    a nonzero last column in every other row (a word running past the row's end) and empty rows."""
+    g = torch.Generator().manual_seed(bits + chunk)
+    d, ffn = 1000, 72
+    gu, dn = ternary_codes(2 * ffn, d, density, g), ternary_codes(d, ffn, density, g)
+    gu[::2, -1], dn[::2, -1] = HI, LO
+    gu[5], dn[9] = ZERO, ZERO
+    probs = symbol_probabilities(torch.cat([gu.flatten(), dn.flatten()]))
+    dictionary = build_dictionary(probs, bits)
+    assert int(nc.code_masks(dictionary.table)[1].max()) == 27  # words of 27 symbols exist
+    job = coded_job(gu, dn, dictionary, chunk, [0], g)
+    x = torch.randn(3, d, generator=g)
+    close(nc.code_ffn(x[:1], [job], dictionary.table), nc.code_reference(x[:1], [job], dictionary.table))
+    jobs = [job, coded_job(gu, dn, dictionary, chunk, [0, 1, 2], g)]
+    close(nc.code_ffn(x, jobs, dictionary.table, threads=2), nc.code_reference(x, jobs, dictionary.table))
+
+
+def test_code_masks_follow_their_table():
+    """compressed.code_masks: each entry's HI / LO lanes and length, rebuilt when the table changes."""
+    table = build_dictionary((0.885, 0.0575, 0.0575), 8).table.clone()
+    masks, lengths = nc.code_masks(table)
+    nz, hl = table[:, 0].long() & 0xFFFFFFFF, table[:, 1].long() & 0xFFFFFFFF
+    m = masks.long() & 0xFFFF
+    assert torch.equal(m[:, 0] | m[:, 1] << 16, nz & hl & ((1 << 27) - 1))
+    assert torch.equal(m[:, 2] | m[:, 3] << 16, nz & ~hl & ((1 << 27) - 1))
+    assert torch.equal(lengths.long(), hl >> 27)
+    assert nc.code_masks(table)[0] is masks  # kept per table
+    table[0, 0] = 1
+    table[0, 1] = 1 | 1 << 27
+    assert int(nc.code_masks(table)[0][0, 0]) == 1  # rebuilt after the table changed
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_give_their_dtype(dtype):
     d, ffn = 64, 48
