@@ -148,9 +148,9 @@ def test_code_masks_follow_their_table():
     masks, lengths = nc.code_masks(table)
     nz, hl = table[:, 0].long() & 0xFFFFFFFF, table[:, 1].long() & 0xFFFFFFFF
     m = masks.long() & 0xFFFF
-    assert torch.equal(m[:, 0] | m[:, 1] << 16, nz & hl & ((1 << 27) - 1))
+    assert torch.equal(m[:, 0] | (m[:, 1] & 0x7FF) << 16, nz & hl & ((1 << 27) - 1))
     assert torch.equal(m[:, 2] | m[:, 3] << 16, nz & ~hl & ((1 << 27) - 1))
-    assert torch.equal(lengths.long(), hl >> 27)
+    assert torch.equal(lengths.long(), hl >> 27) and torch.equal(m[:, 1] >> 11, hl >> 27)
     assert nc.code_masks(table)[0] is masks  # kept per table
     table[0, 0] = 1
     table[0, 1] = 1 | 1 << 27

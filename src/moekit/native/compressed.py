@@ -162,10 +162,10 @@ def _forget(key: int, ref: weakref.ref) -> None:
 
 def code_masks(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (masks [2^bits, 4] int16, lengths [2^bits] uint8) of a decode table [2^bits, 2]
-    int32: per entry the HI symbols' lanes 0-15 and 16-31, the LO symbols' lanes 0-15 and 16-31
-    (bit l of a mask: symbol l of the word, or 16 + l), and its length; what compressed.cpp loads
-    into mask registers at batch 1. Kept per table tensor (a layer's table is built once), rebuilt
-    when the table changes."""
+    int32: per entry the HI symbols' lanes 0-15, lanes 16-26 | length << 11, the LO symbols' lanes
+    0-15 and 16-26 (bit l of a mask: symbol l of the word, or 16 + l), and its length; what
+    compressed.cpp loads into mask registers at batch 1 (one 8-byte entry per word). Kept per table
+    tensor (a layer's table is built once), rebuilt when the table changes."""
     held = _masks_of.get(id(table))
     if held is not None and held[0]() is table and held[1] == table._version:
         return held[2]
@@ -173,9 +173,10 @@ def code_masks(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nonzero, hl = entries[:, 0] & ((1 << 27) - 1), entries[:, 1]
     his = nonzero & hl
     los = nonzero & ~his
-    masks = torch.stack([his & 0xFFFF, his >> 16, los & 0xFFFF, los >> 16], dim=1)  # [2^bits, 4]
+    lengths = (hl >> 27) & 31
+    masks = torch.stack([his & 0xFFFF, his >> 16 | lengths << 11, los & 0xFFFF, los >> 16], dim=1)  # [2^bits, 4]
     masks = torch.where(masks >= 1 << 15, masks - (1 << 16), masks).to(torch.int16).contiguous()
-    lengths = ((hl >> 27) & 31).to(torch.uint8).contiguous()
+    lengths = lengths.to(torch.uint8).contiguous()
     key = id(table)
     _masks_of[key] = (weakref.ref(table, lambda ref: _forget(key, ref)), table._version, (masks, lengths))
     return masks, lengths
