@@ -256,8 +256,11 @@ def row_offsets(row_chunks: torch.Tensor, block_offsets: torch.Tensor) -> torch.
 def decode(words: torch.Tensor, starts: torch.Tensor, row_chunks: torch.Tensor, block_offsets: torch.Tensor,
            table: torch.Tensor, cols: int) -> torch.Tensor:
     """Returns the ternary codes [..., R, cols] (uint8) of a Code's tensors (see encode): each row's
-    chunks gathered into [..., R, S, W] (S = the longest row's chunks), then decoded."""
-    *lead, capacity, w = words.shape
+    chunks gathered into [..., R, S, W] (S = the longest row's chunks), then decoded.
+
+    The PyTorch reference (and the CPU path): one host sync per DECODE_ROWS rows. On a GPU,
+    quant.ops.code_decode_triton / code_weight_triton decode without syncs or intermediates."""
+    *lead, _, w = words.shape  # [..., T, W]
     r = row_chunks.shape[-1]
     if r > DECODE_ROWS:  # bounded workspace: [R, S, W, L] int64 intermediates, a block of rows at a time
         blocks = []
@@ -281,7 +284,7 @@ def decode(words: torch.Tensor, starts: torch.Tensor, row_chunks: torch.Tensor, 
 def _decode_chunks(words: torch.Tensor, starts: torch.Tensor, table: torch.Tensor, cols: int) -> torch.Tensor:
     """Returns the ternary codes [..., cols] (uint8) of chunks words [..., S, W] starting at columns
     starts [..., S] (a chunk starting at `cols` decodes to nothing)."""
-    *lead, s, w = words.shape
+    lead = words.shape[:-2]  # [..., S, W]
     idx = words.to(torch.int64) & 0xFFFF
     entries = table.to(words.device, torch.int64)[idx] & 0xFFFFFFFF  # [..., S, W, 2]
     lengths = (entries[..., 1] >> LENGTH_SHIFT) & 31  # [..., S, W]

@@ -135,9 +135,11 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     to KERNEL_MAX_TOKENS tokens, else the decode kernel and one dense matmul; elsewhere the reference."""
     if not use_kernels(x) or groups_split_words(bits, scale.shape[-1], x.shape[-1]):
         return int_linear_reference(x, qweight, scale, zero, bits)
-    if x.shape[0] > KERNEL_MAX_TOKENS and x.dtype in DECODE_DTYPES:
-        return F.linear(x, int_weight_triton(qweight, scale, zero, bits, x.shape[-1], x.dtype))
-    return int_linear_triton(x, qweight, scale, zero, bits)
+    if x.shape[0] <= KERNEL_MAX_TOKENS:
+        return int_linear_triton(x, qweight, scale, zero, bits)
+    if x.dtype not in DECODE_DTYPES:
+        return int_linear_reference(x, qweight, scale, zero, bits)
+    return F.linear(x, int_weight_triton(qweight, scale, zero, bits, x.shape[-1], x.dtype))
 
 
 # Launch configs, keyed by (bits, R, K, batch bucket) / (R, K, batch bucket) and measured on an
