@@ -3,7 +3,7 @@
 replace, then per token count the decode path (decode + bf16 F.linear) against the fused kernel
 over 64-token chunks and bf16 F.linear alone, on a GPU. The crossover sets ops.CODE_CHUNKED_MAX_TOKENS.
 
-    PYTHONPATH=src python3 tests/quant/bench_decode_path.py [--json] [--shapes mixtral]
+    PYTHONPATH=src python3 benchmarks/probes/bench_decode_path.py [--json] [--shapes mixtral]
 
 Not collected by pytest (no test_ prefix); it belongs in benchmarks/ once measured.
 """
