@@ -372,6 +372,26 @@ struct CodeRows {
     levels(kind, j, r, &lo, &hi);
     return hi * sh + lo * sl;
   }
+
+  // Row r's float weights into row (K + 2 * V floats, zero past the row's last word): each word
+  // writes its 32 lanes whole (its levels under its masks, zeros elsewhere), in column order, so
+  // the next word overwrites the lanes past this one's end and no lane needs reading back.
+  template <typename Word>
+  void decode_row(int kind, int64_t j, int64_t r, int64_t K, float lo, float hi, float* out) const {
+    const Row<Word> row = row_of<Word>(kind, j, r);
+    const __m512 hv = _mm512_set1_ps(hi), lv = _mm512_set1_ps(lo);
+    for (int64_t c = row.first; c < row.first + row.chunks; ++c) {
+      int64_t col = load(row.starts, c, row.start_bytes);
+      const Word* cw = row.words + c * row.W;
+      for (int64_t i = 0; i < row.W && col < K; ++i) {  // past K: the chunk's padding words
+        const uint16_t* m = masks + 4 * static_cast<uint32_t>(cw[i]);
+        const __mmask16 h1 = static_cast<__mmask16>(m[1] & 0x7ffu);  // bits 11-15: the length
+        _mm512_storeu_ps(out + col, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(mask_at(m + 2), lv), mask_at(m), hv));
+        _mm512_storeu_ps(out + col + V, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(mask_at(m + 3), lv), h1, hv));
+        col += m[1] >> 11;
+      }
+    }
+  }
 #endif
 
   template <typename Word>
@@ -413,6 +433,11 @@ struct CodeRows {
     float* row = s.row.data();
     std::memset(row, 0, sizeof(float) * (K + 2 * V));
     levels(kind, j, r, &lo, &hi);
+#if defined(__AVX512F__) && !defined(MOEKIT_NO_AVX512)
+    decode_row<Word>(kind, j, r, K, lo, hi, row);
+    for (int k = 0; k < count; ++k) out[k] = dot(row, vec + (which ? which[k] : k) * stride, K);
+    return;
+#endif
     const vi hv = reinterpret_cast<vi>(vf{} + hi), lv = reinterpret_cast<vi>(vf{} + lo);
     walk<Word>(kind, j, r, K, [&](int64_t col, uint32_t his, uint32_t los, auto) {
       for (int half = 0; half < 2; ++half) {  // words cover disjoint columns: lanes past one add zeros
