@@ -53,8 +53,9 @@ def test_plan_table_and_expert_bits(mixtral_dir, capsys):
 
 def test_plan_counts_a_stored_forms_bytes_and_kernels(mixtral_dir, capsys):
     """Ternary-code experts (0.6 bits a weight, as RTN gives Mixtral's): ~27x fewer bytes over PCIe,
-    so a larger batch (~3x); their decode-in-matmul kernels then bound the GPU, and the plan
-    generates > 2x the bf16 plan's tokens per second (2.75x at this writing; 32 layers, gen 128)."""
+    so a larger batch (~3x); PCIe no longer bounds the step (their kernels or the host's CPU
+    attention do, depending on the decode costs the HRM is given), and the plan generates > 2x the
+    bf16 plan's tokens per second (32 layers, gen 128)."""
     base = ["plan", str(mixtral_dir), "--machine", "h200", "--device-memory", "16GiB", "--host-memory", "131.4GB",
             "--json"]
     assert main(base) == 0
@@ -63,7 +64,8 @@ def test_plan_counts_a_stored_forms_bytes_and_kernels(mixtral_dir, capsys):
     assert main(base + ["--expert-bits", "0.6", "--expert-form", "ternary_code"]) == 0
     ternary = json.loads(capsys.readouterr().out)
     assert ternary["expert_form"] == "ternary_code" and ternary["bits_per_weight"] == pytest.approx(0.6)
-    assert ternary["bound"] == "GPU compute" and ternary["plan"]["layer"]["h2d"] < dense["plan"]["layer"]["h2d"] / 10
+    assert dense["bound"] == "PCIe host-to-device" and ternary["bound"] != dense["bound"]
+    assert ternary["plan"]["layer"]["h2d"] < dense["plan"]["layer"]["h2d"] / 10
     assert ternary["plan"]["policy"]["batch"] > 2 * dense["plan"]["policy"]["batch"]
     assert ternary["plan"]["tok_s"] > 2 * dense["plan"]["tok_s"]
     # the same bytes as if they multiplied like dense ones: the kernels' cost is what bounds it

@@ -64,12 +64,14 @@ CUDA_RESERVE_BYTES = 64 * 2**20  # workspaces and allocator rounding (offload.pl
 # either count. int2/int3 take int4's figures. Dense experts: no floor, the machine's GEMM rate.
 FORM_KERNELS = {"ternary_code": (1.2e12, 104e12), "int": (3.8e11, 33e12)}
 # Above quant.ops.KERNEL_MAX_TOKENS tokens of an expert (every prefill micro-batch, large decode
-# micro-batches) a form decodes each matrix whole (its PyTorch reference) and multiplies densely:
-# int64 unpacking and float32 temporaries, a peak of 17.2 (int4) and 15.9 (ternary code) bytes
-# per weight (peak RSS on the CPU, an 8192 x 4096 matrix); each written and read again, ~40
-# bytes of memory traffic per weight (an estimate, not measured on the GPU).
-DECODE_WORKSPACE_BYTES_PER_WEIGHT = 18
-DECODE_TRAFFIC_BYTES_PER_WEIGHT = 40
+# micro-batches) a form decodes each matrix whole on the GPU (quant.kernels code_decode / int_decode,
+# no host sync) into a dense bf16 matrix and multiplies densely: 2 bytes per weight of workspace;
+# traffic ~6 bytes per weight (the code form zeroes the matrix, writes its nonzeros, the GEMM reads
+# it; int4 writes once and reads once, ~4). Estimates from the kernels' design, not yet measured on
+# a GPU (benchmarks/probes/bench_decode_path.py measures them). The PyTorch references these
+# replace took ~17 bytes per weight of workspace and ~40 of traffic.
+DECODE_WORKSPACE_BYTES_PER_WEIGHT = 2
+DECODE_TRAFFIC_BYTES_PER_WEIGHT = 6
 
 
 @dataclass(frozen=True)

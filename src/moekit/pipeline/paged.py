@@ -25,8 +25,8 @@ expert call then views its slots in the form's layout (layout.view) and `form.ru
 from them in place: for compressed forms its decode-in-matmul kernels (quant.kernels: per-slot
 for <= SLOT_KERNEL_MAX_SLOTS routed slots, else one grouped call per routed expert, decoded inside
 the matmul up to quant.ops.KERNEL_MAX_TOKENS tokens of an expert; past it, as in a prefill
-micro-batch, the form decodes one matrix at a time into a transient workspace and multiplies
-densely -- the slab stays compressed), on the CPU the native kernels or the PyTorch references. Forms whose stored experts carry more than a SwiGLU (gpt-oss: biases,
+micro-batch, the form decodes one matrix at a time into a dense bf16 workspace (a Triton decode on
+GPUs, no host sync) and multiplies densely -- the slab stays compressed), on the CPU the native kernels or the PyTorch references. Forms whose stored experts carry more than a SwiGLU (gpt-oss: biases,
 the clamped SwiGLU, MXFP4) are refused (`pageable_form`).
 
 A page is an equal share of the bytes of each stored tensor's streamed part (as the artifact's
