@@ -225,14 +225,14 @@ struct IntRows {
 // under LO symbols), each word adding its two x vectors into the sums under its masks. The masks
 // come precomputed per dictionary entry (masks [2^bits, 4] uint16: HI lanes 0-15, HI lanes 16-26 |
 // length << 11, LO lanes 0-15, LO lanes 16-26; compressed.code_masks builds them once per table),
-// one 8-byte entry per word, and go from memory straight into mask registers (kmovw from memory; a
-// compiler would route _load_mask16 through a general register). The second x vector is loaded
+// one 8-byte entry per word, and go from memory straight into mask registers (one kmovq and three
+// shifts; a compiler would route _load_mask16 through a general register). The second x vector is loaded
 // with lanes 11-15 zeroed, so the length bits in its mask add nothing. A word costs its index load,
 // four mask loads, two x loads and four masked adds. The HI sums use the adders and the LO sums
 // fused multiply-adds by 1 (exact: x * 1 + s rounds once, as x + s), so Zen 4's two add and two FMA
 // pipes share the work; words alternate between two sets of sums (in registers), so no chain of
 // dependent adds waits an add's latency for every word. Measured on the shared 2-core Zen 4 (OLMoE
-// layer, bench_ternary_cpu.py): 8-bit 2.75 -> 5.3 G weights/s per thread, 16-bit 4.2 -> 6.7.
+// layer, bench_ternary_cpu.py): 8-bit 2.75 -> 6.0 G weights/s per thread, 16-bit 4.2 -> 7.6-7.9.
 struct CodeRows {
   const int64_t* ptrs;
   const uint32_t* table;  // [2^bits, 2]: nonzero bits; HI bits | length << 27
@@ -326,6 +326,31 @@ struct CodeRows {
 #endif
   }
 
+  // A word's x vectors x0, x1 into the sums under its masks m[0..3] (HI lanes 0-15, 16-31, LO lanes
+  // 0-15, 16-31). With GCC one 8-byte mask load and three mask shifts (its intrinsics would move
+  // each mask through a general register: 12% slower on the OLMoE layer).
+  static inline void add_word(const uint16_t* m, __m512 x0, __m512 x1, __m512 one, __m512& h0, __m512& h1,
+                              __m512& l0, __m512& l1) {
+#if defined(__GNUC__) && !defined(__clang__)
+    asm("kmovq %[mk], %%k1\n\t"
+        "kshiftrq $16, %%k1, %%k2\n\t"
+        "kshiftrq $32, %%k1, %%k3\n\t"
+        "kshiftrq $48, %%k1, %%k4\n\t"
+        "vaddps %[a0], %[h0], %[h0]%{%%k1%}\n\t"
+        "vaddps %[a1], %[h1], %[h1]%{%%k2%}\n\t"
+        "vfmadd231ps %[on], %[a0], %[l0]%{%%k3%}\n\t"
+        "vfmadd231ps %[on], %[a1], %[l1]%{%%k4%}"
+        : [h0] "+v"(h0), [h1] "+v"(h1), [l0] "+v"(l0), [l1] "+v"(l1)
+        : [mk] "m"(*reinterpret_cast<const uint64_t*>(m)), [a0] "v"(x0), [a1] "v"(x1), [on] "v"(one)
+        : "k1", "k2", "k3", "k4");
+#else
+    h0 = _mm512_mask_add_ps(h0, mask_at(m), h0, x0);
+    h1 = _mm512_mask_add_ps(h1, mask_at(m + 1), h1, x1);
+    l0 = _mm512_mask3_fmadd_ps(x0, one, l0, mask_at(m + 2));
+    l1 = _mm512_mask3_fmadd_ps(x1, one, l1, mask_at(m + 3));
+#endif
+  }
+
   // Row r . x for one vector x (the module comment's batch-1 path): hi * sum_hi + lo * sum_lo.
   template <typename Word>
   float dot_one(int kind, int64_t j, int64_t r, int64_t K, const float* x) const {
@@ -339,10 +364,7 @@ struct CodeRows {
   {                                                                                   \
     const uint16_t* m = masks + 4 * static_cast<uint32_t>(W_);                        \
     const __m512 x0 = _mm512_loadu_ps(x + COL), x1 = _mm512_maskz_loadu_ps(lanes_0_10, x + COL + V); \
-    H0 = _mm512_mask_add_ps(H0, mask_at(m), H0, x0);                                  \
-    H1 = _mm512_mask_add_ps(H1, mask_at(m + 1), H1, x1);                              \
-    L0 = _mm512_mask3_fmadd_ps(x0, one, L0, mask_at(m + 2));                          \
-    L1 = _mm512_mask3_fmadd_ps(x1, one, L1, mask_at(m + 3));                          \
+    add_word(m, x0, x1, one, H0, H1, L0, L1);                                         \
     COL += m[1] >> 11;                                                                \
   }
     // (Walking two chunks side by side, unchecked -- every word of a row's chunks but its last starts
