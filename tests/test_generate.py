@@ -191,6 +191,16 @@ def test_bad_input_shape(model, shape):
         model.generate(torch.zeros(shape, dtype=torch.long), max_new_tokens=2)
 
 
+@pytest.mark.parametrize("bad", [-1, "vocab"])
+def test_token_ids_outside_the_vocabulary_are_refused(model, bad):
+    """A prompt encoded with a tokenizer larger than the model's embedding gets a message, not an
+    IndexError from inside the embedding."""
+    ids = token_ids(1, 4)
+    ids[0, 2] = model.config.vocab_size if bad == "vocab" else bad
+    with pytest.raises(moekit.MoekitError, match=rf"token ids must be in \[0, {model.config.vocab_size}\)"):
+        model.generate(ids, max_new_tokens=2)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
 def test_cuda_graph_needs_cuda(model):
     with pytest.raises(moekit.MoekitError, match="cuda_graph=True needs"):

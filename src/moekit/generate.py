@@ -149,6 +149,10 @@ def generate(model, input_ids: torch.Tensor | list, max_new_tokens: int = 16, te
         raise MoekitError(f"input_ids must be [batch, tokens] with at least one token, got {list(input_ids.shape)}")
     if max_new_tokens <= 0:
         raise MoekitError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    low, high = int(input_ids.min()), int(input_ids.max())  # one sync a call, before anything is reserved
+    if low < 0 or high >= model.config.vocab_size:
+        raise MoekitError(f"token ids must be in [0, {model.config.vocab_size}), got {low}..{high}: was the prompt "
+                          "encoded with another model's tokenizer?")
     temperature, top_k, top_p, eos_token_ids = sampling_defaults(model, temperature, top_k, top_p, eos_token_ids)
     device = model.device
     input_ids = input_ids.to(device)
