@@ -44,7 +44,7 @@ from pathlib import Path
 
 import common
 import torch
-from random_checkpoint import olmoe_hf_config, write_random_checkpoint
+from random_checkpoint import mixtral_hf_config, olmoe_hf_config, write_random_checkpoint
 
 import moekit
 from moekit.errors import MoekitError
@@ -54,13 +54,17 @@ SHAPES = {  # BENCH.md's olmoe-1b-7b, and a toy of it for the CPU
     "olmoe-1b-7b": dict(layers=16, hidden=2048, expert_ffn=1024, experts=64, top_k=8, heads=16, kv_heads=16,
                         vocab=50304),
     "tiny": dict(layers=2, hidden=128, expert_ffn=256, experts=16, top_k=4, heads=4, kv_heads=4, vocab=4096),
+    # BENCH.md's mixtral-8x7b cut to 8 layers (23.7 GB): the mixtral rows through the command line
+    "mixtral-8x7b-8l": dict(layers=8, hidden=4096, expert_ffn=14336, experts=8, top_k=2, heads=32, kv_heads=8,
+                            vocab=32000),
 }
+HF_CONFIG = {"olmoe-1b-7b": olmoe_hf_config, "tiny": olmoe_hf_config, "mixtral-8x7b-8l": mixtral_hf_config}
 FORMS = ("bf16", "ternary")
 
 
 # ---- the two checkpoints ---------------------------------------------------------------------------
 
-def make_checkpoints(shape: dict, device: torch.device, tmp: Path, results: dict,
+def make_checkpoints(shape_name: str, device: torch.device, tmp: Path, results: dict,
                      ternary_copy: bool = True) -> dict[str, Path]:
     """Returns {form: folder}: the random bf16 checkpoint and (unless not asked for) its RTN-ternary
     copy, written to tmp."""
@@ -68,7 +72,8 @@ def make_checkpoints(shape: dict, device: torch.device, tmp: Path, results: dict
     from moekit.quant.config import QuantConfig
 
     t0 = time.perf_counter()
-    bf16, cfg, tensor_bytes = write_random_checkpoint(tmp / "bf16", olmoe_hf_config(**shape), device,
+    hf = HF_CONFIG[shape_name](**SHAPES[shape_name])
+    bf16, cfg, tensor_bytes = write_random_checkpoint(tmp / "bf16", hf, device,
                                                       tokenizer_from=moekit.default_model_path())
     info = results["checkpoints"] = {"bf16": {"path": str(bf16), "tensor_bytes": tensor_bytes,
                                               "disk_bytes": disk_bytes(bf16), "write_s": time.perf_counter() - t0,
@@ -251,6 +256,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_output_args(p, NAME)
     p.add_argument("--tiny", action="store_true", help="a toy shape (2 layers, hidden 128) for a CPU run")
+    p.add_argument("--shape", default="olmoe-1b-7b", choices=[n for n in SHAPES if n != "tiny"],
+                   help="the model shape (default olmoe-1b-7b; --tiny overrides it)")
     p.add_argument("--budgets", default="0.25,0.10,0.08", help="shares of the bf16 checkpoint's tensor bytes")
     p.add_argument("--forms", default="bf16,ternary")
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -276,7 +283,7 @@ def main() -> int:
     for v in paths_run:
         if v not in ("api", "cli"):
             p.error(f"--paths: {v!r} is not api or cli")
-    shape_name = "tiny" if args.tiny else "olmoe-1b-7b"
+    shape_name = "tiny" if args.tiny else args.shape
     results: dict = {"meta": common.run_meta(args, device), "shape": {"name": shape_name, **SHAPES[shape_name]},
                      "rows": []}
     deadline = common.T_START + args.time_budget_s
@@ -287,7 +294,7 @@ def main() -> int:
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        paths = make_checkpoints(SHAPES[shape_name], device, tmp, results, ternary_copy="ternary" in forms)
+        paths = make_checkpoints(shape_name, device, tmp, results, ternary_copy="ternary" in forms)
         model_bytes = results["checkpoints"]["bf16"]["tensor_bytes"]
         prompt, prompt_ids = prompt_of(args.prompt_tokens, paths["bf16"])
         ids = torch.tensor([prompt_ids])

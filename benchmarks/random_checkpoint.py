@@ -31,6 +31,18 @@ def olmoe_hf_config(layers: int, hidden: int, expert_ffn: int, experts: int, top
             "bos_token_id": None, "torch_dtype": "bfloat16"}
 
 
+def mixtral_hf_config(layers: int, hidden: int, expert_ffn: int, experts: int, top_k: int, heads: int,
+                      kv_heads: int, vocab: int, max_positions: int = 4096) -> dict:
+    """Returns a MixtralForCausalLM config.json dict (no sliding window, no eos: generation runs to
+    max_new_tokens)."""
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": vocab,
+            "hidden_size": hidden, "intermediate_size": expert_ffn, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_local_experts": experts,
+            "num_experts_per_tok": top_k, "hidden_act": "silu", "max_position_embeddings": max_positions,
+            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "tie_word_embeddings": False,
+            "eos_token_id": None, "pad_token_id": None, "bos_token_id": None, "torch_dtype": "bfloat16"}
+
+
 def device_rand(device: torch.device, seed: int = 0, std: float = 0.02,
                 generator: torch.Generator | None = None) -> Rand:
     """Returns rand(*shape): N(0, std) bf16 drawn on `device` from one generator (`generator`, else
