@@ -23,6 +23,8 @@ The issue's bar: peak <= budget every time, >= 85% of the budget at 25%; the ter
 at 10% and 8%.
 
     PYTHONPATH=src python3 benchmarks/bench_budget.py --out $OUT                        # H200, ~5-7 min
+    PYTHONPATH=src python3 benchmarks/bench_budget.py --shape mixtral-8x7b-8l --forms bf16 --out $OUT
+                                    # BENCH.md's mixtral cut to 8 layers (23.7 GB written first; not yet run)
     PYTHONPATH=src python3 benchmarks/bench_budget.py --tiny --device cpu --out /tmp/b  # CPU, ~1 min
 
 On the CPU there is no allocator peak: rows record the plan's bytes (the runtime reports its plan
