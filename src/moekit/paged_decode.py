@@ -42,7 +42,33 @@ def static_decode_supported(model) -> bool:
     return getattr(model, "expert_runtime", None) is None
 
 
-class _Step:
+class _GraphedStep:
+    """A step over static buffers (a subclass's `fill` and `forward`), replayed as a CUDA graph
+    once `capture` ran; `run` is forward() until then."""
+
+    @torch.inference_mode()
+    def capture(self, pool) -> None:
+        """Captures forward() as a CUDA graph (warm-up and capture write only the scratch block)."""
+        self.fill([])
+        stream = capture_stream(self.model)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            self.logits = self.forward()
+        self.graph = graph
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.logits
+
+
+class _Step(_GraphedStep):
     """One bucket's step: static buffers, and its CUDA graph once captured."""
 
     def __init__(self, model, cache: PagedKVCache, bucket: int, width: int):
@@ -81,27 +107,6 @@ class _Step:
         host.copy_(_longs(data))
         host = host.view(self.bucket, columns)
         self.meta[:, :columns].copy_(host, non_blocking=True)
-
-    @torch.inference_mode()
-    def capture(self, pool) -> None:
-        """Captures forward() as a CUDA graph (warm-up and capture write only the scratch block)."""
-        self.fill([])
-        stream = capture_stream(self.model)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
-            self.logits = self.forward()
-        self.graph = graph
-
-    def run(self) -> torch.Tensor:
-        if self.graph is None:
-            return self.forward()
-        self.graph.replay()
-        return self.logits
 
 
 def _longs(values: list[int]) -> torch.Tensor:
@@ -178,7 +183,7 @@ def static_mixed_supported(model) -> bool:
     return static_decode_supported(model) and all(plain)
 
 
-class _MixedStep:
+class _MixedStep(_GraphedStep):
     """One token bucket's mixed step: static buffers, and its CUDA graph once captured.
 
     Device buffers (T = bucket tokens, P = sequence rows, Q = query tiles, MB = table width):
@@ -251,27 +256,6 @@ class _MixedStep:
         if self.head.is_cuda:
             self.copied = torch.cuda.Event()
             self.copied.record()
-
-    @torch.inference_mode()
-    def capture(self, pool) -> None:
-        """Captures forward() as a CUDA graph (warm-up and capture write only the scratch block)."""
-        self.fill([])
-        stream = capture_stream(self.model)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
-            self.logits = self.forward()
-        self.graph = graph
-
-    def run(self) -> torch.Tensor:
-        if self.graph is None:
-            return self.forward()
-        self.graph.replay()
-        return self.logits
 
 
 class PagedMixed:
