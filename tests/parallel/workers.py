@@ -9,14 +9,13 @@ import torch
 from ranks import RankError
 
 
-def generate_cases(comm, cases: list[dict]) -> dict:
-    """Returns {case name: {"tokens", "logits", "held", "local", "report", "reads"} or RankError} for each case
-    {"name", "path" (one, or one per rank), "expert_map", "load" (load_model's keywords), "ids" [B, T],
-    "new_tokens", "seed" (also samples with it)}."""
+def log_checkpoint_reads() -> list:
+    """Returns the list this rank's checkpoint reads are appended to from now on (the worker
+    process's Checkpoint is patched for good): (tensor name, first row, one past the last; None:
+    the whole tensor)."""
     from moekit.checkpoint import Checkpoint
-    from moekit.parallel import load_expert_parallel
 
-    reads: list = []  # (tensor name, first row, one past the last; None: the whole tensor)
+    reads: list = []
     read, read_rows = Checkpoint.read, Checkpoint.read_rows
 
     def logged_read(self, name, *args, **kwargs):
@@ -28,6 +27,16 @@ def generate_cases(comm, cases: list[dict]) -> dict:
         return read_rows(self, name, start, stop)
 
     Checkpoint.read, Checkpoint.read_rows = logged_read, logged_read_rows
+    return reads
+
+
+def generate_cases(comm, cases: list[dict]) -> dict:
+    """Returns {case name: {"tokens", "logits", "held", "local", "report", "reads"} or RankError} for each case
+    {"name", "path" (one, or one per rank), "expert_map", "load" (load_model's keywords), "ids" [B, T],
+    "new_tokens", "seed" (also samples with it)}."""
+    from moekit.parallel import load_expert_parallel
+
+    reads = log_checkpoint_reads()
     out: dict = {}
     for case in cases:
         path = case["path"][comm.rank] if isinstance(case["path"], list) else case["path"]
@@ -80,21 +89,9 @@ def grid_cases(comm, cases: list[dict]) -> dict:
     for each case {"name", "path", "ep", "tp", "ids" [B, T], "new_tokens", "ragged" (also generate for two
     prompts of different lengths: the paged path)}: the model split over an
     ep x tp grid of the ranks (parallel.tensor), groups made once per grid shape."""
-    from moekit.checkpoint import Checkpoint
     from moekit.parallel.tensor import ParallelGroups, load_parallel
 
-    reads: list = []  # (tensor name, first row, one past the last; None: the whole tensor)
-    read, read_rows = Checkpoint.read, Checkpoint.read_rows
-
-    def logged_read(self, name, *args, **kwargs):
-        reads.append((name, None, None))
-        return read(self, name, *args, **kwargs)
-
-    def logged_read_rows(self, name, start, stop):
-        reads.append((name, start, stop))
-        return read_rows(self, name, start, stop)
-
-    Checkpoint.read, Checkpoint.read_rows = logged_read, logged_read_rows
+    reads = log_checkpoint_reads()
     grids: dict = {}
     out: dict = {}
     for case in cases:
