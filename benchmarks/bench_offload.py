@@ -425,15 +425,16 @@ def bench_compressed(shape, bits, args, device, res, folder, cfg, host, ids, con
             save()
 
 
-def bench_hf(shape, args, device, host, folder, budget, ids):
-    """transformers + accelerate device_map='auto' with max_memory={gpu: budget}: a few tokens, time-boxed."""
+def hf_model_over_host(hf_cfg, folder: Path, host: list) -> "torch.nn.Module":
+    """Returns a transformers model of `hf_cfg` whose experts are the page-locked host stacks `host`
+    (shared, not copied) and whose other weights come from folder/model.safetensors (random where
+    a name or shape does not match); rope buffers rebuilt; eval mode."""
     import transformers
     from safetensors.torch import load_file
 
-    hf_cfg = hf_config(shape, args.small)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
-    state = load_file(str(folder / "model.safetensors"))  # non-expert weights (moekit names = HF v4 names)
+    state = load_file(str(folder / "model.safetensors"))  # moekit names = HF v4 names
     named = dict(model.named_parameters())
     values = {}
     for name, p in named.items():
@@ -454,6 +455,15 @@ def bench_hf(shape, args, device, host, folder, budget, ids):
             setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=hf_cfg))
     model.tie_weights()
     model.eval()
+    return model
+
+
+def bench_hf(shape, args, device, host, folder, budget, ids):
+    """transformers + accelerate device_map='auto' with max_memory={gpu: budget}: a few tokens, time-boxed."""
+    import transformers
+
+    hf_cfg = hf_config(shape, args.small)
+    model = hf_model_over_host(hf_cfg, folder, host)
     result = {}
     if device.type == "cuda":
         from accelerate import dispatch_model, infer_auto_device_map
@@ -484,7 +494,7 @@ def bench_hf(shape, args, device, host, folder, budget, ids):
         result["decode_tok_s"] = max(n - 1, 1) / (total - ttft)
     else:  # on a noisy machine the longer run can take less time: no figure rather than a wrong one
         result["error"] = f"timing noise: {n} tokens took {total:.3f} s, 1 token {ttft:.3f} s"
-    model = state = values = None
+    model = None
     free()
     return result
 

@@ -301,28 +301,9 @@ def hf_row(hf_cfg, folder, host, prompts, gen_len_cap, budget, device, cap_s) ->
     """transformers + accelerate: device_map with max_memory {gpu: budget}, batch of `prompts`
     left-padded, greedy; a 1-token run, then as many tokens as fit `cap_s` (at most gen_len_cap)."""
     import transformers
-    from safetensors.torch import load_file
+    from bench_offload import hf_model_over_host
 
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
-    state = load_file(str(folder / "model.safetensors"))
-    values = {}
-    for name, p in model.named_parameters():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            t = host[int(name.split(".")[2])]["gate_up" if name.endswith("gate_up_proj") else "down"]
-            values[name] = t if tuple(t.shape) == tuple(p.shape) else torch.zeros(p.shape, dtype=torch.bfloat16)
-        else:
-            src = state.get(name)
-            if src is None:
-                src = state.get(name.replace(".mlp.gate.", ".block_sparse_moe.gate."))
-            values[name] = src if src is not None and tuple(src.shape) == tuple(p.shape) else (
-                torch.randn(p.shape, dtype=torch.bfloat16) * 0.02)
-    model.load_state_dict(values, assign=True, strict=False)
-    for name, module in list(model.named_modules()):  # buffers (rope frequencies) are still meta
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=hf_cfg))
-    model.eval()
+    model = hf_model_over_host(hf_cfg, folder, host)
     row: dict = {"batch": len(prompts)}
     if device.type == "cuda":
         from accelerate import dispatch_model, infer_auto_device_map
