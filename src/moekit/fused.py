@@ -41,9 +41,10 @@ _MAX_TILE = 16384
 def enabled(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """Returns whether the fused kernels should run for activations x [..., D] (or a 0-d position)
     and the parameters that go with them."""
-    if not HAVE_TRITON or os.environ.get("MOEKIT_FUSED") == "0":
+    # the device first: every CPU norm and router call asks, and must not pay an environment lookup
+    if not HAVE_TRITON or not (x.is_cuda or (ALLOW_INTERPRETER and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
-    if not (x.is_cuda or (ALLOW_INTERPRETER and os.environ.get("TRITON_INTERPRET") == "1")):
+    if os.environ.get("MOEKIT_FUSED") == "0":
         return False
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 1
     if rows > MAX_TOKENS or torch.compiler.is_compiling():
