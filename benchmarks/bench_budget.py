@@ -46,7 +46,12 @@ from pathlib import Path
 
 import common
 import torch
-from random_checkpoint import mixtral_hf_config, olmoe_hf_config, write_random_checkpoint
+from random_checkpoint import (
+    mixtral_hf_config,
+    olmoe_hf_config,
+    qwen3_moe_hf_config,
+    write_random_checkpoint,
+)
 
 import moekit
 from moekit.errors import MoekitError
@@ -59,8 +64,13 @@ SHAPES = {  # BENCH.md's olmoe-1b-7b, and a toy of it for the CPU
     # BENCH.md's mixtral-8x7b cut to 8 layers (23.7 GB): the mixtral rows through the command line
     "mixtral-8x7b-8l": dict(layers=8, hidden=4096, expert_ffn=14336, experts=8, top_k=2, heads=32, kv_heads=8,
                             vocab=32000),
+    # BENCH.md's qwen3-30b-a3b cut to 24 of its 48 layers (30.5 GB): the whole 61 GB checkpoint does
+    # not fit the H200 machine's 64 GB disk beside anything else
+    "qwen3-30b-a3b-24l": dict(layers=24, hidden=2048, expert_ffn=768, experts=128, top_k=8, heads=32, kv_heads=4,
+                              vocab=151936),
 }
-HF_CONFIG = {"olmoe-1b-7b": olmoe_hf_config, "tiny": olmoe_hf_config, "mixtral-8x7b-8l": mixtral_hf_config}
+HF_CONFIG = {"olmoe-1b-7b": olmoe_hf_config, "tiny": olmoe_hf_config, "mixtral-8x7b-8l": mixtral_hf_config,
+             "qwen3-30b-a3b-24l": qwen3_moe_hf_config}
 FORMS = ("bf16", "ternary")
 
 
@@ -265,6 +275,9 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--paths", default="api,cli", help="api (load_offloaded), cli (moekit generate) or both")
+    p.add_argument("--rows", default="",
+                   help="PATH:SHARE,... (e.g. api:0.08,cli:0.25): exactly these rows, each in every form, "
+                        "instead of --paths x --budgets")
     p.add_argument("--skip-gpu-only", action="store_true", help="leave out the all-resident upper bounds")
     p.add_argument("--name", default=NAME, help=f"the JSON's name (default {NAME}; tables.py takes the rows of "
                                                 f"{NAME}_rerun.json where {NAME}.json lacks or skipped them)")
@@ -285,6 +298,17 @@ def main() -> int:
     for v in paths_run:
         if v not in ("api", "cli"):
             p.error(f"--paths: {v!r} is not api or cli")
+    chosen = []  # (path, share) pairs of --rows
+    for item in (r for r in args.rows.split(",") if r):
+        via, _, share = item.partition(":")
+        try:
+            chosen.append((via, float(share)))
+        except ValueError:
+            p.error(f"--rows: {item!r} is not PATH:SHARE (e.g. cli:0.08)")
+        if via not in ("api", "cli"):
+            p.error(f"--rows: {via!r} is not api or cli")
+    if chosen:
+        shares = sorted({s for _, s in chosen}, reverse=True)
     shape_name = "tiny" if args.tiny else args.shape
     results: dict = {"meta": common.run_meta(args, device), "shape": {"name": shape_name, **SHAPES[shape_name]},
                      "rows": []}
@@ -312,7 +336,8 @@ def main() -> int:
                        f"peak {(r.get('peak_bytes') or 0) / 1e9:.2f} GB")
             save()
 
-        plan = [(via, s, f) for via in paths_run for s in shares for f in forms]
+        pairs = chosen or [(via, s) for via in paths_run for s in shares]
+        plan = [(via, s, f) for via, s in pairs for f in forms]
         for via, share, form in plan:
             budget = int(share * model_bytes)
             head = {"path": via, "form": form, "share": share}

@@ -43,6 +43,20 @@ def mixtral_hf_config(layers: int, hidden: int, expert_ffn: int, experts: int, t
             "eos_token_id": None, "pad_token_id": None, "bos_token_id": None, "torch_dtype": "bfloat16"}
 
 
+def qwen3_moe_hf_config(layers: int, hidden: int, expert_ffn: int, experts: int, top_k: int, heads: int,
+                        kv_heads: int, vocab: int, max_positions: int = 4096) -> dict:
+    """Returns a Qwen3MoeForCausalLM config.json dict (head dim 128, every layer sparse, no eos:
+    generation runs to max_new_tokens)."""
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": vocab,
+            "hidden_size": hidden, "moe_intermediate_size": expert_ffn, "intermediate_size": 3 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": 128, "num_experts": experts, "num_experts_per_tok": top_k, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu",
+            "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+            "tie_word_embeddings": False, "eos_token_id": None, "pad_token_id": None, "bos_token_id": None,
+            "torch_dtype": "bfloat16"}
+
+
 def device_rand(device: torch.device, seed: int = 0, std: float = 0.02,
                 generator: torch.Generator | None = None) -> Rand:
     """Returns rand(*shape): N(0, std) bf16 drawn on `device` from one generator (`generator`, else
