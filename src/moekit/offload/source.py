@@ -228,22 +228,25 @@ class OffloadRuntime:
 
     def reserve(self, batch: int, positions: int) -> None:
         """Makes room for a generation's KV cache of batch x positions (and the activations of its
-        prefill chunks) by shrinking the expert cache, when the plan holds less; raises MoekitError
-        (one line, with the budget it would need) when a token's experts would no longer fit."""
+        prefill chunks) when the plan holds less: first from the budget the plan left unspent (less
+        than one expert), then by shrinking the expert cache; raises MoekitError (one line, with the
+        budget it would need) when a token's experts would no longer fit."""
         plan, cfg = self.plan, self.model_config
         kv = kv_cache_bytes(cfg, self.dtype, batch, positions)
         act = prefill_activation_bytes(cfg, self.dtype, batch, min(self.prefill_chunk, positions), positions, self.device)
         grow = max(0, kv - plan.kv_cache_bytes) + max(0, act - plan.activation_bytes)
         if grow == 0:
             return
-        slots = self.cache.num_slots - -(-grow // plan.expert_bytes)  # ceil division
+        unspent = max(0, plan.budget_bytes - plan.planned_bytes)
+        slots = self.cache.num_slots - -(-max(0, grow - unspent) // plan.expert_bytes)  # ceil division
         if slots < plan.min_slots:
             need = plan.budget_bytes + (plan.min_slots - slots) * plan.expert_bytes
             raise MoekitError(
                 f"a generation of {batch}x{positions} positions needs {decimal_size(kv)} of KV cache; with --device-memory "
                 f"{decimal_size(plan.budget_bytes)} that leaves fewer than the {plan.min_slots} experts a token needs: "
                 f"give --device-memory {decimal_size(need, up=True)} or more, or a shorter prompt / fewer new tokens")
-        self.new_cache(slots)
+        if slots != self.cache.num_slots:
+            self.new_cache(slots)
         self.plan = dataclasses.replace(plan, kv_cache_bytes=max(kv, plan.kv_cache_bytes), cache_slots=slots,
                                         activation_bytes=max(act, plan.activation_bytes),
                                         kv_positions=max(batch * positions, plan.kv_positions))
