@@ -155,18 +155,25 @@ def slot_tiles(files: dict) -> str:
 
 # ---- bench_budget.json (issue 11) ---------------------------------------------------------------------
 
-BUDGET_RERUN = "bench_budget_rerun.json"  # rows run again later (bench_budget.py --name bench_budget_rerun)
+BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
+                 "bench_budget_rerun8.json")  # 2026-12-01: the command line's 8% row
+BUDGET_SHAPES = {  # bench_budget.py --shape S: the other shapes of issue 11, files in the order they ran
+    "mixtral-8x7b-8l": ("bench_budget_mixtral.json", "bench_budget_mixtral2.json"),
+    "qwen3-30b-a3b-24l": ("bench_budget_qwen3.json",),
+}
 
 
 def budget_rows(res: dict) -> dict[tuple[str, str, float], dict]:
     """Returns bench_budget's rows keyed by (path, form, share); the JSON repeats each refused row
-    once, the first is kept. A row that bench_budget.json lacks or skipped is taken from
-    bench_budget_rerun.json when that has it, marked with the rerun's commit ('rerun_commit')."""
+    once, the first is kept. A row that bench_budget.json lacks or skipped is taken from the first
+    of BUDGET_RERUNS that ran it, marked with the rerun's commit ('rerun_commit')."""
     out: dict[tuple[str, str, float], dict] = {}
     for r in res["rows"]:
         out.setdefault((r["path"], r["form"], r["share"]), r)
-    if (RESULTS_DIR / BUDGET_RERUN).exists():
-        rerun = load(BUDGET_RERUN)
+    for name in BUDGET_RERUNS:
+        if not (RESULTS_DIR / name).exists():
+            continue
+        rerun = load(name)
         for r in rerun["rows"]:
             key = (r["path"], r["form"], r["share"])
             if key not in out or out[key]["status"].startswith("skipped"):
@@ -250,6 +257,26 @@ def budget_headline(files: dict) -> str:
     return table(["budget", "experts", "`load_offloaded`: tok/s, peak / budget", "`moekit generate --offload`"], rows)
 
 
+def budget_shapes(files: dict) -> str:
+    """The other shapes' budget rows (bench_budget.py --shape): per shape, budget and path, decode
+    speed and allocator peak against the budget, or the refusal; the commit of each run."""
+    rows = []
+    for shape, names in BUDGET_SHAPES.items():
+        by: dict[tuple[str, float], tuple[dict, str]] = {}
+        for name in names:  # a later run's row replaces an earlier one
+            res = files[name]
+            for r in res["rows"]:
+                if not r["status"].startswith("skipped"):
+                    by[(r["path"], r["share"])] = (r, res["meta"]["commit"])
+        for (path, share), (r, commit) in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+            label = f"{share:.0%} ({r['budget_bytes'] / 1e9:.2f} GB)"
+            if r["status"] == "ok":
+                rows.append([shape, label, path, f"{r['decode_tok_s']:.1f}", budget_peak(r), "ok", commit])
+            else:
+                rows.append([shape, label, path, "-", "-", budget_outcome(r), commit])
+    return table(["shape", "budget", "via", "decode tok/s", "peak / budget", "status", "commit"], rows)
+
+
 # ---- bench_llamacpp*.json: moekit vs llama.cpp on one checkpoint (issue 12) ---------------------------
 
 LLAMA_FILES = ("bench_llamacpp.json", "bench_llamacpp_cpu_rows.json")
@@ -330,9 +357,10 @@ LATEST_ROWS = [  # rows only the latest run measured
     ("mixtral", "mixtral-8x7b, 8 layers, bf16", "budget_8pct", "none", "fetch"),
     ("qwen3", "qwen3-30b-a3b, bf16", "budget_8pct", "none", "fetch"),
 ]
+RERUN = "bench_offload_rerun_mixtral.json"  # 2026-12-01 at f472762: mixtral auto / mapped at 25 / 10% again
 OFFLOAD_FILES = ("bench_offload.json", "bench_offload_mapped_mixtral.json", "bench_offload_mapped_qwen3.json",
                  "bench_offload_seam_mixtral.json", "bench_offload_seam_qwen3.json", NOW_NO_EMBED,
-                 "bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json")
+                 "bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json", RERUN)
 
 
 def offload_row(files: dict, name: str, shape: str, budget_key: str, engine: str) -> dict | None:
@@ -372,9 +400,9 @@ def offload_rerun(files: dict) -> str:
 
 
 def offload_headline(files: dict) -> str:
-    """The project README's offload table: each row's tok/s before the seam (both runs), after it, and
-    in the latest run (7e43795), with the latest run's peak against its budget (the earlier run's
-    where the latest did not measure the row)."""
+    """The project README's offload table: each row's tok/s before the seam (both runs), after it, in
+    the 25/10/8% run (7e43795) and where measured again (f472762, mixtral auto / mapped), with the
+    7e43795 run's peak against its budget (the earlier run's where it did not measure the row)."""
     rows = []
     for shape, model, budget_key, engine, misses in OFFLOAD_ROWS + LATEST_ROWS:
         before = [r for r in (offload_row(files, n, shape, budget_key, engine) for n in BEFORE) if r]
@@ -384,14 +412,16 @@ def offload_headline(files: dict) -> str:
         now_cell = f"{now['decode_tok_s']:.2f}" if now else "not measured"
         if no_embed:
             now_cell += f"; {no_embed['decode_tok_s']:.2f} with input embeddings on the GPU"
+        rerun = files[RERUN]["shapes"].get(shape, {}).get(budget_key, {}).get(engine)
         shown, run = (latest, LATEST) if latest else (now, NOW)
         budget_bytes = files[run.format(shape=shape)]["shapes"][shape].get(budget_key, {}).get("budget_bytes")
         rows.append([model, budget_key.removeprefix("budget_").replace("pct", "%"), misses,
                      " / ".join(f"{r['decode_tok_s']:.2f}" for r in before) or "-", now_cell,
                      f"{latest['decode_tok_s']:.2f}" if latest else "not in this run",
+                     f"{rerun['decode_tok_s']:.2f}" if rerun else "",
                      offload_peak(shown, budget_bytes) + ("" if latest else " (11-30 seam run)") if shown else "-"])
     return table(["model", "budget", "misses", "tok/s 2026-11-21", "tok/s 2026-11-30 after the seam",
-                  "tok/s 2026-11-30 at 7e43795", "peak / budget GB"], rows)
+                  "tok/s 2026-11-30 at 7e43795", "tok/s 2026-12-01 at f472762", "peak / budget GB"], rows)
 
 
 def offload_latest(files: dict) -> str:
@@ -468,6 +498,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "slot_tiles": (("tune_slot_kernels.json",), slot_tiles),
     "budget": (("bench_budget.json",), budget),
     "budget_headline": (("bench_budget.json",), budget_headline),
+    "budget_shapes": (tuple(n for names in BUDGET_SHAPES.values() for n in names), budget_shapes),
     "offload_rerun": (OFFLOAD_FILES, offload_rerun),
     "vs_llamacpp": (LLAMA_FILES, vs_llamacpp),
     "cpu_kernel": (LLAMA_FILES, cpu_kernel),
