@@ -74,7 +74,12 @@ class _Step(_GraphedStep):
     def __init__(self, model, cache: PagedKVCache, bucket: int, width: int):
         self.model, self.cache, self.bucket = model, cache, bucket
         device = cache.device
-        self.host = torch.zeros(bucket * (_TABLE + width), dtype=torch.long, pin_memory=device.type == "cuda")
+        # two pinned host twins, used in turn: with the scheduler's overlap a step is filled while
+        # the previous one (same bucket) may not have copied its buffer to the device yet
+        self.hosts = [torch.zeros(bucket * (_TABLE + width), dtype=torch.long, pin_memory=device.type == "cuda")
+                      for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]  # each twin's last host-to-device copy
+        self.turn = 0
         self.meta = torch.zeros(bucket, _TABLE + width, dtype=torch.long, device=device)
         self.last_index = torch.arange(bucket, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -89,8 +94,10 @@ class _Step(_GraphedStep):
             context_lens=meta[:, _CONTEXT].to(torch.int32), last_index=self.last_index)
         return self.model(meta[:, _TOKEN][None], cache=self.cache, start=batch, last_only=True)[:, -1]
 
-    def fill(self, rows: list[tuple[int, int, list[int]]]) -> None:
+    def fill(self, rows: list[tuple[int, int, list[int]]], tokens: torch.Tensor | None = None) -> None:
         """Copies (token, position, block table) rows into the static buffer; padding after them.
+        With `tokens` ([B] int64 on the device, e.g. the previous step's sampled tokens, not yet
+        read back) the rows' tokens come from it by a device copy and the host ones are ignored.
 
         Only the columns of the longest table this step are copied: the kernel never reads a
         table past a row's context, so what earlier steps left further right is never used."""
@@ -103,10 +110,18 @@ class _Step(_GraphedStep):
             data += [0] * (width - len(table))
         data += ([0, 0, scratch * bs, 1, scratch] + [0] * (width - 1)) * (self.bucket - len(rows))
         columns = _TABLE + width
-        host = self.host[:self.bucket * columns]
+        turn, self.turn = self.turn, self.turn ^ 1
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()  # its copy two fills ago has long finished: no wait in practice
+        host = self.hosts[turn][:self.bucket * columns]
         host.copy_(_longs(data))
         host = host.view(self.bucket, columns)
         self.meta[:, :columns].copy_(host, non_blocking=True)
+        if self.meta.is_cuda:
+            self.copied[turn] = torch.cuda.Event()
+            self.copied[turn].record()
+        if tokens is not None:
+            self.meta[:len(rows), _TOKEN].copy_(tokens)
 
 
 def _longs(values: list[int]) -> torch.Tensor:
@@ -129,13 +144,15 @@ class PagedDecode:
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @torch.inference_mode()  # its static buffers may have been made by warm(), as inference tensors
-    def __call__(self, work: list[tuple[Hashable, int, int]]) -> torch.Tensor:
+    def __call__(self, work: list[tuple[Hashable, int, int]], tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Returns logits [B, V] of one decode step over (sequence, position, token) triples,
-        growing each sequence's blocks to hold its position first (OutOfBlocks when short)."""
+        growing each sequence's blocks to hold its position first (OutOfBlocks when short).
+        `tokens` ([B] int64 on the device) replaces the triples' tokens without a host round trip.
+        The logits are the step's static buffer: the next step of the same bucket overwrites them."""
         for seq, position, _ in work:
             self.cache.grow(seq, position + 1)
         step = self._step(bucket_for(len(work)))
-        step.fill([(token, position, self.cache.tables[seq]) for seq, position, token in work])
+        step.fill([(token, position, self.cache.tables[seq]) for seq, position, token in work], tokens)
         return step.run()[:len(work)]
 
     @torch.inference_mode()  # as every step runs: outside it autograd would record (and the capture sync)

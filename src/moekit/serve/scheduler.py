@@ -13,6 +13,16 @@ Decode-only steps run at bucketed static shapes (CUDA graphs, moekit.paged_decod
 steps with prefill chunks run eagerly, or with config.static_mixed padded to token buckets and
 graph-replayed too (PagedMixed). warm() pays every compile and capture before the first request.
 
+Overlap (config.overlap, with static decode): a decode-only step samples on the device and copies
+its tokens to the host without waiting; while it runs, step() launches the next decode-only step
+over the same sequences (its tokens fed from the device) before it reads the first one's tokens
+back, so the host's work of a step (scheduling, filling the static buffers, callbacks) runs under
+the device's. A sequence that stops there had one extra row computed, never read; its blocks are
+freed after that row was queued, so a later owner's writes come after it in stream order. The
+next step is launched ahead only when it is certain to be decode-only over the same sequences:
+no request would be admitted, none reaches max_tokens, none asks for logprobs (those read the
+logits, which the next replay overwrites), and every sequence has a block for its next position.
+
 Shapes: B = sequences in a step, V = vocab.
 """
 
@@ -89,6 +99,9 @@ class SchedulerConfig:
     # prefill (admitting requests, prompt chunks) only every Nth step while sequences decode: the
     # others stay decode-only (graph-replayed) at the cost of time to first token (1 = every step)
     prefill_interval: int = 1
+    # decode-only steps launched before the previous one's tokens are read back (static decode
+    # only; see the module docstring): the host's per-step work hides under the device's
+    overlap: bool = True
 
     def __post_init__(self):
         for name in ("max_seqs", "max_step_tokens", "max_waiting", "prefill_interval"):
@@ -167,12 +180,24 @@ class SchedulerStats:
     mixed_steps: int = 0  # steps run as one eager ragged forward (prefill chunks, with any decode rows)
     prefill_tokens: int = 0  # tokens of rows that are not at their last token (prompt chunks, recomputation)
     preemptions: int = 0
+    overlapped_steps: int = 0  # decode-only steps launched while the previous step still ran (config.overlap)
+    device_wait_s_sum: float = 0.0  # host time blocked reading sampled tokens back (the rest of a step is host work)
     first_token_s_sum: float = 0.0  # time to first token, summed over finished requests
     inter_token_s_sum: float = 0.0  # gaps between output tokens, summed over finished requests
     inter_token_count: int = 0
 
 
 _DEFAULT_KV_CAP = 1 << 16  # positions: the default cache never asks for more
+
+
+@dataclass
+class _InFlight:
+    """A decode-only step launched (overlap) whose sampled tokens are not read back yet."""
+
+    requests: list[Request]  # its rows, in order
+    tokens: torch.Tensor  # [B] int64 on the device: the next step's input
+    host: torch.Tensor  # [B] int64, the host copy (pinned on CUDA), valid once `copied` completed
+    copied: torch.cuda.Event | None  # None on the CPU (the copy was synchronous)
 
 
 class Scheduler:
@@ -196,6 +221,13 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.stats = SchedulerStats()
         self._ids = itertools.count()
+        self._inflight: _InFlight | None = None
+        # two host buffers for sampled tokens, used in turn: one step's copy lands in one while
+        # the previous step's tokens are read from the other
+        pinned = device.type == "cuda"
+        self._token_hosts = [torch.zeros(self.config.max_seqs, dtype=torch.long, pin_memory=pinned)
+                             for _ in range(2)]
+        self._token_turn = 0
 
     @property
     def mixed(self) -> PagedMixed | None:
@@ -294,11 +326,18 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:
         """Runs one forward over the scheduled work; returns the (request, new token) pairs it
-        produced (a request retired in this step has finish_reason set)."""
+        produced (a request retired in this step has finish_reason set). With overlap, a
+        decode-only step's tokens are returned by the call after the one that launched it, and
+        that call has launched the next decode-only step already where it could."""
+        if self._inflight is not None:
+            return self._land()
         work = self._schedule()
         if not work:
             return []
         decode_rows = sum(1 for r, _ in work if r.computed == r.length - 1)
+        if self.decode is not None and decode_rows == len(work) and self._overlappable([r for r, _ in work]):
+            self._launch([r for r, _ in work])
+            return self._land()
         if self.decode is not None and decode_rows == len(work):
             logits = self.decode([(r, r.computed, r.last_token) for r, _ in work])  # [B, V]
             self.stats.static_steps += 1
@@ -320,23 +359,93 @@ class Scheduler:
                 ready.append((row, request))
         if not ready:
             return []
-        tokens = self._sample(logits, ready)  # read back to the host: the step is done
+        tokens = self._sample_device(logits, ready).tolist()  # read back to the host: the step is done
         now = time.perf_counter()
         produced = []
         for (row, request), token in zip(ready, tokens):
-            request.output.append(token)
-            request.token_times_s.append(now)
             if request.params.logprobs is not None:
                 request.logprobs.append(_logprob(logits[row], token, request.params.logprobs))
-            self.stats.generated_tokens += 1
             produced.append((request, token))
-            if request.on_token is not None:
-                request.on_token(request, token)
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                self.running.remove(request)
-                self._finish(request, reason)
+            self._emit(request, token, now)
         return produced
+
+    def _emit(self, request: Request, token: int, now: float) -> None:
+        """Appends a new token to its request, calls on_token, and retires the request if it stops."""
+        request.output.append(token)
+        request.token_times_s.append(now)
+        self.stats.generated_tokens += 1
+        if request.on_token is not None:
+            request.on_token(request, token)
+        reason = self._stop_reason(request, token)
+        if reason is not None:
+            self.running.remove(request)
+            self._finish(request, reason)
+
+    def _overlappable(self, requests: list[Request]) -> bool:
+        """Returns whether a decode-only step over `requests` may run without reading anything
+        back before the next step launches: overlap on, no logprobs asked, none finished."""
+        return self.config.overlap and all(r.params.logprobs is None and not r.finished for r in requests)
+
+    def _launch(self, requests: list[Request], tokens: torch.Tensor | None = None) -> None:
+        """Launches a decode-only step over `requests` (inputs from `tokens` [B] on the device, else
+        each one's last token), samples it on the device and starts its tokens' copy to the host."""
+        logits = self.decode([(r, r.computed, r.last_token if tokens is None else 0) for r in requests],
+                             tokens)  # [B, V]
+        for r in requests:
+            r.computed += 1
+        self.stats.steps += 1
+        self.stats.static_steps += 1
+        sampled = self._sample_device(logits, list(enumerate(requests)))  # [B]
+        host = self._token_hosts[self._token_turn][:len(requests)]
+        self._token_turn ^= 1
+        host.copy_(sampled, non_blocking=True)
+        copied = None
+        if sampled.is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        self._inflight = _InFlight(requests, sampled, host, copied)
+
+    def _land(self) -> list[tuple[Request, int]]:
+        """Launches the next decode-only step where it is certain to be one (same sequences), then
+        reads the in-flight step's tokens back; returns its (request, new token) pairs."""
+        inflight, self._inflight = self._inflight, None
+        if self._ahead_ok(inflight.requests):
+            self._launch(inflight.requests, inflight.tokens)
+            self.stats.overlapped_steps += 1
+        if inflight.copied is not None:
+            t_wait = time.perf_counter()
+            inflight.copied.synchronize()
+            self.stats.device_wait_s_sum += time.perf_counter() - t_wait
+        tokens = inflight.host.tolist()
+        now = time.perf_counter()
+        produced = []
+        for request, token in zip(inflight.requests, tokens):
+            if request.finished:  # aborted while its step ran
+                continue
+            produced.append((request, token))
+            self._emit(request, token, now)
+        return produced
+
+    def _ahead_ok(self, requests: list[Request]) -> bool:
+        """Returns whether the step after the in-flight one over `requests` is certain to be the
+        same decode-only step _schedule would make: every request still runs and stays below
+        max_tokens after its in-flight token, none would be admitted (or the next step defers
+        prefill) and nothing else runs but prompts waiting for a prefill step, and each request's
+        next position has a block without preempting anyone."""
+        if not self._overlappable(requests) or len(requests) > self.config.max_step_tokens:
+            return False
+        if any(len(r.output) + 2 > r.params.max_tokens for r in requests):
+            return False  # the in-flight token is its last
+        prefill = self.stats.steps % self.config.prefill_interval == 0
+        if prefill and (self.waiting or len(self.running) != len(requests)):
+            return False
+        if not prefill and len(self.running) != len(requests):
+            rows = set(map(id, requests))  # the others must all be mid-prompt (they wait for a prefill step)
+            if any(id(r) not in rows and r.computed >= r.length - 1 for r in self.running):
+                return False
+        # the in-flight token is not appended yet: the next position is r.computed (== r.length)
+        needed = sum(self.cache.blocks_needed(r, r.computed + 1) for r in requests)
+        return needed <= self.cache.free_blocks
 
     @torch.inference_mode()
     def warm(self) -> dict[str, list[int]]:
@@ -439,9 +548,9 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.stats.preemptions += 1
 
-    def _sample(self, logits: torch.Tensor, ready: list[tuple[int, Request]]) -> list[int]:
-        """Returns the next token of each ready (row, request) from logits [B, V]: greedy rows by
-        one argmax, sampled rows each from its own generator, read back with one sync."""
+    def _sample_device(self, logits: torch.Tensor, ready: list[tuple[int, Request]]) -> torch.Tensor:
+        """Returns the next token of each ready (row, request) from logits [B, V] as [R] int64 on
+        the device: greedy rows by one argmax, sampled rows each from its own generator (no sync)."""
         if len(ready) == logits.shape[0]:  # every row samples (decode steps): no index to copy over
             tokens = logits.argmax(dim=-1)  # [R]
         else:
@@ -451,7 +560,7 @@ class Scheduler:
             p = request.params
             if p.temperature > 0:
                 tokens[i] = sample(logits[row:row + 1], p.temperature, p.top_k, p.top_p, request.generator)[0]
-        return tokens.tolist()
+        return tokens
 
     def _stop_reason(self, request: Request, token: int) -> str | None:
         if token in request.params.stop_token_ids:
