@@ -107,3 +107,35 @@ def test_overlap_off_reads_every_step_back(mixtral_model):
         sched.step()
         assert sched._inflight is None
     assert sched.stats.overlapped_steps == 0 and all(len(r.output) == 6 for r in reqs)
+
+
+def test_prefill_cap_bounds_prompt_tokens_beside_decode_rows(mixtral_model):
+    """max_prefill_tokens=5: while any sequence decodes, a step carries at most 5 prompt tokens
+    (admissions and chunks); with none decoding the whole step budget; tokens unchanged."""
+    model = mixtral_model
+    prompts = _prompts([30, 3, 17, 9, 24], seed=13)
+    params = [SamplingParams(max_tokens=7)] * len(prompts)
+    plain, _ = _run(model, prompts, params, overlap=True, max_seqs=3, max_step_tokens=32)
+    sched = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=32, static_decode=True,
+                                             max_prefill_tokens=5))
+    schedule, seen = sched._schedule, []
+
+    def recorded():  # (decode rows, prompt tokens) of each step as planned
+        work = schedule()
+        seen.append((sum(1 for r, n in work if r.computed == r.length - 1),
+                     sum(n for r, n in work if r.computed < r.length - 1)))
+        return work
+
+    sched._schedule = recorded
+    reqs = [sched.add(p, q) for p, q in zip(prompts, params)]
+    sched.run()
+    assert [r.output for r in reqs] == [r.output for r in plain]
+    assert seen[0] == (0, 32)  # nothing decodes yet: the whole budget
+    beside = [tokens for rows, tokens in seen if rows]
+    assert max(beside) == 5 and all(t <= 5 for t in beside)
+
+
+def test_static_mixed_defaults_off_on_the_cpu(mixtral_model):
+    """Unset, static_mixed is on only where it runs (CUDA, static decode, a plain GQA model)."""
+    sched = Scheduler(mixtral_model, SchedulerConfig(static_decode=True))
+    assert not sched.static_mixed and sched.mixed is None

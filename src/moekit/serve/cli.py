@@ -39,9 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-interval", type=int, default=1, metavar="N",
                    help="while sequences decode, admit and prefill prompts only every Nth step; the others stay "
                         "decode-only (CUDA graphs): more throughput, later first tokens (default: 1, every step)")
-    p.add_argument("--static-mixed", action="store_true",
+    p.add_argument("--static-mixed", action=argparse.BooleanOptionalAction, default=None,
                    help="run steps that carry prompt chunks at static shapes too (token buckets, CUDA graphs) "
-                        "instead of eagerly; needs resident experts and grouped-query attention")
+                        "instead of eagerly; needs resident experts and grouped-query attention (default: on "
+                        "where it runs, a CUDA device with such a model)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="prompt tokens per step while sequences decode: a lower cap shortens the steps that "
+                        "stall every decoding sequence, in more of them (default: --max-step-tokens)")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="queued requests before new ones get 429 (default: 1024)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -59,7 +63,8 @@ def check_serve(args: argparse.Namespace) -> tuple[Path, str]:
         raise MoekitError(f"--port must be in 1..65535, got {args.port}")
     for flag, value in (("--max-seqs", args.max_seqs), ("--max-step-tokens", args.max_step_tokens),
                         ("--max-waiting", args.max_waiting), ("--kv-tokens", args.kv_tokens),
-                        ("--prefill-interval", args.prefill_interval)):
+                        ("--prefill-interval", args.prefill_interval),
+                        ("--max-prefill-tokens", args.max_prefill_tokens)):
         check_min(flag, value, 1)
     device = args.device or ("cuda" if _cuda() else "cpu")
     parse_device(device)
@@ -82,7 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path, device = check_serve(args)
     config = SchedulerConfig(max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens,
                              max_waiting=args.max_waiting, kv_tokens=args.kv_tokens,
-                             prefill_interval=args.prefill_interval, static_mixed=args.static_mixed)
+                             prefill_interval=args.prefill_interval, static_mixed=args.static_mixed,
+                             max_prefill_tokens=args.max_prefill_tokens)
     tokenizer = load_tokenizer(path)
     if args.offload:
         args.model = str(path)

@@ -94,11 +94,17 @@ class SchedulerConfig:
     # (default: on CUDA for models that allow it, moekit.paged_decode; True on the CPU runs it eagerly)
     # steps with prefill chunks at static shapes too (token buckets, CUDA graphs on GPUs,
     # moekit.paged_decode.PagedMixed) instead of eagerly; needs grouped-query attention and, on
-    # the CPU, TRITON_INTERPRET=1 (its packed attention kernel)
-    static_mixed: bool = False
+    # the CPU, TRITON_INTERPRET=1 (its packed attention kernel). Default: on with static decode
+    # on CUDA where the model allows it (H200, OLMoE shape, C=32: mixed steps 41 -> 27 ms mean,
+    # served 3,776 -> 4,140 tok/s); off on the CPU
+    static_mixed: bool | None = None
     # prefill (admitting requests, prompt chunks) only every Nth step while sequences decode: the
     # others stay decode-only (graph-replayed) at the cost of time to first token (1 = every step)
     prefill_interval: int = 1
+    # prompt tokens (chunks and admissions) per step while sequences decode (default: no cap
+    # beyond max_step_tokens): bounds how long one step that carries prompts stalls every
+    # decoding sequence (inter-token latency p99), at the cost of more such steps
+    max_prefill_tokens: int | None = None
     # decode-only steps launched before the previous one's tokens are read back (static decode
     # only; see the module docstring): the host's per-step work hides under the device's
     overlap: bool = True
@@ -107,6 +113,8 @@ class SchedulerConfig:
         for name in ("max_seqs", "max_step_tokens", "max_waiting", "prefill_interval"):
             if getattr(self, name) < 1:
                 raise MoekitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise MoekitError(f"max_prefill_tokens must be >= 1 (or None: no cap), got {self.max_prefill_tokens}")
         if self.kv_tokens is not None and self.kv_tokens < self.block_size:
             raise MoekitError(f"kv_tokens must hold at least one block ({self.block_size}), got {self.kv_tokens}")
 
@@ -216,6 +224,9 @@ class Scheduler:
                               "steps); leave it unset for this model")
         self.decode = PagedDecode(model, self.cache) if static else None
         self._mixed: PagedMixed | None = None
+        # static_mixed unset: on where it can run (a CUDA device, static decode, a plain GQA model)
+        self._auto_static_mixed = (self.decode is not None and device.type == "cuda"
+                                   and static_mixed_supported(model) and _triton_usable(device))
         self._check_static_mixed()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
@@ -230,9 +241,16 @@ class Scheduler:
         self._token_turn = 0
 
     @property
+    def static_mixed(self) -> bool:
+        """Returns whether steps with prefill chunks run at static shapes (config.static_mixed, or
+        its default where unset)."""
+        on = self.config.static_mixed
+        return self._auto_static_mixed if on is None else on
+
+    @property
     def mixed(self) -> PagedMixed | None:
-        """The static-shape mixed steps while config.static_mixed is on (made on first use), else None."""
-        if not self.config.static_mixed:
+        """The static-shape mixed steps while static_mixed is on (made on first use), else None."""
+        if not self.static_mixed:
             return None
         if self._mixed is None:
             self._check_static_mixed()
@@ -241,14 +259,12 @@ class Scheduler:
         return self._mixed
 
     def _check_static_mixed(self) -> None:
-        if not self.config.static_mixed:
+        if not self.config.static_mixed:  # unset: on only where it runs
             return
         if not static_mixed_supported(self.model):
             raise MoekitError("static_mixed needs resident experts and grouped-query attention in every layer "
                               "(latent and sink attention run a step's sequences one by one); leave it off")
-        from ..experts.triton_ops import triton_usable
-
-        if not triton_usable(torch.empty(0, device=self.model.device)):
+        if not _triton_usable(self.model.device):
             raise MoekitError("static_mixed needs the Triton prefill kernel: a CUDA device, or TRITON_INTERPRET=1 "
                               "with triton installed on the CPU; leave it off")
 
@@ -499,6 +515,8 @@ class Scheduler:
         work: list[tuple[Request, int]] = []
         decoding = any(r.computed == r.length - 1 for r in self.running)
         prefill = not decoding or self.stats.steps % self.config.prefill_interval == 0
+        # prompt tokens this step may carry: capped while others decode (they all wait for it)
+        prompt_budget = self.config.max_prefill_tokens if decoding and self.config.max_prefill_tokens else budget
         preempted = self.stats.preemptions
         for request in list(self.running):
             if budget == 0:
@@ -507,16 +525,20 @@ class Scheduler:
             # at 128 sequences one per row cost ~0.2 ms a step)
             if self.stats.preemptions != preempted and request not in self.running:
                 continue
-            if not prefill and request.computed < request.length - 1:
+            chunk = request.computed < request.length - 1
+            if chunk and (not prefill or prompt_budget == 0):
                 continue  # a prompt chunk: it waits for the next prefill step
-            n = min(request.length - request.computed, budget)
+            n = min(request.length - request.computed, budget, prompt_budget if chunk else budget)
             if not self._make_room(request, request.computed + n, work):
                 continue
             work.append((request, n))
             budget -= n
-        while prefill and self.waiting and budget > 0 and len(self.running) < self.config.max_seqs:
+            if chunk:
+                prompt_budget -= n
+        while (prefill and self.waiting and min(budget, prompt_budget) > 0
+               and len(self.running) < self.config.max_seqs):
             request = self.waiting[0]
-            n = min(request.length - request.computed, budget)
+            n = min(request.length - request.computed, budget, prompt_budget)
             if self.cache.blocks_needed(request, request.computed + n) > self.cache.free_blocks:
                 break  # it waits until blocks free up
             self.waiting.popleft()
@@ -524,6 +546,7 @@ class Scheduler:
             self.running.append(request)
             work.append((request, n))
             budget -= n
+            prompt_budget -= n
         return work
 
     def _make_room(self, request: Request, positions: int, work: list[tuple[Request, int]]) -> bool:
@@ -581,6 +604,12 @@ class Scheduler:
             stats.inter_token_count += len(request.inter_token_s)
         if request.on_finish is not None:
             request.on_finish(request)
+
+
+def _triton_usable(device: torch.device) -> bool:
+    from ..experts.triton_ops import triton_usable
+
+    return triton_usable(torch.empty(0, device=device))
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
