@@ -35,6 +35,10 @@ def test_run_plan_equals_generate_and_reports_the_prediction():
     assert steps["steps"] == 2 and steps["step_ms"] > 0 and steps["worker_attention_ms"] > 0
     assert 0 <= steps["launch_blocked_ms"] <= steps["step_ms"]
     assert steps["launch_issuing_ms"] == pytest.approx(steps["step_ms"] - steps["launch_blocked_ms"])
+    # the issuing by part: each measured, together at most the issuing (the rest: the prologue, the loop)
+    parts = [steps[f"issue_{part}_ms"] for part in ("pre", "loadh", "pages", "post")]
+    assert all(ms >= 0 for ms in parts) and steps["issue_post_ms"] > 0
+    assert sum(parts) <= steps["launch_issuing_ms"] * (1 + 1e-9)
 
 
 def test_run_plan_refuses_gpu_attention_and_a_wrong_count():

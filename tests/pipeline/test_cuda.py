@@ -76,4 +76,8 @@ def test_cuda_step_profile_times_pages_and_layers(expected):
     assert len(summary["layer_ms"]) == len(model.layers) and all(ms >= 0 for ms in summary["layer_ms"])
     assert summary["copy_span_ms_mean"] > 0 and summary["copy_gb_s_mean"] > 0
     assert 0 <= summary["loadh_ms_mean"] <= summary["loadh_ms_max"]
+    # the expert calls' GPU time: every MoE layer's, within the compute stream's step
+    assert len(summary["experts_gpu_ms_per_layer"]) == len(model.expert_runtime.layers)
+    assert 0 < summary["experts_gpu_ms"] <= summary["gpu_step_ms"]
     assert model.expert_runtime.copy_timing is False and model.expert_runtime.copy_spans == []
+    assert model.expert_runtime.expert_spans == []

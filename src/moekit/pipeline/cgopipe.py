@@ -54,15 +54,16 @@ class Streams:
             self.d2h = torch.cuda.Stream(device)
             self.h2d = torch.cuda.Stream(device)  # attention outputs only: never behind a weight page
 
-    def to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Returns (a host copy of t, the event that marks it complete) after the compute so far."""
+    def to_host(self, t: torch.Tensor, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Returns (a host copy of t, the event that marks it complete) after the compute so far;
+        `into` (pinned, t's shape and dtype) receives it instead of a new pinned tensor."""
         if not self.cuda:
             return t, None
         ready = torch.cuda.Event()
         ready.record()
         with torch.cuda.stream(self.d2h):
             self.d2h.wait_event(ready)
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if into is None else into
             host.copy_(t, non_blocking=True)
             t.record_stream(self.d2h)
             # the worker thread sleeps on it (blocking sync) rather than spin a core the launch
@@ -100,6 +101,12 @@ class MicroBatch:
     x: torch.Tensor  # [1, mu, D] residual stream on the model's device
     cos: torch.Tensor  # [mu, Dh] rope of each sequence's position
     sin: torch.Tensor
+    # host buffers reused by every layer of the step (and later steps of the same size): the q, k, v
+    # packet [mu, (H + 2 Hkv) * Dh] (pinned on a GPU run; None on the CPU, where it is the device
+    # tensor) and the attention output [mu, H, Dh]. Task (i + 1, j) reuses them only after task
+    # (i, j) is done with them: its D2H is queued after PostAttn(i, j), which waits for LoadH(i, j)
+    packet: torch.Tensor | None = None
+    out: torch.Tensor | None = None
 
 
 def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
@@ -149,6 +156,7 @@ class PipelinedDecoder:
         self.trace, self.profile = trace, profile
         self.streams = Streams(model.device)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-cpu-attention")
+        self._buffers: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}  # (j, mu) -> MicroBatch host buffers
         # on a GPU run two cores stay free of attention threads: the launch thread (every kernel of
         # PreAttn / PostAttn and each copy) and the CUDA driver's; spinning OpenMP threads on every
         # core would slow the launches the device waits on (MoE-Lightning brief 5.4-4)
@@ -169,7 +177,21 @@ class PipelinedDecoder:
         self.worker.shutdown(wait=True)
         paged = self._paged()
         if paged is not None:
-            paged.trace, paged.copy_timing, paged.copy_spans = None, False, []
+            paged.trace, paged.copy_timing, paged.copy_spans, paged.expert_spans = None, False, [], []
+
+    def _host_buffers(self, j: int, rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Returns micro-batch j's (q, k, v packet [rows, (H + 2 Hkv) * Dh] pinned, or None on the
+        CPU; attention output [rows, H, Dh]), made once and reused: a pinned allocation per task
+        costs the launch thread and the worker a trip through the host allocator's lock and events."""
+        key = (j, rows)
+        if key not in self._buffers:
+            cfg, dtype, pin = self.model.config, self.model.dtype, self.streams.cuda
+            (hk, dk), (hv, dv) = cfg.kv_cache_dims()
+            width = cfg.num_heads * cfg.head_dim + hk * dk + hv * dv
+            packet = torch.empty((rows, width), dtype=dtype, pin_memory=True) if pin else None
+            out = torch.empty((rows, cfg.num_heads, cfg.head_dim), dtype=dtype, pin_memory=pin)
+            self._buffers[key] = (packet, out)
+        return self._buffers[key]
 
     def _record(self, op: str, key: tuple, waits: tuple = ()) -> None:
         if self.trace is not None:
@@ -192,8 +214,7 @@ class PipelinedDecoder:
             self.cache.write(layer, k, v, mb.batch.slots)
             attn = self.model.layers[layer].attn
             q = q.contiguous()
-            # pinned on a GPU run, so that LoadH's copy is asynchronous
-            out = torch.empty(q.shape, dtype=q.dtype, pin_memory=self.streams.cuda)
+            out = mb.out  # pinned on a GPU run, so that LoadH's copy is asynchronous
             # the native call goes through ctypes.CDLL, which drops the GIL for its duration: the
             # launch thread keeps issuing while the kernel runs
             out = cpu_attention(q, self.cache.keys[layer], self.cache.values[layer], mb.batch,
@@ -211,7 +232,7 @@ class PipelinedDecoder:
         # event a task, fewer launches for the launch thread
         packet = torch.cat([z[0].transpose(0, 1).reshape(z.shape[2], -1) for z in (q, k, v)], dim=1)
         self._record("pre", (layer, j))
-        host, ready = self.streams.to_host(packet)
+        host, ready = self.streams.to_host(packet, mb.packet)
         self._record("d2h", (layer, j), (("pre", (layer, j)),))
         self._record("attn", (layer, j), (("d2h", (layer, j)),))
         return self.worker.submit(self._attend, layer, mb, host, dims, ready)
@@ -234,7 +255,7 @@ class PipelinedDecoder:
             batch = self.cache.prepare([(seq, position, 1) for seq, position, _ in part])
             ids = torch.tensor([[token for _, _, token in part]], dtype=torch.long, device=device)
             cos, sin = model.rope(batch.positions.to(device))
-            mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin))
+            mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin, *self._host_buffers(len(mbs), len(part))))
         n = len(mbs)
         paged = self._paged()
         moe = set(paged.layers) if paged is not None else set()
@@ -248,19 +269,22 @@ class PipelinedDecoder:
         ahead = min(self.lookahead or n, n)  # a task launched ahead needs its previous layer done
         pending = {task: self._launch(task[0], task[1], mbs[task[1]]) for task in order[:ahead]}
         logits = [None] * n
+        clock = time.perf_counter
+        parts = dict.fromkeys(("blocked", "pre", "loadh", "pages", "post"), 0.0)  # launch-thread seconds
         for at, (i, j) in enumerate(order):
-            t0 = time.perf_counter()
+            t0 = clock()
             self._record("wait_attn", (i, j))
             attended = pending.pop((i, j)).result()
-            if profile is not None:
-                profile.add("blocked_s", time.perf_counter() - t0)
+            t1 = clock()
             timing = profile.loadh(self.streams.h2d) if profile is not None and self.streams.cuda else None
             out, ready = self.streams.to_device(attended, timing)  # LoadH(i, j)
             self._record("loadh", (i, j), (("attn", (i, j)),))
+            t2 = clock()
             if paged is not None:  # W_PinToG: pages j and j + 1 of the next MoE layer, on the weight stream
                 nxt = paged.next_layer(i)
                 for page in range(j, min(j + self.PAGES_AHEAD, n)):
                     paged.load_page(nxt, page, n)
+            t3 = clock()
             self.streams.wait(ready)
             mb = mbs[j]
             self._record("post", (i, j), (("loadh", (i, j)),) + ((("weights", i),) if i in moe else ()))
@@ -269,16 +293,28 @@ class PipelinedDecoder:
                 logits[j] = model.head(mb.x)[0]
             if j == n - 1 and profile is not None:
                 profile.layer_done()
+            t4 = clock()
             if at + ahead < len(order):
                 nxt_task = order[at + ahead]
                 pending[nxt_task] = self._launch(nxt_task[0], nxt_task[1], mbs[nxt_task[1]])
+            t5 = clock()
+            parts["blocked"] += t1 - t0
+            parts["loadh"] += t2 - t1
+            parts["pages"] += t3 - t2
+            parts["post"] += t4 - t3
+            parts["pre"] += t5 - t4
+        if profile is not None:
+            profile.add("blocked_s", parts.pop("blocked"))
+            for part, seconds in parts.items():
+                profile.add(f"issue_{part}_s", seconds)
         result = torch.cat(logits)
         if profile is not None:
-            spans, page_bytes = [], {}
+            spans, page_bytes, experts = [], {}, []
             if paged is not None:
                 spans, paged.copy_spans = paged.copy_spans, []
+                experts, paged.expert_spans = paged.expert_spans, []
                 page_bytes = {m: paged.streamed_bytes(m) for m in paged.layers}
-            profile.end(device, spans, page_bytes)
+            profile.end(device, spans, page_bytes, experts)
         return result
 
 

@@ -80,6 +80,9 @@ class PagedRuntime:
         self.trace: list | None = None  # when a list: ("page", (layer, page), waits) per page issued (schedule tests)
         self.copy_timing = False  # CUDA: record timing events around each layer's pages (copy_spans)
         self.copy_spans: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []  # (layer, first page start, last page end)
+        # with copy_timing: (layer, start, end) events around each expert call on the compute stream
+        # (the experts' own GPU time, pages' waits left out: the start is recorded after them)
+        self.expert_spans: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self._span_start: dict[int, torch.cuda.Event] = {}
         self.next_half = 0
         self.pages_loaded = 0  # pages copied, all layers (statistics, tests)
@@ -218,7 +221,15 @@ class PagedRuntime:
         row_of = self._rows[(layer, half)]
         rows = self._rows_device[(layer, half)][ids]  # [N, A] slots
         stacked = self.layout.view(self.slab, layer)
+        timed = self.cuda and self.copy_timing
+        if timed:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         out = self.layout.form.run(x, rows, weights, stacked, ids=ids, row_of=row_of, count=self.experts[layer])
+        if timed:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.expert_spans.append((layer, start, end))
         if self.cuda:  # the buffer's latest reader: a page that overwrites it waits for this, nothing later
             done = torch.cuda.Event()
             done.record()

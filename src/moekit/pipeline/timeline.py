@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+ISSUE_PARTS = ("pre", "loadh", "pages", "post")  # the launch thread's issuing, by part (StepProfile)
 RESOURCES = {"pre": "gpu", "post": "gpu", "d2h": "d2h", "attn": "cpu", "loadh": "h2d", "page": "weights"}
 
 
@@ -125,10 +126,12 @@ class StepProfile:
         self._events["loadh"].append((start, end))
         return start, end
 
-    def end(self, device=None, spans: list | None = None, page_bytes: dict[int, int] | None = None) -> None:
+    def end(self, device=None, spans: list | None = None, page_bytes: dict[int, int] | None = None,
+            experts: list | None = None) -> None:
         """Closes the step: waits for the device (profiling only) and turns its events into
         milliseconds. `spans` are the runtime's (layer, first page start, last page end) events
-        of the pages queued in this step, `page_bytes` the bytes a layer's pages carry."""
+        of the pages queued in this step, `page_bytes` the bytes a layer's pages carry, `experts`
+        the runtime's (layer, start, end) events around each expert call."""
         step = self._step
         step["step_s"] = time.perf_counter() - step["step_s"]
         if self.cuda:
@@ -146,6 +149,10 @@ class StepProfile:
                 copies.append({"layer": layer, "start_ms": start.elapsed_time(a), "span_ms": ms,
                                "gb_s": (page_bytes or {}).get(layer, 0) / ms / 1e6 if ms > 0 else None})
             step["copies"] = copies
+            per_layer: dict[int, float] = defaultdict(float)
+            for layer, a, b in experts or []:
+                per_layer[layer] += a.elapsed_time(b)
+            step["experts_ms"] = dict(per_layer)
         self.steps.append(step)
 
     # ---- the reader's side ----------------------------------------------------------------------
@@ -163,6 +170,10 @@ class StepProfile:
                "launch_issuing_ms": mean("step_s") - mean("blocked_s"),
                "worker_attention_ms": mean("attention_s"),  # KV write + the attention kernel, worker thread
                "worker_wait_ms": mean("worker_wait_s")}  # the worker waiting for q, k, v (the D2H event)
+        # the launch thread's issuing by part (host ms per step): PreAttn + D2H + the worker's task,
+        # LoadH, weight pages, PostAttn (+ the head); what is left of issuing is the loop itself
+        for part in ISSUE_PARTS:
+            out[f"issue_{part}_ms"] = mean(f"issue_{part}_s") if all(f"issue_{part}_s" in s for s in steps) else None
         if self.cuda:
             layers = max(len(s["layer_ms"]) for s in steps)
             out["layer_ms"] = [sum(s["layer_ms"][i] for s in steps if i < len(s["layer_ms"])) / len(steps)
@@ -175,4 +186,10 @@ class StepProfile:
             rates = [c["gb_s"] for c in spans if c["gb_s"]]
             out["copy_gb_s_mean"] = sum(rates) / len(rates) if rates else None
             out["last_step_copies"] = steps[-1]["copies"]
+            # the expert calls' own GPU time (events around each call, after its waits): per step, and
+            # per MoE layer (all its micro-batches)
+            expert_layers = sorted({m for s in steps for m in s.get("experts_ms", {})})
+            out["experts_gpu_ms"] = sum(sum(s.get("experts_ms", {}).values()) for s in steps) / len(steps)
+            out["experts_gpu_ms_per_layer"] = [sum(s.get("experts_ms", {}).get(m, 0.0) for s in steps) / len(steps)
+                                               for m in expert_layers]
         return out
