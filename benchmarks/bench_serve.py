@@ -2,27 +2,25 @@
 1/8/32/128 with prompts of mixed lengths, next to transformers' padded static batches and
 moekit's own static-batch decode at the same batch, resident and offloaded at 25% of the bytes.
 
-The H200 run (from the repository root; ~190 s expected). Past --time-budget-s (225 s after the
-imports, less --reserve-s 8 for the loops) no phase starts, a serving loop aborts what is in
-flight and transformers' generate stops (its max_time), so it ends inside a 270 s call:
+The H200 run (from the repository root; ~175 s expected: the f472762 run took 161 s with two
+alternative rows, this one has five). Past --time-budget-s (225 s after the imports, less
+--reserve-s 8 for the loops) no phase starts, a serving loop aborts what is in flight and
+transformers' generate stops (its max_time), so it ends inside a 240 s call:
 
-    MOEKIT_GIT_COMMIT=<commit> PYTHONPATH=src python3 benchmarks/bench_serve.py --out $OUT
+    MOEKIT_GIT_COMMIT=<commit> PYTHONPATH=src python3 benchmarks/bench_serve.py --out $OUT --time-budget-s 215
 
     (equivalently: --shapes olmoe-1b-7b --concurrency 1 8 32 128 --offload-concurrency 1
-     --new-tokens 128 --min-len 32 --max-len 512 --step-tokens 2048 --alt-prefill-interval 8
-     --alt-static-mixed --alt-concurrency 32 --time-budget-s 225)
+     --new-tokens 128 --min-len 32 --max-len 512 --step-tokens 2048 --alt-no-overlap 1 32
+     --alt-eager-mixed 32 --alt-prefill-cap 512 --alt-prefill-cap-at 32 128 --alt-prefill-interval 0)
 
-Expected H200 seconds per phase (OLMoE-1B-7B shape, 13.8 GB bf16), estimated from earlier H200
-runs (resident decode ~354 tok/s at B=1 with CUDA graphs, ~6,900 tok/s at B=32 compiled;
-checkpoint write ~20 s), not yet measured for this script:
-    imports + CUDA init ~8; random checkpoint write ~20; moekit load ~6; warm-up (Triton
-    compiles, 8 decode buckets captured) ~15-25
-    C=1: served (4 requests x 128 tokens) ~2, static B=1 ~2
-    C=8: served (16 requests) ~3, static ~2;  C=32: served (64) ~4, static ~2
-    C=128: served (256 requests, ~140 mixed prefill steps) ~10, static ~3
-    transformers: load ~10-15; C=1 ~4, C=8 ~8, C=32 ~12, C=128 ~20 (each generate stops at
-    --hf-max-s 20 s, so C=128 may report a partial batch: `stopped_by_max_time`)
-    offloaded 25%: load + warm-up ~20-25, C=1 (2 requests) ~8-12
+H200 seconds per phase (OLMoE-1B-7B shape, 13.8 GB bf16) in the f472762 run: imports + CUDA
+init + checkpoint write 24; load + warm-up (Triton compiles, 8 decode buckets) 21; served C=1 1.0,
+C=8 1.3, C=32 2.2, C=128 4.1 (static rows 1-2 each); an alternative row at C=32 ~2.7 (warm-up
+included); transformers: load ~6, C=1 9, C=8 11, C=32 11, C=128 20 (each generate stops at
+--hf-max-s 20 s, so C=128 may report a partial batch: `stopped_by_max_time`); offloaded 25%:
+load + warm-up 22, C=1 (2 requests) 9. This run adds static mixed warm-up (~1, mixed buckets
+captured) and the alternative rows: no overlap at C=1 and 32 (~1 + 2.5), eager mixed at C=32
+(~2.5), prefill cap 512 at C=32 and 128 (~3 + 5).
 Whatever is left when the budget runs out is written as {"skipped": why}; the JSON is rewritten
 after every phase, so a killed run still leaves every finished row.
 
@@ -41,8 +39,14 @@ For each shape (random bf16 weights: routing is near-uniform, fine for speed):
 Per serve row the JSON also holds what the timed loop paid that warm-up should have: Triton
 compiles by kernel (`triton_compiles`, from the JIT caches) and decode graph captures, both 0
 when Scheduler.warm() covered every size class; step wall times split into decode-only (static,
-graph-replayed) and mixed (eager, with prefill) steps; `resident_setup` names SDPA's backend order
-(cuDNN first on Hopper builds a plan per new attention shape).
+graph-replayed), static_mixed (with prompt tokens, graph-replayed at a token bucket), mixed (eager,
+with prompt tokens) and land (a call that only read an overlapped step's tokens back); for
+decode-only steps the p50 host work and device wait (`static_host_p50_ms`, `static_wait_p50_ms`:
+with overlap on, a wait > 0 means the host ran ahead of the device, so the step is device-bound);
+`resident_setup` names SDPA's backend order (cuDNN first on Hopper builds a plan per new shape).
+Alternative policies at some concurrencies (their own rows in both tables): overlapped decode
+steps off (what the overlap saves), eager mixed steps (what static mixed steps save), a cap of
+--alt-prefill-cap prompt tokens per step while sequences decode (ITL p99 against throughput).
 Goals printed under the table: at C=32 >= 70% of the static decode at B=32 and >= 5x
 transformers; at C=1 inter-token latency within 10% of static batch-1 decode.
 
@@ -164,17 +168,22 @@ def serve_closed_loop(sched: Scheduler, prompts: list[list[int]], concurrency: i
     stats0 = dataclasses.replace(sched.stats)
     graphs0 = _graphs(sched)
     variants0 = triton_variants()
-    times: dict[str, list[float]] = {"static": [], "static_mixed": [], "mixed": []}
+    times: dict[str, list[float]] = {"static": [], "static_mixed": [], "mixed": [], "land": []}
+    waits: list[float] = []  # per static step: host time blocked reading the previous step's tokens (overlap)
     sync(sched.model.device)
     t0 = time.perf_counter()
     running = [sched.add(pending.pop(0), params) for _ in range(min(concurrency, len(pending)))]
     produced, full, drained = 0, None, None  # (perf_counter, tokens so far) at the steady window's ends
     while running:
-        before, t_step = (sched.stats.static_steps, sched.stats.static_mixed_steps), time.perf_counter()
+        s = sched.stats
+        before, t_step = (s.static_steps, s.static_mixed_steps, s.mixed_steps, s.device_wait_s_sum), time.perf_counter()
         produced += len(sched.step())
-        kind = ("static" if sched.stats.static_steps > before[0] else
-                "static_mixed" if sched.stats.static_mixed_steps > before[1] else "mixed")
+        # land: a call that launched nothing and only read an overlapped step's tokens back
+        kind = ("static" if s.static_steps > before[0] else "static_mixed" if s.static_mixed_steps > before[1]
+                else "mixed" if s.mixed_steps > before[2] else "land")
         times[kind].append(time.perf_counter() - t_step)
+        if kind == "static":
+            waits.append(s.device_wait_s_sum - before[3])
         for r in [r for r in running if r.finished]:
             running.remove(r)
             done.append(r)
@@ -205,11 +214,25 @@ def serve_closed_loop(sched: Scheduler, prompts: list[list[int]], concurrency: i
             "graph_buckets": sorted(b for b, s in sched.decode.steps.items() if s.graph is not None)
             if sched.decode is not None else [],
             "step_times": step_times(times),
+            # decode-only steps launched while the previous one ran (SchedulerConfig.overlap), and the
+            # split of a static step's wall time: waiting for the device vs host work (wall - wait;
+            # without overlap the wait hides inside the read-back, so host = wall there)
+            "overlapped_steps": sched.stats.overlapped_steps - stats0.overlapped_steps,
+            "static_wait_p50_ms": 1e3 * percentile(waits, 50) if waits else None,
+            "static_host_p50_ms": 1e3 * percentile([t - w for t, w in zip(times["static"], waits)], 50)
+            if waits else None,
+            "overlap": sched.config.overlap, "static_mixed": sched.static_mixed,
+            "max_prefill_tokens": sched.config.max_prefill_tokens,
             "prefill_tokens": sched.stats.prefill_tokens - stats0.prefill_tokens,
             # what the timed loop paid for that warm-up should have: both 0 when warm() covered it
             "triton_compiles": compiles_since(variants0), "graph_captures": _graphs(sched) - graphs0,
             "prefill_interval": sched.config.prefill_interval,
             "truncated": {"aborted": len(aborted), "never_sent": len(pending)} if aborted or pending else None}
+
+
+def base_static_mixed(sched: Scheduler, base: SchedulerConfig) -> bool:
+    """Returns whether `base` (the config warm() ran under) had static mixed steps on."""
+    return sched._auto_static_mixed if base.static_mixed is None else base.static_mixed
 
 
 def _graphs(sched: Scheduler) -> int:
@@ -326,6 +349,14 @@ class Bench:
             self.rows.append([name, "resident", c, served.get("output_tok_s"), served.get("ttft_p50_s"),
                               served.get("itl_p50_s"), served.get("itl_p99_s"), static.get("decode_tok_s"),
                               static.get("itl_s"), theirs.get("output_tok_s"), served.get("steady_tok_s")])
+        for c in a.concurrency:  # the other policies' rows, next to the same static baseline
+            r = res[f"c{c}"]
+            for label, alt in r.items():
+                if label.startswith("moekit_serve_") and "output_tok_s" in alt:
+                    self.rows.append([name, label.removeprefix("moekit_serve_"), c, alt["output_tok_s"],
+                                      alt["ttft_p50_s"], alt["itl_p50_s"], alt["itl_p99_s"],
+                                      r.get("moekit_static", {}).get("decode_tok_s"),
+                                      r.get("moekit_static", {}).get("itl_s"), None, alt.get("steady_tok_s")])
         if a.offload_fraction > 0:
             self.offloaded(name, folder, cfg, nbytes, res)
 
@@ -359,15 +390,20 @@ class Bench:
         # the same loads under other policies: prefill batched into every Nth step while sequences
         # decode (fewer eager mixed steps, a later first token); mixed steps at static shapes
         # (token buckets, CUDA graphs: no eager launches at all)
-        alternatives = []
+        alternatives = []  # (label, scheduler overrides, concurrencies)
+        if a.alt_no_overlap:  # what overlapped decode steps save (the host's work per step, unhidden)
+            alternatives.append(("moekit_serve_no_overlap", {"overlap": False}, a.alt_no_overlap))
+        if a.alt_eager_mixed:  # what static mixed steps save over eager ones
+            alternatives.append(("moekit_serve_eager_mixed", {"static_mixed": False}, a.alt_eager_mixed))
+        if a.alt_prefill_cap:  # shorter steps that carry prompts, more of them
+            alternatives.append((f"moekit_serve_prefill_cap_{a.alt_prefill_cap}",
+                                 {"max_prefill_tokens": a.alt_prefill_cap}, a.alt_prefill_cap_at))
         if a.alt_prefill_interval:
             alternatives.append((f"moekit_serve_prefill_interval_{a.alt_prefill_interval}",
-                                 {"prefill_interval": a.alt_prefill_interval}))
-        if a.alt_static_mixed:
-            alternatives.append(("moekit_serve_static_mixed", {"static_mixed": True}))
+                                 {"prefill_interval": a.alt_prefill_interval}, a.alt_concurrency))
         base = sched.config
-        for c in [c for c in a.alt_concurrency if c in a.concurrency]:
-            for label, overrides in alternatives:
+        for label, overrides, at in alternatives:
+            for c in [c for c in at if c in a.concurrency]:
                 try:
                     self.phase(res[f"c{c}"], label, partial(self.alternative, sched, base, overrides, prompts[c], c),
                                min_s=a.reserve_s + 60)  # transformers' rows still to come
@@ -383,10 +419,11 @@ class Bench:
         a = self.args
         sched.config = dataclasses.replace(base, **overrides)
         t_warm = time.perf_counter()
-        warmed = sched.warm()
+        # only a policy that turns static mixed steps on has captures to pay before timing
+        warmed = sched.warm() if sched.static_mixed and not base_static_mixed(sched, base) else None
         warm_s = time.perf_counter() - t_warm
         out = serve_closed_loop(sched, prompts, concurrency, a.new_tokens, self.deadline - a.reserve_s)
-        return {**out, "warm_s": round(warm_s, 2), "mixed_buckets": warmed["mixed_buckets"]}
+        return {**out, "warm_s": round(warm_s, 2), "mixed_buckets": warmed["mixed_buckets"] if warmed else None}
 
     def transformers(self, folder: Path, res: dict, prompts: dict[int, list[list[int]]]) -> None:
         """transformers generate at each concurrency (one model load for all)."""
@@ -475,6 +512,35 @@ class Bench:
                 for r in self.rows]
         return common.markdown_table(header, body)
 
+    def step_table(self) -> str:
+        """Returns a table of each serve row's steps: decode-only (static) wall p50 split into
+        host work and device wait, steps launched overlapped, and the steps with prompts."""
+        def f(x, digits=2):
+            return "-" if x is None else f"{x:.{digits}f}"
+
+        body = []
+        for name, res in self.results["shapes"].items():
+            for key, row in res.items():
+                if not (key.startswith("c") or key.startswith("offload_c")) or not isinstance(row, dict):
+                    continue
+                for label, out in row.items():
+                    if not label.startswith("moekit_serve") or "step_times" not in out:
+                        continue
+                    t = out["step_times"]
+                    static = t.get("static", {})
+                    prompt = [t[k] for k in ("static_mixed", "mixed") if k in t]
+                    steps = sum(k["steps"] for k in prompt)
+                    mean = sum(k["mean_ms"] * k["steps"] for k in prompt) / steps if steps else None
+                    body.append([name, label.removeprefix("moekit_serve").lstrip("_") or "default",
+                                 key.removeprefix("offload_").removeprefix("c") + (" (offload)" if "offload" in key else ""),
+                                 static.get("steps", 0), f(static.get("p50_ms")), f(out.get("static_host_p50_ms")),
+                                 f(out.get("static_wait_p50_ms")), out.get("overlapped_steps", 0),
+                                 "+".join(k for k in ("static_mixed", "mixed") if k in t) or "-", steps, f(mean, 1),
+                                 f(max((k["max_ms"] for k in prompt), default=None), 1)])
+        header = ["shape", "policy", "C", "decode steps", "decode p50 ms", "host p50 ms", "wait p50 ms", "overlapped",
+                  "prompt step kind", "prompt steps", "prompt mean ms", "prompt max ms"]
+        return common.markdown_table(header, body)
+
     def goals(self) -> list[str]:
         """Returns one line per goal and shape: the measured ratio against its bar, PASS/FAIL (or why unknown)."""
         lines = []
@@ -522,11 +588,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the scheduler's tokens per step, offloaded (activations count in its budget)")
     p.add_argument("--prefill-interval", type=int, default=1,
                    help="the scheduler's prefill_interval (1: prefill beside decode every step)")
-    p.add_argument("--alt-prefill-interval", type=int, default=8,
-                   help="a second serve row at --alt-concurrency with this prefill_interval (0: none)")
-    p.add_argument("--alt-static-mixed", action=argparse.BooleanOptionalAction, default=True,
-                   help="a second serve row at --alt-concurrency with static_mixed (mixed steps as CUDA graphs)")
+    p.add_argument("--alt-prefill-interval", type=int, default=0,
+                   help="a second serve row at --alt-concurrency with this prefill_interval (0: none; the "
+                        "f472762 H200 run measured 8 at C=32: 3,805 tok/s against 3,776)")
     p.add_argument("--alt-concurrency", type=int, nargs="*", default=[32])
+    p.add_argument("--alt-no-overlap", type=int, nargs="*", default=[1, 32], metavar="C",
+                   help="serve rows with overlapped decode steps off at these concurrencies")
+    p.add_argument("--alt-eager-mixed", type=int, nargs="*", default=[32], metavar="C",
+                   help="serve rows with eager (not static) mixed steps at these concurrencies")
+    p.add_argument("--alt-prefill-cap", type=int, default=512,
+                   help="serve rows with max_prefill_tokens at this cap (0: none), at --alt-prefill-cap-at")
+    p.add_argument("--alt-prefill-cap-at", type=int, nargs="*", default=[32, 128], metavar="C")
     p.add_argument("--hf-max-batch", type=int, default=128, help="largest batch transformers runs")
     p.add_argument("--hf-batches", type=int, default=1, help="padded batches transformers runs per concurrency")
     p.add_argument("--hf-max-s", type=float, default=20.0,
@@ -544,6 +616,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.min_len, args.max_len, args.new_tokens = 4, 24, 8
         args.static_prompt_len = 14
         args.alt_concurrency = [c for c in args.alt_concurrency if c <= 8] or [8]
+        args.alt_no_overlap = [c for c in args.alt_no_overlap if c <= 8] or [1]
+        args.alt_eager_mixed = [c for c in args.alt_eager_mixed if c <= 8] or [8]
+        args.alt_prefill_cap_at = [c for c in args.alt_prefill_cap_at if c <= 8] or [8]
+        args.alt_prefill_cap = min(args.alt_prefill_cap, 8)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; give --device cpu (with --small for a smoke run)")
     return args
@@ -569,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.results["wall_s"] = round(time.perf_counter() - T_START, 1)
     path = common.write_json(bench.results, args.out, "bench_serve")
     print(bench.table())
+    print(bench.step_table())
     print("\n".join(["goals:", *bench.goals()]))
     log(f"wrote {path} ({bench.results['wall_s']} s)")
     return 0
