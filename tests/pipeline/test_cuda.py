@@ -81,3 +81,19 @@ def test_cuda_step_profile_times_pages_and_layers(expected):
     assert 0 < summary["experts_gpu_ms"] <= summary["gpu_step_ms"]
     assert model.expert_runtime.copy_timing is False and model.expert_runtime.copy_spans == []
     assert model.expert_runtime.expert_spans == []
+
+
+@pytest.mark.gpu
+def test_shared_host_and_expert_kernel_probes():
+    """The machine's two optional levels: host memory read by the DMA and the CPU at once (each part
+    positive, the level their sum), and the grouped expert kernels' weight bytes/s (positive, and not
+    above twice the HBM copy rate: the copy counts a read and a write)."""
+    from moekit import native
+    from moekit.pipeline.machine import profile_experts, profile_gpu, profile_shared
+
+    if native.library() is not None:
+        shared = profile_shared("cuda", nbytes=1 << 26)
+        assert shared["h2d_shared"] > 0 and shared["cpu_read_shared"] > 0
+        assert shared["host_shared_bandwidth"] == pytest.approx(shared["h2d_shared"] + shared["cpu_read_shared"])
+    rate = profile_experts(256, 512, 8, 2, 32)
+    assert 0 < rate <= 2 * profile_gpu("cuda")["gpu_bandwidth"]

@@ -255,3 +255,61 @@ def test_a_compressed_forms_bytes_kernels_and_memory():
     assert tc.gpu > td.gpu  # its kernels cost the GPU more than bf16 GEMMs at these micro-batches
     one = decode_layer_time(code, machine, Policy(64, 64, 0.0), 96)  # one micro-batch: nothing to overlap
     assert one.serial and one.time == pytest.approx(max(one.comm, one.cpu + one.gpu))
+
+
+# ---- host memory shared by the weight pages' DMA and CPU attention ----------------------------------
+
+def test_shared_host_rate_bounds_the_layer():
+    """A layer is no shorter than (streamed + KV bytes) / the shared host rate: the H200 run's copies
+    slowed from 55 to 25-35 GB/s while CPU attention read the KV cache."""
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    policy = Policy(512, 32, 0.5, "cpu")
+    alone = decode_layer_time(m, h200(), policy, 144)
+    shared = decode_layer_time(m, h200(host_shared_bandwidth=50e9), policy, 144)
+    streamed, kv = 4 * BF16_EXPERT, 512 * 144 * m.kv_bytes_per_token
+    assert shared.host_bandwidth == pytest.approx((streamed + kv) / 50e9)
+    assert shared.time >= shared.host_bandwidth > alone.h2d  # now above the PCIe term: it binds
+    assert shared.bound == "host memory bandwidth" and alone.bound == "PCIe host-to-device"
+
+
+def test_shared_host_rate_is_monotone_and_the_search_stays_feasible():
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    w = Workload(77, 128, num_prompts=1024)
+    times = [decode_layer_time(m, h200(host_shared_bandwidth=rate), Policy(512, 32, 0.25, "cpu"), 141).time
+             for rate in (200e9, 100e9, 70e9, 40e9, 20e9)]
+    assert times == sorted(times)  # a slower shared rate never makes a layer faster
+    by_n = [decode_layer_time(m, h200(host_shared_bandwidth=40e9), Policy(n, 32, 0.25, "cpu"), 141).time
+            for n in (32, 256, 512, 1024)]
+    assert by_n == sorted(by_n)
+    budget = 16 * 2**30
+    plans = [search(m, h200(host_shared_bandwidth=rate), w, device_budget=budget, attention=("cpu",))
+             for rate in (None, 70e9, 40e9)]
+    tok_s = [p.decode_tok_s for p in plans]
+    assert tok_s == sorted(tok_s, reverse=True) and tok_s[-1] > 0
+    for plan, rate in zip(plans, (75e9, 70e9, 40e9)):  # the preset's host_bandwidth is 75e9
+        assert plan.memory.device <= budget
+        layer = plan.layer
+        streamed = m.layer_expert_bytes * (1 - plan.policy.resident_share)
+        kv = plan.policy.batch * m.attended(w.mean_context) * m.kv_bytes_per_token
+        assert layer.time >= (streamed + kv) / rate * (1 - 1e-9)
+
+
+def test_measured_expert_rate_raises_the_ffn_term_and_favours_fewer_micro_batches():
+    """Dense experts read at the grouped kernels' measured rate (a few tokens an expert reads far
+    below the copy rate): each micro-batch re-reads every touched expert, so a slower rate moves the
+    search to larger micro-batches; compressed forms keep their kernels' own cost."""
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    policy = Policy(512, 32, 0.5, "cpu")
+    fast = decode_layer_time(m, h200(), policy, 141)
+    slow = decode_layer_time(m, h200(expert_bandwidth=1e12), policy, 141)
+    assert slow.hbm > fast.hbm
+    ffn = 16 * m.touched(32) * BF16_EXPERT / 1e12
+    assert slow.gpu >= ffn and slow.gpu > fast.gpu
+    w = Workload(77, 128, num_prompts=512)
+    plans = [search(m, h200(expert_bandwidth=rate), w, device_budget=16 * 2**30, attention=("cpu",))
+             for rate in (None, 0.3e12)]
+    assert plans[1].policy.micro_batches <= plans[0].policy.micro_batches
+    assert plans[1].decode_tok_s <= plans[0].decode_tok_s
+    compressed = dataclasses.replace(m, form="int4")
+    assert decode_layer_time(compressed, h200(expert_bandwidth=1e9), policy, 141).gpu == pytest.approx(
+        decode_layer_time(compressed, h200(), policy, 141).gpu)

@@ -26,7 +26,10 @@ floor per routed expert (decoding its weights) and a slower rate per token than 
 the form decodes one matrix at a time into a workspace the device memory counts.
 
 The last T_cpu term is the host-DRAM contention the paper leaves out (MoE-Lightning brief §5.2-4):
-pinned DMA of the weights reads host memory too. A step is L layers; a generation is a prefill
+pinned DMA of the weights reads host memory too, so a layer is no shorter than its streamed bytes
+plus its KV bytes over the rate the host serves the DMA and the CPU together (Machine.host_shared_bandwidth,
+measured with both running; else the CPU's own read rate). The FFN's HBM term reads the experts
+at the grouped kernels' measured rate where known (Machine.expert_bandwidth), not the copy rate. A step is L layers; a generation is a prefill
 (all on the GPU, the weights streamed once per layer) and gen_len - 1 decode steps; throughput is
 N * gen_len / (prefill + decode), the paper's metric.
 
@@ -333,7 +336,7 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
     kv_read = n * positions * m.kv_bytes_per_token
     attn_flops = n * positions * m.attention_flops_per_position
     ffn_c = expert_calls_time(m, machine, policy.micro_batch, n_ub * m.moe_fraction)
-    ffn_b = n_ub * m.touched(policy.micro_batch) * m.expert_bytes * m.moe_fraction / machine.gpu_bandwidth
+    ffn_b = n_ub * m.touched(policy.micro_batch) * m.expert_bytes * m.moe_fraction / expert_read_rate(m, machine)
     other_c, other_b = _roof(n * m.other_flops, n_ub * m.other_bytes, machine.gpu_flops, machine.gpu_bandwidth)
     gpu_c, gpu_b = ffn_c + other_c, ffn_b + other_b
     gpu = max(ffn_c, ffn_b) + max(other_c, other_b)
@@ -344,7 +347,9 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
         d2h_bytes += n * m.qkv_values * m.act_bytes
         host_c = attn_flops / machine.host_flops
         kernel = kv_read / machine.cpu_attention_bandwidth if machine.cpu_attention_bandwidth else 0.0
-        host_bw = (kv_read + streamed) / machine.host_bandwidth
+        # the weight pages' DMA and the attention kernel read host memory at once: together no
+        # faster than the machine's shared rate (measured with both running, where known)
+        host_bw = (kv_read + streamed) / (machine.host_shared_bandwidth or machine.host_bandwidth)
     else:
         a_c, a_b = _roof(attn_flops, kv_read, machine.gpu_flops, machine.gpu_bandwidth)
         gpu += max(a_c, a_b)
@@ -355,6 +360,15 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
     return LayerTime(h2d=h2d_bytes / machine.h2d_bandwidth, d2h=d2h_bytes / machine.d2h_bandwidth,
                      host_compute=host_c, cpu_attention_kernel=kernel, host_bandwidth=host_bw,
                      gpu_compute=gpu_c, hbm=gpu_b, gpu=gpu, serial=policy.attention == "cpu" and n_ub < 2)
+
+
+def expert_read_rate(m: ModelCosts, machine: Machine) -> float:
+    """Returns the bytes/s a decode micro-batch's expert calls read weights at: the grouped dense
+    kernels' measured rate (Machine.expert_bandwidth) for dense experts where known, else the HBM
+    copy rate (compressed forms: their kernels' cost is expert_calls_time's)."""
+    if m.form == "dense" and machine.expert_bandwidth:
+        return min(machine.expert_bandwidth, machine.gpu_bandwidth)
+    return machine.gpu_bandwidth
 
 
 def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_len: int) -> float:

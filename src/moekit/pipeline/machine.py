@@ -5,7 +5,10 @@ in a small JSON file.
 What is measured where: the host levels (memory read bandwidth with the native stream probe,
 float32 GEMM FLOP/s, the native CPU attention kernel's KV bytes/s) on any machine; the GPU levels
 (bf16 GEMM FLOP/s, HBM copy bandwidth, pinned host-to-device and device-to-host copies) only where
-CUDA exists. A CPU-only machine planning for a GPU takes the GPU levels from a file (`--machine
+CUDA exists. Two optional levels need both: host memory read by the DMA and the CPU at once
+(`profile_shared`: what the weight pages and CPU attention share in a CGOPipe layer) and the
+grouped expert kernels' weight bytes/s at a model's decode shape (`profile_experts`: a few tokens
+an expert reads each expert's weights at well below the HBM copy rate). A CPU-only machine planning for a GPU takes the GPU levels from a file (`--machine
 FILE`, any subset of the fields) or a preset (`--machine h200`: the figures measured on the H200
 machine, docs BENCH.md). All rates are per second; sizes are bytes.
 """
@@ -25,6 +28,7 @@ from ..errors import MoekitError
 VERSION = 1
 GPU_FIELDS = ("gpu_flops", "gpu_bandwidth", "gpu_memory", "h2d_bandwidth", "d2h_bandwidth")
 HOST_FIELDS = ("host_flops", "host_bandwidth", "host_memory", "cpu_attention_bandwidth")
+SHARED_FIELDS = ("host_shared_bandwidth", "expert_bandwidth")  # optional, measured where both exist
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,15 @@ class Machine:
     host_bandwidth: float | None = None  # host memory read bytes/s, all cores
     host_memory: int | None = None  # host memory, bytes
     cpu_attention_bandwidth: float | None = None  # KV bytes/s of the native CPU attention kernel (all cores)
+    # host memory bytes/s read by a pinned host-to-device copy and the CPU together (their sum while
+    # both run): the DMA of the weight pages and CPU attention share it (None: host_bandwidth)
+    host_shared_bandwidth: float | None = None
+    # weight bytes/s the grouped dense expert kernels read at decode (a few tokens an expert; None: gpu_bandwidth)
+    expert_bandwidth: float | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:
-        for name in GPU_FIELDS + HOST_FIELDS:
+        for name in GPU_FIELDS + HOST_FIELDS + SHARED_FIELDS:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise MoekitError(f"machine '{self.name}': {name} must be > 0 (or left out), got {value}")
@@ -195,6 +204,83 @@ def profile_gpu(device: str = "cuda") -> dict[str, float]:
     d2h = size / timed(lambda: host.copy_(src, non_blocking=True))
     total = torch.cuda.get_device_properties(device).total_memory
     return {"gpu_flops": flops, "gpu_bandwidth": hbm, "gpu_memory": total, "h2d_bandwidth": h2d, "d2h_bandwidth": d2h}
+
+
+def profile_shared(device: str = "cuda", nbytes: int = 1 << 30, threads: int | None = None) -> dict[str, float]:
+    """Returns {host_shared_bandwidth, h2d_shared, cpu_read_shared} (bytes/s): pinned host-to-device
+    copies of `nbytes` issued back to back while `threads` host threads (default: all usable but
+    two, as CGOPipe's attention) read another `nbytes` of host memory with the native stream probe;
+    each rate over its own run, the shared level their sum. Needs CUDA and the native library."""
+    import threading
+
+    import torch
+
+    from ..native import library
+
+    lib = library()
+    if lib is None:
+        raise MoekitError("profile_shared needs the native library (moekit.native)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = threads or max(1, cores - 2)
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    dst.copy_(src, non_blocking=True)  # warm both paths
+    torch.cuda.synchronize(device)
+    lib.moekit_stream_read(buf.data_ptr(), buf.numel() * 8, threads)
+    passes, cpu = 4, {}
+
+    def read() -> None:
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            lib.moekit_stream_read(buf.data_ptr(), buf.numel() * 8, threads)  # ctypes: the GIL is released
+        cpu["s"] = time.perf_counter() - t0
+
+    reader = threading.Thread(target=read)
+    copies = 0
+    t0 = time.perf_counter()
+    reader.start()
+    while reader.is_alive() or copies == 0:
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        copies += 1
+    dma_s = time.perf_counter() - t0
+    reader.join()
+    h2d, cpu_rate = copies * nbytes / dma_s, passes * nbytes / cpu["s"]
+    return {"host_shared_bandwidth": h2d + cpu_rate, "h2d_shared": h2d, "cpu_read_shared": cpu_rate}
+
+
+def profile_experts(hidden: int, ffn: int, experts: int, top_k: int, tokens: int, device: str = "cuda",
+                    reps: int = 5) -> float:
+    """Returns the weight bytes/s the grouped dense expert kernels (experts.triton_ops) read on a
+    call of `tokens` tokens over `experts` bf16 SwiGLU experts of hidden x ffn, top-k routed
+    uniformly at random: the experts touched times their bytes over the call's time (CUDA)."""
+    import torch
+
+    from ..experts import triton_ops
+
+    g = torch.Generator(device=device).manual_seed(0)
+    gate_up = torch.randn(experts, 2 * ffn, hidden, device=device, dtype=torch.bfloat16, generator=g) * 0.02
+    down = torch.randn(experts, hidden, ffn, device=device, dtype=torch.bfloat16, generator=g) * 0.02
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, generator=g)
+    ids = torch.rand(tokens, experts, device=device, generator=g).topk(top_k, dim=1).indices
+    weights = torch.full((tokens, top_k), 1.0 / top_k, device=device, dtype=torch.bfloat16)
+    touched = int(torch.unique(ids).numel())
+
+    def call() -> None:
+        triton_ops.grouped_expert_ffn(x, ids, weights, gate_up, down)
+
+    call()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(reps):
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return touched * 3 * hidden * ffn * 2 / best
 
 
 def cache_path() -> Path:
