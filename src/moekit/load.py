@@ -37,9 +37,10 @@ def default_model_path() -> Path:
     return BUNDLED_MODEL
 
 
-def read_config(path: str | Path) -> tuple[Checkpoint, Family, ModelConfig]:
-    """Returns (checkpoint, family, ModelConfig) for a model directory, reading no weights."""
-    ckpt = Checkpoint(path)
+def read_config(path: str | Path | Checkpoint) -> tuple[Checkpoint, Family, ModelConfig]:
+    """Returns (checkpoint, family, ModelConfig) for a model directory (or an open Checkpoint,
+    e.g. a benchmark's random one), reading no weights."""
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
     family = family_for(ckpt.config, where=str(ckpt.path / "config.json"))
     return ckpt, family, family.config(ckpt.config)
 

@@ -21,6 +21,7 @@ from moekit.parallel.cli import ParallelSpec
     ("timeout=5", "ep=N or tp=M is missing"),
     ("ep=two", "ep and tp must be integers"),
     ("ep=2,timeout=0", "--parallel timeout must be > 0 seconds"),
+    ("ep=tp", "ep=tp needs tp=M too"),
 ])
 def test_bad_parallel_flag_is_one_line(capsys, value, message):
     code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--parallel", value)
@@ -30,6 +31,8 @@ def test_bad_parallel_flag_is_one_line(capsys, value, message):
 def test_spec_parses_a_grid():
     assert ParallelSpec.parse("ep=2,tp=2,timeout=9") == ParallelSpec(2, 2, 9.0)
     assert ParallelSpec.parse("tp=4").world == 4 and ParallelSpec.parse("ep=3").world == 3
+    over = ParallelSpec.parse("tp=2,ep=tp")  # heads and experts over the same 2 ranks
+    assert over == ParallelSpec(2, 2, ep_over_tp=True) and over.world == 2
 
 
 def test_parallel_without_torchrun_says_how(capsys, monkeypatch):

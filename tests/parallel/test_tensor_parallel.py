@@ -1,7 +1,7 @@
 """Tensor parallelism and ep x tp grids on 2 and 4 gloo ranks (spawned processes): greedy tokens
 equal one process's (float32) for mixtral, qwen3_moe, olmoe ("full" q/k norm), qwen2_moe (shared
 expert, a dense layer) and deepseek_v2 (latent attention, shared experts, a dense layer), at tp=2,
-tp=4 (kv heads replicated) and ep=2 x tp=2; gpt-oss (sinks, clamped experts replicated over the
+tp=4 (kv heads replicated), ep=2 x tp=2, and tp=2,ep=tp (heads and experts over the same 2 ranks); gpt-oss (sinks, clamped experts replicated over the
 row), glm4_moe, deepseek_v3 (q_lora), an int4 model and a globally pruned one (slow); and the
 refusals (sizes that do not divide, a grid that is not the world)."""
 
@@ -67,6 +67,12 @@ def test_grid_must_cover_the_world():
     with pytest.raises(MoekitError, match="ep=2,tp=2 needs ep x tp = 4 processes, but there are 2: give torchrun "
                                           "--nproc-per-node 4"):
         ParallelGroups.create(ExpertComm(0, 2, torch.device("cpu")), 2, 2)
+    with pytest.raises(MoekitError, match="tp=4,ep=tp splits heads and experts over the same ranks and needs tp = 2 "
+                                          "processes"):
+        ParallelGroups.create(ExpertComm(0, 2, torch.device("cpu")), 4, 4, ep_over_tp=True)
+    world = ExpertComm(0, 2, torch.device("cpu"))
+    groups = ParallelGroups.create(world, 2, 2, ep_over_tp=True)  # no collective: both views are the world
+    assert groups.tp is world and groups.ep is world and groups.ep_over_tp
 
 
 # ---- ranks ---------------------------------------------------------------------------------------------
@@ -83,14 +89,19 @@ def _spawn(world: int, cases: list[dict]):
     return {c["name"]: c for c in cases}, results
 
 
-def _case(tiny, variant: str, ep: int, tp: int) -> dict:
-    return {"name": f"{variant}_{ep}x{tp}", "path": str(tiny(variant).path), "ep": ep, "tp": tp}
+def _case(tiny, variant: str, ep: int, tp: int, over: bool = False) -> dict:
+    name = f"{variant}_ep=tp{tp}" if over else f"{variant}_{ep}x{tp}"
+    return {"name": name, "path": str(tiny(variant).path), "ep": ep, "tp": tp, "over": over}
+
+
+OVER = ["mixtral", "qwen2_moe", "deepseek_v2"]  # dense experts, a shared expert and a dense layer, latent attention
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny):
-    """tp=2 on the five families, ep=2 through the same loader."""
-    return _spawn(2, [*(_case(tiny, v, 1, 2) for v in FAMILIES), _case(tiny, "mixtral", 2, 1)])
+    """tp=2 on the five families, ep=2 through the same loader, tp=2,ep=tp on three."""
+    return _spawn(2, [*(_case(tiny, v, 1, 2) for v in FAMILIES), _case(tiny, "mixtral", 2, 1),
+                      *(_case(tiny, v, 2, 2, over=True) for v in OVER)])
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +152,8 @@ def _check_equal(spawned, name: str) -> None:
     ids = case["ids"]
     ragged = (model.generate([ids[0, :2], ids[1]], max_new_tokens=NEW_TOKENS, temperature=0, eos_token_ids=())
               if case.get("ragged") else None)
-    cfg, ep, tp = model.config, case["ep"], case["tp"]
+    cfg, ep, tp, over = model.config, case["ep"], case["tp"], case.get("over", False)
+    world = tp if over else ep * tp
     for rank, result in enumerate(results):
         got = result[name]
         assert not isinstance(got, RankError), got
@@ -152,16 +164,19 @@ def _check_equal(spawned, name: str) -> None:
         assert got["heads"] == cfg.num_heads // tp  # the KV cache is sized from these
         assert got["kv_heads"] == max(cfg.num_kv_heads // tp, 1)
         report = got["report"]
-        assert (report["ranks"], report["ep"], report["tp"]) == (ep * tp, ep, tp)
+        assert (report["ranks"], report["ep"], report["tp"], report["ep_over_tp"]) == (world, ep, tp, over)
+        if over:  # whole experts, split by id
+            assert report["experts_split_by_tp"] is False and got["expert_ffn"] == cfg.expert_ffn
         if report["experts_split_by_tp"]:
             assert got["expert_ffn"] == cfg.expert_ffn // tp
             # gate and up: this rank's rows only; down (columns) whole
             routed = [r for r in got["reads"] if ".experts." in r[0]]
             rows = [stop - start for _, start, stop in routed if start is not None]
             assert rows and set(rows) == {cfg.expert_ffn // tp} and len(rows) == 2 * (len(routed) - len(rows))
-    # the experts of a column: together every expert once; a rank reads only its own
-    for t in range(tp):
-        column = [results[e * tp + t][name] for e in range(ep)]
+    # the experts of a column (ep_over_tp: of every rank): together every expert once; a rank reads only its own
+    columns = [list(range(world))] if over else [[e * tp + t for e in range(ep)] for t in range(tp)]
+    for ranks in columns:
+        column = [results[r][name] for r in ranks]
         held = {layer: sum(c["held"][layer] for c in column) for layer in column[0]["held"]}
         assert held == {i: cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.experts_in(i)}
         if ep > 1:
@@ -177,6 +192,11 @@ def test_tp2_equals_one_process(two_ranks, variant):
 
 def test_ep2_through_the_grid_loader_equals_one_process(two_ranks):
     _check_equal(two_ranks, "mixtral_2x1")
+
+
+@pytest.mark.parametrize("variant", OVER)
+def test_heads_and_experts_over_the_same_two_ranks_equal_one_process(two_ranks, variant):
+    _check_equal(two_ranks, f"{variant}_ep=tp2")
 
 
 @pytest.mark.parametrize("name", ["mixtral_2x2", "qwen2_moe_2x2", "deepseek_v2_2x2", "olmoe_1x4"])

@@ -86,9 +86,9 @@ def sleep_or_load(comm, path: str, sleep_s: float) -> str:
 def grid_cases(comm, cases: list[dict]) -> dict:
     """Returns {case name: {"tokens", "logits", "report", "heads", "kv_heads", "expert_ffn", "local", "held",
     "reads", "ragged"} or RankError}
-    for each case {"name", "path", "ep", "tp", "ids" [B, T], "new_tokens", "ragged" (also generate for two
-    prompts of different lengths: the paged path)}: the model split over an
-    ep x tp grid of the ranks (parallel.tensor), groups made once per grid shape."""
+    for each case {"name", "path", "ep", "tp", "over" (ep_over_tp: heads and experts over the same ranks), "ids"
+    [B, T], "new_tokens", "ragged" (also generate for two prompts of different lengths: the paged path)}: the
+    model split over an ep x tp grid of the ranks (parallel.tensor), groups made once per grid shape."""
     from moekit.parallel.tensor import ParallelGroups, load_parallel
 
     reads = log_checkpoint_reads()
@@ -97,7 +97,7 @@ def grid_cases(comm, cases: list[dict]) -> dict:
     for case in cases:
         reads.clear()
         try:
-            shape = (case["ep"], case["tp"])
+            shape = (case["ep"], case["tp"], case.get("over", False))
             if shape not in grids:
                 grids[shape] = ParallelGroups.create(comm, *shape)
             model = load_parallel(case["path"], grids[shape], **case.get("load", {}))

@@ -2,9 +2,11 @@
 
     torchrun --nproc-per-node 2 -m moekit generate "def fib(n):" --parallel ep=2
     torchrun --nproc-per-node 4 -m moekit generate "def fib(n):" --parallel ep=2,tp=2
+    torchrun --nproc-per-node 2 -m moekit generate "def fib(n):" --parallel tp=2,ep=tp
 
 N x M ranks form a grid (parallel.tensor): each row of M ranks splits the attention heads and
-dense MLPs, each column of N ranks splits the routed experts. Every rank runs the same tokens;
+dense MLPs, each column of N ranks splits the routed experts; `ep=tp` has the same M ranks split the
+heads and, by expert id, the routed experts. Every rank runs the same tokens;
 rank 0 prints, the others stay quiet (their errors still reach stderr).
 """
 
@@ -29,22 +31,26 @@ class ParallelSpec:
     ep: int = 1  # ranks the routed experts are split over (a column of the grid)
     tp: int = 1  # ranks the attention heads and MLP widths are split over (a row of the grid)
     timeout_s: float = DEFAULT_TIMEOUT_S  # a collective waits this long before the rank gives up
+    ep_over_tp: bool = False  # ep=tp: the tp ranks also split the routed experts by id (ep = tp ranks in all)
 
     def __post_init__(self) -> None:
         for name in ("ep", "tp"):
             if getattr(self, name) < 1:
                 raise MoekitError(f"--parallel {name} must be >= 1, got {getattr(self, name)}")
+        if self.ep_over_tp and self.ep != self.tp:
+            raise MoekitError(f"--parallel ep=tp puts the experts on the tp ranks: ep must equal tp, got ep={self.ep}, "
+                              f"tp={self.tp}")
         if self.timeout_s <= 0:
             raise MoekitError(f"--parallel timeout must be > 0 seconds, got {self.timeout_s:g}")
 
     @property
     def world(self) -> int:
         """The processes the grid needs (torchrun's --nproc-per-node on one host)."""
-        return self.ep * self.tp
+        return self.tp if self.ep_over_tp else self.ep * self.tp
 
     @staticmethod
     def parse(text: str) -> ParallelSpec:
-        """Returns the spec of a --parallel value like "ep=2", "tp=2", "ep=2,tp=2,timeout=60"."""
+        """Returns the spec of a --parallel value like "ep=2", "tp=2", "ep=2,tp=2,timeout=60", "tp=2,ep=tp"."""
         fields: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
@@ -54,12 +60,16 @@ class ParallelSpec:
             fields[key] = value
         if "ep" not in fields and "tp" not in fields:
             raise MoekitError(f"--parallel {text}: ep=N or tp=M is missing, e.g. --parallel ep=2")
+        over = fields.get("ep") == "tp"
+        if over and "tp" not in fields:
+            raise MoekitError(f"--parallel {text}: ep=tp needs tp=M too, e.g. --parallel tp=2,ep=tp")
         try:
-            return ParallelSpec(int(fields.get("ep", 1)), int(fields.get("tp", 1)),
-                                float(fields.get("timeout", DEFAULT_TIMEOUT_S)))
+            tp = int(fields.get("tp", 1))
+            return ParallelSpec(tp if over else int(fields.get("ep", 1)), tp,
+                                float(fields.get("timeout", DEFAULT_TIMEOUT_S)), ep_over_tp=over)
         except ValueError:
             raise MoekitError(f"--parallel {text}: ep and tp must be integers and timeout a number of "
-                              "seconds") from None
+                              "seconds (or ep=tp)") from None
 
 
 def add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -68,6 +78,7 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
                    help="run over N x M processes started by torchrun (rank 0 prints): ep=N splits the routed "
                         "experts over N ranks, tp=M the attention heads and MLP widths over M (vLLM's tensor "
                         "parallel); torchrun --nproc-per-node N*M -m moekit generate ... --parallel ep=N,tp=M; "
+                        "tp=M,ep=tp: the same M ranks split the heads and (by id) the experts; "
                         f"timeout=S: seconds a rank waits for the others (default {DEFAULT_TIMEOUT_S:g})")
 
 
@@ -91,7 +102,8 @@ def stats_rows(report: dict) -> list[tuple[str, str]]:
     slots = report["slots_local"] + report["slots_remote"]
     remote = report["slots_remote"] / slots if slots else 0.0
     ep, tp = report.get("ep", report["ranks"]), report.get("tp", 1)
-    rows = [("ranks", (f"{report['ranks']} (ep={ep} x tp={tp}); rank {report['rank']} holds "
+    grid = f"tp={tp}, experts by id over the same ranks" if report.get("ep_over_tp") else f"ep={ep} x tp={tp}"
+    rows = [("ranks", (f"{report['ranks']} ({grid}); rank {report['rank']} holds "
                        f"{report['experts_held']} experts"))]
     if tp > 1:
         split = "each expert's ffn split too" if report.get("experts_split_by_tp") else "experts replicated"
@@ -116,11 +128,12 @@ class RankSetup:
         self.comm = ExpertComm.from_env(dev, spec.timeout_s)
         if self.comm.world != spec.world:
             self.close()
-            raise MoekitError(f"--parallel ep={spec.ep},tp={spec.tp} needs ep x tp = {spec.world} processes, but "
+            shape = f"tp={spec.tp},ep=tp needs" if spec.ep_over_tp else f"ep={spec.ep},tp={spec.tp} needs ep x tp ="
+            raise MoekitError(f"--parallel {shape} {spec.world} processes, but "
                               f"torchrun started {self.comm.world}: give torchrun --nproc-per-node {spec.world}")
         from .tensor import ParallelGroups
 
-        self.groups = ParallelGroups.create(self.comm, spec.ep, spec.tp)
+        self.groups = ParallelGroups.create(self.comm, spec.ep, spec.tp, spec.ep_over_tp)
         self.rank, self.device = self.comm.rank, dev
         if self.rank != 0:  # rank 0 prints; the others' stdout goes nowhere
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - held for the life of the process

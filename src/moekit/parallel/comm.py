@@ -3,6 +3,8 @@
 A rank that dies (or hangs) must not leave the others waiting forever: every collective here is
 started asynchronously and waited on with the group's timeout, and a failure becomes one
 MoekitError naming the rank, what it was doing and what to look at, so `moekit` exits with it.
+On CUDA (NCCL) the wait only orders the current stream after the collective, so a layer costs the
+host no sync; the process group's timeout (NCCL's watchdog) ends a collective that never completes.
 
     comm = ExpertComm.from_env(device)     # under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT
     comm.check_same(digest, "checkpoint")  # every rank must hold the same bytes
@@ -40,6 +42,8 @@ class ExpertComm:
         (gloo on the CPU, NCCL on CUDA) when it does not exist yet."""
         device = torch.device(device)
         owns = False
+        if device.type == "cuda":  # one GPU per rank: NCCL and the caching allocator use the current device
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
@@ -58,6 +62,15 @@ class ExpertComm:
 
     # ---- collectives ---------------------------------------------------------------------------
     def _wait(self, work, what: str) -> None:
+        if self.device.type == "cuda":
+            # NCCL: wait() without a timeout only orders the current stream after the collective;
+            # with one it would block the host until the collective ends (a sync per layer). A
+            # hung NCCL collective is ended by the process group's own timeout (from_env, new_group).
+            try:
+                work.wait()
+            except (RuntimeError, TimeoutError) as e:
+                raise self._failed(what, e) from None
+            return
         try:
             ok = work.wait(timedelta(seconds=self.timeout_s))
         except (RuntimeError, TimeoutError) as e:  # DistBackendError etc.: connection closed, timed out

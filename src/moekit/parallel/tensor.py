@@ -5,6 +5,11 @@ ranks: on GPUs, one NVLink island) split every layer's attention heads and dense
 ranks of one column split the routed experts (parallel.expert). Every row holds the whole
 residual stream and runs the same tokens.
 
+Or the same ranks do both (`ep_over_tp`, `--parallel tp=N,ep=tp`; vLLM's `--tensor-parallel-size N
+--enable-expert-parallel`): N ranks split the attention heads and dense MLPs as a row does and the
+routed experts by id as a column does (whole experts, dispatched by all-to-all), so 2 GPUs can run
+EP and TP together.
+
     attention  q/k/v rows and o_proj columns of this rank's heads; all_reduce after o_proj (o bias
                added once, after it); kv heads split when tp divides them, else replicated when
                they divide tp (each rank keeps the one its q heads read, as vLLM does); the KV
@@ -60,14 +65,21 @@ class ParallelGroups:
 
     world: ExpertComm  # every rank; global rank g = e * tp + t
     tp: ExpertComm  # the row: ranks e * tp .. e * tp + tp - 1, rank t within it
-    ep: ExpertComm  # the column: ranks t, tp + t, ..., rank e within it
+    ep: ExpertComm  # the column: ranks t, tp + t, ..., rank e within it (ep_over_tp: the row again)
+    ep_over_tp: bool = False  # the routed experts split by id over the tp row (no ffn split)
 
     @staticmethod
-    def create(world: ExpertComm, ep: int, tp: int) -> ParallelGroups:
-        """Returns the groups of an ep x tp grid over `world` (every rank must call it alike);
-        raises MoekitError when ep * tp is not the number of ranks."""
+    def create(world: ExpertComm, ep: int, tp: int, ep_over_tp: bool = False) -> ParallelGroups:
+        """Returns the groups of an ep x tp grid over `world` (every rank must call it alike), or
+        with `ep_over_tp` one group of tp = ep = world ranks doing both; raises MoekitError when
+        the sizes do not match the number of ranks."""
         if ep < 1 or tp < 1:
             raise MoekitError(f"--parallel ep and tp must be >= 1, got ep={ep}, tp={tp}")
+        if ep_over_tp:
+            if not ep == tp == world.world:
+                raise MoekitError(f"--parallel tp={tp},ep=tp splits heads and experts over the same ranks and needs "
+                                  f"tp = {world.world} processes: give torchrun --nproc-per-node {tp}")
+            return ParallelGroups(world, world, world, ep_over_tp=True)
         if ep * tp != world.world:
             raise MoekitError(f"--parallel ep={ep},tp={tp} needs ep x tp = {ep * tp} processes, but there are "
                               f"{world.world}: give torchrun --nproc-per-node {ep * tp}")
@@ -320,8 +332,19 @@ class ParallelRuntime(ExpertParallelRuntime):
 
     def report(self) -> dict:
         out = super().report()
-        out.update(ep=self.groups.ep.world, tp=self.groups.tp.world, experts_split_by_tp=self.split_experts)
+        out.update(ep=self.groups.ep.world, tp=self.groups.tp.world, experts_split_by_tp=self.split_experts,
+                   ep_over_tp=self.groups.ep_over_tp)
         return out
+
+    def capture_decode(self, model, cache, token, position):
+        """Returns the decode step as one CUDA graph when no expert exchange runs in it (ep = 1:
+        only all-reduces, which NCCL captures), else None (captured in pieces between the
+        exchanges, whose split sizes the host reads)."""
+        if self.groups.ep.world > 1 or not token.is_cuda:
+            return None
+        from ..generate import _GraphedDecode
+
+        return _GraphedDecode(model, cache, token, position)
 
 
 class ParallelLoader(ExpertParallelLoader):
@@ -339,7 +362,7 @@ class ParallelLoader(ExpertParallelLoader):
         self.groups.world.check_same(checkpoint_digest(ctx), "checkpoint", str(ctx.ckpt.path))
         self._plan(ctx)
         tp = self.groups.tp.world
-        self.split = tp > 1 and type(self.form) is DenseForm
+        self.split = tp > 1 and type(self.form) is DenseForm and not self.groups.ep_over_tp
         check_tensor_parallel(ctx.config, tp, self.split)
         if self.split:
             self.form = SplitDenseForm(self.form, self.groups.tp.rank, tp)
