@@ -458,11 +458,12 @@ def hf_model_over_host(hf_cfg, folder: Path, host: list) -> "torch.nn.Module":
     return model
 
 
-def bench_hf(shape, args, device, host, folder, budget, ids):
-    """transformers + accelerate device_map='auto' with max_memory={gpu: budget}: a few tokens, time-boxed."""
+def bench_hf(shape, args, device, host, folder, budget, ids, hf_cfg=None):
+    """transformers + accelerate device_map='auto' with max_memory={gpu: budget}: a few tokens, time-boxed
+    (`hf_cfg`: the transformers config, default this file's SHAPES[shape])."""
     import transformers
 
-    hf_cfg = hf_config(shape, args.small)
+    hf_cfg = hf_cfg if hf_cfg is not None else hf_config(shape, args.small)
     model = hf_model_over_host(hf_cfg, folder, host)
     result = {}
     if device.type == "cuda":
