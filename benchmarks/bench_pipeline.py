@@ -1,6 +1,6 @@
 """Batch throughput of the MoE-Lightning pipeline (issue 14), BENCH.md's "batch throughput" row.
 
-    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out $OUT                          # H200, <= 4.5 min
+    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out $OUT                          # H200, <= 9 min
     PYTHONPATH=src python3 benchmarks/bench_pipeline.py --small --device cpu --out /tmp/bp  # CPU, 20-45 s
 
 (both from the repository root; --out defaults to $OUT, else benchmarks/results)
@@ -52,16 +52,31 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
   reference path (more than 64 tokens an expert: each matrix decoded, the ternary code 128 rows
   at a time), seconds per prefill at this shape.
 
-Order and expected seconds on the H200 (--time-budget-s 255 from the start): build ~15 (22.5 GB
-of pinned experts), machine profile ~10, pipeline warm-up ~15 (Triton builds), pipeline gen 32 ~12,
-gen 128 ~40 (N=512, mu=32, 4 of 8 experts resident: ~0.2 s a decode step on the PCIe roof),
-ternary ~45 (RTN ~24, warm-up, gen 32) and int4 ~30 (RTN ~6), each skipped when fewer than
---compressed-min-s seconds are left, offload engine batch 64 ~15 and 256 ~30, transformers+accelerate ~35 only when the gen-256 row's
-predicted time still fits after it, pipeline gen 256 ~80 last. Every row's exception is recorded
-with its traceback tail; rows not started within --time-budget-s (or predicted not to finish
-within it) are recorded as skipped with the reason; the JSON
-(bench_pipeline.json) is rewritten after every row and the short table is printed last. Shape
-legend: L layers, D hidden, I expert ffn, E experts, N sequences, mu micro-batch.
+Order and expected seconds on the H200 (--time-budget-s 520 from the start; one call of the device
+tool, which allows 600 s): build ~25 (22.5 GB of pinned experts), machine profile ~20 (host levels,
+GPU levels, the shared host rate -- a pinned copy and 14 CPU threads reading host memory at once --
+and the grouped expert kernels' weight bytes/s at 16..256 tokens; the HRM plans with both),
+pipeline warm-up ~10 (Triton builds), gen 32 ~20, gen 128 ~55 (the last run's N=512, mu=32, 4 of 8
+experts resident: ~0.38 s a decode step), ternary ~45 (RTN ~33, warm-up, gen 32) and int4 ~20 (RTN
+~7), each skipped when fewer than --compressed-min-s seconds are left, transformers+accelerate ~40
+(before the offload rows: it was skipped for them twice), offload engine batch 64 ~40 and 256 ~60,
+pipeline gen 256 ~105 last: ~440 s in all. Every row's exception is recorded with its traceback
+tail; rows not started within --time-budget-s (or predicted not to finish within it) are recorded as
+skipped with the reason; the JSON (bench_pipeline.json) is rewritten after every row and the short
+table is printed last, with each pipeline row's decode step breakdown: the launch thread's issuing
+split into PreAttn+D2H / LoadH / pages / PostAttn, and the expert calls' own GPU time next to the
+HRM's GPU term.
+
+All 32 layers of Mixtral-8x7B (the issue's goal is counted there): 90 GB of bf16 experts pinned in
+the H200 machine's 128 GiB (126 GB) of host memory, plus the KV cache (N=512 at ~210 positions:
+14 GB) -- it fits with the compressed rows and the baselines left out (the rounded forms and the
+transformers model would hold more copies of the experts). One call, ~500 s:
+
+    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out $OUT --layers 32 --gen 32,128 \
+        --compressed '' --offload-batches '' --skip-hf --time-budget-s 540
+
+(build ~100 s, gen 32 ~60 s and gen 128 ~4 x the 8-layer step: ~200 s). The script refuses a
+--layers whose experts would not fit in 85% of host memory. Shape legend: L layers, D hidden, I expert ffn, E experts, N sequences, mu micro-batch.
 """
 
 from __future__ import annotations
@@ -69,6 +84,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -103,6 +119,12 @@ def build(shape: str, layers: int, device: torch.device, root: Path):
     from moekit.families import family_for
     from moekit.offload.layout import pinned_empty
 
+    sizes = SHAPES[shape]
+    expert_bytes = layers * sizes["num_local_experts"] * 3 * sizes["hidden_size"] * sizes["intermediate_size"] * 2
+    host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if expert_bytes > 0.85 * host_bytes:
+        raise SystemExit(f"--layers {layers}: {expert_bytes / 1e9:.1f} GB of bf16 experts would not fit in 85% of this "
+                         f"machine's {host_bytes / 1e9:.1f} GB of host memory beside the KV cache; use fewer layers")
     hf = transformers.MixtralConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=4096,
                                     torch_dtype="bfloat16")
     folder = root / f"{shape}-{layers}l"
@@ -145,14 +167,34 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]
 
 # ---- the machine and the HRM ----------------------------------------------------------------------
 
-def measure_machine(device: torch.device, small: bool):
-    """Returns the HRM's Machine: host levels measured here; GPU levels measured on CUDA, else the
-    H200 preset (a CPU run only checks that the script works)."""
-    from moekit.pipeline.machine import PRESETS, Machine, profile_gpu, profile_host
+EXPERT_PROBE_TOKENS = (16, 32, 64, 128, 256)  # micro-batch sizes the grouped expert kernels are timed at
+
+
+def measure_machine(device: torch.device, small: bool, cfg, probes: dict):
+    """Returns the HRM's Machine: host levels measured here; GPU levels measured on CUDA (with the
+    shared host rate -- the DMA and the CPU reading at once -- and the grouped expert kernels' weight
+    bytes/s at this shape, 32 tokens a call), else the H200 preset (a CPU run only checks that the
+    script works). `probes` receives the shared-rate parts and the expert rate at each of
+    EXPERT_PROBE_TOKENS."""
+    from moekit.pipeline.machine import PRESETS, Machine, profile_experts, profile_gpu, profile_host, profile_shared
 
     levels = profile_host(quick=small)
     if device.type == "cuda":
         levels.update(profile_gpu(str(device)))
+        try:
+            shared = profile_shared(str(device))
+            probes["shared"] = shared
+            levels["host_shared_bandwidth"] = shared["host_shared_bandwidth"]
+        except Exception as e:  # noqa: BLE001 -- the HRM falls back to the CPU's own read rate
+            probes["shared_error"] = f"{type(e).__name__}: {e}"
+        try:
+            rates = {t: profile_experts(cfg.hidden_size, cfg.expert_ffn, cfg.num_experts, cfg.top_k, t, str(device))
+                     for t in EXPERT_PROBE_TOKENS}
+            probes["expert_bytes_per_s"] = rates
+            levels["expert_bandwidth"] = rates[32]
+        except Exception as e:  # noqa: BLE001
+            probes["expert_error"] = f"{type(e).__name__}: {e}"
+        free_memory(device)
         return Machine(name=common.device_name(device), **levels)
     return PRESETS["h200"].merged(Machine(name="cpu", **levels))
 
@@ -258,6 +300,7 @@ def step_breakdown(profile: dict | None, plan, streamed_bytes: int, h2d: float) 
     hrm = plan.layer
     out["hrm_layer_ms"] = {"h2d": 1e3 * hrm.h2d, "cpu": 1e3 * hrm.cpu, "gpu": 1e3 * hrm.gpu, "max": 1e3 * hrm.time}
     out["hrm_step_ms"] = 1e3 * plan.decode_step_s
+    out["hrm_gpu_step_ms"] = 1e3 * hrm.gpu * len(profile.get("layer_ms") or []) if profile.get("layer_ms") else None
     out["pcie_step_ms"] = 1e3 * streamed_bytes / h2d if h2d else None  # the streamed bytes at the measured H2D
     if layers:
         out["layer_ms_mean"] = sum(profile["layer_ms"]) / layers
@@ -413,14 +456,18 @@ def breakdown_table(results: dict) -> str:
         b = r.get("step_breakdown")
         if not b:
             continue
-        rows.append([r.get("gen_len"), fmt(b.get("step_ms")), fmt(b.get("hrm_step_ms")), fmt(b.get("pcie_step_ms")),
-                     fmt(b.get("gpu_step_ms")), fmt(b.get("launch_blocked_ms")), fmt(b.get("launch_issuing_ms")),
+        issue = " / ".join(fmt(b.get(f"issue_{part}_ms")) for part in ("pre", "loadh", "pages", "post"))
+        rows.append([r.get("row", "").replace(" (CGOPipe, HRM policy)", ""), r.get("gen_len"), fmt(b.get("step_ms")),
+                     fmt(b.get("hrm_step_ms")), fmt(b.get("pcie_step_ms")),
+                     fmt(b.get("gpu_step_ms")), fmt(b.get("launch_blocked_ms")), fmt(b.get("launch_issuing_ms")), issue,
+                     fmt(b.get("experts_gpu_ms")), fmt(b.get("hrm_gpu_step_ms")),
                      fmt(b.get("worker_attention_ms")), fmt(b.get("worker_wait_ms")), fmt(b.get("layer_ms_mean")),
                      fmt(b.get("copy_span_ms_mean")), fmt(b.get("copy_gb_s_mean")), fmt(b.get("loadh_ms_mean"), 3)])
     if not rows:
         return ""
     return "\n\ndecode step breakdown (ms per step unless noted; the first step left out)\n" + common.markdown_table(
-        ["gen", "step", "HRM step", "PCIe step", "GPU stream", "launch blocked", "launch issuing", "worker attention",
+        ["row", "gen", "step", "HRM step", "PCIe step", "GPU stream", "launch blocked", "launch issuing",
+         "issuing: pre / loadh / pages / post", "experts on GPU", "HRM GPU", "worker attention",
          "worker waiting", "layer (GPU)", "page span / layer", "page GB/s", "LoadH ms"], rows)
 
 
@@ -442,7 +489,7 @@ def main() -> int:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--reserve-s", type=float, default=60.0,
                    help="seconds the first pipeline rows leave for the baselines (the longest gen runs last)")
-    p.add_argument("--time-budget-s", type=float, default=255.0,
+    p.add_argument("--time-budget-s", type=float, default=520.0,
                    help="rows not started (or predicted not to end) by then are recorded as skipped")
     p.add_argument("--compressed", default="ternary,4",
                    help="stored forms of the compressed pipeline rows: ternary, 4 (int4), 3, 2, comma-separated "
@@ -503,11 +550,18 @@ def main() -> int:
     save()
 
     t0 = time.perf_counter()
-    machine = measure_machine(device, args.small)
+    probes: dict = {}
+    machine = measure_machine(device, args.small, cfg, probes)
     h2d = machine.h2d_bandwidth if device.type == "cuda" else common.H2D_PINNED_BYTES_PER_S
-    results.update(machine=machine.to_dict(), machine_s=time.perf_counter() - t0, h2d_bytes_per_s=h2d)
+    results.update(machine=machine.to_dict(), machine_probes=probes, machine_s=time.perf_counter() - t0,
+                   h2d_bytes_per_s=h2d)
+    shared = probes.get("shared") or {}
     log(f"machine: H2D {h2d / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s, CPU attention "
-        f"{(machine.cpu_attention_bandwidth or 0) / 1e9:.1f} GB/s, {machine.host_flops / 1e12:.2f} host TFLOP/s "
+        f"{(machine.cpu_attention_bandwidth or 0) / 1e9:.1f} GB/s, {machine.host_flops / 1e12:.2f} host TFLOP/s; "
+        f"shared host {fmt((machine.host_shared_bandwidth or 0) / 1e9)} GB/s (DMA "
+        f"{fmt((shared.get('h2d_shared') or 0) / 1e9)} + CPU {fmt((shared.get('cpu_read_shared') or 0) / 1e9)}), "
+        f"grouped experts {fmt((machine.expert_bandwidth or 0) / 1e12, 2)} TB/s at 32 tokens "
+        f"({' '.join(f'{t}:{r / 1e12:.2f}' for t, r in (probes.get('expert_bytes_per_s') or {}).items())}) "
         f"({results['machine_s']:.1f} s)")
     save()
 
@@ -576,13 +630,16 @@ def main() -> int:
                 if not warm and not form:
                     steps.append((n, prompt_mean + g / 2, row["decode_step_s"]))
                     results["last_prefill_s"] = row["prefill_s"]
+                if not warm:
                     b = row.get("step_breakdown") or {}
                     log(f"  decode step {fmt(b.get('step_ms'))} ms (HRM {fmt(b.get('hrm_step_ms'))}, PCIe "
                         f"{fmt(b.get('pcie_step_ms'))}): launch thread blocked {fmt(b.get('launch_blocked_ms'))} / "
-                        f"issuing {fmt(b.get('launch_issuing_ms'))}, worker attention "
-                        f"{fmt(b.get('worker_attention_ms'))}, GPU stream {fmt(b.get('gpu_step_ms'))}, page span "
-                        f"{fmt(b.get('copy_span_ms_mean'))} ms/layer at {fmt(b.get('copy_gb_s_mean'))} GB/s, LoadH "
-                        f"{fmt(b.get('loadh_ms_mean'), 3)} ms")
+                        f"issuing {fmt(b.get('launch_issuing_ms'))} (pre/loadh/pages/post "
+                        + "/".join(fmt(b.get(f"issue_{part}_ms")) for part in ("pre", "loadh", "pages", "post"))
+                        + f"), experts on the GPU {fmt(b.get('experts_gpu_ms'))} (HRM {fmt(b.get('hrm_gpu_step_ms'))}), "
+                        f"worker attention {fmt(b.get('worker_attention_ms'))}, GPU stream {fmt(b.get('gpu_step_ms'))}, "
+                        f"page span {fmt(b.get('copy_span_ms_mean'))} ms/layer at {fmt(b.get('copy_gb_s_mean'))} GB/s, "
+                        f"LoadH {fmt(b.get('loadh_ms_mean'), 3)} ms")
             except OutOfTime as e:
                 row.update(status="stopped", reason=str(e), peak_bytes=peak_bytes(device))
             except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
@@ -628,6 +685,27 @@ def main() -> int:
         form = stored = None
         free_memory(device)
 
+    # ---- transformers + accelerate, batch 8 ----
+    # before the offload rows and the longest pipeline row, which keep no time for it (it was skipped
+    # for them in two H200 runs)
+    row = {"row": "transformers+accelerate", "batch": 8}
+    if args.skip_hf:
+        row.update(status="skipped", reason="--skip-hf")
+    elif left() < args.hf_cap_s + 20:
+        row.update(status="skipped", reason=f"{left():.0f} s left: less than its cap {args.hf_cap_s:.0f} s + 20 s "
+                                            "to load (--time-budget-s)")
+    else:
+        try:
+            free_memory(device, reset_peak=True)
+            row.update(hf_row(hf_cfg, folder, host, prompts_of(lengths_all[:8], cfg.vocab_size, seed=3),
+                              args.offload_gen, budget, device, min(args.hf_cap_s, left() - 10)))
+            if device.type == "cuda":
+                row["within_budget"] = row["peak_bytes"] <= budget
+        except Exception as e:  # noqa: BLE001
+            error_row(row, e)
+        free_memory(device)
+    record(row)
+
     # ---- moekit's offload engine, ragged batches ----
     best = None
     last = ordered[-1]
@@ -654,28 +732,6 @@ def main() -> int:
     if best is not None:
         best["best_batch"] = True
         save()
-
-    # ---- transformers + accelerate, batch 8 ----
-    row = {"row": "transformers+accelerate", "batch": 8}
-    last = ordered[-1]  # the pipeline row still to run comes first: its predicted time is kept for it
-    n_last = steps[-1][0] if steps else max_n
-    keep = predict_s(n_last, plan_prompt_len + last / 2, last) or 0.0
-    if args.skip_hf:
-        row.update(status="skipped", reason="--skip-hf")
-    elif left() - keep < args.hf_cap_s + 20:
-        row.update(status="skipped", reason=f"{left():.0f} s left, {keep:.0f} s kept for the gen-{last} pipeline "
-                                            f"row: less than its cap {args.hf_cap_s:.0f} s + 20 s to load")
-    else:
-        try:
-            free_memory(device, reset_peak=True)
-            row.update(hf_row(hf_cfg, folder, host, prompts_of(lengths_all[:8], cfg.vocab_size, seed=3),
-                              args.offload_gen, budget, device, min(args.hf_cap_s, left() - 10)))
-            if device.type == "cuda":
-                row["within_budget"] = row["peak_bytes"] <= budget
-        except Exception as e:  # noqa: BLE001
-            error_row(row, e)
-        free_memory(device)
-    record(row)
 
     pipeline_rows(ordered[-1:], reserve_s=0.0)
     models.drop()
