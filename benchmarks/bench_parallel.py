@@ -233,8 +233,9 @@ def measure(rk: Rank, model, cfg, label: str) -> dict:
     for b in args.batches:
         prompt = torch.randint(0, cfg.vocab_size, (b, args.prompt_tokens), generator=gen).to(dev)
         stats = GenerationStats()
+        eager = args.eager_parallel and label not in ("1gpu", "offload")
         tokens = model.generate(prompt, max_new_tokens=args.decode_tokens, temperature=0, eos_token_ids=(),
-                                stats=stats)
+                                stats=stats, cuda_graph=False if eager else None)
         step_bytes = decode_bytes(held, cfg, b)
         out["decode"][str(b)] = {
             "tok_s": b * stats.decode_tok_s, "tok_s_per_seq": stats.decode_tok_s,
@@ -309,19 +310,33 @@ def model_row(rk: Rank, mode: str, hf: dict, budget_bytes: int | None = None) ->
             torch.cuda.set_per_process_memory_fraction(1.0, rk.device)
 
 
-def rank_main(rank: int, port: int, args: argparse.Namespace, deadline: float) -> None:
-    """Runs every row on this rank; rank 0 writes the JSON after each."""
-    rk = Rank(rank, port, args)
-    results = {"meta": run_meta(args, rk.device) if rank == 0 else None, "rows": [], "notes": NOTES}
-    if rank == 0:
-        results["meta"]["ranks"] = RANKS
-        results["meta"]["ceilings"] = {"hbm_bytes_per_s": HBM_BYTES_PER_S, "bf16_flop_per_s": BF16_FLOP_PER_S}
+def row_plan(args: argparse.Namespace) -> list[tuple[str, str | None, float | None]]:
+    """Returns the rows in order: (shape or "bandwidth" / "fit24", mode, GB per GPU or None)."""
     rows = [("bandwidth", None, None)] + [(shape, mode, None) for shape in args.shapes for mode in args.modes]
     if args.fit_layers:
         rows += [("fit24", mode, args.budget_gb) for mode in ("offload", "tp2", "ep2")]
+    return rows
+
+
+def row_name(shape: str, mode: str | None) -> str:
+    return shape if mode is None else f"{shape} {mode}"
+
+
+def rank_main(rank: int, port: int, args: argparse.Namespace, deadline: float, first_row: int) -> None:
+    """Runs the rows from `first_row` on this rank; rank 0 writes the JSON after each (appending to
+    the one an earlier pair of ranks left when first_row > 0)."""
+    rk = Rank(rank, port, args)
+    path = Path(args.out) / f"{NAME}.json"
+    if first_row > 0 and path.exists():
+        results = json.loads(path.read_text())
+    else:
+        results = {"meta": run_meta(args, rk.device) if rank == 0 else None, "rows": [], "notes": NOTES}
+        if rank == 0:
+            results["meta"]["ranks"] = RANKS
+            results["meta"]["ceilings"] = {"hbm_bytes_per_s": HBM_BYTES_PER_S, "bf16_flop_per_s": BF16_FLOP_PER_S}
     estimate: dict[str, float] = {}
-    for shape, mode, budget in rows:
-        name = shape if mode is None else f"{shape} {mode}"
+    for shape, mode, budget in row_plan(args)[first_row:]:
+        name = row_name(shape, mode)
         left = deadline - time.time()
         guess = estimate.get(shape, 10.0 if args.small else 30.0)
         skip = rk.agree(None if left > guess else f"skipped: {left:.0f} s of the time budget left, the row "
@@ -331,6 +346,8 @@ def rank_main(rank: int, port: int, args: argparse.Namespace, deadline: float) -
         else:
             if rank == 0:
                 log(f"row {name}")
+            if args.die_in_row == name and rank == 1 and not args.eager_parallel:
+                os._exit(3)  # the launcher's restart path, tested on the CPU
             t0 = time.perf_counter()
             if shape == "bandwidth":
                 try:
@@ -348,6 +365,8 @@ def rank_main(rank: int, port: int, args: argparse.Namespace, deadline: float) -
             estimate[shape] = max(estimate.get(shape, 0.0), spent * 1.2)
             both = rk.gather(mine)
             row = {"row": name, "shape": shape, "mode": mode, "seconds": spent, "ranks": both}
+            if args.eager_parallel and mode not in (None, "1gpu", "offload"):
+                row["note"] = "decoded without CUDA graphs: an earlier pair of ranks died in a parallel row"
             if budget is not None:
                 row["budget_gb_per_gpu"] = budget
         if rank == 0:
@@ -448,7 +467,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode run")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--reps", type=int, default=3, help="timed prefill forwards")
-    p.add_argument("--collective-timeout-s", type=float, default=120.0)
+    p.add_argument("--collective-timeout-s", type=float, default=90.0)
+    p.add_argument("--row-timeout-s", type=float, default=200.0,
+                   help="ranks that write no row for this long are killed and restarted from the next row")
+    p.add_argument("--eager-parallel", action="store_true", help="decode the parallel rows without CUDA graphs")
+    p.add_argument("--die-in-row", default=None, help=argparse.SUPPRESS)  # rank 1 exits there (a test)
     args = p.parse_args(argv)
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -468,34 +491,78 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_pair(args: argparse.Namespace, deadline: float, first_row: int, path: Path) -> tuple[list, str | None]:
+    """Returns the exit codes of one pair of rank processes run from `first_row`, and why they were
+    killed (None: they ended): past the deadline, or no row written for --row-timeout-s (a hang)."""
+    ctx = mp.get_context("spawn")
+    port = common_free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, port, args, deadline, first_row)) for r in range(RANKS)]
+    for p in procs:
+        p.start()
+    last = time.time()
+    seen = path.stat().st_mtime if path.exists() else None
+    why = None
+    while any(p.is_alive() for p in procs):
+        procs[0].join(2.0)
+        mtime = path.stat().st_mtime if path.exists() else None
+        if mtime != seen:
+            seen, last = mtime, time.time()
+        if time.time() > deadline + 30:
+            why = "past the time budget"
+        elif time.time() - last > args.row_timeout_s:
+            why = f"no row finished in {args.row_timeout_s:g} s (hung)"
+        if why:
+            for r, p in enumerate(procs):
+                if p.is_alive():
+                    log(f"rank {r}: {why}: killing it")
+                    p.kill()
+            break
+    for p in procs:
+        p.join()
+    return [p.exitcode for p in procs], why
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the lent machines
-    start = time.time()
-    deadline = start + args.time_budget_s
-    port = common_free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, port, args, deadline)) for r in range(RANKS)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(max(1.0, deadline + 30 - time.time()))
-    for r, p in enumerate(procs):
-        if p.is_alive():
-            log(f"rank {r} still running past the budget: killing it")
-            p.kill()
-            p.join()
+    deadline = time.time() + args.time_budget_s
     path = Path(args.out) / f"{NAME}.json"
+    if path.exists():
+        path.unlink()  # a resumed pair appends to this run's file only
+    plan = row_plan(args)
+    first, codes, deaths = 0, [], []
+    while True:
+        codes, why = run_pair(args, deadline, first, path)
+        if all(c == 0 for c in codes) or not path.exists():
+            break
+        # a pair died or hung in a row: record it, and go on from the next row with fresh ranks (a
+        # parallel row is first retried once without CUDA graphs)
+        results = json.loads(path.read_text())
+        failed = len(results["rows"])
+        if failed >= len(plan) or time.time() > deadline - 30:
+            break
+        shape, mode, _ = plan[failed]
+        death = {"row": row_name(shape, mode), "exit_codes": codes, "killed": why, "eager": args.eager_parallel}
+        deaths.append(death)
+        log(f"ranks died in row {death['row']} ({why or f'exit codes {codes}'})")
+        if not args.eager_parallel and mode not in (None, "1gpu", "offload"):
+            args.eager_parallel = True  # retry this row, and decode every later parallel row, eagerly
+        else:
+            results["rows"].append({"row": death["row"], "shape": shape, "mode": mode,
+                                    "ranks": [{"error": f"ranks died ({why or f'exit codes {codes}'})"}] * RANKS})
+            write_json(results, args.out, NAME)
+            failed += 1
+        first = failed
     if not path.exists():
-        log(f"no {path}: rank 0 failed before its first row (exit codes {[p.exitcode for p in procs]})")
+        log(f"no {path}: rank 0 failed before its first row (exit codes {codes})")
         return 1
     results = json.loads(path.read_text())
-    results["exit_codes"] = [p.exitcode for p in procs]
+    results["exit_codes"], results["rank_deaths"] = codes, deaths
     write_json(results, args.out, NAME)
     print(bandwidth_table(results))
     print()
     print(table(results))
-    return 0 if all(p.exitcode == 0 for p in procs) else 1
+    return 0 if all(c == 0 for c in codes) and not deaths else 1
 
 
 def common_free_port() -> int:

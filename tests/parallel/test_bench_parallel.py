@@ -81,3 +81,22 @@ def test_small_cpu_run_covers_every_row(tmp_path):
     for mode in ("tp2", "ep2"):
         assert "speedup" in rows[f"fit24 {mode}"]  # over the offloaded GPU
     assert "| mixtral-8x7b ep2tp2 |" in r.stdout
+
+
+@pytest.mark.slow
+def test_ranks_that_die_in_a_parallel_row_are_restarted_without_graphs(tmp_path):
+    """Rank 1 exits in the ep2 row: the launcher records it, restarts both ranks at that row with
+    eager decode, and the row still lands in the JSON (~25 s)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_parallel.py"), "--small", "--device", "cpu",
+                        "--shapes", "mixtral-8x7b", "--modes", "1gpu,ep2", "--fit-layers", "0", "--die-in-row",
+                        "mixtral-8x7b ep2", "--collective-timeout-s", "5", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # a death is reported in the exit code
+    results = json.loads((tmp_path / "bench_parallel.json").read_text())
+    assert [d["row"] for d in results["rank_deaths"]] == ["mixtral-8x7b ep2"]
+    assert results["rank_deaths"][0]["exit_codes"][1] == 3
+    rows = {row["row"]: row for row in results["rows"]}
+    assert list(rows) == ["bandwidth", "mixtral-8x7b 1gpu", "mixtral-8x7b ep2"]
+    assert "without CUDA graphs" in rows["mixtral-8x7b ep2"]["note"]
+    assert rows["mixtral-8x7b ep2"]["ranks"][0]["decode"]["1"]["tokens_equal_1gpu"] == 1.0
