@@ -293,6 +293,13 @@ class Shape:
         from moekit.load import load_model
 
         t = time.perf_counter()
+        moe = [i for i, m in enumerate(self.cfg.moe_layers) if m]
+        if not self.mxfp4 and sorted(self.gpu_experts) != moe:
+            import transformers
+
+            raise RuntimeError(f"transformers {transformers.__version__}: no stacked 'mlp.experts.gate_up_proj' / "
+                               f"'down_proj' in layers {sorted(set(moe) - set(self.gpu_experts))} of its "
+                               f"{type(self.hf).__name__}; this script shares those stacks with moekit")
         experts = HostResident(self.gpu_experts) if not self.mxfp4 else None
         self.mk = load_model(self.folder, device=self.device, dtype=torch.bfloat16, experts=experts)
         sync(self.device)
