@@ -1,24 +1,44 @@
-"""moekit vs llama.cpp on the same checkpoint in one run (issue 12), with the ceilings beside them.
+"""moekit vs llama.cpp on the same checkpoint in one run (issue 12), with the ceilings and the bars beside them.
 
-One random bf16 checkpoint (default: the OLMoE-1B-7B shape, 13.8 GB) is written once; llama.cpp is
-built from the trimmed source in ../shared/anchors/llamacpp (copy that folder into a git-ignored
-`.anchors/llamacpp` and carry it to the GPU machine), converts the checkpoint to GGUF bf16, and
-llama-bench measures decode (64 tokens after none, -fa 1) all on the GPU and with the experts of
-all / half of the MoE layers on the CPU (-ncmoe), and prefill 512. While each llama-bench run
-works, nvidia-smi samples the GPU's used memory every 50 ms: its peak minus the idle figure is
-llama.cpp's footprint. moekit then runs the same checkpoint at those footprints, as
-`--device-memory` (its own allocator-enforced budget), with the missed experts computed on the
-CPU (`--misses cpu`), split by the cost model (`auto`) or fetched (`fetch`); and all on the GPU.
+One random bf16 checkpoint of a shape (OLMoE-1B-7B, Mixtral-8x7B cut to 8 layers, Qwen3-30B-A3B cut
+to 24) is written once per machine (reused while its stamp matches); llama.cpp is built from the
+trimmed source in ../shared/anchors/llamacpp (copy that folder into the git-ignored
+`.anchors/llamacpp` and carry it), converts the checkpoint to GGUF bf16, and llama-bench measures
+decode (64 tokens, -fa 1) while nvidia-smi samples the GPU's used memory every 50 ms: the peak minus
+the idle figure is llama.cpp's footprint. moekit then runs the same checkpoint at that footprint as
+`--device-memory` (its own allocator-enforced budget), with the missed experts computed on the CPU
+(`cpu`), split by the cost model (`auto`) or fetched (`fetch`).
 
-Ceilings, measured in this run: the host's read rate with all cores (the native kernel's stream
-read), pinned host-to-device copies alone, and both at once (they share the host's memory). With
-E bytes of missed experts per token, the decode ceiling is 1 / (E / (cpu_rate + h2d_rate)) when
-both links run concurrently (the issue's "combined ceiling"), E / cpu_rate for the CPU alone.
-The CPU kernel is measured on one expert and on a layer's top-k experts, native vs PyTorch, and
-the compressed-expert kernels (int4, int2, ternary code, decoded in the matvec) on a layer's top-k.
+Rows (--rows, a comma list; each call writes its own --name.json):
+  resident    decode B=1 and prefill 512, all on the GPU (llama.cpp -ngl 99; moekit resident)
+  host        decode, every MoE layer's experts in host memory (llama.cpp -ncmoe all), bf16
+  half        decode, half of the MoE layers' experts on the CPU (-ncmoe half), bf16
+  compressed  llama-quantize Q4_K_M and Q2_K of the bf16 GGUF at -ncmoe all / half, next to moekit's
+              int4 / int2 (RTN, group 128) at those footprints, and moekit's ternary (RTN, sub-1-bit
+              code) at llama.cpp's bf16 footprints (--compressed-modes, --compressed-misses); each moekit
+              checkpoint is written while llama.cpp builds, and deleted after its rows
+  cpu         no GPU: llama.cpp's decode with the GPU hidden (-dev none -ngl 0; the CPU build without
+              CUDA) interleaved with `moekit --device cpu` bf16 on all the host's cores (16 on the H200)
+  rates       the CPU kernel against the host's read rate (one expert, a layer's top-k; compressed kernels)
+The ceilings (host read, pinned H2D, both at once) are measured whenever offloaded rows run. With E
+bytes of missed experts per token the decode ceiling is (cpu_rate + h2d_rate) / E (the issue's
+"combined ceiling"), capped by moekit's all-on-GPU figure when that row ran.
 
-    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --out $OUT                         # H200, ~8 min
-    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --shape tiny --skip-llamacpp --device cpu --out /tmp/l
+The H200 machine (one call each, <= 560 s; llama.cpp's build takes ~210 s of each call, as the
+machine is given back 30 s after a call: a call that finds it warm builds nothing). Expected
+seconds from the 21:00 run's log (OLMoE: checkpoint 34 s, build + convert 325 s, a llama-bench row
+~4 s, a moekit offloaded row ~22 s, rates 14 s) scaled by bytes for the other shapes:
+
+    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --rows resident,host,half,rates,cpu --name bench_llamacpp_olmoe --out $OUT          # ~500 s
+    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --rows compressed --name bench_llamacpp_olmoe_q --out $OUT                          # ~480 s
+    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --shape mixtral-8x7b-8l --rows resident,host,half,compressed --misses auto --compressed-modes host --name bench_llamacpp_mixtral --out $OUT   # ~540 s
+    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --shape qwen3-30b-a3b-24l --rows resident,host,half --misses auto --name bench_llamacpp_qwen3 --out $OUT   # ~520 s
+
+Without a GPU (the 2-core VM; smoke tests of every row at the tiny shapes, each under a minute):
+
+    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --device cpu --shape olmoe-4-layers --rows cpu --out /tmp/l
+    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --device cpu --shape tiny --rows cpu,compressed,rates --skip-llamacpp --out /tmp/l
+    LCPP_ROOT=/tmp/lcpp PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --device cpu --shape tiny-qwen3 --rows cpu,compressed --out /tmp/l
 """
 
 from __future__ import annotations
@@ -26,323 +46,51 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
-import threading
 import time
 import traceback
 from pathlib import Path
 
 import common
 import torch
-from random_checkpoint import olmoe_hf_config, write_random_checkpoint
+from cpu_rates import compressed_kernel_rates, cpu_and_link_rates, kernel_rates
+from lcpp import QUANT_TYPES, GpuMemorySampler, LlamaCpp, Nothing, free_bytes
+from lcpp_bars import table
+from random_checkpoint import (
+    mixtral_hf_config,
+    olmoe_hf_config,
+    qwen3_moe_hf_config,
+    write_random_checkpoint,
+)
 
 import moekit
 from moekit.errors import MoekitError
 
 NAME = "bench_llamacpp"
-SHAPES = {
-    "olmoe-1b-7b": dict(layers=16, hidden=2048, expert_ffn=1024, experts=64, top_k=8, heads=16, kv_heads=16,
-                        vocab=50304),
-    "olmoe-4-layers": dict(layers=4, hidden=2048, expert_ffn=1024, experts=64, top_k=8, heads=16, kv_heads=16,
-                           vocab=50304),  # issue 12's no-GPU comparison
-    "tiny": dict(layers=2, hidden=128, expert_ffn=256, experts=16, top_k=4, heads=4, kv_heads=4, vocab=4096),
+OLMOE = dict(hidden=2048, expert_ffn=1024, experts=64, top_k=8, heads=16, kv_heads=16, vocab=50304)
+SHAPES = {  # name -> (HF config maker, its arguments); BENCH.md's shapes
+    "olmoe-1b-7b": (olmoe_hf_config, dict(layers=16, **OLMOE)),
+    "olmoe-4-layers": (olmoe_hf_config, dict(layers=4, **OLMOE)),  # issue 12's no-GPU comparison
+    # Mixtral-8x7B cut to 8 of its 32 layers (23.7 GB), Qwen3-30B-A3B to 24 of its 48 (30.5 GB): the H200
+    # machine's memory holds the checkpoint, its GGUF and moekit's host copy of the experts at once
+    "mixtral-8x7b-8l": (mixtral_hf_config, dict(layers=8, hidden=4096, expert_ffn=14336, experts=8, top_k=2, heads=32,
+                                                kv_heads=8, vocab=32000)),
+    "qwen3-30b-a3b-24l": (qwen3_moe_hf_config, dict(layers=24, hidden=2048, expert_ffn=768, experts=128, top_k=8,
+                                                    heads=32, kv_heads=4, vocab=151936)),
+    # toys of the three families for the CPU (converter and quantize paths included)
+    "tiny": (olmoe_hf_config, dict(layers=2, hidden=128, expert_ffn=256, experts=16, top_k=4, heads=4, kv_heads=4,
+                                   vocab=4096)),
+    "tiny-mixtral": (mixtral_hf_config, dict(layers=2, hidden=256, expert_ffn=512, experts=8, top_k=2, heads=4,
+                                             kv_heads=2, vocab=4096)),
+    "tiny-qwen3": (qwen3_moe_hf_config, dict(layers=2, hidden=256, expert_ffn=128, experts=16, top_k=4, heads=4,
+                                             kv_heads=2, vocab=4096)),
 }
+ROWS = ("resident", "host", "half", "compressed", "cpu", "rates")
+MODES = {"host": "decode_cpu_experts", "half": "decode_half_experts"}  # row -> setting (llama.cpp's row name)
+FORMS = {"int4": dict(bits="4", group_size=128), "int2": dict(bits="2", group_size=128), "ternary": dict(bits="ternary")}
 PROMPT, NEW = 64, 64
-ROUNDS = 5  # --device cpu: moekit's warm decode calls, interleaved with llama.cpp's decode runs
-
-
-# ---- ceilings -----------------------------------------------------------------------------------
-
-def cpu_and_link_rates(device: torch.device, threads: int, nbytes: int = 2 << 30, seconds: float = 2.0) -> dict:
-    """Returns host read (native stream read, `threads` threads), pinned H2D copy, and both at once
-    (bytes/s): what the CPU and the link can give a decode step together."""
-    from moekit.native import library
-
-    lib = library()
-    out: dict = {"threads": threads}
-    host = torch.ones(nbytes // 8, dtype=torch.int64)
-
-    def read_loop(stop: threading.Event, done: list) -> None:
-        while not stop.is_set():
-            lib.moekit_stream_read(host.data_ptr(), nbytes, threads)
-            done.append(nbytes)
-
-    def timed_reads(stop_after: float) -> float:
-        stop, done = threading.Event(), []
-        t0 = time.perf_counter()
-        th = threading.Thread(target=read_loop, args=(stop, done))
-        th.start()
-        time.sleep(stop_after)
-        stop.set()
-        th.join()
-        return sum(done) / (time.perf_counter() - t0)
-
-    out["cpu_read_alone_bytes_per_s"] = timed_reads(seconds)
-    if device.type != "cuda":
-        return out
-    src = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-
-    def copies(duration: float) -> float:
-        torch.cuda.synchronize(device)
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < duration:
-            dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize(device)
-            n += src.numel()
-        return n / (time.perf_counter() - t0)
-
-    copies(0.2)
-    out["h2d_alone_bytes_per_s"] = copies(seconds)
-    stop, done = threading.Event(), []
-    th = threading.Thread(target=read_loop, args=(stop, done))
-    t0 = time.perf_counter()
-    th.start()
-    out["h2d_concurrent_bytes_per_s"] = copies(seconds)
-    stop.set()
-    th.join()
-    out["cpu_read_concurrent_bytes_per_s"] = sum(done) / (time.perf_counter() - t0)
-    return out
-
-
-def kernel_rates(cfg, threads: int, reps: int = 5) -> dict:
-    """Returns the CPU expert path's read rate (bytes/s) native vs PyTorch, on one expert and on a
-    layer's top-k experts (distinct, cold in the caches), bf16, one token."""
-    import torch.nn.functional as F
-
-    from moekit.native.experts import Scratch, expert_ffn, stream_read_bytes_per_s
-
-    d, ffn, k = cfg.hidden_size, cfg.expert_ffn, cfg.top_k
-    count = max(64, 4 * k * reps)  # more experts than any last-level cache holds
-    gate_up = torch.randn(count, 2 * ffn, d).to(torch.bfloat16)
-    down = torch.randn(count, d, ffn).to(torch.bfloat16)
-    x = torch.randn(1, d).to(torch.bfloat16)
-    expert_bytes = 3 * d * ffn * 2
-    scratch, turn = Scratch(), [0]
-
-    def native(n: int) -> None:
-        ids = [(turn[0] + i) % count for i in range(n)]
-        turn[0] += n
-        expert_ffn(x, [(gate_up[e], down[e], [0], [1.0 / n]) for e in ids], threads=threads, scratch=scratch)
-
-    def pytorch(n: int) -> None:
-        ids = [(turn[0] + i) % count for i in range(n)]
-        turn[0] += n
-        out = torch.zeros_like(x)
-        for e in ids:
-            g, u = F.linear(x, gate_up[e]).chunk(2, dim=-1)
-            out += F.linear(F.silu(g) * u, down[e]) / n
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    res = {}
-    try:
-        for n_threads in sorted({1, 4, 8, threads, threads + 1}):  # how the kernel scales with cores
-            native(k)
-            t0 = time.perf_counter()
-            expert_ffn(x, [(gate_up[e], down[e], [0], [1.0 / k]) for e in range(k, 2 * k)], threads=n_threads,
-                       scratch=scratch)
-            res[f"native_layer_top_k_threads{n_threads}_bytes_per_s"] = k * expert_bytes / (time.perf_counter() - t0)
-            res[f"stream_read_threads{n_threads}_bytes_per_s"] = stream_read_bytes_per_s(1 << 30, n_threads, reps=3)
-        for name, fn in (("native", native), ("pytorch", pytorch)):
-            for n, label in ((1, "one_expert"), (k, "layer_top_k")):
-                fn(n)
-                times = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    fn(n)
-                    times.append(time.perf_counter() - t0)
-                res[f"{name}_{label}_bytes_per_s"] = n * expert_bytes / statistics.median(times)
-    finally:
-        torch.set_num_threads(old)
-    return res
-
-
-def compressed_kernel_rates(cfg, threads: int, reps: int = 5, group_size: int = 128) -> dict:
-    """Returns the native CPU kernels' rates on compressed experts (moekit.native.compressed, decoded
-    in the matvec), one token, a layer's top-k distinct experts: stored bytes/s and weights/s of
-    int4 and int2 (group_size columns per scale, random codes) and the ternary code (RTN of Gaussian
-    weights, the dictionary compress would choose), to set beside kernel_rates' bf16 row and the
-    stream read. The ternary experts are only top_k + 1 (encoding is slow), so they may stay in the
-    last-level cache; its kernel is decode-bound anyway."""
-    from moekit.native.compressed import code_ffn, int_ffn, stored_bytes
-    from moekit.native.experts import Scratch
-    from moekit.quant.code import choose_dictionary, encode, symbol_probabilities
-    from moekit.quant.grids import TernaryGrid, pack_codes
-
-    d, ffn, k = cfg.hidden_size, cfg.expert_ffn, cfg.top_k
-    weights = 3 * d * ffn
-    x = torch.randn(1, d)
-    scratch, res = Scratch(), {}
-
-    def int_expert(bits: int, g: torch.Generator):
-        def matrix(rows: int, cols: int):
-            groups = -(-cols // group_size)
-            return (pack_codes(torch.randint(0, 1 << bits, (rows, cols), generator=g), bits),
-                    (torch.rand(rows, groups, generator=g) * 0.01).half(),
-                    torch.randint(0, 1 << bits, (rows, groups), generator=g).to(torch.uint8))
-        return matrix(2 * ffn, d), matrix(d, ffn)
-
-    def ternary_experts(count: int) -> tuple[list, torch.Tensor]:
-        grid, mats = TernaryGrid(), []
-        for rows, cols in ((2 * ffn, d), (d, ffn)):
-            w = torch.randn(count, rows, cols)
-            lo, hi = grid.fit(w)
-            codes, _ = grid.round(w, (lo, hi))
-            mats.append((codes, lo.squeeze(-1).half(), hi.squeeze(-1).half()))
-        symbols = torch.cat([m[0].flatten() for m in mats])
-        table = choose_dictionary(symbol_probabilities(symbols), symbols.numel(), count * (2 * ffn + d))
-        parts = [(encode(codes, table), lo, hi) for codes, lo, hi in mats]
-        return [tuple((*(t[e] for t in code), lo[e], hi[e]) for code, lo, hi in parts) for e in range(count)], table.table
-
-    def timed(run, experts: list, label: str, bytes_of) -> None:
-        turn = [0]
-
-        def once() -> tuple[float, int]:  # (seconds, stored bytes read)
-            ids = [(turn[0] + i) % len(experts) for i in range(k)]
-            turn[0] += k
-            jobs = [(*experts[e], [0], [1.0 / k]) for e in ids]
-            t0 = time.perf_counter()
-            run(jobs)
-            return time.perf_counter() - t0, bytes_of(jobs)
-
-        once()
-        runs = [once() for _ in range(reps)]
-        seconds = statistics.median(t for t, _ in runs)
-        res[f"native_{label}_layer_top_k_bytes_per_s"] = runs[0][1] / seconds
-        res[f"native_{label}_layer_top_k_weights_per_s"] = k * weights / seconds
-
-    g = torch.Generator().manual_seed(0)
-    count = max(8 * k, 64)  # distinct experts: int4 at olmoe's shape 200 MB, more than a last-level cache
-    for bits in (4, 2):
-        experts = [int_expert(bits, g) for _ in range(count)]
-        timed(lambda jobs, b=bits: int_ffn(x, jobs, b, threads=threads, scratch=scratch), experts, f"int{bits}_g{group_size}",
-              stored_bytes)
-        del experts
-    experts, table = ternary_experts(k + 1)  # each call reads k of them, starting one further on
-    timed(lambda jobs: code_ffn(x, jobs, table, threads=threads, scratch=scratch), experts, "ternary_code", stored_bytes)
-    return res
-
-
-# ---- llama.cpp ------------------------------------------------------------------------------------
-
-class GpuMemorySampler:
-    """Samples nvidia-smi's memory.used (MiB) every 50 ms in the background; `peak` after stop."""
-
-    def __init__(self):
-        self.proc = None
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                      "-lms", "50"], stdout=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        values = [int(v) for v in out.split() if v.strip().isdigit()]
-        self.peak_mib = max(values) if values else None
-
-    @staticmethod
-    def used_mib() -> int | None:
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=30, check=False).stdout
-            return int(out.split()[0])
-        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-            return None
-
-
-def llama_env(bench: Path) -> dict:
-    """Returns the environment llama-bench needs (pip's CUDA libraries when the system lacks them)."""
-    env = dict(os.environ)
-    missing = "not found" in subprocess.run(["ldd", str(bench)], capture_output=True, text=True, check=False).stdout
-    if missing:
-        import glob
-
-        try:
-            import nvidia
-
-            dirs = sorted({os.path.dirname(p) for r in nvidia.__path__ for p in glob.glob(os.path.join(r, "*", "lib", "lib*.so*"))})
-            env["LD_LIBRARY_PATH"] = ":".join(dirs + [env.get("LD_LIBRARY_PATH", "")])
-        except ImportError:
-            pass
-    return env
-
-
-def start_llamacpp_build(anchor: Path, ckpt: Path, out: Path, cuda: bool = True) -> tuple[subprocess.Popen, float]:
-    """Starts the anchor's run.sh build and convert stages in the background (a CPU-only build
-    when not `cuda`)."""
-    work = out / "llamacpp"
-    work.mkdir(parents=True, exist_ok=True)
-    log = open(out / "llamacpp_build.log", "w")  # noqa: SIM115 -- closed with the process
-    env = {**os.environ, "LCPP_STAGES": "build,convert", "LCPP_CUDA": "1" if cuda else "0"}
-    proc = subprocess.Popen(["bash", str(anchor / "run.sh"), str(ckpt), str(work)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
-    return proc, time.perf_counter()
-
-
-def llamacpp_rows(build: tuple[subprocess.Popen, float], out: Path, cfg, results: dict, save):
-    """Waits for the build and conversion, then runs llama-bench per row with the GPU memory
-    sampled; fills results['llamacpp']. Returns run(name, extra_args), which runs and records one
-    more llama-bench row (the CPU mode's decode again after moekit's), or None after a failure."""
-    lc = results["llamacpp"] = {"rows": {}}
-    proc, t0 = build
-    rc = proc.wait()
-    lc["build_convert_s"] = time.perf_counter() - t0
-    if rc != 0:
-        tail = (out / "llamacpp_build.log").read_text()[-1500:]
-        lc["error"] = f"run.sh build,convert failed (rc {rc}): {tail}"
-        common.log(lc["error"])
-        save()
-        return None
-    common.log(f"llama.cpp built and converted in {lc['build_convert_s']:.0f} s")
-    cuda = torch.cuda.is_available()
-    build_dir = "build-cuda" if cuda else "build-cpu"
-    bench = Path(os.environ.get("LCPP_ROOT", "/tmp/lcpp")) / "llama.cpp" / build_dir / "bin" / "llama-bench"
-    gguf = os.environ.get("LCPP_GGUF", "/dev/shm/model.gguf")
-    env = llama_env(bench)
-    moe_layers = sum(cfg.moe_layers)
-    idle = None
-    if cuda:
-        common.free_memory(torch.device("cuda"))
-        idle = GpuMemorySampler.used_mib()  # this process's context and tensors included: not llama.cpp's
-    lc["idle_used_mib"] = idle
-    if cuda:
-        runs = {"decode_gpu": ["-p", "0", "-n", str(NEW), "-ngl", "99"],
-                "decode_cpu_experts": ["-p", "0", "-n", str(NEW), "-ngl", "99", "-ncmoe", str(moe_layers)],
-                "decode_half_experts": ["-p", "0", "-n", str(NEW), "-ngl", "99", "-ncmoe", str((moe_layers + 1) // 2)],
-                "prefill_gpu": ["-p", "512", "-n", "0", "-ngl", "99"]}
-    else:  # no GPU: the CPU build, all cores this process may use
-        threads = str(len(os.sched_getaffinity(0)))
-        runs = {"decode_cpu_only": ["-p", "0", "-n", str(NEW), "-t", threads],
-                "prefill_cpu_only": ["-p", str(PROMPT), "-n", "0", "-t", threads]}
-
-    def run(name: str, extra: list[str]) -> None:
-        cmd = [str(bench), "-m", gguf, "-r", "2", "-o", "json", "-fa", "1", *extra]
-        t0 = time.perf_counter()
-        with GpuMemorySampler() if cuda else _Nothing() as s:
-            q = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        row = {"command": " ".join(["llama-bench", *cmd[1:]]), "seconds": time.perf_counter() - t0}
-        if q.returncode != 0:
-            row["error"] = q.stderr[-1500:]
-        else:
-            r = json.loads(q.stdout)[0]
-            row.update(tok_s=r["avg_ts"], stddev=r["stddev_ts"], n_threads=r["n_threads"], model_size=r.get("model_size"),
-                       cpu_info=r.get("cpu_info"), gpu_info=r.get("gpu_info"), build_commit=r.get("build_commit"))
-        if getattr(s, "peak_mib", None) is not None and idle is not None:
-            row["gpu_used_bytes"] = (s.peak_mib - idle) * 2**20
-        if not cuda:
-            row["loadavg_after"] = os.getloadavg()
-        lc["rows"][name] = row
-        common.log(f"llama.cpp {name}: {row.get('tok_s', 'error')} tok/s, GPU used "
-                   f"{row.get('gpu_used_bytes', 0) / 1e9:.2f} GB")
-        save()
-
-    for name, extra in runs.items():
-        run(name, extra)
-    return run
 
 
 # ---- moekit ---------------------------------------------------------------------------------------
@@ -374,14 +122,6 @@ def probe_fit(ckpt: Path, tensor_bytes: int, shares: list[float], out: Path) -> 
     return res
 
 
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str | None, prompt_ids,
                idle_mib: int | None = None, dtype: torch.dtype | None = None, prefill_tokens: int = 512,
                rounds: int = 1, between=None) -> dict:
@@ -409,7 +149,7 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
             if call == "warm" and between is not None:
                 between(len(warm))
             stats = moekit.GenerationStats()
-            with GpuMemorySampler() if device.type == "cuda" else _Nothing() as sampler:
+            with GpuMemorySampler() if device.type == "cuda" else Nothing() as sampler:
                 model.generate(prompt_ids, max_new_tokens=NEW, temperature=0, eos_token_ids=(), stats=stats)
             row[f"{call}_decode_tok_s"] = stats.decode_tok_s
             if call == "warm":
@@ -448,11 +188,11 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
     return row
 
 
-def interleaved(results: dict, row: dict) -> dict:
+def interleaved(results: dict, row: dict, rounds: int) -> dict:
     """Returns both engines' decode tok/s of the interleaved CPU rounds, their medians, bests and
     the ratio of the medians (moekit / llama.cpp)."""
     rows = results["llamacpp"]["rows"]
-    theirs = [rows[f"decode_cpu_only_round{i}"].get("tok_s") for i in range(ROUNDS + 1)]
+    theirs = [rows.get(f"decode_cpu_only_round{i}", {}).get("tok_s") for i in range(rounds + 1)]
     theirs = [t for t in theirs if t]
     ours = row.get("warm_rounds_tok_s") or []
     out = {"llamacpp_tok_s": theirs, "moekit_tok_s": ours}
@@ -474,131 +214,314 @@ def least_budget(refusal: str) -> int | None:
     return parse_size(m.group(1)) + 2 * 10**6 if m else None
 
 
-def table(results: dict) -> str:
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def bf16_checkpoint(shape: str, tmp: Path, device: torch.device, results: dict) -> tuple[Path, object, int]:
+    """Returns (folder, moekit config, tensor bytes) of the shape's random bf16 checkpoint under
+    tmp/shape, reused when its stamp (the HF config) matches; other shapes' folders under tmp go
+    first (the machine's memory holds one)."""
+    from moekit.families import family_for
+
+    make, kwargs = SHAPES[shape]
+    hf = make(**kwargs)
+    tmp.mkdir(parents=True, exist_ok=True)
+    for other in tmp.iterdir():
+        if other.name != shape:
+            shutil.rmtree(other, ignore_errors=True)
+    folder, stamp = tmp / shape / "bf16", tmp / shape / "bf16.stamp"
+    t0 = time.perf_counter()
+    if stamp.exists() and (folder / "config.json").exists() and json.loads(stamp.read_text())["hf"] == hf:
+        cfg, tensor_bytes = family_for(hf, where=str(folder)).config(hf), json.loads(stamp.read_text())["tensor_bytes"]
+        reused = True
+    else:
+        stamp.unlink(missing_ok=True)
+        folder, cfg, tensor_bytes = write_random_checkpoint(folder, hf, device, tokenizer_from=moekit.default_model_path())
+        stamp.write_text(json.dumps({"hf": hf, "tensor_bytes": tensor_bytes}))
+        reused = False
+    results["checkpoint"] = {"path": str(folder), "tensor_bytes": tensor_bytes, "write_s": time.perf_counter() - t0,
+                             "reused": reused}
+    common.log(f"checkpoint {shape}: {tensor_bytes / 1e9:.2f} GB {'reused' if reused else 'written'} in "
+               f"{results['checkpoint']['write_s']:.0f} s")
+    return folder, cfg, tensor_bytes
+
+
+def compressed_bytes(tensor_bytes: int, form: str) -> float:
+    """Returns a bound on the bytes of moekit's `form` copy of a bf16 checkpoint of tensor_bytes."""
+    return tensor_bytes * {"int4": 4.2, "int2": 2.2, "ternary": 1.0}[form] / 16  # stored bits per weight, scales in
+
+
+def compressed_checkpoint(bf16: Path, form: str, places: list[Path], device: torch.device, results: dict,
+                          reserve_bytes: float) -> Path | None:
+    """Returns the folder of moekit's RTN `form` copy of `bf16` (the first of `places` with room
+    beside `reserve_bytes`), its report in results['compressed'][form]; None after a failure."""
+    from moekit.quant.compress import compress
+    from moekit.quant.config import QuantConfig
+
+    need = compressed_bytes(results["checkpoint"]["tensor_bytes"], form)
+    place = next((p for p in places if free_bytes(p) > need + reserve_bytes), places[-1])
+    out = place / bf16.parent.name / form
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    info = results.setdefault("compressed", {})[form] = {"path": str(out)}
+    try:
+        rep = compress(bf16, out, QuantConfig(method="rtn", **FORMS[form]), None, device=device, progress=False)
+    except Exception as e:  # noqa: BLE001 -- one form failing must not lose the others
+        info["error"] = f"{type(e).__name__}: {e}"[:2000]
+        common.log(f"compress {form} failed: {info['error']}")
+        return None
+    info.update(seconds=time.perf_counter() - t0, bits_per_expert_param=rep.bits_per_expert_param,
+                expert_bytes=rep.expert_bytes, other_bytes=rep.other_bytes,
+                method=f"RTN {form} (moekit.quant.compress, no calibration)")
+    common.log(f"compressed {form}: {rep.expert_bytes / 1e9:.2f} GB of experts, {rep.bits_per_expert_param:.3f} "
+               f"bits/expert param, {info['seconds']:.0f} s, in {out}")
+    return out
+
+
+# ---- the rows ---------------------------------------------------------------------------------------
+
+def llamacpp_gpu_rows(lcpp: LlamaCpp, rows: set, cfg, forms: list[str], modes: list[str], cores: int) -> None:
+    """Runs llama.cpp's rows the selected moekit rows are set against (the CUDA build): bf16 all on
+    the GPU, -ncmoe all / half, and per int form its llama-quantize type at the chosen modes."""
+    moe_layers = sum(cfg.moe_layers)
+    ncmoe = {"host": moe_layers, "half": (moe_layers + 1) // 2}
+    decode = ["-p", "0", "-n", str(NEW), "-ngl", "99"]
+    if "resident" in rows:
+        lcpp.bench("decode_gpu", decode)
+        lcpp.bench("prefill_gpu", ["-p", "512", "-n", "0", "-ngl", "99"])
+    bf16_modes = [m for m in MODES if m in rows or ("compressed" in rows and "ternary" in forms and m in modes)]
+    for mode in bf16_modes:
+        lcpp.bench(MODES[mode], decode + ["-ncmoe", str(ncmoe[mode])])
+    if "compressed" in rows:
+        for form in forms:
+            if form in QUANT_TYPES and lcpp.quantize(QUANT_TYPES[form], cores):
+                for mode in modes:
+                    lcpp.bench(f"{MODES[mode]}_{QUANT_TYPES[form]}", decode + ["-ncmoe", str(ncmoe[mode])],
+                               gguf=QUANT_TYPES[form])
+                lcpp.drop(QUANT_TYPES[form])
+
+
+def offloaded_rows(path: Path, form: str, settings: list[str], misses_list: list[str], results: dict, cfg,
+                   device: torch.device, prompt, idle_mib, expert_stored_bytes: float, record, deadline: float) -> None:
+    """Runs moekit offloaded at llama.cpp's footprint of each setting (the row's name for bf16 and
+    ternary, the llama-quantize type's for int forms), with each misses mode, and the combined ceiling."""
+    from lcpp_bars import llama_row_name
+
     lc = (results.get("llamacpp") or {}).get("rows", {})
-    rows = []
-    mixed = results.get("cpu_interleaved") or {}
-    for r in results.get("moekit", []):
-        ref = lc.get(r["setting"], {})
-        ours, theirs = r.get("decode_tok_s"), ref.get("tok_s")
-        if r.get("warm_rounds_tok_s") and mixed.get("llamacpp_median"):  # CPU rounds: median against median
-            theirs = mixed["llamacpp_median"]
-        rows.append([r["setting"], r.get("misses") or r.get("dtype") or "-", f"{(r.get('budget_bytes') or 0) / 1e9:.2f}",
-                     f"{ours:.1f}" if ours else r["status"], f"{theirs:.1f}" if theirs else "-",
-                     f"{ours / theirs:.2f}x" if ours and theirs else "-",
-                     f"{r['ceiling_tok_s']:.1f}" if r.get("ceiling_tok_s") else "-"])
-    return common.markdown_table(["setting", "misses", "budget GB", "moekit tok/s", "llama.cpp tok/s", "ratio",
-                                  "ceiling tok/s"], rows)
+    rates, gpu = results.get("rates") or {}, next((r for r in results["moekit"] if r["setting"] == "decode_gpu"), {})
+    combined = rates.get("cpu_read_concurrent_bytes_per_s", 0) + rates.get("h2d_concurrent_bytes_per_s", 0)
+    per_token = sum(cfg.moe_layers) * cfg.top_k * expert_stored_bytes
+    total = sum(cfg.experts_in(i) for i, m in enumerate(cfg.moe_layers) if m)
+    for setting in settings:
+        ref = llama_row_name(setting, form)
+        budget = (lc.get(ref) or {}).get("gpu_used_bytes") or results["footprints"].get(setting)
+        if not budget:
+            common.log(f"moekit {form} {setting}: no footprint (llama.cpp row {ref} missing): skipped")
+            continue
+        for misses in misses_list:
+            if time.perf_counter() > deadline:
+                results.setdefault("skipped", []).append(f"{form} {setting} {misses}: past --time-budget-s")
+                continue
+            row = moekit_row(path, device, int(budget), misses, prompt, idle_mib)
+            row.update(setting=setting, form=form, footprint_of=ref)
+            # ceiling: every uncached expert missed (batch 1: none is reused), both links at once
+            cached = (row.get("report") or {}).get("cache_slots") or 0
+            missed = per_token * max(0.0, 1 - cached / total)
+            row["missed_bytes_per_token_uniform"] = missed
+            if missed and combined:
+                row["ceiling_tok_s"] = min(combined / missed, gpu.get("decode_tok_s") or float("inf"))
+            record(row, f"{form} {setting} {misses} at {budget / 1e9:.2f} GB")
+            least = least_budget(row.get("refusal") or "")
+            if least:  # refused at llama.cpp's footprint: the same row at the least budget moekit takes
+                again = moekit_row(path, device, least, misses, prompt, idle_mib)
+                again.update(setting=setting + "_at_least", form=form, footprint_of=ref)
+                record(again, f"{form} {setting} {misses} at {least / 1e9:.2f} GB")
+
+
+def cpu_rows(ckpt: Path, lcpp: LlamaCpp | None, results: dict, cfg, rounds: int, dtypes: list[torch.dtype],
+             record) -> None:
+    """The no-GPU comparison: moekit on the CPU (all this process's cores), its warm bf16 decode
+    `rounds` times, each after a llama.cpp CPU decode run (and one more after the last), so both
+    engines sample the same drifting host; float32 once."""
+    cores = len(os.sched_getaffinity(0))
+    cpu = torch.device("cpu")
+    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT))
+    decode_args = ["-p", "0", "-n", str(NEW), "-t", str(cores)]
+    if lcpp is not None and lcpp.ok:
+        lcpp.bench("prefill_cpu_only", ["-p", str(PROMPT), "-n", "0", "-t", str(cores)], no_gpu=True)
+    for dtype in dtypes:
+        load_before = os.getloadavg()  # the cores may be shared: a figure taken under load is not the engine's
+        between = None
+        if dtype == torch.bfloat16 and lcpp is not None and lcpp.ok:
+            def between(i: int) -> None:
+                lcpp.bench(f"decode_cpu_only_round{i}", decode_args, no_gpu=True)
+        row = moekit_row(ckpt, cpu, None, None, prompt, dtype=dtype, prefill_tokens=PROMPT,
+                         rounds=rounds if dtype == torch.bfloat16 else 1, between=between)
+        row.update(setting="decode_cpu_only", dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
+                   loadavg_before=load_before, loadavg_after=os.getloadavg())
+        record(row, f"--device cpu {row['dtype']} (prefill {row.get(f'prefill_{PROMPT}_tok_s')} tok/s)")
+        if between is not None:
+            lcpp.bench(f"decode_cpu_only_round{rounds}", decode_args, no_gpu=True)  # brackets the last moekit call
+            results["cpu_interleaved"] = interleaved(results, row, rounds)
+            common.log(f"interleaved: {results['cpu_interleaved']}")
+
+
+def compressed_cpu_rows(paths: dict, lcpp: LlamaCpp | None, results: dict, cfg, record) -> None:
+    """No GPU: moekit's compressed checkpoints resident on the CPU next to llama.cpp's CPU decode of
+    the llama-quantize type of the same bits (ternary: next to the bf16 GGUF's decode)."""
+    cores = len(os.sched_getaffinity(0))
+    decode_args = ["-p", "0", "-n", str(NEW), "-t", str(cores)]
+    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT))
+    if lcpp is not None and lcpp.ok and "ternary" in paths and "decode_cpu_only" not in results["llamacpp"]["rows"]:
+        lcpp.bench("decode_cpu_only", decode_args, no_gpu=True)
+    for form, path in paths.items():
+        if lcpp is not None and lcpp.ok and form in QUANT_TYPES and lcpp.quantize(QUANT_TYPES[form], cores):
+            lcpp.bench(f"decode_cpu_only_{QUANT_TYPES[form]}", decode_args, gguf=QUANT_TYPES[form], no_gpu=True)
+            lcpp.drop(QUANT_TYPES[form])
+        row = moekit_row(path, torch.device("cpu"), None, None, prompt, dtype=torch.bfloat16, prefill_tokens=PROMPT)
+        row.update(setting="decode_cpu_only", form=form, threads=torch.get_num_threads())
+        record(row, f"--device cpu {form} (prefill {row.get(f'prefill_{PROMPT}_tok_s')} tok/s)")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- main -------------------------------------------------------------------------------------------
+
+def parse_rows(text: str, device: torch.device) -> set:
+    rows = {r.strip().replace("cpu16", "cpu") for r in text.split(",") if r.strip()}
+    bad = rows - set(ROWS)
+    if bad:
+        raise SystemExit(f"--rows: unknown {sorted(bad)}; pick from {', '.join(ROWS)}")
+    if device.type != "cuda" and rows & {"resident", "host", "half"}:
+        common.log(f"no GPU: rows {sorted(rows & {'resident', 'host', 'half'})} skipped (they need one)")
+        rows -= {"resident", "host", "half"}
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_output_args(parser, NAME)
+    parser.add_argument("--name", default=NAME, help="the JSON's name in --out (one per call)")
     parser.add_argument("--shape", default="olmoe-1b-7b", choices=tuple(SHAPES))
+    parser.add_argument("--rows", default=None, help=f"comma list of {', '.join(ROWS)} (cpu16 = cpu); "
+                        "default resident,host,half,rates with a GPU, cpu without")
     parser.add_argument("--anchor", default=str(common.REPO / ".anchors" / "llamacpp"))
     parser.add_argument("--skip-llamacpp", action="store_true")
-    parser.add_argument("--tmp", default="/dev/shm/moekit_llamacpp")
-    parser.add_argument("--misses", default="cpu,auto")
+    parser.add_argument("--tmp", default="/dev/shm/moekit_llamacpp", help="the checkpoints (one shape at a time)")
+    parser.add_argument("--disk-tmp", default="/tmp/moekit_llamacpp",
+                        help="compressed checkpoints when memory is short, and llama.cpp's build and convert logs")
+    parser.add_argument("--reserve-gb", type=float, default=None,
+                        help="memory left free beside files in /dev/shm (default: the bf16 tensor bytes + 8 GB "
+                             "with a GPU, for moekit's host copy of the experts; 1 GB without)")
+    parser.add_argument("--misses", default="cpu,auto", help="misses modes of the bf16 host / half rows")
+    parser.add_argument("--forms", default="int4,int2,ternary", help="moekit's compressed forms (compressed rows)")
+    parser.add_argument("--compressed-modes", default="host,half", help="footprints of the compressed rows")
+    parser.add_argument("--compressed-misses", default="auto", help="misses modes of the compressed rows")
+    parser.add_argument("--cpu-rounds", type=int, default=None, help="interleaved rounds of the cpu row "
+                        "(default 5 without a GPU, on shared cores; 2 on the H200 host)")
+    parser.add_argument("--time-budget-s", type=float, default=560.0,
+                        help="moekit's offloaded rows stop starting after this many seconds of the run")
     parser.add_argument("--probe-fit", default="", help="budget shares to run with MOEKIT_DEBUG_FIT=1 while llama.cpp builds")
-    parser.add_argument("--skip-gpu-row", action="store_true", help="no all-on-GPU moekit row (its figure caps the ceiling)")
-    parser.add_argument("--footprints", default="", help="GPU bytes 'all,half' to use when llama.cpp is skipped")
+    parser.add_argument("--footprints", default="", help="GPU bytes 'host,half' to use when llama.cpp is skipped")
     args = parser.parse_args()
     device = torch.device(args.device)
-    idle_before_cuda = GpuMemorySampler.used_mib() if device.type == "cuda" else None  # before this process's context
+    cuda = device.type == "cuda"
+    rows = parse_rows(args.rows or ("resident,host,half,rates" if cuda else "cpu"), device)
+    forms = [f for f in args.forms.split(",") if f]
+    modes = [m for m in args.compressed_modes.split(",") if m]
+    if set(forms) - set(FORMS) or set(modes) - set(MODES):
+        raise SystemExit(f"--forms picks from {', '.join(FORMS)}; --compressed-modes from {', '.join(MODES)}")
+    idle_before_cuda = GpuMemorySampler.used_mib() if cuda else None  # before this process's context
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"meta": common.run_meta(args, device), "shape": args.shape, "cores": cores, "moekit": []}
+    results: dict = {"meta": common.run_meta(args, device), "shape": args.shape, "rows": sorted(rows), "cores": cores,
+                     "moekit": []}
+    deadline = common.T_START + args.time_budget_s
 
     def save() -> None:
-        common.write_json(results, out, NAME)
+        results["table"] = table(results)
+        common.write_json(results, out, args.name)
 
-    tmp = Path(args.tmp)
-    t0 = time.perf_counter()
-    ckpt, cfg, tensor_bytes = write_random_checkpoint(tmp / "bf16", olmoe_hf_config(**SHAPES[args.shape]), device,
-                                                      tokenizer_from=moekit.default_model_path())
-    results["checkpoint"] = {"tensor_bytes": tensor_bytes, "write_s": time.perf_counter() - t0}
-    common.log(f"checkpoint: {tensor_bytes / 1e9:.2f} GB in {results['checkpoint']['write_s']:.0f} s")
-    build = None if args.skip_llamacpp else start_llamacpp_build(Path(args.anchor), ckpt, out, device.type == "cuda")
-    if args.probe_fit:  # memory only: may overlap the build
-        results["fit_probe"] = probe_fit(ckpt, tensor_bytes, [float(v) for v in args.probe_fit.split(",")], out)
-        save()
-    llama_again = None
-    if build is not None:
-        llama_again = llamacpp_rows(build, out, cfg, results, save)
-    from moekit.native import library, unavailable_reason
-
-    results["native_library"] = bool(library()) or unavailable_reason()
-    rates = results["rates"] = cpu_and_link_rates(device, max(1, cores - 1))
-    rates.update(kernel_rates(cfg, max(1, cores - 1)))
-    rates.update(compressed_kernel_rates(cfg, max(1, cores - 1)))
-    common.log("rates (GB/s): " + ", ".join(f"{k}={v / 1e9:.1f}" for k, v in rates.items() if k.endswith("_per_s")))
-    save()
-    lc = (results.get("llamacpp") or {}).get("rows", {})
-    footprints = {"decode_cpu_experts": lc.get("decode_cpu_experts", {}).get("gpu_used_bytes"),
-                  "decode_half_experts": lc.get("decode_half_experts", {}).get("gpu_used_bytes")}
-    if args.footprints:
-        given = [int(float(v)) for v in args.footprints.split(",")]
-        footprints = {k: footprints[k] or v for k, v in zip(footprints, given)}
-    results["footprints"] = footprints
-    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT), device=device)
-    expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
-    per_token = sum(cfg.moe_layers) * cfg.top_k * expert_bytes
-    idle_mib = results["idle_used_mib_before_cuda"] = idle_before_cuda
     def record(row: dict, what: str) -> None:
         results["moekit"].append(row)
         common.log(f"moekit {what}: {row.get('decode_tok_s')} tok/s ({row['status']}) {row.get('refusal', '')[:200]}")
         save()
 
-    if device.type == "cpu":  # no GPU: everything on the CPU, bf16 as llama.cpp's GGUF
-        decode_args = ["-p", "0", "-n", str(NEW), "-t", str(cores)]
-        for dtype in (torch.bfloat16, torch.float32):
-            load_before = os.getloadavg()  # the cores are shared: a figure taken under load is not the engine's
-            # bf16 (llama.cpp's GGUF type): ROUNDS warm calls, each after a llama.cpp decode run, so
-            # both engines sample the same drifting host (a VM: its neighbours' load shows nowhere)
-            between = None
-            if dtype == torch.bfloat16 and llama_again is not None:
-                def between(i: int) -> None:
-                    llama_again(f"decode_cpu_only_round{i}", decode_args)
-            row = moekit_row(ckpt, device, None, None, prompt, dtype=dtype, prefill_tokens=PROMPT,
-                             rounds=ROUNDS if dtype == torch.bfloat16 else 1, between=between)
-            row.update(setting="decode_cpu_only", dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
-                       loadavg_before=load_before, loadavg_after=os.getloadavg())
-            record(row, f"--device cpu {row['dtype']} (prefill {row.get(f'prefill_{PROMPT}_tok_s')} tok/s)")
-            if between is not None:
-                llama_again(f"decode_cpu_only_round{ROUNDS}", decode_args)  # brackets the last moekit call
-                results["cpu_interleaved"] = interleaved(results, row)
-                common.log(f"interleaved: {results['cpu_interleaved']}")
-        footprints = {}  # no offloaded rows without a GPU
-    gpu: dict = {}
-    if device.type == "cuda" and not args.skip_gpu_row:
+    lcpp = None
+    if not args.skip_llamacpp:  # the build first: the checkpoint is written while it compiles
+        lcpp = LlamaCpp(Path(args.anchor), args.shape, Path(args.disk_tmp) / f"llamacpp_{args.name}",
+                        out / f"{args.name}_llamacpp.log", cuda, results, save)
+        lcpp.start_build()
+    tmp = Path(args.tmp)
+    ckpt, cfg, tensor_bytes = bf16_checkpoint(args.shape, tmp, device, results)
+    if lcpp is not None:  # the GGUF in memory when it leaves room for moekit's host copy of the experts
+        shm = Path("/dev/shm/moekit_gguf")
+        roomy = free_bytes(shm) > 1.1 * tensor_bytes + (tensor_bytes + 8e9 if cuda else 1e9)
+        lcpp.start_convert(ckpt, shm if roomy else lcpp.root / "gguf")
+    if args.probe_fit:  # memory only: may overlap the build
+        results["fit_probe"] = probe_fit(ckpt, tensor_bytes, [float(v) for v in args.probe_fit.split(",")], out)
+        save()
+    compressed: dict[str, Path] = {}
+    places = [tmp, Path(args.disk_tmp)]
+    reserve = args.reserve_gb * 1e9 if args.reserve_gb is not None else (tensor_bytes + 8e9 if cuda else 1e9)
+    lazy: list[str] = []
+    if "compressed" in rows:  # written while llama.cpp builds (GPU work, no timing) when all fit at once
+        need = sum(compressed_bytes(tensor_bytes, f) for f in forms) + 2 * 0.3 * tensor_bytes  # + the quantized GGUFs
+        if any(free_bytes(p) > need + (reserve if p == tmp else 10e9) for p in places):
+            for form in forms:
+                path = compressed_checkpoint(ckpt, form, places, device, results, reserve)
+                if path is not None:
+                    compressed[form] = path
+        else:  # each written just before its rows and deleted after (the 64 GB disk, a 30 GB checkpoint)
+            lazy = list(forms)
+            common.log(f"compressed checkpoints: {need / 1e9:.1f} GB do not fit beside the run; one at a time")
+        save()
+    if lcpp is not None and lcpp.wait() and cuda:
+        llamacpp_gpu_rows(lcpp, rows, cfg, forms, modes, cores)
+    from moekit.native import library, unavailable_reason
+
+    results["native_library"] = bool(library()) or unavailable_reason()
+    if cuda and rows & {"host", "half", "compressed"} or "rates" in rows:
+        rates = results["rates"] = cpu_and_link_rates(device, max(1, cores - 1))
+        if "rates" in rows:
+            rates.update(kernel_rates(cfg, max(1, cores - 1)))
+            rates.update(compressed_kernel_rates(cfg, max(1, cores - 1)))
+        common.log("rates (GB/s): " + ", ".join(f"{k}={v / 1e9:.1f}" for k, v in rates.items() if k.endswith("_per_s")))
+        save()
+    given = [int(float(v)) for v in args.footprints.split(",") if v]
+    results["footprints"] = dict(zip(MODES.values(), given))
+    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT), device=device)
+    idle_mib = results["idle_used_mib_before_cuda"] = idle_before_cuda
+    bf16_expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
+    if cuda and "resident" in rows:
         gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib)
-        gpu["setting"] = "decode_gpu"
+        gpu.update(setting="decode_gpu", form="bf16")
         record(gpu, f"all on GPU (prefill {gpu.get('prefill_512_tok_s')} tok/s)")
-    combined = rates.get("cpu_read_concurrent_bytes_per_s", 0) + rates.get("h2d_concurrent_bytes_per_s", 0)
-    for setting, budget in footprints.items():
-        if not budget:
-            continue
-        for misses in args.misses.split(","):
-            row = moekit_row(ckpt, device, int(budget), misses, prompt, idle_mib)
-            row["setting"] = setting
-            # ceiling: every expert missed (none cached at batch 1 is the worst case), both links at once
-            cached = (row.get("report") or {}).get("cache_slots") or 0
-            total = sum(cfg.experts_in(i) for i, m in enumerate(cfg.moe_layers) if m)
-            missed = per_token * max(0.0, 1 - cached / total)
-            row["missed_bytes_per_token_uniform"] = missed
-            if missed and combined:
-                row["ceiling_tok_s"] = min(combined / missed, gpu.get("decode_tok_s") or float("inf"))
-            record(row, f"{setting} {misses} at {budget / 1e9:.2f} GB")
-            least = least_budget(row.get("refusal") or "")
-            if least:  # refused at llama.cpp's footprint: the same row at the least budget moekit takes
-                again = moekit_row(ckpt, device, least, misses, prompt, idle_mib)
-                again["setting"] = setting + "_at_least"
-                record(again, f"{setting} {misses} at {least / 1e9:.2f} GB")
-    print(table(results))
-    results["table"] = table(results)
+    if cuda:
+        settings = [MODES[m] for m in MODES if m in rows]
+        offloaded_rows(ckpt, "bf16", settings, args.misses.split(","), results, cfg, device, prompt, idle_mib,
+                       bf16_expert_bytes, record, deadline)
+        for form in forms:
+            path = compressed.get(form)
+            if path is None and form in lazy:
+                path = compressed_checkpoint(ckpt, form, places, device, results, reserve)
+            if path is None:
+                continue
+            experts = sum(cfg.experts_in(i) for i, m in enumerate(cfg.moe_layers) if m)
+            stored = results["compressed"][form]["expert_bytes"] / experts
+            offloaded_rows(path, form, [MODES[m] for m in modes], args.compressed_misses.split(","), results, cfg,
+                           device, prompt, idle_mib, stored, record, deadline)
+            shutil.rmtree(path, ignore_errors=True)
+    elif compressed:
+        compressed_cpu_rows(compressed, lcpp, results, cfg, record)
+    if "cpu" in rows:
+        rounds = args.cpu_rounds or (2 if cuda else 5)
+        cpu_rows(ckpt, lcpp, results, cfg, rounds, [torch.bfloat16] if cuda else [torch.bfloat16, torch.float32], record)
+    for path in compressed.values():
+        shutil.rmtree(path, ignore_errors=True)
     save()
+    print(results["table"])
     return 0
 
 

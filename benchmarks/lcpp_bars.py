@@ -1,0 +1,110 @@
+"""Issue 12's bars, and the table that sets each moekit figure of a bench_llamacpp run next to llama.cpp's
+figure and the ceiling of the same run, with its ratio against the bar it must clear.
+
+A bar is (what moekit is compared with, the least ratio); a row meets it when moekit / llama.cpp
+(or moekit / ceiling for the kernel and the host-memory share of the combined ceiling) reaches it.
+"""
+
+from __future__ import annotations
+
+import common
+
+# moekit setting -> (llama.cpp row of the same setting, label); the llama.cpp row of a compressed form
+# is suffixed with its GGUF type (decode_cpu_experts_Q4_K_M)
+SETTINGS = {
+    "decode_gpu": "decode, all on the GPU (B=1)",
+    "prefill_gpu": "prefill 512, all on the GPU",
+    "decode_cpu_experts": "decode, all experts in host memory",
+    "decode_half_experts": "decode, half the layers' experts on the GPU",
+    "decode_cpu_only": "decode, no GPU",
+}
+BARS = {  # (setting, moekit form) -> least moekit / llama.cpp
+    ("decode_gpu", "bf16"): 1.2,
+    ("prefill_gpu", "bf16"): 1.0,
+    ("decode_cpu_experts", "bf16"): 1.3,
+    ("decode_half_experts", "bf16"): 1.2,
+    ("decode_cpu_only", "bf16"): 1.0,
+    ("decode_cpu_only", "float32"): 1.0,
+}
+COMPRESSED_BAR = 1.3  # int4 vs Q4_K_M, int2 vs Q2_K, at the same footprint
+TERNARY_BAR = 3.0  # ternary experts vs llama.cpp's bf16 figure at the same footprint
+CEILING_SHARE = 0.85  # all experts in host memory: of the combined (CPU read + H2D) ceiling
+KERNEL_SHARE = 0.80  # the CPU kernel: of the host's measured read rate
+
+
+def llama_row_name(setting: str, form: str) -> str:
+    """Returns the llama.cpp row a moekit row of `form` is set against (ternary: the bf16 one)."""
+    from lcpp import QUANT_TYPES
+
+    return f"{setting}_{QUANT_TYPES[form]}" if form in QUANT_TYPES else setting
+
+
+def bar_of(setting: str, form: str) -> float | None:
+    """Returns the least moekit / llama.cpp ratio issue 12 asks of a row, or None (no bar)."""
+    if form == "ternary":
+        return TERNARY_BAR
+    if form in ("int4", "int2"):
+        return COMPRESSED_BAR
+    return BARS.get((setting, form))
+
+
+def _fmt(v: float | None, spec: str = ".1f") -> str:
+    return format(v, spec) if v else "-"
+
+
+def comparisons(results: dict) -> list[dict]:
+    """Returns one dict per moekit figure: what, moekit, llama.cpp (its row), ratio, bar, ceiling,
+    share of the ceiling, and whether the bar is met (None when a figure is missing)."""
+    lc = (results.get("llamacpp") or {}).get("rows", {})
+    mixed = results.get("cpu_interleaved") or {}
+    out = []
+    for r in results.get("moekit", []):
+        setting = r["setting"].removesuffix("_at_least")
+        form = {"bfloat16": "bf16"}.get(r.get("form") or r.get("dtype"), r.get("form") or r.get("dtype") or "bf16")
+        figures = [("decode_gpu" if setting == "decode_gpu" else setting, r.get("decode_tok_s"))]
+        if r.get("prefill_512_tok_s"):
+            figures.append(("prefill_gpu", r["prefill_512_tok_s"]))
+        for what, ours in figures:
+            ref_name = llama_row_name(what, form)
+            theirs = (lc.get(ref_name) or {}).get("tok_s")
+            if what == "decode_cpu_only" and r.get("warm_rounds_tok_s") and mixed.get("llamacpp_median"):
+                theirs, ours = mixed["llamacpp_median"], mixed.get("moekit_median", ours)  # medians of the rounds
+            ratio = ours / theirs if ours and theirs else None
+            bar = bar_of(what, form)
+            ceiling = r.get("ceiling_tok_s") if what != "prefill_gpu" else None
+            share = ours / ceiling if ours and ceiling else None
+            met = None
+            if ratio is not None and bar is not None:
+                met = ratio >= bar and (what != "decode_cpu_experts" or form != "bf16" or (share or 0) >= CEILING_SHARE)
+            out.append(dict(what=f"{SETTINGS.get(what, what)}{', least budget' if r['setting'].endswith('_at_least') else ''}",
+                            form=form, misses=r.get("misses") or "-", budget_bytes=r.get("budget_bytes"),
+                            moekit=ours, status=r["status"], llamacpp=theirs, llamacpp_row=ref_name, ratio=ratio, bar=bar,
+                            ceiling=ceiling, of_ceiling=share, met=met))
+    rates = results.get("rates") or {}
+    read = rates.get("cpu_read_alone_bytes_per_s")
+    for key, label in (("native_one_expert_bytes_per_s", "CPU kernel, one bf16 expert"),
+                       ("native_layer_top_k_bytes_per_s", "CPU kernel, a layer's top-k bf16 experts")):
+        if rates.get(key) and read:
+            share = rates[key] / read
+            out.append(dict(what=label, form="bf16", misses="-", budget_bytes=None, moekit=rates[key] / 1e9,
+                            status="ok", llamacpp=None, llamacpp_row="-", ratio=None, bar=KERNEL_SHARE,
+                            ceiling=read / 1e9, of_ceiling=share, met=share >= KERNEL_SHARE))
+    return out
+
+
+def table(results: dict) -> str:
+    """Returns the markdown table of comparisons(results) (kernel rows in GB/s, the others in tok/s)."""
+    rows = []
+    for c in comparisons(results):
+        kernel = c["what"].startswith("CPU kernel")
+        bar = f"{c['bar']:.0%} of ceiling" if kernel else (f">= {c['bar']:.2g}x" if c["bar"] else "-")
+        if c["form"] == "bf16" and c["what"] == SETTINGS["decode_cpu_experts"]:
+            bar += f", >= {CEILING_SHARE:.0%} of ceiling"
+        rows.append([c["what"], c["form"], c["misses"], f"{c['budget_bytes'] / 1e9:.2f}" if c["budget_bytes"] else "-",
+                     _fmt(c["moekit"]) if c["moekit"] else c["status"],
+                     _fmt(c["llamacpp"]) + (f" ({c['llamacpp_row']})" if c["llamacpp"] else ""),
+                     f"{c['ratio']:.2f}x" if c["ratio"] else "-", bar, _fmt(c["ceiling"]),
+                     f"{c['of_ceiling']:.0%}" if c["of_ceiling"] else "-",
+                     {True: "yes", False: "no", None: "-"}[c["met"]]])
+    return common.markdown_table(["setting", "moekit experts", "misses", "budget GB", "moekit", "llama.cpp",
+                                  "ratio", "bar", "ceiling", "of ceiling", "met"], rows)
