@@ -48,7 +48,7 @@ def test_parallel_with_offload_is_refused(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, value", [(2, "ep=2"), (2, "tp=2"), (4, "ep=2,tp=2")])
+@pytest.mark.parametrize("ranks, value", [(2, "ep=2"), (2, "tp=2"), (4, "ep=2,tp=2"), (2, "tp=2,ep=tp")])
 def test_torchrun_ranks_print_once_and_equal_one_process(capsys, ranks, value):
     args = ["generate", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--threads", "1",
             "--device", "cpu", "--json"]

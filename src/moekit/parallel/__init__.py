@@ -12,6 +12,11 @@ splits the routed experts.
 
     groups = ParallelGroups.create(comm, ep=2, tp=2)     # 4 ranks; every rank calls it alike
     model = load_parallel("path/to/model", groups)
+
+Or the same ranks split both: ParallelGroups.create(comm, 2, 2, ep_over_tp=True) on 2 ranks (the
+heads by tp, the routed experts by id; `--parallel tp=2,ep=tp`). On CUDA (NCCL) every collective is
+stream-ordered: a tensor-parallel decode step is captured whole in one CUDA graph, an expert-
+parallel one in pieces between the exchanges (whose split sizes the host reads).
 """
 
 from .comm import ExpertComm
