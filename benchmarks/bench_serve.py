@@ -466,20 +466,25 @@ class Bench:
         model = load_offloaded(folder, device=device, dtype="bfloat16",
                                offload=OffloadConfig(device_memory=budget, context_tokens=a.max_len + a.new_tokens))
         warm = prompts_for(2, a.min_len, a.max_len, cfg.vocab_size, seed=0)
-        serve_closed_loop(Scheduler(model, SchedulerConfig(max_seqs=2, kv_tokens=2 * (a.max_len + a.new_tokens))),
+        serve_closed_loop(Scheduler(model, SchedulerConfig(max_seqs=2, kv_tokens=2 * (a.max_len + a.new_tokens),
+                                                            static_decode=True if a.small else None)),
                           warm, 2, 4)
         res["offload_setup_s"] = round(time.perf_counter() - t0, 1)
         for c in a.offload_concurrency:
             # fewer requests than resident: each token waits on PCIe for the missed experts
             prompts = prompts_for(max(2, a.requests_per_slot * c), a.min_len, a.max_len, cfg.vocab_size, seed=c)
             sched = Scheduler(model, SchedulerConfig(max_seqs=c, max_step_tokens=a.offload_step_tokens,
-                                                     kv_tokens=c * (a.max_len + a.new_tokens + 16)))
+                                                     kv_tokens=c * (a.max_len + a.new_tokens + 16),
+                                                     static_decode=True if a.small else None))
+            if sched.decode is not None:  # decode steps cut at the expert calls: captured before timing
+                sched.decode.warm(c)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             model.expert_runtime.reset_stats()
             row = res[f"offload_c{c}"] = {}
             served = self.phase(row, "moekit_serve", partial(serve_closed_loop, sched, prompts, c, a.new_tokens,
                                                              self.deadline - a.reserve_s))
+            served["piecewise_decode"] = sched.decode is not None and sched.decode.piecewise
             if device.type == "cuda":
                 served["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
                 served["budget_bytes"] = budget

@@ -57,13 +57,22 @@ def test_static_step_equals_plain_ragged_step(tiny, variant):
         assert torch.equal(layer[free], old[free])  # padding rows wrote only the scratch block
 
 
-def test_offloaded_models_are_not_static(tiny):
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_offloaded_step_is_cut_at_the_expert_calls(tiny, variant):
+    """An offloaded model's step is not captured whole (its experts move between steps) but cut
+    at the expert calls (moekit.piecewise); equal to the plain ragged step, padding rows
+    confined to the scratch block (3 sequences in bucket 4)."""
     from moekit.offload import OffloadConfig, load_offloaded
+    from moekit.paged_decode import piecewise_decode_supported
 
-    model = load_offloaded(tiny("mixtral").path, offload=OffloadConfig(device_memory=1 << 30))
-    assert not static_decode_supported(model)
-    with pytest.raises(moekit.MoekitError, match="static_decode needs resident experts"):
-        moekit.serve.Scheduler(model, moekit.serve.SchedulerConfig(static_decode=True, kv_tokens=64))
+    model = load_offloaded(tiny(variant).path, offload=OffloadConfig(device_memory=1 << 30))
+    assert not static_decode_supported(model) and piecewise_decode_supported(model)
+    got, expected, cache, before = _decode_both(model, "cpu", graphs=False)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    held = {b for table in cache.tables.values() for b in table}
+    for layer, old in zip(cache.keys, before):
+        free = [b for b in range(cache.num_blocks) if b not in held]
+        assert torch.equal(layer[free], old[free])
 
 
 @pytest.mark.gpu
@@ -110,3 +119,25 @@ def test_warm_builds_every_bucket_before_any_step(mixtral_model):
         got = decode(work).clone()
         expected = forward_step(model, cache, [(i, pos, [tok]) for i, pos, tok in work])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dropped_offloaded_step_frees_at_once(tiny):
+    """No reference cycle between a piecewise step and its pieces: with the garbage collector
+    off, dropping the PagedDecode frees its buffers (an offload budget counts them)."""
+    import gc
+    import weakref
+
+    from moekit.offload import OffloadConfig, load_offloaded
+
+    model = load_offloaded(tiny("mixtral").path, offload=OffloadConfig(device_memory=1 << 30))
+    cache, prompts = _prefilled(model, [5, 3])
+    decode = PagedDecode(model, cache, graphs=False)
+    with torch.no_grad():
+        decode([(i, len(p), 7) for i, p in enumerate(prompts)])
+    meta = weakref.ref(decode.steps[2].meta)
+    gc.disable()
+    try:
+        del decode
+        assert meta() is None
+    finally:
+        gc.enable()

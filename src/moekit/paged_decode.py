@@ -24,7 +24,7 @@ from collections.abc import Hashable
 import torch
 
 from .kv_cache import QUERY_TILE, PagedKVCache, RaggedBatch, query_tiles
-from .piecewise import capture_stream
+from .piecewise import PiecewiseDecode, capture_stream
 
 _TOKEN, _POSITION, _SLOT, _CONTEXT, _TABLE = 0, 1, 2, 3, 4
 
@@ -40,6 +40,13 @@ def static_decode_supported(model) -> bool:
     between steps). Every attention's ragged decode path (grouped-query, latent, sinks) reads
     block tables and context lengths on the device only."""
     return getattr(model, "expert_runtime", None) is None
+
+
+def piecewise_decode_supported(model) -> bool:
+    """Returns whether the model's decode step runs at static shapes cut at its expert calls
+    (moekit.piecewise): experts behind a shared runtime (offloaded), which run eagerly between
+    the captured segments as in `moekit generate --offload`; needs a MoE layer to cut at."""
+    return not static_decode_supported(model) and any(layer.is_moe for layer in model.layers)
 
 
 class _GraphedStep:
@@ -68,6 +75,16 @@ class _GraphedStep:
         return self.logits
 
 
+def _decode_batch(meta: torch.Tensor, last_index: torch.Tensor) -> RaggedBatch:
+    """Returns the RaggedBatch of a decode step over the static buffer meta [P, 4 + MB] (device
+    views: captured, they stay static)."""
+    bucket = meta.shape[0]
+    return RaggedBatch(
+        starts=(0,) * bucket, query_lens=(1,) * bucket, positions=meta[:, _POSITION],
+        slots=meta[:, _SLOT], block_tables=meta[:, _TABLE:].to(torch.int32),
+        context_lens=meta[:, _CONTEXT].to(torch.int32), last_index=last_index)
+
+
 class _Step(_GraphedStep):
     """One bucket's step: static buffers, and its CUDA graph once captured."""
 
@@ -87,12 +104,8 @@ class _Step(_GraphedStep):
 
     def forward(self) -> torch.Tensor:
         """Returns logits [P, V] of the step described by `meta` (writes k/v at its slots)."""
-        meta = self.meta
-        batch = RaggedBatch(
-            starts=(0,) * self.bucket, query_lens=(1,) * self.bucket, positions=meta[:, _POSITION],
-            slots=meta[:, _SLOT], block_tables=meta[:, _TABLE:].to(torch.int32),
-            context_lens=meta[:, _CONTEXT].to(torch.int32), last_index=self.last_index)
-        return self.model(meta[:, _TOKEN][None], cache=self.cache, start=batch, last_only=True)[:, -1]
+        batch = _decode_batch(self.meta, self.last_index)
+        return self.model(self.meta[:, _TOKEN][None], cache=self.cache, start=batch, last_only=True)[:, -1]
 
     def fill(self, rows: list[tuple[int, int, list[int]]], tokens: torch.Tensor | None = None) -> None:
         """Copies (token, position, block table) rows into the static buffer; padding after them.
@@ -124,6 +137,49 @@ class _Step(_GraphedStep):
             self.meta[:len(rows), _TOKEN].copy_(tokens)
 
 
+class _PiecewiseStep(_Step):
+    """One bucket's step for a model whose experts live behind a shared runtime (offloaded): the
+    static step cut at the expert calls (moekit.piecewise), its segments CUDA graphs on GPUs and
+    the expert source run eagerly between them, on the step's real rows only (a padding row's
+    experts would be fetched for nothing; its own rows are never read)."""
+
+    def __init__(self, model, cache: PagedKVCache, bucket: int, width: int, graphs: bool):
+        super().__init__(model, cache, bucket, width)
+        super().fill([])  # every row padding: the warm-up and capture write the scratch block only
+        # the pieces hold the buffers, not this step: no reference cycle, so a dropped scheduler
+        # frees its graphs' pool and KV cache at once (an offload budget counts them)
+        self.pieces = _PagedPieces(model, cache, self.meta, self.last_index, graphs)
+        self.graph = self.pieces.graphs[0] if self.pieces.graphs else None
+
+    def fill(self, rows, tokens=None) -> None:
+        super().fill(rows, tokens)
+        self.pieces.live = len(rows) or self.bucket
+
+    def run(self) -> torch.Tensor:
+        return self.pieces.run()[:, -1]
+
+
+class _PagedPieces(PiecewiseDecode):
+    """moekit.piecewise's segments over a ragged decode step's static buffers meta [P, 4 + MB]."""
+
+    def __init__(self, model, cache: PagedKVCache, meta: torch.Tensor, last_index: torch.Tensor, graphs: bool):
+        self.meta, self.last_index = meta, last_index
+        self.live = meta.shape[0]  # the step's real rows (the rest are padding)
+        # the token argument only sizes the experts' output buffer: one row per bucket row
+        super().__init__(model, cache, torch.zeros(meta.shape[0], 1, dtype=torch.long, device=meta.device), 0,
+                         graphs=graphs)
+
+    def _inputs(self):
+        return self.meta[:, _TOKEN][None], self.meta[:, _POSITION], _decode_batch(self.meta, self.last_index)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x[0, self.last_index][:, None])  # [P, 1, V]
+
+    def _experts(self, routed) -> None:
+        n = self.live
+        self.moe_out[:n].copy_(routed.block.experts(routed.flat[:n], routed.ids[:n], routed.weights[:n]))
+
+
 def _longs(values: list[int]) -> torch.Tensor:
     """Returns an int64 CPU tensor of `values` (through array: ~3x faster than torch.tensor of a
     list, which costs ~0.25 ms a step at 128 sequences)."""
@@ -142,6 +198,7 @@ class PagedDecode:
         self.width = min(cache.blocks_for(model.config.max_position_embeddings), cache.num_blocks)
         self.steps: dict[int, _Step] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.piecewise = piecewise_decode_supported(model)  # offloaded experts: segments between expert calls
 
     @torch.inference_mode()  # its static buffers may have been made by warm(), as inference tensors
     def __call__(self, work: list[tuple[Hashable, int, int]], tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,6 +223,16 @@ class PagedDecode:
 
     def _step(self, bucket: int) -> _Step:
         step = self.steps.get(bucket)
+        if step is None and self.piecewise:
+            try:
+                step = _PiecewiseStep(self.model, self.cache, bucket, self.width, self.use_graphs)
+            except RuntimeError as e:  # e.g. a layer between the expert calls that syncs with the host
+                if not self.use_graphs:
+                    raise
+                warnings.warn(f"CUDA graph capture of the piecewise decode step failed, running it eagerly: {e}")
+                torch.cuda.synchronize()
+                step = _PiecewiseStep(self.model, self.cache, bucket, self.width, False)
+            self.steps[bucket] = step
         if step is None:
             step = self.steps[bucket] = _Step(self.model, self.cache, bucket, self.width)
             if self.use_graphs:

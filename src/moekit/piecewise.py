@@ -108,23 +108,32 @@ class PiecewiseDecode:
         model, cache = self.model, self.cache
         layers = model.layers
         if prev is None:
-            positions = self.position + torch.arange(1, device=self.position.device)
+            input_ids, positions, self.start = self._inputs()
             cos, sin = model.rope(positions)
             self.rope = (cos, sin)  # static outputs of segment 0, read by the later segments
-            x = model.embed_input(self.token)
+            x = model.embed_input(input_ids)
         else:
             x = layers[0].combine(prev.resid, self.moe_out, prev.shared)
         cos, sin = self.rope
+        start = self.start
         first = 0 if after is None else after + 1
         last = len(layers) if upto is None else upto
         for j in range(first, last):  # whole layers (dense MLPs) before the next MoE layer
-            x = layers[j](x, cos, sin, cache, self.position)
+            x = layers[j](x, cos, sin, cache, start)
         if upto is None:
-            return model.head(x)
+            return self._head(x)
         layer = layers[upto]
         q, k, v = layer.pre_attn(x, cos, sin)
-        resid, flat, ids, weights, shared = layer.route(x, layer.attn.attend(q, k, v, cache, self.position))
+        resid, flat, ids, weights, shared = layer.route(x, layer.attn.attend(q, k, v, cache, start))
         return _Routed(layer.mlp, resid, flat, ids, weights, shared)
+
+    def _inputs(self):
+        """Returns (input ids, positions, start) of the step from its static buffers (a subclass
+        for ragged steps over a paged cache reads them from its own: moekit.paged_decode)."""
+        return self.token, self.position + torch.arange(1, device=self.position.device), self.position
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x)
 
     def _experts(self, routed: _Routed) -> None:
         self.moe_out.copy_(routed.block.experts(routed.flat, routed.ids, routed.weights))
@@ -133,6 +142,10 @@ class PiecewiseDecode:
         """Returns logits [B, 1, V] of token [B, 1] at `position` (k/v written to the cache)."""
         self.token.copy_(token)
         self.position.fill_(position)
+        return self.run()
+
+    def run(self) -> torch.Tensor:
+        """Returns the logits of the step its static buffers describe (segments, experts between)."""
         if not self.use_graphs:
             prev = None
             for bound in self.bounds[:-1]:

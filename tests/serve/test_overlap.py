@@ -139,3 +139,56 @@ def test_static_mixed_defaults_off_on_the_cpu(mixtral_model):
     """Unset, static_mixed is on only where it runs (CUDA, static decode, a plain GQA model)."""
     sched = Scheduler(mixtral_model, SchedulerConfig(static_decode=True))
     assert not sched.static_mixed and sched.mixed is None
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe", "mixtral"])
+def test_offloaded_decode_steps_run_cut_at_the_expert_calls(tiny, variant):
+    """An offloaded model's decode-only steps run at the static buckets cut at the expert calls
+    (moekit.piecewise: CUDA-graph segments on GPUs, plain calls here), the experts only on the
+    step's real rows (3 sequences in bucket 4); tokens equal each prompt alone on the resident model."""
+    import moekit
+    from moekit.offload import OffloadConfig, load_offloaded
+    from moekit.paged_decode import _PiecewiseStep
+
+    ckpt = tiny(variant)
+    resident = moekit.load_model(ckpt.path)
+    model = load_offloaded(ckpt.path, offload=OffloadConfig(device_memory=1 << 30, prefill_chunk=5))
+    sched = Scheduler(model, SchedulerConfig(max_step_tokens=64, max_seqs=3, kv_tokens=96, block_size=4,
+                                             static_decode=True))
+    assert sched.decode is not None and sched.decode.piecewise
+    rows = []
+    for block in {id(layer.mlp): layer.mlp for layer in model.layers if layer.is_moe}.values():
+        real = block.experts.forward
+        block.experts.forward = lambda x, ids, w, real=real: rows.append(x.shape[0]) or real(x, ids, w)
+    prompts = _prompts([7, 2, 13], seed=6)
+    reqs = [sched.add(p, SamplingParams(max_tokens=6)) for p in prompts]
+    sched.run()
+    for prompt, r in zip(prompts, reqs):
+        expected = resident.generate(torch.tensor([prompt]), max_new_tokens=6, temperature=0, eos_token_ids=())
+        assert r.output == expected[0].tolist()
+    assert isinstance(sched.decode.steps[4], _PiecewiseStep) and sched.stats.static_steps > 0
+    assert 3 in rows and 4 not in rows  # bucket 4 ran its experts on the 3 real rows
+    assert sched.cache.used_blocks == 0
+
+
+@pytest.mark.gpu
+def test_cuda_offloaded_decode_steps_replay_segment_graphs(tiny):
+    """On a GPU an offloaded model's decode steps replay the captured segments (the experts
+    eagerly between them), overlapped: tokens equal each prompt alone (float32)."""
+    import moekit
+    from moekit.offload import OffloadConfig, load_offloaded
+
+    ckpt = tiny("qwen3_moe")
+    resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
+    model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(device_memory=1 << 30))
+    sched = Scheduler(model, SchedulerConfig(max_step_tokens=64, max_seqs=3, kv_tokens=96, block_size=4))
+    assert sched.decode is not None and sched.decode.piecewise and sched.decode.use_graphs
+    prompts = _prompts([7, 2, 13], seed=6)
+    reqs = [sched.add(p, SamplingParams(max_tokens=8)) for p in prompts]
+    sched.run()
+    assert any(step.graph is not None for step in sched.decode.steps.values())
+    assert sched.stats.overlapped_steps > 0
+    for prompt, r in zip(prompts, reqs):
+        expected = resident.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=8, temperature=0,
+                                     eos_token_ids=())
+        assert r.output == expected[0].tolist()

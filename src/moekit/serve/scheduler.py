@@ -9,7 +9,8 @@ once and its blocks freed. When a running sequence needs a block and none is fre
 running sequence is preempted: its blocks are freed and it is queued first, to be recomputed
 from its tokens so far (prompt and output) when blocks free up; nothing crashes.
 
-Decode-only steps run at bucketed static shapes (CUDA graphs, moekit.paged_decode.PagedDecode);
+Decode-only steps run at bucketed static shapes (CUDA graphs, moekit.paged_decode.PagedDecode;
+with offloaded experts the graphs are cut at the expert calls, which run eagerly between them);
 steps with prefill chunks run eagerly, or with config.static_mixed padded to token buckets and
 graph-replayed too (PagedMixed). warm() pays every compile and capture before the first request.
 
@@ -43,6 +44,7 @@ from ..kv_cache import PagedKVCache
 from ..paged_decode import (
     PagedDecode,
     PagedMixed,
+    piecewise_decode_supported,
     static_decode_supported,
     static_mixed_supported,
 )
@@ -217,11 +219,14 @@ class Scheduler:
         kv_tokens = self._reserve_kv(model)
         self.cache = PagedKVCache.for_tokens(cfg, kv_tokens, self.config.block_size, device, model.dtype)
         static = self.config.static_decode
+        # offloaded experts: the static step cut at the expert calls, which run eagerly between its
+        # captured segments (as `moekit generate --offload` decodes); resident: captured whole
+        supported = static_decode_supported(model) or piecewise_decode_supported(model)
         if static is None:
-            static = device.type == "cuda" and static_decode_supported(model)
-        elif static and not static_decode_supported(model):
-            raise MoekitError("static_decode needs resident experts (an offloaded model's experts move between "
-                              "steps); leave it unset for this model")
+            static = device.type == "cuda" and supported
+        elif static and not supported:
+            raise MoekitError("static_decode needs resident experts or offloaded ones with a MoE layer to cut the "
+                              "step at; leave it unset for this model")
         self.decode = PagedDecode(model, self.cache) if static else None
         self._mixed: PagedMixed | None = None
         # static_mixed unset: on where it can run (a CUDA device, static decode, a plain GQA model)
