@@ -85,6 +85,7 @@ class PagedRuntime:
         self.expert_spans: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self._span_start: dict[int, torch.cuda.Event] = {}
         self.next_half = 0
+        self._page_views: dict[tuple[int, int, int, int], list] = {}  # (layer, page, pages, half) -> views to copy
         self.pages_loaded = 0  # pages copied, all layers (statistics, tests)
         self.whole_loads = 0  # layers loaded whole at their call (not ahead, page by page)
         for i, layer in enumerate(self.layers):  # the resident experts, once
@@ -102,13 +103,20 @@ class PagedRuntime:
 
     def _copy(self, layer: int, lo: int, hi: int, slot: int, non_blocking: bool) -> None:
         """Copies experts lo..hi-1 of `layer` from the host store into slots slot.. of the slab."""
+        for dst, src in self._expert_views(layer, lo, hi, slot):
+            dst.copy_(src, non_blocking=non_blocking)
+
+    def _expert_views(self, layer: int, lo: int, hi: int, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Returns (slab view, store view) pairs of experts lo..hi-1 of `layer` and slots slot..."""
         if hi <= lo:
-            return
+            return []
+        views = []
         for name, src in self.stores[layer].items():
             dst = self.slab[name][slot:slot + hi - lo]
             if dst.shape[1:] != src.shape[1:]:  # packed slots sized for the largest layer
                 dst = dst[:, :src.shape[1]]
-            dst.copy_(src[lo:hi], non_blocking=non_blocking)
+            views.append((dst, src[lo:hi]))
+        return views
 
     def page_range(self, layer: int, page: int, pages: int) -> tuple[int, int]:
         """Returns the streamed experts [lo, hi) of page `page` of `pages` of a layer."""
@@ -133,12 +141,22 @@ class PagedRuntime:
 
     def _copy_page(self, layer: int, page: int, pages: int, half: int, non_blocking: bool) -> None:
         """Copies page `page` of `pages` of the layer's streamed experts into buffer `half`."""
+        key = (layer, page, pages, half)
+        views = self._page_views.get(key)
+        if views is None:  # worked out once: a decode step issues every page of every layer
+            views = self._page_views[key] = self._page_plan(layer, page, pages, half)
+        for dst, src in views:
+            dst.copy_(src, non_blocking=non_blocking)
+
+    def _page_plan(self, layer: int, page: int, pages: int, half: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the (slab view, store view) pairs page `page` of `pages` of the layer's
+        streamed experts copies into buffer `half`."""
         streamed = self.experts[layer] - self.resident
         base = self.buffer_start[half]
         if not self.flat_pages(layer):
             lo, hi = self.page_range(layer, page, pages)
-            self._copy(layer, lo, hi, base + lo - self.resident, non_blocking)
-            return
+            return self._expert_views(layer, lo, hi, base + lo - self.resident)
+        views = []
         for name, src in self.stores[layer].items():
             width = src[0].numel()  # elements of one expert in the store
             total = streamed * width
@@ -146,7 +164,8 @@ class PagedRuntime:
             a = total * page // pages // align * align
             b = total if page == pages - 1 else total * (page + 1) // pages // align * align
             if b > a:
-                copy_range(self.slab[name][base:base + streamed], src[self.resident:], a, b, non_blocking)
+                views += range_views(self.slab[name][base:base + streamed], src[self.resident:], a, b)
+        return views
 
     def load_page(self, layer: int, page: int, pages: int, stream=None) -> None:
         """Copies page `page` of `pages` of the layer's streamed experts into its buffer (the first
@@ -269,16 +288,23 @@ def copy_range(dst: torch.Tensor, src: torch.Tensor, a: int, b: int, non_blockin
     the same elements of dst [n, ...], whose experts are as wide (one flat copy) or wider (packed
     slots sized for the largest layer: the range is cut at expert boundaries, each piece into the
     first elements of its slot)."""
+    for d, s in range_views(dst, src, a, b):
+        d.copy_(s, non_blocking=non_blocking)
+
+
+def range_views(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Returns the (dst view, src view) pairs copy_range copies."""
     n = src.shape[0]
     width = src[0].numel() if n else 0
     if dst[0].numel() == width and dst.is_contiguous():
-        dst.reshape(-1)[a:b].copy_(src.reshape(-1)[a:b], non_blocking=non_blocking)
-        return
+        return [(dst.reshape(-1)[a:b], src.reshape(-1)[a:b])]
     flat_src, flat_dst = src.reshape(n, width), dst.reshape(n, -1)
+    views = []
     for row in range(a // width, -(-b // width)):
         lo, hi = max(a - row * width, 0), min(b - row * width, width)
         if hi > lo:
-            flat_dst[row, lo:hi].copy_(flat_src[row, lo:hi], non_blocking=non_blocking)
+            views.append((flat_dst[row, lo:hi], flat_src[row, lo:hi]))
+    return views
 
 
 def bits_per_weight(layout, form: StoredForm) -> float:
