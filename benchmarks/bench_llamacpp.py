@@ -312,6 +312,14 @@ def offloaded_rows(path: Path, form: str, settings: list[str], misses_list: list
     combined = rates.get("cpu_read_concurrent_bytes_per_s", 0) + rates.get("h2d_concurrent_bytes_per_s", 0)
     per_token = sum(cfg.moe_layers) * cfg.top_k * expert_stored_bytes
     total = sum(cfg.experts_in(i) for i, m in enumerate(cfg.moe_layers) if m)
+
+    def with_ceiling(row: dict) -> dict:  # every uncached expert missed (batch 1: none reused), both links at once
+        cached = (row.get("report") or {}).get("cache_slots") or 0
+        row["missed_bytes_per_token_uniform"] = missed = per_token * max(0.0, 1 - cached / total)
+        if missed and combined:
+            row["ceiling_tok_s"] = min(combined / missed, gpu.get("decode_tok_s") or float("inf"))
+        return row
+
     for setting in settings:
         ref = llama_row_name(setting, form)
         budget = (lc.get(ref) or {}).get("gpu_used_bytes") or results["footprints"].get(setting)
@@ -322,18 +330,12 @@ def offloaded_rows(path: Path, form: str, settings: list[str], misses_list: list
             if time.perf_counter() > deadline:
                 results.setdefault("skipped", []).append(f"{form} {setting} {misses}: past --time-budget-s")
                 continue
-            row = moekit_row(path, device, int(budget), misses, prompt, idle_mib)
+            row = with_ceiling(moekit_row(path, device, int(budget), misses, prompt, idle_mib))
             row.update(setting=setting, form=form, footprint_of=ref)
-            # ceiling: every uncached expert missed (batch 1: none is reused), both links at once
-            cached = (row.get("report") or {}).get("cache_slots") or 0
-            missed = per_token * max(0.0, 1 - cached / total)
-            row["missed_bytes_per_token_uniform"] = missed
-            if missed and combined:
-                row["ceiling_tok_s"] = min(combined / missed, gpu.get("decode_tok_s") or float("inf"))
             record(row, f"{form} {setting} {misses} at {budget / 1e9:.2f} GB")
             least = least_budget(row.get("refusal") or "")
             if least:  # refused at llama.cpp's footprint: the same row at the least budget moekit takes
-                again = moekit_row(path, device, least, misses, prompt, idle_mib)
+                again = with_ceiling(moekit_row(path, device, least, misses, prompt, idle_mib))
                 again.update(setting=setting + "_at_least", form=form, footprint_of=ref)
                 record(again, f"{form} {setting} {misses} at {least / 1e9:.2f} GB")
 

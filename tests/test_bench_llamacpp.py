@@ -1,0 +1,150 @@
+"""benchmarks/bench_llamacpp.py without a GPU: issue 12's bars in its table, the llama.cpp rows each
+selection asks for, moekit's offloaded rows at the footprint of the right llama.cpp row (with fakes
+of both engines: the H200 run is the real one), and a slow smoke run of the CPU rows at the tiny shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_llamacpp as bl  # noqa: E402
+import lcpp_bars  # noqa: E402
+
+from moekit.config import ModelConfig  # noqa: E402
+
+
+def _cfg() -> ModelConfig:
+    from moekit.families import family_for
+
+    make, kwargs = bl.SHAPES["tiny"]
+    hf = make(**kwargs)
+    return family_for(hf, where="test").config(hf)
+
+
+def _results() -> dict:
+    lc = {"decode_gpu": {"tok_s": 500.0}, "prefill_gpu": {"tok_s": 10000.0},
+          "decode_cpu_experts": {"tok_s": 40.0, "gpu_used_bytes": 2e9},
+          "decode_cpu_experts_Q4_K_M": {"tok_s": 60.0, "gpu_used_bytes": 1e9}}
+    moekit_rows = [
+        {"setting": "decode_gpu", "form": "bf16", "status": "ok", "decode_tok_s": 650.0, "prefill_512_tok_s": 9000.0},
+        # 1.5x llama.cpp but 60 / 80 = 75% of its ceiling: the host bar asks for both
+        {"setting": "decode_cpu_experts", "form": "bf16", "misses": "auto", "status": "ok", "decode_tok_s": 60.0,
+         "budget_bytes": 2e9, "ceiling_tok_s": 80.0},
+        {"setting": "decode_cpu_experts", "form": "int4", "misses": "auto", "status": "ok", "decode_tok_s": 90.0,
+         "budget_bytes": 1e9},
+        {"setting": "decode_cpu_experts", "form": "ternary", "misses": "auto", "status": "ok", "decode_tok_s": 110.0,
+         "budget_bytes": 2e9},
+    ]
+    rates = {"cpu_read_alone_bytes_per_s": 80e9, "native_one_expert_bytes_per_s": 70e9,
+             "native_layer_top_k_bytes_per_s": 60e9}
+    return {"llamacpp": {"rows": lc}, "moekit": moekit_rows, "rates": rates}
+
+
+def test_bars_set_each_figure_against_its_llamacpp_row_and_bar():
+    got = {(c["what"], c["form"]): c for c in lcpp_bars.comparisons(_results())}
+    gpu = got[(lcpp_bars.SETTINGS["decode_gpu"], "bf16")]
+    assert gpu["ratio"] == pytest.approx(1.3) and gpu["bar"] == 1.2 and gpu["met"]
+    prefill = got[(lcpp_bars.SETTINGS["prefill_gpu"], "bf16")]
+    assert prefill["ratio"] == pytest.approx(0.9) and prefill["met"] is False
+    host = got[(lcpp_bars.SETTINGS["decode_cpu_experts"], "bf16")]
+    assert host["ratio"] == pytest.approx(1.5) and host["of_ceiling"] == pytest.approx(0.75)
+    assert host["met"] is False  # 1.5x >= 1.3x, but 75% < 85% of the combined ceiling
+    int4 = got[(lcpp_bars.SETTINGS["decode_cpu_experts"], "int4")]
+    assert int4["llamacpp_row"] == "decode_cpu_experts_Q4_K_M" and int4["ratio"] == pytest.approx(1.5) and int4["met"]
+    ternary = got[(lcpp_bars.SETTINGS["decode_cpu_experts"], "ternary")]
+    assert ternary["llamacpp_row"] == "decode_cpu_experts" and ternary["bar"] == 3.0
+    assert ternary["ratio"] == pytest.approx(2.75) and ternary["met"] is False
+    one = got[("CPU kernel, one bf16 expert", "bf16")]
+    top_k = got[("CPU kernel, a layer's top-k bf16 experts", "bf16")]
+    assert one["met"] and top_k["met"] is False  # 87.5% and 75% of the read rate against 80%
+    text = lcpp_bars.table(_results())
+    assert "decode_cpu_experts_Q4_K_M" in text and ">= 3x" in text and "75%" in text
+
+
+class FakeLlama:
+    def __init__(self, fail_quantize: str = ""):
+        self.calls, self.dropped, self.fail = [], [], fail_quantize
+
+    def bench(self, name, extra, gguf="bf16", no_gpu=False):
+        self.calls.append((name, gguf, extra))
+
+    def quantize(self, qtype, threads):
+        return None if qtype == self.fail else Path(f"/x/{qtype}.gguf")
+
+    def drop(self, qtype):
+        self.dropped.append(qtype)
+
+
+def test_llamacpp_rows_follow_the_selection():
+    cfg = _cfg()  # 2 MoE layers: -ncmoe 2 is all, 1 is half
+    fake = FakeLlama()
+    bl.llamacpp_gpu_rows(fake, {"compressed"}, cfg, ["int4", "int2", "ternary"], ["host"], cores=4)
+    names = [(n, g, e[-1]) for n, g, e in fake.calls]
+    # ternary is set against bf16 at the same footprint: bf16's host row runs though "host" was not asked
+    assert names == [("decode_cpu_experts", "bf16", "2"), ("decode_cpu_experts_Q4_K_M", "Q4_K_M", "2"),
+                     ("decode_cpu_experts_Q2_K", "Q2_K", "2")]
+    assert fake.dropped == ["Q4_K_M", "Q2_K"]  # each quantized GGUF deleted after its rows
+    fake = FakeLlama(fail_quantize="Q2_K")
+    bl.llamacpp_gpu_rows(fake, {"resident", "half", "compressed"}, cfg, ["int4", "int2"], ["half"], cores=4)
+    assert [n for n, _, _ in fake.calls] == ["decode_gpu", "prefill_gpu", "decode_half_experts",
+                                             "decode_half_experts_Q4_K_M"]
+    assert fake.calls[2][2][-2:] == ["-ncmoe", "1"]
+
+
+def test_offloaded_rows_take_the_footprint_of_their_llamacpp_row(monkeypatch):
+    cfg = _cfg()
+    seen = []
+
+    def fake_row(path, device, budget, misses, prompt, idle_mib=None, **kw):
+        seen.append((budget, misses))
+        if budget == 10**9:  # refused at llama.cpp's footprint, asking for more
+            return {"status": "refused", "refusal": "give at least 1500.00MB", "budget_bytes": budget,
+                    "report": {"cache_slots": 0}}
+        return {"status": "ok", "decode_tok_s": 50.0, "budget_bytes": budget, "report": {"cache_slots": 8}}
+
+    monkeypatch.setattr(bl, "moekit_row", fake_row)
+    results = _results()
+    results["moekit"] = [{"setting": "decode_gpu", "decode_tok_s": 1e6, "status": "ok"}]
+    results["rates"] = {"cpu_read_concurrent_bytes_per_s": 70e9, "h2d_concurrent_bytes_per_s": 50e9}
+    results["footprints"] = {}
+    stored = 1e6  # bytes per int4 expert
+    recorded = []
+    bl.offloaded_rows(Path("/x"), "int4", ["decode_cpu_experts"], ["auto"], results, cfg, torch.device("cpu"),
+                      None, None, stored, lambda row, what: recorded.append(row), deadline=float("inf"))
+    assert seen == [(10**9, "auto"), (1500 * 10**6 + 2 * 10**6, "auto")]  # Q4_K_M's footprint, then the least
+    first, again = recorded
+    assert first["footprint_of"] == "decode_cpu_experts_Q4_K_M" and again["setting"] == "decode_cpu_experts_at_least"
+    per_token = 2 * cfg.top_k * stored  # 2 MoE layers, nothing cached
+    assert first["ceiling_tok_s"] == pytest.approx(120e9 / per_token)
+    total = 2 * cfg.num_experts
+    assert again["ceiling_tok_s"] == pytest.approx(120e9 / (per_token * (1 - 8 / total)))
+    recorded.clear()
+    bl.offloaded_rows(Path("/x"), "int4", ["decode_cpu_experts"], ["auto"], results, cfg, torch.device("cpu"),
+                      None, None, stored, lambda row, what: recorded.append(row), deadline=0.0)
+    assert recorded == [] and results["skipped"]  # past the time budget: nothing starts
+
+
+@pytest.mark.slow
+def test_tiny_cpu_run_writes_every_row(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_llamacpp.py"), "--device", "cpu", "--shape",
+                        "tiny", "--rows", "cpu,compressed", "--forms", "int4,int2", "--skip-llamacpp", "--cpu-rounds",
+                        "1", "--tmp", str(tmp_path / "shm"), "--disk-tmp", str(tmp_path / "disk"), "--out",
+                        str(tmp_path / "out"), "--name", "t"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "t.json").read_text())
+    rows = {(r["setting"], r.get("form") or r.get("dtype")): r for r in res["moekit"]}
+    assert set(rows) == {("decode_cpu_only", "int4"), ("decode_cpu_only", "int2"), ("decode_cpu_only", "bfloat16"),
+                         ("decode_cpu_only", "float32")}
+    assert all(r["status"] == "ok" and r["decode_tok_s"] > 0 for r in rows.values())
+    assert res["compressed"]["int4"]["bits_per_expert_param"] == pytest.approx(4 + 24 / 128)
+    assert not (tmp_path / "shm" / "tiny" / "int4").exists()  # deleted after its row
