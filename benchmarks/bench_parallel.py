@@ -42,8 +42,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -54,7 +54,16 @@ import common  # also puts src/ on sys.path when moekit is not importable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import BF16_FLOP_PER_S, HBM_BYTES_PER_S, log, markdown_table, median_s, run_meta, sync, write_json
+from bench_parallel_report import NOTES, bandwidth_table, summarize, table
+from common import (
+    BF16_FLOP_PER_S,
+    HBM_BYTES_PER_S,
+    log,
+    median_s,
+    run_meta,
+    sync,
+    write_json,
+)
 from random_checkpoint import mixtral_hf_config, qwen3_moe_hf_config
 
 NAME = "bench_parallel"
@@ -65,13 +74,15 @@ SMALL_BUDGET_BYTES = 1_000_000  # --small fit24 rows: the tiny model's activatio
 # (config factory, full shape, tiny shape for --small)
 SHAPES = {
     "qwen3-30b-a3b": (qwen3_moe_hf_config,
-                      dict(layers=48, hidden=2048, expert_ffn=768, experts=128, top_k=8, heads=32, kv_heads=4,
-                           vocab=151936),
-                      dict(layers=2, hidden=64, expert_ffn=32, experts=8, top_k=2, heads=4, kv_heads=2, vocab=128)),
+                      {"layers": 48, "hidden": 2048, "expert_ffn": 768, "experts": 128, "top_k": 8, "heads": 32,
+                       "kv_heads": 4, "vocab": 151936},
+                      {"layers": 2, "hidden": 64, "expert_ffn": 32, "experts": 8, "top_k": 2, "heads": 4,
+                       "kv_heads": 2, "vocab": 128}),
     "mixtral-8x7b": (mixtral_hf_config,
-                     dict(layers=32, hidden=4096, expert_ffn=14336, experts=8, top_k=2, heads=32, kv_heads=8,
-                          vocab=32000),
-                     dict(layers=2, hidden=64, expert_ffn=64, experts=4, top_k=2, heads=4, kv_heads=2, vocab=128)),
+                     {"layers": 32, "hidden": 4096, "expert_ffn": 14336, "experts": 8, "top_k": 2, "heads": 32,
+                      "kv_heads": 8, "vocab": 32000},
+                     {"layers": 2, "hidden": 64, "expert_ffn": 64, "experts": 4, "top_k": 2, "heads": 4,
+                      "kv_heads": 2, "vocab": 128}),
 }
 MODES = {  # mode -> (ep, tp, ep_over_tp); None: one GPU, no process group
     "1gpu": None, "ep2": (2, 1, False), "tp2": (1, 2, False), "ep2tp2": (2, 2, True)}
@@ -157,8 +168,8 @@ def bandwidth_row(rk: Rank, shapes: list[str]) -> dict:
         x = torch.ones(numel, dtype=torch.bfloat16, device=dev)
         y = torch.empty_like(x)
         reps = 20 if nbytes < 64 << 20 else 8
-        ar = time_collective(lambda: dist.all_reduce(x), dev, reps)
-        a2a = time_collective(lambda: dist.all_to_all_single(y, x), dev, reps)
+        ar = time_collective(lambda x=x: dist.all_reduce(x), dev, reps)
+        a2a = time_collective(lambda x=x, y=y: dist.all_to_all_single(y, x), dev, reps)
         b = numel * 2
         out[label] = {"bytes": b, "all_reduce_s": ar, "all_reduce_algbw_gb_s": b / ar / GB,
                       "all_reduce_busbw_gb_s": b / ar / GB * 2 * (RANKS - 1) / RANKS,
@@ -200,12 +211,14 @@ def collective_profile(model, ids: torch.Tensor, device: torch.device, layers: i
             sync(device)
     coll_us = kernels_us = 0.0
     calls = 0
+    from torch.autograd import DeviceType
+
     for ev in prof.key_averages():
         key = ev.key.lower()
+        if cuda and getattr(ev, "device_type", None) != DeviceType.CUDA:
+            continue  # CPU ops: their kernels are counted once, as kernels
         t = (getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)) if cuda \
             else ev.self_cpu_time_total
-        if cuda and t <= 0:
-            continue
         kernels_us += t
         if ("nccl" in key) if cuda else any(k in key for k in ("gloo", "c10d::", "all_reduce", "all_to_all",
                                                                   "allgather", "all_gather")):
@@ -270,9 +283,10 @@ def measure(rk: Rank, model, cfg, label: str) -> dict:
 
 def load(rk: Rank, mode: str, hf: dict, budget_bytes: int | None = None):
     """Returns this rank's model for `mode` (None where the rank sits the row out)."""
+    from random_weights import RandomCheckpoint
+
     from moekit.load import load_model
     from moekit.parallel.tensor import load_parallel
-    from random_weights import RandomCheckpoint
 
     ckpt = RandomCheckpoint(hf, rk.device)
     if mode == "1gpu":
@@ -384,76 +398,6 @@ def rank_main(rank: int, port: int, args: argparse.Namespace, deadline: float, f
         log(f"wrote {Path(args.out) / (NAME + '.json')}")
     dist.barrier(group=rk.control)
     dist.destroy_process_group()
-
-
-NOTES = {
-    "ep2tp2": "with 2 ranks, EP+TP means tp=2,ep=tp: both GPUs split the attention heads (all_reduce after "
-              "o_proj) and the routed experts by id (all-to-all dispatch); a 2 x 2 grid needs 4 GPUs",
-    "weights": "random bf16 N(0, 0.02) drawn on each GPU by tensor name (random_weights.RandomCheckpoint): "
-               "routing is near-uniform",
-    "collectives": "collective_s_per_layer: GPU time of NCCL kernels in a profiled forward divided by layers "
-                   "(includes waiting for the other rank); compare with the same messages alone in the "
-                   "bandwidth row",
-    "decode_tok_s": "tok_s = B x per-sequence decode tok/s of greedy generate; hbm_ceiling_tok_s from the "
-                    "bytes the busier rank reads per step at 4.2 TB/s",
-}
-
-
-# ---- summary ------------------------------------------------------------------------------------------
-
-def summarize(results: dict) -> None:
-    """Adds speedup and scaling efficiency over the same shape's 1gpu row to each model row."""
-    base: dict = {}
-    for row in results["rows"]:
-        r0 = (row.get("ranks") or [{}])[0]
-        if row.get("mode") in ("1gpu", "offload") and "prefill_tok_s" in r0:  # the one-GPU baseline
-            base[row["shape"]] = r0
-        ref = base.get(row.get("shape")) if row.get("mode") not in ("1gpu", "offload", None) else None
-        if ref is None or "prefill_tok_s" not in r0:
-            continue
-        sp = {"prefill": r0["prefill_tok_s"] / ref["prefill_tok_s"]}
-        for b, d in r0["decode"].items():
-            if b in ref["decode"] and ref["decode"][b]["tok_s"] > 0:
-                sp[f"decode_b{b}"] = d["tok_s"] / ref["decode"][b]["tok_s"]
-                a, c = d["tokens"], ref["decode"][b]["tokens"]
-                d["tokens_equal_1gpu"] = sum(x == y for x, y in zip(a, c)) / max(1, len(c))
-        row["speedup"] = sp
-        row["scaling_efficiency"] = {k: v / RANKS for k, v in sp.items()}
-
-
-def table(results: dict) -> str:
-    """Returns the markdown table of the model rows (rank 0's figures)."""
-    ceil = lambda d: "-" if d["hbm_ceiling_tok_s"] is None else f"{d['hbm_ceiling_tok_s']:.0f}"  # noqa: E731
-    out = []
-    for row in results["rows"]:
-        if row.get("mode") is None:
-            continue
-        r0 = (row.get("ranks") or [{}])[0]
-        name = row["row"]
-        if "skipped" in row or "error" in r0:
-            out.append([name, row.get("skipped") or r0["error"][:80], "", "", "", "", ""])
-            continue
-        dec = r0["decode"]
-        b1, b32 = (dec[k] for k in sorted(dec, key=int)[:2]) if len(dec) > 1 else (dec[next(iter(dec))],) * 2
-        eff = row.get("scaling_efficiency", {})
-        coll = r0["collectives"].get("N=1", {}).get("collective_s_per_layer")
-        pct = lambda k: f" ({eff[k]:.0%})" if k in eff else ""  # noqa: E731
-        out.append([name, f"{r0['prefill_tok_s']:.0f}{pct('prefill')}",
-                    f"{b1['tok_s']:.1f} / {ceil(b1)}{pct('decode_b' + sorted(dec, key=int)[0])}",
-                    f"{b32['tok_s']:.0f} / {ceil(b32)}{pct('decode_b' + sorted(dec, key=int)[-1])}", b1["graph"],
-                    "" if coll is None else f"{coll * 1e6:.1f}", f"{r0.get('peak_gb', r0['held_gb']):.1f}"])
-    return markdown_table(["row", "prefill tok/s (eff.)", "decode B=1 tok/s / ceiling (eff.)", "decode B=32 / ceiling",
-                           "graph", "coll. us/layer B=1", "GB on rank 0"], out)
-
-
-def bandwidth_table(results: dict) -> str:
-    rows = [r for r in results["rows"] if r["row"] == "bandwidth" and "ranks" in r]
-    if not rows or "error" in rows[0]["ranks"][0]:
-        return ""
-    return markdown_table(["message", "bytes", "all_reduce us", "busbw GB/s", "all_to_all us", "busbw GB/s"],
-                          [[k, v["bytes"], f"{v['all_reduce_s'] * 1e6:.1f}", f"{v['all_reduce_busbw_gb_s']:.1f}",
-                            f"{v['all_to_all_s'] * 1e6:.1f}", f"{v['all_to_all_busbw_gb_s']:.1f}"]
-                           for k, v in rows[0]["ranks"][0].items()])
 
 
 # ---- the launcher -------------------------------------------------------------------------------------

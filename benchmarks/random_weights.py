@@ -17,11 +17,11 @@ import zlib
 from pathlib import Path
 
 import torch
+from random_checkpoint import non_expert_tensors
 
 from moekit.checkpoint import Checkpoint
 from moekit.errors import CheckpointError
 from moekit.families import family_for
-from random_checkpoint import non_expert_tensors
 
 
 class RandomCheckpoint(Checkpoint):
@@ -35,7 +35,7 @@ class RandomCheckpoint(Checkpoint):
         self.device, self.seed, self.std = torch.device(device), seed, std
         family = family_for(hf, where="RandomCheckpoint")
         cfg = family.config(hf)
-        meta = lambda *shape: torch.empty(shape, device="meta", dtype=torch.bfloat16)  # noqa: E731
+        meta = lambda *shape: torch.empty(shape, device="meta", dtype=torch.bfloat16)
         named = non_expert_tensors(family, cfg, meta)
         self.shapes = {name: tuple(t.shape) for name, t in named.items()}
         self.ones = {name for name, t in named.items() if t.device.type != "meta"}  # the norms
