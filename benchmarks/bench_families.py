@@ -172,6 +172,7 @@ class Run:
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
         self.rows: list[dict[str, Any]] = []
+        self.budget_s = args.time_budget_s  # the current shape's deadline, seconds from the start
         self.results: dict[str, Any] = {"meta": common.run_meta(args, self.device),
                                         "constants": {"hbm_bytes_per_s": HBM_BYTES_PER_S}, "shapes": {},
                                         "table": self.rows}
@@ -180,14 +181,16 @@ class Run:
         common.write_json(self.results, self.args.out, "bench_families")
 
     def left_s(self) -> float:
-        return self.args.time_budget_s - (time.perf_counter() - common.T_START)
+        """Returns the seconds left to the current shape (its share of --time-budget-s, see main)."""
+        return self.budget_s - (time.perf_counter() - common.T_START)
 
     def step(self, res: dict, name: str, fn: Callable[[], dict | None], need_s: float = 0.0) -> dict:
         """Runs fn and stores its dict (or its error, or why it was skipped) as res['phases'][name]."""
         phases = res.setdefault("phases", {})
         if self.left_s() < need_s:
-            out: dict[str, Any] = {"skipped": f"time budget: {max(self.left_s(), 0):.0f} s left of "
-                                              f"{self.args.time_budget_s:.0f}, this row needs ~{need_s:.0f}"}
+            out: dict[str, Any] = {"skipped": f"time budget: {max(self.left_s(), 0):.0f} s left of this shape's "
+                                              f"{self.budget_s:.0f} (of --time-budget-s "
+                                              f"{self.args.time_budget_s:.0f}), this row needs ~{need_s:.0f}"}
             log(f"{name} skipped: {out['skipped']}")
         else:
             log(f"{name} ...")
@@ -357,8 +360,7 @@ class Shape:
         self.run.row(self.name, "moekit " + ("graphs" if graphs else "eager"), f"resident decode B={batch}", tok_s,
                      ceil["hbm_bound_tok_s"], "tok/s", "HBM bound on moekit's stored weights" +
                      ("; MXFP4 experts" if self.mxfp4 else ""),
-                     baseline="transformers default", baseline_tok_s=base,
-                     x_transformers_default=tok_s / base if base else None)
+                     baseline="transformers default", baseline_tok_s=base, x_baseline=tok_s / base if base else None)
         log(f"  moekit B={batch}: {tok_s:,.1f} tok/s ({decode_s / steps * 1e3:.2f} ms/step, "
             f"{ceil['weight_bytes_per_step'] / (decode_s / steps) / 1e9:,.0f} GB/s of weights)")
         out.update(runs=runs, cuda_graph_used=graphs, ms_per_step=decode_s / steps * 1e3, tok_s=tok_s, ceiling=ceil,
@@ -432,7 +434,7 @@ class Shape:
             self.run.row(self.name, "moekit latent (MLA)", f"KV bytes/token, {len(ours)} layers", total_ours,
                          None, "B", f"{span(ours)}; vs the same cache expanded to heads: {total_expanded:,.0f} B "
                          f"({span(expanded)}); {n}-token prefill", baseline="the expanded cache", baseline_bytes=total_expanded,
-                         x_smaller=total_expanded / total_ours)
+                         x_baseline=total_expanded / total_ours)
         else:
             self.run.row(self.name, "moekit", f"KV bytes/token, {len(ours)} layers", total_ours, None, "B",
                          f"{span(ours)}; {n}-token prefill")
@@ -531,9 +533,17 @@ class Shape:
         ids = prompt(self.cfg.vocab_size, 1, a.prompt_len, 1, torch.device("cpu"))
         with deadline(min(a.hf_offload_cap_s, max(self.run.left_s(), 1.0))):
             r = bench_hf(self.name, a, self.device, self.host, self.folder, budget, ids, hf_cfg=self.hf_cfg)
-        self.run.row(self.name, "transformers + accelerate", f"decode B=1 at {label}", r.get("decode_tok_s"), None,
-                     "tok/s", f"device_map from max_memory {budget / 1e9:.2f} GB, {r.get('tokens')} tokens, "
-                     f"host weights pinned", budget_bytes=budget)
+        hf_tok_s = r.get("decode_tok_s")
+        self.run.row(self.name, "transformers + accelerate", f"decode B=1 at {label}", hf_tok_s, None,
+                     "tok/s", f"device_map from max_memory {budget / 1e9:.2f} GB, {r.get('layers_on_gpu', '?')} layers "
+                     f"on the GPU, {r.get('tokens')} tokens, host weights pinned" +
+                     (f"; {r['error']}" if "error" in r else ""), budget_bytes=budget)
+        ours = next((row for row in self.run.rows if row["shape"] == self.name and row["engine"] == "moekit offloaded"
+                     and row["metric"] == f"decode B=1 at {label}"), None)
+        if ours is not None and ours["measured"] and hf_tok_s:
+            ours.update(baseline="transformers + accelerate", baseline_tok_s=hf_tok_s,
+                        x_baseline=ours["measured"] / hf_tok_s)
+            self.run.save()
         return r
 
 
@@ -581,34 +591,34 @@ def bench_shape(run: Run, name: str) -> None:
     a = run.args
     big = not a.small
     s.res["shape"] = name
-    if run.step(s.res, "build", s.build, need_s=60 if big else 0).get("error"):
+    if not done(run.step(s.res, "build", s.build, need_s=60 if big else 0)):
         return
-    if run.step(s.res, "load_moekit", s.load_moekit, need_s=20 if big else 0).get("error"):
+    if not done(run.step(s.res, "load_moekit", s.load_moekit, need_s=20 if big else 0)):
         return
     run.step(s.res, "correctness", s.correctness)
     default = s.res["phases"]["build"].get("experts_implementation_default")
-    for impl in a.hf_impls:  # the baselines first: the moekit rows report their speed-up over the default
+    impls = [i for i in a.hf_impls if i != "default"]
+
+    def hf_rows(impl: str) -> None:
         if impl == default and "default" in a.hf_impls:
             s.res["phases"][f"hf_decode_{impl}"] = {"skipped": f"transformers' default is {impl}: the default rows"}
-            continue
+            return
         for batch in a.batches:
-            run.step(s.res, f"hf_decode_{impl}_b{batch}", lambda i=impl, b=batch: s.hf_decode(b, i),
-                     need_s=15 if big else 0)
-    if s.hf is not None:
-        s.set_hf_impl("default")
-    for batch in a.batches:
+            run.step(s.res, f"hf_decode_{impl}_b{batch}", lambda b=batch: s.hf_decode(b, impl), need_s=15 if big else 0)
+
+    if "default" in a.hf_impls:  # first: the moekit rows report their speed-up over it
+        hf_rows("default")
+    for batch in a.batches:  # before transformers' other implementations: the rows the goals are about
         run.step(s.res, f"moekit_decode_b{batch}", lambda b=batch: s.moekit_decode(b), need_s=10 if big else 0)
     run.step(s.res, "kv_bytes", s.kv_bytes)
-    best = {}
-    for batch in a.batches:
-        got = [(p["tok_s"], p["asked"]) for k, p in s.res["phases"].items()
-               if k.startswith("hf_decode_") and p.get("batch") == batch and "tok_s" in p]
-        if got:
-            best[batch] = max(got)[1]
-    s.res["hf_best_impl"] = best
+    for impl in impls:
+        hf_rows(impl)
+    if s.hf is not None:
+        s.set_hf_impl("default")
+    best_rows(run, s)
     if not a.budgets:
         return
-    if run.step(s.res, "to_host", s.to_host, need_s=30 if big else 0).get("error"):
+    if not done(run.step(s.res, "to_host", s.to_host, need_s=30 if big else 0)):
         return
     s.res["budgets"] = [{"label": lb, "bytes": b, "with_transformers": hf} for lb, b, hf in s.budgets()]
     for label, budget, with_hf in [(d["label"], d["bytes"], d["with_transformers"]) for d in s.res["budgets"]]:
@@ -622,6 +632,30 @@ def bench_shape(run: Run, name: str) -> None:
     free_memory(run.device, reset_peak=True)
 
 
+def best_rows(run: Run, s: Shape) -> None:
+    """Adds, per batch, moekit's decode over transformers' fastest experts implementation measured."""
+    ph = s.res["phases"]
+    best = {}
+    for batch in run.args.batches:
+        got = [(p["tok_s"], p["asked"], p["experts_implementation"]) for k, p in ph.items()
+               if k.startswith("hf_decode_") and p.get("batch") == batch and "tok_s" in p]
+        ours = ph.get(f"moekit_decode_b{batch}", {}).get("tok_s")
+        if not got:
+            continue
+        tok_s, asked, used = max(got)
+        best[batch] = {"asked": asked, "experts_implementation": used, "tok_s": tok_s}
+        if ours:
+            run.row(s.name, "moekit vs transformers' best", f"resident decode B={batch}", ours / tok_s, None, "x",
+                    f"transformers' fastest measured: {asked} ({used}) at {tok_s:,.1f} tok/s",
+                    baseline=f"transformers {asked}", baseline_tok_s=tok_s)
+    s.res["hf_best_impl"] = best
+
+
+def done(phase: dict) -> bool:
+    """Returns whether a row ran through (neither failed nor skipped)."""
+    return "error" not in phase and "skipped" not in phase
+
+
 def table(rows: list[dict]) -> str:
     def fmt(v):
         if v is None:
@@ -632,7 +666,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         unit = f" {r['unit']}" if r["unit"] else ""
         pct = f"{r['pct_of_ceiling']:.0f}%" if r["pct_of_ceiling"] is not None else "-"
-        vs = r.get("x_transformers_default") or r.get("x_smaller")
+        vs = r.get("x_baseline")
         body.append((r["shape"], r["engine"], r["metric"], fmt(r["measured"]) + unit,
                      fmt(r["ceiling"]) + (unit if r["ceiling"] is not None else ""), pct,
                      f"{vs:.1f}x" if vs else "", r["note"]))
@@ -694,7 +728,13 @@ def main(argv: list[str] | None = None) -> int:
     run.results["h2d_bytes_per_s"] = h2d_bandwidth(run.device)
     log(f"bench_families on {common.device_name(run.device)}: pinned H2D {run.results['h2d_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"transformers {transformers.__version__}")
-    for name in args.shapes:
+    start = time.perf_counter() - common.T_START
+    for i, name in enumerate(args.shapes):
+        # each shape gets an equal share of what is left (the last all of it): one slow shape cannot
+        # leave the next without its resident rows
+        run.budget_s = start + (args.time_budget_s - start) * (i + 1) / len(args.shapes) if i + 1 < len(args.shapes) \
+            else args.time_budget_s
+        start = max(start, time.perf_counter() - common.T_START)
         try:
             bench_shape(run, name)
         except Exception as e:  # a shape's failure outside its rows must not cost the next shape
