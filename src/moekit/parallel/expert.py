@@ -5,7 +5,8 @@ call splits its N tokens into one contiguous chunk per rank; each rank dispatche
 of its own chunk to the ranks that own their experts:
 
     1. counts   all_to_all of [R] slot counts (what each rank will send each other rank)
-    2. dispatch all_to_all_single of the slots' inputs [S, D] and expert ids [S] with those splits
+    2. dispatch one all_to_all_single of the slots' inputs [S, D] with their expert ids (int64 bits
+                as 8 / itemsize extra columns: one collective, not two) with those splits
     3. compute  the received slots through the local experts' stored form (form.run, weight 1)
     4. return   all_to_all_single of the unweighted outputs [S, D] back to the sending ranks
     5. combine  each token's A slots weighted by the routing weights (in slot order n * A + a)
@@ -147,9 +148,10 @@ class ShardedExperts(nn.Module):
         send_counts = torch.bincount(dest, minlength=comm.world)  # [R]
         recv_counts = comm.all_to_all(send_counts.to(comm.device), [1] * comm.world, [1] * comm.world, what)
         send, recv = send_counts.tolist(), recv_counts.tolist()  # the one host sync
-        xs = x[lo:hi][slots // top_k]  # [S, D]
-        recv_x = comm.all_to_all(xs, send, recv, what)  # [M, D]
-        recv_ids = comm.all_to_all(slot_ids[slots], send, recv, what)  # [M]
+        d = x.shape[1]
+        ids_as_x = slot_ids[slots].contiguous().view(x.dtype).view(-1, 8 // x.element_size())  # [S, 8 / itemsize]
+        packed = comm.all_to_all(torch.cat([x[lo:hi][slots // top_k], ids_as_x], dim=1), send, recv, what)
+        recv_x, recv_ids = packed[:, :d].contiguous(), packed[:, d:].contiguous().view(torch.long).view(-1)  # [M, D], [M]
         back = comm.all_to_all(self._run_local(recv_x, recv_ids), recv, send, what)  # [S, D]
         per_slot = x.new_zeros((hi - lo) * top_k, x.shape[1])  # skipped slots stay 0
         per_slot[slots] = back
