@@ -24,15 +24,29 @@ The ceilings (host read, pinned H2D, both at once) are measured whenever offload
 bytes of missed experts per token the decode ceiling is (cpu_rate + h2d_rate) / E (the issue's
 "combined ceiling"), capped by moekit's all-on-GPU figure when that row ran.
 
-The H200 machine (one call each, <= 560 s; llama.cpp's build takes ~210 s of each call, as the
-machine is given back 30 s after a call: a call that finds it warm builds nothing). Expected
-seconds from the 21:00 run's log (OLMoE: checkpoint 34 s, build + convert 325 s, a llama-bench row
-~4 s, a moekit offloaded row ~22 s, rates 14 s) scaled by bytes for the other shapes:
+The H200 machine: six calls, three a session (30 min of device time each), in this order; each
+<= 560 s under `timeout_s=600`. Each call builds llama.cpp (llama-bench, then llama-quantize from the
+same build folder: ~300 s, the 21:00 run's "built and converted in 325 s" with the conversion beside
+it): the machine is given back 30 s after a call, so only a call made within those 30 s finds the
+build (and the checkpoint, and the GGUF, both reused by stamp) and skips it. The checkpoint is
+written and moekit's compressed copies made while llama.cpp compiles. Expected seconds from the
+21:00 OLMoE run (a llama-bench row ~4 s, a moekit offloaded row ~22 s, 18 s of it loading 13.8 GB;
+rates 20 s) and bench_budget's Qwen3 run (31 GB written in 53 s, a row ~55 s), by bytes for the rest;
+moekit rows stop starting at --time-budget-s (520 s), so a long call loses its last rows, not its JSON:
 
-    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --rows resident,host,half,rates,cpu --name bench_llamacpp_olmoe --out $OUT          # ~500 s
-    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --rows compressed --name bench_llamacpp_olmoe_q --out $OUT                          # ~480 s
-    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --shape mixtral-8x7b-8l --rows resident,host,half,compressed --misses auto --compressed-modes host --name bench_llamacpp_mixtral --out $OUT   # ~540 s
-    PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --shape qwen3-30b-a3b-24l --rows resident,host,half --misses auto --name bench_llamacpp_qwen3 --out $OUT   # ~520 s
+    A=".anchors/llamacpp"; R="PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --out $OUT"   # carry [$A]
+    $R --rows resident,host,half,rates,cpu --name bench_llamacpp_olmoe                           # ~500 s
+    $R --rows compressed --name bench_llamacpp_olmoe_compressed                                  # ~490 s
+    $R --shape mixtral-8x7b-8l --rows resident,host,half --misses auto,cpu --name bench_llamacpp_mixtral        # ~460 s (+cpu rows if time)
+    $R --shape mixtral-8x7b-8l --rows compressed --name bench_llamacpp_mixtral_compressed                     # ~540 s (half rows last)
+    $R --shape qwen3-30b-a3b-24l --rows resident,host,half --misses auto,cpu --name bench_llamacpp_qwen3         # ~510 s
+    $R --shape qwen3-30b-a3b-24l --rows compressed --forms int4,ternary --compressed-modes host --name bench_llamacpp_qwen3_compressed  # ~520 s
+                                                         # (ternary is skipped when the copies must be made one at a time: no room for both)
+
+Then `python3 benchmarks/lcpp_bars.py $OUT/bench_llamacpp_*.json` prints every call's table under its
+command. What takes the time, per call: build ~300; llama-bench rows 4-10 each; llama-quantize of
+the bf16 GGUF ~30-70 per type (16 threads; a guess: never timed here); moekit rows 22 (OLMoE), ~38
+(Mixtral-8l), ~50 (Qwen3-24l) bf16, less for compressed; the cpu row ~50 (OLMoE, 16 cores).
 
 Without a GPU (the 2-core VM; smoke tests of every row at the tiny shapes, each under a minute):
 
@@ -216,18 +230,29 @@ def least_budget(refusal: str) -> int | None:
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 
-def bf16_checkpoint(shape: str, tmp: Path, device: torch.device, results: dict) -> tuple[Path, object, int]:
+def estimated_bytes(cfg) -> int:
+    """Returns about the bf16 bytes of a checkpoint of `cfg` (untied embeddings; norms left out)."""
+    d, qd, kvd = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    experts = sum(cfg.experts_in(i) for i, m in enumerate(cfg.moe_layers) if m)
+    per_layer = d * (2 * qd + 2 * kvd) + cfg.num_experts * d
+    return 2 * (2 * cfg.vocab_size * d + cfg.num_layers * per_layer + experts * 3 * d * cfg.expert_ffn)
+
+
+def bf16_checkpoint(shape: str, places: list[Path], device: torch.device, results: dict) -> tuple[Path, object, int]:
     """Returns (folder, moekit config, tensor bytes) of the shape's random bf16 checkpoint under
-    tmp/shape, reused when its stamp (the HF config) matches; other shapes' folders under tmp go
-    first (the machine's memory holds one)."""
+    place/shape (the first of `places` with room for it: memory, then disk), reused when its stamp
+    (the HF config) matches; other shapes' folders there go first (the machine holds one)."""
     from moekit.families import family_for
 
     make, kwargs = SHAPES[shape]
     hf = make(**kwargs)
-    tmp.mkdir(parents=True, exist_ok=True)
-    for other in tmp.iterdir():
-        if other.name != shape:
-            shutil.rmtree(other, ignore_errors=True)
+    need = estimated_bytes(family_for(hf, where=shape).config(hf))
+    for place in places:
+        place.mkdir(parents=True, exist_ok=True)
+        for other in place.iterdir():
+            if other.name in SHAPES and other.name != shape:
+                shutil.rmtree(other, ignore_errors=True)
+    tmp = next((p for p in places if (p / shape / "bf16.stamp").exists() or free_bytes(p) > 1.05 * need), places[-1])
     folder, stamp = tmp / shape / "bf16", tmp / shape / "bf16.stamp"
     t0 = time.perf_counter()
     if stamp.exists() and (folder / "config.json").exists() and json.loads(stamp.read_text())["hf"] == hf:
@@ -341,7 +366,7 @@ def offloaded_rows(path: Path, form: str, settings: list[str], misses_list: list
 
 
 def cpu_rows(ckpt: Path, lcpp: LlamaCpp | None, results: dict, cfg, rounds: int, dtypes: list[torch.dtype],
-             record) -> None:
+             record, deadline: float = float("inf")) -> None:
     """The no-GPU comparison: moekit on the CPU (all this process's cores), its warm bf16 decode
     `rounds` times, each after a llama.cpp CPU decode run (and one more after the last), so both
     engines sample the same drifting host; float32 once."""
@@ -352,6 +377,9 @@ def cpu_rows(ckpt: Path, lcpp: LlamaCpp | None, results: dict, cfg, rounds: int,
     if lcpp is not None and lcpp.ok:
         lcpp.bench("prefill_cpu_only", ["-p", str(PROMPT), "-n", "0", "-t", str(cores)], no_gpu=True)
     for dtype in dtypes:
+        if time.perf_counter() > deadline:
+            results.setdefault("skipped", []).append(f"cpu row {dtype}: past --time-budget-s")
+            continue
         load_before = os.getloadavg()  # the cores may be shared: a figure taken under load is not the engine's
         between = None
         if dtype == torch.bfloat16 and lcpp is not None and lcpp.ok:
@@ -420,8 +448,9 @@ def main() -> int:
     parser.add_argument("--compressed-misses", default="auto", help="misses modes of the compressed rows")
     parser.add_argument("--cpu-rounds", type=int, default=None, help="interleaved rounds of the cpu row "
                         "(default 5 without a GPU, on shared cores; 2 on the H200 host)")
-    parser.add_argument("--time-budget-s", type=float, default=560.0,
-                        help="moekit's offloaded rows stop starting after this many seconds of the run")
+    parser.add_argument("--time-budget-s", type=float, default=520.0,
+                        help="moekit's offloaded rows and the cpu row stop starting after this many seconds "
+                             "(a row started just before may take ~50 s: the device call's limit is 600 s)")
     parser.add_argument("--probe-fit", default="", help="budget shares to run with MOEKIT_DEBUG_FIT=1 while llama.cpp builds")
     parser.add_argument("--footprints", default="", help="GPU bytes 'host,half' to use when llama.cpp is skipped")
     args = parser.parse_args()
@@ -455,8 +484,8 @@ def main() -> int:
         lcpp = LlamaCpp(Path(args.anchor), args.shape, Path(args.disk_tmp) / f"llamacpp_{args.name}",
                         out / f"{args.name}_llamacpp.log", cuda, results, save)
         lcpp.start_build()
-    tmp = Path(args.tmp)
-    ckpt, cfg, tensor_bytes = bf16_checkpoint(args.shape, tmp, device, results)
+    ckpt, cfg, tensor_bytes = bf16_checkpoint(args.shape, [Path(args.tmp), Path(args.disk_tmp)], device, results)
+    tmp = ckpt.parent.parent
     if lcpp is not None:  # the GGUF in memory when it leaves room for moekit's host copy of the experts
         shm = Path("/dev/shm/moekit_gguf")
         roomy = free_bytes(shm) > 1.1 * tensor_bytes + (tensor_bytes + 8e9 if cuda else 1e9)
@@ -504,22 +533,28 @@ def main() -> int:
         settings = [MODES[m] for m in MODES if m in rows]
         offloaded_rows(ckpt, "bf16", settings, args.misses.split(","), results, cfg, device, prompt, idle_mib,
                        bf16_expert_bytes, record, deadline)
-        for form in forms:
+        experts = sum(cfg.experts_in(i) for i, m in enumerate(cfg.moe_layers) if m)
+        # every form at the first footprint before any at the next (what a cut-short call keeps); a form
+        # written only now (lazy) runs all its footprints and goes
+        order = [(f, modes) for f in lazy] if lazy else [(f, [m]) for m in modes for f in forms]
+        for form, its_modes in order:
             path = compressed.get(form)
-            if path is None and form in lazy:
+            # a copy written now must leave time for its rows: ~4 s per GB of bf16 read (RTN on the GPU), ~60 s a row
+            if path is None and form in lazy and time.perf_counter() + 4e-9 * tensor_bytes + 60 < deadline:
                 path = compressed_checkpoint(ckpt, form, places, device, results, reserve)
             if path is None:
                 continue
-            experts = sum(cfg.experts_in(i) for i, m in enumerate(cfg.moe_layers) if m)
             stored = results["compressed"][form]["expert_bytes"] / experts
-            offloaded_rows(path, form, [MODES[m] for m in modes], args.compressed_misses.split(","), results, cfg,
-                           device, prompt, idle_mib, stored, record, deadline)
-            shutil.rmtree(path, ignore_errors=True)
+            offloaded_rows(path, form, [MODES[m] for m in its_modes], args.compressed_misses.split(","), results,
+                           cfg, device, prompt, idle_mib, stored, record, deadline)
+            if form in lazy:
+                shutil.rmtree(path, ignore_errors=True)
     elif compressed:
         compressed_cpu_rows(compressed, lcpp, results, cfg, record)
     if "cpu" in rows:
         rounds = args.cpu_rounds or (2 if cuda else 5)
-        cpu_rows(ckpt, lcpp, results, cfg, rounds, [torch.bfloat16] if cuda else [torch.bfloat16, torch.float32], record)
+        cpu_rows(ckpt, lcpp, results, cfg, rounds, [torch.bfloat16] if cuda else [torch.bfloat16, torch.float32], record,
+                 deadline)
     for path in compressed.values():
         shutil.rmtree(path, ignore_errors=True)
     save()

@@ -7,6 +7,10 @@ A bar is (what moekit is compared with, the least ratio); a row meets it when mo
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import common
 
 # moekit setting -> (llama.cpp row of the same setting, label); the llama.cpp row of a compressed form
@@ -67,8 +71,8 @@ def comparisons(results: dict) -> list[dict]:
         for what, ours in figures:
             ref_name = llama_row_name(what, form)
             theirs = (lc.get(ref_name) or {}).get("tok_s")
-            if what == "decode_cpu_only" and r.get("warm_rounds_tok_s") and mixed.get("llamacpp_median"):
-                theirs, ours = mixed["llamacpp_median"], mixed.get("moekit_median", ours)  # medians of the rounds
+            if what == "decode_cpu_only" and form in ("bf16", "float32") and mixed.get("llamacpp_median"):
+                theirs = mixed["llamacpp_median"]  # the interleaved rounds' median (bf16's own figure is its median too)
             ratio = ours / theirs if ours and theirs else None
             bar = bar_of(what, form)
             ceiling = r.get("ceiling_tok_s") if what != "prefill_gpu" else None
@@ -108,3 +112,20 @@ def table(results: dict) -> str:
                      {True: "yes", False: "no", None: "-"}[c["met"]]])
     return common.markdown_table(["setting", "moekit experts", "misses", "budget GB", "moekit", "llama.cpp",
                                   "ratio", "bar", "ceiling", "of ceiling", "met"], rows)
+
+
+def main() -> int:
+    """Prints the table of each bench_llamacpp JSON given (one per call), under its shape and command."""
+    parser = argparse.ArgumentParser(description="issue 12's table of bench_llamacpp runs (one JSON per call)")
+    parser.add_argument("files", nargs="+", help="bench_llamacpp JSONs, e.g. benchmarks/results/bench_llamacpp_*.json")
+    for path in parser.parse_args().files:
+        res = json.loads(Path(path).read_text())
+        meta = res.get("meta", {})
+        print(f"\n### {res.get('shape')}: rows {', '.join(res.get('rows') or [])} ({Path(path).name}, "
+              f"commit {meta.get('commit')}, {meta.get('date')})\n\n    {meta.get('command')}\n")
+        print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
