@@ -16,7 +16,7 @@ from conftest import token_ids
 from pruned_models import MATRIX_SHAPE, prune_globally, save_tiny
 from ranks import RankError, run_ranks
 from test_expert_parallel import _experts_read
-from workers import grid_cases, tp_sleep_or_step
+from workers import cut_steps, grid_cases, tp_sleep_or_step
 
 import moekit
 from moekit.errors import MoekitError
@@ -197,6 +197,17 @@ def test_ep2_through_the_grid_loader_equals_one_process(two_ranks):
 @pytest.mark.parametrize("variant", OVER)
 def test_heads_and_experts_over_the_same_two_ranks_equal_one_process(two_ranks, variant):
     _check_equal(two_ranks, f"{variant}_ep=tp2")
+
+
+def test_decode_steps_cut_at_the_expert_calls_equal_whole_steps(tiny):
+    """The piecewise step (what CUDA graphs capture around the expert exchanges on GPUs) of ep=2, tp=2
+    and tp=2,ep=tp models gives the whole step's logits exactly, step after step."""
+    cases = [_case(tiny, "mixtral", 2, 1), _case(tiny, "mixtral", 1, 2), _case(tiny, "qwen2_moe", 2, 2, over=True)]
+    for case in cases:
+        case.update(ids=token_ids(2, 5, seed=4), steps=3)
+    for result in run_ranks(2, cut_steps, cases, timeout_s=60.0, join_s=300.0):
+        for case in cases:
+            assert result[case["name"]] == [True] * 3, (case["name"], result[case["name"]])
 
 
 @pytest.mark.parametrize("name", ["mixtral_2x2", "qwen2_moe_2x2", "deepseek_v2_2x2", "olmoe_1x4"])

@@ -133,3 +133,37 @@ def tp_sleep_or_step(comm, path: str, sleep_s: float, ep: int = 1, tp: int = 2) 
     with torch.no_grad():
         model(torch.tensor([[3, 4, 5]]))
     return "stepped"
+
+
+def cut_steps(comm, cases: list[dict]) -> dict:
+    """Returns {case name: [(cut step logits == whole step logits) per step], or RankError} for
+    each case {"name", "path", "ep", "tp", "over", "ids" [B, T], "steps"}: decode steps of the parallel
+    model cut at its expert calls (moekit.piecewise, as CUDA graphs capture an expert-parallel step;
+    here without graphs) against whole steps, each with its own KV cache."""
+    from moekit.kv_cache import KVCache
+    from moekit.parallel.tensor import ParallelGroups, load_parallel
+    from moekit.piecewise import PiecewiseDecode
+
+    out: dict = {}
+    grids: dict = {}
+    for case in cases:
+        try:
+            shape = (case["ep"], case["tp"], case.get("over", False))
+            if shape not in grids:
+                grids[shape] = ParallelGroups.create(comm, *shape)
+            model = load_parallel(case["path"], grids[shape])
+            ids = case["ids"]
+            caches = [KVCache(model.config, ids.shape[0], 16, model.device, model.dtype) for _ in range(2)]
+            with torch.no_grad():
+                token = model(ids, cache=caches[0], start=0, last_only=True)[:, -1].argmax(-1)[:, None]
+                model(ids, cache=caches[1], start=0, last_only=True)
+                step = PiecewiseDecode(model, caches[1], token, ids.shape[1], graphs=False)
+                same = []
+                for position in range(ids.shape[1], ids.shape[1] + case["steps"]):
+                    expected = model(token, cache=caches[0], start=torch.tensor(position))
+                    same.append(torch.equal(step(token, position), expected))
+                    token = expected[:, -1].argmax(-1)[:, None]
+            out[case["name"]] = same
+        except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
+            out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
+    return out
