@@ -20,7 +20,8 @@ included); transformers: load ~6, C=1 9, C=8 11, C=32 11, C=128 20 (each generat
 --hf-max-s 20 s, so C=128 may report a partial batch: `stopped_by_max_time`); offloaded 25%:
 load + warm-up 22, C=1 (2 requests) 9. This run adds static mixed warm-up (~1, mixed buckets
 captured) and the alternative rows: no overlap at C=1 and 32 (~1 + 2.5), eager mixed at C=32
-(~2.5), prefill cap 512 at C=32 and 128 (~3 + 5).
+(~2.5), prefill cap 512 at C=32 and 128 (~3 + 5), and the decode attention kernel alone at
+B=1/8/32/128, one pass against flash-decoding splits (~3; `decode_attention`, its own table).
 Whatever is left when the budget runs out is written as {"skipped": why}; the JSON is rewritten
 after every phase, so a killed run still leaves every finished row.
 
@@ -256,6 +257,41 @@ def static_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: in
             "cuda_graph": stats.cuda_graph, "compiled": bool(stats.extra.get("compiled"))}
 
 
+HBM_BYTES_PER_S = 4.2e12  # the H200's device-to-device copy rate (BENCH.md): the floor of a read
+
+
+def attention_splits(cfg, device: torch.device, batches: list[int], lo: int, hi: int,
+                     block_size: int) -> dict[str, Any]:
+    """Returns per batch the paged decode attention of one layer (the model's heads, contexts
+    uniform in [lo, hi], blocks scattered over a pool) in microseconds: the one-pass kernel
+    (splits 1) against the flash-decoding split the GPU picks (moekit.paged_attention.decode_splits),
+    next to the floor of reading its keys and values once at the HBM copy rate."""
+    from moekit.paged_attention import decode_attention_triton, decode_splits
+
+    if device.type != "cuda":
+        return {"skipped": "the Triton decode kernels are timed on CUDA only"}
+    h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for b in batches:
+        ctx = torch.randint(lo, hi + 1, (b,), generator=g)
+        width = -(-hi // block_size)
+        pool = b * width + 1
+        keys = torch.randn(pool, block_size, hkv, dh, device=device, dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        tables = torch.randperm(pool - 1, generator=g)[:b * width].view(b, width).to(device, torch.int32) + 1
+        q = torch.randn(b, h, dh, device=device, dtype=torch.bfloat16)
+        args = (q, keys, values, tables, ctx.to(device, torch.int32), None)
+        auto = decode_splits(b, hkv, device)
+        one = common.do_bench_s(lambda: decode_attention_triton(*args, splits=1))
+        split = common.do_bench_s(lambda: decode_attention_triton(*args, splits=auto)) if auto > 1 else one
+        floor = 2 * int(ctx.sum()) * hkv * dh * 2 / HBM_BYTES_PER_S
+        out[f"b{b}"] = {"splits": auto, "one_pass_us": 1e6 * one, "split_us": 1e6 * split,
+                        "floor_us": 1e6 * floor, "mean_context": float(ctx.float().mean())}
+        del keys, values
+    return out
+
+
 def load_transformers(folder: Path, device: torch.device):
     """Returns the checkpoint as a transformers model on `device` (straight there where accelerate
     is installed: no second copy through host memory)."""
@@ -409,6 +445,10 @@ class Bench:
                                min_s=a.reserve_s + 60)  # transformers' rows still to come
                 finally:
                     sched.config = base
+        # the decode attention kernel alone, one pass against split runs (flash-decoding)
+        self.phase(res, "decode_attention", partial(attention_splits, model.config, device, [1, 8, 32, 128],
+                                                    a.min_len, a.max_len + a.new_tokens, sched.cache.block_size),
+                   min_s=a.reserve_s + 60)
         del sched, model
         free_memory(device)
 
@@ -651,6 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     path = common.write_json(bench.results, args.out, "bench_serve")
     print(bench.table())
     print(bench.step_table())
+    for name, res in bench.results["shapes"].items():
+        rows = [[name, b, r["splits"], f"{r['one_pass_us']:.1f}", f"{r['split_us']:.1f}", f"{r['floor_us']:.1f}"]
+                for b, r in res.get("decode_attention", {}).items() if isinstance(r, dict)]
+        if rows:
+            print(common.markdown_table(["shape", "batch", "splits", "one pass us", "split us", "HBM floor us"], rows))
     print("\n".join(["goals:", *bench.goals()]))
     log(f"wrote {path} ({bench.results['wall_s']} s)")
     return 0

@@ -141,3 +141,55 @@ def test_a_dropped_offloaded_step_frees_at_once(tiny):
         assert meta() is None
     finally:
         gc.enable()
+
+
+# (sequence lengths, block size, heads, kv heads, head dim, window, splits)
+SPLIT_SHAPES = [
+    ([1, 7, 16, 33], 4, 4, 2, 8, None, 3),  # one position: its later runs are empty
+    ([300, 130, 1], 16, 4, 4, 32, None, 4),  # runs of 64-position iterations
+    ([300, 45], 16, 4, 4, 32, 150, 2),  # a window starting inside a run
+    ([9, 30, 2], 8, 8, 2, 24, 5, 16),  # more runs than iterations; a padded group and head dim
+    ([400], 16, 16, 16, 128, None, 16),  # the OLMoE decode shape at batch 1
+]
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_decode_kernel_equals_reference(shape, dtype):
+    """The flash-decoding kernels (each sequence's positions cut into runs, then reduced) against
+    the PyTorch reference; the one-pass kernel (splits=1) alongside."""
+    from conftest import kernel_device
+    from moekit.paged_attention import decode_attention_reference, decode_attention_triton
+
+    device = kernel_device()
+    lengths, block_size, heads, kv_heads, head_dim, window, splits = shape
+    g = torch.Generator().manual_seed(5)
+    from dataclasses import replace
+
+    cfg = replace(moekit.read_config(moekit.default_model_path())[2], num_heads=heads, num_kv_heads=kv_heads,
+                  head_dim=head_dim)
+    cache = PagedKVCache(cfg, sum(-(-n // block_size) for n in lengths) + 2, block_size, device, dtype)
+    cache.grow("pad", 1)  # block 0 belongs to nobody read: tables' padding entries point at it
+    for i, n in enumerate(lengths):
+        batch = cache.prepare([(i, 0, n)])
+        k, v = (torch.randn(n, kv_heads, head_dim, generator=g).to(device, dtype) for _ in range(2))
+        cache.write(0, k, v, batch.slots)
+    batch = cache.prepare([(i, n - 1, 1) for i, n in enumerate(lengths)])
+    q = torch.randn(len(lengths), heads, head_dim, generator=g).to(device, dtype)
+    args = (q, cache.keys[0], cache.values[0], batch.block_tables, batch.context_lens, window)
+    expected = decode_attention_reference(*(a.float() if a.is_floating_point() else a for a in args[:3]), *args[3:])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for s in (splits, 1):
+        got = decode_attention_triton(*args, splits=s)
+        assert got.dtype == dtype and got.shape == q.shape
+        torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+def test_decode_splits_fill_the_gpu_then_stop():
+    from moekit.paged_attention import MAX_DECODE_SPLITS, _multiprocessors, decode_splits
+
+    assert decode_splits(1, 16, torch.device("cpu")) == 1
+    if torch.cuda.is_available():
+        sms = _multiprocessors(torch.device("cuda"))
+        assert decode_splits(1, 16, torch.device("cuda")) == min(MAX_DECODE_SPLITS, 2 * sms // 16)
+        assert decode_splits(128, 16, torch.device("cuda")) == 1

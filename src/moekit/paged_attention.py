@@ -14,6 +14,7 @@ Dh = head dim, NB = cache blocks, BS = positions per block, MB = blocks per tabl
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -26,7 +27,12 @@ from .kv_cache import QUERY_TILE, RaggedBatch
 try:
     import triton
 
-    from .kernels.paged_attention import paged_decode_kernel, paged_prefill_kernel
+    from .kernels.paged_attention import (
+        paged_decode_kernel,
+        paged_decode_reduce_kernel,
+        paged_decode_split_kernel,
+        paged_prefill_kernel,
+    )
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton use the PyTorch path
     HAVE_TRITON = False
@@ -151,11 +157,46 @@ def decode_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torc
     return out[:, :, 0]
 
 
+MAX_DECODE_SPLITS = 16  # runs of positions a sequence's decode attention is cut into at most
+
+
+def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Returns the runs of positions each (sequence, kv head) of a decode step is cut into: enough
+    programs for two per streaming multiprocessor, at most MAX_DECODE_SPLITS; 1 (the one-pass
+    kernel) once batch x kv heads fills them, and off CUDA. Depends on the batch only (not the
+    contexts), so a captured step keeps its launch. MOEKIT_DECODE_SPLITS=N fixes it (1: off)."""
+    if _FIXED_SPLITS is not None:
+        return _FIXED_SPLITS
+    if device.type != "cuda":
+        return 1
+    return max(1, min(MAX_DECODE_SPLITS, 2 * _multiprocessors(device) // (batch * kv_heads)))
+
+
+def _fixed_splits() -> int | None:
+    import os
+
+    value = os.environ.get("MOEKIT_DECODE_SPLITS")
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= MAX_DECODE_SPLITS:
+        raise MoekitError(f"MOEKIT_DECODE_SPLITS must be 1..{MAX_DECODE_SPLITS}, got {value!r}")
+    return int(value)
+
+
+_FIXED_SPLITS = _fixed_splits()  # read once: decode_splits runs per layer per step
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor,
-                            window: int | None) -> torch.Tensor:
+                            window: int | None, splits: int | None = None) -> torch.Tensor:
     """Returns what decode_attention_reference does, computed by the Triton kernel (CUDA tensors,
-    or CPU tensors under TRITON_INTERPRET=1)."""
+    or CPU tensors under TRITON_INTERPRET=1); with `splits` > 1 (default: decode_splits) each
+    sequence's positions are cut into that many runs attended side by side, then reduced."""
     b, h, dh = q.shape
     hkv = keys.shape[2]
     q = q.contiguous()
@@ -167,6 +208,23 @@ def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     # the K and V tiles [N, Dh] take <= 32 each)
     block_n = max(block_size, min(64, triton.next_power_of_2(max(1, 16384 // (block_g * block_d)))))
     num_warps = 8 if block_g * block_n * block_d >= 8192 else 4
+    splits = decode_splits(b, hkv, q.device) if splits is None else splits
+    if splits > 1:
+        part = torch.empty(b, h, splits, dh, dtype=torch.float32, device=q.device)  # [B, H, S, Dh]
+        m = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)  # [B, H, S]
+        lsum = torch.empty_like(m)
+        paged_decode_split_kernel[(b, hkv, splits)](
+            q, keys, values, block_tables, context_lens, part, m, lsum,
+            dh ** -0.5, window or 0,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), block_tables.stride(0), h,
+            SPLITS=splits, GROUP=group, BLOCK_G=block_g, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+            BLOCK_N=block_n, SLIDING=window is not None, num_warps=num_warps,
+        )
+        paged_decode_reduce_kernel[(b, h)](
+            part, m, lsum, out, out.stride(0), out.stride(1), h,
+            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=dh, BLOCK_D=block_d, num_warps=4,
+        )
+        return out
     paged_decode_kernel[(b, hkv)](
         q, keys, values, block_tables, context_lens, out,
         dh ** -0.5, window or 0,

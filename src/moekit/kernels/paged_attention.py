@@ -16,6 +16,9 @@ block id looked up on its own) per iteration: fewer dependent iterations per pro
 what bounds a decode step of few sequences (B x Hkv programs leave most SMs idle). With SLIDING, positions before
 context_len - WINDOW are skipped (whole blocks are never read).
 
+paged_decode_split_kernel and paged_decode_reduce_kernel do the same work cut into runs of
+positions (flash-decoding) for steps of too few sequences to fill the GPU.
+
 The packed prefill kernel's tensors are in its docstring.
 """
 
@@ -73,6 +76,90 @@ def paged_decode_kernel(
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["WINDOW", "stride_tb"])
+def paged_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
+    scale, WINDOW,
+    stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb, NUM_HEADS,
+    SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
+):
+    """paged_decode_kernel's work of sequence b, kv head kvh cut into SPLITS runs of positions
+    (flash-decoding): program (b, kvh, split) attends its run only and leaves the unnormalized
+    partial result for paged_decode_reduce_kernel. A decode step of few sequences launches B x Hkv
+    programs, too few to fill the GPU, each walking its whole context; the splits walk it side by side.
+
+    Partials (S = SPLITS): part [B, H, S, Dh] float32 (sum of p * v), m, l [B, H, S] float32 (the
+    run's running max and sum of p; -inf and 0 for an empty run). A run is a multiple of BLOCK_N
+    positions: ceil(context / S) rounded up, so short contexts leave the last splits empty."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    g = tl.arange(0, BLOCK_G)  # [G]
+    d = tl.arange(0, BLOCK_D)  # [Dh]
+    heads = kvh * GROUP + g
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # [G, Dh]
+    m_i = tl.zeros((BLOCK_G,), dtype=tl.float32) - float("inf")
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    lowest = 0
+    if SLIDING:
+        lowest = tl.maximum(ctx - WINDOW, 0)
+    begin = (lowest // BLOCK_SIZE) * BLOCK_SIZE
+    run = tl.cdiv(tl.cdiv(ctx - begin, SPLITS), BLOCK_N) * BLOCK_N
+    lo = begin + split * run
+    hi = tl.minimum(lo + run, ctx)
+    p_in_chunk = tl.arange(0, BLOCK_N)  # [N]
+    for first in range(lo, hi, BLOCK_N):
+        pos = first + p_in_chunk
+        pos_ok = (pos < hi) & (pos >= lowest)
+        block_id = tl.load(table_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)  # [N]
+        offs = (block_id[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_kp + kvh * stride_kh
+                + d[None, :])
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [G]
+        p = tl.exp(s - m_new[:, None])  # [G, N]
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, Dh]
+        m_i = m_new
+    row = (b * NUM_HEADS + heads) * SPLITS + split  # [G]
+    tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(m_ptr + row, m_i, mask=g_ok)
+    tl.store(l_ptr + row, l_i, mask=g_ok)
+
+
+@triton.jit
+def paged_decode_reduce_kernel(
+    part_ptr, m_ptr, l_ptr, out_ptr, stride_ob, stride_oh, NUM_HEADS,
+    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, h] from the SPLITS partials of paged_decode_split_kernel: each run's sums rescaled
+    to the largest running max, then acc / l. Program (b, h)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)  # [S]
+    d = tl.arange(0, BLOCK_D)  # [Dh]
+    s_ok = s < SPLITS
+    row = (b * NUM_HEADS + h) * SPLITS + s  # [S]
+    m = tl.load(m_ptr + row, mask=s_ok, other=float("-inf"))
+    l = tl.load(l_ptr + row, mask=s_ok, other=0.0)
+    top = tl.max(m, axis=0)
+    w = tl.where(l > 0, tl.exp(m - top), 0.0)  # an empty run (m = -inf, l = 0) weighs nothing
+    acc = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & (d < HEAD_DIM)[None, :],
+                  other=0.0)  # [S, Dh]
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)  # [Dh]
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 # q and out are views of the step's packed projections: their strides may scale with its tokens
