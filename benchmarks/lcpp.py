@@ -131,9 +131,10 @@ class LlamaCpp:
         self.gguf_dir = gguf_dir
         self.ggufs = {"bf16": gguf_dir / f"{self.shape}-bf16.gguf"}
         gguf_dir.mkdir(parents=True, exist_ok=True)
-        for old in gguf_dir.glob("*.gguf*"):  # another shape's conversion: memory the run needs
-            if not old.name.startswith(self.ggufs["bf16"].name):
-                old.unlink()
+        for folder in {gguf_dir, self.root / "gguf", self.root}:  # another call's GGUFs: memory and disk the run needs
+            for old in folder.glob("*.gguf*") if folder.exists() else ():
+                if not (folder == gguf_dir and old.name.startswith(self.ggufs["bf16"].name)):
+                    old.unlink()
         build_log = self.out / "llamacpp_build.log"
         deadline = time.perf_counter() + 300
         while "build" in self.procs and self.procs["build"].poll() is None and time.perf_counter() < deadline:
@@ -161,8 +162,8 @@ class LlamaCpp:
         return str(stub.parent)
 
     def wait(self) -> bool:
-        """Waits for build and convert, then builds llama-quantize; returns whether all worked
-        (the error is in results['llamacpp']['error'])."""
+        """Waits for build and convert, then builds llama-quantize; returns whether llama-bench and the
+        bf16 GGUF are ready (the error is in results['llamacpp']['error']; llama-quantize's in 'quantize_error')."""
         failed = []
         for stage, proc in self.procs.items():
             rc = proc.wait()
@@ -182,14 +183,14 @@ class LlamaCpp:
             return False
         t0 = time.perf_counter()
         build = self.bin.parent
-        q = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count()), "--target", "llama-quantize"],
-                           capture_output=True, text=True, check=False)
+        q = subprocess.CompletedProcess([], 0, "", "")  # built already (as run.sh skips a built llama-bench)
+        if not (self.bin / "llama-quantize").exists():
+            q = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count()), "--target", "llama-quantize"],
+                               capture_output=True, text=True, check=False)
         self.lc["quantize_build_s"] = time.perf_counter() - t0
-        if q.returncode != 0 or not (self.bin / "llama-quantize").exists():
-            self.lc["error"] = f"llama-quantize build failed (rc {q.returncode}): {(q.stdout + q.stderr)[-1500:]}"
-            common.log(self.lc["error"])
-            self.save()
-            return False
+        if q.returncode != 0 or not (self.bin / "llama-quantize").exists():  # the bf16 rows can still run
+            self.lc["quantize_error"] = f"llama-quantize build failed (rc {q.returncode}): {(q.stdout + q.stderr)[-1500:]}"
+            common.log(self.lc["quantize_error"])
         common.log(f"llama.cpp built and converted in {self.lc['build_convert_s']:.0f} s "
                    f"(stages {self.lc.get('stages_s')}), llama-quantize in {self.lc['quantize_build_s']:.0f} s")
         if self.cuda:
@@ -212,6 +213,8 @@ class LlamaCpp:
     def quantize(self, qtype: str, threads: int) -> Path | None:
         """Returns the GGUF of `qtype` (Q4_K_M, Q2_K) made by llama-quantize from the bf16 one
         (beside it when memory allows, else in $LCPP_ROOT on disk), or None after a failure."""
+        if self.lc.get("quantize_error"):
+            return None
         src = self.ggufs["bf16"]
         need = src.stat().st_size * 0.4
         folder = self.gguf_dir if free_bytes(self.gguf_dir) > need + 8e9 else self.root

@@ -16,10 +16,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import bench_llamacpp as bl  # noqa: E402
-import lcpp_bars  # noqa: E402
+import bench_llamacpp as bl
+import lcpp_bars
 
-from moekit.config import ModelConfig  # noqa: E402
+from moekit.config import ModelConfig
 
 
 def _cfg() -> ModelConfig:
@@ -139,7 +139,7 @@ def test_tiny_cpu_run_writes_every_row(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_llamacpp.py"), "--device", "cpu", "--shape",
                         "tiny", "--rows", "cpu,compressed", "--forms", "int4,int2", "--skip-llamacpp", "--cpu-rounds",
                         "1", "--tmp", str(tmp_path / "shm"), "--disk-tmp", str(tmp_path / "disk"), "--out",
-                        str(tmp_path / "out"), "--name", "t"], capture_output=True, text=True, env=env, timeout=600)
+                        str(tmp_path / "out"), "--name", "t"], capture_output=True, text=True, env=env, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "t.json").read_text())
     rows = {(r["setting"], r.get("form") or r.get("dtype")): r for r in res["moekit"]}
@@ -148,3 +148,63 @@ def test_tiny_cpu_run_writes_every_row(tmp_path):
     assert all(r["status"] == "ok" and r["decode_tok_s"] > 0 for r in rows.values())
     assert res["compressed"]["int4"]["bits_per_expert_param"] == pytest.approx(4 + 24 / 128)
     assert not (tmp_path / "shm" / "tiny" / "int4").exists()  # deleted after its row
+
+
+def _fake_anchor(tmp: Path) -> tuple[Path, Path]:
+    """Returns (anchor, root): a run.sh that logs its stage and writes the GGUF, and prebuilt
+    llama-bench / llama-quantize stand-ins (no compiler, no model)."""
+    anchor, root = tmp / "anchor", tmp / "root"
+    anchor.mkdir()
+    (anchor / "run.sh").write_text(
+        'echo "=== stage $LCPP_STAGES ==="; mkdir -p "$2"; echo "$LCPP_STAGES 1.5" > "$2/timings.txt"\n'
+        '[[ $LCPP_STAGES == convert ]] && echo gguf > "$LCPP_GGUF"\n'
+        '[[ -f $1/config.json ]]\n')
+    bin_dir = root / "llama.cpp" / "build-cpu" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "llama-quantize").write_text('#!/bin/bash\necho "$3" > "$2"\n')
+    (bin_dir / "llama-bench").write_text(
+        '#!/bin/bash\necho "[{\\"avg_ts\\": 12.5, \\"stddev_ts\\": 0.5, \\"n_threads\\": 2, \\"args\\": \\"$*\\"}]"\n')
+    for p in bin_dir.iterdir():
+        p.chmod(0o755)
+    return anchor, root
+
+
+def test_llamacpp_build_convert_quantize_and_bench(tmp_path, monkeypatch):
+    import lcpp
+
+    anchor, root = _fake_anchor(tmp_path)
+    monkeypatch.setenv("LCPP_ROOT", str(root))
+    gguf_dir = tmp_path / "shm"
+    gguf_dir.mkdir()
+    (gguf_dir / "other-shape-bf16.gguf").write_text("stale")  # another call's: must go
+    ckpt = tmp_path / "ckpt" / "tiny" / "bf16"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    results, saves = {}, []
+    engine = lcpp.LlamaCpp(anchor, "tiny", tmp_path / "work", tmp_path / "out.log", False, results,
+                           lambda: saves.append(1))
+    engine.start_build()
+    engine.start_convert(ckpt, gguf_dir)
+    assert engine.wait(), results["llamacpp"].get("error")
+    assert results["llamacpp"]["stages_s"] == {"build": 1.5, "convert": 1.5}
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["tiny-bf16.gguf"]
+    assert "=== stage convert ===" in (tmp_path / "out.log").read_text()
+    q = engine.quantize("Q4_K_M", threads=2)
+    assert q is not None and q.read_text().strip() == "Q4_K_M"
+    row = engine.bench("decode_cpu_only_Q4_K_M", ["-p", "0"], gguf="Q4_K_M", no_gpu=True)
+    assert row["tok_s"] == 12.5 and str(q) in row["command"] and "gpu_used_bytes" not in row
+    engine.drop("Q4_K_M")
+    assert not q.exists() and results["llamacpp"]["rows"]["decode_cpu_only_Q4_K_M"] is row and saves
+
+
+def test_llamacpp_failed_stage_is_named(tmp_path, monkeypatch):
+    import lcpp
+
+    anchor, root = _fake_anchor(tmp_path)
+    monkeypatch.setenv("LCPP_ROOT", str(root))
+    results = {}
+    engine = lcpp.LlamaCpp(anchor, "tiny", tmp_path / "work", tmp_path / "out.log", False, results, lambda: None)
+    engine.start_build()
+    engine.start_convert(tmp_path / "no-checkpoint", tmp_path / "shm")  # the fake run.sh wants a config.json
+    assert not engine.wait() and not engine.ok
+    assert "run.sh convert failed (rc 1)" in results["llamacpp"]["error"] and "build failed" not in results["llamacpp"]["error"]
