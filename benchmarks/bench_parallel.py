@@ -224,6 +224,8 @@ def collective_profile(model, ids: torch.Tensor, device: torch.device, layers: i
                                                                   "allgather", "all_gather")):
             coll_us += t
             calls += ev.count
+    if kernels_us == 0:  # e.g. CUPTI refused: say so rather than report 0 s in collectives
+        return {"collective_s_per_layer": None, "what": "the profiler saw no kernels (CUPTI unavailable?)"}
     return {"collective_s_per_layer": coll_us / 1e6 / reps / layers, "collective_calls_per_layer": calls / reps / layers,
             "timed_s_per_forward": kernels_us / 1e6 / reps, "what": "NCCL kernel GPU time" if cuda else
             "gloo host time (enqueue only)"}
@@ -418,7 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode run")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--reps", type=int, default=3, help="timed prefill forwards")
-    p.add_argument("--collective-timeout-s", type=float, default=90.0)
+    p.add_argument("--collective-timeout-s", type=float, default=60.0,
+                   help="a collective that does not finish in this long ends its rank (NCCL watchdog)")
     p.add_argument("--row-timeout-s", type=float, default=200.0,
                    help="ranks that write no row for this long are killed and restarted from the next row")
     p.add_argument("--eager-parallel", action="store_true", help="decode the parallel rows without CUDA graphs")
