@@ -50,8 +50,9 @@ def test_small_run_produces_every_row(tmp_path):
     res = json.loads((tmp_path / "bench_families.json").read_text())
     for shape in bench_families.SHAPES:
         phases = res["shapes"][shape]["phases"]
+        # a timed row may refuse a figure on a busy CPU (generate(N) no slower than generate(1)): not broken
         broken = {k: v.get("error", v.get("skipped")) for k, v in phases.items()
-                  if ("error" in v or "skipped" in v) and not k.startswith("hf_decode_")}
+                  if "skipped" in v or "timing noise" not in v.get("error", "timing noise")}
         assert not broken, broken
         assert phases["correctness"]["logits_rel_error"] < 0.05
     metrics = {(r["shape"], r["engine"].split(" (")[0], r["metric"]) for r in res["table"]}
