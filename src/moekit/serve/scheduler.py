@@ -404,8 +404,11 @@ class Scheduler:
 
     def _overlappable(self, requests: list[Request]) -> bool:
         """Returns whether a decode-only step over `requests` may run without reading anything
-        back before the next step launches: overlap on, no logprobs asked, none finished."""
-        return self.config.overlap and all(r.params.logprobs is None and not r.finished for r in requests)
+        back before the next step launches: overlap on, no logprobs asked, none finished, and a
+        step the host does not wait on anyway (an offloaded model's expert calls read their
+        routing on the host: launching ahead would only report the tokens a step late)."""
+        return (self.config.overlap and not self.decode.piecewise
+                and all(r.params.logprobs is None and not r.finished for r in requests))
 
     def _launch(self, requests: list[Request], tokens: torch.Tensor | None = None) -> None:
         """Launches a decode-only step over `requests` (inputs from `tokens` [B] on the device, else
