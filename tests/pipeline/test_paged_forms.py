@@ -204,3 +204,44 @@ def test_cuda_pipelined_compressed_agrees_with_the_sequential_engine(compressed,
     runtime = model.expert_runtime
     assert runtime.pages_loaded > 0 and all(t.is_pinned() for s in runtime.stores.values() for t in s.values())
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_decoded_layer_path_equals_the_per_expert_path(compressed, form, monkeypatch):
+    """Past the per-slot kernels (> 16 routed slots) where the kernels run, a compressed layer is
+    decoded once into a dense workspace and every micro-batch of it runs the grouped dense kernels
+    (no host sync): the same outputs as the per-expert path, one decode per layer however many
+    micro-batches call it, decoded again once its pages reload. (Triton interpreter on the CPU.)"""
+    from conftest import kernel_device
+
+    if kernel_device() != "cpu":
+        pytest.skip("the CPU run of the kernels (CUDA: test_cuda_pipelined_compressed_agrees_...)")
+    model = load_model(compressed[form], device="cpu", dtype="float32", experts=PagedLoader(resident=1))
+    runtime = model.expert_runtime
+    cfg = model.config
+    g = torch.Generator().manual_seed(4)
+    layer = runtime.layers[-1]
+    runtime.prefetch(layer)
+    calls = []
+    for _ in range(2):  # two micro-batches of the layer, 12 tokens x top-2 = 24 slots each
+        x = torch.randn(12, cfg.hidden_size, generator=g)
+        ids = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:2] for _ in range(12)])
+        w = torch.rand(12, 2, generator=g)
+        calls.append((x, ids, w))
+    with torch.no_grad():
+        want = [runtime.run(layer, *c) for c in calls]  # the per-expert PyTorch path (no kernels)
+        assert runtime.layer_decodes == 0
+        monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+        got = [runtime.run(layer, *c) for c in calls]
+    assert runtime.layer_decodes == 1  # decoded once for both micro-batches
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    report = runtime.report()
+    width = max(runtime.experts.values())
+    assert report["workspace_bytes"] == width * 3 * cfg.hidden_size * cfg.expert_ffn * 4
+    runtime.half_of.pop(layer)  # the layer's pages reload (a new step): decoded again
+    runtime.pages_done.pop(layer)
+    with torch.no_grad():
+        again = runtime.run(layer, *calls[0])
+    assert runtime.layer_decodes == 2
+    torch.testing.assert_close(again, want[0], rtol=1e-4, atol=1e-5)

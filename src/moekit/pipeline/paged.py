@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import MoekitError
-from ..experts.forms import DenseForm, StoredForm, Tensors
+from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS, DenseForm, StoredForm, Tensors, needs_grad
 from ..experts.loader import ExpertLoader, LoadContext
 
 PAGE_ALIGN_BYTES = 4096  # a page boundary is a multiple of this many bytes (whole pages of the DMA)
@@ -86,6 +86,13 @@ class PagedRuntime:
         self._span_start: dict[int, torch.cuda.Event] = {}
         self.next_half = 0
         self._page_views: dict[tuple[int, int, int, int], list] = {}  # (layer, page, pages, half) -> views to copy
+        # compressed forms past the per-slot kernels, where the kernels run: the layer's experts decoded
+        # once into a dense workspace, every micro-batch of the layer through the grouped dense kernels
+        # (no host sync; the per-expert path sorts slots on the host). False: the per-expert path.
+        self.decode_layers = True
+        self._workspace: Tensors | None = None  # {"gate_up": [E, 2I, D], "down": [E, D, I]} in the activations' dtype
+        self._decoded: tuple | None = None  # (layer, half, dtype) the workspace holds, until its pages reload
+        self.layer_decodes = 0  # layers decoded into the workspace (statistics, tests)
         self.pages_loaded = 0  # pages copied, all layers (statistics, tests)
         self.whole_loads = 0  # layers loaded whole at their call (not ahead, page by page)
         for i, layer in enumerate(self.layers):  # the resident experts, once
@@ -193,6 +200,8 @@ class PagedRuntime:
             self.pages_of[layer], self.pages_done[layer] = pages, set()
         half = self.half_of[layer]
         first, last = not self.pages_done[layer], len(self.pages_done[layer]) + 1 == pages
+        if first and self._decoded is not None and self._decoded[0] == layer:
+            self._decoded = None  # its buffer is refilled: the workspace no longer holds it
         waits = self.gates.get(layer, ()) if first else ()
         if self.trace is not None:
             self.trace.append(("page", (layer, page), tuple(("read", m) for m in waits)))
@@ -244,7 +253,13 @@ class PagedRuntime:
         if timed:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-        out = self.layout.form.run(x, rows, weights, stacked, ids=ids, row_of=row_of, count=self.experts[layer])
+        if self._decodes_whole(x, rows, weights):
+            from ..experts import triton_ops
+
+            gate_up, down = self._decode_layer(layer, half, stacked, x.dtype)
+            out = triton_ops.grouped_expert_ffn(x, ids, weights.to(x.dtype), gate_up, down)
+        else:
+            out = self.layout.form.run(x, rows, weights, stacked, ids=ids, row_of=row_of, count=self.experts[layer])
         if timed:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -254,6 +269,41 @@ class PagedRuntime:
             done.record()
             self.read_done[layer] = done
         return out
+
+    def _decodes_whole(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> bool:
+        """Returns whether this call decodes the layer whole (`decode_layers`): a compressed form,
+        more routed slots than the per-slot kernels take, the kernels running, no autograd."""
+        form = self.layout.form
+        if not self.decode_layers or isinstance(form, DenseForm) or rows.numel() <= SLOT_KERNEL_MAX_SLOTS:
+            return False
+        from ..experts import triton_ops
+        from ..quant import ops
+
+        return (ops.use_kernels(x) and triton_ops.triton_usable(x) and x.dtype in ops.DECODE_DTYPES
+                and not needs_grad(x, weights, {}))
+
+    def _decode_layer(self, layer: int, half: int, stacked: Tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the layer's experts decoded in expert order, (gate_up [E, 2I, D], down [E, D, I])
+        in dtype: views of the workspace, decoded on the compute stream unless it holds them already
+        (the layer's earlier micro-batches). Expert order is [resident slots | buffer slots], two
+        contiguous ranges of the slab, so each kind takes two decode launches."""
+        form, count = self.layout.form, self.experts[layer]
+        width = max(self.experts.values())
+        if self._workspace is None or self._workspace["gate_up"].dtype != dtype:
+            self._workspace = None
+            self._workspace = {"gate_up": torch.empty((width, 2 * form.ffn, form.hidden), dtype=dtype, device=self.device),
+                               "down": torch.empty((width, form.hidden, form.ffn), dtype=dtype, device=self.device)}
+        ws = {kind: t[:count] for kind, t in self._workspace.items()}
+        if self._decoded != (layer, half, dtype):
+            base = self.layers.index(layer) * self.resident
+            for lo, hi, slot in ((0, self.resident, base), (self.resident, count, self.buffer_start[half])):
+                if hi > lo:
+                    part = form.one(stacked, slice(slot, slot + hi - lo))  # [hi - lo, ...] of each stored tensor
+                    for kind in KINDS:
+                        decode_into(form, kind, part, ws[kind][lo:hi])
+            self._decoded = (layer, half, dtype)
+            self.layer_decodes += 1
+        return ws["gate_up"], ws["down"]
 
     # ---- the engines' side (experts.runtime.ExpertRuntime) ----------------------------------------
     def reserve(self, batch: int, positions: int) -> None:
@@ -267,7 +317,9 @@ class PagedRuntime:
         return {"form": form.name, "bits_per_weight": bits_per_weight(self.layout, form),
                 "resident_per_layer": self.resident, "streamed_per_layer": self.streamed,
                 "pages_loaded": self.pages_loaded, "whole_loads": self.whole_loads,
-                "slab_bytes": sum(t.numel() * t.element_size() for t in self.slab.values())}
+                "slab_bytes": sum(t.numel() * t.element_size() for t in self.slab.values()),
+                "workspace_bytes": sum(t.numel() * t.element_size() for t in (self._workspace or {}).values()),
+                "layer_decodes": self.layer_decodes}
 
 
 class PagedExperts(nn.Module):
@@ -305,6 +357,23 @@ def range_views(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> list[tu
         if hi > lo:
             views.append((flat_dst[row, lo:hi], flat_src[row, lo:hi]))
     return views
+
+
+def decode_into(form: StoredForm, kind: str, stack: Tensors, out: torch.Tensor) -> None:
+    """Writes the dense matrices `kind` [k, R, K] of a stack of k experts of a compressed form
+    (its stored tensors [k, ...] and tables, as form.one gives them for a slice) into `out`:
+    the decode kernels write it directly where they run, else the form's decode is copied in."""
+    from ..quant import ops
+    from ..quant.config import TERNARY_CODE
+
+    cols = form.cols(kind)
+    parts = form._parts(kind, stack)  # the kernels' arguments in the form's order (quant.formats)
+    if ops.use_kernels(out) and form.name == TERNARY_CODE:
+        ops.code_weight_triton(*parts, cols, out.dtype, out=out)
+    elif ops.use_kernels(out) and form.bits is not None and not ops.groups_split_words(form.bits, parts[1].shape[-1], cols):
+        ops.int_weight_triton(*parts, form.bits, cols, out.dtype, out=out)
+    else:
+        out.copy_(form.weight(kind, stack, out.dtype))
 
 
 def bits_per_weight(layout, form: StoredForm) -> float:

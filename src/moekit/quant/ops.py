@@ -95,9 +95,10 @@ def int_weight_reference(qweight: torch.Tensor, scale: torch.Tensor, zero: torch
 
 def int_weight_triton(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, cols: int,
                       dtype: torch.dtype = torch.float32,
-                      config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                      config: tuple[int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Returns the dense weight [..., R, cols] in dtype (DECODE_DTYPES) of int-form matrices
-    through the decode kernel; `config` (BLOCK_N, BLOCK_KW, num_warps) overrides INT_DECODE_CONFIG."""
+    through the decode kernel; `config` (BLOCK_N, BLOCK_KW, num_warps) overrides INT_DECODE_CONFIG;
+    `out` (contiguous [..., R, cols] in dtype) receives it instead of a new tensor."""
     if dtype not in DECODE_DTYPES:
         raise ValueError(f"the decode kernel writes {DECODE_DTYPES}, not {dtype}; use int_weight_reference")
     *lead, r, num_words = qweight.shape
@@ -105,7 +106,11 @@ def int_weight_triton(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     q = qweight.reshape(-1, num_words)  # the stack's rows one after another: each row is independent
     scale, zero = scale.reshape(-1, groups), zero.reshape(-1, groups)
     _check_unit_stride(q, scale, zero)
-    out = torch.empty(q.shape[0], cols, dtype=dtype, device=qweight.device)  # every weight is written
+    if out is None:
+        out = torch.empty(q.shape[0], cols, dtype=dtype, device=qweight.device)  # every weight is written
+    else:
+        _check_out(out, (*lead, r, cols), dtype)
+        out = out.view(q.shape[0], cols)
     if out.numel() == 0:
         return out.view(*lead, r, cols)
     bn, block_kw, warps = config or INT_DECODE_CONFIG
@@ -377,23 +382,36 @@ def code_decode_triton(words, starts, row_chunks, block_offsets, table, cols: in
 
 
 def code_weight_triton(words, starts, row_chunks, block_offsets, lo, hi, table, cols: int,
-                       dtype: torch.dtype = torch.float32, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, config: tuple[int, int, int] | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Returns the dense weight [..., R, cols] in dtype (DECODE_DTYPES) of code-form matrices
-    through the decode kernel; `config` (BLOCK_R, words per step, num_warps) overrides CODE_DECODE_CONFIG."""
+    through the decode kernel; `config` (BLOCK_R, words per step, num_warps) overrides CODE_DECODE_CONFIG;
+    `out` (contiguous [..., R, cols] in dtype) receives it instead of a new tensor."""
     if dtype not in DECODE_DTYPES:
         raise ValueError(f"the decode kernel writes {DECODE_DTYPES}, not {dtype}; use code_weight_reference")
-    return _code_decode(words, starts, row_chunks, block_offsets, lo, hi, table, cols, dtype, config)
+    return _code_decode(words, starts, row_chunks, block_offsets, lo, hi, table, cols, dtype, config, out)
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Raises ValueError unless `out` is a contiguous tensor of this shape and dtype."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {list(shape)} {dtype} tensor, got {list(out.shape)} "
+                         f"{out.dtype} (contiguous: {out.is_contiguous()})")
 
 
 def _code_decode(words, starts, row_chunks, block_offsets, lo, hi, table, cols: int, dtype: torch.dtype,
-                 config: tuple[int, int, int] | None) -> torch.Tensor:
+                 config: tuple[int, int, int] | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Launches the decode kernel over every matrix of the leading dimensions: levels lo / hi
-    [..., R] written in dtype, or (lo None) the codes in uint8. Returns [..., R, cols]."""
+    [..., R] written in dtype, or (lo None) the codes in uint8, into `out` when given. Returns [..., R, cols]."""
     *lead, r = row_chunks.shape
     count = 1
     for n in lead:
         count *= n
-    out = torch.zeros(count, r, cols, dtype=dtype, device=words.device)  # the kernel writes only nonzeros
+    if out is None:
+        out = torch.zeros(count, r, cols, dtype=dtype, device=words.device)  # the kernel writes only nonzeros
+    else:
+        _check_out(out, (*lead, r, cols), dtype)
+        out = out.view(count, r, cols).zero_()
     if out.numel() == 0:
         return out.view(*lead, r, cols)
     levels = lo is not None
