@@ -312,7 +312,7 @@ def test_ragged_steps_compile_one_attention_kernel_each(monkeypatch):
             pa.prefill_attention_triton(q, cache.keys[0], cache.values[0], batch.block_tables, batch.query_tiles,
                                         None)
         pa.decode_attention_triton(q[:len(work)], cache.keys[0], cache.values[0], batch.block_tables,
-                                   batch.context_lens, None)
+                                   batch.context_lens, None, splits=1)  # the split kernels: test_paged_decode
         for seq, _, _ in work:
             cache.free(seq)
     assert len(keys["prefill"]) == 1 and len(keys["decode"]) == 1

@@ -193,3 +193,38 @@ def test_decode_splits_fill_the_gpu_then_stop():
         sms = _multiprocessors(torch.device("cuda"))
         assert decode_splits(1, 16, torch.device("cuda")) == min(MAX_DECODE_SPLITS, 2 * sms // 16)
         assert decode_splits(128, 16, torch.device("cuda")) == 1
+
+
+def test_split_decode_compiles_one_key_per_split_count(monkeypatch):
+    """Ragged decode steps of 1..5 sequences, contexts 1..600, tables 1..40 blocks wide: the split
+    and reduce kernels launch under one specialization key each for a given split count."""
+    import moekit.paged_attention as pa
+    from moekit.experts.triton_ops import specialization_key
+
+    if not pa.HAVE_TRITON:
+        pytest.skip("triton not installed")
+    keys = {"split": set(), "reduce": set()}
+
+    class Recorder:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: keys[self.name].add(specialization_key(self.kernel, a, k))
+
+    monkeypatch.setattr(pa, "paged_decode_split_kernel", Recorder(pa.paged_decode_split_kernel, "split"))
+    monkeypatch.setattr(pa, "paged_decode_reduce_kernel", Recorder(pa.paged_decode_reduce_kernel, "reduce"))
+    from dataclasses import replace
+
+    cfg = replace(moekit.read_config(moekit.default_model_path())[2], num_heads=4, num_kv_heads=2, head_dim=16)
+    cache = PagedKVCache(cfg, 2048, 16, "cpu", torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for step in range(40):
+        work = [(("s", step, i), int(torch.randint(0, 600, (1,), generator=g)), 1) for i in range(1 + step % 5)]
+        batch = cache.prepare(work)
+        q = torch.empty(1, len(work), 4, 16, dtype=torch.bfloat16).transpose(1, 2)[0].transpose(0, 1)  # [B, H, Dh]
+        pa.decode_attention_triton(q, cache.keys[0], cache.values[0], batch.block_tables, batch.context_lens,
+                                   None, splits=4)
+        for seq, _, _ in work:
+            cache.free(seq)
+    assert len(keys["split"]) == 1 and len(keys["reduce"]) == 1
