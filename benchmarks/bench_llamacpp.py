@@ -35,13 +35,15 @@ rates 20 s) and bench_budget's Qwen3 run (31 GB written in 53 s, a row ~55 s), b
 moekit rows stop starting at --time-budget-s (520 s), so a long call loses its last rows, not its JSON:
 
     A=".anchors/llamacpp"; R="PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --out $OUT"   # carry [$A]
-    $R --rows resident,host,half,rates,cpu --name bench_llamacpp_olmoe                           # ~500 s
-    $R --rows compressed --name bench_llamacpp_olmoe_compressed                                  # ~490 s
-    $R --shape mixtral-8x7b-8l --rows resident,host,half --misses auto,cpu --name bench_llamacpp_mixtral        # ~460 s (+cpu rows if time)
-    $R --shape mixtral-8x7b-8l --rows compressed --name bench_llamacpp_mixtral_compressed                     # ~540 s (half rows last)
-    $R --shape qwen3-30b-a3b-24l --rows resident,host,half --misses auto,cpu --name bench_llamacpp_qwen3         # ~510 s
-    $R --shape qwen3-30b-a3b-24l --rows compressed --forms int4,ternary --compressed-modes host --name bench_llamacpp_qwen3_compressed  # ~520 s
-                                                         # (ternary is skipped when the copies must be made one at a time: no room for both)
+    $R --rows resident,host,half,rates,cpu --name bench_llamacpp_olmoe                                      # ~500 s
+    $R --rows compressed --name bench_llamacpp_olmoe_compressed                                             # ~490 s
+    $R --shape mixtral-8x7b-8l --rows resident,host,half --name bench_llamacpp_mixtral                      # ~540 s
+    $R --shape mixtral-8x7b-8l --rows compressed --name bench_llamacpp_mixtral_compressed                   # ~540 s
+    $R --shape qwen3-30b-a3b-24l --rows resident,host,half --misses auto --name bench_llamacpp_qwen3         # ~510 s
+    $R --shape qwen3-30b-a3b-24l --rows compressed --forms int4,ternary --compressed-modes host \
+       --name bench_llamacpp_qwen3_compressed                                                               # ~520 s
+(the last rows to go when time runs short: misses `cpu` after `auto`, the `half` footprint's compressed
+rows after `host`'s, Qwen3's ternary copy when memory holds only one copy at a time.)
 
 Then `python3 benchmarks/lcpp_bars.py $OUT/bench_llamacpp_*.json` prints every call's table under its
 command. What takes the time, per call: build ~300; llama-bench rows 4-10 each; llama-quantize of
@@ -345,13 +347,13 @@ def offloaded_rows(path: Path, form: str, settings: list[str], misses_list: list
             row["ceiling_tok_s"] = min(combined / missed, gpu.get("decode_tok_s") or float("inf"))
         return row
 
-    for setting in settings:
-        ref = llama_row_name(setting, form)
-        budget = (lc.get(ref) or {}).get("gpu_used_bytes") or results["footprints"].get(setting)
-        if not budget:
-            common.log(f"moekit {form} {setting}: no footprint (llama.cpp row {ref} missing): skipped")
-            continue
-        for misses in misses_list:
+    for misses in misses_list:  # the first mode at every footprint before the next: the time budget drops the last
+        for setting in settings:
+            ref = llama_row_name(setting, form)
+            budget = (lc.get(ref) or {}).get("gpu_used_bytes") or results["footprints"].get(setting)
+            if not budget:
+                common.log(f"moekit {form} {setting}: no footprint (llama.cpp row {ref} missing): skipped")
+                continue
             if time.perf_counter() > deadline:
                 results.setdefault("skipped", []).append(f"{form} {setting} {misses}: past --time-budget-s")
                 continue
@@ -442,7 +444,8 @@ def main() -> int:
     parser.add_argument("--reserve-gb", type=float, default=None,
                         help="memory left free beside files in /dev/shm (default: the bf16 tensor bytes + 8 GB "
                              "with a GPU, for moekit's host copy of the experts; 1 GB without)")
-    parser.add_argument("--misses", default="cpu,auto", help="misses modes of the bf16 host / half rows")
+    parser.add_argument("--misses", default="auto,cpu", help="misses modes of the bf16 host / half rows (in this order: "
+                        "the time budget drops the last)")
     parser.add_argument("--forms", default="int4,int2,ternary", help="moekit's compressed forms (compressed rows)")
     parser.add_argument("--compressed-modes", default="host,half", help="footprints of the compressed rows")
     parser.add_argument("--compressed-misses", default="auto", help="misses modes of the compressed rows")
