@@ -193,8 +193,9 @@ class LlamaCpp:
             common.log(self.lc["quantize_error"])
         common.log(f"llama.cpp built and converted in {self.lc['build_convert_s']:.0f} s "
                    f"(stages {self.lc.get('stages_s')}), llama-quantize in {self.lc['quantize_build_s']:.0f} s")
-        if self.cuda:
-            self.idle_mib = GpuMemorySampler.used_mib()  # this process's context and tensors: not llama.cpp's
+        if self.cuda:  # this process's context and tensors count as idle, its allocator's cache does not
+            common.free_memory("cuda")
+            self.idle_mib = GpuMemorySampler.used_mib()
         self.lc["idle_used_mib"] = self.idle_mib
         self.ok = True
         return True
