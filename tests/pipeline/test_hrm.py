@@ -227,6 +227,7 @@ def test_a_compressed_forms_bytes_kernels_and_memory():
         DECODE_WORKSPACE_BYTES_PER_WEIGHT,
         FORM_KERNELS,
         expert_calls_time,
+        layer_decode_time,
         routed_tokens,
     )
 
@@ -239,17 +240,23 @@ def test_a_compressed_forms_bytes_kernels_and_memory():
     outputs = 512 * dense.out_values * 2 / machine.h2d_bandwidth  # attention outputs cross either way
     assert (tc.h2d - outputs) / (td.h2d - outputs) == pytest.approx(13.03e6 / BF16_EXPERT)
     md, mc = memory(dense, p, w), memory(code, p, w)
-    workspace = 2 * 14336 * 4096 * DECODE_WORKSPACE_BYTES_PER_WEIGHT
+    # the paged runtime decodes a whole layer (8 experts) into the workspace past the per-slot kernels
+    workspace = 8 * cfg.params_per_expert * DECODE_WORKSPACE_BYTES_PER_WEIGHT
     assert mc.device - md.device == pytest.approx(2 * 8 * (13.04e6 - BF16_EXPERT) + 16384 + workspace)
     assert md.host - mc.host == pytest.approx(64 * (BF16_EXPERT - 13.03e6))
     weights_per_s, flops = FORM_KERNELS["ternary_code"]
-    # a micro-batch of 32 tokens: every expert gets at most 32 of them, all through the kernels
-    assert expert_calls_time(code, machine, 32, 1) == pytest.approx(
-        64 * code.expert_flops / flops + code.touched(32) * cfg.params_per_expert / weights_per_s)
+    # a micro-batch of 8 tokens (16 routed slots): the per-slot kernels, a floor per expert called
+    assert expert_calls_time(code, machine, 8, 1) == pytest.approx(
+        16 * code.expert_flops / flops + code.touched(8) * cfg.params_per_expert / weights_per_s)
     assert expert_calls_time(dense, machine, 32, 1) == pytest.approx(64 * dense.expert_flops / machine.gpu_flops)
-    # 1024 tokens: ~256 an expert, always past the kernels' 64: decoded whole, then a dense GEMM
-    assert expert_calls_time(code, machine, 1024, 1) == pytest.approx(
-        2048 * code.expert_flops / machine.gpu_flops + 8 * code.decode_bytes / machine.gpu_bandwidth, rel=1e-6)
+    # 32 and 1024 tokens: the layer decoded whole once (its own kernels), then a dense GEMM per call
+    decode = 8 * code.decode_bytes / machine.gpu_bandwidth
+    assert layer_decode_time(code, machine, 32, 1) == pytest.approx(decode) == layer_decode_time(code, machine, 1024, 1)
+    assert layer_decode_time(code, machine, 8, 1) == 0 == layer_decode_time(dense, machine, 32, 1)
+    assert expert_calls_time(code, machine, 32, 1) == pytest.approx(64 * code.expert_flops / machine.gpu_flops)
+    assert expert_calls_time(code, machine, 1024, 1) == pytest.approx(2048 * code.expert_flops / machine.gpu_flops)
+    # 16 micro-batches of a layer share its decode and read the dense workspace: bf16's reads plus one decode
+    assert tc.gpu == pytest.approx(td.gpu + decode)
     called, below, past, above = routed_tokens(256, 0.25, 64)  # mean 64: about half past the limit
     assert 0.4 < past < 0.6 and called == pytest.approx(1 - past) and below + above == pytest.approx(64)
     assert tc.gpu > td.gpu  # its kernels cost the GPU more than bf16 GEMMs at these micro-batches

@@ -66,9 +66,12 @@ CUDA_RESERVE_BYTES = 64 * 2**20  # workspaces and allocator rounding (offload.pl
 # 386 us in the ternary code and 552 / 1155 us in int4 (group 128), against ~125 us in bf16 at
 # either count. int2/int3 take int4's figures. Dense experts: no floor, the machine's GEMM rate.
 FORM_KERNELS = {"ternary_code": (1.2e12, 104e12), "int": (3.8e11, 33e12)}
-# Above quant.ops.KERNEL_MAX_TOKENS tokens of an expert (every prefill micro-batch, large decode
-# micro-batches) a form decodes each matrix whole on the GPU (quant.kernels code_decode / int_decode,
-# no host sync) into a dense bf16 matrix and multiplies densely: 2 bytes per weight of workspace;
+# Past the per-slot kernels (more than experts.forms.SLOT_KERNEL_MAX_SLOTS routed slots: every
+# prefill micro-batch, decode micro-batches of more than 8 tokens at top-2) the paged runtime decodes
+# a layer's experts whole, once a layer, into a dense bf16 workspace (quant.kernels code_decode /
+# int_decode, no host sync) and runs every micro-batch through the grouped dense kernels; elsewhere,
+# above quant.ops.KERNEL_MAX_TOKENS tokens of an expert a form decodes each matrix whole. Either way
+# 2 bytes per weight of workspace (a whole layer's experts for the paged runtime);
 # traffic ~6 bytes per weight (the code form zeroes the matrix, writes its nonzeros, the GEMM reads
 # it; int4 writes once and reads once, ~4). Estimates from the kernels' design, not yet measured on
 # a GPU (benchmarks/probes/bench_decode_path.py measures them). The PyTorch references these
@@ -214,11 +217,20 @@ def _form_terms(cfg: ModelConfig, form: str) -> dict:
     from ..quant.ops import KERNEL_MAX_TOKENS
 
     floor, flops = form_kernel(form, cfg.params_per_expert)
-    matrix = max(2 * cfg.expert_ffn * cfg.hidden_size, cfg.hidden_size * cfg.expert_ffn)
+    experts = max((cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.moe_layers[i]), default=0)
+    # the paged runtime decodes a whole layer (every expert) into the workspace past the per-slot kernels
     return {"kernel_floor_s": floor, "kernel_flops": flops,
-            "workspace_bytes": float(matrix * DECODE_WORKSPACE_BYTES_PER_WEIGHT),
+            "workspace_bytes": float(experts * cfg.params_per_expert * DECODE_WORKSPACE_BYTES_PER_WEIGHT),
             "kernel_max_tokens": KERNEL_MAX_TOKENS,
             "decode_bytes": float(cfg.params_per_expert * DECODE_TRAFFIC_BYTES_PER_WEIGHT)}
+
+
+def decodes_layers(m: ModelCosts, tokens: float) -> bool:
+    """Returns whether the paged runtime decodes a compressed layer whole for calls of `tokens`
+    tokens (more routed slots than the per-slot kernels take; pipeline.paged `_decodes_whole`)."""
+    from ..experts.forms import SLOT_KERNEL_MAX_SLOTS
+
+    return m.kernel_max_tokens is not None and tokens * m.top_k > SLOT_KERNEL_MAX_SLOTS
 
 
 def routed_tokens(tokens: int, share: float, limit: int) -> tuple[float, float, float, float]:
@@ -237,13 +249,22 @@ def routed_tokens(tokens: int, share: float, limit: int) -> tuple[float, float, 
     return below - pmf[0], mean_below, max(0.0, 1 - below), max(0.0, tokens * share - mean_below)
 
 
+def layer_decode_time(m: ModelCosts, machine: Machine, tokens: float, layers: float) -> float:
+    """Returns the GPU seconds of decoding `layers` compressed MoE layers whole for calls of
+    `tokens` tokens (decodes_layers; else 0): its own kernels, before the layer's GEMMs."""
+    return layers * m.experts * m.decode_bytes / machine.gpu_bandwidth if decodes_layers(m, tokens) else 0.0
+
+
 def expert_calls_time(m: ModelCosts, machine: Machine, tokens: int, calls: float) -> float:
     """Returns the GPU seconds of the routed experts of `calls` calls of a layer's experts (micro-
-    batches) of `tokens` tokens each: a dense GEMM's FLOPs; a compressed form's kernels (a floor
-    per expert called, a slower rate per token) for an expert's tokens up to kernel_max_tokens,
-    past it the expert decoded whole and a dense GEMM (the forms' reference path), weighted by
-    how often uniform routing gives an expert that many."""
+    batches) of `tokens` tokens each: a dense GEMM's FLOPs (a compressed form past the per-slot
+    kernels too: the paged runtime decodes its layer whole first, layer_decode_time); else a
+    compressed form's kernels (a floor per expert called, a slower rate per token) for an
+    expert's tokens up to kernel_max_tokens, past it the expert decoded whole and a dense GEMM,
+    weighted by how often uniform routing gives an expert that many."""
     flops_per_token = m.top_k * m.expert_flops  # every token runs top_k experts
+    if decodes_layers(m, tokens):
+        return calls * tokens * flops_per_token / machine.gpu_flops
     if m.kernel_max_tokens is None:
         return calls * tokens * flops_per_token / (m.kernel_flops or machine.gpu_flops) + (
             calls * m.touched(tokens) * m.kernel_floor_s)
@@ -336,10 +357,12 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
     kv_read = n * positions * m.kv_bytes_per_token
     attn_flops = n * positions * m.attention_flops_per_position
     ffn_c = expert_calls_time(m, machine, policy.micro_batch, n_ub * m.moe_fraction)
-    ffn_b = n_ub * m.touched(policy.micro_batch) * m.expert_bytes * m.moe_fraction / expert_read_rate(m, machine)
+    ffn_b = n_ub * m.touched(policy.micro_batch) * read_bytes(m, policy.micro_batch) * m.moe_fraction / (
+        expert_read_rate(m, machine, policy.micro_batch))
+    decode = layer_decode_time(m, machine, policy.micro_batch, m.moe_fraction)  # once a layer, bytes-bound
     other_c, other_b = _roof(n * m.other_flops, n_ub * m.other_bytes, machine.gpu_flops, machine.gpu_bandwidth)
-    gpu_c, gpu_b = ffn_c + other_c, ffn_b + other_b
-    gpu = max(ffn_c, ffn_b) + max(other_c, other_b)
+    gpu_c, gpu_b = ffn_c + other_c, ffn_b + decode + other_b
+    gpu = decode + max(ffn_c, ffn_b) + max(other_c, other_b)
     h2d_bytes, d2h_bytes = streamed, 0.0
     host_c = kernel = host_bw = 0.0
     if policy.attention == "cpu":
@@ -362,11 +385,18 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
                      gpu_compute=gpu_c, hbm=gpu_b, gpu=gpu, serial=policy.attention == "cpu" and n_ub < 2)
 
 
-def expert_read_rate(m: ModelCosts, machine: Machine) -> float:
+def read_bytes(m: ModelCosts, tokens: float) -> float:
+    """Returns the bytes a call of `tokens` tokens reads per expert it touches: as stored, or a
+    layer decoded whole (decodes_layers) in the dense workspace (its decode counted in
+    expert_calls_time)."""
+    return m.expert_flops / 2 * DECODE_WORKSPACE_BYTES_PER_WEIGHT if decodes_layers(m, tokens) else m.expert_bytes
+
+
+def expert_read_rate(m: ModelCosts, machine: Machine, tokens: float = 0) -> float:
     """Returns the bytes/s a decode micro-batch's expert calls read weights at: the grouped dense
-    kernels' measured rate (Machine.expert_bandwidth) for dense experts where known, else the HBM
-    copy rate (compressed forms: their kernels' cost is expert_calls_time's)."""
-    if m.form == "dense" and machine.expert_bandwidth:
+    kernels' measured rate (Machine.expert_bandwidth) for dense experts and decoded compressed
+    layers where known, else the HBM copy rate (the compressed kernels' cost is expert_calls_time's)."""
+    if (m.form == "dense" or decodes_layers(m, tokens)) and machine.expert_bandwidth:
         return min(machine.expert_bandwidth, machine.gpu_bandwidth)
     return machine.gpu_bandwidth
 
@@ -378,8 +408,9 @@ def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_l
     streamed = m.layer_expert_bytes * (1 - policy.resident_share)
     per_mb = policy.micro_batch * prompt_len
     flops = tokens * (m.other_flops + m.attention_flops_per_position * m.attended(prompt_len) / 2)
-    experts = expert_calls_time(m, machine, per_mb, policy.micro_batches * m.moe_fraction)
-    hbm = policy.micro_batches * (m.touched(per_mb) * m.expert_bytes * m.moe_fraction + m.other_bytes)
+    experts = (expert_calls_time(m, machine, per_mb, policy.micro_batches * m.moe_fraction)
+               + layer_decode_time(m, machine, per_mb, m.moe_fraction))
+    hbm = policy.micro_batches * (m.touched(per_mb) * read_bytes(m, per_mb) * m.moe_fraction + m.other_bytes)
     d2h = tokens * m.kv_bytes_per_token if policy.attention == "cpu" else 0.0
     return max(streamed / machine.h2d_bandwidth, flops / machine.gpu_flops + experts, hbm / machine.gpu_bandwidth,
                d2h / machine.d2h_bandwidth)
