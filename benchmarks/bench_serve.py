@@ -283,8 +283,8 @@ def attention_splits(cfg, device: torch.device, batches: list[int], lo: int, hi:
         q = torch.randn(b, h, dh, device=device, dtype=torch.bfloat16)
         args = (q, keys, values, tables, ctx.to(device, torch.int32), None)
         auto = decode_splits(b, hkv, device)
-        one = common.do_bench_s(lambda: decode_attention_triton(*args, splits=1))
-        split = common.do_bench_s(lambda: decode_attention_triton(*args, splits=auto)) if auto > 1 else one
+        one = common.do_bench_s(partial(decode_attention_triton, *args, splits=1))
+        split = common.do_bench_s(partial(decode_attention_triton, *args, splits=auto)) if auto > 1 else one
         floor = 2 * int(ctx.sum()) * hkv * dh * 2 / HBM_BYTES_PER_S
         out[f"b{b}"] = {"splits": auto, "one_pass_us": 1e6 * one, "split_us": 1e6 * split,
                         "floor_us": 1e6 * floor, "mean_context": float(ctx.float().mean())}
@@ -566,7 +566,7 @@ class Bench:
         body = []
         for name, res in self.results["shapes"].items():
             for key, row in res.items():
-                if not (key.startswith("c") or key.startswith("offload_c")) or not isinstance(row, dict):
+                if not key.startswith(("c", "offload_c")) or not isinstance(row, dict):
                     continue
                 for label, out in row.items():
                     if not label.startswith("moekit_serve") or "step_times" not in out:

@@ -159,7 +159,11 @@ def test_split_decode_kernel_equals_reference(shape, dtype):
     """The flash-decoding kernels (each sequence's positions cut into runs, then reduced) against
     the PyTorch reference; the one-pass kernel (splits=1) alongside."""
     from conftest import kernel_device
-    from moekit.paged_attention import decode_attention_reference, decode_attention_triton
+
+    from moekit.paged_attention import (
+        decode_attention_reference,
+        decode_attention_triton,
+    )
 
     device = kernel_device()
     lengths, block_size, heads, kv_heads, head_dim, window, splits = shape
@@ -186,7 +190,11 @@ def test_split_decode_kernel_equals_reference(shape, dtype):
 
 
 def test_decode_splits_fill_the_gpu_then_stop():
-    from moekit.paged_attention import MAX_DECODE_SPLITS, _multiprocessors, decode_splits
+    from moekit.paged_attention import (
+        MAX_DECODE_SPLITS,
+        _multiprocessors,
+        decode_splits,
+    )
 
     assert decode_splits(1, 16, torch.device("cpu")) == 1
     if torch.cuda.is_available():

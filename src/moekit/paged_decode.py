@@ -9,6 +9,10 @@ token, position, cache slot, context length and block table of each row are copi
 static buffer, the graph replays, and the first B rows of its logits are read. Padding rows
 write their key/value into the cache's scratch block and attend to it alone; their logits are
 never read. On the CPU the same static step runs eagerly (the padding logic is tested there).
+A model whose experts live behind a shared runtime (offloaded) cannot be captured whole: its
+step is cut at the expert calls (moekit.piecewise), the segments captured, the experts run
+eagerly between them on the real rows only. A step's token column may come from a device tensor
+(the previous step's sampled tokens, moekit.serve's overlap) instead of the host.
 
 Shapes: B = sequences of the step, P = its bucket (B padded), MB = blocks of the whole context
 (or of the pool, if fewer), V = vocab. The static buffer `meta` is [P, 4 + MB] int64: token,
