@@ -4,13 +4,15 @@ moekit.generate's ragged decode for the bundled tiny model, whatever the micro-b
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from moekit.errors import MoekitError
 from moekit.generate import generate_ragged
 from moekit.load import load_model
-from moekit.pipeline.cgopipe import PipelinedDecoder, Streams, generate_pipelined
+from moekit.pipeline.cgopipe import NativeAttention, PipelinedDecoder, Streams, generate_pipelined
 
 PROMPTS = [[5, 17, 300, 42, 9, 11, 7], [1000, 3], [77] * 20, [8, 9, 10, 11, 12], [2048, 1, 4095, 31]]
 
@@ -77,6 +79,9 @@ def test_schedule_runs_cpu_attention_ahead(tiny, monkeypatch, lookahead):
     kernel = native_attention.decode_attention
     monkeypatch.setattr(native_attention, "decode_attention",
                         lambda *a, **k: (threads.add(threading.current_thread().name), kernel(*a, **k))[1])
+    prepared = NativeAttention.__call__  # the kernel's call with the step's checked tables
+    monkeypatch.setattr(NativeAttention, "__call__",
+                        lambda self, *a: (threads.add(threading.current_thread().name), prepared(self, *a))[1])
     decoder.cache.prepare([(s, 0, 3) for s in range(5)])  # three cached positions each
     logits = decoder.step([(s, 3, 10 + s) for s in range(5)])  # 3 micro-batches: 2 + 2 + 1
     decoder.close()
@@ -92,6 +97,33 @@ def test_schedule_runs_cpu_attention_ahead(tiny, monkeypatch, lookahead):
     assert events == expected
     if native.library() is not None:
         assert threads and all(name.startswith("moekit-cpu-attention") for name in threads)
+
+
+def test_native_attention_is_prepared_once_a_step_and_equals_the_kernel(tiny):
+    """The prepared call (tables and lengths checked once a step) gives the kernel's output; a
+    micro-batch whose tables name a block outside the pool gets none (decode_attention's checks
+    and message then apply)."""
+    from moekit import native
+    from moekit.kv_cache import PagedKVCache
+    from moekit.native import attention as native_attention
+
+    if native.library() is None:
+        pytest.skip(f"no native library: {native.unavailable_reason()}")
+    cfg = tiny.config
+    cache = PagedKVCache(cfg, 8, 16, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for pool in cache.keys + cache.values:
+        pool.copy_(torch.randn(pool.shape, generator=g))
+    batch = cache.prepare([(0, 20, 1), (1, 5, 1)])
+    call = NativeAttention.of(cache, batch, cfg.num_heads, torch.float32)
+    assert call is not None
+    q = torch.randn(2, cfg.num_heads, cfg.head_dim, generator=g)
+    got = call(cache.keys[1], cache.values[1], q, torch.empty_like(q), None, 1)
+    want = native_attention.decode_attention(q, cache.keys[1], cache.values[1], batch.block_tables,
+                                             batch.context_lens, threads=1)
+    torch.testing.assert_close(got, want)
+    bad = dataclasses.replace(batch, block_tables=batch.block_tables + 100)
+    assert NativeAttention.of(cache, bad, cfg.num_heads, torch.float32) is None
 
 
 def test_refuses_a_lookahead_below_one(tiny):

@@ -104,9 +104,11 @@ class MicroBatch:
     # host buffers reused by every layer of the step (and later steps of the same size): the q, k, v
     # packet [mu, (H + 2 Hkv) * Dh] (pinned on a GPU run; None on the CPU, where it is the device
     # tensor) and the attention output [mu, H, Dh]. Task (i + 1, j) reuses them only after task
-    # (i, j) is done with them: its D2H is queued after PostAttn(i, j), which waits for LoadH(i, j)
+    # (i, j) is done with them: its D2H is queued after PostAttn(i, j), which waits for LoadH(i, j).
+    # The packet is flat, q | k | v each [mu, heads, Dh] in turn, so q needs no copy to be contiguous
     packet: torch.Tensor | None = None
     out: torch.Tensor | None = None
+    native: NativeAttention | None = None  # the prepared kernel call (None: cpu_attention's checks and fallback)
 
 
 def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
@@ -122,6 +124,56 @@ def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bat
                                                  out=out, threads=threads)
     result = decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
     return result if out is None else out.copy_(result)
+
+
+class NativeAttention:
+    """The native CPU attention kernel's call for one micro-batch of a decode step: its block
+    tables and lengths converted and checked once for the step, not on every call as
+    native.attention.decode_attention does (a dozen small tensor ops per task, each handing the
+    GIL to the launch thread and back). `of` returns None where the kernel does not apply."""
+
+    def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, dims: tuple[int, ...], codes: tuple[int, int]):
+        import ctypes
+
+        self.lib, self.tables, self.lens, self.dims, self.codes = lib, tables, lens, dims, codes
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        self.tables_ptr = ctypes.cast(tables.data_ptr(), i32p)  # the tensors stay referenced by self
+        self.lens_ptr = ctypes.cast(lens.data_ptr(), i32p)
+
+    @staticmethod
+    def of(cache: PagedKVCache, batch: RaggedBatch, heads: int, dtype: torch.dtype) -> NativeAttention | None:
+        """Returns the prepared call of a micro-batch's attention over the cache's pools, or None."""
+        from ..native import attention as native_attention
+        from ..native import library
+
+        keys = cache.keys[0]
+        nb, bs, hkv, dh = keys.shape
+        if not native_attention.usable(torch.empty(0, heads, dh, dtype=dtype), keys):
+            return None
+        if any(not (k.is_contiguous() and v.is_contiguous() and k.shape == keys.shape and k.dtype == keys.dtype)
+               for k, v in zip(cache.keys, cache.values)):
+            return None
+        tables = batch.block_tables.to(torch.int32).contiguous()
+        lens = batch.context_lens.to(torch.int32).contiguous()
+        width = tables.shape[1]
+        if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > width * bs
+                             or (width and (int(tables.min()) < 0 or int(tables.max()) >= nb))):
+            return None  # decode_attention names what is wrong
+        codes = (native_attention.DTYPE_CODES[dtype], native_attention.DTYPE_CODES[keys.dtype])
+        return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes)
+
+    def __call__(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
+                 window: int | None, threads: int | None) -> torch.Tensor:
+        """Returns out [mu, H, Dh]: attention of contiguous q [mu, H, Dh] over one layer's pools
+        (ctypes.CDLL drops the GIL for the kernel's duration)."""
+        b, h, hkv, dh, bs, width = self.dims
+        code = self.lib.moekit_decode_attention(
+            self.codes[0], self.codes[1], q.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            self.tables_ptr, self.lens_ptr, b, h, hkv, dh, bs, width, window or 0, dh ** -0.5,
+            threads or torch.get_num_threads())
+        if code != 0:
+            raise MoekitError(f"the CPU attention kernel refused its arguments (code {code}: see native/attention.cpp)")
+        return out
 
 
 def _usable_cores() -> int:
@@ -180,7 +232,7 @@ class PipelinedDecoder:
             paged.trace, paged.copy_timing, paged.copy_spans, paged.expert_spans = None, False, [], []
 
     def _host_buffers(self, j: int, rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Returns micro-batch j's (q, k, v packet [rows, (H + 2 Hkv) * Dh] pinned, or None on the
+        """Returns micro-batch j's (flat q, k, v packet [rows * (H + 2 Hkv) * Dh] pinned, or None on the
         CPU; attention output [rows, H, Dh]), made once and reused: a pinned allocation per task
         costs the launch thread and the worker a trip through the host allocator's lock and events."""
         key = (j, rows)
@@ -188,7 +240,7 @@ class PipelinedDecoder:
             cfg, dtype, pin = self.model.config, self.model.dtype, self.streams.cuda
             (hk, dk), (hv, dv) = cfg.kv_cache_dims()
             width = cfg.num_heads * cfg.head_dim + hk * dk + hv * dv
-            packet = torch.empty((rows, width), dtype=dtype, pin_memory=True) if pin else None
+            packet = torch.empty(rows * width, dtype=dtype, pin_memory=True) if pin else None
             out = torch.empty((rows, cfg.num_heads, cfg.head_dim), dtype=dtype, pin_memory=pin)
             self._buffers[key] = (packet, out)
         return self._buffers[key]
@@ -199,7 +251,7 @@ class PipelinedDecoder:
 
     def _attend(self, layer: int, mb: MicroBatch, packet: torch.Tensor, dims: list[tuple[int, int]],
                 ready: torch.cuda.Event | None) -> torch.Tensor:
-        """CPUAttn (the worker thread): splits the packet [mu, (H + 2 Hkv) * Dh] into q, k, v,
+        """CPUAttn (the worker thread): splits the flat packet [mu * (H + 2 Hkv) * Dh] into q, k, v,
         stores k, v [mu, Hkv, Dh] in the pool, returns the attention output [mu, H * Dh] in host memory."""
         import time
 
@@ -208,17 +260,19 @@ class PipelinedDecoder:
             if ready is not None:
                 ready.synchronize()  # the worker waits for its own data, never the launch thread
             t1 = time.perf_counter()
-            mu = packet.shape[0]
-            parts = packet.split([h * d for h, d in dims], dim=1)
-            q, k, v = (part.view(mu, h, d) for part, (h, d) in zip(parts, dims))
+            mu = mb.out.shape[0]
+            parts = packet.split([mu * h * d for h, d in dims])
+            q, k, v = (part.view(mu, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
             self.cache.write(layer, k, v, mb.batch.slots)
-            attn = self.model.layers[layer].attn
-            q = q.contiguous()
-            out = mb.out  # pinned on a GPU run, so that LoadH's copy is asynchronous
+            window = self.model.layers[layer].attn.cfg.sliding_window
+            keys, values = self.cache.keys[layer], self.cache.values[layer]
             # the native call goes through ctypes.CDLL, which drops the GIL for its duration: the
-            # launch thread keeps issuing while the kernel runs
-            out = cpu_attention(q, self.cache.keys[layer], self.cache.values[layer], mb.batch,
-                                attn.cfg.sliding_window, out, self.attention_threads)
+            # launch thread keeps issuing while the kernel runs. The output is pinned on a GPU run,
+            # so that LoadH's copy is asynchronous
+            if mb.native is not None:
+                out = mb.native(keys, values, q, mb.out, window, self.attention_threads)
+            else:
+                out = cpu_attention(q, keys, values, mb.batch, window, mb.out, self.attention_threads)
             if self.profile is not None:
                 self.profile.add("worker_wait_s", t1 - t0)
                 self.profile.add("attention_s", time.perf_counter() - t1)
@@ -228,9 +282,9 @@ class PipelinedDecoder:
         """PreAttn + OffloadQKV + CPUAttn of one (layer, micro-batch j); returns CPUAttn's future."""
         q, k, v = self.model.layers[layer].pre_attn(mb.x, mb.cos, mb.sin)  # [1, heads, mu, Dh]
         dims = [(z.shape[1], z.shape[3]) for z in (q, k, v)]
-        # one packet [mu, (H + 2 Hkv) * Dh] (the artifact's cat(q, k, v)): one D2H copy and one
-        # event a task, fewer launches for the launch thread
-        packet = torch.cat([z[0].transpose(0, 1).reshape(z.shape[2], -1) for z in (q, k, v)], dim=1)
+        # one flat packet, q | k | v each [mu, heads, Dh] (the artifact's cat(q, k, v)): one D2H copy
+        # and one event a task, fewer launches for the launch thread
+        packet = torch.cat([z[0].transpose(0, 1).reshape(-1) for z in (q, k, v)])
         self._record("pre", (layer, j))
         host, ready = self.streams.to_host(packet, mb.packet)
         self._record("d2h", (layer, j), (("pre", (layer, j)),))
@@ -255,7 +309,8 @@ class PipelinedDecoder:
             batch = self.cache.prepare([(seq, position, 1) for seq, position, _ in part])
             ids = torch.tensor([[token for _, _, token in part]], dtype=torch.long, device=device)
             cos, sin = model.rope(batch.positions.to(device))
-            mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin, *self._host_buffers(len(mbs), len(part))))
+            mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin, *self._host_buffers(len(mbs), len(part)),
+                                  NativeAttention.of(self.cache, batch, model.config.num_heads, model.dtype)))
         n = len(mbs)
         paged = self._paged()
         moe = set(paged.layers) if paged is not None else set()
