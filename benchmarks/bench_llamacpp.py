@@ -441,6 +441,8 @@ def main() -> int:
     parser.add_argument("--tmp", default="/dev/shm/moekit_llamacpp", help="the checkpoints (one shape at a time)")
     parser.add_argument("--disk-tmp", default="/tmp/moekit_llamacpp",
                         help="compressed checkpoints when memory is short, and llama.cpp's build and convert logs")
+    parser.add_argument("--gguf-dir", default="/dev/shm/moekit_gguf",
+                        help="the GGUFs, when memory holds them beside the run (else $LCPP_ROOT/gguf on disk)")
     parser.add_argument("--reserve-gb", type=float, default=None,
                         help="memory left free beside files in /dev/shm (default: the bf16 tensor bytes + 8 GB "
                              "with a GPU, for moekit's host copy of the experts; 1 GB without)")
@@ -490,7 +492,7 @@ def main() -> int:
     ckpt, cfg, tensor_bytes = bf16_checkpoint(args.shape, [Path(args.tmp), Path(args.disk_tmp)], device, results)
     tmp = ckpt.parent.parent
     if lcpp is not None:  # the GGUF in memory when it leaves room for moekit's host copy of the experts
-        shm = Path("/dev/shm/moekit_gguf")
+        shm = Path(args.gguf_dir)
         roomy = free_bytes(shm) > 1.1 * tensor_bytes + (tensor_bytes + 8e9 if cuda else 1e9)
         lcpp.start_convert(ckpt, shm if roomy else lcpp.root / "gguf")
     if args.probe_fit:  # memory only: may overlap the build

@@ -208,3 +208,80 @@ def test_llamacpp_failed_stage_is_named(tmp_path, monkeypatch):
     engine.start_convert(tmp_path / "no-checkpoint", tmp_path / "shm")  # the fake run.sh wants a config.json
     assert not engine.wait() and not engine.ok
     assert "run.sh convert failed (rc 1)" in results["llamacpp"]["error"] and "build failed" not in results["llamacpp"]["error"]
+
+
+def test_gpu_run_with_fakes_writes_every_row(tmp_path, monkeypatch):
+    """main() on the H200 path (--device cuda) with every row, stand-ins for the GPU (nvidia-smi, the
+    rates, moekit's rows) and for llama.cpp (run.sh, llama-bench, llama-quantize); the checkpoint and
+    moekit's compressed copies are real (written on the CPU)."""
+    import lcpp
+
+    import moekit.quant.compress as compress_module
+
+    anchor, root = _fake_anchor(tmp_path)
+    (root / "llama.cpp" / "build-cuda").symlink_to(root / "llama.cpp" / "build-cpu")
+    monkeypatch.setenv("LCPP_ROOT", str(root))
+
+    class Sampler:  # llama.cpp's runs peak at 3000 MiB, 1000 MiB idle
+        peak_mib = 3000
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        @staticmethod
+        def used_mib():
+            return 1000
+
+    monkeypatch.setattr(lcpp, "GpuMemorySampler", Sampler)
+    monkeypatch.setattr(bl, "GpuMemorySampler", Sampler)
+    write, compress, randint = bl.write_random_checkpoint, compress_module.compress, torch.randint
+    monkeypatch.setattr(bl, "write_random_checkpoint", lambda folder, hf, device, **kw: write(folder, hf, "cpu", **kw))
+    monkeypatch.setattr(compress_module, "compress", lambda *a, device=None, **kw: compress(*a, device="cpu", **kw))
+    monkeypatch.setattr(torch, "randint", lambda *a, device=None, **kw: randint(*a, **kw))
+    monkeypatch.setattr(bl, "cpu_and_link_rates", lambda device, threads: {"cpu_read_concurrent_bytes_per_s": 70e9,
+                                                                          "h2d_concurrent_bytes_per_s": 50e9})
+    loaded = []
+
+    def fake_row(path, device, budget, misses, prompt, idle_mib=None, dtype=None, prefill_tokens=512, rounds=1,
+                 between=None):
+        loaded.append((Path(path).name, device.type, budget, misses))
+        assert Path(path, "config.json").exists()  # the compressed copy is still there while its rows run
+        for i in range(rounds if between else 0):
+            between(i)
+        row = {"status": "ok", "decode_tok_s": 20.0, "budget_bytes": budget, "misses": misses,
+               "report": {"cache_slots": 0}}
+        if rounds > 1:
+            row["warm_rounds_tok_s"] = [20.0] * rounds
+        if budget is None and device.type == "cuda":
+            row["prefill_512_tok_s"] = 1000.0
+        return row
+
+    monkeypatch.setattr(bl, "moekit_row", fake_row)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_llamacpp.py", "--device", "cuda", "--shape", "tiny-qwen3", "--rows", "resident,host,half,compressed,cpu",
+        "--forms", "int4,int2", "--cpu-rounds", "2", "--anchor", str(anchor), "--tmp", str(tmp_path / "shm"),
+        "--disk-tmp", str(tmp_path / "disk"), "--gguf-dir", str(tmp_path / "gguf"), "--out", str(out), "--name", "g"])
+    assert bl.main() == 0
+    res = json.loads((out / "g.json").read_text())
+    lc = res["llamacpp"]["rows"]
+    assert set(lc) == {"decode_gpu", "prefill_gpu", "decode_cpu_experts", "decode_half_experts",
+                       "decode_cpu_experts_Q4_K_M", "decode_half_experts_Q4_K_M", "decode_cpu_experts_Q2_K",
+                       "decode_half_experts_Q2_K", "prefill_cpu_only", "decode_cpu_only_round0",
+                       "decode_cpu_only_round1", "decode_cpu_only_round2"}
+    assert "-dev none -ngl 0" in lc["decode_cpu_only_round0"]["command"] and "-ncmoe 2" in lc["decode_cpu_experts"]["command"]
+    footprint = 2000 * 2**20
+    assert lc["decode_half_experts_Q2_K"]["gpu_used_bytes"] == footprint
+    got = {(r["setting"], r.get("form") or r.get("dtype"), r.get("misses")) for r in res["moekit"]}
+    assert got == {("decode_gpu", "bf16", None), ("decode_cpu_only", "bfloat16", None)} | {
+        (s, "bf16", m) for s in ("decode_cpu_experts", "decode_half_experts") for m in ("auto", "cpu")} | {
+        (s, f, "auto") for s in ("decode_cpu_experts", "decode_half_experts") for f in ("int4", "int2")}
+    assert [x[0] for x in loaded[-5:]] == ["int4", "int2", "int4", "int2", "bf16"]  # every form at host, then at half
+    assert all(b == footprint for _, dev, b, _ in loaded if dev == "cuda" and b)
+    assert all(r["ceiling_tok_s"] > 0 for r in res["moekit"] if r.get("budget_bytes"))
+    assert res["cpu_interleaved"]["ratio_of_medians"] == pytest.approx(20.0 / 12.5)
+    assert "decode_cpu_experts_Q4_K_M" in res["table"] and not (tmp_path / "shm" / "tiny-qwen3" / "int4").exists()
+    assert not list((tmp_path / "gguf").glob("*Q4_K_M*"))  # each quantized GGUF deleted after its rows
