@@ -98,8 +98,15 @@ def comparisons(results: dict) -> list[dict]:
 
 def table(results: dict) -> str:
     """Returns the markdown table of comparisons(results) (kernel rows in GB/s, the others in tok/s)."""
+    settings = list(SETTINGS.values())
+    forms = ["bf16", "int4", "int2", "ternary", "float32"]
+
+    def order(c: dict) -> tuple:  # by setting, then form, then misses (kernel rows last)
+        what = next((i for i, s in enumerate(settings) if c["what"].startswith(s)), len(settings))
+        return what, forms.index(c["form"]) if c["form"] in forms else len(forms), c["misses"]
+
     rows = []
-    for c in comparisons(results):
+    for c in sorted(comparisons(results), key=order):
         kernel = c["what"].startswith("CPU kernel")
         bar = f"{c['bar']:.0%} of ceiling" if kernel else (f">= {c['bar']:.2g}x" if c["bar"] else "-")
         if c["form"] == "bf16" and c["what"] == SETTINGS["decode_cpu_experts"]:
