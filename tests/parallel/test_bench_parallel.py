@@ -46,18 +46,38 @@ def test_random_checkpoint_loads_like_a_model_directory():
     assert tokens.shape == (1, 4)
 
 
+def _run(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_parallel.py"), "--small", "--device", "cpu",
+                           "--shapes", "mixtral-8x7b", "--out", str(tmp_path), *flags], check=False,
+                          capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+
+
+def test_small_cpu_run_of_two_rows(tmp_path):
+    """The fast set (~12 s): bandwidth, 1gpu and ep2tp2 on 2 gloo ranks; ep2tp2's greedy tokens equal
+    one process's (float32), its speedup is over the 1gpu row, the table is printed last."""
+    r = _run(tmp_path, "--modes", "1gpu,ep2tp2", "--fit-layers", "0")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads((tmp_path / "bench_parallel.json").read_text())
+    assert [row["row"] for row in results["rows"]] == ["bandwidth", "mixtral-8x7b 1gpu", "mixtral-8x7b ep2tp2"]
+    row = results["rows"][2]
+    for rank in row["ranks"]:
+        assert (rank["runtime"]["ep"], rank["runtime"]["tp"], rank["runtime"]["ep_over_tp"]) == (2, 2, True)
+    assert all(d["tokens_equal_1gpu"] == 1.0 for d in row["ranks"][0]["decode"].values())
+    assert set(row["speedup"]) == {"prefill", "decode_b1", "decode_b4"}
+    assert r.stdout.rstrip().endswith("|") and "| mixtral-8x7b ep2tp2 |" in r.stdout
+
+
+@pytest.mark.slow
 def test_small_cpu_run_covers_every_row(tmp_path):
     """One shape (mixtral) on 2 gloo ranks: bandwidth, 1gpu / ep2 / tp2 / ep2tp2, the fit24 rows; every
-    parallel mode's greedy tokens equal one process's (float32)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_parallel.py"), "--small", "--device", "cpu",
-                        "--shapes", "mixtral-8x7b", "--out", str(tmp_path)], check=False, capture_output=True, text=True,
-                       timeout=240, env=env, cwd=REPO)
+    parallel mode's greedy tokens equal one process's (float32) (~25 s)."""
+    r = _run(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "bench_parallel.json").read_text())
     rows = {row["row"]: row for row in results["rows"]}
     assert list(rows) == ["bandwidth", "mixtral-8x7b 1gpu", "mixtral-8x7b ep2", "mixtral-8x7b tp2",
-                          "mixtral-8x7b ep2tp2", "fit24 offload", "fit24 tp2", "fit24 ep2"]
+                          "mixtral-8x7b ep2tp2", "fit24 offload", "fit24 tp2", "fit24 ep2", "fit24 ep2off"]
     assert results["exit_codes"] == [0, 0]
     bandwidth = rows["bandwidth"]["ranks"][0]
     assert {"mixtral-8x7b N=1", "mixtral-8x7b N=16", "peak 1 MB"} <= set(bandwidth)
@@ -78,8 +98,11 @@ def test_small_cpu_run_covers_every_row(tmp_path):
     offload = rows["fit24 offload"]["ranks"][0]
     assert "error" not in offload, offload
     assert offload["runtime"]["store"] == "host" and offload["runtime"]["cache_slots"] > 0
-    for mode in ("tp2", "ep2"):
+    for mode in ("tp2", "ep2", "ep2off"):
         assert "speedup" in rows[f"fit24 {mode}"]  # over the offloaded GPU
+    for rank in rows["fit24 ep2off"]["ranks"]:  # each rank offloads its own shard
+        assert rank["runtime"]["placement"] == "expert_parallel_offloaded" and rank["runtime"]["experts_held"] == 4
+    assert rows["fit24 ep2off"]["ranks"][0]["decode"]["1"]["tokens_equal_1gpu"] == 1.0  # vs the offloaded GPU
     assert "| mixtral-8x7b ep2tp2 |" in r.stdout
 
 
@@ -87,11 +110,8 @@ def test_small_cpu_run_covers_every_row(tmp_path):
 def test_ranks_that_die_in_a_parallel_row_are_restarted_without_graphs(tmp_path):
     """Rank 1 exits in the ep2 row: the launcher records it, restarts both ranks at that row with
     eager decode, and the row still lands in the JSON (~25 s)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_parallel.py"), "--small", "--device", "cpu",
-                        "--shapes", "mixtral-8x7b", "--modes", "1gpu,ep2", "--fit-layers", "0", "--die-in-row",
-                        "mixtral-8x7b ep2", "--collective-timeout-s", "5", "--out", str(tmp_path)],
-                       check=False, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    r = _run(tmp_path, "--modes", "1gpu,ep2", "--fit-layers", "0", "--die-in-row", "mixtral-8x7b ep2",
+             "--collective-timeout-s", "5")
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # a death is reported in the exit code
     results = json.loads((tmp_path / "bench_parallel.json").read_text())
     assert [d["row"] for d in results["rank_deaths"]] == ["mixtral-8x7b ep2"]

@@ -167,3 +167,23 @@ def cut_steps(comm, cases: list[dict]) -> dict:
         except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
             out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
     return out
+
+
+
+def offloaded_cases(comm, cases: list[dict]) -> dict:
+    """Returns {case name: {"tokens", "report"} or RankError} of greedy generation for each case {"name",
+    "path", "budget_bytes", "expert_map", "ids", "new_tokens"}, this rank's expert shard offloaded under
+    the budget (parallel.offload)."""
+    from moekit.offload.config import OffloadConfig
+    from moekit.parallel.offload import load_offloaded_parallel
+
+    out: dict = {}
+    for case in cases:
+        try:
+            model = load_offloaded_parallel(case["path"], comm, OffloadConfig(device_memory=case["budget_bytes"]),
+                                            case.get("expert_map"))
+            tokens = model.generate(case["ids"], max_new_tokens=case["new_tokens"], temperature=0, eos_token_ids=())
+            out[case["name"]] = {"tokens": tokens, "report": model.expert_runtime.report()}
+        except Exception as e:  # noqa: BLE001 - every rank's message goes back to the test
+            out[case["name"]] = RankError(f"{type(e).__name__}: {e}")
+    return out

@@ -13,6 +13,9 @@ splits the routed experts.
     groups = ParallelGroups.create(comm, ep=2, tp=2)     # 4 ranks; every rank calls it alike
     model = load_parallel("path/to/model", groups)
 
+Offloaded ranks (parallel.offload): expert parallelism where each rank offloads its own shard
+under its own device budget, load_offloaded_parallel(path, comm, OffloadConfig(device_memory=B)).
+
 Or the same ranks split both: ParallelGroups.create(comm, 2, 2, ep_over_tp=True) on 2 ranks (the
 heads by tp, the routed experts by id; `--parallel tp=2,ep=tp`). On CUDA (NCCL) every collective is
 stream-ordered: a tensor-parallel decode step is captured whole in one CUDA graph, an expert-
@@ -26,7 +29,8 @@ from .expert import (
     contiguous_owners,
     load_expert_parallel,
 )
+from .offload import OffloadedParallelLoader, load_offloaded_parallel
 from .tensor import ParallelGroups, ParallelLoader, load_parallel
 
-__all__ = ["ExpertComm", "ExpertParallelLoader", "ParallelGroups", "ParallelLoader", "ShardedExperts",
-           "contiguous_owners", "load_expert_parallel", "load_parallel"]
+__all__ = ["ExpertComm", "ExpertParallelLoader", "OffloadedParallelLoader", "ParallelGroups", "ParallelLoader",
+           "ShardedExperts", "contiguous_owners", "load_expert_parallel", "load_offloaded_parallel", "load_parallel"]

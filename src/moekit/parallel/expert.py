@@ -103,18 +103,22 @@ class ShardedExperts(nn.Module):
     """One MoE layer's experts split over the ranks: this rank's slice, stacked in its stored form.
 
     Tensors as the form names them, [E_r, ...] for the E_r experts this rank owns (in expert id
-    order), plus the layer's tables; owner_of [E] and row_of [E] (-1: not here) map expert ids."""
+    order), plus the layer's tables; owner_of [E] and row_of [E] (-1: not here) map expert ids.
+    Or `local_source`, an expert source over rows 0..E_r-1 (parallel.offload: this rank's shard
+    offloaded), in place of the tensors."""
 
     def __init__(self, form: StoredForm, layer: int, owners: list[int], comm: ExpertComm,
-                 tensors: dict[str, torch.Tensor], runtime: ExpertParallelRuntime):
+                 tensors: dict[str, torch.Tensor], runtime: ExpertParallelRuntime,
+                 local_source: nn.Module | None = None):
         super().__init__()
         self.form, self.layer, self.comm, self.runtime = form, layer, comm, runtime
         self.num_experts, self.hidden, self.ffn = len(owners), form.hidden, form.ffn
         self.local = [e for e, r in enumerate(owners) if r == comm.rank]
+        self.local_source = local_source
         row_of = [-1] * len(owners)
         for row, e in enumerate(self.local):
             row_of[e] = row
-        device = next(iter(tensors.values())).device
+        device = next(iter(tensors.values())).device if tensors else comm.device
         self.register_buffer("owner_of", torch.tensor(owners, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("row_of", torch.tensor(row_of, dtype=torch.long, device=device), persistent=False)
         self.names = list(tensors)
@@ -166,6 +170,8 @@ class ShardedExperts(nn.Module):
             return xs.new_zeros(xs.shape)
         rows = self.row_of[ids][:, None]  # [M, 1]
         ones = torch.ones(rows.shape, dtype=xs.dtype, device=xs.device)
+        if self.local_source is not None:
+            return self.local_source(xs, rows, ones)
         return self.form.run(xs, rows, ones, self.stacked())
 
     def _gather(self, chunk: torch.Tensor, n: int) -> torch.Tensor:
