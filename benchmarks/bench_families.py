@@ -69,9 +69,9 @@ HF_IMPLS = ("default", "eager", "grouped_mm", "batched_mm")
 
 # ---- shapes ---------------------------------------------------------------------------------
 
-def hf_config(shape: str, small: bool):
-    """Returns the transformers config of `shape` (real dimensions, or tiny ones when small); no
-    eos: generation runs to max_new_tokens."""
+def hf_config(shape: str, small: bool, layers: int | None = None, vocab: int | None = None):
+    """Returns the transformers config of `shape` (real dimensions, or tiny ones when small; `layers`
+    and `vocab` replace those two); no eos: generation runs to max_new_tokens."""
     import transformers
 
     ids = dict(eos_token_id=None, bos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
@@ -86,6 +86,7 @@ def hf_config(shape: str, small: bool):
                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
                         num_experts_per_tok=2, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
                         v_head_dim=16, max_position_embeddings=4096)
+        dims.update({k: v for k, v in (("num_hidden_layers", layers), ("vocab_size", vocab)) if v})
         rope = {"rope_type": "yarn", "factor": 40.0 if not small else 4.0, "rope_theta": 10000.0,
                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707,
                 "original_max_position_embeddings": 4096 if not small else 1024}
@@ -99,6 +100,7 @@ def hf_config(shape: str, small: bool):
             dims.update(vocab_size=1000, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                         num_experts_per_tok=2, sliding_window=8)
+        dims.update({k: v for k, v in (("num_hidden_layers", layers), ("vocab_size", vocab)) if v})
         layers = dims["num_hidden_layers"]
         return transformers.GptOssConfig(**dims, **ids, layer_types=[
             "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
@@ -218,7 +220,7 @@ class Shape:
 
     def __init__(self, run: Run, name: str):
         self.run, self.name, self.args, self.device = run, name, run.args, run.device
-        self.hf_cfg = hf_config(name, self.args.small)
+        self.hf_cfg = hf_config(name, self.args.small, self.args.layers, self.args.vocab)
         self.mxfp4 = name.startswith("gpt-oss")
         self.folder = Path(self.args.tmp) / (name + ("-small" if self.args.small else ""))
         self.res: dict[str, Any] = run.results["shapes"].setdefault(name, {})
@@ -712,6 +714,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-hf-offload", action="store_true")
     p.add_argument("--time-budget-s", type=float, default=540.0,
                    help="rows that would start past this many seconds are skipped (the call limit is 600)")
+    p.add_argument("--layers", type=int, help="replace the shapes' layer count (a quicker check of real widths)")
+    p.add_argument("--vocab", type=int, help="replace the shapes' vocabulary size (idem)")
     p.add_argument("--tmp", default="/tmp/moekit_bench_families", help="where the checkpoints go")
     a = p.parse_args(argv)
     a.shapes = [s for s in a.shapes.split(",") if s]
