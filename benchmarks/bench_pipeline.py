@@ -259,7 +259,8 @@ class OutOfTime(Exception):
     """A row stopped by the time guard (after the prefill or a decode step)."""
 
 
-def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, device, deadline: float) -> dict:
+def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, device, deadline: float,
+                 attention_threads: int | None = None) -> dict:
     """Runs the plan with run_plan and returns its row: tok/s next to the HRM, PCIe and CPU-attention
     ceilings, the allocator's peak next to the budget."""
     from moekit.pipeline.batch import resident_experts, run_plan
@@ -275,7 +276,7 @@ def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, devic
                             "past --time-budget-s")
 
     r = run_plan(models.folder, plan, prompts, gen_len, device=str(device), dtype=models.dtype, h2d_bandwidth=h2d,
-                 model=model, on_step=guard, profile=True)
+                 model=model, on_step=guard, profile=True, attention_threads=attention_threads)
     out = r.to_dict()
     out.pop("tokens")
     out["step_breakdown"] = step_breakdown(r.step_profile, plan, r.streamed_bytes_per_step, h2d)
@@ -499,6 +500,9 @@ def main() -> int:
                    help="N at most in the compressed rows (default: --max-sequences)")
     p.add_argument("--compressed-min-s", type=float, default=30.0,
                    help="a compressed form is skipped when fewer seconds than this are left")
+    p.add_argument("--attention-threads", type=int, default=None,
+                   help="threads of the pipeline's CPU attention kernel (default: usable cores - 2 on CUDA): fewer "
+                        "leave the launch thread and the CUDA driver cores of their own")
     p.add_argument("--tmp", default="/tmp/moekit_bench_pipeline")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -620,7 +624,8 @@ def main() -> int:
                     record(row)
                     continue
                 row.update(pipeline_row(row_models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device,
-                                        deadline))
+                                        deadline, args.attention_threads))
+                row["attention_threads"] = args.attention_threads or "default (usable cores - 2 on CUDA)"
                 if device.type == "cuda":
                     row["within_budget"] = row["peak_bytes"] <= budget
                 if form and not warm:

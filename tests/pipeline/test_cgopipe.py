@@ -131,6 +131,11 @@ def test_refuses_a_lookahead_below_one(tiny):
 
     with pytest.raises(MoekitError, match="lookahead"):
         PipelinedDecoder(tiny, PagedKVCache(tiny.config, 4, 16, "cpu", torch.float32), 2, lookahead=0)
+    with pytest.raises(MoekitError, match="attention_threads must be >= 1"):
+        PipelinedDecoder(tiny, PagedKVCache(tiny.config, 4, 16, "cpu", torch.float32), 2, attention_threads=0)
+    decoder = PipelinedDecoder(tiny, PagedKVCache(tiny.config, 4, 16, "cpu", torch.float32), 2, attention_threads=3)
+    assert decoder.attention_threads == 3
+    decoder.close()
 
 
 def test_cpu_attention_releases_the_gil():

@@ -186,14 +186,15 @@ class PipelinedDecoder:
     """Decode steps of many sequences by CGOPipe's schedule over a host-resident PagedKVCache.
 
     `lookahead`: (layer, micro-batch) tasks whose CPU attention is launched ahead of PostAttn
-    (None: one layer, i.e. the step's micro-batch count; 2: the artifact's). `trace` (a list)
+    (None: one layer, i.e. the step's micro-batch count; 2: the artifact's). `attention_threads`:
+    the native kernel's threads (None: all usable cores but two on a GPU run, torch's on the CPU). `trace` (a list)
     receives the issue order (moekit.pipeline.timeline); `profile` (a timeline.StepProfile) the
     step timings."""
 
     PAGES_AHEAD = 2  # pages of the next MoE layer queued by micro-batch j: j and j + 1
 
     def __init__(self, model, cache: PagedKVCache, micro_batch: int, lookahead: int | None = None,
-                 trace: list | None = None, profile=None):
+                 trace: list | None = None, profile=None, attention_threads: int | None = None):
         cfg = model.config
         if cache.device.type != "cpu":
             raise MoekitError("CGOPipe keeps the KV cache in host memory: give a PagedKVCache on the CPU")
@@ -213,6 +214,11 @@ class PipelinedDecoder:
         # PreAttn / PostAttn and each copy) and the CUDA driver's; spinning OpenMP threads on every
         # core would slow the launches the device waits on (MoE-Lightning brief 5.4-4)
         self.attention_threads = max(1, _usable_cores() - 2) if self.streams.cuda else None
+        if attention_threads is not None:
+            if attention_threads < 1:
+                raise MoekitError(f"attention_threads must be >= 1 (or None: all usable cores but two on a GPU "
+                                  f"run), got {attention_threads}")
+            self.attention_threads = attention_threads
         paged = self._paged()
         if paged is not None:
             paged.trace = trace
@@ -432,11 +438,12 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
 @torch.inference_mode()
 def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
                        block_size: int = 16, stats=None, on_step=None, lookahead: int | None = None,
-                       profile=None) -> list[torch.Tensor]:
+                       profile=None, attention_threads: int | None = None) -> list[torch.Tensor]:
     """Returns each prompt's `max_new_tokens` greedy tokens (no early stop at eos, as MoE-Lightning
     runs a batch): prefill on the model's device a micro-batch at a time with the KV moved to a
     host-resident paged cache (prefill_to_host), then decode steps by CGOPipe's schedule
-    (PipelinedDecoder). `stats` (a moekit.generate.GenerationStats) receives the timings: the
+    (PipelinedDecoder; `attention_threads` its CPU attention's threads). `stats` (a
+    moekit.generate.GenerationStats) receives the timings: the
     batch's generated tokens per second are len(prompts) * new_tokens / (prefill_s + decode_s).
     `on_step(tokens_so_far)` is called after the prefill and after every decode step (a benchmark's
     time guard raises from it to stop a run). `lookahead` and `profile` as in PipelinedDecoder."""
@@ -456,7 +463,8 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     t1 = time.perf_counter()
     if on_step is not None:
         on_step(1)
-    decoder = PipelinedDecoder(model, cache, micro_batch, lookahead=lookahead, profile=profile)
+    decoder = PipelinedDecoder(model, cache, micro_batch, lookahead=lookahead, profile=profile,
+                               attention_threads=attention_threads)
     try:
         for _ in range(max_new_tokens - 1):
             work = [(i, lengths[i] + len(o) - 1, o[-1]) for i, o in enumerate(outs)]
