@@ -18,14 +18,17 @@ spent; the JSON is rewritten after each row):
   1. build: transformers' model on the device (random N(0, 0.02), norms 1); gpt-oss's experts are
      rounded to MXFP4 and written back dequantized, so both engines run the same weights.
   2. correctness: moekit's logits vs transformers' on one prompt (relative error, top-1 agreement).
-  3. resident decode at B=1 and B=32: moekit (CUDA graphs, as generate uses them) and transformers
-     with each experts implementation it has (default, eager, grouped_mm, batched_mm; the best is
-     marked), each next to the HBM bound: weight bytes one step reads / 4.2e12 B/s, where a step at
-     batch B reads every non-expert weight once and E*(1-(1-A/E)^B) distinct experts per MoE layer
-     (uniform routing, which random weights give), counted from each engine's own tensors
-     (moekit's gpt-oss experts are MXFP4: 4.25 bits a weight; transformers' are bf16).
-  4. KV bytes per token, per layer and in total, from the cache objects: moekit's KVCache (MLA:
-     the latent and the rope key) vs transformers' DynamicCache after a prefill (MLA: expanded heads).
+  3. resident decode at B=1 and B=32: transformers' default experts implementation, moekit (CUDA
+     graphs, as generate uses them), then transformers' other implementations (eager, grouped_mm,
+     batched_mm; batched_mm only where its prefill's gathered weights fit) and a row of moekit over
+     the fastest one measured; each next to the HBM bound: weight bytes one step reads / 4.2e12
+     B/s, where a step at batch B reads every non-expert weight once and E*(1-(1-A/E)^B) distinct
+     experts per MoE layer (uniform routing, which random weights give), counted from each engine's
+     own tensors (moekit's gpt-oss experts are MXFP4: 4.25 bits a weight; transformers' are bf16).
+  4. KV bytes per token, per layer and in total, after a prefill: moekit's KVCache (MLA: the latent
+     and the rope key) vs the same cache's latents expanded into per-head keys and values by the
+     layer's own kv_b_proj (the expanded cache), and transformers' DynamicCache (5.24 keeps MLA's
+     latents too; sliding layers only their window).
   5. offloaded decode (batch 1) at shares of the model's bytes: moekit load_offloaded with only
      device_memory, next to its ceiling max(GPU-only step time, PCIe bytes per token / measured
      pinned H2D rate) (bench_offload.offload_row), and transformers + accelerate (device_map with
@@ -34,7 +37,9 @@ spent; the JSON is rewritten after each row):
      plus moekit-only rows at shares of its stored (MXFP4) bytes; 10% of those is below its
      non-expert weights, and the planner's refusal is the row.
 
-Expected on the H200: about 6-7 minutes for both shapes (the 600 s call limit: --shapes runs one).
+On the H200 (never run there yet; an estimate): 2-3 minutes for DeepSeek-V2-Lite, 3-4 for gpt-oss-20b.
+Each shape gets an equal share of --time-budget-s (540 s) left when it starts, the last all that is
+left; rows past it are skipped, not cut. --shapes runs one shape, --layers/--vocab shrink them.
 
 Shape legend: L = layers, D = hidden, I = expert ffn, E = routed experts, A = experts per token,
 B = batch, T = tokens, R = rows of a Linear weight, K = its columns.
