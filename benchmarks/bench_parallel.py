@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
 """Multi-GPU benchmark (issue 16): one GPU vs two (expert, tensor, and both), over NVLink.
 
-Run on a 2-GPU machine from the repository root, in one call (about 6-8 minutes on 2 H200s):
+Run on a 2-GPU machine from the repository root, in one call (budgeted at 500 s: rows that would
+start later are skipped with the reason, ranks still running 30 s after it are killed; never run on
+GPUs yet, so the minutes it takes there are unmeasured):
 
     NCCL_NVLS_ENABLE=0 MOEKIT_GIT_COMMIT=<commit> PYTHONPATH=src python3 benchmarks/bench_parallel.py --out $OUT
 
-Smoke test on the CPU (2 gloo processes, tiny shapes, every row's code path, ~20 s):
+Smoke test on the CPU (2 gloo processes, tiny shapes, every row's code path, ~35 s):
 
     PYTHONPATH=src python3 benchmarks/bench_parallel.py --small --device cpu --out /tmp/bench
 
 The script spawns 2 rank processes (torch.multiprocessing; NCCL on cuda:{rank}, gloo on the CPU),
 plus a gloo control group over which rank 0 decides each row and gathers both ranks' results; rank
 0 rewrites bench_parallel.json after every row, and skips (with the reason) rows that would start
-past --time-budget-s. Rows, in order:
+past --time-budget-s. Ranks that die or hang in a row (no row written for --row-timeout-s) are
+killed and a fresh pair resumes at that row (a parallel row is retried once without CUDA graphs,
+and so are the parallel rows after it), so one failed NCCL capture does not cost the rest of the
+call; `rank_deaths` lists them. Rows, in order:
 
   1. bandwidth  all_reduce and all_to_all of decode- and prefill-sized messages (N x D bf16, N = 1,
                 32, 1024 tokens, D of each shape) and of 256 MB (the link's peak): seconds per call
@@ -26,7 +31,7 @@ past --time-budget-s. Rows, in order:
                 EP+TP that 2 ranks can hold (a 2 x 2 grid needs 4)
      prefill tok/s (a 1024-token prompt through generate), decode tok/s at B=1 and B=32 (generate, greedy,
      CUDA graphs as the engine chooses: `graph` says whole / piecewise / eager), the HBM ceiling
-     of the busier rank, speedup and scaling efficiency (speedup / 2) over 1gpu, greedy tokens
+     of rank 0 (the ranks hold equal shares), speedup and scaling efficiency (speedup / 2) over 1gpu, greedy tokens
      vs 1gpu, and the GPU time per layer in collectives (NCCL kernels in a profiled forward of
      N = 1, 32, 1024 tokens) next to the same collectives measured alone in row 1.
   3. fit24: mixtral-8x7b cut to --fit-layers layers (12: ~35 GB, more than one 24 GB GPU holds),
