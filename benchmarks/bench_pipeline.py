@@ -44,13 +44,14 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
   most --compressed-max-sequences. Each row records the form's bits per weight, the HRM's
   prediction, the PCIe ceiling (N * H2D / the form's streamed bytes per step), the CPU-attention
   ceiling, and its tok/s over the bf16 rows' (issue 14: ternary >= 3x bf16). A warm-up (the
-  plan's micro-batches, two tokens) builds each form's kernels first. The HRM's plans with the
-  H200 levels of the last run (15.5 GiB, N <= 512, gen 32): bf16 N=512 mu=32 R=4, 2465 tok/s on the
-  PCIe roof; ternary (0.59 bits a weight) N=388 mu=194 R=0, 7172 tok/s, its decode-in-matmul
-  kernels' GPU time the bound (PCIe ceiling 25.8k tok/s decode); int4 (4.19 bits) N=426 mu=213 R=0,
-  2917 tok/s, GPU-kernel bound too (PCIe ceiling 4.0k). A compressed prefill runs the forms'
-  reference path (more than 64 tokens an expert: each matrix decoded, the ternary code 128 rows
-  at a time), seconds per prefill at this shape.
+  plan's micro-batches, two tokens) builds each form's kernels first. Past the per-slot kernels
+  (more than 16 routed slots: every prefill micro-batch and these decode micro-batches) the paged
+  runtime decodes a layer's experts once into a dense bf16 workspace (2.8 GB at this shape) and
+  runs each micro-batch through the grouped dense kernels, with no host sync. The HRM's plans
+  with the H200 levels of the last run (f472762's machine, 15.5 GiB, N <= 512; no expert-kernel
+  or shared-host level measured then): bf16 N=512 mu=32 R=4, 2463 tok/s at gen 32 on the PCIe
+  roof; ternary and int4 N=490 mu=245 (two micro-batches, so CPU attention overlaps the GPU),
+  13.4k tok/s at gen 32, bound by the GPU's reads of the decoded workspace.
 
 Order and expected seconds on the H200 (--time-budget-s 520 from the start; one call of the device
 tool, which allows 600 s): build ~25 (22.5 GB of pinned experts), machine profile ~20 (host levels,

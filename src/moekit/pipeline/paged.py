@@ -21,13 +21,17 @@ ternary code (PackedLayout) page each expert's stored tensors laid end to end as
 codes, scales and zeros (int), codewords, chunk starts, row tables and levels (ternary code) --
 exactly as the offload cache holds them; a code's dictionary (code_table, 2^bits x 8 bytes per
 layer) is the form's table, resident on the device beside the slab, never paged. The layer's
-expert call then views its slots in the form's layout (layout.view) and `form.run` computes
-from them in place: for compressed forms its decode-in-matmul kernels (quant.kernels: per-slot
-for <= SLOT_KERNEL_MAX_SLOTS routed slots, else one grouped call per routed expert, decoded inside
-the matmul up to quant.ops.KERNEL_MAX_TOKENS tokens of an expert; past it, as in a prefill
-micro-batch, the form decodes one matrix at a time into a dense bf16 workspace (a Triton decode on
-GPUs, no host sync) and multiplies densely -- the slab stays compressed), on the CPU the native kernels or the PyTorch references. Forms whose stored experts carry more than a SwiGLU (gpt-oss: biases,
-the clamped SwiGLU, MXFP4) are refused (`pageable_form`).
+expert call then views its slots in the form's layout (layout.view) and computes from them in
+place: `form.run` (for compressed forms the per-slot decode-in-matmul kernels for <=
+SLOT_KERNEL_MAX_SLOTS routed slots; on the CPU the native kernels or the PyTorch references) --
+except a compressed form past the per-slot kernels where the kernels run (`decode_layers`): the
+layer's experts are decoded once, in two launches a matrix kind (its resident slots, its buffer
+slots), into a dense workspace [E, 2I, D] + [E, D, I] in the activations' dtype, and every
+micro-batch of the layer runs the grouped dense kernels (experts.triton_ops) on the router's
+expert ids: no host sync (the per-expert path sorts slots on the host) and one decode a layer
+rather than one per routed expert per micro-batch; the slab stays compressed. Forms whose stored
+experts carry more than a SwiGLU (gpt-oss: biases, the clamped SwiGLU, MXFP4) are refused
+(`pageable_form`).
 
 A page is an equal share of the bytes of each stored tensor's streamed part (as the artifact's
 byte ranges: every page costs the same PCIe time, so no page holds a hidden-state load behind a
