@@ -1,5 +1,5 @@
-"""benchmarks/bench_families.py (issue 15's H200 rows): its MXFP4 rounding against moekit's decoder,
-its HBM-bound byte count, and (slow) its --small run on the CPU producing every row without error."""
+"""benchmarks/bench_families.py (issue 15's H200 rows): the MXFP4 rounding of family_shapes against
+moekit's decoder, its HBM-bound byte count, and (slow) the --small run on the CPU producing every row."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import bench_families  # noqa: E402
+import bench_families
+import family_shapes
 
-from moekit.experts.clamped import FP4_VALUES, decode_mxfp4  # noqa: E402
+from moekit.experts.clamped import FP4_VALUES, decode_mxfp4
 
 
 def test_mxfp4_rounding_decodes_to_the_nearest_code():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 96, generator=g) * torch.logspace(-3, 2, 6)[:, None]  # rows over five decades
-    blocks, scales = bench_families.quantize_mxfp4(w)
+    blocks, scales = family_shapes.quantize_mxfp4(w)
     assert blocks.shape == (6, 3, 16) and blocks.dtype == torch.uint8 and scales.shape == (6, 3)
     back = decode_mxfp4(blocks, scales, torch.float32)
     # every value lands on its group's grid (e2m1 values times the group's power of two), nearest point
@@ -31,14 +32,14 @@ def test_mxfp4_rounding_decodes_to_the_nearest_code():
     assert torch.equal(torch.sign(back[back != 0]), torch.sign(w[back != 0]))
     # values already on the grid come back exactly
     exact = torch.tensor(FP4_VALUES).repeat(2)[None] * 0.25
-    assert torch.equal(decode_mxfp4(*bench_families.quantize_mxfp4(exact), torch.float32), exact)
+    assert torch.equal(decode_mxfp4(*family_shapes.quantize_mxfp4(exact), torch.float32), exact)
 
 
 def test_decode_step_bytes_counts_distinct_experts():
     groups = {"other": 1000, "embed": 10**6, "experts:layers.1.mlp": 64 * 10, "experts:layers.2.mlp": 64 * 10}
-    one = bench_families.decode_step_bytes(groups, experts=64, top_k=6, batch=1, hidden=8)
+    one = family_shapes.decode_step_bytes(groups, experts=64, top_k=6, batch=1, hidden=8)
     assert one == pytest.approx(1000 + 2 * 8 + 2 * 6 * 10)  # B=1 reads top-k experts a layer, no embedding table
-    many = bench_families.decode_step_bytes(groups, experts=64, top_k=6, batch=10_000, hidden=8)
+    many = family_shapes.decode_step_bytes(groups, experts=64, top_k=6, batch=10_000, hidden=8)
     assert many == pytest.approx(1000 + 2 * 8 * 10_000 + 2 * 64 * 10)
 
 
