@@ -24,26 +24,34 @@ The ceilings (host read, pinned H2D, both at once) are measured whenever offload
 bytes of missed experts per token the decode ceiling is (cpu_rate + h2d_rate) / E (the issue's
 "combined ceiling"), capped by moekit's all-on-GPU figure when that row ran.
 
-The H200 machine: six calls, three a session (30 min of device time each), in this order; each
-<= 560 s under `timeout_s=600`. Each call builds llama.cpp (llama-bench, then llama-quantize from the
-same build folder: ~300 s, the 21:00 run's "built and converted in 325 s" with the conversion beside
-it): the machine is given back 30 s after a call, so only a call made within those 30 s finds the
-build (and the checkpoint, and the GGUF, both reused by stamp) and skips it. The checkpoint is
-written and moekit's compressed copies made while llama.cpp compiles. Expected seconds from the
-21:00 OLMoE run (a llama-bench row ~4 s, a moekit offloaded row ~22 s, 18 s of it loading 13.8 GB;
-rates 20 s) and bench_budget's Qwen3 run (31 GB written in 53 s, a row ~55 s), by bytes for the rest;
-moekit rows stop starting at --time-budget-s (520 s), so a long call loses its last rows, not its JSON:
+The H200 machine: six calls in this order, each <= 560 s under `timeout_s=600`. A call that builds
+llama.cpp (llama-bench, then llama-quantize from the same build folder) spends ~300 s on it (the
+21:00 run's "built and converted in 325 s", the conversion beside it); the machine is given back 30 s
+after a call, so the next call starts bare. Hence the first call exports the build (--export-build:
+$OUT/lcpp-bin.tgz.NN, 15 MiB parts, skipped over 40 MiB) and the later ones carry it back
+(--import-build: run.sh unpacks it instead of building, a few seconds): copy the parts that come back
+into the git-ignored .anchors/lcpp-bin and carry it beside .anchors/llamacpp. Without the parts each
+call builds (~300 s more: then three calls a session, each with fewer rows). The checkpoint is written
+and moekit's compressed copies made while llama.cpp compiles or converts. Expected seconds from the
+21:00 OLMoE run (a llama-bench row ~4 s, a moekit offloaded row ~22 s, 18 s of it loading 13.8 GB,
+rates 20 s, convert ~70 s at the 2-core VM's 200 MB/s) and bench_budget's Qwen3 run (31 GB written in
+53 s, a row ~55 s), by bytes for the rest; moekit rows stop starting at --time-budget-s (520 s), so a
+long call loses its last rows, not its JSON:
 
-    A=".anchors/llamacpp"; R="PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --out $OUT"   # carry [$A]
-    $R --rows resident,host,half,rates,cpu --name bench_llamacpp_olmoe                                      # ~500 s
-    $R --rows compressed --name bench_llamacpp_olmoe_compressed                                             # ~490 s
-    $R --shape mixtral-8x7b-8l --rows resident,host,half --name bench_llamacpp_mixtral                      # ~540 s
-    $R --shape mixtral-8x7b-8l --rows compressed --name bench_llamacpp_mixtral_compressed                   # ~540 s
-    $R --shape qwen3-30b-a3b-24l --rows resident,host,half --misses auto --name bench_llamacpp_qwen3         # ~510 s
-    $R --shape qwen3-30b-a3b-24l --rows compressed --forms int4,ternary --compressed-modes host \
-       --name bench_llamacpp_qwen3_compressed                                                               # ~520 s
+    R="PYTHONPATH=src python3 benchmarks/bench_llamacpp.py --out $OUT"   # carry [.anchors/llamacpp, .anchors/lcpp-bin]
+    $R --rows resident,host,half,rates,cpu --export-build --name bench_llamacpp_olmoe                       # ~500 s (builds)
+    I="--import-build .anchors/lcpp-bin"
+    $R $I --rows compressed --name bench_llamacpp_olmoe_compressed                                          # ~330 s
+    $R $I --shape mixtral-8x7b-8l --rows resident,host,half --name bench_llamacpp_mixtral                   # ~400 s
+    $R $I --shape mixtral-8x7b-8l --rows compressed --name bench_llamacpp_mixtral_compressed                # ~550 s
+    $R $I --shape qwen3-30b-a3b-24l --rows resident,host,half --name bench_llamacpp_qwen3                   # ~510 s
+    $R $I --shape qwen3-30b-a3b-24l --rows compressed --forms int4,ternary --compressed-modes host \
+       --name bench_llamacpp_qwen3_compressed                                                               # ~460 s
 (the last rows to go when time runs short: misses `cpu` after `auto`, the `half` footprint's compressed
-rows after `host`'s, Qwen3's ternary copy when memory holds only one copy at a time.)
+rows after `host`'s, Qwen3's ternary copy when memory holds only one copy at a time.) With the import,
+a call's first 100-210 s are the checkpoint (34-53 s) and the GGUF conversion (70-155 s) or moekit's
+compressed copies (100-210 s), whichever ends last, instead of the build's 300; six calls ~46 min, two
+sessions. Without the parts add ~100-200 s to each call and drop rows (--misses auto).
 
 Then `python3 benchmarks/lcpp_bars.py $OUT/bench_llamacpp_*.json` prints every call's table under its
 command. What takes the time, per call: build ~300; llama-bench rows 4-10 each; llama-quantize of
@@ -443,6 +451,10 @@ def main() -> int:
                         help="compressed checkpoints when memory is short, and llama.cpp's build and convert logs")
     parser.add_argument("--gguf-dir", default="/dev/shm/moekit_gguf",
                         help="the GGUFs, when memory holds them beside the run (else $LCPP_ROOT/gguf on disk)")
+    parser.add_argument("--export-build", action="store_true",
+                        help="write llama.cpp's built bin/ into --out as lcpp-bin.tgz.NN (15 MiB parts) for --import-build")
+    parser.add_argument("--import-build", default="",
+                        help="a folder holding lcpp-bin.tgz.NN (an earlier call's --export-build): no build")
     parser.add_argument("--reserve-gb", type=float, default=None,
                         help="memory left free beside files in /dev/shm (default: the bf16 tensor bytes + 8 GB "
                              "with a GPU, for moekit's host copy of the experts; 1 GB without)")
@@ -488,6 +500,8 @@ def main() -> int:
     if not args.skip_llamacpp:  # the build first: the checkpoint is written while it compiles
         lcpp = LlamaCpp(Path(args.anchor), args.shape, Path(args.disk_tmp) / f"llamacpp_{args.name}",
                         out / f"{args.name}_llamacpp.log", cuda, results, save)
+        if args.import_build:
+            lcpp.import_build(Path(args.import_build))
         lcpp.start_build()
     ckpt, cfg, tensor_bytes = bf16_checkpoint(args.shape, [Path(args.tmp), Path(args.disk_tmp)], device, results)
     tmp = ckpt.parent.parent
@@ -513,8 +527,11 @@ def main() -> int:
             lazy = list(forms)
             common.log(f"compressed checkpoints: {need / 1e9:.1f} GB do not fit beside the run; one at a time")
         save()
-    if lcpp is not None and lcpp.wait() and cuda:
-        llamacpp_gpu_rows(lcpp, rows, cfg, forms, modes, cores)
+    if lcpp is not None and lcpp.wait():
+        if args.export_build and "import_build" not in results["llamacpp"]:
+            lcpp.export_build(out)
+        if cuda:
+            llamacpp_gpu_rows(lcpp, rows, cfg, forms, modes, cores)
     from moekit.native import library, unavailable_reason
 
     results["native_library"] = bool(library()) or unavailable_reason()

@@ -102,6 +102,7 @@ class LlamaCpp:
         self.lc = results.setdefault("llamacpp", {"rows": {}})
         self.idle_mib = None
         self.procs: dict[str, subprocess.Popen] = {}
+        self.bin_tarball: Path | None = None  # a prebuilt bin/ (import_build)
         self.ok = False
 
     # ---- build and convert ----------------------------------------------------------------------
@@ -113,6 +114,8 @@ class LlamaCpp:
                "LCPP_STAGES": stages, "LCPP_CUDA": "1" if self.cuda else "0",
                "LCPP_ROOT": str(self.root), "LCPP_GGUF": str(self.ggufs["bf16"]),
                "LCPP_PY": os.environ.get("LCPP_PY", sys.executable)}  # the converter needs torch + transformers
+        if self.bin_tarball is not None:  # run.sh unpacks it into the build's bin/ instead of building
+            env["LCPP_BIN_TARBALL"] = str(self.bin_tarball)
         return subprocess.Popen(["bash", str(self.anchor / "run.sh"), str(hf_dir), str(self.out / name)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -210,6 +213,49 @@ class LlamaCpp:
                 if p.exists():
                     parts.append(f"----- tail of {stage}/{name} -----\n" + "\n".join(p.read_text().splitlines()[-40:]))
         self.log.write_text("\n".join(parts) + "\n")
+
+    # ---- a build carried from one call to the next ---------------------------------------------------
+
+    def export_build(self, dest: Path, part_bytes: int = 15 * 2**20, max_bytes: int = 40 * 2**20) -> list[Path]:
+        """Returns the parts (dest/lcpp-bin.tgz.NN, part_bytes each: a device call brings back files
+        of 16 MiB at most) of a gzipped tar of the build's bin/ (llama-bench, llama-quantize and their
+        libraries), or [] when it is over max_bytes (the working tree, ~22 MB with the anchor, and
+        what is carried travel together under 64 MiB); the next call carries them (import_build),
+        under the same $LCPP_ROOT (the binaries' RUNPATH names the build folder)."""
+        import io
+        import tarfile
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+            tar.add(self.bin, arcname="bin")
+        data = buf.getvalue()
+        info = self.lc["export_build"] = {"bytes": len(data), "uncompressed_bytes": sum(
+            p.stat().st_size for p in self.bin.rglob("*") if p.is_file() and not p.is_symlink())}
+        if len(data) > max_bytes:
+            info["skipped"] = f"{len(data) / 2**20:.0f} MiB > {max_bytes / 2**20:.0f} MiB: too large to bring back"
+            common.log(f"llama.cpp build not exported: {info['skipped']}")
+            return []
+        dest.mkdir(parents=True, exist_ok=True)
+        parts = []
+        for i in range(0, len(data), part_bytes):
+            parts.append(dest / f"lcpp-bin.tgz.{i // part_bytes:02d}")
+            parts[-1].write_bytes(data[i:i + part_bytes])
+        info["parts"] = [p.name for p in parts]
+        common.log(f"llama.cpp build exported: {len(data) / 2**20:.1f} MiB in {len(parts)} parts in {dest}")
+        return parts
+
+    def import_build(self, src: Path) -> bool:
+        """Joins src/lcpp-bin.tgz.NN (export_build's parts) into the tarball run.sh unpacks instead of
+        building; returns whether there were parts."""
+        parts = sorted(src.glob("lcpp-bin.tgz.[0-9][0-9]"))
+        if not parts:
+            common.log(f"no lcpp-bin.tgz.NN in {src}: llama.cpp is built")
+            return False
+        self.bin_tarball = self.out / "lcpp-bin.tgz"
+        self.bin_tarball.parent.mkdir(parents=True, exist_ok=True)
+        self.bin_tarball.write_bytes(b"".join(p.read_bytes() for p in parts))
+        self.lc["import_build"] = {"from": str(src), "parts": len(parts), "bytes": self.bin_tarball.stat().st_size}
+        return True
 
     def quantize(self, qtype: str, threads: int) -> Path | None:
         """Returns the GGUF of `qtype` (Q4_K_M, Q2_K) made by llama-quantize from the bf16 one

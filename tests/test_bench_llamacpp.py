@@ -285,3 +285,25 @@ def test_gpu_run_with_fakes_writes_every_row(tmp_path, monkeypatch):
     assert res["cpu_interleaved"]["ratio_of_medians"] == pytest.approx(20.0 / 12.5)
     assert "decode_cpu_experts_Q4_K_M" in res["table"] and not (tmp_path / "shm" / "tiny-qwen3" / "int4").exists()
     assert not list((tmp_path / "gguf").glob("*Q4_K_M*"))  # each quantized GGUF deleted after its rows
+
+
+def test_build_export_import_round_trip(tmp_path, monkeypatch):
+    import tarfile
+
+    import lcpp
+
+    anchor, root = _fake_anchor(tmp_path)
+    monkeypatch.setenv("LCPP_ROOT", str(root))
+    (root / "llama.cpp" / "build-cpu" / "bin" / "libbig.so").write_bytes(os.urandom(3 * 2**20))  # incompressible
+    results = {}
+    engine = lcpp.LlamaCpp(anchor, "tiny", tmp_path / "work", tmp_path / "out.log", False, results, lambda: None)
+    parts = engine.export_build(tmp_path / "out", part_bytes=2**20)
+    assert len(parts) == 4 and all(p.stat().st_size <= 2**20 for p in parts)
+    assert engine.export_build(tmp_path / "small", max_bytes=2**20) == [] and "skipped" in results["llamacpp"]["export_build"]
+    again = lcpp.LlamaCpp(anchor, "tiny", tmp_path / "work2", tmp_path / "out2.log", False, {}, lambda: None)
+    assert again.import_build(tmp_path / "out")
+    empty = lcpp.LlamaCpp(anchor, "tiny", tmp_path / "work3", tmp_path / "out3.log", False, {}, lambda: None)
+    assert not empty.import_build(tmp_path / "nothing-here") and empty.bin_tarball is None  # then run.sh builds
+    with tarfile.open(again.bin_tarball) as tar:
+        names = set(tar.getnames())
+    assert {"bin/llama-bench", "bin/llama-quantize", "bin/libbig.so"} <= names
