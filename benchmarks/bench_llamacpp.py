@@ -16,7 +16,8 @@ Rows (--rows, a comma list; each call writes its own --name.json):
   compressed  llama-quantize Q4_K_M and Q2_K of the bf16 GGUF at -ncmoe all / half, next to moekit's
               int4 / int2 (RTN, group 128) at those footprints, and moekit's ternary (RTN, sub-1-bit
               code) at llama.cpp's bf16 footprints (--compressed-modes, --compressed-misses); each moekit
-              checkpoint is written while llama.cpp builds, and deleted after its rows
+              checkpoint is written while llama.cpp builds, and deleted after its rows (without a GPU:
+              the copies resident on the CPU next to llama.cpp's CPU decode of Q4_K_M / Q2_K / bf16)
   cpu         no GPU: llama.cpp's decode with the GPU hidden (-dev none -ngl 0; the CPU build without
               CUDA) interleaved with `moekit --device cpu` bf16 on all the host's cores (16 on the H200)
   rates       the CPU kernel against the host's read rate (one expert, a layer's top-k; compressed kernels)
