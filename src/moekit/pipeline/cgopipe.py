@@ -101,11 +101,11 @@ class MicroBatch:
     x: torch.Tensor  # [1, mu, D] residual stream on the model's device
     cos: torch.Tensor  # [mu, Dh] rope of each sequence's position
     sin: torch.Tensor
-    # host buffers reused by every layer of the step (and later steps of the same size): the q, k, v
-    # packet [mu, (H + 2 Hkv) * Dh] (pinned on a GPU run; None on the CPU, where it is the device
-    # tensor) and the attention output [mu, H, Dh]. Task (i + 1, j) reuses them only after task
-    # (i, j) is done with them: its D2H is queued after PostAttn(i, j), which waits for LoadH(i, j).
-    # The packet is flat, q | k | v each [mu, heads, Dh] in turn, so q needs no copy to be contiguous
+    # host buffers reused by every layer of the step (and later steps of the same size): the flat
+    # q, k, v packet [mu * (H + 2 Hkv) * Dh], q | k | v each [mu, heads, Dh] in turn so that q needs
+    # no copy to be contiguous (pinned on a GPU run; None on the CPU, where it is the device tensor),
+    # and the attention output [mu, H, Dh]. Task (i + 1, j) reuses them only after task (i, j) is done
+    # with them: its D2H is queued after PostAttn(i, j), which waits for LoadH(i, j)
     packet: torch.Tensor | None = None
     out: torch.Tensor | None = None
     native: NativeAttention | None = None  # the prepared kernel call (None: cpu_attention's checks and fallback)
@@ -187,9 +187,9 @@ class PipelinedDecoder:
 
     `lookahead`: (layer, micro-batch) tasks whose CPU attention is launched ahead of PostAttn
     (None: one layer, i.e. the step's micro-batch count; 2: the artifact's). `attention_threads`:
-    the native kernel's threads (None: all usable cores but two on a GPU run, torch's on the CPU). `trace` (a list)
-    receives the issue order (moekit.pipeline.timeline); `profile` (a timeline.StepProfile) the
-    step timings."""
+    the native kernel's threads (None: all usable cores but two on a GPU run, torch's on the CPU).
+    `trace` (a list) receives the issue order (moekit.pipeline.timeline); `profile` (a
+    timeline.StepProfile) the step timings."""
 
     PAGES_AHEAD = 2  # pages of the next MoE layer queued by micro-batch j: j and j + 1
 
