@@ -485,7 +485,7 @@ def main() -> int:
     p.add_argument("--plan-margin-gib", type=float, default=0.5,
                    help="the HRM plans within the budget less this (what its memory model leaves out: the "
                         "prefill's residual streams of all N prompts, the longest prompt's micro-batch)")
-    p.add_argument("--offload-batches", default=None, help="offload engine batches (default 64,256; small: 4)")
+    p.add_argument("--offload-batches", default=None, help="offload engine batches (default 64,256; small: 4; '' none)")
     p.add_argument("--offload-gen", type=int, default=32)
     p.add_argument("--hf-cap-s", type=float, default=20.0, help="transformers+accelerate: seconds its run may take")
     p.add_argument("--skip-hf", action="store_true")
@@ -513,7 +513,8 @@ def main() -> int:
     layers = args.layers or (4 if args.small else 8)
     max_n = args.max_sequences or (8 if args.small else 512)
     gens = [int(g) for g in args.gen.split(",") if g]
-    batches = [int(b) for b in (args.offload_batches or ("4" if args.small else "64,256")).split(",") if b]
+    offload_batches = args.offload_batches if args.offload_batches is not None else ("4" if args.small else "64,256")
+    batches = [int(b) for b in offload_batches.split(",") if b]  # '' runs none
     dtype = "bfloat16"
     results: dict = {"meta": common.run_meta(args, device), "shape": shape, "layers": layers, "dtype": dtype,
                      "rows": []}
@@ -570,7 +571,7 @@ def main() -> int:
         f"({results['machine_s']:.1f} s)")
     save()
 
-    lengths_all = mtbench_lengths(max(max_n, max(batches), 8))
+    lengths_all = mtbench_lengths(max(max_n, *batches, 8))
     plan_prompt_len = round(sum(lengths_all[:max_n]) / max_n)  # the HRM plans for the drawn mean
     results["plan_prompt_len"] = plan_prompt_len
     models = PagedModels(folder, host, device, dtype)
