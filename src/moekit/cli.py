@@ -79,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ranks = parallel_cli.RankSetup(spec, device) if spec is not None else None  # under torchrun, one per rank
     if ranks is not None:
         device, args.seed = str(ranks.device), ranks.seed(args.seed)
-        model = ranks.load(path, dtype=args.dtype)
+        model = ranks.load(path, dtype=args.dtype, args=args, context_tokens=len(ids) + args.max_new_tokens)
     elif args.offload:  # the budget is planned for this prompt plus the new tokens
         model = offload_cli.load_for_generate(args, device, len(ids) + args.max_new_tokens)
     else:

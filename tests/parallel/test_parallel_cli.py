@@ -42,9 +42,14 @@ def test_parallel_without_torchrun_says_how(capsys, monkeypatch):
     assert code == 2 and "torchrun --nproc-per-node N -m moekit generate" in err
 
 
-def test_parallel_with_offload_is_refused(capsys):
-    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--offload", "--parallel", "ep=2")
-    assert code == 2 and "--parallel with --offload is not supported yet" in err
+@pytest.mark.parametrize("flags, message", [
+    (["--parallel", "tp=2"], "--parallel with --offload runs expert parallelism only"),
+    (["--parallel", "tp=2,ep=tp"], "--parallel with --offload runs expert parallelism only"),
+    (["--parallel", "ep=2", "--misses", "cpu"], "--misses is not available with --parallel"),
+])
+def test_parallel_with_offload_is_checked(capsys, flags, message):
+    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--offload", *flags)
+    assert code == 2 and message in err
 
 
 @pytest.mark.slow
@@ -81,3 +86,25 @@ def test_torchrun_with_the_wrong_number_of_ranks_says_how_many():
                           check=False)
     assert proc.returncode != 0
     assert "needs ep x tp = 4 processes, but torchrun started 2: give torchrun --nproc-per-node 4" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_offloaded_ranks_equal_one_process(capsys):
+    """--parallel ep=2 --offload: each rank offloads its own 16 experts under 16.5 MB (the least is 14.9 MB:
+    a cache of a few experts), and the tokens are one process's."""
+    args = ["generate", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--threads", "1",
+            "--device", "cpu", "--json"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    expected = json.loads(out)["token_ids"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit", *args,
+                           "--parallel", "ep=2,timeout=30", "--offload", "--device-memory", "16.5MB"],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["token_ids"] == expected
+    report = result["parallel"]
+    assert report["placement"] == "expert_parallel_offloaded" and report["experts_held"] == 16
+    assert 2 <= report["offload"]["cache_slots"] < 16 and report["offload"]["bytes_moved"] > 0

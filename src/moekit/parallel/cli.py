@@ -87,8 +87,16 @@ def check_flags(args: argparse.Namespace) -> ParallelSpec | None:
     if args.parallel is None:
         return None
     spec = ParallelSpec.parse(args.parallel)
-    if getattr(args, "offload", None):
-        raise MoekitError("--parallel with --offload is not supported yet: give one of them")
+    if getattr(args, "offload", None):  # offloaded ranks (parallel.offload): each its own shard, its own budget
+        if spec.tp > 1 or spec.ep < 2:
+            raise MoekitError("--parallel with --offload runs expert parallelism only (each rank offloads its own "
+                              "shard of the experts): give --parallel ep=N without tp")
+        given = [flag for flag, on in (("--pregate", args.pregate), ("--pin-counts", args.pin_counts),
+                                       ("--strict-pregate", args.strict_pregate),
+                                       ("--misses", args.misses not in (None, "fetch"))) if on]
+        if given:
+            raise MoekitError(f"{', '.join(given)} is not available with --parallel (a rank knows only its shard "
+                              "of the experts): drop it")
     if getattr(args, "compile", False):
         raise MoekitError("--compile is not available with --parallel (collectives run between the captured "
                           "pieces); drop --compile")
@@ -108,6 +116,10 @@ def stats_rows(report: dict) -> list[tuple[str, str]]:
     if tp > 1:
         split = "each expert's ffn split too" if report.get("experts_split_by_tp") else "experts replicated"
         rows.append(("tensor parallel", f"attention heads and MLP widths split over {tp} ranks, {split}"))
+    if "offload" in report:
+        off = report["offload"]
+        rows.append(("offloaded ranks", (f"rank {report['rank']}: {off.get('cache_slots', 0)} cache slots for its "
+                                         f"{report['experts_held']} experts, hit rate {off.get('hit_rate', 0):.1%}")))
     if ep > 1:
         rows += [
             ("routed slots", f"{slots} dispatched by rank {report['rank']}, {remote:.1%} to other ranks"),
@@ -143,8 +155,18 @@ class RankSetup:
         ranks must sample the same tokens, since each runs the whole sequence."""
         return self.comm.broadcast_int(random.randrange(2**62) if seed is None else seed, "sharing the seed")
 
-    def load(self, path: str, dtype: str | None):
-        """Returns the model with this rank's heads, MLP slices and experts."""
+    def load(self, path: str, dtype: str | None, args: argparse.Namespace | None = None,
+             context_tokens: int | None = None):
+        """Returns the model with this rank's heads, MLP slices and experts; with `args.offload`,
+        this rank's experts offloaded under --device-memory (its own budget), planned for
+        `context_tokens` positions."""
+        if args is not None and getattr(args, "offload", False):
+            from ..offload.config import OffloadConfig, parse_size
+            from .offload import load_offloaded_parallel
+
+            config = OffloadConfig(device_memory=parse_size(args.device_memory) if args.device_memory else None,
+                                   cache_policy=args.cache_policy, context_tokens=context_tokens, predictor="none")
+            return load_offloaded_parallel(path, self.comm, config, dtype=dtype)
         from .tensor import load_parallel
 
         return load_parallel(path, self.groups, dtype=dtype)
