@@ -56,7 +56,9 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
 Order and expected seconds on the H200 (--time-budget-s 520 from the start; one call of the device
 tool, which allows 600 s): build ~25 (22.5 GB of pinned experts), machine profile ~20 (host levels,
 GPU levels, the shared host rate -- a pinned copy and 14 CPU threads reading host memory at once --
-and the grouped expert kernels' weight bytes/s at 16..256 tokens; the HRM plans with both),
+and the grouped expert kernels' weight bytes/s at 16..256 tokens; the HRM plans with both; after
+each warm-up, timeline.launch_task_seconds: the launch thread's host seconds per (layer,
+micro-batch) task with the device idle, which the later plans of that form count too),
 pipeline warm-up ~10 (Triton builds), gen 32 ~20, gen 128 ~55 (the last run's N=512, mu=32, 4 of 8
 experts resident: ~0.38 s a decode step), ternary ~45 (RTN ~33, warm-up, gen 32) and int4 ~20 (RTN
 ~7), each skipped when fewer than --compressed-min-s seconds are left, transformers+accelerate ~40
@@ -300,7 +302,8 @@ def step_breakdown(profile: dict | None, plan, streamed_bytes: int, h2d: float) 
     out = dict(profile)
     out.pop("last_step_copies", None)
     hrm = plan.layer
-    out["hrm_layer_ms"] = {"h2d": 1e3 * hrm.h2d, "cpu": 1e3 * hrm.cpu, "gpu": 1e3 * hrm.gpu, "max": 1e3 * hrm.time}
+    out["hrm_layer_ms"] = {"h2d": 1e3 * hrm.h2d, "cpu": 1e3 * hrm.cpu, "gpu": 1e3 * hrm.gpu, "launch": 1e3 * hrm.launch,
+                           "max": 1e3 * hrm.time}
     out["hrm_step_ms"] = 1e3 * plan.decode_step_s
     out["hrm_gpu_step_ms"] = 1e3 * hrm.gpu * len(profile.get("layer_ms") or []) if profile.get("layer_ms") else None
     out["pcie_step_ms"] = 1e3 * streamed_bytes / h2d if h2d else None  # the streamed bytes at the measured H2D
@@ -575,6 +578,8 @@ def main() -> int:
     plan_prompt_len = round(sum(lengths_all[:max_n]) / max_n)  # the HRM plans for the drawn mean
     results["plan_prompt_len"] = plan_prompt_len
     models = PagedModels(folder, host, device, dtype)
+    launch_of: dict[str, float] = {}  # pipeline label -> host seconds per task (measured after its warm-up, CUDA)
+    results["launch_task_s"] = launch_of
     steps: list[tuple[int, float, float]] = []  # (N, mean context, decode step s) of the rows run
 
     def predict_s(n: int, context: float, gen_len: int) -> float | None:
@@ -596,6 +601,10 @@ def main() -> int:
         """The pipeline rows (a "warm-up" entry builds the kernels): each skipped when predicted to
         end later than `reserve_s` before the deadline. `form` (compressed rows): its label, costs,
         models, N cap and extra fields."""
+        from dataclasses import replace
+
+        from moekit.pipeline.timeline import launch_task_seconds
+
         label = f"pipeline {form['label']}" if form else "pipeline"
         row_costs, row_models, row_max = (form["costs"], form["models"], form["max_n"]) if form else (costs, models, max_n)
         for gen_len in gen_lens:
@@ -606,10 +615,10 @@ def main() -> int:
                 row.update(form["fields"])
             try:
                 first = (form["gen"] if form else gens[0]) if warm else g
-                plan = plan_for(row_costs, machine, first, plan_prompt_len, plan_budget, row_max)
+                # the launch thread's cost per task, measured after this label's warm-up, joins the plan
+                row_machine = replace(machine, launch_task_s=launch_of[label]) if label in launch_of else machine
+                plan = plan_for(row_costs, row_machine, first, plan_prompt_len, plan_budget, row_max)
                 if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
-                    from dataclasses import replace
-
                     mu = plan.policy.micro_batch
                     plan = replace(plan, policy=replace(plan.policy, batch=min(plan.policy.batch, 2 * mu)))
                 n = plan.policy.batch
@@ -627,6 +636,15 @@ def main() -> int:
                     continue
                 row.update(pipeline_row(row_models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device,
                                         deadline, args.attention_threads))
+                if warm and device.type == "cuda":  # host seconds to issue one (layer, micro-batch) task
+                    try:
+                        launch_of[label] = row["launch_task_s"] = launch_task_seconds(row_models.model, mu)
+                        log(f"{label}: the launch thread issues a task (mu={mu}) in {1e3 * launch_of[label]:.2f} ms")
+                    except Exception as e:  # noqa: BLE001 -- the plans then leave the launch thread out
+                        row["launch_error"] = f"{type(e).__name__}: {e}"
+                row["plan_machine"] = {"launch_task_s": row_machine.launch_task_s,
+                                       "expert_bandwidth": row_machine.expert_bandwidth,
+                                       "host_shared_bandwidth": row_machine.host_shared_bandwidth}
                 row["attention_threads"] = args.attention_threads or "default (usable cores - 2 on CUDA)"
                 if device.type == "cuda":
                     row["within_budget"] = row["peak_bytes"] <= budget

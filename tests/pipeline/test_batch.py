@@ -46,3 +46,20 @@ def test_run_plan_refuses_gpu_attention_and_a_wrong_count():
         run_plan(default_model_path(), tiny_plan(Policy(2, 1, 0.0, "gpu"), 2), [[1], [2]], 2)
     with pytest.raises(MoekitError, match="for 2 sequences, 1 prompts"):
         run_plan(default_model_path(), tiny_plan(Policy(2, 1, 0.0), 2), [[1]], 2)
+
+
+def test_launch_task_seconds_measures_one_task():
+    """The launch-cost probe runs one task of a paged model (positive seconds, the model still
+    decodes the same tokens after it)."""
+    from moekit.pipeline.batch import load_paged
+    from moekit.pipeline.timeline import launch_task_seconds
+
+    model = load_paged(default_model_path(), 2, device="cpu", dtype="float32")
+    seconds = launch_task_seconds(model, micro_batch=2, reps=2, trials=1)
+    assert 0 < seconds < 5
+    prompts = synthetic_prompts(4, 5, 4096, seed=1)
+    plan = tiny_plan(Policy(batch=4, micro_batch=2, resident_share=0.25), gen_len=3)
+    result = run_plan(default_model_path(), plan, prompts, 3, device="cpu", dtype="float32", model=model)
+    expected = generate_ragged(load_model(device="cpu", dtype="float32"), prompts, max_new_tokens=3,
+                               temperature=0.0, stop_at_eos=False)
+    assert result.tokens == [e.tolist() for e in expected]

@@ -320,3 +320,19 @@ def test_measured_expert_rate_raises_the_ffn_term_and_favours_fewer_micro_batche
     compressed = dataclasses.replace(m, form="int4")
     assert decode_layer_time(compressed, h200(expert_bandwidth=1e9), policy, 141).gpu == pytest.approx(
         decode_layer_time(compressed, h200(), policy, 141).gpu)
+
+
+def test_launch_thread_bounds_the_layer_and_favours_fewer_micro_batches():
+    """The launch thread issues N / mu tasks a layer: with a measured host cost per task a layer is
+    no shorter than their sum, and the search moves to fewer, larger micro-batches."""
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    policy = Policy(512, 32, 0.5, "cpu")
+    t = decode_layer_time(m, h200(launch_task_s=3e-3), policy, 141)
+    assert t.launch == pytest.approx(16 * 3e-3) and t.time == pytest.approx(t.launch)
+    assert t.bound == "launch thread"
+    assert decode_layer_time(m, h200(), policy, 141).launch == 0
+    w = Workload(77, 128, num_prompts=512)
+    plans = [search(m, h200(launch_task_s=s), w, device_budget=16 * 2**30, attention=("cpu",)) for s in (None, 3e-3)]
+    assert plans[1].policy.micro_batches <= plans[0].policy.micro_batches
+    assert plans[1].decode_tok_s <= plans[0].decode_tok_s
+    assert plans[1].layer.time >= plans[1].policy.micro_batches * 3e-3 * (1 - 1e-9)

@@ -29,7 +29,9 @@ The last T_cpu term is the host-DRAM contention the paper leaves out (MoE-Lightn
 pinned DMA of the weights reads host memory too, so a layer is no shorter than its streamed bytes
 plus its KV bytes over the rate the host serves the DMA and the CPU together (Machine.host_shared_bandwidth,
 measured with both running; else the CPU's own read rate). The FFN's HBM term reads the experts
-at the grouped kernels' measured rate where known (Machine.expert_bandwidth), not the copy rate. A step is L layers; a generation is a prefill
+at the grouped kernels' measured rate where known (Machine.expert_bandwidth), not the copy rate.
+And the one launch thread issues every (layer, micro-batch) task: a layer is no shorter than
+N / mu times its host seconds per task (Machine.launch_task_s, where measured). A step is L layers; a generation is a prefill
 (all on the GPU, the weights streamed once per layer) and gen_len - 1 decode steps; throughput is
 N * gen_len / (prefill + decode), the paper's metric.
 
@@ -319,6 +321,7 @@ class LayerTime:
     hbm: float
     gpu: float  # T_gpu: its FFN and attention/projection terms, each max(compute, bytes)
     serial: bool = False  # CPU attention over one micro-batch: nothing to overlap it with, CPU and GPU take turns
+    launch: float = 0.0  # the launch thread issuing the layer's (layer, micro-batch) tasks (Machine.launch_task_s)
 
     @property
     def comm(self) -> float:
@@ -330,11 +333,13 @@ class LayerTime:
 
     @property
     def time(self) -> float:
-        return max(self.comm, self.cpu + self.gpu if self.serial else max(self.cpu, self.gpu))
+        return max(self.comm, self.launch, self.cpu + self.gpu if self.serial else max(self.cpu, self.gpu))
 
     @property
     def bound(self) -> str:
         """Returns the resource whose time is the layer's time."""
+        if self.launch > max(self.comm, self.cpu + self.gpu if self.serial else max(self.cpu, self.gpu)):
+            return "launch thread"
         if self.serial and self.cpu + self.gpu >= self.comm:
             return "CPU and GPU in turn (one micro-batch)"
         terms = {"PCIe host-to-device": self.h2d, "PCIe device-to-host": self.d2h,
@@ -382,7 +387,8 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
     # none, and the layer takes both in turn (the roofline max would credit an overlap it lacks)
     return LayerTime(h2d=h2d_bytes / machine.h2d_bandwidth, d2h=d2h_bytes / machine.d2h_bandwidth,
                      host_compute=host_c, cpu_attention_kernel=kernel, host_bandwidth=host_bw,
-                     gpu_compute=gpu_c, hbm=gpu_b, gpu=gpu, serial=policy.attention == "cpu" and n_ub < 2)
+                     gpu_compute=gpu_c, hbm=gpu_b, gpu=gpu, serial=policy.attention == "cpu" and n_ub < 2,
+                     launch=n_ub * (machine.launch_task_s or 0.0) if policy.attention == "cpu" else 0.0)
 
 
 def read_bytes(m: ModelCosts, tokens: float) -> float:

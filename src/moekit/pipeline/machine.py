@@ -28,7 +28,7 @@ from ..errors import MoekitError
 VERSION = 1
 GPU_FIELDS = ("gpu_flops", "gpu_bandwidth", "gpu_memory", "h2d_bandwidth", "d2h_bandwidth")
 HOST_FIELDS = ("host_flops", "host_bandwidth", "host_memory", "cpu_attention_bandwidth")
-SHARED_FIELDS = ("host_shared_bandwidth", "expert_bandwidth")  # optional, measured where both exist
+SHARED_FIELDS = ("host_shared_bandwidth", "expert_bandwidth", "launch_task_s")  # optional, measured where both exist
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class Machine:
     host_shared_bandwidth: float | None = None
     # weight bytes/s the grouped dense expert kernels read at decode (a few tokens an expert; None: gpu_bandwidth)
     expert_bandwidth: float | None = None
+    # host seconds CGOPipe's launch thread takes to issue one (layer, micro-batch) task of the model
+    # planned for (timeline.launch_task_seconds; None: not counted)
+    launch_task_s: float | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:

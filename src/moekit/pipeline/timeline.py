@@ -193,3 +193,50 @@ class StepProfile:
             out["experts_gpu_ms_per_layer"] = [sum(s.get("experts_ms", {}).get(m, 0.0) for s in steps) / len(steps)
                                                for m in expert_layers]
         return out
+
+
+def launch_task_seconds(model, micro_batch: int, reps: int = 8, trials: int = 3) -> float:
+    """Returns the host seconds CGOPipe's launch thread takes to issue one (layer, micro-batch) task
+    of `model` at `micro_batch` sequences: PreAttn, the q/k/v packet and its D2H copy, an attention
+    output's H2D copy, PostAttn (router and experts) on its first MoE layer -- the best of `trials`
+    runs of `reps` tasks, the device drained before each run (so the launch queue never fills and
+    only the host's time counts; on the CPU the compute is the host's too). Issue time is a
+    resource of its own: the HRM bounds a layer by N / mu of it (Machine.launch_task_s)."""
+    from .cgopipe import Streams
+
+    cfg, device, dtype = model.config, model.device, model.dtype
+    index = next((i for i in range(cfg.num_layers) if cfg.moe_layers[i]), 0)
+    layer = model.layers[index]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, micro_batch, cfg.hidden_size, device=device, dtype=dtype, generator=g) * 0.1
+    cos, sin = model.rope(torch.arange(micro_batch, device=device))
+    streams = Streams(device)
+    pin = device.type == "cuda"
+    (hk, dk), (hv, dv) = cfg.kv_cache_dims()
+    packet_host = torch.empty(micro_batch * (cfg.num_heads * cfg.head_dim + hk * dk + hv * dv), dtype=dtype,
+                              pin_memory=pin)
+    out_host = torch.zeros(micro_batch, cfg.num_heads * cfg.head_dim, dtype=dtype, pin_memory=pin)
+
+    def drain() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def task() -> None:
+        q, k, v = layer.pre_attn(x, cos, sin)
+        packet = torch.cat([z[0].transpose(0, 1).reshape(-1) for z in (q, k, v)])
+        streams.to_host(packet, packet_host if pin else None)
+        out, ready = streams.to_device(out_host)
+        streams.wait(ready)
+        layer.post_attn(x, out.view(1, micro_batch, -1))
+
+    best = float("inf")
+    with torch.inference_mode():
+        task()  # kernels built, the layer's experts loaded
+        for _ in range(trials):
+            drain()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                task()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        drain()
+    return best
