@@ -245,3 +245,26 @@ def test_decoded_layer_path_equals_the_per_expert_path(compressed, form, monkeyp
         again = runtime.run(layer, *calls[0])
     assert runtime.layer_decodes == 2
     torch.testing.assert_close(again, want[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", list(FORMS))
+def test_pipelined_with_decoded_layers_agrees_with_the_sequential_engine(compressed, form, monkeypatch):
+    """CGOPipe over compressed pages with the kernels on (Triton interpreter): prefill micro-batches
+    and 10-sequence decode micro-batches (20 routed slots) decode each layer into the workspace
+    once a step and run the grouped dense kernels; greedy tokens against the sequential engine's
+    PyTorch path (high agreement: the kernels sum in another order)."""
+    from conftest import kernel_device
+    from test_cuda import agreement
+
+    if kernel_device() != "cpu":
+        pytest.skip("the CPU run of the kernels (CUDA: test_cuda_pipelined_compressed_agrees_...)")
+    prompts = PROMPTS + [[7, 8, 9], [50, 51], [3] * 5, [90, 2, 2, 2]]
+    want = [t.tolist() for t in moekit.load_model(compressed[form], device="cpu", dtype="float32").generate(
+        prompts, max_new_tokens=3, temperature=0.0, eos_token_ids=(), stop_at_eos=False)]
+    monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+    model = load_model(compressed[form], device="cpu", dtype="float32", experts=PagedLoader(resident=1))
+    got = [t.tolist() for t in generate_pipelined(model, prompts, max_new_tokens=3, micro_batch=10)]
+    runtime = model.expert_runtime
+    assert runtime.layer_decodes >= 3 * len(runtime.layers)  # the prefill and two decode steps, every layer
+    assert agreement(got, want) >= 0.9, f"{got} vs {want}"
