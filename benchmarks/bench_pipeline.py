@@ -179,7 +179,14 @@ def measure_machine(device: torch.device, small: bool, cfg, probes: dict):
     bytes/s at this shape, 32 tokens a call), else the H200 preset (a CPU run only checks that the
     script works). `probes` receives the shared-rate parts and the expert rate at each of
     EXPERT_PROBE_TOKENS."""
-    from moekit.pipeline.machine import PRESETS, Machine, profile_experts, profile_gpu, profile_host, profile_shared
+    from moekit.pipeline.machine import (
+        PRESETS,
+        Machine,
+        profile_experts,
+        profile_gpu,
+        profile_host,
+        profile_shared,
+    )
 
     levels = profile_host(quick=small)
     if device.type == "cuda":

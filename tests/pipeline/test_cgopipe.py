@@ -12,7 +12,12 @@ import torch
 from moekit.errors import MoekitError
 from moekit.generate import generate_ragged
 from moekit.load import load_model
-from moekit.pipeline.cgopipe import NativeAttention, PipelinedDecoder, Streams, generate_pipelined
+from moekit.pipeline.cgopipe import (
+    NativeAttention,
+    PipelinedDecoder,
+    Streams,
+    generate_pipelined,
+)
 
 PROMPTS = [[5, 17, 300, 42, 9, 11, 7], [1000, 3], [77] * 20, [8, 9, 10, 11, 12], [2048, 1, 4095, 31]]
 

@@ -48,7 +48,14 @@ import torch
 from torch import nn
 
 from ..errors import MoekitError
-from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS, DenseForm, StoredForm, Tensors, needs_grad
+from ..experts.forms import (
+    KINDS,
+    SLOT_KERNEL_MAX_SLOTS,
+    DenseForm,
+    StoredForm,
+    Tensors,
+    needs_grad,
+)
 from ..experts.loader import ExpertLoader, LoadContext
 
 PAGE_ALIGN_BYTES = 4096  # a page boundary is a multiple of this many bytes (whole pages of the DMA)
