@@ -298,10 +298,12 @@ class PipelinedDecoder:
         return self.worker.submit(self._attend, layer, mb, host, dims, ready)
 
     @torch.inference_mode()
-    def step(self, work: list[tuple[object, int, int]]) -> torch.Tensor:
+    def step(self, work: list[tuple[object, int, int | None]], tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Returns the logits [N, V] of one decode step over (sequence, position, token) triples:
         each token written at its position of the host cache (blocks grown as needed), the
-        sequences run in micro-batches of `micro_batch` through every layer in CGOPipe's order."""
+        sequences run in micro-batches of `micro_batch` through every layer in CGOPipe's order.
+        `tokens` [N] (on the model's device) gives the tokens instead of the triples: nothing then
+        waits for the device, so a step is issued while the last one still runs."""
         import time
 
         if not work:
@@ -313,8 +315,14 @@ class PipelinedDecoder:
         for at in range(0, len(work), self.micro_batch):
             part = work[at:at + self.micro_batch]
             batch = self.cache.prepare([(seq, position, 1) for seq, position, _ in part])
-            ids = torch.tensor([[token for _, _, token in part]], dtype=torch.long, device=device)
-            cos, sin = model.rope(batch.positions.to(device))
+            if tokens is not None:
+                ids = tokens[at:at + len(part)].view(1, -1)
+            else:
+                ids = torch.tensor([[token for _, _, token in part]], dtype=torch.long, device=device)
+            positions = batch.positions
+            if self.streams.cuda:  # pinned, so that the copy does not wait for the device's queued work
+                positions = positions.pin_memory()
+            cos, sin = model.rope(positions.to(device, non_blocking=True))
             mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin, *self._host_buffers(len(mbs), len(part)),
                                   NativeAttention.of(self.cache, batch, model.config.num_heads, model.dtype)))
         n = len(mbs)
@@ -459,24 +467,30 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     positions = sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths)
     cache = PagedKVCache.for_tokens(model.config, positions, block_size, "cpu", model.dtype)
     logits = prefill_to_host(model, cache, prompts, micro_batch, block_size)
-    outs = [[t] for t in logits.argmax(dim=-1).tolist()]  # one host sync, not one per sequence
+    # the tokens stay on the device (each step embeds the last step's argmax): no step waits for
+    # the device to drain, the next one is issued while the last one's final layers run
+    steps = [logits.argmax(dim=-1)]  # [N] each
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)  # the prefill's end (its time)
     t1 = time.perf_counter()
     if on_step is not None:
         on_step(1)
     decoder = PipelinedDecoder(model, cache, micro_batch, lookahead=lookahead, profile=profile,
                                attention_threads=attention_threads)
     try:
-        for _ in range(max_new_tokens - 1):
-            work = [(i, lengths[i] + len(o) - 1, o[-1]) for i, o in enumerate(outs)]
-            for o, t in zip(outs, decoder.step(work).argmax(dim=-1).tolist()):
-                o.append(t)
+        for s in range(max_new_tokens - 1):
+            work = [(i, lengths[i] + s, None) for i in range(len(prompts))]
+            steps.append(decoder.step(work, tokens=steps[-1]).argmax(dim=-1))
             if on_step is not None:
-                on_step(len(outs[0]))
+                on_step(len(steps))
     finally:
         decoder.close()
+    outs = torch.stack(steps, dim=1).tolist()  # [N, new tokens]: the one host copy of the tokens
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     if stats is not None:
         stats.prompt_tokens, stats.new_tokens = sum(lengths), max_new_tokens
         stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
+    if profile is not None:
+        profile.resolve(model.device)
     return [torch.tensor(o, dtype=torch.long) for o in outs]

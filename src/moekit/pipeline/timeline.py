@@ -94,6 +94,7 @@ class StepProfile:
         self._lock = threading.Lock()
         self._step: dict = {}
         self._events: dict = {}
+        self._unresolved: list[tuple] = []  # CUDA: closed steps whose events are not read yet
 
     # ---- the engine's side ----------------------------------------------------------------------
     def begin(self) -> None:
@@ -128,36 +129,51 @@ class StepProfile:
 
     def end(self, device=None, spans: list | None = None, page_bytes: dict[int, int] | None = None,
             experts: list | None = None) -> None:
-        """Closes the step: waits for the device (profiling only) and turns its events into
-        milliseconds. `spans` are the runtime's (layer, first page start, last page end) events
+        """Closes the step (its events are read by `resolve`, once the device is done: no step waits
+        for it). `spans` are the runtime's (layer, first page start, last page end) events
         of the pages queued in this step, `page_bytes` the bytes a layer's pages carry, `experts`
         the runtime's (layer, start, end) events around each expert call."""
         step = self._step
         step["step_s"] = time.perf_counter() - step["step_s"]
-        if self.cuda:
-            torch.cuda.synchronize(device)
-            start = self._events["start"]
-            ends = [start.elapsed_time(e) for e in self._events["layers"]]
-            step["layer_ms"] = [b - a for a, b in zip([0.0, *ends[:-1]], ends)]
-            step["gpu_end_ms"] = ends[-1] if ends else 0.0
-            loads = [a.elapsed_time(b) for a, b in self._events["loadh"]]
-            step["loadh_ms_mean"] = sum(loads) / len(loads) if loads else 0.0
-            step["loadh_ms_max"] = max(loads, default=0.0)
-            copies = []
-            for layer, a, b in spans or []:
-                ms = a.elapsed_time(b)
-                copies.append({"layer": layer, "start_ms": start.elapsed_time(a), "span_ms": ms,
-                               "gb_s": (page_bytes or {}).get(layer, 0) / ms / 1e6 if ms > 0 else None})
-            step["copies"] = copies
-            per_layer: dict[int, float] = defaultdict(float)
-            for layer, a, b in experts or []:
-                per_layer[layer] += a.elapsed_time(b)
-            step["experts_ms"] = dict(per_layer)
         self.steps.append(step)
+        if self.cuda:  # the events are read once the device is done (resolve): no step waits for it
+            self._unresolved.append((step, self._events, spans, page_bytes, experts))
+
+    def resolve(self, device=None) -> None:
+        """Waits for the device and turns the closed steps' events into milliseconds (summary
+        calls it; an engine may call it earlier, after its own final synchronisation)."""
+        if not self._unresolved:
+            return
+        torch.cuda.synchronize(device)
+        for step, events, spans, page_bytes, experts in self._unresolved:
+            self._resolve_step(step, events, spans, page_bytes, experts)
+        self._unresolved = []
+
+    def _resolve_step(self, step: dict, events: dict, spans, page_bytes, experts) -> None:
+        """Turns one closed step's events into milliseconds (the device done)."""
+        start = events["start"]
+        ends = [start.elapsed_time(e) for e in events["layers"]]
+        step["layer_ms"] = [b - a for a, b in zip([0.0, *ends[:-1]], ends)]
+        step["gpu_end_ms"] = ends[-1] if ends else 0.0
+        loads = [a.elapsed_time(b) for a, b in events["loadh"]]
+        step["loadh_ms_mean"] = sum(loads) / len(loads) if loads else 0.0
+        step["loadh_ms_max"] = max(loads, default=0.0)
+        copies = []
+        for layer, a, b in spans or []:
+            ms = a.elapsed_time(b)
+            copies.append({"layer": layer, "start_ms": start.elapsed_time(a), "span_ms": ms,
+                           "gb_s": (page_bytes or {}).get(layer, 0) / ms / 1e6 if ms > 0 else None})
+        step["copies"] = copies
+        per_layer: dict[int, float] = defaultdict(float)
+        for layer, a, b in experts or []:
+            per_layer[layer] += a.elapsed_time(b)
+        step["experts_ms"] = dict(per_layer)
 
     # ---- the reader's side ----------------------------------------------------------------------
     def summary(self) -> dict:
         """Returns the steps' means (ms per step; per layer lists) and the last step's timeline."""
+        if self._unresolved:
+            self.resolve()
         steps = self.steps[1:] if len(self.steps) > 1 else self.steps
         if not steps:
             return {"steps": 0}
