@@ -22,8 +22,10 @@ page waits on the device for the last expert call of the layer whose buffer it o
 MoE layers back), not for the compute queued since. The lookahead defaults to a whole layer (the
 task launched after PostAttn(i, j) is (i + 1, j)): CPU attention of layer i + 1 then needs only
 layer i's PostAttn of the same micro-batch, so it runs while layer i + 1's pages stream and layer
-i's experts compute; lookahead=2 is the artifact's order. On a CPU-only run every stream is the
-current thread and events are None. `trace` and `profile` (moekit.pipeline.timeline) record the
+i's experts compute; lookahead=2 is the artifact's order. Between steps nothing drains the device:
+generate_pipelined feeds each step the last step's argmax on the device, so step s + 1 is issued
+while step s's last layers run. On a CPU-only run every stream is the current thread and events
+are None. `trace` and `profile` (moekit.pipeline.timeline) record the
 issue order and where the time goes.
 
 Shapes: N sequences of a step, mu per micro-batch, D hidden, H query heads, Hkv kv heads,
