@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 -m moekit generate "def fib(n):" --parallel ep=2
     torchrun --nproc-per-node 4 -m moekit generate "def fib(n):" --parallel ep=2,tp=2
     torchrun --nproc-per-node 2 -m moekit generate "def fib(n):" --parallel tp=2,ep=tp
+    torchrun --nproc-per-node 2 -m moekit generate "def fib(n):" --parallel ep=2 --offload --device-memory 12GB
 
 N x M ranks form a grid (parallel.tensor): each row of M ranks splits the attention heads and
 dense MLPs, each column of N ranks splits the routed experts; `ep=tp` has the same M ranks split the
@@ -78,7 +79,8 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
                    help="run over N x M processes started by torchrun (rank 0 prints): ep=N splits the routed "
                         "experts over N ranks, tp=M the attention heads and MLP widths over M (vLLM's tensor "
                         "parallel); torchrun --nproc-per-node N*M -m moekit generate ... --parallel ep=N,tp=M; "
-                        "tp=M,ep=tp: the same M ranks split the heads and (by id) the experts; "
+                        "tp=M,ep=tp: the same M ranks split the heads and (by id) the experts; with --offload "
+                        "(ep=N only) each rank offloads its own shard of the experts under --device-memory; "
                         f"timeout=S: seconds a rank waits for the others (default {DEFAULT_TIMEOUT_S:g})")
 
 
