@@ -373,6 +373,7 @@ def rank_main(rank: int, port: int, args: argparse.Namespace, deadline: float, f
         if rank == 0:
             results["meta"]["ranks"] = RANKS
             results["meta"]["ceilings"] = {"hbm_bytes_per_s": HBM_BYTES_PER_S, "bf16_flop_per_s": BF16_FLOP_PER_S}
+            write_json(results, args.out, NAME)  # before any row: a death in the first one is resumed too
     estimate: dict[str, float] = {}
     for shape, mode, budget in row_plan(args)[first_row:]:
         name = row_name(shape, mode)
