@@ -344,7 +344,11 @@ class ParallelRuntime(ExpertParallelRuntime):
             return None
         from ..generate import _GraphedDecode
 
-        return _GraphedDecode(model, cache, token, position)
+        try:
+            return _GraphedDecode(model, cache, token, position)
+        except RuntimeError:  # an expert form that syncs with the host (as generate falls back): in pieces;
+            torch.cuda.synchronize()  # every rank fails alike (the same model), so all fall back together
+            return None
 
 
 class ParallelLoader(ExpertParallelLoader):
