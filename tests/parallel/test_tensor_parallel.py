@@ -247,3 +247,28 @@ def test_silent_rank_stops_the_all_reduce_with_a_message(tiny, ep, tp, who):
     assert isinstance(waiting, RankError), waiting
     assert f"{who}: the attention all-reduce of layer 0 failed" in waiting
     assert "the collective timeout is 3 s" in waiting
+
+
+# ---- 2 GPUs (NCCL) ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_ranks_equal_one_process_with_cuda_graphs(tiny):
+    """ep=2, tp=2 and tp=2,ep=tp on cuda:0 and cuda:1 (NCCL, float32): greedy tokens equal one CPU
+    process's; decode is captured whole under tp=2 (NCCL all-reduces in the graph) and in pieces
+    around the expert exchanges otherwise."""
+    cases = [_case(tiny, "mixtral", 2, 1), _case(tiny, "mixtral", 1, 2), _case(tiny, "qwen2_moe", 2, 2, over=True)]
+    ids = token_ids(2, 5, seed=3)
+    for case in cases:
+        case.update(ids=ids, new_tokens=NEW_TOKENS, load={"dtype": "float32"})
+    results = run_ranks(2, grid_cases, cases, timeout_s=120.0, join_s=600.0, backend="nccl")
+    graphs = {"mixtral_2x1": "piecewise", "mixtral_1x2": "whole", "qwen2_moe_ep=tp2": "piecewise"}
+    for case in cases:
+        expected = moekit.load_model(case["path"]).generate(ids, max_new_tokens=NEW_TOKENS, temperature=0,
+                                                            eos_token_ids=())
+        for result in results:
+            got = result[case["name"]]
+            assert not isinstance(got, RankError), got
+            assert torch.equal(got["tokens"], expected), (case["name"], got["tokens"], expected)
+            assert got["graph"] == graphs[case["name"]]
+

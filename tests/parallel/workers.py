@@ -101,14 +101,22 @@ def grid_cases(comm, cases: list[dict]) -> dict:
             if shape not in grids:
                 grids[shape] = ParallelGroups.create(comm, *shape)
             model = load_parallel(case["path"], grids[shape], **case.get("load", {}))
-            ids = case["ids"]
+            from moekit.generate import GenerationStats
+
+            ids = case["ids"].to(model.device)
             with torch.no_grad():
                 logits = model(ids)
-            tokens = model.generate(ids, max_new_tokens=case["new_tokens"], temperature=0, eos_token_ids=())
+            stats = GenerationStats()
+            tokens = model.generate(ids, max_new_tokens=case["new_tokens"], temperature=0, eos_token_ids=(),
+                                    stats=stats)
             ragged = (model.generate([ids[0, :2], ids[1]], max_new_tokens=case["new_tokens"], temperature=0,
                                      eos_token_ids=()) if case.get("ragged") else None)  # a paged KV cache
             experts = [m for m in model.modules() if hasattr(m, "form") and hasattr(m, "layer")]
+            if ragged is not None:
+                ragged = [t.cpu() for t in ragged]
+            tokens, logits = tokens.cpu(), logits.cpu()  # NCCL ranks (GPU tests) hand back CPU tensors
             out[case["name"]] = {"tokens": tokens, "logits": logits, "report": model.expert_runtime.report(),
+                                 "graph": stats.extra.get("graph", "whole" if stats.cuda_graph else "eager"),
                                  "heads": model.config.num_heads, "kv_heads": model.config.num_kv_heads,
                                  "expert_ffn": experts[0].form.ffn if experts else None,
                                  "local": {m.layer: m.local for m in experts if hasattr(m, "local")},
