@@ -263,3 +263,115 @@ def code_reference(x: torch.Tensor, jobs: list[Job], table: torch.Tensor) -> tor
     d = x.shape[1]
     ffn = jobs[0][0][2].shape[0] // 2 if jobs else 0
     return reference(x, [(weight(g, d), weight(dn, ffn), t, w) for g, dn, t, w in jobs])
+
+
+# ---- one token's layer inside the native decode step (decode.py) ---------------------------------
+
+class _DecodeExpertsPlan(ctypes.Structure):
+    """compressed.cpp's DecodeExperts: one layer's stored tensors as (address, bytes per expert),
+    and the buffers of one token's call."""
+
+    _fields_ = [("form", ctypes.c_int32), ("bits", ctypes.c_int32), ("permuted", ctypes.c_int32),
+                ("word_bytes", ctypes.c_int32), ("D", ctypes.c_int64), ("I", ctypes.c_int64),
+                ("groups", ctypes.c_int64 * 2), ("tensors", ctypes.c_int64), ("base", ctypes.c_int64 * 12),
+                ("stride", ctypes.c_int64 * 12), ("sizes", ctypes.c_int64 * 6), ("table", ctypes.c_void_p),
+                ("masks", ctypes.c_void_p), ("lengths", ctypes.c_void_p), ("xf", ctypes.c_void_p),
+                ("h", ctypes.c_void_p), ("h_floats", ctypes.c_int64), ("accs", ctypes.c_void_p),
+                ("outf", ctypes.c_void_p), ("ptrs", ctypes.c_void_p), ("job_sizes", ctypes.c_void_p),
+                ("tok_start", ctypes.c_void_p), ("tok", ctypes.c_void_p)]
+
+
+def _declare_decode(lib: ctypes.CDLL) -> None:
+    vp = ctypes.c_void_p
+    lib.moekit_compressed_moe_decode.argtypes = [vp, vp, vp, vp, ctypes.c_int64, vp, ctypes.c_int]
+    lib.moekit_compressed_moe_decode.restype = ctypes.c_int
+
+
+register_declarations(_declare_decode)
+
+_INT_KINDS = (("qweight", (torch.int32,)), ("scale", (torch.float16,)), ("zero", (torch.uint8,)))
+_CODE_KINDS = (("codewords", (torch.uint8, torch.int16)), ("starts", (torch.int16, torch.int32)),
+               ("row_chunks", (torch.uint8, torch.int16, torch.int32)), ("block_offsets", (torch.int32,)),
+               ("lo", (torch.float16,)), ("hi", (torch.float16,)))
+
+
+def _stored(experts) -> tuple[int, list[torch.Tensor]] | str:
+    """Returns (form code 1 int-N / 2 ternary code, the stacked tensors in the kernels' ptrs order)
+    of resident CompressedExperts, or why the decode step cannot read them."""
+    from ..quant.formats import IntForm, TernaryCodeForm
+
+    form = type(experts.form)
+    if form is IntForm and experts.bits in INT_BITS:
+        code, kinds = 1, _INT_KINDS
+    elif form is TernaryCodeForm:
+        code, kinds = 2, _CODE_KINDS
+    else:
+        return f"compressed experts of form {experts.form.name}"
+    stored = experts.stored()
+    tensors = [stored[f"{kind}.{name}"] for kind in ("gate_up", "down") for name, _ in kinds]
+    dtypes = [d for _, d in kinds] * 2
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in d for t, d in zip(tensors, dtypes)):
+        return "compressed expert tensors that are not contiguous CPU tensors of the kernels' dtypes"
+    if code == 2 and (tensors[0].dtype != tensors[6].dtype or stored["code_table"].dtype != torch.int32):
+        return "a ternary code whose gate_up and down codewords differ in dtype, or a table that is not int32"
+    if max(experts.hidden, experts.ffn) > MAX_ROW:
+        return f"compressed experts wider than {MAX_ROW}"
+    return code, tensors
+
+
+def decode_unsupported(experts) -> str | None:
+    """Returns why DecodeExperts cannot run this layer's CompressedExperts, or None."""
+    got = _stored(experts)
+    return got if isinstance(got, str) else None
+
+
+class DecodeExperts:
+    """One layer's resident CompressedExperts for one token of the native decode step: the plan
+    compressed.cpp's moekit_compressed_moe_decode reads (`plan`, its address `address`), with its
+    buffers for top_k experts. The call is the one int_ffn / code_ffn make for one token (same jobs,
+    same order, same float x), so the bits agree with CompressedExperts.forward on the CPU."""
+
+    def __init__(self, experts, top_k: int, threads: int):
+        got = _stored(experts)
+        if isinstance(got, str):
+            raise ValueError(f"the native decode step cannot read these experts: {got}")
+        form, tensors = got
+        d, ffn = experts.hidden, experts.ffn
+        plan = self.plan = _DecodeExpertsPlan(form=form, D=d, I=ffn, tensors=len(tensors))
+        for i, t in enumerate(tensors):
+            plan.base[i], plan.stride[i] = t.data_ptr(), t.stride(0) * t.element_size()
+        self.keep: list[torch.Tensor] = list(tensors)
+        if form == 1:
+            bits = plan.bits = experts.bits
+            per_word = 32 // bits
+            groups = (tensors[1].shape[2], tensors[4].shape[2])
+            plan.groups[0], plan.groups[1] = groups
+            permuted = all(p == 1 or -(-cols // p) % per_word == 0 for p, cols in zip(groups, (d, ffn)))
+            plan.permuted = int(permuted)
+            width = lambda n: -(-n // per_word) * per_word  # noqa: E731 -- floats of a permuted row
+            x_floats, h_floats = (width(d), top_k * width(ffn)) if permuted else (d, top_k * ffn)
+            plan.h_floats = h_floats if permuted else 0
+        else:
+            table = experts.stored()["code_table"].contiguous()
+            masks, lengths = code_masks(table)
+            self.keep += [table, masks, lengths]
+            plan.table, plan.masks, plan.lengths = table.data_ptr(), masks.data_ptr(), lengths.data_ptr()
+            plan.word_bytes = tensors[0].element_size()
+            for k, (words, starts, row_chunks) in enumerate(((tensors[0], tensors[1], tensors[2]),
+                                                              (tensors[6], tensors[7], tensors[8]))):
+                plan.sizes[3 * k:3 * k + 3] = (words.shape[2], starts.element_size(), row_chunks.element_size())
+            x_floats, h_floats = d + CODE_PAD, top_k * ffn + CODE_PAD
+        plan.xf = self._buffer(x_floats, torch.float32)
+        plan.h = self._buffer(h_floats, torch.float32)
+        plan.accs = self._buffer(threads * acc_stride(1), torch.float32)
+        plan.outf = self._buffer(d, torch.float32)
+        plan.ptrs = self._buffer(top_k * len(tensors), torch.int64)
+        plan.job_sizes = self._buffer(top_k * 6, torch.int64)
+        plan.tok_start = self._buffer(top_k + 1, torch.int32)
+        plan.tok = self._buffer(top_k, torch.int32)
+        self.address = ctypes.addressof(plan)
+
+    def _buffer(self, n: int, dtype: torch.dtype) -> int:
+        with torch.inference_mode(False):
+            self.keep.append(torch.zeros(max(n, 1), dtype=dtype))  # zeros: the code's pad past x reads as 0
+        return self.keep[-1].data_ptr()

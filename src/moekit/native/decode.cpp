@@ -252,6 +252,8 @@ int moekit_moe_decode_bf16(const uint16_t* x, const uint16_t* gate_up, const uin
 
 int moekit_matvec_bf16(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* out, int64_t M,
                                   int64_t N, int64_t K, float* xf, int threads);
+int moekit_compressed_moe_decode(const void* plan, const uint16_t* x, const int64_t* ids, const float* w,
+                                 int64_t A, uint16_t* out, int threads);
 
 // One layer's weights and buffers (decode.py's _LayerPlan mirrors it field for field).
 struct LayerPlan {
@@ -276,6 +278,7 @@ struct LayerPlan {
   float* weights;            // [A]
   float* acc;                // max(A*I, D)
   uint16_t* act;             // [A, I]
+  const void* compressed;    // null (bf16 experts: gate_up, down) or compressed.cpp's DecodeExperts
 };
 
 // The model's shapes, its non-layer weights and the step's buffers (decode.py's _StepPlan).
@@ -318,8 +321,11 @@ int moekit_decode_step_bf16(const StepPlan* p, int64_t token, int64_t position) 
     moekit_add_rmsnorm_bf16(p->x, p->delta, l.post_norm, D, p->eps, p->normed);
     rc |= moekit_matvec_bf16(p->normed, l.wr, l.br, l.router, 1, l.experts, D, p->xf, p->threads);
     rc |= moekit_route_softmax_bf16(l.router, l.experts, l.top_k, p->norm_topk, l.ids, l.weights);
-    rc |= moekit_moe_decode_bf16(p->normed, l.gate_up, l.down, l.ids, l.weights, l.top_k, D, l.ffn, l.acc, l.act,
-                                 p->delta, p->threads);
+    if (l.compressed != nullptr)  // int-N or ternary code experts (compressed.cpp), decoded in the matvec
+      rc |= moekit_compressed_moe_decode(l.compressed, p->normed, l.ids, l.weights, l.top_k, p->delta, p->threads);
+    else
+      rc |= moekit_moe_decode_bf16(p->normed, l.gate_up, l.down, l.ids, l.weights, l.top_k, D, l.ffn, l.acc, l.act,
+                                   p->delta, p->threads);
   }
   if (rc != 0) return rc;
   moekit_add_rmsnorm_bf16(p->x, p->delta, p->final_norm, D, p->eps, p->normed);

@@ -14,7 +14,9 @@ router + top-k, and the routed experts (read expert by expert; decode.cpp says w
 
 What it covers (`unsupported` names the first thing it does not): bf16 weights, batch 1, a dense
 KVCache, grouped-query attention without sinks, latent attention, clipping or a sliding window,
-RMSNorm, MoE layers with softmax top-k routing, resident SwiGLU experts and no shared expert,
+RMSNorm, MoE layers with softmax top-k routing, resident SwiGLU experts (bf16, or compressed:
+int-N or the ternary code, run by compressed.cpp's kernels as CompressedExperts runs them on the
+CPU, so the same bits for the same input and routing) and no shared expert,
 no forward hooks, no expert placement (offload). Everything else decodes through model.forward.
 Results agree with model.forward to bf16 rounding (tests/native/test_cpu_decode.py).
 
@@ -30,6 +32,7 @@ import os
 import torch
 
 from . import library, register_declarations
+from .compressed import DecodeExperts
 from .matvec import MAX_ROWS  # noqa: F401 -- loads matvec's declarations with this module
 
 
@@ -62,7 +65,8 @@ class _LayerPlan(ctypes.Structure):
     _fields_ = [("in_norm", _P), ("post_norm", _P), ("wqkv", _P), ("bqkv", _P), ("q_norm", _P), ("k_norm", _P),
                 ("q_scale", ctypes.c_float), ("k_cache", _P), ("v_cache", _P), ("wo", _P), ("bo", _P), ("wr", _P),
                 ("br", _P), ("experts", ctypes.c_int64), ("top_k", ctypes.c_int64), ("ffn", ctypes.c_int64),
-                ("gate_up", _P), ("down", _P), ("router", _P), ("ids", _P), ("weights", _P), ("acc", _P), ("act", _P)]
+                ("gate_up", _P), ("down", _P), ("router", _P), ("ids", _P), ("weights", _P), ("acc", _P), ("act", _P),
+                ("compressed", _P)]
 
 
 class _StepPlan(ctypes.Structure):
@@ -86,6 +90,8 @@ def unsupported(model, cache) -> str | None:
     from ..experts.resident import ResidentExperts
     from ..kv_cache import KVCache
     from ..linear import Linear
+    from ..quant.formats import CompressedExperts
+    from .compressed import decode_unsupported
 
     cfg = model.config
     if os.environ.get("MOEKIT_CPU_DECODE", "1") == "0":
@@ -118,12 +124,19 @@ def unsupported(model, cache) -> str | None:
         attn, mlp = layer.attn, layer.mlp
         if (not _is(layer, "DecoderLayer") or not _is(attn, "Attention") or not _is(mlp, "MoEBlock")
                 or not _is(layer.input_norm, "RMSNorm") or not _is(layer.post_norm, "RMSNorm")
-                or type(mlp.experts) is not ResidentExperts or mlp.skip_below > 0 or mlp.score_bias is not None):
+                or type(mlp.experts) not in (ResidentExperts, CompressedExperts) or mlp.skip_below > 0
+                or mlp.score_bias is not None):
             return "a layer that is not grouped-query attention + softmax-routed resident experts"
         linears = (attn.qkv, attn.o_proj, mlp.router)
         if any(type(m) is not Linear for m in linears):
             return "a projection that is not moekit.linear.Linear"
-        tensors = [m.weight for m in linears] + [mlp.experts.gate_up, mlp.experts.down]
+        tensors = [m.weight for m in linears]
+        if type(mlp.experts) is CompressedExperts:  # int-N or the ternary code (compressed.cpp)
+            why = decode_unsupported(mlp.experts)
+            if why is not None:
+                return why
+        else:
+            tensors += [mlp.experts.gate_up, mlp.experts.down]
         tensors += [m.bias for m in linears if m.bias is not None]
         if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in tensors):
             return "weights that are not contiguous bf16"
@@ -152,6 +165,8 @@ class CpuDecodeStep:
         return None if unsupported(model, cache) is not None else cls(model, cache)
 
     def __init__(self, model, cache):
+        from ..quant.formats import CompressedExperts
+
         cfg = model.config
         self.lib = library()
         self.model, self.cache, self.cfg = model, cache, cfg
@@ -174,6 +189,7 @@ class CpuDecodeStep:
             self.logits = torch.empty(1, cfg.vocab_size, dtype=bf)
             self.xf = torch.empty(max(d, h * dh), dtype=torch.float32)  # matvec's portable path
             self.keep: list[torch.Tensor] = []  # buffers and float biases the pointers below point into
+            self.compressed: list = []  # compressed layers' DecodeExperts (their ctypes plans must stay alive)
             normed, delta = self.normed.data_ptr(), self.delta.data_ptr()
             scale = dh ** -0.5  # Attention folds a non-default softmax scale into q (q_scale)
             self.layers = []
@@ -183,8 +199,16 @@ class CpuDecodeStep:
                 top_k = mlp.top_k
                 router = self._buffer(e.num_experts, bf)  # router logits [E]
                 ids, weights = self._buffer(top_k, torch.long), self._buffer(top_k, torch.float32)  # [A]
-                acc = self._buffer(max(top_k * e.ffn, d), torch.float32)  # the expert kernel's accumulators
-                act = self._buffer(top_k * e.ffn, bf)  # [A, I] activations
+                compressed = None
+                if type(e) is CompressedExperts:  # its own plan and buffers (compressed.cpp)
+                    compressed = DecodeExperts(e, top_k, threads)
+                    self.keep.extend(compressed.keep)
+                    self.compressed.append(compressed)
+                    acc = act = gate_up = down = None
+                else:
+                    acc = self._buffer(max(top_k * e.ffn, d), torch.float32)  # the expert kernel's accumulators
+                    act = self._buffer(top_k * e.ffn, bf)  # [A, I] activations
+                    gate_up, down = e.gate_up.data_ptr(), e.down.data_ptr()
                 keys, values = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
                 q_norm = _ptr(None if attn.q_norm is None else attn.q_norm.weight)
                 k_norm = _ptr(None if attn.k_norm is None else attn.k_norm.weight)
@@ -199,8 +223,8 @@ class CpuDecodeStep:
                     layer.post_norm.weight.data_ptr(),
                     self._matvec_args(mlp.router, normed, router),
                     (router, e.num_experts, top_k, int(bool(cfg.norm_topk_prob)), ids, weights),
-                    (normed, e.gate_up.data_ptr(), e.down.data_ptr(), ids, weights, top_k, d, e.ffn, acc, act, delta,
-                     threads),
+                    (normed, gate_up, down, ids, weights, top_k, d, e.ffn, acc, act, delta, threads),
+                    None if compressed is None else (compressed.address, normed, ids, weights, top_k, delta, threads),
                 ))
             self.final_norm = model.norm.weight.data_ptr()
             self.lm_head = self._matvec_args(model.lm_head, normed, self.logits.data_ptr())
@@ -210,7 +234,7 @@ class CpuDecodeStep:
         """Returns the whole step's arguments as decode.cpp's StepPlan (the pieces' own, in one struct)."""
         cfg = model.config
         layers = (_LayerPlan * len(self.layers))()
-        for plan, (in_norm, qkv, qkv_rope, cache, _, _, o_proj, post_norm, router, route, experts) in zip(
+        for plan, (in_norm, qkv, qkv_rope, cache, _, _, o_proj, post_norm, router, route, experts, compressed) in zip(
                 layers, self.layers):
             plan.in_norm, plan.post_norm = in_norm, post_norm
             plan.wqkv, plan.bqkv = qkv[1], qkv[2]
@@ -220,6 +244,7 @@ class CpuDecodeStep:
             plan.wr, plan.br, plan.router = router[1], router[2], router[3]
             plan.experts, plan.top_k, plan.ids, plan.weights = route[1], route[2], route[4], route[5]
             plan.gate_up, plan.down, plan.ffn, plan.acc, plan.act = experts[1], experts[2], experts[7], experts[8], experts[9]
+            plan.compressed = None if compressed is None else compressed[0]
         self.keep_plan = layers
         d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         return _StepPlan(
@@ -278,7 +303,7 @@ class CpuDecodeStep:
             self.x.copy_(self.model.embed.weight[token])
         matvec, add_norm = lib.moekit_matvec_bf16, lib.moekit_add_rmsnorm_bf16
         for i, (in_norm, qkv, qkv_rope, cache, attn, attn_rest, o_proj, post_norm, router, route,
-                experts) in enumerate(self.layers):
+                experts, compressed) in enumerate(self.layers):
             if i == 0:
                 lib.moekit_rmsnorm_bf16(x, in_norm, d, eps, normed)
             else:  # the previous layer's experts' output joins the residual stream first
@@ -290,7 +315,10 @@ class CpuDecodeStep:
             add_norm(x, delta, post_norm, d, eps, normed)
             matvec(*router)
             lib.moekit_route_softmax_bf16(*route)
-            lib.moekit_moe_decode_bf16(*experts)
+            if compressed is not None:
+                lib.moekit_compressed_moe_decode(*compressed)
+            else:
+                lib.moekit_moe_decode_bf16(*experts)
         add_norm(x, delta, self.final_norm, d, eps, normed)
         matvec(*self.lm_head)
         return self.logits
