@@ -334,7 +334,7 @@ class DecodeExperts:
     def __init__(self, experts, top_k: int, threads: int):
         got = _stored(experts)
         if isinstance(got, str):
-            raise ValueError(f"the native decode step cannot read these experts: {got}")
+            raise ValueError(f"the native decode step cannot read these experts: {got}")  # noqa: TRY004 -- unsupported values, not a wrong type
         form, tensors = got
         d, ffn = experts.hidden, experts.ffn
         plan = self.plan = _DecodeExpertsPlan(form=form, D=d, I=ffn, tensors=len(tensors))
@@ -348,8 +348,9 @@ class DecodeExperts:
             plan.groups[0], plan.groups[1] = groups
             permuted = all(p == 1 or -(-cols // p) % per_word == 0 for p, cols in zip(groups, (d, ffn)))
             plan.permuted = int(permuted)
-            width = lambda n: -(-n // per_word) * per_word  # noqa: E731 -- floats of a permuted row
-            x_floats, h_floats = (width(d), top_k * width(ffn)) if permuted else (d, top_k * ffn)
+            x_floats, h_floats = d, top_k * ffn
+            if permuted:  # rows of whole words
+                x_floats, h_floats = -(-d // per_word) * per_word, top_k * -(-ffn // per_word) * per_word
             plan.h_floats = h_floats if permuted else 0
         else:
             table = experts.stored()["code_table"].contiguous()
