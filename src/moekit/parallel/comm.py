@@ -55,8 +55,19 @@ class ExpertComm:
         return ExpertComm(dist.get_rank(), dist.get_world_size(), device, timeout_s, None, owns)
 
     def close(self) -> None:
-        """Destroys the default group if from_env created it."""
+        """Destroys the default group if from_env created it, after a barrier (bounded by the
+        timeout), so that no rank tears its connections down while another still uses them: a CI
+        run once saw a gloo rank abort at exit ("terminate called without an active exception")
+        under heavy load, not reproduced since."""
         if self.owns_group and dist.is_initialized():
+            try:
+                work = dist.barrier(async_op=True)
+                if self.device.type == "cuda":
+                    work.wait()
+                else:
+                    work.wait(timedelta(seconds=self.timeout_s))
+            except (RuntimeError, TimeoutError):  # a rank already gone: nothing left to protect
+                pass
             dist.destroy_process_group()
             self.owns_group = False
 
