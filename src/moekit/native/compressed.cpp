@@ -182,7 +182,28 @@ struct IntRows {
     constexpr int PER_WORD = 32 / BITS;
     constexpr uint32_t MASK = (1u << BITS) - 1;
     vf total = {};
-    for (int64_t w = 0; w < words; w += V) {
+    int64_t w = 0;
+    for (; w + 2 * V <= words; w += 2 * V) {  // two blocks side by side: two independent chains of FMAs
+      const int64_t g0 = w / group_words, g1 = (w + V) / group_words;
+      vu q0, q1;
+      std::memcpy(&q0, u + w, sizeof(q0));
+      std::memcpy(&q1, u + w + V, sizeof(q1));
+      const vf z0 = vf{} + static_cast<float>(zero[g0]), sc0 = vf{} + half_to_float(scale[g0]);
+      const vf z1 = vf{} + static_cast<float>(zero[g1]), sc1 = vf{} + half_to_float(scale[g1]);
+      vf y0 = {}, y1 = {};
+      for (int i = 0; i < PER_WORD; ++i) {
+        vf x0, x1;
+        std::memcpy(&x0, x + i * words + w, sizeof(x0));
+        std::memcpy(&x1, x + i * words + w + V, sizeof(x1));
+        const vi c0 = reinterpret_cast<vi>((q0 >> (i * BITS)) & MASK);
+        const vi c1 = reinterpret_cast<vi>((q1 >> (i * BITS)) & MASK);
+        y0 += (__builtin_convertvector(c0, vf) - z0) * x0;
+        y1 += (__builtin_convertvector(c1, vf) - z1) * x1;
+      }
+      total += sc0 * y0;  // in block order, as one block at a time adds them
+      total += sc1 * y1;
+    }
+    for (; w < words; w += V) {
       const int64_t g = w / group_words;
       vu q;
       std::memcpy(&q, u + w, sizeof(q));
