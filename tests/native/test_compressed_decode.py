@@ -129,3 +129,25 @@ def test_generate_uses_it(compressed, monkeypatch, form):
     assert stats.extra["native_cpu_step"] is False
     # bf16 rounding of attention in another order may flip a near-tie, after which the continuations differ
     assert torch.equal(native_tokens[:, :4], eager_tokens[:, :4])
+
+
+@pytest.mark.parametrize("bits,d,ffn,groups", [(4, 512, 256, (4, 2)), (4, 384, 256, (3, 1)), (4, 256, 128, (1, 1)),
+                                               (2, 512, 256, (2, 1)), (8, 512, 128, (8, 2))])
+def test_int_one_token_whole_block_groups(bits, d, ffn, groups):
+    """Groups of whole 16-word blocks (int4 g128 as compress writes it): compressed.cpp's block path
+    (pairs of blocks, an odd last block) against the form's dequantize + matmul."""
+    import moekit.native.compressed as nc
+    from moekit.quant.grids import pack_codes
+
+    g = torch.Generator().manual_seed(bits * d + ffn)
+
+    def matrix(rows: int, cols: int, p: int):
+        codes = torch.randint(0, 1 << bits, (rows, cols), generator=g)
+        scale = (torch.rand(rows, p, generator=g) * 0.02 + 0.001).to(torch.float16)
+        zero = torch.randint(0, 1 << bits, (rows, p), generator=g).to(torch.uint8)
+        return pack_codes(codes, bits).contiguous(), scale, zero
+
+    jobs = [(matrix(2 * ffn, d, groups[0]), matrix(d, ffn, groups[1]), [0], [w]) for w in (0.5, 1.5, -0.25)]
+    x = torch.randn(1, d, generator=g)
+    out, expected = nc.int_ffn(x, jobs, bits, threads=2), nc.int_reference(x, jobs, bits)
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-7
