@@ -16,7 +16,11 @@ flip a near-tie; the count of equal leading tokens is reported).
         --llama-bench /tmp/lcpp/llama.cpp/build-cpu/bin/llama-bench --gguf bf16=/dev/shm/model4.gguf,Q4_K_M=/tmp/mk4/q4km.gguf
     # smoke (seconds): a tiny random checkpoint written and compressed here, moekit only
     PYTHONPATH=src .venv/bin/python benchmarks/probes/bench_cpu_compressed.py --tiny --rounds 2 --out /tmp/bcc
-Forms missing from --compressed are compressed (RTN) into --work first (olmoe-4-layers: int4 ~100 s here).
+Forms missing from --compressed are compressed (RTN) into --work first (olmoe-4-layers: int4 ~100 s here;
+the ternary code over 10 min on these 2 cores, unfinished: --compress-device cuda where there is a GPU).
+The H200 host (16 cores; its GPU only compresses), moekit alone, ~5 min (a guess: not run there):
+    PYTHONPATH=src python3 benchmarks/probes/bench_cpu_compressed.py --shape olmoe-4-layers --forms int4,ternary \
+        --work /dev/shm/bcc --out $OUT
 """
 
 from __future__ import annotations
@@ -129,6 +133,8 @@ def tiny_checkpoint(work: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bf16", default="", help="the bf16 checkpoint folder")
+    parser.add_argument("--shape", default="", help="instead of --bf16: write bench_llamacpp's random checkpoint of "
+                        "this shape (e.g. olmoe-4-layers) into --work")
     parser.add_argument("--compressed", default="", help="form=folder,... of moekit compressed copies of --bf16")
     parser.add_argument("--forms", default="int4,ternary", help="the compressed forms to run (missing ones are made)")
     parser.add_argument("--work", default="/tmp/bench_cpu_compressed")
@@ -147,7 +153,19 @@ def main() -> int:
     torch.set_num_threads(threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    bf16 = tiny_checkpoint(work) if args.tiny else Path(args.bf16)
+    if args.tiny:
+        bf16 = tiny_checkpoint(work)
+    elif args.shape:
+        from bench_llamacpp import SHAPES
+        from random_checkpoint import write_random_checkpoint
+
+        make, kwargs = SHAPES[args.shape]
+        bf16 = work / args.shape
+        if not (bf16 / "config.json").exists():
+            write_random_checkpoint(bf16, make(**kwargs), torch.device(args.compress_device),
+                                    tokenizer_from=moekit.default_model_path())
+    else:
+        bf16 = Path(args.bf16)
     paths = {k: Path(v) for k, v in pairs(args.compressed).items()}
     results: dict = {"meta": common.run_meta(args, "cpu"), "threads": threads, "made": {}}
     for form in [f for f in args.forms.split(",") if f]:
