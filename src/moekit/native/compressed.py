@@ -289,6 +289,7 @@ def _declare_decode(lib: ctypes.CDLL) -> None:
 
 register_declarations(_declare_decode)
 
+NATIVE_INT, NATIVE_CODE = 1, 2  # a CompressedForm's NATIVE_FORM: the stored layout the decode step reads
 _INT_KINDS = (("qweight", (torch.int32,)), ("scale", (torch.float16,)), ("zero", (torch.uint8,)))
 _CODE_KINDS = (("codewords", (torch.uint8, torch.int16)), ("starts", (torch.int16, torch.int32)),
                ("row_chunks", (torch.uint8, torch.int16, torch.int32)), ("block_offsets", (torch.int32,)),
@@ -298,12 +299,10 @@ _CODE_KINDS = (("codewords", (torch.uint8, torch.int16)), ("starts", (torch.int1
 def _stored(experts) -> tuple[int, list[torch.Tensor]] | str:
     """Returns (form code 1 int-N / 2 ternary code, the stacked tensors in the kernels' ptrs order)
     of resident CompressedExperts, or why the decode step cannot read them."""
-    from ..quant.formats import IntForm, TernaryCodeForm
-
-    form = type(experts.form)
-    if form is IntForm and experts.bits in INT_BITS:
+    form = getattr(experts.form, "NATIVE_FORM", 0)  # the form says what it is (no import of quant.formats here)
+    if form == NATIVE_INT and experts.bits in INT_BITS:
         code, kinds = 1, _INT_KINDS
-    elif form is TernaryCodeForm:
+    elif form == NATIVE_CODE:
         code, kinds = 2, _CODE_KINDS
     else:
         return f"compressed experts of form {experts.form.name}"

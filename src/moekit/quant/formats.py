@@ -53,6 +53,7 @@ class CompressedForm(StoredForm):
     ROW_TENSORS: tuple[str, ...] = ()  # the suffixes whose shape is [E, R, ...] (one entry per row)
     SHARED: tuple[str, ...] = ()  # per-layer tensors (tables)
     bits: int | None = None  # code width of the int form (None: the ternary code)
+    NATIVE_FORM = 0  # the layout the native CPU decode step reads (native.compressed.NATIVE_*); 0: none
     why_not_in_place = "its kernels read cache slots, not host memory in place"
 
     @property
@@ -147,6 +148,7 @@ class IntForm(CompressedForm):
     """Experts as packed 2/3/4-bit affine codes with a float16 scale and uint8 zero per group."""
 
     STORED = ROW_TENSORS = ("qweight", "scale", "zero")
+    NATIVE_FORM = 1  # native.compressed.NATIVE_INT: the native decode step reads this layout
 
     def __init__(self, hidden, ffn, layer_specs, layer_tables, bits: int):
         super().__init__(hidden, ffn, layer_specs, layer_tables)
@@ -173,6 +175,7 @@ class TernaryCodeForm(CompressedForm):
     """Ternary experts in the sub-1-bit dictionary code, decoded inside the matmul."""
 
     name = TERNARY_CODE
+    NATIVE_FORM = 2  # native.compressed.NATIVE_CODE
     STORED = ("codewords", "starts", "row_chunks", "block_offsets", "lo", "hi")
     ROW_TENSORS = ("row_chunks", "lo", "hi")
     SHARED = ("code_table",)
