@@ -26,6 +26,45 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _attend_run(q_ptr, k_ptr, v_ptr, table_ptr, b, kvh, lo, hi, lowest, scale,
+                stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb,
+                GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Returns (m, l, acc) of the GROUP query heads of kv head kvh of sequence b over the cached
+    positions [lo, hi) at or past `lowest`: the running max [G], sum of p [G] and unnormalized
+    sum of p * v [G, Dh] (-inf, 0, 0 for an empty run). Table entries past hi are never read (a
+    static step leaves stale ones there)."""
+    g = tl.arange(0, BLOCK_G)  # [G]
+    d = tl.arange(0, BLOCK_D)  # [Dh]
+    heads = kvh * GROUP + g
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # [G, Dh]
+    m_i = tl.zeros((BLOCK_G,), dtype=tl.float32) - float("inf")
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    p_in_chunk = tl.arange(0, BLOCK_N)  # [N]
+    for first in range(lo, hi, BLOCK_N):
+        pos = first + p_in_chunk
+        pos_ok = (pos < hi) & (pos >= lowest)
+        block_id = tl.load(table_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)  # [N]
+        offs = (block_id[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_kp + kvh * stride_kh
+                + d[None, :])
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [G]
+        p = tl.exp(s - m_new[:, None])  # [G, N]
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, Dh]
+        m_i = m_new
+    return m_i, l_i, acc
+
+
 # WINDOW (0 without a window) and the table stride (the longest table of the step, in blocks)
 # change between steps: runtime values, not specialized (a value of 1 or a multiple of 16 would
 # otherwise compile a variant of its own mid-run)
@@ -41,41 +80,18 @@ def paged_decode_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
-    g = tl.arange(0, BLOCK_G)  # [G]
-    d = tl.arange(0, BLOCK_D)  # [Dh]
-    heads = kvh * GROUP + g
-    g_ok = g < GROUP
-    d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # [G, Dh]
-    m_i = tl.zeros((BLOCK_G,), dtype=tl.float32) - float("inf")
-    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     lowest = 0
     if SLIDING:
         lowest = tl.maximum(ctx - WINDOW, 0)
-    p_in_chunk = tl.arange(0, BLOCK_N)  # [N]
-    for first in range((lowest // BLOCK_SIZE) * BLOCK_SIZE, ctx, BLOCK_N):
-        pos = first + p_in_chunk
-        pos_ok = (pos < ctx) & (pos >= lowest)
-        # table entries past the context are never read (a static step leaves stale ones there)
-        block_id = tl.load(table_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)  # [N]
-        offs = (block_id[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_kp + kvh * stride_kh
-                + d[None, :])
-        kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
-        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [G]
-        p = tl.exp(s - m_new[:, None])  # [G, N]
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, Dh]
-        m_i = m_new
+    m_i, l_i, acc = _attend_run(q_ptr, k_ptr, v_ptr, table_ptr, b, kvh, (lowest // BLOCK_SIZE) * BLOCK_SIZE, ctx,
+                                lowest, scale, stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb,
+                                GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+             out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit(do_not_specialize=["WINDOW", "stride_tb"])
@@ -98,43 +114,20 @@ def paged_decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
-    g = tl.arange(0, BLOCK_G)  # [G]
-    d = tl.arange(0, BLOCK_D)  # [Dh]
-    heads = kvh * GROUP + g
-    g_ok = g < GROUP
-    d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # [G, Dh]
-    m_i = tl.zeros((BLOCK_G,), dtype=tl.float32) - float("inf")
-    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     lowest = 0
     if SLIDING:
         lowest = tl.maximum(ctx - WINDOW, 0)
     begin = (lowest // BLOCK_SIZE) * BLOCK_SIZE
     run = tl.cdiv(tl.cdiv(ctx - begin, SPLITS), BLOCK_N) * BLOCK_N
     lo = begin + split * run
-    hi = tl.minimum(lo + run, ctx)
-    p_in_chunk = tl.arange(0, BLOCK_N)  # [N]
-    for first in range(lo, hi, BLOCK_N):
-        pos = first + p_in_chunk
-        pos_ok = (pos < hi) & (pos >= lowest)
-        block_id = tl.load(table_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)  # [N]
-        offs = (block_id[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_kp + kvh * stride_kh
-                + d[None, :])
-        kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
-        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [G]
-        p = tl.exp(s - m_new[:, None])  # [G, N]
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, Dh]
-        m_i = m_new
-    row = (b * NUM_HEADS + heads) * SPLITS + split  # [G]
-    tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    m_i, l_i, acc = _attend_run(q_ptr, k_ptr, v_ptr, table_ptr, b, kvh, lo, tl.minimum(lo + run, ctx), lowest, scale,
+                                stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb,
+                                GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    row = (b * NUM_HEADS + kvh * GROUP + g) * SPLITS + split  # [G]
+    tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None] & (d < HEAD_DIM)[None, :])
     tl.store(m_ptr + row, m_i, mask=g_ok)
     tl.store(l_ptr + row, l_i, mask=g_ok)
 
