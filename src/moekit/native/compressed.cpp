@@ -142,6 +142,23 @@ struct IntRows {
   // Row . x for one vector x in the permuted layout, decoding in registers (the decode step's
   // case): for 16 words at a time, y = sum over lanes i of (code_i - zero) * x_i, then scale * y;
   // each lane's codes are one shift and mask of the 16 words.
+  // One block of V words at word w: sum over lanes i of (code_i - z) * x_i (unscaled).
+  template <int BITS>
+  static inline vf block_sum(const uint32_t* u, vf z, const float* x, int64_t w, int64_t words) {
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr uint32_t MASK = (1u << BITS) - 1;
+    vu q;
+    std::memcpy(&q, u + w, sizeof(q));
+    vf y = {};
+    for (int i = 0; i < PER_WORD; ++i) {
+      vf xv;
+      std::memcpy(&xv, x + i * words + w, sizeof(xv));
+      const vi c = reinterpret_cast<vi>((q >> (i * BITS)) & MASK);
+      y += (__builtin_convertvector(c, vf) - z) * xv;
+    }
+    return y;
+  }
+
   template <int BITS>
   static float dot_one(const uint32_t* u, const float* ws, const float* wz, const float* x, int64_t words) {
     constexpr int PER_WORD = 32 / BITS;
@@ -149,18 +166,10 @@ struct IntRows {
     vf total = {};
     int64_t w = 0;
     for (; w + V <= words; w += V) {
-      vu q;
-      vf z, sc, y = {};
-      std::memcpy(&q, u + w, sizeof(q));
+      vf z, sc;
       std::memcpy(&z, wz + w, sizeof(z));
       std::memcpy(&sc, ws + w, sizeof(sc));
-      for (int i = 0; i < PER_WORD; ++i) {
-        vf xv;
-        std::memcpy(&xv, x + i * words + w, sizeof(xv));
-        const vi c = reinterpret_cast<vi>((q >> (i * BITS)) & MASK);
-        y += (__builtin_convertvector(c, vf) - z) * xv;
-      }
-      total += sc * y;
+      total += sc * block_sum<BITS>(u, z, x, w, words);
     }
     float acc = 0.f;
     for (int l = 0; l < V; ++l) acc += total[l];
@@ -205,17 +214,8 @@ struct IntRows {
     }
     for (; w < words; w += V) {
       const int64_t g = w / group_words;
-      vu q;
-      std::memcpy(&q, u + w, sizeof(q));
       const vf z = vf{} + static_cast<float>(zero[g]), sc = vf{} + half_to_float(scale[g]);
-      vf y = {};
-      for (int i = 0; i < PER_WORD; ++i) {
-        vf xv;
-        std::memcpy(&xv, x + i * words + w, sizeof(xv));
-        const vi c = reinterpret_cast<vi>((q >> (i * BITS)) & MASK);
-        y += (__builtin_convertvector(c, vf) - z) * xv;
-      }
-      total += sc * y;
+      total += sc * block_sum<BITS>(u, z, x, w, words);
     }
     float acc = 0.f;
     for (int l = 0; l < V; ++l) acc += total[l];
