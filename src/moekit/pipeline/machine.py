@@ -181,18 +181,8 @@ def profile_gpu(device: str = "cuda") -> dict[str, float]:
     pinned copies both ways (a few seconds)."""
     import torch
 
-    def timed(fn, reps: int = 5) -> float:
-        fn()
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        best = float("inf")
-        for _ in range(reps):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        return best
+    def timed(fn) -> float:
+        return _gpu_best(fn, device, 5)
 
     n = 8192
     mats = [torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2)]
@@ -274,17 +264,25 @@ def profile_experts(hidden: int, ffn: int, experts: int, top_k: int, tokens: int
     def call() -> None:
         triton_ops.grouped_expert_ffn(x, ids, weights, gate_up, down)
 
-    call()
+    return touched * 3 * hidden * ffn * 2 / _gpu_best(call, device, reps)
+
+
+def _gpu_best(fn, device: str, reps: int) -> float:
+    """Returns the fastest of `reps` timed calls of fn on the device (seconds; CUDA events), after one
+    untimed call."""
+    import torch
+
+    fn()
     torch.cuda.synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
     for _ in range(reps):
         start.record()
-        call()
+        fn()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3)
-    return touched * 3 * hidden * ffn * 2 / best
+    return best
 
 
 def cache_path() -> Path:
