@@ -322,6 +322,28 @@ def median_token_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm(dim=-1) / expected.norm(dim=-1)).median().item()
 
 
+def cpu_step_logits_by_threads(model, threads=(1, 2)) -> list[torch.Tensor]:
+    """Returns the native CPU decode step's logits of three tokens after a 12-token prefill, once per
+    thread count (moekit.native.decode.CpuDecodeStep): equal bits are what the step promises."""
+    from moekit.kv_cache import KVCache
+    from moekit.native.decode import CpuDecodeStep
+
+    ids = token_ids(1, 12)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            cache = KVCache(model.config, 1, 20, "cpu", torch.bfloat16)
+            with torch.inference_mode():
+                model(ids, cache=cache, start=0)
+                step = CpuDecodeStep(model, cache)
+                results.append(torch.cat([step(t, 12 + i).clone() for i, t in enumerate((3, 9, 4))]))
+    finally:
+        torch.set_num_threads(old)
+    return results
+
+
 def pytest_report_header(config):
     # the reference's version decides some expected values (apply_swiglu_config): name it in every log
     return f"reference: transformers {transformers.__version__}, torch {torch.__version__}"

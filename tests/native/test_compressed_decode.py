@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_error, token_ids
+from conftest import cpu_step_logits_by_threads, rel_error, token_ids
 
 import moekit
 from moekit import native
@@ -100,19 +100,7 @@ def test_step_matches_forward_and_its_pieces(compressed, variant, form):
 
 def test_same_bits_any_thread_count(compressed):
     model = compressed("olmoe", "ternary")
-    ids = token_ids(1, 12)
-    results = []
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            cache = KVCache(model.config, 1, 20, "cpu", torch.bfloat16)
-            with torch.inference_mode():
-                model(ids, cache=cache, start=0)
-                step = CpuDecodeStep(model, cache)
-                results.append(torch.cat([step(t, 12 + i).clone() for i, t in enumerate((3, 9, 4))]))
-    finally:
-        torch.set_num_threads(old)
+    results = cpu_step_logits_by_threads(model)
     assert torch.equal(results[0], results[1])
 
 
