@@ -156,10 +156,11 @@ def slot_tiles(files: dict) -> str:
 # ---- bench_budget.json (issue 11) ---------------------------------------------------------------------
 
 BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
-                 "bench_budget_rerun8.json")  # 2026-12-01: the command line's 8% row
+                 "bench_budget_rerun8.json",  # 2026-12-01: the command line's 8% row
+                 "bench_budget_rerun_ternary.json")  # 2026-12-01 (703262a): the command line's ternary rows
 BUDGET_SHAPES = {  # bench_budget.py --shape S: the other shapes of issue 11, files in the order they ran
-    "mixtral-8x7b-8l": ("bench_budget_mixtral.json", "bench_budget_mixtral2.json"),
-    "qwen3-30b-a3b-24l": ("bench_budget_qwen3.json",),
+    "mixtral-8x7b-8l": ("bench_budget_mixtral.json", "bench_budget_mixtral2.json", "bench_budget_mixtral3.json"),
+    "qwen3-30b-a3b-24l": ("bench_budget_qwen3.json", "bench_budget_qwen3_8.json"),
 }
 
 
