@@ -470,6 +470,26 @@ def serve(files: dict) -> str:
                  rows)
 
 
+def families(files: dict) -> str:
+    """The new families' shapes (bench_families.py): moekit against transformers' experts
+    implementations and each row's bound, as the run's own table lists them."""
+    res = files["bench_families.json"]
+
+    def num(v, unit):
+        if v is None:
+            return "-"
+        text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+        return f"{text} {unit}".rstrip()
+
+    rows = []
+    for r in res["table"]:
+        pct = r.get("pct_of_ceiling")
+        rows.append([r["shape"], r["engine"], r["metric"], num(r.get("measured"), r.get("unit", "")),
+                     num(r.get("ceiling"), r.get("unit", "")), f"{pct:.0f}%" if pct is not None else "-",
+                     f"{r['x_baseline']:.1f}x" if r.get("x_baseline") else "", r.get("note", "")])
+    return table(["shape", "engine", "metric", "measured", "ceiling", "% of ceiling", "x baseline", "note"], rows)
+
+
 def pipeline(files: dict) -> str:
     """The batch pipeline benchmark: each row's end-to-end tok/s next to the HRM's prediction, the
     PCIe and CPU-attention ceilings and the allocator peak against the budget."""
@@ -505,6 +525,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "cpu_kernel": (LLAMA_FILES, cpu_kernel),
     "offload_headline": (OFFLOAD_FILES, offload_headline),
     "serve": (("bench_serve.json",), serve),
+    "families": (("bench_families.json",), families),
     "pipeline": (("bench_pipeline.json",), pipeline),
     "offload_latest": (("bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json"), offload_latest),
 }
