@@ -25,9 +25,32 @@ B=1/8/32/128, one pass against flash-decoding splits (~3; `decode_attention`, it
 Whatever is left when the budget runs out is written as {"skipped": why}; the JSON is rewritten
 after every phase, so a killed run still leaves every finished row.
 
+The qwen3-30b-a3b shape (48 layers, 128 experts top-8, hidden 2048, expert ffn 768; 61.06 GB bf16)
+is not written: 61 GB on a 64 GB disk, read by moekit and again by transformers, passes a 600 s
+call. --weights auto (the default) draws every shape over --disk-max-gb 20 on the GPU instead
+(serve_weights.py: moekit reads a RandomCheckpoint, resident and offloaded; transformers is built
+by from_config with its own random init; the JSON's `weights` says which). Its H200 run, alone, alternative rows off (~220 s expected; a 330 s call):
+
+    MOEKIT_GIT_COMMIT=<commit> PYTHONPATH=src python3 benchmarks/bench_serve.py --out $OUT \
+        --shapes qwen3-30b-a3b --time-budget-s 280 --hf-max-s 12 \
+        --alt-no-overlap --alt-eager-mixed --alt-prefill-cap 0
+
+Expected H200 seconds per phase, scaled from the OLMoE run above by what bounds each one (B=1
+decode steps by the layer count: bench_offload's qwen3 GPU-only step 3.8 ms against OLMoE's 1.43,
+x2.7; full batches by the expert bytes a step reads, 58 / 12.9 GB, x4.5): imports + CUDA init 3;
+load (drawn: ~55k tensors drawn on the GPU, no read) ~5 + warm-up (captures x3 the layers) ~30;
+served C=1 3, C=8 4, C=32 7, C=128 18; static rows 4 + 3 + 5 + 10; decode attention 3;
+transformers: from_config ~1 (5.17 built a 31 GB DeepSeek shape in 0.7 s), each of the 4 batches
+at most --hf-max-s 12 + its prefill, ~56; offloaded 25% (15.3 GB): setup ~55
+(offload_setup_estimate_s: the 58 GB pinned host store, drawn on the GPU and copied expert by
+expert, then the fit and warm-up), C=1 (2 requests, bench_offload's 77.6 tok/s at 25%) ~10. The
+pinned store fits the H200 host's 128 GB (bench_offload pinned the same 58 GB there); a host with
+less available memory skips the offloaded rows with the reason in the JSON.
+
 For each shape (random bf16 weights: routing is near-uniform, fine for speed):
-  1. write a random checkpoint and load it resident; one Scheduler for every row (its KV cache
-     holds max(C) whole requests, its decode buckets are captured before anything is timed);
+  1. write a random checkpoint (or draw the weights, see above) and load it resident; one
+     Scheduler for every row (its KV cache holds max(C) whole requests, its decode buckets are
+     captured before anything is timed);
   2. per concurrency C: a closed loop of max(--min-requests, --requests-per-slot x C) requests
      through moekit.serve.Scheduler (in process, no HTTP), C in flight at once: output tok/s,
      time to first token and inter-token latency p50/p99 (from each request's token times);
@@ -52,6 +75,7 @@ Goals printed under the table: at C=32 >= 70% of the static decode at B=32 and >
 transformers; at C=1 inter-token latency within 10% of static batch-1 decode.
 
     PYTHONPATH=src python3 benchmarks/bench_serve.py --small --device cpu --out /tmp/bs  # a smoke run anywhere
+    (add --weights drawn for the no-disk path; tests/test_bench_serve.py runs both)
 
 Shapes: C = concurrency, T = prompt tokens, M = new tokens per request.
 """
@@ -72,7 +96,16 @@ from typing import Any
 import common  # also puts src/ on sys.path when moekit is not importable
 import torch
 from common import free_memory, log, sync
-from random_checkpoint import olmoe_hf_config, write_random_checkpoint
+from random_checkpoint import olmoe_hf_config
+from serve_weights import (
+    WEIGHT_MODES,
+    ServeWeights,
+    prepare_weights,
+    shape_bytes,
+    transformers_padded,
+    transformers_setup,
+    weights_mode,
+)
 
 import moekit
 from moekit.serve import SamplingParams, Scheduler, SchedulerConfig
@@ -292,43 +325,33 @@ def attention_splits(cfg, device: torch.device, batches: list[int], lo: int, hi:
     return out
 
 
-def load_transformers(folder: Path, device: torch.device):
-    """Returns the checkpoint as a transformers model on `device` (straight there where accelerate
-    is installed: no second copy through host memory)."""
-    import importlib.util
-
-    import transformers
-
-    direct = device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
-                                                           **({"device_map": str(device)} if direct else {}))
-    return hf.to(device).eval()
+HOST_SHARE = 0.85  # of the host's available memory the offloaded rows' pinned store may take
 
 
-def transformers_padded(hf, prompts: list[list[int]], batch: int, new_tokens: int, device,
-                        max_batches: int, max_time_s: float) -> dict[str, Any]:
-    """Returns transformers' output tok/s on prompts left-padded into static batches of `batch`
-    (prefill included, as a server would see it); each generate stops after max_time_s."""
-    import transformers
+def routed_expert_bytes(cfg) -> int:
+    """Returns the bf16 bytes of every routed expert (what the offloaded host store holds)."""
+    per_expert = 3 * cfg.hidden_size * cfg.expert_ffn * 2  # gate, up [I, D] and down [D, I]
+    return per_expert * sum(cfg.experts_in(layer) for layer in range(cfg.num_layers))
 
-    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                        eos_token_id=None, pad_token_id=0, max_time=max_time_s)
-    tokens, wall, short = 0, 0.0, 0
-    for b in range(0, min(len(prompts), batch * max_batches), batch):
-        group = prompts[b:b + batch]
-        width = max(len(p) for p in group)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, generation_config=gen)
-        sync(device)
-        wall += time.perf_counter() - t0
-        tokens += (out.shape[1] - width) * len(group)
-        short += out.shape[1] - width < new_tokens
-    return {"batch": batch, "output_tokens": tokens, "wall_s": round(wall, 3), "output_tok_s": tokens / wall,
-            "stopped_by_max_time": short, "max_time_s": max_time_s}
+
+def offload_setup_estimate_s(experts_bytes: int) -> float:
+    """Returns the H200 seconds the offloaded setup is expected to take (load, fit, warm-up): 12 s
+    plus 0.75 s per GB of experts pinned in host memory. Fitted to two runs: OLMoE's 12.9 GB of
+    experts read from disk took 22.3 s (f472762), the qwen3 shape's 58 GB store drawn on the GPU
+    and copied into pinned memory 31.4 s in bench_offload (7e43795), plus its fit and warm-up."""
+    return 12.0 + 0.75 * experts_bytes / 1e9
+
+
+def available_host_bytes() -> int | None:
+    """Returns the host's MemAvailable (/proc/meminfo) in bytes, None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class Bench:
@@ -369,16 +392,22 @@ class Bench:
         a, device = self.args, self.device
         hf = SHAPES[name](a.small)
         res = self.results["shapes"][name] = {}
-        t0 = time.perf_counter()
-        folder, cfg, nbytes = write_random_checkpoint(root / name, hf, device)
-        res["checkpoint_bytes"], res["checkpoint_write_s"] = nbytes, round(time.perf_counter() - t0, 1)
-        log(f"{name}: wrote {nbytes / 1e9:.2f} GB in {res['checkpoint_write_s']} s")
+        mode = weights_mode(a.weights, shape_bytes(hf), a.disk_max_gb)
+        weights = prepare_weights(hf, mode, root, name, device)
+        cfg, nbytes = weights.cfg, weights.nbytes
+        res["weights"] = weights.describe()
+        res["checkpoint_bytes"] = nbytes
+        if mode == "disk":
+            res["checkpoint_write_s"] = weights.write_s
+            log(f"{name}: wrote {nbytes / 1e9:.2f} GB in {weights.write_s} s")
+        else:
+            log(f"{name}: {nbytes / 1e9:.2f} GB drawn on {device} by each engine, nothing written")
         requests = {c: max(a.min_requests, a.requests_per_slot * c) for c in a.concurrency}
         prompts = {c: prompts_for(requests[c], a.min_len, a.max_len, cfg.vocab_size, seed=c) for c in a.concurrency}
         for c in a.concurrency:
             res[f"c{c}"] = {}
-        self.resident(name, folder, cfg, res, prompts)
-        self.transformers(folder, res, prompts)
+        self.resident(name, weights, res, prompts)
+        self.transformers(weights, res, prompts)
         for c in a.concurrency:
             r = res[f"c{c}"]
             served, static, theirs = (r.get(k, {}) for k in ("moekit_serve", "moekit_static", "transformers"))
@@ -394,13 +423,14 @@ class Bench:
                                       r.get("moekit_static", {}).get("decode_tok_s"),
                                       r.get("moekit_static", {}).get("itl_s"), None, alt.get("steady_tok_s")])
         if a.offload_fraction > 0:
-            self.offloaded(name, folder, cfg, nbytes, res)
+            self.offloaded(name, weights, res)
 
-    def resident(self, name: str, folder: Path, cfg, res: dict, prompts: dict[int, list[list[int]]]) -> None:
+    def resident(self, name: str, weights: ServeWeights, res: dict, prompts: dict[int, list[list[int]]]) -> None:
         """The scheduler and the static-batch decode at each concurrency, all weights resident."""
-        a, device = self.args, self.device
+        a, device, cfg = self.args, self.device, weights.cfg
         t0 = time.perf_counter()
-        model = moekit.load_model(folder, device=device, dtype="bfloat16")
+        model = moekit.load_model(weights.moekit_source(), device=device, dtype="bfloat16")
+        load_s = time.perf_counter() - t0
         # one scheduler for every row: its KV cache holds max(C) full requests (no preemption) and
         # its decode buckets are captured once, before any timed step
         top = max(a.concurrency)
@@ -413,7 +443,8 @@ class Bench:
         buckets = warmed["buckets"]
         warm = prompts_for(2, a.min_len, a.max_len, cfg.vocab_size, seed=0)
         serve_closed_loop(sched, warm, 2, 4)  # first calls of the rest: sampling, the allocator
-        res["resident_setup"] = {"load_and_warm_s": round(time.perf_counter() - t0, 1), "buckets": buckets,
+        res["resident_setup"] = {"load_and_warm_s": round(time.perf_counter() - t0, 1), "load_s": round(load_s, 1),
+                                 "buckets": buckets,
                                  "warm_step_tokens": warmed["step_tokens"], "kv_cache_bytes": sched.cache.bytes,
                                  "warm_triton_compiles": compiles_since(variants0), **attention_backends()}
         log(f"{name}: loaded, warmed and captured {buckets} in {res['resident_setup']['load_and_warm_s']} s")
@@ -465,8 +496,8 @@ class Bench:
         out = serve_closed_loop(sched, prompts, concurrency, a.new_tokens, self.deadline - a.reserve_s)
         return {**out, "warm_s": round(warm_s, 2), "mixed_buckets": warmed["mixed_buckets"] if warmed else None}
 
-    def transformers(self, folder: Path, res: dict, prompts: dict[int, list[list[int]]]) -> None:
-        """transformers generate at each concurrency (one model load for all)."""
+    def transformers(self, weights: ServeWeights, res: dict, prompts: dict[int, list[list[int]]]) -> None:
+        """transformers generate at each concurrency (one model load, or build from the config, for all)."""
         a, device = self.args, self.device
         batches = [c for c in a.concurrency if c <= a.hf_max_batch]
         for c in a.concurrency:
@@ -475,8 +506,13 @@ class Bench:
         if not batches:
             return
         holder: dict[str, Any] = {}
-        self.phase(res, "transformers_load", lambda: {"ok": bool(holder.setdefault("hf", load_transformers(folder, device)))},
-                   min_s=a.reserve_s + 10)
+
+        def load() -> dict:
+            holder["hf"] = weights.transformers_model()
+            return {"ok": True, "source": "from_pretrained" if weights.mode == "disk" else "from_config",
+                    **transformers_setup(holder["hf"])}
+
+        self.phase(res, "transformers_load", load, min_s=a.reserve_s + 10)
         for c in batches:
             row = res[f"c{c}"]
             if "hf" not in holder:
@@ -489,21 +525,32 @@ class Bench:
         holder.clear()
         free_memory(device)
 
-    def offloaded(self, name: str, folder: Path, cfg, nbytes: int, res: dict) -> None:
+    def offloaded(self, name: str, weights: ServeWeights, res: dict) -> None:
         from moekit.offload import OffloadConfig, load_offloaded
 
-        a, device = self.args, self.device
-        if self.left_s() < a.reserve_s + 30:  # its load alone takes ~20 s on the H200
-            res["offload"] = {"skipped": f"--time-budget-s {a.time_budget_s:.0f}: {self.left_s():.0f} s left"}
-            log(f"offloaded rows skipped: {res['offload']['skipped']}")
+        a, device, cfg, nbytes = self.args, self.device, weights.cfg, weights.nbytes
+        experts_bytes = routed_expert_bytes(cfg)
+        setup_s = offload_setup_estimate_s(experts_bytes)
+        host_free = available_host_bytes()
+        why = None
+        if self.left_s() < a.reserve_s + max(30.0, setup_s):
+            why = f"--time-budget-s {a.time_budget_s:.0f}: {self.left_s():.0f} s left, its setup ~{setup_s:.0f} s"
+        elif device.type == "cuda" and host_free is not None and experts_bytes > HOST_SHARE * host_free:
+            # on a GPU the store pins every expert in host memory (offload.store.HostStore)
+            why = (f"the pinned host store needs {experts_bytes / 1e9:.1f} GB, over {HOST_SHARE:.0%} of the "
+                   f"{host_free / 1e9:.1f} GB of host memory available")
+        if why:
+            res["offload"] = {"skipped": why}
+            log(f"offloaded rows skipped: {why}")
             return
+        res["offload_setup_estimate_s"] = round(setup_s, 1)
         # tiny shapes are all activations and workspace: the smoke run gives a fixed 32 MB instead
         budget = 32 << 20 if a.small else int(a.offload_fraction * nbytes)
         res["offload_budget_bytes"] = budget
         if device.type == "cuda":  # what earlier phases left allocated counts in the peak below: name it
             res["allocated_before_offload_load_bytes"] = torch.cuda.memory_allocated(device)
         t0 = time.perf_counter()
-        model = load_offloaded(folder, device=device, dtype="bfloat16",
+        model = load_offloaded(weights.moekit_source(), device=device, dtype="bfloat16",
                                offload=OffloadConfig(device_memory=budget, context_tokens=a.max_len + a.new_tokens))
         warm = prompts_for(2, a.min_len, a.max_len, cfg.vocab_size, seed=0)
         serve_closed_loop(Scheduler(model, SchedulerConfig(max_seqs=2, kv_tokens=2 * (a.max_len + a.new_tokens),
@@ -654,16 +701,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reserve-s", type=float, default=8.0,
                    help="seconds kept back from the budget for freeing memory, the table and the JSON")
     p.add_argument("--tmpdir", default=None, help="where the random checkpoints go (default: system temp)")
+    p.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
+                   help="disk: write a random checkpoint, read by moekit and transformers; drawn: nothing written, "
+                        "moekit draws its weights on the device (RandomCheckpoint), transformers builds its own "
+                        "(from_config); auto (default): drawn for shapes over --disk-max-gb")
+    p.add_argument("--disk-max-gb", type=float, default=20.0,
+                   help="the largest shape (bf16 GB) --weights auto writes to disk (default 20: OLMoE's 13.8 is "
+                        "written, qwen3-30b-a3b's 61 is drawn)")
     args = p.parse_args(argv)
     if args.small:  # keep a CPU smoke run to seconds
         args.concurrency = [c for c in args.concurrency if c <= 8] or [1]
         args.offload_concurrency = [c for c in args.offload_concurrency if c <= 8] or [1]
         args.min_len, args.max_len, args.new_tokens = 4, 24, 8
         args.static_prompt_len = 14
-        args.alt_concurrency = [c for c in args.alt_concurrency if c <= 8] or [8]
-        args.alt_no_overlap = [c for c in args.alt_no_overlap if c <= 8] or [1]
-        args.alt_eager_mixed = [c for c in args.alt_eager_mixed if c <= 8] or [8]
-        args.alt_prefill_cap_at = [c for c in args.alt_prefill_cap_at if c <= 8] or [8]
+        # an empty list (no such rows) stays empty; one whose concurrencies are all too large gets a small one
+        args.alt_concurrency = [c for c in args.alt_concurrency if c <= 8] or [8][:len(args.alt_concurrency)]
+        args.alt_no_overlap = [c for c in args.alt_no_overlap if c <= 8] or [1][:len(args.alt_no_overlap)]
+        args.alt_eager_mixed = [c for c in args.alt_eager_mixed if c <= 8] or [8][:len(args.alt_eager_mixed)]
+        args.alt_prefill_cap_at = [c for c in args.alt_prefill_cap_at if c <= 8] or [8][:len(args.alt_prefill_cap_at)]
         args.alt_prefill_cap = min(args.alt_prefill_cap, 8)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; give --device cpu (with --small for a smoke run)")
