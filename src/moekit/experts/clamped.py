@@ -13,9 +13,10 @@ into this form's layout. The released checkpoints store the two matrices in MXFP
 gate/up interleaved): Mxfp4ClampedForm keeps those bytes everywhere (resident, host store, GPU
 cache) and decodes a matrix when it multiplies. `moekit compress` turns either into a compressed
 form (int-N or the ternary code) wrapped by BiasedCompressedForm, which keeps the biases and the
-clamped SwiGLU around the compressed matrices. All these forms run in PyTorch only (no fused
-kernel applies the biases, the clamp or the MXFP4 decode yet): resident and offloaded with fetched
-misses; CPU and in-place misses are refused.
+clamped SwiGLU around the compressed matrices. On a GPU the MXFP4 and dense forms run through
+Triton kernels (experts.clamped_ops: per-slot for a few slots, grouped above; MXFP4 decoded in
+registers), resident and from an offload cache's slab; the CPU, autograd and BiasedCompressedForm
+run in PyTorch. CPU and in-place misses are refused.
 
 Shapes: N = tokens, D = hidden, I = expert ffn width, n = tokens of one expert.
 One expert, dense:  gate_up [2I, D], down [D, I], gate_up_bias [2I], down_bias [D].
@@ -30,15 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from . import triton_ops
-from .forms import KINDS, SLOT_KERNEL_MAX_SLOTS, StoredForm, experts_prefix
+from .forms import KINDS, StoredForm, experts_prefix
 
 try:
-    import triton
-
-    from ..kernels.mxfp4_slots import mxfp4_slot_down_kernel, mxfp4_slot_gate_up_kernel
-except ImportError:  # CPU machines without triton decode MXFP4 in PyTorch
-    triton = None
+    from . import clamped_ops
+except ImportError:  # CPU machines without triton run every call in PyTorch
+    clamped_ops = None
 
 NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")
 BIASES = ("gate_up_bias", "down_bias")
@@ -142,6 +140,12 @@ class ClampedSwigluForm(StoredForm):
         """Returns the (gate_up, down) matrices; the biases are not part of them."""
         return tuple(stacked[kind].to(dtype) for kind in KINDS)  # type: ignore[return-value]
 
+    def fused(self, x, rows, weights, stacked, offsets=None):
+        # GPUs: the kernels read each weight once in its stored format (MXFP4 decoded in registers), no host sync
+        if offsets is not None or not slot_kernels_run(x):
+            return None
+        return clamped_ops.clamped_expert_ffn(x, rows, weights, stacked, self.alpha, self.limit)
+
 
 class Mxfp4ClampedForm(ClampedSwigluForm):
     """gpt-oss's experts with both matrices kept in MXFP4 (biases in `dtype`), decoded as they multiply."""
@@ -190,48 +194,20 @@ class Mxfp4ClampedForm(ClampedSwigluForm):
         """Returns the decoded (gate_up, down) matrices; the biases are not part of them."""
         return tuple(decode_mxfp4(stacked[k + "_blocks"], stacked[k + "_scales"], dtype) for k in KINDS)  # type: ignore[return-value]
 
-    def fused(self, x, rows, weights, stacked, offsets=None):
-        # decode steps on a GPU: the per-slot kernels decode each byte in place (no host sync)
-        if offsets is not None or rows.numel() > SLOT_KERNEL_MAX_SLOTS or not slot_kernels_run(x):
-            return None
-        return mxfp4_slot_ffn(x, rows, weights, stacked, self.alpha, self.limit)
-
 
 def slot_kernels_run(x: torch.Tensor) -> bool:
-    """Returns whether few-slot calls on x take the MXFP4 slot kernels: CUDA tensors only (the CPU
-    decodes in PyTorch; tests patch this to run the GPU's branch under the Triton interpreter)."""
-    return triton is not None and x.is_cuda
+    """Returns whether calls on x take the kernels: CUDA tensors only (the CPU runs PyTorch; tests
+    patch this to run the GPU's branch under the Triton interpreter)."""
+    return clamped_ops is not None and x.is_cuda
 
 
 def mxfp4_slot_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, stacked: dict,
-                   alpha: float, limit: float, block_n: int = 16, block_k: int = 64) -> torch.Tensor:
-    """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for MXFP4 gpt-oss experts,
-    through the per-slot kernels (moekit.kernels.mxfp4_slots; CUDA, or the CPU under
-    TRITON_INTERPRET=1). x [N, D]; expert_ids, weights [N, A]; stacked as Mxfp4ClampedForm stores it."""
-    if not triton_ops.triton_usable(x):
-        raise RuntimeError("the MXFP4 slot kernels need CUDA or TRITON_INTERPRET=1")
-    n, top_k = expert_ids.shape
-    gate_blocks, down_blocks = stacked["gate_up_blocks"], stacked["down_blocks"]
-    two_ffn, hidden = gate_blocks.shape[1], down_blocks.shape[1]
-    ffn = two_ffn // 2
-    for t in (gate_blocks, down_blocks):
-        assert t.stride(3) == 1 and t.stride(2) == 16, "MXFP4 blocks: each row's bytes contiguous"
-    slots = n * top_k
-    ids, w = expert_ids.reshape(-1), weights.reshape(-1)
-    x = x.contiguous()
-    gu_scales, gu_bias = stacked["gate_up_scales"], stacked["gate_up_bias"]
-    h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
-    mxfp4_slot_gate_up_kernel[(slots, triton.cdiv(ffn, block_n))](
-        x, ids, gate_blocks, gu_scales, gu_bias, h, ffn, alpha, limit,
-        x.stride(0), gate_blocks.stride(0), gate_blocks.stride(1), gu_scales.stride(0), gu_scales.stride(1),
-        gu_bias.stride(0), h.stride(0), TOP_K=top_k, K=hidden, BLOCK_N=block_n, BLOCK_K=block_k)
-    dn_scales, dn_bias = stacked["down_scales"], stacked["down_bias"]
-    y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D]
-    mxfp4_slot_down_kernel[(slots, triton.cdiv(hidden, block_n))](
-        h, ids, w, down_blocks, dn_scales, dn_bias, y, hidden,
-        h.stride(0), down_blocks.stride(0), down_blocks.stride(1), dn_scales.stride(0), dn_scales.stride(1),
-        dn_bias.stride(0), y.stride(0), K=ffn, BLOCK_N=block_n, BLOCK_K=block_k)
-    return y.view(n, top_k, hidden).sum(dim=1)
+                   alpha: float, limit: float) -> torch.Tensor:
+    """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] through the per-slot kernels
+    (any slot count) for a stack of either form (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    mats = clamped_ops.matrices(stacked)
+    assert mats is not None, "the kernels read each row's bytes contiguous"
+    return clamped_ops.slot_ffn(x, expert_ids, weights, mats, alpha, limit)
 
 
 def form_for(ctx) -> ClampedSwigluForm:

@@ -1,0 +1,148 @@
+"""Wrappers of the gpt-oss expert kernels (moekit.kernels.clamped_experts) for MXFP4 and dense stacks.
+
+`clamped_expert_ffn` picks the per-slot kernels for a few slots (decode) and the grouped ones
+above (larger batches, prefill); both read each weight in its stored format, in place (a
+resident layer's stack or a cache slab's rows), and neither syncs with the host, so a decode
+step can be captured in a CUDA graph. The grouped path sorts the slots and cuts them into row
+blocks with the dense kernels' helpers (experts.triton_ops.block_map, block_sizes).
+The PyTorch reference is ClampedSwigluForm.run_planned; tests/experts/test_clamped_kernels.py
+holds the two together (on the CPU under TRITON_INTERPRET=1).
+
+Shapes: N = tokens, A = experts per token, S = N*A slots, E = stack rows (experts or cache slots),
+D = hidden, I = expert ffn width; stacks as experts.clamped's forms store them:
+MXFP4  gate_up_blocks [E, 2I, D/32, 16], gate_up_scales [E, 2I, D/32], down_blocks [E, D, I/32, 16],
+       down_scales [E, D, I/32] (uint8), gate_up_bias [E, 2I], down_bias [E, D];
+dense  gate_up [E, 2I, D], down [E, D, I], gate_up_bias [E, 2I], down_bias [E, D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..kernels.clamped_experts import grouped_down_kernel, grouped_gate_up_kernel, slot_down_kernel, slot_gate_up_kernel
+from .triton_ops import block_map, block_sizes, triton_usable
+
+# Up to this many slots the per-slot kernels run (as the dense form's, forms.SLOT_KERNEL_MAX_SLOTS).
+SLOT_MAX_SLOTS = 16
+# (BLOCK_N, BLOCK_K, num_warps) of the per-slot kernels by format. The MXFP4 tiles were (16, 64):
+# 512 weight bytes a program per step, far too few in flight to stream HBM; these move as many
+# bytes a step as the dense kernels' measured winner (4, 1024) does per row pair. Untuned on a
+# GPU yet: benchmarks/probes/bench_clamped_kernels.py sweeps them.
+SLOT_CONFIG = {True: (4, 512, 4), False: (4, 1024, 4)}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One matrix kind of a stack as the kernels read it."""
+
+    weights: torch.Tensor  # MXFP4: blocks [E, R, K/32, 16] uint8; dense: [E, R, K]
+    scales: torch.Tensor  # MXFP4: [E, R, K/32] uint8; dense: the weights again (never read)
+    bias: torch.Tensor  # [E, R]
+    columns: int  # K
+    mxfp4: bool
+
+    @staticmethod
+    def of(stacked: dict[str, torch.Tensor], kind: str) -> Matrix | None:
+        """Returns matrix `kind` ("gate_up" or "down") of a stack, or None when its layout is not
+        one the kernels read (each row's bytes contiguous, biases contiguous per expert)."""
+        bias = stacked[kind + "_bias"]
+        if bias.stride(1) != 1:
+            return None
+        if kind + "_blocks" in stacked:
+            blocks, scales = stacked[kind + "_blocks"], stacked[kind + "_scales"]
+            if blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
+                return None
+            return Matrix(blocks, scales, bias, blocks.shape[2] * 32, True)
+        w = stacked[kind]
+        if w.stride(2) != 1:
+            return None
+        return Matrix(w, w, bias, w.shape[2], False)
+
+    def rows(self) -> int:
+        """Returns R, the matrix's rows."""
+        return self.weights.shape[1]
+
+    def args(self) -> tuple:
+        """Returns (weights, scales, bias, stride_we, stride_wr, stride_se, stride_sr, stride_bias) as the kernels take them."""
+        w, s = self.weights, self.scales
+        return w, s, self.bias, w.stride(0), w.stride(1), s.stride(0), s.stride(1), self.bias.stride(0)
+
+
+def matrices(stacked: dict[str, torch.Tensor]) -> tuple[Matrix, Matrix] | None:
+    """Returns the (gate_up, down) matrices of a stack, or None where the kernels cannot read it."""
+    gate_up, down = Matrix.of(stacked, "gate_up"), Matrix.of(stacked, "down")
+    return None if gate_up is None or down is None else (gate_up, down)
+
+
+def clamped_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, stacked: dict[str, torch.Tensor],
+                       alpha: float, limit: float) -> torch.Tensor | None:
+    """Returns sum_a weights[n,a] * expert_{rows[n,a]}(x[n]) as [N, D] through the kernels (per-slot up
+    to SLOT_MAX_SLOTS slots, grouped above), or None where the stack's layout (or a dense stack's
+    dtype other than x's) does not fit them.
+
+    x [N, D]; rows, weights [N, A]; stacked as the module docstring gives it."""
+    mats = matrices(stacked)
+    if mats is None or any(not m.mxfp4 and m.weights.dtype != x.dtype for m in mats):
+        return None  # dense tiles multiply in the inputs' dtype
+    if not triton_usable(x):
+        raise RuntimeError("the gpt-oss expert kernels need CUDA or TRITON_INTERPRET=1")
+    if rows.numel() == 0:
+        return torch.zeros_like(x)
+    if rows.numel() <= SLOT_MAX_SLOTS:
+        return slot_ffn(x, rows, weights, mats, alpha, limit)
+    return grouped_ffn(x, rows, weights, mats, alpha, limit)
+
+
+def slot_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: tuple[Matrix, Matrix],
+             alpha: float, limit: float, configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+             ) -> torch.Tensor:
+    """Returns the per-slot kernels' [N, D] (no sorting: one program row per slot). `configs`
+    overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels."""
+    gate_up, down = mats
+    n, top_k = rows.shape
+    slots, ffn, hidden = n * top_k, gate_up.rows() // 2, down.rows()
+    (gn, gk, gw), (dn, dk, dw) = configs or (SLOT_CONFIG[gate_up.mxfp4], SLOT_CONFIG[down.mxfp4])
+    flat_rows, flat_weights = rows.reshape(-1), weights.reshape(-1)
+    x = x.contiguous()
+    h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
+    w, s, b, *strides = gate_up.args()
+    slot_gate_up_kernel[(slots, triton.cdiv(ffn, gn))](
+        x, flat_rows, w, s, b, h, ffn, alpha, limit, x.stride(0), *strides, h.stride(0),
+        TOP_K=top_k, K=gate_up.columns, BLOCK_N=gn, BLOCK_K=gk, MXFP4=gate_up.mxfp4, num_warps=gw)
+    y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D], weighted
+    w, s, b, *strides = down.args()
+    slot_down_kernel[(slots, triton.cdiv(hidden, dn))](
+        h, flat_rows, flat_weights, w, s, b, y, hidden, h.stride(0), *strides, y.stride(0),
+        K=down.columns, BLOCK_N=dn, BLOCK_K=dk, MXFP4=down.mxfp4, num_warps=dw)
+    return y.view(n, top_k, hidden).sum(dim=1)
+
+
+def grouped_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: tuple[Matrix, Matrix],
+                alpha: float, limit: float) -> torch.Tensor:
+    """Returns the grouped kernels' [N, D]: slots sorted by stack row on the device (block_map),
+    each row block multiplying one expert's weight tiles, decoded once per block."""
+    gate_up, down = mats
+    n, top_k = rows.shape
+    count = gate_up.weights.shape[0]
+    slots, ffn, hidden = n * top_k, gate_up.rows() // 2, down.rows()
+    block_m, block_n, block_k = block_sizes(slots, count)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for float32
+    order, block_expert, block_start, block_end = block_map(rows, count, block_m)
+    num_blocks = block_expert.shape[0]
+    x = x.contiguous()
+    h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I] in sorted order
+    w, s, b, *strides = gate_up.args()
+    grouped_gate_up_kernel[(num_blocks, triton.cdiv(ffn, block_n))](
+        x, order, w, s, b, block_expert, block_start, block_end, h, ffn, count, alpha, limit,
+        x.stride(0), *strides, h.stride(0), TOP_K=top_k, K=gate_up.columns,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MXFP4=gate_up.mxfp4, DOT_PRECISION=precision)
+    y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D] in routing order, weighted
+    w, s, b, *strides = down.args()
+    grouped_down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
+        h, order, weights.reshape(-1), w, s, b, block_expert, block_start, block_end, y, hidden, count,
+        h.stride(0), *strides, y.stride(0), K=down.columns,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MXFP4=down.mxfp4, DOT_PRECISION=precision)
+    return y.view(n, top_k, hidden).sum(dim=1)

@@ -1,0 +1,223 @@
+"""gpt-oss expert kernels (biases, clamped SwiGLU) for MXFP4 and dense weights: per-slot matvecs
+for a few slots, grouped matmuls (slots sorted by expert) for many. The weight format is a
+constexpr (MXFP4): every kernel reads its weight tiles through `_weight_tile`, which decodes
+MXFP4 bytes in registers (two e2m1 values times the E8M0 power of their 32-value group), so
+each format's multiply exists once and no weight is ever stored wider.
+
+Tensors (N = tokens, A = experts per token, S = N*A slots in routing order, E = experts or cache
+slots, D = hidden, I = expert ffn width; K = the matrix's columns, R = its rows, G = K / 32;
+P = row blocks of the grouped kernels, as moekit.kernels.moe_grouped defines them):
+    x            [N, D]          token activations (gate_up)
+    h            [S, I]          slot activations (down; the grouped kernels' h is in sorted order)
+    rows         [S]             int64 stack row of each slot (the router's [N, A] ids, flattened)
+    order        [S]             int64 slot (routing order) of each sorted position (grouped kernels)
+    weights      [S]             routing weight of each slot (routing order)
+    w            MXFP4: [E, R, G, 16] uint8, byte j of a group holds columns 2j (low nibble), 2j + 1
+                 dense: [E, R, K], the matrix's columns contiguous
+    scales       MXFP4: [E, R, G] uint8, column k's value is e2m1 * 2^(scales[.., k // 32] - 127);
+                 dense: unused (any pointer)
+    bias         [E, R]          the projection's bias (gate rows first, then up, for gate_up)
+    out          gate_up: [S, I] the clamped SwiGLU; down: [S, D] times the routing weight, at
+                 each slot's routing-order row (the wrapper sums a token's A rows)
+
+No control flow depends on loaded values: the same code runs in a CUDA graph and under
+TRITON_INTERPRET=1. Accumulation is float32; float32 inputs multiply in full float32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _e2m1(code):
+    """Returns the float32 value of e2m1 codes (0..15): sign bit 3, exponent bits 2-1, mantissa bit 0."""
+    exponent = (code >> 1) & 3
+    mantissa = (code & 1).to(tl.float32)
+    magnitude = tl.where(exponent == 0, mantissa * 0.5, (1.0 + mantissa * 0.5) * tl.exp2((exponent - 1).to(tl.float32)))
+    return tl.where((code & 8) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _weight_tile(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+                 K_MAJOR: tl.constexpr = False):
+    """Returns the [BLOCK_N, BLOCK_K] tile of matrix rows `rows`, columns k0.. (zero where masked),
+    or with K_MAJOR its transpose [BLOCK_K, BLOCK_N] (tl.dot's right operand): MXFP4 decoded to
+    float32, dense as stored. BLOCK_K is a multiple of 32 for MXFP4."""
+    if MXFP4:
+        half: tl.constexpr = BLOCK_K // 2
+        j = tl.arange(0, half)  # byte of this tile
+        cols = k0 + 2 * j  # its even column
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        byte = tl.load(w_base + rows[:, None] * stride_wr + (k0 // 2 + j)[None, :], mask=mask, other=0).to(tl.int32)
+        scale = tl.load(scales_base + rows[:, None] * stride_sr + (cols // 32)[None, :], mask=mask, other=127)
+        power = tl.exp2(scale.to(tl.float32) - 127.0)  # [BN, BK/2]
+        # low nibbles are the even columns, high nibbles the odd ones: interleave them back
+        tile = tl.join(_e2m1(byte & 15) * power, _e2m1(byte >> 4) * power).reshape(BLOCK_N, BLOCK_K)
+        if K_MAJOR:
+            tile = tl.trans(tile)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if K_MAJOR:  # loaded transposed: the Triton 3.9 interpreter mis-transposes bf16 tiles
+            tile = tl.load(w_base + rows[None, :] * stride_wr + ks[:, None],
+                           mask=row_ok[None, :] & (ks < K)[:, None], other=0.0)
+        else:
+            tile = tl.load(w_base + rows[:, None] * stride_wr + ks[None, :],
+                           mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _dot_tile(xt, tile, DOT_PRECISION: tl.constexpr, MXFP4: tl.constexpr):
+    """Returns xt [BM, BK] @ tile [BK, BN] (a K_MAJOR weight tile) as [BM, BN] float32. A decoded
+    MXFP4 tile (float32) meets xt in float32: bf16 and fp16 inputs and every e2m1 value times a
+    power of two are exact in tf32, so "tf32" loses nothing (and the interpreter mis-multiplies
+    tiles cast to bf16 in the kernel). A dense tile meets xt in their shared stored dtype."""
+    if MXFP4:
+        out = tl.dot(xt.to(tl.float32), tile, input_precision=DOT_PRECISION)
+    else:
+        out = tl.dot(xt, tile, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _clamped_swiglu(gate, up, alpha, limit):
+    """Returns (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit) (biases added)."""
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    return (up + 1.0) * gate * tl.sigmoid(gate * alpha)
+
+
+@triton.jit
+def slot_gate_up_kernel(
+    x_ptr, rows_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
+    FFN, alpha, limit,
+    stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os,
+    TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+):
+    """out[s, n] = clamped SwiGLU of (x[s // A] . w[e_s, n] + b_n, x[s // A] . w[e_s, FFN + n] + b_(FFN+n)).
+
+    Program (s, nb): rows nb*BLOCK_N.. of slot s's gate and up halves, x read once for both."""
+    s = tl.program_id(0)
+    nb = tl.program_id(1)
+    e = tl.load(rows_ptr + s).to(tl.int64)
+    x_row = x_ptr + (s // TOP_K) * stride_xn
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < FFN
+    w_base = w_ptr + e * stride_we
+    scales_base = scales_ptr + e * stride_se
+    acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BK]
+        wg = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
+        wu = _weight_tile(w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
+        acc_gate += tl.sum(wg.to(tl.float32) * xk[None, :], axis=1)
+        acc_up += tl.sum(wu.to(tl.float32) * xk[None, :], axis=1)
+    acc_gate += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
+    acc_up += tl.load(bias_ptr + e * stride_bias + FFN + n, mask=n_ok, other=0.0).to(tl.float32)
+    h = _clamped_swiglu(acc_gate, acc_up, alpha, limit)
+    tl.store(out_ptr + s * stride_os + n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def slot_down_kernel(
+    h_ptr, rows_ptr, weights_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
+    N,
+    stride_hs, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+):
+    """out[s, n] = weights[s] * (h[s] . w[e_s, n] + bias_n): the routing weight is applied here."""
+    s = tl.program_id(0)
+    nb = tl.program_id(1)
+    e = tl.load(rows_ptr + s).to(tl.int64)
+    gate_weight = tl.load(weights_ptr + s).to(tl.float32)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    w_base = w_ptr + e * stride_we
+    scales_base = scales_ptr + e * stride_se
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        hk = tl.load(h_ptr + s * stride_hs + ks, mask=ks < K, other=0.0).to(tl.float32)
+        wt = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
+        acc += tl.sum(wt.to(tl.float32) * hk[None, :], axis=1)
+    acc += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + s * stride_os + n, (acc * gate_weight).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def grouped_gate_up_kernel(
+    x_ptr, order_ptr, w_ptr, scales_ptr, bias_ptr, block_expert_ptr, block_start_ptr, block_end_ptr, out_ptr,
+    FFN, NUM_EXPERTS, alpha, limit,
+    stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os,
+    TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MXFP4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[p_s, n] = clamped SwiGLU of the gate and up rows n, FFN + n of expert e_p (plus biases) on
+    x[order[p_s] // A], for the sorted slots p_s of block p (each x row read in place, never gathered)."""
+    p = tl.program_id(0)
+    nb = tl.program_id(1)
+    e = tl.load(block_expert_ptr + p)
+    n_limit = tl.where(e < NUM_EXPERTS, FFN, 0)  # an unused block (e == E) masks every load
+    e = tl.minimum(e, NUM_EXPERTS - 1).to(tl.int64)  # keep pointers in bounds
+    sorted_slots = tl.load(block_start_ptr + p) + tl.arange(0, BLOCK_M)  # [BM]
+    slot_ok = sorted_slots < tl.load(block_end_ptr + p)
+    tokens = tl.load(order_ptr + sorted_slots, mask=slot_ok, other=0) // TOP_K  # [BM]
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_limit
+    w_base = w_ptr + e * stride_we
+    scales_base = scales_ptr + e * stride_se
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + tokens[:, None] * stride_xn + ks[None, :], mask=slot_ok[:, None] & (ks < K)[None, :],
+                     other=0.0)  # [BM, BK]
+        wg = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4, True)
+        wu = _weight_tile(w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4,
+                          True)
+        acc_gate += _dot_tile(xt, wg, DOT_PRECISION, MXFP4)
+        acc_up += _dot_tile(xt, wu, DOT_PRECISION, MXFP4)
+    acc_gate += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc_up += tl.load(bias_ptr + e * stride_bias + FFN + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    h = _clamped_swiglu(acc_gate, acc_up, alpha, limit)
+    tl.store(out_ptr + sorted_slots[:, None] * stride_os + n[None, :], h.to(out_ptr.dtype.element_ty),
+             mask=slot_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def grouped_down_kernel(
+    h_ptr, order_ptr, weights_ptr, w_ptr, scales_ptr, bias_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
+    out_ptr,
+    N, NUM_EXPERTS,
+    stride_hs, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MXFP4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[order[p_s], n] = weights[order[p_s]] * (h[p_s] . w[e_p, n] + bias_n) for the sorted slots
+    p_s of block p: each slot's row lands at its routing-order row, so a token's A rows are adjacent."""
+    p = tl.program_id(0)
+    nb = tl.program_id(1)
+    e = tl.load(block_expert_ptr + p)
+    n_limit = tl.where(e < NUM_EXPERTS, N, 0)
+    e = tl.minimum(e, NUM_EXPERTS - 1).to(tl.int64)
+    sorted_slots = tl.load(block_start_ptr + p) + tl.arange(0, BLOCK_M)
+    slot_ok = sorted_slots < tl.load(block_end_ptr + p)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_limit
+    w_base = w_ptr + e * stride_we
+    scales_base = scales_ptr + e * stride_se
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ht = tl.load(h_ptr + sorted_slots[:, None] * stride_hs + ks[None, :],
+                     mask=slot_ok[:, None] & (ks < K)[None, :], other=0.0)  # [BM, BK]
+        wt = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4, True)
+        acc += _dot_tile(ht, wt, DOT_PRECISION, MXFP4)
+    acc += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    slots = tl.load(order_ptr + sorted_slots, mask=slot_ok, other=0)  # [BM] routing-order rows
+    gate_weight = tl.load(weights_ptr + slots, mask=slot_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + slots[:, None] * stride_os + n[None, :], (acc * gate_weight[:, None]).to(out_ptr.dtype.element_ty),
+             mask=slot_ok[:, None] & n_ok[None, :])

@@ -1,0 +1,141 @@
+"""The gpt-oss expert kernels (experts.clamped_ops: per-slot and grouped, MXFP4 and dense) against
+the forms' PyTorch path (ClampedSwigluForm.run_planned), on the CPU under TRITON_INTERPRET=1
+(set in conftest.py) or on a GPU for real.
+
+Shapes: E = experts, D = hidden, I = expert ffn width (multiples of 32, as MXFP4 needs).
+"""
+
+import pytest
+import torch
+
+from conftest import kernel_device
+
+from moekit.experts import clamped, triton_ops
+from moekit.experts.clamped import ClampedSwigluForm, Mxfp4ClampedForm
+from moekit.offload.layout import ExpertBytes
+
+pytestmark = pytest.mark.skipif(not triton_ops.HAVE_TRITON, reason="triton not installed")
+
+E, D, I = 8, 64, 32
+ALPHA, LIMIT = 1.702, 7.0  # gpt-oss's
+
+
+def _form(fmt: str, dtype: torch.dtype) -> ClampedSwigluForm:
+    return (Mxfp4ClampedForm if fmt == "mxfp4" else ClampedSwigluForm)(D, I, dtype, ALPHA, LIMIT)
+
+
+def _stack(form: ClampedSwigluForm, count: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Returns random experts {name: [count, ...]} in the form's layout: MXFP4 bytes over every code,
+    scales around 2^-2..2^1 so that some gate and up values pass the clamp and some do not."""
+    out = {}
+    for name, (shape, dtype) in form.specs().items():
+        if name.endswith("_blocks"):
+            out[name] = torch.randint(0, 256, (count, *shape), generator=g, dtype=torch.uint8)
+        elif name.endswith("_scales"):
+            out[name] = torch.randint(124, 128, (count, *shape), generator=g, dtype=torch.uint8)
+        else:
+            std = 0.5 if name.endswith("_bias") else shape[-1] ** -0.5 * 6
+            out[name] = (torch.randn((count, *shape), generator=g) * std).to(dtype)
+    return out
+
+
+def _route(tokens: int, top_k: int, experts: list[int], g: torch.Generator):
+    """Returns ids, weights [tokens, top_k]: uneven (the first expert in every token, so it spans
+    several row blocks when tokens > 16), a few zero weights."""
+    ids = torch.stack([torch.tensor([experts[0]] + [experts[1 + i] for i in torch.randperm(len(experts) - 1,
+                                                                                          generator=g)[:top_k - 1]])
+                       for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g)
+    # skipped slots (dynamic skip; the PyTorch path leaves them out), never a token's only slot
+    weights[(0 if top_k > 1 else 1)::3, -1] = 0.0
+    return ids, weights
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def _check(got, want, want32, dtype, what):
+    """float32: the kernels equal the PyTorch path but for summation order; bf16: their error
+    against the float32 result is about the bf16 PyTorch path's (they accumulate in fp32 and round
+    h and the outputs once). The Triton 3.9 interpreter casts fp32 to bf16 by truncation (twice
+    the error of rounding to nearest, which GPUs do), so the CPU allows twice as much."""
+    if dtype == torch.float32:
+        assert _rel(got, want) < 1e-5, (what, _rel(got, want))
+    else:
+        factor = 1.5 if got.is_cuda else 3.0
+        assert _rel(got, want32) <= factor * _rel(want, want32) + 2e-3, (what, _rel(got, want32), _rel(want, want32))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_equal_the_pytorch_path(fmt, dtype):
+    """Slot counts 1 and 4 (per-slot kernels), 17 and 100 (grouped; the first expert in 25 tokens
+    crosses row blocks): the kernels' [N, D] equals run_planned's, in float32 and bf16."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(7)
+    form, form32 = _form(fmt, dtype), _form(fmt, torch.float32)
+    stacked = _stack(form, E, g)
+    stacked32 = {k: (v.float() if v.is_floating_point() else v) for k, v in stacked.items()}
+    clamp_seen = set()
+    for tokens, top_k in ((1, 1), (1, 4), (17, 1), (25, 4)):
+        if fmt == "dense" and dtype == torch.bfloat16 and device == "cpu" and tokens * top_k > 16:
+            continue  # the Triton 3.9 interpreter's tl.dot returns garbage on bf16 tiles (GPUs run it)
+        ids, w = _route(tokens, top_k, [3, 0, 1, 2, 4, 5, 6, 7], g)
+        x = torch.randn(tokens, D, generator=g)
+        want32 = form32.run_planned(x, ids, w, stacked32, grad=False)
+        want = form.run_planned(x.to(dtype), ids, w.to(dtype), stacked, grad=False)
+        on = {k: v.to(device) for k, v in stacked.items()}
+        got = clamped.clamped_ops.clamped_expert_ffn(x.to(device, dtype), ids.to(device), w.to(device, dtype), on,
+                                                     ALPHA, LIMIT)
+        assert got.dtype == dtype and got.shape == (tokens, D)
+        _check(got, want.to(device), want32.to(device), dtype, (fmt, tokens * top_k))
+        gate = torch.einsum("nd,nrd->nr", x, form32.dequantize(stacked32)[0][ids[:, 0]])[:, :I]
+        clamp_seen.update((gate > LIMIT).flatten().tolist())
+    assert clamp_seen == {True, False}, "the shapes should exercise the clamp both ways"
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
+def test_kernels_read_a_cache_slab(fmt, monkeypatch):
+    """Through form.run as offload calls it: the stack is a cache slab of packed byte rows (slot ids,
+    not expert ids; an expert's tensors a row apart), 4 and 100 slots; outputs equal the resident
+    layer's PyTorch path on expert ids."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(11)
+    form = _form(fmt, torch.float32)
+    resident = _stack(form, E, g)
+    packing = ExpertBytes(form.specs())
+    cached = [6, 2, 0, 7, 3]  # expert in each slab slot
+    slab = torch.zeros(len(cached) + 1, packing.nbytes + 64, dtype=torch.uint8)  # a spare slot, padded rows
+    stacked = packing.stacked(slab)
+    for slot, e in enumerate(cached):
+        for name, t in stacked.items():
+            t[slot].copy_(resident[name][e])
+    slot_of = {e: slot for slot, e in enumerate(cached)}
+    monkeypatch.setattr(clamped, "slot_kernels_run", lambda x: True)  # the GPU's branch, as on CUDA tensors
+    for tokens, top_k in ((1, 4), (25, 4)):
+        ids, w = _route(tokens, top_k, cached, g)
+        x = torch.randn(tokens, D, generator=g)
+        slot_ids = ids.clone().apply_(slot_of.__getitem__)
+        want = form.run_planned(x, ids, w, resident, grad=False)
+        on = {k: v.to(device) for k, v in stacked.items()}
+        with torch.no_grad():
+            got = form.run(x.to(device), slot_ids.to(device), w.to(device), on, ids=ids.to(device), row_of=slot_of,
+                           count=E)
+        _check(got, want.to(device), want.to(device), torch.float32, (fmt, tokens * top_k))
+
+
+def test_slot_configs_agree():
+    """The per-slot kernels give one result whatever their tiles (the probe sweeps them on a GPU):
+    narrow and wide tiles, BLOCK_K below and above K."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(3)
+    form = _form("mxfp4", torch.float32)
+    stacked = {k: v.to(device) for k, v in _stack(form, E, g).items()}
+    ids, w = _route(1, 4, list(range(E)), g)
+    x = torch.randn(1, D, generator=g).to(device)
+    mats = clamped.clamped_ops.matrices(stacked)
+    want = form.run_planned(x.cpu(), ids, w, {k: v.cpu() for k, v in stacked.items()}, grad=False)
+    for config in ((16, 64, 4), (16, 32, 1), (8, 128, 2)):
+        got = clamped.clamped_ops.slot_ffn(x, ids.to(device), w.to(device), mats, ALPHA, LIMIT, (config, config))
+        assert _rel(got.cpu(), want) < 1e-5, config
