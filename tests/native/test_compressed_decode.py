@@ -137,5 +137,5 @@ def test_int_one_token_whole_block_groups(bits, d, ffn, groups):
 
     jobs = [(matrix(2 * ffn, d, groups[0]), matrix(d, ffn, groups[1]), [0], [w]) for w in (0.5, 1.5, -0.25)]
     x = torch.randn(1, d, generator=g)
-    out, expected = nc.int_ffn(x, jobs, bits, threads=2), nc.int_reference(x, jobs, bits)
+    out, expected = nc.int_ffn(x, jobs, bits, threads=2, dot="float"), nc.int_reference(x, jobs, bits)
     assert (out - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-7

@@ -2,7 +2,9 @@
 references (the forms' own dequantize + matmul): every int bit width and scale grouping (per row,
 word-aligned groups, groups that split a word), the ternary code with 8- and 16-bit dictionaries,
 odd sizes, several tokens, jobs sharing tokens, tokens no job touches, any thread count giving the
-same bits, and refusals of arguments the kernels cannot take."""
+same bits, and refusals of arguments the kernels cannot take. The int kernels run with float
+activations here (dot="float", the path that matches the reference to float rounding); the int8
+activations' error is test_int_dot's."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def close(out: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None
 def test_int_matches_reference(bits, d, ffn, groups):
     x = torch.randn(6, d)
     jobs = int_jobs(d, ffn, bits, groups, ROUTES)
-    out = nc.int_ffn(x, jobs, bits, threads=2)
+    out = nc.int_ffn(x, jobs, bits, threads=2, dot="float")
     expected = nc.int_reference(x, jobs, bits)
     close(out, expected)
     assert torch.equal(out[5], torch.zeros(d))
@@ -106,7 +108,7 @@ def test_one_token_decode_and_many_tokens(form):
         else:
             bits = int(form[3:])
             jobs = int_jobs(d, ffn, bits, (4, 2), routes)
-            out, expected = nc.int_ffn(x, jobs, bits), nc.int_reference(x, jobs, bits)
+            out, expected = nc.int_ffn(x, jobs, bits, dot="float"), nc.int_reference(x, jobs, bits)
         close(out, expected, 1e-4)
 
 
@@ -162,7 +164,7 @@ def test_half_inputs_give_their_dtype(dtype):
     d, ffn = 64, 48
     x = torch.randn(5, d).to(dtype)
     jobs = int_jobs(d, ffn, 4, (2, 3), ROUTES[:3])
-    out = nc.int_ffn(x, jobs, 4)
+    out = nc.int_ffn(x, jobs, 4, dot="float")
     assert out.dtype == dtype
     close(out, nc.int_reference(x, jobs, 4), 1e-2)
 
@@ -183,7 +185,7 @@ def test_no_jobs_gives_zeros_and_out_is_written_in_place():
     out = torch.full_like(x, 7.0)
     assert nc.int_ffn(x, [], 4, out=out) is out and torch.equal(out, torch.zeros_like(x))
     jobs = int_jobs(16, 8, 4, (1, 1), [[1]])
-    assert nc.int_ffn(x, jobs, 4, out=out, scratch=nc.Scratch()) is out
+    assert nc.int_ffn(x, jobs, 4, out=out, scratch=nc.Scratch(), dot="float") is out
     close(out, nc.int_reference(x, jobs, 4))
 
 

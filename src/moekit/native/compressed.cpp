@@ -14,6 +14,9 @@
 // as the form's dequantize computes them; the code: to the columns of its HI and LO symbols), and
 // the decoded row is dotted with every token of the job: the packed bytes are read once from
 // memory, whatever the number of tokens.
+// Int-N with int8 activations (moekit_int_ffn's int8_dot; int_dot.h): the matrices that fit (bits
+// 2, 4, 8, permuted, groups of whole 16-word blocks) are not decoded to floats at all: each token's
+// x and each slot's h are quantized once per call and the codes multiply them in int32.
 //
 // One OpenMP region per layer, two stages with one barrier (as experts.cpp):
 //   stage 1  work item = (job, block of ffn rows): h[slot, r] = silu(gate_r . x) * (up_r . x)
@@ -31,30 +34,13 @@
 #include <omp.h>
 
 #include "common.h"
+#include "int_dot.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 namespace {
 
-
-inline float half_to_float(uint16_t h) {  // IEEE float16 -> float32, exactly
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-  uint32_t u;
-  if (exp == 0) {
-    float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // subnormal: mant * 2^-24
-    std::memcpy(&u, &f, 4);
-    u |= sign;
-  } else if (exp == 31) {
-    u = sign | 0x7f800000u | (mant << 13);
-  } else {
-    u = sign | ((exp + 112) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // 16-lane vectors (GCC / clang vector extensions: two AVX2 registers, one AVX-512, four NEON)
 constexpr int V = 16;
@@ -77,6 +63,9 @@ struct IntRows {
   const int64_t* ptrs;
   int64_t groups[2];  // P of gate_up, of down
   bool permuted;
+  // per kind: the vectors quantized to int8 (int_dot.h; x rows by token, h rows by slot), or
+  // nullptr for the float path
+  QuantizedRows* qrows[2];
 
   // A thread's decoded row (K floats plus one word's codes past the end), and per-word scale and zero.
   struct Scratch {
@@ -226,19 +215,48 @@ struct IntRows {
     return (K + 32 / bits - 1) / (32 / bits) * (32 / bits);
   }
 
+  static int64_t group_words(int bits, int64_t K, int64_t P) {  // permuted: whole words per group
+    const int64_t words = (K + 32 / bits - 1) / (32 / bits);
+    return P == 1 ? words : ((K + P - 1) / P) / (32 / bits);
+  }
+
+  // Quantizes the `rows` vectors of matrix kind `kind` (vec, row stride `stride`, K columns) into
+  // qrows[kind] when that kind takes int8 activations; called by every thread of the region.
+  template <int BITS>
+  void quantize(int kind, const float* vec, int64_t stride, int64_t rows) const {
+    if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
+      QuantizedRows* qr = qrows[kind];
+      if (qr == nullptr) return;
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < rows; ++t) quantize_row<BITS>(vec + t * stride, *qr, t);
+    }
+  }
+
   // Dots of row r of matrix `kind` of job j (K columns) with `count` float vectors
-  // vec + which[k] * stride (which == nullptr: k * stride), in this call's layout.
+  // vec + which[k] * stride (which == nullptr: k * stride), in this call's layout; their rows of
+  // qrows[kind] (int8 activations) are row0 + which[k] (or row0 + k).
   template <int BITS>
   void dots(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
-            const int32_t* which, int count, float* out) const {
+            const int32_t* which, int count, int64_t row0, float* out) const {
     const int64_t* p = ptrs + j * 6 + kind * 3;
     const int64_t P = groups[kind], words = (K + 32 / BITS - 1) / (32 / BITS);
     const int32_t* q = reinterpret_cast<const int32_t*>(p[0]) + r * words;
     const uint16_t* scale = reinterpret_cast<const uint16_t*>(p[1]) + r * P;
     const uint8_t* zero = reinterpret_cast<const uint8_t*>(p[2]) + r * P;
     int64_t n = K;
+    if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
+      if (const QuantizedRows* qr = qrows[kind]) {  // int8 activations (int_dot.h)
+        for (int k = 0; k < count; ++k) {
+          const int64_t t = row0 + (which ? which[k] : k);
+          out[k] = int_row_dot<BITS>(reinterpret_cast<const uint32_t*>(q), scale, zero, group_words(BITS, K, P),
+                                     qr->q.data() + t * qr->columns, qr->scale.data() + t * words,
+                                     qr->sum.data() + t * (words / XQ_BLOCK_WORDS), words);
+        }
+        return;
+      }
+    }
     if (permuted) {
-      const int64_t group_words = P == 1 ? words : ((K + P - 1) / P) / (32 / BITS);
+      const int64_t group_words = IntRows::group_words(BITS, K, P);
       if (count == 1 && group_words % V == 0) {  // whole blocks per group: no per-word parameters
         out[0] = dot_one_blocks<BITS>(reinterpret_cast<const uint32_t*>(q), scale, zero, group_words,
                                       vec + (which ? which[0] : 0) * stride, words);
@@ -468,7 +486,7 @@ struct CodeRows {
 
   template <typename Word>
   void dots(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
-            const int32_t* which, int count, float* out) const {
+            const int32_t* which, int count, int64_t, float* out) const {
     const vu lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     float lo, hi;
     if (count == 1) {  // decode: sum x under the HI and under the LO symbols, straight from the words
@@ -529,8 +547,11 @@ struct IntCall {
   using Scratch = IntRows::Scratch;
   const IntRows& rows;
   void operator()(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
-                  const int32_t* which, int count, float* out) const {
-    rows.dots<BITS>(s, kind, j, r, K, vec, stride, which, count, out);
+                  const int32_t* which, int count, int64_t row0, float* out) const {
+    rows.dots<BITS>(s, kind, j, r, K, vec, stride, which, count, row0, out);
+  }
+  void quantize(int kind, const float* vec, int64_t stride, int64_t rows_) const {
+    rows.quantize<BITS>(kind, vec, stride, rows_);
   }
   int64_t h_index(int64_t r, int64_t I) const { return rows.h_index<BITS>(r, I); }
   int64_t h_stride(int64_t I) const { return rows.permuted ? IntRows::width(BITS, I) : I; }
@@ -542,9 +563,10 @@ struct CodeCall {
   using Scratch = CodeRows::Scratch;
   const CodeRows& rows;
   void operator()(Scratch& s, int kind, int64_t j, int64_t r, int64_t K, const float* vec, int64_t stride,
-                  const int32_t* which, int count, float* out) const {
-    rows.template dots<Word>(s, kind, j, r, K, vec, stride, which, count, out);
+                  const int32_t* which, int count, int64_t row0, float* out) const {
+    rows.template dots<Word>(s, kind, j, r, K, vec, stride, which, count, row0, out);
   }
+  void quantize(int, const float*, int64_t, int64_t) const {}  // float activations only
   int64_t h_index(int64_t r, int64_t) const { return r; }
   int64_t h_stride(int64_t I) const { return I; }
   int64_t x_stride(int64_t D) const { return D; }
@@ -561,24 +583,26 @@ void run_layer(const Call& call, const float* xf, int64_t D, int64_t I, int64_t 
     typename Call::Scratch scratch(D > I ? D : I);
     float g[MAX_JOB_TOKENS], u[MAX_JOB_TOKENS];
     float* acc = accs + static_cast<int64_t>(omp_get_thread_num()) * acc_stride(N);
+    call.quantize(0, xf, xs, N);  // int8 activations: x once per call (an omp for, when it runs)
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < J * blocks_i; ++item) {
       const int64_t j = item / blocks_i, r0 = (item % blocks_i) * ROWS_PER_ITEM;
       const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
       for (int64_t r = r0; r < r0 + ROWS_PER_ITEM && r < I; ++r) {
-        call(scratch, 0, j, r, D, xf, xs, tok + first, count, g);
-        call(scratch, 0, j, I + r, D, xf, xs, tok + first, count, u);
+        call(scratch, 0, j, r, D, xf, xs, tok + first, count, 0, g);
+        call(scratch, 0, j, I + r, D, xf, xs, tok + first, count, 0, u);
         const int64_t at = call.h_index(r, I);
         for (int k = 0; k < count; ++k) h[(first + k) * hs + at] = g[k] / (1.f + std::exp(-g[k])) * u[k];
       }
     }  // implicit barrier: every h is written
+    call.quantize(1, h, hs, tok_start[J]);  // and each slot's h once
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < blocks_d; ++item) {
       for (int64_t d = item * ROWS_PER_ITEM; d < (item + 1) * ROWS_PER_ITEM && d < D; ++d) {
         for (int64_t t = 0; t < N; ++t) acc[t] = 0.f;
         for (int64_t j = 0; j < J; ++j) {
           const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
-          call(scratch, 1, j, d, I, h + first * hs, hs, nullptr, count, g);
+          call(scratch, 1, j, d, I, h + first * hs, hs, nullptr, count, first, g);
           for (int k = 0; k < count; ++k) acc[tok[first + k]] += w[first + k] * g[k];
         }
         for (int64_t t = 0; t < N; ++t) out[t * D + d] = acc[t];
@@ -599,13 +623,23 @@ extern "C" {
 
 // Int-N experts. ptrs: J * 6 addresses (module comment). permuted (IntRows): x is [N, words(D) * k]
 // in the permuted layout, h holds slots * words(I) * k floats, zero at the padding; else x is
-// [N, D] and h slots * I floats. Returns 0, or 1 for bits other than 2/3/4/8, 2 for a job of more
-// than 256 tokens.
+// [N, D] and h slots * I floats. int8_dot != 0: the matrices int_dot_fits takes (permuted, bits 2, 4,
+// 8, groups of whole 16-word blocks) run with int8 activations (int_dot.h), the others in float.
+// Returns 0, or 1 for bits other than 2/3/4/8, 2 for a job of more than 256 tokens.
 int moekit_int_ffn(int bits, const float* x, float* out, int64_t N, int64_t D, int64_t I, int64_t J,
                    const int64_t* ptrs, int64_t groups_gate_up, int64_t groups_down, int permuted, const int32_t* tok_start,
-                   const int32_t* tok, const float* w, float* h, float* accs, int threads) {
+                   const int32_t* tok, const float* w, float* h, float* accs, int threads, int int8_dot) {
   if (int code = check_jobs(J, tok_start)) return code;
-  IntRows rows{ptrs, {groups_gate_up, groups_down}, permuted != 0};
+  IntRows rows{ptrs, {groups_gate_up, groups_down}, permuted != 0, {nullptr, nullptr}};
+  // the calling thread's buffers, kept between calls (the decode step makes one call per layer and token)
+  static thread_local QuantizedRows quantized[2];
+  const int64_t cols[2] = {D, I}, vectors[2] = {N, tok_start[J]};
+  for (int kind = 0; kind < 2 && int8_dot && permuted && bits != 3; ++kind) {
+    const int64_t words = (cols[kind] + 32 / bits - 1) / (32 / bits);
+    if (!int_dot_fits(bits, words, IntRows::group_words(bits, cols[kind], rows.groups[kind]))) continue;
+    quantized[kind].resize(vectors[kind], words, bits);
+    rows.qrows[kind] = &quantized[kind];
+  }
   switch (bits) {
     case 2: run_layer(IntCall<2>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads); return 0;
     case 3: run_layer(IntCall<3>{rows}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads); return 0;
@@ -614,6 +648,9 @@ int moekit_int_ffn(int bits, const float* x, float* out, int64_t N, int64_t D, i
     default: return 1;
   }
 }
+
+// The instruction set of moekit_int_ffn's int8 dot products on this build (int_dot.h).
+const char* moekit_int_dot_isa() { return int_dot_isa(); }
 
 // Ternary-code experts. ptrs: J * 12 addresses; sizes: J * 6, per job and kind (gate_up, down)
 // W, sizeof(starts), sizeof(row_chunks); word_bytes: 1 (uint8 codewords) or 2 (uint16); masks
@@ -667,6 +704,7 @@ struct DecodeExperts {
   int64_t* job_sizes;       // [top_k * 6]
   int32_t* tok_start;       // [top_k + 1]
   int32_t* tok;             // [top_k]
+  int32_t int8_dot;         // int-N: moekit_int_ffn's int8_dot
 };
 
 }  // namespace
@@ -703,7 +741,7 @@ int moekit_compressed_moe_decode(const void* plan, const uint16_t* x, const int6
       for (int64_t i = 0; i < D; ++i) c->xf[i] = bf16_to_float(x[i]);
     }
     rc = moekit_int_ffn(c->bits, c->xf, c->outf, 1, D, I, A, c->ptrs, c->groups[0], c->groups[1], c->permuted,
-                        c->tok_start, c->tok, w, c->h, c->accs, threads);
+                        c->tok_start, c->tok, w, c->h, c->accs, threads, c->int8_dot);
   } else if (c->form == 2) {
     for (int64_t i = 0; i < D; ++i) c->xf[i] = bf16_to_float(x[i]);
     rc = moekit_code_ffn(c->xf, c->outf, 1, D, I, A, c->ptrs, c->table, c->masks, c->lengths, c->word_bytes,

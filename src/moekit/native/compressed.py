@@ -18,12 +18,22 @@ Parts of one matrix (R rows, K columns; one expert's slices of the stored tensor
 `int_reference` / `code_reference` decode with the forms' own dequantize (quant.grids, quant.code)
 and run experts.reference; the tests hold the kernels to them.
 
+Int-N activations (`dot`): "float" dots each decoded weight with the float activations (the
+reference's numbers up to float summation order); "int8" quantizes each token's x and each slot's h
+once per call to int8 (a scale per 32 columns) and sums code x int8 products in int32 (int_dot.h:
+AVX512-VNNI / AVX-VNNI / AVX2 / scalar, whichever this build has; `int_dot_isa()` says). int8 takes
+bits 2, 4, 8 in groups of whole 16-word blocks (int4 g128, as compress writes it); other matrices
+run in float either way. Default: $MOEKIT_CPU_INT_DOT, else "int8" (faster, measured on the 2-core
+Zen 4: benchmarks/probes/bench_cpu_compressed.py); not bit-exact: tests/native/test_int_dot.py
+states the bound.
+
 Shapes: N tokens, D hidden, I expert ffn width, n tokens of one job.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import weakref
 
 import torch
@@ -32,6 +42,7 @@ from . import library, register_declarations
 from .experts import MAX_ROW, Routes, Scratch, acc_stride, float_ptr, output_for
 
 INT_BITS = (2, 3, 4, 8)
+INT_DOTS = ("int8", "float")  # int-N activations: int8 with integer dot products, or float
 CODE_ROW_BLOCK = 16  # rows per block offset (quant.code.ROW_BLOCK; compressed.cpp assumes it)
 CODE_PAD = 32  # floats readable past x and h: the code kernel reads a codeword's 32 columns at once
 
@@ -43,14 +54,33 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, i32p, i64p, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64), \
         ctypes.POINTER(ctypes.c_float)
     lib.moekit_int_ffn.argtypes = [ctypes.c_int, f32p, f32p, i64, i64, i64, i64, i64p, i64, i64, ctypes.c_int, i32p,
-                                   i32p, f32p, f32p, f32p, ctypes.c_int]
+                                   i32p, f32p, f32p, f32p, ctypes.c_int, ctypes.c_int]
     lib.moekit_int_ffn.restype = ctypes.c_int
+    lib.moekit_int_dot_isa.argtypes = []
+    lib.moekit_int_dot_isa.restype = ctypes.c_char_p
     lib.moekit_code_ffn.argtypes = [f32p, f32p, i64, i64, i64, i64, i64p, i32p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_int, i64p, i32p, i32p, f32p, f32p, f32p, ctypes.c_int]
     lib.moekit_code_ffn.restype = ctypes.c_int
 
 
 register_declarations(_declare)
+
+
+def int_dot(dot: str | None = None) -> str:
+    """Returns the int-N activations to use: `dot` if given, else $MOEKIT_CPU_INT_DOT, else "int8"
+    (the module docstring); raises ValueError for anything but INT_DOTS."""
+    chosen = dot or os.environ.get("MOEKIT_CPU_INT_DOT") or "int8"
+    if chosen not in INT_DOTS:
+        raise ValueError(f"int-N activations must be one of {INT_DOTS} (the dot argument or $MOEKIT_CPU_INT_DOT); "
+                         f"got {chosen!r}")
+    return chosen
+
+
+def int_dot_isa() -> str:
+    """Returns the instruction set of the int8 dot products on this build ('avx512-vnni', 'avx-vnni',
+    'avx2' or 'scalar'), or '' without the native library."""
+    lib = library()
+    return lib.moekit_int_dot_isa().decode() if lib is not None else ""
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -110,10 +140,11 @@ def _permuted(xf: torch.Tensor, cols: int, per_word: int, scratch: Scratch) -> t
 
 
 def int_ffn(x: torch.Tensor, jobs: list[Job], bits: int, out: torch.Tensor | None = None, threads: int | None = None,
-            scratch: Scratch | None = None) -> torch.Tensor:
+            scratch: Scratch | None = None, dot: str | None = None) -> torch.Tensor:
     """Returns out [N, D] (x's dtype): the weighted sum over jobs of their int-`bits` expert on
     their tokens. A job's parts: (qweight, scale, zero) of gate_up [2I, D] and of down [D, I].
-    Raises ValueError for arguments the kernel cannot take."""
+    dot: "int8" or "float" activations (int_dot). Raises ValueError for arguments the kernel cannot take."""
+    int8 = int(int_dot(dot) == "int8")
     if bits not in INT_BITS:
         raise ValueError(f"the CPU int kernel takes {INT_BITS}-bit codes, got {bits}")
     d = x.shape[1]
@@ -145,7 +176,7 @@ def int_ffn(x: torch.Tensor, jobs: list[Job], bits: int, out: torch.Tensor | Non
             h[:slots * h_cols].zero_()  # the last word's padding lanes stay zero
             xf = _permuted(xf, d, per_word, scratch)
         return lib.moekit_int_ffn(bits, float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, groups[0], groups[1],
-                                  int(permuted), starts, tokens, weights, float_ptr(h), float_ptr(accs), threads)
+                                  int(permuted), starts, tokens, weights, float_ptr(h), float_ptr(accs), threads, int8)
 
     return _run(x, jobs, out, threads, scratch, call)
 
@@ -278,7 +309,7 @@ class _DecodeExpertsPlan(ctypes.Structure):
                 ("masks", ctypes.c_void_p), ("lengths", ctypes.c_void_p), ("xf", ctypes.c_void_p),
                 ("h", ctypes.c_void_p), ("h_floats", ctypes.c_int64), ("accs", ctypes.c_void_p),
                 ("outf", ctypes.c_void_p), ("ptrs", ctypes.c_void_p), ("job_sizes", ctypes.c_void_p),
-                ("tok_start", ctypes.c_void_p), ("tok", ctypes.c_void_p)]
+                ("tok_start", ctypes.c_void_p), ("tok", ctypes.c_void_p), ("int8_dot", ctypes.c_int32)]
 
 
 def _declare_decode(lib: ctypes.CDLL) -> None:
@@ -328,9 +359,10 @@ class DecodeExperts:
     """One layer's resident CompressedExperts for one token of the native decode step: the plan
     compressed.cpp's moekit_compressed_moe_decode reads (`plan`, its address `address`), with its
     buffers for top_k experts. The call is the one int_ffn / code_ffn make for one token (same jobs,
-    same order, same float x), so the bits agree with CompressedExperts.forward on the CPU."""
+    same order, same float x, the same int-N activations `dot`: int_dot), so the bits agree with
+    CompressedExperts.forward on the CPU."""
 
-    def __init__(self, experts, top_k: int, threads: int):
+    def __init__(self, experts, top_k: int, threads: int, dot: str | None = None):
         got = _stored(experts)
         if isinstance(got, str):
             raise ValueError(f"the native decode step cannot read these experts: {got}")  # noqa: TRY004 -- unsupported values, not a wrong type
@@ -347,6 +379,7 @@ class DecodeExperts:
             plan.groups[0], plan.groups[1] = groups
             permuted = all(p == 1 or -(-cols // p) % per_word == 0 for p, cols in zip(groups, (d, ffn)))
             plan.permuted = int(permuted)
+            plan.int8_dot = int(int_dot(dot) == "int8")
             x_floats, h_floats = d, top_k * ffn
             if permuted:  # rows of whole words
                 x_floats, h_floats = -(-d // per_word) * per_word, top_k * -(-ffn // per_word) * per_word

@@ -1,0 +1,207 @@
+// Integer dot products of int-N weight rows with int8 activations (compressed.cpp's IntRows, bits
+// 2, 4, 8, the permuted layout, scale groups of whole 16-word blocks; moekit.native.compressed's
+// dot="int8").
+//
+// A row's weight is scale_g * (code - zero_g) per group g. Each activation vector (a token's x, a
+// slot's h) is quantized once per matrix call to int8 with one scale per 32 columns,
+//     x_c ~ d_b * xq_c,   d_b = max |x| over block b / 127,   xq_c = round(x_c / d_b),
+// so that
+//     row . x ~ sum_g scale_g * (sum_{c in g} code_c * d_b(c) * xq_c - zero_g * sum_{c in g} d_b(c) * xq_c),
+// the first sum in int32 (unsigned codes times signed int8, four products per 32-bit lane: AVX512-VNNI
+// or AVX-VNNI vpdpbusd, else AVX2 vpmaddubsw + vpmaddwd, else a scalar loop), the second from the
+// per-block sums kept when quantizing. Using the quantized x in the zero term too keeps the error a
+// sum of (code - zero) * (x - d * xq): centred codes, not 0..2^bits-1 ones.
+//
+// Quantized layout of one vector of `words` words (words % 16 == 0; 16 words = 64 weight bytes = one
+// block here): per block, C = 8 / bits sub-vectors of 64 int8, byte 4 * l + b of sub-vector k the
+// activation of code b * C + k of word l of the block -- the code that byte b of word l holds at
+// bits k * bits, so sub-vector k of the weights is (64 weight bytes >> k * bits) & mask, one shift
+// and one and. scale: the activation scale of each word (its 32-column block's), sum: per 16-word
+// block the sum of d * xq.
+//
+// Error: |x_c - d_b * xq_c| <= d_b / 2 = max_b |x| / 254; the layer test holds the result to the
+// float path within the bound it states (tests/native/test_int_dot.py).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int XQ_COLUMNS = 32;      // columns per activation scale
+constexpr int64_t XQ_BLOCK_WORDS = 16;  // weight words per 64-byte block
+
+// `rows` vectors of `words` words quantized (layout: the file comment).
+struct QuantizedRows {
+  std::vector<int8_t> q;     // rows * columns (columns = words * 32 / bits: one int8 per code)
+  std::vector<float> scale;  // rows * words
+  std::vector<float> sum;    // rows * words / 16
+  int64_t words = 0, columns = 0;
+
+  void resize(int64_t rows, int64_t w, int bits) {
+    words = w;
+    columns = w * (32 / bits);
+    q.resize(rows * columns);
+    scale.resize(rows * w);
+    sum.resize(rows * w / XQ_BLOCK_WORDS);
+  }
+};
+
+// Whether int_row_dot takes rows of `words` words in groups of group_words (P == 1: the row).
+inline bool int_dot_fits(int bits, int64_t words, int64_t group_words) {
+  return (bits == 2 || bits == 4 || bits == 8) && words > 0 && words % XQ_BLOCK_WORDS == 0 &&
+         group_words % XQ_BLOCK_WORDS == 0;
+}
+
+// Row `row` of rows: vector x in IntRows' permuted layout (column w * PER_WORD + i at i * words + w).
+template <int BITS>
+void quantize_row(const float* x, QuantizedRows& rows, int64_t row) {
+  constexpr int PER_WORD = 32 / BITS, C = 8 / BITS, BLOCK_WORDS = XQ_COLUMNS / PER_WORD;
+  const int64_t words = rows.words;
+  int8_t* q = rows.q.data() + row * rows.columns;
+  float* scale = rows.scale.data() + row * words;
+  float* sum = rows.sum.data() + row * (words / XQ_BLOCK_WORDS);
+  for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) sum[b] = 0.f;
+  for (int64_t w0 = 0; w0 < words; w0 += BLOCK_WORDS) {
+    float amax = 0.f;
+    for (int i = 0; i < PER_WORD; ++i)
+      for (int64_t w = w0; w < w0 + BLOCK_WORDS; ++w) amax = std::fmax(amax, std::fabs(x[i * words + w]));
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t total = 0;
+    for (int64_t w = w0; w < w0 + BLOCK_WORDS; ++w) {
+      scale[w] = d;
+      int8_t* block = q + (w / XQ_BLOCK_WORDS) * 64 * C;
+      const int64_t l = w % XQ_BLOCK_WORDS;
+      for (int i = 0; i < PER_WORD; ++i) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(x[i * words + w] * inv));  // |v| <= 127
+        block[(i % C) * 64 + 4 * l + i / C] = static_cast<int8_t>(v);
+        total += v;
+      }
+    }
+    sum[w0 / XQ_BLOCK_WORDS] += d * static_cast<float>(total);
+  }
+}
+
+// The 16 int32 lane sums of one 64-byte block of weight words (u) with its quantized activations
+// (xq, C * 64 bytes): lane l = sum over word l's codes of code * xq. Scalar: the portable path.
+template <int BITS>
+inline void block_lanes_scalar(const uint32_t* u, const int8_t* xq, int32_t* lanes) {
+  constexpr int C = 8 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(u);
+  for (int l = 0; l < 16; ++l) {
+    int32_t acc = 0;
+    for (int b = 0; b < 4; ++b)
+      for (int k = 0; k < C; ++k) acc += static_cast<int32_t>((bytes[4 * l + b] >> (k * BITS)) & MASK) * xq[k * 64 + 4 * l + b];
+    lanes[l] = acc;
+  }
+}
+
+// A float16 group scale as float (one F16C instruction where there is one; common.h's otherwise).
+inline float group_scale(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return half_to_float(h);
+#endif
+}
+
+// Which integer dot product int_row_dot uses on this build (compressed.py reports it).
+inline const char* int_dot_isa() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(MOEKIT_NO_AVX512)
+  return "avx512-vnni";
+#elif defined(__AVX2__) && defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+// Row . x for one int-N row (u: words words, scale [P] float16, zero [P] uint8, groups of
+// group_words words) and one quantized vector (q, xs, xsum: its row of a QuantizedRows).
+template <int BITS>
+float int_row_dot(const uint32_t* u, const uint16_t* scale, const uint8_t* zero, int64_t group_words, const int8_t* q,
+                  const float* xs, const float* xsum, int64_t words) {
+  constexpr int C = 8 / BITS;
+  float zero_term = 0.f;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(MOEKIT_NO_AVX512)
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1u << BITS) - 1));
+  __m512 total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains of FMAs
+  for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
+    const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
+    const float s = group_scale(scale[g]);
+    const __m512i qv = _mm512_loadu_si512(u + w);
+    const int8_t* xb = q + b * 64 * C;
+    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(qv, mask), _mm512_loadu_si512(xb));
+    for (int k = 1; k < C; ++k)
+      acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi32(qv, k * BITS), mask), _mm512_loadu_si512(xb + 64 * k));
+    total[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_loadu_ps(xs + w), _mm512_set1_ps(s)),
+                                   total[b & 1]);
+    zero_term += s * static_cast<float>(zero[g]) * xsum[b];
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(total[0], total[1])) - zero_term;
+#elif defined(__AVX2__)
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1u << BITS) - 1));
+  __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // the block's low and high 8 words
+  for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
+    const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
+    const float s = group_scale(scale[g]);
+    const int8_t* xb = q + b * 64 * C;
+    for (int half = 0; half < 2; ++half) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + w + 8 * half));
+      __m256i acc = _mm256_setzero_si256();
+      for (int k = 0; k < C; ++k) {
+        const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(qv, k * BITS), mask);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64 * k + 32 * half));
+#if defined(__AVXVNNI__)
+        acc = _mm256_dpbusd_avx_epi32(acc, codes, xv);
+#else
+        if constexpr (BITS < 8) {  // pairs of products fit int16: (2^bits - 1) * 127 * 2 < 2^15
+          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1)));
+        } else {  // 255 * 127 * 2 would saturate vpmaddubsw: widen to int16 first
+          const __m256i lo = _mm256_madd_epi16(_mm256_unpacklo_epi8(codes, _mm256_setzero_si256()),
+                                               _mm256_srai_epi16(_mm256_unpacklo_epi8(xv, xv), 8));
+          const __m256i hi = _mm256_madd_epi16(_mm256_unpackhi_epi8(codes, _mm256_setzero_si256()),
+                                               _mm256_srai_epi16(_mm256_unpackhi_epi8(xv, xv), 8));
+          // lo + hi: lane l of lo holds bytes 8 * (l / 4) + 2 * (l % 4) .. +1 of its 128-bit half, hi the
+          // next 8: add them per word (4 bytes) by a horizontal add of adjacent lanes
+          acc = _mm256_add_epi32(acc, _mm256_hadd_epi32(lo, hi));
+        }
+#endif
+      }
+      total[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(_mm256_loadu_ps(xs + w + 8 * half), _mm256_set1_ps(s)),
+                                    total[half]);
+    }
+    zero_term += s * static_cast<float>(zero[g]) * xsum[b];
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(total[0], total[1]));
+  float acc = 0.f;
+  for (float v : lanes) acc += v;
+  return acc - zero_term;
+#else
+  float acc = 0.f;
+  for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
+    const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
+    const float s = group_scale(scale[g]);
+    int32_t lanes[16];
+    block_lanes_scalar<BITS>(u + w, q + b * 64 * C, lanes);
+    float y = 0.f;
+    for (int l = 0; l < 16; ++l) y += static_cast<float>(lanes[l]) * xs[w + l];
+    acc += s * y;
+    zero_term += s * static_cast<float>(zero[g]) * xsum[b];
+  }
+  return acc - zero_term;
+#endif
+}
+
+}  // namespace
