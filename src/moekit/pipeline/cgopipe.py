@@ -42,6 +42,8 @@ import torch
 from ..errors import MoekitError
 from ..kv_cache import PagedKVCache, RaggedBatch
 from ..model import Attention
+from .graphs import TaskGraphs, graphs_wanted, qkv_packet
+from .host_attention import NativeAttention, cpu_attention
 
 
 class Streams:
@@ -113,71 +115,6 @@ class MicroBatch:
     native: NativeAttention | None = None  # the prepared kernel call (None: cpu_attention's checks and fallback)
 
 
-def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
-                  window: int | None, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
-    """Returns decode attention [mu, H, Dh] of q [mu, H, Dh] over the host pools (into `out`
-    when given): the native kernel (on `threads` threads, default torch's) where it takes them,
-    else moekit.paged_attention's PyTorch path (same results)."""
-    from ..native import attention as native_attention
-    from ..paged_attention import decode_attention
-
-    if native_attention.usable(q, keys):
-        return native_attention.decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window,
-                                                 out=out, threads=threads)
-    result = decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
-    return result if out is None else out.copy_(result)
-
-
-class NativeAttention:
-    """The native CPU attention kernel's call for one micro-batch of a decode step: its block
-    tables and lengths converted and checked once for the step, not on every call as
-    native.attention.decode_attention does (a dozen small tensor ops per task, each handing the
-    GIL to the launch thread and back). `of` returns None where the kernel does not apply."""
-
-    def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, dims: tuple[int, ...], codes: tuple[int, int]):
-        import ctypes
-
-        self.lib, self.tables, self.lens, self.dims, self.codes = lib, tables, lens, dims, codes
-        i32p = ctypes.POINTER(ctypes.c_int32)
-        self.tables_ptr = ctypes.cast(tables.data_ptr(), i32p)  # the tensors stay referenced by self
-        self.lens_ptr = ctypes.cast(lens.data_ptr(), i32p)
-
-    @staticmethod
-    def of(cache: PagedKVCache, batch: RaggedBatch, heads: int, dtype: torch.dtype) -> NativeAttention | None:
-        """Returns the prepared call of a micro-batch's attention over the cache's pools, or None."""
-        from ..native import attention as native_attention
-        from ..native import library
-
-        keys = cache.keys[0]
-        nb, bs, hkv, dh = keys.shape
-        if not native_attention.usable(torch.empty(0, heads, dh, dtype=dtype), keys):
-            return None
-        if any(not (k.is_contiguous() and v.is_contiguous() and k.shape == keys.shape and k.dtype == keys.dtype)
-               for k, v in zip(cache.keys, cache.values)):
-            return None
-        tables = batch.block_tables.to(torch.int32).contiguous()
-        lens = batch.context_lens.to(torch.int32).contiguous()
-        width = tables.shape[1]
-        if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > width * bs
-                             or (width and (int(tables.min()) < 0 or int(tables.max()) >= nb))):
-            return None  # decode_attention names what is wrong
-        codes = (native_attention.DTYPE_CODES[dtype], native_attention.DTYPE_CODES[keys.dtype])
-        return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes)
-
-    def __call__(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
-                 window: int | None, threads: int | None) -> torch.Tensor:
-        """Returns out [mu, H, Dh]: attention of contiguous q [mu, H, Dh] over one layer's pools
-        (ctypes.CDLL drops the GIL for the kernel's duration)."""
-        b, h, hkv, dh, bs, width = self.dims
-        code = self.lib.moekit_decode_attention(
-            self.codes[0], self.codes[1], q.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            self.tables_ptr, self.lens_ptr, b, h, hkv, dh, bs, width, window or 0, dh ** -0.5,
-            threads or torch.get_num_threads())
-        if code != 0:
-            raise MoekitError(f"the CPU attention kernel refused its arguments (code {code}: see native/attention.cpp)")
-        return out
-
-
 def _usable_cores() -> int:
     import os
 
@@ -191,12 +128,14 @@ class PipelinedDecoder:
     (None: one layer, i.e. the step's micro-batch count; 2: the artifact's). `attention_threads`:
     the native kernel's threads (None: all usable cores but two on a GPU run, torch's on the CPU).
     `trace` (a list) receives the issue order (moekit.pipeline.timeline); `profile` (a
-    timeline.StepProfile) the step timings."""
+    timeline.StepProfile) the step timings. `graphs`: PreAttn and PostAttn replayed as CUDA graphs
+    (moekit.pipeline.graphs; None: on a CUDA device unless MOEKIT_PIPELINE_GRAPHS=0; never on the CPU)."""
 
     PAGES_AHEAD = 2  # pages of the next MoE layer queued by micro-batch j: j and j + 1
 
     def __init__(self, model, cache: PagedKVCache, micro_batch: int, lookahead: int | None = None,
-                 trace: list | None = None, profile=None, attention_threads: int | None = None):
+                 trace: list | None = None, profile=None, attention_threads: int | None = None,
+                 graphs: bool | None = None):
         cfg = model.config
         if cache.device.type != "cpu":
             raise MoekitError("CGOPipe keeps the KV cache in host memory: give a PagedKVCache on the CPU")
@@ -225,6 +164,13 @@ class PipelinedDecoder:
         if paged is not None:
             paged.trace = trace
             paged.copy_timing = profile is not None and self.streams.cuda
+        # PreAttn and PostAttn as CUDA graphs (pipeline.graphs) where the experts are resident or paged
+        # (another runtime's calls sync with the host); None: eager (the CPU, MOEKIT_PIPELINE_GRAPHS=0)
+        self.graphs = None
+        if graphs_wanted(model.device, graphs) and (paged is not None or getattr(model, "expert_runtime", None) is None):
+            # kept with the model: a later generation (a benchmark's rows after its warm-up) replays them
+            self.graphs = getattr(model, "_pipeline_graphs", None) or TaskGraphs(model, paged)
+            model._pipeline_graphs = self.graphs
 
     def _paged(self):
         """Returns the model's PagedRuntime (experts streamed page by page with the micro-batches), or None."""
@@ -288,11 +234,14 @@ class PipelinedDecoder:
 
     def _launch(self, layer: int, j: int, mb: MicroBatch) -> Future:
         """PreAttn + OffloadQKV + CPUAttn of one (layer, micro-batch j); returns CPUAttn's future."""
-        q, k, v = self.model.layers[layer].pre_attn(mb.x, mb.cos, mb.sin)  # [1, heads, mu, Dh]
-        dims = [(z.shape[1], z.shape[3]) for z in (q, k, v)]
-        # one flat packet, q | k | v each [mu, heads, Dh] (the artifact's cat(q, k, v)): one D2H copy
-        # and one event a task, fewer launches for the launch thread
-        packet = torch.cat([z[0].transpose(0, 1).reshape(-1) for z in (q, k, v)])
+        if self.graphs is not None:
+            packet, dims = self.graphs.pre(layer, mb.x, mb.cos, mb.sin)
+        else:
+            q, k, v = self.model.layers[layer].pre_attn(mb.x, mb.cos, mb.sin)  # [1, heads, mu, Dh]
+            dims = [(z.shape[1], z.shape[3]) for z in (q, k, v)]
+            # one flat packet, q | k | v each [mu, heads, Dh] (the artifact's cat(q, k, v)): one D2H
+            # copy and one event a task, fewer launches for the launch thread
+            packet = qkv_packet(q, k, v)
         self._record("pre", (layer, j))
         host, ready = self.streams.to_host(packet, mb.packet)
         self._record("d2h", (layer, j), (("pre", (layer, j)),))
@@ -359,9 +308,15 @@ class PipelinedDecoder:
             self.streams.wait(ready)
             mb = mbs[j]
             self._record("post", (i, j), (("loadh", (i, j)),) + ((("weights", i),) if i in moe else ()))
-            mb.x = model.layers[i].post_attn(mb.x, out.view(1, out.shape[0], -1))  # PostAttn(i, j)
-            if i == len(model.layers) - 1:
-                logits[j] = model.head(mb.x)[0]
+            last = i == len(model.layers) - 1
+            if self.graphs is not None:  # PostAttn(i, j) (+ the head): one graph replay
+                mb.x, head = self.graphs.post(i, mb.x, out.view(1, out.shape[0], -1), last)
+                if last:
+                    logits[j] = head
+            else:
+                mb.x = model.layers[i].post_attn(mb.x, out.view(1, out.shape[0], -1))  # PostAttn(i, j)
+                if last:
+                    logits[j] = model.head(mb.x)[0]
             if j == n - 1 and profile is not None:
                 profile.layer_done()
             t4 = clock()
@@ -448,7 +403,7 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
 @torch.inference_mode()
 def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
                        block_size: int = 16, stats=None, on_step=None, lookahead: int | None = None,
-                       profile=None, attention_threads: int | None = None) -> list[torch.Tensor]:
+                       profile=None, attention_threads: int | None = None, graphs: bool | None = None) -> list[torch.Tensor]:
     """Returns each prompt's `max_new_tokens` greedy tokens (no early stop at eos, as MoE-Lightning
     runs a batch): prefill on the model's device a micro-batch at a time with the KV moved to a
     host-resident paged cache (prefill_to_host), then decode steps by CGOPipe's schedule
@@ -456,7 +411,7 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     moekit.generate.GenerationStats) receives the timings: the
     batch's generated tokens per second are len(prompts) * new_tokens / (prefill_s + decode_s).
     `on_step(tokens_so_far)` is called after the prefill and after every decode step (a benchmark's
-    time guard raises from it to stop a run). `lookahead` and `profile` as in PipelinedDecoder."""
+    time guard raises from it to stop a run). `lookahead`, `profile` and `graphs` as in PipelinedDecoder."""
     import time
 
     from ..generate import prompt_list
@@ -478,7 +433,7 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     if on_step is not None:
         on_step(1)
     decoder = PipelinedDecoder(model, cache, micro_batch, lookahead=lookahead, profile=profile,
-                               attention_threads=attention_threads)
+                               attention_threads=attention_threads, graphs=graphs)
     try:
         for s in range(max_new_tokens - 1):
             work = [(i, lengths[i] + s, None) for i in range(len(prompts))]
@@ -487,6 +442,8 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
                 on_step(len(steps))
     finally:
         decoder.close()
+    if profile is not None and decoder.graphs is not None:
+        profile.graphs = decoder.graphs.report()
     outs = torch.stack(steps, dim=1).tolist()  # [N, new tokens]: the one host copy of the tokens
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)

@@ -44,6 +44,8 @@ Shapes: E experts of a layer, R resident, S slots, N tokens, A experts per token
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -103,6 +105,7 @@ class PagedRuntime:
         self.decode_layers = True
         self._workspace: Tensors | None = None  # {"gate_up": [E, 2I, D], "down": [E, D, I]} in the activations' dtype
         self._decoded: tuple | None = None  # (layer, half, dtype) the workspace holds, until its pages reload
+        self._external: int | None = None  # inside external_call: the buffer half its calls compute from
         self.layer_decodes = 0  # layers decoded into the workspace (statistics, tests)
         self.pages_loaded = 0  # pages copied, all layers (statistics, tests)
         self.whole_loads = 0  # layers loaded whole at their call (not ahead, page by page)
@@ -248,7 +251,19 @@ class PagedRuntime:
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D], loading the layer whole
-        first when its pages are not all there."""
+        first when its pages are not all there. Inside `external_call` (an engine that does the
+        call's bookkeeping itself, around a CUDA graph) only the computation runs."""
+        if self._external is not None:
+            return self._compute(layer, self._external, x, ids, weights)
+        half = self.begin_call(layer)
+        start = self._span_event()
+        out = self._compute(layer, half, x, ids, weights)
+        self.end_call(layer, start)
+        return out
+
+    def begin_call(self, layer: int) -> int:
+        """Returns the buffer half the layer's streamed experts are in, after loading the layer
+        whole when its pages are not all there; on CUDA the compute stream then waits for its last page."""
         if not self.loaded(layer):
             self.whole_loads += 1
             self.half_of.pop(layer, None)  # (a layer cut short is loaded again, whole)
@@ -257,41 +272,63 @@ class PagedRuntime:
         half = self.half_of.get(layer, 0)
         if self.cuda and layer in self.ready:
             torch.cuda.current_stream(self.device).wait_event(self.ready[layer])
-        row_of = self._rows[(layer, half)]
-        rows = self._rows_device[(layer, half)][ids]  # [N, A] slots
-        stacked = self.layout.view(self.slab, layer)
-        timed = self.cuda and self.copy_timing
-        if timed:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        if self._decodes_whole(x, rows, weights):
-            from ..experts import triton_ops
+        return half
 
-            gate_up, down = self._decode_layer(layer, half, stacked, x.dtype)
-            out = triton_ops.grouped_expert_ffn(x, ids, weights.to(x.dtype), gate_up, down)
-        else:
-            out = self.layout.form.run(x, rows, weights, stacked, ids=ids, row_of=row_of, count=self.experts[layer])
-        if timed:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.expert_spans.append((layer, start, end))
+    def _span_event(self) -> torch.cuda.Event | None:
+        """Returns a timing event recorded on the compute stream (copy_timing on CUDA), else None."""
+        if not (self.cuda and self.copy_timing):
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def end_call(self, layer: int, start: torch.cuda.Event | None = None) -> None:
+        """Marks the end of the layer's expert call on the compute stream: the event a page that
+        overwrites its buffer waits for (CUDA), and the call's timing span (from `start`)."""
+        if start is not None:
+            self.expert_spans.append((layer, start, self._span_event()))
         if self.cuda:  # the buffer's latest reader: a page that overwrites it waits for this, nothing later
             done = torch.cuda.Event()
             done.record()
             self.read_done[layer] = done
-        return out
 
-    def _decodes_whole(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> bool:
-        """Returns whether this call decodes the layer whole (`decode_layers`): a compressed form,
-        more routed slots than the per-slot kernels take, the kernels running, no autograd."""
+    @contextmanager
+    def external_call(self, layer: int, half: int, x: torch.Tensor, slots: int):
+        """Within it the layer's expert calls only compute, from buffer `half` (the engine called
+        begin_call and calls end_call; a CUDA graph captures what runs inside). A layer decoded
+        whole (`_decodes_whole`) is decoded into the workspace first, outside: a graph replays the
+        grouped kernels on the workspace, never the decode."""
+        if self._decodes_whole(x, slots, needs_grad(x, x, {})):
+            self._decode_layer(layer, half, self.layout.view(self.slab, layer), x.dtype)
+        self._external = half
+        try:
+            yield
+        finally:
+            self._external = None
+
+    def _compute(self, layer: int, half: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Returns the layer's expert call on x [N, D] from the slab, its streamed experts in buffer `half`."""
+        rows = self._rows_device[(layer, half)][ids]  # [N, A] slots
+        stacked = self.layout.view(self.slab, layer)
+        if self._decodes_whole(x, rows.numel(), needs_grad(x, weights, {})):
+            from ..experts import triton_ops
+
+            gate_up, down = self._decode_layer(layer, half, stacked, x.dtype)
+            return triton_ops.grouped_expert_ffn(x, ids, weights.to(x.dtype), gate_up, down)
+        return self.layout.form.run(x, rows, weights, stacked, ids=ids, row_of=self._rows[(layer, half)],
+                                    count=self.experts[layer])
+
+    def _decodes_whole(self, x: torch.Tensor, slots: int, grad: bool) -> bool:
+        """Returns whether a call of `slots` routed slots decodes the layer whole (`decode_layers`):
+        a compressed form, more routed slots than the per-slot kernels take, the kernels running,
+        no autograd."""
         form = self.layout.form
-        if not self.decode_layers or isinstance(form, DenseForm) or rows.numel() <= SLOT_KERNEL_MAX_SLOTS:
+        if not self.decode_layers or isinstance(form, DenseForm) or slots <= SLOT_KERNEL_MAX_SLOTS:
             return False
         from ..experts import triton_ops
         from ..quant import ops
 
-        return (ops.use_kernels(x) and triton_ops.triton_usable(x) and x.dtype in ops.DECODE_DTYPES
-                and not needs_grad(x, weights, {}))
+        return ops.use_kernels(x) and triton_ops.triton_usable(x) and x.dtype in ops.DECODE_DTYPES and not grad
 
     def _decode_layer(self, layer: int, half: int, stacked: Tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the layer's experts decoded in expert order, (gate_up [E, 2I, D], down [E, D, I])

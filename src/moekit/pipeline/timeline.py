@@ -95,6 +95,7 @@ class StepProfile:
         self._step: dict = {}
         self._events: dict = {}
         self._unresolved: list[tuple] = []  # CUDA: closed steps whose events are not read yet
+        self.graphs: dict | None = None  # the engine's CUDA graphs (graphs.TaskGraphs.report), when it ran them
 
     # ---- the engine's side ----------------------------------------------------------------------
     def begin(self) -> None:
@@ -190,6 +191,7 @@ class StepProfile:
         # LoadH, weight pages, PostAttn (+ the head); what is left of issuing is the loop itself
         for part in ISSUE_PARTS:
             out[f"issue_{part}_ms"] = mean(f"issue_{part}_s") if all(f"issue_{part}_s" in s for s in steps) else None
+        out["graphs"] = self.graphs
         if self.cuda:
             layers = max(len(s["layer_ms"]) for s in steps)
             out["layer_ms"] = [sum(s["layer_ms"][i] for s in steps if i < len(s["layer_ms"])) / len(steps)

@@ -1,0 +1,79 @@
+"""CGOPipe's CPU attention (moekit.pipeline.cgopipe's worker thread): decode attention of a
+micro-batch's q over a layer's host-resident paged KV pools, by the native kernel where it takes
+the arguments (its block tables and lengths converted and checked once a step: NativeAttention),
+else moekit.paged_attention's PyTorch path.
+
+Shapes: mu sequences of a micro-batch, H query heads, Hkv kv heads, Dh head dim, NB blocks of BS positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MoekitError
+from ..kv_cache import PagedKVCache, RaggedBatch
+
+
+def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
+                  window: int | None, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """Returns decode attention [mu, H, Dh] of q [mu, H, Dh] over the host pools (into `out`
+    when given): the native kernel (on `threads` threads, default torch's) where it takes them,
+    else moekit.paged_attention's PyTorch path (same results)."""
+    from ..native import attention as native_attention
+    from ..paged_attention import decode_attention
+
+    if native_attention.usable(q, keys):
+        return native_attention.decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window,
+                                                 out=out, threads=threads)
+    result = decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
+    return result if out is None else out.copy_(result)
+
+
+class NativeAttention:
+    """The native CPU attention kernel's call for one micro-batch of a decode step: its block
+    tables and lengths converted and checked once for the step, not on every call as
+    native.attention.decode_attention does (a dozen small tensor ops per task, each handing the
+    GIL to the launch thread and back). `of` returns None where the kernel does not apply."""
+
+    def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, dims: tuple[int, ...], codes: tuple[int, int]):
+        import ctypes
+
+        self.lib, self.tables, self.lens, self.dims, self.codes = lib, tables, lens, dims, codes
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        self.tables_ptr = ctypes.cast(tables.data_ptr(), i32p)  # the tensors stay referenced by self
+        self.lens_ptr = ctypes.cast(lens.data_ptr(), i32p)
+
+    @staticmethod
+    def of(cache: PagedKVCache, batch: RaggedBatch, heads: int, dtype: torch.dtype) -> NativeAttention | None:
+        """Returns the prepared call of a micro-batch's attention over the cache's pools, or None."""
+        from ..native import attention as native_attention
+        from ..native import library
+
+        keys = cache.keys[0]
+        nb, bs, hkv, dh = keys.shape
+        if not native_attention.usable(torch.empty(0, heads, dh, dtype=dtype), keys):
+            return None
+        if any(not (k.is_contiguous() and v.is_contiguous() and k.shape == keys.shape and k.dtype == keys.dtype)
+               for k, v in zip(cache.keys, cache.values)):
+            return None
+        tables = batch.block_tables.to(torch.int32).contiguous()
+        lens = batch.context_lens.to(torch.int32).contiguous()
+        width = tables.shape[1]
+        if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > width * bs
+                             or (width and (int(tables.min()) < 0 or int(tables.max()) >= nb))):
+            return None  # decode_attention names what is wrong
+        codes = (native_attention.DTYPE_CODES[dtype], native_attention.DTYPE_CODES[keys.dtype])
+        return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes)
+
+    def __call__(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
+                 window: int | None, threads: int | None) -> torch.Tensor:
+        """Returns out [mu, H, Dh]: attention of contiguous q [mu, H, Dh] over one layer's pools
+        (ctypes.CDLL drops the GIL for the kernel's duration)."""
+        b, h, hkv, dh, bs, width = self.dims
+        code = self.lib.moekit_decode_attention(
+            self.codes[0], self.codes[1], q.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            self.tables_ptr, self.lens_ptr, b, h, hkv, dh, bs, width, window or 0, dh ** -0.5,
+            threads or torch.get_num_threads())
+        if code != 0:
+            raise MoekitError(f"the CPU attention kernel refused its arguments (code {code}: see native/attention.cpp)")
+        return out
