@@ -30,10 +30,13 @@ import triton.language as tl
 
 @triton.jit
 def _e2m1(code):
-    """Returns the float32 value of e2m1 codes (0..15): sign bit 3, exponent bits 2-1, mantissa bit 0."""
+    """Returns the float32 value of e2m1 codes (int32, 0..15: sign bit 3, exponent bits 2-1, mantissa
+    bit 0), built from its float32 bits: integer ops and a select, no transcendental per value."""
     exponent = (code >> 1) & 3
-    mantissa = (code & 1).to(tl.float32)
-    magnitude = tl.where(exponent == 0, mantissa * 0.5, (1.0 + mantissa * 0.5) * tl.exp2((exponent - 1).to(tl.float32)))
+    mantissa = code & 1
+    # exponent 0 is 0 or 0.5 (2^-1); else (1 + mantissa / 2) * 2^(exponent - 1)
+    bits = tl.where(exponent == 0, mantissa * (126 << 23), ((exponent + 126) << 23) | (mantissa << 22))
+    magnitude = bits.to(tl.float32, bitcast=True)
     return tl.where((code & 8) != 0, -magnitude, magnitude)
 
 
@@ -50,8 +53,12 @@ def _weight_tile(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
         cols = k0 + 2 * j  # its even column
         mask = row_ok[:, None] & (cols < K)[None, :]
         byte = tl.load(w_base + rows[:, None] * stride_wr + (k0 // 2 + j)[None, :], mask=mask, other=0).to(tl.int32)
-        scale = tl.load(scales_base + rows[:, None] * stride_sr + (cols // 32)[None, :], mask=mask, other=127)
-        power = tl.exp2(scale.to(tl.float32) - 127.0)  # [BN, BK/2]
+        groups: tl.constexpr = BLOCK_K // 32
+        gs = tl.arange(0, groups)  # the tile's 32-column groups: one scale each, loaded once
+        scale = tl.load(scales_base + rows[:, None] * stride_sr + (k0 // 32 + gs)[None, :],
+                        mask=row_ok[:, None] & (k0 + 32 * gs < K)[None, :], other=127)  # [BN, BK/32]
+        power = tl.exp2(scale.to(tl.float32) - 127.0)
+        power = tl.broadcast_to(power[:, :, None], (BLOCK_N, groups, 16)).reshape(BLOCK_N, half)  # [BN, BK/2]
         # low nibbles are the even columns, high nibbles the odd ones: interleave them back
         tile = tl.join(_e2m1(byte & 15) * power, _e2m1(byte >> 4) * power).reshape(BLOCK_N, BLOCK_K)
         if K_MAJOR:
