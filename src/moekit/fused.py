@@ -1,5 +1,7 @@
 """Fused decode steps on CUDA: RMSNorm (with the residual add), q/k norm + rope, softmax top-k
-routing, the KV-cache write and the decode mask, each one Triton kernel (moekit.kernels.fused_decode).
+routing, the KV-cache write and the decode mask, each one Triton kernel (moekit.kernels.fused_decode);
+for latent attention (moekit.mla) its projection's norm + ropes and its absorbed attention with the
+cache write, two kernels (moekit.kernels.mla_decode).
 
 The model calls these in place of its PyTorch code (the reference, kept for the CPU, autograd
 and torch.compile, which fuses the same steps itself) when `enabled` says so: on CUDA tensors
@@ -26,6 +28,7 @@ try:
         rms_norm_kernel,
         softmax_topk_kernel,
     )
+    from .kernels.mla_decode import mla_attention_kernel, mla_project_kernel
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton keep the PyTorch path
     HAVE_TRITON = False
@@ -198,3 +201,69 @@ def decode_mask(start: torch.Tensor, t: int, s: int, window: int | None = None) 
         start, mask, s, 0 if window is None else window, WINDOW=window is not None, BLOCK_S=block,
         num_warps=max(1, block // 256))
     return mask
+
+
+# ---- latent attention (moekit.mla); shapes as in moekit.kernels.mla_decode ---------------------
+
+def mla_project(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                heads: int, nope_dim: int, kv_rank: int, interleave: bool, eps: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (q [N, H, dqk] with each head's rope slice rotated, latent [N, r] = RMSNorm(kv[:, :r])
+    * norm_weight, rope key [N, dr] rotated) from q_proj's q [..., H*dqk] and kv_a_proj's kv
+    [..., r + dr] (N rows); cos, sin [T, dr] (row n uses n % T)."""
+    q_rows, kv_rows = _rows(q), _rows(kv)
+    q_rows = q.reshape(-1, q.shape[-1]).contiguous() if q_rows is None else q_rows
+    kv_rows = kv.reshape(-1, kv.shape[-1]).contiguous() if kv_rows is None else kv_rows
+    n, dr = q_rows.shape[0], cos.shape[-1]
+    dqk = nope_dim + dr
+    q_out = torch.empty((n, heads, dqk), dtype=q.dtype, device=q.device)
+    latent = torch.empty((n, kv_rank), dtype=torch.promote_types(kv.dtype, norm_weight.dtype), device=kv.device)
+    rope = torch.empty((n, dr), dtype=kv.dtype, device=kv.device)
+    dqk_pad = triton.next_power_of_2(dqk)
+    heads_block = max(1, min(triton.next_power_of_2(heads), 4096 // dqk_pad))
+    mla_project_kernel[(n, triton.cdiv(heads, heads_block))](
+        q_rows, kv_rows, norm_weight, cos, sin, q_out, latent, rope,
+        cos.shape[0], q_rows.stride(0), kv_rows.stride(0), cos.stride(0), sin.stride(0), eps,
+        H=heads, DN=nope_dim, DR=dr, R=kv_rank, INTERLEAVE=interleave, HEADS_BLOCK=heads_block, DQK_PAD=dqk_pad,
+        R_PAD=triton.next_power_of_2(kv_rank), DR_PAD=triton.next_power_of_2(dr), num_warps=4)
+    return q_out, latent, rope
+
+
+def mla_project_supported(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> bool:
+    """Returns whether mla_project stands in for the reference with these tensors (one dtype,
+    unit column strides, rope width even)."""
+    dt = q.dtype
+    return (kv.dtype == dt and norm_weight.dtype == dt and cos.dtype == dt and sin.dtype == dt
+            and cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.shape[-1] % 2 == 0 and norm_weight.is_contiguous())
+
+
+# mla_attention runs one program per (token, head): at batch 1 only H programs, each walking its
+# head's W_uk, the cached positions (twice: the softmax's sums, then the weighted latents) and its
+# W_uv in tiles of 32 rows, so its time is these loops' memory latency; long caches would want
+# the positions split over programs (flash-decoding), not done here.
+def mla_attention(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,
+                  keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor, t: int, value_dim: int,
+                  scale: float) -> torch.Tensor:
+    """Returns the absorbed attention output [N, H*dv] of q [N, H, dqk] (N = B*T rows, token t of a
+    sequence at position start + t) over the cached latents keys [B, 1, S, r] and rope keys values
+    [B, 1, S, dr], after storing the step's latent [N, r] and rope [N, dr] there (start a 0-d
+    device tensor; positions past S are dropped). kv_b_weight [H*(dn + dv), r]."""
+    n, heads, dqk = q.shape
+    kv_rank, dr = latent.shape[1], rope.shape[1]
+    out = torch.empty((n, heads * value_dim), dtype=q.dtype, device=q.device)
+    mla_attention_kernel[(n, heads)](
+        q, kv_b_weight, latent, rope, keys, values, start, out,
+        t, keys.shape[2], scale, keys.stride(0), keys.stride(2), values.stride(0), values.stride(2),
+        H=heads, DN=dqk - dr, DR=dr, DV=value_dim, R=kv_rank, R_PAD=triton.next_power_of_2(kv_rank),
+        DR_PAD=triton.next_power_of_2(dr), BLOCK_S=32, BLOCK_W=32, num_warps=8)
+    return out
+
+
+def mla_attention_supported(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,
+                            keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Returns whether mla_attention handles these tensors: contiguous rows of one dtype, caches
+    of it with unit column strides."""
+    dt = q.dtype
+    return (all(z.dtype == dt and z.is_contiguous() for z in (q, kv_b_weight, latent, rope))
+            and keys.dtype == dt and values.dtype == dt and keys.stride(-1) == 1 and values.stride(-1) == 1)

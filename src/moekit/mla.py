@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .config import ModelConfig
 from .errors import MoekitError
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
@@ -44,6 +45,8 @@ class LatentRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(x, self.weight) and x.dtype == self.weight.dtype:  # one kernel in place of eight
+            return fused.rms_norm(x, self.weight, LATENT_NORM_EPS)
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + LATENT_NORM_EPS)).to(x.dtype)
 
@@ -99,9 +102,18 @@ class LatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
         else:
             q = self.q_proj(x)
+        kv = self.kv_a_proj(x)  # [B, T, r + dr]
+        if (fused.enabled(q, self.kv_a_norm.weight) and cos.shape[0] == t
+                and fused.mla_project_supported(q, kv, self.kv_a_norm.weight, cos, sin)):
+            # the latent norm, both ropes and q's assembly in one kernel (CUDA decode)
+            q, latent, k_rope = fused.mla_project(q, kv, self.kv_a_norm.weight, cos, sin, self.cfg.num_heads,
+                                                  m.qk_nope_head_dim, m.kv_lora_rank, m.rope_interleave,
+                                                  LATENT_NORM_EPS)
+            return (q.view(b, t, *q.shape[1:]).transpose(1, 2), latent.view(b, 1, t, -1),
+                    k_rope.view(b, 1, t, -1))
         q = q.view(b, t, self.cfg.num_heads, m.qk_head_dim).transpose(1, 2)  # [B, H, T, dqk]
         q_nope, q_rope = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent, k_rope = kv.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_norm(latent)[:, None]  # [B, 1, T, r]
         k_rope = k_rope[:, None]  # [B, 1, T, dr]
         rotate = rope_interleaved if m.rope_interleave else apply_rope
@@ -117,6 +129,10 @@ class LatentAttention(nn.Module):
         if isinstance(start, RaggedBatch):
             return self._attend_ragged(q, latent, k_rope, cache, start)
         b, _, t, _ = q.shape
+        if type(cache) is KVCache and isinstance(start, torch.Tensor) and absorbed is not False:
+            out = self._attend_fused(q, latent, k_rope, cache, start)
+            if out is not None:
+                return out
         if cache is not None:
             cache.write(self.layer, latent, k_rope, start)
             if isinstance(start, torch.Tensor):  # static shapes for CUDA graphs: attend to all S
@@ -129,6 +145,24 @@ class LatentAttention(nn.Module):
         mask = self._mask(t, latent.shape[2], start, q.device)
         out = (self._absorbed if absorbed else self._expanded)(q, latent, k_rope, mask)  # [B, H, T, dv]
         return out.transpose(1, 2).reshape(b, t, -1)
+
+    def _attend_fused(self, q: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, cache: KVCache,
+                      start: torch.Tensor) -> torch.Tensor | None:
+        """Returns attend's output [B, T, H*dv] from one kernel (cache write + absorbed attention;
+        CUDA decode at a device position), or None where the reference must run."""
+        b, h, t, dqk = q.shape
+        w = self.kv_b_proj.weight
+        if not fused.enabled(start, q, w):
+            return None
+        rows_q = q.transpose(1, 2).reshape(b * t, h, dqk).contiguous()  # a view after mla_project
+        rows_lat = latent.reshape(b * t, -1).contiguous()
+        rows_rope = k_rope.reshape(b * t, -1).contiguous()
+        keys, values = cache.keys[self.layer], cache.values[self.layer]
+        if not fused.mla_attention_supported(rows_q, w, rows_lat, rows_rope, keys, values):
+            return None
+        out = fused.mla_attention(rows_q, w, rows_lat, rows_rope, keys, values, start, t, self.mla.v_head_dim,
+                                  self.scale)
+        return out.view(b, t, -1)
 
     # ---- the two forms -----------------------------------------------------------------------
     def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:

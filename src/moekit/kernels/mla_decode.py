@@ -1,0 +1,186 @@
+"""Fused kernels for a decode step of multi-head latent attention (moekit.mla, DeepSeek-V2/V3).
+
+The PyTorch reference of a step is ~45 small kernels per layer (the latent RMSNorm: 8; rope of q's
+and the key's rope slices with their concatenations: 15; the cache write, the mask and the absorbed
+attention: 20). Here they are two launches: mla_project_kernel (latent norm, both ropes, q
+assembled) and mla_attention_kernel (cache write, kv_b's key half folded into q, softmax over the
+cached latents, kv_b's value half applied). Every intermediate is rounded to the model dtype where
+LatentAttention's reference rounds it, so bf16 results match it up to the order of float32 sums.
+Wrappers: moekit.fused (mla_project, mla_attention).
+
+Tensors (N = B*T token rows, T = new tokens a sequence, B = batch, H = heads, r = kv_lora_rank,
+dn / dr / dv = no-rope key, rope key, value head dims, dqk = dn + dr, S = cache capacity):
+    q          [N, H*dqk]     q_proj's output (no-rope part, then rope part of each head)
+    kv         [N, r + dr]    kv_a_proj's output (the latent, then the rope key)
+    w_norm     [r]            kv_a_layernorm's weight
+    cos, sin   [T, dr]        cat(freqs, freqs); row n uses cos[n % T]
+    q_out      [N, H, dqk]    q with its rope slice rotated
+    latent     [N, r]         the normed latent; rope [N, dr] the rotated rope key
+    w_kv       [H, dn + dv, r]  kv_b_proj's weight: rows 0..dn-1 of a head W_uk, the rest W_uv
+    keys       [B, S, r]      the latent cache (KVCache.keys[layer] [B, 1, S, r]); values [B, S, dr]
+    start      0-d int        position of the first new token (on the device)
+    out        [N, H*dv]      the attention output before o_proj
+"""
+
+import triton
+import triton.language as tl
+
+from .fused_decode import _to
+
+
+@triton.jit
+def _rope_slice(src, j, c_ptr, s_ptr, DR: tl.constexpr, INTERLEAVE: tl.constexpr, ok):
+    """Returns the rope slice of width DR starting at src, rotated, at output positions j (any
+    shape, masked by ok): interleaved pairs (x0, x1), (x2, x3) ... written as all first members,
+    then all second ones (moekit.mla.rope_interleaved), or rotate-half (moekit.rope.apply_rope).
+    c_ptr, s_ptr point at the row's cos, sin. Each product and the sum rounded to src's dtype."""
+    half: tl.constexpr = DR // 2
+    second = j >= half
+    i = tl.where(second, j - half, j)
+    if INTERLEAVE:
+        a = 2 * i + tl.where(second, 1, 0)
+        b = 2 * i + tl.where(second, 0, 1)
+        freq = i
+    else:
+        a = j
+        b = tl.where(second, j - half, j + half)
+        freq = j
+    xa = tl.load(src + a, mask=ok, other=0.0)
+    dt = xa.dtype
+    xb = tl.load(src + b, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + freq, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + freq, mask=ok, other=0.0).to(tl.float32)
+    first = _to(xa.to(tl.float32) * c, dt).to(tl.float32)
+    other = _to(xb * s, dt).to(tl.float32)
+    return _to(first + tl.where(second, other, -other), dt)
+
+
+@triton.jit
+def mla_project_kernel(
+    q_ptr, kv_ptr, w_ptr, cos_ptr, sin_ptr, q_out_ptr, latent_ptr, rope_ptr,
+    T, stride_q, stride_kv, stride_cos, stride_sin, eps,
+    H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr, INTERLEAVE: tl.constexpr,
+    HEADS_BLOCK: tl.constexpr, DQK_PAD: tl.constexpr, R_PAD: tl.constexpr, DR_PAD: tl.constexpr,
+):
+    """Program (n, hb) writes q_out[n] of heads hb*HEADS_BLOCK.. (the no-rope part copied, the rope
+    part rotated); program (n, 0) also writes latent[n] = w_norm * RMSNorm(kv[n, :r]) (float32
+    statistics, the normed row rounded before the weight) and rope[n] = rotated kv[n, r:]."""
+    n = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    DQK: tl.constexpr = DN + DR
+    t = n % T
+    c_row = cos_ptr + t * stride_cos
+    s_row = sin_ptr + t * stride_sin
+    heads = hb * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)[:, None]  # [HB, 1]
+    d = tl.arange(0, DQK_PAD)[None, :]  # [1, DQK_PAD]
+    ok = (heads < H) & (d < DQK)
+    src = q_ptr + n * stride_q + heads * DQK
+    x = tl.load(src + d, mask=ok & (d < DN), other=0.0)
+    j = tl.where(d >= DN, d - DN, 0)
+    roped = _rope_slice(src + DN, j, c_row, s_row, DR, INTERLEAVE, ok & (d >= DN))
+    tl.store(q_out_ptr + n * H * DQK + heads * DQK + d, tl.where(d >= DN, roped, x), mask=ok)
+    if hb == 0:
+        cols = tl.arange(0, R_PAD)
+        c_ok = cols < R
+        lat = tl.load(kv_ptr + n * stride_kv + cols, mask=c_ok, other=0.0)
+        lat32 = lat.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(lat32 * lat32, axis=0) / R + eps)
+        normed = _to(lat32 * rstd, lat.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(latent_ptr + n * R + cols, _to(w * normed, latent_ptr.dtype.element_ty), mask=c_ok)
+        jr = tl.arange(0, DR_PAD)
+        r_ok = jr < DR
+        k_rope = _rope_slice(kv_ptr + n * stride_kv + R, jr, c_row, s_row, DR, INTERLEAVE, r_ok)
+        tl.store(rope_ptr + n * DR + jr, k_rope, mask=r_ok)
+
+
+@triton.jit
+def _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last, first_row,
+            stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, rr, r_ok, dd, d_ok, dt, scale, R: tl.constexpr,
+            DR: tl.constexpr):
+    """Returns (scores [BS] float32, masked to -inf past `last`; latents [BS, R_PAD] float32) of
+    positions s [BS]: cached ones (< start) from the cache, new ones from the step's rows."""
+    cached = (s < start)[:, None]
+    new = ((s >= start) & (s <= last))[:, None]
+    new_row = first_row + s - start  # [BS]
+    lat = (tl.load(kc_ptr + b * stride_kc_b + s[:, None] * stride_kc_s + rr[None, :],
+                   mask=cached & r_ok[None, :], other=0.0)
+           + tl.load(lat_ptr + new_row[:, None] * R + rr[None, :], mask=new & r_ok[None, :], other=0.0))
+    rope = (tl.load(rc_ptr + b * stride_rc_b + s[:, None] * stride_rc_s + dd[None, :],
+                    mask=cached & d_ok[None, :], other=0.0)
+            + tl.load(rope_ptr + new_row[:, None] * DR + dd[None, :], mask=new & d_ok[None, :], other=0.0))
+    lat = lat.to(tl.float32)
+    s_lat = _to(tl.sum(lat * q_lat[None, :], axis=1), dt).to(tl.float32)
+    s_rope = _to(tl.sum(rope.to(tl.float32) * q_rope[None, :], axis=1), dt).to(tl.float32)
+    score = _to(s_lat + s_rope, dt).to(tl.float32) * scale
+    return tl.where(s <= last, score, float("-inf")), lat
+
+
+@triton.jit
+def mla_attention_kernel(
+    q_ptr, w_ptr, lat_ptr, rope_ptr, kc_ptr, rc_ptr, start_ptr, out_ptr,
+    T, S, scale, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s,
+    H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
+    R_PAD: tl.constexpr, DR_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Program (n, h): out[n, h*dv:] of token n = b*T + t at position start + t, head h, absorbed:
+    q_lat = q_nope W_uk[h] (rounded), scores = (q_lat . c_s + q_rope . k_s) * scale over positions
+    s <= start + t, softmax (float32; max and sum first, then the probabilities rounded as the
+    reference rounds them), ctx = sum p_s c_s (rounded), out = W_uv[h] ctx. Programs (n, 0) also
+    store latent[n], rope[n] into the caches at start + t (dropped past S); every program reads
+    the step's new positions from latent / rope, never from the cache it is being written to."""
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    b = n // T
+    t = n % T
+    DQK: tl.constexpr = DN + DR
+    start = tl.load(start_ptr).to(tl.int64)
+    last = start + t
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    dd = tl.arange(0, DR_PAD)
+    d_ok = dd < DR
+    if h == 0:
+        keep_r = rr < tl.where(last < S, R, 0)  # (a scalar & a vector of bools trips the interpreter)
+        keep_d = dd < tl.where(last < S, DR, 0)
+        tl.store(kc_ptr + b * stride_kc_b + last * stride_kc_s + rr,
+                 tl.load(lat_ptr + n * R + rr, mask=keep_r), mask=keep_r)
+        tl.store(rc_ptr + b * stride_rc_b + last * stride_rc_s + dd,
+                 tl.load(rope_ptr + n * DR + dd, mask=keep_d), mask=keep_d)
+    q_row = q_ptr + n * H * DQK + h * DQK
+    w_head = w_ptr + h * (DN + DV) * R
+    acc = tl.zeros((R_PAD,), dtype=tl.float32)
+    for k0 in range(0, DN, BLOCK_W):  # q_lat = q_nope W_uk[h]
+        ks = k0 + tl.arange(0, BLOCK_W)
+        k_ok = ks < DN
+        qn = tl.load(q_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_head + ks[:, None] * R + rr[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * qn[:, None], axis=0)
+    dt = q_ptr.dtype.element_ty
+    q_lat = _to(acc, dt).to(tl.float32)
+    q_rope = tl.load(q_row + DN + dd, mask=d_ok, other=0.0).to(tl.float32)
+    first_row = b * T
+    positions = tl.arange(0, BLOCK_S)
+    m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
+    total = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
+    for s0 in range(0, last + 1, BLOCK_S):  # pass 1: the softmax's max and sum
+        score, _ = _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s0 + positions, start, last,
+                           first_row, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, rr, r_ok, dd, d_ok,
+                           dt, scale, R, DR)
+        m_new = tl.maximum(m, tl.max(score, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(score - m_new), axis=0)
+        m = m_new
+    ctx = tl.zeros((R_PAD,), dtype=tl.float32)
+    for s0 in range(0, last + 1, BLOCK_S):  # pass 2: the rounded probabilities times the latents
+        score, lat = _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s0 + positions, start, last,
+                             first_row, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, rr, r_ok, dd, d_ok,
+                             dt, scale, R, DR)
+        p = _to(tl.exp(score - m) / total, dt).to(tl.float32)
+        ctx += tl.sum(p[:, None] * lat, axis=0)
+    ctx = _to(ctx, dt).to(tl.float32)
+    for v0 in range(0, DV, BLOCK_W):  # out = W_uv[h] ctx
+        vs = v0 + tl.arange(0, BLOCK_W)
+        v_ok = vs < DV
+        w = tl.load(w_head + (DN + vs[:, None]) * R + rr[None, :], mask=v_ok[:, None] & r_ok[None, :], other=0.0)
+        o = tl.sum(w.to(tl.float32) * ctx[None, :], axis=1)
+        tl.store(out_ptr + n * H * DV + h * DV + vs, _to(o, out_ptr.dtype.element_ty), mask=v_ok)

@@ -1,0 +1,132 @@
+"""The fused latent-attention decode kernels (moekit.fused.mla_project, mla_attention) against
+LatentAttention's PyTorch reference, and whole DeepSeek models decoding with them on and off.
+
+On CPU machines the kernels run under TRITON_INTERPRET=1 (set in conftest.py); on a GPU, for real.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import kernel_device, rel_error, token_ids
+from test_fused import _close, _decode_logits
+
+import moekit
+from moekit import fused
+from moekit.config import MLAConfig, ModelConfig
+from moekit.kv_cache import KVCache
+from moekit.mla import LatentAttention
+from moekit.rope import cos_sin
+
+pytestmark = pytest.mark.skipif(not fused.HAVE_TRITON, reason="triton not installed")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+# (batch, new tokens, heads, r, dn, dr, dv, interleaved rope, q_lora_rank): V2-Lite's proportions
+# shrunk, odd widths (padding), rotate-half rope, V3's q bottleneck
+MLA_CASES = [
+    (1, 1, 4, 32, 16, 8, 16, True, None),
+    (2, 1, 3, 24, 12, 6, 10, True, None),
+    (1, 3, 4, 32, 16, 8, 16, False, None),
+    (2, 2, 2, 16, 8, 4, 8, True, 24),
+]
+
+
+def _layer(case, dtype, device):
+    """Returns (a LatentAttention of `case` with random weights, its cos and sin at positions 5..)."""
+    _, t, heads, r, dn, dr, dv, interleave, q_rank = case
+    mla = MLAConfig(kv_lora_rank=r, q_lora_rank=q_rank, qk_nope_head_dim=dn, qk_rope_head_dim=dr,
+                    v_head_dim=dv, rope_interleave=interleave)
+    cfg = ModelConfig(family="deepseek_v2", vocab_size=64, hidden_size=48, num_layers=1, num_heads=heads,
+                      num_kv_heads=heads, head_dim=dn + dr, num_experts=2, top_k=1, expert_ffn=8,
+                      moe_layers=(True,), mla=mla)
+    g = torch.Generator().manual_seed(heads * r + t)
+    attn = LatentAttention(cfg, 0)
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if "norm" in name
+                    else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    attn = attn.to(device, dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dr, 2, dtype=torch.float32) / dr))
+    cos, sin = cos_sin(inv_freq.to(device), 1.0, torch.arange(5, 5 + t, device=device), dtype)
+    return attn, cos, sin
+
+
+def _run(attn, x, cos, sin, cache, start, fused_on: bool, monkeypatch):
+    monkeypatch.setenv("MOEKIT_FUSED", "1" if fused_on else "0")
+    with torch.inference_mode():
+        q, latent, k_rope = attn.project(x, cos, sin)
+        # absorbed for T > 1 too: the expanded form rounds bf16 elsewhere (the model test covers it)
+        return (q, latent, k_rope), attn.attend(q, latent, k_rope, cache, start, absorbed=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MLA_CASES)
+def test_mla_decode_matches_reference(case, dtype, monkeypatch):
+    """project (norm + ropes) and attend (cache write + absorbed attention over 5 cached positions
+    and the new ones) give the reference's tensors, and leave the same cache behind."""
+    device = kernel_device()
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    b, t = case[0], case[1]
+    attn, cos, sin = _layer(case, dtype, device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, t, attn.cfg.hidden_size, generator=g).to(device, dtype)
+    caches = []
+    for _ in range(2):
+        cache = KVCache(attn.cfg, b, 12, device, dtype)
+        history = torch.Generator().manual_seed(4)  # the same 5 cached positions in both caches
+        cache.keys[0][:, :, :5] = torch.randn(b, 1, 5, attn.mla.kv_lora_rank, generator=history).to(device, dtype)
+        cache.values[0][:, :, :5] = torch.randn(b, 1, 5, attn.mla.qk_rope_head_dim, generator=history).to(device, dtype)
+        caches.append(cache)
+    start = torch.tensor(5, device=device)
+    (q_ref, lat_ref, rope_ref), out_ref = _run(attn, x, cos, sin, caches[0], start, False, monkeypatch)
+    calls = []
+    for name in ("mla_project", "mla_attention"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    (q, lat, rope), out = _run(attn, x, cos, sin, caches[1], start, True, monkeypatch)
+    assert calls == ["mla_project", "mla_attention"]
+    for got, want in ((q, q_ref), (lat, lat_ref), (rope, rope_ref), (out, out_ref)):
+        _close(got, want, dtype)
+    _close(caches[1].keys[0], caches[0].keys[0], dtype)
+    _close(caches[1].values[0], caches[0].values[0], dtype)
+
+
+def test_mla_attention_drops_positions_past_the_cache(monkeypatch):
+    """A step whose positions run past the capacity S writes none of them there (KVCache.write
+    raises on the host path; the device path cannot) and still attends to what is cached."""
+    device = kernel_device()
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    attn, cos, sin = _layer((1, 1, 4, 32, 16, 8, 16, True, None), torch.float32, device)
+    cache = KVCache(attn.cfg, 1, 4, device, torch.float32)
+    cache.keys[0].normal_()
+    before = cache.keys[0].clone()
+    x = torch.randn(1, 1, attn.cfg.hidden_size, device=device)
+    _, out = _run(attn, x, cos, sin, cache, torch.tensor(4, device=device), True, monkeypatch)
+    assert torch.equal(cache.keys[0], before) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_decode_fused_equals_reference(tiny, variant, dtype, monkeypatch):
+    """On the CPU through the interpreter: DeepSeek decode steps with the fused MLA kernels give the
+    reference's logits (V3: q's bottleneck norm fused too)."""
+    kernel_device()
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only: the interpreter path")
+    model = moekit.load_model(tiny(variant).path).to(dtype)
+    prompt = token_ids(1, 6)
+    monkeypatch.setenv("MOEKIT_FUSED", "0")
+    expected = _decode_logits(model, prompt, 3)
+    monkeypatch.setenv("MOEKIT_FUSED", "1")
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    calls = set()
+    for name in ("mla_project", "mla_attention", "rms_norm"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.add(_name) or _real(*a, **k))
+    got = _decode_logits(model, prompt, 3)
+    assert {"mla_project", "mla_attention", "rms_norm"} <= calls
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    else:
+        assert rel_error(got, expected) < 1e-2
