@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
-import common  # noqa: E402
+import common
 
-from moekit.experts import clamped_ops  # noqa: E402
-from moekit.experts.clamped import ClampedSwigluForm, Mxfp4ClampedForm  # noqa: E402
+from moekit.experts import clamped_ops
+from moekit.experts.clamped import ClampedSwigluForm, Mxfp4ClampedForm
 
 EXPERTS, HIDDEN, FFN, TOP_K, LAYERS = 32, 2880, 2880, 4, 24  # gpt-oss-20b
 ALPHA, LIMIT = 1.702, 7.0
@@ -93,15 +94,15 @@ def main() -> None:
             ids, w = routing(slots // TOP_K, device, g)
             x = torch.randn(slots // TOP_K, HIDDEN, generator=g).to(device, torch.bfloat16)
             with torch.no_grad():
-                kernels = lambda: clamped_ops.clamped_expert_ffn(x, ids, w, stacked, ALPHA, LIMIT)  # noqa: E731
-                old = lambda: form.run_planned(x, ids, w, stacked, grad=False)  # noqa: E731
+                kernels = partial(clamped_ops.clamped_expert_ffn, x, ids, w, stacked, ALPHA, LIMIT)
+                old = partial(form.run_planned, x, ids, w, stacked, grad=False)
                 err = rel_err(kernels(), old())
                 kernels_s = common.do_bench_s(graphed(kernels))
                 eager_s = common.do_bench_s(kernels)
                 old_s = common.do_bench_s(old)
             moved = bytes_read(form, ids)
             floor_s = moved / common.HBM_BYTES_PER_S
-            rows.append({"format": fmt, "slots": slots, "path": "slot" if slots <= clamped_ops.SLOT_MAX_SLOTS
+            rows.append({"format": fmt, "slots": slots, "path": "slot" if slots <= clamped_ops.SLOT_KERNEL_MAX_SLOTS
                          else "grouped", "kernels_us": kernels_s * 1e6, "kernels_eager_us": eager_s * 1e6,
                          "old_us": old_s * 1e6, "floor_us": floor_s * 1e6, "bytes": moved,
                          "gb_per_s": moved / kernels_s / 1e9, "of_floor": floor_s / kernels_s,
@@ -116,7 +117,7 @@ def main() -> None:
         with torch.no_grad():
             want = form.run_planned(x, ids, w, stacked, grad=False)
             for config in SLOT_CONFIGS:
-                fn = lambda: clamped_ops.slot_ffn(x, ids, w, mats, ALPHA, LIMIT, (config, config))  # noqa: E731
+                fn = partial(clamped_ops.slot_ffn, x, ids, w, mats, ALPHA, LIMIT, (config, config))
                 err = rel_err(fn(), want)
                 s = common.do_bench_s(graphed(fn))
                 sweep.append({"format": fmt, "block_n": config[0], "block_k": config[1], "num_warps": config[2],

@@ -5,9 +5,10 @@ the forms' PyTorch path (ClampedSwigluForm.run_planned), on the CPU under TRITON
 Shapes: E = experts, D = hidden, I = expert ffn width (multiples of 32, as MXFP4 needs).
 """
 
+from functools import partial
+
 import pytest
 import torch
-
 from conftest import kernel_device
 
 from moekit.experts import clamped, triton_ops
@@ -153,8 +154,7 @@ def test_cuda_graph_replays_new_routings(fmt):
         ids, w = _route(tokens, 4, list(range(E)), g)
         x = torch.randn(tokens, D, generator=g)
         static = [ids.cuda(), w.cuda().bfloat16(), x.cuda().bfloat16()]
-        call = lambda: clamped.clamped_ops.clamped_expert_ffn(static[2], static[0], static[1], stacked,  # noqa: E731
-                                                              ALPHA, LIMIT)
+        call = partial(clamped.clamped_ops.clamped_expert_ffn, static[2], static[0], static[1], stacked, ALPHA, LIMIT)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

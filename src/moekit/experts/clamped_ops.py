@@ -22,11 +22,15 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..kernels.clamped_experts import grouped_down_kernel, grouped_gate_up_kernel, slot_down_kernel, slot_gate_up_kernel
+from ..kernels.clamped_experts import (
+    grouped_down_kernel,
+    grouped_gate_up_kernel,
+    slot_down_kernel,
+    slot_gate_up_kernel,
+)
+from .forms import SLOT_KERNEL_MAX_SLOTS
 from .triton_ops import block_map, block_sizes, triton_usable
 
-# Up to this many slots the per-slot kernels run (as the dense form's, forms.SLOT_KERNEL_MAX_SLOTS).
-SLOT_MAX_SLOTS = 16
 # (BLOCK_N, BLOCK_K, num_warps) of the per-slot kernels by format. The MXFP4 tiles were (16, 64):
 # 512 weight bytes a program per step, far too few in flight to stream HBM; these move as many
 # bytes a step as the dense kernels' measured winner (4, 1024) does per row pair. Untuned on a
@@ -66,7 +70,8 @@ class Matrix:
         return self.weights.shape[1]
 
     def args(self) -> tuple:
-        """Returns (weights, scales, bias, stride_we, stride_wr, stride_se, stride_sr, stride_bias) as the kernels take them."""
+        """Returns (weights, scales, bias, stride_we, stride_wr, stride_se, stride_sr, stride_bias), as
+        the kernels take them."""
         w, s = self.weights, self.scales
         return w, s, self.bias, w.stride(0), w.stride(1), s.stride(0), s.stride(1), self.bias.stride(0)
 
@@ -79,9 +84,9 @@ def matrices(stacked: dict[str, torch.Tensor]) -> tuple[Matrix, Matrix] | None:
 
 def clamped_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, stacked: dict[str, torch.Tensor],
                        alpha: float, limit: float) -> torch.Tensor | None:
-    """Returns sum_a weights[n,a] * expert_{rows[n,a]}(x[n]) as [N, D] through the kernels (per-slot up
-    to SLOT_MAX_SLOTS slots, grouped above), or None where the stack's layout (or a dense stack's
-    dtype other than x's) does not fit them.
+    """Returns sum_a weights[n,a] * expert_{rows[n,a]}(x[n]) as [N, D] through the kernels (per-slot
+    up to SLOT_KERNEL_MAX_SLOTS slots, as the dense form's; grouped above), or None where the
+    stack's layout (or a dense stack's dtype other than x's) does not fit them.
 
     x [N, D]; rows, weights [N, A]; stacked as the module docstring gives it."""
     mats = matrices(stacked)
@@ -91,7 +96,7 @@ def clamped_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tenso
         raise RuntimeError("the gpt-oss expert kernels need CUDA or TRITON_INTERPRET=1")
     if rows.numel() == 0:
         return torch.zeros_like(x)
-    if rows.numel() <= SLOT_MAX_SLOTS:
+    if rows.numel() <= SLOT_KERNEL_MAX_SLOTS:
         return slot_ffn(x, rows, weights, mats, alpha, limit)
     return grouped_ffn(x, rows, weights, mats, alpha, limit)
 

@@ -226,5 +226,6 @@ def grouped_down_kernel(
     acc += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     slots = tl.load(order_ptr + sorted_slots, mask=slot_ok, other=0)  # [BM] routing-order rows
     gate_weight = tl.load(weights_ptr + slots, mask=slot_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + slots[:, None] * stride_os + n[None, :], (acc * gate_weight[:, None]).to(out_ptr.dtype.element_ty),
+    y = acc * gate_weight[:, None]
+    tl.store(out_ptr + slots[:, None] * stride_os + n[None, :], y.to(out_ptr.dtype.element_ty),
              mask=slot_ok[:, None] & n_ok[None, :])
