@@ -270,9 +270,10 @@ class OutOfTime(Exception):
 
 
 def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, device, deadline: float,
-                 attention_threads: int | None = None) -> dict:
+                 attention_threads: int | None = None, graphs: bool | None = None) -> dict:
     """Runs the plan with run_plan and returns its row: tok/s next to the HRM, PCIe and CPU-attention
-    ceilings, the allocator's peak next to the budget."""
+    ceilings, the allocator's peak next to the budget. `graphs`: the tasks as CUDA graphs or eager
+    (None: the engine's default, MOEKIT_PIPELINE_GRAPHS)."""
     from moekit.pipeline.batch import resident_experts, run_plan
 
     resident = resident_experts(models.folder, plan)
@@ -286,7 +287,7 @@ def pipeline_row(models: PagedModels, plan, prompts, gen_len, h2d, budget, devic
                             "past --time-budget-s")
 
     r = run_plan(models.folder, plan, prompts, gen_len, device=str(device), dtype=models.dtype, h2d_bandwidth=h2d,
-                 model=model, on_step=guard, profile=True, attention_threads=attention_threads)
+                 model=model, on_step=guard, profile=True, attention_threads=attention_threads, graphs=graphs)
     out = r.to_dict()
     out.pop("tokens")
     out["step_breakdown"] = step_breakdown(r.step_profile, plan, r.streamed_bytes_per_step, h2d)
@@ -511,6 +512,9 @@ def main() -> int:
                    help="N at most in the compressed rows (default: --max-sequences)")
     p.add_argument("--compressed-min-s", type=float, default=30.0,
                    help="a compressed form is skipped when fewer seconds than this are left")
+    p.add_argument("--graphs", choices=("default", "on", "off", "both"), default="default",
+                   help="CGOPipe's tasks as CUDA graphs (moekit.pipeline.graphs): on, off (eager), both (each "
+                        "pipeline row twice, the eager one marked [graphs off]), default (MOEKIT_PIPELINE_GRAPHS)")
     p.add_argument("--attention-threads", type=int, default=None,
                    help="threads of the pipeline's CPU attention kernel (default: usable cores - 2 on CUDA): fewer "
                         "leave the launch thread and the CUDA driver cores of their own")
@@ -614,10 +618,14 @@ def main() -> int:
 
         label = f"pipeline {form['label']}" if form else "pipeline"
         row_costs, row_models, row_max = (form["costs"], form["models"], form["max_n"]) if form else (costs, models, max_n)
-        for gen_len in gen_lens:
+        # --graphs both: every row with the tasks as CUDA graphs, then eager (the warm-up builds both)
+        variants = {"on": [True], "off": [False], "default": [None], "both": [True, False]}[args.graphs]
+        for gen_len, graphs in [(g, v) for g in gen_lens for v in (variants if g != "warm-up" else [None])]:
             warm = gen_len == "warm-up"
             g = 2 if warm else gen_len
-            row: dict = {"row": f"{label} warm-up" if warm else f"{label} (CGOPipe, HRM policy)", "gen_len": g}
+            row: dict = {"row": f"{label} warm-up" if warm else f"{label} (CGOPipe, HRM policy)"
+                         + (" [graphs off]" if graphs is False and args.graphs == "both" else ""), "gen_len": g,
+                         "graphs": graphs}
             if form:
                 row.update(form["fields"])
             try:
@@ -642,10 +650,12 @@ def main() -> int:
                     record(row)
                     continue
                 row.update(pipeline_row(row_models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device,
-                                        deadline, args.attention_threads))
+                                        deadline, args.attention_threads, graphs))
                 if warm and device.type == "cuda":  # host seconds to issue one (layer, micro-batch) task
                     try:
                         launch_of[label] = row["launch_task_s"] = launch_task_seconds(row_models.model, mu)
+                        row["launch_task_s_eager"] = launch_task_seconds(row_models.model, mu, graphs=False)
+                        log(f"{label}: eager, a task is issued in {1e3 * row['launch_task_s_eager']:.2f} ms")
                         log(f"{label}: the launch thread issues a task (mu={mu}) in {1e3 * launch_of[label]:.2f} ms")
                     except Exception as e:  # noqa: BLE001 -- the plans then leave the launch thread out
                         row["launch_error"] = f"{type(e).__name__}: {e}"
@@ -671,7 +681,7 @@ def main() -> int:
                         + f"), experts on the GPU {fmt(b.get('experts_gpu_ms'))} (HRM {fmt(b.get('hrm_gpu_step_ms'))}), "
                         f"worker attention {fmt(b.get('worker_attention_ms'))}, GPU stream {fmt(b.get('gpu_step_ms'))}, "
                         f"page span {fmt(b.get('copy_span_ms_mean'))} ms/layer at {fmt(b.get('copy_gb_s_mean'))} GB/s, "
-                        f"LoadH {fmt(b.get('loadh_ms_mean'), 3)} ms")
+                        f"LoadH {fmt(b.get('loadh_ms_mean'), 3)} ms; CUDA graphs {b.get('graphs')}")
             except OutOfTime as e:
                 row.update(status="stopped", reason=str(e), peak_bytes=peak_bytes(device))
             except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others

@@ -62,15 +62,15 @@ def load_paged(path, resident: int, device: str = "cpu", dtype: str | None = Non
 
 def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu", dtype: str | None = None,
              h2d_bandwidth: float | None = None, host_layers=None, model=None, on_step=None,
-             profile: bool = False, attention_threads: int | None = None) -> BatchResult:
+             profile: bool = False, attention_threads: int | None = None, graphs: bool | None = None) -> BatchResult:
     """Returns the BatchResult of generating `gen_len` greedy tokens for `prompts` (the plan's N of
     them; token id lists) with the plan's micro-batch and resident experts per layer (CPU attention
     only: a plan with attention on the GPU is for the sequential engines). `model` (from
     load_paged with the plan's resident count) is used instead of loading one (several plans, one
     load); `host_layers` as in load_paged; `on_step` as in generate_pipelined; `profile` records
     where the decode steps go (BatchResult.step_profile: launch thread blocked, worker, and on CUDA
-    per-layer compute, weight-page spans and attention-output loads); `attention_threads` as in
-    cgopipe.PipelinedDecoder."""
+    per-layer compute, weight-page spans and attention-output loads); `attention_threads` and
+    `graphs` as in cgopipe.PipelinedDecoder."""
     from ..generate import GenerationStats
     from .cgopipe import generate_pipelined
     from .timeline import StepProfile
@@ -92,7 +92,7 @@ def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu",
     pages_before, whole_before = runtime.pages_loaded, runtime.whole_loads  # a model given may have run before
     steps = StepProfile(cuda=model.device.type == "cuda") if profile else None
     tokens = generate_pipelined(model, prompts, gen_len, policy.micro_batch, stats=stats, on_step=on_step,
-                                profile=steps, attention_threads=attention_threads)
+                                profile=steps, attention_threads=attention_threads, graphs=graphs)
     streamed_bytes = sum(runtime.streamed_bytes(layer) for layer in runtime.layers)  # one decode step's PCIe bytes
     n = policy.batch
     total = stats.prefill_s + stats.decode_s

@@ -89,7 +89,7 @@ class TaskGraphs:
             half = paged.begin_call(layer)
             start = paged._span_event()
             slots = x.shape[1] * block.mlp.top_k
-            with paged.external_call(layer, half, x.view(-1, x.shape[-1]), slots):
+            with paged.external_call(layer, half, x.reshape(-1, x.shape[-1]), slots):
                 outs = self._run(("post", layer, x.shape[1], half, head), part, (x, attn_out))
             paged.end_call(layer, start)
         return outs[0], (outs[1] if head else None)

@@ -213,14 +213,17 @@ class StepProfile:
         return out
 
 
-def launch_task_seconds(model, micro_batch: int, reps: int = 8, trials: int = 3) -> float:
+def launch_task_seconds(model, micro_batch: int, reps: int = 8, trials: int = 3, graphs: bool | None = None) -> float:
     """Returns the host seconds CGOPipe's launch thread takes to issue one (layer, micro-batch) task
     of `model` at `micro_batch` sequences: PreAttn, the q/k/v packet and its D2H copy, an attention
     output's H2D copy, PostAttn (router and experts) on its first MoE layer -- the best of `trials`
     runs of `reps` tasks, the device drained before each run (so the launch queue never fills and
     only the host's time counts; on the CPU the compute is the host's too). Issue time is a
-    resource of its own: the HRM bounds a layer by N / mu of it (Machine.launch_task_s)."""
+    resource of its own: the HRM bounds a layer by N / mu of it (Machine.launch_task_s). `graphs`
+    as in cgopipe.PipelinedDecoder: PreAttn and PostAttn replayed as CUDA graphs (moekit.pipeline.graphs)."""
     from .cgopipe import Streams
+    from .graphs import TaskGraphs, graphs_wanted, qkv_packet
+    from .paged import PagedRuntime
 
     cfg, device, dtype = model.config, model.device, model.dtype
     index = next((i for i in range(cfg.num_layers) if cfg.moe_layers[i]), 0)
@@ -239,17 +242,27 @@ def launch_task_seconds(model, micro_batch: int, reps: int = 8, trials: int = 3)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    runtime = getattr(model, "expert_runtime", None)
+    paged = runtime if isinstance(runtime, PagedRuntime) else None
+    task_graphs = TaskGraphs(model, paged) if graphs_wanted(device, graphs) and (paged or runtime is None) else None
+
     def task() -> None:
-        q, k, v = layer.pre_attn(x, cos, sin)
-        packet = torch.cat([z[0].transpose(0, 1).reshape(-1) for z in (q, k, v)])
+        if task_graphs is not None:
+            packet, _ = task_graphs.pre(index, x, cos, sin)
+        else:
+            packet = qkv_packet(*layer.pre_attn(x, cos, sin))
         streams.to_host(packet, packet_host if pin else None)
         out, ready = streams.to_device(out_host)
         streams.wait(ready)
-        layer.post_attn(x, out.view(1, micro_batch, -1))
+        if task_graphs is not None:
+            task_graphs.post(index, x, out.view(1, micro_batch, -1), False)
+        else:
+            layer.post_attn(x, out.view(1, micro_batch, -1))
 
     best = float("inf")
     with torch.inference_mode():
         task()  # kernels built, the layer's experts loaded
+        task()  # the graphs captured (with graphs)
         for _ in range(trials):
             drain()
             t0 = time.perf_counter()
