@@ -35,6 +35,7 @@ def _rope_slice(src, j, c_ptr, s_ptr, DR: tl.constexpr, INTERLEAVE: tl.constexpr
     then all second ones (moekit.mla.rope_interleaved), or rotate-half (moekit.rope.apply_rope).
     c_ptr, s_ptr point at the row's cos, sin. Each product and the sum rounded to src's dtype."""
     half: tl.constexpr = DR // 2
+    j = tl.where(ok, j, 0)  # positions broadcast to the mask's shape: every pointer below full-shaped
     second = j >= half
     i = tl.where(second, j - half, j)
     if INTERLEAVE:
