@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -45,6 +46,8 @@ def check_generate(args: argparse.Namespace) -> tuple[str, str]:
                           f"drop --compile on {device}")
     if args.compile and args.no_cuda_graph:
         raise MoekitError("--compile needs CUDA graphs (it compiles the captured decode step); drop --no-cuda-graph")
+    if getattr(args, "cpu_quantize_dense", None) and not device.startswith("cpu"):
+        raise MoekitError(f"--cpu-quantize-dense is for the CPU decode step; drop it on {device}")
     return str(model_dir(args.model, "--model")), device
 
 
@@ -59,6 +62,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .tokenizer import StreamDecoder, load_tokenizer
 
     path, device = check_generate(args)
+    if getattr(args, "cpu_quantize_dense", None):  # read by native.dense_q8 when the decode step is built
+        os.environ["MOEKIT_CPU_DENSE"] = args.cpu_quantize_dense
     spec = parallel_cli.check_flags(args)
     prompt = args.prompt
     if prompt is None:
@@ -212,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on GPUs")
+    gen.add_argument("--cpu-quantize-dense", choices=("bf16", "int8"), default=None,
+                     help="the CPU decode step's attention projections and LM head: int8 per row halves their "
+                          "bytes (default: $MOEKIT_CPU_DENSE, else bf16)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step before capturing it (GPU; slow first call, faster decode)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, tok/s")

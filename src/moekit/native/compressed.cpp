@@ -248,7 +248,7 @@ struct IntRows {
       if (const QuantizedRows* qr = qrows[kind]) {  // int8 activations (int_dot.h)
         for (int k = 0; k < count; ++k) {
           const int64_t t = row0 + (which ? which[k] : k);
-          out[k] = int_row_dot<BITS>(reinterpret_cast<const uint32_t*>(q), scale, zero, group_words(BITS, K, P),
+          out[k] = int_row_dot<BITS>(reinterpret_cast<const uint32_t*>(q), HalfScales{scale}, zero, group_words(BITS, K, P),
                                      qr->q.data() + t * qr->columns, qr->scale.data() + t * words,
                                      qr->sum.data() + t * (words / XQ_BLOCK_WORDS), words);
         }

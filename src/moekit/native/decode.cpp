@@ -254,6 +254,14 @@ int moekit_matvec_bf16(const uint16_t* x, const uint16_t* w, const float* bias, 
                                   int64_t N, int64_t K, float* xf, int threads);
 int moekit_compressed_moe_decode(const void* plan, const uint16_t* x, const int64_t* ids, const float* w,
                                  int64_t A, uint16_t* out, int threads);
+int moekit_matvec_q8(const void* matrix, const uint16_t* x, const float* bias, uint16_t* out, float* xf, int threads);
+
+// A dense projection of one token: int8 weights (dense_q8.cpp) where the plan has them, else bf16.
+static int project(const void* q8, const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* out, int64_t N,
+                   int64_t K, float* xf, int threads) {
+  return q8 != nullptr ? moekit_matvec_q8(q8, x, bias, out, xf, threads)
+                       : moekit_matvec_bf16(x, w, bias, out, 1, N, K, xf, threads);
+}
 
 // One layer's weights and buffers (decode.py's _LayerPlan mirrors it field for field).
 struct LayerPlan {
@@ -279,6 +287,8 @@ struct LayerPlan {
   float* acc;                // max(A*I, D)
   uint16_t* act;             // [A, I]
   const void* compressed;    // null (bf16 experts: gate_up, down) or compressed.cpp's DecodeExperts
+  const void* wqkv_q8;       // null, or wqkv as dense_q8.cpp's Q8Matrix ($MOEKIT_CPU_DENSE=int8)
+  const void* wo_q8;         // null, or wo so
 };
 
 // The model's shapes, its non-layer weights and the step's buffers (decode.py's _StepPlan).
@@ -296,6 +306,7 @@ struct StepPlan {
   float* scores;              // [H, S]
   float* xf;                  // matvec scratch
   const LayerPlan* layer;     // [layers]
+  const void* lm_head_q8;     // null, or lm_head as dense_q8.cpp's Q8Matrix
 };
 
 // The logits (plan->logits [V]) of `token` at `position`, its keys and values written to each
@@ -312,12 +323,12 @@ int moekit_decode_step_bf16(const StepPlan* p, int64_t token, int64_t position) 
     const LayerPlan& l = p->layer[i];
     if (i == 0) moekit_rmsnorm_bf16(p->x, l.in_norm, D, p->eps, p->normed);
     else moekit_add_rmsnorm_bf16(p->x, p->delta, l.in_norm, D, p->eps, p->normed);
-    rc |= moekit_matvec_bf16(p->normed, l.wqkv, l.bqkv, p->qkv, 1, qkv_rows, D, p->xf, p->threads);
+    rc |= project(l.wqkv_q8, p->normed, l.wqkv, l.bqkv, p->qkv, qkv_rows, D, p->xf, p->threads);
     rc |= moekit_qkv_rope_bf16(p->qkv, p->H, p->Hkv, p->Dh, p->qk_norm, l.q_norm, l.k_norm, p->eps, l.q_scale, cos, sin,
                                p->rope_dim, p->q, l.k_cache, l.v_cache, p->S, position);
     rc |= moekit_dense_decode_attention_bf16(p->q, l.k_cache, l.v_cache, p->H, p->Hkv, p->Dh, p->S, position + 1,
                                              p->attn_scale, p->attn, p->scores, p->threads);
-    rc |= moekit_matvec_bf16(p->attn, l.wo, l.bo, p->delta, 1, D, p->H * p->Dh, p->xf, p->threads);
+    rc |= project(l.wo_q8, p->attn, l.wo, l.bo, p->delta, D, p->H * p->Dh, p->xf, p->threads);
     moekit_add_rmsnorm_bf16(p->x, p->delta, l.post_norm, D, p->eps, p->normed);
     rc |= moekit_matvec_bf16(p->normed, l.wr, l.br, l.router, 1, l.experts, D, p->xf, p->threads);
     rc |= moekit_route_softmax_bf16(l.router, l.experts, l.top_k, p->norm_topk, l.ids, l.weights);
@@ -329,7 +340,7 @@ int moekit_decode_step_bf16(const StepPlan* p, int64_t token, int64_t position) 
   }
   if (rc != 0) return rc;
   moekit_add_rmsnorm_bf16(p->x, p->delta, p->final_norm, D, p->eps, p->normed);
-  return moekit_matvec_bf16(p->normed, p->lm_head, p->lm_bias, p->logits, 1, p->V, D, p->xf, p->threads);
+  return project(p->lm_head_q8, p->normed, p->lm_head, p->lm_bias, p->logits, p->V, D, p->xf, p->threads);
 }
 
 }  // extern "C"

@@ -18,7 +18,9 @@ RMSNorm, MoE layers with softmax top-k routing, resident SwiGLU experts (bf16, o
 int-N or the ternary code, run by compressed.cpp's kernels as CompressedExperts runs them on the
 CPU, so the same bits for the same input and routing) and no shared expert,
 no forward hooks, no expert placement (offload). Everything else decodes through model.forward.
-Results agree with model.forward to bf16 rounding (tests/native/test_cpu_decode.py).
+Results agree with model.forward to bf16 rounding (tests/native/test_cpu_decode.py). Opt-in
+($MOEKIT_CPU_DENSE=int8, `dense`): the qkv and o-projections and the LM head in int8 per row
+(dense_q8.cpp; half their bytes, not bit-exact: tests/native/test_dense_q8.py measures it).
 
 Shapes: D hidden, H query heads, Hkv kv heads, Dh head dim, S cache positions, E experts,
 A experts per token, I expert ffn width, V vocab.
@@ -33,6 +35,7 @@ import torch
 
 from . import library, register_declarations
 from .compressed import DecodeExperts
+from .dense_q8 import dense_form, quantized
 from .matvec import MAX_ROWS  # noqa: F401 -- loads matvec's declarations with this module
 
 
@@ -66,7 +69,7 @@ class _LayerPlan(ctypes.Structure):
                 ("q_scale", ctypes.c_float), ("k_cache", _P), ("v_cache", _P), ("wo", _P), ("bo", _P), ("wr", _P),
                 ("br", _P), ("experts", ctypes.c_int64), ("top_k", ctypes.c_int64), ("ffn", ctypes.c_int64),
                 ("gate_up", _P), ("down", _P), ("router", _P), ("ids", _P), ("weights", _P), ("acc", _P), ("act", _P),
-                ("compressed", _P)]
+                ("compressed", _P), ("wqkv_q8", _P), ("wo_q8", _P)]
 
 
 class _StepPlan(ctypes.Structure):
@@ -77,7 +80,7 @@ class _StepPlan(ctypes.Structure):
         ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("embed", _P), ("final_norm", _P),
         ("lm_head", _P), ("lm_bias", _P), ("cos", _P), ("sin", _P), ("x", _P), ("normed", _P), ("delta", _P),
         ("qkv", _P), ("q", _P), ("attn", _P), ("logits", _P), ("scores", _P), ("xf", _P),
-        ("layer", ctypes.POINTER(_LayerPlan))]
+        ("layer", ctypes.POINTER(_LayerPlan)), ("lm_head_q8", _P)]
 
 
 register_declarations(_declare)
@@ -160,14 +163,17 @@ class CpuDecodeStep:
     Built for one generate call: the weights, cache and top-k must not change while it is used."""
 
     @classmethod
-    def build(cls, model, cache) -> CpuDecodeStep | None:
+    def build(cls, model, cache, dense: str | None = None) -> CpuDecodeStep | None:
         """Returns a step for `model` over `cache`, or None where `unsupported` gives a reason."""
-        return None if unsupported(model, cache) is not None else cls(model, cache)
+        return None if unsupported(model, cache) is not None else cls(model, cache, dense)
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, dense: str | None = None):
+        """dense: the qkv, o-projection and LM head weights, "bf16" or "int8" (dense_q8.dense_form:
+        default $MOEKIT_CPU_DENSE, else bf16)."""
         from ..quant.formats import CompressedExperts
 
         cfg = model.config
+        self.dense = dense_form(dense)
         self.lib = library()
         self.model, self.cache, self.cfg = model, cache, cfg
         threads = self.threads = torch.get_num_threads()
@@ -228,6 +234,10 @@ class CpuDecodeStep:
                 ))
             self.final_norm = model.norm.weight.data_ptr()
             self.lm_head = self._matvec_args(model.lm_head, normed, self.logits.data_ptr())
+            # int8 copies of the dense projections (dense_q8; kept per module across steps), None: bf16
+            q8 = (lambda linear: quantized(linear)) if self.dense == "int8" else (lambda linear: None)
+            self.dense_q8 = [(q8(layer.attn.qkv), q8(layer.attn.o_proj)) for layer in model.layers]
+            self.lm_head_q8 = q8(model.lm_head)
         self.plan = self._plan(model)
 
     def _plan(self, model) -> _StepPlan:
@@ -245,6 +255,9 @@ class CpuDecodeStep:
             plan.experts, plan.top_k, plan.ids, plan.weights = route[1], route[2], route[4], route[5]
             plan.gate_up, plan.down, plan.ffn, plan.acc, plan.act = experts[1], experts[2], experts[7], experts[8], experts[9]
             plan.compressed = None if compressed is None else compressed[0]
+        for plan, (qkv_q8, o_q8) in zip(layers, self.dense_q8):
+            plan.wqkv_q8 = None if qkv_q8 is None else qkv_q8.address
+            plan.wo_q8 = None if o_q8 is None else o_q8.address
         self.keep_plan = layers
         d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         return _StepPlan(
@@ -255,7 +268,8 @@ class CpuDecodeStep:
             lm_bias=self.lm_head[2], cos=self.cos.data_ptr(), sin=self.sin.data_ptr(), x=self.x.data_ptr(),
             normed=self.normed.data_ptr(), delta=self.delta.data_ptr(), qkv=self.qkv.data_ptr(), q=self.q.data_ptr(),
             attn=self.attn.data_ptr(), logits=self.logits.data_ptr(), scores=self.scores.data_ptr(),
-            xf=self.xf.data_ptr(), layer=layers)
+            xf=self.xf.data_ptr(), layer=layers,
+            lm_head_q8=None if self.lm_head_q8 is None else self.lm_head_q8.address)
 
     def _buffer(self, n: int, dtype: torch.dtype) -> int:
         """Returns the address of a new buffer of n elements, kept alive with the step."""
@@ -301,26 +315,35 @@ class CpuDecodeStep:
         x, normed, delta = self.x.data_ptr(), self.normed.data_ptr(), self.delta.data_ptr()
         with torch.inference_mode():
             self.x.copy_(self.model.embed.weight[token])
-        matvec, add_norm = lib.moekit_matvec_bf16, lib.moekit_add_rmsnorm_bf16
+        add_norm = lib.moekit_add_rmsnorm_bf16
+
+        def matvec(args, q8=None):  # decode.cpp's project: int8 weights where there are some
+            if q8 is None:
+                lib.moekit_matvec_bf16(*args)
+            else:
+                x_, _, bias, out, _, _, _, xf, threads = args
+                lib.moekit_matvec_q8(q8.address, x_, bias, out, xf, threads)
+
         for i, (in_norm, qkv, qkv_rope, cache, attn, attn_rest, o_proj, post_norm, router, route,
                 experts, compressed) in enumerate(self.layers):
+            qkv_q8, o_q8 = self.dense_q8[i]
             if i == 0:
                 lib.moekit_rmsnorm_bf16(x, in_norm, d, eps, normed)
             else:  # the previous layer's experts' output joins the residual stream first
                 add_norm(x, delta, in_norm, d, eps, normed)
-            matvec(*qkv)
+            matvec(qkv, qkv_q8)
             lib.moekit_qkv_rope_bf16(*qkv_rope, cos, sin, rope_dim, *cache, position)
             lib.moekit_dense_decode_attention_bf16(*attn, position + 1, *attn_rest)
-            matvec(*o_proj)
+            matvec(o_proj, o_q8)
             add_norm(x, delta, post_norm, d, eps, normed)
-            matvec(*router)
+            matvec(router)
             lib.moekit_route_softmax_bf16(*route)
             if compressed is not None:
                 lib.moekit_compressed_moe_decode(*compressed)
             else:
                 lib.moekit_moe_decode_bf16(*experts)
         add_norm(x, delta, self.final_norm, d, eps, normed)
-        matvec(*self.lm_head)
+        matvec(self.lm_head, self.lm_head_q8)
         return self.logits
 
     def greedy(self, logits: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,9 @@ inline bool int_dot_fits(int bits, int64_t words, int64_t group_words) {
          group_words % XQ_BLOCK_WORDS == 0;
 }
 
-// Row `row` of rows: vector x in IntRows' permuted layout (column w * PER_WORD + i at i * words + w).
-template <int BITS>
+// Row `row` of rows: vector x in IntRows' permuted layout (column w * PER_WORD + i at i * words + w),
+// or NATURAL: column c at c.
+template <int BITS, bool NATURAL = false>
 void quantize_row(const float* x, QuantizedRows& rows, int64_t row) {
   constexpr int PER_WORD = 32 / BITS, C = 8 / BITS, BLOCK_WORDS = XQ_COLUMNS / PER_WORD;
   const int64_t words = rows.words;
@@ -72,7 +73,8 @@ void quantize_row(const float* x, QuantizedRows& rows, int64_t row) {
   for (int64_t w0 = 0; w0 < words; w0 += BLOCK_WORDS) {
     float amax = 0.f;
     for (int i = 0; i < PER_WORD; ++i)
-      for (int64_t w = w0; w < w0 + BLOCK_WORDS; ++w) amax = std::fmax(amax, std::fabs(x[i * words + w]));
+      for (int64_t w = w0; w < w0 + BLOCK_WORDS; ++w)
+        amax = std::fmax(amax, std::fabs(x[NATURAL ? w * PER_WORD + i : i * words + w]));
     const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t total = 0;
     for (int64_t w = w0; w < w0 + BLOCK_WORDS; ++w) {
@@ -80,7 +82,7 @@ void quantize_row(const float* x, QuantizedRows& rows, int64_t row) {
       int8_t* block = q + (w / XQ_BLOCK_WORDS) * 64 * C;
       const int64_t l = w % XQ_BLOCK_WORDS;
       for (int i = 0; i < PER_WORD; ++i) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(x[i * words + w] * inv));  // |v| <= 127
+        const int32_t v = static_cast<int32_t>(std::nearbyint(x[NATURAL ? w * PER_WORD + i : i * words + w] * inv));
         block[(i % C) * 64 + 4 * l + i / C] = static_cast<int8_t>(v);
         total += v;
       }
@@ -126,10 +128,16 @@ inline const char* int_dot_isa() {
 #endif
 }
 
-// Row . x for one int-N row (u: words words, scale [P] float16, zero [P] uint8, groups of
-// group_words words) and one quantized vector (q, xs, xsum: its row of a QuantizedRows).
-template <int BITS>
-float int_row_dot(const uint32_t* u, const uint16_t* scale, const uint8_t* zero, int64_t group_words, const int8_t* q,
+// Group scales as the int-N forms store them: float16 per group.
+struct HalfScales {
+  const uint16_t* scale;
+  float operator[](int64_t g) const { return group_scale(scale[g]); }
+};
+
+// Row . x for one int-N row (u: words words, scale[g] a float-valued group scale (HalfScales), zero [P]
+// uint8, groups of group_words words) and one quantized vector (q, xs, xsum: its row of a QuantizedRows).
+template <int BITS, typename Scales>
+float int_row_dot(const uint32_t* u, Scales scale, const uint8_t* zero, int64_t group_words, const int8_t* q,
                   const float* xs, const float* xsum, int64_t words) {
   constexpr int C = 8 / BITS;
   float zero_term = 0.f;
@@ -138,7 +146,7 @@ float int_row_dot(const uint32_t* u, const uint16_t* scale, const uint8_t* zero,
   __m512 total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains of FMAs
   for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
     const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
-    const float s = group_scale(scale[g]);
+    const float s = scale[g];
     const __m512i qv = _mm512_loadu_si512(u + w);
     const int8_t* xb = q + b * 64 * C;
     __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(qv, mask), _mm512_loadu_si512(xb));
@@ -154,7 +162,7 @@ float int_row_dot(const uint32_t* u, const uint16_t* scale, const uint8_t* zero,
   __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // the block's low and high 8 words
   for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
     const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
-    const float s = group_scale(scale[g]);
+    const float s = scale[g];
     const int8_t* xb = q + b * 64 * C;
     for (int half = 0; half < 2; ++half) {
       const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + w + 8 * half));
@@ -192,7 +200,7 @@ float int_row_dot(const uint32_t* u, const uint16_t* scale, const uint8_t* zero,
   float acc = 0.f;
   for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
     const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
-    const float s = group_scale(scale[g]);
+    const float s = scale[g];
     int32_t lanes[16];
     block_lanes_scalar<BITS>(u + w, q + b * 64 * C, lanes);
     float y = 0.f;
