@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -27,9 +28,12 @@ from moekit.experts.clamped import ClampedSwigluForm, Mxfp4ClampedForm
 EXPERTS, HIDDEN, FFN, TOP_K, LAYERS = 32, 2880, 2880, 4, 24  # gpt-oss-20b
 ALPHA, LIMIT = 1.702, 7.0
 SLOTS = (4, 128, 1024)
-# (BLOCK_N, BLOCK_K, num_warps) of both per-slot kernels; (16, 64, 4) was the MXFP4 kernels' before
+# (BLOCK_N, BLOCK_K, num_warps) of both per-slot kernels, at 4 slots; (16, 64, 4) was the MXFP4 kernels' before
 SLOT_CONFIGS = ((16, 64, 4), (16, 256, 4), (8, 256, 4), (8, 512, 4), (4, 512, 4), (4, 1024, 4), (2, 1024, 4),
                 (8, 512, 8))
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of both grouped kernels, by slot count
+GROUPED_CONFIGS = {128: ((16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 128, 4), (16, 64, 64, 8)),
+                   1024: ((32, 64, 64, 4), (64, 64, 64, 4), (32, 128, 64, 4), (64, 128, 64, 8), (64, 64, 32, 4))}
 
 
 def random_stack(form: ClampedSwigluForm, device: str, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -82,10 +86,13 @@ def main() -> None:
     common.add_output_args(ap, "bench_clamped_kernels")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--formats", default="mxfp4,dense", help="comma-separated: mxfp4, dense")
+    ap.add_argument("--time-budget-s", type=float, default=200.0,
+                    help="sweep entries past this many seconds of the run are skipped (listed as skipped)")
     args = ap.parse_args()
     device = args.device
     assert device == "cuda", "the kernels' timings need a GPU"
     g = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
     rows, sweep = [], []
     for fmt in args.formats.split(","):
         form = (Mxfp4ClampedForm if fmt == "mxfp4" else ClampedSwigluForm)(HIDDEN, FFN, torch.bfloat16, ALPHA, LIMIT)
@@ -110,19 +117,27 @@ def main() -> None:
                          "layers_ms": kernels_s * LAYERS * 1e3})
             common.log(f"{fmt} {slots} slots: {kernels_s * 1e6:.0f} us (floor {floor_s * 1e6:.0f}, old "
                        f"{old_s * 1e6:.0f}), rel err {err:.1e}")
-        ids, w = routing(1, device, g)
-        x = torch.randn(1, HIDDEN, generator=g).to(device, torch.bfloat16)
         mats = clamped_ops.matrices(stacked)
-        floor_s = bytes_read(form, ids) / common.HBM_BYTES_PER_S
-        with torch.no_grad():
-            want = form.run_planned(x, ids, w, stacked, grad=False)
-            for config in SLOT_CONFIGS:
-                fn = partial(clamped_ops.slot_ffn, x, ids, w, mats, ALPHA, LIMIT, (config, config))
-                err = rel_err(fn(), want)
-                s = common.do_bench_s(graphed(fn))
-                sweep.append({"format": fmt, "block_n": config[0], "block_k": config[1], "num_warps": config[2],
-                              "us": s * 1e6, "floor_us": floor_s * 1e6, "of_floor": floor_s / s, "rel_err": err,
-                              "default": config == clamped_ops.SLOT_CONFIG[fmt == "mxfp4"]})
+        for slots, configs in ((4, SLOT_CONFIGS), *GROUPED_CONFIGS.items()):
+            ids, w = routing(slots // TOP_K, device, g)
+            x = torch.randn(slots // TOP_K, HIDDEN, generator=g).to(device, torch.bfloat16)
+            floor_s = bytes_read(form, ids) / common.HBM_BYTES_PER_S
+            per_slot = slots <= clamped_ops.SLOT_KERNEL_MAX_SLOTS
+            default = (clamped_ops.SLOT_CONFIG[fmt == "mxfp4"] if per_slot
+                       else clamped_ops.grouped_config(slots, EXPERTS, fmt == "mxfp4"))
+            with torch.no_grad():
+                want = form.run_planned(x, ids, w, stacked, grad=False)
+                for config in dict.fromkeys((default, *configs)):  # the default first, once
+                    if time.perf_counter() - started > args.time_budget_s:
+                        sweep.append({"format": fmt, "slots": slots, "config": config, "skipped": "time budget"})
+                        continue
+                    fn = partial(clamped_ops.slot_ffn if per_slot else clamped_ops.grouped_ffn, x, ids, w, mats,
+                                 ALPHA, LIMIT, (config, config) if per_slot else config)
+                    err = rel_err(fn(), want)
+                    s = common.do_bench_s(graphed(fn))
+                    sweep.append({"format": fmt, "slots": slots, "config": config, "us": s * 1e6,
+                                  "floor_us": floor_s * 1e6, "of_floor": floor_s / s, "rel_err": err,
+                                  "default": config == default})
         del stacked
         common.free_memory(device)
     results = {"meta": common.run_meta(args, device), "hbm_bytes_per_s": common.HBM_BYTES_PER_S,
@@ -136,9 +151,9 @@ def main() -> None:
          for r in rows]))
     print()
     print(common.markdown_table(
-        ["format", "BLOCK_N", "BLOCK_K", "warps", "us", "floor us", "of floor", "rel err", "default"],
-        [(s["format"], s["block_n"], s["block_k"], s["num_warps"], f"{s['us']:.1f}", f"{s['floor_us']:.1f}",
-          f"{s['of_floor']:.0%}", f"{s['rel_err']:.1e}", "*" if s["default"] else "") for s in sweep]))
+        ["format", "slots", "config", "us", "floor us", "of floor", "rel err", "default"],
+        [(s["format"], s["slots"], s["config"], f"{s['us']:.1f}", f"{s['floor_us']:.1f}", f"{s['of_floor']:.0%}",
+          f"{s['rel_err']:.1e}", "*" if s["default"] else "") for s in sweep if "us" in s]))
     if args.json:
         import json
 

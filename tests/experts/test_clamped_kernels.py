@@ -126,20 +126,25 @@ def test_kernels_read_a_cache_slab(fmt, monkeypatch):
         _check(got, want.to(device), want.to(device), torch.float32, (fmt, tokens * top_k))
 
 
-def test_slot_configs_agree():
-    """The per-slot kernels give one result whatever their tiles (the probe sweeps them on a GPU):
-    narrow and wide tiles, BLOCK_K below and above K."""
+def test_kernel_configs_agree():
+    """The kernels give one result whatever their tiles (the probe sweeps them on a GPU): per-slot
+    narrow and wide tiles with BLOCK_K below and above K; grouped row blocks of 16 and 32 slots."""
     device = kernel_device()
     g = torch.Generator().manual_seed(3)
     form = _form("mxfp4", torch.float32)
-    stacked = {k: v.to(device) for k, v in _stack(form, E, g).items()}
-    ids, w = _route(1, 4, list(range(E)), g)
-    x = torch.randn(1, D, generator=g).to(device)
-    mats = clamped.clamped_ops.matrices(stacked)
-    want = form.run_planned(x.cpu(), ids, w, {k: v.cpu() for k, v in stacked.items()}, grad=False)
-    for config in ((16, 64, 4), (16, 32, 1), (8, 128, 2)):
-        got = clamped.clamped_ops.slot_ffn(x, ids.to(device), w.to(device), mats, ALPHA, LIMIT, (config, config))
-        assert _rel(got.cpu(), want) < 1e-5, config
+    stacked = _stack(form, E, g)
+    mats = clamped.clamped_ops.matrices({k: v.to(device) for k, v in stacked.items()})
+    for tokens, configs in ((1, ((16, 64, 4), (16, 32, 1), (8, 128, 2))), (10, ((16, 32, 32, 2), (32, 64, 64, 4)))):
+        ids, w = _route(tokens, 4, list(range(E)), g)
+        x = torch.randn(tokens, D, generator=g)
+        want = form.run_planned(x, ids, w, stacked, grad=False)
+        on = (x.to(device), ids.to(device), w.to(device), mats, ALPHA, LIMIT)
+        for config in configs:
+            if len(config) == 3:
+                got = clamped.clamped_ops.slot_ffn(*on, (config, config))
+            else:
+                got = clamped.clamped_ops.grouped_ffn(*on, config)
+            assert _rel(got.cpu(), want) < 1e-5, config
 
 
 @pytest.mark.gpu

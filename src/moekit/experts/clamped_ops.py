@@ -125,15 +125,25 @@ def slot_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: t
     return y.view(n, top_k, hidden).sum(dim=1)
 
 
+def grouped_config(slots: int, count: int, mxfp4: bool) -> tuple[int, int, int, int]:
+    """Returns (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the grouped kernels for `slots` slots over
+    `count` stack rows: the dense kernels' blocks (triton_ops.block_sizes); MXFP4 caps BLOCK_K at 64,
+    as its tiles are decoded to float32 in registers (gate_up holds two [BLOCK_N, BLOCK_K] of them).
+    Untuned on a GPU yet: benchmarks/probes/bench_clamped_kernels.py sweeps them."""
+    block_m, block_n, block_k = block_sizes(slots, count)
+    return block_m, block_n, min(block_k, 64) if mxfp4 else block_k, 4
+
+
 def grouped_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: tuple[Matrix, Matrix],
-                alpha: float, limit: float) -> torch.Tensor:
+                alpha: float, limit: float, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Returns the grouped kernels' [N, D]: slots sorted by stack row on the device (block_map),
-    each row block multiplying one expert's weight tiles, decoded once per block."""
+    each row block multiplying one expert's weight tiles, decoded once per block. `config`
+    overrides (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) (BLOCK_M >= 16, tl.dot's least)."""
     gate_up, down = mats
     n, top_k = rows.shape
     count = gate_up.weights.shape[0]
     slots, ffn, hidden = n * top_k, gate_up.rows() // 2, down.rows()
-    block_m, block_n, block_k = block_sizes(slots, count)
+    block_m, block_n, block_k, warps = config or grouped_config(slots, count, gate_up.mxfp4)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for float32
     order, block_expert, block_start, block_end = block_map(rows, count, block_m)
     num_blocks = block_expert.shape[0]
@@ -143,11 +153,13 @@ def grouped_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats
     grouped_gate_up_kernel[(num_blocks, triton.cdiv(ffn, block_n))](
         x, order, w, s, b, block_expert, block_start, block_end, h, ffn, count, alpha, limit,
         x.stride(0), *strides, h.stride(0), TOP_K=top_k, K=gate_up.columns,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MXFP4=gate_up.mxfp4, DOT_PRECISION=precision)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MXFP4=gate_up.mxfp4, DOT_PRECISION=precision,
+        num_warps=warps)
     y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D] in routing order, weighted
     w, s, b, *strides = down.args()
     grouped_down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
         h, order, weights.reshape(-1), w, s, b, block_expert, block_start, block_end, y, hidden, count,
         h.stride(0), *strides, y.stride(0), K=down.columns,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MXFP4=down.mxfp4, DOT_PRECISION=precision)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MXFP4=down.mxfp4, DOT_PRECISION=precision,
+        num_warps=warps)
     return y.view(n, top_k, hidden).sum(dim=1)

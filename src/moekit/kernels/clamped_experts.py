@@ -1,8 +1,9 @@
 """gpt-oss expert kernels (biases, clamped SwiGLU) for MXFP4 and dense weights: per-slot matvecs
 for a few slots, grouped matmuls (slots sorted by expert) for many. The weight format is a
-constexpr (MXFP4): every kernel reads its weight tiles through `_weight_tile`, which decodes
-MXFP4 bytes in registers (two e2m1 values times the E8M0 power of their 32-value group), so
-each format's multiply exists once and no weight is ever stored wider.
+constexpr (MXFP4): the per-slot kernels multiply through `_row_dots`, the grouped ones through
+`_weight_tile` + `_dot_tile`, and both decode MXFP4 bytes in registers in `_mxfp4_halves` (two
+e2m1 values times the E8M0 power of their 32-value group), so each format's multiply exists
+once and no weight is ever stored wider.
 
 Tensors (N = tokens, A = experts per token, S = N*A slots in routing order, E = experts or cache
 slots, D = hidden, I = expert ffn width; K = the matrix's columns, R = its rows, G = K / 32;
@@ -41,42 +42,62 @@ def _e2m1(code):
 
 
 @triton.jit
+def _mxfp4_halves(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
+                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Returns the even and the odd columns [BLOCK_N, BLOCK_K / 2] (float32, zero where masked) of
+    MXFP4 rows `rows`, columns k0.. (BLOCK_K a multiple of 32): the low and high nibbles of each
+    byte times the E8M0 power of its 32-column group. The only place MXFP4 bytes are decoded."""
+    half: tl.constexpr = BLOCK_K // 2
+    groups: tl.constexpr = BLOCK_K // 32
+    j = tl.arange(0, half)  # byte of this tile
+    mask = row_ok[:, None] & (k0 + 2 * j < K)[None, :]
+    byte = tl.load(w_base + rows[:, None] * stride_wr + (k0 // 2 + j)[None, :], mask=mask, other=0).to(tl.int32)
+    gs = tl.arange(0, groups)  # the tile's 32-column groups: one scale each, loaded once
+    scale = tl.load(scales_base + rows[:, None] * stride_sr + (k0 // 32 + gs)[None, :],
+                    mask=row_ok[:, None] & (k0 + 32 * gs < K)[None, :], other=127)  # [BN, BK/32]
+    power = tl.exp2(scale.to(tl.float32) - 127.0)
+    power = tl.broadcast_to(power[:, :, None], (BLOCK_N, groups, 16)).reshape(BLOCK_N, half)  # [BN, BK/2]
+    return _e2m1(byte & 15) * power, _e2m1(byte >> 4) * power
+
+
+@triton.jit
 def _weight_tile(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
-                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
-                 K_MAJOR: tl.constexpr = False):
-    """Returns the [BLOCK_N, BLOCK_K] tile of matrix rows `rows`, columns k0.. (zero where masked),
-    or with K_MAJOR its transpose [BLOCK_K, BLOCK_N] (tl.dot's right operand): MXFP4 decoded to
-    float32, dense as stored. BLOCK_K is a multiple of 32 for MXFP4."""
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
+    """Returns the transposed tile [BLOCK_K, BLOCK_N] (tl.dot's right operand) of matrix rows `rows`,
+    columns k0.. (zero where masked): MXFP4 decoded to float32, dense as stored."""
     if MXFP4:
-        half: tl.constexpr = BLOCK_K // 2
-        j = tl.arange(0, half)  # byte of this tile
-        cols = k0 + 2 * j  # its even column
-        mask = row_ok[:, None] & (cols < K)[None, :]
-        byte = tl.load(w_base + rows[:, None] * stride_wr + (k0 // 2 + j)[None, :], mask=mask, other=0).to(tl.int32)
-        groups: tl.constexpr = BLOCK_K // 32
-        gs = tl.arange(0, groups)  # the tile's 32-column groups: one scale each, loaded once
-        scale = tl.load(scales_base + rows[:, None] * stride_sr + (k0 // 32 + gs)[None, :],
-                        mask=row_ok[:, None] & (k0 + 32 * gs < K)[None, :], other=127)  # [BN, BK/32]
-        power = tl.exp2(scale.to(tl.float32) - 127.0)
-        power = tl.broadcast_to(power[:, :, None], (BLOCK_N, groups, 16)).reshape(BLOCK_N, half)  # [BN, BK/2]
-        # low nibbles are the even columns, high nibbles the odd ones: interleave them back
-        tile = tl.join(_e2m1(byte & 15) * power, _e2m1(byte >> 4) * power).reshape(BLOCK_N, BLOCK_K)
-        if K_MAJOR:
-            tile = tl.trans(tile)
-    else:
+        even, odd = _mxfp4_halves(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K)
+        tile = tl.trans(tl.join(even, odd).reshape(BLOCK_N, BLOCK_K))  # columns interleaved back
+    else:  # loaded transposed (the Triton 3.9 interpreter mis-transposes bf16 tiles)
         ks = k0 + tl.arange(0, BLOCK_K)
-        if K_MAJOR:  # loaded transposed: the Triton 3.9 interpreter mis-transposes bf16 tiles
-            tile = tl.load(w_base + rows[None, :] * stride_wr + ks[:, None],
-                           mask=row_ok[None, :] & (ks < K)[:, None], other=0.0)
-        else:
-            tile = tl.load(w_base + rows[:, None] * stride_wr + ks[None, :],
-                           mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+        tile = tl.load(w_base + rows[None, :] * stride_wr + ks[:, None], mask=row_ok[None, :] & (ks < K)[:, None],
+                       other=0.0)
     return tile
 
 
 @triton.jit
+def _row_dots(x_row, w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
+              K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
+    """Returns [BLOCK_N] float32: rows `rows` of the matrix dotted with x_row over columns k0..
+    MXFP4 meets the even and odd columns of x apart (nothing interleaved)."""
+    if MXFP4:
+        even, odd = _mxfp4_halves(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K)
+        cols = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        xe = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        xo = tl.load(x_row + cols + 1, mask=cols < K, other=0.0).to(tl.float32)
+        out = tl.sum(even * xe[None, :] + odd * xo[None, :], axis=1)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
+        tile = tl.load(w_base + rows[:, None] * stride_wr + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                       other=0.0)
+        out = tl.sum(tile.to(tl.float32) * xk[None, :], axis=1)
+    return out
+
+
+@triton.jit
 def _dot_tile(xt, tile, DOT_PRECISION: tl.constexpr, MXFP4: tl.constexpr):
-    """Returns xt [BM, BK] @ tile [BK, BN] (a K_MAJOR weight tile) as [BM, BN] float32. A decoded
+    """Returns xt [BM, BK] @ tile [BK, BN] (a `_weight_tile`) as [BM, BN] float32. A decoded
     MXFP4 tile (float32) meets xt in float32: bf16 and fp16 inputs and every e2m1 value times a
     power of two are exact in tf32, so "tf32" loses nothing (and the interpreter mis-multiplies
     tiles cast to bf16 in the kernel). A dense tile meets xt in their shared stored dtype."""
@@ -116,12 +137,9 @@ def slot_gate_up_kernel(
     acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)  # [BK]
-        wg = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
-        wu = _weight_tile(w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
-        acc_gate += tl.sum(wg.to(tl.float32) * xk[None, :], axis=1)
-        acc_up += tl.sum(wu.to(tl.float32) * xk[None, :], axis=1)
+        acc_gate += _row_dots(x_row, w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
+        acc_up += _row_dots(x_row, w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K,
+                            MXFP4)
     acc_gate += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
     acc_up += tl.load(bias_ptr + e * stride_bias + FFN + n, mask=n_ok, other=0.0).to(tl.float32)
     h = _clamped_swiglu(acc_gate, acc_up, alpha, limit)
@@ -146,10 +164,8 @@ def slot_down_kernel(
     scales_base = scales_ptr + e * stride_se
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        hk = tl.load(h_ptr + s * stride_hs + ks, mask=ks < K, other=0.0).to(tl.float32)
-        wt = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
-        acc += tl.sum(wt.to(tl.float32) * hk[None, :], axis=1)
+        acc += _row_dots(h_ptr + s * stride_hs, w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N,
+                         BLOCK_K, MXFP4)
     acc += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + s * stride_os + n, (acc * gate_weight).to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -182,9 +198,8 @@ def grouped_gate_up_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + tokens[:, None] * stride_xn + ks[None, :], mask=slot_ok[:, None] & (ks < K)[None, :],
                      other=0.0)  # [BM, BK]
-        wg = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4, True)
-        wu = _weight_tile(w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4,
-                          True)
+        wg = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
+        wu = _weight_tile(w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
         acc_gate += _dot_tile(xt, wg, DOT_PRECISION, MXFP4)
         acc_up += _dot_tile(xt, wu, DOT_PRECISION, MXFP4)
     acc_gate += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -221,7 +236,7 @@ def grouped_down_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         ht = tl.load(h_ptr + sorted_slots[:, None] * stride_hs + ks[None, :],
                      mask=slot_ok[:, None] & (ks < K)[None, :], other=0.0)  # [BM, BK]
-        wt = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4, True)
+        wt = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
         acc += _dot_tile(ht, wt, DOT_PRECISION, MXFP4)
     acc += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     slots = tl.load(order_ptr + sorted_slots, mask=slot_ok, other=0)  # [BM] routing-order rows
