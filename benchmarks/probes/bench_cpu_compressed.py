@@ -3,6 +3,10 @@ through the native one-call step (moekit.native.decode with compressed.cpp) and 
 (MOEKIT_CPU_DECODE=0: model.forward with one native compressed-expert call per layer), next to llama.cpp's
 CPU decode of the same checkpoint's bf16 GGUF and its llama-quantize types; interleaved rounds, medians.
 
+The int-N rows run once per --int-dots choice (int8: integer dot products on int8 activations,
+float: the decoded-weight path; MOEKIT_CPU_INT_DOT) and every native row once per --dense form (int8:
+the attention projections and LM head in int8 per row; MOEKIT_CPU_DENSE).
+
 Each round runs every engine once in the same order (moekit: one warm generate of --new tokens after a
 64-token prompt; llama.cpp: llama-bench -p 0 -n NEW -r 1), so both sample the same drifting host. Then a
 profile of one compressed model's eager step: the step's time, the time inside the experts' Python path
@@ -48,9 +52,17 @@ def pairs(text: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split(",") if item)
 
 
-def moekit_tok_s(model, prompt: torch.Tensor, new: int, native: bool) -> tuple[float, torch.Tensor, bool]:
-    """Returns (decode tok/s, the greedy tokens, whether the native step ran) of one warm generate."""
+def moekit_tok_s(model, prompt: torch.Tensor, new: int, native: bool, dot: str = "",
+                 dense: str = "") -> tuple[float, torch.Tensor, bool]:
+    """Returns (decode tok/s, the greedy tokens, whether the native step ran) of one warm generate;
+    dot: the int-N experts' activations ($MOEKIT_CPU_INT_DOT: int8 or float), dense: the native step's
+    attention and LM head weights ($MOEKIT_CPU_DENSE: bf16 or int8); '' the defaults."""
     os.environ["MOEKIT_CPU_DECODE"] = "1" if native else "0"
+    for var, value in (("MOEKIT_CPU_INT_DOT", dot), ("MOEKIT_CPU_DENSE", dense)):
+        if value:
+            os.environ[var] = value
+        else:
+            os.environ.pop(var, None)
     stats = moekit.GenerationStats()
     tokens = model.generate(prompt, max_new_tokens=new, temperature=0, eos_token_ids=(), stats=stats)
     return stats.decode_tok_s, tokens, bool(stats.extra.get("native_cpu_step"))
@@ -145,6 +157,10 @@ def main() -> int:
     parser.add_argument("--gguf", default="", help="name=file,... GGUFs of the same checkpoint")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--int-dots", default="int8,float", help="the int-N forms' native rows once per activation "
+                        "type (MOEKIT_CPU_INT_DOT: int8 integer dot products, float the decoded-weight path)")
+    parser.add_argument("--dense", default="bf16", help="the native rows once per dense-weight form (MOEKIT_CPU_DENSE: "
+                        "bf16, int8 the int8 attention projections and LM head); e.g. bf16,int8")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager (MOEKIT_CPU_DECODE=0) compressed rows")
     parser.add_argument("--tiny", action="store_true", help="smoke test: a tiny random checkpoint, moekit only")
     parser.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"))
@@ -185,22 +201,31 @@ def main() -> int:
         models[form] = moekit.load_model(paths[form], dtype=torch.bfloat16)
     vocab = models["bf16"].config.vocab_size
     prompt = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))
-    engines = [(f"moekit {name} native", name, True) for name in models]
+    dots = [d for d in args.int_dots.split(",") if d]
+    engines = []  # (label, model name, native step or None for llama.cpp, int dot, dense form)
+    for dense in [d for d in args.dense.split(",") if d]:
+        tail = "" if dense == "bf16" else f" {dense}-dense"
+        for name in models:
+            if name.startswith("int") and dots:
+                engines += [(f"moekit {name} native {d}-dot{tail}", name, True, d, dense) for d in dots]
+            else:
+                engines.append((f"moekit {name} native{tail}", name, True, "", dense))
     if not args.no_eager:
-        engines += [(f"moekit {name} eager", name, False) for name in models if name != "bf16"]
+        engines += [(f"moekit {name} eager", name, False, "", "") for name in models if name != "bf16"]
     ggufs = pairs(args.gguf) if args.llama_bench and not args.tiny else {}
-    engines += [(f"llama.cpp {name}", name, None) for name in ggufs]
+    engines += [(f"llama.cpp {name}", name, None, "", "") for name in ggufs]
     tok_s: dict[str, list[float]] = {e[0]: [] for e in engines}
     tokens: dict[str, torch.Tensor] = {}
-    for name, model in models.items():  # warm: pages touched, the native library built
-        moekit_tok_s(model, prompt, 4, True)
+    for name, model in models.items():  # warm: pages touched, the native library built, int8 copies made
+        for dense in [d for d in args.dense.split(",") if d]:
+            moekit_tok_s(model, prompt, 4, True, "", dense)
     results["loadavg_before"] = os.getloadavg()
     for r in range(args.rounds):
-        for label, name, native in engines:
+        for label, name, native, dot, dense in engines:
             if native is None:
                 v = llama_tok_s(args.llama_bench, ggufs[name], args.new, threads)
             else:
-                v, toks, ran = moekit_tok_s(models[name], prompt, args.new, native)
+                v, toks, ran = moekit_tok_s(models[name], prompt, args.new, native, dot, dense)
                 if ran != native:
                     raise SystemExit(f"{label}: the native step {'did not run' if native else 'ran'}")
                 tokens[label] = toks
@@ -212,24 +237,36 @@ def main() -> int:
     results["rows"] = rows
     agree = {}
     for name in models:
-        a, b = tokens.get(f"moekit {name} native"), tokens.get(f"moekit {name} eager")
+        a = tokens.get(f"moekit {name} native", tokens.get(f"moekit {name} native {dots[0] if dots else ''}-dot"))
+        b = tokens.get(f"moekit {name} eager")
         if a is not None and b is not None:
             same = (a == b)[0].tolist()
             agree[name] = {"equal": bool(all(same)), "leading_equal": same.index(False) if False in same else len(same)}
     results["native_vs_eager_tokens"] = agree
+    dot_agree = {}  # int8 against float activations: the greedy tokens of the same prompt
+    for name in models:
+        a, b = tokens.get(f"moekit {name} native int8-dot"), tokens.get(f"moekit {name} native float-dot")
+        if a is not None and b is not None:
+            same = (a == b)[0].tolist()
+            dot_agree[name] = {"equal": bool(all(same)), "leading_equal": same.index(False) if False in same else len(same),
+                               "agreement": sum(same) / len(same)}
+    results["int8_vs_float_dot_tokens"] = dot_agree
     compressed_forms = [n for n in models if n != "bf16"]
     if compressed_forms:
         results["profile_eager"] = {n: profile_eager(models[n], prompt, min(args.new, 32)) for n in compressed_forms}
     out = common.write_json(results, args.out, "bench_cpu_compressed")
-    lines = [f"{'engine':<28} {'median tok/s':>12}  rounds"]
+    lines = [f"{'engine':<44} {'median tok/s':>12}  rounds"]
     for k, v in rows.items():
         med = f"{v['median']:.1f}" if v["median"] else "-"
-        lines.append(f"{k:<28} {med:>12}  {', '.join(f'{x:.1f}' for x in v['tok_s'])}")
+        lines.append(f"{k:<44} {med:>12}  {', '.join(f'{x:.1f}' for x in v['tok_s'])}")
     for n, p in results.get("profile_eager", {}).items():
         lines.append(f"eager {n} step {p['step_ms']:.2f} ms: experts path {p['experts_python_path_ms']:.2f} ms "
                      f"(kernel {p['kernel_ms']:.2f}), outside experts {p['glue_outside_experts_ms']:.2f} ms")
     for n, a in agree.items():
         lines.append(f"{n}: native vs eager greedy tokens equal {a['equal']} (leading {a['leading_equal']})")
+    for n, a in dot_agree.items():
+        lines.append(f"{n}: int8 vs float dot greedy tokens equal {a['equal']} (leading {a['leading_equal']}, "
+                     f"agreement {a['agreement']:.2f})")
     print("\n".join(lines))
     print(f"({out}; {threads} threads, load {results['loadavg_before']} -> {results['loadavg_after']})")
     return 0
