@@ -221,7 +221,8 @@ def _decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 # OLMoE (full q/k norm), clip_qkv, Qwen3 (per-head norm, renormalised top-k), Mixtral, partial
-# rotary (GLM, with group-limited sigmoid routing left to PyTorch), Granite's multipliers
+# rotary (GLM, whose group-limited sigmoid routing runs grouped_topk: tests/test_fused_router.py),
+# Granite's multipliers
 MODEL_VARIANTS = ["olmoe", "olmoe_clip", "qwen3_moe", "mixtral_sliding", "glm4_moe_plain", "granitemoe"]
 
 

@@ -107,10 +107,11 @@ def test_mla_attention_drops_positions_past_the_cache(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v2_group", "deepseek_v3"])
 def test_deepseek_decode_fused_equals_reference(tiny, variant, dtype, monkeypatch):
     """On the CPU through the interpreter: DeepSeek decode steps with the fused MLA kernels give the
-    reference's logits (V3: q's bottleneck norm fused too)."""
+    reference's logits (V3: q's bottleneck norm fused too; V3's sigmoid and V2's group-limited
+    routing through grouped_topk)."""
     kernel_device()
     if torch.cuda.is_available():
         pytest.skip("CPU-only: the interpreter path")
@@ -121,11 +122,13 @@ def test_deepseek_decode_fused_equals_reference(tiny, variant, dtype, monkeypatc
     monkeypatch.setenv("MOEKIT_FUSED", "1")
     monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
     calls = set()
-    for name in ("mla_project", "mla_attention", "rms_norm"):
+    for name in ("mla_project", "mla_attention", "rms_norm", "grouped_topk", "softmax_topk"):
         real = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.add(_name) or _real(*a, **k))
     got = _decode_logits(model, prompt, 3)
-    assert {"mla_project", "mla_attention", "rms_norm"} <= calls
+    rule = model.config.router
+    router = "grouped_topk" if rule.scoring == "sigmoid" or rule.group_limited else "softmax_topk"
+    assert calls == {"mla_project", "mla_attention", "rms_norm", router}
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     else:

@@ -29,6 +29,7 @@ try:
         softmax_topk_kernel,
     )
     from .kernels.mla_decode import mla_attention_kernel, mla_project_kernel
+    from .kernels.router_topk import grouped_topk_kernel
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton keep the PyTorch path
     HAVE_TRITON = False
@@ -201,6 +202,32 @@ def decode_mask(start: torch.Tensor, t: int, s: int, window: int | None = None) 
         start, mask, s, 0 if window is None else window, WINDOW=window is not None, BLOCK_S=block,
         num_warps=max(1, block // 256))
     return mask
+
+
+def grouped_topk(logits: torch.Tensor, top_k: int, sigmoid: bool, groups: int, topk_group: int, group_top2: bool,
+                 bias: torch.Tensor | None, renormalize: bool, skip_below: float = 0.0,
+                 scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (expert ids [N, A] int64 best first, float32 weights [N, A]) of moekit.routers.route's
+    sigmoid rule (with a selection bias [E]) or group-limited softmax over logits [N, E]."""
+    n, e = logits.shape
+    ids = torch.empty((n, top_k), dtype=torch.int64, device=logits.device)
+    weights = torch.empty((n, top_k), dtype=torch.float32, device=logits.device)
+    g_pad, eg_pad = triton.next_power_of_2(groups), triton.next_power_of_2(e // groups)
+    grouped_topk_kernel[(n,)](
+        logits, logits if bias is None else bias, ids, weights, logits.stride(0), skip_below, scaling,
+        E=e, G=groups, TOPK_GROUP=topk_group, TOP_K=top_k, G_PAD=g_pad, EG_PAD=eg_pad,
+        A_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid, HAS_BIAS=bias is not None, GROUP_TOP2=group_top2,
+        RENORM=renormalize, SKIP=skip_below > 0, num_warps=_warps(g_pad * eg_pad) if g_pad * eg_pad > 256 else 1)
+    return ids, weights
+
+
+def grouped_topk_supported(logits: torch.Tensor, top_k: int, groups: int, topk_group: int,
+                           bias: torch.Tensor | None) -> bool:
+    """Returns whether grouped_topk handles these logits [N, E] (E <= 1024 in equal groups, A <= 16,
+    at least A experts in the kept groups, a contiguous bias)."""
+    e = logits.shape[-1] if logits.dim() == 2 else 0
+    return (logits.dim() == 2 and logits.stride(-1) == 1 and 0 < e <= 1024 and e % groups == 0
+            and top_k <= min(16, topk_group * (e // groups)) and (bias is None or bias.is_contiguous()))
 
 
 # ---- latent attention (moekit.mla); shapes as in moekit.kernels.mla_decode ---------------------
