@@ -17,6 +17,18 @@ from moekit.offload.layout import ExpertBytes
 
 pytestmark = pytest.mark.skipif(not triton_ops.HAVE_TRITON, reason="triton not installed")
 
+if triton_ops.HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from moekit.kernels.clamped_experts import _e2m1
+
+    @triton.jit
+    def _every_code(out_ptr):
+        """out[c] = the e2m1 value of code c, for c in 0..15."""
+        codes = tl.arange(0, 16)
+        tl.store(out_ptr + codes, _e2m1(codes))
+
 E, D, I = 8, 64, 32
 ALPHA, LIMIT = 1.702, 7.0  # gpt-oss's
 
@@ -66,6 +78,15 @@ def _check(got, want, want32, dtype, what):
     else:
         factor = 1.5 if got.is_cuda else 3.0
         assert _rel(got, want32) <= factor * _rel(want, want32) + 2e-3, (what, _rel(got, want32), _rel(want, want32))
+
+
+def test_e2m1_codes_equal_the_spec():
+    """The kernels' e2m1 decode (float32 bits from integer ops) gives every code's value as
+    FP4_VALUES lists it, the sign of -0 included."""
+    got = torch.empty(16, device=kernel_device())
+    _every_code[(1,)](got)
+    want = torch.tensor(clamped.FP4_VALUES)
+    assert torch.equal(got.cpu(), want) and torch.equal(got.cpu().signbit(), want.signbit())
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "dense"])

@@ -32,13 +32,13 @@ import triton.language as tl
 @triton.jit
 def _e2m1(code):
     """Returns the float32 value of e2m1 codes (int32, 0..15: sign bit 3, exponent bits 2-1, mantissa
-    bit 0), built from its float32 bits: integer ops and a select, no transcendental per value."""
-    exponent = (code >> 1) & 3
-    mantissa = code & 1
-    # exponent 0 is 0 or 0.5 (2^-1); else (1 + mantissa / 2) * 2^(exponent - 1)
-    bits = tl.where(exponent == 0, mantissa * (126 << 23), ((exponent + 126) << 23) | (mantissa << 22))
-    magnitude = bits.to(tl.float32, bitcast=True)
-    return tl.where((code & 8) != 0, -magnitude, magnitude)
+    bit 0) built from float32 bits in a few integer ops (no transcendental, no float math)."""
+    magnitude = code & 7
+    # magnitude m >= 2: exponent bits 2-1 and the mantissa bit land as float32 exponent + 126 and
+    # mantissa bit 22, i.e. (1 + mantissa / 2) * 2^(exponent - 1); m = 0, 1 are 0 and 0.5 (2^-1)
+    bits = tl.where(magnitude < 2, magnitude * (126 << 23), (magnitude << 22) + (126 << 23))
+    bits = bits | ((code & 8) << 28)  # the sign bit
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
