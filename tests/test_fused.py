@@ -193,6 +193,15 @@ def test_decode_mask_matches_reference(window):
     assert torch.equal(fused.decode_mask(start, 2, 1100, window), ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1408), (3, 2 * 40), (2, 2, 2 * 1500)])
+def test_swiglu_matches_reference(shape, dtype):
+    device = kernel_device()
+    x = (2 * torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1]))).to(device, dtype)
+    gate, up = x.chunk(2, dim=-1)
+    _close(fused.swiglu(x), torch.nn.functional.silu(gate) * up, dtype)
+
+
 def test_disabled_by_env_and_for_cpu_and_autograd(monkeypatch):
     x = torch.zeros(1, 8)
     assert not fused.enabled(x)  # CPU tensors keep the reference path

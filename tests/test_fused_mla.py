@@ -122,13 +122,13 @@ def test_deepseek_decode_fused_equals_reference(tiny, variant, dtype, monkeypatc
     monkeypatch.setenv("MOEKIT_FUSED", "1")
     monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
     calls = set()
-    for name in ("mla_project", "mla_attention", "rms_norm", "grouped_topk", "softmax_topk"):
+    for name in ("mla_project", "mla_attention", "rms_norm", "grouped_topk", "softmax_topk", "swiglu"):
         real = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.add(_name) or _real(*a, **k))
     got = _decode_logits(model, prompt, 3)
     rule = model.config.router
     router = "grouped_topk" if rule.scoring == "sigmoid" or rule.group_limited else "softmax_topk"
-    assert calls == {"mla_project", "mla_attention", "rms_norm", router}
+    assert calls == {"mla_project", "mla_attention", "rms_norm", router, "swiglu"}  # swiglu: shared experts
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     else:

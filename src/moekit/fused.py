@@ -27,6 +27,7 @@ try:
         qk_norm_rope_kernel,
         rms_norm_kernel,
         softmax_topk_kernel,
+        swiglu_kernel,
     )
     from .kernels.mla_decode import mla_attention_kernel, mla_project_kernel
     from .kernels.router_topk import grouped_topk_kernel
@@ -202,6 +203,18 @@ def decode_mask(start: torch.Tensor, t: int, s: int, window: int | None = None) 
         start, mask, s, 0 if window is None else window, WINDOW=window is not None, BLOCK_S=block,
         num_warps=max(1, block // 256))
     return mask
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """Returns silu(gate) * up [..., I] for x [..., 2I] holding gate, then up (DenseMLP's halves)."""
+    rows = _rows(x)
+    rows = x.reshape(-1, x.shape[-1]).contiguous() if rows is None else rows
+    ffn = rows.shape[1] // 2
+    y = torch.empty((rows.shape[0], ffn), dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(ffn))
+    swiglu_kernel[(rows.shape[0], triton.cdiv(ffn, block))](
+        rows, y, ffn, rows.stride(0), y.stride(0), BLOCK=block, num_warps=max(1, block // 256))
+    return y.view(*x.shape[:-1], ffn)
 
 
 def grouped_topk(logits: torch.Tensor, top_k: int, sigmoid: bool, groups: int, topk_group: int, group_top2: bool,

@@ -17,6 +17,7 @@ B = batch, S = cache capacity in positions):
     k, v         [B, Hkv, T, Dh]         kv_write_kernel: into cache [B, Hkv, S, Dh] at start..
     mask         [T, S] bool             decode_mask_kernel (or kv_write_kernel with MASK): key <=
                                          start + t (and in the window)
+    x, y         [N, 2I], [N, I]         swiglu_kernel: y = silu(gate half) * up half
 """
 
 import triton
@@ -226,3 +227,17 @@ def kv_write_kernel(
 def decode_mask_kernel(start_ptr, mask_ptr, S, window, WINDOW: tl.constexpr, BLOCK_S: tl.constexpr):
     """mask[t, s] = s <= start + t (and s > start + t - window with WINDOW). Program (t, sb)."""
     _mask_block(start_ptr, mask_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), S, window, WINDOW, BLOCK_S)
+
+
+@triton.jit
+def swiglu_kernel(x_ptr, y_ptr, FFN, stride_x, stride_y, BLOCK: tl.constexpr):
+    """y[n, i] = silu(x[n, i]) * x[n, FFN + i] for x [N, 2*FFN] (gate half, then up half), y [N, FFN];
+    silu rounded to the dtype before the product (moekit.model.DenseMLP's rounding). Program (n, block)."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < FFN
+    gate = tl.load(x_ptr + n * stride_x + cols, mask=ok, other=0.0)
+    up = tl.load(x_ptr + n * stride_x + FFN + cols, mask=ok, other=0.0).to(tl.float32)
+    g = gate.to(tl.float32)
+    act = _to(g * tl.sigmoid(g), gate.dtype).to(tl.float32)
+    tl.store(y_ptr + n * stride_y + cols, _to(act * up, y_ptr.dtype.element_ty), mask=ok)
