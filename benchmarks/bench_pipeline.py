@@ -70,6 +70,14 @@ table is printed last, with each pipeline row's decode step breakdown: the launc
 split into PreAttn+D2H / LoadH / pages / PostAttn, and the expert calls' own GPU time next to the
 HRM's GPU term.
 
+CGOPipe's tasks run as CUDA graphs by default (moekit.pipeline.graphs: PreAttn and PostAttn one
+replay each; MOEKIT_PIPELINE_GRAPHS=0 for eager); --graphs both runs each pipeline row twice, with
+graphs and eager (marked [graphs off]), same plan, so the launch thread's issuing is compared in
+one run. A short check of the graphs (bf16 gen 32 and ternary gen 32, ~150 s):
+
+    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out $OUT --gen 32 --compressed ternary \
+        --offload-batches '' --skip-hf --graphs both --time-budget-s 140
+
 All 32 layers of Mixtral-8x7B (the issue's goal is counted there): 90 GB of bf16 experts pinned in
 the H200 machine's 128 GiB (126 GB) of host memory, plus the KV cache (N=512 at ~210 positions:
 14 GB) -- it fits with the compressed rows and the baselines left out (the rounded forms and the

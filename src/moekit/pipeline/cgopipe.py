@@ -42,7 +42,7 @@ import torch
 from ..errors import MoekitError
 from ..kv_cache import PagedKVCache, RaggedBatch
 from ..model import Attention
-from .graphs import TaskGraphs, graphs_wanted, qkv_packet
+from .graphs import TaskGraphs, graphs_wanted
 from .host_attention import NativeAttention, cpu_attention
 
 
@@ -105,13 +105,18 @@ class MicroBatch:
     x: torch.Tensor  # [1, mu, D] residual stream on the model's device
     cos: torch.Tensor  # [mu, Dh] rope of each sequence's position
     sin: torch.Tensor
-    # host buffers reused by every layer of the step (and later steps of the same size): the flat
-    # q, k, v packet [mu * (H + 2 Hkv) * Dh], q | k | v each [mu, heads, Dh] in turn so that q needs
-    # no copy to be contiguous (pinned on a GPU run; None on the CPU, where it is the device tensor),
-    # and the attention output [mu, H, Dh]. Task (i + 1, j) reuses them only after task (i, j) is done
-    # with them: its D2H is queued after PostAttn(i, j), which waits for LoadH(i, j)
+    # buffers reused by every layer of the step (and later steps of the same size): the flat q, k, v
+    # packet [mu * (H + 2 Hkv) * Dh] on the host (pinned on a GPU run), q | k | v each [mu, heads, Dh]
+    # in turn so that q needs no copy to be contiguous, and its q, k, v views (made once: the worker
+    # splits nothing per task); the attention output [mu, H, Dh]; the packet on the model's device
+    # and its views, which PreAttn's outputs are copied into (on the CPU the host packet itself).
+    # Task (i + 1, j) reuses them only after task (i, j) is done with them: it is launched after
+    # PostAttn(i, j), which waits for CPUAttn(i, j), which waits for D2H(i, j)
     packet: torch.Tensor | None = None
     out: torch.Tensor | None = None
+    qkv: tuple[torch.Tensor, ...] | None = None
+    device_packet: torch.Tensor | None = None
+    device_qkv: tuple[torch.Tensor, ...] | None = None
     native: NativeAttention | None = None  # the prepared kernel call (None: cpu_attention's checks and fallback)
 
 
@@ -150,7 +155,8 @@ class PipelinedDecoder:
         self.trace, self.profile = trace, profile
         self.streams = Streams(model.device)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-cpu-attention")
-        self._buffers: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}  # (j, mu) -> MicroBatch host buffers
+        self._buffers: dict[tuple[int, int], tuple] = {}  # (j, mu) -> MicroBatch's buffers
+        self._windows = [layer.attn.cfg.sliding_window for layer in model.layers]
         # on a GPU run two cores stay free of attention threads: the launch thread (every kernel of
         # PreAttn / PostAttn and each copy) and the CUDA driver's; spinning OpenMP threads on every
         # core would slow the launches the device waits on (MoE-Lightning brief 5.4-4)
@@ -185,18 +191,26 @@ class PipelinedDecoder:
         if paged is not None:
             paged.trace, paged.copy_timing, paged.copy_spans, paged.expert_spans = None, False, [], []
 
-    def _host_buffers(self, j: int, rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Returns micro-batch j's (flat q, k, v packet [rows * (H + 2 Hkv) * Dh] pinned, or None on the
-        CPU; attention output [rows, H, Dh]), made once and reused: a pinned allocation per task
-        costs the launch thread and the worker a trip through the host allocator's lock and events."""
+    def _host_buffers(self, j: int, rows: int) -> tuple:
+        """Returns micro-batch j's (flat q, k, v packet [rows * (H + 2 Hkv) * Dh] on the host (pinned on
+        a GPU run), attention output [rows, H, Dh], the packet's q, k, v views [rows, heads, Dh], the
+        packet on the model's device (on the CPU: the host one), its views), made once and reused: a
+        pinned allocation per task costs the launch thread and the worker a trip through the host
+        allocator's lock and events, and views made per task cost both threads the GIL."""
         key = (j, rows)
         if key not in self._buffers:
             cfg, dtype, pin = self.model.config, self.model.dtype, self.streams.cuda
-            (hk, dk), (hv, dv) = cfg.kv_cache_dims()
-            width = cfg.num_heads * cfg.head_dim + hk * dk + hv * dv
-            packet = torch.empty(rows * width, dtype=dtype, pin_memory=True) if pin else None
+            dims = [(cfg.num_heads, cfg.head_dim), *cfg.kv_cache_dims()]
+            width = sum(h * d for h, d in dims)
+
+            def views(packet: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                parts = packet.split([rows * h * d for h, d in dims])
+                return tuple(part.view(rows, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
+
+            packet = torch.empty(rows * width, dtype=dtype, pin_memory=pin)
             out = torch.empty((rows, cfg.num_heads, cfg.head_dim), dtype=dtype, pin_memory=pin)
-            self._buffers[key] = (packet, out)
+            device_packet = torch.empty(rows * width, dtype=dtype, device=self.model.device) if pin else packet
+            self._buffers[key] = (packet, out, views(packet), device_packet, views(device_packet))
         return self._buffers[key]
 
     def _record(self, op: str, key: tuple, waits: tuple = ()) -> None:
@@ -214,11 +228,14 @@ class PipelinedDecoder:
             if ready is not None:
                 ready.synchronize()  # the worker waits for its own data, never the launch thread
             t1 = time.perf_counter()
-            mu = mb.out.shape[0]
-            parts = packet.split([mu * h * d for h, d in dims])
-            q, k, v = (part.view(mu, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
+            if packet is mb.packet:
+                q, k, v = mb.qkv
+            else:
+                mu = mb.out.shape[0]
+                parts = packet.split([mu * h * d for h, d in dims])
+                q, k, v = (part.view(mu, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
             self.cache.write(layer, k, v, mb.batch.slots)
-            window = self.model.layers[layer].attn.cfg.sliding_window
+            window = self._windows[layer]
             keys, values = self.cache.keys[layer], self.cache.values[layer]
             # the native call goes through ctypes.CDLL, which drops the GIL for its duration: the
             # launch thread keeps issuing while the kernel runs. The output is pinned on a GPU run,
@@ -240,8 +257,10 @@ class PipelinedDecoder:
             q, k, v = self.model.layers[layer].pre_attn(mb.x, mb.cos, mb.sin)  # [1, heads, mu, Dh]
             dims = [(z.shape[1], z.shape[3]) for z in (q, k, v)]
             # one flat packet, q | k | v each [mu, heads, Dh] (the artifact's cat(q, k, v)): one D2H
-            # copy and one event a task, fewer launches for the launch thread
-            packet = qkv_packet(q, k, v)
+            # copy and one event a task; written in place, one copy each, no cat and no allocation
+            for dst, z in zip(mb.device_qkv, (q, k, v)):
+                dst.copy_(z[0].transpose(0, 1))
+            packet = mb.device_packet
         self._record("pre", (layer, j))
         host, ready = self.streams.to_host(packet, mb.packet)
         self._record("d2h", (layer, j), (("pre", (layer, j)),))

@@ -87,7 +87,7 @@ class TaskGraphs:
             outs = self._run(("post", layer, x.shape[1], None, head), part, (x, attn_out))
         else:
             half = paged.begin_call(layer)
-            start = paged._span_event()
+            start = paged.span_event()
             slots = x.shape[1] * block.mlp.top_k
             with paged.external_call(layer, half, x.reshape(-1, x.shape[-1]), slots):
                 outs = self._run(("post", layer, x.shape[1], half, head), part, (x, attn_out))

@@ -256,7 +256,7 @@ class PagedRuntime:
         if self._external is not None:
             return self._compute(layer, self._external, x, ids, weights)
         half = self.begin_call(layer)
-        start = self._span_event()
+        start = self.span_event()
         out = self._compute(layer, half, x, ids, weights)
         self.end_call(layer, start)
         return out
@@ -274,7 +274,7 @@ class PagedRuntime:
             torch.cuda.current_stream(self.device).wait_event(self.ready[layer])
         return half
 
-    def _span_event(self) -> torch.cuda.Event | None:
+    def span_event(self) -> torch.cuda.Event | None:
         """Returns a timing event recorded on the compute stream (copy_timing on CUDA), else None."""
         if not (self.cuda and self.copy_timing):
             return None
@@ -286,7 +286,7 @@ class PagedRuntime:
         """Marks the end of the layer's expert call on the compute stream: the event a page that
         overwrites its buffer waits for (CUDA), and the call's timing span (from `start`)."""
         if start is not None:
-            self.expert_spans.append((layer, start, self._span_event()))
+            self.expert_spans.append((layer, start, self.span_event()))
         if self.cuda:  # the buffer's latest reader: a page that overwrites it waits for this, nothing later
             done = torch.cuda.Event()
             done.record()
