@@ -2,7 +2,7 @@
 micro-batch) of a decode step, by part, in microseconds and in torch (aten) ops (issue 14).
 
     PYTHONPATH=src nice python3 benchmarks/probe_launch_task.py                       # CPU, ~30 s
-    PYTHONPATH=src python3 benchmarks/probe_launch_task.py --device cuda --out $OUT   # GPU
+    PYTHONPATH=src python3 benchmarks/probe_launch_task.py --device cuda --dtype bfloat16 --out $OUT   # GPU
 
 (from the repository root). A toy Mixtral (--shape tiny: hidden 64, ffn 128, 8 experts top-2,
 8/2 heads; or bench_pipeline's shapes) with `--layers` layers, experts paged (`--resident` of 8 on the
@@ -24,7 +24,9 @@ times are not used, every op then goes through Python). Parts (exclusive: a part
     pages       weight pages issued (PagedRuntime.load_page)
     loop        the rest of the step loop (per-step setup spread over its tasks, trace, clocks)
 
-On a CPU run the ops' compute is on the host too: the op counts carry over to a GPU, the
+On a GPU the parts run as CUDA graphs (moekit.pipeline.graphs) unless MOEKIT_PIPELINE_GRAPHS=0:
+pre_attn and post_attn are then the replays with their copies in and out (and the paged
+bookkeeping around PostAttn), what the launch thread still issues. On a CPU run the ops' compute is on the host too: the op counts carry over to a GPU, the
 microseconds are an upper bound of the host's share. Sync-class ops (those that make a CUDA
 launch thread wait for the device: _local_scalar_dense (.item(), bool(), int()), nonzero,
 unique, bincount, masked_select, repeat_interleave without output_size) are listed with where
@@ -116,6 +118,12 @@ def instrument(parts: Parts) -> None:
     parts.wrap(MoEBlock, "route", "router")
     parts.wrap(PagedRuntime, "run", "experts")
     parts.wrap(PagedRuntime, "load_page", "pages")
+    try:  # with CUDA graphs (on a GPU unless MOEKIT_PIPELINE_GRAPHS=0) a part's replay and its copies in and out
+        from moekit.pipeline import graphs
+    except ImportError:  # an engine before them (an A/B run against an older tree)
+        return
+    parts.wrap(graphs.TaskGraphs, "pre", "pre_attn")
+    parts.wrap(graphs.TaskGraphs, "post", "post_attn")
 
 
 def decode(model, prompts, gen: int, micro_batch: int, parts: Parts | None):

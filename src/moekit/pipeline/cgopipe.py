@@ -213,6 +213,12 @@ class PipelinedDecoder:
             self._buffers[key] = (packet, out, views(packet), device_packet, views(device_packet))
         return self._buffers[key]
 
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Returns a host tensor on the model's device, through pinned memory on a GPU run (no wait)."""
+        if not self.streams.cuda:
+            return host
+        return host.pin_memory().to(self.model.device, non_blocking=True)
+
     def _record(self, op: str, key: tuple, waits: tuple = ()) -> None:
         if self.trace is not None:
             self.trace.append((op, key, waits))
@@ -285,14 +291,14 @@ class PipelinedDecoder:
         for at in range(0, len(work), self.micro_batch):
             part = work[at:at + self.micro_batch]
             batch = self.cache.prepare([(seq, position, 1) for seq, position, _ in part])
+            # host tensors go over pinned, so that a copy does not wait for the device's queued work
+            # (torch.tensor(..., device=cuda) from a list is a blocking copy: the launch thread would
+            # wait for everything queued so far)
             if tokens is not None:
                 ids = tokens[at:at + len(part)].view(1, -1)
             else:
-                ids = torch.tensor([[token for _, _, token in part]], dtype=torch.long, device=device)
-            positions = batch.positions
-            if self.streams.cuda:  # pinned, so that the copy does not wait for the device's queued work
-                positions = positions.pin_memory()
-            cos, sin = model.rope(positions.to(device, non_blocking=True))
+                ids = self._to_device(torch.tensor([[token for _, _, token in part]], dtype=torch.long))
+            cos, sin = model.rope(self._to_device(batch.positions))
             mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin, *self._host_buffers(len(mbs), len(part)),
                                   NativeAttention.of(self.cache, batch, model.config.num_heads, model.dtype)))
         n = len(mbs)
