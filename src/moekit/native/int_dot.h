@@ -140,73 +140,116 @@ template <int BITS, typename Scales>
 float int_row_dot(const uint32_t* u, Scales scale, const uint8_t* zero, int64_t group_words, const int8_t* q,
                   const float* xs, const float* xsum, int64_t words) {
   constexpr int C = 8 / BITS;
+  const int64_t blocks = words / XQ_BLOCK_WORDS, group_blocks = group_words / XQ_BLOCK_WORDS;
   float zero_term = 0.f;
+  // groups outside, blocks inside: the group's scale and zero once per group, no division per block
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(MOEKIT_NO_AVX512)
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1u << BITS) - 1));
-  __m512 total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains of FMAs
-  for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
-    const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
-    const float s = scale[g];
-    const __m512i qv = _mm512_loadu_si512(u + w);
+  auto block = [&](int64_t b) {  // block b's 16 lane sums, times the activations' scales
+    const __m512i qv = _mm512_loadu_si512(u + b * XQ_BLOCK_WORDS);
     const int8_t* xb = q + b * 64 * C;
-    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(qv, mask), _mm512_loadu_si512(xb));
+    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), BITS == 8 ? qv : _mm512_and_si512(qv, mask),
+                                      _mm512_loadu_si512(xb));
     for (int k = 1; k < C; ++k)
       acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi32(qv, k * BITS), mask), _mm512_loadu_si512(xb + 64 * k));
-    total[b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_loadu_ps(xs + w), _mm512_set1_ps(s)),
-                                   total[b & 1]);
-    zero_term += s * static_cast<float>(zero[g]) * xsum[b];
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(xs + b * XQ_BLOCK_WORDS));
+  };
+  // two independent chains of FMAs (named registers: an array indexed at run time may live in memory)
+  __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+  if (group_blocks == 1) {  // a group per block (int4 g128): groups in pairs
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      const float s0 = scale[b], s1 = scale[b + 1];
+      t0 = _mm512_fmadd_ps(block(b), _mm512_set1_ps(s0), t0);
+      t1 = _mm512_fmadd_ps(block(b + 1), _mm512_set1_ps(s1), t1);
+      zero_term += s0 * static_cast<float>(zero[b]) * xsum[b] + s1 * static_cast<float>(zero[b + 1]) * xsum[b + 1];
+    }
+    if (b < blocks) {
+      const float s0 = scale[b];
+      t0 = _mm512_fmadd_ps(block(b), _mm512_set1_ps(s0), t0);
+      zero_term += s0 * static_cast<float>(zero[b]) * xsum[b];
+    }
+  } else {  // groups of several blocks (a row's one group: dense_q8): the blocks in pairs
+    for (int64_t b0 = 0, g = 0; b0 < blocks; b0 += group_blocks, ++g) {
+      const int64_t b1 = b0 + group_blocks < blocks ? b0 + group_blocks : blocks;
+      __m512 y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();
+      float x_sum = 0.f;
+      int64_t b = b0;
+      for (; b + 2 <= b1; b += 2) {
+        y0 = _mm512_add_ps(y0, block(b));
+        y1 = _mm512_add_ps(y1, block(b + 1));
+        x_sum += xsum[b] + xsum[b + 1];
+      }
+      if (b < b1) {
+        y0 = _mm512_add_ps(y0, block(b));
+        x_sum += xsum[b];
+      }
+      const float s = scale[g];
+      t0 = _mm512_fmadd_ps(y0, _mm512_set1_ps(s), t0);
+      t1 = _mm512_fmadd_ps(y1, _mm512_set1_ps(s), t1);
+      zero_term += s * static_cast<float>(zero[g]) * x_sum;
+    }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(total[0], total[1])) - zero_term;
+  return _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) - zero_term;
 #elif defined(__AVX2__)
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1u << BITS) - 1));
-  __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // the block's low and high 8 words
-  for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
-    const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
-    const float s = scale[g];
-    const int8_t* xb = q + b * 64 * C;
-    for (int half = 0; half < 2; ++half) {
-      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + w + 8 * half));
-      __m256i acc = _mm256_setzero_si256();
-      for (int k = 0; k < C; ++k) {
-        const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(qv, k * BITS), mask);
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64 * k + 32 * half));
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t b0 = 0, g = 0; b0 < blocks; b0 += group_blocks, ++g) {
+    const int64_t b1 = b0 + group_blocks < blocks ? b0 + group_blocks : blocks;
+    __m256 y[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // a block's low and high 8 words
+    float x_sum = 0.f;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t w = b * XQ_BLOCK_WORDS;
+      const int8_t* xb = q + b * 64 * C;
+      for (int half = 0; half < 2; ++half) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + w + 8 * half));
+        __m256i acc = _mm256_setzero_si256();
+        for (int k = 0; k < C; ++k) {
+          const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(qv, k * BITS), mask);
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64 * k + 32 * half));
 #if defined(__AVXVNNI__)
-        acc = _mm256_dpbusd_avx_epi32(acc, codes, xv);
+          acc = _mm256_dpbusd_avx_epi32(acc, codes, xv);
 #else
-        if constexpr (BITS < 8) {  // pairs of products fit int16: (2^bits - 1) * 127 * 2 < 2^15
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1)));
-        } else {  // 255 * 127 * 2 would saturate vpmaddubsw: widen to int16 first
-          const __m256i lo = _mm256_madd_epi16(_mm256_unpacklo_epi8(codes, _mm256_setzero_si256()),
-                                               _mm256_srai_epi16(_mm256_unpacklo_epi8(xv, xv), 8));
-          const __m256i hi = _mm256_madd_epi16(_mm256_unpackhi_epi8(codes, _mm256_setzero_si256()),
-                                               _mm256_srai_epi16(_mm256_unpackhi_epi8(xv, xv), 8));
-          // lo + hi: lane l of lo holds bytes 8 * (l / 4) + 2 * (l % 4) .. +1 of its 128-bit half, hi the
-          // next 8: add them per word (4 bytes) by a horizontal add of adjacent lanes
-          acc = _mm256_add_epi32(acc, _mm256_hadd_epi32(lo, hi));
-        }
+          if constexpr (BITS < 8) {  // pairs of products fit int16: (2^bits - 1) * 127 * 2 < 2^15
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1)));
+          } else {  // 255 * 127 * 2 would saturate vpmaddubsw: widen to int16 first
+            const __m256i lo = _mm256_madd_epi16(_mm256_unpacklo_epi8(codes, _mm256_setzero_si256()),
+                                                 _mm256_srai_epi16(_mm256_unpacklo_epi8(xv, xv), 8));
+            const __m256i hi = _mm256_madd_epi16(_mm256_unpackhi_epi8(codes, _mm256_setzero_si256()),
+                                                 _mm256_srai_epi16(_mm256_unpackhi_epi8(xv, xv), 8));
+            // per 128-bit half: lo's lanes are bytes 0-1, 2-3 (word 0), 4-5, 6-7 (word 1), hi's the next
+            // two words: adjacent lanes added give words 0..3 in order
+            acc = _mm256_add_epi32(acc, _mm256_hadd_epi32(lo, hi));
+          }
 #endif
+        }
+        y[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(xs + w + 8 * half), y[half]);
       }
-      total[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(_mm256_loadu_ps(xs + w + 8 * half), _mm256_set1_ps(s)),
-                                    total[half]);
+      x_sum += xsum[b];
     }
-    zero_term += s * static_cast<float>(zero[g]) * xsum[b];
+    const float s = scale[g];
+    total = _mm256_fmadd_ps(_mm256_add_ps(y[0], y[1]), _mm256_set1_ps(s), total);
+    zero_term += s * static_cast<float>(zero[g]) * x_sum;
   }
   alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(total[0], total[1]));
+  _mm256_store_ps(lanes, total);
   float acc = 0.f;
   for (float v : lanes) acc += v;
   return acc - zero_term;
 #else
   float acc = 0.f;
-  for (int64_t b = 0; b < words / XQ_BLOCK_WORDS; ++b) {
-    const int64_t w = b * XQ_BLOCK_WORDS, g = w / group_words;
+  for (int64_t b0 = 0, g = 0; b0 < blocks; b0 += group_blocks, ++g) {
+    const int64_t b1 = b0 + group_blocks < blocks ? b0 + group_blocks : blocks;
+    float y = 0.f, x_sum = 0.f;
+    for (int64_t b = b0; b < b1; ++b) {
+      int32_t lanes[16];
+      block_lanes_scalar<BITS>(u + b * XQ_BLOCK_WORDS, q + b * 64 * C, lanes);
+      for (int l = 0; l < 16; ++l) y += static_cast<float>(lanes[l]) * xs[b * XQ_BLOCK_WORDS + l];
+      x_sum += xsum[b];
+    }
     const float s = scale[g];
-    int32_t lanes[16];
-    block_lanes_scalar<BITS>(u + w, q + b * 64 * C, lanes);
-    float y = 0.f;
-    for (int l = 0; l < 16; ++l) y += static_cast<float>(lanes[l]) * xs[w + l];
     acc += s * y;
-    zero_term += s * static_cast<float>(zero[g]) * xsum[b];
+    zero_term += s * static_cast<float>(zero[g]) * x_sum;
   }
   return acc - zero_term;
 #endif
