@@ -120,7 +120,8 @@ def test_kernels_equal_the_pytorch_path(fmt, dtype):
 @pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
 def test_kernels_read_a_cache_slab(fmt, monkeypatch):
     """Through form.run as offload calls it: the stack is a cache slab of packed byte rows (slot ids,
-    not expert ids; an expert's tensors a row apart), 4 and 100 slots; outputs equal the resident
+    not expert ids; an expert's tensors a row apart; more rows than routed slots, so the grouped
+    launch is cut to the blocks that can be used), 4, 20 and 100 slots; outputs equal the resident
     layer's PyTorch path on expert ids."""
     device = kernel_device()
     g = torch.Generator().manual_seed(11)
@@ -128,14 +129,14 @@ def test_kernels_read_a_cache_slab(fmt, monkeypatch):
     resident = _stack(form, E, g)
     packing = ExpertBytes(form.specs())
     cached = [6, 2, 0, 7, 3]  # expert in each slab slot
-    slab = torch.zeros(len(cached) + 1, packing.nbytes + 64, dtype=torch.uint8)  # a spare slot, padded rows
+    slab = torch.zeros(len(cached) + 30, packing.nbytes + 64, dtype=torch.uint8)  # spare slots, padded rows
     stacked = packing.stacked(slab)
     for slot, e in enumerate(cached):
         for name, t in stacked.items():
             t[slot].copy_(resident[name][e])
     slot_of = {e: slot for slot, e in enumerate(cached)}
     monkeypatch.setattr(clamped, "slot_kernels_run", lambda x: True)  # the GPU's branch, as on CUDA tensors
-    for tokens, top_k in ((1, 4), (25, 4)):
+    for tokens, top_k in ((1, 4), (5, 4), (25, 4)):
         ids, w = _route(tokens, top_k, cached, g)
         x = torch.randn(tokens, D, generator=g)
         slot_ids = ids.clone().apply_(slot_of.__getitem__)

@@ -146,7 +146,9 @@ def grouped_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats
     block_m, block_n, block_k, warps = config or grouped_config(slots, count, gate_up.mxfp4)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for float32
     order, block_expert, block_start, block_end = block_map(rows, count, block_m)
-    num_blocks = block_expert.shape[0]
+    # the used blocks come first and number at most ceil(S / BLOCK_M) + (rows present <= S): a cache
+    # slab's hundreds of rows would otherwise launch hundreds of empty blocks
+    num_blocks = min(block_expert.shape[0], triton.cdiv(slots, block_m) + min(slots, count))
     x = x.contiguous()
     h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I] in sorted order
     w, s, b, *strides = gate_up.args()
