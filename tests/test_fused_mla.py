@@ -60,13 +60,16 @@ def _run(attn, x, cos, sin, cache, start, fused_on: bool, monkeypatch):
         return (q, latent, k_rope), attn.attend(q, latent, k_rope, cache, start, absorbed=True)
 
 
+@pytest.mark.parametrize("weights_in_kernel", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", MLA_CASES)
-def test_mla_decode_matches_reference(case, dtype, monkeypatch):
+def test_mla_decode_matches_reference(case, dtype, weights_in_kernel, monkeypatch):
     """project (norm + ropes) and attend (cache write + absorbed attention over 5 cached positions
-    and the new ones) give the reference's tensors, and leave the same cache behind."""
+    and the new ones; kv_b applied in the kernel, or by batched GEMMs around it) give the
+    reference's tensors, and leave the same cache behind."""
     device = kernel_device()
     monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    monkeypatch.setattr(fused, "MLA_WEIGHTS_IN_KERNEL_MAX_ROWS", 1000 if weights_in_kernel else 0)
     b, t = case[0], case[1]
     attn, cos, sin = _layer(case, dtype, device)
     g = torch.Generator().manual_seed(3)

@@ -278,10 +278,15 @@ def mla_project_supported(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.
             and cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.shape[-1] % 2 == 0 and norm_weight.is_contiguous())
 
 
-# mla_attention runs one program per (token, head): at batch 1 only H programs, each walking its
-# head's W_uk, the cached positions (twice: the softmax's sums, then the weighted latents) and its
-# W_uv in tiles of 32 rows, so its time is these loops' memory latency; long caches would want
-# the positions split over programs (flash-decoding), not done here.
+# mla_attention runs one program per (token, head). Up to this many token rows each program also
+# applies its head's kv_b halves (W_uk, W_uv: 256 KB a head at V2-Lite's widths): at batch 1 one
+# launch, H programs. Past it, every row's programs would re-read the same weights (B*H reads of
+# 4 MB a layer), so two batched GEMMs outside read them once instead (two launches more).
+MLA_WEIGHTS_IN_KERNEL_MAX_ROWS = 4
+
+
+# Each program walks the cached positions twice (the softmax's sums, then the weighted latents) in
+# tiles of 32; long caches would want the positions split over programs (flash-decoding), not done here.
 def mla_attention(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,
                   keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor, t: int, value_dim: int,
                   scale: float) -> torch.Tensor:
@@ -291,13 +296,24 @@ def mla_attention(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tens
     device tensor; positions past S are dropped). kv_b_weight [H*(dn + dv), r]."""
     n, heads, dqk = q.shape
     kv_rank, dr = latent.shape[1], rope.shape[1]
-    out = torch.empty((n, heads * value_dim), dtype=q.dtype, device=q.device)
+    nope = dqk - dr
+    in_kernel = n <= MLA_WEIGHTS_IN_KERNEL_MAX_ROWS
+    w = kv_b_weight.view(heads, nope + value_dim, kv_rank)  # [H, dn + dv, r]
+    if in_kernel:
+        q_lat = q  # unused
+        out = torch.empty((n, heads * value_dim), dtype=q.dtype, device=q.device)
+    else:
+        q_lat = torch.bmm(q[:, :, :nope].transpose(0, 1), w[:, :nope])  # [H, N, r]
+        out = torch.empty((heads, n, kv_rank), dtype=q.dtype, device=q.device)  # ctx
     mla_attention_kernel[(n, heads)](
-        q, kv_b_weight, latent, rope, keys, values, start, out,
-        t, keys.shape[2], scale, keys.stride(0), keys.stride(2), values.stride(0), values.stride(2),
-        H=heads, DN=dqk - dr, DR=dr, DV=value_dim, R=kv_rank, R_PAD=triton.next_power_of_2(kv_rank),
-        DR_PAD=triton.next_power_of_2(dr), BLOCK_S=32, BLOCK_W=32, num_warps=8)
-    return out
+        q, kv_b_weight, q_lat, latent, rope, keys, values, start, out,
+        n, t, keys.shape[2], scale, keys.stride(0), keys.stride(2), values.stride(0), values.stride(2),
+        H=heads, DN=nope, DR=dr, DV=value_dim, R=kv_rank, R_PAD=triton.next_power_of_2(kv_rank),
+        DR_PAD=triton.next_power_of_2(dr), BLOCK_S=32, BLOCK_W=32, WEIGHTS=in_kernel, num_warps=8)
+    if in_kernel:
+        return out
+    out = torch.bmm(out, w[:, nope:].transpose(1, 2))  # [H, N, dv]
+    return out.transpose(0, 1).reshape(n, heads * value_dim)
 
 
 def mla_attention_supported(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,

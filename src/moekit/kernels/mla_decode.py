@@ -17,6 +17,7 @@ dn / dr / dv = no-rope key, rope key, value head dims, dqk = dn + dr, S = cache 
     q_out      [N, H, dqk]    q with its rope slice rotated
     latent     [N, r]         the normed latent; rope [N, dr] the rotated rope key
     w_kv       [H, dn + dv, r]  kv_b_proj's weight: rows 0..dn-1 of a head W_uk, the rest W_uv
+    q_lat, ctx [H, N, r]      q_nope W_uk and the attended latents, when kv_b runs outside (WEIGHTS off)
     keys       [B, S, r]      the latent cache (KVCache.keys[layer] [B, 1, S, r]); values [B, S, dr]
     start      0-d int        position of the first new token (on the device)
     out        [N, H*dv]      the attention output before o_proj
@@ -119,17 +120,20 @@ def _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last,
 
 @triton.jit
 def mla_attention_kernel(
-    q_ptr, w_ptr, lat_ptr, rope_ptr, kc_ptr, rc_ptr, start_ptr, out_ptr,
-    T, S, scale, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s,
+    q_ptr, w_ptr, qlat_ptr, lat_ptr, rope_ptr, kc_ptr, rc_ptr, start_ptr, out_ptr,
+    N, T, S, scale, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s,
     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
     R_PAD: tl.constexpr, DR_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+    WEIGHTS: tl.constexpr,
 ):
     """Program (n, h): out[n, h*dv:] of token n = b*T + t at position start + t, head h, absorbed:
     q_lat = q_nope W_uk[h] (rounded), scores = (q_lat . c_s + q_rope . k_s) * scale over positions
     s <= start + t, softmax (float32; max and sum first, then the probabilities rounded as the
     reference rounds them), ctx = sum p_s c_s (rounded), out = W_uv[h] ctx. Programs (n, 0) also
     store latent[n], rope[n] into the caches at start + t (dropped past S); every program reads
-    the step's new positions from latent / rope, never from the cache it is being written to."""
+    the step's new positions from latent / rope, never from the cache it is being written to.
+    Without WEIGHTS, kv_b stays outside (batched GEMMs that read it once for all rows): q_lat is
+    read from qlat [H, N, r] and ctx stored to out as [H, N, r]."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     b = n // T
@@ -150,15 +154,18 @@ def mla_attention_kernel(
                  tl.load(rope_ptr + n * DR + dd, mask=keep_d), mask=keep_d)
     q_row = q_ptr + n * H * DQK + h * DQK
     w_head = w_ptr + h * (DN + DV) * R
-    acc = tl.zeros((R_PAD,), dtype=tl.float32)
-    for k0 in range(0, DN, BLOCK_W):  # q_lat = q_nope W_uk[h]
-        ks = k0 + tl.arange(0, BLOCK_W)
-        k_ok = ks < DN
-        qn = tl.load(q_row + ks, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_head + ks[:, None] * R + rr[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * qn[:, None], axis=0)
     dt = q_ptr.dtype.element_ty
-    q_lat = _to(acc, dt).to(tl.float32)
+    if WEIGHTS:
+        acc = tl.zeros((R_PAD,), dtype=tl.float32)
+        for k0 in range(0, DN, BLOCK_W):  # q_lat = q_nope W_uk[h]
+            ks = k0 + tl.arange(0, BLOCK_W)
+            k_ok = ks < DN
+            qn = tl.load(q_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_head + ks[:, None] * R + rr[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * qn[:, None], axis=0)
+        q_lat = _to(acc, dt).to(tl.float32)
+    else:
+        q_lat = tl.load(qlat_ptr + (h * N + n) * R + rr, mask=r_ok, other=0.0).to(tl.float32)
     q_rope = tl.load(q_row + DN + dd, mask=d_ok, other=0.0).to(tl.float32)
     first_row = b * T
     positions = tl.arange(0, BLOCK_S)
@@ -178,10 +185,15 @@ def mla_attention_kernel(
                              dt, scale, R, DR)
         p = _to(tl.exp(score - m) / total, dt).to(tl.float32)
         ctx += tl.sum(p[:, None] * lat, axis=0)
-    ctx = _to(ctx, dt).to(tl.float32)
-    for v0 in range(0, DV, BLOCK_W):  # out = W_uv[h] ctx
-        vs = v0 + tl.arange(0, BLOCK_W)
-        v_ok = vs < DV
-        w = tl.load(w_head + (DN + vs[:, None]) * R + rr[None, :], mask=v_ok[:, None] & r_ok[None, :], other=0.0)
-        o = tl.sum(w.to(tl.float32) * ctx[None, :], axis=1)
-        tl.store(out_ptr + n * H * DV + h * DV + vs, _to(o, out_ptr.dtype.element_ty), mask=v_ok)
+    ctx = _to(ctx, dt)
+    if WEIGHTS:
+        ctx = ctx.to(tl.float32)
+        for v0 in range(0, DV, BLOCK_W):  # out = W_uv[h] ctx
+            vs = v0 + tl.arange(0, BLOCK_W)
+            v_ok = vs < DV
+            w = tl.load(w_head + (DN + vs[:, None]) * R + rr[None, :], mask=v_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+            o = tl.sum(w.to(tl.float32) * ctx[None, :], axis=1)
+            tl.store(out_ptr + n * H * DV + h * DV + vs, _to(o, out_ptr.dtype.element_ty), mask=v_ok)
+    else:
+        tl.store(out_ptr + (h * N + n) * R + rr, ctx, mask=r_ok)
