@@ -21,8 +21,9 @@ P = row blocks of the grouped kernels, as moekit.kernels.moe_grouped defines the
     out          gate_up: [S, I] the clamped SwiGLU; down: [S, D] times the routing weight, at
                  each slot's routing-order row (the wrapper sums a token's A rows)
 
-No control flow depends on loaded values: the same code runs in a CUDA graph and under
-TRITON_INTERPRET=1. Accumulation is float32; float32 inputs multiply in full float32.
+The grouped kernels return at once from an unused row block (a branch on a loaded value, on the
+device: CUDA graphs and TRITON_INTERPRET=1 run it alike), so unused blocks cost a launch slot,
+not a pass over the weights. Accumulation is float32; float32 inputs multiply in full float32.
 """
 
 import triton
@@ -183,13 +184,14 @@ def grouped_gate_up_kernel(
     p = tl.program_id(0)
     nb = tl.program_id(1)
     e = tl.load(block_expert_ptr + p)
-    n_limit = tl.where(e < NUM_EXPERTS, FFN, 0)  # an unused block (e == E) masks every load
-    e = tl.minimum(e, NUM_EXPERTS - 1).to(tl.int64)  # keep pointers in bounds
+    if e >= NUM_EXPERTS:  # an unused block (e == E): nothing to load or decode
+        return
+    e = e.to(tl.int64)
     sorted_slots = tl.load(block_start_ptr + p) + tl.arange(0, BLOCK_M)  # [BM]
     slot_ok = sorted_slots < tl.load(block_end_ptr + p)
     tokens = tl.load(order_ptr + sorted_slots, mask=slot_ok, other=0) // TOP_K  # [BM]
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_limit
+    n_ok = n < FFN
     w_base = w_ptr + e * stride_we
     scales_base = scales_ptr + e * stride_se
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -223,12 +225,13 @@ def grouped_down_kernel(
     p = tl.program_id(0)
     nb = tl.program_id(1)
     e = tl.load(block_expert_ptr + p)
-    n_limit = tl.where(e < NUM_EXPERTS, N, 0)
-    e = tl.minimum(e, NUM_EXPERTS - 1).to(tl.int64)
+    if e >= NUM_EXPERTS:  # an unused block
+        return
+    e = e.to(tl.int64)
     sorted_slots = tl.load(block_start_ptr + p) + tl.arange(0, BLOCK_M)
     slot_ok = sorted_slots < tl.load(block_end_ptr + p)
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_limit
+    n_ok = n < N
     w_base = w_ptr + e * stride_we
     scales_base = scales_ptr + e * stride_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
