@@ -7,8 +7,11 @@ offloaded alike (the offloaded host store copies each drawn expert into pinned h
 transformers builds the same shapes with `from_config` on the device in bf16, with its own random
 init. The two engines then hold different values of the same shapes: routing of random weights is
 near-uniform either way, so the speed compares, the tokens do not. The qwen3-30b-a3b shape
-(61 GB) needs it: written, loaded by moekit and loaded again by transformers it passes a 600 s
-GPU call and the H200 machine's 64 GB disk.
+(61 GB) needs it: written, loaded by moekit and loaded again by transformers it would overrun a
+600 s GPU call and nearly fill the H200 machine's 64 GB disk.
+
+Also here: what the offloaded rows' host store needs (every routed expert, pinned on a GPU host),
+the host memory available for it, and the setup time expected on the H200.
 """
 
 from __future__ import annotations
@@ -144,3 +147,35 @@ def transformers_padded(hf, prompts: list[list[int]], batch: int, new_tokens: in
         short += out.shape[1] - width < new_tokens
     return {"batch": batch, "output_tokens": tokens, "wall_s": round(wall, 3), "output_tok_s": tokens / wall,
             "stopped_by_max_time": short, "max_time_s": max_time_s}
+
+
+# ---- the offloaded rows' host store -----------------------------------------------------------
+
+HOST_SHARE = 0.85  # of the host's available memory the offloaded rows' pinned store may take
+
+
+def routed_expert_bytes(cfg) -> int:
+    """Returns the bf16 bytes of every routed expert (what the offloaded host store holds)."""
+    per_expert = 3 * cfg.hidden_size * cfg.expert_ffn * 2  # gate, up [I, D] and down [D, I]
+    return per_expert * sum(cfg.experts_in(layer) for layer in range(cfg.num_layers))
+
+
+def offload_setup_estimate_s(experts_bytes: int) -> float:
+    """Returns the H200 seconds the offloaded setup is expected to take (load, fit, warm-up): 12 s
+    plus 0.75 s per GB of experts pinned in host memory. An estimate from two runs, not a fit: it
+    gives 21.7 s for OLMoE's 12.9 GB (measured 22.3 s, read from disk, f472762) and 55 s for the
+    qwen3 shape's 58 GB (bench_offload drew that store on the GPU into pinned memory in 31.4 s at
+    7e43795; the fit and warm-up come on top, and here each expert is drawn and copied alone)."""
+    return 12.0 + 0.75 * experts_bytes / 1e9
+
+
+def available_host_bytes() -> int | None:
+    """Returns the host's MemAvailable (/proc/meminfo) in bytes, None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

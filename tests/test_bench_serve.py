@@ -42,8 +42,8 @@ def test_auto_writes_olmoe_and_draws_qwen3():
     with pytest.raises(ValueError, match="--weights"):
         serve_weights.weights_mode("ram", olmoe, 20.0)
     cfg = read_config(RandomCheckpoint(bench_serve.SHAPES["qwen3-30b-a3b"](False), "cpu"))[2]
-    assert bench_serve.routed_expert_bytes(cfg) == 48 * 128 * 3 * 2048 * 768 * 2  # what the pinned store holds
-    assert bench_serve.offload_setup_estimate_s(12_900_000_000) == pytest.approx(21.7, abs=0.1)  # OLMoE: 22.3 s
+    assert serve_weights.routed_expert_bytes(cfg) == 48 * 128 * 3 * 2048 * 768 * 2  # what the pinned store holds
+    assert serve_weights.offload_setup_estimate_s(12_900_000_000) == pytest.approx(21.7, abs=0.1)  # OLMoE: 22.3 s
 
 
 @pytest.mark.parametrize("shape", ["olmoe-1b-7b", "qwen3-30b-a3b"])
