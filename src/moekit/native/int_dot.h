@@ -1,6 +1,7 @@
-// Integer dot products of int-N weight rows with int8 activations (compressed.cpp's IntRows, bits
+// Integer dot products of int-N weight rows with int8 activations: compressed.cpp's IntRows (bits
 // 2, 4, 8, the permuted layout, scale groups of whole 16-word blocks; moekit.native.compressed's
-// dot="int8").
+// dot="int8") and dense_q8.cpp's int8 rows (bits 8, one group per row, zero 128, natural layout --
+// for 8 bits the quantized layout below is the columns in order).
 //
 // A row's weight is scale_g * (code - zero_g) per group g. Each activation vector (a token's x, a
 // slot's h) is quantized once per matrix call to int8 with one scale per 32 columns,
