@@ -59,6 +59,7 @@ from ..experts.forms import (
     needs_grad,
 )
 from ..experts.loader import ExpertLoader, LoadContext
+from .pages import bits_per_weight, copy_range, decode_into, range_views  # noqa: F401 (copy_range: re-exported)
 
 PAGE_ALIGN_BYTES = 4096  # a page boundary is a multiple of this many bytes (whole pages of the DMA)
 PAGED_FORMS = ("dense", "int2", "int3", "int4", "ternary_code")  # stored forms the pages carry (forms' names)
@@ -381,54 +382,6 @@ class PagedExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] for x [N, D]."""
         return self.runtime.run(self.layer, x, expert_ids, weights)
-
-
-def copy_range(dst: torch.Tensor, src: torch.Tensor, a: int, b: int, non_blocking: bool) -> None:
-    """Copies elements [a, b) of src [n, ...] (contiguous, its experts flattened end to end) into
-    the same elements of dst [n, ...], whose experts are as wide (one flat copy) or wider (packed
-    slots sized for the largest layer: the range is cut at expert boundaries, each piece into the
-    first elements of its slot)."""
-    for d, s in range_views(dst, src, a, b):
-        d.copy_(s, non_blocking=non_blocking)
-
-
-def range_views(dst: torch.Tensor, src: torch.Tensor, a: int, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Returns the (dst view, src view) pairs copy_range copies."""
-    n = src.shape[0]
-    width = src[0].numel() if n else 0
-    if dst[0].numel() == width and dst.is_contiguous():
-        return [(dst.reshape(-1)[a:b], src.reshape(-1)[a:b])]
-    flat_src, flat_dst = src.reshape(n, width), dst.reshape(n, -1)
-    views = []
-    for row in range(a // width, -(-b // width)):
-        lo, hi = max(a - row * width, 0), min(b - row * width, width)
-        if hi > lo:
-            views.append((flat_dst[row, lo:hi], flat_src[row, lo:hi]))
-    return views
-
-
-def decode_into(form: StoredForm, kind: str, stack: Tensors, out: torch.Tensor) -> None:
-    """Writes the dense matrices `kind` [k, R, K] of a stack of k experts of a compressed form
-    (its stored tensors [k, ...] and tables, as form.one gives them for a slice) into `out`:
-    the decode kernels write it directly where they run, else the form's decode is copied in."""
-    from ..quant import ops
-    from ..quant.config import TERNARY_CODE
-
-    cols = form.cols(kind)
-    parts = form._parts(kind, stack)  # the kernels' arguments in the form's order (quant.formats)
-    if ops.use_kernels(out) and form.name == TERNARY_CODE:
-        ops.code_weight_triton(*parts, cols, out.dtype, out=out)
-    elif ops.use_kernels(out) and form.bits is not None and not ops.groups_split_words(form.bits, parts[1].shape[-1], cols):
-        ops.int_weight_triton(*parts, form.bits, cols, out.dtype, out=out)
-    else:
-        out.copy_(form.weight(kind, stack, out.dtype))
-
-
-def bits_per_weight(layout, form: StoredForm) -> float:
-    """Returns the stored bits per expert weight of a layout's experts: bytes one expert moves (its
-    layer's average, packing included; tables left out) over its 3 * D * I weights."""
-    per_expert = sum(layout.layer_bytes(layer) for layer in layout.moe_layers) / max(1, len(layout.moe_layers))
-    return 8 * per_expert / (3 * form.hidden * form.ffn)
 
 
 def pageable_form(ctx: LoadContext, host_layers: dict[int, Tensors] | None = None) -> StoredForm:
