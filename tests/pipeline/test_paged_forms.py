@@ -247,6 +247,37 @@ def test_decoded_layer_path_equals_the_per_expert_path(compressed, form, monkeyp
     torch.testing.assert_close(again, want[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", list(FORMS))
+def test_external_call_decodes_the_layer_before_its_calls(compressed, form, monkeypatch):
+    """An engine that keeps a call's bookkeeping outside a CUDA graph (pipeline.graphs): entering
+    external_call decodes the compressed layer into the workspace, so the calls inside (what a
+    graph captures) decode nothing and give the outputs of a plain call. (Triton interpreter.)"""
+    from conftest import kernel_device
+
+    if kernel_device() != "cpu":
+        pytest.skip("the CPU run of the kernels (CUDA: test_graphs' GPU test)")
+    model = load_model(compressed[form], device="cpu", dtype="float32", experts=PagedLoader(resident=1))
+    runtime, cfg = model.expert_runtime, model.config
+    g = torch.Generator().manual_seed(5)
+    layer = runtime.layers[0]
+    x = torch.randn(12, cfg.hidden_size, generator=g)  # 12 tokens x top-2: past the per-slot kernels
+    ids = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:2] for _ in range(12)])
+    w = torch.rand(12, 2, generator=g)
+    with torch.no_grad():
+        reference = runtime.run(layer, x, ids, w)  # the per-expert PyTorch path
+        monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+        half = runtime.begin_call(layer)
+        before = runtime.layer_decodes
+        with runtime.external_call(layer, half, x, ids.numel()):
+            assert runtime.layer_decodes == before + 1  # on entry, outside what a graph captures
+            inside = runtime.run(layer, x, ids, w)
+            assert runtime.layer_decodes == before + 1
+        runtime.end_call(layer)
+        plain = runtime.run(layer, x, ids, w)
+    assert torch.equal(inside, plain)
+    torch.testing.assert_close(inside, reference, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("form", list(FORMS))
 def test_pipelined_with_decoded_layers_agrees_with_the_sequential_engine(compressed, form, monkeypatch):
