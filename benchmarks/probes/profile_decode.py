@@ -7,8 +7,9 @@
 Random bf16 weights (no checkpoint): by default the olmoe-1b-7b shape with moekit's own init;
 --shape takes olmoe-1b-7b, deepseek-v2-lite and gpt-oss-20b (widths from
 benchmarks/family_shapes.py; gpt-oss's experts in MXFP4 as it ships them), one or several.
-Prints per shape the graph-replay step time, the summed kernel time of one step, the kernel
-count, and the top kernels; the gap between step time and summed kernel time is launch/idle
+Prints per shape the graph-replay step time next to its HBM bound (the weight bytes a step reads,
+as bench_families counts them, / common.HBM_BYTES_PER_S), the summed kernel time of one step, the
+kernel count, and the top kernels; the gap between step time and summed kernel time is launch/idle
 overhead.
 """
 
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
 import common  # noqa: E402
-from family_shapes import hf_config  # noqa: E402
+from family_shapes import decode_step_bytes, hf_config, tensor_groups  # noqa: E402
 
 from moekit.config import ModelConfig  # noqa: E402
 from moekit.families import family_for  # noqa: E402
@@ -130,11 +131,14 @@ def profile_shape(model: MoEModel, batch: int, compile: bool) -> dict:
     count = sum(c for c, _ in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
     name = "compiled+graph" if compile else "graph"
-    print(f"\n== {name}: step {ms:.3f} ms, kernels {count:.0f}/step summing to {total_us / 1e3:.3f} ms "
-          f"(capture {capture_s:.1f} s)")
+    weight_bytes = decode_step_bytes(tensor_groups(model), cfg.num_experts, cfg.top_k, batch, cfg.hidden_size)
+    bound_ms = weight_bytes / common.HBM_BYTES_PER_S * 1e3
+    print(f"\n== {name}: step {ms:.3f} ms (HBM bound {bound_ms:.3f} ms: {weight_bytes / 1e9:.2f} GB of weights), "
+          f"kernels {count:.0f}/step summing to {total_us / 1e3:.3f} ms (capture {capture_s:.1f} s)")
     for k, (c, us) in top:
         print(f"{us:9.1f} us {c:6.0f}x  {k[:110]}")
-    return {"step_ms": ms, "kernel_us_per_step": total_us, "kernels_per_step": count, "capture_s": capture_s,
+    return {"step_ms": ms, "hbm_bound_ms": bound_ms, "weight_bytes_per_step": weight_bytes,
+            "kernel_us_per_step": total_us, "kernels_per_step": count, "capture_s": capture_s,
             "top": [{"kernel": k[:120], "calls": c, "us": us} for k, (c, us) in top]}
 
 
