@@ -153,7 +153,13 @@ def main() -> None:
     p.add_argument("--skip-compile", action="store_true", help="only the plain CUDA-graph step (no 25 s compile)")
     p.add_argument("--name", default="profile_decode", help="the JSON's name")
     p.add_argument("--fast-init", action="store_true", help="random weights drawn on the GPU (not moekit's init)")
+    p.add_argument("--mla-in-kernel-rows", type=int, default=None,
+                   help="set fused.MLA_WEIGHTS_IN_KERNEL_MAX_ROWS (0: kv_b as batched GEMMs around the MLA kernel)")
     args = p.parse_args()
+    if args.mla_in_kernel_rows is not None:
+        from moekit import fused
+
+        fused.MLA_WEIGHTS_IN_KERNEL_MAX_ROWS = args.mla_in_kernel_rows
     shapes = args.shape.split(",") if args.shape else ["olmoe-1b-7b"]
     unknown = set(shapes) - set(SHAPES)
     if unknown:
