@@ -258,7 +258,7 @@ class PipelinedDecoder:
     def _launch(self, layer: int, j: int, mb: MicroBatch) -> Future:
         """PreAttn + OffloadQKV + CPUAttn of one (layer, micro-batch j); returns CPUAttn's future."""
         if self.graphs is not None:
-            packet, dims = self.graphs.pre(layer, mb.x, mb.cos, mb.sin)
+            packet, dims = self.graphs.pre(layer, mb.x, mb.cos, mb.sin, mb.device_packet)
         else:
             q, k, v = self.model.layers[layer].pre_attn(mb.x, mb.cos, mb.sin)  # [1, heads, mu, Dh]
             dims = [(z.shape[1], z.shape[3]) for z in (q, k, v)]

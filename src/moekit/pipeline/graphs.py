@@ -61,21 +61,23 @@ class TaskGraphs:
         self.failed: dict[tuple, str] = {}  # keys left eager: why their capture failed
         self.replays = 0
 
-    def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            into: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
         """Returns (the q | k | v packet [mu * (H + 2 Hkv) * Dh] of PreAttn(layer) on x [1, mu, D],
-        the (heads, Dh) of q, k, v)."""
+        the (heads, Dh) of q, k, v); a replay copies the packet into `into` (when given) and returns it."""
         cfg = self.model.config
         dims = [(cfg.num_heads, cfg.head_dim), *cfg.kv_cache_dims()]
 
         def part(x, cos, sin):
             return (qkv_packet(*self.model.layers[layer].pre_attn(x, cos, sin)),)
 
-        return self._run(("pre", layer, x.shape[1]), part, (x, cos, sin))[0], dims
+        return self._run(("pre", layer, x.shape[1]), part, (x, cos, sin), None if into is None else (into,))[0], dims
 
     def post(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor, head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (the residual stream [1, mu, D] after PostAttn(layer), the logits [mu, V] when
         `head`) for x [1, mu, D] and the attention output [1, mu, H * Dh]; a paged MoE layer's
-        bookkeeping runs around the graph."""
+        bookkeeping runs around the graph. A replay writes the residual stream into x itself (its
+        copy into the graph's input is queued before) instead of a new tensor."""
         model, paged = self.model, self.paged
         block = model.layers[layer]
 
@@ -84,19 +86,20 @@ class TaskGraphs:
             return (y, model.head(y)[0]) if head else (y,)
 
         if paged is None or layer not in paged.experts:
-            outs = self._run(("post", layer, x.shape[1], None, head), part, (x, attn_out))
+            outs = self._run(("post", layer, x.shape[1], None, head), part, (x, attn_out), (x,))
         else:
             half = paged.begin_call(layer)
             start = paged.span_event()
             slots = x.shape[1] * block.mlp.top_k
             with paged.external_call(layer, half, x.reshape(-1, x.shape[-1]), slots):
-                outs = self._run(("post", layer, x.shape[1], half, head), part, (x, attn_out))
+                outs = self._run(("post", layer, x.shape[1], half, head), part, (x, attn_out), (x,))
             paged.end_call(layer, start)
         return outs[0], (outs[1] if head else None)
 
-    def _run(self, key: tuple, part: Callable[..., tuple], inputs: tuple) -> tuple:
+    def _run(self, key: tuple, part: Callable[..., tuple], inputs: tuple, into: tuple | None = None) -> tuple:
         """Returns part(*inputs): eagerly the first time (and for keys whose capture failed), else
-        the key's graph replayed (captured first) on copies of the inputs, its outputs copied out."""
+        the key's graph replayed (captured first) on copies of the inputs, its outputs copied out:
+        into the first tensors of `into` (no allocation a task), the rest into new ones."""
         if key in self.failed or key not in self.seen or not self.capturable:
             self.seen.add(key)
             return part(*inputs)
@@ -110,7 +113,8 @@ class TaskGraphs:
             s.copy_(t)
         graph.replay()
         self.replays += 1
-        return tuple(t.clone() for t in static_out)
+        into = into or ()
+        return tuple(into[i].copy_(t) if i < len(into) else t.clone() for i, t in enumerate(static_out))
 
     def _capture(self, key: tuple, part: Callable[..., tuple], inputs: tuple):
         """Returns (graph, static inputs, static outputs) of part captured on copies of `inputs`,
