@@ -105,13 +105,15 @@ def test_small_cpu_run_gives_every_row(tmp_path, weights):
     assert "error" not in shape, shape.get("traceback")
     assert shape["weights"]["mode"] == weights and shape["weights"]["bytes"] == shape["checkpoint_bytes"]
     assert ("checkpoint_write_s" in shape) == (weights == "disk")
-    assert shape["transformers_load"]["source"] == ("from_pretrained" if weights == "disk" else "from_config")
+    assert shape["transformers_load"].get("source") == ("from_pretrained" if weights == "disk" else "from_config"), \
+        shape["transformers_load"]
     for c in (1, 8):
         row = shape[f"c{c}"]
         assert sorted(k for k in row if k.startswith("moekit_serve")) == ["moekit_serve"]
         for engine in ("moekit_serve", "moekit_static", "transformers"):
             assert row[engine].get("output_tok_s", row[engine].get("decode_tok_s", 0)) > 0, (c, engine, row[engine])
-        assert row["moekit_serve"]["output_tokens"] == row["moekit_serve"]["requests"] * 8  # --small: 8 new tokens
+        served = row["moekit_serve"]
+        assert served["output_tokens"] == served["requests"] * 8, served  # --small: 8 new tokens each
     offload = shape["offload_c1"]["moekit_serve"]
-    assert offload["output_tok_s"] > 0 and 0.0 <= offload["expert_hit_rate"] <= 1.0
-    assert [r[1] for r in res["table"]] == ["resident", "resident", "offload 25%"]
+    assert offload.get("output_tok_s", 0) > 0 and 0.0 <= offload["expert_hit_rate"] <= 1.0, offload
+    assert [r[1] for r in res["table"]] == ["resident", "resident", "offload 25%"], res["table"]
