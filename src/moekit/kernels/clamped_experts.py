@@ -1,6 +1,6 @@
 """gpt-oss expert kernels (biases, clamped SwiGLU) for MXFP4 and dense weights: per-slot matvecs
 for a few slots, grouped matmuls (slots sorted by expert) for many. The weight format is a
-constexpr (MXFP4): the per-slot kernels multiply through `_row_dots`, the grouped ones through
+constexpr (MXFP4): the per-slot kernels multiply through `_row_products`, the grouped ones through
 `_weight_tile` + `_dot_tile`, and both decode MXFP4 bytes in registers in `_mxfp4_halves` (two
 e2m1 values times the E8M0 power of their 32-value group), so each format's multiply exists
 once and no weight is ever stored wider.
@@ -77,22 +77,24 @@ def _weight_tile(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
 
 
 @triton.jit
-def _row_dots(x_row, w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
-              K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
-    """Returns [BLOCK_N] float32: rows `rows` of the matrix dotted with x_row over columns k0..
-    MXFP4 meets the even and odd columns of x apart (nothing interleaved)."""
+def _row_products(x_row, w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
+                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
+    """Returns the products of rows `rows` with x_row over columns k0.., float32, for the caller to
+    add up over K and reduce over columns once at the end (a reduction per step costs warp
+    shuffles): [BLOCK_N, BLOCK_K / 2] for MXFP4 (even and odd columns of x met apart, nothing
+    interleaved), [BLOCK_N, BLOCK_K] dense."""
     if MXFP4:
         even, odd = _mxfp4_halves(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K)
         cols = k0 + 2 * tl.arange(0, BLOCK_K // 2)
         xe = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         xo = tl.load(x_row + cols + 1, mask=cols < K, other=0.0).to(tl.float32)
-        out = tl.sum(even * xe[None, :] + odd * xo[None, :], axis=1)
+        out = even * xe[None, :] + odd * xo[None, :]
     else:
         ks = k0 + tl.arange(0, BLOCK_K)
         xk = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
         tile = tl.load(w_base + rows[:, None] * stride_wr + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
                        other=0.0)
-        out = tl.sum(tile.to(tl.float32) * xk[None, :], axis=1)
+        out = tile.to(tl.float32) * xk[None, :]
     return out
 
 
@@ -135,15 +137,19 @@ def slot_gate_up_kernel(
     n_ok = n < FFN
     w_base = w_ptr + e * stride_we
     scales_base = scales_ptr + e * stride_se
-    acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    width: tl.constexpr = BLOCK_K // (1 + MXFP4)  # _row_products' columns
+    acc_gate = tl.zeros((BLOCK_N, width), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        acc_gate += _row_dots(x_row, w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
-        acc_up += _row_dots(x_row, w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K,
-                            MXFP4)
-    acc_gate += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
-    acc_up += tl.load(bias_ptr + e * stride_bias + FFN + n, mask=n_ok, other=0.0).to(tl.float32)
-    h = _clamped_swiglu(acc_gate, acc_up, alpha, limit)
+        acc_gate += _row_products(x_row, w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K,
+                                  MXFP4)
+        acc_up += _row_products(x_row, w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N,
+                                BLOCK_K, MXFP4)
+    gate = tl.sum(acc_gate, axis=1)
+    up = tl.sum(acc_up, axis=1)
+    gate += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
+    up += tl.load(bias_ptr + e * stride_bias + FFN + n, mask=n_ok, other=0.0).to(tl.float32)
+    h = _clamped_swiglu(gate, up, alpha, limit)
     tl.store(out_ptr + s * stride_os + n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -163,10 +169,12 @@ def slot_down_kernel(
     n_ok = n < N
     w_base = w_ptr + e * stride_we
     scales_base = scales_ptr + e * stride_se
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    width: tl.constexpr = BLOCK_K // (1 + MXFP4)
+    products = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        acc += _row_dots(h_ptr + s * stride_hs, w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N,
-                         BLOCK_K, MXFP4)
+        products += _row_products(h_ptr + s * stride_hs, w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K,
+                                  BLOCK_N, BLOCK_K, MXFP4)
+    acc = tl.sum(products, axis=1)
     acc += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + s * stride_os + n, (acc * gate_weight).to(out_ptr.dtype.element_ty), mask=n_ok)
 
