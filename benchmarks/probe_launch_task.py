@@ -2,6 +2,7 @@
 micro-batch) of a decode step, by part, in microseconds and in torch (aten) ops (issue 14).
 
     PYTHONPATH=src nice python3 benchmarks/probe_launch_task.py                       # CPU, ~30 s
+    PYTHONPATH=src nice python3 benchmarks/probe_launch_task.py --stand-in-graphs     # CPU, the graph path
     PYTHONPATH=src python3 benchmarks/probe_launch_task.py --device cuda --dtype bfloat16 --out $OUT   # GPU
 
 (from the repository root). A toy Mixtral (--shape tiny: hidden 64, ffn 128, 8 experts top-2,
@@ -67,9 +68,10 @@ class Parts(TorchDispatchMode):
         self.kernels: dict[str, int] = defaultdict(int)  # ops that are not views
         self.syncs: Counter = Counter()
         self.on = False
+        self.muted = 0  # inside a part whose ops are not counted (a stand-in graph's replay)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.on:
+        if self.on and not self.muted:
             part = self.stack[-1][0] if self.stack else "outside"
             self.ops[part] += 1
             if not func.is_view:
@@ -81,17 +83,19 @@ class Parts(TorchDispatchMode):
                 self.syncs[(name, " <- ".join(reversed(where[-3:])))] += 1
         return func(*args, **(kwargs or {}))
 
-    def wrap(self, owner, attr: str, part: str) -> None:
+    def wrap(self, owner, attr: str, part: str, count: bool = True) -> None:
         original = getattr(owner, attr)
 
         def wrapped(*a, **k):
-            if not self.on:
+            if not self.on or self.muted:  # inside a muted part its time and ops are that part's
                 return original(*a, **k)
             frame = [part, time.perf_counter(), 0.0]
             self.stack.append(frame)
+            self.muted += not count
             try:
                 return original(*a, **k)
             finally:
+                self.muted -= not count
                 self.stack.pop()
                 spent = time.perf_counter() - frame[1]
                 self.seconds[part] += spent - frame[2]
@@ -124,9 +128,55 @@ def instrument(parts: Parts) -> None:
         return
     parts.wrap(graphs.TaskGraphs, "pre", "pre_attn")
     parts.wrap(graphs.TaskGraphs, "post", "post_attn")
+    parts.wrap(StandInGraph, "replay", "replay", count=False)
 
 
-def decode(model, prompts, gen: int, micro_batch: int, parts: Parts | None):
+class StandInGraph:
+    """torch.cuda.CUDAGraph on the CPU (--stand-in-graphs): a replay runs the captured part again on
+    the graph's static inputs and writes its static outputs in place. What the launch thread does
+    around the replays is the engine's graph path as on a GPU; the replay's own time is the part
+    run eagerly (on a GPU: one launch) and its ops are not counted."""
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        pass
+
+    def capture_end(self):
+        pass
+
+    def replay(self):
+        for static, fresh in zip(self.static_out, self.part(*self.static_in)):
+            static.copy_(fresh)
+
+
+class _NoStream:
+    def wait_stream(self, other):
+        pass
+
+
+def stand_in_graphs(model) -> None:
+    """Makes the model's CGOPipe tasks run through TaskGraphs with StandInGraph on the CPU."""
+    import contextlib
+
+    from moekit.pipeline.graphs import TaskGraphs
+
+    graphs = TaskGraphs(model, model.expert_runtime)
+    graphs.capturable, graphs.stream = True, _NoStream()
+    capture = graphs._capture
+
+    def capture_linked(key, part, inputs):
+        entry = capture(key, part, inputs)
+        if entry is not None:
+            entry[0].part, entry[0].static_in, entry[0].static_out = part, entry[1], entry[2]
+        return entry
+
+    graphs._capture = capture_linked
+    torch.cuda.CUDAGraph = StandInGraph
+    torch.cuda.current_stream = lambda device=None: _NoStream()
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    model._pipeline_graphs = graphs
+
+
+def decode(model, prompts, gen: int, micro_batch: int, parts: Parts | None, graphs: bool | None = None):
     """Runs generate_pipelined; returns (StepProfile summary, tasks counted, tokens)."""
     from moekit.pipeline.cgopipe import generate_pipelined
     from moekit.pipeline.timeline import StepProfile
@@ -137,7 +187,8 @@ def decode(model, prompts, gen: int, micro_batch: int, parts: Parts | None):
         if parts is not None:
             parts.on = done >= 2  # the first decode step (the prologue's whole layer) left out
 
-    tokens = generate_pipelined(model, prompts, gen, micro_batch, profile=profile, on_step=on_step)
+    tokens = generate_pipelined(model, prompts, gen, micro_batch, profile=profile, on_step=on_step,
+                                **({} if graphs is None else {"graphs": graphs}))
     if parts is not None:
         parts.on = False
     n_mb = -(-len(prompts) // micro_batch)
@@ -158,6 +209,9 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=1,
                    help="torch's threads (and the attention kernel's): 1 keeps OpenMP's spinning threads off the launch thread's core")
+    p.add_argument("--stand-in-graphs", action="store_true",
+                   help="CPU: the tasks through the CUDA-graph path with a stand-in graph (StandInGraph): what the "
+                        "launch thread issues around the replays")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/probe_launch_task"))
     args = p.parse_args()
     import bench_pipeline
@@ -172,19 +226,24 @@ def main() -> int:
     folder, cfg, host, _ = bench_pipeline.build(args.shape, args.layers, device, root / "model")
     model = load_paged(folder, args.resident, args.device, args.dtype, host)
     prompts = synthetic_prompts(args.sequences, args.prompt_len, cfg.vocab_size)
-    decode(model, prompts, 3, args.micro_batch, None)  # warm-up (kernels, buffers)
-    plain, tasks, want = decode(model, prompts, args.gen, args.micro_batch, None)
+    graphs = None
+    if args.stand_in_graphs:
+        stand_in_graphs(model)
+        graphs = True
+    decode(model, prompts, 3, args.micro_batch, None, graphs)  # warm-up (kernels, buffers; graphs captured)
+    plain, tasks, want = decode(model, prompts, args.gen, args.micro_batch, None, graphs)
     parts = Parts()
     instrument(parts)
-    _, _, got = decode(model, prompts, args.gen, args.micro_batch, parts)  # times: the wrappers alone
+    _, _, got = decode(model, prompts, args.gen, args.micro_batch, parts, graphs)  # times: the wrappers alone
     seconds, parts.seconds = parts.seconds, defaultdict(float)
     with parts:  # op counts: every op through Python (slow; its times are not used)
-        decode(model, prompts, args.gen, args.micro_batch, parts)
+        decode(model, prompts, args.gen, args.micro_batch, parts, graphs)
     parts.seconds = seconds
     steps = plain["steps"]
     per_task_us = lambda ms: None if ms is None else 1e3 * ms * steps / tasks
     result = {
         "args": vars(args), "tasks": tasks, "steps": steps, "graphs": os.environ.get("MOEKIT_PIPELINE_GRAPHS"),
+        "stand_in_graphs": args.stand_in_graphs, "graph_report": plain.get("graphs"),
         "tokens_equal_between_runs": got == want,
         "plain_us_per_task": {"issuing": per_task_us(plain["launch_issuing_ms"]),
                               "blocked": per_task_us(plain["launch_blocked_ms"]),
