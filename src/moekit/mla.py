@@ -12,6 +12,9 @@ Two equal forms of the same attention:
   absorbed  (decode) kv_b's key half is folded into q (q_nope W_uk: a latent-space query) and its
             value half applied after the softmax (ctx W_uv), so a step reads the cached latents
             directly and never expands S positions into H heads.
+On CUDA decode (moekit.fused) a step's latent norm and ropes run as one kernel (project) and its
+cache write and absorbed attention as another (attend, at a device-tensor position with a plain
+KVCache); the PyTorch code below is their reference and runs everywhere else.
 
 Shapes: B = batch, T = new tokens, S = cached positions, D = hidden, H = heads,
 r = kv_lora_rank, rq = q_lora_rank, dn = qk_nope_head_dim, dr = qk_rope_head_dim,
