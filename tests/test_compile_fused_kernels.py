@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-NAMES = ("grouped_topk_v2_groups", "grouped_topk_v3", "mla_attention", "mla_attention_gemms_outside", "mla_project",
-         "mla_project_v3_rotate_half", "swiglu")
+NAMES = ("grouped_topk_v2_groups", "grouped_topk_v3", "mla_attention", "mla_attention_gemms_outside",
+         "mla_attention_paged", "mla_project", "mla_project_v3_rotate_half", "swiglu")
 
 
 def cases() -> dict:
@@ -23,8 +23,10 @@ def cases() -> dict:
 
     bf16 = "*bf16"
     attention = {"q_ptr": bf16, "w_ptr": bf16, "qlat_ptr": bf16, "lat_ptr": bf16, "rope_ptr": bf16, "kc_ptr": bf16,
-                 "rc_ptr": bf16, "start_ptr": "*i64", "out_ptr": bf16, "N": "i32", "T": "i32", "S": "i32",
-                 "scale": "fp32", "stride_kc_b": "i32", "stride_kc_s": "i32", "stride_rc_b": "i32", "stride_rc_s": "i32"}
+                 "rc_ptr": bf16, "start_ptr": "*i64", "out_ptr": bf16, "tables_ptr": "*i64", "N": "i32", "T": "i32",
+                 "S": "i32", "scale": "fp32", "stride_kc_b": "i32", "stride_kc_s": "i32", "stride_rc_b": "i32",
+                 "stride_rc_s": "i32", "stride_tb": "i32", "page": "i32"}
+    paged = {**attention, "start_ptr": "*i32", "tables_ptr": "*i32"}  # context lengths, block tables
     project = {"q_ptr": bf16, "kv_ptr": bf16, "w_ptr": bf16, "cos_ptr": bf16, "sin_ptr": bf16, "q_out_ptr": bf16,
                "latent_ptr": bf16, "rope_ptr": bf16, "T": "i32", "stride_q": "i32", "stride_kv": "i32",
                "stride_cos": "i32", "stride_sin": "i32", "eps": "fp32"}
@@ -33,8 +35,10 @@ def cases() -> dict:
     v2_lite = {"H": 16, "DN": 128, "DR": 64, "R": 512, "DR_PAD": 64, "R_PAD": 512}
     attend = {**v2_lite, "DV": 128, "BLOCK_S": 32, "BLOCK_W": 32}
     return {
-        "mla_attention": (mla_decode.mla_attention_kernel, attention, {**attend, "WEIGHTS": True}, 8),
-        "mla_attention_gemms_outside": (mla_decode.mla_attention_kernel, attention, {**attend, "WEIGHTS": False}, 8),
+        "mla_attention": (mla_decode.mla_attention_kernel, attention, {**attend, "WEIGHTS": True, "PAGED": False}, 8),
+        "mla_attention_gemms_outside": (mla_decode.mla_attention_kernel, attention,
+                                        {**attend, "WEIGHTS": False, "PAGED": False}, 8),
+        "mla_attention_paged": (mla_decode.mla_attention_kernel, paged, {**attend, "WEIGHTS": True, "PAGED": True}, 8),
         "mla_project": (mla_decode.mla_project_kernel, project,
                         {**v2_lite, "INTERLEAVE": True, "HEADS_BLOCK": 16, "DQK_PAD": 256}, 4),
         "mla_project_v3_rotate_half": (mla_decode.mla_project_kernel, project,

@@ -294,8 +294,22 @@ def mla_attention(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tens
     sequence at position start + t) over the cached latents keys [B, 1, S, r] and rope keys values
     [B, 1, S, dr], after storing the step's latent [N, r] and rope [N, dr] there (start a 0-d
     device tensor; positions past S are dropped). kv_b_weight [H*(dn + dv), r]."""
+    return _mla_attend(q, kv_b_weight, latent, rope, keys, values, start, None, t, value_dim, scale)
+
+
+def mla_paged_decode(q: torch.Tensor, kv_b_weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     tables: torch.Tensor, context_lens: torch.Tensor, value_dim: int, scale: float) -> torch.Tensor:
+    """Returns the absorbed attention output [B, H*dv] of one query per sequence q [B, H, dqk] over
+    its cached latents in the pools keys [NB, page, 1, r], values [NB, page, 1, dr] (written
+    already), read through block tables [B, MB] up to context_lens [B] (moekit.mla's ragged decode)."""
+    return _mla_attend(q, kv_b_weight, q, q, keys, values, context_lens, tables, 1, value_dim, scale)
+
+
+def _mla_attend(q, kv_b_weight, latent, rope, keys, values, start, tables, t, value_dim, scale) -> torch.Tensor:
+    """One launch of mla_attention_kernel (dense cache, or PAGED with block tables), kv_b inside it
+    or as batched GEMMs around it (MLA_WEIGHTS_IN_KERNEL_MAX_ROWS)."""
     n, heads, dqk = q.shape
-    kv_rank, dr = latent.shape[1], rope.shape[1]
+    kv_rank, dr = keys.shape[-1], values.shape[-1]
     nope = dqk - dr
     in_kernel = n <= MLA_WEIGHTS_IN_KERNEL_MAX_ROWS
     w = kv_b_weight.view(heads, nope + value_dim, kv_rank)  # [H, dn + dv, r]
@@ -305,15 +319,31 @@ def mla_attention(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tens
     else:
         q_lat = torch.bmm(q[:, :, :nope].transpose(0, 1), w[:, :nope])  # [H, N, r]
         out = torch.empty((heads, n, kv_rank), dtype=q.dtype, device=q.device)  # ctx
+    paged = tables is not None
+    if paged:  # pools [NB, page, 1, d]: position rows of stride(1)
+        strides = (0, keys.stride(1), 0, values.stride(1), tables.stride(0), keys.shape[1])
+    else:  # caches [B, 1, S, d]
+        strides = (keys.stride(0), keys.stride(2), values.stride(0), values.stride(2), 0, 1)
     mla_attention_kernel[(n, heads)](
-        q, kv_b_weight, q_lat, latent, rope, keys, values, start, out,
-        n, t, keys.shape[2], scale, keys.stride(0), keys.stride(2), values.stride(0), values.stride(2),
+        q, kv_b_weight, q_lat, latent, rope, keys, values, start, out, tables if paged else start,
+        n, t, 0 if paged else keys.shape[2], scale, *strides,
         H=heads, DN=nope, DR=dr, DV=value_dim, R=kv_rank, R_PAD=triton.next_power_of_2(kv_rank),
-        DR_PAD=triton.next_power_of_2(dr), BLOCK_S=32, BLOCK_W=32, WEIGHTS=in_kernel, num_warps=8)
+        DR_PAD=triton.next_power_of_2(dr), BLOCK_S=32, BLOCK_W=32, WEIGHTS=in_kernel, PAGED=paged, num_warps=8)
     if in_kernel:
         return out
     out = torch.bmm(out, w[:, nope:].transpose(1, 2))  # [H, N, dv]
     return out.transpose(0, 1).reshape(n, heads * value_dim)
+
+
+def mla_paged_decode_supported(q: torch.Tensor, kv_b_weight: torch.Tensor, keys: torch.Tensor,
+                               values: torch.Tensor) -> bool:
+    """Returns whether mla_paged_decode handles these tensors (one dtype, contiguous q and weight,
+    pools whose positions are rows of unit column stride)."""
+    dt = q.dtype
+    return (q.is_contiguous() and kv_b_weight.is_contiguous() and kv_b_weight.dtype == dt and keys.dtype == dt
+            and values.dtype == dt and keys.dim() == 4 and keys.shape[2] == 1 and values.shape[2] == 1
+            and keys.stride(-1) == 1 and values.stride(-1) == 1
+            and keys.stride(1) == keys.stride(0) // keys.shape[1] and values.stride(1) == values.stride(0) // values.shape[1])
 
 
 def mla_attention_supported(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,

@@ -244,6 +244,12 @@ class LatentAttention(nn.Module):
                      context_lens: torch.Tensor) -> torch.Tensor:
         """Returns [B, H*dv]: one query per sequence qs [B, H, dqk], each over its own cached
         latents (block tables [B, MB], context lengths [B]), in the absorbed form."""
+        w = self.kv_b_proj.weight
+        if fused.enabled(qs, w):  # one kernel reading the pools through the tables (CUDA decode)
+            rows = qs.contiguous()
+            if fused.mla_paged_decode_supported(rows, w, keys, values):
+                return fused.mla_paged_decode(rows, w, keys, values, tables, context_lens, self.mla.v_head_dim,
+                                              self.scale)
         lat, rope, mask = gather_padded(keys, values, tables, context_lens)
         return self._absorbed(qs[:, :, None], lat, rope, mask).reshape(qs.shape[0], -1)  # [B, H, 1, dv]
 

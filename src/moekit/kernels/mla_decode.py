@@ -98,18 +98,24 @@ def mla_project_kernel(
 
 @triton.jit
 def _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last, first_row,
-            stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, rr, r_ok, dd, d_ok, dt, scale, R: tl.constexpr,
-            DR: tl.constexpr):
+            stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, tables_ptr, stride_tb, page, rr, r_ok, dd, d_ok,
+            dt, scale, R: tl.constexpr, DR: tl.constexpr, PAGED: tl.constexpr):
     """Returns (scores [BS] float32, masked to -inf past `last`; latents [BS, R_PAD] float32) of
-    positions s [BS]: cached ones (< start) from the cache, new ones from the step's rows."""
+    positions s [BS]: cached ones (< start) from the cache (PAGED: row tables[b, s // page] * page
+    + s % page of the pools), new ones from the step's rows."""
     cached = (s < start)[:, None]
     new = ((s >= start) & (s <= last))[:, None]
     new_row = first_row + s - start  # [BS]
-    lat = (tl.load(kc_ptr + b * stride_kc_b + s[:, None] * stride_kc_s + rr[None, :],
-                   mask=cached & r_ok[None, :], other=0.0)
+    if PAGED:
+        block = tl.load(tables_ptr + b * stride_tb + s // page, mask=s <= last, other=0).to(tl.int64)
+        k_off = (block * page + s % page) * stride_kc_s
+        r_off = (block * page + s % page) * stride_rc_s
+    else:
+        k_off = b * stride_kc_b + s * stride_kc_s
+        r_off = b * stride_rc_b + s * stride_rc_s
+    lat = (tl.load(kc_ptr + k_off[:, None] + rr[None, :], mask=cached & r_ok[None, :], other=0.0)
            + tl.load(lat_ptr + new_row[:, None] * R + rr[None, :], mask=new & r_ok[None, :], other=0.0))
-    rope = (tl.load(rc_ptr + b * stride_rc_b + s[:, None] * stride_rc_s + dd[None, :],
-                    mask=cached & d_ok[None, :], other=0.0)
+    rope = (tl.load(rc_ptr + r_off[:, None] + dd[None, :], mask=cached & d_ok[None, :], other=0.0)
             + tl.load(rope_ptr + new_row[:, None] * DR + dd[None, :], mask=new & d_ok[None, :], other=0.0))
     lat = lat.to(tl.float32)
     s_lat = _to(tl.sum(lat * q_lat[None, :], axis=1), dt).to(tl.float32)
@@ -120,11 +126,11 @@ def _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last,
 
 @triton.jit
 def mla_attention_kernel(
-    q_ptr, w_ptr, qlat_ptr, lat_ptr, rope_ptr, kc_ptr, rc_ptr, start_ptr, out_ptr,
-    N, T, S, scale, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s,
+    q_ptr, w_ptr, qlat_ptr, lat_ptr, rope_ptr, kc_ptr, rc_ptr, start_ptr, out_ptr, tables_ptr,
+    N, T, S, scale, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, stride_tb, page,
     H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
     R_PAD: tl.constexpr, DR_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
-    WEIGHTS: tl.constexpr,
+    WEIGHTS: tl.constexpr, PAGED: tl.constexpr,
 ):
     """Program (n, h): out[n, h*dv:] of token n = b*T + t at position start + t, head h, absorbed:
     q_lat = q_nope W_uk[h] (rounded), scores = (q_lat . c_s + q_rope . k_s) * scale over positions
@@ -133,25 +139,34 @@ def mla_attention_kernel(
     store latent[n], rope[n] into the caches at start + t (dropped past S); every program reads
     the step's new positions from latent / rope, never from the cache it is being written to.
     Without WEIGHTS, kv_b stays outside (batched GEMMs that read it once for all rows): q_lat is
-    read from qlat [H, N, r] and ctx stored to out as [H, N, r]."""
+    read from qlat [H, N, r] and ctx stored to out as [H, N, r].
+    PAGED (a ragged decode step over moekit.kv_cache.PagedKVCache; T = 1, so n = b): the step's
+    latents are already in the pools keys [NB*page, r], values [NB*page, dr]; start_ptr holds each
+    sequence's context length [B] (it attends to positions < it), tables [B, MB] its blocks; nothing
+    is written."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     b = n // T
     t = n % T
     DQK: tl.constexpr = DN + DR
-    start = tl.load(start_ptr).to(tl.int64)
-    last = start + t
+    if PAGED:
+        start = tl.load(start_ptr + b).to(tl.int64)  # every position it attends to is cached
+        last = start - 1
+    else:
+        start = tl.load(start_ptr).to(tl.int64)
+        last = start + t
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     dd = tl.arange(0, DR_PAD)
     d_ok = dd < DR
-    if h == 0:
-        keep_r = rr < tl.where(last < S, R, 0)  # (a scalar & a vector of bools trips the interpreter)
-        keep_d = dd < tl.where(last < S, DR, 0)
-        tl.store(kc_ptr + b * stride_kc_b + last * stride_kc_s + rr,
-                 tl.load(lat_ptr + n * R + rr, mask=keep_r), mask=keep_r)
-        tl.store(rc_ptr + b * stride_rc_b + last * stride_rc_s + dd,
-                 tl.load(rope_ptr + n * DR + dd, mask=keep_d), mask=keep_d)
+    if not PAGED:  # noqa: SIM102 (a constexpr test and a tensor one: the compiler takes no `and` of them)
+        if h == 0:
+            keep_r = rr < tl.where(last < S, R, 0)  # (a scalar & a vector of bools trips the interpreter)
+            keep_d = dd < tl.where(last < S, DR, 0)
+            tl.store(kc_ptr + b * stride_kc_b + last * stride_kc_s + rr,
+                     tl.load(lat_ptr + n * R + rr, mask=keep_r), mask=keep_r)
+            tl.store(rc_ptr + b * stride_rc_b + last * stride_rc_s + dd,
+                     tl.load(rope_ptr + n * DR + dd, mask=keep_d), mask=keep_d)
     q_row = q_ptr + n * H * DQK + h * DQK
     w_head = w_ptr + h * (DN + DV) * R
     dt = q_ptr.dtype.element_ty
@@ -173,16 +188,16 @@ def mla_attention_kernel(
     total = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
     for s0 in range(0, last + 1, BLOCK_S):  # pass 1: the softmax's max and sum
         score, _ = _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s0 + positions, start, last,
-                           first_row, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, rr, r_ok, dd, d_ok,
-                           dt, scale, R, DR)
+                           first_row, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, tables_ptr, stride_tb, page,
+                           rr, r_ok, dd, d_ok, dt, scale, R, DR, PAGED)
         m_new = tl.maximum(m, tl.max(score, axis=0))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(score - m_new), axis=0)
         m = m_new
     ctx = tl.zeros((R_PAD,), dtype=tl.float32)
     for s0 in range(0, last + 1, BLOCK_S):  # pass 2: the rounded probabilities times the latents
         score, lat = _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s0 + positions, start, last,
-                             first_row, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, rr, r_ok, dd, d_ok,
-                             dt, scale, R, DR)
+                             first_row, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, tables_ptr, stride_tb,
+                             page, rr, r_ok, dd, d_ok, dt, scale, R, DR, PAGED)
         p = _to(tl.exp(score - m) / total, dt).to(tl.float32)
         ctx += tl.sum(p[:, None] * lat, axis=0)
     ctx = _to(ctx, dt)
