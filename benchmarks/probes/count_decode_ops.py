@@ -8,7 +8,9 @@ generate). Every aten op that would launch a kernel on a GPU (views, allocations
 excluded) and every Triton launch is counted under the part of the layer that issued it. With
 --fused the step runs the fused Triton path through the interpreter (TRITON_INTERPRET=1 is set
 here), so the counts are those of a CUDA step; without it, those of the PyTorch reference. Counts
-are per step; "per MoE layer" divides the MoE layers' total by their number.
+are per step; "per MoE layer" divides the MoE layers' total by their number. Not what a GPU
+launches in two places: each Linear counts one GEMM (the CPU runs moekit's native matvec), and the
+routed experts show the CPU expert path's one call where CUDA runs the slot kernels (2-3 a layer).
 """
 
 from __future__ import annotations
