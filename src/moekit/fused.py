@@ -282,7 +282,11 @@ def mla_project_supported(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.
 # applies its head's kv_b halves (W_uk, W_uv: 256 KB a head at V2-Lite's widths): at batch 1 one
 # launch, H programs. Past it, every row's programs would re-read the same weights (B*H reads of
 # 4 MB a layer), so two batched GEMMs outside read them once instead (two launches more).
-MLA_WEIGHTS_IN_KERNEL_MAX_ROWS = 4
+# Measured on the H200 at b928407 (DeepSeek-V2-Lite shape, B=1, 27 layers, graph step,
+# profile_mla_gemms.json vs profile_decode_families.json): the GEMMs outside won at batch 1 too,
+# step 4.07 vs 4.33 ms (the kernel 45 vs 62 us a layer: 16 programs walking 256 KB each are
+# latency-bound), so no row count takes the weights inside by default.
+MLA_WEIGHTS_IN_KERNEL_MAX_ROWS = 0
 
 
 # Each program walks the cached positions twice (the softmax's sums, then the weighted latents) in
