@@ -18,6 +18,7 @@ import difflib
 import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -155,6 +156,10 @@ def slot_tiles(files: dict) -> str:
 
 # ---- bench_budget.json (issue 11) ---------------------------------------------------------------------
 
+# later partial runs, rendered beside the whole runs' tables (2026-12-01, b928407)
+FAMILIES_RERUN = "bench_families_resident_b928407.json"
+SERVE_RERUN = "bench_serve_c1_c32_b928407.json"
+PIPELINE_RERUN = "bench_pipeline_graphs_b928407.json"
 BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
                  "bench_budget_rerun8.json",  # 2026-12-01: the command line's 8% row
                  "bench_budget_rerun_ternary.json")  # 2026-12-01 (703262a): the command line's ternary rows
@@ -447,10 +452,10 @@ def offload_latest(files: dict) -> str:
 
 # ---- bench_serve.json (issue 13) and bench_pipeline.json (issue 14) -----------------------------------
 
-def serve(files: dict) -> str:
+def serve(files: dict, name: str = "bench_serve.json") -> str:
     """The serving benchmark: per shape and concurrency, moekit's scheduler against its own static
     batch decode (the ceiling) and transformers' padded static batches (the baseline)."""
-    res = files["bench_serve.json"]
+    res = files[name]
     rows = []
     for shape, by_c in res["shapes"].items():
         for key in sorted((k for k in by_c if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:])):
@@ -470,10 +475,10 @@ def serve(files: dict) -> str:
                  rows)
 
 
-def families(files: dict) -> str:
+def families(files: dict, name: str = "bench_families.json") -> str:
     """The new families' shapes (bench_families.py): moekit against transformers' experts
     implementations and each row's bound, as the run's own table lists them."""
-    res = files["bench_families.json"]
+    res = files[name]
 
     def num(v, unit):
         if v is None:
@@ -490,10 +495,10 @@ def families(files: dict) -> str:
     return table(["shape", "engine", "metric", "measured", "ceiling", "% of ceiling", "x baseline", "note"], rows)
 
 
-def pipeline(files: dict) -> str:
+def pipeline(files: dict, name: str = "bench_pipeline.json") -> str:
     """The batch pipeline benchmark: each row's end-to-end tok/s next to the HRM's prediction, the
     PCIe and CPU-attention ceilings and the allocator peak against the budget."""
-    res = files["bench_pipeline.json"]
+    res = files[name]
     rows = []
     for r in res["rows"]:
         policy = (f"N={r['sequences']} mu={r['micro_batch']} R={r['resident_per_layer']}" if "sequences" in r
@@ -526,6 +531,9 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "offload_headline": (OFFLOAD_FILES, offload_headline),
     "serve": (("bench_serve.json",), serve),
     "families": (("bench_families.json",), families),
+    "families_rerun": ((FAMILIES_RERUN,), partial(families, name=FAMILIES_RERUN)),
+    "serve_rerun": ((SERVE_RERUN,), partial(serve, name=SERVE_RERUN)),
+    "pipeline_rerun": ((PIPELINE_RERUN,), partial(pipeline, name=PIPELINE_RERUN)),
     "pipeline": (("bench_pipeline.json",), pipeline),
     "offload_latest": (("bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json"), offload_latest),
 }
