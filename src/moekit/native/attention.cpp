@@ -4,6 +4,9 @@
 //     out[b, h] = softmax(scale * q[b, h] . K[b, h / G]^T) @ V[b, h / G]     over positions lo_b..ctx_b-1
 // with lo_b = max(0, ctx_b - window) for a sliding window (window 0: none), G = H / Hkv query heads
 // per key/value head, and K, V read through the sequence's block table from pools [NB, BS, Hkv, Dh].
+// With sinks (gpt-oss; moekit.sinks), head h's softmax has one more logit sinks[h] in its
+// denominator only: p_t = exp(z_t) / (sum_u exp(z_u) + exp(sinks[h])), a weight on "nowhere".
+// The online softmax needs nothing else: the sink joins the running sum once, at the end.
 //
 // Why a kernel: decode attention reads every cached byte once for a few FLOPs per byte (GQA:
 // 2 G FLOPs per K or V element), so its time is KV bytes / host memory bandwidth. The work item
@@ -17,7 +20,7 @@
 // Shapes: B sequences, H query heads, Hkv kv heads, G = H / Hkv, Dh head dim, NB pool blocks,
 // BS positions per block, MB blocks per block table.
 //   q [B, H, Dh] (dtype qdtype), out [B, H, Dh] (qdtype), keys/values [NB, BS, Hkv, Dh] (kvdtype),
-//   block_tables [B, MB] int32, context_lens [B] int32.
+//   block_tables [B, MB] int32, context_lens [B] int32, sinks [H] float32 or null (none).
 // dtypes: 0 = bfloat16, 1 = float16, 2 = float32. Accumulation is float32.
 #include <algorithm>
 #include <cmath>
@@ -42,12 +45,21 @@ inline void from_float(int dtype, const float* in, int64_t n, void* p) {
   for (int64_t i = 0; i < n; ++i) from_float(dtype, in[i], p, i);
 }
 
+// Returns 1 / the softmax denominator of query head g: its running sum l of exp(score - m), plus
+// exp(sink[g] - m) with sinks (sink: the item's G sink logits, or null). No positions: 0 (zeros
+// out, as the sink takes all the weight and there is nothing to weigh).
+inline float inverse_denominator(float l, float m, const float* sink, int64_t g) {
+  if (!(l > 0.f)) return 0.f;
+  return 1.f / (sink ? l + std::exp(sink[g] - m) : l);
+}
+
 // Attends one (sequence, kv head): G queries qf [G, Dh] (already scaled) over positions lo..hi-1.
-// acc [G, Dh] receives the normalised output. scores [G, CHUNK], row [Dh] are scratch.
+// acc [G, Dh] receives the normalised output. scores [G, CHUNK], row [Dh] are scratch; sink: the
+// G query heads' sink logits (null: none).
 template <typename T, typename Conv>
 void attend_item(const float* qf, int64_t G, int64_t Dh, const T* keys, const T* values, const int32_t* table,
                  int64_t BS, int64_t Hkv, int64_t kvh, int64_t lo, int64_t hi, float* acc, float* scores,
-                 float* row, Conv conv) {
+                 float* row, const float* sink, Conv conv) {
   float m[MAX_GROUP], l[MAX_GROUP];
   for (int64_t g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; }
   std::fill(acc, acc + G * Dh, 0.f);
@@ -102,7 +114,7 @@ void attend_item(const float* qf, int64_t G, int64_t Dh, const T* keys, const T*
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;  // no positions: zeros
+    const float inv = inverse_denominator(l[g], m[g], sink, g);
     float* ag = acc + g * Dh;
     for (int64_t i = 0; i < Dh; ++i) ag[i] *= inv;
   }
@@ -243,7 +255,8 @@ void chunk_fast(const float* qf, int64_t Dh, const T* const* kp, const T* const*
 
 template <typename T>
 void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, const T* values, const int32_t* table,
-                      int64_t BS, int64_t Hkv, int64_t kvh, int64_t lo, int64_t hi, float* acc, float* scores) {
+                      int64_t BS, int64_t Hkv, int64_t kvh, int64_t lo, int64_t hi, float* acc, float* scores,
+                      const float* sink) {
   float m[MAX_GROUP], l[MAX_GROUP];
   const T* kp[CHUNK];
   const T* vp[CHUNK];
@@ -280,7 +293,7 @@ void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, con
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    const float inv = inverse_denominator(l[g], m[g], sink, g);
     for (int64_t i = 0; i < Dh; ++i) acc[g * Dh + i] *= inv;
   }
 }
@@ -288,7 +301,7 @@ void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, con
 template <typename T, typename Conv>
 void run(int qdtype, const void* q, void* out, const T* keys, const T* values, const int32_t* tables,
          const int32_t* ctx, int64_t B, int64_t H, int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window,
-         float scale, int threads, Conv conv) {
+         float scale, const float* sinks, int threads, Conv conv) {
   const int64_t G = H / Hkv, qsize = itemsize(qdtype);
 #pragma omp parallel num_threads(threads)
   {
@@ -300,12 +313,13 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
       const char* qb = static_cast<const char*>(q) + ((b * H + kvh * G) * Dh) * qsize;
       to_float(qdtype, qb, G * Dh, qf.data());
       for (int64_t i = 0; i < G * Dh; ++i) qf[i] *= scale;
+      const float* sink = sinks ? sinks + kvh * G : nullptr;
       if (Dh % W == 0)
         attend_item_fast(qf.data(), G, Dh, keys, values, tables + b * MB, BS, Hkv, kvh, lo, hi, acc.data(),
-                         scores.data());
+                         scores.data(), sink);
       else
         attend_item(qf.data(), G, Dh, keys, values, tables + b * MB, BS, Hkv, kvh, lo, hi, acc.data(), scores.data(),
-                    row.data(), conv);
+                    row.data(), sink, conv);
       from_float(qdtype, acc.data(), G * Dh, static_cast<char*>(out) + ((b * H + kvh * G) * Dh) * qsize);
     }
   }
@@ -321,7 +335,7 @@ extern "C" {
 int moekit_decode_attention(int qdtype, int kvdtype, const void* q, void* out, const void* keys, const void* values,
                             const int32_t* block_tables, const int32_t* context_lens, int64_t B, int64_t H,
                             int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window, float scale,
-                            int threads) {
+                            const float* sinks, int threads) {
   if (Hkv <= 0 || H % Hkv || H / Hkv > MAX_GROUP) return 1;
   if (Dh > MAX_HEAD_DIM) return 2;
 #ifndef __FLT16_MAX__
@@ -331,15 +345,15 @@ int moekit_decode_attention(int qdtype, int kvdtype, const void* q, void* out, c
     if (context_lens[b] < 0 || context_lens[b] > MB * BS) return 4;
   if (kvdtype == 0)
     run(qdtype, q, out, static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values), block_tables,
-        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, threads, Bf16());
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, Bf16());
 #ifdef __FLT16_MAX__
   else if (kvdtype == 1)
     run(qdtype, q, out, static_cast<const _Float16*>(keys), static_cast<const _Float16*>(values), block_tables,
-        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, threads, F16());
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, F16());
 #endif
   else
     run(qdtype, q, out, static_cast<const float*>(keys), static_cast<const float*>(values), block_tables,
-        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, threads, F32());
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, F32());
   return 0;
 }
 

@@ -1,10 +1,12 @@
 """Grouped-query decode attention on the CPU over a host-resident paged KV cache, in one native
 call (attention.cpp), and its PyTorch reference.
 
-    out = decode_attention(q, keys, values, block_tables, context_lens, window)
+    out = decode_attention(q, keys, values, block_tables, context_lens, window, sinks=sinks)
 
 is what moekit.paged_attention.decode_attention computes -- one query token per sequence over its
-cached positions, sequences of different lengths in one call -- for KV pools in host memory:
+cached positions, sequences of different lengths in one call -- for KV pools in host memory
+(and, with `sinks` [H], what moekit.sinks computes: one more logit per head in each softmax's
+denominator, gpt-oss's attention sinks):
 MoE-Lightning's CPU attention (the KV cache stays next to the CPU; only q and the attention
 output cross PCIe). Work items are (sequence, kv head), spread over threads; each reads its K and
 V rows once for all of its query heads, in float32, with an online softmax. Its time is the KV
@@ -31,7 +33,7 @@ MAX_HEAD_DIM = 512
 def _declare(lib: ctypes.CDLL) -> None:
     i64, vp, i32p = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)
     lib.moekit_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, i32p, i32p, i64, i64, i64,
-                                            i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+                                            i64, i64, i64, i64, ctypes.c_float, vp, ctypes.c_int]
     lib.moekit_decode_attention.restype = ctypes.c_int
 
 
@@ -52,16 +54,28 @@ def kv_bytes(keys: torch.Tensor, context_lens: torch.Tensor, window: int | None 
     return int(lens.sum()) * 2 * keys.shape[2] * keys.shape[3] * keys.element_size()
 
 
+def sink_logits(sinks: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """Returns sinks [H] as the kernel takes them (contiguous float32 on the CPU), or None;
+    raises ValueError for a tensor that is not one logit per query head."""
+    if sinks is None:
+        return None
+    if sinks.shape != (heads,):
+        raise ValueError(f"sinks must hold one logit per query head, [{heads}]; got {list(sinks.shape)}")
+    return sinks.detach().to("cpu", torch.float32).contiguous()
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, window: int | None = None, scale: float | None = None,
-                     out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, threads: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Returns attention [B, H, Dh] (q's dtype) of one query per sequence q [B, H, Dh] over
     positions max(0, ctx - window)..ctx-1 of its cached keys and values.
 
     keys, values [NB, BS, Hkv, Dh]: contiguous CPU pools of one dtype (bf16, fp16, fp32);
     block_tables [B, MB] int32 blocks of each sequence; context_lens [B] int32 positions each
-    sequence attends to (0 gives zeros); scale defaults to Dh ** -0.5. Raises ValueError for
-    arguments the kernel cannot take (check `usable` first)."""
+    sequence attends to (0 gives zeros); scale defaults to Dh ** -0.5; sinks [H] (None: none) one
+    logit per query head added to its softmax's denominator (unscaled, as gpt-oss's). Raises
+    ValueError for arguments the kernel cannot take (check `usable` first)."""
     lib = library()
     if lib is None:
         from . import unavailable_reason
@@ -96,20 +110,23 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out must be a contiguous {list(q.shape)} {q.dtype} tensor")
     threads = threads or torch.get_num_threads()
+    sinks = sink_logits(sinks, h)
     code = lib.moekit_decode_attention(
         DTYPE_CODES[q.dtype], DTYPE_CODES[keys.dtype], q.data_ptr(), out.data_ptr(), keys.data_ptr(),
         values.data_ptr(), ctypes.cast(tables.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
         ctypes.cast(lens.data_ptr(), ctypes.POINTER(ctypes.c_int32)), b, h, hkv, dh, bs, mb, window or 0,
-        dh ** -0.5 if scale is None else scale, threads)
+        dh ** -0.5 if scale is None else scale, None if sinks is None else sinks.data_ptr(), threads)
     if code != 0:
         raise ValueError(f"the CPU attention kernel refused its arguments (code {code}: see attention.cpp)")
     return out
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
-              context_lens: torch.Tensor, window: int | None = None, scale: float | None = None) -> torch.Tensor:
+              context_lens: torch.Tensor, window: int | None = None, scale: float | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Returns what decode_attention computes, in PyTorch with float32 arithmetic, as [B, H, Dh]
-    float32: each sequence's positions gathered through its block table, one softmax per head."""
+    float32: each sequence's positions gathered through its block table, one softmax per head
+    (with sinks [H]: over the scores and the head's sink logit, the sink's weight then dropped)."""
     b, h, dh = q.shape
     bs, hkv = keys.shape[1], keys.shape[2]
     out = torch.zeros(b, h, dh, dtype=torch.float32)
@@ -122,6 +139,10 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_t
         k = keys[blocks].reshape(-1, hkv, dh)[lo:ctx].float().transpose(0, 1)  # [Hkv, S, Dh]
         v = values[blocks].reshape(-1, hkv, dh)[lo:ctx].float().transpose(0, 1)
         k, v = k.repeat_interleave(h // hkv, 0), v.repeat_interleave(h // hkv, 0)  # [H, S, Dh]
-        scores = torch.einsum("hd,hsd->hs", q[i].float(), k) * (dh ** -0.5 if scale is None else scale)
-        out[i] = torch.einsum("hs,hsd->hd", F.softmax(scores, dim=-1), v)
+        scores = torch.einsum("hd,hsd->hs", q[i].float(), k) * (dh ** -0.5 if scale is None else scale)  # [H, S]
+        if sinks is not None:
+            probs = F.softmax(torch.cat((scores, sinks.float().view(h, 1)), dim=-1), dim=-1)[:, :-1]
+        else:
+            probs = F.softmax(scores, dim=-1)
+        out[i] = torch.einsum("hs,hsd->hd", probs, v)
     return out

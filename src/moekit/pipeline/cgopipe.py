@@ -41,8 +41,9 @@ import torch
 
 from ..errors import MoekitError
 from ..kv_cache import PagedKVCache, RaggedBatch
-from ..model import Attention
+from ..model import Attention, SinkAttention
 from .graphs import TaskGraphs, graphs_wanted
+from ..native.attention import sink_logits
 from .host_attention import NativeAttention, cpu_attention
 
 
@@ -144,9 +145,15 @@ class PipelinedDecoder:
         cfg = model.config
         if cache.device.type != "cpu":
             raise MoekitError("CGOPipe keeps the KV cache in host memory: give a PagedKVCache on the CPU")
-        if cfg.mla is not None or any(type(layer.attn) is not Attention for layer in model.layers):
-            raise MoekitError(f"CGOPipe's CPU attention runs grouped-query attention; {cfg.family} layers use "
-                              "another kind (MLA or sinks): decode it with moekit.generate")
+        if cfg.mla is not None:
+            raise MoekitError(f"CGOPipe's CPU attention runs grouped-query attention (with or without sinks); "
+                              f"{cfg.family} layers use multi-head latent attention (MLA), which it does not run "
+                              "yet: decode it with moekit.generate (the sequential engine, batched with "
+                              "generate_ragged) or moekit.serve")
+        odd = [type(layer.attn).__name__ for layer in model.layers if type(layer.attn) not in (Attention, SinkAttention)]
+        if odd:
+            raise MoekitError(f"CGOPipe's CPU attention runs grouped-query attention (with or without sinks); "
+                              f"{cfg.family} has {odd[0]} layers: decode it with moekit.generate")
         if micro_batch < 1:
             raise MoekitError(f"micro_batch must be >= 1, got {micro_batch}")
         if lookahead is not None and lookahead < 1:
@@ -157,6 +164,8 @@ class PipelinedDecoder:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-cpu-attention")
         self._buffers: dict[tuple[int, int], tuple] = {}  # (j, mu) -> MicroBatch's buffers
         self._windows = [layer.attn.cfg.sliding_window for layer in model.layers]
+        # gpt-oss's sink logits [H] per layer, float32 on the host once (the worker reads them every task)
+        self._sinks = [sink_logits(getattr(layer.attn, "sinks", None), cfg.num_heads) for layer in model.layers]
         # on a GPU run two cores stay free of attention threads: the launch thread (every kernel of
         # PreAttn / PostAttn and each copy) and the CUDA driver's; spinning OpenMP threads on every
         # core would slow the launches the device waits on (MoE-Lightning brief 5.4-4)
@@ -241,15 +250,15 @@ class PipelinedDecoder:
                 parts = packet.split([mu * h * d for h, d in dims])
                 q, k, v = (part.view(mu, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
             self.cache.write(layer, k, v, mb.batch.slots)
-            window = self._windows[layer]
+            window, sinks = self._windows[layer], self._sinks[layer]
             keys, values = self.cache.keys[layer], self.cache.values[layer]
             # the native call goes through ctypes.CDLL, which drops the GIL for its duration: the
             # launch thread keeps issuing while the kernel runs. The output is pinned on a GPU run,
             # so that LoadH's copy is asynchronous
             if mb.native is not None:
-                out = mb.native(keys, values, q, mb.out, window, self.attention_threads)
+                out = mb.native(keys, values, q, mb.out, window, self.attention_threads, sinks)
             else:
-                out = cpu_attention(q, keys, values, mb.batch, window, mb.out, self.attention_threads)
+                out = cpu_attention(q, keys, values, mb.batch, window, mb.out, self.attention_threads, sinks)
             if self.profile is not None:
                 self.profile.add("worker_wait_s", t1 - t0)
                 self.profile.add("attention_s", time.perf_counter() - t1)

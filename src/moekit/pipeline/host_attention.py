@@ -1,7 +1,9 @@
 """CGOPipe's CPU attention (moekit.pipeline.cgopipe's worker thread): decode attention of a
 micro-batch's q over a layer's host-resident paged KV pools, by the native kernel where it takes
 the arguments (its block tables and lengths converted and checked once a step: NativeAttention),
-else moekit.paged_attention's PyTorch path.
+else moekit.paged_attention's PyTorch path. gpt-oss's layers add their sink logits [H] to each
+head's softmax denominator (the kernel's `sinks`; moekit.sinks' PyTorch path otherwise) and
+alternate a sliding window with full attention (each layer's window is passed per call).
 
 Shapes: mu sequences of a micro-batch, H query heads, Hkv kv heads, Dh head dim, NB blocks of BS positions.
 """
@@ -15,18 +17,36 @@ from ..kv_cache import PagedKVCache, RaggedBatch
 
 
 def cpu_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: RaggedBatch,
-                  window: int | None, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+                  window: int | None, out: torch.Tensor | None = None, threads: int | None = None,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Returns decode attention [mu, H, Dh] of q [mu, H, Dh] over the host pools (into `out`
-    when given): the native kernel (on `threads` threads, default torch's) where it takes them,
-    else moekit.paged_attention's PyTorch path (same results)."""
+    when given), with sink logits `sinks` [H] float32 (None: none): the native kernel (on
+    `threads` threads, default torch's) where it takes them, else the PyTorch path (same results)."""
     from ..native import attention as native_attention
     from ..paged_attention import decode_attention
 
     if native_attention.usable(q, keys):
         return native_attention.decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window,
-                                                 out=out, threads=threads)
-    result = decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
+                                                 out=out, threads=threads, sinks=sinks)
+    if sinks is None:
+        result = decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window)
+    else:
+        result = sink_decode_attention(q, keys, values, batch.block_tables, batch.context_lens, window, sinks)
     return result if out is None else out.copy_(result)
+
+
+def sink_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                          context_lens: torch.Tensor, window: int | None, sinks: torch.Tensor) -> torch.Tensor:
+    """Returns [mu, H, Dh]: one query per sequence q [mu, H, Dh] over its last `window` (None:
+    all) cached positions, with sink logits [H] -- moekit.sinks' arithmetic over the paged pools."""
+    from ..mla import gather_padded
+    from ..sinks import sink_attention
+
+    kb, vb, mask = gather_padded(keys, values, tables, context_lens)  # [mu, Hkv, S, Dh], mask [mu, 1, 1, S]
+    if window is not None:
+        positions = torch.arange(kb.shape[2], device=kb.device)
+        mask = mask & (positions > context_lens.long()[:, None, None, None] - 1 - window)
+    return sink_attention(q[:, :, None], kb, vb, sinks, mask[:, :, None])[:, :, 0]
 
 
 class NativeAttention:
@@ -66,14 +86,15 @@ class NativeAttention:
         return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes)
 
     def __call__(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
-                 window: int | None, threads: int | None) -> torch.Tensor:
-        """Returns out [mu, H, Dh]: attention of contiguous q [mu, H, Dh] over one layer's pools
-        (ctypes.CDLL drops the GIL for the kernel's duration)."""
+                 window: int | None, threads: int | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns out [mu, H, Dh]: attention of contiguous q [mu, H, Dh] over one layer's pools,
+        with sink logits `sinks` [H] (contiguous float32 on the CPU: native.attention.sink_logits;
+        None: none) (ctypes.CDLL drops the GIL for the kernel's duration)."""
         b, h, hkv, dh, bs, width = self.dims
         code = self.lib.moekit_decode_attention(
             self.codes[0], self.codes[1], q.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(),
             self.tables_ptr, self.lens_ptr, b, h, hkv, dh, bs, width, window or 0, dh ** -0.5,
-            threads or torch.get_num_threads())
+            None if sinks is None else sinks.data_ptr(), threads or torch.get_num_threads())
         if code != 0:
             raise MoekitError(f"the CPU attention kernel refused its arguments (code {code}: see native/attention.cpp)")
         return out
