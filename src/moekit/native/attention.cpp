@@ -33,8 +33,8 @@
 namespace {
 
 constexpr int64_t CHUNK = 128;       // positions scored at once (scores [G, CHUNK] per thread)
-constexpr int64_t MAX_GROUP = 64;    // query heads per kv head
-constexpr int64_t MAX_HEAD_DIM = 512;
+constexpr int64_t MAX_GROUP = 128;   // query heads per kv head (MLA: all heads over one latent; DeepSeek-V3 128)
+constexpr int64_t MAX_HEAD_DIM = 1024;  // MLA reads latent + rope key rows: DeepSeek 512 + 64
 
 // Stores n floats as dtype `dtype` at p.
 inline void from_float(int dtype, const float* in, int64_t n, void* p) {

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from . import library, register_declarations
 
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-MAX_GROUP = 64  # query heads per kv head (attention.cpp)
-MAX_HEAD_DIM = 512
+MAX_GROUP = 128  # query heads per kv head (attention.cpp; MLA runs all heads over one latent)
+MAX_HEAD_DIM = 1024  # MLA: latent + rope key, 576 for DeepSeek
 
 
 def _declare(lib: ctypes.CDLL) -> None:

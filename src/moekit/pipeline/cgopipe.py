@@ -24,7 +24,8 @@ task launched after PostAttn(i, j) is (i + 1, j)): CPU attention of layer i + 1 
 layer i's PostAttn of the same micro-batch, so it runs while layer i + 1's pages stream and layer
 i's experts compute; lookahead=2 is the artifact's order. Between steps nothing drains the device:
 generate_pipelined feeds each step the last step's argmax on the device, so step s + 1 is issued
-while step s's last layers run. On a CPU-only run every stream is the current thread and events
+while step s's last layers run. gpt-oss's sinks and windows run in the CPU kernel; MLA (DeepSeek)
+attends in the absorbed form over a joint latent pool (moekit.pipeline.latent). On a CPU-only run every stream is the current thread and events
 are None. `trace` and `profile` (moekit.pipeline.timeline) record the
 issue order and where the time goes.
 
@@ -41,10 +42,12 @@ import torch
 
 from ..errors import MoekitError
 from ..kv_cache import PagedKVCache, RaggedBatch
+from ..mla import LatentAttention
 from ..model import Attention, SinkAttention
-from .graphs import TaskGraphs, graphs_wanted
 from ..native.attention import sink_logits
+from .graphs import TaskGraphs, graphs_wanted
 from .host_attention import NativeAttention, cpu_attention
+from .latent import LatentHostCache, absorbed_query, host_cache, latent_output, query_width
 
 
 class Streams:
@@ -128,7 +131,8 @@ def _usable_cores() -> int:
 
 
 class PipelinedDecoder:
-    """Decode steps of many sequences by CGOPipe's schedule over a host-resident PagedKVCache.
+    """Decode steps of many sequences by CGOPipe's schedule over a host-resident PagedKVCache
+    (an MLA model's: a pipeline.latent.LatentHostCache).
 
     `lookahead`: (layer, micro-batch) tasks whose CPU attention is launched ahead of PostAttn
     (None: one layer, i.e. the step's micro-batch count; 2: the artifact's). `attention_threads`:
@@ -145,15 +149,15 @@ class PipelinedDecoder:
         cfg = model.config
         if cache.device.type != "cpu":
             raise MoekitError("CGOPipe keeps the KV cache in host memory: give a PagedKVCache on the CPU")
-        if cfg.mla is not None:
-            raise MoekitError(f"CGOPipe's CPU attention runs grouped-query attention (with or without sinks); "
-                              f"{cfg.family} layers use multi-head latent attention (MLA), which it does not run "
-                              "yet: decode it with moekit.generate (the sequential engine, batched with "
-                              "generate_ragged) or moekit.serve")
-        odd = [type(layer.attn).__name__ for layer in model.layers if type(layer.attn) not in (Attention, SinkAttention)]
+        self.latent = cfg.mla is not None  # MLA: the absorbed form over a joint host pool (pipeline.latent)
+        kinds = (LatentAttention,) if self.latent else (Attention, SinkAttention)
+        odd = [type(layer.attn).__name__ for layer in model.layers if type(layer.attn) not in kinds]
         if odd:
-            raise MoekitError(f"CGOPipe's CPU attention runs grouped-query attention (with or without sinks); "
-                              f"{cfg.family} has {odd[0]} layers: decode it with moekit.generate")
+            raise MoekitError(f"CGOPipe's CPU attention runs grouped-query attention (with or without sinks) and "
+                              f"MLA; {cfg.family} has {odd[0]} layers: decode it with moekit.generate")
+        if self.latent and not isinstance(cache, LatentHostCache):
+            raise MoekitError(f"{cfg.family} uses multi-head latent attention: CGOPipe's host cache must be a "
+                              "pipeline.latent.LatentHostCache (latent and rope key in one row; host_cache makes it)")
         if micro_batch < 1:
             raise MoekitError(f"micro_batch must be >= 1, got {micro_batch}")
         if lookahead is not None and lookahead < 1:
@@ -166,6 +170,9 @@ class PipelinedDecoder:
         self._windows = [layer.attn.cfg.sliding_window for layer in model.layers]
         # gpt-oss's sink logits [H] per layer, float32 on the host once (the worker reads them every task)
         self._sinks = [sink_logits(getattr(layer.attn, "sinks", None), cfg.num_heads) for layer in model.layers]
+        # the pools the kernel reads (MLA's joint [latent | rope key] rows as both) and a head's q width
+        self._pools = (cache.joint, cache.joint) if self.latent else (cache.keys, cache.values)
+        self._width = query_width(cfg)
         # on a GPU run two cores stay free of attention threads: the launch thread (every kernel of
         # PreAttn / PostAttn and each copy) and the CUDA driver's; spinning OpenMP threads on every
         # core would slow the launches the device waits on (MoE-Lightning brief 5.4-4)
@@ -180,9 +187,11 @@ class PipelinedDecoder:
             paged.trace = trace
             paged.copy_timing = profile is not None and self.streams.cuda
         # PreAttn and PostAttn as CUDA graphs (pipeline.graphs) where the experts are resident or paged
-        # (another runtime's calls sync with the host); None: eager (the CPU, MOEKIT_PIPELINE_GRAPHS=0)
+        # (another runtime's calls sync with the host); None: eager (the CPU, MOEKIT_PIPELINE_GRAPHS=0,
+        # MLA: the graphs hold neither its absorbed query nor W_uv yet)
         self.graphs = None
-        if graphs_wanted(model.device, graphs) and (paged is not None or getattr(model, "expert_runtime", None) is None):
+        if (graphs_wanted(model.device, graphs) and not self.latent
+                and (paged is not None or getattr(model, "expert_runtime", None) is None)):
             # kept with the model: a later generation (a benchmark's rows after its warm-up) replays them
             self.graphs = getattr(model, "_pipeline_graphs", None) or TaskGraphs(model, paged)
             model._pipeline_graphs = self.graphs
@@ -209,7 +218,7 @@ class PipelinedDecoder:
         key = (j, rows)
         if key not in self._buffers:
             cfg, dtype, pin = self.model.config, self.model.dtype, self.streams.cuda
-            dims = [(cfg.num_heads, cfg.head_dim), *cfg.kv_cache_dims()]
+            dims = [(cfg.num_heads, self._width), *cfg.kv_cache_dims()]
             width = sum(h * d for h, d in dims)
 
             def views(packet: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -217,7 +226,7 @@ class PipelinedDecoder:
                 return tuple(part.view(rows, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
 
             packet = torch.empty(rows * width, dtype=dtype, pin_memory=pin)
-            out = torch.empty((rows, cfg.num_heads, cfg.head_dim), dtype=dtype, pin_memory=pin)
+            out = torch.empty((rows, cfg.num_heads, self._width), dtype=dtype, pin_memory=pin)
             device_packet = torch.empty(rows * width, dtype=dtype, device=self.model.device) if pin else packet
             self._buffers[key] = (packet, out, views(packet), device_packet, views(device_packet))
         return self._buffers[key]
@@ -251,7 +260,7 @@ class PipelinedDecoder:
                 q, k, v = (part.view(mu, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
             self.cache.write(layer, k, v, mb.batch.slots)
             window, sinks = self._windows[layer], self._sinks[layer]
-            keys, values = self.cache.keys[layer], self.cache.values[layer]
+            keys, values = self._pools[0][layer], self._pools[1][layer]
             # the native call goes through ctypes.CDLL, which drops the GIL for its duration: the
             # launch thread keeps issuing while the kernel runs. The output is pinned on a GPU run,
             # so that LoadH's copy is asynchronous
@@ -270,6 +279,8 @@ class PipelinedDecoder:
             packet, dims = self.graphs.pre(layer, mb.x, mb.cos, mb.sin, mb.device_packet)
         else:
             q, k, v = self.model.layers[layer].pre_attn(mb.x, mb.cos, mb.sin)  # [1, heads, mu, Dh]
+            if self.latent:  # MLA: k, v are the latent and the rope key; q the absorbed query
+                q = absorbed_query(self.model.layers[layer].attn, q)  # [1, H, mu, r + dr]
             dims = [(z.shape[1], z.shape[3]) for z in (q, k, v)]
             # one flat packet, q | k | v each [mu, heads, Dh] (the artifact's cat(q, k, v)): one D2H
             # copy and one event a task; written in place, one copy each, no cat and no allocation
@@ -309,7 +320,8 @@ class PipelinedDecoder:
                 ids = self._to_device(torch.tensor([[token for _, _, token in part]], dtype=torch.long))
             cos, sin = model.rope(self._to_device(batch.positions))
             mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin, *self._host_buffers(len(mbs), len(part)),
-                                  NativeAttention.of(self.cache, batch, model.config.num_heads, model.dtype)))
+                                  NativeAttention.of(self.cache, batch, model.config.num_heads, model.dtype,
+                                                     self._pools)))
         n = len(mbs)
         paged = self._paged()
         moe = set(paged.layers) if paged is not None else set()
@@ -348,7 +360,9 @@ class PipelinedDecoder:
                 if last:
                     logits[j] = head
             else:
-                mb.x = model.layers[i].post_attn(mb.x, out.view(1, out.shape[0], -1))  # PostAttn(i, j)
+                attended = (latent_output(model.layers[i].attn, out.view(out.shape[0], -1, self._width))
+                            if self.latent else out.view(1, out.shape[0], -1))
+                mb.x = model.layers[i].post_attn(mb.x, attended)  # PostAttn(i, j)
                 if last:
                     logits[j] = model.head(mb.x)[0]
             if j == n - 1 and profile is not None:
@@ -456,7 +470,7 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     t0 = time.perf_counter()
     lengths = [len(p) for p in prompts]
     positions = sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths)
-    cache = PagedKVCache.for_tokens(model.config, positions, block_size, "cpu", model.dtype)
+    cache = host_cache(model.config, positions, block_size, model.dtype)
     logits = prefill_to_host(model, cache, prompts, micro_batch, block_size)
     # the tokens stay on the device (each step embeds the last step's argmax): no step waits for
     # the device to drain, the next one is issued while the last one's final layers run

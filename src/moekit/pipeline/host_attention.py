@@ -64,17 +64,21 @@ class NativeAttention:
         self.lens_ptr = ctypes.cast(lens.data_ptr(), i32p)
 
     @staticmethod
-    def of(cache: PagedKVCache, batch: RaggedBatch, heads: int, dtype: torch.dtype) -> NativeAttention | None:
-        """Returns the prepared call of a micro-batch's attention over the cache's pools, or None."""
+    def of(cache: PagedKVCache, batch: RaggedBatch, heads: int, dtype: torch.dtype,
+           pools: tuple[list, list] | None = None) -> NativeAttention | None:
+        """Returns the prepared call of a micro-batch's attention over the cache's pools (or the
+        per-layer (keys, values) pools given, which the cache's block tables index), or None."""
         from ..native import attention as native_attention
         from ..native import library
 
-        keys = cache.keys[0]
+        all_keys, all_values = pools if pools is not None else (cache.keys, cache.values)
+        keys = all_keys[0]
         nb, bs, hkv, dh = keys.shape
         if not native_attention.usable(torch.empty(0, heads, dh, dtype=dtype), keys):
             return None
-        if any(not (k.is_contiguous() and v.is_contiguous() and k.shape == keys.shape and k.dtype == keys.dtype)
-               for k, v in zip(cache.keys, cache.values)):
+        if any(not (k.is_contiguous() and v.is_contiguous() and k.shape == keys.shape and k.dtype == keys.dtype
+                    and v.shape == keys.shape and v.dtype == keys.dtype)
+               for k, v in zip(all_keys, all_values)):
             return None
         tables = batch.block_tables.to(torch.int32).contiguous()
         lens = batch.context_lens.to(torch.int32).contiguous()
