@@ -157,3 +157,13 @@ def test_kernel_takes_deepseek_widths(heads):
     out = na.decode_attention(q, pool, pool, tables, lens, scale=0.05, threads=2)
     want = na.reference(q, pool, pool, tables, lens, scale=0.05)
     assert (out.float() - want).abs().max() <= 1.6e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("variant", ["gpt_oss", "deepseek_v2"])
+def test_launch_task_seconds_runs_sinks_and_mla(tiny, variant):
+    """The launch-cost probe (timeline.launch_task_seconds) issues a task of either kind: the
+    absorbed query's packet and the W_uv output for MLA."""
+    from moekit.pipeline.timeline import launch_task_seconds
+
+    model = load_model(tiny(variant).path, device="cpu", dtype="float32")
+    assert 0 < launch_task_seconds(model, micro_batch=3, reps=2, trials=1) < 5

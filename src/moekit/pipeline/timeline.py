@@ -223,6 +223,7 @@ def launch_task_seconds(model, micro_batch: int, reps: int = 8, trials: int = 3,
     as in cgopipe.PipelinedDecoder: PreAttn and PostAttn replayed as CUDA graphs (moekit.pipeline.graphs)."""
     from .cgopipe import Streams
     from .graphs import TaskGraphs, graphs_wanted, qkv_packet
+    from .latent import absorbed_query, latent_output, query_width
     from .paged import PagedRuntime
 
     cfg, device, dtype = model.config, model.device, model.dtype
@@ -234,9 +235,10 @@ def launch_task_seconds(model, micro_batch: int, reps: int = 8, trials: int = 3,
     streams = Streams(device)
     pin = device.type == "cuda"
     (hk, dk), (hv, dv) = cfg.kv_cache_dims()
-    packet_host = torch.empty(micro_batch * (cfg.num_heads * cfg.head_dim + hk * dk + hv * dv), dtype=dtype,
+    width, latent = query_width(cfg), cfg.mla is not None  # MLA: the absorbed query, W_uv after (pipeline.latent)
+    packet_host = torch.empty(micro_batch * (cfg.num_heads * width + hk * dk + hv * dv), dtype=dtype,
                               pin_memory=pin)
-    out_host = torch.zeros(micro_batch, cfg.num_heads * cfg.head_dim, dtype=dtype, pin_memory=pin)
+    out_host = torch.zeros(micro_batch, cfg.num_heads * width, dtype=dtype, pin_memory=pin)
 
     def drain() -> None:
         if device.type == "cuda":
@@ -244,20 +246,24 @@ def launch_task_seconds(model, micro_batch: int, reps: int = 8, trials: int = 3,
 
     runtime = getattr(model, "expert_runtime", None)
     paged = runtime if isinstance(runtime, PagedRuntime) else None
-    task_graphs = TaskGraphs(model, paged) if graphs_wanted(device, graphs) and (paged or runtime is None) else None
+    wanted = graphs_wanted(device, graphs) and not latent and (paged or runtime is None)  # as PipelinedDecoder's
+    task_graphs = TaskGraphs(model, paged) if wanted else None
 
     def task() -> None:
         if task_graphs is not None:
             packet, _ = task_graphs.pre(index, x, cos, sin)
         else:
-            packet = qkv_packet(*layer.pre_attn(x, cos, sin))
+            q, k, v = layer.pre_attn(x, cos, sin)
+            packet = qkv_packet(absorbed_query(layer.attn, q) if latent else q, k, v)
         streams.to_host(packet, packet_host if pin else None)
         out, ready = streams.to_device(out_host)
         streams.wait(ready)
         if task_graphs is not None:
             task_graphs.post(index, x, out.view(1, micro_batch, -1), False)
         else:
-            layer.post_attn(x, out.view(1, micro_batch, -1))
+            rows = out.view(micro_batch, -1, width)  # [mu, H, width]
+            attended = latent_output(layer.attn, rows) if latent else rows.view(1, micro_batch, -1)
+            layer.post_attn(x, attended)
 
     best = float("inf")
     with torch.inference_mode():
