@@ -49,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="queued requests before new ones get 429 (default: 1024)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--parallel", default=None, metavar="ep=N,tp=M",
+                   help="serve over N x M processes started by torchrun: rank 0 answers HTTP, schedules and "
+                        "samples, every rank runs each step on its shard (ep=N splits the routed experts, tp=M "
+                        "the attention heads and MLP widths, tp=M,ep=tp both over M ranks; timeout=S); steps run "
+                        "eagerly (no CUDA graphs); e.g. torchrun --nproc-per-node 2 -m moekit serve MODEL "
+                        "--parallel tp=2")
     add_threads_arg(p)
     add_generate_flags(p)
     p.set_defaults(func=cmd_serve, compile=False)
@@ -70,7 +76,21 @@ def check_serve(args: argparse.Namespace) -> tuple[Path, str]:
     parse_device(device)
     parse_dtype(args.dtype)
     offload_cli.check_flags(args)
+    if args.parallel is not None:
+        _check_parallel(args)
     return model_dir(args.model, "MODEL"), device
+
+
+def _check_parallel(args: argparse.Namespace) -> None:
+    from ..parallel.cli import ParallelSpec
+
+    ParallelSpec.parse(args.parallel)
+    if args.offload:
+        raise MoekitError("--parallel with --offload is not available in `moekit serve` yet (moekit generate "
+                          "--parallel ep=N --offload is): drop one of them")
+    if args.static_mixed:
+        raise MoekitError("--parallel runs every step eagerly (rank 0 sends each ragged step to the others): "
+                          "drop --static-mixed")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -82,13 +102,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..tokenizer import load_tokenizer
     from .app import build_app
     from .engine import Engine
-    from .scheduler import SchedulerConfig
 
     path, device = check_serve(args)
-    config = SchedulerConfig(max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens,
-                             max_waiting=args.max_waiting, kv_tokens=args.kv_tokens,
-                             prefill_interval=args.prefill_interval, static_mixed=args.static_mixed,
-                             max_prefill_tokens=args.max_prefill_tokens)
+    if args.parallel is not None:
+        return _serve_ranks(args, path, device)
+    config = _scheduler_config(args)
     tokenizer = load_tokenizer(path)
     if args.offload:
         args.model = str(path)
@@ -118,6 +136,80 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _scheduler_config(args: argparse.Namespace, **overrides):
+    from .scheduler import SchedulerConfig
+
+    fields = {"max_seqs": args.max_seqs, "max_step_tokens": args.max_step_tokens, "max_waiting": args.max_waiting,
+              "kv_tokens": args.kv_tokens, "prefill_interval": args.prefill_interval,
+              "static_mixed": args.static_mixed, "max_prefill_tokens": args.max_prefill_tokens}
+    return SchedulerConfig(**{**fields, **overrides})
+
+
+def _serve_ranks(args: argparse.Namespace, path: Path, device: str) -> int:
+    """`moekit serve --parallel` under torchrun: rank 0 serves HTTP with a StepMirror on its
+    engine, the other ranks follow its steps (moekit.parallel.serve_ranks); returns 0 once the
+    server stopped (a signal to rank 0 is the normal way to stop it) and every rank left."""
+    import contextlib
+    import threading
+
+    import uvicorn
+
+    from ..outputs import Terminated
+    from ..parallel.cli import ParallelSpec, RankSetup
+    from ..parallel.serve_ranks import StepMirror, follow
+    from ..tokenizer import load_tokenizer
+    from .app import build_app
+    from .engine import Engine
+
+    ranks = RankSetup(ParallelSpec.parse(args.parallel), device)
+    try:
+        model = ranks.load(str(path), dtype=args.dtype)
+        if ranks.rank != 0:
+            follow(model, ranks.comm)
+            return 0
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            stream=sys.stderr)
+        # eager steps only: a static (graph) step's inputs live in its buffers, not in a RaggedBatch to send
+        config = _scheduler_config(args, static_decode=False, static_mixed=False, overlap=False)
+        mirror = StepMirror(model, ranks.comm)
+        try:
+            engine = Engine(model, config, lockstep=mirror)
+        except BaseException:  # no engine thread will stop the others: do it here (best effort)
+            with contextlib.suppress(Exception):
+                mirror.stop()
+            raise
+        name = args.served_model_name or path.resolve().name
+        app = build_app(engine, load_tokenizer(path), name)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               access_log=False))
+
+        closing, failed = threading.Event(), []
+
+        def stop_when_the_engine_ends() -> None:  # the other ranks are gone: no step can run, stop serving
+            engine._thread.join()
+            if not closing.is_set():
+                failed.append(engine.error)
+                server.should_exit = True
+
+        threading.Thread(target=stop_when_the_engine_ends, name="moekit-lockstep-watch", daemon=True).start()
+        cache = engine.scheduler.cache
+        print(f"moekit: serving {name} ({ranks.device}, {str(model.dtype).replace('torch.', '')}, "
+              f"--parallel {args.parallel}: {ranks.comm.world} ranks in lockstep, {cache.num_blocks} KV blocks of "
+              f"{cache.block_size}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        try:
+            server.run()
+        except (KeyboardInterrupt, Terminated):  # uvicorn re-raises the signal that stopped it
+            pass
+        finally:
+            closing.set()
+            engine.close()  # its thread sends the other ranks STOP
+        if failed:
+            raise MoekitError(f"rank 0 stopped serving: {failed[0]}")
+        return 0
+    finally:
+        ranks.close()
 
 
 def _cuda() -> bool:

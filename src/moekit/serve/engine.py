@@ -5,6 +5,10 @@ asyncio queue (put with call_soon_threadsafe).
 One lock guards the scheduler: the engine thread holds it for a step, so a request added while a
 step runs joins at the next step boundary. Aborts never wait for the lock: they are queued and
 applied by the engine thread before its next step.
+
+With `lockstep` (moekit.parallel.serve_ranks.StepMirror, `moekit serve --parallel`), the engine
+thread also calls lockstep.idle() every lockstep.heartbeat_s seconds without work and
+lockstep.stop() once when it ends, so the other ranks hear every message from this one thread.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ log = logging.getLogger("moekit.serve")
 class Engine:
     """A Scheduler stepped on its own thread; `add` and `abort` are safe from any thread."""
 
-    def __init__(self, model, config: SchedulerConfig | None = None, warm: bool = False):
+    def __init__(self, model, config: SchedulerConfig | None = None, warm: bool = False, lockstep=None):
         """`warm` runs Scheduler.warm() first (every Triton compile and CUDA graph capture the
-        steps will need), so that the first requests do not wait for them."""
+        steps will need), so that the first requests do not wait for them; `lockstep` (see the
+        module docstring) is told when the engine idles and when it ends."""
         self.model = model
+        self.lockstep = lockstep
         self.scheduler = Scheduler(model, config)
         self.warmed = self.scheduler.warm() if warm else None
         self._lock = threading.Lock()
@@ -79,9 +85,22 @@ class Engine:
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        finally:
+            if self.lockstep is not None:
+                try:
+                    self.lockstep.stop()
+                except Exception:  # the other ranks are gone already: nothing left to tell them
+                    log.exception("stopping the other ranks failed")
+
+    def _steps(self) -> None:
+        heartbeat_s = self.lockstep.heartbeat_s if self.lockstep is not None else None
         with torch.inference_mode():
             while not self._stop:
-                self._wake.wait()
+                if not self._wake.wait(heartbeat_s) and not self._stop:
+                    self._heartbeat()
+                    continue
                 with self._lock:
                     while self._aborts:
                         self.scheduler.abort(self._aborts.popleft())
@@ -95,6 +114,16 @@ class Engine:
                         log.exception("engine step failed")
                         self.error = e
                         self._fail_all(e)
+                        # over ranks a failed step leaves their collectives out of step: end here
+                        self._stop = self._stop or self.lockstep is not None
+
+    def _heartbeat(self) -> None:
+        try:
+            self.lockstep.idle()
+        except Exception as e:  # another rank is gone: no step can run any more
+            log.exception("the other ranks stopped answering")
+            self.error = e
+            self._stop = True
 
     def _fail_all(self, error: Exception) -> None:
         for request in list(self.scheduler.running) + list(self.scheduler.waiting):
