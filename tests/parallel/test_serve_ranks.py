@@ -155,3 +155,19 @@ def test_ranks_serve_what_one_process_serves(tmp_path, expected, parallel):
 def test_flags_that_cannot_combine_fail_in_one_line(capsys, flags, message):
     code, _, err = run_cli(capsys, "serve", str(moekit.default_model_path()), "--device", "cpu", *flags)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_rank_0_stops_serving_when_another_rank_dies(tmp_path):
+    servers = Servers(tmp_path, "ep=2")
+    try:
+        servers.procs[1].kill()
+        servers.procs[1].wait()
+        with pytest.raises(openai.APIError):  # the step fails (or the server is already stopping)
+            servers.complete(REQUESTS[:1])
+        code = servers.procs[0].wait(timeout=3 * TIMEOUT_S)  # its heartbeat or step failed: no hang
+    finally:
+        servers.kill()
+    out = servers.output()
+    assert code == 2, out
+    assert "moekit: error: rank 0 stopped serving" in out and "another rank exited or stopped answering" in out
