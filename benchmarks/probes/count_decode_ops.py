@@ -132,7 +132,7 @@ def count_step(model, fused_path: bool) -> Counter:
         for name, module in layer.named_modules():
             if name and name != "post_norm":  # a hooked post_norm would not fuse with the residual add
                 _label(module, f"{kind}.{name}", part, counts)
-        if hasattr(layer.attn, "mla"):
+        if hasattr(layer.attn, "attend"):  # every attention kind: project's own kernels and attend's apart
             _label_method(layer.attn, "project", f"{kind}.attn.project(rest)", part)
             _label_method(layer.attn, "attend", f"{kind}.attn.attend", part)
         _label_method(layer, "forward", f"{kind}.layer(rest)", part)
