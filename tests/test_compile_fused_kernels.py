@@ -1,8 +1,9 @@
-"""The fused MLA, router and SwiGLU kernels compiled for a Hopper GPU (sm_90) without one: the
-interpreter the other tests run them under accepts code the compiler rejects (pointer and mask
-shapes, loop bounds, constexpr use), so each is built here to a cubin at DeepSeek-V2-Lite / V3
-widths. Needs triton with its NVIDIA backend (ptxas), not a GPU. Each build runs in a child
-process without TRITON_INTERPRET (conftest sets it, and @triton.jit then gives interpreted functions)."""
+"""The fused MLA, sink-attention, router and SwiGLU kernels compiled for a Hopper GPU (sm_90)
+without one: the interpreter the other tests run them under accepts code the compiler rejects
+(pointer and mask shapes, loop bounds, constexpr use), so each is built here to a cubin at
+DeepSeek-V2-Lite / V3 and gpt-oss-20b widths. Needs triton with its NVIDIA backend (ptxas), not a
+GPU. Each build runs in a child process without TRITON_INTERPRET (conftest sets it, and
+@triton.jit then gives interpreted functions)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from pathlib import Path
 import pytest
 
 NAMES = ("grouped_topk_v2_groups", "grouped_topk_v3", "mla_attention", "mla_attention_gemms_outside",
-         "mla_attention_paged", "mla_project", "mla_project_v3_rotate_half", "swiglu")
+         "mla_attention_paged", "mla_project", "mla_project_v3_rotate_half", "sink_attention_full",
+         "sink_attention_paged", "sink_attention_window", "swiglu")
 
 
 def cases() -> dict:
     """Returns {name: (kernel, runtime argument types, constexprs, warps)} as moekit.fused launches them."""
-    from moekit.kernels import fused_decode, mla_decode, router_topk
+    from moekit.kernels import fused_decode, mla_decode, router_topk, sink_decode
 
     bf16 = "*bf16"
     attention = {"q_ptr": bf16, "w_ptr": bf16, "qlat_ptr": bf16, "lat_ptr": bf16, "rope_ptr": bf16, "kc_ptr": bf16,
@@ -34,7 +36,20 @@ def cases() -> dict:
             "skip_below": "fp32", "scaling": "fp32"}
     v2_lite = {"H": 16, "DN": 128, "DR": 64, "R": 512, "DR_PAD": 64, "R_PAD": 512}
     attend = {**v2_lite, "DV": 128, "BLOCK_S": 32, "BLOCK_W": 32}
+    sink = {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "sinks_ptr": bf16, "kc_ptr": bf16, "vc_ptr": bf16,
+            "start_ptr": "*i64", "tables_ptr": "*i64", "slots_ptr": "*i64", "out_ptr": bf16, "T": "i32", "S": "i32",
+            "window": "i32", "scale": "fp32", **{s: "i32" for s in ("sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_t",
+                                                                    "sv_b", "sv_h", "sv_t", "sc_b", "sc_h", "sc_s")},
+            "stride_tb": "i32", "page": "i32"}
+    sink_paged = {**sink, "start_ptr": "*i32", "tables_ptr": "*i32"}  # context lengths, block tables
+    gpt_oss_20b = {"H": 64, "GROUP": 8, "BLOCK_G": 8, "DH": 64, "DH_PAD": 64, "BLOCK_S": 16}
     return {
+        "sink_attention_full": (sink_decode.sink_attention_kernel, sink,
+                                {**gpt_oss_20b, "WINDOW": False, "PAGED": False, "STORE": True}, 4),
+        "sink_attention_window": (sink_decode.sink_attention_kernel, sink,
+                                  {**gpt_oss_20b, "WINDOW": True, "PAGED": False, "STORE": True}, 4),
+        "sink_attention_paged": (sink_decode.sink_attention_kernel, sink_paged,
+                                 {**gpt_oss_20b, "WINDOW": True, "PAGED": True, "STORE": True}, 4),
         "mla_attention": (mla_decode.mla_attention_kernel, attention, {**attend, "WEIGHTS": True, "PAGED": False}, 8),
         "mla_attention_gemms_outside": (mla_decode.mla_attention_kernel, attention,
                                         {**attend, "WEIGHTS": False, "PAGED": False}, 8),

@@ -2,9 +2,12 @@
 more column and is dropped after it, so a query may put weight "nowhere".
 
 softmax with a sink s over scores z_1..z_S gives p_i = exp(z_i) / (sum_j exp(z_j) + exp(s)): the
-ordinary attention output times sigmoid(logsumexp(z) - s). The scores are computed here in
-PyTorch (no fused kernel takes a sink column yet), for the dense, cached, graph-captured and
-ragged (paged) paths alike; moekit.model.SinkAttention calls `attend` from its own attend.
+ordinary attention output times sigmoid(logsumexp(z) - s). `sink_attention` computes it in
+PyTorch: the reference, for the dense, cached, graph-captured and ragged (paged) paths alike. On
+CUDA decode steps (moekit.fused.enabled: a device-tensor position over a KVCache, or a ragged
+decode over a PagedKVCache) one Triton kernel (moekit.kernels.sink_decode) writes the cache and
+attends in its place, sliding window and GQA included. moekit.model.SinkAttention calls `attend`
+from its own attend.
 
 Shapes: B = batch, H = query heads, Hkv = key/value heads, T = new tokens, S = attended
 positions, Dh = head dim, N = packed tokens of a ragged step.
@@ -14,9 +17,17 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from .errors import MoekitError
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
 from .paged_attention import causal_mask, gather_sequence
+
+try:
+    import triton
+
+    from .kernels.sink_decode import sink_attention_kernel
+except ImportError:  # CPU machines without triton keep the PyTorch path (fused.HAVE_TRITON is False)
+    pass
 
 
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
@@ -41,6 +52,11 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCac
     if isinstance(start, RaggedBatch):
         return _attend_ragged(attn, q, k, v, cache, start)
     b, _, t, _ = q.shape
+    if (type(cache) is KVCache and isinstance(start, torch.Tensor) and fused.enabled(start, q, attn.sinks)
+            and fused_supported(q, k, v, cache.keys[attn.layer], cache.values[attn.layer])):
+        out = fused_decode(q, k, v, attn.sinks, cache.keys[attn.layer], cache.values[attn.layer], start,
+                           attn.cfg.sliding_window)  # the cache write and the attention: one kernel
+        return out.view(b, t, attn.q_dim)
     if cache is not None:
         cache.write(attn.layer, k, v, start)
         if isinstance(start, torch.Tensor):  # static shapes for CUDA graphs: attend to all S
@@ -64,15 +80,20 @@ def _attend_ragged(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cach
 
     if not isinstance(cache, PagedKVCache):
         raise MoekitError("a ragged batch (RaggedBatch) needs a PagedKVCache to attend through")
-    cache.write(attn.layer, k[0].transpose(0, 1), v[0].transpose(0, 1), batch.slots)
-    qs = q[0].transpose(0, 1)  # [N, H, Dh]
+    qs, ks, vs = (z[0].transpose(0, 1) for z in (q, k, v))  # [N, H or Hkv, Dh]
+    keys, values = cache.keys[attn.layer], cache.values[attn.layer]
+    if batch.is_decode and _fuse_paged(attn, qs, ks, vs, keys, values):  # the cache write inside the kernel
+        return paged_fused_decode(qs, ks, vs, attn.sinks, keys, values, batch.block_tables, batch.context_lens,
+                                  attn.cfg.sliding_window, batch.slots).view(1, qs.shape[0], -1)
+    cache.write(attn.layer, ks, vs, batch.slots)
     if batch.is_decode:
-        return _decode_rows(attn, qs, cache, batch.block_tables, batch.context_lens)[None]
+        return _decode_rows(attn, qs, ks, vs, cache, batch.block_tables, batch.context_lens)[None]
     out = qs.new_empty(qs.shape[0], attn.q_dim)  # [N, H*Dh]
     singles = one_token_rows(batch, q.device)
     if singles is not None:
         rows, tokens = singles
-        out[tokens] = _decode_rows(attn, qs[tokens], cache, batch.block_tables[rows], batch.context_lens[rows])
+        out[tokens] = _decode_rows(attn, qs[tokens], ks[tokens], vs[tokens], cache, batch.block_tables[rows],
+                                   batch.context_lens[rows])
     offset = 0
     for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
         if n > 1 or singles is None:
@@ -88,15 +109,83 @@ def _attend_ragged(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cach
     return out[None]
 
 
-def _decode_rows(attn, qs: torch.Tensor, cache: PagedKVCache, tables: torch.Tensor,
-                 context_lens: torch.Tensor) -> torch.Tensor:
-    """Returns [B, H*Dh]: one query per sequence qs [B, H, Dh] over its own cached positions (block
-    tables [B, MB], context lengths [B]) and sliding window, padded to the table width."""
+def _decode_rows(attn, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, cache: PagedKVCache,
+                 tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Returns [B, H*Dh]: one query per sequence qs [B, H, Dh] (its key and value ks, vs [B, Hkv, Dh],
+    already in the cache) over its own cached positions (block tables [B, MB], context lengths
+    [B]) and sliding window: the kernel on CUDA, else the reference padded to the table width."""
     from .mla import gather_padded
 
+    keys, values = cache.keys[attn.layer], cache.values[attn.layer]
+    if _fuse_paged(attn, qs, ks, vs, keys, values):
+        return paged_fused_decode(qs, ks, vs, attn.sinks, keys, values, tables, context_lens,
+                                  attn.cfg.sliding_window).view(qs.shape[0], -1)
     kb, vb, mask = gather_padded(cache.keys[attn.layer], cache.values[attn.layer], tables, context_lens)
     window = attn.cfg.sliding_window
     if window is not None:  # mask [B, 1, 1, S]: the last `window` positions of each sequence
         positions = torch.arange(kb.shape[2], device=kb.device)
         mask = mask & (positions > context_lens.long()[:, None, None, None] - 1 - window)
     return sink_attention(qs[:, :, None], kb, vb, attn.sinks, mask[:, :, None]).reshape(qs.shape[0], -1)
+
+
+# ---- the fused decode kernel (moekit.kernels.sink_decode); shapes as there -------------------
+
+def fused_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor) -> bool:
+    """Returns whether fused_decode / paged_fused_decode handle these tensors: q, k, v and the
+    caches of one dtype with unit head-dim strides, the caches sharing strides, whole GQA groups."""
+    dt = q.dtype
+    return (all(z.dtype == dt and z.stride(-1) == 1 for z in (k, v, keys, values)) and q.stride(-1) == 1
+            and keys.shape == values.shape and keys.stride() == values.stride()
+            and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1] == keys.shape[-1])
+
+
+def _fuse_paged(attn, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor) -> bool:
+    """Returns whether a ragged decode of rows qs [B, H, Dh] runs paged_fused_decode (CUDA decode)."""
+    return (fused.enabled(qs, attn.sinks) and fused_supported(qs, ks, vs, keys, values)
+            and keys.stride(0) == keys.shape[1] * keys.stride(1))
+
+
+def fused_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, start: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Returns attention with sinks [N, H, Dh] (N = B*T, row b*T + t) of q [B, H, T, Dh] at positions
+    start.. (a 0-d device tensor) over the cache keys, values [B, Hkv, S, Dh], after storing k, v
+    [B, Hkv, T, Dh] there (positions past S dropped): one launch, graph-capturable."""
+    b, _, t, _ = q.shape
+    return _launch(q, (q.stride(0), q.stride(1), q.stride(2)), k, (k.stride(0), k.stride(1), k.stride(2)),
+                   v, (v.stride(0), v.stride(1), v.stride(2)), sinks, keys, values,
+                   (keys.stride(0), keys.stride(1), keys.stride(2)), keys.shape[1], keys.shape[2], start,
+                   start, start, 0, 1, window, b * t, t, paged=False, store=True)
+
+
+def paged_fused_decode(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, sinks: torch.Tensor,
+                       keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor,
+                       window: int | None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns attention with sinks [B, H, Dh] of one query per sequence qs [B, H, Dh] (its key and
+    value ks, vs [B, Hkv, Dh]) over the pools keys, values [NB, BS, Hkv, Dh] read through block
+    tables [B, MB] up to context_lens [B] (the new token's position included). With `slots` [B]
+    the kernel stores ks, vs there first; without, they must be in the pools already."""
+    # the pools' position rows flattened over blocks: row block * BS + offset at stride(1)
+    return _launch(qs, (qs.stride(0), qs.stride(1), 0), ks, (ks.stride(0), ks.stride(1), 0),
+                   vs, (vs.stride(0), vs.stride(1), 0), sinks, keys, values, (0, keys.stride(2), keys.stride(1)),
+                   keys.shape[2], 0, context_lens, tables, context_lens if slots is None else slots,
+                   tables.stride(0), keys.shape[1], window, qs.shape[0], 1, paged=True, store=slots is not None)
+
+
+def _launch(q, sq, k, sk, v, sv, sinks, keys, values, sc, hkv, capacity, start, tables, slots, stride_tb, page,
+            window, n, t, paged: bool, store: bool) -> torch.Tensor:
+    """One launch of sink_attention_kernel: N rows x Hkv programs; strides (sq, sk, sv, sc) as
+    (sequence, head, position)."""
+    h, dh = q.shape[1], q.shape[-1]
+    group = h // hkv
+    out = torch.empty((n, h, dh), dtype=q.dtype, device=q.device)
+    block_g, dh_pad = triton.next_power_of_2(group), triton.next_power_of_2(dh)
+    # a [G, BLOCK_S, Dh] product tile of at most 8K floats (64 registers a thread at 4 warps)
+    block_s = max(16, min(64, 8192 // (block_g * dh_pad)))
+    sink_attention_kernel[(n, hkv)](
+        q, k, v, sinks, keys, values, start, tables, slots, out,
+        t, capacity, 0 if window is None else window, dh ** -0.5, *sq, *sk, *sv, *sc, stride_tb, page,
+        H=h, GROUP=group, BLOCK_G=block_g, DH=dh, DH_PAD=dh_pad, BLOCK_S=block_s, WINDOW=window is not None,
+        PAGED=paged, STORE=store, num_warps=4)
+    return out

@@ -1,0 +1,117 @@
+"""Fused kernel for a decode step of attention with sinks (moekit.sinks, gpt-oss): the KV-cache
+write and the attention over the cached positions in one launch.
+
+The PyTorch reference of a step is ~15 small kernels a layer (the cache write by index_copy, the
+mask and its negation, the score matmul, its cast and scale, the sink column concatenated, the
+softmax, the weighted sum and their casts). Here a program holds the G query heads that share a kv
+head (GQA) and walks that head's positions once with an online softmax in float32 whose running
+max and sum start at the head's sink logit: exp(sink) joins the denominator and nothing the
+numerator, as moekit.sinks.sink_attention's extra softmax column does. With WINDOW, positions at or
+before query - window are never read (the sliding-window layers). The scores q.k are rounded to
+the model dtype before the scale, where the reference's matmul rounds them; the probabilities are
+not (the reference rounds them before its second matmul), so bf16 results differ from it by about
+a rounding step. Wrapper: moekit.sinks (fused_decode, paged_fused_decode).
+
+Tensors (N = B*T token rows, token n = b*T + t; B = sequences, T = new tokens a sequence, H = query
+heads, Hkv = key/value heads, G = H / Hkv, Dh = head dim, S = cache capacity, NB = cache blocks,
+BS = positions per block, MB = blocks per table):
+    q          [B, H, T, Dh]      queries (rope applied), any strides with unit Dh stride
+    k, v       [B, Hkv, T, Dh]    the step's keys and values, likewise
+    sinks      [H]                one logit per query head
+    keys       [B, Hkv, S, Dh]    dense cache (KVCache.keys[layer]); values likewise
+               [NB, BS, Hkv, Dh]  with PAGED: a block pool (PagedKVCache.keys[layer])
+    start      0-d int            position of the first new token (dense; on the device)
+               [B] int32          with PAGED: each sequence's context length, its new token included
+    tables     [B, MB] int32      with PAGED: each sequence's cache blocks in position order
+    slots      [B] int64          with PAGED: the flat cache slot of each sequence's new token
+    out        [N, H, Dh]         the attention output before o_proj
+"""
+
+import triton
+import triton.language as tl
+
+from .fused_decode import _to
+
+
+@triton.jit(do_not_specialize=["window", "stride_tb"])
+def sink_attention_kernel(
+    q_ptr, k_ptr, v_ptr, sinks_ptr, kc_ptr, vc_ptr, start_ptr, tables_ptr, slots_ptr, out_ptr,
+    T, S, window, scale,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_s, stride_tb, page,
+    H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DH: tl.constexpr, DH_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr, WINDOW: tl.constexpr, PAGED: tl.constexpr, STORE: tl.constexpr,
+):
+    """Program (n, kvh): out[n, heads of kvh] for token n = b*T + t at position query = start + t.
+
+    With STORE, it first stores k[b, kvh, t], v[b, kvh, t] into the caches at `query` (dense:
+    dropped past S; PAGED: at slots[b]). Positions s < start are read from the cache (dense: row s
+    of sequence b; PAGED: row tables[b, s // BS] * BS + s % BS of the pool), the step's own
+    positions start..query from k, v -- never from the cache being written. Scores (q . k rounded
+    to the dtype) * scale over s <= query (and s > query - window with WINDOW), softmax with the
+    head's sink in the denominator, float32 throughout. PAGED decodes one token a sequence (T = 1):
+    start is its context length - 1, every earlier position cached."""
+    n = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    b = n // T
+    t = n % T
+    if PAGED:
+        start = tl.load(start_ptr + b).to(tl.int64) - 1
+    else:
+        start = tl.load(start_ptr).to(tl.int64)
+    query = start + t
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, DH_PAD)
+    g_ok = g < GROUP
+    d_ok = d < DH
+    heads = kvh * GROUP + g  # [G]
+    dt = q_ptr.dtype.element_ty
+    if STORE:
+        if PAGED:
+            dst = tl.load(slots_ptr + b) * sc_s + kvh * sc_h + d
+            keep = d_ok
+        else:
+            dst = b * sc_b + kvh * sc_h + query * sc_s + d
+            keep = d < tl.where(query < S, DH, 0)  # (a scalar & a vector of bools trips the interpreter)
+        tl.store(kc_ptr + dst, tl.load(k_ptr + b * sk_b + kvh * sk_h + t * sk_t + d, mask=keep), mask=keep)
+        tl.store(vc_ptr + dst, tl.load(v_ptr + b * sv_b + kvh * sv_h + t * sv_t + d, mask=keep), mask=keep)
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + t * sq_t + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [G, Dh]
+    # the sink as the softmax's first column: running max = sink, running sum = exp(sink - sink)
+    m_i = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)  # [G]
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32) + 1.0
+    acc = tl.zeros((BLOCK_G, DH_PAD), dtype=tl.float32)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(query - window + 1, 0)
+    cached_end = start
+    if not PAGED:
+        cached_end = tl.minimum(start, S)  # a step past the capacity: what is cached, then its own rows
+    positions = tl.arange(0, BLOCK_S)
+    for s0 in range(lo, query + 1, BLOCK_S):
+        s = s0 + positions  # [BS]
+        cached = s < cached_end
+        new = (s >= start) & (s <= query)
+        if PAGED:
+            block = tl.load(tables_ptr + b * stride_tb + s // page, mask=cached, other=0).to(tl.int64)
+            c_off = (block * page + s % page) * sc_s + kvh * sc_h
+        else:
+            c_off = b * sc_b + kvh * sc_h + s * sc_s
+        r = tl.where(new, s - start, 0)  # the step's row of a new position
+        c_mask = cached[:, None] & d_ok[None, :]
+        n_mask = new[:, None] & d_ok[None, :]
+        k = (tl.load(kc_ptr + c_off[:, None] + d[None, :], mask=c_mask, other=0.0)
+             + tl.load(k_ptr + b * sk_b + kvh * sk_h + r[:, None] * sk_t + d[None, :], mask=n_mask, other=0.0))
+        v = (tl.load(vc_ptr + c_off[:, None] + d[None, :], mask=c_mask, other=0.0)
+             + tl.load(v_ptr + b * sv_b + kvh * sv_h + r[:, None] * sv_t + d[None, :], mask=n_mask, other=0.0))
+        dots = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, BS]
+        score = _to(dots, dt).to(tl.float32) * scale
+        score = tl.where((cached | new)[None, :], score, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(score, axis=1))
+        p = tl.exp(score - m_new[:, None])  # [G, BS]
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)  # [G, Dh]
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + n * H * DH + heads[:, None] * DH + d[None, :], _to(out, out_ptr.dtype.element_ty),
+             mask=g_ok[:, None] & d_ok[None, :])

@@ -1,0 +1,227 @@
+"""The fused decode kernel of attention with sinks (moekit.sinks.fused_decode, paged_fused_decode;
+moekit.kernels.sink_decode) against SinkAttention's PyTorch reference, and tiny gpt-oss models
+decoding with it on and off, over a dense cache and over a paged one (the serving path).
+
+On CPU machines the kernel runs under TRITON_INTERPRET=1 (set in conftest.py); on a GPU, for real.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import kernel_device, rel_error, token_ids
+from test_fused import _close, _decode_logits
+
+import moekit
+from moekit import fused, sinks
+from moekit.config import ModelConfig
+from moekit.generate import forward_step
+from moekit.kv_cache import KVCache, PagedKVCache
+from moekit.model import SinkAttention
+
+pytestmark = pytest.mark.skipif(not fused.HAVE_TRITON, reason="triton not installed")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+# (batch, new tokens, heads, kv heads, head dim, window, cached positions): gpt-oss's GQA shrunk;
+# no window; a window shorter than the context (whole tiles of positions skipped); one longer;
+# several new tokens under a short window; odd group and head dim (padding); one kv head
+SINK_CASES = [
+    (1, 1, 8, 2, 16, None, 9),
+    (2, 1, 4, 4, 8, 4, 21),
+    (1, 3, 6, 2, 12, 32, 5),
+    (2, 2, 4, 1, 8, 3, 7),
+    (1, 1, 6, 2, 12, 6, 40),
+]
+
+
+def _layer(heads: int, kv_heads: int, head_dim: int, window: int | None, dtype, device) -> SinkAttention:
+    """Returns a SinkAttention with random weights and sinks of either sign, some large enough to
+    take most of a softmax."""
+    cfg = ModelConfig(family="gpt_oss", vocab_size=64, hidden_size=32, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=head_dim, num_experts=2, top_k=1, expert_ffn=8,
+                      moe_layers=(True,), qkv_bias=True, o_bias=True, sliding_window=window, attention_sinks=True)
+    attn = SinkAttention(cfg, 0)
+    g = torch.Generator().manual_seed(heads * head_dim + (window or 0))
+    with torch.no_grad():
+        attn.sinks.copy_(3 * torch.randn(heads, generator=g))
+    return attn.to(device, dtype)
+
+
+def _cache(attn: SinkAttention, batch: int, cached: int, capacity: int, dtype, device) -> KVCache:
+    cache = KVCache(attn.cfg, batch, capacity, device, dtype)
+    g = torch.Generator().manual_seed(7)  # the same history in every cache
+    shape = (batch, attn.cfg.num_kv_heads, cached, attn.cfg.head_dim)
+    cache.keys[0][:, :, :cached] = torch.randn(shape, generator=g).to(device, dtype)
+    cache.values[0][:, :, :cached] = torch.randn(shape, generator=g).to(device, dtype)
+    return cache
+
+
+def _qkv(attn: SinkAttention, batch: int, t: int, dtype, device):
+    """Returns q [B, H, T, Dh], k, v [B, Hkv, T, Dh] as the fused projection leaves them (views of
+    [B*T, heads, Dh] rows, transposed)."""
+    cfg, g = attn.cfg, torch.Generator().manual_seed(11)
+    q = torch.randn(batch, t, cfg.num_heads, cfg.head_dim, generator=g).to(device, dtype).transpose(1, 2)
+    k, v = (torch.randn(batch, t, cfg.num_kv_heads, cfg.head_dim, generator=g).to(device, dtype).transpose(1, 2)
+            for _ in range(2))
+    return q, k, v
+
+
+def _attend(attn, q, k, v, cache, start, fused_on: bool, monkeypatch) -> torch.Tensor:
+    monkeypatch.setenv("MOEKIT_FUSED", "1" if fused_on else "0")
+    with torch.inference_mode():
+        return attn.attend(q, k, v, cache, start)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_sink_decode_matches_reference(case, dtype, monkeypatch):
+    """One launch (cache write + attention with sinks over the window) gives the reference's output
+    and leaves the same cache behind."""
+    device = kernel_device()
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    b, t, heads, kv_heads, head_dim, window, cached = case
+    attn = _layer(heads, kv_heads, head_dim, window, dtype, device)
+    q, k, v = _qkv(attn, b, t, dtype, device)
+    start = torch.tensor(cached, device=device)
+    ref_cache, cache = (_cache(attn, b, cached, cached + t + 3, dtype, device) for _ in range(2))
+    # float32 of the same (rounded) inputs: the reference rounds its probabilities in bf16, the kernel not
+    wide = _cache(attn, b, cached, cached + t + 3, torch.float32, device)
+    wide.keys[0].copy_(ref_cache.keys[0])
+    wide.values[0].copy_(ref_cache.values[0])
+    truth = _attend(copy.deepcopy(attn).float(), q.float(), k.float(), v.float(), wide, start, False, monkeypatch)
+    expected = _attend(attn, q, k, v, ref_cache, start, False, monkeypatch)
+    calls = []
+    real = sinks.fused_decode
+    monkeypatch.setattr(sinks, "fused_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = _attend(attn, q, k, v, cache, start, True, monkeypatch)
+    assert calls == [1]
+    if dtype == torch.float32:
+        _close(got, expected, dtype)
+    else:  # a rounding step from the reference, and no farther than it from float32 on the same inputs
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
+        assert rel_error(got, truth) <= 1.05 * rel_error(expected, truth) and rel_error(got, truth) < 5e-3
+    assert torch.equal(cache.keys[0], ref_cache.keys[0]) and torch.equal(cache.values[0], ref_cache.values[0])
+
+
+def test_sink_decode_window_and_sinks_matter(monkeypatch):
+    """The kernel's output changes with the sinks and with the window (a test of the reference
+    alone would pass a kernel that ignored both only if the reference ignored them too)."""
+    device = kernel_device()
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    monkeypatch.setenv("MOEKIT_FUSED", "1")
+    outs = {}
+    for name, window, scale in (("base", 4, 1.0), ("no_window", None, 1.0), ("sinks", 4, 0.0)):
+        attn = _layer(4, 2, 8, window, torch.float32, device)
+        with torch.no_grad():
+            attn.sinks.mul_(scale)
+        q, k, v = _qkv(attn, 1, 1, torch.float32, device)
+        cache = _cache(attn, 1, 12, 16, torch.float32, device)
+        outs[name] = _attend(attn, q, k, v, cache, torch.tensor(12, device=device), True, monkeypatch)
+    assert rel_error(outs["no_window"], outs["base"]) > 1e-2
+    assert rel_error(outs["sinks"], outs["base"]) > 1e-2
+
+
+def test_sink_decode_drops_positions_past_the_cache(monkeypatch):
+    """A step at the capacity S writes nothing there (KVCache.write raises on the host path; the
+    device path cannot) and still attends to what is cached and to its own token."""
+    device = kernel_device()
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    attn = _layer(4, 2, 8, None, torch.float32, device)
+    q, k, v = _qkv(attn, 1, 1, torch.float32, device)
+    cache = _cache(attn, 1, 4, 4, torch.float32, device)
+    before = cache.keys[0].clone()
+    out = _attend(attn, q, k, v, cache, torch.tensor(4, device=device), True, monkeypatch)
+    assert torch.equal(cache.keys[0], before) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["gpt_oss", "gpt_oss_full"])
+def test_gpt_oss_decode_fused_equals_reference(tiny, variant, dtype, monkeypatch):
+    """On the CPU through the interpreter: gpt-oss decode steps (sliding window 5 on alternate layers,
+    past it by the last steps) with the fused sink kernel give the reference's logits and tokens."""
+    kernel_device()
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only: the interpreter path")
+    model = moekit.load_model(tiny(variant).path).to(dtype)
+    prompt = token_ids(1, 6)
+    monkeypatch.setenv("MOEKIT_FUSED", "0")
+    expected = _decode_logits(model, prompt, 4)
+    truth = _decode_logits(copy.deepcopy(model).float(), prompt, 4)  # the same rounded weights, float32
+    monkeypatch.setenv("MOEKIT_FUSED", "1")
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    calls = []
+    real = sinks.fused_decode
+    monkeypatch.setattr(sinks, "fused_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = _decode_logits(model, prompt, 4)
+    assert len(calls) == 4 * model.config.num_layers
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    else:  # the reference rounds its probabilities in bf16, the kernel not: compared with float32 too
+        assert rel_error(got, expected) < 2e-2
+        assert rel_error(got, truth) < 1.25 * rel_error(expected, truth)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt_oss_paged_decode_fused_equals_reference(tiny, dtype, monkeypatch):
+    """Ragged steps over a paged cache (the serving path): a decode step of 3 sequences (the cache
+    write in the kernel) and a mixed step (a prompt chunk beside 2 single tokens, written first)
+    give the same logits with the paged kernel as with the PyTorch gather, window 5 passed."""
+    device = kernel_device()
+    model = moekit.load_model(tiny("gpt_oss").path).to(device, dtype)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (5, 11, 2)]
+    results, calls = [], []
+    real = sinks.paged_fused_decode
+
+    def counted(*args, **kwargs):  # records whether the kernel stores k, v (slots given)
+        calls.append(kwargs.get("slots", args[9] if len(args) > 9 else None) is not None)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sinks, "paged_fused_decode", counted)
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MOEKIT_FUSED", flag)
+        monkeypatch.setattr(fused, "ALLOW_INTERPRETER", flag == "1")
+        calls.clear()
+        cache = PagedKVCache(model.config, 24, 4, device, model.dtype)
+        with torch.inference_mode():
+            forward_step(model, cache, [(i, 0, p) for i, p in enumerate(prompts)])
+            decode = forward_step(model, cache, [(i, len(p), [7 + i]) for i, p in enumerate(prompts)])
+            mixed = forward_step(model, cache, [(0, 6, [9]), (1, 12, [3, 4, 5]), (2, 3, [8])])
+            again = forward_step(model, cache, [(0, 7, [4]), (1, 15, [6]), (2, 4, [2])])
+        layers = model.config.num_layers
+        # the decode steps store k, v in the kernel (slots given); the mixed step's rows were written first
+        assert calls == ([True] * layers + [False] * layers + [True] * layers if flag == "1" else [])
+        results.append(torch.cat([decode, mixed, again]).float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+    else:
+        assert rel_error(results[1], results[0]) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["gpt_oss", "gpt_oss_full"])
+def test_gpt_oss_decode_fused_equals_reference_cuda(tiny, variant, monkeypatch):
+    """bf16 on CUDA, the decode step captured as generate captures it: MOEKIT_FUSED=1 vs 0 (the
+    kernel compiled for real, which the interpreter does not do)."""
+    from moekit.generate import _GraphedDecode
+
+    model = moekit.load_model(tiny(variant).path).to("cuda", torch.bfloat16)
+    prompt = token_ids(1, 6).cuda()
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MOEKIT_FUSED", flag)
+        eager = _decode_logits(model, prompt, 4)
+        cache = KVCache(model.config, 1, 16, "cuda", torch.bfloat16)
+        with torch.inference_mode():
+            logits = model(prompt, cache=cache, start=0, last_only=True)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            step = _GraphedDecode(model, cache, token, prompt.shape[1])
+            graphed = step(token, prompt.shape[1])[0, -1].float().clone()
+        results[flag] = eager, graphed
+    (eager_ref, graphed_ref), (eager, graphed) = results["0"], results["1"]
+    assert rel_error(eager, eager_ref) < 2e-2
+    assert rel_error(graphed, graphed_ref) < 2e-2
+    assert rel_error(graphed, eager[0]) < 2e-2
