@@ -3,20 +3,24 @@ every family the loader reads, against the sequential engine: the same greedy to
 of mixed lengths (1 to 40 tokens, past the sliding windows of phimoe and gpt-oss and past the
 yarn variants' original context), with the float32 checkpoint's experts resident, a bf16
 checkpoint's experts paged, and int4 (RTN) experts paged -- gpt-oss's experts (biases, clamped
-SwiGLU) stay resident, as the pages refuse them. Sinks (gpt-oss) and MLA (DeepSeek, the absorbed
-form over a joint latent pool, moekit.pipeline.latent) run in the native kernel."""
+SwiGLU), which the pages refuse, stream through the offload engine's expert cache instead (two
+slots a layer). Sinks (gpt-oss) and MLA (DeepSeek, the absorbed form over a joint latent pool,
+moekit.pipeline.latent) run in the native kernel."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from family_cases import budget_for
 
 import moekit
 from moekit import native
 from moekit.errors import MoekitError
 from moekit.load import load_model
+from moekit.offload import OffloadConfig, load_offloaded
 from moekit.pipeline.cgopipe import NativeAttention, PipelinedDecoder, generate_pipelined
 from moekit.pipeline.paged import PagedLoader
 from moekit.quant.compress import compress
@@ -29,6 +33,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"
 MORE = ["mixtral_sliding", "qwen2_moe_step", "qwen3_moe_bias", "olmoe_clip", "granitemoe_tied", "phimoe_longrope",
         "glm4_moe_plain", "gpt_oss_full", "deepseek_v2_group", "deepseek_v3_plain"]
 UNPAGEABLE = {"gpt_oss", "gpt_oss_full"}  # PagedLoader refuses experts with biases and a clamped SwiGLU
+OFFLOAD = OffloadConfig(store="host", predictor="none")  # their streamed forms: the offload engine's cache
 PROMPTS = [[5, 17, 30, 42, 9, 11, 7], [99, 3], [77] * 20, [8], list(range(3, 43)), [20, 1, 95, 31]]
 NEW_TOKENS = 5
 FORMS = {"int4": QuantConfig(bits="4", group_size=8, method="rtn"), "ternary": QuantConfig(bits="ternary", method="rtn")}
@@ -62,11 +67,22 @@ def checkpoint(tiny, tmp_path_factory):
     return get
 
 
+def pipeline_model(path, variant: str, form: str, device: str):
+    """Returns the float32 model CGOPipe runs: experts resident ("float32"), else paged with one
+    resident a layer, or for gpt-oss streamed through the offload engine's cache (two slots)."""
+    if form == "float32":
+        return load_model(path, device=device, dtype="float32")
+    if variant in UNPAGEABLE:
+        config = dataclasses.replace(OFFLOAD, device_memory=budget_for(path, OFFLOAD, 2))
+        return load_offloaded(path, device=device, dtype="float32", offload=config)
+    return load_model(path, device=device, dtype="float32", experts=PagedLoader(resident=1))
+
+
 def run_case(checkpoint, variant: str, form: str, micro_batch: int, monkeypatch) -> None:
     path = checkpoint(variant, form)
     expected = sequential(moekit.load_model(path, device="cpu", dtype="float32"))
     paged = form != "float32" and variant not in UNPAGEABLE
-    model = load_model(path, device="cpu", dtype="float32", experts=PagedLoader(resident=1) if paged else None)
+    model = pipeline_model(path, variant, form, "cpu")
     calls = []
     kernel = NativeAttention.__call__
     monkeypatch.setattr(NativeAttention, "__call__", lambda self, *a: (calls.append(1), kernel(self, *a))[1])
@@ -77,6 +93,8 @@ def run_case(checkpoint, variant: str, form: str, micro_batch: int, monkeypatch)
         assert len(calls) == tasks
     if paged:
         assert model.expert_runtime.pages_loaded > 0
+    elif form != "float32":  # 2 of 4 experts a layer cached: some were fetched
+        assert model.expert_runtime.stats.demand_fetches > 0
 
 
 @pytest.mark.parametrize("variant", FAMILIES)
@@ -182,12 +200,11 @@ def first_agreement(got: list[list[int]], want: list[list[int]]) -> float:
 @pytest.mark.parametrize("form", ["float32", "bf16"])
 def test_cuda_pipeline_agrees_for_every_family(checkpoint, variant, form):
     """On a GPU (float32 compute, q/k/v and outputs over their streams, task graphs where they
-    apply): the pipeline's greedy tokens against the sequential engine's on the device; the CPU
+    apply; bf16: experts paged, gpt-oss's offloaded): the pipeline's greedy tokens against the sequential engine's on the device; the CPU
     kernel sums in another order, so most tokens, not all, must agree (as tests/pipeline/test_cuda)."""
     path = checkpoint(variant, form)
     want = sequential(moekit.load_model(path, device="cuda", dtype="float32"))
-    paged = form != "float32" and variant not in UNPAGEABLE
-    model = load_model(path, device="cuda", dtype="float32", experts=PagedLoader(resident=1) if paged else None)
+    model = pipeline_model(path, variant, form, "cuda")
     got = [t.tolist() for t in generate_pipelined(model, PROMPTS, max_new_tokens=NEW_TOKENS, micro_batch=4)]
     share = first_agreement(got, want)
     print(f"CUDA pipeline {variant} {form}: {100 * share:.1f}% of greedy tokens agree")
