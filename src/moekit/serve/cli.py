@@ -175,7 +175,8 @@ def _serve_ranks(args: argparse.Namespace, path: Path, device: str) -> int:
         config = _scheduler_config(args, static_decode=False, static_mixed=False, overlap=False)
         mirror = StepMirror(model, ranks.comm)
         try:
-            engine = Engine(model, config, lockstep=mirror)
+            # on a GPU every rank pays its Triton compiles in throwaway steps (mirrored) before the first request
+            engine = Engine(model, config, warm=model.device.type == "cuda", lockstep=mirror)
         except BaseException:  # no engine thread will stop the others: do it here (best effort)
             with contextlib.suppress(Exception):
                 mirror.stop()
