@@ -131,9 +131,6 @@ def test_mla_needs_the_joint_host_cache(tiny):
     cache.write(0, torch.ones(2, 1, r), torch.full((2, 1, dr), 2.0), torch.tensor([3, 17]))
     assert torch.equal(cache.joint[0][0, 3, 0], torch.tensor([1.0] * r + [2.0] * dr))
     assert torch.equal(cache.joint[0][1, 1, 0], cache.joint[0][0, 3, 0])
-    decoder = PipelinedDecoder(model, cache, 2)
-    assert decoder.graphs is None
-    decoder.close()
     plain = load_model(tiny("mixtral").path, device="cpu", dtype="float32")
     assert type(host_cache(plain.config, 64, 16, torch.float32)) is PagedKVCache
 
@@ -178,13 +175,20 @@ def test_kernel_takes_deepseek_widths(heads):
 
 
 @pytest.mark.parametrize("variant", ["gpt_oss", "deepseek_v2"])
-def test_launch_task_seconds_runs_sinks_and_mla(tiny, variant):
-    """The launch-cost probe (timeline.launch_task_seconds) issues a task of either kind: the
-    absorbed query's packet and the W_uv output for MLA."""
+def test_task_graphs_and_launch_probe_run_sinks_and_mla(tiny, variant):
+    """Through TaskGraphs (graphs=True: on the CPU each part eagerly, through the graphs'
+    bookkeeping; MLA's absorbed query and W_uv inside the parts) the tokens are unchanged, and the
+    launch-cost probe (timeline.launch_task_seconds) issues a task of either kind both ways."""
     from moekit.pipeline.timeline import launch_task_seconds
 
     model = load_model(tiny(variant).path, device="cpu", dtype="float32")
-    assert 0 < launch_task_seconds(model, micro_batch=3, reps=2, trials=1) < 5
+    want = sequential(model)
+    for lookahead in (2, None):
+        got = generate_pipelined(model, PROMPTS, max_new_tokens=NEW_TOKENS, micro_batch=4, graphs=True,
+                                 lookahead=lookahead)
+        assert [t.tolist() for t in got] == want
+    for graphs in (True, False):
+        assert 0 < launch_task_seconds(model, micro_batch=3, reps=2, trials=1, graphs=graphs) < 5
 
 
 def first_agreement(got: list[list[int]], want: list[list[int]]) -> float:
@@ -207,7 +211,9 @@ def test_cuda_pipeline_agrees_for_every_family(checkpoint, variant, form):
     model = pipeline_model(path, variant, form, "cuda")
     got = [t.tolist() for t in generate_pipelined(model, PROMPTS, max_new_tokens=NEW_TOKENS, micro_batch=4)]
     share = first_agreement(got, want)
-    print(f"CUDA pipeline {variant} {form}: {100 * share:.1f}% of greedy tokens agree")
+    graphs = getattr(model, "_pipeline_graphs", None)
+    print(f"CUDA pipeline {variant} {form}: {100 * share:.1f}% of greedy tokens agree; graphs "
+          f"{graphs.report() if graphs is not None else 'none (offloaded experts: eager)'}")
     assert share >= 0.9, f"{got} vs {want}"
     torch.cuda.synchronize()
 

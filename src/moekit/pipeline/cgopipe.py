@@ -187,11 +187,9 @@ class PipelinedDecoder:
             paged.trace = trace
             paged.copy_timing = profile is not None and self.streams.cuda
         # PreAttn and PostAttn as CUDA graphs (pipeline.graphs) where the experts are resident or paged
-        # (another runtime's calls sync with the host); None: eager (the CPU, MOEKIT_PIPELINE_GRAPHS=0,
-        # MLA: the graphs hold neither its absorbed query nor W_uv yet)
+        # (another runtime's calls sync with the host); None: eager (the CPU, MOEKIT_PIPELINE_GRAPHS=0)
         self.graphs = None
-        if (graphs_wanted(model.device, graphs) and not self.latent
-                and (paged is not None or getattr(model, "expert_runtime", None) is None)):
+        if graphs_wanted(model.device, graphs) and (paged is not None or getattr(model, "expert_runtime", None) is None):
             # kept with the model: a later generation (a benchmark's rows after its warm-up) replays them
             self.graphs = getattr(model, "_pipeline_graphs", None) or TaskGraphs(model, paged)
             model._pipeline_graphs = self.graphs

@@ -65,23 +65,34 @@ class TaskGraphs:
             into: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
         """Returns (the q | k | v packet [mu * (H + 2 Hkv) * Dh] of PreAttn(layer) on x [1, mu, D],
         the (heads, Dh) of q, k, v); a replay copies the packet into `into` (when given) and returns it."""
-        cfg = self.model.config
-        dims = [(cfg.num_heads, cfg.head_dim), *cfg.kv_cache_dims()]
+        from .latent import absorbed_query, query_width
+
+        cfg, block = self.model.config, self.model.layers[layer]
+        dims = [(cfg.num_heads, query_width(cfg)), *cfg.kv_cache_dims()]
 
         def part(x, cos, sin):
-            return (qkv_packet(*self.model.layers[layer].pre_attn(x, cos, sin)),)
+            q, k, v = block.pre_attn(x, cos, sin)
+            if cfg.mla is not None:  # MLA: the absorbed query (pipeline.latent), k, v the latent and rope key
+                q = absorbed_query(block.attn, q)
+            return (qkv_packet(q, k, v),)
 
         return self._run(("pre", layer, x.shape[1]), part, (x, cos, sin), None if into is None else (into,))[0], dims
 
     def post(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor, head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (the residual stream [1, mu, D] after PostAttn(layer), the logits [mu, V] when
-        `head`) for x [1, mu, D] and the attention output [1, mu, H * Dh]; a paged MoE layer's
+        `head`) for x [1, mu, D] and the attention output [1, mu, H * Dh] (MLA: [1, mu, H * (r + dr)],
+        W_uv applied in the graph, pipeline.latent); a paged MoE layer's
         bookkeeping runs around the graph. A replay writes the residual stream into x itself (its
         copy into the graph's input is queued before) instead of a new tensor."""
+        from .latent import latent_output, query_width
+
         model, paged = self.model, self.paged
-        block = model.layers[layer]
+        block, latent = model.layers[layer], model.config.mla is not None
+        width = query_width(model.config)
 
         def part(x, attn_out):
+            if latent:
+                attn_out = latent_output(block.attn, attn_out.view(attn_out.shape[1], -1, width))
             y = block.post_attn(x, attn_out)
             return (y, model.head(y)[0]) if head else (y,)
 

@@ -246,8 +246,7 @@ def launch_task_seconds(model, micro_batch: int, reps: int = 8, trials: int = 3,
 
     runtime = getattr(model, "expert_runtime", None)
     paged = runtime if isinstance(runtime, PagedRuntime) else None
-    wanted = graphs_wanted(device, graphs) and not latent and (paged or runtime is None)  # as PipelinedDecoder's
-    task_graphs = TaskGraphs(model, paged) if wanted else None
+    task_graphs = TaskGraphs(model, paged) if graphs_wanted(device, graphs) and (paged or runtime is None) else None
 
     def task() -> None:
         if task_graphs is not None:
