@@ -201,6 +201,35 @@ def test_gpt_oss_paged_decode_fused_equals_reference(tiny, dtype, monkeypatch):
         assert rel_error(results[1], results[0]) < 1e-2
 
 
+def test_gpt_oss_static_paged_step_fused_equals_plain(tiny, monkeypatch):
+    """A serving decode step at static shapes (moekit.paged_decode: 3 sequences padded to 4, slots
+    a strided column of the step's buffer, the padding row writing the scratch block) with the
+    kernel equals the plain ragged step with the reference, fp32, and leaves the same blocks behind."""
+    from test_paged_decode import _prefilled
+
+    from moekit.paged_decode import PagedDecode
+
+    device = kernel_device()
+    model = moekit.load_model(tiny("gpt_oss").path).to(device)
+    results, caches = [], []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MOEKIT_FUSED", flag)
+        monkeypatch.setattr(fused, "ALLOW_INTERPRETER", flag == "1")
+        cache, prompts = _prefilled(model, [5, 11, 2], device)
+        work = [(i, len(p), 7 + i) for i, p in enumerate(prompts)]
+        with torch.inference_mode():
+            if flag == "1":
+                results.append(PagedDecode(model, cache, graphs=False)(work).clone())
+            else:
+                results.append(forward_step(model, cache, [(i, pos, [tok]) for i, pos, tok in work]))
+        caches.append(cache)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+    held = sorted({b for table in caches[1].tables.values() for b in table})
+    for got, want in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        # each new token's k, v at its slot (past layer 0 from inputs a float32 rounding apart)
+        torch.testing.assert_close(got[held], want[held], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["gpt_oss", "gpt_oss_full"])
 def test_gpt_oss_decode_fused_equals_reference_cuda(tiny, variant, monkeypatch):

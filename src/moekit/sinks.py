@@ -169,7 +169,7 @@ def paged_fused_decode(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, sin
     # the pools' position rows flattened over blocks: row block * BS + offset at stride(1)
     return _launch(qs, (qs.stride(0), qs.stride(1), 0), ks, (ks.stride(0), ks.stride(1), 0),
                    vs, (vs.stride(0), vs.stride(1), 0), sinks, keys, values, (0, keys.stride(2), keys.stride(1)),
-                   keys.shape[2], 0, context_lens, tables, context_lens if slots is None else slots,
+                   keys.shape[2], 0, context_lens.contiguous(), tables, context_lens if slots is None else slots,
                    tables.stride(0), keys.shape[1], window, qs.shape[0], 1, paged=True, store=slots is not None)
 
 
@@ -185,7 +185,8 @@ def _launch(q, sq, k, sk, v, sv, sinks, keys, values, sc, hkv, capacity, start, 
     block_s = max(16, min(64, 8192 // (block_g * dh_pad)))
     sink_attention_kernel[(n, hkv)](
         q, k, v, sinks, keys, values, start, tables, slots, out,
-        t, capacity, 0 if window is None else window, dh ** -0.5, *sq, *sk, *sv, *sc, stride_tb, page,
+        t, capacity, 0 if window is None else window, dh ** -0.5, *sq, *sk, *sv, *sc, stride_tb,
+        slots.stride(0) if slots.dim() else 0, page,
         H=h, GROUP=group, BLOCK_G=block_g, DH=dh, DH_PAD=dh_pad, BLOCK_S=block_s, WINDOW=window is not None,
         PAGED=paged, STORE=store, num_warps=4)
     return out

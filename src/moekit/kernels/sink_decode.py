@@ -23,7 +23,8 @@ BS = positions per block, MB = blocks per table):
     start      0-d int            position of the first new token (dense; on the device)
                [B] int32          with PAGED: each sequence's context length, its new token included
     tables     [B, MB] int32      with PAGED: each sequence's cache blocks in position order
-    slots      [B] int64          with PAGED: the flat cache slot of each sequence's new token
+    slots      [B] int64          with PAGED: the flat cache slot of each sequence's new token (any
+                                  stride: a static step's is a column of its buffer)
     out        [N, H, Dh]         the attention output before o_proj
 """
 
@@ -33,11 +34,11 @@ import triton.language as tl
 from .fused_decode import _to
 
 
-@triton.jit(do_not_specialize=["window", "stride_tb"])
+@triton.jit(do_not_specialize=["window", "stride_tb", "stride_slot"])
 def sink_attention_kernel(
     q_ptr, k_ptr, v_ptr, sinks_ptr, kc_ptr, vc_ptr, start_ptr, tables_ptr, slots_ptr, out_ptr,
     T, S, window, scale,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_s, stride_tb, page,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_s, stride_tb, stride_slot, page,
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DH: tl.constexpr, DH_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr, WINDOW: tl.constexpr, PAGED: tl.constexpr, STORE: tl.constexpr,
 ):
@@ -67,7 +68,7 @@ def sink_attention_kernel(
     dt = q_ptr.dtype.element_ty
     if STORE:
         if PAGED:
-            dst = tl.load(slots_ptr + b) * sc_s + kvh * sc_h + d
+            dst = tl.load(slots_ptr + b * stride_slot) * sc_s + kvh * sc_h + d
             keep = d_ok
         else:
             dst = b * sc_b + kvh * sc_h + query * sc_s + d
