@@ -2,7 +2,9 @@
 signal rank 0 alone) serve the bundled model; the official openai client's concurrent greedy
 completions equal the single-process server's, an idle gap past the collective timeout is bridged
 by heartbeats, only rank 0 listens on the HTTP port, and a SIGTERM to rank 0 ends every rank with
-exit code 0. Flags that cannot combine fail in one line."""
+exit code 0. Flags that cannot combine fail in one line. In process (no HTTP): a Scheduler whose
+steps a StepMirror sends, warm-up included, gives the single-process tokens, and every rank ran as
+many steps as rank 0 sent."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from ranks import free_port
+from ranks import free_port, run_ranks
+from serve_workers import scheduler_in_lockstep
 
 import moekit
 
@@ -171,3 +174,25 @@ def test_rank_0_stops_serving_when_another_rank_dies(tmp_path):
     out = servers.output()
     assert code == 2, out
     assert "moekit: error: rank 0 stopped serving" in out and "another rank exited or stopped answering" in out
+
+
+@pytest.mark.parametrize("ep, tp", [(2, 1), (1, 2)])
+def test_mirrored_scheduler_equals_one_process(ep, tp):
+    from moekit.serve.scheduler import SamplingParams, Scheduler, SchedulerConfig
+
+    path = moekit.default_model_path()
+    # prompts longer than a step (24 tokens): prefill chunks beside decode rows; 4 requests over 3 seqs
+    requests = [([(7 * i + 3 * j) % 4000 + 1 for j in range(n)], m) for i, (n, m) in enumerate([(30, 5), (3, 7),
+                                                                                                 (11, 4), (1, 6)])]
+    model = moekit.load_model(path)
+    alone = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=24))
+    added = [alone.add(prompt, SamplingParams(max_tokens=n)) for prompt, n in requests]
+    alone.run()
+    rank0, rank1 = run_ranks(2, scheduler_in_lockstep, str(path), ep, tp, requests, tp == 2, timeout_s=60.0,
+                             join_s=240.0)
+    assert rank0["outputs"] == [r.output for r in added]
+    assert rank1["steps"] == rank0["steps"]
+    if tp == 2:  # warmed: its throwaway steps were mirrored too
+        assert rank0["steps"] > alone.stats.steps
+    else:
+        assert rank0["steps"] == alone.stats.steps
