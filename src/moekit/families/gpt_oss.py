@@ -3,7 +3,9 @@ attention alternating by `layer_types`, biases on q/k/v/o and on the router, top
 router logits with a softmax over the k, and experts stored stacked, transposed, gate/up
 interleaved and biased, with the clamped SwiGLU (moekit.experts.clamped; `swiglu_alpha`,
 `swiglu_limit`). The released checkpoints keep the experts in MXFP4 (quant_method "mxfp4"): they
-load as that stored form (experts.clamped.Mxfp4ClampedForm), every other tensor as stored."""
+load as that stored form (experts.clamped.Mxfp4ClampedForm), every other tensor as stored. On CUDA
+decode steps the sink attention (cache write, window, GQA) is one Triton kernel (moekit.sinks), over
+a KVCache and over the serving PagedKVCache alike; the q/k/v biases ride in the qkv projection's GEMM."""
 
 from __future__ import annotations
 
