@@ -16,7 +16,8 @@ import pytest
 
 NAMES = ("grouped_topk_v2_groups", "grouped_topk_v3", "mla_attention", "mla_attention_gemms_outside",
          "mla_attention_paged", "mla_project", "mla_project_v3_rotate_half", "sink_attention_full",
-         "sink_attention_paged", "sink_attention_window", "swiglu")
+         "sink_attention_paged", "sink_attention_window", "swiglu",
+         "mla_split", "mla_split_paged", "mla_split_v3", "mla_combine")
 
 
 def cases() -> dict:
@@ -36,6 +37,11 @@ def cases() -> dict:
             "skip_below": "fp32", "scaling": "fp32"}
     v2_lite = {"H": 16, "DN": 128, "DR": 64, "R": 512, "DR_PAD": 64, "R_PAD": 512}
     attend = {**v2_lite, "DV": 128, "BLOCK_S": 32, "BLOCK_W": 32}
+    split = {"qlat_ptr": bf16, "q_ptr": bf16, "lat_ptr": bf16, "rope_ptr": bf16, "kc_ptr": bf16, "rc_ptr": bf16,
+             "start_ptr": "*i64", "tables_ptr": "*i64", "part_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+             "N": "i32", "T": "i32", "S": "i32", "scale": "fp32", "stride_kc_b": "i32", "stride_kc_s": "i32",
+             "stride_rc_b": "i32", "stride_rc_s": "i32", "stride_tb": "i32", "page": "i32"}
+    runs = {**v2_lite, "HEADS_BLOCK": 16, "BLOCK_S": 32, "SPLITS": 16, "DOT_FP32": False}
     sink = {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "sinks_ptr": bf16, "kc_ptr": bf16, "vc_ptr": bf16,
             "start_ptr": "*i64", "tables_ptr": "*i64", "slots_ptr": "*i64", "out_ptr": bf16, "T": "i32", "S": "i32",
             "window": "i32", "scale": "fp32", **{s: "i32" for s in ("sq_b", "sq_h", "sq_t", "sk_b", "sk_h", "sk_t",
@@ -54,6 +60,13 @@ def cases() -> dict:
         "mla_attention_gemms_outside": (mla_decode.mla_attention_kernel, attention,
                                         {**attend, "WEIGHTS": False, "PAGED": False}, 8),
         "mla_attention_paged": (mla_decode.mla_attention_kernel, paged, {**attend, "WEIGHTS": True, "PAGED": True}, 8),
+        "mla_split": (mla_decode.mla_split_kernel, split, {**runs, "PAGED": False}, 4),
+        "mla_split_paged": (mla_decode.mla_split_kernel, {**split, "start_ptr": "*i32", "tables_ptr": "*i32"},
+                            {**runs, "PAGED": True}, 4),
+        "mla_split_v3": (mla_decode.mla_split_kernel, split, {**runs, "H": 128, "SPLITS": 2, "PAGED": False}, 4),
+        "mla_combine": (mla_decode.mla_combine_kernel,
+                        {"part_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "ctx_ptr": bf16, "N": "i32"},
+                        {"H": 16, "R": 512, "R_PAD": 512, "SPLITS": 16, "SPLITS_PAD": 16}, 4),
         "mla_project": (mla_decode.mla_project_kernel, project,
                         {**v2_lite, "INTERLEAVE": True, "HEADS_BLOCK": 16, "DQK_PAD": 256}, 4),
         "mla_project_v3_rotate_half": (mla_decode.mla_project_kernel, project,

@@ -29,7 +29,12 @@ try:
         softmax_topk_kernel,
         swiglu_kernel,
     )
-    from .kernels.mla_decode import mla_attention_kernel, mla_project_kernel
+    from .kernels.mla_decode import (
+        mla_attention_kernel,
+        mla_combine_kernel,
+        mla_project_kernel,
+        mla_split_kernel,
+    )
     from .kernels.router_topk import grouped_topk_kernel
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton keep the PyTorch path
@@ -289,8 +294,27 @@ def mla_project_supported(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.
 MLA_WEIGHTS_IN_KERNEL_MAX_ROWS = 0
 
 
-# Each program walks the cached positions twice (the softmax's sums, then the weighted latents) in
-# tiles of 32; long caches would want the positions split over programs (flash-decoding), not done here.
+# With kv_b outside, the attention runs as mla_split_kernel + mla_combine_kernel: programs (row, block
+# of MLA_HEADS_BLOCK heads, run of positions), each reading its run of the latent cache once for its
+# heads, in place of mla_attention_kernel's one program per (row, head) walking the whole cache twice.
+# MOEKIT_MLA_SPLIT=0 keeps mla_attention_kernel (A/B runs); it stays the reference the tests hold the
+# split kernels to, and runs whenever kv_b is applied inside the kernel, and for float32 models on
+# CUDA: tl.dot on float32 without tf32 wants 405 KB of shared memory at r = 512 (an sm_90 build), past
+# the H200's 228 KB.
+MLA_SPLIT_ATTENTION = os.environ.get("MOEKIT_MLA_SPLIT") != "0"
+MLA_HEADS_BLOCK = 16  # tl.dot's smallest M; [16, r] float32 accumulators (32 KB at r = 512)
+MLA_BLOCK_S = 32  # cached positions a tile
+
+
+def mla_splits(rows: int, head_blocks: int, device: torch.device) -> int:
+    """Returns the runs of positions each (row, head block) of mla_split_kernel is cut into:
+    moekit.paged_attention.decode_splits (enough programs for the SMs, fixed by the row count so a
+    captured step keeps its launch; MOEKIT_DECODE_SPLITS=N fixes it)."""
+    from .paged_attention import decode_splits
+
+    return decode_splits(rows, head_blocks, device)
+
+
 def mla_attention(q: torch.Tensor, kv_b_weight: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,
                   keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor, t: int, value_dim: int,
                   scale: float) -> torch.Tensor:
@@ -328,6 +352,10 @@ def _mla_attend(q, kv_b_weight, latent, rope, keys, values, start, tables, t, va
         strides = (0, keys.stride(1), 0, values.stride(1), tables.stride(0), keys.shape[1])
     else:  # caches [B, 1, S, d]
         strides = (keys.stride(0), keys.stride(2), values.stride(0), values.stride(2), 0, 1)
+    if not in_kernel and MLA_SPLIT_ATTENTION and (q.dtype != torch.float32 or not q.is_cuda):
+        _mla_split_attend(q, q_lat, latent, rope, keys, values, start, tables, out, t, scale, strides)
+        out = torch.bmm(out, w[:, nope:].transpose(1, 2))  # [H, N, dv]
+        return out.transpose(0, 1).reshape(n, heads * value_dim)
     mla_attention_kernel[(n, heads)](
         q, kv_b_weight, q_lat, latent, rope, keys, values, start, out, tables if paged else start,
         n, t, 0 if paged else keys.shape[2], scale, *strides,
@@ -337,6 +365,29 @@ def _mla_attend(q, kv_b_weight, latent, rope, keys, values, start, tables, t, va
         return out
     out = torch.bmm(out, w[:, nope:].transpose(1, 2))  # [H, N, dv]
     return out.transpose(0, 1).reshape(n, heads * value_dim)
+
+
+def _mla_split_attend(q, q_lat, latent, rope, keys, values, start, tables, ctx, t, scale, strides) -> None:
+    """Stores into ctx [H, N, r] the attended latents of q_lat [H, N, r] and q's rope slices
+    (q [N, H, dqk]): mla_split_kernel over (row, head block, run), then mla_combine_kernel."""
+    n, heads, dqk = q.shape
+    kv_rank, dr = keys.shape[-1], values.shape[-1]
+    head_blocks = triton.cdiv(heads, MLA_HEADS_BLOCK)
+    splits = mla_splits(n, head_blocks, q.device)
+    part = torch.empty((n, splits, heads, kv_rank), dtype=torch.float32, device=q.device)
+    run_max = torch.empty((n, splits, heads), dtype=torch.float32, device=q.device)
+    run_sum = torch.empty_like(run_max)
+    paged = tables is not None
+    r_pad = triton.next_power_of_2(kv_rank)
+    mla_split_kernel[(n, head_blocks, splits)](
+        q_lat, q, latent, rope, keys, values, start, tables if paged else start, part, run_max, run_sum,
+        n, t, 0 if paged else keys.shape[2], scale, *strides,
+        H=heads, DN=dqk - dr, DR=dr, R=kv_rank, R_PAD=max(16, r_pad), DR_PAD=max(16, triton.next_power_of_2(dr)),
+        HEADS_BLOCK=MLA_HEADS_BLOCK, BLOCK_S=MLA_BLOCK_S, SPLITS=splits, PAGED=paged,
+        DOT_FP32=not q.is_cuda, num_warps=4)  # (the interpreter's dot multiplies bf16's raw bits)
+    mla_combine_kernel[(n, heads)](
+        part, run_max, run_sum, ctx, n, H=heads, R=kv_rank, R_PAD=r_pad, SPLITS=splits,
+        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
 
 
 def mla_paged_decode_supported(q: torch.Tensor, kv_b_weight: torch.Tensor, keys: torch.Tensor,

@@ -6,6 +6,15 @@ attention: 20). Here they are two launches: mla_project_kernel (latent norm, bot
 assembled) and mla_attention_kernel (cache write, kv_b's key half folded into q, softmax over the
 cached latents, kv_b's value half applied). Every intermediate is rounded to the model dtype where
 LatentAttention's reference rounds it, so bf16 results match it up to the order of float32 sums.
+
+With kv_b outside (batched GEMMs around the attention), mla_split_kernel + mla_combine_kernel
+replace mla_attention_kernel (flash-decoding): the latent is shared by every head, so one program
+holds a block of heads' absorbed queries and multiplies them against a tile of cached latents with
+tl.dot, reading each cached position once for all those heads; a row's positions are cut into
+SPLITS runs, each program keeping an online softmax (running max, sum, weighted latents) over its
+run; the combine kernel merges the runs. Rounding as the reference, except the probabilities:
+rounded before the normalisation (exp(s - m_run), multiplied into the latents by tl.dot in the
+model dtype), not after it.
 Wrappers: moekit.fused (mla_project, mla_attention).
 
 Tensors (N = B*T token rows, T = new tokens a sequence, B = batch, H = heads, r = kv_lora_rank,
@@ -18,6 +27,7 @@ dn / dr / dv = no-rope key, rope key, value head dims, dqk = dn + dr, S = cache 
     latent     [N, r]         the normed latent; rope [N, dr] the rotated rope key
     w_kv       [H, dn + dv, r]  kv_b_proj's weight: rows 0..dn-1 of a head W_uk, the rest W_uv
     q_lat, ctx [H, N, r]      q_nope W_uk and the attended latents, when kv_b runs outside (WEIGHTS off)
+    part       [N, SPLITS, H, r] float32  a run's unnormalised weighted latents; run_max, run_sum [N, SPLITS, H]
     keys       [B, S, r]      the latent cache (KVCache.keys[layer] [B, 1, S, r]); values [B, S, dr]
     start      0-d int        position of the first new token (on the device)
     out        [N, H*dv]      the attention output before o_proj
@@ -97,13 +107,13 @@ def mla_project_kernel(
 
 
 @triton.jit
-def _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last, first_row,
-            stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, tables_ptr, stride_tb, page, rr, r_ok, dd, d_ok,
-            dt, scale, R: tl.constexpr, DR: tl.constexpr, PAGED: tl.constexpr):
-    """Returns (scores [BS] float32, masked to -inf past `last`; latents [BS, R_PAD] float32) of
-    positions s [BS]: cached ones (< start) from the cache (PAGED: row tables[b, s // page] * page
-    + s % page of the pools), new ones from the step's rows."""
-    cached = (s < start)[:, None]
+def _latent_tile(kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last, first_row, stride_kc_b, stride_kc_s,
+                 stride_rc_b, stride_rc_s, tables_ptr, stride_tb, page, rr, r_ok, dd, d_ok,
+                 R: tl.constexpr, DR: tl.constexpr, PAGED: tl.constexpr):
+    """Returns (latents [BS, R_PAD], rope keys [BS, DR_PAD]) of positions s [BS], zero past `last`:
+    cached ones (< start) from the cache (PAGED: row tables[b, s // page] * page + s % page of the
+    pools), new ones from the step's rows (never from the cache they are being written to)."""
+    cached = ((s < start) & (s <= last))[:, None]  # (a split's run ends before start)
     new = ((s >= start) & (s <= last))[:, None]
     new_row = first_row + s - start  # [BS]
     if PAGED:
@@ -117,6 +127,19 @@ def _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last,
            + tl.load(lat_ptr + new_row[:, None] * R + rr[None, :], mask=new & r_ok[None, :], other=0.0))
     rope = (tl.load(rc_ptr + r_off[:, None] + dd[None, :], mask=cached & d_ok[None, :], other=0.0)
             + tl.load(rope_ptr + new_row[:, None] * DR + dd[None, :], mask=new & d_ok[None, :], other=0.0))
+    return lat, rope
+
+
+@triton.jit
+def _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last, first_row,
+            stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, tables_ptr, stride_tb, page, rr, r_ok, dd, d_ok,
+            dt, scale, R: tl.constexpr, DR: tl.constexpr, PAGED: tl.constexpr):
+    """Returns (scores [BS] float32, masked to -inf past `last`; latents [BS, R_PAD] float32) of
+    positions s [BS]: cached ones (< start) from the cache (PAGED: row tables[b, s // page] * page
+    + s % page of the pools), new ones from the step's rows."""
+    lat, rope = _latent_tile(kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last, first_row, stride_kc_b,
+                             stride_kc_s, stride_rc_b, stride_rc_s, tables_ptr, stride_tb, page, rr, r_ok, dd, d_ok,
+                             R, DR, PAGED)
     lat = lat.to(tl.float32)
     s_lat = _to(tl.sum(lat * q_lat[None, :], axis=1), dt).to(tl.float32)
     s_rope = _to(tl.sum(rope.to(tl.float32) * q_rope[None, :], axis=1), dt).to(tl.float32)
@@ -212,3 +235,110 @@ def mla_attention_kernel(
             tl.store(out_ptr + n * H * DV + h * DV + vs, _to(o, out_ptr.dtype.element_ty), mask=v_ok)
     else:
         tl.store(out_ptr + (h * N + n) * R + rr, ctx, mask=r_ok)
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """Returns a @ b in float32: operands as they are (bf16 tensor cores), or widened to float32
+    (exact) and multiplied without tf32."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def mla_split_kernel(
+    qlat_ptr, q_ptr, lat_ptr, rope_ptr, kc_ptr, rc_ptr, start_ptr, tables_ptr, part_ptr, max_ptr, sum_ptr,
+    N, T, S, scale, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, stride_tb, page,
+    H: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+    DR_PAD: tl.constexpr, HEADS_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+    PAGED: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Program (n, hb, j): run j of the positions token n = b*T + t attends to (as in
+    mla_attention_kernel: s <= start + t; PAGED: s < context length), for heads hb*HEADS_BLOCK..:
+    scores [HB, BS] = (q_lat . c_s (rounded) + q_rope . k_s (rounded), rounded) * scale, both tl.dot
+    over a tile of latents shared by the heads; an online softmax keeps the run's max, sum and
+    sum_s exp(score_s - max) c_s (the probabilities rounded to the model dtype for the dot), stored
+    to run_max, run_sum, part (float32; an empty run stores -inf, 0, 0). A run is ceil(positions /
+    SPLITS) rounded up to whole tiles. Program (n, 0, 0) of a dense step also stores latent[n],
+    rope[n] into the caches at start + t (dropped past S). DOT_FP32: tl.dot on float32 operands
+    without tf32 (float32 models; the interpreter, whose dot multiplies bf16's raw bits)."""
+    n = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    j = tl.program_id(2)
+    b = n // T
+    t = n % T
+    DQK: tl.constexpr = DN + DR
+    if PAGED:
+        start = tl.load(start_ptr + b).to(tl.int64)  # every position it attends to is cached
+        last = start - 1
+    else:
+        start = tl.load(start_ptr).to(tl.int64)
+        last = start + t
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    dd = tl.arange(0, DR_PAD)
+    d_ok = dd < DR
+    if not PAGED:  # noqa: SIM102 (a constexpr test and a tensor one: the compiler takes no `and` of them)
+        if hb + j == 0:
+            keep_r = rr < tl.where(last < S, R, 0)
+            keep_d = dd < tl.where(last < S, DR, 0)
+            tl.store(kc_ptr + b * stride_kc_b + last * stride_kc_s + rr,
+                     tl.load(lat_ptr + n * R + rr, mask=keep_r), mask=keep_r)
+            tl.store(rc_ptr + b * stride_rc_b + last * stride_rc_s + dd,
+                     tl.load(rope_ptr + n * DR + dd, mask=keep_d), mask=keep_d)
+    heads = hb * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)  # [HB]
+    h_ok = heads < H
+    dt = q_ptr.dtype.element_ty
+    q_lat = tl.load(qlat_ptr + (heads[:, None] * N + n) * R + rr[None, :], mask=h_ok[:, None] & r_ok[None, :],
+                    other=0.0)  # [HB, R_PAD]
+    q_rope = tl.load(q_ptr + n * H * DQK + heads[:, None] * DQK + DN + dd[None, :],
+                     mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # [HB, DR_PAD]
+    positions = last + 1
+    run = tl.cdiv(tl.cdiv(positions, SPLITS), BLOCK_S) * BLOCK_S
+    lo = j * run
+    hi = tl.minimum(lo + run, positions)
+    m = tl.full((HEADS_BLOCK,), float("-inf"), tl.float32)
+    total = tl.zeros((HEADS_BLOCK,), tl.float32)
+    acc = tl.zeros((HEADS_BLOCK, R_PAD), tl.float32)
+    tile = tl.arange(0, BLOCK_S)
+    for s0 in range(lo, hi, BLOCK_S):  # every tile holds at least one position of the run
+        s = s0 + tile
+        lat, rope = _latent_tile(kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, hi - 1, b * T,
+                                 stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, tables_ptr, stride_tb, page,
+                                 rr, r_ok, dd, d_ok, R, DR, PAGED)  # [BS, R_PAD], [BS, DR_PAD]; 0 past the run
+        s_lat = _to(_dot(q_lat, tl.trans(lat), DOT_FP32), dt).to(tl.float32)  # [HB, BS]
+        s_rope = _to(_dot(q_rope, tl.trans(rope), DOT_FP32), dt).to(tl.float32)
+        score = _to(s_lat + s_rope, dt).to(tl.float32) * scale
+        score = tl.where((s < hi)[None, :], score, float("-inf"))
+        m_new = tl.maximum(m, tl.max(score, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(score - m_new[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(_to(p, dt), lat, DOT_FP32)
+        m = m_new
+    row = (n * SPLITS + j) * H + heads  # [HB]
+    tl.store(part_ptr + row[:, None] * R + rr[None, :], acc, mask=h_ok[:, None] & r_ok[None, :])
+    tl.store(max_ptr + row, m, mask=h_ok)
+    tl.store(sum_ptr + row, total, mask=h_ok)
+
+
+@triton.jit
+def mla_combine_kernel(part_ptr, max_ptr, sum_ptr, ctx_ptr, N, H: tl.constexpr, R: tl.constexpr,
+                       R_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Program (n, h): ctx[h, n] = sum_j exp(run_max_j - M) part_j / sum_j exp(run_max_j - M)
+    run_sum_j (M the largest run max; empty runs weigh 0), rounded to ctx's dtype."""
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    js = tl.arange(0, SPLITS_PAD)
+    j_ok = js < SPLITS
+    row = (n * SPLITS + js) * H + h  # [SPLITS_PAD]
+    m = tl.load(max_ptr + row, mask=j_ok, other=float("-inf"))
+    total = tl.load(sum_ptr + row, mask=j_ok, other=0.0)
+    top = tl.max(m, axis=0)
+    weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    part = tl.load(part_ptr + row[:, None] * R + rr[None, :], mask=j_ok[:, None] & r_ok[None, :], other=0.0)
+    ctx = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight * total, axis=0)
+    tl.store(ctx_ptr + (h * N + n) * R + rr, _to(ctx, ctx_ptr.dtype.element_ty), mask=r_ok)
