@@ -13,8 +13,10 @@ Two equal forms of the same attention:
             value half applied after the softmax (ctx W_uv), so a step reads the cached latents
             directly and never expands S positions into H heads.
 On CUDA decode (moekit.fused) a step's latent norm and ropes run as one kernel (project) and its
-cache write and absorbed attention as another (attend, at a device-tensor position with a plain
-KVCache); the PyTorch code below is their reference and runs everywhere else.
+cache write and absorbed attention as kernels between kv_b's two batched GEMMs (attend, at a
+device-tensor position with a plain KVCache, and the paged serving decode): a split kernel whose
+programs each read a run of the cached latents once for 16 heads, and a combine kernel; the
+PyTorch code below is their reference and runs everywhere else.
 
 Shapes: B = batch, T = new tokens, S = cached positions, D = hidden, H = heads,
 r = kv_lora_rank, rq = q_lora_rank, dn = qk_nope_head_dim, dr = qk_rope_head_dim,
