@@ -283,7 +283,7 @@ def mla_project_supported(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.
             and cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.shape[-1] % 2 == 0 and norm_weight.is_contiguous())
 
 
-# mla_attention runs one program per (token, head). Up to this many token rows each program also
+# mla_attention_kernel runs one program per (token, head). Up to this many token rows each program also
 # applies its head's kv_b halves (W_uk, W_uv: 256 KB a head at V2-Lite's widths): at batch 1 one
 # launch, H programs. Past it, every row's programs would re-read the same weights (B*H reads of
 # 4 MB a layer), so two batched GEMMs outside read them once instead (two launches more).
