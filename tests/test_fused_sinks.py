@@ -27,13 +27,17 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 # (batch, new tokens, heads, kv heads, head dim, window, cached positions): gpt-oss's GQA shrunk;
 # no window; a window shorter than the context (whole tiles of positions skipped); one longer;
-# several new tokens under a short window; odd group and head dim (padding); one kv head
+# several new tokens under a short window; odd group and head dim (padding); one kv head; at
+# gpt-oss's head widths (32 positions an iteration) a context of several iterations, full and
+# under a window that starts mid-tile
 SINK_CASES = [
     (1, 1, 8, 2, 16, None, 9),
     (2, 1, 4, 4, 8, 4, 21),
     (1, 3, 6, 2, 12, 32, 5),
     (2, 2, 4, 1, 8, 3, 7),
     (1, 1, 6, 2, 12, 6, 40),
+    (1, 1, 8, 1, 64, None, 150),
+    (1, 2, 16, 2, 64, 100, 150),
 ]
 
 

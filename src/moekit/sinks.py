@@ -181,12 +181,14 @@ def _launch(q, sq, k, sk, v, sv, sinks, keys, values, sc, hkv, capacity, start, 
     group = h // hkv
     out = torch.empty((n, h, dh), dtype=q.dtype, device=q.device)
     block_g, dh_pad = triton.next_power_of_2(group), triton.next_power_of_2(dh)
-    # a [G, BLOCK_S, Dh] product tile of at most 8K floats (64 registers a thread at 4 warps)
-    block_s = max(16, min(64, 8192 // (block_g * dh_pad)))
+    # positions per iteration as moekit.paged_attention's decode kernel takes them: [G, BLOCK_S, Dh]
+    # float32 products of at most 16K elements, 8 warps sharing them from 8K on (gpt-oss: 32, 8 warps)
+    block_s = max(16, min(64, triton.next_power_of_2(max(1, 16384 // (block_g * dh_pad)))))
+    warps = 8 if block_g * block_s * dh_pad >= 8192 else 4
     sink_attention_kernel[(n, hkv)](
         q, k, v, sinks, keys, values, start, tables, slots, out,
         t, capacity, 0 if window is None else window, dh ** -0.5, *sq, *sk, *sv, *sc, stride_tb,
         slots.stride(0) if slots.dim() else 0, page,
         H=h, GROUP=group, BLOCK_G=block_g, DH=dh, DH_PAD=dh_pad, BLOCK_S=block_s, WINDOW=window is not None,
-        PAGED=paged, STORE=store, num_warps=4)
+        PAGED=paged, STORE=store, num_warps=warps)
     return out
