@@ -259,7 +259,7 @@ def mla_split_kernel(
     scores [HB, BS] = (q_lat . c_s (rounded) + q_rope . k_s (rounded), rounded) * scale, both tl.dot
     over a tile of latents shared by the heads; an online softmax keeps the run's max, sum and
     sum_s exp(score_s - max) c_s (the probabilities rounded to the model dtype for the dot), stored
-    to run_max, run_sum, part (float32; an empty run stores -inf, 0, 0). A run is ceil(positions /
+    to run_max, run_sum, part (float32; an empty run stores -inf, 0 and no part). A run is ceil(positions /
     SPLITS) rounded up to whole tiles. Program (n, 0, 0) of a dense step also stores latent[n],
     rope[n] into the caches at start + t (dropped past S). DOT_FP32: tl.dot on float32 operands
     without tf32 (float32 models; the interpreter, whose dot multiplies bf16's raw bits)."""
@@ -318,7 +318,8 @@ def mla_split_kernel(
         acc = acc * alpha[:, None] + _dot(_to(p, dt), lat, DOT_FP32)
         m = m_new
     row = (n * SPLITS + j) * H + heads  # [HB]
-    tl.store(part_ptr + row[:, None] * R + rr[None, :], acc, mask=h_ok[:, None] & r_ok[None, :])
+    keep = rr < tl.where(lo < hi, R, 0)  # an empty run's part is never read (a scalar & a vector trips the interpreter)
+    tl.store(part_ptr + row[:, None] * R + rr[None, :], acc, mask=h_ok[:, None] & keep[None, :])
     tl.store(max_ptr + row, m, mask=h_ok)
     tl.store(sum_ptr + row, total, mask=h_ok)
 
@@ -327,7 +328,8 @@ def mla_split_kernel(
 def mla_combine_kernel(part_ptr, max_ptr, sum_ptr, ctx_ptr, N, H: tl.constexpr, R: tl.constexpr,
                        R_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """Program (n, h): ctx[h, n] = sum_j exp(run_max_j - M) part_j / sum_j exp(run_max_j - M)
-    run_sum_j (M the largest run max; empty runs weigh 0), rounded to ctx's dtype."""
+    run_sum_j (M the largest run max; empty runs, run_max -inf, weigh 0 and their part is not
+    read), rounded to ctx's dtype."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     js = tl.arange(0, SPLITS_PAD)
@@ -336,9 +338,10 @@ def mla_combine_kernel(part_ptr, max_ptr, sum_ptr, ctx_ptr, N, H: tl.constexpr, 
     m = tl.load(max_ptr + row, mask=j_ok, other=float("-inf"))
     total = tl.load(sum_ptr + row, mask=j_ok, other=0.0)
     top = tl.max(m, axis=0)
-    weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+    filled = j_ok & (m > float("-inf"))
+    weight = tl.where(filled, tl.exp(m - top), 0.0)
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
-    part = tl.load(part_ptr + row[:, None] * R + rr[None, :], mask=j_ok[:, None] & r_ok[None, :], other=0.0)
+    part = tl.load(part_ptr + row[:, None] * R + rr[None, :], mask=filled[:, None] & r_ok[None, :], other=0.0)
     ctx = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight * total, axis=0)
     tl.store(ctx_ptr + (h * N + n) * R + rr, _to(ctx, ctx_ptr.dtype.element_ty), mask=r_ok)
