@@ -190,6 +190,7 @@ def test_mirrored_scheduler_equals_one_process(ep, tp):
     alone.run()
     rank0, rank1 = run_ranks(2, scheduler_in_lockstep, str(path), ep, tp, requests, tp == 2, timeout_s=60.0,
                              join_s=240.0)
+    assert isinstance(rank0, dict) and isinstance(rank1, dict), (rank0, rank1)  # else a RankError: its message
     assert rank0["outputs"] == [r.output for r in added]
     assert rank1["steps"] == rank0["steps"]
     if tp == 2:  # warmed: its throwaway steps were mirrored too
