@@ -5,10 +5,11 @@ from __future__ import annotations
 
 
 def scheduler_in_lockstep(comm, path: str, ep: int, tp: int, requests: list[tuple[list[int], int]],
-                          warm: bool) -> dict:
-    """Rank 0: returns {"outputs": each request's greedy tokens, "steps": steps broadcast} of a
-    Scheduler (eager steps, warmed first with `warm`) whose forwards a StepMirror sends; the other
-    ranks: {"steps": steps they followed}."""
+                          warm: bool, static_decode: bool) -> dict:
+    """Rank 0: returns {"outputs": each request's greedy tokens, "steps": steps broadcast, "static":
+    static decode steps run} of a Scheduler (warmed first with `warm`; decode-only steps at static
+    shapes with `static_decode`, run eagerly on the CPU) that a StepMirror is attached to; the
+    other ranks: {"steps": steps they followed}."""
     from moekit.parallel.serve_ranks import StepMirror, follow
     from moekit.parallel.tensor import ParallelGroups, load_parallel
     from moekit.serve.scheduler import SamplingParams, Scheduler, SchedulerConfig
@@ -18,12 +19,13 @@ def scheduler_in_lockstep(comm, path: str, ep: int, tp: int, requests: list[tupl
         return {"steps": follow(model, comm)}
     mirror = StepMirror(model, comm)
     try:
-        scheduler = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=24, static_decode=False,
+        scheduler = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=24, static_decode=static_decode,
                                                      overlap=False))
+        mirror.attach(scheduler)
         if warm:
             scheduler.warm()
         added = [scheduler.add(prompt, SamplingParams(max_tokens=n)) for prompt, n in requests]
         scheduler.run()
     finally:
         mirror.stop()
-    return {"outputs": [r.output for r in added], "steps": mirror.steps}
+    return {"outputs": [r.output for r in added], "steps": mirror.steps, "static": scheduler.stats.static_steps}

@@ -152,7 +152,7 @@ def test_ranks_serve_what_one_process_serves(tmp_path, expected, parallel):
 
 @pytest.mark.parametrize("flags, message", [
     (["--parallel", "ep=2", "--offload"], "--parallel with --offload is not available in `moekit serve`"),
-    (["--parallel", "tp=2", "--static-mixed"], "--parallel runs every step eagerly"),
+    (["--parallel", "tp=2", "--static-mixed"], "--parallel runs steps with prompt chunks eagerly"),
     (["--parallel", "dp=2"], "give ep=N (expert-parallel ranks) and/or tp=M"),
 ])
 def test_flags_that_cannot_combine_fail_in_one_line(capsys, flags, message):
@@ -176,8 +176,8 @@ def test_rank_0_stops_serving_when_another_rank_dies(tmp_path):
     assert "moekit: error: rank 0 stopped serving" in out and "another rank exited or stopped answering" in out
 
 
-@pytest.mark.parametrize("ep, tp", [(2, 1), (1, 2)])
-def test_mirrored_scheduler_equals_one_process(ep, tp):
+@pytest.mark.parametrize("ep, tp, static_decode", [(2, 1, False), (1, 2, True), (2, 1, True)])
+def test_mirrored_scheduler_equals_one_process(ep, tp, static_decode):
     from moekit.serve.scheduler import SamplingParams, Scheduler, SchedulerConfig
 
     path = moekit.default_model_path()
@@ -188,11 +188,12 @@ def test_mirrored_scheduler_equals_one_process(ep, tp):
     alone = Scheduler(model, SchedulerConfig(max_seqs=3, max_step_tokens=24))
     added = [alone.add(prompt, SamplingParams(max_tokens=n)) for prompt, n in requests]
     alone.run()
-    rank0, rank1 = run_ranks(2, scheduler_in_lockstep, str(path), ep, tp, requests, tp == 2, timeout_s=60.0,
-                             join_s=240.0)
+    rank0, rank1 = run_ranks(2, scheduler_in_lockstep, str(path), ep, tp, requests, tp == 2, static_decode,
+                             timeout_s=60.0, join_s=240.0)
     assert isinstance(rank0, dict) and isinstance(rank1, dict), (rank0, rank1)  # else a RankError: its message
     assert rank0["outputs"] == [r.output for r in added]
     assert rank1["steps"] == rank0["steps"]
+    assert (rank0["static"] > 0) == static_decode  # decode steps went through the mirrored PagedDecode
     if tp == 2:  # warmed: its throwaway steps were mirrored too
         assert rank0["steps"] > alone.stats.steps
     else:

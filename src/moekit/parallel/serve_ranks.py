@@ -8,15 +8,19 @@ single-process server does. Each of its model steps is one ragged forward over t
 the RaggedBatch: positions, cache slots, block tables, context lengths) from a forward pre-hook,
 so the scheduler itself is unchanged, and `follow` on every other rank runs the same forward on
 its shard, into a KV cache of its own with the same blocks. The collectives inside the forward
-(all_reduce, all_to_all) then meet as they do in `moekit generate --parallel`.
+(all_reduce, all_to_all) then meet as they do in `moekit generate --parallel`. Static decode
+steps (moekit.paged_decode.PagedDecode, CUDA graphs on GPUs) are mirrored one level up: rank 0's
+scheduler.decode is wrapped (`attach`) to send each decode step's rows (position, token, block
+table) and each warm-up, and every rank replays its own graph of the same bucket; the model's
+forward inside them (a capture) is not sent again.
 
-Messages, in order on every rank: a header [8] int64 (kind, tokens N, sequences B, table width
-MB, query tiles T, KV blocks, block size, last_only) and, for a step, one int64 payload. While
-rank 0 is idle it sends a heartbeat every timeout/4 seconds, so that a following rank's wait for
-the next step never reaches the collective timeout; at shutdown it sends STOP and every rank
-leaves the process group. Steps run eagerly: the static decode steps (CUDA graphs) and the
-overlap of consecutive steps are off on the ranks (their inputs live in graph buffers, not in a
-RaggedBatch).
+Messages, in order on every rank: a header [8] int64 (kind, tokens N or decode rows B, sequences
+B, table width MB, query tiles T, KV blocks, block size, last_only or warm-up batch) and, for a
+step, one int64 payload. While rank 0 is idle it sends a heartbeat every timeout/4 seconds, so
+that a following rank's wait for the next step never reaches the collective timeout; at shutdown
+it sends STOP and every rank leaves the process group. Prefill-carrying steps run eagerly (static
+mixed steps are off) and so does every step's sampling on rank 0: overlapping consecutive decode
+steps is off, as the followers would need the sampled tokens before rank 0 reads them.
 
 Shapes: N = packed tokens of a step, B = its sequences, MB = blocks in the widest block table,
 T = query tiles (packed prefill kernel; 0 in a decode step).
@@ -36,7 +40,7 @@ from .comm import ExpertComm
 
 log = logging.getLogger("moekit.serve")
 
-STOP, STEP, IDLE = 0, 1, 2  # header kinds
+STOP, STEP, IDLE, DECODE, WARM = 0, 1, 2, 3, 4  # header kinds
 HEADER_LEN = 8
 
 
@@ -52,9 +56,18 @@ class StepMirror:
         self.heartbeat_s = comm.timeout_s / 4  # an idle follower hears from rank 0 well before its timeout
         self.steps = 0  # steps broadcast
         self.stopped = False
+        self._quiet = False  # inside a mirrored decode step: its forwards are not sent again
         self._handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
+    def attach(self, scheduler) -> None:
+        """Wraps the scheduler's static decode steps (if any) so that each one, and each warm-up
+        of their buckets, is sent too; call it before the scheduler runs or warms anything."""
+        if scheduler.decode is not None:
+            scheduler.decode = _MirroredDecode(scheduler.decode, self)
+
     def _before_forward(self, module, args: tuple, kwargs: dict) -> None:
+        if self._quiet:
+            return
         cache, batch = kwargs.get("cache"), kwargs.get("start")
         if not (isinstance(cache, PagedKVCache) and isinstance(batch, RaggedBatch) and len(args) == 1):
             raise MoekitError("serving over ranks mirrors only ragged steps over the paged KV cache "
@@ -94,34 +107,94 @@ class StepMirror:
         _broadcast(self.comm, torch.tensor(header, dtype=torch.long, device=self.comm.device), what)
 
 
+class _MirroredDecode:
+    """Rank 0's PagedDecode, sending each decode step's rows and each warm-up before running it."""
+
+    def __init__(self, decode, mirror: StepMirror):
+        self.inner, self.mirror = decode, mirror
+
+    def __getattr__(self, name: str):  # piecewise, pool, steps, ...: the wrapped step's
+        return getattr(self.inner, name)
+
+    def __call__(self, work: list[tuple[object, int, int]], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        if tokens is not None:
+            raise MoekitError("serving over ranks sends each decode step's tokens from the host: overlap must be off")
+        cache = self.inner.cache
+        for seq, position, _ in work:  # as PagedDecode does first: the tables sent must hold the new position
+            cache.grow(seq, position + 1)
+        tables = [cache.tables[seq] for seq, _, _ in work]
+        width = max(len(t) for t in tables)
+        rows = ([position for _, position, _ in work] + [token for _, _, token in work] + [len(t) for t in tables]
+                + [b for t in tables for b in t + [0] * (width - len(t))])
+        header = [DECODE, len(work), len(work), width, 0, cache.num_blocks, cache.block_size, 0]
+        self.mirror._send(header, "sending a decode step to the other ranks")
+        _broadcast(self.mirror.comm, torch.tensor(rows, dtype=torch.long, device=self.mirror.comm.device),
+                   "sending a decode step to the other ranks")
+        self.mirror.steps += 1
+        return self._quietly(self.inner, work)
+
+    def warm(self, max_batch: int) -> list[int]:
+        cache = self.inner.cache
+        self.mirror._send([WARM, 0, 0, 0, 0, cache.num_blocks, cache.block_size, max_batch],
+                          "sending a warm-up to the other ranks")
+        return self._quietly(self.inner.warm, max_batch)
+
+    def _quietly(self, fn, *args):
+        self.mirror._quiet = True
+        try:
+            return fn(*args)
+        finally:
+            self.mirror._quiet = False
+
+
 def follow(model: torch.nn.Module, comm: ExpertComm) -> int:
     """Returns the steps run after rank 0's STOP: runs every step rank 0 broadcasts on this rank's
-    shard of the model, into this rank's own paged KV cache (made at the first step's size).
+    shard of the model, into this rank's own paged KV cache (made at the first message's size);
+    decode steps and warm-ups (sent when rank 0's scheduler has static decode steps) run through
+    a PagedDecode of this rank's own, made at the first of them.
 
     SIGINT and SIGTERM are ignored here: rank 0 decides when the server stops (uvicorn's graceful
     shutdown) and says so with STOP; a rank 0 that is gone ends the wait with the collective timeout."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    from ..paged_decode import PagedDecode
+
     cache: PagedKVCache | None = None
+    decode: PagedDecode | None = None
     steps = 0
     with torch.inference_mode():
         while True:
             header = torch.zeros(HEADER_LEN, dtype=torch.long, device=comm.device)
-            kind, n, b, mb, t, num_blocks, block_size, last_only = _broadcast(
+            kind, n, b, mb, t, num_blocks, block_size, extra = _broadcast(
                 comm, header, "waiting for rank 0's next step").tolist()
             if kind == STOP:
                 return steps
             if kind == IDLE:
                 continue
-            if kind != STEP:
+            if kind not in (STEP, DECODE, WARM):
                 raise MoekitError(f"rank {comm.rank}: unknown message {kind} from rank 0 (ranks of different "
                                   "moekit versions?)")
-            payload = torch.zeros(3 * n + b * mb + 4 * b + 4 * t, dtype=torch.long, device=comm.device)
-            _broadcast(comm, payload, "receiving rank 0's step")
             if cache is None or (cache.num_blocks, cache.block_size) != (num_blocks, block_size):
                 cache = PagedKVCache(model.config, num_blocks, block_size, model.device, model.dtype)
+                decode = None
+            if kind != STEP and decode is None:
+                decode = PagedDecode(model, cache)
+            if kind == WARM:
+                decode.warm(extra)
+                continue
+            if kind == DECODE:
+                rows = _broadcast(comm, torch.zeros(3 * b + b * mb, dtype=torch.long, device=comm.device),
+                                  "receiving rank 0's decode step").tolist()
+                positions, tokens, lens = rows[:b], rows[b:2 * b], rows[2 * b:3 * b]
+                # the block tables are rank 0's: this rank's pool mirrors its blocks one for one
+                cache.tables = {i: rows[3 * b + i * mb:3 * b + i * mb + lens[i]] for i in range(b)}
+                decode([(i, positions[i], tokens[i]) for i in range(b)])
+                steps += 1
+                continue
+            payload = torch.zeros(3 * n + b * mb + 4 * b + 4 * t, dtype=torch.long, device=comm.device)
+            _broadcast(comm, payload, "receiving rank 0's step")
             ids, batch = _unpack(payload, n, b, mb, t, model.device)
-            model(ids, cache=cache, start=batch, last_only=bool(last_only))
+            model(ids, cache=cache, start=batch, last_only=bool(extra))
             steps += 1
 
 

@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel", default=None, metavar="ep=N,tp=M",
                    help="serve over N x M processes started by torchrun: rank 0 answers HTTP, schedules and "
                         "samples, every rank runs each step on its shard (ep=N splits the routed experts, tp=M "
-                        "the attention heads and MLP widths, tp=M,ep=tp both over M ranks; timeout=S); steps run "
-                        "eagerly (no CUDA graphs); e.g. torchrun --nproc-per-node 2 -m moekit serve MODEL "
+                        "the attention heads and MLP widths, tp=M,ep=tp both over M ranks; timeout=S); steps with "
+                        "prompt chunks run eagerly; e.g. torchrun --nproc-per-node 2 -m moekit serve MODEL "
                         "--parallel tp=2")
     add_threads_arg(p)
     add_generate_flags(p)
@@ -89,8 +89,8 @@ def _check_parallel(args: argparse.Namespace) -> None:
         raise MoekitError("--parallel with --offload is not available in `moekit serve` yet (moekit generate "
                           "--parallel ep=N --offload is): drop one of them")
     if args.static_mixed:
-        raise MoekitError("--parallel runs every step eagerly (rank 0 sends each ragged step to the others): "
-                          "drop --static-mixed")
+        raise MoekitError("--parallel runs steps with prompt chunks eagerly (rank 0 sends each one to the "
+                          "others): drop --static-mixed")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -171,11 +171,12 @@ def _serve_ranks(args: argparse.Namespace, path: Path, device: str) -> int:
             return 0
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             stream=sys.stderr)
-        # eager steps only: a static (graph) step's inputs live in its buffers, not in a RaggedBatch to send
-        config = _scheduler_config(args, static_decode=False, static_mixed=False, overlap=False)
+        # decode steps static (CUDA graphs) where the model allows it, as in one process; steps with
+        # prompt chunks eager, and no overlap: the other ranks need each step's tokens before it runs
+        config = _scheduler_config(args, static_mixed=False, overlap=False)
         mirror = StepMirror(model, ranks.comm)
         try:
-            # on a GPU every rank pays its Triton compiles in throwaway steps (mirrored) before the first request
+            # on a GPU every rank pays its Triton compiles and graph captures (mirrored) before the first request
             engine = Engine(model, config, warm=model.device.type == "cuda", lockstep=mirror)
         except BaseException:  # no engine thread will stop the others: do it here (best effort)
             with contextlib.suppress(Exception):

@@ -6,8 +6,8 @@ One lock guards the scheduler: the engine thread holds it for a step, so a reque
 step runs joins at the next step boundary. Aborts never wait for the lock: they are queued and
 applied by the engine thread before its next step.
 
-With `lockstep` (moekit.parallel.serve_ranks.StepMirror, `moekit serve --parallel`), the engine
-thread also calls lockstep.idle() every lockstep.heartbeat_s seconds without work and
+With `lockstep` (moekit.parallel.serve_ranks.StepMirror, `moekit serve --parallel`), attached to
+the scheduler before anything runs, the engine thread also calls lockstep.idle() every lockstep.heartbeat_s seconds without work and
 lockstep.stop() once when it ends, so the other ranks hear every message from this one thread.
 """
 
@@ -35,6 +35,8 @@ class Engine:
         self.model = model
         self.lockstep = lockstep
         self.scheduler = Scheduler(model, config)
+        if lockstep is not None:
+            lockstep.attach(self.scheduler)
         self.warmed = self.scheduler.warm() if warm else None
         self._lock = threading.Lock()
         self._wake = threading.Event()
