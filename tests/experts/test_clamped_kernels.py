@@ -148,6 +148,58 @@ def test_kernels_read_a_cache_slab(fmt, monkeypatch):
         _check(got, want.to(device), want.to(device), torch.float32, (fmt, tokens * top_k))
 
 
+def _placed(form: ClampedSwigluForm, resident: dict[str, torch.Tensor], cached: list[int]):
+    """Returns (slab stack, host buffer, offsets [E, C + 1]) with the experts placed as offload's
+    mapped misses place them: experts `cached` in packed slab slots (in that order), every expert
+    in a host buffer of packed rows of another width, each offsets row pointing at the expert's
+    slot when cached, else at its host row (elements of each tensor, columns in_place_tensors
+    order; a last column as the mapped table's flag, never read by the kernels)."""
+    packing = ExpertBytes(form.specs())
+    slab = torch.zeros(len(cached) + 3, packing.nbytes + 64, dtype=torch.uint8)  # spare slots, padded rows
+    host = torch.zeros(E, packing.nbytes + 32, dtype=torch.uint8)
+    stacked, host_rows = packing.stacked(slab), packing.stacked(host)
+    for name, t in host_rows.items():
+        t.copy_(resident[name])
+    for slot, e in enumerate(cached):
+        for name, t in stacked.items():
+            t[slot].copy_(resident[name][e])
+    names = form.in_place_tensors
+    offsets = torch.full((E, len(names) + 1), -1, dtype=torch.int64)
+    for c, name in enumerate(names):
+        base, rows = stacked[name], host_rows[name]
+        delta = (rows.data_ptr() - base.data_ptr()) // base.element_size()
+        for e in range(E):
+            offsets[e, c] = cached.index(e) * base.stride(0) if e in cached else delta + e * rows.stride(0)
+    return stacked, host, offsets
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
+def test_offsets_equal_the_stacked_path(fmt):
+    """The per-slot kernels with an offsets table (each expert's weights, scales and biases where
+    its row points: some in slab slots, the rest in another buffer) give bit for bit what they give
+    on the resident stack by expert id, for 1, 4 and 20 slots; a table with the cached experts'
+    rows pointing at each other's slots gives another (wrong) result, so the table is what is read."""
+    if torch.cuda.is_available():
+        pytest.skip("the host buffer here is pageable CPU memory; offload's GPU tests read pinned rows")
+    g = torch.Generator().manual_seed(13)
+    form = _form(fmt, torch.float32)
+    resident = _stack(form, E, g)
+    cached = [6, 2, 0, 3]
+    stacked, host, offsets = _placed(form, resident, cached)
+    for tokens, top_k in ((1, 1), (1, 4), (5, 4)):
+        ids, w = _route(tokens, top_k, [2, 0, 1, 3, 4, 5, 6, 7], g)
+        x = torch.randn(tokens, D, generator=g)
+        want = clamped.clamped_ops.slot_ffn(x, ids, w, clamped.clamped_ops.matrices(resident), ALPHA, LIMIT)
+        got = form.fused(x, ids, w, stacked, offsets=offsets)
+        assert torch.equal(got, want), (fmt, tokens * top_k, _rel(got, want))
+        _check(got, form.run_planned(x, ids, w, resident, grad=False), None, torch.float32, (fmt, tokens * top_k))
+    swapped = offsets.clone()
+    swapped[[2, 6]] = offsets[[6, 2]]  # experts 2 and 6 read each other's slots
+    ids, w = torch.tensor([[2]]), torch.ones(1, 1)
+    x = torch.randn(1, D, generator=g)
+    assert not torch.allclose(form.fused(x, ids, w, stacked, offsets=swapped), form.fused(x, ids, w, stacked, offsets=offsets))
+
+
 def test_kernel_configs_agree():
     """The kernels give one result whatever their tiles (the probe sweeps them on a GPU): per-slot
     narrow and wide tiles with BLOCK_K below and above K; grouped row blocks of 16 and 32 slots."""
@@ -216,11 +268,12 @@ from moekit.kernels import clamped_experts as kernels
 
 mxfp4 = sys.argv[1] == "mxfp4"
 cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-types = {"rows_ptr": "*i64", "order_ptr": "*i64", "scales_ptr": "*u8", "w_ptr": "*u8" if mxfp4 else "*bf16",
+types = {"rows_ptr": "*i64", "order_ptr": "*i64", "w_off_ptr": "*i64", "s_off_ptr": "*i64", "b_off_ptr": "*i64", "scales_ptr": "*u8", "w_ptr": "*u8" if mxfp4 else "*bf16",
          "block_expert_ptr": "*i32", "block_start_ptr": "*i32", "block_end_ptr": "*i32", "alpha": "fp32", "limit": "fp32"}
 bn, bk, warps = clamped_ops.SLOT_CONFIG[mxfp4]
-launches = [("slot_gate_up_kernel", {"TOP_K": 4, "BLOCK_N": bn, "BLOCK_K": bk}, warps),
-            ("slot_down_kernel", {"BLOCK_N": bn, "BLOCK_K": bk}, warps)]
+launches = [(name, {**top_k, "BLOCK_N": bn, "BLOCK_K": bk, "OFFSETS": offsets}, warps)
+            for offsets in (False, True) for name, top_k in (("slot_gate_up_kernel", {"TOP_K": 4}),
+                                                             ("slot_down_kernel", {}))]
 for slots in (128, 1024):
     bm, bn, bk, warps = clamped_ops.grouped_config(slots, 32, mxfp4)
     blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": "tf32"}
@@ -262,7 +315,7 @@ def test_kernels_compile_for_sm90(fmt):
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     stacks = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(stacks) == 6
+    assert len(stacks) == 8
     for name, constexprs, stack in stacks:
         if fmt == "mxfp4" and name == "grouped_gate_up_kernel":
             assert stack == 0, (constexprs, stack)

@@ -15,8 +15,9 @@ cache) and decodes a matrix when it multiplies. `moekit compress` turns either i
 form (int-N or the ternary code) wrapped by BiasedCompressedForm, which keeps the biases and the
 clamped SwiGLU around the compressed matrices. On a GPU the MXFP4 and dense forms run through
 Triton kernels (experts.clamped_ops: per-slot for a few slots, grouped above; MXFP4 decoded in
-registers), resident and from an offload cache's slab; the CPU, autograd and BiasedCompressedForm
-run in PyTorch. CPU and in-place misses are refused.
+registers), resident, from an offload cache's slab, and in place through an offsets table (offload
+misses "mapped": each expert's tensors wherever the table points, a slot or a page-locked host row);
+the CPU, autograd and BiasedCompressedForm run in PyTorch. CPU misses are refused.
 
 Shapes: N = tokens, D = hidden, I = expert ffn width, n = tokens of one expert.
 One expert, dense:  gate_up [2I, D], down [D, I], gate_up_bias [2I], down_bias [D].
@@ -80,7 +81,12 @@ class ClampedSwigluForm(StoredForm):
     gathers = True
     cpu_fast = False
     why_not_cpu = "gpt-oss experts (biases, clamped SwiGLU) have no CPU expert kernel yet"
-    why_not_in_place = "gpt-oss experts (biases, clamped SwiGLU) have no in-place kernel yet"
+    reads_in_place = True  # the per-slot kernels take an offsets table with a column per stored tensor
+
+    @property
+    def in_place_tensors(self) -> tuple[str, ...]:
+        """Returns the stored tensors an offsets table places, in its column order (offload.mapped)."""
+        return tuple(self.specs_names())
 
     def __init__(self, hidden: int, ffn: int, dtype: torch.dtype, alpha: float, limit: float):
         super().__init__(hidden, ffn)
@@ -141,10 +147,13 @@ class ClampedSwigluForm(StoredForm):
         return tuple(stacked[kind].to(dtype) for kind in KINDS)  # type: ignore[return-value]
 
     def fused(self, x, rows, weights, stacked, offsets=None):
-        # GPUs: the kernels read each weight once in its stored format (MXFP4 decoded in registers), no host sync
-        if offsets is not None or not slot_kernels_run(x):
+        # GPUs: the kernels read each weight once in its stored format (MXFP4 decoded in registers), no host
+        # sync; with offsets ([E, >= C], a column per in_place_tensors name) wherever the table places it
+        if offsets is None and not slot_kernels_run(x):
             return None
-        return clamped_ops.clamped_expert_ffn(x, rows, weights, stacked, self.alpha, self.limit)
+        columns = None if offsets is None else {name: c for c, name in enumerate(self.in_place_tensors)}
+        return clamped_ops.clamped_expert_ffn(x, rows, weights, stacked, self.alpha, self.limit, offsets=offsets,
+                                              columns=columns)
 
 
 class Mxfp4ClampedForm(ClampedSwigluForm):

@@ -13,6 +13,10 @@ D = hidden, I = expert ffn width; stacks as experts.clamped's forms store them:
 MXFP4  gate_up_blocks [E, 2I, D/32, 16], gate_up_scales [E, 2I, D/32], down_blocks [E, D, I/32, 16],
        down_scales [E, D, I/32] (uint8), gate_up_bias [E, 2I], down_bias [E, D];
 dense  gate_up [E, 2I, D], down [E, D, I], gate_up_bias [E, 2I], down_bias [E, D].
+
+`offsets` [E, >= C] int64 (offload misses "mapped"; per-slot kernels only, for any slot count):
+column columns[name] places expert e's tensor `name` at that stacked tensor's first element +
+offsets[e, columns[name]] (elements of that tensor), for each of the stack's tensors above.
 """
 
 from __future__ import annotations
@@ -69,6 +73,16 @@ class Matrix:
         """Returns R, the matrix's rows."""
         return self.weights.shape[1]
 
+    def offset_args(self, kind: str, offsets: torch.Tensor | None, columns: dict[str, int] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the offsets table's (weights, scales, bias) columns of matrix `kind` as the kernels
+        take them (views starting at each column; a dense matrix's scales take its weights' column),
+        or the table-less kernels' unread placeholders."""
+        if offsets is None:
+            return self.bias, self.bias, self.bias  # never read: OFFSETS is off
+        names = (kind + "_blocks", kind + "_scales") if self.mxfp4 else (kind, kind)
+        return tuple(offsets[:, columns[name]:] for name in (*names, kind + "_bias"))  # type: ignore[return-value]
+
     def args(self) -> tuple:
         """Returns (weights, scales, bias, stride_we, stride_wr, stride_se, stride_sr, stride_bias), as
         the kernels take them."""
@@ -83,12 +97,14 @@ def matrices(stacked: dict[str, torch.Tensor]) -> tuple[Matrix, Matrix] | None:
 
 
 def clamped_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, stacked: dict[str, torch.Tensor],
-                       alpha: float, limit: float) -> torch.Tensor | None:
+                       alpha: float, limit: float, offsets: torch.Tensor | None = None,
+                       columns: dict[str, int] | None = None) -> torch.Tensor | None:
     """Returns sum_a weights[n,a] * expert_{rows[n,a]}(x[n]) as [N, D] through the kernels (per-slot
-    up to SLOT_KERNEL_MAX_SLOTS slots, as the dense form's; grouped above), or None where the
-    stack's layout (or a dense stack's dtype other than x's) does not fit them.
+    up to SLOT_KERNEL_MAX_SLOTS slots, as the dense form's, and for any count with `offsets`;
+    grouped above), or None where the stack's layout (or a dense stack's dtype other than x's) does
+    not fit them.
 
-    x [N, D]; rows, weights [N, A]; stacked as the module docstring gives it."""
+    x [N, D]; rows, weights [N, A]; stacked, offsets and columns as the module docstring gives them."""
     mats = matrices(stacked)
     if mats is None or any(not m.mxfp4 and m.weights.dtype != x.dtype for m in mats):
         return None  # dense tiles multiply in the inputs' dtype
@@ -96,32 +112,42 @@ def clamped_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tenso
         raise RuntimeError("the gpt-oss expert kernels need CUDA or TRITON_INTERPRET=1")
     if rows.numel() == 0:
         return torch.zeros_like(x)
-    if rows.numel() <= SLOT_KERNEL_MAX_SLOTS:
-        return slot_ffn(x, rows, weights, mats, alpha, limit)
+    if offsets is not None or rows.numel() <= SLOT_KERNEL_MAX_SLOTS:
+        return slot_ffn(x, rows, weights, mats, alpha, limit, offsets=offsets, columns=columns)
     return grouped_ffn(x, rows, weights, mats, alpha, limit)
 
 
 def slot_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: tuple[Matrix, Matrix],
-             alpha: float, limit: float, configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
-             ) -> torch.Tensor:
+             alpha: float, limit: float, configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+             offsets: torch.Tensor | None = None, columns: dict[str, int] | None = None) -> torch.Tensor:
     """Returns the per-slot kernels' [N, D] (no sorting: one program row per slot). `configs`
-    overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels."""
+    overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels; `offsets` and
+    `columns` (module docstring) place each expert's tensors instead of its stack rows."""
     gate_up, down = mats
+    stride_off = 0
+    if offsets is not None:
+        assert offsets.dtype == torch.int64 and offsets.stride(1) == 1 and columns is not None, \
+            "offsets: [E, >= C] int64, columns: {tensor name: column}"
+        stride_off = offsets.stride(0)
     n, top_k = rows.shape
     slots, ffn, hidden = n * top_k, gate_up.rows() // 2, down.rows()
     (gn, gk, gw), (dn, dk, dw) = configs or (SLOT_CONFIG[gate_up.mxfp4], SLOT_CONFIG[down.mxfp4])
     flat_rows, flat_weights = rows.reshape(-1), weights.reshape(-1)
     x = x.contiguous()
     h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
+    use_offsets = offsets is not None
     w, s, b, *strides = gate_up.args()
     slot_gate_up_kernel[(slots, triton.cdiv(ffn, gn))](
-        x, flat_rows, w, s, b, h, ffn, alpha, limit, x.stride(0), *strides, h.stride(0),
-        TOP_K=top_k, K=gate_up.columns, BLOCK_N=gn, BLOCK_K=gk, MXFP4=gate_up.mxfp4, num_warps=gw)
+        x, flat_rows, w, s, b, *gate_up.offset_args("gate_up", offsets, columns), h, ffn, alpha, limit,
+        x.stride(0), *strides, h.stride(0), stride_off,
+        TOP_K=top_k, K=gate_up.columns, BLOCK_N=gn, BLOCK_K=gk, MXFP4=gate_up.mxfp4, OFFSETS=use_offsets,
+        num_warps=gw)
     y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D], weighted
     w, s, b, *strides = down.args()
     slot_down_kernel[(slots, triton.cdiv(hidden, dn))](
-        h, flat_rows, flat_weights, w, s, b, y, hidden, h.stride(0), *strides, y.stride(0),
-        K=down.columns, BLOCK_N=dn, BLOCK_K=dk, MXFP4=down.mxfp4, num_warps=dw)
+        h, flat_rows, flat_weights, w, s, b, *down.offset_args("down", offsets, columns), y, hidden,
+        h.stride(0), *strides, y.stride(0), stride_off,
+        K=down.columns, BLOCK_N=dn, BLOCK_K=dk, MXFP4=down.mxfp4, OFFSETS=use_offsets, num_warps=dw)
     return y.view(n, top_k, hidden).sum(dim=1)
 
 

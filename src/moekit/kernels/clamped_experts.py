@@ -21,6 +21,11 @@ P = row blocks of the grouped kernels, as moekit.kernels.moe_grouped defines the
     out          gate_up: [S, I] the clamped SwiGLU; down: [S, D] times the routing weight, at
                  each slot's routing-order row (the wrapper sums a token's A rows)
 
+With OFFSETS (the per-slot kernels), expert e's tensors start at w_ptr + w_off[e * stride_off],
+scales_ptr + s_off[e * stride_off] and bias_ptr + b_off[e * stride_off] (int64, elements of each
+tensor) instead of e rows into the stacks: the offsets table (offload.mapped) may point into a cache
+slab or, through unified addressing, into page-locked host memory (an expert read in place).
+
 The grouped kernels return at once from an unused row block (a branch on a loaded value, on the
 device: CUDA graphs and TRITON_INTERPRET=1 run it alike), so unused blocks cost a launch slot,
 not a pass over the weights. Accumulation is float32; float32 inputs multiply in full float32.
@@ -120,11 +125,28 @@ def _clamped_swiglu(gate, up, alpha, limit):
 
 
 @triton.jit
+def _expert_bases(w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, e, stride_we, stride_se, stride_bias,
+                  stride_off, OFFSETS: tl.constexpr):
+    """Returns the first weight, scale and bias element of expert e: from the offsets table with
+    OFFSETS, else e rows into each stack."""
+    if OFFSETS:
+        w_base = w_ptr + tl.load(w_off_ptr + e * stride_off)
+        scales_base = scales_ptr + tl.load(s_off_ptr + e * stride_off)
+        bias_base = bias_ptr + tl.load(b_off_ptr + e * stride_off)
+    else:
+        w_base = w_ptr + e * stride_we
+        scales_base = scales_ptr + e * stride_se
+        bias_base = bias_ptr + e * stride_bias
+    return w_base, scales_base, bias_base
+
+
+@triton.jit
 def slot_gate_up_kernel(
-    x_ptr, rows_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
+    x_ptr, rows_ptr, w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, out_ptr,
     FFN, alpha, limit,
-    stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os,
+    stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os, stride_off,
     TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+    OFFSETS: tl.constexpr,
 ):
     """out[s, n] = clamped SwiGLU of (x[s // A] . w[e_s, n] + b_n, x[s // A] . w[e_s, FFN + n] + b_(FFN+n)).
 
@@ -135,8 +157,8 @@ def slot_gate_up_kernel(
     x_row = x_ptr + (s // TOP_K) * stride_xn
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < FFN
-    w_base = w_ptr + e * stride_we
-    scales_base = scales_ptr + e * stride_se
+    w_base, scales_base, bias_base = _expert_bases(w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, e,
+                                                   stride_we, stride_se, stride_bias, stride_off, OFFSETS)
     width: tl.constexpr = BLOCK_K // (1 + MXFP4)  # _row_products' columns
     acc_gate = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, width), dtype=tl.float32)
@@ -147,18 +169,18 @@ def slot_gate_up_kernel(
                                 BLOCK_K, MXFP4)
     gate = tl.sum(acc_gate, axis=1)
     up = tl.sum(acc_up, axis=1)
-    gate += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
-    up += tl.load(bias_ptr + e * stride_bias + FFN + n, mask=n_ok, other=0.0).to(tl.float32)
+    gate += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)
+    up += tl.load(bias_base + FFN + n, mask=n_ok, other=0.0).to(tl.float32)
     h = _clamped_swiglu(gate, up, alpha, limit)
     tl.store(out_ptr + s * stride_os + n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def slot_down_kernel(
-    h_ptr, rows_ptr, weights_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
+    h_ptr, rows_ptr, weights_ptr, w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, out_ptr,
     N,
-    stride_hs, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os,
-    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+    stride_hs, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os, stride_off,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, OFFSETS: tl.constexpr,
 ):
     """out[s, n] = weights[s] * (h[s] . w[e_s, n] + bias_n): the routing weight is applied here."""
     s = tl.program_id(0)
@@ -167,15 +189,15 @@ def slot_down_kernel(
     gate_weight = tl.load(weights_ptr + s).to(tl.float32)
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    w_base = w_ptr + e * stride_we
-    scales_base = scales_ptr + e * stride_se
+    w_base, scales_base, bias_base = _expert_bases(w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, e,
+                                                   stride_we, stride_se, stride_bias, stride_off, OFFSETS)
     width: tl.constexpr = BLOCK_K // (1 + MXFP4)
     products = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         products += _row_products(h_ptr + s * stride_hs, w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K,
                                   BLOCK_N, BLOCK_K, MXFP4)
     acc = tl.sum(products, axis=1)
-    acc += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)
+    acc += tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + s * stride_os + n, (acc * gate_weight).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 

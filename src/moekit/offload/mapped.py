@@ -9,9 +9,12 @@ decode step needs no host decision at all, so it is captured whole as one CUDA g
     offset from the cache slab's base: a cached expert's offset points at its slot, any other
     expert's at its row in the host store, which the GPU reads over PCIe in place (unified
     addressing; benchmarks/probe_zero_copy.py measured 45 GB/s, 83% of the copy rate, on an H200);
-  * the offsets live on the device, one table per model: `table [L, E, 3]` int64 = (gate_up
-    offset, down offset, e + E * cached). A step gathers each layer's routed rows of column 2
-    into `routes [L, S_max]`, the only record of what it did;
+  * the offsets live on the device, one table per model: `table [L, E, C + 1]` int64 = an offset
+    per stored tensor the form places (its `in_place_tensors`; dense: gate_up, down, so C = 2),
+    then e + E * cached. A step gathers each layer's routed rows of that last column (`flag`)
+    into `routes [L, S_max]`, the only record of what it did. Forms kept packed (gpt-oss: every
+    tensor of an expert in one byte row, offload.layout) get each tensor's offset from the same
+    row, relative to that tensor's stacked view of the slab;
   * between steps the host manages the cache from those records, read back without waiting
     (pinned ring buffers, events): it counts hits and in-place reads, updates use counts, and
     admits popular missed experts (copies on the cache's copy stream, as any fetch).
@@ -42,7 +45,7 @@ from collections import deque
 
 import torch
 
-from ..experts.forms import SLOT_KERNEL_MAX_SLOTS
+from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS
 from .cpu import ADMIT_RATIO
 
 Key = tuple[int, int]  # (layer, expert)
@@ -62,27 +65,35 @@ class MappedTable:
         self.max_inflight = max(2 * cfg.top_k, 4)
         self.pos = {layer: i for i, layer in enumerate(runtime.moe_layers)}
         self.layers = list(runtime.moe_layers)
-        gate_up, down = cache.slab["gate_up"], cache.slab["down"]  # [S_slab, 2I, D], [S_slab, D, I]
-        self.slab = (gate_up, down)
-        self.stacked = {"gate_up": gate_up, "down": down}  # what the offsets are relative to
-        size = gate_up.element_size()
-        slab_base = (gate_up.data_ptr(), down.data_ptr())
+        layout = runtime.layout
+        self.names = tuple(getattr(runtime.form, "in_place_tensors", KINDS))  # the table's offset columns
+        self.flag = len(self.names)  # the column of e + E * cached
+        slab_view = layout.view(cache.slab, self.layers[0])  # dense: [S_slab, 2I, D], [S_slab, D, I]
+        self.stacked = {name: slab_view[name] for name in self.names}  # what the offsets are relative to
+        self.slab = tuple(self.stacked.values())
+        for layer in self.layers[1:]:  # one table serves every layer only where each views the slab alike
+            view = layout.view(cache.slab, layer)
+            if any(view[n].data_ptr() != t.data_ptr() or view[n].stride() != t.stride() for n, t in self.stacked.items()):
+                raise ValueError(f"layer {layer}'s experts lie differently in the cache slab than layer "
+                                 f"{self.layers[0]}'s: one offsets table cannot serve both")
         num_e = self.num_experts
-        host = torch.empty(len(self.layers), num_e, 3, dtype=torch.int64)  # the host rows' table entries
+        host = torch.empty(len(self.layers), num_e, self.flag + 1, dtype=torch.int64)  # the host rows' entries
         for layer, i in self.pos.items():
-            rows = store.layers[layer]
-            for c, name in enumerate(("gate_up", "down")):
-                t = rows[name]
-                if not t.is_contiguous() or t.dtype != gate_up.dtype:
-                    raise ValueError(f"host rows of layer {layer} {name} must be contiguous {gate_up.dtype}")
-                delta = t.data_ptr() - slab_base[c]
+            rows = layout.view(store.layers[layer], layer)
+            for c, name in enumerate(self.names):
+                t, base = rows[name], self.stacked[name]
+                size = base.element_size()
+                if t.dtype != base.dtype or t.stride()[1:] != base.stride()[1:]:  # the kernels take the slab's
+                    raise ValueError(f"host rows of layer {layer} {name} must be {base.dtype} laid out as a cache "
+                                     f"slot is (strides {base.stride()[1:]} within an expert)")
+                delta = t.data_ptr() - base.data_ptr()
                 if delta % size:
                     raise ValueError(f"host rows of layer {layer} {name} are not aligned to their elements")
                 host[i, :, c] = delta // size + torch.arange(num_e, dtype=torch.int64) * t.stride(0)
-            host[i, :, 2] = torch.arange(num_e, dtype=torch.int64)
-        self.host_rows = host  # [L, E, 3] on the host: what an unmapped key's row holds
-        self.slot_offsets = (gate_up.stride(0), down.stride(0))  # elements per slot
-        self.table = host.to(self.device, copy=True)  # [L, E, 3]: what steps read (never host_rows itself)
+            host[i, :, self.flag] = torch.arange(num_e, dtype=torch.int64)
+        self.host_rows = host  # [L, E, C + 1] on the host: what an unmapped key's row holds
+        self.slot_offsets = tuple(t.stride(0) for t in self.slab)  # elements per slot, per column
+        self.table = host.to(self.device, copy=True)  # [L, E, C + 1]: what steps read (never host_rows itself)
         self.routes = torch.zeros(len(self.layers), self.max_slots, dtype=torch.int64, device=self.device)
         self.mapped: dict[Key, int] = {}  # mirror: keys whose row points at their slot
         self.to_map: dict[Key, int] = {}  # keys copied into a slot, mapped once the copy lands
@@ -118,8 +129,8 @@ class MappedTable:
         flat = expert_ids.reshape(-1)
         slots = flat.numel()
         self.step_slots = slots
-        table = self.table[pos]  # [E, 3]
-        torch.index_select(table[:, 2], 0, flat, out=self.routes[pos, :slots])
+        table = self.table[pos]  # [E, C + 1]
+        torch.index_select(table[:, self.flag], 0, flat, out=self.routes[pos, :slots])
         out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table)
         if eager_hooks and pos == len(self.layers) - 1:
             self.after_step()
@@ -142,16 +153,16 @@ class MappedTable:
             pos = self.pos[layer]
             if slot is None:
                 self.mapped.pop((layer, e), None)
-                gu, dn, flag = self.host_rows[pos, e].tolist()
+                entries = self.host_rows[pos, e].tolist()
             else:
                 self.mapped[(layer, e)] = slot
-                gu, dn, flag = slot * self.slot_offsets[0], slot * self.slot_offsets[1], e + self.num_experts
-            rows.append((pos * self.num_experts + e, gu, dn, flag))
+                entries = [slot * step for step in self.slot_offsets] + [e + self.num_experts]
+            rows.append((pos * self.num_experts + e, *entries))
         self.updates.clear()
-        change = torch.tensor(rows, dtype=torch.int64)  # [n, 4]: flat row, then its three entries
+        change = torch.tensor(rows, dtype=torch.int64)  # [n, C + 2]: flat row, then its entries
         if self.cuda:
             change = change.pin_memory().to(self.device, non_blocking=True)
-        self.table.view(-1, 3).index_copy_(0, change[:, 0], change[:, 1:])
+        self.table.view(-1, self.flag + 1).index_copy_(0, change[:, 0], change[:, 1:])
 
     def after_step(self, tokens: int | None = None) -> None:
         """Queues the step's routes for the host, fences the cache's copies behind the step, and
@@ -271,15 +282,15 @@ def self_test(mapped: MappedTable) -> str | None:
     Runs the first layer's expert 0 through the offset kernels twice, from its host row and from a
     device copy of it, and compares bit for bit (the same compiled kernel reads both)."""
     runtime = mapped.runtime
-    rows = runtime.store.layers[mapped.layers[0]]
-    gate_up, down = mapped.slab
-    size = gate_up.element_size()
-    x = torch.randn(1, gate_up.shape[2], generator=torch.Generator().manual_seed(0)).to(mapped.device, gate_up.dtype)
+    layer = mapped.layers[0]
+    rows = runtime.layout.view(runtime.store.layers[layer], layer)
+    dtype = runtime.dtype if mapped.stacked.get("gate_up") is None else mapped.stacked["gate_up"].dtype
+    x = torch.randn(1, runtime.form.hidden, generator=torch.Generator().manual_seed(0)).to(mapped.device, dtype)
     ids = torch.zeros(1, 1, dtype=torch.long, device=mapped.device)
     w = torch.ones(1, 1, dtype=x.dtype, device=mapped.device)
-    copy_gu, copy_dn = rows["gate_up"][0].to(mapped.device, copy=True), rows["down"][0].to(mapped.device, copy=True)
-    on_device = torch.tensor([[(copy_gu.data_ptr() - gate_up.data_ptr()) // size,
-                               (copy_dn.data_ptr() - down.data_ptr()) // size, 0]], device=mapped.device)
+    copies = [rows[name][0].to(mapped.device, copy=True) for name in mapped.names]  # kept alive until the reads
+    on_device = torch.tensor([[(c.data_ptr() - t.data_ptr()) // t.element_size() for c, t in zip(copies, mapped.slab)]
+                              + [0]], device=mapped.device)
     try:
         form = runtime.form
         got = form.fused(x, ids, w, mapped.stacked, offsets=mapped.host_rows[0].to(mapped.device))
@@ -288,6 +299,8 @@ def self_test(mapped: MappedTable) -> str | None:
             torch.cuda.synchronize(mapped.device)
     except RuntimeError as e:
         return f"the device could not read host memory in place ({str(e).splitlines()[0]})"
+    if got is None or want is None:
+        return f"{form.name} experts' kernels do not read this stack in place"
     if not torch.equal(got, want):
         return "the device read wrong values from host memory in place"
     return None
