@@ -439,9 +439,9 @@ class Shape:
                                    **({"stored": stored, "stored_experts": mx_experts} if self.mxfp4 else {})}
         return out
 
-    def moekit_offloaded(self, label: str, budget: int) -> dict:
+    def moekit_offloaded(self, label: str, budget: int, misses: str = "fetch") -> dict:
         a = self.args
-        config = OffloadConfig(device_memory=budget)
+        config = OffloadConfig(device_memory=budget, misses=misses)
         free_memory(self.device, reset_peak=True)
         t = time.perf_counter()
         model = load_offloaded(self.folder, device=self.device, dtype=torch.bfloat16, offload=config,
@@ -457,7 +457,10 @@ class Shape:
         rep = runtime.report()
         offload_row(r, rep, budget, self.run.results["h2d_bytes_per_s"], self.compute_s)
         r.update(budget_bytes=budget, load_s=load_s, offload_config=config.to_dict(),
-                 source="host stacks shared with transformers (pinned)" if not self.mxfp4 else "MXFP4 checkpoint")
+                 source="host stacks shared with transformers (pinned)" if not self.mxfp4 else "MXFP4 checkpoint",
+                 misses=misses, misses_used=rep.get("misses_used", misses), mapped_reads=rep.get("mapped_reads"))
+        if misses != "fetch":  # --misses: which mode the row asked for and which ran
+            label = f"{label}, misses {misses} (ran {r['misses_used']})"
         self.run.row(self.name, "moekit offloaded", f"decode B=1 at {label}", r["decode_tok_s"], r["ceiling_tok_s"],
                      "tok/s", f"ceiling max(GPU-only step, PCIe {r['pcie_bytes_per_token'] / 1e6:.0f} MB/token); "
                      f"hit {r['hit_rate']:.2f}, peak {r['peak_bytes'] / 1e9:.2f} of {budget / 1e9:.2f} GB",
@@ -530,8 +533,9 @@ def bench_shape(run: Run, name: str) -> None:
     s.res["budgets"] = [{"label": lb, "bytes": b, "with_transformers": hf} for lb, b, hf in s.budgets()]
     for label, budget, with_hf in [(d["label"], d["bytes"], d["with_transformers"]) for d in s.res["budgets"]]:
         key = label.replace("% of ", "pct_").replace(" ", "_")
-        run.step(s.res, f"moekit_offload_{key}", lambda lb=label, b=budget: s.moekit_offloaded(lb, b),
-               need_s=20 if big else 0)
+        for misses in a.misses:  # fetch keeps the row's original key
+            run.step(s.res, f"moekit_offload_{key}" + ("" if misses == "fetch" else f"_{misses}"),
+                     lambda lb=label, b=budget, m=misses: s.moekit_offloaded(lb, b, m), need_s=20 if big else 0)
         if with_hf and not a.skip_hf_offload:
             run.step(s.res, f"hf_offload_{key}", lambda lb=label, b=budget: s.hf_offloaded(lb, b),
                    need_s=30 if big else 0)
@@ -596,6 +600,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-tokens", type=int, default=256, help="prefill length of the KV rows")
     p.add_argument("--budgets", default="0.25,0.10", help="offloaded rows: shares of the model's bytes ('' for none)")
     p.add_argument("--offload-tokens", type=int, default=32, help="tokens per moekit offloaded run")
+    p.add_argument("--misses", default="fetch", help="offloaded rows: comma-separated misses modes, each a row "
+                   "(fetch, cpu, auto, mapped)")
     p.add_argument("--hf-tokens", type=int, default=4, help="tokens per transformers + accelerate run")
     p.add_argument("--hf-offload-cap-s", type=float, default=45.0, help="seconds one accelerate row may take")
     p.add_argument("--skip-hf-offload", action="store_true")
@@ -612,6 +618,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.batches = [int(b) for b in a.batches.split(",") if b]
     a.hf_impls = [i for i in a.hf_impls.split(",") if i]
     a.budgets = [float(b) for b in a.budgets.split(",") if b]
+    a.misses = [m for m in a.misses.split(",") if m]
+    for m in a.misses:
+        if m not in ("fetch", "cpu", "auto", "mapped"):
+            p.error(f"--misses: {m!r} is not one of fetch, cpu, auto, mapped")
     if a.small:
         a.kv_tokens = min(a.kv_tokens, 24)
         a.new_tokens = min(a.new_tokens, 8)
