@@ -16,9 +16,10 @@ The checkpoint (not --small): a random bf16 OLMoE-layout model (4 layers, hidden
 top-8 of ffn 1024, 16 heads, ~3.3 GB) with the bundled model's tokenizer (vocab 4096), written on
 the GPU. Rows, in order: `single` (moekit serve, one process: static decode steps in CUDA graphs,
 overlap on), then each --parallel value (ranks started as torchrun starts them, RANK/WORLD_SIZE/
-MASTER_*, one GPU each; every step eager). Per row and concurrency C: a closed loop of C client
+MASTER_*, one GPU each; decode-only steps static, piecewise around the expert calls, steps with
+prompt chunks eager, no overlap). Per row and concurrency C: a closed loop of C client
 threads over --requests-per-slot x C requests (prompts of random token ids, --min-len..--max-len,
---new-tokens each, greedy): output tok/s, mean time per request; then SIGTERM to rank 0 and every
+--new-tokens each, greedy) after one untimed request: output tok/s, mean time per request; then SIGTERM to rank 0 and every
 process's exit code. `agree` is the share of a row's completions equal to the single-process
 server's (bf16 sums in another order can flip a near-tie token on random weights).
 """
@@ -167,6 +168,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="default: 64 (--small: 8)")
     p.add_argument("--start-timeout-s", type=float, default=240)
     p.add_argument("--tmpdir", default=None)
+    p.add_argument("--logs", default=None, help="folder for the servers' logs (default: a temporary one)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,10 +176,14 @@ def main() -> int:
     new_tokens = args.new_tokens or (8 if args.small else 64)
     device = "cpu" if args.small else "cuda"
     flags = ["--max-seqs", str(max(concurrency)), "--max-step-tokens", "512" if not args.small else "64",
-             "--log-level", "warning", "--device", device, "--served-model-name", "m"]
+             "--log-level", "info", "--device", device, "--served-model-name", "m"]
     if args.small:
         flags += ["--threads", "1"]
     model = checkpoint(args)
+    # the servers' logs (each request's time at --log-level info); $OUT takes few files back
+    logs = Path(args.logs or tempfile.mkdtemp(prefix="serve-ranks-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"server logs in {logs}", flush=True)
     rng = random.Random(0)
     prompts = {c: [[rng.randrange(1, 4096) for _ in range(rng.randint(args.min_len, args.max_len))]
                    for _ in range(args.requests_per_slot * c)] for c in concurrency}
@@ -187,9 +193,12 @@ def main() -> int:
     for parallel in [None, *args.parallel]:
         world = 2
         row = {"mode": parallel or "single"}
-        launch = Launch(model, flags, out, parallel, world)
+        launch = Launch(model, flags, logs, parallel, world)
         try:
             row["start_s"] = round(launch.wait_up(args.start_timeout_s), 1)
+            t0 = time.perf_counter()  # one untimed request first: a first request may pay one-off costs
+            post(launch.port, "/v1/completions", {"model": "m", "prompt": [1, 2, 3], "max_tokens": 2})
+            row["first_request_s"] = round(time.perf_counter() - t0, 2)
             row["loops"] = []
             for c in concurrency:
                 measures, texts = closed_loop(launch.port, prompts[c], c, new_tokens)

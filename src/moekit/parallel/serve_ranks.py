@@ -14,6 +14,10 @@ scheduler.decode is wrapped (`attach`) to send each decode step's rows (position
 table) and each warm-up, and every rank replays its own graph of the same bucket; the model's
 forward inside them (a capture) is not sent again.
 
+Headers and decode rows travel over a gloo group of their own (host memory), so that a rank
+waiting for the next step waits on the host, not in a GPU kernel; the packed inputs of a ragged
+step, which rank 0 holds on its device, over the model's group (NCCL on GPUs).
+
 Messages, in order on every rank: a header [8] int64 (kind, tokens N or decode rows B, sequences
 B, table width MB, query tiles T, KV blocks, block size, last_only or warm-up batch) and, for a
 step, one int64 payload. While rank 0 is idle it sends a heartbeat every timeout/4 seconds, so
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -52,7 +57,7 @@ class StepMirror:
     def __init__(self, model: torch.nn.Module, comm: ExpertComm):
         if comm.rank != 0:
             raise MoekitError(f"StepMirror runs on rank 0 (the HTTP front end), not rank {comm.rank}")
-        self.comm = comm
+        self.comm, self.control = comm, control_comm(comm)
         self.heartbeat_s = comm.timeout_s / 4  # an idle follower hears from rank 0 well before its timeout
         self.steps = 0  # steps broadcast
         self.stopped = False
@@ -88,7 +93,7 @@ class StepMirror:
             parts.append(tiles.reshape(-1))
         payload = torch.cat([p.to(device, torch.long) for p in parts])
         self._send(header, "sending a step to the other ranks")
-        _broadcast(self.comm, payload, "sending a step to the other ranks")
+        _broadcast(self.comm, payload, "sending a step to the other ranks")  # on the model's device
         self.steps += 1
 
     def idle(self) -> None:
@@ -104,7 +109,7 @@ class StepMirror:
         self._send([STOP] + [0] * (HEADER_LEN - 1), "stopping the other ranks")
 
     def _send(self, header: list[int], what: str) -> None:
-        _broadcast(self.comm, torch.tensor(header, dtype=torch.long, device=self.comm.device), what)
+        _broadcast(self.control, torch.tensor(header, dtype=torch.long), what)
 
 
 class _MirroredDecode:
@@ -128,8 +133,7 @@ class _MirroredDecode:
                 + [b for t in tables for b in t + [0] * (width - len(t))])
         header = [DECODE, len(work), len(work), width, 0, cache.num_blocks, cache.block_size, 0]
         self.mirror._send(header, "sending a decode step to the other ranks")
-        _broadcast(self.mirror.comm, torch.tensor(rows, dtype=torch.long, device=self.mirror.comm.device),
-                   "sending a decode step to the other ranks")
+        _broadcast(self.mirror.control, torch.tensor(rows, dtype=torch.long), "sending a decode step to the other ranks")
         self.mirror.steps += 1
         return self._quietly(self.inner, work)
 
@@ -159,14 +163,14 @@ def follow(model: torch.nn.Module, comm: ExpertComm) -> int:
         signal.signal(sig, signal.SIG_IGN)
     from ..paged_decode import PagedDecode
 
+    control = control_comm(comm)
     cache: PagedKVCache | None = None
     decode: PagedDecode | None = None
     steps = 0
     with torch.inference_mode():
         while True:
-            header = torch.zeros(HEADER_LEN, dtype=torch.long, device=comm.device)
             kind, n, b, mb, t, num_blocks, block_size, extra = _broadcast(
-                comm, header, "waiting for rank 0's next step").tolist()
+                control, torch.zeros(HEADER_LEN, dtype=torch.long), "waiting for rank 0's next step").tolist()
             if kind == STOP:
                 return steps
             if kind == IDLE:
@@ -183,7 +187,7 @@ def follow(model: torch.nn.Module, comm: ExpertComm) -> int:
                 decode.warm(extra)
                 continue
             if kind == DECODE:
-                rows = _broadcast(comm, torch.zeros(3 * b + b * mb, dtype=torch.long, device=comm.device),
+                rows = _broadcast(control, torch.zeros(3 * b + b * mb, dtype=torch.long),
                                   "receiving rank 0's decode step").tolist()
                 positions, tokens, lens = rows[:b], rows[b:2 * b], rows[2 * b:3 * b]
                 # the block tables are rank 0's: this rank's pool mirrors its blocks one for one
@@ -196,6 +200,14 @@ def follow(model: torch.nn.Module, comm: ExpertComm) -> int:
             ids, batch = _unpack(payload, n, b, mb, t, model.device)
             model(ids, cache=cache, start=batch, last_only=bool(extra))
             steps += 1
+
+
+def control_comm(comm: ExpertComm) -> ExpertComm:
+    """Returns a comm over a new gloo group of the same ranks, on the host (every rank must call
+    it at the same point: creating a group is collective)."""
+    group = dist.new_group(list(range(comm.world)), timeout=timedelta(seconds=comm.timeout_s), backend="gloo")
+    return ExpertComm(comm.rank, comm.world, torch.device("cpu"), comm.timeout_s, group,
+                      label=f"rank {comm.rank} of {comm.world} (control)")
 
 
 def _unpack(payload: torch.Tensor, n: int, b: int, mb: int, t: int,
