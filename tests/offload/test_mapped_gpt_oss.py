@@ -2,7 +2,8 @@
 (float32) and MXFP4, offloaded down to a 2-expert cache generates the resident model's greedy
 tokens with its misses read through the offsets table, whose rows place every stored tensor of an
 expert (weights, biases; MXFP4 blocks and scales) in its cache slot or its packed host row. On the
-CPU the per-slot kernels run under TRITON_INTERPRET=1 and the host rows are ordinary tensors.
+CPU the per-slot kernels run under TRITON_INTERPRET=1 and the host rows are ordinary tensors; the
+GPU test reads page-locked host rows in place and checks that each decode step is captured whole.
 
 Shapes: L = MoE layers, E = experts per layer, C = the form's in-place tensors.
 """
@@ -27,8 +28,6 @@ pytestmark = pytest.mark.skipif(not triton_ops.HAVE_TRITON, reason="triton not i
 @pytest.fixture(scope="module")
 def checkpoints(tiny, tmp_path_factory):
     """Returns {"dense": tiny gpt-oss (float32 experts), "mxfp4": a wider one with MXFP4 experts}."""
-    if not triton_ops.triton_usable(torch.empty(0)):
-        pytest.skip("the CPU tests of the mapped path need TRITON_INTERPRET=1 (CUDA runs them for real)")
     from families.test_checkpoint_formats import mxfp4_copy
 
     mx = mxfp4_copy(tiny("gpt_oss_wide").path, tmp_path_factory.mktemp("mapped_oss") / "mxfp4")
@@ -61,6 +60,8 @@ def check_table(runtime) -> None:
 
 @pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
 def test_greedy_equals_resident_reading_misses_in_place(checkpoints, fmt):
+    if not triton_ops.triton_usable(torch.empty(0)):
+        pytest.skip("the CPU tests of the mapped path need TRITON_INTERPRET=1 (the gpu test covers CUDA)")
     path = checkpoints[fmt]
     ids = token_ids(1, 6, seed=5)
     resident = moekit.load_model(path).generate(ids, max_new_tokens=8, temperature=0, eos_token_ids=())
@@ -76,3 +77,29 @@ def test_greedy_equals_resident_reading_misses_in_place(checkpoints, fmt):
     assert report["lookups"] == report["hits"] + report["demand_fetches"] + report["mapped_reads"]
     assert report["mapped_reads"] > 0 and report["admissions"] > 0 and report["hits"] > 0, report
     assert report["decode_tokens"] == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4"])
+def test_gpu_steps_are_captured_whole_and_match_resident(checkpoints, fmt):
+    """On CUDA: a 2-slot cache (misses every step, admissions between steps) reading the rest from
+    page-locked host rows; every decode step one CUDA graph, the resident model's greedy tokens."""
+    from moekit.generate import GenerationStats
+
+    path = checkpoints[fmt]
+    ids = token_ids(1, 8, seed=5)
+    expected = moekit.load_model(path, device="cuda", dtype="float32").generate(
+        ids, max_new_tokens=16, temperature=0, eos_token_ids=())
+    model = load_offloaded(path, device="cuda", dtype="float32", offload=OffloadConfig(
+        context_tokens=32, misses="mapped", predictor="none"))
+    runtime = model.offload
+    runtime.new_cache(2)  # what the unbudgeted plan cached (every expert) cut to 2 slots, with a new table
+    assert runtime.misses == "mapped" and runtime.mapped is not None, runtime.misses_note
+    stats = GenerationStats()
+    got = model.generate(ids, max_new_tokens=16, temperature=0, eos_token_ids=(), stats=stats)
+    assert stats.extra.get("graph") == "whole", stats.extra
+    assert torch.equal(got, expected)
+    check_table(runtime)
+    report = runtime.report()
+    assert report["mapped_reads"] > 0 and report["lookups"] == report["hits"] + report["demand_fetches"] + \
+        report["mapped_reads"], report
