@@ -22,9 +22,9 @@ Messages, in order on every rank: a header [8] int64 (kind, tokens N or decode r
 B, table width MB, query tiles T, KV blocks, block size, last_only or warm-up batch) and, for a
 step, one int64 payload. While rank 0 is idle it sends a heartbeat every timeout/4 seconds, so
 that a following rank's wait for the next step never reaches the collective timeout; at shutdown
-it sends STOP and every rank leaves the process group. Prefill-carrying steps run eagerly (static
-mixed steps are off) and so does every step's sampling on rank 0: overlapping consecutive decode
-steps is off, as the followers would need the sampled tokens before rank 0 reads them.
+it sends STOP and every rank leaves the process group. Steps with prompt chunks run eagerly
+(static mixed steps are off), and consecutive decode steps do not overlap: a follower needs each
+step's input tokens, which rank 0 samples, before that step runs.
 
 Shapes: N = packed tokens of a step, B = its sequences, MB = blocks in the widest block table,
 T = query tiles (packed prefill kernel; 0 in a decode step).
@@ -32,7 +32,6 @@ T = query tiles (packed prefill kernel; 0 in a decode step).
 
 from __future__ import annotations
 
-import logging
 import signal
 from datetime import timedelta
 
@@ -42,8 +41,6 @@ import torch.distributed as dist
 from ..errors import MoekitError
 from ..kv_cache import PagedKVCache, RaggedBatch
 from .comm import ExpertComm
-
-log = logging.getLogger("moekit.serve")
 
 STOP, STEP, IDLE, DECODE, WARM = 0, 1, 2, 3, 4  # header kinds
 HEADER_LEN = 8
