@@ -266,9 +266,11 @@ def test_model_decode_fused_equals_reference(tiny, variant, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["olmoe", "qwen3_moe", "mixtral", "glm4_moe_plain", "olmoe_clip"])
+@pytest.mark.parametrize("variant", ["olmoe", "qwen3_moe", "mixtral", "glm4_moe_plain", "olmoe_clip",
+                                     "deepseek_v2", "deepseek_v3", "gpt_oss", "gpt_oss_full"])
 def test_model_decode_fused_equals_reference_cuda(tiny, variant, monkeypatch):
-    """bf16 on CUDA, the decode step captured as generate captures it: MOEKIT_FUSED=1 vs 0."""
+    """bf16 on CUDA, the decode step captured as generate captures it: MOEKIT_FUSED=1 vs 0 (the
+    kernels compiled for real, which the interpreter does not do: MLA's, the sinks', the router's)."""
     from moekit.generate import _GraphedDecode
 
     model = moekit.load_model(tiny(variant).path).to("cuda", torch.bfloat16)

@@ -159,32 +159,6 @@ def test_deepseek_decode_fused_equals_reference(tiny, variant, dtype, split, mon
         assert rel_error(got, expected) < (3e-2 if split else 1e-2)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v3"])
-def test_deepseek_decode_fused_equals_reference_cuda(tiny, variant, monkeypatch):
-    """bf16 on CUDA, the decode step captured as generate captures it: MOEKIT_FUSED=1 vs 0 (the
-    kernels compiled for real, which the interpreter does not do)."""
-    from moekit.generate import _GraphedDecode
-
-    model = moekit.load_model(tiny(variant).path).to("cuda", torch.bfloat16)
-    prompt = token_ids(1, 6).cuda()
-    results = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("MOEKIT_FUSED", flag)
-        eager = _decode_logits(model, prompt, 4)
-        cache = KVCache(model.config, 1, 16, "cuda", torch.bfloat16)
-        with torch.inference_mode():
-            logits = model(prompt, cache=cache, start=0, last_only=True)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            step = _GraphedDecode(model, cache, token, prompt.shape[1])
-            graphed = step(token, prompt.shape[1])[0, -1].float().clone()
-        results[flag] = eager, graphed
-    (eager_ref, graphed_ref), (eager, graphed) = results["0"], results["1"]
-    assert rel_error(eager, eager_ref) < 2e-2
-    assert rel_error(graphed, graphed_ref) < 2e-2
-    assert rel_error(graphed, eager[0]) < 2e-2
-
-
 @pytest.mark.parametrize("weights_in_kernel", [True, False])
 @pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek_v3"])
 def test_paged_decode_fused_equals_reference(tiny, variant, weights_in_kernel, monkeypatch):
