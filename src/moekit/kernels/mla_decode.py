@@ -148,6 +148,29 @@ def _scores(q_lat, q_rope, kc_ptr, rc_ptr, lat_ptr, rope_ptr, b, s, start, last,
 
 
 @triton.jit
+def _row_start(start_ptr, kc_ptr, rc_ptr, lat_ptr, rope_ptr, n, b, t, writer, rr, dd, S, stride_kc_b, stride_kc_s,
+               stride_rc_b, stride_rc_s, R: tl.constexpr, DR: tl.constexpr, PAGED: tl.constexpr):
+    """Returns (start, last) of token row n (sequence b, token t of the step): PAGED, start is b's
+    context length and every position it attends to is cached (last = start - 1); dense, start is
+    the step's first position and last = start + t, and the row's `writer` program stores its
+    latent and rope key at `last` (dropped past S) for the later steps to read."""
+    if PAGED:
+        start = tl.load(start_ptr + b).to(tl.int64)
+        last = start - 1
+    else:
+        start = tl.load(start_ptr).to(tl.int64)
+        last = start + t
+        if writer:
+            keep_r = rr < tl.where(last < S, R, 0)  # (a scalar & a vector of bools trips the interpreter)
+            keep_d = dd < tl.where(last < S, DR, 0)
+            tl.store(kc_ptr + b * stride_kc_b + last * stride_kc_s + rr,
+                     tl.load(lat_ptr + n * R + rr, mask=keep_r), mask=keep_r)
+            tl.store(rc_ptr + b * stride_rc_b + last * stride_rc_s + dd,
+                     tl.load(rope_ptr + n * DR + dd, mask=keep_d), mask=keep_d)
+    return start, last
+
+
+@triton.jit
 def mla_attention_kernel(
     q_ptr, w_ptr, qlat_ptr, lat_ptr, rope_ptr, kc_ptr, rc_ptr, start_ptr, out_ptr, tables_ptr,
     N, T, S, scale, stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, stride_tb, page,
@@ -172,24 +195,12 @@ def mla_attention_kernel(
     b = n // T
     t = n % T
     DQK: tl.constexpr = DN + DR
-    if PAGED:
-        start = tl.load(start_ptr + b).to(tl.int64)  # every position it attends to is cached
-        last = start - 1
-    else:
-        start = tl.load(start_ptr).to(tl.int64)
-        last = start + t
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     dd = tl.arange(0, DR_PAD)
     d_ok = dd < DR
-    if not PAGED:  # noqa: SIM102 (a constexpr test and a tensor one: the compiler takes no `and` of them)
-        if h == 0:
-            keep_r = rr < tl.where(last < S, R, 0)  # (a scalar & a vector of bools trips the interpreter)
-            keep_d = dd < tl.where(last < S, DR, 0)
-            tl.store(kc_ptr + b * stride_kc_b + last * stride_kc_s + rr,
-                     tl.load(lat_ptr + n * R + rr, mask=keep_r), mask=keep_r)
-            tl.store(rc_ptr + b * stride_rc_b + last * stride_rc_s + dd,
-                     tl.load(rope_ptr + n * DR + dd, mask=keep_d), mask=keep_d)
+    start, last = _row_start(start_ptr, kc_ptr, rc_ptr, lat_ptr, rope_ptr, n, b, t, h == 0, rr, dd, S,
+                             stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, R, DR, PAGED)
     q_row = q_ptr + n * H * DQK + h * DQK
     w_head = w_ptr + h * (DN + DV) * R
     dt = q_ptr.dtype.element_ty
@@ -269,24 +280,12 @@ def mla_split_kernel(
     b = n // T
     t = n % T
     DQK: tl.constexpr = DN + DR
-    if PAGED:
-        start = tl.load(start_ptr + b).to(tl.int64)  # every position it attends to is cached
-        last = start - 1
-    else:
-        start = tl.load(start_ptr).to(tl.int64)
-        last = start + t
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     dd = tl.arange(0, DR_PAD)
     d_ok = dd < DR
-    if not PAGED:  # noqa: SIM102 (a constexpr test and a tensor one: the compiler takes no `and` of them)
-        if hb + j == 0:
-            keep_r = rr < tl.where(last < S, R, 0)
-            keep_d = dd < tl.where(last < S, DR, 0)
-            tl.store(kc_ptr + b * stride_kc_b + last * stride_kc_s + rr,
-                     tl.load(lat_ptr + n * R + rr, mask=keep_r), mask=keep_r)
-            tl.store(rc_ptr + b * stride_rc_b + last * stride_rc_s + dd,
-                     tl.load(rope_ptr + n * DR + dd, mask=keep_d), mask=keep_d)
+    start, last = _row_start(start_ptr, kc_ptr, rc_ptr, lat_ptr, rope_ptr, n, b, t, hb + j == 0, rr, dd, S,
+                             stride_kc_b, stride_kc_s, stride_rc_b, stride_rc_s, R, DR, PAGED)
     heads = hb * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)  # [HB]
     h_ok = heads < H
     dt = q_ptr.dtype.element_ty
