@@ -128,52 +128,7 @@ def instrument(parts: Parts) -> None:
         return
     parts.wrap(graphs.TaskGraphs, "pre", "pre_attn")
     parts.wrap(graphs.TaskGraphs, "post", "post_attn")
-    parts.wrap(StandInGraph, "replay", "replay", count=False)
-
-
-class StandInGraph:
-    """torch.cuda.CUDAGraph on the CPU (--stand-in-graphs): a replay runs the captured part again on
-    the graph's static inputs and writes its static outputs in place. What the launch thread does
-    around the replays is the engine's graph path as on a GPU; the replay's own time is the part
-    run eagerly (on a GPU: one launch) and its ops are not counted."""
-
-    def capture_begin(self, pool=None, capture_error_mode="global"):
-        pass
-
-    def capture_end(self):
-        pass
-
-    def replay(self):
-        for static, fresh in zip(self.static_out, self.part(*self.static_in)):
-            static.copy_(fresh)
-
-
-class _NoStream:
-    def wait_stream(self, other):
-        pass
-
-
-def stand_in_graphs(model) -> None:
-    """Makes the model's CGOPipe tasks run through TaskGraphs with StandInGraph on the CPU."""
-    import contextlib
-
-    from moekit.pipeline.graphs import TaskGraphs
-
-    graphs = TaskGraphs(model, model.expert_runtime)
-    graphs.capturable, graphs.stream = True, _NoStream()
-    capture = graphs._capture
-
-    def capture_linked(key, part, inputs):
-        entry = capture(key, part, inputs)
-        if entry is not None:
-            entry[0].part, entry[0].static_in, entry[0].static_out = part, entry[1], entry[2]
-        return entry
-
-    graphs._capture = capture_linked
-    torch.cuda.CUDAGraph = StandInGraph
-    torch.cuda.current_stream = lambda device=None: _NoStream()
-    torch.cuda.stream = lambda stream: contextlib.nullcontext()
-    model._pipeline_graphs = graphs
+    parts.wrap(graphs.StandInGraph, "replay", "replay", count=False)
 
 
 def decode(model, prompts, gen: int, micro_batch: int, parts: Parts | None, graphs: bool | None = None):
@@ -228,6 +183,8 @@ def main() -> int:
     prompts = synthetic_prompts(args.sequences, args.prompt_len, cfg.vocab_size)
     graphs = None
     if args.stand_in_graphs:
+        from moekit.pipeline.graphs import stand_in_graphs
+
         stand_in_graphs(model)
         graphs = True
     decode(model, prompts, 3, args.micro_batch, None, graphs)  # warm-up (kernels, buffers; graphs captured)

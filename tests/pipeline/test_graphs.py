@@ -11,7 +11,7 @@ import torch
 from moekit.generate import generate_ragged
 from moekit.load import load_model
 from moekit.pipeline.cgopipe import PipelinedDecoder, generate_pipelined
-from moekit.pipeline.graphs import TaskGraphs, graphs_wanted
+from moekit.pipeline.graphs import TaskGraphs, graphs_wanted, stand_in_graphs
 from moekit.pipeline.paged import PagedLoader
 
 PROMPTS = [[5, 17, 300, 42, 9, 11, 7], [1000, 3], [77] * 20, [8, 9, 10, 11, 12], [2048, 1, 4095, 31]]
@@ -44,51 +44,16 @@ def test_graph_bookkeeping_on_the_cpu_gives_the_tokens_of_generate(resident):
         assert runtime.pages_loaded > pages and runtime.whole_loads - whole <= len(runtime.layers)
 
 
-class _Replaying:
-    """Stands in for torch.cuda.CUDAGraph on the CPU: a replay runs the captured part again on the
-    graph's static inputs and writes its static outputs in place, as a graph's kernels would."""
-
-    def capture_begin(self, pool=None, capture_error_mode="global"):
-        pass
-
-    def capture_end(self):
-        pass
-
-    def replay(self):
-        for static, fresh in zip(self.static_out, self.part(*self.static_in)):
-            static.copy_(fresh)
-
-
-class _NoStream:
-    def wait_stream(self, other):
-        pass
-
-
 @pytest.mark.parametrize("resident", [None, 2])
 def test_replays_give_the_tokens_of_generate(resident, monkeypatch):
     """The replay plumbing on the CPU (static inputs copied in, outputs copied into the micro-batch's
     buffers, one graph per part/layer/size/buffer half, the paged bookkeeping around PostAttn) with
     a stand-in graph that re-runs the captured part: the tokens of moekit.generate."""
-    import contextlib
 
     experts = None if resident is None else PagedLoader(resident=resident)
     model = load_model(device="cpu", dtype="float32", experts=experts)
     expected = generate_ragged(model, PROMPTS, max_new_tokens=6, temperature=0.0, stop_at_eos=False)
-    graphs = TaskGraphs(model, model.expert_runtime)
-    graphs.capturable, graphs.stream = True, _NoStream()
-    capture = graphs._capture
-
-    def capture_linked(key, part, inputs):
-        entry = capture(key, part, inputs)
-        if entry is not None:
-            entry[0].part, entry[0].static_in, entry[0].static_out = part, entry[1], entry[2]
-        return entry
-
-    monkeypatch.setattr(graphs, "_capture", capture_linked)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Replaying)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    model._pipeline_graphs = graphs
+    graphs = stand_in_graphs(model, monkeypatch.setattr)
     got = generate_pipelined(model, PROMPTS, max_new_tokens=6, micro_batch=2, graphs=True)
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
     layers = model.config.num_layers

@@ -154,3 +154,48 @@ class TaskGraphs:
         """Returns the graphs' counts: captured, replays, keys left eager and why."""
         return {"captured": len(self.graphs), "replays": self.replays,
                 "failed": {"/".join(map(str, k)): why for k, why in self.failed.items()}}
+
+
+class StandInGraph:
+    """torch.cuda.CUDAGraph's stand-in on the CPU (tests, probes/launch-cost runs): a replay runs the
+    captured part again on the graph's static inputs and writes its static outputs in place, as a
+    graph's kernels would; what the launch thread does around the replays is the GPU's graph path."""
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        pass
+
+    def capture_end(self):
+        pass
+
+    def replay(self):
+        for static, fresh in zip(self.static_out, self.part(*self.static_in)):
+            static.copy_(fresh)
+
+
+class _NoStream:
+    def wait_stream(self, other):
+        pass
+
+
+def stand_in_graphs(model, set_attr: Callable = setattr) -> TaskGraphs:
+    """Makes a CPU model's CGOPipe tasks run through TaskGraphs with StandInGraph and returns them;
+    `set_attr` sets each patched attribute of torch.cuda and the graphs (pytest's
+    monkeypatch.setattr undoes them after a test)."""
+    import contextlib
+
+    graphs = TaskGraphs(model, model.expert_runtime)
+    graphs.capturable, graphs.stream = True, _NoStream()
+    capture = graphs._capture
+
+    def capture_linked(key, part, inputs):
+        entry = capture(key, part, inputs)
+        if entry is not None:
+            entry[0].part, entry[0].static_in, entry[0].static_out = part, entry[1], entry[2]
+        return entry
+
+    set_attr(graphs, "_capture", capture_linked)
+    set_attr(torch.cuda, "CUDAGraph", StandInGraph)
+    set_attr(torch.cuda, "current_stream", lambda device=None: _NoStream())
+    set_attr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    model._pipeline_graphs = graphs
+    return graphs
