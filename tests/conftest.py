@@ -356,3 +356,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def paged_case(lens: list[int], h: int, hkv: int, dh: int, bs: int, dtype: torch.dtype, seed: int = 0,
+               sinks: bool = False):
+    """Returns q [B, H, Dh], pools [NB, BS, Hkv, Dh], block tables [B, MB] (shuffled blocks) and
+    context lens [B] of a paged decode attention case; with `sinks`, also sink logits [H] (some far
+    above the scores, some far below)."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // bs) for n in lens]
+    nb = sum(per_seq) + 1
+    keys = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
+    values = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
+    order = torch.randperm(nb, generator=g).tolist()
+    mb = max(per_seq)
+    tables, at = [], 0
+    for n in per_seq:
+        tables.append(order[at:at + n] + [0] * (mb - n))
+        at += n
+    q = torch.randn(len(lens), h, dh, generator=g).to(dtype)
+    case = (q, keys, values, torch.tensor(tables, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32))
+    if not sinks:
+        return case
+    logits = 2.0 * torch.randn(h, generator=g)
+    logits[0], logits[-1] = 30.0, -30.0  # the sink takes nearly all the weight / none of it
+    return (*case, logits)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import paged_case as make_case
 
 from moekit import native
 from moekit.native import attention as na
@@ -14,23 +15,6 @@ from moekit.paged_attention import decode_attention_reference
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no native library: {native.unavailable_reason()}")
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-
-
-def make_case(lens: list[int], h: int, hkv: int, dh: int, bs: int, dtype: torch.dtype, seed: int = 0):
-    """Returns q [B, H, Dh], pools [NB, BS, Hkv, Dh], block tables [B, MB] (shuffled blocks) and context lens."""
-    g = torch.Generator().manual_seed(seed)
-    per_seq = [-(-n // bs) for n in lens]
-    nb = sum(per_seq) + 1
-    keys = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
-    values = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
-    order = torch.randperm(nb, generator=g).tolist()
-    mb = max(per_seq)
-    tables, at = [], 0
-    for n in per_seq:
-        tables.append(order[at:at + n] + [0] * (mb - n))
-        at += n
-    q = torch.randn(len(lens), h, dh, generator=g).to(dtype)
-    return q, keys, values, torch.tensor(tables, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import paged_case
 
 from moekit import native
 from moekit.kv_cache import RaggedBatch
@@ -17,24 +18,9 @@ needs_native = pytest.mark.skipif(native.library() is None, reason=f"no native l
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
 
 
-def make_case(lens: list[int], h: int, hkv: int, dh: int, bs: int, dtype: torch.dtype, seed: int = 0):
-    """Returns q [B, H, Dh], pools [NB, BS, Hkv, Dh], block tables [B, MB] (shuffled blocks),
-    context lens [B] and sink logits [H] (some far above the scores, some far below)."""
-    g = torch.Generator().manual_seed(seed)
-    per_seq = [-(-n // bs) for n in lens]
-    nb = sum(per_seq) + 1
-    keys = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
-    values = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
-    order = torch.randperm(nb, generator=g).tolist()
-    mb = max(per_seq)
-    tables, at = [], 0
-    for n in per_seq:
-        tables.append(order[at:at + n] + [0] * (mb - n))
-        at += n
-    q = torch.randn(len(lens), h, dh, generator=g).to(dtype)
-    sinks = 2.0 * torch.randn(h, generator=g)
-    sinks[0], sinks[-1] = 30.0, -30.0  # the sink takes nearly all the weight / none of it
-    return q, keys, values, torch.tensor(tables, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), sinks
+def make_case(lens, h, hkv, dh, bs, dtype, seed=0):
+    """paged_case with sink logits [H] after the context lens."""
+    return paged_case(lens, h, hkv, dh, bs, dtype, seed, sinks=True)
 
 
 @needs_native
