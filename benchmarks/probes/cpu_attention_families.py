@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ import torch
 from moekit import native
 from moekit.native import attention as na
 from moekit.native.experts import stream_read_bytes_per_s
+from moekit.pipeline.machine import _best
 
 SHAPES = {  # name: (query heads, kv heads, row width, window, sinks)
     "mixtral": (32, 8, 128, None, False),
@@ -49,16 +49,6 @@ def case(heads: int, kv_heads: int, width: int, seqs: int, context: int, block: 
     lens = torch.full((seqs,), context, dtype=torch.int32)
     q = torch.randn(seqs, heads, width).to(torch.bfloat16)
     return q, keys, values, tables, lens
-
-
-def best_seconds(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> int:
@@ -88,7 +78,7 @@ def main() -> int:
         want = na.reference(q[:2], keys, values, tables[:2], lens[:2], window, sinks=sinks)
         err = float((got.float() - want).abs().max() / want.abs().max())
         out = torch.empty_like(q)
-        seconds = best_seconds(lambda: na.decode_attention(q, keys, values, tables, lens, window, out=out,
+        seconds = _best(lambda: na.decode_attention(q, keys, values, tables, lens, window, out=out,
                                                             threads=threads, sinks=sinks), 3 if args.quick else 10)
         attended = min(context, window) if window else context
         # bytes a step must read: MLA's joint row once (keys and values are the same row), GQA's K and V
