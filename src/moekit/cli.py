@@ -196,6 +196,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moekit.quant.cli",
     "moekit.serve.cli",
     "moekit.pipeline.cli",
+    "moekit.pipeline.batch_cli",
 )
 
 def build_parser() -> argparse.ArgumentParser:
