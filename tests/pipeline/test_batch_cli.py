@@ -52,15 +52,21 @@ def test_completions_equal_moekit_generate_greedy(finished, capsys):
     assert "3 prompts (0 done before)" in summary and f"{3 * NEW_TOKENS} tokens" in summary and "tok/s" in summary
 
 
-def test_rerun_after_a_crash_finishes_the_rest_once(finished, tmp_path, capsys):
+def test_rerun_after_a_crash_finishes_the_rest_once(finished, tmp_path, capsys, monkeypatch):
+    import moekit.progress
+
+    monkeypatch.setattr(moekit.progress, "EVERY_S", 0.0)  # a progress line at every decode step
     inp, lines, _ = finished
     out = tmp_path / "out.jsonl"
     torn = lines[1][: len(lines[1]) // 2]  # the second record cut mid-write
     out.write_text(lines[0] + "\n" + torn, encoding="utf-8")
     # the HRM plans the rest (for an H200's levels): a different batch, the same greedy tokens
     assert main(batch_args(inp, out, "--machine", "h200", "--device-memory", "16GiB")) == 0
-    summary = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "2 prompts (1 done before)" in summary and "predicted by the HRM" in summary
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "2 prompts (1 done before)" in err[-1] and "predicted by the HRM" in err[-1]
+    steps = [line for line in err if line.startswith("moekit: batch: ") and " tok (" in line]
+    assert len(steps) >= NEW_TOKENS and f"{2 * NEW_TOKENS}/{2 * NEW_TOKENS} tok (100%)" in steps[-1]
+    assert all(" tok/s, " in line for line in steps)
     again = out.read_text(encoding="utf-8").splitlines()
     assert [json.loads(x) for x in again] == [json.loads(x) for x in lines]  # each id once, torn line gone
     assert main(batch_args(inp, out)) == 0  # nothing left: nothing loaded, nothing written

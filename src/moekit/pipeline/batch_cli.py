@@ -206,12 +206,9 @@ def plan_batch(args: argparse.Namespace, path: Path, prompt_tokens: list[int]):
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from ..checkpoint import parse_device, parse_dtype
-    from ..generate import GenerationStats
     from ..load import read_config
-    from ..progress import Progress
     from ..tokenizer import load_tokenizer
     from .batch import load_paged, resident_experts
-    from .cgopipe import generate_pipelined
 
     if args.max_new_tokens <= 0:
         raise MoekitError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
@@ -239,26 +236,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     policy, plan = plan_batch(args, path, [len(t) for t in ids])
     resident = resident_experts(path, SimpleNamespace(policy=policy))  # it reads the plan's policy only
     model = load_paged(path, resident, device, args.dtype)
-    eos = set(model.generation_defaults.get("eos_token_ids", ()))
     writer = ResultWriter(out, cut_to)
-    tokens_total, start = 0, time.perf_counter()
+    start = time.perf_counter()
     try:
-        with Progress(len(pending), "batch", unit="prompt") as bar:
-            for at in range(0, len(pending), policy.batch):
-                chunk, chunk_ids = pending[at:at + policy.batch], ids[at:at + policy.batch]
-                stats = GenerationStats()
-                outs = generate_pipelined(model, chunk_ids, args.max_new_tokens, min(policy.micro_batch, len(chunk)),
-                                          stats=stats)
-                for r, prompt_ids, new in zip(chunk, chunk_ids, outs):
-                    new = new.tolist()
-                    stop = next((k for k, t in enumerate(new) if t in eos), None)
-                    kept = new if stop is None else new[:stop]
-                    writer.write({"id": r.id, "prompt": r.prompt, "completion": tokenizer.decode(kept),
-                                  "tokens": kept, "prompt_tokens": len(prompt_ids), "new_tokens": len(kept),
-                                  "finish": "length" if stop is None else "eos"})
-                tokens_total += len(chunk) * args.max_new_tokens  # what the engine generated (no early stop)
-                seconds = time.perf_counter() - start
-                bar.update(len(chunk), note=f"{tokens_total / seconds:.1f} tok/s")
+        tokens_total = run_chunks(model, tokenizer, pending, ids, policy, args.max_new_tokens, writer)
     finally:
         writer.close()
     seconds = time.perf_counter() - start
@@ -268,6 +249,41 @@ def cmd_batch(args: argparse.Namespace) -> int:
           f"in {seconds:.1f} s = {tokens_total / seconds:.1f} tok/s ({predicted}); N = {policy.batch}, micro-batch "
           f"{policy.micro_batch}, {resident} experts per layer resident, {device}; results in {out}", file=sys.stderr)
     return 0
+
+
+def run_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], policy, max_new_tokens: int,
+               writer: ResultWriter) -> int:
+    """Returns the tokens generated for `pending` (token ids `ids`), run in chunks of the policy's N
+    through generate_pipelined (its micro-batch), each chunk's records written when it ends; the
+    progress counts tokens decode step by decode step."""
+    from ..progress import Progress
+    from .cgopipe import generate_pipelined
+
+    eos = set(model.generation_defaults.get("eos_token_ids", ()))
+    tokens_total, start = 0, time.perf_counter()
+    with Progress(len(pending) * max_new_tokens, "batch", unit="tok") as bar:
+        for at in range(0, len(pending), policy.batch):
+            chunk, chunk_ids = pending[at:at + policy.batch], ids[at:at + policy.batch]
+            counted = 0
+
+            def on_step(steps: int) -> None:  # steps: tokens so far of each sequence in the chunk
+                nonlocal counted
+                now = len(chunk) * steps
+                rate = (tokens_total + now) / max(time.perf_counter() - start, 1e-9)
+                bar.update(now - counted, note=f"{rate:.1f} tok/s, {at} prompts written")
+                counted = now
+
+            outs = generate_pipelined(model, chunk_ids, max_new_tokens, min(policy.micro_batch, len(chunk)),
+                                      on_step=on_step)
+            for r, prompt_ids, new in zip(chunk, chunk_ids, outs):
+                new = new.tolist()  # the engine runs all max_new_tokens; the completion ends at the first eos
+                stop = next((k for k, t in enumerate(new) if t in eos), None)
+                kept = new if stop is None else new[:stop]
+                writer.write({"id": r.id, "prompt": r.prompt, "completion": tokenizer.decode(kept),
+                              "tokens": kept, "prompt_tokens": len(prompt_ids), "new_tokens": len(kept),
+                              "finish": "length" if stop is None else "eos"})
+            tokens_total += len(chunk) * max_new_tokens
+    return tokens_total
 
 
 def _cuda() -> bool:
