@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GPU memory the plan may hold, e.g. 16GiB (default: the machine's)")
     p.add_argument("--host-memory", default=None, metavar="SIZE",
                    help="host memory the plan may hold (default: 80%% of the machine's)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens generated per prompt (default 128)")
     p.add_argument("--policy", default="auto", metavar="auto|FILE|JSON",
                    help="auto: the HRM's plan (moekit plan); else a JSON object (or a .json file) of Policy "
                         "fields: batch, micro_batch, resident_share[, attention=cpu]")
