@@ -111,6 +111,11 @@ def query_tiles(starts: tuple[int, ...], query_lens: tuple[int, ...], tile: int 
     return tiles
 
 
+def _host_tensor(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """Returns t, in pinned memory when `pin` (a non_blocking copy from it is asynchronous)."""
+    return t.pin_memory() if pin else t
+
+
 class PagedKVCache:
     """Keys and values of every layer in a pool of fixed-size blocks; one block table per sequence.
 
@@ -118,6 +123,10 @@ class PagedKVCache:
     sequence (any hashable id) holds the blocks of its block table; `prepare` grows the tables as sequences grow, `free` returns a
     finished sequence's blocks to the pool, so memory follows the tokens actually held.
     """
+
+    # prepare's tables go to a CUDA device through pinned memory (no wait for the stream to drain);
+    # the batch pipeline's staging cache sets it (serve paths keep the pageable copies)
+    pin_host_copies = False
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device | str, dtype: torch.dtype):
@@ -204,7 +213,8 @@ class PagedKVCache:
         tables = [self.tables[seq] + [0] * (width - len(self.tables[seq])) for seq, _, _ in seqs]
         query_lens = tuple(n for _, _, n in seqs)
         ends = torch.tensor(query_lens).cumsum(0)
-        as_device = lambda x, dtype: torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+        pin = self.pin_host_copies and self.device.type == "cuda"
+        as_device = lambda x, dtype: _host_tensor(torch.tensor(x, dtype=dtype), pin).to(self.device, non_blocking=True)
         starts = tuple(start for _, start, _ in seqs)
         tiles = None
         if any(n > 1 for n in query_lens):
@@ -214,7 +224,7 @@ class PagedKVCache:
             positions=as_device(positions, torch.long), slots=as_device(slots, torch.long),
             block_tables=as_device(tables, torch.int32),
             context_lens=as_device([start + n for _, start, n in seqs], torch.int32),
-            last_index=(ends - 1).to(self.device, non_blocking=True), query_tiles=tiles)
+            last_index=_host_tensor(ends - 1, pin).to(self.device, non_blocking=True), query_tiles=tiles)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Stores packed k, v [N, Hkv, Dh] of `layer` at flat cache slots [N]."""

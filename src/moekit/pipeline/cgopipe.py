@@ -48,6 +48,7 @@ from ..native.attention import sink_logits
 from .graphs import TaskGraphs, graphs_wanted
 from .host_attention import NativeAttention, cpu_attention
 from .latent import LatentHostCache, absorbed_query, host_cache, latent_output, query_width
+from .prefill import OneLayerCache, prefill_timings, prefill_to_host  # noqa: F401 (OneLayerCache: re-exported)
 
 
 class Streams:
@@ -390,62 +391,6 @@ class PipelinedDecoder:
         return result
 
 
-class OneLayerCache(PagedKVCache):
-    """A PagedKVCache whose layers all share one pool [NB + 1, BS, Hkv, Dh]: the zig-zag prefill
-    stages one layer's keys and values at a time on the device (moved to the host after it)."""
-
-    def __init__(self, config, num_blocks: int, block_size: int, device, dtype: torch.dtype):
-        (hk, dk), (hv, dv) = config.kv_cache_dims()
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.device = torch.device(device)
-        self.scratch_block = num_blocks
-        keys = torch.zeros((num_blocks + 1, block_size, hk, dk), device=device, dtype=dtype)
-        values = torch.zeros((num_blocks + 1, block_size, hv, dv), device=device, dtype=dtype)
-        self.keys, self.values = [keys] * config.num_layers, [values] * config.num_layers
-        self._free = list(range(num_blocks - 1, -1, -1))
-        self.tables = {}
-
-
-def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_batch: int,
-                    block_size: int = 16) -> torch.Tensor:
-    """Returns the last logits [N, V] of each prompt, prefilled on the model's device in
-    MoE-Lightning's zig-zag order: every micro-batch of `micro_batch` prompts through layer i
-    before layer i + 1 (so a layer's streamed experts are loaded once, not once per micro-batch),
-    each layer's keys and values staged in one device pool and then copied into the host cache
-    (sequences 0..N-1). With paged experts the next MoE layer is queued whole on the weight
-    stream before this one's micro-batches (the decode's first layer after the last). The
-    residual streams of all N prompts stay on the device."""
-    cfg, device = model.config, model.device
-    blocks = sum(-(-len(p) // block_size) for p in prompts)
-    staging = OneLayerCache(cfg, blocks, block_size, device, model.dtype)
-    mbs = []
-    for at in range(0, len(prompts), micro_batch):
-        part = list(enumerate(prompts[at:at + micro_batch], start=at))
-        batch = staging.prepare([(g, 0, len(p)) for g, p in part])
-        ids = torch.tensor([[t for _, p in part for t in p]], dtype=torch.long, device=device)
-        cos, sin = model.rope(batch.positions)
-        mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin))
-    for g, p in enumerate(prompts):
-        host.grow(g, len(p))
-    # every sequence's staging blocks and host blocks, in one index each: one D2H copy per layer
-    src = torch.tensor([b for g in range(len(prompts)) for b in staging.tables[g]], device=device)
-    dst = torch.tensor([b for g, p in enumerate(prompts) for b in host.tables[g][:len(staging.tables[g])]])
-    from .paged import PagedRuntime
-
-    paged = getattr(model, "expert_runtime", None)
-    paged = paged if isinstance(paged, PagedRuntime) else None
-    if paged is not None:
-        paged.prefetch(paged.layers[0])
-    for i, layer in enumerate(model.layers):
-        if paged is not None:  # the next MoE layer streams (whole: one page) while this one computes
-            paged.prefetch(paged.next_layer(i))
-        for mb in mbs:
-            mb.x = layer(mb.x, mb.cos, mb.sin, staging, mb.batch)
-        host.keys[i][dst] = staging.keys[i][src].to("cpu")
-        host.values[i][dst] = staging.values[i][src].to("cpu")
-    return torch.cat([model.head(mb.x[0, mb.batch.last_index]) for mb in mbs])
-
-
 @torch.inference_mode()
 def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
                        block_size: int = 16, stats=None, on_step=None, lookahead: int | None = None,
@@ -469,13 +414,17 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     lengths = [len(p) for p in prompts]
     positions = sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths)
     cache = host_cache(model.config, positions, block_size, model.dtype)
-    logits = prefill_to_host(model, cache, prompts, micro_batch, block_size)
+    host_cache_s = time.perf_counter() - t0
+    timings = {} if profile is not None else None
+    logits = prefill_to_host(model, cache, prompts, micro_batch, block_size, timings=timings)
     # the tokens stay on the device (each step embeds the last step's argmax): no step waits for
     # the device to drain, the next one is issued while the last one's final layers run
     steps = [logits.argmax(dim=-1)]  # [N] each
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)  # the prefill's end (its time)
     t1 = time.perf_counter()
+    if profile is not None:  # the device is done: the prefill's events can be read
+        profile.prefill = prefill_timings(timings, t1 - t0, host_cache_s)
     if on_step is not None:
         on_step(1)
     decoder = PipelinedDecoder(model, cache, micro_batch, lookahead=lookahead, profile=profile,

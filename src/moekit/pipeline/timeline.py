@@ -96,6 +96,7 @@ class StepProfile:
         self._events: dict = {}
         self._unresolved: list[tuple] = []  # CUDA: closed steps whose events are not read yet
         self.graphs: dict | None = None  # the engine's CUDA graphs (graphs.TaskGraphs.report), when it ran them
+        self.prefill: dict | None = None  # where the prefill went (prefill.prefill_timings), set by generate_pipelined
 
     # ---- the engine's side ----------------------------------------------------------------------
     def begin(self) -> None:
@@ -177,7 +178,7 @@ class StepProfile:
             self.resolve()
         steps = self.steps[1:] if len(self.steps) > 1 else self.steps
         if not steps:
-            return {"steps": 0}
+            return {"steps": 0, "prefill": self.prefill}
 
         def mean(key: str) -> float:
             return 1e3 * sum(s[key] for s in steps) / len(steps)
@@ -192,6 +193,7 @@ class StepProfile:
         for part in ISSUE_PARTS:
             out[f"issue_{part}_ms"] = mean(f"issue_{part}_s") if all(f"issue_{part}_s" in s for s in steps) else None
         out["graphs"] = self.graphs
+        out["prefill"] = self.prefill
         if self.cuda:
             layers = max(len(s["layer_ms"]) for s in steps)
             out["layer_ms"] = [sum(s["layer_ms"][i] for s in steps if i < len(s["layer_ms"])) / len(steps)
