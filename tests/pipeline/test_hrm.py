@@ -336,3 +336,37 @@ def test_launch_thread_bounds_the_layer_and_favours_fewer_micro_batches():
     assert plans[1].policy.micro_batches <= plans[0].policy.micro_batches
     assert plans[1].decode_tok_s <= plans[0].decode_tok_s
     assert plans[1].layer.time >= plans[1].policy.micro_batches * 3e-3 * (1 - 1e-9)
+
+
+def test_prefill_adds_the_first_layers_experts_and_the_host_pool_by_hand():
+    """The toy's prefill: 2 layers of prefill_layer_time, then the first layer's streamed experts
+    (2 of 4 experts of 1000 bytes at 1e3 B/s: 2 s) and, with CPU attention, the host KV pool
+    (4 sequences x (3 + 2) positions x 10 bytes x 2 layers at 1e4 B/s: 0.04 s); GPU attention no pool."""
+    from moekit.pipeline.hrm import prefill_layer_time, prefill_time
+
+    m, w = toy(), Workload(3, 2)
+    for attention, pool in (("cpu", 0.04), ("gpu", 0.0)):
+        policy = Policy(4, 2, 0.5, attention)
+        layers = 2 * prefill_layer_time(m, TOY_MACHINE, policy, 3)
+        assert prefill_time(m, TOY_MACHINE, policy, w) == pytest.approx(layers + 2.0 + pool)
+        assert evaluate(m, TOY_MACHINE, policy, w).prefill_s == pytest.approx(layers + 2.0 + pool)
+
+
+def test_prefill_time_is_monotone_and_the_search_stays_feasible():
+    """More prompts, longer prompts, fewer resident experts or a slower link never shorten the
+    prefill; the search's plans with it stay within the budget and their generation time counts it."""
+    from moekit.pipeline.hrm import prefill_time
+
+    m = model_costs(MIXTRAL, BF16_EXPERT)
+    w = Workload(80, 32)
+    by_n = [prefill_time(m, h200(), Policy(n, 32, 0.25, "cpu"), w) for n in (32, 128, 512)]
+    by_len = [prefill_time(m, h200(), Policy(128, 32, 0.25, "cpu"), Workload(p, 32)) for p in (16, 80, 400)]
+    by_share = [prefill_time(m, h200(), Policy(128, 32, r, "cpu"), w) for r in (0.75, 0.5, 0.25)]
+    by_link = [prefill_time(m, h200(h2d_bandwidth=b), Policy(128, 32, 0.25, "cpu"), w) for b in (55e9, 25e9, 10e9)]
+    for times in (by_n, by_len, by_share, by_link):
+        assert times == sorted(times) and times[0] > 0
+    budget = 16 * 2**30
+    plan = search(m, h200(), Workload(80, 32, num_prompts=1024), device_budget=budget, attention=("cpu",))
+    assert plan.memory.device <= budget
+    assert plan.prefill_s == pytest.approx(prefill_time(m, h200(), plan.policy, Workload(80, 32, num_prompts=1024)))
+    assert plan.generation_s == pytest.approx(plan.prefill_s + 31 * plan.decode_step_s)

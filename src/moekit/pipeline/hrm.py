@@ -32,7 +32,8 @@ measured with both running; else the CPU's own read rate). The FFN's HBM term re
 at the grouped kernels' measured rate where known (Machine.expert_bandwidth), not the copy rate.
 And the one launch thread issues every (layer, micro-batch) task: a layer is no shorter than
 N / mu times its host seconds per task (Machine.launch_task_s, where measured). A step is L layers; a generation is a prefill
-(all on the GPU, the weights streamed once per layer) and gen_len - 1 decode steps; throughput is
+(all on the GPU, the weights streamed once per layer, the first layer's not hidden, the host KV
+pool written once) and gen_len - 1 decode steps; throughput is
 N * gen_len / (prefill + decode), the paper's metric.
 
 Memory, per policy (bytes): device = non-expert weights + r_w of the experts + a double buffer of
@@ -234,6 +235,19 @@ def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_l
                d2h / machine.d2h_bandwidth)
 
 
+def prefill_time(m: ModelCosts, machine: Machine, policy: Policy, w: Workload) -> float:
+    """Returns the seconds of a prefill: L layers (prefill_layer_time) after what no layer hides
+    -- the first MoE layer's streamed experts, sent before it can compute (layer i + 1's stream
+    behind layer i's compute only from then on), and with CPU attention the host KV pool written
+    once where it is allocated (N sequences' prompt + generated positions, at the host's rate)."""
+    streamed = m.layer_expert_bytes * (1 - policy.resident_share)
+    pool = 0.0
+    if policy.attention == "cpu":
+        pool = policy.batch * (w.prompt_len + w.gen_len) * m.kv_bytes_per_token * m.num_layers
+    return (m.num_layers * prefill_layer_time(m, machine, policy, w.prompt_len)
+            + streamed / machine.h2d_bandwidth + pool / machine.host_bandwidth)
+
+
 @dataclass(frozen=True)
 class Memory:
     """Bytes a policy holds on the device and in host memory."""
@@ -290,7 +304,7 @@ def evaluate(m: ModelCosts, machine: Machine, policy: Policy, w: Workload, limit
     """Returns the Plan of one policy (its memory is not checked: see `fits`)."""
     layer = decode_layer_time(m, machine, policy, w.mean_context)
     step = m.num_layers * layer.time
-    prefill = m.num_layers * prefill_layer_time(m, machine, policy, w.prompt_len)
+    prefill = prefill_time(m, machine, policy, w)
     total = prefill + (w.gen_len - 1) * step
     return Plan(policy, layer, step, prefill, total, policy.batch / step if step > 0 else math.inf,
                 policy.batch * w.gen_len / total, memory(m, policy, w), limited_by)
