@@ -121,3 +121,40 @@ def test_plan_without_gpu_levels_says_how_to_give_them(mixtral_dir, tmp_path, ca
     assert main(["plan", str(mixtral_dir), "--machine", str(gpu), "--host-memory", "200GB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["machine"]["name"] == "gpu" and out["machine"]["host_bandwidth"] == 2e10
+
+
+def test_plot_draws_the_roofs_and_the_plan_under_them(mixtral_dir, tmp_path, capsys):
+    """--plot writes an SVG: one roof per machine level, the plan's experts and attention as points,
+    each at or under its own roof (the HRM predicts no level faster than its peak)."""
+    import math
+    import xml.etree.ElementTree as ET
+
+    from moekit.pipeline.roofline import Roof
+
+    out = tmp_path / "roofline.svg"
+    assert main(["plan", str(mixtral_dir), "--machine", "h200", "--device-memory", "16GiB",
+                 "--host-memory", "131.4GB", "--plot", str(out)]) == 0
+    svg = ET.fromstring(out.read_text())
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    roof_titles = [p.find("s:title", ns).text for p in svg.findall("s:polyline", ns)]
+    assert [t.split(":")[0] for t in roof_titles] == ["GPU from HBM", "GPU from host memory", "CPU from host memory"]
+    marks = {c.find("s:title", ns).text.split(":")[0]: c for c in svg.findall("s:circle", ns)}
+    assert set(marks) == {"experts (PCIe)", "experts (HBM)", "attention (CPU)"}
+    by_name = {}  # each roof as the picture states it: "NAME: X TFLOP/s, Y GB/s"
+    for t in roof_titles:
+        name, levels = t.split(": ")
+        peak, bandwidth = (float(v.split()[0]) for v in levels.split(", "))
+        by_name[name] = Roof(name, peak * 1e12, bandwidth * 1e9)
+    for name, roof in (("experts (PCIe)", "GPU from host memory"), ("experts (HBM)", "GPU from HBM"),
+                       ("attention (CPU)", "CPU from host memory")):
+        intensity, flops = (float(v.split()[0]) for v in marks[name].find("s:title", ns).text.split(": ")[1].split(", "))
+        assert flops * 1e12 <= by_name[roof].at(intensity) * 1.001, (name, intensity, flops)
+        assert math.isfinite(intensity) and intensity > 0
+    assert not list(tmp_path.glob(".roofline.svg.tmp-*"))
+
+
+def test_plot_refuses_a_path_it_cannot_write(mixtral_dir, tmp_path, capsys):
+    for bad in (tmp_path / "roofline.png", tmp_path / "missing" / "roofline.svg"):
+        assert main(["plan", str(mixtral_dir), "--machine", "h200", "--plot", str(bad)]) == 2
+        assert not bad.exists()
+        assert "--plot" in capsys.readouterr().err

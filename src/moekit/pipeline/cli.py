@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="plan for experts in this stored form: its kernels' GPU cost and decode workspace "
                         "(default: the checkpoint's; with --expert-bits give it too)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--plot", default=None, metavar="FILE.svg",
+                   help="also write the hierarchical roofline picture of the plan (SVG): the machine's roofs and "
+                        "the plan's experts and attention on them")
     p.set_defaults(func=cmd_plan)
 
 
@@ -123,6 +126,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 others.append(search(costs, machine, workload, device_budget, host_budget, attention=(place,)))
             except MoekitError:
                 pass  # nothing fits with attention there
+    if args.plot:
+        write_plot(Path(args.plot), machine, costs, plan, workload, f"{path.name}: {plan.tok_s:.0f} tok/s predicted")
     result = {"model": str(path), "machine": machine.to_dict(), "workload": vars(workload),
               "expert_bytes": expert_bytes, "expert_form": form, "bits_per_weight": costs.bits_per_weight,
               "plan": plan.to_dict(), "bound": plan.bound,
@@ -151,3 +156,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
            f"{round(o.policy.resident_share * costs.experts)} of {costs.experts:g} resident; bound by {o.bound})")) for o in others),
     ]))
     return 0
+
+
+def write_plot(out: Path, machine, costs, plan, workload, title: str) -> None:
+    """Writes the plan's roofline picture to `out` whole (a temporary file renamed into place)."""
+    import os
+
+    from .roofline import render
+
+    if out.suffix.lower() != ".svg":
+        raise MoekitError(f"--plot {out}: the picture is written as SVG; give a path ending in .svg")
+    if not out.parent.is_dir():
+        raise MoekitError(f"--plot {out}: folder {out.parent} does not exist")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(render(machine, costs, plan, workload, title))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
