@@ -4,9 +4,10 @@ moved to the host-resident paged cache that CGOPipe's decode attends over on the
 
 What the launch thread never waits for: the token ids and the staging cache's tables go to the
 device through pinned memory; a layer's keys and values are gathered on the compute stream (the
-staging pool is free for the next layer at once) and copied on their own stream into one of two
-pinned buffers; the host writes them into the pool one layer later, after one event wait, while
-the device runs the next layer. So per layer the host waits once (for the copy of the layer
+staging pool is free for the next layer at once) and copied on their own stream into pinned
+buffers; the host writes them into the pool one layer later (after layer i + 1's micro-batches
+are issued, one event wait), while the device runs layer i + 1, and only then queues layer
+i + 1's copy into the same buffers. So per layer the host waits once (for the copy of the layer
 before), never per micro-batch, and the pool holds every layer when prefill_to_host returns.
 With paged experts each MoE layer is queued whole on the weight stream a layer ahead.
 
@@ -71,7 +72,7 @@ class HostKV:
         self.pending: tuple | None = None  # (layer, pinned buffers, copy done event, copy start event)
         if self.cuda:
             self.stream = torch.cuda.Stream(staging.device)
-            self.buffers: list[list[torch.Tensor] | None] = [None, None]  # pinned, by layer parity
+            self.buffers: list[torch.Tensor] | None = None  # pinned [blocks, BS, heads, Dh] keys, values
 
     def _gather(self, pool: torch.Tensor) -> torch.Tensor:
         """Returns the staged blocks [blocks, BS, heads, Dh] of a staging pool, in host order."""
@@ -93,34 +94,36 @@ class HostKV:
             self.timings["kv_store_s"] += time.perf_counter() - t0
 
     def send(self, layer: int) -> None:
-        """Queues layer `layer`'s keys and values to the host (after the compute issued so far)
-        and stores the layer before's, whose copy the host waits for here (CUDA). On the CPU the
-        staged copy is the host copy, stored one layer late all the same (one order everywhere)."""
+        """Queues layer `layer`'s keys and values to the host (after the compute issued so far);
+        first stores the layer before's, whose copy the host waits for here (CUDA: the device is
+        on this layer by then), which frees the one pair of pinned buffers for this layer's copy.
+        On the CPU the staged copy is the host copy, stored one layer late all the same."""
         # a copy on the compute stream: the next layer's writes may reuse the staging pool at once
         staged = [self._gather(p[layer]).clone() for p in (self.staging.keys, self.staging.values)]
-        done = start = None
+        ready = None
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()
-            parity = layer % 2
-            if self.buffers[parity] is None:
-                self.buffers[parity] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in staged]
-            buffers = self.buffers[parity]
+        previous, self.pending = self.pending, None
+        if previous is not None:
+            self._drain(previous)
+        done = start = None
+        if self.cuda:
+            if self.buffers is None:  # every layer's staged blocks have the same shapes
+                self.buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in staged]
             timed = self.timings is not None
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(ready)
                 start = torch.cuda.Event(enable_timing=True) if timed else None
                 if start is not None:
                     start.record()
-                for buf, t in zip(buffers, staged):
+                for buf, t in zip(self.buffers, staged):
                     buf.copy_(t, non_blocking=True)
                     t.record_stream(self.stream)
                 done = torch.cuda.Event(enable_timing=timed, blocking=True)  # the host sleeps on it
                 done.record()
-            staged = buffers
-        previous, self.pending = self.pending, (layer, staged, done, start)
-        if previous is not None:  # its buffers are the ones layer + 1 takes: stored before that
-            self._drain(previous)
+            staged = self.buffers
+        self.pending = (layer, staged, done, start)
 
     def _drain(self, pending: tuple) -> None:
         layer, buffers, done, start = pending
