@@ -95,8 +95,8 @@ def render(machine: Machine, costs: ModelCosts, plan: Plan, workload: Workload, 
         span = y_decades[1] - y_decades[0]
         return HEIGHT - BOTTOM - (math.log10(flops) - y_decades[0]) / span * (HEIGHT - TOP - BOTTOM)
 
-    parts = [f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
-             'fill="none" stroke="#888"/>', _text(WIDTH / 2 - RIGHT / 2 + LEFT / 2, 18, title, anchor="middle")]
+    parts = [(f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
+              'fill="none" stroke="#888"/>'), _text(WIDTH / 2 - RIGHT / 2 + LEFT / 2, 18, title, anchor="middle")]
     for d in range(X_DECADES[0], X_DECADES[1] + 1):
         x = x_of(10.0 ** d)
         parts += [f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{HEIGHT - BOTTOM}" stroke="#eee"/>',
@@ -107,22 +107,22 @@ def render(machine: Machine, costs: ModelCosts, plan: Plan, workload: Workload, 
                   _text(LEFT - 6, y + 4, f"1e{d}", anchor="end")]
     parts += [_text(WIDTH / 2 - RIGHT / 2 + LEFT / 2, HEIGHT - 18, "operational intensity (FLOPs / byte)",
                     anchor="middle"),
-              f'<text x="18" y="{HEIGHT / 2}" font-size="12" transform="rotate(-90 18 {HEIGHT / 2})" '
-              'text-anchor="middle">attainable FLOP/s</text>']
+              (f'<text x="18" y="{HEIGHT / 2}" font-size="12" transform="rotate(-90 18 {HEIGHT / 2})" '
+               'text-anchor="middle">attainable FLOP/s</text>')]
     for roof in lines:
         knee = roof.peak_flops / roof.bandwidth
         xs = [10.0 ** X_DECADES[0]] + ([knee] if 10.0 ** X_DECADES[0] < knee < 10.0 ** X_DECADES[1] else []) + \
              [10.0 ** X_DECADES[1]]
         path = " ".join(f"{x_of(i):.1f},{y_of(roof.at(i)):.1f}" for i in xs)
         colour = COLOURS[roof.name]
-        parts += [f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"><title>{roof.name}: '
-                  f'{roof.peak_flops / 1e12:.2f} TFLOP/s, {roof.bandwidth / 1e9:.1f} GB/s</title></polyline>',
+        parts += [(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"><title>{roof.name}: '
+                   f'{roof.peak_flops / 1e12:.2f} TFLOP/s, {roof.bandwidth / 1e9:.1f} GB/s</title></polyline>'),
                   _text(WIDTH - RIGHT + 6, y_of(roof.at(10.0 ** X_DECADES[1])) + 4, roof.name, fill=colour)]
     for i, mark in enumerate(marks):
         x, y = x_of(min(max(mark.intensity, 10.0 ** X_DECADES[0]), 10.0 ** X_DECADES[1])), y_of(mark.flops)
         colour = COLOURS[mark.roof]
-        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{colour}"><title>{mark.name}: '
-                  f'{mark.intensity:.3g} FLOPs/byte, {mark.flops / 1e12:.3g} TFLOP/s</title></circle>',
+        parts += [(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{colour}"><title>{mark.name}: '
+                   f'{mark.intensity:.3g} FLOPs/byte, {mark.flops / 1e12:.3g} TFLOP/s</title></circle>'),
                   _text(x + 8, y - 6 - 12 * (i % 2), mark.name, fill=colour)]
     return _svg(parts)
 
