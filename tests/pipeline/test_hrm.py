@@ -75,8 +75,10 @@ def test_gpu_attention_terms_and_memory_by_hand():
     assert mem.device == pytest.approx(500 + 8000 + 4 * 8 * 2 * 2 + 4 * 6 * 16 + 64 * 2**20 + kv_all)
     assert mem.host == pytest.approx(8000 + 4 * 6 * 8 * 2)
     cpu = memory(m, dataclasses.replace(p, attention="cpu", resident_share=0.0), w)
-    assert cpu.device == pytest.approx(500 + 2 * 4000 + 4 * 8 * 2 * 2 + 4 * 6 * 16 + 64 * 2**20 + 2 * 4 * 10 * 10
-                                       + 4 * 6 * 2)  # the q, k, v packets of 4 tokens in flight
+    # the prefill's KV staging (4 prompts of 6 positions, and its copy to the host), the q, k, v
+    # packets of 4 tokens in flight
+    assert cpu.device == pytest.approx(500 + 2 * 4000 + 4 * 8 * 2 * 2 + 4 * 6 * 16 + 64 * 2**20 + 2 * 4 * 6 * 10
+                                       + 4 * 6 * 2)
     assert cpu.host == pytest.approx(8000 + 4 * 6 * 8 * 2 + kv_all + 4 * 10 * 2)
 
 

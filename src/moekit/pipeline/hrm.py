@@ -38,8 +38,8 @@ N * gen_len / (prefill + decode), the paper's metric.
 
 Memory, per policy (bytes): device = non-expert weights + r_w of the experts + a double buffer of
 one layer's streamed experts + the hidden states of N tokens + one micro-batch's prefill
-activations + (GPU attention: the KV cache of N sequences; CPU attention: two micro-batches' KV
-staging, and the q, k, v packets of N tokens: CGOPipe launches CPU attention a layer ahead, so
+activations + (GPU attention: the KV cache of N sequences; CPU attention: the prefill's KV staging
+-- one layer of N prompts and its copy on the way to the host -- and the q, k, v packets of N tokens: CGOPipe launches CPU attention a layer ahead, so
 every micro-batch's packet may wait on the device for its D2H copy). The double buffer is what
 lets layer i + 1's pages stream while layer i computes. Host = every expert (the store) + (CPU attention: the KV cache) + the prefill hidden
 states of N prompts. r_w is whole experts per layer (j / E), as a runtime can hold them. Device
@@ -270,7 +270,8 @@ def memory(m: ModelCosts, policy: Policy, w: Workload) -> Memory:
     if policy.attention == "gpu":
         device += kv_all
     else:
-        device += 2 * mu * positions * m.kv_bytes_per_token  # prefill KV staging, two micro-batches
+        # prefill KV staging: one layer of all N prompts (prefill.OneLayerCache) and its copy on the way to the host
+        device += 2 * n * w.prompt_len * m.kv_bytes_per_token
         device += n * m.qkv_values * m.act_bytes  # q, k, v packets a layer ahead (CGOPipe's lookahead)
         host += kv_all + n * (m.qkv_values + m.out_values) * m.act_bytes  # KV pool + pinned q/kv/out buffers
     return Memory(device=device, host=host)
