@@ -47,8 +47,14 @@ from ..model import Attention, SinkAttention
 from ..native.attention import sink_logits
 from .graphs import TaskGraphs, graphs_wanted
 from .host_attention import NativeAttention, cpu_attention
-from .latent import LatentHostCache, absorbed_query, host_cache, latent_output, query_width
-from .prefill import OneLayerCache, prefill_timings, prefill_to_host  # noqa: F401 (OneLayerCache: re-exported)
+from .latent import (
+    LatentHostCache,
+    absorbed_query,
+    host_cache,
+    latent_output,
+    query_width,
+)
+from .prefill import prefill_timings, prefill_to_host
 
 
 class Streams:
