@@ -16,6 +16,7 @@ from conftest import rel_error, token_ids
 
 import moekit
 from moekit import native
+from moekit.errors import MoekitError
 from moekit.kv_cache import KVCache
 from moekit.native import dense_q8 as dq
 from moekit.native.decode import CpuDecodeStep
@@ -58,7 +59,7 @@ def test_kernel_within_bound_of_dequantized_weights(n, k):
 
 def test_kernel_refuses_and_quantized_declines_what_it_cannot_take():
     assert dq.quantized(torch.nn.Linear(100, 8)) is None  # K % 64 != 0: the step keeps bf16
-    with pytest.raises(ValueError, match="MOEKIT_CPU_DENSE"):
+    with pytest.raises(MoekitError, match="MOEKIT_CPU_DENSE"):
         dq.dense_form("int4")
     assert dq.dense_form() in dq.DENSE_FORMS
 

@@ -39,6 +39,7 @@ import weakref
 
 import torch
 
+from ..errors import MoekitError
 from . import library, register_declarations
 from .experts import MAX_ROW, Routes, Scratch, acc_stride, float_ptr, output_for
 
@@ -69,10 +70,10 @@ register_declarations(_declare)
 
 def int_dot(dot: str | None = None) -> str:
     """Returns the int-N activations to use: `dot` if given, else $MOEKIT_CPU_INT_DOT, else "int8"
-    (the module docstring); raises ValueError for anything but INT_DOTS."""
+    (the module docstring); raises MoekitError for anything but INT_DOTS."""
     chosen = dot or os.environ.get("MOEKIT_CPU_INT_DOT") or "int8"
     if chosen not in INT_DOTS:
-        raise ValueError(f"int-N activations must be one of {INT_DOTS} (the dot argument or $MOEKIT_CPU_INT_DOT); "
+        raise MoekitError(f"int-N activations must be one of {INT_DOTS} (the dot argument or $MOEKIT_CPU_INT_DOT); "
                          f"got {chosen!r}")
     return chosen
 

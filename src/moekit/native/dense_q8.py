@@ -22,6 +22,7 @@ import weakref
 
 import torch
 
+from ..errors import MoekitError
 from . import library, register_declarations
 
 DENSE_FORMS = ("bf16", "int8")  # the decode step's dense weights: as loaded, or int8 per row
@@ -45,10 +46,10 @@ register_declarations(_declare)
 
 def dense_form(form: str | None = None) -> str:
     """Returns the decode step's dense weights: `form` if given, else $MOEKIT_CPU_DENSE, else "bf16";
-    raises ValueError for anything but DENSE_FORMS."""
+    raises MoekitError for anything but DENSE_FORMS."""
     chosen = form or os.environ.get("MOEKIT_CPU_DENSE") or "bf16"
     if chosen not in DENSE_FORMS:
-        raise ValueError(f"the CPU decode step's dense weights must be one of {DENSE_FORMS} ($MOEKIT_CPU_DENSE or "
+        raise MoekitError(f"the CPU decode step's dense weights must be one of {DENSE_FORMS} ($MOEKIT_CPU_DENSE or "
                          f"--cpu-quantize-dense); got {chosen!r}")
     return chosen
 
