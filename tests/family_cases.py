@@ -19,7 +19,8 @@ ONE_PER_FAMILY = ["granitemoe", "phimoe", "deepseek_v2", "deepseek_v3", "glm4_mo
 PROMPT = {"deepseek_v2_group": 40, "deepseek_v3_plain": 40, "phimoe_longrope": 40}
 
 
-def budget_for(path, config: OffloadConfig, slots: int) -> int:
-    """Returns the device budget that leaves exactly `slots` experts of cache."""
-    plan = load_offloaded(path, offload=dataclasses.replace(config, device_memory=None)).offload.plan
+def budget_for(path, config: OffloadConfig, slots: int, device: str = "cpu") -> int:
+    """Returns the budget on `device` that leaves exactly `slots` experts of cache (a CUDA plan
+    also keeps the allocator's workspace reserve, so the plan is made on the device it runs on)."""
+    plan = load_offloaded(path, device=device, offload=dataclasses.replace(config, device_memory=None)).offload.plan
     return plan.planned_bytes - plan.cache_bytes + slots * plan.expert_bytes

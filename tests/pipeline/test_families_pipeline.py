@@ -73,7 +73,7 @@ def pipeline_model(path, variant: str, form: str, device: str):
     if form == "float32":
         return load_model(path, device=device, dtype="float32")
     if variant in UNPAGEABLE:
-        config = dataclasses.replace(OFFLOAD, device_memory=budget_for(path, OFFLOAD, 2))
+        config = dataclasses.replace(OFFLOAD, device_memory=budget_for(path, OFFLOAD, 2, device))
         return load_offloaded(path, device=device, dtype="float32", offload=config)
     return load_model(path, device=device, dtype="float32", experts=PagedLoader(resident=1))
 
