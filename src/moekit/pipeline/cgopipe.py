@@ -50,11 +50,10 @@ from .host_attention import NativeAttention, cpu_attention
 from .latent import (
     LatentHostCache,
     absorbed_query,
-    host_cache,
     latent_output,
     query_width,
 )
-from .prefill import prefill_timings, prefill_to_host
+from .prefill import empty_host_cache, prefill_timings, prefill_to_host
 
 
 class Streams:
@@ -419,10 +418,12 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     t0 = time.perf_counter()
     lengths = [len(p) for p in prompts]
     positions = sum(-(-(n + max_new_tokens) // block_size) * block_size for n in lengths)
-    cache = host_cache(model.config, positions, block_size, model.dtype)
+    # the pool untouched: its pages are first written by the prefill's per-layer stores (zero_rest),
+    # which run while the device computes the next layer, not all before the prefill starts
+    cache = empty_host_cache(model.config, positions, block_size, model.dtype)
     host_cache_s = time.perf_counter() - t0
     timings = {} if profile is not None else None
-    logits = prefill_to_host(model, cache, prompts, micro_batch, block_size, timings=timings)
+    logits = prefill_to_host(model, cache, prompts, micro_batch, block_size, timings=timings, zero_rest=True)
     # the tokens stay on the device (each step embeds the last step's argmax): no step waits for
     # the device to drain, the next one is issued while the last one's final layers run
     steps = [logits.argmax(dim=-1)]  # [N] each

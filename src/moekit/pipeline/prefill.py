@@ -11,6 +11,12 @@ i + 1's copy into the same buffers. So per layer the host waits once (for the co
 before), never per micro-batch, and the pool holds every layer when prefill_to_host returns.
 With paged experts each MoE layer is queued whole on the weight stream a layer ahead.
 
+The host pool (~2 GB for 490 Mixtral prompts of 8 layers) costs more to fault in than to fill: a
+zeroed pool touches every page before the prefill starts (0.45-0.75 s on a 2-core VM, serial with
+the device). generate_pipelined allocates it untouched (empty_host_cache) and the per-layer store
+writes the prompts' blocks and zeroes the rest of that layer (zero_rest), so each page is touched
+once, while the device runs the next layer.
+
 Shapes: N prompts, mu per micro-batch, NB staging blocks of BS positions, Hkv kv heads, Dh head
 dim (MLA: one head of the latent / rope key width), V vocabulary.
 """
@@ -21,6 +27,7 @@ import time
 
 import torch
 
+from ..errors import MoekitError
 from ..kv_cache import PagedKVCache
 
 
@@ -51,6 +58,37 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.lon
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def empty_host_cache(config, tokens: int, block_size: int, dtype: torch.dtype) -> PagedKVCache:
+    """Returns latent.host_cache's host cache for `tokens` positions with its pools allocated but
+    not touched (torch.empty): no page is faulted in until a store writes it. Only for
+    prefill_to_host(zero_rest=True), which writes or zeroes every block of every layer."""
+    from .latent import LatentHostCache
+
+    cls = LatentHostCache if config.mla is not None else PagedKVCache
+    cache = cls.for_tokens(config, tokens, block_size, "meta", dtype)  # checks and block lists; no storage
+    cache.device = torch.device("cpu")
+    if isinstance(cache, LatentHostCache):  # keys, values: views of one joint row [latent | rope key]
+        width = cache.keys[0].shape[-1]
+        cache.joint = [torch.empty(p.shape, dtype=dtype) for p in cache.joint]
+        cache.keys = [p[..., :width] for p in cache.joint]
+        cache.values = [p[..., width:] for p in cache.joint]
+    else:
+        cache.keys = [torch.empty(p.shape, dtype=dtype) for p in cache.keys]
+        cache.values = [torch.empty(p.shape, dtype=dtype) for p in cache.values]
+    return cache
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Returns (first, one past the last) of each run of consecutive blocks, ascending."""
+    runs: list[tuple[int, int]] = []
+    for b in sorted(blocks):
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
+
+
 def _span(blocks: list[int]) -> tuple[int, int] | None:
     """Returns (first, count) when the blocks are consecutive and ascending, else None."""
     if blocks and blocks == list(range(blocks[0], blocks[0] + len(blocks))):
@@ -60,12 +98,16 @@ def _span(blocks: list[int]) -> tuple[int, int] | None:
 
 class HostKV:
     """Moves each layer's staged keys and values into the host pool (see the module docstring):
-    `send(i)` after layer i's micro-batches are issued, `finish()` once after the last layer."""
+    `send(i)` after layer i's micro-batches are issued, `finish()` once after the last layer.
+    `zero_rest`: each layer's store also zeroes the pool's blocks outside `dst` (a pool from
+    empty_host_cache: its pages first touched there, while the device runs the next layer)."""
 
     def __init__(self, staging: OneLayerCache, host: PagedKVCache, src: list[int], dst: list[int],
-                 timings: dict | None = None):
+                 timings: dict | None = None, zero_rest: bool = False):
         self.staging, self.host, self.timings = staging, host, timings
         self.cuda = staging.device.type == "cuda"
+        pool_blocks = host.keys[0].shape[0]  # NB + 1: the scratch block too
+        self.rest = _runs(list(set(range(pool_blocks)) - set(dst))) if zero_rest else []
         self.src_span, self.dst_span = _span(src), _span(dst)
         self.src = None if self.src_span else to_device(src, staging.device)  # [blocks] staging blocks
         self.dst = None if self.dst_span else torch.tensor(dst)  # [blocks] host blocks, same order
@@ -82,7 +124,8 @@ class HostKV:
         return pool[self.src]
 
     def _store(self, layer: int, parts: list[torch.Tensor]) -> None:
-        """Writes a layer's keys and values (host tensors, staged blocks in order) into the pool."""
+        """Writes a layer's keys and values (host tensors, staged blocks in order) into the pool
+        (and zeroes its other blocks with zero_rest)."""
         t0 = time.perf_counter()
         for pool, data in zip((self.host.keys[layer], self.host.values[layer]), parts):
             if self.dst_span is not None:
@@ -90,6 +133,8 @@ class HostKV:
                 pool[first:first + count].copy_(data)
             else:
                 pool[self.dst] = data
+            for a, b in self.rest:
+                pool[a:b].zero_()
         if self.timings is not None:
             self.timings["kv_store_s"] += time.perf_counter() - t0
 
@@ -143,7 +188,7 @@ class HostKV:
 
 
 def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_batch: int,
-                    block_size: int = 16, timings: dict | None = None) -> torch.Tensor:
+                    block_size: int = 16, timings: dict | None = None, zero_rest: bool = False) -> torch.Tensor:
     """Returns the last logits [N, V] of each prompt, prefilled on the model's device in
     MoE-Lightning's zig-zag order: every micro-batch of `micro_batch` prompts through layer i
     before layer i + 1 (so a layer's streamed experts are loaded once, not once per micro-batch),
@@ -151,11 +196,16 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
     (sequences 0..N-1; every layer is there on return). With paged experts the next MoE layer is
     queued whole on the weight stream before this one's micro-batches (the decode's first layer
     after the last). The residual streams of all N prompts stay on the device. `timings` (a dict,
-    filled by prefill_timings) receives where the host's time goes and, on CUDA, timing events."""
+    filled by prefill_timings) receives where the host's time goes and, on CUDA, timing events.
+    `zero_rest`: the host cache holds nothing else and may be untouched (empty_host_cache): every
+    block the prompts do not fill is zeroed, layer by layer, as the prompts' blocks are stored."""
     from .paged import PagedRuntime
 
     cfg, device = model.config, model.device
     cuda = device.type == "cuda"
+    if zero_rest and host.tables:
+        raise MoekitError("prefill_to_host(zero_rest=True) zeroes every block the prompts do not fill: give it a "
+                          "host cache that holds no sequence yet")
     if timings is not None:
         timings.update(setup_s=0.0, issue_s=0.0, kv_wait_s=0.0, kv_store_s=0.0, d2h_events=[], layer_events=[])
     t0 = time.perf_counter()
@@ -173,7 +223,7 @@ def prefill_to_host(model, host: PagedKVCache, prompts: list[list[int]], micro_b
     # every sequence's staging blocks and host blocks, in one list each: one copy per layer
     src = [b for g in range(len(prompts)) for b in staging.tables[g]]
     dst = [b for g in range(len(prompts)) for b in host.tables[g][:len(staging.tables[g])]]
-    kv = HostKV(staging, host, src, dst, timings)
+    kv = HostKV(staging, host, src, dst, timings, zero_rest)
     paged = getattr(model, "expert_runtime", None)
     paged = paged if isinstance(paged, PagedRuntime) else None
     if paged is not None:
