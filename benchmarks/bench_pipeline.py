@@ -28,7 +28,10 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
   per-layer times, each MoE layer's weight-page span on the weight stream and its GB/s (near the
   measured H2D: the pages stream back to back), and the attention-output loads' ms (LoadH: a mean
   well above ~0.02 ms means they queue behind weight pages on the copy engine); next to the HRM's
-  per-layer h2d/cpu/gpu terms and the PCIe step (streamed bytes / measured H2D).
+  per-layer h2d/cpu/gpu terms and the PCIe step (streamed bytes / measured H2D). And
+  `prefill_breakdown` (logged per row, the warm-up's with its Triton builds): the prefill's host
+  parts (pool allocation, setup, issue, KV wait / store) and on CUDA the device's per-layer spans,
+  their achieved TFLOP/s next to the GEMM rate the HRM assumes, and the time outside them.
 - offload engine: moekit.offload.load_offloaded(OffloadConfig(device_memory=16 GiB, batch=B)) and
   model.generate on a list of B prompts, gen --offload-gen, at each B of --offload-batches; the
   best B is marked.
@@ -327,6 +330,41 @@ def step_breakdown(profile: dict | None, plan, streamed_bytes: int, h2d: float) 
         out["layer_ms_mean"] = sum(profile["layer_ms"]) / layers
     out["last_step_copies"] = profile.get("last_step_copies")
     return out
+
+
+def prefill_breakdown(prefill: dict | None, plan, costs, tokens: int, gpu_flops: float) -> dict | None:
+    """Returns where a row's prefill went (run_plan's profile.prefill, prefill.prefill_timings)
+    next to the HRM's: the host pool's allocation (its pages are first touched by the per-layer
+    stores, overlapped), the host's setup, issue, KV wait and store seconds; on CUDA the device's
+    per-layer spans, the part of the prefill outside them, the layers' achieved FLOP/s (the
+    experts' and the other matmuls' FLOPs of every prompt token) next to the measured GEMM rate
+    the HRM assumes (Machine.gpu_flops), and the KV D2H copies."""
+    if not prefill:
+        return None
+    out = {k: prefill.get(k) for k in ("total_s", "host_cache_s", "setup_s", "issue_s", "kv_wait_s", "kv_store_s")}
+    out["hrm_s"] = plan.prefill_s
+    layer_ms = prefill.get("layer_ms")
+    if layer_ms:
+        layers_s = sum(layer_ms) / 1e3
+        flops = tokens * (costs.top_k * costs.expert_flops * costs.moe_fraction + costs.other_flops) * costs.num_layers
+        out.update(layer_ms=layer_ms, layers_s=layers_s, outside_layers_s=prefill["total_s"] - layers_s,
+                   layers_tflop_s=flops / layers_s / 1e12 if layers_s > 0 else None,
+                   hrm_gpu_tflop_s=gpu_flops / 1e12, kv_d2h_ms=sum(prefill.get("kv_d2h_ms") or []))
+    return out
+
+
+def prefill_log(label: str, b: dict | None) -> str:
+    """Returns the one log line of a row's prefill_breakdown."""
+    if not b:
+        return f"  {label} prefill: no profile"
+    line = (f"  {label} prefill {fmt(b['total_s'], 3)} s (HRM {fmt(b['hrm_s'], 3)}): host pool {fmt(b['host_cache_s'], 3)}, "
+            f"setup {fmt(b['setup_s'], 3)}, issue {fmt(b['issue_s'], 3)}, KV wait {fmt(b['kv_wait_s'], 3)} / store "
+            f"{fmt(b['kv_store_s'], 3)}")
+    if "layers_s" in b:
+        line += (f"; device layers {fmt(b['layers_s'], 3)} s at {fmt(b['layers_tflop_s'])} TFLOP/s (HRM's GEMM rate "
+                 f"{fmt(b['hrm_gpu_tflop_s'])}), outside them {fmt(b['outside_layers_s'], 3)} s, KV D2H "
+                 f"{fmt(b['kv_d2h_ms'])} ms, per layer " + "/".join(fmt(x, 0) for x in b["layer_ms"]) + " ms")
+    return line
 
 
 def offload_row(folder, host, prompts, gen_len, budget, device, dtype) -> dict:
@@ -659,6 +697,9 @@ def main() -> int:
                     continue
                 row.update(pipeline_row(row_models, plan, prompts_of(lengths, cfg.vocab_size), g, h2d, budget, device,
                                         deadline, args.attention_threads, graphs))
+                row["prefill_breakdown"] = prefill_breakdown((row.get("step_profile") or {}).get("prefill"), plan,
+                                                             row_costs, row["prompt_tokens"], machine.gpu_flops)
+                log(prefill_log(row["row"], row["prefill_breakdown"]))
                 if warm and device.type == "cuda":  # host seconds to issue one (layer, micro-batch) task
                     try:
                         launch_of[label] = row["launch_task_s"] = launch_task_seconds(row_models.model, mu)
