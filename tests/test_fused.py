@@ -217,16 +217,24 @@ def test_disabled_by_env_and_for_cpu_and_autograd(monkeypatch):
 def _decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     """Returns the logits [steps, V] of `steps` decode steps after prompt [1, P], each step at a
     device-tensor position (the graph-safe path of generate) fed the previous greedy token."""
+    return _decode(model, prompt, steps)[0]
+
+
+def _decode(model, prompt: torch.Tensor, steps: int, feed: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Returns (logits [steps, V], the tokens fed) of `steps` decode steps after prompt [1, P]: fed
+    `feed` when given (so two runs compare logits of the same inputs, not diverge after a near-tie
+    argmax flips in bf16), else each step's greedy token."""
     device = model.device
     cache = KVCache(model.config, 1, prompt.shape[1] + steps, device, model.dtype)
-    out = []
+    out, fed = [], []
     with torch.inference_mode():
         logits = model(prompt.to(device), cache=cache, start=0, last_only=True)
         for i in range(steps):
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            fed.append(int(logits[0, -1].argmax()) if feed is None else feed[i])
+            token = torch.tensor([[fed[-1]]], device=device)
             logits = model(token, cache=cache, start=torch.tensor(prompt.shape[1] + i, device=device))
             out.append(logits[0, -1].float())
-    return torch.stack(out)
+    return torch.stack(out), fed
 
 
 # OLMoE (full q/k norm), clip_qkv, Qwen3 (per-head norm, renormalised top-k), Mixtral, partial
@@ -275,14 +283,14 @@ def test_model_decode_fused_equals_reference_cuda(tiny, variant, monkeypatch):
 
     model = moekit.load_model(tiny(variant).path).to("cuda", torch.bfloat16)
     prompt = token_ids(1, 6).cuda()
-    results = {}
-    for flag in ("0", "1"):
+    results, fed = {}, None
+    for flag in ("0", "1"):  # the fused run fed the reference's tokens: logits of the same inputs
         monkeypatch.setenv("MOEKIT_FUSED", flag)
-        eager = _decode_logits(model, prompt, 4)
+        eager, fed = _decode(model, prompt, 4, fed)
         cache = KVCache(model.config, 1, 16, "cuda", torch.bfloat16)
         with torch.inference_mode():
-            logits = model(prompt, cache=cache, start=0, last_only=True)
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            model(prompt, cache=cache, start=0, last_only=True)
+            token = torch.tensor([[fed[0]]], device="cuda")
             step = _GraphedDecode(model, cache, token, prompt.shape[1])
             graphed = step(token, prompt.shape[1])[0, -1].float().clone()
         results[flag] = eager, graphed
