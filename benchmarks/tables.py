@@ -162,10 +162,12 @@ SERVE_RERUN = "bench_serve_c1_c32_b928407.json"
 PIPELINE_RERUN = "bench_pipeline_graphs_b928407.json"
 BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
                  "bench_budget_rerun8.json",  # 2026-12-01: the command line's 8% row
-                 "bench_budget_rerun_ternary.json")  # 2026-12-01 (703262a): the command line's ternary rows
+                 "bench_budget_rerun_ternary.json",  # 2026-12-01 (703262a): the command line's ternary rows
+                 "bench_budget_rerun_ternary8.json")  # 2026-12-01 (de88543): the command line's ternary 8% row
 BUDGET_SHAPES = {  # bench_budget.py --shape S: the other shapes of issue 11, files in the order they ran
-    "mixtral-8x7b-8l": ("bench_budget_mixtral.json", "bench_budget_mixtral2.json", "bench_budget_mixtral3.json"),
-    "qwen3-30b-a3b-24l": ("bench_budget_qwen3.json", "bench_budget_qwen3_8.json"),
+    "mixtral-8x7b-8l": ("bench_budget_mixtral.json", "bench_budget_mixtral2.json", "bench_budget_mixtral3.json",
+                        "bench_budget_mixtral_ternary.json"),
+    "qwen3-30b-a3b-24l": ("bench_budget_qwen3.json", "bench_budget_qwen3_8.json", "bench_budget_qwen3_ternary.json"),
 }
 
 
@@ -264,23 +266,23 @@ def budget_headline(files: dict) -> str:
 
 
 def budget_shapes(files: dict) -> str:
-    """The other shapes' budget rows (bench_budget.py --shape): per shape, budget and path, decode
-    speed and allocator peak against the budget, or the refusal; the commit of each run."""
+    """The other shapes' budget rows (bench_budget.py --shape): per shape, form, budget and path,
+    decode speed and allocator peak against the budget, or the refusal; the commit of each run."""
     rows = []
     for shape, names in BUDGET_SHAPES.items():
-        by: dict[tuple[str, float], tuple[dict, str]] = {}
+        by: dict[tuple[str, str, float], tuple[dict, str]] = {}
         for name in names:  # a later run's row replaces an earlier one
             res = files[name]
             for r in res["rows"]:
                 if not r["status"].startswith("skipped"):
-                    by[(r["path"], r["share"])] = (r, res["meta"]["commit"])
-        for (path, share), (r, commit) in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+                    by[(r["form"], r["path"], r["share"])] = (r, res["meta"]["commit"])
+        for (form, path, share), (r, commit) in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
             label = f"{share:.0%} ({r['budget_bytes'] / 1e9:.2f} GB)"
             if r["status"] == "ok":
-                rows.append([shape, label, path, f"{r['decode_tok_s']:.1f}", budget_peak(r), "ok", commit])
+                rows.append([shape, form, label, path, f"{r['decode_tok_s']:.1f}", budget_peak(r), "ok", commit])
             else:
-                rows.append([shape, label, path, "-", "-", budget_outcome(r), commit])
-    return table(["shape", "budget", "via", "decode tok/s", "peak / budget", "status", "commit"], rows)
+                rows.append([shape, form, label, path, "-", "-", budget_outcome(r), commit])
+    return table(["shape", "experts", "budget", "via", "decode tok/s", "peak / budget", "status", "commit"], rows)
 
 
 # ---- bench_llamacpp*.json: moekit vs llama.cpp on one checkpoint (issue 12) ---------------------------
@@ -452,27 +454,40 @@ def offload_latest(files: dict) -> str:
 
 # ---- bench_serve.json (issue 13) and bench_pipeline.json (issue 14) -----------------------------------
 
-def serve(files: dict, name: str = "bench_serve.json") -> str:
+SERVE_FILES = ("bench_serve_olmoe_de88543.json", "bench_serve_qwen3_ef150b8.json")  # the whole runs of 2026-12-01
+
+
+def serve(files: dict, name: str = "bench_serve.json", names: tuple[str, ...] | None = None) -> str:
     """The serving benchmark: per shape and concurrency, moekit's scheduler against its own static
-    batch decode (the ceiling) and transformers' padded static batches (the baseline)."""
-    res = files[name]
+    batch decode (the ceiling) and transformers' padded static batches (the baseline); the
+    offloaded rows with their allocator peak against the budget; the commit of each run."""
     rows = []
-    for shape, by_c in res["shapes"].items():
-        for key in sorted((k for k in by_c if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:])):
-            c = by_c[key]
-            mk, st, hf = c.get("moekit_serve"), c.get("moekit_static"), c.get("transformers")
-            if not mk or "output_tok_s" not in mk:
-                rows.append([shape, key[1:], "not run", "", "", "", "", "", "", ""])
-                continue
-            static = st.get("decode_tok_s") if st else None
-            hf_tok = hf.get("output_tok_s") if hf else None
-            rows.append([shape, key[1:], f"{mk['output_tok_s']:,.0f}", f"{mk['steady_tok_s']:,.0f}",
-                         f"{mk['ttft_p50_s'] * 1e3:.0f}", f"{mk['itl_p50_s'] * 1e3:.2f} / {mk['itl_p99_s'] * 1e3:.1f}",
-                         f"{static:,.0f}" if static else "-", f"{mk['output_tok_s'] / static:.0%}" if static else "-",
-                         f"{hf_tok:,.1f}" if hf_tok else "-", f"{mk['output_tok_s'] / hf_tok:.1f}x" if hf_tok else "-"])
+    for res in (files[n] for n in (names or (name,))):
+        commit = res["meta"].get("commit") or "-"
+        for shape, by_c in res["shapes"].items():
+            keys = sorted((k for k in by_c if k.startswith("c") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+            keys += sorted(k for k in by_c if k.startswith("offload_c") and k[9:].isdigit())
+            for key in keys:
+                c = by_c[key]
+                mk, st, hf = c.get("moekit_serve"), c.get("moekit_static"), c.get("transformers")
+                label = key[1:] if key.startswith("c") else f"{key[9:]} (offloaded)"
+                if not mk or "output_tok_s" not in mk:
+                    rows.append([shape, label, "not run", "", "", "", "", "", "", "", commit])
+                    continue
+                static = st.get("decode_tok_s") if st else None
+                hf_tok = hf.get("output_tok_s") if hf else None
+                vs_static = f"{mk['output_tok_s'] / static:.0%}" if static else "-"
+                if mk.get("budget_bytes"):  # an offloaded row: its peak against the budget instead
+                    vs_static = f"peak {mk['peak_device_bytes'] / 1e9:.2f} / {mk['budget_bytes'] / 1e9:.2f} GB"
+                rows.append([shape, label, f"{mk['output_tok_s']:,.0f}", f"{mk['steady_tok_s']:,.0f}",
+                             f"{mk['ttft_p50_s'] * 1e3:.0f}",
+                             f"{mk['itl_p50_s'] * 1e3:.2f} / {mk['itl_p99_s'] * 1e3:.1f}",
+                             f"{static:,.0f}" if static else "-", vs_static,
+                             f"{hf_tok:,.1f}" if hf_tok else "-", f"{mk['output_tok_s'] / hf_tok:.1f}x" if hf_tok else "-",
+                             commit])
     return table(["shape", "C", "served tok/s", "steady tok/s", "TTFT p50 ms", "ITL p50 / p99 ms",
-                  "static decode tok/s (ceiling)", "served / static", "transformers tok/s", "served / transformers"],
-                 rows)
+                  "static decode tok/s (ceiling)", "served / static", "transformers tok/s", "served / transformers",
+                  "commit"], rows)
 
 
 def families(files: dict, name: str = "bench_families.json") -> str:
@@ -530,6 +545,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "cpu_kernel": (LLAMA_FILES, cpu_kernel),
     "offload_headline": (OFFLOAD_FILES, offload_headline),
     "serve": (("bench_serve.json",), serve),
+    "serve_latest": (SERVE_FILES, partial(serve, names=SERVE_FILES)),
     "families": (("bench_families.json",), families),
     "families_rerun": ((FAMILIES_RERUN,), partial(families, name=FAMILIES_RERUN)),
     "serve_rerun": ((SERVE_RERUN,), partial(serve, name=SERVE_RERUN)),
