@@ -149,7 +149,11 @@ SPLIT_SHAPES = [
     ([300, 130, 1], 16, 4, 4, 32, None, 4),  # runs of 64-position iterations
     ([300, 45], 16, 4, 4, 32, 150, 2),  # a window starting inside a run
     ([9, 30, 2], 8, 8, 2, 24, 5, 16),  # more runs than iterations; a padded group and head dim
-    ([400], 16, 16, 16, 128, None, 16),  # the OLMoE decode shape at batch 1
+    ([400], 16, 16, 16, 128, None, 16),  # the OLMoE decode shape at batch 1 (G = 1 padded to 16 dot rows)
+    ([70, 640, 1], 16, 32, 4, 128, None, 4),  # the Qwen3-30B-A3B shape: G = 8 padded to 16
+    ([300, 200], 128, 4, 2, 16, 70, 4),  # blocks of 128 > 64 positions a chunk: a window's first chunks and
+    # run wholly before it (no position attended: p = 0 there, not NaN)
+    ([100, 37], 16, 4, 2, 256, None, 2),  # head dim 256: 32 positions a chunk
 ]
 
 
@@ -236,3 +240,51 @@ def test_split_decode_compiles_one_key_per_split_count(monkeypatch):
         for seq, _, _ in work:
             cache.free(seq)
     assert len(keys["split"]) == 1 and len(keys["reduce"]) == 1
+
+
+# builds both decode kernels for sm_90 without a GPU (the interpreter the tests above run them
+# under accepts code the compiler rejects: layouts, dot operands, shared memory)
+_SM90_BUILD = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moekit.kernels.paged_attention import paged_decode_kernel, paged_decode_split_kernel
+from moekit.paged_attention import decode_launch
+for kernel in (paged_decode_kernel, paged_decode_split_kernel):
+    for dtype, head_dim, group in ((torch.bfloat16, 128, 8), (torch.bfloat16, 128, 1), (torch.float32, 24, 3)):
+        launch = decode_launch(dtype, head_dim, group, 16)
+        options = {"num_warps": launch.pop("num_warps"), "num_stages": launch.pop("num_stages")}
+        launch.update(SLIDING=True, **({"SPLITS": 16} if kernel is paged_decode_split_kernel else {}))
+        element = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+        types = {"table_ptr": "*i32", "ctx_ptr": "*i32", "part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+                 "scale": "fp32"}
+        signature = {n: "constexpr" if n in launch else types.get(n, element if n.endswith("_ptr") else "i32")
+                     for n in kernel.arg_names}
+        aligned = [n for n, t in signature.items() if t.startswith("*") or n.startswith("stride") and n != "stride_tb"]
+        source = ASTSource(fn=kernel, signature=signature, constexprs=launch,
+                           attrs={(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm.get("cubin"), (kernel, dtype)
+        assert dtype == torch.float32 or "mma.sync" in compiled.asm["ptx"], (kernel, "no tensor-core dot")
+        assert compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared
+"""
+
+
+@pytest.mark.slow
+def test_decode_kernels_compile_for_sm90_with_tensor_core_dots():
+    """bf16 decode kernels (G = 8 and G = 1 heads padded to 16 rows) built for Hopper use mma
+    instructions and fit its shared memory; float32 with a padded group and head dim builds too."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    run = subprocess.run([sys.executable, "-c", _SM90_BUILD], check=False, env=env, capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode and "Unsupported .version" in run.stderr:
+        pytest.skip("this triton's ptxas cannot assemble its own PTX here")
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -191,6 +191,23 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def decode_launch(dtype: torch.dtype, head_dim: int, group: int, block_size: int,
+                  interpreted: bool = False) -> dict:
+    """Returns the decode kernels' constexprs, warps and pipeline stages for a model shape (never
+    from a step's sizes): the G query heads of a kv head padded to BLOCK_G >= 16 and the head dim
+    to BLOCK_D >= 16 (tl.dot's smallest M and K on NVIDIA), 64 positions an iteration (32 from
+    head dim 256 on, so the K and V tiles stay <= 32 KB each in bf16)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    tile_bytes = 2 * block_n * block_d * dtype.itemsize  # one stage's K and V tiles in shared memory
+    return {"GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)), "HEAD_DIM": head_dim,
+            "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "BLOCK_N": block_n,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 or interpreted else "tf32",
+            "UPCAST": interpreted,
+            "num_warps": 4 if block_d <= 128 else 8,
+            "num_stages": 3 if tile_bytes <= 32 * 1024 else 2}
+
+
 def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor,
                             window: int | None, splits: int | None = None) -> torch.Tensor:
@@ -201,13 +218,7 @@ def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     hkv = keys.shape[2]
     q = q.contiguous()
     out = torch.empty_like(q)
-    group = h // hkv
-    block_g, block_d, block_size = triton.next_power_of_2(group), triton.next_power_of_2(dh), keys.shape[1]
-    # positions per iteration: at least one block, at most 64, and [G, N, Dh] float32 products of
-    # at most 16K elements; from 8K elements on, 8 warps share them (<= 64 registers a thread, as
-    # the K and V tiles [N, Dh] take <= 32 each)
-    block_n = max(block_size, min(64, triton.next_power_of_2(max(1, 16384 // (block_g * block_d)))))
-    num_warps = 8 if block_g * block_n * block_d >= 8192 else 4
+    launch = decode_launch(q.dtype, dh, h // hkv, keys.shape[1], interpreted=not q.is_cuda)
     splits = decode_splits(b, hkv, q.device) if splits is None else splits
     if splits > 1:
         part = torch.empty(b, h, splits, dh, dtype=torch.float32, device=q.device)  # [B, H, S, Dh]
@@ -217,12 +228,12 @@ def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.T
             q, keys, values, block_tables, context_lens, part, m, lsum,
             dh ** -0.5, window or 0,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), block_tables.stride(0), h,
-            SPLITS=splits, GROUP=group, BLOCK_G=block_g, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-            BLOCK_N=block_n, SLIDING=window is not None, num_warps=num_warps,
+            SPLITS=splits, SLIDING=window is not None, **launch,
         )
         paged_decode_reduce_kernel[(b, h)](
             part, m, lsum, out, out.stride(0), out.stride(1), h,
-            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=dh, BLOCK_D=block_d, num_warps=4,
+            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=dh, BLOCK_D=launch["BLOCK_D"],
+            num_warps=4,
         )
         return out
     paged_decode_kernel[(b, hkv)](
@@ -230,8 +241,7 @@ def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.T
         dh ** -0.5, window or 0,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=dh, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SLIDING=window is not None, num_warps=num_warps,
+        SLIDING=window is not None, **launch,
     )
     return out
 

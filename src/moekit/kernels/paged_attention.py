@@ -11,10 +11,12 @@ per table):
     out           [B, H, Dh]
 
 Program (b, kvh) reads sequence b's blocks of kv head kvh once for all G query heads that share
-it (GQA), with an online softmax in float32, BLOCK_N positions (BLOCK_N / BS blocks, each row's
-block id looked up on its own) per iteration: fewer dependent iterations per program, which is
-what bounds a decode step of few sequences (B x Hkv programs leave most SMs idle). With SLIDING, positions before
-context_len - WINDOW are skipped (whole blocks are never read).
+it (GQA), with an online softmax in float32, BLOCK_N positions (each row's block id looked up on
+its own) per iteration. q . K^T and p . V are tensor-core dots (tl.dot), the G heads padded to
+BLOCK_G >= 16 rows with zeros (the dot's smallest M on NVIDIA): a [BLOCK_G, Dh] x [Dh, BLOCK_N]
+dot an iteration in place of [G, N, Dh] float32 broadcast products, so 64 positions an iteration
+whatever G is. With SLIDING, positions before context_len - WINDOW are skipped (whole blocks are
+never read).
 
 paged_decode_split_kernel and paged_decode_reduce_kernel do the same work cut into runs of
 positions (flash-decoding) for steps of too few sequences to fill the GPU.
@@ -30,18 +32,27 @@ import triton.language as tl
 def _attend_run(q_ptr, k_ptr, v_ptr, table_ptr, b, kvh, lo, hi, lowest, scale,
                 stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb,
                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
     """Returns (m, l, acc) of the GROUP query heads of kv head kvh of sequence b over the cached
     positions [lo, hi) at or past `lowest`: the running max [G], sum of p [G] and unnormalized
-    sum of p * v [G, Dh] (-inf, 0, 0 for an empty run). Table entries past hi are never read (a
-    static step leaves stale ones there)."""
+    sum of p * v [G, Dh] (-1e30, 0, 0 for an empty run). Table entries past hi are never read (a
+    static step leaves stale ones there).
+
+    Both products are tensor-core dots: q [G, Dh] (G padded to BLOCK_G >= 16 with zero rows) by
+    K^T [Dh, N] in the cache's dtype into float32 scores, then p cast to V's dtype by V [N, Dh]
+    into a float32 accumulator (as flash attention does). UPCAST multiplies in float32 instead
+    (the interpreter: its bf16 tl.dot is wrong in Triton 3.9)."""
     g = tl.arange(0, BLOCK_G)  # [G]
     d = tl.arange(0, BLOCK_D)  # [Dh]
     heads = kvh * GROUP + g
     d_ok = d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=(g < GROUP)[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # [G, Dh]
-    m_i = tl.zeros((BLOCK_G,), dtype=tl.float32) - float("inf")
+                mask=(g < GROUP)[:, None] & d_ok[None, :], other=0.0)  # [G, Dh]
+    if UPCAST:
+        q = q.to(tl.float32)
+    # finite start: a chunk whose positions all fall before the window gets p = 0 there, not NaN
+    m_i = tl.zeros((BLOCK_G,), dtype=tl.float32) - 1e30
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     p_in_chunk = tl.arange(0, BLOCK_N)  # [N]
@@ -52,15 +63,18 @@ def _attend_run(q_ptr, k_ptr, v_ptr, table_ptr, b, kvh, lo, hi, lowest, scale,
         offs = (block_id[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_kp + kvh * stride_kh
                 + d[None, :])
         kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
-        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)  # [N, Dh]
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)  # [N, Dh]
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)  # [N, Dh]
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [G, N] float32
         s = tl.where(pos_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [G]
         p = tl.exp(s - m_new[:, None])  # [G, N]
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, Dh]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [G, Dh]
         m_i = m_new
     return m_i, l_i, acc
 
@@ -74,7 +88,8 @@ def paged_decode_kernel(
     scale, WINDOW,
     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """out[b, h] = softmax(q[b, h] . K_b^T * scale) V_b over the cached positions of sequence b."""
     b = tl.program_id(0)
@@ -85,7 +100,7 @@ def paged_decode_kernel(
         lowest = tl.maximum(ctx - WINDOW, 0)
     m_i, l_i, acc = _attend_run(q_ptr, k_ptr, v_ptr, table_ptr, b, kvh, (lowest // BLOCK_SIZE) * BLOCK_SIZE, ctx,
                                 lowest, scale, stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb,
-                                GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
+                                GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, UPCAST)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     heads = kvh * GROUP + g
@@ -101,6 +116,7 @@ def paged_decode_split_kernel(
     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb, NUM_HEADS,
     SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """paged_decode_kernel's work of sequence b, kv head kvh cut into SPLITS runs of positions
     (flash-decoding): program (b, kvh, split) attends its run only and leaves the unnormalized
@@ -108,7 +124,7 @@ def paged_decode_split_kernel(
     programs, too few to fill the GPU, each walking its whole context; the splits walk it side by side.
 
     Partials (S = SPLITS): part [B, H, S, Dh] float32 (sum of p * v), m, l [B, H, S] float32 (the
-    run's running max and sum of p; -inf and 0 for an empty run). A run is a multiple of BLOCK_N
+    run's running max and sum of p; -1e30 and 0 for an empty run). A run is a multiple of BLOCK_N
     positions: ceil(context / S) rounded up, so short contexts leave the last splits empty."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -122,7 +138,7 @@ def paged_decode_split_kernel(
     lo = begin + split * run
     m_i, l_i, acc = _attend_run(q_ptr, k_ptr, v_ptr, table_ptr, b, kvh, lo, tl.minimum(lo + run, ctx), lowest, scale,
                                 stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_tb,
-                                GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N)
+                                GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, UPCAST)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     g_ok = g < GROUP
@@ -148,7 +164,7 @@ def paged_decode_reduce_kernel(
     m = tl.load(m_ptr + row, mask=s_ok, other=float("-inf"))
     l = tl.load(l_ptr + row, mask=s_ok, other=0.0)
     top = tl.max(m, axis=0)
-    w = tl.where(l > 0, tl.exp(m - top), 0.0)  # an empty run (m = -inf, l = 0) weighs nothing
+    w = tl.where(l > 0, tl.exp(m - top), 0.0)  # an empty run (m = -1e30, l = 0) weighs nothing
     acc = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & (d < HEAD_DIM)[None, :],
                   other=0.0)  # [S, Dh]
     out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)  # [Dh]
