@@ -24,7 +24,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
 import common  # noqa: E402
 
-from moekit.experts.triton_ops import block_map, block_sizes  # noqa: E402
+from moekit.experts.triton_ops import block_map, grouped_tiles  # noqa: E402
 from moekit.kernels.moe_grouped import down_kernel, gate_up_swiglu_kernel  # noqa: E402
 
 SHAPES = {  # name: (hidden, expert ffn, experts, top-k)
@@ -33,7 +33,7 @@ SHAPES = {  # name: (hidden, expert ffn, experts, top-k)
     "tiny": (64, 32, 4, 2),  # --small: the interpreter's smoke run
 }
 TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); None: Triton's default
-    (64, 64, 64, None, None),  # today's prefill tiles
+    (64, 64, 64, None, None),  # the prefill tiles before PREFILL_TILES (8667d98)
     (64, 64, 64, 4, 3),
     (128, 64, 64, 4, 3),
     (128, 64, 64, 8, 3),
@@ -75,8 +75,8 @@ def probe(name: str, tokens: int, device: str, dtype: torch.dtype) -> dict:
     down = (torch.randn(experts, hidden, ffn, generator=g) * ffn ** -0.5).to(device, dtype)
     slots = ids.numel()
     flops = 6 * slots * hidden * ffn
-    default = block_sizes(slots, experts)
-    want = run(x, ids, gate_up, down, (*default, None, None)).float()
+    default = grouped_tiles(slots, experts, dtype)
+    want = run(x, ids, gate_up, down, default).float()
     # the ceiling: one dense matmul of the same FLOPs (slots x hidden by hidden x 3 ffn)
     a = torch.randn(slots, hidden, device=device, dtype=dtype)
     b = torch.randn(hidden, 3 * ffn, device=device, dtype=dtype)

@@ -50,6 +50,32 @@ def test_grouped_kernel_matches_reference(shape):
     assert rel < 1e-5, rel
 
 
+def test_prefill_tiles_for_many_slots_per_expert_in_16_bits():
+    """A 16-bit prefill of >= PREFILL_TILES_FROM slots per expert takes the measured prefill tiles;
+    fewer slots, or float32 (whose big tiles would not fit an SM's shared memory), keep block_sizes'."""
+    many = triton_ops.PREFILL_TILES_FROM * 4
+    assert triton_ops.grouped_tiles(many, 4, torch.bfloat16) == triton_ops.PREFILL_TILES
+    assert triton_ops.grouped_tiles(many, 4, torch.float32)[3:] == (None, None)
+    assert triton_ops.grouped_tiles(8, 4, torch.bfloat16) == (*triton_ops.block_sizes(8, 4), None, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the interpreter's bf16 tl.dot is wrong)")
+def test_grouped_kernel_with_prefill_tiles_matches_reference():
+    """bf16 with enough slots per expert for the prefill tiles (128-row blocks, several of one
+    expert, 8 warps, 3 stages) against the float32 reference of the same rounded inputs."""
+    g = torch.Generator().manual_seed(3)
+    m = _experts(2, 40, 24, "cuda", torch.bfloat16)
+    tokens = 2 * triton_ops.PREFILL_TILES_FROM + 50
+    x = torch.randn(tokens, 40, generator=g).to("cuda", torch.bfloat16)
+    ids, weights = _route(tokens, 2, 1, "cuda", g)
+    assert triton_ops.grouped_tiles(ids.numel(), 2, x.dtype) == triton_ops.PREFILL_TILES
+    with torch.no_grad():
+        out = triton_ops.grouped_expert_ffn(x, ids, weights.to(torch.bfloat16), m.gate_up, m.down).float()
+        ref = m.float()._grouped(x.float(), ids, weights)
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+
+
 @pytest.mark.parametrize("shape", [(8, 64, 96, 1, 2), (64, 72, 40, 2, 8), (3, 200, 33, 3, 3)])
 def test_slot_kernel_matches_reference(shape):
     num_experts, hidden, ffn, tokens, top_k = shape
