@@ -455,6 +455,7 @@ def offload_latest(files: dict) -> str:
 # ---- bench_serve.json (issue 13) and bench_pipeline.json (issue 14) -----------------------------------
 
 SERVE_FILES = ("bench_serve_olmoe_de88543.json", "bench_serve_qwen3_ef150b8.json")  # the whole runs of 2026-12-01
+SERVE_QWEN3_RERUN = "bench_serve_qwen3_c32_8667d98.json"  # C=1/32 after the tensor-core paged decode (0d88a54)
 
 
 def serve(files: dict, name: str = "bench_serve.json", names: tuple[str, ...] | None = None) -> str:
@@ -546,6 +547,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "offload_headline": (OFFLOAD_FILES, offload_headline),
     "serve": (("bench_serve.json",), serve),
     "serve_latest": (SERVE_FILES, partial(serve, names=SERVE_FILES)),
+    "serve_qwen3_rerun": ((SERVE_QWEN3_RERUN,), partial(serve, name=SERVE_QWEN3_RERUN)),
     "families": (("bench_families.json",), families),
     "families_rerun": ((FAMILIES_RERUN,), partial(families, name=FAMILIES_RERUN)),
     "serve_rerun": ((SERVE_RERUN,), partial(serve, name=SERVE_RERUN)),
