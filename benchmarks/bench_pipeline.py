@@ -59,7 +59,8 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
 Order and expected seconds on the H200 (--time-budget-s 520 from the start; one call of the device
 tool, which allows 600 s): build ~25 (22.5 GB of pinned experts), machine profile ~20 (host levels,
 GPU levels, the shared host rate -- a pinned copy and 14 CPU threads reading host memory at once --
-and the grouped expert kernels' weight bytes/s at 16..256 tokens; the HRM plans with both; after
+the grouped expert kernels' weight bytes/s at 16..256 tokens and their prefill FLOP/s at 1024..16384;
+the HRM plans with them; after
 each warm-up, timeline.launch_task_seconds: the launch thread's host seconds per (layer,
 micro-batch) task with the device idle, which the later plans of that form count too),
 pipeline warm-up ~10 (Triton builds), gen 32 ~20, gen 128 ~55 (the last run's N=512, mu=32, 4 of 8
@@ -182,20 +183,26 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]
 # ---- the machine and the HRM ----------------------------------------------------------------------
 
 EXPERT_PROBE_TOKENS = (16, 32, 64, 128, 256)  # micro-batch sizes the grouped expert kernels are timed at
+# prefill micro-batches' packed tokens the grouped kernels' FLOP/s is timed at; the HRM takes 2560:
+# 32 prompts of ~80 tokens, the prefill micro-batch of its bf16 plans on the H200 (N=512, mu=32)
+# -- 640 slots an expert, below triton_ops.PREFILL_TILES_FROM; 4096 and up get the prefill tiles
+PREFILL_PROBE_TOKENS, PREFILL_LEVEL_TOKENS = (1024, 2560, 4096, 16384), 2560
 
 
 def measure_machine(device: torch.device, small: bool, cfg, probes: dict):
     """Returns the HRM's Machine: host levels measured here; GPU levels measured on CUDA (with the
     shared host rate -- the DMA and the CPU reading at once -- and the grouped expert kernels' weight
-    bytes/s at this shape, 32 tokens a call), else the H200 preset (a CPU run only checks that the
-    script works). `probes` receives the shared-rate parts and the expert rate at each of
-    EXPERT_PROBE_TOKENS."""
+    bytes/s at this shape, 32 tokens a call, and their prefill FLOP/s at PREFILL_LEVEL_TOKENS tokens),
+    else the H200 preset (a CPU run only checks that the script works). `probes` receives the
+    shared-rate parts, the expert rate at each of EXPERT_PROBE_TOKENS and the prefill rate at each
+    of PREFILL_PROBE_TOKENS."""
     from moekit.pipeline.machine import (
         PRESETS,
         Machine,
         profile_experts,
         profile_gpu,
         profile_host,
+        profile_prefill_experts,
         profile_shared,
     )
 
@@ -215,6 +222,13 @@ def measure_machine(device: torch.device, small: bool, cfg, probes: dict):
             levels["expert_bandwidth"] = rates[32]
         except Exception as e:  # noqa: BLE001
             probes["expert_error"] = f"{type(e).__name__}: {e}"
+        try:  # without it the HRM prices the prefill's experts at the GEMM peak (3.5x short on ef150b8)
+            flops = {t: profile_prefill_experts(cfg.hidden_size, cfg.expert_ffn, cfg.num_experts, cfg.top_k, t,
+                                                str(device)) for t in PREFILL_PROBE_TOKENS}
+            probes["prefill_expert_flops"] = flops
+            levels["prefill_expert_flops"] = flops[PREFILL_LEVEL_TOKENS]
+        except Exception as e:  # noqa: BLE001
+            probes["prefill_expert_error"] = f"{type(e).__name__}: {e}"
         free_memory(device)
         return Machine(name=common.device_name(device), **levels)
     return PRESETS["h200"].merged(Machine(name="cpu", **levels))
@@ -627,8 +641,10 @@ def main() -> int:
         f"shared host {fmt((machine.host_shared_bandwidth or 0) / 1e9)} GB/s (DMA "
         f"{fmt((shared.get('h2d_shared') or 0) / 1e9)} + CPU {fmt((shared.get('cpu_read_shared') or 0) / 1e9)}), "
         f"grouped experts {fmt((machine.expert_bandwidth or 0) / 1e12, 2)} TB/s at 32 tokens "
-        f"({' '.join(f'{t}:{r / 1e12:.2f}' for t, r in (probes.get('expert_bytes_per_s') or {}).items())}) "
-        f"({results['machine_s']:.1f} s)")
+        f"({' '.join(f'{t}:{r / 1e12:.2f}' for t, r in (probes.get('expert_bytes_per_s') or {}).items())}), "
+        f"prefill {fmt((machine.prefill_expert_flops or 0) / 1e12)} TFLOP/s at {PREFILL_LEVEL_TOKENS} tokens "
+        f"({' '.join(f'{t}:{r / 1e12:.0f}' for t, r in (probes.get('prefill_expert_flops') or {}).items())}; "
+        f"GEMM {machine.gpu_flops / 1e12:.0f}) ({results['machine_s']:.1f} s)")
     save()
 
     lengths_all = mtbench_lengths(max(max_n, *batches, 8))
@@ -710,6 +726,7 @@ def main() -> int:
                         row["launch_error"] = f"{type(e).__name__}: {e}"
                 row["plan_machine"] = {"launch_task_s": row_machine.launch_task_s,
                                        "expert_bandwidth": row_machine.expert_bandwidth,
+                                       "prefill_expert_flops": row_machine.prefill_expert_flops,
                                        "host_shared_bandwidth": row_machine.host_shared_bandwidth}
                 row["attention_threads"] = args.attention_threads or "default (usable cores - 2 on CUDA)"
                 if device.type == "cuda":

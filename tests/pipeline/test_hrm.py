@@ -372,3 +372,34 @@ def test_prefill_time_is_monotone_and_the_search_stays_feasible():
     assert plan.memory.device <= budget
     assert plan.prefill_s == pytest.approx(prefill_time(m, h200(), plan.policy, Workload(80, 32, num_prompts=1024)))
     assert plan.generation_s == pytest.approx(plan.prefill_s + 31 * plan.decode_step_s)
+
+
+def test_prefill_experts_run_at_the_measured_grouped_rate():
+    """The prefill's routed-expert FLOPs are priced once, at Machine.prefill_expert_flops (the grouped
+    kernels' measured prefill rate, 204-474 TFLOP/s on the H200 against a 785 GEMM): the layer is then
+    the rest at the GEMM rate plus the experts at that rate; a faster rate never lengthens it; left
+    out (or at the GEMM peak) the prefill is what it was; the decode's pricing does not change."""
+    from moekit.pipeline.hrm import prefill_layer_time, prefill_time
+
+    m, w = model_costs(MIXTRAL, BF16_EXPERT), Workload(80, 32)
+    policy = Policy(512, 32, 0.5, "cpu")
+    tokens = 512 * 80
+    rest = tokens * (m.other_flops + m.attention_flops_per_position * 80 / 2) / 790e12
+    experts = tokens * 2 * m.expert_flops
+    # the ef150b8 run's policy is compute-bound: the layer is its GPU sum, the experts at the GEMM peak as before
+    assert prefill_layer_time(m, h200(), policy, 80) == pytest.approx(rest + experts / 790e12)
+    assert prefill_time(m, h200(prefill_expert_flops=790e12), policy, w) == pytest.approx(prefill_time(m, h200(), policy, w))
+    assert prefill_layer_time(m, h200(prefill_expert_flops=204e12), policy, 80) == pytest.approx(rest + experts / 204e12)
+    by_rate = [prefill_time(m, h200(prefill_expert_flops=r), policy, w) for r in (100e12, 204e12, 474e12, 700e12)]
+    assert by_rate == sorted(by_rate, reverse=True) and by_rate[0] > 2 * by_rate[-1]
+    # a rate above the GEMM peak is a measurement's artefact: capped there
+    assert prefill_time(m, h200(prefill_expert_flops=2e15), policy, w) == pytest.approx(prefill_time(m, h200(), policy, w))
+    assert decode_layer_time(m, h200(prefill_expert_flops=100e12), policy, 120) == decode_layer_time(m, h200(), policy, 120)
+    # a compressed form's prefill decodes each layer whole and runs the same grouped kernels
+    int4 = dataclasses.replace(m, form="int4", kernel_floor_s=1e-4, kernel_flops=33e12, kernel_max_tokens=64,
+                               decode_bytes=1e8)
+    assert prefill_time(int4, h200(prefill_expert_flops=204e12), policy, w) > prefill_time(int4, h200(), policy, w)
+    measured = evaluate(m, h200(prefill_expert_flops=204e12), policy, w)
+    assert "204 TFLOP/s" in measured.prefill_experts and "not measured" not in measured.prefill_experts
+    assert "not measured" in evaluate(m, h200(), policy, w).prefill_experts
+    assert measured.to_dict()["prefill_experts"] == measured.prefill_experts

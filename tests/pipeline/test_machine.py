@@ -52,3 +52,37 @@ def test_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(mm, "profile_host", lambda quick=False: {"host_flops": 1.0, "host_bandwidth": 2.0,
                                                                  "host_memory": 3})
     assert mm.this_machine(path).host_flops == 1.0
+
+
+def test_prefill_expert_rate_round_trips_and_old_files_load(tmp_path):
+    """prefill_expert_flops is optional: a machine JSON written before it (no such key) loads with
+    None, one with it round-trips, and a non-positive rate is refused."""
+    old = {k: v for k, v in PRESETS["h200"].to_dict().items() if k != "prefill_expert_flops"}
+    f = tmp_path / "old.json"
+    f.write_text(json.dumps(old))
+    assert read_machine(str(f)).prefill_expert_flops is None
+    assert Machine.from_dict(old) == PRESETS["h200"]
+    measured = Machine.from_dict({**old, "prefill_expert_flops": 474e12})
+    assert Machine.from_dict(json.loads(json.dumps(measured.to_dict()))) == measured
+    assert measured.prefill_expert_flops == 474e12
+    assert PRESETS["h200"].merged(Machine(prefill_expert_flops=2e14)).prefill_expert_flops == 2e14
+    with pytest.raises(MoekitError, match="prefill_expert_flops must be > 0"):
+        Machine(prefill_expert_flops=0)
+
+
+def test_prefill_expert_probe_counts_top_k_expert_flops_a_token(monkeypatch):
+    """profile_prefill_experts runs the grouped kernels on a random routing and counts 2 x 3 x D x I
+    FLOPs per routed (token, expert): with the timer held at 1 ms its rate is those FLOPs x 1000."""
+    from conftest import kernel_device
+
+    device = kernel_device()
+    calls = []
+
+    def timed(fn, dev, reps):
+        calls.append(fn())  # the real call: [T, D] out
+        return 1e-3
+
+    monkeypatch.setattr(mm, "_gpu_best", timed)
+    rate = mm.profile_prefill_experts(hidden=32, ffn=64, experts=4, top_k=2, tokens=16, device=device)
+    assert rate == pytest.approx(16 * 2 * 3 * 32 * 64 * 2 * 1e3)
+    assert calls[0].shape == (16, 32) and bool(calls[0].isfinite().all())

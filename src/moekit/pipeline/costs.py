@@ -191,23 +191,36 @@ def layer_decode_time(m: ModelCosts, machine: Machine, tokens: float, layers: fl
     return layers * m.experts * m.decode_bytes / machine.gpu_bandwidth if decodes_layers(m, tokens) else 0.0
 
 
-def expert_calls_time(m: ModelCosts, machine: Machine, tokens: int, calls: float) -> float:
+def expert_calls_time(m: ModelCosts, machine: Machine, tokens: int, calls: float,
+                      grouped_flops: float | None = None) -> float:
     """Returns the GPU seconds of the routed experts of `calls` calls of a layer's experts (micro-
-    batches) of `tokens` tokens each: a dense GEMM's FLOPs (a compressed form past the per-slot
-    kernels too: the paged runtime decodes its layer whole first, layer_decode_time); else a
-    compressed form's kernels (a floor per expert called, a slower rate per token) for an
-    expert's tokens up to kernel_max_tokens, past it the expert decoded whole and a dense GEMM,
-    weighted by how often uniform routing gives an expert that many."""
+    batches) of `tokens` tokens each: the grouped dense kernels' FLOPs at `grouped_flops` (None:
+    machine.gpu_flops, the dense GEMM's rate; the prefill passes prefill_expert_rate) -- a
+    compressed form past the per-slot kernels too: the paged runtime decodes its layer whole
+    first (layer_decode_time); else a compressed form's kernels (a floor per expert called, a
+    slower rate per token) for an expert's tokens up to kernel_max_tokens, past it the expert
+    decoded whole and a dense GEMM (F.linear: machine.gpu_flops), weighted by how often uniform
+    routing gives an expert that many."""
     flops_per_token = m.top_k * m.expert_flops  # every token runs top_k experts
+    grouped = grouped_flops or machine.gpu_flops
     if decodes_layers(m, tokens):
-        return calls * tokens * flops_per_token / machine.gpu_flops
+        return calls * tokens * flops_per_token / grouped
     if m.kernel_max_tokens is None:
-        return calls * tokens * flops_per_token / (m.kernel_flops or machine.gpu_flops) + (
+        return calls * tokens * flops_per_token / (m.kernel_flops or grouped) + (
             calls * m.touched(tokens) * m.kernel_floor_s)
     called, mean_kernel, past, mean_past = routed_tokens(tokens, m.top_k / m.experts, m.kernel_max_tokens)
-    per_expert = (called * m.kernel_floor_s + mean_kernel * m.expert_flops / (m.kernel_flops or machine.gpu_flops)
+    per_expert = (called * m.kernel_floor_s + mean_kernel * m.expert_flops / (m.kernel_flops or grouped)
                   + past * m.decode_bytes / machine.gpu_bandwidth + mean_past * m.expert_flops / machine.gpu_flops)
     return calls * m.experts * per_expert
+
+
+def prefill_expert_rate(machine: Machine) -> float:
+    """Returns the FLOP/s the prefill's routed experts run at: the grouped dense kernels' measured
+    prefill rate (Machine.prefill_expert_flops, at most the GEMM peak) where known, else the dense
+    GEMM's (machine.gpu_flops), which on the H200 was 1.7-3.9x faster than those kernels."""
+    if machine.prefill_expert_flops:
+        return min(machine.prefill_expert_flops, machine.gpu_flops)
+    return machine.gpu_flops
 
 
 def form_costs(cfg: ModelConfig, layout, act_dtype_bytes: int = 2, kv_dtype_bytes: int | None = None) -> ModelCosts:

@@ -33,7 +33,8 @@ at the grouped kernels' measured rate where known (Machine.expert_bandwidth), no
 And the one launch thread issues every (layer, micro-batch) task: a layer is no shorter than
 N / mu times its host seconds per task (Machine.launch_task_s, where measured). A step is L layers; a generation is a prefill
 (all on the GPU, the weights streamed once per layer, the first layer's not hidden, the host KV
-pool written once) and gen_len - 1 decode steps; throughput is
+pool written once; the experts' FLOPs at the grouped kernels' measured prefill rate,
+Machine.prefill_expert_flops, else at the GEMM peak -- 1.7-3.9x too fast on the H200) and gen_len - 1 decode steps; throughput is
 N * gen_len / (prefill + decode), the paper's metric.
 
 Memory, per policy (bytes): device = non-expert weights + r_w of the experts + a double buffer of
@@ -70,6 +71,7 @@ from .costs import (  # noqa: F401 (the model's terms, re-exported: hrm is where
     form_kernel,
     layer_decode_time,
     model_costs,
+    prefill_expert_rate,
     routed_tokens,
 )
 from .machine import Machine
@@ -222,12 +224,17 @@ def expert_read_rate(m: ModelCosts, machine: Machine, tokens: float = 0) -> floa
 
 def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_len: int) -> float:
     """Returns the seconds of one prefill layer: all on the GPU, the layer's streamed experts
-    sent once, KV sent to the host (CPU attention), each term its own roof."""
+    sent once, KV sent to the host (CPU attention), each term its own roof. The routed experts'
+    FLOPs run at the grouped kernels' measured prefill rate (prefill_expert_rate: the dense GEMM's
+    where not measured), the rest -- projections, router, causal attention over the prompt -- at
+    the GEMM's."""
     tokens = policy.batch * prompt_len
     streamed = m.layer_expert_bytes * (1 - policy.resident_share)
     per_mb = policy.micro_batch * prompt_len
     flops = tokens * (m.other_flops + m.attention_flops_per_position * m.attended(prompt_len) / 2)
-    experts = (expert_calls_time(m, machine, per_mb, policy.micro_batches * m.moe_fraction)
+    # the experts' FLOPs, priced here only (`flops` is the rest): the grouped kernels' prefill rate
+    experts = (expert_calls_time(m, machine, per_mb, policy.micro_batches * m.moe_fraction,
+                                 prefill_expert_rate(machine))
                + layer_decode_time(m, machine, per_mb, m.moe_fraction))
     hbm = policy.micro_batches * (m.touched(per_mb) * read_bytes(m, per_mb) * m.moe_fraction + m.other_bytes)
     d2h = tokens * m.kv_bytes_per_token if policy.attention == "cpu" else 0.0
@@ -290,6 +297,7 @@ class Plan:
     tok_s: float  # N * gen_len / generation_s (the paper's generation throughput)
     memory: Memory
     limited_by: str  # what stops a larger N: "device memory", "host memory", "prompts"
+    prefill_experts: str = ""  # the rate the prefill's routed experts are priced at, and its source (prefill_rate_note)
 
     @property
     def bound(self) -> str:
@@ -308,7 +316,17 @@ def evaluate(m: ModelCosts, machine: Machine, policy: Policy, w: Workload, limit
     prefill = prefill_time(m, machine, policy, w)
     total = prefill + (w.gen_len - 1) * step
     return Plan(policy, layer, step, prefill, total, policy.batch / step if step > 0 else math.inf,
-                policy.batch * w.gen_len / total, memory(m, policy, w), limited_by)
+                policy.batch * w.gen_len / total, memory(m, policy, w), limited_by, prefill_rate_note(machine))
+
+
+def prefill_rate_note(machine: Machine) -> str:
+    """Returns what the prefill's routed experts are priced at: the measured grouped-kernel rate,
+    or the GEMM peak where it is not measured (an optimistic prefill)."""
+    rate = prefill_expert_rate(machine) / 1e12
+    if machine.prefill_expert_flops:
+        return f"{rate:.0f} TFLOP/s (the grouped expert kernels' measured prefill rate)"
+    return (f"{rate:.0f} TFLOP/s (the GEMM peak: prefill_expert_flops not measured, so the prefill is optimistic; "
+            "the H200's grouped kernels ran 1.7-3.9x slower)")
 
 
 def check_machine(machine: Machine) -> None:

@@ -8,7 +8,9 @@ float32 GEMM FLOP/s, the native CPU attention kernel's KV bytes/s) on any machin
 CUDA exists. Two optional levels need both: host memory read by the DMA and the CPU at once
 (`profile_shared`: what the weight pages and CPU attention share in a CGOPipe layer) and the
 grouped expert kernels' weight bytes/s at a model's decode shape (`profile_experts`: a few tokens
-an expert reads each expert's weights at well below the HBM copy rate). A CPU-only machine planning for a GPU takes the GPU levels from a file (`--machine
+an expert reads each expert's weights at well below the HBM copy rate) and their FLOP/s at a
+prefill micro-batch (`profile_prefill_experts`: many tokens an expert, compute-bound, yet well
+below the dense GEMM's rate -- 204-474 of 785 TFLOP/s on the H200). A CPU-only machine planning for a GPU takes the GPU levels from a file (`--machine
 FILE`, any subset of the fields) or a preset (`--machine h200`: the figures measured on the H200
 machine, docs BENCH.md). All rates are per second; sizes are bytes.
 """
@@ -28,7 +30,7 @@ from ..errors import MoekitError
 VERSION = 1
 GPU_FIELDS = ("gpu_flops", "gpu_bandwidth", "gpu_memory", "h2d_bandwidth", "d2h_bandwidth")
 HOST_FIELDS = ("host_flops", "host_bandwidth", "host_memory", "cpu_attention_bandwidth")
-SHARED_FIELDS = ("host_shared_bandwidth", "expert_bandwidth", "launch_task_s")  # optional, measured where both exist
+SHARED_FIELDS = ("host_shared_bandwidth", "expert_bandwidth", "prefill_expert_flops", "launch_task_s")  # optional, measured where both exist
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Machine:
     host_shared_bandwidth: float | None = None
     # weight bytes/s the grouped dense expert kernels read at decode (a few tokens an expert; None: gpu_bandwidth)
     expert_bandwidth: float | None = None
+    # FLOP/s the grouped dense expert kernels reach on a prefill micro-batch of the model planned for
+    # (profile_prefill_experts at one token count; None: gpu_flops, the dense GEMM's rate)
+    prefill_expert_flops: float | None = None
     # host seconds CGOPipe's launch thread takes to issue one (layer, micro-batch) task of the model
     # planned for (timeline.launch_task_seconds; None: not counted)
     launch_task_s: float | None = None
@@ -244,11 +249,9 @@ def profile_shared(device: str = "cuda", nbytes: int = 1 << 30, threads: int | N
     return {"host_shared_bandwidth": h2d + cpu_rate, "h2d_shared": h2d, "cpu_read_shared": cpu_rate}
 
 
-def profile_experts(hidden: int, ffn: int, experts: int, top_k: int, tokens: int, device: str = "cuda",
-                    reps: int = 5) -> float:
-    """Returns the weight bytes/s the grouped dense expert kernels (experts.triton_ops) read on a
-    call of `tokens` tokens over `experts` bf16 SwiGLU experts of hidden x ffn, top-k routed
-    uniformly at random: the experts touched times their bytes over the call's time (CUDA)."""
+def _expert_call(hidden: int, ffn: int, experts: int, top_k: int, tokens: int, device: str):
+    """Returns (a call of the grouped dense expert kernels on `tokens` random bf16 tokens over
+    `experts` SwiGLU experts of hidden x ffn, routed top-k uniformly at random; the experts it touches)."""
     import torch
 
     from ..experts import triton_ops
@@ -256,15 +259,29 @@ def profile_experts(hidden: int, ffn: int, experts: int, top_k: int, tokens: int
     g = torch.Generator(device=device).manual_seed(0)
     gate_up = torch.randn(experts, 2 * ffn, hidden, device=device, dtype=torch.bfloat16, generator=g) * 0.02
     down = torch.randn(experts, hidden, ffn, device=device, dtype=torch.bfloat16, generator=g) * 0.02
-    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, generator=g)
-    ids = torch.rand(tokens, experts, device=device, generator=g).topk(top_k, dim=1).indices
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, generator=g)  # [T, D]
+    ids = torch.rand(tokens, experts, device=device, generator=g).topk(top_k, dim=1).indices  # [T, A]
     weights = torch.full((tokens, top_k), 1.0 / top_k, device=device, dtype=torch.bfloat16)
-    touched = int(torch.unique(ids).numel())
+    return (lambda: triton_ops.grouped_expert_ffn(x, ids, weights, gate_up, down)), int(torch.unique(ids).numel())
 
-    def call() -> None:
-        triton_ops.grouped_expert_ffn(x, ids, weights, gate_up, down)
 
+def profile_experts(hidden: int, ffn: int, experts: int, top_k: int, tokens: int, device: str = "cuda",
+                    reps: int = 5) -> float:
+    """Returns the weight bytes/s the grouped dense expert kernels (experts.triton_ops) read on a
+    call of `tokens` tokens over `experts` bf16 SwiGLU experts of hidden x ffn, top-k routed
+    uniformly at random: the experts touched times their bytes over the call's time (CUDA)."""
+    call, touched = _expert_call(hidden, ffn, experts, top_k, tokens, device)
     return touched * 3 * hidden * ffn * 2 / _gpu_best(call, device, reps)
+
+
+def profile_prefill_experts(hidden: int, ffn: int, experts: int, top_k: int, tokens: int, device: str = "cuda",
+                            reps: int = 5) -> float:
+    """Returns the FLOP/s of the grouped dense expert kernels on a prefill call of `tokens` tokens
+    (a micro-batch's packed prompts) over `experts` bf16 SwiGLU experts of hidden x ffn, top-k
+    routed uniformly at random: top_k expert FLOPs a token over the call's time (CUDA); the
+    Machine's prefill_expert_flops."""
+    call, _ = _expert_call(hidden, ffn, experts, top_k, tokens, device)
+    return tokens * top_k * 3 * hidden * ffn * 2 / _gpu_best(call, device, reps)
 
 
 def _gpu_best(fn, device: str, reps: int) -> float:
