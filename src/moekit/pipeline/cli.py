@@ -147,6 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     f"{costs.experts:g} experts per layer resident")),
         ("throughput", (f"{plan.tok_s:.1f} tok/s generated ({plan.decode_tok_s:.1f} tok/s decode, "
                        f"prefill {plan.prefill_s:.2f} s, a decode step {plan.decode_step_s * 1e3:.1f} ms)")),
+        *((("prefill experts", plan.prefill_experts),) if plan.prefill_experts else ()),
         ("bound by", (f"{plan.bound} (per layer: PCIe {lt.comm * 1e3:.2f} ms, CPU {lt.cpu * 1e3:.2f} ms, "
                      f"GPU {lt.gpu * 1e3:.2f} ms)")),
         ("batch limited by", plan.limited_by),
