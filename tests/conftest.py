@@ -349,7 +349,12 @@ def pytest_report_header(config):
     return f"reference: transformers {transformers.__version__}, torch {torch.__version__}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the marker below must be there to select on
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # the tests of modules that run Triton kernels on tensors they build (kernel_device):
+        # on CUDA where there is one, so the GPU machine's run is `-m "gpu or kernels"` (-m gpu alone misses them)
+        if getattr(getattr(item, "module", None), "kernel_device", None) is kernel_device:
+            item.add_marker(pytest.mark.kernels)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
