@@ -180,15 +180,25 @@ def _launch(q, sq, k, sk, v, sv, sinks, keys, values, sc, hkv, capacity, start, 
     h, dh = q.shape[1], q.shape[-1]
     group = h // hkv
     out = torch.empty((n, h, dh), dtype=q.dtype, device=q.device)
-    block_g, dh_pad = triton.next_power_of_2(group), triton.next_power_of_2(dh)
-    # positions per iteration as moekit.paged_attention's decode kernel takes them: [G, BLOCK_S, Dh]
-    # float32 products of at most 16K elements, 8 warps sharing them from 8K on (gpt-oss: 32, 8 warps)
-    block_s = max(16, min(64, triton.next_power_of_2(max(1, 16384 // (block_g * dh_pad)))))
-    warps = 8 if block_g * block_s * dh_pad >= 8192 else 4
     sink_attention_kernel[(n, hkv)](
         q, k, v, sinks, keys, values, start, tables, slots, out,
         t, capacity, 0 if window is None else window, dh ** -0.5, *sq, *sk, *sv, *sc, stride_tb,
         slots.stride(0) if slots.dim() else 0, page,
-        H=h, GROUP=group, BLOCK_G=block_g, DH=dh, DH_PAD=dh_pad, BLOCK_S=block_s, WINDOW=window is not None,
-        PAGED=paged, STORE=store, num_warps=warps)
+        H=h, WINDOW=window is not None, PAGED=paged, STORE=store,
+        **sink_launch(q.dtype, dh, group, interpreted=not q.is_cuda))
     return out
+
+
+def sink_launch(dtype: torch.dtype, head_dim: int, group: int, interpreted: bool = False) -> dict:
+    """Returns sink_attention_kernel's constexprs, warps and pipeline stages for a model shape, as
+    moekit.paged_attention.decode_launch takes them: the G query heads of a kv head padded to
+    BLOCK_G >= 16 rows and the head dim to >= 16 (tl.dot's smallest M and K on NVIDIA), 64
+    positions an iteration (32 from head dim 256 on, so K and V tiles stay <= 32 KB each in bf16);
+    float32 dots in ieee float32 (and all of them under the interpreter, UPCAST)."""
+    dh_pad = max(16, triton.next_power_of_2(head_dim))
+    block_s = 64 if dh_pad <= 128 else 32
+    tile_bytes = 2 * block_s * dh_pad * dtype.itemsize  # one stage's K and V tiles in shared memory
+    return {"GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)), "DH": head_dim, "DH_PAD": dh_pad,
+            "BLOCK_S": block_s, "DOT_PRECISION": "ieee" if dtype == torch.float32 or interpreted else "tf32",
+            "UPCAST": interpreted, "num_warps": 4 if dh_pad <= 128 else 8,
+            "num_stages": 3 if tile_bytes <= 32 * 1024 else 2}

@@ -4,13 +4,15 @@ write and the attention over the cached positions in one launch.
 The PyTorch reference of a step is ~15 small kernels a layer (the cache write by index_copy, the
 mask and its negation, the score matmul, its cast and scale, the sink column concatenated, the
 softmax, the weighted sum and their casts). Here a program holds the G query heads that share a kv
-head (GQA) and walks that head's positions once with an online softmax in float32 whose running
-max and sum start at the head's sink logit: exp(sink) joins the denominator and nothing the
-numerator, as moekit.sinks.sink_attention's extra softmax column does. With WINDOW, positions at or
-before query - window are never read (the sliding-window layers). The scores q.k are rounded to
-the model dtype before the scale, where the reference's matmul rounds them; the probabilities are
-not (the reference rounds them before its second matmul), so bf16 results differ from it by about
-a rounding step. Wrapper: moekit.sinks (fused_decode, paged_fused_decode).
+head (GQA) and walks that head's positions once, BLOCK_S an iteration, with an online softmax in
+float32 whose running max and sum start at the head's sink logit: exp(sink) joins the denominator
+and nothing the numerator, as moekit.sinks.sink_attention's extra softmax column does. q . K^T and
+p . V are tensor-core dots (tl.dot; the G heads padded to >= 16 rows, the smallest M on NVIDIA).
+With WINDOW, positions at or before query - window are never read (the sliding-window layers). The
+scores q.k are rounded to the model dtype before the scale, where the reference's matmul rounds
+them; the probabilities are rounded to it before their dot unnormalized (relative to the running
+max), the reference's after normalizing, so bf16 results differ from it by about a rounding step.
+Wrapper: moekit.sinks (fused_decode, paged_fused_decode).
 
 Tensors (N = B*T token rows, token n = b*T + t; B = sequences, T = new tokens a sequence, H = query
 heads, Hkv = key/value heads, G = H / Hkv, Dh = head dim, S = cache capacity, NB = cache blocks,
@@ -41,6 +43,7 @@ def sink_attention_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_s, stride_tb, stride_slot, page,
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DH: tl.constexpr, DH_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr, WINDOW: tl.constexpr, PAGED: tl.constexpr, STORE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program (n, kvh): out[n, heads of kvh] for token n = b*T + t at position query = start + t.
 
@@ -50,7 +53,12 @@ def sink_attention_kernel(
     positions start..query from k, v -- never from the cache being written. Scores (q . k rounded
     to the dtype) * scale over s <= query (and s > query - window with WINDOW), softmax with the
     head's sink in the denominator, float32 throughout. PAGED decodes one token a sequence (T = 1):
-    start is its context length - 1, every earlier position cached."""
+    start is its context length - 1, every earlier position cached.
+
+    Both products are tensor-core dots: q [G, Dh] (G padded to BLOCK_G >= 16 with zero rows) by
+    K^T [Dh, BS] into float32 scores, then p rounded to the dtype by V [BS, Dh] into the float32
+    accumulator. UPCAST multiplies the same rounded operands in float32 instead (the interpreter:
+    its bf16 tl.dot is wrong in Triton 3.9)."""
     n = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     b = n // T
@@ -76,7 +84,9 @@ def sink_attention_kernel(
         tl.store(kc_ptr + dst, tl.load(k_ptr + b * sk_b + kvh * sk_h + t * sk_t + d, mask=keep), mask=keep)
         tl.store(vc_ptr + dst, tl.load(v_ptr + b * sv_b + kvh * sv_h + t * sv_t + d, mask=keep), mask=keep)
     q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + t * sq_t + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [G, Dh]
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G, Dh]
+    if UPCAST:
+        q = q.to(tl.float32)
     # the sink as the softmax's first column: running max = sink, running sum = exp(sink - sink)
     m_i = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)  # [G]
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32) + 1.0
@@ -104,14 +114,20 @@ def sink_attention_kernel(
              + tl.load(k_ptr + b * sk_b + kvh * sk_h + r[:, None] * sk_t + d[None, :], mask=n_mask, other=0.0))
         v = (tl.load(vc_ptr + c_off[:, None] + d[None, :], mask=c_mask, other=0.0)
              + tl.load(v_ptr + b * sv_b + kvh * sv_h + r[:, None] * sv_t + d[None, :], mask=n_mask, other=0.0))
-        dots = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [G, BS]
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dots = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [G, BS] float32
         score = _to(dots, dt).to(tl.float32) * scale
         score = tl.where((cached | new)[None, :], score, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(score, axis=1))
         p = tl.exp(score - m_new[:, None])  # [G, BS]
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)  # [G, Dh]
+        p_v = _to(p, dt)  # V's dtype: the dot's operands share one
+        if UPCAST:
+            p_v = p_v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=DOT_PRECISION)  # [G, Dh]
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + n * H * DH + heads[:, None] * DH + d[None, :], _to(out, out_ptr.dtype.element_ty),
