@@ -1,0 +1,163 @@
+"""Times gpt-oss's fused sinks decode kernel (tensor-core dots, issues 13/15) against its HBM floor
+and the PyTorch reference path.
+
+    PYTHONPATH=src python3 benchmarks/probes/probe_sink_decode.py --out $OUT   # H200, ~1 min
+
+One layer of attention with sinks at gpt-oss-20b's heads (64 query heads, 8 kv heads, Dh 64), bf16,
+window None (the full layers) and 128 (the sliding ones):
+  dense  moekit.sinks.fused_decode: B = 1, one new token after 128 / 1024 / 4096 cached positions
+         (the static-shape KVCache path of generate), the cache write included;
+  paged  moekit.sinks.paged_fused_decode: B = 1, 8, 32, 128 sequences, contexts uniform in 32..640,
+         their 16-position blocks scattered over a pool (the serving path), the cache write included.
+Each row: the kernel's time, the floor of reading the attended keys and values once at the HBM copy
+rate, the reference path's time in the same run (moekit.sinks.attend / _decode_rows with
+MOEKIT_FUSED=0: the cache write, mask and sink_attention), and the kernel's max |error| against
+that reference's output. Off CUDA it says so and exits 0.
+
+Shapes: B = sequences, H = query heads, Hkv = kv heads, Dh = head dim, S = cache capacity,
+NB = pool blocks, BS = positions per block, MB = blocks per table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common
+import common
+
+HEADS, KV_HEADS, HEAD_DIM = 64, 8, 64  # gpt-oss-20b
+WINDOWS = (None, 128)
+DENSE_CONTEXTS = (128, 1024, 4096)
+BATCHES = (1, 8, 32, 128)
+CONTEXTS = (32, 640)  # paged: uniform in [lo, hi], the new token included
+BLOCK_SIZE = 16
+
+
+def layer(window: int | None, device: torch.device, g: torch.Generator):
+    """Returns a gpt-oss SinkAttention (layer 0) at gpt-oss-20b's heads with random sinks, bf16."""
+    from moekit.config import ModelConfig
+    from moekit.model import SinkAttention
+
+    cfg = ModelConfig(family="gpt_oss", vocab_size=64, hidden_size=64, num_layers=1, num_heads=HEADS,
+                      num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, num_experts=2, top_k=1, expert_ffn=8,
+                      moe_layers=(True,), qkv_bias=True, o_bias=True, sliding_window=window, attention_sinks=True)
+    attn = SinkAttention(cfg, 0)
+    with torch.no_grad():
+        attn.sinks.copy_(2 * torch.randn(HEADS, generator=g))
+    return attn.to(device, torch.bfloat16).eval()
+
+
+def reference(fn):
+    """Returns fn run on the PyTorch path (MOEKIT_FUSED=0)."""
+    def run():
+        before = os.environ.get("MOEKIT_FUSED")
+        os.environ["MOEKIT_FUSED"] = "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["MOEKIT_FUSED"]
+            else:
+                os.environ["MOEKIT_FUSED"] = before
+    return run
+
+
+def kv_bytes(positions: int) -> int:
+    """Returns the bytes of bf16 keys and values of `positions` positions of one layer."""
+    return 2 * positions * KV_HEADS * HEAD_DIM * 2
+
+
+def dense_row(ctx: int, window: int | None, device: torch.device, g: torch.Generator) -> dict:
+    """Returns the dense row: one token at position ctx over a KVCache of capacity ctx + 1."""
+    from moekit import sinks
+    from moekit.kv_cache import KVCache
+
+    attn = layer(window, device, g)
+    cache = KVCache(attn.cfg, 1, ctx + 1, device, torch.bfloat16)
+    cache.keys[0].normal_()
+    cache.values[0].normal_()
+    q = torch.randn(1, HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16)  # [B, H, T, Dh]
+    k, v = (torch.randn(1, KV_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16) for _ in range(2))
+    start = torch.tensor(ctx, device=device)
+    kernel = partial(sinks.fused_decode, q, k, v, attn.sinks, cache.keys[0], cache.values[0], start, window)
+    plain = reference(partial(sinks.attend, attn, q, k, v, cache, start))
+    with torch.inference_mode():
+        error = float((kernel().view(1, -1).float() - plain().view(1, -1).float()).abs().max())
+        kernel_s, plain_s = common.do_bench_s(kernel), common.do_bench_s(plain)
+    attended = ctx + 1 if window is None else min(ctx + 1, window)
+    return {"path": "dense", "batch": 1, "context": ctx, "window": window, "kernel_us": 1e6 * kernel_s,
+            "reference_us": 1e6 * plain_s, "floor_us": 1e6 * kv_bytes(attended) / common.HBM_BYTES_PER_S,
+            "max_abs_error": error}
+
+
+def paged_row(b: int, window: int | None, device: torch.device, g: torch.Generator) -> dict:
+    """Returns the paged row: one token for each of b sequences over a scattered block pool."""
+    from moekit import sinks
+    from moekit.kv_cache import PagedKVCache
+
+    attn = layer(window, device, g)
+    lo, hi = CONTEXTS
+    ctx = torch.randint(lo, hi + 1, (b,), generator=g)  # [B], the new token included
+    width = -(-hi // BLOCK_SIZE)
+    cache = PagedKVCache(attn.cfg, b * width, BLOCK_SIZE, device, torch.bfloat16)
+    keys, values = cache.keys[0], cache.values[0]  # [NB, BS, Hkv, Dh]
+    keys.normal_()
+    values.normal_()
+    tables = torch.randperm(b * width, generator=g).view(b, width).to(device, torch.int32)  # [B, MB]
+    last = ctx.to(device).long() - 1
+    slots = tables.long().gather(1, (last // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE + last % BLOCK_SIZE  # [B]
+    ctx = ctx.to(device, torch.int32)
+    qs = torch.randn(b, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)  # [B, H, Dh]
+    ks, vs = (torch.randn(b, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16) for _ in range(2))
+    kernel = partial(sinks.paged_fused_decode, qs, ks, vs, attn.sinks, keys, values, tables, ctx, window, slots)
+
+    def plain_step():  # what _attend_ragged does for a decode step without the kernel
+        cache.write(0, ks, vs, slots)
+        return sinks._decode_rows(attn, qs, ks, vs, cache, tables, ctx)
+    plain = reference(plain_step)
+    with torch.inference_mode():
+        error = float((kernel().view(b, -1).float() - plain().float()).abs().max())
+        kernel_s, plain_s = common.do_bench_s(kernel), common.do_bench_s(plain)
+    attended = int(ctx.sum()) if window is None else int(ctx.clamp(max=window).sum())
+    return {"path": "paged", "batch": b, "context": float(ctx.float().mean()), "window": window,
+            "kernel_us": 1e6 * kernel_s, "reference_us": 1e6 * plain_s,
+            "floor_us": 1e6 * kv_bytes(attended) / common.HBM_BYTES_PER_S, "max_abs_error": error}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_output_args(p, "probe_sink_decode")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        print("probe_sink_decode: the Triton sinks decode kernel is timed on CUDA only; nothing to do here")
+        return 0
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    res: dict = {"meta": common.run_meta(args, device), "hbm_bytes_per_s": common.HBM_BYTES_PER_S,
+                 "heads": [HEADS, KV_HEADS, HEAD_DIM], "rows": []}
+    work = ([partial(dense_row, c, w) for w in WINDOWS for c in DENSE_CONTEXTS]
+            + [partial(paged_row, b, w) for w in WINDOWS for b in BATCHES])
+    table = []
+    for make in work:
+        row = make(device, g)
+        res["rows"].append(row)
+        table.append([row["path"], row["batch"], f"{row['context']:.0f}", row["window"], f"{row['kernel_us']:.1f}",
+                      f"{row['floor_us']:.1f}", f"{row['floor_us'] / row['kernel_us']:.0%}",
+                      f"{row['reference_us']:.1f}", f"{row['max_abs_error']:.1e}"])
+        print(row, flush=True)
+        common.free_memory(device)
+    print(common.markdown_table(["path", "B", "context (mean)", "window", "kernel us", "HBM floor us",
+                                 "floor / kernel", "reference us", "max |err|"], table))
+    print("wrote", common.write_json(res, args.out, "probe_sink_decode"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
