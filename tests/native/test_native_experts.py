@@ -58,6 +58,20 @@ def test_thread_count_does_not_change_bits():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("n", [1, 100, 4100])
+def test_stage2_row_blocks_at_every_token_count(n):
+    """Stage 2 takes 64 hidden rows an item at one token, 4096 // n rows at n tokens, and one row
+    (the accs buffer) past 4096 tokens; d = 200 leaves a partial last block in each."""
+    d, ffn = 200, 24
+    x = torch.randn(n, d)
+    per_job = min(n, 256)
+    routes = [[(j * 7 + i) % n for i in range(per_job)] for j in range(max(8, -(-n // per_job)))]
+    jobs = make_jobs(d, ffn, torch.float32, routes)
+    outs = [ne.expert_ffn(x, jobs, threads=t) for t in (1, 3)]
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], ne.reference(x, jobs), rtol=1e-4, atol=1e-4)
+
+
 def test_no_jobs_gives_zeros_and_out_is_written_in_place():
     x = torch.randn(3, 16)
     out = torch.full_like(x, 7.0)
