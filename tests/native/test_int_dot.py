@@ -52,9 +52,12 @@ def on_int8_grid(n: int, d: int, g: torch.Generator) -> torch.Tensor:
 
 
 # (bits, hidden, ffn, groups of gate_up, of down): int4 g128 as compress writes it, one group per row,
-# int8 in 64-column groups, int2 in 256-column groups; the 512-wide cases pair blocks unevenly
+# int8 in 64-column groups, int2 in 256-column groups; the 512-wide cases pair blocks unevenly; groups
+# of half a block (8 words: int2 g128, int4 g64, int8 g32; int_row_dot_halves), 6 blocks a row (pairs)
+# and 3 (a block left over)
 FITTING = [(4, 256, 128, (2, 1)), (4, 512, 256, (4, 2)), (4, 384, 128, (1, 1)), (8, 256, 128, (4, 2)),
-           (2, 512, 256, (2, 1))]
+           (2, 512, 256, (2, 1)), (2, 512, 256, (4, 2)), (2, 1536, 768, (12, 6)), (4, 384, 128, (6, 2)),
+           (8, 384, 128, (12, 4))]
 
 
 @pytest.mark.parametrize("bits,d,ffn,groups", FITTING)
@@ -69,7 +72,8 @@ def test_int8_within_bound_of_float(bits, d, ffn, groups, tokens, routes):
         assert torch.equal(int8[5], torch.zeros(d))  # a token no job touches
 
 
-@pytest.mark.parametrize("bits,d,groups", [(4, 256, 2), (4, 128, 1), (8, 256, 4), (2, 512, 2)])
+@pytest.mark.parametrize("bits,d,groups", [(4, 256, 2), (4, 128, 1), (8, 256, 4), (2, 512, 2), (2, 512, 4),
+                                           (4, 384, 6), (8, 256, 8)])
 def test_gate_up_exact_on_the_int8_grid(bits, d, groups):
     """x on the int8 grid, down in float (ffn 40: no whole 16-word blocks): only the integer gate_up
     stage differs from the float path, and it is exact (int32 sums of integers, float scales)."""
@@ -82,7 +86,7 @@ def test_gate_up_exact_on_the_int8_grid(bits, d, groups):
 
 @pytest.mark.parametrize("bits,d,ffn,groups", [(3, 320, 160, (1, 1)), (4, 256, 128, (8, 4)), (4, 200, 72, (1, 1))])
 def test_matrices_it_cannot_take_run_in_float(bits, d, ffn, groups):
-    """int3, groups of fewer than 16 words (int4 g32), rows not of whole 16-word blocks: the same bits as dot="float"."""
+    """int3, groups of 4 words (int4 g32), rows not of whole 16-word blocks: the same bits as dot="float"."""
     x = torch.randn(6, d)
     jobs = jobs_of(d, ffn, bits, groups, ROUTES)
     assert torch.equal(nc.int_ffn(x, jobs, bits, dot="int8"), nc.int_ffn(x, jobs, bits, dot="float"))
@@ -152,7 +156,7 @@ from test_int_dot import jobs_of, on_int8_grid
 from moekit.native import compressed as nc
 print(nc.int_dot_isa())
 g = torch.Generator().manual_seed(0)
-for bits, d, groups in ((4, 256, 2), (8, 256, 4), (2, 512, 2)):
+for bits, d, groups in ((4, 256, 2), (8, 256, 4), (2, 512, 2), (2, 512, 4), (4, 384, 6), (8, 256, 8)):
     x = on_int8_grid(2, d, g) / 64
     jobs = jobs_of(d, 40, bits, (groups, 1), [[0, 1], [1]], seed=d)
     a, b = nc.int_ffn(x, jobs, bits, dot="int8"), nc.int_ffn(x, jobs, bits, dot="float")

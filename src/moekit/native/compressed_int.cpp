@@ -7,7 +7,7 @@
 // ptrs per job: gate_up qweight, scale, zero, down qweight, scale, zero.
 //
 // Int-N with int8 activations (moekit_int_ffn's int8_dot; int_dot.h): the matrices that fit (bits
-// 2, 4, 8, permuted, groups of whole 16-word blocks) are not decoded to floats at all: each token's
+// 2, 4, 8, permuted, groups of whole 16-word blocks or of 8 words) are not decoded to floats at all: each token's
 // x and each slot's h are quantized once per call and the codes multiply them in int32.
 
 #include <cstdint>
@@ -215,11 +215,17 @@ struct IntRows {
     int64_t n = K;
     if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
       if (const QuantizedRows* qr = qrows[kind]) {  // int8 activations (int_dot.h)
+        const uint32_t* u = reinterpret_cast<const uint32_t*>(q);
+        const int64_t gw = group_words(BITS, K, P);
         for (int k = 0; k < count; ++k) {
           const int64_t t = row0 + (which ? which[k] : k);
-          out[k] = int_row_dot<BITS>(reinterpret_cast<const uint32_t*>(q), HalfScales{scale}, zero, group_words(BITS, K, P),
-                                     qr->q.data() + t * qr->columns, qr->scale.data() + t * words,
-                                     qr->sum.data() + t * (words / XQ_BLOCK_WORDS), words);
+          const int8_t* xq = qr->q.data() + t * qr->columns;
+          const float* xs = qr->scale.data() + t * words;
+          out[k] = gw == XQ_HALF_WORDS
+                       ? int_row_dot_halves<BITS>(u, HalfScales{scale}, zero, xq, xs,
+                                                  qr->half_sum.data() + t * (words / XQ_HALF_WORDS), words)
+                       : int_row_dot<BITS>(u, HalfScales{scale}, zero, gw, xq, xs,
+                                           qr->sum.data() + t * (words / XQ_BLOCK_WORDS), words);
         }
         return;
       }
@@ -274,7 +280,7 @@ extern "C" {
 // Int-N experts. ptrs: J * 6 addresses (module comment). permuted (IntRows): x is [N, words(D) * k]
 // in the permuted layout, h holds slots * words(I) * k floats, zero at the padding; else x is
 // [N, D] and h slots * I floats. int8_dot != 0: the matrices int_dot_fits takes (permuted, bits 2, 4,
-// 8, groups of whole 16-word blocks) run with int8 activations (int_dot.h), the others in float.
+// 8, groups of whole 16-word blocks or of 8 words) run with int8 activations (int_dot.h), the others in float.
 // Returns 0, or 1 for bits other than 2/3/4/8, 2 for a job of more than 256 tokens.
 int moekit_int_ffn(int bits, const float* x, float* out, int64_t N, int64_t D, int64_t I, int64_t J,
                    const int64_t* ptrs, int64_t groups_gate_up, int64_t groups_down, int permuted, const int32_t* tok_start,
