@@ -22,8 +22,8 @@ Int-N activations (`dot`): "float" dots each decoded weight with the float activ
 reference's numbers up to float summation order); "int8" quantizes each token's x and each slot's h
 once per call to int8 (a scale per 32 columns) and sums code x int8 products in int32 (int_dot.h:
 AVX512-VNNI / AVX-VNNI / AVX2 / scalar, whichever this build has; `int_dot_isa()` says). int8 takes
-bits 2, 4, 8 in groups of whole 16-word blocks (int4 g128, as compress writes it); other matrices
-run in float either way. Default: $MOEKIT_CPU_INT_DOT, else "int8" (faster: the 4-layer OLMoE int4
+bits 2, 4, 8 in groups of whole 16-word blocks (int4 g128, as compress writes it) or of 8 words
+(int2 g128, int4 g64, int8 g32: two group scales a block, d6a3fe9); other matrices run in float either way. Default: $MOEKIT_CPU_INT_DOT, else "int8" (faster: the 4-layer OLMoE int4
 g128 native step on the 2-core Zen 4, 2 threads, 93.9 vs 65.4 tok/s, median of 3 interleaved rounds,
 benchmarks/results/bench_cpu_compressed_int8dot_2core_vm.json); not bit-exact: tests/native/test_int_dot.py
 states the bound.
