@@ -180,6 +180,29 @@ def test_thread_count_does_not_change_bits():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("form", ["int4", "int2", "code"])
+@pytest.mark.parametrize("n", [1, 100, 4100])
+def test_stage2_row_blocks_at_every_token_count(form, n):
+    """Stage 2 (compressed_layer.h) takes 64 hidden rows an item at one token, 4096 // n rows at n
+    tokens, and one row (the accs buffer) past 4096 tokens; d = 200 leaves a partial last block in
+    each. int4 in groups that split words (natural layout), int2 one group a row (permuted)."""
+    d, ffn = 200, 24
+    x = torch.randn(n, d)
+    per_job = min(n, 256)
+    routes = [[(j * 7 + i) % n for i in range(per_job)] for j in range(max(8, -(-n // per_job)))]
+    if form == "code":
+        jobs, table = code_jobs(d, ffn, routes)
+        outs = [nc.code_ffn(x, jobs, table, threads=t) for t in (1, 3)]
+        expected = nc.code_reference(x, jobs, table)
+    else:
+        bits = int(form[3:])
+        jobs = int_jobs(d, ffn, bits, (3, 1) if bits == 4 else (1, 1), routes)
+        outs = [nc.int_ffn(x, jobs, bits, threads=t, dot="float") for t in (1, 3)]
+        expected = nc.int_reference(x, jobs, bits)
+    assert torch.equal(outs[0], outs[1])
+    close(outs[0], expected, 1e-4)
+
+
 def test_no_jobs_gives_zeros_and_out_is_written_in_place():
     x = torch.randn(3, 16)
     out = torch.full_like(x, 7.0)

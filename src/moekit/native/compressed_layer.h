@@ -5,12 +5,14 @@
 //
 // One OpenMP region per layer, two stages with one barrier (as experts.cpp):
 //   stage 1  work item = (job, block of ffn rows): h[slot, r] = silu(gate_r . x) * (up_r . x)
-//   stage 2  work item = block of hidden rows d: out[t, d] = sum over jobs of w * (down_d . h[slot])
+//   stage 2  work item = block of hidden rows d: out[t, d] = sum over jobs of w * (down_d . h[slot]),
+//            job by job over the block's rows
 // Stage 2 partitions the output rows and sums over jobs in job order, so the result does not
 // depend on the thread count. Accumulation is float32; x and out are float32.
 //
 // Shapes: N tokens, D hidden, I ffn width, J jobs, T = slots of all jobs (tok_start[J]).
-// accs holds threads * acc_stride(N) floats (each thread's on cache lines of its own).
+// accs holds threads * acc_stride(N) floats (stage 2's accumulators past STAGE2_ACC tokens; each
+// thread's on cache lines of its own).
 #pragma once
 
 #include <cmath>
@@ -26,6 +28,12 @@ constexpr int V = 16;
 typedef float vf __attribute__((vector_size(4 * V)));
 typedef uint32_t vu __attribute__((vector_size(4 * V)));
 typedef int32_t vi __attribute__((vector_size(4 * V)));
+
+// Stage 2 reads each job's down rows of a work item as one stream (as experts.cpp since cd7207c):
+// with 8 rows an item and the jobs inner, a thread read 8 experts' packed rows at once in steps of
+// one row (256 B at int2, I = 1024).
+constexpr int64_t STAGE2_ROWS = 64;   // hidden rows per stage-2 item (at most)
+constexpr int64_t STAGE2_ACC = 4096;  // floats of a thread's stage-2 accumulators (rows x tokens)
 
 // A form's decoder as run_layer calls it (IntCall, CodeCall add the call of their rows' dots): the
 // rows, a thread's scratch, and by default float activations in the natural layout (x rows of D
@@ -48,13 +56,20 @@ template <typename Call>
 void run_layer(const Call& call, const float* xf, int64_t D, int64_t I, int64_t J, const int32_t* tok_start,
                const int32_t* tok, const float* w, float* h, float* accs, int64_t N, float* out, int threads) {
   const int64_t blocks_i = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-  const int64_t blocks_d = (D + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+  // stage 2's rows per work item: as many as STAGE2_ACC accumulators hold for N tokens, at most
+  // STAGE2_ROWS (a job's rows of an item are read as one stream; see stage 2)
+  const int64_t fit = N > 0 ? STAGE2_ACC / N : STAGE2_ROWS;
+  const int64_t rows_d = fit < 1 ? 1 : fit > STAGE2_ROWS ? STAGE2_ROWS : fit;
+  const int64_t blocks_d = (D + rows_d - 1) / rows_d;
   const int64_t xs = call.x_stride(D), hs = call.h_stride(I);  // floats of a row of x, of h
 #pragma omp parallel num_threads(threads)
   {
     typename Call::Scratch scratch(D > I ? D : I);
     float g[MAX_JOB_TOKENS], u[MAX_JOB_TOKENS];
-    float* acc = accs + static_cast<int64_t>(omp_get_thread_num()) * acc_stride(N);
+    // [rows_d, N] accumulators of a stage-2 item; past STAGE2_ACC tokens (rows_d = 1) the thread's
+    // share of accs
+    float acc_stack[STAGE2_ACC];
+    float* acc = N <= STAGE2_ACC ? acc_stack : accs + static_cast<int64_t>(omp_get_thread_num()) * acc_stride(N);
     call.quantize(0, xf, xs, N);  // int8 activations: x once per call (an omp for, when it runs)
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < J * blocks_i; ++item) {
@@ -70,15 +85,20 @@ void run_layer(const Call& call, const float* xf, int64_t D, int64_t I, int64_t 
     call.quantize(1, h, hs, tok_start[J]);  // and each slot's h once
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < blocks_d; ++item) {
-      for (int64_t d = item * ROWS_PER_ITEM; d < (item + 1) * ROWS_PER_ITEM && d < D; ++d) {
-        for (int64_t t = 0; t < N; ++t) acc[t] = 0.f;
-        for (int64_t j = 0; j < J; ++j) {
-          const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
+      // job by job over the item's rows: each job's down rows d0..d1 are one contiguous region,
+      // read front to back (one stream), and each element still sums its jobs in job order
+      const int64_t d0 = item * rows_d, d1 = d0 + rows_d < D ? d0 + rows_d : D;
+      for (int64_t i = 0; i < (d1 - d0) * N; ++i) acc[i] = 0.f;
+      for (int64_t j = 0; j < J; ++j) {
+        const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
+        for (int64_t d = d0; d < d1; ++d) {
           call(scratch, 1, j, d, I, h + first * hs, hs, nullptr, count, first, g);
-          for (int k = 0; k < count; ++k) acc[tok[first + k]] += w[first + k] * g[k];
+          float* acc_d = acc + (d - d0) * N;
+          for (int k = 0; k < count; ++k) acc_d[tok[first + k]] += w[first + k] * g[k];
         }
-        for (int64_t t = 0; t < N; ++t) out[t * D + d] = acc[t];
       }
+      for (int64_t d = d0; d < d1; ++d)
+        for (int64_t t = 0; t < N; ++t) out[t * D + d] = acc[(d - d0) * N + t];
     }
   }
 }
