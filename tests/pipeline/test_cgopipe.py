@@ -226,3 +226,49 @@ def test_generate_pipelined_profiles_the_prefill(tiny):
     parts = ("host_cache_s", "setup_s", "issue_s", "kv_wait_s", "kv_store_s")
     assert all(prefill[k] >= 0 for k in parts)
     assert sum(prefill[k] for k in parts) <= prefill["total_s"]
+
+
+def test_temperature_zero_and_top_k_one_are_todays_greedy(tiny):
+    """temperature 0 (the default) is the argmax path bit for bit: the ragged engine's greedy
+    tokens; top_k 1 at temperature 1 leaves one token to draw, so it is greedy too."""
+    expected = [e.tolist() for e in generate_ragged(tiny, PROMPTS, max_new_tokens=8, temperature=0.0,
+                                                    stop_at_eos=False)]
+    greedy = [g.tolist() for g in generate_pipelined(tiny, PROMPTS, max_new_tokens=8, micro_batch=2,
+                                                     temperature=0.0, seed=5)]
+    top1 = [g.tolist() for g in generate_pipelined(tiny, PROMPTS, max_new_tokens=8, micro_batch=2,
+                                                   temperature=1.0, top_k=1, seed=5)]
+    assert greedy == expected and top1 == expected
+
+
+def test_sampling_is_seeded_and_feeds_the_sampled_token(tiny):
+    """Same seed, same tokens; another seed, other tokens (the tiny model's next-token
+    distributions are flat enough for sampling to matter); one prompt draws exactly what the
+    ragged engine draws from the same seed, so each step embeds the sampled token, not the argmax."""
+    from moekit.generate import forward_step
+    from moekit.kv_cache import PagedKVCache
+
+    with torch.inference_mode():
+        cache = PagedKVCache.for_tokens(tiny.config, 256, 16, "cpu", torch.float32)
+        first = forward_step(tiny, cache, [(i, 0, p) for i, p in enumerate(PROMPTS)])
+    assert torch.softmax(first, dim=-1).max() < 0.6  # no prompt's next token is near certain
+
+    def run(seed, prompts=PROMPTS, **kw):
+        return [g.tolist() for g in generate_pipelined(tiny, prompts, max_new_tokens=8, micro_batch=2,
+                                                       temperature=1.0, seed=seed, **kw)]
+
+    greedy = [e.tolist() for e in generate_ragged(tiny, PROMPTS, max_new_tokens=8, temperature=0.0,
+                                                  stop_at_eos=False)]
+    a, b, c = run(0), run(0), run(1)
+    assert a == b and a != c and a != greedy
+    knobs = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
+    ragged = generate_ragged(tiny, PROMPTS[:1], max_new_tokens=8, seed=3, stop_at_eos=False, **knobs)
+    piped = generate_pipelined(tiny, PROMPTS[:1], max_new_tokens=8, micro_batch=1, seed=3, **knobs)
+    assert piped[0].tolist() == ragged[0].tolist() != greedy[0]
+
+
+@pytest.mark.parametrize("knob, message", [({"temperature": -0.5}, "temperature must be >= 0"),
+                                           ({"top_k": -1}, "top_k must be >= 0"),
+                                           ({"top_p": 0.0}, r"top_p must be in \(0, 1\]")])
+def test_refuses_bad_sampling_settings(tiny, knob, message):
+    with pytest.raises(MoekitError, match=message):
+        generate_pipelined(tiny, PROMPTS, max_new_tokens=2, micro_batch=2, **knob)

@@ -23,8 +23,8 @@ MoE layers back), not for the compute queued since. The lookahead defaults to a 
 task launched after PostAttn(i, j) is (i + 1, j)): CPU attention of layer i + 1 then needs only
 layer i's PostAttn of the same micro-batch, so it runs while layer i + 1's pages stream and layer
 i's experts compute; lookahead=2 is the artifact's order. Between steps nothing drains the device:
-generate_pipelined feeds each step the last step's argmax on the device, so step s + 1 is issued
-while step s's last layers run. gpt-oss's sinks and windows run in the CPU kernel; MLA (DeepSeek)
+generate_pipelined feeds each step the last step's token (argmax or sampled) on the device, so
+step s + 1 is issued while step s's last layers run. gpt-oss's sinks and windows run in the CPU kernel; MLA (DeepSeek)
 attends in the absorbed form over a joint latent pool (moekit.pipeline.latent). On a CPU-only run every stream is the current thread and events
 are None. `trace` and `profile` (moekit.pipeline.timeline) record the
 issue order and where the time goes.
@@ -399,20 +399,32 @@ class PipelinedDecoder:
 @torch.inference_mode()
 def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: int,
                        block_size: int = 16, stats=None, on_step=None, lookahead: int | None = None,
-                       profile=None, attention_threads: int | None = None, graphs: bool | None = None) -> list[torch.Tensor]:
-    """Returns each prompt's `max_new_tokens` greedy tokens (no early stop at eos, as MoE-Lightning
-    runs a batch): prefill on the model's device a micro-batch at a time with the KV moved to a
+                       profile=None, attention_threads: int | None = None, graphs: bool | None = None,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       seed: int | None = None) -> list[torch.Tensor]:
+    """Returns each prompt's `max_new_tokens` tokens (no early stop at eos, as MoE-Lightning runs a
+    batch): prefill on the model's device a micro-batch at a time with the KV moved to a
     host-resident paged cache (prefill_to_host), then decode steps by CGOPipe's schedule
-    (PipelinedDecoder; `attention_threads` its CPU attention's threads). `stats` (a
+    (PipelinedDecoder; `attention_threads` its CPU attention's threads). Each token is
+    moekit.generate.sample's on the device: temperature 0 greedy (argmax), else drawn with top_k /
+    top_p (0 / 1: off) from one torch.Generator on the model's device seeded by `seed` (None:
+    torch's default generator), the batch's rows together each step. `stats` (a
     moekit.generate.GenerationStats) receives the timings: the
     batch's generated tokens per second are len(prompts) * new_tokens / (prefill_s + decode_s).
     `on_step(tokens_so_far)` is called after the prefill and after every decode step (a benchmark's
     time guard raises from it to stop a run). `lookahead`, `profile` and `graphs` as in PipelinedDecoder."""
     import time
 
-    from ..generate import prompt_list
+    from ..generate import _generator, prompt_list, sample
 
+    if temperature < 0:
+        raise MoekitError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k < 0:
+        raise MoekitError(f"top_k must be >= 0 (0 switches it off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise MoekitError(f"top_p must be in (0, 1], got {top_p}")
     prompts = prompt_list(model, prompts, max_new_tokens)
+    generator = _generator(seed, model.device)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     t0 = time.perf_counter()
@@ -424,9 +436,11 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     host_cache_s = time.perf_counter() - t0
     timings = {} if profile is not None else None
     logits = prefill_to_host(model, cache, prompts, micro_batch, block_size, timings=timings, zero_rest=True)
-    # the tokens stay on the device (each step embeds the last step's argmax): no step waits for
-    # the device to drain, the next one is issued while the last one's final layers run
-    steps = [logits.argmax(dim=-1)]  # [N] each
+    # the tokens stay on the device (each step embeds the last step's choice, eagerly on the compute
+    # stream, before any graph replay): no step waits for the device to drain, the next one is
+    # issued while the last one's final layers run. sample is greedy's argmax at temperature 0; its
+    # draws (topk, sort, multinomial, whose checks are asynchronous asserts) do not sync either
+    steps = [sample(logits, temperature, top_k, top_p, generator)]  # [N] each
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)  # the prefill's end (its time)
     t1 = time.perf_counter()
@@ -439,7 +453,7 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     try:
         for s in range(max_new_tokens - 1):
             work = [(i, lengths[i] + s, None) for i in range(len(prompts))]
-            steps.append(decoder.step(work, tokens=steps[-1]).argmax(dim=-1))
+            steps.append(sample(decoder.step(work, tokens=steps[-1]), temperature, top_k, top_p, generator))
             if on_step is not None:
                 on_step(len(steps))
     finally:
