@@ -1,6 +1,7 @@
 """`moekit batch`: JSONL prompts through the batch engine on the bundled model (CPU, float32) --
 completions equal `moekit generate`'s greedy ones, a crashed run (whole lines and a torn one)
-resumes to each id once, and bad input gets one line and leaves the output as it was."""
+resumes to each id once, sampling is seeded, a line's max_tokens and stop strings cut its
+completion (with its finish reason), and bad input gets one line and leaves the output as it was."""
 
 from __future__ import annotations
 
@@ -74,8 +75,80 @@ def test_rerun_after_a_crash_finishes_the_rest_once(finished, tmp_path, capsys, 
     assert "already" in capsys.readouterr().err
 
 
+def run_batch(tmp_path, lines, name, *extra):
+    """Returns the records of a batch run over `lines` (JSON objects) with the test policy."""
+    inp, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}-out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(batch_args(inp, out, "--policy", json.dumps(POLICY), *extra)) == 0
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def test_sampling_flags_are_seeded(finished, tmp_path, capsys):
+    """One sampler for the batch: the same --seed gives the same records, another seed others;
+    --top-k 1 leaves one token to draw, so it writes the greedy records."""
+    greedy = [json.loads(line) for line in finished[1]]
+    sampled = ["--temperature", "1.0", "--top-p", "0.95"]
+    a = run_batch(tmp_path, PROMPTS, "a", *sampled, "--seed", "0")
+    assert "sampled at temperature 1, top-k 0, top-p 0.95, seed 0" in capsys.readouterr().err
+    b = run_batch(tmp_path, PROMPTS, "b", *sampled, "--seed", "0")
+    c = run_batch(tmp_path, PROMPTS, "c", *sampled, "--seed", "1")
+    assert a == b and [r["tokens"] for r in a] != [r["tokens"] for r in c]
+    assert [r["tokens"] for r in a] != [r["tokens"] for r in greedy]
+    assert run_batch(tmp_path, PROMPTS, "top1", "--temperature", "1.0", "--top-k", "1", "--seed", "3") == greedy
+
+
+def test_per_line_max_tokens_and_stop_strings_cut_the_completion(finished, tmp_path):
+    """The engine generates --max-new-tokens for every line; a line's max_tokens keeps that many
+    tokens (finish "length"), its stop strings keep the text before the earliest one (finish
+    "stop", the tokens up to the one that completes it), a stop string never met changes nothing."""
+    from moekit.load import default_model_path
+    from moekit.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_path())
+    full = [json.loads(line) for line in finished[1]]
+    texts = [r["completion"] for r in full]
+    stops = [texts[0].strip()[:4], [texts[2].strip()[-3:], texts[2].strip()[:2]]]
+    lines = [{**PROMPTS[0], "stop": stops[0]}, {**PROMPTS[1], "max_tokens": 2},
+             {**PROMPTS[2], "stop": stops[1], "max_tokens": NEW_TOKENS},
+             {"id": "never", "prompt": PROMPTS[0]["prompt"], "stop": ["no such text \u2603", ""]}]
+    got = run_batch(tmp_path, lines, "limits")
+    assert [r["finish"] for r in got] == ["stop", "length", "stop", "length"]
+    assert got[1]["tokens"] == full[1]["tokens"][:2] and got[1]["new_tokens"] == 2
+    assert got[1]["completion"] == tokenizer.decode(full[1]["tokens"][:2])
+    for record, whole, stop in ((got[0], full[0], [stops[0]]), (got[2], full[2], stops[1])):
+        cut = min(at for at in (whole["completion"].find(s) for s in stop) if at >= 0)
+        assert record["completion"] == whole["completion"][:cut]
+        k = record["new_tokens"]  # the fewest tokens whose text holds a stop string
+        assert record["tokens"] == whole["tokens"][:k] and 0 < k < NEW_TOKENS
+        assert any(s in tokenizer.decode(record["tokens"]) for s in stop)
+        assert not any(s in tokenizer.decode(record["tokens"][:-1]) for s in stop)
+    assert {k: got[3][k] for k in ("tokens", "completion", "finish")} == \
+        {k: full[0][k] for k in ("tokens", "completion", "finish")}
+
+
+def test_finish_takes_the_first_limit_reached():
+    """eos before max_tokens: "eos"; an eos just past max_tokens is never reached: "length"; a
+    stop string in the text left after both: "stop"."""
+    from types import SimpleNamespace
+
+    from moekit.pipeline.batch_cli import Request, finish
+
+    letters = SimpleNamespace(decode=lambda ids: "".join(chr(ord("a") + t) for t in ids))
+    new, eos = [1, 2, 3, 0, 4], {0}  # "bcd", eos, "e"
+    assert finish(new, Request("x", "p", 1), eos, letters) == ([1, 2, 3], "bcd", "eos")
+    assert finish(new, Request("x", "p", 1, max_tokens=3), eos, letters) == ([1, 2, 3], "bcd", "length")
+    assert finish(new, Request("x", "p", 1, max_tokens=2), eos, letters) == ([1, 2], "bc", "length")
+    assert finish(new, Request("x", "p", 1, stop=("zz", "cd")), eos, letters) == ([1, 2, 3], "b", "stop")
+    assert finish(new, Request("x", "p", 1, max_tokens=2, stop=("cd",)), eos, letters) == ([1, 2], "bc", "length")
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing input", "no such file"),
+    ("max_tokens over the engine's", 'line 2: "max_tokens" 7 is over --max-new-tokens 6'),
+    ("max_tokens not an integer", 'line 1: "max_tokens" must be a positive integer, got \'5\''),
+    ("stop not strings", 'line 1: "stop" must be a string or a list of strings, got [1]'),
+    ("per-line temperature", 'line 1: per-line "temperature" is not supported'),
+    ("top-p flag", "--top-p must be in (0, 1]"),
     ("bad json line", "line 2: not JSON"),
     ("no prompt", 'line 1: no "prompt"'),
     ("repeated id", "repeats line 1"),
@@ -97,6 +170,16 @@ def test_bad_input_one_line_output_untouched(tmp_path, capsys, case, message):
         inp.write_text(json.dumps({"id": 1, "completion": "x"}) + "\n")
     elif case == "repeated id":
         inp.write_text(json.dumps({"id": 1, "prompt": "a"}) + "\n" + json.dumps({"id": 1, "prompt": "b"}) + "\n")
+    elif case == "max_tokens over the engine's":
+        inp.write_text(json.dumps(PROMPTS[0]) + "\n" + json.dumps({**PROMPTS[1], "max_tokens": NEW_TOKENS + 1}) + "\n")
+    elif case == "max_tokens not an integer":
+        inp.write_text(json.dumps({**PROMPTS[0], "max_tokens": "5"}) + "\n")
+    elif case == "stop not strings":
+        inp.write_text(json.dumps({**PROMPTS[0], "stop": [1]}) + "\n")
+    elif case == "per-line temperature":
+        inp.write_text(json.dumps({**PROMPTS[0], "temperature": 0.7}) + "\n")
+    elif case == "top-p flag":
+        extra = ["--top-p", "0"]
     elif case == "policy gpu attention":
         extra = ["--policy", json.dumps({**POLICY, "attention": "gpu"})]
     elif case == "policy unknown field":

@@ -26,14 +26,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--input", required=True, metavar="FILE",
                    help='prompts, one JSON object a line: {"id": ..., "prompt": "..."} ("text" also read; '
-                        "id defaults to the line number)")
+                        'id defaults to the line number); optional per line: "max_tokens" (at most '
+                        '--max-new-tokens: the completion is cut there, finish "length") and "stop" (a string or '
+                        'a list: the completion is cut before the earliest one, finish "stop"). Sampling is one for '
+                        "the whole batch (the flags below): a line's temperature, top_p, top_k or seed is refused")
     p.add_argument("--output", required=True, metavar="FILE",
                    help="JSONL results, appended a line per finished prompt; ids already in it are skipped")
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="GPU memory the plan may hold, e.g. 16GiB (default: the machine's)")
     p.add_argument("--host-memory", default=None, metavar="SIZE",
                    help="host memory the plan may hold (default: 80%% of the machine's)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens generated per prompt (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="tokens generated per prompt (default 128); a line's max_tokens only cuts its completion")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="0 = greedy; one sampler for the whole batch, not per line (default: the model's "
+                        "generation_config.json, else greedy)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep the k likeliest tokens, 0 = off (default: the model's)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus mass in (0, 1], 1 = off (default: the model's)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="seed of the batch's sampler; chunk k (of the policy's N prompts) draws from seed + k, so a "
+                        "resumed run's chunks draw differently (default: torch's default generator)")
     p.add_argument("--policy", default="auto", metavar="auto|FILE|JSON",
                    help="auto: the HRM's plan (moekit plan); else a JSON object (or a .json file) of Policy "
                         "fields: batch, micro_batch, resident_share[, attention=cpu]")
@@ -55,11 +69,18 @@ class Request:
     id: object  # as given (a JSON string or number), else the 1-based line number
     prompt: str
     line: int  # 1-based line of the input file
+    max_tokens: int | None = None  # the completion's most tokens (None: --max-new-tokens)
+    stop: tuple[str, ...] = ()  # the completion text ends before the earliest of these
 
 
-def read_requests(path: Path) -> list[Request]:
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")  # one sampler a batch: refused per line
+
+
+def read_requests(path: Path, max_new_tokens: int) -> list[Request]:
     """Returns the prompts of a JSONL file (blank lines skipped); raises MoekitError naming the
-    first bad line (not JSON, not an object, no "prompt"/"text" string, a repeated id)."""
+    first bad line (not JSON, not an object, no "prompt"/"text" string, a repeated id, a
+    "max_tokens" that is not an integer in [1, max_new_tokens], a "stop" that is not a string or a
+    list of strings, a per-line sampling field)."""
     if not path.is_file():
         raise MoekitError(f"--input {path}: no such file; give a JSONL file of {{\"id\", \"prompt\"}} objects")
     requests, seen = [], {}
@@ -85,10 +106,50 @@ def read_requests(path: Path) -> list[Request]:
                 raise MoekitError(f"--input {path} line {n}: id {rid!r} repeats line {seen[_key(rid)]}; "
                                   "give every prompt its own id")
             seen[_key(rid)] = n
-            requests.append(Request(rid, prompt, n))
+            requests.append(Request(rid, prompt, n, *_limits(obj, f"--input {path} line {n}", max_new_tokens)))
     if not requests:
         raise MoekitError(f"--input {path}: no prompts in it")
     return requests
+
+
+def _limits(obj: dict, where: str, max_new_tokens: int) -> tuple[int | None, tuple[str, ...]]:
+    """Returns a line's (max_tokens or None, stop strings), checked; `where` names the line."""
+    given = [k for k in SAMPLING_FIELDS if k in obj]
+    if given:
+        raise MoekitError(f'{where}: per-line "{given[0]}" is not supported (one sampler for the whole batch); '
+                          f"drop it and give --{given[0].replace('_', '-')}")
+    cap = obj.get("max_tokens")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        raise MoekitError(f'{where}: "max_tokens" must be a positive integer, got {cap!r}')
+    if cap is not None and cap > max_new_tokens:
+        raise MoekitError(f'{where}: "max_tokens" {cap} is over --max-new-tokens {max_new_tokens} (the engine '
+                          "generates --max-new-tokens for every prompt); raise --max-new-tokens")
+    stop = obj.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+        raise MoekitError(f'{where}: "stop" must be a string or a list of strings, got {stop!r}')
+    return cap, tuple(x for x in stops if x)  # "" stops nothing (as the server takes it)
+
+
+def finish(new: list[int], request: Request, eos: set[int], tokenizer) -> tuple[list[int], str, str]:
+    """Returns (kept tokens, completion text, finish reason) of a prompt's generated tokens: cut at
+    the first eos ("eos"), else at the line's max_tokens or the engine's end ("length"); then the
+    text before the earliest stop string ("stop"), its tokens up to the one that completes it."""
+    end = next((k for k, t in enumerate(new) if t in eos), None)
+    reason = "eos"
+    if end is None:
+        end, reason = len(new), "length"
+    if request.max_tokens is not None and request.max_tokens <= end:  # an eos just past it is never reached
+        end, reason = request.max_tokens, "length"
+    kept = new[:end]
+    text = tokenizer.decode(kept)
+    hits = [at for at in (text.find(s) for s in request.stop) if at >= 0]
+    if not hits:
+        return kept, text, reason
+    # the fewest tokens whose text holds a stop string (searched only on a hit: a decode per token)
+    k = next((k for k in range(1, len(kept) + 1) if any(s in tokenizer.decode(kept[:k]) for s in request.stop)),
+             len(kept))
+    return kept[:k], text[:min(hits)], "stop"
 
 
 def _key(rid: object) -> str:
@@ -206,12 +267,19 @@ def plan_batch(args: argparse.Namespace, path: Path, prompt_tokens: list[int]):
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from ..checkpoint import parse_device, parse_dtype
+    from ..generate import sampling_defaults
     from ..load import read_config
     from ..tokenizer import load_tokenizer
     from .batch import load_paged, resident_experts
 
     if args.max_new_tokens <= 0:
         raise MoekitError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    if args.temperature is not None and args.temperature < 0:
+        raise MoekitError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        raise MoekitError(f"--top-k must be >= 0 (0 switches it off), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise MoekitError(f"--top-p must be in (0, 1], got {args.top_p}")
     path = model_dir(args.model)
     device = args.device or ("cuda" if _cuda() else "cpu")
     parse_device(device)
@@ -219,7 +287,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     inp, out = Path(args.input), Path(args.output)
     if out.exists() and inp.exists() and out.resolve() == inp.resolve():
         raise MoekitError(f"--output {out} is the --input; write the results to another file")
-    requests = read_requests(inp)
+    requests = read_requests(inp, args.max_new_tokens)
     done, cut_to = read_done(out)
     pending = [r for r in requests if _key(r.id) not in done]
     if not pending:
@@ -236,10 +304,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     policy, plan = plan_batch(args, path, [len(t) for t in ids])
     resident = resident_experts(path, SimpleNamespace(policy=policy))  # it reads the plan's policy only
     model = load_paged(path, resident, device, args.dtype)
+    temperature, top_k, top_p, _ = sampling_defaults(model, args.temperature, args.top_k, args.top_p, None)
+    sampler = Sampler(temperature, top_k, top_p, args.seed)
     writer = ResultWriter(out, cut_to)
     start = time.perf_counter()
     try:
-        tokens_total = run_chunks(model, tokenizer, pending, ids, policy, args.max_new_tokens, writer)
+        tokens_total = run_chunks(model, tokenizer, pending, ids, policy, args.max_new_tokens, writer, sampler)
     finally:
         writer.close()
     seconds = time.perf_counter() - start
@@ -247,15 +317,33 @@ def cmd_batch(args: argparse.Namespace) -> int:
         "no HRM prediction (give --machine)"
     print(f"moekit: batch: {len(pending)} prompts ({len(requests) - len(pending)} done before), {tokens_total} tokens "
           f"in {seconds:.1f} s = {tokens_total / seconds:.1f} tok/s ({predicted}); N = {policy.batch}, micro-batch "
-          f"{policy.micro_batch}, {resident} experts per layer resident, {device}; results in {out}", file=sys.stderr)
+          f"{policy.micro_batch}, {resident} experts per layer resident, {device}, {sampler}; results in {out}",
+          file=sys.stderr)
     return 0
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """The batch's one sampling setting (moekit.generate.sample's), flags over the model's defaults."""
+
+    temperature: float  # 0: greedy
+    top_k: int  # 0: off
+    top_p: float  # 1: off
+    seed: int | None  # chunk k draws from seed + k (None: torch's default generator)
+
+    def __str__(self) -> str:
+        if self.temperature <= 0:
+            return "greedy"
+        return (f"sampled at temperature {self.temperature:g}, top-k {self.top_k}, top-p {self.top_p:g}, "
+                f"seed {'unset' if self.seed is None else self.seed}")
+
+
 def run_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], policy, max_new_tokens: int,
-               writer: ResultWriter) -> int:
+               writer: ResultWriter, sampler: Sampler) -> int:
     """Returns the tokens generated for `pending` (token ids `ids`), run in chunks of the policy's N
-    through generate_pipelined (its micro-batch), each chunk's records written when it ends; the
-    progress counts tokens decode step by decode step."""
+    through generate_pipelined (its micro-batch; `sampler` its sampling), each
+    chunk's records written when it ends, each completion cut by `finish`; the progress counts
+    tokens decode step by decode step."""
     from ..progress import Progress
     from .cgopipe import generate_pipelined
 
@@ -273,15 +361,16 @@ def run_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], p
                 bar.update(now - counted, note=f"{rate:.1f} tok/s, {at} prompts written")
                 counted = now
 
+            seed = None if sampler.seed is None else sampler.seed + at // policy.batch
             outs = generate_pipelined(model, chunk_ids, max_new_tokens, min(policy.micro_batch, len(chunk)),
-                                      on_step=on_step)
+                                      on_step=on_step, temperature=sampler.temperature, top_k=sampler.top_k,
+                                      top_p=sampler.top_p, seed=seed)
             for r, prompt_ids, new in zip(chunk, chunk_ids, outs):
-                new = new.tolist()  # the engine runs all max_new_tokens; the completion ends at the first eos
-                stop = next((k for k, t in enumerate(new) if t in eos), None)
-                kept = new if stop is None else new[:stop]
-                writer.write({"id": r.id, "prompt": r.prompt, "completion": tokenizer.decode(kept),
+                # the engine runs all max_new_tokens; the completion ends at eos, max_tokens or a stop string
+                kept, text, reason = finish(new.tolist(), r, eos, tokenizer)
+                writer.write({"id": r.id, "prompt": r.prompt, "completion": text,
                               "tokens": kept, "prompt_tokens": len(prompt_ids), "new_tokens": len(kept),
-                              "finish": "length" if stop is None else "eos"})
+                              "finish": reason})
             tokens_total += len(chunk) * max_new_tokens
     return tokens_total
 
