@@ -75,7 +75,11 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
   // stage 2's rows per work item: as many as STAGE2_ACC accumulators hold for N tokens, at most
   // STAGE2_ROWS (a job's rows of an item are read as one stream; see stage 2)
   const int64_t fit = N > 0 ? STAGE2_ACC / N : STAGE2_ROWS;
-  const int64_t rows_d = fit < 1 ? 1 : fit > STAGE2_ROWS ? STAGE2_ROWS : fit;
+  // and at most D / (4 x threads) (at least 8): with 64-row items a D = 2048 layer has 32 items,
+  // 2.1 a thread on the H200 host's 15 and one thread doing 3 of them
+  const int64_t balanced = threads > 0 ? (D + 4 * threads - 1) / (4 * threads) : STAGE2_ROWS;
+  const int64_t cap = balanced < 8 ? 8 : balanced < STAGE2_ROWS ? balanced : STAGE2_ROWS;
+  const int64_t rows_d = fit < 1 ? 1 : fit > cap ? cap : fit;
   const int64_t blocks_d = (D + rows_d - 1) / rows_d;
 #pragma omp parallel num_threads(threads)
   {
