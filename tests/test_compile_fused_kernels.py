@@ -52,14 +52,20 @@ def cases() -> dict:
                                                                     "sv_b", "sv_h", "sv_t", "sc_b", "sc_h", "sc_s")},
             "stride_tb": "i32", "stride_slot": "i32", "page": "i32"}
     sink_paged = {**sink, "start_ptr": "*i32", "tables_ptr": "*i32"}  # context lengths, block tables
-    gpt_oss_20b = {"H": 64, "GROUP": 8, "BLOCK_G": 8, "DH": 64, "DH_PAD": 64, "BLOCK_S": 32}
+    import torch
+
+    from moekit import sinks
+
+    launch = sinks.sink_launch(torch.bfloat16, 64, 8)  # gpt-oss-20b's heads, as moekit.sinks launches them
+    gpt_oss_20b = {"H": 64, **{k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}}
+    sink_warps = launch["num_warps"]
     return {
         "sink_attention_full": (sink_decode.sink_attention_kernel, sink,
-                                {**gpt_oss_20b, "WINDOW": False, "PAGED": False, "STORE": True}, 8),
+                                {**gpt_oss_20b, "WINDOW": False, "PAGED": False, "STORE": True}, sink_warps),
         "sink_attention_window": (sink_decode.sink_attention_kernel, sink,
-                                  {**gpt_oss_20b, "WINDOW": True, "PAGED": False, "STORE": True}, 8),
+                                  {**gpt_oss_20b, "WINDOW": True, "PAGED": False, "STORE": True}, sink_warps),
         "sink_attention_paged": (sink_decode.sink_attention_kernel, sink_paged,
-                                 {**gpt_oss_20b, "WINDOW": True, "PAGED": True, "STORE": True}, 8),
+                                 {**gpt_oss_20b, "WINDOW": True, "PAGED": True, "STORE": True}, sink_warps),
         "mla_attention": (mla_decode.mla_attention_kernel, attention, {**attend, "WEIGHTS": True, "PAGED": False}, 8),
         "mla_attention_gemms_outside": (mla_decode.mla_attention_kernel, attention,
                                         {**attend, "WEIGHTS": False, "PAGED": False}, 8),
