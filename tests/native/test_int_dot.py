@@ -1,13 +1,17 @@
 """Int-N experts with int8 activations (native/int_dot.h, compressed.int_ffn(dot="int8")) against
 the float path (dot="float", which test_compressed_experts holds to the reference).
 
-The bound: each activation is rounded to d_b * round(x / d_b), d_b = max |x| over its 32-column
-block / 127, an error of at most d_b / 2; for x of Gaussian-like columns that is ~0.5% of a dot
-product's size, and a layer quantizes twice (x for gate_up, h for down). The test takes the layer
-output's relative L2 error <= INT8_REL_TOL = 3% (measured here: 0.8-1.4% on these random
-matrices); and where x lies on the int8 grid (every 32-column block's max |x| = 127, integer
-values) the gate_up stage is exact, so the outputs agree to float rounding -- that checks the
-layout, the scales and the zero term, not only the size of the error."""
+The bound: each activation is rounded to d_b * round(x / d_b), d_b = max |x| over its block / 127,
+the block being a 64-byte weight block's columns (16 words: 128 columns at 4 bits, 256 at 2, 64 at
+8; it was 32 columns before 2026-12), an error of at most d_b / 2 = max_b |x| / 254. A bigger block
+has a bigger max: for Gaussian x ~2.6 sigma over 128 columns, ~2.9 over 256, ~2.1 over 32, so ~1.25x
+(int4) to ~1.4x (int2) the 32-column error; h = silu(gate) * up is heavier-tailed, more. A layer
+quantizes twice (x for gate_up, h for down). The test takes the layer output's relative L2 error <=
+INT8_REL_TOL = 4% (measured here: 1.0-2.9% on these random matrices, 0.7-1.6% with 32-column blocks;
+the tolerance was 3% then); and where x lies on the int8 grid (every block's max |x| = 127,
+integer values) the gate_up stage is exact, so the outputs agree to float rounding -- that checks the layout, the scales, the
+zero term and the block size (a block of fewer columns than claimed would miss the 127 and get a
+scale off the grid), not only the size of the error."""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from moekit.quant.grids import pack_codes
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no native library: {native.unavailable_reason()}")
 
-INT8_REL_TOL = 3e-2
+INT8_REL_TOL = 4e-2
 ROUTES = [[0, 2], [2], [1, 3, 0], [4]]  # token 2 in two jobs, token 5 in none
 
 
@@ -44,10 +48,15 @@ def jobs_of(d: int, ffn: int, bits: int, groups: tuple[int, int], routes, seed: 
              torch.rand(len(toks), generator=g).tolist()) for toks in routes]
 
 
-def on_int8_grid(n: int, d: int, g: torch.Generator) -> torch.Tensor:
-    """Returns x [n, d] of integers in [-127, 127] with |x| = 127 somewhere in every 32 columns."""
-    x = torch.randint(-127, 128, (n, d), generator=g).float()
-    x[:, ::32] = 127.0
+def block_columns(bits: int) -> int:
+    """Returns the columns of one activation scale: a 64-byte block of 16 words (int_dot.h)."""
+    return 16 * 32 // bits
+
+
+def on_int8_grid(n: int, d: int, bits: int, g: torch.Generator) -> torch.Tensor:
+    """Returns x [n, d] of integers in [-126, 126] but for |x| = 127 once in each activation block."""
+    x = torch.randint(-126, 127, (n, d), generator=g).float()
+    x[:, ::block_columns(bits)] = 127.0
     return x
 
 
@@ -78,7 +87,7 @@ def test_gate_up_exact_on_the_int8_grid(bits, d, groups):
     """x on the int8 grid, down in float (ffn 40: no whole 16-word blocks): only the integer gate_up
     stage differs from the float path, and it is exact (int32 sums of integers, float scales)."""
     g = torch.Generator().manual_seed(bits * d)
-    x = on_int8_grid(3, d, g) / 64  # powers of two keep the grid exact: d_b = 127 / 64 / 127
+    x = on_int8_grid(3, d, bits, g) / 64  # powers of two keep the grid exact: d_b = 127 / 64 / 127
     jobs = jobs_of(d, 40, bits, (groups, 1), [[0, 1], [2], [1, 2]], seed=d)
     int8, flt = nc.int_ffn(x, jobs, bits, dot="int8"), nc.int_ffn(x, jobs, bits, dot="float")
     assert (int8 - flt).abs().max() <= 1e-5 * flt.abs().max()
@@ -157,7 +166,7 @@ from moekit.native import compressed as nc
 print(nc.int_dot_isa())
 g = torch.Generator().manual_seed(0)
 for bits, d, groups in ((4, 256, 2), (8, 256, 4), (2, 512, 2), (2, 512, 4), (4, 384, 6), (8, 256, 8)):
-    x = on_int8_grid(2, d, g) / 64
+    x = on_int8_grid(2, d, bits, g) / 64
     jobs = jobs_of(d, 40, bits, (groups, 1), [[0, 1], [1]], seed=d)
     a, b = nc.int_ffn(x, jobs, bits, dot="int8"), nc.int_ffn(x, jobs, bits, dot="float")
     assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (bits, (a - b).abs().max())

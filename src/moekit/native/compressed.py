@@ -20,7 +20,8 @@ and run experts.reference; the tests hold the kernels to them.
 
 Int-N activations (`dot`): "float" dots each decoded weight with the float activations (the
 reference's numbers up to float summation order); "int8" quantizes each token's x and each slot's h
-once per call to int8 (a scale per 32 columns) and sums code x int8 products in int32 (int_dot.h:
+once per call to int8 (a scale per 64-byte weight block: 128 columns at int4, 256 at int2, 64 at
+int8) and sums code x int8 products in int32, one float multiply per block (int_dot.h:
 AVX512-VNNI / AVX-VNNI / AVX2 / scalar, whichever this build has; `int_dot_isa()` says). int8 takes
 bits 2, 4, 8 in groups of whole 16-word blocks (int4 g128, as compress writes it) or of 8 words
 (int2 g128, int4 g64, int8 g32: two group scales a block, d6a3fe9); other matrices run in float either way. Default: $MOEKIT_CPU_INT_DOT, else "int8" (faster: the 4-layer OLMoE int4

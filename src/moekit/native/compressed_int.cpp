@@ -35,6 +35,7 @@ struct IntRows {
   // per kind: the vectors quantized to int8 (int_dot.h; x rows by token, h rows by slot), or
   // nullptr for the float path
   QuantizedRows* qrows[2];
+  int64_t qgroup_words[2];  // where qrows[kind]: group_words of that kind (no division a row)
 
   // A thread's decoded row (K floats plus one word's codes past the end), and per-word scale and zero.
   struct Scratch {
@@ -216,11 +217,11 @@ struct IntRows {
     if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
       if (const QuantizedRows* qr = qrows[kind]) {  // int8 activations (int_dot.h)
         const uint32_t* u = reinterpret_cast<const uint32_t*>(q);
-        const int64_t gw = group_words(BITS, K, P);
+        const int64_t gw = qgroup_words[kind];
         for (int k = 0; k < count; ++k) {
           const int64_t t = row0 + (which ? which[k] : k);
           const int8_t* xq = qr->q.data() + t * qr->columns;
-          const float* xs = qr->scale.data() + t * words;
+          const float* xs = qr->scale.data() + t * (words / XQ_BLOCK_WORDS);
           out[k] = gw == XQ_HALF_WORDS
                        ? int_row_dot_halves<BITS>(u, HalfScales{scale}, zero, xq, xs,
                                                   qr->half_sum.data() + t * (words / XQ_HALF_WORDS), words)
@@ -286,15 +287,17 @@ int moekit_int_ffn(int bits, const float* x, float* out, int64_t N, int64_t D, i
                    const int64_t* ptrs, int64_t groups_gate_up, int64_t groups_down, int permuted, const int32_t* tok_start,
                    const int32_t* tok, const float* w, float* h, float* accs, int threads, int int8_dot) {
   if (int code = check_jobs(J, tok_start)) return code;
-  IntRows rows{ptrs, {groups_gate_up, groups_down}, permuted != 0, {nullptr, nullptr}};
+  IntRows rows{ptrs, {groups_gate_up, groups_down}, permuted != 0, {nullptr, nullptr}, {0, 0}};
   // the calling thread's buffers, kept between calls (the decode step makes one call per layer and token)
   static thread_local QuantizedRows quantized[2];
   const int64_t cols[2] = {D, I}, vectors[2] = {N, tok_start[J]};
   for (int kind = 0; kind < 2 && int8_dot && permuted && bits != 3; ++kind) {
     const int64_t words = (cols[kind] + 32 / bits - 1) / (32 / bits);
-    if (!int_dot_fits(bits, words, IntRows::group_words(bits, cols[kind], rows.groups[kind]))) continue;
+    const int64_t group_words = IntRows::group_words(bits, cols[kind], rows.groups[kind]);
+    if (!int_dot_fits(bits, words, group_words)) continue;
     quantized[kind].resize(vectors[kind], words, bits);
     rows.qrows[kind] = &quantized[kind];
+    rows.qgroup_words[kind] = group_words;
   }
   switch (bits) {
     case 2: run_layer(IntCall<2>{{rows}}, x, D, I, J, tok_start, tok, w, h, accs, N, out, threads); return 0;
