@@ -3,7 +3,7 @@ the weights' rounding, the kernel against the dequantized weights times float x,
 of the bundled model against its bf16 step (logits error and greedy tokens).
 
 Bounds: a weight is off by at most its row's scale / 2 (max |w| / 254); the kernel's own error is
-the int8 activations' (a scale per 32 columns: native/int_dot.h) plus bf16 rounding of the output,
+the int8 activations' (a scale per 64 columns: native/int_dot.h) plus bf16 rounding of the output,
 held to 1.5% relative L2 for Gaussian x (measured 0.6%), and to bf16 rounding alone where x lies on
 the int8 grid. The step: the bundled model's logits within LOGITS_TOL = 5% relative L2 of the bf16
 step's, per position (measured: 0.7% median, 1.2% max over 64 steps; greedy tokens all equal)."""
@@ -49,7 +49,7 @@ def test_kernel_within_bound_of_dequantized_weights(n, k):
     for threads in (1, 2):
         out = dq.matvec_q8(x, matrix, linear.bias, threads=threads)
         assert rel_error(out.float(), dq.reference(x, matrix, linear.bias)) <= 1.5e-2
-    # on the int8 grid (integers / 64 with 127 / 64 in every 32 columns) x is exact: only bf16 rounding is left
+    # on the int8 grid (integers / 64 with 127 / 64 in every 32 columns, so in every 64-column block) x is exact: only bf16 rounding is left
     x = torch.randint(-127, 128, (k,), generator=g).float()
     x[::32] = 127
     x = (x / 64).to(torch.bfloat16)

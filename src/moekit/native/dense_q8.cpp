@@ -4,7 +4,7 @@
 // with w[n, k] ~ scale[n] * (codes[n, k] - 128): one float scale per row (max |w| over the row / 127),
 // codes stored as uint8 = round(w / scale) + 128. That is an int-8 row with zero point 128 to
 // int_dot.h, so the same integer dot products run it: x quantized once per call to int8 (a scale per
-// 32 columns), unsigned codes times signed activations summed in int32 (AVX512-VNNI / AVX-VNNI / AVX2 /
+// 64 columns, one 64-byte weight block), unsigned codes times signed activations summed in int32 (AVX512-VNNI / AVX-VNNI / AVX2 /
 // scalar), the zero point taken out through the activations' block sums.
 //
 // Why: at batch 1 a projection's time is its weight bytes over memory bandwidth; on the 4-layer OLMoE

@@ -7,7 +7,7 @@ dense_q8.cpp with int8 activations and integer dot products; opt-in: $MOEKIT_CPU
 
 A row's weights become round(w / scale) + 128 in uint8 with scale = max |w| over the row / 127
 (`quantize`; `dequantize` gives back scale * (code - 128)); error per weight <= scale / 2. x is
-quantized per call to int8 with a scale per 32 columns (native/int_dot.h). `reference` computes the
+quantized per call to int8 with a scale per 64 columns (one 64-byte weight block; native/int_dot.h). `reference` computes the
 product of the dequantized weights with float x; tests/native/test_dense_q8.py holds the two together
 and measures the logits of a model against bf16.
 
