@@ -85,6 +85,23 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // (neighbouring threads writing one line would pass it between cores on every row).
 inline int64_t acc_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
+// Stage 2 of a two-stage layer (experts.cpp, compressed_layer.h) reads each job's rows of a work
+// item as one stream: with 8 rows an item and the jobs inner, a thread read 8 experts' down rows at
+// once in 2 KB steps, and a layer's top-8 ran at 65% of one core's read rate.
+constexpr int64_t STAGE2_ROWS = 64;   // hidden rows per stage-2 item (at most)
+constexpr int64_t STAGE2_ACC = 4096;  // floats of a thread's stage-2 accumulators (rows x tokens)
+
+// Returns stage 2's hidden rows per work item for N tokens on `threads` threads: as many as
+// STAGE2_ACC accumulators hold, at most STAGE2_ROWS, and at most D / (4 x threads) (at least 8) so
+// the items spread over the threads (64-row items give a D = 2048 layer 32 items: 2.1 a thread on
+// 15 threads, one thread doing 3 of them).
+inline int64_t stage2_rows(int64_t D, int64_t N, int threads) {
+  const int64_t fit = N > 0 ? STAGE2_ACC / N : STAGE2_ROWS;
+  const int64_t balanced = threads > 0 ? (D + 4 * threads - 1) / (4 * threads) : STAGE2_ROWS;
+  const int64_t cap = balanced < 8 ? 8 : balanced < STAGE2_ROWS ? balanced : STAGE2_ROWS;
+  return fit < 1 ? 1 : fit > cap ? cap : fit;
+}
+
 // Element converters for templated row loops.
 struct Bf16 { float operator()(uint16_t v) const { return bf16_to_float(v); } };
 struct F32 { float operator()(float v) const { return v; } };

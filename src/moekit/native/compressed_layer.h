@@ -29,12 +29,6 @@ typedef float vf __attribute__((vector_size(4 * V)));
 typedef uint32_t vu __attribute__((vector_size(4 * V)));
 typedef int32_t vi __attribute__((vector_size(4 * V)));
 
-// Stage 2 reads each job's down rows of a work item as one stream (as experts.cpp since cd7207c):
-// with 8 rows an item and the jobs inner, a thread read 8 experts' packed rows at once in steps of
-// one row (256 B at int2, I = 1024).
-constexpr int64_t STAGE2_ROWS = 64;   // hidden rows per stage-2 item (at most)
-constexpr int64_t STAGE2_ACC = 4096;  // floats of a thread's stage-2 accumulators (rows x tokens)
-
 // A form's decoder as run_layer calls it (IntCall, CodeCall add the call of their rows' dots): the
 // rows, a thread's scratch, and by default float activations in the natural layout (x rows of D
 // floats, h rows of I, h[slot, r] at r); IntCall replaces these for its permuted layout and int8.
@@ -56,14 +50,7 @@ template <typename Call>
 void run_layer(const Call& call, const float* xf, int64_t D, int64_t I, int64_t J, const int32_t* tok_start,
                const int32_t* tok, const float* w, float* h, float* accs, int64_t N, float* out, int threads) {
   const int64_t blocks_i = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-  // stage 2's rows per work item: as many as STAGE2_ACC accumulators hold for N tokens, at most
-  // STAGE2_ROWS (a job's rows of an item are read as one stream; see stage 2)
-  const int64_t fit = N > 0 ? STAGE2_ACC / N : STAGE2_ROWS;
-  // and at most D / (4 x threads) (at least 8): with 64-row items a D = 2048 layer has 32 items,
-  // 2.1 a thread on the H200 host's 15 and one thread doing 3 of them
-  const int64_t balanced = threads > 0 ? (D + 4 * threads - 1) / (4 * threads) : STAGE2_ROWS;
-  const int64_t cap = balanced < 8 ? 8 : balanced < STAGE2_ROWS ? balanced : STAGE2_ROWS;
-  const int64_t rows_d = fit < 1 ? 1 : fit > cap ? cap : fit;
+  const int64_t rows_d = stage2_rows(D, N, threads);  // common.h
   const int64_t blocks_d = (D + rows_d - 1) / rows_d;
   const int64_t xs = call.x_stride(D), hs = call.h_stride(I);  // floats of a row of x, of h
 #pragma omp parallel num_threads(threads)

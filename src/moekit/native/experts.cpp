@@ -30,11 +30,6 @@
 namespace {
 
 constexpr int64_t MAX_ROW = 1 << 15;  // widest row a thread converts to float (128 KB of its stack)
-// Stage 2 reads each job's rows of a work item as one stream: with 8 rows an item (each 2 KB at
-// OLMoE's I = 1024) and the jobs inner, a thread read 8 streams at once in 2 KB steps, and a
-// layer's top-8 ran at 65% of one core's read rate where 8 one-expert calls ran at 100%.
-constexpr int64_t STAGE2_ROWS = 64;   // hidden rows per stage-2 item (at most)
-constexpr int64_t STAGE2_ACC = 4096;  // floats of a thread's stage-2 accumulators (rows x tokens)
 
 // One weight row of dtype W dotted with `count` float vectors (vec + k * stride): the row is read
 // from memory once. A single vector reads the row directly (no conversion pass).
@@ -72,14 +67,7 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
                const int32_t* tok_start, const int32_t* tok, const float* w, float* h, float* accs, int64_t N,
                int odtype, void* out, int threads, Conv conv) {
   const int64_t blocks_i = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-  // stage 2's rows per work item: as many as STAGE2_ACC accumulators hold for N tokens, at most
-  // STAGE2_ROWS (a job's rows of an item are read as one stream; see stage 2)
-  const int64_t fit = N > 0 ? STAGE2_ACC / N : STAGE2_ROWS;
-  // and at most D / (4 x threads) (at least 8): with 64-row items a D = 2048 layer has 32 items,
-  // 2.1 a thread on the H200 host's 15 and one thread doing 3 of them
-  const int64_t balanced = threads > 0 ? (D + 4 * threads - 1) / (4 * threads) : STAGE2_ROWS;
-  const int64_t cap = balanced < 8 ? 8 : balanced < STAGE2_ROWS ? balanced : STAGE2_ROWS;
-  const int64_t rows_d = fit < 1 ? 1 : fit > cap ? cap : fit;
+  const int64_t rows_d = stage2_rows(D, N, threads);  // common.h
   const int64_t blocks_d = (D + rows_d - 1) / rows_d;
 #pragma omp parallel num_threads(threads)
   {
