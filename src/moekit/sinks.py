@@ -20,11 +20,9 @@ import torch
 from . import fused
 from .errors import MoekitError
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
-from .paged_attention import causal_mask, gather_sequence
+from .paged_attention import causal_mask, decode_launch, gather_sequence
 
 try:
-    import triton
-
     from .kernels.sink_decode import sink_attention_kernel
 except ImportError:  # CPU machines without triton keep the PyTorch path (fused.HAVE_TRITON is False)
     pass
@@ -190,15 +188,10 @@ def _launch(q, sq, k, sk, v, sv, sinks, keys, values, sc, hkv, capacity, start, 
 
 
 def sink_launch(dtype: torch.dtype, head_dim: int, group: int, interpreted: bool = False) -> dict:
-    """Returns sink_attention_kernel's constexprs, warps and pipeline stages for a model shape, as
-    moekit.paged_attention.decode_launch takes them: the G query heads of a kv head padded to
-    BLOCK_G >= 16 rows and the head dim to >= 16 (tl.dot's smallest M and K on NVIDIA), 64
-    positions an iteration (32 from head dim 256 on, so K and V tiles stay <= 32 KB each in bf16);
-    float32 dots in ieee float32 (and all of them under the interpreter, UPCAST)."""
-    dh_pad = max(16, triton.next_power_of_2(head_dim))
-    block_s = 64 if dh_pad <= 128 else 32
-    tile_bytes = 2 * block_s * dh_pad * dtype.itemsize  # one stage's K and V tiles in shared memory
-    return {"GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)), "DH": head_dim, "DH_PAD": dh_pad,
-            "BLOCK_S": block_s, "DOT_PRECISION": "ieee" if dtype == torch.float32 or interpreted else "tf32",
-            "UPCAST": interpreted, "num_warps": 4 if dh_pad <= 128 else 8,
-            "num_stages": 3 if tile_bytes <= 32 * 1024 else 2}
+    """Returns sink_attention_kernel's constexprs, warps and pipeline stages for a model shape: the
+    paged decode kernel's tiling (moekit.paged_attention.decode_launch: G heads padded to >= 16 rows,
+    the head dim to >= 16, 64 positions an iteration, 32 from head dim 256 on) under this kernel's names."""
+    d = decode_launch(dtype, head_dim, group, 1, interpreted)
+    return {"GROUP": group, "BLOCK_G": d["BLOCK_G"], "DH": head_dim, "DH_PAD": d["BLOCK_D"], "BLOCK_S": d["BLOCK_N"],
+            "DOT_PRECISION": d["DOT_PRECISION"], "UPCAST": d["UPCAST"], "num_warps": d["num_warps"],
+            "num_stages": d["num_stages"]}
