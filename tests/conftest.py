@@ -363,6 +363,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def build_without_interpreter(args: list[str]) -> None:
+    """Runs `python ARGS` (a Triton build for a GPU that need not be here) in a child process
+    without TRITON_INTERPRET (set above, and @triton.jit then gives interpreted functions), src on
+    its path; skips where this triton's ptxas cannot assemble its own PTX, fails on any other error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    run = subprocess.run([sys.executable, *args], check=False, env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode and "Unsupported .version" in run.stderr:
+        pytest.skip("this triton's ptxas cannot assemble its own PTX here")
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def paged_case(lens: list[int], h: int, hkv: int, dh: int, bs: int, dtype: torch.dtype, seed: int = 0,
                sinks: bool = False):
     """Returns q [B, H, Dh], pools [NB, BS, Hkv, Dh], block tables [B, MB] (shuffled blocks) and

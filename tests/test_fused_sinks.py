@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import kernel_device, rel_error, token_ids
+from conftest import build_without_interpreter, kernel_device, rel_error, token_ids
 from test_fused import _close, _decode_logits
 
 import moekit
@@ -311,16 +311,4 @@ def test_sink_kernel_compiles_for_sm90_with_tensor_core_dots():
     """The bf16 sinks kernel at gpt-oss's heads (G = 8, Dh = 64; paged and dense) and at head dim
     256 with G = 1 built for Hopper uses mma instructions and fits its shared memory; float32 with
     a padded group and head dim builds too."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = str(Path(__file__).resolve().parent.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    run = subprocess.run([sys.executable, "-c", _SM90_BUILD], check=False, env=env, capture_output=True, text=True,
-                         timeout=300)
-    if run.returncode and "Unsupported .version" in run.stderr:
-        pytest.skip("this triton's ptxas cannot assemble its own PTX here")
-    assert run.returncode == 0, run.stderr[-3000:]
+    build_without_interpreter(["-c", _SM90_BUILD])

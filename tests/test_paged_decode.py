@@ -12,7 +12,7 @@ from moekit.generate import forward_step
 from moekit.kv_cache import PagedKVCache
 from moekit.paged_decode import PagedDecode, bucket_for, static_decode_supported
 
-from conftest import VOCAB
+from conftest import VOCAB, build_without_interpreter
 
 
 def test_buckets_are_powers_of_two():
@@ -274,17 +274,4 @@ for kernel in (paged_decode_kernel, paged_decode_split_kernel):
 def test_decode_kernels_compile_for_sm90_with_tensor_core_dots():
     """bf16 decode kernels (G = 8 and G = 1 heads padded to 16 rows) built for Hopper use mma
     instructions and fit its shared memory; float32 with a padded group and head dim builds too."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = str(Path(__file__).resolve().parent.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    run = subprocess.run([sys.executable, "-c", _SM90_BUILD], check=False, env=env, capture_output=True, text=True,
-                         timeout=300)
-    if run.returncode and "Unsupported .version" in run.stderr:
-        pytest.skip("this triton's ptxas cannot assemble its own PTX here")
-    assert run.returncode == 0, run.stderr[-3000:]
+    build_without_interpreter(["-c", _SM90_BUILD])
