@@ -59,7 +59,11 @@ def test_add_rms_norm_matches_reference(dtype, scale):
     with torch.no_grad():
         h, y = fused.add_rms_norm(x, r, norm.weight, norm.eps, scale)
         h_ref = x + (r if scale == 1.0 else r * scale)
-        assert torch.equal(h, h_ref)
+        if device == "cuda" and dtype == torch.float32 and scale != 1.0:
+            # compiled, x + r * scale contracts to one FMA (one rounding where torch rounds twice)
+            torch.testing.assert_close(h, h_ref, rtol=2**-22, atol=2**-22 * r.abs().max().item())
+        else:
+            assert torch.equal(h, h_ref)
         _close(y, norm(h_ref), dtype)
 
 

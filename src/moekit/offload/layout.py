@@ -25,6 +25,8 @@ Shapes: E = experts of a layer, S = cache slots, B = bytes of a packed expert.
 
 from __future__ import annotations
 
+import math
+import mmap
 import weakref
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ import torch
 
 from ..experts.forms import DenseForm, Specs, StoredForm, Tensors, nbytes
 
+PAGE_BYTES = mmap.PAGESIZE  # what cudaHostRegister locks: whole pages
 ALIGN_BYTES = 16  # every tensor of a packed expert starts here: dtype views and vector loads
 
 
@@ -199,19 +202,26 @@ def layout_for(form: StoredForm, moe_layers: list[int]) -> SlotLayout:
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Returns an uninitialised page-locked host tensor of exactly its own size.
+    """Returns an uninitialised page-locked host tensor of its own size plus at most two pages.
 
     PyTorch's pinned allocator rounds each block up to a power of two (up to +100% for a layer of
-    experts); page-locking an ordinary allocation with cudaHostRegister costs only its bytes. The
-    registration is undone when this (base) tensor object is freed: keep it, not only its views."""
-    tensor = torch.empty(shape, dtype=dtype)
-    size = tensor.numel() * tensor.element_size()
+    experts); page-locking an ordinary allocation with cudaHostRegister costs only its bytes. CUDA
+    locks whole pages, and malloc packs small allocations side by side: a second registration
+    touching a page already locked fails ("already mapped") and leaves that error for the next
+    kernel launch to raise. So the tensor gets pages of its own: a buffer one page longer than its
+    rounded size, the registered range starting at the buffer's first page boundary. The
+    registration is undone when the returned tensor object is freed: keep it, not only its views."""
+    size = math.prod(shape) * dtype.itemsize
     if size == 0 or not torch.cuda.is_available():
-        return tensor
+        return torch.empty(shape, dtype=dtype)
+    locked = -(-size // PAGE_BYTES) * PAGE_BYTES
+    buffer = torch.empty(locked + PAGE_BYTES, dtype=torch.uint8)
+    start = -buffer.data_ptr() % PAGE_BYTES
+    tensor = buffer[start:start + size].view(dtype).view(shape)
     cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(tensor.data_ptr(), size, 0)) != 0:
-        return tensor.pin_memory()  # registration refused: fall back to the pinned allocator
-    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())  # keep the base tensor alive
+    if int(cudart.cudaHostRegister(tensor.data_ptr(), locked, 0)) != 0:
+        return torch.empty(shape, dtype=dtype).pin_memory()  # refused: the pinned allocator instead
+    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())  # keep the returned tensor alive
     return tensor
 
 

@@ -1,0 +1,29 @@
+import mmap
+
+import pytest
+import torch
+
+from moekit.offload.layout import pinned_empty
+
+
+def test_pinned_empty_without_cuda_is_a_plain_tensor():
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA case is below")
+    t = pinned_empty((3, 5), torch.bfloat16)
+    assert t.shape == (3, 5) and t.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_small_pinned_tensors_get_pages_of_their_own():
+    """Small host tensors sit side by side in malloc's heap; locking a page twice fails and the stale
+    CUDA error surfaced at the next kernel launch (the phimoe pipeline case on the H200)."""
+    tensors = [pinned_empty((n, 7), dtype) for n in (1, 3, 50, 1000) for dtype in (torch.uint8, torch.bfloat16)]
+    for t in tensors:
+        assert t.data_ptr() % mmap.PAGESIZE == 0 and t.is_pinned()
+        t.fill_(1)
+        assert torch.equal(t.to("cuda", non_blocking=True).cpu(), t)
+    assert torch.zeros(4, device="cuda").sum().item() == 0  # no error left behind for a later launch
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    pages = [(a // mmap.PAGESIZE, -(-b // mmap.PAGESIZE)) for a, b in spans]
+    assert all(end <= start for (_, end), (start, _) in zip(pages, pages[1:]))  # no page shared
