@@ -185,7 +185,7 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]
 EXPERT_PROBE_TOKENS = (16, 32, 64, 128, 256)  # micro-batch sizes the grouped expert kernels are timed at
 # prefill micro-batches' packed tokens the grouped kernels' FLOP/s is timed at; the HRM takes 2560:
 # 32 prompts of ~80 tokens, the prefill micro-batch of its bf16 plans on the H200 (N=512, mu=32)
-# -- 640 slots an expert, below triton_ops.PREFILL_TILES_FROM; 4096 and up get the prefill tiles
+# -- 640 slots an expert, which takes triton_ops.PREFILL_TILES (from 320 slots an expert on)
 PREFILL_PROBE_TOKENS, PREFILL_LEVEL_TOKENS = (1024, 2560, 4096, 16384), 2560
 
 

@@ -70,11 +70,13 @@ def block_sizes(slots: int, num_experts: int) -> tuple[int, int, int]:
 
 
 # Prefill tiles of the grouped kernels (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) from this many routed
-# slots per expert on: measured on an H200 by benchmarks/probes/probe_grouped_tiles.py (16,384 tokens,
-# bf16): Mixtral's experts 332 -> 474 TFLOP/s, OLMoE's 302 -> 424, against 64 x 64 x 64 tiles with
-# Triton's default warps and stages (a dense matmul of the same FLOPs: 697 / 740).
+# slots per expert on: measured on an H200 by benchmarks/probes/probe_grouped_tiles.py (bf16), against
+# 64 x 64 x 64 tiles with Triton's default warps and stages: 16,384 tokens Mixtral's experts 332 -> 474
+# TFLOP/s, OLMoE's 302 -> 424 (a dense matmul of the same FLOPs: 697 / 740); 4096 tokens OLMoE (512
+# slots an expert) 256 -> 325; 2560 tokens Mixtral (640, the pipeline's prefill micro-batch) 331 -> 443,
+# OLMoE (320) 232 -> 243. Fewer slots an expert were not measured.
 PREFILL_TILES = (128, 128, 64, 8, 3)
-PREFILL_TILES_FROM = 1024
+PREFILL_TILES_FROM = 320
 
 
 def grouped_tiles(slots: int, num_experts: int, dtype: torch.dtype) -> tuple[int, int, int, int | None, int | None]:
