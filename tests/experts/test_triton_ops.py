@@ -91,6 +91,49 @@ def test_slot_kernel_matches_reference(shape):
     assert rel < 1e-5, rel
 
 
+# (gate_up, down) configs: the defaults (K within the tail steps); then K = hidden 88 = 2 x 32 + 16 + 8
+# masked and K = ffn 200 = 6 x 32 + 8 masked; 88 = 64 + 16 + 8 and 200 = 12 x 16 + 8; BLOCK_N 16 leaves
+# 8 rows past ffn and past hidden (clamped reads, masked stores)
+SLOT_CONFIGS = [None, ((16, 32, 1), (16, 32, 1)), ((4, 64, 2), (16, 16, 1))]
+
+
+@pytest.mark.parametrize("configs", SLOT_CONFIGS)
+def test_slot_kernel_sums_each_tokens_slots_with_their_weights(configs):
+    """The down kernel's top-k sum: two tokens sharing expert 1 (token 1 routes to it twice), uneven
+    and one negative weight; each token's row against its own float64 sum, so a dropped, doubled or
+    mis-weighted slot, or a slot summed into the other token, fails."""
+    num_experts, hidden, ffn = 4, 88, 200
+    device = kernel_device()
+    g = torch.Generator().manual_seed(11)
+    m = _experts(num_experts, hidden, ffn, "cpu")
+    x = torch.randn(2, hidden, generator=g)
+    ids = torch.tensor([[1, 0, 3], [2, 1, 1]])
+    weights = torch.tensor([[0.7, 0.2, 0.1], [0.05, 0.9, -0.4]])
+    gate_up, down = m.gate_up.detach().double(), m.down.detach().double()
+    want = torch.zeros(2, hidden, dtype=torch.float64)
+    for n in range(2):
+        for e, w in zip(ids[n].tolist(), weights[n].tolist()):
+            gate, up = (gate_up[e] @ x[n].double()).chunk(2)
+            want[n] += w * (down[e] @ (torch.nn.functional.silu(gate) * up))
+    with torch.no_grad():
+        got = triton_ops.slot_expert_ffn(x.to(device), ids.to(device), weights.to(device), m.gate_up.to(device),
+                                         m.down.to(device), configs=configs).cpu().double()
+    assert got.shape == (2, hidden)
+    for n in range(2):
+        rel = ((got[n] - want[n]).norm() / want[n].norm()).item()
+        assert rel < 1e-5, (n, rel)
+
+
+def test_slot_kernel_rejects_a_block_k_the_tail_cannot_cover():
+    from moekit.errors import MoekitError
+
+    m = _experts(2, 32, 16, "cpu")
+    ids, weights = torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
+    with pytest.raises(MoekitError, match="BLOCK_K"):
+        triton_ops.slot_expert_ffn(torch.randn(1, 32), ids, weights, m.gate_up, m.down,
+                                   configs=((4, 48, 4), (4, 1024, 4)))
+
+
 def test_slot_kernel_with_offsets_reads_experts_from_two_places():
     """An offset table pointing some experts into a second tensor (as offload.mapped points missed
     experts into host memory) gives bit-for-bit the stacked result."""

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ..errors import MoekitError
+
 try:
     import triton
 
@@ -164,13 +166,23 @@ def slot_config(kernel: str, hidden: int, ffn: int) -> tuple[int, int, int]:
     return SLOT_TUNED.get((kernel, hidden, ffn), SLOT_DEFAULT)
 
 
+def _check_slot_config(kernel: str, config: tuple[int, int, int]) -> None:
+    """Raises MoekitError unless config is (BLOCK_N, BLOCK_K, num_warps) the per-slot kernels take."""
+    bn, bk, warps = config
+    powers = lambda v, lo, hi: lo <= v <= hi and v & (v - 1) == 0
+    if not (powers(bn, 1, 1024) and powers(bk, 16, 2048) and powers(warps, 1, 32)):
+        raise MoekitError(f"slot kernel config for {kernel} {config}: BLOCK_N, BLOCK_K and num_warps must be powers of "
+                          "two, BLOCK_K in 16..2048 (the K tail halves it down to 16); fix SLOT_TUNED or configs=")
+
+
 def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor,
                     configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
                     offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D], one program row per slot.
+    """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D]: two launches, no host sync.
 
-    Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode).
+    Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode). The down
+    kernel sums each token's A slots in float32, in slot order, and rounds once to x's dtype.
     `configs` overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels.
     `offsets` [E, >= 2] int64 (any row stride; columns past 2 unused) places expert e's gate_up at gate_up's first element +
     offsets[e, 0] and its down at down's first element + offsets[e, 1] (elements; each expert's
@@ -179,7 +191,10 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     _, two_ffn, hidden = gate_up.shape
     ffn = two_ffn // 2
     slots = n * top_k
-    (gn, gk, gw), (dn, dk, dw) = configs or (slot_config("gate_up", hidden, ffn), slot_config("down", hidden, ffn))
+    gate_up_config, down_config = configs or (slot_config("gate_up", hidden, ffn), slot_config("down", hidden, ffn))
+    _check_slot_config("gate_up", gate_up_config)
+    _check_slot_config("down", down_config)
+    (gn, gk, gw), (dn, dk, dw) = gate_up_config, down_config
     flat_ids = expert_ids.reshape(-1)
     flat_weights = weights.reshape(-1)
     x = x.contiguous()
@@ -194,8 +209,9 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     slot_gate_up_swiglu_kernel[(slots, triton.cdiv(ffn, gn))](
         x, flat_ids, gate_up, gu_off, h, ffn, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
         stride_off, TOP_K=top_k, K=hidden, BLOCK_N=gn, BLOCK_K=gk, OFFSETS=use_offsets, num_warps=gw)
-    y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D]
-    slot_down_kernel[(slots, triton.cdiv(hidden, dn))](
-        h, flat_ids, flat_weights, down, dn_off, y, hidden, h.stride(0), down.stride(0), down.stride(1), y.stride(0),
-        stride_off, K=ffn, BLOCK_N=dn, BLOCK_K=dk, OFFSETS=use_offsets, num_warps=dw)
-    return y.view(n, top_k, hidden).sum(dim=1)
+    out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, D]
+    # the token count is only in the grid: every ragged step launches under one specialization
+    slot_down_kernel[(n, triton.cdiv(hidden, dn))](
+        h, flat_ids, flat_weights, down, dn_off, out, hidden, h.stride(0), down.stride(0), down.stride(1),
+        out.stride(0), stride_off, TOP_K=top_k, K=ffn, BLOCK_N=dn, BLOCK_K=dk, OFFSETS=use_offsets, num_warps=dw)
+    return out
