@@ -1,6 +1,8 @@
 """The fused decode kernel of attention with sinks (moekit.sinks.fused_decode, paged_fused_decode;
 moekit.kernels.sink_decode) against SinkAttention's PyTorch reference, and tiny gpt-oss models
-decoding with it on and off, over a dense cache and over a paged one (the serving path).
+decoding with it on and off, over a dense cache and over a paged one (the serving path). The same
+kernel without sinks (moekit.model.Attention's one-token graph steps) against the mask and torch
+SDPA it stands in for, and tiny OLMoE / Mixtral models decoding with it.
 
 On CPU machines the kernel runs under TRITON_INTERPRET=1 (set in conftest.py); on a GPU, for real.
 """
@@ -19,7 +21,7 @@ from moekit import fused, sinks
 from moekit.config import ModelConfig
 from moekit.generate import forward_step
 from moekit.kv_cache import KVCache, PagedKVCache
-from moekit.model import SinkAttention
+from moekit.model import Attention, SinkAttention
 from moekit.sinks import sink_attention
 
 pytestmark = pytest.mark.skipif(not fused.HAVE_TRITON, reason="triton not installed")
@@ -277,6 +279,106 @@ def test_gpt_oss_static_paged_step_fused_equals_plain(tiny, monkeypatch):
         torch.testing.assert_close(got[held], want[held], rtol=1e-4, atol=1e-4)
 
 
+# (batch, heads, kv heads, head dim, window, cached positions) of plain decode (no sinks): MHA;
+# Qwen3's GQA shrunk (G = 8) over several 64-position tiles; a window shorter than the context
+# starting mid-tile; batch 2 (at one position: a KVCache step has one start for all rows) with an
+# odd group and head dim; OLMoE's head dim 128, MHA, batch 2 under a window, two tiles
+PLAIN_CASES = [
+    (1, 4, 4, 16, None, 9),
+    (1, 16, 2, 64, None, 150),
+    (1, 8, 2, 32, 37, 100),
+    (2, 6, 2, 12, None, 21),
+    (2, 4, 4, 128, 6, 70),
+]
+
+
+def _plain_layer(heads: int, kv_heads: int, head_dim: int, window: int | None, dtype, device) -> Attention:
+    """Returns a grouped-query Attention without sinks (random weights; attend uses none of them)."""
+    cfg = ModelConfig(family="qwen3_moe", vocab_size=64, hidden_size=32, num_layers=1, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=head_dim, num_experts=2, top_k=1, expert_ffn=8,
+                      moe_layers=(True,), sliding_window=window)
+    return Attention(cfg, 0).to(device, dtype)
+
+
+def _plain_calls(monkeypatch) -> dict:
+    """Returns {name: [...]} filled as the attention runs: fused_decode's sinks argument and store
+    flag, write_kv's mask flag, one entry for each decode_mask."""
+    calls = {"fused_decode": [], "write_kv": [], "decode_mask": []}
+    for module, name, record in ((sinks, "fused_decode", lambda a, kw: (a[3], kw.get("store", True))),
+                                 (fused, "write_kv", lambda a, kw: kw.get("mask", False)),
+                                 (fused, "decode_mask", lambda a, kw: True)):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name, _f=record, **kw:
+                            calls[_n].append(_f(a, kw)) or _r(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PLAIN_CASES)
+def test_plain_decode_matches_sdpa(case, dtype, monkeypatch):
+    """A one-token graph step of Attention without sinks: write_kv without a mask, then the kernel
+    with SINKS off gives the mask + SDPA path's output and the same cache; no mask is built."""
+    device = kernel_device()
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    b, heads, kv_heads, head_dim, window, cached = case
+    attn = _plain_layer(heads, kv_heads, head_dim, window, dtype, device)
+    q, k, v = _qkv(attn, b, 1, dtype, device)
+    start = torch.tensor(cached, device=device)
+    ref_cache, cache = (_cache(attn, b, cached, cached + 4, dtype, device) for _ in range(2))
+    wide = _cache(attn, b, cached, cached + 4, torch.float32, device)  # float32 of the same rounded inputs
+    wide.keys[0].copy_(ref_cache.keys[0])
+    wide.values[0].copy_(ref_cache.values[0])
+    truth = _attend(copy.deepcopy(attn).float(), q.float(), k.float(), v.float(), wide, start, False, monkeypatch)
+    expected = _attend(attn, q, k, v, ref_cache, start, False, monkeypatch)
+    calls = _plain_calls(monkeypatch)
+    got = _attend(attn, q, k, v, cache, start, True, monkeypatch)
+    assert calls == {"fused_decode": [(None, False)], "write_kv": [False], "decode_mask": []}
+    if dtype == torch.float32:
+        _close(got, expected, dtype)
+    else:  # a rounding step from SDPA (the kernel rounds p to bf16 for p . V) and as close to float32
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
+        assert rel_error(got, truth) <= 1.25 * rel_error(expected, truth) and rel_error(got, truth) < 5e-3
+    assert torch.equal(cache.keys[0], ref_cache.keys[0]) and torch.equal(cache.values[0], ref_cache.values[0])
+
+
+@pytest.mark.parametrize("t, head_dim", [(2, 16), (1, 2 * sinks.PLAIN_DECODE_MAX_HEAD_DIM)])
+def test_plain_decode_keeps_sdpa_where_the_kernel_does_not_apply(t, head_dim, monkeypatch):
+    """Two new tokens a step (a graph step of several), or a head dim past the kernel's: write_kv
+    builds the mask and SDPA attends, as before; the output equals the reference's."""
+    device = kernel_device()
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    attn = _plain_layer(4, 2, head_dim, None, torch.float32, device)
+    q, k, v = _qkv(attn, 1, t, torch.float32, device)
+    start = torch.tensor(5, device=device)
+    ref_cache, cache = (_cache(attn, 1, 5, 8, torch.float32, device) for _ in range(2))
+    expected = _attend(attn, q, k, v, ref_cache, start, False, monkeypatch)
+    calls = _plain_calls(monkeypatch)
+    got = _attend(attn, q, k, v, cache, start, True, monkeypatch)
+    assert calls == {"fused_decode": [], "write_kv": [True], "decode_mask": []}
+    _close(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["olmoe", "mixtral_sliding"])
+def test_model_decode_runs_plain_kernel(tiny, variant, monkeypatch):
+    """On the CPU through the interpreter, float32: OLMoE's and Mixtral's decode steps (Mixtral's
+    window passed by the last ones) attend through the kernel in every layer and give the
+    reference's logits and tokens (tests/test_fused.py holds the whole fused step in bf16 too)."""
+    kernel_device()
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only: the interpreter path")
+    model = moekit.load_model(tiny(variant).path)
+    prompt = token_ids(1, 6)
+    monkeypatch.setenv("MOEKIT_FUSED", "0")
+    expected = _decode_logits(model, prompt, 4)
+    monkeypatch.setenv("MOEKIT_FUSED", "1")
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    calls = _plain_calls(monkeypatch)
+    got = _decode_logits(model, prompt, 4)
+    assert calls["fused_decode"] == [(None, False)] * (4 * model.config.num_layers) and not calls["decode_mask"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
 # builds the sinks kernel for sm_90 without a GPU (the interpreter the tests above run it under
 # accepts code the compiler rejects: layouts, dot operands, shared memory), as test_paged_decode.py
 # does the paged decode kernels
@@ -286,11 +388,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moekit.kernels.sink_decode import sink_attention_kernel as kernel
 from moekit.sinks import sink_launch
-for dtype, head_dim, group, paged in ((torch.bfloat16, 64, 8, True), (torch.bfloat16, 64, 8, False),
-                                      (torch.bfloat16, 256, 1, True), (torch.float32, 24, 3, True)):
-    launch = sink_launch(dtype, head_dim, group)
+# (dtype, head dim, group, paged, sinks): gpt-oss; head dim 256; a padded float32 group; without
+# sinks (Attention's plain decode, dense, the cache written before): OLMoE's heads (G = 1, Dh 128),
+# Qwen3-30B-A3B's (G = 8), and float32 at the largest head dim it takes
+for dtype, head_dim, group, paged, with_sinks in (
+        (torch.bfloat16, 64, 8, True, True), (torch.bfloat16, 64, 8, False, True), (torch.bfloat16, 256, 1, True, True),
+        (torch.float32, 24, 3, True, True), (torch.bfloat16, 128, 1, False, False),
+        (torch.bfloat16, 128, 8, False, False), (torch.float32, 256, 2, False, False)):
+    launch = sink_launch(dtype, head_dim, group, sinks=with_sinks)
     options = {"num_warps": launch.pop("num_warps"), "num_stages": launch.pop("num_stages")}
-    launch.update(H=8 * group, WINDOW=True, PAGED=paged, STORE=True)
+    launch.update(H=8 * group, WINDOW=True, PAGED=paged, STORE=with_sinks)
     element = "*bf16" if dtype == torch.bfloat16 else "*fp32"
     types = {"start_ptr": "*i32" if paged else "*i64", "tables_ptr": "*i32", "slots_ptr": "*i64", "scale": "fp32"}
     signature = {n: "constexpr" if n in launch else types.get(n, element if n.endswith("_ptr") else "i32")
@@ -310,5 +417,6 @@ for dtype, head_dim, group, paged in ((torch.bfloat16, 64, 8, True), (torch.bflo
 def test_sink_kernel_compiles_for_sm90_with_tensor_core_dots():
     """The bf16 sinks kernel at gpt-oss's heads (G = 8, Dh = 64; paged and dense) and at head dim
     256 with G = 1 built for Hopper uses mma instructions and fits its shared memory; float32 with
-    a padded group and head dim builds too."""
+    a padded group and head dim builds too; so does it without sinks at OLMoE's and Qwen3's heads
+    (mma) and in float32 at head dim 256 (sinks.PLAIN_DECODE_MAX_HEAD_DIM)."""
     build_without_interpreter(["-c", _SM90_BUILD])

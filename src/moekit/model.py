@@ -127,12 +127,17 @@ class Attention(nn.Module):
         fused_mask = None
         if cache is not None:
             keys, values = cache.keys[self.layer], cache.values[self.layer]
-            if (isinstance(start, torch.Tensor) and type(cache) is KVCache and fused.enabled(start, k)
-                    and fused.write_kv_supported(keys, values, k, v)):
-                # the cache write and the mask in one kernel, in place of eight
-                fused_mask = fused.write_kv(keys, values, k, v, start, mask=True, window=self.cfg.sliding_window)
+            graph_step = isinstance(start, torch.Tensor) and type(cache) is KVCache and fused.enabled(start, q, k, v)
+            # one token a sequence: the attention is one kernel (moekit.sinks' without sinks) and no mask is built
+            direct = graph_step and t == 1 and sinks.plain_decode_supported(q, k, v, keys, values)
+            if graph_step and fused.write_kv_supported(keys, values, k, v):
+                # the cache write (and the mask) in one kernel, in place of eight
+                fused_mask = fused.write_kv(keys, values, k, v, start, mask=not direct, window=self.cfg.sliding_window)
             else:
                 cache.write(self.layer, k, v, start)
+            if direct:
+                out = sinks.fused_decode(q, k, v, None, keys, values, start, self.cfg.sliding_window, store=False)
+                return out.view(b, t, self.q_dim)
             if isinstance(start, torch.Tensor):  # static shapes for CUDA graphs: attend to all S
                 k, v = cache.keys[self.layer], cache.values[self.layer]
             else:

@@ -7,7 +7,8 @@ PyTorch: the reference, for the dense, cached, graph-captured and ragged (paged)
 CUDA decode steps (moekit.fused.enabled: a device-tensor position over a KVCache, or a ragged
 decode over a PagedKVCache) one Triton kernel (moekit.kernels.sink_decode) writes the cache and
 attends in its place, sliding window and GQA included. moekit.model.SinkAttention calls `attend`
-from its own attend.
+from its own attend; moekit.model.Attention's one-token graph steps call `fused_decode` without
+sinks (sinks=None: plain attention, no mask built).
 
 Shapes: B = batch, H = query heads, Hkv = key/value heads, T = new tokens, S = attended
 positions, Dh = head dim, N = packed tokens of a ragged step.
@@ -138,6 +139,18 @@ def fused_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: tor
             and q.shape[1] % k.shape[1] == 0 and q.shape[-1] == k.shape[-1] == keys.shape[-1])
 
 
+# Plain (sink-free) decode through the kernel up to this head dim; past it the K and V tiles of a
+# float32 model would pass the H200's shared memory (and no sm_90 build checks them), so SDPA stays.
+PLAIN_DECODE_MAX_HEAD_DIM = 256
+
+
+def plain_decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                           values: torch.Tensor) -> bool:
+    """Returns whether fused_decode without sinks stands in for moekit.model.Attention's mask and
+    SDPA over these tensors (fused_supported, head dim <= PLAIN_DECODE_MAX_HEAD_DIM)."""
+    return q.shape[-1] <= PLAIN_DECODE_MAX_HEAD_DIM and fused_supported(q, k, v, keys, values)
+
+
 def _fuse_paged(attn, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> bool:
     """Returns whether a ragged decode of rows qs [B, H, Dh] runs paged_fused_decode (CUDA decode)."""
@@ -145,16 +158,18 @@ def _fuse_paged(attn, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, keys
             and keys.stride(0) == keys.shape[1] * keys.stride(1))
 
 
-def fused_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, keys: torch.Tensor,
-                 values: torch.Tensor, start: torch.Tensor, window: int | None) -> torch.Tensor:
+def fused_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, keys: torch.Tensor,
+                 values: torch.Tensor, start: torch.Tensor, window: int | None, store: bool = True) -> torch.Tensor:
     """Returns attention with sinks [N, H, Dh] (N = B*T, row b*T + t) of q [B, H, T, Dh] at positions
     start.. (a 0-d device tensor) over the cache keys, values [B, Hkv, S, Dh], after storing k, v
-    [B, Hkv, T, Dh] there (positions past S dropped): one launch, graph-capturable."""
+    [B, Hkv, T, Dh] there (positions past S dropped): one launch, graph-capturable. sinks [H], or
+    None for plain attention (torch SDPA's); store=False when k, v are in the cache already (the
+    kernel reads the step's own positions from k, v either way)."""
     b, _, t, _ = q.shape
     return _launch(q, (q.stride(0), q.stride(1), q.stride(2)), k, (k.stride(0), k.stride(1), k.stride(2)),
                    v, (v.stride(0), v.stride(1), v.stride(2)), sinks, keys, values,
                    (keys.stride(0), keys.stride(1), keys.stride(2)), keys.shape[1], keys.shape[2], start,
-                   start, start, 0, 1, window, b * t, t, paged=False, store=True)
+                   start, start, 0, 1, window, b * t, t, paged=False, store=store)
 
 
 def paged_fused_decode(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, sinks: torch.Tensor,
@@ -174,24 +189,26 @@ def paged_fused_decode(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, sin
 def _launch(q, sq, k, sk, v, sv, sinks, keys, values, sc, hkv, capacity, start, tables, slots, stride_tb, page,
             window, n, t, paged: bool, store: bool) -> torch.Tensor:
     """One launch of sink_attention_kernel: N rows x Hkv programs; strides (sq, sk, sv, sc) as
-    (sequence, head, position)."""
+    (sequence, head, position); sinks None: without them."""
     h, dh = q.shape[1], q.shape[-1]
     group = h // hkv
     out = torch.empty((n, h, dh), dtype=q.dtype, device=q.device)
     sink_attention_kernel[(n, hkv)](
-        q, k, v, sinks, keys, values, start, tables, slots, out,
+        q, k, v, q if sinks is None else sinks, keys, values, start, tables, slots, out,
         t, capacity, 0 if window is None else window, dh ** -0.5, *sq, *sk, *sv, *sc, stride_tb,
         slots.stride(0) if slots.dim() else 0, page,
         H=h, WINDOW=window is not None, PAGED=paged, STORE=store,
-        **sink_launch(q.dtype, dh, group, interpreted=not q.is_cuda))
+        **sink_launch(q.dtype, dh, group, interpreted=not q.is_cuda, sinks=sinks is not None))
     return out
 
 
-def sink_launch(dtype: torch.dtype, head_dim: int, group: int, interpreted: bool = False) -> dict:
+def sink_launch(dtype: torch.dtype, head_dim: int, group: int, interpreted: bool = False,
+                sinks: bool = True) -> dict:
     """Returns sink_attention_kernel's constexprs, warps and pipeline stages for a model shape: the
     paged decode kernel's tiling (moekit.paged_attention.decode_launch: G heads padded to >= 16 rows,
-    the head dim to >= 16, 64 positions an iteration, 32 from head dim 256 on) under this kernel's names."""
+    the head dim to >= 16, 64 positions an iteration, 32 from head dim 256 on) under this kernel's
+    names; `sinks` False for plain attention."""
     d = decode_launch(dtype, head_dim, group, 1, interpreted)
-    return {"GROUP": group, "BLOCK_G": d["BLOCK_G"], "DH": head_dim, "DH_PAD": d["BLOCK_D"], "BLOCK_S": d["BLOCK_N"],
+    return {"GROUP": group, "SINKS": sinks, "BLOCK_G": d["BLOCK_G"], "DH": head_dim, "DH_PAD": d["BLOCK_D"], "BLOCK_S": d["BLOCK_N"],
             "DOT_PRECISION": d["DOT_PRECISION"], "UPCAST": d["UPCAST"], "num_warps": d["num_warps"],
             "num_stages": d["num_stages"]}

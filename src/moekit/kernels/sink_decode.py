@@ -1,5 +1,7 @@
 """Fused kernel for a decode step of attention with sinks (moekit.sinks, gpt-oss): the KV-cache
-write and the attention over the cached positions in one launch.
+write and the attention over the cached positions in one launch. Without SINKS it is plain
+decode attention: moekit.model.Attention's one-token steps over a KVCache (OLMoE, Qwen3, Mixtral, ...)
+run it in place of a mask and torch SDPA.
 
 The PyTorch reference of a step is ~15 small kernels a layer (the cache write by index_copy, the
 mask and its negation, the score matmul, its cast and scale, the sink column concatenated, the
@@ -12,6 +14,8 @@ With WINDOW, positions at or before query - window are never read (the sliding-w
 scores q.k are rounded to the model dtype before the scale, where the reference's matmul rounds
 them; the probabilities are rounded to it before their dot unnormalized (relative to the running
 max), the reference's after normalizing, so bf16 results differ from it by about a rounding step.
+Without SINKS the running max and sum start empty and the scores stay float32 before the scale,
+as torch SDPA's do (that path's reference).
 Wrapper: moekit.sinks (fused_decode, paged_fused_decode).
 
 Tensors (N = B*T token rows, token n = b*T + t; B = sequences, T = new tokens a sequence, H = query
@@ -19,7 +23,7 @@ heads, Hkv = key/value heads, G = H / Hkv, Dh = head dim, S = cache capacity, NB
 BS = positions per block, MB = blocks per table):
     q          [B, H, T, Dh]      queries (rope applied), any strides with unit Dh stride
     k, v       [B, Hkv, T, Dh]    the step's keys and values, likewise
-    sinks      [H]                one logit per query head
+    sinks      [H]                one logit per query head (not read without SINKS)
     keys       [B, Hkv, S, Dh]    dense cache (KVCache.keys[layer]); values likewise
                [NB, BS, Hkv, Dh]  with PAGED: a block pool (PagedKVCache.keys[layer])
     start      0-d int            position of the first new token (dense; on the device)
@@ -42,7 +46,7 @@ def sink_attention_kernel(
     T, S, window, scale,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_s, stride_tb, stride_slot, page,
     H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DH: tl.constexpr, DH_PAD: tl.constexpr,
-    BLOCK_S: tl.constexpr, WINDOW: tl.constexpr, PAGED: tl.constexpr, STORE: tl.constexpr,
+    BLOCK_S: tl.constexpr, WINDOW: tl.constexpr, PAGED: tl.constexpr, STORE: tl.constexpr, SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Program (n, kvh): out[n, heads of kvh] for token n = b*T + t at position query = start + t.
@@ -52,7 +56,7 @@ def sink_attention_kernel(
     of sequence b; PAGED: row tables[b, s // BS] * BS + s % BS of the pool), the step's own
     positions start..query from k, v -- never from the cache being written. Scores (q . k rounded
     to the dtype) * scale over s <= query (and s > query - window with WINDOW), softmax with the
-    head's sink in the denominator, float32 throughout. PAGED decodes one token a sequence (T = 1):
+    head's sink in the denominator, float32 throughout. Without SINKS: no sink, q . k not rounded. PAGED decodes one token a sequence (T = 1):
     start is its context length - 1, every earlier position cached.
 
     Both products are tensor-core dots: q [G, Dh] (G padded to BLOCK_G >= 16 with zero rows) by
@@ -87,9 +91,12 @@ def sink_attention_kernel(
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G, Dh]
     if UPCAST:
         q = q.to(tl.float32)
-    # the sink as the softmax's first column: running max = sink, running sum = exp(sink - sink)
-    m_i = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)  # [G]
-    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32) + 1.0
+    if SINKS:  # the sink as the softmax's first column: running max = sink, running sum = exp(sink - sink)
+        m_i = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)  # [G]
+        l_i = tl.zeros((BLOCK_G,), dtype=tl.float32) + 1.0
+    else:  # finite: a tile with no position to attend (past the capacity) must not give exp(-inf + inf)
+        m_i = tl.zeros((BLOCK_G,), dtype=tl.float32) - 1e30
+        l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, DH_PAD), dtype=tl.float32)
     lo = 0
     if WINDOW:
@@ -118,7 +125,9 @@ def sink_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         dots = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [G, BS] float32
-        score = _to(dots, dt).to(tl.float32) * scale
+        if SINKS:  # sink_attention's matmul rounds the scores to the dtype; SDPA keeps them float32
+            dots = _to(dots, dt).to(tl.float32)
+        score = dots * scale
         score = tl.where((cached | new)[None, :], score, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(score, axis=1))
         p = tl.exp(score - m_new[:, None])  # [G, BS]
