@@ -1,7 +1,8 @@
 """Times gpt-oss's fused sinks decode kernel (tensor-core dots, issues 13/15) against its HBM floor
-and the PyTorch reference path.
+and the PyTorch reference path, and the same kernel without sinks (issue 12) against torch SDPA.
 
-    PYTHONPATH=src python3 benchmarks/probes/probe_sink_decode.py --out $OUT   # H200, ~1 min
+    PYTHONPATH=src python3 benchmarks/probes/probe_sink_decode.py --out $OUT           # H200, ~1 min
+    PYTHONPATH=src python3 benchmarks/probes/probe_sink_decode.py --plain --out $OUT   # the plain rows only
 
 One layer of attention with sinks at gpt-oss-20b's heads (64 query heads, 8 kv heads, Dh 64), bf16,
 window None (the full layers) and 128 (the sliding ones):
@@ -12,7 +13,16 @@ window None (the full layers) and 128 (the sliding ones):
 Each row: the kernel's time, the floor of reading the attended keys and values once at the HBM copy
 rate, the reference path's time in the same run (moekit.sinks.attend / _decode_rows with
 MOEKIT_FUSED=0: the cache write, mask and sink_attention), and the kernel's max |error| against
-that reference's output. Off CUDA it says so and exits 0.
+that reference's output.
+
+  plain  moekit.model.Attention's one-token graph step without sinks at OLMoE-1B-7B's heads (16 / 16,
+         Dh 128) and Qwen3-30B-A3B's (32 / 4, Dh 128), B = 1 and 32, 70 and 1024 cached positions in a
+         cache of 128 more (what generate allocates for 128 new tokens): the path since cb3f6a9
+         (write_kv without a mask, then the kernel with SINKS off) against the one before it
+         (write_kv building the [1, S] mask, then torch SDPA over all S: cuDNN on the H200). Both
+         captured in one CUDA graph of 16 layers each (as generate's decode step runs them; distinct
+         caches), time per layer = median replay / 16; max |error| of the kernel path against SDPA.
+Off CUDA it says so and exits 0.
 
 Shapes: B = sequences, H = query heads, Hkv = kv heads, Dh = head dim, S = cache capacity,
 NB = pool blocks, BS = positions per block, MB = blocks per table.
@@ -37,6 +47,12 @@ DENSE_CONTEXTS = (128, 1024, 4096)
 BATCHES = (1, 8, 32, 128)
 CONTEXTS = (32, 640)  # paged: uniform in [lo, hi], the new token included
 BLOCK_SIZE = 16
+# plain decode (no sinks): (name, heads, kv heads, head dim)
+PLAIN_MODELS = (("OLMoE-1B-7B", 16, 16, 128), ("Qwen3-30B-A3B", 32, 4, 128))
+PLAIN_BATCHES = (1, 32)
+PLAIN_CONTEXTS = (70, 1024)
+PLAIN_ROOM = 128  # cache positions past the context (the new tokens generate allocates for)
+GRAPH_LAYERS = 16  # OLMoE's layer count: attention calls a captured step holds
 
 
 def layer(window: int | None, device: torch.device, g: torch.Generator):
@@ -130,9 +146,73 @@ def paged_row(b: int, window: int | None, device: torch.device, g: torch.Generat
             "floor_us": 1e6 * kv_bytes(attended) / common.HBM_BYTES_PER_S, "max_abs_error": error}
 
 
+def graph_us_per_call(calls: list, reps: int = 30) -> float:
+    """Returns the median microseconds a call of `calls` (each a no-argument function) takes when
+    all of them run in one captured CUDA graph, as a decode step runs its layers."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (Triton builds, SDPA's plan) on a side stream, as generate does
+        for _ in range(2):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for call in calls:
+            call()
+    times = common.times_s(graph.replay, "cuda", reps=reps, warmup=3)
+    return 1e6 * sorted(times)[len(times) // 2] / len(calls)
+
+
+def plain_row(model: tuple, b: int, ctx: int, device: torch.device, g: torch.Generator) -> dict:
+    """Returns the plain row: one new token for each of b sequences at position ctx, GRAPH_LAYERS
+    layers of moekit.model.Attention (no sinks) through the kernel and through the mask + SDPA."""
+    import torch.nn.functional as F
+
+    from moekit import fused
+    from moekit.config import ModelConfig
+    from moekit.kv_cache import KVCache
+    from moekit.model import Attention
+
+    name, heads, kv_heads, head_dim = model
+    cfg = ModelConfig(family="probe", vocab_size=64, hidden_size=64, num_layers=GRAPH_LAYERS, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=head_dim, num_experts=2, top_k=1, expert_ffn=8,
+                      moe_layers=(True,) * GRAPH_LAYERS)
+    layers = [Attention(cfg, i).to(device, torch.bfloat16) for i in range(GRAPH_LAYERS)]
+    cache = KVCache(cfg, b, ctx + PLAIN_ROOM, device, torch.bfloat16)
+    for z in cache.keys + cache.values:
+        z.normal_()
+    # q [B, H, 1, Dh], k, v [B, Hkv, 1, Dh]: views of token rows, as the fused projection leaves them
+    q = torch.randn(b, 1, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(b, 1, kv_heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+            for _ in range(2))
+    start = torch.tensor(ctx, dtype=torch.long, device=device)
+
+    def kernel(i: int) -> torch.Tensor:  # Attention.attend on a CUDA graph step since cb3f6a9
+        return layers[i].attend(q, k, v, cache, start)
+
+    def sdpa(i: int) -> torch.Tensor:  # Attention.attend's graph step before it
+        mask = fused.write_kv(cache.keys[i], cache.values[i], k, v, start, mask=True)  # [1, S]
+        out = F.scaled_dot_product_attention(q, cache.keys[i], cache.values[i], attn_mask=mask,
+                                             enable_gqa=kv_heads != heads)
+        return out.transpose(1, 2).reshape(b, 1, heads * head_dim)
+
+    with torch.inference_mode():
+        error = float((kernel(0).float() - sdpa(0).float()).abs().max())
+        kernel_us = graph_us_per_call([partial(kernel, i) for i in range(GRAPH_LAYERS)])
+        sdpa_us = graph_us_per_call([partial(sdpa, i) for i in range(GRAPH_LAYERS)])
+    kv_positions = b * (ctx + 1)
+    return {"path": "plain", "model": name, "heads": [heads, kv_heads, head_dim], "batch": b, "context": ctx,
+            "capacity": ctx + PLAIN_ROOM, "kernel_us": kernel_us, "sdpa_us": sdpa_us,
+            "speedup": sdpa_us / kernel_us,
+            "floor_us": 1e6 * 2 * kv_positions * kv_heads * head_dim * 2 / common.HBM_BYTES_PER_S,
+            "max_abs_error": error}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_output_args(p, "probe_sink_decode")
+    p.add_argument("--plain", action="store_true", help="only the rows without sinks (issue 12)")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -142,8 +222,21 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     res: dict = {"meta": common.run_meta(args, device), "hbm_bytes_per_s": common.HBM_BYTES_PER_S,
                  "heads": [HEADS, KV_HEADS, HEAD_DIM], "rows": []}
-    work = ([partial(dense_row, c, w) for w in WINDOWS for c in DENSE_CONTEXTS]
-            + [partial(paged_row, b, w) for w in WINDOWS for b in BATCHES])
+    plain = []
+    for model in PLAIN_MODELS:
+        for b in PLAIN_BATCHES:
+            for ctx in PLAIN_CONTEXTS:
+                row = plain_row(model, b, ctx, device, g)
+                res["rows"].append(row)
+                plain.append([row["model"], row["batch"], row["context"], row["capacity"], f"{row['kernel_us']:.1f}",
+                              f"{row['sdpa_us']:.1f}", f"{row['speedup']:.2f}x", f"{row['floor_us']:.1f}",
+                              f"{row['max_abs_error']:.1e}"])
+                print(row, flush=True)
+                common.free_memory(device)
+    print(common.markdown_table(["plain (no sinks)", "B", "context", "cache S", "kernel us/layer",
+                                 "mask + SDPA us/layer", "speedup", "HBM floor us", "max |err|"], plain))
+    work = [] if args.plain else ([partial(dense_row, c, w) for w in WINDOWS for c in DENSE_CONTEXTS]
+                                  + [partial(paged_row, b, w) for w in WINDOWS for b in BATCHES])
     table = []
     for make in work:
         row = make(device, g)
@@ -153,8 +246,9 @@ def main() -> int:
                       f"{row['reference_us']:.1f}", f"{row['max_abs_error']:.1e}"])
         print(row, flush=True)
         common.free_memory(device)
-    print(common.markdown_table(["path", "B", "context (mean)", "window", "kernel us", "HBM floor us",
-                                 "floor / kernel", "reference us", "max |err|"], table))
+    if table:
+        print(common.markdown_table(["path", "B", "context (mean)", "window", "kernel us", "HBM floor us",
+                                     "floor / kernel", "reference us", "max |err|"], table))
     print("wrote", common.write_json(res, args.out, "probe_sink_decode"))
     return 0
 
