@@ -63,10 +63,12 @@ def _matvec(v_ptr, w_first, w_second, rows, stride_wn, K: tl.constexpr, BLOCK_N:
         a, b = _step(v_ptr, w_first, w_second, rows, stride_wn, k0, K, BLOCK_K, False, PAIR)
         acc_first += a
         acc_second += b
-    for i in tl.static_range(7):  # the tail's set bits, widest first: BLOCK_K / 2 .. MIN_K (2048 / 2^7 = 16)
-        WIDTH: tl.constexpr = BLOCK_K >> (i + 1)
-        if WIDTH >= MIN_K and (TAIL & WIDTH) != 0:
-            a, b = _step(v_ptr, w_first, w_second, rows, stride_wn, K - TAIL % (2 * WIDTH), K, WIDTH, False, PAIR)
+    # the tail's set bits, widest first: BLOCK_K / 2 .. MIN_K (2048 / 2^7 = 16); the width is written
+    # out, not named, since a name assigned in the loop would be a tensor, and a constexpr name final
+    for i in tl.static_range(7):
+        if (BLOCK_K >> (i + 1)) >= MIN_K and (TAIL & (BLOCK_K >> (i + 1))) != 0:
+            a, b = _step(v_ptr, w_first, w_second, rows, stride_wn, K - TAIL % (BLOCK_K >> i), K, BLOCK_K >> (i + 1),
+                         False, PAIR)
             acc_first += a
             acc_second += b
     REST: tl.constexpr = TAIL % MIN_K
