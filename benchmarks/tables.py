@@ -161,6 +161,7 @@ FAMILIES_RERUN = "bench_families_resident_b928407.json"
 SERVE_RERUN = "bench_serve_c1_c32_b928407.json"
 PIPELINE_RERUN = "bench_pipeline_graphs_b928407.json"
 PIPELINE_PREFILL = "bench_pipeline_prefill_ef150b8.json"  # 2026-12-01: after the untouched host KV pool (355cb27)
+PIPELINE_32L = "bench_pipeline_32l_c8f8092.json"  # 2026-12-01: all 32 layers of the Mixtral shape
 BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
                  "bench_budget_rerun8.json",  # 2026-12-01: the command line's 8% row
                  "bench_budget_rerun_ternary.json",  # 2026-12-01 (703262a): the command line's ternary rows
@@ -554,6 +555,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "serve_rerun": ((SERVE_RERUN,), partial(serve, name=SERVE_RERUN)),
     "pipeline_rerun": ((PIPELINE_RERUN,), partial(pipeline, name=PIPELINE_RERUN)),
     "pipeline_prefill": ((PIPELINE_PREFILL,), partial(pipeline, name=PIPELINE_PREFILL)),
+    "pipeline_32l": ((PIPELINE_32L,), partial(pipeline, name=PIPELINE_32L)),
     "pipeline": (("bench_pipeline.json",), pipeline),
     "offload_latest": (("bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json"), offload_latest),
 }
