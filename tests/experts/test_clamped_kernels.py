@@ -12,6 +12,7 @@ import torch
 from conftest import kernel_device
 
 from moekit.experts import clamped, triton_ops
+from moekit.errors import MoekitError
 from moekit.experts.clamped import ClampedSwigluForm, Mxfp4ClampedForm
 from moekit.offload.layout import ExpertBytes
 
@@ -21,13 +22,27 @@ if triton_ops.HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from moekit.kernels.clamped_experts import _e2m1
+    from moekit.kernels.clamped_experts import X_LOG2, _e2m1, _e2m1_word_nibble, _word_power
 
     @triton.jit
     def _every_code(out_ptr):
         """out[c] = the e2m1 value of code c, for c in 0..15."""
         codes = tl.arange(0, 16)
         tl.store(out_ptr + codes, _e2m1(codes))
+
+    @triton.jit
+    def _every_word_nibble(words_ptr, out_ptr):
+        """out[p, i] = nibble p of words[i] as the "words" kernels decode it (e2m1 * 2^-126)."""
+        i = tl.arange(0, 16)
+        words = tl.load(words_ptr + i)
+        for p in tl.static_range(8):
+            tl.store(out_ptr + p * 16 + i, _e2m1_word_nibble(words, p))
+
+    @triton.jit
+    def _every_power(scales_ptr, out_ptr):
+        """out[s] = the "words" kernels' power of uint8 scale s, for s in 0..255."""
+        s = tl.arange(0, 256)
+        tl.store(out_ptr + s, _word_power(tl.load(scales_ptr + s)))
 
 E, D, I = 8, 64, 32
 ALPHA, LIMIT = 1.702, 7.0  # gpt-oss's
@@ -87,6 +102,52 @@ def test_e2m1_codes_equal_the_spec():
     _every_code[(1,)](got)
     want = torch.tensor(clamped.FP4_VALUES)
     assert torch.equal(got.cpu(), want) and torch.equal(got.cpu().signbit(), want.signbit())
+
+
+def test_word_nibbles_and_powers_are_exact():
+    """The "words" kernels' decode: nibble p of a word (codes placed so every code sits at every
+    position, both signs of 0 included) is the code's e2m1 value times 2^-126 exactly (code 1 on a
+    float32 subnormal), and the power of scale s times 2^-126 * 2^X_LOG2 (the nibble's and x's
+    factors) is 2^(s - 127) exactly for every s the kernels' comment allows (0..228)."""
+    device = kernel_device()
+    codes = (torch.arange(16)[:, None] + torch.arange(8)[None, :]) % 16  # [word, nibble]
+    words = (codes << (4 * torch.arange(8))[None, :]).sum(1)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same bits as int32
+    got = torch.empty(8, 16, device=device)
+    _every_word_nibble[(1,)](words.to(device), got)
+    want = torch.tensor(clamped.FP4_VALUES)[codes.T] * 2.0 ** -126  # [nibble, word]
+    assert torch.equal(got.cpu(), want) and torch.equal(got.cpu().signbit(), want.signbit())
+    assert got.cpu()[codes.T == 1].min() > 0  # the subnormal survived
+    powers = torch.empty(256, device=device)
+    _every_power[(1,)](torch.arange(256, dtype=torch.uint8, device=device), powers)
+    s = torch.arange(229)
+    assert torch.equal(powers.cpu()[:229].double() * 2.0 ** (X_LOG2.value - 126), torch.exp2(s.double() - 127))
+
+
+@pytest.mark.parametrize("kernels", ["words", "bytes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_kernel_variants_equal_the_pytorch_path(kernels, dtype):
+    """Both per-slot MXFP4 variants (clamped_ops.SLOT_MXFP4_KERNELS picks one) equal run_planned at
+    1, 4 and 9 tokens, top-k 1, 3 (not a power of two: the fused down kernel pads its slots) and 4,
+    with zero routing weights among them."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(17)
+    form, form32 = _form("mxfp4", dtype), _form("mxfp4", torch.float32)
+    stacked = _stack(form, E, g)
+    stacked32 = {k: (v.float() if v.is_floating_point() else v) for k, v in stacked.items()}
+    mats = clamped.clamped_ops.matrices({k: v.to(device) for k, v in stacked.items()})
+    for tokens, top_k in ((1, 1), (1, 4), (9, 3)):
+        ids, w = _route(tokens, top_k, [3, 0, 1, 2, 4, 5, 6, 7], g)
+        x = torch.randn(tokens, D, generator=g)
+        want32 = form32.run_planned(x, ids, w, stacked32, grad=False)
+        want = form.run_planned(x.to(dtype), ids, w.to(dtype), stacked, grad=False)
+        got = clamped.clamped_ops.slot_ffn(x.to(device, dtype), ids.to(device), w.to(device, dtype), mats, ALPHA,
+                                           LIMIT, kernels=kernels)
+        assert got.dtype == dtype and got.shape == (tokens, D)
+        _check(got, want.to(device), want32.to(device), dtype, (kernels, tokens, top_k))
+    with pytest.raises(MoekitError, match="kernels="):
+        clamped.clamped_ops.slot_ffn(x.to(device, dtype), ids.to(device), w.to(device, dtype), mats, ALPHA, LIMIT,
+                                     kernels="nibbles")
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
@@ -202,20 +263,22 @@ def test_offsets_equal_the_stacked_path(fmt):
 
 def test_kernel_configs_agree():
     """The kernels give one result whatever their tiles (the probe sweeps them on a GPU): per-slot
-    narrow and wide tiles with BLOCK_K below and above K; grouped row blocks of 16 and 32 slots."""
+    narrow and wide tiles with BLOCK_K (or BLOCK_W) below and above K; grouped row blocks of 16 and
+    32 slots."""
     device = kernel_device()
     g = torch.Generator().manual_seed(3)
     form = _form("mxfp4", torch.float32)
     stacked = _stack(form, E, g)
     mats = clamped.clamped_ops.matrices({k: v.to(device) for k, v in stacked.items()})
-    for tokens, configs in ((1, ((16, 64, 4), (16, 32, 1), (8, 128, 2))), (10, ((16, 32, 32, 2), (32, 64, 64, 4)))):
+    for tokens, configs in ((1, ((16, 64, 4), (16, 32, 1), (8, 128, 2))), (2, ((16, 4, 4), (4, 2, 1), (2, 8, 2))),
+                            (10, ((16, 32, 32, 2), (32, 64, 64, 4)))):
         ids, w = _route(tokens, 4, list(range(E)), g)
         x = torch.randn(tokens, D, generator=g)
         want = form.run_planned(x, ids, w, stacked, grad=False)
         on = (x.to(device), ids.to(device), w.to(device), mats, ALPHA, LIMIT)
         for config in configs:
-            if len(config) == 3:
-                got = clamped.clamped_ops.slot_ffn(*on, (config, config))
+            if len(config) == 3:  # "bytes" (BLOCK_K columns) at one token, "words" (BLOCK_W words: K = 8) at two
+                got = clamped.clamped_ops.slot_ffn(*on, (config, config), kernels="bytes" if tokens == 1 else "words")
             else:
                 got = clamped.clamped_ops.grouped_ffn(*on, config)
             assert _rel(got.cpu(), want) < 1e-5, config
@@ -274,6 +337,12 @@ bn, bk, warps = clamped_ops.SLOT_CONFIG[mxfp4]
 launches = [(name, {**top_k, "BLOCK_N": bn, "BLOCK_K": bk, "OFFSETS": offsets}, warps)
             for offsets in (False, True) for name, top_k in (("slot_gate_up_kernel", {"TOP_K": 4}),
                                                              ("slot_down_kernel", {}))]
+if mxfp4:  # the "words" per-slot kernels
+    (gn, gw, g_warps), (dn, dw, d_warps) = clamped_ops.SLOT_WORDS_CONFIG
+    launches += [(name, {"TOP_K": 4, **p2, "BLOCK_N": bn, "BLOCK_W": bw, "OFFSETS": offsets}, warps)
+                 for offsets in (False, True) for name, p2, bn, bw, warps in (
+                     ("slot_gate_up_mxfp4_kernel", {}, gn, gw, g_warps),
+                     ("slot_down_sum_mxfp4_kernel", {"TOP_K_P2": 4}, dn, dw, d_warps))]
 for slots in (128, 1024):
     bm, bn, bk, warps = clamped_ops.grouped_config(slots, 32, mxfp4)
     blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": "tf32"}
@@ -281,7 +350,7 @@ for slots in (128, 1024):
 stacks = []
 for name, constexprs, warps in launches:
     kernel = getattr(kernels, name)
-    constexprs = {"K": 2880, "MXFP4": mxfp4, **constexprs}
+    constexprs = {"K": 2880, **({} if "BLOCK_W" in constexprs else {"MXFP4": mxfp4}), **constexprs}
     signature = {a: types.get(a, "*bf16" if a.endswith("_ptr") else "i32") for a in kernel.arg_names if a not in constexprs}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -299,8 +368,9 @@ print(json.dumps(stacks))
 @pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
 def test_kernels_compile_for_sm90(fmt):
     """Every kernel compiles for an H100/H200 (sm_90; no GPU needed: Triton's own ptxas) at its
-    default tiles and gpt-oss-20b's widths, per-slot and grouped (decode and prefill blocks), and
-    MXFP4's grouped gate_up spills no registers (clamped_ops.grouped_config says why it matters)."""
+    default tiles and gpt-oss-20b's widths, per-slot ("bytes" and, for MXFP4, "words") and grouped
+    (decode and prefill blocks), and MXFP4's grouped gate_up and "words" kernels spill no registers
+    (clamped_ops.grouped_config says why it matters)."""
     import json
     import os
     import subprocess
@@ -315,7 +385,7 @@ def test_kernels_compile_for_sm90(fmt):
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     stacks = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(stacks) == 8
+    assert len(stacks) == (12 if fmt == "mxfp4" else 8)
     for name, constexprs, stack in stacks:
-        if fmt == "mxfp4" and name == "grouped_gate_up_kernel":
+        if fmt == "mxfp4" and (name == "grouped_gate_up_kernel" or "BLOCK_W" in constexprs):
             assert stack == 0, (constexprs, stack)

@@ -30,8 +30,11 @@ from ..kernels.clamped_experts import (
     grouped_down_kernel,
     grouped_gate_up_kernel,
     slot_down_kernel,
+    slot_down_sum_mxfp4_kernel,
     slot_gate_up_kernel,
+    slot_gate_up_mxfp4_kernel,
 )
+from ..errors import MoekitError
 from .forms import SLOT_KERNEL_MAX_SLOTS
 from .triton_ops import block_map, block_sizes, triton_usable
 
@@ -40,6 +43,15 @@ from .triton_ops import block_map, block_sizes, triton_usable
 # bytes a step as the dense kernels' measured winner (4, 1024) does per row pair. Untuned on a
 # GPU yet: benchmarks/probes/bench_clamped_kernels.py sweeps them.
 SLOT_CONFIG = {True: (4, 512, 4), False: (4, 1024, 4)}
+# Which per-slot kernels an MXFP4 stack takes: "words" (slot_gate_up_mxfp4_kernel and
+# slot_down_sum_mxfp4_kernel: rows read as int32 words, e2m1 built from bits, one power a word,
+# the top-k sum in the down kernel) or "bytes" (the kernels above with SLOT_CONFIG, then a torch
+# sum: 82 us a gpt-oss-20b layer at 4 slots on the H200, 15% of the HBM floor). Dense stacks
+# always take "bytes".
+SLOT_MXFP4_KERNELS = "words"
+# (BLOCK_N, BLOCK_W words, num_warps) of the "words" kernels: gate_up, down. Untimed on a GPU
+# yet: benchmarks/probes/bench_clamped_kernels.py sweeps them.
+SLOT_WORDS_CONFIG = ((16, 64, 4), (4, 128, 4))
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,13 @@ class Matrix:
         if w.stride(2) != 1:
             return None
         return Matrix(w, w, bias, w.shape[2], False)
+
+    def word_aligned(self) -> bool:
+        """Returns whether the "words" kernels may read the weights as int32 words: the stack, each
+        expert and each row start on a 4-byte boundary (an offsets table's entries are assumed to:
+        offload.layout starts every packed tensor at ALIGN_BYTES)."""
+        w = self.weights
+        return w.data_ptr() % 4 == 0 and w.stride(0) % 4 == 0 and w.stride(1) % 4 == 0
 
     def rows(self) -> int:
         """Returns R, the matrix's rows."""
@@ -119,11 +138,17 @@ def clamped_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tenso
 
 def slot_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: tuple[Matrix, Matrix],
              alpha: float, limit: float, configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
-             offsets: torch.Tensor | None = None, columns: dict[str, int] | None = None) -> torch.Tensor:
-    """Returns the per-slot kernels' [N, D] (no sorting: one program row per slot). `configs`
-    overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels; `offsets` and
-    `columns` (module docstring) place each expert's tensors instead of its stack rows."""
+             offsets: torch.Tensor | None = None, columns: dict[str, int] | None = None,
+             kernels: str | None = None) -> torch.Tensor:
+    """Returns the per-slot kernels' [N, D] (no sorting: one program row per slot). `kernels`
+    picks "words" or "bytes" (default SLOT_MXFP4_KERNELS for MXFP4 stacks whose rows are
+    word-aligned, else "bytes"); `configs` overrides the (BLOCK_N, BLOCK_K or BLOCK_W, num_warps)
+    of the gate_up and down kernels; `offsets` and `columns` (module docstring) place each
+    expert's tensors instead of its stack rows."""
     gate_up, down = mats
+    kernels = kernels or (SLOT_MXFP4_KERNELS if all(m.mxfp4 and m.word_aligned() for m in mats) else "bytes")
+    if kernels not in ("words", "bytes") or (kernels == "words" and not (gate_up.mxfp4 and down.mxfp4)):
+        raise MoekitError(f"slot_ffn: kernels={kernels!r}: 'words' (MXFP4 stacks only) or 'bytes'")
     stride_off = 0
     if offsets is not None:
         assert offsets.dtype == torch.int64 and offsets.stride(1) == 1 and columns is not None, \
@@ -131,20 +156,35 @@ def slot_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: t
         stride_off = offsets.stride(0)
     n, top_k = rows.shape
     slots, ffn, hidden = n * top_k, gate_up.rows() // 2, down.rows()
-    (gn, gk, gw), (dn, dk, dw) = configs or (SLOT_CONFIG[gate_up.mxfp4], SLOT_CONFIG[down.mxfp4])
+    if kernels == "words":
+        default = SLOT_WORDS_CONFIG
+        gate_up_kernel, down_kernel = slot_gate_up_mxfp4_kernel, slot_down_sum_mxfp4_kernel
+    else:
+        default = (SLOT_CONFIG[gate_up.mxfp4], SLOT_CONFIG[down.mxfp4])
+        gate_up_kernel, down_kernel = slot_gate_up_kernel, slot_down_kernel
+    (gn, gk, gw), (dn, dk, dw) = configs or default
+    block = "BLOCK_W" if kernels == "words" else "BLOCK_K"
+    mxfp4 = {} if kernels == "words" else {"MXFP4": gate_up.mxfp4}
     flat_rows, flat_weights = rows.reshape(-1), weights.reshape(-1)
     x = x.contiguous()
     h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
     use_offsets = offsets is not None
     w, s, b, *strides = gate_up.args()
-    slot_gate_up_kernel[(slots, triton.cdiv(ffn, gn))](
+    gate_up_kernel[(slots, triton.cdiv(ffn, gn))](
         x, flat_rows, w, s, b, *gate_up.offset_args("gate_up", offsets, columns), h, ffn, alpha, limit,
         x.stride(0), *strides, h.stride(0), stride_off,
-        TOP_K=top_k, K=gate_up.columns, BLOCK_N=gn, BLOCK_K=gk, MXFP4=gate_up.mxfp4, OFFSETS=use_offsets,
-        num_warps=gw)
-    y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D], weighted
+        TOP_K=top_k, K=gate_up.columns, BLOCK_N=gn, **{block: gk}, **mxfp4, OFFSETS=use_offsets, num_warps=gw)
     w, s, b, *strides = down.args()
-    slot_down_kernel[(slots, triton.cdiv(hidden, dn))](
+    if kernels == "words":  # the top-k sum in the kernel: [N, D] straight out
+        y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
+        down_kernel[(n, triton.cdiv(hidden, dn))](
+            h, flat_rows, flat_weights, w, s, b, *down.offset_args("down", offsets, columns), y, hidden,
+            h.stride(0), *strides, y.stride(0), stride_off,
+            TOP_K=top_k, TOP_K_P2=triton.next_power_of_2(top_k), K=down.columns, BLOCK_N=dn, BLOCK_W=dk,
+            OFFSETS=use_offsets, num_warps=dw)
+        return y
+    y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D], weighted
+    down_kernel[(slots, triton.cdiv(hidden, dn))](
         h, flat_rows, flat_weights, w, s, b, *down.offset_args("down", offsets, columns), y, hidden,
         h.stride(0), *strides, y.stride(0), stride_off,
         K=down.columns, BLOCK_N=dn, BLOCK_K=dk, MXFP4=down.mxfp4, OFFSETS=use_offsets, num_warps=dw)

@@ -277,3 +277,125 @@ def grouped_down_kernel(
     y = acc * gate_weight[:, None]
     tl.store(out_ptr + slots[:, None] * stride_os + n[None, :], y.to(out_ptr.dtype.element_ty),
              mask=slot_ok[:, None] & n_ok[None, :])
+
+
+# The per-slot MXFP4 kernels below read each row as int32 words (8 columns a word: byte b of word j
+# holds columns 8j + 2b (low nibble) and 8j + 2b + 1) and decode nibble p of every word with two
+# shifts and a mask (`_e2m1_word_nibble`): no byte unpacking, no table, no select, and the E8M0 power
+# is applied once per word to that word's 8 products (`_word_power`), not per weight. Each x column
+# is loaded once per program step and reused by every row a thread holds. Exactness: a nibble
+# decodes to e2m1 * 2^-126 (code 1 on the float32 subnormal 2^-127; Triton's float32 math keeps
+# subnormals: no .ftz), x is taken times 2^X_LOG2 and the power is 2^(s - 1 - X_LOG2), so every
+# product is the exact e2m1 * x (rounded once, in the FMA) for scales s <= 228 and |x| < 2^28;
+# beyond those the products overflow (a gpt-oss checkpoint's scales are near 2^-7..2^2, x a
+# normalised hidden state or the clamped SwiGLU's |h| <= 56).
+X_LOG2: tl.constexpr = tl.constexpr(100)
+X_SCALE: tl.constexpr = tl.constexpr(2.0 ** 100)
+SIGN_AND_E2M1_BITS: tl.constexpr = tl.constexpr(-0x7E400000)  # 0x81C00000 as int32: bits 31, 24, 23, 22
+
+
+@triton.jit
+def _e2m1_word_nibble(words, p: tl.constexpr):
+    """Returns nibble p (bits 4p..4p + 3) of int32 `words` as float32 e2m1 * 2^-126: the sign bit to
+    bit 31 (the arithmetic shift smears it over bits 30-25, masked off), exponent and mantissa bits
+    to float bits 24-22, which makes 2^(e - 127) * (1 + m / 2), or m * 2^-127 for e = 0."""
+    return (((words << (28 - 4 * p)) >> 6) & SIGN_AND_E2M1_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_power(scale):
+    """Returns 2^(s - 1 - X_LOG2) (float32 from its bits, s the uint8 E8M0 scale): what turns a word's
+    sum of (e2m1 * 2^-126) * (x * 2^X_LOG2) products into e2m1 * 2^(s - 127) * x."""
+    return ((scale.to(tl.int32) + (126 - X_LOG2)) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def slot_gate_up_mxfp4_kernel(
+    x_ptr, rows_ptr, w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, out_ptr,
+    FFN, alpha, limit,
+    stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os, stride_off,
+    TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, OFFSETS: tl.constexpr,
+):
+    """slot_gate_up_kernel for MXFP4 read as words (block comment above): program (s, nb) takes
+    rows nb*BLOCK_N.. of slot s's gate and up halves, BLOCK_W words (8 * BLOCK_W columns) a step;
+    each x column is loaded once a step for both halves. stride_wr: bytes (a multiple of 16)."""
+    s = tl.program_id(0)
+    nb = tl.program_id(1)
+    e = tl.load(rows_ptr + s).to(tl.int64)
+    x_row = x_ptr + (s // TOP_K) * stride_xn
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < FFN
+    w_base, scales_base, bias_base = _expert_bases(w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, e,
+                                                   stride_we, stride_se, stride_bias, stride_off, OFFSETS)
+    row_words = stride_wr // 4
+    gate_rows = w_base.to(tl.pointer_type(tl.int32)) + n[:, None] * row_words  # [BN, 1]
+    up_rows = gate_rows + FFN * row_words
+    gate_scales = scales_base + n[:, None] * stride_sr
+    up_scales = gate_scales + FFN * stride_sr
+    words_per_row: tl.constexpr = K // 8
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for w0 in range(0, words_per_row, BLOCK_W):
+        j = w0 + tl.arange(0, BLOCK_W)  # [BW] words
+        j_ok = j < words_per_row
+        ok = n_ok[:, None] & j_ok[None, :]
+        w_gate = tl.load(gate_rows + j[None, :], mask=ok, other=0)  # [BN, BW] int32
+        w_up = tl.load(up_rows + j[None, :], mask=ok, other=0)
+        sum_gate = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        sum_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        for p in tl.static_range(8):
+            xp = tl.load(x_row + 8 * j + p, mask=j_ok, other=0.0).to(tl.float32) * X_SCALE  # [BW] column 8j + p
+            sum_gate += _e2m1_word_nibble(w_gate, p) * xp[None, :]
+            sum_up += _e2m1_word_nibble(w_up, p) * xp[None, :]
+        acc_gate += sum_gate * _word_power(tl.load(gate_scales + (j // 4)[None, :], mask=ok, other=0))
+        acc_up += sum_up * _word_power(tl.load(up_scales + (j // 4)[None, :], mask=ok, other=0))
+    gate = tl.sum(acc_gate, axis=1) + tl.load(bias_base + n, mask=n_ok, other=0.0).to(tl.float32)
+    up = tl.sum(acc_up, axis=1) + tl.load(bias_base + FFN + n, mask=n_ok, other=0.0).to(tl.float32)
+    h = _clamped_swiglu(gate, up, alpha, limit)
+    tl.store(out_ptr + s * stride_os + n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def slot_down_sum_mxfp4_kernel(
+    h_ptr, rows_ptr, weights_ptr, w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, out_ptr,
+    N,
+    stride_hs, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_on, stride_off,
+    TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    OFFSETS: tl.constexpr,
+):
+    """out[t, n] = sum_a weights[s] * (h[s] . w[e_s, n] + bias_n), s = t*A + a: slot_down_kernel for
+    MXFP4 read as words, with the top-k sum fused (out is [N_tokens, D], no [S, D] buffer, no torch
+    reduce). Program (t, nb) takes rows nb*BLOCK_N.. of all A slots of token t in one K loop
+    ([A, BLOCK_N, BLOCK_W] tiles: A experts' bytes in flight at once), adds the A rows weighted in
+    float32 and rounds once."""
+    t = tl.program_id(0)
+    nb = tl.program_id(1)
+    a = tl.arange(0, TOP_K_P2)  # TOP_K_P2: TOP_K rounded up to a power of two
+    a_ok = a < TOP_K
+    slots = t * TOP_K + a  # [A]
+    e = tl.load(rows_ptr + slots, mask=a_ok, other=0).to(tl.int64)
+    gate_weight = tl.load(weights_ptr + slots, mask=a_ok, other=0.0).to(tl.float32)  # [A]
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    w_base, scales_base, bias_base = _expert_bases(w_ptr, scales_ptr, bias_ptr, w_off_ptr, s_off_ptr, b_off_ptr, e,
+                                                   stride_we, stride_se, stride_bias, stride_off, OFFSETS)  # [A]
+    w_rows = w_base.to(tl.pointer_type(tl.int32))[:, None, None] + n[None, :, None] * (stride_wr // 4)  # [A, BN, 1]
+    s_rows = scales_base[:, None, None] + n[None, :, None] * stride_sr
+    h_rows = h_ptr + slots[:, None] * stride_hs  # [A, 1]
+    row_ok = a_ok[:, None, None] & n_ok[None, :, None]
+    words_per_row: tl.constexpr = K // 8
+    acc = tl.zeros((TOP_K_P2, BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for w0 in range(0, words_per_row, BLOCK_W):
+        j = w0 + tl.arange(0, BLOCK_W)
+        j_ok = j < words_per_row
+        ok = row_ok & j_ok[None, None, :]
+        w = tl.load(w_rows + j[None, None, :], mask=ok, other=0)  # [A, BN, BW] int32
+        sums = tl.zeros((TOP_K_P2, BLOCK_N, BLOCK_W), dtype=tl.float32)
+        for p in tl.static_range(8):
+            hp = tl.load(h_rows + 8 * j[None, :] + p, mask=a_ok[:, None] & j_ok[None, :], other=0.0)  # [A, BW]
+            sums += _e2m1_word_nibble(w, p) * (hp.to(tl.float32) * X_SCALE)[:, None, :]
+        acc += sums * _word_power(tl.load(s_rows + (j // 4)[None, None, :], mask=ok, other=0))
+    y = tl.sum(acc, axis=2)  # [A, BN]
+    y += tl.load(bias_base[:, None] + n[None, :], mask=a_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    out = tl.sum(y * gate_weight[:, None], axis=0)  # [BN]
+    tl.store(out_ptr + t * stride_on + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
