@@ -1,29 +1,133 @@
 """The model's projections: nn.Linear, with small bf16/fp16 calls on the CPU run by the native
-kernels (bf16: moekit.native.matvec; fp16: moekit.native.experts.linear).
+kernels (bf16: moekit.native.matvec; fp16: moekit.native.experts.linear) and, on an sm_90 GPU, the
+few-row calls of shapes DECODE_TUNED lists run by the Triton decode matvec (moekit.kernels.decode_linear).
 
-Why: a decode step on a CPU multiplies a few rows by each weight matrix, so its time is the
+Why (CPU): a decode step on a CPU multiplies a few rows by each weight matrix, so its time is the
 weights' bytes over the host's memory bandwidth. In a profile of a bf16 decode step of the OLMoE
 shape on the 2-core test machine (taken while other work shared the cores), PyTorch's bf16 matmul
 took 71% of the step; the native kernel streams each row once with all cores (the 4-layer shape:
-3.97 vs 1.69 tok/s). Float32, GPU tensors, calls of more than SMALL_BATCH_TOKENS rows (prefill:
-compute-bound, where PyTorch's GEMMs win) and anything autograd must see take F.linear. Same
-parameters and state dict as nn.Linear.
+3.97 vs 1.69 tok/s). Float32, calls of more than SMALL_BATCH_TOKENS rows (prefill: compute-bound,
+where PyTorch's GEMMs win) and anything autograd must see take F.linear. Same parameters and state
+dict as nn.Linear.
+
+Why (GPU, issues 12 and 15): at batch 1 a projection is a matvec at the HBM bound, and cuBLAS's
+GEMM tiles (64 output rows a CTA, split-K and its reduce kernel) were measured at ~2.2 TB/s on an
+H200 in a CUDA-graph decode step; the per-slot expert matvecs stream similar matrices at 2.4-3.9.
+cuBLAS stays the default: the kernel runs only where benchmarks/probes/probe_decode_linear.py
+measured it faster on the H200, for 1..DECODE_MAX_ROWS rows.
+
+Shapes: M = rows (tokens), N = out_features, K = in_features.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MoekitError
 from .native.experts import SMALL_BATCH_TOKENS, linear, usable
 from .native.matvec import MAX_ROWS, matvec
 
+try:
+    import triton
+
+    from .kernels.decode_linear import decode_linear_kernel, decode_linear_reduce_kernel
+    HAVE_TRITON = True
+except ImportError:  # CPU machines without triton: F.linear
+    HAVE_TRITON = False
+
 _NATIVE_DTYPES = (torch.bfloat16, torch.float16)
+DECODE_MAX_ROWS = 4  # rows the decode matvec takes: it reads the weights once for all of them
+REDUCE_BLOCK = 1024  # columns a program of the split-K reduce kernel sums
+
+# (BLOCK_N rows, BLOCK_K columns, num_warps, SPLIT_K) keyed by the weight's (N, K); measured on an
+# H200 by benchmarks/probes/probe_decode_linear.py (its JSON's "winners"): only shapes where the
+# kernel beat F.linear at 1 row inside a CUDA graph. Empty until measured: cuBLAS everywhere.
+DECODE_TUNED: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+
+def check_decode_config(config: tuple[int, int, int, int], k: int) -> None:
+    """Raises MoekitError unless config is a (BLOCK_N, BLOCK_K, num_warps, SPLIT_K) the kernel takes at K = k."""
+    powers = lambda v, lo, hi: isinstance(v, int) and lo <= v <= hi and v & (v - 1) == 0
+    if not (len(config) == 4 and powers(config[0], 1, 256) and powers(config[1], 16, 2048)
+            and powers(config[2], 1, 16) and powers(config[3], 1, 64)):
+        raise MoekitError(f"decode linear config {config}: (BLOCK_N, BLOCK_K, num_warps, SPLIT_K), powers of two, "
+                          "BLOCK_K in 16..2048 (the K tail halves it down to 16); fix DECODE_TUNED or config=")
+    if config[3] > 1 and k % (16 * config[3]):
+        raise MoekitError(f"decode linear config {config}: SPLIT_K {config[3]} needs in_features ({k}) a multiple of "
+                          f"{16 * config[3]} (each split a multiple of 16 columns); fix DECODE_TUNED or config=")
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  config: tuple[int, int, int, int]) -> torch.Tensor:
+    """Returns x @ weight^T (+ bias) as [M, N] in x's dtype, float32 sums (M = 1..DECODE_MAX_ROWS).
+
+    x [M, K] (columns contiguous), weight [N, K] row-major, bias [N] or None, all one dtype;
+    config = (BLOCK_N, BLOCK_K, num_warps, SPLIT_K). With SPLIT_K > 1 a second launch sums the
+    float32 partials in a fixed order. No host sync: a CUDA graph can capture it."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= m <= DECODE_MAX_ROWS or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
+        raise MoekitError(f"decode_linear: x {tuple(x.shape)} (1..{DECODE_MAX_ROWS} rows) and weight "
+                          f"{tuple(weight.shape)} must share K, with contiguous columns")
+    if weight.dtype != x.dtype or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,))):
+        raise MoekitError(f"decode_linear: x {x.dtype}, weight {weight.dtype} and bias must share one dtype, "
+                          f"bias [{n}]")
+    check_decode_config(config, k)
+    block_n, block_k, warps, split_k = config
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else weight  # unused
+    part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y  # [S, M, N]
+    decode_linear_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, weight, bias_arg, y, part, n, x.stride(0), weight.stride(0), y.stride(0),
+        M=m, M_PAD=triton.next_power_of_2(m), CHUNK=k // split_k, SPLIT_K=split_k, BLOCK_N=block_n,
+        BLOCK_K=block_k, HAS_BIAS=has_bias, num_warps=warps)
+    if split_k > 1:
+        decode_linear_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
+            part, bias_arg, y, n, y.stride(0), M=m, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, HAS_BIAS=has_bias,
+            num_warps=4)
+    return y
+
+
+@functools.cache
+def _tuned_gpu(device_index: int) -> bool:
+    """Returns whether CUDA device `device_index` is the kind DECODE_TUNED was measured on (sm_90)."""
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def _decode_device_ok(x: torch.Tensor) -> bool:
+    """Returns whether x lives where the tuned decode matvec runs: a CUDA device of DECODE_TUNED's kind."""
+    return x.is_cuda and _tuned_gpu(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def decode_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int, int] | None:
+    """Returns the tuned decode matvec config for F.linear(x, weight, bias), or None where cuBLAS
+    runs it: untabled shape, more than DECODE_MAX_ROWS rows, another dtype or device, or autograd."""
+    if not DECODE_TUNED or not HAVE_TRITON or x.dtype not in _NATIVE_DTYPES or weight.dtype != x.dtype:
+        return None
+    config = DECODE_TUNED.get(tuple(weight.shape))
+    if config is None or not _decode_device_ok(x) or (bias is not None and bias.dtype != x.dtype):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 0 < rows <= DECODE_MAX_ROWS or weight.stride(1) != 1:
+        return None
+    return config
 
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        config = decode_config(x, self.weight, self.bias)  # None unless DECODE_TUNED lists this shape
+        if config is not None:
+            flat = x.reshape(-1, x.shape[-1])
+            if flat.stride(1) != 1:
+                flat = flat.contiguous()
+            return decode_linear(flat, self.weight, self.bias, config).view(*x.shape[:-1], -1)
         if not x.is_cuda and x.dtype in _NATIVE_DTYPES and self.weight.dtype == x.dtype and not (
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
