@@ -91,10 +91,11 @@ def test_slot_kernel_matches_reference(shape):
     assert rel < 1e-5, rel
 
 
-# (gate_up, down) configs: the defaults (K within the tail steps); then K = hidden 88 = 2 x 32 + 16 + 8
-# masked and K = ffn 200 = 6 x 32 + 8 masked; 88 = 64 + 16 + 8 and 200 = 12 x 16 + 8; BLOCK_N 16 leaves
-# 8 rows past ffn and past hidden (clamped reads, masked stores)
-SLOT_CONFIGS = [None, ((16, 32, 1), (16, 32, 1)), ((4, 64, 2), (16, 16, 1))]
+# (gate_up, down) configs: the defaults (K in one masked step; the 3 slots in one step of 4, the last
+# re-read and not added); K = hidden 120 = 3 x 32 + 16 + 8 masked and K = ffn 200 = 6 x 32 + 8 masked,
+# a slot a step; 120 = 64 + 32 + 16 + 8 masked and 200 = 128 + 64 + 8 masked, slots 2 + 1 (+ 1 re-read);
+# BLOCK_N 16 leaves 8 rows past ffn and past hidden (clamped reads, masked stores)
+SLOT_CONFIGS = [None, ((16, 32, 1), (16, 32, 1, 1)), ((4, 64, 2), (16, 128, 1, 2))]
 
 
 @pytest.mark.parametrize("configs", SLOT_CONFIGS)
@@ -102,7 +103,7 @@ def test_slot_kernel_sums_each_tokens_slots_with_their_weights(configs):
     """The down kernel's top-k sum: two tokens sharing expert 1 (token 1 routes to it twice), uneven
     and one negative weight; each token's row against its own float64 sum, so a dropped, doubled or
     mis-weighted slot, or a slot summed into the other token, fails."""
-    num_experts, hidden, ffn = 4, 88, 200
+    num_experts, hidden, ffn = 4, 120, 200
     device = kernel_device()
     g = torch.Generator().manual_seed(11)
     m = _experts(num_experts, hidden, ffn, "cpu")
@@ -131,7 +132,7 @@ def test_slot_kernel_rejects_a_block_k_the_tail_cannot_cover():
     ids, weights = torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
     with pytest.raises(MoekitError, match="BLOCK_K"):
         triton_ops.slot_expert_ffn(torch.randn(1, 32), ids, weights, m.gate_up, m.down,
-                                   configs=((4, 48, 4), (4, 1024, 4)))
+                                   configs=((4, 48, 4), (4, 1024, 4, 1)))
 
 
 def test_slot_kernel_with_offsets_reads_experts_from_two_places():

@@ -148,42 +148,49 @@ def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch
     return torch.zeros_like(x).index_add_(0, token_of, y)
 
 
-# Per-slot tiles (BLOCK_N rows x BLOCK_K columns, warps), keyed by (kernel, hidden, ffn) and
-# measured on an H200 by benchmarks/tune_slot_kernels.py; other shapes use the default.
-SLOT_DEFAULT = (4, 1024, 4)  # the most common winner; 2x the bandwidth of (32, 128, 4) at olmoe
-SLOT_TUNED: dict[tuple[str, int, int], tuple[int, int, int]] = {
+# Per-slot tiles, keyed by (kernel, hidden, ffn) and measured on an H200 by
+# benchmarks/tune_slot_kernels.py; other shapes use the default. gate_up: (BLOCK_N rows, BLOCK_K
+# columns, warps); down: the same and SLOTS_PER_STEP (experts whose rows one K step reads at once;
+# capped at A rounded up to a power of two).
+SLOT_DEFAULT = {
+    "gate_up": (4, 1024, 4),  # the most common winner; 2x the bandwidth of (32, 128, 4) at olmoe
+    # not yet measured: all of a token's slots (up to 8) in one step, one row each, 64 weights a
+    # thread, so a program has as many bytes in flight as the per-slot programs it replaces
+    "down": (1, 1024, 4, 8),
+}
+SLOT_TUNED: dict[tuple[str, int, int], tuple[int, ...]] = {
+    # down, which sums the top-k slots since bf63f07, awaits a sweep at these shapes too
     ("gate_up", 2048, 1024): (8, 1024, 4),  # olmoe-1b-7b: 2.53 TB/s
-    ("down", 2048, 1024): (4, 1024, 4),  # 2.13 TB/s
     ("gate_up", 2048, 768): (4, 1024, 4),  # qwen3-30b-a3b: 2.38 TB/s
-    ("down", 2048, 768): (4, 1024, 4),  # 1.90 TB/s
     ("gate_up", 4096, 14336): (2, 1024, 4),  # mixtral-8x7b: 3.94 TB/s
-    ("down", 4096, 14336): (4, 1024, 4),  # 3.50 TB/s
 }
 
 
-def slot_config(kernel: str, hidden: int, ffn: int) -> tuple[int, int, int]:
-    """Returns (BLOCK_N, BLOCK_K, num_warps) for a per-slot kernel at this expert shape."""
-    return SLOT_TUNED.get((kernel, hidden, ffn), SLOT_DEFAULT)
+def slot_config(kernel: str, hidden: int, ffn: int) -> tuple[int, ...]:
+    """Returns the tile config of a per-slot kernel ("gate_up" or "down") at this expert shape."""
+    return SLOT_TUNED.get((kernel, hidden, ffn), SLOT_DEFAULT[kernel])
 
 
-def _check_slot_config(kernel: str, config: tuple[int, int, int]) -> None:
-    """Raises MoekitError unless config is (BLOCK_N, BLOCK_K, num_warps) the per-slot kernels take."""
-    bn, bk, warps = config
+def _check_slot_config(kernel: str, config: tuple[int, ...]) -> None:
+    """Raises MoekitError unless config is a tile config the per-slot kernel `kernel` takes."""
     powers = lambda v, lo, hi: lo <= v <= hi and v & (v - 1) == 0
-    if not (powers(bn, 1, 1024) and powers(bk, 16, 2048) and powers(warps, 1, 32)):
-        raise MoekitError(f"slot kernel config for {kernel} {config}: BLOCK_N, BLOCK_K and num_warps must be powers of "
-                          "two, BLOCK_K in 16..2048 (the K tail halves it down to 16); fix SLOT_TUNED or configs=")
+    size = len(SLOT_DEFAULT[kernel])
+    if len(config) != size or not (powers(config[0], 1, 1024) and powers(config[1], 16, 2048)
+                                   and powers(config[2], 1, 32) and (size == 3 or powers(config[3], 1, 64))):
+        raise MoekitError(f"slot kernel config for {kernel} {config}: (BLOCK_N, BLOCK_K, num_warps"
+                          f"{', SLOTS_PER_STEP' if size == 4 else ''}), powers of two, BLOCK_K in 16..2048 "
+                          "(the K tail halves it down to 16); fix SLOT_TUNED or configs=")
 
 
 def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor,
-                    configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+                    configs: tuple[tuple[int, int, int], tuple[int, int, int, int]] | None = None,
                     offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D]: two launches, no host sync.
 
     Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode). The down
     kernel sums each token's A slots in float32, in slot order, and rounds once to x's dtype.
-    `configs` overrides the (BLOCK_N, BLOCK_K, num_warps) of the gate_up and down kernels.
+    `configs` overrides the tiles of the gate_up and down kernels (SLOT_DEFAULT's forms).
     `offsets` [E, >= 2] int64 (any row stride; columns past 2 unused) places expert e's gate_up at gate_up's first element +
     offsets[e, 0] and its down at down's first element + offsets[e, 1] (elements; each expert's
     matrices contiguous as in the stacked layout), instead of at index e of gate_up and down."""
@@ -194,7 +201,8 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     gate_up_config, down_config = configs or (slot_config("gate_up", hidden, ffn), slot_config("down", hidden, ffn))
     _check_slot_config("gate_up", gate_up_config)
     _check_slot_config("down", down_config)
-    (gn, gk, gw), (dn, dk, dw) = gate_up_config, down_config
+    (gn, gk, gw), (dn, dk, dw, per_step) = gate_up_config, down_config
+    per_step = min(per_step, triton.next_power_of_2(top_k))
     flat_ids = expert_ids.reshape(-1)
     flat_weights = weights.reshape(-1)
     x = x.contiguous()
@@ -213,5 +221,6 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     # the token count is only in the grid: every ragged step launches under one specialization
     slot_down_kernel[(n, triton.cdiv(hidden, dn))](
         h, flat_ids, flat_weights, down, dn_off, out, hidden, h.stride(0), down.stride(0), down.stride(1),
-        out.stride(0), stride_off, TOP_K=top_k, K=ffn, BLOCK_N=dn, BLOCK_K=dk, OFFSETS=use_offsets, num_warps=dw)
+        out.stride(0), stride_off, TOP_K=top_k, K=ffn, BLOCK_N=dn, BLOCK_K=dk, SLOTS_PER_STEP=per_step,
+        OFFSETS=use_offsets, num_warps=dw)
     return out

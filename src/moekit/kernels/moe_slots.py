@@ -1,22 +1,26 @@
 """Per-slot expert matvecs for decode: a few routed slots, each read straight from the routing.
 
 Tensors (N = tokens, A = experts per token, S = N*A slots in routing order, E = experts,
-D = hidden, I = expert ffn width):
+D = hidden, I = expert ffn width, P = matrices a K step reads at once):
     x          [N, D]       token activations (gate_up)
     h          [S, I]       slot activations silu(gate) * up (down)
     expert_ids [S]          int64 (the router's [N, A] output, flattened)
     weights    [S]          routing weights (down)
     w          [E, Nw, K]   stacked expert weights, read in place (K = D for gate_up, I for down)
-    out        [S, I]       gate_up: one row per slot; down: [N, D], the top-k sum, one row per token
+    out        gate_up: [S, I], one row per slot; down: [N, D], each token's top-k sum
 
-Program (s, nb) of gate_up computes rows nb*BLOCK_N.. of slot s; program (n, nb) of down loops
-over token n's A slots in order and stores their weighted sum once (float32 accumulation, so the
-result does not depend on the launch). No sorting, no block map: the right choice when slots are
-few (batch-1 decode), since each slot streams its expert's rows once.
+Program (s, nb) of gate_up computes rows nb*BLOCK_N.. of slot s (its gate and up rows read in one
+step). Program (n, nb) of down takes token n's A slots SLOTS_PER_STEP at a time (each step reads
+that many experts' rows at once: bytes in flight, since a program only has 1/A of the old grid's
+rows) and adds their weighted rows to one float32 sum in slot order a = 0..A-1, then stores it
+once: the result does not depend on the tiling's order of slots. No sorting, no block map: the
+right choice when slots are few (batch-1 decode), since each slot streams its expert's rows once.
 
-The K loop reads BLOCK_K columns a step, unmasked; the K % BLOCK_K columns left take one unmasked
-step per set bit, down to 16 columns, and the last K % 16 one masked step (K = 1408 at BLOCK_K = 1024:
-1024 + 256 + 128, where a masked second 1024-step would leave 31% of its lanes idle).
+K up to BLOCK_K is one step, masked past K (one round trip to memory; K = 1408 at BLOCK_K = 2048
+leaves 31% of the lanes idle). A longer K loops over BLOCK_K columns a step, unmasked; the K % BLOCK_K
+columns left take one unmasked step per set bit, down to 16 columns, and the last K % 16 one masked
+step (K = 1408 at BLOCK_K = 1024: 1024 + 256 + 128, not a second 1024-step 62% idle, but three
+steps whose reductions wait in turn). Which is faster is the tuner's to say.
 
 With OFFSETS, expert e's weights start at w_ptr + offsets[e * stride_off] (int64, elements) instead
 of w_ptr + e * stride_we: the offset table may point into a cache slab or, through unified
@@ -28,55 +32,49 @@ import triton.language as tl
 
 
 @triton.jit
-def _step(v_ptr, w_first, w_second, rows, stride_wn, k0, K: tl.constexpr, WIDTH: tl.constexpr,
-          MASKED: tl.constexpr, PAIR: tl.constexpr):
-    """Returns (w_first[rows, k0:k0+WIDTH] . v[k0:k0+WIDTH], the same of w_second or 0) as two [BN] float32."""
+def _step(v_rows, w_rows, rows, stride_wn, k0, K: tl.constexpr, WIDTH: tl.constexpr, MASKED: tl.constexpr):
+    """Returns w_rows[p][rows, k0:k0+WIDTH] . v_rows[p][k0:k0+WIDTH] as [P, BN] float32
+    (v_rows, w_rows: [P] pointers to vectors and matrices; rows [BN])."""
     ks = k0 + tl.arange(0, WIDTH)  # [W]
-    offs = rows[:, None] * stride_wn + ks[None, :]  # [BN, W]
+    w_ptrs = w_rows[:, None, None] + (rows[:, None] * stride_wn + ks[None, :])[None, :, :]  # [P, BN, W]
     if MASKED:
         k_ok = ks < K
-        v = tl.load(v_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        wa = tl.load(w_first + offs, mask=k_ok[None, :], other=0.0)
+        v = tl.load(v_rows[:, None] + ks[None, :], mask=k_ok[None, :], other=0.0)  # [P, W]
+        w = tl.load(w_ptrs, mask=k_ok[None, None, :], other=0.0)
     else:
-        v = tl.load(v_ptr + ks).to(tl.float32)
-        wa = tl.load(w_first + offs)
-    first = tl.sum(wa.to(tl.float32) * v[None, :], axis=1)
-    second = tl.zeros_like(first)
-    if PAIR:
-        if MASKED:
-            wb = tl.load(w_second + offs, mask=k_ok[None, :], other=0.0)
-        else:
-            wb = tl.load(w_second + offs)
-        second = tl.sum(wb.to(tl.float32) * v[None, :], axis=1)
-    return first, second
+        v = tl.load(v_rows[:, None] + ks[None, :])
+        w = tl.load(w_ptrs)
+    return tl.sum(w.to(tl.float32) * v.to(tl.float32)[:, None, :], axis=2)
 
 
 @triton.jit
-def _matvec(v_ptr, w_first, w_second, rows, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, PAIR: tl.constexpr):
-    """Returns (w_first[rows, :K] . v[:K], the same of w_second or 0) as two [BLOCK_N] float32."""
-    acc_first = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_second = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    MIN_K: tl.constexpr = 16  # narrowest unmasked tail step; BLOCK_K is a power of two in 16..2048
-    TAIL: tl.constexpr = K % BLOCK_K
-    for k0 in range(0, K - TAIL, BLOCK_K):
-        a, b = _step(v_ptr, w_first, w_second, rows, stride_wn, k0, K, BLOCK_K, False, PAIR)
-        acc_first += a
-        acc_second += b
-    # the tail's set bits, widest first: BLOCK_K / 2 .. MIN_K (2048 / 2^7 = 16); the width is written
-    # out, not named, since a name assigned in the loop would be a tensor, and a constexpr name final
-    for i in tl.static_range(7):
-        if (BLOCK_K >> (i + 1)) >= MIN_K and (TAIL & (BLOCK_K >> (i + 1))) != 0:
-            a, b = _step(v_ptr, w_first, w_second, rows, stride_wn, K - TAIL % (BLOCK_K >> i), K, BLOCK_K >> (i + 1),
-                         False, PAIR)
-            acc_first += a
-            acc_second += b
-    REST: tl.constexpr = TAIL % MIN_K
-    if REST != 0:
-        a, b = _step(v_ptr, w_first, w_second, rows, stride_wn, K - REST, K, MIN_K, True, PAIR)
-        acc_first += a
-        acc_second += b
-    return acc_first, acc_second
+def _matvec(v_rows, w_rows, rows, stride_wn, K: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """Returns w_rows[p][rows, :K] . v_rows[p][:K] as [P, BLOCK_N] float32."""
+    acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+    if K <= BLOCK_K:  # one step, masked past K: all its loads go out before any wait
+        acc += _step(v_rows, w_rows, rows, stride_wn, 0, K, BLOCK_K, K < BLOCK_K)
+    else:
+        MIN_K: tl.constexpr = 16  # narrowest unmasked tail step; BLOCK_K is a power of two in 16..2048
+        TAIL: tl.constexpr = K % BLOCK_K
+        for k0 in range(0, K - TAIL, BLOCK_K):
+            acc += _step(v_rows, w_rows, rows, stride_wn, k0, K, BLOCK_K, False)
+        # the tail's set bits, widest first: BLOCK_K / 2 .. MIN_K (2048 / 2^7 = 16); the width is
+        # written out, not named: a name assigned in the loop would be a tensor, a constexpr one final
+        for i in tl.static_range(7):
+            if (BLOCK_K >> (i + 1)) >= MIN_K and (TAIL & (BLOCK_K >> (i + 1))) != 0:
+                acc += _step(v_rows, w_rows, rows, stride_wn, K - TAIL % (BLOCK_K >> i), K, BLOCK_K >> (i + 1),
+                             False)
+        REST: tl.constexpr = TAIL % MIN_K
+        if REST != 0:
+            acc += _step(v_rows, w_rows, rows, stride_wn, K - REST, K, MIN_K, True)
+    return acc
+
+
+@triton.jit
+def _row(t, p):
+    """Returns row p of t [P, BN] as [BN] (exactly: the other rows add zeros)."""
+    return tl.sum(tl.where((tl.arange(0, t.shape[0]) == p)[:, None], t, 0.0), axis=0)
 
 
 @triton.jit
@@ -97,9 +95,11 @@ def slot_gate_up_swiglu_kernel(
         w_base = w_ptr + tl.load(off_ptr + e * stride_off)
     else:
         w_base = w_ptr + e * stride_we
-    gate, up = _matvec(x_ptr + (s // TOP_K) * stride_xn, w_base, w_base + FFN * stride_wn, rows, stride_wn,
-                       K, BLOCK_N, BLOCK_K, True)
-    h = gate * tl.sigmoid(gate) * up
+    half = tl.arange(0, 2)  # 0: gate rows, 1: up rows, one x
+    acc = _matvec(x_ptr + (s // TOP_K) * stride_xn + half * 0, w_base + half * (FFN * stride_wn), rows, stride_wn,
+                  K, 2, BLOCK_N, BLOCK_K)  # [2, BN]
+    gate = _row(acc, 0)
+    h = gate * tl.sigmoid(gate) * _row(acc, 1)
     tl.store(out_ptr + s * stride_os + cols, h.to(out_ptr.dtype.element_ty), mask=cols < FFN)
 
 
@@ -109,23 +109,27 @@ def slot_down_kernel(
     N,
     stride_hs, stride_we, stride_wn, stride_on, stride_off,
     TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    OFFSETS: tl.constexpr,
+    SLOTS_PER_STEP: tl.constexpr, OFFSETS: tl.constexpr,
 ):
-    """out[t, n] = sum_a weights[s] * (h[s] . w[e_s, n]) over token t's slots s = t*A + a, a = 0..A-1
-    in that order, in float32: the routing weights and the top-k sum are applied here."""
+    """out[t, n] = sum_a weights[s] * (h[s] . w[e_s, n]) over token t's slots s = t*A + a, added in
+    float32 in the order a = 0..A-1: the routing weights and the top-k sum are applied here."""
     t = tl.program_id(0)
     nb = tl.program_id(1)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rows = tl.minimum(cols, N - 1)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for a in tl.static_range(TOP_K):  # unrolled: the slots' loads need not wait on each other
-        s = t * TOP_K + a
+    for a0 in tl.static_range(0, TOP_K, SLOTS_PER_STEP):
+        # slots past A re-read the last one (cached) and are not added
+        s = t * TOP_K + tl.minimum(a0 + tl.arange(0, SLOTS_PER_STEP), TOP_K - 1)  # [G]
         e = tl.load(expert_ids_ptr + s).to(tl.int64)
-        gate_weight = tl.load(weights_ptr + s).to(tl.float32)
+        gate_weight = tl.load(weights_ptr + s).to(tl.float32)  # [G] loaded first: the reduction waits on it
         if OFFSETS:
-            w_base = w_ptr + tl.load(off_ptr + e * stride_off)
+            w_rows = w_ptr + tl.load(off_ptr + e * stride_off)
         else:
-            w_base = w_ptr + e * stride_we
-        part, _ = _matvec(h_ptr + s * stride_hs, w_base, w_base, rows, stride_wn, K, BLOCK_N, BLOCK_K, False)
-        acc += gate_weight * part
+            w_rows = w_ptr + e * stride_we
+        part = _matvec(h_ptr + s * stride_hs, w_rows, rows, stride_wn, K, SLOTS_PER_STEP, BLOCK_N, BLOCK_K)
+        part = part * gate_weight[:, None]  # [G, BN]
+        for j in tl.static_range(SLOTS_PER_STEP):
+            if a0 + j < TOP_K:
+                acc += _row(part, j)
     tl.store(out_ptr + t * stride_on + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
