@@ -150,6 +150,16 @@ def test_linear_dispatches_tabled_shapes_only(tabled):
     assert tabled == [(24, 64), (24, 64)]
 
 
+def test_linear_reference_switch_takes_f_linear(tabled, monkeypatch):
+    from moekit.linear import Linear
+
+    layer = Linear(64, 24, bias=False).to(torch.bfloat16)
+    monkeypatch.setenv("MOEKIT_FUSED", "0")
+    with torch.no_grad():
+        layer(torch.randn(1, 64, dtype=torch.bfloat16))
+    assert tabled == []
+
+
 def test_linear_autograd_takes_f_linear(tabled):
     from moekit.linear import Linear
 
@@ -196,7 +206,7 @@ def build(name: str) -> int:
 
     from moekit.kernels.decode_linear import decode_linear_kernel, decode_linear_reduce_kernel
 
-    n, k, m, bn, bk, warps, split_k, bias = BUILDS[name]
+    _n, k, m, bn, bk, warps, split_k, bias = BUILDS[name]  # N is a runtime argument
     launches = [(decode_linear_kernel, {"M": m, "M_PAD": triton.next_power_of_2(m), "CHUNK": k // split_k,
                                         "SPLIT_K": split_k, "BLOCK_N": bn, "BLOCK_K": bk, "HAS_BIAS": bias}, warps)]
     if split_k > 1:

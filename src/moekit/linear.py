@@ -22,6 +22,7 @@ Shapes: M = rows (tokens), N = out_features, K = in_features.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -106,13 +107,17 @@ def _decode_device_ok(x: torch.Tensor) -> bool:
 
 def decode_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int, int] | None:
     """Returns the tuned decode matvec config for F.linear(x, weight, bias), or None where cuBLAS
-    runs it: untabled shape, more than DECODE_MAX_ROWS rows, another dtype or device, or autograd."""
+    runs it: untabled shape, more than DECODE_MAX_ROWS rows, another dtype or device, autograd,
+    torch.compile tracing, or MOEKIT_FUSED=0."""
     if not DECODE_TUNED or not HAVE_TRITON or x.dtype not in _NATIVE_DTYPES or weight.dtype != x.dtype:
         return None
     config = DECODE_TUNED.get(tuple(weight.shape))
     if config is None or not _decode_device_ok(x) or (bias is not None and bias.dtype != x.dtype):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return None
+    # a compiled step leaves the matmul to Inductor; MOEKIT_FUSED=0 (the reference path) to cuBLAS
+    if torch.compiler.is_compiling() or os.environ.get("MOEKIT_FUSED") == "0":
         return None
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not 0 < rows <= DECODE_MAX_ROWS or weight.stride(1) != 1:
