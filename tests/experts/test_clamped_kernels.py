@@ -264,7 +264,7 @@ def test_offsets_equal_the_stacked_path(fmt):
 def test_kernel_configs_agree():
     """The kernels give one result whatever their tiles (the probe sweeps them on a GPU): per-slot
     narrow and wide tiles with BLOCK_K (or BLOCK_W) below and above K; grouped row blocks of 16 and
-    32 slots."""
+    32 slots, with each GROUPED_TILES_CHOICES way of building MXFP4 tiles."""
     device = kernel_device()
     g = torch.Generator().manual_seed(3)
     form = _form("mxfp4", torch.float32)
@@ -279,9 +279,13 @@ def test_kernel_configs_agree():
         for config in configs:
             if len(config) == 3:  # "bytes" (BLOCK_K columns) at one token, "words" (BLOCK_W words: K = 8) at two
                 got = clamped.clamped_ops.slot_ffn(*on, (config, config), kernels="bytes" if tokens == 1 else "words")
-            else:
-                got = clamped.clamped_ops.grouped_ffn(*on, config)
-            assert _rel(got.cpu(), want) < 1e-5, config
+                assert _rel(got.cpu(), want) < 1e-5, config
+            else:  # every way of building MXFP4 tiles (the interpreter's are float32: the bf16 ones are GPU-only)
+                for tiles in clamped.clamped_ops.GROUPED_TILES_CHOICES:
+                    got = clamped.clamped_ops.grouped_ffn(*on, config, tiles=tiles)
+                    assert _rel(got.cpu(), want) < 1e-5, (config, tiles)
+    with pytest.raises(MoekitError, match="tiles="):
+        clamped.clamped_ops.grouped_ffn(*on, tiles="nibbles")
 
 
 @pytest.mark.gpu
@@ -345,8 +349,10 @@ if mxfp4:  # the "words" per-slot kernels
                      ("slot_down_sum_mxfp4_kernel", {"TOP_K_P2": 4}, dn, dw, d_warps))]
 for slots in (128, 1024):
     bm, bn, bk, warps = clamped_ops.grouped_config(slots, 32, mxfp4)
-    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": "tf32"}
-    launches += [("grouped_gate_up_kernel", {"TOP_K": 4, **blocks}, warps), ("grouped_down_kernel", blocks, warps)]
+    for on in (True, False) if mxfp4 else (False,):  # "words" (bf16 tiles), "bytes"
+        tiles = {"WORD_TILES": on, "BF16_TILES": on}
+        blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": "tf32", **tiles}
+        launches += [("grouped_gate_up_kernel", {"TOP_K": 4, **blocks}, warps), ("grouped_down_kernel", blocks, warps)]
 stacks = []
 for name, constexprs, warps in launches:
     kernel = getattr(kernels, name)
@@ -369,7 +375,8 @@ print(json.dumps(stacks))
 def test_kernels_compile_for_sm90(fmt):
     """Every kernel compiles for an H100/H200 (sm_90; no GPU needed: Triton's own ptxas) at its
     default tiles and gpt-oss-20b's widths, per-slot ("bytes" and, for MXFP4, "words") and grouped
-    (decode and prefill blocks), and MXFP4's grouped gate_up and "words" kernels spill no registers
+    (decode and prefill blocks; MXFP4 with "words" bf16 tiles and "bytes" float32 ones), and MXFP4's
+    grouped gate_up and "words" kernels spill no registers
     (clamped_ops.grouped_config says why it matters)."""
     import json
     import os
@@ -385,7 +392,7 @@ def test_kernels_compile_for_sm90(fmt):
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     stacks = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(stacks) == (12 if fmt == "mxfp4" else 8)
+    assert len(stacks) == (16 if fmt == "mxfp4" else 8)
     for name, constexprs, stack in stacks:
         if fmt == "mxfp4" and (name == "grouped_gate_up_kernel" or "BLOCK_W" in constexprs):
             assert stack == 0, (constexprs, stack)

@@ -49,9 +49,18 @@ SLOT_CONFIG = {True: (4, 512, 4), False: (4, 1024, 4)}
 # sum: 82 us a gpt-oss-20b layer at 4 slots on the H200, 15% of the HBM floor). Dense stacks
 # always take "bytes".
 SLOT_MXFP4_KERNELS = "words"
-# (BLOCK_N, BLOCK_W words, num_warps) of the "words" kernels: gate_up, down. Untimed on a GPU
-# yet: benchmarks/probes/bench_clamped_kernels.py sweeps them.
+# (BLOCK_N, BLOCK_W words, num_warps) of the "words" kernels: gate_up, down. Compiled for sm_90:
+# 168 and 138 registers, no spills, a K loop of 5.9 and 7.0 instructions a weight (the "bytes"
+# gate_up: 19). Untimed on a GPU yet: benchmarks/probes/bench_clamped_kernels.py sweeps them.
 SLOT_WORDS_CONFIG = ((16, 64, 4), (4, 128, 4))
+# How the grouped kernels build an MXFP4 tile: "words" (int32 words, e2m1 from bits, planes joined
+# in registers; bf16 tiles and a bf16 tl.dot for bf16 activations on a GPU, exact since e2m1 * 2^k
+# is), "words-tf32" (the same decode, float32 tiles and tf32 as before) or "bytes" (the byte
+# decode and float32 tiles: 827 us a gpt-oss-20b layer at 128 slots on the H200, 12% of the
+# floor). Float32 activations and the interpreter (which mis-multiplies tiles cast to bf16 in a
+# kernel) always take float32 tiles.
+GROUPED_TILES_CHOICES = ("words", "words-tf32", "bytes")
+GROUPED_TILES = "words"
 
 
 @dataclass(frozen=True)
@@ -203,11 +212,19 @@ def grouped_config(slots: int, count: int, mxfp4: bool) -> tuple[int, int, int, 
 
 
 def grouped_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: tuple[Matrix, Matrix],
-                alpha: float, limit: float, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                alpha: float, limit: float, config: tuple[int, int, int, int] | None = None,
+                tiles: str | None = None) -> torch.Tensor:
     """Returns the grouped kernels' [N, D]: slots sorted by stack row on the device (block_map),
     each row block multiplying one expert's weight tiles, decoded once per block. `config`
-    overrides (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) (BLOCK_M >= 16, tl.dot's least)."""
+    overrides (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) (BLOCK_M >= 16, tl.dot's least); `tiles`
+    one of GROUPED_TILES_CHOICES for MXFP4 (default GROUPED_TILES; "bytes" where the stack's
+    rows are not word-aligned)."""
     gate_up, down = mats
+    tiles = tiles or (GROUPED_TILES if gate_up.word_aligned() and down.word_aligned() else "bytes")
+    if tiles not in GROUPED_TILES_CHOICES:
+        raise MoekitError(f"grouped_ffn: tiles={tiles!r}: one of {', '.join(GROUPED_TILES_CHOICES)}")
+    word_tiles = tiles != "bytes" and gate_up.mxfp4
+    bf16_tiles = tiles == "words" and gate_up.mxfp4 and x.is_cuda and x.dtype == torch.bfloat16
     n, top_k = rows.shape
     count = gate_up.weights.shape[0]
     slots, ffn, hidden = n * top_k, gate_up.rows() // 2, down.rows()
@@ -224,12 +241,12 @@ def grouped_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats
         x, order, w, s, b, block_expert, block_start, block_end, h, ffn, count, alpha, limit,
         x.stride(0), *strides, h.stride(0), TOP_K=top_k, K=gate_up.columns,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MXFP4=gate_up.mxfp4, DOT_PRECISION=precision,
-        num_warps=warps)
+        WORD_TILES=word_tiles, BF16_TILES=bf16_tiles, num_warps=warps)
     y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)  # [S, D] in routing order, weighted
     w, s, b, *strides = down.args()
     grouped_down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
         h, order, weights.reshape(-1), w, s, b, block_expert, block_start, block_end, y, hidden, count,
         h.stride(0), *strides, y.stride(0), K=down.columns,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MXFP4=down.mxfp4, DOT_PRECISION=precision,
-        num_warps=warps)
+        WORD_TILES=word_tiles, BF16_TILES=bf16_tiles, num_warps=warps)
     return y.view(n, top_k, hidden).sum(dim=1)

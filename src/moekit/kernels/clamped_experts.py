@@ -3,7 +3,9 @@ for a few slots, grouped matmuls (slots sorted by expert) for many. The weight f
 constexpr (MXFP4): the per-slot kernels multiply through `_row_products`, the grouped ones through
 `_weight_tile` + `_dot_tile`, and both decode MXFP4 bytes in registers in `_mxfp4_halves` (two
 e2m1 values times the E8M0 power of their 32-value group), so each format's multiply exists
-once and no weight is ever stored wider.
+once and no weight is ever stored wider. MXFP4 also has a "words" path (the block comment
+above `_e2m1_word_nibble`): rows read as int32 words, e2m1 built from bits; per-slot kernels of its own (slot_gate_up_mxfp4_kernel, slot_down_sum_mxfp4_kernel, the
+latter summing a token's top-k rows) and grouped tiles (`_mxfp4_word_tile`, WORD_TILES).
 
 Tensors (N = tokens, A = experts per token, S = N*A slots in routing order, E = experts or cache
 slots, D = hidden, I = expert ffn width; K = the matrix's columns, R = its rows, G = K / 32;
@@ -68,12 +70,22 @@ def _mxfp4_halves(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
 
 @triton.jit
 def _weight_tile(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
-                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr):
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+                 WORD_TILES: tl.constexpr = False, BF16_TILES: tl.constexpr = False):
     """Returns the transposed tile [BLOCK_K, BLOCK_N] (tl.dot's right operand) of matrix rows `rows`,
-    columns k0.. (zero where masked): MXFP4 decoded to float32, dense as stored."""
+    columns k0.. (zero where masked): MXFP4 decoded to float32 (bf16 with BF16_TILES: exact, as
+    e2m1 * 2^k is), from bytes (`_mxfp4_halves`) or with WORD_TILES from int32 words
+    (`_mxfp4_word_tile`); dense as stored."""
     if MXFP4:
-        even, odd = _mxfp4_halves(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K)
-        tile = tl.trans(tl.join(even, odd).reshape(BLOCK_N, BLOCK_K))  # columns interleaved back
+        if WORD_TILES:
+            tile = tl.trans(_mxfp4_word_tile(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr, K, BLOCK_N,
+                                             BLOCK_K))
+        else:
+            even, odd = _mxfp4_halves(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr, K, BLOCK_N,
+                                      BLOCK_K)
+            tile = tl.trans(tl.join(even, odd).reshape(BLOCK_N, BLOCK_K))  # columns interleaved back
+        if BF16_TILES:
+            tile = tile.to(tl.bfloat16)
     else:  # loaded transposed (the Triton 3.9 interpreter mis-transposes bf16 tiles)
         ks = k0 + tl.arange(0, BLOCK_K)
         tile = tl.load(w_base + rows[None, :] * stride_wr + ks[:, None], mask=row_ok[None, :] & (ks < K)[:, None],
@@ -104,12 +116,13 @@ def _row_products(x_row, w_base, scales_base, rows, row_ok, k0, stride_wr, strid
 
 
 @triton.jit
-def _dot_tile(xt, tile, DOT_PRECISION: tl.constexpr, MXFP4: tl.constexpr):
+def _dot_tile(xt, tile, DOT_PRECISION: tl.constexpr, MXFP4: tl.constexpr, BF16_TILES: tl.constexpr = False):
     """Returns xt [BM, BK] @ tile [BK, BN] (a `_weight_tile`) as [BM, BN] float32. A decoded
-    MXFP4 tile (float32) meets xt in float32: bf16 and fp16 inputs and every e2m1 value times a
+    MXFP4 tile in float32 meets xt in float32: bf16 and fp16 inputs and every e2m1 value times a
     power of two are exact in tf32, so "tf32" loses nothing (and the interpreter mis-multiplies
-    tiles cast to bf16 in the kernel). A dense tile meets xt in their shared stored dtype."""
-    if MXFP4:
+    tiles cast to bf16 in the kernel). A bf16 MXFP4 tile (BF16_TILES: bf16 xt, on a GPU) and a
+    dense tile meet xt in their shared dtype: half the tensor-core time of tf32, same bits."""
+    if MXFP4 and not BF16_TILES:
         out = tl.dot(xt.to(tl.float32), tile, input_precision=DOT_PRECISION)
     else:
         out = tl.dot(xt, tile, input_precision=DOT_PRECISION)
@@ -207,7 +220,8 @@ def grouped_gate_up_kernel(
     FFN, NUM_EXPERTS, alpha, limit,
     stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os,
     TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MXFP4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MXFP4: tl.constexpr, DOT_PRECISION: tl.constexpr, WORD_TILES: tl.constexpr = False,
+    BF16_TILES: tl.constexpr = False,
 ):
     """out[p_s, n] = clamped SwiGLU of the gate and up rows n, FFN + n of expert e_p (plus biases) on
     x[order[p_s] // A], for the sorted slots p_s of block p (each x row read in place, never gathered)."""
@@ -230,10 +244,12 @@ def grouped_gate_up_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + tokens[:, None] * stride_xn + ks[None, :], mask=slot_ok[:, None] & (ks < K)[None, :],
                      other=0.0)  # [BM, BK]
-        wg = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
-        wu = _weight_tile(w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
-        acc_gate += _dot_tile(xt, wg, DOT_PRECISION, MXFP4)
-        acc_up += _dot_tile(xt, wu, DOT_PRECISION, MXFP4)
+        wg = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4,
+                          WORD_TILES, BF16_TILES)
+        wu = _weight_tile(w_base, scales_base, n + FFN, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4,
+                          WORD_TILES, BF16_TILES)
+        acc_gate += _dot_tile(xt, wg, DOT_PRECISION, MXFP4, BF16_TILES)
+        acc_up += _dot_tile(xt, wu, DOT_PRECISION, MXFP4, BF16_TILES)
     acc_gate += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc_up += tl.load(bias_ptr + e * stride_bias + FFN + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     h = _clamped_swiglu(acc_gate, acc_up, alpha, limit)
@@ -248,7 +264,8 @@ def grouped_down_kernel(
     N, NUM_EXPERTS,
     stride_hs, stride_we, stride_wr, stride_se, stride_sr, stride_bias, stride_os,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MXFP4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MXFP4: tl.constexpr, DOT_PRECISION: tl.constexpr, WORD_TILES: tl.constexpr = False,
+    BF16_TILES: tl.constexpr = False,
 ):
     """out[order[p_s], n] = weights[order[p_s]] * (h[p_s] . w[e_p, n] + bias_n) for the sorted slots
     p_s of block p: each slot's row lands at its routing-order row, so a token's A rows are adjacent."""
@@ -269,8 +286,9 @@ def grouped_down_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         ht = tl.load(h_ptr + sorted_slots[:, None] * stride_hs + ks[None, :],
                      mask=slot_ok[:, None] & (ks < K)[None, :], other=0.0)  # [BM, BK]
-        wt = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4)
-        acc += _dot_tile(ht, wt, DOT_PRECISION, MXFP4)
+        wt = _weight_tile(w_base, scales_base, n, n_ok, k0, stride_wr, stride_sr, K, BLOCK_N, BLOCK_K, MXFP4,
+                          WORD_TILES, BF16_TILES)
+        acc += _dot_tile(ht, wt, DOT_PRECISION, MXFP4, BF16_TILES)
     acc += tl.load(bias_ptr + e * stride_bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     slots = tl.load(order_ptr + sorted_slots, mask=slot_ok, other=0)  # [BM] routing-order rows
     gate_weight = tl.load(weights_ptr + slots, mask=slot_ok, other=0.0).to(tl.float32)
@@ -292,6 +310,7 @@ def grouped_down_kernel(
 X_LOG2: tl.constexpr = tl.constexpr(100)
 X_SCALE: tl.constexpr = tl.constexpr(2.0 ** 100)
 SIGN_AND_E2M1_BITS: tl.constexpr = tl.constexpr(-0x7E400000)  # 0x81C00000 as int32: bits 31, 24, 23, 22
+TWO_POW_126: tl.constexpr = tl.constexpr(2.0 ** 126)
 
 
 @triton.jit
@@ -307,6 +326,34 @@ def _word_power(scale):
     """Returns 2^(s - 1 - X_LOG2) (float32 from its bits, s the uint8 E8M0 scale): what turns a word's
     sum of (e2m1 * 2^-126) * (x * 2^X_LOG2) products into e2m1 * 2^(s - 127) * x."""
     return ((scale.to(tl.int32) + (126 - X_LOG2)) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_word_tile(w_base, scales_base, rows, row_ok, k0, stride_wr, stride_sr,
+                     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Returns the MXFP4 tile [BLOCK_N, BLOCK_K] (float32, zero where masked) of rows `rows`, columns
+    k0.. (BLOCK_K a multiple of 32), read as BLOCK_K / 8 int32 words a row: nibble plane p (column
+    8j + p of word j) decoded by `_e2m1_word_nibble`, times 2^126 and the word's 2^(s - 127) (two
+    exact multiplies: any scale), the 8 planes joined back into column order in registers."""
+    words_per_row: tl.constexpr = K // 8
+    j = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # [BW] words
+    ok = row_ok[:, None] & (j < words_per_row)[None, :]
+    words = tl.load(w_base.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wr // 4) + j[None, :], mask=ok,
+                    other=0)  # [BN, BW]
+    scale = tl.load(scales_base + rows[:, None] * stride_sr + (j // 4)[None, :], mask=ok, other=127)
+    power = (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127), s in 1..254 (0 reads as 0)
+    p0 = _e2m1_word_nibble(words, 0) * TWO_POW_126 * power
+    p1 = _e2m1_word_nibble(words, 1) * TWO_POW_126 * power
+    p2 = _e2m1_word_nibble(words, 2) * TWO_POW_126 * power
+    p3 = _e2m1_word_nibble(words, 3) * TWO_POW_126 * power
+    p4 = _e2m1_word_nibble(words, 4) * TWO_POW_126 * power
+    p5 = _e2m1_word_nibble(words, 5) * TWO_POW_126 * power
+    p6 = _e2m1_word_nibble(words, 6) * TWO_POW_126 * power
+    p7 = _e2m1_word_nibble(words, 7) * TWO_POW_126 * power
+    # join appends the new axis last: joining (p, p + 4), then (., . + 2), then (., . + 1) leaves
+    # axes [.., 4's bit, 2's bit, 1's bit] = column 8j + p in order once flattened
+    tile = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    return tile.reshape(BLOCK_N, BLOCK_K)
 
 
 @triton.jit
