@@ -16,9 +16,11 @@ import torch.nn.functional as F
 CASES = [
     ((4, 256, 4, 1), (37, 1000)),  # 3 x 256, then 128 + 64 + 32 unmasked, 8 masked; N % 4 = 1
     ((8, 64, 2, 1), (16, 200)),  # 3 x 64, 8 masked columns only
-    ((1, 2048, 4, 1), (3, 24)),  # K below one step: 16 unmasked + 8 masked
+    ((1, 2048, 4, 1), (3, 24)),  # K below one step: one step masked past K
+    ((4, 128, 4, 1), (12, 128)),  # K one step exactly, unmasked
     ((2, 64, 4, 4), (19, 1088)),  # 4 splits of 272 = 4 x 64 + 16
-    ((16, 128, 4, 2), (5, 96)),  # 2 splits of 48 = 32 + 16, the whole chunk in tail steps
+    ((16, 128, 4, 2), (5, 96)),  # 2 splits of 48: one masked step each
+    ((2, 256, 4, 8), (10, 2048)),  # a router's split: 8 chunks of one unmasked step
 ]
 
 
@@ -53,7 +55,7 @@ def test_decode_linear_float32_matches_f_linear(config, shape, rows, bias):
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("config,shape", [CASES[0], CASES[3]], ids=["tail", "split4"])
+@pytest.mark.parametrize("config,shape", [CASES[0], CASES[4]], ids=["tail", "split4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_linear_half_rounds_once(config, shape, dtype):
     """bf16 / fp16: float32 sums rounded once, so as close to the float64 product as F.linear's
@@ -172,6 +174,15 @@ def test_linear_autograd_takes_f_linear(tabled):
     assert tabled == [(24, 64)]
 
 
+def test_decode_tuned_entries_are_configs_the_kernel_takes():
+    """Every DECODE_TUNED entry (pasted from probe_decode_linear's winners) is a valid config at its K."""
+    from moekit.linear import DECODE_TUNED, check_decode_config
+
+    for (n, k), config in DECODE_TUNED.items():
+        assert n > 0 and k > 0, (n, k)
+        check_decode_config(config, k)
+
+
 def test_linear_default_table_off_gpu_is_f_linear():
     """Off a tuned GPU nothing is dispatched, whatever the table says."""
     from moekit import linear
@@ -188,8 +199,9 @@ BUILDS = {
     "olmoe_qkv": (6144, 2048, 1, 8, 1024, 4, 1, False),
     "gpt_oss_qkv_bias": (5120, 2880, 1, 8, 1024, 4, 1, True),  # 2880 = 2 x 1024 + 512 + 256 + 64
     "rows4": (2048, 2816, 4, 8, 1024, 4, 1, False),
-    "router_split": (64, 2048, 1, 1, 512, 4, 8, False),
-    "gpt_oss_router_split": (32, 2880, 1, 1, 512, 4, 4, True),  # chunks of 720
+    "router_split": (64, 2048, 1, 1, 256, 4, 8, False),  # chunks of one step
+    "gpt_oss_router_split": (32, 2880, 1, 1, 512, 4, 4, True),  # chunks of 720 = 512 + 128 + 64 + 16
+    "gpt_oss_router_masked": (32, 2880, 1, 1, 1024, 4, 4, True),  # 720 in one step masked past it
 }
 
 
@@ -217,16 +229,21 @@ def build(name: str) -> int:
         signature = {a: ("*fp32" if a == "part_ptr" else "*bf16") if a.endswith("_ptr") else "i32"
                      for a in kernel.arg_names if a not in constexprs}
         signature |= {a: "constexpr" for a in constexprs}
-        source = ASTSource(fn=kernel, signature=signature,
+        # as a launch specializes: tensors 16-byte aligned, N and the strides multiples of 16
+        aligned = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in signature if a not in constexprs}
+        source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
                            constexprs={(kernel.arg_names.index(a),): v for a, v in constexprs.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": w})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])
             cubin.flush()
-            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True,
-                                   text=True, check=True).stdout
+            usage, sass = (subprocess.run([str(cuobjdump), flag, cubin.name], capture_output=True, text=True,
+                                          check=True).stdout for flag in ("--dump-resource-usage", "-sass"))
         print(name, kernel.__name__, usage.strip().splitlines()[-1].strip())
         stack += int(re.search(r"STACK:(\d+)", usage).group(1))
+        if kernel is decode_linear_kernel and bn * bk // (32 * w) >= 8:  # 8+ weights a thread a step
+            # the weights stream 16 bytes a load (unaligned row pointers would compile to 2-byte loads)
+            assert "LDG.E.128" in sass, f"{name}: no 16-byte loads"
     return stack
 
 

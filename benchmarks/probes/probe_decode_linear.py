@@ -53,8 +53,8 @@ SHAPES = (
 WIDE = ((4, 1024, 4, 1), (8, 1024, 4, 1), (2, 1024, 4, 1), (8, 512, 4, 1), (16, 512, 8, 1), (4, 2048, 8, 1),
         (1, 1024, 4, 1), (16, 1024, 8, 1))
 # few rows over many columns (routers, kv_a): split K, so more programs than SMs stream it
-NARROW = ((1, 1024, 4, 1), (1, 512, 4, 4), (2, 512, 4, 2), (1, 256, 4, 8), (4, 1024, 4, 1), (1, 512, 4, 2),
-          (2, 256, 4, 4), (1, 128, 4, 16))
+NARROW = ((1, 1024, 4, 1), (1, 512, 4, 4), (1, 1024, 4, 4), (2, 512, 4, 2), (1, 256, 4, 8), (4, 1024, 4, 1),
+          (1, 512, 4, 2), (2, 256, 4, 4), (1, 128, 4, 16))
 GRAPH_BYTES = 256 << 20  # weight copies a graph streams: 5x the H200's L2
 MAX_CALLS = 512
 
@@ -138,7 +138,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_output_args(p, "probe_decode_linear")
     p.add_argument("--rows", type=int, default=1, help="rows of x (tokens), 1..4 (default 1: batch-1 decode)")
-    p.add_argument("--time-budget-s", type=float, default=60.0,
+    p.add_argument("--time-budget-s", type=float, default=50.0,
                    help="seconds for the kernel configs after cuBLAS's rows (0: every config)")
     p.add_argument("--margin", type=float, default=0.03,
                    help="a winner must beat cuBLAS by this fraction of cuBLAS's time (default 0.03)")

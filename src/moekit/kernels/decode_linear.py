@@ -14,8 +14,10 @@ decode_linear_reduce_kernel sums the S partials in order s = 0..S-1 (no atomics:
 not depend on which program finishes first), adds the bias and stores y. Split-K is for small N
 over large K (a router's [64, 2048]: N / BLOCK_N programs alone leave most SMs idle).
 
-The CHUNK loop reads BLOCK_K columns a step, unmasked; CHUNK % BLOCK_K takes one unmasked step per
-set bit down to 16 columns, and CHUNK % 16 one masked step (as moekit.kernels.moe_slots). Rows past
+A CHUNK of at most BLOCK_K columns is one step, masked past CHUNK (all its loads in flight at once).
+A longer CHUNK loops over BLOCK_K columns a step, unmasked; CHUNK % BLOCK_K takes one unmasked step
+per set bit down to 16 columns (each waits on the last one's reduction), and CHUNK % 16 one masked
+step (as moekit.kernels.moe_slots); which BLOCK_K is faster is the probe's to say. Rows past
 N re-read the last row (loads need no row mask); rows of x past M re-read row M - 1 and are not stored.
 """
 
@@ -62,19 +64,22 @@ def decode_linear_kernel(
     x_chunk = x_ptr + k_start
     w_rows = w_ptr + rows.to(tl.int64) * stride_wn + k_start  # [BN]
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    MIN_K: tl.constexpr = 16  # narrowest unmasked tail step; BLOCK_K is a power of two in 16..2048
-    TAIL: tl.constexpr = CHUNK % BLOCK_K
-    for k0 in range(0, CHUNK - TAIL, BLOCK_K):
-        acc = _step(acc, x_chunk, w_rows, k0, stride_xm, CHUNK, M, BLOCK_K, False)
-    # the tail's set bits, widest first (BLOCK_K / 2 .. 16); widths written out, not named: a name
-    # assigned in a static loop becomes a tensor
-    for i in tl.static_range(7):
-        if (BLOCK_K >> (i + 1)) >= MIN_K and (TAIL & (BLOCK_K >> (i + 1))) != 0:
-            acc = _step(acc, x_chunk, w_rows, CHUNK - TAIL % (BLOCK_K >> i), stride_xm, CHUNK, M,
-                        BLOCK_K >> (i + 1), False)
-    REST: tl.constexpr = TAIL % MIN_K
-    if REST != 0:
-        acc = _step(acc, x_chunk, w_rows, CHUNK - REST, stride_xm, CHUNK, M, MIN_K, True)
+    if CHUNK <= BLOCK_K:  # one step, masked past CHUNK: all its loads go out before any wait
+        acc = _step(acc, x_chunk, w_rows, 0, stride_xm, CHUNK, M, BLOCK_K, CHUNK < BLOCK_K)
+    else:
+        MIN_K: tl.constexpr = 16  # narrowest unmasked tail step; BLOCK_K is a power of two in 16..2048
+        TAIL: tl.constexpr = CHUNK % BLOCK_K
+        for k0 in range(0, CHUNK - TAIL, BLOCK_K):
+            acc = _step(acc, x_chunk, w_rows, k0, stride_xm, CHUNK, M, BLOCK_K, False)
+        # the tail's set bits, widest first (BLOCK_K / 2 .. 16); widths written out, not named: a
+        # name assigned in a static loop becomes a tensor
+        for i in tl.static_range(7):
+            if (BLOCK_K >> (i + 1)) >= MIN_K and (TAIL & (BLOCK_K >> (i + 1))) != 0:
+                acc = _step(acc, x_chunk, w_rows, CHUNK - TAIL % (BLOCK_K >> i), stride_xm, CHUNK, M,
+                            BLOCK_K >> (i + 1), False)
+        REST: tl.constexpr = TAIL % MIN_K
+        if REST != 0:
+            acc = _step(acc, x_chunk, w_rows, CHUNK - REST, stride_xm, CHUNK, M, MIN_K, True)
     m_idx = tl.arange(0, M_PAD)[:, None]  # [M_PAD, 1]
     keep = (m_idx < M) & (cols < N)[None, :]  # [M_PAD, BN]
     if SPLIT_K == 1:
