@@ -65,6 +65,20 @@ def grid(kernel: str, hidden: int, ffn: int, top_k: int) -> list[tuple[int, ...]
     return [default, *(c for c in configs if c != default)]
 
 
+def torch_reference(x, ids, weights, gate_up, down) -> torch.Tensor:
+    """Returns sum_a weights[0,a] * expert_{ids[0,a]}(x[0]) as [1, D] in float32 (one token)."""
+    out = torch.zeros(1, x.shape[1], device=x.device)
+    for e, wt in zip(ids[0].tolist(), weights[0].float().tolist()):
+        gate, up = (gate_up[e].float() @ x[0].float()).chunk(2)
+        out[0] += wt * (down[e].float() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Returns ||got - want|| / ||want|| in float32."""
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 def hbm_copy_bytes_per_s() -> float:
     """Returns the device-to-device copy rate of 1 GiB (read + write counted): the ceiling."""
     src = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
@@ -111,6 +125,9 @@ def main() -> None:
                 "down": torch.empty(1, d, device="cuda", dtype=torch.bfloat16)}
         defaults = (triton_ops.SLOT_DEFAULT["gate_up"], triton_ops.SLOT_DEFAULT["down"])
         ref = triton_ops.slot_expert_ffn(x, routings[0], w, gate_up, down, configs=defaults)
+        rel_torch = relative_error(ref, torch_reference(x, routings[0], w, gate_up, down))
+        print(f"{name:21s} default vs float32 PyTorch rel err {rel_torch:.2e}", flush=True)
+        results.setdefault(name, {})["default_vs_torch_rel_err"] = rel_torch
         for _, kernel, configs in (step for step in plan if step[0] == name):
             planned += len(configs)  # this kernel's share of the budget ends where its configs do
             deadline = start + args.time_budget_s * planned / total if args.time_budget_s else float("inf")
@@ -159,7 +176,7 @@ def main() -> None:
             # the tuned pair must compute what the defaults do (both sum the slots in float32, in order)
             pair = tuple(tuned.get((k, d, i)) or triton_ops.slot_config(k, d, i) for k in ("gate_up", "down"))
             out = triton_ops.slot_expert_ffn(x, routings[0], w, gate_up, down, configs=pair)
-            rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            rel = relative_error(out, ref)
             print(f"{name:21s} tuned vs default rel err {rel:.2e}", flush=True)
             results[name]["tuned_vs_default_rel_err"] = rel
         gate_up = down = None  # this shape's experts go before the next one's are made
