@@ -39,7 +39,7 @@ SHAPES = {  # name: (experts, hidden, ffn, top_k); gpt-oss runs the clamped kern
 }
 BLOCK_N = {"gate_up": (2, 4, 8, 16), "down": (1, 2, 4, 8)}  # down has A x fewer programs: narrower rows
 WARPS = (4, 8)
-PER_THREAD = (32, 128)  # weights a thread loads per K step, fewest and most (more spill; 128 won at olmoe)
+PER_THREAD = (32, 128)  # weights a thread loads per K step and matrix (gate_up: 2), fewest and most
 
 
 def block_ks(k: int) -> tuple[int, ...]:
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--shapes", default="all",
                    help="all, new (those SLOT_TUNED lacks) or comma-separated names: " + ", ".join(SHAPES))
     p.add_argument("--time-budget-s", type=float, default=85.0,
-                   help="seconds for the whole sweep, shared equally by the shapes (0: no bound)")
+                   help="seconds for the whole sweep, shared by (shape, kernel) by number of configs (0: no bound)")
     args = p.parse_args()
     if args.shapes == "all":
         names = list(SHAPES)
