@@ -1,6 +1,6 @@
 """Tile sizes for the per-slot decode kernels (moekit.kernels.moe_slots), measured per shape.
 
-    PYTHONPATH=src python3 benchmarks/tune_slot_kernels.py --out $OUT [--shapes new] [--time-budget-s 85]
+    PYTHONPATH=src python3 benchmarks/tune_slot_kernels.py --out $OUT [--shapes new] [--time-budget-s 75]
 
 For each expert shape (batch-1 decode: N = 1 token, A slots), times gate_up (a row of programs per
 slot; configs (BLOCK_N, BLOCK_K, num_warps)) and down (one row of programs, each summing the A
@@ -9,9 +9,10 @@ rotating over 8 routings so the chosen experts are not served from L2, and repor
 of expert weights next to the HBM copy rate measured in the same run (the ceiling) and next to
 SLOT_DEFAULT (the baseline). Prints the SLOT_TUNED table to paste into experts/triton_ops.py.
 `--shapes new` sweeps only the (shape, kernel) pairs SLOT_TUNED lacks (~200 configs). Each pair
-gets its share of `--time-budget-s` (default 85; 0: no bound) by its number of configs: a config
-costs a compile (0.2-0.9 s for sm_90 on a 2-core VM) and ~40 ms of timing; those past the share
-are skipped (listed in the JSON; SLOT_DEFAULT goes first).
+gets its share of `--time-budget-s` (default 75, so the run with imports and CUDA start stays
+under 90 s; 0: no bound) by its number of configs: a config costs a compile (0.2-0.9 s for sm_90
+on a 2-core VM) and ~40 ms of timing; those past the share are skipped (listed in the JSON;
+SLOT_DEFAULT goes first).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def main() -> None:
     p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--shapes", default="all",
                    help="all, new (those SLOT_TUNED lacks) or comma-separated names: " + ", ".join(SHAPES))
-    p.add_argument("--time-budget-s", type=float, default=85.0,
+    p.add_argument("--time-budget-s", type=float, default=75.0,
                    help="seconds for the whole sweep, shared by (shape, kernel) by number of configs (0: no bound)")
     args = p.parse_args()
     if args.shapes == "all":
