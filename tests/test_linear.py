@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# (BLOCK_N, BLOCK_K, num_warps, SPLIT_K) x (N, K): main loop + every kind of K tail, rows past N, split-K
+# (BLOCK_N, BLOCK_K, num_warps, SPLIT_K, STAGES) x (N, K): main loop + every kind of K tail, rows past N, split-K
 CASES = [
-    ((4, 256, 4, 1), (37, 1000)),  # 3 x 256, then 128 + 64 + 32 unmasked, 8 masked; N % 4 = 1
-    ((8, 64, 2, 1), (16, 200)),  # 3 x 64, 8 masked columns only
-    ((1, 2048, 4, 1), (3, 24)),  # K below one step: one step masked past K
-    ((4, 128, 4, 1), (12, 128)),  # K one step exactly, unmasked
-    ((2, 64, 4, 4), (19, 1088)),  # 4 splits of 272 = 4 x 64 + 16
-    ((16, 128, 4, 2), (5, 96)),  # 2 splits of 48: one masked step each
-    ((2, 256, 4, 8), (10, 2048)),  # a router's split: 8 chunks of one unmasked step
+    ((4, 256, 4, 1, 1), (37, 1000)),  # 3 x 256, then 128 + 64 + 32 unmasked, 8 masked; N % 4 = 1
+    ((8, 64, 2, 1, 3), (16, 200)),  # 3 x 64 (pipelined on a GPU), 8 masked columns only
+    ((1, 2048, 4, 1, 1), (3, 24)),  # K below one step: one step masked past K
+    ((4, 128, 4, 1, 2), (12, 128)),  # K one step exactly, unmasked
+    ((2, 64, 4, 4, 1), (19, 1088)),  # 4 splits of 272 = 4 x 64 + 16
+    ((16, 128, 4, 2, 1), (5, 96)),  # 2 splits of 48: one masked step each
+    ((2, 256, 4, 8, 1), (10, 2048)),  # a router's split: 8 chunks of one unmasked step
 ]
 
 
@@ -82,15 +82,16 @@ def test_decode_linear_strided_rows():
     device = kernel_device()
     wide, w, b = _case(24, 160, 2, torch.float32, True, device)
     x = wide[:, :96]
-    y = decode_linear(x, w[:, :96].contiguous(), b, (4, 32, 4, 1))
+    y = decode_linear(x, w[:, :96].contiguous(), b, (4, 32, 4, 1, 1))
     torch.testing.assert_close(y, F.linear(x, w[:, :96], b), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("config,k,match", [
-    ((3, 256, 4, 1), 256, "powers of two"),
-    ((4, 4096, 4, 1), 256, "BLOCK_K in 16..2048"),
-    ((4, 256, 4), 256, "BLOCK_N, BLOCK_K"),
-    ((4, 256, 4, 4), 200, "multiple of 64"),
+    ((3, 256, 4, 1, 1), 256, "powers of two"),
+    ((4, 4096, 4, 1, 1), 256, "BLOCK_K in 16..2048"),
+    ((4, 256, 4, 1), 256, "BLOCK_N, BLOCK_K"),
+    ((4, 256, 4, 1, 5), 256, "STAGES 1..4"),
+    ((4, 256, 4, 4, 1), 200, "multiple of 64"),
 ])
 def test_decode_linear_bad_config(config, k, match):
     from moekit.errors import MoekitError
@@ -107,9 +108,9 @@ def test_decode_linear_bad_inputs():
 
     x, w, _ = _case(8, 64, 5, torch.float32, False, "cpu")
     with pytest.raises(MoekitError, match="1..4 rows"):
-        decode_linear(x, w, None, (4, 64, 4, 1))
+        decode_linear(x, w, None, (4, 64, 4, 1, 1))
     with pytest.raises(MoekitError, match="one dtype"):
-        decode_linear(x[:1], w.half(), None, (4, 64, 4, 1))
+        decode_linear(x[:1], w.half(), None, (4, 64, 4, 1, 1))
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ def tabled(monkeypatch):
         calls.append(tuple(weight.shape))
         return real(x, weight, bias, config)
 
-    monkeypatch.setattr(linear, "DECODE_TUNED", {(24, 64): (4, 32, 4, 2)})
+    monkeypatch.setattr(linear, "DECODE_TUNED", {(24, 64): (4, 32, 4, 2, 1)})
     monkeypatch.setattr(linear, "_decode_device_ok", lambda x: True)
     monkeypatch.setattr(linear, "decode_linear", spy)
     return calls
@@ -194,14 +195,16 @@ def test_linear_default_table_off_gpu_is_f_linear():
 
 # ---- the sm_90 build: no register spills ----------------------------------------------------
 
-# (N, K, M, BLOCK_N, BLOCK_K, num_warps, SPLIT_K, HAS_BIAS): the probe's widest tiles at its shapes
+# (N, K, M, BLOCK_N, BLOCK_K, num_warps, SPLIT_K, STAGES, HAS_BIAS): the probe's widest tiles at its shapes
 BUILDS = {
-    "olmoe_qkv": (6144, 2048, 1, 8, 1024, 4, 1, False),
-    "gpt_oss_qkv_bias": (5120, 2880, 1, 8, 1024, 4, 1, True),  # 2880 = 2 x 1024 + 512 + 256 + 64
-    "rows4": (2048, 2816, 4, 8, 1024, 4, 1, False),
-    "router_split": (64, 2048, 1, 1, 256, 4, 8, False),  # chunks of one step
-    "gpt_oss_router_split": (32, 2880, 1, 1, 512, 4, 4, True),  # chunks of 720 = 512 + 128 + 64 + 16
-    "gpt_oss_router_masked": (32, 2880, 1, 1, 1024, 4, 4, True),  # 720 in one step masked past it
+    "olmoe_qkv": (6144, 2048, 1, 8, 1024, 4, 1, 1, False),
+    "gpt_oss_qkv_bias": (5120, 2880, 1, 8, 1024, 4, 1, 1, True),  # 2880 = 2 x 1024 + 512 + 256 + 64
+    "rows4": (2048, 2816, 4, 8, 1024, 4, 1, 1, False),
+    "o_pipelined": (2048, 4096, 1, 4, 1024, 4, 1, 3, False),  # cp.async, 2 steps ahead
+    "dense_down_pipelined": (2048, 10944, 1, 8, 1024, 4, 1, 2, False),
+    "router_split": (64, 2048, 1, 1, 256, 4, 8, 1, False),  # chunks of one step
+    "gpt_oss_router_split": (32, 2880, 1, 1, 512, 4, 4, 1, True),  # chunks of 720 = 512 + 128 + 64 + 16
+    "gpt_oss_router_masked": (32, 2880, 1, 1, 1024, 4, 4, 1, True),  # 720 in one step masked past it
 }
 
 
@@ -218,9 +221,10 @@ def build(name: str) -> int:
 
     from moekit.kernels.decode_linear import decode_linear_kernel, decode_linear_reduce_kernel
 
-    _n, k, m, bn, bk, warps, split_k, bias = BUILDS[name]  # N is a runtime argument
+    _n, k, m, bn, bk, warps, split_k, stages, bias = BUILDS[name]  # N is a runtime argument
     launches = [(decode_linear_kernel, {"M": m, "M_PAD": triton.next_power_of_2(m), "CHUNK": k // split_k,
-                                        "SPLIT_K": split_k, "BLOCK_N": bn, "BLOCK_K": bk, "HAS_BIAS": bias}, warps)]
+                                        "SPLIT_K": split_k, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages,
+                                        "HAS_BIAS": bias}, warps)]
     if split_k > 1:
         launches.append((decode_linear_reduce_kernel, {"M": m, "SPLIT_K": split_k, "BLOCK": 1024, "HAS_BIAS": bias}, 4))
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
@@ -239,11 +243,13 @@ def build(name: str) -> int:
             cubin.flush()
             usage, sass = (subprocess.run([str(cuobjdump), flag, cubin.name], capture_output=True, text=True,
                                           check=True).stdout for flag in ("--dump-resource-usage", "-sass"))
-        print(name, kernel.__name__, usage.strip().splitlines()[-1].strip())
+        print(name, kernel.__name__, usage.strip().splitlines()[-1].strip(), "shared bytes", compiled.metadata.shared)
         stack += int(re.search(r"STACK:(\d+)", usage).group(1))
         if kernel is decode_linear_kernel and bn * bk // (32 * w) >= 8:  # 8+ weights a thread a step
             # the weights stream 16 bytes a load (unaligned row pointers would compile to 2-byte loads)
-            assert "LDG.E.128" in sass, f"{name}: no 16-byte loads"
+            assert re.search(r"LDG(STS)?\.E(\.BYPASS)?\.128", sass), f"{name}: no 16-byte loads"
+        if kernel is decode_linear_kernel and stages > 1:  # the BLOCK_K loop pipelined through cp.async
+            assert "LDGSTS" in sass, f"{name}: STAGES {stages} but no cp.async"
     return stack
 
 

@@ -9,7 +9,7 @@ Qwen3-30B-A3B (tests/conftest and benchmarks/family_shapes list their widths). E
 CUDA graph of C calls (as a decode step runs its layers: launch gaps count) over C distinct weight
 copies of >= 256 MB together (C <= 512), so the weights stream from HBM, not from the 50 MB L2;
 time per call = median replay / C. cuBLAS first, then the kernel's configs (BLOCK_N, BLOCK_K,
-num_warps, SPLIT_K), in rounds: every shape's first config, then every shape's second, ...,
+num_warps, SPLIT_K, STAGES), in rounds: every shape's first config, then every shape's second, ...,
 until --time-budget-s (each new config of a K is a Triton build, ~0.5 s). Each row prints us,
 TB/s of weights read, the share of the HBM copy rate measured in the run (the ceiling), and
 max |error| against F.linear. The JSON's "winners" (and the printed DECODE_TUNED literal) hold
@@ -49,23 +49,26 @@ SHAPES = (
     ("qwen3-30b-a3b o", 2048, 4096, False),
     ("qwen3-30b-a3b router", 128, 2048, False),
 )
-# (BLOCK_N, BLOCK_K, num_warps, SPLIT_K), likeliest first: the per-slot expert kernels' winners
-WIDE = ((4, 1024, 4, 1), (8, 1024, 4, 1), (2, 1024, 4, 1), (8, 512, 4, 1), (16, 512, 8, 1), (4, 2048, 8, 1),
-        (1, 1024, 4, 1), (16, 1024, 8, 1))
+# (BLOCK_N, BLOCK_K, num_warps, SPLIT_K, STAGES), likeliest first: the per-slot expert kernels' winners
+WIDE = ((4, 1024, 4, 1, 1), (8, 1024, 4, 1, 1), (4, 1024, 4, 1, 3), (2, 1024, 4, 1, 1), (8, 512, 4, 1, 1),
+        (8, 1024, 4, 1, 2), (16, 512, 8, 1, 1), (4, 2048, 8, 1, 1), (2, 1024, 4, 1, 3), (1, 1024, 4, 1, 1),
+        (16, 1024, 8, 1, 1))
 # few rows over many columns (routers, kv_a): split K, so more programs than SMs stream it
-NARROW = ((1, 1024, 4, 1), (1, 512, 4, 4), (1, 1024, 4, 4), (2, 512, 4, 2), (1, 256, 4, 8), (4, 1024, 4, 1),
-          (1, 512, 4, 2), (2, 256, 4, 4), (1, 128, 4, 16))
+NARROW = ((1, 1024, 4, 1, 1), (1, 512, 4, 4, 1), (1, 1024, 4, 4, 1), (2, 512, 4, 2, 1), (1, 256, 4, 8, 1),
+          (4, 1024, 4, 1, 1), (1, 512, 4, 2, 1), (2, 256, 4, 4, 1), (1, 128, 4, 16, 1), (1, 1024, 4, 1, 2))
+# long K over few row blocks (o_proj, down): split K too
+LONG = ((4, 1024, 4, 2, 1), (8, 1024, 4, 4, 1))
 GRAPH_BYTES = 256 << 20  # weight copies a graph streams: 5x the H200's L2
 MAX_CALLS = 512
 
 
-def configs(n: int, k: int) -> list[tuple[int, int, int, int]]:
+def configs(n: int, k: int) -> list[tuple[int, int, int, int, int]]:
     """Returns the configs to try at weight [n, k], likeliest first (those the kernel takes at k)."""
     from moekit.errors import MoekitError
     from moekit.linear import check_decode_config
 
     out = []
-    for config in NARROW if n <= 1024 else WIDE:
+    for config in (NARROW if n <= 1024 else WIDE + LONG if k >= 4096 else WIDE):
         try:
             check_decode_config(config, k)
         except MoekitError:
@@ -109,7 +112,7 @@ def graph_us_per_call(calls: list) -> float:
     return 1e6 * sorted(times)[len(times) // 2] / len(calls)
 
 
-def time_row(shape: Shape, config: tuple[int, int, int, int] | None, ceiling_bytes_per_s: float) -> dict:
+def time_row(shape: Shape, config: tuple[int, int, int, int, int] | None, ceiling_bytes_per_s: float) -> dict:
     """Returns shape's row for cuBLAS (config None) or the decode matvec at config."""
     from moekit.linear import decode_linear
 

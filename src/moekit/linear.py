@@ -44,30 +44,31 @@ _NATIVE_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_MAX_ROWS = 4  # rows the decode matvec takes: it reads the weights once for all of them
 REDUCE_BLOCK = 1024  # columns a program of the split-K reduce kernel sums
 
-# (BLOCK_N rows, BLOCK_K columns, num_warps, SPLIT_K) keyed by the weight's (N, K); measured on an
+# (BLOCK_N rows, BLOCK_K columns, num_warps, SPLIT_K, STAGES) keyed by the weight's (N, K); measured on an
 # H200 by benchmarks/probes/probe_decode_linear.py (its JSON's "winners"): only shapes where the
 # kernel beat F.linear at 1 row inside a CUDA graph. Empty until measured: cuBLAS everywhere.
-DECODE_TUNED: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+DECODE_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
 
 
-def check_decode_config(config: tuple[int, int, int, int], k: int) -> None:
-    """Raises MoekitError unless config is a (BLOCK_N, BLOCK_K, num_warps, SPLIT_K) the kernel takes at K = k."""
+def check_decode_config(config: tuple[int, int, int, int, int], k: int) -> None:
+    """Raises MoekitError unless config is a (BLOCK_N, BLOCK_K, num_warps, SPLIT_K, STAGES) the kernel takes at K = k."""
     powers = lambda v, lo, hi: isinstance(v, int) and lo <= v <= hi and v & (v - 1) == 0
-    if not (len(config) == 4 and powers(config[0], 1, 256) and powers(config[1], 16, 2048)
-            and powers(config[2], 1, 16) and powers(config[3], 1, 64)):
-        raise MoekitError(f"decode linear config {config}: (BLOCK_N, BLOCK_K, num_warps, SPLIT_K), powers of two, "
-                          "BLOCK_K in 16..2048 (the K tail halves it down to 16); fix DECODE_TUNED or config=")
+    if not (len(config) == 5 and powers(config[0], 1, 256) and powers(config[1], 16, 2048)
+            and powers(config[2], 1, 16) and powers(config[3], 1, 64) and config[4] in (1, 2, 3, 4)):
+        raise MoekitError(f"decode linear config {config}: (BLOCK_N, BLOCK_K, num_warps, SPLIT_K, STAGES), the "
+                          "first four powers of two, BLOCK_K in 16..2048 (the K tail halves it down to 16), "
+                          "STAGES 1..4; fix DECODE_TUNED or config=")
     if config[3] > 1 and k % (16 * config[3]):
         raise MoekitError(f"decode linear config {config}: SPLIT_K {config[3]} needs in_features ({k}) a multiple of "
                           f"{16 * config[3]} (each split a multiple of 16 columns); fix DECODE_TUNED or config=")
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  config: tuple[int, int, int, int]) -> torch.Tensor:
+                  config: tuple[int, int, int, int, int]) -> torch.Tensor:
     """Returns x @ weight^T (+ bias) as [M, N] in x's dtype, float32 sums (M = 1..DECODE_MAX_ROWS).
 
     x [M, K] (columns contiguous), weight [N, K] row-major, bias [N] or None, all one dtype;
-    config = (BLOCK_N, BLOCK_K, num_warps, SPLIT_K). With SPLIT_K > 1 a second launch sums the
+    config = (BLOCK_N, BLOCK_K, num_warps, SPLIT_K, STAGES). With SPLIT_K > 1 a second launch sums the
     float32 partials in a fixed order. No host sync: a CUDA graph can capture it."""
     m, k = x.shape
     n = weight.shape[0]
@@ -78,7 +79,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise MoekitError(f"decode_linear: x {x.dtype}, weight {weight.dtype} and bias must share one dtype, "
                           f"bias [{n}]")
     check_decode_config(config, k)
-    block_n, block_k, warps, split_k = config
+    block_n, block_k, warps, split_k, stages = config
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     has_bias = bias is not None
     bias_arg = bias if has_bias else weight  # unused
@@ -86,7 +87,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     decode_linear_kernel[(triton.cdiv(n, block_n), split_k)](
         x, weight, bias_arg, y, part, n, x.stride(0), weight.stride(0), y.stride(0),
         M=m, M_PAD=triton.next_power_of_2(m), CHUNK=k // split_k, SPLIT_K=split_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, HAS_BIAS=has_bias, num_warps=warps)
+        BLOCK_K=block_k, STAGES=stages, HAS_BIAS=has_bias, num_warps=warps)
     if split_k > 1:
         decode_linear_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
             part, bias_arg, y, n, y.stride(0), M=m, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, HAS_BIAS=has_bias,
@@ -105,7 +106,8 @@ def _decode_device_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and _tuned_gpu(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
-def decode_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int, int] | None:
+def decode_config(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> tuple[int, int, int, int, int] | None:
     """Returns the tuned decode matvec config for F.linear(x, weight, bias), or None where cuBLAS
     runs it: untabled shape, more than DECODE_MAX_ROWS rows, another dtype or device, autograd,
     torch.compile tracing, or MOEKIT_FUSED=0."""

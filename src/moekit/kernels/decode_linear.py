@@ -17,7 +17,10 @@ over large K (a router's [64, 2048]: N / BLOCK_N programs alone leave most SMs i
 A CHUNK of at most BLOCK_K columns is one step, masked past CHUNK (all its loads in flight at once).
 A longer CHUNK loops over BLOCK_K columns a step, unmasked; CHUNK % BLOCK_K takes one unmasked step
 per set bit down to 16 columns (each waits on the last one's reduction), and CHUNK % 16 one masked
-step (as moekit.kernels.moe_slots); which BLOCK_K is faster is the probe's to say. Rows past
+step (as moekit.kernels.moe_slots); which BLOCK_K is faster is the probe's to say. STAGES > 1
+pipelines the BLOCK_K loop (cp.async into shared memory, STAGES - 1 steps' loads ahead of the
+reduction): more bytes in flight for a program with many steps, at the cost of shared memory
+(fewer programs an SM); STAGES = 1 loads each step in registers after the last one's reduction. Rows past
 N re-read the last row (loads need no row mask); rows of x past M re-read row M - 1 and are not stored.
 """
 
@@ -53,7 +56,7 @@ def decode_linear_kernel(
     N,
     stride_xm, stride_wn, stride_ym,
     M: tl.constexpr, M_PAD: tl.constexpr, CHUNK: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """SPLIT_K = 1: y[m, n] = x[m] . w[n] (+ bias[n]); else part[s, m, n] = the same over chunk s."""
     nb = tl.program_id(0)
@@ -69,7 +72,7 @@ def decode_linear_kernel(
     else:
         MIN_K: tl.constexpr = 16  # narrowest unmasked tail step; BLOCK_K is a power of two in 16..2048
         TAIL: tl.constexpr = CHUNK % BLOCK_K
-        for k0 in range(0, CHUNK - TAIL, BLOCK_K):
+        for k0 in tl.range(0, CHUNK - TAIL, BLOCK_K, num_stages=STAGES):
             acc = _step(acc, x_chunk, w_rows, k0, stride_xm, CHUNK, M, BLOCK_K, False)
         # the tail's set bits, widest first (BLOCK_K / 2 .. 16); widths written out, not named: a
         # name assigned in a static loop becomes a tensor
