@@ -205,7 +205,8 @@ def grouped_config(slots: int, count: int, mxfp4: bool) -> tuple[int, int, int, 
     `count` stack rows: the dense kernels' blocks (triton_ops.block_sizes). MXFP4 tiles are decoded
     to float32 in registers (gate_up holds two [BLOCK_N, BLOCK_K]): compiled for sm_90, gate_up at
     (16, 64, 128) with 4 warps spilled 888 bytes a thread, at (16, 64, 64) 56, with 8 warps none
-    (185 registers); so MXFP4 takes BLOCK_K <= 64 and 8 warps. Untuned by timing yet:
+    (185 registers); so MXFP4 takes BLOCK_K <= 64 and 8 warps (the "words" bf16 tiles take 85
+    registers there: GROUPED_TILES). Untuned by timing yet:
     benchmarks/probes/bench_clamped_kernels.py sweeps them on a GPU."""
     block_m, block_n, block_k = block_sizes(slots, count)
     return (block_m, block_n, min(block_k, 64), 8) if mxfp4 else (block_m, block_n, block_k, 4)
