@@ -20,8 +20,9 @@ per set bit down to 16 columns (each waits on the last one's reduction), and CHU
 step (as moekit.kernels.moe_slots); which BLOCK_K is faster is the probe's to say. STAGES > 1
 pipelines the BLOCK_K loop (cp.async into shared memory, STAGES - 1 steps' loads ahead of the
 reduction): more bytes in flight for a program with many steps, at the cost of shared memory
-(fewer programs an SM); STAGES = 1 loads each step in registers after the last one's reduction. Rows past
-N re-read the last row (loads need no row mask); rows of x past M re-read row M - 1 and are not stored.
+(fewer programs an SM); STAGES = 1 loads each step in registers after the last one's reduction.
+Rows past N re-read the last row (loads need no row mask); the accumulator's rows past M (M is padded
+to the power of two M_PAD) stay zero and are not stored.
 """
 
 import triton
