@@ -26,10 +26,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: common (moekit from src/)
-import common  # noqa: E402,F401
+import common
 
-from moekit.experts import clamped_ops  # noqa: E402
-from moekit.kernels import clamped_experts as kernels  # noqa: E402
+from moekit.experts import clamped_ops
+from moekit.kernels import clamped_experts as kernels
 
 K, TOP_K = 2880, 4
 CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"

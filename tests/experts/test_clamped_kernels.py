@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import kernel_device
 
-from moekit.experts import clamped, triton_ops
 from moekit.errors import MoekitError
+from moekit.experts import clamped, triton_ops
 from moekit.experts.clamped import ClampedSwigluForm, Mxfp4ClampedForm
 from moekit.offload.layout import ExpertBytes
 
@@ -22,7 +22,12 @@ if triton_ops.HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from moekit.kernels.clamped_experts import X_LOG2, _e2m1, _e2m1_word_nibble, _word_power
+    from moekit.kernels.clamped_experts import (
+        X_LOG2,
+        _e2m1,
+        _e2m1_word_nibble,
+        _word_power,
+    )
 
     @triton.jit
     def _every_code(out_ptr):

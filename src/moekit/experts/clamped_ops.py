@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..errors import MoekitError
 from ..kernels.clamped_experts import (
     grouped_down_kernel,
     grouped_gate_up_kernel,
@@ -34,7 +35,6 @@ from ..kernels.clamped_experts import (
     slot_gate_up_kernel,
     slot_gate_up_mxfp4_kernel,
 )
-from ..errors import MoekitError
 from .forms import SLOT_KERNEL_MAX_SLOTS
 from .triton_ops import block_map, block_sizes, triton_usable
 

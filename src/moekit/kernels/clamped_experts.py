@@ -4,8 +4,9 @@ constexpr (MXFP4): the per-slot kernels multiply through `_row_products`, the gr
 `_weight_tile` + `_dot_tile`, and both decode MXFP4 bytes in registers in `_mxfp4_halves` (two
 e2m1 values times the E8M0 power of their 32-value group), so each format's multiply exists
 once and no weight is ever stored wider. MXFP4 also has a "words" path (the block comment
-above `_e2m1_word_nibble`): rows read as int32 words, e2m1 built from bits; per-slot kernels of its own (slot_gate_up_mxfp4_kernel, slot_down_sum_mxfp4_kernel, the
-latter summing a token's top-k rows) and grouped tiles (`_mxfp4_word_tile`, WORD_TILES).
+above `_e2m1_word_nibble`): rows read as int32 words, e2m1 built from bits; per-slot kernels of
+its own (slot_gate_up_mxfp4_kernel, slot_down_sum_mxfp4_kernel, the latter summing a token's
+top-k rows) and grouped tiles (`_mxfp4_word_tile`, WORD_TILES).
 
 Tensors (N = tokens, A = experts per token, S = N*A slots in routing order, E = experts or cache
 slots, D = hidden, I = expert ffn width; K = the matrix's columns, R = its rows, G = K / 32;
