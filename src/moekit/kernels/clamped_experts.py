@@ -305,9 +305,9 @@ def grouped_down_kernel(
 # is loaded once per program step and reused by every row a thread holds. Exactness: a nibble
 # decodes to e2m1 * 2^-126 (code 1 on the float32 subnormal 2^-127; Triton's float32 math keeps
 # subnormals: no .ftz), x is taken times 2^X_LOG2 and the power is 2^(s - 1 - X_LOG2), so every
-# product is the exact e2m1 * x (rounded once, in the FMA) for scales s <= 228 and |x| < 2^28;
-# beyond those the products overflow (a gpt-oss checkpoint's scales are near 2^-7..2^2, x a
-# normalised hidden state or the clamped SwiGLU's |h| <= 56).
+# product is the exact e2m1 * x (rounded once, in the FMA) for scales s <= 228 (2^101) and
+# |x| < 2^28; beyond those the products overflow or the power's bits wrap (gate_up's x is a
+# normalised hidden state, down's h the clamped SwiGLU's, |h| <= (limit + 1) * limit).
 X_LOG2: tl.constexpr = tl.constexpr(100)
 X_SCALE: tl.constexpr = tl.constexpr(2.0 ** 100)
 SIGN_AND_E2M1_BITS: tl.constexpr = tl.constexpr(-0x7E400000)  # 0x81C00000 as int32: bits 31, 24, 23, 22
