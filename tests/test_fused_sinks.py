@@ -358,6 +358,19 @@ def test_plain_decode_keeps_sdpa_where_the_kernel_does_not_apply(t, head_dim, mo
     _close(got, expected, torch.float32)
 
 
+@pytest.mark.parametrize("window", [None, 16])
+def test_plain_decode_takes_the_kernel_only_up_to_its_positions(window):
+    """A cache longer than PLAIN_DECODE_MAX_POSITIONS keeps SDPA (the kernel walks a context alone),
+    unless a sliding window keeps the attended positions within it."""
+    device = kernel_device()
+    attn = _plain_layer(4, 2, 16, window, torch.float32, device)
+    q, k, v = _qkv(attn, 1, 1, torch.float32, device)
+    for length, fits in ((sinks.PLAIN_DECODE_MAX_POSITIONS, True), (sinks.PLAIN_DECODE_MAX_POSITIONS + 1, False)):
+        cache = _cache(attn, 1, 5, length, torch.float32, device)
+        keys, values = cache.keys[0], cache.values[0]
+        assert sinks.plain_decode_supported(q, k, v, keys, values, window) == (fits or window is not None)
+
+
 @pytest.mark.parametrize("variant", ["olmoe", "mixtral_sliding"])
 def test_model_decode_runs_plain_kernel(tiny, variant, monkeypatch):
     """On the CPU through the interpreter, float32: OLMoE's and Mixtral's decode steps (Mixtral's

@@ -129,7 +129,8 @@ class Attention(nn.Module):
             keys, values = cache.keys[self.layer], cache.values[self.layer]
             graph_step = isinstance(start, torch.Tensor) and type(cache) is KVCache and fused.enabled(start, q, k, v)
             # one token a sequence: the attention is one kernel (moekit.sinks' without sinks) and no mask is built
-            direct = graph_step and t == 1 and sinks.plain_decode_supported(q, k, v, keys, values)
+            direct = graph_step and t == 1 and sinks.plain_decode_supported(q, k, v, keys, values,
+                                                                            self.cfg.sliding_window)
             if graph_step and fused.write_kv_supported(keys, values, k, v):
                 # the cache write (and the mask) in one kernel, in place of eight
                 fused_mask = fused.write_kv(keys, values, k, v, start, mask=not direct, window=self.cfg.sliding_window)

@@ -142,13 +142,25 @@ def fused_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: tor
 # Plain (sink-free) decode through the kernel up to this head dim; past it the K and V tiles of a
 # float32 model would pass the H200's shared memory (and no sm_90 build checks them), so SDPA stays.
 PLAIN_DECODE_MAX_HEAD_DIM = 256
+# the most positions (cache length, or the sliding window when shorter) the plain kernel attends over in
+# place of SDPA: one program per (row, kv head) walks the context alone, so a long one is slower than
+# cuDNN's split. H200, one-token graph steps (probe_sink_decode.py --plain, fd5ac8f): OLMoE B=1 6.6 vs
+# 13.1 us/layer at 70 positions in a 198-long cache, 27.4 vs 17.4 at 1024 of 1152; Qwen3 B=1 27.2 vs
+# 13.8 at 1024. On lines through those points (B=1: ~5 + 0.022 us a live position against SDPA's
+# ~12.2 + 0.0045 us a cached one) the kernel is no slower up to 384 positions. At B=32 the kernel wins
+# with GQA (Qwen3: 8.2 vs 14.4 at 70, 28.0 vs 30.0 at 1024) and with MHA only while the cache is longer
+# than the live context (OLMoE: 22.9 vs 28.6 at 70 of 198; about even when they are equal).
+PLAIN_DECODE_MAX_POSITIONS = 384
 
 
 def plain_decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
-                           values: torch.Tensor) -> bool:
+                           values: torch.Tensor, window: int | None = None) -> bool:
     """Returns whether fused_decode without sinks stands in for moekit.model.Attention's mask and
-    SDPA over these tensors (fused_supported, head dim <= PLAIN_DECODE_MAX_HEAD_DIM)."""
-    return q.shape[-1] <= PLAIN_DECODE_MAX_HEAD_DIM and fused_supported(q, k, v, keys, values)
+    SDPA over these tensors (fused_supported, head dim <= PLAIN_DECODE_MAX_HEAD_DIM, at most
+    PLAIN_DECODE_MAX_POSITIONS positions to attend: the cache's S [B, Hkv, S, Dh], or the window)."""
+    positions = keys.shape[2] if window is None else min(keys.shape[2], window)
+    return (q.shape[-1] <= PLAIN_DECODE_MAX_HEAD_DIM and positions <= PLAIN_DECODE_MAX_POSITIONS
+            and fused_supported(q, k, v, keys, values))
 
 
 def _fuse_paged(attn, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, keys: torch.Tensor,

@@ -152,17 +152,23 @@ def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch
 # benchmarks/tune_slot_kernels.py; other shapes use the default. gate_up: (BLOCK_N rows, BLOCK_K
 # columns, warps); down: the same and SLOTS_PER_STEP (experts whose rows one K step reads at once;
 # capped at A rounded up to a power of two).
-SLOT_DEFAULT = {
-    "gate_up": (4, 1024, 4),  # the most common winner; 2x the bandwidth of (32, 128, 4) at olmoe
-    # not yet measured: all of a token's slots (up to 8) in one step, one row each, 64 weights a
-    # thread, so a program has as many bytes in flight as the per-slot programs it replaces
-    "down": (1, 1024, 4, 8),
+SLOT_DEFAULT = {  # the configs that won most of the shapes below
+    "gate_up": (2, 2048, 4),
+    "down": (2, 1024, 4, 8),  # all of a token's slots (up to 8) in one step, two rows each
 }
+# measured on an H200 by benchmarks/tune_slot_kernels.py at fd5ac8f (`tune_slot_kernels_fd5ac8f.json`;
+# triton.testing.do_bench, B=1, GB/s of expert weights against a 4,226 GB/s HBM copy): the gate_up
+# winners are 1-5% ahead of (4, 1024, 4); the down ones, which sum the top-k slots, 3-38% ahead of
+# (1, 1024, 4, 8)
 SLOT_TUNED: dict[tuple[str, int, int], tuple[int, ...]] = {
-    # down, which sums the top-k slots since bf63f07, awaits a sweep at these shapes too
-    ("gate_up", 2048, 1024): (8, 1024, 4),  # olmoe-1b-7b: 2.53 TB/s
-    ("gate_up", 2048, 768): (4, 1024, 4),  # qwen3-30b-a3b: 2.38 TB/s
-    ("gate_up", 4096, 14336): (2, 1024, 4),  # mixtral-8x7b: 3.94 TB/s
+    ("gate_up", 2048, 1024): (2, 2048, 4),  # olmoe-1b-7b: 2.58 TB/s
+    ("down", 2048, 1024): (2, 2048, 4, 1),  # 1.95 TB/s
+    ("gate_up", 2048, 1408): (4, 2048, 8),  # deepseek-v2-lite: 2.63 TB/s
+    ("down", 2048, 1408): (2, 1024, 4, 8),  # 1.88 TB/s
+    ("gate_up", 2048, 768): (2, 2048, 4),  # qwen3-30b-a3b: 2.39 TB/s
+    ("down", 2048, 768): (2, 1024, 4, 8),  # 1.73 TB/s
+    ("gate_up", 4096, 14336): (2, 2048, 4),  # mixtral-8x7b: 4.11 TB/s
+    ("down", 4096, 14336): (8, 1024, 8, 1),  # 3.54 TB/s
 }
 
 
