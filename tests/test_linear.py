@@ -136,20 +136,21 @@ def tabled(monkeypatch):
 def test_linear_dispatches_tabled_shapes_only(tabled):
     from moekit.linear import Linear
 
+    device = kernel_device()  # CUDA tensors where there is a GPU (Triton takes no CPU tensor there)
     torch.manual_seed(0)
-    layer = Linear(64, 24, bias=True).to(torch.bfloat16)
-    other = Linear(64, 16, bias=False).to(torch.bfloat16)
+    layer = Linear(64, 24, bias=True).to(device, torch.bfloat16)
+    other = Linear(64, 16, bias=False).to(device, torch.bfloat16)
     with torch.no_grad():
         for rows in (1, 4):
-            x = torch.randn(rows, 1, 64, dtype=torch.bfloat16)  # [B, T, K]
+            x = torch.randn(rows, 1, 64, dtype=torch.bfloat16).to(device)  # [B, T, K]
             y = layer(x)
             assert y.shape == (rows, 1, 24)
             exact = _reference(x.view(rows, 64), layer.weight, layer.bias)
             assert (y.view(rows, 24).double() - exact).abs().max() < 0.05
         assert tabled == [(24, 64), (24, 64)]
-        other(torch.randn(1, 64, dtype=torch.bfloat16))  # not in the table
-        layer(torch.randn(5, 64, dtype=torch.bfloat16))  # more rows than the kernel takes
-        layer.float()(torch.randn(1, 64))  # float32 is not a dtype it runs
+        other(torch.randn(1, 64, dtype=torch.bfloat16).to(device))  # not in the table
+        layer(torch.randn(5, 64, dtype=torch.bfloat16).to(device))  # more rows than the kernel takes
+        layer.float()(torch.randn(1, 64).to(device))  # float32 is not a dtype it runs
     assert tabled == [(24, 64), (24, 64)]
 
 

@@ -45,9 +45,26 @@ DECODE_MAX_ROWS = 4  # rows the decode matvec takes: it reads the weights once f
 REDUCE_BLOCK = 1024  # columns a program of the split-K reduce kernel sums
 
 # (BLOCK_N rows, BLOCK_K columns, num_warps, SPLIT_K, STAGES) keyed by the weight's (N, K); measured on an
-# H200 by benchmarks/probes/probe_decode_linear.py (its JSON's "winners"): only shapes where the
-# kernel beat F.linear at 1 row inside a CUDA graph. Empty until measured: cuBLAS everywhere.
-DECODE_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+# H200 by benchmarks/probes/probe_decode_linear.py at 7169c07 (`probe_decode_linear_7169c07.json`,
+# its "winners"): only shapes where the kernel beat F.linear by 3% or more at 1 row inside a CUDA
+# graph (us per call, cuBLAS -> kernel). Untabled shapes (gpt-oss's qkv: 10.9 vs 10.6) take cuBLAS.
+DECODE_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (6144, 2048): (4, 2048, 8, 1, 1),  # OLMoE qkv 9.38 -> 8.21
+    (2048, 2048): (4, 2048, 8, 1, 1),  # OLMoE / DeepSeek-V2-Lite o 6.17 -> 4.19
+    (64, 2048): (1, 1024, 4, 1, 1),  # OLMoE / DeepSeek-V2-Lite router 5.21 -> 2.57
+    (50304, 2048): (2, 1024, 4, 1, 1),  # OLMoE lm_head 56.2 -> 49.8
+    (3072, 2048): (2, 1024, 4, 1, 1),  # DeepSeek-V2-Lite q_proj 6.55 -> 5.17
+    (576, 2048): (1, 1024, 4, 1, 1),  # DeepSeek-V2-Lite kv_a 6.04 -> 3.03
+    (5632, 2048): (4, 1024, 4, 1, 1),  # DeepSeek-V2-Lite shared gate_up 8.64 -> 7.81
+    (2048, 2816): (1, 1024, 4, 1, 1),  # DeepSeek-V2-Lite shared down 8.08 -> 5.98
+    (21888, 2048): (4, 1024, 4, 1, 1),  # DeepSeek-V2-Lite layer 0 gate_up 26.3 -> 23.8
+    (2048, 10944): (4, 2048, 8, 1, 1),  # DeepSeek-V2-Lite layer 0 down 17.4 -> 15.5
+    (2880, 4096): (2, 1024, 4, 1, 1),  # gpt-oss o 12.1 -> 8.40
+    (32, 2880): (1, 1024, 4, 4, 1),  # gpt-oss router 6.96 -> 3.69
+    (5120, 2048): (4, 1024, 4, 1, 1),  # Qwen3-30B-A3B qkv 8.36 -> 7.18
+    (2048, 4096): (4, 2048, 8, 1, 1),  # Qwen3-30B-A3B o 9.48 -> 6.66
+    (128, 2048): (1, 1024, 4, 1, 1),  # Qwen3-30B-A3B router 5.31 -> 2.72
+}
 
 
 def check_decode_config(config: tuple[int, int, int, int, int], k: int) -> None:

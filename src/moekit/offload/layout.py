@@ -202,22 +202,21 @@ def layout_for(form: StoredForm, moe_layers: list[int]) -> SlotLayout:
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Returns an uninitialised page-locked host tensor of its own size plus at most two pages.
+    """Returns an uninitialised page-locked host tensor of its own size rounded up to whole pages.
 
     PyTorch's pinned allocator rounds each block up to a power of two (up to +100% for a layer of
     experts); page-locking an ordinary allocation with cudaHostRegister costs only its bytes. CUDA
     locks whole pages, and malloc packs small allocations side by side: a second registration
     touching a page already locked fails ("already mapped") and leaves that error for the next
-    kernel launch to raise. So the tensor gets pages of its own: a buffer one page longer than its
-    rounded size, the registered range starting at the buffer's first page boundary. The
-    registration is undone when the returned tensor object is freed: keep it, not only its views."""
+    kernel launch to raise. So the tensor lives in an anonymous mapping of its own (page-aligned,
+    shared with nothing), and its storage starts where the registration does (is_pinned holds).
+    The registration is undone when the returned tensor object is freed: keep it, not only its views."""
     size = math.prod(shape) * dtype.itemsize
     if size == 0 or not torch.cuda.is_available():
         return torch.empty(shape, dtype=dtype)
     locked = -(-size // PAGE_BYTES) * PAGE_BYTES
-    buffer = torch.empty(locked + PAGE_BYTES, dtype=torch.uint8)
-    start = -buffer.data_ptr() % PAGE_BYTES
-    tensor = buffer[start:start + size].view(dtype).view(shape)
+    pages = mmap.mmap(-1, locked)  # the storage keeps the mapping alive
+    tensor = torch.frombuffer(pages, dtype=torch.uint8)[:size].view(dtype).view(shape)
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(tensor.data_ptr(), locked, 0)) != 0:
         return torch.empty(shape, dtype=dtype).pin_memory()  # refused: the pinned allocator instead
