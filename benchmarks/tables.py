@@ -158,6 +158,7 @@ def slot_tiles(files: dict) -> str:
 
 # later partial runs, rendered beside the whole runs' tables (2026-12-01, b928407)
 FAMILIES_RERUN = "bench_families_resident_b928407.json"
+FAMILIES_LATEST = "bench_families_d3305c3.json"  # 2026-12-01: decode matvec, fused-sum and MXFP4 words kernels
 SERVE_RERUN = "bench_serve_c1_c32_b928407.json"
 PIPELINE_RERUN = "bench_pipeline_graphs_b928407.json"
 PIPELINE_PREFILL = "bench_pipeline_prefill_ef150b8.json"  # 2026-12-01: after the untouched host KV pool (355cb27)
@@ -552,6 +553,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "serve_qwen3_rerun": ((SERVE_QWEN3_RERUN,), partial(serve, name=SERVE_QWEN3_RERUN)),
     "families": (("bench_families.json",), families),
     "families_rerun": ((FAMILIES_RERUN,), partial(families, name=FAMILIES_RERUN)),
+    "families_latest": ((FAMILIES_LATEST,), partial(families, name=FAMILIES_LATEST)),
     "serve_rerun": ((SERVE_RERUN,), partial(serve, name=SERVE_RERUN)),
     "pipeline_rerun": ((PIPELINE_RERUN,), partial(pipeline, name=PIPELINE_RERUN)),
     "pipeline_prefill": ((PIPELINE_PREFILL,), partial(pipeline, name=PIPELINE_PREFILL)),
