@@ -353,8 +353,8 @@ if mxfp4:  # the "words" per-slot kernels
                      ("slot_gate_up_mxfp4_kernel", {}, gn, gw, g_warps),
                      ("slot_down_sum_mxfp4_kernel", {"TOP_K_P2": 4}, dn, dw, d_warps))]
 for slots in (128, 1024):
-    bm, bn, bk, warps = clamped_ops.grouped_config(slots, 32, mxfp4)
     for on in (True, False) if mxfp4 else (False,):  # "words" (bf16 tiles), "bytes"
+        bm, bn, bk, warps = clamped_ops.grouped_config(slots, 32, mxfp4, bf16_tiles=on)
         tiles = {"WORD_TILES": on, "BF16_TILES": on}
         blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": "tf32", **tiles}
         launches += [("grouped_gate_up_kernel", {"TOP_K": 4, **blocks}, warps), ("grouped_down_kernel", blocks, warps)]

@@ -51,8 +51,9 @@ SLOT_CONFIG = {True: (4, 512, 4), False: (4, 1024, 4)}
 SLOT_MXFP4_KERNELS = "words"
 # (BLOCK_N, BLOCK_W words, num_warps) of the "words" kernels: gate_up, down. Compiled for sm_90:
 # 168 and 138 registers, no spills, a K loop of 5.9 and 7.0 instructions a weight (the "bytes"
-# gate_up: 19). Untimed on a GPU yet: benchmarks/probes/bench_clamped_kernels.py sweeps them.
-SLOT_WORDS_CONFIG = ((16, 64, 4), (4, 128, 4))
+# gate_up: 19). H200 at d3305c3 (benchmarks/probes/bench_clamped_kernels.py, gpt-oss-20b's layer at 4
+# slots): 53.4 us with gate_up (8, 128, 4), 60.0 with (16, 64, 4), the floor 12.6; "bytes" 82.8.
+SLOT_WORDS_CONFIG = ((8, 128, 4), (4, 128, 4))
 # How the grouped kernels build an MXFP4 tile: "words" (int32 words, e2m1 from bits, planes joined
 # in registers; bf16 tiles and a bf16 tl.dot for bf16 activations on a GPU, exact since e2m1 * 2^k
 # is), "words-tf32" (the same decode, float32 tiles and tf32 as before) or "bytes" (the byte
@@ -200,15 +201,22 @@ def slot_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats: t
     return y.view(n, top_k, hidden).sum(dim=1)
 
 
-def grouped_config(slots: int, count: int, mxfp4: bool) -> tuple[int, int, int, int]:
+def grouped_config(slots: int, count: int, mxfp4: bool, bf16_tiles: bool = False) -> tuple[int, int, int, int]:
     """Returns (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the grouped kernels for `slots` slots over
     `count` stack rows: the dense kernels' blocks (triton_ops.block_sizes). MXFP4 tiles are decoded
     to float32 in registers (gate_up holds two [BLOCK_N, BLOCK_K]): compiled for sm_90, gate_up at
     (16, 64, 128) with 4 warps spilled 888 bytes a thread, at (16, 64, 64) 56, with 8 warps none
     (185 registers); so MXFP4 takes BLOCK_K <= 64 and 8 warps (the "words" bf16 tiles take 85
     registers there: GROUPED_TILES). Untuned by timing yet:
-    benchmarks/probes/bench_clamped_kernels.py sweeps them on a GPU."""
+    benchmarks/probes/bench_clamped_kernels.py sweeps them on a GPU. With `bf16_tiles` (the "words"
+    tiles of bf16 activations on a GPU) the sweep's winners at d3305c3 on the H200, gpt-oss-20b's
+    layer (`bench_clamped_kernels_d3305c3.json`): 128 slots (4 an expert) (16, 64, 64, 4) 618 us
+    against 736 at (16, 64, 64, 8) ((16, 64, 128, 4), 614 us, spills 8 bytes a thread for sm_90);
+    1024 slots (32 an expert) (64, 128, 64, 8) 670 us against 1342 at (32, 64, 64, 8). Other slot
+    counts were not timed."""
     block_m, block_n, block_k = block_sizes(slots, count)
+    if mxfp4 and bf16_tiles:
+        return (16, 64, 64, 4) if slots / count <= 16 else (64, 128, 64, 8)
     return (block_m, block_n, min(block_k, 64), 8) if mxfp4 else (block_m, block_n, block_k, 4)
 
 
@@ -229,7 +237,7 @@ def grouped_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mats
     n, top_k = rows.shape
     count = gate_up.weights.shape[0]
     slots, ffn, hidden = n * top_k, gate_up.rows() // 2, down.rows()
-    block_m, block_n, block_k, warps = config or grouped_config(slots, count, gate_up.mxfp4)
+    block_m, block_n, block_k, warps = config or grouped_config(slots, count, gate_up.mxfp4, bf16_tiles)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for float32
     order, block_expert, block_start, block_end = block_map(rows, count, block_m)
     # the used blocks come first and number at most ceil(S / BLOCK_M) + (rows present <= S): a cache
