@@ -63,3 +63,45 @@ def test_launch_task_seconds_measures_one_task():
     expected = generate_ragged(load_model(device="cpu", dtype="float32"), prompts, max_new_tokens=3,
                                temperature=0.0, stop_at_eos=False)
     assert result.tokens == [e.tolist() for e in expected]
+
+
+def test_run_plan_with_uneven_residency_equals_generate():
+    """R = 10 resident experts over the 4 MoE layers of 8: layers hold 3, 3, 2, 2, and the batch
+    engine's tokens still equal generate's (float32 CPU), its pages carrying the other 22."""
+    from moekit.pipeline.batch import resident_experts
+
+    prompts = synthetic_prompts(4, 5, 4096, seed=5)
+    plan = tiny_plan(Policy(batch=4, micro_batch=2, resident_share=10 / 32, resident_experts=10), gen_len=4)
+    assert resident_experts(default_model_path(), plan) == (3, 3, 2, 2)
+    result = run_plan(default_model_path(), plan, prompts, 4, device="cpu", dtype="float32")
+    expected = generate_ragged(load_model(device="cpu", dtype="float32"), prompts, max_new_tokens=4,
+                               temperature=0.0, stop_at_eos=False)
+    assert result.tokens == [e.tolist() for e in expected]
+    cfg = read_config(default_model_path())[2]
+    expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 4
+    assert result.resident_per_layer == (3, 3, 2, 2) and result.streamed_bytes_per_step == 22 * expert_bytes
+    assert result.pages_loaded > 0
+
+
+def test_policy_json_old_and_new():
+    """--policy takes the old JSON (r_w of every layer), R alone, and a plan's policy with both;
+    the old one still means round(r_w E) in every layer; a bad R gets one line."""
+    from types import SimpleNamespace
+
+    from moekit.pipeline.batch import resident_experts
+    from moekit.pipeline.batch_cli import read_policy
+
+    old = read_policy('{"batch": 4, "micro_batch": 2, "resident_share": 0.25}')
+    assert old == Policy(4, 2, 0.25) and old.resident_experts is None
+    assert resident_experts(default_model_path(), SimpleNamespace(policy=old)) == 2
+    new = read_policy('{"batch": 4, "micro_batch": 2, "resident_experts": 9}')
+    assert resident_experts(default_model_path(), SimpleNamespace(policy=new)) == (3, 2, 2, 2)
+    both = read_policy('{"policy": {"batch": 4, "micro_batch": 2, "resident_share": 0.25, "attention": "cpu", '
+                       '"resident_experts": 8}}')
+    assert resident_experts(default_model_path(), SimpleNamespace(policy=both)) == 2
+    with pytest.raises(MoekitError, match="missing resident_share or resident_experts"):
+        read_policy('{"batch": 4, "micro_batch": 2}')
+    with pytest.raises(MoekitError, match="resident_experts must be a whole count, got 2.5"):
+        read_policy('{"batch": 4, "micro_batch": 2, "resident_experts": 2.5}')
+    with pytest.raises(MoekitError, match="33 asked, the MoE layers hold 32"):
+        resident_experts(default_model_path(), SimpleNamespace(policy=Policy(4, 2, resident_experts=33)))

@@ -109,3 +109,38 @@ def test_zigzag_prefill_loads_each_layer_once(expected):
     # each layer queued whole, ahead of its call (none loaded at its call), once -- not once per
     # micro-batch -- and the decode's first layer after the last
     assert runtime.whole_loads == 0 and runtime.pages_loaded == len(runtime.layers) + 1
+
+
+def test_per_layer_resident_counts_place_and_page_each_layer():
+    """Counts that differ by layer (one full, one streaming all, one between): the slab holds each
+    layer's own resident slots and two buffers of the widest stream; every call equals the dense
+    reference through the engine's page order, a full layer loads no page, and bad counts get one line."""
+    from moekit.experts.forms import DenseForm
+    from moekit.offload.layout import layout_for
+
+    form = DenseForm(16, 8, torch.float32)
+    layout = layout_for(form, [0, 1, 2])
+    g = torch.Generator().manual_seed(1)
+    stores = {i: {"gate_up": torch.randn(5, 16, 16, generator=g), "down": torch.randn(5, 16, 8, generator=g)}
+              for i in range(3)}
+    runtime = PagedRuntime(layout, stores, resident=[5, 0, 2], device="cpu")
+    assert runtime.resident == (5, 0, 2) and runtime.streamed == 5 and runtime.buffer_start == [7, 12]
+    assert runtime.slab["gate_up"].shape[0] == 7 + 2 * 5
+    assert [runtime.streamed_bytes(m) for m in range(3)] == [0, 5 * 384 * 4, 3 * 384 * 4]
+    assert runtime.page_range(2, 0, 2) == (2, 4) and runtime.report()["resident_total"] == 7
+    x = torch.randn(4, 16, generator=g)
+    ids = torch.tensor([[0, 4], [3, 1], [2, 4], [3, 0]])
+    w = torch.rand(4, 2, generator=g)
+    for _ in range(3):
+        for layer in range(3):
+            for j in range(2):
+                runtime.load_page(runtime.next_layer(layer), j, 2)
+            torch.testing.assert_close(runtime.run(layer, x, ids, w), form.run(x, ids, w, stores[layer]))
+    # layers 1 and 2 page 2 pages each ahead of their first call and then keep a buffer each (two
+    # streaming layers, two buffers: nothing evicts them); layer 0 never pages
+    assert 0 not in runtime.pages_done and runtime.whole_loads == 0 and runtime.pages_loaded == 2 * 2
+    assert PagedRuntime(layout, stores, resident=2, device="cpu").resident == 2  # one count for all, as before
+    with pytest.raises(MoekitError, match="2 counts given for 3 MoE layers"):
+        PagedRuntime(layout, stores, resident=[1, 2], device="cpu")
+    with pytest.raises(MoekitError, match="must be in 0..5, got 6 for layer 1"):
+        PagedRuntime(layout, stores, resident=[1, 6, 0], device="cpu")

@@ -22,7 +22,7 @@ class BatchResult:
 
     sequences: int
     micro_batch: int
-    resident_per_layer: int
+    resident_per_layer: int | tuple[int, ...]  # one count for every MoE layer, or one a layer (resident_experts)
     prompt_tokens: int
     new_tokens: int  # per sequence
     prefill_s: float
@@ -42,18 +42,25 @@ class BatchResult:
         return asdict(self)
 
 
-def resident_experts(path, plan: Plan) -> int:
-    """Returns the experts per MoE layer the plan keeps on the device (its r_w in whole experts)."""
+def resident_experts(path, plan: Plan) -> int | tuple[int, ...]:
+    """Returns the experts the plan keeps on the device: one count for every MoE layer, or where
+    the layers differ one count a MoE layer in layer order (its R spread, hrm.spread_resident; a
+    policy without R: its r_w of each layer in whole experts). load_paged takes either."""
     from ..load import read_config
+    from .residency import spread_resident
 
     cfg = read_config(path)[2]
-    experts = min(cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.moe_layers[i])
-    return min(experts, round(plan.policy.resident_share * experts))
+    experts = [cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.moe_layers[i]]
+    if plan.policy.resident_experts is None:
+        return min(min(experts), round(plan.policy.resident_share * min(experts)))
+    counts = spread_resident(plan.policy.resident_experts, experts)
+    return counts[0] if len(set(counts)) == 1 else tuple(counts)
 
 
-def load_paged(path, resident: int, device: str = "cpu", dtype: str | None = None, host_layers=None):
+def load_paged(path, resident, device: str = "cpu", dtype: str | None = None, host_layers=None):
     """Returns the model of `path` with paged experts, `resident` of each MoE layer on the device
-    (`host_layers`: the host store given directly, see PagedLoader)."""
+    (one count, or one a MoE layer: resident_experts; `host_layers`: the host store given
+    directly, see PagedLoader)."""
     from ..load import load_model
     from .paged import PagedLoader
 
@@ -85,8 +92,9 @@ def run_plan(path, plan: Plan, prompts: list, gen_len: int, device: str = "cpu",
     if model is None:
         model = load_paged(path, resident, device, dtype, host_layers)
     elif getattr(model.expert_runtime, "resident", None) != resident:
-        raise MoekitError(f"the plan keeps {resident} experts per layer resident, the model given "
-                          f"{getattr(model.expert_runtime, 'resident', None)}: load it with load_paged(path, {resident})")
+        raise MoekitError(f"the plan keeps {resident} experts resident (per MoE layer), the model given "
+                          f"{getattr(model.expert_runtime, 'resident', None)}: load it with "
+                          f"load_paged(path, {resident})")
     stats = GenerationStats()
     runtime = model.expert_runtime
     pages_before, whole_before = runtime.pages_loaded, runtime.whole_loads  # a model given may have run before

@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "resumed run's chunks draw differently (default: torch's default generator)")
     p.add_argument("--policy", default="auto", metavar="auto|FILE|JSON",
                    help="auto: the HRM's plan (moekit plan); else a JSON object (or a .json file) of Policy "
-                        "fields: batch, micro_batch, resident_share[, attention=cpu]")
+                        "fields: batch, micro_batch, resident_share (r_w of every layer) or resident_experts "
+                        "(R in all, spread over the layers)[, attention=cpu]")
     p.add_argument("--machine", default=None, metavar="FILE|PRESET",
                    help="the machine the HRM plans and predicts for (as moekit plan; default: this one's profile)")
     p.add_argument("--reprofile", action="store_true", help="measure this machine again (else the cached profile)")
@@ -223,7 +224,9 @@ def read_policy(text: str):
     names = {f.name for f in fields(Policy)}
     if not isinstance(obj, dict):
         raise MoekitError(f"{source}: give a JSON object of {', '.join(sorted(names))}")
-    unknown, missing = set(obj) - names, {"batch", "micro_batch", "resident_share"} - set(obj)
+    unknown, missing = set(obj) - names, {"batch", "micro_batch"} - set(obj)
+    if obj.get("resident_share") is None and obj.get("resident_experts") is None:
+        missing.add("resident_share or resident_experts")
     if unknown or missing:
         raise MoekitError(f"{source}: " + "; ".join(
             ([f"unknown fields {', '.join(sorted(unknown))}"] if unknown else [])
@@ -232,8 +235,12 @@ def read_policy(text: str):
     for name in ("batch", "micro_batch"):
         if not isinstance(obj[name], int) or isinstance(obj[name], bool):
             raise MoekitError(f"{source}: {name} must be an integer, got {obj[name]!r}")
-    if not isinstance(obj["resident_share"], (int, float)) or isinstance(obj["resident_share"], bool):
-        raise MoekitError(f"{source}: resident_share must be a number in [0, 1], got {obj['resident_share']!r}")
+    share = obj.get("resident_share", 0.0)
+    if not isinstance(share, (int, float)) or isinstance(share, bool):
+        raise MoekitError(f"{source}: resident_share must be a number in [0, 1], got {share!r}")
+    if obj.get("resident_experts") is not None and (not isinstance(obj["resident_experts"], int)
+                                                     or isinstance(obj["resident_experts"], bool)):
+        raise MoekitError(f"{source}: resident_experts must be a whole count, got {obj['resident_experts']!r}")
     policy = Policy(**obj)  # raises on bad ranges
     if policy.attention != "cpu":
         raise MoekitError(f"{source}: attention '{policy.attention}' is not supported by the batch engine (CGOPipe "
@@ -317,7 +324,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         "no HRM prediction (give --machine)"
     print(f"moekit: batch: {len(pending)} prompts ({len(requests) - len(pending)} done before), {tokens_total} tokens "
           f"in {seconds:.1f} s = {tokens_total / seconds:.1f} tok/s ({predicted}); N = {policy.batch}, micro-batch "
-          f"{policy.micro_batch}, {resident} experts per layer resident, {device}, {sampler}; results in {out}",
+          f"{policy.micro_batch}, {resident_words(resident)}, {device}, {sampler}; results in {out}",
           file=sys.stderr)
     return 0
 
@@ -336,6 +343,13 @@ class Sampler:
             return "greedy"
         return (f"sampled at temperature {self.temperature:g}, top-k {self.top_k}, top-p {self.top_p:g}, "
                 f"seed {'unset' if self.seed is None else self.seed}")
+
+
+def resident_words(resident) -> str:
+    """Returns resident experts (one count a layer, or a count per MoE layer) in words."""
+    if isinstance(resident, int):
+        return f"{resident} experts per layer resident"
+    return f"{sum(resident)} experts resident ({min(resident)}-{max(resident)} per MoE layer)"
 
 
 def run_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], policy, max_new_tokens: int,

@@ -101,7 +101,7 @@ def resolve_machine(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .hrm import ATTENTION_PLACES, Workload, model_costs, search
+    from .hrm import ATTENTION_PLACES, Workload, describe_resident, model_costs, search
 
     device_budget, host_budget = check_plan_flags(args)
     path = model_dir(args.model)
@@ -143,8 +143,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     f"GB/s, PCIe {machine.h2d_bandwidth / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s")),
         ("workload", f"{workload.prompt_len} prompt + {workload.gen_len} generated tokens per sequence"),
         ("policy", (f"N = {p.batch} sequences in {p.batch // p.micro_batch} micro-batches of {p.micro_batch}, "
-                   f"attention on the {p.attention.upper()}, {round(p.resident_share * costs.experts)} of "
-                    f"{costs.experts:g} experts per layer resident")),
+                   f"attention on the {p.attention.upper()}, {describe_resident(costs, p)}")),
         ("throughput", (f"{plan.tok_s:.1f} tok/s generated ({plan.decode_tok_s:.1f} tok/s decode, "
                        f"prefill {plan.prefill_s:.2f} s, a decode step {plan.decode_step_s * 1e3:.1f} ms)")),
         *((("prefill experts", plan.prefill_experts),) if plan.prefill_experts else ()),
@@ -154,7 +153,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ("memory", f"device {fmt_bytes(plan.memory.device)}, host {fmt_bytes(plan.memory.host)}"),
         *((f"attention on the {o.policy.attention.upper()}",
            (f"at best {o.tok_s:.1f} tok/s (N = {o.policy.batch}, micro-batch {o.policy.micro_batch}, "
-           f"{round(o.policy.resident_share * costs.experts)} of {costs.experts:g} resident; bound by {o.bound})")) for o in others),
+           f"{describe_resident(costs, o.policy)}; bound by {o.bound})")) for o in others),
     ]))
     return 0
 

@@ -84,6 +84,11 @@ class ModelCosts:
         return self.experts * self.expert_bytes * self.moe_fraction
 
     @property
+    def moe_layers(self) -> int:
+        """Returns the layers with routed experts (L_moe)."""
+        return round(self.num_layers * self.moe_fraction)
+
+    @property
     def total_expert_bytes(self) -> float:
         return self.layer_expert_bytes * self.num_layers
 

@@ -1,13 +1,20 @@
 """The hierarchical roofline model (HRM) of MoE-Lightning and its policy search: what a
 pipelined batch decode (CGOPipe) of a model costs per layer on a machine, and the policy --
-batch N, micro-batch mu, resident share of experts r_w, where attention runs -- that gives the
-most generated tokens per second within the device and host memory budgets.
+batch N, micro-batch mu, resident experts R (a total over the MoE layers), where attention runs --
+that gives the most generated tokens per second within the device and host memory budgets.
+
+Resident experts: R whole experts over the L_moe MoE layers, spread as evenly as whole experts go
+(resident_layers: the first R mod L_moe layers hold j + 1, the rest j = R // L_moe), so a budget
+with room for some experts but not one more in every layer still holds them (the paper's r_w is
+R / (L_moe E), each layer's share; a policy without R holds round(r_w E) in every layer). Layers
+that hold different counts stream different bytes: a decode step is the sum of its layers' times,
+each layer its own roofline max.
 
 Per decode layer (an average layer), for N sequences in N / mu micro-batches (paper eq. 12-14):
 
     T_layer = max(comm, T_cpu, T_gpu)           (CPU attention in one micro-batch: max(comm, T_cpu + T_gpu))
     comm    = max(H2D bytes / h2d, D2H bytes / d2h)
-              H2D: the layer's non-resident expert bytes (1 - r_w) + attention outputs (CPU attention)
+              H2D: the layer's non-resident expert bytes (E - R_l experts) + attention outputs (CPU attention)
               D2H: q, k, v of the new tokens (CPU attention)
     T_cpu   = max(attention FLOPs / host FLOP/s, KV bytes / kernel rate,
                   (KV bytes + streamed expert bytes) / host bandwidth)      (CPU attention)
@@ -37,13 +44,13 @@ pool written once; the experts' FLOPs at the grouped kernels' measured prefill r
 Machine.prefill_expert_flops, else at the GEMM peak -- 1.7-3.9x too fast on the H200) and gen_len - 1 decode steps; throughput is
 N * gen_len / (prefill + decode), the paper's metric.
 
-Memory, per policy (bytes): device = non-expert weights + r_w of the experts + a double buffer of
-one layer's streamed experts + the hidden states of N tokens + one micro-batch's prefill
-activations + (GPU attention: the KV cache of N sequences; CPU attention: the prefill's KV staging
+Memory, per policy (bytes): device = non-expert weights + the R resident experts + a double buffer
+of the slowest layer's streamed experts (E - min_l R_l slots each) + the hidden states of N tokens
++ one micro-batch's prefill activations + (GPU attention: the KV cache of N sequences; CPU attention: the prefill's KV staging
 -- one layer of N prompts and its copy on the way to the host -- and the q, k, v packets of N tokens: CGOPipe launches CPU attention a layer ahead, so
 every micro-batch's packet may wait on the device for its D2H copy). The double buffer is what
 lets layer i + 1's pages stream while layer i computes. Host = every expert (the store) + (CPU attention: the KV cache) + the prefill hidden
-states of N prompts. r_w is whole experts per layer (j / E), as a runtime can hold them. Device
+states of N prompts. R is whole experts, as a runtime can hold them (pipeline.paged). Device
 slots are the form's slot bytes (packed slots fit the widest layer), plus the form's tables (a
 code's dictionaries) and its decode workspace.
 
@@ -57,7 +64,7 @@ s prompt length, n generated tokens, c = s + n / 2 the mean context of a decode 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..errors import MoekitError
 from .costs import (  # noqa: F401 (the model's terms, re-exported: hrm is where callers plan from)
@@ -75,6 +82,13 @@ from .costs import (  # noqa: F401 (the model's terms, re-exported: hrm is where
     routed_tokens,
 )
 from .machine import Machine
+from .residency import (  # noqa: F401 (re-exported: callers plan from hrm)
+    describe_resident,
+    layer_groups,
+    resident_layers,
+    spread_resident,
+    with_resident,
+)
 
 ATTENTION_PLACES = ("cpu", "gpu")
 CUDA_RESERVE_BYTES = 64 * 2**20  # workspaces and allocator rounding (offload.planner's reserve)
@@ -103,18 +117,24 @@ class Workload:
 
 @dataclass(frozen=True)
 class Policy:
-    """One way to run the batch: N sequences in micro-batches of mu, r_w of the experts resident."""
+    """One way to run the batch: N sequences in micro-batches of mu, R experts resident (r_w of them)."""
 
     batch: int  # N: sequences decoded together
     micro_batch: int  # mu: sequences per micro-batch (N / mu of them per layer)
-    resident_share: float  # r_w: share of every layer's experts held on the GPU (whole experts)
+    resident_share: float = 0.0  # r_w: share of the routed experts held on the GPU (R / (L_moe E) where R is given)
     attention: str = "cpu"  # where decode attention runs: "cpu" (KV in host memory) | "gpu" (KV on the GPU)
+    # R: routed experts held on the GPU over all MoE layers, spread evenly (resident_layers);
+    # None (policies before it): round(r_w E) in every layer
+    resident_experts: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch < 1 or not 1 <= self.micro_batch <= self.batch:
             raise MoekitError(f"a policy needs 1 <= micro_batch ({self.micro_batch}) <= batch ({self.batch})")
         if not 0 <= self.resident_share <= 1:
             raise MoekitError(f"resident_share must be in [0, 1], got {self.resident_share}")
+        if self.resident_experts is not None and (isinstance(self.resident_experts, bool) or not isinstance(
+                self.resident_experts, int) or self.resident_experts < 0):
+            raise MoekitError(f"resident_experts must be a whole count >= 0, got {self.resident_experts!r}")
         if self.attention not in ATTENTION_PLACES:
             raise MoekitError(f"attention must be one of {', '.join(ATTENTION_PLACES)}, got {self.attention!r}")
 
@@ -169,10 +189,23 @@ def _roof(flops: float, nbytes: float, peak_flops: float, bandwidth: float) -> t
     return flops / peak_flops, nbytes / bandwidth
 
 
-def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: float) -> LayerTime:
-    """Returns the seconds of one decode layer under `policy` with every sequence at `context` positions."""
+def streamed_bytes(m: ModelCosts, policy: Policy, resident: float | None = None) -> float:
+    """Returns the expert bytes an average layer streams host-to-device, holding `resident` of its
+    experts (None: the policy's mean, r_w E)."""
+    if resident is None:
+        counts = resident_layers(m, policy) if policy.resident_experts is not None else None
+        kept = sum(counts) / len(counts) if counts else policy.resident_share * m.experts
+    else:
+        kept = resident
+    return max(0.0, m.experts - kept) * m.expert_bytes * m.moe_fraction
+
+
+def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: float,
+                      resident: float | None = None) -> LayerTime:
+    """Returns the seconds of one decode layer under `policy` with every sequence at `context`
+    positions, the layer holding `resident` experts on the device (None: the policy's mean)."""
     n, n_ub = policy.batch, policy.micro_batches
-    streamed = m.layer_expert_bytes * (1 - policy.resident_share)
+    streamed = streamed_bytes(m, policy, resident)
     positions = m.attended(context)
     kv_read = n * positions * m.kv_bytes_per_token
     attn_flops = n * positions * m.attention_flops_per_position
@@ -222,14 +255,15 @@ def expert_read_rate(m: ModelCosts, machine: Machine, tokens: float = 0) -> floa
     return machine.gpu_bandwidth
 
 
-def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_len: int) -> float:
-    """Returns the seconds of one prefill layer: all on the GPU, the layer's streamed experts
-    sent once, KV sent to the host (CPU attention), each term its own roof. The routed experts'
-    FLOPs run at the grouped kernels' measured prefill rate (prefill_expert_rate: the dense GEMM's
-    where not measured), the rest -- projections, router, causal attention over the prompt -- at
-    the GEMM's."""
+def prefill_layer_time(m: ModelCosts, machine: Machine, policy: Policy, prompt_len: int,
+                       resident: float | None = None) -> float:
+    """Returns the seconds of one prefill layer holding `resident` experts (None: the policy's
+    mean): all on the GPU, the layer's streamed experts sent once, KV sent to the host (CPU
+    attention), each term its own roof. The routed experts' FLOPs run at the grouped kernels'
+    measured prefill rate (prefill_expert_rate: the dense GEMM's where not measured), the rest --
+    projections, router, causal attention over the prompt -- at the GEMM's."""
     tokens = policy.batch * prompt_len
-    streamed = m.layer_expert_bytes * (1 - policy.resident_share)
+    streamed = streamed_bytes(m, policy, resident)
     per_mb = policy.micro_batch * prompt_len
     flops = tokens * (m.other_flops + m.attention_flops_per_position * m.attended(prompt_len) / 2)
     # the experts' FLOPs, priced here only (`flops` is the rest): the grouped kernels' prefill rate
@@ -247,12 +281,12 @@ def prefill_time(m: ModelCosts, machine: Machine, policy: Policy, w: Workload) -
     -- the first MoE layer's streamed experts, sent before it can compute (layer i + 1's stream
     behind layer i's compute only from then on), and with CPU attention the host KV pool written
     once where it is allocated (N sequences' prompt + generated positions, at the host's rate)."""
-    streamed = m.layer_expert_bytes * (1 - policy.resident_share)
+    groups = layer_groups(m, policy)
     pool = 0.0
     if policy.attention == "cpu":
         pool = policy.batch * (w.prompt_len + w.gen_len) * m.kv_bytes_per_token * m.num_layers
-    return (m.num_layers * prefill_layer_time(m, machine, policy, w.prompt_len)
-            + streamed / machine.h2d_bandwidth + pool / machine.host_bandwidth)
+    return (sum(layers * prefill_layer_time(m, machine, policy, w.prompt_len, j) for layers, j in groups)
+            + streamed_bytes(m, policy, groups[0][1]) / machine.h2d_bandwidth + pool / machine.host_bandwidth)
 
 
 @dataclass(frozen=True)
@@ -265,11 +299,12 @@ class Memory:
 
 def memory(m: ModelCosts, policy: Policy, w: Workload) -> Memory:
     """Returns the device and host bytes `policy` holds for workload `w` (see the module docstring)."""
-    n, mu, r_w = policy.batch, policy.micro_batch, policy.resident_share
+    n, mu = policy.batch, policy.micro_batch
     positions = w.prompt_len + w.gen_len
     kv_all = n * positions * m.kv_bytes_per_token * m.num_layers
-    slots_per_layer = m.experts * m.moe_fraction  # an average layer's routed experts
-    slots = r_w * slots_per_layer * m.num_layers + (2 * (1 - r_w) * slots_per_layer if r_w < 1 else 0)
+    counts = resident_layers(m, policy)
+    # the resident experts, and two buffers of the layer that streams the most (pipeline.paged's slab)
+    slots = sum(counts) + 2 * max((m.experts - j for j in counts), default=0.0)
     device = (m.resident_bytes + slots * m.device_slot_bytes + m.table_bytes + m.workspace_bytes
               + n * m.hidden * m.act_bytes * 2  # the residual stream of every micro-batch, and its attention output
               + mu * w.prompt_len * m.prefill_act_bytes_per_token + CUDA_RESERVE_BYTES)
@@ -289,8 +324,8 @@ class Plan:
     """A policy with its predicted times, throughput and memory."""
 
     policy: Policy
-    layer: LayerTime  # a decode layer at the mean context
-    decode_step_s: float  # L layers
+    layer: LayerTime  # the slowest decode layer (the most streamed bytes) at the mean context
+    decode_step_s: float  # L layers, each at its resident experts' time
     prefill_s: float
     generation_s: float  # prefill + (gen_len - 1) decode steps
     decode_tok_s: float  # N / decode step
@@ -311,8 +346,9 @@ class Plan:
 
 def evaluate(m: ModelCosts, machine: Machine, policy: Policy, w: Workload, limited_by: str = "") -> Plan:
     """Returns the Plan of one policy (its memory is not checked: see `fits`)."""
-    layer = decode_layer_time(m, machine, policy, w.mean_context)
-    step = m.num_layers * layer.time
+    layers = [(count, decode_layer_time(m, machine, policy, w.mean_context, j)) for count, j in layer_groups(m, policy)]
+    step = sum(count * t.time for count, t in layers)
+    layer = max((t for _, t in layers), key=lambda t: t.time)
     prefill = prefill_time(m, machine, policy, w)
     total = prefill + (w.gen_len - 1) * step
     return Plan(policy, layer, step, prefill, total, policy.batch / step if step > 0 else math.inf,
@@ -338,10 +374,11 @@ def check_machine(machine: Machine) -> None:
 
 
 def max_batch(m: ModelCosts, machine: Machine, mu: int, r_w: float, attention: str, w: Workload,
-              device_budget: float, host_budget: float) -> tuple[int, str]:
-    """Returns (the largest N, a multiple of mu, whose memory fits both budgets (0: none), what limits it)."""
+              device_budget: float, host_budget: float, resident_experts: int | None = None) -> tuple[int, str]:
+    """Returns (the largest N, a multiple of mu, whose memory fits both budgets (0: none), what
+    limits it) with r_w of every layer's experts resident, or R = `resident_experts` in all."""
     # memory is affine in N for a fixed mu: two evaluations give its slope
-    one, two = (memory(m, Policy(k * mu, mu, r_w, attention), w) for k in (1, 2))
+    one, two = (memory(m, Policy(k * mu, mu, r_w, attention, resident_experts), w) for k in (1, 2))
     limits = []
     for name, budget, a, b in (("device memory", device_budget, one.device, two.device),
                                ("host memory", host_budget, one.host, two.host)):
@@ -372,35 +409,71 @@ def search(m: ModelCosts, machine: Machine, w: Workload, device_budget: float | 
     budgets (default: the machine's device memory and 80% of its host memory); raises
     MoekitError saying what is short when none fits.
 
-    For a fixed (attention, r_w, mu) every term of a layer's time is affine in N with a
+    For a fixed (attention, R, mu) every term of a layer's time is affine in N with a
     non-negative intercept, so N / T grows with N: the largest N that fits is that line's best.
-    The search scans attention places, r_w in whole experts per layer, and mu (`micro_batch_grid`);
-    of policies with equal throughput it keeps the one with the fewest micro-batches."""
+    The search scans attention places, R at whole experts in every layer (j L_moe, at most ~33
+    levels of j), and mu (`micro_batch_grid`); at each level's largest N, and at one micro-batch
+    fewer, it then adds the extra experts the device budget still holds (`fill_resident`: up to
+    the next level, spread over the layers). Of policies with equal throughput it keeps the one
+    with the fewest micro-batches, then the fewest resident experts."""
     check_machine(machine)
     device_budget = machine.gpu_memory if device_budget is None else device_budget
     host_budget = 0.8 * machine.host_memory if host_budget is None else host_budget
-    levels = max(1, round(m.experts))
-    shares = sorted({j / levels for j in range(0, levels + 1, max(1, levels // 32))} | {1.0})
+    experts, layers = max(1, round(m.experts)), m.moe_layers
+    step = max(1, experts // 32)
+    levels = sorted(set(range(0, experts + 1, step)) | {experts})
     best: Plan | None = None
     cap = min(max_micro_batch, w.num_prompts or max_micro_batch)
+
+    def better(plan: Plan) -> bool:
+        # a tie (a PCIe-bound decode is the same for every mu) goes to fewer micro-batches: each
+        # costs kernel launches and a CPU task the model does not count; then to fewer experts held
+        if best is None or plan.tok_s > best.tok_s * (1 + 1e-9):
+            return True
+        tie = plan.tok_s >= best.tok_s * (1 - 1e-9)
+        return tie and (plan.policy.micro_batches, plan.policy.resident_experts) < (
+            best.policy.micro_batches, best.policy.resident_experts)
+
     for place in attention:
-        for r_w in shares:
+        for at, j in enumerate(levels):
+            top = levels[at + 1] * layers - 1 if at + 1 < len(levels) else j * layers  # the next level's own
             for mu in micro_batch_grid(cap):
-                n, limit = max_batch(m, machine, mu, r_w, place, w, device_budget, host_budget)
+                n, limit = max_batch(m, machine, mu, j / experts, place, w, device_budget, host_budget, j * layers)
                 if n == 0:
                     if limit == "device memory" and mu > 1:
                         break  # a larger micro-batch needs more device memory still
                     continue
-                plan = evaluate(m, machine, Policy(n, mu, r_w, place), w, limit)
-                # a tie (a PCIe-bound decode is the same for every mu) goes to fewer micro-batches:
-                # each costs kernel launches and a CPU task the model does not count
-                if best is None or plan.tok_s > best.tok_s * (1 + 1e-9) or (
-                        plan.tok_s >= best.tok_s * (1 - 1e-9) and plan.policy.micro_batches < best.policy.micro_batches):
-                    best = plan
+                base = with_resident(m, Policy(n, mu, attention=place), j * layers)
+                candidates = [base]
+                for fewer in (n, n - mu):  # its N, and one micro-batch fewer for more experts
+                    if fewer >= mu and top > j * layers:
+                        more = fill_resident(m, replace(base, batch=fewer), w, device_budget, top)
+                        if more.resident_experts > j * layers:
+                            candidates.append(more)
+                for policy in candidates:
+                    plan = evaluate(m, machine, policy, w, limit if policy.batch == n else "device memory")
+                    if better(plan):
+                        best = plan
     if best is None:
-        floor = memory(m, Policy(1, 1, 0.0, "cpu"), w)
+        floor = memory(m, Policy(1, 1, 0.0, "cpu", 0), w)
         raise MoekitError(
             f"no policy fits: one sequence needs {floor.device / 1e9:.2f} GB of device memory (budget "
             f"{device_budget / 1e9:.2f} GB) and {floor.host / 1e9:.2f} GB of host memory (budget "
             f"{host_budget / 1e9:.2f} GB); give --device-memory / --host-memory larger, or a smaller stored form")
     return best
+
+
+def fill_resident(m: ModelCosts, policy: Policy, w: Workload, device_budget: float, top: int) -> Policy:
+    """Returns `policy` with the most resident experts, at most `top` in all and no fewer than its
+    own, whose device memory fits `device_budget` (the host's does not change: the store holds
+    every expert)."""
+    low = policy.resident_experts or 0
+    spare = device_budget - memory(m, policy, w).device
+    if spare < m.device_slot_bytes:
+        return policy
+    # an extra expert is one more slot (the double buffer only shrinks as the layers fill): the
+    # estimate fits, or a step down finds one that does
+    total = min(top, low + int(spare // m.device_slot_bytes))
+    while total > low and memory(m, with_resident(m, policy, total), w).device > device_budget:
+        total -= 1
+    return with_resident(m, policy, total)

@@ -1,5 +1,6 @@
-"""Paged experts (CGOPipe's weight paging): R experts of every MoE layer stay on the device; the
-other E - R of each layer live in a host store and are streamed into one of two device buffers
+"""Paged experts (CGOPipe's weight paging): R_l experts of MoE layer l stay on the device (the same
+count in every layer, or counts that differ by layer: the HRM spreads a total over the layers); the
+other E - R_l of each layer live in a host store and are streamed into one of two device buffers
 (double buffering: layer i computes from one while layer i + 1 fills the other), in pages.
 
 The pipelined engine (moekit.pipeline.cgopipe) sends the pages of the next MoE layer in step with
@@ -10,8 +11,9 @@ all of its pages. Any other engine (moekit.generate: prefill, plain decode) just
 a layer whose pages are not all there is loaded whole first, so the model runs anywhere,
 token-equal to its resident self.
 
-Where experts lie: one device slab of slots (offload.layout), laid out as [R resident slots of
-each MoE layer | buffer 0 | buffer 1], each buffer E - R slots. A layer's `rows` table maps expert
+Where experts lie: one device slab of slots (offload.layout), laid out as [R_l resident slots of
+each MoE layer l | buffer 0 | buffer 1], each buffer max_l(E - R_l) slots (the layer that streams
+the most); a layer's resident experts are its first R_l ids, the rest stream. A layer's `rows` table maps expert
 id -> slot for the buffer that holds it, and the form runs the slab like an offload cache slab
 (ids, row_of, count: the same reduction as a resident layer).
 
@@ -39,7 +41,7 @@ whole expert). A packed layer narrower than the slots (a ternary code's chunk ca
 between layers; slots fit the largest) copies its byte range row by row into the slots' first
 bytes; a store that is not contiguous is paged in expert-aligned ranges (`page_range`).
 
-Shapes: E experts of a layer, R resident, S slots, N tokens, A experts per token, D hidden.
+Shapes: E experts of a layer, R_l resident in layer l, S slots, N tokens, A experts per token, D hidden.
 """
 
 from __future__ import annotations
@@ -71,17 +73,21 @@ class PagedRuntime:
     compilable = False
     prefill_chunk = None
 
-    def __init__(self, layout, stores: dict[int, Tensors], resident: int, device: torch.device):
+    def __init__(self, layout, stores: dict[int, Tensors], resident, device: torch.device):
+        """`resident`: experts each MoE layer keeps on the device -- one count for every layer, or
+        a sequence of counts, one per MoE layer in layer order (resident_counts)."""
         self.layout, self.stores, self.device = layout, stores, torch.device(device)
         self.layers = sorted(stores)
         self.experts = {layer: next(iter(t.values())).shape[0] for layer, t in stores.items()}
-        if not 0 <= resident <= min(self.experts.values()):
-            raise MoekitError(f"resident experts per layer must be in 0..{min(self.experts.values())}, got {resident}")
-        self.resident = resident
-        self.streamed = max(self.experts.values()) - resident  # slots of one buffer
-        slots = len(self.layers) * resident + 2 * self.streamed
-        self.slab = layout.empty(max(slots, 1), self.device)
-        self.buffer_start = [len(self.layers) * resident, len(self.layers) * resident + self.streamed]
+        self.resident_of = resident_counts(resident, [self.experts[m] for m in self.layers], self.layers)
+        counts = tuple(self.resident_of[m] for m in self.layers)
+        self.resident = counts[0] if len(set(counts)) == 1 else counts  # as given: one count, or one a layer
+        self.resident_start, start = {}, 0  # layer -> its first resident slot
+        for m in self.layers:
+            self.resident_start[m], start = start, start + self.resident_of[m]
+        self.streamed = max(self.experts[m] - self.resident_of[m] for m in self.layers)  # slots of one buffer
+        self.slab = layout.empty(max(start + 2 * self.streamed, 1), self.device)
+        self.buffer_start = [start, start + self.streamed]
         self.cuda = self.device.type == "cuda"
         # the weight stream: expert pages only, so a page never waits behind (or holds up) activations
         self.h2d = torch.cuda.Stream(self.device) if self.cuda else None
@@ -110,8 +116,8 @@ class PagedRuntime:
         self.layer_decodes = 0  # layers decoded into the workspace (statistics, tests)
         self.pages_loaded = 0  # pages copied, all layers (statistics, tests)
         self.whole_loads = 0  # layers loaded whole at their call (not ahead, page by page)
-        for i, layer in enumerate(self.layers):  # the resident experts, once
-            self._copy(layer, 0, resident, i * resident, non_blocking=False)
+        for layer in self.layers:  # the resident experts, once
+            self._copy(layer, 0, self.resident_of[layer], self.resident_start[layer], non_blocking=False)
         self._rows = {(layer, h): self._row_table(layer, h) for layer in self.layers for h in (0, 1)}
         # the same tables on the device: indexing them with the router's ids needs no host copy (a
         # per-call torch.tensor(..., device=cuda) is a blocking copy that stalls the launch thread)
@@ -119,9 +125,8 @@ class PagedRuntime:
 
     # ---- placement -----------------------------------------------------------------------------
     def _row_table(self, layer: int, half: int) -> list[int]:
-        base = self.layers.index(layer) * self.resident
-        return [base + e if e < self.resident else self.buffer_start[half] + e - self.resident
-                for e in range(self.experts[layer])]
+        base, kept = self.resident_start[layer], self.resident_of[layer]
+        return [base + e if e < kept else self.buffer_start[half] + e - kept for e in range(self.experts[layer])]
 
     def _copy(self, layer: int, lo: int, hi: int, slot: int, non_blocking: bool) -> None:
         """Copies experts lo..hi-1 of `layer` from the host store into slots slot.. of the slab."""
@@ -142,8 +147,8 @@ class PagedRuntime:
 
     def page_range(self, layer: int, page: int, pages: int) -> tuple[int, int]:
         """Returns the streamed experts [lo, hi) of page `page` of `pages` of a layer."""
-        per = -(-(self.experts[layer] - self.resident) // pages)
-        lo = self.resident + page * per
+        per = -(-(self.experts[layer] - self.resident_of[layer]) // pages)
+        lo = self.resident_of[layer] + page * per
         return lo, min(self.experts[layer], lo + per)
 
     def next_layer(self, layer: int) -> int:
@@ -153,7 +158,7 @@ class PagedRuntime:
 
     def streamed_bytes(self, layer: int) -> int:
         """Returns the bytes of the layer's streamed experts (what its pages carry)."""
-        return (self.experts[layer] - self.resident) * sum(t[0].numel() * t.element_size()
+        return (self.experts[layer] - self.resident_of[layer]) * sum(t[0].numel() * t.element_size()
                                                            for t in self.stores[layer].values())
 
     def flat_pages(self, layer: int) -> bool:
@@ -173,11 +178,12 @@ class PagedRuntime:
     def _page_plan(self, layer: int, page: int, pages: int, half: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Returns the (slab view, store view) pairs page `page` of `pages` of the layer's
         streamed experts copies into buffer `half`."""
-        streamed = self.experts[layer] - self.resident
+        kept = self.resident_of[layer]
+        streamed = self.experts[layer] - kept
         base = self.buffer_start[half]
         if not self.flat_pages(layer):
             lo, hi = self.page_range(layer, page, pages)
-            return self._expert_views(layer, lo, hi, base + lo - self.resident)
+            return self._expert_views(layer, lo, hi, base + lo - kept)
         views = []
         for name, src in self.stores[layer].items():
             width = src[0].numel()  # elements of one expert in the store
@@ -186,7 +192,7 @@ class PagedRuntime:
             a = total * page // pages // align * align
             b = total if page == pages - 1 else total * (page + 1) // pages // align * align
             if b > a:
-                views += range_views(self.slab[name][base:base + streamed], src[self.resident:], a, b)
+                views += range_views(self.slab[name][base:base + streamed], src[kept:], a, b)
         return views
 
     def load_page(self, layer: int, page: int, pages: int, stream=None) -> None:
@@ -195,7 +201,7 @@ class PagedRuntime:
         (default: the runtime's weight stream) behind the last expert call of the layer whose
         buffer it takes -- not behind the compute queued since -- and the last page records the
         event the layer's expert calls wait for."""
-        if self.streamed == 0 or self.loaded(layer) or page in self.pages_done.get(layer, set()):
+        if self.loaded(layer) or page in self.pages_done.get(layer, set()):
             return
         if layer not in self.half_of:
             # the buffer the MoE layer before this one does not use: that layer computes while this
@@ -248,7 +254,8 @@ class PagedRuntime:
 
     def loaded(self, layer: int) -> bool:
         """Returns whether every page of the layer's streamed experts is in its buffer."""
-        return self.streamed == 0 or (layer in self.half_of and len(self.pages_done[layer]) == self.pages_of[layer])
+        return (self.experts[layer] == self.resident_of[layer]  # nothing streams (all of it resident)
+                or (layer in self.half_of and len(self.pages_done[layer]) == self.pages_of[layer]))
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D], loading the layer whole
@@ -344,8 +351,8 @@ class PagedRuntime:
                                "down": torch.empty((width, form.hidden, form.ffn), dtype=dtype, device=self.device)}
         ws = {kind: t[:count] for kind, t in self._workspace.items()}
         if self._decoded != (layer, half, dtype):
-            base = self.layers.index(layer) * self.resident
-            for lo, hi, slot in ((0, self.resident, base), (self.resident, count, self.buffer_start[half])):
+            kept = self.resident_of[layer]
+            for lo, hi, slot in ((0, kept, self.resident_start[layer]), (kept, count, self.buffer_start[half])):
                 if hi > lo:
                     part = form.one(stacked, slice(slot, slot + hi - lo))  # [hi - lo, ...] of each stored tensor
                     for kind in KINDS:
@@ -364,11 +371,27 @@ class PagedRuntime:
     def report(self) -> dict:
         form = self.layout.form
         return {"form": form.name, "bits_per_weight": bits_per_weight(self.layout, form),
-                "resident_per_layer": self.resident, "streamed_per_layer": self.streamed,
+                "resident_per_layer": self.resident, "resident_total": sum(self.resident_of.values()),
+                "streamed_per_layer": self.streamed,
                 "pages_loaded": self.pages_loaded, "whole_loads": self.whole_loads,
                 "slab_bytes": sum(t.numel() * t.element_size() for t in self.slab.values()),
                 "workspace_bytes": sum(t.numel() * t.element_size() for t in (self._workspace or {}).values()),
                 "layer_decodes": self.layer_decodes}
+
+
+def resident_counts(resident, experts: list[int], layers: list[int]) -> dict[int, int]:
+    """Returns {MoE layer: experts it keeps resident} for `resident` -- one count for every layer or
+    a sequence of one per layer (`experts`: each layer's count, `layers`: their ids, in order);
+    raises MoekitError naming the bad count."""
+    if isinstance(resident, bool) or not isinstance(resident, (int, list, tuple)):
+        raise MoekitError(f"resident experts: give a count or a list of one per MoE layer, got {resident!r}")
+    counts = [resident] * len(layers) if isinstance(resident, int) else list(resident)
+    if len(counts) != len(layers):
+        raise MoekitError(f"resident experts: {len(counts)} counts given for {len(layers)} MoE layers; give one a layer")
+    for layer, count, have in zip(layers, counts, experts):
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= have:
+            raise MoekitError(f"resident experts per layer must be in 0..{have}, got {count!r} for layer {layer}")
+    return dict(zip(layers, counts))
 
 
 class PagedExperts(nn.Module):
@@ -413,12 +436,13 @@ def pageable_form(ctx: LoadContext, host_layers: dict[int, Tensors] | None = Non
 class PagedLoader(ExpertLoader):
     """Builds paged experts while a model loads: every layer's experts, in their stored form
     (dense, int-N or ternary code: `pageable_form`), into the host store (pinned on a GPU
-    machine), `resident` of each layer also on the device. `host_layers` ({layer: {name: [E,
+    machine), `resident` of each layer also on the device (one count, or one per MoE layer in
+    layer order: PagedRuntime). `host_layers` ({layer: {name: [E,
     ...]}}, as the form stores them: dense gate_up [E, 2I, D], down [E, D, I]; a compressed
     checkpoint's stored tensors named as quant.formats names them, code_table included) gives the
     host store directly (benchmarks: experts made in pinned memory, no checkpoint read)."""
 
-    def __init__(self, resident: int, host_layers: dict[int, Tensors] | None = None):
+    def __init__(self, resident, host_layers: dict[int, Tensors] | None = None):
         self.resident = resident
         self.host_layers = host_layers
         self.stores: dict[int, Tensors] = {}

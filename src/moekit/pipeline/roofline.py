@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from .costs import ModelCosts
-from .hrm import Plan, Workload
+from .hrm import Plan, Workload, streamed_bytes
 from .machine import Machine
 
 WIDTH, HEIGHT = 760, 500
@@ -63,7 +63,7 @@ def points(costs: ModelCosts, plan: Plan, workload: Workload) -> list[Point]:
     """Returns the plan's decode-layer operations placed on the roofs (none with zero FLOPs or bytes)."""
     p, layer_s = plan.policy, plan.layer.time
     expert_flops = p.batch * costs.top_k * costs.expert_flops * costs.moe_fraction
-    streamed = costs.layer_expert_bytes * (1 - p.resident_share)
+    streamed = streamed_bytes(costs, p)  # an average layer's
     read = p.micro_batches * costs.touched(p.micro_batch) * costs.expert_bytes * costs.moe_fraction
     positions = costs.attended(workload.mean_context)
     attn_flops = p.batch * positions * costs.attention_flops_per_position
