@@ -21,10 +21,13 @@ import torch
 from . import fused
 from .errors import MoekitError
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
-from .paged_attention import causal_mask, decode_launch, gather_sequence
+from .paged_attention import causal_mask, decode_launch, decode_splits, gather_sequence
 
 try:
-    from .kernels.sink_decode import sink_attention_kernel
+    import triton
+
+    from .kernels.paged_attention import paged_decode_reduce_kernel
+    from .kernels.sink_decode import sink_attention_kernel, sink_attention_split_kernel
 except ImportError:  # CPU machines without triton keep the PyTorch path (fused.HAVE_TRITON is False)
     pass
 
@@ -142,24 +145,47 @@ def fused_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: tor
 # Plain (sink-free) decode through the kernel up to this head dim; past it the K and V tiles of a
 # float32 model would pass the H200's shared memory (and no sm_90 build checks them), so SDPA stays.
 PLAIN_DECODE_MAX_HEAD_DIM = 256
-# the most positions (cache length, or the sliding window when shorter) the plain kernel attends over in
-# place of SDPA: one program per (row, kv head) walks the context alone, so a long one is slower than
-# cuDNN's split. H200, one-token graph steps (probe_sink_decode.py --plain, fd5ac8f): OLMoE B=1 6.6 vs
-# 13.1 us/layer at 70 positions in a 198-long cache, 27.4 vs 17.4 at 1024 of 1152; Qwen3 B=1 27.2 vs
-# 13.8 at 1024. On lines through those points (B=1: ~5 + 0.022 us a live position against SDPA's
-# ~12.2 + 0.0045 us a cached one) the kernel is no slower up to 384 positions. At B=32 the kernel wins
-# with GQA (Qwen3: 8.2 vs 14.4 at 70, 28.0 vs 30.0 at 1024) and with MHA only while the cache is longer
-# than the live context (OLMoE: 22.9 vs 28.6 at 70 of 198; about even when they are equal).
+# the most positions (cache length, or the sliding window when shorter) the one-pass plain kernel (one
+# program per (row, kv head) walking the context alone) attends over in place of SDPA. H200, one-token
+# graph steps (probe_sink_decode.py --plain, fd5ac8f): OLMoE B=1 6.6 vs 13.1 us/layer at 70 positions in
+# a 198-long cache, 27.4 vs 17.4 at 1024 of 1152; Qwen3 B=1 27.2 vs 13.8 at 1024. On lines through those
+# points (B=1: ~5 + 0.022 us a live position against SDPA's ~12.2 + 0.0045 us a cached one) the kernel is
+# no slower up to 384 positions. At B=32 the kernel wins with GQA (Qwen3: 8.2 vs 14.4 at 70, 28.0 vs 30.0
+# at 1024) and with MHA only while the cache is longer than the live context (OLMoE: 22.9 vs 28.6 at 70
+# of 198; 104.5 vs 80.2 at 1024 of 1152). Those B=32 OLMoE steps (512 programs) still run one-pass, so
+# this cap stays where it was measured.
 PLAIN_DECODE_MAX_POSITIONS = 384
+# the same when the step's positions are split (dense_splits > 1: B * Hkv under two programs an SM):
+# each run walks ~1/SPLITS of the context, then one small combine launch. Not measured yet: expected
+# from the lines above ~5 + 0.022 us a position of a run + ~2-3 us for the combine, so at B=1 ~9-12 us
+# against SDPA's ~17 at 1024 and ~31 at 4096 positions. Up to the longest cache the probe times
+# (probe_sink_decode.py --plain: 4096 cached + 128); past it SDPA stays until measured.
+PLAIN_SPLIT_DECODE_MAX_POSITIONS = 4096 + 128
+# a dense step splits only when each run gets at least this many attended positions of a full cache (two
+# 64-position tiles): below it the combine's extra launch costs more than the shorter walk saves (expected
+# from the lines above; the probe's splits-vs-one-pass rows at 70 of 198 and 1024 of 1152 measure it)
+DENSE_SPLIT_MIN_POSITIONS = 128
+
+
+def dense_splits(rows: int, kv_heads: int, positions: int, device: torch.device) -> int:
+    """Returns the runs fused_decode cuts each (row, kv head)'s positions into over a dense cache:
+    moekit.paged_attention.decode_splits' count for rows x kv heads programs (two programs an SM, 1
+    off CUDA, MOEKIT_DECODE_SPLITS fixes it), at most one run per DENSE_SPLIT_MIN_POSITIONS of the
+    `positions` a step may attend (the cache's S, or the window): shapes only, so a captured step
+    keeps its launch whatever the live context."""
+    return max(1, min(decode_splits(rows, kv_heads, device), positions // DENSE_SPLIT_MIN_POSITIONS))
 
 
 def plain_decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
                            values: torch.Tensor, window: int | None = None) -> bool:
     """Returns whether fused_decode without sinks stands in for moekit.model.Attention's mask and
     SDPA over these tensors (fused_supported, head dim <= PLAIN_DECODE_MAX_HEAD_DIM, at most
-    PLAIN_DECODE_MAX_POSITIONS positions to attend: the cache's S [B, Hkv, S, Dh], or the window)."""
+    PLAIN_DECODE_MAX_POSITIONS positions to attend, the cache's S [B, Hkv, S, Dh] or the window;
+    PLAIN_SPLIT_DECODE_MAX_POSITIONS when fused_decode splits them)."""
     positions = keys.shape[2] if window is None else min(keys.shape[2], window)
-    return (q.shape[-1] <= PLAIN_DECODE_MAX_HEAD_DIM and positions <= PLAIN_DECODE_MAX_POSITIONS
+    split = dense_splits(q.shape[0] * q.shape[2], k.shape[1], positions, q.device) > 1
+    limit = PLAIN_SPLIT_DECODE_MAX_POSITIONS if split else PLAIN_DECODE_MAX_POSITIONS
+    return (q.shape[-1] <= PLAIN_DECODE_MAX_HEAD_DIM and positions <= limit
             and fused_supported(q, k, v, keys, values))
 
 
@@ -171,17 +197,42 @@ def _fuse_paged(attn, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, keys
 
 
 def fused_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, keys: torch.Tensor,
-                 values: torch.Tensor, start: torch.Tensor, window: int | None, store: bool = True) -> torch.Tensor:
+                 values: torch.Tensor, start: torch.Tensor, window: int | None, store: bool = True,
+                 splits: int | None = None) -> torch.Tensor:
     """Returns attention with sinks [N, H, Dh] (N = B*T, row b*T + t) of q [B, H, T, Dh] at positions
     start.. (a 0-d device tensor) over the cache keys, values [B, Hkv, S, Dh], after storing k, v
-    [B, Hkv, T, Dh] there (positions past S dropped): one launch, graph-capturable. sinks [H], or
-    None for plain attention (torch SDPA's); store=False when k, v are in the cache already (the
-    kernel reads the step's own positions from k, v either way)."""
-    b, _, t, _ = q.shape
-    return _launch(q, (q.stride(0), q.stride(1), q.stride(2)), k, (k.stride(0), k.stride(1), k.stride(2)),
-                   v, (v.stride(0), v.stride(1), v.stride(2)), sinks, keys, values,
-                   (keys.stride(0), keys.stride(1), keys.stride(2)), keys.shape[1], keys.shape[2], start,
-                   start, start, 0, 1, window, b * t, t, paged=False, store=store)
+    [B, Hkv, T, Dh] there (positions past S dropped): one launch (two with splits), graph-capturable.
+    sinks [H], or None for plain attention (torch SDPA's); store=False when k, v are in the cache
+    already (the kernel reads the step's own positions from k, v either way). `splits` runs of
+    positions attended side by side, then combined (default: dense_splits; 1: the one-pass kernel)."""
+    b, h, t, dh = q.shape
+    hkv, capacity = keys.shape[1], keys.shape[2]
+    if splits is None:
+        splits = dense_splits(b * t, hkv, capacity if window is None else min(capacity, window), q.device)
+    if splits < 1:
+        raise MoekitError(f"fused_decode: splits must be >= 1, got {splits}")
+    if splits == 1:
+        return _launch(q, (q.stride(0), q.stride(1), q.stride(2)), k, (k.stride(0), k.stride(1), k.stride(2)),
+                       v, (v.stride(0), v.stride(1), v.stride(2)), sinks, keys, values,
+                       (keys.stride(0), keys.stride(1), keys.stride(2)), hkv, capacity, start,
+                       start, start, 0, 1, window, b * t, t, paged=False, store=store)
+    n = b * t
+    launch = sink_launch(q.dtype, dh, h // hkv, interpreted=not q.is_cuda, sinks=sinks is not None)
+    part = torch.empty(n, h, splits, dh, dtype=torch.float32, device=q.device)  # [N, H, SPLITS, Dh]
+    m = torch.empty(n, h, splits, dtype=torch.float32, device=q.device)  # [N, H, SPLITS]
+    lsum = torch.empty_like(m)
+    sink_attention_split_kernel[(n, hkv, splits)](
+        q, k, v, q if sinks is None else sinks, keys, values, start, part, m, lsum,
+        t, capacity, 0 if window is None else window, dh ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        H=h, WINDOW=window is not None, STORE=store, SPLITS=splits, **launch)
+    # the interpreter's cast to bf16 truncates (the compiled one rounds to nearest, as torch's .to does)
+    out = torch.empty((n, h, dh), dtype=q.dtype if q.is_cuda else torch.float32, device=q.device)
+    paged_decode_reduce_kernel[(n, h)](
+        part, m, lsum, out, h * dh, dh, h,
+        SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=dh, BLOCK_D=launch["DH_PAD"], num_warps=4)
+    return out.to(q.dtype)
 
 
 def paged_fused_decode(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, sinks: torch.Tensor,
