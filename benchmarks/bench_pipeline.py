@@ -109,6 +109,7 @@ import common  # also puts src/ on sys.path when moekit is not importable
 import torch
 from common import free_memory, log, sync
 from random_checkpoint import device_rand, non_expert_tensors
+from tables import policy_label
 
 NAME_OF = {"ternary": "ternary code", "4": "int4", "3": "int3", "2": "int2"}
 
@@ -508,8 +509,7 @@ def table(results: dict) -> str:
         status = r.get("status", "")
         if status not in ("ok",):
             status = (status + ": " + (r.get("reason") or r.get("error") or ""))[:90]
-        policy = f"N={r['sequences']} mu={r['micro_batch']} R={r['resident_per_layer']}" if "sequences" in r else \
-            (f"batch {r['batch']}" if "batch" in r else "")
+        policy = policy_label(r)
         vs = r.get("vs_bf16") or {}
         rows.append([r["row"], r.get("new_tokens") or r.get("gen_len"), fmt(r.get("bits_per_weight", 16.0), 2), policy,
                      fmt(r.get("tok_s")), fmt(r.get("predicted_tok_s")), fmt(r.get("pcie_ceiling_decode_tok_s")),

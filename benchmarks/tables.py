@@ -514,14 +514,24 @@ def families(files: dict, name: str = "bench_families.json") -> str:
     return table(["shape", "engine", "metric", "measured", "ceiling", "% of ceiling", "x baseline", "note"], rows)
 
 
+def policy_label(r: dict) -> str:
+    """Returns a pipeline row's policy as "N=.. mu=.. R=..": R the resident experts of every MoE layer,
+    or their total and spread when layers differ (hrm.Policy.resident_experts); "batch B" for a
+    baseline row."""
+    if "sequences" not in r:
+        return f"batch {r['batch']}" if "batch" in r else ""
+    per = r["resident_per_layer"]
+    resident = per if isinstance(per, int) else f"{sum(per)} ({min(per)}-{max(per)} a layer)"
+    return f"N={r['sequences']} mu={r['micro_batch']} R={resident}"
+
+
 def pipeline(files: dict, name: str = "bench_pipeline.json") -> str:
     """The batch pipeline benchmark: each row's end-to-end tok/s next to the HRM's prediction, the
     PCIe and CPU-attention ceilings and the allocator peak against the budget."""
     res = files[name]
     rows = []
     for r in res["rows"]:
-        policy = (f"N={r['sequences']} mu={r['micro_batch']} R={r['resident_per_layer']}" if "sequences" in r
-                  else f"batch {r['batch']}" if "batch" in r else "")
+        policy = policy_label(r)
         ok = r.get("status") == "ok"
         peak = f"{r['peak_bytes'] / 2**30:.2f} / {res['budget_bytes'] / 2**30:.2f} GiB" if ok and "peak_bytes" in r else "-"
         rows.append([r["row"], str(r.get("gen_len") or r.get("new_tokens") or ""), policy,
