@@ -16,12 +16,17 @@ MOEKIT_FUSED=0: the cache write, mask and sink_attention), and the kernel's max 
 that reference's output.
 
   plain  moekit.model.Attention's one-token graph step without sinks at OLMoE-1B-7B's heads (16 / 16,
-         Dh 128) and Qwen3-30B-A3B's (32 / 4, Dh 128), B = 1 and 32, 70 and 1024 cached positions in a
-         cache of 128 more (what generate allocates for 128 new tokens): the path since cb3f6a9
-         (write_kv without a mask, then the kernel with SINKS off) against the one before it
-         (write_kv building the [1, S] mask, then torch SDPA over all S: cuDNN on the H200). Both
-         captured in one CUDA graph of 16 layers each (as generate's decode step runs them; distinct
-         caches), time per layer = median replay / 16; max |error| of the kernel path against SDPA.
+         Dh 128) and Qwen3-30B-A3B's (32 / 4, Dh 128), B = 1 and 32, 70 / 1024 / 4096 cached positions
+         in a cache of 128 more (what generate allocates for 128 new tokens), three ways (issue 12):
+         write_kv without a mask, then moekit.sinks.fused_decode one-pass (splits=1: one program per
+         (row, kv head) walks the context); the same split into runs (moekit.sinks.dense_splits' count,
+         the runs combined by a second launch; where that count is 1, the uncapped
+         paged_attention.decode_splits count, up to one run per 64-position tile of the cache, to show
+         what the cap avoids); and write_kv building the [1, S] mask, then torch SDPA over all S (cuDNN
+         on the H200: the path kept past sinks.PLAIN_DECODE_MAX_POSITIONS). Each captured in one CUDA
+         graph of 16 layers (as generate's decode step runs them; distinct caches), time per layer =
+         median replay / 16, next to the HBM floor of reading the live keys and values once; max
+         |error| of each kernel path against SDPA. ~40 s with builds on the H200.
 Off CUDA it says so and exits 0.
 
 Shapes: B = sequences, H = query heads, Hkv = kv heads, Dh = head dim, S = cache capacity,
@@ -50,7 +55,7 @@ BLOCK_SIZE = 16
 # plain decode (no sinks): (name, heads, kv heads, head dim)
 PLAIN_MODELS = (("OLMoE-1B-7B", 16, 16, 128), ("Qwen3-30B-A3B", 32, 4, 128))
 PLAIN_BATCHES = (1, 32)
-PLAIN_CONTEXTS = (70, 1024)
+PLAIN_CONTEXTS = (70, 1024, 4096)
 PLAIN_ROOM = 128  # cache positions past the context (the new tokens generate allocates for)
 GRAPH_LAYERS = 16  # OLMoE's layer count: attention calls a captured step holds
 
@@ -166,20 +171,20 @@ def graph_us_per_call(calls: list, reps: int = 30) -> float:
 
 def plain_row(model: tuple, b: int, ctx: int, device: torch.device, g: torch.Generator) -> dict:
     """Returns the plain row: one new token for each of b sequences at position ctx, GRAPH_LAYERS
-    layers of moekit.model.Attention (no sinks) through the kernel and through the mask + SDPA."""
+    layers of attention without sinks through the one-pass kernel, the split kernel and mask + SDPA."""
     import torch.nn.functional as F
 
-    from moekit import fused
+    from moekit import fused, sinks
     from moekit.config import ModelConfig
     from moekit.kv_cache import KVCache
-    from moekit.model import Attention
+    from moekit.paged_attention import decode_splits
 
     name, heads, kv_heads, head_dim = model
     cfg = ModelConfig(family="probe", vocab_size=64, hidden_size=64, num_layers=GRAPH_LAYERS, num_heads=heads,
                       num_kv_heads=kv_heads, head_dim=head_dim, num_experts=2, top_k=1, expert_ffn=8,
                       moe_layers=(True,) * GRAPH_LAYERS)
-    layers = [Attention(cfg, i).to(device, torch.bfloat16) for i in range(GRAPH_LAYERS)]
-    cache = KVCache(cfg, b, ctx + PLAIN_ROOM, device, torch.bfloat16)
+    capacity = ctx + PLAIN_ROOM
+    cache = KVCache(cfg, b, capacity, device, torch.bfloat16)
     for z in cache.keys + cache.values:
         z.normal_()
     # q [B, H, 1, Dh], k, v [B, Hkv, 1, Dh]: views of token rows, as the fused projection leaves them
@@ -187,26 +192,36 @@ def plain_row(model: tuple, b: int, ctx: int, device: torch.device, g: torch.Gen
     k, v = (torch.randn(b, 1, kv_heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
             for _ in range(2))
     start = torch.tensor(ctx, dtype=torch.long, device=device)
+    rule = sinks.dense_splits(b, kv_heads, capacity, device)
+    splits = rule if rule > 1 else min(decode_splits(b, kv_heads, device), -(-capacity // 64))
 
-    def kernel(i: int) -> torch.Tensor:  # Attention.attend on a CUDA graph step since cb3f6a9
-        return layers[i].attend(q, k, v, cache, start)
+    def kernel(i: int, n: int) -> torch.Tensor:  # Attention.attend's graph step through the kernel
+        fused.write_kv(cache.keys[i], cache.values[i], k, v, start, mask=False)
+        return sinks.fused_decode(q, k, v, None, cache.keys[i], cache.values[i], start, None, store=False, splits=n)
 
-    def sdpa(i: int) -> torch.Tensor:  # Attention.attend's graph step before it
+    def sdpa(i: int) -> torch.Tensor:  # Attention.attend's graph step past the kernel's positions
         mask = fused.write_kv(cache.keys[i], cache.values[i], k, v, start, mask=True)  # [1, S]
         out = F.scaled_dot_product_attention(q, cache.keys[i], cache.values[i], attn_mask=mask,
                                              enable_gqa=kv_heads != heads)
-        return out.transpose(1, 2).reshape(b, 1, heads * head_dim)
+        return out.transpose(1, 2)
 
     with torch.inference_mode():
-        error = float((kernel(0).float() - sdpa(0).float()).abs().max())
-        kernel_us = graph_us_per_call([partial(kernel, i) for i in range(GRAPH_LAYERS)])
+        expected = sdpa(0).float().reshape(b, heads, head_dim)
+        one_error = float((kernel(0, 1).float() - expected).abs().max())
+        one_us = graph_us_per_call([partial(kernel, i, 1) for i in range(GRAPH_LAYERS)])
+        split_error = split_us = None
+        if splits > 1:
+            split_error = float((kernel(0, splits).float() - expected).abs().max())
+            split_us = graph_us_per_call([partial(kernel, i, splits) for i in range(GRAPH_LAYERS)])
         sdpa_us = graph_us_per_call([partial(sdpa, i) for i in range(GRAPH_LAYERS)])
     kv_positions = b * (ctx + 1)
     return {"path": "plain", "model": name, "heads": [heads, kv_heads, head_dim], "batch": b, "context": ctx,
-            "capacity": ctx + PLAIN_ROOM, "kernel_us": kernel_us, "sdpa_us": sdpa_us,
-            "speedup": sdpa_us / kernel_us,
+            "capacity": capacity, "splits_rule": rule, "splits_timed": splits if splits > 1 else None,
+            "one_pass_us": one_us, "split_us": split_us, "sdpa_us": sdpa_us,
             "floor_us": 1e6 * 2 * kv_positions * kv_heads * head_dim * 2 / common.HBM_BYTES_PER_S,
-            "max_abs_error": error}
+            "one_pass_max_abs_error": one_error, "split_max_abs_error": split_error,
+            "kernel_path": "split" if rule > 1 else "one-pass",
+            "kernel_taken": sinks.plain_decode_supported(q, k, v, cache.keys[0], cache.values[0])}
 
 
 def main() -> int:
@@ -228,13 +243,18 @@ def main() -> int:
             for ctx in PLAIN_CONTEXTS:
                 row = plain_row(model, b, ctx, device, g)
                 res["rows"].append(row)
-                plain.append([row["model"], row["batch"], row["context"], row["capacity"], f"{row['kernel_us']:.1f}",
-                              f"{row['sdpa_us']:.1f}", f"{row['speedup']:.2f}x", f"{row['floor_us']:.1f}",
-                              f"{row['max_abs_error']:.1e}"])
+                split = row["split_us"]
+                plain.append([row["model"], row["batch"], row["context"], row["capacity"], f"{row['one_pass_us']:.1f}",
+                              "-" if split is None else f"{split:.1f} ({row['splits_timed']})",
+                              row["splits_rule"], f"{row['sdpa_us']:.1f}", f"{row['floor_us']:.1f}",
+                              "kernel" if row["kernel_taken"] else "SDPA",
+                              f"{max(row['one_pass_max_abs_error'], row['split_max_abs_error'] or 0):.1e}"])
                 print(row, flush=True)
+                del row
                 common.free_memory(device)
-    print(common.markdown_table(["plain (no sinks)", "B", "context", "cache S", "kernel us/layer",
-                                 "mask + SDPA us/layer", "speedup", "HBM floor us", "max |err|"], plain))
+    print(common.markdown_table(["plain (no sinks)", "B", "context", "cache S", "one-pass us/layer",
+                                 "split us/layer (runs)", "runs (rule)", "mask + SDPA us/layer", "HBM floor us",
+                                 "Attention takes", "max |err|"], plain))
     work = [] if args.plain else ([partial(dense_row, c, w) for w in WINDOWS for c in DENSE_CONTEXTS]
                                   + [partial(paged_row, b, w) for w in WINDOWS for b in BATCHES])
     table = []
