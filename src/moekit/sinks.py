@@ -6,9 +6,11 @@ ordinary attention output times sigmoid(logsumexp(z) - s). `sink_attention` comp
 PyTorch: the reference, for the dense, cached, graph-captured and ragged (paged) paths alike. On
 CUDA decode steps (moekit.fused.enabled: a device-tensor position over a KVCache, or a ragged
 decode over a PagedKVCache) one Triton kernel (moekit.kernels.sink_decode) writes the cache and
-attends in its place, sliding window and GQA included. moekit.model.SinkAttention calls `attend`
-from its own attend; moekit.model.Attention's one-token graph steps call `fused_decode` without
-sinks (sinks=None: plain attention, no mask built).
+attends in its place, sliding window and GQA included; a dense step of too few (row, kv head)
+programs to fill the GPU splits its positions over more (dense_splits) and combines them in a
+second launch. moekit.model.SinkAttention calls `attend` from its own attend;
+moekit.model.Attention's one-token graph steps call `fused_decode` without sinks (sinks=None:
+plain attention, no mask built).
 
 Shapes: B = batch, H = query heads, Hkv = key/value heads, T = new tokens, S = attended
 positions, Dh = head dim, N = packed tokens of a ragged step.
