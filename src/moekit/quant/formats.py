@@ -26,9 +26,9 @@ The forms (IntForm, TernaryCodeForm) are experts.forms.StoredForm's: they are th
 multiplies a compressed expert, wherever it lives (resident here in CompressedExperts, in the
 offload cache and host store, on the CPU). Their fused path, up to SLOT_KERNEL_MAX_SLOTS routed
 slots (N * A; batch-1 decode) where the kernels run, is `slot_ffn`: one launch for every slot's
-gate_up + SwiGLU, one for every slot's down with its routing weight, and a sum over each token's
-A slots; expert ids stay on the device (no host sync: a decode step can be captured whole in a
-CUDA graph). Otherwise the grouped path: slots sorted by expert (one host sync), one gate_up and
+gate_up + SwiGLU, and one for the down matrices that weights each slot and sums each token's A
+slots in float32 (no torch reduce after it); expert ids stay on the device (no host sync: a
+decode step can be captured whole in a CUDA graph). Otherwise the grouped path: slots sorted by expert (one host sync), one gate_up and
 one down call per routed expert.
 """
 
@@ -317,26 +317,22 @@ class CompressedExperts(nn.Module):
 def slot_ffn(stored: Tensors, bits: int | None, x: torch.Tensor, expert_ids: torch.Tensor,
              weights: torch.Tensor) -> torch.Tensor:
     """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] through the per-slot kernels
-    (two launches, no host sync; the PyTorch references where the kernels do not run).
+    (two launches, no host sync; the PyTorch references where the kernels do not run): the down
+    launch sums each token's slots in float32 in the order a = 0..A-1 and rounds once to x's dtype.
 
     stored: {name relative to the experts prefix: [E, ...]} as CompressedExperts.stored() gives
     (E may be a cache slab's slots seen in one layer's layout), int form when bits is given;
     x [N, D]; expert_ids, weights [N, A] (ids index stored's first dimension)."""
-    n, top_k = expert_ids.shape
+    top_k = expert_ids.shape[1]
     ids, w = expert_ids.reshape(-1), weights.reshape(-1)  # [S]
-    h = _slot_linear(stored, bits, "gate_up", x, ids, top_k, None)  # [S, I] silu(gate) * up
-    y = _slot_linear(stored, bits, "down", h, ids, 1, w)  # [S, D] weighted
-    return y.view(n, top_k, -1).sum(dim=1)
-
-
-def _slot_linear(t: Tensors, bits: int | None, kind: str, x: torch.Tensor, ids: torch.Tensor,
-                 top_k: int, weights: torch.Tensor | None) -> torch.Tensor:
-    swiglu = kind == "gate_up"
     if bits is not None:
-        return ops.int_slot_linear(x, ids, t[f"{kind}.qweight"], t[f"{kind}.scale"], t[f"{kind}.zero"], bits,
-                                   top_k, weights, swiglu)
-    parts = [t[f"{kind}.{s}"] for s in TernaryCodeForm.STORED]
-    return ops.code_slot_linear(x, ids, *parts, t["code_table"], top_k, weights, swiglu)
+        gate_up, down = (tuple(stored[f"{kind}.{s}"] for s in IntForm.STORED) for kind in KINDS)
+        h = ops.int_slot_linear(x, ids, *gate_up, bits, top_k, None, True)  # [S, I] silu(gate) * up
+        return ops.int_slot_down(h, ids, *down, bits, top_k, w)  # [N, D]
+    gate_up, down = (tuple(stored[f"{kind}.{s}"] for s in TernaryCodeForm.STORED) + (stored["code_table"],)
+                     for kind in KINDS)
+    h = ops.code_slot_linear(x, ids, *gate_up, top_k, None, True)
+    return ops.code_slot_down(h, ids, *down, top_k, w)
 
 
 def build_experts(form: str, num_experts: int, hidden: int, ffn: int, tensors: Tensors,

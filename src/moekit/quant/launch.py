@@ -14,15 +14,24 @@ import os
 
 import torch
 
+from ..errors import MoekitError
 from .code import ROW_BLOCK
 
 try:
     import triton
 
     from .kernels.code_decode import code_decode_kernel
-    from .kernels.code_matmul import code_matmul_kernel, code_slot_kernel
+    from .kernels.code_matmul import (
+        code_matmul_kernel,
+        code_slot_down_kernel,
+        code_slot_kernel,
+    )
     from .kernels.int_decode import int_decode_kernel
-    from .kernels.int_matmul import int_matmul_kernel, int_slot_kernel
+    from .kernels.int_matmul import (
+        int_matmul_kernel,
+        int_slot_down_kernel,
+        int_slot_kernel,
+    )
     HAVE_TRITON = True
 except ImportError:  # CPU machines without triton use the references
     HAVE_TRITON = False
@@ -152,6 +161,15 @@ CODE_SLOT_TUNED: dict[tuple[int, int], tuple[int, int, int]] = {  # H200, bbc352
 }
 
 
+# The down kernels with the top-k sum (int_slot_down_kernel, code_slot_down_kernel): a program takes
+# one token's A slots of a row block, A times the per-slot kernel's work in 1/A of its programs, so
+# the per-slot down tiles above were measured for another kernel. Keyed as the tables above and
+# measured by benchmarks/tune_quant_kernels.py --slots (which times the old per-slot down + torch
+# sum beside them); a shape not listed (every shape, until an H200 run) uses its per-slot down tile.
+INT_SLOT_DOWN_TUNED: dict[tuple[int, int, int], tuple[int, int, int, bool]] = {}
+CODE_SLOT_DOWN_TUNED: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+
 def int_slot_config(bits: int, rows: int, cols: int) -> tuple[int, int, int, bool]:
     """Returns (BLOCK_N, BLOCK_K, num_warps, _) of the int per-slot kernel for `rows` output rows."""
     return INT_SLOT_TUNED.get((bits, rows, cols), int_config(bits, rows, cols, 1))
@@ -160,6 +178,16 @@ def int_slot_config(bits: int, rows: int, cols: int) -> tuple[int, int, int, boo
 def code_slot_config(rows: int, cols: int) -> tuple[int, int, int]:
     """Returns (BLOCK_R, words per step, num_warps) of the code per-slot kernel for `rows` output rows."""
     return CODE_SLOT_TUNED.get((rows, cols), code_config(rows, cols, 1))
+
+
+def int_slot_down_config(bits: int, rows: int, cols: int) -> tuple[int, int, int, bool]:
+    """Returns (BLOCK_N, BLOCK_K, num_warps, _) of the int down kernel with the top-k sum."""
+    return INT_SLOT_DOWN_TUNED.get((bits, rows, cols), int_slot_config(bits, rows, cols))
+
+
+def code_slot_down_config(rows: int, cols: int) -> tuple[int, int, int]:
+    """Returns (BLOCK_R, words per step, num_warps) of the code down kernel with the top-k sum."""
+    return CODE_SLOT_DOWN_TUNED.get((rows, cols), code_slot_config(rows, cols))
 
 
 # ---- int-N matmul --------------------------------------------------------------------------------
@@ -393,4 +421,66 @@ def code_slot_linear_triton(x, ids, words, starts, row_chunks, block_offsets, lo
         TOP_K=top_k, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, ROW_BLOCK=ROW_BLOCK, BLOCK_R=br, SWIGLU=swiglu,
         WEIGHTED=weights is not None, HW_POPC=_hw_popcount(x), PACKED=_packed_words(words, words.stride(0)),
         num_warps=warps)
+    return out
+
+
+def _check_down_slots(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, top_k: int) -> int:
+    """Returns N, the tokens of a down call with the top-k sum; raises MoekitError unless h [S, K],
+    ids [S] and weights [S] agree and S is a multiple of top_k."""
+    slots = ids.numel()
+    if top_k < 1 or slots % top_k or h.shape[0] != slots or weights.numel() != slots:
+        raise MoekitError(f"slot down with the top-k sum: h {list(h.shape)}, ids {list(ids.shape)} and weights "
+                          f"{list(weights.shape)} must hold one row / value per slot, N * top_k ({top_k}) of them")
+    return slots // top_k
+
+
+def int_slot_down_triton(h, ids, qweight, scale, zero, bits: int, top_k: int, weights,
+                         config: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
+    """Returns [N, R]: each token's sum over its top_k slots of weights[s] * h[s] @ W_{ids[s]}^T, by
+    one launch of the int down kernel (float32 sum in slot order, rounded once to h's dtype);
+    `config` (BLOCK_N, BLOCK_K, num_warps, _) overrides int_slot_down_config."""
+    n = _check_down_slots(h, ids, weights, top_k)
+    k, rows, groups = h.shape[1], qweight.shape[1], scale.shape[2]
+    group_cols = -(-k // groups)
+    bn, bk, warps, _ = config or int_slot_down_config(bits, rows, k)
+    per_word = 32 // bits
+    lanes = triton.next_power_of_2(per_word)
+    block_kw = max(1, bk // lanes)
+    h, ids, weights = h.contiguous(), ids.contiguous(), weights.contiguous()
+    _check_unit_stride(qweight, scale, zero)
+    out = torch.empty(n, rows, dtype=h.dtype, device=h.device)
+    if out.numel() == 0:
+        return out
+    int_slot_down_kernel[(n, triton.cdiv(rows, bn))](
+        h, ids, weights, qweight, scale, zero, out, rows, k, group_cols,
+        h.stride(0), qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), zero.stride(0),
+        zero.stride(1), out.stride(0),
+        TOP_K=top_k, NUM_WORDS=qweight.shape[2], BITS=bits, LANES=lanes,
+        SCALE_MODE=int_scale_mode(groups, group_cols, per_word, block_kw * per_word), BLOCK_N=bn, BLOCK_KW=block_kw,
+        num_warps=warps)
+    return out
+
+
+def code_slot_down_triton(h, ids, words, starts, row_chunks, block_offsets, lo, hi, table, top_k: int, weights,
+                          config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Returns [N, R]: each token's sum over its top_k slots of weights[s] * h[s] @ W_{ids[s]}^T, by
+    one launch of the code down kernel (float32 sum in slot order, rounded once to h's dtype);
+    `config` (BLOCK_R, words per step, num_warps) overrides code_slot_down_config."""
+    n = _check_down_slots(h, ids, weights, top_k)
+    k, rows, w = h.shape[1], row_chunks.shape[1], words.shape[-1]
+    br, step_words, warps = config or code_slot_down_config(rows, k)
+    wp = triton.next_power_of_2(w)
+    chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
+    h, ids, weights = h.contiguous(), ids.contiguous(), weights.contiguous()
+    _check_code_layout(words, starts, row_chunks, block_offsets, lo, hi)
+    table64 = table.contiguous().view(torch.int64).reshape(-1)  # [2^bits] one 8-byte entry per word
+    out = torch.empty(n, rows, dtype=h.dtype, device=h.device)
+    if out.numel() == 0:
+        return out
+    code_slot_down_kernel[(n, triton.cdiv(rows, br))](
+        h, ids, weights, words, starts, row_chunks, block_offsets, lo, hi, table64, out, rows, k,
+        h.stride(0), words.stride(0), starts.stride(0), row_chunks.stride(0), block_offsets.stride(0),
+        lo.stride(0), hi.stride(0), out.stride(0),
+        TOP_K=top_k, W=w, WP=wp, CHUNKS_PER_STEP=chunks_per_step, ROW_BLOCK=ROW_BLOCK, BLOCK_R=br,
+        HW_POPC=_hw_popcount(h), PACKED=_packed_words(words, words.stride(0)), num_warps=warps)
     return out

@@ -19,6 +19,8 @@ or a cache slab's slots viewed in one layer's layout):
     x [N, K] (slot s reads x[s // top_k]), ids [S] int64, weights [S] or None
     swiglu:  W [E, 2I, K] -> [S, I] = silu(x W[:I]^T) * (x W[I:]^T)      (gate_up)
     else:    W [E, R, K]  -> [S, R] = weights[s] * x W^T                   (down)
+and the down matmul with each token's top-k sum (`*_slot_down`), N = S / top_k tokens:
+    h [S, I], ids [S], weights [S]:  W [E, D, I] -> [N, D] = sum_a weights[s] * h[s] W_{ids[s]}^T,  s = n*top_k + a
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ import torch.nn.functional as F
 
 # The launches (quant.launch) and the references (quant.reference) are re-exported: callers and
 # tests reach them, and patch them, as ops.<name>; the dispatch below looks them up here.
-from .launch import (CODE_DECODE_CONFIG, CODE_DEFAULT, CODE_MAX_TILE, CODE_SLOT_TUNED, CODE_TUNED,  # noqa: F401
-                     DECODE_DTYPES, HAVE_TRITON, INT_DECODE_CONFIG, INT_DEFAULT, INT_SLOT_TUNED, INT_TUNED,
-                     _cap_code_tile, _check_code_layout, _check_out, _check_unit_stride, _code_decode, _hw_popcount,
-                     _packed_words, batch_bucket, code_config, code_decode_triton, code_linear_triton,
-                     code_slot_config, code_slot_linear_triton, code_weight_triton, int_config, int_linear_triton,
-                     int_scale_mode, int_slot_config, int_slot_linear_triton, int_weight_triton)
-from .reference import (code_linear_reference, code_slot_linear_reference, code_weight_reference,  # noqa: F401
-                        int_linear_reference, int_slot_linear_reference, int_weight_reference, slot_reference)
+from .launch import (CODE_DECODE_CONFIG, CODE_DEFAULT, CODE_MAX_TILE, CODE_SLOT_DOWN_TUNED,  # noqa: F401
+                     CODE_SLOT_TUNED, CODE_TUNED, DECODE_DTYPES, HAVE_TRITON, INT_DECODE_CONFIG, INT_DEFAULT,
+                     INT_SLOT_DOWN_TUNED, INT_SLOT_TUNED, INT_TUNED, _cap_code_tile, _check_code_layout, _check_out,
+                     _check_unit_stride, _code_decode, _hw_popcount, _packed_words, batch_bucket, code_config,
+                     code_decode_triton, code_linear_triton, code_slot_config, code_slot_down_config,
+                     code_slot_down_triton, code_slot_linear_triton, code_weight_triton, int_config,
+                     int_linear_triton, int_scale_mode, int_slot_config, int_slot_down_config, int_slot_down_triton,
+                     int_slot_linear_triton, int_weight_triton)
+from .reference import (code_linear_reference, code_slot_down_reference, code_slot_linear_reference,  # noqa: F401
+                        code_weight_reference, int_linear_reference, int_slot_down_reference,
+                        int_slot_linear_reference, int_weight_reference, slot_down_reference, slot_reference)
 
 KERNEL_MAX_TOKENS = 64  # above this, one expert's matrix is decoded once and multiplied densely
 # Up to this many tokens a code-form matmul runs the fused kernel over 64-token chunks; above it,
@@ -153,3 +158,23 @@ def code_slot_linear(x: torch.Tensor, ids: torch.Tensor, words: torch.Tensor, st
     if not use_kernels(x):
         return code_slot_linear_reference(x, ids, *parts, top_k, weights, swiglu)
     return code_slot_linear_triton(x, ids, *parts, top_k, weights, swiglu)
+
+
+def int_slot_down(h: torch.Tensor, ids: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor, bits: int, top_k: int, weights: torch.Tensor) -> torch.Tensor:
+    """Returns the down matmul with each token's top-k sum (module docstring), [N, R], of stacked
+    int-form matrices: one kernel launch where usable, else the reference."""
+    if not use_kernels(h) or groups_split_words(bits, scale.shape[-1], h.shape[-1]):
+        return int_slot_down_reference(h, ids, qweight, scale, zero, bits, top_k, weights)
+    return int_slot_down_triton(h, ids, qweight, scale, zero, bits, top_k, weights)
+
+
+def code_slot_down(h: torch.Tensor, ids: torch.Tensor, words: torch.Tensor, starts: torch.Tensor,
+                   row_chunks: torch.Tensor, block_offsets: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                   table: torch.Tensor, top_k: int, weights: torch.Tensor) -> torch.Tensor:
+    """Returns the down matmul with each token's top-k sum (module docstring), [N, R], of stacked
+    code-form matrices: one kernel launch where usable, else the reference."""
+    parts = (words, starts, row_chunks, block_offsets, lo, hi, table)
+    if not use_kernels(h):
+        return code_slot_down_reference(h, ids, *parts, top_k, weights)
+    return code_slot_down_triton(h, ids, *parts, top_k, weights)

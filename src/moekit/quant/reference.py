@@ -3,7 +3,8 @@
 The CPU path of quant.ops' dispatch, and what the Triton kernels' tests compare against. Shapes as
 in quant.ops' docstring: `*_weight_reference` returns the dense [..., R, K], `*_linear_reference`
 x [B, K] @ W^T as [B, R] in x's dtype, `*_slot_linear_reference` the per-slot matmul [S, R] (or
-[S, I] with swiglu) of stacked [E, ...] matrices.
+[S, I] with swiglu) of stacked [E, ...] matrices, `*_slot_down_reference` the down matmul with each
+token's top-k sum [N, R].
 """
 
 from __future__ import annotations
@@ -66,3 +67,28 @@ def code_slot_linear_reference(x, ids, words, starts, row_chunks, block_offsets,
     linear = lambda e, xs: code_linear_reference(
         xs, words[e], starts[e], row_chunks[e], block_offsets[e], lo[e], hi[e], table)
     return slot_reference(x, ids, linear, top_k, weights, swiglu)
+
+
+def slot_down_reference(h: torch.Tensor, ids: torch.Tensor, linear, top_k: int, weights: torch.Tensor) -> torch.Tensor:
+    """Returns [N, R] in h's dtype: each token's sum over its top_k slots s = t*top_k + a of
+    weights[s] * linear(ids[s], h[s]), in float32 in the order a = 0..top_k-1 (as the down kernels add)."""
+    y = slot_reference(h.float(), ids, linear, 1, weights)  # [S, R] float32, weighted
+    y = y.view(-1, top_k, y.shape[-1])
+    out = y[:, 0]
+    for a in range(1, top_k):
+        out = out + y[:, a]
+    return out.to(h.dtype)
+
+
+def int_slot_down_reference(h, ids, qweight, scale, zero, bits: int, top_k: int, weights) -> torch.Tensor:
+    """Returns the down matmul with the top-k sum of stacked int-form matrices through int_linear_reference."""
+    linear = lambda e, xs: int_linear_reference(xs, qweight[e], scale[e], zero[e], bits)
+    return slot_down_reference(h, ids, linear, top_k, weights)
+
+
+def code_slot_down_reference(h, ids, words, starts, row_chunks, block_offsets, lo, hi, table, top_k: int,
+                             weights) -> torch.Tensor:
+    """Returns the down matmul with the top-k sum of stacked code-form matrices through code_linear_reference."""
+    linear = lambda e, xs: code_linear_reference(
+        xs, words[e], starts[e], row_chunks[e], block_offsets[e], lo[e], hi[e], table)
+    return slot_down_reference(h, ids, linear, top_k, weights)

@@ -67,6 +67,14 @@ S = slots, A = experts per token, E = experts (or cache slots) of one layer, sta
                                else R_out = R, out = weights[s] * x W^T (WEIGHTED)
 Program (s, r) decodes rows r*BLOCK_R.. of expert ids[s] with code_rows_dot at batch 1 (x's row
 of token s // TOP_K plays xt [K, 1]).
+
+Down with the top-k sum (code_slot_down_kernel, N = S / A tokens):
+    h        [S, K]            slot activations silu(gate) * up
+    out      [N, R]            out[t] = sum_a weights[s] * h[s] W_{ids[s]}^T, s = t*A + a
+Program (t, r) decodes rows r*BLOCK_R.. of token t's A experts one after another (a loop, not
+unrolled: each slot's chunk loops are whole loops of their own), each weighted and added to one
+float32 sum in the order a = 0..A-1, stored once: no torch reduce after the kernel, and a row's
+sum depends neither on BLOCK_R nor on the other tokens.
 """
 
 import triton
@@ -431,3 +439,28 @@ def code_slot_kernel(
     if WEIGHTED:
         acc = acc * tl.load(weights_ptr + s).to(tl.float32)
     tl.store(out_ptr + s * stride_os + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rows < R_OUT)[:, None])
+
+
+@triton.jit
+def code_slot_down_kernel(
+    h_ptr, ids_ptr, weights_ptr, words_ptr, starts_ptr, chunks_ptr, offsets_ptr, lo_ptr, hi_ptr, table_ptr, out_ptr,
+    R, K,
+    stride_hs, stride_we, stride_se, stride_ce, stride_oe, stride_le, stride_he, stride_on,
+    TOP_K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CHUNKS_PER_STEP: tl.constexpr,
+    ROW_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HW_POPC: tl.constexpr, PACKED: tl.constexpr,
+):
+    """out[t, rows] = sum_a weights[s] * h[s] . W_{ids[s]}[rows]^T over token t's slots s = t*A + a,
+    added in float32 in the order a = 0..A-1 (see the module docstring)."""
+    t = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    acc = tl.zeros((BLOCK_R, 1), dtype=tl.float32)
+    for a in range(TOP_K):
+        s = t * TOP_K + a
+        e = tl.load(ids_ptr + s).to(tl.int64)  # int64: a cache slab's slots may span > 2^31 bytes
+        weight = tl.load(weights_ptr + s).to(tl.float32)
+        part = code_rows_dot(h_ptr + s * stride_hs, words_ptr + e * stride_we, starts_ptr + e * stride_se,
+                             chunks_ptr + e * stride_ce, offsets_ptr + e * stride_oe, lo_ptr + e * stride_le,
+                             hi_ptr + e * stride_he, table_ptr, rows, 1, R, K, 1,
+                             W, WP, CHUNKS_PER_STEP, ROW_BLOCK, 1, BLOCK_R, HW_POPC, PACKED)  # [BR, 1]
+        acc += part * weight
+    tl.store(out_ptr + t * stride_on + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None])

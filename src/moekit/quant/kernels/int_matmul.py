@@ -36,6 +36,15 @@ S = slots, A = experts per token, E = experts (or cache slots) of one layer, sta
                                     else R_out = R, out = weights[s] * x W^T (WEIGHTED)
 Program (s, n) computes rows n*BLOCK_N.. of slot s at batch 1 with int_rows_dot, the tile loop
 int_matmul_kernel runs too: slot s reads x[s // TOP_K] and expert ids[s].
+
+Down with the top-k sum (int_slot_down_kernel, N = S / A tokens):
+    h        [S, K]                 slot activations silu(gate) * up
+    ids, weights [S]                as above
+    out      [N, R]                 out[t] = sum_a weights[s] * h[s] W_{ids[s]}^T, s = t*A + a
+Program (t, n) computes rows n*BLOCK_N.. of token t: its A slots one after another (unrolled: no
+slot's loads wait on another's sum), each weighted and added to one float32 sum in the order
+a = 0..A-1, stored once. The sum of a row depends neither on BLOCK_N nor on the other tokens, and
+no torch reduce runs after the kernel.
 """
 
 import triton
@@ -181,3 +190,27 @@ def int_slot_kernel(
     if WEIGHTED:
         acc = acc * tl.load(weights_ptr + s).to(tl.float32)
     tl.store(out_ptr + s * stride_os + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rows < R_OUT)[:, None])
+
+
+@triton.jit
+def int_slot_down_kernel(
+    h_ptr, ids_ptr, weights_ptr, q_ptr, scale_ptr, zero_ptr, out_ptr,
+    R, K, GROUP_COLS,
+    stride_hs, stride_qe, stride_qr, stride_se, stride_sr, stride_ze, stride_zr, stride_on,
+    TOP_K: tl.constexpr, NUM_WORDS: tl.constexpr, BITS: tl.constexpr, LANES: tl.constexpr,
+    SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    """out[t, rows] = sum_a weights[s] * h[s] . W_{ids[s]}[rows]^T over token t's slots s = t*A + a,
+    added in float32 in the order a = 0..A-1 (see the module docstring)."""
+    t = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    acc = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    for a in tl.static_range(TOP_K):
+        s = t * TOP_K + a
+        e = tl.load(ids_ptr + s).to(tl.int64)  # int64: a cache slab's slots may span > 2^31 bytes
+        weight = tl.load(weights_ptr + s).to(tl.float32)
+        part = int_rows_dot(h_ptr + s * stride_hs, q_ptr + e * stride_qe, scale_ptr + e * stride_se,
+                            zero_ptr + e * stride_ze, rows, 1, R, K, GROUP_COLS, 0, stride_qr, stride_sr, stride_zr,
+                            NUM_WORDS, BITS, LANES, SCALE_MODE, 1, BLOCK_N, BLOCK_KW, False, "ieee")  # [BN, 1]
+        acc += part * weight
+    tl.store(out_ptr + t * stride_on + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rows < R)[:, None])
