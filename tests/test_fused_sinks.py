@@ -461,6 +461,7 @@ def test_split_decode_matches_reference(case, with_sinks, dtype, monkeypatch):
     truth = _attend(copy.deepcopy(attn).float(), q.float(), k.float(), v.float(), wide, start, False, monkeypatch)
     expected = _attend(attn, q, k, v, ref_cache, start, False, monkeypatch)
     monkeypatch.setattr(sinks, "decode_splits", lambda rows, hkv, dev: splits)
+    monkeypatch.setattr(sinks, "DENSE_SPLITS_ON", True)
     monkeypatch.setattr(sinks, "DENSE_SPLIT_MIN_POSITIONS", 1)
     grids = []
     monkeypatch.setattr(sinks, "sink_attention_split_kernel", _Grids(sinks.sink_attention_split_kernel, grids))
@@ -507,6 +508,8 @@ def test_dense_splits_come_from_shapes(monkeypatch):
     device = kernel_device()
     assert sinks.dense_splits(1, 16, 4224, torch.device("cpu")) == 1
     monkeypatch.setattr(sinks, "decode_splits", lambda rows, hkv, dev: 16)
+    assert sinks.dense_splits(1, 16, 4224, device) == 1  # off until a GPU run checks the split kernel
+    monkeypatch.setattr(sinks, "DENSE_SPLITS_ON", True)
     per_run = sinks.DENSE_SPLIT_MIN_POSITIONS
     assert [sinks.dense_splits(1, 16, n, device) for n in (per_run - 1, 2 * per_run, 100 * per_run)] == [1, 2, 16]
     attn = _plain_layer(4, 2, 16, None, torch.float32, device)

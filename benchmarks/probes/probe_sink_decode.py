@@ -192,6 +192,7 @@ def plain_row(model: tuple, b: int, ctx: int, device: torch.device, g: torch.Gen
     k, v = (torch.randn(b, 1, kv_heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
             for _ in range(2))
     start = torch.tensor(ctx, dtype=torch.long, device=device)
+    sinks.DENSE_SPLITS_ON = True  # the rule as it would run once the split kernel is checked (off by default)
     rule = sinks.dense_splits(b, kv_heads, capacity, device)
     splits = rule if rule > 1 else min(decode_splits(b, kv_heads, device), -(-capacity // 64))
 

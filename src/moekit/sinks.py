@@ -18,6 +18,8 @@ positions, Dh = head dim, N = packed tokens of a ragged step.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import fused
@@ -169,12 +171,20 @@ PLAIN_SPLIT_DECODE_MAX_POSITIONS = 4096 + 128
 DENSE_SPLIT_MIN_POSITIONS = 128
 
 
+# The split kernel (sink_attention_split_kernel) was written and tested under the interpreter and built
+# for sm_90 without running on a GPU: off by default until a GPU run checks it (tests/test_fused_sinks.py
+# on CUDA, benchmarks/probes/probe_sink_decode.py --plain); MOEKIT_DECODE_SPLITS=N turns it on (and fixes N).
+DENSE_SPLITS_ON = False
+
+
 def dense_splits(rows: int, kv_heads: int, positions: int, device: torch.device) -> int:
     """Returns the runs fused_decode cuts each (row, kv head)'s positions into over a dense cache:
-    moekit.paged_attention.decode_splits' count for rows x kv heads programs (two programs an SM, 1
-    off CUDA, MOEKIT_DECODE_SPLITS fixes it), at most one run per DENSE_SPLIT_MIN_POSITIONS of the
-    `positions` a step may attend (the cache's S, or the window): shapes only, so a captured step
-    keeps its launch whatever the live context."""
+    1 unless DENSE_SPLITS_ON or MOEKIT_DECODE_SPLITS is set; else moekit.paged_attention.decode_splits'
+    count for rows x kv heads programs (two programs an SM, 1 off CUDA, MOEKIT_DECODE_SPLITS fixes
+    it), at most one run per DENSE_SPLIT_MIN_POSITIONS of the `positions` a step may attend (the
+    cache's S, or the window): shapes only, so a captured step keeps its launch whatever the live context."""
+    if not (DENSE_SPLITS_ON or os.environ.get("MOEKIT_DECODE_SPLITS")):
+        return 1
     return max(1, min(decode_splits(rows, kv_heads, device), positions // DENSE_SPLIT_MIN_POSITIONS))
 
 
