@@ -18,7 +18,11 @@ under 5 minutes on an H200.
 SwiGLU and down with routing weights) at the qwen3-30b-a3b (128 experts, A = 8) and mixtral-8x7b
 (8 experts, A = 2) layers over the batch-1 grids, rotating over 8 routings so that experts are not
 served from L2, and prints INT_SLOT_TUNED / CODE_SLOT_TUNED (tune_quant_slots.json). GB/s counts
-the stored bytes of the A experts read.
+the stored bytes of the A experts read. The down kernels that sum each token's A slots in one
+launch (int_slot_down_triton, code_slot_down_triton: a program takes A slots of a row block, so
+their tiles are their own) are timed over *_SLOT_DOWN_GRID next to the old path measured in the
+same run (per-slot down at its tile + the torch top-k sum), and printed as INT_SLOT_DOWN_TUNED /
+CODE_SLOT_DOWN_TUNED.
 """
 
 from __future__ import annotations
@@ -59,6 +63,13 @@ CODE_GRID = {  # batch bucket: (BLOCK_R, codewords per row per step, num_warps)
     8: [(2, 64, 1), (1, 128, 1), (4, 32, 1), (8, 32, 2), (4, 64, 2), (8, 128, 4)],
     64: [(2, 64, 1), (1, 128, 1), (4, 32, 1), (8, 32, 2), (4, 64, 2), (8, 128, 4)],
 }
+# the down kernels with the top-k sum: one program per (token, row block) runs A slots, so 1/A of the
+# per-slot grid's programs; narrower row blocks (more programs) and fewer warps are in the grid
+INT_SLOT_DOWN_GRID = [(4, 1024, 4, False), (2, 1024, 4, False), (1, 1024, 4, False), (1, 1024, 2, False),
+                      (2, 512, 2, False), (1, 512, 1, False), (4, 512, 4, False), (8, 512, 4, False),
+                      (8, 1024, 8, False)]
+CODE_SLOT_DOWN_GRID = [(4, 32, 1), (2, 64, 1), (1, 128, 1), (2, 32, 1), (1, 64, 1), (1, 32, 1), (1, 256, 1),
+                       (2, 128, 2), (4, 64, 2), (8, 32, 2)]
 REL_ERR_MAX = 2e-2  # bf16 outputs of a K <= 14336 dot product
 TIME_BUDGET_S = 280  # past this, only the defaults are timed (the run must stay under 5 minutes)
 
@@ -143,7 +154,7 @@ def tune_slots(out_dir: str, shapes: dict = SLOT_SHAPES, device: str = "cuda", b
         bench = lambda fn: common.do_bench_s(fn, warmup=5, rep=20)  # noqa: E731
     results: dict = {"meta": common.run_meta(None, device), "device": common.device_name(device),
                      "int": f"int{INT_BITS} group {INT_GROUP}", "shapes": {}}
-    int_tuned, code_tuned = {}, {}
+    int_tuned, code_tuned, int_down_tuned, code_down_tuned = {}, {}, {}, {}
     for name, (e, d, i, a) in shapes.items():
         layer = make_layer(e, d, i, device)
         routings = [torch.randperm(e, generator=torch.Generator().manual_seed(r))[:a].to(device) for r in range(8)]
@@ -184,6 +195,10 @@ def tune_slots(out_dir: str, shapes: dict = SLOT_SHAPES, device: str = "cuda", b
                           flush=True)
                 else:
                     print(f"{name:14s} {kernel:5s} {kind:8s} no valid config: {runs}", flush=True)
+                if kind == "down":
+                    entry[f"{kernel} down+sum"] = tune_down_sum(kernel, parts, x, routings, weights, rows, cols,
+                                                                a * stored, bench, name,
+                                                                int_down_tuned if kernel == "int4" else code_down_tuned)
         del layer
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -195,9 +210,55 @@ def tune_slots(out_dir: str, shapes: dict = SLOT_SHAPES, device: str = "cuda", b
     print("}\nCODE_SLOT_TUNED = {  # (output rows, K): (BLOCK_R, words per step, num_warps)")
     for k, v in code_tuned.items():
         print(f"    {k}: {v},")
+    print("}\nINT_SLOT_DOWN_TUNED = {  # (bits, output rows, K): (BLOCK_N, BLOCK_K, num_warps, use_dot)")
+    for k, v in int_down_tuned.items():
+        print(f"    {k}: {v},")
+    print("}\nCODE_SLOT_DOWN_TUNED = {  # (output rows, K): (BLOCK_R, words per step, num_warps)")
+    for k, v in code_down_tuned.items():
+        print(f"    {k}: {v},")
     print("}")
+    results["int_slot_down_tuned"] = {str(k): v for k, v in int_down_tuned.items()}
+    results["code_slot_down_tuned"] = {str(k): v for k, v in code_down_tuned.items()}
     common.write_json(results, out_dir, "tune_quant_slots")
     return results
+
+
+def tune_down_sum(kernel: str, parts: tuple, h: torch.Tensor, routings: list, weights: torch.Tensor, rows: int,
+                  cols: int, stored_bytes: int, bench, name: str, tuned: dict) -> dict:
+    """Times the down kernel with the top-k sum (one token, A slots) over its grid, and the old path
+    (per-slot down at its tile, then the torch sum) as the baseline; records the winner in `tuned`
+    and returns the runs."""
+    a = h.shape[0]
+    if kernel == "int4":
+        fused = lambda ids, cfg: ops.int_slot_down_triton(h, ids, *parts, INT_BITS, a, weights, config=cfg)  # noqa: E731
+        old = lambda ids: ops.int_slot_linear_triton(h, ids, *parts, INT_BITS, 1, weights).sum(dim=0)  # noqa: E731
+        ref = ops.int_slot_down_reference(h.float(), routings[0], *parts, INT_BITS, a, weights.float())
+        grid, default, key = INT_SLOT_DOWN_GRID, ops.int_slot_down_config(INT_BITS, rows, cols), (INT_BITS, rows, cols)
+    else:
+        fused = lambda ids, cfg: ops.code_slot_down_triton(h, ids, *parts, a, weights, config=cfg)  # noqa: E731
+        old = lambda ids: ops.code_slot_linear_triton(h, ids, *parts, 1, weights).sum(dim=0)  # noqa: E731
+        ref = ops.code_slot_down_reference(h.float(), routings[0], *parts, a, weights.float())
+        grid, default, key = CODE_SLOT_DOWN_GRID, ops.code_slot_down_config(rows, cols), (rows, cols)
+    counter = iter(range(1 << 30))
+    base = time_config(("per-slot + sum",), lambda: old(routings[0])[None], lambda: old(routings[next(counter) % 8]),
+                       ref, bench, stored_bytes)
+    runs = []
+    for cfg in [default] + [c for c in grid if c != default]:
+        counter = iter(range(1 << 30))
+        runs.append(time_config(cfg, lambda: fused(routings[0], cfg), lambda: fused(routings[next(counter) % 8], cfg),
+                                ref, bench, stored_bytes))
+    best, first = pick(runs, default)
+    if best:
+        tuned[key] = tuple(best["cfg"])
+        print(f"{name:14s} {kernel:5s} down+sum best {str(tuple(best['cfg'])):24s} {best['s'] * 1e6:7.1f} us "
+              f"(default {first['s'] * 1e6 if first else float('nan'):7.1f}, per-slot + torch sum "
+              f"{base['s'] * 1e6 if 's' in base else float('nan'):7.1f}) floor "
+              f"{stored_bytes / HBM_BYTES_PER_S * 1e6:6.1f} us {best['GBps']:6.0f} GB/s err {best['rel_err']:.1e}",
+              flush=True)
+    else:
+        print(f"{name:14s} {kernel:5s} down+sum no valid config: {runs}", flush=True)
+    return {"runs": runs, "best": best, "default": first, "per_slot_plus_sum": base,
+            "floor_s": stored_bytes / HBM_BYTES_PER_S}
 
 
 def main() -> None:
