@@ -60,6 +60,13 @@ def _layer(heads: int, kv_heads: int, head_dim: int, window: int | None, dtype, 
     return attn.to(device, dtype)
 
 
+@pytest.fixture(autouse=True)
+def _windowed_plain_decode(monkeypatch):
+    """The kernel's windowed plain path stays tested here, though Attention keeps SDPA for it by default
+    (sinks.PLAIN_DECODE_WINDOWED: test_windowed_plain_decode_keeps_sdpa_by_default)."""
+    monkeypatch.setattr(sinks, "PLAIN_DECODE_WINDOWED", True)
+
+
 def _cache(attn: SinkAttention, batch: int, cached: int, capacity: int, dtype, device) -> KVCache:
     cache = KVCache(attn.cfg, batch, capacity, device, dtype)
     g = torch.Generator().manual_seed(7)  # the same history in every cache
@@ -376,6 +383,18 @@ def test_plain_decode_keeps_sdpa_where_the_kernel_does_not_apply(t, head_dim, mo
     got = _attend(attn, q, k, v, cache, start, True, monkeypatch)
     assert calls == {"fused_decode": [], "write_kv": [True], "decode_mask": []}
     _close(got, expected, torch.float32)
+
+
+def test_windowed_plain_decode_keeps_sdpa_by_default(monkeypatch):
+    """A window shorter than the cache takes SDPA unless PLAIN_DECODE_WINDOWED (off by default)."""
+    device = kernel_device()
+    monkeypatch.undo()
+    assert sinks.PLAIN_DECODE_WINDOWED is False
+    attn = _plain_layer(4, 2, 16, 16, torch.float32, device)
+    q, k, v = _qkv(attn, 1, 1, torch.float32, device)
+    cache = _cache(attn, 1, 5, 64, torch.float32, device)
+    assert not sinks.plain_decode_supported(q, k, v, cache.keys[0], cache.values[0], 16)
+    assert sinks.plain_decode_supported(q, k, v, cache.keys[0], cache.values[0], 64)  # the window covers it
 
 
 @pytest.mark.parametrize("window", [None, 16])
