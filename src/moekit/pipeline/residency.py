@@ -9,13 +9,10 @@ Shapes: L_moe MoE layers, E experts per MoE layer, R resident experts in all, j 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from ..errors import MoekitError
 from .costs import ModelCosts
-
-if TYPE_CHECKING:
-    from .hrm import Policy
+from .policy import Policy
 
 
 def spread_resident(total: int, experts: list[int]) -> list[int]:
