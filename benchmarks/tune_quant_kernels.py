@@ -233,12 +233,12 @@ def tune_down_sum(kernel: str, parts: tuple, h: torch.Tensor, routings: list, we
         fused = lambda ids, cfg: ops.int_slot_down_triton(h, ids, *parts, INT_BITS, a, weights, config=cfg)  # noqa: E731
         old = lambda ids: ops.int_slot_linear_triton(h, ids, *parts, INT_BITS, 1, weights).sum(dim=0)  # noqa: E731
         ref = ops.int_slot_down_reference(h.float(), routings[0], *parts, INT_BITS, a, weights.float())
-        grid, default, key = INT_SLOT_DOWN_GRID, ops.int_slot_down_config(INT_BITS, rows, cols), (INT_BITS, rows, cols)
+        grid, default, key = INT_SLOT_DOWN_GRID, ops.int_slot_down_config(INT_BITS, rows, cols, a), (INT_BITS, rows, cols)
     else:
         fused = lambda ids, cfg: ops.code_slot_down_triton(h, ids, *parts, a, weights, config=cfg)  # noqa: E731
         old = lambda ids: ops.code_slot_linear_triton(h, ids, *parts, 1, weights).sum(dim=0)  # noqa: E731
         ref = ops.code_slot_down_reference(h.float(), routings[0], *parts, a, weights.float())
-        grid, default, key = CODE_SLOT_DOWN_GRID, ops.code_slot_down_config(rows, cols), (rows, cols)
+        grid, default, key = CODE_SLOT_DOWN_GRID, ops.code_slot_down_config(rows, cols, a), (rows, cols)
     counter = iter(range(1 << 30))
     base = time_config(("per-slot + sum",), lambda: old(routings[0])[None], lambda: old(routings[next(counter) % 8]),
                        ref, bench, stored_bytes)

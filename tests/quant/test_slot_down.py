@@ -4,7 +4,7 @@ code_slot_down_kernel) equal each token's weighted sum of its experts' rows.
 Routings: N = 2..3 tokens, A = 1..8 experts a token, experts shared across tokens and repeated
 within one, uneven and negative routing weights. References: the sum in float64 of the decoded
 experts, and (float32 under the interpreter) the old path bit for bit: the per-slot kernel's
-weighted rows added in slot order.
+weighted rows at the same tile, added in slot order.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def test_int_slot_down_sums_each_tokens_slots(bits, group, rows, cols, config, n
     h, ids, weights = down_inputs(n, a, ids, cols)
     on = to(device, (h, ids, weights, *parts))
     out = ops.int_slot_down_triton(*on[:2], *on[3:], bits, a, on[2], config=config)
-    old = ops.int_slot_linear_triton(*on[:2], *on[3:], bits, 1, on[2], False, config=config)  # [S, R] weighted
+    tile = config or ops.int_slot_down_config(bits, rows, cols, a)  # the old path at the same tile: the same roundings
+    old = ops.int_slot_linear_triton(*on[:2], *on[3:], bits, 1, on[2], False, config=tile)  # [S, R] weighted
     dense = dequantize_int(unpack_codes(parts[0], bits, cols), *parts[1:])
     check(out, old, float64_sum(dense, h, ids, weights, a), device)
     torch.testing.assert_close(out.cpu(), ops.int_slot_down_reference(h, ids, *parts, bits, a, weights),
@@ -97,8 +98,8 @@ def test_int_slot_down_sums_each_tokens_slots(bits, group, rows, cols, config, n
 
 
 @pytest.mark.parametrize("uneven,dict_bits,rows,cols,config,n,a,ids", cases([
-    (True, 8, 37, 100, None),  # experts of different chunk totals, all-zero and dense rows
     (False, 8, 37, 13, None),
+    (True, 8, 37, 100, None),  # experts of different chunk totals, all-zero and dense rows
     (False, 10, 22, 300, (2, 32, 1)),  # int16 codewords, several steps of chunks
     (True, 8, 19, 70, (4, 16, 1)),
 ]))
@@ -109,7 +110,8 @@ def test_code_slot_down_sums_each_tokens_slots(uneven, dict_bits, rows, cols, co
     h, ids, weights = down_inputs(n, a, ids, cols)
     on = to(device, (h, ids, weights, *parts))
     out = ops.code_slot_down_triton(*on[:2], *on[3:], a, on[2], config=config)
-    old = ops.code_slot_linear_triton(*on[:2], *on[3:], 1, on[2], False, config=config)
+    tile = config or ops.code_slot_down_config(rows, cols, a)  # codewords per step set the order of a row's sum
+    old = ops.code_slot_linear_triton(*on[:2], *on[3:], 1, on[2], False, config=tile)
     dense = ops.code_weight_reference(*parts, cols)  # [E, R, K] float32: lo / hi at the nonzeros
     check(out, old, float64_sum(dense, h, ids, weights, a), device)
     torch.testing.assert_close(out.cpu(), ops.code_slot_down_reference(h, ids, *parts, a, weights),
@@ -119,15 +121,15 @@ def test_code_slot_down_sums_each_tokens_slots(uneven, dict_bits, rows, cols, co
 def test_slot_down_bfloat16():
     """bfloat16 activations and weights in, bfloat16 [N, R] out (float32 sum inside, one rounding)."""
     device = kernel_device()
-    h, ids, weights = down_inputs(2, 8, ROUTINGS[3][2], 40)
+    h, ids, weights = down_inputs(*ROUTINGS[1], 40)
     h, weights = h.bfloat16(), weights.bfloat16()
     int_parts, code_parts = stacked_int(EXPERTS, 26, 40, 4, 8), stacked_code(EXPERTS, 26, 40, 8)
     on = to(device, (h, ids, weights))
     for out, ref in (
-            (ops.int_slot_down_triton(*on[:2], *to(device, int_parts), 4, 8, on[2]),
-             ops.int_slot_down_reference(h.float(), ids, *int_parts, 4, 8, weights.float())),
-            (ops.code_slot_down_triton(*on[:2], *to(device, code_parts), 8, on[2]),
-             ops.code_slot_down_reference(h.float(), ids, *code_parts, 8, weights.float()))):
+            (ops.int_slot_down_triton(*on[:2], *to(device, int_parts), 4, 3, on[2]),
+             ops.int_slot_down_reference(h.float(), ids, *int_parts, 4, 3, weights.float())),
+            (ops.code_slot_down_triton(*on[:2], *to(device, code_parts), 3, on[2]),
+             ops.code_slot_down_reference(h.float(), ids, *code_parts, 3, weights.float()))):
         assert out.dtype == torch.bfloat16 and out.shape == (2, 26)
         assert ((out.cpu().float() - ref).norm() / ref.norm()).item() < 1e-2
 
@@ -139,3 +141,17 @@ def test_slot_down_rejects_a_slot_count_that_is_not_tokens_times_top_k():
         ops.int_slot_down_triton(h, ids, *parts, 4, 4, weights)  # 6 slots, top-4
     with pytest.raises(MoekitError, match="top_k"):
         ops.int_slot_down_triton(h[:5], ids, *parts, 4, 3, weights)
+
+
+@pytest.mark.parametrize("rows,cols", [(2048, 768), (4096, 14336), (37, 13)])
+@pytest.mark.parametrize("a", [1, 2, 6, 8])
+def test_untuned_down_tiles_keep_the_per_slot_programs_work(rows, cols, a):
+    """Until a GPU run measures them, the summed kernels take the per-slot down tile with 1/A of its
+    rows (at least one), so a program does about a per-slot program's work; the code tile keeps its
+    codewords per step (every lane of the warp busy)."""
+    bn, bk, warps, dot = ops.int_slot_config(4, rows, cols)
+    got = ops.int_slot_down_config(4, rows, cols, a)
+    assert got[1:] == (bk, warps, dot) and got[0] * a >= bn and (got[0] == 1 or got[0] * a <= bn)
+    br, words, warps = ops.code_slot_config(rows, cols)
+    got = ops.code_slot_down_config(rows, cols, a)
+    assert got[0] * got[1] == br * words and got[2] == warps and (got[0] == 1 or got[0] * a <= br)

@@ -165,7 +165,10 @@ CODE_SLOT_TUNED: dict[tuple[int, int], tuple[int, int, int]] = {  # H200, bbc352
 # one token's A slots of a row block, A times the per-slot kernel's work in 1/A of its programs, so
 # the per-slot down tiles above were measured for another kernel. Keyed as the tables above and
 # measured by benchmarks/tune_quant_kernels.py --slots (which times the old per-slot down + torch
-# sum beside them); a shape not listed (every shape, until an H200 run) uses its per-slot down tile.
+# sum beside them). A shape not listed (every shape, until an H200 run) takes its per-slot down tile
+# with 1/A of its rows (at least one; the code kernel reads as many more codewords per row and step):
+# about the work of a per-slot program in as many programs (e.g. Qwen3-30B-A3B's ternary down,
+# A = 8: 2048 programs of one row, 128 codewords a step, not 512 of 4 rows x 8 slots).
 INT_SLOT_DOWN_TUNED: dict[tuple[int, int, int], tuple[int, int, int, bool]] = {}
 CODE_SLOT_DOWN_TUNED: dict[tuple[int, int], tuple[int, int, int]] = {}
 
@@ -180,14 +183,26 @@ def code_slot_config(rows: int, cols: int) -> tuple[int, int, int]:
     return CODE_SLOT_TUNED.get((rows, cols), code_config(rows, cols, 1))
 
 
-def int_slot_down_config(bits: int, rows: int, cols: int) -> tuple[int, int, int, bool]:
-    """Returns (BLOCK_N, BLOCK_K, num_warps, _) of the int down kernel with the top-k sum."""
-    return INT_SLOT_DOWN_TUNED.get((bits, rows, cols), int_slot_config(bits, rows, cols))
+def _rows_per_slot(block: int, top_k: int) -> int:
+    """Returns a power-of-two row block `block` cut by the power of two at or above top_k, at least 1."""
+    return max(1, block // (1 << max(0, top_k - 1).bit_length()))
 
 
-def code_slot_down_config(rows: int, cols: int) -> tuple[int, int, int]:
-    """Returns (BLOCK_R, words per step, num_warps) of the code down kernel with the top-k sum."""
-    return CODE_SLOT_DOWN_TUNED.get((rows, cols), code_slot_config(rows, cols))
+def int_slot_down_config(bits: int, rows: int, cols: int, top_k: int) -> tuple[int, int, int, bool]:
+    """Returns (BLOCK_N, BLOCK_K, num_warps, _) of the int down kernel with the top-k sum (A = top_k)."""
+    if (bits, rows, cols) in INT_SLOT_DOWN_TUNED:
+        return INT_SLOT_DOWN_TUNED[(bits, rows, cols)]
+    bn, bk, warps, use_dot = int_slot_config(bits, rows, cols)
+    return _rows_per_slot(bn, top_k), bk, warps, use_dot
+
+
+def code_slot_down_config(rows: int, cols: int, top_k: int) -> tuple[int, int, int]:
+    """Returns (BLOCK_R, words per step, num_warps) of the code down kernel with the top-k sum (A = top_k)."""
+    if (rows, cols) in CODE_SLOT_DOWN_TUNED:
+        return CODE_SLOT_DOWN_TUNED[(rows, cols)]
+    br, step_words, warps = code_slot_config(rows, cols)
+    rows_per_slot = _rows_per_slot(br, top_k)
+    return rows_per_slot, step_words * (br // rows_per_slot), warps  # the same codewords per step: lanes busy
 
 
 # ---- int-N matmul --------------------------------------------------------------------------------
@@ -442,7 +457,7 @@ def int_slot_down_triton(h, ids, qweight, scale, zero, bits: int, top_k: int, we
     n = _check_down_slots(h, ids, weights, top_k)
     k, rows, groups = h.shape[1], qweight.shape[1], scale.shape[2]
     group_cols = -(-k // groups)
-    bn, bk, warps, _ = config or int_slot_down_config(bits, rows, k)
+    bn, bk, warps, _ = config or int_slot_down_config(bits, rows, k, top_k)
     per_word = 32 // bits
     lanes = triton.next_power_of_2(per_word)
     block_kw = max(1, bk // lanes)
@@ -468,7 +483,7 @@ def code_slot_down_triton(h, ids, words, starts, row_chunks, block_offsets, lo, 
     `config` (BLOCK_R, words per step, num_warps) overrides code_slot_down_config."""
     n = _check_down_slots(h, ids, weights, top_k)
     k, rows, w = h.shape[1], row_chunks.shape[1], words.shape[-1]
-    br, step_words, warps = config or code_slot_down_config(rows, k)
+    br, step_words, warps = config or code_slot_down_config(rows, k, top_k)
     wp = triton.next_power_of_2(w)
     chunks_per_step = triton.next_power_of_2(max(1, step_words // wp))
     h, ids, weights = h.contiguous(), ids.contiguous(), weights.contiguous()
