@@ -379,6 +379,28 @@ def test_slot_kernels_bfloat16():
             assert ((out.cpu().float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("bits,group", [("ternary", None), ("4", None)])
+def test_slot_path_with_summing_down_equals_grouped_path(monkeypatch, bits, group):
+    """With formats.SLOT_DOWN_SUM (off until timed on a GPU) the per-slot path's down launch sums each
+    token's slots itself, and still equals the grouped path."""
+    from moekit.quant import formats
+
+    device = kernel_device()
+    experts = compressed_experts(bits, num_experts=4, hidden=24, ffn=16, group=group, seed=3)
+    g = torch.Generator().manual_seed(2)
+    x, ids, w = torch.randn(2, 24, generator=g), torch.tensor([[0, 2, 0], [2, 1, 2]]), torch.rand(2, 3, generator=g)
+    ref = experts(x, ids, w)  # grouped, PyTorch references on the CPU
+    monkeypatch.setattr(formats, "SLOT_DOWN_SUM", True)
+    monkeypatch.setenv("MOEKIT_QUANT_KERNELS", "1")
+    summed = "int_slot_down" if bits != "ternary" else "code_slot_down"
+    calls = []
+    real = getattr(formats.ops, summed)
+    monkeypatch.setattr(formats.ops, summed, lambda *args: calls.append(1) or real(*args))
+    out = experts.to(device)(*to(device, (x, ids, w)))
+    assert calls, "the summing down launch did not run"
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits,group", [("ternary", None), ("2", 8), ("3", 8), ("4", None)])
 @pytest.mark.parametrize("n,a", [(1, 1), (1, 3), (2, 3), (4, 4)])
 def test_slot_path_equals_grouped_path(monkeypatch, bits, group, n, a):

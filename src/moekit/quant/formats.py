@@ -314,25 +314,39 @@ class CompressedExperts(nn.Module):
         return f"layer={self.layer}, experts={self.num_experts}, form={self.form.name}"
 
 
+# The down launches that sum each token's top-k slots themselves (ops.int_slot_down / code_slot_down) are
+# tested under the interpreter and built for sm_90, but have not run on a GPU and their tiles are untuned
+# (they give each program A slots' work): slot_ffn takes them once one H200 run of
+# `benchmarks/tune_quant_kernels.py --slots` has timed them against the per-slot down + torch sum below.
+SLOT_DOWN_SUM = False
+
+
 def slot_ffn(stored: Tensors, bits: int | None, x: torch.Tensor, expert_ids: torch.Tensor,
              weights: torch.Tensor) -> torch.Tensor:
     """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D] through the per-slot kernels
-    (two launches, no host sync; the PyTorch references where the kernels do not run): the down
-    launch sums each token's slots in float32 in the order a = 0..A-1 and rounds once to x's dtype.
+    (no host sync; the PyTorch references where the kernels do not run): gate_up, then with
+    SLOT_DOWN_SUM one down launch summing each token's slots in float32 in the order a = 0..A-1,
+    else the per-slot down (weighted [S, D]) and a torch sum.
 
     stored: {name relative to the experts prefix: [E, ...]} as CompressedExperts.stored() gives
     (E may be a cache slab's slots seen in one layer's layout), int form when bits is given;
     x [N, D]; expert_ids, weights [N, A] (ids index stored's first dimension)."""
-    top_k = expert_ids.shape[1]
+    n, top_k = expert_ids.shape
     ids, w = expert_ids.reshape(-1), weights.reshape(-1)  # [S]
     if bits is not None:
         gate_up, down = (tuple(stored[f"{kind}.{s}"] for s in IntForm.STORED) for kind in KINDS)
         h = ops.int_slot_linear(x, ids, *gate_up, bits, top_k, None, True)  # [S, I] silu(gate) * up
-        return ops.int_slot_down(h, ids, *down, bits, top_k, w)  # [N, D]
-    gate_up, down = (tuple(stored[f"{kind}.{s}"] for s in TernaryCodeForm.STORED) + (stored["code_table"],)
-                     for kind in KINDS)
-    h = ops.code_slot_linear(x, ids, *gate_up, top_k, None, True)
-    return ops.code_slot_down(h, ids, *down, top_k, w)
+        if SLOT_DOWN_SUM:
+            return ops.int_slot_down(h, ids, *down, bits, top_k, w)  # [N, D]
+        y = ops.int_slot_linear(h, ids, *down, bits, 1, w, False)  # [S, D] weighted
+    else:
+        gate_up, down = (tuple(stored[f"{kind}.{s}"] for s in TernaryCodeForm.STORED) + (stored["code_table"],)
+                         for kind in KINDS)
+        h = ops.code_slot_linear(x, ids, *gate_up, top_k, None, True)
+        if SLOT_DOWN_SUM:
+            return ops.code_slot_down(h, ids, *down, top_k, w)
+        y = ops.code_slot_linear(h, ids, *down, 1, w, False)
+    return y.view(n, top_k, -1).sum(dim=1)
 
 
 def build_experts(form: str, num_experts: int, hidden: int, ffn: int, tensors: Tensors,
