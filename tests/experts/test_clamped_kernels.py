@@ -129,7 +129,7 @@ def test_word_nibbles_and_powers_are_exact():
     assert torch.equal(powers.cpu()[:229].double() * 2.0 ** (X_LOG2.value - 126), torch.exp2(s.double() - 127))
 
 
-@pytest.mark.parametrize("kernels", ["words", "bytes"])
+@pytest.mark.parametrize("kernels", ["words", pytest.param("bytes", marks=pytest.mark.slow)])  # the default: words
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_slot_kernel_variants_equal_the_pytorch_path(kernels, dtype):
     """Both per-slot MXFP4 variants (clamped_ops.SLOT_MXFP4_KERNELS picks one) equal run_planned at

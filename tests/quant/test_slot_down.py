@@ -36,10 +36,10 @@ ROUTINGS = [  # (tokens N, experts per token A, expert ids [N * A])
 
 
 def cases(configs: list[tuple]) -> list:
-    """Returns (*config case, *routing) parameters: the first two cases with the second routing (shared
-    and repeated experts) in the default run, the rest slow (the interpreter runs a program at a time:
-    the whole set took 3 minutes of the 2-core machine's default run)."""
-    return [pytest.param(*c, *r, marks=() if i < 2 and j == 1 else pytest.mark.slow)
+    """Returns (*config case, *routing) parameters, all slow: the interpreter runs a program at a time
+    (the set took 3 minutes of the 2-core machine's default run), and these launches are behind
+    formats.SLOT_DOWN_SUM (off); test_kernels' summing-down test keeps one in the default run."""
+    return [pytest.param(*c, *r, marks=pytest.mark.slow)  # behind formats.SLOT_DOWN_SUM (off): CI's slow run
             for i, c in enumerate(configs) for j, r in enumerate(ROUTINGS)]
 
 
@@ -119,6 +119,7 @@ def test_code_slot_down_sums_each_tokens_slots(uneven, dict_bits, rows, cols, co
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_slot_down_bfloat16():
     """bfloat16 activations and weights in, bfloat16 [N, R] out (float32 sum inside, one rounding)."""
     device = kernel_device()
