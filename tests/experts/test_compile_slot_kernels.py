@@ -6,13 +6,13 @@ cuobjdump), not a GPU; the builds run in one child process without TRITON_INTERP
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: sm90_build (the child too)
+from sm90_build import assert_no_spills, resource_usage
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,6 @@ CASES = [("gate_up", 2048, 8, 4, 1024, 4, False, None), ("gate_up", 2048, 6, 8, 
 
 def build(case: tuple) -> str:
     """Returns cuobjdump's resource line of `case` built for sm_90 (raises where the compiler rejects it)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from moekit.kernels import moe_slots
 
     kind, k, top_k, bn, bk, warps, offsets, per_step = case
@@ -44,34 +40,21 @@ def build(case: tuple) -> str:
         args = {"h_ptr": bf16, "expert_ids_ptr": ids, "weights_ptr": bf16, "w_ptr": bf16, "off_ptr": ids,
                 "out_ptr": bf16, "N": "i32"}
         constexprs = {"SLOTS_PER_STEP": per_step}
-    args |= {name: "i32" for name in kernel.arg_names if name.startswith("stride")}
     constexprs |= {"TOP_K": top_k, "K": k, "BLOCK_N": bn, "BLOCK_K": bk, "OFFSETS": offsets}
-    signature = args | {name: "constexpr" for name in constexprs}
-    assert set(signature) == set(kernel.arg_names), set(signature) ^ set(kernel.arg_names)
     # as a launch specializes: tensors 16-byte aligned, widths and strides multiples of 16 (not stride_off)
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind_ in args.items()
-               if kind_.startswith("*") or name in ("FFN", "N") or (name.startswith("stride") and name != "stride_off")}
-    source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                       constexprs={(kernel.arg_names.index(name),): v for name, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.cubin"
-        path.write_bytes(compiled.asm["cubin"])
-        return subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True,
-                              check=True).stdout
+    return resource_usage(kernel, args, constexprs, warps, aligned=lambda name, kind: kind.startswith("*") or name in (
+        "FFN", "N") or (name.startswith("stride") and name != "stride_off"))
 
 
 def test_slot_kernels_compile_for_sm90_without_spills():
-    from conftest import build_without_interpreter  # here: this file runs as the child too, where conftest must not load
+    from conftest import (
+        build_without_interpreter,  # here: this file runs as the child too, where conftest must not load
+    )
 
     build_without_interpreter([__file__])
 
 
 if __name__ == "__main__":
     for case in CASES:
-        usage = build(case)
-        stack = re.search(r"STACK:(\d+)", usage)
-        assert stack and stack.group(1) == "0", f"{case}: spills or no resource line: {usage.strip()}"
-        print(case, re.search(r"REG:\d+", usage).group(0))
+        assert_no_spills(case, build(case))
     sys.exit(0)

@@ -7,13 +7,13 @@ the builds run in one child process without TRITON_INTERPRET."""
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: sm90_build (the child too)
+from sm90_build import assert_no_spills, resource_usage
 
 pytestmark = pytest.mark.slow
 
@@ -22,29 +22,6 @@ pytestmark = pytest.mark.slow
 INT_CASES = [(8, 96, 4, 1024, 4), (8, 96, 1, 1024, 4), (8, 96, 8, 512, 4), (2, 1792, 4, 1024, 4)]
 # 8-bit codewords read four to an int32 (PACKED): (A, codewords per chunk W, BLOCK_R, words per step, warps)
 CODE_CASES = [(8, 32, 4, 32, 1), (8, 32, 1, 128, 1), (2, 64, 1, 128, 1), (2, 64, 4, 32, 1)]
-
-
-def build(kernel, args: dict[str, str], constexprs: dict, warps: int) -> str:
-    """Returns cuobjdump's resource line of `kernel` built for sm_90 (raises where the compiler rejects it)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    args = args | {name: "i32" for name in kernel.arg_names if name.startswith("stride")}
-    signature = args | {name: "constexpr" for name in constexprs}
-    assert set(signature) == set(kernel.arg_names), set(signature) ^ set(kernel.arg_names)
-    # as a launch specializes: tensors 16-byte aligned, strides multiples of 16
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in args.items()
-               if kind.startswith("*") or name.startswith("stride")}
-    source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                       constexprs={(kernel.arg_names.index(name),): v for name, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.cubin"
-        path.write_bytes(compiled.asm["cubin"])
-        return subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True,
-                              check=True).stdout
 
 
 def builds():
@@ -57,15 +34,15 @@ def builds():
     for top_k, words, bn, bk, warps in INT_CASES:
         constexprs = {"TOP_K": top_k, "NUM_WORDS": words, "BITS": 4, "LANES": 8, "SCALE_MODE": 2, "BLOCK_N": bn,
                       "BLOCK_KW": bk // 8}
-        yield ("int", top_k, words, bn, bk, warps), build(int_matmul.int_slot_down_kernel, int_args, constexprs, warps)
+        yield ("int", top_k, words, bn, bk, warps), resource_usage(int_matmul.int_slot_down_kernel, int_args, constexprs, warps)
     code_args = shared | {"words_ptr": "*u8", "starts_ptr": "*i16", "chunks_ptr": "*u8", "offsets_ptr": "*i32",
                           "lo_ptr": "*fp16", "hi_ptr": "*fp16", "table_ptr": "*i64", "out_ptr": "*bf16", "R": "i32",
                           "K": "i32"}
     for top_k, w, br, step, warps in CODE_CASES:
         constexprs = {"TOP_K": top_k, "W": w, "WP": w, "CHUNKS_PER_STEP": max(1, step // w), "ROW_BLOCK": 16,
                       "BLOCK_R": br, "HW_POPC": True, "PACKED": True}
-        yield ("code", top_k, w, br, step, warps), build(code_matmul.code_slot_down_kernel, code_args, constexprs,
-                                                         warps)
+        yield ("code", top_k, w, br, step, warps), resource_usage(code_matmul.code_slot_down_kernel, code_args,
+                                                                  constexprs, warps)
 
 
 def test_slot_down_kernels_compile_for_sm90_without_spills():
@@ -77,7 +54,5 @@ def test_slot_down_kernels_compile_for_sm90_without_spills():
 
 if __name__ == "__main__":
     for case, usage in builds():
-        stack = re.search(r"STACK:(\d+)", usage)
-        assert stack and stack.group(1) == "0", f"{case}: spills or no resource line: {usage.strip()}"
-        print(case, re.search(r"REG:\d+", usage).group(0))
+        assert_no_spills(case, usage)
     sys.exit(0)
