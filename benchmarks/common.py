@@ -177,6 +177,24 @@ def median_s(fn: Callable[[], Any], device: str | torch.device, reps: int = 25, 
     return statistics.median(times_s(fn, device, reps, warmup, flush_l2))
 
 
+def graph_us_per_call(calls: list[Callable[[], Any]], reps: int = 30) -> float:
+    """Returns the median microseconds a call of `calls` (each a no-argument function) takes when all
+    of them run in one captured CUDA graph, as a decode step runs its layers (launch gaps included).
+    Each call runs once first on a side stream (Triton builds, cuBLAS and SDPA plans), as generate's
+    warm-up does."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for call in calls:
+            call()
+    return 1e6 * statistics.median(times_s(graph.replay, "cuda", reps=reps, warmup=3)) / len(calls)
+
+
 def do_bench_s(fn: Callable[[], Any], warmup: int = 10, rep: int = 50, device: str | torch.device = "cuda") -> float:
     """Returns the median seconds of one call of fn: triton.testing.do_bench on CUDA (warmup and
     rep in milliseconds of running, L2 flushed before each call), median_s on the CPU."""

@@ -96,22 +96,6 @@ class Shape:
         return None if self.biases is None else self.biases[i]
 
 
-def graph_us_per_call(calls: list) -> float:
-    """Returns the median microseconds a call of `calls` takes when all run in one captured CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (Triton builds, cuBLAS's plan) on a side stream, as generate does
-        for call in calls[:2]:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for call in calls:
-            call()
-    times = common.times_s(graph.replay, "cuda", reps=20, warmup=3)
-    return 1e6 * sorted(times)[len(times) // 2] / len(calls)
-
-
 def time_row(shape: Shape, config: tuple[int, int, int, int, int] | None, ceiling_bytes_per_s: float) -> dict:
     """Returns shape's row for cuBLAS (config None) or the decode matvec at config."""
     from moekit.linear import decode_linear
@@ -122,7 +106,7 @@ def time_row(shape: Shape, config: tuple[int, int, int, int, int] | None, ceilin
         run = lambda i: decode_linear(shape.x, shape.weights[i], shape.bias(i), config)
     with torch.inference_mode():
         error = float((run(0).float() - shape.expected).abs().max())
-        us = graph_us_per_call([lambda i=i: run(i) for i in range(shape.calls)])
+        us = common.graph_us_per_call([lambda i=i: run(i) for i in range(shape.calls)])
     rate = shape.bytes / (us * 1e-6)
     return {"name": shape.name, "n": shape.n, "k": shape.k, "rows": shape.rows, "bias": shape.biases is not None,
             "impl": "cublas" if config is None else "kernel", "config": config, "us": us, "tb_per_s": rate / 1e12,

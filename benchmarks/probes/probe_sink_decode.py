@@ -151,24 +151,6 @@ def paged_row(b: int, window: int | None, device: torch.device, g: torch.Generat
             "floor_us": 1e6 * kv_bytes(attended) / common.HBM_BYTES_PER_S, "max_abs_error": error}
 
 
-def graph_us_per_call(calls: list, reps: int = 30) -> float:
-    """Returns the median microseconds a call of `calls` (each a no-argument function) takes when
-    all of them run in one captured CUDA graph, as a decode step runs its layers."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (Triton builds, SDPA's plan) on a side stream, as generate does
-        for _ in range(2):
-            for call in calls:
-                call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for call in calls:
-            call()
-    times = common.times_s(graph.replay, "cuda", reps=reps, warmup=3)
-    return 1e6 * sorted(times)[len(times) // 2] / len(calls)
-
-
 def plain_row(model: tuple, b: int, ctx: int, device: torch.device, g: torch.Generator) -> dict:
     """Returns the plain row: one new token for each of b sequences at position ctx, GRAPH_LAYERS
     layers of attention without sinks through the one-pass kernel, the split kernel and mask + SDPA."""
@@ -209,12 +191,12 @@ def plain_row(model: tuple, b: int, ctx: int, device: torch.device, g: torch.Gen
     with torch.inference_mode():
         expected = sdpa(0).float().reshape(b, heads, head_dim)
         one_error = float((kernel(0, 1).float() - expected).abs().max())
-        one_us = graph_us_per_call([partial(kernel, i, 1) for i in range(GRAPH_LAYERS)])
+        one_us = common.graph_us_per_call([partial(kernel, i, 1) for i in range(GRAPH_LAYERS)])
         split_error = split_us = None
         if splits > 1:
             split_error = float((kernel(0, splits).float() - expected).abs().max())
-            split_us = graph_us_per_call([partial(kernel, i, splits) for i in range(GRAPH_LAYERS)])
-        sdpa_us = graph_us_per_call([partial(sdpa, i) for i in range(GRAPH_LAYERS)])
+            split_us = common.graph_us_per_call([partial(kernel, i, splits) for i in range(GRAPH_LAYERS)])
+        sdpa_us = common.graph_us_per_call([partial(sdpa, i) for i in range(GRAPH_LAYERS)])
     kv_positions = b * (ctx + 1)
     return {"path": "plain", "model": name, "heads": [heads, kv_heads, head_dim], "batch": b, "context": ctx,
             "capacity": capacity, "splits_rule": rule, "splits_timed": splits if splits > 1 else None,
