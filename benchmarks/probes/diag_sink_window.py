@@ -47,11 +47,63 @@ def layer(heads, kv_heads, head_dim, window, dtype, device):
     return attn.to(device, dtype)
 
 
+def model_mode(device: torch.device) -> None:
+    """The tiny gpt-oss model of tests/test_fused.py decoding 4 steps after a 6-token prompt with the
+    kernel on: every fused_decode call is checked against sink_attention over a copy of the cache
+    written by hand (so a wrong kernel and a wrong reference path of the model are told apart)."""
+    import tempfile
+
+    from conftest import build_hf_model, token_ids
+
+    import moekit
+    from moekit.kv_cache import KVCache as Cache
+
+    root = Path(tempfile.mkdtemp())
+    build_hf_model("gpt_oss").save_pretrained(root)
+    model = moekit.load_model(root).to(device, torch.bfloat16)
+    real = sinks.fused_decode
+
+    def spy(q, k, v, sk, keys, values, start, window, store=True, splits=None):
+        kc, vc = keys.clone(), values.clone()
+        out = real(q, k, v, sk, keys, values, start, window, store, splits)
+        st, t = int(start), q.shape[2]
+        kc[:, :, st:st + t], vc[:, :, st:st + t] = k, v
+        pos = torch.arange(kc.shape[2], device=q.device)[None]
+        qpos = st + torch.arange(t, device=q.device)[:, None]
+        mask = (pos <= qpos) & ((pos > qpos - window) if window is not None else True)
+        ref = sinks.sink_attention(q, kc, vc, sk, mask).transpose(1, 2).reshape(out.shape)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        print(f"call start={st} t={t} window={window} S={kc.shape[2]} q{tuple(q.stride())} k{tuple(k.stride())} "
+              f"cache_equal={torch.equal(kc, keys) and torch.equal(vc, values)} err={err:.4f} "
+              f"|q|max={q.float().abs().max().item():.2f} |k|max={k.float().abs().max().item():.2f}", flush=True)
+        return out
+
+    sinks.fused_decode = spy
+    prompt = token_ids(1, 6).to(device)
+    for flag in ("0", "1"):
+        os.environ["MOEKIT_FUSED"] = flag
+        cache = Cache(model.config, 1, 10, device, torch.bfloat16)
+        outs = []
+        with torch.inference_mode():
+            logits = model(prompt, cache=cache, start=0, last_only=True)
+            for i in range(4):
+                tok = torch.tensor([[int(logits[0, -1].argmax()) if flag == "0" else fed[i]]], device=device)
+                outs.append(tok.item())
+                logits = model(tok, cache=cache, start=torch.tensor(6 + i, device=device))
+                print(f"MOEKIT_FUSED={flag} step {i}: logits[:4] {logits[0, -1, :4].float().tolist()}", flush=True)
+        fed = outs
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
     p.add_argument("--window", type=int, default=5)
+    p.add_argument("--model", action="store_true", help="the tiny gpt-oss model, every kernel call checked")
     args = p.parse_args()
+    if args.model:
+        fused.ALLOW_INTERPRETER = True
+        model_mode(torch.device(args.device))
+        return
     fused.ALLOW_INTERPRETER = True
     sinks.PLAIN_DECODE_WINDOWED = True
     device, dtype = torch.device(args.device), torch.bfloat16
