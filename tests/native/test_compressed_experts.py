@@ -279,3 +279,35 @@ def test_forms_cpu_path_equals_their_pytorch_path(form_name):
             planned = form.run_planned(x, rows, weights, stacked, grad=False)
         assert fused is not None
         close(fused, planned, 1e-5)
+
+
+@pytest.mark.parametrize("form_name,dot", [("int4", "int8"), ("int4", "float"), ("int3", "float"), ("ternary", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_started_form_call_gives_the_bits_of_native_ffn(form_name, dot, dtype, monkeypatch):
+    """start_form_ffn (offload.cpu's call on the runner thread) computes exactly what the form's
+    native_ffn computes, for 1 and 5 tokens (bf16 x: the float sum is copied out at the wait)."""
+    from moekit.quant.formats import IntForm, TernaryCodeForm
+
+    if dot is not None:
+        monkeypatch.setenv("MOEKIT_CPU_INT_DOT", dot)
+    g = torch.Generator().manual_seed(5)
+    d, ffn, experts = 96, 40, 6
+    if form_name == "ternary":
+        stacked = stacked_code(d, ffn, experts, g)
+        specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items() if n != "code_table"}
+        form = TernaryCodeForm(d, ffn, {0: specs}, {0: {"code_table": stacked["code_table"]}})
+    else:
+        bits = int(form_name[3:])
+        stacked = stacked_int(bits, d, ffn, experts, (3, 1) if bits == 4 else (3, 2), g)
+        form = IntForm(d, ffn, {0: {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}}, {0: {}}, bits)
+    scratch = nc.Scratch()
+    for tokens in (1, 5):
+        x = torch.randn(tokens, d, generator=g).to(dtype)
+        jobs = [(form.one(stacked, row), toks, torch.rand(len(toks), generator=g).tolist())
+                for row, toks in ((4, [0]), (1, list(range(tokens))), (5, [tokens - 1]))]
+        expected = form.native_ffn(x, jobs, threads=2, scratch=scratch)
+        out = torch.full_like(x, 3.0)
+        started = nc.start_form_ffn(form, x, jobs, out=out, threads=2, scratch=scratch)
+        assert started.wait() is out and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="no native CPU kernel"):
+        nc.start_form_ffn(type("Other", (), {"name": "fp8"})(), x, jobs)

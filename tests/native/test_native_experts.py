@@ -1,6 +1,7 @@
 """The native CPU expert kernel (native/experts.cpp) against its PyTorch reference: every dtype,
 jobs sharing tokens, tokens no job touches, odd sizes, any thread count giving the same bits,
-and clear refusals of arguments it cannot take."""
+and clear refusals of arguments it cannot take; the same call started on the runner thread gives
+the same bits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from moekit import native
+from moekit.errors import MoekitError
 from moekit.native import experts as ne
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no native library: {native.unavailable_reason()}")
@@ -163,3 +165,48 @@ def test_stacked_refuses_strided_experts_and_rows_outside():
         ne.expert_ffn_stacked(x, gate_up, down, [(4, [0], [1.0])])
     with pytest.raises(ValueError, match="each expert contiguous"):
         ne.expert_ffn_stacked(x, gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, [(0, [0], [1.0])])
+
+
+# ---- started on the runner thread (async_runner.cpp) -------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_started_call_gives_the_bits_of_the_call(dtype):
+    """start=True runs the same call on the runner thread: the same bits, call after call, with
+    the scratch shared with synchronous calls between them, per-expert and stacked, for 1 to 5 tokens."""
+    d, ffn, count = 96, 40, 6
+    g = torch.Generator().manual_seed(2)
+    gate_up = (torch.randn(count, 2 * ffn, d, generator=g) / d ** 0.5).to(dtype)
+    down = (torch.randn(count, d, ffn, generator=g) / ffn ** 0.5).to(dtype)
+    scratch = ne.Scratch()
+    for tokens in (1, 5, 2, 5):
+        x = torch.randn(tokens, d, generator=g).to(dtype)
+        picked = {r: sorted({(r + i) % tokens for i in range(3)}) for r in (4, 1, 5, 0)}  # tokens shared by experts
+        routes = [(r, t, torch.rand(len(t), generator=g).tolist()) for r, t in picked.items()]
+        expected = ne.expert_ffn_stacked(x, gate_up, down, routes, threads=2, scratch=scratch)
+        out = torch.full_like(x, 3.0)
+        started = ne.expert_ffn_stacked(x, gate_up, down, routes, out=out, threads=2, scratch=scratch, start=True)
+        assert isinstance(started, ne.Started)
+        assert started.wait() is out and torch.equal(out, expected)
+        views = [(gate_up[r], down[r], t, w) for r, t, w in routes]
+        assert torch.equal(ne.expert_ffn(x, views, threads=3, scratch=scratch, start=True).wait(), expected)
+    assert torch.equal(ne.expert_ffn(x, [], start=True).wait(), torch.zeros_like(x))
+
+
+def test_started_call_holds_its_buffers_and_is_one_at_a_time():
+    """A started call keeps what it reads alive (its x made here and dropped); a second start before
+    the wait is refused, the first still completes; a second wait is refused; the library's wait
+    with nothing posted says so; a Started dropped unwaited is waited for, freeing the runner."""
+    d, ffn = 64, 32
+    x = torch.randn(4, d)
+    jobs = make_jobs(d, ffn, torch.float32, [[0, 1], [2], [3, 0]])
+    expected = ne.expert_ffn(x, jobs)
+    started = ne.expert_ffn(x.clone(), [(gu.clone(), dn.clone(), t, w) for gu, dn, t, w in jobs], start=True)
+    with pytest.raises(MoekitError, match="has not been waited for"):
+        ne.expert_ffn(x, jobs, start=True)
+    assert torch.equal(started.wait(), expected)
+    with pytest.raises(MoekitError, match="already waited for"):
+        started.wait()
+    assert native.library().moekit_async_wait() == ne.ASYNC_IDLE
+    dropped = ne.expert_ffn(x, jobs, start=True)
+    del dropped
+    assert torch.equal(ne.expert_ffn(x, jobs, start=True).wait(), expected)

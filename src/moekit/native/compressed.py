@@ -42,7 +42,16 @@ import torch
 
 from ..errors import MoekitError
 from . import library, register_declarations
-from .experts import MAX_ROW, Routes, Scratch, acc_stride, float_ptr, output_for
+from .experts import (
+    MAX_ROW,
+    Routes,
+    Scratch,
+    Started,
+    acc_stride,
+    float_ptr,
+    output_for,
+    post,
+)
 
 INT_BITS = (2, 3, 4, 8)
 INT_DOTS = ("int8", "float")  # int-N activations: int8 with integer dot products, or float
@@ -64,6 +73,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moekit_code_ffn.argtypes = [f32p, f32p, i64, i64, i64, i64, i64p, i32p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_int, i64p, i32p, i32p, f32p, f32p, f32p, ctypes.c_int]
     lib.moekit_code_ffn.restype = ctypes.c_int
+    for name in ("int_ffn", "code_ffn"):  # async_runner.cpp: the same arguments, posted to the runner thread
+        getattr(lib, f"moekit_async_{name}").argtypes = getattr(lib, f"moekit_{name}").argtypes
+        getattr(lib, f"moekit_async_{name}").restype = ctypes.c_int
 
 
 register_declarations(_declare)
@@ -101,10 +113,11 @@ def _check_parts(parts: Parts, kinds: tuple[tuple[str, tuple[torch.dtype, ...]],
 
 
 def _run(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None, threads: int | None, scratch: Scratch | None,
-         call, pad: int = 0) -> torch.Tensor:
+         call, pad: int = 0, start: bool = False) -> torch.Tensor | Started:
     """Checks the routes, converts x to float32 (followed by `pad` readable floats), calls
-    `call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads)` and returns
-    out in x's dtype."""
+    `call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads)` (with start:
+    `call(..., threads, post)`, which posts the call through `post`) and returns out in x's dtype,
+    or with start its Started."""
     lib = library()
     if lib is None:
         from . import unavailable_reason
@@ -113,7 +126,7 @@ def _run(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None, threads: in
     n, d = x.shape
     out = output_for(x, out)
     if not jobs:
-        return out.zero_()
+        return Started(out.zero_(), (), "", posted=False) if start else out.zero_()
     routes = Routes(jobs, n)
     threads = threads or torch.get_num_threads()
     scratch = scratch or Scratch()
@@ -123,12 +136,22 @@ def _run(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None, threads: in
         xf = scratch.get("x", n * d + pad)[:n * d].view(n, d).copy_(x)
     outf = out if out.dtype == torch.float32 else scratch.get("out", n * d)[:n * d].view(n, d)
     accs = scratch.get("acc", threads * acc_stride(n))
+    refusal = "the CPU compressed-expert kernel refused its arguments (code {code}: see compressed.cpp)"
+    finish = None if outf is out else (lambda: out.copy_(outf))
+    if start:  # the call's closure holds its pointer arrays and tables; the scratch's tensors, its buffers
+
+        def posted(entry, *args):
+            return post(entry, *args, keep=(x, xf, outf, out, routes, call, jobs, *scratch.buffers.values()),
+                        out=out, refusal=refusal, finish=finish)
+
+        return call(lib, xf, float_ptr(outf), n, routes.starts, routes.tokens, routes.weights, scratch, routes.slots,
+                    accs, threads, posted)
     code = call(lib, xf, float_ptr(outf), n, routes.starts, routes.tokens, routes.weights, scratch, routes.slots, accs,
                 threads)
     if code != 0:
-        raise ValueError(f"the CPU compressed-expert kernel refused its arguments (code {code}: see compressed.cpp)")
-    if outf is not out:
-        out.copy_(outf)
+        raise ValueError(refusal.format(code=code))
+    if finish is not None:
+        finish()
     return out
 
 
@@ -143,16 +166,17 @@ def _permuted(xf: torch.Tensor, cols: int, per_word: int, scratch: Scratch) -> t
 
 
 def int_ffn(x: torch.Tensor, jobs: list[Job], bits: int, out: torch.Tensor | None = None, threads: int | None = None,
-            scratch: Scratch | None = None, dot: str | None = None) -> torch.Tensor:
+            scratch: Scratch | None = None, dot: str | None = None, start: bool = False) -> torch.Tensor | Started:
     """Returns out [N, D] (x's dtype): the weighted sum over jobs of their int-`bits` expert on
     their tokens. A job's parts: (qweight, scale, zero) of gate_up [2I, D] and of down [D, I].
-    dot: "int8" or "float" activations (int_dot). Raises ValueError for arguments the kernel cannot take."""
+    dot: "int8" or "float" activations (int_dot). start=True: a Started whose wait() returns out
+    (native.experts.expert_ffn says what it holds). Raises ValueError for arguments the kernel cannot take."""
     int8 = int(int_dot(dot) == "int8")
     if bits not in INT_BITS:
         raise ValueError(f"the CPU int kernel takes {INT_BITS}-bit codes, got {bits}")
     d = x.shape[1]
     if not jobs:
-        return _run(x, jobs, out, threads, scratch, None)
+        return _run(x, jobs, out, threads, scratch, None, start=start)
     per_word = 32 // bits
     ffn = jobs[0][0][1].shape[0] // 2
     groups = (jobs[0][0][1].shape[1], jobs[0][1][1].shape[1])
@@ -172,16 +196,17 @@ def int_ffn(x: torch.Tensor, jobs: list[Job], bits: int, out: torch.Tensor | Non
     # groups of whole words (or one per row): the permuted layout (compressed.cpp, IntRows)
     permuted = all(p == 1 or -(-cols // p) % per_word == 0 for p, cols in zip(groups, (d, ffn)))
 
-    def call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads):
+    def call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads, posted=None):
         h_cols = -(-ffn // per_word) * per_word if permuted else ffn
         h = scratch.get("h", slots * h_cols)
         if permuted:
             h[:slots * h_cols].zero_()  # the last word's padding lanes stay zero
             xf = _permuted(xf, d, per_word, scratch)
-        return lib.moekit_int_ffn(bits, float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, groups[0], groups[1],
-                                  int(permuted), starts, tokens, weights, float_ptr(h), float_ptr(accs), threads, int8)
+        args = (bits, float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, groups[0], groups[1], int(permuted), starts,
+                tokens, weights, float_ptr(h), float_ptr(accs), threads, int8)
+        return lib.moekit_int_ffn(*args) if posted is None else posted(lib.moekit_async_int_ffn, *args)
 
-    return _run(x, jobs, out, threads, scratch, call)
+    return _run(x, jobs, out, threads, scratch, call, start=start)
 
 
 # id(table) -> (a weak reference to it, its version, its code_masks); tensors cannot be the keys of a
@@ -217,14 +242,14 @@ def code_masks(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.Tensor | None = None,
-             threads: int | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+             threads: int | None = None, scratch: Scratch | None = None, start: bool = False) -> torch.Tensor | Started:
     """Returns out [N, D] (x's dtype): the weighted sum over jobs of their ternary-code expert on
     their tokens. A job's parts: (codewords, starts, row_chunks, block_offsets, lo, hi) of gate_up
-    [2I, D] and of down [D, I]; table [2^bits, 2] int32 is the layer's dictionary. Raises
-    ValueError for arguments the kernel cannot take."""
+    [2I, D] and of down [D, I]; table [2^bits, 2] int32 is the layer's dictionary. start=True: a
+    Started, as int_ffn's. Raises ValueError for arguments the kernel cannot take."""
     d = x.shape[1]
     if not jobs:
-        return _run(x, jobs, out, threads, scratch, None)
+        return _run(x, jobs, out, threads, scratch, None, start=start)
     ffn = jobs[0][0][2].shape[0] // 2
     table = table.contiguous()
     if table.dtype != torch.int32 or table.device.type != "cpu" or table.dim() != 2 or table.shape[1] != 2:
@@ -250,16 +275,37 @@ def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.T
         raise ValueError(f"the CPU code kernel takes rows of at most {MAX_ROW}; got hidden {d}, ffn {ffn}")
     ptr_arr = (ctypes.c_int64 * len(ptrs))(*ptrs)
     size_arr = (ctypes.c_int64 * len(sizes))(*sizes)
-    table_ptr = ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_int32))
     masks, lengths = code_masks(table)
 
-    def call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads):
+    def call(lib, xf, outf, n, starts, tokens, weights, scratch, slots, accs, threads, posted=None):
         h = scratch.get("h", slots * ffn + CODE_PAD)
-        return lib.moekit_code_ffn(float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, table_ptr, masks.data_ptr(),
-                                   lengths.data_ptr(), word_dtype.itemsize, size_arr, starts, tokens, weights,
-                                   float_ptr(h), float_ptr(accs), threads)
+        table_ptr = ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_int32))  # the closure holds table
+        args = (float_ptr(xf), outf, n, d, ffn, len(jobs), ptr_arr, table_ptr, masks.data_ptr(), lengths.data_ptr(),
+                word_dtype.itemsize, size_arr, starts, tokens, weights, float_ptr(h), float_ptr(accs), threads)
+        return lib.moekit_code_ffn(*args) if posted is None else posted(lib.moekit_async_code_ffn, *args)
 
-    return _run(x, jobs, out, threads, scratch, call, pad=CODE_PAD)
+    return _run(x, jobs, out, threads, scratch, call, pad=CODE_PAD, start=start)
+
+
+def start_form_ffn(form, x: torch.Tensor, jobs: list, out: torch.Tensor | None = None, threads: int | None = None,
+                   scratch: Scratch | None = None) -> Started:
+    """Returns the Started call of what `form.native_ffn(x, jobs, out, threads, scratch)` computes
+    (quant.formats: jobs of (one expert's tensors as form.one gives them, tokens, weights)), run on
+    the runner thread. The form says its layout by NATIVE_FORM (no import of quant.formats here);
+    raises ValueError for a form without a native layout."""
+    kind = getattr(form, "NATIVE_FORM", 0)
+    if kind == NATIVE_INT:
+        names = [name for name, _ in _INT_KINDS]
+    elif kind == NATIVE_CODE:
+        names = [name for name, _ in _CODE_KINDS]
+    else:
+        raise ValueError(f"experts stored as {form.name} have no native CPU kernel")
+    parts = [(tuple(one[f"gate_up.{name}"] for name in names), tuple(one[f"down.{name}"] for name in names), t, w)
+             for one, t, w in jobs]
+    if kind == NATIVE_INT:
+        return int_ffn(x, parts, form.bits, out=out, threads=threads, scratch=scratch, start=True)
+    table = jobs[0][0]["code_table"] if jobs else torch.empty(0, 2, dtype=torch.int32)
+    return code_ffn(x, parts, table, out=out, threads=threads, scratch=scratch, start=True)
 
 
 def stored_bytes(jobs: list[Job]) -> int:

@@ -19,7 +19,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import library
+from ..errors import MoekitError
+from . import library, register_declarations
 
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 MAX_JOB_TOKENS = 256  # tokens one job may hold (the kernel's per-row dot buffer)
@@ -27,6 +28,59 @@ MAX_ROW = 1 << 15  # widest weight row (hidden or ffn size) the kernel takes
 SMALL_BATCH_TOKENS = 16  # up to this many tokens per call the kernel beats PyTorch's GEMMs
 
 Job = tuple[torch.Tensor, torch.Tensor, list[int], list[float]]
+
+
+ASYNC_BUSY, ASYNC_IDLE = -100, -101  # async_runner.cpp: a call still posted; a wait with none posted
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.moekit_async_expert_ffn.argtypes = lib.moekit_expert_ffn.argtypes  # the same arguments, posted
+    lib.moekit_async_expert_ffn.restype = ctypes.c_int
+    lib.moekit_async_wait.argtypes = []
+    lib.moekit_async_wait.restype = ctypes.c_int
+
+
+register_declarations(_declare)
+
+
+class Started:
+    """A native call running on the library's runner thread (async_runner.cpp), started by
+    `start=True`: holds every object the call reads or writes until `wait` returns. One call at a
+    time per process; a Started dropped unwaited waits in its finaliser (its buffers stay alive)."""
+
+    def __init__(self, out: torch.Tensor, keep: tuple, refusal: str, finish=None, posted: bool = True):
+        self.out, self._keep, self._refusal, self._finish, self._posted = out, keep, refusal, finish, posted
+        self._waited = False
+
+    def wait(self) -> torch.Tensor:
+        """Returns out once the call is done (the GIL is released meanwhile); raises ValueError
+        for arguments the kernel refused, MoekitError when waited for twice."""
+        if self._waited:
+            raise MoekitError("this CPU expert call was already waited for: wait() once per start")
+        self._waited = True
+        code = library().moekit_async_wait() if self._posted else 0
+        self._keep = ()
+        if code != 0:
+            raise ValueError(self._refusal.format(code=code))
+        if self._finish is not None:
+            self._finish()
+        return self.out
+
+    def __del__(self):
+        if not self._waited and self._posted and library() is not None:
+            library().moekit_async_wait()  # the call must not outlive its buffers
+
+
+def post(entry, *args, keep: tuple, out: torch.Tensor, refusal: str, finish=None) -> Started:
+    """Returns the Started of `entry(*args)` (a moekit_async_* function); raises MoekitError
+    while another started call has not been waited for."""
+    code = entry(*args)
+    if code == ASYNC_BUSY:
+        raise MoekitError("a CPU expert call started with start=True has not been waited for: call its wait() "
+                          "before starting another (one at a time per process)")
+    if code != 0:
+        raise ValueError(refusal.format(code=code))
+    return Started(out, (args, *keep), refusal, finish)
 
 
 def acc_stride(n: int) -> int:
@@ -92,8 +146,10 @@ def output_for(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None, threads: int | None = None,
-               scratch: Scratch | None = None) -> torch.Tensor:
-    """Returns out [N, D] (x's dtype): the weighted sum over jobs of their expert on their tokens.
+               scratch: Scratch | None = None, start: bool = False) -> torch.Tensor | Started:
+    """Returns out [N, D] (x's dtype): the weighted sum over jobs of their expert on their tokens;
+    with start=True, a Started whose wait() returns it (the call runs on the runner thread: until
+    then nothing may write x, the weights or scratch, nor read out).
 
     Each job's gate_up [2I, D] (gate rows, then up rows) and down [D, I] must be contiguous CPU
     tensors of one dtype (bf16, fp16 or fp32); tokens index x's rows; a token may appear in
@@ -103,7 +159,7 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
     n, d = x.shape
     out = output_for(x, out)
     if not jobs:
-        return out.zero_()
+        return Started(out.zero_(), (), "", posted=False) if start else out.zero_()
     wdtype = jobs[0][0].dtype
     ffn = jobs[0][1].shape[1]
     gate_ups, downs = [], []
@@ -115,14 +171,16 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
                              f"of one dtype; got {list(gate_up.shape)} {gate_up.dtype}, {list(down.shape)} {down.dtype}")
         gate_ups.append(gate_up.data_ptr())
         downs.append(down.data_ptr())
-    return _run(x, out, wdtype, ffn, gate_ups, downs, Routes(jobs, n), threads, scratch)
+    return _run(x, out, wdtype, ffn, gate_ups, downs, Routes(jobs, n), threads, scratch, (jobs,) if start else None)
 
 
 def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                        jobs: list[tuple[int, list[int], list[float]]], out: torch.Tensor | None = None,
-                       threads: int | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+                       threads: int | None = None, scratch: Scratch | None = None,
+                       start: bool = False) -> torch.Tensor | Started:
     """Returns out [N, D]: what expert_ffn returns, each job's expert being a row of the stacked
-    gate_up [E, 2I, D] and down [E, D, I] (jobs: (row, tokens, weights)).
+    gate_up [E, 2I, D] and down [E, D, I] (jobs: (row, tokens, weights)); start=True: a Started,
+    as expert_ffn's.
 
     The pointers are computed from the stacks' strides: no per-expert tensor view is made or
     checked (16 per OLMoE layer, ~4 us each, on the decode path of offload.cpu). Each expert's
@@ -131,7 +189,7 @@ def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
     n, d = x.shape
     out = output_for(x, out)
     if not jobs:
-        return out.zero_()
+        return Started(out.zero_(), (), "", posted=False) if start else out.zero_()
     count, ffn = gate_up.shape[0], down.shape[-1]
     if (gate_up.dim() != 3 or gate_up.shape[1:] != (2 * ffn, d) or down.shape != (count, d, ffn)
             or gate_up.dtype != down.dtype or gate_up.device.type != "cpu" or down.device.type != "cpu"
@@ -146,12 +204,13 @@ def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
     gu0, gu_step = gate_up.data_ptr(), gate_up.stride(0) * size
     dn0, dn_step = down.data_ptr(), down.stride(0) * size
     return _run(x, out, gate_up.dtype, ffn, [gu0 + r * gu_step for r in rows], [dn0 + r * dn_step for r in rows],
-                Routes(jobs, n), threads, scratch)
+                Routes(jobs, n), threads, scratch, (gate_up, down) if start else None)
 
 
 def _run(x: torch.Tensor, out: torch.Tensor, wdtype: torch.dtype, ffn: int, gate_ups: list[int], downs: list[int],
-         routes: Routes, threads: int | None, scratch: Scratch | None) -> torch.Tensor:
-    """Returns out after the native call on checked pointers (x contiguous [N, D], out like x)."""
+         routes: Routes, threads: int | None, scratch: Scratch | None, keep: tuple | None) -> torch.Tensor | Started:
+    """Returns out after the native call on checked pointers (x contiguous [N, D], out like x); with
+    `keep` (what else the call reads: the weights), the Started call instead."""
     lib = library()
     if lib is None:
         from . import unavailable_reason
@@ -168,11 +227,16 @@ def _run(x: torch.Tensor, out: torch.Tensor, wdtype: torch.dtype, ffn: int, gate
     h = scratch.get("h", routes.slots * ffn)
     xf = scratch.get("x", n * d)
     accs = scratch.get("acc", threads * acc_stride(n))
-    code = lib.moekit_expert_ffn(DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d,
-                                 ffn, len(gate_ups), gate_ptrs, down_ptrs, routes.starts, routes.tokens,
-                                 routes.weights, float_ptr(h), float_ptr(xf), float_ptr(accs), threads)
+    args = (DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d, ffn, len(gate_ups),
+            gate_ptrs, down_ptrs, routes.starts, routes.tokens, routes.weights, float_ptr(h), float_ptr(xf),
+            float_ptr(accs), threads)
+    refusal = "the CPU expert kernel refused its arguments (code {code}: see experts.cpp)"
+    if keep is not None:
+        return post(lib.moekit_async_expert_ffn, *args, keep=(x, out, routes, h, xf, accs, *keep), out=out,
+                    refusal=refusal)
+    code = lib.moekit_expert_ffn(*args)
     if code != 0:
-        raise ValueError(f"the CPU expert kernel refused its arguments (code {code}: see experts.cpp)")
+        raise ValueError(refusal.format(code=code))
     return out
 
 
