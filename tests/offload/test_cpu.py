@@ -1,6 +1,7 @@
 """Misses computed on the CPU (offload/cpu.py): the same greedy tokens as the resident model for every
-predictor and store down to a 2-expert cache, in "cpu" mode, in "auto" with rates given, and on the
-worker thread; the auto cost model's split; admission of popular experts; stats; clear refusals."""
+predictor and store down to a 2-expert cache, in "cpu" mode, in "auto" with rates given, on the
+worker thread and with the native call on the runner thread; the auto cost model's split; admission
+of popular experts; stats; clear refusals."""
 
 from __future__ import annotations
 
@@ -153,8 +154,55 @@ def test_worker_thread_gives_the_same_tokens(mixtral):
     assert report["cpu_experts"] > 0 and 0 < report["cpu_wait_s"] and report["cpu_threads"] == 1
 
 
-@pytest.mark.parametrize("threaded,store", [(False, "host"), (False, "disk"), (True, "host")])
-def test_profile_marks_every_split_call_in_order(mixtral, monkeypatch, threaded, store):
+def test_runner_thread_gives_the_same_tokens_and_sums(mixtral):
+    """The CUDA arrangement (the native call started on the runner thread, the device part launched,
+    then the wait) run on the CPU device: the same greedy tokens as the resident model, and each
+    submit/join gives the inline worker's bits (1 and 3 tokens, experts sharing tokens)."""
+    from moekit.native.experts import Started
+
+    path, resident = mixtral
+    model = offloaded(path, resident.config, store="host", misses="cpu", predictor="speculative", cpu_threads=1)
+    runtime = model.offload
+    assert not runtime.cpu.asynchronous  # off CUDA: inline unless asked
+    runtime.cpu = CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, asynchronous=True)
+    assert runtime.cpu.overlaps and runtime.cpu.native
+    ids = token_ids(1, 5, seed=11)
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    report = runtime.report()
+    assert report["cpu_experts"] > 0 and report["cpu_s"] > 0
+    inline = CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, asynchronous=False)
+    layer, top_k, d = runtime.moe_layers[0], resident.config.top_k, resident.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    for tokens in (1, 3):
+        x, w = torch.randn(tokens, d, generator=g), torch.rand(tokens, top_k, generator=g)
+        jobs = [(e, [t * top_k + a for t in range(tokens) if (t + e) % 2 == 0 or tokens == 1])
+                for a, e in enumerate(range(top_k))]
+        handle = runtime.cpu.submit(layer, jobs, x, w)
+        assert isinstance(handle[0], Started)
+        out, cpu_s, wait_s = runtime.cpu.join(handle)
+        assert torch.equal(out, inline.join(inline.submit(layer, jobs, x, w))[0]) and cpu_s >= wait_s >= 0
+
+
+def test_runner_thread_is_chosen_beside_cuda_with_a_host_store(mixtral, monkeypatch):
+    """Beside CUDA (the worker is only made here, no device is used) the native call starts on the
+    runner thread, unless MOEKIT_CPU_ASYNC=0, the store is on disk or the worker is threaded."""
+    from moekit.offload.cpu import ASYNC_ENV
+
+    path, resident = mixtral
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(ASYNC_ENV, raising=False)
+    host = offloaded(path, resident.config, store="host", misses="cpu").offload
+    assert CpuWorker(host.layout, host.store, cuda, 8).asynchronous
+    assert not CpuWorker(host.layout, host.store, cuda, 8, threaded=True).asynchronous
+    disk = offloaded(path, resident.config, store="disk", misses="cpu").offload
+    assert not CpuWorker(disk.layout, disk.store, cuda, 8).asynchronous
+    monkeypatch.setenv(ASYNC_ENV, "0")
+    assert not CpuWorker(host.layout, host.store, cuda, 8).asynchronous
+
+
+@pytest.mark.parametrize("mode,store", [("inline", "host"), ("inline", "disk"), ("threaded", "host"),
+                                        ("runner", "host")])
+def test_profile_marks_every_split_call_in_order(mixtral, monkeypatch, mode, store):
     """MOEKIT_PROFILE_CPU_MISSES=1 records each split layer call's host timestamps in the order the
     path runs them (benchmarks/probes/profile_cpu_misses.py reads them); tokens do not change;
     unset, nothing is recorded."""
@@ -167,8 +215,9 @@ def test_profile_marks_every_split_call_in_order(mixtral, monkeypatch, threaded,
     monkeypatch.setenv(PROFILE_ENV, "1")
     model = offloaded(path, resident.config, store=store, misses="cpu", predictor="speculative")
     runtime = model.offload
-    if threaded:
-        runtime.cpu = CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, threaded=True)
+    if mode != "inline":
+        runtime.cpu = CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1,
+                                threaded=mode == "threaded", asynchronous=mode == "runner")
     try:
         assert torch.equal(greedy(model, ids, n=4), greedy(resident, ids, n=4))
     finally:
@@ -179,8 +228,11 @@ def test_profile_marks_every_split_call_in_order(mixtral, monkeypatch, threaded,
              "kernel_end", "exit"]
     ran_cpu = [c for c in calls if c["cpu_experts"] > 0]
     assert ran_cpu and all(c["cpu_experts"] + c["device_experts"] >= 1 for c in calls)
+    if mode == "runner":  # started before the device part is launched, waited for after it
+        order = ["enter", "sync_start", "sync_end", "split", "cpu_start", "kernel_start", "device_launched",
+                 "kernel_wait", "kernel_end", "exit"]
     for c in ran_cpu:
-        if threaded:  # the worker runs beside the device part: only each thread's own order holds
+        if mode == "threaded":  # the worker runs beside the device part: only each thread's own order holds
             assert c["enter"] <= c["sync_start"] <= c["sync_end"] <= c["split"] <= c["cpu_start"] <= c["kernel_start"]
             assert c["kernel_start"] <= c["kernel_end"] <= c["exit"] and c["device_launched"] <= c["exit"]
         else:

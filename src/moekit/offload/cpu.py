@@ -13,20 +13,30 @@ One layer call on CUDA (OffloadRuntime.run, `_run_split`):
   1. x [N, D] and the routing weights [N, A] are queued for copy into pinned host buffers on the
      compute stream *before* the runtime's one host sync per layer (the routing's `.tolist()`):
      when that sync returns they have arrived. No sync is added.
-  2. the device part is launched first: demand fetches (auto), prefetch, the cached experts'
-     kernels (on the rows routed to them, gathered by indices the host already knows), admissions;
-     the GPU runs it while the host goes on.
-  3. the CPU experts run inline on the calling thread: one native call whose OpenMP team
-     (`cpu_threads`, by default one fewer than torch's) does the parallel work; then the CPU sum
-     [N, D] (pinned) is queued for copy to the device without waiting and added on the stream.
-     The next layer's sync completes that copy before the buffer is written again (an event
-     guards it as well).
-Why inline, not on a worker thread (as before): the GPU part is asynchronous already, so a thread
-bought no overlap; it cost two thread wake-ups per layer, and the worker's Python (building the
-jobs) waited for the GIL until the main thread blocked in the join, so it ran after the device
-part's launches anyway. `CpuWorker(threaded=True)` keeps the worker for comparison.
-On a CPU-only machine (device cpu) both parts run on the CPU, one after the other, from the same
-store (the disk store reads the expert into a scratch buffer first).
+  2. the calling thread builds the CPU experts' arguments (routes, pointer arrays: ~0.05 ms of
+     Python) and starts one native call on the library's runner thread (native/async_runner.cpp),
+     whose OpenMP team (`cpu_threads`, by default one fewer than torch's) does the parallel work;
+     the start returns at once.
+  3. meanwhile the calling thread launches the device part: demand fetches (auto), prefetch, the
+     cached experts' kernels (on the rows routed to them, gathered by indices the host already
+     knows), admissions; the GPU runs it while the host goes on.
+  4. it waits for the native call, then the CPU sum [N, D] (pinned) is queued for copy to the
+     device without waiting and added on the stream. The next layer's sync completes that copy
+     before the buffer is written again (an event guards it as well).
+Why a native runner thread. Launching the device part costs the host ~0.6 ms a layer (issue 12,
+H200, OLMoE: device part 0.56 ms, native call 0.89 ms, period 2.03 ms), time the GPU does not
+need the host for; run one after the other (the former inline design) the two add up. A Python
+worker thread (`CpuWorker(threaded=True)`, the design before that, kept for comparison) bought no
+overlap: its Python (building the routes) waited for the GIL while the main thread launched the
+device part. Here all Python runs on the calling thread, and both the start and the wait are
+ctypes calls, which release the GIL; the runner thread spins ~2 ms after a call before it sleeps
+(so the next layer's start finds it awake, not behind a futex wake-up: the cost is a core kept
+busy up to 2 ms after each call, as libgomp's idle team members spin a while too), the waiter ~1 ms.
+MOEKIT_CPU_ASYNC=0 runs the call inline again (for before/after measurements). A disk store
+reads each expert in Python between calls, so it stays inline, as does the PyTorch path.
+On a CPU-only machine (device cpu) both parts run on the CPU, one after the other (at once they
+would compete for the same cores), from the same store (the disk store reads the expert into a
+scratch buffer first).
 
 The CPU part is one native call per layer (moekit.native.experts for dense experts,
 moekit.native.compressed for int-N and the ternary code, decoded inside the matvec): a matvec per
@@ -88,6 +98,7 @@ from ..native.experts import (
     MAX_JOB_TOKENS,
     MAX_ROW,
     Scratch,
+    Started,
     expert_ffn_stacked,
     usable,
 )
@@ -96,6 +107,7 @@ from .store import DiskStore, HostStore
 
 ADMIT_RATIO = 2.0  # a CPU-run expert replaces the least used cached one (lfu) when used this many times as often
 PROFILE_ENV = "MOEKIT_PROFILE_CPU_MISSES"  # "1": record host timestamps of every split layer call (MissProfile)
+ASYNC_ENV = "MOEKIT_CPU_ASYNC"  # "0": run the native call inline on CUDA too (the path before the runner thread)
 
 
 class MissProfile:
@@ -109,7 +121,11 @@ class MissProfile:
     part, prefetch, admissions queued), cpu_start (the previous sum's copy checked done), kernel_start
     / kernel_end (the native call: its wrapper's checks and ctypes arrays, ~10 us, and the
     kernel; before it the jobs' routes are built in Python), h2d_start / h2d_end (the sum's copy to the device
-    queued), exit (run() returns); on CUDA also h2d_events (start, end) around the copy."""
+    queued), exit (run() returns); on CUDA also h2d_events (start, end) around the copy.
+    Where the call runs on the runner thread (CpuWorker.asynchronous) the order is split, cpu_start,
+    kernel_start (the call posted), device_launched, kernel_wait (the host starts waiting for it),
+    kernel_end (the wait returned), h2d_start ...: kernel_start..kernel_end is then the call's
+    wall time beside the device part, kernel_wait..kernel_end what the host waited for it."""
 
     def __init__(self):
         self.calls: list[dict] = []
@@ -200,15 +216,19 @@ def native_usable(layout: SlotLayout, max_tokens: int) -> bool:
 
 
 class CpuWorker:
-    """Runs routed experts on the CPU from the store, inline on the calling thread (module
-    docstring), with pinned buffers for x, the routing weights and the sum beside a CUDA device."""
+    """Runs routed experts on the CPU from the store: beside CUDA the native call on the library's
+    runner thread while the caller launches the device part, else inline on the calling thread
+    (module docstring), with pinned buffers for x, the routing weights and the sum beside a CUDA device."""
 
     def __init__(self, layout: SlotLayout, store: HostStore | DiskStore, device: torch.device, max_tokens: int,
-                 threads: int = 0, threaded: bool = False):
+                 threads: int = 0, threaded: bool = False, asynchronous: bool | None = None):
         """`threads`: the native call's OpenMP team (0: beside CUDA one fewer than torch's, leaving a
-        core to the CUDA runtime's own threads: a team that shares its cores waits for a descheduled
-        member at every barrier; on a CPU-only machine torch's). `threaded` runs the experts on a
-        worker thread instead (the former design, kept for comparison and its test)."""
+        core to the host thread that launches the device part (and the CUDA runtime's own threads):
+        a team that shares its cores waits for a descheduled member at every barrier; on a CPU-only
+        machine torch's). `threaded` runs the experts on a Python worker thread instead (the former
+        design, kept for comparison and its test). `asynchronous` (None: beside CUDA with the native
+        kernel and a host store, unless MOEKIT_CPU_ASYNC=0) starts the native call on the runner
+        thread in `submit` and waits for it in `join`; the call's results are the inline call's."""
         self.layout, self.store, self.device, self.max_tokens = layout, store, device, max_tokens
         self.cuda = device.type == "cuda"
         self.threads = threads or (max(1, torch.get_num_threads() - 1) if self.cuda or threaded
@@ -219,6 +239,9 @@ class CpuWorker:
         self.worker_threads_set = False
         self.native = native_usable(layout, max_tokens)  # the native kernel, else the PyTorch path
         self.scratch = Scratch() if self.native else None
+        if asynchronous is None:  # a disk store reads each expert in Python between calls: inline
+            asynchronous = self.cuda and os.environ.get(ASYNC_ENV, "1") != "0"
+        self.asynchronous = asynchronous and self.native and store.kind != "disk" and not threaded
         self.profile = MissProfile() if os.environ.get(PROFILE_ENV) == "1" else None
 
     def _buffer(self, name: str, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -240,8 +263,14 @@ class CpuWorker:
         w_host.copy_(weights, non_blocking=True)
         return x_host, w_host
 
+    @property
+    def overlaps(self) -> bool:
+        """Returns whether `submit` returns before the CPU part is done (a worker thread or the
+        runner thread): then the caller submits before it queues the device part."""
+        return self.worker is not None or self.asynchronous
+
     def submit(self, layer: int, jobs: list[tuple[int, list[int]]], x_host: torch.Tensor,
-               w_host: torch.Tensor) -> Future | tuple[torch.Tensor, float]:
+               w_host: torch.Tensor) -> Future | tuple:
         """Starts sum over jobs (expert, its flat slots n * A + a) of w[slot] * expert(x[n]) as
         [N, D] on the CPU; returns the handle for `join`."""
         # beside CUDA the sum goes to a pinned buffer (its copy to the device is then asynchronous);
@@ -253,11 +282,25 @@ class CpuWorker:
         # inference and grad modes are per thread: the worker runs in the caller's
         return self.worker.submit(self._in_mode, torch.is_inference_mode_enabled(), layer, jobs, x_host, w_host, out)
 
-    def join(self, handle: Future | tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float, float]:
-        """Returns (the CPU sum on the model's device, CPU seconds, seconds waited here for it)."""
+    def join(self, handle: Future | tuple) -> tuple[torch.Tensor, float, float]:
+        """Returns (the CPU sum on the model's device, CPU seconds, seconds waited here for it).
+        A started call's CPU seconds run from its start to the end of the wait."""
         t0 = time.perf_counter()
-        out, cpu_s = handle.result() if isinstance(handle, Future) else handle
-        wait_s = time.perf_counter() - t0 if isinstance(handle, Future) else cpu_s
+        if isinstance(handle, Future):
+            out, cpu_s = handle.result()
+            wait_s = time.perf_counter() - t0
+        elif isinstance(handle[0], Started):
+            started, began = handle
+            if self.profile is not None:
+                self.profile.mark("kernel_wait")
+            out = started.wait()
+            if self.profile is not None:
+                self.profile.mark("kernel_end")
+            end = time.perf_counter()
+            cpu_s, wait_s = end - began, end - t0
+        else:
+            out, cpu_s = handle
+            wait_s = cpu_s
         if self.cuda:
             prof = self.profile
             if prof is not None:
@@ -280,15 +323,16 @@ class CpuWorker:
         with torch.inference_mode(inference), torch.no_grad():
             return self._compute(*args)
 
-    def _compute(self, layer, jobs, x_host, w_host, out) -> tuple[torch.Tensor, float]:
+    def _compute(self, layer, jobs, x_host, w_host, out) -> tuple:
+        """Returns (out, CPU seconds) once computed, or asynchronously (a Started, its start time)."""
         if self.sent is not None:
             self.sent.synchronize()  # the previous sum has left `out` (already so after any sync)
         if self.profile is not None:
             self.profile.mark("cpu_start")
         t0 = time.perf_counter()
         if self.native:
-            self._compute_native(layer, jobs, x_host, w_host, out)
-            return out, time.perf_counter() - t0
+            started = self._compute_native(layer, jobs, x_host, w_host, out)
+            return (started, t0) if started is not None else (out, time.perf_counter() - t0)
         if self.profile is not None:  # the PyTorch path: its ops are the kernel
             self.profile.mark("kernel_start")
         top_k = w_host.shape[1]
@@ -309,10 +353,12 @@ class CpuWorker:
             self.profile.mark("kernel_end")
         return out, time.perf_counter() - t0
 
-    def _compute_native(self, layer, jobs, x_host, w_host, out) -> None:
+    def _compute_native(self, layer, jobs, x_host, w_host, out) -> Started | None:
         """The layer's CPU experts in one native call (moekit.native.experts): every weight row
         read once, all cores, one parallel region. A disk store reads one expert at a time into
-        its scratch, so there each expert is its own call."""
+        its scratch, so there each expert is its own call. Returns the Started call where
+        `asynchronous` (the caller waits for it), else None once `out` holds the sum."""
+        from ..native.compressed import start_form_ffn
         from ..native.experts import expert_ffn
 
         top_k = w_host.shape[1]
@@ -327,11 +373,13 @@ class CpuWorker:
                 routes.append((self.store.host_rows(layer, e)[1], [s // top_k for s in flat], [w_flat[s] for s in flat]))
             if prof is not None:
                 prof.mark("kernel_start")
-            expert_ffn_stacked(x_host, stacked["gate_up"], stacked["down"], routes, out=out, threads=self.threads,
-                               scratch=self.scratch)
+            started = expert_ffn_stacked(x_host, stacked["gate_up"], stacked["down"], routes, out=out,
+                                         threads=self.threads, scratch=self.scratch, start=self.asynchronous)
+            if self.asynchronous:
+                return started  # join marks kernel_end
             if prof is not None:
                 prof.mark("kernel_end")
-            return
+            return None
 
         def job(expert: int, flat: list[int]):
             rows, row = self.store.host_rows(layer, expert)
@@ -350,10 +398,12 @@ class CpuWorker:
             built = [job(e, flat) for e, flat in jobs]
             if prof is not None:
                 prof.mark("kernel_start")
+            if self.asynchronous:  # dense experts are stacked rows (above): this is a compressed form
+                return start_form_ffn(form, x_host, built, out=out, threads=self.threads, scratch=self.scratch)
             run(built, out)
             if prof is not None:
                 prof.mark("kernel_end")
-            return
+            return None
         if prof is not None:  # here the disk reads count as the kernel's time
             prof.mark("kernel_start")
         out.zero_()
@@ -362,6 +412,7 @@ class CpuWorker:
             out.add_(run([job(e, flat)], partial))
         if prof is not None:
             prof.mark("kernel_end")
+        return None
 
     def close(self) -> None:
         if self.worker is not None:

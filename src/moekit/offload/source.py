@@ -404,9 +404,10 @@ class OffloadRuntime:
         if not cpu:
             return self._run_resident_set(layer, x, expert_ids, weights, routed, needed, nxt, predicted, horizon)
         jobs = [(e, flat_of[e]) for e in cpu]
-        # a worker thread starts first (the longest part); inline, the device part is queued first,
-        # so the GPU runs it while this thread computes the CPU part (offload.cpu)
-        job = self.cpu.submit(layer, jobs, x_host, w_host) if self.cpu.worker is not None else None
+        # a call that overlaps (the runner thread, a worker thread) starts first, the longest part, and
+        # runs while this thread queues the device part; inline, the device part is queued first, so
+        # the GPU runs it while this thread computes the CPU part (offload.cpu)
+        job = self.cpu.submit(layer, jobs, x_host, w_host) if self.cpu.overlaps else None
         stats.lookups += len(cpu)
         stats.cpu_experts += len(cpu)
         stats.cpu_bytes += len(cpu) * self.layout.layer_bytes(layer)
