@@ -147,6 +147,43 @@ def probe_fit(ckpt: Path, tensor_bytes: int, shares: list[float], out: Path) -> 
     return res
 
 
+def prefill_profile(model, ids: torch.Tensor, rows: int = 15) -> dict:
+    """Returns where a resident prefill's time goes: the model's forward alone over ids [1, T] (median
+    of 3, synchronized), generate's prefill beside it, and torch.profiler's top CUDA kernels of one
+    forward (device ms) with the host's total: is the prefill kernel-bound or host-bound?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moekit.kv_cache import KVCache
+
+    def forward() -> None:
+        cache = KVCache(model.config, 1, ids.shape[1], ids.device, model.dtype)
+        with torch.inference_mode():
+            model(ids, cache=cache, start=0, last_only=True)
+
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    forward()
+    times = []
+    for _ in range(3):
+        sync()
+        t0 = time.perf_counter()
+        forward()
+        sync()
+        times.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])) as prof:
+        forward()
+        sync()
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    top = sorted(events, key=lambda e: -device_us(e))[:rows]
+    return {"forward_s": statistics.median(times), "forward_runs_s": times,
+            "kernels_device_ms": sum(device_us(e) for e in events) / 1e3,
+            "top": [{"name": e.key[:120], "calls": e.count, "device_ms": device_us(e) / 1e3,
+                     "cpu_ms": e.cpu_time_total / 1e3} for e in top]}
+
+
 def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str | None, prompt_ids,
                idle_mib: int | None = None, dtype: torch.dtype | None = None, prefill_tokens: int = 512,
                rounds: int = 1, between=None) -> dict:
@@ -194,15 +231,20 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
             stats = moekit.GenerationStats()
             model.generate(ids, max_new_tokens=1, temperature=0, eos_token_ids=(), stats=stats)
             row[f"prefill_{prefill_tokens}_tok_s"] = prefill_tokens / stats.prefill_s
+            if device.type == "cuda":
+                row["prefill_profile"] = prefill_profile(model, ids)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             row["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
         runtime = getattr(model, "offload", None)
         if runtime is not None:
             rep = runtime.report()
-            row["report"] = {k: rep.get(k) for k in ("hit_rate", "cpu_experts", "demand_fetches", "cpu_s",
+            # cost_model: the rates "auto" splits misses by (measured at load); the counts say where misses went
+            row["report"] = {k: rep.get(k) for k in ("hit_rate", "cpu_experts", "demand_fetches", "prefetches",
+                                                     "admissions", "cpu_s", "cpu_wait_s", "tokens", "decode_tokens",
                                                      "bytes_per_token", "cpu_bytes_per_token", "cache_slots",
-                                                     "native_cpu_kernel", "plan", "costs")}
+                                                     "misses_used", "misses_note", "cpu_threads", "native_cpu_kernel",
+                                                     "cost_model", "plan")}
     except MoekitError as e:
         row.update(status="refused", refusal=str(e))
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
