@@ -328,6 +328,16 @@ def vs_llamacpp(files: dict) -> str:
                   "moekit footprint", "moekit tok/s", "moekit / llama.cpp", "ceiling tok/s", "moekit commit"], rows)
 
 
+LLAMA_LATEST = "bench_llamacpp_olmoe_a9a7ba5.json"  # 2026-12-01: both engines, one run, with the bars
+
+
+def vs_llamacpp_latest(files: dict) -> str:
+    """The latest same-run comparison with issue 12's bars (lcpp_bars.table: ratio, bar, ceiling)."""
+    from lcpp_bars import table as bars_table
+
+    return bars_table(files[LLAMA_LATEST])
+
+
 def cpu_kernel(files: dict) -> str:
     """The CPU expert kernel's read rate against the host's stream read, by thread count (H200 host)."""
     rates = files["bench_llamacpp_cpu_rows.json"]["rates"]
@@ -557,6 +567,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "offload_rerun": (OFFLOAD_FILES, offload_rerun),
     "vs_llamacpp": (LLAMA_FILES, vs_llamacpp),
     "cpu_kernel": (LLAMA_FILES, cpu_kernel),
+    "vs_llamacpp_latest": ((LLAMA_LATEST,), vs_llamacpp_latest),
     "offload_headline": (OFFLOAD_FILES, offload_headline),
     "serve": (("bench_serve.json",), serve),
     "serve_latest": (SERVE_FILES, partial(serve, names=SERVE_FILES)),
