@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from moekit import fused, sinks  # noqa: E402
-from moekit.config import ModelConfig  # noqa: E402
-from moekit.kv_cache import KVCache  # noqa: E402
-from moekit.model import SinkAttention  # noqa: E402
+from moekit import fused, sinks
+from moekit.config import ModelConfig
+from moekit.kv_cache import KVCache
+from moekit.model import SinkAttention
 
 VARIANTS = {
     "kernel": {},

@@ -16,7 +16,7 @@ from moekit.cli import main
 from moekit.experts.forms import DenseForm
 from moekit.offload import OffloadConfig, load_offloaded
 from moekit.offload.cache import ExpertCache
-from moekit.offload.cpu import CostModel, CpuWorker, split_misses
+from moekit.offload.cpu import CPU_SCALE_RANGE, CostModel, CpuWorker, split_misses
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 from moekit.offload.stats import OffloadStats
 from moekit.offload.store import HostStore
@@ -180,7 +180,7 @@ def test_runner_thread_gives_the_same_tokens_and_sums(mixtral):
         handle = runtime.cpu.submit(layer, jobs, x, w)
         assert isinstance(handle[0], Started)
         out, cpu_s, wait_s = runtime.cpu.join(handle)
-        assert torch.equal(out, inline.join(inline.submit(layer, jobs, x, w))[0]) and cpu_s >= wait_s >= 0
+        assert torch.equal(out, inline.join(inline.submit(layer, jobs, x, w))[0]) and cpu_s > 0 and wait_s >= 0
 
 
 def test_runner_thread_is_chosen_beside_cuda_with_a_host_store(mixtral, monkeypatch):
@@ -343,6 +343,33 @@ def test_split_misses():
     assert split_misses([], [(1, 1.0)], 5.0, 0.5, 8) == [1]
     # no free slot for a fetch: the CPU
     assert split_misses([], [(1, 3.0)], 0.0, 1.0, 0) == [1]
+
+
+def test_cost_model_follows_observed_cpu_calls():
+    """observe_cpu moves the CPU side geometrically toward observed / modelled, within its clamp; a
+    call with nothing modelled or no time changes nothing."""
+    model = CostModel(h2d_bytes_per_s=50e9, cpu_s_one=1.2e-3, cpu_s_max=2e-3, max_tokens=8)  # 6x too slow
+    for _ in range(40):
+        model.observe_cpu(8 * model.cpu_s(1), 8 * 0.2e-3)  # calls of 8 experts at 0.2 ms each
+    assert model.cpu_s(1) == pytest.approx(0.2e-3, rel=0.02) and model.cpu_calls == 40
+    model.observe_cpu(0.0, 1.0)
+    model.observe_cpu(1.0, 0.0)
+    assert model.cpu_calls == 40
+    for _ in range(100):
+        model.observe_cpu(model.cpu_s(1), 1e3)  # absurdly slow calls: at most CPU_SCALE_RANGE's top
+    assert model.cpu_scale == CPU_SCALE_RANGE[1]
+
+
+def test_split_calls_teach_the_cost_model(mixtral):
+    """A runtime whose load-time CPU figure is far too slow (a second an expert) learns the real one
+    from its own CPU calls as it decodes, with the resident model's tokens."""
+    path, resident = mixtral
+    model = offloaded(path, resident.config, slots=4, misses="cpu", predictor="none")
+    with_costs(model, "cpu", "fast")  # cpu_s_one = 1 s
+    ids = token_ids(1, 4, seed=4)
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    costs = model.offload.costs
+    assert costs.cpu_calls > 0 and costs.cpu_scale < 0.5 and model.offload.report()["cost_model"]["cpu_calls"] > 0
 
 
 def test_cost_model_interpolates_tokens():

@@ -57,6 +57,7 @@ struct Runner {
   std::atomic<int> state{IDLE};
   std::function<int()> job;  // written by the poster before QUEUED, read by the runner after
   int result = 0;            // written by the runner before DONE
+  double seconds = 0.0;      // the call's own wall time (steady clock), written before DONE
   std::mutex m;
   std::condition_variable queued, done;
 
@@ -71,7 +72,9 @@ struct Runner {
         }
         MOEKIT_PAUSE();
       }
+      auto began = std::chrono::steady_clock::now();
       result = job();
+      seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
       job = nullptr;
       {
         std::lock_guard<std::mutex> lk(m);  // a waiter between its check and its sleep sees DONE
@@ -138,6 +141,12 @@ int moekit_async_code_ffn(const float* x, float* out, int64_t N, int64_t D, int6
   });
 }
 
+// Returns the wall seconds of the last call the runner finished (its own time, not the wait's:
+// offload.cpu's cost model learns the CPU's rate from it while the caller did other work).
+double moekit_async_last_seconds(void) {
+  std::lock_guard<std::mutex> guard(start_mutex);
+  return runner != nullptr && runner_pid == getpid() ? runner->seconds : 0.0;
+}
 // Returns the posted call's code once it is done, or ASYNC_IDLE (-101) when none was posted.
 int moekit_async_wait(void) {
   Runner* r;

@@ -38,6 +38,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moekit_async_expert_ffn.restype = ctypes.c_int
     lib.moekit_async_wait.argtypes = []
     lib.moekit_async_wait.restype = ctypes.c_int
+    lib.moekit_async_last_seconds.argtypes = []
+    lib.moekit_async_last_seconds.restype = ctypes.c_double
 
 
 register_declarations(_declare)
@@ -51,14 +53,17 @@ class Started:
     def __init__(self, out: torch.Tensor, keep: tuple, refusal: str, finish=None, posted: bool = True):
         self.out, self._keep, self._refusal, self._finish, self._posted = out, keep, refusal, finish, posted
         self._waited = False
+        self.seconds: float | None = None  # the call's own wall time on the runner, once waited for
 
     def wait(self) -> torch.Tensor:
         """Returns out once the call is done (the GIL is released meanwhile); raises ValueError
-        for arguments the kernel refused, MoekitError when waited for twice."""
+        for arguments the kernel refused, MoekitError when waited for twice. Sets `seconds`."""
         if self._waited:
             raise MoekitError("this CPU expert call was already waited for: wait() once per start")
         self._waited = True
         code = library().moekit_async_wait() if self._posted else 0
+        if self._posted:
+            self.seconds = library().moekit_async_last_seconds()
         self._keep = ()
         if code != 0:
             raise ValueError(self._refusal.format(code=code))

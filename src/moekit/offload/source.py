@@ -436,6 +436,8 @@ class OffloadRuntime:
         if job is None:
             job = self.cpu.submit(layer, jobs, x_host, w_host)
         cpu_out, cpu_s, wait_s = self.cpu.join(job)
+        if self.costs is not None:  # the CPU side of the split follows what its calls take
+            self.costs.observe_cpu(sum(self.costs.cpu_s(len(flat)) for _, flat in jobs), cpu_s)
         stats.cpu_s += cpu_s
         stats.cpu_wait_s += wait_s
         out = cpu_out if out is None else out.add_(cpu_out)
