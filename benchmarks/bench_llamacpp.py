@@ -186,7 +186,7 @@ def prefill_profile(model, ids: torch.Tensor, rows: int = 15) -> dict:
 
 def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str | None, prompt_ids,
                idle_mib: int | None = None, dtype: torch.dtype | None = None, prefill_tokens: int = 512,
-               rounds: int = 1, between=None) -> dict:
+               rounds: int = 1, between=None, profile_prefill: bool = False) -> dict:
     """Returns decode tok/s (second of two generate calls), the allocator peak and the GPU memory
     nvidia-smi saw in use (minus `idle_mib`: this process's CUDA context counts, as llama.cpp's does).
 
@@ -203,8 +203,9 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
         if budget is None:
             model = moekit.load_model(path, device=device, dtype=dtype)
         else:
-            model = load_offloaded(path, device=device, dtype=dtype,
-                                   offload=OffloadConfig(device_memory=budget, misses=misses))
+            mode, _, predictor = misses.partition(":")  # "auto:none": misses auto, predictor none
+            model = load_offloaded(path, device=device, dtype=dtype, offload=OffloadConfig(
+                device_memory=budget, misses=mode, **({"predictor": predictor} if predictor else {})))
         row["load_s"] = time.perf_counter() - t0
         warm = []
         for call in ["first"] + ["warm"] * rounds:
@@ -231,7 +232,7 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
             stats = moekit.GenerationStats()
             model.generate(ids, max_new_tokens=1, temperature=0, eos_token_ids=(), stats=stats)
             row[f"prefill_{prefill_tokens}_tok_s"] = prefill_tokens / stats.prefill_s
-            if device.type == "cuda":
+            if profile_prefill and device.type == "cuda":  # opt-in: CUPTI may stay hooked for the later rows
                 row["prefill_profile"] = prefill_profile(model, ids)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -501,8 +502,12 @@ def main() -> int:
     parser.add_argument("--reserve-gb", type=float, default=None,
                         help="memory left free beside files in /dev/shm (default: the bf16 tensor bytes + 8 GB "
                              "with a GPU, for moekit's host copy of the experts; 1 GB without)")
+    parser.add_argument("--profile-prefill", action="store_true",
+                        help="profile the resident row's 512-token forward (torch.profiler; run it last or alone: "
+                             "the offload rows after it measured ~2x slower in the same process)")
     parser.add_argument("--misses", default="auto,cpu", help="misses modes of the bf16 host / half rows (in this order: "
-                        "the time budget drops the last)")
+                        "the time budget drops the last); MODE:PREDICTOR sets the predictor too (auto:none: "
+                        "the H200's CPU-miss profile at 0284941 had speculative prefetch 13-24%% slower than none)")
     parser.add_argument("--forms", default="int4,int2,ternary", help="moekit's compressed forms (compressed rows)")
     parser.add_argument("--compressed-modes", default="host,half", help="footprints of the compressed rows")
     parser.add_argument("--compressed-misses", default="auto", help="misses modes of the compressed rows")
@@ -591,7 +596,7 @@ def main() -> int:
     idle_mib = results["idle_used_mib_before_cuda"] = idle_before_cuda
     bf16_expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
     if cuda and "resident" in rows:
-        gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib)
+        gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib, profile_prefill=args.profile_prefill)
         gpu.update(setting="decode_gpu", form="bf16")
         record(gpu, f"all on GPU (prefill {gpu.get('prefill_512_tok_s')} tok/s)")
     if cuda:
