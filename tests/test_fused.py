@@ -224,20 +224,39 @@ def _decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return _decode(model, prompt, steps)[0]
 
 
-def _decode(model, prompt: torch.Tensor, steps: int, feed: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+def _decode(model, prompt: torch.Tensor, steps: int, feed: list[int] | None = None,
+            routes: list | None = None) -> tuple[torch.Tensor, list[int]]:
     """Returns (logits [steps, V], the tokens fed) of `steps` decode steps after prompt [1, P]: fed
     `feed` when given (so two runs compare logits of the same inputs, not diverge after a near-tie
-    argmax flips in bf16), else each step's greedy token."""
+    argmax flips in bf16), else each step's greedy token. With `routes`, appends each step's routed
+    experts (every MoE layer's, sorted) to it."""
     device = model.device
     cache = KVCache(model.config, 1, prompt.shape[1] + steps, device, model.dtype)
     out, fed = [], []
-    with torch.inference_mode():
-        logits = model(prompt.to(device), cache=cache, start=0, last_only=True)
-        for i in range(steps):
-            fed.append(int(logits[0, -1].argmax()) if feed is None else feed[i])
-            token = torch.tensor([[fed[-1]]], device=device)
-            logits = model(token, cache=cache, start=torch.tensor(prompt.shape[1] + i, device=device))
-            out.append(logits[0, -1].float())
+    step_routes: list = []
+    blocks = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "route")]
+    real = {id(b): b.route for b in blocks}
+    if routes is not None:
+        for b in blocks:
+            def route(x, _real=real[id(b)]):
+                logits, ids, weights = _real(x)
+                step_routes.append(sorted(ids.reshape(-1).tolist()))
+                return logits, ids, weights
+            b.route = route
+    try:
+        with torch.inference_mode():
+            logits = model(prompt.to(device), cache=cache, start=0, last_only=True)
+            for i in range(steps):
+                fed.append(int(logits[0, -1].argmax()) if feed is None else feed[i])
+                token = torch.tensor([[fed[-1]]], device=device)
+                step_routes.clear()
+                logits = model(token, cache=cache, start=torch.tensor(prompt.shape[1] + i, device=device))
+                out.append(logits[0, -1].float())
+                if routes is not None:
+                    routes.append(list(step_routes))
+    finally:
+        for b in blocks:
+            b.__dict__.pop("route", None)
     return torch.stack(out), fed
 
 
@@ -287,10 +306,10 @@ def test_model_decode_fused_equals_reference_cuda(tiny, variant, monkeypatch):
 
     model = moekit.load_model(tiny(variant).path).to("cuda", torch.bfloat16)
     prompt = token_ids(1, 6).cuda()
-    results, fed = {}, None
+    results, fed, routes = {}, None, {}
     for flag in ("0", "1"):  # the fused run fed the reference's tokens: logits of the same inputs
         monkeypatch.setenv("MOEKIT_FUSED", flag)
-        eager, fed = _decode(model, prompt, 4, fed)
+        eager, fed = _decode(model, prompt, 4, fed, routes=routes.setdefault(flag, []))
         cache = KVCache(model.config, 1, 16, "cuda", torch.bfloat16)
         with torch.inference_mode():
             model(prompt, cache=cache, start=0, last_only=True)
@@ -299,7 +318,14 @@ def test_model_decode_fused_equals_reference_cuda(tiny, variant, monkeypatch):
             graphed = step(token, prompt.shape[1])[0, -1].float().clone()
         results[flag] = eager, graphed
     (eager_ref, graphed_ref), (eager, graphed) = results["0"], results["1"]
+    # a step whose top-k routing differs somewhere (a near-tie flipped by a rounding step) is not
+    # comparable: one other expert moves these random tiny models' logits 10-20% (the tiny gpt-oss on
+    # the H200: steps 1 and 3 at 12% while its sinks kernel matched sink_attention call by call within
+    # 0.33%, benchmarks/results/diag_sink_model_a9a7ba5.log). The rest must agree, and most must be comparable.
+    same = [i for i in range(4) if routes["0"][i] == routes["1"][i]]
+    assert len(same) >= 2, f"the routing differed at steps {sorted(set(range(4)) - set(same))}"
     # bf16: the norms' float32 sums run in another order, so a logit may move by a rounding step
-    assert rel_error(eager, eager_ref) < 2e-2
-    assert rel_error(graphed, graphed_ref) < 2e-2
+    assert rel_error(eager[same], eager_ref[same]) < 2e-2
+    if 0 in same:  # the graphed step is step 0's
+        assert rel_error(graphed, graphed_ref) < 2e-2
     assert rel_error(graphed, eager[0]) < 2e-2
