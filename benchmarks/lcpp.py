@@ -217,20 +217,29 @@ class LlamaCpp:
     # ---- a build carried from one call to the next ---------------------------------------------------
 
     def export_build(self, dest: Path, part_bytes: int = 15 * 2**20, max_bytes: int = 40 * 2**20) -> list[Path]:
-        """Returns the parts (dest/lcpp-bin.tgz.NN, part_bytes each: a device call brings back files
-        of 16 MiB at most) of a gzipped tar of the build's bin/ (llama-bench, llama-quantize and their
-        libraries), or [] when it is over max_bytes (the working tree, ~22 MB with the anchor, and
+        """Returns the parts (dest/lcpp-bin.txz.NN, part_bytes each: a device call brings back files
+        of 16 MiB at most) of an xz-compressed tar of the build's bin/ (llama-bench, llama-quantize and
+        their libraries), or [] when it is over max_bytes (the working tree, ~22 MB with the anchor, and
         what is carried travel together under 64 MiB); the next call carries them (import_build),
-        under the same $LCPP_ROOT (the binaries' RUNPATH names the build folder)."""
+        under the same $LCPP_ROOT (the binaries' RUNPATH names the build folder). xz, not gzip: the
+        CUDA build's 87 MB were 44 MiB gzipped (a9a7ba5), over the cap; `xz -T0` uses every core."""
         import io
+        import lzma
         import tarfile
 
         buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+        with tarfile.open(fileobj=buf, mode="w") as tar:
             tar.add(self.bin, arcname="bin")
-        data = buf.getvalue()
-        info = self.lc["export_build"] = {"bytes": len(data), "uncompressed_bytes": sum(
-            p.stat().st_size for p in self.bin.rglob("*") if p.is_file() and not p.is_symlink())}
+        raw = buf.getvalue()
+        t0 = time.perf_counter()
+        xz = shutil.which("xz")
+        if xz:
+            data = subprocess.run([xz, "-T0", "-6", "-c"], input=raw, capture_output=True, check=True).stdout
+        else:
+            data = lzma.compress(raw, preset=6)
+        info = self.lc["export_build"] = {"bytes": len(data), "uncompressed_bytes": len(raw), "compressor":
+                                          "xz -T0 -6" if xz else "lzma preset 6",
+                                          "compress_s": round(time.perf_counter() - t0, 1)}
         if len(data) > max_bytes:
             info["skipped"] = f"{len(data) / 2**20:.0f} MiB > {max_bytes / 2**20:.0f} MiB: too large to bring back"
             common.log(f"llama.cpp build not exported: {info['skipped']}")
@@ -238,22 +247,28 @@ class LlamaCpp:
         dest.mkdir(parents=True, exist_ok=True)
         parts = []
         for i in range(0, len(data), part_bytes):
-            parts.append(dest / f"lcpp-bin.tgz.{i // part_bytes:02d}")
+            parts.append(dest / f"lcpp-bin.txz.{i // part_bytes:02d}")
             parts[-1].write_bytes(data[i:i + part_bytes])
         info["parts"] = [p.name for p in parts]
         common.log(f"llama.cpp build exported: {len(data) / 2**20:.1f} MiB in {len(parts)} parts in {dest}")
         return parts
 
     def import_build(self, src: Path) -> bool:
-        """Joins src/lcpp-bin.tgz.NN (export_build's parts) into the tarball run.sh unpacks instead of
-        building; returns whether there were parts."""
-        parts = sorted(src.glob("lcpp-bin.tgz.[0-9][0-9]"))
+        """Joins src/lcpp-bin.txz.NN (export_build's parts; lcpp-bin.tgz.NN of older exports) into the
+        gzipped tarball run.sh unpacks (`tar xzf`) instead of building; returns whether there were parts."""
+        import gzip
+        import lzma
+
+        parts = sorted(src.glob("lcpp-bin.txz.[0-9][0-9]")) or sorted(src.glob("lcpp-bin.tgz.[0-9][0-9]"))
         if not parts:
-            common.log(f"no lcpp-bin.tgz.NN in {src}: llama.cpp is built")
+            common.log(f"no lcpp-bin.txz.NN in {src}: llama.cpp is built")
             return False
+        data = b"".join(p.read_bytes() for p in parts)
+        if parts[0].name.startswith("lcpp-bin.txz"):
+            data = gzip.compress(lzma.decompress(data), compresslevel=1)
         self.bin_tarball = self.out / "lcpp-bin.tgz"
         self.bin_tarball.parent.mkdir(parents=True, exist_ok=True)
-        self.bin_tarball.write_bytes(b"".join(p.read_bytes() for p in parts))
+        self.bin_tarball.write_bytes(data)
         self.lc["import_build"] = {"from": str(src), "parts": len(parts), "bytes": self.bin_tarball.stat().st_size}
         return True
 

@@ -314,6 +314,9 @@ def test_build_export_import_round_trip(tmp_path, monkeypatch):
     assert again.import_build(tmp_path / "out")
     empty = lcpp.LlamaCpp(anchor, "tiny", tmp_path / "work3", tmp_path / "out3.log", False, {}, lambda: None)
     assert not empty.import_build(tmp_path / "nothing-here") and empty.bin_tarball is None  # then run.sh builds
-    with tarfile.open(again.bin_tarball) as tar:
+    assert all(p.name.startswith("lcpp-bin.txz.") for p in parts)
+    with tarfile.open(again.bin_tarball, "r:gz") as tar:  # run.sh unpacks it with `tar xzf`
         names = set(tar.getnames())
     assert {"bin/llama-bench", "bin/llama-quantize", "bin/libbig.so"} <= names
+    subprocess.run(["tar", "xzf", str(again.bin_tarball), "-C", str(tmp_path)], check=True)
+    assert (tmp_path / "bin" / "libbig.so").read_bytes() == (root / "llama.cpp" / "build-cpu" / "bin" / "libbig.so").read_bytes()
