@@ -154,6 +154,29 @@ def test_worker_thread_gives_the_same_tokens(mixtral):
     assert report["cpu_experts"] > 0 and 0 < report["cpu_wait_s"] and report["cpu_threads"] == 1
 
 
+def test_a_failure_after_the_start_leaves_no_call_running(mixtral, monkeypatch):
+    """An error raised while the device part is launched (after the CPU call was started on the
+    runner thread) propagates, and the runtime's next calls start and finish normally."""
+    path, resident = mixtral
+    model = offloaded(path, resident.config, store="host", misses="cpu", predictor="speculative", cpu_threads=1)
+    runtime = model.offload
+    runtime.cpu = CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, asynchronous=True)
+    real, failed = runtime._prefetch, []
+
+    def prefetch(*a, **kw):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("device part failed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runtime, "_prefetch", prefetch)
+    ids = token_ids(1, 5, seed=11)
+    with pytest.raises(RuntimeError, match="device part failed") as caught:
+        greedy(model, ids)
+    # the traceback (kept, as a server's log record may keep it) holds the failed call's frames
+    assert failed and caught.tb is not None and torch.equal(greedy(model, ids), greedy(resident, ids))
+
+
 def test_runner_thread_gives_the_same_tokens_and_sums(mixtral):
     """The CUDA arrangement (the native call started on the runner thread, the device part launched,
     then the wait) run on the CPU device: the same greedy tokens as the resident model, and each

@@ -337,6 +337,17 @@ class CpuWorker:
                 prof.mark("h2d_end")
         return out, cpu_s, wait_s
 
+    def abandon(self, handle: Future | tuple) -> None:
+        """Waits for a submitted call whose result is not wanted (the caller failed after `submit`),
+        so that no call is left running on the runner thread: the next submit then starts cleanly."""
+        try:
+            if isinstance(handle, Future):
+                handle.result()
+            elif isinstance(handle[0], Started):
+                handle[0].wait()
+        except Exception:  # noqa: BLE001 -- the caller's own error is the one that propagates
+            pass
+
     def _in_mode(self, inference: bool, *args) -> tuple[torch.Tensor, float]:
         if not self.worker_threads_set:  # the intra-op pool size is per thread too
             torch.set_num_threads(self.threads)

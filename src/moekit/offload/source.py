@@ -408,33 +408,38 @@ class OffloadRuntime:
         # runs while this thread queues the device part; inline, the device part is queued first, so
         # the GPU runs it while this thread computes the CPU part (offload.cpu)
         job = self.cpu.submit(layer, jobs, x_host, w_host) if self.cpu.overlaps else None
-        stats.lookups += len(cpu)
-        stats.cpu_experts += len(cpu)
-        stats.cpu_bytes += len(cpu) * self.layout.layer_bytes(layer)
-        cache.count_uses([(layer, e) for e in cpu])
-        protected: set[int] = set()
-        slots = self._lookup(layer, device, protected)  # hits (auto: and the fetches it chose)
-        self._prefetch(nxt, predicted, protected, horizon)
-        out = None
-        if device:
-            cache.use(slots, [(layer, e) for e in device])
-            slot_of = dict(zip(device, slots))
-            rows = [i for e in device for i in flat_of[e]]  # in expert order
-            index = torch.tensor([rows, [slot_of[routed[i]] for i in rows]]).to(x.device, non_blocking=True)
-            tokens, slot_ids = index[0] // top_k, index[1].view(-1, 1)
-            ids = expert_ids.reshape(-1)[index[0]].view(-1, 1)
-            xs, ws = x[tokens], weights.reshape(-1)[index[0]].view(-1, 1)  # [S, D], [S, 1]
-            part = self.form.run(xs, slot_ids, ws, self.layout.view(cache.slab, layer), ids=ids, row_of=slot_of,
-                                 count=self.model_config.experts_in(layer))  # [S, D], weighted
-            out = torch.zeros_like(x).index_add_(0, tokens, part)
-        for e in sorted(cpu, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in, while the link is idle
-            if not cache.link_idle() or cache.admit((layer, e), protected, ADMIT_RATIO) is None:
-                break
-            stats.admissions += 1
-        if prof is not None:
-            prof.mark("device_launched")
-        if job is None:
-            job = self.cpu.submit(layer, jobs, x_host, w_host)
+        try:
+            stats.lookups += len(cpu)
+            stats.cpu_experts += len(cpu)
+            stats.cpu_bytes += len(cpu) * self.layout.layer_bytes(layer)
+            cache.count_uses([(layer, e) for e in cpu])
+            protected: set[int] = set()
+            slots = self._lookup(layer, device, protected)  # hits (auto: and the fetches it chose)
+            self._prefetch(nxt, predicted, protected, horizon)
+            out = None
+            if device:
+                cache.use(slots, [(layer, e) for e in device])
+                slot_of = dict(zip(device, slots))
+                rows = [i for e in device for i in flat_of[e]]  # in expert order
+                index = torch.tensor([rows, [slot_of[routed[i]] for i in rows]]).to(x.device, non_blocking=True)
+                tokens, slot_ids = index[0] // top_k, index[1].view(-1, 1)
+                ids = expert_ids.reshape(-1)[index[0]].view(-1, 1)
+                xs, ws = x[tokens], weights.reshape(-1)[index[0]].view(-1, 1)  # [S, D], [S, 1]
+                part = self.form.run(xs, slot_ids, ws, self.layout.view(cache.slab, layer), ids=ids, row_of=slot_of,
+                                     count=self.model_config.experts_in(layer))  # [S, D], weighted
+                out = torch.zeros_like(x).index_add_(0, tokens, part)
+            for e in sorted(cpu, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in, while the link is idle
+                if not cache.link_idle() or cache.admit((layer, e), protected, ADMIT_RATIO) is None:
+                    break
+                stats.admissions += 1
+            if prof is not None:
+                prof.mark("device_launched")
+            if job is None:
+                job = self.cpu.submit(layer, jobs, x_host, w_host)
+        except BaseException:
+            if job is not None:  # the started call must end before its buffers go (and before the next start)
+                self.cpu.abandon(job)
+            raise
         cpu_out, cpu_s, wait_s = self.cpu.join(job)
         if self.costs is not None:  # the CPU side of the split follows what its calls take
             self.costs.observe_cpu(sum(self.costs.cpu_s(len(flat)) for _, flat in jobs), cpu_s)
