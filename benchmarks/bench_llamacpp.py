@@ -186,9 +186,32 @@ def prefill_profile(model, ids: torch.Tensor, rows: int = 15) -> dict:
                      "cpu_ms": e.cpu_time_total / 1e3} for e in top]}
 
 
+def prefill_fused_rows(model, ids: torch.Tensor, rows: int) -> dict:
+    """Returns the prefill of ids [1, T] with moekit.fused's kernels allowed up to `rows` token rows
+    (MAX_TOKENS; default 256 keeps a 512-token prefill on the PyTorch path): tok/s (second of two
+    generate calls, as the default's figure) and the last logits' relative error against the default."""
+    from moekit import fused
+
+    def last_logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(ids)[0, -1].float()
+
+    before, old = last_logits(), fused.MAX_TOKENS
+    fused.MAX_TOKENS = rows
+    try:
+        for _ in range(2):
+            stats = moekit.GenerationStats()
+            model.generate(ids, max_new_tokens=1, temperature=0, eos_token_ids=(), stats=stats)
+        after = last_logits()
+    finally:
+        fused.MAX_TOKENS = old
+    return {f"prefill_{ids.shape[1]}_fused{rows}_tok_s": ids.shape[1] / stats.prefill_s,
+            "prefill_fused_logits_rel_error": float((after - before).norm() / before.norm())}
+
+
 def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str | None, prompt_ids,
                idle_mib: int | None = None, dtype: torch.dtype | None = None, prefill_tokens: int = 512,
-               rounds: int = 1, between=None, profile_prefill: bool = False) -> dict:
+               rounds: int = 1, between=None, profile_prefill: bool = False, fused_rows: int = 0) -> dict:
     """Returns decode tok/s (second of two generate calls), the allocator peak and the GPU memory
     nvidia-smi saw in use (minus `idle_mib`: this process's CUDA context counts, as llama.cpp's does).
 
@@ -234,6 +257,8 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
             stats = moekit.GenerationStats()
             model.generate(ids, max_new_tokens=1, temperature=0, eos_token_ids=(), stats=stats)
             row[f"prefill_{prefill_tokens}_tok_s"] = prefill_tokens / stats.prefill_s
+            if fused_rows and device.type == "cuda":
+                row.update(prefill_fused_rows(model, ids, fused_rows))
             if profile_prefill and device.type == "cuda":  # opt-in: CUPTI may stay hooked for the later rows
                 row["prefill_profile"] = prefill_profile(model, ids)
         if device.type == "cuda":
@@ -504,6 +529,9 @@ def main() -> int:
     parser.add_argument("--reserve-gb", type=float, default=None,
                         help="memory left free beside files in /dev/shm (default: the bf16 tensor bytes + 8 GB "
                              "with a GPU, for moekit's host copy of the experts; 1 GB without)")
+    parser.add_argument("--prefill-fused-rows", type=int, default=0,
+                        help="also time the resident prefill with moekit.fused's kernels allowed up to this many "
+                             "token rows (e.g. 4096; the default bound 256 leaves a 512-token prefill to PyTorch)")
     parser.add_argument("--profile-prefill", action="store_true",
                         help="profile the resident row's 512-token forward (torch.profiler; run it last or alone: "
                              "the offload rows after it measured ~2x slower in the same process)")
@@ -598,7 +626,8 @@ def main() -> int:
     idle_mib = results["idle_used_mib_before_cuda"] = idle_before_cuda
     bf16_expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
     if cuda and "resident" in rows:
-        gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib, profile_prefill=args.profile_prefill)
+        gpu = moekit_row(ckpt, device, None, None, prompt, idle_mib, profile_prefill=args.profile_prefill,
+                         fused_rows=args.prefill_fused_rows)
         gpu.update(setting="decode_gpu", form="bf16")
         record(gpu, f"all on GPU (prefill {gpu.get('prefill_512_tok_s')} tok/s)")
     if cuda:

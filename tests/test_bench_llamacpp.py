@@ -256,7 +256,7 @@ def test_gpu_run_with_fakes_writes_every_row(tmp_path, monkeypatch):
     loaded = []
 
     def fake_row(path, device, budget, misses, prompt, idle_mib=None, dtype=None, prefill_tokens=512, rounds=1,
-                 between=None, profile_prefill=False):
+                 between=None, profile_prefill=False, fused_rows=0):
         loaded.append((Path(path).name, device.type, budget, misses))
         assert Path(path, "config.json").exists()  # the compressed copy is still there while its rows run
         for i in range(rounds if between else 0):

@@ -269,6 +269,32 @@ MODEL_VARIANTS = ["olmoe", "olmoe_clip", "qwen3_moe", "mixtral_sliding", "glm4_m
 FUSED_STEPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "softmax_topk", "write_kv"]  # write_kv also masks
 
 
+@pytest.mark.slow  # ~10 s each under the interpreter (260 rows)
+@pytest.mark.parametrize("variant", ["olmoe", "qwen3_moe"])
+def test_prefill_past_the_default_bound_fused_equals_reference(tiny, variant, monkeypatch):
+    """MAX_TOKENS raised (MOEKIT_FUSED_MAX_TOKENS): a 260-token prefill runs the norms, q/k norm + rope
+    and routing kernels (CPU interpreter) and gives the reference's float32 logits."""
+    kernel_device()
+    if torch.cuda.is_available():
+        pytest.skip("the CPU interpreter's check; the GPU's is bench_llamacpp --prefill-fused-rows")
+    model = moekit.load_model(tiny(variant).path)
+    prompt = token_ids(1, 260)
+    monkeypatch.setenv("MOEKIT_FUSED", "0")
+    with torch.inference_mode():
+        expected = model(prompt)
+    monkeypatch.setenv("MOEKIT_FUSED", "1")
+    monkeypatch.setattr(fused, "ALLOW_INTERPRETER", True)
+    monkeypatch.setattr(fused, "MAX_TOKENS", 260)
+    calls = set()
+    for name in ("rms_norm", "add_rms_norm", "qk_norm_rope", "softmax_topk"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.add(_name) or _real(*a, **k))
+    with torch.inference_mode():
+        got = model(prompt)
+    assert calls == {"rms_norm", "add_rms_norm", "qk_norm_rope", "softmax_topk"}
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", MODEL_VARIANTS)
 def test_model_decode_fused_equals_reference(tiny, variant, dtype, monkeypatch):

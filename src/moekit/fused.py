@@ -40,8 +40,10 @@ try:
 except ImportError:  # CPU machines without triton keep the PyTorch path
     HAVE_TRITON = False
 
-# Decode and small batched steps; prefill keeps the PyTorch path, whose kernels are not launch-bound there.
-MAX_TOKENS = 256
+# Decode and small batched steps; longer prefill keeps the PyTorch path (its kernels were taken not to be
+# launch-bound there, but the H200 profile of a 512-token OLMoE forward at 0284941 had 18.2 ms of kernels in
+# 33 ms: MOEKIT_FUSED_MAX_TOKENS raises the bound to A/B it; bench_llamacpp --prefill-fused-rows measures both)
+MAX_TOKENS = int(os.environ.get("MOEKIT_FUSED_MAX_TOKENS", "256"))
 # Tests set this to run the model's fused path on CPU tensors under TRITON_INTERPRET=1.
 ALLOW_INTERPRETER = False
 # The largest q/k tile (heads x head dim, padded) one program holds: 128 heads of 128.
