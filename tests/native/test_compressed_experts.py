@@ -284,8 +284,9 @@ def test_forms_cpu_path_equals_their_pytorch_path(form_name):
 @pytest.mark.parametrize("form_name,dot", [("int4", "int8"), ("int4", "float"), ("int3", "float"), ("ternary", None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_started_form_call_gives_the_bits_of_native_ffn(form_name, dot, dtype, monkeypatch):
-    """start_form_ffn (offload.cpu's call on the runner thread) computes exactly what the form's
-    native_ffn computes, for 1 and 5 tokens (bf16 x: the float sum is copied out at the wait)."""
+    """native_ffn(start=True) (offload.cpu's call on the runner thread) computes exactly what the
+    form's synchronous native_ffn computes, for 1 and 5 tokens (bf16 x: the float sum is copied out
+    at the wait), and with no jobs gives zeros."""
     from moekit.quant.formats import IntForm, TernaryCodeForm
 
     if dot is not None:
@@ -307,7 +308,6 @@ def test_started_form_call_gives_the_bits_of_native_ffn(form_name, dot, dtype, m
                 for row, toks in ((4, [0]), (1, list(range(tokens))), (5, [tokens - 1]))]
         expected = form.native_ffn(x, jobs, threads=2, scratch=scratch)
         out = torch.full_like(x, 3.0)
-        started = nc.start_form_ffn(form, x, jobs, out=out, threads=2, scratch=scratch)
+        started = form.native_ffn(x, jobs, out=out, threads=2, scratch=scratch, start=True)
         assert started.wait() is out and torch.equal(out, expected)
-    with pytest.raises(ValueError, match="no native CPU kernel"):
-        nc.start_form_ffn(type("Other", (), {"name": "fp8"})(), x, jobs)
+    assert torch.equal(form.native_ffn(x, [], start=True).wait(), torch.zeros_like(x))

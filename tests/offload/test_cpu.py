@@ -467,8 +467,16 @@ def test_compressed_experts_run_on_the_cpu_and_are_refused_without_a_compiler(ti
         budget = plan.planned_bytes - plan.cache_bytes + 2 * plan.expert_bytes  # a 2-expert cache
         model = load_offloaded(path, offload=OffloadConfig(misses="cpu", context_tokens=CONTEXT, device_memory=budget))
         assert model.offload.misses == "cpu" and model.offload.cpu.native
-        assert torch.equal(greedy(model, ids, 6), greedy(moekit.load_model(path), ids, 6))
+        expected = greedy(moekit.load_model(path), ids, 6)
+        assert torch.equal(greedy(model, ids, 6), expected)
         assert model.offload.report()["cpu_experts"] > 0
+        # the same on the runner thread (the CUDA arrangement: form.native_ffn(start=True); host store)
+        model = load_offloaded(path, offload=OffloadConfig(misses="cpu", store="host", context_tokens=CONTEXT,
+                                                           device_memory=budget))
+        runtime = model.offload
+        runtime.cpu = CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, asynchronous=True)
+        assert runtime.cpu.asynchronous and torch.equal(greedy(model, ids, 6), expected)
+        assert runtime.report()["cpu_experts"] > 0
     monkeypatch.setattr(native, "library", lambda: None)
     monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found (set CXX, or install g++)")
     with pytest.raises(moekit.MoekitError, match="--misses cpu: experts stored as int4 have no fast CPU path.*compiler"):

@@ -287,27 +287,6 @@ def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.T
     return _run(x, jobs, out, threads, scratch, call, pad=CODE_PAD, start=start)
 
 
-def start_form_ffn(form, x: torch.Tensor, jobs: list, out: torch.Tensor | None = None, threads: int | None = None,
-                   scratch: Scratch | None = None) -> Started:
-    """Returns the Started call of what `form.native_ffn(x, jobs, out, threads, scratch)` computes
-    (quant.formats: jobs of (one expert's tensors as form.one gives them, tokens, weights)), run on
-    the runner thread. The form says its layout by NATIVE_FORM (no import of quant.formats here);
-    raises ValueError for a form without a native layout."""
-    kind = getattr(form, "NATIVE_FORM", 0)
-    if kind == NATIVE_INT:
-        names = [name for name, _ in _INT_KINDS]
-    elif kind == NATIVE_CODE:
-        names = [name for name, _ in _CODE_KINDS]
-    else:
-        raise ValueError(f"experts stored as {form.name} have no native CPU kernel")
-    parts = [(tuple(one[f"gate_up.{name}"] for name in names), tuple(one[f"down.{name}"] for name in names), t, w)
-             for one, t, w in jobs]
-    if kind == NATIVE_INT:
-        return int_ffn(x, parts, form.bits, out=out, threads=threads, scratch=scratch, start=True)
-    table = jobs[0][0]["code_table"] if jobs else torch.empty(0, 2, dtype=torch.int32)
-    return code_ffn(x, parts, table, out=out, threads=threads, scratch=scratch, start=True)
-
-
 def stored_bytes(jobs: list[Job]) -> int:
     """Returns the bytes of the jobs' stored tensors (what one call reads from memory)."""
     return sum(t.numel() * t.element_size() for gate_up, down, _, _ in jobs for t in (*gate_up, *down))

@@ -390,7 +390,6 @@ class CpuWorker:
         read once, all cores, one parallel region. A disk store reads one expert at a time into
         its scratch, so there each expert is its own call. Returns the Started call where
         `asynchronous` (the caller waits for it), else None once `out` holds the sum."""
-        from ..native.compressed import start_form_ffn
         from ..native.experts import expert_ffn
 
         top_k = w_host.shape[1]
@@ -431,7 +430,7 @@ class CpuWorker:
             if prof is not None:
                 prof.mark("kernel_start")
             if self.asynchronous:  # dense experts are stacked rows (above): this is a compressed form
-                return start_form_ffn(form, x_host, built, out=out, threads=self.threads, scratch=self.scratch)
+                return form.native_ffn(x_host, built, out=out, threads=self.threads, scratch=self.scratch, start=True)
             run(built, out)
             if prof is not None:
                 prof.mark("kernel_end")

@@ -122,10 +122,11 @@ class CompressedForm(StoredForm):
         return slot_ffn(stacked, self.bits, x, rows, weights)
 
     def native_ffn(self, x: torch.Tensor, jobs: list[tuple[Tensors, list[int], list[float]]],
-                   out: torch.Tensor | None = None, threads: int | None = None, scratch=None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, threads: int | None = None, scratch=None, start: bool = False):
         """Returns out [N, D]: sum over jobs (one expert's tensors with the layer's tables, as `one`
         gives them; its tokens; their weights) of weight * expert(x[token]), by one call of the
-        native CPU kernel (moekit.native.compressed). Raises ValueError where it cannot run."""
+        native CPU kernel (moekit.native.compressed); with `start`, the call's Started (on the
+        runner thread: its wait() returns out). Raises ValueError where it cannot run."""
         raise NotImplementedError
 
     def cpu_ffn(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
@@ -164,11 +165,11 @@ class IntForm(CompressedForm):
     def weight(self, kind, one, dtype=torch.float32):
         return ops.int_weight(*self._parts(kind, one), self.bits, self.cols(kind), dtype)
 
-    def native_ffn(self, x, jobs, out=None, threads=None, scratch=None):
+    def native_ffn(self, x, jobs, out=None, threads=None, scratch=None, start=False):
         from ..native.compressed import int_ffn
 
         return int_ffn(x, [(self._parts("gate_up", one), self._parts("down", one), t, w) for one, t, w in jobs],
-                       self.bits, out=out, threads=threads, scratch=scratch)
+                       self.bits, out=out, threads=threads, scratch=scratch, start=start)
 
 
 class TernaryCodeForm(CompressedForm):
@@ -193,13 +194,14 @@ class TernaryCodeForm(CompressedForm):
     def weight(self, kind, one, dtype=torch.float32):
         return ops.code_weight(*self._parts(kind, one), self.cols(kind), dtype)
 
-    def native_ffn(self, x, jobs, out=None, threads=None, scratch=None):
+    def native_ffn(self, x, jobs, out=None, threads=None, scratch=None, start=False):
         from ..native.compressed import code_ffn
 
         if not jobs:
-            return code_ffn(x, [], torch.empty(0, 2, dtype=torch.int32), out=out)
+            return code_ffn(x, [], torch.empty(0, 2, dtype=torch.int32), out=out, start=start)
         return code_ffn(x, [(self._parts("gate_up", one)[:-1], self._parts("down", one)[:-1], t, w)
-                            for one, t, w in jobs], jobs[0][0]["code_table"], out=out, threads=threads, scratch=scratch)
+                            for one, t, w in jobs], jobs[0][0]["code_table"], out=out, threads=threads, scratch=scratch,
+                        start=start)
 
 
 def form_class(form: str) -> type[CompressedForm]:
