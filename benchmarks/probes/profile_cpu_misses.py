@@ -24,6 +24,8 @@ Per layer call it reports milliseconds (mean over the decode tokens after the fi
     decide        Python after the sync: hits, split
     device_part   device experts, prefetch, admissions queued
     jobs          the CPU part's routes built in Python
+    (runner thread, MOEKIT_CPU_ASYNC unset on CUDA: jobs come before the kernel's start and the device
+    part after it, inside the kernel window; `wait` is what the host then waited for the call)
     kernel        (c) the native call (wrapper + OpenMP kernel), wall time
     h2d_host      (d) queuing the sum's H2D copy (host)
     post          the add and the rest of run()
@@ -73,8 +75,8 @@ SHAPES = {
     "small": {"hidden": 128, "expert_ffn": 64, "experts": 8, "top_k": 2, "heads": 4, "kv_heads": 4, "vocab": 512},
 }
 GAP_S = 3e-4  # the idle time between two layers' kernels the gap rows imitate (a GPU segment)
-COLUMNS = ["launch", "to_run", "stage", "sync_wait", "decide", "device_part", "jobs", "kernel", "h2d_host", "post",
-           "after_run", "period", "segment_gpu", "h2d_gpu", "other"]
+COLUMNS = ["launch", "to_run", "stage", "sync_wait", "decide", "device_part", "jobs", "kernel", "wait", "h2d_host",
+           "post", "after_run", "period", "segment_gpu", "h2d_gpu", "other"]
 
 
 # ---- the in-step timeline ------------------------------------------------------------------------
@@ -130,6 +132,9 @@ def layer_rows(calls: list[dict], replays: list[dict], moe_layers: list[int]) ->
                "decide": _span(c, "sync_end", "split"), "device_part": _span(c, "split", "device_launched"),
                "jobs": _span(c, "device_launched", "kernel_start"), "kernel": _span(c, "kernel_start", "kernel_end"),
                "h2d_host": _span(c, "h2d_start", "h2d_end")}
+        if "kernel_wait" in c:  # the runner thread: split, jobs, kernel_start (posted), device part, wait, kernel_end
+            row.update(jobs=_span(c, "split", "kernel_start"), device_part=_span(c, "kernel_start", "device_launched"),
+                       wait=_span(c, "kernel_wait", "kernel_end"))
         end = c.get("h2d_end", c.get("kernel_end", c.get("split", c["enter"])))
         row["post"] = (c.get("exit", end) - end) * 1e3
         if "h2d_events" in c:
