@@ -71,8 +71,11 @@ def check_table(runtime) -> None:
                 assert row == mapped.host_rows[pos, e].tolist(), key
 
 
-@pytest.mark.parametrize("policy", ["lfu", "lru"])
-@pytest.mark.parametrize("prompt_len", [3, 12])
+# each policy and each prompt path (3 tokens: reads in place; 12: prefill fetches) keeps one default case;
+# the other two pairings (~10 s each under the interpreter) run in CI's slow set
+@pytest.mark.parametrize("policy, prompt_len", [
+    ("lfu", 3), ("lru", 12), pytest.param("lru", 3, marks=pytest.mark.slow),
+    pytest.param("lfu", 12, marks=pytest.mark.slow)])
 def test_greedy_equals_resident_with_two_expert_cache(mixtral, policy, prompt_len):
     path, resident = mixtral
     ids = token_ids(1, prompt_len, seed=prompt_len)
@@ -94,10 +97,12 @@ def test_bigger_cache_and_batch_match_resident_and_a_second_call_stays_right(mix
     path, resident = mixtral
     ids = token_ids(2, 5, seed=3)
     model = mapped_model(path, slots=6, batch=2)
-    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    # 6 new tokens a call (was 12, then 20: ~50 s interpreted): the batch, the cache and the carry-over
+    # between calls are the point, not the length
+    assert torch.equal(greedy(model, ids, n=6), greedy(resident, ids, n=6))
     check_table(model.offload)
     ids = token_ids(2, 9, seed=4)  # the cache and table carry over into the next generate call
-    assert torch.equal(greedy(model, ids, n=20), greedy(resident, ids, n=20))
+    assert torch.equal(greedy(model, ids, n=6), greedy(resident, ids, n=6))
     check_table(model.offload)
     report = model.offload.report()
     assert report["hit_rate"] > 0.3  # six of eight experts per layer fit: most reads come from the cache

@@ -89,7 +89,9 @@ def test_decode_kernel_every_chunk_width(chunk):
     check(code, lo, hi, table, 200)
 
 
-@pytest.mark.parametrize("config", [(1, 4, 1), (4, 32, 4), (16, 128, 4), (64, 64, 2)])
+# the one-row tile (a program a row: 11 s interpreted) is slow; the others tile fewer and more rows than a block
+@pytest.mark.parametrize("config", [pytest.param((1, 4, 1), marks=pytest.mark.slow), (4, 32, 4), (16, 128, 4),
+                                    (64, 64, 2)])
 def test_decode_kernel_ragged_stacked_rows(config):
     """Stacked experts [E, ...] sharing one chunk capacity (unused capacity, all-zero rows with no
     chunks, a dense row), decoded in one launch; tiles of fewer rows than a row block and of more."""

@@ -230,8 +230,16 @@ def uneven_code(experts, rows, cols, dict_bits=8, seed=0):
     return (*encode(codes, d), lo, hi, d.table)
 
 
-@pytest.mark.parametrize("config", [(1, 4, 1), (4, 32, 4), (16, 64, 4), (32, 128, 4), (64, 32, 4)])
-@pytest.mark.parametrize("batch,rows,cols,dict_bits", [(1, 37, 300, 8), (3, 50, 129, 10), (17, 16, 64, 8)])
+def uneven_cases() -> list:
+    """Returns (config, batch, rows, cols, dict_bits) parameters; the one-row, 4-word tile (a program a
+    row: 6 s interpreted at 37 x 300) keeps its smallest shape in the default run, the others are slow."""
+    configs = [(1, 4, 1), (4, 32, 4), (16, 64, 4), (32, 128, 4), (64, 32, 4)]
+    shapes = [(1, 37, 300, 8), (3, 50, 129, 10), (17, 16, 64, 8)]
+    return [pytest.param(config, *shape, marks=pytest.mark.slow if config[0] == 1 and shape[1] != 16 else ())
+            for shape in shapes for config in configs]
+
+
+@pytest.mark.parametrize("config,batch,rows,cols,dict_bits", uneven_cases())
 def test_code_kernel_rows_of_uneven_length(config, batch, rows, cols, dict_bits):
     """Rows of their own chunk counts (all-zero rows with none), R not a multiple of ROW_BLOCK,
     tiles smaller and larger than a row block."""
@@ -379,7 +387,8 @@ def test_slot_kernels_bfloat16():
             assert ((out.cpu().float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("bits,group", [("ternary", None), ("4", None)])
+# behind formats.SLOT_DOWN_SUM (off): int-4 keeps the default run's case, ternary's (~7 s) is slow
+@pytest.mark.parametrize("bits,group", [pytest.param("ternary", None, marks=pytest.mark.slow), ("4", None)])
 def test_slot_path_with_summing_down_equals_grouped_path(monkeypatch, bits, group):
     """With formats.SLOT_DOWN_SUM (off until timed on a GPU) the per-slot path's down launch sums each
     token's slots itself, and still equals the grouped path."""
@@ -401,8 +410,17 @@ def test_slot_path_with_summing_down_equals_grouped_path(monkeypatch, bits, grou
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits,group", [("ternary", None), ("2", 8), ("3", 8), ("4", None)])
-@pytest.mark.parametrize("n,a", [(1, 1), (1, 3), (2, 3), (4, 4)])
+def slot_path_cases() -> list:
+    """Returns (bits, group, n, a) parameters: every form at one slot and at 2 x 3 slots (repeats) in the
+    default run, plus int-4 at the 16-slot limit; the rest (3 slots of one token, and the other forms'
+    16 slots: ternary's alone took 9 s interpreted) in the slow set."""
+    forms = [("ternary", None), ("2", 8), ("3", 8), ("4", None)]
+    return [pytest.param(bits, group, n, a, marks=() if (n, a) in ((1, 1), (2, 3)) or (bits, n) == ("4", 4)
+                         else pytest.mark.slow)
+            for n, a in ((1, 1), (1, 3), (2, 3), (4, 4)) for bits, group in forms]
+
+
+@pytest.mark.parametrize("bits,group,n,a", slot_path_cases())
 def test_slot_path_equals_grouped_path(monkeypatch, bits, group, n, a):
     """CompressedExperts.forward: up to 16 slots go through the per-slot kernels (two launches,
     no host sync) and equal the grouped path, whatever the routing (repeats included)."""
