@@ -13,6 +13,33 @@ def test_pinned_empty_without_cuda_is_a_plain_tensor():
     assert t.shape == (3, 5) and t.dtype == torch.bfloat16
 
 
+def _huge_bytes_at(address: int) -> int:
+    """Returns the AnonHugePages bytes of this process's mapping that holds `address`."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_host_store_tensors_ask_for_huge_pages():
+    """The host store's experts (what CPU misses stream) are advised into 2 MB pages before they are
+    filled, where the kernel allows it (THP 'madvise' or 'always')."""
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages here")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are off here")
+    t = pinned_empty((16, 2**20), torch.uint8)  # 16 MB: seven whole 2 MB pages at least
+    t.fill_(1)
+    assert _huge_bytes_at(t.data_ptr() + 8 * 2**20) >= 2**21
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_small_pinned_tensors_get_pages_of_their_own():

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..experts.forms import DenseForm, Specs, StoredForm, Tensors, nbytes
+from ..native.hugepages import advise_huge_pages
 
 PAGE_BYTES = mmap.PAGESIZE  # what cudaHostRegister locks: whole pages
 ALIGN_BYTES = 16  # every tensor of a packed expert starts here: dtype views and vector loads
@@ -213,10 +214,15 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     The registration is undone when the returned tensor object is freed: keep it, not only its views."""
     size = math.prod(shape) * dtype.itemsize
     if size == 0 or not torch.cuda.is_available():
-        return torch.empty(shape, dtype=dtype)
+        tensor = torch.empty(shape, dtype=dtype)
+        advise_huge_pages([tensor])  # the CPU kernels stream it (native.hugepages says why)
+        return tensor
     locked = -(-size // PAGE_BYTES) * PAGE_BYTES
     pages = mmap.mmap(-1, locked)  # the storage keeps the mapping alive
     tensor = torch.frombuffer(pages, dtype=torch.uint8)[:size].view(dtype).view(shape)
+    # 2 MB pages before the registration faults the pages in: CPU misses stream these experts
+    # (native.hugepages: 4 KB pages stop the prefetchers at every page)
+    advise_huge_pages([tensor])
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(tensor.data_ptr(), locked, 0)) != 0:
         return torch.empty(shape, dtype=dtype).pin_memory()  # refused: the pinned allocator instead
