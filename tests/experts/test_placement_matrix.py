@@ -126,9 +126,15 @@ def test_global_pruning_leaves_layers_with_different_counts(checkpoints):
     assert cfg.num_experts == max(counts) and [cfg.experts_in(i) for i in range(cfg.num_layers)] == counts
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("model", MODELS)
+def cells() -> list:
+    """Returns every (model, form, placement) cell. plain-dense-mapped (~10 s interpreted) is slow:
+    tests/offload/test_mapped.py runs mapped misses on a plain dense model in the default set, and
+    pruned-dense-mapped (per-layer expert counts in the offsets table) stays here."""
+    return [pytest.param(m, f, p, marks=pytest.mark.slow if (m, f, p) == ("plain", "dense", "mapped") else ())
+            for m in MODELS for f in FORMS for p in PLACEMENTS]
+
+
+@pytest.mark.parametrize("model, form, placement", cells())
 def test_cell(checkpoints, model, form, placement, record_property):
     if placement == "mapped" and not (triton_ops.HAVE_TRITON and triton_ops.triton_usable(torch.empty(0))):
         pytest.skip("this matrix runs on the CPU, where mapped misses run the slot kernels only under the "

@@ -104,13 +104,13 @@ def compressed_experts(bits, num_experts=3, hidden=32, ffn=24, group=None, seed=
 
 @pytest.mark.parametrize("bits", ["ternary", "4"])
 def test_expert_source_through_the_kernels(monkeypatch, bits):
-    """5 tokens x 2 slots run the per-slot kernels, 9 x 2 the grouped ones: both equal the
-    grouped PyTorch path (on the CPU)."""
+    """3 tokens x 2 slots run the per-slot kernels, 9 x 2 the grouped ones: both equal the
+    grouped PyTorch path (on the CPU). (3, not 5: each slot is a program of the interpreter.)"""
     device = kernel_device()
     experts = compressed_experts(bits)
     g = torch.Generator().manual_seed(1)
     cases = []
-    for tokens in (5, 9):
+    for tokens in (3, 9):
         x = torch.randn(tokens, 32, generator=g)
         ids = torch.stack([torch.randperm(3, generator=g)[:2] for _ in range(tokens)])
         w = torch.rand(tokens, 2, generator=g)
