@@ -561,7 +561,8 @@ def main() -> int:
     torch.set_num_threads(cores)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"meta": common.run_meta(args, device), "shape": args.shape, "rows": sorted(rows), "cores": cores,
+    results: dict = {"meta": common.run_meta(args, device), "host": common.host_info(), "shape": args.shape,
+                     "rows": sorted(rows), "cores": cores,
                      "moekit": []}
     deadline = common.T_START + args.time_budget_s
 

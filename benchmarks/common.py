@@ -222,6 +222,32 @@ def free_memory(device: str | torch.device | None = None, reset_peak: bool = Fal
 
 # ---- output -------------------------------------------------------------------------------------
 
+def host_info() -> dict[str, Any]:
+    """Returns what shapes host-memory rates on this machine: usable cores, transparent huge pages'
+    mode, NUMA nodes and their CPUs, and lscpu's threads per core, sockets, model and L3 (each None
+    where this machine does not say)."""
+    def read(path: str) -> str | None:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    nodes = sorted(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+                            "thp": read("/sys/kernel/mm/transparent_hugepage/enabled"),
+                            "numa_nodes": {n.name: read(str(n / "cpulist")) for n in nodes}}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("Model name", "Thread(s) per core", "Core(s) per socket", "Socket(s)", "L3 cache",
+                           "NUMA node(s)"):
+            info[key.strip()] = value.strip()
+    return info
+
+
 def add_output_args(parser: argparse.ArgumentParser, name: str, device_default: str | None = None) -> None:
     """Adds --out (folder for NAME.json, default benchmarks/results) and --device."""
     parser.add_argument("--out", default=os.environ.get("OUT", str(RESULTS_DIR)),
