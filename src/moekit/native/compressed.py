@@ -49,6 +49,7 @@ from .experts import (
     Started,
     acc_stride,
     float_ptr,
+    no_jobs,
     output_for,
     post,
 )
@@ -126,7 +127,7 @@ def _run(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None, threads: in
     n, d = x.shape
     out = output_for(x, out)
     if not jobs:
-        return Started(out.zero_(), (), "", posted=False) if start else out.zero_()
+        return no_jobs(out, start)
     routes = Routes(jobs, n)
     threads = threads or torch.get_num_threads()
     scratch = scratch or Scratch()

@@ -76,6 +76,11 @@ class Started:
             library().moekit_async_wait()  # the call must not outlive its buffers
 
 
+def no_jobs(out: torch.Tensor, start: bool) -> torch.Tensor | Started:
+    """Returns a call with no jobs: out zeroed, or with start a Started already done."""
+    return Started(out.zero_(), (), "", posted=False) if start else out.zero_()
+
+
 def post(entry, *args, keep: tuple, out: torch.Tensor, refusal: str, finish=None) -> Started:
     """Returns the Started of `entry(*args)` (a moekit_async_* function); raises MoekitError
     while another started call has not been waited for."""
@@ -164,7 +169,7 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
     n, d = x.shape
     out = output_for(x, out)
     if not jobs:
-        return Started(out.zero_(), (), "", posted=False) if start else out.zero_()
+        return no_jobs(out, start)
     wdtype = jobs[0][0].dtype
     ffn = jobs[0][1].shape[1]
     gate_ups, downs = [], []
@@ -194,7 +199,7 @@ def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
     n, d = x.shape
     out = output_for(x, out)
     if not jobs:
-        return Started(out.zero_(), (), "", posted=False) if start else out.zero_()
+        return no_jobs(out, start)
     count, ffn = gate_up.shape[0], down.shape[-1]
     if (gate_up.dim() != 3 or gate_up.shape[1:] != (2 * ffn, d) or down.shape != (count, d, ffn)
             or gate_up.dtype != down.dtype or gate_up.device.type != "cpu" or down.device.type != "cpu"

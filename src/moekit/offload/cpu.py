@@ -176,7 +176,7 @@ class CostModel:
         """Moves cpu_scale toward what a CPU call took (`seconds`, the kernel's own time) against what
         the model gave it (`modelled_s`: cpu_s summed over its experts). The load-time figure is three
         calls on a cold team and varied 0.2-1.2 ms an OLMoE expert between loads on the H200 (issue 12):
-        at 1.2 ms "auto" sent ~95% of the misses to the link; the calls themselves say which is right."""
+        at 1.2 ms "auto" moved ~90% of the missed bytes over the link; the calls themselves say which is right."""
         if modelled_s <= 0 or seconds <= 0:
             return
         lo, hi = CPU_SCALE_RANGE
@@ -304,7 +304,8 @@ class CpuWorker:
 
     def join(self, handle: Future | tuple) -> tuple[torch.Tensor, float, float]:
         """Returns (the CPU sum on the model's device, CPU seconds, seconds waited here for it).
-        A started call's CPU seconds run from its start to the end of the wait."""
+        A started call's CPU seconds are the runner's own time of it (not the span from its start,
+        which also holds the device part's launches)."""
         t0 = time.perf_counter()
         if isinstance(handle, Future):
             out, cpu_s = handle.result()
