@@ -269,6 +269,19 @@ MODEL_VARIANTS = ["olmoe", "olmoe_clip", "qwen3_moe", "mixtral_sliding", "glm4_m
 FUSED_STEPS = ["rms_norm", "add_rms_norm", "qk_norm_rope", "softmax_topk", "write_kv"]  # write_kv also masks
 
 
+def test_fused_max_tokens_from_the_environment(monkeypatch):
+    """MOEKIT_FUSED_MAX_TOKENS sets the fused kernels' row bound; anything but a positive integer is
+    refused in one line naming it."""
+    monkeypatch.delenv("MOEKIT_FUSED_MAX_TOKENS", raising=False)
+    assert fused._max_tokens() == 256
+    monkeypatch.setenv("MOEKIT_FUSED_MAX_TOKENS", "4096")
+    assert fused._max_tokens() == 4096
+    for bad in ("abc", "0", "-5", "1e3"):
+        monkeypatch.setenv("MOEKIT_FUSED_MAX_TOKENS", bad)
+        with pytest.raises(moekit.MoekitError, match="MOEKIT_FUSED_MAX_TOKENS must be a positive integer"):
+            fused._max_tokens()
+
+
 @pytest.mark.slow  # ~10 s each under the interpreter (260 rows)
 @pytest.mark.parametrize("variant", ["olmoe", "qwen3_moe"])
 def test_prefill_past_the_default_bound_fused_equals_reference(tiny, variant, monkeypatch):

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from .errors import MoekitError
+
 try:
     import triton
 
@@ -43,7 +45,17 @@ except ImportError:  # CPU machines without triton keep the PyTorch path
 # Decode and small batched steps; longer prefill keeps the PyTorch path (its kernels were taken not to be
 # launch-bound there, but the H200 profile of a 512-token OLMoE forward at 0284941 had 18.2 ms of kernels in
 # 33 ms: MOEKIT_FUSED_MAX_TOKENS raises the bound to A/B it; bench_llamacpp --prefill-fused-rows measures both)
-MAX_TOKENS = int(os.environ.get("MOEKIT_FUSED_MAX_TOKENS", "256"))
+def _max_tokens(default: int = 256) -> int:
+    """Returns MOEKIT_FUSED_MAX_TOKENS (a positive integer), else `default`; raises MoekitError otherwise."""
+    raw = os.environ.get("MOEKIT_FUSED_MAX_TOKENS", "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise MoekitError(f"MOEKIT_FUSED_MAX_TOKENS must be a positive integer (token rows), got {raw!r}")
+    return int(raw)
+
+
+MAX_TOKENS = _max_tokens()
 # Tests set this to run the model's fused path on CPU tensors under TRITON_INTERPRET=1.
 ALLOW_INTERPRETER = False
 # The largest q/k tile (heads x head dim, padded) one program holds: 128 heads of 128.
