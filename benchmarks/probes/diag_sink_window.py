@@ -22,9 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from moekit import fused, sinks
-from moekit.config import ModelConfig
 from moekit.kv_cache import KVCache
-from moekit.model import SinkAttention
+from test_fused_sinks import _layer as layer  # the tests' layer: random weights, sinks of either sign
 
 VARIANTS = {
     "kernel": {},
@@ -34,17 +33,6 @@ VARIANTS = {
     "stages1": {"num_stages": 1},
     "dhpad2x": {"DH_PAD": 0},  # twice the head dim's padding
 }
-
-
-def layer(heads, kv_heads, head_dim, window, dtype, device):
-    cfg = ModelConfig(family="gpt_oss", vocab_size=64, hidden_size=32, num_layers=1, num_heads=heads,
-                      num_kv_heads=kv_heads, head_dim=head_dim, num_experts=2, top_k=1, expert_ffn=8,
-                      moe_layers=(True,), qkv_bias=True, o_bias=True, sliding_window=window, attention_sinks=True)
-    attn = SinkAttention(cfg, 0)
-    g = torch.Generator().manual_seed(heads * head_dim + (window or 0))
-    with torch.no_grad():
-        attn.sinks.copy_(3 * torch.randn(heads, generator=g))
-    return attn.to(device, dtype)
 
 
 def model_mode(device: torch.device) -> None:

@@ -251,23 +251,28 @@ def stacked_code(d: int, ffn: int, experts: int, g: torch.Generator):
     return out
 
 
+def form_and_stack(form_name: str, d: int, ffn: int, experts: int, g: torch.Generator):
+    """Returns (a quant.formats stored form, its layer's stacked tensors) of `form_name` (int3, int4,
+    ternary) over one layer of random experts: int-4 in whole-word groups (the permuted layout), int-3 not."""
+    from moekit.quant.formats import IntForm, TernaryCodeForm
+
+    if form_name == "ternary":
+        stacked = stacked_code(d, ffn, experts, g)
+        specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items() if n != "code_table"}
+        return TernaryCodeForm(d, ffn, {0: specs}, {0: {"code_table": stacked["code_table"]}}), stacked
+    bits = int(form_name[3:])
+    stacked = stacked_int(bits, d, ffn, experts, (3, 1) if bits == 4 else (3, 2), g)
+    specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}
+    return IntForm(d, ffn, {0: specs}, {0: {}}, bits), stacked
+
+
 @pytest.mark.parametrize("form_name", ["int4", "int3", "ternary"])
 def test_forms_cpu_path_equals_their_pytorch_path(form_name):
     """quant.formats' CPU fused path (the native kernel) against the form's own PyTorch path
     (decode each matrix, grouped matmuls), on one token and on several sharing experts."""
-    from moekit.quant.formats import IntForm, TernaryCodeForm
-
     g = torch.Generator().manual_seed(4)
     d, ffn, experts = 96, 40, 6
-    if form_name == "ternary":
-        stacked = stacked_code(d, ffn, experts, g)
-        specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items() if n != "code_table"}
-        form = TernaryCodeForm(d, ffn, {0: specs}, {0: {"code_table": stacked["code_table"]}})
-    else:
-        bits = int(form_name[3:])
-        groups = (3, 1) if bits == 4 else (3, 2)  # whole-word groups (permuted layout), and not
-        stacked = stacked_int(bits, d, ffn, experts, groups, g)
-        form = IntForm(d, ffn, {0: {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}}, {0: {}}, bits)
+    form, stacked = form_and_stack(form_name, d, ffn, experts, g)
     assert form.cpu_fast and form.why_not_cpu == ""
     for tokens in (1, 5):
         x = torch.randn(tokens, d, generator=g)
@@ -287,20 +292,11 @@ def test_started_form_call_gives_the_bits_of_native_ffn(form_name, dot, dtype, m
     """native_ffn(start=True) (offload.cpu's call on the runner thread) computes exactly what the
     form's synchronous native_ffn computes, for 1 and 5 tokens (bf16 x: the float sum is copied out
     at the wait), and with no jobs gives zeros."""
-    from moekit.quant.formats import IntForm, TernaryCodeForm
-
     if dot is not None:
         monkeypatch.setenv("MOEKIT_CPU_INT_DOT", dot)
     g = torch.Generator().manual_seed(5)
     d, ffn, experts = 96, 40, 6
-    if form_name == "ternary":
-        stacked = stacked_code(d, ffn, experts, g)
-        specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items() if n != "code_table"}
-        form = TernaryCodeForm(d, ffn, {0: specs}, {0: {"code_table": stacked["code_table"]}})
-    else:
-        bits = int(form_name[3:])
-        stacked = stacked_int(bits, d, ffn, experts, (3, 1) if bits == 4 else (3, 2), g)
-        form = IntForm(d, ffn, {0: {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}}, {0: {}}, bits)
+    form, stacked = form_and_stack(form_name, d, ffn, experts, g)
     scratch = nc.Scratch()
     for tokens in (1, 5):
         x = torch.randn(tokens, d, generator=g).to(dtype)
