@@ -211,3 +211,35 @@ def test_started_call_holds_its_buffers_and_is_one_at_a_time():
     dropped = ne.expert_ffn(x, jobs, start=True)
     del dropped
     assert torch.equal(ne.expert_ffn(x, jobs, start=True).wait(), expected)
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
+def test_pair_dot_products_match_the_portable_loops(xdtype):
+    """bf16 weights: the AVX512-BF16 pair dot products (where compiled in) give what the portable
+    loops give to float32 rounding, split activations included (float32 x: hi + lo in bf16), and
+    the software prefetch changes no bit."""
+    d, ffn = 200, 72  # tails past the 64-element steps in both stages
+    x = torch.randn(3, d).to(xdtype)
+    jobs = make_jobs(d, ffn, torch.bfloat16, [[0], [0, 2], [1, 2]])
+    try:
+        has = ne.tuning(pair_dots=False, prefetch_bytes=0)
+        portable = ne.expert_ffn(x, jobs, threads=2).float()
+        ne.tuning(pair_dots=True)
+        pairs = ne.expert_ffn(x, jobs, threads=2).float()
+        ne.tuning(prefetch_bytes=1024)
+        prefetched = ne.expert_ffn(x, jobs, threads=3).float()
+    finally:
+        ne.tuning(pair_dots=True, prefetch_bytes=0)
+    expected = ne.reference(x, jobs)
+    scale = expected.abs().max()
+    tol = 1e-5 if xdtype == torch.float32 else TOL[torch.bfloat16]
+    assert (pairs - expected).abs().max() <= tol * scale
+    assert (portable - expected).abs().max() <= tol * scale
+    assert torch.equal(prefetched, pairs)
+    if not has:  # without AVX512-BF16 both settings run the portable loops
+        assert torch.equal(pairs, portable)
+
+
+def test_tuning_refuses_a_negative_prefetch():
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        ne.tuning(prefetch_bytes=-1)

@@ -23,11 +23,84 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 #include <omp.h>
 
 #include "common.h"
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define MOEKIT_DPBF16 1
+#else
+#define MOEKIT_DPBF16 0
+#endif
+
 namespace {
+
+// Tunables of the bf16 decode path (moekit_expert_tuning; the H200 probe sweeps them):
+int g_dpbf16 = MOEKIT_DPBF16;  // bf16 pair dot products (AVX512-BF16) where the CPU has them
+int64_t g_prefetch = 0;        // software prefetch this many bytes ahead in each weight stream (0 = off)
+
+#if MOEKIT_DPBF16
+// A float vector as the sum of two bf16 vectors (hi + lo: ~16 mantissa bits, where a dot with bf16
+// weights needs ~8 + 8), so the pair dot products keep float32-like accuracy; lo is null where the
+// vector is bf16 already (a bf16 model's activations: exact with hi alone).
+struct Split {
+  const uint16_t* hi;
+  const uint16_t* lo;
+};
+
+inline void split_bf16(const float* v, int64_t n, uint16_t* hi, uint16_t* lo) {
+  for (int64_t i = 0; i < n; ++i) {
+    hi[i] = float_to_bf16(v[i]);
+    lo[i] = float_to_bf16(v[i] - bf16_to_float(hi[i]));
+  }
+}
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+// out[r] = row_r . v for R bf16 rows of n elements and one split vector: 64 elements a step in two
+// accumulator chains per row (the pair products are exact in float32; the sums round), a masked
+// step for the tail; each row is read once, prefetched g_prefetch bytes ahead.
+template <int R>
+inline void dots_bf16(const uint16_t* const* rows, Split v, int64_t n, float* out) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int64_t pf = g_prefetch / 2;  // in elements
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    if (pf)
+      for (int r = 0; r < R; ++r) {
+        __builtin_prefetch(rows[r] + i + pf, 0, 3);
+        __builtin_prefetch(rows[r] + i + pf + 32, 0, 3);
+      }
+    const __m512bh h0 = as_bh(_mm512_loadu_si512(v.hi + i)), h1 = as_bh(_mm512_loadu_si512(v.hi + i + 32));
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], as_bh(_mm512_loadu_si512(rows[r] + i)), h0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], as_bh(_mm512_loadu_si512(rows[r] + i + 32)), h1);
+    }
+    if (v.lo) {
+      const __m512bh l0 = as_bh(_mm512_loadu_si512(v.lo + i)), l1 = as_bh(_mm512_loadu_si512(v.lo + i + 32));
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], as_bh(_mm512_loadu_si512(rows[r] + i)), l0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], as_bh(_mm512_loadu_si512(rows[r] + i + 32)), l1);
+      }
+    }
+  }
+  for (; i < n; i += 32) {
+    const __mmask32 m = n - i >= 32 ? 0xffffffffu : (1u << (n - i)) - 1u;
+    const __m512bh h = as_bh(_mm512_maskz_loadu_epi16(m, v.hi + i));
+    const __m512bh l = as_bh(_mm512_maskz_loadu_epi16(m, v.lo ? v.lo + i : v.hi + i));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh w = as_bh(_mm512_maskz_loadu_epi16(m, rows[r] + i));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w, h);
+      if (v.lo) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w, l);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+#endif
 
 constexpr int64_t MAX_ROW = 1 << 15;  // widest row a thread converts to float (128 KB of its stack)
 
@@ -69,6 +142,24 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
   const int64_t blocks_i = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
   const int64_t rows_d = stage2_rows(D, N, threads);  // common.h
   const int64_t blocks_d = (D + rows_d - 1) / rows_d;
+#if MOEKIT_DPBF16
+  // bf16 weights: pair dot products on split vectors (x split once here, h as stage 1 writes it);
+  // the buffers belong to the calling thread (the runner and the main thread may each call)
+  const bool pairs = std::is_same<W, uint16_t>::value && g_dpbf16;
+  const int64_t T = tok_start[J];
+  thread_local std::vector<uint16_t> split_buf;
+  uint16_t *x_hi = nullptr, *x_lo = nullptr, *h_hi = nullptr, *h_lo = nullptr;
+  if (pairs) {
+    if (static_cast<int64_t>(split_buf.size()) < 2 * (N * D + T * I)) split_buf.resize(2 * (N * D + T * I));
+    x_hi = split_buf.data(), x_lo = x_hi + N * D, h_hi = x_lo + N * D, h_lo = h_hi + T * I;
+    if (odtype == 0) {
+      for (int64_t i = 0; i < N * D; ++i) x_hi[i] = float_to_bf16(xf[i]);  // exact: x was bf16
+      x_lo = nullptr;
+    } else {
+      split_bf16(xf, N * D, x_hi, x_lo);
+    }
+  }
+#endif
 #pragma omp parallel num_threads(threads)
   {
     float scratch[MAX_ROW];
@@ -83,6 +174,23 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
       const W* gu = reinterpret_cast<const W*>(gate_up[j]);
       const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
       for (int64_t r = r0; r < r0 + ROWS_PER_ITEM && r < I; ++r) {
+#if MOEKIT_DPBF16
+        if (pairs) {
+          const uint16_t* both[2] = {reinterpret_cast<const uint16_t*>(gu + r * D),
+                                     reinterpret_cast<const uint16_t*>(gu + (I + r) * D)};
+          for (int k = 0; k < count; ++k) {
+            const int64_t t = tok[first + k];
+            float gu_dots[2];
+            dots_bf16<2>(both, Split{x_hi + t * D, x_lo ? x_lo + t * D : nullptr}, D, gu_dots);
+            const float hv = gu_dots[0] / (1.f + std::exp(-gu_dots[0])) * gu_dots[1];
+            const int64_t at = (first + k) * I + r;
+            h[at] = hv;
+            h_hi[at] = float_to_bf16(hv);
+            h_lo[at] = float_to_bf16(hv - bf16_to_float(h_hi[at]));
+          }
+          continue;
+        }
+#endif
         if (count == 1) {  // decode: both rows in one pass
           gate_up_dots(gu + r * D, gu + (I + r) * D, xf + tok[first] * D, D, g, u, conv);
         } else {
@@ -102,6 +210,13 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
         const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
         const W* rows = reinterpret_cast<const W*>(down[j]) + d0 * I;
         for (int64_t d = d0; d < d1; ++d) {
+#if MOEKIT_DPBF16
+          if (pairs) {
+            const uint16_t* row[1] = {reinterpret_cast<const uint16_t*>(rows + (d - d0) * I)};
+            for (int k = 0; k < count; ++k)
+              dots_bf16<1>(row, Split{h_hi + (first + k) * I, h_lo + (first + k) * I}, I, g + k);
+          } else
+#endif
           row_dots(rows + (d - d0) * I, I, h + first * I, I, nullptr, count, scratch, g, conv);
           for (int k = 0; k < count; ++k) acc2[(d - d0) * N + tok[first + k]] += w[first + k] * g[k];
         }
@@ -180,6 +295,15 @@ int moekit_linear(int wdtype, int xdtype, const void* x, const void* w, const fl
   else
     run_linear(xf, static_cast<const float*>(w), bias, M, N, K, xdtype, out, threads, F32());
   return 0;
+}
+
+// Sets the bf16 decode path's tunables (dpbf16: 1 pair dot products where compiled in, 0 the
+// portable loops; prefetch_bytes: software prefetch distance, 0 off; a negative value leaves one as
+// it is) and returns 1 when the pair dot products are compiled in (AVX512-BF16), else 0.
+int moekit_expert_tuning(int dpbf16, int64_t prefetch_bytes) {
+  if (dpbf16 >= 0) g_dpbf16 = dpbf16 && MOEKIT_DPBF16;
+  if (prefetch_bytes >= 0) g_prefetch = prefetch_bytes;
+  return MOEKIT_DPBF16;
 }
 
 // Streams `bytes` bytes from p with `threads` threads and returns a checksum (the bandwidth probe).

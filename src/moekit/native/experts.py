@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoekitError
-from . import library, register_declarations
+from . import library, register_declarations, unavailable_reason
 
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 MAX_JOB_TOKENS = 256  # tokens one job may hold (the kernel's per-row dot buffer)
@@ -40,6 +40,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moekit_async_wait.restype = ctypes.c_int
     lib.moekit_async_last_seconds.argtypes = []
     lib.moekit_async_last_seconds.restype = ctypes.c_double
+    lib.moekit_expert_tuning.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.moekit_expert_tuning.restype = ctypes.c_int
 
 
 register_declarations(_declare)
@@ -91,6 +93,20 @@ def post(entry, *args, keep: tuple, out: torch.Tensor, refusal: str, finish=None
     if code != 0:
         raise ValueError(refusal.format(code=code))
     return Started(out, (args, *keep), refusal, finish)
+
+
+def tuning(pair_dots: bool | None = None, prefetch_bytes: int | None = None) -> bool:
+    """Sets the bf16 kernel's tunables (None leaves one as it is): `pair_dots` the AVX512-BF16 pair
+    dot products (on by default where compiled in; off runs the portable loops), `prefetch_bytes`
+    the software prefetch distance in each weight stream (0, the default, is off). Returns whether
+    the pair dot products are compiled in on this machine; raises ValueError without the library."""
+    lib = library()
+    if lib is None:
+        raise ValueError(f"the native library is unavailable: {unavailable_reason()}")
+    if prefetch_bytes is not None and prefetch_bytes < 0:
+        raise ValueError(f"prefetch_bytes must be >= 0, not {prefetch_bytes}")
+    return bool(lib.moekit_expert_tuning(-1 if pair_dots is None else int(pair_dots),
+                                         -1 if prefetch_bytes is None else prefetch_bytes))
 
 
 def acc_stride(n: int) -> int:
