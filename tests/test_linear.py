@@ -162,9 +162,9 @@ def test_model_with_every_projection_tabled(tiny, monkeypatch, variant):
     import moekit
     from moekit import linear
 
-    kernel_device()
-    model = moekit.load_model(tiny(variant).path, dtype=torch.bfloat16)
-    ids = torch.tensor([[5, 17, 42]])
+    device = kernel_device()  # CUDA where there is a GPU: Triton takes no CPU tensor there
+    model = moekit.load_model(tiny(variant).path, device=device, dtype=torch.bfloat16)
+    ids = torch.tensor([[5, 17, 42]], device=device)
     with torch.inference_mode():
         expected = model(ids).float()
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, linear.Linear)}
@@ -197,8 +197,9 @@ def test_linear_reference_switch_takes_f_linear(tabled, monkeypatch):
 def test_linear_autograd_takes_f_linear(tabled):
     from moekit.linear import Linear
 
-    layer = Linear(64, 24, bias=True).to(torch.bfloat16)
-    x = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)
+    device = kernel_device()
+    layer = Linear(64, 24, bias=True).to(device, torch.bfloat16)
+    x = torch.randn(1, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
     layer(x).float().sum().backward()
     assert x.grad is not None and tabled == []
     with torch.inference_mode():
