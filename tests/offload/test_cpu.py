@@ -536,3 +536,15 @@ def test_gpu_cpu_misses_match_resident(tiny, misses):
     assert report["cost_model"] == costs.to_dict()
     if misses == "cpu":
         assert report["cpu_experts"] > 0 and report["demand_fetches"] == 0 and report["cpu_wait_s"] > 0
+
+
+@pytest.mark.parametrize("misses,expected", [("cpu", "none"), ("fetch", "speculative")])
+def test_the_auto_predictor_prefetches_only_where_misses_are_fetched(mixtral, misses, expected):
+    """The default predictor (auto) is none where misses run on the CPU and speculative where they
+    are fetched; a predictor asked for by name is kept."""
+    path, resident = mixtral
+    assert OffloadConfig().predictor == "auto"
+    model = offloaded(path, resident.config, misses=misses)
+    assert model.offload.report()["predictor"] == expected
+    named = offloaded(path, resident.config, misses=misses, predictor="speculative")
+    assert named.offload.report()["predictor"] == "speculative"

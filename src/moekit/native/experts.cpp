@@ -40,7 +40,7 @@ namespace {
 
 // Tunables of the bf16 decode path (moekit_expert_tuning; the H200 probe sweeps them):
 int g_dpbf16 = MOEKIT_DPBF16;  // bf16 pair dot products (AVX512-BF16) where the CPU has them
-int64_t g_prefetch = 0;        // software prefetch this many bytes ahead in each weight stream (0 = off)
+int64_t g_prefetch = 4096;     // software prefetch this many bytes ahead in each weight stream (0 = off)
 
 #if MOEKIT_DPBF16
 // A float vector as the sum of two bf16 vectors (hi + lo: ~16 mantissa bits, where a dot with bf16

@@ -111,8 +111,9 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
                    help="keep experts in host memory (GPU) or on disk (CPU) and cache them on the device")
     g.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="everything moekit may hold on the device, e.g. 8GB or 10MB (default: free memory)")
-    g.add_argument("--predictor", default="speculative", choices=("none", "speculative", "pregate"),
-                   help="how the next layer's experts are prefetched (default: speculative)")
+    g.add_argument("--predictor", default="auto", choices=("auto", "none", "speculative", "pregate"),
+                   help="how the next layer's experts are prefetched (default: auto, none where misses run on "
+                        "the CPU, else speculative)")
     g.add_argument("--pregate", default=None, metavar="DIR", help="folder written by `moekit pregate`")
     g.add_argument("--cache-policy", default="lfu", choices=POLICIES,
                    help="which cached expert a fetch evicts (default: lfu, use counts kept across evictions)")
@@ -134,7 +135,7 @@ def check_flags(args: argparse.Namespace) -> None:
                            ("--pin-counts", args.pin_counts), ("--strict-pregate", args.strict_pregate),
                            ("--misses", args.misses))
             if v]
-    if not args.offload and (used or args.predictor != "speculative" or args.cache_policy != "lfu"):
+    if not args.offload and (used or args.predictor != "auto" or args.cache_policy != "lfu"):
         raise MoekitError(f"{', '.join(used) or '--predictor/--cache-policy'} needs --offload")
     if args.offload and args.compile:
         raise MoekitError("--compile is not available with --offload (offloaded steps are captured as CUDA graphs "

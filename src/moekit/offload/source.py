@@ -110,7 +110,7 @@ class OffloadRuntime:
             if not reads_in_place(device):
                 raise MoekitError("--misses mapped reads missed experts in place from host memory over the GPU's "
                                   "link; on the CPU nothing crosses a link: use --misses fetch")
-            if self.config.predictor != "none":
+            if self.config.predictor not in ("none", "auto"):
                 self.misses_note = (f"decode steps read misses in place and consult no predictor; "
                                     f"'{self.config.predictor}' serves prefill calls only")
             return
@@ -126,6 +126,14 @@ class OffloadRuntime:
             return
         self.cpu = CpuWorker(self.layout, self.store, device, self.config.cpu_max_tokens, self.config.cpu_threads)
 
+    def predictor_name(self) -> str:
+        """Returns the predictor the config asks for, `auto` resolved: none where misses run on the
+        CPU (cpu, auto; strict mode excepted), speculative otherwise."""
+        name = self.config.predictor
+        if name != "auto":
+            return name
+        return "none" if self.misses in ("cpu", "auto") and not self.config.strict else "speculative"
+
     def attach(self, model, trace: dict | None = None, pinned: list[tuple[int, int]] | None = None) -> None:
         """Links the runtime to its loaded model: the routers (strict mode), the predictor, the
         experts to pin, the first cache, and (misses cpu/auto on CUDA) the measured rates."""
@@ -134,7 +142,7 @@ class OffloadRuntime:
         cfg = self.config
         self.routers = {i: model.layers[i].mlp.router for i in self.moe_layers}
         k = cfg.prefetch_k or self.model_config.top_k
-        self.predictor = build_predictor(cfg.predictor, model, self.next_of, k, cfg.pregate_path, trace)
+        self.predictor = build_predictor(self.predictor_name(), model, self.next_of, k, cfg.pregate_path, trace)
         self.pinned_keys = list(pinned or [])
         self.new_cache(self.plan.cache_slots)
         if self.cpu is not None and self.device.type == "cuda":
