@@ -316,8 +316,9 @@ def test_auto_follows_its_cost_model(mixtral, link, store, predictor):
     """With rates given, a slow link sends every miss to the CPU and a fast one fetches them, with
     the resident model's tokens either way (the disk store's prefetches are copies in flight)."""
     path, resident = mixtral
-    # 4 slots: a layer's 4 experts fit, so auto is never forced to the CPU for want of a slot
-    model = offloaded(path, resident.config, slots=4, misses="cpu", predictor=predictor, store=store)
+    # 8 slots: every expert of both layers fits, so no fetch evicts one and auto is never forced to the CPU
+    model = offloaded(path, resident.config, slots=8, misses="cpu", predictor=predictor, store=store)
+    assert model.offload.cache.num_slots == 8
     with_costs(model, "auto", link)
     runtime = model.offload
     ids = token_ids(1, 3, seed=4)
@@ -329,6 +330,34 @@ def test_auto_follows_its_cost_model(mixtral, link, store, predictor):
         assert report["demand_fetches"] == 0 and report["cpu_experts"] > 0
     else:
         assert report["cpu_experts"] == 0 and report["demand_fetches"] > 0
+
+
+def test_auto_fetches_only_misses_the_cache_would_keep(mixtral):
+    """Over a link fast enough to fetch every miss, auto still computes on the CPU each miss whose
+    fetch would evict a much more used expert (lfu, ADMIT_RATIO): popular cached experts stay, and
+    a miss used more than ADMIT_RATIO times as often as the least used cached one is fetched."""
+    path, resident = mixtral
+    model = offloaded(path, resident.config, slots=2, store="host", misses="cpu", predictor="none")
+    with_costs(model, "auto", "fast")
+    runtime = model.offload
+    cache, (first, last) = runtime.cache, runtime.moe_layers
+    popular = [(first, 0), (last, 0)]
+    for key in popular:
+        cache.fetch(key, set())
+    cache.count_uses(popular * 1000)  # far more than a few tokens' uses of any other expert
+    ids = token_ids(1, 3, seed=4)
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    report = runtime.report()
+    check_counts(report)
+    assert [cache.slot(key) is not None for key in popular] == [True, True]
+    assert report["demand_fetches"] == 0 and report["cpu_experts"] > 0
+    # the other side of the rule: a miss far more used than a cached expert takes its slot
+    cache.count_uses([(first, 0)] * 10000)  # still worth more than the popular misses: kept
+    cache.count_uses([(last, e) for e in range(4) if e != 0] * 5000)
+    runtime.reset_stats()
+    assert torch.equal(greedy(model, ids), greedy(resident, ids))
+    assert runtime.report()["demand_fetches"] > 0 and cache.slot((last, 0)) is None
+    assert cache.slot((first, 0)) is not None
 
 
 @pytest.mark.parametrize("link", ["slow", "fast"])

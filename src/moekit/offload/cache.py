@@ -5,6 +5,8 @@ least frequently (lfu, counts kept across evictions) used slot that is neither p
 protected (needed by the layer being computed, or just prefetched for the next one), and copies
 the expert in: on CUDA on a side stream with an event per slot, so the compute stream waits
 only for the slots it needs now; on the CPU synchronously, or on one worker thread for prefetch.
+Where a miss may run elsewhere instead (misses auto: on the CPU), `fetch_room` says which misses
+are worth their eviction, by the rule background admissions follow (`admit`).
 
 When the link's rate is known (`h2d_bytes_per_s`, measured at load for CPU misses), the cache keeps
 a host-side model of its copy queue: copies run one after another at that rate, so each slot has
@@ -14,6 +16,7 @@ uses it to decide whether waiting for a copy beats computing the expert on the C
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +29,7 @@ from .stats import OffloadStats
 from .store import DiskStore, HostStore
 
 Key = tuple[int, int]  # (layer, expert)
+_NEVER = (math.inf,)  # an lfu rank (uses, tick) after every other: a slot that may not be evicted
 
 
 class ExpertCache:
@@ -108,12 +112,27 @@ class ExpertCache:
 
     def _least_valuable(self, protected: set[int]) -> int | None:
         """Returns the occupied slot the policy evicts first (None when all are protected or pinned)."""
-        candidates = [s for s in range(self.num_slots) if s not in protected and s not in self.pinned]
-        if not candidates:
-            return None
+        order = self._eviction_order(protected, 1)
+        return order[0] if order else None
+
+    def _eviction_order(self, protected: set[int], count: int) -> list[int]:
+        """Returns up to `count` occupied slots, neither protected nor pinned, in the order the policy
+        evicts them (lfu: fewest uses, then least recent; lru: least recent)."""
+        # ranks built by C-level map/zip and compared by min/sorted: no Python call per slot (S = 64:
+        # 9.4 -> 7.3 us a victim on the 2-core VM)
         if self.policy == "lfu":
-            return min(candidates, key=lambda s: (self.uses[self.key_of[s]], self.last_used[s]))
-        return min(candidates, key=lambda s: self.last_used[s])
+            ranks: list = list(zip(map(self.uses.__getitem__, self.key_of), self.last_used))
+            never = _NEVER
+        else:
+            ranks, never = list(self.last_used), math.inf
+        for excluded in (protected, self.pinned, self.free):
+            for slot in excluded:
+                ranks[slot] = never
+        if count == 1:
+            order = [min(range(self.num_slots), key=ranks.__getitem__)]
+        else:
+            order = sorted(range(self.num_slots), key=ranks.__getitem__)[:count]
+        return [s for s in order if ranks[s] is not never]
 
     def _wait_host(self, slot: int) -> None:
         """Waits on the host for a CPU-thread copy into `slot` (a CUDA copy is stream-ordered)."""
@@ -215,6 +234,22 @@ class ExpertCache:
             self.prefetched.discard(slot)  # a later use is not a prefetch hit
         return slot
 
+    def fetch_room(self, keys: list[Key], protected: set[int], ratio: float) -> list[Key]:
+        """Returns those of `keys` (absent, each about to be used once) that demand fetches may copy
+        in without evicting a more valuable expert, most used first: one per free slot, then, under
+        lfu, each in place of the next least used unprotected expert when (this use counted) used
+        more than `ratio` times as often: admit's rule. lru compares no counts: free slots only."""
+        ranked = sorted(keys, key=lambda k: -self.uses[k])
+        room = ranked[:len(self.free)]
+        if self.policy != "lfu" or len(room) == len(ranked):
+            return room
+        victims = self._eviction_order(protected, len(ranked) - len(room))
+        for key, slot in zip(ranked[len(room):], victims):  # both in order: the first refusal ends it
+            if self.uses[key] + 1 <= ratio * self.uses[self.key_of[slot]]:
+                break
+            room.append(key)
+        return room
+
     def count_uses(self, keys: list[Key]) -> None:
         """Counts uses of experts computed elsewhere (on the CPU), so lfu sees true popularity."""
         for key in keys:
@@ -222,7 +257,9 @@ class ExpertCache:
 
     # ---- use by compute -----------------------------------------------------------------
     def use(self, slots: list[int], keys: list[Key]) -> None:
-        """Makes compute wait for these slots' copies, and counts the use for the policy."""
+        """Makes compute wait for these slots' copies, and counts the use for the policy. On CUDA the
+        stream's wait for the copies still in flight is timed by one pair of events (stats.stall_s)."""
+        waits = []
         for slot, key in zip(slots, keys):
             self.last_used[slot] = self._tick()
             self.uses[key] += 1
@@ -236,12 +273,15 @@ class ExpertCache:
                 job.result()
                 self.stats.stall_s += time.perf_counter() - t0
             elif not job.query():  # a copy still in flight: the compute stream waits for it
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                stream = torch.cuda.current_stream(self.device)
-                start.record(stream)
+                waits.append(job)
+        if waits:  # back to back on the stream: start..end spans the waits one pair per slot would sum to
+            stream = torch.cuda.current_stream(self.device)
+            start, end = self.stats.stall_events()
+            start.record(stream)
+            for job in waits:
                 stream.wait_event(job)
-                end.record(stream)
-                self.stats.pending_stalls.append((start, end))
+            end.record(stream)
+            self.stats.pending_stalls.append((start, end))
 
     def release(self, slots: list[int]) -> None:
         """Marks the end of compute reading these slots (a later copy into them waits for it)."""

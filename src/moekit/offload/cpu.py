@@ -70,6 +70,12 @@ the link and the CPU so that the call's time, max(device side, CPU side), is sma
     CPU side    = sum over CPU experts of cpu_s(tokens routed to it); cpu_s(n) is linear between
                   the times measured at n = 1 and n = cpu_max_tokens (a small-batch matmul reads
                   the weights once; each token adds its FLOPs)
+Only a miss the cache would keep may be fetched: one that takes a free slot, or (lfu) replaces
+an expert it outnumbers in uses by ADMIT_RATIO, the admission rule (ExpertCache.fetch_room);
+the others run on the CPU whatever the link's speed. A demand fetch evicts, and fetching every
+miss the link could carry swapped popular experts out for one-off ones (H200, OLMoE, 64 slots,
+before this rule: the hit rate fell from 0.58 to 0.35, and "auto" decoded 47.6 tok/s against
+"cpu"'s 51.2). Under lru (no counts) only free slots take fetches.
 Greedy: everything starts on the device; the expert finishing last there moves to the CPU, again
 and again, keeping the best split seen (m misses: m steps). The rates are measured at load:
 three back-to-back fetches of layer-0 experts into the cache (a disk store's read included) and
@@ -192,16 +198,18 @@ class CostModel:
 
 
 def split_misses(inflight: list[tuple[int, float, float]], absent: list[tuple[int, float]], queue_s: float,
-                 fetch_s: float, max_fetch: int) -> list[int]:
+                 fetch_s: float, max_fetch: int, cpu_only: list[tuple[int, float]] = ()) -> list[int]:
     """Returns the experts to compute on the CPU, of those not ready on the device, minimising
     max(device wait, CPU time) (the "auto" cost model, greedy; see the module docstring).
 
     inflight: (expert, seconds until its copy lands, its CPU seconds); absent: (expert, its CPU
     seconds); queue_s: seconds until the copy queue drains; fetch_s: one demand fetch's seconds;
-    max_fetch: slots free for demand fetches (the rest of the absent experts must go to the CPU)."""
+    max_fetch: slots free for demand fetches (the rest of the absent experts must go to the CPU);
+    cpu_only: (expert, its CPU seconds) of absent experts that may not be fetched (the cache would
+    evict a more valuable one for them: ExpertCache.fetch_room), on the CPU whatever the split."""
     waiting = sorted(inflight, key=lambda t: t[1])  # kept on the device; the latest to land is last
     fetched = sorted(absent, key=lambda t: -t[1])  # fetch the costliest on the CPU first
-    cpu = [(e, c) for e, c in fetched[max(max_fetch, 0):]]
+    cpu = list(cpu_only) + [(e, c) for e, c in fetched[max(max_fetch, 0):]]
     fetched = fetched[:max(max_fetch, 0)]
 
     def cost() -> float:

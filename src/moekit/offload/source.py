@@ -47,6 +47,16 @@ def reads_in_place(device: torch.device) -> bool:
     return triton_ops.triton_usable(torch.empty(0, device=device))
 
 
+def device_index(values: list, device: torch.device) -> torch.Tensor:
+    """Returns `values` (ints, nested lists) as a long tensor on `device`; on CUDA copied from pinned
+    memory, which leaves the host free (from pageable memory the copy may wait for the stream,
+    stalling the launches behind it). The pinned block is PyTorch's cached host allocation: it is
+    reused only once the copy that read it has run (the allocator records an event for it)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long).to(device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
 class OffloadedExperts(nn.Module):
     """One MoE layer's experts, served by the shared OffloadRuntime."""
 
@@ -325,21 +335,19 @@ class OffloadRuntime:
     def _lookup(self, layer: int, needed: list[int], protected: set[int]) -> list[int]:
         """Returns the slots of `needed` experts of `layer`, fetching the missing ones (demand)."""
         cache, stats = self.cache, self.stats
-        slots = []
-        for e in needed:
-            key = (layer, e)
-            slot = cache.slot(key)
-            stats.lookups += 1
+        slots = [cache.slot((layer, e)) for e in needed]
+        stats.lookups += len(needed)
+        for slot in slots:  # every hit protected before the first fetch, which must not evict one
             if slot is not None:
                 stats.hits += 1
                 if slot in cache.prefetched:
                     stats.prefetch_hits += 1
                 protected.add(slot)
-            else:
+        for i, e in enumerate(needed):
+            if slots[i] is None:
                 stats.demand_fetches += 1
-                slot = cache.fetch(key, protected)
-                assert slot is not None, "demand waves are sized to the unpinned slots"
-            slots.append(slot)
+                slots[i] = cache.fetch((layer, e), protected)
+                assert slots[i] is not None, "demand waves are sized to the unpinned slots"
         return slots
 
     def _prefetch(self, nxt: int | None, predicted: list[int], protected: set[int],
@@ -364,8 +372,7 @@ class OffloadRuntime:
         self._prefetch(nxt, predicted, protected, horizon_s)  # queued behind this layer's demand copies
         cache.use(slots, [(layer, e) for e in needed])
         slot_of = dict(zip(needed, slots))
-        slot_ids = torch.tensor([slot_of[e] for e in routed], dtype=torch.long).view(expert_ids.shape)
-        slot_ids = slot_ids.to(x.device, non_blocking=True)
+        slot_ids = device_index([slot_of[e] for e in routed], x.device).view(expert_ids.shape)
         out = self.form.run(x, slot_ids, weights, self.layout.view(cache.slab, layer), ids=expert_ids, row_of=slot_of,
                             count=self.model_config.experts_in(layer))
         cache.release(slots)
@@ -388,8 +395,14 @@ class OffloadRuntime:
             for e in inflight:
                 eta = cache.eta_s(cache.slot((layer, e)))
                 waits.append((e, queue_s + fetch_s if eta is None else eta, costs.cpu_s(len(flat_of[e]))))
-            on_cpu = set(split_misses(waits, [(e, costs.cpu_s(len(flat_of[e]))) for e in absent], queue_s, fetch_s,
-                                      capacity - len(ready) - len(inflight)))
+            # only misses the cache would keep may be fetched: a fetch that evicts a more used expert
+            # costs later tokens that expert's hits (offload.cpu: "Only a miss the cache would keep")
+            present = {cache.slot((layer, e)) for e in ready + inflight}  # never evicted for this layer's misses
+            room = {e for _, e in cache.fetch_room([(layer, e) for e in absent], present, ADMIT_RATIO)}
+            fetchable = [(e, costs.cpu_s(len(flat_of[e]))) for e in absent if e in room]
+            cpu_only = [(e, costs.cpu_s(len(flat_of[e]))) for e in absent if e not in room]
+            on_cpu = set(split_misses(waits, fetchable, queue_s, fetch_s, capacity - len(ready) - len(inflight),
+                                      cpu_only))
             device = [e for e in needed if e not in on_cpu]
             cpu = [e for e in needed if e in on_cpu]
         horizon = None
@@ -429,7 +442,7 @@ class OffloadRuntime:
                 cache.use(slots, [(layer, e) for e in device])
                 slot_of = dict(zip(device, slots))
                 rows = [i for e in device for i in flat_of[e]]  # in expert order
-                index = torch.tensor([rows, [slot_of[routed[i]] for i in rows]]).to(x.device, non_blocking=True)
+                index = device_index([rows, [slot_of[routed[i]] for i in rows]], x.device)
                 tokens, slot_ids = index[0] // top_k, index[1].view(-1, 1)
                 ids = expert_ids.reshape(-1)[index[0]].view(-1, 1)
                 xs, ws = x[tokens], weights.reshape(-1)[index[0]].view(-1, 1)  # [S, D], [S, 1]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 
 @dataclass
@@ -34,14 +37,34 @@ class OffloadStats:
     stall_s: float = 0.0  # time compute waited for experts (GPU: measured by CUDA events)
     fetch_s: float = 0.0  # host time spent issuing fetches (disk reads happen here on the CPU)
     peak_device_bytes: int = 0  # allocator peak on CUDA; the planned total on the CPU
-    pending_stalls: list = field(default_factory=list, repr=False)  # unresolved CUDA event pairs
+    pending_stalls: deque = field(default_factory=deque, repr=False)  # CUDA (start, end) pairs, in stream order
+    spare_events: list = field(default_factory=list, repr=False)  # resolved pairs, recorded again by later stalls
+
+    def stall_events(self) -> tuple:
+        """Returns a (start, end) pair of timing CUDA events to record around a stall: a resolved one
+        when there is one (the stalls that have ended are added to stall_s first), else a new one."""
+        self.collect()
+        if self.spare_events:
+            return self.spare_events.pop()
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def collect(self) -> None:
+        """Adds the stalls that have ended to stall_s without waiting, oldest first (on one stream they
+        end in the order recorded), so that a long run keeps a few pairs pending, not one per stall."""
+        while self.pending_stalls and self.pending_stalls[0][1].query():
+            self._add(self.pending_stalls.popleft())
 
     def resolve(self) -> None:
         """Adds the elapsed time of recorded CUDA wait events to stall_s (waits for them)."""
-        for start, end in self.pending_stalls:
-            end.synchronize()
-            self.stall_s += start.elapsed_time(end) / 1e3
-        self.pending_stalls.clear()
+        while self.pending_stalls:
+            pair = self.pending_stalls.popleft()
+            pair[1].synchronize()
+            self._add(pair)
+
+    def _add(self, pair: tuple) -> None:
+        start, end = pair
+        self.stall_s += start.elapsed_time(end) / 1e3
+        self.spare_events.append(pair)
 
     @property
     def hit_rate(self) -> float:
@@ -80,7 +103,7 @@ class OffloadStats:
 
     def to_dict(self) -> dict[str, Any]:
         self.resolve()
-        out = {k: v for k, v in self.__dict__.items() if k != "pending_stalls"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("pending_stalls", "spare_events")}
         out.update(hit_rate=round(self.hit_rate, 4), prefetch_precision=round(self.precision, 4),
                    prefetch_recall=round(self.recall, 4), bytes_per_token=round(self.bytes_per_token, 1),
                    cpu_bytes_per_token=round(self.cpu_bytes_per_token, 1),
