@@ -6,6 +6,8 @@ of popular experts; stats; clear refusals."""
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -358,6 +360,36 @@ def test_auto_fetches_only_misses_the_cache_would_keep(mixtral):
     assert torch.equal(greedy(model, ids), greedy(resident, ids))
     assert runtime.report()["demand_fetches"] > 0 and cache.slot((last, 0)) is None
     assert cache.slot((first, 0)) is not None
+
+
+class Landing(Future):
+    """A copy that never reports landed (done() is False) but has (result() returns at once)."""
+
+    def done(self) -> bool:
+        return False
+
+    def result(self, timeout=None):
+        return None
+
+
+def test_auto_fetches_evict_no_copy_the_cpu_outran(mixtral):
+    """A layer's expert whose copy is still in flight, computed on the CPU instead (it lands too late),
+    keeps its slot: the layer's demand fetch evicts the expert the split compared with, not it."""
+    path, resident = mixtral
+    model = offloaded(path, resident.config, slots=2, store="host", misses="cpu", predictor="none")
+    with_costs(model, "auto", "fast")
+    runtime = model.offload
+    cache, (first, last) = runtime.cache, runtime.moe_layers
+    landing = cache.fetch((first, 1), set())  # the older of the two: evicted first on a tie of uses
+    cache.fetch((last, 1), set())
+    cache.pending[landing], cache.ready_at[landing] = Landing(), time.perf_counter() + 1e3  # lands in 1000 s
+    cache.count_uses([(last, 1)] + [(first, 2)] * 5)
+    ids, weights = torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.5]])
+    with torch.no_grad():
+        runtime.run(first, torch.randn(1, resident.config.hidden_size), ids, weights)
+    report = runtime.report()
+    assert (report["cpu_experts"], report["demand_fetches"]) == (1, 1)  # (first, 1) on the CPU, (first, 2) fetched
+    assert cache.slot((first, 1)) == landing and cache.slot((last, 1)) is None
 
 
 @pytest.mark.parametrize("link", ["slow", "fast"])

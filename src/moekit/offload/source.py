@@ -434,7 +434,8 @@ class OffloadRuntime:
             stats.cpu_experts += len(cpu)
             stats.cpu_bytes += len(cpu) * self.layout.layer_bytes(layer)
             cache.count_uses([(layer, e) for e in cpu])
-            protected: set[int] = set()
+            # copies in flight that the CPU outran stay (the split's fetch_room counted them as kept)
+            protected = {slot for slot in (cache.slot((layer, e)) for e in cpu) if slot is not None}
             slots = self._lookup(layer, device, protected)  # hits (auto: and the fetches it chose)
             self._prefetch(nxt, predicted, protected, horizon)
             out = None
