@@ -328,14 +328,29 @@ def vs_llamacpp(files: dict) -> str:
                   "moekit footprint", "moekit tok/s", "moekit / llama.cpp", "ceiling tok/s", "moekit commit"], rows)
 
 
-LLAMA_LATEST = "bench_llamacpp_olmoe_a9a7ba5.json"  # 2026-12-01: both engines, one run, with the bars
+LLAMA_LATEST = "bench_llamacpp_olmoe_37f80b6.json"  # 2026-12-01 (session 13): both engines, one run, the bars
+LLAMA_BEFORE = "bench_llamacpp_olmoe_a9a7ba5.json"  # 2026-12-01 (session 12), the same command
+CPU_THREADS = "probe_cpu_threads_2a19960.json"  # the bf16 kernel's variants by thread count, H200 host
 
 
-def vs_llamacpp_latest(files: dict) -> str:
-    """The latest same-run comparison with issue 12's bars (lcpp_bars.table: ratio, bar, ceiling)."""
+def vs_llamacpp_latest(files: dict, name: str = LLAMA_LATEST) -> str:
+    """A same-run comparison with issue 12's bars (lcpp_bars.table: ratio, bar, ceiling)."""
     from lcpp_bars import table as bars_table
 
-    return bars_table(files[LLAMA_LATEST])
+    return bars_table(files[name])
+
+
+def cpu_threads(files: dict) -> str:
+    """The bf16 CPU expert kernel by thread count (OpenMP defaults): the portable loops against the
+    AVX512-BF16 pair dot products, without and with a 4 KB software prefetch, next to the stream read."""
+    rows = []
+    for t, r in files[CPU_THREADS]["settings"]["default"].items():
+        if not isinstance(r, dict):
+            continue
+        rows.append([t, f"{r['stream_1gib']:.1f}", f"{r['portable_pf0']:.1f}", f"{r['pairs_pf0']:.1f}",
+                     f"{r['pairs_pf4096']:.1f}", f"{r['pairs_pf4096'] / r['stream_1gib']:.0%}"])
+    return table(["threads", "stream read GB/s (1 GiB)", "portable loops", "pair dot products",
+                  "pairs + 4 KB prefetch (default)", "default / stream"], rows)
 
 
 def cpu_kernel(files: dict) -> str:
@@ -568,6 +583,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp": (LLAMA_FILES, vs_llamacpp),
     "cpu_kernel": (LLAMA_FILES, cpu_kernel),
     "vs_llamacpp_latest": ((LLAMA_LATEST,), vs_llamacpp_latest),
+    "vs_llamacpp_before": ((LLAMA_BEFORE,), partial(vs_llamacpp_latest, name=LLAMA_BEFORE)),
+    "cpu_threads": ((CPU_THREADS,), cpu_threads),
     "offload_headline": (OFFLOAD_FILES, offload_headline),
     "serve": (("bench_serve.json",), serve),
     "serve_latest": (SERVE_FILES, partial(serve, names=SERVE_FILES)),
