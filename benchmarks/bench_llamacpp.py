@@ -228,9 +228,11 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
         if budget is None:
             model = moekit.load_model(path, device=device, dtype=dtype)
         else:
-            mode, _, predictor = misses.partition(":")  # "auto:none": misses auto, predictor none
+            # "auto:none": misses auto, predictor none; "cpu::12": misses cpu, 12 CPU expert threads
+            mode, predictor, threads = (misses.split(":") + ["", ""])[:3]
             model = load_offloaded(path, device=device, dtype=dtype, offload=OffloadConfig(
-                device_memory=budget, misses=mode, **({"predictor": predictor} if predictor else {})))
+                device_memory=budget, misses=mode, **({"predictor": predictor} if predictor else {}),
+                **({"cpu_threads": int(threads)} if threads else {})))
         row["load_s"] = time.perf_counter() - t0
         warm = []
         for call in ["first"] + ["warm"] * rounds:
@@ -537,7 +539,8 @@ def main() -> int:
                              "the offload rows after it measured ~2x slower in the same process)")
     parser.add_argument("--misses", default="auto,cpu", help="misses modes of the bf16 host / half rows (in this order: "
                         "the time budget drops the last); MODE:PREDICTOR sets the predictor too (auto:none: "
-                        "the H200's CPU-miss profile at 0284941 had speculative prefetch 13-24%% slower than none)")
+                        "the H200's CPU-miss profile at 0284941 had speculative prefetch 13-24%% slower than none), "
+                        "MODE:PREDICTOR:THREADS the CPU expert threads (cpu::12; default: torch's threads - 1)")
     parser.add_argument("--forms", default="int4,int2,ternary", help="moekit's compressed forms (compressed rows)")
     parser.add_argument("--compressed-modes", default="host,half", help="footprints of the compressed rows")
     parser.add_argument("--compressed-misses", default="auto", help="misses modes of the compressed rows")
