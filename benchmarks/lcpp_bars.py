@@ -56,6 +56,22 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
     return format(v, spec) if v else "-"
 
 
+def traffic_ceiling(row: dict, results: dict) -> float | None:
+    """Returns the tok/s an offloaded row could reach with the bytes it actually moved a token (its
+    report's CPU-read and PCIe bytes, so the cache's real hit rate counts, where the uniform ceiling
+    assumes none), each link at its own measured rate and both within their concurrent sum, and the
+    device part no slower than everything resident (decode_gpu of the same run); None without them."""
+    rep, rates = row.get("report") or {}, results.get("rates") or {}
+    cpu_b, link_b = rep.get("cpu_bytes_per_token"), rep.get("bytes_per_token")
+    cpu_r, link_r = rates.get("cpu_read_alone_bytes_per_s"), rates.get("h2d_alone_bytes_per_s")
+    both = (rates.get("cpu_read_concurrent_bytes_per_s") or 0) + (rates.get("h2d_concurrent_bytes_per_s") or 0)
+    gpu = next((r.get("decode_tok_s") for r in results.get("moekit", []) if r.get("setting") == "decode_gpu"), None)
+    if cpu_b is None or link_b is None or not (cpu_r and link_r and both and gpu):
+        return None
+    seconds = max(cpu_b / cpu_r, link_b / link_r, (cpu_b + link_b) / both, 1 / gpu)
+    return 1 / seconds
+
+
 def comparisons(results: dict) -> list[dict]:
     """Returns one dict per moekit figure: what, moekit, llama.cpp (its row), ratio, bar, ceiling,
     share of the ceiling, and whether the bar is met (None when a figure is missing)."""
@@ -83,7 +99,8 @@ def comparisons(results: dict) -> list[dict]:
             out.append(dict(what=f"{SETTINGS.get(what, what)}{', least budget' if r['setting'].endswith('_at_least') else ''}",
                             form=form, misses=r.get("misses") or "-", budget_bytes=r.get("budget_bytes"),
                             moekit=ours, status=r["status"], llamacpp=theirs, llamacpp_row=ref_name, ratio=ratio, bar=bar,
-                            ceiling=ceiling, of_ceiling=share, met=met))
+                            ceiling=ceiling, of_ceiling=share, met=met,
+                            traffic=traffic_ceiling(r, results) if what != "prefill_gpu" else None))
     rates = results.get("rates") or {}
     read = rates.get("cpu_read_alone_bytes_per_s")
     for key, label in (("native_one_expert_bytes_per_s", "CPU kernel, one bf16 expert"),
@@ -92,7 +109,7 @@ def comparisons(results: dict) -> list[dict]:
             share = rates[key] / read
             out.append(dict(what=label, form="bf16", misses="-", budget_bytes=None, moekit=rates[key] / 1e9,
                             status="ok", llamacpp=None, llamacpp_row="-", ratio=None, bar=KERNEL_SHARE,
-                            ceiling=read / 1e9, of_ceiling=share, met=share >= KERNEL_SHARE))
+                            ceiling=read / 1e9, of_ceiling=share, met=share >= KERNEL_SHARE, traffic=None))
     return out
 
 
@@ -116,9 +133,11 @@ def table(results: dict) -> str:
                      _fmt(c["llamacpp"]) + (f" ({c['llamacpp_row']})" if c["llamacpp"] else ""),
                      f"{c['ratio']:.2f}x" if c["ratio"] else "-", bar, _fmt(c["ceiling"]),
                      f"{c['of_ceiling']:.0%}" if c["of_ceiling"] else "-",
+                     f"{c['traffic']:.1f} ({c['moekit'] / c['traffic']:.0%})" if c["traffic"] and c["moekit"] else "-",
                      {True: "yes", False: "no", None: "-"}[c["met"]]])
     return common.markdown_table(["setting", "moekit experts", "misses", "budget GB", "moekit", "llama.cpp",
-                                  "ratio", "bar", "ceiling", "of ceiling", "met"], rows)
+                                  "ratio", "bar", "ceiling", "of ceiling", "ceiling at its traffic (share)", "met"],
+                                 rows)
 
 
 def main() -> int:
