@@ -427,6 +427,10 @@ def test_split_misses():
     assert split_misses([], [(1, 1.0)], 5.0, 0.5, 8) == [1]
     # no free slot for a fetch: the CPU
     assert split_misses([], [(1, 3.0)], 0.0, 1.0, 0) == [1]
+    # a miss the cache would not keep runs on the CPU however fast the link, and its time counts there:
+    # two fetchable misses are both fetched (max(2 fetches, 1 on the CPU) = 2) where alone they split 1 and 1
+    assert split_misses([], [(1, 3.0)], 0.0, 0.001, 8, [(5, 1.0)]) == [5]
+    assert split_misses([], [(1, 1.0), (2, 1.0)], 0.0, 1.0, 8, [(3, 1.0)]) == [3]
 
 
 def test_cost_model_follows_observed_cpu_calls():
