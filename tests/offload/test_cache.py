@@ -125,7 +125,7 @@ class FakeEvent:
     def synchronize(self) -> None:
         self.synchronized = self.ended = True
 
-    def elapsed_time(self, end: "FakeEvent") -> float:
+    def elapsed_time(self, end: FakeEvent) -> float:
         assert end.ended, "elapsed_time of an event that has not run"
         return end.at - self.at
 
