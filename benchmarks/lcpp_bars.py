@@ -62,6 +62,8 @@ def traffic_ceiling(row: dict, results: dict) -> float | None:
     assumes none), each link at its own measured rate and both within their concurrent sum, and the
     device part no slower than everything resident (decode_gpu of the same run); None without them."""
     rep, rates = row.get("report") or {}, results.get("rates") or {}
+    if rep.get("misses_used") == "mapped":  # its in-place reads over PCIe are not counted in its report
+        return None
     cpu_b, link_b = rep.get("cpu_bytes_per_token"), rep.get("bytes_per_token")
     cpu_r, link_r = rates.get("cpu_read_alone_bytes_per_s"), rates.get("h2d_alone_bytes_per_s")
     both = (rates.get("cpu_read_concurrent_bytes_per_s") or 0) + (rates.get("h2d_concurrent_bytes_per_s") or 0)

@@ -340,6 +340,24 @@ def vs_llamacpp_latest(files: dict, name: str = LLAMA_LATEST) -> str:
     return bars_table(files[name])
 
 
+MISSES_RUN = "bench_llamacpp_olmoe_misses_ab07f17.json"  # every misses mode at llama.cpp's two offload footprints
+
+
+def misses_modes(files: dict) -> str:
+    """Each misses mode at the host-memory and half footprints of one run (moekit only): tok/s with
+    the traffic behind it (hit rate, bytes a token read by the CPU and copied over PCIe)."""
+    rows = []
+    for r in files[MISSES_RUN]["moekit"]:
+        rep = r.get("report") or {}
+        rows.append([r["setting"].removeprefix("decode_"), r["misses"], f"{r['budget_bytes'] / 1e9:.2f}",
+                     f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else r["status"],
+                     f"{rep['hit_rate']:.2f}" if "hit_rate" in rep else "-",
+                     f"{rep.get('cpu_bytes_per_token', 0) / 1e9:.3f}", f"{rep.get('bytes_per_token', 0) / 1e9:.3f}",
+                     str(rep.get("cpu_threads", "-"))])
+    return table(["footprint", "misses", "budget GB", "tok/s", "hit rate", "CPU-read GB / token",
+                  "PCIe GB / token", "CPU threads"], rows)
+
+
 def cpu_threads(files: dict) -> str:
     """The bf16 CPU expert kernel by thread count (OpenMP defaults): the portable loops against the
     AVX512-BF16 pair dot products, without and with a 4 KB software prefetch, next to the stream read."""
@@ -585,6 +603,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp_latest": ((LLAMA_LATEST,), vs_llamacpp_latest),
     "vs_llamacpp_before": ((LLAMA_BEFORE,), partial(vs_llamacpp_latest, name=LLAMA_BEFORE)),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),
+    "misses_modes": ((MISSES_RUN,), misses_modes),
     "offload_headline": (OFFLOAD_FILES, offload_headline),
     "serve": (("bench_serve.json",), serve),
     "serve_latest": (SERVE_FILES, partial(serve, names=SERVE_FILES)),
