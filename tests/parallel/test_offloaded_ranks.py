@@ -13,6 +13,7 @@ from ranks import RankError, run_ranks
 from workers import offloaded_cases
 
 import moekit
+from moekit.errors import MoekitError
 from moekit.quant.compress import compress
 from moekit.quant.config import QuantConfig
 
@@ -60,3 +61,14 @@ def test_a_rank_with_fewer_experts_than_top_k_is_refused(spawned):
     for result in spawned[2]:
         assert isinstance(result["one_expert"], RankError)
         assert "rank 0 owns 1 experts of layer 0, fewer than the 2 a token may need" in result["one_expert"]
+
+
+@pytest.mark.parametrize("misses", ["cpu", "mapped"])
+def test_misses_other_than_fetch_are_refused_before_loading(misses):
+    """A rank fetches its shard's misses: cpu and mapped are refused in one line (auto, the default,
+    runs as fetch; the spawned cases above load with it)."""
+    from moekit.offload import OffloadConfig
+    from moekit.parallel.offload import load_offloaded_parallel
+
+    with pytest.raises(MoekitError, match=f"misses '{misses}' is not available with expert parallelism"):
+        load_offloaded_parallel("unused", None, OffloadConfig(misses=misses))

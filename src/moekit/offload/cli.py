@@ -121,10 +121,12 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
                    help="expert_counts.json: pin the most used experts in a quarter of the cache")
     g.add_argument("--misses", default=None, choices=MISSES,
                    help="where an expert absent from the device cache runs, in calls of up to 8 tokens (decode): "
-                        "fetch (copy it in; default), cpu (compute it on the CPU from host memory, overlapped with "
-                        "the device), auto (whichever a cost model measured at load says is faster), mapped (GPU: "
-                        "the kernel reads it in place from host memory, so each decode step is one CUDA graph; "
-                        "popular experts are copied in between steps)")
+                        "fetch (copy it in; the default with --strict-pregate), cpu (compute it on the CPU from host "
+                        "memory, overlapped with the device), auto (default: the CPU computes the misses the cache "
+                        "would not keep, the link fetches the others as a cost model says; fetch where misses cannot "
+                        "run on the CPU), mapped (GPU: the kernel reads it in place from host memory, so each decode "
+                        "step is one CUDA graph; popular experts are copied in between steps; fastest where the cache "
+                        "holds most of the experts)")
     g.add_argument("--strict-pregate", action="store_true",
                    help="run only the predicted experts (changes outputs; needs a model tuned for it)")
 
@@ -161,7 +163,7 @@ def load_for_generate(args: argparse.Namespace, device: str, context_tokens: int
     config = OffloadConfig(
         device_memory=parse_size(args.device_memory) if args.device_memory else None,
         predictor=args.predictor, cache_policy=args.cache_policy, context_tokens=context_tokens,
-        strict=args.strict_pregate, pregate_path=args.pregate, misses=args.misses or "fetch",
+        strict=args.strict_pregate, pregate_path=args.pregate, misses=args.misses or ("fetch" if args.strict_pregate else "auto"),
         pin_experts=0.25 if args.pin_counts else 0.0)
     counts = read_counts(args.pin_counts) if args.pin_counts else None
     return load_offloaded(args.model, device=device, dtype=dtype, offload=config, pin_counts=counts)

@@ -126,8 +126,15 @@ def load_offloaded_parallel(path, comm: ExpertComm, offload, expert_map: Mapping
                             dtype: str | torch.dtype | None = None, **kwargs) -> nn.Module:
     """Returns the model at `path` on comm.device with this rank's slice of every layer's experts
     offloaded under `offload` (an OffloadConfig: this rank's device budget); every rank of comm must
-    call it with the same arguments."""
+    call it with the same arguments. A rank fetches its misses: misses auto (the default) runs as
+    fetch; cpu and mapped are refused."""
     from ..load import load_model
+
+    if offload.misses == "auto":
+        offload = dataclasses.replace(offload, misses="fetch")
+    elif offload.misses != "fetch":
+        raise MoekitError(f"misses '{offload.misses}' is not available with expert parallelism (a rank fetches the "
+                          "misses of its shard): use misses 'fetch'")
 
     return load_model(path, device=comm.device, dtype=dtype,
                       experts=OffloadedParallelLoader(comm, offload, expert_map), **kwargs)
