@@ -265,6 +265,8 @@ def test_strict_mode_warns(mixtral):
         model = offloaded(ckpt.path, predictor="speculative", strict=True, slots=4)
     out = greedy(model, token_ids(1, 5))
     assert out.shape == (1, 12)
+    # strict mode fetches the predicted experts (misses auto by default), on any device
+    assert model.offload.misses == "fetch" and "strict" in model.offload.misses_note
 
 
 # ---- GPU -----------------------------------------------------------------------------------

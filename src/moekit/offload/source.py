@@ -113,6 +113,9 @@ class OffloadRuntime:
         misses, form, device = self.config.misses, self.form, self.device
         if misses == "fetch":
             return
+        if misses == "auto" and self.config.strict:  # strict mode runs the predicted experts, fetched
+            self.misses, self.misses_note = "fetch", "strict mode fetches the predicted experts: misses are fetched"
+            return
         if misses == "mapped":
             if not form.reads_in_place:
                 raise MoekitError(f"--misses mapped: experts stored as {form.name} cannot be read in place "
