@@ -214,3 +214,41 @@ def budget_for_gpu(path, model, slots: int) -> int:
     plan = model.offload.plan
     fixed = max(plan.planned_bytes, plan.measured_peak_bytes or 0) - plan.cache_bytes
     return fixed + slots * plan.expert_bytes + plan.expert_bytes // 2
+
+
+def test_auto_reads_in_place_only_where_the_cache_holds_half_the_experts():
+    from moekit.offload.source import AUTO_MAPPED_SHARE, auto_reads_in_place
+
+    assert AUTO_MAPPED_SHARE == 0.5
+    assert auto_reads_in_place(576, 1024) and auto_reads_in_place(512, 1024)  # the H200 half row: 56%
+    assert not auto_reads_in_place(511, 1024) and not auto_reads_in_place(64, 1024)  # the host row: 6%
+    assert not auto_reads_in_place(8, 0)
+
+
+def test_auto_on_the_cpu_never_reads_in_place(tiny):
+    """misses auto on the CPU device fetches (nothing crosses a link) whatever the cache holds."""
+    ckpt = tiny("mixtral")
+    model = load_offloaded(ckpt.path, offload=OffloadConfig(context_tokens=CONTEXT))  # a cache of every expert
+    assert model.offload.misses == "fetch" and "CPU" in model.offload.misses_note
+
+
+@pytest.mark.gpu
+def test_gpu_auto_reads_in_place_where_the_cache_holds_most_experts(tiny):
+    """misses auto (the default) with a cache of every expert runs as mapped: decode steps captured
+    whole, tokens equal to resident."""
+    from moekit.generate import GenerationStats
+
+    ckpt = tiny("mixtral")
+    resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
+    ids = token_ids(1, 8)
+    expected = greedy(resident, ids, n=16)
+    del resident
+    torch.cuda.empty_cache()
+    model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+        device_memory=192 * 2**20, context_tokens=CONTEXT))
+    runtime = model.offload
+    assert runtime.config.misses == "auto" and runtime.misses == "mapped", runtime.misses_note
+    stats = GenerationStats()
+    got = model.generate(ids, max_new_tokens=16, temperature=0, eos_token_ids=(), stats=stats)
+    assert stats.extra.get("graph") == "whole"
+    assert torch.equal(got, expected)
