@@ -274,7 +274,8 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
                                                      "admissions", "cpu_s", "cpu_wait_s", "tokens", "decode_tokens",
                                                      "bytes_per_token", "cpu_bytes_per_token", "cache_slots",
                                                      "misses_used", "misses_note", "cpu_threads", "native_cpu_kernel",
-                                                     "cost_model", "plan")}
+                                                     "cost_model", "plan", "predictor", "predictor_in_split_calls",
+                                                     "mapped_reads", "mapped_bytes", "decode_mapped_bytes")}
     except MoekitError as e:
         row.update(status="refused", refusal=str(e))
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others

@@ -402,7 +402,7 @@ def bench_compressed(shape, bits, args, device, res, folder, cfg, host, ids, con
             try:
                 free()
                 config = OffloadConfig(device_memory=budget, predictor=predictor, cache_policy=args.policy,
-                                       context_tokens=context)
+                                       context_tokens=context, misses="fetch")  # the predictors' rows fetch
                 model = load_offloaded(folder_c, device=device, dtype=dtype, offload=config, host_layers=stored)
                 runtime = model.offload
                 run_generate(model, ids, 2)
@@ -590,7 +590,8 @@ def bench_pregate(device, results, save, max_tokens=32768, steps=300):
     trace = None
     for predictor in ("none", "speculative", "pregate", "oracle"):
         config = OffloadConfig(device_memory=None if device.type == "cuda" else 10**7, predictor=predictor,
-                               context_tokens=128, pregate_path=str(folder), record_routing=predictor == "none")
+                               context_tokens=128, pregate_path=str(folder), record_routing=predictor == "none",
+                               misses="fetch")  # prediction quality as fetched prefetches see it
         m = load_offloaded(device=device, dtype=torch.bfloat16, offload=OffloadConfig(
             **{**config.to_dict(), "device_memory": model_bytes_share(model, 0.5, device)}), trace=trace)
         m.generate(test_ids, max_new_tokens=48, temperature=0, eos_token_ids=())

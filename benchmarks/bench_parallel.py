@@ -307,7 +307,7 @@ def load(rk: Rank, mode: str, hf: dict, budget_bytes: int | None = None):
         if rk.rank != 0:
             return None
         # KV caches come out of the budget at each generate (context_tokens unset), as a user's run does
-        config = OffloadConfig(device_memory=budget_bytes, store="host")
+        config = OffloadConfig(device_memory=budget_bytes, store="host", misses="fetch")  # as the ranks do
         return load_offloaded(ckpt, device=rk.device, dtype=rk.dtype, offload=config)
     if mode == "ep2off":  # each rank offloads its own half of the experts under its own budget
         from moekit.offload.config import OffloadConfig

@@ -352,7 +352,9 @@ def misses_modes(files: dict) -> str:
         rows.append([r["setting"].removeprefix("decode_"), r["misses"], f"{r['budget_bytes'] / 1e9:.2f}",
                      f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else r["status"],
                      f"{rep['hit_rate']:.2f}" if "hit_rate" in rep else "-",
-                     f"{rep.get('cpu_bytes_per_token', 0) / 1e9:.3f}", f"{rep.get('bytes_per_token', 0) / 1e9:.3f}",
+                     f"{rep.get('cpu_bytes_per_token', 0) / 1e9:.3f}",
+                     f"{rep.get('bytes_per_token', 0) / 1e9:.3f}" + (" + in-place reads, not recorded"
+                                                                     if rep.get("misses_used") == "mapped" else ""),
                      str(rep.get("cpu_threads", "-"))])
     return table(["footprint", "misses", "budget GB", "tok/s", "hit rate", "CPU-read GB / token",
                   "PCIe GB / token", "CPU threads"], rows)

@@ -83,7 +83,7 @@ def measure(threads: list[int], calls: int, variants: list) -> dict:
             row[name + "_gap1ms"] = median_rate(lambda: layer(n), 1e-3)
         rows[str(n)] = {key: round(v, 2) if isinstance(v, float) else v for key, v in row.items()}
         print(n, rows[str(n)], flush=True)
-    ne.tuning(pair_dots=has_pairs, prefetch_bytes=0)
+    ne.tuning(pair_dots=has_pairs, prefetch_bytes=ne.DEFAULT_PREFETCH_BYTES)
     return rows
 
 

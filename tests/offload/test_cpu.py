@@ -603,13 +603,22 @@ def test_gpu_cpu_misses_match_resident(tiny, misses):
         assert report["cpu_experts"] > 0 and report["demand_fetches"] == 0 and report["cpu_wait_s"] > 0
 
 
-@pytest.mark.parametrize("misses,expected", [("cpu", "none"), ("fetch", "speculative")])
-def test_the_auto_predictor_prefetches_only_where_misses_are_fetched(mixtral, misses, expected):
-    """The default predictor (auto) is none where misses run on the CPU and speculative where they
-    are fetched; a predictor asked for by name is kept."""
+def test_the_auto_predictor_skips_only_calls_whose_misses_run_on_the_cpu(mixtral):
+    """The default predictor (auto) is speculative, left unconsulted in decode-sized calls whose
+    misses run on the CPU (prefill-sized calls, which fetch, still prefetch); a predictor asked for
+    by name is consulted in every call."""
     path, resident = mixtral
     assert OffloadConfig().predictor == "auto"
-    model = offloaded(path, resident.config, misses=misses)
-    assert model.offload.report()["predictor"] == expected
-    named = offloaded(path, resident.config, misses=misses, predictor="speculative")
-    assert named.offload.report()["predictor"] == "speculative"
+    model = offloaded(path, resident.config, misses="cpu", store="host")
+    ids = token_ids(1, 12, seed=3)  # 12 prompt tokens: a prefill call past cpu_max_tokens (8)
+    assert torch.equal(greedy(model, ids, n=6), greedy(resident, ids, n=6))
+    report = model.offload.report()
+    assert report["predictor"] == "speculative" and report["predictor_in_split_calls"] is False
+    assert model.offload.stats.predicted > 0 and report["cpu_experts"] > 0  # the prefill was predicted
+    decode_only = offloaded(path, resident.config, misses="cpu", store="host")
+    greedy(decode_only, token_ids(1, 4, seed=3), n=6)  # a 4-token prefill: every call split
+    assert decode_only.offload.stats.predicted == 0
+    named = offloaded(path, resident.config, misses="cpu", store="host", predictor="speculative")
+    greedy(named, token_ids(1, 4, seed=3), n=6)
+    assert named.offload.report()["predictor_in_split_calls"] is True
+    assert named.offload.stats.predicted > 0  # its split calls predicted

@@ -68,7 +68,7 @@ def test_misses_other_than_fetch_are_refused_before_loading(misses):
     """A rank fetches its shard's misses: cpu and mapped are refused in one line (auto, the default,
     runs as fetch; the spawned cases above load with it)."""
     from moekit.offload import OffloadConfig
-    from moekit.parallel.offload import load_offloaded_parallel
+    from moekit.parallel.offload import OffloadedParallelLoader
 
     with pytest.raises(MoekitError, match=f"misses '{misses}' is not available with expert parallelism"):
-        load_offloaded_parallel("unused", None, OffloadConfig(misses=misses))
+        OffloadedParallelLoader(None, OffloadConfig(misses=misses))  # refused before it touches the group

@@ -159,12 +159,16 @@ class OffloadRuntime:
         self.cpu = CpuWorker(self.layout, self.store, device, self.config.cpu_max_tokens, self.config.cpu_threads)
 
     def predictor_name(self) -> str:
-        """Returns the predictor the config asks for, `auto` resolved: none where misses run on the
-        CPU (cpu, auto; strict mode excepted), speculative otherwise."""
-        name = self.config.predictor
-        if name != "auto":
-            return name
-        return "none" if self.misses in ("cpu", "auto") and not self.config.strict else "speculative"
+        """Returns the predictor the config asks for, `auto` resolved to speculative (which calls
+        run split between the CPU and the device leave unconsulted: `split_predicts`)."""
+        return "speculative" if self.config.predictor == "auto" else self.config.predictor
+
+    @property
+    def split_predicts(self) -> bool:
+        """Whether calls whose misses run on the CPU (misses cpu/auto, decode-sized) prefetch the next
+        layer's predicted experts: not with predictor auto, since on the H200 speculative prefetch cost
+        14-24% there (profile_cpu_misses_0284941); prefill-sized calls, which fetch, still do."""
+        return self.config.predictor != "auto"
 
     def attach(self, model, trace: dict | None = None, pinned: list[tuple[int, int]] | None = None) -> None:
         """Links the runtime to its loaded model: the routers (strict mode), the predictor, the
@@ -253,7 +257,7 @@ class OffloadRuntime:
         elif self.plan is not None:
             stats.peak_device_bytes = self.plan.planned_bytes
         out = stats.to_dict()
-        out.update(predictor=self.predictor.name, device=self.device.type, cache_policy=self.config.cache_policy,
+        out.update(predictor=self.predictor.name, predictor_in_split_calls=self.split_predicts, device=self.device.type, cache_policy=self.config.cache_policy,
                    store=self.store.kind, form=self.layout.name, strict=self.config.strict,
                    cache_slots=self.cache.num_slots if self.cache else 0,
                    pinned_slots=len(self.cache.pinned) if self.cache else 0,
@@ -307,9 +311,10 @@ class OffloadRuntime:
         if self.config.strict and layer in self.predicted:
             expert_ids, weights = self._strict_routing(layer, x, self.predicted[layer][0])
         nxt = self.next_of.get(layer)
-        pred = self.predictor.predict(layer, call, x) if nxt is not None else None
-        flat = expert_ids.reshape(-1)
         split = self.misses in ("cpu", "auto") and n <= self.config.cpu_max_tokens
+        pred = self.predictor.predict(layer, call, x) if nxt is not None and (self.split_predicts or not split) \
+            else None
+        flat = expert_ids.reshape(-1)
         prof = self.cpu.profile if split else None  # MOEKIT_PROFILE_CPU_MISSES=1 (offload.cpu.MissProfile)
         if prof is not None:
             prof.begin(layer)

@@ -95,7 +95,7 @@ def check_flags(args: argparse.Namespace) -> ParallelSpec | None:
                               "shard of the experts): give --parallel ep=N without tp")
         given = [flag for flag, on in (("--pregate", args.pregate), ("--pin-counts", args.pin_counts),
                                        ("--strict-pregate", args.strict_pregate),
-                                       ("--misses", args.misses not in (None, "fetch"))) if on]
+                                       ("--misses", args.misses not in (None, "fetch", "auto"))) if on]
         if given:
             raise MoekitError(f"{', '.join(given)} is not available with --parallel (a rank knows only its shard "
                               "of the experts): drop it")

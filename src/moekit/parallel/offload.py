@@ -67,10 +67,14 @@ class OffloadedParallelLoader(ExpertParallelLoader):
     def __init__(self, comm: ExpertComm, offload, expert_map: Mapping[int, Sequence[int]] | None = None):
         from ..offload.loader import OffloadLoader
 
+        # misses: a rank fetches its shard's (auto, the default, runs as fetch; cpu and mapped are refused)
+        if offload.misses not in ("fetch", "auto"):
+            raise MoekitError(f"misses '{offload.misses}' is not available with expert parallelism (a rank fetches "
+                              "the misses of its shard): use misses 'fetch'")
         super().__init__(comm, expert_map)
         # no predictor (it would name global ids), and the input embedding stays on the device (the
         # one-device loader moves it to host memory in a step this loader does not take)
-        offload = dataclasses.replace(offload, predictor="none", strict=False, host_embedding=False)
+        offload = dataclasses.replace(offload, predictor="none", strict=False, host_embedding=False, misses="fetch")
         self.offload_config = offload
         self.runtime = OffloadedParallelRuntime(comm)
         self.host_layers: dict[int, dict[str, torch.Tensor]] = {}
@@ -130,11 +134,6 @@ def load_offloaded_parallel(path, comm: ExpertComm, offload, expert_map: Mapping
     fetch; cpu and mapped are refused."""
     from ..load import load_model
 
-    if offload.misses == "auto":
-        offload = dataclasses.replace(offload, misses="fetch")
-    elif offload.misses != "fetch":
-        raise MoekitError(f"misses '{offload.misses}' is not available with expert parallelism (a rank fetches the "
-                          "misses of its shard): use misses 'fetch'")
 
     return load_model(path, device=comm.device, dtype=dtype,
                       experts=OffloadedParallelLoader(comm, offload, expert_map), **kwargs)
