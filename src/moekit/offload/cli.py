@@ -112,8 +112,8 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
     g.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="everything moekit may hold on the device, e.g. 8GB or 10MB (default: free memory)")
     g.add_argument("--predictor", default="auto", choices=("auto", "none", "speculative", "pregate"),
-                   help="how the next layer's experts are prefetched (default: auto, none where misses run on "
-                        "the CPU, else speculative)")
+                   help="how the next layer's experts are prefetched (default: auto, speculative except in "
+                        "decode-sized calls whose misses run on the CPU)")
     g.add_argument("--pregate", default=None, metavar="DIR", help="folder written by `moekit pregate`")
     g.add_argument("--cache-policy", default="lfu", choices=POLICIES,
                    help="which cached expert a fetch evicts (default: lfu, use counts kept across evictions)")

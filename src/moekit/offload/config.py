@@ -45,8 +45,8 @@ class OffloadConfig:
     """Where experts live and how the device-side expert cache is run (version 1)."""
 
     device_memory: int | None = None  # bytes moekit may hold on the device (None: all free memory)
-    # auto | none | speculative | pregate | oracle (benchmarks); auto: none where misses run on the CPU
-    # (cpu, auto: prefetching there competed for host memory and cost 14-24% on the H200), else speculative
+    # auto | none | speculative | pregate | oracle (benchmarks); auto: speculative, not consulted in
+    # decode-sized calls whose misses run on the CPU (prefetching there cost 14-24% on the H200)
     predictor: str = "auto"
     cache_policy: str = "lfu"  # lfu | lru: which cached expert a fetch evicts (lfu counts survive eviction)
     store: str = "auto"  # auto (GPU: pinned host memory, CPU: disk) | host | disk
