@@ -39,6 +39,15 @@ def mapped_model(path, slots=2, batch=1, **kw):
     return load_offloaded(path, offload=config)
 
 
+def resident_tokens(path, ids, n: int):
+    """Returns the resident float32 model's greedy tokens on CUDA, its memory freed after."""
+    resident = moekit.load_model(path, device="cuda", dtype="float32")
+    expected = greedy(resident, ids, n=n)
+    del resident
+    torch.cuda.empty_cache()
+    return expected
+
+
 def greedy(model, ids, n=12):
     return model.generate(ids, max_new_tokens=n, temperature=0, eos_token_ids=())
 
@@ -171,11 +180,8 @@ def test_gpu_steps_are_captured_whole_and_match_resident(tiny):
     from moekit.generate import GenerationStats
 
     ckpt = tiny("mixtral")
-    resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
     ids = token_ids(1, 8)
-    expected = greedy(resident, ids, n=24)
-    del resident
-    torch.cuda.empty_cache()
+    expected = resident_tokens(ckpt.path, ids, n=24)
     budget = 192 * 2**20
     for policy in ("lfu", "lru"):
         torch.cuda.reset_peak_memory_stats()
@@ -239,11 +245,8 @@ def test_gpu_auto_reads_in_place_where_the_cache_holds_most_experts(tiny):
     from moekit.generate import GenerationStats
 
     ckpt = tiny("mixtral")
-    resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
     ids = token_ids(1, 8)
-    expected = greedy(resident, ids, n=16)
-    del resident
-    torch.cuda.empty_cache()
+    expected = resident_tokens(ckpt.path, ids, n=16)
     model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
         device_memory=192 * 2**20, context_tokens=CONTEXT))
     runtime = model.offload

@@ -192,8 +192,7 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
             float gu_dots[2];
             dots_bf16<2>(both, Split{x_hi + t * D, x_lo ? x_lo + t * D : nullptr}, D, gu_dots);
             const float hv = gu_dots[0] / (1.f + std::exp(-gu_dots[0])) * gu_dots[1];
-            const int64_t at = (first + k) * I + r;
-            h[at] = hv;
+            const int64_t at = (first + k) * I + r;  // stage 2 reads h as hi + lo only
             h_hi[at] = float_to_bf16(hv);
             h_lo[at] = float_to_bf16(hv - bf16_to_float(h_hi[at]));
           }

@@ -163,7 +163,7 @@ def load_for_generate(args: argparse.Namespace, device: str, context_tokens: int
     config = OffloadConfig(
         device_memory=parse_size(args.device_memory) if args.device_memory else None,
         predictor=args.predictor, cache_policy=args.cache_policy, context_tokens=context_tokens,
-        strict=args.strict_pregate, pregate_path=args.pregate, misses=args.misses or ("fetch" if args.strict_pregate else "auto"),
+        strict=args.strict_pregate, pregate_path=args.pregate, misses=args.misses or "auto",
         pin_experts=0.25 if args.pin_counts else 0.0)
     counts = read_counts(args.pin_counts) if args.pin_counts else None
     return load_offloaded(args.model, device=device, dtype=dtype, offload=config, pin_counts=counts)

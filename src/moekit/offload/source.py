@@ -128,12 +128,12 @@ class OffloadRuntime:
         if misses == "auto" and self.config.strict:  # strict mode runs the predicted experts, fetched
             self.misses, self.misses_note = "fetch", "strict mode fetches the predicted experts: misses are fetched"
             return
-        total = sum(self.model_config.experts_in(i) for i in self.moe_layers)
+        plan = self.plan
         if misses == "auto" and device.type == "cuda" and form.reads_in_place and \
-                auto_reads_in_place(self.plan.cache_slots, total) and reads_in_place(device):
+                auto_reads_in_place(plan.cache_slots, plan.total_experts) and reads_in_place(device):
             self.misses, self.misses_note = "mapped", (
-                f"the cache holds {self.plan.cache_slots / total:.0%} of the experts: misses are read in place "
-                f"and each decode step runs as one CUDA graph (misses mapped)")
+                f"the cache holds {plan.cache_slots / plan.total_experts:.0%} of the experts: misses are read in "
+                f"place and each decode step runs as one CUDA graph (misses mapped)")
             return
         if misses == "mapped":
             if not form.reads_in_place:
@@ -257,7 +257,8 @@ class OffloadRuntime:
         elif self.plan is not None:
             stats.peak_device_bytes = self.plan.planned_bytes
         out = stats.to_dict()
-        out.update(predictor=self.predictor.name, predictor_in_split_calls=self.split_predicts, device=self.device.type, cache_policy=self.config.cache_policy,
+        out.update(predictor=self.predictor.name, predictor_in_split_calls=self.split_predicts,
+                   device=self.device.type, cache_policy=self.config.cache_policy,
                    store=self.store.kind, form=self.layout.name, strict=self.config.strict,
                    cache_slots=self.cache.num_slots if self.cache else 0,
                    pinned_slots=len(self.cache.pinned) if self.cache else 0,

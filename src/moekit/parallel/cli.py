@@ -167,8 +167,7 @@ class RankSetup:
             from .offload import load_offloaded_parallel
 
             config = OffloadConfig(device_memory=parse_size(args.device_memory) if args.device_memory else None,
-                                   cache_policy=args.cache_policy, context_tokens=context_tokens, predictor="none",
-                                   misses="fetch")  # a rank fetches its misses (--misses is refused above)
+                                   cache_policy=args.cache_policy, context_tokens=context_tokens, predictor="none")
             return load_offloaded_parallel(path, self.comm, config, dtype=dtype)
         from .tensor import load_parallel
 

@@ -134,6 +134,5 @@ def load_offloaded_parallel(path, comm: ExpertComm, offload, expert_map: Mapping
     fetch; cpu and mapped are refused."""
     from ..load import load_model
 
-
     return load_model(path, device=comm.device, dtype=dtype,
                       experts=OffloadedParallelLoader(comm, offload, expert_map), **kwargs)
