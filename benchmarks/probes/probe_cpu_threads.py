@@ -115,6 +115,9 @@ def main() -> int:
         return 0
     result = {"meta": common.run_meta(), "host": common.host_info(),
               "cpu_flags": cpu_flags(), "threads": threads, "settings": {}}
+    unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
+    if unknown:
+        p.error(f"--settings: unknown {', '.join(unknown)}; use some of {', '.join(SETTINGS)}")
     for name in args.settings.split(","):
         env = {**os.environ, **SETTINGS[name]}
         done = subprocess.run([sys.executable, __file__, "--child", name, "--threads", ",".join(map(str, threads)),
