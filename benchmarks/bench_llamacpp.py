@@ -29,9 +29,9 @@ The H200 machine: six calls in this order, each <= 560 s under `timeout_s=600`. 
 llama.cpp (llama-bench, then llama-quantize from the same build folder) spends ~300 s on it (the
 21:00 run's "built and converted in 325 s", the conversion beside it); the machine is given back 30 s
 after a call, so the next call starts bare. Hence the first call exports the build (--export-build:
-$OUT/lcpp-bin.txz.NN, 15 MiB parts of an xz tar, skipped over 40 MiB: the CUDA build's 87 MB were
-44 MiB gzipped, ~30-35 expected xz'd, not yet seen) and the later ones carry it back
-(--import-build: run.sh unpacks it instead of building, a few seconds): copy the parts that come back
+$OUT/lcpp-bin.txz.NN, 15 MiB parts of an xz tar, skipped over 48 MiB: the CUDA build's 87 MB
+were 44 MiB gzipped, 40.4 MiB xz'd at -6; carry a tree without the tiny model's weights beside them)
+and the later ones carry it back (--import-build: run.sh unpacks it instead of building, a few seconds): copy the parts that come back
 (a call brings back at most 8 files: write the JSON and logs under a subfolder and tar them into one)
 into the git-ignored .anchors/lcpp-bin and carry it beside .anchors/llamacpp. Without the parts each
 call builds (~300 s more: then three calls a session, each with fewer rows). The checkpoint is written

@@ -216,13 +216,14 @@ class LlamaCpp:
 
     # ---- a build carried from one call to the next ---------------------------------------------------
 
-    def export_build(self, dest: Path, part_bytes: int = 15 * 2**20, max_bytes: int = 40 * 2**20) -> list[Path]:
+    def export_build(self, dest: Path, part_bytes: int = 15 * 2**20, max_bytes: int = 48 * 2**20) -> list[Path]:
         """Returns the parts (dest/lcpp-bin.txz.NN, part_bytes each: a device call brings back files
         of 16 MiB at most) of an xz-compressed tar of the build's bin/ (llama-bench, llama-quantize and
-        their libraries), or [] when it is over max_bytes (the working tree, ~22 MB with the anchor, and
-        what is carried travel together under 64 MiB); the next call carries them (import_build),
-        under the same $LCPP_ROOT (the binaries' RUNPATH names the build folder). xz, not gzip: the
-        CUDA build's 87 MB were 44 MiB gzipped (a9a7ba5), over the cap; `xz -T0` uses every core."""
+        their libraries), or [] when it is over max_bytes (what is carried travels under 64 MiB: a copy
+        of the tree without examples/tiny-moe's weights, ~6 MB, the anchor's 4 MB and these parts); the
+        next call carries them (import_build), under the same $LCPP_ROOT (the binaries' RUNPATH names
+        the build folder). xz, not gzip: the CUDA build's 87 MB were 44 MiB gzipped (a9a7ba5), 40.4 MiB
+        xz'd at -6 (37f80b6); `xz -T0` uses every core."""
         import io
         import lzma
         import tarfile
