@@ -18,7 +18,7 @@ from moekit.cli import main
 from moekit.experts.forms import DenseForm
 from moekit.offload import OffloadConfig, load_offloaded
 from moekit.offload.cache import ExpertCache
-from moekit.offload.cpu import CPU_SCALE_RANGE, CostModel, CpuWorker, split_misses
+from moekit.offload.cpu import CPU_SCALE_RANGE, CostModel, CpuWorker, share_in_place, split_misses
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 from moekit.offload.stats import OffloadStats
 from moekit.offload.store import HostStore
@@ -51,8 +51,9 @@ def mixtral(tiny):
 
 
 def check_counts(report: dict) -> None:
-    """Every lookup was a hit, a demand fetch or an expert computed on the CPU."""
-    assert report["lookups"] == report["hits"] + report["demand_fetches"] + report["cpu_experts"]
+    """Every lookup was a hit, a demand fetch, an expert computed on the CPU or one read in place."""
+    assert report["lookups"] == (report["hits"] + report["demand_fetches"] + report["cpu_experts"]
+                                 + report["in_place_experts"])
 
 
 # ---- outputs never change --------------------------------------------------------------------
@@ -433,6 +434,22 @@ def test_split_misses():
     assert split_misses([], [(1, 1.0), (2, 1.0)], 0.0, 1.0, 8, [(3, 1.0)]) == [3]
 
 
+def test_share_in_place():
+    """The in-place share takes the costliest CPU experts while the link and the CPU finish sooner together."""
+    # 2 CPU experts of 4.9 (Mixtral's, at 72 GB/s), in place 7.8: one moves (max(7.8, 4.9) < 9.8), not both
+    assert share_in_place([(1, 4.9), (2, 4.9)], 0.0, 7.8) == [1]
+    # eight equal misses, in place 1.5x the CPU's cost: three move (max(4.5, 5) = 5 < 8; a fourth: max(6, 4) = 6)
+    assert len(share_in_place([(e, 1.0) for e in range(8)], 0.0, 1.5)) == 3
+    # the costliest on the CPU (many tokens) moves first
+    assert share_in_place([(1, 0.5), (2, 2.0)], 0.0, 1.0) == [2]
+    # a link busy with the split's fetches takes none; no in-place rate, none
+    assert share_in_place([(1, 1.0), (2, 1.0)], 5.0, 0.5) == []
+    assert share_in_place([(1, 1.0), (2, 1.0)], 0.0, 0.0) == []
+    # a fast link takes everything but keeps the CPU's share where equal (max(2 * 0.4, 0) vs max(0.4, 1))
+    assert share_in_place([(1, 1.0), (2, 1.0)], 0.0, 0.4) == [1, 2]
+    assert share_in_place([], 0.0, 1.0) == []
+
+
 def test_cost_model_follows_observed_cpu_calls():
     """observe_cpu moves the CPU side geometrically toward observed / modelled, within its clamp; a
     call with nothing modelled or no time changes nothing."""
@@ -604,6 +621,46 @@ def test_gpu_cpu_misses_match_resident(tiny, misses, monkeypatch):
     assert report["cost_model"] == costs.to_dict()
     if misses == "cpu":
         assert report["cpu_experts"] > 0 and report["demand_fetches"] == 0 and report["cpu_wait_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", ["mixed", "off"])
+def test_gpu_auto_in_place_share_matches_resident(tiny, share, monkeypatch):
+    """misses auto's split with its in-place share: missed experts computed on the CPU and read in
+    place by the GPU in the same calls, the greedy tokens those of the resident model; with
+    MOEKIT_IN_PLACE=0 none is read in place."""
+    monkeypatch.setattr("moekit.offload.source.AUTO_MAPPED_SHARE", 2.0)  # keep the split (see above)
+    if share == "off":
+        monkeypatch.setenv("MOEKIT_IN_PLACE", "0")
+    ckpt = tiny("mixtral")
+    resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
+    ids = token_ids(1, 5)
+    expected = greedy(resident, ids)
+    del resident
+    torch.cuda.empty_cache()
+    model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+        device_memory=192 * 2**20, context_tokens=CONTEXT, misses="auto", predictor="none"))
+    runtime = model.offload
+    runtime.new_cache(2)
+    costs = runtime.costs
+    if share == "mixed":
+        assert runtime.in_place is not None and costs.in_place_s_one > 0
+        costs.cpu_s_max = costs.cpu_s_one  # a tiny expert's times are launch costs: make the two sides equal
+        costs.cpu_scale, costs.in_place_s_one = 1.0, costs.cpu_s_one
+        monkeypatch.setattr("moekit.offload.cpu.CPU_SCALE_RANGE", (1.0, 1.0))  # and keep them so
+    else:
+        assert runtime.in_place is None
+    try:
+        assert torch.equal(greedy(model, ids), expected)
+    finally:
+        runtime.cpu.close()
+    report = runtime.report()
+    check_counts(report)
+    assert report["in_place_share"] == (share == "mixed")
+    if share == "mixed":
+        assert report["cpu_experts"] > 0 and report["mapped_reads"] > 0 and report["decode_mapped_bytes"] > 0
+    else:
+        assert report["mapped_reads"] == 0
 
 
 def test_the_auto_predictor_skips_only_calls_whose_misses_run_on_the_cpu(mixtral):

@@ -147,6 +147,27 @@ def test_stats_table_and_cli(mixtral, capsys, tmp_path):
     assert "read in place" in err and "expert reads" in err
 
 
+def test_in_place_reads_equal_the_host_rows_computed_on_the_cpu(mixtral):
+    """misses auto's in-place share (InPlaceReads) reads each layer's experts from their host rows
+    through the offset kernels: equal to the native CPU kernel on the same rows, any cache contents."""
+    from moekit.offload.mapped import InPlaceReads
+
+    path, _ = mixtral
+    runtime = mapped_model(path).offload
+    runtime.cache.fetch((runtime.moe_layers[0], 1), set())  # a cached expert is still read from its host row
+    reads = InPlaceReads(runtime)
+    gen = torch.Generator().manual_seed(0)
+    for layer in runtime.moe_layers:
+        count = runtime.model_config.experts_in(layer)
+        ids = torch.tensor([[0], [1], [count - 1]])
+        xs = torch.randn(3, runtime.form.hidden, generator=gen)
+        w = torch.rand(3, 1, generator=gen)
+        got = reads.run(layer, xs, ids, w)
+        host = runtime.layout.view(runtime.store.layers[layer], layer)
+        want = torch.cat([runtime.form.run(xs[i:i + 1], ids[i:i + 1], w[i:i + 1], host) for i in range(3)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_refusals_and_fallbacks(mixtral, tmp_path):
     path, _ = mixtral
     with pytest.raises(MoekitError, match="host store"):

@@ -222,6 +222,9 @@ def _cpu_rows(report: dict) -> list[tuple[str, str]]:
         rows += [("experts on the CPU", f"{report['cpu_experts']} ({format_size(report['cpu_bytes_per_token'])} "
                                         f"read / token, {report['cpu_threads']} threads)"),
                  ("CPU time", f"{report['cpu_s'] * 1e3:.1f} ms ({report['cpu_wait_s'] * 1e3:.1f} ms waited for)")]
+        if report.get("in_place_share"):
+            rows += [("read in place", f"{report['in_place_experts']} experts beside the CPU's, "
+                                       f"{format_size(report['mapped_bytes_per_token'])} / token")]
     return rows
 
 

@@ -86,6 +86,17 @@ call's fixed cost, the sum's copy back (which may queue behind prefetch copies o
 the link's DMA competing with the CPU for host memory bandwidth. On a CPU-only machine nothing
 crosses a link (the cache is host memory too), so "auto" fetches.
 
+The in-place share (auto, CUDA, forms the offset kernels read in place: dense). The link need not
+carry a miss into the cache to serve it: the device can read it in place from the pinned host
+store (offload.mapped), costing no slot and evicting nothing. After the split above, the costliest
+CPU experts move to in-place reads while that lowers max(link time: the fetch queue plus their
+in-place seconds, the CPU seconds left) (share_in_place), so the CPU and the link stream at once,
+as the issue's combined ceiling assumes (H200: 72 + 51.5 GB/s together). A top-2 layer (Mixtral)
+splits whole experts 1 + 1; a top-8 one (OLMoE, Qwen3) about 5 + 3. The in-place rate is an
+expert's share of a synchronised one-token call of top_k experts, measured at load
+(in_place_time); it is not corrected from calls (the device side is never waited for alone).
+MOEKIT_IN_PLACE=0 leaves the share out.
+
 Shapes: N = tokens of the call, A = experts per token, D = hidden, n = tokens of one expert.
 """
 
@@ -114,6 +125,7 @@ from .store import DiskStore, HostStore
 ADMIT_RATIO = 2.0  # a CPU-run expert replaces the least used cached one (lfu) when used this many times as often
 PROFILE_ENV = "MOEKIT_PROFILE_CPU_MISSES"  # "1": record host timestamps of every split layer call (MissProfile)
 ASYNC_ENV = "MOEKIT_CPU_ASYNC"  # "0": run the native call inline on CUDA too (the path before the runner thread)
+IN_PLACE_ENV = "MOEKIT_IN_PLACE"  # "0": misses auto's split has no in-place share (CPU and fetches only)
 
 
 class MissProfile:
@@ -170,6 +182,7 @@ class CostModel:
     max_tokens: int
     cpu_scale: float = 1.0  # observed CPU call seconds / modelled, followed over the run's calls
     cpu_calls: int = 0  # CPU calls observed
+    in_place_s_one: float = 0.0  # an expert's share of a device call reading top_k experts in place (0: no in-place share)
 
     def cpu_s(self, tokens: int) -> float:
         """Returns the modelled seconds to compute one expert on the CPU for `tokens` tokens."""
@@ -195,6 +208,23 @@ class CostModel:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def share_in_place(cpu: list[tuple[int, float]], link_s: float, in_place_s: float) -> list[int]:
+    """Returns the experts of `cpu` ((expert, its CPU seconds), those the split left to the CPU and
+    not on their way to the device) that the device should read in place instead, costliest on the
+    CPU first, while that lowers max(link_s + their in-place seconds, the CPU seconds left): the
+    link and the CPU finish together (offload.cpu, "The in-place share"). link_s: when the link's
+    copy queue drains (the demand fetches the split chose included)."""
+    left = sum(c for _, c in cpu)
+    moved: list[int] = []
+    for e, c in sorted(cpu, key=lambda t: -t[1]):
+        if in_place_s <= 0 or max(link_s + in_place_s, left - c) >= max(link_s, left):
+            break
+        link_s += in_place_s
+        left -= c
+        moved.append(e)
+    return moved
 
 
 def split_misses(inflight: list[tuple[int, float, float]], absent: list[tuple[int, float]], queue_s: float,
@@ -499,4 +529,27 @@ def measure_costs(runtime, dtype: torch.dtype, reps: int = 3) -> CostModel:
             runs.append(cpu_time(tokens, groups[turn % len(groups)]))
             turn += 1
         measured[tokens] = statistics.median(runs)
-    return CostModel(h2d, measured[1], measured[cpu.max_tokens], cpu.max_tokens)
+    costs = CostModel(h2d, measured[1], measured[cpu.max_tokens], cpu.max_tokens)
+    if runtime.in_place is not None:
+        costs.in_place_s_one = in_place_time(runtime, groups, dtype, reps)
+    return costs
+
+
+def in_place_time(runtime, groups: list[tuple[int, list[int]]], dtype: torch.dtype, reps: int) -> float:
+    """Returns an expert's share of a device call reading top_k experts in place for one token
+    (median of `reps` calls on different groups after a warm-up, each synchronised: launch included)."""
+    in_place, device = runtime.in_place, runtime.device
+    x = torch.randn(1, runtime.model_config.hidden_size).to(device, dtype)
+
+    def one(group: tuple[int, list[int]]) -> float:
+        layer, chosen = group
+        ids = torch.tensor(chosen, device=device).view(-1, 1)
+        w = torch.full((len(chosen), 1), 1.0 / len(chosen), dtype=dtype, device=device)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        in_place.run(layer, x.expand(len(chosen), -1).contiguous(), ids, w)
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / len(chosen)
+
+    one(groups[-1])  # warm-up: the kernel's compilation for this shape
+    return statistics.median(one(groups[i % len(groups)]) for i in range(reps))

@@ -57,7 +57,7 @@ class MappedTable:
 
     def __init__(self, runtime):
         self.runtime = runtime
-        cache, store, cfg = runtime.cache, runtime.store, runtime.model_config
+        cache, cfg = runtime.cache, runtime.model_config
         self.device = runtime.device
         self.cuda = self.device.type == "cuda"
         self.num_experts = cfg.num_experts  # the table's width: the largest layer's count (a pruned layer's rows past its own count are never routed)
@@ -65,32 +65,9 @@ class MappedTable:
         self.max_inflight = max(2 * cfg.top_k, 4)
         self.pos = {layer: i for i, layer in enumerate(runtime.moe_layers)}
         self.layers = list(runtime.moe_layers)
-        layout = runtime.layout
-        self.names = tuple(getattr(runtime.form, "in_place_tensors", KINDS))  # the table's offset columns
+        self.names, self.stacked, host = host_row_offsets(runtime)
         self.flag = len(self.names)  # the column of e + E * cached
-        slab_view = layout.view(cache.slab, self.layers[0])  # dense: [S_slab, 2I, D], [S_slab, D, I]
-        self.stacked = {name: slab_view[name] for name in self.names}  # what the offsets are relative to
         self.slab = tuple(self.stacked.values())
-        for layer in self.layers[1:]:  # one table serves every layer only where each views the slab alike
-            view = layout.view(cache.slab, layer)
-            if any(view[n].data_ptr() != t.data_ptr() or view[n].stride() != t.stride() for n, t in self.stacked.items()):
-                raise ValueError(f"layer {layer}'s experts lie differently in the cache slab than layer "
-                                 f"{self.layers[0]}'s: one offsets table cannot serve both")
-        num_e = self.num_experts
-        host = torch.empty(len(self.layers), num_e, self.flag + 1, dtype=torch.int64)  # the host rows' entries
-        for layer, i in self.pos.items():
-            rows = layout.view(store.layers[layer], layer)
-            for c, name in enumerate(self.names):
-                t, base = rows[name], self.stacked[name]
-                size = base.element_size()
-                if t.dtype != base.dtype or t.stride()[1:] != base.stride()[1:]:  # the kernels take the slab's
-                    raise ValueError(f"host rows of layer {layer} {name} must be {base.dtype} laid out as a cache "
-                                     f"slot is (strides {base.stride()[1:]} within an expert)")
-                delta = t.data_ptr() - base.data_ptr()
-                if delta % size:
-                    raise ValueError(f"host rows of layer {layer} {name} are not aligned to their elements")
-                host[i, :, c] = delta // size + torch.arange(num_e, dtype=torch.int64) * t.stride(0)
-            host[i, :, self.flag] = torch.arange(num_e, dtype=torch.int64)
         self.host_rows = host  # [L, E, C + 1] on the host: what an unmapped key's row holds
         self.slot_offsets = tuple(t.stride(0) for t in self.slab)  # elements per slot, per column
         self.table = host.to(self.device, copy=True)  # [L, E, C + 1]: what steps read (never host_rows itself)
@@ -276,7 +253,62 @@ def capture_step(mapped: MappedTable, model, cache, token: torch.Tensor, positio
     return MappedStep(mapped, graphed)
 
 
-def self_test(mapped: MappedTable) -> str | None:
+class InPlaceReads:
+    """Missed experts read in place by the device beside the CPU's share (misses auto's split,
+    offload.cpu "In-place share"): the host rows' offsets of every layer on the device, never
+    changed (a key's row always points at its host row: cached experts run from their slots)."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.device = runtime.device
+        self.cuda = self.device.type == "cuda"
+        self.layers = list(runtime.moe_layers)
+        self.pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.names, self.stacked, self.host_rows = host_row_offsets(runtime)
+        self.slab = tuple(self.stacked.values())
+        self.table = self.host_rows.to(self.device, copy=True)  # [L, E, C + 1]
+
+    def run(self, layer: int, xs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Returns weights [S, 1] * expert_{ids[s]}(xs[s]) as [S, D], each expert read from host memory."""
+        return self.runtime.form.fused(xs, ids, weights, self.stacked, offsets=self.table[self.pos[layer]])
+
+
+def host_row_offsets(runtime) -> tuple[tuple[str, ...], dict[str, torch.Tensor], torch.Tensor]:
+    """Returns (names, stacked, host) for reading the host store's experts in place through the
+    offset kernels: `names` the form's in-place tensors (the offset columns), `stacked` their views
+    of the cache slab as layer 0 sees it (what every offset is relative to), `host` [L, E, C + 1]
+    int64 on the host: per MoE layer and expert the element offset of its host row in each column,
+    then the expert id (MappedTable's flag column for an unmapped key). Raises ValueError where
+    one table cannot serve every layer or a host row is not laid out as a cache slot is."""
+    cache, store, layout = runtime.cache, runtime.store, runtime.layout
+    layers = list(runtime.moe_layers)
+    names = tuple(getattr(runtime.form, "in_place_tensors", KINDS))
+    slab_view = layout.view(cache.slab, layers[0])  # dense: [S_slab, 2I, D], [S_slab, D, I]
+    stacked = {name: slab_view[name] for name in names}
+    for layer in layers[1:]:  # one table serves every layer only where each views the slab alike
+        view = layout.view(cache.slab, layer)
+        if any(view[n].data_ptr() != t.data_ptr() or view[n].stride() != t.stride() for n, t in stacked.items()):
+            raise ValueError(f"layer {layer}'s experts lie differently in the cache slab than layer "
+                             f"{layers[0]}'s: one offsets table cannot serve both")
+    num_e = runtime.model_config.num_experts  # the largest layer's count (a pruned layer's extra rows are never routed)
+    host = torch.empty(len(layers), num_e, len(names) + 1, dtype=torch.int64)
+    for i, layer in enumerate(layers):
+        rows = layout.view(store.layers[layer], layer)
+        for c, name in enumerate(names):
+            t, base = rows[name], stacked[name]
+            size = base.element_size()
+            if t.dtype != base.dtype or t.stride()[1:] != base.stride()[1:]:  # the kernels take the slab's
+                raise ValueError(f"host rows of layer {layer} {name} must be {base.dtype} laid out as a cache "
+                                 f"slot is (strides {base.stride()[1:]} within an expert)")
+            delta = t.data_ptr() - base.data_ptr()
+            if delta % size:
+                raise ValueError(f"host rows of layer {layer} {name} are not aligned to their elements")
+            host[i, :, c] = delta // size + torch.arange(num_e, dtype=torch.int64) * t.stride(0)
+        host[i, :, len(names)] = torch.arange(num_e, dtype=torch.int64)
+    return names, stacked, host
+
+
+def self_test(mapped: MappedTable | InPlaceReads) -> str | None:
     """Returns None when the device reads a host-store expert in place correctly, else why not.
 
     Runs the first layer's expert 0 through the offset kernels twice, from its host row and from a

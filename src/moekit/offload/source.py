@@ -21,6 +21,7 @@ Shapes: N = tokens, A = experts per token, D = hidden, E = experts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 
 import torch
@@ -31,12 +32,13 @@ from ..errors import MoekitError
 from ..routers import weights_of
 from .cache import ExpertCache
 from .config import OffloadConfig
-from .cpu import ADMIT_RATIO, CostModel, CpuWorker, split_misses
+from .cpu import ADMIT_RATIO, IN_PLACE_ENV, CostModel, CpuWorker, share_in_place, split_misses
 from ..experts.forms import needs_grad
 from .layout import SlotLayout
 from .planner import BudgetPlan, decimal_size, kv_cache_bytes, prefill_activation_bytes
 from .predictors import Predictor
 from .stats import OffloadStats
+from .store import HostStore
 
 
 def reads_in_place(device: torch.device) -> bool:
@@ -101,6 +103,8 @@ class OffloadRuntime:
         self.prefill_chunk = plan.prefill_chunk  # generate prefills this many tokens per forward
         self.pinned_keys: list[tuple[int, int]] = []  # most used experts, pinned in every new cache
         self.mapped_checked = False  # the in-place read self-test runs once per runtime
+        self.in_place_checked = False  # ... and once for the split's in-place share
+        self.in_place_refused: str | None = None  # why the device could not read in place (the self-test)
         self.predictor: Predictor = Predictor()
         self.routers: dict[int, nn.Linear] = {}
         self.predicted: dict[int, tuple[torch.Tensor, list[int]]] = {}  # layer -> (ids [N, k], on host)
@@ -111,6 +115,7 @@ class OffloadRuntime:
         self.cpu: CpuWorker | None = None  # the CPU expert path (misses cpu/auto)
         self.costs: CostModel | None = None  # measured rates (CUDA, misses cpu/auto)
         self.mapped = None  # offload.mapped.MappedTable (misses mapped), attached to each new cache
+        self.in_place = None  # offload.mapped.InPlaceReads (misses auto's in-place share), attached to each new cache
         self._choose_misses()
         if config.strict:
             warnings.warn("strict offload runs only the predicted experts: outputs change, and stay "
@@ -202,7 +207,7 @@ class OffloadRuntime:
 
         if self.cache is not None:
             self.cache.close()
-            self.cache = self.mapped = None
+            self.cache = self.mapped = self.in_place = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         with torch.inference_mode(False):  # normal tensors, writable in and out of inference mode (reserve runs in it)
@@ -214,6 +219,8 @@ class OffloadRuntime:
             self.cache.h2d_bytes_per_s = self.costs.h2d_bytes_per_s
         if self.pinned_keys:
             self.cache.pin(self.pinned_keys[:int(self.config.pin_experts * slots)])
+        if self.misses == "auto" and self.cpu is not None:
+            self._attach_in_place()
         if self.misses != "mapped":
             return
         from .mapped import MappedTable, self_test
@@ -226,6 +233,22 @@ class OffloadRuntime:
         if why is not None:
             self.cache.listener = self.mapped = None
             self.misses, self.misses_note = "fetch", f"{why}: misses are fetched"
+
+    def _attach_in_place(self) -> None:
+        """Gives misses auto's split its in-place share (offload.cpu) where the device reads the
+        pinned host store in place (checked once, as for misses mapped); MOEKIT_IN_PLACE=0 leaves it out."""
+        from .mapped import InPlaceReads, self_test
+
+        self.in_place = None
+        if (os.environ.get(IN_PLACE_ENV, "1") == "0" or self.device.type != "cuda" or not self.form.reads_in_place
+                or not isinstance(self.store, HostStore) or not self.store.pin or not reads_in_place(self.device)):
+            return
+        self.in_place = InPlaceReads(self)
+        if not self.in_place_checked:
+            self.in_place_checked = True
+            self.in_place_refused = self_test(self.in_place)
+        if self.in_place_refused is not None:
+            self.in_place = None
 
     def capture_decode(self, model, cache, token: torch.Tensor, position: int):
         """Returns a decode step captured whole (misses mapped), or None: capture it in pieces."""
@@ -265,6 +288,7 @@ class OffloadRuntime:
                    misses=self.config.misses, misses_used=self.misses, misses_note=self.misses_note,
                    cpu_max_tokens=self.config.cpu_max_tokens, cpu_threads=self.cpu.threads if self.cpu else 0,
                    native_cpu_kernel=bool(self.cpu and self.cpu.native),
+                   in_place_share=self.in_place is not None, in_place_refused=self.in_place_refused,
                    cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
         return out
@@ -408,9 +432,10 @@ class OffloadRuntime:
 
     # ---- misses on the CPU (offload.cpu) ---------------------------------------------------------
     def _split(self, layer: int, needed: list[int], flat_of: dict[int, list[int]], capacity: int):
-        """Returns (experts run on the device, experts run on the CPU, prefetch horizon seconds or None)."""
+        """Returns (experts run on the device from its cache, experts run on the CPU, experts the device
+        reads in place, prefetch horizon seconds or None)."""
         cache, costs = self.cache, self.costs
-        ready, inflight, absent = [], [], []
+        ready, inflight, absent, in_place = [], [], [], []
         for e in needed:
             slot = cache.slot((layer, e))
             (absent if slot is None else ready if cache.ready(slot) else inflight).append(e)
@@ -431,12 +456,17 @@ class OffloadRuntime:
             cpu_only = [(e, costs.cpu_s(len(flat_of[e]))) for e in absent if e not in room]
             on_cpu = set(split_misses(waits, fetchable, queue_s, fetch_s, capacity - len(ready) - len(inflight),
                                       cpu_only))
-            device = [e for e in needed if e not in on_cpu]
+            if self.in_place is not None and costs.in_place_s_one > 0:  # the link's share beside the CPU's
+                fetched = sum(1 for e in absent if e not in on_cpu)
+                movable = [(e, costs.cpu_s(len(flat_of[e]))) for e in absent if e in on_cpu]
+                in_place = share_in_place(movable, queue_s + fetched * fetch_s, costs.in_place_s_one)
+                on_cpu.difference_update(in_place)
+            device = [e for e in needed if e not in on_cpu and e not in in_place]
             cpu = [e for e in needed if e in on_cpu]
         horizon = None
         if costs is not None:
             horizon = sum(costs.cpu_s(len(flat_of[e])) for e in cpu) + costs.cpu_s(1)
-        return device, cpu, horizon
+        return device, cpu, in_place, horizon
 
     def _run_split(self, layer, x, expert_ids, weights, routed, needed, nxt, predicted, capacity, x_host, w_host):
         """Runs a call of few tokens: experts on the device where they are, the rest on the CPU."""
@@ -445,23 +475,23 @@ class OffloadRuntime:
         flat_of: dict[int, list[int]] = {}  # expert -> its flat slots n * A + a
         for i, e in enumerate(routed):
             flat_of.setdefault(e, []).append(i)
-        device, cpu, horizon = self._split(layer, needed, flat_of, capacity)
+        device, cpu, in_place, horizon = self._split(layer, needed, flat_of, capacity)
         prof = self.cpu.profile
         if prof is not None:
             prof.note(cpu_experts=len(cpu), device_experts=len(device))
             prof.mark("split")
-        if not cpu:
+        if not cpu and not in_place:
             return self._run_resident_set(layer, x, expert_ids, weights, routed, needed, nxt, predicted, horizon)
         jobs = [(e, flat_of[e]) for e in cpu]
         # a call that overlaps (the runner thread, a worker thread) starts first, the longest part, and
         # runs while this thread queues the device part; inline, the device part is queued first, so
         # the GPU runs it while this thread computes the CPU part (offload.cpu)
-        job = self.cpu.submit(layer, jobs, x_host, w_host) if self.cpu.overlaps else None
+        job = self.cpu.submit(layer, jobs, x_host, w_host) if jobs and self.cpu.overlaps else None
         try:
-            stats.lookups += len(cpu)
+            stats.lookups += len(cpu) + len(in_place)
             stats.cpu_experts += len(cpu)
             stats.cpu_bytes += len(cpu) * self.layout.layer_bytes(layer)
-            cache.count_uses([(layer, e) for e in cpu])
+            cache.count_uses([(layer, e) for e in cpu + in_place])
             # copies in flight that the CPU outran stay (the split's fetch_room counted them as kept)
             protected = {slot for slot in (cache.slot((layer, e)) for e in cpu) if slot is not None}
             slots = self._lookup(layer, device, protected)  # hits (auto: and the fetches it chose)
@@ -478,24 +508,37 @@ class OffloadRuntime:
                 part = self.form.run(xs, slot_ids, ws, self.layout.view(cache.slab, layer), ids=ids, row_of=slot_of,
                                      count=self.model_config.experts_in(layer))  # [S, D], weighted
                 out = torch.zeros_like(x).index_add_(0, tokens, part)
-            for e in sorted(cpu, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in, while the link is idle
+            if in_place:  # read from host memory by the device, beside the CPU's share
+                rows = [i for e in in_place for i in flat_of[e]]
+                flat = device_index(rows, x.device)
+                tokens = flat // top_k
+                part = self.in_place.run(layer, x[tokens], expert_ids.reshape(-1)[flat].view(-1, 1),
+                                         weights.reshape(-1)[flat].view(-1, 1))
+                out = (torch.zeros_like(x) if out is None else out).index_add_(0, tokens, part)
+                stats.in_place_experts += len(in_place)
+                stats.mapped_reads += len(rows)
+                stats.mapped_bytes += len(in_place) * self.layout.layer_bytes(layer)
+                if x.shape[0] == 1:
+                    stats.decode_mapped_bytes += len(in_place) * self.layout.layer_bytes(layer)
+            for e in sorted(cpu + in_place, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in, link idle
                 if not cache.link_idle() or cache.admit((layer, e), protected, ADMIT_RATIO) is None:
                     break
                 stats.admissions += 1
             if prof is not None:
                 prof.mark("device_launched")
-            if job is None:
+            if job is None and jobs:
                 job = self.cpu.submit(layer, jobs, x_host, w_host)
         except BaseException:
             if job is not None:  # the started call must end before its buffers go (and before the next start)
                 self.cpu.abandon(job)
             raise
-        cpu_out, cpu_s, wait_s = self.cpu.join(job)
-        if self.costs is not None:  # the CPU side of the split follows what its calls take
-            self.costs.observe_cpu(sum(self.costs.cpu_s(len(flat)) for _, flat in jobs), cpu_s)
-        stats.cpu_s += cpu_s
-        stats.cpu_wait_s += wait_s
-        out = cpu_out if out is None else out.add_(cpu_out)
+        if jobs:
+            cpu_out, cpu_s, wait_s = self.cpu.join(job)
+            if self.costs is not None:  # the CPU side of the split follows what its calls take
+                self.costs.observe_cpu(sum(self.costs.cpu_s(len(flat)) for _, flat in jobs), cpu_s)
+            stats.cpu_s += cpu_s
+            stats.cpu_wait_s += wait_s
+            out = cpu_out if out is None else out.add_(cpu_out)
         if device:
             cache.release(slots)
         return out
