@@ -275,7 +275,8 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
                                                      "bytes_per_token", "cpu_bytes_per_token", "cache_slots",
                                                      "misses_used", "misses_note", "cpu_threads", "native_cpu_kernel",
                                                      "cost_model", "plan", "predictor", "predictor_in_split_calls",
-                                                     "mapped_reads", "mapped_bytes", "decode_mapped_bytes")}
+                                                     "mapped_reads", "mapped_bytes", "decode_mapped_bytes", "in_place_share",
+                                                     "in_place_experts", "in_place_refused", "mapped_bytes_per_token")}
     except MoekitError as e:
         row.update(status="refused", refusal=str(e))
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others

@@ -58,13 +58,15 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 
 def traffic_ceiling(row: dict, results: dict) -> float | None:
     """Returns the tok/s an offloaded row could reach with the bytes it actually moved a token (its
-    report's CPU-read and PCIe bytes, so the cache's real hit rate counts, where the uniform ceiling
+    report's CPU-read and PCIe bytes, copies and auto's in-place reads, so the cache's real hit rate counts, where the uniform ceiling
     assumes none), each link at its own measured rate and both within their concurrent sum, and the
     device part no slower than everything resident (decode_gpu of the same run); None without them."""
     rep, rates = row.get("report") or {}, results.get("rates") or {}
     if rep.get("misses_used") == "mapped":  # its in-place reads over PCIe are not counted in its report
         return None
     cpu_b, link_b = rep.get("cpu_bytes_per_token"), rep.get("bytes_per_token")
+    if link_b is not None and rep.get("in_place_share"):  # auto's in-place share crosses the link too
+        link_b += rep.get("mapped_bytes_per_token") or 0
     cpu_r, link_r = rates.get("cpu_read_alone_bytes_per_s"), rates.get("h2d_alone_bytes_per_s")
     both = (rates.get("cpu_read_concurrent_bytes_per_s") or 0) + (rates.get("h2d_concurrent_bytes_per_s") or 0)
     gpu = next((r.get("decode_tok_s") for r in results.get("moekit", []) if r.get("setting") == "decode_gpu"), None)
