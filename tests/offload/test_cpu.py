@@ -630,6 +630,7 @@ def test_gpu_auto_in_place_share_matches_resident(tiny, share, monkeypatch):
     place by the GPU in the same calls, the greedy tokens those of the resident model; with
     MOEKIT_IN_PLACE=0 none is read in place."""
     monkeypatch.setattr("moekit.offload.source.AUTO_MAPPED_SHARE", 2.0)  # keep the split (see above)
+    monkeypatch.setattr("moekit.offload.source.IN_PLACE_MIN_EXPERT_BYTES", 0)  # tiny experts get the share too
     if share == "off":
         monkeypatch.setenv("MOEKIT_IN_PLACE", "0")
     ckpt = tiny("mixtral")

@@ -250,6 +250,8 @@ def test_auto_reads_in_place_only_where_the_cache_holds_half_the_experts():
     assert auto_reads_in_place(576, 1024) and auto_reads_in_place(512, 1024)  # the H200 half row: 56%
     assert not auto_reads_in_place(511, 1024) and not auto_reads_in_place(64, 1024)  # the host row: 6%
     assert not auto_reads_in_place(8, 0)
+    # experts as large as Mixtral's (352 MB) stay on the split whatever the cache holds
+    assert auto_reads_in_place(576, 1024, 12_582_912) and not auto_reads_in_place(36, 64, 352_321_536)
 
 
 def test_auto_on_the_cpu_never_reads_in_place(tiny):

@@ -59,16 +59,26 @@ def device_index(values: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
-# misses auto reads misses in place (mapped) where the cache holds at least this share of the experts:
-# on the H200 (OLMoE shape, bf16) mapped ran 606.5 tok/s against the CPU/PCIe split's 199.1 with ~55% of
-# the experts cached, and 52.1 against 66.9 with 6% (bench_llamacpp_olmoe_misses_ab07f17.json); the
-# crossing between the two is not measured, so auto switches only where mapped was seen to win
+# misses auto reads misses in place (mapped) where the cache holds at least this share of the experts
+# and they are small: on the H200 (OLMoE shape, bf16, 12.6 MB experts) mapped ran 606.5 tok/s against the
+# CPU/PCIe split's 199.1 with ~55% of the experts cached, and 52.1 against 66.9 with 6%
+# (bench_llamacpp_olmoe_misses_ab07f17.json); the crossing between the two is not measured
 AUTO_MAPPED_SHARE = 0.5
+# experts of at least this many bytes never run as mapped under auto, and only they get the split's
+# in-place share (offload.cpu): a layer call's host sync and launches are small beside reading them.
+# H200, Mixtral shape (352 MB experts), one run (bench_llamacpp_mixtral_inplace_9de8edb.json): at a
+# 13.8 GB budget (56% cached) mapped decoded 22.2 tok/s against the CPU split's 34.5; at 2.52 GB the
+# split with the in-place share 14.6 against 11.5 without. OLMoE (12.6 MB), the same session: the
+# in-place share 40.7 against 54.2 without (bench_llamacpp_olmoe_inplace_9de8edb.json). Between 12.6
+# and 352 MB nothing is measured
+IN_PLACE_MIN_EXPERT_BYTES = 64 * 2**20
 
 
-def auto_reads_in_place(cache_slots: int, total_experts: int) -> bool:
-    """Returns whether misses auto runs as mapped for a cache of `cache_slots` of `total_experts`."""
-    return total_experts > 0 and cache_slots >= AUTO_MAPPED_SHARE * total_experts
+def auto_reads_in_place(cache_slots: int, total_experts: int, expert_bytes: int = 0) -> bool:
+    """Returns whether misses auto runs as mapped for a cache of `cache_slots` of `total_experts`
+    experts of `expert_bytes` each."""
+    return (total_experts > 0 and cache_slots >= AUTO_MAPPED_SHARE * total_experts
+            and expert_bytes < IN_PLACE_MIN_EXPERT_BYTES)
 
 
 class OffloadedExperts(nn.Module):
@@ -135,7 +145,8 @@ class OffloadRuntime:
             return
         plan = self.plan
         if misses == "auto" and device.type == "cuda" and form.reads_in_place and \
-                auto_reads_in_place(plan.cache_slots, plan.total_experts) and reads_in_place(device):
+                auto_reads_in_place(plan.cache_slots, plan.total_experts, plan.expert_bytes) and \
+                reads_in_place(device):
             self.misses, self.misses_note = "mapped", (
                 f"the cache holds {plan.cache_slots / plan.total_experts:.0%} of the experts: misses are read in "
                 f"place and each decode step runs as one CUDA graph (misses mapped)")
@@ -235,12 +246,14 @@ class OffloadRuntime:
             self.misses, self.misses_note = "fetch", f"{why}: misses are fetched"
 
     def _attach_in_place(self) -> None:
-        """Gives misses auto's split its in-place share (offload.cpu) where the device reads the
-        pinned host store in place (checked once, as for misses mapped); MOEKIT_IN_PLACE=0 leaves it out."""
+        """Gives misses auto's split its in-place share (offload.cpu) where experts are large
+        (IN_PLACE_MIN_EXPERT_BYTES) and the device reads the pinned host store in place (checked once,
+        as for misses mapped); MOEKIT_IN_PLACE=0 leaves it out."""
         from .mapped import InPlaceReads, self_test
 
         self.in_place = None
-        if (os.environ.get(IN_PLACE_ENV, "1") == "0" or self.device.type != "cuda" or not self.form.reads_in_place
+        if (os.environ.get(IN_PLACE_ENV, "1") == "0" or self.plan.expert_bytes < IN_PLACE_MIN_EXPERT_BYTES
+                or self.device.type != "cuda" or not self.form.reads_in_place
                 or not isinstance(self.store, HostStore) or not self.store.pin or not reads_in_place(self.device)):
             return
         self.in_place = InPlaceReads(self)
