@@ -592,6 +592,34 @@ def pipeline(files: dict, name: str = "bench_pipeline.json") -> str:
 
 # ---- the registry ---------------------------------------------------------------------------------------
 
+LLAMA_MIXTRAL = "bench_llamacpp_mixtral_26a3a85.json"  # 2026-12-01 (session 14): both engines, one run
+IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
+IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
+
+
+def in_place_share(files: dict) -> str:
+    """misses auto with its in-place share beside misses cpu, one call per shape (moekit only), next to
+    llama.cpp's figure at that footprint from an earlier call (not the same run): where each token's
+    missed bytes went (CPU-read, read in place over PCIe) and tok/s."""
+    rows = []
+    for name in IN_PLACE_RUNS:
+        res = files[name]
+        lc = files[IN_PLACE_LLAMA[res["shape"]]]["llamacpp"]["rows"]
+        for r in res["moekit"]:
+            rep = r.get("report") or {}
+            theirs = (lc.get(r["setting"]) or {}).get("tok_s")
+            used = rep.get("misses_used", r["misses"])
+            rows.append([res["shape"], r["setting"].removeprefix("decode_"), f"{r['misses']} (runs {used})",
+                         f"{r['budget_bytes'] / 1e9:.2f}", f"{rep.get('hit_rate', 0):.2f}",
+                         f"{rep.get('cpu_bytes_per_token', 0) / 1e9:.2f}",
+                         f"{rep.get('mapped_bytes_per_token', 0) / 1e9:.2f}",
+                         f"{r['decode_tok_s']:.1f}" if r.get("decode_tok_s") else r["status"],
+                         f"{theirs:.1f}" if theirs else "-",
+                         f"{r['decode_tok_s'] / theirs:.2f}x" if theirs and r.get("decode_tok_s") else "-"])
+    return table(["shape", "footprint", "misses", "budget GB", "hit rate", "CPU-read GB / token",
+                  "read in place GB / token", "tok/s", "llama.cpp (earlier call)", "ratio"], rows)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "headline": (("bench_resident.json",), headline),
     "resident": (("bench_resident.json",), resident),
@@ -604,6 +632,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "cpu_kernel": (LLAMA_FILES, cpu_kernel),
     "vs_llamacpp_latest": ((LLAMA_LATEST,), vs_llamacpp_latest),
     "vs_llamacpp_before": ((LLAMA_BEFORE,), partial(vs_llamacpp_latest, name=LLAMA_BEFORE)),
+    "vs_llamacpp_mixtral": ((LLAMA_MIXTRAL,), partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL)),
+    "in_place_share": (IN_PLACE_RUNS + (LLAMA_MIXTRAL, LLAMA_LATEST), in_place_share),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),
     "misses_modes": ((MISSES_RUN,), misses_modes),
     "offload_headline": (OFFLOAD_FILES, offload_headline),

@@ -66,10 +66,10 @@ def device_index(values: list, device: torch.device) -> torch.Tensor:
 AUTO_MAPPED_SHARE = 0.5
 # experts of at least this many bytes never run as mapped under auto, and only they get the split's
 # in-place share (offload.cpu): a layer call's host sync and launches are small beside reading them.
-# H200, Mixtral shape (352 MB experts), one run (bench_llamacpp_mixtral_inplace_9de8edb.json): at a
+# H200, Mixtral shape (352 MB experts), one run (bench_llamacpp_mixtral_inplace_f51a719.json): at a
 # 13.8 GB budget (56% cached) mapped decoded 22.2 tok/s against the CPU split's 34.5; at 2.52 GB the
 # split with the in-place share 14.6 against 11.5 without. OLMoE (12.6 MB), the same session: the
-# in-place share 40.7 against 54.2 without (bench_llamacpp_olmoe_inplace_9de8edb.json). Between 12.6
+# in-place share 40.7 against 54.2 without (bench_llamacpp_olmoe_inplace_f51a719.json). Between 12.6
 # and 352 MB nothing is measured
 IN_PLACE_MIN_EXPERT_BYTES = 64 * 2**20
 
