@@ -55,8 +55,9 @@ def load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     i64, i32p, i64p, f32p, vp = ctypes.c_int64, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64), \
         ctypes.POINTER(ctypes.c_float), ctypes.c_void_p
-    lib.moekit_expert_ffn.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, i64, i64, i64, i64, i64p, i64p, i32p, i32p,
-                                      f32p, f32p, f32p, f32p, ctypes.c_int]
+    # LD after I since the row slices (a build from before them takes one argument fewer)
+    lib.moekit_expert_ffn.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, i64, i64, i64, i64, i64, i64p, i64p, i32p,
+                                      i32p, f32p, f32p, f32p, f32p, ctypes.c_int]
     lib.moekit_expert_ffn.restype = ctypes.c_int
     lib.moekit_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.moekit_stream_read.restype = ctypes.c_double
@@ -99,7 +100,7 @@ def bf16_form(cycle_bytes: int) -> Form:
 
     def call(lib, gus: list[int], dns: list[int], threads: int) -> None:
         j = len(gus)
-        code = lib.moekit_expert_ffn(0, 0, x.data_ptr(), out.data_ptr(), 1, HIDDEN, FFN, j,
+        code = lib.moekit_expert_ffn(0, 0, x.data_ptr(), out.data_ptr(), 1, HIDDEN, FFN, FFN, j,
                                      (ctypes.c_int64 * j)(*[gate_up[e].data_ptr() for e in gus]),
                                      (ctypes.c_int64 * j)(*[down[e].data_ptr() for e in dns]),
                                      *routes(j), fp(h), fp(xf), fp(accs), threads)

@@ -157,6 +157,33 @@ def test_stacked_pointers_give_the_bits_of_per_expert_views(dtype):
     assert torch.equal(ne.expert_ffn_stacked(x, gate_up, down, []), torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_slices_sum_to_the_whole_expert(dtype):
+    """rows=(r0, r1) computes ffn rows r0..r1-1 of every expert (gate and up rows, down columns, the
+    experts' own width apart): equal to the whole call on copies cut to those rows, and two slices
+    that cover the rows add up to the whole call; on the runner thread too."""
+    d, ffn, count = 96, 48, 5
+    g = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn(count, 2 * ffn, d, generator=g) / d ** 0.5).to(dtype)
+    down = (torch.randn(count, d, ffn, generator=g) / ffn ** 0.5).to(dtype)
+    x = torch.randn(2, d, generator=g).to(dtype)
+    routes = [(3, [0, 1], [0.5, 0.25]), (0, [1], [0.75])]
+    for r0, r1 in ((0, 20), (20, 48), (8, 9)):
+        cut_gu = torch.cat([gate_up[:, r0:r1], gate_up[:, ffn + r0:ffn + r1]], dim=1).contiguous()
+        cut_dn = down[:, :, r0:r1].contiguous()
+        want = ne.expert_ffn_stacked(x, cut_gu, cut_dn, routes, threads=2)
+        assert torch.equal(ne.expert_ffn_stacked(x, gate_up, down, routes, threads=2, rows=(r0, r1)), want)
+        started = ne.expert_ffn_stacked(x, gate_up, down, routes, threads=2, rows=(r0, r1), start=True)
+        assert torch.equal(started.wait(), want)
+    whole = ne.expert_ffn_stacked(x.float(), gate_up.float(), down.float(), routes, threads=2)
+    parts = sum(ne.expert_ffn_stacked(x.float(), gate_up.float(), down.float(), routes, threads=2, rows=r)
+                for r in ((0, 20), (20, 48)))
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+    for bad in ((0, 0), (10, 5), (0, 49), (-1, 4)):
+        with pytest.raises(ValueError, match="not a non-empty range"):
+            ne.expert_ffn_stacked(x, gate_up, down, routes, rows=bad)
+
+
 def test_stacked_refuses_strided_experts_and_rows_outside():
     d, ffn = 32, 16
     gate_up, down = torch.randn(4, 2 * ffn, d), torch.randn(4, d, ffn)

@@ -111,8 +111,8 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, i32p, i64p, f32p, vp = ctypes.c_int64, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64), \
         ctypes.POINTER(ctypes.c_float), ctypes.c_void_p
-    lib.moekit_expert_ffn.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, i64, i64, i64, i64, i64p, i64p, i32p, i32p,
-                                      f32p, f32p, f32p, f32p, ctypes.c_int]
+    lib.moekit_expert_ffn.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, i64, i64, i64, i64, i64, i64p, i64p, i32p,
+                                      i32p, f32p, f32p, f32p, f32p, ctypes.c_int]
     lib.moekit_expert_ffn.restype = ctypes.c_int
     lib.moekit_linear.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, f32p, vp, i64, i64, i64, f32p, ctypes.c_int]
     lib.moekit_linear.restype = ctypes.c_int

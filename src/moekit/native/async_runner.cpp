@@ -32,7 +32,7 @@
 
 extern "C" {
 int moekit_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t N, int64_t D, int64_t I,
-                      int64_t J, const int64_t* gate_up, const int64_t* down, const int32_t* tok_start,
+                      int64_t LD, int64_t J, const int64_t* gate_up, const int64_t* down, const int32_t* tok_start,
                       const int32_t* tok, const float* w, float* h, float* xf, float* accs, int threads);
 int moekit_int_ffn(int bits, const float* x, float* out, int64_t N, int64_t D, int64_t I, int64_t J,
                    const int64_t* ptrs, int64_t groups_gate_up, int64_t groups_down, int permuted,
@@ -113,10 +113,10 @@ extern "C" {
 
 // The synchronous calls' arguments; each returns 0 once posted, or ASYNC_BUSY (-100).
 int moekit_async_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t N, int64_t D, int64_t I,
-                            int64_t J, const int64_t* gate_up, const int64_t* down, const int32_t* tok_start,
+                            int64_t LD, int64_t J, const int64_t* gate_up, const int64_t* down, const int32_t* tok_start,
                             const int32_t* tok, const float* w, float* h, float* xf, float* accs, int threads) {
   return post([=] {
-    return moekit_expert_ffn(wdtype, xdtype, x, out, N, D, I, J, gate_up, down, tok_start, tok, w, h, xf, accs,
+    return moekit_expert_ffn(wdtype, xdtype, x, out, N, D, I, LD, J, gate_up, down, tok_start, tok, w, h, xf, accs,
                              threads);
   });
 }

@@ -18,7 +18,10 @@
 //
 // Shapes: N tokens, D hidden, I ffn width, J jobs, T = slots of all jobs (tok_start[J]);
 // accs holds threads * acc_stride(N) floats (stage 2's accumulators past STAGE2_ACC tokens).
-// Weights: gate_up [2I, D] (gate rows first, then up), down [D, I], row-major, of dtype `wdtype`.
+// Weights: gate_up [2I, D] (gate rows first, then up), down [D, I], row-major, of dtype `wdtype`;
+// with LD > I a slice of ffn rows of experts LD wide (the pointers at its first row / column): up
+// rows LD * D elements after gate rows, down rows LD elements apart (an expert split by rows between
+// the CPU and the device sums the two partial outputs).
 // dtypes: 0 = bfloat16, 1 = float16, 2 = float32. Accumulation is float32.
 #include <cmath>
 #include <cstdint>
@@ -137,7 +140,7 @@ inline void gate_up_dots(const W* gate, const W* up, const float* x, int64_t n, 
 }
 
 template <typename W, typename Conv>
-void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* gate_up, const int64_t* down,
+void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, const int64_t* gate_up, const int64_t* down,
                const int32_t* tok_start, const int32_t* tok, const float* w, float* h, float* accs, int64_t N,
                int odtype, void* out, int threads, Conv conv) {
   const int64_t blocks_i = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
@@ -186,7 +189,7 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
 #if MOEKIT_DPBF16
         if (pairs) {
           const uint16_t* both[2] = {reinterpret_cast<const uint16_t*>(gu + r * D),
-                                     reinterpret_cast<const uint16_t*>(gu + (I + r) * D)};
+                                     reinterpret_cast<const uint16_t*>(gu + (LD + r) * D)};
           for (int k = 0; k < count; ++k) {
             const int64_t t = tok[first + k];
             float gu_dots[2];
@@ -200,10 +203,10 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
         }
 #endif
         if (count == 1) {  // decode: both rows in one pass
-          gate_up_dots(gu + r * D, gu + (I + r) * D, xf + tok[first] * D, D, g, u, conv);
+          gate_up_dots(gu + r * D, gu + (LD + r) * D, xf + tok[first] * D, D, g, u, conv);
         } else {
           row_dots(gu + r * D, D, xf, D, tok + first, count, scratch, g, conv);
-          row_dots(gu + (I + r) * D, D, xf, D, tok + first, count, scratch, u, conv);
+          row_dots(gu + (LD + r) * D, D, xf, D, tok + first, count, scratch, u, conv);
         }
         for (int k = 0; k < count; ++k) h[(first + k) * I + r] = g[k] / (1.f + std::exp(-g[k])) * u[k];
       }
@@ -216,16 +219,16 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t J, const int64_t* 
       for (int64_t i = 0; i < (d1 - d0) * N; ++i) acc2[i] = 0.f;
       for (int64_t j = 0; j < J; ++j) {
         const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
-        const W* rows = reinterpret_cast<const W*>(down[j]) + d0 * I;
+        const W* rows = reinterpret_cast<const W*>(down[j]) + d0 * LD;
         for (int64_t d = d0; d < d1; ++d) {
 #if MOEKIT_DPBF16
           if (pairs) {
-            const uint16_t* row[1] = {reinterpret_cast<const uint16_t*>(rows + (d - d0) * I)};
+            const uint16_t* row[1] = {reinterpret_cast<const uint16_t*>(rows + (d - d0) * LD)};
             for (int k = 0; k < count; ++k)
               dots_bf16<1>(row, Split{h_hi + (first + k) * I, h_lo + (first + k) * I}, I, g + k);
           } else
 #endif
-          row_dots(rows + (d - d0) * I, I, h + first * I, I, nullptr, count, scratch, g, conv);
+          row_dots(rows + (d - d0) * LD, I, h + first * I, I, nullptr, count, scratch, g, conv);
           for (int k = 0; k < count; ++k) acc2[(d - d0) * N + tok[first + k]] += w[first + k] * g[k];
         }
       }
@@ -259,11 +262,13 @@ void run_linear(const float* xf, const W* w, const float* bias, int64_t M, int64
 extern "C" {
 
 // Returns 0, or a nonzero code for arguments the kernel cannot take (checked by the caller too):
-// 1 a row wider than MAX_ROW, 2 a job of more than 256 tokens, 3 float16 without compiler support.
+// 1 a row wider than MAX_ROW, 2 a job of more than 256 tokens, 3 float16 without compiler support,
+// 4 LD < I.
 int moekit_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t N, int64_t D, int64_t I,
-                      int64_t J, const int64_t* gate_up, const int64_t* down, const int32_t* tok_start,
+                      int64_t LD, int64_t J, const int64_t* gate_up, const int64_t* down, const int32_t* tok_start,
                       const int32_t* tok, const float* w, float* h, float* xf, float* accs, int threads) {
   if (D > MAX_ROW || I > MAX_ROW) return 1;
+  if (LD < I) return 4;
 #ifndef __FLT16_MAX__
   if (wdtype == 1 || xdtype == 1) return 3;
 #endif
@@ -272,13 +277,13 @@ int moekit_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t 
   for (int64_t t = 0; t < N; ++t) to_float(xdtype, static_cast<const char*>(x) + t * D * itemsize(xdtype), D,
                                            xf + t * D);
   if (wdtype == 0)
-    run_layer<uint16_t>(xf, D, I, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, Bf16());
+    run_layer<uint16_t>(xf, D, I, LD, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, Bf16());
 #ifdef __FLT16_MAX__
   else if (wdtype == 1)
-    run_layer<_Float16>(xf, D, I, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, F16());
+    run_layer<_Float16>(xf, D, I, LD, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, F16());
 #endif
   else
-    run_layer<float>(xf, D, I, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, F32());
+    run_layer<float>(xf, D, I, LD, J, gate_up, down, tok_start, tok, w, h, accs, N, xdtype, out, threads, F32());
   return 0;
 }
 

@@ -204,10 +204,12 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
 def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                        jobs: list[tuple[int, list[int], list[float]]], out: torch.Tensor | None = None,
                        threads: int | None = None, scratch: Scratch | None = None,
-                       start: bool = False) -> torch.Tensor | Started:
+                       start: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor | Started:
     """Returns out [N, D]: what expert_ffn returns, each job's expert being a row of the stacked
     gate_up [E, 2I, D] and down [E, D, I] (jobs: (row, tokens, weights)); start=True: a Started,
-    as expert_ffn's.
+    as expert_ffn's. `rows` (r0, r1): only ffn rows r0..r1-1 of every expert (gate and up rows,
+    down columns), whose partial output added to the other rows' is the expert's output (an
+    expert split by rows between the CPU and the device).
 
     The pointers are computed from the stacks' strides: no per-expert tensor view is made or
     checked (16 per OLMoE layer, ~4 us each, on the decode path of offload.cpu). Each expert's
@@ -224,20 +226,26 @@ def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
         raise ValueError(f"expert_ffn_stacked needs CPU gate_up [E, {2 * ffn}, {d}] and down [E, {d}, {ffn}] of one "
                          f"dtype, each expert contiguous; got {list(gate_up.shape)} {gate_up.dtype} "
                          f"{gate_up.stride()}, {list(down.shape)} {down.dtype} {down.stride()}")
-    rows = [job[0] for job in jobs]
-    if not 0 <= min(rows) <= max(rows) < count:
+    experts = [job[0] for job in jobs]
+    if not 0 <= min(experts) <= max(experts) < count:
         raise ValueError(f"a job's row is outside the {count} stacked experts")
+    r0, r1 = rows if rows is not None else (0, ffn)
+    if not 0 <= r0 < r1 <= ffn:
+        raise ValueError(f"rows {rows} is not a non-empty range of the {ffn} ffn rows")
     size = gate_up.element_size()
-    gu0, gu_step = gate_up.data_ptr(), gate_up.stride(0) * size
-    dn0, dn_step = down.data_ptr(), down.stride(0) * size
-    return _run(x, out, gate_up.dtype, ffn, [gu0 + r * gu_step for r in rows], [dn0 + r * dn_step for r in rows],
-                Routes(jobs, n), threads, scratch, (gate_up, down) if start else None)
+    gu0, gu_step = gate_up.data_ptr() + r0 * d * size, gate_up.stride(0) * size
+    dn0, dn_step = down.data_ptr() + r0 * size, down.stride(0) * size
+    return _run(x, out, gate_up.dtype, r1 - r0, [gu0 + e * gu_step for e in experts],
+                [dn0 + e * dn_step for e in experts], Routes(jobs, n), threads, scratch,
+                (gate_up, down) if start else None, ld=ffn)
 
 
 def _run(x: torch.Tensor, out: torch.Tensor, wdtype: torch.dtype, ffn: int, gate_ups: list[int], downs: list[int],
-         routes: Routes, threads: int | None, scratch: Scratch | None, keep: tuple | None) -> torch.Tensor | Started:
+         routes: Routes, threads: int | None, scratch: Scratch | None, keep: tuple | None,
+         ld: int | None = None) -> torch.Tensor | Started:
     """Returns out after the native call on checked pointers (x contiguous [N, D], out like x); with
-    `keep` (what else the call reads: the weights), the Started call instead."""
+    `keep` (what else the call reads: the weights), the Started call instead. `ffn` rows of experts
+    `ld` wide (default ffn; experts.cpp, LD)."""
     lib = library()
     if lib is None:
         from . import unavailable_reason
@@ -254,9 +262,9 @@ def _run(x: torch.Tensor, out: torch.Tensor, wdtype: torch.dtype, ffn: int, gate
     h = scratch.get("h", routes.slots * ffn)
     xf = scratch.get("x", n * d)
     accs = scratch.get("acc", threads * acc_stride(n))
-    args = (DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d, ffn, len(gate_ups),
-            gate_ptrs, down_ptrs, routes.starts, routes.tokens, routes.weights, float_ptr(h), float_ptr(xf),
-            float_ptr(accs), threads)
+    args = (DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d, ffn, ld or ffn,
+            len(gate_ups), gate_ptrs, down_ptrs, routes.starts, routes.tokens, routes.weights, float_ptr(h),
+            float_ptr(xf), float_ptr(accs), threads)
     refusal = "the CPU expert kernel refused its arguments (code {code}: see experts.cpp)"
     if keep is not None:
         return post(lib.moekit_async_expert_ffn, *args, keep=(x, out, routes, h, xf, accs, *keep), out=out,
