@@ -161,6 +161,31 @@ def test_slot_kernel_with_offsets_reads_experts_from_two_places():
     assert torch.equal(got, want)
 
 
+def test_slot_kernel_row_slices_equal_cut_experts_and_add_up():
+    """rows=(r0, r1) computes ffn rows r0..r1-1 of each expert (the device's share of an expert split
+    by rows with the CPU): equal to the whole kernel on experts cut to those rows, with and without
+    offsets, and slices covering the rows add up to the whole output."""
+    num_experts, hidden, ffn, tokens, top_k = 4, 40, 48, 2, 2
+    device = kernel_device()
+    g = torch.Generator().manual_seed(8)
+    m = _experts(num_experts, hidden, ffn, device)
+    x = torch.randn(tokens, hidden, generator=g).to(device)
+    ids, weights = _route(tokens, num_experts, top_k, device, g)
+    gu, dn = m.gate_up.detach(), m.down.detach()
+    table = torch.stack([torch.arange(num_experts) * gu.stride(0), torch.arange(num_experts) * dn.stride(0)], 1)
+    with torch.no_grad():
+        for r0, r1 in ((0, 16), (16, 48), (5, 37)):
+            cut_gu = torch.cat([gu[:, r0:r1], gu[:, ffn + r0:ffn + r1]], dim=1).contiguous()
+            cut_dn = dn[:, :, r0:r1].contiguous()
+            want = triton_ops.slot_expert_ffn(x, ids, weights, cut_gu, cut_dn)
+            assert torch.equal(triton_ops.slot_expert_ffn(x, ids, weights, gu, dn, rows=(r0, r1)), want)
+            got = triton_ops.slot_expert_ffn(x, ids, weights, gu, dn, offsets=table.to(device), rows=(r0, r1))
+            assert torch.equal(got, want)
+        whole = triton_ops.slot_expert_ffn(x, ids, weights, gu, dn)
+        parts = sum(triton_ops.slot_expert_ffn(x, ids, weights, gu, dn, rows=r) for r in ((0, 16), (16, 48)))
+    torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_block_map_covers_every_slot_once():
     g = torch.Generator().manual_seed(0)
     ids, _ = _route(37, 6, 3, "cpu", g)

@@ -191,7 +191,7 @@ def _check_slot_config(kernel: str, config: tuple[int, ...]) -> None:
 def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor,
                     configs: tuple[tuple[int, int, int], tuple[int, int, int, int]] | None = None,
-                    offsets: torch.Tensor | None = None) -> torch.Tensor:
+                    offsets: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D]: two launches, no host sync.
 
     Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode). The down
@@ -199,10 +199,20 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     `configs` overrides the tiles of the gate_up and down kernels (SLOT_DEFAULT's forms).
     `offsets` [E, >= 2] int64 (any row stride; columns past 2 unused) places expert e's gate_up at gate_up's first element +
     offsets[e, 0] and its down at down's first element + offsets[e, 1] (elements; each expert's
-    matrices contiguous as in the stacked layout), instead of at index e of gate_up and down."""
+    matrices contiguous as in the stacked layout), instead of at index e of gate_up and down.
+    `rows` (r0, r1): only ffn rows r0..r1-1 of each expert (gate and up rows, down columns): the
+    device's partial output of an expert split by rows with the CPU (native.experts, rows)."""
     n, top_k = expert_ids.shape
     _, two_ffn, hidden = gate_up.shape
-    ffn = two_ffn // 2
+    width = two_ffn // 2
+    r0, r1 = rows if rows is not None else (0, width)
+    assert 0 <= r0 < r1 <= width, f"rows {rows} is not a non-empty range of the {width} ffn rows"
+    ffn = r1 - r0
+    up = width * gate_up.stride(1)  # elements from a gate row to its up row
+    gu_strides, dn_strides = gate_up.stride()[:2], down.stride()[:2]
+    if r0:  # the kernels take the slice's first row / column as each expert's start
+        gate_up = gate_up.as_strided((1,), (1,), gate_up.storage_offset() + r0 * gate_up.stride(1))
+        down = down.as_strided((1,), (1,), down.storage_offset() + r0)
     slots = n * top_k
     gate_up_config, down_config = configs or (slot_config("gate_up", hidden, ffn), slot_config("down", hidden, ffn))
     _check_slot_config("gate_up", gate_up_config)
@@ -221,12 +231,12 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
         stride_off = 0
     h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
     slot_gate_up_swiglu_kernel[(slots, triton.cdiv(ffn, gn))](
-        x, flat_ids, gate_up, gu_off, h, ffn, x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
+        x, flat_ids, gate_up, gu_off, h, ffn, up, x.stride(0), gu_strides[0], gu_strides[1], h.stride(0),
         stride_off, TOP_K=top_k, K=hidden, BLOCK_N=gn, BLOCK_K=gk, OFFSETS=use_offsets, num_warps=gw)
     out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, D]
     # the token count is only in the grid: every ragged step launches under one specialization
     slot_down_kernel[(n, triton.cdiv(hidden, dn))](
-        h, flat_ids, flat_weights, down, dn_off, out, hidden, h.stride(0), down.stride(0), down.stride(1),
+        h, flat_ids, flat_weights, down, dn_off, out, hidden, h.stride(0), dn_strides[0], dn_strides[1],
         out.stride(0), stride_off, TOP_K=top_k, K=ffn, BLOCK_N=dn, BLOCK_K=dk, SLOTS_PER_STEP=per_step,
         OFFSETS=use_offsets, num_warps=dw)
     return out

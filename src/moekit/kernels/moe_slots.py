@@ -80,12 +80,13 @@ def _row(t, p):
 @triton.jit
 def slot_gate_up_swiglu_kernel(
     x_ptr, expert_ids_ptr, w_ptr, off_ptr, out_ptr,
-    FFN,
+    FFN, UP,
     stride_xn, stride_we, stride_wn, stride_os, stride_off,
     TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     OFFSETS: tl.constexpr,
 ):
-    """out[s, n] = silu(x[s // A] . w[e_s, n]) * (x[s // A] . w[e_s, FFN + n])."""
+    """out[s, n] = silu(x[s // A] . w[e_s, n]) * (x[s // A] . w[e_s, n] UP elements on) for the FFN rows
+    n computed (UP = the expert's ffn width x stride_wn: a slice of its rows starts at w_ptr)."""
     s = tl.program_id(0)
     nb = tl.program_id(1)
     e = tl.load(expert_ids_ptr + s).to(tl.int64)
@@ -96,7 +97,7 @@ def slot_gate_up_swiglu_kernel(
     else:
         w_base = w_ptr + e * stride_we
     half = tl.arange(0, 2)  # 0: gate rows, 1: up rows, one x
-    acc = _matvec(x_ptr + (s // TOP_K) * stride_xn + half * 0, w_base + half * (FFN * stride_wn), rows, stride_wn,
+    acc = _matvec(x_ptr + (s // TOP_K) * stride_xn + half * 0, w_base + half * UP, rows, stride_wn,
                   K, 2, BLOCK_N, BLOCK_K)  # [2, BN]
     gate = _row(acc, 0)
     h = gate * tl.sigmoid(gate) * _row(acc, 1)
