@@ -146,8 +146,8 @@ def main() -> None:
                     if kernel == "gate_up":
                         bn, bk, warps = cfg
                         slot_gate_up_swiglu_kernel[(a, triton.cdiv(i, bn))](
-                            x, ids, gate_up, ids, outs["gate_up"], i, x.stride(0), gate_up.stride(0),
-                            gate_up.stride(1), i, 0, TOP_K=a, K=d, BLOCK_N=bn, BLOCK_K=bk, OFFSETS=False,
+                            x, ids, gate_up, ids, outs["gate_up"], i, i * gate_up.stride(1), x.stride(0),
+                            gate_up.stride(0), gate_up.stride(1), i, 0, TOP_K=a, K=d, BLOCK_N=bn, BLOCK_K=bk, OFFSETS=False,
                             num_warps=warps)
                     else:
                         bn, bk, warps, per_step = cfg

@@ -33,7 +33,8 @@ def build(case: tuple) -> str:
     bf16, ids = "*bf16", "*i64"
     if kind == "gate_up":
         kernel = moe_slots.slot_gate_up_swiglu_kernel
-        args = {"x_ptr": bf16, "expert_ids_ptr": ids, "w_ptr": bf16, "off_ptr": ids, "out_ptr": bf16, "FFN": "i32"}
+        args = {"x_ptr": bf16, "expert_ids_ptr": ids, "w_ptr": bf16, "off_ptr": ids, "out_ptr": bf16, "FFN": "i32",
+                "UP": "i32"}
         constexprs = {}
     else:
         kernel = moe_slots.slot_down_kernel
@@ -43,7 +44,7 @@ def build(case: tuple) -> str:
     constexprs |= {"TOP_K": top_k, "K": k, "BLOCK_N": bn, "BLOCK_K": bk, "OFFSETS": offsets}
     # as a launch specializes: tensors 16-byte aligned, widths and strides multiples of 16 (not stride_off)
     return resource_usage(kernel, args, constexprs, warps, aligned=lambda name, kind: kind.startswith("*") or name in (
-        "FFN", "N") or (name.startswith("stride") and name != "stride_off"))
+        "FFN", "UP", "N") or (name.startswith("stride") and name != "stride_off"))
 
 
 def test_slot_kernels_compile_for_sm90_without_spills():
