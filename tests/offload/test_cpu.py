@@ -18,7 +18,7 @@ from moekit.cli import main
 from moekit.experts.forms import DenseForm
 from moekit.offload import OffloadConfig, load_offloaded
 from moekit.offload.cache import ExpertCache
-from moekit.offload.cpu import CPU_SCALE_RANGE, CostModel, CpuWorker, share_in_place, split_misses
+from moekit.offload.cpu import CPU_SCALE_RANGE, CostModel, CpuWorker, row_split, share_in_place, split_misses
 from moekit.offload.planner import activation_bytes, kv_cache_bytes, resident_bytes
 from moekit.offload.stats import OffloadStats
 from moekit.offload.store import HostStore
@@ -53,7 +53,7 @@ def mixtral(tiny):
 def check_counts(report: dict) -> None:
     """Every lookup was a hit, a demand fetch, an expert computed on the CPU or one read in place."""
     assert report["lookups"] == (report["hits"] + report["demand_fetches"] + report["cpu_experts"]
-                                 + report["in_place_experts"])
+                                 + report["in_place_experts"] + report["row_split_experts"])
 
 
 # ---- outputs never change --------------------------------------------------------------------
@@ -450,6 +450,16 @@ def test_share_in_place():
     assert share_in_place([], 0.0, 1.0) == []
 
 
+def test_row_split():
+    """The row split's boundary: rows in proportion to the other side's time, a multiple of the quantum,
+    strictly inside; none for narrow experts or a missing rate."""
+    assert row_split(3.8, 7.8, 14336) == 9664  # Mixtral's rates: the CPU takes 67% of the rows (9,637 -> 9,664)
+    assert row_split(1.0, 1.0, 1024) == 512
+    assert row_split(1.0, 1000.0, 1024) == 960 and row_split(1000.0, 1.0, 1024) == 64  # never all on one side
+    assert row_split(1.0, 1.0, 100) is None and row_split(0.0, 1.0, 1024) is None and row_split(1.0, 0.0, 1024) is None
+    assert row_split(1.0, 1.0, 48, quantum=8) == 24
+
+
 def test_cost_model_follows_observed_cpu_calls():
     """observe_cpu moves the CPU side geometrically toward observed / modelled, within its clamp; a
     call with nothing modelled or no time changes nothing."""
@@ -624,15 +634,18 @@ def test_gpu_cpu_misses_match_resident(tiny, misses, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("share", ["mixed", "off"])
+@pytest.mark.parametrize("share", ["mixed", "off", "rows"])
 def test_gpu_auto_in_place_share_matches_resident(tiny, share, monkeypatch):
     """misses auto's split with its in-place share: missed experts computed on the CPU and read in
-    place by the GPU in the same calls, the greedy tokens those of the resident model; with
-    MOEKIT_IN_PLACE=0 none is read in place."""
+    place by the GPU in the same calls (whole, or split by rows: MOEKIT_ROW_SPLIT=1), the greedy
+    tokens those of the resident model; with MOEKIT_IN_PLACE=0 none is read in place."""
     monkeypatch.setattr("moekit.offload.source.AUTO_MAPPED_SHARE", 2.0)  # keep the split (see above)
     monkeypatch.setattr("moekit.offload.source.IN_PLACE_MIN_EXPERT_BYTES", 0)  # tiny experts get the share too
+    monkeypatch.setattr("moekit.offload.cpu.ROW_QUANTUM", 8)  # and tiny widths their row split
     if share == "off":
         monkeypatch.setenv("MOEKIT_IN_PLACE", "0")
+    if share == "rows":
+        monkeypatch.setenv("MOEKIT_ROW_SPLIT", "1")
     ckpt = tiny("mixtral")
     resident = moekit.load_model(ckpt.path, device="cuda", dtype="float32")
     ids = token_ids(1, 5)
@@ -644,8 +657,8 @@ def test_gpu_auto_in_place_share_matches_resident(tiny, share, monkeypatch):
     runtime = model.offload
     runtime.new_cache(2)
     costs = runtime.costs
-    if share == "mixed":
-        assert runtime.in_place is not None and costs.in_place_s_one > 0
+    if share != "off":
+        assert runtime.in_place is not None and costs.in_place_s_one > 0 and runtime.row_split_on == (share == "rows")
         costs.cpu_s_max = costs.cpu_s_one  # a tiny expert's times are launch costs: make the two sides equal
         costs.cpu_scale, costs.in_place_s_one = 1.0, costs.cpu_s_one
         monkeypatch.setattr("moekit.offload.cpu.CPU_SCALE_RANGE", (1.0, 1.0))  # and keep them so
@@ -657,9 +670,11 @@ def test_gpu_auto_in_place_share_matches_resident(tiny, share, monkeypatch):
         runtime.cpu.close()
     report = runtime.report()
     check_counts(report)
-    assert report["in_place_share"] == (share == "mixed")
+    assert report["in_place_share"] == (share != "off") and report["row_split"] == (share == "rows")
     if share == "mixed":
         assert report["cpu_experts"] > 0 and report["mapped_reads"] > 0 and report["decode_mapped_bytes"] > 0
+    elif share == "rows":
+        assert report["row_split_experts"] > 0 and report["decode_mapped_bytes"] > 0 and report["cpu_bytes"] > 0
     else:
         assert report["mapped_reads"] == 0
 

@@ -329,7 +329,11 @@ class DenseForm(StoredForm):
             return torch.bmm(stacked["down"][row], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
         return super().apply(xs, stacked, row)
 
-    def fused(self, x, rows, weights, stacked, offsets=None):
+    def fused(self, x, rows, weights, stacked, offsets=None, ffn_rows=None):
+        """`ffn_rows` (r0, r1), reading in place only: those ffn rows of each expert (a partial
+        output; the CPU computes the others: offload.cpu, the row split)."""
+        if ffn_rows is not None and (offsets is None or not triton_ops.triton_usable(x)):
+            raise ValueError("ffn_rows slices experts read in place by the slot kernels only")
         if not x.is_cuda and offsets is None:  # the CPU: the native kernel for small calls
             return cpu_expert_ffn(x, rows, weights, stacked["gate_up"], stacked["down"])
         # CUDA tensors, or CPU tensors under the Triton interpreter when reading in place (tests)
@@ -337,7 +341,7 @@ class DenseForm(StoredForm):
             return None
         gate_up, down = stacked["gate_up"], stacked["down"]
         if offsets is not None or rows.numel() <= SLOT_KERNEL_MAX_SLOTS:
-            return triton_ops.slot_expert_ffn(x, rows, weights, gate_up, down, offsets=offsets)
+            return triton_ops.slot_expert_ffn(x, rows, weights, gate_up, down, offsets=offsets, rows=ffn_rows)
         return triton_ops.grouped_expert_ffn(x, rows, weights, gate_up, down)
 
 

@@ -97,6 +97,15 @@ expert's share of a synchronised one-token call of top_k experts, measured at lo
 (in_place_time); it is not corrected from calls (the device side is never waited for alone).
 MOEKIT_IN_PLACE=0 leaves the share out.
 
+The row split (MOEKIT_ROW_SPLIT=1; off by default until timed on a GPU). Whole experts split
+coarsely where a token has few: Mixtral's top-2 gives one expert to each side, and one 352 MB
+expert read in place (~7.8 ms at the H200's load-time rate) outlasts one computed on the CPU
+(~3.8 ms). With the split on, every miss bound for the CPU is cut at one ffn row r (row_split):
+the CPU computes rows [0, r) of each (native.experts, rows) while the device reads rows
+[r, I) of each in place (the slot kernels, rows), and the two partial outputs add. Only where
+every CPU-bound miss is absent from the cache (one native call takes one slice), for dense
+experts in a host store (CpuWorker.splits_rows), among experts of IN_PLACE_MIN_EXPERT_BYTES.
+
 Shapes: N = tokens of the call, A = experts per token, D = hidden, n = tokens of one expert.
 """
 
@@ -126,6 +135,8 @@ ADMIT_RATIO = 2.0  # a CPU-run expert replaces the least used cached one (lfu) w
 PROFILE_ENV = "MOEKIT_PROFILE_CPU_MISSES"  # "1": record host timestamps of every split layer call (MissProfile)
 ASYNC_ENV = "MOEKIT_CPU_ASYNC"  # "0": run the native call inline on CUDA too (the path before the runner thread)
 IN_PLACE_ENV = "MOEKIT_IN_PLACE"  # "0": misses auto's split has no in-place share (CPU and fetches only)
+ROW_SPLIT_ENV = "MOEKIT_ROW_SPLIT"  # "1": the in-place share splits experts by rows (off until timed on a GPU)
+ROW_QUANTUM = 64  # a row split's boundary is a multiple of this many ffn rows
 
 
 class MissProfile:
@@ -225,6 +236,19 @@ def share_in_place(cpu: list[tuple[int, float]], link_s: float, in_place_s: floa
         left -= c
         moved.append(e)
     return moved
+
+
+def row_split(cpu_s: float, in_place_s: float, width: int, quantum: int | None = None) -> int | None:
+    """Returns r: the CPU computes ffn rows [0, r) of each expert split by rows and the device reads
+    rows [r, width) in place, so both take about as long (r / width = in_place_s / (cpu_s +
+    in_place_s), per whole expert); r a multiple of `quantum` strictly inside, or None where the
+    experts are narrower than two quanta or a rate is missing (offload.cpu, "The row split");
+    `quantum` defaults to ROW_QUANTUM."""
+    quantum = quantum or ROW_QUANTUM
+    if cpu_s <= 0 or in_place_s <= 0 or width < 2 * quantum:
+        return None
+    r = round(width * in_place_s / (cpu_s + in_place_s) / quantum) * quantum
+    return min(max(r, quantum), width - quantum)
 
 
 def split_misses(inflight: list[tuple[int, float, float]], absent: list[tuple[int, float]], queue_s: float,
@@ -328,17 +352,28 @@ class CpuWorker:
         return self.worker is not None or self.asynchronous
 
     def submit(self, layer: int, jobs: list[tuple[int, list[int]]], x_host: torch.Tensor,
-               w_host: torch.Tensor) -> Future | tuple:
+               w_host: torch.Tensor, rows: tuple[int, int] | None = None) -> Future | tuple:
         """Starts sum over jobs (expert, its flat slots n * A + a) of w[slot] * expert(x[n]) as
-        [N, D] on the CPU; returns the handle for `join`."""
+        [N, D] on the CPU; returns the handle for `join`. `rows` (r0, r1): only those ffn rows of
+        each expert (`splits_rows` says where that is served)."""
         # beside CUDA the sum goes to a pinned buffer (its copy to the device is then asynchronous);
         # on the CPU it is the layer's output: a new tensor
         out = (self._buffer("out", x_host.shape[1], x_host.dtype)[:x_host.shape[0]] if self.cuda
                else torch.empty_like(x_host))
+        if rows is not None and not self.splits_rows:
+            raise ValueError("this CPU path computes whole experts only (rows need the native kernel on dense "
+                             "experts in host memory)")
         if self.worker is None:
-            return self._compute(layer, jobs, x_host, w_host, out)
+            return self._compute(layer, jobs, x_host, w_host, out, rows)
         # inference and grad modes are per thread: the worker runs in the caller's
-        return self.worker.submit(self._in_mode, torch.is_inference_mode_enabled(), layer, jobs, x_host, w_host, out)
+        return self.worker.submit(self._in_mode, torch.is_inference_mode_enabled(), layer, jobs, x_host, w_host, out,
+                                  rows)
+
+    @property
+    def splits_rows(self) -> bool:
+        """Whether a call may compute a slice of each expert's ffn rows (the native kernel on dense
+        experts in a host store)."""
+        return self.native and isinstance(self.layout.form, DenseForm) and self.store.kind != "disk"
 
     def join(self, handle: Future | tuple) -> tuple[torch.Tensor, float, float]:
         """Returns (the CPU sum on the model's device, CPU seconds, seconds waited here for it).
@@ -394,7 +429,7 @@ class CpuWorker:
         with torch.inference_mode(inference), torch.no_grad():
             return self._compute(*args)
 
-    def _compute(self, layer, jobs, x_host, w_host, out) -> tuple:
+    def _compute(self, layer, jobs, x_host, w_host, out, rows=None) -> tuple:
         """Returns (out, CPU seconds) once computed, or asynchronously (a Started, its start time)."""
         if self.sent is not None:
             self.sent.synchronize()  # the previous sum has left `out` (already so after any sync)
@@ -402,7 +437,7 @@ class CpuWorker:
             self.profile.mark("cpu_start")
         t0 = time.perf_counter()
         if self.native:
-            started = self._compute_native(layer, jobs, x_host, w_host, out)
+            started = self._compute_native(layer, jobs, x_host, w_host, out, rows)
             return (started, t0) if started is not None else (out, time.perf_counter() - t0)
         if self.profile is not None:  # the PyTorch path: its ops are the kernel
             self.profile.mark("kernel_start")
@@ -424,7 +459,7 @@ class CpuWorker:
             self.profile.mark("kernel_end")
         return out, time.perf_counter() - t0
 
-    def _compute_native(self, layer, jobs, x_host, w_host, out) -> Started | None:
+    def _compute_native(self, layer, jobs, x_host, w_host, out, rows=None) -> Started | None:
         """The layer's CPU experts in one native call (moekit.native.experts): every weight row
         read once, all cores, one parallel region. A disk store reads one expert at a time into
         its scratch, so there each expert is its own call. Returns the Started call where
@@ -444,7 +479,8 @@ class CpuWorker:
             if prof is not None:
                 prof.mark("kernel_start")
             started = expert_ffn_stacked(x_host, stacked["gate_up"], stacked["down"], routes, out=out,
-                                         threads=self.threads, scratch=self.scratch, start=self.asynchronous)
+                                         threads=self.threads, scratch=self.scratch, start=self.asynchronous,
+                                         rows=rows)
             if self.asynchronous:
                 return started  # join marks kernel_end
             if prof is not None:

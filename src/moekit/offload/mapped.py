@@ -268,9 +268,14 @@ class InPlaceReads:
         self.slab = tuple(self.stacked.values())
         self.table = self.host_rows.to(self.device, copy=True)  # [L, E, C + 1]
 
-    def run(self, layer: int, xs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Returns weights [S, 1] * expert_{ids[s]}(xs[s]) as [S, D], each expert read from host memory."""
-        return self.runtime.form.fused(xs, ids, weights, self.stacked, offsets=self.table[self.pos[layer]])
+    def run(self, layer: int, xs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+            ffn_rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Returns weights [S, 1] * expert_{ids[s]}(xs[s]) as [S, D], each expert read from host memory
+        (with `ffn_rows`, dense experts: only those ffn rows of each, a partial output)."""
+        table = self.table[self.pos[layer]]
+        if ffn_rows is None:
+            return self.runtime.form.fused(xs, ids, weights, self.stacked, offsets=table)
+        return self.runtime.form.fused(xs, ids, weights, self.stacked, offsets=table, ffn_rows=ffn_rows)
 
 
 def host_row_offsets(runtime) -> tuple[tuple[str, ...], dict[str, torch.Tensor], torch.Tensor]:

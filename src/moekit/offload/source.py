@@ -32,7 +32,8 @@ from ..errors import MoekitError
 from ..routers import weights_of
 from .cache import ExpertCache
 from .config import OffloadConfig
-from .cpu import ADMIT_RATIO, IN_PLACE_ENV, CostModel, CpuWorker, share_in_place, split_misses
+from .cpu import (ADMIT_RATIO, IN_PLACE_ENV, ROW_SPLIT_ENV, CostModel, CpuWorker, row_split, share_in_place,
+                  split_misses)
 from ..experts.forms import needs_grad
 from .layout import SlotLayout
 from .planner import BudgetPlan, decimal_size, kv_cache_bytes, prefill_activation_bytes
@@ -126,6 +127,7 @@ class OffloadRuntime:
         self.costs: CostModel | None = None  # measured rates (CUDA, misses cpu/auto)
         self.mapped = None  # offload.mapped.MappedTable (misses mapped), attached to each new cache
         self.in_place = None  # offload.mapped.InPlaceReads (misses auto's in-place share), attached to each new cache
+        self.row_split_on = False  # the in-place share cuts experts by rows (MOEKIT_ROW_SPLIT=1)
         self._choose_misses()
         if config.strict:
             warnings.warn("strict offload runs only the predicted experts: outputs change, and stay "
@@ -252,6 +254,7 @@ class OffloadRuntime:
         from .mapped import InPlaceReads, self_test
 
         self.in_place = None
+        self.row_split_on = False
         if (os.environ.get(IN_PLACE_ENV, "1") == "0" or self.plan.expert_bytes < IN_PLACE_MIN_EXPERT_BYTES
                 or self.device.type != "cuda" or not self.form.reads_in_place
                 or not isinstance(self.store, HostStore) or not self.store.pin or not reads_in_place(self.device)):
@@ -262,6 +265,8 @@ class OffloadRuntime:
             self.in_place_refused = self_test(self.in_place)
         if self.in_place_refused is not None:
             self.in_place = None
+        else:
+            self.row_split_on = os.environ.get(ROW_SPLIT_ENV, "0") == "1" and self.cpu.splits_rows
 
     def capture_decode(self, model, cache, token: torch.Tensor, position: int):
         """Returns a decode step captured whole (misses mapped), or None: capture it in pieces."""
@@ -302,6 +307,7 @@ class OffloadRuntime:
                    cpu_max_tokens=self.config.cpu_max_tokens, cpu_threads=self.cpu.threads if self.cpu else 0,
                    native_cpu_kernel=bool(self.cpu and self.cpu.native),
                    in_place_share=self.in_place is not None, in_place_refused=self.in_place_refused,
+                   row_split=self.row_split_on,
                    cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
         return out
@@ -446,7 +452,8 @@ class OffloadRuntime:
     # ---- misses on the CPU (offload.cpu) ---------------------------------------------------------
     def _split(self, layer: int, needed: list[int], flat_of: dict[int, list[int]], capacity: int):
         """Returns (experts run on the device from its cache, experts run on the CPU, experts the device
-        reads in place, prefetch horizon seconds or None)."""
+        reads in place, prefetch horizon seconds or None, row split or None: (experts, r), each
+        computed on the CPU for ffn rows [0, r) and read in place for the rest)."""
         cache, costs = self.cache, self.costs
         ready, inflight, absent, in_place = [], [], [], []
         for e in needed:
@@ -472,6 +479,14 @@ class OffloadRuntime:
             if self.in_place is not None and costs.in_place_s_one > 0:  # the link's share beside the CPU's
                 fetched = sum(1 for e in absent if e not in on_cpu)
                 movable = [(e, costs.cpu_s(len(flat_of[e]))) for e in absent if e in on_cpu]
+                r = None
+                if self.row_split_on and movable and len(movable) == len(on_cpu):  # every CPU miss absent
+                    r = row_split(sum(c for _, c in movable) / len(movable), costs.in_place_s_one, self.form.ffn)
+                if r is not None:  # each CPU-bound miss cut at row r (offload.cpu, "The row split")
+                    split = [e for e in needed if e in on_cpu]
+                    device = [e for e in needed if e not in on_cpu]
+                    horizon = sum(c for _, c in movable) * r / self.form.ffn + costs.cpu_s(1)
+                    return device, [], [], horizon, (split, r)
                 in_place = share_in_place(movable, queue_s + fetched * fetch_s, costs.in_place_s_one)
                 on_cpu.difference_update(in_place)
             device = [e for e in needed if e not in on_cpu and e not in in_place]
@@ -479,7 +494,7 @@ class OffloadRuntime:
         horizon = None
         if costs is not None:
             horizon = sum(costs.cpu_s(len(flat_of[e])) for e in cpu) + costs.cpu_s(1)
-        return device, cpu, in_place, horizon
+        return device, cpu, in_place, horizon, None
 
     def _run_split(self, layer, x, expert_ids, weights, routed, needed, nxt, predicted, capacity, x_host, w_host):
         """Runs a call of few tokens: experts on the device where they are, the rest on the CPU."""
@@ -488,23 +503,28 @@ class OffloadRuntime:
         flat_of: dict[int, list[int]] = {}  # expert -> its flat slots n * A + a
         for i, e in enumerate(routed):
             flat_of.setdefault(e, []).append(i)
-        device, cpu, in_place, horizon = self._split(layer, needed, flat_of, capacity)
+        device, cpu, in_place, horizon, split = self._split(layer, needed, flat_of, capacity)
         prof = self.cpu.profile
         if prof is not None:
             prof.note(cpu_experts=len(cpu), device_experts=len(device))
             prof.mark("split")
-        if not cpu and not in_place:
+        if not cpu and not in_place and split is None:
             return self._run_resident_set(layer, x, expert_ids, weights, routed, needed, nxt, predicted, horizon)
-        jobs = [(e, flat_of[e]) for e in cpu]
+        sliced, r = split if split is not None else ([], 0)  # experts cut at ffn row r (offload.cpu, the row split)
+        width = self.form.ffn
+        rows_cpu = (0, r) if sliced else None
+        jobs = [(e, flat_of[e]) for e in (sliced or cpu)]
         # a call that overlaps (the runner thread, a worker thread) starts first, the longest part, and
         # runs while this thread queues the device part; inline, the device part is queued first, so
         # the GPU runs it while this thread computes the CPU part (offload.cpu)
-        job = self.cpu.submit(layer, jobs, x_host, w_host) if jobs and self.cpu.overlaps else None
+        job = self.cpu.submit(layer, jobs, x_host, w_host, rows_cpu) if jobs and self.cpu.overlaps else None
         try:
-            stats.lookups += len(cpu) + len(in_place)
+            expert_bytes = self.layout.layer_bytes(layer)
+            stats.lookups += len(cpu) + len(in_place) + len(sliced)
             stats.cpu_experts += len(cpu)
-            stats.cpu_bytes += len(cpu) * self.layout.layer_bytes(layer)
-            cache.count_uses([(layer, e) for e in cpu + in_place])
+            stats.row_split_experts += len(sliced)
+            stats.cpu_bytes += len(cpu) * expert_bytes + len(sliced) * expert_bytes * r // width
+            cache.count_uses([(layer, e) for e in cpu + in_place + sliced])
             # copies in flight that the CPU outran stay (the split's fetch_room counted them as kept)
             protected = {slot for slot in (cache.slot((layer, e)) for e in cpu) if slot is not None}
             slots = self._lookup(layer, device, protected)  # hits (auto: and the fetches it chose)
@@ -521,26 +541,31 @@ class OffloadRuntime:
                 part = self.form.run(xs, slot_ids, ws, self.layout.view(cache.slab, layer), ids=ids, row_of=slot_of,
                                      count=self.model_config.experts_in(layer))  # [S, D], weighted
                 out = torch.zeros_like(x).index_add_(0, tokens, part)
-            if in_place:  # read from host memory by the device, beside the CPU's share
-                rows = [i for e in in_place for i in flat_of[e]]
+            for part_of, ffn_rows in ((in_place, None), (sliced, (r, width))):
+                if not part_of:
+                    continue
+                # read from host memory by the device, beside the CPU's share (whole experts, or the rows
+                # past r of the experts the CPU computes up to r)
+                rows = [i for e in part_of for i in flat_of[e]]
                 flat = device_index(rows, x.device)
                 tokens = flat // top_k
                 part = self.in_place.run(layer, x[tokens], expert_ids.reshape(-1)[flat].view(-1, 1),
-                                         weights.reshape(-1)[flat].view(-1, 1))
+                                         weights.reshape(-1)[flat].view(-1, 1), ffn_rows=ffn_rows)
                 out = (torch.zeros_like(x) if out is None else out).index_add_(0, tokens, part)
-                stats.in_place_experts += len(in_place)
+                moved = len(part_of) * expert_bytes * (width - r if ffn_rows else width) // width
+                stats.in_place_experts += len(part_of) if ffn_rows is None else 0
                 stats.mapped_reads += len(rows)
-                stats.mapped_bytes += len(in_place) * self.layout.layer_bytes(layer)
+                stats.mapped_bytes += moved
                 if x.shape[0] == 1:
-                    stats.decode_mapped_bytes += len(in_place) * self.layout.layer_bytes(layer)
-            for e in sorted(cpu + in_place, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in, link idle
+                    stats.decode_mapped_bytes += moved
+            for e in sorted(cpu + in_place + sliced, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in
                 if not cache.link_idle() or cache.admit((layer, e), protected, ADMIT_RATIO) is None:
                     break
                 stats.admissions += 1
             if prof is not None:
                 prof.mark("device_launched")
             if job is None and jobs:
-                job = self.cpu.submit(layer, jobs, x_host, w_host)
+                job = self.cpu.submit(layer, jobs, x_host, w_host, rows_cpu)
         except BaseException:
             if job is not None:  # the started call must end before its buffers go (and before the next start)
                 self.cpu.abandon(job)
@@ -548,7 +573,8 @@ class OffloadRuntime:
         if jobs:
             cpu_out, cpu_s, wait_s = self.cpu.join(job)
             if self.costs is not None:  # the CPU side of the split follows what its calls take
-                self.costs.observe_cpu(sum(self.costs.cpu_s(len(flat)) for _, flat in jobs), cpu_s)
+                share = r / width if sliced else 1.0  # a row split's CPU part reads that share of each expert
+                self.costs.observe_cpu(share * sum(self.costs.cpu_s(len(flat)) for _, flat in jobs), cpu_s)
             stats.cpu_s += cpu_s
             stats.cpu_wait_s += wait_s
             out = cpu_out if out is None else out.add_(cpu_out)

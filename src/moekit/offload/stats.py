@@ -32,6 +32,7 @@ class OffloadStats:
     cpu_wait_s: float = 0.0  # ... of which the layer waited for it after launching its device part
     admissions: int = 0  # missed experts then copied into the cache in the background (popular ones)
     in_place_experts: int = 0  # (layer, expert) pairs misses auto's split had the device read in place
+    row_split_experts: int = 0  # ... computed by rows on the CPU and read in place for the rest (the row split)
     mapped_reads: int = 0  # routed slots whose expert the device read in place from host memory (misses mapped, auto)
     mapped_bytes: int = 0  # bytes those in-place reads moved over the link
     decode_mapped_bytes: int = 0  # ... during one-token steps
