@@ -20,7 +20,8 @@ Rows (--rows, a comma list; each call writes its own --name.json):
               the copies resident on the CPU next to llama.cpp's CPU decode of Q4_K_M / Q2_K / bf16)
   cpu         no GPU: llama.cpp's decode with the GPU hidden (-dev none -ngl 0; the CPU build without
               CUDA) interleaved with `moekit --device cpu` bf16 on all the host's cores (16 on the H200)
-  rates       the CPU kernel against the host's read rate (one expert, a layer's top-k; compressed kernels)
+  rates       the CPU kernel against the host's read rate (one expert, a layer's top-k; the compressed
+              kernels only beside the compressed row: at the Mixtral shape they took 373 s, f51a719)
 The ceilings (host read, pinned H2D, both at once) are measured whenever offloaded rows run. With E
 bytes of missed experts per token the decode ceiling is (cpu_rate + h2d_rate) / E (the issue's
 "combined ceiling"), capped by moekit's all-on-GPU figure when that row ran.
@@ -623,7 +624,8 @@ def main() -> int:
         rates = results["rates"] = cpu_and_link_rates(device, max(1, cores - 1))
         if "rates" in rows:
             rates.update(kernel_rates(cfg, max(1, cores - 1)))
-            rates.update(compressed_kernel_rates(cfg, max(1, cores - 1)))
+            if "compressed" in rows:  # they encode experts of the shape: 373 s at Mixtral's (f51a719)
+                rates.update(compressed_kernel_rates(cfg, max(1, cores - 1)))
         common.log("rates (GB/s): " + ", ".join(f"{k}={v / 1e9:.1f}" for k, v in rates.items() if k.endswith("_per_s")))
         save()
     given = [int(float(v)) for v in args.footprints.split(",") if v]
