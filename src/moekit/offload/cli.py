@@ -223,7 +223,8 @@ def _cpu_rows(report: dict) -> list[tuple[str, str]]:
                                         f"read / token, {report['cpu_threads']} threads)"),
                  ("CPU time", f"{report['cpu_s'] * 1e3:.1f} ms ({report['cpu_wait_s'] * 1e3:.1f} ms waited for)")]
         if report.get("in_place_share"):
-            rows += [("read in place", f"{report['in_place_experts']} experts beside the CPU's, "
+            split = f", {report['row_split_experts']} split by rows with it" if report.get("row_split") else ""
+            rows += [("read in place", f"{report['in_place_experts']} experts beside the CPU's{split}, "
                                        f"{format_size(report['mapped_bytes_per_token'])} / token")]
     return rows
 
