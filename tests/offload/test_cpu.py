@@ -475,6 +475,21 @@ def test_cost_model_follows_observed_cpu_calls():
     assert model.cpu_scale == CPU_SCALE_RANGE[1]
 
 
+def test_cost_model_follows_observed_in_place_parts():
+    """observe_in_place moves the in-place side like observe_cpu moves the CPU's: toward observed /
+    modelled, within the same clamp; nothing modelled or no time changes nothing."""
+    model = CostModel(h2d_bytes_per_s=50e9, cpu_s_one=1e-3, cpu_s_max=1e-3, max_tokens=1, in_place_s_one=0.3e-3)
+    for _ in range(40):
+        model.observe_in_place(3 * model.in_place_s(), 3 * 0.9e-3)  # parts of 3 experts at 0.9 ms each: 3x slower
+    assert model.in_place_s() == pytest.approx(0.9e-3, rel=0.02) and model.in_place_calls == 40
+    model.observe_in_place(0.0, 1.0)
+    model.observe_in_place(1.0, 0.0)
+    assert model.in_place_calls == 40 and model.cpu_scale == 1.0  # the CPU side untouched
+    for _ in range(100):
+        model.observe_in_place(model.in_place_s(), 1e-12)
+    assert model.in_place_scale == CPU_SCALE_RANGE[0]
+
+
 def test_split_calls_teach_the_cost_model(mixtral):
     """A runtime whose load-time CPU figure is far too slow (a second an expert) learns the real one
     from its own CPU calls as it decodes, with the resident model's tokens."""
@@ -675,6 +690,8 @@ def test_gpu_auto_in_place_share_matches_resident(tiny, share, monkeypatch):
         assert report["cpu_experts"] > 0 and report["mapped_reads"] > 0 and report["decode_mapped_bytes"] > 0
     elif share == "rows":
         assert report["row_split_experts"] > 0 and report["decode_mapped_bytes"] > 0 and report["cpu_bytes"] > 0
+    if share != "off":  # the in-place parts' device time was read back (events, without waiting)
+        assert costs.in_place_calls > 0
     else:
         assert report["mapped_reads"] == 0
 

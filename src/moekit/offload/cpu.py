@@ -94,7 +94,8 @@ in-place seconds, the CPU seconds left) (share_in_place), so the CPU and the lin
 as the issue's combined ceiling assumes (H200: 72 + 51.5 GB/s together). A top-2 layer (Mixtral)
 splits whole experts 1 + 1; a top-8 one (OLMoE, Qwen3) about 5 + 3. The in-place rate is an
 expert's share of a synchronised one-token call of top_k experts, measured at load
-(in_place_time); it is not corrected from calls (the device side is never waited for alone).
+(in_place_time), then corrected from the calls' own device time (observe_in_place: two CUDA
+events around each call's in-place part, read a call later without waiting).
 MOEKIT_IN_PLACE=0 leaves the share out.
 
 The row split (MOEKIT_ROW_SPLIT=1; off by default until timed on a GPU). Whole experts split
@@ -194,6 +195,8 @@ class CostModel:
     cpu_scale: float = 1.0  # observed CPU call seconds / modelled, followed over the run's calls
     cpu_calls: int = 0  # CPU calls observed
     in_place_s_one: float = 0.0  # an expert's share of a device call reading top_k experts in place (0: no in-place share)
+    in_place_scale: float = 1.0  # observed in-place seconds / modelled (CUDA events of the calls, read without waiting)
+    in_place_calls: int = 0  # in-place parts observed
 
     def cpu_s(self, tokens: int) -> float:
         """Returns the modelled seconds to compute one expert on the CPU for `tokens` tokens."""
@@ -212,6 +215,21 @@ class CostModel:
         lo, hi = CPU_SCALE_RANGE
         self.cpu_scale = min(hi, max(lo, self.cpu_scale * (seconds / modelled_s) ** CPU_SCALE_STEP))
         self.cpu_calls += 1
+
+    def in_place_s(self) -> float:
+        """Returns the modelled seconds the device takes to read one expert in place (0: no in-place share)."""
+        return self.in_place_scale * self.in_place_s_one
+
+    def observe_in_place(self, modelled_s: float, seconds: float) -> None:
+        """Moves in_place_scale toward what an in-place part took on the device (`seconds`, between two
+        CUDA events around it) against the model (`modelled_s`), as observe_cpu does for the CPU: the
+        load-time figure is read alone, while in a decode call the CPU streams host memory beside it
+        (OLMoE, H200: the share cost 25% where the load-time rate said it would pay)."""
+        if modelled_s <= 0 or seconds <= 0:
+            return
+        lo, hi = CPU_SCALE_RANGE
+        self.in_place_scale = min(hi, max(lo, self.in_place_scale * (seconds / modelled_s) ** CPU_SCALE_STEP))
+        self.in_place_calls += 1
 
     def fetch_s(self, nbytes: int) -> float:
         """Returns the modelled seconds one fetch of `nbytes` occupies the link."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections import deque
 
 import torch
 from torch import nn
@@ -128,6 +129,8 @@ class OffloadRuntime:
         self.mapped = None  # offload.mapped.MappedTable (misses mapped), attached to each new cache
         self.in_place = None  # offload.mapped.InPlaceReads (misses auto's in-place share), attached to each new cache
         self.row_split_on = False  # the in-place share cuts experts by rows (MOEKIT_ROW_SPLIT=1)
+        self.in_place_pending: deque = deque()  # ((start, end) CUDA events, modelled seconds) of in-place parts
+        self.in_place_spare: list = []  # event pairs already read, recorded again by later parts
         self._choose_misses()
         if config.strict:
             warnings.warn("strict offload runs only the predicted experts: outputs change, and stay "
@@ -476,18 +479,19 @@ class OffloadRuntime:
             cpu_only = [(e, costs.cpu_s(len(flat_of[e]))) for e in absent if e not in room]
             on_cpu = set(split_misses(waits, fetchable, queue_s, fetch_s, capacity - len(ready) - len(inflight),
                                       cpu_only))
-            if self.in_place is not None and costs.in_place_s_one > 0:  # the link's share beside the CPU's
+            self._observe_in_place()
+            if self.in_place is not None and costs.in_place_s() > 0:  # the link's share beside the CPU's
                 fetched = sum(1 for e in absent if e not in on_cpu)
                 movable = [(e, costs.cpu_s(len(flat_of[e]))) for e in absent if e in on_cpu]
                 r = None
                 if self.row_split_on and movable and len(movable) == len(on_cpu):  # every CPU miss absent
-                    r = row_split(sum(c for _, c in movable) / len(movable), costs.in_place_s_one, self.form.ffn)
+                    r = row_split(sum(c for _, c in movable) / len(movable), costs.in_place_s(), self.form.ffn)
                 if r is not None:  # each CPU-bound miss cut at row r (offload.cpu, "The row split")
                     split = [e for e in needed if e in on_cpu]
                     device = [e for e in needed if e not in on_cpu]
                     horizon = sum(c for _, c in movable) * r / self.form.ffn + costs.cpu_s(1)
                     return device, [], [], horizon, (split, r)
-                in_place = share_in_place(movable, queue_s + fetched * fetch_s, costs.in_place_s_one)
+                in_place = share_in_place(movable, queue_s + fetched * fetch_s, costs.in_place_s())
                 on_cpu.difference_update(in_place)
             device = [e for e in needed if e not in on_cpu and e not in in_place]
             cpu = [e for e in needed if e in on_cpu]
@@ -541,6 +545,7 @@ class OffloadRuntime:
                 part = self.form.run(xs, slot_ids, ws, self.layout.view(cache.slab, layer), ids=ids, row_of=slot_of,
                                      count=self.model_config.experts_in(layer))  # [S, D], weighted
                 out = torch.zeros_like(x).index_add_(0, tokens, part)
+            timing = self._in_place_events(in_place, sliced, r, width) if in_place or sliced else None
             for part_of, ffn_rows in ((in_place, None), (sliced, (r, width))):
                 if not part_of:
                     continue
@@ -558,6 +563,8 @@ class OffloadRuntime:
                 stats.mapped_bytes += moved
                 if x.shape[0] == 1:
                     stats.decode_mapped_bytes += moved
+            if timing is not None:
+                timing[1].record()
             for e in sorted(cpu + in_place + sliced, key=lambda e: -cache.uses[(layer, e)]):  # popular ones in
                 if not cache.link_idle() or cache.admit((layer, e), protected, ADMIT_RATIO) is None:
                     break
@@ -581,6 +588,27 @@ class OffloadRuntime:
         if device:
             cache.release(slots)
         return out
+
+    def _in_place_events(self, whole: list[int], sliced: list[int], r: int, width: int) -> tuple | None:
+        """Returns the (start, end) CUDA events around this call's in-place part, its start recorded
+        (the caller records the end), queued with the part's modelled seconds for _observe_in_place;
+        None off CUDA or without a cost model. Pairs are reused once read (at most a few in flight)."""
+        if self.costs is None or self.device.type != "cuda":
+            return None
+        pair = self.in_place_spare.pop() if self.in_place_spare else (
+            torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        pair[0].record()
+        modelled = self.costs.in_place_s() * (len(whole) + len(sliced) * (width - r) / width)
+        self.in_place_pending.append((pair, modelled))
+        return pair
+
+    def _observe_in_place(self) -> None:
+        """Teaches the cost model the device time of the in-place parts whose events have completed
+        (oldest first, without waiting)."""
+        while self.in_place_pending and self.in_place_pending[0][0][1].query():
+            pair, modelled = self.in_place_pending.popleft()
+            self.costs.observe_in_place(modelled, pair[0].elapsed_time(pair[1]) / 1e3)
+            self.in_place_spare.append(pair)
 
     def _run_waves(self, layer, x, expert_ids, weights, needed, capacity):
         """Runs a layer whose experts do not fit the cache at once, `capacity` experts at a time,
