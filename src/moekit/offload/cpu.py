@@ -91,8 +91,9 @@ carry a miss into the cache to serve it: the device can read it in place from th
 store (offload.mapped), costing no slot and evicting nothing. After the split above, the costliest
 CPU experts move to in-place reads while that lowers max(link time: the fetch queue plus their
 in-place seconds, the CPU seconds left) (share_in_place), so the CPU and the link stream at once,
-as the issue's combined ceiling assumes (H200: 72 + 51.5 GB/s together). A top-2 layer (Mixtral)
-splits whole experts 1 + 1; a top-8 one (OLMoE, Qwen3) about 5 + 3. The in-place rate is an
+as the issue's combined ceiling assumes (H200: 72 + 51.5 GB/s together). Only experts of at least
+source.IN_PLACE_MIN_EXPERT_BYTES get the share (H200: +27% on Mixtral's host row, 352 MB experts
+split whole 1 + 1; -25% on OLMoE's, 12.6 MB experts). The in-place rate is an
 expert's share of a synchronised one-token call of top_k experts, measured at load
 (in_place_time), then corrected from the calls' own device time (observe_in_place: two CUDA
 events around each call's in-place part, read a call later without waiting).
