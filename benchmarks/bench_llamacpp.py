@@ -223,14 +223,20 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
     common.free_memory(device, reset_peak=True)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     row: dict = {"budget_bytes": budget, "misses": misses, "status": "ok"}
+    restore_env: str | None | bool = False  # False: MOEKIT_CPU_GRAPH untouched by this row
     t0 = time.perf_counter()
     model = None
     try:
         if budget is None:
             model = moekit.load_model(path, device=device, dtype=dtype)
         else:
-            # "auto:none": misses auto, predictor none; "cpu::12": misses cpu, 12 CPU expert threads
+            # "auto:none": misses auto, predictor none; "cpu::12": misses cpu, 12 CPU expert threads;
+            # "cpu+graph": misses cpu with MOEKIT_CPU_GRAPH=1 (offload.partner) for this row only
             mode, predictor, threads = (misses.split(":") + ["", ""])[:3]
+            if mode.endswith("+graph"):
+                mode = mode[:-len("+graph")]
+                restore_env = os.environ.get("MOEKIT_CPU_GRAPH")
+                os.environ["MOEKIT_CPU_GRAPH"] = "1"
             model = load_offloaded(path, device=device, dtype=dtype, offload=OffloadConfig(
                 device_memory=budget, misses=mode, **({"predictor": predictor} if predictor else {}),
                 **({"cpu_threads": int(threads)} if threads else {})))
@@ -277,11 +283,17 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
                                                      "misses_used", "misses_note", "cpu_threads", "native_cpu_kernel",
                                                      "cost_model", "plan", "predictor", "predictor_in_split_calls",
                                                      "mapped_reads", "mapped_bytes", "decode_mapped_bytes", "in_place_share",
-                                                     "in_place_experts", "in_place_refused", "mapped_bytes_per_token")}
+                                                     "in_place_experts", "in_place_refused", "mapped_bytes_per_token",
+                                                     "cpu_partner")}
     except MoekitError as e:
         row.update(status="refused", refusal=str(e))
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
         row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-3000:])
+    finally:
+        if restore_env is None:
+            os.environ.pop("MOEKIT_CPU_GRAPH", None)
+        elif restore_env is not False:
+            os.environ["MOEKIT_CPU_GRAPH"] = restore_env
     row["seconds"] = time.perf_counter() - t0
     model = None
     common.free_memory(device)

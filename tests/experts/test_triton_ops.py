@@ -161,6 +161,35 @@ def test_slot_kernel_with_offsets_reads_experts_from_two_places():
     assert torch.equal(got, want)
 
 
+def test_slot_kernel_skips_experts_with_negative_offsets():
+    """skip=True leaves out the slots whose expert's offsets are negative (offload.partner: the CPU
+    computes them), without reading anything for them: bit for bit the sum of the other slots (their
+    routing weights zeroed), although the slab's first slot, where a skipped row would point, holds NaN."""
+    num_experts, hidden, ffn, tokens, top_k = 6, 40, 24, 2, 3
+    device = kernel_device()
+    g = torch.Generator().manual_seed(9)
+    m = _experts(num_experts, hidden, ffn, device)
+    x = torch.randn(tokens, hidden, generator=g).to(device)
+    ids, weights = _route(tokens, num_experts, top_k, device, g)
+    slab_gu = torch.full((num_experts + 1, 2 * ffn, hidden), float("nan"), device=device)
+    slab_dn = torch.full((num_experts + 1, hidden, ffn), float("nan"), device=device)
+    slab_gu[1:], slab_dn[1:] = m.gate_up.detach(), m.down.detach()  # expert e in slot e + 1
+    here = torch.tensor([e % 3 != 1 for e in range(num_experts)])
+    table = torch.stack([(torch.arange(num_experts) + 1) * slab_gu.stride(0),
+                         (torch.arange(num_experts) + 1) * slab_dn.stride(0)], 1)
+    skipping = torch.where(here[:, None], table, torch.full_like(table, -1))
+    kept = weights * here.to(device)[ids]  # the skipped slots' weights zeroed
+    with torch.no_grad():
+        want = triton_ops.slot_expert_ffn(x, ids, kept, m.gate_up, m.down)
+        got = triton_ops.slot_expert_ffn(x, ids, weights, slab_gu, slab_dn, offsets=skipping.to(device), skip=True)
+        assert torch.equal(got, want)
+        none = triton_ops.slot_expert_ffn(x, ids, weights, slab_gu, slab_dn, skip=True,
+                                          offsets=torch.full_like(table, -1).to(device))
+        assert torch.equal(none, torch.zeros_like(none))
+    with pytest.raises(ValueError, match="needs offsets"):
+        triton_ops.slot_expert_ffn(x, ids, weights, m.gate_up, m.down, skip=True)
+
+
 def test_slot_kernel_row_slices_equal_cut_experts_and_add_up():
     """rows=(r0, r1) computes ffn rows r0..r1-1 of each expert (the device's share of an expert split
     by rows with the CPU): equal to the whole kernel on experts cut to those rows, with and without

@@ -329,9 +329,12 @@ class DenseForm(StoredForm):
             return torch.bmm(stacked["down"][row], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
         return super().apply(xs, stacked, row)
 
-    def fused(self, x, rows, weights, stacked, offsets=None, ffn_rows=None):
+    def fused(self, x, rows, weights, stacked, offsets=None, ffn_rows=None, skip=False):
         """`ffn_rows` (r0, r1), reading in place only: those ffn rows of each expert (a partial
-        output; the CPU computes the others: offload.cpu, the row split)."""
+        output; the CPU computes the others: offload.cpu, the row split). `skip` (with offsets):
+        experts whose offsets are negative are left out (the CPU computes them: offload.partner)."""
+        if skip and (offsets is None or not triton_ops.triton_usable(x)):
+            raise ValueError("skip leaves out experts by their offsets in the slot kernels only")
         if ffn_rows is not None and (offsets is None or not triton_ops.triton_usable(x)):
             raise ValueError("ffn_rows slices experts read in place by the slot kernels only")
         if not x.is_cuda and offsets is None:  # the CPU: the native kernel for small calls
@@ -341,7 +344,7 @@ class DenseForm(StoredForm):
             return None
         gate_up, down = stacked["gate_up"], stacked["down"]
         if offsets is not None or rows.numel() <= SLOT_KERNEL_MAX_SLOTS:
-            return triton_ops.slot_expert_ffn(x, rows, weights, gate_up, down, offsets=offsets, rows=ffn_rows)
+            return triton_ops.slot_expert_ffn(x, rows, weights, gate_up, down, offsets=offsets, rows=ffn_rows, skip=skip)
         return triton_ops.grouped_expert_ffn(x, rows, weights, gate_up, down)
 
 

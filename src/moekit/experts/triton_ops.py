@@ -191,7 +191,8 @@ def _check_slot_config(kernel: str, config: tuple[int, ...]) -> None:
 def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                     gate_up: torch.Tensor, down: torch.Tensor,
                     configs: tuple[tuple[int, int, int], tuple[int, int, int, int]] | None = None,
-                    offsets: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+                    offsets: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
+                    skip: bool = False) -> torch.Tensor:
     """Returns sum_a weights[n,a] * expert_{ids[n,a]}(x[n]) as [N, D]: two launches, no host sync.
 
     Same contract as grouped_expert_ffn; no sorting, so it suits a few slots (decode). The down
@@ -201,7 +202,11 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     offsets[e, 0] and its down at down's first element + offsets[e, 1] (elements; each expert's
     matrices contiguous as in the stacked layout), instead of at index e of gate_up and down.
     `rows` (r0, r1): only ffn rows r0..r1-1 of each expert (gate and up rows, down columns): the
-    device's partial output of an expert split by rows with the CPU (native.experts, rows)."""
+    device's partial output of an expert split by rows with the CPU (native.experts, rows).
+    `skip` (with offsets): experts whose offsets are negative are left out of the sum, unread (the
+    CPU computes them: offload.partner)."""
+    if skip and offsets is None:
+        raise ValueError("skip leaves out experts by their offsets: it needs offsets")
     n, top_k = expert_ids.shape
     _, two_ffn, hidden = gate_up.shape
     width = two_ffn // 2
@@ -232,11 +237,11 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     h = torch.empty(slots, ffn, dtype=x.dtype, device=x.device)  # [S, I]
     slot_gate_up_swiglu_kernel[(slots, triton.cdiv(ffn, gn))](
         x, flat_ids, gate_up, gu_off, h, ffn, up, x.stride(0), gu_strides[0], gu_strides[1], h.stride(0),
-        stride_off, TOP_K=top_k, K=hidden, BLOCK_N=gn, BLOCK_K=gk, OFFSETS=use_offsets, num_warps=gw)
+        stride_off, TOP_K=top_k, K=hidden, BLOCK_N=gn, BLOCK_K=gk, OFFSETS=use_offsets, SKIP=skip, num_warps=gw)
     out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # [N, D]
     # the token count is only in the grid: every ragged step launches under one specialization
     slot_down_kernel[(n, triton.cdiv(hidden, dn))](
         h, flat_ids, flat_weights, down, dn_off, out, hidden, h.stride(0), dn_strides[0], dn_strides[1],
         out.stride(0), stride_off, TOP_K=top_k, K=ffn, BLOCK_N=dn, BLOCK_K=dk, SLOTS_PER_STEP=per_step,
-        OFFSETS=use_offsets, num_warps=dw)
+        OFFSETS=use_offsets, SKIP=skip, num_warps=dw)
     return out

@@ -25,6 +25,8 @@ steps whose reductions wait in turn). Which is faster is the tuner's to say.
 With OFFSETS, expert e's weights start at w_ptr + offsets[e * stride_off] (int64, elements) instead
 of w_ptr + e * stride_we: the offset table may point into a cache slab or, through unified
 addressing, into page-locked host memory (an expert read over PCIe in place; offload.mapped).
+With SKIP as well, an expert whose offset is negative is not read at all: its slots add nothing
+(the CPU computes them: offload.partner).
 """
 
 import triton
@@ -32,42 +34,50 @@ import triton.language as tl
 
 
 @triton.jit
-def _step(v_rows, w_rows, rows, stride_wn, k0, K: tl.constexpr, WIDTH: tl.constexpr, MASKED: tl.constexpr):
+def _step(v_rows, w_rows, rows, stride_wn, k0, K: tl.constexpr, WIDTH: tl.constexpr, MASKED: tl.constexpr,
+          live, SKIP: tl.constexpr):
     """Returns w_rows[p][rows, k0:k0+WIDTH] . v_rows[p][k0:k0+WIDTH] as [P, BN] float32
-    (v_rows, w_rows: [P] pointers to vectors and matrices; rows [BN])."""
+    (v_rows, w_rows: [P] pointers to vectors and matrices; rows [BN]); with SKIP, matrices p whose
+    live[p] is false are not read (their products are 0)."""
     ks = k0 + tl.arange(0, WIDTH)  # [W]
     w_ptrs = w_rows[:, None, None] + (rows[:, None] * stride_wn + ks[None, :])[None, :, :]  # [P, BN, W]
     if MASKED:
         k_ok = ks < K
         v = tl.load(v_rows[:, None] + ks[None, :], mask=k_ok[None, :], other=0.0)  # [P, W]
-        w = tl.load(w_ptrs, mask=k_ok[None, None, :], other=0.0)
+        if SKIP:
+            w = tl.load(w_ptrs, mask=k_ok[None, None, :] & live[:, None, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[None, None, :], other=0.0)
     else:
         v = tl.load(v_rows[:, None] + ks[None, :])
-        w = tl.load(w_ptrs)
+        if SKIP:
+            w = tl.load(w_ptrs, mask=live[:, None, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs)
     return tl.sum(w.to(tl.float32) * v.to(tl.float32)[:, None, :], axis=2)
 
 
 @triton.jit
 def _matvec(v_rows, w_rows, rows, stride_wn, K: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr):
-    """Returns w_rows[p][rows, :K] . v_rows[p][:K] as [P, BLOCK_N] float32."""
+            BLOCK_K: tl.constexpr, live=None, SKIP: tl.constexpr = False):
+    """Returns w_rows[p][rows, :K] . v_rows[p][:K] as [P, BLOCK_N] float32 (SKIP: 0 where not live[p])."""
     acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
     if K <= BLOCK_K:  # one step, masked past K: all its loads go out before any wait
-        acc += _step(v_rows, w_rows, rows, stride_wn, 0, K, BLOCK_K, K < BLOCK_K)
+        acc += _step(v_rows, w_rows, rows, stride_wn, 0, K, BLOCK_K, K < BLOCK_K, live, SKIP)
     else:
         MIN_K: tl.constexpr = 16  # narrowest unmasked tail step; BLOCK_K is a power of two in 16..2048
         TAIL: tl.constexpr = K % BLOCK_K
         for k0 in range(0, K - TAIL, BLOCK_K):
-            acc += _step(v_rows, w_rows, rows, stride_wn, k0, K, BLOCK_K, False)
+            acc += _step(v_rows, w_rows, rows, stride_wn, k0, K, BLOCK_K, False, live, SKIP)
         # the tail's set bits, widest first: BLOCK_K / 2 .. MIN_K (2048 / 2^7 = 16); the width is
         # written out, not named: a name assigned in the loop would be a tensor, a constexpr one final
         for i in tl.static_range(7):
             if (BLOCK_K >> (i + 1)) >= MIN_K and (TAIL & (BLOCK_K >> (i + 1))) != 0:
                 acc += _step(v_rows, w_rows, rows, stride_wn, K - TAIL % (BLOCK_K >> i), K, BLOCK_K >> (i + 1),
-                             False)
+                             False, live, SKIP)
         REST: tl.constexpr = TAIL % MIN_K
         if REST != 0:
-            acc += _step(v_rows, w_rows, rows, stride_wn, K - REST, K, MIN_K, True)
+            acc += _step(v_rows, w_rows, rows, stride_wn, K - REST, K, MIN_K, True, live, SKIP)
     return acc
 
 
@@ -83,22 +93,28 @@ def slot_gate_up_swiglu_kernel(
     FFN, UP,
     stride_xn, stride_we, stride_wn, stride_os, stride_off,
     TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    OFFSETS: tl.constexpr,
+    OFFSETS: tl.constexpr, SKIP: tl.constexpr = False,
 ):
     """out[s, n] = silu(x[s // A] . w[e_s, n]) * (x[s // A] . w[e_s, n] UP elements on) for the FFN rows
-    n computed (UP = the expert's ffn width x stride_wn: a slice of its rows starts at w_ptr)."""
+    n computed (UP = the expert's ffn width x stride_wn: a slice of its rows starts at w_ptr). With
+    SKIP (OFFSETS only) a negative offset means the expert is computed elsewhere: its row is 0."""
     s = tl.program_id(0)
     nb = tl.program_id(1)
     e = tl.load(expert_ids_ptr + s).to(tl.int64)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rows = tl.minimum(cols, FFN - 1)  # rows past FFN re-read the last one: loads need no row mask
+    half = tl.arange(0, 2)  # 0: gate rows, 1: up rows, one x
+    live = half >= 0
     if OFFSETS:
-        w_base = w_ptr + tl.load(off_ptr + e * stride_off)
+        off = tl.load(off_ptr + e * stride_off)
+        if SKIP:
+            live = (half * 0 + off) >= 0
+            off = tl.maximum(off, 0)
+        w_base = w_ptr + off
     else:
         w_base = w_ptr + e * stride_we
-    half = tl.arange(0, 2)  # 0: gate rows, 1: up rows, one x
     acc = _matvec(x_ptr + (s // TOP_K) * stride_xn + half * 0, w_base + half * UP, rows, stride_wn,
-                  K, 2, BLOCK_N, BLOCK_K)  # [2, BN]
+                  K, 2, BLOCK_N, BLOCK_K, live, SKIP)  # [2, BN]
     gate = _row(acc, 0)
     h = gate * tl.sigmoid(gate) * _row(acc, 1)
     tl.store(out_ptr + s * stride_os + cols, h.to(out_ptr.dtype.element_ty), mask=cols < FFN)
@@ -110,10 +126,11 @@ def slot_down_kernel(
     N,
     stride_hs, stride_we, stride_wn, stride_on, stride_off,
     TOP_K: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SLOTS_PER_STEP: tl.constexpr, OFFSETS: tl.constexpr,
+    SLOTS_PER_STEP: tl.constexpr, OFFSETS: tl.constexpr, SKIP: tl.constexpr = False,
 ):
     """out[t, n] = sum_a weights[s] * (h[s] . w[e_s, n]) over token t's slots s = t*A + a, added in
-    float32 in the order a = 0..A-1: the routing weights and the top-k sum are applied here."""
+    float32 in the order a = 0..A-1: the routing weights and the top-k sum are applied here. With
+    SKIP (OFFSETS only) slots whose expert's offset is negative are left out (computed elsewhere)."""
     t = tl.program_id(0)
     nb = tl.program_id(1)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -124,11 +141,17 @@ def slot_down_kernel(
         s = t * TOP_K + tl.minimum(a0 + tl.arange(0, SLOTS_PER_STEP), TOP_K - 1)  # [G]
         e = tl.load(expert_ids_ptr + s).to(tl.int64)
         gate_weight = tl.load(weights_ptr + s).to(tl.float32)  # [G] loaded first: the reduction waits on it
+        live = s >= 0
         if OFFSETS:
-            w_rows = w_ptr + tl.load(off_ptr + e * stride_off)
+            off = tl.load(off_ptr + e * stride_off)
+            if SKIP:
+                live = off >= 0
+                off = tl.maximum(off, 0)
+            w_rows = w_ptr + off
         else:
             w_rows = w_ptr + e * stride_we
-        part = _matvec(h_ptr + s * stride_hs, w_rows, rows, stride_wn, K, SLOTS_PER_STEP, BLOCK_N, BLOCK_K)
+        part = _matvec(h_ptr + s * stride_hs, w_rows, rows, stride_wn, K, SLOTS_PER_STEP, BLOCK_N, BLOCK_K,
+                       live, SKIP)
         part = part * gate_weight[:, None]  # [G, BN]
         for j in tl.static_range(SLOTS_PER_STEP):
             if a0 + j < TOP_K:

@@ -1,7 +1,8 @@
 // One background thread per process that runs one layer's CPU expert call while the caller goes
 // on (moekit.native.experts: start=True; offload.cpu overlaps it with the device part's launches).
 //
-// moekit_async_expert_ffn / moekit_async_int_ffn / moekit_async_code_ffn take the arguments of
+// moekit_async_expert_ffn / moekit_async_int_ffn / moekit_async_code_ffn (and moekit_async_partner_step,
+// a whole captured step's CPU side: partner.cpp) take the arguments of
 // their synchronous forms, post the call to the runner and return 0 at once (ASYNC_BUSY where a
 // posted call has not been waited for); moekit_async_wait blocks until that call is done and
 // returns its code (ASYNC_IDLE where nothing was posted). The caller keeps every buffer the call
@@ -42,6 +43,11 @@ int moekit_code_ffn(const float* x, float* out, int64_t N, int64_t D, int64_t I,
                     const int32_t* table, const uint16_t* masks, const uint8_t* lengths, int word_bytes,
                     const int64_t* sizes, const int32_t* tok_start, const int32_t* tok, const float* w, float* h,
                     float* accs, int threads);
+int moekit_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int64_t A, int64_t E, int64_t D, int64_t I,
+                        const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs, const int64_t* out_ptrs,
+                        const int64_t* ready_ptrs, const int64_t* done_ptrs, const int64_t* gate_up_ptrs,
+                        const int64_t* down_ptrs, int64_t seq, double timeout_s, float* h, float* xf, float* accs,
+                        int threads, double* seconds, int32_t* experts);
 }
 
 namespace {
@@ -138,6 +144,18 @@ int moekit_async_code_ffn(const float* x, float* out, int64_t N, int64_t D, int6
   return post([=] {
     return moekit_code_ffn(x, out, N, D, I, J, ptrs, table, masks, lengths, word_bytes, sizes, tok_start, tok, w, h,
                            accs, threads);
+  });
+}
+
+int moekit_async_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int64_t A, int64_t E, int64_t D,
+                              int64_t I, const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs,
+                              const int64_t* out_ptrs, const int64_t* ready_ptrs, const int64_t* done_ptrs,
+                              const int64_t* gate_up_ptrs, const int64_t* down_ptrs, int64_t seq, double timeout_s,
+                              float* h, float* xf, float* accs, int threads, double* seconds, int32_t* experts) {
+  return post([=] {
+    return moekit_partner_step(wdtype, xdtype, L, N, A, E, D, I, x_ptrs, w_ptrs, route_ptrs, out_ptrs, ready_ptrs,
+                               done_ptrs, gate_up_ptrs, down_ptrs, seq, timeout_s, h, xf, accs, threads, seconds,
+                               experts);
   });
 }
 

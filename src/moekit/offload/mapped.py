@@ -55,7 +55,9 @@ READBACK_RING = 8  # steps whose routes may be in flight to the host before one 
 class MappedTable:
     """The device offset table, the host mirror and the between-step cache manager of one model."""
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, partner: bool = False):
+        """`partner`: missed experts are computed by the CPU inside the step (offload.partner), not
+        read in place: an unmapped key's row holds -1 (the slot kernels skip it)."""
         self.runtime = runtime
         cache, cfg = runtime.cache, runtime.model_config
         self.device = runtime.device
@@ -67,6 +69,12 @@ class MappedTable:
         self.layers = list(runtime.moe_layers)
         self.names, self.stacked, host = host_row_offsets(runtime)
         self.flag = len(self.names)  # the column of e + E * cached
+        self.partner = None
+        if partner:
+            from .partner import CpuPartner
+
+            host[:, :, :self.flag] = -1
+            self.partner = CpuPartner(runtime, self.max_slots // cfg.top_k)
         self.slab = tuple(self.stacked.values())
         self.host_rows = host  # [L, E, C + 1] on the host: what an unmapped key's row holds
         self.slot_offsets = tuple(t.stride(0) for t in self.slab)  # elements per slot, per column
@@ -108,9 +116,31 @@ class MappedTable:
         self.step_slots = slots
         table = self.table[pos]  # [E, C + 1]
         torch.index_select(table[:, self.flag], 0, flat, out=self.routes[pos, :slots])
-        out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table)
+        if self.partner is None:
+            out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table)
+        else:
+            out = self._run_with_partner(pos, x, expert_ids, weights, slots, table)
         if eager_hooks and pos == len(self.layers) - 1:
             self.after_step()
+        return out
+
+    def _run_with_partner(self, pos: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                          slots: int, table: torch.Tensor) -> torch.Tensor:
+        """The device's share of the layer (cached experts) plus the CPU's (offload.partner); an eager
+        step starts the CPU side at its first layer and waits for it after its last."""
+        partner, eager = self.partner, not _capturing(x)
+        if eager and pos == 0:
+            partner.start(x.shape[0])
+        try:
+            partner.post(pos, x, weights, self.routes[pos, :slots])
+            out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table, skip=True)
+            partner.combine(pos, out)
+        except BaseException:
+            if eager:
+                partner.abort()
+            raise
+        if eager and pos == len(self.layers) - 1:
+            partner.finish()
         return out
 
     # ---- between steps ------------------------------------------------------------------------------
@@ -159,7 +189,10 @@ class MappedTable:
             self._account(*self.readbacks.popleft())
 
     def drain(self) -> None:
-        """Processes every step's routes (waits for them): before a report."""
+        """Processes every step's routes (waits for them): before a report (and with the CPU partner,
+        raises where the device gave up waiting for it)."""
+        if self.partner is not None and self.readbacks:
+            self.partner.check()
         while self.readbacks:
             buf, slots, tokens, event = self.readbacks.popleft()
             if event is not None:
@@ -190,6 +223,8 @@ class MappedTable:
                     slot = cache.slot(key)
                     if slot is not None:
                         cache.last_used[slot] = cache._tick()
+                elif self.partner is not None:  # the CPU computed it (counted from the native call)
+                    missed.append(key)
                 else:
                     nbytes = layout.layer_bytes(layer)
                     stats.mapped_reads += 1
@@ -231,9 +266,20 @@ class MappedStep:
         self.mapped, self.graphed = mapped, graphed
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        self.mapped.before_step()
-        logits = self.graphed(token, position)
-        self.mapped.after_step(tokens=token.shape[0])
+        mapped = self.mapped
+        mapped.before_step()
+        partner = mapped.partner
+        if partner is None:
+            logits = self.graphed(token, position)
+        else:
+            partner.start(token.shape[0])
+            try:
+                logits = self.graphed(token, position)
+            except BaseException:
+                partner.abort()
+                raise
+            partner.finish()
+        mapped.after_step(tokens=token.shape[0])
         return logits
 
 
@@ -258,7 +304,9 @@ class InPlaceReads:
     offload.cpu "In-place share"): the host rows' offsets of every layer on the device, never
     changed (a key's row always points at its host row: cached experts run from their slots)."""
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, partner: bool = False):
+        """`partner`: missed experts are computed by the CPU inside the step (offload.partner), not
+        read in place: an unmapped key's row holds -1 (the slot kernels skip it)."""
         self.runtime = runtime
         self.device = runtime.device
         self.cuda = self.device.type == "cuda"

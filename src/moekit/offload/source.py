@@ -35,7 +35,7 @@ from .cache import ExpertCache
 from .config import OffloadConfig
 from .cpu import (ADMIT_RATIO, IN_PLACE_ENV, ROW_SPLIT_ENV, CostModel, CpuWorker, row_split, share_in_place,
                   split_misses)
-from ..experts.forms import needs_grad
+from ..experts.forms import DenseForm, needs_grad
 from .layout import SlotLayout
 from .planner import BudgetPlan, decimal_size, kv_cache_bytes, prefill_activation_bytes
 from .predictors import Predictor
@@ -237,6 +237,11 @@ class OffloadRuntime:
             self.cache.pin(self.pinned_keys[:int(self.config.pin_experts * slots)])
         if self.misses == "auto" and self.cpu is not None:
             self._attach_in_place()
+        if self._partner_serves():
+            from .mapped import MappedTable
+
+            self.mapped = MappedTable(self, partner=True)
+            return
         if self.misses != "mapped":
             return
         from .mapped import MappedTable, self_test
@@ -249,6 +254,16 @@ class OffloadRuntime:
         if why is not None:
             self.cache.listener = self.mapped = None
             self.misses, self.misses_note = "fetch", f"{why}: misses are fetched"
+
+    def _partner_serves(self) -> bool:
+        """Whether decode steps run captured whole with the CPU computing the misses (offload.partner:
+        MOEKIT_CPU_GRAPH=1, misses cpu or auto, dense experts the native kernel computes from a host
+        store the device reads in place)."""
+        from .partner import wanted
+
+        return (wanted() and self.cpu is not None and self.misses in ("cpu", "auto") and self.cpu.native
+                and isinstance(self.form, DenseForm) and isinstance(self.store, HostStore)
+                and (self.store.pin or self.device.type != "cuda") and reads_in_place(self.device))
 
     def _attach_in_place(self) -> None:
         """Gives misses auto's split its in-place share (offload.cpu) where experts are large
@@ -310,7 +325,7 @@ class OffloadRuntime:
                    cpu_max_tokens=self.config.cpu_max_tokens, cpu_threads=self.cpu.threads if self.cpu else 0,
                    native_cpu_kernel=bool(self.cpu and self.cpu.native),
                    in_place_share=self.in_place is not None, in_place_refused=self.in_place_refused,
-                   row_split=self.row_split_on,
+                   row_split=self.row_split_on, cpu_partner=bool(self.mapped is not None and self.mapped.partner),
                    cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
         return out

@@ -1,0 +1,217 @@
+"""Missed experts computed on the CPU inside a decode step captured whole (MOEKIT_CPU_GRAPH=1 with
+misses cpu or auto on a GPU): the CPU as the device's partner, no host decision per layer.
+
+Why. With misses cpu / auto each MoE layer call leaves the captured segments: the host reads the
+routing (one sync per layer), builds the CPU's jobs in Python, starts the native kernel, launches
+the device part, waits, copies the sum back and adds it. On the H200 that host work is ~0.4 ms a
+layer beside a ~0.8 ms kernel (OLMoE, profile_cpu_misses_ab07f17.json), and the Qwen3 shape (24
+layers of small experts) decoded at 35.2 tok/s, as fast as llama.cpp and 50% of its ceiling
+(bench_llamacpp_qwen3_677d4b7.json). Here the step is one CUDA graph (as with misses mapped:
+offload.mapped's table says which experts the cache holds) and the CPU side is one native call
+per step (native/partner.cpp) that serves every layer in turn:
+
+    device, layer l                                 CPU (the native runner thread)
+    routing; partner_post_kernel: x, weights,
+      routes -> page-locked mailbox, ready[l]=seq -> waits for ready[l]; builds the jobs of the
+    cached experts (slot kernels, misses skipped)     missed experts; moekit_expert_ffn -> out[l];
+    partner_combine_kernel: waits for done[l],    <-  done[l] = seq
+      adds out[l] (read in place)
+    next layer ...
+
+Nothing on the host runs per layer: the layer's time is the CPU kernel plus the two flag round
+trips, and the device's share runs beside the kernel. Between steps the host keeps the cache as
+misses mapped does (admissions of popular missed experts, copies landed -> table rows), and counts
+the CPU's work from the native call's per-layer report.
+
+Failure: the native side gives up after TIMEOUT_S waiting for a post, and then releases every layer
+left with a zero sum; the device gives up after MAX_POLLS polls of a done flag and sets an error
+flag. Either makes the step raise (the outputs of a failed step are never returned).
+
+Shapes: L = MoE layers, N = tokens of the step (its batch), A = experts per token, S = N * A,
+E = experts per layer, D = hidden, I = expert ffn width.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from ..errors import MoekitError
+from ..native import library, register_declarations
+from ..native.experts import DTYPE_CODES, Scratch, acc_stride, float_ptr
+
+ENV = "MOEKIT_CPU_GRAPH"  # "1": misses cpu / auto decode steps run as one graph with the CPU as partner
+TIMEOUT_S = 30.0  # the native side waits this long for a layer's post
+MAX_POLLS = 1 << 26  # the device's polls of a done flag (each a read over the link, ~1 us) before it gives up
+BLOCK_D = 1024
+FLAG_STRIDE = 8  # int64s between two flags: each on its own 64-byte line (one writer each)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, p64, dbl = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_double
+    lib.moekit_async_partner_step.argtypes = [
+        ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, i64, i64, p64, p64, p64, p64, p64, p64, p64, p64, i64, dbl,
+        ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.c_int,
+        ctypes.POINTER(dbl), ctypes.POINTER(ctypes.c_int32)]
+    lib.moekit_async_partner_step.restype = ctypes.c_int
+
+
+register_declarations(_declare)
+
+
+def wanted() -> bool:
+    """Returns whether MOEKIT_CPU_GRAPH asks for the partner (off by default until measured)."""
+    return os.environ.get(ENV, "0") == "1"
+
+
+def _int64s(values: list[int]):
+    return (ctypes.c_int64 * max(1, len(values)))(*values)
+
+
+class CpuPartner:
+    """The mailboxes, flags and native call of one offload runtime's CPU partner (module docstring)."""
+
+    def __init__(self, runtime, max_tokens: int):
+        from ..experts import triton_ops
+
+        if not triton_ops.HAVE_TRITON:
+            raise MoekitError("the CPU partner's device kernels need Triton")
+        self.runtime = runtime
+        cfg, form, store, worker = runtime.model_config, runtime.form, runtime.store, runtime.cpu
+        self.device, self.dtype = runtime.device, runtime.dtype
+        self.layers = list(runtime.moe_layers)
+        self.num_layers, self.top_k, self.num_experts = len(self.layers), cfg.top_k, cfg.num_experts
+        self.hidden, self.ffn = form.hidden, form.ffn
+        self.max_tokens = max_tokens
+        self.threads, self.scratch = worker.threads, Scratch()
+        self.layer_bytes = [runtime.layout.layer_bytes(layer) for layer in self.layers]  # one expert's bytes
+        cuda = self.device.type == "cuda"
+        L, N, S, D = self.num_layers, max_tokens, max_tokens * self.top_k, self.hidden
+        with torch.inference_mode(False):
+            self.x = torch.zeros(L, N, D, dtype=self.dtype, pin_memory=cuda)
+            self.out = torch.zeros(L, N, D, dtype=self.dtype, pin_memory=cuda)
+            self.w = torch.zeros(L, S, dtype=torch.float32, pin_memory=cuda)
+            self.routes = torch.zeros(L, S, dtype=torch.int64, pin_memory=cuda)
+            self.flags = torch.zeros(2, L, FLAG_STRIDE, dtype=torch.int64, pin_memory=cuda)  # ready, done
+            # device tensors the kernels address host memory from (unified addressing: element offsets)
+            self.base_x = torch.zeros(1, dtype=self.dtype, device=self.device)
+            self.base_w = torch.zeros(1, dtype=torch.float32, device=self.device)
+            self.base_i = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self.seq_dev = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self.err = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.seq = 0
+        self.offsets = [dict(x=self._off(self.x[p], self.base_x), w=self._off(self.w[p], self.base_w),
+                             routes=self._off(self.routes[p], self.base_i), out=self._off(self.out[p], self.base_x),
+                             ready=self._off(self.flags[0, p], self.base_i), done=self._off(self.flags[1, p], self.base_i))
+                        for p in range(L)]
+        ptrs = lambda t: _int64s([t[p].data_ptr() for p in range(L)])
+        self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs = ptrs(self.x), ptrs(self.w), ptrs(self.routes), ptrs(self.out)
+        self.ready_ptrs = _int64s([self.flags[0, p].data_ptr() for p in range(L)])
+        self.done_ptrs = _int64s([self.flags[1, p].data_ptr() for p in range(L)])
+        gate_ups, downs = [], []
+        for layer in self.layers:  # expert e of each layer: its rows in the host store (cfg.num_experts wide)
+            stack, _ = store.host_rows(layer, 0)
+            view = runtime.layout.view(stack, layer)
+            gu, dn = view["gate_up"], view["down"]
+            count = gu.shape[0]
+            for e in range(self.num_experts):
+                row = min(e, count - 1)  # a pruned layer's extra ids are never routed
+                gate_ups.append(gu.data_ptr() + row * gu.stride(0) * gu.element_size())
+                downs.append(dn.data_ptr() + row * dn.stride(0) * dn.element_size())
+        self.gate_up_ptrs, self.down_ptrs = _int64s(gate_ups), _int64s(downs)
+        self.wdtype = DTYPE_CODES[runtime.layout.view(store.host_rows(self.layers[0], 0)[0], self.layers[0])["gate_up"].dtype]
+        self.seconds = (ctypes.c_double * L)()
+        self.experts = (ctypes.c_int32 * L)()
+        self.started = False
+        self.step_tokens = 0
+
+    @staticmethod
+    def _off(host: torch.Tensor, base: torch.Tensor) -> int:
+        delta = host.data_ptr() - base.data_ptr()
+        if delta % base.element_size():
+            raise MoekitError("a CPU partner buffer is not aligned to its elements")
+        return delta // base.element_size()
+
+    # ---- device side, inside the step (capturable) -----------------------------------------------
+    def post(self, pos: int, x: torch.Tensor, weights: torch.Tensor, routes: torch.Tensor) -> None:
+        """Queues the write of layer `pos`'s x [N, D], weights [N, A] and routes [S] to its mailbox,
+        then its ready flag."""
+        from ..kernels.partner_flags import partner_post_kernel, partner_ready_kernel
+
+        n, slots = x.shape[0], routes.numel()
+        if x.stride(-1) != 1 or n > self.max_tokens:
+            raise MoekitError(f"the CPU partner takes up to {self.max_tokens} tokens with contiguous rows")
+        o = self.offsets[pos]
+        partner_post_kernel[(1,)](
+            x, weights.reshape(-1).contiguous(), routes, self.base_x, o["x"], self.base_w, o["w"], self.base_i,
+            o["routes"], n, self.hidden, slots, x.stride(0), BLOCK_D=BLOCK_D,
+            BLOCK_S=max(16, 1 << (slots - 1).bit_length()))
+        partner_ready_kernel[(1,)](self.base_i, o["ready"], self.seq_dev)
+
+    def combine(self, pos: int, out: torch.Tensor) -> torch.Tensor:
+        """Queues the wait for layer `pos`'s CPU sum and its addition to out [N, D] (in place)."""
+        from ..kernels.partner_flags import partner_combine_kernel
+
+        n = out.shape[0]
+        o = self.offsets[pos]
+        partner_combine_kernel[(n, -(-self.hidden // BLOCK_D))](
+            out, self.base_x, o["out"], self.base_i, o["done"], self.seq_dev, self.err, MAX_POLLS, self.hidden,
+            out.stride(0), BLOCK_D=BLOCK_D)
+        return out
+
+    # ---- host side, around the step ----------------------------------------------------------------
+    def start(self, tokens: int) -> None:
+        """Starts the CPU side of the next step of `tokens` tokens (its seq queued for the device first)."""
+        lib = library()
+        if lib is None:
+            raise MoekitError("the CPU partner needs the native library")
+        if self.started:
+            raise MoekitError("a CPU partner step was started and not finished")
+        self.seq += 1
+        self.seq_dev.fill_(self.seq)  # on the compute stream, before the step's kernels
+        slots = tokens * self.top_k
+        h = self.scratch.get("h", slots * self.ffn)
+        xf = self.scratch.get("x", tokens * self.hidden)
+        accs = self.scratch.get("acc", self.threads * acc_stride(tokens))
+        code = lib.moekit_async_partner_step(
+            self.wdtype, DTYPE_CODES[self.dtype], self.num_layers, tokens, self.top_k, self.num_experts, self.hidden,
+            self.ffn, self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs, self.ready_ptrs, self.done_ptrs,
+            self.gate_up_ptrs, self.down_ptrs, self.seq, TIMEOUT_S, float_ptr(h), float_ptr(xf), float_ptr(accs),
+            self.threads, self.seconds, self.experts)
+        if code != 0:
+            raise MoekitError(f"the CPU partner could not start (code {code}: another CPU expert call is running)")
+        self.started, self.step_tokens = True, tokens
+
+    def finish(self) -> None:
+        """Waits for the CPU side of the step, counts its work; raises MoekitError where it failed."""
+        if not self.started:
+            return
+        self.started = False
+        code = library().moekit_async_wait()
+        stats = self.runtime.stats
+        nbytes = sum(count * size for count, size in zip(self.experts, self.layer_bytes))
+        stats.cpu_s += sum(self.seconds)
+        stats.cpu_experts += sum(self.experts)
+        stats.cpu_bytes += nbytes
+        if self.step_tokens == 1:
+            stats.decode_cpu_bytes += nbytes
+        if code != 0:
+            why = "waited too long for the device's post" if code == 10 else f"code {code}"
+            raise MoekitError(f"the CPU partner failed a decode step ({why}); rerun with {ENV}=0")
+
+    def abort(self) -> None:
+        """Ends a started step that failed on the host before the device posted every layer: the
+        flags not yet posted are set here, so the CPU side runs through and returns now."""
+        if self.started:
+            self.flags[0, :, 0] = self.seq
+            try:
+                self.finish()
+            except MoekitError:
+                pass
+
+    def check(self) -> None:
+        """Raises MoekitError where the device gave up waiting for the CPU in a finished step (syncs)."""
+        if int(self.err.item()):
+            raise MoekitError(f"the device waited too long for the CPU partner's sum; rerun with {ENV}=0")

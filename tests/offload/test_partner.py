@@ -1,0 +1,138 @@
+"""Missed experts computed on the CPU inside the step (offload/partner.py, MOEKIT_CPU_GRAPH=1): the
+same greedy tokens as the resident model with a small cache, for misses cpu and auto, the CPU's work
+counted from the native call, admissions filling the cache; a CPU side that never gets its post
+releases the device with zeros and says so, and a device that never gets its sum gives up and
+flags it. On the CPU the device kernels run under TRITON_INTERPRET=1 against the native runner
+thread; the GPU test captures whole steps and compares with resident and with the eager split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.errors import MoekitError
+from moekit.experts import triton_ops
+from moekit.native import library
+from moekit.offload import OffloadConfig, load_offloaded
+
+from conftest import token_ids
+from test_mapped import CONTEXT, budget_for, budget_for_gpu, check_table, greedy, resident_tokens
+
+pytestmark = pytest.mark.skipif(not triton_ops.HAVE_TRITON or library() is None,
+                                reason="needs triton and the native library")
+
+
+def partner_model(path, misses="cpu", slots=2, batch=1, **kw):
+    cfg = moekit.read_config(path)[2]
+    config = OffloadConfig(device_memory=budget_for(cfg, slots, batch), context_tokens=CONTEXT, store="host",
+                           misses=misses, predictor="none", batch=batch, **kw)
+    return load_offloaded(path, offload=config)
+
+
+@pytest.fixture
+def graph_env(monkeypatch):
+    monkeypatch.setenv("MOEKIT_CPU_GRAPH", "1")
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny):
+    if not triton_ops.triton_usable(torch.empty(0)):
+        pytest.skip("the CPU tests of the partner need TRITON_INTERPRET=1 (the gpu test covers CUDA)")
+    ckpt = tiny("mixtral")
+    return ckpt.path, moekit.load_model(ckpt.path)
+
+
+@pytest.mark.parametrize("misses", ["cpu", pytest.param("auto", marks=pytest.mark.slow)])
+def test_greedy_equals_resident_with_the_cpu_as_partner(mixtral, graph_env, misses):
+    path, resident = mixtral
+    ids = token_ids(1, 3, seed=5)
+    model = partner_model(path, misses=misses, slots=2)
+    runtime = model.offload
+    assert runtime.mapped is not None and runtime.mapped.partner is not None, runtime.misses_note
+    got = greedy(model, ids, n=8)
+    assert torch.equal(got, greedy(resident, ids, n=8))
+    check_table(runtime)
+    report = runtime.report()
+    assert report["cpu_partner"] and report["mapped_reads"] == 0
+    # every routed slot not a hit went to the CPU, which runs each of a layer's missed experts once
+    assert 0 < report["cpu_experts"] <= report["lookups"] - report["hits"]
+    assert report["cpu_experts"] > 0 and report["cpu_bytes_per_token"] > 0 and report["cpu_s"] > 0
+    assert report["admissions"] > 0 and report["hits"] > 0
+    assert report["decode_tokens"] == 7
+
+
+def test_batch_of_two_matches_resident_and_off_by_default(mixtral, graph_env, monkeypatch):
+    path, resident = mixtral
+    ids = token_ids(2, 4, seed=6)
+    model = partner_model(path, slots=3, batch=2)
+    assert torch.equal(greedy(model, ids, n=5), greedy(resident, ids, n=5))
+    check_table(model.offload)
+    monkeypatch.delenv("MOEKIT_CPU_GRAPH")
+    plain = partner_model(path, slots=3)
+    assert plain.offload.mapped is None and not plain.offload.report()["cpu_partner"]
+
+
+def test_a_cpu_side_never_posted_releases_the_device_and_raises(mixtral, graph_env, monkeypatch):
+    """The native side times out waiting for a post: every layer gets a zero sum and its done flag (the
+    device never hangs), and finish() raises; a device that never gets a done flag gives up after
+    its polls and sets the error flag, which check() turns into an error."""
+    from moekit.offload import partner as partner_mod
+
+    path, _ = mixtral
+    model = partner_model(path, slots=2)
+    partner = model.offload.mapped.partner
+    monkeypatch.setattr(partner_mod, "TIMEOUT_S", 0.05)
+    partner.out.fill_(1.0)
+    partner.start(1)
+    with pytest.raises(MoekitError, match="waited too long for the device"):
+        partner.finish()
+    assert torch.equal(partner.flags[1, :, 0], torch.full((partner.num_layers,), partner.seq))
+    assert not partner.out[:, :1].any()  # the step's one token row of every layer
+    # the device side: the done flag of seq + 1 never comes
+    monkeypatch.setattr(partner_mod, "MAX_POLLS", 3)
+    partner.seq_dev.fill_(partner.seq + 1)
+    out = torch.zeros(1, partner.hidden)
+    partner.combine(0, out)
+    with pytest.raises(MoekitError, match="device waited too long"):
+        partner.check()
+    assert not out.any()
+
+
+def test_abort_lets_a_started_step_end_at_once(mixtral, graph_env):
+    path, _ = mixtral
+    partner = partner_model(path, slots=2).offload.mapped.partner
+    partner.start(1)
+    partner.abort()  # the host failed before posting: the CPU side runs through on the flags set here
+    assert not partner.started
+    partner.start(1)  # and the runner is free again
+    partner.abort()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("misses", ["cpu", "auto"])
+def test_gpu_partner_steps_are_captured_whole_and_match_resident(tiny, monkeypatch, misses):
+    from moekit.generate import GenerationStats
+
+    monkeypatch.setenv("MOEKIT_CPU_GRAPH", "1")
+    ckpt = tiny("mixtral")
+    ids = token_ids(1, 8)
+    expected = resident_tokens(ckpt.path, ids, n=24)
+    probe = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+        device_memory=192 * 2**20, context_tokens=CONTEXT, misses=misses, predictor="none"))
+    budget = budget_for_gpu(ckpt.path, probe, 2)
+    del probe
+    torch.cuda.empty_cache()
+    model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+        device_memory=budget, context_tokens=CONTEXT, misses=misses, predictor="none"))
+    model.offload.new_cache(2)
+    runtime = model.offload
+    assert runtime.mapped is not None and runtime.mapped.partner is not None
+    stats = GenerationStats()
+    got = model.generate(ids, max_new_tokens=24, temperature=0, eos_token_ids=(), stats=stats)
+    assert stats.extra.get("graph") == "whole"
+    assert torch.equal(got, expected)
+    check_table(runtime)
+    report = runtime.report()
+    assert report["cpu_partner"] and report["cpu_experts"] > 0 and report["mapped_reads"] == 0
+    assert report["admissions"] > 0
