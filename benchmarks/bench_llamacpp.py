@@ -231,12 +231,12 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
             model = moekit.load_model(path, device=device, dtype=dtype)
         else:
             # "auto:none": misses auto, predictor none; "cpu::12": misses cpu, 12 CPU expert threads;
-            # "cpu+graph": misses cpu with MOEKIT_CPU_GRAPH=1 (offload.partner) for this row only
+            # "cpu+graph" / "auto-graph": MOEKIT_CPU_GRAPH=1 / 0 (offload.partner) for this row only
             mode, predictor, threads = (misses.split(":") + ["", ""])[:3]
-            if mode.endswith("+graph"):
-                mode = mode[:-len("+graph")]
+            if mode.endswith(("+graph", "-graph")):
+                mode, sign = mode[:-len("+graph")], mode[-len("+graph")]
                 restore_env = os.environ.get("MOEKIT_CPU_GRAPH")
-                os.environ["MOEKIT_CPU_GRAPH"] = "1"
+                os.environ["MOEKIT_CPU_GRAPH"] = "1" if sign == "+" else "0"
             model = load_offloaded(path, device=device, dtype=dtype, offload=OffloadConfig(
                 device_memory=budget, misses=mode, **({"predictor": predictor} if predictor else {}),
                 **({"cpu_threads": int(threads)} if threads else {})))

@@ -26,6 +26,13 @@ from moekit.offload.store import HostStore
 CONTEXT = 40
 
 
+@pytest.fixture(autouse=True)
+def eager_split(monkeypatch):
+    """This module tests the split run between captured pieces: decode steps with the CPU as partner
+    inside one graph (offload.partner, the default on a GPU for small experts) are test_partner's."""
+    monkeypatch.setenv("MOEKIT_CPU_GRAPH", "0")
+
+
 def budget_for(cfg, slots: int, store: str = "disk", batch: int = 1) -> int:
     """Returns the CPU budget that leaves exactly `slots` float32 experts of cache."""
     dtype = torch.float32

@@ -1,4 +1,5 @@
-"""Missed experts computed on the CPU inside the step (offload/partner.py, MOEKIT_CPU_GRAPH=1): the
+"""Missed experts computed on the CPU inside the step (offload/partner.py; forced on the CPU with
+MOEKIT_CPU_GRAPH=1, the default on a GPU for experts under 64 MiB): the
 same greedy tokens as the resident model with a small cache, for misses cpu and auto, the CPU's work
 counted from the native call, admissions filling the cache; a CPU side that never gets its post
 releases the device with zeros and says so, and a device that never gets its sum gives up and
@@ -68,9 +69,21 @@ def test_batch_of_two_matches_resident_and_off_by_default(mixtral, graph_env, mo
     model = partner_model(path, slots=3, batch=2)
     assert torch.equal(greedy(model, ids, n=5), greedy(resident, ids, n=5))
     check_table(model.offload)
-    monkeypatch.delenv("MOEKIT_CPU_GRAPH")
+    monkeypatch.delenv("MOEKIT_CPU_GRAPH")  # unset: on a GPU only
     plain = partner_model(path, slots=3)
     assert plain.offload.mapped is None and not plain.offload.report()["cpu_partner"]
+
+
+def test_where_the_partner_serves_by_default(monkeypatch):
+    from moekit.offload.partner import wanted
+
+    gpu, cpu, large = torch.device("cuda"), torch.device("cpu"), 64 * 2**20
+    monkeypatch.delenv("MOEKIT_CPU_GRAPH", raising=False)
+    assert wanted(gpu, 9_437_184, large) and not wanted(gpu, 352_321_536, large) and not wanted(cpu, 1, large)
+    monkeypatch.setenv("MOEKIT_CPU_GRAPH", "1")
+    assert wanted(gpu, 352_321_536, large) and wanted(cpu, 1, large)
+    monkeypatch.setenv("MOEKIT_CPU_GRAPH", "0")
+    assert not wanted(gpu, 9_437_184, large)
 
 
 def test_a_cpu_side_never_posted_releases_the_device_and_raises(mixtral, graph_env, monkeypatch):
@@ -112,9 +125,10 @@ def test_abort_lets_a_started_step_end_at_once(mixtral, graph_env):
 @pytest.mark.gpu
 @pytest.mark.parametrize("misses", ["cpu", "auto"])
 def test_gpu_partner_steps_are_captured_whole_and_match_resident(tiny, monkeypatch, misses):
+    """The default on a GPU (the tiny model's experts are small): steps captured whole, token-equal."""
     from moekit.generate import GenerationStats
 
-    monkeypatch.setenv("MOEKIT_CPU_GRAPH", "1")
+    monkeypatch.delenv("MOEKIT_CPU_GRAPH", raising=False)
     ckpt = tiny("mixtral")
     ids = token_ids(1, 8)
     expected = resident_tokens(ckpt.path, ids, n=24)

@@ -257,11 +257,11 @@ class OffloadRuntime:
 
     def _partner_serves(self) -> bool:
         """Whether decode steps run captured whole with the CPU computing the misses (offload.partner:
-        MOEKIT_CPU_GRAPH=1, misses cpu or auto, dense experts the native kernel computes from a host
-        store the device reads in place)."""
+        misses cpu or auto, dense experts the native kernel computes from a host store the device
+        reads in place; `partner.wanted` says where by default)."""
         from .partner import wanted
 
-        return (wanted() and self.cpu is not None and self.misses in ("cpu", "auto") and self.cpu.native
+        return (wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES) and self.cpu is not None and self.misses in ("cpu", "auto") and self.cpu.native
                 and isinstance(self.form, DenseForm) and isinstance(self.store, HostStore)
                 and (self.store.pin or self.device.type != "cuda") and reads_in_place(self.device))
 
