@@ -74,6 +74,16 @@ def test_batch_of_two_matches_resident_and_off_by_default(mixtral, graph_env, mo
     assert plain.offload.mapped is None and not plain.offload.report()["cpu_partner"]
 
 
+def test_host_visible_settings_keep_the_split(mixtral, graph_env):
+    """A recorded routing trace and a named predictor need the host to see every layer call: no partner."""
+    path, _ = mixtral
+    for kw in (dict(record_routing=True), dict(predictor="speculative")):
+        cfg = moekit.read_config(path)[2]
+        model = load_offloaded(path, offload=OffloadConfig(device_memory=budget_for(cfg, 2), context_tokens=CONTEXT,
+                                                           store="host", misses="cpu", **{"predictor": "none", **kw}))
+        assert model.offload.mapped is None, kw
+
+
 def test_where_the_partner_serves_by_default(monkeypatch):
     from moekit.offload.partner import wanted
 
