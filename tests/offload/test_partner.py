@@ -61,6 +61,9 @@ def test_greedy_equals_resident_with_the_cpu_as_partner(mixtral, graph_env, miss
     assert report["cpu_experts"] > 0 and report["cpu_bytes_per_token"] > 0 and report["cpu_s"] > 0
     assert report["admissions"] > 0 and report["hits"] > 0
     assert report["decode_tokens"] == 7
+    from moekit.offload.cli import _cpu_rows
+
+    assert "partner" in dict(_cpu_rows(report))["CPU time"]
 
 
 def test_batch_of_two_matches_resident_and_off_by_default(mixtral, graph_env, monkeypatch):

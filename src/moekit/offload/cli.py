@@ -122,7 +122,8 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
     g.add_argument("--misses", default=None, choices=MISSES,
                    help="where an expert absent from the device cache runs, in calls of up to 8 tokens (decode): "
                         "fetch (copy it in; the default with --strict-pregate), cpu (compute it on the CPU from host "
-                        "memory, overlapped with the device), auto (default: the CPU computes the misses the cache "
+                        "memory, overlapped with the device; on a GPU with dense experts under 64 MiB each decode step "
+                        "is one CUDA graph that the CPU serves as a partner, MOEKIT_CPU_GRAPH=0 to turn that off), auto (default: the CPU computes the misses the cache "
                         "would not keep, the link fetches the others as a cost model says; fetch where misses cannot "
                         "run on the CPU), mapped (GPU: the kernel reads it in place from host memory, so each decode "
                         "step is one CUDA graph; popular experts are copied in between steps; fastest where the cache "
@@ -221,7 +222,9 @@ def _cpu_rows(report: dict) -> list[tuple[str, str]]:
     elif report["misses_used"] != "fetch":
         rows += [("experts on the CPU", f"{report['cpu_experts']} ({format_size(report['cpu_bytes_per_token'])} "
                                         f"read / token, {report['cpu_threads']} threads)"),
-                 ("CPU time", f"{report['cpu_s'] * 1e3:.1f} ms ({report['cpu_wait_s'] * 1e3:.1f} ms waited for)")]
+                 ("CPU time", f"{report['cpu_s'] * 1e3:.1f} ms" + (
+                     " (the CPU as partner: each decode step one CUDA graph)" if report.get("cpu_partner")
+                     else f" ({report['cpu_wait_s'] * 1e3:.1f} ms waited for)"))]
         if report.get("in_place_share"):
             split = f", {report['row_split_experts']} split by rows with it" if report.get("row_split") else ""
             rows += [("read in place", f"{report['in_place_experts']} experts beside the CPU's{split}, "

@@ -8,9 +8,10 @@ expert's slot: the form runs them exactly as it runs a resident layer, so output
 resident model's. The runtime never multiplies an expert itself. When a layer needs
 more distinct experts than the cache holds (a long prefill on a small budget), it runs in waves.
 With misses "cpu" or "auto", a call of few tokens computes the experts that are not on the
-device on the CPU instead, overlapped with the device part (offload.cpu). With misses "mapped", a
-decode step reads missed experts in place from host memory and is captured whole, the cache
-managed between steps (offload.mapped).
+device on the CPU instead, overlapped with the device part (offload.cpu); on a GPU, for small dense
+experts, their decode steps are instead captured whole with the CPU serving every layer's misses
+from one native call (offload.partner). With misses "mapped", a decode step reads missed experts in
+place from host memory and is captured whole, the cache managed between steps (offload.mapped).
 
 The runtime is the model's expert runtime (experts.runtime): generate asks it to reserve a
 generation's KV cache (taken from the expert cache: offload.planner) and to capture decode steps.
