@@ -182,7 +182,9 @@ def test_slot_kernel_skips_experts_with_negative_offsets():
     with torch.no_grad():
         want = triton_ops.slot_expert_ffn(x, ids, kept, m.gate_up, m.down)
         got = triton_ops.slot_expert_ffn(x, ids, weights, slab_gu, slab_dn, offsets=skipping.to(device), skip=True)
-        assert torch.equal(got, want)
+        # bit for bit under the interpreter; compiled, offset variants may differ in the last bits (the
+        # row-slice test below); a skipped row read from the NaN slot would fail either way
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         none = triton_ops.slot_expert_ffn(x, ids, weights, slab_gu, slab_dn, skip=True,
                                           offsets=torch.full_like(table, -1).to(device))
         assert torch.equal(none, torch.zeros_like(none))

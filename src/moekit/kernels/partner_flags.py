@@ -13,8 +13,9 @@ on its stream has completed, its writes included, so the CPU sees the flag only 
 partner_combine_kernel, program (n, b): polls the layer's done flag (a volatile load over the link
 each time) until it holds seq, then out[n, b-th block] += the CPU's sum, read in place, added in
 float32 and rounded once (as the eager path's device part + the CPU's sum). After `max_polls`
-polls it gives up, sets err[0] = 1 and adds nothing (a CPU side that never answered must not hang
-the device; the host raises on err).
+polls it gives up, sets the error flag (page-locked, beside the others) and adds nothing (a CPU side
+that never answered must not hang the device; the host raises on the flag); once it is set, later
+layers do not wait at all.
 """
 
 import triton
@@ -41,7 +42,7 @@ def partner_ready_kernel(hi_base, ready_off, seq_ptr):
 
 
 @triton.jit
-def partner_combine_kernel(out_ptr, ho_base, ho_off, hi_base, done_off, seq_ptr, err_ptr, max_polls, D, stride_on,
+def partner_combine_kernel(out_ptr, ho_base, ho_off, hi_base, done_off, seq_ptr, err_off, max_polls, D, stride_on,
                            BLOCK_D: tl.constexpr):
     n = tl.program_id(0)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -49,13 +50,17 @@ def partner_combine_kernel(out_ptr, ho_base, ho_off, hi_base, done_off, seq_ptr,
     seq = tl.load(seq_ptr)
     flag = tl.load(hi_base + done_off, volatile=True)
     polls = 0
+    if tl.load(hi_base + err_off, volatile=True) != 0:  # an earlier layer gave up: do not wait again
+        polls = max_polls
     while (flag != seq) & (polls < max_polls):
         flag = tl.load(hi_base + done_off, volatile=True)
         polls += 1
     if flag == seq:
+        # an acquire on the flag orders the reads of the sum after it (volatile loads alone are relaxed)
+        tl.atomic_add(hi_base + done_off, 0, sem="acquire", scope="sys")
         cpu = tl.load(ho_base + ho_off + n * D + ds, mask=d_ok, other=0.0, volatile=True)
         mine = tl.load(out_ptr + n * stride_on + ds, mask=d_ok, other=0.0)
         tl.store(out_ptr + n * stride_on + ds, (mine.to(tl.float32) + cpu.to(tl.float32)).to(out_ptr.dtype.element_ty),
                  mask=d_ok)
     else:
-        tl.store(err_ptr, 1)
+        tl.store(hi_base + err_off, 1)

@@ -129,8 +129,8 @@ class MappedTable:
         """The device's share of the layer (cached experts) plus the CPU's (offload.partner); an eager
         step starts the CPU side at its first layer and waits for it after its last."""
         partner, eager = self.partner, not _capturing(x)
-        if eager and pos == 0:
-            partner.start(x.shape[0])
+        if eager and pos == 0:  # a capture's warm-ups (hooks off) are not counted, as _account skips them
+            partner.start(x.shape[0], count=self.hooks_in_run)
         try:
             partner.post(pos, x, weights, self.routes[pos, :slots])
             out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table, skip=True)
@@ -304,9 +304,7 @@ class InPlaceReads:
     offload.cpu "In-place share"): the host rows' offsets of every layer on the device, never
     changed (a key's row always points at its host row: cached experts run from their slots)."""
 
-    def __init__(self, runtime, partner: bool = False):
-        """`partner`: missed experts are computed by the CPU inside the step (offload.partner), not
-        read in place: an unmapped key's row holds -1 (the slot kernels skip it)."""
+    def __init__(self, runtime):
         self.runtime = runtime
         self.device = runtime.device
         self.cuda = self.device.type == "cuda"

@@ -103,14 +103,15 @@ class CpuPartner:
             self.out = torch.zeros(L, N, D, dtype=self.dtype, pin_memory=cuda)
             self.w = torch.zeros(L, S, dtype=torch.float32, pin_memory=cuda)
             self.routes = torch.zeros(L, S, dtype=torch.int64, pin_memory=cuda)
-            self.flags = torch.zeros(2, L, FLAG_STRIDE, dtype=torch.int64, pin_memory=cuda)  # ready, done
+            # ready, done (a flag per layer), the device's error flag at [2, 0, 0]
+            self.flags = torch.zeros(3, L, FLAG_STRIDE, dtype=torch.int64, pin_memory=cuda)
             # device tensors the kernels address host memory from (unified addressing: element offsets)
             self.base_x = torch.zeros(1, dtype=self.dtype, device=self.device)
             self.base_w = torch.zeros(1, dtype=torch.float32, device=self.device)
             self.base_i = torch.zeros(1, dtype=torch.int64, device=self.device)
             self.seq_dev = torch.zeros(1, dtype=torch.int64, device=self.device)
-            self.err = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.seq = 0
+        self.err_off = self._off(self.flags[2, 0], self.base_i)
         self.offsets = [dict(x=self._off(self.x[p], self.base_x), w=self._off(self.w[p], self.base_w),
                              routes=self._off(self.routes[p], self.base_i), out=self._off(self.out[p], self.base_x),
                              ready=self._off(self.flags[0, p], self.base_i), done=self._off(self.flags[1, p], self.base_i))
@@ -134,6 +135,7 @@ class CpuPartner:
         self.seconds = (ctypes.c_double * L)()
         self.experts = (ctypes.c_int32 * L)()
         self.started = False
+        self.counting = True  # whether the started step's CPU work goes into the stats
         self.step_tokens = 0
 
     @staticmethod
@@ -166,18 +168,20 @@ class CpuPartner:
         n = out.shape[0]
         o = self.offsets[pos]
         partner_combine_kernel[(n, -(-self.hidden // BLOCK_D))](
-            out, self.base_x, o["out"], self.base_i, o["done"], self.seq_dev, self.err, MAX_POLLS, self.hidden,
+            out, self.base_x, o["out"], self.base_i, o["done"], self.seq_dev, self.err_off, MAX_POLLS, self.hidden,
             out.stride(0), BLOCK_D=BLOCK_D)
         return out
 
     # ---- host side, around the step ----------------------------------------------------------------
-    def start(self, tokens: int) -> None:
-        """Starts the CPU side of the next step of `tokens` tokens (its seq queued for the device first)."""
+    def start(self, tokens: int, count: bool = True) -> None:
+        """Starts the CPU side of the next step of `tokens` tokens (its seq queued for the device first);
+        `count`: its CPU work goes into the stats. A step started and never finished (interrupted
+        between two layers) is aborted first."""
         lib = library()
         if lib is None:
             raise MoekitError("the CPU partner needs the native library")
         if self.started:
-            raise MoekitError("a CPU partner step was started and not finished")
+            self.abort()
         self.seq += 1
         self.seq_dev.fill_(self.seq)  # on the compute stream, before the step's kernels
         slots = tokens * self.top_k
@@ -191,14 +195,23 @@ class CpuPartner:
             self.threads, self.seconds, self.experts)
         if code != 0:
             raise MoekitError(f"the CPU partner could not start (code {code}: another CPU expert call is running)")
-        self.started, self.step_tokens = True, tokens
+        self.started, self.step_tokens, self.counting = True, tokens, count
 
     def finish(self) -> None:
-        """Waits for the CPU side of the step, counts its work; raises MoekitError where it failed."""
+        """Waits for the CPU side of the step, counts its work; raises MoekitError where it failed
+        (or where the device gave up waiting for an earlier step's sum)."""
         if not self.started:
             return
         self.started = False
         code = library().moekit_async_wait()
+        if self.counting:
+            self._count()
+        if code != 0:
+            why = "waited too long for the device's post" if code == 10 else f"code {code}"
+            raise MoekitError(f"the CPU partner failed a decode step ({why}); rerun with {ENV}=0")
+        self.check()
+
+    def _count(self) -> None:
         stats = self.runtime.stats
         nbytes = sum(count * size for count, size in zip(self.experts, self.layer_bytes))
         stats.cpu_s += sum(self.seconds)
@@ -206,14 +219,13 @@ class CpuPartner:
         stats.cpu_bytes += nbytes
         if self.step_tokens == 1:
             stats.decode_cpu_bytes += nbytes
-        if code != 0:
-            why = "waited too long for the device's post" if code == 10 else f"code {code}"
-            raise MoekitError(f"the CPU partner failed a decode step ({why}); rerun with {ENV}=0")
 
     def abort(self) -> None:
         """Ends a started step that failed on the host before the device posted every layer: the
-        flags not yet posted are set here, so the CPU side runs through and returns now."""
+        flags not yet posted are set here, so the CPU side runs through and returns now (its work
+        not counted)."""
         if self.started:
+            self.counting = False
             self.flags[0, :, 0] = self.seq
             try:
                 self.finish()
@@ -221,6 +233,55 @@ class CpuPartner:
                 pass
 
     def check(self) -> None:
-        """Raises MoekitError where the device gave up waiting for the CPU in a finished step (syncs)."""
-        if int(self.err.item()):
+        """Raises MoekitError (once) where the device gave up waiting for the CPU's sum of a step
+        (the flag it sets in page-locked memory: read without a sync, so a step still running may
+        report it at the next check)."""
+        if int(self.flags[2, 0, 0]):
+            self.flags[2, 0, 0] = 0
             raise MoekitError(f"the device waited too long for the CPU partner's sum; rerun with {ENV}=0")
+
+    def self_test(self) -> str | None:
+        """Returns None when one step's round trip works (every layer posts x with expert 0 missed, the
+        CPU computes it, the device adds the sum: equal to the native kernel's own output), else why
+        not. Runs before the first real step (the loader's warm-up)."""
+        from ..native.experts import expert_ffn_stacked
+
+        gen = torch.Generator().manual_seed(0)
+        x_host = torch.randn(1, self.hidden, generator=gen).to(self.dtype)
+        x = x_host.to(self.device)
+        w = torch.ones(1, self.top_k, dtype=torch.float32, device=self.device)
+        routes = torch.full((self.top_k,), self.num_experts, dtype=torch.int64)  # every slot cached ...
+        routes[0] = 0  # ... but the first: expert 0 runs on the CPU
+        routes = routes.to(self.device)
+        outs = []
+        try:
+            self.start(1, count=False)
+            try:
+                for pos in range(self.num_layers):
+                    outs.append(torch.zeros(1, self.hidden, dtype=self.dtype, device=self.device))
+                    self.post(pos, x, w, routes)
+                    self.combine(pos, outs[-1])
+            except BaseException:
+                self.abort()
+                raise
+            self.finish()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            for pos, layer in enumerate(self.layers):
+                view = self.runtime.layout.view(self.runtime.store.host_rows(layer, 0)[0], layer)
+                want = expert_ffn_stacked(x_host, view["gate_up"], view["down"], [(0, [0], [1.0])], threads=self.threads)
+                if not torch.equal(outs[pos].cpu(), want):
+                    return f"layer {layer}'s sum came back wrong"
+        except (MoekitError, RuntimeError, ValueError) as e:
+            return str(e).splitlines()[0]
+        return None
+
+    def close(self) -> None:
+        """Waits for a started step (the runner thread reads this partner's buffers until it ends)."""
+        self.abort()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- at interpreter exit the library may be gone
+            pass

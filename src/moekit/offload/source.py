@@ -118,6 +118,8 @@ class OffloadRuntime:
         self.mapped_checked = False  # the in-place read self-test runs once per runtime
         self.in_place_checked = False  # ... and once for the split's in-place share
         self.in_place_refused: str | None = None  # why the device could not read in place (the self-test)
+        self.partner_checked = False  # the CPU partner's round trip is checked once per runtime
+        self.partner_refused: str | None = None  # why the CPU partner could not run (then never retried)
         self.predictor: Predictor = Predictor()
         self.routers: dict[int, nn.Linear] = {}
         self.predicted: dict[int, tuple[torch.Tensor, list[int]]] = {}  # layer -> (ids [N, k], on host)
@@ -223,6 +225,8 @@ class OffloadRuntime:
         from .cache import ExpertCache
 
         if self.cache is not None:
+            if self.mapped is not None and self.mapped.partner is not None:
+                self.mapped.partner.close()  # a started step's CPU side reads the old table's buffers
             self.cache.close()
             self.cache = self.mapped = self.in_place = None
             if self.device.type == "cuda":
@@ -238,10 +242,7 @@ class OffloadRuntime:
             self.cache.pin(self.pinned_keys[:int(self.config.pin_experts * slots)])
         if self.misses == "auto" and self.cpu is not None:
             self._attach_in_place()
-        if self._partner_serves():
-            from .mapped import MappedTable
-
-            self.mapped = MappedTable(self, partner=True)
+        if self._partner_serves() and self._attach_partner():
             return
         if self.misses != "mapped":
             return
@@ -255,6 +256,30 @@ class OffloadRuntime:
         if why is not None:
             self.cache.listener = self.mapped = None
             self.misses, self.misses_note = "fetch", f"{why}: misses are fetched"
+
+    def _attach_partner(self) -> bool:
+        """Gives the new cache a table with the CPU as partner (offload.partner), its round trip
+        checked once per runtime; returns False (misses then run split per layer call, and the
+        report says why) where it cannot be built or the check fails."""
+        from .mapped import MappedTable
+
+        if self.partner_refused is not None:
+            return False
+        try:
+            table = MappedTable(self, partner=True)
+            why = None if self.partner_checked else table.partner.self_test()
+        except (MoekitError, ValueError, RuntimeError) as e:
+            table, why = None, str(e).splitlines()[0]
+        if why is not None:
+            self.cache.listener = None
+            if table is not None:
+                table.partner.close()
+            self.partner_refused = why
+            self.misses_note = f"the CPU partner could not run ({why}): misses run split per layer call"
+            return False
+        self.partner_checked = True
+        self.mapped = table
+        return True
 
     def _partner_serves(self) -> bool:
         """Whether decode steps run captured whole with the CPU computing the misses (offload.partner:
@@ -332,6 +357,7 @@ class OffloadRuntime:
                    native_cpu_kernel=bool(self.cpu and self.cpu.native),
                    in_place_share=self.in_place is not None, in_place_refused=self.in_place_refused,
                    row_split=self.row_split_on, cpu_partner=bool(self.mapped is not None and self.mapped.partner),
+                   cpu_partner_refused=self.partner_refused,
                    cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
         return out
