@@ -7,7 +7,9 @@ trimmed source in ../shared/anchors/llamacpp (copy that folder into the git-igno
 decode (64 tokens, -fa 1) while nvidia-smi samples the GPU's used memory every 50 ms: the peak minus
 the idle figure is llama.cpp's footprint. moekit then runs the same checkpoint at that footprint as
 `--device-memory` (its own allocator-enforced budget), with the missed experts computed on the CPU
-(`cpu`), split by the cost model (`auto`) or fetched (`fetch`).
+(`cpu`), split by the cost model (`auto`) or fetched (`fetch`). On a GPU `cpu` / `auto` with experts
+under 64 MiB run their decode steps with the CPU as partner (offload.partner); `--misses auto-graph` /
+`cpu+graph` force that off / on for one row (MOEKIT_CPU_GRAPH), `auto::16` sets 16 CPU threads.
 
 Rows (--rows, a comma list; each call writes its own --name.json):
   resident    decode B=1 and prefill 512, all on the GPU (llama.cpp -ngl 99; moekit resident)
@@ -31,7 +33,10 @@ llama.cpp (llama-bench, then llama-quantize from the same build folder) spends ~
 21:00 run's "built and converted in 325 s", the conversion beside it); the machine is given back 30 s
 after a call, so the next call starts bare. Hence the first call exports the build (--export-build:
 $OUT/lcpp-bin.txz.NN, 15 MiB parts of an xz tar, skipped over 48 MiB: the CUDA build's 87 MB
-were 44 MiB gzipped, 40.4 MiB xz'd at -6; carry a tree without the tiny model's weights beside them)
+were 44 MiB gzipped, 40.4 MiB xz'd at -6; the working tree travels too: beside the parts and the
+anchor, run from the checkout itself with the tiny model's weights out of the index for the call,
+`git rm --cached examples/tiny-moe/model-00001-of-00001.safetensors`, `git reset` after; a `.clean`
+copy of the tree on top no longer fits 64 MiB)
 and the later ones carry it back (--import-build: run.sh unpacks it instead of building, a few seconds): copy the parts that come back
 (a call brings back at most 8 files: write the JSON and logs under a subfolder and tar them into one)
 into the git-ignored .anchors/lcpp-bin and carry it beside .anchors/llamacpp. Without the parts each
