@@ -128,3 +128,16 @@ int moekit_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int64_t A,
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// Waits until *flag == seq (acquire); returns 0, or 10 after timeout_s seconds (the Python side of
+// a compressed form's partner: offload.partner).
+int moekit_wait_flag(const int64_t* flag, int64_t seq, double timeout_s) {
+  return wait_for(flag, seq, timeout_s) ? 0 : TIMEOUT;
+}
+
+// *flag = value with release order: every write before it (the sum) is seen first.
+void moekit_store_flag(int64_t* flag, int64_t value) { store_release(flag, value); }
+
+}  // extern "C"

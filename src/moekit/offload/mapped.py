@@ -45,7 +45,7 @@ from collections import deque
 
 import torch
 
-from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS
+from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS, DenseForm
 from .cpu import ADMIT_RATIO
 
 Key = tuple[int, int]  # (layer, expert)
@@ -67,17 +67,28 @@ class MappedTable:
         self.max_inflight = max(2 * cfg.top_k, 4)
         self.pos = {layer: i for i, layer in enumerate(runtime.moe_layers)}
         self.layers = list(runtime.moe_layers)
-        self.names, self.stacked, host = host_row_offsets(runtime)
-        self.flag = len(self.names)  # the column of e + E * cached
         self.partner = None
+        self.by_slot = partner and not isinstance(runtime.form, DenseForm)
+        if self.by_slot:  # compressed forms: a slot column (the slot kernels over the slab), no in-place offsets
+            self.names, self.stacked = ("slot",), {}
+            host = torch.zeros(len(self.layers), self.num_experts, 2, dtype=torch.int64)  # unmapped: slot 0, weight 0
+            host[:, :, 1] = torch.arange(self.num_experts)
+            self.slab, self.slot_offsets = (), (1,)
+            if 0 in cache.free:  # never read for an expert, only as a skipped slot's weights x 0: zeros, not NaN
+                for t in cache.slab.values():
+                    t[0].zero_()
+        else:
+            self.names, self.stacked, host = host_row_offsets(runtime)
+            self.slab = tuple(self.stacked.values())
+            self.slot_offsets = tuple(t.stride(0) for t in self.slab)  # elements per slot, per column
+        self.flag = len(self.names)  # the column of e + E * cached
         if partner:
             from .partner import CpuPartner
 
-            host[:, :, :self.flag] = -1
+            if not self.by_slot:
+                host[:, :, :self.flag] = -1
             self.partner = CpuPartner(runtime, self.max_slots // cfg.top_k)
-        self.slab = tuple(self.stacked.values())
         self.host_rows = host  # [L, E, C + 1] on the host: what an unmapped key's row holds
-        self.slot_offsets = tuple(t.stride(0) for t in self.slab)  # elements per slot, per column
         self.table = host.to(self.device, copy=True)  # [L, E, C + 1]: what steps read (never host_rows itself)
         self.routes = torch.zeros(len(self.layers), self.max_slots, dtype=torch.int64, device=self.device)
         self.mapped: dict[Key, int] = {}  # mirror: keys whose row points at their slot
@@ -132,8 +143,15 @@ class MappedTable:
         if eager and pos == 0:  # a capture's warm-ups (hooks off) are not counted, as _account skips them
             partner.start(x.shape[0], count=self.hooks_in_run)
         try:
-            partner.post(pos, x, weights, self.routes[pos, :slots])
-            out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table, skip=True)
+            routes = self.routes[pos, :slots]
+            partner.post(pos, x, weights, routes)
+            if self.by_slot:  # the cached experts from their slots, the others (slot 0) weighted 0
+                runtime = self.runtime
+                rows = table[:, 0].index_select(0, expert_ids.reshape(-1)).view_as(expert_ids)
+                here = (routes >= self.num_experts).view_as(weights).to(weights.dtype)
+                out = runtime.form.run(x, rows, weights * here, runtime.layout.view(runtime.cache.slab, self.layers[pos]))
+            else:
+                out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table, skip=True)
             partner.combine(pos, out)
         except BaseException:
             if eager:

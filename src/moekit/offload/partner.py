@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..errors import MoekitError
+from ..experts.forms import DenseForm
 from ..native import library, register_declarations
 from ..native.experts import DTYPE_CODES, Scratch, acc_stride, float_ptr
 
@@ -57,12 +60,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.c_int,
         ctypes.POINTER(dbl), ctypes.POINTER(ctypes.c_int32)]
     lib.moekit_async_partner_step.restype = ctypes.c_int
+    lib.moekit_wait_flag.argtypes = [ctypes.c_void_p, i64, dbl]
+    lib.moekit_wait_flag.restype = ctypes.c_int
+    lib.moekit_store_flag.argtypes = [ctypes.c_void_p, i64]
+    lib.moekit_store_flag.restype = None
 
 
 register_declarations(_declare)
 
 
-def wanted(device: torch.device, expert_bytes: int, large: int) -> bool:
+def wanted(device: torch.device, expert_bytes: int, large: int, dense: bool = True) -> bool:
     """Returns whether decode steps should run with the CPU as partner: MOEKIT_CPU_GRAPH=1 always,
     =0 never; unset, on a GPU for experts smaller than `large` bytes (larger ones keep misses auto's
     split, whose in-place share lets the device read some of them beside the CPU: Mixtral's 352 MB
@@ -70,7 +77,7 @@ def wanted(device: torch.device, expert_bytes: int, large: int) -> bool:
     layers, all experts in host memory at llama.cpp's 2.60 GB (bench_llamacpp_qwen3_partner_7f24100.json):
     72.3 tok/s with the partner, 42.2 misses cpu and 33.0 auto without it."""
     env = os.environ.get(ENV)
-    if env is not None:
+    if env is not None or not dense:  # compressed forms: only when asked for (not measured on a GPU yet)
         return env == "1"
     return device.type == "cuda" and expert_bytes < large
 
@@ -120,6 +127,21 @@ class CpuPartner:
         self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs = ptrs(self.x), ptrs(self.w), ptrs(self.routes), ptrs(self.out)
         self.ready_ptrs = _int64s([self.flags[0, p].data_ptr() for p in range(L)])
         self.done_ptrs = _int64s([self.flags[1, p].data_ptr() for p in range(L)])
+        self.seconds = (ctypes.c_double * L)()
+        self.experts = (ctypes.c_int32 * L)()
+        self.started = False
+        self.counting = True  # whether the started step's CPU work goes into the stats
+        self.failure: str | None = None  # why the Python side of a compressed form's step failed
+        self.step_tokens = 0
+        # dense experts: one native call serves the step (partner.cpp); other forms: a Python thread
+        # runs each layer's jobs through the form's native kernel between native flag waits
+        self.dense = isinstance(form, DenseForm)
+        self.thread: ThreadPoolExecutor | None = None
+        self.future: Future | None = None
+        if not self.dense:
+            self.thread = ThreadPoolExecutor(1, thread_name_prefix="moekit-cpu-partner")
+            self.flag_ptrs = [(self.flags[0, p].data_ptr(), self.flags[1, p].data_ptr()) for p in range(L)]
+            return
         gate_ups, downs = [], []
         for layer in self.layers:  # expert e of each layer: its rows in the host store (cfg.num_experts wide)
             stack, _ = store.host_rows(layer, 0)
@@ -132,11 +154,6 @@ class CpuPartner:
                 downs.append(dn.data_ptr() + row * dn.stride(0) * dn.element_size())
         self.gate_up_ptrs, self.down_ptrs = _int64s(gate_ups), _int64s(downs)
         self.wdtype = DTYPE_CODES[runtime.layout.view(store.host_rows(self.layers[0], 0)[0], self.layers[0])["gate_up"].dtype]
-        self.seconds = (ctypes.c_double * L)()
-        self.experts = (ctypes.c_int32 * L)()
-        self.started = False
-        self.counting = True  # whether the started step's CPU work goes into the stats
-        self.step_tokens = 0
 
     @staticmethod
     def _off(host: torch.Tensor, base: torch.Tensor) -> int:
@@ -184,6 +201,10 @@ class CpuPartner:
             self.abort()
         self.seq += 1
         self.seq_dev.fill_(self.seq)  # on the compute stream, before the step's kernels
+        if not self.dense:
+            self.future = self.thread.submit(self._serve, self.seq, tokens, torch.is_inference_mode_enabled())
+            self.started, self.step_tokens, self.counting = True, tokens, count
+            return
         slots = tokens * self.top_k
         h = self.scratch.get("h", slots * self.ffn)
         xf = self.scratch.get("x", tokens * self.hidden)
@@ -203,13 +224,61 @@ class CpuPartner:
         if not self.started:
             return
         self.started = False
-        code = library().moekit_async_wait()
+        code = library().moekit_async_wait() if self.dense else self.future.result()
         if self.counting:
             self._count()
         if code != 0:
-            why = "waited too long for the device's post" if code == 10 else f"code {code}"
+            why = {10: "waited too long for the device's post"}.get(code, self.failure or f"code {code}")
             raise MoekitError(f"the CPU partner failed a decode step ({why}); rerun with {ENV}=0")
         self.check()
+
+    def _serve(self, seq: int, tokens: int, inference: bool) -> int:
+        """The CPU side of one step for experts in a compressed form (runs on self.thread): per
+        layer, wait for the post, compute the missed experts with the form's native kernel into the
+        layer's sum, release it. Returns 0, 10 (a post never came) or 12 (a kernel failed:
+        self.failure says why); a failed step releases every layer left with a zero sum."""
+        lib, form, layout, store = library(), self.runtime.form, self.runtime.layout, self.runtime.store
+        code, self.failure = 0, None
+        slots = tokens * self.top_k
+        with torch.inference_mode(inference), torch.no_grad():
+            for pos, layer in enumerate(self.layers):
+                ready, done = self.flag_ptrs[pos]
+                out = self.out[pos, :tokens]
+                self.seconds[pos], self.experts[pos] = 0.0, 0
+                if code == 0:
+                    code = lib.moekit_wait_flag(ready, seq, TIMEOUT_S)
+                if code == 0:
+                    try:
+                        jobs = self._jobs(layer, self.routes[pos, :slots].tolist(), self.w[pos, :slots].tolist(),
+                                          form, layout, store)
+                        t0 = time.perf_counter()
+                        if jobs:
+                            form.native_ffn(self.x[pos, :tokens], jobs, out=out, threads=self.threads,
+                                            scratch=self.scratch)
+                        else:
+                            out.zero_()
+                        self.seconds[pos], self.experts[pos] = time.perf_counter() - t0, len(jobs)
+                    except Exception as e:  # noqa: BLE001 -- reported by finish(); the device must be released
+                        code, self.failure = 12, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if code != 0:
+                    out.zero_()
+                lib.moekit_store_flag(done, seq)
+        return code
+
+    def _jobs(self, layer: int, routes: list[int], weights: list[float], form, layout, store) -> list:
+        """Returns the layer's missed experts as the form's native jobs (its stored tensors, tokens,
+        weights), in order of first use (as routes_by_row orders them)."""
+        tokens: dict[int, list[int]] = {}
+        scales: dict[int, list[float]] = {}
+        for s, v in enumerate(routes):
+            if 0 <= v < self.num_experts:  # not cached: the CPU's
+                tokens.setdefault(v, []).append(s // self.top_k)
+                scales.setdefault(v, []).append(weights[s])
+        jobs = []
+        for e in tokens:
+            rows, row = store.host_rows(layer, e)
+            jobs.append((form.one(layout.view(rows, layer), row), tokens[e], scales[e]))
+        return jobs
 
     def _count(self) -> None:
         stats = self.runtime.stats
@@ -267,9 +336,16 @@ class CpuPartner:
             self.finish()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+            runtime = self.runtime
             for pos, layer in enumerate(self.layers):
-                view = self.runtime.layout.view(self.runtime.store.host_rows(layer, 0)[0], layer)
-                want = expert_ffn_stacked(x_host, view["gate_up"], view["down"], [(0, [0], [1.0])], threads=self.threads)
+                rows, row = runtime.store.host_rows(layer, 0)
+                view = runtime.layout.view(rows, layer)
+                if self.dense:
+                    want = expert_ffn_stacked(x_host, view["gate_up"], view["down"], [(row, [0], [1.0])],
+                                              threads=self.threads)
+                else:
+                    want = runtime.form.native_ffn(x_host, [(runtime.form.one(view, row), [0], [1.0])],
+                                                   threads=self.threads)
                 if not torch.equal(outs[pos].cpu(), want):
                     return f"layer {layer}'s sum came back wrong"
         except (MoekitError, RuntimeError, ValueError) as e:
@@ -279,6 +355,9 @@ class CpuPartner:
     def close(self) -> None:
         """Waits for a started step (the runner thread reads this partner's buffers until it ends)."""
         self.abort()
+        if self.thread is not None:
+            self.thread.shutdown(wait=True)
+            self.thread = None
 
     def __del__(self):
         try:

@@ -283,8 +283,9 @@ class OffloadRuntime:
 
     def _partner_serves(self) -> bool:
         """Whether decode steps run captured whole with the CPU computing the misses (offload.partner:
-        misses cpu or auto, dense experts the native kernel computes from a host store the device
-        reads in place; `partner.wanted` says where by default). Not where a layer call must be seen
+        misses cpu or auto, experts a native kernel computes from a host store (dense: the device
+        reads the store's layout in place; compressed forms only with MOEKIT_CPU_GRAPH=1);
+        `partner.wanted` says where by default). Not where a layer call must be seen
         by the host: strict mode (runs the predicted experts), a recorded routing trace, a predictor
         asked for by name (its prefetches)."""
         from .partner import wanted
@@ -292,8 +293,10 @@ class OffloadRuntime:
         cfg = self.config
         if cfg.strict or cfg.record_routing or cfg.predictor not in ("auto", "none"):
             return False
-        return (wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES) and self.cpu is not None and self.misses in ("cpu", "auto") and self.cpu.native
-                and isinstance(self.form, DenseForm) and isinstance(self.store, HostStore)
+        dense = isinstance(self.form, DenseForm)  # other forms: their native kernels from a Python thread
+        return (wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, dense) and self.cpu is not None
+                and self.misses in ("cpu", "auto") and self.cpu.native and (dense or hasattr(self.form, "native_ffn"))
+                and isinstance(self.store, HostStore)
                 and (self.store.pin or self.device.type != "cuda") and reads_in_place(self.device))
 
     def _attach_in_place(self) -> None:
