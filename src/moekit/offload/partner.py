@@ -20,7 +20,12 @@ per step (native/partner.cpp) that serves every layer in turn:
     next layer ...
 
 Nothing on the host runs per layer: the layer's time is the CPU kernel plus the two flag round
-trips, and the device's share runs beside the kernel. Between steps the host keeps the cache as
+trips, and the device's share runs beside the kernel. Experts in a compressed form (int-N, the
+ternary code; only with MOEKIT_CPU_GRAPH=1 until a GPU has measured it) take another route on both
+sides: the device runs the cached ones from their cache slots through the form's slot kernels (a
+missed one points at slot 0 with weight 0; slot 0 is zeroed while free, so that is 0, not NaN), and
+a Python thread runs each layer's missed ones through the form's native kernel between native
+flag waits (its per-layer Python, ~0.1 ms, is off the host thread but on the critical path). Between steps the host keeps the cache as
 misses mapped does (admissions of popular missed experts, copies landed -> table rows), and counts
 the CPU's work from the native call's per-layer report.
 
