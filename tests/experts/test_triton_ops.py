@@ -135,15 +135,21 @@ def test_slot_kernel_rejects_a_block_k_the_tail_cannot_cover():
                                    configs=((4, 48, 4), (4, 1024, 4, 1)))
 
 
+def _slot_case(num_experts: int, hidden: int, ffn: int, tokens: int, top_k: int, seed: int):
+    """Returns (device, experts, x, ids, weights) of a small routed call on the kernels' device."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(seed)
+    m = _experts(num_experts, hidden, ffn, device)
+    x = torch.randn(tokens, hidden, generator=g).to(device)
+    ids, weights = _route(tokens, num_experts, top_k, device, g)
+    return device, m, x, ids, weights
+
+
 def test_slot_kernel_with_offsets_reads_experts_from_two_places():
     """An offset table pointing some experts into a second tensor (as offload.mapped points missed
     experts into host memory) gives bit-for-bit the stacked result."""
     num_experts, hidden, ffn, tokens, top_k = 6, 40, 24, 2, 3
-    device = kernel_device()
-    g = torch.Generator().manual_seed(7)
-    m = _experts(num_experts, hidden, ffn, device)
-    x = torch.randn(tokens, hidden, generator=g).to(device)
-    ids, weights = _route(tokens, num_experts, top_k, device, g)
+    device, m, x, ids, weights = _slot_case(num_experts, hidden, ffn, tokens, top_k, seed=7)
     slab_gu, slab_dn = torch.zeros(3, 2 * ffn, hidden, device=device), torch.zeros(3, hidden, ffn, device=device)
     far_gu, far_dn = m.gate_up.detach().clone(), m.down.detach().clone()  # all experts, elsewhere
     offsets = torch.empty(num_experts, 2, dtype=torch.int64)
@@ -163,14 +169,10 @@ def test_slot_kernel_with_offsets_reads_experts_from_two_places():
 
 def test_slot_kernel_skips_experts_with_negative_offsets():
     """skip=True leaves out the slots whose expert's offsets are negative (offload.partner: the CPU
-    computes them), without reading anything for them: bit for bit the sum of the other slots (their
-    routing weights zeroed), although the slab's first slot, where a skipped row would point, holds NaN."""
+    computes them), without reading anything for them: the sum of the other slots (their routing
+    weights zeroed), although the slab's first slot, where a skipped row would point, holds NaN."""
     num_experts, hidden, ffn, tokens, top_k = 6, 40, 24, 2, 3
-    device = kernel_device()
-    g = torch.Generator().manual_seed(9)
-    m = _experts(num_experts, hidden, ffn, device)
-    x = torch.randn(tokens, hidden, generator=g).to(device)
-    ids, weights = _route(tokens, num_experts, top_k, device, g)
+    device, m, x, ids, weights = _slot_case(num_experts, hidden, ffn, tokens, top_k, seed=9)
     slab_gu = torch.full((num_experts + 1, 2 * ffn, hidden), float("nan"), device=device)
     slab_dn = torch.full((num_experts + 1, hidden, ffn), float("nan"), device=device)
     slab_gu[1:], slab_dn[1:] = m.gate_up.detach(), m.down.detach()  # expert e in slot e + 1
@@ -197,11 +199,7 @@ def test_slot_kernel_row_slices_equal_cut_experts_and_add_up():
     by rows with the CPU): equal to the whole kernel on experts cut to those rows, with and without
     offsets, and slices covering the rows add up to the whole output."""
     num_experts, hidden, ffn, tokens, top_k = 4, 40, 48, 2, 2
-    device = kernel_device()
-    g = torch.Generator().manual_seed(8)
-    m = _experts(num_experts, hidden, ffn, device)
-    x = torch.randn(tokens, hidden, generator=g).to(device)
-    ids, weights = _route(tokens, num_experts, top_k, device, g)
+    device, m, x, ids, weights = _slot_case(num_experts, hidden, ffn, tokens, top_k, seed=8)
     gu, dn = m.gate_up.detach(), m.down.detach()
     table = torch.stack([torch.arange(num_experts) * gu.stride(0), torch.arange(num_experts) * dn.stride(0)], 1)
     with torch.no_grad():
