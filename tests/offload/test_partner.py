@@ -133,6 +133,9 @@ def test_where_the_partner_serves_by_default(monkeypatch):
     assert not wanted(gpu, 1, large, dense=False)  # compressed forms: only when asked for
     monkeypatch.setenv("MOEKIT_CPU_GRAPH", "0")
     assert not wanted(gpu, 9_437_184, large)
+    monkeypatch.setenv("MOEKIT_CPU_GRAPH", "yes")
+    with pytest.raises(MoekitError, match="MOEKIT_CPU_GRAPH='yes': set it to 1"):
+        wanted(gpu, 9_437_184, large)
 
 
 def test_a_cpu_side_never_posted_releases_the_device_and_raises(mixtral, graph_env, monkeypatch):

@@ -57,7 +57,8 @@ class MappedTable:
 
     def __init__(self, runtime, partner: bool = False):
         """`partner`: missed experts are computed by the CPU inside the step (offload.partner), not
-        read in place: an unmapped key's row holds -1 (the slot kernels skip it)."""
+        read in place: an unmapped key's row holds -1 (the slot kernels skip it); for compressed
+        forms (`by_slot`) the table holds a slot column instead, an unmapped key slot 0 (weighted 0)."""
         self.runtime = runtime
         cache, cfg = runtime.cache, runtime.model_config
         self.device = runtime.device

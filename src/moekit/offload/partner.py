@@ -25,7 +25,7 @@ ternary code; only with MOEKIT_CPU_GRAPH=1 until a GPU has measured it) take ano
 sides: the device runs the cached ones from their cache slots through the form's slot kernels (a
 missed one points at slot 0 with weight 0; slot 0 is zeroed while free, so that is 0, not NaN), and
 a Python thread runs each layer's missed ones through the form's native kernel between native
-flag waits (its per-layer Python, ~0.1 ms, is off the host thread but on the critical path). Between steps the host keeps the cache as
+flag waits (its per-layer Python is off the host thread but on the critical path; not timed). Between steps the host keeps the cache as
 misses mapped does (admissions of popular missed experts, copies landed -> table rows), and counts
 the CPU's work from the native call's per-layer report.
 
@@ -82,6 +82,8 @@ def wanted(device: torch.device, expert_bytes: int, large: int, dense: bool = Tr
     layers, all experts in host memory at llama.cpp's 2.60 GB (bench_llamacpp_qwen3_partner_7f24100.json):
     72.3 tok/s with the partner, 42.2 misses cpu and 33.0 auto without it."""
     env = os.environ.get(ENV)
+    if env not in (None, "0", "1"):
+        raise MoekitError(f"{ENV}={env!r}: set it to 1 (the CPU partner always) or 0 (never), or leave it unset")
     if env is not None or not dense:  # compressed forms: only when asked for (not measured on a GPU yet)
         return env == "1"
     return device.type == "cuda" and expert_bytes < large

@@ -295,8 +295,7 @@ class OffloadRuntime:
             return False
         dense = isinstance(self.form, DenseForm)  # other forms: their native kernels from a Python thread
         return (wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, dense) and self.cpu is not None
-                and self.misses in ("cpu", "auto") and self.cpu.native and (dense or hasattr(self.form, "native_ffn"))
-                and isinstance(self.store, HostStore)
+                and self.misses in ("cpu", "auto") and self.cpu.native and isinstance(self.store, HostStore)
                 and (self.store.pin or self.device.type != "cuda") and reads_in_place(self.device))
 
     def _attach_in_place(self) -> None:
