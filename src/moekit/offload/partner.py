@@ -132,8 +132,7 @@ class CpuPartner:
                         for p in range(L)]
         ptrs = lambda t: _int64s([t[p].data_ptr() for p in range(L)])
         self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs = ptrs(self.x), ptrs(self.w), ptrs(self.routes), ptrs(self.out)
-        self.ready_ptrs = _int64s([self.flags[0, p].data_ptr() for p in range(L)])
-        self.done_ptrs = _int64s([self.flags[1, p].data_ptr() for p in range(L)])
+        self.ready_ptrs, self.done_ptrs = ptrs(self.flags[0]), ptrs(self.flags[1])
         self.seconds = (ctypes.c_double * L)()
         self.experts = (ctypes.c_int32 * L)()
         self.started = False
@@ -147,7 +146,6 @@ class CpuPartner:
         self.future: Future | None = None
         if not self.dense:
             self.thread = ThreadPoolExecutor(1, thread_name_prefix="moekit-cpu-partner")
-            self.flag_ptrs = [(self.flags[0, p].data_ptr(), self.flags[1, p].data_ptr()) for p in range(L)]
             return
         gate_ups, downs = [], []
         for layer in self.layers:  # expert e of each layer: its rows in the host store (cfg.num_experts wide)
@@ -249,7 +247,7 @@ class CpuPartner:
         slots = tokens * self.top_k
         with torch.inference_mode(inference), torch.no_grad():
             for pos, layer in enumerate(self.layers):
-                ready, done = self.flag_ptrs[pos]
+                ready, done = self.ready_ptrs[pos], self.done_ptrs[pos]
                 out = self.out[pos, :tokens]
                 self.seconds[pos], self.experts[pos] = 0.0, 0
                 if code == 0:
