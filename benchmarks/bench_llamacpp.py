@@ -85,6 +85,7 @@ import subprocess
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import common
 import torch
@@ -225,23 +226,23 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
     between(i) before each (llama.cpp's decode, interleaved); decode_tok_s is then their median."""
     from moekit.offload import OffloadConfig, load_offloaded
 
+    mode = (misses or "").split(":")[0]
+    if mode.endswith(("+graph", "-graph")):  # "cpu+graph" / "auto-graph": MOEKIT_CPU_GRAPH=1 / 0 for this row only
+        with mock.patch.dict(os.environ, {"MOEKIT_CPU_GRAPH": "1" if mode[-len("+graph")] == "+" else "0"}):
+            row = moekit_row(path, device, budget, misses.replace(mode, mode[:-len("+graph")], 1), prompt_ids,
+                             idle_mib, dtype, prefill_tokens, rounds, between, profile_prefill, fused_rows)
+        return {**row, "misses": misses}
     common.free_memory(device, reset_peak=True)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     row: dict = {"budget_bytes": budget, "misses": misses, "status": "ok"}
-    restore_env: str | None | bool = False  # False: MOEKIT_CPU_GRAPH untouched by this row
     t0 = time.perf_counter()
     model = None
     try:
         if budget is None:
             model = moekit.load_model(path, device=device, dtype=dtype)
         else:
-            # "auto:none": misses auto, predictor none; "cpu::12": misses cpu, 12 CPU expert threads;
-            # "cpu+graph" / "auto-graph": MOEKIT_CPU_GRAPH=1 / 0 (offload.partner) for this row only
+            # "auto:none": misses auto, predictor none; "cpu::12": misses cpu, 12 CPU expert threads
             mode, predictor, threads = (misses.split(":") + ["", ""])[:3]
-            if mode.endswith(("+graph", "-graph")):
-                mode, sign = mode[:-len("+graph")], mode[-len("+graph")]
-                restore_env = os.environ.get("MOEKIT_CPU_GRAPH")
-                os.environ["MOEKIT_CPU_GRAPH"] = "1" if sign == "+" else "0"
             model = load_offloaded(path, device=device, dtype=dtype, offload=OffloadConfig(
                 device_memory=budget, misses=mode, **({"predictor": predictor} if predictor else {}),
                 **({"cpu_threads": int(threads)} if threads else {})))
@@ -294,11 +295,6 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
         row.update(status="refused", refusal=str(e))
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
         row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-3000:])
-    finally:
-        if restore_env is None:
-            os.environ.pop("MOEKIT_CPU_GRAPH", None)
-        elif restore_env is not False:
-            os.environ["MOEKIT_CPU_GRAPH"] = restore_env
     row["seconds"] = time.perf_counter() - t0
     model = None
     common.free_memory(device)
