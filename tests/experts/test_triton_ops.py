@@ -207,10 +207,12 @@ def test_slot_kernel_row_slices_equal_cut_experts_and_add_up():
             cut_gu = torch.cat([gu[:, r0:r1], gu[:, ffn + r0:ffn + r1]], dim=1).contiguous()
             cut_dn = dn[:, :, r0:r1].contiguous()
             want = triton_ops.slot_expert_ffn(x, ids, weights, cut_gu, cut_dn)
-            assert torch.equal(triton_ops.slot_expert_ffn(x, ids, weights, gu, dn, rows=(r0, r1)), want)
+            # bit for bit under the interpreter; compiled (H200: 7f24100 with offsets, 418157d without), the
+            # (5, 37) slice differed from the cut experts in the last bits (a row start the compiler cannot
+            # assume aligned): compared with a tolerance far below a wrong row's error
+            got = triton_ops.slot_expert_ffn(x, ids, weights, gu, dn, rows=(r0, r1))
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
             got = triton_ops.slot_expert_ffn(x, ids, weights, gu, dn, offsets=table.to(device), rows=(r0, r1))
-            # bit for bit under the interpreter; compiled (H200, 7f24100), the offset variant of the (5, 37)
-            # slice differed in the last bits (its pointers' alignment unknown to the compiler)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         whole = triton_ops.slot_expert_ffn(x, ids, weights, gu, dn)
         parts = sum(triton_ops.slot_expert_ffn(x, ids, weights, gu, dn, rows=r) for r in ((0, 16), (16, 48)))
