@@ -307,3 +307,55 @@ def test_started_form_call_gives_the_bits_of_native_ffn(form_name, dot, dtype, m
         started = form.native_ffn(x, jobs, out=out, threads=2, scratch=scratch, start=True)
         assert started.wait() is out and torch.equal(out, expected)
     assert torch.equal(form.native_ffn(x, [], start=True).wait(), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("form_name,dot", [("int4", "int8"), ("int4", "float"), ("int3", "float"), ("ternary", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partner_step_gives_the_bits_of_native_ffn(form_name, dot, dtype, monkeypatch):
+    """partner.cpp's compressed step (offload.partner's CPU side), run here with every layer already
+    posted: each layer's sum is what the form's native_ffn computes for its missed experts (routes
+    below E; in order of first use, tokens in slot order), for 1 and 3 tokens; a layer with none
+    missed gives zeros; every done flag is released."""
+    import ctypes
+
+    if dot is not None:
+        monkeypatch.setenv("MOEKIT_CPU_INT_DOT", dot)
+    g = torch.Generator().manual_seed(6)
+    d, ffn, experts, top_k = 96, 40, 6, 2
+    form, stacked = form_and_stack(form_name, d, ffn, experts, g)
+    lib = native.library()
+    layers = 3  # the one stacked layer served as three
+    for tokens in (1, 3):
+        slots = tokens * top_k
+        parts = [[form.native_parts(form.one(stacked, e)) for e in range(experts)]] * layers
+        plan = nc.PartnerExperts(form.NATIVE_FORM, form.bits, d, ffn, parts, [form.host_table(0)] * layers,
+                                 max_tokens=4, top_k=top_k, threads=2)
+        x = torch.randn(layers, tokens, d, generator=g).to(dtype)
+        w = torch.rand(layers, slots, generator=g)
+        routes = torch.randint(0, experts, (layers, slots), generator=g)
+        routes[0, 0] += experts  # cached: the device's
+        routes[2] += experts  # none missed
+        out = torch.full((layers, tokens, d), 7.0, dtype=dtype)
+        flags = torch.zeros(2, layers, dtype=torch.int64)
+        flags[0] = seq = 5
+
+        def ptrs(t):
+            return (ctypes.c_int64 * layers)(*[t[i].data_ptr() for i in range(layers)])
+
+        seconds, counts = (ctypes.c_double * layers)(), (ctypes.c_int32 * layers)()
+        held = [ptrs(t) for t in (x, w, routes, out, flags[0], flags[1])]  # alive until the wait: the runner reads them
+        code = lib.moekit_async_partner_step_compressed(
+            plan.address, {torch.float32: 2, torch.bfloat16: 0}[dtype], layers, tokens, top_k, experts, d, ffn, *held,
+            seq, 5.0, 2, seconds, counts)
+        assert code == 0 and lib.moekit_async_wait() == 0
+        assert flags[1].tolist() == [seq] * layers
+        for layer in range(layers):
+            jobs: dict[int, tuple[list[int], list[float]]] = {}
+            for s, v in enumerate(routes[layer].tolist()):
+                if v < experts:
+                    jobs.setdefault(v, ([], []))[0].append(s // top_k)
+                    jobs[v][1].append(w[layer, s].item())
+            want = (form.native_ffn(x[layer], [(form.one(stacked, e), t, ws) for e, (t, ws) in jobs.items()], threads=2)
+                    if jobs else torch.zeros(tokens, d, dtype=dtype))
+            assert torch.equal(out[layer], want), layer
+            assert counts[layer] == len(jobs)

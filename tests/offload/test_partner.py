@@ -31,6 +31,18 @@ def partner_model(path, misses="cpu", slots=2, batch=1, **kw):
     return load_offloaded(path, offload=config)
 
 
+def compressed_mixtral(tiny, tmp_path, bits: str):
+    """The tiny mixtral compressed (RTN) to int4 in groups of 16 or to the ternary code."""
+    from moekit.quant.compress import compress
+    from moekit.quant.config import QuantConfig
+
+    path = tmp_path / f"mixtral-{bits}"
+    quant = (QuantConfig(bits="4", group_size=16, method="rtn") if bits == "4"
+             else QuantConfig(bits="ternary", method="rtn"))
+    compress(tiny("mixtral").path, path, quant, progress=False)
+    return path
+
+
 @pytest.fixture
 def graph_env(monkeypatch):
     monkeypatch.setenv("MOEKIT_CPU_GRAPH", "1")
@@ -90,17 +102,11 @@ def test_host_visible_settings_keep_the_split(mixtral, graph_env):
 @pytest.mark.parametrize("bits", ["4", pytest.param("ternary", marks=pytest.mark.slow)])
 def test_compressed_experts_with_the_cpu_as_partner_match_resident(tiny, tmp_path, graph_env, monkeypatch, bits):
     """int4 / ternary-code experts: the device runs the cached ones from their slots (the others as
-    slot 0 weighted 0), a Python thread runs the missed ones through the form's native kernel between
-    native flag waits: greedy tokens equal the compressed model resident. Only with MOEKIT_CPU_GRAPH=1."""
-    from moekit.quant.compress import compress
-    from moekit.quant.config import QuantConfig
-
+    slot 0 weighted 0), the native step runs the missed ones through the form's kernel: greedy tokens
+    equal the compressed model resident. On the CPU device only with MOEKIT_CPU_GRAPH=1."""
     if not triton_ops.triton_usable(torch.empty(0)):
         pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
-    path = tmp_path / f"mixtral-{bits}"
-    quant = (QuantConfig(bits="4", group_size=16, method="rtn") if bits == "4"
-             else QuantConfig(bits="ternary", method="rtn"))
-    compress(tiny("mixtral").path, path, quant, progress=False)
+    path = compressed_mixtral(tiny, tmp_path, bits)
     plan = load_offloaded(path, offload=OffloadConfig(context_tokens=CONTEXT)).offload.plan
     budget = plan.planned_bytes - plan.cache_bytes + 2 * plan.expert_bytes  # a 2-expert cache
     model = load_offloaded(path, offload=OffloadConfig(misses="cpu", store="host", context_tokens=CONTEXT,
@@ -108,6 +114,7 @@ def test_compressed_experts_with_the_cpu_as_partner_match_resident(tiny, tmp_pat
     runtime = model.offload
     assert runtime.mapped is not None and runtime.mapped.partner is not None and runtime.mapped.by_slot, \
         runtime.partner_refused
+    assert runtime.mapped.partner.compressed is not None  # the native step, not a Python loop
     ids = token_ids(1, 3, seed=2)
     assert torch.equal(greedy(model, ids, 6), greedy(moekit.load_model(path), ids, 6))
     report = runtime.report()
@@ -115,7 +122,7 @@ def test_compressed_experts_with_the_cpu_as_partner_match_resident(tiny, tmp_pat
     table = runtime.mapped.table.cpu()
     for (layer, e), slot in runtime.mapped.mapped.items():  # mapped keys point at their slots
         assert table[runtime.mapped.pos[layer], e].tolist() == [slot, e + runtime.mapped.num_experts]
-    monkeypatch.delenv("MOEKIT_CPU_GRAPH")  # unasked, compressed forms keep the split
+    monkeypatch.delenv("MOEKIT_CPU_GRAPH")  # unasked, on the CPU device: the split
     plain = load_offloaded(path, offload=OffloadConfig(misses="cpu", store="host", context_tokens=CONTEXT,
                                                        device_memory=budget, predictor="none"))
     assert plain.offload.mapped is None
@@ -128,9 +135,9 @@ def test_where_the_partner_serves_by_default(monkeypatch):
     monkeypatch.delenv("MOEKIT_CPU_GRAPH", raising=False)
     assert wanted(gpu, 9_437_184, large) and not wanted(gpu, 352_321_536, large) and not wanted(cpu, 1, large)
     monkeypatch.setenv("MOEKIT_CPU_GRAPH", "1")
-    assert wanted(gpu, 352_321_536, large) and wanted(cpu, 1, large) and wanted(gpu, 1, large, dense=False)
+    assert wanted(gpu, 352_321_536, large) and wanted(cpu, 1, large) and wanted(gpu, 1, large, native=False)
     monkeypatch.delenv("MOEKIT_CPU_GRAPH")
-    assert not wanted(gpu, 1, large, dense=False)  # compressed forms: only when asked for
+    assert not wanted(gpu, 1, large, native=False)  # a form with no native step: only when asked for
     monkeypatch.setenv("MOEKIT_CPU_GRAPH", "0")
     assert not wanted(gpu, 9_437_184, large)
     monkeypatch.setenv("MOEKIT_CPU_GRAPH", "yes")
@@ -227,16 +234,14 @@ def test_gpu_partner_steps_are_captured_whole_and_match_resident(tiny, monkeypat
 
 
 @pytest.mark.gpu
-def test_gpu_compressed_partner_steps_are_captured_whole_and_match_resident(tiny, tmp_path, monkeypatch):
-    """int4 experts with MOEKIT_CPU_GRAPH=1 on the GPU: steps captured whole, token-equal to the
-    compressed model resident on the GPU."""
+@pytest.mark.parametrize("bits", ["4", "ternary"])
+def test_gpu_compressed_partner_steps_are_captured_whole_and_match_resident(tiny, tmp_path, monkeypatch, bits):
+    """int4 / ternary-code experts on the GPU (the partner by default): steps captured whole,
+    token-equal to the compressed model resident on the GPU (the code's tables live on the device:
+    the CPU side reads its host copies)."""
     from moekit.generate import GenerationStats
-    from moekit.quant.compress import compress
-    from moekit.quant.config import QuantConfig
-
-    monkeypatch.setenv("MOEKIT_CPU_GRAPH", "1")
-    path = tmp_path / "mixtral-4"
-    compress(tiny("mixtral").path, path, QuantConfig(bits="4", group_size=16, method="rtn"), progress=False)
+    monkeypatch.delenv("MOEKIT_CPU_GRAPH", raising=False)
+    path = compressed_mixtral(tiny, tmp_path, bits)
     ids = token_ids(1, 8)
     expected = resident_tokens(path, ids, n=16)
     probe = load_offloaded(path, device="cuda", dtype="float32", offload=OffloadConfig(
@@ -249,6 +254,7 @@ def test_gpu_compressed_partner_steps_are_captured_whole_and_match_resident(tiny
     model.offload.new_cache(2)
     runtime = model.offload
     assert runtime.mapped is not None and runtime.mapped.by_slot, runtime.partner_refused
+    assert runtime.mapped.partner.compressed is not None
     stats = GenerationStats()
     got = model.generate(ids, max_new_tokens=16, temperature=0, eos_token_ids=(), stats=stats)
     assert stats.extra.get("graph") == "whole"

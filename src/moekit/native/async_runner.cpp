@@ -1,8 +1,8 @@
 // One background thread per process that runs one layer's CPU expert call while the caller goes
 // on (moekit.native.experts: start=True; offload.cpu overlaps it with the device part's launches).
 //
-// moekit_async_expert_ffn / moekit_async_int_ffn / moekit_async_code_ffn (and moekit_async_partner_step,
-// a whole captured step's CPU side: partner.cpp) take the arguments of
+// moekit_async_expert_ffn / moekit_async_int_ffn / moekit_async_code_ffn (and moekit_async_partner_step /
+// _compressed, a whole captured step's CPU side: partner.cpp) take the arguments of
 // their synchronous forms, post the call to the runner and return 0 at once (ASYNC_BUSY where a
 // posted call has not been waited for); moekit_async_wait blocks until that call is done and
 // returns its code (ASYNC_IDLE where nothing was posted). The caller keeps every buffer the call
@@ -48,6 +48,10 @@ int moekit_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int64_t A,
                         const int64_t* ready_ptrs, const int64_t* done_ptrs, const int64_t* gate_up_ptrs,
                         const int64_t* down_ptrs, int64_t seq, double timeout_s, float* h, float* xf, float* accs,
                         int threads, double* seconds, int32_t* experts);
+int moekit_partner_step_compressed(const void* plan, int xdtype, int64_t L, int64_t N, int64_t A, int64_t E, int64_t D,
+                                   int64_t I, const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs,
+                                   const int64_t* out_ptrs, const int64_t* ready_ptrs, const int64_t* done_ptrs,
+                                   int64_t seq, double timeout_s, int threads, double* seconds, int32_t* experts);
 }
 
 namespace {
@@ -156,6 +160,17 @@ int moekit_async_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int6
     return moekit_partner_step(wdtype, xdtype, L, N, A, E, D, I, x_ptrs, w_ptrs, route_ptrs, out_ptrs, ready_ptrs,
                                done_ptrs, gate_up_ptrs, down_ptrs, seq, timeout_s, h, xf, accs, threads, seconds,
                                experts);
+  });
+}
+
+int moekit_async_partner_step_compressed(const void* plan, int xdtype, int64_t L, int64_t N, int64_t A, int64_t E,
+                                         int64_t D, int64_t I, const int64_t* x_ptrs, const int64_t* w_ptrs,
+                                         const int64_t* route_ptrs, const int64_t* out_ptrs, const int64_t* ready_ptrs,
+                                         const int64_t* done_ptrs, int64_t seq, double timeout_s, int threads,
+                                         double* seconds, int32_t* experts) {
+  return post([=] {
+    return moekit_partner_step_compressed(plan, xdtype, L, N, A, E, D, I, x_ptrs, w_ptrs, route_ptrs, out_ptrs,
+                                          ready_ptrs, done_ptrs, seq, timeout_s, threads, seconds, experts);
   });
 }
 

@@ -254,7 +254,8 @@ def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.T
     ffn = jobs[0][0][2].shape[0] // 2
     table = table.contiguous()
     if table.dtype != torch.int32 or table.device.type != "cpu" or table.dim() != 2 or table.shape[1] != 2:
-        raise ValueError(f"the code table must be a CPU int32 [2^bits, 2] tensor; got {table.dtype} {list(table.shape)}")
+        raise ValueError(f"the code table must be a CPU int32 [2^bits, 2] tensor; got {table.dtype} "
+                         f"{list(table.shape)} on {table.device}")
     word_dtype = jobs[0][0][0].dtype
     if word_dtype not in (torch.uint8, torch.int16):
         raise ValueError(f"codewords must be uint8 or int16; got {word_dtype}")
@@ -436,4 +437,114 @@ class DecodeExperts:
     def _buffer(self, n: int, dtype: torch.dtype) -> int:
         with torch.inference_mode(False):
             self.keep.append(torch.zeros(max(n, 1), dtype=dtype))  # zeros: the code's pad past x reads as 0
+        return self.keep[-1].data_ptr()
+
+
+# ---- every layer's experts for the CPU partner's step (offload.partner, partner.cpp) ---------------
+
+class _PartnerPlan(ctypes.Structure):
+    """partner.cpp's CompressedPartner: where each layer's experts lie in the host store, and the
+    buffers of one step."""
+
+    _fields_ = [("form", ctypes.c_int32), ("bits", ctypes.c_int32), ("permuted", ctypes.c_int32),
+                ("int8_dot", ctypes.c_int32), ("word_bytes", ctypes.c_int32), ("unused", ctypes.c_int32),
+                ("groups", ctypes.c_int64 * 2), ("tensors", ctypes.c_int64), ("expert_ptrs", ctypes.c_void_p),
+                ("sizes", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("masks", ctypes.c_void_p),
+                ("lengths", ctypes.c_void_p), ("xf", ctypes.c_void_p), ("x_width", ctypes.c_int64),
+                ("h", ctypes.c_void_p), ("h_width", ctypes.c_int64), ("outf", ctypes.c_void_p),
+                ("accs", ctypes.c_void_p), ("ptrs", ctypes.c_void_p), ("job_sizes", ctypes.c_void_p)]
+
+
+def _declare_partner(lib: ctypes.CDLL) -> None:
+    i64, p64, dbl = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_double
+    lib.moekit_async_partner_step_compressed.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, i64, i64, i64, i64, i64, i64, p64, p64, p64, p64, p64, p64, i64, dbl,
+        ctypes.c_int, ctypes.POINTER(dbl), ctypes.POINTER(ctypes.c_int32)]
+    lib.moekit_async_partner_step_compressed.restype = ctypes.c_int
+
+
+register_declarations(_declare_partner)
+
+
+class PartnerExperts:
+    """Every MoE layer's experts in a compressed form as partner.cpp's moekit_partner_step_compressed
+    reads them: per (layer, expert) the addresses of its stored tensors in int_ffn's / code_ffn's
+    order, per layer the code's table (in host memory) and job sizes, and the buffers of a step of
+    up to `max_tokens` tokens. The call it makes per layer is the one int_ffn / code_ffn make for
+    the same tokens and jobs (the same x, h and int-N activations `dot`): the same bits.
+
+    `layers[l][e]`: (gate_up parts, down parts) of expert e of layer l, as a job of int_ffn /
+    code_ffn takes them; `tables[l]`: layer l's code table (a CPU int32 [2^bits, 2]; None for int-N).
+    Raises ValueError where the kernels cannot take them."""
+
+    def __init__(self, form_code: int, bits: int | None, hidden: int, ffn: int, layers: list[list[tuple[Parts, Parts]]],
+                 tables: list[torch.Tensor | None], max_tokens: int, top_k: int, threads: int, dot: str | None = None):
+        if library() is None or form_code not in (NATIVE_INT, NATIVE_CODE) or (form_code == NATIVE_INT and bits not in INT_BITS):
+            raise ValueError(f"the CPU partner's native step takes int-N ({INT_BITS} bits) or ternary-code experts")
+        if max(hidden, ffn) > MAX_ROW:
+            raise ValueError(f"the CPU partner's native step takes rows of at most {MAX_ROW}; got {hidden}, {ffn}")
+        d, slots = hidden, max_tokens * top_k
+        kinds = _INT_KINDS if form_code == NATIVE_INT else _CODE_KINDS
+        plan = self.plan = _PartnerPlan(form=form_code, tensors=2 * len(kinds))
+        self.keep: list[torch.Tensor] = []
+        ptrs, sizes = [], []
+        groups = (layers[0][0][0][1].shape[1], layers[0][0][1][1].shape[1]) if form_code == NATIVE_INT else (0, 0)
+        for l, experts in enumerate(layers):
+            layer_sizes = None
+            for gate_up, down in experts:
+                for parts, rows, cols, p in ((gate_up, 2 * ffn, d, groups[0]), (down, d, ffn, groups[1])):
+                    _check_parts(parts, kinds, "a CPU partner's expert")
+                    if form_code == NATIVE_INT:
+                        fits = [tuple(t.shape) for t in parts] == [(rows, -(-cols // (32 // bits))), (rows, p), (rows, p)]
+                    else:
+                        fits = parts[-1].shape == (rows,)
+                    if not fits:
+                        raise ValueError(f"a CPU partner's expert parts do not fit a {rows} x {cols} matrix: "
+                                         f"{[tuple(t.shape) for t in parts]}")
+                    ptrs.extend(t.data_ptr() for t in parts)
+                if form_code == NATIVE_CODE:
+                    mine = [v for parts in (gate_up, down)
+                            for v in (parts[0].shape[1], parts[1].element_size(), parts[2].element_size())]
+                    if layer_sizes not in (None, mine):
+                        raise ValueError(f"layer {l}'s ternary-code experts differ in their codeword layout")
+                    layer_sizes = mine
+            if form_code == NATIVE_CODE:
+                sizes.extend(layer_sizes)
+        plan.expert_ptrs = self._array(ptrs, torch.int64)
+        if form_code == NATIVE_INT:
+            per_word = 32 // bits
+            permuted = all(p == 1 or -(-cols // p) % per_word == 0 for p, cols in zip(groups, (d, ffn)))
+            plan.bits, plan.permuted, plan.int8_dot = bits, int(permuted), int(int_dot(dot) == "int8")
+            plan.groups[0], plan.groups[1] = groups
+            plan.x_width = -(-d // per_word) * per_word if permuted else d
+            plan.h_width = -(-ffn // per_word) * per_word if permuted else ffn
+        else:
+            if any(t is None or t.device.type != "cpu" or t.dtype != torch.int32 or t.dim() != 2 or t.shape[1] != 2
+                   for t in tables):
+                raise ValueError("the CPU partner's code tables must be CPU int32 [2^bits, 2] tensors, one a layer")
+            held = [t.contiguous() for t in tables]
+            masks = [code_masks(t) for t in held]
+            self.keep += held + [m for pair in masks for m in pair]
+            plan.tables = self._array([t.data_ptr() for t in held], torch.int64)
+            plan.masks = self._array([m.data_ptr() for m, _ in masks], torch.int64)
+            plan.lengths = self._array([n.data_ptr() for _, n in masks], torch.int64)
+            plan.sizes = self._array(sizes, torch.int64)
+            plan.word_bytes = layers[0][0][0][0].element_size()
+            plan.x_width, plan.h_width = d, ffn
+        plan.xf = self._zeros(max_tokens * plan.x_width + CODE_PAD, torch.float32)
+        plan.h = self._zeros(slots * plan.h_width + CODE_PAD, torch.float32)
+        plan.outf = self._zeros(max_tokens * d, torch.float32)
+        plan.accs = self._zeros(threads * acc_stride(max_tokens), torch.float32)
+        plan.ptrs = self._zeros(slots * plan.tensors, torch.int64)
+        plan.job_sizes = self._zeros(slots * 6, torch.int64)
+        self.address = ctypes.addressof(plan)
+
+    def _zeros(self, n: int, dtype: torch.dtype) -> int:
+        with torch.inference_mode(False):
+            self.keep.append(torch.zeros(max(n, 1), dtype=dtype))
+        return self.keep[-1].data_ptr()
+
+    def _array(self, values: list[int], dtype: torch.dtype) -> int:
+        with torch.inference_mode(False):
+            self.keep.append(torch.tensor(values or [0], dtype=dtype))
         return self.keep[-1].data_ptr()

@@ -11,6 +11,10 @@
 //   done   int64, seq once out holds the sum (written here last, release order)
 // Expert e of layer l: gate_up at gate_up_ptrs[l * E + e], down at down_ptrs[l * E + e].
 //
+// Experts in a compressed form (int-N, the ternary code): moekit_partner_step_compressed, the same
+// loop with the jobs run through moekit_int_ffn / moekit_code_ffn from each expert's stored tensors
+// in the host store (a CompressedPartner plan says where they are).
+//
 // A timeout (the device never posted) or a refused call fails the step: every layer not yet
 // served gets a zero sum and its done flag, so that the device never waits forever, and the code
 // is returned (the caller raises). Codes: 0, 1-4 moekit_expert_ffn's, 10 timeout, 11 S > MAX_SLOTS.
@@ -23,6 +27,7 @@
 #include <thread>
 
 #include "common.h"
+#include "compressed_layer.h"  // moekit_int_ffn, moekit_code_ffn
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -55,6 +60,104 @@ bool wait_for(const int64_t* flag, int64_t seq, double timeout_s) {
   return true;
 }
 
+// The missed experts of one layer call, in order of first use, each with its tokens and weights.
+struct Jobs {
+  int64_t J = 0;
+  int32_t tok_start[MAX_SLOTS + 1], tok[MAX_SLOTS];
+  int64_t expert_of[MAX_SLOTS];
+  float wts[MAX_SLOTS];
+
+  // routes [S]: e + E * cached (e < E: missed, the CPU's), w [S] the routing weights, A per token.
+  void build(const int64_t* routes, const float* w, int64_t S, int64_t A, int64_t E) {
+    int32_t first[MAX_SLOTS];
+    J = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t v = routes[s];
+      if (v >= E || v < 0) continue;  // cached: the device computes it
+      int64_t j = 0;
+      while (j < J && expert_of[j] != v) ++j;
+      if (j == J) expert_of[J++] = v;
+      first[s] = static_cast<int32_t>(j);
+    }
+    int64_t T = 0;
+    for (int64_t j = 0; j < J; ++j) {
+      tok_start[j] = static_cast<int32_t>(T);
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t v = routes[s];
+        if (v >= E || v < 0 || first[s] != j) continue;
+        tok[T] = static_cast<int32_t>(s / A);
+        wts[T++] = w[s];
+      }
+    }
+    tok_start[J] = static_cast<int32_t>(T);
+  }
+};
+
+// The per-layer loop both entries share: wait for layer l's post, build its jobs, run
+// compute(l, jobs, x, out) (returns a code; writes out whole) when there are any, release the layer.
+template <class Compute>
+int serve(int64_t L, int64_t N, int64_t A, int64_t E, int64_t row_bytes, const int64_t* x_ptrs,
+          const int64_t* w_ptrs, const int64_t* route_ptrs, const int64_t* out_ptrs, const int64_t* ready_ptrs,
+          const int64_t* done_ptrs, int64_t seq, double timeout_s, double* seconds, int32_t* experts,
+          Compute compute) {
+  const int64_t S = N * A;
+  int code = S > MAX_SLOTS ? TOO_MANY_SLOTS : 0;
+  static thread_local Jobs jobs;  // ~20 KB: off the stack of whichever thread serves
+  for (int64_t l = 0; l < L; ++l) {
+    seconds[l] = 0.0;
+    experts[l] = 0;
+    void* out = reinterpret_cast<void*>(out_ptrs[l]);
+    int64_t* done = reinterpret_cast<int64_t*>(done_ptrs[l]);
+    if (code == 0 && !wait_for(reinterpret_cast<const int64_t*>(ready_ptrs[l]), seq, timeout_s)) code = TIMEOUT;
+    if (code != 0) {  // release the device: a zero sum
+      std::memset(out, 0, row_bytes);
+      store_release(done, seq);
+      continue;
+    }
+    jobs.build(reinterpret_cast<const int64_t*>(route_ptrs[l]), reinterpret_cast<const float*>(w_ptrs[l]), S, A, E);
+    if (jobs.J == 0) {
+      std::memset(out, 0, row_bytes);
+    } else {
+      auto began = std::chrono::steady_clock::now();
+      const int c = compute(l, jobs, reinterpret_cast<const void*>(x_ptrs[l]), out);
+      seconds[l] = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+      experts[l] = static_cast<int32_t>(jobs.J);
+      if (c != 0) {
+        code = c;
+        std::memset(out, 0, row_bytes);
+      }
+    }
+    store_release(done, seq);
+  }
+  return code;
+}
+
+// A compressed form's stored experts and the buffers of one step (partner.py's _CompressedPlan
+// mirrors it field for field; native.compressed builds it).
+struct CompressedPartner {
+  int32_t form;        // 1 int-N (moekit_int_ffn), 2 ternary code (moekit_code_ffn)
+  int32_t bits;        // int-N: 2, 3, 4, 8
+  int32_t permuted;    // int-N: IntRows' permuted layout (x permuted here, h zeroed each call)
+  int32_t int8_dot;    // int-N: moekit_int_ffn's int8_dot
+  int32_t word_bytes;  // code: bytes of a codeword, 1 or 2
+  int32_t unused;
+  int64_t groups[2];   // int-N: P of gate_up, of down
+  int64_t tensors;     // stored tensors an expert: 6 (int-N) or 12 (code), the kernels' ptrs order
+  const int64_t* expert_ptrs;  // [L * E * tensors]: expert e of layer l at (l * E + e) * tensors
+  const int64_t* sizes;        // code: [L * 6] each layer's job sizes (moekit_code_ffn's sizes of one job)
+  const int64_t* tables;       // code: [L] addresses of each layer's int32 [2^bits, 2] table (host memory)
+  const int64_t* masks;        // code: [L] its code_masks
+  const int64_t* lengths;      // code: [L]
+  float* xf;                   // N * x_width floats (+ CODE_PAD for the code)
+  int64_t x_width;             // int-N permuted: words(D) * (32 / bits); else D
+  float* h;                    // S * h_width floats (+ CODE_PAD for the code)
+  int64_t h_width;             // int-N permuted: words(I) * (32 / bits); else I
+  float* outf;                 // N * D
+  float* accs;                 // threads * acc_stride(N)
+  int64_t* ptrs;               // S * tensors
+  int64_t* job_sizes;          // S * 6
+};
+
 }  // namespace
 
 extern "C" {
@@ -67,77 +170,73 @@ int moekit_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int64_t A,
                         const int64_t* ready_ptrs, const int64_t* done_ptrs, const int64_t* gate_up_ptrs,
                         const int64_t* down_ptrs, int64_t seq, double timeout_s, float* h, float* xf, float* accs,
                         int threads, double* seconds, int32_t* experts) {
-  const int64_t S = N * A;
-  const int64_t row_bytes = N * D * itemsize(xdtype);
-  int code = S > MAX_SLOTS ? TOO_MANY_SLOTS : 0;
-  int32_t tok_start[MAX_SLOTS + 1], tok[MAX_SLOTS], first[MAX_SLOTS];
-  int64_t gu[MAX_SLOTS], dn[MAX_SLOTS], expert_of[MAX_SLOTS];
-  float wts[MAX_SLOTS];
-  for (int64_t l = 0; l < L; ++l) {
-    seconds[l] = 0.0;
-    experts[l] = 0;
-    void* out = reinterpret_cast<void*>(out_ptrs[l]);
-    int64_t* done = reinterpret_cast<int64_t*>(done_ptrs[l]);
-    if (code == 0 && !wait_for(reinterpret_cast<const int64_t*>(ready_ptrs[l]), seq, timeout_s)) code = TIMEOUT;
-    if (code != 0) {  // release the device: a zero sum
-      std::memset(out, 0, row_bytes);
-      store_release(done, seq);
-      continue;
-    }
-    const int64_t* routes = reinterpret_cast<const int64_t*>(route_ptrs[l]);
-    const float* w = reinterpret_cast<const float*>(w_ptrs[l]);
-    // jobs: the missed experts in order of first use, each with its tokens and weights
-    int64_t J = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      int64_t v = routes[s];
-      if (v >= E || v < 0) continue;  // cached: the device computes it
-      int64_t j = 0;
-      while (j < J && expert_of[j] != v) ++j;
-      if (j == J) expert_of[J++] = v;
-      first[s] = static_cast<int32_t>(j);
-    }
-    int64_t T = 0;
-    for (int64_t j = 0; j < J; ++j) {
-      tok_start[j] = static_cast<int32_t>(T);
-      for (int64_t s = 0; s < S; ++s) {
-        int64_t v = routes[s];
-        if (v >= E || v < 0 || first[s] != j) continue;
-        tok[T] = static_cast<int32_t>(s / A);
-        wts[T++] = w[s];
-      }
-      gu[j] = gate_up_ptrs[l * E + expert_of[j]];
-      dn[j] = down_ptrs[l * E + expert_of[j]];
-    }
-    tok_start[J] = static_cast<int32_t>(T);
-    if (J == 0) {
-      std::memset(out, 0, row_bytes);
-    } else {
-      auto began = std::chrono::steady_clock::now();
-      int c = moekit_expert_ffn(wdtype, xdtype, reinterpret_cast<const void*>(x_ptrs[l]), out, N, D, I, I, J, gu, dn,
-                                tok_start, tok, wts, h, xf, accs, threads);
-      seconds[l] = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
-      experts[l] = static_cast<int32_t>(J);
-      if (c != 0) {
-        code = c;
-        std::memset(out, 0, row_bytes);
-      }
-    }
-    store_release(done, seq);
-  }
-  return code;
+  int64_t gu[MAX_SLOTS], dn[MAX_SLOTS];
+  return serve(L, N, A, E, N * D * itemsize(xdtype), x_ptrs, w_ptrs, route_ptrs, out_ptrs, ready_ptrs, done_ptrs, seq,
+               timeout_s, seconds, experts, [&](int64_t l, const Jobs& jobs, const void* x, void* out) {
+                 for (int64_t j = 0; j < jobs.J; ++j) {
+                   gu[j] = gate_up_ptrs[l * E + jobs.expert_of[j]];
+                   dn[j] = down_ptrs[l * E + jobs.expert_of[j]];
+                 }
+                 return moekit_expert_ffn(wdtype, xdtype, x, out, N, D, I, I, jobs.J, gu, dn, jobs.tok_start, jobs.tok,
+                                          jobs.wts, h, xf, accs, threads);
+               });
 }
 
-}  // extern "C"
-
-extern "C" {
-
-// Waits until *flag == seq (acquire); returns 0, or 10 after timeout_s seconds (the Python side of
-// a compressed form's partner: offload.partner).
-int moekit_wait_flag(const int64_t* flag, int64_t seq, double timeout_s) {
-  return wait_for(flag, seq, timeout_s) ? 0 : TIMEOUT;
+// moekit_partner_step for experts in a compressed form (plan: a CompressedPartner): each layer's
+// missed experts run through moekit_int_ffn / moekit_code_ffn with the x, h and jobs that
+// native.compressed's int_ffn / code_ffn make for the same tokens and routes (the same bits), x
+// read from the mailbox in its dtype and the float sum written back in it. Codes as above, and 1
+// for an unknown form.
+int moekit_partner_step_compressed(const void* plan, int xdtype, int64_t L, int64_t N, int64_t A, int64_t E, int64_t D,
+                                   int64_t I, const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs,
+                                   const int64_t* out_ptrs, const int64_t* ready_ptrs, const int64_t* done_ptrs,
+                                   int64_t seq, double timeout_s, int threads, double* seconds, int32_t* experts) {
+  const CompressedPartner* c = static_cast<const CompressedPartner*>(plan);
+  const int64_t T = c->tensors, xsize = itemsize(xdtype);
+  return serve(L, N, A, E, N * D * xsize, x_ptrs, w_ptrs, route_ptrs, out_ptrs, ready_ptrs, done_ptrs, seq,
+               timeout_s, seconds, experts, [&](int64_t l, const Jobs& jobs, const void* x, void* out) {
+                 for (int64_t j = 0; j < jobs.J; ++j) {
+                   const int64_t* from = c->expert_ptrs + (l * E + jobs.expert_of[j]) * T;
+                   std::memcpy(c->ptrs + j * T, from, sizeof(int64_t) * T);
+                   if (c->form == 2) std::memcpy(c->job_sizes + j * 6, c->sizes + l * 6, sizeof(int64_t) * 6);
+                 }
+                 const char* xb = static_cast<const char*>(x);
+                 const int64_t slots = jobs.tok_start[jobs.J];
+                 int rc;
+                 if (c->form == 1) {
+                   if (c->permuted) {  // column q * k + i at i * words + q, zeros past D (int_ffn's _permuted)
+                     const int64_t k = 32 / c->bits, words = c->x_width / k;
+                     for (int64_t n = 0; n < N; ++n) {
+                       float* row = c->outf + n * D;  // the row in float first (outf is written whole below)
+                       to_float(xdtype, xb + n * D * xsize, D, row);
+                       float* dst = c->xf + n * c->x_width;
+                       for (int64_t i = 0; i < k; ++i)
+                         for (int64_t q = 0; q < words; ++q) {
+                           const int64_t col = q * k + i;
+                           dst[i * words + q] = col < D ? row[col] : 0.f;
+                         }
+                     }
+                     std::memset(c->h, 0, sizeof(float) * slots * c->h_width);  // the last word's padding lanes
+                   } else {
+                     for (int64_t n = 0; n < N; ++n) to_float(xdtype, xb + n * D * xsize, D, c->xf + n * D);
+                   }
+                   rc = moekit_int_ffn(c->bits, c->xf, c->outf, N, D, I, jobs.J, c->ptrs, c->groups[0], c->groups[1],
+                                       c->permuted, jobs.tok_start, jobs.tok, jobs.wts, c->h, c->accs, threads,
+                                       c->int8_dot);
+                 } else if (c->form == 2) {
+                   for (int64_t n = 0; n < N; ++n) to_float(xdtype, xb + n * D * xsize, D, c->xf + n * D);
+                   rc = moekit_code_ffn(c->xf, c->outf, N, D, I, jobs.J, c->ptrs,
+                                        reinterpret_cast<const int32_t*>(c->tables[l]),
+                                        reinterpret_cast<const uint16_t*>(c->masks[l]),
+                                        reinterpret_cast<const uint8_t*>(c->lengths[l]), c->word_bytes, c->job_sizes,
+                                        jobs.tok_start, jobs.tok, jobs.wts, c->h, c->accs, threads);
+                 } else {
+                   return 1;
+                 }
+                 if (rc != 0) return rc;
+                 for (int64_t i = 0; i < N * D; ++i) from_float(xdtype, c->outf[i], out, i);
+                 return 0;
+               });
 }
-
-// *flag = value with release order: every write before it (the sum) is seen first.
-void moekit_store_flag(int64_t* flag, int64_t value) { store_release(flag, value); }
 
 }  // extern "C"

@@ -21,13 +21,15 @@ per step (native/partner.cpp) that serves every layer in turn:
 
 Nothing on the host runs per layer: the layer's time is the CPU kernel plus the two flag round
 trips, and the device's share runs beside the kernel. Experts in a compressed form (int-N, the
-ternary code; only with MOEKIT_CPU_GRAPH=1 until a GPU has measured it) take another route on both
-sides: the device runs the cached ones from their cache slots through the form's slot kernels (a
-missed one points at slot 0 with weight 0; slot 0 is zeroed while free, so that is 0, not NaN), and
-a Python thread runs each layer's missed ones through the form's native kernel between native
-flag waits (its per-layer Python is off the host thread but on the critical path; not timed). Between steps the host keeps the cache as
-misses mapped does (admissions of popular missed experts, copies landed -> table rows), and counts
-the CPU's work from the native call's per-layer report.
+ternary code) differ on the device's side: it runs the cached ones from their cache slots through
+the form's slot kernels (a missed one points at slot 0 with weight 0; slot 0 is zeroed while free,
+so that is 0, not NaN); on the CPU's the same native loop runs each layer's missed ones through the
+form's kernel (moekit_partner_step_compressed, native.compressed.PartnerExperts). Until c92d900 a
+Python thread ran those jobs between native flag waits: on the H200 (OLMoE shape, all experts in
+host memory) ~1.4 ms a layer for ~17 MB of int4 experts, which the CPU reads in ~0.3 ms. Other forms
+(gpt-oss's clamped ones) are refused: their misses run split per layer call. Between steps the host keeps
+the cache as misses mapped does (admissions of popular missed experts, copies landed -> table rows),
+and counts the CPU's work from the native call's per-layer report.
 
 Failure: the native side gives up after TIMEOUT_S waiting for a post, and then releases every layer
 left with a zero sum; the device gives up after MAX_POLLS polls of a done flag and sets an error
@@ -41,8 +43,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -65,26 +65,25 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.c_int,
         ctypes.POINTER(dbl), ctypes.POINTER(ctypes.c_int32)]
     lib.moekit_async_partner_step.restype = ctypes.c_int
-    lib.moekit_wait_flag.argtypes = [ctypes.c_void_p, i64, dbl]
-    lib.moekit_wait_flag.restype = ctypes.c_int
-    lib.moekit_store_flag.argtypes = [ctypes.c_void_p, i64]
-    lib.moekit_store_flag.restype = None
 
 
 register_declarations(_declare)
 
 
-def wanted(device: torch.device, expert_bytes: int, large: int, dense: bool = True) -> bool:
+def wanted(device: torch.device, expert_bytes: int, large: int, native: bool = True) -> bool:
     """Returns whether decode steps should run with the CPU as partner: MOEKIT_CPU_GRAPH=1 always,
     =0 never; unset, on a GPU for experts smaller than `large` bytes (larger ones keep misses auto's
     split, whose in-place share lets the device read some of them beside the CPU: Mixtral's 352 MB
-    experts ran 14.6 tok/s with it, 11.5 on the CPU alone). H200, Qwen3-30B-A3B shape cut to 24
-    layers, all experts in host memory at llama.cpp's 2.60 GB (bench_llamacpp_qwen3_partner_7f24100.json):
-    72.3 tok/s with the partner, 42.2 misses cpu and 33.0 auto without it."""
+    experts ran 14.6 tok/s with it, 11.5 on the CPU alone) whose step's CPU side is one native call
+    (`native`: dense, int-N, the ternary code; with =1 other forms are tried and refused). H200, all experts in
+    host memory at llama.cpp's footprint: Qwen3-30B-A3B shape cut to 24 layers, bf16, 72.3 tok/s with
+    the partner, 42.2 misses cpu and 33.0 auto without it (bench_llamacpp_qwen3_partner_7f24100.json);
+    OLMoE shape (bench_llamacpp_olmoe_compressed_c92d900.json, the compressed forms' jobs still run
+    from a Python thread then) int4 46.0 against auto's 36.8, int2 65.5 against 53.3."""
     env = os.environ.get(ENV)
     if env not in (None, "0", "1"):
         raise MoekitError(f"{ENV}={env!r}: set it to 1 (the CPU partner always) or 0 (never), or leave it unset")
-    if env is not None or not dense:  # compressed forms: only when asked for (not measured on a GPU yet)
+    if env is not None or not native:
         return env == "1"
     return device.type == "cuda" and expert_bytes < large
 
@@ -139,13 +138,11 @@ class CpuPartner:
         self.counting = True  # whether the started step's CPU work goes into the stats
         self.failure: str | None = None  # why the Python side of a compressed form's step failed
         self.step_tokens = 0
-        # dense experts: one native call serves the step (partner.cpp); other forms: a Python thread
-        # runs each layer's jobs through the form's native kernel between native flag waits
+        # one native call serves the step (partner.cpp): dense experts from the host store's rows,
+        # the int-N and ternary-code forms through their kernels (native.compressed.PartnerExperts)
         self.dense = isinstance(form, DenseForm)
-        self.thread: ThreadPoolExecutor | None = None
-        self.future: Future | None = None
+        self.compressed = None if self.dense else self._compressed_plan(max_tokens)
         if not self.dense:
-            self.thread = ThreadPoolExecutor(1, thread_name_prefix="moekit-cpu-partner")
             return
         gate_ups, downs = [], []
         for layer in self.layers:  # expert e of each layer: its rows in the host store (cfg.num_experts wide)
@@ -159,6 +156,34 @@ class CpuPartner:
                 downs.append(dn.data_ptr() + row * dn.stride(0) * dn.element_size())
         self.gate_up_ptrs, self.down_ptrs = _int64s(gate_ups), _int64s(downs)
         self.wdtype = DTYPE_CODES[runtime.layout.view(store.host_rows(self.layers[0], 0)[0], self.layers[0])["gate_up"].dtype]
+
+    def _compressed_plan(self, max_tokens: int):
+        """Returns the native step's plan of a compressed form's experts in the host store
+        (native.compressed.PartnerExperts); raises MoekitError for a form it cannot serve."""
+        from ..native.compressed import NATIVE_CODE, NATIVE_INT, PartnerExperts
+
+        runtime, form = self.runtime, self.runtime.form
+        code = getattr(form, "NATIVE_FORM", 0)
+        if code not in (NATIVE_INT, NATIVE_CODE):
+            raise MoekitError(f"the CPU partner serves dense, int-N and ternary-code experts, not {form.name}")
+        layers = []
+        for layer in self.layers:
+            count = runtime.model_config.experts_in(layer)
+            views: dict[tuple, dict] = {}  # one view per stacked host tensor, not one per expert
+            experts = []
+            for e in range(self.num_experts):  # a pruned layer's extra ids are never routed
+                rows, row = runtime.store.host_rows(layer, min(e, count - 1))
+                key = tuple(t.data_ptr() for t in rows.values())
+                if key not in views:
+                    views[key] = runtime.layout.view(rows, layer)
+                experts.append(form.native_parts(form.one(views[key], row)))
+            layers.append(experts)
+        tables = [form.host_table(layer) for layer in self.layers]  # copied to the host now, not inside a step
+        try:
+            return PartnerExperts(code, form.bits, self.hidden, self.ffn, layers, tables, max_tokens, self.top_k,
+                                  self.threads)
+        except ValueError as e:
+            raise MoekitError(f"the CPU partner cannot serve these experts: {e}") from None
 
     @staticmethod
     def _off(host: torch.Tensor, base: torch.Tensor) -> int:
@@ -206,19 +231,22 @@ class CpuPartner:
             self.abort()
         self.seq += 1
         self.seq_dev.fill_(self.seq)  # on the compute stream, before the step's kernels
-        if not self.dense:
-            self.future = self.thread.submit(self._serve, self.seq, tokens, torch.is_inference_mode_enabled())
-            self.started, self.step_tokens, self.counting = True, tokens, count
-            return
-        slots = tokens * self.top_k
-        h = self.scratch.get("h", slots * self.ffn)
-        xf = self.scratch.get("x", tokens * self.hidden)
-        accs = self.scratch.get("acc", self.threads * acc_stride(tokens))
-        code = lib.moekit_async_partner_step(
-            self.wdtype, DTYPE_CODES[self.dtype], self.num_layers, tokens, self.top_k, self.num_experts, self.hidden,
-            self.ffn, self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs, self.ready_ptrs, self.done_ptrs,
-            self.gate_up_ptrs, self.down_ptrs, self.seq, TIMEOUT_S, float_ptr(h), float_ptr(xf), float_ptr(accs),
-            self.threads, self.seconds, self.experts)
+        if tokens > self.max_tokens:
+            raise MoekitError(f"the CPU partner takes steps of up to {self.max_tokens} tokens; got {tokens}")
+        flags = (self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs, self.ready_ptrs, self.done_ptrs)
+        dims = (self.num_layers, tokens, self.top_k, self.num_experts, self.hidden, self.ffn)
+        if self.compressed is not None:
+            code = lib.moekit_async_partner_step_compressed(
+                self.compressed.address, DTYPE_CODES[self.dtype], *dims, *flags, self.seq, TIMEOUT_S, self.threads,
+                self.seconds, self.experts)
+        else:
+            slots = tokens * self.top_k
+            h = self.scratch.get("h", slots * self.ffn)
+            xf = self.scratch.get("x", tokens * self.hidden)
+            accs = self.scratch.get("acc", self.threads * acc_stride(tokens))
+            code = lib.moekit_async_partner_step(
+                self.wdtype, DTYPE_CODES[self.dtype], *dims, *flags, self.gate_up_ptrs, self.down_ptrs, self.seq,
+                TIMEOUT_S, float_ptr(h), float_ptr(xf), float_ptr(accs), self.threads, self.seconds, self.experts)
         if code != 0:
             raise MoekitError(f"the CPU partner could not start (code {code}: another CPU expert call is running)")
         self.started, self.step_tokens, self.counting = True, tokens, count
@@ -229,61 +257,13 @@ class CpuPartner:
         if not self.started:
             return
         self.started = False
-        code = library().moekit_async_wait() if self.dense else self.future.result()
+        code = library().moekit_async_wait()
         if self.counting:
             self._count()
         if code != 0:
-            why = {10: "waited too long for the device's post"}.get(code, self.failure or f"code {code}")
+            why = {10: "waited too long for the device's post"}.get(code, f"code {code}")
             raise MoekitError(f"the CPU partner failed a decode step ({why}); rerun with {ENV}=0")
         self.check()
-
-    def _serve(self, seq: int, tokens: int, inference: bool) -> int:
-        """The CPU side of one step for experts in a compressed form (runs on self.thread): per
-        layer, wait for the post, compute the missed experts with the form's native kernel into the
-        layer's sum, release it. Returns 0, 10 (a post never came) or 12 (a kernel failed:
-        self.failure says why); a failed step releases every layer left with a zero sum."""
-        lib, form, layout, store = library(), self.runtime.form, self.runtime.layout, self.runtime.store
-        code, self.failure = 0, None
-        slots = tokens * self.top_k
-        with torch.inference_mode(inference), torch.no_grad():
-            for pos, layer in enumerate(self.layers):
-                ready, done = self.ready_ptrs[pos], self.done_ptrs[pos]
-                out = self.out[pos, :tokens]
-                self.seconds[pos], self.experts[pos] = 0.0, 0
-                if code == 0:
-                    code = lib.moekit_wait_flag(ready, seq, TIMEOUT_S)
-                if code == 0:
-                    try:
-                        jobs = self._jobs(layer, self.routes[pos, :slots].tolist(), self.w[pos, :slots].tolist(),
-                                          form, layout, store)
-                        t0 = time.perf_counter()
-                        if jobs:
-                            form.native_ffn(self.x[pos, :tokens], jobs, out=out, threads=self.threads,
-                                            scratch=self.scratch)
-                        else:
-                            out.zero_()
-                        self.seconds[pos], self.experts[pos] = time.perf_counter() - t0, len(jobs)
-                    except Exception as e:  # noqa: BLE001 -- reported by finish(); the device must be released
-                        code, self.failure = 12, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                if code != 0:
-                    out.zero_()
-                lib.moekit_store_flag(done, seq)
-        return code
-
-    def _jobs(self, layer: int, routes: list[int], weights: list[float], form, layout, store) -> list:
-        """Returns the layer's missed experts as the form's native jobs (its stored tensors, tokens,
-        weights), in order of first use (as routes_by_row orders them)."""
-        tokens: dict[int, list[int]] = {}
-        scales: dict[int, list[float]] = {}
-        for s, v in enumerate(routes):
-            if 0 <= v < self.num_experts:  # not cached: the CPU's
-                tokens.setdefault(v, []).append(s // self.top_k)
-                scales.setdefault(v, []).append(weights[s])
-        jobs = []
-        for e in tokens:
-            rows, row = store.host_rows(layer, e)
-            jobs.append((form.one(layout.view(rows, layer), row), tokens[e], scales[e]))
-        return jobs
 
     def _count(self) -> None:
         stats = self.runtime.stats
@@ -360,9 +340,6 @@ class CpuPartner:
     def close(self) -> None:
         """Waits for a started step (the runner thread reads this partner's buffers until it ends)."""
         self.abort()
-        if self.thread is not None:
-            self.thread.shutdown(wait=True)
-            self.thread = None
 
     def __del__(self):
         try:

@@ -283,8 +283,8 @@ class OffloadRuntime:
 
     def _partner_serves(self) -> bool:
         """Whether decode steps run captured whole with the CPU computing the misses (offload.partner:
-        misses cpu or auto, experts a native kernel computes from a host store (dense: the device
-        reads the store's layout in place; compressed forms only with MOEKIT_CPU_GRAPH=1);
+        misses cpu or auto, experts a native kernel computes from a host store (dense, int-N, the
+        ternary code; other forms only with MOEKIT_CPU_GRAPH=1);
         `partner.wanted` says where by default). Not where a layer call must be seen
         by the host: strict mode (runs the predicted experts), a recorded routing trace, a predictor
         asked for by name (its prefetches)."""
@@ -293,8 +293,8 @@ class OffloadRuntime:
         cfg = self.config
         if cfg.strict or cfg.record_routing or cfg.predictor not in ("auto", "none"):
             return False
-        dense = isinstance(self.form, DenseForm)  # other forms: their native kernels from a Python thread
-        return (wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, dense) and self.cpu is not None
+        native = isinstance(self.form, DenseForm) or getattr(self.form, "NATIVE_FORM", 0) != 0  # else: a Python thread
+        return (wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, native) and self.cpu is not None
                 and self.misses in ("cpu", "auto") and self.cpu.native and isinstance(self.store, HostStore)
                 and (self.store.pin or self.device.type != "cuda") and reads_in_place(self.device))
 

@@ -129,6 +129,17 @@ class CompressedForm(StoredForm):
         runner thread: its wait() returns out). Raises ValueError where it cannot run."""
         raise NotImplementedError
 
+    def native_parts(self, one: Tensors) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Returns (gate_up parts, down parts) of one expert (`one`, as `one` gives it) in the order
+        the native kernels take them (moekit.native.compressed: a job's parts)."""
+        raise NotImplementedError
+
+    def host_table(self, layer: int) -> torch.Tensor | None:
+        """Returns a CPU copy of `layer`'s code table for the native kernels (None: the form has
+        none). The tables live on the device beside the cache (offload.layout); the copy is made
+        once, here, not by a call inside a captured step, which a copy from the device would wait on."""
+        return None
+
     def cpu_ffn(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
                 stacked: Tensors) -> torch.Tensor | None:
         """Returns a small CPU call run by the native kernel, or None where it does not apply (more
@@ -165,10 +176,13 @@ class IntForm(CompressedForm):
     def weight(self, kind, one, dtype=torch.float32):
         return ops.int_weight(*self._parts(kind, one), self.bits, self.cols(kind), dtype)
 
+    def native_parts(self, one):
+        return self._parts("gate_up", one), self._parts("down", one)
+
     def native_ffn(self, x, jobs, out=None, threads=None, scratch=None, start=False):
         from ..native.compressed import int_ffn
 
-        return int_ffn(x, [(self._parts("gate_up", one), self._parts("down", one), t, w) for one, t, w in jobs],
+        return int_ffn(x, [(*self.native_parts(one), t, w) for one, t, w in jobs],
                        self.bits, out=out, threads=threads, scratch=scratch, start=start)
 
 
@@ -194,13 +208,38 @@ class TernaryCodeForm(CompressedForm):
     def weight(self, kind, one, dtype=torch.float32):
         return ops.code_weight(*self._parts(kind, one), self.cols(kind), dtype)
 
+    def __init__(self, hidden, ffn, layer_specs, layer_tables):
+        super().__init__(hidden, ffn, layer_specs, layer_tables)
+        self._host_tables: dict[int, torch.Tensor] = {}  # layer -> its table's CPU copy (host_table)
+
+    def native_parts(self, one):
+        return self._parts("gate_up", one)[:-1], self._parts("down", one)[:-1]
+
+    def host_table(self, layer):
+        table = self.layer_tables[layer]["code_table"]
+        if table.device.type == "cpu":
+            return table
+        if layer not in self._host_tables:
+            self._host_tables[layer] = table.cpu()
+        return self._host_tables[layer]
+
+    def _cpu_table(self, table: torch.Tensor) -> torch.Tensor:
+        """Returns the CPU copy of a layer's table (given as `one` holds it: the device's copy when
+        offloaded to a GPU; the native kernels read host memory)."""
+        if table.device.type == "cpu":
+            return table
+        for layer, tables in self.layer_tables.items():
+            if tables["code_table"] is table:
+                return self.host_table(layer)
+        return table.cpu()  # a table this form does not hold (never from the offload runtime)
+
     def native_ffn(self, x, jobs, out=None, threads=None, scratch=None, start=False):
         from ..native.compressed import code_ffn
 
         if not jobs:
             return code_ffn(x, [], torch.empty(0, 2, dtype=torch.int32), out=out, start=start)
-        return code_ffn(x, [(self._parts("gate_up", one)[:-1], self._parts("down", one)[:-1], t, w)
-                            for one, t, w in jobs], jobs[0][0]["code_table"], out=out, threads=threads, scratch=scratch,
+        return code_ffn(x, [(*self.native_parts(one), t, w) for one, t, w in jobs],
+                        self._cpu_table(jobs[0][0]["code_table"]), out=out, threads=threads, scratch=scratch,
                         start=start)
 
 
