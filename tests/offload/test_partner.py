@@ -128,6 +128,31 @@ def test_compressed_experts_with_the_cpu_as_partner_match_resident(tiny, tmp_pat
     assert plain.offload.mapped is None
 
 
+@pytest.mark.slow
+def test_skipped_compressed_experts_read_the_blank_slot(tmp_path, graph_env):
+    """The bundled model's ternary code (each layer's chunk capacity its own), bf16, an 8-slot cache:
+    occupied slots hold other layers' experts, which do not decode in this layer's layout (before
+    the blank slot: a segfault here, an illegal address on the H200). Skipped experts point at the
+    cache's blank slot, zeros in every layout: greedy tokens equal resident."""
+    from moekit.cli import main
+
+    path = tmp_path / "tiny-moe-ternary"
+    assert main(["compress", "--method", "rtn", "--bits", "ternary", "--out", str(path)]) == 0
+    plan = load_offloaded(path, dtype="bfloat16", offload=OffloadConfig(context_tokens=CONTEXT)).offload.plan
+    budget = plan.planned_bytes - plan.cache_bytes + 8 * plan.expert_bytes
+    model = load_offloaded(path, dtype="bfloat16", offload=OffloadConfig(
+        misses="cpu", store="host", context_tokens=CONTEXT, device_memory=budget, predictor="none"))
+    runtime = model.offload
+    assert len({runtime.layout.layer_bytes(layer) for layer in runtime.moe_layers}) > 1  # the layouts differ
+    cache, table = runtime.cache, runtime.mapped
+    assert table is not None and table.by_slot and cache.blank is not None, runtime.partner_refused
+    assert all(not t[cache.blank].any() for t in cache.slab.values())
+    assert (table.host_rows[:, :, 0] == cache.blank).all()
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy(model, ids, 8), greedy(moekit.load_model(path, dtype="bfloat16"), ids, 8))
+    assert runtime.report()["cpu_experts"] > 0 and runtime.report()["pinned_slots"] == 0
+
+
 def test_where_the_partner_serves_by_default(monkeypatch):
     from moekit.offload.partner import wanted
 

@@ -64,6 +64,7 @@ class ExpertCache:
         self.last_copy: Hashable | None = None  # the latest copy issued (event or Future)
         self.listener = None  # told of every fill and eviction (offload.mapped keeps its table by it)
         self.barrier: torch.cuda.Event | None = None  # copies into an occupied slot wait for it (mapped steps)
+        self.blank: int | None = None  # a zeroed slot no expert is copied into (reserve_blank)
 
     # ---- queries -------------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -299,6 +300,19 @@ class ExpertCache:
                 break
             self.pinned.add(slot)
         self.synchronize()
+
+    def reserve_blank(self) -> int | None:
+        """Takes a free slot out of use for good, zeroed, and returns it (None when none is free).
+        Zeros read as an expert that adds nothing in every layer's layout, where an occupied slot
+        may not even decode in another layer's (a ternary code's chunk capacity differs between
+        layers): offload.mapped's compressed partner table points the experts it skips at it. Kept
+        with the pinned slots, so never evicted nor counted as room."""
+        if self.blank is None and self.free:
+            self.blank = self.free.pop(0)  # the last slot a fetch would take
+            for t in self.slab.values():
+                t[self.blank].zero_()
+            self.pinned.add(self.blank)
+        return self.blank
 
     def synchronize(self) -> None:
         """Waits for every copy in flight."""

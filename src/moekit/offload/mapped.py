@@ -45,6 +45,7 @@ from collections import deque
 
 import torch
 
+from ..errors import MoekitError
 from ..experts.forms import KINDS, SLOT_KERNEL_MAX_SLOTS, DenseForm
 from .cpu import ADMIT_RATIO
 
@@ -58,7 +59,8 @@ class MappedTable:
     def __init__(self, runtime, partner: bool = False):
         """`partner`: missed experts are computed by the CPU inside the step (offload.partner), not
         read in place: an unmapped key's row holds -1 (the slot kernels skip it); for compressed
-        forms (`by_slot`) the table holds a slot column instead, an unmapped key slot 0 (weighted 0)."""
+        forms (`by_slot`) the table holds a slot column instead, an unmapped key the cache's blank slot
+        (weighted 0: ExpertCache.reserve_blank)."""
         self.runtime = runtime
         cache, cfg = runtime.cache, runtime.model_config
         self.device = runtime.device
@@ -71,13 +73,16 @@ class MappedTable:
         self.partner = None
         self.by_slot = partner and not isinstance(runtime.form, DenseForm)
         if self.by_slot:  # compressed forms: a slot column (the slot kernels over the slab), no in-place offsets
+            blank = cache.reserve_blank()
+            if blank is None:
+                raise MoekitError("the CPU partner needs one cache slot kept blank for the experts the device "
+                                  "skips, and the cache has none free")
             self.names, self.stacked = ("slot",), {}
-            host = torch.zeros(len(self.layers), self.num_experts, 2, dtype=torch.int64)  # unmapped: slot 0, weight 0
+            # unmapped: the blank slot weighted 0 (any occupied slot may hold another layer's expert, which
+            # need not decode in this layer's layout: H200, OLMoE's ternary code, an illegal address)
+            host = torch.full((len(self.layers), self.num_experts, 2), blank, dtype=torch.int64)
             host[:, :, 1] = torch.arange(self.num_experts)
             self.slab, self.slot_offsets = (), (1,)
-            if 0 in cache.free:  # never read for an expert, only as a skipped slot's weights x 0: zeros, not NaN
-                for t in cache.slab.values():
-                    t[0].zero_()
         else:
             self.names, self.stacked, host = host_row_offsets(runtime)
             self.slab = tuple(self.stacked.values())
@@ -146,7 +151,7 @@ class MappedTable:
         try:
             routes = self.routes[pos, :slots]
             partner.post(pos, x, weights, routes)
-            if self.by_slot:  # the cached experts from their slots, the others (slot 0) weighted 0
+            if self.by_slot:  # the cached experts from their slots, the others (the blank slot) weighted 0
                 runtime = self.runtime
                 rows = table[:, 0].index_select(0, expert_ids.reshape(-1)).view_as(expert_ids)
                 here = (routes >= self.num_experts).view_as(weights).to(weights.dtype)

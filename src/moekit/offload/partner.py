@@ -22,14 +22,15 @@ per step (native/partner.cpp) that serves every layer in turn:
 Nothing on the host runs per layer: the layer's time is the CPU kernel plus the two flag round
 trips, and the device's share runs beside the kernel. Experts in a compressed form (int-N, the
 ternary code) differ on the device's side: it runs the cached ones from their cache slots through
-the form's slot kernels (a missed one points at slot 0 with weight 0; slot 0 is zeroed while free,
-so that is 0, not NaN); on the CPU's the same native loop runs each layer's missed ones through the
-form's kernel (moekit_partner_step_compressed, native.compressed.PartnerExperts). Until c92d900 a
-Python thread ran those jobs between native flag waits: on the H200 (OLMoE shape, all experts in
-host memory) ~1.4 ms a layer for ~17 MB of int4 experts, which the CPU reads in ~0.3 ms. Other forms
-(gpt-oss's clamped ones) are refused: their misses run split per layer call. Between steps the host keeps
-the cache as misses mapped does (admissions of popular missed experts, copies landed -> table rows),
-and counts the CPU's work from the native call's per-layer report.
+the form's slot kernels (a missed one points at the cache's blank slot with weight 0: zeros, an
+expert that adds nothing in every layer's layout, ExpertCache.reserve_blank); on the CPU's the same
+native loop runs each layer's missed ones through the form's kernel (moekit_partner_step_compressed,
+native.compressed.PartnerExperts). Until c92d900 a Python thread ran those jobs between native flag
+waits: on the H200 (OLMoE shape, all experts in host memory) ~1.4 ms a layer for ~17 MB of int4
+experts, which the CPU reads in ~0.3 ms. Other forms (gpt-oss's clamped ones) are refused: their
+misses run split per layer call. Between steps the host keeps the cache as misses mapped does
+(admissions of popular missed experts, copies landed -> table rows), and counts the CPU's work from
+the native call's per-layer report.
 
 Failure: the native side gives up after TIMEOUT_S waiting for a post, and then releases every layer
 left with a zero sum; the device gives up after MAX_POLLS polls of a done flag and sets an error

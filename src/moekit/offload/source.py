@@ -353,7 +353,7 @@ class OffloadRuntime:
                    device=self.device.type, cache_policy=self.config.cache_policy,
                    store=self.store.kind, form=self.layout.name, strict=self.config.strict,
                    cache_slots=self.cache.num_slots if self.cache else 0,
-                   pinned_slots=len(self.cache.pinned) if self.cache else 0,
+                   pinned_slots=len(self.cache.pinned) - (self.cache.blank is not None) if self.cache else 0,
                    misses=self.config.misses, misses_used=self.misses, misses_note=self.misses_note,
                    cpu_max_tokens=self.config.cpu_max_tokens, cpu_threads=self.cpu.threads if self.cpu else 0,
                    native_cpu_kernel=bool(self.cpu and self.cpu.native),
