@@ -60,7 +60,8 @@ def traffic_ceiling(row: dict, results: dict) -> float | None:
     """Returns the tok/s an offloaded row could reach with the bytes it actually moved a token (its
     report's CPU-read and PCIe bytes, copies and auto's in-place reads, so the cache's real hit rate counts, where the uniform ceiling
     assumes none), each link at its own measured rate and both within their concurrent sum, and the
-    device part no slower than everything resident (decode_gpu of the same run); None without them."""
+    device part no slower than everything resident (decode_gpu of the same run, where it ran: a run of
+    offloaded rows only leaves that term out); None without the bytes or the rates."""
     rep, rates = row.get("report") or {}, results.get("rates") or {}
     if rep.get("misses_used") == "mapped":  # its in-place reads over PCIe are not counted in its report
         return None
@@ -70,9 +71,9 @@ def traffic_ceiling(row: dict, results: dict) -> float | None:
     cpu_r, link_r = rates.get("cpu_read_alone_bytes_per_s"), rates.get("h2d_alone_bytes_per_s")
     both = (rates.get("cpu_read_concurrent_bytes_per_s") or 0) + (rates.get("h2d_concurrent_bytes_per_s") or 0)
     gpu = next((r.get("decode_tok_s") for r in results.get("moekit", []) if r.get("setting") == "decode_gpu"), None)
-    if cpu_b is None or link_b is None or not (cpu_r and link_r and both and gpu):
+    if cpu_b is None or link_b is None or not (cpu_r and link_r and both):
         return None
-    seconds = max(cpu_b / cpu_r, link_b / link_r, (cpu_b + link_b) / both, 1 / gpu)
+    seconds = max(cpu_b / cpu_r, link_b / link_r, (cpu_b + link_b) / both, 1 / gpu if gpu else 0.0)
     return 1 / seconds
 
 

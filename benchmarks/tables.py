@@ -595,6 +595,8 @@ def pipeline(files: dict, name: str = "bench_pipeline.json") -> str:
 LLAMA_MIXTRAL = "bench_llamacpp_mixtral_26a3a85.json"  # 2026-12-01 (session 14): both engines, one run
 LLAMA_QWEN3 = "bench_llamacpp_qwen3_677d4b7.json"  # 2026-12-02 (session 15): both engines, one run, before the partner
 LLAMA_QWEN3_PARTNER = "bench_llamacpp_qwen3_host_f65a734.json"  # the host row with the CPU partner (default) and without
+LLAMA_OLMOE_PARTNER = "bench_llamacpp_olmoe_partner_418157d.json"  # 2026-12-02 (session 16): host / half rows, partner on / off
+LLAMA_OLMOE_COMPRESSED = "bench_llamacpp_olmoe_compressed_c92d900.json"  # int4 / int2 vs Q4_K_M / Q2_K, one run
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
 
@@ -637,6 +639,9 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp_mixtral": ((LLAMA_MIXTRAL,), partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL)),
     "vs_llamacpp_qwen3": ((LLAMA_QWEN3,), partial(vs_llamacpp_latest, name=LLAMA_QWEN3)),
     "vs_llamacpp_qwen3_partner": ((LLAMA_QWEN3_PARTNER,), partial(vs_llamacpp_latest, name=LLAMA_QWEN3_PARTNER)),
+    "vs_llamacpp_olmoe_partner": ((LLAMA_OLMOE_PARTNER,), partial(vs_llamacpp_latest, name=LLAMA_OLMOE_PARTNER)),
+    "vs_llamacpp_olmoe_compressed": ((LLAMA_OLMOE_COMPRESSED,),
+                                     partial(vs_llamacpp_latest, name=LLAMA_OLMOE_COMPRESSED)),
     "in_place_share": (IN_PLACE_RUNS + (LLAMA_MIXTRAL, LLAMA_LATEST), in_place_share),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),
     "misses_modes": ((MISSES_RUN,), misses_modes),
