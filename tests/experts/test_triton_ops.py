@@ -194,6 +194,42 @@ def test_slot_kernel_skips_experts_with_negative_offsets():
         triton_ops.slot_expert_ffn(x, ids, weights, m.gate_up, m.down, skip=True)
 
 
+def test_skip_leaves_out_only_minus_one_not_rows_below_the_slab():
+    """With skip, an offset of -1 leaves its expert out; any other offset is read, negative ones
+    too: an expert in a tensor allocated below the slab (the partner's row split reads missed
+    experts in place at such offsets; the first SKIP tested `>= 0` and dropped them)."""
+    num_experts, hidden, ffn, tokens, top_k = 4, 40, 48, 2, 2
+    device, m, x, ids, weights = _slot_case(num_experts, hidden, ffn, tokens, top_k, seed=9)
+    gu, dn = m.gate_up.detach(), m.down.detach()
+    for far_first in (True, False):  # the experts' tensor below the slab (negative offsets), then above it
+        pair, far = [], []
+        for w in (gu, dn):  # one buffer each, carved in that order
+            buf = torch.zeros(w.numel() + 2 * w[0].numel(), dtype=w.dtype, device=device)
+            cut = w.numel() if far_first else 2 * w[0].numel()
+            lo, hi = buf[:cut], buf[cut:]
+            far.append((lo if far_first else hi).view_as(w).copy_(w))
+            pair.append((hi if far_first else lo).view(2, *w.shape[1:]))
+        slab_gu, slab_dn = pair
+        delta = [(f.data_ptr() - p.data_ptr()) // p.element_size() for f, p in zip(far, pair)]
+        assert (delta[0] < 0 and delta[1] < 0) == far_first
+        table = torch.stack([delta[0] + torch.arange(num_experts) * gu.stride(0),
+                             delta[1] + torch.arange(num_experts) * dn.stride(0)], 1)
+        left_out = torch.arange(num_experts) == 1
+        table[left_out] = -1
+        kept = weights * (~left_out).to(device)[ids]
+        with torch.no_grad():
+            want = triton_ops.slot_expert_ffn(x, ids, kept, gu, dn)
+            for rows in (None, (16, 48)):
+                got = triton_ops.slot_expert_ffn(x, ids, weights, slab_gu, slab_dn, offsets=table.to(device),
+                                                 skip=True, rows=rows)
+                if rows is None:
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+                else:
+                    part = triton_ops.slot_expert_ffn(x, ids, kept, torch.cat([gu[:, 16:48], gu[:, 64:96]], 1),
+                                                      dn[:, :, 16:48].contiguous())
+                    torch.testing.assert_close(got, part, rtol=1e-6, atol=1e-7)
+
+
 def test_slot_kernel_row_slices_equal_cut_experts_and_add_up():
     """rows=(r0, r1) computes ffn rows r0..r1-1 of each expert (the device's share of an expert split
     by rows with the CPU): equal to the whole kernel on experts cut to those rows, with and without

@@ -89,6 +89,36 @@ def test_batch_of_two_matches_resident_and_off_by_default(mixtral, graph_env, mo
     assert plain.offload.mapped is None and not plain.offload.report()["cpu_partner"]
 
 
+def test_row_split_inside_the_step_matches_resident(mixtral, graph_env, monkeypatch):
+    """The partner's row split (large experts, MOEKIT_ROW_SPLIT=1 on a GPU; here r forced): the CPU
+    computes ffn rows [0, r) of each missed expert, the device reads rows [r, I) in place through
+    the split table (cached experts -1 there, missed ones at their host rows): greedy tokens equal
+    resident, and the report counts both shares."""
+    path, resident = mixtral
+    model = partner_model(path, slots=2)
+    runtime = model.offload
+    ffn = runtime.form.ffn
+    monkeypatch.setattr(runtime, "partner_rows", lambda: ffn // 2)
+    runtime.new_cache(2)
+    table = runtime.mapped
+    assert table is not None and table.cpu_rows == ffn // 2 and table.partner.cpu_rows == ffn // 2
+    ids = token_ids(1, 3, seed=5)
+    assert torch.equal(greedy(model, ids, n=8), greedy(resident, ids, n=8))
+    split = table.split_table.cpu()
+    for (layer, e), slot in table.mapped.items():  # a cached key is never read in place ...
+        assert (split[table.pos[layer], e] == -1).all()
+    for pos, layer in enumerate(table.layers):  # ... an uncached one at its host row
+        for e in range(table.num_experts):
+            if (layer, e) not in table.mapped:
+                assert torch.equal(split[pos, e], table.split_host[pos, e])
+    report = runtime.report()
+    assert report["cpu_partner_rows"] == ffn // 2 and report["row_split_experts"] == report["cpu_experts"] > 0
+    assert report["mapped_reads"] > 0 and report["mapped_bytes_per_token"] > 0
+    expert, stats = runtime.layout.layer_bytes(table.layers[0]), runtime.stats  # every layer's experts alike
+    assert stats.cpu_bytes == stats.cpu_experts * expert // 2  # half the rows on each side
+    assert stats.mapped_bytes == stats.mapped_reads * (expert - expert // 2)
+
+
 def test_host_visible_settings_keep_the_split(mixtral, graph_env):
     """A recorded routing trace and a named predictor need the host to see every layer call: no partner."""
     path, _ = mixtral
@@ -256,6 +286,39 @@ def test_gpu_partner_steps_are_captured_whole_and_match_resident(tiny, monkeypat
     report = runtime.report()
     assert report["cpu_partner"] and report["cpu_experts"] > 0 and report["mapped_reads"] == 0
     assert report["admissions"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_row_split_partner_is_captured_whole_and_matches_resident(tiny, monkeypatch):
+    """MOEKIT_ROW_SPLIT=1, misses auto (the large-expert threshold and the row quantum lowered for the
+    tiny model): each missed expert split by rows between the CPU and in-place reads inside the
+    captured step, r from the load-time rates: token-equal to resident."""
+    from moekit.generate import GenerationStats
+    from moekit.offload import cpu, source
+
+    monkeypatch.delenv("MOEKIT_CPU_GRAPH", raising=False)
+    monkeypatch.setenv("MOEKIT_ROW_SPLIT", "1")
+    monkeypatch.setattr(source, "IN_PLACE_MIN_EXPERT_BYTES", 0)
+    monkeypatch.setattr(cpu, "ROW_QUANTUM", 8)
+    ckpt = tiny("mixtral")
+    ids = token_ids(1, 8)
+    expected = resident_tokens(ckpt.path, ids, n=24)
+    probe = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+        device_memory=192 * 2**20, context_tokens=CONTEXT, misses="auto", predictor="none"))
+    budget = budget_for_gpu(ckpt.path, probe, 2)
+    del probe
+    torch.cuda.empty_cache()
+    model = load_offloaded(ckpt.path, device="cuda", dtype="float32", offload=OffloadConfig(
+        device_memory=budget, context_tokens=CONTEXT, misses="auto", predictor="none"))
+    model.offload.new_cache(2)
+    runtime = model.offload
+    assert runtime.mapped is not None and runtime.mapped.cpu_rows is not None, runtime.misses_note
+    stats = GenerationStats()
+    got = model.generate(ids, max_new_tokens=24, temperature=0, eos_token_ids=(), stats=stats)
+    assert stats.extra.get("graph") == "whole"
+    assert torch.equal(got, expected)
+    report = runtime.report()
+    assert report["row_split_experts"] > 0 and report["mapped_reads"] > 0
 
 
 @pytest.mark.gpu

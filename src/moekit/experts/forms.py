@@ -332,7 +332,7 @@ class DenseForm(StoredForm):
     def fused(self, x, rows, weights, stacked, offsets=None, ffn_rows=None, skip=False):
         """`ffn_rows` (r0, r1), reading in place only: those ffn rows of each expert (a partial
         output; the CPU computes the others: offload.cpu, the row split). `skip` (with offsets):
-        experts whose offsets are negative are left out (the CPU computes them: offload.partner)."""
+        experts whose offsets are -1 are left out (the CPU computes them: offload.partner)."""
         if skip and (offsets is None or not triton_ops.triton_usable(x)):
             raise ValueError("skip leaves out experts by their offsets in the slot kernels only")
         if ffn_rows is not None and (offsets is None or not triton_ops.triton_usable(x)):

@@ -203,7 +203,7 @@ def slot_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     matrices contiguous as in the stacked layout), instead of at index e of gate_up and down.
     `rows` (r0, r1): only ffn rows r0..r1-1 of each expert (gate and up rows, down columns): the
     device's partial output of an expert split by rows with the CPU (native.experts, rows).
-    `skip` (with offsets): experts whose offsets are negative are left out of the sum, unread (the
+    `skip` (with offsets): experts whose offsets are -1 are left out of the sum, unread (the
     CPU computes them: offload.partner)."""
     if skip and offsets is None:
         raise ValueError("skip leaves out experts by their offsets: it needs offsets")

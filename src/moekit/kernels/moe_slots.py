@@ -25,8 +25,10 @@ steps whose reductions wait in turn). Which is faster is the tuner's to say.
 With OFFSETS, expert e's weights start at w_ptr + offsets[e * stride_off] (int64, elements) instead
 of w_ptr + e * stride_we: the offset table may point into a cache slab or, through unified
 addressing, into page-locked host memory (an expert read over PCIe in place; offload.mapped).
-With SKIP as well, an expert whose offset is negative is not read at all: its slots add nothing
-(the CPU computes them: offload.partner).
+With SKIP as well, an expert whose offset is -1 is not read at all: its slots add nothing (the CPU
+computes them: offload.partner). Exactly -1, not any negative offset: a host row may lie below the
+slab in the address space (a negative offset, read in place by the partner's row split), but no
+expert's row can start one element before the slab it is measured from (they would overlap).
 """
 
 import triton
@@ -97,7 +99,7 @@ def slot_gate_up_swiglu_kernel(
 ):
     """out[s, n] = silu(x[s // A] . w[e_s, n]) * (x[s // A] . w[e_s, n] UP elements on) for the FFN rows
     n computed (UP = the expert's ffn width x stride_wn: a slice of its rows starts at w_ptr). With
-    SKIP (OFFSETS only) a negative offset means the expert is computed elsewhere: its row is 0."""
+    SKIP (OFFSETS only) an offset of -1 means the expert is computed elsewhere: its row is 0."""
     s = tl.program_id(0)
     nb = tl.program_id(1)
     e = tl.load(expert_ids_ptr + s).to(tl.int64)
@@ -108,8 +110,8 @@ def slot_gate_up_swiglu_kernel(
     if OFFSETS:
         off = tl.load(off_ptr + e * stride_off)
         if SKIP:
-            live = (half * 0 + off) >= 0
-            off = tl.maximum(off, 0)
+            live = (half * 0 + off) != -1
+            off = tl.where(off == -1, 0, off)
         w_base = w_ptr + off
     else:
         w_base = w_ptr + e * stride_we
@@ -130,7 +132,7 @@ def slot_down_kernel(
 ):
     """out[t, n] = sum_a weights[s] * (h[s] . w[e_s, n]) over token t's slots s = t*A + a, added in
     float32 in the order a = 0..A-1: the routing weights and the top-k sum are applied here. With
-    SKIP (OFFSETS only) slots whose expert's offset is negative are left out (computed elsewhere)."""
+    SKIP (OFFSETS only) slots whose expert's offset is -1 are left out (computed elsewhere)."""
     t = tl.program_id(0)
     nb = tl.program_id(1)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -145,8 +147,8 @@ def slot_down_kernel(
         if OFFSETS:
             off = tl.load(off_ptr + e * stride_off)
             if SKIP:
-                live = off >= 0
-                off = tl.maximum(off, 0)
+                live = off != -1
+                off = tl.where(off == -1, 0, off)
             w_rows = w_ptr + off
         else:
             w_rows = w_ptr + e * stride_we

@@ -44,7 +44,7 @@ int moekit_code_ffn(const float* x, float* out, int64_t N, int64_t D, int64_t I,
                     const int64_t* sizes, const int32_t* tok_start, const int32_t* tok, const float* w, float* h,
                     float* accs, int threads);
 int moekit_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int64_t A, int64_t E, int64_t D, int64_t I,
-                        const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs, const int64_t* out_ptrs,
+                        int64_t R, const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs, const int64_t* out_ptrs,
                         const int64_t* ready_ptrs, const int64_t* done_ptrs, const int64_t* gate_up_ptrs,
                         const int64_t* down_ptrs, int64_t seq, double timeout_s, float* h, float* xf, float* accs,
                         int threads, double* seconds, int32_t* experts);
@@ -152,12 +152,12 @@ int moekit_async_code_ffn(const float* x, float* out, int64_t N, int64_t D, int6
 }
 
 int moekit_async_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int64_t A, int64_t E, int64_t D,
-                              int64_t I, const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs,
+                              int64_t I, int64_t R, const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs,
                               const int64_t* out_ptrs, const int64_t* ready_ptrs, const int64_t* done_ptrs,
                               const int64_t* gate_up_ptrs, const int64_t* down_ptrs, int64_t seq, double timeout_s,
                               float* h, float* xf, float* accs, int threads, double* seconds, int32_t* experts) {
   return post([=] {
-    return moekit_partner_step(wdtype, xdtype, L, N, A, E, D, I, x_ptrs, w_ptrs, route_ptrs, out_ptrs, ready_ptrs,
+    return moekit_partner_step(wdtype, xdtype, L, N, A, E, D, I, R, x_ptrs, w_ptrs, route_ptrs, out_ptrs, ready_ptrs,
                                done_ptrs, gate_up_ptrs, down_ptrs, seq, timeout_s, h, xf, accs, threads, seconds,
                                experts);
   });

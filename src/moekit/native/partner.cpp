@@ -163,21 +163,24 @@ struct CompressedPartner {
 extern "C" {
 
 // Serves one step's L layers (see above); `seconds` [L] receives each layer's kernel time (0 where
-// no expert ran on the CPU), `experts` [L] how many experts the CPU computed. Scratch: h [S * I],
+// no expert ran on the CPU), `experts` [L] how many experts the CPU computed. The CPU computes ffn
+// rows [0, R) of each missed expert (R = I: whole experts; R < I: the device reads rows [R, I) in
+// place, offload.partner's row split; its partial output and this one add). Scratch: h [S * R],
 // xf [N * D], accs [threads * acc stride] floats as moekit_expert_ffn takes them.
 int moekit_partner_step(int wdtype, int xdtype, int64_t L, int64_t N, int64_t A, int64_t E, int64_t D, int64_t I,
-                        const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs, const int64_t* out_ptrs,
+                        int64_t R, const int64_t* x_ptrs, const int64_t* w_ptrs, const int64_t* route_ptrs, const int64_t* out_ptrs,
                         const int64_t* ready_ptrs, const int64_t* done_ptrs, const int64_t* gate_up_ptrs,
                         const int64_t* down_ptrs, int64_t seq, double timeout_s, float* h, float* xf, float* accs,
                         int threads, double* seconds, int32_t* experts) {
   int64_t gu[MAX_SLOTS], dn[MAX_SLOTS];
   return serve(L, N, A, E, N * D * itemsize(xdtype), x_ptrs, w_ptrs, route_ptrs, out_ptrs, ready_ptrs, done_ptrs, seq,
                timeout_s, seconds, experts, [&](int64_t l, const Jobs& jobs, const void* x, void* out) {
+                 if (R <= 0 || R > I) return 4;  // moekit_expert_ffn's code for rows it cannot take (released)
                  for (int64_t j = 0; j < jobs.J; ++j) {
                    gu[j] = gate_up_ptrs[l * E + jobs.expert_of[j]];
                    dn[j] = down_ptrs[l * E + jobs.expert_of[j]];
                  }
-                 return moekit_expert_ffn(wdtype, xdtype, x, out, N, D, I, I, jobs.J, gu, dn, jobs.tok_start, jobs.tok,
+                 return moekit_expert_ffn(wdtype, xdtype, x, out, N, D, R, I, jobs.J, gu, dn, jobs.tok_start, jobs.tok,
                                           jobs.wts, h, xf, accs, threads);
                });
 }

@@ -107,6 +107,9 @@ the CPU computes rows [0, r) of each (native.experts, rows) while the device rea
 [r, I) of each in place (the slot kernels, rows), and the two partial outputs add. Only where
 every CPU-bound miss is absent from the cache (one native call takes one slice), for dense
 experts in a host store (CpuWorker.splits_rows), among experts of IN_PLACE_MIN_EXPERT_BYTES.
+Decode steps then run with the CPU as partner, the split inside the captured step (offload.partner:
+every missed expert cut at r from the load-time rates, source.partner_rows; MOEKIT_CPU_GRAPH=0
+keeps the per-call split above); neither form has been timed on a GPU.
 
 Shapes: N = tokens of the call, A = experts per token, D = hidden, n = tokens of one expert.
 """

@@ -56,11 +56,14 @@ READBACK_RING = 8  # steps whose routes may be in flight to the host before one 
 class MappedTable:
     """The device offset table, the host mirror and the between-step cache manager of one model."""
 
-    def __init__(self, runtime, partner: bool = False):
+    def __init__(self, runtime, partner: bool = False, cpu_rows: int | None = None):
         """`partner`: missed experts are computed by the CPU inside the step (offload.partner), not
         read in place: an unmapped key's row holds -1 (the slot kernels skip it); for compressed
         forms (`by_slot`) the table holds a slot column instead, an unmapped key the cache's blank slot
-        (weighted 0: ExpertCache.reserve_blank)."""
+        (weighted 0: ExpertCache.reserve_blank). `cpu_rows` r (dense, with the partner): the row split,
+        the CPU computing ffn rows [0, r) of each missed expert and the device reading rows [r, I) in
+        place through a second table (`split_table`: an unmapped key's host-row offsets, a mapped
+        key -1), whose partial output adds to the cached experts' and the CPU's."""
         self.runtime = runtime
         cache, cfg = runtime.cache, runtime.model_config
         self.device = runtime.device
@@ -71,6 +74,7 @@ class MappedTable:
         self.pos = {layer: i for i, layer in enumerate(runtime.moe_layers)}
         self.layers = list(runtime.moe_layers)
         self.partner = None
+        self.split_host: torch.Tensor | None = None
         self.by_slot = partner and not isinstance(runtime.form, DenseForm)
         if self.by_slot:  # compressed forms: a slot column (the slot kernels over the slab), no in-place offsets
             blank = cache.reserve_blank()
@@ -92,10 +96,14 @@ class MappedTable:
             from .partner import CpuPartner
 
             if not self.by_slot:
+                if cpu_rows is not None:
+                    self.split_host = host[:, :, :self.flag].clone()  # [L, E, C]: what an unmapped key's split row holds
                 host[:, :, :self.flag] = -1
-            self.partner = CpuPartner(runtime, self.max_slots // cfg.top_k)
+            self.partner = CpuPartner(runtime, self.max_slots // cfg.top_k, cpu_rows)
         self.host_rows = host  # [L, E, C + 1] on the host: what an unmapped key's row holds
         self.table = host.to(self.device, copy=True)  # [L, E, C + 1]: what steps read (never host_rows itself)
+        self.cpu_rows = cpu_rows if self.partner is not None and not self.by_slot else None
+        self.split_table = self.split_host.to(self.device, copy=True) if self.cpu_rows else None  # [L, E, C]
         self.routes = torch.zeros(len(self.layers), self.max_slots, dtype=torch.int64, device=self.device)
         self.mapped: dict[Key, int] = {}  # mirror: keys whose row points at their slot
         self.to_map: dict[Key, int] = {}  # keys copied into a slot, mapped once the copy lands
@@ -157,7 +165,11 @@ class MappedTable:
                 here = (routes >= self.num_experts).view_as(weights).to(weights.dtype)
                 out = runtime.form.run(x, rows, weights * here, runtime.layout.view(runtime.cache.slab, self.layers[pos]))
             else:
-                out = self.runtime.form.fused(x, expert_ids, weights, self.stacked, offsets=table, skip=True)
+                form = self.runtime.form
+                out = form.fused(x, expert_ids, weights, self.stacked, offsets=table, skip=True)
+                if self.cpu_rows is not None:  # the missed experts' rows [r, I), read in place (cached ones skipped)
+                    out = out + form.fused(x, expert_ids, weights, self.stacked, offsets=self.split_table[pos],
+                                           skip=True, ffn_rows=(self.cpu_rows, form.ffn))
             partner.combine(pos, out)
         except BaseException:
             if eager:
@@ -179,7 +191,7 @@ class MappedTable:
                 self.updates[key] = slot
         if not self.updates:
             return
-        rows = []
+        rows, split = [], []
         for (layer, e), slot in self.updates.items():
             pos = self.pos[layer]
             if slot is None:
@@ -189,11 +201,17 @@ class MappedTable:
                 self.mapped[(layer, e)] = slot
                 entries = [slot * step for step in self.slot_offsets] + [e + self.num_experts]
             rows.append((pos * self.num_experts + e, *entries))
+            if self.split_table is not None:  # the split reads the key in place only while it is not cached
+                split.append((pos * self.num_experts + e,
+                              *(self.split_host[pos, e].tolist() if slot is None else [-1] * self.flag)))
         self.updates.clear()
-        change = torch.tensor(rows, dtype=torch.int64)  # [n, C + 2]: flat row, then its entries
-        if self.cuda:
-            change = change.pin_memory().to(self.device, non_blocking=True)
-        self.table.view(-1, self.flag + 1).index_copy_(0, change[:, 0], change[:, 1:])
+        for changes, target in ((rows, self.table), (split, self.split_table)):
+            if not changes:
+                continue
+            change = torch.tensor(changes, dtype=torch.int64)  # [n, 1 + columns]: flat row, then its entries
+            if self.cuda:
+                change = change.pin_memory().to(self.device, non_blocking=True)
+            target.view(-1, change.shape[1] - 1).index_copy_(0, change[:, 0], change[:, 1:])
 
     def after_step(self, tokens: int | None = None) -> None:
         """Queues the step's routes for the host, fences the cache's copies behind the step, and
@@ -247,7 +265,13 @@ class MappedTable:
                     slot = cache.slot(key)
                     if slot is not None:
                         cache.last_used[slot] = cache._tick()
-                elif self.partner is not None:  # the CPU computed it (counted from the native call)
+                elif self.partner is not None:  # the CPU computed it (counted from the native call) ...
+                    if self.cpu_rows is not None:  # ... but for rows [r, I), read in place (the row split)
+                        nbytes = round(layout.layer_bytes(layer) * (1 - self.cpu_rows / self.runtime.form.ffn))
+                        stats.mapped_reads += 1
+                        stats.mapped_bytes += nbytes
+                        if decode:
+                            stats.decode_mapped_bytes += nbytes
                     missed.append(key)
                 else:
                     nbytes = layout.layer_bytes(layer)

@@ -32,6 +32,13 @@ misses run split per layer call. Between steps the host keeps the cache as misse
 (admissions of popular missed experts, copies landed -> table rows), and counts the CPU's work from
 the native call's per-layer report.
 
+The row split (MOEKIT_ROW_SPLIT=1 with misses auto, dense experts of 64 MiB and up, where one
+expert is milliseconds on either side: Mixtral's): the CPU computes ffn rows [0, r) of each missed
+expert (partner.cpp with R = r, the rows LD = I apart) while the device reads rows [r, I) of the same
+experts in place from the pinned host store (a second slot-kernel call over offload.mapped's split
+table, cached experts -1 there), so both links stream at once; r from the load-time rates of one
+expert on each side (cpu.row_split). Built and tested on the CPU, not yet timed on a GPU.
+
 Failure: the native side gives up after TIMEOUT_S waiting for a post, and then releases every layer
 left with a zero sum; the device gives up after MAX_POLLS polls of a done flag and sets an error
 flag. Either makes the step raise (the outputs of a failed step are never returned).
@@ -62,7 +69,7 @@ FLAG_STRIDE = 8  # int64s between two flags: each on its own 64-byte line (one w
 def _declare(lib: ctypes.CDLL) -> None:
     i64, p64, dbl = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_double
     lib.moekit_async_partner_step.argtypes = [
-        ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, i64, i64, p64, p64, p64, p64, p64, p64, p64, p64, i64, dbl,
+        ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, p64, p64, p64, p64, p64, p64, p64, p64, i64, dbl,
         ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.c_int,
         ctypes.POINTER(dbl), ctypes.POINTER(ctypes.c_int32)]
     lib.moekit_async_partner_step.restype = ctypes.c_int
@@ -96,7 +103,10 @@ def _int64s(values: list[int]):
 class CpuPartner:
     """The mailboxes, flags and native call of one offload runtime's CPU partner (module docstring)."""
 
-    def __init__(self, runtime, max_tokens: int):
+    def __init__(self, runtime, max_tokens: int, cpu_rows: int | None = None):
+        """`cpu_rows` r (dense experts only): the CPU computes ffn rows [0, r) of each missed expert
+        and the device reads rows [r, I) in place (offload.mapped's split table; the row split);
+        None: whole experts on the CPU."""
         from ..experts import triton_ops
 
         if not triton_ops.HAVE_TRITON:
@@ -108,6 +118,10 @@ class CpuPartner:
         self.num_layers, self.top_k, self.num_experts = len(self.layers), cfg.top_k, cfg.num_experts
         self.hidden, self.ffn = form.hidden, form.ffn
         self.max_tokens = max_tokens
+        self.cpu_rows = cpu_rows or self.ffn
+        if not 0 < self.cpu_rows <= self.ffn or (cpu_rows and not isinstance(form, DenseForm)):
+            raise MoekitError(f"the CPU partner splits dense experts by rows within their {self.ffn} ffn rows; "
+                              f"got {cpu_rows} for {form.name} experts")
         self.threads, self.scratch = worker.threads, Scratch()
         self.layer_bytes = [runtime.layout.layer_bytes(layer) for layer in self.layers]  # one expert's bytes
         cuda = self.device.type == "cuda"
@@ -246,7 +260,8 @@ class CpuPartner:
             xf = self.scratch.get("x", tokens * self.hidden)
             accs = self.scratch.get("acc", self.threads * acc_stride(tokens))
             code = lib.moekit_async_partner_step(
-                self.wdtype, DTYPE_CODES[self.dtype], *dims, *flags, self.gate_up_ptrs, self.down_ptrs, self.seq,
+                self.wdtype, DTYPE_CODES[self.dtype], *dims, self.cpu_rows, *flags, self.gate_up_ptrs, self.down_ptrs,
+                self.seq,
                 TIMEOUT_S, float_ptr(h), float_ptr(xf), float_ptr(accs), self.threads, self.seconds, self.experts)
         if code != 0:
             raise MoekitError(f"the CPU partner could not start (code {code}: another CPU expert call is running)")
@@ -268,9 +283,12 @@ class CpuPartner:
 
     def _count(self) -> None:
         stats = self.runtime.stats
-        nbytes = sum(count * size for count, size in zip(self.experts, self.layer_bytes))
+        share = self.cpu_rows / self.ffn  # of each missed expert's bytes the CPU reads (the row split: r / I)
+        nbytes = round(share * sum(count * size for count, size in zip(self.experts, self.layer_bytes)))
         stats.cpu_s += sum(self.seconds)
         stats.cpu_experts += sum(self.experts)
+        if share < 1:
+            stats.row_split_experts += sum(self.experts)
         stats.cpu_bytes += nbytes
         if self.step_tokens == 1:
             stats.decode_cpu_bytes += nbytes
@@ -328,7 +346,7 @@ class CpuPartner:
                 view = runtime.layout.view(rows, layer)
                 if self.dense:
                     want = expert_ffn_stacked(x_host, view["gate_up"], view["down"], [(row, [0], [1.0])],
-                                              threads=self.threads)
+                                              threads=self.threads, rows=(0, self.cpu_rows))
                 else:
                     want = runtime.form.native_ffn(x_host, [(runtime.form.one(view, row), [0], [1.0])],
                                                    threads=self.threads)

@@ -118,7 +118,7 @@ class OffloadRuntime:
         self.mapped_checked = False  # the in-place read self-test runs once per runtime
         self.in_place_checked = False  # ... and once for the split's in-place share
         self.in_place_refused: str | None = None  # why the device could not read in place (the self-test)
-        self.partner_checked = False  # the CPU partner's round trip is checked once per runtime
+        self.partner_checked: set[int | None] = set()  # the CPU partner's round trip, checked once per runtime and row split
         self.partner_refused: str | None = None  # why the CPU partner could not run (then never retried)
         self.predictor: Predictor = Predictor()
         self.routers: dict[int, nn.Linear] = {}
@@ -210,6 +210,9 @@ class OffloadRuntime:
 
             self.costs = measure_costs(self, self.dtype)
             self.cache.h2d_bytes_per_s = self.costs.h2d_bytes_per_s
+            if self.mapped is not None and self.mapped.partner is not None and \
+                    self.mapped.cpu_rows != self.partner_rows():  # the row split needs the rates just measured
+                self.new_cache(self.cache.num_slots)
 
     def forget_calls(self) -> None:
         """Drops what earlier calls left (call numbers, predictions, routing trace): a fresh start."""
@@ -266,8 +269,9 @@ class OffloadRuntime:
         if self.partner_refused is not None:
             return False
         try:
-            table = MappedTable(self, partner=True)
-            why = None if self.partner_checked else table.partner.self_test()
+            rows = self.partner_rows()
+            table = MappedTable(self, partner=True, cpu_rows=rows)
+            why = None if rows in self.partner_checked else table.partner.self_test()
         except (MoekitError, ValueError, RuntimeError) as e:
             table, why = None, str(e).splitlines()[0]
         if why is not None:
@@ -277,9 +281,18 @@ class OffloadRuntime:
             self.partner_refused = why
             self.misses_note = f"the CPU partner could not run ({why}): misses run split per layer call"
             return False
-        self.partner_checked = True
+        self.partner_checked.add(rows)
         self.mapped = table
         return True
+
+    def partner_rows(self) -> int | None:
+        """Returns r where the partner splits each missed expert by rows (the CPU computes ffn rows
+        [0, r), the device reads the rest in place; MOEKIT_ROW_SPLIT=1 with the in-place share, experts
+        of IN_PLACE_MIN_EXPERT_BYTES), from the load-time rates of one expert on each side
+        (cpu.row_split); None: whole experts on the CPU."""
+        if not self.row_split_on or self.costs is None or not isinstance(self.form, DenseForm):
+            return None
+        return row_split(self.costs.cpu_s(1), self.costs.in_place_s(), self.form.ffn)
 
     def _partner_serves(self) -> bool:
         """Whether decode steps run captured whole with the CPU computing the misses (offload.partner:
@@ -288,13 +301,16 @@ class OffloadRuntime:
         `partner.wanted` says where by default). Not where a layer call must be seen
         by the host: strict mode (runs the predicted experts), a recorded routing trace, a predictor
         asked for by name (its prefetches)."""
+        from .partner import ENV as PARTNER_ENV
         from .partner import wanted
 
         cfg = self.config
         if cfg.strict or cfg.record_routing or cfg.predictor not in ("auto", "none"):
             return False
-        native = isinstance(self.form, DenseForm) or getattr(self.form, "NATIVE_FORM", 0) != 0  # else: a Python thread
-        return (wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, native) and self.cpu is not None
+        native = isinstance(self.form, DenseForm) or getattr(self.form, "NATIVE_FORM", 0) != 0
+        asked = wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, native) or (
+            self.row_split_on and os.environ.get(PARTNER_ENV) != "0")  # large experts: the partner splits them by rows
+        return (asked and self.cpu is not None
                 and self.misses in ("cpu", "auto") and self.cpu.native and isinstance(self.store, HostStore)
                 and (self.store.pin or self.device.type != "cuda") and reads_in_place(self.device))
 
@@ -359,6 +375,7 @@ class OffloadRuntime:
                    native_cpu_kernel=bool(self.cpu and self.cpu.native),
                    in_place_share=self.in_place is not None, in_place_refused=self.in_place_refused,
                    row_split=self.row_split_on, cpu_partner=bool(self.mapped is not None and self.mapped.partner),
+                   cpu_partner_rows=self.mapped.cpu_rows if self.mapped is not None else None,
                    cpu_partner_refused=self.partner_refused,
                    cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
