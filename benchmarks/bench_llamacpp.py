@@ -9,7 +9,9 @@ the idle figure is llama.cpp's footprint. moekit then runs the same checkpoint a
 `--device-memory` (its own allocator-enforced budget), with the missed experts computed on the CPU
 (`cpu`), split by the cost model (`auto`) or fetched (`fetch`). On a GPU `cpu` / `auto` with experts
 under 64 MiB run their decode steps with the CPU as partner (offload.partner); `--misses auto-graph` /
-`cpu+graph` force that off / on for one row (MOEKIT_CPU_GRAPH), `auto::16` sets 16 CPU threads.
+`cpu+graph` force that off / on for one row (MOEKIT_CPU_GRAPH), `auto+rows` turns the row split on
+(MOEKIT_ROW_SPLIT=1: experts of 64 MiB and up cut by rows between the CPU and in-place reads, inside
+the partner's step), `auto::16` sets 16 CPU threads.
 
 Rows (--rows, a comma list; each call writes its own --name.json):
   resident    decode B=1 and prefill 512, all on the GPU (llama.cpp -ngl 99; moekit resident)
@@ -122,6 +124,9 @@ SHAPES = {  # name -> (HF config maker, its arguments); BENCH.md's shapes
                                              kv_heads=2, vocab=4096)),
 }
 ROWS = ("resident", "host", "half", "compressed", "cpu", "rates")
+# a misses mode's suffix -> the environment switch it sets for its row: the CPU partner forced on / off,
+# the row split (offload.cpu; with it the partner splits experts of 64 MiB and up by rows)
+ROW_ENV = {"+graph": ("MOEKIT_CPU_GRAPH", "1"), "-graph": ("MOEKIT_CPU_GRAPH", "0"), "+rows": ("MOEKIT_ROW_SPLIT", "1")}
 MODES = {"host": "decode_cpu_experts", "half": "decode_half_experts"}  # row -> setting (llama.cpp's row name)
 FORMS = {"int4": dict(bits="4", group_size=128), "int2": dict(bits="2", group_size=128), "ternary": dict(bits="ternary")}
 PROMPT, NEW = 64, 64
@@ -227,9 +232,10 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
     from moekit.offload import OffloadConfig, load_offloaded
 
     mode = (misses or "").split(":")[0]
-    if mode.endswith(("+graph", "-graph")):  # "cpu+graph" / "auto-graph": MOEKIT_CPU_GRAPH=1 / 0 for this row only
-        with mock.patch.dict(os.environ, {"MOEKIT_CPU_GRAPH": "1" if mode[-len("+graph")] == "+" else "0"}):
-            row = moekit_row(path, device, budget, misses.replace(mode, mode[:-len("+graph")], 1), prompt_ids,
+    suffix = next((s for s in ROW_ENV if mode.endswith(s)), None)
+    if suffix:  # "cpu+graph" / "auto-graph" / "auto+rows": the switch's environment for this row only
+        with mock.patch.dict(os.environ, dict([ROW_ENV[suffix]])):
+            row = moekit_row(path, device, budget, misses.replace(mode, mode[:-len(suffix)], 1), prompt_ids,
                              idle_mib, dtype, prefill_tokens, rounds, between, profile_prefill, fused_rows)
         return {**row, "misses": misses}
     common.free_memory(device, reset_peak=True)

@@ -320,3 +320,24 @@ def test_build_export_import_round_trip(tmp_path, monkeypatch):
     assert {"bin/llama-bench", "bin/llama-quantize", "bin/libbig.so"} <= names
     subprocess.run(["tar", "xzf", str(again.bin_tarball), "-C", str(tmp_path)], check=True)
     assert (tmp_path / "bin" / "libbig.so").read_bytes() == (root / "llama.cpp" / "build-cpu" / "bin" / "libbig.so").read_bytes()
+
+
+@pytest.mark.parametrize("misses,inner,env", [("auto+rows:none", "auto:none", ("MOEKIT_ROW_SPLIT", "1")),
+                                              ("cpu+graph", "cpu", ("MOEKIT_CPU_GRAPH", "1")),
+                                              ("auto-graph::16", "auto::16", ("MOEKIT_CPU_GRAPH", "0"))])
+def test_a_misses_suffix_sets_its_switch_for_its_row_only(monkeypatch, misses, inner, env):
+    """`auto+rows` / `cpu+graph` / `auto-graph`: the plain mode runs with the switch's environment
+    variable set for that row only, and the row keeps the name it was asked by."""
+    real, seen = bl.moekit_row, []
+
+    def plain(path, device, budget, mode, *rest):  # the recursive call of the plain mode
+        seen.append((mode, {k: os.environ.get(k) for k in ("MOEKIT_ROW_SPLIT", "MOEKIT_CPU_GRAPH")}))
+        return {"status": "ok", "misses": mode}
+
+    for name in ("MOEKIT_ROW_SPLIT", "MOEKIT_CPU_GRAPH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(bl, "moekit_row", plain)
+    row = real(Path("unused"), torch.device("cpu"), 1, misses, None)
+    assert row["misses"] == misses and len(seen) == 1 and seen[0][0] == inner
+    assert {k: v for k, v in seen[0][1].items() if v is not None} == dict([env])
+    assert os.environ.get(env[0]) is None  # restored after the row
