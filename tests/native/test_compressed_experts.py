@@ -237,10 +237,10 @@ def stacked_int(bits: int, d: int, ffn: int, experts: int, groups: tuple[int, in
             for kind, per_kind in zip(("gate_up", "down"), mats) for i, name in enumerate(("qweight", "scale", "zero"))}
 
 
-def stacked_code(d: int, ffn: int, experts: int, g: torch.Generator):
+def stacked_code(d: int, ffn: int, experts: int, g: torch.Generator, bits: int = 8):
     codes = {"gate_up": ternary_codes(experts * 2 * ffn, d, 0.2, g).view(experts, 2 * ffn, d),
              "down": ternary_codes(experts * d, ffn, 0.2, g).view(experts, d, ffn)}
-    dictionary = build_dictionary(symbol_probabilities(torch.cat([c.flatten() for c in codes.values()])), 8)
+    dictionary = build_dictionary(symbol_probabilities(torch.cat([c.flatten() for c in codes.values()])), bits)
     out = {"code_table": dictionary.table}
     for kind, c in codes.items():
         code = encode(c, dictionary)
@@ -309,53 +309,78 @@ def test_started_form_call_gives_the_bits_of_native_ffn(form_name, dot, dtype, m
     assert torch.equal(form.native_ffn(x, [], start=True).wait(), torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("form_name,dot", [("int4", "int8"), ("int4", "float"), ("int3", "float"), ("ternary", None)])
+def partner_layers(form_name: str, d: int, ffn: int, experts: int, layers: int, g: torch.Generator):
+    """Returns [(form, stacked)] of `layers` layers of distinct random experts: int-N as form_and_stack
+    makes them ("int4-row": one scale group per row, the permuted layout with padding where d or
+    ffn is not a multiple of 8), the ternary code with 8- and 16-bit dictionaries in turn (uint8 and
+    int16 codewords: each layer of a compressed checkpoint picks its own)."""
+    from moekit.quant.formats import IntForm, TernaryCodeForm
+
+    made = []
+    for layer in range(layers):
+        if form_name == "ternary":
+            stacked = stacked_code(d, ffn, experts, g, bits=(8, 16)[layer % 2])
+            specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items() if n != "code_table"}
+            made.append((TernaryCodeForm(d, ffn, {0: specs}, {0: {"code_table": stacked["code_table"]}}), stacked))
+        elif form_name == "int4-row":
+            stacked = stacked_int(4, d, ffn, experts, (1, 1), g)
+            specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}
+            made.append((IntForm(d, ffn, {0: specs}, {0: {}}, 4), stacked))
+        else:
+            made.append(form_and_stack(form_name, d, ffn, experts, g))
+    return made
+
+
+@pytest.mark.parametrize("form_name,dot,d,ffn", [("int4", "int8", 96, 40), ("int4", "float", 96, 40),
+                                                 ("int4-row", "int8", 100, 44), ("int4-row", "float", 100, 44),
+                                                 ("int3", "float", 96, 40), ("ternary", None, 96, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_partner_step_gives_the_bits_of_native_ffn(form_name, dot, dtype, monkeypatch):
-    """partner.cpp's compressed step (offload.partner's CPU side), run here with every layer already
-    posted: each layer's sum is what the form's native_ffn computes for its missed experts (routes
-    below E; in order of first use, tokens in slot order), for 1 and 3 tokens; a layer with none
-    missed gives zeros; every done flag is released."""
+def test_partner_step_gives_the_bits_of_native_ffn(form_name, dot, d, ffn, dtype, monkeypatch):
+    """partner.cpp's compressed step (offload.partner's CPU side), run here with the layers posted:
+    each layer's sum is what its form's native_ffn computes for its missed experts (routes below E;
+    in order of first use, tokens in slot order), for 1 and 3 tokens, every layer its own experts
+    (and for the code its own codeword width); a layer with none missed gives zeros; every done
+    flag is released. A layer never posted: the step gives up (code 10), zeros the rest, releases all."""
     import ctypes
 
     if dot is not None:
         monkeypatch.setenv("MOEKIT_CPU_INT_DOT", dot)
     g = torch.Generator().manual_seed(6)
-    d, ffn, experts, top_k = 96, 40, 6, 2
-    form, stacked = form_and_stack(form_name, d, ffn, experts, g)
+    experts, top_k, layers = 6, 2, 3
+    made = partner_layers(form_name, d, ffn, experts, layers, g)
     lib = native.library()
-    layers = 3  # the one stacked layer served as three
+    xcode = {torch.float32: 2, torch.bfloat16: 0}[dtype]
     for tokens in (1, 3):
         slots = tokens * top_k
-        parts = [[form.native_parts(form.one(stacked, e)) for e in range(experts)]] * layers
-        plan = nc.PartnerExperts(form.NATIVE_FORM, form.bits, d, ffn, parts, [form.host_table(0)] * layers,
-                                 max_tokens=4, top_k=top_k, threads=2)
+        plan = nc.PartnerExperts(made[0][0].NATIVE_FORM, made[0][0].bits, d, ffn,
+                                 [[form.native_parts(form.one(st, e)) for e in range(experts)] for form, st in made],
+                                 [form.host_table(0) for form, _ in made], max_tokens=4, top_k=top_k, threads=2)
         x = torch.randn(layers, tokens, d, generator=g).to(dtype)
         w = torch.rand(layers, slots, generator=g)
         routes = torch.randint(0, experts, (layers, slots), generator=g)
         routes[0, 0] += experts  # cached: the device's
         routes[2] += experts  # none missed
-        out = torch.full((layers, tokens, d), 7.0, dtype=dtype)
-        flags = torch.zeros(2, layers, dtype=torch.int64)
-        flags[0] = seq = 5
-
-        def ptrs(t):
-            return (ctypes.c_int64 * layers)(*[t[i].data_ptr() for i in range(layers)])
-
-        seconds, counts = (ctypes.c_double * layers)(), (ctypes.c_int32 * layers)()
-        held = [ptrs(t) for t in (x, w, routes, out, flags[0], flags[1])]  # alive until the wait: the runner reads them
-        code = lib.moekit_async_partner_step_compressed(
-            plan.address, {torch.float32: 2, torch.bfloat16: 0}[dtype], layers, tokens, top_k, experts, d, ffn, *held,
-            seq, 5.0, 2, seconds, counts)
-        assert code == 0 and lib.moekit_async_wait() == 0
-        assert flags[1].tolist() == [seq] * layers
-        for layer in range(layers):
-            jobs: dict[int, tuple[list[int], list[float]]] = {}
-            for s, v in enumerate(routes[layer].tolist()):
-                if v < experts:
-                    jobs.setdefault(v, ([], []))[0].append(s // top_k)
-                    jobs[v][1].append(w[layer, s].item())
-            want = (form.native_ffn(x[layer], [(form.one(stacked, e), t, ws) for e, (t, ws) in jobs.items()], threads=2)
-                    if jobs else torch.zeros(tokens, d, dtype=dtype))
-            assert torch.equal(out[layer], want), layer
-            assert counts[layer] == len(jobs)
+        for posted in (layers, 1):  # every layer, then only the first
+            out = torch.full((layers, tokens, d), 7.0, dtype=dtype)
+            flags = torch.zeros(2, layers, dtype=torch.int64)
+            flags[0, :posted] = seq = 5
+            held = [(ctypes.c_int64 * layers)(*[t[i].data_ptr() for i in range(layers)])
+                    for t in (x, w, routes, out, flags[0], flags[1])]  # alive until the wait: the runner reads them
+            seconds, counts = (ctypes.c_double * layers)(), (ctypes.c_int32 * layers)()
+            code = lib.moekit_async_partner_step_compressed(plan.address, xcode, layers, tokens, top_k, experts, d,
+                                                            ffn, *held, seq, 0.2, 2, seconds, counts)
+            assert code == 0 and lib.moekit_async_wait() == (0 if posted == layers else 10)
+            assert flags[1].tolist() == [seq] * layers
+            for layer, (form, stacked) in enumerate(made):
+                jobs: dict[int, tuple[list[int], list[float]]] = {}
+                for s, v in enumerate(routes[layer].tolist()):
+                    if v < experts:
+                        jobs.setdefault(v, ([], []))[0].append(s // top_k)
+                        jobs[v][1].append(w[layer, s].item())
+                if jobs and layer < posted:
+                    want = form.native_ffn(x[layer], [(form.one(stacked, e), t, ws) for e, (t, ws) in jobs.items()],
+                                           threads=2)
+                else:
+                    want = torch.zeros(tokens, d, dtype=dtype)
+                assert torch.equal(out[layer], want), (layer, posted)
+                assert counts[layer] == (len(jobs) if layer < posted else 0)

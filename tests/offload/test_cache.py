@@ -145,3 +145,25 @@ def test_stall_pairs_are_added_as_they_end_and_reused():
     assert stats.stall_s == pytest.approx(7e-3) and stats.spare_events == [second, third]
     report = stats.to_dict()
     assert report["stall_s"] == pytest.approx(7e-3) and "spare_events" not in report and "pending_stalls" not in report
+
+
+def test_the_blank_slot_is_zeroed_kept_out_of_use_and_given_back():
+    """reserve_blank takes a free slot for good (zeroed, never filled nor evicted while the cache
+    works through more experts than it holds), refuses where no other slot would be left, and
+    release_blank gives it back."""
+    cache = cache_of(3)
+    cache.slab["gate_up"].fill_(float("nan"))
+    blank = cache.reserve_blank()
+    assert blank is not None and cache.reserve_blank() == blank  # once
+    assert not cache.slab["gate_up"][blank].isnan().any() and not cache.slab["gate_up"][blank].any()
+    for e in range(8):  # more experts than slots: every fetch lands elsewhere
+        slot = cache.fetch((0, e), set())
+        assert slot is not None and slot != blank
+        cache.use([slot], [(0, e)])
+    assert cache.key_of[blank] is None and not cache.slab["gate_up"][blank].any()
+    cache.release_blank()
+    assert cache.blank is None and blank not in cache.pinned and blank in cache.free
+    assert cache_of(1).reserve_blank() is None  # the only slot: none to compute in
+    two = cache_of(2)
+    two.pin([(0, 0)])
+    assert two.reserve_blank() is None and two.blank is None

@@ -210,6 +210,14 @@ def int_ffn(x: torch.Tensor, jobs: list[Job], bits: int, out: torch.Tensor | Non
     return _run(x, jobs, out, threads, scratch, call, start=start)
 
 
+def _code_fits(parts: Parts, rows: int) -> bool:
+    """Whether one matrix's ternary-code parts (codewords, starts, row_chunks, block_offsets, lo, hi)
+    fit together as a `rows`-row matrix."""
+    words, starts, row_chunks, offsets, lo, hi = parts
+    return (words.dim() == 2 and starts.shape == words.shape[:1] and row_chunks.shape == (rows,)
+            and offsets.shape == (-(-rows // CODE_ROW_BLOCK),) and lo.shape == (rows,) and hi.shape == (rows,))
+
+
 # id(table) -> (a weak reference to it, its version, its code_masks); tensors cannot be the keys of a
 # WeakKeyDictionary (their == is elementwise)
 _masks_of: dict[int, tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -266,9 +274,8 @@ def code_ffn(x: torch.Tensor, jobs: list[Job], table: torch.Tensor, out: torch.T
     for gate_up, down, _, _ in jobs:
         for parts, rows in ((gate_up, 2 * ffn), (down, d)):
             _check_parts(parts, dtypes, "ternary-code expert")
-            words, starts, row_chunks, offsets, lo, hi = parts
-            if (words.dim() != 2 or starts.shape != words.shape[:1] or row_chunks.shape != (rows,)
-                    or offsets.shape != (-(-rows // CODE_ROW_BLOCK),) or lo.shape != (rows,) or hi.shape != (rows,)):
+            words, starts, row_chunks = parts[:3]
+            if not _code_fits(parts, rows):
                 raise ValueError(f"ternary-code expert parts of a {rows}-row matrix do not fit together: "
                                  f"{[tuple(t.shape) for t in parts]} (hidden {d}, ffn {ffn})")
             sizes.extend((words.shape[1], starts.element_size(), row_chunks.element_size()))
@@ -447,8 +454,7 @@ class _PartnerPlan(ctypes.Structure):
     buffers of one step."""
 
     _fields_ = [("form", ctypes.c_int32), ("bits", ctypes.c_int32), ("permuted", ctypes.c_int32),
-                ("int8_dot", ctypes.c_int32), ("word_bytes", ctypes.c_int32), ("unused", ctypes.c_int32),
-                ("groups", ctypes.c_int64 * 2), ("tensors", ctypes.c_int64), ("expert_ptrs", ctypes.c_void_p),
+                ("int8_dot", ctypes.c_int32), ("groups", ctypes.c_int64 * 2), ("tensors", ctypes.c_int64), ("expert_ptrs", ctypes.c_void_p),
                 ("sizes", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("masks", ctypes.c_void_p),
                 ("lengths", ctypes.c_void_p), ("xf", ctypes.c_void_p), ("x_width", ctypes.c_int64),
                 ("h", ctypes.c_void_p), ("h_width", ctypes.c_int64), ("outf", ctypes.c_void_p),
@@ -497,15 +503,16 @@ class PartnerExperts:
                     if form_code == NATIVE_INT:
                         fits = [tuple(t.shape) for t in parts] == [(rows, -(-cols // (32 // bits))), (rows, p), (rows, p)]
                     else:
-                        fits = parts[-1].shape == (rows,)
+                        fits = _code_fits(parts, rows)
                     if not fits:
                         raise ValueError(f"a CPU partner's expert parts do not fit a {rows} x {cols} matrix: "
                                          f"{[tuple(t.shape) for t in parts]}")
                     ptrs.extend(t.data_ptr() for t in parts)
-                if form_code == NATIVE_CODE:
+                if form_code == NATIVE_CODE:  # a layer's job sizes, then its codeword bytes (layers may differ)
                     mine = [v for parts in (gate_up, down)
                             for v in (parts[0].shape[1], parts[1].element_size(), parts[2].element_size())]
-                    if layer_sizes not in (None, mine):
+                    mine.append(gate_up[0].element_size())
+                    if layer_sizes not in (None, mine) or down[0].dtype != gate_up[0].dtype:
                         raise ValueError(f"layer {l}'s ternary-code experts differ in their codeword layout")
                     layer_sizes = mine
             if form_code == NATIVE_CODE:
@@ -528,8 +535,7 @@ class PartnerExperts:
             plan.tables = self._array([t.data_ptr() for t in held], torch.int64)
             plan.masks = self._array([m.data_ptr() for m, _ in masks], torch.int64)
             plan.lengths = self._array([n.data_ptr() for _, n in masks], torch.int64)
-            plan.sizes = self._array(sizes, torch.int64)
-            plan.word_bytes = layers[0][0][0][0].element_size()
+            plan.sizes = self._array(sizes, torch.int64)  # [L * 7]
             plan.x_width, plan.h_width = d, ffn
         plan.xf = self._zeros(max_tokens * plan.x_width + CODE_PAD, torch.float32)
         plan.h = self._zeros(slots * plan.h_width + CODE_PAD, torch.float32)

@@ -132,19 +132,18 @@ int serve(int64_t L, int64_t N, int64_t A, int64_t E, int64_t row_bytes, const i
   return code;
 }
 
-// A compressed form's stored experts and the buffers of one step (partner.py's _CompressedPlan
-// mirrors it field for field; native.compressed builds it).
+// A compressed form's stored experts and the buffers of one step (native.compressed's _PartnerPlan
+// mirrors it field for field; its PartnerExperts builds it).
 struct CompressedPartner {
   int32_t form;        // 1 int-N (moekit_int_ffn), 2 ternary code (moekit_code_ffn)
   int32_t bits;        // int-N: 2, 3, 4, 8
   int32_t permuted;    // int-N: IntRows' permuted layout (x permuted here, h zeroed each call)
   int32_t int8_dot;    // int-N: moekit_int_ffn's int8_dot
-  int32_t word_bytes;  // code: bytes of a codeword, 1 or 2
-  int32_t unused;
   int64_t groups[2];   // int-N: P of gate_up, of down
   int64_t tensors;     // stored tensors an expert: 6 (int-N) or 12 (code), the kernels' ptrs order
   const int64_t* expert_ptrs;  // [L * E * tensors]: expert e of layer l at (l * E + e) * tensors
-  const int64_t* sizes;        // code: [L * 6] each layer's job sizes (moekit_code_ffn's sizes of one job)
+  const int64_t* sizes;        // code: [L * 7] each layer's job sizes (moekit_code_ffn's sizes of one job),
+                               // then its codeword bytes (1 or 2: each layer picks its dictionary)
   const int64_t* tables;       // code: [L] addresses of each layer's int32 [2^bits, 2] table (host memory)
   const int64_t* masks;        // code: [L] its code_masks
   const int64_t* lengths;      // code: [L]
@@ -201,7 +200,7 @@ int moekit_partner_step_compressed(const void* plan, int xdtype, int64_t L, int6
                  for (int64_t j = 0; j < jobs.J; ++j) {
                    const int64_t* from = c->expert_ptrs + (l * E + jobs.expert_of[j]) * T;
                    std::memcpy(c->ptrs + j * T, from, sizeof(int64_t) * T);
-                   if (c->form == 2) std::memcpy(c->job_sizes + j * 6, c->sizes + l * 6, sizeof(int64_t) * 6);
+                   if (c->form == 2) std::memcpy(c->job_sizes + j * 6, c->sizes + l * 7, sizeof(int64_t) * 6);
                  }
                  const char* xb = static_cast<const char*>(x);
                  const int64_t slots = jobs.tok_start[jobs.J];
@@ -231,7 +230,8 @@ int moekit_partner_step_compressed(const void* plan, int xdtype, int64_t L, int6
                    rc = moekit_code_ffn(c->xf, c->outf, N, D, I, jobs.J, c->ptrs,
                                         reinterpret_cast<const int32_t*>(c->tables[l]),
                                         reinterpret_cast<const uint16_t*>(c->masks[l]),
-                                        reinterpret_cast<const uint8_t*>(c->lengths[l]), c->word_bytes, c->job_sizes,
+                                        reinterpret_cast<const uint8_t*>(c->lengths[l]),
+                                        static_cast<int>(c->sizes[l * 7 + 6]), c->job_sizes,
                                         jobs.tok_start, jobs.tok, jobs.wts, c->h, c->accs, threads);
                  } else {
                    return 1;

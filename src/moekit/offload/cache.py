@@ -306,13 +306,21 @@ class ExpertCache:
         Zeros read as an expert that adds nothing in every layer's layout, where an occupied slot
         may not even decode in another layer's (a ternary code's chunk capacity differs between
         layers): offload.mapped's compressed partner table points the experts it skips at it. Kept
-        with the pinned slots, so never evicted nor counted as room."""
-        if self.blank is None and self.free:
+        with the pinned slots, so never evicted nor counted as room; none where that would leave no
+        slot to compute in (release_blank gives it back)."""
+        if self.blank is None and self.free and self.num_slots - len(self.pinned) > 1:
             self.blank = self.free.pop(0)  # the last slot a fetch would take
             for t in self.slab.values():
                 t[self.blank].zero_()
             self.pinned.add(self.blank)
         return self.blank
+
+    def release_blank(self) -> None:
+        """Gives the blank slot back to the cache (the partner that needed it could not run)."""
+        if self.blank is not None:
+            self.pinned.discard(self.blank)
+            self.free.append(self.blank)
+            self.blank = None
 
     def synchronize(self) -> None:
         """Waits for every copy in flight."""

@@ -151,7 +151,6 @@ class CpuPartner:
         self.experts = (ctypes.c_int32 * L)()
         self.started = False
         self.counting = True  # whether the started step's CPU work goes into the stats
-        self.failure: str | None = None  # why the Python side of a compressed form's step failed
         self.step_tokens = 0
         # one native call serves the step (partner.cpp): dense experts from the host store's rows,
         # the int-N and ternary-code forms through their kernels (native.compressed.PartnerExperts)
@@ -242,12 +241,12 @@ class CpuPartner:
         lib = library()
         if lib is None:
             raise MoekitError("the CPU partner needs the native library")
+        if tokens > self.max_tokens:
+            raise MoekitError(f"the CPU partner takes steps of up to {self.max_tokens} tokens; got {tokens}")
         if self.started:
             self.abort()
         self.seq += 1
         self.seq_dev.fill_(self.seq)  # on the compute stream, before the step's kernels
-        if tokens > self.max_tokens:
-            raise MoekitError(f"the CPU partner takes steps of up to {self.max_tokens} tokens; got {tokens}")
         flags = (self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs, self.ready_ptrs, self.done_ptrs)
         dims = (self.num_layers, tokens, self.top_k, self.num_experts, self.hidden, self.ffn)
         if self.compressed is not None:

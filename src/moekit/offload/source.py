@@ -210,8 +210,8 @@ class OffloadRuntime:
 
             self.costs = measure_costs(self, self.dtype)
             self.cache.h2d_bytes_per_s = self.costs.h2d_bytes_per_s
-            if self.mapped is not None and self.mapped.partner is not None and \
-                    self.mapped.cpu_rows != self.partner_rows():  # the row split needs the rates just measured
+            rows = self.partner_rows()  # the row split needs the rates just measured
+            if rows is not None and (self.mapped is None or self.mapped.cpu_rows != rows):
                 self.new_cache(self.cache.num_slots)
 
     def forget_calls(self) -> None:
@@ -276,6 +276,7 @@ class OffloadRuntime:
             table, why = None, str(e).splitlines()[0]
         if why is not None:
             self.cache.listener = None
+            self.cache.release_blank()  # a compressed form's table took it
             if table is not None:
                 table.partner.close()
             self.partner_refused = why
@@ -309,7 +310,8 @@ class OffloadRuntime:
             return False
         native = isinstance(self.form, DenseForm) or getattr(self.form, "NATIVE_FORM", 0) != 0
         asked = wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, native) or (
-            self.row_split_on and os.environ.get(PARTNER_ENV) != "0")  # large experts: the partner splits them by rows
+            self.row_split_on and os.environ.get(PARTNER_ENV) != "0"
+            and self.partner_rows() is not None)  # large experts: only split by rows (whole, the split per call wins)
         return (asked and self.cpu is not None
                 and self.misses in ("cpu", "auto") and self.cpu.native and isinstance(self.store, HostStore)
                 and (self.store.pin or self.device.type != "cuda") and reads_in_place(self.device))
