@@ -130,7 +130,7 @@ def test_word_nibbles_and_powers_are_exact():
 
 
 @pytest.mark.parametrize("kernels", ["words", pytest.param("bytes", marks=pytest.mark.slow)])  # the default: words
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_slot_kernel_variants_equal_the_pytorch_path(kernels, dtype):
     """Both per-slot MXFP4 variants (clamped_ops.SLOT_MXFP4_KERNELS picks one) equal run_planned at
     1, 4 and 9 tokens, top-k 1, 3 (not a power of two: the fused down kernel pads its slots) and 4,
@@ -239,7 +239,7 @@ def _placed(form: ClampedSwigluForm, resident: dict[str, torch.Tensor], cached: 
     return stacked, host, offsets
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
+@pytest.mark.parametrize("fmt", ["mxfp4", pytest.param("dense", marks=pytest.mark.slow)])  # dense: ~15 s interpreted
 def test_offsets_equal_the_stacked_path(fmt):
     """The per-slot kernels with an offsets table (each expert's weights, scales and biases where
     its row points: some in slab slots, the rest in another buffer) give bit for bit what they give
@@ -266,6 +266,7 @@ def test_offsets_equal_the_stacked_path(fmt):
     assert not torch.allclose(form.fused(x, ids, w, stacked, offsets=swapped), form.fused(x, ids, w, stacked, offsets=offsets))
 
 
+@pytest.mark.slow
 def test_kernel_configs_agree():
     """The kernels give one result whatever their tiles (the probe sweeps them on a GPU): per-slot
     narrow and wide tiles with BLOCK_K (or BLOCK_W) below and above K; grouped row blocks of 16 and

@@ -167,8 +167,8 @@ def test_slot_kernel_with_offsets_reads_experts_from_two_places():
     assert torch.equal(got, want)
 
 
-def test_slot_kernel_skips_experts_with_negative_offsets():
-    """skip=True leaves out the slots whose expert's offsets are negative (offload.partner: the CPU
+def test_slot_kernel_skips_experts_whose_offset_is_minus_one():
+    """skip=True leaves out the slots whose expert's offsets are -1 (offload.partner: the CPU
     computes them), without reading anything for them: the sum of the other slots (their routing
     weights zeroed), although the slab's first slot, where a skipped row would point, holds NaN."""
     num_experts, hidden, ffn, tokens, top_k = 6, 40, 24, 2, 3
@@ -230,6 +230,7 @@ def test_skip_leaves_out_only_minus_one_not_rows_below_the_slab():
                     torch.testing.assert_close(got, part, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_slot_kernel_row_slices_equal_cut_experts_and_add_up():
     """rows=(r0, r1) computes ffn rows r0..r1-1 of each expert (the device's share of an expert split
     by rows with the CPU): equal to the whole kernel on experts cut to those rows, with and without

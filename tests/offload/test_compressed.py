@@ -114,8 +114,8 @@ def test_planner_counts_compressed_bytes(compressed, bits):
 
 
 @needs_cpu_kernels
-# ternary is slow (~70 s interpreted); the fast run reads its slab through the fused path below
-@pytest.mark.parametrize("bits", [pytest.param("ternary", marks=pytest.mark.slow), "4"])
+# slow (ternary ~70 s interpreted, int4 ~16 s); the fast run reads both forms' slabs through the fused path below
+@pytest.mark.parametrize("bits", [pytest.param("ternary", marks=pytest.mark.slow), pytest.param("4", marks=pytest.mark.slow)])
 def test_kernel_path_matches_resident_kernel_path(compressed, bits, monkeypatch):
     """The Triton kernels (interpreted here) read the experts from the cache slab's packed bytes;
     decode steps run every routed expert of a layer in one launch per matrix (the form's fused path)."""

@@ -78,6 +78,7 @@ def test_greedy_equals_resident_with_the_cpu_as_partner(mixtral, graph_env):
     assert "partner" in dict(_cpu_rows(report))["CPU time"]
 
 
+@pytest.mark.slow
 def test_batch_of_two_matches_resident_and_off_by_default(mixtral, graph_env, monkeypatch):
     path, resident = mixtral
     ids = token_ids(2, 4, seed=6)
@@ -89,6 +90,7 @@ def test_batch_of_two_matches_resident_and_off_by_default(mixtral, graph_env, mo
     assert plain.offload.mapped is None and not plain.offload.report()["cpu_partner"]
 
 
+@pytest.mark.slow
 def test_row_split_inside_the_step_matches_resident(mixtral, graph_env, monkeypatch):
     """The partner's row split (large experts, MOEKIT_ROW_SPLIT=1 on a GPU; here r forced): the CPU
     computes ffn rows [0, r) of each missed expert, the device reads rows [r, I) in place through

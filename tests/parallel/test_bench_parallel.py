@@ -53,6 +53,7 @@ def _run(tmp_path, *flags: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_small_cpu_run_of_two_rows(tmp_path):
     """The fast set (~12 s): bandwidth, 1gpu and ep2tp2 on 2 gloo ranks; ep2tp2's greedy tokens equal
     one process's (float32), its speedup is over the 1gpu row, the table is printed last."""

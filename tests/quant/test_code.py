@@ -59,6 +59,7 @@ def test_round_trip_is_exact(matrices, kinds, cols, bits, chunk, seed):
     assert bool((code.row_chunks[zero_rows] == 0).all())  # all-zero rows store nothing
 
 
+@pytest.mark.slow
 def test_round_trip_of_long_rows_with_int32_starts():
     g = torch.Generator().manual_seed(0)
     codes = ternary_rows([0.1, 0.0, 1.0], 33000, g)

@@ -104,6 +104,7 @@ def test_decode_kernel_ragged_stacked_rows(config):
     assert torch.equal(ops.code_decode_triton(*(t.to(kernel_device()) for t in (*code, table)), 129).cpu(), codes)
 
 
+@pytest.mark.slow
 def test_decode_kernel_rows_longer_than_int16_starts():
     """Rows longer than 32767 columns store int32 chunk starts (and int16 chunk counts)."""
     g = torch.Generator().manual_seed(0)
