@@ -79,6 +79,7 @@ Without a GPU (the 2-core VM; smoke tests of every row at the tiny shapes, each 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import shutil
@@ -460,6 +461,7 @@ def offloaded_rows(path: Path, form: str, settings: list[str], misses_list: list
             if time.perf_counter() > deadline:
                 results.setdefault("skipped", []).append(f"{form} {setting} {misses}: past --time-budget-s")
                 continue
+            common.log(f"moekit {form} {setting} {misses} at {budget / 1e9:.2f} GB: starting")  # a crash's last line
             row = with_ceiling(moekit_row(path, device, int(budget), misses, prompt, idle_mib))
             row.update(setting=setting, form=form, footprint_of=ref)
             record(row, f"{form} {setting} {misses} at {budget / 1e9:.2f} GB")
@@ -586,6 +588,10 @@ def main() -> int:
     torch.set_num_threads(cores)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # a row that kills the process (a segfault, an abort) leaves every thread's stack here, in --out:
+    # the H200 run at 14980b7 died in a row and only the tail of its output came back
+    faults = open(out / f"{args.name}_faults.log", "w")  # noqa: SIM115 -- open for the process's life
+    faulthandler.enable(file=faults, all_threads=True)
     results: dict = {"meta": common.run_meta(args, device), "host": common.host_info(), "shape": args.shape,
                      "rows": sorted(rows), "cores": cores,
                      "moekit": []}
