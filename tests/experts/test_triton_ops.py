@@ -98,7 +98,7 @@ def test_slot_kernel_matches_reference(shape):
 SLOT_CONFIGS = [None, ((16, 32, 1), (16, 32, 1, 1)), ((4, 64, 2), (16, 128, 1, 2))]
 
 
-@pytest.mark.parametrize("configs", SLOT_CONFIGS)
+@pytest.mark.parametrize("configs", [*SLOT_CONFIGS[:2], pytest.param(SLOT_CONFIGS[2], marks=pytest.mark.slow)])
 def test_slot_kernel_sums_each_tokens_slots_with_their_weights(configs):
     """The down kernel's top-k sum: two tokens sharing expert 1 (token 1 routes to it twice), uneven
     and one negative weight; each token's row against its own float64 sum, so a dropped, doubled or
@@ -194,6 +194,7 @@ def test_slot_kernel_skips_experts_whose_offset_is_minus_one():
         triton_ops.slot_expert_ffn(x, ids, weights, m.gate_up, m.down, skip=True)
 
 
+@pytest.mark.slow
 def test_skip_leaves_out_only_minus_one_not_rows_below_the_slab():
     """With skip, an offset of -1 leaves its expert out; any other offset is read, negative ones
     too: an expert in a tensor allocated below the slab (the partner's row split reads missed

@@ -176,7 +176,8 @@ def test_rank_0_stops_serving_when_another_rank_dies(tmp_path):
     assert "moekit: error: rank 0 stopped serving" in out and "another rank exited or stopped answering" in out
 
 
-@pytest.mark.parametrize("ep, tp, static_decode", [(2, 1, False), (1, 2, True), (2, 1, True)])
+@pytest.mark.parametrize("ep, tp, static_decode", [pytest.param(2, 1, False, marks=pytest.mark.slow), (1, 2, True),
+                                                    (2, 1, True)])
 def test_mirrored_scheduler_equals_one_process(ep, tp, static_decode):
     from moekit.serve.scheduler import SamplingParams, Scheduler, SchedulerConfig
 

@@ -199,6 +199,7 @@ def test_heads_and_experts_over_the_same_two_ranks_equal_one_process(two_ranks, 
     _check_equal(two_ranks, f"{variant}_ep=tp2")
 
 
+@pytest.mark.slow
 def test_decode_steps_cut_at_the_expert_calls_equal_whole_steps(tiny):
     """The piecewise step (what CUDA graphs capture around the expert exchanges on GPUs) of ep=2, tp=2
     and tp=2,ep=tp models gives the whole step's logits exactly, step after step."""

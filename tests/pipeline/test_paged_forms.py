@@ -206,7 +206,7 @@ def test_cuda_pipelined_compressed_agrees_with_the_sequential_engine(compressed,
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", ["int4", pytest.param("ternary", marks=pytest.mark.slow)])
 def test_decoded_layer_path_equals_the_per_expert_path(compressed, form, monkeypatch):
     """Past the per-slot kernels (> 16 routed slots) where the kernels run, a compressed layer is
     decoded once into a dense workspace and every micro-batch of it runs the grouped dense kernels

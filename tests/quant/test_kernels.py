@@ -308,7 +308,7 @@ def slot_inputs(n, a, ids, cols, swiglu, dtype=torch.float32):
     (4, None, 37, 13, False, None),  # down: odd rows, a partly used word
     (2, 16, 22, 48, True, (2, 16, 1, False)),  # K in 3 tiles, one scale per tile
     (3, 8, 26, 40, True, None),  # 3-bit groups that split words: one scale per code
-    (4, 16, 33, 64, False, (1, 32, 1, False)),  # groups of whole words, two tiles
+    pytest.param(4, 16, 33, 64, False, (1, 32, 1, False), marks=pytest.mark.slow),  # groups of whole words, two tiles
 ])
 @pytest.mark.parametrize("n,a,ids", SLOT_ROUTINGS)
 def test_int_slot_kernel_matches_reference(bits, group, rows, cols, swiglu, config, n, a, ids):
