@@ -392,6 +392,19 @@ def decode_unsupported(experts) -> str | None:
     return got if isinstance(got, str) else None
 
 
+def _hold(keep: list[torch.Tensor], values: int | list[int], dtype: torch.dtype) -> int:
+    """Returns the address of a new tensor that `keep` holds for as long as the plan using it: `values`
+    zeros for an int (zeros: the code's pad past x reads as 0), else those values. Made outside
+    inference mode (a plan outlives the call that built it)."""
+    with torch.inference_mode(False):
+        if isinstance(values, int):
+            t = torch.zeros(max(values, 1), dtype=dtype)
+        else:
+            t = torch.tensor(values or [0], dtype=dtype)
+    keep.append(t)
+    return t.data_ptr()
+
+
 class DecodeExperts:
     """One layer's resident CompressedExperts for one token of the native decode step: the plan
     compressed.cpp's moekit_compressed_moe_decode reads (`plan`, its address `address`), with its
@@ -431,20 +444,16 @@ class DecodeExperts:
                                                               (tensors[6], tensors[7], tensors[8]))):
                 plan.sizes[3 * k:3 * k + 3] = (words.shape[2], starts.element_size(), row_chunks.element_size())
             x_floats, h_floats = d + CODE_PAD, top_k * ffn + CODE_PAD
-        plan.xf = self._buffer(x_floats, torch.float32)
-        plan.h = self._buffer(h_floats, torch.float32)
-        plan.accs = self._buffer(threads * acc_stride(1), torch.float32)
-        plan.outf = self._buffer(d, torch.float32)
-        plan.ptrs = self._buffer(top_k * len(tensors), torch.int64)
-        plan.job_sizes = self._buffer(top_k * 6, torch.int64)
-        plan.tok_start = self._buffer(top_k + 1, torch.int32)
-        plan.tok = self._buffer(top_k, torch.int32)
+        plan.xf = _hold(self.keep, x_floats, torch.float32)
+        plan.h = _hold(self.keep, h_floats, torch.float32)
+        plan.accs = _hold(self.keep, threads * acc_stride(1), torch.float32)
+        plan.outf = _hold(self.keep, d, torch.float32)
+        plan.ptrs = _hold(self.keep, top_k * len(tensors), torch.int64)
+        plan.job_sizes = _hold(self.keep, top_k * 6, torch.int64)
+        plan.tok_start = _hold(self.keep, top_k + 1, torch.int32)
+        plan.tok = _hold(self.keep, top_k, torch.int32)
         self.address = ctypes.addressof(plan)
 
-    def _buffer(self, n: int, dtype: torch.dtype) -> int:
-        with torch.inference_mode(False):
-            self.keep.append(torch.zeros(max(n, 1), dtype=dtype))  # zeros: the code's pad past x reads as 0
-        return self.keep[-1].data_ptr()
 
 
 # ---- every layer's experts for the CPU partner's step (offload.partner, partner.cpp) ---------------
@@ -454,7 +463,8 @@ class _PartnerPlan(ctypes.Structure):
     buffers of one step."""
 
     _fields_ = [("form", ctypes.c_int32), ("bits", ctypes.c_int32), ("permuted", ctypes.c_int32),
-                ("int8_dot", ctypes.c_int32), ("groups", ctypes.c_int64 * 2), ("tensors", ctypes.c_int64), ("expert_ptrs", ctypes.c_void_p),
+                ("int8_dot", ctypes.c_int32), ("groups", ctypes.c_int64 * 2), ("tensors", ctypes.c_int64),
+                ("expert_ptrs", ctypes.c_void_p),
                 ("sizes", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("masks", ctypes.c_void_p),
                 ("lengths", ctypes.c_void_p), ("xf", ctypes.c_void_p), ("x_width", ctypes.c_int64),
                 ("h", ctypes.c_void_p), ("h_width", ctypes.c_int64), ("outf", ctypes.c_void_p),
@@ -485,7 +495,8 @@ class PartnerExperts:
 
     def __init__(self, form_code: int, bits: int | None, hidden: int, ffn: int, layers: list[list[tuple[Parts, Parts]]],
                  tables: list[torch.Tensor | None], max_tokens: int, top_k: int, threads: int, dot: str | None = None):
-        if library() is None or form_code not in (NATIVE_INT, NATIVE_CODE) or (form_code == NATIVE_INT and bits not in INT_BITS):
+        if (library() is None or form_code not in (NATIVE_INT, NATIVE_CODE)
+                or (form_code == NATIVE_INT and bits not in INT_BITS)):
             raise ValueError(f"the CPU partner's native step takes int-N ({INT_BITS} bits) or ternary-code experts")
         if max(hidden, ffn) > MAX_ROW:
             raise ValueError(f"the CPU partner's native step takes rows of at most {MAX_ROW}; got {hidden}, {ffn}")
@@ -501,7 +512,8 @@ class PartnerExperts:
                 for parts, rows, cols, p in ((gate_up, 2 * ffn, d, groups[0]), (down, d, ffn, groups[1])):
                     _check_parts(parts, kinds, "a CPU partner's expert")
                     if form_code == NATIVE_INT:
-                        fits = [tuple(t.shape) for t in parts] == [(rows, -(-cols // (32 // bits))), (rows, p), (rows, p)]
+                        want = [(rows, -(-cols // (32 // bits))), (rows, p), (rows, p)]
+                        fits = [tuple(t.shape) for t in parts] == want
                     else:
                         fits = _code_fits(parts, rows)
                     if not fits:
@@ -517,7 +529,7 @@ class PartnerExperts:
                     layer_sizes = mine
             if form_code == NATIVE_CODE:
                 sizes.extend(layer_sizes)
-        plan.expert_ptrs = self._array(ptrs, torch.int64)
+        plan.expert_ptrs = _hold(self.keep, ptrs, torch.int64)
         if form_code == NATIVE_INT:
             per_word = 32 // bits
             permuted = all(p == 1 or -(-cols // p) % per_word == 0 for p, cols in zip(groups, (d, ffn)))
@@ -532,25 +544,15 @@ class PartnerExperts:
             held = [t.contiguous() for t in tables]
             masks = [code_masks(t) for t in held]
             self.keep += held + [m for pair in masks for m in pair]
-            plan.tables = self._array([t.data_ptr() for t in held], torch.int64)
-            plan.masks = self._array([m.data_ptr() for m, _ in masks], torch.int64)
-            plan.lengths = self._array([n.data_ptr() for _, n in masks], torch.int64)
-            plan.sizes = self._array(sizes, torch.int64)  # [L * 7]
+            plan.tables = _hold(self.keep, [t.data_ptr() for t in held], torch.int64)
+            plan.masks = _hold(self.keep, [m.data_ptr() for m, _ in masks], torch.int64)
+            plan.lengths = _hold(self.keep, [n.data_ptr() for _, n in masks], torch.int64)
+            plan.sizes = _hold(self.keep, sizes, torch.int64)  # [L * 7]
             plan.x_width, plan.h_width = d, ffn
-        plan.xf = self._zeros(max_tokens * plan.x_width + CODE_PAD, torch.float32)
-        plan.h = self._zeros(slots * plan.h_width + CODE_PAD, torch.float32)
-        plan.outf = self._zeros(max_tokens * d, torch.float32)
-        plan.accs = self._zeros(threads * acc_stride(max_tokens), torch.float32)
-        plan.ptrs = self._zeros(slots * plan.tensors, torch.int64)
-        plan.job_sizes = self._zeros(slots * 6, torch.int64)
+        plan.xf = _hold(self.keep, max_tokens * plan.x_width + CODE_PAD, torch.float32)
+        plan.h = _hold(self.keep, slots * plan.h_width + CODE_PAD, torch.float32)
+        plan.outf = _hold(self.keep, max_tokens * d, torch.float32)
+        plan.accs = _hold(self.keep, threads * acc_stride(max_tokens), torch.float32)
+        plan.ptrs = _hold(self.keep, slots * plan.tensors, torch.int64)
+        plan.job_sizes = _hold(self.keep, slots * 6, torch.int64)
         self.address = ctypes.addressof(plan)
-
-    def _zeros(self, n: int, dtype: torch.dtype) -> int:
-        with torch.inference_mode(False):
-            self.keep.append(torch.zeros(max(n, 1), dtype=dtype))
-        return self.keep[-1].data_ptr()
-
-    def _array(self, values: list[int], dtype: torch.dtype) -> int:
-        with torch.inference_mode(False):
-            self.keep.append(torch.tensor(values or [0], dtype=dtype))
-        return self.keep[-1].data_ptr()

@@ -25,9 +25,10 @@ ternary code) differ on the device's side: it runs the cached ones from their ca
 the form's slot kernels (a missed one points at the cache's blank slot with weight 0: zeros, an
 expert that adds nothing in every layer's layout, ExpertCache.reserve_blank); on the CPU's the same
 native loop runs each layer's missed ones through the form's kernel (moekit_partner_step_compressed,
-native.compressed.PartnerExperts). Until c92d900 a Python thread ran those jobs between native flag
-waits: on the H200 (OLMoE shape, all experts in host memory) ~1.4 ms a layer for ~17 MB of int4
-experts, which the CPU reads in ~0.3 ms. Other forms (gpt-oss's clamped ones) are refused: their
+native.compressed.PartnerExperts). Before 14980b7 a Python thread ran those jobs between native
+flag waits: on the H200 (OLMoE shape, all experts in host memory, c92d900) a layer took ~1.4 ms for
+~17 MB of missed int4 experts, which the int4 kernel's 66 GB/s at the Mixtral shape (f51a719) would
+read in ~0.3 ms; the native loop has not been timed on a GPU. Other forms (gpt-oss's clamped ones) are refused: their
 misses run split per layer call. Between steps the host keeps the cache as misses mapped does
 (admissions of popular missed experts, copies landed -> table rows), and counts the CPU's work from
 the native call's per-layer report.
@@ -118,8 +119,8 @@ class CpuPartner:
         self.num_layers, self.top_k, self.num_experts = len(self.layers), cfg.top_k, cfg.num_experts
         self.hidden, self.ffn = form.hidden, form.ffn
         self.max_tokens = max_tokens
-        self.cpu_rows = cpu_rows or self.ffn
-        if not 0 < self.cpu_rows <= self.ffn or (cpu_rows and not isinstance(form, DenseForm)):
+        self.cpu_rows = cpu_rows if cpu_rows is not None else self.ffn
+        if not 0 < self.cpu_rows <= self.ffn or (cpu_rows is not None and not isinstance(form, DenseForm)):
             raise MoekitError(f"the CPU partner splits dense experts by rows within their {self.ffn} ffn rows; "
                               f"got {cpu_rows} for {form.name} experts")
         self.threads, self.scratch = worker.threads, Scratch()
@@ -247,11 +248,11 @@ class CpuPartner:
             self.abort()
         self.seq += 1
         self.seq_dev.fill_(self.seq)  # on the compute stream, before the step's kernels
-        flags = (self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs, self.ready_ptrs, self.done_ptrs)
+        boxes = (self.x_ptrs, self.w_ptrs, self.route_ptrs, self.out_ptrs, self.ready_ptrs, self.done_ptrs)
         dims = (self.num_layers, tokens, self.top_k, self.num_experts, self.hidden, self.ffn)
         if self.compressed is not None:
             code = lib.moekit_async_partner_step_compressed(
-                self.compressed.address, DTYPE_CODES[self.dtype], *dims, *flags, self.seq, TIMEOUT_S, self.threads,
+                self.compressed.address, DTYPE_CODES[self.dtype], *dims, *boxes, self.seq, TIMEOUT_S, self.threads,
                 self.seconds, self.experts)
         else:
             slots = tokens * self.top_k
@@ -259,9 +260,9 @@ class CpuPartner:
             xf = self.scratch.get("x", tokens * self.hidden)
             accs = self.scratch.get("acc", self.threads * acc_stride(tokens))
             code = lib.moekit_async_partner_step(
-                self.wdtype, DTYPE_CODES[self.dtype], *dims, self.cpu_rows, *flags, self.gate_up_ptrs, self.down_ptrs,
-                self.seq,
-                TIMEOUT_S, float_ptr(h), float_ptr(xf), float_ptr(accs), self.threads, self.seconds, self.experts)
+                self.wdtype, DTYPE_CODES[self.dtype], *dims, self.cpu_rows, *boxes, self.gate_up_ptrs, self.down_ptrs,
+                self.seq, TIMEOUT_S, float_ptr(h), float_ptr(xf), float_ptr(accs), self.threads, self.seconds,
+                self.experts)
         if code != 0:
             raise MoekitError(f"the CPU partner could not start (code {code}: another CPU expert call is running)")
         self.started, self.step_tokens, self.counting = True, tokens, count

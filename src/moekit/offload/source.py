@@ -210,8 +210,9 @@ class OffloadRuntime:
 
             self.costs = measure_costs(self, self.dtype)
             self.cache.h2d_bytes_per_s = self.costs.h2d_bytes_per_s
-            rows = self.partner_rows()  # the row split needs the rates just measured
-            if rows is not None and (self.mapped is None or self.mapped.cpu_rows != rows):
+            rows = self.partner_rows()  # the partner's row split needs the rates just measured
+            if rows is not None and self.partner_refused is None and self._partner_serves() and (
+                    self.mapped is None or self.mapped.cpu_rows != rows):
                 self.new_cache(self.cache.num_slots)
 
     def forget_calls(self) -> None:
