@@ -9,9 +9,9 @@ the idle figure is llama.cpp's footprint. moekit then runs the same checkpoint a
 `--device-memory` (its own allocator-enforced budget), with the missed experts computed on the CPU
 (`cpu`), split by the cost model (`auto`) or fetched (`fetch`). On a GPU `cpu` / `auto` with experts
 under 64 MiB run their decode steps with the CPU as partner (offload.partner); `--misses auto-graph` /
-`cpu+graph` force that off / on for one row (MOEKIT_CPU_GRAPH), `auto+rows` turns the row split on
-(MOEKIT_ROW_SPLIT=1: experts of 64 MiB and up cut by rows between the CPU and in-place reads, inside
-the partner's step), `auto::16` sets 16 CPU threads.
+`cpu+graph` force that off / on for one row (MOEKIT_CPU_GRAPH), `auto-rows` turns the row split off
+(MOEKIT_ROW_SPLIT=0; on by default since 2ef1e0c's Mixtral host row: experts of 64 MiB and up cut by rows
+between the CPU and in-place reads, inside the partner's step; `auto+rows` forces it on), `auto::16` sets 16 CPU threads.
 
 Rows (--rows, a comma list; each call writes its own --name.json):
   resident    decode B=1 and prefill 512, all on the GPU (llama.cpp -ngl 99; moekit resident)
@@ -127,7 +127,8 @@ SHAPES = {  # name -> (HF config maker, its arguments); BENCH.md's shapes
 ROWS = ("resident", "host", "half", "compressed", "cpu", "rates")
 # a misses mode's suffix -> the environment switch it sets for its row: the CPU partner forced on / off,
 # the row split (offload.cpu; with it the partner splits experts of 64 MiB and up by rows)
-ROW_ENV = {"+graph": ("MOEKIT_CPU_GRAPH", "1"), "-graph": ("MOEKIT_CPU_GRAPH", "0"), "+rows": ("MOEKIT_ROW_SPLIT", "1")}
+ROW_ENV = {"+graph": ("MOEKIT_CPU_GRAPH", "1"), "-graph": ("MOEKIT_CPU_GRAPH", "0"), "+rows": ("MOEKIT_ROW_SPLIT", "1"),
+           "-rows": ("MOEKIT_ROW_SPLIT", "0")}
 MODES = {"host": "decode_cpu_experts", "half": "decode_half_experts"}  # row -> setting (llama.cpp's row name)
 FORMS = {"int4": dict(bits="4", group_size=128), "int2": dict(bits="2", group_size=128), "ternary": dict(bits="ternary")}
 PROMPT, NEW = 64, 64
@@ -297,7 +298,8 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
                                                      "cost_model", "plan", "predictor", "predictor_in_split_calls",
                                                      "mapped_reads", "mapped_bytes", "decode_mapped_bytes", "in_place_share",
                                                      "in_place_experts", "in_place_refused", "mapped_bytes_per_token",
-                                                     "cpu_partner")}
+                                                     "cpu_partner", "row_split", "row_split_experts",
+                                                     "cpu_partner_rows")}  # the split's three: missing at 2ef1e0c
     except MoekitError as e:
         row.update(status="refused", refusal=str(e))
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
@@ -458,8 +460,9 @@ def offloaded_rows(path: Path, form: str, settings: list[str], misses_list: list
             if not budget:
                 common.log(f"moekit {form} {setting}: no footprint (llama.cpp row {ref} missing): skipped")
                 continue
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > deadline:  # logged too: the 2ef1e0c Qwen3 call lost its row silently
                 results.setdefault("skipped", []).append(f"{form} {setting} {misses}: past --time-budget-s")
+                common.log(f"moekit {form} {setting} {misses}: skipped, past --time-budget-s {deadline - common.T_START:.0f} s")
                 continue
             common.log(f"moekit {form} {setting} {misses} at {budget / 1e9:.2f} GB: starting")  # a crash's last line
             row = with_ceiling(moekit_row(path, device, int(budget), misses, prompt, idle_mib))
@@ -486,6 +489,7 @@ def cpu_rows(ckpt: Path, lcpp: LlamaCpp | None, results: dict, cfg, rounds: int,
     for dtype in dtypes:
         if time.perf_counter() > deadline:
             results.setdefault("skipped", []).append(f"cpu row {dtype}: past --time-budget-s")
+            common.log(f"moekit cpu row {dtype}: skipped, past --time-budget-s")
             continue
         load_before = os.getloadavg()  # the cores may be shared: a figure taken under load is not the engine's
         between = None

@@ -596,7 +596,9 @@ LLAMA_MIXTRAL = "bench_llamacpp_mixtral_26a3a85.json"  # 2026-12-01 (session 14)
 LLAMA_QWEN3 = "bench_llamacpp_qwen3_677d4b7.json"  # 2026-12-02 (session 15): both engines, one run, before the partner
 LLAMA_QWEN3_PARTNER = "bench_llamacpp_qwen3_host_f65a734.json"  # the host row with the CPU partner (default) and without
 LLAMA_OLMOE_PARTNER = "bench_llamacpp_olmoe_partner_418157d.json"  # 2026-12-02 (session 16): host / half rows, partner on / off
-LLAMA_OLMOE_COMPRESSED = "bench_llamacpp_olmoe_compressed_c92d900.json"  # int4 / int2 vs Q4_K_M / Q2_K, one run
+LLAMA_OLMOE_COMPRESSED_BEFORE = "bench_llamacpp_olmoe_compressed_c92d900.json"  # before the native loop and the blank slot
+LLAMA_OLMOE_COMPRESSED = "bench_llamacpp_olmoe_compressed_2ef1e0c.json"  # 2026-12-02 (session 17): int4 / int2 / ternary
+LLAMA_MIXTRAL_ROWS = "bench_llamacpp_mixtral_rows_2ef1e0c.json"  # Mixtral's host row, the row split on / off
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
 
@@ -642,6 +644,9 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp_olmoe_partner": ((LLAMA_OLMOE_PARTNER,), partial(vs_llamacpp_latest, name=LLAMA_OLMOE_PARTNER)),
     "vs_llamacpp_olmoe_compressed": ((LLAMA_OLMOE_COMPRESSED,),
                                      partial(vs_llamacpp_latest, name=LLAMA_OLMOE_COMPRESSED)),
+    "vs_llamacpp_olmoe_compressed_before": ((LLAMA_OLMOE_COMPRESSED_BEFORE,),
+                                            partial(vs_llamacpp_latest, name=LLAMA_OLMOE_COMPRESSED_BEFORE)),
+    "vs_llamacpp_mixtral_rows": ((LLAMA_MIXTRAL_ROWS,), partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_ROWS)),
     "in_place_share": (IN_PLACE_RUNS + (LLAMA_MIXTRAL, LLAMA_LATEST), in_place_share),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),
     "misses_modes": ((MISSES_RUN,), misses_modes),

@@ -80,6 +80,22 @@ def test_bars_set_each_figure_against_its_llamacpp_row_and_bar():
     assert "decode_cpu_experts_Q4_K_M" in text and ">= 3x" in text and "75%" in text
 
 
+def test_traffic_ceiling_bounds_by_bytes_and_leaves_out_a_row_the_device_binds():
+    """The ceiling at a row's own traffic: the slowest of the CPU's read, the link's copy and both at
+    their concurrent sum (and the resident decode where it ran); left out where no resident row ran and
+    the bytes would allow over 10x the row's figure (a form cached whole: the device binds, unmeasured)."""
+    rates = {"cpu_read_alone_bytes_per_s": 80e9, "h2d_alone_bytes_per_s": 50e9,
+             "cpu_read_concurrent_bytes_per_s": 60e9, "h2d_concurrent_bytes_per_s": 40e9}
+    row = {"decode_tok_s": 50.0, "report": {"cpu_bytes_per_token": 1e9, "bytes_per_token": 0.5e9}}
+    got = lcpp_bars.traffic_ceiling(row, {"rates": rates, "moekit": [row]})
+    assert got == pytest.approx(1 / max(1e9 / 80e9, 0.5e9 / 50e9, 1.5e9 / 100e9))  # the concurrent sum binds: 66.7
+    gpu = {"setting": "decode_gpu", "decode_tok_s": 40.0}
+    assert lcpp_bars.traffic_ceiling(row, {"rates": rates, "moekit": [row, gpu]}) == pytest.approx(40.0)
+    cached = {"decode_tok_s": 500.0, "report": {"cpu_bytes_per_token": 1e5, "bytes_per_token": 0.0}}
+    assert lcpp_bars.traffic_ceiling(cached, {"rates": rates, "moekit": [cached]}) is None
+    assert lcpp_bars.traffic_ceiling(cached, {"rates": rates, "moekit": [cached, gpu]}) == pytest.approx(40.0)
+
+
 class FakeLlama:
     def __init__(self, fail_quantize: str = ""):
         self.calls, self.dropped, self.fail = [], [], fail_quantize
@@ -323,6 +339,7 @@ def test_build_export_import_round_trip(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("misses,inner,env", [("auto+rows:none", "auto:none", ("MOEKIT_ROW_SPLIT", "1")),
+                                              ("auto-rows", "auto", ("MOEKIT_ROW_SPLIT", "0")),
                                               ("cpu+graph", "cpu", ("MOEKIT_CPU_GRAPH", "1")),
                                               ("auto-graph::16", "auto::16", ("MOEKIT_CPU_GRAPH", "0"))])
 def test_a_misses_suffix_sets_its_switch_for_its_row_only(monkeypatch, misses, inner, env):

@@ -673,8 +673,7 @@ def test_gpu_auto_in_place_share_matches_resident(tiny, share, monkeypatch):
     monkeypatch.setattr("moekit.offload.cpu.ROW_QUANTUM", 8)  # and tiny widths their row split
     if share == "off":
         monkeypatch.setenv("MOEKIT_IN_PLACE", "0")
-    if share == "rows":
-        monkeypatch.setenv("MOEKIT_ROW_SPLIT", "1")
+    monkeypatch.setenv("MOEKIT_ROW_SPLIT", "1" if share == "rows" else "0")  # on by default
     ids = token_ids(1, 5)
     expected, model = gpu_split_model(tiny, ids, "auto", "none")
     runtime = model.offload

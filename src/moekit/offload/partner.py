@@ -28,17 +28,21 @@ native loop runs each layer's missed ones through the form's kernel (moekit_part
 native.compressed.PartnerExperts). Before 14980b7 a Python thread ran those jobs between native
 flag waits: on the H200 (OLMoE shape, all experts in host memory, c92d900) a layer took ~1.4 ms for
 ~17 MB of missed int4 experts, which the int4 kernel's 66 GB/s at the Mixtral shape (f51a719) would
-read in ~0.3 ms; the native loop has not been timed on a GPU. Other forms (gpt-oss's clamped ones) are refused: their
+read in ~0.3 ms. The native loop, same shape and footprints (2ef1e0c): int4 144.0 tok/s vs llama.cpp's
+Q4_K_M 86.1 (1.67x; 46.0 with the thread), int2 156.8 vs Q2_K 119.6 (1.31x), 246 MB of int4 experts
+read by the CPU a token at ~35 GB/s, under half its 83 GB/s read rate. Other forms (gpt-oss's clamped ones) are refused: their
 misses run split per layer call. Between steps the host keeps the cache as misses mapped does
 (admissions of popular missed experts, copies landed -> table rows), and counts the CPU's work from
 the native call's per-layer report.
 
-The row split (MOEKIT_ROW_SPLIT=1 with misses auto, dense experts of 64 MiB and up, where one
+The row split (on by default with misses auto, MOEKIT_ROW_SPLIT=0 off; dense experts of 64 MiB and up, where one
 expert is milliseconds on either side: Mixtral's): the CPU computes ffn rows [0, r) of each missed
 expert (partner.cpp with R = r, the rows LD = I apart) while the device reads rows [r, I) of the same
 experts in place from the pinned host store (a second slot-kernel call over offload.mapped's split
 table, cached experts -1 there), so both links stream at once; r from the load-time rates of one
-expert on each side (cpu.row_split). Built and tested on the CPU, not yet timed on a GPU.
+expert on each side (cpu.row_split). H200, 2ef1e0c, Mixtral-8x7B shape cut to 8 layers, all experts
+in host memory at llama.cpp's 2.52 GB: 17.7 tok/s (101% of the combined ceiling) vs 13.7 whole and
+llama.cpp's 14.7.
 
 Failure: the native side gives up after TIMEOUT_S waiting for a post, and then releases every layer
 left with a zero sum; the device gives up after MAX_POLLS polls of a done flag and sets an error

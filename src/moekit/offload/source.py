@@ -131,7 +131,7 @@ class OffloadRuntime:
         self.costs: CostModel | None = None  # measured rates (CUDA, misses cpu/auto)
         self.mapped = None  # offload.mapped.MappedTable (misses mapped), attached to each new cache
         self.in_place = None  # offload.mapped.InPlaceReads (misses auto's in-place share), attached to each new cache
-        self.row_split_on = False  # the in-place share cuts experts by rows (MOEKIT_ROW_SPLIT=1)
+        self.row_split_on = False  # the in-place share cuts experts by rows (MOEKIT_ROW_SPLIT=0: whole experts)
         self.in_place_pending: deque = deque()  # ((start, end) CUDA events, modelled seconds) of in-place parts
         self.in_place_spare: list = []  # event pairs already read, recorded again by later parts
         self._choose_misses()
@@ -289,7 +289,7 @@ class OffloadRuntime:
 
     def partner_rows(self) -> int | None:
         """Returns r where the partner splits each missed expert by rows (the CPU computes ffn rows
-        [0, r), the device reads the rest in place; MOEKIT_ROW_SPLIT=1 with the in-place share, experts
+        [0, r), the device reads the rest in place; with the in-place share unless MOEKIT_ROW_SPLIT=0, experts
         of IN_PLACE_MIN_EXPERT_BYTES), from the load-time rates of one expert on each side
         (cpu.row_split); None: whole experts on the CPU."""
         if not self.row_split_on or self.costs is None or not isinstance(self.form, DenseForm):
@@ -336,7 +336,7 @@ class OffloadRuntime:
         if self.in_place_refused is not None:
             self.in_place = None
         else:
-            self.row_split_on = os.environ.get(ROW_SPLIT_ENV, "0") == "1" and self.cpu.splits_rows
+            self.row_split_on = os.environ.get(ROW_SPLIT_ENV, "1") != "0" and self.cpu.splits_rows
 
     def capture_decode(self, model, cache, token: torch.Tensor, position: int):
         """Returns a decode step captured whole (misses mapped), or None: capture it in pieces."""
