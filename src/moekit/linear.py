@@ -6,8 +6,8 @@ Why (CPU): a decode step on a CPU multiplies a few rows by each weight matrix, s
 weights' bytes over the host's memory bandwidth. In a profile of a bf16 decode step of the OLMoE
 shape on the 2-core test machine (taken while other work shared the cores), PyTorch's bf16 matmul
 took 71% of the step; the native kernel streams each row once with all cores (the 4-layer shape:
-3.97 vs 1.69 tok/s). Float32, calls of more than SMALL_BATCH_TOKENS rows (prefill: compute-bound,
-where PyTorch's GEMMs win) and anything autograd must see take F.linear. Same parameters and state
+3.97 vs 1.69 tok/s). Float32, calls of more than native.experts.kernel_tokens rows (prefill: compute-bound,
+where PyTorch's GEMMs win, unless bf16 has no hardware support) and anything autograd must see take F.linear. Same parameters and state
 dict as nn.Linear.
 
 Why (GPU, issues 12 and 15): at batch 1 a projection is a matvec at the HBM bound, and cuBLAS's
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MoekitError
-from .native.experts import SMALL_BATCH_TOKENS, linear, usable
+from .native.experts import MAX_JOB_TOKENS, kernel_tokens, linear, usable
 from .native.matvec import MAX_ROWS, matvec
 
 try:
@@ -155,9 +155,13 @@ class Linear(nn.Linear):
         if not x.is_cuda and x.dtype in _NATIVE_DTYPES and self.weight.dtype == x.dtype and not (
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            if 0 < rows <= SMALL_BATCH_TOKENS and usable(x, self.weight.dtype):
+            if 0 < rows <= kernel_tokens(self.weight.dtype) and usable(x, self.weight.dtype):
                 flat = x.reshape(rows, x.shape[-1])
                 if x.dtype == torch.bfloat16 and rows <= MAX_ROWS and self.weight.is_contiguous():  # AVX512-BF16
                     return matvec(flat, self.weight, self.bias).view(*x.shape[:-1], -1)
                 return linear(flat, self.weight, self.bias).view(*x.shape[:-1], -1)
+            if rows > MAX_JOB_TOKENS and kernel_tokens(self.weight.dtype) == MAX_JOB_TOKENS and usable(x, x.dtype):
+                flat = x.reshape(rows, x.shape[-1])  # bf16 without bf16 hardware: the kernel in pieces
+                return torch.cat([linear(part, self.weight, self.bias) for part in flat.split(MAX_JOB_TOKENS)]
+                                 ).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)

@@ -104,7 +104,7 @@ def test_stream_read_rate_is_measured():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,n,k", [(1, 37, 64), (5, 130, 100), (16, 64, 256)])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 64), (5, 130, 100), (13, 33, 96), (16, 64, 256)])  # 13: 8 + 4 + 1
 def test_linear_matches_pytorch(dtype, m, n, k):
     x = torch.randn(m, k).to(dtype)
     w = (torch.randn(n, k) / k ** 0.5).to(dtype)
@@ -116,6 +116,16 @@ def test_linear_matches_pytorch(dtype, m, n, k):
         assert (got.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
     with pytest.raises(ValueError, match="linear takes"):
         ne.linear(torch.randn(m, k + 1).to(dtype), w)
+
+
+def test_kernel_tokens_follow_bf16_hardware(monkeypatch):
+    """Without bf16 in hardware the kernels take bf16 calls of up to MAX_JOB_TOKENS rows (PyTorch's
+    bf16 GEMM converts in software there); with it, and for other dtypes, SMALL_BATCH_TOKENS."""
+    monkeypatch.setattr(ne, "bf16_in_hardware", lambda: False)
+    assert ne.kernel_tokens(torch.bfloat16) == ne.MAX_JOB_TOKENS
+    assert ne.kernel_tokens(torch.float16) == ne.kernel_tokens(torch.float32) == ne.SMALL_BATCH_TOKENS
+    monkeypatch.setattr(ne, "bf16_in_hardware", lambda: True)
+    assert ne.kernel_tokens(torch.bfloat16) == ne.SMALL_BATCH_TOKENS
 
 
 def test_model_linear_takes_the_kernel_only_where_it_applies():
@@ -132,8 +142,15 @@ def test_model_linear_takes_the_kernel_only_where_it_applies():
         got = layer(xb)
         expected = torch.nn.functional.linear(xb.float(), layer.weight.float(), layer.bias.float())
         assert got.shape == (2, 3, 48) and (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
-        long = torch.randn(40, 64).to(torch.bfloat16)  # more rows than SMALL_BATCH_TOKENS: PyTorch
-        assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.weight, layer.bias))
+        if ne.kernel_tokens(torch.bfloat16) == ne.SMALL_BATCH_TOKENS:  # bf16 in hardware: PyTorch past 16 rows
+            long = torch.randn(40, 64).to(torch.bfloat16)
+            assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.weight, layer.bias))
+        else:  # no bf16 hardware: the kernel for every call, past MAX_JOB_TOKENS rows in pieces
+            long = torch.randn(ne.MAX_JOB_TOKENS + 40, 64).to(torch.bfloat16)
+            pieces = torch.cat([ne.linear(part, layer.weight, layer.bias) for part in long.split(ne.MAX_JOB_TOKENS)])
+            assert torch.equal(layer(long), pieces)
+            ref = torch.nn.functional.linear(long.float(), layer.weight.float(), layer.bias.float())
+            assert (layer(long).float() - ref).abs().max() <= 2e-2 * ref.abs().max()
     xg = xb.clone().requires_grad_()
     layer(xg).float().sum().backward()  # autograd runs through F.linear
     assert xg.grad is not None

@@ -365,11 +365,21 @@ def cpu_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, g
                    down: torch.Tensor) -> torch.Tensor | None:
     """Returns a small CPU call of dense experts run by the native kernel (moekit.native.experts:
     one parallel region per call, each weight row read once; jobs from `routes_by_row`), or None
-    where it does not apply (more than SMALL_BATCH_TOKENS tokens: PyTorch's GEMMs win; no
-    compiler; other dtypes)."""
-    from ..native.experts import SMALL_BATCH_TOKENS, expert_ffn_stacked, usable
+    where it does not apply (more than native.experts.kernel_tokens tokens: PyTorch's GEMMs win; no
+    compiler; other dtypes). Past MAX_JOB_TOKENS tokens (bf16 on a CPU without bf16 hardware) in
+    pieces of that many tokens."""
+    from ..native.experts import MAX_JOB_TOKENS, expert_ffn_stacked, kernel_tokens, usable
 
-    if (x.shape[0] > SMALL_BATCH_TOKENS or gate_up.dim() != 3 or down.dim() != 3 or not usable(x, gate_up.dtype)
+    limit = kernel_tokens(gate_up.dtype)
+    if limit == MAX_JOB_TOKENS and x.shape[0] > limit:
+        parts = []
+        for i in range(0, x.shape[0], limit):
+            part = cpu_expert_ffn(x[i:i + limit], rows[i:i + limit], weights[i:i + limit], gate_up, down)
+            if part is None:  # the same for every piece: PyTorch's path for the whole call
+                return None
+            parts.append(part)
+        return torch.cat(parts)
+    if (x.shape[0] > limit or gate_up.dim() != 3 or down.dim() != 3 or not usable(x, gate_up.dtype)
             or gate_up.stride()[1:] != (gate_up.shape[2], 1) or down.stride()[1:] != (down.shape[2], 1)):
         return None  # an expert's matrices not contiguous (a strided view): PyTorch's path
     # pointers from the stacks' strides: no tensor view per expert

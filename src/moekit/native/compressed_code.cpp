@@ -258,7 +258,7 @@ struct CodeRows {
     levels(kind, j, r, &lo, &hi);
 #if defined(__AVX512F__) && !defined(MOEKIT_NO_AVX512)
     decode_row<Word>(kind, j, r, K, lo, hi, row);
-    for (int k = 0; k < count; ++k) out[k] = dot(row, vec + (which ? which[k] : k) * stride, K);
+    dots_many(row, vec, stride, which, count, K, out);
     return;
 #endif
     const vi hv = reinterpret_cast<vi>(vf{} + hi), lv = reinterpret_cast<vi>(vf{} + lo);
@@ -270,7 +270,7 @@ struct CodeRows {
         std::memcpy(row + col + half * V, &w, sizeof(w));
       }
     });
-    for (int k = 0; k < count; ++k) out[k] = dot(row, vec + (which ? which[k] : k) * stride, K);
+    dots_many(row, vec, stride, which, count, K, out);
   }
 };
 

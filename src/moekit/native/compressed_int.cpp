@@ -249,7 +249,7 @@ struct IntRows {
     } else {
       decode_natural<BITS>(q, scale, zero, K, P, s.row.data());
     }
-    for (int k = 0; k < count; ++k) out[k] = dot(s.row.data(), vec + (which ? which[k] : k) * stride, n);
+    dots_many(s.row.data(), vec, stride, which, count, n, out);
   }
 
   // Where stage 1 writes h[slot, r] (of I columns) in a slot's row, and that row's floats.

@@ -123,7 +123,7 @@ inline void row_dots(const W* row, int64_t n, const float* vec, int64_t stride, 
   }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) scratch[i] = conv(row[i]);
-  for (int k = 0; k < count; ++k) out[k] = dot(scratch, vec + (which ? which[k] : k) * stride, n);
+  dots_many(scratch, vec, stride, which, count, n, out);
 }
 
 // gate . x and up . x of one token, read in one pass (two streams at once).

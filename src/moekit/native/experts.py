@@ -14,7 +14,9 @@ Shapes: N tokens, D hidden, I expert ffn width, n tokens of one job.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 MAX_JOB_TOKENS = 256  # tokens one job may hold (the kernel's per-row dot buffer)
 MAX_ROW = 1 << 15  # widest weight row (hidden or ffn size) the kernel takes
 DEFAULT_PREFETCH_BYTES = 4096  # experts.cpp's g_prefetch: the H200 host read a layer 61 -> 80 GB/s with it
-SMALL_BATCH_TOKENS = 16  # up to this many tokens per call the kernel beats PyTorch's GEMMs
+SMALL_BATCH_TOKENS = 16  # up to this many tokens per call the kernel beats PyTorch's GEMMs (bf16 in hardware)
 
 Job = tuple[torch.Tensor, torch.Tensor, list[int], list[float]]
 
@@ -113,6 +115,29 @@ def tuning(pair_dots: bool | None = None, prefetch_bytes: int | None = None) -> 
 def acc_stride(n: int) -> int:
     """Returns the floats between two threads' accumulators (experts.cpp: a cache line apart)."""
     return (n + 15) // 16 * 16 + 16
+
+
+@functools.cache
+def bf16_in_hardware() -> bool:
+    """Returns whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16, read
+    from /proc/cpuinfo; True where that cannot be read, e.g. off Linux or x86: PyTorch's choice)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def kernel_tokens(weight_dtype: torch.dtype) -> int:
+    """Returns up to how many tokens (rows) a call goes to the kernels rather than PyTorch's GEMMs.
+    SMALL_BATCH_TOKENS, except bf16 weights on a CPU without bf16 in hardware: there PyTorch's bf16
+    GEMM converts in software (21 GFLOP/s on the 2-core AVX2 machine, [64, 2048] x [2048, 6144])
+    and the kernel, which converts each weight row once and dots it with eight tokens at a time,
+    runs 66: every call of up to MAX_JOB_TOKENS rows (bigger ones in pieces of that many)."""
+    if weight_dtype == torch.bfloat16 and not bf16_in_hardware():
+        return MAX_JOB_TOKENS
+    return SMALL_BATCH_TOKENS
 
 
 def usable(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:

@@ -191,6 +191,12 @@ inline __m256i block_lanes_avx2(const uint32_t* u, const int8_t* q, int64_t b, i
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1u << BITS) - 1));
   const int8_t* xb = q + b * 64 * C;
   __m256i acc = _mm256_setzero_si256();
+#if !defined(__AVXVNNI__)
+  // Below 8 bits the vpmaddubsw pairs of all C sub-vectors of both halves add up in int16 first, one
+  // vpmaddwd a block: at most 2 * C pairs a lane, each |pair| <= 2 * (2^bits - 1) * 127 (int4: 4 * 3810,
+  // int2: 8 * 762, both < 2^15). That drops C * halves - 1 vpmaddwd and vpaddd a block.
+  __m256i acc16 = _mm256_setzero_si256();
+#endif
   for (int half = half_first; half < half_end; ++half) {
     const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + b * XQ_BLOCK_WORDS + 8 * half));
     for (int k = 0; k < C; ++k) {
@@ -200,7 +206,7 @@ inline __m256i block_lanes_avx2(const uint32_t* u, const int8_t* q, int64_t b, i
       acc = _mm256_dpbusd_avx_epi32(acc, codes, xv);
 #else
       if constexpr (BITS < 8) {  // pairs of products fit int16: (2^bits - 1) * 127 * 2 < 2^15
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1)));
+        acc16 = _mm256_add_epi16(acc16, _mm256_maddubs_epi16(codes, xv));
       } else {  // 255 * 127 * 2 would saturate vpmaddubsw: widen to int16 first
         const __m256i lo = _mm256_madd_epi16(_mm256_unpacklo_epi8(codes, _mm256_setzero_si256()),
                                              _mm256_srai_epi16(_mm256_unpacklo_epi8(xv, xv), 8));
@@ -213,15 +219,40 @@ inline __m256i block_lanes_avx2(const uint32_t* u, const int8_t* q, int64_t b, i
 #endif
     }
   }
+#if !defined(__AVXVNNI__)
+  if constexpr (BITS < 8) acc = _mm256_madd_epi16(acc16, _mm256_set1_epi16(1));
+#endif
   return acc;
 }
 
+// The sum of v's 8 lanes: three dependent adds (a store and 8 serial adds took ~30 cycles a row, which
+// at int2's 256-byte down rows was about as long as the row's dot products).
 inline float sum8(__m256 v) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  float acc = 0.f;
-  for (float x : lanes) acc += x;
-  return acc;
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Group scales g .. g + 7 as floats (one vcvtph2ps for stored float16 ones, a loop for any other
+// Scales), and zero points z .. z + 7 (uint8) as floats.
+inline __m256 scales8(HalfScales s, int64_t g) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.scale + g)));
+#else
+  alignas(32) float v[8];
+  for (int i = 0; i < 8; ++i) v[i] = s[g + i];
+  return _mm256_load_ps(v);
+#endif
+}
+template <typename Scales>
+inline __m256 scales8(const Scales& s, int64_t g) {
+  alignas(32) float v[8];
+  for (int i = 0; i < 8; ++i) v[i] = s[g + i];
+  return _mm256_load_ps(v);
+}
+inline __m256 zeros8(const uint8_t* z) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
 }
 #endif
 
@@ -276,6 +307,31 @@ float int_row_dot(const uint32_t* u, Scales scale, const uint8_t* zero, int64_t 
 #elif defined(__AVX2__)
   __m256 total = _mm256_setzero_ps();
   float zero_term = 0.f;
+  if (group_blocks == 1) {  // int4 g128, int2 g256: 8 blocks' factors and zero terms in one vector each
+    // (a row's last n < 8 blocks from zero-padded copies), two chains of FMAs, one reduction a row
+    __m256 t1 = _mm256_setzero_ps(), tz = _mm256_setzero_ps();
+    alignas(32) float f[8];  // block b0 + i's scale_g * d_b
+    for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
+      const int n = blocks - b0 < 8 ? static_cast<int>(blocks - b0) : 8;
+      __m256 s, z, d, x;
+      if (n == 8) {
+        s = scales8(scale, b0), z = zeros8(zero + b0), d = _mm256_loadu_ps(xs + b0), x = _mm256_loadu_ps(xsum + b0);
+      } else {
+        alignas(32) float vs[8] = {}, vz[8] = {}, vd[8] = {}, vx[8] = {};
+        for (int i = 0; i < n; ++i) vs[i] = scale[b0 + i], vz[i] = zero[b0 + i], vd[i] = xs[b0 + i], vx[i] = xsum[b0 + i];
+        s = _mm256_load_ps(vs), z = _mm256_load_ps(vz), d = _mm256_load_ps(vd), x = _mm256_load_ps(vx);
+      }
+      _mm256_store_ps(f, _mm256_mul_ps(s, d));
+      tz = _mm256_fmadd_ps(_mm256_mul_ps(s, z), x, tz);
+      int i = 0;
+      for (; i + 2 <= n; i += 2) {
+        total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_lanes_avx2<BITS>(u, q, b0 + i)), _mm256_set1_ps(f[i]), total);
+        t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_lanes_avx2<BITS>(u, q, b0 + i + 1)), _mm256_set1_ps(f[i + 1]), t1);
+      }
+      if (i < n) total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_lanes_avx2<BITS>(u, q, b0 + i)), _mm256_set1_ps(f[i]), total);
+    }
+    return sum8(_mm256_sub_ps(_mm256_add_ps(total, t1), tz));
+  }
   for (int64_t b0 = 0, g = 0; b0 < blocks; b0 += group_blocks, ++g) {
     const int64_t b1 = b0 + group_blocks < blocks ? b0 + group_blocks : blocks;
     __m256 y = _mm256_setzero_ps();
@@ -339,16 +395,37 @@ float int_row_dot_halves(const uint32_t* u, Scales scale, const uint8_t* zero, c
   }
   return _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(t0, t1), tz));  // one reduction a row
 #else
+#if defined(__AVX2__)
+  // 4 blocks (8 groups) at a time: their factors and zero terms in one vector each, two chains of
+  // FMAs, one reduction a row; the blocks past the last 4 one at a time
+  const __m256i pairs = _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0);  // d_b for groups 2b, 2b + 1
+  __m256 total = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), tz = _mm256_setzero_ps();
+  alignas(32) float f[8];  // group 2 * b0 + i's scale_g * d_b
+  for (int64_t b0 = 0; b0 < blocks; b0 += 4) {
+    const int n = blocks - b0 < 4 ? static_cast<int>(blocks - b0) : 4;  // a row's last n < 4 from padded copies
+    __m256 s, z, x;
+    __m128 d4;
+    if (n == 4) {
+      s = scales8(scale, 2 * b0), z = zeros8(zero + 2 * b0), x = _mm256_loadu_ps(xhalf + 2 * b0);
+      d4 = _mm_loadu_ps(xs + b0);
+    } else {
+      alignas(32) float vs[8] = {}, vz[8] = {}, vx[8] = {};
+      alignas(16) float vd[4] = {};
+      for (int i = 0; i < 2 * n; ++i) vs[i] = scale[2 * b0 + i], vz[i] = zero[2 * b0 + i], vx[i] = xhalf[2 * b0 + i];
+      for (int i = 0; i < n; ++i) vd[i] = xs[b0 + i];
+      s = _mm256_load_ps(vs), z = _mm256_load_ps(vz), x = _mm256_load_ps(vx), d4 = _mm_load_ps(vd);
+    }
+    _mm256_store_ps(f, _mm256_mul_ps(s, _mm256_permutevar8x32_ps(_mm256_castps128_ps256(d4), pairs)));
+    tz = _mm256_fmadd_ps(_mm256_mul_ps(s, z), x, tz);
+    for (int i = 0; i < n; ++i) {  // a block's low and high 8 words: one group each
+      total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_lanes_avx2<BITS>(u, q, b0 + i, 0, 1)), _mm256_set1_ps(f[2 * i]), total);
+      t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_lanes_avx2<BITS>(u, q, b0 + i, 1, 2)), _mm256_set1_ps(f[2 * i + 1]), t1);
+    }
+  }
+  return sum8(_mm256_sub_ps(_mm256_add_ps(total, t1), tz));  // one reduction a row
+#else
   float zero_term = 0.f;
   for (int64_t g = 0; g < 2 * blocks; ++g) zero_term += scale[g] * static_cast<float>(zero[g]) * xhalf[g];
-#if defined(__AVX2__)
-  __m256 total = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b)
-    for (int half = 0; half < 2; ++half)  // a block's low and high 8 words: one group each
-      total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_lanes_avx2<BITS>(u, q, b, half, half + 1)),
-                              _mm256_set1_ps(scale[2 * b + half] * xs[b]), total);
-  return sum8(total) - zero_term;
-#else
   float acc = 0.f;
   for (int64_t b = 0; b < blocks; ++b) {
     int32_t lanes[16];
