@@ -360,6 +360,25 @@ def misses_modes(files: dict) -> str:
                   "PCIe GB / token", "CPU threads"], rows)
 
 
+CPU_2CORE_RUNS = ("bench_llamacpp_cpu_2core_628d2af.json", "bench_llamacpp_cpu_2core_ec6074d.json")  # before / after
+
+
+def cpu_2core(files: dict) -> str:
+    """No GPU, the 2-core machine: llama.cpp's CPU build and moekit bf16 interleaved (medians of the
+    rounds), prefill of 64 tokens beside, one row per run."""
+    rows = []
+    for name in CPU_2CORE_RUNS:
+        run = files[name]
+        mixed, lc = run["cpu_interleaved"], run["llamacpp"]["rows"]
+        bf16 = next(r for r in run["moekit"] if r.get("dtype") == "bfloat16")
+        lp, mp = lc["prefill_cpu_only"]["tok_s"], bf16["prefill_64_tok_s"]
+        rows.append([run["meta"]["commit"][:7], run["meta"]["date"][:16], f"{mixed['llamacpp_median']:.1f}",
+                     f"{mixed['moekit_median']:.1f}", f"{mixed['ratio_of_medians']:.2f}x", f"{lp:.1f}", f"{mp:.1f}",
+                     f"{mp / lp:.2f}x"])
+    return table(["commit", "date", "llama.cpp decode", "moekit bf16 decode", "ratio", "llama.cpp prefill 64",
+                  "moekit prefill 64", "ratio"], rows)
+
+
 def cpu_threads(files: dict) -> str:
     """The bf16 CPU expert kernel by thread count (OpenMP defaults): the portable loops against the
     AVX512-BF16 pair dot products, without and with a 4 KB software prefetch, next to the stream read."""
@@ -647,6 +666,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp_olmoe_compressed_before": ((LLAMA_OLMOE_COMPRESSED_BEFORE,),
                                             partial(vs_llamacpp_latest, name=LLAMA_OLMOE_COMPRESSED_BEFORE)),
     "vs_llamacpp_mixtral_rows": ((LLAMA_MIXTRAL_ROWS,), partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_ROWS)),
+    "cpu_2core": (CPU_2CORE_RUNS, cpu_2core),
     "in_place_share": (IN_PLACE_RUNS + (LLAMA_MIXTRAL, LLAMA_LATEST), in_place_share),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),
     "misses_modes": ((MISSES_RUN,), misses_modes),
