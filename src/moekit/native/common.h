@@ -115,6 +115,34 @@ inline void dots_many(const float* a, const float* vec, int64_t stride, const in
   for (; k < count; ++k) out[k] = dot(a, at(k), n);
 }
 
+// dots_many for two rows a0, a1 at once (out0[k] = a0 . vec_k, out1[k] = a1 . vec_k): four vectors at
+// a time, each load of a vector serving both rows (six loads for eight multiply-adds, where one row
+// took nine for eight), then one at a time.
+inline void dots_many2(const float* a0, const float* a1, const float* vec, int64_t stride, const int32_t* which,
+                       int count, int64_t n, float* out0, float* out1) {
+  auto at = [&](int k) { return vec + (which ? which[k] : k) * stride; };
+  int k = 0;
+  for (; k + 4 <= count; k += 4) {
+    const float *b0 = at(k), *b1 = at(k + 1), *b2 = at(k + 2), *b3 = at(k + 3);
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, t0, t1, t2, t3)
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = a0[i], v = a1[i], c0 = b0[i], c1 = b1[i], c2 = b2[i], c3 = b3[i];
+      s0 += u * c0, s1 += u * c1, s2 += u * c2, s3 += u * c3;
+      t0 += v * c0, t1 += v * c1, t2 += v * c2, t3 += v * c3;
+    }
+    out0[k] = s0, out0[k + 1] = s1, out0[k + 2] = s2, out0[k + 3] = s3;
+    out1[k] = t0, out1[k + 1] = t1, out1[k + 2] = t2, out1[k + 3] = t3;
+  }
+  for (; k < count; ++k) {
+    const float* b = at(k);
+    float s = 0.f, t = 0.f;
+#pragma omp simd reduction(+ : s, t)
+    for (int64_t i = 0; i < n; ++i) s += a0[i] * b[i], t += a1[i] * b[i];
+    out0[k] = s, out1[k] = t;
+  }
+}
+
 // Floats between two threads' output accumulators: n rounded up to a cache line, plus one line
 // (neighbouring threads writing one line would pass it between cores on every row).
 inline int64_t acc_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }

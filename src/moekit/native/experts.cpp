@@ -126,6 +126,18 @@ inline void row_dots(const W* row, int64_t n, const float* vec, int64_t stride, 
   dots_many(scratch, vec, stride, which, count, n, out);
 }
 
+// Two weight rows dotted with the same `count` (> 1) vectors: both converted into scratch (2n floats),
+// then each vector load serves both (dots_many2).
+template <typename W, typename Conv>
+inline void row_pair_dots(const W* row0, const W* row1, int64_t n, const float* vec, int64_t stride,
+                          const int32_t* which, int count, float* scratch, float* out0, float* out1, Conv conv) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) scratch[i] = conv(row0[i]);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) scratch[n + i] = conv(row1[i]);
+  dots_many2(scratch, scratch + n, vec, stride, which, count, n, out0, out1);
+}
+
 // gate . x and up . x of one token, read in one pass (two streams at once).
 template <typename W, typename Conv>
 inline void gate_up_dots(const W* gate, const W* up, const float* x, int64_t n, float* g, float* u, Conv conv) {
@@ -144,7 +156,9 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, con
                const int32_t* tok_start, const int32_t* tok, const float* w, float* h, float* accs, int64_t N,
                int odtype, void* out, int threads, Conv conv) {
   const int64_t blocks_i = (I + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-  const int64_t rows_d = stage2_rows(D, N, threads);  // common.h
+  // common.h's, made even (it is 1 only past 2048 tokens, for every thread count): items start at even
+  // rows, so which down rows stage 2 pairs (d, d + 1 for even d) does not depend on the thread count
+  const int64_t rows_d = [&] { const int64_t r = stage2_rows(D, N, threads); return r >= 2 ? r & ~int64_t{1} : r; }();
   const int64_t blocks_d = (D + rows_d - 1) / rows_d;
 #if MOEKIT_DPBF16
   // bf16 weights: pair dot products on split vectors (x split once here, h as stage 1 writes it);
@@ -204,6 +218,8 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, con
 #endif
         if (count == 1) {  // decode: both rows in one pass
           gate_up_dots(gu + r * D, gu + (LD + r) * D, xf + tok[first] * D, D, g, u, conv);
+        } else if (2 * D <= MAX_ROW) {  // several tokens: the gate and up rows share each x load
+          row_pair_dots(gu + r * D, gu + (LD + r) * D, D, xf, D, tok + first, count, scratch, g, u, conv);
         } else {
           row_dots(gu + r * D, D, xf, D, tok + first, count, scratch, g, conv);
           row_dots(gu + (LD + r) * D, D, xf, D, tok + first, count, scratch, u, conv);
@@ -228,6 +244,16 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, con
               dots_bf16<1>(row, Split{h_hi + (first + k) * I, h_lo + (first + k) * I}, I, g + k);
           } else
 #endif
+          if (count > 1 && (d - d0) % 2 == 0 && d + 1 < d1 && 2 * I <= MAX_ROW) {  // two rows share each h load
+            row_pair_dots(rows + (d - d0) * LD, rows + (d + 1 - d0) * LD, I, h + first * I, I, nullptr, count,
+                          scratch, g, u, conv);
+            for (int k = 0; k < count; ++k) {
+              acc2[(d - d0) * N + tok[first + k]] += w[first + k] * g[k];
+              acc2[(d + 1 - d0) * N + tok[first + k]] += w[first + k] * u[k];
+            }
+            ++d;
+            continue;
+          }
           row_dots(rows + (d - d0) * LD, I, h + first * I, I, nullptr, count, scratch, g, conv);
           for (int k = 0; k < count; ++k) acc2[(d - d0) * N + tok[first + k]] += w[first + k] * g[k];
         }
@@ -245,10 +271,21 @@ void run_linear(const float* xf, const W* w, const float* bias, int64_t M, int64
 #pragma omp parallel num_threads(threads)
   {
     float scratch[MAX_ROW];
-    float dots[MAX_JOB_TOKENS];
+    float dots[MAX_JOB_TOKENS], dots2[MAX_JOB_TOKENS];
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < blocks; ++item) {
-      for (int64_t n = item * ROWS_PER_ITEM; n < (item + 1) * ROWS_PER_ITEM && n < N; ++n) {
+      const int64_t end = (item + 1) * ROWS_PER_ITEM < N ? (item + 1) * ROWS_PER_ITEM : N;
+      for (int64_t n = item * ROWS_PER_ITEM; n < end; ++n) {
+        if (M > 1 && n + 1 < end && 2 * K <= MAX_ROW) {  // two rows share each x load
+          row_pair_dots(w + n * K, w + (n + 1) * K, K, xf, K, nullptr, static_cast<int>(M), scratch, dots, dots2, conv);
+          const float b0 = bias ? bias[n] : 0.f, b1 = bias ? bias[n + 1] : 0.f;
+          for (int64_t m = 0; m < M; ++m) {
+            from_float(odtype, dots[m] + b0, out, m * N + n);
+            from_float(odtype, dots2[m] + b1, out, m * N + n + 1);
+          }
+          ++n;
+          continue;
+        }
         row_dots(w + n * K, K, xf, K, nullptr, static_cast<int>(M), scratch, dots, conv);
         const float b = bias ? bias[n] : 0.f;
         for (int64_t m = 0; m < M; ++m) from_float(odtype, dots[m] + b, out, m * N + n);
