@@ -360,7 +360,8 @@ def misses_modes(files: dict) -> str:
                   "PCIe GB / token", "CPU threads"], rows)
 
 
-CPU_2CORE_RUNS = ("bench_llamacpp_cpu_2core_628d2af.json", "bench_llamacpp_cpu_2core_ec6074d.json")  # before / after
+CPU_2CORE_RUNS = ("bench_llamacpp_cpu_2core_628d2af.json", "bench_llamacpp_cpu_2core_ec6074d.json",
+                  "bench_llamacpp_cpu_2core_25f9323.json")  # before, the kernel for bf16 prefill, two rows at a time
 
 
 def cpu_2core(files: dict) -> str:
