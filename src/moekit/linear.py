@@ -160,7 +160,8 @@ class Linear(nn.Linear):
                 if x.dtype == torch.bfloat16 and rows <= MAX_ROWS and self.weight.is_contiguous():  # AVX512-BF16
                     return matvec(flat, self.weight, self.bias).view(*x.shape[:-1], -1)
                 return linear(flat, self.weight, self.bias).view(*x.shape[:-1], -1)
-            if rows > MAX_JOB_TOKENS and kernel_tokens(self.weight.dtype) == MAX_JOB_TOKENS and usable(x, x.dtype):
+            if (rows > MAX_JOB_TOKENS and kernel_tokens(self.weight.dtype) == MAX_JOB_TOKENS
+                    and usable(x, self.weight.dtype) and self.weight.is_contiguous()):
                 flat = x.reshape(rows, x.shape[-1])  # bf16 without bf16 hardware: the kernel in pieces
                 return torch.cat([linear(part, self.weight, self.bias) for part in flat.split(MAX_JOB_TOKENS)]
                                  ).view(*x.shape[:-1], -1)

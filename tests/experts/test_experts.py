@@ -142,3 +142,38 @@ def test_cuda_forward_equals_grouped_reference(n):
     with torch.no_grad():
         expected = experts._grouped(x, ids, weights)
         torch.testing.assert_close(experts(x, ids, weights), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_cpu_bf16_calls_without_bf16_hardware_run_the_kernel_in_pieces(monkeypatch):
+    """forms.cpu_expert_ffn on a CPU without bf16 hardware: bf16 calls past SMALL_BATCH_TOKENS go to
+    the native kernel too, past MAX_JOB_TOKENS in pieces of that many tokens (each piece the bits of
+    its own call), close to float32 math; a token routed twice to one row (a job could pass 256
+    tokens) and CPUs with bf16 hardware past 16 tokens keep PyTorch's path (None)."""
+    from moekit.experts.forms import cpu_expert_ffn
+    from moekit.native import experts as ne
+
+    if ne.library() is None:
+        pytest.skip("no C++ compiler: the native kernels are not built")
+    monkeypatch.setattr(ne, "bf16_in_hardware", lambda: False)
+    count, d, ffn, n, top_k = 6, 64, 32, ne.MAX_JOB_TOKENS + 44, 2
+    g = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn(count, 2 * ffn, d, generator=g) / d ** 0.5).to(torch.bfloat16)
+    down = (torch.randn(count, d, ffn, generator=g) / ffn ** 0.5).to(torch.bfloat16)
+    x = torch.randn(n, d, generator=g).to(torch.bfloat16)
+    rows = torch.stack([torch.randperm(count, generator=g)[:top_k] for _ in range(n)])
+    weights = torch.rand(n, top_k, generator=g)
+    got = cpu_expert_ffn(x, rows, weights, gate_up, down)
+    gu, dn, xf = gate_up.float(), down.float(), x.float()
+    expected = torch.zeros(n, d)
+    for a in range(top_k):
+        h = torch.einsum("nfd,nd->nf", gu[rows[:, a]], xf)
+        expected += weights[:, a, None] * torch.einsum("ndf,nf->nd", dn[rows[:, a]], F.silu(h[:, :ffn]) * h[:, ffn:])
+    assert got is not None and got.shape == x.shape and got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+    limit = ne.MAX_JOB_TOKENS
+    assert torch.equal(got[limit:], cpu_expert_ffn(x[limit:], rows[limit:], weights[limit:], gate_up, down))
+    twice = rows.clone()
+    twice[0, 1] = twice[0, 0]
+    assert cpu_expert_ffn(x, twice, weights, gate_up, down) is None
+    monkeypatch.setattr(ne, "bf16_in_hardware", lambda: True)
+    assert cpu_expert_ffn(x[:40], rows[:40], weights[:40], gate_up, down) is None

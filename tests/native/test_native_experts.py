@@ -265,11 +265,16 @@ def test_pair_dot_products_match_the_portable_loops(xdtype):
     d, ffn = 200, 72  # tails past the 64-element steps in both stages
     x = torch.randn(3, d).to(xdtype)
     jobs = make_jobs(d, ffn, torch.bfloat16, [[0], [0, 2], [1, 2]])
+    def poisoned() -> ne.Scratch:  # NaN where a stage reads what no stage of its own call wrote
+        scratch = ne.Scratch()
+        scratch.get("h", 5 * ffn).fill_(float("nan"))  # the jobs' 5 slots
+        return scratch
+
     try:
         has = ne.tuning(pair_dots=False, prefetch_bytes=0)
-        portable = ne.expert_ffn(x, jobs, threads=2).float()
+        portable = ne.expert_ffn(x, jobs, threads=2, scratch=poisoned()).float()
         ne.tuning(pair_dots=True)
-        pairs = ne.expert_ffn(x, jobs, threads=2).float()
+        pairs = ne.expert_ffn(x, jobs, threads=2, scratch=poisoned()).float()
         ne.tuning(prefetch_bytes=ne.DEFAULT_PREFETCH_BYTES)
         prefetched = ne.expert_ffn(x, jobs, threads=3).float()
     finally:

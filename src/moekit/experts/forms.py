@@ -368,9 +368,13 @@ def cpu_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, g
     where it does not apply (more than native.experts.kernel_tokens tokens: PyTorch's GEMMs win; no
     compiler; other dtypes). Past MAX_JOB_TOKENS tokens (bf16 on a CPU without bf16 hardware) in
     pieces of that many tokens."""
-    from ..native.experts import MAX_JOB_TOKENS, expert_ffn_stacked, kernel_tokens, usable
+    from ..native.experts import MAX_JOB_TOKENS, SMALL_BATCH_TOKENS, expert_ffn_stacked, kernel_tokens, usable
 
     limit = kernel_tokens(gate_up.dtype)
+    if limit == MAX_JOB_TOKENS and x.shape[0] > SMALL_BATCH_TOKENS and rows.shape[-1] > 1:
+        ordered = rows.sort(dim=-1).values  # a row twice in one token's routes could make a job of > 256
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            return None
     if limit == MAX_JOB_TOKENS and x.shape[0] > limit:
         parts = []
         for i in range(0, x.shape[0], limit):

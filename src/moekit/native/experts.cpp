@@ -238,11 +238,13 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, con
         const W* rows = reinterpret_cast<const W*>(down[j]) + d0 * LD;
         for (int64_t d = d0; d < d1; ++d) {
 #if MOEKIT_DPBF16
-          if (pairs) {
+          if (pairs) {  // h as hi + lo only (stage 1 wrote no float h)
             const uint16_t* row[1] = {reinterpret_cast<const uint16_t*>(rows + (d - d0) * LD)};
             for (int k = 0; k < count; ++k)
               dots_bf16<1>(row, Split{h_hi + (first + k) * I, h_lo + (first + k) * I}, I, g + k);
-          } else
+            for (int k = 0; k < count; ++k) acc2[(d - d0) * N + tok[first + k]] += w[first + k] * g[k];
+            continue;
+          }
 #endif
           if (count > 1 && (d - d0) % 2 == 0 && d + 1 < d1 && 2 * I <= MAX_ROW) {  // two rows share each h load
             row_pair_dots(rows + (d - d0) * LD, rows + (d + 1 - d0) * LD, I, h + first * I, I, nullptr, count,

@@ -396,8 +396,8 @@ float int_row_dot_halves(const uint32_t* u, Scales scale, const uint8_t* zero, c
   return _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(t0, t1), tz));  // one reduction a row
 #else
 #if defined(__AVX2__)
-  // 4 blocks (8 groups) at a time: their factors and zero terms in one vector each, two chains of
-  // FMAs, one reduction a row; the blocks past the last 4 one at a time
+  // 4 blocks (8 groups) at a time: their factors and zero terms in one vector each (a row's last n < 4
+  // blocks from zero-padded copies), two chains of FMAs, one reduction a row
   const __m256i pairs = _mm256_set_epi32(3, 3, 2, 2, 1, 1, 0, 0);  // d_b for groups 2b, 2b + 1
   __m256 total = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), tz = _mm256_setzero_ps();
   alignas(32) float f[8];  // group 2 * b0 + i's scale_g * d_b
