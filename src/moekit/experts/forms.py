@@ -370,21 +370,17 @@ def cpu_expert_ffn(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, g
     pieces of that many tokens."""
     from ..native.experts import MAX_JOB_TOKENS, SMALL_BATCH_TOKENS, expert_ffn_stacked, kernel_tokens, usable
 
-    limit = kernel_tokens(gate_up.dtype)
-    if limit == MAX_JOB_TOKENS and x.shape[0] > SMALL_BATCH_TOKENS and rows.shape[-1] > 1:
-        ordered = rows.sort(dim=-1).values  # a row twice in one token's routes could make a job of > 256
-        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-            return None
-    if limit == MAX_JOB_TOKENS and x.shape[0] > limit:
-        parts = []
-        for i in range(0, x.shape[0], limit):
-            part = cpu_expert_ffn(x[i:i + limit], rows[i:i + limit], weights[i:i + limit], gate_up, down)
-            if part is None:  # the same for every piece: PyTorch's path for the whole call
-                return None
-            parts.append(part)
-        return torch.cat(parts)
-    if (x.shape[0] > limit or gate_up.dim() != 3 or down.dim() != 3 or not usable(x, gate_up.dtype)
+    n, limit = x.shape[0], kernel_tokens(gate_up.dtype)
+    if ((n > limit and limit != MAX_JOB_TOKENS) or gate_up.dim() != 3 or down.dim() != 3 or not usable(x, gate_up.dtype)
             or gate_up.stride()[1:] != (gate_up.shape[2], 1) or down.stride()[1:] != (down.shape[2], 1)):
         return None  # an expert's matrices not contiguous (a strided view): PyTorch's path
-    # pointers from the stacks' strides: no tensor view per expert
-    return expert_ffn_stacked(x, gate_up, down, routes_by_row(rows, weights))
+    if n > SMALL_BATCH_TOKENS and rows.shape[-1] > 1:  # a row twice in a token's routes: a job could pass 256
+        ordered = rows.sort(dim=-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            return None
+    # pointers from the stacks' strides: no tensor view per expert; past MAX_JOB_TOKENS in pieces
+    if n <= MAX_JOB_TOKENS:
+        return expert_ffn_stacked(x, gate_up, down, routes_by_row(rows, weights))
+    return torch.cat([expert_ffn_stacked(x[i:i + MAX_JOB_TOKENS], gate_up, down,
+                                         routes_by_row(rows[i:i + MAX_JOB_TOKENS], weights[i:i + MAX_JOB_TOKENS]))
+                      for i in range(0, n, MAX_JOB_TOKENS)])

@@ -133,8 +133,8 @@ def kernel_tokens(weight_dtype: torch.dtype) -> int:
     """Returns up to how many tokens (rows) a call goes to the kernels rather than PyTorch's GEMMs.
     SMALL_BATCH_TOKENS, except bf16 weights on a CPU without bf16 in hardware: there PyTorch's bf16
     GEMM converts in software (21 GFLOP/s on the 2-core AVX2 machine, [64, 2048] x [2048, 6144])
-    and the kernel, which converts each weight row once and dots it with eight tokens at a time,
-    runs 66: every call of up to MAX_JOB_TOKENS rows (bigger ones in pieces of that many)."""
+    and the kernel, which converts each weight row once and dots two rows with four tokens at a
+    time, runs 100 (25f9323): every call of up to MAX_JOB_TOKENS rows (bigger ones in pieces of that many)."""
     if weight_dtype == torch.bfloat16 and not bf16_in_hardware():
         return MAX_JOB_TOKENS
     return SMALL_BATCH_TOKENS

@@ -30,7 +30,8 @@ flag waits: on the H200 (OLMoE shape, all experts in host memory, c92d900) a lay
 ~17 MB of missed int4 experts, which the int4 kernel's 66 GB/s at the Mixtral shape (f51a719) would
 read in ~0.3 ms. The native loop, same shape and footprints (2ef1e0c): int4 144.0 tok/s vs llama.cpp's
 Q4_K_M 86.1 (1.67x; 46.0 with the thread), int2 156.8 vs Q2_K 119.6 (1.31x), 246 MB of int4 experts
-read by the CPU a token at ~35 GB/s, under half its 83 GB/s read rate. Other forms (gpt-oss's clamped ones) are refused: their
+read by the CPU a token, ~35 GB/s averaged over the token (47 over the report's kernel time), under its
+83 GB/s read rate. Other forms (gpt-oss's clamped ones) are refused: their
 misses run split per layer call. Between steps the host keeps the cache as misses mapped does
 (admissions of popular missed experts, copies landed -> table rows), and counts the CPU's work from
 the native call's per-layer report.
