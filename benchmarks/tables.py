@@ -393,18 +393,25 @@ def cpu_threads(files: dict) -> str:
                   "pairs + 4 KB prefetch (default)", "default / stream"], rows)
 
 
-def cpu_kernel(files: dict) -> str:
-    """The CPU expert kernel's read rate against the host's stream read, by thread count (H200 host)."""
-    rates = files["bench_llamacpp_cpu_rows.json"]["rates"]
+def cpu_kernel(files: dict, name: str = "bench_llamacpp_cpu_rows.json") -> str:
+    """The CPU expert kernel's read rate against the host's stream read, by thread count (H200 host);
+    the plain-page row (cpu_rates.kernel_rates: the same call on experts outside the host store's
+    pinned memory) where the run measured it."""
+    rates = files[name]["rates"]
+    threads = rates.get("threads", 15)
+    read = rates["cpu_read_alone_bytes_per_s"]
     rows = []
     for t in (1, 4, 8, 15, 16):
         k, s = rates.get(f"native_layer_top_k_threads{t}_bytes_per_s"), rates.get(f"stream_read_threads{t}_bytes_per_s")
         if k and s:
             rows.append([str(t), f"{k / 1e9:.1f}", f"{s / 1e9:.1f}", f"{k / s:.0%}"])
-    rows.append(["15, median of 5", f"{rates['native_layer_top_k_bytes_per_s'] / 1e9:.1f}",
-                 f"{rates['cpu_read_alone_bytes_per_s'] / 1e9:.1f} (2 s of reads)",
-                 f"{rates['native_layer_top_k_bytes_per_s'] / rates['cpu_read_alone_bytes_per_s']:.0%}"])
-    rows.append(["15, PyTorch (F.linear per expert)", f"{rates['pytorch_layer_top_k_bytes_per_s'] / 1e9:.1f}", "", ""])
+    rows.append([f"{threads}, median of 5", f"{rates['native_layer_top_k_bytes_per_s'] / 1e9:.1f}",
+                 f"{read / 1e9:.1f} (2 s of reads)", f"{rates['native_layer_top_k_bytes_per_s'] / read:.0%}"])
+    if rates.get("native_layer_top_k_plain_pages_bytes_per_s"):
+        plain = rates["native_layer_top_k_plain_pages_bytes_per_s"]
+        rows.append([f"{threads}, median of 5, plain pages (not the pinned store)", f"{plain / 1e9:.1f}", "",
+                     f"{plain / read:.0%}"])
+    rows.append([f"{threads}, PyTorch (F.linear per expert)", f"{rates['pytorch_layer_top_k_bytes_per_s'] / 1e9:.1f}", "", ""])
     return table(["threads", "native kernel GB/s (a layer's top-8 bf16 experts, 1 token)", "stream read GB/s",
                   "share"], rows)
 
@@ -619,6 +626,9 @@ LLAMA_OLMOE_PARTNER = "bench_llamacpp_olmoe_partner_418157d.json"  # 2026-12-02 
 LLAMA_OLMOE_COMPRESSED_BEFORE = "bench_llamacpp_olmoe_compressed_c92d900.json"  # before the native loop and the blank slot
 LLAMA_OLMOE_COMPRESSED = "bench_llamacpp_olmoe_compressed_2ef1e0c.json"  # 2026-12-02 (session 17): int4 / int2 / ternary
 LLAMA_MIXTRAL_ROWS = "bench_llamacpp_mixtral_rows_2ef1e0c.json"  # Mixtral's host row, the row split on / off
+LLAMA_OLMOE_CPU16 = "bench_llamacpp_olmoe_cpu16_4310d1d.json"  # 2026-12-02: no GPU on the H200 host's 16 cores, the rates
+LLAMA_OLMOE_BUDGETS = "bench_llamacpp_olmoe_budgets_4310d1d.json"  # misses auto at 25% / 10% of the model's bytes
+LLAMA_QWEN3_COMPRESSED = "bench_llamacpp_qwen3_compressed_4310d1d.json"  # int4 at Q4_K_M's footprint: refused
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
 
@@ -646,6 +656,45 @@ def in_place_share(files: dict) -> str:
                   "read in place GB / token", "tok/s", "llama.cpp (earlier call)", "ratio"], rows)
 
 
+AUTO_BUDGET_SHARE = 0.80  # issue 12: misses auto at 25% and 10% budgets, of its combined ceiling
+AUTO_BUDGET_RUNS = (LLAMA_OLMOE_BUDGETS,)  # bench_llamacpp --footprints (moekit only), one per shape
+
+
+def auto_budgets(files: dict) -> str:
+    """misses auto at budgets set as shares of the model's bytes (bench_llamacpp --skip-llamacpp
+    --footprints A,B --rows host,half: the two footprints take the host and half row slots, so a row
+    is named here by its budget's share of the checkpoint's bytes, not by its slot): tok/s against
+    the uniform combined ceiling of the same run (issue 12's bar, AUTO_BUDGET_SHARE) and against the
+    bound at the bytes the row moved (lcpp_bars.traffic_ceiling), with the hit rate, the bytes a
+    decode token read by the CPU and copied over PCIe, and the allocator peak against the budget."""
+    from lcpp_bars import traffic_ceiling
+
+    rows = []
+    for name in AUTO_BUDGET_RUNS:
+        res = files[name]
+        model_bytes = res["checkpoint"]["tensor_bytes"]
+        for r in sorted(res["moekit"], key=lambda r: -r["budget_bytes"]):
+            rep = r.get("report") or {}
+            ours, ceiling = r.get("decode_tok_s"), r.get("ceiling_tok_s")
+            share = ours / ceiling if ours and ceiling else None
+            traffic = traffic_ceiling(r, res) if ours else None
+            used = rep.get("misses_used", r.get("misses"))
+            rows.append([res["shape"], f"{r['budget_bytes'] / model_bytes:.0%} of {model_bytes / 1e9:.2f} GB",
+                         f"{r['budget_bytes'] / 1e9:.2f}", f"{r.get('misses')} (runs {used})",
+                         f"{r['peak_bytes'] / 1e9:.2f}" if r.get("peak_bytes") else "-",
+                         f"{ours:.1f}" if ours else r["status"],
+                         f"{rep['hit_rate']:.2f}" if "hit_rate" in rep else "-",
+                         f"{rep.get('cpu_bytes_per_token', 0) / 1e9:.3f}", f"{rep.get('bytes_per_token', 0) / 1e9:.3f}",
+                         f"{ceiling:.1f}" if ceiling else "-", f"{share:.0%}" if share else "-",
+                         f">= {AUTO_BUDGET_SHARE:.0%} of ceiling",
+                         f"{traffic:.1f} ({ours / traffic:.0%})" if traffic else "-",
+                         {True: "yes", False: "no", None: "-"}[share >= AUTO_BUDGET_SHARE if share else None],
+                         res["meta"]["commit"]])
+    return table(["shape", "budget (of the model's bytes)", "budget GB", "misses", "peak GB", "moekit tok/s", "hit rate",
+                  "CPU-read GB / token", "PCIe GB / token", "uniform combined ceiling", "of ceiling", "bar",
+                  "ceiling at its traffic (share)", "met", "commit"], rows)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "headline": (("bench_resident.json",), headline),
     "resident": (("bench_resident.json",), resident),
@@ -667,6 +716,11 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp_olmoe_compressed_before": ((LLAMA_OLMOE_COMPRESSED_BEFORE,),
                                             partial(vs_llamacpp_latest, name=LLAMA_OLMOE_COMPRESSED_BEFORE)),
     "vs_llamacpp_mixtral_rows": ((LLAMA_MIXTRAL_ROWS,), partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_ROWS)),
+    "vs_llamacpp_olmoe_cpu16": ((LLAMA_OLMOE_CPU16,), partial(vs_llamacpp_latest, name=LLAMA_OLMOE_CPU16)),
+    "cpu_kernel_cpu16": ((LLAMA_OLMOE_CPU16,), partial(cpu_kernel, name=LLAMA_OLMOE_CPU16)),
+    "auto_budgets": (AUTO_BUDGET_RUNS, auto_budgets),
+    "vs_llamacpp_qwen3_compressed": ((LLAMA_QWEN3_COMPRESSED,),
+                                     partial(vs_llamacpp_latest, name=LLAMA_QWEN3_COMPRESSED)),
     "cpu_2core": (CPU_2CORE_RUNS, cpu_2core),
     "in_place_share": (IN_PLACE_RUNS + (LLAMA_MIXTRAL, LLAMA_LATEST), in_place_share),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),
