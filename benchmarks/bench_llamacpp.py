@@ -125,6 +125,7 @@ SHAPES = {  # name -> (HF config maker, its arguments); BENCH.md's shapes
                                              kv_heads=2, vocab=4096)),
 }
 ROWS = ("resident", "host", "half", "compressed", "cpu", "rates")
+DENSE = "bf16"  # moekit's dense projections on a GPU (--dense; moekit.linear.Int8Linear for int8)
 # a misses mode's suffix -> the environment switch it sets for its row: the CPU partner forced on / off,
 # the row split (offload.cpu; with it the partner splits experts of 64 MiB and up by rows)
 ROW_ENV = {"+graph": ("MOEKIT_CPU_GRAPH", "1"), "-graph": ("MOEKIT_CPU_GRAPH", "0"), "+rows": ("MOEKIT_ROW_SPLIT", "1"),
@@ -242,17 +243,18 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
         return {**row, "misses": misses}
     common.free_memory(device, reset_peak=True)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    row: dict = {"budget_bytes": budget, "misses": misses, "status": "ok"}
+    dense = DENSE if device.type == "cuda" else "bf16"  # --dense: the CPU's decode step has its own int8 switch
+    row: dict = {"budget_bytes": budget, "misses": misses, "status": "ok", "dense": dense}
     t0 = time.perf_counter()
     model = None
     try:
         if budget is None:
-            model = moekit.load_model(path, device=device, dtype=dtype)
+            model = moekit.load_model(path, device=device, dtype=dtype, dense=dense)
         else:
             # "auto:none": misses auto, predictor none; "cpu::12": misses cpu, 12 CPU expert threads
             mode, predictor, threads = (misses.split(":") + ["", ""])[:3]
             model = load_offloaded(path, device=device, dtype=dtype, offload=OffloadConfig(
-                device_memory=budget, misses=mode, **({"predictor": predictor} if predictor else {}),
+                device_memory=budget, misses=mode, dense=dense, **({"predictor": predictor} if predictor else {}),
                 **({"cpu_threads": int(threads)} if threads else {})))
         row["load_s"] = time.perf_counter() - t0
         warm = []
@@ -570,6 +572,9 @@ def main() -> int:
                         "the H200's CPU-miss profile at 0284941 had speculative prefetch 13-24%% slower than none), "
                         "MODE:PREDICTOR:THREADS the CPU expert threads (cpu::12; default: torch's threads - 1)")
     parser.add_argument("--forms", default="int4,int2,ternary", help="moekit's compressed forms (compressed rows)")
+    parser.add_argument("--dense", choices=("bf16", "int8"), default="bf16",
+                        help="moekit's attention projections and LM head on the GPU: bf16, or int8 rows "
+                             "(--quantize-dense int8; llama.cpp's Q4_K_M / Q2_K quantize them too)")
     parser.add_argument("--compressed-modes", default="host,half", help="footprints of the compressed rows")
     parser.add_argument("--compressed-misses", default="auto", help="misses modes of the compressed rows")
     parser.add_argument("--cpu-rounds", type=int, default=None, help="interleaved rounds of the cpu row "
@@ -580,6 +585,8 @@ def main() -> int:
     parser.add_argument("--probe-fit", default="", help="budget shares to run with MOEKIT_DEBUG_FIT=1 while llama.cpp builds")
     parser.add_argument("--footprints", default="", help="GPU bytes 'host,half' to use when llama.cpp is skipped")
     args = parser.parse_args()
+    global DENSE
+    DENSE = args.dense
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     rows = parse_rows(args.rows or ("resident,host,half,rates" if cuda else "cpu"), device)

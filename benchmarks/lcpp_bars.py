@@ -107,7 +107,8 @@ def comparisons(results: dict) -> list[dict]:
             if ratio is not None and bar is not None:
                 met = ratio >= bar and (what != "decode_cpu_experts" or form != "bf16" or (share or 0) >= CEILING_SHARE)
             out.append(dict(what=f"{SETTINGS.get(what, what)}{', least budget' if r['setting'].endswith('_at_least') else ''}",
-                            form=form, misses=r.get("misses") or "-", budget_bytes=r.get("budget_bytes"),
+                            form=form + (" + int8 dense" if r.get("dense") == "int8" else ""),
+                            misses=r.get("misses") or "-", budget_bytes=r.get("budget_bytes"),
                             moekit=ours, status=r["status"], llamacpp=theirs, llamacpp_row=ref_name, ratio=ratio, bar=bar,
                             ceiling=ceiling, of_ceiling=share, met=met,
                             traffic=traffic_ceiling(r, results) if what != "prefill_gpu" else None))

@@ -75,6 +75,44 @@ def test_decode_linear_half_rounds_once(config, shape, dtype):
     assert err.max().item() <= 1.01 * (once - exact).abs().max().item() + 1e-6, err.max().item()
 
 
+@pytest.mark.parametrize("config,shape", [CASES[0], CASES[2], CASES[4], CASES[6]],
+                         ids=["tail", "one-step", "split4", "split8"])
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_int8_weights_match_their_dequantized_product(config, shape, rows, bias):
+    """int8 codes with a float32 scale per row (moekit.linear.Int8Linear): the kernel's product equals
+    F.linear over scale * codes, the scale applied after each row's (or each split's) sum."""
+    from moekit.linear import decode_linear, quantize_int8_rows
+
+    device = kernel_device()
+    x, w, b = _case(*shape, rows, torch.float32, bias, device, seed=3)
+    codes, scale = quantize_int8_rows(w)
+    y = decode_linear(x, codes, b, config, scale=scale)
+    assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, codes.float() * scale[:, None], b), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_linear_int8_needs_its_scale():
+    from moekit.errors import MoekitError
+    from moekit.linear import decode_linear, quantize_int8_rows
+
+    x, w, _ = _case(8, 64, 1, torch.float32, False, "cpu")
+    codes, scale = quantize_int8_rows(w)
+    for weight, sc in ((codes, None), (w, scale), (codes, scale[:4]), (codes, scale.double())):
+        with pytest.raises(MoekitError, match="one dtype"):
+            decode_linear(x, weight, None, (4, 64, 4, 1, 1), scale=sc)
+
+
+@pytest.mark.parametrize("shape", [(5120, 2048), (151936, 2048), (2048, 4096), (100, 32), (37, 1000), (8, 24),
+                                   (64, 2880)])
+def test_int8_decode_config_is_one_the_kernel_takes(shape):
+    from moekit.linear import check_decode_config, int8_decode_config
+
+    config = int8_decode_config(*shape)
+    check_decode_config(config, shape[1])
+    assert config[3] == 1 or shape[0] < 256
+
+
 def test_decode_linear_strided_rows():
     """x rows with a stride past K (a view of a wider buffer) and an output of the right rows."""
     from moekit.linear import decode_linear

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .cli_common import (add_model_args, add_threads_arg, fmt_bytes as _fmt_bytes, fmt_count as _fmt_count,
-                         merge_model_args, model_context, model_dir, table as _table)
+from .cli_common import (add_model_args, add_quantize_dense_arg, add_threads_arg, check_quantize_dense,
+                         fmt_bytes as _fmt_bytes, fmt_count as _fmt_count, merge_model_args, model_context, model_dir,
+                         table as _table)
 from .errors import MoekitError
 
 
@@ -48,6 +49,7 @@ def check_generate(args: argparse.Namespace) -> tuple[str, str]:
         raise MoekitError("--compile needs CUDA graphs (it compiles the captured decode step); drop --no-cuda-graph")
     if getattr(args, "cpu_quantize_dense", None) and not device.startswith("cpu"):
         raise MoekitError(f"--cpu-quantize-dense is for the CPU decode step; drop it on {device}")
+    check_quantize_dense(args, device)
     return str(model_dir(args.model, "--model")), device
 
 
@@ -88,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.offload:  # the budget is planned for this prompt plus the new tokens
         model = offload_cli.load_for_generate(args, device, len(ids) + args.max_new_tokens)
     else:
-        model = load_model(path, device=device, dtype=args.dtype)
+        model = load_model(path, device=device, dtype=args.dtype, dense=args.quantize_dense or "bf16")
 
     stream = StreamDecoder(tokenizer)
     eos = set(model.generation_defaults.get("eos_token_ids", ()))
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cpu-quantize-dense", choices=("bf16", "int8"), default=None,
                      help="the CPU decode step's attention projections and LM head: int8 per row halves their "
                           "bytes (default: $MOEKIT_CPU_DENSE, else bf16)")
+    add_quantize_dense_arg(gen)
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step before capturing it (GPU; slow first call, faster decode)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, tok/s")

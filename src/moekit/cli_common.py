@@ -122,3 +122,24 @@ def model_context(path: Path) -> int:
     from .load import read_config
 
     return read_config(path)[2].max_position_embeddings
+
+
+def check_quantize_dense(args: argparse.Namespace, device: str) -> None:
+    """Raises MoekitError where --quantize-dense int8 cannot run: the CPU (its decode step has its own
+    int8 kernels, --cpu-quantize-dense) and --parallel (ranks split bf16 weights)."""
+    if getattr(args, "quantize_dense", None) != "int8":
+        return
+    if not device.startswith("cuda"):
+        raise MoekitError(f"--quantize-dense int8 is for a GPU; on {device} use --cpu-quantize-dense int8 (the CPU "
+                          "decode step's own int8 kernels)")
+    if getattr(args, "parallel", None):
+        raise MoekitError("--quantize-dense int8 is not available with --parallel yet (the ranks split bf16 "
+                          "projections); drop one of them")
+
+
+def add_quantize_dense_arg(parser: argparse.ArgumentParser) -> None:
+    """Adds --quantize-dense to a command that loads a model on a GPU (generate, serve)."""
+    parser.add_argument("--quantize-dense", choices=("bf16", "int8"), default=None,
+                        help="GPU: hold the attention projections, dense / shared MLPs and an untied LM head as "
+                             "int8 rows with a scale each (half their bytes; quantized while loading, routers "
+                             "kept as loaded) so a small --device-memory holds more experts (default: bf16)")

@@ -81,10 +81,11 @@ def check_decode_config(config: tuple[int, int, int, int, int], k: int) -> None:
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  config: tuple[int, int, int, int, int]) -> torch.Tensor:
+                  config: tuple[int, int, int, int, int], scale: torch.Tensor | None = None) -> torch.Tensor:
     """Returns x @ weight^T (+ bias) as [M, N] in x's dtype, float32 sums (M = 1..DECODE_MAX_ROWS).
 
-    x [M, K] (columns contiguous), weight [N, K] row-major, bias [N] or None, all one dtype;
+    x [M, K] (columns contiguous), weight [N, K] row-major, bias [N] or None, all one dtype; or weight
+    int8 codes with `scale` [N] float32 (the row's weights are scale[n] * codes[n]: Int8Linear);
     config = (BLOCK_N, BLOCK_K, num_warps, SPLIT_K, STAGES). With SPLIT_K > 1 a second launch sums the
     float32 partials in a fixed order. No host sync: a CUDA graph can capture it."""
     m, k = x.shape
@@ -92,9 +93,11 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not 1 <= m <= DECODE_MAX_ROWS or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
         raise MoekitError(f"decode_linear: x {tuple(x.shape)} (1..{DECODE_MAX_ROWS} rows) and weight "
                           f"{tuple(weight.shape)} must share K, with contiguous columns")
-    if weight.dtype != x.dtype or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,))):
+    weight_ok = (weight.dtype == x.dtype if scale is None else weight.dtype == torch.int8
+                 and scale.dtype == torch.float32 and scale.shape == (n,) and scale.is_contiguous())
+    if not weight_ok or (bias is not None and (bias.dtype != x.dtype or bias.shape != (n,))):
         raise MoekitError(f"decode_linear: x {x.dtype}, weight {weight.dtype} and bias must share one dtype, "
-                          f"bias [{n}]")
+                          f"bias [{n}] (or the weight int8 with a float32 scale [{n}])")
     check_decode_config(config, k)
     block_n, block_k, warps, split_k, stages = config
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
@@ -102,9 +105,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     bias_arg = bias if has_bias else weight  # unused
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y  # [S, M, N]
     decode_linear_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, weight, bias_arg, y, part, n, x.stride(0), weight.stride(0), y.stride(0),
-        M=m, M_PAD=triton.next_power_of_2(m), CHUNK=k // split_k, SPLIT_K=split_k, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, HAS_BIAS=has_bias, num_warps=warps)
+        x, weight, weight if scale is None else scale, bias_arg, y, part, n, x.stride(0), weight.stride(0),
+        y.stride(0), M=m, M_PAD=triton.next_power_of_2(m), CHUNK=k // split_k, SPLIT_K=split_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, HAS_BIAS=has_bias, HAS_SCALE=scale is not None,
+        num_warps=warps)
     if split_k > 1:
         decode_linear_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
             part, bias_arg, y, n, y.stride(0), M=m, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, HAS_BIAS=has_bias,
@@ -166,3 +170,112 @@ class Linear(nn.Linear):
                 return torch.cat([linear(part, self.weight, self.bias) for part in flat.split(MAX_JOB_TOKENS)]
                                  ).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
+
+
+DENSE_FORMS = ("bf16", "int8")  # a model's dense projections on the GPU: as loaded, or int8 rows (Int8Linear)
+DEQUANT_ELEMENTS = 1 << 22  # weights a prefill-sized Int8Linear call dequantizes at a time (float32 + dtype copy)
+DEQUANT_WORKSPACE_BYTES = DEQUANT_ELEMENTS * 6  # its transient bytes (bf16/fp16 models), planned as reserve
+
+
+def check_dense_form(form: str) -> str:
+    """Returns form, or raises MoekitError unless it is one of DENSE_FORMS."""
+    if form not in DENSE_FORMS:
+        raise MoekitError(f"--quantize-dense must be one of {', '.join(DENSE_FORMS)}, got {form!r}")
+    return form
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (codes [N, K] int8, scale [N] float32) of weight [N, K], per row: codes = round(w / scale)
+    in [-127, 127], scale = max |w| over the row / 127 (1 for a row of zeros); each weight within
+    scale / 2 of scale * code."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes.contiguous(), scale.contiguous()
+
+
+def int8_decode_config(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """Returns the decode matvec config for an int8 [N, K] weight: DECODE_TUNED's for the shape (measured
+    with bf16 weights), else 4 rows a program over up to 1024 columns a step, split-K for N below 256."""
+    tuned = DECODE_TUNED.get((n, k))
+    if tuned is not None:
+        return tuned
+    block_k = min(1024, max(16, 1 << (k.bit_length() - 1)))
+    split_k = 1
+    while n < 256 and split_k < 8 and k % (16 * split_k * 2) == 0 and k // (split_k * 2) >= block_k:
+        split_k *= 2
+    return (4, block_k, 4, split_k, 1)
+
+
+class Int8Linear(nn.Module):
+    """A projection whose weight is held as int8 codes with a float32 scale per output row: half of a
+    bf16 weight's bytes (issue 12: llama.cpp's Q4_K_M / Q2_K quantize attention and the LM head too,
+    so at its footprint a model whose dense weights stay bf16 does not fit).
+
+    Calls of 1..DECODE_MAX_ROWS rows on a GPU run the decode matvec on the codes (the scale applied
+    to each row's float32 sum); others (prefill, the CPU, MOEKIT_FUSED=0) dequantize DEQUANT_ELEMENTS
+    weights at a time into x's dtype and run F.linear on each slice. Filled row by row (`fill_rows`)
+    from the checkpoint, so the bf16 weight never exists on the device. Parameters: qweight [N, K]
+    int8, qscale [N] float32, bias [N] (x's dtype) or None; none of them trains."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        grad = dict(requires_grad=False)
+        self.qweight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device), **grad)
+        self.qscale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), **grad)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), **grad) if bias else None
+
+    @classmethod
+    def like(cls, linear: nn.Linear) -> "Int8Linear":
+        """Returns an unfilled Int8Linear of linear's shape, bias, dtype and device."""
+        w = linear.weight
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """Returns linear's weights quantized (bias copied as is)."""
+        q = cls.like(linear)
+        with torch.no_grad():
+            q.fill_rows(0, linear.weight)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias)
+        return q
+
+    @torch.no_grad()
+    def fill_rows(self, offset: int, weight: torch.Tensor) -> None:
+        """Quantizes weight [R, K] (any device, float dtype) into rows offset..offset+R."""
+        rows = weight.shape[0]
+        if weight.shape[1] != self.in_features or not 0 <= offset <= self.out_features - rows:
+            raise MoekitError(f"Int8Linear.fill_rows: rows {offset}..{offset + rows} of {tuple(weight.shape)} do "
+                              f"not fit [{self.out_features}, {self.in_features}]")
+        codes, scale = quantize_int8_rows(weight)
+        self.qweight[offset:offset + rows].copy_(codes)
+        self.qscale[offset:offset + rows].copy_(scale)
+
+    def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """Returns the weights [N, K] (or `rows` of them) in dtype: scale * codes rounded once."""
+        return (self.qweight[rows].float() * self.qscale[rows, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        flat = x.reshape(-1, k)
+        rows = flat.shape[0]
+        if (x.is_cuda and HAVE_TRITON and 0 < rows <= DECODE_MAX_ROWS and x.dtype in _NATIVE_DTYPES
+                and not torch.compiler.is_compiling() and os.environ.get("MOEKIT_FUSED") != "0"):
+            if flat.stride(1) != 1:
+                flat = flat.contiguous()
+            y = decode_linear(flat, self.qweight, self.bias, int8_decode_config(n, k), scale=self.qscale)
+            return y.view(*x.shape[:-1], n)
+        out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+        step = max(1, DEQUANT_ELEMENTS // max(k, 1))
+        for r0 in range(0, n, step):
+            part = slice(r0, min(n, r0 + step))
+            bias = None if self.bias is None else self.bias[part]
+            out[:, part] = F.linear(flat, self.dequantized(x.dtype, part), bias)
+        return out.view(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"

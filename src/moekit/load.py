@@ -21,7 +21,8 @@ from .families import family_for
 from .families.base import Family, eos_ids
 from .experts.forms import DenseForm
 from .experts.loader import ExpertLoader, LoadContext
-from .model import Attention, DecoderLayer, DenseMLP, MoEBlock, MoEModel
+from .linear import Int8Linear, check_dense_form
+from .model import Attention, DecoderLayer, DenseMLP, MoEBlock, MoEModel, use_int8_dense
 from .native.hugepages import advise_huge_pages
 from .rope import inverse_frequencies
 
@@ -47,21 +48,27 @@ def read_config(path: str | Path | Checkpoint) -> tuple[Checkpoint, Family, Mode
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, experts: ExpertLoader | None = None,
-               progress: bool | None = None, dynamic_skip: float = 0.0) -> MoEModel:
+               progress: bool | None = None, dynamic_skip: float = 0.0, dense: str = "bf16") -> MoEModel:
     """Returns the model at `path` (default: the bundled tiny MoE) on `device` in `dtype`.
 
     dtype defaults to float32 on the CPU and bfloat16 on a GPU. `experts` decides where and in
     which form each MoE layer's experts live (default: all resident on `device`). `progress`
     shows a bar per layer (default: when stderr is a terminal). `dynamic_skip` f > 0 drops, per
-    token, every chosen expert whose routing weight is below f times the top one."""
+    token, every chosen expert whose routing weight is below f times the top one. `dense` "int8"
+    holds the attention projections, dense / shared MLPs and an untied LM head as int8 rows
+    (linear.Int8Linear, quantized as read: the full-precision copy never exists on the device);
+    "bf16" (default) keeps them in `dtype`."""
     if not 0.0 <= dynamic_skip < 1.0:
         raise CheckpointError(f"dynamic_skip must be in [0, 1), got {dynamic_skip}")
+    check_dense_form(dense)
     device = parse_device(device)
     dtype = parse_dtype(dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
     ckpt, family, cfg = read_config(path if path is not None else default_model_path())
     experts = experts or _default_expert_loader(ckpt)
     with torch.device("meta"):
         model = MoEModel(cfg).to(dtype)  # no storage yet: the dtype change is free
+        if dense == "int8":
+            use_int8_dense(model)
     for layer in model.layers:  # expert storage is the loader's business, never to_empty's
         if isinstance(layer.mlp, MoEBlock):
             layer.mlp.experts = nn.Identity()
@@ -101,6 +108,16 @@ def _copy(param: torch.Tensor, ckpt: Checkpoint, name: str, shape: tuple[int, ..
     param.copy_(ckpt.read(name, shape=shape, dtype=param.dtype))
 
 
+def _copy_rows(linear: nn.Module, offset: int, ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
+    """Copies checkpoint tensor `name` [R, K] into rows offset..offset+R of a projection's weight;
+    an Int8Linear quantizes it in host memory on the way (a float32 copy of an LM head on a small GPU
+    would pass its budget) and copies the codes."""
+    if isinstance(linear, Int8Linear):
+        linear.fill_rows(offset, ckpt.read(name, shape=shape, dtype=torch.float32))
+    else:
+        _copy(linear.weight[offset:offset + shape[0]], ckpt, name, shape)
+
+
 def _copy_norm(norm: nn.Module, ckpt: Checkpoint, weight_name: str, dim: int) -> None:
     """Fills an RMSNorm (weight) or a LayerNorm (weight and bias, the bias named beside the weight)."""
     _copy(norm.weight, ckpt, weight_name, (dim,))
@@ -114,7 +131,7 @@ def _fill(model: MoEModel, ctx: LoadContext, experts: ExpertLoader, progress: bo
     _copy(model.embed.weight, ckpt, "model.embed_tokens.weight", (v, d))
     _copy_norm(model.norm, ckpt, "model.norm.weight", d)
     if not cfg.tie_word_embeddings:
-        _copy(model.lm_head.weight, ckpt, "lm_head.weight", (v, d))
+        _copy_rows(model.lm_head, 0, ckpt, "lm_head.weight", (v, d))
     if cfg.lm_head_bias:
         _copy(model.lm_head.bias, ckpt, "lm_head.bias", (v,))
     disable = not sys.stderr.isatty() if progress is None else not progress
@@ -147,10 +164,10 @@ def _fill_attention(attn: Attention, ckpt: Checkpoint, family: Family, cfg: Mode
     d, qd, kvd = cfg.hidden_size, attn.q_dim, attn.kv_dim
     parts = (("q_proj", 0, qd), ("k_proj", qd, kvd), ("v_proj", qd + kvd, kvd))
     for part, offset, rows in parts:
-        _copy(attn.qkv.weight[offset:offset + rows], ckpt, family.attn_name(i, part) + ".weight", (rows, d))
+        _copy_rows(attn.qkv, offset, ckpt, family.attn_name(i, part) + ".weight", (rows, d))
         if cfg.qkv_bias:
             _copy(attn.qkv.bias[offset:offset + rows], ckpt, family.attn_name(i, part) + ".bias", (rows,))
-    _copy(attn.o_proj.weight, ckpt, family.attn_name(i, "o_proj") + ".weight", (d, qd))
+    _copy_rows(attn.o_proj, 0, ckpt, family.attn_name(i, "o_proj") + ".weight", (d, qd))
     if cfg.o_bias:
         _copy(attn.o_proj.bias, ckpt, family.attn_name(i, "o_proj") + ".bias", (d,))
     if getattr(attn, "sinks", None) is not None:
@@ -162,9 +179,9 @@ def _fill_attention(attn: Attention, ckpt: Checkpoint, family: Family, cfg: Mode
 
 def _fill_dense(mlp: DenseMLP, ckpt: Checkpoint, names: tuple[str, ...], d: int, ffn: int) -> None:
     gate, up, down = names[:3]
-    _copy(mlp.gate_up.weight[:ffn], ckpt, gate, (ffn, d))
-    _copy(mlp.gate_up.weight[ffn:], ckpt, up, (ffn, d))
-    _copy(mlp.down.weight, ckpt, down, (d, ffn))
+    _copy_rows(mlp.gate_up, 0, ckpt, gate, (ffn, d))
+    _copy_rows(mlp.gate_up, ffn, ckpt, up, (ffn, d))
+    _copy_rows(mlp.down, 0, ckpt, down, (d, ffn))
 
 
 def fill_stacked_experts(gate_up: torch.Tensor, down: torch.Tensor, ckpt: Checkpoint, family: Family,

@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .errors import MoekitError
 from .experts import ResidentExperts
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
-from .linear import Linear
+from .linear import Int8Linear, Linear
 from .paged_attention import causal_mask, decode_attention, prefill_attention
 from .rope import apply_rope, cos_sin, inverse_frequencies
 from .routers import route
@@ -352,11 +352,11 @@ class MoEModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device  # the input embedding table may live in host memory
+        return self.norm.weight.device  # the input embedding table may live in host memory
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.norm.weight.dtype
 
     def embed_input(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Returns the residual stream's input [B, T, D] for input_ids [B, T]."""
@@ -414,3 +414,27 @@ def _attention(cfg: ModelConfig, layer: int) -> nn.Module:
 
         return LatentAttention(cfg, layer)
     return SinkAttention(cfg, layer) if cfg.attention_sinks else Attention(cfg, layer)
+
+
+def int8_dense_modules(model: MoEModel) -> list[tuple[nn.Module, str]]:
+    """Returns (parent, name) of every projection `--quantize-dense int8` holds as Int8Linear: each
+    grouped-query attention's qkv and o_proj, the dense layers' and shared experts' MLPs, and the LM
+    head unless it is tied to the input embeddings. Routers (and shared-expert gates) stay as loaded:
+    they decide which experts run. MLA attention (DeepSeek) keeps its projections as loaded too."""
+    found: list[tuple[nn.Module, str]] = []
+    for layer in model.layers:
+        if isinstance(layer.attn, Attention):
+            found += [(layer.attn, "qkv"), (layer.attn, "o_proj")]
+        mlps = [layer.mlp] if isinstance(layer.mlp, DenseMLP) else [getattr(layer.mlp, "shared", None)]
+        found += [(mlp, name) for mlp in mlps if mlp is not None for name in ("gate_up", "down")]
+    if not model.config.tie_word_embeddings:
+        found.append((model, "lm_head"))
+    return [(parent, name) for parent, name in found if type(getattr(parent, name)) is Linear]
+
+
+def use_int8_dense(model: MoEModel) -> MoEModel:
+    """Replaces the projections int8_dense_modules lists by unfilled Int8Linear modules of the same
+    shape, dtype and device (meta on a model being loaded: load.py fills them row by row); returns model."""
+    for parent, name in int8_dense_modules(model):
+        setattr(parent, name, Int8Linear.like(getattr(parent, name)))
+    return model

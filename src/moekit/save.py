@@ -181,6 +181,11 @@ def save_model(model: MoEModel, out: str | Path, dtype: torch.dtype | None = Non
                generation_config: dict[str, Any] | None = None, extra_files: dict[str, str | bytes] | None = None,
                overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> Path:
     """Returns `out` after saving a mixtral-family model there in HF layout (see write_checkpoint)."""
+    from .linear import Int8Linear
+
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise MoekitError("this model's dense projections were quantized to int8 at load (--quantize-dense int8): "
+                          "saving would write their rounded values; load it with bf16 dense weights to save")
     config = hf_config(model.config)
     if dtype is not None:
         config["torch_dtype"] = DTYPE_NAMES[dtype]

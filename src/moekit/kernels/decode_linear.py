@@ -2,7 +2,9 @@
 
 Tensors (M = rows of x, 1..4; N = output features; K = input features; S = SPLIT_K):
     x     [M, K]      bf16 / fp16 activations (row stride stride_xm, columns contiguous)
-    w     [N, K]      the Linear's weight, row-major (row stride stride_wn, columns contiguous)
+    w     [N, K]      the Linear's weight, row-major (row stride stride_wn, columns contiguous): x's
+                      dtype, or int8 codes with a float32 scale per row (HAS_SCALE: w[n] = scale[n] * codes[n])
+    scale [N]         float32, the int8 rows' scales (HAS_SCALE)
     bias  [N]         optional (HAS_BIAS)
     y     [M, N]      the output, x's dtype (row stride stride_ym)
     part  [S, M, N]   float32 partial sums of the split-K kernel, contiguous
@@ -21,7 +23,8 @@ step (as moekit.kernels.moe_slots); which BLOCK_K is faster is the probe's to sa
 pipelines the BLOCK_K loop (cp.async into shared memory, STAGES - 1 steps' loads ahead of the
 reduction): more bytes in flight for a program with many steps, at the cost of shared memory
 (fewer programs an SM); STAGES = 1 loads each step in registers after the last one's reduction.
-Rows past N re-read the last row (loads need no row mask); the accumulator's rows past M (M is padded
+An int8 row's scale multiplies its float32 sum once, after the column loop (and before the bias;
+with SPLIT_K > 1 each partial is scaled, so their sum is too). Rows past N re-read the last row (loads need no row mask); the accumulator's rows past M (M is padded
 to the power of two M_PAD) stay zero and are not stored.
 """
 
@@ -53,13 +56,15 @@ def _step(acc, x_ptr, w_rows, k0, stride_xm, CHUNK: tl.constexpr, M: tl.constexp
 
 @triton.jit
 def decode_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr,
+    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, part_ptr,
     N,
     stride_xm, stride_wn, stride_ym,
     M: tl.constexpr, M_PAD: tl.constexpr, CHUNK: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
-    """SPLIT_K = 1: y[m, n] = x[m] . w[n] (+ bias[n]); else part[s, m, n] = the same over chunk s."""
+    """SPLIT_K = 1: y[m, n] = x[m] . w[n] (* scale[n]) (+ bias[n]); else part[s, m, n] = the same over
+    chunk s, without the bias."""
     nb = tl.program_id(0)
     s = tl.program_id(1)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -84,6 +89,8 @@ def decode_linear_kernel(
         REST: tl.constexpr = TAIL % MIN_K
         if REST != 0:
             acc = _step(acc, x_chunk, w_rows, CHUNK - REST, stride_xm, CHUNK, M, MIN_K, True)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rows)[None, :]
     m_idx = tl.arange(0, M_PAD)[:, None]  # [M_PAD, 1]
     keep = (m_idx < M) & (cols < N)[None, :]  # [M_PAD, BN]
     if SPLIT_K == 1:

@@ -165,7 +165,7 @@ def load_for_generate(args: argparse.Namespace, device: str, context_tokens: int
         device_memory=parse_size(args.device_memory) if args.device_memory else None,
         predictor=args.predictor, cache_policy=args.cache_policy, context_tokens=context_tokens,
         strict=args.strict_pregate, pregate_path=args.pregate, misses=args.misses or "auto",
-        pin_experts=0.25 if args.pin_counts else 0.0)
+        pin_experts=0.25 if args.pin_counts else 0.0, dense=getattr(args, "quantize_dense", None) or "bf16")
     counts = read_counts(args.pin_counts) if args.pin_counts else None
     return load_offloaded(args.model, device=device, dtype=dtype, offload=config, pin_counts=counts)
 

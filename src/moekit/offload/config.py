@@ -66,6 +66,9 @@ class OffloadConfig:
     cpu_threads: int = 0  # intra-op threads of the CPU expert worker (CUDA; 0: torch's threads - 1)
     prefill_chunk: int = 256  # tokens per prefill forward: bounds activations (and planned workspace)
     host_embedding: bool = True  # keep an untied input embedding table in host memory (CUDA)
+    # bf16 | int8: the attention projections, dense / shared MLPs and an untied LM head as loaded, or as
+    # int8 rows (linear.Int8Linear: half their bytes, for budgets as small as llama.cpp's Q4_K_M footprint)
+    dense: str = "bf16"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class OffloadConfig:
             raise MoekitError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.prefetch_k < 0 or self.batch <= 0:
             raise MoekitError("prefetch_k must be >= 0 and batch > 0")
+        if self.dense not in ("bf16", "int8"):
+            raise MoekitError(f"--quantize-dense '{self.dense}' unknown; use bf16 or int8")
         if self.misses not in MISSES:
             raise MoekitError(f"--misses '{self.misses}' unknown; use one of {', '.join(MISSES)}")
         if self.cpu_max_tokens < 1 or self.cpu_threads < 0:

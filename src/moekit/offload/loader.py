@@ -261,5 +261,7 @@ def read_counts(path: str | Path) -> dict[int, list[float]]:
 
 def load_offloaded(path=None, device: str | torch.device = "cpu", dtype=None,
                    offload: OffloadConfig | None = None, **loader_kwargs):
-    """Returns the model at `path` with offloaded experts (model.offload is the runtime)."""
-    return load_model(path, device=device, dtype=dtype, experts=OffloadLoader(offload, **loader_kwargs))
+    """Returns the model at `path` with offloaded experts (model.offload is the runtime); its dense
+    projections in offload.dense's form."""
+    loader = OffloadLoader(offload, **loader_kwargs)
+    return load_model(path, device=device, dtype=dtype, experts=loader, dense=loader.config.dense)

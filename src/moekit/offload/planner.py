@@ -2,7 +2,7 @@
 expert-cache slots, or refuses a budget that cannot hold a token's experts, naming the size needed.
 
 Everything is counted in bytes on the budgeted tier (the GPU, or host memory on a CPU-only run):
-    budget = resident non-expert weights + KV cache + activations + reserve
+    budget = resident non-expert weights (int8 projections: OffloadConfig.dense) + KV cache + activations + reserve
              + per-layer tables of a compressed form (code dictionaries) + S * expert_bytes
 
 The plan holds what will actually be held. Prefill runs in chunks of `prefill_chunk` tokens
@@ -23,6 +23,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import MoekitError
+from ..linear import DEQUANT_WORKSPACE_BYTES
 from .config import OffloadConfig
 
 CUDA_RESERVE_BYTES = 64 * 2**20  # cuBLAS workspaces, kernel scratch, allocator block rounding
@@ -62,24 +63,27 @@ class BudgetPlan:
         return {**asdict(self), "cache_bytes": self.cache_bytes, "planned_bytes": self.planned_bytes}
 
 
-def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, host_embedding: bool = False) -> int:
+def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, host_embedding: bool = False, dense: str = "bf16") -> int:
     """Returns the bytes of every weight except the routed experts, in `dtype` (from the config);
-    without the input embedding table when it stays in host memory."""
-    from ..model import MoEBlock, MoEModel
+    without the input embedding table when it stays in host memory; with `dense` "int8" the
+    projections model.int8_dense_modules lists count their int8 codes and float32 row scales."""
+    from ..model import MoEBlock, MoEModel, use_int8_dense
 
     with torch.device("meta"):
-        model = MoEModel(cfg)
+        model = MoEModel(cfg).to(dtype)
     for layer in model.layers:
         if isinstance(layer.mlp, MoEBlock):
             layer.mlp.experts = torch.nn.Identity()
+    if dense == "int8":
+        use_int8_dense(model)
     seen, total = set(), 0
     if host_embedding:
         seen.add(id(model.embed.weight))
     for p in model.parameters():  # tied weights counted once
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
-    return total * torch.empty((), dtype=dtype).element_size()
+            total += p.numel() * p.element_size()
+    return total
 
 
 def embedding_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -127,9 +131,11 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
     context = offload.context_tokens or 0  # 0: the KV cache is reserved when a generation starts
     batch = offload.batch
     host_embedding = offload.host_embedding and device.type == "cuda" and not cfg.tie_word_embeddings
-    resident = resident_bytes(cfg, dtype, host_embedding)
+    resident = resident_bytes(cfg, dtype, host_embedding, offload.dense)
     kv = kv_cache_bytes(cfg, dtype, batch, context)
     reserve = CUDA_RESERVE_BYTES if device.type == "cuda" else (expert_bytes if disk_store else 0)
+    if offload.dense == "int8" and device.type == "cuda":  # a prefill's Int8Linear call dequantizes a slice at a time
+        reserve += DEQUANT_WORKSPACE_BYTES
     chunk = min(offload.prefill_chunk, context or cfg.max_position_embeddings)
     act = prefill_activation_bytes(cfg, dtype, batch, chunk, context or chunk, device)
     room = (offload.device_memory or 0) - (resident + kv + reserve + shared_bytes)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from ..cli_common import (
     add_model_args,
+    add_quantize_dense_arg,
     add_threads_arg,
     check_min,
+    check_quantize_dense,
     model_context,
     model_dir,
 )
@@ -31,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model id clients send (default: the model folder's name)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    add_quantize_dense_arg(p)
     p.add_argument("--max-seqs", type=int, default=32, help="sequences decoded together at most (default: 32)")
     p.add_argument("--max-step-tokens", type=int, default=256,
                    help="tokens per forward step, decode and prefill chunks together (default: 256)")
@@ -76,6 +79,7 @@ def check_serve(args: argparse.Namespace) -> tuple[Path, str]:
     parse_device(device)
     parse_dtype(args.dtype)
     offload_cli.check_flags(args)
+    check_quantize_dense(args, device)
     if args.parallel is not None:
         _check_parallel(args)
     return model_dir(args.model, "MODEL"), device
@@ -112,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = str(path)
         model = offload_cli.load_for_generate(args, device, model_context(path))
     else:
-        model = load_model(path, device=device, dtype=args.dtype)
+        model = load_model(path, device=device, dtype=args.dtype, dense=args.quantize_dense or "bf16")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     # on a GPU with resident experts, pay every compile and capture before the first request
