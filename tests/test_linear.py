@@ -275,6 +275,10 @@ BUILDS = {
     "router_split": (64, 2048, 1, 1, 256, 4, 8, 1, False),  # chunks of one step
     "gpt_oss_router_split": (32, 2880, 1, 1, 512, 4, 4, 1, True),  # chunks of 720 = 512 + 128 + 64 + 16
     "gpt_oss_router_masked": (32, 2880, 1, 1, 1024, 4, 4, 1, True),  # 720 in one step masked past it
+    # int8 weights with a scale per row (Int8Linear, --quantize-dense int8): int8_decode_config's defaults
+    "int8_qwen3_lm_head": (151936, 2048, 1, 4, 1024, 4, 1, 1, False, True),
+    "int8_rows4_bias": (5120, 2048, 4, 4, 1024, 4, 1, 1, True, True),
+    "int8_small_split": (128, 2048, 1, 4, 1024, 4, 2, 1, False, True),
 }
 
 
@@ -291,16 +295,17 @@ def build(name: str) -> int:
 
     from moekit.kernels.decode_linear import decode_linear_kernel, decode_linear_reduce_kernel
 
-    _n, k, m, bn, bk, warps, split_k, stages, bias = BUILDS[name]  # N is a runtime argument
+    _n, k, m, bn, bk, warps, split_k, stages, bias, int8 = (BUILDS[name] + (False,))[:10]  # N: a runtime argument
     launches = [(decode_linear_kernel, {"M": m, "M_PAD": triton.next_power_of_2(m), "CHUNK": k // split_k,
                                         "SPLIT_K": split_k, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages,
-                                        "HAS_BIAS": bias}, warps)]
+                                        "HAS_BIAS": bias, "HAS_SCALE": int8}, warps)]
+    pointer = {"part_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*i8" if int8 else "*bf16"}
     if split_k > 1:
         launches.append((decode_linear_reduce_kernel, {"M": m, "SPLIT_K": split_k, "BLOCK": 1024, "HAS_BIAS": bias}, 4))
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     stack = 0
     for kernel, constexprs, w in launches:
-        signature = {a: ("*fp32" if a == "part_ptr" else "*bf16") if a.endswith("_ptr") else "i32"
+        signature = {a: pointer.get(a, "*bf16") if a.endswith("_ptr") else "i32"
                      for a in kernel.arg_names if a not in constexprs}
         signature |= {a: "constexpr" for a in constexprs}
         # as a launch specializes: tensors 16-byte aligned, N and the strides multiples of 16
@@ -315,7 +320,7 @@ def build(name: str) -> int:
                                           check=True).stdout for flag in ("--dump-resource-usage", "-sass"))
         print(name, kernel.__name__, usage.strip().splitlines()[-1].strip(), "shared bytes", compiled.metadata.shared)
         stack += int(re.search(r"STACK:(\d+)", usage).group(1))
-        if kernel is decode_linear_kernel and bn * bk // (32 * w) >= 8:  # 8+ weights a thread a step
+        if kernel is decode_linear_kernel and bn * bk // (32 * w) * (1 if int8 else 2) >= 16:  # 16+ bytes a thread
             # the weights stream 16 bytes a load (unaligned row pointers would compile to 2-byte loads)
             assert re.search(r"LDG(STS)?\.E(\.BYPASS)?\.128", sass), f"{name}: no 16-byte loads"
         if kernel is decode_linear_kernel and stages > 1:  # the BLOCK_K loop pipelined through cp.async
