@@ -206,3 +206,25 @@ def test_int8_dense_generates_on_cuda_like_its_dequantized_model(tiny, variant):
     a = model.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=())
     b = ref.generate(ids, max_new_tokens=12, temperature=0, eos_token_ids=())
     assert torch.equal(a, b)
+
+
+def test_a_refused_budget_names_int8_dense_where_it_would_fit(tiny):
+    """On a GPU, a budget too small with bf16 projections but enough with int8 ones says so (and what it needs)."""
+    import dataclasses
+
+    from moekit.errors import MoekitError
+    from moekit.load import read_config
+    from moekit.offload import OffloadConfig
+    from moekit.offload.planner import plan_budget
+
+    _, _, cfg = read_config(tiny("olmoe").path)
+    cfg = dataclasses.replace(cfg, vocab_size=2_000_000)  # a 128 MB bf16 LM head: int8 saves ~56 MB
+    expert = 3 * cfg.hidden_size * cfg.expert_ffn * 2
+    needs = {}
+    for dense in ("bf16", "int8"):
+        with pytest.raises(MoekitError) as refusal:
+            plan_budget(cfg, torch.bfloat16, expert, OffloadConfig(device_memory=10**6, dense=dense), torch.device("cuda"))
+        needs[dense] = str(refusal.value)
+    assert "--quantize-dense int8" in needs["bf16"] and "--quantize-dense" not in needs["int8"]
+    int8_need = needs["int8"].split("give --device-memory ")[1].split(" ")[0]
+    assert f"--quantize-dense int8 (int8 attention projections and LM head: {int8_need})" in needs["bf16"]

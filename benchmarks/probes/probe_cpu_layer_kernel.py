@@ -1,5 +1,6 @@
 """Read rate of the native CPU expert layer kernels on one token through a layer's top-8 experts at
-OLMoE's shapes (gate_up [2048, 2048], down [2048, 1024]), by stage, next to one thread's (and all
+OLMoE's shapes (gate_up [2048, 2048], down [2048, 1024]; --shape qwen3: [1536, 2048], [2048, 768];
+--experts N experts a call), by stage, next to one thread's (and all
 threads') stream read measured in the same run (issue 12): bf16 (experts.cpp, moekit_expert_ffn)
 and the compressed forms (compressed_layer.h's run_layer: moekit_int_ffn with int8 activations,
 moekit_code_ffn).
@@ -46,7 +47,8 @@ from moekit.native import compressed as nc
 from moekit.native import library
 from moekit.native.experts import acc_stride
 
-HIDDEN, FFN, TOP_K = 2048, 1024, 8  # OLMoE-1B-7B's layer
+HIDDEN, FFN, TOP_K = 2048, 1024, 8  # OLMoE-1B-7B's layer (--shape, --experts set them)
+SHAPES = {"olmoe": (2048, 1024), "qwen3": (2048, 768)}  # (hidden, expert ffn): OLMoE-1B-7B, Qwen3-30B-A3B
 FORMS = ("bf16", "int4_g128", "int2_g128", "int2_g256", "ternary")
 
 
@@ -188,7 +190,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="olmoe", help="the layer's hidden and expert ffn")
+    p.add_argument("--experts", type=int, default=8, help="experts a layer call computes (the missed ones: "
+                   "Qwen3's partner row missed ~1.6 a layer at 80%% hits)")
     a = p.parse_args()
+    global HIDDEN, FFN, TOP_K
+    (HIDDEN, FFN), TOP_K = SHAPES[a.shape], a.experts
 
     tree = library()
     builds = {"tree": tree._name} | {path: path for path in a.lib}

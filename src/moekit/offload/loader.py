@@ -200,7 +200,9 @@ class OffloadLoader(ExpertLoader):
                     f"{need / 1e6:.2f}MB with {runtime.cache.num_slots} experts cached (libraries' workspaces "
                     f"included; held {stages['held'] / 1e6:.0f}MB, peaks: prefill {stages['prefill_peak'] / 1e6:.0f}MB, "
                     f"graph capture {stages['capture_peak'] / 1e6:.0f}MB, decode step {stages['step_peak'] / 1e6:.0f}MB); "
-                    f"give at least {(need + margin + (plan.min_slots - runtime.cache.num_slots) * plan.expert_bytes) / 1e6 + 0.01:.2f}MB")
+                    f"give at least {(need + margin + (plan.min_slots - runtime.cache.num_slots) * plan.expert_bytes) / 1e6 + 0.01:.2f}MB"
+                    + (" (or --quantize-dense int8: int8 attention projections and LM head hold less)"
+                       if self.config.dense == "bf16" else ""))
             runtime.new_cache(slots)
         else:
             raise MoekitError(f"could not fit the expert cache under --device-memory {plan.budget_bytes / 1e6:.2f}MB "

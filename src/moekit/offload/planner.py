@@ -156,12 +156,18 @@ def plan_budget(cfg: ModelConfig, dtype: torch.dtype, expert_bytes: int, offload
     slots = min(total_experts, max(0, (budget - fixed) // expert_bytes))
     if slots < min_slots:
         needed = fixed + min_slots * expert_bytes
+        hint = ""
+        if offload.dense == "bf16" and device.type == "cuda":  # what int8 projections would need instead
+            saved = resident - resident_bytes(cfg, dtype, host_embedding, "int8") - DEQUANT_WORKSPACE_BYTES
+            if saved > 0:
+                hint = (f", or --quantize-dense int8 (int8 attention projections and LM head: "
+                        f"{decimal_size(needed - saved, up=True)})")
         raise MoekitError(
             f"--device-memory {decimal_size(budget)} is too small: this model needs at least {decimal_size(needed)} "
             f"({decimal_size(resident)} non-expert weights + {decimal_size(kv)} KV cache for {batch}x{context} "
             f"positions + {decimal_size(act + reserve)} activations and workspace"
             + (f" + {decimal_size(shared_bytes)} code tables" if shared_bytes else "") + f" + {min_slots} experts of "
-            f"{decimal_size(expert_bytes)}); give --device-memory {decimal_size(needed, up=True)} or more")
+            f"{decimal_size(expert_bytes)}); give --device-memory {decimal_size(needed, up=True)} or more" + hint)
     return BudgetPlan(budget, resident, kv, act, reserve, expert_bytes, int(slots), min_slots, total_experts,
                       shared_bytes=shared_bytes, kv_positions=batch * context, prefill_chunk=chunk,
                       host_embedding_bytes=embedding_bytes(cfg, dtype) if host_embedding else 0)
