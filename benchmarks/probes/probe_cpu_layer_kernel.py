@@ -14,6 +14,8 @@ experts, past the 32 MB L3):
   serial   the same 8 experts as 8 one-expert calls (what "one expert" measures, 8 times)
   stage1   8 distinct gate_up, one shared (cache-hot) down: stage 1's bytes from DRAM
   stage2   one shared (cache-hot) gate_up, 8 distinct down: stage 2's bytes from DRAM
+  gapped   (--gap-us) --layers layer calls, each after a pause of the calling thread alone: a partner
+           step's CPU side, whose threads idle while the GPU runs the rest of each layer
 Rates are of stored bytes; a stage's rate counts only its DRAM bytes, so the cached other stage
 makes it a lower bound.
 --lib PATH (repeatable) times other builds of the library in the same process, interleaved with
@@ -191,6 +193,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--json", action="store_true")
     p.add_argument("--shape", choices=tuple(SHAPES), default="olmoe", help="the layer's hidden and expert ffn")
+    p.add_argument("--gap-us", type=float, default=0.0, help="adds case 'gapped': --layers layer calls, each after "
+                   "this many microseconds of the calling thread alone (the GPU's share of a partner step, when the "
+                   "other threads idle); its rate counts the calls' time only")
+    p.add_argument("--layers", type=int, default=24, help="calls of the gapped case (Qwen3-30B-A3B: 48; the bench's cut: 24)")
     p.add_argument("--experts", type=int, default=8, help="experts a layer call computes (the missed ones: "
                    "Qwen3's partner row missed ~1.6 a layer at 80%% hits)")
     a = p.parse_args()
@@ -219,6 +225,18 @@ def main() -> None:
         if name == "layer":
             form.call(lib, ids, ids, threads)
             nbytes = TOP_K * (form.gu_bytes + form.dn_bytes)
+        elif name == "gapped":  # --layers calls, each after --gap-us of the caller alone (the partner's step)
+            spent = 0.0
+            for _ in range(gap_layers):
+                until = time.perf_counter() + gap_s
+                while time.perf_counter() < until:
+                    pass
+                ids = [(turn[0] + i) % form.experts for i in range(TOP_K)]
+                turn[0] += TOP_K
+                t0 = time.perf_counter()
+                form.call(lib, ids, ids, threads)
+                spent += time.perf_counter() - t0
+            return spent, gap_layers * TOP_K * (form.gu_bytes + form.dn_bytes)
         elif name == "serial":
             for e in ids:
                 form.call(lib, [e], [e], threads)
@@ -236,7 +254,8 @@ def main() -> None:
         return time.perf_counter() - t0, nbytes
 
     stream = torch.ones((1 << 30) // 8, dtype=torch.int64)
-    cases = ("layer", "serial", "stage1", "stage2")
+    cases = ("layer", "serial", "stage1", "stage2") + (("gapped",) if a.gap_us > 0 else ())
+    gap_layers, gap_s = a.layers, a.gap_us * 1e-6
     times: dict = {}
     for rep in range(a.reps):  # interleaved: every case of every form and library once per round
         order = libs[rep % len(libs):] + libs[:rep % len(libs)]  # each library first in turn
