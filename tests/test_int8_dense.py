@@ -184,8 +184,28 @@ def test_int8_dense_refusals(tiny, tmp_path, capsys):
     with pytest.raises(MoekitError, match="quantized to int8 at load"):
         save_model(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--quantize-dense", "int8")
-    assert code == 2 and "--cpu-quantize-dense int8" in err
+    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--quantize-dense", "int8",
+                           "--cpu-quantize-dense", "bf16")
+    assert code == 2 and "disagree" in err
+    code, _, err = run_cli(capsys, "serve", str(tiny("olmoe").path), "--device", "cpu", "--quantize-dense", "int8")
+    assert code == 2 and "--quantize-dense int8 is for a GPU" in err
+
+
+def test_quantize_dense_on_the_cpu_is_the_cpu_steps_int8(monkeypatch):
+    """generate --device cpu --quantize-dense int8 runs as --cpu-quantize-dense int8: the model loads as it
+    is (the native decode step quantizes its projections) and $MOEKIT_CPU_DENSE says int8."""
+    import argparse
+
+    from moekit.cli_common import check_quantize_dense
+
+    args = argparse.Namespace(quantize_dense="int8", cpu_quantize_dense=None, parallel=None)
+    check_quantize_dense(args, "cpu", cpu_step=True)
+    assert args.cpu_quantize_dense == "int8" and args.quantize_dense is None
+    args = argparse.Namespace(quantize_dense="int8", cpu_quantize_dense=None, parallel="ep=2")
+    from moekit.errors import MoekitError
+
+    with pytest.raises(MoekitError, match="--parallel"):
+        check_quantize_dense(args, "cuda", cpu_step=True)
 
 
 @pytest.mark.gpu

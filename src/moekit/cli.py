@@ -49,7 +49,7 @@ def check_generate(args: argparse.Namespace) -> tuple[str, str]:
         raise MoekitError("--compile needs CUDA graphs (it compiles the captured decode step); drop --no-cuda-graph")
     if getattr(args, "cpu_quantize_dense", None) and not device.startswith("cpu"):
         raise MoekitError(f"--cpu-quantize-dense is for the CPU decode step; drop it on {device}")
-    check_quantize_dense(args, device)
+    check_quantize_dense(args, device, cpu_step=True)
     return str(model_dir(args.model, "--model")), device
 
 

@@ -124,17 +124,22 @@ def model_context(path: Path) -> int:
     return read_config(path)[2].max_position_embeddings
 
 
-def check_quantize_dense(args: argparse.Namespace, device: str) -> None:
-    """Raises MoekitError where --quantize-dense int8 cannot run: the CPU (its decode step has its own
-    int8 kernels, --cpu-quantize-dense) and --parallel (ranks split bf16 weights)."""
+def check_quantize_dense(args: argparse.Namespace, device: str, cpu_step: bool = False) -> None:
+    """Raises MoekitError where --quantize-dense int8 cannot run: --parallel (ranks split bf16 weights),
+    and the CPU unless `cpu_step` (generate): there the CPU decode step's own int8 kernels take it
+    (as --cpu-quantize-dense int8; args are set so), and the model loads as it is."""
     if getattr(args, "quantize_dense", None) != "int8":
         return
-    if not device.startswith("cuda"):
-        raise MoekitError(f"--quantize-dense int8 is for a GPU; on {device} use --cpu-quantize-dense int8 (the CPU "
-                          "decode step's own int8 kernels)")
     if getattr(args, "parallel", None):
         raise MoekitError("--quantize-dense int8 is not available with --parallel yet (the ranks split bf16 "
                           "projections); drop one of them")
+    if device.startswith("cuda"):
+        return
+    if not cpu_step:
+        raise MoekitError(f"--quantize-dense int8 is for a GPU here; on {device} drop it")
+    if getattr(args, "cpu_quantize_dense", None) == "bf16":
+        raise MoekitError("--quantize-dense int8 and --cpu-quantize-dense bf16 disagree; give one of them")
+    args.cpu_quantize_dense, args.quantize_dense = "int8", None  # the CPU step's dense_q8 kernels
 
 
 def add_quantize_dense_arg(parser: argparse.ArgumentParser) -> None:
@@ -142,4 +147,5 @@ def add_quantize_dense_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-dense", choices=("bf16", "int8"), default=None,
                         help="GPU: hold the attention projections, dense / shared MLPs and an untied LM head as "
                              "int8 rows with a scale each (half their bytes; quantized while loading, routers "
-                             "kept as loaded) so a small --device-memory holds more experts (default: bf16)")
+                             "kept as loaded) so a small --device-memory holds more experts; generate on the CPU: "
+                             "the same as --cpu-quantize-dense int8 (default: bf16)")
