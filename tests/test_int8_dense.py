@@ -102,8 +102,12 @@ def _int8_names(model) -> set[str]:
                    "layers.1.mlp.down", "lm_head"}, {"layers.0.mlp.router", "layers.0.mlp.shared_gate"}),
     ("olmoe_clip", {"layers.1.attn.qkv", "layers.1.attn.o_proj", "lm_head"}, {"layers.1.mlp.router"}),
     ("phimoe", {"layers.0.attn.qkv", "lm_head"}, {"layers.0.mlp.router"}),  # LayerNorm, LM-head bias
+    ("gpt_oss", {"layers.0.attn.qkv", "layers.1.attn.o_proj", "lm_head"}, {"layers.0.mlp.router"}),  # sinks, biases
     ("mixtral_tied", {"layers.0.attn.qkv"}, {"lm_head"}),  # a tied head stays (it is the embedding table)
-    ("deepseek_v2", {"layers.0.mlp.gate_up", "layers.1.mlp.shared.down"}, {"layers.0.attn.o_proj"}),  # MLA kept
+    # MLA: q, kv_a and o in int8; kv_b (read as a weight by the absorbed decode) and the routers kept
+    ("deepseek_v2", {"layers.0.mlp.gate_up", "layers.1.mlp.shared.down", "layers.0.attn.q_proj",
+                     "layers.1.attn.kv_a_proj", "layers.2.attn.o_proj"}, {"layers.0.attn.kv_b_proj", "layers.1.mlp.router"}),
+    ("deepseek_v2_group", {"layers.0.attn.q_a_proj", "layers.0.attn.q_b_proj"}, {"layers.0.attn.kv_b_proj"}),
 ])
 def test_load_int8_dense_quantizes_the_projections(tiny, variant, expected, kept):
     """The listed projections become Int8Linear, routers and what int8_dense_modules leaves stay; the
@@ -210,7 +214,7 @@ def test_quantize_dense_on_the_cpu_is_the_cpu_steps_int8(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen2_moe", "phimoe"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen2_moe", "phimoe", "deepseek_v2", "gpt_oss"])
 def test_int8_dense_generates_on_cuda_like_its_dequantized_model(tiny, variant):
     """bf16 on a GPU, CUDA-graph decode steps (the int8 decode matvec captured) against a bf16 model
     given the int8 rows' values (cuBLAS and the dequantized slices): the same greedy tokens."""

@@ -29,13 +29,15 @@ class EvalReport:
 
 
 def evaluate(model_path: str | Path | None, data: str | Path, seqlen: int | None = None, device: str = "cpu",
-             dtype: str | None = None, max_tokens: int | None = None, progress: bool = False) -> EvalReport:
+             dtype: str | None = None, max_tokens: int | None = None, progress: bool = False,
+             dense: str = "bf16") -> EvalReport:
     """Returns the perplexity report of the model at model_path (default: the bundled tiny MoE) on
     the text at `data`, scored in windows of seqlen tokens (see train.evaluate_perplexity).
 
     seqlen defaults to 512, or the model's context when that is shorter; a seqlen beyond the
     context is refused (never silently shortened, so the report states what was scored).
-    `progress` shows the scoring on stderr (moekit.progress)."""
+    `progress` shows the scoring on stderr (moekit.progress). `dense` "int8" scores the model with its
+    projections as `--quantize-dense int8` holds them (linear.Int8Linear, on any device here)."""
     from .progress import heartbeat
 
     path = Path(model_path) if model_path is not None else default_model_path()
@@ -45,7 +47,7 @@ def evaluate(model_path: str | Path | None, data: str | Path, seqlen: int | None
         raise MoekitError(f"--max-tokens must be >= 2, got {max_tokens}")
     t0 = time.perf_counter()
     with heartbeat("loading the model", enabled=progress):
-        model = load_model(path, device=device, dtype=dtype)
+        model = load_model(path, device=device, dtype=dtype, dense=dense)
     context = model.config.max_position_embeddings
     if seqlen is None:
         seqlen = min(512, context)
@@ -61,4 +63,6 @@ def evaluate(model_path: str | Path | None, data: str | Path, seqlen: int | None
     cfg = read_json(path / "config.json")
     if isinstance(cfg.get("quantization_config"), dict):
         quant = cfg["quantization_config"]
+    if dense != "bf16":
+        quant = {**(quant or {}), "dense": dense}
     return EvalReport(str(path), str(data), ppl, scored, seqlen, round(time.perf_counter() - t0, 2), quant)

@@ -35,7 +35,7 @@ from . import fused
 from .config import ModelConfig
 from .errors import MoekitError
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
-from .linear import Linear
+from .linear import Int8Linear, Linear
 from .paged_attention import gather_sequence
 from .rope import apply_rope, yarn_mscale
 
@@ -291,19 +291,26 @@ def fill_latent_attention(attn: LatentAttention, ckpt, family, cfg: ModelConfig,
     def copy(param: torch.Tensor, part: str) -> None:
         param.copy_(ckpt.read(family.attn_name(layer, part), shape=tuple(param.shape), dtype=param.dtype))
 
+    def copy_weight(linear: torch.nn.Module, part: str) -> None:  # an Int8Linear quantizes it (load.py's rows)
+        if isinstance(linear, Int8Linear):
+            shape = (linear.out_features, linear.in_features)
+            linear.fill_rows(0, ckpt.read(family.attn_name(layer, part), shape=shape, dtype=torch.float32))
+        else:
+            copy(linear.weight, part)
+
     if m.q_lora_rank:
-        copy(attn.q_a_proj.weight, "q_a_proj.weight")
+        copy_weight(attn.q_a_proj, "q_a_proj.weight")
         copy(attn.q_a_norm.weight, "q_a_layernorm.weight")
-        copy(attn.q_b_proj.weight, "q_b_proj.weight")
+        copy_weight(attn.q_b_proj, "q_b_proj.weight")
         if attn.q_a_proj.bias is not None:
             copy(attn.q_a_proj.bias, "q_a_proj.bias")
     else:
-        copy(attn.q_proj.weight, "q_proj.weight")
-    copy(attn.kv_a_proj.weight, "kv_a_proj_with_mqa.weight")
+        copy_weight(attn.q_proj, "q_proj.weight")
+    copy_weight(attn.kv_a_proj, "kv_a_proj_with_mqa.weight")
     if attn.kv_a_proj.bias is not None:
         copy(attn.kv_a_proj.bias, "kv_a_proj_with_mqa.bias")
     copy(attn.kv_a_norm.weight, "kv_a_layernorm.weight")
     copy(attn.kv_b_proj.weight, "kv_b_proj.weight")
-    copy(attn.o_proj.weight, "o_proj.weight")
+    copy_weight(attn.o_proj, "o_proj.weight")
     if attn.o_proj.bias is not None:
         copy(attn.o_proj.bias, "o_proj.bias")

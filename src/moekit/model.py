@@ -419,12 +419,16 @@ def _attention(cfg: ModelConfig, layer: int) -> nn.Module:
 def int8_dense_modules(model: MoEModel) -> list[tuple[nn.Module, str]]:
     """Returns (parent, name) of every projection `--quantize-dense int8` holds as Int8Linear: each
     grouped-query attention's qkv and o_proj, the dense layers' and shared experts' MLPs, and the LM
-    head unless it is tied to the input embeddings. Routers (and shared-expert gates) stay as loaded:
-    they decide which experts run. MLA attention (DeepSeek) keeps its projections as loaded too."""
+    head unless it is tied to the input embeddings; MLA attention's (DeepSeek) q, kv_a and o projections.
+    Routers (and shared-expert gates) stay as loaded: they decide which experts run; so does MLA's
+    kv_b, which its absorbed decode reads as a weight."""
     found: list[tuple[nn.Module, str]] = []
     for layer in model.layers:
         if isinstance(layer.attn, Attention):
             found += [(layer.attn, "qkv"), (layer.attn, "o_proj")]
+        elif hasattr(layer.attn, "kv_b_proj"):  # mla.LatentAttention
+            found += [(layer.attn, name) for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "o_proj")
+                      if hasattr(layer.attn, name)]
         mlps = [layer.mlp] if isinstance(layer.mlp, DenseMLP) else [getattr(layer.mlp, "shared", None)]
         found += [(mlp, name) for mlp in mlps if mlp is not None for name in ("gate_up", "down")]
     if not model.config.tie_word_embeddings:

@@ -86,12 +86,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path, device, seqlen = check_eval(args)
     r = evaluate(path, args.data, seqlen=seqlen, device=device, dtype=args.dtype,
-                 max_tokens=args.max_tokens, progress=True)
+                 max_tokens=args.max_tokens, progress=True, dense=args.quantize_dense or "bf16")
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0
     q = r.quantization
-    form = "dense" if q is None else f"{q.get('method')} {q.get('bits')}{'' if q.get('bits') == 'ternary' else '-bit'}"
+    form = "dense" if q is None or "method" not in q else (
+        f"{q.get('method')} {q.get('bits')}{'' if q.get('bits') == 'ternary' else '-bit'}")
+    if q is not None and q.get("dense"):
+        form += f", {q['dense']} projections"
     print(table([("model", f"{r.model} ({form})"), ("data", r.data), ("perplexity", f"{r.perplexity:.3f}"),
                  ("tokens scored", f"{r.tokens_scored:,}"), ("seqlen", str(r.seqlen)), ("time", f"{r.seconds:.1f} s")]))
     return 0
@@ -128,5 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads_arg(e)
     e.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     e.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    e.add_argument("--quantize-dense", choices=("bf16", "int8"), default=None,
+                   help="score with the projections as --quantize-dense int8 holds them on a GPU (here on any "
+                        "device: what int8 rows cost in perplexity)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
