@@ -75,7 +75,7 @@ def test_int8_linear_decode_matvec_on_cuda(shape):
     n, k = shape
     base = torch.nn.Linear(k, n, bias=True).to("cuda", torch.bfloat16)
     q = Int8Linear.from_linear(base)
-    for rows in (1, 3, 4):
+    for rows in (1, 3, 4, 8):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         exact = F.linear(x.float(), q.dequantized(torch.float32), q.bias.float())
         assert _relative(q(x), exact) < 4e-3

@@ -77,7 +77,7 @@ def test_decode_linear_half_rounds_once(config, shape, dtype):
 
 @pytest.mark.parametrize("config,shape", [CASES[0], CASES[2], CASES[4], CASES[6]],
                          ids=["tail", "one-step", "split4", "split8"])
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 4, 8])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_int8_weights_match_their_dequantized_product(config, shape, rows, bias):
     """int8 codes with a float32 scale per row (moekit.linear.Int8Linear): the kernel's product equals
@@ -101,6 +101,9 @@ def test_decode_linear_int8_needs_its_scale():
     for weight, sc in ((codes, None), (w, scale), (codes, scale[:4]), (codes, scale.double())):
         with pytest.raises(MoekitError, match="one dtype"):
             decode_linear(x, weight, None, (4, 64, 4, 1, 1), scale=sc)
+    x9, _, _ = _case(8, 64, 9, torch.float32, False, "cpu")
+    with pytest.raises(MoekitError, match="1..8 rows"):
+        decode_linear(x9, codes, None, (4, 64, 4, 1, 1), scale=scale)
 
 
 @pytest.mark.parametrize("shape", [(5120, 2048), (151936, 2048), (2048, 4096), (100, 32), (37, 1000), (8, 24),
@@ -279,6 +282,7 @@ BUILDS = {
     "int8_qwen3_lm_head": (151936, 2048, 1, 4, 1024, 4, 1, 1, False, True),
     "int8_rows4_bias": (5120, 2048, 4, 4, 1024, 4, 1, 1, True, True),
     "int8_small_split": (128, 2048, 1, 4, 1024, 4, 2, 1, False, True),
+    "int8_rows8": (2048, 4096, 8, 4, 1024, 4, 1, 1, False, True),  # a serve step of 8 sequences
 }
 
 

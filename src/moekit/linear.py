@@ -42,6 +42,9 @@ except ImportError:  # CPU machines without triton: F.linear
 
 _NATIVE_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_MAX_ROWS = 4  # rows the decode matvec takes: it reads the weights once for all of them
+# with int8 weights (Int8Linear) up to 8 rows (a serve step of 5-8 sequences): the other path dequantizes
+# every weight each call (a bf16 copy written and read again); not timed against it on a GPU yet
+INT8_DECODE_MAX_ROWS = 8
 REDUCE_BLOCK = 1024  # columns a program of the split-K reduce kernel sums
 
 # (BLOCK_N rows, BLOCK_K columns, num_warps, SPLIT_K, STAGES) keyed by the weight's (N, K); measured on an
@@ -90,8 +93,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     float32 partials in a fixed order. No host sync: a CUDA graph can capture it."""
     m, k = x.shape
     n = weight.shape[0]
-    if not 1 <= m <= DECODE_MAX_ROWS or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
-        raise MoekitError(f"decode_linear: x {tuple(x.shape)} (1..{DECODE_MAX_ROWS} rows) and weight "
+    most = DECODE_MAX_ROWS if scale is None else INT8_DECODE_MAX_ROWS
+    if not 1 <= m <= most or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
+        raise MoekitError(f"decode_linear: x {tuple(x.shape)} (1..{most} rows) and weight "
                           f"{tuple(weight.shape)} must share K, with contiguous columns")
     weight_ok = (weight.dtype == x.dtype if scale is None else weight.dtype == torch.int8
                  and scale.dtype == torch.float32 and scale.shape == (n,) and scale.is_contiguous())
@@ -213,7 +217,7 @@ class Int8Linear(nn.Module):
     bf16 weight's bytes (issue 12: llama.cpp's Q4_K_M / Q2_K quantize attention and the LM head too,
     so at its footprint a model whose dense weights stay bf16 does not fit).
 
-    Calls of 1..DECODE_MAX_ROWS rows on a GPU run the decode matvec on the codes (the scale applied
+    Calls of 1..INT8_DECODE_MAX_ROWS rows on a GPU run the decode matvec on the codes (the scale applied
     to each row's float32 sum); others (prefill, the CPU, MOEKIT_FUSED=0) dequantize DEQUANT_ELEMENTS
     weights at a time into x's dtype and run F.linear on each slice. Filled row by row (`fill_rows`)
     from the checkpoint, so the bf16 weight never exists on the device. Parameters: qweight [N, K]
@@ -263,7 +267,7 @@ class Int8Linear(nn.Module):
         k, n = self.in_features, self.out_features
         flat = x.reshape(-1, k)
         rows = flat.shape[0]
-        if (x.is_cuda and HAVE_TRITON and 0 < rows <= DECODE_MAX_ROWS and x.dtype in _NATIVE_DTYPES
+        if (x.is_cuda and HAVE_TRITON and 0 < rows <= INT8_DECODE_MAX_ROWS and x.dtype in _NATIVE_DTYPES
                 and not torch.compiler.is_compiling() and os.environ.get("MOEKIT_FUSED") != "0"):
             if flat.stride(1) != 1:
                 flat = flat.contiguous()

@@ -1,6 +1,6 @@
 """Decode matvec: y = x @ W^T (+ bias) for a few rows of x, streaming W once at the HBM bound.
 
-Tensors (M = rows of x, 1..4; N = output features; K = input features; S = SPLIT_K):
+Tensors (M = rows of x, 1..4, int8 weights 1..8; N = output features; K = input features; S = SPLIT_K):
     x     [M, K]      bf16 / fp16 activations (row stride stride_xm, columns contiguous)
     w     [N, K]      the Linear's weight, row-major (row stride stride_wn, columns contiguous): x's
                       dtype, or int8 codes with a float32 scale per row (HAS_SCALE: w[n] = scale[n] * codes[n])
