@@ -195,21 +195,59 @@ def test_int8_dense_refusals(tiny, tmp_path, capsys):
     assert code == 2 and "--quantize-dense int8 is for a GPU" in err
 
 
-def test_quantize_dense_on_the_cpu_is_the_cpu_steps_int8(monkeypatch):
-    """generate --device cpu --quantize-dense int8 runs as --cpu-quantize-dense int8: the model loads as it
-    is (the native decode step quantizes its projections) and $MOEKIT_CPU_DENSE says int8."""
+def test_quantize_dense_on_the_cpu_is_the_cpu_steps_int8():
+    """generate --device cpu --quantize-dense int8 runs as --cpu-quantize-dense int8 on a bf16 model (the only
+    one the native decode step takes); where that step would not run (--offload, --dtype float32) both flags
+    are refused instead of doing nothing; on a GPU --compile and --parallel are refused."""
     import argparse
 
-    from moekit.cli_common import check_quantize_dense
-
-    args = argparse.Namespace(quantize_dense="int8", cpu_quantize_dense=None, parallel=None)
-    check_quantize_dense(args, "cpu", cpu_step=True)
-    assert args.cpu_quantize_dense == "int8" and args.quantize_dense is None
-    args = argparse.Namespace(quantize_dense="int8", cpu_quantize_dense=None, parallel="ep=2")
+    from moekit.cli_common import check_cpu_quantize_dense, check_quantize_dense
     from moekit.errors import MoekitError
 
-    with pytest.raises(MoekitError, match="--parallel"):
-        check_quantize_dense(args, "cuda", cpu_step=True)
+    def args(**kw):
+        return argparse.Namespace(**{**dict(quantize_dense="int8", cpu_quantize_dense=None, parallel=None,
+                                            dtype=None, offload=False, compile=False), **kw})
+
+    a = args()
+    check_quantize_dense(a, "cpu", cpu_step=True)
+    assert (a.cpu_quantize_dense, a.quantize_dense, a.dtype) == ("int8", None, "bfloat16")
+    for bad, match in ((dict(offload=True), "offloaded"), (dict(dtype="float32"), "bfloat16 model")):
+        with pytest.raises(MoekitError, match=match):
+            check_quantize_dense(args(**bad), "cpu", cpu_step=True)
+        with pytest.raises(MoekitError, match=match):  # the older flag alone, the same rule
+            check_cpu_quantize_dense(args(quantize_dense=None, cpu_quantize_dense="int8", **bad), "cpu")
+    for bad, match in ((dict(parallel="ep=2"), "--parallel"), (dict(compile=True), "--compile")):
+        with pytest.raises(MoekitError, match=match):
+            check_quantize_dense(args(**bad), "cuda", cpu_step=True)
+    check_quantize_dense(a := args(), "cuda", cpu_step=True)
+    assert a.quantize_dense == "int8" and a.dtype is None
+
+
+def test_parallel_loaders_refuse_int8_projections(tiny):
+    from moekit.errors import MoekitError
+    from moekit.offload import OffloadConfig
+    from moekit.parallel.offload import load_offloaded_parallel
+    from moekit.parallel.tensor import load_parallel
+
+    with pytest.raises(MoekitError, match="not available with --parallel"):
+        load_parallel(tiny("olmoe").path, groups=None, dense="int8")
+    with pytest.raises(MoekitError, match="expert parallelism"):
+        load_offloaded_parallel(tiny("olmoe").path, comm=None, offload=OffloadConfig(dense="int8"))
+
+
+def test_int8_linear_keeps_float32_scales_and_autograd(monkeypatch):
+    """After model.half() the float32 scales may have been cast: the module still computes with float32 ones;
+    a call that autograd must see takes the differentiable path (dequantized slices)."""
+    from moekit.linear import Int8Linear
+
+    q = Int8Linear.from_linear(torch.nn.Linear(32, 12))
+    x = torch.randn(2, 32, requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    q.half()
+    assert q.qscale.dtype == torch.float16 and q.qweight.dtype == torch.int8
+    y = q(torch.randn(2, 32).half())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
 
 
 @pytest.mark.gpu

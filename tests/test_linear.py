@@ -278,12 +278,23 @@ BUILDS = {
     "router_split": (64, 2048, 1, 1, 256, 4, 8, 1, False),  # chunks of one step
     "gpt_oss_router_split": (32, 2880, 1, 1, 512, 4, 4, 1, True),  # chunks of 720 = 512 + 128 + 64 + 16
     "gpt_oss_router_masked": (32, 2880, 1, 1, 1024, 4, 4, 1, True),  # 720 in one step masked past it
-    # int8 weights with a scale per row (Int8Linear, --quantize-dense int8): int8_decode_config's defaults
-    "int8_qwen3_lm_head": (151936, 2048, 1, 4, 1024, 4, 1, 1, False, True),
-    "int8_rows4_bias": (5120, 2048, 4, 4, 1024, 4, 1, 1, True, True),
-    "int8_small_split": (128, 2048, 1, 4, 1024, 4, 2, 1, False, True),
-    "int8_rows8": (2048, 4096, 8, 4, 1024, 4, 1, 1, False, True),  # a serve step of 8 sequences
 }
+# int8 weights with a scale per row (Int8Linear, --quantize-dense int8): (N, K, M, HAS_BIAS), each built with
+# the config int8_decode_config picks at runtime (DECODE_TUNED's where the shape is tabled)
+INT8_BUILDS = {
+    "int8_qwen3_lm_head": (151936, 2048, 1, False),  # untabled: the default tile
+    "int8_rows4_bias": (5120, 2048, 4, True),  # Qwen3's qkv, tabled
+    "int8_untabled_split": (96, 2048, 1, False),  # N < 256: split-K
+    "int8_rows8": (2048, 4096, 8, False),  # Qwen3's o (tabled: BLOCK_K 2048, 8 warps) in a serve step of 8
+    "int8_rows8_split": (100, 2048, 8, True),  # split-K at 8 rows, bias
+}
+
+
+def _int8_build(n: int, k: int, m: int, bias: bool) -> tuple:
+    from moekit.linear import int8_decode_config
+
+    bn, bk, warps, split_k, stages = int8_decode_config(n, k)
+    return (n, k, m, bn, bk, warps, split_k, stages, bias, True)
 
 
 def build(name: str) -> int:
@@ -299,7 +310,8 @@ def build(name: str) -> int:
 
     from moekit.kernels.decode_linear import decode_linear_kernel, decode_linear_reduce_kernel
 
-    _n, k, m, bn, bk, warps, split_k, stages, bias, int8 = (BUILDS[name] + (False,))[:10]  # N: a runtime argument
+    spec = BUILDS[name] + (False,) if name in BUILDS else _int8_build(*INT8_BUILDS[name])
+    _n, k, m, bn, bk, warps, split_k, stages, bias, int8 = spec  # N is a runtime argument
     launches = [(decode_linear_kernel, {"M": m, "M_PAD": triton.next_power_of_2(m), "CHUNK": k // split_k,
                                         "SPLIT_K": split_k, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages,
                                         "HAS_BIAS": bias, "HAS_SCALE": int8}, warps)]
@@ -333,7 +345,7 @@ def build(name: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(BUILDS))
+@pytest.mark.parametrize("name", list(BUILDS) + list(INT8_BUILDS))
 def test_decode_linear_compiles_for_sm90_without_spills(name):
     from conftest import build_without_interpreter  # here: this file runs as the child too
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .cli_common import (add_model_args, add_quantize_dense_arg, add_threads_arg, check_quantize_dense,
+from .cli_common import (add_model_args, add_quantize_dense_arg, add_threads_arg, check_cpu_quantize_dense,
+                         check_quantize_dense,
                          fmt_bytes as _fmt_bytes, fmt_count as _fmt_count, merge_model_args, model_context, model_dir,
                          table as _table)
 from .errors import MoekitError
@@ -50,6 +51,7 @@ def check_generate(args: argparse.Namespace) -> tuple[str, str]:
     if getattr(args, "cpu_quantize_dense", None) and not device.startswith("cpu"):
         raise MoekitError(f"--cpu-quantize-dense is for the CPU decode step; drop it on {device}")
     check_quantize_dense(args, device, cpu_step=True)
+    check_cpu_quantize_dense(args, device)
     return str(model_dir(args.model, "--model")), device
 
 
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on GPUs")
     gen.add_argument("--cpu-quantize-dense", choices=("bf16", "int8"), default=None,
                      help="the CPU decode step's attention projections and LM head: int8 per row halves their "
-                          "bytes (default: $MOEKIT_CPU_DENSE, else bf16)")
+                          "bytes; that step runs bf16 models without --offload, so int8 loads the model in "
+                          "bfloat16 (default: $MOEKIT_CPU_DENSE, else bf16)")
     add_quantize_dense_arg(gen)
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step before capturing it (GPU; slow first call, faster decode)")

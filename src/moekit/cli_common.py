@@ -134,12 +134,31 @@ def check_quantize_dense(args: argparse.Namespace, device: str, cpu_step: bool =
         raise MoekitError("--quantize-dense int8 is not available with --parallel yet (the ranks split bf16 "
                           "projections); drop one of them")
     if device.startswith("cuda"):
+        if getattr(args, "compile", False):  # a compiled step would dequantize every weight each step
+            raise MoekitError("--quantize-dense int8 and --compile do not go together yet (the compiled step would "
+                              "rebuild each projection's weights every step); drop one of them")
         return
     if not cpu_step:
         raise MoekitError(f"--quantize-dense int8 is for a GPU here; on {device} drop it")
     if getattr(args, "cpu_quantize_dense", None) == "bf16":
         raise MoekitError("--quantize-dense int8 and --cpu-quantize-dense bf16 disagree; give one of them")
     args.cpu_quantize_dense, args.quantize_dense = "int8", None  # the CPU step's dense_q8 kernels
+    check_cpu_quantize_dense(args, device)
+
+
+def check_cpu_quantize_dense(args: argparse.Namespace, device: str) -> None:
+    """--cpu-quantize-dense int8 (or --quantize-dense int8 on the CPU) runs in the native CPU decode step,
+    which takes a bf16 model and no offloaded experts: gives a CPU run bfloat16 where --dtype is not
+    given, and raises MoekitError where the step would not run (the flag would do nothing)."""
+    if getattr(args, "cpu_quantize_dense", None) != "int8":
+        return
+    if getattr(args, "offload", False):
+        raise MoekitError(f"int8 projections on {device} are the CPU decode step's, which an offloaded model does "
+                          "not run; drop --offload or the int8 flag")
+    if args.dtype not in (None, "bfloat16", "bf16"):
+        raise MoekitError(f"int8 projections on {device} run in the CPU decode step, which takes a bfloat16 model; "
+                          f"drop --dtype {args.dtype} (or give --dtype bfloat16)")
+    args.dtype = "bfloat16"
 
 
 def add_quantize_dense_arg(parser: argparse.ArgumentParser) -> None:

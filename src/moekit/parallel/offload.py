@@ -132,7 +132,11 @@ def load_offloaded_parallel(path, comm: ExpertComm, offload, expert_map: Mapping
     offloaded under `offload` (an OffloadConfig: this rank's device budget); every rank of comm must
     call it with the same arguments. A rank fetches its misses: misses auto (the default) runs as
     fetch; cpu and mapped are refused."""
+    from ..errors import MoekitError
     from ..load import load_model
 
+    if getattr(offload, "dense", "bf16") != "bf16" or kwargs.get("dense", "bf16") != "bf16":
+        raise MoekitError("int8 projections (--quantize-dense int8) are not available with expert parallelism "
+                          "yet: load with dense='bf16'")
     return load_model(path, device=comm.device, dtype=dtype,
                       experts=OffloadedParallelLoader(comm, offload, expert_map), **kwargs)

@@ -410,7 +410,11 @@ def load_parallel(path, groups: ParallelGroups, expert_map=None, dtype: str | to
                   **kwargs) -> nn.Module:
     """Returns the model at `path` on groups.world.device, split over the ep x tp grid (this rank's
     heads, ffn slices and experts); every rank must call it with the same arguments."""
+    from ..errors import MoekitError
     from ..load import load_model
 
+    if kwargs.get("dense", "bf16") != "bf16":  # the ranks split bf16 projections by rows and columns
+        raise MoekitError("int8 projections (--quantize-dense int8) are not available with --parallel yet: load "
+                          "with dense='bf16'")
     return load_model(path, device=groups.world.device, dtype=dtype,
                       experts=ParallelLoader(groups, expert_map), **kwargs)
