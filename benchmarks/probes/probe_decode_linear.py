@@ -15,6 +15,13 @@ TB/s of weights read, the share of the HBM copy rate measured in the run (the ce
 max |error| against F.linear. The JSON's "winners" (and the printed DECODE_TUNED literal) hold
 the shapes where the best config beat cuBLAS by more than --margin: paste them into
 moekit/linear.py's DECODE_TUNED. Off CUDA it says so and exits 0.
+
+--int8: the kernel rows read int8 codes with a float32 scale per row (Int8Linear, --quantize-dense int8;
+1..8 rows), cuBLAS keeps the bf16 weights: each row's bytes are its own, so TB/s compares how near each
+gets to the HBM bound and `us` what a decode step would spend; its error is against the dequantized
+product. int8_decode_config's pick is timed first.
+
+    PYTHONPATH=src python3 benchmarks/probes/probe_decode_linear.py --out $OUT --int8 --shapes qwen3 --rows 1
 """
 
 from __future__ import annotations
@@ -80,16 +87,27 @@ def configs(n: int, k: int) -> list[tuple[int, int, int, int, int]]:
 class Shape:
     """The weight copies, bias copies and input of one shape, and its results so far."""
 
-    def __init__(self, name: str, n: int, k: int, bias: bool, rows: int, device: torch.device):
+    def __init__(self, name: str, n: int, k: int, bias: bool, rows: int, device: torch.device, int8: bool = False):
+        from moekit.linear import int8_decode_config, quantize_int8_rows
+
         self.name, self.n, self.k, self.rows = name, n, k, rows
         self.bytes = n * k * 2 + (n * 2 if bias else 0)  # bf16 weight (+ bias) one call reads
         self.calls = max(2, min(MAX_CALLS, -(-GRAPH_BYTES // self.bytes)))
         self.weights = torch.randn(self.calls, n, k, device=device, dtype=torch.bfloat16) / k ** 0.5  # [C, N, K]
         self.biases = torch.randn(self.calls, n, device=device, dtype=torch.bfloat16) if bias else None  # [C, N]
         self.x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)  # [M, K]
-        self.expected = F.linear(self.x.float(), self.weights[0].float(),
-                                 None if self.biases is None else self.biases[0].float())  # [M, N]
+        self.codes = self.scales = None
+        self.int8_bytes = n * k + 4 * n + (n * 2 if bias else 0)  # int8 codes + float32 scales (+ bias)
+        if int8:  # [C, N, K] int8 and [C, N] float32, one copy at a time
+            pairs = [quantize_int8_rows(w) for w in self.weights]
+            self.codes = torch.stack([c for c, _ in pairs])
+            self.scales = torch.stack([s for _, s in pairs])
+        w0 = self.weights[0].float() if not int8 else self.codes[0].float() * self.scales[0][:, None]
+        self.expected = F.linear(self.x.float(), w0, None if self.biases is None else self.biases[0].float())  # [M, N]
         self.todo = configs(n, k)
+        if int8:  # the runtime's pick first
+            pick = int8_decode_config(n, k)
+            self.todo = [pick] + [c for c in self.todo if c != pick]
         self.results: list[dict] = []
 
     def bias(self, i: int) -> torch.Tensor | None:
@@ -100,17 +118,22 @@ def time_row(shape: Shape, config: tuple[int, int, int, int, int] | None, ceilin
     """Returns shape's row for cuBLAS (config None) or the decode matvec at config."""
     from moekit.linear import decode_linear
 
+    nbytes = shape.bytes
     if config is None:
         run = lambda i: F.linear(shape.x, shape.weights[i], shape.bias(i))
+    elif shape.codes is not None:
+        run = lambda i: decode_linear(shape.x, shape.codes[i], shape.bias(i), config, scale=shape.scales[i])
+        nbytes = shape.int8_bytes
     else:
         run = lambda i: decode_linear(shape.x, shape.weights[i], shape.bias(i), config)
     with torch.inference_mode():
         error = float((run(0).float() - shape.expected).abs().max())
         us = common.graph_us_per_call([lambda i=i: run(i) for i in range(shape.calls)])
-    rate = shape.bytes / (us * 1e-6)
+    rate = nbytes / (us * 1e-6)
     return {"name": shape.name, "n": shape.n, "k": shape.k, "rows": shape.rows, "bias": shape.biases is not None,
-            "impl": "cublas" if config is None else "kernel", "config": config, "us": us, "tb_per_s": rate / 1e12,
-            "of_ceiling": rate / ceiling_bytes_per_s, "floor_us": 1e6 * shape.bytes / ceiling_bytes_per_s,
+            "impl": "cublas" if config is None else "kernel int8" if shape.codes is not None else "kernel",
+            "config": config, "us": us, "tb_per_s": rate / 1e12,
+            "of_ceiling": rate / ceiling_bytes_per_s, "floor_us": 1e6 * nbytes / ceiling_bytes_per_s,
             "calls_per_graph": shape.calls, "max_abs_error": error}
 
 
@@ -124,15 +147,17 @@ def hbm_copy_bytes_per_s() -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_output_args(p, "probe_decode_linear")
-    p.add_argument("--rows", type=int, default=1, help="rows of x (tokens), 1..4 (default 1: batch-1 decode)")
+    p.add_argument("--rows", type=int, default=1, help="rows of x (tokens), 1..4, --int8 1..8 (default 1: batch-1 decode)")
+    p.add_argument("--int8", action="store_true", help="the kernel reads int8 weights with row scales (Int8Linear)")
     p.add_argument("--time-budget-s", type=float, default=50.0,
                    help="seconds for the kernel configs after cuBLAS's rows (0: every config)")
     p.add_argument("--margin", type=float, default=0.03,
                    help="a winner must beat cuBLAS by this fraction of cuBLAS's time (default 0.03)")
     p.add_argument("--shapes", default="", help="comma-separated substrings of shape names to keep (default: all)")
     args = p.parse_args()
-    if not 1 <= args.rows <= 4:
-        p.error(f"--rows {args.rows}: the decode matvec takes 1..4 rows")
+    most = 8 if args.int8 else 4
+    if not 1 <= args.rows <= most:
+        p.error(f"--rows {args.rows}: the decode matvec takes 1..{most} rows{' of int8 weights' if args.int8 else ''}")
     device = torch.device(args.device)
     if device.type != "cuda":
         print("probe_decode_linear: the decode matvec is timed against cuBLAS on CUDA only; nothing to do here")
@@ -146,7 +171,7 @@ def run(args: argparse.Namespace, device: torch.device, ceiling: float) -> dict:
     torch.manual_seed(0)
     print(f"HBM copy rate {ceiling / 1e12:.2f} TB/s (the ceiling; read + write counted)", flush=True)
     keep = [s for s in args.shapes.split(",") if s]
-    shapes = [Shape(name, n, k, bias, args.rows, device) for name, n, k, bias in SHAPES
+    shapes = [Shape(name, n, k, bias, args.rows, device, args.int8) for name, n, k, bias in SHAPES
               if not keep or any(s in name for s in keep)]
     res: dict = {"meta": common.run_meta(args, device), "hbm_copy_bytes_per_s": ceiling, "rows": []}
     for shape in shapes:
@@ -185,7 +210,7 @@ def run(args: argparse.Namespace, device: torch.device, ceiling: float) -> dict:
     print(common.markdown_table(["shape", "[N, K]", "MB", "HBM floor us", "cuBLAS us", "cuBLAS TB/s", "kernel us",
                                  "kernel TB/s", "best config", "speedup", "winner"], table))
     res["winners"] = winners
-    print("DECODE_TUNED = {" + ", ".join(f"({k.replace('x', ', ')}): {tuple(v)}" for k, v in winners.items()) + "}")
+    print(("int8 winners over bf16 cuBLAS (not DECODE_TUNED entries): " if args.int8 else "DECODE_TUNED = ") + "{" + ", ".join(f"({k.replace('x', ', ')}): {tuple(v)}" for k, v in winners.items()) + "}")
     print("wrote", common.write_json(res, args.out, "probe_decode_linear"))
     return res
 
