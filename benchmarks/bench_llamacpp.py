@@ -301,7 +301,7 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
                                                      "mapped_reads", "mapped_bytes", "decode_mapped_bytes", "in_place_share",
                                                      "in_place_experts", "in_place_refused", "mapped_bytes_per_token",
                                                      "cpu_partner", "row_split", "row_split_experts",
-                                                     "cpu_partner_rows")}  # the split's three: missing at 2ef1e0c
+                                                     "cpu_partner_rows", "partner_layer_us")}  # the split's three: missing at 2ef1e0c
     except MoekitError as e:
         row.update(status="refused", refusal=str(e))
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others

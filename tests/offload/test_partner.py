@@ -73,6 +73,10 @@ def test_greedy_equals_resident_with_the_cpu_as_partner(mixtral, graph_env):
     assert report["cpu_experts"] > 0 and report["cpu_bytes_per_token"] > 0 and report["cpu_s"] > 0
     assert report["admissions"] > 0 and report["hits"] > 0
     assert report["decode_tokens"] == 7
+    layers = report["partner_layer_us"]  # each layer call with work: its kernel time, by experts computed
+    counted = sum(int(k) * n for k, n in layers["calls_by_experts"].items())
+    assert layers["calls"] == sum(layers["calls_by_experts"].values()) > 0 and 0 < counted <= report["cpu_experts"]
+    assert 0 < layers["median"] <= layers["p90"]
     from moekit.offload.cli import _cpu_rows
 
     assert "partner" in dict(_cpu_rows(report))["CPU time"]

@@ -64,6 +64,7 @@ from ..errors import MoekitError
 from ..experts.forms import DenseForm
 from ..native import library, register_declarations
 from ..native.experts import DTYPE_CODES, Scratch, acc_stride, float_ptr
+from .stats import PARTNER_CALLS_KEPT
 
 ENV = "MOEKIT_CPU_GRAPH"  # "1" / "0": decode steps with the CPU as partner always / never (unset: `wanted`)
 TIMEOUT_S = 30.0  # the native side waits this long for a layer's post
@@ -292,6 +293,8 @@ class CpuPartner:
         nbytes = round(share * sum(count * size for count, size in zip(self.experts, self.layer_bytes)))
         stats.cpu_s += sum(self.seconds)
         stats.cpu_experts += sum(self.experts)
+        if len(stats.partner_layer_calls) < PARTNER_CALLS_KEPT:
+            stats.partner_layer_calls.extend((s, e) for s, e in zip(self.seconds, self.experts) if e > 0)
         if share < 1:
             stats.row_split_experts += sum(self.experts)
         stats.cpu_bytes += nbytes

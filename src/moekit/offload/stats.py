@@ -9,6 +9,9 @@ from typing import Any
 import torch
 
 
+PARTNER_CALLS_KEPT = 1 << 16
+
+
 @dataclass
 class OffloadStats:
     """Counters of one offloaded model since the last reset (`runtime.reset_stats()`)."""
@@ -39,6 +42,9 @@ class OffloadStats:
     stall_s: float = 0.0  # time compute waited for experts (GPU: measured by CUDA events)
     fetch_s: float = 0.0  # host time spent issuing fetches (disk reads happen here on the CPU)
     peak_device_bytes: int = 0  # allocator peak on CUDA; the planned total on the CPU
+    # the CPU partner's layer calls with work (offload.partner): (kernel seconds, experts computed), at most
+    # PARTNER_CALLS_KEPT of them; to_dict reports their medians (is a layer's time its bytes or a fixed cost?)
+    partner_layer_calls: list = field(default_factory=list, repr=False)
     pending_stalls: deque = field(default_factory=deque, repr=False)  # CUDA (start, end) pairs, in stream order
     spare_events: list = field(default_factory=list, repr=False)  # resolved pairs, recorded again by later stalls
 
@@ -105,7 +111,10 @@ class OffloadStats:
 
     def to_dict(self) -> dict[str, Any]:
         self.resolve()
-        out = {k: v for k, v in self.__dict__.items() if k not in ("pending_stalls", "spare_events")}
+        out = {k: v for k, v in self.__dict__.items()
+               if k not in ("pending_stalls", "spare_events", "partner_layer_calls")}
+        if self.partner_layer_calls:
+            out["partner_layer_us"] = partner_layer_summary(self.partner_layer_calls)
         out.update(hit_rate=round(self.hit_rate, 4), prefetch_precision=round(self.precision, 4),
                    prefetch_recall=round(self.recall, 4), bytes_per_token=round(self.bytes_per_token, 1),
                    cpu_bytes_per_token=round(self.cpu_bytes_per_token, 1),
@@ -114,3 +123,21 @@ class OffloadStats:
         for key in ("fetch_s", "cpu_s", "cpu_wait_s"):
             out[key] = round(out[key], 6)
         return out
+
+
+def partner_layer_summary(calls: list[tuple[float, int]]) -> dict[str, Any]:
+    """Returns the partner's layer calls (kernel seconds, experts) as microseconds: their count, median and
+    90th percentile, and the median by experts computed (1..8, then "9+"): a time that does not grow with
+    the experts is a fixed cost per call (waking threads, barriers), one that does is the bytes."""
+    def median_us(values: list[float]) -> float:
+        ordered = sorted(values)
+        return round(ordered[len(ordered) // 2] * 1e6, 1)
+
+    seconds = [s for s, _ in calls]
+    by: dict[str, list[float]] = {}
+    for s, e in calls:
+        by.setdefault(str(e) if e <= 8 else "9+", []).append(s)
+    p90 = sorted(seconds)[int(0.9 * (len(seconds) - 1))]
+    return {"calls": len(calls), "median": median_us(seconds), "p90": round(p90 * 1e6, 1),
+            "median_by_experts": {k: median_us(v) for k, v in sorted(by.items(), key=lambda kv: (len(kv[0]), kv[0]))},
+            "calls_by_experts": {k: len(v) for k, v in sorted(by.items(), key=lambda kv: (len(kv[0]), kv[0]))}}
