@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .cli_common import (add_model_args, add_quantize_dense_arg, add_threads_arg, check_cpu_quantize_dense,
-                         check_quantize_dense,
+from .cli_common import (add_model_args, add_quantize_dense_arg, add_threads_arg, check_quantize_dense,
                          fmt_bytes as _fmt_bytes, fmt_count as _fmt_count, merge_model_args, model_context, model_dir,
                          table as _table)
 from .errors import MoekitError
@@ -51,7 +50,6 @@ def check_generate(args: argparse.Namespace) -> tuple[str, str]:
     if getattr(args, "cpu_quantize_dense", None) and not device.startswith("cpu"):
         raise MoekitError(f"--cpu-quantize-dense is for the CPU decode step; drop it on {device}")
     check_quantize_dense(args, device, cpu_step=True)
-    check_cpu_quantize_dense(args, device)
     return str(model_dir(args.model, "--model")), device
 
 

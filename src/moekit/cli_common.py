@@ -126,9 +126,12 @@ def model_context(path: Path) -> int:
 
 def check_quantize_dense(args: argparse.Namespace, device: str, cpu_step: bool = False) -> None:
     """Raises MoekitError where --quantize-dense int8 cannot run: --parallel (ranks split bf16 weights),
-    and the CPU unless `cpu_step` (generate): there the CPU decode step's own int8 kernels take it
-    (as --cpu-quantize-dense int8; args are set so), and the model loads as it is."""
+    --compile, and the CPU unless `cpu_step` (generate): there the CPU decode step's own int8 kernels
+    take it (as --cpu-quantize-dense int8; args are set so), under check_cpu_quantize_dense's rules,
+    which a CPU run gets here with either flag."""
     if getattr(args, "quantize_dense", None) != "int8":
+        if not device.startswith("cuda"):
+            check_cpu_quantize_dense(args, device)
         return
     if getattr(args, "parallel", None):
         raise MoekitError("--quantize-dense int8 is not available with --parallel yet (the ranks split bf16 "

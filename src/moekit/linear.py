@@ -231,6 +231,7 @@ class Int8Linear(nn.Module):
         self.qweight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device), **grad)
         self.qscale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), **grad)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), **grad) if bias else None
+        self.decode_config = int8_decode_config(out_features, in_features)  # the decode matvec's tile, once
 
     @classmethod
     def like(cls, linear: nn.Linear) -> "Int8Linear":
@@ -276,7 +277,7 @@ class Int8Linear(nn.Module):
                 flat = flat.contiguous()
             scale = self.qscale if self.qscale.dtype == torch.float32 else self.qscale.float()  # after model.half()
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = decode_linear(flat, self.qweight, bias, int8_decode_config(n, k), scale=scale)
+            y = decode_linear(flat, self.qweight, bias, self.decode_config, scale=scale)
             return y.view(*x.shape[:-1], n)
         out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
         step = max(1, DEQUANT_ELEMENTS // max(k, 1))
@@ -288,3 +289,14 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def load_rows(linear: nn.Module, offset: int, read) -> None:
+    """Fills rows offset.. of a projection's weight with read(dtype), a [R, K] tensor of the checkpoint:
+    a Linear copies it in its dtype; an Int8Linear reads float32 and quantizes it where it was read (host
+    memory: a float32 LM head on a small GPU would pass its budget), then copies the codes."""
+    if isinstance(linear, Int8Linear):
+        linear.fill_rows(offset, read(torch.float32))
+    else:
+        rows = read(linear.weight.dtype)
+        linear.weight[offset:offset + rows.shape[0]].copy_(rows)

@@ -21,7 +21,7 @@ from .families import family_for
 from .families.base import Family, eos_ids
 from .experts.forms import DenseForm
 from .experts.loader import ExpertLoader, LoadContext
-from .linear import Int8Linear, check_dense_form
+from .linear import check_dense_form, load_rows
 from .model import Attention, DecoderLayer, DenseMLP, MoEBlock, MoEModel, use_int8_dense
 from .native.hugepages import advise_huge_pages
 from .rope import inverse_frequencies
@@ -109,13 +109,8 @@ def _copy(param: torch.Tensor, ckpt: Checkpoint, name: str, shape: tuple[int, ..
 
 
 def _copy_rows(linear: nn.Module, offset: int, ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
-    """Copies checkpoint tensor `name` [R, K] into rows offset..offset+R of a projection's weight;
-    an Int8Linear quantizes it in host memory on the way (a float32 copy of an LM head on a small GPU
-    would pass its budget) and copies the codes."""
-    if isinstance(linear, Int8Linear):
-        linear.fill_rows(offset, ckpt.read(name, shape=shape, dtype=torch.float32))
-    else:
-        _copy(linear.weight[offset:offset + shape[0]], ckpt, name, shape)
+    """Copies checkpoint tensor `name` [R, K] into rows offset..offset+R of a projection (linear.load_rows)."""
+    load_rows(linear, offset, lambda dtype: ckpt.read(name, shape=shape, dtype=dtype))
 
 
 def _copy_norm(norm: nn.Module, ckpt: Checkpoint, weight_name: str, dim: int) -> None:

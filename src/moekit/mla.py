@@ -35,7 +35,7 @@ from . import fused
 from .config import ModelConfig
 from .errors import MoekitError
 from .kv_cache import KVCache, PagedKVCache, RaggedBatch
-from .linear import Int8Linear, Linear
+from .linear import Linear, load_rows
 from .paged_attention import gather_sequence
 from .rope import apply_rope, yarn_mscale
 
@@ -291,12 +291,9 @@ def fill_latent_attention(attn: LatentAttention, ckpt, family, cfg: ModelConfig,
     def copy(param: torch.Tensor, part: str) -> None:
         param.copy_(ckpt.read(family.attn_name(layer, part), shape=tuple(param.shape), dtype=param.dtype))
 
-    def copy_weight(linear: torch.nn.Module, part: str) -> None:  # an Int8Linear quantizes it (load.py's rows)
-        if isinstance(linear, Int8Linear):
-            shape = (linear.out_features, linear.in_features)
-            linear.fill_rows(0, ckpt.read(family.attn_name(layer, part), shape=shape, dtype=torch.float32))
-        else:
-            copy(linear.weight, part)
+    def copy_weight(linear: torch.nn.Module, part: str) -> None:  # Linear or Int8Linear (linear.load_rows)
+        shape = (linear.out_features, linear.in_features)
+        load_rows(linear, 0, lambda dtype: ckpt.read(family.attn_name(layer, part), shape=shape, dtype=dtype))
 
     if m.q_lora_rank:
         copy_weight(attn.q_a_proj, "q_a_proj.weight")

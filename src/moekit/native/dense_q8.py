@@ -23,9 +23,9 @@ import weakref
 import torch
 
 from ..errors import MoekitError
+from ..linear import DENSE_FORMS, quantize_int8_rows  # the decode step's dense weights: as loaded, or int8 rows
 from . import library, register_declarations
 
-DENSE_FORMS = ("bf16", "int8")  # the decode step's dense weights: as loaded, or int8 per row
 BLOCK = 64  # K must be a multiple (16 words of 4 codes: int_dot.h's block)
 
 
@@ -55,13 +55,10 @@ def dense_form(form: str | None = None) -> str:
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (codes [N, K] uint8, scale [N] float32) of weight [N, K]: round(w / scale) + 128, scale
-    = max |w| over the row / 127 (1 for a row of zeros)."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = (torch.round(w / scale[:, None]).clamp_(-127, 127) + 128).to(torch.uint8)
-    return codes.contiguous(), scale.contiguous()
+    """Returns (codes [N, K] uint8, scale [N] float32) of weight [N, K]: linear.quantize_int8_rows' signed
+    codes + 128, the kernel's unsigned layout (scale = max |w| over the row / 127, 1 for a row of zeros)."""
+    signed, scale = quantize_int8_rows(weight)
+    return (signed.to(torch.int16) + 128).to(torch.uint8), scale
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

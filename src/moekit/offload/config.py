@@ -86,8 +86,9 @@ class OffloadConfig:
             raise MoekitError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.prefetch_k < 0 or self.batch <= 0:
             raise MoekitError("prefetch_k must be >= 0 and batch > 0")
-        if self.dense not in ("bf16", "int8"):
-            raise MoekitError(f"--quantize-dense '{self.dense}' unknown; use bf16 or int8")
+        from ..linear import check_dense_form  # here: this module stays free of torch for the CLI's flag checks
+
+        check_dense_form(self.dense)
         if self.misses not in MISSES:
             raise MoekitError(f"--misses '{self.misses}' unknown; use one of {', '.join(MISSES)}")
         if self.cpu_max_tokens < 1 or self.cpu_threads < 0:

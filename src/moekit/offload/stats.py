@@ -138,6 +138,6 @@ def partner_layer_summary(calls: list[tuple[float, int]]) -> dict[str, Any]:
     for s, e in calls:
         by.setdefault(str(e) if e <= 8 else "9+", []).append(s)
     p90 = sorted(seconds)[int(0.9 * (len(seconds) - 1))]
+    keys = sorted(by, key=lambda k: (len(k), k))  # "1".."8", then "9+"
     return {"calls": len(calls), "median": median_us(seconds), "p90": round(p90 * 1e6, 1),
-            "median_by_experts": {k: median_us(v) for k, v in sorted(by.items(), key=lambda kv: (len(kv[0]), kv[0]))},
-            "calls_by_experts": {k: len(v) for k, v in sorted(by.items(), key=lambda kv: (len(kv[0]), kv[0]))}}
+            "median_by_experts": {k: median_us(by[k]) for k in keys}, "calls_by_experts": {k: len(by[k]) for k in keys}}
