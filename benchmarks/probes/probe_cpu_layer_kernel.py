@@ -16,6 +16,8 @@ experts, past the 32 MB L3):
   stage2   one shared (cache-hot) gate_up, 8 distinct down: stage 2's bytes from DRAM
   gapped   (--gap-us) --layers layer calls, each after a pause of the calling thread alone: a partner
            step's CPU side, whose threads idle while the GPU runs the rest of each layer
+--spinners N keeps N more cores busy (processes spinning) throughout: the partner step's launching
+thread spins on the device's sync while the team computes.
 Rates are of stored bytes; a stage's rate counts only its DRAM bytes, so the cached other stage
 makes it a lower bound.
 --lib PATH (repeatable) times other builds of the library in the same process, interleaved with
@@ -37,6 +39,8 @@ import ctypes
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -197,6 +201,8 @@ def main() -> None:
                    "this many microseconds of the calling thread alone (the GPU's share of a partner step, when the "
                    "other threads idle); its rate counts the calls' time only")
     p.add_argument("--layers", type=int, default=24, help="calls of the gapped case (Qwen3-30B-A3B: 48; the bench's cut: 24)")
+    p.add_argument("--spinners", type=int, default=0, help="processes that keep a core busy throughout (the "
+                   "partner step's launching thread spins on the device's sync meanwhile)")
     p.add_argument("--experts", type=int, default=8, help="experts a layer call computes (the missed ones: "
                    "Qwen3's partner row missed ~1.6 a layer at 80%% hits)")
     a = p.parse_args()
@@ -254,6 +260,7 @@ def main() -> None:
         return time.perf_counter() - t0, nbytes
 
     stream = torch.ones((1 << 30) // 8, dtype=torch.int64)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.spinners)]
     cases = ("layer", "serial", "stage1", "stage2") + (("gapped",) if a.gap_us > 0 else ())
     gap_layers, gap_s = a.layers, a.gap_us * 1e-6
     times: dict = {}
@@ -267,6 +274,8 @@ def main() -> None:
                 for label, lib in order:
                     for name in cases:
                         times.setdefault((form_name, name, label, threads), []).append(case(form, lib, name, threads))
+    for proc in spinners:
+        proc.kill()
     shutil.rmtree(folder)
     rows = []
     for (form_name, name, label, threads), runs in times.items():
