@@ -384,3 +384,34 @@ def test_partner_step_gives_the_bits_of_native_ffn(form_name, dot, d, ffn, dtype
                     want = torch.zeros(tokens, d, dtype=dtype)
                 assert torch.equal(out[layer], want), (layer, posted)
                 assert counts[layer] == (len(jobs) if layer < posted else 0)
+
+
+@pytest.mark.parametrize("team", ["own", "omp"])
+def test_runner_team_gives_the_bits_of_openmp_at_every_thread_count(team, monkeypatch):
+    """The runner thread's calls run on its own spinning team (native/team.h; MOEKIT_RUNNER_TEAM=omp:
+    OpenMP as before): calls at 3, 1, 4, 2, 3 threads in turn (the team grows, shrinks and grows) give
+    exactly the synchronous OpenMP call's bits, for int4 with int8 activations and for bf16 experts."""
+    from moekit.native.experts import expert_ffn
+
+    if team == "omp":
+        monkeypatch.setenv("MOEKIT_RUNNER_TEAM", "omp")
+    monkeypatch.setenv("MOEKIT_CPU_INT_DOT", "int8")
+    g = torch.Generator().manual_seed(11)
+    d, ffn, experts = 96, 40, 6
+    form, stacked = form_and_stack("int4", d, ffn, experts, g)
+    gate_up = torch.randn(experts, 2 * ffn, d, generator=g).to(torch.bfloat16)
+    down = torch.randn(experts, d, ffn, generator=g).to(torch.bfloat16)
+    scratch = nc.Scratch()
+    for threads in (3, 1, 4, 2, 3):
+        for tokens in (1, 5):
+            x = torch.randn(tokens, d, generator=g).to(torch.bfloat16)
+            routes = ((4, [0]), (1, list(range(tokens))), (5, [tokens - 1]))
+            weights = [torch.rand(len(toks), generator=g).tolist() for _, toks in routes]
+            jobs = [(form.one(stacked, row), toks, w) for (row, toks), w in zip(routes, weights)]
+            expected = form.native_ffn(x, jobs, threads=threads, scratch=scratch)
+            started = form.native_ffn(x, jobs, out=torch.empty_like(x), threads=threads, scratch=scratch, start=True)
+            assert torch.equal(started.wait(), expected), (threads, tokens)
+            dense = [(gate_up[row], down[row], toks, w) for (row, toks), w in zip(routes, weights)]
+            expected = expert_ffn(x, dense, threads=threads)
+            started = expert_ffn(x, dense, out=torch.empty_like(x), threads=threads, start=True)
+            assert torch.equal(started.wait(), expected), (threads, tokens)

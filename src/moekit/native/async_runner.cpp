@@ -12,10 +12,14 @@
 // Why spin: calls come every 1-2 ms during decode, and a condition variable's wake-up costs tens
 // of microseconds (a futex and a scheduler round trip). So the runner spins (_mm_pause on a relaxed
 // load) for up to RUNNER_SPIN_US after its last call before it sleeps, and the waiter spins up to
-// WAITER_SPIN_US before it sleeps. The runner is the master of its own OpenMP team (libgomp keeps a
-// team per master thread), of the `threads` passed, as in the synchronous call.
+// WAITER_SPIN_US before it sleeps. The calls' parallel regions run on the runner's own spinning team
+// (team.h says why not OpenMP there), of the `threads` passed, as in the synchronous call;
+// MOEKIT_RUNNER_TEAM=omp (read when a call is posted) runs them on an OpenMP team as before.
 
 #include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include <atomic>
 #include <chrono>
@@ -24,6 +28,8 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+
+#include "team.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define MOEKIT_PAUSE() _mm_pause()
@@ -66,6 +72,8 @@ enum State : int { IDLE = 0, QUEUED = 1, DONE = 2 };
 struct Runner {
   std::atomic<int> state{IDLE};
   std::function<int()> job;  // written by the poster before QUEUED, read by the runner after
+  bool own_team = true;      // likewise: the job's regions on `team` (else OpenMP)
+  moekit_team::Team team;
   int result = 0;            // written by the runner before DONE
   double seconds = 0.0;      // the call's own wall time (steady clock), written before DONE
   std::mutex m;
@@ -83,7 +91,9 @@ struct Runner {
         MOEKIT_PAUSE();
       }
       auto began = std::chrono::steady_clock::now();
+      moekit_team::calling_team = own_team ? &team : nullptr;
       result = job();
+      moekit_team::calling_team = nullptr;
       seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
       job = nullptr;
       {
@@ -109,6 +119,8 @@ int post(std::function<int()> job) {
   }
   if (runner->state.load(std::memory_order_acquire) != IDLE) return ASYNC_BUSY;
   runner->job = std::move(job);
+  const char* setting = std::getenv("MOEKIT_RUNNER_TEAM");
+  runner->own_team = setting == nullptr || std::strcmp(setting, "omp") != 0;
   {
     std::lock_guard<std::mutex> lk(runner->m);  // a runner between its check and its sleep sees QUEUED
     runner->state.store(QUEUED, std::memory_order_release);

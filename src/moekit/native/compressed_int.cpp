@@ -191,14 +191,17 @@ struct IntRows {
   }
 
   // Quantizes the `rows` vectors of matrix kind `kind` (vec, row stride `stride`, K columns) into
-  // qrows[kind] when that kind takes int8 activations; called by every thread of the region.
+  // qrows[kind] when that kind takes int8 activations; called by every thread of the region, each
+  // returning once all rows are done.
   template <int BITS>
-  void quantize(int kind, const float* vec, int64_t stride, int64_t rows) const {
+  void quantize(const moekit_team::Par& p, int kind, const float* vec, int64_t stride, int64_t rows) const {
     if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
       QuantizedRows* qr = qrows[kind];
       if (qr == nullptr) return;
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < rows; ++t) quantize_row<BITS>(vec + t * stride, *qr, t);
+      int64_t begin, end;
+      p.range(rows, begin, end);
+      for (int64_t t = begin; t < end; ++t) quantize_row<BITS>(vec + t * stride, *qr, t);
+      p.barrier();
     }
   }
 
@@ -266,8 +269,8 @@ template <int BITS>
 struct IntCall : RowCall<IntRows> {  // its own layouts and activations below
   template <typename... Args>  // run_layer's row call, as dots takes it
   void operator()(Args&&... args) const { rows.template dots<BITS>(std::forward<Args>(args)...); }
-  void quantize(int kind, const float* vec, int64_t stride, int64_t rows_) const {
-    rows.quantize<BITS>(kind, vec, stride, rows_);
+  void quantize(const moekit_team::Par& p, int kind, const float* vec, int64_t stride, int64_t rows_) const {
+    rows.quantize<BITS>(p, kind, vec, stride, rows_);
   }
   int64_t h_index(int64_t r, int64_t I) const { return rows.h_index<BITS>(r, I); }
   int64_t h_stride(int64_t I) const { return rows.permuted ? IntRows::width(BITS, I) : I; }

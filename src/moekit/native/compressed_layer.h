@@ -20,6 +20,7 @@
 #include <omp.h>
 
 #include "common.h"
+#include "team.h"
 
 namespace {
 
@@ -36,7 +37,7 @@ template <typename Rows>
 struct RowCall {
   using Scratch = typename Rows::Scratch;
   const Rows& rows;
-  void quantize(int, const float*, int64_t, int64_t) const {}  // float activations only
+  void quantize(const moekit_team::Par&, int, const float*, int64_t, int64_t) const {}  // float activations only
   int64_t h_index(int64_t r, int64_t) const { return r; }
   int64_t h_stride(int64_t I) const { return I; }
   int64_t x_stride(int64_t D) const { return D; }
@@ -53,17 +54,17 @@ void run_layer(const Call& call, const float* xf, int64_t D, int64_t I, int64_t 
   const int64_t rows_d = stage2_rows(D, N, threads);  // common.h
   const int64_t blocks_d = (D + rows_d - 1) / rows_d;
   const int64_t xs = call.x_stride(D), hs = call.h_stride(I);  // floats of a row of x, of h
-#pragma omp parallel num_threads(threads)
-  {
+  moekit_team::parallel(threads, [&](const moekit_team::Par& p) {
     typename Call::Scratch scratch(D > I ? D : I);
     float g[MAX_JOB_TOKENS], u[MAX_JOB_TOKENS];
     // [rows_d, N] accumulators of a stage-2 item; past STAGE2_ACC tokens (rows_d = 1) the thread's
     // share of accs
     float acc_stack[STAGE2_ACC];
-    float* acc = N <= STAGE2_ACC ? acc_stack : accs + static_cast<int64_t>(omp_get_thread_num()) * acc_stride(N);
-    call.quantize(0, xf, xs, N);  // int8 activations: x once per call (an omp for, when it runs)
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < J * blocks_i; ++item) {
+    float* acc = N <= STAGE2_ACC ? acc_stack : accs + static_cast<int64_t>(p.t) * acc_stride(N);
+    int64_t begin, end;
+    call.quantize(p, 0, xf, xs, N);  // int8 activations: x once per call (a barrier after, when it runs)
+    p.range(J * blocks_i, begin, end);
+    for (int64_t item = begin; item < end; ++item) {
       const int64_t j = item / blocks_i, r0 = (item % blocks_i) * ROWS_PER_ITEM;
       const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
       for (int64_t r = r0; r < r0 + ROWS_PER_ITEM && r < I; ++r) {
@@ -72,10 +73,11 @@ void run_layer(const Call& call, const float* xf, int64_t D, int64_t I, int64_t 
         const int64_t at = call.h_index(r, I);
         for (int k = 0; k < count; ++k) h[(first + k) * hs + at] = g[k] / (1.f + std::exp(-g[k])) * u[k];
       }
-    }  // implicit barrier: every h is written
-    call.quantize(1, h, hs, tok_start[J]);  // and each slot's h once
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < blocks_d; ++item) {
+    }
+    p.barrier();  // every h is written
+    call.quantize(p, 1, h, hs, tok_start[J]);  // and each slot's h once
+    p.range(blocks_d, begin, end);
+    for (int64_t item = begin; item < end; ++item) {
       // job by job over the item's rows: each job's down rows d0..d1 are one contiguous region,
       // read front to back (one stream), and each element still sums its jobs in job order
       const int64_t d0 = item * rows_d, d1 = d0 + rows_d < D ? d0 + rows_d : D;
@@ -91,7 +93,7 @@ void run_layer(const Call& call, const float* xf, int64_t D, int64_t I, int64_t 
       for (int64_t d = d0; d < d1; ++d)
         for (int64_t t = 0; t < N; ++t) out[t * D + d] = acc[(d - d0) * N + t];
     }
-  }
+  });
 }
 
 inline int check_jobs(int64_t J, const int32_t* tok_start) {

@@ -31,6 +31,7 @@
 #include <omp.h>
 
 #include "common.h"
+#include "team.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -186,16 +187,16 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, con
     }
   }
 #endif
-#pragma omp parallel num_threads(threads)
-  {
+  moekit_team::parallel(threads, [&](const moekit_team::Par& p) {
     float scratch[MAX_ROW];
     float g[MAX_JOB_TOKENS], u[MAX_JOB_TOKENS];  // per-token dots of one row
     // [rows_d, N] accumulators of a stage-2 item; past STAGE2_ACC tokens (rows_d = 1) the thread's
     // share of accs, on cache lines of its own
     float acc_stack[STAGE2_ACC];
-    float* acc2 = N <= STAGE2_ACC ? acc_stack : accs + static_cast<int64_t>(omp_get_thread_num()) * acc_stride(N);
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < J * blocks_i; ++item) {
+    float* acc2 = N <= STAGE2_ACC ? acc_stack : accs + static_cast<int64_t>(p.t) * acc_stride(N);
+    int64_t begin, end;
+    p.range(J * blocks_i, begin, end);
+    for (int64_t item = begin; item < end; ++item) {
       const int64_t j = item / blocks_i, r0 = (item % blocks_i) * ROWS_PER_ITEM;
       const W* gu = reinterpret_cast<const W*>(gate_up[j]);
       const int32_t first = tok_start[j], count = tok_start[j + 1] - first;
@@ -226,9 +227,10 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, con
         }
         for (int k = 0; k < count; ++k) h[(first + k) * I + r] = g[k] / (1.f + std::exp(-g[k])) * u[k];
       }
-    }  // implicit barrier: every h is written
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < blocks_d; ++item) {
+    }
+    p.barrier();  // every h is written
+    p.range(blocks_d, begin, end);
+    for (int64_t item = begin; item < end; ++item) {
       // job by job over the item's rows: each job's down rows d0..d1 are one contiguous region,
       // read front to back (a single stream), and each element still sums its jobs in job order
       const int64_t d0 = item * rows_d, d1 = d0 + rows_d < D ? d0 + rows_d : D;
@@ -263,7 +265,7 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, con
       for (int64_t d = d0; d < d1; ++d)
         for (int64_t t = 0; t < N; ++t) from_float(odtype, acc2[(d - d0) * N + t], out, t * D + d);
     }
-  }
+  });
 }
 
 template <typename W, typename Conv>
