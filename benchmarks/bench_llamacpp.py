@@ -11,8 +11,8 @@ the idle figure is llama.cpp's footprint. moekit then runs the same checkpoint a
 under 64 MiB run their decode steps with the CPU as partner (offload.partner); `--misses auto-graph` /
 `cpu+graph` force that off / on for one row (MOEKIT_CPU_GRAPH), `auto-rows` turns the row split off
 (MOEKIT_ROW_SPLIT=0; on by default since 2ef1e0c's Mixtral host row: experts of 64 MiB and up cut by rows
-between the CPU and in-place reads, inside the partner's step; `auto+rows` forces it on), `auto+omp` runs the CPU's calls on OpenMP, not the runner's own team
-(MOEKIT_RUNNER_TEAM=omp, native/team.h), `auto::16` sets 16 CPU threads.
+between the CPU and in-place reads, inside the partner's step; `auto+rows` forces it on), `auto+omp` runs the CPU's compressed calls on OpenMP, not the runner's own team
+(MOEKIT_RUNNER_TEAM=omp, native/team.h), `auto+team` its bf16 calls on the team too, `auto::16` sets 16 CPU threads.
 
 Rows (--rows, a comma list; each call writes its own --name.json):
   resident    decode B=1 and prefill 512, all on the GPU (llama.cpp -ngl 99; moekit resident)
@@ -133,9 +133,10 @@ ROWS = ("resident", "host", "half", "compressed", "cpu", "rates")
 DENSE = "bf16"  # moekit's dense projections on a GPU (--dense; moekit.linear.Int8Linear for int8)
 # a misses mode's suffix -> the environment switch it sets for its row: the CPU partner forced on / off,
 # the row split (offload.cpu; with it the partner splits experts of 64 MiB and up by rows), the runner's
-# calls on OpenMP instead of its own team (native/team.h)
+# calls all on OpenMP (+omp) or all on its own team (+team; by default only the compressed forms': native/team.h)
 ROW_ENV = {"+graph": ("MOEKIT_CPU_GRAPH", "1"), "-graph": ("MOEKIT_CPU_GRAPH", "0"), "+rows": ("MOEKIT_ROW_SPLIT", "1"),
-           "-rows": ("MOEKIT_ROW_SPLIT", "0"), "+omp": ("MOEKIT_RUNNER_TEAM", "omp")}
+           "-rows": ("MOEKIT_ROW_SPLIT", "0"), "+omp": ("MOEKIT_RUNNER_TEAM", "omp"),
+           "+team": ("MOEKIT_RUNNER_TEAM", "own")}
 MODES = {"host": "decode_cpu_experts", "half": "decode_half_experts"}  # row -> setting (llama.cpp's row name)
 FORMS = {"int4": dict(bits="4", group_size=128), "int2": dict(bits="2", group_size=128), "ternary": dict(bits="ternary")}
 PROMPT, NEW = 64, 64

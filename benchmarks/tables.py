@@ -630,6 +630,7 @@ LLAMA_OLMOE_CPU16 = "bench_llamacpp_olmoe_cpu16_4310d1d.json"  # 2026-12-02: no 
 LLAMA_OLMOE_BUDGETS = "bench_llamacpp_olmoe_budgets_4310d1d.json"  # misses auto at 25% / 10% of the model's bytes
 LLAMA_QWEN3_COMPRESSED = "bench_llamacpp_qwen3_compressed_4310d1d.json"  # int4 at Q4_K_M's footprint: refused
 LLAMA_QWEN3_COMPRESSED_INT8 = "bench_llamacpp_qwen3_compressed_int8_e49b5db.json"  # the same with --dense int8
+LLAMA_QWEN3_COMPRESSED_TEAM = "bench_llamacpp_qwen3_compressed_int8_team_c0a2f4c.json"  # the runner's own team
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
 
@@ -724,6 +725,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
                                      partial(vs_llamacpp_latest, name=LLAMA_QWEN3_COMPRESSED)),
     "vs_llamacpp_qwen3_compressed_int8": ((LLAMA_QWEN3_COMPRESSED_INT8,),
                                           partial(vs_llamacpp_latest, name=LLAMA_QWEN3_COMPRESSED_INT8)),
+    "vs_llamacpp_qwen3_compressed_team": ((LLAMA_QWEN3_COMPRESSED_TEAM,),
+                                          partial(vs_llamacpp_latest, name=LLAMA_QWEN3_COMPRESSED_TEAM)),
     "cpu_2core": (CPU_2CORE_RUNS, cpu_2core),
     "in_place_share": (IN_PLACE_RUNS + (LLAMA_MIXTRAL, LLAMA_LATEST), in_place_share),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),

@@ -386,15 +386,16 @@ def test_partner_step_gives_the_bits_of_native_ffn(form_name, dot, d, ffn, dtype
                 assert counts[layer] == (len(jobs) if layer < posted else 0)
 
 
-@pytest.mark.parametrize("team", ["own", "omp"])
+@pytest.mark.parametrize("team", [None, "own", "omp"])
 def test_runner_team_gives_the_bits_of_openmp_at_every_thread_count(team, monkeypatch):
-    """The runner thread's calls run on its own spinning team (native/team.h; MOEKIT_RUNNER_TEAM=omp:
-    OpenMP as before): calls at 3, 1, 4, 2, 3 threads in turn (the team grows, shrinks and grows) give
-    exactly the synchronous OpenMP call's bits, for int4 with int8 activations and for bf16 experts."""
+    """The runner thread's calls run on its own spinning team (native/team.h; by default the
+    compressed forms', MOEKIT_RUNNER_TEAM=own every call's, omp none): calls at 3, 1, 4, 2, 3
+    threads in turn (the team grows, shrinks and grows) give exactly the synchronous OpenMP call's
+    bits, for int4 with int8 activations and for bf16 experts."""
     from moekit.native.experts import expert_ffn
 
-    if team == "omp":
-        monkeypatch.setenv("MOEKIT_RUNNER_TEAM", "omp")
+    if team is not None:
+        monkeypatch.setenv("MOEKIT_RUNNER_TEAM", team)
     monkeypatch.setenv("MOEKIT_CPU_INT_DOT", "int8")
     g = torch.Generator().manual_seed(11)
     d, ffn, experts = 96, 40, 6

@@ -12,9 +12,9 @@
 // Why spin: calls come every 1-2 ms during decode, and a condition variable's wake-up costs tens
 // of microseconds (a futex and a scheduler round trip). So the runner spins (_mm_pause on a relaxed
 // load) for up to RUNNER_SPIN_US after its last call before it sleeps, and the waiter spins up to
-// WAITER_SPIN_US before it sleeps. The calls' parallel regions run on the runner's own spinning team
-// (team.h says why not OpenMP there), of the `threads` passed, as in the synchronous call;
-// MOEKIT_RUNNER_TEAM=omp (read when a call is posted) runs them on an OpenMP team as before.
+// WAITER_SPIN_US before it sleeps. The compressed forms' parallel regions run on the runner's own
+// spinning team, the dense experts' on an OpenMP team (team.h says why, and MOEKIT_RUNNER_TEAM=own /
+// omp, read when a call is posted, puts every call on one or the other), of the `threads` passed.
 
 #include <unistd.h>
 
@@ -72,7 +72,7 @@ enum State : int { IDLE = 0, QUEUED = 1, DONE = 2 };
 struct Runner {
   std::atomic<int> state{IDLE};
   std::function<int()> job;  // written by the poster before QUEUED, read by the runner after
-  bool own_team = true;      // likewise: the job's regions on `team` (else OpenMP)
+  int team_mode = 0;         // likewise: 0 compressed forms on `team`, 1 every call, 2 none (OpenMP)
   moekit_team::Team team;
   int result = 0;            // written by the runner before DONE
   double seconds = 0.0;      // the call's own wall time (steady clock), written before DONE
@@ -91,7 +91,8 @@ struct Runner {
         MOEKIT_PAUSE();
       }
       auto began = std::chrono::steady_clock::now();
-      moekit_team::calling_team = own_team ? &team : nullptr;
+      moekit_team::calling_team = team_mode == 2 ? nullptr : &team;
+      moekit_team::dense_on_team = team_mode == 1;
       result = job();
       moekit_team::calling_team = nullptr;
       seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
@@ -120,7 +121,7 @@ int post(std::function<int()> job) {
   if (runner->state.load(std::memory_order_acquire) != IDLE) return ASYNC_BUSY;
   runner->job = std::move(job);
   const char* setting = std::getenv("MOEKIT_RUNNER_TEAM");
-  runner->own_team = setting == nullptr || std::strcmp(setting, "omp") != 0;
+  runner->team_mode = setting == nullptr ? 0 : std::strcmp(setting, "own") == 0 ? 1 : std::strcmp(setting, "omp") == 0 ? 2 : 0;
   {
     std::lock_guard<std::mutex> lk(runner->m);  // a runner between its check and its sleep sees QUEUED
     runner->state.store(QUEUED, std::memory_order_release);

@@ -265,7 +265,7 @@ void run_layer(const float* xf, int64_t D, int64_t I, int64_t LD, int64_t J, con
       for (int64_t d = d0; d < d1; ++d)
         for (int64_t t = 0; t < N; ++t) from_float(odtype, acc2[(d - d0) * N + t], out, t * D + d);
     }
-  });
+  }, /*dense=*/true);
 }
 
 template <typename W, typename Conv>

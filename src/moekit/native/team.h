@@ -14,8 +14,15 @@
 // they sleep) and at its barriers, whatever else the process runs.
 //
 // A region's body takes a Par: its thread t of nt, range() (the items OpenMP's schedule(static)
-// would give it) and barrier(). MOEKIT_RUNNER_TEAM=omp runs the runner's calls on OpenMP as before
-// (read by the thread that posts each call).
+// would give it) and barrier().
+//
+// Which calls use it (MOEKIT_RUNNER_TEAM, read by the thread that posts each call): by default the
+// compressed forms' layer calls (int-N, the ternary code); bf16 / float experts stay on OpenMP. H200,
+// c0a2f4c, the partner rows in one process each (bench_llamacpp +omp): Qwen3 int4 214.5 tok/s on the
+// team vs 167.9 on OpenMP (and 280.7 vs 131.2 in another call; one-expert calls 45 vs 165 us), but
+// OLMoE bf16 79.0 on the team vs 90.4 on OpenMP (calls of 0.2-1.4 ms that stream, where the sleeps
+// cost little; one row each, not separated from the host's drift). "own": every call on the team,
+// "omp": none.
 #pragma once
 
 #include <omp.h>
@@ -154,13 +161,16 @@ inline void Par::barrier() const {
 }
 
 // The team the calling thread runs its regions on: the runner sets its own while it runs a call
-// (async_runner.cpp), nullptr elsewhere (OpenMP).
+// (async_runner.cpp), nullptr elsewhere (OpenMP); dense_on_team: bf16 / float experts' calls too.
 inline thread_local Team* calling_team = nullptr;
+inline thread_local bool dense_on_team = false;
 
-// Runs body(par) on `threads` threads: the calling thread's Team where it has one, else OpenMP.
+// Runs body(par) on `threads` threads: the calling thread's Team where it has one (for dense
+// experts' calls, `dense`, only with dense_on_team), else OpenMP.
 template <typename F>
-void parallel(int threads, F&& body) {
-  if (Team* team = calling_team) {
+void parallel(int threads, F&& body, bool dense = false) {
+  Team* team = dense && !dense_on_team ? nullptr : calling_team;
+  if (team != nullptr) {
     team->run(threads < 1 ? 1 : threads, body);
     return;
   }
