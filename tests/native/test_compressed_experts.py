@@ -391,18 +391,28 @@ def test_runner_team_gives_the_bits_of_openmp_at_every_thread_count(team, monkey
     """The runner thread's calls run on its own spinning team (native/team.h; by default the
     compressed forms', MOEKIT_RUNNER_TEAM=own every call's, omp none): calls at 3, 1, 4, 2, 3
     threads in turn (the team grows, shrinks and grows) give exactly the synchronous OpenMP call's
-    bits, for int4 with int8 activations and for bf16 experts."""
+    bits, for int4 with int8 activations (rows of whole 16-word blocks: x and h quantized inside the
+    region, behind its barriers) and for bf16 experts; the team's region count says which took it."""
+    import ctypes
+
+    from moekit.native import library
     from moekit.native.experts import expert_ffn
 
     if team is not None:
         monkeypatch.setenv("MOEKIT_RUNNER_TEAM", team)
     monkeypatch.setenv("MOEKIT_CPU_INT_DOT", "int8")
+    lib = library()
+    lib.moekit_team_regions.restype = ctypes.c_int64
     g = torch.Generator().manual_seed(11)
-    d, ffn, experts = 96, 40, 6
-    form, stacked = form_and_stack("int4", d, ffn, experts, g)
+    from moekit.quant.formats import IntForm
+
+    d, ffn, experts = 256, 128, 6
+    stacked = stacked_int(4, d, ffn, experts, (2, 1), g)  # 16-word groups: both matrices on int8 dots
+    form = IntForm(d, ffn, {0: {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}}, {0: {}}, 4)
     gate_up = torch.randn(experts, 2 * ffn, d, generator=g).to(torch.bfloat16)
     down = torch.randn(experts, d, ffn, generator=g).to(torch.bfloat16)
     scratch = nc.Scratch()
+    took = {"int4": 0, "bf16": 0}
     for threads in (3, 1, 4, 2, 3):
         for tokens in (1, 5):
             x = torch.randn(tokens, d, generator=g).to(torch.bfloat16)
@@ -410,9 +420,16 @@ def test_runner_team_gives_the_bits_of_openmp_at_every_thread_count(team, monkey
             weights = [torch.rand(len(toks), generator=g).tolist() for _, toks in routes]
             jobs = [(form.one(stacked, row), toks, w) for (row, toks), w in zip(routes, weights)]
             expected = form.native_ffn(x, jobs, threads=threads, scratch=scratch)
+            before = lib.moekit_team_regions()
             started = form.native_ffn(x, jobs, out=torch.empty_like(x), threads=threads, scratch=scratch, start=True)
             assert torch.equal(started.wait(), expected), (threads, tokens)
+            took["int4"] += lib.moekit_team_regions() - before
             dense = [(gate_up[row], down[row], toks, w) for (row, toks), w in zip(routes, weights)]
             expected = expert_ffn(x, dense, threads=threads)
+            before = lib.moekit_team_regions()
             started = expert_ffn(x, dense, out=torch.empty_like(x), threads=threads, start=True)
             assert torch.equal(started.wait(), expected), (threads, tokens)
+            took["bf16"] += lib.moekit_team_regions() - before
+    multi = 8  # calls of more than one thread, per form
+    assert took == {None: {"int4": multi, "bf16": 0}, "own": {"int4": multi, "bf16": multi},
+                    "omp": {"int4": 0, "bf16": 0}}[team]

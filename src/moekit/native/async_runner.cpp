@@ -38,6 +38,9 @@
 #endif
 
 extern "C" {
+
+// Regions run on the runner's team so far (team.h; the tests check which calls took it).
+int64_t moekit_team_regions() { return moekit_team::Team::regions().load(); }
 int moekit_expert_ffn(int wdtype, int xdtype, const void* x, void* out, int64_t N, int64_t D, int64_t I,
                       int64_t LD, int64_t J, const int64_t* gate_up, const int64_t* down, const int32_t* tok_start,
                       const int32_t* tok, const float* w, float* h, float* xf, float* accs, int threads);
@@ -73,7 +76,7 @@ struct Runner {
   std::atomic<int> state{IDLE};
   std::function<int()> job;  // written by the poster before QUEUED, read by the runner after
   int team_mode = 0;         // likewise: 0 compressed forms on `team`, 1 every call, 2 none (OpenMP)
-  moekit_team::Team team;
+  moekit_team::Team& team = *new moekit_team::Team();  // never freed, like the runner (team.h)
   int result = 0;            // written by the runner before DONE
   double seconds = 0.0;      // the call's own wall time (steady clock), written before DONE
   std::mutex m;
@@ -95,6 +98,7 @@ struct Runner {
       moekit_team::dense_on_team = team_mode == 1;
       result = job();
       moekit_team::calling_team = nullptr;
+      moekit_team::dense_on_team = false;
       seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
       job = nullptr;
       {

@@ -13,6 +13,10 @@
 // with ~5 voluntary context switches a call. Team's threads spin between calls (SPIN_US, then
 // they sleep) and at its barriers, whatever else the process runs.
 //
+// Spinning needs a core per thread: the offloaded decode's CPU worker takes torch's threads - 1 by
+// default (offload.config), the main thread keeping one; with more threads than free cores (the
+// 2-core VM, 2 team threads beside a waiting main thread) a call took ~1.2 ms against OpenMP's ~0.45.
+//
 // A region's body takes a Par: its thread t of nt, range() (the items OpenMP's schedule(static)
 // would give it) and barrier().
 //
@@ -61,11 +65,22 @@ struct Par {
 };
 
 // Worker threads that spin while idle (SPIN_US after their last region, then sleep on a condition
-// variable) and a spinning barrier. One master thread runs regions on it (the runner); never
+// variable; one not in the last region sleeps at once) and a spinning barrier (its waits, like the
+// master's, yield the core after YIELD_AFTER pauses). One master thread runs regions on it (the runner); never
 // destroyed while the process runs (the runner is never freed either).
 class Team {
  public:
   static constexpr int64_t SPIN_US = 2000;
+  static constexpr int YIELD_AFTER = 4096;  // pauses in a wait before each further one yields the core
+  static constexpr int MAX_THREADS = 1024;
+  Team() = default;
+  ~Team() = delete;  // workers are detached and read it until the process ends
+
+  // Regions run on teams so far (all of them; the tests check which calls took a team).
+  static std::atomic<int64_t>& regions() {
+    static std::atomic<int64_t> count{0};
+    return count;
+  }
 
   // Runs body(par) on threads 0..nt-1, the caller as thread 0; returns when all are done.
   template <typename F>
@@ -75,7 +90,17 @@ class Team {
       body(p);
       return;
     }
-    grow(nt - 1, state_.load(std::memory_order_relaxed) >> 16);
+    regions().fetch_add(1, std::memory_order_relaxed);
+    try {
+      grow(nt - 1, state_.load(std::memory_order_relaxed) >> 16);
+    } catch (...) {  // no more threads: the region runs on those there are
+    }
+    if (nt > static_cast<int>(workers_.size()) + 1) nt = static_cast<int>(workers_.size()) + 1;
+    if (nt <= 1) {
+      Par p{0, 1, this};
+      body(p);
+      return;
+    }
     fn_ = [](void* b, const Par& p) { (*static_cast<F*>(b))(p); };
     arg_ = &body;
     pending_.store(nt - 1, std::memory_order_relaxed);
@@ -89,7 +114,7 @@ class Team {
     }
     Par p{0, nt, this};
     body(p);
-    while (pending_.load(std::memory_order_acquire) != 0) MOEKIT_TEAM_PAUSE();
+    for (int i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) relax(i);
   }
 
   // Every one of the region's nt threads calls it; none returns before all have arrived.
@@ -100,17 +125,27 @@ class Team {
       arrived_.store(0, std::memory_order_relaxed);
       sense_.store(sense + 1, std::memory_order_release);
     } else {
-      while (sense_.load(std::memory_order_acquire) == sense) MOEKIT_TEAM_PAUSE();
+      for (int i = 0; sense_.load(std::memory_order_acquire) == sense; ++i) relax(i);
     }
   }
 
  private:
+  // a wait's i-th turn: a pause, or past YIELD_AFTER the core to whichever thread the wait is for
+  // (more threads than free cores: a descheduled one would otherwise wait out a whole time slice)
+  static void relax(int i) {
+    if (i < YIELD_AFTER)
+      MOEKIT_TEAM_PAUSE();
+    else
+      std::this_thread::yield();
+  }
+
   std::vector<std::thread> workers_;
-  std::atomic<uint64_t> state_{0};  // generation << 16 | the region's thread count
-  std::atomic<int> pending_{0};     // workers of the current region not yet done
-  std::atomic<int> sleepers_{0};
-  std::atomic<int> arrived_{0};
-  std::atomic<uint32_t> sense_{0};
+  // the words spun on, each on a cache line of its own
+  alignas(64) std::atomic<uint64_t> state_{0};  // generation << 16 | the region's thread count
+  alignas(64) std::atomic<int> pending_{0};     // workers of the current region not yet done
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<uint32_t> sense_{0};
+  alignas(64) std::atomic<int> sleepers_{0};
   void (*fn_)(void*, const Par&) = nullptr;  // the region's body (stable until pending_ reaches 0)
   void* arg_ = nullptr;
   std::mutex m_;
@@ -126,9 +161,16 @@ class Team {
   }
 
   void work(int t, uint64_t seen) {
+    bool idle = false;  // the last region was not this thread's: wait asleep
     for (;;) {
       uint64_t word = state_.load(std::memory_order_acquire);
-      if ((word >> 16) == seen) {
+      if ((word >> 16) == seen && idle) {
+        std::unique_lock<std::mutex> lk(m_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        cv_.wait(lk, [&] { return (state_.load(std::memory_order_seq_cst) >> 16) != seen; });
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        word = state_.load(std::memory_order_acquire);
+      } else if ((word >> 16) == seen) {
         const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
         for (int i = 0; ((word = state_.load(std::memory_order_acquire)) >> 16) == seen; ++i) {
           if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
@@ -144,7 +186,8 @@ class Team {
       }
       seen = word >> 16;
       const int nt = static_cast<int>(word & 0xffff);
-      if (t < nt) {  // the master waits for this thread: fn_ and arg_ stay this region's meanwhile
+      idle = t >= nt;
+      if (!idle) {  // the master waits for this thread: fn_ and arg_ stay this region's meanwhile
         fn_(arg_, Par{t, nt, this});
         pending_.fetch_sub(1, std::memory_order_acq_rel);
       }
@@ -169,9 +212,10 @@ inline thread_local bool dense_on_team = false;
 // experts' calls, `dense`, only with dense_on_team), else OpenMP.
 template <typename F>
 void parallel(int threads, F&& body, bool dense = false) {
+  threads = threads < 1 ? 1 : threads > Team::MAX_THREADS ? Team::MAX_THREADS : threads;
   Team* team = dense && !dense_on_team ? nullptr : calling_team;
   if (team != nullptr) {
-    team->run(threads < 1 ? 1 : threads, body);
+    team->run(threads, body);
     return;
   }
 #pragma omp parallel num_threads(threads)
