@@ -393,19 +393,15 @@ def test_runner_team_gives_the_bits_of_openmp_at_every_thread_count(team, monkey
     threads in turn (the team grows, shrinks and grows) give exactly the synchronous OpenMP call's
     bits, for int4 with int8 activations (rows of whole 16-word blocks: x and h quantized inside the
     region, behind its barriers) and for bf16 experts; the team's region count says which took it."""
-    import ctypes
-
     from moekit.native import library
     from moekit.native.experts import expert_ffn
+    from moekit.quant.formats import IntForm
 
     if team is not None:
         monkeypatch.setenv("MOEKIT_RUNNER_TEAM", team)
     monkeypatch.setenv("MOEKIT_CPU_INT_DOT", "int8")
     lib = library()
-    lib.moekit_team_regions.restype = ctypes.c_int64
     g = torch.Generator().manual_seed(11)
-    from moekit.quant.formats import IntForm
-
     d, ffn, experts = 256, 128, 6
     stacked = stacked_int(4, d, ffn, experts, (2, 1), g)  # 16-word groups: both matrices on int8 dots
     form = IntForm(d, ffn, {0: {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}}, {0: {}}, 4)

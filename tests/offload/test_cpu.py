@@ -164,6 +164,23 @@ def test_worker_thread_gives_the_same_tokens(mixtral):
     assert report["cpu_experts"] > 0 and 0 < report["cpu_wait_s"] and report["cpu_threads"] == 1
 
 
+def test_an_unknown_runner_team_setting_is_refused(mixtral, monkeypatch):
+    """MOEKIT_RUNNER_TEAM other than own / omp (async_runner.cpp would take it as unset) is refused
+    in one line where a worker first uses the runner thread; the known settings are taken."""
+    from moekit.errors import MoekitError
+
+    path, resident = mixtral
+    model = offloaded(path, resident.config, store="host", misses="cpu", predictor="speculative", cpu_threads=1)
+    runtime = model.offload
+    monkeypatch.setenv("MOEKIT_RUNNER_TEAM", "openmp")
+    with pytest.raises(MoekitError, match="MOEKIT_RUNNER_TEAM='openmp' is not a setting: use own"):
+        CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, asynchronous=True)
+    CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, asynchronous=False)  # no runner: not read
+    for setting in ("own", "omp"):
+        monkeypatch.setenv("MOEKIT_RUNNER_TEAM", setting)
+        CpuWorker(runtime.layout, runtime.store, runtime.device, 8, threads=1, asynchronous=True)
+
+
 def test_a_failure_after_the_start_leaves_no_call_running(mixtral, monkeypatch):
     """An error raised while the device part is launched (after the CPU call was started on the
     runner thread) propagates, and the runtime's next calls start and finish normally."""

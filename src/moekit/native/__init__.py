@@ -118,6 +118,8 @@ def library() -> ctypes.CDLL | None:
     lib.moekit_linear.restype = ctypes.c_int
     lib.moekit_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.moekit_stream_read.restype = ctypes.c_double
+    lib.moekit_team_regions.argtypes = []  # regions run on the runner's own team so far (team.h)
+    lib.moekit_team_regions.restype = i64
     for declare in _declarations:  # other modules' functions (register_declarations)
         declare(lib)
     _library = lib

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 from pathlib import Path
 
@@ -34,6 +35,8 @@ Job = tuple[torch.Tensor, torch.Tensor, list[int], list[float]]
 
 
 ASYNC_BUSY, ASYNC_IDLE = -100, -101  # async_runner.cpp: a call still posted; a wait with none posted
+RUNNER_TEAM_ENV = "MOEKIT_RUNNER_TEAM"  # the runner's calls on its own team: unset (compressed forms'), own, omp
+RUNNER_TEAMS = ("own", "omp")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -84,6 +87,15 @@ class Started:
 def no_jobs(out: torch.Tensor, start: bool) -> torch.Tensor | Started:
     """Returns a call with no jobs: out zeroed, or with start a Started already done."""
     return Started(out.zero_(), (), "", posted=False) if start else out.zero_()
+
+
+def check_runner_team() -> None:
+    """Raises MoekitError where $MOEKIT_RUNNER_TEAM holds a value async_runner.cpp would not take (it
+    reads the variable at each post and treats anything else as unset; native/team.h says what each does)."""
+    setting = os.environ.get(RUNNER_TEAM_ENV)
+    if setting is not None and setting not in RUNNER_TEAMS:
+        raise MoekitError(f"{RUNNER_TEAM_ENV}={setting!r} is not a setting: use own (every runner call on its own "
+                          "team), omp (none: OpenMP), or unset it (the compressed forms' calls on the team)")
 
 
 def post(entry, *args, keep: tuple, out: torch.Tensor, refusal: str, finish=None) -> Started:

@@ -85,22 +85,19 @@ class Team {
   // Runs body(par) on threads 0..nt-1, the caller as thread 0; returns when all are done.
   template <typename F>
   void run(int nt, F& body) {
+    if (nt > 1) {
+      try {
+        grow(nt - 1, state_.load(std::memory_order_relaxed) >> 16);
+      } catch (...) {  // no more threads: the region runs on those there are
+      }
+      if (nt > static_cast<int>(workers_.size()) + 1) nt = static_cast<int>(workers_.size()) + 1;
+    }
     if (nt <= 1) {
       Par p{0, 1, this};
       body(p);
       return;
     }
     regions().fetch_add(1, std::memory_order_relaxed);
-    try {
-      grow(nt - 1, state_.load(std::memory_order_relaxed) >> 16);
-    } catch (...) {  // no more threads: the region runs on those there are
-    }
-    if (nt > static_cast<int>(workers_.size()) + 1) nt = static_cast<int>(workers_.size()) + 1;
-    if (nt <= 1) {
-      Par p{0, 1, this};
-      body(p);
-      return;
-    }
     fn_ = [](void* b, const Par& p) { (*static_cast<F*>(b))(p); };
     arg_ = &body;
     pending_.store(nt - 1, std::memory_order_relaxed);
@@ -160,25 +157,26 @@ class Team {
     }
   }
 
+  // Sleeps until a region after generation `seen` is posted; returns its word.
+  uint64_t sleep_past(uint64_t seen) {
+    std::unique_lock<std::mutex> lk(m_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    cv_.wait(lk, [&] { return (state_.load(std::memory_order_seq_cst) >> 16) != seen; });
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    return state_.load(std::memory_order_acquire);
+  }
+
   void work(int t, uint64_t seen) {
     bool idle = false;  // the last region was not this thread's: wait asleep
     for (;;) {
       uint64_t word = state_.load(std::memory_order_acquire);
       if ((word >> 16) == seen && idle) {
-        std::unique_lock<std::mutex> lk(m_);
-        sleepers_.fetch_add(1, std::memory_order_seq_cst);
-        cv_.wait(lk, [&] { return (state_.load(std::memory_order_seq_cst) >> 16) != seen; });
-        sleepers_.fetch_sub(1, std::memory_order_relaxed);
-        word = state_.load(std::memory_order_acquire);
+        word = sleep_past(seen);
       } else if ((word >> 16) == seen) {
         const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
         for (int i = 0; ((word = state_.load(std::memory_order_acquire)) >> 16) == seen; ++i) {
           if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
-            std::unique_lock<std::mutex> lk(m_);
-            sleepers_.fetch_add(1, std::memory_order_seq_cst);
-            cv_.wait(lk, [&] { return (state_.load(std::memory_order_seq_cst) >> 16) != seen; });
-            sleepers_.fetch_sub(1, std::memory_order_relaxed);
-            word = state_.load(std::memory_order_acquire);
+            word = sleep_past(seen);
             break;
           }
           MOEKIT_TEAM_PAUSE();

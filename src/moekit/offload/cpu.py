@@ -132,6 +132,7 @@ from ..native.experts import (
     MAX_ROW,
     Scratch,
     Started,
+    check_runner_team,
     expert_ffn_stacked,
     usable,
 )
@@ -328,7 +329,8 @@ class CpuWorker:
 
     def __init__(self, layout: SlotLayout, store: HostStore | DiskStore, device: torch.device, max_tokens: int,
                  threads: int = 0, threaded: bool = False, asynchronous: bool | None = None):
-        """`threads`: the native call's OpenMP team (0: beside CUDA one fewer than torch's, leaving a
+        """`threads`: the native call's team (OpenMP, or on the runner thread its own: native/team.h;
+        0: beside CUDA one fewer than torch's, leaving a
         core to the host thread that launches the device part (and the CUDA runtime's own threads):
         a team that shares its cores waits for a descheduled member at every barrier; on a CPU-only
         machine torch's). `threaded` runs the experts on a Python worker thread instead (the former
@@ -348,6 +350,8 @@ class CpuWorker:
         if asynchronous is None:  # a disk store reads each expert in Python between calls: inline
             asynchronous = self.cuda and os.environ.get(ASYNC_ENV, "1") != "0"
         self.asynchronous = asynchronous and self.native and store.kind != "disk" and not threaded
+        if self.asynchronous:  # the runner serves this worker's calls and the partner's steps
+            check_runner_team()
         self.profile = MissProfile() if os.environ.get(PROFILE_ENV) == "1" else None
 
     def _buffer(self, name: str, cols: int, dtype: torch.dtype) -> torch.Tensor:
