@@ -72,7 +72,7 @@ def kernel_rates(cfg, threads: int, reps: int = 5) -> dict:
     layer's top-k experts (distinct, cold in the caches), bf16, one token."""
     import torch.nn.functional as F
 
-    from moekit.native.experts import Scratch, expert_ffn, stream_read_bytes_per_s
+    from moekit.native.experts import Scratch, expert_ffn, prepared_expert_ffn, stream_read_bytes_per_s
 
     d, ffn, k = cfg.hidden_size, cfg.expert_ffn, cfg.top_k
     from moekit.offload.layout import pinned_empty
@@ -121,6 +121,21 @@ def kernel_rates(cfg, threads: int, reps: int = 5) -> dict:
             times.append(time.perf_counter() - t0)
         res["native_layer_top_k_plain_pages_bytes_per_s"] = k * expert_bytes / statistics.median(times[1:])
         del plain
+        # the kernel alone: each call's arguments built before the clock starts (native_* above pays
+        # expert_ffn's ~10-25 us of Python a call: a seventh of one expert's ~140 us at 90 GB/s)
+        for n, label in ((1, "one_expert"), (k, "layer_top_k")):
+            calls = []
+            for rep in range(reps + 1):
+                ids = [(turn[0] + i) % count for i in range(n)]
+                turn[0] += n
+                calls.append(prepared_expert_ffn(x, [(gate_up[e], down[e], [0], [1.0 / n]) for e in ids],
+                                                 threads=threads, scratch=scratch))
+            times = []
+            for call in calls:
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            res[f"kernel_{label}_bytes_per_s"] = n * expert_bytes / statistics.median(times[1:])
         for name, fn in (("native", native), ("pytorch", pytorch)):
             for n, label in ((1, "one_expert"), (k, "layer_top_k")):
                 fn(n)

@@ -83,6 +83,19 @@ def test_no_jobs_gives_zeros_and_out_is_written_in_place():
     torch.testing.assert_close(out, ne.reference(x, jobs), rtol=1e-5, atol=1e-5)
 
 
+def test_prepared_call_gives_expert_ffns_bits_on_every_call():
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    jobs = make_jobs(96, 80, torch.bfloat16, [[0, 2], [1], [2]])
+    call = ne.prepared_expert_ffn(x, jobs, threads=2)
+    first = call().clone()
+    assert torch.equal(first, ne.expert_ffn(x, jobs, threads=2))
+    assert torch.equal(call(), first)  # the arguments stay valid past the first call
+    with pytest.raises(ValueError, match="at least one job"):
+        ne.prepared_expert_ffn(x, [])
+    with pytest.raises(ValueError, match="one dtype"):
+        ne.prepared_expert_ffn(x, [(jobs[0][0], jobs[0][1].float(), [0], [1.0])])
+
+
 def test_refuses_what_it_cannot_take():
     x = torch.randn(2, 32)
     good = make_jobs(32, 16, torch.float32, [[0]])[0]

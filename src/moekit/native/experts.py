@@ -17,6 +17,7 @@ import ctypes
 import functools
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -220,10 +221,40 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
     several jobs, at most once per job. Raises ValueError for arguments the kernel cannot take
     (check `usable` first)."""
     x = x.contiguous()
-    n, d = x.shape
     out = output_for(x, out)
     if not jobs:
         return no_jobs(out, start)
+    wdtype, ffn, gate_ups, downs = _job_pointers(x, jobs)
+    return _run(x, out, wdtype, ffn, gate_ups, downs, Routes(jobs, x.shape[0]), threads, scratch,
+                (jobs,) if start else None)
+
+
+def prepared_expert_ffn(x: torch.Tensor, jobs: list[Job], threads: int | None = None,
+                        scratch: Scratch | None = None) -> Callable[[], torch.Tensor]:
+    """Returns a callable that runs expert_ffn(x, jobs)'s native call and returns its out, its
+    arguments checked and built once here: what the kernel alone takes, without the ~10-25 us of
+    Python each expert_ffn call spends on them (benchmarks time the kernel with it; a decode step's
+    calls from the runner pay none either). The tensors must stay unchanged while it is used."""
+    x = x.contiguous()
+    out = output_for(x, None)
+    if not jobs:
+        raise ValueError("prepared_expert_ffn needs at least one job")
+    wdtype, ffn, gate_ups, downs = _job_pointers(x, jobs)
+    lib, args, held = _call_args(x, out, wdtype, ffn, gate_ups, downs, Routes(jobs, x.shape[0]), threads, scratch)
+    return functools.partial(_prepared_call, lib.moekit_expert_ffn, args, out, (x, jobs, held))
+
+
+def _prepared_call(entry, args: tuple, out: torch.Tensor, _keep: tuple) -> torch.Tensor:
+    """prepared_expert_ffn's call (_keep: what the arguments point into, alive while it is)."""
+    code = entry(*args)
+    if code != 0:
+        raise ValueError(REFUSAL.format(code=code))
+    return out
+
+
+def _job_pointers(x: torch.Tensor, jobs: list[Job]) -> tuple[torch.dtype, int, list[int], list[int]]:
+    """Returns (weight dtype, ffn, gate_up pointers, down pointers) of expert_ffn's jobs, checked."""
+    d = x.shape[1]
     wdtype = jobs[0][0].dtype
     ffn = jobs[0][1].shape[1]
     gate_ups, downs = [], []
@@ -235,7 +266,7 @@ def expert_ffn(x: torch.Tensor, jobs: list[Job], out: torch.Tensor | None = None
                              f"of one dtype; got {list(gate_up.shape)} {gate_up.dtype}, {list(down.shape)} {down.dtype}")
         gate_ups.append(gate_up.data_ptr())
         downs.append(down.data_ptr())
-    return _run(x, out, wdtype, ffn, gate_ups, downs, Routes(jobs, n), threads, scratch, (jobs,) if start else None)
+    return wdtype, ffn, gate_ups, downs
 
 
 def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -277,12 +308,29 @@ def expert_ffn_stacked(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
                 (gate_up, down) if start else None, ld=ffn)
 
 
+REFUSAL = "the CPU expert kernel refused its arguments (code {code}: see experts.cpp)"
+
+
 def _run(x: torch.Tensor, out: torch.Tensor, wdtype: torch.dtype, ffn: int, gate_ups: list[int], downs: list[int],
          routes: Routes, threads: int | None, scratch: Scratch | None, keep: tuple | None,
          ld: int | None = None) -> torch.Tensor | Started:
     """Returns out after the native call on checked pointers (x contiguous [N, D], out like x); with
     `keep` (what else the call reads: the weights), the Started call instead. `ffn` rows of experts
     `ld` wide (default ffn; experts.cpp, LD)."""
+    lib, args, held = _call_args(x, out, wdtype, ffn, gate_ups, downs, routes, threads, scratch, ld)
+    if keep is not None:
+        return post(lib.moekit_async_expert_ffn, *args, keep=(x, out, *held, *keep), out=out, refusal=REFUSAL)
+    code = lib.moekit_expert_ffn(*args)
+    if code != 0:
+        raise ValueError(REFUSAL.format(code=code))
+    return out
+
+
+def _call_args(x: torch.Tensor, out: torch.Tensor, wdtype: torch.dtype, ffn: int, gate_ups: list[int],
+               downs: list[int], routes: Routes, threads: int | None, scratch: Scratch | None,
+               ld: int | None = None) -> tuple[ctypes.CDLL, tuple, tuple]:
+    """Returns (library, moekit_expert_ffn's arguments, what they point into: the routes and the
+    scratch buffers) for a call of _run's."""
     lib = library()
     if lib is None:
         from . import unavailable_reason
@@ -302,14 +350,7 @@ def _run(x: torch.Tensor, out: torch.Tensor, wdtype: torch.dtype, ffn: int, gate
     args = (DTYPE_CODES[wdtype], DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), n, d, ffn, ld or ffn,
             len(gate_ups), gate_ptrs, down_ptrs, routes.starts, routes.tokens, routes.weights, float_ptr(h),
             float_ptr(xf), float_ptr(accs), threads)
-    refusal = "the CPU expert kernel refused its arguments (code {code}: see experts.cpp)"
-    if keep is not None:
-        return post(lib.moekit_async_expert_ffn, *args, keep=(x, out, routes, h, xf, accs, *keep), out=out,
-                    refusal=refusal)
-    code = lib.moekit_expert_ffn(*args)
-    if code != 0:
-        raise ValueError(refusal.format(code=code))
-    return out
+    return lib, args, (routes, h, xf, accs)
 
 
 _linear_scratch = threading.local()  # per thread: x in float32 (the CPU expert worker calls too)
