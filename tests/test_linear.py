@@ -249,12 +249,16 @@ def test_linear_autograd_takes_f_linear(tabled):
 
 
 def test_decode_tuned_entries_are_configs_the_kernel_takes():
-    """Every DECODE_TUNED entry (pasted from probe_decode_linear's winners) is a valid config at its K."""
-    from moekit.linear import DECODE_TUNED, check_decode_config
+    """Every DECODE_TUNED and INT8_DECODE_TUNED entry (pasted from probe_decode_linear's winners) is a valid
+    config at its K, and int8 weights take their own entry before bf16's."""
+    from moekit.linear import DECODE_TUNED, INT8_DECODE_TUNED, check_decode_config, int8_decode_config
 
-    for (n, k), config in DECODE_TUNED.items():
+    for (n, k), config in [*DECODE_TUNED.items(), *INT8_DECODE_TUNED.items()]:
         assert n > 0 and k > 0, (n, k)
         check_decode_config(config, k)
+    for shape, config in INT8_DECODE_TUNED.items():
+        assert int8_decode_config(*shape) == config
+    assert int8_decode_config(6144, 2048) == DECODE_TUNED[(6144, 2048)]  # no int8 entry: bf16's
 
 
 def test_linear_default_table_off_gpu_is_f_linear():

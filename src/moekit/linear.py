@@ -199,10 +199,20 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return codes.contiguous(), scale.contiguous()
 
 
+# Int8 weights where their best tile (H200, one row, probe_decode_linear.py --int8 at 7b3b4cf; each 1.36-1.90x
+# bf16 cuBLAS) differs from bf16's DECODE_TUNED entry: us at bf16's tile -> at this one
+INT8_DECODE_TUNED: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (2048, 2048): (2, 1024, 4, 1, 1),  # OLMoE / DeepSeek-V2-Lite o (bf16's tile 4.19 with bf16 weights) -> 3.96
+    (50304, 2048): (8, 512, 4, 1, 1),  # OLMoE lm_head 39.5 -> 34.0
+    (5120, 2048): (4, 2048, 8, 1, 1),  # Qwen3-30B-A3B qkv 6.67 -> 6.16
+}
+
+
 def int8_decode_config(n: int, k: int) -> tuple[int, int, int, int, int]:
-    """Returns the decode matvec config for an int8 [N, K] weight: DECODE_TUNED's for the shape (measured
-    with bf16 weights), else 4 rows a program over up to 1024 columns a step, split-K for N below 256."""
-    tuned = DECODE_TUNED.get((n, k))
+    """Returns the decode matvec config for an int8 [N, K] weight: INT8_DECODE_TUNED's for the shape, else
+    DECODE_TUNED's (measured with bf16 weights), else 4 rows a program over up to 1024 columns a step,
+    split-K for N below 256."""
+    tuned = INT8_DECODE_TUNED.get((n, k)) or DECODE_TUNED.get((n, k))
     if tuned is not None:
         return tuned
     block_k = min(1024, max(16, 1 << (k.bit_length() - 1)))
