@@ -632,6 +632,7 @@ LLAMA_QWEN3_COMPRESSED = "bench_llamacpp_qwen3_compressed_4310d1d.json"  # int4 
 LLAMA_QWEN3_COMPRESSED_INT8 = "bench_llamacpp_qwen3_compressed_int8_e49b5db.json"  # the same with --dense int8
 LLAMA_QWEN3_COMPRESSED_TEAM = "bench_llamacpp_qwen3_compressed_int8_team_c0a2f4c.json"  # the runner's own team
 LLAMA_MIXTRAL_HALF = "bench_llamacpp_mixtral_half_45c1115.json"  # 2026-12-02 (session 20): host + half rows, the split on
+LLAMA_QWEN3_BUDGETS = "bench_llamacpp_qwen3_budgets_10956a6.json"  # 2026-12-03 (session 21): auto at 25% / 10%, kernel rates
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
 
@@ -660,7 +661,7 @@ def in_place_share(files: dict) -> str:
 
 
 AUTO_BUDGET_SHARE = 0.80  # issue 12: misses auto at 25% and 10% budgets, of its combined ceiling
-AUTO_BUDGET_RUNS = (LLAMA_OLMOE_BUDGETS,)  # bench_llamacpp --footprints (moekit only), one per shape
+AUTO_BUDGET_RUNS = (LLAMA_OLMOE_BUDGETS, LLAMA_QWEN3_BUDGETS)  # bench_llamacpp --footprints (moekit only), one per shape
 
 
 def auto_budgets(files: dict) -> str:
