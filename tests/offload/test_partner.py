@@ -199,6 +199,9 @@ def test_where_the_partner_serves_by_default(monkeypatch):
     assert wanted(gpu, 352_321_536, large) and wanted(cpu, 1, large) and wanted(gpu, 1, large, native=False)
     monkeypatch.delenv("MOEKIT_CPU_GRAPH")
     assert not wanted(gpu, 1, large, native=False)  # a form with no native step: only when asked for
+    # large experts of a form with no in-place kernel (Mixtral's int4): auto's split would be CPU + fetches
+    assert wanted(gpu, 92_209_152, large, in_place_share=False) and not wanted(cpu, 92_209_152, large, True, False)
+    assert not wanted(gpu, 92_209_152, large, native=False, in_place_share=False)
     monkeypatch.setenv("MOEKIT_CPU_GRAPH", "0")
     assert not wanted(gpu, 9_437_184, large)
     monkeypatch.setenv("MOEKIT_CPU_GRAPH", "yes")

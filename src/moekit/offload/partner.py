@@ -85,11 +85,16 @@ def _declare(lib: ctypes.CDLL) -> None:
 register_declarations(_declare)
 
 
-def wanted(device: torch.device, expert_bytes: int, large: int, native: bool = True) -> bool:
+def wanted(device: torch.device, expert_bytes: int, large: int, native: bool = True,
+           in_place_share: bool = True) -> bool:
     """Returns whether decode steps should run with the CPU as partner: MOEKIT_CPU_GRAPH=1 always,
     =0 never; unset, on a GPU for experts smaller than `large` bytes (larger ones keep misses auto's
     split, whose in-place share lets the device read some of them beside the CPU: Mixtral's 352 MB
-    experts ran 14.6 tok/s with it, 11.5 on the CPU alone) whose step's CPU side is one native call
+    experts ran 14.6 tok/s with it, 11.5 on the CPU alone), or of any size where that split would
+    have no in-place share (`in_place_share` False: a form whose kernels read only cache slots, int-N
+    and the ternary code; there the split is the CPU and demand fetches, each layer call leaving the
+    captured step: Mixtral's int4 experts, 88 MB, ran 36.4 tok/s so at 10956a6, the CPU computing 14.4
+    of a token's 16 missed experts), whose step's CPU side is one native call
     (`native`: dense, int-N, the ternary code; with =1 other forms are tried and refused). H200, all experts in
     host memory at llama.cpp's footprint: Qwen3-30B-A3B shape cut to 24 layers, bf16, 72.3 tok/s with
     the partner, 42.2 misses cpu and 33.0 auto without it (bench_llamacpp_qwen3_partner_7f24100.json);
@@ -100,7 +105,7 @@ def wanted(device: torch.device, expert_bytes: int, large: int, native: bool = T
         raise MoekitError(f"{ENV}={env!r}: set it to 1 (the CPU partner always) or 0 (never), or leave it unset")
     if env is not None or not native:
         return env == "1"
-    return device.type == "cuda" and expert_bytes < large
+    return device.type == "cuda" and (expert_bytes < large or not in_place_share)
 
 
 def _int64s(values: list[int]):

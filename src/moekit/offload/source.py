@@ -310,7 +310,8 @@ class OffloadRuntime:
         if cfg.strict or cfg.record_routing or cfg.predictor not in ("auto", "none"):
             return False
         native = isinstance(self.form, DenseForm) or getattr(self.form, "NATIVE_FORM", 0) != 0
-        asked = wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, native) or (
+        asked = wanted(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES, native,
+                       self.form.reads_in_place) or (
             self.row_split_on and os.environ.get(PARTNER_ENV) != "0"
             and self.partner_rows() is not None)  # large experts: only split by rows (whole, the split per call wins)
         return (asked and self.cpu is not None
