@@ -632,6 +632,7 @@ LLAMA_QWEN3_COMPRESSED = "bench_llamacpp_qwen3_compressed_4310d1d.json"  # int4 
 LLAMA_QWEN3_COMPRESSED_INT8 = "bench_llamacpp_qwen3_compressed_int8_e49b5db.json"  # the same with --dense int8
 LLAMA_QWEN3_COMPRESSED_TEAM = "bench_llamacpp_qwen3_compressed_int8_team_c0a2f4c.json"  # the runner's own team
 LLAMA_MIXTRAL_HALF = "bench_llamacpp_mixtral_half_45c1115.json"  # 2026-12-02 (session 20): host + half rows, the split on
+LLAMA_MIXTRAL_COMPRESSED = "bench_llamacpp_mixtral_compressed_10956a6.json"  # 2026-12-03 (session 21): int4, ternary
 LLAMA_QWEN3_BUDGETS = "bench_llamacpp_qwen3_budgets_10956a6.json"  # 2026-12-03 (session 21): auto at 25% / 10%, kernel rates
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
@@ -721,6 +722,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
                                             partial(vs_llamacpp_latest, name=LLAMA_OLMOE_COMPRESSED_BEFORE)),
     "vs_llamacpp_mixtral_rows": ((LLAMA_MIXTRAL_ROWS,), partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_ROWS)),
     "vs_llamacpp_mixtral_half": ((LLAMA_MIXTRAL_HALF,), partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_HALF)),
+    "vs_llamacpp_mixtral_compressed": ((LLAMA_MIXTRAL_COMPRESSED,),
+                                       partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_COMPRESSED)),
     "vs_llamacpp_olmoe_cpu16": ((LLAMA_OLMOE_CPU16,), partial(vs_llamacpp_latest, name=LLAMA_OLMOE_CPU16)),
     "cpu_kernel_cpu16": ((LLAMA_OLMOE_CPU16,), partial(cpu_kernel, name=LLAMA_OLMOE_CPU16)),
     "auto_budgets": (AUTO_BUDGET_RUNS, auto_budgets),
