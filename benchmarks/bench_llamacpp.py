@@ -8,7 +8,7 @@ decode (64 tokens, -fa 1) while nvidia-smi samples the GPU's used memory every 5
 the idle figure is llama.cpp's footprint. moekit then runs the same checkpoint at that footprint as
 `--device-memory` (its own allocator-enforced budget), with the missed experts computed on the CPU
 (`cpu`), split by the cost model (`auto`) or fetched (`fetch`). On a GPU `cpu` / `auto` with experts
-under 64 MiB run their decode steps with the CPU as partner (offload.partner); `--misses auto-graph` /
+under 64 MiB (compressed ones of any size, since c7b72b2) run their decode steps with the CPU as partner (offload.partner); `--misses auto-graph` /
 `cpu+graph` force that off / on for one row (MOEKIT_CPU_GRAPH), `auto-rows` turns the row split off
 (MOEKIT_ROW_SPLIT=0; on by default since 2ef1e0c's Mixtral host row: experts of 64 MiB and up cut by rows
 between the CPU and in-place reads, inside the partner's step; `auto+rows` forces it on), `auto+omp` runs the CPU's compressed calls on OpenMP, not the runner's own team

@@ -122,8 +122,8 @@ def add_generate_flags(gen: argparse.ArgumentParser) -> None:
     g.add_argument("--misses", default=None, choices=MISSES,
                    help="where an expert absent from the device cache runs, in calls of up to 8 tokens (decode): "
                         "fetch (copy it in; the default with --strict-pregate), cpu (compute it on the CPU from host "
-                        "memory, overlapped with the device; on a GPU with dense experts under 64 MiB each decode step "
-                        "is one CUDA graph that the CPU serves as a partner, MOEKIT_CPU_GRAPH=0 to turn that off), auto (default: the CPU computes the misses the cache "
+                        "memory, overlapped with the device; on a GPU with experts under 64 MiB, or compressed ones of any "
+                        "size, each decode step is one CUDA graph that the CPU serves as a partner, MOEKIT_CPU_GRAPH=0 to turn that off), auto (default: the CPU computes the misses the cache "
                         "would not keep, the link fetches the others as a cost model says; fetch where misses cannot "
                         "run on the CPU), mapped (GPU: the kernel reads it in place from host memory, so each decode "
                         "step is one CUDA graph; popular experts are copied in between steps; fastest where the cache "

@@ -1,6 +1,6 @@
 """Missed experts computed on the CPU inside a decode step captured whole (misses cpu or auto on a GPU,
-experts under 64 MiB; MOEKIT_CPU_GRAPH=1 / 0 forces it on / off): the CPU as the device's partner, no
-host decision per layer.
+experts under 64 MiB or of a form the device cannot read in place, `wanted`; MOEKIT_CPU_GRAPH=1 / 0
+forces it on / off): the CPU as the device's partner, no host decision per layer.
 
 Why. With misses cpu / auto each MoE layer call leaves the captured segments: the host reads the
 routing (one sync per layer), builds the CPU's jobs in Python, starts the native kernel, launches
