@@ -132,11 +132,12 @@ SHAPES = {  # name -> (HF config maker, its arguments); BENCH.md's shapes
 ROWS = ("resident", "host", "half", "compressed", "cpu", "rates")
 DENSE = "bf16"  # moekit's dense projections on a GPU (--dense; moekit.linear.Int8Linear for int8)
 # a misses mode's suffix -> the environment switch it sets for its row: the CPU partner forced on / off,
-# the row split (offload.cpu; with it the partner splits experts of 64 MiB and up by rows), the runner's
+# the row split (offload.cpu; with it the partner splits experts of 64 MiB and up by rows), the partner's
+# gather off (-gather: compressed experts of 64 MiB and up, offload.mapped), the runner's
 # calls all on OpenMP (+omp) or all on its own team (+team; by default only the compressed forms': native/team.h)
 ROW_ENV = {"+graph": ("MOEKIT_CPU_GRAPH", "1"), "-graph": ("MOEKIT_CPU_GRAPH", "0"), "+rows": ("MOEKIT_ROW_SPLIT", "1"),
            "-rows": ("MOEKIT_ROW_SPLIT", "0"), "+omp": ("MOEKIT_RUNNER_TEAM", "omp"),
-           "+team": ("MOEKIT_RUNNER_TEAM", "own")}
+           "+team": ("MOEKIT_RUNNER_TEAM", "own"), "-gather": ("MOEKIT_PARTNER_GATHER", "0")}
 MODES = {"host": "decode_cpu_experts", "half": "decode_half_experts"}  # row -> setting (llama.cpp's row name)
 FORMS = {"int4": dict(bits="4", group_size=128), "int2": dict(bits="2", group_size=128), "ternary": dict(bits="ternary")}
 PROMPT, NEW = 64, 64
@@ -308,7 +309,8 @@ def moekit_row(path: Path, device: torch.device, budget: int | None, misses: str
                                                      "mapped_reads", "mapped_bytes", "decode_mapped_bytes", "in_place_share",
                                                      "in_place_experts", "in_place_refused", "mapped_bytes_per_token",
                                                      "cpu_partner", "row_split", "row_split_experts",
-                                                     "cpu_partner_rows", "partner_layer_us")}  # the split's three: missing at 2ef1e0c
+                                                     "cpu_partner_rows", "partner_layer_us", "gather_slots",
+                                                     "gathered_experts", "gather_refused")}  # the split's three: missing at 2ef1e0c
     except MoekitError as e:
         row.update(status="refused", refusal=str(e))
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others

@@ -1,4 +1,4 @@
-"""The CPU partner's device kernels (moekit.kernels.partner_flags) compiled for a Hopper GPU (sm_90)
+"""The CPU partner's device kernels (moekit.kernels.partner_flags, expert_gather) compiled for a Hopper GPU (sm_90)
 without one: the interpreter the other tests run them under accepts code the compiler may reject
 (the system-scope atomics, the polling loop). Needs triton with its NVIDIA backend (ptxas,
 cuobjdump), not a GPU; the builds run in one child process without TRITON_INTERPRET."""
@@ -29,6 +29,12 @@ def builds():
     yield "combine", resource_usage(k.partner_combine_kernel, {
         "out_ptr": "*bf16", "ho_base": "*bf16", "ho_off": "i64", **ints, "done_off": "i64", "seq_ptr": "*i64",
         "err_off": "i64", "max_polls": "i32", "D": "i32", "stride_on": "i32"}, {"BLOCK_D": 1024}, 4)
+    from moekit.kernels.expert_gather import expert_gather_kernel
+    from moekit.offload.mapped import GATHER_BLOCK
+
+    yield "gather", resource_usage(expert_gather_kernel, {
+        "slab_ptr": "*i32", "srcs_ptr": "*i64", "dst_slots_ptr": "*i64", "offsets_ptr": "*i64", "words": "i32",
+        "slot_words": "i32"}, {"BLOCK": GATHER_BLOCK}, 4)
 
 
 def test_partner_kernels_compile_for_sm90_without_spills():

@@ -164,6 +164,51 @@ def test_compressed_experts_with_the_cpu_as_partner_match_resident(tiny, tmp_pat
     assert plain.offload.mapped is None
 
 
+def test_the_gather_copies_missed_compressed_experts_beside_the_cpu(tiny, tmp_path, graph_env, monkeypatch):
+    """MOEKIT_PARTNER_GATHER=1 (on a GPU the default for compressed experts of 64 MiB and up): each
+    step's missed expert of rank 1 is copied by the device into the scratch slot, rank 0 stays the
+    CPU's. Greedy tokens equal the compressed model resident; the report counts both shares, and the
+    scratch slot is out of the cache's use."""
+    if not triton_ops.triton_usable(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    monkeypatch.setenv("MOEKIT_PARTNER_GATHER", "1")
+    path = compressed_mixtral(tiny, tmp_path, "4")
+    plan = load_offloaded(path, offload=OffloadConfig(context_tokens=CONTEXT)).offload.plan
+    budget = plan.planned_bytes - plan.cache_bytes + 4 * plan.expert_bytes  # blank + scratch + 2 to cache in
+    model = load_offloaded(path, offload=OffloadConfig(misses="cpu", store="host", context_tokens=CONTEXT,
+                                                       device_memory=budget, predictor="none"))
+    runtime = model.offload
+    table, cache = runtime.mapped, runtime.cache
+    assert table is not None and table.by_slot and len(table.gather_slots) == 1, runtime.partner_refused
+    scratch = table.gather_slots[0]
+    assert scratch in cache.pinned and scratch != cache.blank and scratch not in cache.free
+    ids = token_ids(1, 3, seed=2)
+    assert torch.equal(greedy(model, ids, 6), greedy(moekit.load_model(path), ids, 6))
+    assert cache.key_of[scratch] is None  # never handed to an expert by the cache
+    report = runtime.report()
+    assert report["gather_slots"] == 1 and report["gather_refused"] is None
+    assert report["gathered_experts"] > 0 and report["cpu_experts"] > 0
+    assert report["mapped_reads"] == report["gathered_experts"] and report["mapped_bytes_per_token"] > 0
+    # a layer's missed experts: rank 0 the CPU's, rank 1 the device's (prefill's misses are fetched)
+    assert report["gathered_experts"] <= report["cpu_experts"]
+    assert report["cpu_experts"] + report["gathered_experts"] <= report["lookups"] - report["hits"]
+
+
+def test_how_many_the_gather_takes(monkeypatch):
+    from moekit.offload.partner import gather_slots
+
+    gpu, cpu, large = torch.device("cuda"), torch.device("cpu"), 64 * 2**20
+    monkeypatch.delenv("MOEKIT_PARTNER_GATHER", raising=False)
+    assert gather_slots(gpu, 88 * 2**20, large, 2, True) == 1 and gather_slots(gpu, 88 * 2**20, large, 8, True) == 4
+    assert gather_slots(gpu, 9 * 2**20, large, 2, True) == 0  # small experts: the CPU alone
+    assert gather_slots(gpu, 88 * 2**20, large, 2, False) == 0 and gather_slots(cpu, 88 * 2**20, large, 2, True) == 0
+    monkeypatch.setenv("MOEKIT_PARTNER_GATHER", "2")
+    assert gather_slots(cpu, 1, large, 2, False) == 2
+    monkeypatch.setenv("MOEKIT_PARTNER_GATHER", "yes")
+    with pytest.raises(MoekitError, match="number of scratch slots"):
+        gather_slots(gpu, 1, large, 2, True)
+
+
 @pytest.mark.slow
 def test_skipped_compressed_experts_read_the_blank_slot(tmp_path, graph_env):
     """The bundled model's ternary code (each layer's chunk capacity its own), bf16, an 8-slot cache:
@@ -331,29 +376,35 @@ def test_gpu_row_split_partner_is_captured_whole_and_matches_resident(tiny, monk
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", ["4", "ternary"])
-def test_gpu_compressed_partner_steps_are_captured_whole_and_match_resident(tiny, tmp_path, monkeypatch, bits):
+@pytest.mark.parametrize("bits,gather", [("4", "0"), ("ternary", "0"), ("4", "1"), ("ternary", "1")])
+def test_gpu_compressed_partner_steps_are_captured_whole_and_match_resident(tiny, tmp_path, monkeypatch, bits,
+                                                                            gather):
     """int4 / ternary-code experts on the GPU (the partner by default): steps captured whole,
     token-equal to the compressed model resident on the GPU (the code's tables live on the device:
-    the CPU side reads its host copies)."""
+    the CPU side reads its host copies); with the gather (MOEKIT_PARTNER_GATHER=1) the device copies a
+    missed expert of each layer into the scratch slot inside the captured step."""
     from moekit.generate import GenerationStats
     monkeypatch.delenv("MOEKIT_CPU_GRAPH", raising=False)
+    monkeypatch.setenv("MOEKIT_PARTNER_GATHER", gather)
     path = compressed_mixtral(tiny, tmp_path, bits)
     ids = token_ids(1, 8)
     expected = resident_tokens(path, ids, n=16)
     probe = load_offloaded(path, device="cuda", dtype="float32", offload=OffloadConfig(
         device_memory=192 * 2**20, context_tokens=CONTEXT, misses="cpu", predictor="none"))
-    budget = budget_for_gpu(path, probe, 2)
+    slots = 2 + 2 * int(gather)  # room for the scratch slot beside the blank one
+    budget = budget_for_gpu(path, probe, slots)
     del probe
     torch.cuda.empty_cache()
     model = load_offloaded(path, device="cuda", dtype="float32", offload=OffloadConfig(
         device_memory=budget, context_tokens=CONTEXT, misses="cpu", predictor="none"))
-    model.offload.new_cache(2)
+    model.offload.new_cache(slots)
     runtime = model.offload
     assert runtime.mapped is not None and runtime.mapped.by_slot, runtime.partner_refused
+    assert len(runtime.mapped.gather_slots) == int(gather), runtime.gather_refused
     assert runtime.mapped.partner.compressed is not None
     stats = GenerationStats()
     got = model.generate(ids, max_new_tokens=16, temperature=0, eos_token_ids=(), stats=stats)
     assert stats.extra.get("graph") == "whole"
     assert torch.equal(got, expected)
     assert runtime.report()["cpu_experts"] > 0
+    assert (runtime.report()["gathered_experts"] > 0) == (gather == "1")

@@ -65,6 +65,7 @@ class ExpertCache:
         self.listener = None  # told of every fill and eviction (offload.mapped keeps its table by it)
         self.barrier: torch.cuda.Event | None = None  # copies into an occupied slot wait for it (mapped steps)
         self.blank: int | None = None  # a zeroed slot no expert is copied into (reserve_blank)
+        self.scratch: list[int] = []  # slots the device copies missed experts into inside a step (reserve_scratch)
 
     # ---- queries -------------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -316,11 +317,28 @@ class ExpertCache:
         return self.blank
 
     def release_blank(self) -> None:
-        """Gives the blank slot back to the cache (the partner that needed it could not run)."""
+        """Gives the blank slot and the scratch slots back to the cache (the partner that needed
+        them could not run)."""
         if self.blank is not None:
             self.pinned.discard(self.blank)
             self.free.append(self.blank)
             self.blank = None
+        self.release_scratch()
+
+    def reserve_scratch(self, count: int) -> list[int]:
+        """Takes `count` free slots out of use for good and returns them (offload.mapped's gather
+        copies missed experts into them inside a step), or [] where that would leave fewer than
+        two slots to cache experts in. Kept with the pinned slots: never evicted nor counted as room."""
+        if self.scratch or count <= 0 or len(self.free) < count or self.num_slots - len(self.pinned) - count < 2:
+            return []
+        self.scratch = [self.free.pop(0) for _ in range(count)]
+        self.pinned.update(self.scratch)
+        return list(self.scratch)
+
+    def release_scratch(self) -> None:
+        self.pinned.difference_update(self.scratch)
+        self.free.extend(self.scratch)
+        self.scratch = []
 
     def synchronize(self) -> None:
         """Waits for every copy in flight."""

@@ -51,19 +51,24 @@ from .cpu import ADMIT_RATIO
 
 Key = tuple[int, int]  # (layer, expert)
 READBACK_RING = 8  # steps whose routes may be in flight to the host before one is waited for
+GATHER_BLOCK = 2048  # int32 words one gather program copies (8 KiB)
 
 
 class MappedTable:
     """The device offset table, the host mirror and the between-step cache manager of one model."""
 
-    def __init__(self, runtime, partner: bool = False, cpu_rows: int | None = None):
+    def __init__(self, runtime, partner: bool = False, cpu_rows: int | None = None, gather: int = 0):
         """`partner`: missed experts are computed by the CPU inside the step (offload.partner), not
         read in place: an unmapped key's row holds -1 (the slot kernels skip it); for compressed
         forms (`by_slot`) the table holds a slot column instead, an unmapped key the cache's blank slot
         (weighted 0: ExpertCache.reserve_blank). `cpu_rows` r (dense, with the partner): the row split,
         the CPU computing ffn rows [0, r) of each missed expert and the device reading rows [r, I) in
         place through a second table (`split_table`: an unmapped key's host-row offsets, a mapped
-        key -1), whose partial output adds to the cached experts' and the CPU's."""
+        key -1), whose partial output adds to the cached experts' and the CPU's. `gather` G (compressed
+        forms, with the partner): G cache slots kept as scratch, into which the device copies a
+        step's missed experts of rank 1..G (in routed-slot order; rank 0 and those past G stay the
+        CPU's) from the pinned host store inside the step, beside the CPU's work (the gather,
+        module docstring); fewer free slots than G + 2: no gather."""
         self.runtime = runtime
         cache, cfg = runtime.cache, runtime.model_config
         self.device = runtime.device
@@ -75,6 +80,7 @@ class MappedTable:
         self.layers = list(runtime.moe_layers)
         self.partner = None
         self.split_host: torch.Tensor | None = None
+        self.gather_slots: list[int] = []  # scratch cache slots of the gather (compressed forms, with the partner)
         self.by_slot = partner and not isinstance(runtime.form, DenseForm)
         if self.by_slot:  # compressed forms: a slot column (the slot kernels over the slab), no in-place offsets
             blank = cache.reserve_blank()
@@ -87,6 +93,7 @@ class MappedTable:
             host = torch.full((len(self.layers), self.num_experts, 2), blank, dtype=torch.int64)
             host[:, :, 1] = torch.arange(self.num_experts)
             self.slab, self.slot_offsets = (), (1,)
+            self._plan_gather(gather, blank)
         else:
             self.names, self.stacked, host = host_row_offsets(runtime)
             self.slab = tuple(self.stacked.values())
@@ -115,6 +122,84 @@ class MappedTable:
         cache.listener = self
         for key, slot in cache.slot_of.items():  # experts already cached (pinned ones, a warm-up)
             self.filled(key, slot)
+
+    # ---- the gather (compressed forms, with the partner) ---------------------------------------------
+    def _plan_gather(self, count: int, blank: int) -> None:
+        """Reserves `count` scratch slots and builds the gather's device tensors: each layer's host
+        rows as int32-word offsets from the slab (unified addressing), a layer's words per expert."""
+        runtime = self.runtime
+        if count <= 0 or self.device.type not in ("cuda", "cpu"):
+            return
+        slab = runtime.cache.slab["packed"]  # [S_slab, slot_bytes] uint8
+        self.gather_slots = runtime.cache.reserve_scratch(count)
+        if not self.gather_slots:
+            return
+        base = slab.data_ptr()
+        offsets = torch.zeros(len(self.layers), self.num_experts, dtype=torch.int64)
+        for pos, layer in enumerate(self.layers):
+            rows = runtime.store.layers[layer]["packed"]  # [E_layer, layer_bytes] uint8, pinned
+            for e in range(self.num_experts):
+                delta = rows[min(e, rows.shape[0] - 1)].data_ptr() - base  # a pruned layer's extra ids are never routed
+                if delta % 16:
+                    raise MoekitError("a host row of the compressed store is not 16-byte aligned for the gather")
+                offsets[pos, e] = delta // 4
+        self.gather_offsets = offsets.to(self.device)
+        self.gather_words = [runtime.layout.layer_bytes(layer) // 4 for layer in self.layers]
+        self.slot_words = slab.stride(0) // 4
+        self.gather_slab = slab.view(-1).view(torch.int32) if slab.numel() % 4 == 0 else None
+        if self.gather_slab is None:
+            raise MoekitError("the cache slab is not a whole number of int32 words for the gather")
+        # the destination of each gather index (index G: slots nothing is copied for, never read)
+        self.gather_dst = torch.tensor(self.gather_slots + [blank], dtype=torch.int64, device=self.device)
+        self.gather_srcs = torch.full((count + 1,), -1, dtype=torch.int64, device=self.device)
+
+    def _gather(self, pos: int, flat: torch.Tensor, routes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Picks the step's missed slots of rank 1..G for the device (routes of theirs += 2E in place:
+        the CPU skips them, the readback counts them) and returns (dev [S] bool, index [S]: the
+        scratch slot's position in gather_dst). Capturable: no host sync."""
+        num_e, count = self.num_experts, len(self.gather_slots)
+        missed = routes < num_e
+        rank = torch.cumsum(missed, 0) - 1
+        dev = missed & (rank >= 1) & (rank <= count)
+        routes.copy_(torch.where(dev, routes + 2 * num_e, routes))
+        index = torch.where(dev, rank - 1, count)
+        self.gather_srcs.fill_(-1)
+        self.gather_srcs.scatter_(0, index, torch.where(dev, flat, -1))
+        return dev, index
+
+    def _launch_gather(self, pos: int) -> None:
+        """Queues the copies of gather_srcs' experts of layer `pos` into the scratch slots."""
+        from ..kernels.expert_gather import expert_gather_kernel
+
+        words = self.gather_words[pos]
+        grid = (len(self.gather_slots), -(-words // GATHER_BLOCK))
+        expert_gather_kernel[grid](self.gather_slab, self.gather_srcs, self.gather_dst, self.gather_offsets[pos],
+                                   words, self.slot_words, BLOCK=GATHER_BLOCK)
+
+    def gather_self_test(self) -> str | None:
+        """Returns None when the gather copies the first layer's expert 0 into a scratch slot byte
+        for byte, else why not (run once, before the first step; the slot is zeroed again)."""
+        if not self.gather_slots:
+            return None
+        try:
+            self.gather_srcs.fill_(-1)
+            self.gather_srcs[0] = 0
+            self._launch_gather(0)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            words = self.gather_words[0]
+            got = self.gather_slab[self.gather_slots[0] * self.slot_words:][:words].cpu()
+            want = self.runtime.store.layers[self.layers[0]]["packed"][0].view(torch.int32)[:words]
+            same = torch.equal(got, want)
+            self.runtime.cache.slab["packed"][self.gather_slots[0]].zero_()
+        except (RuntimeError, ValueError) as e:
+            return str(e).splitlines()[0]
+        return None if same else "the gather's copy of an expert came back wrong"
+
+    def stop_gather(self) -> None:
+        """Gives the scratch slots back: the CPU computes every miss (the gather failed its check)."""
+        self.runtime.cache.release_scratch()
+        self.gather_slots = []
 
     # ---- the cache tells us what it moves ------------------------------------------------------
     def filled(self, key: Key, slot: int) -> None:
@@ -158,10 +243,17 @@ class MappedTable:
             partner.start(x.shape[0], count=self.hooks_in_run)
         try:
             routes = self.routes[pos, :slots]
+            dev = None
+            if self.gather_slots:  # the missed experts of rank 1..G: copied in by the device, beside the CPU
+                dev, index = self._gather(pos, expert_ids.reshape(-1), routes)
             partner.post(pos, x, weights, routes)
             if self.by_slot:  # the cached experts from their slots, the others (the blank slot) weighted 0
                 runtime = self.runtime
-                rows = table[:, 0].index_select(0, expert_ids.reshape(-1)).view_as(expert_ids)
+                rows = table[:, 0].index_select(0, expert_ids.reshape(-1))
+                if dev is not None:
+                    self._launch_gather(pos)
+                    rows = torch.where(dev, self.gather_dst.index_select(0, index), rows)
+                rows = rows.view_as(expert_ids)
                 here = (routes >= self.num_experts).view_as(weights).to(weights.dtype)
                 out = runtime.form.run(x, rows, weights * here, runtime.layout.view(runtime.cache.slab, self.layers[pos]))
             else:
@@ -256,11 +348,19 @@ class MappedTable:
         for pos, row in enumerate(routes):
             layer = self.layers[pos]
             for v in row:
-                e, cached = v % num_e, v >= num_e
+                e, cached, gathered = v % num_e, num_e <= v < 2 * num_e, v >= 2 * num_e
                 key = (layer, e)
                 stats.lookups += 1
                 cache.uses[key] += 1
-                if cached:
+                if gathered:  # the device copied it into a scratch slot inside the step (the gather)
+                    nbytes = layout.layer_bytes(layer)
+                    stats.gathered_experts += 1
+                    stats.mapped_reads += 1
+                    stats.mapped_bytes += nbytes
+                    if decode:
+                        stats.decode_mapped_bytes += nbytes
+                    missed.append(key)
+                elif cached:
                     stats.hits += 1
                     slot = cache.slot(key)
                     if slot is not None:

@@ -67,6 +67,7 @@ from ..native.experts import DTYPE_CODES, Scratch, acc_stride, float_ptr
 from .stats import PARTNER_CALLS_KEPT
 
 ENV = "MOEKIT_CPU_GRAPH"  # "1" / "0": decode steps with the CPU as partner always / never (unset: `wanted`)
+GATHER_ENV = "MOEKIT_PARTNER_GATHER"  # scratch slots of the gather (compressed forms): "0" none (unset: `gather_slots`)
 TIMEOUT_S = 30.0  # the native side waits this long for a layer's post
 MAX_POLLS = 1 << 26  # the device's polls of a done flag (each a read over the link, ~1 us) before it gives up
 BLOCK_D = 1024
@@ -106,6 +107,21 @@ def wanted(device: torch.device, expert_bytes: int, large: int, native: bool = T
     if env is not None or not native:
         return env == "1"
     return device.type == "cuda" and (expert_bytes < large or not in_place_share)
+
+
+def gather_slots(device: torch.device, expert_bytes: int, large: int, top_k: int, pinned: bool) -> int:
+    """Returns how many missed compressed experts of a step the device copies in itself beside the
+    CPU partner (offload.mapped's gather): MOEKIT_PARTNER_GATHER=N that many (0: none); unset, on a
+    GPU reading a pinned host store, top_k // 2 (at least 1) for experts of `large` bytes and up,
+    where one expert is milliseconds on either link (Mixtral's int4, 88 MB: the CPU alone took ~1.7 ms
+    an expert, 3.3 ms a layer for two, and nothing crossed PCIe), else 0."""
+    env = os.environ.get(GATHER_ENV)
+    if env is not None:
+        if not env.isdigit():
+            raise MoekitError(f"{GATHER_ENV}={env!r}: set it to a number of scratch slots (0: no gather), "
+                              "or leave it unset")
+        return int(env)
+    return max(1, top_k // 2) if device.type == "cuda" and pinned and expert_bytes >= large else 0
 
 
 def _int64s(values: list[int]):

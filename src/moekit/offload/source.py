@@ -120,6 +120,8 @@ class OffloadRuntime:
         self.in_place_refused: str | None = None  # why the device could not read in place (the self-test)
         self.partner_checked: set[int | None] = set()  # the CPU partner's round trip, checked once per runtime and row split
         self.partner_refused: str | None = None  # why the CPU partner could not run (then never retried)
+        self.gather_checked = False  # the partner's gather (compressed forms), checked once per runtime
+        self.gather_refused: str | None = None  # why it could not run (the CPU then computes every miss)
         self.predictor: Predictor = Predictor()
         self.routers: dict[int, nn.Linear] = {}
         self.predicted: dict[int, tuple[torch.Tensor, list[int]]] = {}  # layer -> (ids [N, k], on host)
@@ -271,8 +273,13 @@ class OffloadRuntime:
             return False
         try:
             rows = self.partner_rows()
-            table = MappedTable(self, partner=True, cpu_rows=rows)
+            table = MappedTable(self, partner=True, cpu_rows=rows, gather=self.partner_gather())
             why = None if rows in self.partner_checked else table.partner.self_test()
+            if why is None and table.gather_slots and not self.gather_checked:
+                self.gather_checked = True
+                self.gather_refused = table.gather_self_test()
+            if self.gather_refused is not None and table is not None and table.gather_slots:
+                table.stop_gather()
         except (MoekitError, ValueError, RuntimeError) as e:
             table, why = None, str(e).splitlines()[0]
         if why is not None:
@@ -286,6 +293,16 @@ class OffloadRuntime:
         self.partner_checked.add(rows)
         self.mapped = table
         return True
+
+    def partner_gather(self) -> int:
+        """Returns the scratch slots of the partner's gather (compressed forms from a host store:
+        partner.gather_slots says how many)."""
+        from .partner import gather_slots
+
+        if isinstance(self.form, DenseForm) or not isinstance(self.store, HostStore):
+            return 0
+        return gather_slots(self.device, self.plan.expert_bytes, IN_PLACE_MIN_EXPERT_BYTES,
+                            self.model_config.top_k, self.store.pin)
 
     def partner_rows(self) -> int | None:
         """Returns r where the partner splits each missed expert by rows (the CPU computes ffn rows
@@ -373,7 +390,8 @@ class OffloadRuntime:
                    device=self.device.type, cache_policy=self.config.cache_policy,
                    store=self.store.kind, form=self.layout.name, strict=self.config.strict,
                    cache_slots=self.cache.num_slots if self.cache else 0,
-                   pinned_slots=len(self.cache.pinned) - (self.cache.blank is not None) if self.cache else 0,
+                   pinned_slots=(len(self.cache.pinned) - (self.cache.blank is not None) - len(self.cache.scratch)
+                                 if self.cache else 0),
                    misses=self.config.misses, misses_used=self.misses, misses_note=self.misses_note,
                    cpu_max_tokens=self.config.cpu_max_tokens, cpu_threads=self.cpu.threads if self.cpu else 0,
                    native_cpu_kernel=bool(self.cpu and self.cpu.native),
@@ -381,6 +399,7 @@ class OffloadRuntime:
                    row_split=self.row_split_on, cpu_partner=bool(self.mapped is not None and self.mapped.partner),
                    cpu_partner_rows=self.mapped.cpu_rows if self.mapped is not None else None,
                    cpu_partner_refused=self.partner_refused,
+                   gather_slots=len(self.cache.scratch) if self.cache else 0, gather_refused=self.gather_refused,
                    cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
         return out

@@ -37,6 +37,7 @@ class OffloadStats:
     in_place_experts: int = 0  # (layer, expert) pairs misses auto's split had the device read in place
     row_split_experts: int = 0  # ... computed by rows on the CPU and read in place for the rest (the row split)
     mapped_reads: int = 0  # routed slots whose expert the device read in place from host memory (misses mapped, auto)
+    gathered_experts: int = 0  # ... of which the partner's gather copied into a scratch slot inside the step
     mapped_bytes: int = 0  # bytes those in-place reads moved over the link
     decode_mapped_bytes: int = 0  # ... during one-token steps
     stall_s: float = 0.0  # time compute waited for experts (GPU: measured by CUDA events)
