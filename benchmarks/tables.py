@@ -634,6 +634,9 @@ LLAMA_QWEN3_COMPRESSED_TEAM = "bench_llamacpp_qwen3_compressed_int8_team_c0a2f4c
 LLAMA_MIXTRAL_HALF = "bench_llamacpp_mixtral_half_45c1115.json"  # 2026-12-02 (session 20): host + half rows, the split on
 LLAMA_MIXTRAL_COMPRESSED = "bench_llamacpp_mixtral_compressed_10956a6.json"  # 2026-12-03 (session 21): int4, ternary
 LLAMA_QWEN3_BUDGETS = "bench_llamacpp_qwen3_budgets_10956a6.json"  # 2026-12-03 (session 21): auto at 25% / 10%, kernel rates
+LLAMA_MIXTRAL_INT2 = "bench_llamacpp_mixtral_int2_3fa9407.json"  # 2026-12-04 (session 23): int2 vs Q2_K, partner on / off
+LLAMA_MIXTRAL_INT4_GATHER = "bench_llamacpp_mixtral_int4_gather_d3aa10f.json"  # int4 vs Q4_K_M, the partner's gather on / off
+LLAMA_QWEN3_INT2 = "bench_llamacpp_qwen3_int2_d3aa10f.json"  # int2 + int8 dense vs Q2_K
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
 
@@ -725,6 +728,10 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp_mixtral_compressed": ((LLAMA_MIXTRAL_COMPRESSED,),
                                        partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_COMPRESSED)),
     "vs_llamacpp_olmoe_cpu16": ((LLAMA_OLMOE_CPU16,), partial(vs_llamacpp_latest, name=LLAMA_OLMOE_CPU16)),
+    "vs_llamacpp_mixtral_int2": ((LLAMA_MIXTRAL_INT2,), partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_INT2)),
+    "vs_llamacpp_mixtral_int4_gather": ((LLAMA_MIXTRAL_INT4_GATHER,),
+                                        partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_INT4_GATHER)),
+    "vs_llamacpp_qwen3_int2": ((LLAMA_QWEN3_INT2,), partial(vs_llamacpp_latest, name=LLAMA_QWEN3_INT2)),
     "cpu_kernel_cpu16": ((LLAMA_OLMOE_CPU16,), partial(cpu_kernel, name=LLAMA_OLMOE_CPU16)),
     "auto_budgets": (AUTO_BUDGET_RUNS, auto_budgets),
     "vs_llamacpp_qwen3_compressed": ((LLAMA_QWEN3_COMPRESSED,),

@@ -32,6 +32,17 @@ always; when the cache is full, under lfu only an expert used more than ADMIT_RA
 often as the least used unprotected one, under lru in place of the least recently used; and at
 most `max_inflight` copies in flight, so admissions do not crowd the link the in-place reads use.
 
+The gather (compressed forms with the CPU partner, experts of 64 MiB and up: partner.gather_slots).
+Their slot kernels read cache slots only, so with the partner alone the CPU computed every miss and
+nothing crossed PCIe (H200, Mixtral-8x7B shape cut to 8 layers, int4 experts of 88 MB at llama.cpp's
+Q4_K_M footprint: 3.3 ms a layer for two experts, 35.8 tok/s). Here G cache slots are kept as scratch;
+inside the step the device ranks the layer's missed slots (routed order), leaves rank 0 (and those past
+G) to the CPU and marks ranks 1..G in `routes` (e + 2E: the CPU skips them, the readback counts them),
+copies those experts' packed bytes from the pinned host store into the scratch slots
+(kernels/expert_gather.py, reading host memory in place) while the CPU works, and runs them from
+there with the cached ones. Same run, d3aa10f: 52.6 tok/s (1.68x llama.cpp's 31.3), ~0.7 GB a token on
+each link.
+
 Prefill (calls of more than `max_slots` routed slots) runs as with misses "fetch"; so does an eager
 step on a machine that cannot read host memory from the device (the loader checks, and falls back).
 
