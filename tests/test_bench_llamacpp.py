@@ -348,20 +348,24 @@ def test_build_export_import_round_trip(tmp_path, monkeypatch):
     assert (tmp_path / "bin" / "libbig.so").read_bytes() == (root / "llama.cpp" / "build-cpu" / "bin" / "libbig.so").read_bytes()
 
 
+SWITCHES = ("MOEKIT_ROW_SPLIT", "MOEKIT_CPU_GRAPH", "MOEKIT_PARTNER_GATHER")
+
+
 @pytest.mark.parametrize("misses,inner,env", [("auto+rows:none", "auto:none", ("MOEKIT_ROW_SPLIT", "1")),
                                               ("auto-rows", "auto", ("MOEKIT_ROW_SPLIT", "0")),
                                               ("cpu+graph", "cpu", ("MOEKIT_CPU_GRAPH", "1")),
-                                              ("auto-graph::16", "auto::16", ("MOEKIT_CPU_GRAPH", "0"))])
+                                              ("auto-graph::16", "auto::16", ("MOEKIT_CPU_GRAPH", "0")),
+                                              ("auto-gather", "auto", ("MOEKIT_PARTNER_GATHER", "0"))])
 def test_a_misses_suffix_sets_its_switch_for_its_row_only(monkeypatch, misses, inner, env):
-    """`auto+rows` / `cpu+graph` / `auto-graph`: the plain mode runs with the switch's environment
+    """`auto+rows` / `cpu+graph` / `auto-graph` / `auto-gather`: the plain mode runs with the switch's environment
     variable set for that row only, and the row keeps the name it was asked by."""
     real, seen = bl.moekit_row, []
 
     def plain(path, device, budget, mode, *rest):  # the recursive call of the plain mode
-        seen.append((mode, {k: os.environ.get(k) for k in ("MOEKIT_ROW_SPLIT", "MOEKIT_CPU_GRAPH")}))
+        seen.append((mode, {k: os.environ.get(k) for k in SWITCHES}))
         return {"status": "ok", "misses": mode}
 
-    for name in ("MOEKIT_ROW_SPLIT", "MOEKIT_CPU_GRAPH"):
+    for name in SWITCHES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(bl, "moekit_row", plain)
     row = real(Path("unused"), torch.device("cpu"), 1, misses, None)

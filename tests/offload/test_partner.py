@@ -191,6 +191,9 @@ def test_the_gather_copies_missed_compressed_experts_beside_the_cpu(tiny, tmp_pa
     assert report["mapped_reads"] == report["gathered_experts"] and report["mapped_bytes_per_token"] > 0
     # a layer's missed experts: rank 0 the CPU's, rank 1 the device's (prefill's misses are fetched)
     assert report["gathered_experts"] <= report["cpu_experts"]
+    from moekit.offload.cli import _cpu_rows
+
+    assert "1 scratch slot" in dict(_cpu_rows(report))["copied in by the device"]
     assert report["cpu_experts"] + report["gathered_experts"] <= report["lookups"] - report["hits"]
 
 

@@ -225,6 +225,10 @@ def _cpu_rows(report: dict) -> list[tuple[str, str]]:
                  ("CPU time", f"{report['cpu_s'] * 1e3:.1f} ms" + (
                      " (the CPU as partner: each decode step one CUDA graph)" if report.get("cpu_partner")
                      else f" ({report['cpu_wait_s'] * 1e3:.1f} ms waited for)"))]
+        if report.get("gathered_experts"):
+            rows += [("copied in by the device", f"{report['gathered_experts']} experts beside the CPU's inside the step "
+                                                 f"({report['gather_slots']} scratch slot(s)), "
+                                                 f"{format_size(report['mapped_bytes_per_token'])} / token")]
         if report.get("in_place_share"):
             split = f", {report['row_split_experts']} split by rows with it" if report.get("row_split") else ""
             rows += [("read in place", f"{report['in_place_experts']} experts beside the CPU's{split}, "
