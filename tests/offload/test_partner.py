@@ -197,6 +197,30 @@ def test_the_gather_copies_missed_compressed_experts_beside_the_cpu(tiny, tmp_pa
     assert report["cpu_experts"] + report["gathered_experts"] <= report["lookups"] - report["hits"]
 
 
+def test_a_gather_that_fails_its_check_leaves_every_miss_to_the_cpu(tiny, tmp_path, graph_env, monkeypatch):
+    """A gather whose load-time copy comes back wrong is dropped (its scratch slot given back to the
+    cache), the report says why, and the partner alone still decodes resident's tokens."""
+    if not triton_ops.triton_usable(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    from moekit.offload.mapped import MappedTable
+
+    monkeypatch.setenv("MOEKIT_PARTNER_GATHER", "1")
+    monkeypatch.setattr(MappedTable, "gather_self_test", lambda self: "the gather's copy of an expert came back wrong")
+    path = compressed_mixtral(tiny, tmp_path, "4")
+    plan = load_offloaded(path, offload=OffloadConfig(context_tokens=CONTEXT)).offload.plan
+    budget = plan.planned_bytes - plan.cache_bytes + 4 * plan.expert_bytes
+    model = load_offloaded(path, offload=OffloadConfig(misses="cpu", store="host", context_tokens=CONTEXT,
+                                                       device_memory=budget, predictor="none"))
+    runtime = model.offload
+    assert runtime.mapped is not None and runtime.mapped.partner is not None and not runtime.mapped.gather_slots
+    assert not runtime.cache.scratch and runtime.cache.blank is not None
+    ids = token_ids(1, 3, seed=2)
+    assert torch.equal(greedy(model, ids, 6), greedy(moekit.load_model(path), ids, 6))
+    report = runtime.report()
+    assert report["gather_slots"] == 0 and "came back wrong" in report["gather_refused"]
+    assert report["gathered_experts"] == 0 and report["cpu_experts"] > 0
+
+
 def test_how_many_the_gather_takes(monkeypatch):
     from moekit.offload.partner import gather_slots
 
