@@ -133,11 +133,13 @@ ROWS = ("resident", "host", "half", "compressed", "cpu", "rates")
 DENSE = "bf16"  # moekit's dense projections on a GPU (--dense; moekit.linear.Int8Linear for int8)
 # a misses mode's suffix -> the environment switch it sets for its row: the CPU partner forced on / off,
 # the row split (offload.cpu; with it the partner splits experts of 64 MiB and up by rows), the partner's
-# gather off (-gather: compressed experts of 64 MiB and up, offload.mapped), the runner's
+# gather off / on with one scratch slot (-gather / +gather; by default on for compressed experts of 64 MiB and
+# up, offload.mapped), the runner's
 # calls all on OpenMP (+omp) or all on its own team (+team; by default only the compressed forms': native/team.h)
 ROW_ENV = {"+graph": ("MOEKIT_CPU_GRAPH", "1"), "-graph": ("MOEKIT_CPU_GRAPH", "0"), "+rows": ("MOEKIT_ROW_SPLIT", "1"),
            "-rows": ("MOEKIT_ROW_SPLIT", "0"), "+omp": ("MOEKIT_RUNNER_TEAM", "omp"),
-           "+team": ("MOEKIT_RUNNER_TEAM", "own"), "-gather": ("MOEKIT_PARTNER_GATHER", "0")}
+           "+team": ("MOEKIT_RUNNER_TEAM", "own"), "-gather": ("MOEKIT_PARTNER_GATHER", "0"),
+           "+gather": ("MOEKIT_PARTNER_GATHER", "1")}
 MODES = {"host": "decode_cpu_experts", "half": "decode_half_experts"}  # row -> setting (llama.cpp's row name)
 FORMS = {"int4": dict(bits="4", group_size=128), "int2": dict(bits="2", group_size=128), "ternary": dict(bits="ternary")}
 PROMPT, NEW = 64, 64

@@ -355,7 +355,8 @@ SWITCHES = ("MOEKIT_ROW_SPLIT", "MOEKIT_CPU_GRAPH", "MOEKIT_PARTNER_GATHER")
                                               ("auto-rows", "auto", ("MOEKIT_ROW_SPLIT", "0")),
                                               ("cpu+graph", "cpu", ("MOEKIT_CPU_GRAPH", "1")),
                                               ("auto-graph::16", "auto::16", ("MOEKIT_CPU_GRAPH", "0")),
-                                              ("auto-gather", "auto", ("MOEKIT_PARTNER_GATHER", "0"))])
+                                              ("auto-gather", "auto", ("MOEKIT_PARTNER_GATHER", "0")),
+                                              ("auto+gather", "auto", ("MOEKIT_PARTNER_GATHER", "1"))])
 def test_a_misses_suffix_sets_its_switch_for_its_row_only(monkeypatch, misses, inner, env):
     """`auto+rows` / `cpu+graph` / `auto-graph` / `auto-gather`: the plain mode runs with the switch's environment
     variable set for that row only, and the row keeps the name it was asked by."""
