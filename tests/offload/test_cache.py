@@ -167,3 +167,21 @@ def test_the_blank_slot_is_zeroed_kept_out_of_use_and_given_back():
     two = cache_of(2)
     two.pin([(0, 0)])
     assert two.reserve_blank() is None and two.blank is None
+
+
+def test_scratch_slots_stay_out_of_use_leave_room_and_go_back_with_the_blank():
+    """reserve_scratch takes its slots for good (never filled nor evicted), refuses where fewer than
+    `keep` (at least 2) slots would be left to cache in, and release_blank gives them back too."""
+    cache = cache_of(5)
+    blank = cache.reserve_blank()
+    assert cache.reserve_scratch(2, keep=3) == []  # 5 - blank - 2 = 2 < 3
+    scratch = cache.reserve_scratch(1, keep=3)
+    assert len(scratch) == 1 and scratch[0] != blank and cache.reserve_scratch(1) == []  # once
+    for e in range(8):  # more experts than slots: every fetch lands in the other three
+        slot = cache.fetch((1, e), set())
+        assert slot is not None and slot not in scratch + [blank]
+        cache.use([slot], [(1, e)])
+    assert cache.key_of[scratch[0]] is None and scratch[0] in cache.pinned
+    cache.release_blank()
+    assert not cache.scratch and scratch[0] in cache.free and scratch[0] not in cache.pinned
+    assert cache_of(3).reserve_scratch(2) == []  # one slot would be left

@@ -325,11 +325,13 @@ class ExpertCache:
             self.blank = None
         self.release_scratch()
 
-    def reserve_scratch(self, count: int) -> list[int]:
+    def reserve_scratch(self, count: int, keep: int = 2) -> list[int]:
         """Takes `count` free slots out of use for good and returns them (offload.mapped's gather
         copies missed experts into them inside a step), or [] where that would leave fewer than
-        two slots to cache experts in. Kept with the pinned slots: never evicted nor counted as room."""
-        if self.scratch or count <= 0 or len(self.free) < count or self.num_slots - len(self.pinned) - count < 2:
+        `keep` slots to cache experts in (a prefill call fetches a token's top-k into them). Kept
+        with the pinned slots: never evicted nor counted as room."""
+        if (self.scratch or count <= 0 or len(self.free) < count
+                or self.num_slots - len(self.pinned) - count < max(keep, 2)):
             return []
         self.scratch = [self.free.pop(0) for _ in range(count)]
         self.pinned.update(self.scratch)

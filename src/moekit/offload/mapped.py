@@ -79,7 +79,7 @@ class MappedTable:
         forms, with the partner): G cache slots kept as scratch, into which the device copies a
         step's missed experts of rank 1..G (in routed-slot order; rank 0 and those past G stay the
         CPU's) from the pinned host store inside the step, beside the CPU's work (the gather,
-        module docstring); fewer free slots than G + 2: no gather."""
+        module docstring); where that would leave fewer than max(2, top_k) slots to cache in: no gather."""
         self.runtime = runtime
         cache, cfg = runtime.cache, runtime.model_config
         self.device = runtime.device
@@ -142,7 +142,7 @@ class MappedTable:
         if count <= 0 or self.device.type not in ("cuda", "cpu"):
             return
         slab = runtime.cache.slab["packed"]  # [S_slab, slot_bytes] uint8
-        self.gather_slots = runtime.cache.reserve_scratch(count)
+        self.gather_slots = runtime.cache.reserve_scratch(count, keep=runtime.model_config.top_k)
         if not self.gather_slots:
             return
         base = slab.data_ptr()
