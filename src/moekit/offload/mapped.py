@@ -164,7 +164,7 @@ class MappedTable:
         self.gather_dst = torch.tensor(self.gather_slots + [blank], dtype=torch.int64, device=self.device)
         self.gather_srcs = torch.full((count + 1,), -1, dtype=torch.int64, device=self.device)
 
-    def _gather(self, pos: int, flat: torch.Tensor, routes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, flat: torch.Tensor, routes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Picks the step's missed slots of rank 1..G for the device (routes of theirs += 2E in place:
         the CPU skips them, the readback counts them) and returns (dev [S] bool, index [S]: the
         scratch slot's position in gather_dst). Capturable: no host sync."""
@@ -256,7 +256,7 @@ class MappedTable:
             routes = self.routes[pos, :slots]
             dev = None
             if self.gather_slots:  # the missed experts of rank 1..G: copied in by the device, beside the CPU
-                dev, index = self._gather(pos, expert_ids.reshape(-1), routes)
+                dev, index = self._gather(expert_ids.reshape(-1), routes)
             partner.post(pos, x, weights, routes)
             if self.by_slot:  # the cached experts from their slots, the others (the blank slot) weighted 0
                 runtime = self.runtime
