@@ -69,8 +69,8 @@ def traffic_ceiling(row: dict, results: dict) -> float | None:
     if rep.get("misses_used") == "mapped":  # its in-place reads over PCIe are not counted in its report
         return None
     cpu_b, link_b = rep.get("cpu_bytes_per_token"), rep.get("bytes_per_token")
-    if link_b is not None and rep.get("in_place_share"):  # auto's in-place share crosses the link too
-        link_b += rep.get("mapped_bytes_per_token") or 0
+    if link_b is not None and (rep.get("in_place_share") or rep.get("gathered_experts")):
+        link_b += rep.get("mapped_bytes_per_token") or 0  # auto's in-place share and the partner's gather cross the link too
     cpu_r, link_r = rates.get("cpu_read_alone_bytes_per_s"), rates.get("h2d_alone_bytes_per_s")
     both = (rates.get("cpu_read_concurrent_bytes_per_s") or 0) + (rates.get("h2d_concurrent_bytes_per_s") or 0)
     gpu = next((r.get("decode_tok_s") for r in results.get("moekit", []) if r.get("setting") == "decode_gpu"), None)

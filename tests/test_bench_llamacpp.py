@@ -104,6 +104,10 @@ def test_traffic_ceiling_bounds_by_bytes_and_leaves_out_a_row_the_device_binds()
     cached = {"decode_tok_s": 500.0, "report": {"cpu_bytes_per_token": 1e5, "bytes_per_token": 0.0}}
     assert lcpp_bars.traffic_ceiling(cached, {"rates": rates, "moekit": [cached]}) is None
     assert lcpp_bars.traffic_ceiling(cached, {"rates": rates, "moekit": [cached, gpu]}) == pytest.approx(40.0)
+    # the partner's gather: its copies cross the link, counted with the link's bytes
+    gathered = {"decode_tok_s": 50.0, "report": {"cpu_bytes_per_token": 1e9, "bytes_per_token": 0.0,
+                                                 "mapped_bytes_per_token": 0.5e9, "gathered_experts": 7}}
+    assert lcpp_bars.traffic_ceiling(gathered, {"rates": rates, "moekit": [gathered]}) == pytest.approx(got)
 
 
 class FakeLlama:
