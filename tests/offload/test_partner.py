@@ -221,6 +221,26 @@ def test_a_gather_that_fails_its_check_leaves_every_miss_to_the_cpu(tiny, tmp_pa
     assert report["gathered_experts"] == 0 and report["cpu_experts"] > 0
 
 
+def test_a_gather_without_room_says_so_and_a_malformed_switch_is_refused(tiny, tmp_path, graph_env, monkeypatch):
+    """A cache too small for the scratch slot beside top-k slots runs the partner alone and says why;
+    MOEKIT_PARTNER_GATHER set to a non-number stops the load with a message naming it (not a silent
+    fallback of the partner)."""
+    if not triton_ops.triton_usable(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    path = compressed_mixtral(tiny, tmp_path, "4")
+    plan = load_offloaded(path, offload=OffloadConfig(context_tokens=CONTEXT)).offload.plan
+    config = OffloadConfig(misses="cpu", store="host", context_tokens=CONTEXT, predictor="none",
+                           device_memory=plan.planned_bytes - plan.cache_bytes + 2 * plan.expert_bytes)
+    monkeypatch.setenv("MOEKIT_PARTNER_GATHER", "1")
+    runtime = load_offloaded(path, offload=config).offload
+    assert runtime.mapped is not None and runtime.mapped.partner is not None and not runtime.mapped.gather_slots
+    assert runtime.cache.num_slots - 1 - 1 < 2  # the blank slot and one scratch slot would leave under top-k
+    assert "fewer than top-k slots" in runtime.report()["gather_refused"]
+    monkeypatch.setenv("MOEKIT_PARTNER_GATHER", "some")
+    with pytest.raises(MoekitError, match="MOEKIT_PARTNER_GATHER='some'"):
+        load_offloaded(path, offload=config)
+
+
 def test_how_many_the_gather_takes(monkeypatch):
     from moekit.offload.partner import gather_slots
 

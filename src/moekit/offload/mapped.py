@@ -139,7 +139,7 @@ class MappedTable:
         """Reserves `count` scratch slots and builds the gather's device tensors: each layer's host
         rows as int32-word offsets from the slab (unified addressing), a layer's words per expert."""
         runtime = self.runtime
-        if count <= 0 or self.device.type not in ("cuda", "cpu"):
+        if count <= 0:
             return
         slab = runtime.cache.slab["packed"]  # [S_slab, slot_bytes] uint8
         self.gather_slots = runtime.cache.reserve_scratch(count, keep=runtime.model_config.top_k)
@@ -156,10 +156,8 @@ class MappedTable:
                 offsets[pos, e] = delta // 4
         self.gather_offsets = offsets.to(self.device)
         self.gather_words = [runtime.layout.layer_bytes(layer) // 4 for layer in self.layers]
-        self.slot_words = slab.stride(0) // 4
-        self.gather_slab = slab.view(-1).view(torch.int32) if slab.numel() % 4 == 0 else None
-        if self.gather_slab is None:
-            raise MoekitError("the cache slab is not a whole number of int32 words for the gather")
+        self.slot_words = slab.stride(0) // 4  # slots are whole ALIGN_BYTES (16-byte) rows (offload.layout)
+        self.gather_slab = slab.view(-1).view(torch.int32)
         # the destination of each gather index (index G: slots nothing is copied for, never read)
         self.gather_dst = torch.tensor(self.gather_slots + [blank], dtype=torch.int64, device=self.device)
         self.gather_srcs = torch.full((count + 1,), -1, dtype=torch.int64, device=self.device)

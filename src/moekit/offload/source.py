@@ -122,6 +122,7 @@ class OffloadRuntime:
         self.partner_refused: str | None = None  # why the CPU partner could not run (then never retried)
         self.gather_checked = False  # the partner's gather (compressed forms), checked once per runtime
         self.gather_refused: str | None = None  # why it could not run (the CPU then computes every miss)
+        self.gather_room_note: str | None = None  # why the present cache has no scratch slots for it
         self.predictor: Predictor = Predictor()
         self.routers: dict[int, nn.Linear] = {}
         self.predicted: dict[int, tuple[torch.Tensor, list[int]]] = {}  # layer -> (ids [N, k], on host)
@@ -271,15 +272,20 @@ class OffloadRuntime:
 
         if self.partner_refused is not None:
             return False
+        gather = self.partner_gather()  # outside the try: a malformed MOEKIT_PARTNER_GATHER is the user's to fix
         try:
             rows = self.partner_rows()
-            table = MappedTable(self, partner=True, cpu_rows=rows, gather=self.partner_gather())
+            table = MappedTable(self, partner=True, cpu_rows=rows, gather=gather)
             why = None if rows in self.partner_checked else table.partner.self_test()
             if why is None and table.gather_slots and not self.gather_checked:
                 self.gather_checked = True
                 self.gather_refused = table.gather_self_test()
-            if self.gather_refused is not None and table is not None and table.gather_slots:
+            if self.gather_refused is not None:
                 table.stop_gather()
+            self.gather_room_note = None  # this cache's, not sticky: a larger cache may have the room
+            if gather and table.by_slot and not table.gather_slots and self.gather_refused is None:
+                self.gather_room_note = (f"{gather} scratch slot(s) would leave fewer than top-k slots of the "
+                                         f"{self.cache.num_slots}-slot cache to cache experts in")
         except (MoekitError, ValueError, RuntimeError) as e:
             table, why = None, str(e).splitlines()[0]
         if why is not None:
@@ -399,7 +405,8 @@ class OffloadRuntime:
                    row_split=self.row_split_on, cpu_partner=bool(self.mapped is not None and self.mapped.partner),
                    cpu_partner_rows=self.mapped.cpu_rows if self.mapped is not None else None,
                    cpu_partner_refused=self.partner_refused,
-                   gather_slots=len(self.cache.scratch) if self.cache else 0, gather_refused=self.gather_refused,
+                   gather_slots=len(self.cache.scratch) if self.cache else 0,
+                   gather_refused=self.gather_refused or self.gather_room_note,
                    cost_model=self.costs.to_dict() if self.costs else None,
                    plan=self.plan.to_dict() if self.plan else None)
         return out
