@@ -91,7 +91,15 @@ transformers model would hold more copies of the experts). One call, ~500 s:
         --compressed '' --offload-batches '' --skip-hf --time-budget-s 540
 
 (build ~100 s, gen 32 ~60 s and gen 128 ~4 x the 8-layer step: ~200 s). The script refuses a
---layers whose experts would not fit in 85% of host memory. Shape legend: L layers, D hidden, I expert ffn, E experts, N sequences, mu micro-batch.
+--layers whose experts would not fit in 85% of host memory. The compressed forms of all 32 layers
+(ternary ~6 GB, int4 ~24 GB) fit where the bf16 experts would not beside them: --forms-only draws
+each layer's bf16 experts on the device and rounds them there, and --bf16-from names the earlier
+run whose bf16 rows the forms are compared with (issue 14: ternary >= 3x bf16 at gen 128):
+
+    PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out $OUT --layers 32 --forms-only \
+        --bf16-from benchmarks/results/bench_pipeline_32l_c8f8092.json --compressed ternary,4 \
+        --compressed-gen 128 --compressed-max-sequences 1024 --time-budget-s 540
+ Shape legend: L layers, D hidden, I expert ffn, E experts, N sequences, mu micro-batch.
 """
 
 from __future__ import annotations
@@ -126,9 +134,31 @@ MTBENCH_MEAN, MTBENCH_MAX = 77, 418  # MoE-Lightning Tab. 3
 
 # ---- the model: non-expert weights in a checkpoint, experts in pinned host memory ----------------
 
-def build(shape: str, layers: int, device: torch.device, root: Path):
+class DrawnExperts:
+    """{layer: {gate_up, down}} of random bf16 experts drawn on the device when asked for (each layer
+    from its own seed, so every form rounds the same weights), never held in host memory:
+    --forms-only's stand-in for the pinned bf16 experts."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    def __len__(self) -> int:
+        return self.cfg.num_layers
+
+    def __getitem__(self, i: int) -> dict:
+        d, e, ffn = self.cfg.hidden_size, self.cfg.num_experts, self.cfg.expert_ffn
+        gen = torch.Generator(device=self.device).manual_seed(1000 + i)
+        return {name: torch.randn(shp, generator=gen, device=self.device, dtype=torch.bfloat16) * 0.02
+                for name, shp in (("gate_up", (e, 2 * ffn, d)), ("down", (e, d, ffn)))}
+
+    def items(self):
+        return ((i, self[i]) for i in range(len(self)))
+
+
+def build(shape: str, layers: int, device: torch.device, root: Path, pinned: bool = True):
     """Returns (checkpoint folder of the non-expert weights, moekit ModelConfig, {layer: {gate_up
-    [E, 2I, D], down [E, D, I]}} in page-locked host memory on a GPU machine)."""
+    [E, 2I, D], down [E, D, I]}} in page-locked host memory on a GPU machine, or, with `pinned`
+    False, a DrawnExperts that draws them on the device when asked)."""
     import transformers
     from safetensors.torch import save_file
 
@@ -138,7 +168,7 @@ def build(shape: str, layers: int, device: torch.device, root: Path):
     sizes = SHAPES[shape]
     expert_bytes = layers * sizes["num_local_experts"] * 3 * sizes["hidden_size"] * sizes["intermediate_size"] * 2
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if expert_bytes > 0.85 * host_bytes:
+    if pinned and expert_bytes > 0.85 * host_bytes:
         raise SystemExit(f"--layers {layers}: {expert_bytes / 1e9:.1f} GB of bf16 experts would not fit in 85% of this "
                          f"machine's {host_bytes / 1e9:.1f} GB of host memory beside the KV cache; use fewer layers")
     hf = transformers.MixtralConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=4096,
@@ -152,6 +182,8 @@ def build(shape: str, layers: int, device: torch.device, root: Path):
     cfg = family.config(data)
     gen = torch.Generator(device=device).manual_seed(0)
     save_file(non_expert_tensors(family, cfg, device_rand(device, generator=gen)), str(folder / "model.safetensors"))
+    if not pinned:
+        return folder, cfg, DrawnExperts(cfg, device), hf
     host = {}
     d, e, ffn = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn
     for i in range(cfg.num_layers):  # drawn on the device, copied once into page-locked memory
@@ -515,8 +547,10 @@ def table(results: dict) -> str:
                      fmt(r.get("tok_s")), fmt(r.get("predicted_tok_s")), fmt(r.get("pcie_ceiling_decode_tok_s")),
                      fmt(r.get("cpu_attention_ceiling_tok_s")),
                      " / ".join(f"{v:.2f}x ({k})" for k, v in vs.items()) or "-", peak_s, status])
-    head = (f"{results.get('shape')} x {results.get('layers')} layers, bf16 experts (the compressed rows: RTN of "
-            f"them), budget {budget / GiB:.2f} GiB, H2D {results.get('h2d_bytes_per_s', 0) / 1e9:.1f} GB/s measured\n")
+    source = ("bf16 experts (the compressed rows: RTN of them)" if not results.get("forms_only") else
+              "the compressed rows only (RTN of bf16 experts drawn on the device)"
+              + (f", vs bf16 from {results['bf16_from']['file']}" if results.get("bf16_from") else ""))
+    head = (f"{results.get('shape')} x {results.get('layers')} layers, {source}, budget {budget / GiB:.2f} GiB, H2D {results.get('h2d_bytes_per_s', 0) / 1e9:.1f} GB/s measured\n")
     return head + common.markdown_table(
         ["row", "gen", "bits/weight", "policy", "tok/s (prefill+decode)", "HRM tok/s", "PCIe ceiling (decode)",
          "CPU-attn ceiling", "vs bf16 pipeline", "peak / budget", "status"], rows)
@@ -578,6 +612,13 @@ def main() -> int:
     p.add_argument("--attention-threads", type=int, default=None,
                    help="threads of the pipeline's CPU attention kernel (default: usable cores - 2 on CUDA): fewer "
                         "leave the launch thread and the CUDA driver cores of their own")
+    p.add_argument("--forms-only", action="store_true",
+                   help="only the compressed rows: each layer's bf16 experts are drawn on the device and rounded, "
+                        "never held in host memory (all 32 layers' forms fit where their 90 GB of bf16 would not "
+                        "beside them); no bf16 row, no baselines")
+    p.add_argument("--bf16-from", default=None,
+                   help="a bench_pipeline JSON whose bf16 pipeline rows the compressed rows are compared with "
+                        "(with --forms-only; the comparison names that file)")
     p.add_argument("--tmp", default="/tmp/moekit_bench_pipeline")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -612,7 +653,7 @@ def main() -> int:
     from moekit.pipeline.hrm import model_costs
 
     t0 = time.perf_counter()
-    folder, cfg, host, hf_cfg = build(shape, layers, device, Path(args.tmp))
+    folder, cfg, host, hf_cfg = build(shape, layers, device, Path(args.tmp), pinned=not args.forms_only)
     expert_bytes = 3 * cfg.hidden_size * cfg.expert_ffn * 2
     costs = model_costs(cfg, expert_bytes, act_dtype_bytes=2)
     budget = int(args.budget_gib * GiB)
@@ -625,8 +666,10 @@ def main() -> int:
                    costs=costs.to_dict(),
                    expert_bytes_total=costs.total_expert_bytes, max_sequences=max_n,
                    model_bytes=costs.total_expert_bytes + costs.resident_bytes)
+    results["forms_only"] = args.forms_only
     log(f"{shape} x {layers} layers: {results['model_bytes'] / 1e9:.2f} GB ({costs.total_expert_bytes / 1e9:.2f} "
-        f"GB experts, pinned on the host) in {results['build_s']:.1f} s; budget {budget / GiB:.2f} GiB")
+        f"GB experts, {'drawn on the device per form' if args.forms_only else 'pinned on the host'}) in "
+        f"{results['build_s']:.1f} s; budget {budget / GiB:.2f} GiB")
     save()
 
     t0 = time.perf_counter()
@@ -650,7 +693,18 @@ def main() -> int:
     lengths_all = mtbench_lengths(max(max_n, *batches, 8))
     plan_prompt_len = round(sum(lengths_all[:max_n]) / max_n)  # the HRM plans for the drawn mean
     results["plan_prompt_len"] = plan_prompt_len
-    models = PagedModels(folder, host, device, dtype)
+    models = None if args.forms_only else PagedModels(folder, host, device, dtype)
+    bf16_rows: list[dict] = []  # --bf16-from: the earlier run's bf16 pipeline rows
+    if args.bf16_from:
+        earlier = json.loads(Path(args.bf16_from).read_text())
+        if earlier.get("layers") != layers or earlier.get("shape") != shape:
+            p.error(f"--bf16-from {args.bf16_from}: {earlier.get('shape')} x {earlier.get('layers')} layers, "
+                    f"this run is {shape} x {layers}")
+        bf16_rows = [r for r in earlier.get("rows", []) if r.get("row") == "pipeline (CGOPipe, HRM policy)"
+                     and r.get("status") == "ok" and r.get("tok_s")]
+        results["bf16_from"] = {"file": Path(args.bf16_from).name, "rows": [
+            {k: r.get(k) for k in ("gen_len", "tok_s", "predicted_tok_s", "pcie_ceiling_decode_tok_s", "plan")}
+            for r in bf16_rows]}
     launch_of: dict[str, float] = {}  # pipeline label -> host seconds per task (measured after its warm-up, CUDA)
     results["launch_task_s"] = launch_of
     steps: list[tuple[int, float, float]] = []  # (N, mean context, decode step s) of the rows run
@@ -733,7 +787,7 @@ def main() -> int:
                     row["within_budget"] = row["peak_bytes"] <= budget
                 if form and not warm:
                     same = [r for r in results["rows"] if r.get("row") == "pipeline (CGOPipe, HRM policy)"
-                            and r.get("status") == "ok"]
+                            and r.get("status") == "ok"] or bf16_rows
                     row["vs_bf16"] = {f"gen {r['gen_len']}": row["tok_s"] / r["tok_s"] for r in same if r.get("tok_s")}
                 if not warm and not form:
                     steps.append((n, prompt_mean + g / 2, row["decode_step_s"]))
@@ -762,8 +816,9 @@ def main() -> int:
 
     # ---- the pipeline rows but the longest first, then the baselines, then the longest ----
     ordered = sorted(gens)
-    pipeline_rows(["warm-up", *ordered[:-1]], reserve_s=args.reserve_s)
-    models.drop()
+    if not args.forms_only:
+        pipeline_rows(["warm-up", *ordered[:-1]], reserve_s=args.reserve_s)
+        models.drop()
 
     # ---- the same experts compressed (RTN), paged in their stored form: short rows ----
     for bits in [b for b in args.compressed.split(",") if b]:
@@ -796,6 +851,8 @@ def main() -> int:
     # ---- transformers + accelerate, batch 8 ----
     # before the offload rows and the longest pipeline row, which keep no time for it (it was skipped
     # for them in two H200 runs)
+    if args.forms_only:
+        return finish(results, args, save)
     row = {"row": "transformers+accelerate", "batch": 8}
     if args.skip_hf:
         row.update(status="skipped", reason="--skip-hf")
@@ -843,6 +900,10 @@ def main() -> int:
 
     pipeline_rows(ordered[-1:], reserve_s=0.0)
     models.drop()
+    return finish(results, args, save)
+
+
+def finish(results: dict, args, save) -> int:
     results["total_s"] = time.perf_counter() - common.T_START
     save()
     print("\n" + table(results) + breakdown_table(results), flush=True)
