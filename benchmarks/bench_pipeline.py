@@ -690,7 +690,7 @@ def main() -> int:
         f"GEMM {machine.gpu_flops / 1e12:.0f}) ({results['machine_s']:.1f} s)")
     save()
 
-    lengths_all = mtbench_lengths(max(max_n, *batches, 8))
+    lengths_all = mtbench_lengths(max(max_n, args.compressed_max_sequences or 0, *batches, 8))
     plan_prompt_len = round(sum(lengths_all[:max_n]) / max_n)  # the HRM plans for the drawn mean
     results["plan_prompt_len"] = plan_prompt_len
     models = None if args.forms_only else PagedModels(folder, host, device, dtype)
