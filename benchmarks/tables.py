@@ -163,6 +163,7 @@ SERVE_RERUN = "bench_serve_c1_c32_b928407.json"
 PIPELINE_RERUN = "bench_pipeline_graphs_b928407.json"
 PIPELINE_PREFILL = "bench_pipeline_prefill_ef150b8.json"  # 2026-12-01: after the untouched host KV pool (355cb27)
 PIPELINE_32L = "bench_pipeline_32l_c8f8092.json"  # 2026-12-01: all 32 layers of the Mixtral shape
+PIPELINE_32L_FORMS = "bench_pipeline_32l_forms_13a0b14.json"  # 2026-12-04: the same, ternary and int4 experts
 BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
                  "bench_budget_rerun8.json",  # 2026-12-01: the command line's 8% row
                  "bench_budget_rerun_ternary.json",  # 2026-12-01 (703262a): the command line's ternary rows
@@ -617,6 +618,33 @@ def pipeline(files: dict, name: str = "bench_pipeline.json") -> str:
                   "decode step ms", "peak / budget", "status"], rows)
 
 
+def pipeline_forms(files: dict, name: str) -> str:
+    """bench_pipeline --forms-only: each compressed form's end-to-end tok/s next to the HRM's
+    prediction, both ceilings, its ratio to the bf16 rows of the run it names (--bf16-from) and
+    where its decode step went (the CPU attention worker's ms against the step's)."""
+    res = files[name]
+    rows = []
+    for r in res["rows"]:
+        ok = r.get("status") == "ok"
+        b = r.get("step_breakdown") or {}
+
+        def num(x, fmt=",.0f"):
+            return format(x, fmt) if ok and x else "-"
+
+        vs = " / ".join(f"{v:.2f}x ({k})" for k, v in (r.get("vs_bf16") or {}).items()) or "-"
+        peak = f"{r['peak_bytes'] / 2**30:.2f} / {res['budget_bytes'] / 2**30:.2f} GiB" if ok and "peak_bytes" in r else "-"
+        rows.append([r["row"], str(r.get("gen_len") or ""), num(r.get("bits_per_weight"), ".2f"), policy_label(r),
+                     num(r.get("tok_s"), ",.1f"), num(r.get("predicted_tok_s")),
+                     num(r.get("pcie_ceiling_decode_tok_s")), num(r.get("cpu_attention_ceiling_tok_s")), vs,
+                     num(b.get("step_ms")), num(b.get("hrm_step_ms")), num(b.get("worker_attention_ms")),
+                     num(b.get("experts_gpu_ms")), peak, r["status"] + (f": {r['reason']}" if r.get("reason") else "")])
+    source = (res.get("bf16_from") or {}).get("file", "-")
+    return (f"bf16 rows from {source}\n\n" + table(
+        ["row", "gen", "bits/weight", "policy", "tok/s end to end", "HRM tok/s", "PCIe ceiling (decode)",
+         "CPU-attn ceiling", "vs bf16", "decode step ms", "HRM step ms", "CPU attention ms", "experts on GPU ms",
+         "peak / budget", "status"], rows))
+
+
 # ---- the registry ---------------------------------------------------------------------------------------
 
 LLAMA_MIXTRAL = "bench_llamacpp_mixtral_26a3a85.json"  # 2026-12-01 (session 14): both engines, one run
@@ -637,6 +665,7 @@ LLAMA_QWEN3_BUDGETS = "bench_llamacpp_qwen3_budgets_10956a6.json"  # 2026-12-03 
 LLAMA_MIXTRAL_INT2 = "bench_llamacpp_mixtral_int2_3fa9407.json"  # 2026-12-04 (session 23): int2 vs Q2_K, partner on / off
 LLAMA_MIXTRAL_INT4_GATHER = "bench_llamacpp_mixtral_int4_gather_d3aa10f.json"  # int4 vs Q4_K_M, the partner's gather on / off
 LLAMA_QWEN3_INT2 = "bench_llamacpp_qwen3_int2_d3aa10f.json"  # int2 + int8 dense vs Q2_K
+LLAMA_QWEN3_TERNARY = "bench_llamacpp_qwen3_ternary_13a0b14.json"  # 2026-12-04 (session 24): ternary vs bf16
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
 
@@ -732,6 +761,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp_mixtral_int4_gather": ((LLAMA_MIXTRAL_INT4_GATHER,),
                                         partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_INT4_GATHER)),
     "vs_llamacpp_qwen3_int2": ((LLAMA_QWEN3_INT2,), partial(vs_llamacpp_latest, name=LLAMA_QWEN3_INT2)),
+    "vs_llamacpp_qwen3_ternary": ((LLAMA_QWEN3_TERNARY,), partial(vs_llamacpp_latest, name=LLAMA_QWEN3_TERNARY)),
     "cpu_kernel_cpu16": ((LLAMA_OLMOE_CPU16,), partial(cpu_kernel, name=LLAMA_OLMOE_CPU16)),
     "auto_budgets": (AUTO_BUDGET_RUNS, auto_budgets),
     "vs_llamacpp_qwen3_compressed": ((LLAMA_QWEN3_COMPRESSED,),
@@ -755,6 +785,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "pipeline_rerun": ((PIPELINE_RERUN,), partial(pipeline, name=PIPELINE_RERUN)),
     "pipeline_prefill": ((PIPELINE_PREFILL,), partial(pipeline, name=PIPELINE_PREFILL)),
     "pipeline_32l": ((PIPELINE_32L,), partial(pipeline, name=PIPELINE_32L)),
+    "pipeline_32l_forms": ((PIPELINE_32L_FORMS,), partial(pipeline_forms, name=PIPELINE_32L_FORMS)),
     "pipeline": (("bench_pipeline.json",), pipeline),
     "offload_latest": (("bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json"), offload_latest),
 }
