@@ -680,7 +680,8 @@ def main() -> int:
                    h2d_bytes_per_s=h2d)
     shared = probes.get("shared") or {}
     log(f"machine: H2D {h2d / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s, CPU attention "
-        f"{(machine.cpu_attention_bandwidth or 0) / 1e9:.1f} GB/s, {machine.host_flops / 1e12:.2f} host TFLOP/s; "
+        f"{(machine.cpu_attention_bandwidth or 0) / 1e9:.1f} GB/s over {(machine.cpu_attention_kv_bytes or 0) / 2**20:.0f} "
+        f"MiB of KV, {machine.host_flops / 1e12:.2f} host TFLOP/s; "
         f"shared host {fmt((machine.host_shared_bandwidth or 0) / 1e9)} GB/s (DMA "
         f"{fmt((shared.get('h2d_shared') or 0) / 1e9)} + CPU {fmt((shared.get('cpu_read_shared') or 0) / 1e9)}), "
         f"grouped experts {fmt((machine.expert_bandwidth or 0) / 1e12, 2)} TB/s at 32 tokens "

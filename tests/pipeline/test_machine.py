@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from moekit import native
 from moekit.errors import MoekitError
@@ -86,3 +87,33 @@ def test_prefill_expert_probe_counts_top_k_expert_flops_a_token(monkeypatch):
     rate = mm.profile_prefill_experts(hidden=32, ffn=64, experts=4, top_k=2, tokens=16, device=device)
     assert rate == pytest.approx(16 * 2 * 3 * 32 * 64 * 2 * 1e3)
     assert calls[0].shape == (16, 32) and bool(calls[0].isfinite().all())
+
+
+def test_attention_probe_reads_past_the_last_level_cache():
+    """The attention probe's KV is 4x the last-level cache (at least 512 MiB, at most 2 GiB): a
+    probe inside a large L3 measured a cache rate twice the pipeline's (13a0b14)."""
+    llc = mm.last_level_cache_bytes()
+    assert llc is None or llc > 0
+    nbytes = mm.attention_probe_bytes()
+    assert min(512 << 20, mm.host_memory_bytes() // 8) <= nbytes <= 2 << 30
+    if llc is not None and 4 * llc <= min(2 << 30, mm.host_memory_bytes() // 8):
+        assert nbytes >= 4 * llc
+
+
+def test_cached_profile_with_an_in_cache_attention_rate_is_measured_again(tmp_path, monkeypatch):
+    """A cached profile from before cpu_attention_kv_bytes (its attention rate read inside the cache)
+    is profiled again; one that records the probe's bytes is kept."""
+    path = tmp_path / "machine.json"
+    old = {"name": "old", "host_flops": 1e12, "host_bandwidth": 9e10, "host_memory": 2**37,
+           "cpu_attention_bandwidth": 7.8e10}
+    path.write_text(json.dumps(old))
+    fresh = {"host_flops": 1e12, "host_bandwidth": 9e10, "host_memory": 2**37, "cpu_attention_bandwidth": 3.3e10,
+             "cpu_attention_kv_bytes": 1 << 30}
+    monkeypatch.setattr(mm, "profile_host", lambda quick=False: dict(fresh))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # host levels only
+    first = mm.this_machine(path)
+    assert first.cpu_attention_bandwidth == 3.3e10 and first.cpu_attention_kv_bytes == 1 << 30
+    monkeypatch.setattr(mm, "profile_host", lambda quick=False: pytest.fail("profiled again"))
+    assert mm.this_machine(path) == first
+    with pytest.raises(MoekitError, match="cpu_attention_kv_bytes must be > 0"):
+        Machine(cpu_attention_kv_bytes=0)

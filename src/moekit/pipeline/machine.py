@@ -47,6 +47,9 @@ class Machine:
     host_bandwidth: float | None = None  # host memory read bytes/s, all cores
     host_memory: int | None = None  # host memory, bytes
     cpu_attention_bandwidth: float | None = None  # KV bytes/s of the native CPU attention kernel (all cores)
+    # KV bytes the attention probe read a call: past the last-level cache its rate is DRAM's, as in a
+    # pipeline's decode (None: a profile from before this field, measured over 67 MB that a large L3 holds)
+    cpu_attention_kv_bytes: int | None = None
     # host memory bytes/s read by a pinned host-to-device copy and the CPU together (their sum while
     # both run): the DMA of the weight pages and CPU attention share it (None: host_bandwidth)
     host_shared_bandwidth: float | None = None
@@ -61,7 +64,7 @@ class Machine:
     version: int = VERSION
 
     def __post_init__(self) -> None:
-        for name in GPU_FIELDS + HOST_FIELDS + SHARED_FIELDS:
+        for name in GPU_FIELDS + HOST_FIELDS + SHARED_FIELDS + ("cpu_attention_kv_bytes",):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise MoekitError(f"machine '{self.name}': {name} must be > 0 (or left out), got {value}")
@@ -160,25 +163,63 @@ def profile_host(quick: bool = False) -> dict[str, float]:
         out["host_bandwidth"] = buf.numel() / _best(lambda: buf.sum(dtype=torch.int64), 3)
         return out
     out["host_bandwidth"] = native_experts.stream_read_bytes_per_s((32 if quick else 512) << 20, reps=3)
-    out["cpu_attention_bandwidth"] = _attention_rate(quick)
+    out["cpu_attention_bandwidth"], out["cpu_attention_kv_bytes"] = _attention_rate(quick)
     return out
 
 
-def _attention_rate(quick: bool) -> float:
-    """Returns the native CPU attention kernel's KV bytes/s on a Mixtral-shaped bf16 decode step."""
+def last_level_cache_bytes() -> int | None:
+    """Returns the size of CPU 0's largest cache level (sysfs), or None where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if unit != 1 else text
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes) if sizes else None
+
+
+def attention_probe_bytes() -> int:
+    """Returns the KV bytes the attention probe reads a call: 4x the last-level cache (so the rate
+    is DRAM's, as a pipeline's decode reads gigabytes of KV a step: at c8f8092 and 13a0b14 the
+    pipeline's worker read 28-33 GB/s while a 67 MB probe, inside the H200 host's 300 MiB L3, read
+    68-78), at least 512 MiB, at most 2 GiB and an eighth of host memory."""
+    llc = last_level_cache_bytes() or 256 << 20
+    return int(min(max(4 * llc, 512 << 20), 2 << 30, host_memory_bytes() // 8))
+
+
+def _attention_rate(quick: bool) -> tuple[float, int]:
+    """Returns (the native CPU attention kernel's KV bytes/s, KV bytes a call) on a Mixtral-shaped
+    bf16 decode step: sequences of 144 positions (an MTBench-like prompt plus half of 128 new
+    tokens) in 16-position blocks drawn at random from the pool, as many sequences as
+    attention_probe_bytes() holds (quick: 4 of 256 positions, for tests)."""
     import torch
 
     from ..native import attention
 
-    seqs, length, block = (4, 256, 16) if quick else (32, 512, 16)
-    blocks = seqs * length // block
-    keys = torch.randn(blocks, block, 8, 128).to(torch.bfloat16)
-    values = torch.randn_like(keys)
-    tables = torch.arange(blocks, dtype=torch.int32).view(seqs, -1)
+    block, hkv, dh = 16, 8, 128
+    if quick:
+        seqs, length = 4, 256
+    else:
+        length = 144
+        seqs = max(1, attention_probe_bytes() // (length * 2 * hkv * dh * 2))
+    per = -(-length // block)
+    blocks = seqs * per
+    keys = torch.empty(blocks, block, hkv, dh, dtype=torch.bfloat16)
+    values = torch.empty_like(keys)
+    tile = torch.randn(block, hkv, dh).to(torch.bfloat16)  # random values, written fast: one block repeated
+    keys.copy_(tile.expand_as(keys))
+    values.copy_(tile.flip(0).expand_as(values))
+    gen = torch.Generator().manual_seed(0)
+    tables = torch.randperm(blocks, generator=gen).to(torch.int32).view(seqs, per)
     lens = torch.full((seqs,), length, dtype=torch.int32)
-    q = torch.randn(seqs, 32, 128).to(torch.bfloat16)
+    q = torch.randn(seqs, 32, dh, generator=gen).to(torch.bfloat16)
     seconds = _best(lambda: attention.decode_attention(q, keys, values, tables, lens), 3)
-    return attention.kv_bytes(keys, lens) / seconds
+    nbytes = attention.kv_bytes(keys, lens)
+    return nbytes / seconds, int(nbytes)
 
 
 def profile_gpu(device: str = "cuda") -> dict[str, float]:
@@ -317,7 +358,10 @@ def this_machine(path: Path | None = None, refresh: bool = False, quick: bool = 
     path = path or cache_path()
     if path.is_file() and not refresh:
         try:
-            return Machine.from_dict(json.loads(path.read_text()), where=str(path))
+            cached = Machine.from_dict(json.loads(path.read_text()), where=str(path))
+            # a profile whose attention rate was read inside the cache (before cpu_attention_kv_bytes) is measured again
+            if cached.cpu_attention_bandwidth is None or cached.cpu_attention_kv_bytes is not None:
+                return cached
         except (MoekitError, json.JSONDecodeError, OSError):
             pass  # a damaged or old cache is measured again
     levels: dict[str, Any] = profile_host(quick)
