@@ -13,6 +13,12 @@ Shapes (bf16 pools, N sequences of `--context` cached positions, one decode quer
 An MLA item is one (sequence, all heads): N items only, each reading its row once for every head,
 where a GQA step has N x Hkv items; the probe shows whether that still reaches the ceiling. Each
 shape's output is checked against the kernel's PyTorch reference on two sequences first.
+
+Each shape runs with each of --items (the kernel's work items, native.attention.ITEMS: by (sequence,
+kv head), or by sequence, reading each position's whole row; the same bits either way, checked).
+The default step, 1,024 sequences of 144 positions (Mixtral: 603 MB of KV), is past the H200 host's
+300 MiB L3, as a pipeline step's KV is (13a0b14: ~19 GB a step); at 64 x 512 (134 MB) the earlier
+default read mostly from L3.
 """
 
 from __future__ import annotations
@@ -54,22 +60,26 @@ def case(heads: int, kv_heads: int, width: int, seqs: int, context: int, block: 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/cpu_attention_families"))
-    p.add_argument("--seqs", type=int, default=None, help="sequences of a step (default 64; quick: 8)")
-    p.add_argument("--context", type=int, default=None, help="cached positions each (default 512; quick: 256)")
+    p.add_argument("--seqs", type=int, default=None, help="sequences of a step (default 1024; quick: 8)")
+    p.add_argument("--context", type=int, default=None, help="cached positions each (default 144; quick: 256)")
+    p.add_argument("--items", default="head,sequence", help="the kernel's work items to time, comma-separated")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: usable cores but two)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if native.library() is None:
         print(f"no native library: {native.unavailable_reason()}")
         return 1
-    seqs = args.seqs or (8 if args.quick else 64)
-    context = args.context or (256 if args.quick else 512)
+    seqs = args.seqs or (8 if args.quick else 1024)
+    context = args.context or (256 if args.quick else 144)
+    items_list = [i for i in args.items.split(",") if i]
+    for i in items_list:
+        na.items_code(i)  # an unknown name stops here, in one line
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = args.threads or max(1, cores - 2)
     ceiling = stream_read_bytes_per_s((32 if args.quick else 512) << 20, threads=threads, reps=3)
     rows = []
     print(f"{seqs} sequences x {context} positions, {threads} threads; host read ceiling {ceiling / 1e9:.1f} GB/s")
-    print(f"{'shape':18} {'ms':>8} {'KV GB/s':>8} {'of ceiling':>10} {'max rel err':>11}")
+    print(f"{'shape':18} {'items':>8} {'ms':>8} {'KV GB/s':>8} {'of ceiling':>10} {'max rel err':>11}")
     for name, (h, hkv, width, window, with_sinks) in SHAPES.items():
         torch.manual_seed(0)
         q, keys, values, tables, lens = case(h, hkv, width, seqs, context)
@@ -77,16 +87,23 @@ def main() -> int:
         got = na.decode_attention(q[:2], keys, values, tables[:2], lens[:2], window, sinks=sinks, threads=threads)
         want = na.reference(q[:2], keys, values, tables[:2], lens[:2], window, sinks=sinks)
         err = float((got.float() - want).abs().max() / want.abs().max())
-        out = torch.empty_like(q)
-        seconds = _best(lambda: na.decode_attention(q, keys, values, tables, lens, window, out=out,
-                                                            threads=threads, sinks=sinks), 3 if args.quick else 10)
         attended = min(context, window) if window else context
         # bytes a step must read: MLA's joint row once (keys and values are the same row), GQA's K and V
         kv_bytes = seqs * attended * hkv * width * 2 * (1 if values is keys else 2)
-        rate = kv_bytes / seconds
-        rows.append(dict(shape=name, heads=h, kv_heads=hkv, width=width, window=window, sinks=with_sinks, ms=seconds * 1e3,
-                         kv_bytes=kv_bytes, kv_gb_s=rate / 1e9, share_of_ceiling=rate / ceiling, max_rel_err=err))
-        print(f"{name:18} {seconds * 1e3:8.3f} {rate / 1e9:8.1f} {rate / ceiling:10.2f} {err:11.2e}")
+        first = None
+        for items in items_list:
+            out = torch.empty_like(q)
+            seconds = _best(lambda: na.decode_attention(q, keys, values, tables, lens, window, out=out,
+                                                        threads=threads, sinks=sinks, items=items),
+                            3 if args.quick else 10)
+            first = out if first is None else first
+            same = bool(torch.equal(out, first))  # work items change memory order only
+            rate = kv_bytes / seconds
+            rows.append(dict(shape=name, items=items, heads=h, kv_heads=hkv, width=width, window=window,
+                             sinks=with_sinks, ms=seconds * 1e3, kv_bytes=kv_bytes, kv_gb_s=rate / 1e9,
+                             share_of_ceiling=rate / ceiling, max_rel_err=err, same_bits=same))
+            print(f"{name:18} {items:>8} {seconds * 1e3:8.3f} {rate / 1e9:8.1f} {rate / ceiling:10.2f} {err:11.2e}"
+                  + ("" if same else "  BITS DIFFER"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = dict(seqs=seqs, context=context, threads=threads, host_read_gb_s=ceiling / 1e9, rows=rows)

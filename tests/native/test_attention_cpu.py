@@ -100,3 +100,33 @@ def test_head_dims_off_the_vector_width(dh, dtype):
         out = na.decode_attention(q, k, v, tables, ctx, window)
         expected = na.reference(q, k, v, tables, ctx, window)
         assert (out.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,hkv", [(32, 8), (12, 4), (6, 2), (8, 8)])
+def test_work_items_change_no_bits(dtype, h, hkv):
+    """By sequence (each position's whole row, every kv head) and by (sequence, kv head) give the
+    same bits, with windows and sinks, and auto takes one of them: the choice is memory order only."""
+    lens = [1, 16, 17, 129, 300, 0, 77, 144, 5, 260]
+    q, k, v, tables, ctx = make_case(lens, h, hkv, 32, 16, dtype, seed=6)
+    sinks = torch.randn(h)
+    for window, s in ((None, None), (20, None), (None, sinks), (130, sinks)):
+        by_head = na.decode_attention(q, k, v, tables, ctx, window=window, sinks=s, threads=2, items="head")
+        by_seq = na.decode_attention(q, k, v, tables, ctx, window=window, sinks=s, threads=2, items="sequence")
+        auto = na.decode_attention(q, k, v, tables, ctx, window=window, sinks=s, threads=1, items="auto")
+        assert torch.equal(by_head, by_seq) and torch.equal(by_head, auto)
+    expected = na.reference(q, k, v, tables, ctx)
+    out = na.decode_attention(q, k, v, tables, ctx, items="sequence")
+    assert (out.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
+
+
+def test_work_items_refused_in_one_line(monkeypatch):
+    q, k, v, tables, ctx = make_case([3], 8, 2, 32, 16, torch.float32, seed=7)
+    with pytest.raises(ValueError, match="items='rows'.*auto, head, sequence"):
+        na.decode_attention(q, k, v, tables, ctx, items="rows")
+    monkeypatch.setenv(na.ITEMS_ENV, "bogus")
+    with pytest.raises(ValueError, match="MOEKIT_CPU_ATTENTION_ITEMS='bogus'"):
+        na.decode_attention(q, k, v, tables, ctx)
+    monkeypatch.setenv(na.ITEMS_ENV, "sequence")
+    torch.testing.assert_close(na.decode_attention(q, k, v, tables, ctx), na.reference(q, k, v, tables, ctx),
+                               rtol=2e-5, atol=2e-5)

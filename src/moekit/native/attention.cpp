@@ -298,11 +298,86 @@ void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, con
   }
 }
 
+// One sequence, every kv head (the by-sequence work item): qf [H, Dh] (scaled) over positions
+// lo..hi-1; acc [H, Dh] receives the normalised output, m and l [H] are scratch. A chunk's
+// positions are read as whole rows (all kv heads, Hkv Dh elements, contiguous in the pool), so a
+// block's 16 positions are one contiguous stretch of memory for the hardware prefetchers and the
+// DRAM pages, where the by-head item reads Dh of every Hkv Dh. Each head goes through the same
+// chunk_fast calls in the same order as attend_item_fast's: the results are bit-identical.
+template <typename T>
+void attend_sequence_fast(const float* qf, int64_t H, int64_t Hkv, int64_t Dh, const T* keys, const T* values,
+                          const int32_t* table, int64_t BS, int64_t lo, int64_t hi, float* acc, float* scores,
+                          float* m, float* l, const float* sinks) {
+  const int64_t G = H / Hkv;
+  int64_t base[CHUNK];
+  const T* kp[CHUNK];
+  const T* vp[CHUNK];
+  for (int64_t h = 0; h < H; ++h) { m[h] = -INFINITY; l[h] = 0.f; }
+  std::fill(acc, acc + H * Dh, 0.f);
+  const int64_t block_stride = BS * Hkv * Dh, pos_stride = Hkv * Dh, row_bytes = Hkv * Dh * static_cast<int64_t>(sizeof(T));
+  for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, hi - c0);
+    for (int64_t t = 0; t < n; ++t) base[t] = table[(c0 + t) / BS] * block_stride + ((c0 + t) % BS) * pos_stride;
+    if (c0 + CHUNK < hi) {  // the next chunk's rows, whole, while this one computes
+      const int64_t n2 = std::min(CHUNK, hi - c0 - CHUNK);
+      for (int64_t t = 0; t < n2; ++t) {
+        const int64_t p = c0 + CHUNK + t, off = table[p / BS] * block_stride + (p % BS) * pos_stride;
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(keys + off) + b);
+          __builtin_prefetch(reinterpret_cast<const char*>(values + off) + b);
+        }
+      }
+    }
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+      for (int64_t t = 0; t < n; ++t) {
+        kp[t] = keys + base[t] + kvh * Dh;
+        vp[t] = values + base[t] + kvh * Dh;
+      }
+      for (int64_t g0 = 0; g0 < G; g0 += 4) {
+        const int64_t ng = std::min<int64_t>(4, G - g0), h0 = kvh * G + g0;
+        const float* q = qf + h0 * Dh;
+        float* a = acc + h0 * Dh;
+        if (ng == 4) chunk_fast<4>(q, Dh, kp, vp, n, m + h0, l + h0, a, scores);
+        else if (ng == 3) chunk_fast<3>(q, Dh, kp, vp, n, m + h0, l + h0, a, scores);
+        else if (ng == 2) chunk_fast<2>(q, Dh, kp, vp, n, m + h0, l + h0, a, scores);
+        else chunk_fast<1>(q, Dh, kp, vp, n, m + h0, l + h0, a, scores);
+      }
+    }
+  }
+  for (int64_t kvh = 0; kvh < Hkv; ++kvh)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = kvh * G + g;
+      const float inv = inverse_denominator(l[h], m[h], sinks ? sinks + kvh * G : nullptr, g);
+      for (int64_t i = 0; i < Dh; ++i) acc[h * Dh + i] *= inv;
+    }
+}
+
+// items: 0 auto (by sequence where the kernel vectorises, there are several kv heads and at least
+// 4 sequences a thread, else by (sequence, kv head)), 1 by (sequence, kv head), 2 by sequence
+// (where the kernel vectorises). Either way every head is computed by one thread in the same
+// order: the choice changes only the memory access order, never a result.
 template <typename T, typename Conv>
 void run(int qdtype, const void* q, void* out, const T* keys, const T* values, const int32_t* tables,
          const int32_t* ctx, int64_t B, int64_t H, int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window,
-         float scale, const float* sinks, int threads, Conv conv) {
+         float scale, const float* sinks, int threads, int items, Conv conv) {
   const int64_t G = H / Hkv, qsize = itemsize(qdtype);
+  const bool by_sequence = Dh % W == 0 && (items == 2 || (items == 0 && Hkv > 1 && B >= 4 * int64_t(threads)));
+  if (by_sequence) {
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> qf(H * Dh), acc(H * Dh), scores(4 * CHUNK), m(H), l(H);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t hi = ctx[b], lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+        to_float(qdtype, static_cast<const char*>(q) + b * H * Dh * qsize, H * Dh, qf.data());
+        for (int64_t i = 0; i < H * Dh; ++i) qf[i] *= scale;
+        attend_sequence_fast(qf.data(), H, Hkv, Dh, keys, values, tables + b * MB, BS, lo, hi, acc.data(),
+                             scores.data(), m.data(), l.data(), sinks);
+        from_float(qdtype, acc.data(), H * Dh, static_cast<char*>(out) + b * H * Dh * qsize);
+      }
+    }
+    return;
+  }
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> qf(G * Dh), acc(G * Dh), scores(std::max<int64_t>(G, 4) * CHUNK), row(Dh);
@@ -331,13 +406,15 @@ extern "C" {
 
 // Returns 0, or a nonzero code for arguments the kernel cannot take (the caller checks them too):
 // 1 H not a multiple of Hkv or a group above MAX_GROUP, 2 a head dim above MAX_HEAD_DIM,
-// 3 float16 without compiler support, 4 a context longer than its block table.
+// 3 float16 without compiler support, 4 a context longer than its block table, 5 items not 0, 1 or 2.
+// items: how work is spread over threads (run's comment), a choice of memory order only.
 int moekit_decode_attention(int qdtype, int kvdtype, const void* q, void* out, const void* keys, const void* values,
                             const int32_t* block_tables, const int32_t* context_lens, int64_t B, int64_t H,
                             int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window, float scale,
-                            const float* sinks, int threads) {
+                            const float* sinks, int threads, int items) {
   if (Hkv <= 0 || H % Hkv || H / Hkv > MAX_GROUP) return 1;
   if (Dh > MAX_HEAD_DIM) return 2;
+  if (items < 0 || items > 2) return 5;
 #ifndef __FLT16_MAX__
   if (qdtype == 1 || kvdtype == 1) return 3;
 #endif
@@ -345,15 +422,15 @@ int moekit_decode_attention(int qdtype, int kvdtype, const void* q, void* out, c
     if (context_lens[b] < 0 || context_lens[b] > MB * BS) return 4;
   if (kvdtype == 0)
     run(qdtype, q, out, static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values), block_tables,
-        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, Bf16());
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, items, Bf16());
 #ifdef __FLT16_MAX__
   else if (kvdtype == 1)
     run(qdtype, q, out, static_cast<const _Float16*>(keys), static_cast<const _Float16*>(values), block_tables,
-        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, F16());
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, items, F16());
 #endif
   else
     run(qdtype, q, out, static_cast<const float*>(keys), static_cast<const float*>(values), block_tables,
-        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, F32());
+        context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, items, F32());
   return 0;
 }
 

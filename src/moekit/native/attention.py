@@ -19,6 +19,7 @@ block, MB blocks per table.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,28 @@ MAX_HEAD_DIM = 1024  # MLA: latent + rope key, 576 for DeepSeek
 def _declare(lib: ctypes.CDLL) -> None:
     i64, vp, i32p = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)
     lib.moekit_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, i32p, i32p, i64, i64, i64,
-                                            i64, i64, i64, i64, ctypes.c_float, vp, ctypes.c_int]
+                                            i64, i64, i64, i64, ctypes.c_float, vp, ctypes.c_int, ctypes.c_int]
     lib.moekit_decode_attention.restype = ctypes.c_int
 
 
 register_declarations(_declare)
+
+
+# How the kernel spreads work over threads (attention.cpp's run): by (sequence, kv head), or by
+# sequence, reading each position's whole row (every kv head) from the pool, contiguous; "auto"
+# takes the second from 4 sequences a thread on. Memory order only: the results are bit-identical.
+ITEMS = {"auto": 0, "head": 1, "sequence": 2}
+ITEMS_ENV = "MOEKIT_CPU_ATTENTION_ITEMS"
+
+
+def items_code(items: str | None = None) -> int:
+    """Returns the kernel's code of `items` (None: $MOEKIT_CPU_ATTENTION_ITEMS, default auto);
+    raises ValueError naming the choices for anything else."""
+    name = items if items is not None else (os.environ.get(ITEMS_ENV) or "auto")
+    if name not in ITEMS:
+        where = "items" if items is not None else ITEMS_ENV
+        raise ValueError(f"{where}={name!r}: the CPU attention kernel's work items are one of {', '.join(ITEMS)}")
+    return ITEMS[name]
 
 
 def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -67,14 +85,15 @@ def sink_logits(sinks: torch.Tensor | None, heads: int) -> torch.Tensor | None:
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, window: int | None = None, scale: float | None = None,
                      out: torch.Tensor | None = None, threads: int | None = None,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+                     sinks: torch.Tensor | None = None, items: str | None = None) -> torch.Tensor:
     """Returns attention [B, H, Dh] (q's dtype) of one query per sequence q [B, H, Dh] over
     positions max(0, ctx - window)..ctx-1 of its cached keys and values.
 
     keys, values [NB, BS, Hkv, Dh]: contiguous CPU pools of one dtype (bf16, fp16, fp32);
     block_tables [B, MB] int32 blocks of each sequence; context_lens [B] int32 positions each
     sequence attends to (0 gives zeros); scale defaults to Dh ** -0.5; sinks [H] (None: none) one
-    logit per query head added to its softmax's denominator (unscaled, as gpt-oss's). Raises
+    logit per query head added to its softmax's denominator (unscaled, as gpt-oss's); items: the
+    work items (ITEMS; None: $MOEKIT_CPU_ATTENTION_ITEMS or auto), which change no result. Raises
     ValueError for arguments the kernel cannot take (check `usable` first)."""
     lib = library()
     if lib is None:
@@ -111,11 +130,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         raise ValueError(f"out must be a contiguous {list(q.shape)} {q.dtype} tensor")
     threads = threads or torch.get_num_threads()
     sinks = sink_logits(sinks, h)
+    code_items = items_code(items)
     code = lib.moekit_decode_attention(
         DTYPE_CODES[q.dtype], DTYPE_CODES[keys.dtype], q.data_ptr(), out.data_ptr(), keys.data_ptr(),
         values.data_ptr(), ctypes.cast(tables.data_ptr(), ctypes.POINTER(ctypes.c_int32)),
         ctypes.cast(lens.data_ptr(), ctypes.POINTER(ctypes.c_int32)), b, h, hkv, dh, bs, mb, window or 0,
-        dh ** -0.5 if scale is None else scale, None if sinks is None else sinks.data_ptr(), threads)
+        dh ** -0.5 if scale is None else scale, None if sinks is None else sinks.data_ptr(), threads, code_items)
     if code != 0:
         raise ValueError(f"the CPU attention kernel refused its arguments (code {code}: see attention.cpp)")
     return out

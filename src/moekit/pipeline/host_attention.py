@@ -58,7 +58,10 @@ class NativeAttention:
     def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, dims: tuple[int, ...], codes: tuple[int, int]):
         import ctypes
 
+        from ..native.attention import items_code
+
         self.lib, self.tables, self.lens, self.dims, self.codes = lib, tables, lens, dims, codes
+        self.items = items_code()  # $MOEKIT_CPU_ATTENTION_ITEMS, read once a step
         i32p = ctypes.POINTER(ctypes.c_int32)
         self.tables_ptr = ctypes.cast(tables.data_ptr(), i32p)  # the tensors stay referenced by self
         self.lens_ptr = ctypes.cast(lens.data_ptr(), i32p)
@@ -98,7 +101,7 @@ class NativeAttention:
         code = self.lib.moekit_decode_attention(
             self.codes[0], self.codes[1], q.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(),
             self.tables_ptr, self.lens_ptr, b, h, hkv, dh, bs, width, window or 0, dh ** -0.5,
-            None if sinks is None else sinks.data_ptr(), threads or torch.get_num_threads())
+            None if sinks is None else sinks.data_ptr(), threads or torch.get_num_threads(), self.items)
         if code != 0:
             raise MoekitError(f"the CPU attention kernel refused its arguments (code {code}: see native/attention.cpp)")
         return out
