@@ -634,6 +634,20 @@ def main() -> int:
     results: dict = {"meta": common.run_meta(args, device), "shape": shape, "layers": layers, "dtype": dtype,
                      "rows": []}
     deadline = common.T_START + args.time_budget_s
+    bf16_rows: list[dict] = []  # --bf16-from: the earlier run's bf16 pipeline rows (checked before the build)
+    if args.bf16_from:
+        try:
+            earlier = json.loads(Path(args.bf16_from).read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--bf16-from {args.bf16_from}: {e}")
+        if earlier.get("layers") != layers or earlier.get("shape") != shape:
+            p.error(f"--bf16-from {args.bf16_from}: {earlier.get('shape')} x {earlier.get('layers')} layers, "
+                    f"this run is {shape} x {layers}")
+        bf16_rows = [r for r in earlier.get("rows", []) if r.get("row") == "pipeline (CGOPipe, HRM policy)"
+                     and r.get("status") == "ok" and r.get("tok_s")]
+        results["bf16_from"] = {"file": Path(args.bf16_from).name, "rows": [
+            {k: r.get(k) for k in ("gen_len", "tok_s", "predicted_tok_s", "pcie_ceiling_decode_tok_s", "plan")}
+            for r in bf16_rows]}
 
     def save() -> None:
         common.write_json(results, args.out, NAME)
@@ -691,21 +705,13 @@ def main() -> int:
         f"GEMM {machine.gpu_flops / 1e12:.0f}) ({results['machine_s']:.1f} s)")
     save()
 
-    lengths_all = mtbench_lengths(max(max_n, args.compressed_max_sequences or 0, *batches, 8))
+    lengths_all = mtbench_lengths(max(max_n, *batches, 8))
+    # the compressed rows' N cap may be larger: their own draw (a longer draw is not a prefix of a
+    # shorter one, so the bf16 rows keep theirs)
+    lengths_forms = mtbench_lengths(max(max_n, args.compressed_max_sequences or 0, *batches, 8))
     plan_prompt_len = round(sum(lengths_all[:max_n]) / max_n)  # the HRM plans for the drawn mean
     results["plan_prompt_len"] = plan_prompt_len
     models = None if args.forms_only else PagedModels(folder, host, device, dtype)
-    bf16_rows: list[dict] = []  # --bf16-from: the earlier run's bf16 pipeline rows
-    if args.bf16_from:
-        earlier = json.loads(Path(args.bf16_from).read_text())
-        if earlier.get("layers") != layers or earlier.get("shape") != shape:
-            p.error(f"--bf16-from {args.bf16_from}: {earlier.get('shape')} x {earlier.get('layers')} layers, "
-                    f"this run is {shape} x {layers}")
-        bf16_rows = [r for r in earlier.get("rows", []) if r.get("row") == "pipeline (CGOPipe, HRM policy)"
-                     and r.get("status") == "ok" and r.get("tok_s")]
-        results["bf16_from"] = {"file": Path(args.bf16_from).name, "rows": [
-            {k: r.get(k) for k in ("gen_len", "tok_s", "predicted_tok_s", "pcie_ceiling_decode_tok_s", "plan")}
-            for r in bf16_rows]}
     launch_of: dict[str, float] = {}  # pipeline label -> host seconds per task (measured after its warm-up, CUDA)
     results["launch_task_s"] = launch_of
     steps: list[tuple[int, float, float]] = []  # (N, mean context, decode step s) of the rows run
@@ -754,7 +760,7 @@ def main() -> int:
                     mu = plan.policy.micro_batch
                     plan = replace(plan, policy=replace(plan.policy, batch=min(plan.policy.batch, 2 * mu)))
                 n = plan.policy.batch
-                lengths = lengths_all[:n]
+                lengths = (lengths_forms if form else lengths_all)[:n]
                 prompt_mean = sum(lengths) / n
                 row.update(plan=plan.to_dict(), hrm_bound=plan.bound, prompt_len_mean=prompt_mean,
                            prompt_len_max=max(lengths),

@@ -102,13 +102,18 @@ def test_head_dims_off_the_vector_width(dh, dtype):
         assert (out.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("h,hkv", [(32, 8), (12, 4), (6, 2), (8, 8)])
-def test_work_items_change_no_bits(dtype, h, hkv):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h,hkv,dh", [(32, 8, 32), (12, 4, 32), (6, 2, 32), (8, 8, 32), (10, 2, 32), (16, 1, 64)])
+def test_work_items_change_no_bits(dtype, h, hkv, dh):
     """By sequence (each position's whole row, every kv head) and by (sequence, kv head) give the
-    same bits, with windows and sinks, and auto takes one of them: the choice is memory order only."""
+    same bits, with windows and sinks, and auto takes the by-sequence path at 10 sequences on one
+    thread (several kv heads): the choice is memory order only."""
     lens = [1, 16, 17, 129, 300, 0, 77, 144, 5, 260]
-    q, k, v, tables, ctx = make_case(lens, h, hkv, 32, 16, dtype, seed=6)
+    q, k, v, tables, ctx = make_case(lens, h, hkv, dh, 16, dtype, seed=6)
+    assert na.chosen_items(len(lens), hkv, dh, 2, "sequence") == "sequence"
+    assert na.chosen_items(len(lens), hkv, dh, 2, "head") == "head"
+    assert na.chosen_items(len(lens), hkv, dh, 1, "auto") == ("sequence" if hkv > 1 else "head")
+    assert na.chosen_items(len(lens), hkv, dh, 3, "auto") == "head"  # fewer than 4 sequences a thread
     sinks = torch.randn(h)
     for window, s in ((None, None), (20, None), (None, sinks), (130, sinks)):
         by_head = na.decode_attention(q, k, v, tables, ctx, window=window, sinks=s, threads=2, items="head")
@@ -118,6 +123,14 @@ def test_work_items_change_no_bits(dtype, h, hkv):
     expected = na.reference(q, k, v, tables, ctx)
     out = na.decode_attention(q, k, v, tables, ctx, items="sequence")
     assert (out.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
+
+
+def test_work_items_fall_back_by_head_off_the_vector_width():
+    """A head dim that is not whole vectors runs by head whatever is asked, with the same bits."""
+    q, k, v, tables, ctx = make_case([3, 40, 200], 8, 2, 20, 16, torch.float32, seed=8)
+    assert na.chosen_items(3, 2, 20, 1, "sequence") == "head"
+    assert torch.equal(na.decode_attention(q, k, v, tables, ctx, items="sequence"),
+                       na.decode_attention(q, k, v, tables, ctx, items="head"))
 
 
 def test_work_items_refused_in_one_line(monkeypatch):

@@ -117,3 +117,33 @@ def test_cached_profile_with_an_in_cache_attention_rate_is_measured_again(tmp_pa
     assert mm.this_machine(path) == first
     with pytest.raises(MoekitError, match="cpu_attention_kv_bytes must be > 0"):
         Machine(cpu_attention_kv_bytes=0)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no native library")
+def test_full_attention_probe_reads_what_attention_probe_bytes_says(monkeypatch):
+    """The full probe (not quick) sizes its step from attention_probe_bytes(): within one
+    144-position sequence of it (shrunk here to 8 MiB to stay fast)."""
+    monkeypatch.setattr(mm, "attention_probe_bytes", lambda: 8 << 20)
+    rate, nbytes = mm._attention_rate(False)
+    assert rate > 0 and (8 << 20) - 144 * 2 * 8 * 128 * 2 < nbytes <= 8 << 20
+
+
+def test_last_level_cache_sums_distinct_instances(tmp_path):
+    """Two L3 instances (two sockets, or AMD's CCDs) count twice; CPUs sharing one count once."""
+    for cpu, shared in ((0, "0-1"), (1, "0-1"), (2, "2-3")):
+        for index, level, size in ((0, 1, "48K"), (3, 3, "32768K")):
+            d = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+            d.mkdir(parents=True)
+            (d / "level").write_text(f"{level}\n")
+            (d / "size").write_text(size + "\n")
+            (d / "shared_cpu_list").write_text((shared if level == 3 else str(cpu)) + "\n")
+    assert mm.last_level_cache_bytes(tmp_path) == 2 * (32 << 20)
+    assert mm.last_level_cache_bytes(tmp_path / "none") is None
+
+
+def test_merged_rate_takes_its_probe_bytes():
+    """A machine file's attention rate replaces the profile's together with the bytes it was read
+    over (None: read inside the cache), so an old in-cache rate does not pass for a DRAM one."""
+    here = Machine(host_flops=1.0, cpu_attention_bandwidth=3.3e10, cpu_attention_kv_bytes=1 << 30)
+    assert here.merged(Machine(cpu_attention_bandwidth=7.8e10)).cpu_attention_kv_bytes is None
+    assert here.merged(Machine(host_flops=2.0)).cpu_attention_kv_bytes == 1 << 30

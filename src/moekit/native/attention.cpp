@@ -356,12 +356,16 @@ void attend_sequence_fast(const float* qf, int64_t H, int64_t Hkv, int64_t Dh, c
 // 4 sequences a thread, else by (sequence, kv head)), 1 by (sequence, kv head), 2 by sequence
 // (where the kernel vectorises). Either way every head is computed by one thread in the same
 // order: the choice changes only the memory access order, never a result.
+inline bool by_sequence_of(int64_t B, int64_t Hkv, int64_t Dh, int threads, int items) {
+  return Dh % W == 0 && (items == 2 || (items == 0 && Hkv > 1 && B >= 4 * int64_t(threads)));
+}
+
 template <typename T, typename Conv>
 void run(int qdtype, const void* q, void* out, const T* keys, const T* values, const int32_t* tables,
          const int32_t* ctx, int64_t B, int64_t H, int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window,
          float scale, const float* sinks, int threads, int items, Conv conv) {
   const int64_t G = H / Hkv, qsize = itemsize(qdtype);
-  const bool by_sequence = Dh % W == 0 && (items == 2 || (items == 0 && Hkv > 1 && B >= 4 * int64_t(threads)));
+  const bool by_sequence = by_sequence_of(B, Hkv, Dh, threads, items);
   if (by_sequence) {
 #pragma omp parallel num_threads(threads)
     {
@@ -403,6 +407,11 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
 }  // namespace
 
 extern "C" {
+
+// Returns the work items a call with these arguments takes: 1 by (sequence, kv head), 2 by sequence.
+int moekit_decode_attention_items(int64_t B, int64_t Hkv, int64_t Dh, int threads, int items) {
+  return by_sequence_of(B, Hkv, Dh, threads, items) ? 2 : 1;
+}
 
 // Returns 0, or a nonzero code for arguments the kernel cannot take (the caller checks them too):
 // 1 H not a multiple of Hkv or a group above MAX_GROUP, 2 a head dim above MAX_HEAD_DIM,

@@ -36,6 +36,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moekit_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, i32p, i32p, i64, i64, i64,
                                             i64, i64, i64, i64, ctypes.c_float, vp, ctypes.c_int, ctypes.c_int]
     lib.moekit_decode_attention.restype = ctypes.c_int
+    lib.moekit_decode_attention_items.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.moekit_decode_attention_items.restype = ctypes.c_int
 
 
 register_declarations(_declare)
@@ -56,6 +58,14 @@ def items_code(items: str | None = None) -> int:
         where = "items" if items is not None else ITEMS_ENV
         raise ValueError(f"{where}={name!r}: the CPU attention kernel's work items are one of {', '.join(ITEMS)}")
     return ITEMS[name]
+
+
+def chosen_items(batch: int, kv_heads: int, head_dim: int, threads: int, items: str | None = None) -> str:
+    """Returns the work items ("head" or "sequence") the kernel takes for a call of `batch`
+    sequences over pools of `kv_heads` x `head_dim` on `threads` threads with `items` asked for
+    (by sequence only where the head dim is whole vectors)."""
+    code = library().moekit_decode_attention_items(batch, kv_heads, head_dim, threads, items_code(items))
+    return "sequence" if code == 2 else "head"
 
 
 def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:

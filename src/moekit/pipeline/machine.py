@@ -86,6 +86,8 @@ class Machine:
         """Returns this machine with every field `other` knows taken from `other`."""
         known = {f.name: getattr(other, f.name) for f in dataclasses.fields(other)
                  if f.name not in ("version",) and getattr(other, f.name) is not None}
+        if other.cpu_attention_bandwidth is not None:  # a rate and the bytes it was read over go together
+            known["cpu_attention_kv_bytes"] = other.cpu_attention_kv_bytes
         return dataclasses.replace(self, **known)
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,19 +169,25 @@ def profile_host(quick: bool = False) -> dict[str, float]:
     return out
 
 
-def last_level_cache_bytes() -> int | None:
-    """Returns the size of CPU 0's largest cache level (sysfs), or None where it cannot be read."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu")) -> int | None:
+    """Returns the bytes of the host's last cache level (sysfs): every distinct instance of the
+    highest level summed (several sockets or AMD's per-CCD L3s), or None where it cannot be read."""
+    instances: dict[tuple[int, str], int] = {}  # (level, the CPUs sharing it) -> bytes
+    for index in root.glob("cpu[0-9]*/cache/index[0-9]*"):
         try:
+            level = int((index / "level").read_text())
             text = (index / "size").read_text().strip()
-        except OSError:
+            shared = (index / "shared_cpu_list").read_text().strip()
+        except (OSError, ValueError):
             continue
         unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
         digits = text[:-1] if unit != 1 else text
         if digits.isdigit():
-            sizes.append(int(digits) * unit)
-    return max(sizes) if sizes else None
+            instances[(level, shared)] = int(digits) * unit
+    if not instances:
+        return None
+    top = max(level for level, _ in instances)
+    return sum(size for (level, _), size in instances.items() if level == top)
 
 
 def attention_probe_bytes() -> int:
