@@ -143,6 +143,20 @@ def test_refuses_a_lookahead_below_one(tiny):
     decoder.close()
 
 
+def test_attention_items_are_read_once_at_construction(tiny, monkeypatch):
+    """$MOEKIT_CPU_ATTENTION_ITEMS is read when the decoder is built (a malformed value stops there
+    in one line, not mid-run) and given to every prepared call."""
+    from moekit.kv_cache import PagedKVCache
+
+    monkeypatch.setenv("MOEKIT_CPU_ATTENTION_ITEMS", "rows")
+    with pytest.raises(MoekitError, match="MOEKIT_CPU_ATTENTION_ITEMS='rows'.*auto, head, sequence"):
+        PipelinedDecoder(tiny, PagedKVCache(tiny.config, 4, 16, "cpu", torch.float32), 2)
+    monkeypatch.setenv("MOEKIT_CPU_ATTENTION_ITEMS", "sequence")
+    decoder = PipelinedDecoder(tiny, PagedKVCache(tiny.config, 4, 16, "cpu", torch.float32), 2)
+    assert decoder.attention_items == 2
+    decoder.close()
+
+
 def test_cpu_attention_releases_the_gil():
     """The native kernel is called through ctypes.CDLL (the GIL is dropped for the call), not
     ctypes.PyDLL (which would hold it and stall the launch thread for the whole kernel)."""

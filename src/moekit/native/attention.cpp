@@ -253,6 +253,22 @@ void chunk_fast(const float* qf, int64_t Dh, const T* const* kp, const T* const*
   }
 }
 
+// The G query heads of one kv head (qf [G, Dh], m, l [G], acc [G, Dh]) over one chunk, in
+// sub-groups of up to 4 (chunk_fast keeps a sub-group's accumulators in registers).
+template <typename T>
+void chunk_heads(const float* qf, int64_t G, int64_t Dh, const T* const* kp, const T* const* vp, int64_t n, float* m,
+                 float* l, float* acc, float* scores) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const int64_t ng = std::min<int64_t>(4, G - g0);
+    const float* q = qf + g0 * Dh;
+    float* a = acc + g0 * Dh;
+    if (ng == 4) chunk_fast<4>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
+    else if (ng == 3) chunk_fast<3>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
+    else if (ng == 2) chunk_fast<2>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
+    else chunk_fast<1>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
+  }
+}
+
 template <typename T>
 void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, const T* values, const int32_t* table,
                       int64_t BS, int64_t Hkv, int64_t kvh, int64_t lo, int64_t hi, float* acc, float* scores,
@@ -282,15 +298,7 @@ void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, con
         }
       }
     }
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-      const int64_t ng = std::min<int64_t>(4, G - g0);
-      const float* q = qf + g0 * Dh;
-      float* a = acc + g0 * Dh;
-      if (ng == 4) chunk_fast<4>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
-      else if (ng == 3) chunk_fast<3>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
-      else if (ng == 2) chunk_fast<2>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
-      else chunk_fast<1>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
-    }
+    chunk_heads(qf, G, Dh, kp, vp, n, m, l, acc, scores);
   }
   for (int64_t g = 0; g < G; ++g) {
     const float inv = inverse_denominator(l[g], m[g], sink, g);
@@ -333,15 +341,8 @@ void attend_sequence_fast(const float* qf, int64_t H, int64_t Hkv, int64_t Dh, c
         kp[t] = keys + base[t] + kvh * Dh;
         vp[t] = values + base[t] + kvh * Dh;
       }
-      for (int64_t g0 = 0; g0 < G; g0 += 4) {
-        const int64_t ng = std::min<int64_t>(4, G - g0), h0 = kvh * G + g0;
-        const float* q = qf + h0 * Dh;
-        float* a = acc + h0 * Dh;
-        if (ng == 4) chunk_fast<4>(q, Dh, kp, vp, n, m + h0, l + h0, a, scores);
-        else if (ng == 3) chunk_fast<3>(q, Dh, kp, vp, n, m + h0, l + h0, a, scores);
-        else if (ng == 2) chunk_fast<2>(q, Dh, kp, vp, n, m + h0, l + h0, a, scores);
-        else chunk_fast<1>(q, Dh, kp, vp, n, m + h0, l + h0, a, scores);
-      }
+      const int64_t h0 = kvh * G;
+      chunk_heads(qf + h0 * Dh, G, Dh, kp, vp, n, m + h0, l + h0, acc + h0 * Dh, scores);
     }
   }
   for (int64_t kvh = 0; kvh < Hkv; ++kvh)
@@ -365,8 +366,7 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
          const int32_t* ctx, int64_t B, int64_t H, int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window,
          float scale, const float* sinks, int threads, int items, Conv conv) {
   const int64_t G = H / Hkv, qsize = itemsize(qdtype);
-  const bool by_sequence = by_sequence_of(B, Hkv, Dh, threads, items);
-  if (by_sequence) {
+  if (by_sequence_of(B, Hkv, Dh, threads, items)) {
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> qf(H * Dh), acc(H * Dh), scores(4 * CHUNK), m(H), l(H);

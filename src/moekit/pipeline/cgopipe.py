@@ -46,7 +46,7 @@ from ..mla import LatentAttention
 from ..model import Attention, SinkAttention
 from ..native.attention import sink_logits
 from .graphs import TaskGraphs, graphs_wanted
-from .host_attention import NativeAttention, cpu_attention
+from .host_attention import NativeAttention, attention_items, cpu_attention
 from .latent import (
     LatentHostCache,
     absorbed_query,
@@ -188,6 +188,7 @@ class PipelinedDecoder:
                 raise MoekitError(f"attention_threads must be >= 1 (or None: all usable cores but two on a GPU "
                                   f"run), got {attention_threads}")
             self.attention_threads = attention_threads
+        self.attention_items = attention_items()  # read once: a malformed value stops here, not mid-run
         paged = self._paged()
         if paged is not None:
             paged.trace = trace
@@ -325,7 +326,7 @@ class PipelinedDecoder:
             cos, sin = model.rope(self._to_device(batch.positions))
             mbs.append(MicroBatch(batch, model.embed_input(ids), cos, sin, *self._host_buffers(len(mbs), len(part)),
                                   NativeAttention.of(self.cache, batch, model.config.num_heads, model.dtype,
-                                                     self._pools)))
+                                                     self._pools, self.attention_items)))
         n = len(mbs)
         paged = self._paged()
         moe = set(paged.layers) if paged is not None else set()

@@ -49,28 +49,39 @@ def sink_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return sink_attention(q[:, :, None], kb, vb, sinks, mask[:, :, None])[:, :, 0]
 
 
+def attention_items() -> int:
+    """Returns $MOEKIT_CPU_ATTENTION_ITEMS as the CPU attention kernel's work-items code (auto when
+    unset); raises MoekitError naming the choices for anything else."""
+    from ..native.attention import items_code
+
+    try:
+        return items_code()
+    except ValueError as e:
+        raise MoekitError(str(e)) from None
+
+
 class NativeAttention:
     """The native CPU attention kernel's call for one micro-batch of a decode step: its block
     tables and lengths converted and checked once for the step, not on every call as
     native.attention.decode_attention does (a dozen small tensor ops per task, each handing the
     GIL to the launch thread and back). `of` returns None where the kernel does not apply."""
 
-    def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, dims: tuple[int, ...], codes: tuple[int, int]):
+    def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, dims: tuple[int, ...], codes: tuple[int, int],
+                 items: int = 0):
         import ctypes
 
-        from ..native.attention import items_code
-
         self.lib, self.tables, self.lens, self.dims, self.codes = lib, tables, lens, dims, codes
-        self.items = items_code()  # $MOEKIT_CPU_ATTENTION_ITEMS, read once a step
+        self.items = items  # the kernel's work items (attention_items())
         i32p = ctypes.POINTER(ctypes.c_int32)
         self.tables_ptr = ctypes.cast(tables.data_ptr(), i32p)  # the tensors stay referenced by self
         self.lens_ptr = ctypes.cast(lens.data_ptr(), i32p)
 
     @staticmethod
     def of(cache: PagedKVCache, batch: RaggedBatch, heads: int, dtype: torch.dtype,
-           pools: tuple[list, list] | None = None) -> NativeAttention | None:
+           pools: tuple[list, list] | None = None, items: int = 0) -> NativeAttention | None:
         """Returns the prepared call of a micro-batch's attention over the cache's pools (or the
-        per-layer (keys, values) pools given, which the cache's block tables index), or None."""
+        per-layer (keys, values) pools given, which the cache's block tables index) with the
+        kernel's work-items code `items` (attention_items()), or None."""
         from ..native import attention as native_attention
         from ..native import library
 
@@ -90,7 +101,7 @@ class NativeAttention:
                              or (width and (int(tables.min()) < 0 or int(tables.max()) >= nb))):
             return None  # decode_attention names what is wrong
         codes = (native_attention.DTYPE_CODES[dtype], native_attention.DTYPE_CODES[keys.dtype])
-        return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes)
+        return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes, items)
 
     def __call__(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
                  window: int | None, threads: int | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
