@@ -33,6 +33,7 @@ import torch
 from moekit import native
 from moekit.native import attention as na
 from moekit.native.experts import stream_read_bytes_per_s
+from moekit.native.hugepages import advise_huge_pages
 from moekit.pipeline.machine import _best
 
 SHAPES = {  # name: (query heads, kv heads, row width, window, sinks)
@@ -44,12 +45,22 @@ SHAPES = {  # name: (query heads, kv heads, row width, window, sinks)
 }
 
 
-def case(heads: int, kv_heads: int, width: int, seqs: int, context: int, block: int = 16):
+def pool(shape, scale: float, huge: bool) -> torch.Tensor:
+    """Returns a bf16 pool of normal values x scale, in 2 MB pages where `huge` (advised before the
+    first touch, as prefill.empty_host_cache does for the pipeline's pool), else in whatever pages
+    the allocator gives (4 KB under THP "madvise")."""
+    t = torch.empty(shape, dtype=torch.bfloat16)
+    if huge:
+        advise_huge_pages([t])
+    return t.copy_(torch.randn(shape) * scale)
+
+
+def case(heads: int, kv_heads: int, width: int, seqs: int, context: int, huge: bool, block: int = 16):
     """Returns q [N, H, W], one pool [NB, BS, Hkv, W] (keys; MLA reads it as values too), a second
     pool (GQA values), block tables [N, MB] and context lengths [N], bf16 where they hold data."""
     blocks = seqs * (-(-context // block))
-    keys = (torch.randn(blocks, block, kv_heads, width) * 0.5).to(torch.bfloat16)
-    values = keys if kv_heads == 1 else torch.randn_like(keys)
+    keys = pool((blocks, block, kv_heads, width), 0.5, huge)
+    values = keys if kv_heads == 1 else pool(keys.shape, 1.0, huge)
     perm = torch.randperm(blocks).to(torch.int32)
     tables = perm.view(seqs, -1)
     lens = torch.full((seqs,), context, dtype=torch.int32)
@@ -63,6 +74,8 @@ def main() -> int:
     p.add_argument("--seqs", type=int, default=None, help="sequences of a step (default 1024; quick: 8)")
     p.add_argument("--context", type=int, default=None, help="cached positions each (default 144; quick: 256)")
     p.add_argument("--items", default="head,sequence", help="the kernel's work items to time, comma-separated")
+    p.add_argument("--pages", default="4k,2m",
+                   help="the pools' pages to time, comma-separated: 4k (the allocator's), 2m (advised huge)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: usable cores but two)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
@@ -74,15 +87,18 @@ def main() -> int:
     items_list = [i for i in args.items.split(",") if i]
     for i in items_list:
         na.items_code(i)  # an unknown name stops here, in one line
+    pages_list = [x for x in args.pages.split(",") if x]
+    if not pages_list or set(pages_list) - {"4k", "2m"}:
+        p.error(f"--pages takes 4k and/or 2m, comma-separated; got {args.pages!r}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = args.threads or max(1, cores - 2)
     ceiling = stream_read_bytes_per_s((32 if args.quick else 512) << 20, threads=threads, reps=3)
     rows = []
     print(f"{seqs} sequences x {context} positions, {threads} threads; host read ceiling {ceiling / 1e9:.1f} GB/s")
-    print(f"{'shape':18} {'items':>8} {'ms':>8} {'KV GB/s':>8} {'of ceiling':>10} {'max rel err':>11}")
-    for name, (h, hkv, width, window, with_sinks) in SHAPES.items():
+    print(f"{'shape':18} {'pages':>5} {'items':>8} {'ms':>8} {'KV GB/s':>8} {'of ceiling':>10} {'max rel err':>11}")
+    for name, (h, hkv, width, window, with_sinks), pages in ((n, s, pg) for n, s in SHAPES.items() for pg in pages_list):
         torch.manual_seed(0)
-        q, keys, values, tables, lens = case(h, hkv, width, seqs, context)
+        q, keys, values, tables, lens = case(h, hkv, width, seqs, context, huge=pages == "2m")
         sinks = torch.randn(h) if with_sinks else None
         got = na.decode_attention(q[:2], keys, values, tables[:2], lens[:2], window, sinks=sinks, threads=threads)
         want = na.reference(q[:2], keys, values, tables[:2], lens[:2], window, sinks=sinks)
@@ -99,10 +115,10 @@ def main() -> int:
             first = out if first is None else first
             same = bool(torch.equal(out, first))  # work items change memory order only
             rate = kv_bytes / seconds
-            rows.append(dict(shape=name, items=items, heads=h, kv_heads=hkv, width=width, window=window,
+            rows.append(dict(shape=name, pages=pages, items=items, heads=h, kv_heads=hkv, width=width, window=window,
                              sinks=with_sinks, ms=seconds * 1e3, kv_bytes=kv_bytes, kv_gb_s=rate / 1e9,
                              share_of_ceiling=rate / ceiling, max_rel_err=err, same_bits=same))
-            print(f"{name:18} {items:>8} {seconds * 1e3:8.3f} {rate / 1e9:8.1f} {rate / ceiling:10.2f} {err:11.2e}"
+            print(f"{name:18} {pages:>5} {items:>8} {seconds * 1e3:8.3f} {rate / 1e9:8.1f} {rate / ceiling:10.2f} {err:11.2e}"
                   + ("" if same else "  BITS DIFFER"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,16 @@ def test_zero_rest_refuses_a_pool_holding_sequences(tiny):
     host.grow("other", 20)
     with pytest.raises(MoekitError, match="holds no sequence"), torch.inference_mode():
         prefill_to_host(tiny, host, PROMPTS, micro_batch=2, zero_rest=True)
+
+
+def test_untouched_pool_is_advised_huge_pages_before_its_first_touch(tiny, monkeypatch):
+    """The host pool's every layer is asked for 2 MB pages while still untouched (the advice is
+    free then; the CPU attention kernel reads its blocks scattered: native.hugepages)."""
+    import moekit.pipeline.prefill as prefill
+
+    advised: list[torch.Tensor] = []
+    monkeypatch.setattr(prefill, "advise_huge_pages", lambda ts: advised.extend(ts) or 0)
+    host = empty_host_cache(tiny.config, 400, 16, torch.float32)
+    pools = host.keys + host.values
+    assert len(advised) == len(pools) == 2 * tiny.config.num_layers
+    assert all(a is p for a, p in zip(advised, pools))

@@ -207,6 +207,7 @@ def _attention_rate(quick: bool) -> tuple[float, int]:
     import torch
 
     from ..native import attention
+    from ..native.hugepages import advise_huge_pages
 
     block, hkv, dh = 16, 8, 128
     if quick:
@@ -218,6 +219,7 @@ def _attention_rate(quick: bool) -> tuple[float, int]:
     blocks = seqs * per
     keys = torch.empty(blocks, block, hkv, dh, dtype=torch.bfloat16)
     values = torch.empty_like(keys)
+    advise_huge_pages([keys, values])  # as the pipeline's pool (prefill.empty_host_cache)
     tile = torch.randn(block, hkv, dh).to(torch.bfloat16)  # random values, written fast: one block repeated
     keys.copy_(tile.expand_as(keys))
     values.copy_(tile.flip(0).expand_as(values))

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import MoekitError
 from ..kv_cache import PagedKVCache
+from ..native.hugepages import advise_huge_pages
 
 
 class OneLayerCache(PagedKVCache):
@@ -75,6 +76,10 @@ def empty_host_cache(config, tokens: int, block_size: int, dtype: torch.dtype) -
     else:
         cache.keys = [torch.empty(p.shape, dtype=dtype) for p in cache.keys]
         cache.values = [torch.empty(p.shape, dtype=dtype) for p in cache.values]
+    # 2 MB pages before the first touch: the CPU attention kernel reads each sequence's blocks
+    # scattered over the pool, and with 4 KB pages every 32 KB block crosses 8 pages (a TLB miss
+    # and a prefetcher stop each); native.hugepages says why
+    advise_huge_pages(cache.joint if isinstance(cache, LatentHostCache) else cache.keys + cache.values)
     return cache
 
 
