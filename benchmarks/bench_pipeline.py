@@ -612,6 +612,10 @@ def main() -> int:
     p.add_argument("--attention-threads", type=int, default=None,
                    help="threads of the pipeline's CPU attention kernel (default: usable cores - 2 on CUDA): fewer "
                         "leave the launch thread and the CUDA driver cores of their own")
+    p.add_argument("--switch-interval-us", type=float, default=None,
+                   help="Python's GIL switch interval for the whole run (default: Python's, 5000): the attention "
+                        "worker, back from each kernel call, waits for the GIL the launch thread holds while it "
+                        "issues (probes/cpu_attention_calls.py times that)")
     p.add_argument("--forms-only", action="store_true",
                    help="only the compressed rows: each layer's bf16 experts are drawn on the device and rounded, "
                         "never held in host memory (all 32 layers' forms fit where their 90 GB of bf16 would not "
@@ -621,6 +625,10 @@ def main() -> int:
                         "(with --forms-only; the comparison names that file)")
     p.add_argument("--tmp", default="/tmp/moekit_bench_pipeline")
     args = p.parse_args()
+    if args.switch_interval_us is not None:
+        if not args.switch_interval_us > 0:
+            p.error(f"--switch-interval-us must be > 0, got {args.switch_interval_us}")
+        sys.setswitchinterval(args.switch_interval_us / 1e6)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: run with --device cpu --small")

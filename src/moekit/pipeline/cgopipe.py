@@ -263,9 +263,10 @@ class PipelinedDecoder:
                 mu = mb.out.shape[0]
                 parts = packet.split([mu * h * d for h, d in dims])
                 q, k, v = (part.view(mu, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
-            self.cache.write(layer, k, v, mb.batch.slots)
             window, sinks = self._windows[layer], self._sinks[layer]
             keys, values = self._pools[0][layer], self._pools[1][layer]
+            if mb.native is None or not mb.native.store(keys, values, k, v):
+                self.cache.write(layer, k, v, mb.batch.slots)
             # the native call goes through ctypes.CDLL, which drops the GIL for its duration: the
             # launch thread keeps issuing while the kernel runs. The output is pinned on a GPU run,
             # so that LoadH's copy is asynchronous

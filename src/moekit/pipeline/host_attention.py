@@ -67,7 +67,7 @@ class NativeAttention:
     GIL to the launch thread and back). `of` returns None where the kernel does not apply."""
 
     def __init__(self, lib, tables: torch.Tensor, lens: torch.Tensor, dims: tuple[int, ...], codes: tuple[int, int],
-                 items: int = 0):
+                 items: int = 0, slots: torch.Tensor | None = None):
         import ctypes
 
         self.lib, self.tables, self.lens, self.dims, self.codes = lib, tables, lens, dims, codes
@@ -75,6 +75,9 @@ class NativeAttention:
         i32p = ctypes.POINTER(ctypes.c_int32)
         self.tables_ptr = ctypes.cast(tables.data_ptr(), i32p)  # the tensors stay referenced by self
         self.lens_ptr = ctypes.cast(lens.data_ptr(), i32p)
+        # the step's new tokens' flat slots (int64, checked against the pool), for store(); None: no store
+        self.slots = slots
+        self.slots_ptr = None if slots is None else ctypes.cast(slots.data_ptr(), ctypes.POINTER(ctypes.c_int64))
 
     @staticmethod
     def of(cache: PagedKVCache, batch: RaggedBatch, heads: int, dtype: torch.dtype,
@@ -101,7 +104,26 @@ class NativeAttention:
                              or (width and (int(tables.min()) < 0 or int(tables.max()) >= nb))):
             return None  # decode_attention names what is wrong
         codes = (native_attention.DTYPE_CODES[dtype], native_attention.DTYPE_CODES[keys.dtype])
-        return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes, items)
+        slots = None  # store() writes whole rows of separate key and value pools (MLA's views of one: no)
+        if pools is None or all_keys is not all_values:
+            slots = batch.slots.to(device="cpu", dtype=torch.int64).contiguous()
+            if slots.shape != lens.shape or (slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= nb * bs)):
+                slots = None
+        return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes, items,
+                               slots)
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Writes the micro-batch's new k, v [mu, Hkv, Dh] (contiguous, the pools' dtype) at its
+        slots of one layer's pools on this thread, as PagedKVCache.write does, without waking
+        torch's thread team (native/kv_store.cpp says why); False (nothing written) where it cannot."""
+        b, _, hkv, dh, _, _ = self.dims
+        if self.slots is None or k.shape != (b, hkv, dh) or v.shape != k.shape or k.dtype != keys.dtype \
+                or v.dtype != keys.dtype or not (k.is_contiguous() and v.is_contiguous()):
+            return False
+        row = hkv * dh * k.element_size()
+        self.lib.moekit_store_rows(keys.data_ptr(), k.data_ptr(), self.slots_ptr, b, row)
+        self.lib.moekit_store_rows(values.data_ptr(), v.data_ptr(), self.slots_ptr, b, row)
+        return True
 
     def __call__(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
                  window: int | None, threads: int | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
