@@ -666,6 +666,7 @@ LLAMA_MIXTRAL_INT2 = "bench_llamacpp_mixtral_int2_3fa9407.json"  # 2026-12-04 (s
 LLAMA_MIXTRAL_INT4_GATHER = "bench_llamacpp_mixtral_int4_gather_d3aa10f.json"  # int4 vs Q4_K_M, the partner's gather on / off
 LLAMA_QWEN3_INT2 = "bench_llamacpp_qwen3_int2_d3aa10f.json"  # int2 + int8 dense vs Q2_K
 LLAMA_QWEN3_TERNARY = "bench_llamacpp_qwen3_ternary_13a0b14.json"  # 2026-12-04 (session 24): ternary vs bf16
+LLAMA_MIXTRAL_INT2_GATHER = "bench_llamacpp_mixtral_int2_gather_03e26a0.json"  # 2026-12-04 (session 25): int2, gather on / off
 IN_PLACE_RUNS = ("bench_llamacpp_mixtral_inplace_f51a719.json", "bench_llamacpp_olmoe_inplace_f51a719.json")
 IN_PLACE_LLAMA = {"mixtral-8x7b-8l": LLAMA_MIXTRAL, "olmoe-1b-7b": LLAMA_LATEST}  # llama.cpp's figures: earlier calls
 
@@ -762,6 +763,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
                                         partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_INT4_GATHER)),
     "vs_llamacpp_qwen3_int2": ((LLAMA_QWEN3_INT2,), partial(vs_llamacpp_latest, name=LLAMA_QWEN3_INT2)),
     "vs_llamacpp_qwen3_ternary": ((LLAMA_QWEN3_TERNARY,), partial(vs_llamacpp_latest, name=LLAMA_QWEN3_TERNARY)),
+    "vs_llamacpp_mixtral_int2_gather": ((LLAMA_MIXTRAL_INT2_GATHER,),
+                                        partial(vs_llamacpp_latest, name=LLAMA_MIXTRAL_INT2_GATHER)),
     "cpu_kernel_cpu16": ((LLAMA_OLMOE_CPU16,), partial(cpu_kernel, name=LLAMA_OLMOE_CPU16)),
     "auto_budgets": (AUTO_BUDGET_RUNS, auto_budgets),
     "vs_llamacpp_qwen3_compressed": ((LLAMA_QWEN3_COMPRESSED,),
