@@ -125,6 +125,24 @@ def test_work_items_change_no_bits(dtype, h, hkv, dh):
     assert (out.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h,hkv,dh", [(14, 2, 48), (12, 2, 80), (3, 3, 40), (16, 1, 576)])
+def test_sub_groups_and_odd_vector_counts(dtype, h, hkv, dh):
+    """The vectorised kernel's other shapes, against the reference and by head as by sequence, with
+    sinks and a window: 7 and 6 heads a kv head (a full sub-group and 3 or 2 more with AVX2; one
+    padded sub-group with AVX-512), one head, 16 over an MLA-wide row (two or four sub-groups), and
+    head dims of an odd number of vectors, whose last one is read alone (40 with AVX2; 48 and 80
+    with AVX-512)."""
+    lens = [1, 3, 17, 130, 257]
+    q, k, v, tables, ctx, sinks = make_case(lens, h, hkv, dh, 16, dtype, seed=9, sinks=True)
+    for window, s in ((None, None), (100, sinks)):
+        by_head = na.decode_attention(q, k, v, tables, ctx, window=window, sinks=s, threads=2, items="head")
+        by_seq = na.decode_attention(q, k, v, tables, ctx, window=window, sinks=s, threads=2, items="sequence")
+        assert torch.equal(by_head, by_seq)
+        expected = na.reference(q, k, v, tables, ctx, window=window, sinks=s)
+        assert (by_head.float() - expected).abs().max() <= TOL[dtype] * expected.abs().max()
+
+
 def test_work_items_fall_back_by_head_off_the_vector_width():
     """A head dim that is not whole vectors runs by head whatever is asked, with the same bits."""
     q, k, v, tables, ctx = make_case([3, 40, 200], 8, 2, 20, 16, torch.float32, seed=8)

@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -40,9 +42,13 @@ constexpr int64_t MAX_HEAD_DIM = 1024;  // MLA reads latent + rope key rows: Dee
 inline void from_float(int dtype, const float* in, int64_t n, void* p) {
   if (dtype == 2) {
     std::memcpy(p, in, n * sizeof(float));
-    return;
+  } else if (dtype == 0) {  // a loop of its own vectorises (the element function branches on dtype)
+    uint16_t* o = static_cast<uint16_t*>(p);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) o[i] = float_to_bf16(in[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) from_float(dtype, in[i], p, i);
   }
-  for (int64_t i = 0; i < n; ++i) from_float(dtype, in[i], p, i);
 }
 
 // Returns 1 / the softmax denominator of query head g: its running sum l of exp(score - m), plus
@@ -123,13 +129,28 @@ void attend_item(const float* qf, int64_t G, int64_t Dh, const T* keys, const T*
 
 // ---- the vectorised path (head dim a multiple of W) ------------------------------------------
 // GCC/clang vector extensions: AVX-512 where -march=native has it, else 8 floats (AVX2 / NEON
-// pairs). Query heads go in sub-groups of up to 4 so their accumulators stay in registers; each
-// K or V row is converted once per sub-group while its chunk is hot in cache.
+// pairs). Query heads go in sub-groups of up to SUB (4; 8 with AVX-512's 32 registers) so their
+// accumulators stay in registers; each K or V row is converted once per sub-group while its chunk
+// is hot in cache. A core's rate is then its FMAs' (2 FLOPs per element and head), so the rest
+// is kept off the FMA ports and the FMA chains are enough to hide the FMA latency:
+// - bf16 rows are read 2W elements at a time and split into the even elements (a shift) and the
+//   odd ones (a mask), with no shuffles (a widening load took 2-4 a vector with AVX2). The item's
+//   queries and accumulators are held in that pair order (each whole 2W block of Dh: its even
+//   elements, then its odd ones) and put back in memory order at the end.
+// - K: P = W / S positions a step, S = NG rounded up to a power of 2, so the step's P NG dot
+//   products (a vector each) reduce together to one vector of scores: a tree of blends, shuffles
+//   and W - 1 adds, where a horizontal sum per score (log2(W) adds, as many shuffles and a scalar
+//   store) had cost about what the FMAs did. Scores are kept position-major, [t][S].
+// - V: DV accumulator vectors for each of the NG heads (NG DV <= W; W for NG a power of 2) stay in
+//   registers over all the chunk's positions: each broadcast score feeds DV FMAs, each V load NG.
+// The summation order depends on NG, Dh and the chunks alone, never on threads or work items.
 #if defined(__AVX512F__)
 constexpr int W = 16;
 #else
 constexpr int W = 8;
 #endif
+constexpr int ACCS = W;     // accumulator vectors a loop keeps: half the registers (AVX2 16, AVX-512 32)
+constexpr int SUB = W / 2;  // query heads a sub-group at most
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
@@ -149,17 +170,79 @@ typedef _Float16 vhf __attribute__((vector_size(W * 2)));
 inline vf load(const _Float16* p) { vhf h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
 #endif
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-inline float hsum(vf v) {  // a tree of halves: log2(W) adds, not W - 1 in a chain
-#if defined(__AVX512F__)
-  const v8f h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  const v8f h8 = v;
-#endif
-  const v4f h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+inline vf splat(float x) { return x - vf{}; }  // x - 0 folds away (x + 0 does not: -0 + 0 is +0)
+
+// Loads 2W elements at p as two float vectors: bf16 in pair order (even elements, odd ones; the
+// widening load above costs the shuffle ports 2-4 shuffles a vector), other dtypes in memory order.
+template <typename T>
+inline void load2(const T* p, vf& a, vf& b) { a = load(p); b = load(p + W); }
+inline void load2(const uint16_t* p, vf& a, vf& b) {
+  vu u;
+  std::memcpy(&u, p, sizeof u);
+  const vu even = u << 16, odd = u & 0xffff0000u;
+  std::memcpy(&a, &even, sizeof a);
+  std::memcpy(&b, &odd, sizeof b);
+}
+
+// Moves x [Dh] between memory order and pair order (whole 2W blocks; a last W stays as it is),
+// for the dtypes load2 reads in pair order.
+template <int... I>
+inline void deinterleave(vf& a, vf& b, std::integer_sequence<int, I...>) {
+  const vf even = __builtin_shufflevector(a, b, (2 * I)...), odd = __builtin_shufflevector(a, b, (2 * I + 1)...);
+  a = even;
+  b = odd;
+}
+template <int... I>
+inline void interleave(vf& a, vf& b, std::integer_sequence<int, I...>) {
+  const vf lo = __builtin_shufflevector(a, b, (I % 2 ? W + I / 2 : I / 2)...);
+  const vf hi = __builtin_shufflevector(a, b, (I % 2 ? W + W / 2 + I / 2 : W / 2 + I / 2)...);
+  a = lo;
+  b = hi;
+}
+template <typename T>
+inline void pair_order(float* x, int64_t Dh, bool to) {
+  if (!std::is_same<T, uint16_t>::value) return;
+  for (int64_t i = 0; i + 2 * W <= Dh; i += 2 * W) {
+    vf a = load(x + i), b = load(x + i + W);
+    if (to) deinterleave(a, b, std::make_integer_sequence<int, W>{});
+    else interleave(a, b, std::make_integer_sequence<int, W>{});
+    store(x + i, a);
+    store(x + i + W, b);
+  }
+}
+
+// One level of the score tree: a and b hold their inputs' partial sums in the lanes of each
+// residue mod C (C lanes apart); the result holds a's and b's in those mod 2C, a's where lane & C
+// is 0. Within 128-bit lanes (C 1, 2) as unpack / shufps pairs; across them as a blend plus one
+// shuffle (each lane plus lane ^ C of the same vector).
+template <int C, int... I>
+inline vf fold_pair(vf a, vf b, std::integer_sequence<int, I...>) {
+  if constexpr (C < 4)
+    return __builtin_shufflevector(a, b, (((I & C) ? W : 0) + (I & ~3) + (C == 1 ? (I & 3) >> 1 : I & 1))...) +
+           __builtin_shufflevector(a, b, (((I & C) ? W : 0) + (I & ~3) + (C == 1 ? (I & 3) >> 1 : I & 1) + 2)...);
+  else
+    return __builtin_shufflevector(a, b, ((I & C) ? W + I : I)...) +
+           __builtin_shufflevector(a, b, ((I & C) ? W + (I ^ C) : (I ^ C))...);
+}
+template <int C, int N>
+inline void fold_tree(vf* x) {
+  for (int i = 0; i < N / 2; ++i) x[i] = fold_pair<C>(x[2 * i], x[2 * i + 1], std::make_integer_sequence<int, W>{});
+  if constexpr (N > 2) fold_tree<2 * C, N / 2>(x);
+}
+
+// Returns the W sums of a [P][NG] (each vector's lanes summed) as one vector, lane j S + g holding
+// a[j][g] (zero for g >= NG). The tree leaves input i in lane i; the shuffles that cross 128-bit
+// lanes (slow) come last, where there is one vector or two left.
+template <int NG, int S, int P>
+inline vf reduce_scores(const vf (&a)[P][NG]) {
+  static_assert(P * S == W, "one vector of scores a step");
+  vf x[W];
+  for (int i = 0; i < W; ++i) {
+    x[i] = vf{};
+    if (i % S < NG) x[i] = a[i / S][i % S];
+  }
+  fold_tree<1, W>(x);
+  return x[0];
 }
 
 // exp(x) for x <= 0 (scores minus their max), relative error ~2e-7: x = n ln2 + r, |r| <= ln2/2,
@@ -181,102 +264,145 @@ inline vf exp_nonpositive(vf x) {
   return p * scale;
 }
 
-// One sub-group of NG query heads (qf [NG, Dh], scaled) over one chunk of n positions whose K and
-// V rows are kp[t], vp[t]: scores, the online-softmax update of m, l, and acc [NG, Dh].
+// acc [NG, Dh] vectors d..d+DV-1 += sum_u p[u, g] V[u] over the chunk's n positions (scores
+// [t][S] hold p). DV is even (pairs, in load2's order) or 1 (a last vector of an odd Dh / W).
+template <int NG, int S, int DV, typename T>
+inline void accumulate_values(const T* const* vp, int64_t n, const float* scores, float* acc, int64_t Dh, int64_t d) {
+  vf c[NG][DV];
+  for (int g = 0; g < NG; ++g)
+    for (int j = 0; j < DV; ++j) c[g][j] = load(acc + g * Dh + d + j * W);
+  for (int64_t u = 0; u < n; ++u) {
+    vf s[NG];
+    for (int g = 0; g < NG; ++g) s[g] = splat(scores[u * S + g]);
+    if constexpr (DV == 1) {
+      const vf v = load(vp[u] + d);
+      for (int g = 0; g < NG; ++g) c[g][0] += s[g] * v;
+    } else {
+      for (int j = 0; j < DV; j += 2) {  // one pair live at a time: NG DV + NG + 2 registers
+        vf v0, v1;
+        load2(vp[u] + d + j * W, v0, v1);
+        for (int g = 0; g < NG; ++g) {
+          c[g][j] += s[g] * v0;
+          c[g][j + 1] += s[g] * v1;
+        }
+      }
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int j = 0; j < DV; ++j) store(acc + g * Dh + d + j * W, c[g][j]);
+}
+
+// One sub-group of NG query heads (qf [NG, Dh], scaled, in pair order) over one chunk of n
+// positions whose K and V rows are kp[t], vp[t]: scores, the online-softmax update of m, l, and
+// acc [NG, Dh] (pair order). scores: scratch of CHUNK S floats.
 template <int NG, typename T>
 void chunk_fast(const float* qf, int64_t Dh, const T* const* kp, const T* const* vp, int64_t n, float* m, float* l,
                 float* acc, float* scores) {
-  const int64_t nv = Dh / W;
-  int64_t t = 0;
-  for (; t + 1 < n; t += 2) {  // two positions at once: 2 NG independent FMA chains
-    vf a0[NG] = {}, a1[NG] = {};
-    for (int64_t d = 0; d < nv; ++d) {
-      const vf k0 = load(kp[t] + d * W), k1 = load(kp[t + 1] + d * W);
-      for (int g = 0; g < NG; ++g) {
-        const vf qv = load(qf + g * Dh + d * W);
-        a0[g] += qv * k0;
-        a1[g] += qv * k1;
+  constexpr int S = NG <= 2 ? NG : NG <= 4 ? 4 : 8, P = W / S;  // CHUNK % P == 0: the steps fit in scores
+  const int64_t pairs = Dh / (2 * W) * (2 * W);  // the elements read as pairs; a last W (odd Dh / W) alone
+  for (int64_t t = 0; t < n; t += P) {
+    const T* rows[P];  // past n (the last step): row n - 1 again, its scores masked below
+    for (int j = 0; j < P; ++j) rows[j] = kp[std::min<int64_t>(t + j, n - 1)];
+    vf a[P][NG] = {};
+    for (int64_t d = 0; d < pairs; d += 2 * W) {
+      // The same FMAs in either order; the order keeps the live vectors in the register file:
+      // few heads: the queries stay and each row's pair is used at once; else the P rows' pairs
+      // stay and each head's query pair is loaded once.
+      if constexpr (NG <= 2) {
+        vf q0[NG], q1[NG];
+        for (int g = 0; g < NG; ++g) { q0[g] = load(qf + g * Dh + d); q1[g] = load(qf + g * Dh + d + W); }
+        for (int j = 0; j < P; ++j) {
+          vf k0, k1;
+          load2(rows[j] + d, k0, k1);
+          for (int g = 0; g < NG; ++g) { a[j][g] += q0[g] * k0; a[j][g] += q1[g] * k1; }
+        }
+      } else {
+        vf k0[P], k1[P];
+        for (int j = 0; j < P; ++j) load2(rows[j] + d, k0[j], k1[j]);
+        for (int g = 0; g < NG; ++g) {
+          const vf q0 = load(qf + g * Dh + d), q1 = load(qf + g * Dh + d + W);
+          for (int j = 0; j < P; ++j) { a[j][g] += q0 * k0[j]; a[j][g] += q1 * k1[j]; }
+        }
       }
     }
-    for (int g = 0; g < NG; ++g) { scores[g * CHUNK + t] = hsum(a0[g]); scores[g * CHUNK + t + 1] = hsum(a1[g]); }
+    if (pairs < Dh)
+      for (int j = 0; j < P; ++j) {
+        const vf k = load(rows[j] + pairs);
+        for (int g = 0; g < NG; ++g) a[j][g] += load(qf + g * Dh + pairs) * k;
+      }
+    store(scores + t * S, reduce_scores<NG, S, P>(a));
   }
-  for (; t < n; ++t) {
-    vf a0[NG] = {};
-    for (int64_t d = 0; d < nv; ++d) {
-      const vf k0 = load(kp[t] + d * W);
-      for (int g = 0; g < NG; ++g) a0[g] += load(qf + g * Dh + d * W) * k0;
-    }
-    for (int g = 0; g < NG; ++g) scores[g * CHUNK + t] = hsum(a0[g]);
+  // online softmax over the [t][S] scores: lane e of every vector is head e % S
+  const int64_t nvec = (n + P - 1) / P;
+  float* last = scores + (nvec - 1) * W;
+  const int valid = static_cast<int>(n - (nvec - 1) * P) * S;  // the last vector's lanes below n
+  for (int e = valid; e < W; ++e) last[e] = -INFINITY;
+  vf vmax = vf{} - INFINITY;
+  for (int64_t i = 0; i < nvec; ++i) {
+    const vf v = load(scores + i * W);
+    vmax = vmax > v ? vmax : v;
   }
-  const int64_t nw = (n + W - 1) / W * W;  // whole vectors (CHUNK % W == 0); the tail is masked
+  float mx[S];
+  vf mv;
+  for (int g = 0; g < S; ++g) {
+    mx[g] = g < NG ? m[g] : 0.f;  // padding heads (NG 3, 5-7): zero scores, any finite max
+    for (int j = 0; j < P; ++j) mx[g] = std::max(mx[g], vmax[j * S + g]);
+  }
+  for (int e = 0; e < W; ++e) mv[e] = mx[e % S];
+  vf vsum = vf{};
+  for (int64_t i = 0; i < nvec; ++i) {
+    vf e = exp_nonpositive(load(scores + i * W) - mv);
+    if (i == nvec - 1)  // the positions past n weigh nothing
+      for (int k = valid; k < W; ++k) e[k] = 0.f;
+    store(scores + i * W, e);
+    vsum += e;
+  }
   for (int g = 0; g < NG; ++g) {
-    float* sg = scores + g * CHUNK;
-    for (int64_t i = n; i < nw; ++i) sg[i] = -INFINITY;
-    vf vmax = vf{} - INFINITY;
-    for (int64_t i = 0; i < nw; i += W) {
-      const vf v = load(sg + i);
-      vmax = vmax > v ? vmax : v;
-    }
-    float mx = m[g];
-    for (int i = 0; i < W; ++i) mx = std::max(mx, vmax[i]);
-    vf vsum = vf{};
-    for (int64_t i = 0; i < nw; i += W) {
-      vf e = exp_nonpositive(load(sg + i) - mx);
-      if (i + W > n)  // the positions past n weigh nothing
-        for (int k = static_cast<int>(n - i); k < W; ++k) e[k] = 0.f;
-      store(sg + i, e);
-      vsum += e;
-    }
-    const float sum = hsum(vsum);
-    const float correction = m[g] == -INFINITY ? 0.f : std::exp(m[g] - mx);
+    float sum = 0.f;
+    for (int j = 0; j < P; ++j) sum += vsum[j * S + g];
+    const float correction = m[g] == -INFINITY ? 0.f : std::exp(m[g] - mx[g]);
     l[g] = l[g] * correction + sum;
-    m[g] = mx;
+    m[g] = mx[g];
     if (correction != 1.f)
       for (int64_t i = 0; i < Dh; ++i) acc[g * Dh + i] *= correction;
   }
-  for (int64_t d = 0; d < nv; ++d) {  // acc[g, d-block] += sum_t p[g, t] v[t, d-block]
-    vf c0[NG], c1[NG];
-    for (int g = 0; g < NG; ++g) { c0[g] = load(acc + g * Dh + d * W); c1[g] = vf{}; }
-    int64_t u = 0;
-    for (; u + 1 < n; u += 2) {
-      const vf v0 = load(vp[u] + d * W), v1 = load(vp[u + 1] + d * W);
-      for (int g = 0; g < NG; ++g) {
-        c0[g] += scores[g * CHUNK + u] * v0;
-        c1[g] += scores[g * CHUNK + u + 1] * v1;
-      }
-    }
-    if (u < n) {
-      const vf v0 = load(vp[u] + d * W);
-      for (int g = 0; g < NG; ++g) c0[g] += scores[g * CHUNK + u] * v0;
-    }
-    for (int g = 0; g < NG; ++g) store(acc + g * Dh + d * W, c0[g] + c1[g]);
-  }
+  constexpr int DV = std::max(2, ACCS / NG / 2 * 2);  // NG DV accumulators: ACCS at most (NG 3: 6, 5-7: 10-14)
+  const int64_t nv = Dh / W;
+  int64_t j = 0;
+  for (; j + DV <= nv; j += DV) accumulate_values<NG, S, DV>(vp, n, scores, acc, Dh, j * W);
+  for (; j + 2 <= nv; j += 2) accumulate_values<NG, S, 2>(vp, n, scores, acc, Dh, j * W);
+  if (j < nv) accumulate_values<NG, S, 1>(vp, n, scores, acc, Dh, j * W);
 }
 
-// The G query heads of one kv head (qf [G, Dh], m, l [G], acc [G, Dh]) over one chunk, in
-// sub-groups of up to 4 (chunk_fast keeps a sub-group's accumulators in registers).
+// chunk_fast for a sub-group of ng <= NG heads.
+template <int NG, typename T>
+void chunk_sub(int64_t ng, const float* qf, int64_t Dh, const T* const* kp, const T* const* vp, int64_t n, float* m,
+               float* l, float* acc, float* scores) {
+  if (ng == NG) chunk_fast<NG>(qf, Dh, kp, vp, n, m, l, acc, scores);
+  else if constexpr (NG > 1) chunk_sub<NG - 1>(ng, qf, Dh, kp, vp, n, m, l, acc, scores);
+}
+
+// The G query heads of one kv head (qf [G, Dh], m, l [G], acc [G, Dh], in pair order) over one
+// chunk, in sub-groups of up to SUB (chunk_fast keeps a sub-group's accumulators in registers).
+// scores: scratch of SUB CHUNK floats.
 template <typename T>
 void chunk_heads(const float* qf, int64_t G, int64_t Dh, const T* const* kp, const T* const* vp, int64_t n, float* m,
                  float* l, float* acc, float* scores) {
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const int64_t ng = std::min<int64_t>(4, G - g0);
-    const float* q = qf + g0 * Dh;
-    float* a = acc + g0 * Dh;
-    if (ng == 4) chunk_fast<4>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
-    else if (ng == 3) chunk_fast<3>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
-    else if (ng == 2) chunk_fast<2>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
-    else chunk_fast<1>(q, Dh, kp, vp, n, m + g0, l + g0, a, scores);
-  }
+  for (int64_t g0 = 0; g0 < G; g0 += SUB)
+    chunk_sub<SUB>(std::min<int64_t>(SUB, G - g0), qf + g0 * Dh, Dh, kp, vp, n, m + g0, l + g0, acc + g0 * Dh, scores);
 }
 
+// The by-(sequence, kv head) item: qf [G, Dh] (scaled; put in pair order here) over positions
+// lo..hi-1; acc [G, Dh] receives the normalised output in memory order.
 template <typename T>
-void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, const T* values, const int32_t* table,
+void attend_item_fast(float* qf, int64_t G, int64_t Dh, const T* keys, const T* values, const int32_t* table,
                       int64_t BS, int64_t Hkv, int64_t kvh, int64_t lo, int64_t hi, float* acc, float* scores,
                       const float* sink) {
   float m[MAX_GROUP], l[MAX_GROUP];
   const T* kp[CHUNK];
   const T* vp[CHUNK];
   for (int64_t g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; }
+  for (int64_t g = 0; g < G; ++g) pair_order<T>(qf + g * Dh, Dh, true);
   std::fill(acc, acc + G * Dh, 0.f);
   const int64_t block_stride = BS * Hkv * Dh, pos_stride = Hkv * Dh;
   for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
@@ -303,17 +429,18 @@ void attend_item_fast(const float* qf, int64_t G, int64_t Dh, const T* keys, con
   for (int64_t g = 0; g < G; ++g) {
     const float inv = inverse_denominator(l[g], m[g], sink, g);
     for (int64_t i = 0; i < Dh; ++i) acc[g * Dh + i] *= inv;
+    pair_order<T>(acc + g * Dh, Dh, false);
   }
 }
 
-// One sequence, every kv head (the by-sequence work item): qf [H, Dh] (scaled) over positions
-// lo..hi-1; acc [H, Dh] receives the normalised output, m and l [H] are scratch. A chunk's
-// positions are read as whole rows (all kv heads, Hkv Dh elements, contiguous in the pool), so a
+// One sequence, every kv head (the by-sequence work item): qf [H, Dh] (scaled; put in pair order
+// here) over positions lo..hi-1; acc [H, Dh] receives the normalised output in memory order, m
+// and l [H] are scratch. A chunk's positions are read as whole rows (all kv heads, Hkv Dh elements, contiguous in the pool), so a
 // block's 16 positions are one contiguous stretch of memory for the hardware prefetchers and the
 // DRAM pages, where the by-head item reads Dh of every Hkv Dh. Each head goes through the same
 // chunk_fast calls in the same order as attend_item_fast's: the results are bit-identical.
 template <typename T>
-void attend_sequence_fast(const float* qf, int64_t H, int64_t Hkv, int64_t Dh, const T* keys, const T* values,
+void attend_sequence_fast(float* qf, int64_t H, int64_t Hkv, int64_t Dh, const T* keys, const T* values,
                           const int32_t* table, int64_t BS, int64_t lo, int64_t hi, float* acc, float* scores,
                           float* m, float* l, const float* sinks) {
   const int64_t G = H / Hkv;
@@ -321,6 +448,7 @@ void attend_sequence_fast(const float* qf, int64_t H, int64_t Hkv, int64_t Dh, c
   const T* kp[CHUNK];
   const T* vp[CHUNK];
   for (int64_t h = 0; h < H; ++h) { m[h] = -INFINITY; l[h] = 0.f; }
+  for (int64_t h = 0; h < H; ++h) pair_order<T>(qf + h * Dh, Dh, true);
   std::fill(acc, acc + H * Dh, 0.f);
   const int64_t block_stride = BS * Hkv * Dh, pos_stride = Hkv * Dh, row_bytes = Hkv * Dh * static_cast<int64_t>(sizeof(T));
   for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
@@ -350,6 +478,7 @@ void attend_sequence_fast(const float* qf, int64_t H, int64_t Hkv, int64_t Dh, c
       const int64_t h = kvh * G + g;
       const float inv = inverse_denominator(l[h], m[h], sinks ? sinks + kvh * G : nullptr, g);
       for (int64_t i = 0; i < Dh; ++i) acc[h * Dh + i] *= inv;
+      pair_order<T>(acc + h * Dh, Dh, false);
     }
 }
 
@@ -369,7 +498,7 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
   if (by_sequence_of(B, Hkv, Dh, threads, items)) {
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<float> qf(H * Dh), acc(H * Dh), scores(4 * CHUNK), m(H), l(H);
+      std::vector<float> qf(H * Dh), acc(H * Dh), scores(SUB * CHUNK), m(H), l(H);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b) {
         const int64_t hi = ctx[b], lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
@@ -384,7 +513,7 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
   }
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qf(G * Dh), acc(G * Dh), scores(std::max<int64_t>(G, 4) * CHUNK), row(Dh);
+    std::vector<float> qf(G * Dh), acc(G * Dh), scores(std::max<int64_t>(G, SUB) * CHUNK), row(Dh);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < B * Hkv; ++item) {
       const int64_t b = item / Hkv, kvh = item % Hkv;
