@@ -164,6 +164,8 @@ PIPELINE_RERUN = "bench_pipeline_graphs_b928407.json"
 PIPELINE_PREFILL = "bench_pipeline_prefill_ef150b8.json"  # 2026-12-01: after the untouched host KV pool (355cb27)
 PIPELINE_32L = "bench_pipeline_32l_c8f8092.json"  # 2026-12-01: all 32 layers of the Mixtral shape
 PIPELINE_32L_FORMS = "bench_pipeline_32l_forms_13a0b14.json"  # 2026-12-04: the same, ternary and int4 experts
+PIPELINE_32L_FORMS_2M = "bench_pipeline_32l_forms_fdc2c8a.json"  # 2026-12-04 (session 25): ternary, 2 MB KV pages
+ATTENTION_FAMILIES = "probe_cpu_attention_families_fdc2c8a.json"  # the CPU attention kernel by family, pages, items
 BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
                  "bench_budget_rerun8.json",  # 2026-12-01: the command line's 8% row
                  "bench_budget_rerun_ternary.json",  # 2026-12-01 (703262a): the command line's ternary rows
@@ -645,6 +647,20 @@ def pipeline_forms(files: dict, name: str) -> str:
          "peak / budget", "status"], rows))
 
 
+def attention_families(files: dict, name: str) -> str:
+    """probes/cpu_attention_families.py: the CPU attention kernel's KV read rate for each family's
+    shape, by page size and work item, against the host read rate measured in the same run."""
+    res = files[name]
+    rows = [[r["shape"], r["pages"], r["items"], f"{r['heads']}/{r['kv_heads']} x {r['width']}",
+             str(r["window"] or "-"), "yes" if r["sinks"] else "no", f"{r['kv_bytes'] / 2**20:,.0f}",
+             f"{r['ms']:.2f}", f"{r['kv_gb_s']:.1f}", f"{r['share_of_ceiling']:.0%}",
+             "yes" if r["same_bits"] else "NO"] for r in res["rows"]]
+    return (f"{res['seqs']} sequences x {res['context']} positions, {res['threads']} threads; host read "
+            f"{res['host_read_gb_s']:.1f} GB/s (the ceiling)\n\n" + table(
+                ["shape", "pages", "items", "heads / kv heads x width", "window", "sinks", "KV MiB", "ms",
+                 "GB/s", "of host read", "same bits as by head"], rows))
+
+
 # ---- the registry ---------------------------------------------------------------------------------------
 
 LLAMA_MIXTRAL = "bench_llamacpp_mixtral_26a3a85.json"  # 2026-12-01 (session 14): both engines, one run
@@ -789,6 +805,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "pipeline_prefill": ((PIPELINE_PREFILL,), partial(pipeline, name=PIPELINE_PREFILL)),
     "pipeline_32l": ((PIPELINE_32L,), partial(pipeline, name=PIPELINE_32L)),
     "pipeline_32l_forms": ((PIPELINE_32L_FORMS,), partial(pipeline_forms, name=PIPELINE_32L_FORMS)),
+    "pipeline_32l_forms_2m": ((PIPELINE_32L_FORMS_2M,), partial(pipeline_forms, name=PIPELINE_32L_FORMS_2M)),
+    "attention_families": ((ATTENTION_FAMILIES,), partial(attention_families, name=ATTENTION_FAMILIES)),
     "pipeline": (("bench_pipeline.json",), pipeline),
     "offload_latest": (("bench_offload_budget_mixtral.json", "bench_offload_budget_qwen3.json"), offload_latest),
 }
