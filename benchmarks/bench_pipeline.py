@@ -568,14 +568,15 @@ def breakdown_table(results: dict) -> str:
                      fmt(b.get("hrm_step_ms")), fmt(b.get("pcie_step_ms")),
                      fmt(b.get("gpu_step_ms")), fmt(b.get("launch_blocked_ms")), fmt(b.get("launch_issuing_ms")), issue,
                      fmt(b.get("experts_gpu_ms")), fmt(b.get("hrm_gpu_step_ms")),
-                     fmt(b.get("worker_attention_ms")), fmt(b.get("worker_wait_ms")), fmt(b.get("layer_ms_mean")),
+                     fmt(b.get("worker_attention_ms")), fmt(b.get("worker_kernel_ms")), fmt(b.get("worker_wait_ms")),
+                     fmt(b.get("layer_ms_mean")),
                      fmt(b.get("copy_span_ms_mean")), fmt(b.get("copy_gb_s_mean")), fmt(b.get("loadh_ms_mean"), 3)])
     if not rows:
         return ""
     return "\n\ndecode step breakdown (ms per step unless noted; the first step left out)\n" + common.markdown_table(
         ["row", "gen", "step", "HRM step", "PCIe step", "GPU stream", "launch blocked", "launch issuing",
          "issuing: pre / loadh / pages / post", "experts on GPU", "HRM GPU", "worker attention",
-         "worker waiting", "layer (GPU)", "page span / layer", "page GB/s", "LoadH ms"], rows)
+         "of which in the kernel call", "worker waiting", "layer (GPU)", "page span / layer", "page GB/s", "LoadH ms"], rows)
 
 
 def main() -> int:
@@ -814,7 +815,8 @@ def main() -> int:
                         f"issuing {fmt(b.get('launch_issuing_ms'))} (pre/loadh/pages/post "
                         + "/".join(fmt(b.get(f"issue_{part}_ms")) for part in ("pre", "loadh", "pages", "post"))
                         + f"), experts on the GPU {fmt(b.get('experts_gpu_ms'))} (HRM {fmt(b.get('hrm_gpu_step_ms'))}), "
-                        f"worker attention {fmt(b.get('worker_attention_ms'))}, GPU stream {fmt(b.get('gpu_step_ms'))}, "
+                        f"worker attention {fmt(b.get('worker_attention_ms'))} (in the kernel call "
+                        f"{fmt(b.get('worker_kernel_ms'))}), GPU stream {fmt(b.get('gpu_step_ms'))}, "
                         f"page span {fmt(b.get('copy_span_ms_mean'))} ms/layer at {fmt(b.get('copy_gb_s_mean'))} GB/s, "
                         f"LoadH {fmt(b.get('loadh_ms_mean'), 3)} ms; CUDA graphs {b.get('graphs')}")
             except OutOfTime as e:

@@ -39,6 +39,7 @@ from moekit import native  # noqa: E402
 from moekit.native import attention as na  # noqa: E402
 from moekit.native.experts import stream_read_bytes_per_s  # noqa: E402
 from moekit.native.hugepages import advise_huge_pages  # noqa: E402
+from moekit.pipeline.host_attention import NativeAttention  # noqa: E402
 
 HEADS, KV_HEADS, DH, BLOCK = 32, 8, 128, 16
 
@@ -85,6 +86,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: usable cores but two)")
     p.add_argument("--switch-interval-us", type=float, default=200.0,
                    help="the GIL switch interval of the 'busy si' rows (default 200)")
+    p.add_argument("--no-busy", dest="busy", action="store_false", help="leave out the rows with a GIL-holding thread")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if native.library() is None:
@@ -149,12 +151,20 @@ def main() -> int:
         return fn
 
     def micro(mu: int):
-        parts = [(q[a:a + mu], out[a:a + mu], table[a:a + mu], lens[a:a + mu]) for a in range(0, seqs, mu)]
+        # the pipeline's call: NativeAttention, its tables and lengths prepared once a step (one
+        # foreign call a task, where decode_attention makes a dozen small tensor ops around it)
+        codes = (na.DTYPE_CODES[q.dtype], na.DTYPE_CODES[torch.bfloat16])
+        parts = []
+        for a in range(0, seqs, mu):
+            tt, ll = table[a:a + mu].contiguous(), lens[a:a + mu].contiguous()
+            call = NativeAttention(native.library(), tt, ll, (ll.shape[0], HEADS, KV_HEADS, DH, BLOCK, tt.shape[1]),
+                                   codes, na.items_code(args.items))
+            parts.append((call, q[a:a + mu], out[a:a + mu]))
 
         def fn():
             for keys, values in kv:
-                for qq, oo, tt, ll in parts:
-                    na.decode_attention(qq, keys, values, tt, ll, out=oo, threads=threads, items=args.items)
+                for call, qq, oo in parts:
+                    call(keys, values, qq, oo, None, threads)
         return fn, len(parts)
 
     total = per_layer * layers
@@ -164,9 +174,10 @@ def main() -> int:
     for mu in mus:
         fn, n = micro(mu)
         rows.append(timed(f"mu={mu}", fn, total, n * layers))
-        rows.append(timed(f"mu={mu} busy", fn, total, n * layers, busy=True))
-        rows.append(timed(f"mu={mu} busy si", fn, total, n * layers, busy=True,
-                          switch_s=args.switch_interval_us / 1e6))
+        if args.busy:
+            rows.append(timed(f"mu={mu} busy", fn, total, n * layers, busy=True))
+            rows.append(timed(f"mu={mu} busy si", fn, total, n * layers, busy=True,
+                              switch_s=args.switch_interval_us / 1e6))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = dict(seqs=seqs, layers=layers, gen=args.gen, mean_len=mean, max_len=lengths[0], threads=threads,

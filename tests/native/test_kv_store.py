@@ -58,3 +58,33 @@ def test_native_attention_store_writes_what_cache_write_does():
     assert torch.equal(a.keys[1], b.keys[1]) and torch.equal(a.values[1], b.values[1])
     assert a.keys[1].any()
     assert not call.store(a.keys[1], a.values[1], k.to(torch.bfloat16), v.to(torch.bfloat16))  # not the pool's dtype
+
+
+def test_store_and_attend_is_store_then_the_kernel():
+    """The pipeline worker's one call: the same pools and the same output bits as store() followed
+    by the kernel's call, and a positive time spent inside."""
+    cfg = CFG
+    a = PagedKVCache.for_tokens(cfg, 64, 16, "cpu", torch.float32)
+    b = PagedKVCache.for_tokens(cfg, 64, 16, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(1)
+    for cache in (a, b):
+        cache.prepare([("x", 0, 20), ("y", 0, 3)])
+        for layer in range(cfg.num_layers):  # the same earlier positions in both
+            cache.keys[layer].copy_(torch.randn(cache.keys[layer].shape, generator=torch.Generator().manual_seed(layer)))
+            cache.values[layer].copy_(cache.keys[layer].flip(0))
+    batch = a.prepare([("x", 20, 1), ("y", 3, 1)])
+    b.prepare([("x", 20, 1), ("y", 3, 1)])
+    call = NativeAttention.of(a, batch, cfg.num_heads, torch.float32)
+    q = torch.randn(2, cfg.num_heads, cfg.head_dim, generator=g)
+    k = torch.randn(2, cfg.num_kv_heads, cfg.head_dim, generator=g)
+    v = torch.randn(k.shape, generator=g)
+    assert call.can_store(a.keys[1], k, v)
+    out_a, seconds = call.store_and_attend(a.keys[1], a.values[1], q, k, v, torch.empty_like(q), None, 2)
+    assert call.store(b.keys[1], b.values[1], k, v)
+    out_b = call(b.keys[1], b.values[1], q, torch.empty_like(q), None, 2)
+    assert torch.equal(a.keys[1], b.keys[1]) and torch.equal(a.values[1], b.values[1])
+    assert torch.equal(out_a, out_b) and seconds > 0
+    # the new rows took part: the output differs from attention over the pools without them
+    stale = call(a.keys[0], a.values[0], q, torch.empty_like(q), None, 2)
+    assert not torch.equal(out_a, stale)
+    assert not call.can_store(a.keys[1], k.to(torch.bfloat16), v.to(torch.bfloat16))

@@ -84,9 +84,10 @@ def test_schedule_runs_cpu_attention_ahead(tiny, monkeypatch, lookahead):
     kernel = native_attention.decode_attention
     monkeypatch.setattr(native_attention, "decode_attention",
                         lambda *a, **k: (threads.add(threading.current_thread().name), kernel(*a, **k))[1])
-    prepared = NativeAttention.__call__  # the kernel's call with the step's checked tables
-    monkeypatch.setattr(NativeAttention, "__call__",
-                        lambda self, *a: (threads.add(threading.current_thread().name), prepared(self, *a))[1])
+    for name in ("__call__", "store_and_attend"):  # the kernel's calls with the step's checked tables
+        prepared = getattr(NativeAttention, name)
+        monkeypatch.setattr(NativeAttention, name, lambda self, *a, _p=prepared: (
+            threads.add(threading.current_thread().name), _p(self, *a))[1])
     decoder.cache.prepare([(s, 0, 3) for s in range(5)])  # three cached positions each
     logits = decoder.step([(s, 3, 10 + s) for s in range(5)])  # 3 micro-batches: 2 + 2 + 1
     decoder.close()

@@ -84,8 +84,9 @@ def run_case(checkpoint, variant: str, form: str, micro_batch: int, monkeypatch)
     paged = form != "float32" and variant not in UNPAGEABLE
     model = pipeline_model(path, variant, form, "cpu")
     calls = []
-    kernel = NativeAttention.__call__
-    monkeypatch.setattr(NativeAttention, "__call__", lambda self, *a: (calls.append(1), kernel(self, *a))[1])
+    for name in ("__call__", "store_and_attend"):  # the worker's call without and with the KV store in it
+        kernel = getattr(NativeAttention, name)
+        monkeypatch.setattr(NativeAttention, name, lambda self, *a, _k=kernel: (calls.append(1), _k(self, *a))[1])
     got = [t.tolist() for t in generate_pipelined(model, PROMPTS, max_new_tokens=NEW_TOKENS, micro_batch=micro_batch)]
     assert got == expected
     if native.library() is not None:  # every task's attention in the kernel: sinks and MLA included

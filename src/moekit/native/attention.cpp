@@ -23,6 +23,7 @@
 //   block_tables [B, MB] int32, context_lens [B] int32, sinks [H] float32 or null (none).
 // dtypes: 0 = bfloat16, 1 = float16, 2 = float32. Accumulation is float32.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -570,6 +571,29 @@ int moekit_decode_attention(int qdtype, int kvdtype, const void* q, void* out, c
     run(qdtype, q, out, static_cast<const float*>(keys), static_cast<const float*>(values), block_tables,
         context_lens, B, H, Hkv, Dh, BS, MB, window, scale, sinks, threads, items, F32());
   return 0;
+}
+
+void moekit_store_rows(void* dst, const void* src, const int64_t* slots, int64_t n, int64_t row_bytes);  // kv_store.cpp
+
+// The pipeline worker's call (moekit.pipeline.host_attention.NativeAttention): stores the B new key
+// and value rows (k_new, v_new: B rows of row_bytes, contiguous) at `slots` of the pools (none when
+// slots is null), then attends as moekit_decode_attention does. One call where there were three:
+// each foreign call hands the GIL over and back, and the worker, back from one, waits for the
+// launch thread to let go of it. `seconds` (null: not wanted) receives the time spent inside.
+int moekit_store_and_attend(int qdtype, int kvdtype, const void* q, void* out, void* keys, void* values,
+                            const int32_t* block_tables, const int32_t* context_lens, int64_t B, int64_t H,
+                            int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window, float scale,
+                            const float* sinks, int threads, int items, const void* k_new, const void* v_new,
+                            const int64_t* slots, int64_t row_bytes, double* seconds) {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (slots != nullptr) {
+    moekit_store_rows(keys, k_new, slots, B, row_bytes);
+    moekit_store_rows(values, v_new, slots, B, row_bytes);
+  }
+  const int code = moekit_decode_attention(qdtype, kvdtype, q, out, keys, values, block_tables, context_lens, B, H,
+                                           Hkv, Dh, BS, MB, window, scale, sinks, threads, items);
+  if (seconds != nullptr) *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return code;
 }
 
 }  // extern "C"

@@ -40,6 +40,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moekit_decode_attention_items.restype = ctypes.c_int
     lib.moekit_store_rows.argtypes = [vp, vp, ctypes.POINTER(ctypes.c_int64), i64, i64]  # kv_store.cpp
     lib.moekit_store_rows.restype = None
+    lib.moekit_store_and_attend.argtypes = [*lib.moekit_decode_attention.argtypes, vp, vp,
+                                            ctypes.POINTER(ctypes.c_int64), i64, ctypes.POINTER(ctypes.c_double)]
+    lib.moekit_store_and_attend.restype = ctypes.c_int
 
 
 register_declarations(_declare)

@@ -265,18 +265,25 @@ class PipelinedDecoder:
                 q, k, v = (part.view(mu, h, d) for part, (h, d) in zip(parts, dims))  # each contiguous
             window, sinks = self._windows[layer], self._sinks[layer]
             keys, values = self._pools[0][layer], self._pools[1][layer]
-            if mb.native is None or not mb.native.store(keys, values, k, v):
-                self.cache.write(layer, k, v, mb.batch.slots)
-            # the native call goes through ctypes.CDLL, which drops the GIL for its duration: the
-            # launch thread keeps issuing while the kernel runs. The output is pinned on a GPU run,
-            # so that LoadH's copy is asynchronous
-            if mb.native is not None:
-                out = mb.native(keys, values, q, mb.out, window, self.attention_threads, sinks)
+            # the native calls go through ctypes.CDLL, which drops the GIL for their duration: the
+            # launch thread keeps issuing while the kernel runs. Back from each, the worker waits
+            # for the launch thread to let go of the GIL: the store and the kernel are one call.
+            # The output is pinned on a GPU run, so that LoadH's copy is asynchronous
+            kernel_s = None
+            if mb.native is not None and mb.native.can_store(keys, k, v):
+                out, kernel_s = mb.native.store_and_attend(keys, values, q, k, v, mb.out, window,
+                                                           self.attention_threads, sinks)
             else:
-                out = cpu_attention(q, keys, values, mb.batch, window, mb.out, self.attention_threads, sinks)
+                self.cache.write(layer, k, v, mb.batch.slots)
+                if mb.native is not None:
+                    out = mb.native(keys, values, q, mb.out, window, self.attention_threads, sinks)
+                else:
+                    out = cpu_attention(q, keys, values, mb.batch, window, mb.out, self.attention_threads, sinks)
             if self.profile is not None:
+                t2 = time.perf_counter()
                 self.profile.add("worker_wait_s", t1 - t0)
-                self.profile.add("attention_s", time.perf_counter() - t1)
+                self.profile.add("attention_s", t2 - t1)
+                self.profile.add("kernel_s", t2 - t1 if kernel_s is None else kernel_s)
             return out.reshape(out.shape[0], -1)
 
     def _launch(self, layer: int, j: int, mb: MicroBatch) -> Future:

@@ -112,14 +112,19 @@ class NativeAttention:
         return NativeAttention(library(), tables, lens, (lens.shape[0], heads, hkv, dh, bs, width), codes, items,
                                slots)
 
+    def can_store(self, keys: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether store and store_and_attend take these new rows k, v for these pools."""
+        b, _, hkv, dh, _, _ = self.dims
+        return not (self.slots is None or k.shape != (b, hkv, dh) or v.shape != k.shape or k.dtype != keys.dtype
+                    or v.dtype != keys.dtype or not (k.is_contiguous() and v.is_contiguous()))
+
     def store(self, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Writes the micro-batch's new k, v [mu, Hkv, Dh] (contiguous, the pools' dtype) at its
         slots of one layer's pools on this thread, as PagedKVCache.write does, without waking
         torch's thread team (native/kv_store.cpp says why); False (nothing written) where it cannot."""
-        b, _, hkv, dh, _, _ = self.dims
-        if self.slots is None or k.shape != (b, hkv, dh) or v.shape != k.shape or k.dtype != keys.dtype \
-                or v.dtype != keys.dtype or not (k.is_contiguous() and v.is_contiguous()):
+        if not self.can_store(keys, k, v):
             return False
+        b, _, hkv, dh, _, _ = self.dims
         row = hkv * dh * k.element_size()
         self.lib.moekit_store_rows(keys.data_ptr(), k.data_ptr(), self.slots_ptr, b, row)
         self.lib.moekit_store_rows(values.data_ptr(), v.data_ptr(), self.slots_ptr, b, row)
@@ -138,3 +143,22 @@ class NativeAttention:
         if code != 0:
             raise MoekitError(f"the CPU attention kernel refused its arguments (code {code}: see native/attention.cpp)")
         return out
+
+    def store_and_attend(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, out: torch.Tensor, window: int | None, threads: int | None,
+                         sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """store() then __call__() in one foreign call (each call hands the GIL to the launch thread
+        and waits to get it back); returns (out, the seconds spent inside the call). The caller
+        checks can_store first."""
+        import ctypes
+
+        b, h, hkv, dh, bs, width = self.dims
+        seconds = ctypes.c_double()
+        code = self.lib.moekit_store_and_attend(
+            self.codes[0], self.codes[1], q.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            self.tables_ptr, self.lens_ptr, b, h, hkv, dh, bs, width, window or 0, dh ** -0.5,
+            None if sinks is None else sinks.data_ptr(), threads or torch.get_num_threads(), self.items,
+            k.data_ptr(), v.data_ptr(), self.slots_ptr, hkv * dh * k.element_size(), ctypes.byref(seconds))
+        if code != 0:
+            raise MoekitError(f"the CPU attention kernel refused its arguments (code {code}: see native/attention.cpp)")
+        return out, seconds.value

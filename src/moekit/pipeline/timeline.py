@@ -100,7 +100,8 @@ class StepProfile:
 
     # ---- the engine's side ----------------------------------------------------------------------
     def begin(self) -> None:
-        self._step = {"step_s": time.perf_counter(), "blocked_s": 0.0, "attention_s": 0.0, "worker_wait_s": 0.0}
+        self._step = {"step_s": time.perf_counter(), "blocked_s": 0.0, "attention_s": 0.0, "worker_wait_s": 0.0,
+                      "kernel_s": 0.0}
         self._events = {"start": self._event(), "layers": [], "loadh": []}
 
     def _event(self):
@@ -187,6 +188,9 @@ class StepProfile:
                "launch_blocked_ms": mean("blocked_s"),  # the launch thread waiting for CPU attention results
                "launch_issuing_ms": mean("step_s") - mean("blocked_s"),
                "worker_attention_ms": mean("attention_s"),  # KV write + the attention kernel, worker thread
+               # of which inside the native store + kernel call (the rest: Python, and the GIL's wait
+               # for the launch thread after the call)
+               "worker_kernel_ms": mean("kernel_s"),
                "worker_wait_ms": mean("worker_wait_s")}  # the worker waiting for q, k, v (the D2H event)
         # the launch thread's issuing by part (host ms per step): PreAttn + D2H + the worker's task,
         # LoadH, weight pages, PostAttn (+ the head); what is left of issuing is the loop itself
