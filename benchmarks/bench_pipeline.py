@@ -215,6 +215,7 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]
 
 # ---- the machine and the HRM ----------------------------------------------------------------------
 
+CALIBRATION_TOKENS = 5  # the attention calibration run's tokens: 4 decode steps, the first left out of the profile
 EXPERT_PROBE_TOKENS = (16, 32, 64, 128, 256)  # micro-batch sizes the grouped expert kernels are timed at
 # prefill micro-batches' packed tokens the grouped kernels' FLOP/s is timed at; the HRM takes 2560:
 # 32 prompts of ~80 tokens, the prefill micro-batch of its bf16 plans on the H200 (N=512, mu=32)
@@ -617,6 +618,9 @@ def main() -> int:
                    help="Python's GIL switch interval for the whole run (default: Python's, 5000): the attention "
                         "worker, back from each kernel call, waits for the GIL the launch thread holds while it "
                         "issues (probes/cpu_attention_calls.py times that)")
+    p.add_argument("--calibrate-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="after each warm-up, a short run of the plan measures the CPU attention kernel's rate "
+                        "inside the pipeline, and the HRM plans the rows with it (default: on CUDA)")
     p.add_argument("--forms-only", action="store_true",
                    help="only the compressed rows: each layer's bf16 experts are drawn on the device and rounded, "
                         "never held in host memory (all 32 layers' forms fit where their 90 GB of bf16 would not "
@@ -633,6 +637,8 @@ def main() -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: run with --device cpu --small")
+    if args.calibrate_attention is None:
+        args.calibrate_attention = device.type == "cuda"
     shape = "small" if args.small else "mixtral-8x7b"
     layers = args.layers or (4 if args.small else 8)
     max_n = args.max_sequences or (8 if args.small else 512)
@@ -723,6 +729,8 @@ def main() -> int:
     models = None if args.forms_only else PagedModels(folder, host, device, dtype)
     launch_of: dict[str, float] = {}  # pipeline label -> host seconds per task (measured after its warm-up, CUDA)
     results["launch_task_s"] = launch_of
+    attention_of: dict[str, float] = {}  # pipeline label -> the worker's kernel GB/s in its calibration run
+    results["attention_calibration"] = {}
     steps: list[tuple[int, float, float]] = []  # (N, mean context, decode step s) of the rows run
 
     def predict_s(n: int, context: float, gen_len: int) -> float | None:
@@ -739,6 +747,37 @@ def main() -> int:
             k, c, t = steps[-1]
             step = t * (n * context) / (k * c)
         return (gen_len - 1) * step + results.get("last_prefill_s", 0.0)
+
+    def calibrate_attention(label: str, row_costs, row_models, row_machine, gen_len: int, form: dict | None) -> None:
+        """Runs the plan for gen_len (with the launch thread's measured cost) for CALIBRATION_TOKENS
+        tokens and keeps the rate the worker's kernel calls read the host KV pool at, for the plans of
+        this label's rows: the isolated probe (Machine.cpu_attention_bandwidth) reads faster than the
+        worker does beside the running pipeline (061be12, 32 layers: 67.7 GB/s against 40)."""
+        from dataclasses import replace
+
+        plan = plan_for(row_costs, replace(row_machine, launch_task_s=launch_of.get(label)), gen_len,
+                        plan_prompt_len, plan_budget, form["max_n"] if form else max_n)
+        n = plan.policy.batch
+        lengths = (lengths_forms if form else lengths_all)[:n]
+        entry = {"probe_gb_s": (machine.cpu_attention_bandwidth or 0) / 1e9, "plan": plan.to_dict(),
+                 "tokens": CALIBRATION_TOKENS}
+        try:
+            r = pipeline_row(row_models, plan, prompts_of(lengths, cfg.vocab_size), CALIBRATION_TOKENS, h2d, budget,
+                             device, deadline, args.attention_threads)
+            b = r.get("step_breakdown") or {}
+            entry.update(seconds=r["seconds"], worker_kernel_gb_s=b.get("worker_kernel_gb_s"),
+                         worker_attention_ms=b.get("worker_attention_ms"), step_ms=b.get("step_ms"))
+            if b.get("worker_kernel_gb_s"):
+                attention_of[label] = b["worker_kernel_gb_s"] * 1e9
+        except OutOfTime as e:
+            entry.update(status="stopped", reason=str(e))
+        except Exception as e:  # noqa: BLE001 -- the plans then keep the probe's rate
+            entry.update(error=f"{type(e).__name__}: {e}")
+        results["attention_calibration"][label] = entry
+        log(f"{label}: CPU attention in the pipeline (N={n} mu={plan.policy.micro_batch}, {CALIBRATION_TOKENS} tokens): "
+            f"{fmt(entry.get('worker_kernel_gb_s'))} GB/s against the probe's {entry['probe_gb_s']:.1f}; the plans "
+            f"use {'it' if label in attention_of else 'the probe' + chr(39) + 's'}"
+            + (f" -- {entry.get('error') or entry.get('reason')}" if label not in attention_of else ""))
 
     def pipeline_rows(gen_lens: list, reserve_s: float, form: dict | None = None) -> None:
         """The pipeline rows (a "warm-up" entry builds the kernels): each skipped when predicted to
@@ -764,6 +803,9 @@ def main() -> int:
                 first = (form["gen"] if form else gens[0]) if warm else g
                 # the launch thread's cost per task, measured after this label's warm-up, joins the plan
                 row_machine = replace(machine, launch_task_s=launch_of[label]) if label in launch_of else machine
+                # and the CPU attention kernel's rate as the pipeline's worker read it (--calibrate-attention)
+                if label in attention_of:
+                    row_machine = replace(row_machine, cpu_attention_bandwidth=attention_of[label])
                 plan = plan_for(row_costs, row_machine, first, plan_prompt_len, plan_budget, row_max)
                 if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
                     mu = plan.policy.micro_batch
@@ -794,7 +836,10 @@ def main() -> int:
                         log(f"{label}: the launch thread issues a task (mu={mu}) in {1e3 * launch_of[label]:.2f} ms")
                     except Exception as e:  # noqa: BLE001 -- the plans then leave the launch thread out
                         row["launch_error"] = f"{type(e).__name__}: {e}"
+                if warm and args.calibrate_attention:
+                    calibrate_attention(label, row_costs, row_models, row_machine, first, form)
                 row["plan_machine"] = {"launch_task_s": row_machine.launch_task_s,
+                                       "cpu_attention_bandwidth": row_machine.cpu_attention_bandwidth,
                                        "expert_bandwidth": row_machine.expert_bandwidth,
                                        "prefill_expert_flops": row_machine.prefill_expert_flops,
                                        "host_shared_bandwidth": row_machine.host_shared_bandwidth}

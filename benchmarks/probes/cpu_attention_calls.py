@@ -18,6 +18,7 @@ over the pool. Rows:
                bytecodes as the launch thread does while it issues: each call's return waits for
                the GIL (Python hands it over every sys.getswitchinterval(), 5 ms by default)
   mu=M busy si the same at --switch-interval-us
+  mu=M gpu     the same with a thread driving the GPU as the launch thread does (--gpu)
 """
 
 from __future__ import annotations
@@ -75,6 +76,23 @@ def spinner(stop: threading.Event) -> None:
         pass
 
 
+def gpu_driver(stop: threading.Event) -> None:
+    """Drives the GPU as the pipeline's launch thread does, beside the kernel: GEMMs on the device,
+    a 4 MB D2H and a 3 MB H2D through pinned buffers, a wait on the stream, over and over."""
+    dev = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    down, up = torch.empty(2 << 20, dtype=torch.bfloat16, pin_memory=True), torch.empty(
+        3 << 19, dtype=torch.bfloat16, pin_memory=True)
+    d_down, d_up = torch.empty(down.shape, device=dev, dtype=down.dtype), torch.empty(up.shape, device=dev,
+                                                                                        dtype=up.dtype)
+    while not stop.is_set():
+        for _ in range(4):
+            a = (a @ a).clamp_(-1, 1)
+        down.copy_(d_down, non_blocking=True)
+        d_up.copy_(up, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/cpu_attention_calls"))
@@ -87,6 +105,8 @@ def main() -> int:
     p.add_argument("--switch-interval-us", type=float, default=200.0,
                    help="the GIL switch interval of the 'busy si' rows (default 200)")
     p.add_argument("--no-busy", dest="busy", action="store_false", help="leave out the rows with a GIL-holding thread")
+    p.add_argument("--gpu", action="store_true",
+                   help="rows with a thread driving the GPU beside the kernel (GEMMs, pinned copies both ways)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if native.library() is None:
@@ -118,9 +138,11 @@ def main() -> int:
           f"{per_layer / 1e6:.0f} MB of KV a layer, {threads} threads, items {args.items}; "
           f"host read ceiling {ceiling / 1e9:.1f} GB/s")
 
-    def timed(name: str, fn, nbytes: int, calls: int, busy: bool = False, switch_s: float | None = None) -> dict:
+    def timed(name: str, fn, nbytes: int, calls: int, busy: bool = False, switch_s: float | None = None,
+              gpu: bool = False) -> dict:
         stop = threading.Event()
-        spin = threading.Thread(target=spinner, args=(stop,), daemon=True) if busy else None
+        spin = threading.Thread(target=gpu_driver if gpu else spinner, args=(stop,), daemon=True) \
+            if busy or gpu else None
         default_switch = sys.getswitchinterval()
         if switch_s is not None:
             sys.setswitchinterval(switch_s)
@@ -174,6 +196,8 @@ def main() -> int:
     for mu in mus:
         fn, n = micro(mu)
         rows.append(timed(f"mu={mu}", fn, total, n * layers))
+        if args.gpu:
+            rows.append(timed(f"mu={mu} gpu", fn, total, n * layers, gpu=True))
         if args.busy:
             rows.append(timed(f"mu={mu} busy", fn, total, n * layers, busy=True))
             rows.append(timed(f"mu={mu} busy si", fn, total, n * layers, busy=True,

@@ -88,3 +88,15 @@ def test_store_and_attend_is_store_then_the_kernel():
     stale = call(a.keys[0], a.values[0], q, torch.empty_like(q), None, 2)
     assert not torch.equal(out_a, stale)
     assert not call.can_store(a.keys[1], k.to(torch.bfloat16), v.to(torch.bfloat16))
+
+
+def test_read_bytes_counts_each_sequence_within_its_window():
+    cfg = CFG
+    a = PagedKVCache.for_tokens(cfg, 64, 16, "cpu", torch.float32)
+    a.prepare([("x", 0, 20), ("y", 0, 3)])
+    batch = a.prepare([("x", 20, 1), ("y", 3, 1)])  # 21 and 4 positions
+    call = NativeAttention.of(a, batch, cfg.num_heads, torch.float32)
+    row = cfg.num_kv_heads * cfg.head_dim * 4
+    assert call.read_bytes(None, 4) == (21 + 4) * row * 2
+    assert call.read_bytes(8, 4) == (8 + 4) * row * 2
+    assert call.read_bytes(8, 4, joint=True) == (8 + 4) * row

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from moekit import native
+
 from moekit.errors import MoekitError
 from moekit.generate import generate_ragged
 from moekit.load import default_model_path, load_model, read_config
@@ -34,6 +36,10 @@ def test_run_plan_equals_generate_and_reports_the_prediction():
     steps = result.step_profile  # three decode steps, the first left out
     assert steps["steps"] == 2 and steps["step_ms"] > 0 and steps["worker_attention_ms"] > 0
     assert 0 <= steps["launch_blocked_ms"] <= steps["step_ms"]
+    # the worker's time inside the native call is part of its attention time, and its read rate shown
+    assert 0 < steps["worker_kernel_ms"] <= steps["worker_attention_ms"] * (1 + 1e-9)
+    if native.library() is not None:
+        assert steps["worker_kernel_gb_s"] > 0
     assert steps["launch_issuing_ms"] == pytest.approx(steps["step_ms"] - steps["launch_blocked_ms"])
     # the issuing by part: each measured, together at most the issuing (the rest: the prologue, the loop)
     parts = [steps[f"issue_{part}_ms"] for part in ("pre", "loadh", "pages", "post")]

@@ -284,6 +284,8 @@ class PipelinedDecoder:
                 self.profile.add("worker_wait_s", t1 - t0)
                 self.profile.add("attention_s", t2 - t1)
                 self.profile.add("kernel_s", t2 - t1 if kernel_s is None else kernel_s)
+                if mb.native is not None:  # the kernel's read rate: bytes over the call's seconds
+                    self.profile.add("kernel_bytes", mb.native.read_bytes(window, keys.element_size(), keys is values))
             return out.reshape(out.shape[0], -1)
 
     def _launch(self, layer: int, j: int, mb: MicroBatch) -> Future:

@@ -78,6 +78,16 @@ class NativeAttention:
         # the step's new tokens' flat slots (int64, checked against the pool), for store(); None: no store
         self.slots = slots
         self.slots_ptr = None if slots is None else ctypes.cast(slots.data_ptr(), ctypes.POINTER(ctypes.c_int64))
+        self._positions: dict[int | None, int] = {}  # window -> positions a call reads (read_bytes)
+
+    def read_bytes(self, window: int | None, element_size: int, joint: bool = False) -> int:
+        """Returns the KV bytes one call reads (each sequence's last `window` positions, None: all):
+        a key and a value row a position, or one joint row (MLA's latent pool, `joint`)."""
+        if window not in self._positions:
+            lens = self.lens.tolist()
+            self._positions[window] = sum(lens) if not window else sum(min(n, window) for n in lens)
+        _, _, hkv, dh, _, _ = self.dims
+        return self._positions[window] * hkv * dh * element_size * (1 if joint else 2)
 
     @staticmethod
     def of(cache: PagedKVCache, batch: RaggedBatch, heads: int, dtype: torch.dtype,

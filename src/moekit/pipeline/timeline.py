@@ -101,7 +101,7 @@ class StepProfile:
     # ---- the engine's side ----------------------------------------------------------------------
     def begin(self) -> None:
         self._step = {"step_s": time.perf_counter(), "blocked_s": 0.0, "attention_s": 0.0, "worker_wait_s": 0.0,
-                      "kernel_s": 0.0}
+                      "kernel_s": 0.0, "kernel_bytes": 0.0}
         self._events = {"start": self._event(), "layers": [], "loadh": []}
 
     def _event(self):
@@ -184,6 +184,7 @@ class StepProfile:
         def mean(key: str) -> float:
             return 1e3 * sum(s[key] for s in steps) / len(steps)
 
+        kernel_bytes, kernel_s = sum(s["kernel_bytes"] for s in steps), sum(s["kernel_s"] for s in steps)
         out = {"steps": len(steps), "step_ms": mean("step_s"),
                "launch_blocked_ms": mean("blocked_s"),  # the launch thread waiting for CPU attention results
                "launch_issuing_ms": mean("step_s") - mean("blocked_s"),
@@ -191,6 +192,8 @@ class StepProfile:
                # of which inside the native store + kernel call (the rest: Python, and the GIL's wait
                # for the launch thread after the call)
                "worker_kernel_ms": mean("kernel_s"),
+               # the KV bytes the native kernel read over its calls' seconds (None: no native calls)
+               "worker_kernel_gb_s": kernel_bytes / kernel_s / 1e9 if kernel_bytes and kernel_s else None,
                "worker_wait_ms": mean("worker_wait_s")}  # the worker waiting for q, k, v (the D2H event)
         # the launch thread's issuing by part (host ms per step): PreAttn + D2H + the worker's task,
         # LoadH, weight pages, PostAttn (+ the head); what is left of issuing is the loop itself
