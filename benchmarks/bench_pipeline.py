@@ -805,7 +805,7 @@ def main() -> int:
                 row_machine = replace(machine, launch_task_s=launch_of[label]) if label in launch_of else machine
                 # and the CPU attention kernel's rate as the pipeline's worker read it (--calibrate-attention)
                 if label in attention_of:
-                    row_machine = replace(row_machine, cpu_attention_bandwidth=attention_of[label])
+                    row_machine = replace(row_machine, pipeline_attention_bandwidth=attention_of[label])
                 plan = plan_for(row_costs, row_machine, first, plan_prompt_len, plan_budget, row_max)
                 if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
                     mu = plan.policy.micro_batch
@@ -839,7 +839,7 @@ def main() -> int:
                 if warm and args.calibrate_attention:
                     calibrate_attention(label, row_costs, row_models, row_machine, first, form)
                 row["plan_machine"] = {"launch_task_s": row_machine.launch_task_s,
-                                       "cpu_attention_bandwidth": row_machine.cpu_attention_bandwidth,
+                                       "pipeline_attention_bandwidth": row_machine.pipeline_attention_bandwidth,
                                        "expert_bandwidth": row_machine.expert_bandwidth,
                                        "prefill_expert_flops": row_machine.prefill_expert_flops,
                                        "host_shared_bandwidth": row_machine.host_shared_bandwidth}

@@ -193,3 +193,24 @@ def test_bad_input_one_line_output_untouched(tmp_path, capsys, case, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("moekit: error:") and message in err
     assert out.read_text(encoding="utf-8") == before
+
+
+def test_attention_rate_is_kept_after_a_gpu_run_planned_for_this_machine(monkeypatch, capsys):
+    """keep_attention_rate: after a GPU run with no --machine, the rate the pipeline's CPU attention
+    read at goes into this machine's profile and the run says so; a CPU run, a --machine plan or a
+    run with no kernel calls keep nothing."""
+    from argparse import Namespace
+
+    from moekit.pipeline import batch_cli
+    from moekit.pipeline import machine as mm
+
+    kept = []
+    monkeypatch.setattr(mm, "record_pipeline_attention", lambda rate: (kept.append(rate), "/tmp/m.json")[1])
+    measured = {"seconds": 2.0, "kv_bytes": 8e10}
+    batch_cli.keep_attention_rate(Namespace(machine=None), measured, "cpu")
+    batch_cli.keep_attention_rate(Namespace(machine="h200"), measured, "cuda")
+    batch_cli.keep_attention_rate(Namespace(machine=None), {"seconds": 0.0, "kv_bytes": 0}, "cuda")
+    assert kept == [] and capsys.readouterr().err == ""
+    batch_cli.keep_attention_rate(Namespace(machine=None), measured, "cuda")
+    assert kept == [4e10]
+    assert "40.0 GB/s inside the pipeline; kept in /tmp/m.json" in capsys.readouterr().err

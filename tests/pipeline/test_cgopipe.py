@@ -37,6 +37,16 @@ def test_tokens_equal_generate(tiny, micro_batch):
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
     assert stats.new_tokens == 8 and stats.prompt_tokens == sum(map(len, PROMPTS))
     assert stats.prefill_s > 0 and stats.decode_s > 0
+    from moekit import native
+
+    if native.library() is not None:  # the kernel's calls: every decode step's KV of every layer, read once
+        cfg = tiny.config
+        positions = sum(len(p) + s for p in PROMPTS for s in range(1, 8))  # step s attends prompt + s positions
+        window = cfg.sliding_window  # None for the bundled model
+        assert window is None
+        row = cfg.num_kv_heads * cfg.head_dim * 4
+        attention = stats.extra["cpu_attention"]
+        assert attention["kv_bytes"] == positions * row * 2 * cfg.num_layers and attention["seconds"] > 0
 
 
 def test_cpu_streams_are_the_current_thread():

@@ -61,6 +61,15 @@ def test_decode_layer_terms_by_hand():
     assert t.bound == "PCIe host-to-device"
 
 
+def test_the_rate_measured_inside_the_pipeline_is_preferred():
+    """Machine.pipeline_attention_bandwidth (a batch run's) over the probe's cpu_attention_bandwidth."""
+    m = toy()
+    p = Policy(batch=4, micro_batch=2, resident_share=0.25, attention="cpu")
+    inside = dataclasses.replace(TOY_MACHINE, pipeline_attention_bandwidth=2.5e3)
+    assert inside.attention_rate == 2.5e3 and TOY_MACHINE.attention_rate == 5e3
+    assert decode_layer_time(m, inside, p, context=10).cpu_attention_kernel == pytest.approx(4 * 10 * 10 / 2.5e3)
+
+
 def test_gpu_attention_terms_and_memory_by_hand():
     m = toy()
     p = Policy(batch=4, micro_batch=4, resident_share=1.0, attention="gpu")

@@ -3,6 +3,7 @@ and the profile cached once per machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -147,3 +148,23 @@ def test_merged_rate_takes_its_probe_bytes():
     here = Machine(host_flops=1.0, cpu_attention_bandwidth=3.3e10, cpu_attention_kv_bytes=1 << 30)
     assert here.merged(Machine(cpu_attention_bandwidth=7.8e10)).cpu_attention_kv_bytes is None
     assert here.merged(Machine(host_flops=2.0)).cpu_attention_kv_bytes == 1 << 30
+
+
+def test_pipeline_attention_rate_is_kept_in_the_cached_profile(tmp_path):
+    """record_pipeline_attention writes the rate into the cached profile whole (the other fields as
+    they were); with no readable profile it writes nothing; a profile from before the field loads."""
+    path = tmp_path / "machine.json"
+    assert mm.record_pipeline_attention(4e10, path) is None and not path.exists()
+    old = PRESETS["h200"].to_dict()
+    del old["pipeline_attention_bandwidth"]  # written before the field existed
+    path.write_text(json.dumps(old))
+    assert Machine.from_dict(json.loads(path.read_text())).pipeline_attention_bandwidth is None
+    assert mm.record_pipeline_attention(4e10, path) == path
+    kept = Machine.from_dict(json.loads(path.read_text()))
+    assert kept.pipeline_attention_bandwidth == 4e10 and kept.attention_rate == 4e10
+    assert kept == dataclasses.replace(PRESETS["h200"], pipeline_attention_bandwidth=4e10)
+    assert not list(tmp_path.glob("*.tmp"))
+    path.write_text("{damaged")
+    assert mm.record_pipeline_attention(5e10, path) is None and path.read_text() == "{damaged"
+    with pytest.raises(MoekitError, match="pipeline_attention_bandwidth must be > 0"):
+        Machine(pipeline_attention_bandwidth=0)

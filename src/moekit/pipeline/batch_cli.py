@@ -315,11 +315,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
     sampler = Sampler(temperature, top_k, top_p, args.seed)
     writer = ResultWriter(out, cut_to)
     start = time.perf_counter()
+    attention = {"seconds": 0.0, "kv_bytes": 0}
     try:
-        tokens_total = run_chunks(model, tokenizer, pending, ids, policy, args.max_new_tokens, writer, sampler)
+        tokens_total = run_chunks(model, tokenizer, pending, ids, policy, args.max_new_tokens, writer, sampler,
+                                  attention)
     finally:
         writer.close()
     seconds = time.perf_counter() - start
+    keep_attention_rate(args, attention, device)
     predicted = f"{plan.tok_s:.1f} tok/s predicted by the HRM" if plan is not None else \
         "no HRM prediction (give --machine)"
     print(f"moekit: batch: {len(pending)} prompts ({len(requests) - len(pending)} done before), {tokens_total} tokens "
@@ -352,12 +355,29 @@ def resident_words(resident) -> str:
     return f"{sum(resident)} experts resident ({min(resident)}-{max(resident)} per MoE layer)"
 
 
+def keep_attention_rate(args: argparse.Namespace, attention: dict, device: str) -> None:
+    """After a GPU run planned for this machine (no --machine): keeps the rate the pipeline's CPU
+    attention read its KV at in this machine's cached profile, where the next plans take it
+    (Machine.pipeline_attention_bandwidth), and says so."""
+    from .machine import record_pipeline_attention
+
+    if args.machine is not None or device == "cpu" or not attention["kv_bytes"] or attention["seconds"] <= 0:
+        return
+    rate = attention["kv_bytes"] / attention["seconds"]
+    where = record_pipeline_attention(rate)
+    if where is not None:
+        print(f"moekit: batch: CPU attention read the KV cache at {rate / 1e9:.1f} GB/s inside the pipeline; "
+              f"kept in {where} for the next plans", file=sys.stderr)
+
+
 def run_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], policy, max_new_tokens: int,
-               writer: ResultWriter, sampler: Sampler) -> int:
+               writer: ResultWriter, sampler: Sampler, attention: dict | None = None) -> int:
     """Returns the tokens generated for `pending` (token ids `ids`), run in chunks of the policy's N
     through generate_pipelined (its micro-batch; `sampler` its sampling), each
     chunk's records written when it ends, each completion cut by `finish`; the progress counts
-    tokens decode step by decode step."""
+    tokens decode step by decode step. `attention` (seconds, kv_bytes) sums the CPU attention
+    kernel's calls."""
+    from ..generate import GenerationStats
     from ..progress import Progress
     from .cgopipe import generate_pipelined
 
@@ -376,9 +396,13 @@ def run_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], p
                 counted = now
 
             seed = None if sampler.seed is None else sampler.seed + at // policy.batch
+            stats = GenerationStats()
             outs = generate_pipelined(model, chunk_ids, max_new_tokens, min(policy.micro_batch, len(chunk)),
                                       on_step=on_step, temperature=sampler.temperature, top_k=sampler.top_k,
-                                      top_p=sampler.top_p, seed=seed)
+                                      top_p=sampler.top_p, seed=seed, stats=stats)
+            if attention is not None and "cpu_attention" in stats.extra:
+                attention["seconds"] += stats.extra["cpu_attention"]["seconds"]
+                attention["kv_bytes"] += stats.extra["cpu_attention"]["kv_bytes"]
             for r, prompt_ids, new in zip(chunk, chunk_ids, outs):
                 # the engine runs all max_new_tokens; the completion ends at eos, max_tokens or a stop string
                 kept, text, reason = finish(new.tolist(), r, eos, tokenizer)

@@ -172,6 +172,8 @@ class PipelinedDecoder:
         self.trace, self.profile = trace, profile
         self.streams = Streams(model.device)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-cpu-attention")
+        # the native kernel's calls so far (the worker thread's alone): seconds inside, KV bytes read
+        self.kernel_seconds, self.kernel_bytes = 0.0, 0
         self._buffers: dict[tuple[int, int], tuple] = {}  # (j, mu) -> MicroBatch's buffers
         self._windows = [layer.attn.cfg.sliding_window for layer in model.layers]
         # gpt-oss's sink logits [H] per layer, float32 on the host once (the worker reads them every task)
@@ -279,13 +281,17 @@ class PipelinedDecoder:
                     out = mb.native(keys, values, q, mb.out, window, self.attention_threads, sinks)
                 else:
                     out = cpu_attention(q, keys, values, mb.batch, window, mb.out, self.attention_threads, sinks)
+            t2 = time.perf_counter()
+            kernel_s = t2 - t1 if kernel_s is None else kernel_s
+            kv_bytes = mb.native.read_bytes(window, keys.element_size(), keys is values) if mb.native else 0
+            if kv_bytes:  # the kernel's read rate (bytes over the calls' seconds): the HRM's level
+                self.kernel_seconds += kernel_s
+                self.kernel_bytes += kv_bytes
             if self.profile is not None:
-                t2 = time.perf_counter()
                 self.profile.add("worker_wait_s", t1 - t0)
                 self.profile.add("attention_s", t2 - t1)
-                self.profile.add("kernel_s", t2 - t1 if kernel_s is None else kernel_s)
-                if mb.native is not None:  # the kernel's read rate: bytes over the call's seconds
-                    self.profile.add("kernel_bytes", mb.native.read_bytes(window, keys.element_size(), keys is values))
+                self.profile.add("kernel_s", kernel_s)
+                self.profile.add("kernel_bytes", kv_bytes)
             return out.reshape(out.shape[0], -1)
 
     def _launch(self, layer: int, j: int, mb: MicroBatch) -> Future:
@@ -477,6 +483,8 @@ def generate_pipelined(model, prompts: list, max_new_tokens: int, micro_batch: i
     if stats is not None:
         stats.prompt_tokens, stats.new_tokens = sum(lengths), max_new_tokens
         stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
+        if decoder.kernel_bytes:  # the CPU attention kernel inside the pipeline (Machine.pipeline_attention_bandwidth)
+            stats.extra["cpu_attention"] = {"seconds": decoder.kernel_seconds, "kv_bytes": decoder.kernel_bytes}
     if profile is not None:
         profile.resolve(model.device)
     return [torch.tensor(o, dtype=torch.long) for o in outs]

@@ -140,7 +140,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ("model", (f"{path} ({cfg.family}, {cfg.num_layers} layers, {costs.experts:g} experts of "
                   f"{fmt_bytes(expert_bytes)}: {form}, {costs.bits_per_weight:.2f} bits per weight)")),
         ("machine", (f"{machine.name}: GPU {machine.gpu_flops / 1e12:.0f} TFLOP/s, HBM {machine.gpu_bandwidth / 1e9:.0f} "
-                    f"GB/s, PCIe {machine.h2d_bandwidth / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s")),
+                    f"GB/s, PCIe {machine.h2d_bandwidth / 1e9:.1f} GB/s, host {machine.host_bandwidth / 1e9:.1f} GB/s"
+                    + attention_words(machine))),
         ("workload", f"{workload.prompt_len} prompt + {workload.gen_len} generated tokens per sequence"),
         ("policy", (f"N = {p.batch} sequences in {p.batch // p.micro_batch} micro-batches of {p.micro_batch}, "
                    f"attention on the {p.attention.upper()}, {describe_resident(costs, p)}")),
@@ -156,6 +157,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
            f"{describe_resident(costs, o.policy)}; bound by {o.bound})")) for o in others),
     ]))
     return 0
+
+
+def attention_words(machine) -> str:
+    """Returns ', CPU attention R GB/s (where measured)' for the plan's machine line, or ''."""
+    if machine.pipeline_attention_bandwidth:
+        return (f", CPU attention {machine.pipeline_attention_bandwidth / 1e9:.1f} GB/s (inside the pipeline, "
+                "a moekit batch run's)")
+    if machine.cpu_attention_bandwidth:
+        return f", CPU attention {machine.cpu_attention_bandwidth / 1e9:.1f} GB/s (the probe's, alone)"
+    return ""
 
 
 def write_plot(out: Path, machine, costs, plan, workload, title: str) -> None:

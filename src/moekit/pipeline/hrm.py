@@ -194,7 +194,7 @@ def decode_layer_time(m: ModelCosts, machine: Machine, policy: Policy, context: 
         h2d_bytes += n * m.out_values * m.act_bytes
         d2h_bytes += n * m.qkv_values * m.act_bytes
         host_c = attn_flops / machine.host_flops
-        kernel = kv_read / machine.cpu_attention_bandwidth if machine.cpu_attention_bandwidth else 0.0
+        kernel = kv_read / machine.attention_rate if machine.attention_rate else 0.0
         # the weight pages' DMA and the attention kernel read host memory at once: together no
         # faster than the machine's shared rate (measured with both running, where known)
         host_bw = (kv_read + streamed) / (machine.host_shared_bandwidth or machine.host_bandwidth)

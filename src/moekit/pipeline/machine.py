@@ -30,7 +30,8 @@ from ..errors import MoekitError
 VERSION = 1
 GPU_FIELDS = ("gpu_flops", "gpu_bandwidth", "gpu_memory", "h2d_bandwidth", "d2h_bandwidth")
 HOST_FIELDS = ("host_flops", "host_bandwidth", "host_memory", "cpu_attention_bandwidth")
-SHARED_FIELDS = ("host_shared_bandwidth", "expert_bandwidth", "prefill_expert_flops", "launch_task_s")  # optional, measured where both exist
+SHARED_FIELDS = ("host_shared_bandwidth", "expert_bandwidth", "prefill_expert_flops", "launch_task_s",
+                 "pipeline_attention_bandwidth")  # optional, measured where both exist
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class Machine:
     # host seconds CGOPipe's launch thread takes to issue one (layer, micro-batch) task of the model
     # planned for (timeline.launch_task_seconds; None: not counted)
     launch_task_s: float | None = None
+    # KV bytes/s the batch pipeline's CPU attention worker read in a run on this machine (moekit
+    # batch keeps its last run's; bench_pipeline a short run of its plan): the HRM takes it over
+    # cpu_attention_bandwidth, which the probe reads alone, faster (061be12, 32 layers of the
+    # Mixtral shape: 67.7 GB/s alone, 40 inside the pipeline)
+    pipeline_attention_bandwidth: float | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -89,6 +95,12 @@ class Machine:
         if other.cpu_attention_bandwidth is not None:  # a rate and the bytes it was read over go together
             known["cpu_attention_kv_bytes"] = other.cpu_attention_kv_bytes
         return dataclasses.replace(self, **known)
+
+    @property
+    def attention_rate(self) -> float | None:
+        """The CPU attention kernel's KV bytes/s the HRM plans with: inside the pipeline where a run
+        measured it, else the probe's."""
+        return self.pipeline_attention_bandwidth or self.cpu_attention_bandwidth
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -358,6 +370,22 @@ def cache_path() -> Path:
     from ..native import cache_dir
 
     return cache_dir().parent / "hrm" / f"machine-{os.uname().nodename}.json"
+
+
+def record_pipeline_attention(rate: float, path: Path | None = None) -> Path | None:
+    """Keeps `rate` (KV bytes/s the pipeline's attention worker read) in this machine's cached
+    profile for the next plans; returns the file, or None where there is no readable profile to
+    keep it in (nothing written then). The file is replaced whole, never half-written."""
+    path = path or cache_path()
+    try:
+        machine = Machine.from_dict(json.loads(path.read_text()), where=str(path))
+    except (MoekitError, json.JSONDecodeError, OSError):
+        return None
+    data = dataclasses.replace(machine, pipeline_attention_bandwidth=rate).to_dict()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path
 
 
 def this_machine(path: Path | None = None, refresh: bool = False, quick: bool = False) -> Machine:
