@@ -23,9 +23,11 @@
 //   block_tables [B, MB] int32, context_lens [B] int32, sinks [H] float32 or null (none).
 // dtypes: 0 = bfloat16, 1 = float16, 2 = float32. Accumulation is float32.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -440,10 +442,34 @@ void attend_item_fast(float* qf, int64_t G, int64_t Dh, const T* keys, const T* 
 // block's 16 positions are one contiguous stretch of memory for the hardware prefetchers and the
 // DRAM pages, where the by-head item reads Dh of every Hkv Dh. Each head goes through the same
 // chunk_fast calls in the same order as attend_item_fast's: the results are bit-identical.
+// Asks for the K and V rows (row_bytes each, whole positions) of positions lo..hi-1 of a sequence
+// whose block table is `table`, a cache line at a time.
+template <typename T>
+inline void prefetch_rows(const T* keys, const T* values, const int32_t* table, int64_t BS, int64_t block_stride,
+                          int64_t pos_stride, int64_t row_bytes, int64_t lo, int64_t hi) {
+  for (int64_t p = lo; p < hi; ++p) {
+    const int64_t off = table[p / BS] * block_stride + (p % BS) * pos_stride;
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(keys + off) + b);
+      __builtin_prefetch(reinterpret_cast<const char*>(values + off) + b);
+    }
+  }
+}
+
+// The rows a by-sequence item asks for ahead while a chunk computes: the sequence's next chunk, or
+// after its last one the first chunk of the sequence the thread takes next (known before: run's
+// by-sequence loop takes each thread's next sequence one item early). Most decode contexts are one
+// chunk (MTBench-like: mean ~143 positions), so without the next item every chunk began as
+// demand misses. Spread over the chunk's Hkv passes (a slice a pass), not asked for all at once.
+struct Ahead {
+  const int32_t* table = nullptr;  // the next sequence's block table (null: none)
+  int64_t lo = 0, hi = 0;          // its first chunk's positions
+};
+
 template <typename T>
 void attend_sequence_fast(float* qf, int64_t H, int64_t Hkv, int64_t Dh, const T* keys, const T* values,
                           const int32_t* table, int64_t BS, int64_t lo, int64_t hi, float* acc, float* scores,
-                          float* m, float* l, const float* sinks) {
+                          float* m, float* l, const float* sinks, Ahead next = {}) {
   const int64_t G = H / Hkv;
   int64_t base[CHUNK];
   const T* kp[CHUNK];
@@ -455,17 +481,14 @@ void attend_sequence_fast(float* qf, int64_t H, int64_t Hkv, int64_t Dh, const T
   for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
     const int64_t n = std::min(CHUNK, hi - c0);
     for (int64_t t = 0; t < n; ++t) base[t] = table[(c0 + t) / BS] * block_stride + ((c0 + t) % BS) * pos_stride;
-    if (c0 + CHUNK < hi) {  // the next chunk's rows, whole, while this one computes
-      const int64_t n2 = std::min(CHUNK, hi - c0 - CHUNK);
-      for (int64_t t = 0; t < n2; ++t) {
-        const int64_t p = c0 + CHUNK + t, off = table[p / BS] * block_stride + (p % BS) * pos_stride;
-        for (int64_t b = 0; b < row_bytes; b += 64) {
-          __builtin_prefetch(reinterpret_cast<const char*>(keys + off) + b);
-          __builtin_prefetch(reinterpret_cast<const char*>(values + off) + b);
-        }
-      }
-    }
+    // the rows asked for ahead: this sequence's next chunk, else the next sequence's first
+    const bool more = c0 + CHUNK < hi;
+    const int32_t* ahead_table = more ? table : next.table;
+    const int64_t a_lo = more ? c0 + CHUNK : next.lo, a_hi = more ? std::min(hi, c0 + 2 * CHUNK) : next.hi;
     for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+      if (ahead_table != nullptr && a_hi > a_lo)  // pass kvh asks for its slice of them
+        prefetch_rows(keys, values, ahead_table, BS, block_stride, pos_stride, row_bytes,
+                      a_lo + (a_hi - a_lo) * kvh / Hkv, a_lo + (a_hi - a_lo) * (kvh + 1) / Hkv);
       for (int64_t t = 0; t < n; ++t) {
         kp[t] = keys + base[t] + kvh * Dh;
         vp[t] = values + base[t] + kvh * Dh;
@@ -497,17 +520,31 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
          float scale, const float* sinks, int threads, int items, Conv conv) {
   const int64_t G = H / Hkv, qsize = itemsize(qdtype);
   if (by_sequence_of(B, Hkv, Dh, threads, items)) {
+    std::atomic<int64_t> next_item{0};
+    static const bool prefetch_next = [] {  // A/B switch while measuring (MOEKIT_ATTENTION_PREFETCH=0: off)
+      const char* e = std::getenv("MOEKIT_ATTENTION_PREFETCH");
+      return e == nullptr || e[0] != '0';
+    }();
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> qf(H * Dh), acc(H * Dh), scores(SUB * CHUNK), m(H), l(H);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < B; ++b) {
+      // dynamic scheduling by hand, one sequence ahead: a thread takes its next sequence when it
+      // starts one, so that the next one's first rows are on their way while this one computes
+      int64_t b = next_item.fetch_add(1, std::memory_order_relaxed);
+      while (b < B) {
+        const int64_t b2 = next_item.fetch_add(1, std::memory_order_relaxed);
+        Ahead ahead;
+        if (prefetch_next && b2 < B) {
+          const int64_t hi2 = ctx[b2], lo2 = window > 0 ? std::max<int64_t>(0, hi2 - window) : 0;
+          ahead = Ahead{tables + b2 * MB, lo2, std::min(hi2, lo2 + CHUNK)};
+        }
         const int64_t hi = ctx[b], lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
         to_float(qdtype, static_cast<const char*>(q) + b * H * Dh * qsize, H * Dh, qf.data());
         for (int64_t i = 0; i < H * Dh; ++i) qf[i] *= scale;
         attend_sequence_fast(qf.data(), H, Hkv, Dh, keys, values, tables + b * MB, BS, lo, hi, acc.data(),
-                             scores.data(), m.data(), l.data(), sinks);
+                             scores.data(), m.data(), l.data(), sinks, ahead);
         from_float(qdtype, acc.data(), H * Dh, static_cast<char*>(out) + b * H * Dh * qsize);
+        b = b2;
       }
     }
     return;
