@@ -167,6 +167,7 @@ PIPELINE_32L_FORMS = "bench_pipeline_32l_forms_13a0b14.json"  # 2026-12-04: the 
 PIPELINE_32L_FORMS_2M = "bench_pipeline_32l_forms_fdc2c8a.json"  # 2026-12-04 (session 25): ternary, 2 MB KV pages
 PIPELINE_32L_FORMS_CAL = "bench_pipeline_32l_forms_b96ebbe.json"  # 2026-12-04 (session 25): HRM calibrated in the pipeline
 ATTENTION_FAMILIES = "probe_cpu_attention_families_fdc2c8a.json"
+PIPELINE_8L_PREFETCH = "bench_pipeline_8l_ternary_prefetch_7d50fba.json"  # the kernel asking for its next sequence's rows
 ATTENTION_FAMILIES_FMA = "probe_cpu_attention_families_f1807f2.json"  # the kernel at the FMAs' rate (77074d4)  # the CPU attention kernel by family, pages, items
 BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
                  "bench_budget_rerun8.json",  # 2026-12-01: the command line's 8% row
@@ -809,6 +810,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "pipeline_32l_forms": ((PIPELINE_32L_FORMS,), partial(pipeline_forms, name=PIPELINE_32L_FORMS)),
     "pipeline_32l_forms_2m": ((PIPELINE_32L_FORMS_2M,), partial(pipeline_forms, name=PIPELINE_32L_FORMS_2M)),
     "pipeline_32l_forms_latest": ((PIPELINE_32L_FORMS_CAL,), partial(pipeline_forms, name=PIPELINE_32L_FORMS_CAL)),
+    "pipeline_8l_prefetch": ((PIPELINE_8L_PREFETCH,), partial(pipeline_forms, name=PIPELINE_8L_PREFETCH)),
     "attention_families_fma": ((ATTENTION_FAMILIES_FMA,), partial(attention_families, name=ATTENTION_FAMILIES_FMA)),
     "attention_families": ((ATTENTION_FAMILIES,), partial(attention_families, name=ATTENTION_FAMILIES)),
     "pipeline": (("bench_pipeline.json",), pipeline),
