@@ -197,8 +197,8 @@ def test_bad_input_one_line_output_untouched(tmp_path, capsys, case, message):
 
 def test_attention_rate_is_kept_after_a_gpu_run_planned_for_this_machine(monkeypatch, capsys):
     """keep_attention_rate: after a GPU run with no --machine, the rate the pipeline's CPU attention
-    read at goes into this machine's profile and the run says so; a CPU run, a --machine plan or a
-    run with no kernel calls keep nothing."""
+    read at goes into this machine's profile and the run says so; a CPU run, a --machine plan, a
+    run with no kernel calls or one that read too little to judge by keep nothing."""
     from argparse import Namespace
 
     from moekit.pipeline import batch_cli
@@ -210,6 +210,7 @@ def test_attention_rate_is_kept_after_a_gpu_run_planned_for_this_machine(monkeyp
     batch_cli.keep_attention_rate(Namespace(machine=None), measured, "cpu")
     batch_cli.keep_attention_rate(Namespace(machine="h200"), measured, "cuda")
     batch_cli.keep_attention_rate(Namespace(machine=None), {"seconds": 0.0, "kv_bytes": 0}, "cuda")
+    batch_cli.keep_attention_rate(Namespace(machine=None), {"seconds": 0.01, "kv_bytes": 2**20}, "cuda")  # too little
     assert kept == [] and capsys.readouterr().err == ""
     batch_cli.keep_attention_rate(Namespace(machine=None), measured, "cuda")
     assert kept == [4e10]

@@ -355,13 +355,20 @@ def resident_words(resident) -> str:
     return f"{sum(resident)} experts resident ({min(resident)}-{max(resident)} per MoE layer)"
 
 
+# KV bytes a run's CPU attention must have read for its rate to be kept: a few short prompts run
+# small kernel calls (by kv head, little to stream ahead), whose rate says little of a real batch's
+KEEP_ATTENTION_MIN_BYTES = 2**30
+
+
 def keep_attention_rate(args: argparse.Namespace, attention: dict, device: str) -> None:
-    """After a GPU run planned for this machine (no --machine): keeps the rate the pipeline's CPU
-    attention read its KV at in this machine's cached profile, where the next plans take it
-    (Machine.pipeline_attention_bandwidth), and says so."""
+    """After a GPU run planned for this machine (no --machine) whose CPU attention read at least
+    KEEP_ATTENTION_MIN_BYTES: keeps the rate it read its KV at inside the pipeline in this
+    machine's cached profile, where the next plans take it (Machine.pipeline_attention_bandwidth),
+    and says so."""
     from .machine import record_pipeline_attention
 
-    if args.machine is not None or device == "cpu" or not attention["kv_bytes"] or attention["seconds"] <= 0:
+    if args.machine is not None or device == "cpu" or attention["kv_bytes"] < KEEP_ATTENTION_MIN_BYTES \
+            or attention["seconds"] <= 0:
         return
     rate = attention["kv_bytes"] / attention["seconds"]
     where = record_pipeline_attention(rate)
