@@ -752,7 +752,7 @@ def main() -> int:
         """Runs the plan for gen_len (with the launch thread's measured cost) for CALIBRATION_TOKENS
         tokens and keeps the rate the worker's kernel calls read the host KV pool at, for the plans of
         this label's rows: the isolated probe (Machine.cpu_attention_bandwidth) reads faster than the
-        worker does beside the running pipeline (061be12, 32 layers: 67.7 GB/s against 40)."""
+        worker does beside the running pipeline (061be12, 32 layers: 67.7 GB/s against ~40)."""
         from dataclasses import replace
 
         plan = plan_for(row_costs, replace(row_machine, launch_task_s=launch_of.get(label)), gen_len,

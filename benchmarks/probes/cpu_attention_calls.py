@@ -109,6 +109,8 @@ def main() -> int:
                    help="rows with a thread driving the GPU beside the kernel (GEMMs, pinned copies both ways)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu drives a CUDA device beside the kernel: none here")
     if native.library() is None:
         print(f"no native library: {native.unavailable_reason()}")
         return 1

@@ -164,6 +164,14 @@ def test_pipeline_attention_rate_is_kept_in_the_cached_profile(tmp_path):
     assert kept.pipeline_attention_bandwidth == 4e10 and kept.attention_rate == 4e10
     assert kept == dataclasses.replace(PRESETS["h200"], pipeline_attention_bandwidth=4e10)
     assert not list(tmp_path.glob("*.tmp"))
+    def refuse(self, *a, **k):
+        raise PermissionError("read-only folder")
+
+    with pytest.MonkeyPatch.context() as mp:  # a folder it cannot write: the profile stays as it was
+        mp.setattr(type(path), "write_text", refuse)
+        assert mm.record_pipeline_attention(6e10, path) is None
+    assert Machine.from_dict(json.loads(path.read_text())).pipeline_attention_bandwidth == 4e10
+    assert not list(tmp_path.glob("*.tmp"))
     path.write_text("{damaged")
     assert mm.record_pipeline_attention(5e10, path) is None and path.read_text() == "{damaged"
     with pytest.raises(MoekitError, match="pipeline_attention_bandwidth must be > 0"):

@@ -395,6 +395,20 @@ void chunk_heads(const float* qf, int64_t G, int64_t Dh, const T* const* kp, con
     chunk_sub<SUB>(std::min<int64_t>(SUB, G - g0), qf + g0 * Dh, Dh, kp, vp, n, m + g0, l + g0, acc + g0 * Dh, scores);
 }
 
+// Asks for the K and V rows (row_bytes each from keys / values plus the position's offset) of
+// positions lo..hi-1 of a sequence whose block table is `table`, a cache line at a time.
+template <typename T>
+inline void prefetch_rows(const T* keys, const T* values, const int32_t* table, int64_t BS, int64_t block_stride,
+                          int64_t pos_stride, int64_t row_bytes, int64_t lo, int64_t hi) {
+  for (int64_t p = lo; p < hi; ++p) {
+    const int64_t off = table[p / BS] * block_stride + (p % BS) * pos_stride;
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(keys + off) + b);
+      __builtin_prefetch(reinterpret_cast<const char*>(values + off) + b);
+    }
+  }
+}
+
 // The by-(sequence, kv head) item: qf [G, Dh] (scaled; put in pair order here) over positions
 // lo..hi-1; acc [G, Dh] receives the normalised output in memory order.
 template <typename T>
@@ -417,16 +431,9 @@ void attend_item_fast(float* qf, int64_t G, int64_t Dh, const T* keys, const T* 
     }
     // the rows are 4-8 cache lines a position apart (the other kv heads lie between): too sparse
     // for the hardware prefetchers, so ask for the next chunk's rows while this one computes
-    if (c0 + CHUNK < hi) {
-      const int64_t n2 = std::min(CHUNK, hi - c0 - CHUNK);
-      for (int64_t t = 0; t < n2; ++t) {
-        const int64_t p = c0 + CHUNK + t, off = table[p / BS] * block_stride + (p % BS) * pos_stride + kvh * Dh;
-        for (int64_t b = 0; b < Dh * static_cast<int64_t>(sizeof(T)); b += 64) {
-          __builtin_prefetch(reinterpret_cast<const char*>(keys + off) + b);
-          __builtin_prefetch(reinterpret_cast<const char*>(values + off) + b);
-        }
-      }
-    }
+    if (c0 + CHUNK < hi)
+      prefetch_rows(keys + kvh * Dh, values + kvh * Dh, table, BS, block_stride, pos_stride,
+                    Dh * static_cast<int64_t>(sizeof(T)), c0 + CHUNK, std::min(hi, c0 + 2 * CHUNK));
     chunk_heads(qf, G, Dh, kp, vp, n, m, l, acc, scores);
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -442,20 +449,6 @@ void attend_item_fast(float* qf, int64_t G, int64_t Dh, const T* keys, const T* 
 // block's 16 positions are one contiguous stretch of memory for the hardware prefetchers and the
 // DRAM pages, where the by-head item reads Dh of every Hkv Dh. Each head goes through the same
 // chunk_fast calls in the same order as attend_item_fast's: the results are bit-identical.
-// Asks for the K and V rows (row_bytes each, whole positions) of positions lo..hi-1 of a sequence
-// whose block table is `table`, a cache line at a time.
-template <typename T>
-inline void prefetch_rows(const T* keys, const T* values, const int32_t* table, int64_t BS, int64_t block_stride,
-                          int64_t pos_stride, int64_t row_bytes, int64_t lo, int64_t hi) {
-  for (int64_t p = lo; p < hi; ++p) {
-    const int64_t off = table[p / BS] * block_stride + (p % BS) * pos_stride;
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(keys + off) + b);
-      __builtin_prefetch(reinterpret_cast<const char*>(values + off) + b);
-    }
-  }
-}
-
 // The rows a by-sequence item asks for ahead while a chunk computes: the sequence's next chunk, or
 // after its last one the first chunk of the sequence the thread takes next (known before: run's
 // by-sequence loop takes each thread's next sequence one item early). Most decode contexts are one

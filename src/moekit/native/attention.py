@@ -38,8 +38,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moekit_decode_attention.restype = ctypes.c_int
     lib.moekit_decode_attention_items.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.moekit_decode_attention_items.restype = ctypes.c_int
-    lib.moekit_store_rows.argtypes = [vp, vp, ctypes.POINTER(ctypes.c_int64), i64, i64]  # kv_store.cpp
-    lib.moekit_store_rows.restype = None
     lib.moekit_store_and_attend.argtypes = [*lib.moekit_decode_attention.argtypes, vp, vp,
                                             ctypes.POINTER(ctypes.c_int64), i64, ctypes.POINTER(ctypes.c_double)]
     lib.moekit_store_and_attend.restype = ctypes.c_int
@@ -53,6 +51,9 @@ register_declarations(_declare)
 # takes the second from 4 sequences a thread on. Memory order only: the results are bit-identical.
 ITEMS = {"auto": 0, "head": 1, "sequence": 2}
 ITEMS_ENV = "MOEKIT_CPU_ATTENTION_ITEMS"
+# By sequence, each thread asks for the first rows of the sequence it takes next while it computes
+# the current one (attention.cpp's Ahead); MOEKIT_ATTENTION_PREFETCH=0, read once a process, turns
+# that off to measure it (same bits either way).
 
 
 def items_code(items: str | None = None) -> int:
@@ -154,29 +155,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if code != 0:
         raise ValueError(f"the CPU attention kernel refused its arguments (code {code}: see attention.cpp)")
     return out
-
-
-def store_rows(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
-    """Writes rows [N, ...] into pool [NB, BS, ...] at flat slots [N] (block * BS + offset), as
-    pool.view(-1, *rows.shape[1:]).index_copy_(0, slots, rows) does, on the calling thread
-    (kv_store.cpp says why). Raises ValueError for arguments that do not fit."""
-    lib = library()
-    if lib is None:
-        from . import unavailable_reason
-
-        raise ValueError(f"the native library is unavailable: {unavailable_reason()}")
-    flat = pool.view(-1, *rows.shape[1:]) if pool.is_contiguous() else None
-    if flat is None or rows.dtype != pool.dtype or not rows.is_contiguous() or pool.device.type != "cpu" \
-            or rows.device.type != "cpu":
-        raise ValueError(f"store_rows takes a contiguous CPU pool and rows of its dtype and row shape; got pool "
-                         f"{list(pool.shape)} {pool.dtype}, rows {list(rows.shape)} {rows.dtype}")
-    slots = slots.to(torch.int64).contiguous()
-    if slots.shape != (rows.shape[0],):
-        raise ValueError(f"slots must be [N] = [{rows.shape[0]}]; got {list(slots.shape)}")
-    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= flat.shape[0]):
-        raise ValueError(f"a slot is outside the pool's {flat.shape[0]} rows")
-    lib.moekit_store_rows(pool.data_ptr(), rows.data_ptr(), ctypes.cast(slots.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
-                          rows.shape[0], rows[0].numel() * rows.element_size() if rows.shape[0] else 0)
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,

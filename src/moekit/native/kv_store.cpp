@@ -1,5 +1,6 @@
 // Stores one decode step's new key and value rows into a host KV pool (moekit.pipeline.host_attention:
-// NativeAttention.store), in place of torch's index_copy_ on the pipeline's attention worker.
+// NativeAttention.store_and_attend, through moekit_store_and_attend in attention.cpp), in place of
+// torch's index_copy_ on the pipeline's attention worker.
 //
 // Why not torch: index_copy_ of a micro-batch's rows (128 x 2 KB for Mixtral) is over torch's
 // parallel grain, so every call wakes torch's OpenMP team (its own libgomp, not this library's),

@@ -283,7 +283,7 @@ class PipelinedDecoder:
                     out = cpu_attention(q, keys, values, mb.batch, window, mb.out, self.attention_threads, sinks)
             t2 = time.perf_counter()
             kernel_s = t2 - t1 if kernel_s is None else kernel_s
-            kv_bytes = mb.native.read_bytes(window, keys.element_size(), keys is values) if mb.native else 0
+            kv_bytes = 0 if mb.native is None else mb.native.read_bytes(window, keys.element_size(), keys is values)
             if kv_bytes:  # the kernel's read rate (bytes over the calls' seconds): the HRM's level
                 self.kernel_seconds += kernel_s
                 self.kernel_bytes += kv_bytes

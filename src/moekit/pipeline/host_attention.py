@@ -75,7 +75,7 @@ class NativeAttention:
         i32p = ctypes.POINTER(ctypes.c_int32)
         self.tables_ptr = ctypes.cast(tables.data_ptr(), i32p)  # the tensors stay referenced by self
         self.lens_ptr = ctypes.cast(lens.data_ptr(), i32p)
-        # the step's new tokens' flat slots (int64, checked against the pool), for store(); None: no store
+        # the step's new tokens' flat slots (int64, checked against the pool), for store_and_attend; None: none
         self.slots = slots
         self.slots_ptr = None if slots is None else ctypes.cast(slots.data_ptr(), ctypes.POINTER(ctypes.c_int64))
         self._positions: dict[int | None, int] = {}  # window -> positions a call reads (read_bytes)
@@ -114,7 +114,7 @@ class NativeAttention:
                              or (width and (int(tables.min()) < 0 or int(tables.max()) >= nb))):
             return None  # decode_attention names what is wrong
         codes = (native_attention.DTYPE_CODES[dtype], native_attention.DTYPE_CODES[keys.dtype])
-        slots = None  # store() writes whole rows of separate key and value pools (MLA's views of one: no)
+        slots = None  # store_and_attend writes whole rows of separate key and value pools (MLA's views of one: no)
         if pools is None or all_keys is not all_values:
             slots = batch.slots.to(device="cpu", dtype=torch.int64).contiguous()
             if slots.shape != lens.shape or (slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= nb * bs)):
@@ -123,22 +123,11 @@ class NativeAttention:
                                slots)
 
     def can_store(self, keys: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether store and store_and_attend take these new rows k, v for these pools."""
+        """Whether store_and_attend takes these new rows k, v [mu, Hkv, Dh] for these pools
+        (contiguous, the pools' dtype, and the step's slots known)."""
         b, _, hkv, dh, _, _ = self.dims
         return not (self.slots is None or k.shape != (b, hkv, dh) or v.shape != k.shape or k.dtype != keys.dtype
                     or v.dtype != keys.dtype or not (k.is_contiguous() and v.is_contiguous()))
-
-    def store(self, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Writes the micro-batch's new k, v [mu, Hkv, Dh] (contiguous, the pools' dtype) at its
-        slots of one layer's pools on this thread, as PagedKVCache.write does, without waking
-        torch's thread team (native/kv_store.cpp says why); False (nothing written) where it cannot."""
-        if not self.can_store(keys, k, v):
-            return False
-        b, _, hkv, dh, _, _ = self.dims
-        row = hkv * dh * k.element_size()
-        self.lib.moekit_store_rows(keys.data_ptr(), k.data_ptr(), self.slots_ptr, b, row)
-        self.lib.moekit_store_rows(values.data_ptr(), v.data_ptr(), self.slots_ptr, b, row)
-        return True
 
     def __call__(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
                  window: int | None, threads: int | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,9 +146,11 @@ class NativeAttention:
     def store_and_attend(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, out: torch.Tensor, window: int | None, threads: int | None,
                          sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """store() then __call__() in one foreign call (each call hands the GIL to the launch thread
-        and waits to get it back); returns (out, the seconds spent inside the call). The caller
-        checks can_store first."""
+        """Writes the micro-batch's new k, v at its slots of one layer's pools, as PagedKVCache.write
+        does but on this thread, without waking torch's thread team (native/kv_store.cpp says why),
+        then attends as __call__ does, in one foreign call (each call hands the GIL to the launch
+        thread and waits to get it back); returns (out, the seconds spent inside the call). The
+        caller checks can_store first."""
         import ctypes
 
         b, h, hkv, dh, bs, width = self.dims
