@@ -35,10 +35,12 @@ Rows, each with the allocator's peak (torch.cuda.max_memory_allocated) next to t
 - offload engine: moekit.offload.load_offloaded(OffloadConfig(device_memory=16 GiB, batch=B)) and
   model.generate on a list of B prompts, gen --offload-gen, at each B of --offload-batches; the
   best B is marked.
-- transformers + accelerate at batch 8 (device_map from infer_auto_device_map with max_memory
-  16 GiB, left-padded prompts), a few tokens, time-capped (--hf-cap-s); skipped with a reason
+- transformers + accelerate at each batch of --hf-batches (default 8 and 32; device_map from
+  infer_auto_device_map with max_memory 16 GiB, left-padded prompts), a few tokens, each time-capped
+  (--hf-cap-s); skipped with a reason
   when the time left is short.
-- pipeline ternary / int4 (--compressed, default "ternary,4"; gen --compressed-gen, default 32): the
+- pipeline ternary / int4 (--compressed, default "ternary,4"; gen --compressed-gen, default 32, or a
+  comma-separated list, one row each): the
   same bf16 experts rounded to nearest on the device (RTN as bench_offload's --compressed-bits:
   the ternary code per row, int4 in groups of 128; seconds), their stored tensors back in host
   memory, then paged in that stored form (moekit.pipeline.paged: pages carry the packed bytes,
@@ -595,6 +597,7 @@ def main() -> int:
     p.add_argument("--offload-batches", default=None, help="offload engine batches (default 64,256; small: 4; '' none)")
     p.add_argument("--offload-gen", type=int, default=32)
     p.add_argument("--hf-cap-s", type=float, default=20.0, help="transformers+accelerate: seconds its run may take")
+    p.add_argument("--hf-batches", default="8,32", help="transformers+accelerate batches, comma-separated")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--reserve-s", type=float, default=60.0,
                    help="seconds the first pipeline rows leave for the baselines (the longest gen runs last)")
@@ -603,7 +606,8 @@ def main() -> int:
     p.add_argument("--compressed", default="ternary,4",
                    help="stored forms of the compressed pipeline rows: ternary, 4 (int4), 3, 2, comma-separated "
                         "('' for none)")
-    p.add_argument("--compressed-gen", type=int, default=32, help="generated tokens of the compressed rows")
+    p.add_argument("--compressed-gen", default="32",
+                   help="generated tokens of the compressed rows, comma-separated: one row each per form")
     p.add_argument("--compressed-max-sequences", type=int, default=None,
                    help="N at most in the compressed rows (default: --max-sequences)")
     p.add_argument("--compressed-min-s", type=float, default=30.0,
@@ -643,6 +647,13 @@ def main() -> int:
     layers = args.layers or (4 if args.small else 8)
     max_n = args.max_sequences or (8 if args.small else 512)
     gens = [int(g) for g in args.gen.split(",") if g]
+    try:
+        form_gens = sorted(int(g) for g in args.compressed_gen.split(",") if g)
+        hf_batches = [int(b) for b in args.hf_batches.split(",") if b]
+    except ValueError as e:
+        p.error(f"--compressed-gen / --hf-batches take comma-separated integers: {e}")
+    if args.compressed and not form_gens:
+        p.error("--compressed-gen names no generation length")
     offload_batches = args.offload_batches if args.offload_batches is not None else ("4" if args.small else "64,256")
     batches = [int(b) for b in offload_batches.split(",") if b]  # '' runs none
     dtype = "bfloat16"
@@ -720,7 +731,7 @@ def main() -> int:
         f"GEMM {machine.gpu_flops / 1e12:.0f}) ({results['machine_s']:.1f} s)")
     save()
 
-    lengths_all = mtbench_lengths(max(max_n, *batches, 8))
+    lengths_all = mtbench_lengths(max(max_n, *batches, *hf_batches, 8))
     # the compressed rows' N cap may be larger: their own draw (a longer draw is not a prefix of a
     # shorter one, so the bf16 rows keep theirs)
     lengths_forms = mtbench_lengths(max(max_n, args.compressed_max_sequences or 0, *batches, 8))
@@ -902,36 +913,37 @@ def main() -> int:
                   "expert_bytes_total": costs_c.total_expert_bytes}
         log(f"{label}: rounded in {quantize_s:.1f} s, {costs_c.bits_per_weight:.3f} bits per weight, "
             f"{costs_c.total_expert_bytes / 1e9:.2f} GB of experts")
-        form = {"label": label, "bits": bits, "costs": costs_c, "gen": args.compressed_gen, "fields": fields,
+        form = {"label": label, "bits": bits, "costs": costs_c, "gen": form_gens[0], "fields": fields,
                 "models": PagedModels(folder_c, stored, device, dtype),
                 "max_n": args.compressed_max_sequences or max_n}
-        pipeline_rows(["warm-up", args.compressed_gen], reserve_s=0.0, form=form)
+        pipeline_rows(["warm-up", *form_gens], reserve_s=0.0, form=form)
         form["models"].drop()
         form = stored = None
         free_memory(device)
 
-    # ---- transformers + accelerate, batch 8 ----
+    # ---- transformers + accelerate, --hf-batches ----
     # before the offload rows and the longest pipeline row, which keep no time for it (it was skipped
     # for them in two H200 runs)
     if args.forms_only:
         return finish(results, args, save)
-    row = {"row": "transformers+accelerate", "batch": 8}
-    if args.skip_hf:
-        row.update(status="skipped", reason="--skip-hf")
-    elif left() < args.hf_cap_s + 20:
-        row.update(status="skipped", reason=f"{left():.0f} s left: less than its cap {args.hf_cap_s:.0f} s + 20 s "
-                                            "to load (--time-budget-s)")
-    else:
-        try:
-            free_memory(device, reset_peak=True)
-            row.update(hf_row(hf_cfg, folder, host, prompts_of(lengths_all[:8], cfg.vocab_size, seed=3),
-                              args.offload_gen, budget, device, min(args.hf_cap_s, left() - 10)))
-            if device.type == "cuda":
-                row["within_budget"] = row["peak_bytes"] <= budget
-        except Exception as e:  # noqa: BLE001
-            error_row(row, e)
-        free_memory(device)
-    record(row)
+    for b in hf_batches:
+        row = {"row": "transformers+accelerate", "batch": b}
+        if args.skip_hf:
+            row.update(status="skipped", reason="--skip-hf")
+        elif left() < args.hf_cap_s + 20:
+            row.update(status="skipped", reason=f"{left():.0f} s left: less than its cap {args.hf_cap_s:.0f} s + "
+                                                "20 s to load (--time-budget-s)")
+        else:
+            try:
+                free_memory(device, reset_peak=True)
+                row.update(hf_row(hf_cfg, folder, host, prompts_of(lengths_all[:b], cfg.vocab_size, seed=3),
+                                  args.offload_gen, budget, device, min(args.hf_cap_s, left() - 10)))
+                if device.type == "cuda":
+                    row["within_budget"] = row["peak_bytes"] <= budget
+            except Exception as e:  # noqa: BLE001
+                error_row(row, e)
+            free_memory(device)
+        record(row)
 
     # ---- moekit's offload engine, ragged batches ----
     best = None
