@@ -51,3 +51,22 @@ def test_small_pinned_tensors_get_pages_of_their_own():
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
     pages = [(a // mmap.PAGESIZE, -(-b // mmap.PAGESIZE)) for a, b in spans]
     assert all(end <= start for (_, end), (start, _) in zip(pages, pages[1:]))  # no page shared
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_experts_given_to_a_pinning_store_are_kept_not_copied():
+    """A caller's page-locked stacks (bench_pipeline's 90 GB of Mixtral experts) joined the host
+    store as a second pinned copy: at 32 layers the offload engine's load ran out of host memory.
+    Stacks pinned already are kept as they are; pageable ones are still copied into pinned memory."""
+    from moekit.experts.forms import DenseForm
+    from moekit.offload.layout import layout_for
+
+    layout = layout_for(DenseForm(8, 4, torch.bfloat16), [0])
+    pinned = {"gate_up": pinned_empty((2, 8, 8), torch.bfloat16), "down": pinned_empty((2, 8, 4), torch.bfloat16)}
+    kept = layout.pack(0, pinned, pin=True)
+    assert all(kept[k].data_ptr() == pinned[k].data_ptr() for k in pinned)
+    pageable = {k: torch.randn(v.shape).to(torch.bfloat16) for k, v in pinned.items()}
+    copied = layout.pack(0, pageable, pin=True)
+    assert all(copied[k].is_pinned() and copied[k].data_ptr() != pageable[k].data_ptr() for k in pageable)
+    assert all(torch.equal(copied[k], pageable[k]) for k in pageable)

@@ -106,7 +106,7 @@ class TensorLayout(SlotLayout):
 
     def pack(self, layer, tensors, pin=False):
         stacked = {name: tensors[name] for name in self.shapes(layer)}
-        if not pin:
+        if not pin or all(t.is_pinned() for t in stacked.values()):  # page-locked already: kept, not copied
             return stacked
         out = self.empty(next(iter(stacked.values())).shape[0], "cpu", pin=True, layer=layer)
         for name, t in out.items():
