@@ -168,6 +168,10 @@ PIPELINE_32L_FORMS_2M = "bench_pipeline_32l_forms_fdc2c8a.json"  # 2026-12-04 (s
 PIPELINE_32L_FORMS_CAL = "bench_pipeline_32l_forms_b96ebbe.json"  # 2026-12-04 (session 25): HRM calibrated in the pipeline
 ATTENTION_FAMILIES = "probe_cpu_attention_families_fdc2c8a.json"
 PIPELINE_8L_PREFETCH = "bench_pipeline_8l_ternary_prefetch_7d50fba.json"  # the kernel asking for its next sequence's rows
+# 2026-12-04 (session 27): issue 14's rows at all 32 layers after the kernel's prefetch (4af8576): the forms at
+# gen 32/128/256, then bf16 gen 32 with the baselines (gen 128: c8f8092's run; gen 256 not run)
+PIPELINE_32L_ALL = ("bench_pipeline_32l_baselines_73d62b2.json", PIPELINE_32L, "bench_pipeline_32l_ternary_gens_a676493.json",
+                    "bench_pipeline_32l_int4_gens_a676493.json")
 ATTENTION_FAMILIES_FMA = "probe_cpu_attention_families_f1807f2.json"  # the kernel at the FMAs' rate (77074d4)  # the CPU attention kernel by family, pages, items
 BUDGET_RERUNS = ("bench_budget_rerun.json",  # rows run again later (bench_budget.py --name ...), first found wins
                  "bench_budget_rerun8.json",  # 2026-12-01: the command line's 8% row
@@ -650,6 +654,51 @@ def pipeline_forms(files: dict, name: str) -> str:
          "peak / budget", "status"], rows))
 
 
+def pipeline_32l_all(files: dict, names: tuple[str, ...] = PIPELINE_32L_ALL) -> str:
+    """Issue 14's table: every pipeline row of the named runs (bf16 and the stored forms, each
+    generation length) with the HRM's prediction and its error, both ceilings and the share of the
+    lower one reached, the ratio to the bf16 row of the same length (the first run that has one),
+    the allocator peak; then the baselines (moekit's offload engine, transformers + accelerate)."""
+    runs = [(n, files[n]) for n in names]
+    bf16 = {}
+    for _, res in runs:
+        for r in res["rows"]:
+            if r["row"] == "pipeline (CGOPipe, HRM policy)" and r.get("status") == "ok":
+                bf16.setdefault(r["gen_len"], (r["tok_s"], res["meta"].get("commit") or "-"))
+    rows, baselines = [], []
+    for name, res in runs:
+        commit = res["meta"].get("commit") or "-"
+        budget = res["budget_bytes"]
+        for r in res["rows"]:
+            ok = r.get("status") == "ok"
+            peak = f"{r['peak_bytes'] / 2**30:.2f} / {budget / 2**30:.2f} GiB" if ok and r.get("peak_bytes") else "-"
+            if not r["row"].startswith("pipeline"):
+                over = " (over)" if ok and r.get("peak_bytes", 0) > budget else ""
+                baselines.append([r["row"], str(r.get("new_tokens") or ""), policy_label(r),
+                                  f"{r['tok_s']:,.1f}" if ok else "-", peak + over,
+                                  r["status"] + (f": {(r.get('reason') or r.get('error') or '')[:110]}" if not ok else ""),
+                                  commit])
+                continue
+            if not ok:
+                continue
+            form = r.get("form") or "bf16"
+            bits = r.get("bits_per_weight") or 16.0
+            pred, tok = r.get("predicted_tok_s"), r["tok_s"]
+            pcie, attn = r.get("pcie_ceiling_decode_tok_s"), r.get("cpu_attention_ceiling_tok_s")
+            lower = min(x for x in (pcie, attn) if x) if (pcie or attn) else None
+            same = bf16.get(r["gen_len"])
+            vs = "-" if form == "bf16" else (f"{tok / same[0]:.2f}x ({same[1]})" if same else "no bf16 row")
+            rows.append([form, f"{bits:.2f}", str(r["gen_len"]), policy_label(r), f"{tok:,.1f}",
+                         f"{pred:,.0f} ({pred / tok - 1:+.0%})" if pred else "-",
+                         f"{pcie:,.0f}" if pcie else "-", f"{attn:,.0f}" if attn else "-",
+                         f"{tok / lower:.0%}" if lower else "-", vs, peak, commit])
+    return (table(["experts", "bits/weight", "gen", "policy", "tok/s end to end", "HRM tok/s (error)",
+                   "PCIe ceiling (decode)", "CPU-attn ceiling (probe)", "of the lower ceiling", "vs bf16, same gen",
+                   "peak / budget", "commit"], rows)
+            + "\n\nBaselines at the same shape and budget:\n\n"
+            + table(["engine", "gen", "batch", "tok/s end to end", "peak / budget", "status", "commit"], baselines))
+
+
 def attention_families(files: dict, name: str) -> str:
     """probes/cpu_attention_families.py: the CPU attention kernel's KV read rate for each family's
     shape, by page size and work item, against the host read rate measured in the same run."""
@@ -811,6 +860,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "pipeline_32l_forms_2m": ((PIPELINE_32L_FORMS_2M,), partial(pipeline_forms, name=PIPELINE_32L_FORMS_2M)),
     "pipeline_32l_forms_latest": ((PIPELINE_32L_FORMS_CAL,), partial(pipeline_forms, name=PIPELINE_32L_FORMS_CAL)),
     "pipeline_8l_prefetch": ((PIPELINE_8L_PREFETCH,), partial(pipeline_forms, name=PIPELINE_8L_PREFETCH)),
+    "pipeline_32l_all": (PIPELINE_32L_ALL, pipeline_32l_all),
     "attention_families_fma": ((ATTENTION_FAMILIES_FMA,), partial(attention_families, name=ATTENTION_FAMILIES_FMA)),
     "attention_families": ((ATTENTION_FAMILIES,), partial(attention_families, name=ATTENTION_FAMILIES)),
     "pipeline": (("bench_pipeline.json",), pipeline),
