@@ -92,6 +92,10 @@ transformers model would hold more copies of the experts). One call, ~500 s:
     PYTHONPATH=src python3 benchmarks/bench_pipeline.py --out $OUT --layers 32 --gen 32,128 \
         --compressed '' --offload-batches '' --skip-hf --time-budget-s 540
 
+Every plan holds the host memory available when it is made (plus the expert store it counts,
+allocated already) less max(4 GiB, 5%) -- machine.free_host_budget, as `moekit batch` plans -- so
+with --max-sequences 1024 the bf16 rows may take N past 512 where the KV fits.
+
 (build ~100 s, gen 32 ~60 s and gen 128 ~4 x the 8-layer step: ~200 s). The script refuses a
 --layers whose experts would not fit in 85% of host memory. The compressed forms of all 32 layers
 (ternary ~6 GB, int4 ~24 GB) fit where the bf16 experts would not beside them: --forms-only draws
@@ -271,10 +275,14 @@ def measure_machine(device: torch.device, small: bool, cfg, probes: dict):
 
 
 def plan_for(costs, machine, gen_len: int, prompt_len: int, budget: int, max_sequences: int):
+    """Returns the HRM's plan with CPU attention within the device budget and the host memory
+    available now (plus the expert store the plan counts, allocated already) less a reserve, as
+    `moekit batch` plans (machine.free_host_budget)."""
     from moekit.pipeline.hrm import Workload, search
+    from moekit.pipeline.machine import free_host_budget
 
     return search(costs, machine, Workload(prompt_len, gen_len, num_prompts=max_sequences), device_budget=budget,
-                  attention=("cpu",))
+                  host_budget=free_host_budget(held=int(costs.total_expert_bytes)), attention=("cpu",))
 
 
 def attention_ceiling(costs, machine, prompt_len: float, gen_len: int) -> float | None:
@@ -823,6 +831,7 @@ def main() -> int:
         models, N cap and extra fields."""
         from dataclasses import replace
 
+        from moekit.pipeline.machine import free_host_budget
         from moekit.pipeline.timeline import launch_task_seconds
 
         label = f"pipeline {form['label']}" if form else "pipeline"
@@ -851,6 +860,7 @@ def main() -> int:
                 n = plan.policy.batch
                 lengths = (lengths_forms if form else lengths_all)[:n]
                 prompt_mean = sum(lengths) / n
+                row["host_budget_bytes"] = free_host_budget(held=int(row_costs.total_expert_bytes))
                 row.update(plan=plan.to_dict(), hrm_bound=plan.bound, prompt_len_mean=prompt_mean,
                            prompt_len_max=max(lengths),
                            cpu_attention_ceiling_tok_s=attention_ceiling(row_costs, machine, prompt_mean, g))

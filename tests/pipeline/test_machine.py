@@ -176,3 +176,21 @@ def test_pipeline_attention_rate_is_kept_in_the_cached_profile(tmp_path):
     assert mm.record_pipeline_attention(5e10, path) is None and path.read_text() == "{damaged"
     with pytest.raises(MoekitError, match="pipeline_attention_bandwidth must be > 0"):
         Machine(pipeline_attention_bandwidth=0)
+
+
+def test_free_host_budget_is_memory_available_plus_held_less_the_reserve(tmp_path):
+    from moekit.pipeline.machine import free_host_budget, host_memory_available, host_reserve_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemFree:         1000000 kB\nMemAvailable:   40000000 kB\n")
+    assert host_memory_available(meminfo) == 40000000 * 1024
+    reserve = host_reserve_bytes()
+    assert reserve >= 4 << 30
+    assert free_host_budget(meminfo=meminfo) == 40000000 * 1024 - reserve
+    assert free_host_budget(held=93 * 10**9, meminfo=meminfo) == 40000000 * 1024 + 93 * 10**9 - reserve
+    meminfo.write_text("MemTotal:       1000 kB\nMemAvailable:   1000 kB\n")  # less than the reserve
+    assert free_host_budget(meminfo=meminfo) == 0
+    meminfo.write_text("MemTotal:       1000 kB\n")  # an old kernel: no MemAvailable
+    assert host_memory_available(meminfo) is None and free_host_budget(meminfo=meminfo) is None
+    assert free_host_budget(meminfo=tmp_path / "absent") is None
+    assert host_reserve_bytes(10**12) == 5 * 10**10  # 5% of a large host

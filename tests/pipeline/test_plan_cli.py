@@ -162,3 +162,29 @@ def test_plot_refuses_a_path_it_cannot_write(mixtral_dir, tmp_path, capsys):
         assert main(["plan", str(mixtral_dir), "--machine", "h200", "--plot", str(bad)]) == 2
         assert not bad.exists()
         assert "--plot" in capsys.readouterr().err
+
+
+def test_plan_on_this_machine_holds_the_host_memory_available_now(mixtral_dir, capsys, monkeypatch):
+    """Without --machine or --host-memory the plan holds what this host has available now less a
+    reserve, not 80% of its memory: on the H200's 135 GB host 80% capped Mixtral's 32 bf16 layers at
+    N=512, where the KV of ~1000 sequences fit beside the 93 GB of weights."""
+    from moekit.pipeline import cli as plan_cli
+    from moekit.pipeline import machine as machine_mod
+
+    h200 = machine_mod.PRESETS["h200"]
+    monkeypatch.setattr(plan_cli, "resolve_machine", lambda args: h200)
+    free = int(125e9)
+    monkeypatch.setattr(machine_mod, "free_host_budget", lambda held=0: free)
+    args = ["plan", str(mixtral_dir), "--device-memory", "16GiB", "--num-prompts", "2048", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["host_budget"] == free and out["host_budget_from"] == "the memory available now less a reserve"
+    assert out["plan"]["memory"]["host"] <= free and out["plan"]["limited_by"] == "host memory"
+    assert out["plan"]["policy"]["batch"] > 512  # the KV room beside the weights
+    assert main([*args, "--host-memory", "100GB"]) == 0  # the flag wins
+    given = json.loads(capsys.readouterr().out)
+    assert given["host_budget"] == 100e9 and given["plan"]["memory"]["host"] <= 100e9
+    assert given["plan"]["policy"]["batch"] < out["plan"]["policy"]["batch"]
+    monkeypatch.setattr(machine_mod, "free_host_budget", lambda held=0: None)  # no /proc/meminfo
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["host_budget_from"] == "80% of the machine's"

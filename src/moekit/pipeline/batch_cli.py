@@ -251,7 +251,7 @@ def read_policy(text: str):
 def plan_batch(args: argparse.Namespace, path: Path, prompt_tokens: list[int]):
     """Returns (Policy, Plan or None): --policy's (with the HRM's prediction when --machine is
     given) or the HRM's best with CPU attention for these prompts under the memory budgets."""
-    from .cli import check_plan_flags, read_model, resolve_machine
+    from .cli import check_plan_flags, default_host_budget, read_model, resolve_machine
     from .hrm import Workload, evaluate, model_costs, search
 
     args.prompt_len = max(1, round(sum(prompt_tokens) / len(prompt_tokens)))
@@ -266,7 +266,7 @@ def plan_batch(args: argparse.Namespace, path: Path, prompt_tokens: list[int]):
     machine = resolve_machine(args)
     if given is not None:
         return given, evaluate(costs, machine, given, workload) if not machine.missing() else None
-    plan = search(costs, machine, workload, device_budget, host_budget, attention=("cpu",))
+    plan = search(costs, machine, workload, device_budget, default_host_budget(args, host_budget), attention=("cpu",))
     return plan.policy, plan
 
 

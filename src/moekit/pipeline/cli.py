@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="GPU memory the plan may hold, e.g. 16GiB (default: the machine's)")
     p.add_argument("--host-memory", default=None, metavar="SIZE",
-                   help="host memory the plan may hold, e.g. 120GB (default: 80%% of the machine's)")
+                   help="host memory the plan may hold, e.g. 120GB (default: the memory available now less "
+                        "max(4 GiB, 5%%) on this machine; 80%% of a --machine's)")
     p.add_argument("--prompt-len", type=int, default=77, help="mean prompt tokens (default 77, MTBench)")
     p.add_argument("--gen-len", type=int, default=128, help="tokens generated per prompt (default 128)")
     p.add_argument("--num-prompts", type=int, default=None, help="prompts available (caps the batch)")
@@ -58,6 +59,16 @@ def check_plan_flags(args: argparse.Namespace) -> tuple[int | None, int | None]:
             raise MoekitError(f"{flag} must be > 0, got {value}")
         budgets.append(size)
     return budgets[0], budgets[1]
+
+
+def default_host_budget(args: argparse.Namespace, host_budget: int | None) -> int | None:
+    """Returns --host-memory, or on this machine (no --machine) the host memory available now less
+    a reserve (machine.free_host_budget); None leaves the HRM's 80% of the machine's host memory."""
+    from .machine import free_host_budget
+
+    if host_budget is not None or args.machine:
+        return host_budget
+    return free_host_budget()
 
 
 def read_model(path: Path):
@@ -116,6 +127,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise MoekitError(f"{flag} {budget / 1e9:.2f}GB is more than machine '{machine.name}' has "
                               f"({have / 1e9:.2f}GB); give at most that")
     workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
+    given_host = host_budget
+    host_budget = default_host_budget(args, host_budget)
+    host_words = ("--host-memory" if given_host is not None else "the memory available now less a reserve"
+                  if host_budget is not None else "80% of the machine's")
     costs = model_costs(cfg, expert_bytes, act_bytes, form=form)
     places = ATTENTION_PLACES if args.attention == "auto" else (args.attention,)
     plan = search(costs, machine, workload, device_budget, host_budget, attention=places)
@@ -130,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         write_plot(Path(args.plot), machine, costs, plan, workload, f"{path.name}: {plan.tok_s:.0f} tok/s predicted")
     result = {"model": str(path), "machine": machine.to_dict(), "workload": vars(workload),
               "expert_bytes": expert_bytes, "expert_form": form, "bits_per_weight": costs.bits_per_weight,
-              "plan": plan.to_dict(), "bound": plan.bound,
+              "plan": plan.to_dict(), "bound": plan.bound, "host_budget": host_budget, "host_budget_from": host_words,
               "alternatives": [o.to_dict() for o in others]}
     if args.json:
         print(json.dumps(result))
@@ -151,7 +166,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ("bound by", (f"{plan.bound} (per layer: PCIe {lt.comm * 1e3:.2f} ms, CPU {lt.cpu * 1e3:.2f} ms, "
                      f"GPU {lt.gpu * 1e3:.2f} ms)")),
         ("batch limited by", plan.limited_by),
-        ("memory", f"device {fmt_bytes(plan.memory.device)}, host {fmt_bytes(plan.memory.host)}"),
+        ("memory", f"device {fmt_bytes(plan.memory.device)}, host {fmt_bytes(plan.memory.host)} (host budget "
+                   + (f"{fmt_bytes(host_budget)}: {host_words})" if host_budget is not None else f"{host_words})")),
         *((f"attention on the {o.policy.attention.upper()}",
            (f"at best {o.tok_s:.1f} tok/s (N = {o.policy.batch}, micro-batch {o.policy.micro_batch}, "
            f"{describe_resident(costs, o.policy)}; bound by {o.bound})")) for o in others),

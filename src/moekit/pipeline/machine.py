@@ -150,6 +150,38 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def host_memory_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Returns the host memory the kernel says a new allocation can take without swapping
+    (MemAvailable: free memory plus reclaimable caches), bytes; None where it does not say."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def host_reserve_bytes(total: int | None = None) -> int:
+    """Returns the host memory a plan leaves free for everything it does not count (the Python
+    process, CUDA's context and staging, the allocators' slack): 4 GiB or 5% of the host, the larger."""
+    total = host_memory_bytes() if total is None else total
+    return max(4 << 30, total // 20)
+
+
+def free_host_budget(held: int = 0, meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Returns the host bytes a plan may hold on this machine: the memory available now, plus
+    `held` (what the plan counts that is allocated already: a host expert store loaded before
+    planning), less host_reserve_bytes; None where the kernel does not say what is available (the
+    HRM then plans within 80% of host memory). Issue 14: the KV pool is sized from the host memory
+    actually free -- 80% of a 135 GB host capped Mixtral's 32 layers in bf16 at N=512 where ~1000
+    sequences' KV fit beside the 93 GB of weights."""
+    available = host_memory_available(meminfo)
+    if available is None:
+        return None
+    return max(0, available + held - host_reserve_bytes())
+
+
 def _best(fn, reps: int) -> float:
     fn()
     best = float("inf")
