@@ -21,6 +21,7 @@
 #endif
 
 #include "common.h"
+#include "dot_avx2.h"
 
 namespace {
 
@@ -120,6 +121,24 @@ int moekit_matvec_bf16(const uint16_t* x, const uint16_t* w, const float* bias, 
                        int64_t K, float* xf, int threads) {
   if (M > MAX_M) return 2;
   const bool fast = HAVE_BF16_DOT && K % 32 == 0;
+  if (!fast && M == 1 && usable_avx2(K)) {  // one token without bf16 hardware: dot_avx2.h's streams
+    to_even_odd(x, K, xf);
+    auto rows = [&](int64_t n0, int64_t n1) {
+      rows_dots_avx2(w + n0 * K, n1 - n0, K, xf, [&](int64_t r, float d) {
+        out[n0 + r] = float_to_bf16(d + (bias ? bias[n0 + r] : 0.f));
+      });
+    };
+    if (threads <= 1 || N < 8 * threads || N * K * 2 < (1 << 20)) {
+      rows(0, N);
+      return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+      rows(N * t / nt, N * (t + 1) / nt);
+    }
+    return 0;
+  }
   if (!fast)
     for (int64_t m = 0; m < M; ++m) to_float(0, x + m * K, K, xf + m * K);
   const int64_t groups = (N + ROWS - 1) / ROWS;
