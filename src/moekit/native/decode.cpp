@@ -8,6 +8,7 @@
 // from experts.cpp's general one in how it reads `down`: each thread takes one range of hidden
 // rows and reads it expert by expert (one contiguous stream of rows per expert) rather than row
 // by row across all experts (A streams of one row each), which the prefetchers follow better.
+// Without AVX512-BF16 the experts run moe_decode_avx2 (dot_avx2.h: four streams a thread).
 //
 // Shapes: D hidden, H query heads, Hkv kv heads, Dh head dim, S cache positions, E experts,
 // A experts per token, I expert ffn width. All tensors bf16 unless said; sums in float32.

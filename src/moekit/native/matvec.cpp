@@ -8,7 +8,8 @@
 // the portable loop (experts.cpp's moekit_linear), which on the 2-core test machine left each core
 // short of the bytes it could read. Products of two bf16 values are exact in float32; the sums are
 // float32, as in the portable path (the order differs, so results agree to float32 rounding).
-// Without AVX512-BF16 (or for K not a multiple of 32) the same loop runs on converted floats.
+// Without AVX512-BF16, one token (M = 1) with K % 32 == 0 goes to dot_avx2.h (four row streams at
+// once, a thread's rows cut in four ranges); otherwise the same loop runs on converted floats.
 //
 // Work split: each thread takes one contiguous range of rows (whole ROWS-row groups), so each
 // streams one region front to back (what the hardware prefetchers follow best); the result does
