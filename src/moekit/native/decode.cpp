@@ -8,6 +8,7 @@
 // from experts.cpp's general one in how it reads `down`: each thread takes one range of hidden
 // rows and reads it expert by expert (one contiguous stream of rows per expert) rather than row
 // by row across all experts (A streams of one row each), which the prefetchers follow better.
+// Without AVX512-BF16 the experts run moe_decode_avx2 (dot_avx2.h: four streams a thread).
 //
 // Shapes: D hidden, H query heads, Hkv kv heads, Dh head dim, S cache positions, E experts,
 // A experts per token, I expert ffn width. All tensors bf16 unless said; sums in float32.
@@ -21,6 +22,7 @@
 #endif
 
 #include "common.h"
+#include "dot_avx2.h"
 
 namespace {
 
@@ -75,6 +77,63 @@ inline void rope_head(const float* x, const uint16_t* cos, const uint16_t* sin, 
     const float b = bf(float_to_bf16(rot * bf(sin[i])));
     out[i] = float_to_bf16(a + b);
   }
+}
+
+// SwiGLU of one ffn row's two dots, rounded to bf16 at each step as between PyTorch's bf16 ops.
+inline float swiglu_bf16(float g, float u) {
+  const float gb = bf(float_to_bf16(g)), ub = bf(float_to_bf16(u));
+  const float s = bf(float_to_bf16(gb / (1.f + std::exp(-gb))));
+  return bf(float_to_bf16(s * ub));
+}
+
+// moekit_moe_decode_bf16 without bf16 hardware (dot_avx2.h): the same two stages, each thread's rows
+// read four streams at once. Stage 1 reads gate and up rows of two items (its range cut in two);
+// stage 2 writes h_a [I] in even/odd order (float values of bf16) and each thread reads its hidden
+// rows of down_a cut in four ranges. Each output row still sums over a in order, so the result does
+// not depend on the thread count. h holds A * I floats here; the accumulators are on the stack.
+int moe_decode_avx2(const uint16_t* x, const uint16_t* gate_up, const uint16_t* down, const int64_t* ids,
+                    const float* w, int64_t A, int64_t D, int64_t I, float* h, uint16_t* out, int threads) {
+  const int64_t items = A * I;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float xeo[MAX_D];
+    to_even_odd(x, D, xeo);
+    const int64_t i0 = items * t / nt, i1 = items * (t + 1) / nt, half = (i1 - i0) / 2;
+    auto rows_of = [&](int64_t it, const uint16_t** p) {
+      const uint16_t* gu = gate_up + ids[it / I] * 2 * I * D;
+      p[0] = gu + (it % I) * D, p[1] = gu + (I + it % I) * D;
+    };
+    auto store = [&](int64_t it, float g, float u) { h[(it / I) * I + even_odd_slot(it % I)] = swiglu_bf16(g, u); };
+    for (int64_t k = 0; k < half; ++k) {
+      const uint16_t* p[4];
+      rows_of(i0 + k, p), rows_of(i0 + half + k, p + 2);
+      float d[4];
+      dots_avx2<4>(p, xeo, D, d);
+      store(i0 + k, d[0], d[1]), store(i0 + half + k, d[2], d[3]);
+    }
+    for (int64_t it = i0 + 2 * half; it < i1; ++it) {
+      const uint16_t* p[2];
+      rows_of(it, p);
+      float d[2];
+      dots_avx2<2>(p, xeo, D, d);
+      store(it, d[0], d[1]);
+    }
+#pragma omp barrier
+    constexpr int64_t CHUNK = 2048;  // hidden rows summed at once (their accumulators on the stack)
+    float acc[CHUNK];
+    const int64_t d0 = D * t / nt, d1 = D * (t + 1) / nt;
+    for (int64_t c0 = d0; c0 < d1; c0 += CHUNK) {
+      const int64_t rows = std::min(CHUNK, d1 - c0);
+      std::fill(acc, acc + rows, 0.f);
+      for (int64_t a = 0; a < A; ++a) {
+        const float wa = w[a];
+        rows_dots_avx2(down + ids[a] * D * I + c0 * I, rows, I, h + a * I, [&](int64_t r, float dot) { acc[r] += wa * dot; });
+      }
+      for (int64_t r = 0; r < rows; ++r) out[c0 + r] = float_to_bf16(acc[r]);
+    }
+  }
+  return 0;
 }
 
 }  // namespace
@@ -217,6 +276,7 @@ int moekit_moe_decode_bf16(const uint16_t* x, const uint16_t* gate_up, const uin
                            const float* w, int64_t A, int64_t D, int64_t I, float* h, uint16_t* hb, uint16_t* out,
                            int threads) {
   if (A > MAX_A) return 1;
+  if (D <= MAX_D && usable_avx2(D) && usable_avx2(I)) return moe_decode_avx2(x, gate_up, down, ids, w, A, D, I, h, out, threads);
   const int64_t items = A * I;
 #pragma omp parallel num_threads(threads)
   {

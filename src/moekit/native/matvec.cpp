@@ -8,7 +8,8 @@
 // the portable loop (experts.cpp's moekit_linear), which on the 2-core test machine left each core
 // short of the bytes it could read. Products of two bf16 values are exact in float32; the sums are
 // float32, as in the portable path (the order differs, so results agree to float32 rounding).
-// Without AVX512-BF16 (or for K not a multiple of 32) the same loop runs on converted floats.
+// Without AVX512-BF16, one token (M = 1) with K % 32 == 0 goes to dot_avx2.h (four row streams at
+// once, a thread's rows cut in four ranges); otherwise the same loop runs on converted floats.
 //
 // Work split: each thread takes one contiguous range of rows (whole ROWS-row groups), so each
 // streams one region front to back (what the hardware prefetchers follow best); the result does
@@ -21,6 +22,7 @@
 #endif
 
 #include "common.h"
+#include "dot_avx2.h"
 
 namespace {
 
@@ -120,6 +122,24 @@ int moekit_matvec_bf16(const uint16_t* x, const uint16_t* w, const float* bias, 
                        int64_t K, float* xf, int threads) {
   if (M > MAX_M) return 2;
   const bool fast = HAVE_BF16_DOT && K % 32 == 0;
+  if (!fast && M == 1 && usable_avx2(K)) {  // one token without bf16 hardware: dot_avx2.h's streams
+    to_even_odd(x, K, xf);
+    auto rows = [&](int64_t n0, int64_t n1) {
+      rows_dots_avx2(w + n0 * K, n1 - n0, K, xf, [&](int64_t r, float d) {
+        out[n0 + r] = float_to_bf16(d + (bias ? bias[n0 + r] : 0.f));
+      });
+    };
+    if (threads <= 1 || N < 8 * threads || N * K * 2 < (1 << 20)) {
+      rows(0, N);
+      return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+      rows(N * t / nt, N * (t + 1) / nt);
+    }
+    return 0;
+  }
   if (!fast)
     for (int64_t m = 0; m < M; ++m) to_float(0, x + m * K, K, xf + m * K);
   const int64_t groups = (N + ROWS - 1) / ROWS;
