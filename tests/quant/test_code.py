@@ -143,3 +143,25 @@ def test_decode_in_row_blocks_is_exact(monkeypatch):
         monkeypatch.setattr(code_module, "DECODE_ROWS", rows)
         assert torch.equal(decode(*code, d.table, 45), codes)
         assert torch.equal(decode(*(t[1] for t in code), d.table, 45), codes[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(ROW_DENSITY)), min_size=1, max_size=30),
+       cols=st.one_of(st.just(1), st.integers(1, 200)), bits=st.sampled_from([2, 3, 8]),
+       rows_at_once=st.sampled_from([1, 3, 1 << 25]), seed=st.integers(0, 10_000))
+def test_parse_by_doubling_equals_word_by_word(kinds, cols, bits, rows_at_once, seed):
+    """The GPU's parse (each row's chain of word starts followed by doubling) equals the CPU's
+    (a word at a time), and encode in pieces of rows stores the same tensors as in one piece."""
+    from moekit.quant import code as code_mod
+
+    g = torch.Generator().manual_seed(seed)
+    codes = ternary_rows([ROW_DENSITY[k] for k in kinds], cols, g)
+    d = build_dictionary(symbol_probabilities(codes) if seed % 2 else (0.6, 0.2, 0.2), bits)
+    words, starts = code_mod._parse_by_doubling(codes, d.child, d.code_of, d.depth, d.pad_code)
+    ref_words, ref_starts = code_mod._parse_word_by_word(codes, d.child, d.code_of, d.depth, d.pad_code)
+    assert torch.equal(words, ref_words) and torch.equal(starts, ref_starts)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(code_mod, "PARSE_ELEMENTS", rows_at_once * (cols + MAX_WORD))
+        pieces = encode(codes[None], d, 4)
+    assert torch.equal(decode(*pieces, d.table, cols), codes[None])
+    assert all(torch.equal(a, b) for a, b in zip(pieces, encode(codes[None], d, 4)))

@@ -171,6 +171,74 @@ def _stored_bytes(row_words: torch.Tensor, chunk: int, word_bytes: int, start_by
     return row_words.shape[0] * (capacity * (chunk * word_bytes + start_bytes) + row_words.shape[1] * count_bytes)
 
 
+# Row positions parsed at once by encode: each of _parse's ~8 int64 intermediates then takes at most
+# 256 MB (one Mixtral expert matrix is 117M positions, a layer's gate_up ~940M).
+PARSE_ELEMENTS = 1 << 25
+
+
+def _parse(rows: torch.Tensor, child: torch.Tensor, code_of: torch.Tensor, depth: torch.Tensor,
+           pad_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (words, starts) [n, S] int64 of ternary rows [n, K] parsed greedily: word j of a row
+    and the column it starts at; past a row's last word the all-zeros word and K (S: the most words
+    of any row). On a GPU by doubling (_parse_by_doubling), elsewhere a word at a time: the same
+    result (tested), each the faster where it runs."""
+    if rows.device.type == "cuda":
+        return _parse_by_doubling(rows, child, code_of, depth, pad_code)
+    return _parse_word_by_word(rows, child, code_of, depth, pad_code)
+
+
+def _parse_word_by_word(rows: torch.Tensor, child: torch.Tensor, code_of: torch.Tensor, depth: torch.Tensor,
+                        pad_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_parse one word a step for all rows at once: S steps of MAX_WORD walks over n rows. On a GPU
+    that is ~3,000 small kernels a matrix (150 s of RTN into the code for Mixtral's 32 layers on the
+    H200, launch-bound); on a CPU it reads the least memory."""
+    k = rows.shape[1]
+    flat = torch.nn.functional.pad(rows.to(torch.int64), (0, MAX_WORD))  # zeros past the end: words may run over
+    m = flat.shape[0]
+    at = torch.arange(m, device=rows.device)
+    pos = torch.zeros(m, dtype=torch.int64, device=rows.device)
+    words, starts = [], []
+    while True:
+        active = pos < k
+        if not bool(active.any()):
+            break
+        node = torch.zeros(m, dtype=torch.int64, device=rows.device)
+        for i in range(MAX_WORD):
+            nxt = child[node, flat[at, (pos + i).clamp(max=flat.shape[1] - 1)]]
+            node = torch.where(nxt >= 0, nxt, node)
+        words.append(torch.where(active, code_of[node], torch.full_like(node, pad_code)))
+        starts.append(pos.clamp(max=k))
+        pos = pos + torch.where(active, depth[node], torch.zeros_like(pos))
+    return torch.stack(words, dim=1), torch.stack(starts, dim=1)
+
+
+def _parse_by_doubling(rows: torch.Tensor, child: torch.Tensor, code_of: torch.Tensor, depth: torch.Tensor,
+                       pad_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_parse with few, large kernels: the greedy walk from every column at once (the word it
+    would read there and the column after it), then each row's chain of starts 0 -> next -> ...
+    followed by doubling, log2(S) gathers; ~avg word length times more memory read than a word
+    at a time (slower on a CPU)."""
+    n, k = rows.shape
+    padded = torch.nn.functional.pad(rows.to(torch.int64), (0, MAX_WORD))  # zeros past the end: words may run over
+    node = torch.zeros(n, k, dtype=torch.int64, device=rows.device)
+    for i in range(MAX_WORD):  # the parse tree's walk from every column
+        nxt = child[node, padded[:, i:i + k]]
+        node = torch.where(nxt >= 0, nxt, node)
+    padded = nxt = None
+    code_at = code_of[node]  # [n, K] the word read from each column
+    past = torch.full((n, 1), k, dtype=torch.int64, device=rows.device)
+    jump = torch.cat([(torch.arange(k, device=rows.device) + depth[node]).clamp(max=k), past], dim=1)  # [n, K + 1]
+    node = None
+    starts = torch.zeros(n, 1, dtype=torch.int64, device=rows.device)  # starts[:, j]: word j's column
+    while not bool((starts[:, -1] >= k).all()):  # jump is the walk of starts.shape[1] words
+        starts = torch.cat([starts, torch.gather(jump, 1, starts)], dim=1)
+        jump = torch.gather(jump, 1, jump)
+    starts = starts[:, :int((starts < k).sum(dim=1).max())]
+    active = starts < k
+    words = torch.where(active, torch.gather(code_at, 1, starts.clamp(max=k - 1)), torch.full_like(starts, pad_code))
+    return words, starts
+
+
 def encode(codes: torch.Tensor, d: Dictionary, chunk: int | None = None) -> Code:
     """Returns the stored tensors (a Code, see the module docstring) of ternary codes [..., R, K].
 
@@ -181,37 +249,24 @@ def encode(codes: torch.Tensor, d: Dictionary, chunk: int | None = None) -> Code
     if r == 0 or math.prod(lead) == 0:
         raise ValueError(f"encode takes ternary codes [..., R, K] of at least one row, got shape {list(codes.shape)}")
     device = codes.device
-    flat = codes.reshape(math.prod(lead) * r, k).to(torch.int64)  # [M, K]
-    flat = torch.nn.functional.pad(flat, (0, MAX_WORD))  # zeros past the end: words may run over
-    child, code_of, depth = d.child.to(device), d.code_of.to(device), d.depth.to(device)
-    holds_nonzero = d.table[:, 0].to(device) != 0  # [2^bits]
+    flat = codes.reshape(math.prod(lead) * r, k)  # [M, K]
     m = flat.shape[0]
-    rows = torch.arange(m, device=device)
-    pos = torch.zeros(m, dtype=torch.int64, device=device)
-    used = torch.zeros(m, dtype=torch.int64, device=device)  # words up to the last with a nonzero symbol
-    words: list[torch.Tensor] = []
-    starts: list[torch.Tensor] = []
-    while True:
-        active = pos < k
-        if not bool(active.any()):
-            break
-        node = torch.zeros(m, dtype=torch.int64, device=device)
-        for i in range(MAX_WORD):
-            nxt = child[node, flat[rows, (pos + i).clamp(max=flat.shape[1] - 1)]]
-            node = torch.where(nxt >= 0, nxt, node)
-        code = torch.where(active, code_of[node], torch.full_like(node, d.pad_code))
-        words.append(code)
-        starts.append(pos.clamp(max=k))
-        used = torch.where(active & holds_nonzero[code], len(words), used)
-        pos = pos + torch.where(active, depth[node], torch.zeros_like(pos))
+    child, code_of, depth = d.child.to(device), d.code_of.to(device), d.depth.to(device)
+    step = max(1, PARSE_ELEMENTS // (k + MAX_WORD))  # rows parsed at once: their intermediates stay bounded
+    parts = [_parse(flat[i:i + step], child, code_of, depth, d.pad_code) for i in range(0, m, step)]
+    most_words = max(w.shape[1] for w, _ in parts)
+    word_mat = torch.cat([torch.nn.functional.pad(w, (0, most_words - w.shape[1]), value=d.pad_code) for w, _ in parts])
+    start_mat = torch.cat([torch.nn.functional.pad(t, (0, most_words - t.shape[1]), value=k) for _, t in parts])
+    # words up to the last one holding a nonzero symbol
+    holds_nonzero = (d.table[:, 0].to(device) != 0)[word_mat] & (start_mat < k)  # [M, words]
+    number = torch.arange(1, most_words + 1, device=device)
+    used = torch.where(holds_nonzero, number, torch.zeros_like(number)).amax(dim=1)  # [M]
     items = m // max(r, 1)  # matrices along the leading dimensions
     word_bytes, start_bytes = (1 if d.bits <= 8 else 2), (2 if k <= 32767 else 4)
     if chunk is None:  # the chunk size that stores these matrices in the fewest bytes
         chunk = min(CHUNKS, key=lambda c: _stored_bytes(used.view(items, r), c, word_bytes, start_bytes))
     row_chunks = -(-used // chunk)  # [M]
     most = int(row_chunks.max()) if m else 0  # chunks of the longest row
-    word_mat = torch.stack(words, dim=1) if words else torch.zeros(m, 0, dtype=torch.int64, device=device)
-    start_mat = torch.stack(starts, dim=1) if starts else torch.zeros(m, 0, dtype=torch.int64, device=device)
     word_mat = torch.nn.functional.pad(word_mat, (0, max(0, most * chunk - word_mat.shape[1])), value=d.pad_code)
     word_mat = word_mat[:, :most * chunk].reshape(m, most, chunk)  # [M, S, W] each row's chunks
     chunk_start = start_mat[:, ::chunk][:, :most]  # [M, S]: rows are at least `used` words long
