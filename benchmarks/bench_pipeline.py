@@ -285,6 +285,21 @@ def plan_for(costs, machine, gen_len: int, prompt_len: int, budget: int, max_seq
                   host_budget=free_host_budget(held=int(costs.total_expert_bytes)), attention=("cpu",))
 
 
+def roofline_picture(out: str, label: str, gen_len: int, machine, costs, plan, workload) -> str | None:
+    """Writes the plan's hierarchical roofline (moekit plan --plot's SVG) as OUT/roofline_<label>_gen<N>.svg
+    and returns its file name (None where it could not be written: the row is kept either way)."""
+    from moekit.pipeline.cli import write_plot
+
+    name = f"roofline_{label.replace(' ', '_')}_gen{gen_len}.svg"
+    try:
+        write_plot(Path(out) / name, machine, costs, plan, workload,
+                   f"{label}, gen {gen_len}: {plan.tok_s:.0f} tok/s predicted ({plan.bound})")
+    except Exception as e:  # noqa: BLE001 -- a picture must not cost the row
+        log(f"{name}: not written ({type(e).__name__}: {e})")
+        return None
+    return name
+
+
 def attention_ceiling(costs, machine, prompt_len: float, gen_len: int) -> float | None:
     """Returns the CPU-attention ceiling (tok/s): the kernel's KV bytes/s (the host's read bytes/s
     where the native kernel is missing) over the KV bytes one token reads at s + n / 2."""
@@ -831,6 +846,7 @@ def main() -> int:
         models, N cap and extra fields."""
         from dataclasses import replace
 
+        from moekit.pipeline.hrm import Workload
         from moekit.pipeline.machine import free_host_budget
         from moekit.pipeline.timeline import launch_task_seconds
 
@@ -898,6 +914,9 @@ def main() -> int:
                     same = [r for r in results["rows"] if r.get("row") == "pipeline (CGOPipe, HRM policy)"
                             and r.get("status") == "ok"] or bf16_rows
                     row["vs_bf16"] = {f"gen {r['gen_len']}": row["tok_s"] / r["tok_s"] for r in same if r.get("tok_s")}
+                if not warm:  # the plan's roofline picture (moekit plan --plot), beside the JSON
+                    row["roofline_svg"] = roofline_picture(args.out, label, g, row_machine, row_costs, plan,
+                                                           Workload(plan_prompt_len, g, n))
                 if not warm and not form:
                     steps.append((n, prompt_mean + g / 2, row["decode_step_s"]))
                     results["last_prefill_s"] = row["prefill_s"]
