@@ -229,6 +229,27 @@ def test_mxfp4_offloaded_moves_mxfp4_bytes(mxfp4_oss):
         assert model.offload.report()["demand_fetches"] > 0
 
 
+def test_mxfp4_pages_move_mxfp4_bytes_through_the_pipeline(mxfp4_oss):
+    """The batch pipeline pages gpt-oss's MXFP4 experts as stored (blocks, scales and biases in one
+    packed row an expert, the same bytes the resident layer holds) and CGOPipe's greedy tokens equal
+    the sequential engine's (float32 compute, the CPU run of the schedule)."""
+    from moekit.experts.clamped import Mxfp4ClampedForm
+    from moekit.pipeline.cgopipe import generate_pipelined
+    from moekit.pipeline.paged import PagedLoader
+
+    mx, _ = mxfp4_oss
+    prompts = [[5, 17, 30, 42, 9], [99, 3], [8], list(range(3, 30))]
+    resident = moekit.load_model(mx, dtype="float32")
+    want = [t.tolist() for t in resident.generate(prompts, max_new_tokens=5, temperature=0.0, eos_token_ids=(),
+                                                  stop_at_eos=False)]
+    model = moekit.load_model(mx, dtype="float32", experts=PagedLoader(resident=1))
+    runtime = model.expert_runtime
+    assert isinstance(runtime.layout.form, Mxfp4ClampedForm)
+    assert runtime.layout.expert_bytes() == resident.layers[0].mlp.experts.expert_bytes()
+    got = [t.tolist() for t in generate_pipelined(model, prompts, max_new_tokens=5, micro_batch=2)]
+    assert got == want and runtime.pages_loaded > 0
+
+
 def test_mxfp4_inspect_and_prune(mxfp4_oss, tmp_path):
     from moekit.inspect_model import inspect_checkpoint
 

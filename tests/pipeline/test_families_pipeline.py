@@ -2,25 +2,21 @@
 every family the loader reads, against the sequential engine: the same greedy tokens for prompts
 of mixed lengths (1 to 40 tokens, past the sliding windows of phimoe and gpt-oss and past the
 yarn variants' original context), with the float32 checkpoint's experts resident, a bf16
-checkpoint's experts paged, and int4 (RTN) experts paged -- gpt-oss's experts (biases, clamped
-SwiGLU), which the pages refuse, stream through the offload engine's expert cache instead (two
-slots a layer). Sinks (gpt-oss) and MLA (DeepSeek, the absorbed form over a joint latent pool,
+checkpoint's experts paged, and int4 (RTN) experts paged (gpt-oss's with their biases and clamped
+SwiGLU; its MXFP4 experts below). Sinks (gpt-oss) and MLA (DeepSeek, the absorbed form over a joint latent pool,
 moekit.pipeline.latent) run in the native kernel."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
-from family_cases import budget_for
 
 import moekit
 from moekit import native
 from moekit.errors import MoekitError
 from moekit.load import load_model
-from moekit.offload import OffloadConfig, load_offloaded
 from moekit.pipeline.cgopipe import NativeAttention, PipelinedDecoder, generate_pipelined
 from moekit.pipeline.paged import PagedLoader
 from moekit.quant.compress import compress
@@ -32,8 +28,6 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"
             "deepseek_v2", "deepseek_v3"]
 MORE = ["mixtral_sliding", "qwen2_moe_step", "qwen3_moe_bias", "olmoe_clip", "granitemoe_tied", "phimoe_longrope",
         "glm4_moe_plain", "gpt_oss_full", "deepseek_v2_group", "deepseek_v3_plain"]
-UNPAGEABLE = {"gpt_oss", "gpt_oss_full"}  # PagedLoader refuses experts with biases and a clamped SwiGLU
-OFFLOAD = OffloadConfig(store="host", predictor="none")  # their streamed forms: the offload engine's cache
 PROMPTS = [[5, 17, 30, 42, 9, 11, 7], [99, 3], [77] * 20, [8], list(range(3, 43)), [20, 1, 95, 31]]
 NEW_TOKENS = 5
 FORMS = {"int4": QuantConfig(bits="4", group_size=8, method="rtn"), "ternary": QuantConfig(bits="ternary", method="rtn")}
@@ -69,19 +63,15 @@ def checkpoint(tiny, tmp_path_factory):
 
 def pipeline_model(path, variant: str, form: str, device: str):
     """Returns the float32 model CGOPipe runs: experts resident ("float32"), else paged with one
-    resident a layer, or for gpt-oss streamed through the offload engine's cache (two slots)."""
+    resident a layer."""
     if form == "float32":
         return load_model(path, device=device, dtype="float32")
-    if variant in UNPAGEABLE:
-        config = dataclasses.replace(OFFLOAD, device_memory=budget_for(path, OFFLOAD, 2, device))
-        return load_offloaded(path, device=device, dtype="float32", offload=config)
     return load_model(path, device=device, dtype="float32", experts=PagedLoader(resident=1))
 
 
 def run_case(checkpoint, variant: str, form: str, micro_batch: int, monkeypatch) -> None:
     path = checkpoint(variant, form)
     expected = sequential(moekit.load_model(path, device="cpu", dtype="float32"))
-    paged = form != "float32" and variant not in UNPAGEABLE
     model = pipeline_model(path, variant, form, "cpu")
     calls = []
     for name in ("__call__", "store_and_attend"):  # the worker's call without and with the KV store in it
@@ -92,10 +82,8 @@ def run_case(checkpoint, variant: str, form: str, micro_batch: int, monkeypatch)
     if native.library() is not None:  # every task's attention in the kernel: sinks and MLA included
         tasks = (NEW_TOKENS - 1) * model.config.num_layers * -(-len(PROMPTS) // micro_batch)
         assert len(calls) == tasks
-    if paged:
+    if form != "float32":
         assert model.expert_runtime.pages_loaded > 0
-    elif form != "float32":  # 2 of 4 experts a layer cached: some were fetched
-        assert model.expert_runtime.stats.demand_fetches > 0
 
 
 @pytest.mark.parametrize("variant", FAMILIES)
@@ -111,9 +99,20 @@ def test_every_variant_and_form(checkpoint, variant, form, micro_batch, monkeypa
     run_case(checkpoint, variant, form, micro_batch, monkeypatch)
 
 
-def test_gpt_oss_pages_are_refused_in_one_line(tiny):
-    with pytest.raises(MoekitError, match="cannot page gpt_oss's experts"):
-        load_model(tiny("gpt_oss").path, device="cpu", dtype="float32", experts=PagedLoader(resident=1))
+def test_gpt_oss_pages_carry_its_biases_and_clamp(checkpoint):
+    """gpt-oss's paged experts are its stored form with the biases in the same packed rows (in the
+    load's dtype, as every family's dense experts), the int4 codes wrapped with them; a layer
+    never decodes whole into the grouped SwiGLU kernels' workspace."""
+    from moekit.experts.clamped import BiasedCompressedForm, ClampedSwigluForm
+    from moekit.pipeline.paged import plain_compressed
+
+    bf16 = load_model(checkpoint("gpt_oss", "bf16"), device="cpu", dtype="float32", experts=PagedLoader(resident=1))
+    form = bf16.expert_runtime.layout.form
+    assert type(form) is ClampedSwigluForm and form.dtype == torch.float32 and not plain_compressed(form)
+    assert set(form.specs_names()) >= {"gate_up_bias", "down_bias"}
+    int4 = load_model(checkpoint("gpt_oss", "int4"), device="cpu", dtype="float32", experts=PagedLoader(resident=1))
+    form = int4.expert_runtime.layout.form
+    assert isinstance(form, BiasedCompressedForm) and form.name == "int4_clamped_swiglu" and not plain_compressed(form)
 
 
 def test_mla_needs_the_joint_host_cache(tiny):
@@ -205,7 +204,7 @@ def first_agreement(got: list[list[int]], want: list[list[int]]) -> float:
 @pytest.mark.parametrize("form", ["float32", "bf16"])
 def test_cuda_pipeline_agrees_for_every_family(checkpoint, variant, form):
     """On a GPU (float32 compute, q/k/v and outputs over their streams, task graphs where they
-    apply; bf16: experts paged, gpt-oss's offloaded): the pipeline's greedy tokens against the sequential engine's on the device; the CPU
+    apply; bf16: experts paged): the pipeline's greedy tokens against the sequential engine's on the device; the CPU
     kernel sums in another order, so most tokens, not all, must agree (as tests/pipeline/test_cuda)."""
     path = checkpoint(variant, form)
     want = sequential(moekit.load_model(path, device="cuda", dtype="float32"))
@@ -214,7 +213,7 @@ def test_cuda_pipeline_agrees_for_every_family(checkpoint, variant, form):
     share = first_agreement(got, want)
     graphs = getattr(model, "_pipeline_graphs", None)
     print(f"CUDA pipeline {variant} {form}: {100 * share:.1f}% of greedy tokens agree; graphs "
-          f"{graphs.report() if graphs is not None else 'none (offloaded experts: eager)'}")
+          f"{graphs.report() if graphs is not None else 'none'}")
     assert share >= 0.9, f"{got} vs {want}"
     torch.cuda.synchronize()
 

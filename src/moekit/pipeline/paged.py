@@ -31,9 +31,10 @@ layer's experts are decoded once, in two launches a matrix kind (its resident sl
 slots), into a dense workspace [E, 2I, D] + [E, D, I] in the activations' dtype, and every
 micro-batch of the layer runs the grouped dense kernels (experts.triton_ops) on the router's
 expert ids: no host sync (the per-expert path sorts slots on the host) and one decode a layer
-rather than one per routed expert per micro-batch; the slab stays compressed. Forms whose stored
-experts carry more than a SwiGLU (gpt-oss: biases, the clamped SwiGLU, MXFP4) are refused
-(`pageable_form`).
+rather than one per routed expert per micro-batch; the slab stays compressed. gpt-oss's experts
+(biases and the clamped SwiGLU around bf16, MXFP4, int-N or ternary-code matrices: experts.clamped)
+page the same way, each expert's stored tensors and biases as one packed row, and always run
+through their form's own calls (the clamped slot kernels on a GPU), never the grouped SwiGLU ones.
 
 A page is an equal share of the bytes of each stored tensor's streamed part (as the artifact's
 byte ranges: every page costs the same PCIe time, so no page holds a hidden-state load behind a
@@ -331,7 +332,7 @@ class PagedRuntime:
         a compressed form, more routed slots than the per-slot kernels take, the kernels running,
         no autograd."""
         form = self.layout.form
-        if not self.decode_layers or isinstance(form, DenseForm) or slots <= SLOT_KERNEL_MAX_SLOTS:
+        if not self.decode_layers or not plain_compressed(form) or slots <= SLOT_KERNEL_MAX_SLOTS:
             return False
         from ..experts import triton_ops
         from ..quant import ops
@@ -407,20 +408,27 @@ class PagedExperts(nn.Module):
         return self.runtime.run(self.layer, x, expert_ids, weights)
 
 
+def plain_compressed(form: StoredForm) -> bool:
+    """Returns whether `form` is int-N or the ternary code around a plain SwiGLU, which a layer
+    decoded whole runs through the grouped SwiGLU kernels (gpt-oss's biased, clamped experts and
+    dense ones never are)."""
+    return form.name in PAGED_FORMS and not isinstance(form, DenseForm)
+
+
 def pageable_form(ctx: LoadContext, host_layers: dict[int, Tensors] | None = None) -> StoredForm:
     """Returns the stored form a checkpoint's experts are paged in: dense (its dtype), int-N or the
-    ternary code of a moekit-compressed checkpoint (tables on the device); raises MoekitError in
-    one line naming the alternative for forms the pages cannot carry."""
+    ternary code of a moekit-compressed checkpoint (tables on the device); gpt-oss's experts with
+    their biases and clamped SwiGLU around either, or in the MXFP4 blocks and scales it ships
+    (experts.clamped); raises MoekitError in one line naming the alternative for forms the pages
+    cannot carry."""
     from ..quant.config import QuantConfig, is_moekit_quantized
 
     cfg, where = ctx.config, ctx.ckpt.path / "config.json"
-    if not cfg.plain_experts:
-        mxfp4 = (ctx.ckpt.config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
-        what = "MXFP4 experts (with biases and a clamped SwiGLU)" if mxfp4 else "experts with biases and a clamped SwiGLU"
-        raise MoekitError(f"{where}: paged experts (moekit.pipeline) cannot page {cfg.family}'s {what}; run it "
-                          "offloaded instead (moekit.offload.load_offloaded, `moekit generate --offload`), "
-                          "which keeps them in their stored form")
     if not is_moekit_quantized(ctx.ckpt.config):
+        if not cfg.plain_experts:  # gpt-oss: biases and the clamped SwiGLU, bf16 or the MXFP4 it ships
+            from ..experts.clamped import form_for
+
+            return form_for(ctx)
         return DenseForm(cfg.hidden_size, cfg.expert_ffn, ctx.dtype)
     from ..quant.formats import form_from_checkpoint, form_from_tensors
 
@@ -430,6 +438,10 @@ def pageable_form(ctx: LoadContext, host_layers: dict[int, Tensors] | None = Non
     if form.name not in PAGED_FORMS:
         raise MoekitError(f"{where}: paged experts cannot page stored form '{form.name}' (they page "
                           f"{', '.join(PAGED_FORMS)}); run it offloaded instead (moekit.offload.load_offloaded)")
+    if not cfg.plain_experts:  # a compressed gpt-oss: the codes with its biases and clamp around them
+        from ..experts.clamped import BiasedCompressedForm
+
+        form = BiasedCompressedForm.of(form, cfg, ctx.dtype)
     return form
 
 
