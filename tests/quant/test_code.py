@@ -165,3 +165,16 @@ def test_parse_by_doubling_equals_word_by_word(kinds, cols, bits, rows_at_once, 
         pieces = encode(codes[None], d, 4)
     assert torch.equal(decode(*pieces, d.table, cols), codes[None])
     assert all(torch.equal(a, b) for a, b in zip(pieces, encode(codes[None], d, 4)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_encode_by_doubling_equals_the_cpu_encode():
+    """On a GPU encode parses by doubling, in pieces; its stored tensors equal the CPU's word-at-a-time
+    encode of the same codes (two experts of a wide layer, QMoE-like zeros, a 10-bit dictionary)."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.stack([ternary_rows([0.12] * 700 + [0.0] * 5 + [0.9] * 3, 1792, g) for _ in range(2)])
+    d = build_dictionary(symbol_probabilities(codes), 10)
+    on_cpu = encode(codes, d)
+    on_gpu = encode(codes.cuda(), d)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(on_cpu, on_gpu))
