@@ -49,7 +49,7 @@ def _moe_reference(x, gate_up, down, ids, weights):
 
 
 # (D, I): multiples of 32 take dot_avx2.h's streams on a CPU without bf16 dot products; 48 the portable loop
-@pytest.mark.parametrize("d,i", [(256, 96), (160, 64), (64, 48)])
+@pytest.mark.parametrize("d,i", [(256, 96), (160, 64), (64, 48), (288, 160)])
 def test_moe_decode_matches_reference(d, i):
     lib = native.library()
     g = torch.Generator().manual_seed(d + i)
@@ -60,14 +60,54 @@ def test_moe_decode_matches_reference(d, i):
     ids = torch.tensor([4, 1, 5])
     weights = torch.tensor([0.5, 0.3125, 0.1875])
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3, 5):  # odd splits of the (expert, ffn row) items and of the output rows
         h, hb, out = torch.empty(max(a * i, d)), torch.empty(a * i, dtype=torch.bfloat16), torch.empty(d, dtype=torch.bfloat16)
         assert lib.moekit_moe_decode_bf16(x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), ids.data_ptr(),
                                           weights.data_ptr(), a, d, i, h.data_ptr(), hb.data_ptr(), out.data_ptr(),
                                           threads) == 0
         results.append(out)
-    assert torch.equal(results[0], results[1])  # each output row sums its experts in order on one thread
+    assert all(torch.equal(results[0], r) for r in results[1:])  # each output row sums its experts in order on one thread
     assert rel_error(results[0].float(), _moe_reference(x, gate_up, down, ids, weights).float()) <= 1e-2
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_dot_avx2_runs_exactly_where_it_should():
+    """dot_avx2.h's streams run on an AVX2 CPU without AVX512-BF16 (the build is -march=native) and
+    never where AVX512-BF16 exists (its vdpbf16ps paths stay); MOEKIT_AVX2_DOT=0 switches them off."""
+    import subprocess
+    import sys
+
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags here")
+    active = native.library().moekit_dot_avx2_active()
+    assert active == int({"avx2", "fma"} <= flags and "avx512_bf16" not in flags)
+    code = "from moekit import native; print(native.library().moekit_dot_avx2_active())"
+    off = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "MOEKIT_AVX2_DOT": "0"},
+                         capture_output=True, text=True, check=True)
+    assert off.stdout.strip() == "0"
+
+
+def test_threaded_one_token_matvec_same_bits_at_any_thread_count():
+    """Past 1 MiB of weights the one-token matvec splits rows over threads (the AVX2 streams cut each
+    thread's rows in four ranges): every row once, the same bits at 1, 2, 3 and 7 threads."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 515, 2048  # 2.1 MB of bf16 weights, rows not a multiple of 4 or of any thread count
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    outs = [mv.matvec(x, w, None, threads=t) for t in (1, 2, 3, 7)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    expected = mv.reference(x, w, None)
+    assert ((outs[0].float() - expected).abs() <= expected.abs() * 2 ** -8 + 1e-3 * expected.abs().max()).all()
 
 
 def test_matvec_refuses():

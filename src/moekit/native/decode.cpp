@@ -268,6 +268,10 @@ int moekit_route_softmax_bf16(const uint16_t* logits, int64_t E, int64_t k, int 
   return 0;
 }
 
+// Returns 1 when one-token bf16 dots of rows a multiple of 32 long take dot_avx2.h's streams (AVX2
+// built in, no AVX512-BF16, not switched off with MOEKIT_AVX2_DOT=0), else 0: tests check which ran.
+int moekit_dot_avx2_active() { return usable_avx2(32) ? 1 : 0; }
+
 // out [D] = sum over a of w[a] * down_a @ (silu(gate_a @ x) * (up_a @ x)) for one token x [D],
 // experts a = ids[a] of the stacked gate_up [E, 2I, D] (gate rows, then up) and down [E, D, I].
 // h [A, I] floats and hb [A, I] are scratch. Deterministic: each output row sums over a in order.

@@ -26,7 +26,9 @@
 
 #include "common.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+// Off where AVX512-BF16 is built in: matvec.cpp's and decode.cpp's vdpbf16ps paths are faster there
+// (and keep their bits), so neither caller may take this one.
+#if defined(__AVX2__) && defined(__FMA__) && !(defined(__AVX512BF16__) && defined(__AVX512F__))
 #include <immintrin.h>
 #define MOEKIT_DOT_AVX2 1
 #else
