@@ -70,3 +70,8 @@ def test_pinned_experts_given_to_a_pinning_store_are_kept_not_copied():
     copied = layout.pack(0, pageable, pin=True)
     assert all(copied[k].is_pinned() and copied[k].data_ptr() != pageable[k].data_ptr() for k in pageable)
     assert all(torch.equal(copied[k], pageable[k]) for k in pageable)
+    # pinned but not as stored (float32, or a transposed view): copied into the stored dtype and order
+    wide = {"gate_up": pinned_empty((2, 8, 8), torch.float32), "down": pinned["down"]}
+    assert layout.pack(0, wide, pin=True)["gate_up"].dtype == torch.bfloat16
+    turned = {"gate_up": pinned_empty((2, 8, 8), torch.bfloat16).transpose(1, 2), "down": pinned["down"]}
+    assert layout.pack(0, turned, pin=True)["gate_up"].is_contiguous()

@@ -106,12 +106,18 @@ class TensorLayout(SlotLayout):
 
     def pack(self, layer, tensors, pin=False):
         stacked = {name: tensors[name] for name in self.shapes(layer)}
-        if not pin or all(t.is_pinned() for t in stacked.values()):  # page-locked already: kept, not copied
-            return stacked
+        if not pin or all(self._as_stored(t, name, layer) for name, t in stacked.items()):
+            return stacked  # page-locked already, in the store's dtype, shape and order: kept, not copied
         out = self.empty(next(iter(stacked.values())).shape[0], "cpu", pin=True, layer=layer)
         for name, t in out.items():
             t.copy_(stacked[name])
         return out
+
+    def _as_stored(self, t: torch.Tensor, name: str, layer: int) -> bool:
+        """Returns whether t [E, ...] is pinned, contiguous, and of the stored tensor's dtype and shape
+        (the native kernels read it by raw pointer and row stride)."""
+        shape, dtype = self.shapes(layer)[name]
+        return t.is_pinned() and t.is_contiguous() and t.dtype == dtype and tuple(t.shape[1:]) == tuple(shape)
 
     def read(self, ckpt, family, layer, expert, out):
         self.form.read(ckpt, family, layer, expert, out)
