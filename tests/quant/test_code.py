@@ -178,3 +178,16 @@ def test_cuda_encode_by_doubling_equals_the_cpu_encode():
     on_cpu = encode(codes, d)
     on_gpu = encode(codes.cuda(), d)
     assert all(torch.equal(a, b.cpu()) for a, b in zip(on_cpu, on_gpu))
+
+
+def test_rows_of_no_columns_encode_to_nothing():
+    """K = 0: both parses give no words, and encode stores empty rows (no chunks), as before the doubling."""
+    from moekit.quant import code as code_mod
+
+    codes = torch.zeros(2, 5, 0, dtype=torch.uint8)
+    d = build_dictionary((0.8, 0.1, 0.1), 8)
+    for parse in (code_mod._parse_word_by_word, code_mod._parse_by_doubling):
+        words, starts = parse(codes.reshape(10, 0), d.child, d.code_of, d.depth, d.pad_code)
+        assert words.shape == starts.shape == (10, 0)
+    code = encode(codes, d)
+    assert code.row_chunks.shape == (2, 5) and int(code.row_chunks.sum()) == 0

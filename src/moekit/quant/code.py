@@ -171,8 +171,9 @@ def _stored_bytes(row_words: torch.Tensor, chunk: int, word_bytes: int, start_by
     return row_words.shape[0] * (capacity * (chunk * word_bytes + start_bytes) + row_words.shape[1] * count_bytes)
 
 
-# Row positions parsed at once by encode: each of _parse's ~8 int64 intermediates then takes at most
-# 256 MB (one Mixtral expert matrix is 117M positions, a layer's gate_up ~940M).
+# Row positions parsed at once by encode: each of _parse_by_doubling's [rows, K] int64 intermediates
+# then takes at most 256 MB, its word starts up to twice that (their width doubles past the most
+# words of a row, at most K); one Mixtral expert matrix is 117M positions, a layer's gate_up ~940M.
 PARSE_ELEMENTS = 1 << 25
 
 
@@ -209,6 +210,8 @@ def _parse_word_by_word(rows: torch.Tensor, child: torch.Tensor, code_of: torch.
         words.append(torch.where(active, code_of[node], torch.full_like(node, pad_code)))
         starts.append(pos.clamp(max=k))
         pos = pos + torch.where(active, depth[node], torch.zeros_like(pos))
+    if not words:  # rows of no columns: no words
+        return (torch.zeros(m, 0, dtype=torch.int64, device=rows.device),) * 2
     return torch.stack(words, dim=1), torch.stack(starts, dim=1)
 
 
@@ -260,7 +263,8 @@ def encode(codes: torch.Tensor, d: Dictionary, chunk: int | None = None) -> Code
     # words up to the last one holding a nonzero symbol
     holds_nonzero = (d.table[:, 0].to(device) != 0)[word_mat] & (start_mat < k)  # [M, words]
     number = torch.arange(1, most_words + 1, device=device)
-    used = torch.where(holds_nonzero, number, torch.zeros_like(number)).amax(dim=1)  # [M]
+    used = (torch.where(holds_nonzero, number, torch.zeros_like(number)).amax(dim=1) if most_words
+            else torch.zeros(m, dtype=torch.int64, device=device))  # [M]
     items = m // max(r, 1)  # matrices along the leading dimensions
     word_bytes, start_bytes = (1 if d.bits <= 8 else 2), (2 if k <= 32767 else 4)
     if chunk is None:  # the chunk size that stores these matrices in the fewest bytes
