@@ -274,15 +274,23 @@ def measure_machine(device: torch.device, small: bool, cfg, probes: dict):
     return PRESETS["h200"].merged(Machine(name="cpu", **levels))
 
 
-def plan_for(costs, machine, gen_len: int, prompt_len: int, budget: int, max_sequences: int):
+def plan_for(costs, machine, gen_len: int, prompt_len: int, budget: int, max_sequences: int, held: int):
     """Returns the HRM's plan with CPU attention within the device budget and the host memory
-    available now (plus the expert store the plan counts, allocated already) less a reserve, as
-    `moekit batch` plans (machine.free_host_budget)."""
+    available now (plus `held`: the part of the expert store the plan counts that is allocated
+    already) less a reserve, as `moekit batch` plans (machine.free_host_budget)."""
     from moekit.pipeline.hrm import Workload, search
     from moekit.pipeline.machine import free_host_budget
 
     return search(costs, machine, Workload(prompt_len, gen_len, num_prompts=max_sequences), device_budget=budget,
-                  host_budget=free_host_budget(held=int(costs.total_expert_bytes)), attention=("cpu",))
+                  host_budget=free_host_budget(held=held), attention=("cpu",))
+
+
+def held_store_bytes(costs, form: dict | None) -> int:
+    """Returns the bytes of the store the HRM counts that exist already when a row is planned: the
+    bf16 rows page the pinned host experts as they are (TensorLayout keeps them); a compressed
+    form's rows pack its stored tensors into a new pinned store when the model loads, after the
+    plan (the stored tensors stay allocated beside it), so none of theirs."""
+    return 0 if form else int(costs.total_expert_bytes)
 
 
 def roofline_picture(out: str, label: str, gen_len: int, machine, costs, plan, workload) -> str | None:
@@ -475,13 +483,15 @@ def offload_row(folder, host, prompts, gen_len, budget, device, dtype) -> dict:
 HF_PLACEMENTS = 3  # transformers+accelerate: placements tried to keep its peak within the budget
 
 
-def hf_row(hf_cfg, folder, host, prompts, gen_len_cap, budget, device, cap_s) -> dict:
+def hf_row(hf_cfg, folder, host, prompts, gen_len_cap, budget, device, cap_s, deadline: float) -> dict:
     """transformers + accelerate: device_map with max_memory {gpu: budget}, batch of `prompts`
-    left-padded, greedy; a 1-token run, then as many tokens as fit `cap_s` (at most gen_len_cap).
-    accelerate's max_memory bounds the weights it places, not the activations on top: where a
-    placement's allocator peak (both runs) passed the budget, the model is placed again with the
-    weights' share cut by the overshoot, up to HF_PLACEMENTS times (the row lists each; at 73d62b2
-    the timed run peaked above the 1-token run, so both count)."""
+    left-padded, greedy: a 2-token run (the prefill and a decode step: the allocator's peak), then
+    as many tokens as fit `cap_s` (at most gen_len_cap). accelerate's max_memory bounds the weights
+    it places, not the activations on top: while the 2-token run's peak passes the budget, the
+    model is placed again with the weights' share cut by the overshoot, up to HF_PLACEMENTS times
+    and only while the time to `deadline` (perf_counter) allows another placement and the timed run
+    (the row lists each placement; at 73d62b2 a 1-token run peaked below the timed run, so the
+    probe now takes a decode step too)."""
     import transformers
 
     width = max(len(p) for p in prompts)
@@ -489,32 +499,39 @@ def hf_row(hf_cfg, folder, host, prompts, gen_len_cap, budget, device, cap_s) ->
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     row: dict = {"batch": len(prompts), "placements": []}
     weights_limit = budget
+    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=2, min_new_tokens=2, eos_token_id=None,
+                                        pad_token_id=0)
     for attempt in range(HF_PLACEMENTS):
+        t_place = time.perf_counter()
         model = hf_placed(hf_cfg, folder, host, device, weights_limit, row)
-        gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
             sync(device)
             t0 = time.perf_counter()
             model.generate(ids, generation_config=gen, attention_mask=mask)
             sync(device)
-            first = time.perf_counter() - t0
-            n = int(max(2, min(gen_len_cap, cap_s / max(first, 1e-3))))  # a decode step costs about a prefill here
-            gen.max_new_tokens = gen.min_new_tokens = n
-            t0 = time.perf_counter()
-            model.generate(ids, generation_config=gen, attention_mask=mask)
-            sync(device)
-            total = time.perf_counter() - t0
+            probe = time.perf_counter() - t0
         peak = peak_bytes(device)
         row["placements"].append({"weights_limit_bytes": weights_limit, "layers_on_gpu": row.get("layers_on_gpu"),
-                                  "peak_bytes": peak, "tok_s": len(prompts) * n / total})
-        model = None
+                                  "probe_peak_bytes": peak, "probe_s": probe})
         cut = weights_limit - ((peak or 0) - budget) - GiB // 2
-        if device.type != "cuda" or peak is None or peak <= budget or cut <= 0 or attempt == HF_PLACEMENTS - 1:
-            break  # within the budget, or the activations alone pass it: measured as it is
+        again = time.perf_counter() - t_place  # another placement and its probe, then the timed run
+        if (device.type != "cuda" or peak is None or peak <= budget or cut <= 0 or attempt == HF_PLACEMENTS - 1
+                or time.perf_counter() + again + cap_s > deadline):
+            break  # within the budget, or no room (or time) to cut more: measured as it is
+        model = None
         free_memory(device, reset_peak=True)
         weights_limit = cut
-    row.update(status="ok", first_token_s=first, new_tokens=n, wall_s=total, tok_s=len(prompts) * n / total,
-               peak_bytes=peak, weights_limit_bytes=weights_limit,
+    with torch.no_grad():
+        step = probe / 2  # a decode step costs about a prefill here (every layer's weights cross)
+        n = int(max(2, min(gen_len_cap, max(0.0, min(cap_s, deadline - time.perf_counter())) / max(step, 1e-3))))
+        gen.max_new_tokens = gen.min_new_tokens = n
+        t0 = time.perf_counter()
+        model.generate(ids, generation_config=gen, attention_mask=mask)
+        sync(device)
+        total = time.perf_counter() - t0
+    model = None
+    row.update(status="ok", probe_s=probe, new_tokens=n, wall_s=total, tok_s=len(prompts) * n / total,
+               peak_bytes=peak_bytes(device), weights_limit_bytes=weights_limit,
                note="padded to the batch's longest prompt (left); end-to-end tok/s")
     return row
 
@@ -817,7 +834,7 @@ def main() -> int:
         from dataclasses import replace
 
         plan = plan_for(row_costs, replace(row_machine, launch_task_s=launch_of.get(label)), gen_len,
-                        plan_prompt_len, plan_budget, form["max_n"] if form else max_n)
+                        plan_prompt_len, plan_budget, form["max_n"] if form else max_n, held_store_bytes(row_costs, form))
         n = plan.policy.batch
         lengths = (lengths_forms if form else lengths_all)[:n]
         entry = {"probe_gb_s": (machine.cpu_attention_bandwidth or 0) / 1e9, "plan": plan.to_dict(),
@@ -869,14 +886,15 @@ def main() -> int:
                 # and the CPU attention kernel's rate as the pipeline's worker read it (--calibrate-attention)
                 if label in attention_of:
                     row_machine = replace(row_machine, pipeline_attention_bandwidth=attention_of[label])
-                plan = plan_for(row_costs, row_machine, first, plan_prompt_len, plan_budget, row_max)
+                plan = plan_for(row_costs, row_machine, first, plan_prompt_len, plan_budget, row_max,
+                                held_store_bytes(row_costs, form))
                 if warm:  # the plan's micro-batch and resident count, two micro-batches, two tokens
                     mu = plan.policy.micro_batch
                     plan = replace(plan, policy=replace(plan.policy, batch=min(plan.policy.batch, 2 * mu)))
                 n = plan.policy.batch
                 lengths = (lengths_forms if form else lengths_all)[:n]
                 prompt_mean = sum(lengths) / n
-                row["host_budget_bytes"] = free_host_budget(held=int(row_costs.total_expert_bytes))
+                row["host_budget_bytes"] = free_host_budget(held=held_store_bytes(row_costs, form))
                 row.update(plan=plan.to_dict(), hrm_bound=plan.bound, prompt_len_mean=prompt_mean,
                            prompt_len_max=max(lengths),
                            cpu_attention_ceiling_tok_s=attention_ceiling(row_costs, machine, prompt_mean, g))
@@ -993,7 +1011,8 @@ def main() -> int:
             try:
                 free_memory(device, reset_peak=True)
                 row.update(hf_row(hf_cfg, folder, host, prompts_of(lengths_all[:b], cfg.vocab_size, seed=3),
-                                  args.offload_gen, budget, device, min(args.hf_cap_s, left() - 10)))
+                                  args.offload_gen, budget, device, min(args.hf_cap_s, left() - 10),
+                                  deadline - 10))
                 if device.type == "cuda":
                     row["within_budget"] = row["peak_bytes"] <= budget
             except Exception as e:  # noqa: BLE001
