@@ -396,25 +396,41 @@ void chunk_heads(const float* qf, int64_t G, int64_t Dh, const T* const* kp, con
 }
 
 // Asks for the K and V rows (row_bytes each from keys / values plus the position's offset) of
-// positions lo..hi-1 of a sequence whose block table is `table`, a cache line at a time.
+// positions lo..hi-1 of a sequence whose block table is `table`, a cache line at a time; a block
+// at a time (one division a block, not two a position: on a core where the kernel is bound by its
+// arithmetic, per-position divisions made the asking cost as much as a short item's compute).
 template <typename T>
 inline void prefetch_rows(const T* keys, const T* values, const int32_t* table, int64_t BS, int64_t block_stride,
                           int64_t pos_stride, int64_t row_bytes, int64_t lo, int64_t hi) {
-  for (int64_t p = lo; p < hi; ++p) {
-    const int64_t off = table[p / BS] * block_stride + (p % BS) * pos_stride;
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(keys + off) + b);
-      __builtin_prefetch(reinterpret_cast<const char*>(values + off) + b);
-    }
+  for (int64_t p = lo; p < hi;) {
+    const int64_t blk = p / BS, end = std::min(hi, (blk + 1) * BS);
+    const char* kb = reinterpret_cast<const char*>(keys + table[blk] * block_stride);
+    const char* vb = reinterpret_cast<const char*>(values + table[blk] * block_stride);
+    for (int64_t off = (p - blk * BS) * pos_stride * static_cast<int64_t>(sizeof(T)); p < end;
+         ++p, off += pos_stride * static_cast<int64_t>(sizeof(T)))
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(kb + off + b);
+        __builtin_prefetch(vb + off + b);
+      }
   }
 }
 
+// The rows an item asks for ahead after its own last chunk: the first chunk of the item its thread
+// takes next (run takes each thread's next item one early). Most decode contexts are one chunk
+// (MTBench-like: mean ~143 positions), so without it every item began as demand misses.
+struct Ahead {
+  const int32_t* table = nullptr;  // the next item's block table (null: none)
+  int64_t lo = 0, hi = 0;          // its first chunk's positions
+  int64_t kvh = 0;                 // its kv head (by-head items; a by-sequence item reads every head)
+};
+
 // The by-(sequence, kv head) item: qf [G, Dh] (scaled; put in pair order here) over positions
-// lo..hi-1; acc [G, Dh] receives the normalised output in memory order.
+// lo..hi-1; acc [G, Dh] receives the normalised output in memory order. Its last chunk asks for
+// the first rows of the thread's next item (`next`); the others for their own next chunk.
 template <typename T>
 void attend_item_fast(float* qf, int64_t G, int64_t Dh, const T* keys, const T* values, const int32_t* table,
                       int64_t BS, int64_t Hkv, int64_t kvh, int64_t lo, int64_t hi, float* acc, float* scores,
-                      const float* sink) {
+                      const float* sink, Ahead next = {}) {
   float m[MAX_GROUP], l[MAX_GROUP];
   const T* kp[CHUNK];
   const T* vp[CHUNK];
@@ -431,9 +447,13 @@ void attend_item_fast(float* qf, int64_t G, int64_t Dh, const T* keys, const T* 
     }
     // the rows are 4-8 cache lines a position apart (the other kv heads lie between): too sparse
     // for the hardware prefetchers, so ask for the next chunk's rows while this one computes
+    const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(T));
     if (c0 + CHUNK < hi)
-      prefetch_rows(keys + kvh * Dh, values + kvh * Dh, table, BS, block_stride, pos_stride,
-                    Dh * static_cast<int64_t>(sizeof(T)), c0 + CHUNK, std::min(hi, c0 + 2 * CHUNK));
+      prefetch_rows(keys + kvh * Dh, values + kvh * Dh, table, BS, block_stride, pos_stride, row_bytes, c0 + CHUNK,
+                    std::min(hi, c0 + 2 * CHUNK));
+    else if (next.table != nullptr && next.hi > next.lo)
+      prefetch_rows(keys + next.kvh * Dh, values + next.kvh * Dh, next.table, BS, block_stride, pos_stride,
+                    row_bytes, next.lo, next.hi);
     chunk_heads(qf, G, Dh, kp, vp, n, m, l, acc, scores);
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -450,14 +470,8 @@ void attend_item_fast(float* qf, int64_t G, int64_t Dh, const T* keys, const T* 
 // DRAM pages, where the by-head item reads Dh of every Hkv Dh. Each head goes through the same
 // chunk_fast calls in the same order as attend_item_fast's: the results are bit-identical.
 // The rows a by-sequence item asks for ahead while a chunk computes: the sequence's next chunk, or
-// after its last one the first chunk of the sequence the thread takes next (known before: run's
-// by-sequence loop takes each thread's next sequence one item early). Most decode contexts are one
-// chunk (MTBench-like: mean ~143 positions), so without the next item every chunk began as
-// demand misses. Spread over the chunk's Hkv passes (a slice a pass), not asked for all at once.
-struct Ahead {
-  const int32_t* table = nullptr;  // the next sequence's block table (null: none)
-  int64_t lo = 0, hi = 0;          // its first chunk's positions
-};
+// after its last one the first chunk of the sequence the thread takes next (Ahead). Spread over
+// the chunk's Hkv passes (a slice a pass), not asked for all at once.
 
 template <typename T>
 void attend_sequence_fast(float* qf, int64_t H, int64_t Hkv, int64_t Dh, const T* keys, const T* values,
@@ -512,12 +526,12 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
          const int32_t* ctx, int64_t B, int64_t H, int64_t Hkv, int64_t Dh, int64_t BS, int64_t MB, int64_t window,
          float scale, const float* sinks, int threads, int items, Conv conv) {
   const int64_t G = H / Hkv, qsize = itemsize(qdtype);
+  static const bool prefetch_next = [] {  // A/B switch while measuring (MOEKIT_ATTENTION_PREFETCH=0: off)
+    const char* e = std::getenv("MOEKIT_ATTENTION_PREFETCH");
+    return e == nullptr || e[0] != '0';
+  }();
+  std::atomic<int64_t> next_item{0};
   if (by_sequence_of(B, Hkv, Dh, threads, items)) {
-    std::atomic<int64_t> next_item{0};
-    static const bool prefetch_next = [] {  // A/B switch while measuring (MOEKIT_ATTENTION_PREFETCH=0: off)
-      const char* e = std::getenv("MOEKIT_ATTENTION_PREFETCH");
-      return e == nullptr || e[0] != '0';
-    }();
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> qf(H * Dh), acc(H * Dh), scores(SUB * CHUNK), m(H), l(H);
@@ -545,21 +559,30 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> qf(G * Dh), acc(G * Dh), scores(std::max<int64_t>(G, SUB) * CHUNK), row(Dh);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * Hkv; ++item) {
+    // dynamic scheduling by hand, one item ahead (as by sequence): the next item's first rows are
+    // asked for during this item's last chunk
+    int64_t item = next_item.fetch_add(1, std::memory_order_relaxed);
+    while (item < B * Hkv) {
+      const int64_t item2 = next_item.fetch_add(1, std::memory_order_relaxed);
       const int64_t b = item / Hkv, kvh = item % Hkv;
       const int64_t hi = ctx[b], lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+      Ahead ahead;
+      if (prefetch_next && item2 < B * Hkv) {
+        const int64_t b2 = item2 / Hkv, hi2 = ctx[b2], lo2 = window > 0 ? std::max<int64_t>(0, hi2 - window) : 0;
+        ahead = Ahead{tables + b2 * MB, lo2, std::min(hi2, lo2 + CHUNK), item2 % Hkv};
+      }
       const char* qb = static_cast<const char*>(q) + ((b * H + kvh * G) * Dh) * qsize;
       to_float(qdtype, qb, G * Dh, qf.data());
       for (int64_t i = 0; i < G * Dh; ++i) qf[i] *= scale;
       const float* sink = sinks ? sinks + kvh * G : nullptr;
       if (Dh % W == 0)
         attend_item_fast(qf.data(), G, Dh, keys, values, tables + b * MB, BS, Hkv, kvh, lo, hi, acc.data(),
-                         scores.data(), sink);
+                         scores.data(), sink, ahead);
       else
         attend_item(qf.data(), G, Dh, keys, values, tables + b * MB, BS, Hkv, kvh, lo, hi, acc.data(), scores.data(),
                     row.data(), sink, conv);
       from_float(qdtype, acc.data(), G * Dh, static_cast<char*>(out) + ((b * H + kvh * G) * Dh) * qsize);
+      item = item2;
     }
   }
 }

@@ -51,9 +51,9 @@ register_declarations(_declare)
 # takes the second from 4 sequences a thread on. Memory order only: the results are bit-identical.
 ITEMS = {"auto": 0, "head": 1, "sequence": 2}
 ITEMS_ENV = "MOEKIT_CPU_ATTENTION_ITEMS"
-# By sequence, each thread asks for the first rows of the sequence it takes next while it computes
-# the current one (attention.cpp's Ahead); MOEKIT_ATTENTION_PREFETCH=0, read once a process, turns
-# that off to measure it (same bits either way).
+# Each thread asks for the first rows of the item it takes next (by sequence: the next sequence; by
+# head: the next (sequence, kv head)) while it computes the current one (attention.cpp's Ahead);
+# MOEKIT_ATTENTION_PREFETCH=0, read once a process, turns that off to measure it (same bits either way).
 
 
 def items_code(items: str | None = None) -> int:
