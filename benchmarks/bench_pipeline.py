@@ -749,6 +749,14 @@ def main() -> int:
         return deadline - time.perf_counter()
 
     def record(row: dict) -> None:
+        # the host side of the plan's memory: the process's peak resident set so far (pinned pages
+        # included) and what the kernel says is still available, beside the plan's host bytes
+        import resource
+
+        from moekit.pipeline.machine import host_memory_available
+
+        row["host_rss_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        row["host_available_after_bytes"] = host_memory_available()
         results["rows"].append(row)
         log(f"{row['row']} gen {row.get('new_tokens') or row.get('gen_len')}: {row.get('status')}, "
             f"{fmt(row.get('tok_s'))} tok/s (HRM {fmt(row.get('predicted_tok_s'))}), peak "
