@@ -108,3 +108,66 @@ def test_torchrun_offloaded_ranks_equal_one_process(capsys):
     report = result["parallel"]
     assert report["placement"] == "expert_parallel_offloaded" and report["experts_held"] == 16
     assert 2 <= report["offload"]["cache_slots"] < 16 and report["offload"]["bytes_moved"] > 0
+
+
+# ---- moekit batch --parallel ------------------------------------------------------------------------
+
+BATCH_LINES = [{"id": "a", "prompt": "Once upon a time"}, {"id": "b", "prompt": "def fibonacci(n):", "max_tokens": 4},
+               {"id": "c", "prompt": "The capital of France is"}]
+
+
+def batch_files(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in BATCH_LINES))
+    return inp, tmp_path / "out.jsonl"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--parallel", "tp=2", "--policy", '{"batch": 2, "micro_batch": 1, "resident_share": 0.25}'],
+     "--policy and --machine plan the pipeline"),
+    (["--parallel", "tp=2", "--machine", "h200"], "--policy and --machine plan the pipeline"),
+    (["--parallel", "tp=2", "--parallel-chunk", "0"], "--parallel-chunk must be > 0"),
+    (["--parallel", "dp=2"], "give ep=N (expert-parallel ranks) and/or tp=M"),
+])
+def test_batch_parallel_flags_are_checked_in_one_line(capsys, tmp_path, flags, message):
+    inp, out = batch_files(tmp_path)
+    code, _, err = run_cli(capsys, "batch", "--input", str(inp), "--output", str(out), "--device", "cpu", *flags)
+    assert code == 2 and message in err and "Traceback" not in err and not out.exists()
+
+
+def test_batch_parallel_without_torchrun_says_how(capsys, tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    inp, out = batch_files(tmp_path)
+    code, _, err = run_cli(capsys, "batch", "--input", str(inp), "--output", str(out), "--device", "cpu",
+                           "--parallel", "ep=2")
+    assert code == 2 and "moekit generate|serve|batch ... --parallel" in err and not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value", ["tp=2", "ep=2"])
+def test_torchrun_batch_equals_one_process(capsys, tmp_path, value):
+    """Two ranks run the prompts through the ragged engine a chunk at a time; rank 0's output lines
+    equal the one-process batch's (the pipeline, greedy, float32), a line's max_tokens included, and
+    a rerun finds every id done."""
+    inp, one = batch_files(tmp_path)
+    common = ["--input", str(inp), "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu",
+              "--dtype", "float32", "--threads", "1"]
+    code, _, _ = run_cli(capsys, "batch", *common, "--output", str(one),
+                         "--policy", '{"batch": 2, "micro_batch": 1, "resident_share": 0.25}')
+    assert code == 0
+    two = tmp_path / "two.jsonl"
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "moekit", "batch", *common, "--output", str(two),
+           "--parallel", f"{value},timeout=60", "--parallel-chunk", "2"]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=240, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 prompts (0 done before)" in proc.stderr and "over 2 ranks" in proc.stderr
+    assert [json.loads(line) for line in two.read_text().splitlines()] == \
+        [json.loads(line) for line in one.read_text().splitlines()]
+    run[run.index("--master-port") + 1] = str(free_port())
+    again = subprocess.run(run, capture_output=True, text=True, timeout=240, check=False,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and again.stderr.count("all 3 prompts") == 1  # rank 0 says it
+    assert len(two.read_text().splitlines()) == 3

@@ -48,7 +48,7 @@ class ExpertComm:
             missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
                 raise MoekitError(f"expert parallelism runs one process per rank under torchrun ({', '.join(missing)} "
-                                  "not set): torchrun --nproc-per-node N -m moekit generate ... --parallel ep=N")
+                                  "not set): torchrun --nproc-per-node N -m moekit generate|serve|batch ... --parallel ep=N")
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
             owns = True

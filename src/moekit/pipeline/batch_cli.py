@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="GPU memory the plan may hold, e.g. 16GiB (default: the machine's)")
     p.add_argument("--host-memory", default=None, metavar="SIZE",
-                   help="host memory the plan may hold (default: 80%% of the machine's)")
+                   help="host memory the plan may hold (default: the memory available now less max(4 GiB, 5%%); "
+                        "with --machine, 80%% of that machine's)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="tokens generated per prompt (default 128); a line's max_tokens only cuts its completion")
     p.add_argument("--temperature", type=float, default=None, metavar="T",
@@ -55,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--machine", default=None, metavar="FILE|PRESET",
                    help="the machine the HRM plans and predicts for (as moekit plan; default: this one's profile)")
     p.add_argument("--reprofile", action="store_true", help="measure this machine again (else the cached profile)")
+    p.add_argument("--parallel", default=None, metavar="ep=N,tp=M",
+                   help="run over N x M processes started by torchrun (torchrun --nproc-per-node N*M -m moekit batch "
+                        "... --parallel ep=N,tp=M[,ep=tp][,timeout=S]): each rank holds its shard of the experts (ep) "
+                        "and of the heads and MLP widths (tp), the prompts go through moekit generate's ragged engine "
+                        "a chunk of --parallel-chunk at a time, rank 0 writes the output. The pipeline (paged experts, "
+                        "CPU attention, --policy) runs in one process only")
+    p.add_argument("--parallel-chunk", type=int, default=32, metavar="N",
+                   help="prompts a ragged batch holds with --parallel (default 32)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     add_threads_arg(p)
@@ -287,6 +296,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise MoekitError(f"--top-k must be >= 0 (0 switches it off), got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise MoekitError(f"--top-p must be in (0, 1], got {args.top_p}")
+    spec = None
+    if args.parallel is not None:  # checked before any file is read
+        from ..parallel.cli import check_flags
+
+        spec = check_flags(args)
+        if args.policy != "auto" or args.machine is not None:
+            raise MoekitError("--policy and --machine plan the pipeline, which runs in one process: drop them with "
+                              "--parallel (its ranks run the ragged engine)")
+        if args.parallel_chunk <= 0:
+            raise MoekitError(f"--parallel-chunk must be > 0, got {args.parallel_chunk}")
     path = model_dir(args.model)
     device = args.device or ("cuda" if _cuda() else "cpu")
     parse_device(device)
@@ -298,7 +317,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     done, cut_to = read_done(out)
     pending = [r for r in requests if _key(r.id) not in done]
     if not pending:
-        print(f"moekit: batch: all {len(requests)} prompts of {inp} are in {out} already", file=sys.stderr)
+        if spec is None or os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it
+            print(f"moekit: batch: all {len(requests)} prompts of {inp} are in {out} already", file=sys.stderr)
         return 0
     tokenizer = load_tokenizer(path)
     context = read_config(path)[2].max_position_embeddings
@@ -308,6 +328,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if not ids[-1] or len(ids[-1]) + args.max_new_tokens > context:
             raise MoekitError(f"--input {inp} line {r.line}: prompt of {len(ids[-1])} tokens + --max-new-tokens "
                               f"{args.max_new_tokens} does not fit the model's context of {context}")
+    if spec is not None:
+        return run_ranks(args, spec, path, device, tokenizer, requests, pending, ids, out, cut_to)
     policy, plan = plan_batch(args, path, [len(t) for t in ids])
     resident = resident_experts(path, SimpleNamespace(policy=policy))  # it reads the plan's policy only
     model = load_paged(path, resident, device, args.dtype)
@@ -417,6 +439,63 @@ def run_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], p
                               "tokens": kept, "prompt_tokens": len(prompt_ids), "new_tokens": len(kept),
                               "finish": reason})
             tokens_total += len(chunk) * max_new_tokens
+    return tokens_total
+
+
+def run_ranks(args: argparse.Namespace, spec, path: Path, device: str, tokenizer, requests: list[Request],
+              pending: list[Request], ids: list[list[int]], out: Path, cut_to: int | None) -> int:
+    """`moekit batch --parallel` on this torchrun rank: the model's shard (parallel.cli.RankSetup),
+    the pending prompts through the ragged engine a chunk at a time, every rank in lockstep (the
+    collectives inside each step), rank 0's sampler seed on all; rank 0 writes the records and the
+    summary."""
+    from ..generate import sampling_defaults
+    from ..parallel.cli import RankSetup
+
+    ranks = RankSetup(spec, device)
+    writer = None
+    try:
+        seed = ranks.seed(args.seed)  # rank 0's (random when none is given) on all: each rank runs every sequence
+        model = ranks.load(str(path), dtype=args.dtype)
+        temperature, top_k, top_p, _ = sampling_defaults(model, args.temperature, args.top_k, args.top_p, None)
+        sampler = Sampler(temperature, top_k, top_p, seed)
+        if ranks.rank == 0:
+            writer = ResultWriter(out, cut_to)
+        start = time.perf_counter()
+        tokens_total = run_ragged_chunks(model, tokenizer, pending, ids, args.parallel_chunk, args.max_new_tokens,
+                                         writer, sampler)
+        seconds = time.perf_counter() - start
+    finally:
+        if writer is not None:
+            writer.close()
+        ranks.close()
+    if ranks.rank == 0:
+        print(f"moekit: batch: {len(pending)} prompts ({len(requests) - len(pending)} done before), {tokens_total} "
+              f"tokens in {seconds:.1f} s = {tokens_total / seconds:.1f} tok/s over {spec.world} ranks "
+              f"(--parallel {args.parallel}, chunks of {args.parallel_chunk}, the ragged engine), {sampler}; "
+              f"results in {out}", file=sys.stderr)
+    return 0
+
+
+def run_ragged_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], chunk_size: int,
+                      max_new_tokens: int, writer: ResultWriter | None, sampler: Sampler) -> int:
+    """Returns the tokens generated for `pending` through generate_ragged, `chunk_size` prompts at a
+    time (chunk k sampled from seed + k), each chunk's records written when it ends (`writer`: rank
+    0's; None on the others), each completion cut by `finish`."""
+    from ..generate import generate_ragged
+
+    eos = set(model.generation_defaults.get("eos_token_ids", ()))
+    tokens_total = 0
+    for at in range(0, len(pending), chunk_size):
+        chunk, chunk_ids = pending[at:at + chunk_size], ids[at:at + chunk_size]
+        seed = None if sampler.seed is None else sampler.seed + at // chunk_size
+        outs = generate_ragged(model, chunk_ids, max_new_tokens, temperature=sampler.temperature, top_k=sampler.top_k,
+                               top_p=sampler.top_p, seed=seed, eos_token_ids=(), stop_at_eos=False)
+        for r, prompt_ids, new in zip(chunk, chunk_ids, outs):
+            kept, text, reason = finish(new.tolist(), r, eos, tokenizer)
+            if writer is not None:
+                writer.write({"id": r.id, "prompt": r.prompt, "completion": text, "tokens": kept,
+                              "prompt_tokens": len(prompt_ids), "new_tokens": len(kept), "finish": reason})
+        tokens_total += len(chunk) * max_new_tokens
     return tokens_total
 
 
