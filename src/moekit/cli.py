@@ -86,7 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ranks = parallel_cli.RankSetup(spec, device) if spec is not None else None  # under torchrun, one per rank
     if ranks is not None:
         device, args.seed = str(ranks.device), ranks.seed(args.seed)
-        model = ranks.load(path, dtype=args.dtype, args=args, context_tokens=len(ids) + args.max_new_tokens)
+        model = ranks.load(path, dtype=args.dtype, args=args, context_tokens=len(ids) + args.max_new_tokens,
+                           expert_usage=args.expert_usage)
     elif args.offload:  # the budget is planned for this prompt plus the new tokens
         model = offload_cli.load_for_generate(args, device, len(ids) + args.max_new_tokens)
     else:
@@ -129,6 +130,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     offload = getattr(model, "offload", None)
     if ranks is not None:
         result["parallel"], offload = model.expert_runtime.report(), None
+        if ranks.placement is not None:
+            result["parallel"]["expert_usage"] = ranks.placement
         ranks.close()
         if ranks.rank != 0:  # rank 0 prints
             return 0

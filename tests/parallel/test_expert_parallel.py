@@ -97,6 +97,7 @@ def two_ranks(checkpoints):
         {"name": "plain", "path": plain, "seed": 7},  # also samples (temperature 0.9) with this seed
         {"name": "one_sequence", "path": plain, "ids": token_ids(1, 4, seed=4)},  # decode: 1 token, 2 ranks
         {"name": "bad_map", "path": plain, "expert_map": {0: [0, 5, 1, 0]}},
+        {"name": "maps_disagree", "path": plain, "expert_map": [{0: [0, 0, 1, 1]}, {0: [1, 1, 0, 0]}]},
         {"name": "disagree", "path": [plain, str(checkpoints("int4"))]},  # last: both ranks fail alike
     ])
 
@@ -188,6 +189,16 @@ def test_bad_map_is_refused_on_every_rank(two_ranks):
     for result in results:
         assert isinstance(result["bad_map"], RankError)
         assert "names rank(s) [5]" in result["bad_map"]
+
+
+def test_ranks_with_different_expert_maps_are_refused(two_ranks):
+    """Each rank makes its map itself (from its --expert-usage file): maps that differ would send
+    slots to ranks that do not hold their experts, so every rank stops with one line."""
+    _, results = two_ranks
+    for rank, result in enumerate(results):
+        assert isinstance(result["maps_disagree"], RankError), result["maps_disagree"]
+        assert "the ranks disagree on the expert map" in result["maps_disagree"]
+        assert "give every rank the same --expert-usage file" in result["maps_disagree"]
 
 
 def test_ranks_on_different_checkpoints_are_refused(two_ranks):

@@ -171,3 +171,56 @@ def test_torchrun_batch_equals_one_process(capsys, tmp_path, value):
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0 and again.stderr.count("all 3 prompts") == 1  # rank 0 says it
     assert len(two.read_text().splitlines()) == 3
+
+
+# ---- --expert-usage ----------------------------------------------------------------------------------
+
+def bundled_usage(tmp_path, skew: bool = True) -> str:
+    """A `moekit usage --json`-shaped file for the bundled model (4 MoE layers of 8 experts): experts
+    0 and 1 of every layer hot, so contiguous ids would load rank 0 most."""
+    rows = [{"layer": layer, "experts": 8, "hard": [90, 80, 5, 5, 4, 3, 2, 1] if skew else [1] * 8}
+            for layer in range(4)]
+    path = tmp_path / "usage.json"
+    path.write_text(json.dumps({"tokens": 100, "top_k": 2, "layers": rows}))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "batch"])
+@pytest.mark.parametrize("flags, message", [
+    ([], "give --parallel ep=N too"),
+    (["--parallel", "tp=2"], "has none: give ep=N"),
+    (["--parallel", "ep=2", "BAD"], "not JSON"),
+])
+def test_expert_usage_is_checked_in_one_line(capsys, tmp_path, command, flags, message):
+    usage = bundled_usage(tmp_path)
+    if "BAD" in flags:
+        flags = flags[:-1]
+        (tmp_path / "usage.json").write_text("{oops")
+    args = {"generate": ["generate", "hi", "--max-new-tokens", "2"],
+            "serve": ["serve"],
+            "batch": ["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]}[command]
+    code, _, err = run_cli(capsys, *args, "--device", "cpu", "--expert-usage", usage, *flags)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_torchrun_balanced_placement_equals_one_process(capsys, tmp_path):
+    """ep=2 with the experts placed by counted use: the same tokens as one process, the hot experts
+    on different ranks, and the report's predicted balance (the busiest rank 1.0x the mean here,
+    1.9x with contiguous ids)."""
+    args = ["generate", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--threads", "1",
+            "--device", "cpu", "--json"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    expected = json.loads(out)["token_ids"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                           "-m", "moekit", *args, "--parallel", "ep=2,timeout=30",
+                           "--expert-usage", bundled_usage(tmp_path)],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.strip()][0])
+    assert result["token_ids"] == expected
+    placed = result["parallel"]["expert_usage"]
+    assert placed["balanced_worst"] < 1.05 and placed["contiguous_worst"] > 1.8

@@ -32,7 +32,7 @@ def log_checkpoint_reads() -> list:
 
 def generate_cases(comm, cases: list[dict]) -> dict:
     """Returns {case name: {"tokens", "logits", "held", "local", "report", "reads"} or RankError} for each case
-    {"name", "path" (one, or one per rank), "expert_map", "load" (load_model's keywords), "ids" [B, T],
+    {"name", "path" (one, or one per rank), "expert_map" (one, or one per rank), "load" (load_model's keywords), "ids" [B, T],
     "new_tokens", "seed" (also samples with it)}."""
     from moekit.parallel import load_expert_parallel
 
@@ -42,7 +42,10 @@ def generate_cases(comm, cases: list[dict]) -> dict:
         path = case["path"][comm.rank] if isinstance(case["path"], list) else case["path"]
         reads.clear()
         try:
-            model = load_expert_parallel(path, comm, case.get("expert_map"), **case.get("load", {}))
+            expert_map = case.get("expert_map")
+            if isinstance(expert_map, list):  # one map per rank
+                expert_map = expert_map[comm.rank]
+            model = load_expert_parallel(path, comm, expert_map, **case.get("load", {}))
             ids = case["ids"]
             with torch.no_grad():
                 logits = model(ids)

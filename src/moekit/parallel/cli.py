@@ -18,6 +18,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -74,7 +75,7 @@ class ParallelSpec:
 
 
 def add_generate_flags(p: argparse.ArgumentParser) -> None:
-    """Adds --parallel to `moekit generate`."""
+    """Adds --parallel and --expert-usage to `moekit generate`."""
     p.add_argument("--parallel", default=None, metavar="ep=N,tp=M",
                    help="run over N x M processes started by torchrun (rank 0 prints): ep=N splits the routed "
                         "experts over N ranks, tp=M the attention heads and MLP widths over M (vLLM's tensor "
@@ -82,13 +83,41 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
                         "tp=M,ep=tp: the same M ranks split the heads and (by id) the experts; with --offload "
                         "(ep=N only) each rank offloads its own shard of the experts under --device-memory; "
                         f"timeout=S: seconds a rank waits for the others (default {DEFAULT_TIMEOUT_S:g})")
+    add_expert_usage_flag(p)
+
+
+def add_expert_usage_flag(p: argparse.ArgumentParser) -> None:
+    """Adds --expert-usage (with --parallel: experts placed over the ranks by counted use)."""
+    p.add_argument("--expert-usage", default=None, metavar="FILE",
+                   help="with --parallel ep=N: place each layer's experts over the expert-parallel ranks so that "
+                        "their routed load evens out, from the counts of `moekit usage MODEL --json > FILE` (each "
+                        "rank keeps the same number of experts; count on other text and run again to recompute; "
+                        "default: contiguous runs of expert ids)")
+
+
+def check_expert_usage(args: argparse.Namespace, spec: ParallelSpec | None) -> None:
+    """Raises MoekitError in one line for --expert-usage without expert-parallel ranks or with a
+    file that is not a usage report (read before any rank loads)."""
+    from .placement import read_usage
+
+    given = getattr(args, "expert_usage", None)
+    if given is None:
+        return
+    if spec is None:
+        raise MoekitError("--expert-usage places experts over expert-parallel ranks: give --parallel ep=N too")
+    if spec.ep < 2 and not spec.ep_over_tp:
+        raise MoekitError(f"--expert-usage places experts over expert-parallel ranks, --parallel {args.parallel} "
+                          "has none: give ep=N (or tp=M,ep=tp)")
+    read_usage(given)
 
 
 def check_flags(args: argparse.Namespace) -> ParallelSpec | None:
     """Returns the --parallel spec (None without the flag) after checking it against the other flags."""
     if args.parallel is None:
+        check_expert_usage(args, None)
         return None
     spec = ParallelSpec.parse(args.parallel)
+    check_expert_usage(args, spec)
     if getattr(args, "offload", None):  # offloaded ranks (parallel.offload): each its own shard, its own budget
         if spec.tp > 1 or spec.ep < 2:
             raise MoekitError("--parallel with --offload runs expert parallelism only (each rank offloads its own "
@@ -122,6 +151,11 @@ def stats_rows(report: dict) -> list[tuple[str, str]]:
         off = report["offload"]
         rows.append(("offloaded ranks", (f"rank {report['rank']}: {off.get('cache_slots', 0)} cache slots for its "
                                          f"{report['experts_held']} experts, hit rate {off.get('hit_rate', 0):.1%}")))
+    if "expert_usage" in report:
+        u = report["expert_usage"]
+        rows.append(("expert placement", (f"balanced by {u['file']}: busiest rank {u['balanced_mean']:.2f}x the mean "
+                                          f"(worst layer {u['balanced_worst']:.2f}x), contiguous ids "
+                                          f"{u['contiguous_mean']:.2f}x ({u['contiguous_worst']:.2f}x), as counted")))
     if ep > 1:
         rows += [
             ("routed slots", f"{slots} dispatched by rank {report['rank']}, {remote:.1%} to other ranks"),
@@ -149,6 +183,7 @@ class RankSetup:
 
         self.groups = ParallelGroups.create(self.comm, spec.ep, spec.tp, spec.ep_over_tp)
         self.rank, self.device = self.comm.rank, dev
+        self.placement: dict | None = None  # --expert-usage's predicted balance (load)
         if self.rank != 0:  # rank 0 prints; the others' stdout goes nowhere
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - held for the life of the process
 
@@ -158,20 +193,36 @@ class RankSetup:
         return self.comm.broadcast_int(random.randrange(2**62) if seed is None else seed, "sharing the seed")
 
     def load(self, path: str, dtype: str | None, args: argparse.Namespace | None = None,
-             context_tokens: int | None = None):
+             context_tokens: int | None = None, expert_usage: str | None = None):
         """Returns the model with this rank's heads, MLP slices and experts; with `args.offload`,
         this rank's experts offloaded under --device-memory (its own budget), planned for
-        `context_tokens` positions."""
+        `context_tokens` positions; with `expert_usage` (a `moekit usage --json` file) the experts
+        placed over the expert-parallel ranks by their counted load (parallel.placement), the
+        placement's predicted balance kept in `self.placement`."""
+        expert_map = self._usage_map(path, expert_usage) if expert_usage else None
         if args is not None and getattr(args, "offload", False):
             from ..offload.config import OffloadConfig, parse_size
             from .offload import load_offloaded_parallel
 
             config = OffloadConfig(device_memory=parse_size(args.device_memory) if args.device_memory else None,
                                    cache_policy=args.cache_policy, context_tokens=context_tokens, predictor="none")
-            return load_offloaded_parallel(path, self.comm, config, dtype=dtype)
+            return load_offloaded_parallel(path, self.comm, config, expert_map=expert_map, dtype=dtype)
         from .tensor import load_parallel
 
-        return load_parallel(path, self.groups, dtype=dtype)
+        return load_parallel(path, self.groups, expert_map=expert_map, dtype=dtype)
+
+    def _usage_map(self, path: str, usage: str) -> dict[int, list[int]]:
+        """Returns {layer: owners} balancing the usage file's counts over this grid's expert-parallel ranks."""
+        from ..load import read_config
+        from .placement import placement_report, read_usage, usage_map
+
+        cfg = read_config(Path(path))[2]
+        experts_of = {layer: cfg.experts_in(layer) for layer in range(cfg.num_layers) if cfg.experts_in(layer)}
+        counts = read_usage(usage)
+        world = self.groups.ep.world
+        expert_map = usage_map(counts, experts_of, world, usage)
+        self.placement = {"file": str(usage), **placement_report(expert_map, counts, world)}
+        return expert_map
 
     def close(self) -> None:
         self.comm.close()

@@ -144,13 +144,14 @@ class ExpertComm:
         self._wait(work, what)
         return int(t.item())
 
-    def check_same(self, digest: bytes, what: str, where: str) -> None:
+    def check_same(self, digest: bytes, what: str, where: str,
+                   hint: str = "give every rank the same model directory (the same config.json and safetensors "
+                               "files)") -> None:
         """Raises MoekitError on every rank unless every rank gave the same `digest` (e.g. a sha256
-        of the checkpoint's config); `where` names this rank's source in the message."""
+        of the checkpoint's config); `where` names this rank's source in the message, `hint` what to do."""
         mine = torch.tensor(list(digest), dtype=torch.uint8, device=self.device)
         others = [bytes(t.tolist()) for t in self.all_gather(mine, f"comparing the {what}")]
         differ = [r for r, d in enumerate(others) if d != others[0]]
         if differ:
             raise MoekitError(f"rank {self.rank} ({where}): the ranks disagree on the {what} (rank(s) "
-                              f"{', '.join(map(str, differ))} differ from rank 0); give every rank the same model "
-                              "directory (the same config.json and safetensors files)")
+                              f"{', '.join(map(str, differ))} differ from rank 0); {hint}")

@@ -238,6 +238,15 @@ class ExpertParallelLoader(ExpertLoader):
         # first the collective check (every rank reaches it), then the checks each rank makes alike
         self.comm.check_same(checkpoint_digest(ctx), "checkpoint", str(ctx.ckpt.path))
         self._plan(ctx)
+        self._check_map(self.comm)
+
+    def _check_map(self, comm: ExpertComm) -> None:
+        """Raises MoekitError on every rank of `comm` unless all placed the experts alike: a map each
+        rank made itself (from its --expert-usage file) must be one map."""
+        if self.expert_map:
+            placed = hashlib.sha256(json.dumps(sorted(self.owners.items())).encode()).digest()
+            comm.check_same(placed, "expert map", "its expert map",
+                            hint="give every rank the same --expert-usage file (or expert map)")
 
     def _plan(self, ctx: LoadContext) -> None:
         """Sets each MoE layer's owners and the stored form (the same on every rank: no collective)."""

@@ -365,6 +365,7 @@ class ParallelLoader(ExpertParallelLoader):
     def _start(self, ctx) -> None:
         self.groups.world.check_same(checkpoint_digest(ctx), "checkpoint", str(ctx.ckpt.path))
         self._plan(ctx)
+        self._check_map(self.groups.world)
         tp = self.groups.tp.world
         self.split = tp > 1 and type(self.form) is DenseForm and not self.groups.ep_over_tp
         check_tensor_parallel(ctx.config, tp, self.split)

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..cli_common import add_model_args, add_threads_arg, model_dir
+from ..parallel.cli import add_expert_usage_flag
 from ..errors import MoekitError
 
 
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "CPU attention, --policy) runs in one process only")
     p.add_argument("--parallel-chunk", type=int, default=32, metavar="N",
                    help="prompts a ragged batch holds with --parallel (default 32)")
+    add_expert_usage_flag(p)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     add_threads_arg(p)
@@ -296,11 +298,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise MoekitError(f"--top-k must be >= 0 (0 switches it off), got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise MoekitError(f"--top-p must be in (0, 1], got {args.top_p}")
-    spec = None
-    if args.parallel is not None:  # checked before any file is read
-        from ..parallel.cli import check_flags
+    from ..parallel.cli import check_flags
 
-        spec = check_flags(args)
+    spec = check_flags(args)  # --parallel and --expert-usage, checked before any other file is read
+    if spec is not None:
         if args.policy != "auto" or args.machine is not None:
             raise MoekitError("--policy and --machine plan the pipeline, which runs in one process: drop them with "
                               "--parallel (its ranks run the ragged engine)")
@@ -455,7 +456,7 @@ def run_ranks(args: argparse.Namespace, spec, path: Path, device: str, tokenizer
     writer = None
     try:
         seed = ranks.seed(args.seed)  # rank 0's (random when none is given) on all: each rank runs every sequence
-        model = ranks.load(str(path), dtype=args.dtype)
+        model = ranks.load(str(path), dtype=args.dtype, expert_usage=args.expert_usage)
         temperature, top_k, top_p, _ = sampling_defaults(model, args.temperature, args.top_k, args.top_p, None)
         sampler = Sampler(temperature, top_k, top_p, seed)
         if ranks.rank == 0:

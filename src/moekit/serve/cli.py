@@ -24,6 +24,7 @@ from ..errors import MoekitError
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds `moekit serve` to the command parser."""
     from ..offload.cli import add_generate_flags
+    from ..parallel.cli import add_expert_usage_flag
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (continuous batching)")
     add_model_args(p)
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the attention heads and MLP widths, tp=M,ep=tp both over M ranks; timeout=S); steps with "
                         "prompt chunks run eagerly; e.g. torchrun --nproc-per-node 2 -m moekit serve MODEL "
                         "--parallel tp=2")
+    add_expert_usage_flag(p)
     add_threads_arg(p)
     add_generate_flags(p)
     p.set_defaults(func=cmd_serve, compile=False)
@@ -82,13 +84,17 @@ def check_serve(args: argparse.Namespace) -> tuple[Path, str]:
     check_quantize_dense(args, device)
     if args.parallel is not None:
         _check_parallel(args)
+    else:
+        from ..parallel.cli import check_expert_usage
+
+        check_expert_usage(args, None)  # --expert-usage without ranks: refused in one line
     return model_dir(args.model, "MODEL"), device
 
 
 def _check_parallel(args: argparse.Namespace) -> None:
-    from ..parallel.cli import ParallelSpec
+    from ..parallel.cli import ParallelSpec, check_expert_usage
 
-    ParallelSpec.parse(args.parallel)
+    check_expert_usage(args, ParallelSpec.parse(args.parallel))
     if args.offload:
         raise MoekitError("--parallel with --offload is not available in `moekit serve` yet (moekit generate "
                           "--parallel ep=N --offload is): drop one of them")
@@ -169,7 +175,7 @@ def _serve_ranks(args: argparse.Namespace, path: Path, device: str) -> int:
 
     ranks = RankSetup(ParallelSpec.parse(args.parallel), device)
     try:
-        model = ranks.load(str(path), dtype=args.dtype)
+        model = ranks.load(str(path), dtype=args.dtype, expert_usage=args.expert_usage)
         if ranks.rank != 0:
             follow(model, ranks.comm)
             return 0
