@@ -78,3 +78,15 @@ def test_bad_usage_files_are_one_line(tmp_path, text, message):
     assert "\n" not in str(e.value)
     with pytest.raises(MoekitError, match="cannot read it"):
         read_usage(tmp_path / "missing.json")
+
+
+def test_stats_name_the_balance_bought():
+    from moekit.parallel.cli import stats_rows
+
+    report = {"ranks": 2, "ep": 2, "tp": 1, "rank": 0, "experts_held": 16, "slots_local": 5, "slots_remote": 5,
+              "bytes_sent": 1024, "layer_calls": 8,
+              "expert_usage": {"file": "u.json", "balanced_mean": 1.01, "balanced_worst": 1.02,
+                               "contiguous_mean": 1.89, "contiguous_worst": 1.9}}
+    rows = dict(stats_rows(report))
+    assert rows["expert placement"] == ("balanced by u.json: busiest rank 1.01x the mean (worst layer 1.02x), "
+                                        "contiguous ids 1.89x (1.90x), as counted")
