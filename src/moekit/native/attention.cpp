@@ -556,21 +556,17 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
     }
     return;
   }
+  // by (sequence, kv head): with several items a thread, each takes its next one early (dynamic
+  // scheduling by hand) and asks for its first rows during this item's last chunk; with few, a
+  // claim ahead would leave threads idle (two items to the first threads), so OpenMP hands them out
+  const int64_t total = B * Hkv;
+  const bool claim_ahead = prefetch_next && total >= 4 * int64_t(threads);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> qf(G * Dh), acc(G * Dh), scores(std::max<int64_t>(G, SUB) * CHUNK), row(Dh);
-    // dynamic scheduling by hand, one item ahead (as by sequence): the next item's first rows are
-    // asked for during this item's last chunk
-    int64_t item = next_item.fetch_add(1, std::memory_order_relaxed);
-    while (item < B * Hkv) {
-      const int64_t item2 = next_item.fetch_add(1, std::memory_order_relaxed);
+    auto attend = [&](int64_t item, Ahead ahead) {
       const int64_t b = item / Hkv, kvh = item % Hkv;
       const int64_t hi = ctx[b], lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
-      Ahead ahead;
-      if (prefetch_next && item2 < B * Hkv) {
-        const int64_t b2 = item2 / Hkv, hi2 = ctx[b2], lo2 = window > 0 ? std::max<int64_t>(0, hi2 - window) : 0;
-        ahead = Ahead{tables + b2 * MB, lo2, std::min(hi2, lo2 + CHUNK), item2 % Hkv};
-      }
       const char* qb = static_cast<const char*>(q) + ((b * H + kvh * G) * Dh) * qsize;
       to_float(qdtype, qb, G * Dh, qf.data());
       for (int64_t i = 0; i < G * Dh; ++i) qf[i] *= scale;
@@ -582,7 +578,22 @@ void run(int qdtype, const void* q, void* out, const T* keys, const T* values, c
         attend_item(qf.data(), G, Dh, keys, values, tables + b * MB, BS, Hkv, kvh, lo, hi, acc.data(), scores.data(),
                     row.data(), sink, conv);
       from_float(qdtype, acc.data(), G * Dh, static_cast<char*>(out) + ((b * H + kvh * G) * Dh) * qsize);
-      item = item2;
+    };
+    if (claim_ahead) {
+      int64_t item = next_item.fetch_add(1, std::memory_order_relaxed);
+      while (item < total) {
+        const int64_t item2 = next_item.fetch_add(1, std::memory_order_relaxed);
+        Ahead ahead;
+        if (item2 < total) {
+          const int64_t b2 = item2 / Hkv, hi2 = ctx[b2], lo2 = window > 0 ? std::max<int64_t>(0, hi2 - window) : 0;
+          ahead = Ahead{tables + b2 * MB, lo2, std::min(hi2, lo2 + CHUNK), item2 % Hkv};
+        }
+        attend(item, ahead);
+        item = item2;
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < total; ++item) attend(item, Ahead{});
     }
   }
 }
