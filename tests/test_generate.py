@@ -311,6 +311,23 @@ def test_ragged_seeded_sampling_equals_alone(model):
         assert torch.equal(out, alone[0])
 
 
+def test_ragged_takes_a_seed_per_prompt(model):
+    """One seed: a prompt given twice draws the same tokens twice; a seed a prompt: each the tokens
+    it draws alone with its seed (moekit batch --parallel samples the i-th prompt from seed + i)."""
+    from moekit.errors import MoekitError
+    from moekit.generate import generate_ragged
+
+    prompt = _prompts([6], seed=2)[0]
+    same = generate_ragged(model, [prompt, prompt], 12, temperature=1.0, seed=5, eos_token_ids=())
+    assert torch.equal(same[0], same[1])
+    own = generate_ragged(model, [prompt, prompt], 12, temperature=1.0, seed=[5, 6], eos_token_ids=())
+    assert torch.equal(own[0], same[0]) and not torch.equal(own[0], own[1])
+    alone = generate_ragged(model, [prompt], 12, temperature=1.0, seed=[6], eos_token_ids=())
+    assert torch.equal(own[1], alone[0])
+    with pytest.raises(MoekitError, match="2 seeds for 1 prompts"):
+        generate_ragged(model, [prompt], 4, seed=[1, 2])
+
+
 def test_ragged_on_token_and_stats(model):
     seen = []
     stats = GenerationStats()

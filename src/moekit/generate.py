@@ -354,7 +354,7 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 @torch.inference_mode()
 def generate_ragged(model, prompts: list, max_new_tokens: int = 16, temperature: float | None = None,
-                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
                     eos_token_ids: tuple[int, ...] | None = None, stop_at_eos: bool = True,
                     on_token: Callable[[torch.Tensor], None] | None = None,
                     stats: GenerationStats | None = None, block_size: int = BLOCK_SIZE,
@@ -365,8 +365,12 @@ def generate_ragged(model, prompts: list, max_new_tokens: int = 16, temperature:
     decode step per token for the sequences still running. `on_token` receives each step's
     tokens [B] (finished sequences padded with the first eos id). `cuda_graph` (default: on CUDA
     where the model allows it, moekit.paged_decode) replays decode steps from graphs captured at
-    bucketed batch sizes."""
+    bucketed batch sizes. `seed`: every sequence's generator seeded with it, or a list of one seed
+    per prompt (prompts alike then draw differently)."""
     prompts = prompt_list(model, prompts, max_new_tokens)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise MoekitError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts; give one a prompt, or one int")
     if cuda_graph and model.device.type != "cuda":
         raise MoekitError("cuda_graph=True needs the model on a CUDA device")
     if cuda_graph and not static_decode_supported(model):
@@ -382,7 +386,7 @@ def generate_ragged(model, prompts: list, max_new_tokens: int = 16, temperature:
         runtime.reserve(1, cache.num_blocks * block_size)
     use_graph = device.type == "cuda" and static_decode_supported(model) if cuda_graph is None else cuda_graph
     decode = PagedDecode(model, cache) if use_graph else None
-    generators = [_generator(seed, device) for _ in prompts]
+    generators = [_generator(s, device) for s in seeds]
     eos = set(eos_token_ids) if stop_at_eos else set()
     pad = eos_token_ids[0] if eos_token_ids else 0
     stats = stats if stats is not None else GenerationStats()

@@ -224,3 +224,43 @@ def test_torchrun_balanced_placement_equals_one_process(capsys, tmp_path):
     assert result["token_ids"] == expected
     placed = result["parallel"]["expert_usage"]
     assert placed["balanced_worst"] < 1.05 and placed["contiguous_worst"] > 1.8
+
+
+def moekit_frames(stderr: str) -> list[str]:
+    """Returns the traceback frames of moekit's own files in a run's stderr."""
+    return [line for line in stderr.splitlines() if line.strip().startswith('File "') and "moekit" in line
+            and "site-packages/torch" not in line]
+
+
+@pytest.mark.slow
+def test_torchrun_batch_stops_every_rank_when_rank_0_cannot_write(tmp_path):
+    """An --output rank 0 cannot open (its folder is a file) stops both ranks at once with one line,
+    before the model loads: the other rank does not wait out a collective's timeout."""
+    inp, _ = batch_files(tmp_path)
+    (tmp_path / "notadir").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit", "batch",
+                           "--input", str(inp), "--output", str(tmp_path / "notadir" / "out.jsonl"),
+                           "--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-new-tokens", "4",
+                           "--parallel", "tp=2,timeout=120"],
+                          capture_output=True, text=True, timeout=100, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "cannot write it" in proc.stderr and "rank 0 cannot write it" in proc.stderr  # rank 0's and the other's
+    assert not moekit_frames(proc.stderr)  # torchrun prints its own traceback of the failed child, no moekit frame
+
+
+@pytest.mark.slow
+def test_torchrun_foreign_usage_file_stops_every_rank(tmp_path):
+    """Counts taken on another model (5 layers) stop both ranks with the placement's one line."""
+    rows = [{"layer": layer, "experts": 8, "hard": [1] * 8} for layer in range(5)]
+    usage = tmp_path / "usage.json"
+    usage.write_text(json.dumps({"layers": rows}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit",
+                           "generate", "hi", "--max-new-tokens", "2", "--device", "cpu", "--threads", "1",
+                           "--parallel", "ep=2,timeout=120", "--expert-usage", str(usage)],
+                          capture_output=True, text=True, timeout=100, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "the model's MoE layers are [0, 1, 2, 3]" in proc.stderr
+    assert not moekit_frames(proc.stderr)  # torchrun prints its own traceback of the failed child, no moekit frame

@@ -48,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, metavar="P",
                    help="nucleus mass in (0, 1], 1 = off (default: the model's)")
     p.add_argument("--seed", type=int, default=None, metavar="N",
-                   help="seed of the batch's sampler; chunk k (of the policy's N prompts) draws from seed + k, so a "
-                        "resumed run's chunks draw differently (default: torch's default generator)")
+                   help="seed of the batch's sampler; chunk k (of the policy's N prompts) draws from seed + k (with "
+                        "--parallel the i-th pending prompt from seed + i), so a resumed run draws differently "
+                        "(default: torch's default generator)")
     p.add_argument("--policy", default="auto", metavar="auto|FILE|JSON",
                    help="auto: the HRM's plan (moekit plan); else a JSON object (or a .json file) of Policy "
                         "fields: batch, micro_batch, resident_share (r_w of every layer) or resident_experts "
@@ -455,15 +456,22 @@ def run_ranks(args: argparse.Namespace, spec, path: Path, device: str, tokenizer
     ranks = RankSetup(spec, device)
     writer = None
     try:
+        # rank 0 opens the output before anything loads; every rank learns whether it could
+        failed = ""
+        if ranks.rank == 0:
+            try:
+                writer = ResultWriter(out, cut_to)
+            except OSError as e:
+                failed = f"--output {out}: cannot write it ({e.strerror or e})"
+        if not ranks.comm.broadcast_int(int(not failed), "opening --output on rank 0"):
+            raise MoekitError(failed or f"--output {out}: rank 0 cannot write it (its message says why)")
         seed = ranks.seed(args.seed)  # rank 0's (random when none is given) on all: each rank runs every sequence
         model = ranks.load(str(path), dtype=args.dtype, expert_usage=args.expert_usage)
         temperature, top_k, top_p, _ = sampling_defaults(model, args.temperature, args.top_k, args.top_p, None)
         sampler = Sampler(temperature, top_k, top_p, seed)
-        if ranks.rank == 0:
-            writer = ResultWriter(out, cut_to)
         start = time.perf_counter()
         tokens_total = run_ragged_chunks(model, tokenizer, pending, ids, args.parallel_chunk, args.max_new_tokens,
-                                         writer, sampler)
+                                         writer, sampler, ranks.comm)
         seconds = time.perf_counter() - start
     finally:
         if writer is not None:
@@ -478,24 +486,32 @@ def run_ranks(args: argparse.Namespace, spec, path: Path, device: str, tokenizer
 
 
 def run_ragged_chunks(model, tokenizer, pending: list[Request], ids: list[list[int]], chunk_size: int,
-                      max_new_tokens: int, writer: ResultWriter | None, sampler: Sampler) -> int:
+                      max_new_tokens: int, writer: ResultWriter | None, sampler: Sampler, comm) -> int:
     """Returns the tokens generated for `pending` through generate_ragged, `chunk_size` prompts at a
-    time (chunk k sampled from seed + k), each chunk's records written when it ends (`writer`: rank
-    0's; None on the others), each completion cut by `finish`."""
+    time (the i-th pending prompt sampled from seed + i: prompts alike draw differently), each
+    chunk's records written when it ends (`writer`: rank 0's; None on the others), each completion
+    cut by `finish`; after each chunk rank 0 tells the ranks (`comm`) whether its writes succeeded,
+    so that none runs on (or waits out a collective's timeout) after rank 0 failed."""
     from ..generate import generate_ragged
 
     eos = set(model.generation_defaults.get("eos_token_ids", ()))
     tokens_total = 0
     for at in range(0, len(pending), chunk_size):
         chunk, chunk_ids = pending[at:at + chunk_size], ids[at:at + chunk_size]
-        seed = None if sampler.seed is None else sampler.seed + at // chunk_size
+        seeds = None if sampler.seed is None else [sampler.seed + at + i for i in range(len(chunk))]
         outs = generate_ragged(model, chunk_ids, max_new_tokens, temperature=sampler.temperature, top_k=sampler.top_k,
-                               top_p=sampler.top_p, seed=seed, eos_token_ids=(), stop_at_eos=False)
-        for r, prompt_ids, new in zip(chunk, chunk_ids, outs):
-            kept, text, reason = finish(new.tolist(), r, eos, tokenizer)
-            if writer is not None:
-                writer.write({"id": r.id, "prompt": r.prompt, "completion": text, "tokens": kept,
-                              "prompt_tokens": len(prompt_ids), "new_tokens": len(kept), "finish": reason})
+                               top_p=sampler.top_p, seed=seeds, eos_token_ids=(), stop_at_eos=False)
+        failed = ""
+        if writer is not None:
+            try:
+                for r, prompt_ids, new in zip(chunk, chunk_ids, outs):
+                    kept, text, reason = finish(new.tolist(), r, eos, tokenizer)
+                    writer.write({"id": r.id, "prompt": r.prompt, "completion": text, "tokens": kept,
+                                  "prompt_tokens": len(prompt_ids), "new_tokens": len(kept), "finish": reason})
+            except OSError as e:
+                failed = f"--output: writing a record failed ({e.strerror or e}); rerun to finish the rest"
+        if not comm.broadcast_int(int(not failed), "rank 0's writes of a chunk"):
+            raise MoekitError(failed or "--output: rank 0 could not write a record (its message says why)")
         tokens_total += len(chunk) * max_new_tokens
     return tokens_total
 
