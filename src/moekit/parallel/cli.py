@@ -212,16 +212,28 @@ class RankSetup:
         return load_parallel(path, self.groups, expert_map=expert_map, dtype=dtype)
 
     def _usage_map(self, path: str, usage: str) -> dict[int, list[int]]:
-        """Returns {layer: owners} balancing the usage file's counts over this grid's expert-parallel ranks."""
+        """Returns {layer: owners} balancing the usage file's counts over this grid's expert-parallel
+        ranks; a rank that cannot make it (its file missing or foreign) stops every rank with one
+        line, rather than leaving them to wait out the next collective."""
         from ..load import read_config
         from .placement import placement_report, read_usage, usage_map
 
-        cfg = read_config(Path(path))[2]
-        experts_of = {layer: cfg.experts_in(layer) for layer in range(cfg.num_layers) if cfg.experts_in(layer)}
-        counts = read_usage(usage)
-        world = self.groups.ep.world
-        expert_map = usage_map(counts, experts_of, world, usage)
-        self.placement = {"file": str(usage), **placement_report(expert_map, counts, world)}
+        failed, expert_map = "", {}
+        try:
+            cfg = read_config(Path(path))[2]
+            experts_of = {layer: cfg.experts_in(layer) for layer in range(cfg.num_layers) if cfg.experts_in(layer)}
+            counts = read_usage(usage)
+            world = self.groups.ep.world
+            expert_map = usage_map(counts, experts_of, world, usage)
+            self.placement = {"file": str(usage), **placement_report(expert_map, counts, world)}
+        except MoekitError as e:
+            failed = str(e)
+        flags = self.comm.all_gather(torch.tensor([int(bool(failed))], dtype=torch.uint8, device=self.device),
+                                     "placing the experts by --expert-usage")
+        bad = [r for r, t in enumerate(flags) if int(t[0])]
+        if bad:
+            raise MoekitError(failed or f"rank(s) {', '.join(map(str, bad))} could not place the experts by "
+                                        f"--expert-usage {usage}; give every rank the same, readable file")
         return expert_map
 
     def close(self) -> None:
