@@ -115,6 +115,22 @@ def test_gpt_oss_pages_carry_its_biases_and_clamp(checkpoint):
     assert isinstance(form, BiasedCompressedForm) and form.name == "int4_clamped_swiglu" and not plain_compressed(form)
 
 
+def test_the_planner_prices_gpt_oss_forms_as_they_run(checkpoint):
+    """moekit plan / batch read gpt-oss's forms by their clamped names and price no whole-layer
+    decode workspace for them: its layers never decode whole (the runtime allocates none)."""
+    from moekit.pipeline.cli import read_model
+    from moekit.pipeline.costs import decodes_layers, model_costs
+
+    for form, name in (("bf16", "clamped_swiglu"), ("int4", "int4_clamped_swiglu"),
+                       ("ternary", "ternary_code_clamped_swiglu")):
+        cfg, expert_bytes, act_bytes, got = read_model(checkpoint("gpt_oss", form))
+        assert got == name
+        costs = model_costs(cfg, expert_bytes, act_bytes, form=got)
+        assert costs.workspace_bytes == 0 and costs.decode_bytes == 0 and not decodes_layers(costs, 4096)
+    cfg, expert_bytes, act_bytes, got = read_model(checkpoint("mixtral", "int4"))  # a plain form still does
+    assert got == "int4" and decodes_layers(model_costs(cfg, expert_bytes, act_bytes, form=got), 4096)
+
+
 def test_mla_needs_the_joint_host_cache(tiny):
     """An MLA model's decoder takes the joint latent pool (pipeline.latent.host_cache), not a plain one."""
     from moekit.kv_cache import PagedKVCache

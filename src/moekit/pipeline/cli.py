@@ -86,6 +86,9 @@ def read_model(path: Path):
         quant = QuantConfig.from_dict(hf["quantization_config"], str(path / "config.json"))
         form = quant.form if quant.bits == "ternary" else f"int{quant.bits}"
     cfg = family_for(hf, where=str(path / "config.json")).config(hf)
+    if not cfg.plain_experts:  # gpt-oss: the clamped forms the pages carry (experts.clamped), named as they name
+        mxfp4 = (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+        form = ("mxfp4_clamped_swiglu" if mxfp4 else "clamped_swiglu") if form == "dense" else f"{form}_clamped_swiglu"
     act_bytes = 4 if cfg.dtype == "float32" else 2
     total_experts = sum(cfg.experts_in(i) for i in range(cfg.num_layers))
     if not total_experts:

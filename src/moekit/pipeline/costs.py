@@ -152,12 +152,21 @@ def model_costs(cfg: ModelConfig, expert_bytes: float, act_dtype_bytes: int = 2,
     )
 
 
+# compressed forms around a plain SwiGLU: the paged runtime decodes their layers whole past the
+# per-slot kernels (pipeline.paged.plain_compressed); gpt-oss's clamped forms (names ending
+# CLAMPED_SUFFIX) never are, their experts run through their own calls
+WHOLE_LAYER_FORMS = ("int2", "int3", "int4", "ternary_code")
+CLAMPED_SUFFIX = "clamped_swiglu"
+
+
 def _form_terms(cfg: ModelConfig, form: str) -> dict:
-    if form == "dense":
+    if form == "dense" or form == CLAMPED_SUFFIX:
         return {}
     from ..quant.ops import KERNEL_MAX_TOKENS
 
     floor, flops = form_kernel(form, cfg.params_per_expert)
+    if form not in WHOLE_LAYER_FORMS:  # no workspace, no whole-layer decode
+        return {"kernel_floor_s": floor, "kernel_flops": flops}
     experts = max((cfg.experts_in(i) for i in range(cfg.num_layers) if cfg.moe_layers[i]), default=0)
     # the paged runtime decodes a whole layer (every expert) into the workspace past the per-slot kernels
     return {"kernel_floor_s": floor, "kernel_flops": flops,

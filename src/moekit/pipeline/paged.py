@@ -34,7 +34,8 @@ expert ids: no host sync (the per-expert path sorts slots on the host) and one d
 rather than one per routed expert per micro-batch; the slab stays compressed. gpt-oss's experts
 (biases and the clamped SwiGLU around bf16, MXFP4, int-N or ternary-code matrices: experts.clamped)
 page the same way, each expert's stored tensors and biases as one packed row, and always run
-through their form's own calls (the clamped slot kernels on a GPU), never the grouped SwiGLU ones.
+through their form's own calls (bf16 and MXFP4: the clamped slot kernels on a GPU; int-N and the
+ternary code with biases: per expert, no fused kernel yet), never the grouped SwiGLU ones.
 
 A page is an equal share of the bytes of each stored tensor's streamed part (as the artifact's
 byte ranges: every page costs the same PCIe time, so no page holds a hidden-state load behind a
