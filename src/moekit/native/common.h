@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include <omp.h>
+
 namespace {
 
 constexpr int64_t ROWS_PER_ITEM = 8;  // ffn rows (stage 1) or hidden rows (stage 2) per work item
@@ -162,6 +164,21 @@ inline int64_t stage2_rows(int64_t D, int64_t N, int threads) {
   const int64_t balanced = threads > 0 ? (D + 4 * threads - 1) / (4 * threads) : STAGE2_ROWS;
   const int64_t cap = balanced < 8 ? 8 : balanced < STAGE2_ROWS ? balanced : STAGE2_ROWS;
   return fit < 1 ? 1 : fit > cap ? cap : fit;
+}
+
+// Runs rows(n0, n1) over rows 0..N-1: on this thread when `serial` (too little work for a fork and
+// join to pay), else split in equal contiguous ranges over `threads` OpenMP threads.
+template <typename F>
+inline void split_rows(int64_t N, int threads, bool serial, F&& rows) {
+  if (serial || threads <= 1) {
+    rows(int64_t{0}, N);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    rows(N * t / nt, N * (t + 1) / nt);
+  }
 }
 
 // Element converters for templated row loops.

@@ -56,15 +56,7 @@ int moekit_matvec_q8(const void* matrix, const uint16_t* x, const float* bias, u
     }
   };
   // below ~1 MB of weights a fork and join cost about what a second core saves (as matvec.cpp)
-  if (threads <= 1 || N * K < (1 << 20)) {
-    rows(0, N);
-    return 0;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    rows(N * t / nt, N * (t + 1) / nt);
-  }
+  split_rows(N, threads, N * K < (1 << 20), rows);
   return 0;
 }
 

@@ -129,15 +129,7 @@ int moekit_matvec_bf16(const uint16_t* x, const uint16_t* w, const float* bias, 
         out[n0 + r] = float_to_bf16(d + (bias ? bias[n0 + r] : 0.f));
       });
     };
-    if (threads <= 1 || N < 8 * threads || N * K * 2 < (1 << 20)) {
-      rows(0, N);
-      return 0;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-      rows(N * t / nt, N * (t + 1) / nt);
-    }
+    split_rows(N, threads, N < 8 * threads || N * K * 2 < (1 << 20), rows);
     return 0;
   }
   if (!fast)
