@@ -14,6 +14,15 @@ from ranks import free_port
 from moekit.parallel.cli import ParallelSpec
 
 
+def torchrun(*argv: str, ranks: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Returns `torchrun --nproc-per-node RANKS -m moekit ARGV` run to its end on 127.0.0.1 (one
+    intra-op thread a rank: the machine has two cores)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit", *argv],
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.parametrize("value, message", [
     ("ep=0", "--parallel ep must be >= 1, got 0"),
     ("ep=2,tp=0", "--parallel tp must be >= 1, got 0"),
@@ -60,11 +69,7 @@ def test_torchrun_ranks_print_once_and_equal_one_process(capsys, ranks, value):
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     expected = json.loads(out)["token_ids"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                           "-m", "moekit", *args, "--parallel", f"{value},timeout=30"],
-                          capture_output=True, text=True, timeout=180, env=env, check=False)
+    proc = torchrun(*args, "--parallel", f"{value},timeout=30", ranks=ranks)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stdout  # rank 0 printed; the others stayed quiet
@@ -78,12 +83,8 @@ def test_torchrun_ranks_print_once_and_equal_one_process(capsys, ranks, value):
 
 @pytest.mark.slow
 def test_torchrun_with_the_wrong_number_of_ranks_says_how_many():
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                           "-m", "moekit", "generate", "hi", "--device", "cpu", "--max-new-tokens", "2",
-                           "--parallel", "ep=2,tp=2,timeout=30"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          check=False)
+    proc = torchrun("generate", "hi", "--device", "cpu", "--max-new-tokens", "2", "--parallel", "ep=2,tp=2,timeout=30",
+                    timeout=120)
     assert proc.returncode != 0
     assert "needs ep x tp = 4 processes, but torchrun started 2: give torchrun --nproc-per-node 4" in proc.stderr
 
@@ -97,11 +98,7 @@ def test_torchrun_offloaded_ranks_equal_one_process(capsys):
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     expected = json.loads(out)["token_ids"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit", *args,
-                           "--parallel", "ep=2,timeout=30", "--offload", "--device-memory", "16.5MB"],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          check=False)
+    proc = torchrun(*args, "--parallel", "ep=2,timeout=30", "--offload", "--device-memory", "16.5MB")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["token_ids"] == expected
@@ -157,18 +154,13 @@ def test_torchrun_batch_equals_one_process(capsys, tmp_path, value):
                          "--policy", '{"batch": 2, "micro_batch": 1, "resident_share": 0.25}')
     assert code == 0
     two = tmp_path / "two.jsonl"
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "moekit", "batch", *common, "--output", str(two),
-           "--parallel", f"{value},timeout=60", "--parallel-chunk", "2"]
-    proc = subprocess.run(run, capture_output=True, text=True, timeout=240, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = ["batch", *common, "--output", str(two), "--parallel", f"{value},timeout=60", "--parallel-chunk", "2"]
+    proc = torchrun(*run, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 prompts (0 done before)" in proc.stderr and "over 2 ranks" in proc.stderr
     assert [json.loads(line) for line in two.read_text().splitlines()] == \
         [json.loads(line) for line in one.read_text().splitlines()]
-    run[run.index("--master-port") + 1] = str(free_port())
-    again = subprocess.run(run, capture_output=True, text=True, timeout=240, check=False,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    again = torchrun(*run, timeout=240)
     assert again.returncode == 0 and again.stderr.count("all 3 prompts") == 1  # rank 0 says it
     assert len(two.read_text().splitlines()) == 3
 
@@ -213,12 +205,7 @@ def test_torchrun_balanced_placement_equals_one_process(capsys, tmp_path):
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     expected = json.loads(out)["token_ids"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                           "-m", "moekit", *args, "--parallel", "ep=2,timeout=30",
-                           "--expert-usage", bundled_usage(tmp_path)],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          check=False)
+    proc = torchrun(*args, "--parallel", "ep=2,timeout=30", "--expert-usage", bundled_usage(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.strip()][0])
     assert result["token_ids"] == expected
@@ -238,13 +225,9 @@ def test_torchrun_batch_stops_every_rank_when_rank_0_cannot_write(tmp_path):
     before the model loads: the other rank does not wait out a collective's timeout."""
     inp, _ = batch_files(tmp_path)
     (tmp_path / "notadir").write_text("")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit", "batch",
-                           "--input", str(inp), "--output", str(tmp_path / "notadir" / "out.jsonl"),
-                           "--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-new-tokens", "4",
-                           "--parallel", "tp=2,timeout=120"],
-                          capture_output=True, text=True, timeout=100, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun("batch", "--input", str(inp), "--output", str(tmp_path / "notadir" / "out.jsonl"),
+                    "--device", "cpu", "--dtype", "float32", "--threads", "1", "--max-new-tokens", "4",
+                    "--parallel", "tp=2,timeout=120", timeout=100)
     assert proc.returncode != 0
     assert "cannot write it" in proc.stderr and "rank 0 cannot write it" in proc.stderr  # rank 0's and the other's
     assert not moekit_frames(proc.stderr)  # torchrun prints its own traceback of the failed child, no moekit frame
@@ -256,11 +239,7 @@ def test_torchrun_foreign_usage_file_stops_every_rank(tmp_path):
     rows = [{"layer": layer, "experts": 8, "hard": [1] * 8} for layer in range(5)]
     usage = tmp_path / "usage.json"
     usage.write_text(json.dumps({"layers": rows}))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit",
-                           "generate", "hi", "--max-new-tokens", "2", "--device", "cpu", "--threads", "1",
-                           "--parallel", "ep=2,timeout=120", "--expert-usage", str(usage)],
-                          capture_output=True, text=True, timeout=100, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun("generate", "hi", "--max-new-tokens", "2", "--device", "cpu", "--threads", "1",
+                    "--parallel", "ep=2,timeout=120", "--expert-usage", str(usage), timeout=100)
     assert proc.returncode != 0 and "the model's MoE layers are [0, 1, 2, 3]" in proc.stderr
     assert not moekit_frames(proc.stderr)  # torchrun prints its own traceback of the failed child, no moekit frame
