@@ -153,14 +153,13 @@ def model_costs(cfg: ModelConfig, expert_bytes: float, act_dtype_bytes: int = 2,
 
 
 # compressed forms around a plain SwiGLU: the paged runtime decodes their layers whole past the
-# per-slot kernels (pipeline.paged.plain_compressed); gpt-oss's clamped forms (names ending
-# CLAMPED_SUFFIX) never are, their experts run through their own calls
+# per-slot kernels (pipeline.paged.plain_compressed); gpt-oss's clamped forms never are, their
+# experts run through their own calls
 WHOLE_LAYER_FORMS = ("int2", "int3", "int4", "ternary_code")
-CLAMPED_SUFFIX = "clamped_swiglu"
 
 
 def _form_terms(cfg: ModelConfig, form: str) -> dict:
-    if form == "dense" or form == CLAMPED_SUFFIX:
+    if form in ("dense", "clamped_swiglu"):  # plain tensors: the GEMM peak, no decode
         return {}
     from ..quant.ops import KERNEL_MAX_TOKENS
 

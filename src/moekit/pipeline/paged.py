@@ -63,10 +63,11 @@ from ..experts.forms import (
     needs_grad,
 )
 from ..experts.loader import ExpertLoader, LoadContext
+from .costs import WHOLE_LAYER_FORMS
 from .pages import bits_per_weight, copy_range, decode_into, range_views  # noqa: F401 (copy_range: re-exported)
 
 PAGE_ALIGN_BYTES = 4096  # a page boundary is a multiple of this many bytes (whole pages of the DMA)
-PAGED_FORMS = ("dense", "int2", "int3", "int4", "ternary_code")  # stored forms the pages carry (forms' names)
+PAGED_FORMS = ("dense", *WHOLE_LAYER_FORMS)  # stored forms the pages carry (forms' names), gpt-oss's wrapped ones too
 
 
 class PagedRuntime:
@@ -413,7 +414,7 @@ def plain_compressed(form: StoredForm) -> bool:
     """Returns whether `form` is int-N or the ternary code around a plain SwiGLU, which a layer
     decoded whole runs through the grouped SwiGLU kernels (gpt-oss's biased, clamped experts and
     dense ones never are)."""
-    return form.name in PAGED_FORMS and not isinstance(form, DenseForm)
+    return form.name in WHOLE_LAYER_FORMS
 
 
 def pageable_form(ctx: LoadContext, host_layers: dict[int, Tensors] | None = None) -> StoredForm:
