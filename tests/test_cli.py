@@ -142,3 +142,22 @@ def test_unsupported_architecture(model_dir, tmp_path, capsys):
 def test_no_command_prints_help(capsys):
     code, out, _ = run_cli(capsys)
     assert code == 2 and "generate" in out and "inspect" in out
+
+
+@pytest.mark.parametrize("env, expected", [("1", "bfloat16"), ("0", "float32")])
+def test_cpu_default_dtype_follows_a_bf16_checkpoint(capsys, monkeypatch, env, expected):
+    """Without --dtype the bundled (bf16) model runs in bf16 on the CPU where the native decode
+    step takes it (8x float32's tok/s there), in float32 where it does not."""
+    from moekit.native import library
+
+    if library() is None:
+        pytest.skip("no native library on this machine")
+    monkeypatch.setenv("MOEKIT_CPU_DECODE", env)
+    code, out, _ = run_cli(capsys, "generate", "def f(x):", "--device", "cpu", "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["dtype"] == expected
+
+
+def test_cpu_default_dtype_keeps_a_float32_checkpoint(model_dir, capsys):
+    code, out, _ = run_cli(capsys, "generate", "x", "--model", str(model_dir), "--device", "cpu",
+                           "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["dtype"] == "float32"

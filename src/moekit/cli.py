@@ -25,6 +25,19 @@ def _default_device() -> str:
 
 # ---- generate ------------------------------------------------------------------------------
 
+def _cpu_default_dtype(path: str, device: str) -> str | None:
+    """generate's dtype on the CPU when --dtype is not given: a checkpoint stored in bf16 stays in
+    bf16 where the native decode step runs it (half fp32's bytes a token in ~8 native calls a layer:
+    2,050 tok/s on the bundled model against 257 in float32, 2-core VM), else None (float32)."""
+    if not device.startswith("cpu"):
+        return None
+    from .load import read_config
+    from .native.decode import config_unsupported
+
+    cfg = read_config(path)[2]
+    return "bfloat16" if cfg.dtype == "bfloat16" and config_unsupported(cfg) is None else None
+
+
 def check_generate(args: argparse.Namespace) -> tuple[str, str]:
     """Returns (model folder, device) after checking every generate flag, before any loading."""
     if args.max_new_tokens <= 0:
@@ -91,7 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.offload:  # the budget is planned for this prompt plus the new tokens
         model = offload_cli.load_for_generate(args, device, len(ids) + args.max_new_tokens)
     else:
-        model = load_model(path, device=device, dtype=args.dtype, dense=args.quantize_dense or "bf16")
+        dtype = args.dtype or _cpu_default_dtype(path, device)
+        model = load_model(path, device=device, dtype=dtype, dense=args.quantize_dense or "bf16")
 
     stream = StreamDecoder(tokenizer)
     eos = set(model.generation_defaults.get("eos_token_ids", ()))
@@ -220,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU; on the CPU "
+                     "bf16 where the checkpoint is stored so and the native decode step runs the model, else fp32)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on GPUs")
     gen.add_argument("--cpu-quantize-dense", choices=("bf16", "int8"), default=None,

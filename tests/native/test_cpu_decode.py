@@ -221,6 +221,18 @@ def test_declines_what_it_does_not_implement(tiny, mixtral_model):
         handle.remove()
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "mixtral_sliding", "qwen2_moe", "qwen3_moe", "olmoe_clip",
+                                     "granitemoe", "phimoe", "deepseek_v2", "glm4_moe", "gpt_oss"])
+def test_config_check_agrees_with_the_loaded_model(tiny, variant):
+    """The CLI picks bf16 on the CPU by config_unsupported before loading: it must say what
+    unsupported says of the loaded model, for the families the step takes and those it declines."""
+    from moekit.native.decode import config_unsupported
+
+    model = _bf16_model(tiny, variant)
+    cache = KVCache(model.config, 1, 8, "cpu", torch.bfloat16)
+    assert (config_unsupported(model.config) is None) == (unsupported(model, cache) is None)
+
+
 def test_advise_huge_pages_keeps_values():
     from moekit.native.hugepages import HUGE_PAGE_BYTES, advise_huge_pages
 

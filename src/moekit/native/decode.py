@@ -88,6 +88,28 @@ register_declarations(_declare)
 _QK_NORM = {"none": 0, "full": 1, "head": 2}
 
 
+def config_unsupported(cfg) -> str | None:
+    """Returns why CpuDecodeStep cannot run a model of this ModelConfig whatever its weights, or
+    None; read before loading (the CLI's CPU default dtype) and again by `unsupported`."""
+    if os.environ.get("MOEKIT_CPU_DECODE", "1") == "0":
+        return "MOEKIT_CPU_DECODE=0"
+    if library() is None:
+        from . import unavailable_reason
+
+        return f"no native library: {unavailable_reason()}"
+    if (cfg.clip_qkv is not None or cfg.sliding_window is not None or cfg.embedding_multiplier != 1.0
+            or cfg.residual_multiplier != 1.0 or cfg.logits_scaling != 1.0 or cfg.expert_act != "silu"
+            or cfg.expert_bias or cfg.router.scoring != "softmax" or cfg.router.group_limited
+            or cfg.router.scaling_factor != 1.0 or cfg.shared_expert_ffn):
+        return "a config option the native step does not implement"
+    if cfg.mla is not None or cfg.attention_sinks or cfg.norm != "rms" or not all(cfg.moe_layers):
+        return "latent attention, attention sinks, LayerNorm or dense MLP layers"
+    if (cfg.num_heads > 256 or cfg.num_heads * cfg.head_dim > 1 << 15 or cfg.top_k > 64
+            or max(cfg.experts_in(i) for i in range(cfg.num_layers)) > 4096):
+        return "a shape beyond decode.cpp's limits (256 heads, 32768 q features, top-64 of 4096 experts)"
+    return None
+
+
 def unsupported(model, cache) -> str | None:
     """Returns why CpuDecodeStep cannot run this model's decode steps over `cache`, or None."""
     from ..experts.resident import ResidentExperts
@@ -96,27 +118,15 @@ def unsupported(model, cache) -> str | None:
     from ..quant.formats import CompressedExperts
     from .compressed import decode_unsupported
 
-    cfg = model.config
-    if os.environ.get("MOEKIT_CPU_DECODE", "1") == "0":
-        return "MOEKIT_CPU_DECODE=0"
-    if library() is None:
-        from . import unavailable_reason
-
-        return f"no native library: {unavailable_reason()}"
+    why = config_unsupported(model.config)
+    if why is not None:
+        return why
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         return "not a bf16 model on the CPU"
     if getattr(model, "expert_runtime", None) is not None:
         return "an expert placement (offload) runs the experts"
     if not isinstance(cache, KVCache) or cache.keys[0].shape[0] != 1:
         return "not a batch-1 dense KVCache"
-    if (cfg.clip_qkv is not None or cfg.sliding_window is not None or cfg.embedding_multiplier != 1.0
-            or cfg.residual_multiplier != 1.0 or cfg.logits_scaling != 1.0 or cfg.expert_act != "silu"
-            or cfg.expert_bias or cfg.router.scoring != "softmax" or cfg.router.group_limited
-            or cfg.router.scaling_factor != 1.0 or cfg.shared_expert_ffn):
-        return "a config option the native step does not implement"
-    if (cfg.num_heads > 256 or cfg.num_heads * cfg.head_dim > 1 << 15 or cfg.top_k > 64
-            or max(cfg.experts_in(i) for i in range(cfg.num_layers)) > 4096):
-        return "a shape beyond decode.cpp's limits (256 heads, 32768 q features, top-64 of 4096 experts)"
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global forward hooks"
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
