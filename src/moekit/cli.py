@@ -26,16 +26,21 @@ def _default_device() -> str:
 # ---- generate ------------------------------------------------------------------------------
 
 def _cpu_default_dtype(path: str, device: str) -> str | None:
-    """generate's dtype on the CPU when --dtype is not given: a checkpoint stored in bf16 stays in
-    bf16 where the native decode step runs it (half fp32's bytes a token in ~8 native calls a layer:
-    2,050 tok/s on the bundled model against 257 in float32, 2-core VM), else None (float32)."""
+    """generate's dtype on the CPU when --dtype is not given (and neither --offload nor --parallel):
+    a checkpoint stored in bf16 stays in bf16 where the native decode step runs it (half fp32's
+    bytes a token in ~8 native calls a layer: 2,050 tok/s on the bundled model against 257 in
+    float32, 2-core VM), else None (float32). A moekit-compressed checkpoint keeps float32, as its
+    offloaded run does (offload/cli.py: its experts have no float dtype to follow)."""
     if not device.startswith("cpu"):
         return None
     from .load import read_config
     from .native.decode import config_unsupported
+    from .quant.config import is_moekit_quantized
 
-    cfg = read_config(path)[2]
-    return "bfloat16" if cfg.dtype == "bfloat16" and config_unsupported(cfg) is None else None
+    ckpt, _, cfg = read_config(path)
+    if is_moekit_quantized(ckpt.config) or cfg.dtype.replace("torch.", "") != "bfloat16":
+        return None
+    return "bfloat16" if config_unsupported(cfg) is None else None
 
 
 def check_generate(args: argparse.Namespace) -> tuple[str, str]:

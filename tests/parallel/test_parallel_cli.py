@@ -65,7 +65,7 @@ def test_parallel_with_offload_is_checked(capsys, flags, message):
 @pytest.mark.parametrize("ranks, value", [(2, "ep=2"), (2, "tp=2"), (4, "ep=2,tp=2"), (2, "tp=2,ep=tp")])
 def test_torchrun_ranks_print_once_and_equal_one_process(capsys, ranks, value):
     args = ["generate", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--threads", "1",
-            "--device", "cpu", "--json"]
+            "--device", "cpu", "--dtype", "float32", "--json"]
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     expected = json.loads(out)["token_ids"]
@@ -94,7 +94,7 @@ def test_torchrun_offloaded_ranks_equal_one_process(capsys):
     """--parallel ep=2 --offload: each rank offloads its own 16 experts under 16.5 MB (the least is 14.9 MB:
     a cache of a few experts), and the tokens are one process's."""
     args = ["generate", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--threads", "1",
-            "--device", "cpu", "--json"]
+            "--device", "cpu", "--dtype", "float32", "--json"]
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     expected = json.loads(out)["token_ids"]
@@ -201,7 +201,7 @@ def test_torchrun_balanced_placement_equals_one_process(capsys, tmp_path):
     on different ranks, and the report's predicted balance (the busiest rank 1.0x the mean here,
     1.9x with contiguous ids)."""
     args = ["generate", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--threads", "1",
-            "--device", "cpu", "--json"]
+            "--device", "cpu", "--dtype", "float32", "--json"]
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     expected = json.loads(out)["token_ids"]

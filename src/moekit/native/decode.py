@@ -100,7 +100,7 @@ def config_unsupported(cfg) -> str | None:
     if (cfg.clip_qkv is not None or cfg.sliding_window is not None or cfg.embedding_multiplier != 1.0
             or cfg.residual_multiplier != 1.0 or cfg.logits_scaling != 1.0 or cfg.expert_act != "silu"
             or cfg.expert_bias or cfg.router.scoring != "softmax" or cfg.router.group_limited
-            or cfg.router.scaling_factor != 1.0 or cfg.shared_expert_ffn):
+            or cfg.router.scaling_factor != 1.0 or cfg.router.correction_bias or cfg.shared_expert_ffn):
         return "a config option the native step does not implement"
     if cfg.mla is not None or cfg.attention_sinks or cfg.norm != "rms" or not all(cfg.moe_layers):
         return "latent attention, attention sinks, LayerNorm or dense MLP layers"
