@@ -77,12 +77,27 @@ def git_dirty() -> bool | None:
     return None if status is None else bool(status)
 
 
+def cpu_model() -> dict[str, Any]:
+    """Returns the host CPU's model name and the vector extensions the native kernels choose by
+    (avx512_bf16, avx512_vnni, avx2, ...) from /proc/cpuinfo; {} where it cannot be read. The 2-core
+    VMs differ from one run to the next (Zen 3 with AVX2, Zen 4 with AVX512-BF16), and each takes
+    other kernel paths."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2", "amx_bf16")
+    return {"cpu_model": model, "cpu_vector": [f for f in wanted if f in flags]}
+
+
 def device_info(device: str | torch.device) -> dict[str, Any]:
     """Returns what the run ran on: the accelerator's name, memory and SMs, or the CPU's."""
     device = torch.device(device)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {"device": str(device), "cpus_usable": cpus, "cpu_count": os.cpu_count(),
-                            "cpu": platform.processor() or platform.machine()}
+                            "cpu": platform.processor() or platform.machine(), **cpu_model()}
     if device.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, memory_bytes=props.total_memory, sm_count=props.multi_processor_count,
