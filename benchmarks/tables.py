@@ -373,7 +373,9 @@ def misses_modes(files: dict) -> str:
 CPU_2CORE_RUNS = ("bench_llamacpp_cpu_2core_628d2af.json", "bench_llamacpp_cpu_2core_ec6074d.json",
                   "bench_llamacpp_cpu_2core_25f9323.json",  # before, the kernel for bf16 prefill, two rows at a time
                   "bench_llamacpp_cpu_2core_17374f2_avx2off.json",  # the AVX2 decode dot switched off, then on,
-                  "bench_llamacpp_cpu_2core_17374f2.json")          # in consecutive minutes
+                  "bench_llamacpp_cpu_2core_17374f2.json",          # in consecutive minutes
+                  "bench_llamacpp_cpu_2core_zen4_b8e3834.json",  # a Zen 4 VM: before and after the two-sum
+                  "bench_llamacpp_cpu_2core_zen4_eb3dddb.json")  # AVX512-BF16 dots (8be205b), consecutive minutes
 # the setting of a run its JSON does not record (environment switches), shown beside its commit
 CPU_2CORE_NOTES = {"bench_llamacpp_cpu_2core_17374f2_avx2off.json": "MOEKIT_AVX2_DOT=0"}
 
@@ -388,10 +390,13 @@ def cpu_2core(files: dict) -> str:
         bf16 = next(r for r in run["moekit"] if r.get("dtype") == "bfloat16")
         lp, mp = lc["prefill_cpu_only"]["tok_s"], bf16["prefill_64_tok_s"]
         commit = run["meta"]["commit"][:7] + (f" ({CPU_2CORE_NOTES[name]})" if name in CPU_2CORE_NOTES else "")
-        rows.append([commit, run["meta"]["date"][:16], f"{mixed['llamacpp_median']:.1f}",
+        device = run["meta"]["device"]
+        vector = device.get("cpu_vector")
+        cpu = "not recorded" if vector is None else f"{device.get('cpu_model') or '?'}, {vector[0] if vector else 'no AVX2'}"
+        rows.append([commit, run["meta"]["date"][:16], cpu, f"{mixed['llamacpp_median']:.1f}",
                      f"{mixed['moekit_median']:.1f}", f"{mixed['ratio_of_medians']:.2f}x", f"{lp:.1f}", f"{mp:.1f}",
                      f"{mp / lp:.2f}x"])
-    return table(["commit", "date", "llama.cpp decode", "moekit bf16 decode", "ratio", "llama.cpp prefill 64",
+    return table(["commit", "date", "CPU", "llama.cpp decode", "moekit bf16 decode", "ratio", "llama.cpp prefill 64",
                   "moekit prefill 64", "ratio"], rows)
 
 
