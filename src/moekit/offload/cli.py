@@ -152,15 +152,13 @@ def load_for_generate(args: argparse.Namespace, device: str, context_tokens: int
     from ..load import default_model_path, read_config
     from .loader import load_offloaded, read_counts
 
-    from ..quant.config import is_moekit_quantized
-
     dtype = args.dtype
     if dtype is None and not device.startswith("cuda"):
-        # offload moves the stored form as it is: on the CPU, compute in the checkpoint's dtype
-        # (a compressed checkpoint's experts have no float dtype: compute as its resident model does)
-        ckpt, _, cfg = read_config(args.model or default_model_path())
-        if not is_moekit_quantized(ckpt.config):
-            dtype = cfg.dtype if cfg.dtype.replace("torch.", "") in DTYPES else None
+        # offload moves the stored form as it is: on the CPU, compute in the checkpoint's dtype (a
+        # compressed checkpoint's: that of its dense weights, as its resident run does where the
+        # native decode step takes it)
+        _, _, cfg = read_config(args.model or default_model_path())
+        dtype = cfg.dtype if cfg.dtype.replace("torch.", "") in DTYPES else None
     config = OffloadConfig(
         device_memory=parse_size(args.device_memory) if args.device_memory else None,
         predictor=args.predictor, cache_policy=args.cache_policy, context_tokens=context_tokens,
