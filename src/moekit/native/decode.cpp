@@ -32,20 +32,10 @@ constexpr int64_t MAX_HEADS = 256;
 
 inline float bf(uint16_t v) { return bf16_to_float(v); }
 
-// w . x for bf16 rows of n elements (x bf16 too); the AVX512-BF16 path for n % 32 == 0: two sums
-// of 64 elements an iteration (matvec.cpp's dot_bf16 says why not four of 128).
+// w . x for bf16 rows of n elements (x bf16 too); common.h's AVX512-BF16 loop for n % 32 == 0.
 inline float dot_bb(const uint16_t* w, const uint16_t* x, int64_t n) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-  if (n % 32 == 0) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
-    }
-    if (i < n) a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  }
+  if (n % 32 == 0) return dot_bf16_pairs(w, x, n);
 #endif
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)

@@ -44,20 +44,8 @@ inline void dots_portable(const uint16_t* w, int64_t rows, const float* xf, int6
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-// w . x for one bf16 row of K elements (K % 32 == 0): 64 elements an iteration into two sums, then
-// a 32-element tail. Why two and not four: on the 2-core test machine (Zen 4) a 206 MB matvec read
-// 25 GB/s on one core with two sums of 64 elements an iteration and 18 GB/s with four of 128
-// (interleaved runs of the same rows; llama.cpp's ggml_vec_dot_bf16 takes 64 too); 28 vs 24 on two.
-inline float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 64 <= K; i += 64) {
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
-  }
-  if (i < K) a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-}
+// w . x for one row (common.h's two-sum loop).
+inline float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t K) { return dot_bf16_pairs(w, x, K); }
 
 // dots [r, m] = w_r . x_m for ROWS consecutive rows of w (stride K) and M rows of x, K % 32 == 0.
 // One row at a time (a single sequential stream).
