@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU; on the CPU "
-                     "bf16 where the checkpoint is stored so and the native decode step runs the model, else fp32)")
+                     "bf16 where the checkpoint is stored so and the native decode step runs the model, else fp32; "
+                     "with --offload, the checkpoint's own dtype)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on GPUs")
     gen.add_argument("--cpu-quantize-dense", choices=("bf16", "int8"), default=None,

@@ -79,7 +79,7 @@ def _build(cxx: str) -> Path:
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    if sys.stderr.isatty():  # ~10-20 s of silence on a first run otherwise
+    if sys.stderr is not None and sys.stderr.isatty():  # ~10-20 s of silence on a first run otherwise
         print("moekit: compiling the CPU kernels for this machine (once)...", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
     os.close(fd)

@@ -155,8 +155,8 @@ def load_for_generate(args: argparse.Namespace, device: str, context_tokens: int
     dtype = args.dtype
     if dtype is None and not device.startswith("cuda"):
         # offload moves the stored form as it is: on the CPU, compute in the checkpoint's dtype (a
-        # compressed checkpoint's: that of its dense weights, as its resident run does where the
-        # native decode step takes it)
+        # compressed checkpoint's: that of its dense weights). Eager bf16, so greedy tokens may part
+        # from a resident run's native step (bf16 sums in another order) after a few tokens
         _, _, cfg = read_config(args.model or default_model_path())
         dtype = cfg.dtype if cfg.dtype.replace("torch.", "") in DTYPES else None
     config = OffloadConfig(

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the model folder's name)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU; fp32 on the CPU, "
+                   "the checkpoint's own dtype with --offload)")
     add_quantize_dense_arg(p)
     p.add_argument("--max-seqs", type=int, default=32, help="sequences decoded together at most (default: 32)")
     p.add_argument("--max-step-tokens", type=int, default=256,
