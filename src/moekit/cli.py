@@ -35,15 +35,9 @@ def _cpu_default_dtype(path: str, device: str) -> str | None:
         return None
     from .load import read_config
     from .native.decode import config_unsupported
-    from .native.experts import MAX_ROW
-    from .quant.config import is_moekit_quantized
 
-    ckpt, _, cfg = read_config(path)
-    if cfg.dtype.replace("torch.", "") != "bfloat16":
-        return None
-    if is_moekit_quantized(ckpt.config) and max(cfg.hidden_size, cfg.expert_ffn) > MAX_ROW:
-        return None  # compressed.cpp's decode kernels take rows of at most MAX_ROW
-    return "bfloat16" if config_unsupported(cfg) is None else None
+    cfg = read_config(path)[2]
+    return "bfloat16" if cfg.dtype.replace("torch.", "") == "bfloat16" and config_unsupported(cfg) is None else None
 
 
 def check_generate(args: argparse.Namespace) -> tuple[str, str]:

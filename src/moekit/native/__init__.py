@@ -1,7 +1,7 @@
 """C++ kernels for the CPU, compiled on first use with this machine's compiler and cached.
 
 Why compiled here: the kernels are vectorised for the CPU they run on (-march=native; measured
-with AVX-512 only, other instruction sets not yet tried) and use OpenMP for all cores; a wheel
+on AVX-512 hosts with and without BF16 and on AVX2-only ones) and use OpenMP for all cores; a wheel
 built elsewhere could not do both. The library is built once per source, compiler and CPU into
 $MOEKIT_CACHE_DIR (default ~/.cache/moekit)/native/ (the sources compiled side by side: ~12 s on a
 2-core machine), written to a temporary name and renamed, so concurrent first uses never load half

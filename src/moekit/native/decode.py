@@ -36,6 +36,7 @@ import torch
 from . import library, register_declarations
 from .compressed import DecodeExperts
 from .dense_q8 import dense_form, quantized
+from .experts import MAX_ROW
 from .matvec import MAX_ROWS  # noqa: F401 -- loads matvec's declarations with this module
 
 
@@ -105,8 +106,10 @@ def config_unsupported(cfg) -> str | None:
     if cfg.mla is not None or cfg.attention_sinks or cfg.norm != "rms" or not all(cfg.moe_layers):
         return "latent attention, attention sinks, LayerNorm or dense MLP layers"
     if (cfg.num_heads > 256 or cfg.num_heads * cfg.head_dim > 1 << 15 or cfg.top_k > 64
-            or max(cfg.experts_in(i) for i in range(cfg.num_layers)) > 4096):
-        return "a shape beyond decode.cpp's limits (256 heads, 32768 q features, top-64 of 4096 experts)"
+            or max(cfg.experts_in(i) for i in range(cfg.num_layers)) > 4096
+            or max(cfg.hidden_size, cfg.expert_ffn) > MAX_ROW):
+        return ("a shape beyond decode.cpp's limits (256 heads, 32768 q features, top-64 of 4096 experts, "
+                "rows of 32768: compressed.cpp's too)")
     return None
 
 
