@@ -101,6 +101,22 @@ def test_matrices_it_cannot_take_run_in_float(bits, d, ffn, groups):
     assert torch.equal(nc.int_ffn(x, jobs, bits, dot="int8"), nc.int_ffn(x, jobs, bits, dot="float"))
 
 
+@pytest.mark.parametrize("bits,groups", [(4, (2, 1)), (2, (4, 2))])
+def test_a_tokens_output_does_not_depend_on_the_batch(bits, groups):
+    """Each vector is quantized on its own and each output sums its jobs in job order, so a token's
+    row is the same bits in a batch of 256 (jobs of 256, 128 and 100 tokens: stage 2 dots its rows in
+    runs of 8 there, 64 at one token) as alone, and the same on 1 and 3 threads."""
+    d, ffn, n = 512, 256, 256
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(bits))
+    routes = [list(range(n)), list(range(0, n, 2)), list(range(100)), [5]]
+    jobs = jobs_of(d, ffn, bits, groups, routes, seed=bits)
+    batch = nc.int_ffn(x, jobs, bits, threads=1, dot="int8")
+    assert torch.equal(batch, nc.int_ffn(x, jobs, bits, threads=3, dot="int8"))
+    for t in (0, 5, 99, 255):
+        alone = [(gu, dn, [0], [w[toks.index(t)]]) for gu, dn, toks, w in jobs if t in toks]
+        assert torch.equal(batch[t], nc.int_ffn(x[t:t + 1], alone, bits, threads=1, dot="int8")[0]), t
+
+
 def test_choice_and_its_default(monkeypatch):
     x = torch.randn(1, 256)
     jobs = jobs_of(256, 128, 4, (2, 1), [[0]])

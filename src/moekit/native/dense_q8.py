@@ -25,6 +25,7 @@ import torch
 from ..errors import MoekitError
 from ..linear import DENSE_FORMS, quantize_int8_rows  # the decode step's dense weights: as loaded, or int8 rows
 from . import library, register_declarations
+from .hugepages import advise_huge_pages
 
 BLOCK = 64  # K must be a multiple (16 words of 4 codes: int_dot.h's block)
 
@@ -56,9 +57,13 @@ def dense_form(form: str | None = None) -> str:
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (codes [N, K] uint8, scale [N] float32) of weight [N, K]: linear.quantize_int8_rows' signed
-    codes + 128, the kernel's unsigned layout (scale = max |w| over the row / 127, 1 for a row of zeros)."""
+    codes + 128, the kernel's unsigned layout (scale = max |w| over the row / 127, 1 for a row of zeros).
+    The codes sit in 2 MB pages where Linux grants them (hugepages: a decode step streams them)."""
     signed, scale = quantize_int8_rows(weight)
-    return (signed.to(torch.int16) + 128).to(torch.uint8), scale
+    codes = torch.empty(signed.shape, dtype=torch.uint8)
+    advise_huge_pages([codes])  # before the first write
+    codes.copy_(signed.to(torch.int16) + 128)
+    return codes, scale
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
