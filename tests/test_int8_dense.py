@@ -214,8 +214,13 @@ def test_quantize_dense_on_the_cpu_is_the_cpu_steps_int8():
     for bad, match in ((dict(offload=True), "offloaded"), (dict(dtype="float32"), "bfloat16 model")):
         with pytest.raises(MoekitError, match=match):
             check_quantize_dense(args(**bad), "cpu", cpu_step=True)
-        with pytest.raises(MoekitError, match=match):  # the older flag alone, the same rule
-            check_cpu_quantize_dense(args(quantize_dense=None, cpu_quantize_dense="int8", **bad), "cpu")
+        for form in ("int8", "int4"):  # the older flag alone, the same rule
+            with pytest.raises(MoekitError, match=match):
+                check_cpu_quantize_dense(args(quantize_dense=None, cpu_quantize_dense=form, **bad), "cpu")
+    check_cpu_quantize_dense(a := args(quantize_dense=None, cpu_quantize_dense="int4"), "cpu")
+    assert a.dtype == "bfloat16"
+    with pytest.raises(MoekitError, match="disagree"):  # --quantize-dense int8 would have overridden int4
+        check_quantize_dense(args(cpu_quantize_dense="int4"), "cpu", cpu_step=True)
     for bad, match in ((dict(parallel="ep=2"), "--parallel"), (dict(compile=True), "--compile")):
         with pytest.raises(MoekitError, match=match):
             check_quantize_dense(args(**bad), "cuda", cpu_step=True)

@@ -1,5 +1,5 @@
 """CPU time per decoded token on ONE thread: moekit's native decode step (bf16 / int4 checkpoints, int8 or
-float activations for the int-N experts, bf16 or int8 dense projections) next to llama.cpp's llama-bench -t 1.
+float activations for the int-N experts, bf16, int8 or int4 dense projections: int4 keeps the LM head int8) next to llama.cpp's llama-bench -t 1.
 
 Why CPU time: on a shared VM whose other tenants keep the load at 5-8 on 2 cores, wall-clock tok/s of
 interleaved runs swung 10x from one run to the next (bench_cpu_compressed.py); the CPU time a single
@@ -87,9 +87,10 @@ def main() -> int:
     torch.set_num_threads(1)
     prompt = None
     rows: dict[str, float | None] = {}
-    configs = [("bf16", args.bf16, [("", "bf16"), ("", "int8")])]
+    configs = [("bf16", args.bf16, [("", "bf16"), ("", "int8"), ("", "int4")])]
     if args.int4:
-        configs.append(("int4", args.int4, [(d, dense) for dense in ("bf16", "int8") for d in ("float", "int8")]))
+        configs.append(("int4", args.int4, [(d, dense) for dense in ("bf16", "int8") for d in ("float", "int8")]
+                        + [("int8", "int4")]))
     for name, path, variants in configs:
         model = moekit.load_model(path, dtype=torch.bfloat16)
         if prompt is None:

@@ -241,10 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "with --offload, the checkpoint's own dtype)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on GPUs")
-    gen.add_argument("--cpu-quantize-dense", choices=("bf16", "int8"), default=None,
+    gen.add_argument("--cpu-quantize-dense", choices=("bf16", "int8", "int4"), default=None,
                      help="the CPU decode step's attention projections and LM head: int8 per row halves their "
-                          "bytes; that step runs bf16 models without --offload, so int8 loads the model in "
-                          "bfloat16 (default: $MOEKIT_CPU_DENSE, else bf16)")
+                          "bytes; int4 puts the attention projections in int4 (groups of 128) and keeps the LM "
+                          "head int8; that step runs bf16 models without --offload, so int8 / int4 load the model "
+                          "in bfloat16 (default: $MOEKIT_CPU_DENSE, else bf16)")
     add_quantize_dense_arg(gen)
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step before capturing it (GPU; slow first call, faster decode)")

@@ -143,23 +143,25 @@ def check_quantize_dense(args: argparse.Namespace, device: str, cpu_step: bool =
         return
     if not cpu_step:
         raise MoekitError(f"--quantize-dense int8 is for a GPU here; on {device} drop it")
-    if getattr(args, "cpu_quantize_dense", None) == "bf16":
-        raise MoekitError("--quantize-dense int8 and --cpu-quantize-dense bf16 disagree; give one of them")
+    if getattr(args, "cpu_quantize_dense", None) in ("bf16", "int4"):
+        raise MoekitError(f"--quantize-dense int8 and --cpu-quantize-dense {args.cpu_quantize_dense} disagree; give "
+                          "one of them")
     args.cpu_quantize_dense, args.quantize_dense = "int8", None  # the CPU step's dense_q8 kernels
     check_cpu_quantize_dense(args, device)
 
 
 def check_cpu_quantize_dense(args: argparse.Namespace, device: str) -> None:
-    """--cpu-quantize-dense int8 (or --quantize-dense int8 on the CPU) runs in the native CPU decode step,
-    which takes a bf16 model and no offloaded experts: gives a CPU run bfloat16 where --dtype is not
+    """--cpu-quantize-dense int8 / int4 (or --quantize-dense int8 on the CPU) runs in the native CPU decode
+    step, which takes a bf16 model and no offloaded experts: gives a CPU run bfloat16 where --dtype is not
     given, and raises MoekitError where the step would not run (the flag would do nothing)."""
-    if getattr(args, "cpu_quantize_dense", None) != "int8":
+    form = getattr(args, "cpu_quantize_dense", None)
+    if form not in ("int8", "int4"):
         return
     if getattr(args, "offload", False):
-        raise MoekitError(f"int8 projections on {device} are the CPU decode step's, which an offloaded model does "
-                          "not run; drop --offload or the int8 flag")
+        raise MoekitError(f"{form} projections on {device} are the CPU decode step's, which an offloaded model does "
+                          f"not run; drop --offload or --cpu-quantize-dense {form}")
     if args.dtype not in (None, "bfloat16", "bf16"):
-        raise MoekitError(f"int8 projections on {device} run in the CPU decode step, which takes a bfloat16 model; "
+        raise MoekitError(f"{form} projections on {device} run in the CPU decode step, which takes a bfloat16 model; "
                           f"drop --dtype {args.dtype} (or give --dtype bfloat16)")
     args.dtype = "bfloat16"
 

@@ -19,8 +19,9 @@ int-N or the ternary code, run by compressed.cpp's kernels as CompressedExperts 
 CPU, so the same bits for the same input and routing) and no shared expert,
 no forward hooks, no expert placement (offload). Everything else decodes through model.forward.
 Results agree with model.forward to bf16 rounding (tests/native/test_cpu_decode.py). Opt-in
-($MOEKIT_CPU_DENSE=int8, `dense`): the qkv and o-projections and the LM head in int8 per row
-(dense_q8.cpp; half their bytes, not bit-exact: tests/native/test_dense_q8.py measures it).
+($MOEKIT_CPU_DENSE, `dense`): "int8" puts the qkv and o-projections and the LM head in int8 per row
+(dense_q8.cpp; half their bytes, not bit-exact: tests/native/test_dense_q8.py measures it), "int4"
+the qkv and o-projections in int4 (groups of 128 columns; a quarter) and the LM head in int8.
 
 Shapes: D hidden, H query heads, Hkv kv heads, Dh head dim, S cache positions, E experts,
 A experts per token, I expert ffn width, V vocab.
@@ -181,8 +182,8 @@ class CpuDecodeStep:
         return None if unsupported(model, cache) is not None else cls(model, cache, dense)
 
     def __init__(self, model, cache, dense: str | None = None):
-        """dense: the qkv, o-projection and LM head weights, "bf16" or "int8" (dense_q8.dense_form:
-        default $MOEKIT_CPU_DENSE, else bf16)."""
+        """dense: the qkv, o-projection and LM head weights, "bf16", "int8" or "int4" (dense_q8.dense_form:
+        default $MOEKIT_CPU_DENSE, else bf16; int4: the LM head stays int8)."""
         from ..quant.formats import CompressedExperts
 
         cfg = model.config
@@ -247,10 +248,11 @@ class CpuDecodeStep:
                 ))
             self.final_norm = model.norm.weight.data_ptr()
             self.lm_head = self._matvec_args(model.lm_head, normed, self.logits.data_ptr())
-            # int8 copies of the dense projections (dense_q8; kept per module across steps), None: bf16
-            q8 = (lambda linear: quantized(linear)) if self.dense == "int8" else (lambda linear: None)
+            # int8 / int4 copies of the dense projections (dense_q8; kept per module across steps), None: bf16
+            attn_bits = {"int8": 8, "int4": 4}.get(self.dense)
+            q8 = (lambda linear: quantized(linear, attn_bits)) if attn_bits else (lambda linear: None)
             self.dense_q8 = [(q8(layer.attn.qkv), q8(layer.attn.o_proj)) for layer in model.layers]
-            self.lm_head_q8 = q8(model.lm_head)
+            self.lm_head_q8 = quantized(model.lm_head) if attn_bits else None  # int8 for both forms
         self.plan = self._plan(model)
 
     def _plan(self, model) -> _StepPlan:
