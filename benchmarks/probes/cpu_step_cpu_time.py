@@ -110,7 +110,8 @@ def main() -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "cpu_step_cpu_time.json").write_text(json.dumps(
-            {"cpu_s_per_token": rows, "new": args.new, "repeats": args.repeats, "loadavg": os.getloadavg()}, indent=1))
+            {"meta": common.run_meta(args), "cpu_s_per_token": rows, "new": args.new, "repeats": args.repeats,
+             "loadavg": os.getloadavg()}, indent=1))
     return 0
 
 
