@@ -400,6 +400,65 @@ def cpu_2core(files: dict) -> str:
                   "moekit prefill 64", "ratio"], rows)
 
 
+# One thread's CPU time per token (probes/cpu_step_cpu_time.py), OLMoE shape cut to 4 layers; runs whose
+# JSON has no provenance block name their commit and CPU here
+CPU_ONE_THREAD_RUNS = ("cpu_step_cpu_time_zen4_int4_17946b6.json", "cpu_step_cpu_time_zen4_int4_bb17489.json")
+CPU_ONE_THREAD_UNRECORDED = {"cpu_step_cpu_time_zen4_int4_17946b6.json": ("17946b6", "AMD EPYC (Zen 4), avx512-bf16")}
+
+
+def cpu_one_thread(files: dict) -> str:
+    """moekit's native decode step and llama.cpp's CPU build on one thread: CPU ms a token, a column per
+    run; each moekit row's ratio is against llama.cpp of the same class (int4 experts against Q4_K_M,
+    bf16 against bf16 GGUF): >1x is moekit faster."""
+    runs, labels = [], []
+    for name in CPU_ONE_THREAD_RUNS:
+        run = files[name]
+        if "meta" in run:
+            device = run["meta"]["device"]
+            vector = device.get("cpu_vector") or ["no AVX2"]
+            head = f"{run['meta']['commit'][:7]} ({device.get('cpu_model') or '?'}, {vector[0]})"
+        else:
+            commit, cpu = CPU_ONE_THREAD_UNRECORDED[name]
+            head = f"{commit} ({cpu})"
+        runs.append((head, run["cpu_s_per_token"]))
+        labels += [k for k in run["cpu_s_per_token"] if k not in labels]
+    rows = []
+    for label in labels:
+        base = "llama.cpp Q4_K_M" if label.startswith("moekit int4") else "llama.cpp bf16"
+        cells = [label]
+        for _, values in runs:
+            s, ref = values.get(label), values.get(base)
+            if s is None:
+                cells.append("")
+            elif label.startswith("moekit") and ref:
+                cells.append(f"{s * 1e3:.1f} ({ref / s:.2f}x)")
+            else:
+                cells.append(f"{s * 1e3:.1f}")
+        rows.append(cells)
+    return table(["engine, 1 thread: CPU ms a token (vs llama.cpp)"] + [h for h, _ in runs], rows)
+
+
+CPU_COMPRESSED_2CORE = "bench_cpu_compressed_zen4_int4dense_bb17489.json"
+
+
+def cpu_compressed_2core(files: dict) -> str:
+    """probes/bench_cpu_compressed.py on the 2-core VM: each engine's decode tok/s, medians of interleaved
+    rounds; moekit's rows against llama.cpp of the same class (int4 experts against Q4_K_M, the bf16
+    checkpoint against llama.cpp's bf16 GGUF), as the ratio of medians and the range of per-round ratios."""
+    run = files[CPU_COMPRESSED_2CORE]
+    rows_in = run["rows"]
+    rows = []
+    for label, r in rows_in.items():
+        base = "llama.cpp Q4_K_M" if label.startswith("moekit int4") else "llama.cpp bf16"
+        ratio, per_round = "", ""
+        if label.startswith("moekit") and base in rows_in:
+            ratio = f"{r['median'] / rows_in[base]['median']:.2f}x"
+            each = sorted(a / b for a, b in zip(r["tok_s"], rows_in[base]["tok_s"]))
+            per_round = f"{each[0]:.2f}-{each[-1]:.2f}x (median {each[len(each) // 2]:.2f}x)"
+        rows.append([label, f"{r['median']:.1f}", ", ".join(f"{v:.1f}" for v in r["tok_s"]), ratio, per_round])
+    return table(["engine (2 threads)", "median tok/s", "rounds", "vs llama.cpp (medians)", "per-round ratios"], rows)
+
+
 def cpu_threads(files: dict) -> str:
     """The bf16 CPU expert kernel by thread count (OpenMP defaults): the portable loops against the
     AVX512-BF16 pair dot products, without and with a 4 KB software prefetch, next to the stream read."""
@@ -852,6 +911,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "vs_llamacpp_qwen3_compressed_team": ((LLAMA_QWEN3_COMPRESSED_TEAM,),
                                           partial(vs_llamacpp_latest, name=LLAMA_QWEN3_COMPRESSED_TEAM)),
     "cpu_2core": (CPU_2CORE_RUNS, cpu_2core),
+    "cpu_one_thread": (CPU_ONE_THREAD_RUNS, cpu_one_thread),
+    "cpu_compressed_2core": ((CPU_COMPRESSED_2CORE,), cpu_compressed_2core),
     "in_place_share": (IN_PLACE_RUNS + (LLAMA_MIXTRAL, LLAMA_LATEST), in_place_share),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),
     "misses_modes": ((MISSES_RUN,), misses_modes),
