@@ -375,7 +375,8 @@ CPU_2CORE_RUNS = ("bench_llamacpp_cpu_2core_628d2af.json", "bench_llamacpp_cpu_2
                   "bench_llamacpp_cpu_2core_17374f2_avx2off.json",  # the AVX2 decode dot switched off, then on,
                   "bench_llamacpp_cpu_2core_17374f2.json",          # in consecutive minutes
                   "bench_llamacpp_cpu_2core_zen4_b8e3834.json",  # a Zen 4 VM: before and after the two-sum
-                  "bench_llamacpp_cpu_2core_zen4_eb3dddb.json")  # AVX512-BF16 dots (8be205b), consecutive minutes
+                  "bench_llamacpp_cpu_2core_zen4_eb3dddb.json",  # AVX512-BF16 dots (8be205b), consecutive minutes
+                  "bench_llamacpp_cpu_2core_zen4_rates_c2a367f.json")  # with the rates rows (a same-run read)
 # the setting of a run its JSON does not record (environment switches), shown beside its commit
 CPU_2CORE_NOTES = {"bench_llamacpp_cpu_2core_17374f2_avx2off.json": "MOEKIT_AVX2_DOT=0"}
 
@@ -400,6 +401,18 @@ def cpu_2core(files: dict) -> str:
                   "moekit prefill 64", "ratio"], rows)
 
 
+def same_class_base(label: str) -> str | None:
+    """Returns the llama.cpp row a moekit CPU row compares with: int4 experts with int8 activations and
+    quantized dense weights against Q4_K_M (all quantized, as theirs), bf16 experts with bf16 dense
+    weights against the bf16 GGUF; None for the mixed rows (bf16 experts with quantized attention, or
+    int4 experts beside bf16 attention), which no llama.cpp file matches."""
+    if label.startswith("moekit int4") and "int8-dot" in label and ("int8-dense" in label or "int4-dense" in label):
+        return "llama.cpp Q4_K_M"
+    if label.startswith("moekit bf16") and "int8-dense" not in label and "int4-dense" not in label:
+        return "llama.cpp bf16"
+    return None
+
+
 # One thread's CPU time per token (probes/cpu_step_cpu_time.py), OLMoE shape cut to 4 layers; runs whose
 # JSON has no provenance block name their commit and CPU here
 CPU_ONE_THREAD_RUNS = ("cpu_step_cpu_time_zen4_int4_17946b6.json", "cpu_step_cpu_time_zen4_int4_bb17489.json")
@@ -408,8 +421,7 @@ CPU_ONE_THREAD_UNRECORDED = {"cpu_step_cpu_time_zen4_int4_17946b6.json": ("17946
 
 def cpu_one_thread(files: dict) -> str:
     """moekit's native decode step and llama.cpp's CPU build on one thread: CPU ms a token, a column per
-    run; each moekit row's ratio is against llama.cpp of the same class (int4 experts against Q4_K_M,
-    bf16 against bf16 GGUF): >1x is moekit faster."""
+    run; a moekit row's ratio where llama.cpp ran the same class (same_class_base): >1x is moekit faster."""
     runs, labels = [], []
     for name in CPU_ONE_THREAD_RUNS:
         run = files[name]
@@ -424,13 +436,13 @@ def cpu_one_thread(files: dict) -> str:
         labels += [k for k in run["cpu_s_per_token"] if k not in labels]
     rows = []
     for label in labels:
-        base = "llama.cpp Q4_K_M" if label.startswith("moekit int4") else "llama.cpp bf16"
+        base = same_class_base(label)
         cells = [label]
         for _, values in runs:
             s, ref = values.get(label), values.get(base)
             if s is None:
                 cells.append("")
-            elif label.startswith("moekit") and ref:
+            elif base and ref:
                 cells.append(f"{s * 1e3:.1f} ({ref / s:.2f}x)")
             else:
                 cells.append(f"{s * 1e3:.1f}")
@@ -443,20 +455,20 @@ CPU_COMPRESSED_2CORE = "bench_cpu_compressed_zen4_int4dense_bb17489.json"
 
 def cpu_compressed_2core(files: dict) -> str:
     """probes/bench_cpu_compressed.py on the 2-core VM: each engine's decode tok/s, medians of interleaved
-    rounds; moekit's rows against llama.cpp of the same class (int4 experts against Q4_K_M, the bf16
-    checkpoint against llama.cpp's bf16 GGUF), as the ratio of medians and the range of per-round ratios."""
+    rounds; a moekit row against llama.cpp where it ran the same class (same_class_base), as the range and
+    median of the per-round ratios and the ratio of the two medians."""
     run = files[CPU_COMPRESSED_2CORE]
     rows_in = run["rows"]
     rows = []
     for label, r in rows_in.items():
-        base = "llama.cpp Q4_K_M" if label.startswith("moekit int4") else "llama.cpp bf16"
+        base = same_class_base(label.replace(" native", ""))
         ratio, per_round = "", ""
-        if label.startswith("moekit") and base in rows_in:
+        if base in rows_in:
             ratio = f"{r['median'] / rows_in[base]['median']:.2f}x"
             each = sorted(a / b for a, b in zip(r["tok_s"], rows_in[base]["tok_s"]))
             per_round = f"{each[0]:.2f}-{each[-1]:.2f}x (median {each[len(each) // 2]:.2f}x)"
         rows.append([label, f"{r['median']:.1f}", ", ".join(f"{v:.1f}" for v in r["tok_s"]), ratio, per_round])
-    return table(["engine (2 threads)", "median tok/s", "rounds", "vs llama.cpp (medians)", "per-round ratios"], rows)
+    return table(["engine (2 threads)", "median tok/s", "rounds", "ratio of medians", "per-round ratios"], rows)
 
 
 def cpu_threads(files: dict) -> str:

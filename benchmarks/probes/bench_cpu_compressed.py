@@ -5,7 +5,8 @@ CPU decode of the same checkpoint's bf16 GGUF and its llama-quantize types; inte
 
 The int-N rows run once per --int-dots choice (int8: integer dot products on int8 activations,
 float: the decoded-weight path; MOEKIT_CPU_INT_DOT) and every native row once per --dense form (int8:
-the attention projections and LM head in int8 per row; MOEKIT_CPU_DENSE).
+the attention projections and LM head in int8 per row; int4: the attention projections in int4 groups
+of 128, the LM head int8; MOEKIT_CPU_DENSE).
 
 Each round runs every engine once in the same order (moekit: one warm generate of --new tokens after a
 64-token prompt; llama.cpp: llama-bench -p 0 -n NEW -r 1), so both sample the same drifting host. Then a
@@ -56,7 +57,7 @@ def moekit_tok_s(model, prompt: torch.Tensor, new: int, native: bool, dot: str =
                  dense: str = "") -> tuple[float, torch.Tensor, bool]:
     """Returns (decode tok/s, the greedy tokens, whether the native step ran) of one warm generate;
     dot: the int-N experts' activations ($MOEKIT_CPU_INT_DOT: int8 or float), dense: the native step's
-    attention and LM head weights ($MOEKIT_CPU_DENSE: bf16 or int8); '' the defaults."""
+    attention and LM head weights ($MOEKIT_CPU_DENSE: bf16, int8 or int4); '' the defaults."""
     os.environ["MOEKIT_CPU_DECODE"] = "1" if native else "0"
     for var, value in (("MOEKIT_CPU_INT_DOT", dot), ("MOEKIT_CPU_DENSE", dense)):
         if value:
@@ -160,7 +161,7 @@ def main() -> int:
     parser.add_argument("--int-dots", default="int8,float", help="the int-N forms' native rows once per activation "
                         "type (MOEKIT_CPU_INT_DOT: int8 integer dot products, float the decoded-weight path)")
     parser.add_argument("--dense", default="bf16", help="the native rows once per dense-weight form (MOEKIT_CPU_DENSE: "
-                        "bf16, int8 the int8 attention projections and LM head); e.g. bf16,int8")
+                        "bf16, int8 the int8 attention projections and LM head, int4 int4 attention and an int8 LM head); e.g. bf16,int8")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager (MOEKIT_CPU_DECODE=0) compressed rows")
     parser.add_argument("--tiny", action="store_true", help="smoke test: a tiny random checkpoint, moekit only")
     parser.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"))

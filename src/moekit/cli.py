@@ -65,7 +65,20 @@ def check_generate(args: argparse.Namespace) -> tuple[str, str]:
     if getattr(args, "cpu_quantize_dense", None) and not device.startswith("cpu"):
         raise MoekitError(f"--cpu-quantize-dense is for the CPU decode step; drop it on {device}")
     check_quantize_dense(args, device, cpu_step=True)
-    return str(model_dir(args.model, "--model")), device
+    path = str(model_dir(args.model, "--model"))
+    form = getattr(args, "cpu_quantize_dense", None)
+    if form in ("int8", "int4"):  # (--quantize-dense int8 on the CPU too: check_quantize_dense set it so)
+        if getattr(args, "parallel", None):
+            raise MoekitError(f"--cpu-quantize-dense {form} runs in the one-process CPU decode step, which ranks of "
+                              "--parallel do not run; drop one of them")
+        from .load import read_config
+        from .native.decode import config_unsupported
+
+        reason = config_unsupported(read_config(path)[2])
+        if reason is not None:
+            raise MoekitError(f"--cpu-quantize-dense {form} runs in the native CPU decode step, which does not take this "
+                              f"model ({reason}); drop the flag")
+    return path, device
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

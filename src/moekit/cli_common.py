@@ -159,7 +159,7 @@ def check_cpu_quantize_dense(args: argparse.Namespace, device: str) -> None:
         return
     if getattr(args, "offload", False):
         raise MoekitError(f"{form} projections on {device} are the CPU decode step's, which an offloaded model does "
-                          f"not run; drop --offload or --cpu-quantize-dense {form}")
+                          f"not run; drop --offload or the {form} flag")
     if args.dtype not in (None, "bfloat16", "bf16"):
         raise MoekitError(f"{form} projections on {device} run in the CPU decode step, which takes a bfloat16 model; "
                           f"drop --dtype {args.dtype} (or give --dtype bfloat16)")

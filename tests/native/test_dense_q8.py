@@ -7,8 +7,10 @@ Bounds: a weight is off by at most its row's (int8: max |w| / 254) or its group'
 native/int_dot.h) plus bf16 rounding of the output, held to 1.5% relative L2 for Gaussian x (measured
 0.6% int8, 0.7% int4), and to bf16 rounding alone where x lies on the int8 grid. The step: the bundled
 model's logits within LOGITS_TOL = 5% relative L2 of the bf16 step's, per position, with int8 (measured:
-0.7% median, 1.2% max over 64 steps; greedy tokens all equal), INT4_LOGITS_TOL = 15% with int4 attention
-(its weights' own error is ~10% relative L2 a matrix; measured on the step: see the test)."""
+0.7% median, 1.2% max over 64 steps; greedy tokens all equal), INT4_LOGITS_TOL = 10% with int4 attention
+(its weights' own error is ~10% relative L2 a matrix; measured on the step: 3.9% median, 6.6% max over the
+test's 28 positions, the top token always the bf16 step's; 4.7% median, 7.7% max over 64 positions in
+benchmarks/results/cpu_dense_int4_quality.json)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from moekit.native.decode import CpuDecodeStep
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no native library: {native.unavailable_reason()}")
 
 LOGITS_TOL = 5e-2
-INT4_LOGITS_TOL = 15e-2
+INT4_LOGITS_TOL = 10e-2
 
 
 def test_quantize_rounds_each_weight_within_half_a_step():
@@ -74,8 +76,9 @@ def test_int4_rounds_each_weight_within_half_a_step_of_its_group():
     assert torch.equal(dq.dequantize_int4(words, scale, zero)[5], torch.zeros(384))
 
 
-@pytest.mark.parametrize("n,k", [(300, 128), (5000, 384), (64, 2048)])
+@pytest.mark.parametrize("n,k", [(300, 128), (5000, 384), (64, 2048), (4096, 1024)])
 def test_int4_kernel_within_bound_of_dequantized_weights(n, k):
+    """(4096, 1024) is the one past the kernel's one-thread limit (2^21 weights): two threads split it."""
     g = torch.Generator().manual_seed(n * k)
     linear = torch.nn.Linear(k, n, bias=True)
     with torch.no_grad():
@@ -139,8 +142,8 @@ def test_bundled_model_step_logits_and_greedy_tokens(bundled, monkeypatch):
 
 def test_bundled_model_step_with_int4_attention(bundled):
     """int4 attention projections with the LM head in int8: the step's matrices in those forms, the
-    logits per position within INT4_LOGITS_TOL of the bf16 step's (measured below), and the whole step
-    equal to its pieces bit for bit."""
+    logits per position within INT4_LOGITS_TOL of the bf16 step's and the top token the same at 80% of
+    the positions or more (measured: all), and the whole step equal to its pieces bit for bit."""
     model = bundled
     ids = token_ids(1, 12)
     caches = {form: KVCache(model.config, 1, 48, "cpu", torch.bfloat16) for form in ("bf16", "int4", "pieces")}
@@ -166,6 +169,13 @@ def test_bundled_model_step_with_int4_attention(bundled):
 def test_generate_follows_the_env_var(bundled, monkeypatch):
     ids = token_ids(1, 10)
     out = {}
+    monkeypatch.setenv("MOEKIT_CPU_DENSE", "int4")
+    made = dq._made.get(bundled.layers[0].attn.qkv)
+    dq._made.pop(bundled.layers[0].attn.qkv, None)
+    bundled.generate(ids, max_new_tokens=2, temperature=0, eos_token_ids=())
+    assert 4 in dq._made[bundled.layers[0].attn.qkv][1]  # the step made int4 copies: it read the variable
+    if made is not None:
+        dq._made[bundled.layers[0].attn.qkv] = made
     for form in ("bf16", "int8"):
         monkeypatch.setenv("MOEKIT_CPU_DENSE", form)
         stats = moekit.GenerationStats()

@@ -104,8 +104,8 @@ def test_matrices_it_cannot_take_run_in_float(bits, d, ffn, groups):
 @pytest.mark.parametrize("bits,groups", [(4, (2, 1)), (2, (4, 2))])
 def test_a_tokens_output_does_not_depend_on_the_batch(bits, groups):
     """Each vector is quantized on its own and each output sums its jobs in job order, so a token's
-    row is the same bits in a batch of 256 (jobs of 256, 128 and 100 tokens: stage 2 dots its rows in
-    runs of 8 there, 64 at one token) as alone, and the same on 1 and 3 threads."""
+    row is the same bits in a batch of 256 (jobs of 256, 128 and 100 tokens; stage 2 then takes 16 hidden
+    rows an item, 64 at one token) as alone, and the same on 1 and 3 threads."""
     d, ffn, n = 512, 256, 256
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(bits))
     routes = [list(range(n)), list(range(0, n, 2)), list(range(100)), [5]]

@@ -311,7 +311,7 @@ int moekit_compressed_moe_decode(const void* plan, const uint16_t* x, const int6
                                  int64_t A, uint16_t* out, int threads);
 int moekit_matvec_q8(const void* matrix, const uint16_t* x, const float* bias, uint16_t* out, float* xf, int threads);
 
-// A dense projection of one token: int8 weights (dense_q8.cpp) where the plan has them, else bf16.
+// A dense projection of one token: int8 or int4 weights (dense_q8.cpp) where the plan has them, else bf16.
 static int project(const void* q8, const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* out, int64_t N,
                    int64_t K, float* xf, int threads) {
   return q8 != nullptr ? moekit_matvec_q8(q8, x, bias, out, xf, threads)
@@ -342,7 +342,7 @@ struct LayerPlan {
   float* acc;                // max(A*I, D)
   uint16_t* act;             // [A, I]
   const void* compressed;    // null (bf16 experts: gate_up, down) or compressed.cpp's DecodeExperts
-  const void* wqkv_q8;       // null, or wqkv as dense_q8.cpp's Q8Matrix ($MOEKIT_CPU_DENSE=int8)
+  const void* wqkv_q8;       // null, or wqkv as dense_q8.cpp's Q8Matrix ($MOEKIT_CPU_DENSE=int8 / int4)
   const void* wo_q8;         // null, or wo so
 };
 

@@ -332,7 +332,7 @@ class CpuDecodeStep:
             self.x.copy_(self.model.embed.weight[token])
         add_norm = lib.moekit_add_rmsnorm_bf16
 
-        def matvec(args, q8=None):  # decode.cpp's project: int8 weights where there are some
+        def matvec(args, q8=None):  # decode.cpp's project: int8 / int4 weights where there are some
             if q8 is None:
                 lib.moekit_matvec_bf16(*args)
             else:

@@ -139,7 +139,7 @@ class Q8Matrix:
         return dequantize_int4(self.codes, self.group_scale, self.zero)
 
 
-# module -> {bits: (its weight's data_ptr and version, its Q8Matrix)}: an LM head takes ~1 s to quantize on
+# module -> (its weight's data_ptr and version, {bits: its Q8Matrix}): an LM head takes ~1 s to quantize on
 # 2 cores, and generate builds a decode step per call
 _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -148,18 +148,20 @@ def quantized(linear: torch.nn.Module, bits: int = 8) -> Q8Matrix | None:
     """Returns linear's weight as a Q8Matrix of `bits` (8 or 4; made once per module, weight and bits),
     int8 where K is not a multiple of INT4_GROUP, or None where the kernel cannot take it at all (K not
     a multiple of BLOCK, no native library)."""
+    if bits not in (8, 4):
+        raise ValueError(f"quantized: bits must be 8 or 4, got {bits}")
     w = linear.weight
     if library() is None or w.dim() != 2 or w.shape[1] % BLOCK != 0 or w.device.type != "cpu":
         return None
     if bits == 4 and w.shape[1] % INT4_GROUP != 0:
         bits = 8
     key = (w.data_ptr(), w._version)
-    held = _made.setdefault(linear, {}).get(bits)
-    if held is not None and held[0] == key:
-        return held[1]
-    matrix = Q8Matrix(w, bits)
-    _made[linear][bits] = (key, matrix)
-    return matrix
+    made = _made.get(linear)
+    if made is None or made[0] != key:  # new weights: the copies of the old ones go, in every form
+        made = _made[linear] = (key, {})
+    if bits not in made[1]:
+        made[1][bits] = Q8Matrix(w, bits)
+    return made[1][bits]
 
 
 def matvec_q8(x: torch.Tensor, matrix: Q8Matrix, bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
