@@ -9,8 +9,8 @@ native/int_dot.h) plus bf16 rounding of the output, held to 1.5% relative L2 for
 model's logits within LOGITS_TOL = 5% relative L2 of the bf16 step's, per position, with int8 (measured:
 0.7% median, 1.2% max over 64 steps; greedy tokens all equal), INT4_LOGITS_TOL = 10% with int4 attention
 (its weights' own error is ~10% relative L2 a matrix; measured on the step: 3.9% median, 6.6% max over the
-test's 28 positions, the top token always the bf16 step's; 4.7% median, 7.7% max over 64 positions in
-benchmarks/results/cpu_dense_int4_quality.json)."""
+test's 28 positions, the top token always the bf16 step's; 3.9% median, 6.3% max over 64 positions of a
+code prompt in benchmarks/results/cpu_dense_int4_quality.json)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ to an int32 word; error per weight <= scale / 2. The form "int4" puts the attent
 and keeps the LM head in int8: the logits are the most sensitive to it (the bundled model's next-token
 loss on held-out text, float32 weights quantized: int8 everywhere +0.0003 nats, int4 attention +0.009,
 int4 LM head too +0.026; llama.cpp's Q4_K_M also keeps its output matrix at 6 bits). On the bundled
-model's decode step int4 attention moves the logits 4.7% (median; int8 0.7%), and its greedy continuations
-of three code prompts part from bf16's after 3, 38 and 48 tokens (int8: 48, 64+, 64+).
+model's decode step int4 attention moves the logits 3.9% (median over 64 positions, 6.3% max; int8 0.8%,
+1.1%), the top token the bf16 step's at 63 of 64 for both, and its greedy continuations of three code
+prompts part from bf16's after 48, 3 and 38 tokens (int8: 48, 64+, 64+;
+benchmarks/probes/cpu_dense_quality.py, results/cpu_dense_int4_quality.json).
 x is quantized per call to int8 with a scale per 64-byte weight block (native/int_dot.h). `reference`
 computes the product of the dequantized weights with float x; tests/native/test_dense_q8.py holds the
 two together and measures the logits of a model against bf16.
