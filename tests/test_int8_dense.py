@@ -195,6 +195,18 @@ def test_int8_dense_refusals(tiny, tmp_path, capsys):
     assert code == 2 and "--quantize-dense int8 is for a GPU" in err
 
 
+@pytest.mark.parametrize("form", ["int8", "int4"])
+def test_cpu_dense_forms_refused_where_the_native_step_does_not_run(tiny, capsys, form):
+    """--cpu-quantize-dense int8 / int4 run only in the native CPU decode step: a model it does not take
+    (qwen2_moe's shared expert) and --parallel ranks are refused before loading, not silently run in bf16."""
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", str(tiny("qwen2_moe").path), "--device", "cpu",
+                           "--cpu-quantize-dense", form, "--max-new-tokens", "2")
+    assert code == 2 and "does not take this model" in err and form in err
+    code, _, err = run_cli(capsys, "generate", "hi", "--device", "cpu", "--cpu-quantize-dense", form,
+                           "--parallel", "ep=2")
+    assert code == 2 and "--parallel" in err
+
+
 def test_quantize_dense_on_the_cpu_is_the_cpu_steps_int8():
     """generate --device cpu --quantize-dense int8 runs as --cpu-quantize-dense int8 on a bf16 model (the only
     one the native decode step takes); where that step would not run (--offload, --dtype float32) both flags
