@@ -221,7 +221,24 @@ struct IntRows {
       if (const QuantizedRows* qr = qrows[kind]) {  // int8 activations (int_dot.h)
         const uint32_t* u = reinterpret_cast<const uint32_t*>(q);
         const int64_t gw = qgroup_words[kind];
-        for (int k = 0; k < count; ++k) {
+        int k = 0;
+#if defined(MOEKIT_INT_DOT_AVX512)
+        if (gw == XQ_BLOCK_WORDS) {  // a group a block: four vectors at a time share each block's decode
+          constexpr int TILE = 4;
+          for (; k + TILE <= count; k += TILE) {
+            const int8_t* xq[TILE];
+            const float *xs[TILE], *xsum[TILE];
+            for (int v = 0; v < TILE; ++v) {
+              const int64_t t = row0 + (which ? which[k + v] : k + v);
+              xq[v] = qr->q.data() + t * qr->columns;
+              xs[v] = qr->scale.data() + t * (words / XQ_BLOCK_WORDS);
+              xsum[v] = qr->sum.data() + t * (words / XQ_BLOCK_WORDS);
+            }
+            int_row_dot_blocks_n<BITS, TILE>(u, HalfScales{scale}, zero, xq, xs, xsum, words, out + k);
+          }
+        }
+#endif
+        for (; k < count; ++k) {
           const int64_t t = row0 + (which ? which[k] : k);
           const int8_t* xq = qr->q.data() + t * qr->columns;
           const float* xs = qr->scale.data() + t * (words / XQ_BLOCK_WORDS);

@@ -366,6 +366,49 @@ float int_row_dot(const uint32_t* u, Scales scale, const uint8_t* zero, int64_t 
 #endif
 }
 
+#if defined(MOEKIT_INT_DOT_AVX512)
+// int_row_dot of one row (groups of one block) with N vectors at once (their q, xs, xsum rows), into
+// out[0..N): each block's codes are loaded, shifted and masked once for the N vectors, where a call a
+// vector decoded them N times (a many-token job: a CPU prefill). Each vector's arithmetic is
+// int_row_dot's, in the same order, so each result is its bits.
+template <int BITS, int N>
+inline void int_row_dot_blocks_n(const uint32_t* u, HalfScales scale, const uint8_t* zero, const int8_t* const* q,
+                                 const float* const* xs, const float* const* xsum, int64_t words, float* out) {
+  constexpr int C = 8 / BITS;
+  const int64_t blocks = words / XQ_BLOCK_WORDS;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1u << BITS) - 1));
+  __m512 t0[N], t1[N], tz[N];
+  for (int v = 0; v < N; ++v) t0[v] = t1[v] = tz[v] = _mm512_setzero_ps();
+  alignas(64) float f[N][16];
+  for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+    const int n = blocks - b0 < 16 ? static_cast<int>(blocks - b0) : 16;
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 s = scales16(scale, b0, m), sz = _mm512_mul_ps(s, zeros16(zero + b0, m));
+    for (int v = 0; v < N; ++v) {
+      _mm512_store_ps(f[v], _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, xs[v] + b0)));
+      tz[v] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(m, xsum[v] + b0), tz[v]);
+    }
+    for (int i = 0; i < n; ++i) {
+      const __m512i qv = _mm512_loadu_si512(u + (b0 + i) * XQ_BLOCK_WORDS);
+      __m512i codes[C];
+      codes[0] = BITS == 8 ? qv : _mm512_and_si512(qv, mask);
+      for (int k = 1; k < C; ++k) codes[k] = _mm512_and_si512(_mm512_srli_epi32(qv, k * BITS), mask);
+      for (int v = 0; v < N; ++v) {
+        const int8_t* xb = q[v] + (b0 + i) * 64 * C;
+        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], _mm512_loadu_si512(xb));
+        for (int k = 1; k < C; ++k) acc = _mm512_dpbusd_epi32(acc, codes[k], _mm512_loadu_si512(xb + 64 * k));
+        // int_row_dot's chains: even blocks of a run of 16 into t0, odd into t1 (its last odd-count block: t0)
+        if (i & 1)
+          t1[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(f[v][i]), t1[v]);
+        else
+          t0[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(f[v][i]), t0[v]);
+      }
+    }
+  }
+  for (int v = 0; v < N; ++v) out[v] = _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(t0[v], t1[v]), tz[v]));
+}
+#endif
+
 // int_row_dot for groups of half a block (XQ_HALF_WORDS words: int2 g128, int4 g64, int8 g32):
 // words 0-7 of block b are group 2b, words 8-15 group 2b + 1, so each block's 16 lane sums take
 // two factors scale_g * d_b; xhalf: the vector's half_sum row. (These groups once ran in float:
