@@ -471,6 +471,28 @@ def cpu_compressed_2core(files: dict) -> str:
     return table(["engine (2 threads)", "median tok/s", "rounds", "ratio of medians", "per-round ratios"], rows)
 
 
+CPU_PREFILL = "cpu_prefill_zen4_9b1c6ec.json"
+
+
+def cpu_prefill(files: dict) -> str:
+    """probes/cpu_prefill.py on the 2-core VM: prompt tok/s of each engine by prompt length, the median of
+    its interleaved rounds (the PyTorch expert path, one round); moekit's int4 rows against Q4_K_M, bf16
+    against llama.cpp's bf16 GGUF."""
+    run = files[CPU_PREFILL]
+    rows_in = run["rows"]
+    lengths = list(next(iter(rows_in.values())))
+    rows = []
+    for label, per in rows_in.items():
+        base = "llama.cpp Q4_K_M" if label.startswith("moekit int4") else "llama.cpp bf16" if label.startswith("moekit") else None
+        cells = [label]
+        for n in lengths:
+            v = per[n]["median"]
+            ref = rows_in.get(base, {}).get(n, {}).get("median") if base else None
+            cells.append("" if v is None else f"{v:.1f}" + (f" ({v / ref:.2f}x)" if ref else ""))
+        rows.append(cells)
+    return table(["engine (2 threads)"] + [f"prefill {n} tokens, tok/s" for n in lengths], rows)
+
+
 def cpu_threads(files: dict) -> str:
     """The bf16 CPU expert kernel by thread count (OpenMP defaults): the portable loops against the
     AVX512-BF16 pair dot products, without and with a 4 KB software prefetch, next to the stream read."""
@@ -925,6 +947,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[dict], str]]] = {
     "cpu_2core": (CPU_2CORE_RUNS, cpu_2core),
     "cpu_one_thread": (CPU_ONE_THREAD_RUNS, cpu_one_thread),
     "cpu_compressed_2core": ((CPU_COMPRESSED_2CORE,), cpu_compressed_2core),
+    "cpu_prefill": ((CPU_PREFILL,), cpu_prefill),
     "in_place_share": (IN_PLACE_RUNS + (LLAMA_MIXTRAL, LLAMA_LATEST), in_place_share),
     "cpu_threads": ((CPU_THREADS,), cpu_threads),
     "misses_modes": ((MISSES_RUN,), misses_modes),
