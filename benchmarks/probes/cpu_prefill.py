@@ -1,5 +1,5 @@
 """CPU prefill (no GPU) of the same checkpoint in moekit and llama.cpp: moekit's model.forward over a prompt
-of each --lengths (bf16 checkpoint; its int4 copy with the experts through the native kernel, and through
+of each --lengths, the last position's logits only as llama-bench (bf16 checkpoint; its int4 copy with the experts through the native kernel, and through
 the form's PyTorch path as every call past 16 tokens ran before 17c278b -- decoding each expert's
 matrices to floats per call), llama-bench -p N -n 0 on the bf16 GGUF and its Q4_K_M; interleaved rounds,
 best of each engine's rounds and the median, on --threads threads.
@@ -32,7 +32,7 @@ def moekit_tok_s(model, n: int) -> float:
     cache = KVCache(model.config, 1, n + 1, "cpu", torch.bfloat16)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        model(ids, cache=cache, start=0)
+        model(ids, cache=cache, start=0, last_only=True)  # the last position's logits, as llama-bench computes
         return n / (time.perf_counter() - t0)
 
 
@@ -62,6 +62,8 @@ def main() -> int:
     if args.int4:
         engines["moekit int4"] = moekit.load_model(args.int4, dtype=torch.bfloat16)
         engines["moekit int4, PyTorch expert path"] = engines["moekit int4"]
+        if not any(hasattr(getattr(layer.mlp, "experts", None), "form") for layer in engines["moekit int4"].layers):
+            raise SystemExit(f"{args.int4}: no compressed expert layers (not a moekit-compressed checkpoint?)")
     ggufs = dict(p.split("=", 1) for p in args.gguf.split(",") if p) if args.llama_bench else {}
     for name, path in ggufs.items():
         engines[f"llama.cpp {name}"] = path

@@ -253,15 +253,20 @@ def stacked_code(d: int, ffn: int, experts: int, g: torch.Generator, bits: int =
 
 def form_and_stack(form_name: str, d: int, ffn: int, experts: int, g: torch.Generator):
     """Returns (a quant.formats stored form, its layer's stacked tensors) of `form_name` (int3, int4,
-    ternary) over one layer of random experts: int-4 in whole-word groups (the permuted layout), int-3 not."""
+    int4_g128, ternary) over one layer of random experts: int-4 in whole-word groups (the permuted layout),
+    int-3 not, int4_g128 in groups of 128 columns (d and ffn multiples of 128)."""
     from moekit.quant.formats import IntForm, TernaryCodeForm
 
     if form_name == "ternary":
         stacked = stacked_code(d, ffn, experts, g)
         specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items() if n != "code_table"}
         return TernaryCodeForm(d, ffn, {0: specs}, {0: {"code_table": stacked["code_table"]}}), stacked
-    bits = int(form_name[3:])
-    stacked = stacked_int(bits, d, ffn, experts, (3, 1) if bits == 4 else (3, 2), g)
+    if form_name == "int4_g128":  # compress's default groups: one 16-word block a group
+        bits, groups = 4, (d // 128, ffn // 128)
+    else:
+        bits = int(form_name[3:])
+        groups = (3, 1) if bits == 4 else (3, 2)
+    stacked = stacked_int(bits, d, ffn, experts, groups, g)
     specs = {n: (tuple(t.shape[1:]), t.dtype) for n, t in stacked.items()}
     return IntForm(d, ffn, {0: specs}, {0: {}}, bits), stacked
 
@@ -284,6 +289,46 @@ def test_forms_cpu_path_equals_their_pytorch_path(form_name):
             planned = form.run_planned(x, rows, weights, stacked, grad=False)
         assert fused is not None
         close(fused, planned, 1e-5)
+
+
+@pytest.mark.parametrize("form_name", ["int4", "int3", "ternary"])
+def test_forms_cpu_path_at_many_tokens(form_name, monkeypatch):
+    """The fused CPU path takes every call since prefill went native: 17, 300 and 600 tokens (pieces of
+    256) equal the form's PyTorch path to float rounding with float activations; a row twice in every
+    token's routes (a job of up to 2 slots a token: pieces of 128) too."""
+    monkeypatch.setenv("MOEKIT_CPU_INT_DOT", "float")
+    g = torch.Generator().manual_seed(5)
+    d, ffn, experts = 96, 40, 6
+    form, stacked = form_and_stack(form_name, d, ffn, experts, g)
+    for tokens, same_twice in ((17, False), (300, False), (600, False), (200, True)):
+        x = torch.randn(tokens, d, generator=g)
+        rows = torch.randint(0, experts, (tokens, 2), generator=g)
+        if same_twice:  # every token twice on expert 0: one job of 400 slots, past the kernel's 256 a job
+            rows.zero_()
+        else:
+            rows[:, 1] = (rows[:, 0] + 1) % experts
+        weights = torch.rand(tokens, 2, generator=g)
+        with torch.no_grad():
+            fused = form.fused(x, rows, weights, stacked)
+            planned = form.run_planned(x, rows, weights, stacked, grad=False)
+        assert fused is not None
+        close(fused, planned, 1e-5)
+
+
+def test_int4_g128_cpu_path_at_many_tokens_within_the_int8_bound():
+    """int4 g128 with the default int8 activations (the four-token pass of the kernel, on AVX-512) at 300
+    tokens against the PyTorch path: within test_int_dot's 4% bound, and not equal (the int8 path ran)."""
+    g = torch.Generator().manual_seed(6)
+    d, ffn, experts = 256, 128, 4
+    form, stacked = form_and_stack("int4_g128", d, ffn, experts, g)
+    x = torch.randn(300, d, generator=g)
+    rows = torch.randint(0, experts, (300, 2), generator=g)
+    rows[:, 1] = (rows[:, 0] + 1) % experts
+    weights = torch.rand(300, 2, generator=g)
+    with torch.no_grad():
+        fused, planned = form.fused(x, rows, weights, stacked), form.run_planned(x, rows, weights, stacked, grad=False)
+    error = float((fused - planned).norm() / planned.norm())
+    assert 0 < error <= 4e-2, error
 
 
 @pytest.mark.parametrize("form_name,dot", [("int4", "int8"), ("int4", "float"), ("int3", "float"), ("ternary", None)])

@@ -142,31 +142,32 @@ class CompressedForm(StoredForm):
 
     def cpu_ffn(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
                 stacked: Tensors) -> torch.Tensor | None:
-        """Returns a CPU call run by the native kernel, or None where it does not apply (no compiler; a
-        row twice in one token's routes past MAX_JOB_TOKENS tokens, where a job could pass the kernel's
-        limit). Jobs come from experts.forms.routes_by_row, as for dense experts; past MAX_JOB_TOKENS
-        tokens in pieces of that many (each piece reads its experts once, the kernel's per-row buffers
-        stay bounded). Why at every size, where dense experts hand big calls to PyTorch's GEMMs: this
-        form's PyTorch path decodes each expert's matrices to floats first (unpack, dequantize: ~16 ms
-        a 2048 x 2048 int4 matrix on the 2-core VM), and a 64-token CPU prefill of the OLMoE-4-layer
-        int4 copy took 11 s that way."""
+        """Returns a CPU call run by the native kernel, or None where it does not apply (no compiler).
+        Jobs come from experts.forms.routes_by_row, as for dense experts; past
+        MAX_JOB_TOKENS tokens in pieces of that many (each piece reads its experts once, the kernel's
+        per-row buffers stay bounded), of MAX_JOB_TOKENS // A where a row comes twice in a token's A
+        routes (a job then holds up to A slots a token); None where a routed expert's tensors are not
+        contiguous. Why at every size, where dense experts hand big
+        calls to PyTorch's GEMMs: this form's PyTorch path decodes each expert's matrices to floats first
+        (unpack, dequantize: ~16 ms a 2048 x 2048 int4 matrix on the 2-core VM), and a 64-token CPU
+        prefill of the OLMoE-4-layer int4 copy took 6-11 s that way (10.4 and 5.8 tok/s in two runs)."""
         from ..native.compressed import usable
         from ..native.experts import MAX_JOB_TOKENS
 
-        n = x.shape[0]
-        if not usable(x):
-            return None
-        if n > MAX_JOB_TOKENS and rows.shape[-1] > 1:
+        n, top_k = rows.shape
+        if not usable(x) or any(not t.is_contiguous() for row in rows.unique().tolist()
+                                for t in self.one(stacked, row).values()):
+            return None  # (checked before any piece runs)
+        piece = MAX_JOB_TOKENS
+        if n > MAX_JOB_TOKENS // top_k and top_k > 1:
             ordered = rows.sort(dim=-1).values
             if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-                return None
+                piece = MAX_JOB_TOKENS // top_k
         pieces = []
-        for i in range(0, n, MAX_JOB_TOKENS):
-            part = slice(i, i + MAX_JOB_TOKENS)
+        for i in range(0, n, piece):
+            part = slice(i, i + piece)
             jobs = [(self.one(stacked, row), tokens, scales)
                     for row, tokens, scales in routes_by_row(rows[part], weights[part])]
-            if any(not t.is_contiguous() for one, _, _ in jobs for t in one.values()):
-                return None
             pieces.append(self.native_ffn(x[part], jobs))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
