@@ -471,7 +471,7 @@ def cpu_compressed_2core(files: dict) -> str:
     return table(["engine (2 threads)", "median tok/s", "rounds", "ratio of medians", "per-round ratios"], rows)
 
 
-CPU_PREFILL = "cpu_prefill_zen4_9b1c6ec.json"
+CPU_PREFILL = "cpu_prefill_zen4_daaf95b.json"  # (9b1c6ec: every position's logits, not comparable)
 
 
 def cpu_prefill(files: dict) -> str:
