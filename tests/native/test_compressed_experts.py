@@ -271,6 +271,15 @@ def form_and_stack(form_name: str, d: int, ffn: int, experts: int, g: torch.Gene
     return IntForm(d, ffn, {0: specs}, {0: {}}, bits), stacked
 
 
+def fused_and_planned(form, stacked, x, rows, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (the form's fused CPU call, its PyTorch path) of one layer call; the fused call must run."""
+    with torch.no_grad():
+        fused = form.fused(x, rows, weights, stacked)
+        planned = form.run_planned(x, rows, weights, stacked, grad=False)
+    assert fused is not None
+    return fused, planned
+
+
 @pytest.mark.parametrize("form_name", ["int4", "int3", "ternary"])
 def test_forms_cpu_path_equals_their_pytorch_path(form_name):
     """quant.formats' CPU fused path (the native kernel) against the form's own PyTorch path
@@ -283,12 +292,7 @@ def test_forms_cpu_path_equals_their_pytorch_path(form_name):
         x = torch.randn(tokens, d, generator=g)
         rows = torch.randint(0, experts, (tokens, 2), generator=g)
         rows[:, 1] = (rows[:, 0] + 1) % experts  # two distinct experts per token, shared between tokens
-        weights = torch.rand(tokens, 2, generator=g)
-        with torch.no_grad():
-            fused = form.fused(x, rows, weights, stacked)
-            planned = form.run_planned(x, rows, weights, stacked, grad=False)
-        assert fused is not None
-        close(fused, planned, 1e-5)
+        close(*fused_and_planned(form, stacked, x, rows, torch.rand(tokens, 2, generator=g)), 1e-5)
 
 
 @pytest.mark.parametrize("form_name", ["int4", "int3", "ternary"])
@@ -307,12 +311,7 @@ def test_forms_cpu_path_at_many_tokens(form_name, monkeypatch):
             rows.zero_()
         else:
             rows[:, 1] = (rows[:, 0] + 1) % experts
-        weights = torch.rand(tokens, 2, generator=g)
-        with torch.no_grad():
-            fused = form.fused(x, rows, weights, stacked)
-            planned = form.run_planned(x, rows, weights, stacked, grad=False)
-        assert fused is not None
-        close(fused, planned, 1e-5)
+        close(*fused_and_planned(form, stacked, x, rows, torch.rand(tokens, 2, generator=g)), 1e-5)
 
 
 def test_int4_g128_cpu_path_at_many_tokens_within_the_int8_bound():
@@ -324,9 +323,7 @@ def test_int4_g128_cpu_path_at_many_tokens_within_the_int8_bound():
     x = torch.randn(300, d, generator=g)
     rows = torch.randint(0, experts, (300, 2), generator=g)
     rows[:, 1] = (rows[:, 0] + 1) % experts
-    weights = torch.rand(300, 2, generator=g)
-    with torch.no_grad():
-        fused, planned = form.fused(x, rows, weights, stacked), form.run_planned(x, rows, weights, stacked, grad=False)
+    fused, planned = fused_and_planned(form, stacked, x, rows, torch.rand(300, 2, generator=g))
     error = float((fused - planned).norm() / planned.norm())
     assert 0 < error <= 4e-2, error
 

@@ -31,6 +31,26 @@ LOGITS_TOL = 5e-2
 INT4_LOGITS_TOL = 10e-2
 
 
+def gaussian_linear(n: int, k: int, g: torch.Generator) -> torch.nn.Linear:
+    """Returns a Linear(k, n) with weights ~ N(0, 0.05^2) and biases ~ N(0, 1)."""
+    linear = torch.nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        linear.bias.copy_(torch.randn(n, generator=g))
+    return linear
+
+
+def exact_on_the_int8_grid(matrix, k: int, block: int, g: torch.Generator) -> None:
+    """x on the int8 grid (integers / 64, 127 / 64 once in every `block` columns: the kernel's activation
+    block, 64 columns at int8, 128 at int4) is quantized without error, so only bf16 rounding of the
+    output is left; a block of fewer columns than the kernel assumes would miss the 127 and err more."""
+    x = torch.randint(-126, 127, (k,), generator=g).float()
+    x[::block] = 127
+    x = (x / 64).to(torch.bfloat16)
+    out, ref = dq.matvec_q8(x, matrix).float(), dq.reference(x, matrix)
+    assert ((out - ref).abs() <= ref.abs() * 2 ** -8 + 1e-5 * ref.abs().max()).all()
+
+
 def test_quantize_rounds_each_weight_within_half_a_step():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(37, 128, generator=g) * torch.rand(37, 1, generator=g)
@@ -44,22 +64,14 @@ def test_quantize_rounds_each_weight_within_half_a_step():
 @pytest.mark.parametrize("n,k", [(300, 128), (5000, 384), (64, 2048)])
 def test_kernel_within_bound_of_dequantized_weights(n, k):
     g = torch.Generator().manual_seed(n + k)
-    linear = torch.nn.Linear(k, n, bias=True)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
-        linear.bias.copy_(torch.randn(n, generator=g))
+    linear = gaussian_linear(n, k, g)
     matrix = dq.quantized(linear)
     assert matrix is not None and dq.quantized(linear) is matrix  # made once per module
     x = torch.randn(k, generator=g).to(torch.bfloat16)
     for threads in (1, 2):
         out = dq.matvec_q8(x, matrix, linear.bias, threads=threads)
         assert rel_error(out.float(), dq.reference(x, matrix, linear.bias)) <= 1.5e-2
-    # on the int8 grid (integers / 64 with 127 / 64 in every 32 columns, so in every 64-column block) x is exact: only bf16 rounding is left
-    x = torch.randint(-127, 128, (k,), generator=g).float()
-    x[::32] = 127
-    x = (x / 64).to(torch.bfloat16)
-    out, ref = dq.matvec_q8(x, matrix).float(), dq.reference(x, matrix)
-    assert ((out - ref).abs() <= ref.abs() * 2 ** -8 + 1e-5 * ref.abs().max()).all()
+    exact_on_the_int8_grid(matrix, k, 64, g)
 
 
 def test_int4_rounds_each_weight_within_half_a_step_of_its_group():
@@ -80,10 +92,7 @@ def test_int4_rounds_each_weight_within_half_a_step_of_its_group():
 def test_int4_kernel_within_bound_of_dequantized_weights(n, k):
     """(4096, 1024) is the one past the kernel's one-thread limit (2^21 weights): two threads split it."""
     g = torch.Generator().manual_seed(n * k)
-    linear = torch.nn.Linear(k, n, bias=True)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
-        linear.bias.copy_(torch.randn(n, generator=g))
+    linear = gaussian_linear(n, k, g)
     matrix = dq.quantized(linear, 4)
     assert matrix.bits == 4 and dq.quantized(linear, 4) is matrix and dq.quantized(linear) is not matrix
     assert rel_error(matrix.dequantized(), linear.weight.detach()) < 0.15  # 4 bits: ~10% of a Gaussian's norm
@@ -91,13 +100,7 @@ def test_int4_kernel_within_bound_of_dequantized_weights(n, k):
     outs = [dq.matvec_q8(x, matrix, linear.bias, threads=threads) for threads in (1, 2)]
     assert torch.equal(outs[0], outs[1])
     assert 0 < rel_error(outs[0].float(), dq.reference(x, matrix, linear.bias)) <= 1.5e-2
-    # on the int8 grid (127 / 64 in every 128-column block, the int4 activation block) only bf16 rounding is
-    # left; a block of fewer columns than the kernel assumes would miss the 127 and leave a larger error
-    x = torch.randint(-126, 127, (k,), generator=g).float()
-    x[::128] = 127
-    x = (x / 64).to(torch.bfloat16)
-    out, ref = dq.matvec_q8(x, matrix).float(), dq.reference(x, matrix)
-    assert ((out - ref).abs() <= ref.abs() * 2 ** -8 + 1e-5 * ref.abs().max()).all()
+    exact_on_the_int8_grid(matrix, k, 128, g)
 
 
 def test_int4_takes_int8_where_groups_do_not_divide_the_columns():

@@ -155,21 +155,20 @@ class CompressedForm(StoredForm):
         from ..native.experts import MAX_JOB_TOKENS
 
         n, top_k = rows.shape
-        if not usable(x) or any(not t.is_contiguous() for row in rows.unique().tolist()
-                                for t in self.one(stacked, row).values()):
-            return None  # (checked before any piece runs)
+        if not usable(x):
+            return None
         piece = MAX_JOB_TOKENS
         if n > MAX_JOB_TOKENS // top_k and top_k > 1:
             ordered = rows.sort(dim=-1).values
             if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
                 piece = MAX_JOB_TOKENS // top_k
-        pieces = []
-        for i in range(0, n, piece):
-            part = slice(i, i + piece)
-            jobs = [(self.one(stacked, row), tokens, scales)
-                    for row, tokens, scales in routes_by_row(rows[part], weights[part])]
-            pieces.append(self.native_ffn(x[part], jobs))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        parts = [slice(i, i + piece) for i in range(0, n, piece)]
+        jobs = [[(self.one(stacked, row), tokens, scales) for row, tokens, scales in routes_by_row(rows[p], weights[p])]
+                for p in parts]
+        if any(not t.is_contiguous() for piece_jobs in jobs for one, _, _ in piece_jobs for t in one.values()):
+            return None  # (before any piece runs)
+        out = [self.native_ffn(x[p], piece_jobs) for p, piece_jobs in zip(parts, jobs)]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class IntForm(CompressedForm):
